@@ -1,0 +1,62 @@
+"""Compile the CUDA C++ kernels in csrc/ into one shared library with nvcc.
+
+The kernels expose plain C entry points (pointers, sizes, a stream) and include no torch headers, so
+they compile on any machine with nvcc, GPU or not. This module imports nothing but the standard
+library: setup.py loads it by path at install time, kpro loads it at run time.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+LIBRARY_NAME = "libkpro_cuda.so"
+ARCHITECTURES = ("80", "90")  # A100, H100/H200
+NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo")
+
+
+def find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and Path(home, "bin", "nvcc").is_file():
+            return str(Path(home, "bin", "nvcc"))
+    return shutil.which("nvcc")
+
+
+def cuda_sources(csrc: Path) -> list[Path]:
+    return sorted(csrc.glob("*.cu"))
+
+
+def sources_digest(csrc: Path) -> str:
+    """Hash of every source and header, and of the flags: a library built from other sources is stale."""
+    digest = hashlib.sha256(" ".join(NVCC_FLAGS + ARCHITECTURES).encode())
+    for path in sorted(list(csrc.glob("*.cu")) + list(csrc.glob("*.cuh")) + list(csrc.glob("*.h"))):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: bool = True) -> Path:
+    """Compile csrc/*.cu into out_dir/libkpro_cuda.so (written atomically) and record its digest."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (looked in $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and PATH)")
+    sources = cuda_sources(csrc)
+    if not sources:
+        raise FileNotFoundError(f"no .cu sources in {csrc}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / LIBRARY_NAME
+    tmp = out_dir / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES]
+    command = [nvcc, *NVCC_FLAGS, *gencode, *map(str, sources), "-o", str(tmp)]
+    if verbose:
+        print("kpro: compiling CUDA kernels:", " ".join(command), flush=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    (out_dir / (LIBRARY_NAME + ".digest")).write_text(sources_digest(csrc) + "\n")
+    return target

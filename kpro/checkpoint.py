@@ -1,0 +1,318 @@
+"""Checkpoints in the Hugging Face LLaMA directory layout.
+
+A directory holds `config.json` and either `model.safetensors` or shards `model-0000x-of-0000y.safetensors`
+with `model.safetensors.index.json`. Tensor names are the model's parameter names with a `model.` prefix
+(`lm_head.weight` has none, and is absent when the embeddings are tied).
+
+Loading builds the model on the meta device and fills it tensor by tensor from safetensors' memory map,
+so a checkpoint is never held twice in memory. Saving writes a complete new directory under a temporary
+name and swaps it into place, so an interrupted save leaves the previous checkpoint as it was.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import LlamaConfig
+from .model import Llama
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# Buffers that older conversions saved and Hugging Face ignores on load; they hold nothing we need.
+_IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be loaded as the model it claims to be."""
+
+
+def hf_name(name: str) -> str:
+    """kpro parameter name -> checkpoint tensor name."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def hf_tensors(model: Llama) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of `model` holds, by checkpoint name (tied lm_head left out)."""
+    tied = model.config.tie_word_embeddings
+    return {hf_name(name): tensor for name, tensor in model.state_dict().items()
+            if not (tied and name == "lm_head.weight")}
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
+                    strict_config: bool = True) -> Llama:
+    """Load an HF-layout LLaMA checkpoint directory as a `kpro.Llama` in `dtype` on `device`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    cfg = LlamaConfig.from_hf(directory / CONFIG_NAME, strict=strict_config)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {name: tuple(t.shape) for name, t in hf_tensors(model).items()}
+    location = tensor_locations(directory)
+    with _open_all(set(location.values())) as handles:
+        found = {name: tuple(handles[file].get_slice(name).get_shape()) for name, file in location.items()}
+        _check_names_and_shapes(directory, expected, found, tied=cfg.tie_word_embeddings)
+        state = {}
+        for name in expected:
+            tensor = handles[location[name]].get_tensor(name)
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{directory}: tensor {name} has dtype {tensor.dtype}; expected floating point")
+            state[name[len("model."):] if name.startswith("model.") else name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.reset(device=torch.device(device))
+    return model
+
+
+def tensor_locations(directory: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the file holding it."""
+    index, single = directory / INDEX_NAME, directory / WEIGHTS_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
+        missing_files = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing_files:
+            raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(missing_files)}")
+        return {name: directory / file for name, file in weight_map.items()}
+    if single.is_file():
+        with _open_all({single}) as handles:
+            return {name: single for name in handles[single].keys()}
+    present = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME} (it holds: {', '.join(present) or 'nothing'}); "
+                          "kpro reads safetensors checkpoints only")
+
+
+class _open_all:
+    """Open several safetensors files (memory-mapped), turning a corrupt file into a named error."""
+
+    def __init__(self, files):
+        self.files = sorted(files)
+
+    def __enter__(self) -> dict:
+        self.handles = {}
+        for file in self.files:
+            try:
+                self.handles[file] = safe_open(str(file), framework="pt", device="cpu").__enter__()
+            except (SafetensorError, OSError, ValueError) as err:
+                self.__exit__(None, None, None)
+                raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+        return self.handles
+
+    def __exit__(self, *exc):
+        for handle in self.handles.values():
+            handle.__exit__(None, None, None)
+
+
+def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool) -> None:
+    problems = []
+    found = {name: shape for name, shape in found.items() if not _IGNORED_RE.fullmatch(name)}
+    if tied and "lm_head.weight" in found:  # some tools save the tied head anyway: it must be the embedding
+        if found.pop("lm_head.weight") != expected["model.embed_tokens.weight"]:
+            problems.append("lm_head.weight has a different shape from the tied model.embed_tokens.weight")
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [f"{name} {list(found[name])} (expected {list(expected[name])})"
+                 for name in sorted(set(expected) & set(found)) if found[name] != expected[name]]
+    if missing:
+        problems.append(f"missing tensor(s): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s): {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensor(s): {', '.join(misshaped)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} does not match its config.json:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+    """Write `model` as an HF-layout checkpoint directory, atomically replacing any previous one.
+
+    Files in an existing directory that are not part of the weights (a tokenizer, say) are kept.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_temporaries(directory)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_checkpoint(model, tmp, parse_size(max_shard_size))
+        if directory.exists():
+            _carry_over_other_files(directory, tmp)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int) -> None:
+    tensors = hf_tensors(model)
+    dtypes = {t.dtype for t in tensors.values()}
+    hf_config = model.config.to_hf()
+    if len(dtypes) == 1:
+        hf_config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    _write_file(out / CONFIG_NAME, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    shards = _plan_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        _save_shard(tensors, shards[0], out / WEIGHTS_NAME)
+        return
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _save_shard(tensors, names, out / file)
+        for name in names:
+            weight_map[name] = file
+            total += tensors[name].numel() * tensors[name].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_file(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    return shards + [current]
+
+
+def _save_shard(tensors: dict, names: list[str], path: Path) -> None:
+    # One shard at a time on the CPU, so a GPU model is never copied to host memory whole.
+    shard = {name: tensors[name].detach().to("cpu").contiguous() for name in names}
+    save_file(shard, str(path), metadata={"format": "pt"})
+    _fsync_file(path)
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read size {size!r}; use a byte count or a string like '5GB'")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    if number * scale < 1:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return int(number * scale)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD_RE.fullmatch(name))
+
+
+def _carry_over_other_files(old: Path, new: Path) -> None:
+    """Keep what else lived in the old directory (tokenizer files, notes) by hard link, or copy."""
+    for entry in old.iterdir():
+        if _is_weight_file(entry.name):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy, symlinks=True)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; where an old directory exists, swap atomically when the OS can."""
+    if not target.exists():
+        os.rename(new, target)
+    elif _rename_exchange(new, target):
+        shutil.rmtree(new)  # now holds the old checkpoint
+    else:
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old)
+    _fsync_dir(target.parent)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Linux renameat2(RENAME_EXCHANGE): swap two paths in one step. False where unavailable."""
+    if sys.platform != "linux":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+def _remove_abandoned_temporaries(directory: Path) -> None:
+    """Delete temp dirs left by saves whose process died (their pid is in the name)."""
+    for entry in directory.parent.glob(f".{directory.name}.tmp-*"):
+        try:
+            pid = int(entry.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _process_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_file(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,112 @@
+"""`python -m kpro <command>`: info, generate, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def cmd_info(args) -> None:
+    from safetensors import safe_open
+
+    from .checkpoint import tensor_locations
+    from .config import LlamaConfig
+
+    cfg = LlamaConfig.from_hf(args.dir)
+    locations = tensor_locations(Path(args.dir))
+    count, dtypes, nbytes = 0, {}, 0
+    for file in sorted(set(locations.values())):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                numel = 1
+                for size in piece.get_shape():
+                    numel *= size
+                count += numel
+                dtypes[piece.get_dtype()] = dtypes.get(piece.get_dtype(), 0) + numel
+    files = sorted({p.name for p in locations.values()})
+    print(f"checkpoint   {args.dir}  ({len(files)} weight file{'s' * (len(files) > 1)})")
+    print(f"parameters   {count:,} ({count / 1e9:.3f} B)")
+    print(f"dtype        " + ", ".join(f"{d} ({n / count:.0%})" for d, n in dtypes.items()))
+    print(f"layers       {cfg.num_hidden_layers} x hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}")
+    print(f"attention    {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} key/value heads, head_dim {cfg.head_dim}")
+    print(f"rope         theta {cfg.rope_theta:g}, scaling {json.dumps(cfg.rope_scaling)}, max positions {cfg.max_position_embeddings}")
+    print(f"vocab        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}, bos {cfg.bos_token_id}, eos {cfg.eos_token_id}")
+    for name in ("tokenizer.model", "kpro_char_tokenizer.json"):
+        if (Path(args.dir) / name).is_file():
+            print(f"tokenizer    {name}")
+
+
+def cmd_generate(args) -> None:
+    from .checkpoint import load_pretrained
+    from .generation import generate
+    from .tokenizer import load_tokenizer
+
+    model = load_pretrained(args.dir, dtype=DTYPES[args.dtype], device=args.device)
+    tok = load_tokenizer(args.dir)
+    ids, mask = tok.pad_left(tok.encode_batch(args.prompt), device=args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = generate(model, ids, args.max_new_tokens, attention_mask=mask, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, generator=generator)
+    for prompt, row in zip(args.prompt, out.tolist()):
+        print(prompt + tok.decode(row[ids.shape[1]:]))
+
+
+def cmd_demo(args) -> None:
+    from . import demo
+
+    acts = args.acts or list(demo.ACTS)
+    unknown = [act for act in acts if act not in demo.ACTS]
+    if unknown:
+        raise ValueError(f"unknown demo act(s) {', '.join(unknown)}; choose from {', '.join(demo.ACTS)}")
+    demo.run(acts, Path(args.out), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kpro", description="kpro: kernels and training methods for LLaMA post-pretraining")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("info", help="describe an HF-layout checkpoint directory (reads headers only)")
+    p.add_argument("dir", help="checkpoint directory (config.json + safetensors)")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("generate", help="continue prompts with a checkpoint and its tokenizer")
+    p.add_argument("dir", help="checkpoint directory with tokenizer.model or kpro_char_tokenizer.json")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=cmd_generate)
+
+    from .demo import ACTS
+
+    p = sub.add_parser("demo", help="the main job on a tiny embedded default (a few CPU minutes)")
+    p.add_argument("acts", nargs="*", metavar="act", help=f"acts to run, default all: {', '.join(ACTS)}")
+    p.add_argument("--out", default="kpro-demo", help="directory for the demo's checkpoints (default ./kpro-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, CheckpointError) as err:  # bad input: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,243 @@
+"""LlamaConfig: the shape of a LLaMA model, read from and written to a Hugging Face `config.json`.
+
+Every field that changes the model's math is either understood or refused by name: a config that asks
+for something kpro does not implement (another activation, biases, sliding windows, an unknown RoPE
+type) is an error, never a silently different model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that kpro cannot represent faithfully."""
+
+
+ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+MODEL_TYPES = {"llama", "mistral"}
+ROPE_TYPES = {"default", "linear", "llama3"}
+
+# Book-keeping keys that Hugging Face writes into config.json; none of them changes the forward math.
+_METADATA_KEYS = {
+    "_name_or_path", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+    "use_cache", "pretraining_tp", "output_attentions", "output_hidden_states", "return_dict",
+    "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+    "cross_attention_hidden_size", "id2label", "label2id", "problem_type", "finetuning_task",
+    "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "quantization_config_unused",
+}
+
+# Fields whose only supported value is the plain LLaMA one.
+_FIXED_KEYS = {
+    "hidden_act": {"silu"},
+    "attention_bias": {False},
+    "mlp_bias": {False},
+    "attention_dropout": {0, 0.0},
+    "sliding_window": {None},
+}
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    """Model shape. Field names and defaults follow Hugging Face's `LlamaConfig`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # None: multi-head attention (= num_attention_heads)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if not _is_int(self.hidden_size) or not _is_int(self.num_attention_heads) or self.num_attention_heads <= 0:
+                raise ConfigError("hidden_size and num_attention_heads must be positive integers")
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            _check_token_id(name, getattr(self, name), self.vocab_size)
+        for token in self.eos_token_ids:
+            _check_token_id("eos_token_id", token, self.vocab_size)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """eos_token_id as a list (Llama 3 checkpoints list several)."""
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | dict, *, strict: bool = True) -> "LlamaConfig":
+        """Read a Hugging Face LLaMA config: a dict, a `config.json` path, or a directory holding one.
+
+        Both the classic form (`rope_theta` + `rope_scaling`) and the newer `rope_parameters` form are
+        understood. With `strict=False`, keys kpro does not know are ignored instead of refused.
+        """
+        raw = _read_source(source)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        _check_architecture(raw)
+        for key, allowed in _FIXED_KEYS.items():
+            if key in raw and raw[key] not in allowed:
+                raise ConfigError(f"unsupported {key}={raw[key]!r}: kpro implements {sorted(allowed, key=str)[0]!r} only")
+        unknown = sorted(set(raw) - fields - _METADATA_KEYS - set(_FIXED_KEYS) - {"rope_parameters"})
+        if unknown and strict:
+            raise ConfigError(
+                f"unknown config field(s) {', '.join(unknown)}: kpro does not know what they change; "
+                "pass strict=False to ignore them")
+        kwargs = {key: value for key, value in raw.items() if key in fields}
+        if "rope_parameters" in raw:
+            if "rope_scaling" in raw and raw["rope_scaling"] is not None:
+                raise ConfigError("config has both rope_parameters and rope_scaling; expected one of them")
+            theta, scaling = _split_rope_parameters(raw["rope_parameters"])
+            if theta is not None:
+                kwargs["rope_theta"] = theta
+            kwargs["rope_scaling"] = scaling
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config as a Hugging Face `config.json` dict (classic rope_theta + rope_scaling form)."""
+        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+               "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0}
+        out.update(dataclasses.asdict(self))
+        if out["pad_token_id"] is None:
+            del out["pad_token_id"]
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_token_id(name: str, value, vocab_size: int) -> None:
+    if value is not None and (not _is_int(value) or not 0 <= value < vocab_size):
+        raise ConfigError(f"{name}={value!r} is not a token id in [0, vocab_size={vocab_size})")
+
+
+def _read_source(source) -> dict:
+    if isinstance(source, dict):
+        return dict(source)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return raw
+
+
+def _check_architecture(raw: dict) -> None:
+    model_type = raw.get("model_type", "llama")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"unsupported model_type={model_type!r}: kpro implements {sorted(MODEL_TYPES)}")
+    for arch in raw.get("architectures") or []:
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"unsupported architectures entry {arch!r}: kpro implements {sorted(ARCHITECTURES)}")
+
+
+def _split_rope_parameters(params) -> tuple[float | None, dict | None]:
+    """Newer configs nest rope_theta and the scaling into `rope_parameters`."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"rope_parameters must be an object, got {params!r}")
+    params = dict(params)
+    theta = params.pop("rope_theta", None)
+    return theta, (params or None)
+
+
+_SCALING_KEYS = {
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+
+
+def _normalise_rope_scaling(scaling) -> dict | None:
+    """Validate rope_scaling and return it as {"rope_type": ..., <that type's parameters>} or None."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be an object or null, got {scaling!r}")
+    scaling = dict(scaling)
+    rope_type = scaling.pop("rope_type", None)
+    legacy_type = scaling.pop("type", None)
+    if rope_type is not None and legacy_type is not None and rope_type != legacy_type:
+        raise ConfigError(f"rope_scaling has type={legacy_type!r} and rope_type={rope_type!r}")
+    rope_type = rope_type or legacy_type or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"unsupported rope_scaling rope_type={rope_type!r}: kpro implements {sorted(ROPE_TYPES)}")
+    if rope_type == "default":
+        if scaling:
+            raise ConfigError(f"rope_type 'default' takes no parameters, got {sorted(scaling)}")
+        return None
+    expected = _SCALING_KEYS[rope_type]
+    missing, extra = expected - set(scaling), set(scaling) - expected
+    if missing:
+        raise ConfigError(f"rope_scaling of type {rope_type!r} misses {sorted(missing)}")
+    if extra:
+        raise ConfigError(f"rope_scaling of type {rope_type!r} has unsupported field(s) {sorted(extra)}")
+    for key, value in scaling.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"rope_scaling {key} must be a positive number, got {value!r}")
+    if rope_type == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ConfigError("rope_scaling high_freq_factor must be greater than low_freq_factor")
+    return {"rope_type": rope_type, **scaling}

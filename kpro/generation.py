@@ -1,0 +1,78 @@
+"""Cached decoding: one prefill over the (left-padded) prompts, then one token per step."""
+from __future__ import annotations
+
+import torch
+
+from .model import KVCache, Llama
+
+
+@torch.no_grad()
+def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
+             attention_mask: torch.Tensor | None = None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+    """Prompt followed by new tokens, [B, T + n] with n <= max_new_tokens.
+
+    Greedy unless `temperature > 0` (then sampling, optionally restricted by `top_k` / `top_p`, drawn from
+    `generator` for reproducible runs). Prompts of different lengths come left-padded with an
+    `attention_mask` (see `kpro.pad_left`). A row stops at an eos token (the config's unless
+    `eos_token_id` is given; `[]` never stops) and is filled with `pad_token_id` after it; decoding ends
+    when every row has stopped.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    cfg = model.config
+    eos = cfg.eos_token_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    batch, length = input_ids.shape
+    if length + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(cfg, batch, length + max_new_tokens, dtype, device)
+    eos_ids = torch.tensor(eos, dtype=input_ids.dtype, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, step_ids = [input_ids], input_ids
+    for step in range(max_new_tokens):
+        hidden = model.hidden_states(step_ids, attention_mask, cache=cache)[:, -1]
+        logits = model.lm_head(model.norm(hidden))
+        next_ids = select_next_token(logits, temperature, top_k, top_p, generator)
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
+        tokens.append(next_ids[:, None])
+        finished |= torch.isin(next_ids, eos_ids)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat((attention_mask, torch.ones_like(step_ids)), dim=1)
+    return torch.cat(tokens, dim=1)
+
+
+def select_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: argmax, or a sample at `temperature` within top-k / top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the best always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")

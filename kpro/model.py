@@ -1,0 +1,171 @@
+"""A LLaMA written from scratch: pre-norm blocks of RoPE/GQA attention and a SwiGLU MLP.
+
+Module and parameter names follow the Hugging Face layout (`layers.{i}.self_attn.q_proj`, ...), so a
+checkpoint maps onto the model by adding the `model.` prefix. All math goes through `kpro.ops`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import LlamaConfig
+from .rope import RotaryEmbedding, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attention_mask=None, kv: "LayerKV | None" = None):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.append(k, v)
+        out = ops.attention(q, k, v, causal=True, attention_mask=attention_mask)
+        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attention_mask=None, kv: "LayerKV | None" = None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, kv)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Llama(nn.Module):
+    """`model(input_ids, attention_mask=None) -> logits [B, T, vocab]`; attention_mask: 1 = real token."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg)
+        self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
+        """Logits [B, T, vocab].
+
+        attention_mask [B, past + T] marks real tokens (left padding for batches of different lengths);
+        with a `cache`, it covers the cached tokens too. Positions count real tokens only, so a padded
+        row gives the same logits as the same row unpadded.
+        """
+        return self.lm_head(self.norm(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache)))
+
+    def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, cache=None) -> torch.Tensor:
+        """The final block's output [B, T, hidden], before the final norm."""
+        past = 0 if cache is None else cache.length
+        attention_mask = self._check_inputs(input_ids, attention_mask, past, cache)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past, input_ids.shape[1], input_ids.device)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attention_mask, None if cache is None else cache.layer(i))
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return x
+
+    def _check_inputs(self, input_ids, attention_mask, past, cache):
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
+        batch, length = input_ids.shape
+        if length == 0:
+            raise ValueError("input_ids has no tokens")
+        if cache is not None:
+            if cache.batch_size != batch:
+                raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {batch}")
+            if past + length > cache.max_len:
+                raise ValueError(f"cache holds {cache.max_len} positions; {past} used, {length} more asked")
+        if attention_mask is not None and attention_mask.shape != (batch, past + length):
+            raise ValueError(f"attention_mask must be [B={batch}, past+T={past + length}], got {tuple(attention_mask.shape)}")
+        if torch.compiler.is_compiling():  # checks on values would break the graph
+            return attention_mask
+        if input_ids.device.type == "cpu" and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids hold token ids outside [0, vocab_size={self.config.vocab_size})")
+        # A mask of all ones is no mask: take the faster unmasked attention path.
+        return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def positions_from_mask(attention_mask, past: int, length: int, device) -> torch.Tensor:
+    """Position of each new token: the number of real tokens before it (padding does not count)."""
+    if attention_mask is None:
+        return torch.arange(past, past + length, device=device)[None, :]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, [B, max_len, Hkv, D] each, for cached decoding."""
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def layer(self, index: int) -> "LayerKV":
+        return LayerKV(self, index)
+
+
+class LayerKV:
+    """One layer's view of a KVCache: writes new keys/values after the cached ones."""
+
+    __slots__ = ("cache", "index")
+
+    def __init__(self, cache: KVCache, index: int):
+        self.cache, self.index = cache, index
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.cache.length, self.cache.length + k.shape[1]
+        keys, values = self.cache.keys[self.index], self.cache.values[self.index]
+        keys[:, start:end] = k
+        values[:, start:end] = v
+        return keys[:, :end], values[:, :end]

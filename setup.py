@@ -1,0 +1,46 @@
+"""Installs the pure-Python package, and compiles the CUDA kernels in csrc/ with nvcc when it is present.
+
+KPRO_CUDA_BUILD=auto (default): compile when nvcc is found; a failed compile is reported and the
+    install goes on without the CUDA backend (it never fails for lack of a GPU or toolkit).
+KPRO_CUDA_BUILD=1: compiling is required; a missing nvcc or a compile error fails the install (CI).
+KPRO_CUDA_BUILD=0: never compile.
+"""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+def load_builder():
+    spec = importlib.util.spec_from_file_location("kpro_cuda_build", ROOT / "kpro" / "_cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithCuda(build_py):
+    def run(self):
+        super().run()
+        mode = os.environ.get("KPRO_CUDA_BUILD", "auto")
+        if mode == "0":
+            return
+        builder = load_builder()
+        csrc = ROOT / "csrc"
+        if not builder.cuda_sources(csrc):
+            return
+        in_place = getattr(self, "editable_mode", False)
+        out_dir = (ROOT if in_place else Path(self.build_lib)) / "kpro" / "_lib"
+        try:
+            builder.build_library(csrc, out_dir)
+        except (FileNotFoundError, RuntimeError) as err:
+            if mode == "1":
+                raise
+            print(f"kpro: CUDA kernels not built ({err}); the torch and triton backends remain.", file=sys.stderr)
+
+
+setup(cmdclass={"build_py": BuildPyWithCuda})

@@ -1,0 +1,203 @@
+"""HF-layout checkpoints: round trips, sharding, tied embeddings, named errors, atomic saves."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import kpro
+from kpro import checkpoint as ckpt
+
+
+def assert_same_model(a: kpro.Llama, b: kpro.Llama):
+    assert a.config == b.config
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    ids = torch.randint(0, a.config.vocab_size, (2, 9))
+    assert torch.equal(a(ids), b(ids))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_single_file_round_trip(tmp_path, make_model, tied):
+    model = make_model(dtype=torch.float32, tie_word_embeddings=tied)
+    kpro.save_pretrained(model, tmp_path / "ck")
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
+    with safe_open(str(tmp_path / "ck" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+    assert ("lm_head.weight" in names) == (not tied)
+    assert "model.layers.1.mlp.down_proj.weight" in names and "model.norm.weight" in names
+    loaded = kpro.load_pretrained(tmp_path / "ck")
+    assert_same_model(model, loaded)
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tied
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_sharded_round_trip(tmp_path, make_model):
+    model = make_model(dtype=torch.float32)
+    kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=20_000)
+    files = sorted(os.listdir(tmp_path / "ck"))
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ckpt.hf_tensors(model))
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in ckpt.hf_tensors(model).values())
+    assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
+
+
+def test_load_converts_dtype_and_device(tmp_path, make_model):
+    model = make_model(dtype=torch.bfloat16)
+    kpro.save_pretrained(model, tmp_path / "ck")
+    loaded = kpro.load_pretrained(tmp_path / "ck", dtype=torch.float32, device="cpu")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert torch.equal(loaded.layers[0].mlp.up_proj.weight, model.layers[0].mlp.up_proj.weight.float())
+    assert loaded.rope.inv_freq.dtype == torch.float64 and loaded.rope.inv_freq.device.type == "cpu"
+
+
+def _rewrite(path, change):
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path, make_model):
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
+
+    def break_it(t):
+        del t["model.layers.0.self_attn.k_proj.weight"]
+        t["model.layers.7.mlp.gate_proj.weight"] = torch.zeros(2, 2)
+        t["model.norm.weight"] = torch.zeros(47)
+
+    _rewrite(tmp_path / "ck" / "model.safetensors", break_it)
+    with pytest.raises(kpro.CheckpointError) as err:
+        kpro.load_pretrained(tmp_path / "ck")
+    text = str(err.value)
+    assert "missing tensor(s): model.layers.0.self_attn.k_proj.weight" in text
+    assert "unexpected tensor(s): model.layers.7.mlp.gate_proj.weight" in text
+    assert "model.norm.weight [47] (expected [48])" in text
+
+
+def test_old_rotary_buffers_are_ignored(tmp_path, make_model):
+    model = make_model(dtype=torch.float32)
+    kpro.save_pretrained(model, tmp_path / "ck")
+    _rewrite(tmp_path / "ck" / "model.safetensors",
+             lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
+
+
+def test_truncated_and_corrupt_files_are_clear_errors(tmp_path, make_model):
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck", max_shard_size=20_000)
+    shard = sorted((tmp_path / "ck").glob("model-00002-of-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(kpro.CheckpointError, match=f"{shard.name} is not a readable safetensors"):
+        kpro.load_pretrained(tmp_path / "ck")
+    shard.write_bytes(b"\x00garbage")
+    with pytest.raises(kpro.CheckpointError, match="not a readable safetensors"):
+        kpro.load_pretrained(tmp_path / "ck")
+    shard.unlink()
+    with pytest.raises(kpro.CheckpointError, match=f"names shard file.*{shard.name}"):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
+def test_directory_without_weights_or_config(tmp_path):
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        kpro.load_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(kpro.LlamaConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2).to_hf()))
+    (tmp_path / "ck" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(kpro.CheckpointError, match="safetensors checkpoints only"):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
+def test_unknown_rope_type_in_checkpoint_config(tmp_path, make_model):
+    kpro.save_pretrained(make_model(), tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(kpro.ConfigError, match="rope_type='yarn'"):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
+def test_save_replaces_old_weights_and_keeps_other_files(tmp_path, make_model):
+    target = tmp_path / "ck"
+    kpro.save_pretrained(make_model(seed=1, dtype=torch.float32), target, max_shard_size=20_000)
+    (target / "tokenizer.model").write_bytes(b"tok")
+    (target / "notes").mkdir()
+    (target / "notes" / "a.txt").write_text("kept")
+    new = make_model(seed=2, dtype=torch.float32)
+    kpro.save_pretrained(new, target)
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "notes", "tokenizer.model"]
+    assert (target / "tokenizer.model").read_bytes() == b"tok" and (target / "notes" / "a.txt").read_text() == "kept"
+    assert_same_model(new, kpro.load_pretrained(target))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporaries left behind
+
+
+def test_failed_save_leaves_old_checkpoint_intact(tmp_path, make_model, monkeypatch):
+    target = tmp_path / "ck"
+    old = make_model(seed=1, dtype=torch.float32)
+    kpro.save_pretrained(old, target)
+    calls = []
+
+    def failing_save(tensors, names, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save(tensors, names, path)
+
+    real_save = ckpt._save_shard
+    monkeypatch.setattr(ckpt, "_save_shard", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        kpro.save_pretrained(make_model(seed=2, dtype=torch.float32), target, max_shard_size=20_000)
+    assert_same_model(old, kpro.load_pretrained(target))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_killed_save_leaves_old_checkpoint_intact_and_is_cleaned_up(tmp_path, make_model):
+    target = tmp_path / "ck"
+    old = make_model(seed=1, dtype=torch.float32)
+    kpro.save_pretrained(old, target)
+    script = textwrap.dedent(f"""
+        import sys, time, torch, kpro
+        from kpro import checkpoint as ckpt
+        real = ckpt._save_shard
+        def slow(tensors, names, path):
+            real(tensors, names, path)
+            print("wrote", path.name, flush=True)
+            time.sleep(60)
+        ckpt._save_shard = slow
+        model = kpro.Llama(kpro.LlamaConfig.from_hf({str(target)!r}))
+        kpro.save_pretrained(model, {str(target)!r}, max_shard_size=20_000)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("wrote model-00001")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "ck"]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".ck.tmp-")
+    assert_same_model(old, kpro.load_pretrained(target))
+    kpro.save_pretrained(old, target)  # the next save removes the dead process's temporary
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+@pytest.mark.parametrize("size, expected", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500 mb", 5 * 10**8), (123, 123)])
+def test_parse_size(size, expected):
+    assert ckpt.parse_size(size) == expected
+
+
+@pytest.mark.parametrize("size", ["5 parsecs", 0, "0GB", -3])
+def test_parse_size_rejects_nonsense(size):
+    with pytest.raises(ValueError):
+        ckpt.parse_size(size)

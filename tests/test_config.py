@@ -1,0 +1,107 @@
+"""LlamaConfig: both config.json forms, defaults that follow Hugging Face, and errors that name the field."""
+import json
+
+import pytest
+
+import kpro
+from kpro import ConfigError, LlamaConfig
+
+# Llama 3.1 8B's config.json, classic form (values as published).
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
+}
+
+
+def test_classic_llama31_config():
+    cfg = LlamaConfig.from_hf(LLAMA31_8B)
+    assert (cfg.head_dim, cfg.num_key_value_heads, cfg.kv_groups) == (128, 8, 4)
+    assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert cfg.eos_token_ids == [128001, 128008, 128009]
+    assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_rope_parameters_form_equals_classic_form():
+    newer = {k: v for k, v in LLAMA31_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    newer["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert LlamaConfig.from_hf(newer) == LlamaConfig.from_hf(LLAMA31_8B)
+    plain = dict(newer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = LlamaConfig.from_hf(plain)
+    assert cfg.rope_scaling is None and cfg.rope_theta == 10000.0
+
+
+def test_hf_defaults_for_absent_fields(tmp_path):
+    minimal = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32}
+    (tmp_path / "config.json").write_text(json.dumps(minimal))
+    cfg = LlamaConfig.from_hf(tmp_path)  # a directory works as well as the file
+    assert cfg == LlamaConfig.from_hf(tmp_path / "config.json")
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta, cfg.rms_norm_eps) == (32, 128, 10000.0, 1e-6)
+    assert (cfg.tie_word_embeddings, cfg.bos_token_id, cfg.eos_token_id) == (False, 1, 2)
+
+
+def test_legacy_linear_type_key():
+    cfg = LlamaConfig.from_hf(dict(LLAMA31_8B, rope_scaling={"type": "linear", "factor": 4.0}))
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+
+
+def test_mistral_without_sliding_window_is_llama():
+    cfg = LlamaConfig.from_hf(dict(LLAMA31_8B, model_type="mistral", architectures=["MistralForCausalLM"],
+                                   sliding_window=None))
+    assert cfg.hidden_size == 4096
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "model_type='gpt2'"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"sliding_window": 4096}, "sliding_window=4096"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "misses"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta": 1}}, "unsupported field.*beta"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": -2.0}}, "factor must be a positive"),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "longrope"}}, "rope_type='longrope'"),
+    ({"rope_parameters": {"rope_type": "default"}}, "both rope_parameters and rope_scaling"),
+    ({"partial_rotary_factor": 0.5}, "unknown config field.*partial_rotary_factor"),
+    ({"num_key_value_heads": 5}, "not a multiple"),
+    ({"hidden_size": 4097}, "not divisible"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers must be a positive integer"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive"),
+    ({"eos_token_id": [128001, 999999]}, "eos_token_id=999999"),
+])
+def test_errors_name_the_field(change, message):
+    with pytest.raises(ConfigError, match=message):
+        LlamaConfig.from_hf(dict(LLAMA31_8B, **change))
+
+
+def test_unknown_fields_can_be_ignored_on_request():
+    cfg = LlamaConfig.from_hf(dict(LLAMA31_8B, some_future_field=3), strict=False)
+    assert cfg.hidden_size == 4096
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        LlamaConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        LlamaConfig.from_hf(tmp_path)
+
+
+def test_to_hf_is_a_loadable_llama_config():
+    out = LlamaConfig.from_hf(LLAMA31_8B).to_hf()
+    assert out["architectures"] == ["LlamaForCausalLM"] and out["model_type"] == "llama"
+    assert out["rope_scaling"]["rope_type"] == "llama3" and out["rope_theta"] == 500000.0
+    assert "pad_token_id" not in out
+    assert kpro.LlamaConfig.from_hf(out) == LlamaConfig.from_hf(LLAMA31_8B)

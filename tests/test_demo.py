@@ -1,0 +1,19 @@
+"""The demo's acts run end to end (shortened); the full-length run is `python -m kpro demo`."""
+import random
+
+import kpro
+from kpro import demo
+
+
+def test_reversal_task_format():
+    prompt, answer = demo.reversal_task(random.Random(0))
+    assert prompt.endswith(">") and answer == prompt[:-1][::-1] and 3 <= len(answer) <= 8
+
+
+def test_basics_act_trains_saves_and_reloads(tmp_path, capsys):
+    result = demo.act_basics(tmp_path / "basics", steps=30)
+    out = capsys.readouterr().out
+    assert "step    30/30  loss" in out and "reloaded" in out
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert isinstance(kpro.load_tokenizer(tmp_path / "basics"), kpro.CharTokenizer)
+    assert kpro.load_pretrained(tmp_path / "basics").config.num_hidden_layers == 4

@@ -1,0 +1,84 @@
+"""Cached decoding against re-running the whole sequence; batching; sampling; stopping."""
+import pytest
+import torch
+
+import kpro
+from kpro.generation import select_next_token
+
+
+def uncached_greedy(model, ids, steps):
+    for _ in range(steps):
+        ids = torch.cat((ids, model(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cached_greedy_equals_recomputing_everything(make_model, dtype):
+    model = make_model(seed=7, dtype=dtype)
+    ids = torch.randint(3, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = uncached_greedy(model, ids, 20)
+    assert torch.equal(kpro.generate(model, ids, 20, eos_token_id=[]), expected)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(make_model):
+    model = make_model(seed=8)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 1, 9, 3)]
+    ids, mask = kpro.pad_left(prompts, pad_id=0)
+    batched = kpro.generate(model, ids, 12, attention_mask=mask, eos_token_id=[])
+    for row, prompt in enumerate(prompts):
+        alone = kpro.generate(model, torch.tensor([prompt]), 12, eos_token_id=[])
+        assert batched[row, ids.shape[1]:].tolist() == alone[0, len(prompt):].tolist()
+        assert batched[row, :ids.shape[1]].tolist() == ids[row].tolist()
+
+
+def test_rows_stop_at_eos_and_are_padded(make_model):
+    model = make_model(seed=9)
+    ids = torch.randint(3, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(3))
+    free = kpro.generate(model, ids, 10, eos_token_id=[])
+    stop = int(free[0, 4 + 2])  # make row 0's third new token the eos
+    assert stop not in free[0, 4:6].tolist()
+    out = kpro.generate(model, ids, 10, eos_token_id=stop, pad_token_id=0)
+    assert out[0, 4:7].tolist() == free[0, 4:7].tolist()
+    assert (out[0, 7:] == 0).all()
+    if stop not in free[1, 4:].tolist():
+        assert out[1].tolist() == free[1].tolist()
+    single = kpro.generate(model, ids[:1], 10, eos_token_id=stop)
+    assert single.shape[1] == 4 + 3  # decoding ends once every row stopped
+
+
+def test_sampling_is_reproducible_and_topk1_is_greedy(make_model):
+    model = make_model(seed=10)
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    draw = lambda seed, **kw: kpro.generate(model, ids, 15, temperature=1.0, eos_token_id=[],
+                                            generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+    greedy = kpro.generate(model, ids, 15, eos_token_id=[])
+    assert torch.equal(draw(5, top_k=1), greedy)
+    assert torch.equal(draw(6, top_p=1e-9), greedy)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    picks = select_next_token(logits, 1.0, top_k=2, generator=gen)
+    assert set(picks.tolist()) == {0, 1}
+    probs = logits[0].softmax(0)  # 0.64, 0.24, 0.09, ...: top_p=0.8 keeps the first two only
+    picks = select_next_token(logits, 1.0, top_p=0.8, generator=gen)
+    assert set(picks.tolist()) == {0, 1}
+    share = (picks == 0).float().mean()
+    assert abs(share - probs[0] / probs[:2].sum()) < 0.05
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=5, temperature=-1.0), "temperature"),
+    (dict(max_new_tokens=5, top_k=0), "top_k"),
+    (dict(max_new_tokens=5, top_p=1.5), "top_p"),
+    (dict(max_new_tokens=200), "max_position_embeddings"),
+])
+def test_bad_generation_arguments(make_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kpro.generate(make_model(), torch.ones(1, 3, dtype=torch.long), **kwargs)

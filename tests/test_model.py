@@ -1,0 +1,168 @@
+"""kpro.Llama against a deliberately naive float64 LLaMA written here (explicit loops, one row at a time)."""
+import math
+
+import pytest
+import torch
+
+import kpro
+from kpro.checkpoint import hf_tensors
+from conftest import tiny_config
+
+
+def naive_inv_freq(cfg: dict) -> list[float]:
+    dim, theta = cfg["head_dim"], cfg["rope_theta"]
+    inv = [1.0 / theta ** (2 * i / dim) for i in range(dim // 2)]
+    scaling = cfg.get("rope_scaling")
+    if scaling and scaling["rope_type"] == "linear":
+        inv = [f / scaling["factor"] for f in inv]
+    elif scaling and scaling["rope_type"] == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        ctx = scaling["original_max_position_embeddings"]
+        out = []
+        for f in inv:
+            wavelen = 2 * math.pi / f
+            if wavelen < ctx / high:
+                out.append(f)
+            elif wavelen > ctx / low:
+                out.append(f / factor)
+            else:
+                smooth = (ctx / wavelen - low) / (high - low)
+                out.append((1 - smooth) * f / factor + smooth * f)
+        inv = out
+    return inv
+
+
+def naive_forward_row(w: dict, cfg: dict, tokens: list[int]) -> torch.Tensor:
+    """Logits [len(tokens), V] for one unpadded sequence."""
+    d, n_heads, n_kv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps, T = cfg["rms_norm_eps"], len(tokens)
+    inv_freq = naive_inv_freq(cfg)
+
+    def norm(x, weight):
+        return torch.stack([row / math.sqrt(float((row * row).mean()) + eps) * weight for row in x])
+
+    def rope(vec, pos):  # vec [hd]
+        out = vec.clone()
+        for i, f in enumerate(inv_freq):
+            c, s = math.cos(pos * f), math.sin(pos * f)
+            a, b = vec[i], vec[i + hd // 2]
+            out[i], out[i + hd // 2] = a * c - b * s, b * c + a * s
+        return out
+
+    x = torch.stack([w["model.embed_tokens.weight"][t] for t in tokens])
+    for layer in range(cfg["num_hidden_layers"]):
+        p = lambda name: w[f"model.layers.{layer}.{name}.weight"]
+        h = norm(x, p("input_layernorm"))
+        q = torch.einsum("td,od->to", h, p("self_attn.q_proj")).view(T, n_heads, hd)
+        k = torch.einsum("td,od->to", h, p("self_attn.k_proj")).view(T, n_kv, hd)
+        v = torch.einsum("td,od->to", h, p("self_attn.v_proj")).view(T, n_kv, hd)
+        attn = torch.zeros(T, n_heads, hd, dtype=torch.float64)
+        for head in range(n_heads):
+            kv_head = head // (n_heads // n_kv)
+            for i in range(T):
+                qi = rope(q[i, head], i)
+                scores = torch.tensor([float(qi @ rope(k[j, kv_head], j)) / math.sqrt(hd) for j in range(i + 1)],
+                                      dtype=torch.float64)
+                probs = torch.exp(scores - scores.max())
+                probs = probs / probs.sum()
+                attn[i, head] = sum(probs[j] * v[j, kv_head] for j in range(i + 1))
+        x = x + torch.einsum("to,do->td", attn.reshape(T, n_heads * hd), p("self_attn.o_proj"))
+        h = norm(x, p("post_attention_layernorm"))
+        gate = torch.einsum("td,fd->tf", h, p("mlp.gate_proj"))
+        up = torch.einsum("td,fd->tf", h, p("mlp.up_proj"))
+        x = x + torch.einsum("tf,df->td", gate / (1 + torch.exp(-gate)) * up, p("mlp.down_proj"))
+    head_weight = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
+    return torch.einsum("td,vd->tv", norm(x, w["model.norm.weight"]), head_weight)
+
+
+def naive_logits(model: kpro.Llama, input_ids, attention_mask=None) -> torch.Tensor:
+    """Run each row alone with its padding stripped; padding positions are left as NaN."""
+    weights = {name: t.detach().double() for name, t in hf_tensors(model).items()}
+    cfg = model.config.to_hf()
+    out = torch.full((*input_ids.shape, cfg["vocab_size"]), float("nan"), dtype=torch.float64)
+    for b, row in enumerate(input_ids.tolist()):
+        real = [i for i in range(len(row)) if attention_mask is None or attention_mask[b, i]]
+        out[b, real] = naive_forward_row(weights, cfg, [row[i] for i in real])
+    return out
+
+
+def relative_error(out, ref):
+    return float((out - ref).detach().norm() / ref.detach().norm())
+
+
+VARIANTS = {
+    "mha": dict(num_key_value_heads=6),
+    "gqa": dict(),
+    "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "head_dim_not_hidden_over_heads": dict(head_dim=12),
+    "llama3_rope": dict(rope_theta=10000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
+    "linear_rope": dict(rope_scaling={"type": "linear", "factor": 2.5}),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_naive_reference(make_model, variant):
+    model = make_model(seed=3, **VARIANTS[variant])
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    out = model(ids)
+    ref = naive_logits(model, ids)
+    assert out.dtype == torch.float64 and not out.isnan().any()
+    assert relative_error(out, ref) < 1e-10
+
+
+def test_left_padded_batch_matches_unpadded_rows(make_model):
+    model = make_model(seed=4)
+    gen = torch.Generator().manual_seed(6)
+    rows = [torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 1, 5)]
+    ids, mask = kpro.pad_left(rows, pad_id=0)
+    out = model(ids, attention_mask=mask)
+    ref = naive_logits(model, ids, mask)
+    real = mask.bool()
+    assert not out[real].isnan().any()
+    assert relative_error(out[real], ref[real]) < 1e-10
+    for b, row in enumerate(rows):  # and the padded row equals the same row run alone
+        alone = model(torch.tensor([row]))[0]
+        assert relative_error(out[b, real[b]], alone) < 1e-12
+
+
+def test_llama3_scaling_changes_low_frequencies_only():
+    base = tiny_config(rope_theta=10000.0, head_dim=64)
+    scaled = base.replace(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    plain, llama3 = kpro.rope.rope_frequencies(base), kpro.rope.rope_frequencies(scaled)
+    assert torch.equal(plain[:4], llama3[:4])  # high frequencies untouched
+    assert torch.allclose(llama3[-1], plain[-1] / 8)  # lowest divided by the factor
+    assert torch.allclose(llama3, torch.tensor(naive_inv_freq(scaled.to_hf()), dtype=torch.float64), rtol=1e-14)
+
+
+def test_rope_frequencies_stay_float64_after_dtype_change(make_model):
+    model = make_model(dtype=torch.bfloat16)
+    assert model.rope.inv_freq.dtype == torch.float64
+    assert torch.equal(model.rope.inv_freq, kpro.rope.rope_frequencies(model.config))
+
+
+def test_tied_embeddings_share_one_parameter(make_model):
+    model = make_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.num_parameters() == sum(p.numel() for p in set(model.parameters()))
+
+
+def test_backward_reaches_every_parameter(make_model):
+    model = make_model(dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    model(ids).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda m: m(torch.zeros(2, 3)), "integer tensor"),
+    (lambda m: m(torch.zeros(3, dtype=torch.long)), "integer tensor"),
+    (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "no tokens"),
+    (lambda m: m(torch.tensor([[1, 999]])), "outside"),
+    (lambda m: m(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4)), "attention_mask must be"),
+])
+def test_bad_inputs_are_named(make_model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        bad(make_model())

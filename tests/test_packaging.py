@@ -1,0 +1,71 @@
+"""The CUDA build path (compile-only where there is no GPU) and the command line."""
+import ctypes
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kpro import _cuda_build
+
+ROOT = Path(__file__).resolve().parents[1]
+nvcc = _cuda_build.find_nvcc()
+
+
+@pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
+def test_builder_compiles_a_c_entry_point_without_torch_headers(tmp_path):
+    (tmp_path / "probe.cu").write_text(
+        '#include <cuda_runtime.h>\n'
+        '__global__ void twice(float* x, int n) { int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) x[i] *= 2; }\n'
+        'extern "C" int kpro_probe(int a) { return a + 1; }\n')
+    lib = _cuda_build.build_library(tmp_path, tmp_path / "out", verbose=False)
+    assert ctypes.CDLL(str(lib)).kpro_probe(41) == 42  # host code runs without a GPU
+    assert (tmp_path / "out" / (lib.name + ".digest")).read_text().strip() == _cuda_build.sources_digest(tmp_path)
+
+
+@pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
+def test_builder_reports_compile_errors(tmp_path):
+    (tmp_path / "broken.cu").write_text("this is not C++\n")
+    with pytest.raises(RuntimeError, match="nvcc failed"):
+        _cuda_build.build_library(tmp_path, tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out" / _cuda_build.LIBRARY_NAME).exists()
+
+
+def test_digest_follows_the_sources(tmp_path):
+    (tmp_path / "a.cu").write_text("int a;\n")
+    before = _cuda_build.sources_digest(tmp_path)
+    (tmp_path / "a.cuh").write_text("int b;\n")
+    assert _cuda_build.sources_digest(tmp_path) != before
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "kpro", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["generate"], ["demo"]])
+def test_every_subcommand_has_help(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0 and "usage: python -m kpro" in result.stdout
+
+
+def test_info_and_generate_on_a_saved_checkpoint(tmp_path, make_model):
+    import kpro
+
+    model = make_model(dtype=torch.float32)
+    kpro.save_pretrained(model, tmp_path)
+    kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'-ABCDEFGHIJKLMNOPQRSTUVW").save(tmp_path)
+    info = run_cli("info", str(tmp_path))
+    assert info.returncode == 0, info.stderr
+    assert f"{model.num_parameters():,}" in info.stdout and "6 heads, 2 key/value heads" in info.stdout
+    out = run_cli("generate", str(tmp_path), "--prompt", "hello", "--prompt", "a", "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("hello") and lines[1].startswith("a")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = run_cli("info", str(tmp_path / "missing"))
+    assert result.returncode == 1 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    result = run_cli("demo", "no-such-act")
+    assert result.returncode == 1 and "unknown demo act" in result.stderr

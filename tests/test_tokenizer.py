@@ -1,0 +1,73 @@
+"""Tokenizers on real SentencePiece models (see tests/data/README.md) and the character tokenizer."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import kpro
+
+DATA = Path(__file__).parent / "data"
+MISTRAL = DATA / "mistral_7b_tokenizer.model"
+
+
+def test_llama_style_bpe_with_byte_fallback():
+    tok = kpro.Tokenizer(MISTRAL)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+    assert tok.encode("Hello world") == [1, 22557, 1526]  # ids as published for Mistral 7B
+    assert tok.encode("Hello world", bos=False, eos=True) == [22557, 1526, 2]
+    ids = tok.encode("日本語 🦙", bos=False)
+    assert [tok.id_to_piece(i) for i in ids[-4:]] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]  # the llama, as bytes
+
+
+@pytest.mark.parametrize("text", ["Hello world", " 3719 × 3349 = 12454831", "日本語 🦙\nsecond line", "  leading spaces"])
+def test_round_trip(text):
+    tok = kpro.Tokenizer(MISTRAL)
+    assert tok.decode(tok.encode(text, bos=True, eos=True)) == text  # specials decode to nothing
+
+
+def test_unigram_model_and_directory_loading(tmp_path):
+    tok = kpro.Tokenizer(DATA / "sentencepiece_test_model.model")
+    assert tok.vocab_size == 1000
+    assert tok.encode("I saw a girl with a telescope.", bos=False)[:4] == [9, 459, 11, 939]
+    tok.save(tmp_path)
+    assert kpro.load_tokenizer(tmp_path).encode("a telescope") == tok.encode("a telescope")
+
+
+def test_batches_and_left_padding():
+    tok = kpro.Tokenizer(MISTRAL)
+    batch = tok.encode_batch(["Hello world", "Hi"])
+    assert batch[0] == tok.encode("Hello world")
+    ids, mask = tok.pad_left(batch)
+    assert ids.shape == mask.shape == (2, 3)
+    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]] and ids[1, 0] == tok.pad_id
+    assert tok.decode_batch(ids.tolist()) == ["Hello world", "Hi"]
+
+
+def test_bad_model_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        kpro.Tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        kpro.Tokenizer(tmp_path)
+
+
+def test_char_tokenizer(tmp_path):
+    tok = kpro.CharTokenizer("0123456789+= ")
+    assert tok.vocab_size == 16
+    ids = tok.encode("12+3=15", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and len(ids) == 9
+    assert tok.decode(ids) == "12+3=15"
+    tok.save(tmp_path)
+    again = kpro.load_tokenizer(tmp_path)
+    assert isinstance(again, kpro.CharTokenizer) and again.encode("9 9") == tok.encode("9 9")
+    with pytest.raises(ValueError, match="'x' is not in the alphabet"):
+        tok.encode("1x")
+    with pytest.raises(ValueError, match="repeated"):
+        kpro.CharTokenizer("aa")
+
+
+def test_pad_left_rejects_empty():
+    with pytest.raises(ValueError):
+        kpro.pad_left([[1], []], 0)
+    ids, mask = kpro.pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert torch.equal(ids, torch.tensor([[5, 6, 7], [0, 0, 8]])) and mask.sum() == 4
