@@ -18,3 +18,29 @@ def describe_device(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import os
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(device) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + written), the memory ceiling."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB of fp32 on a GPU, 64 MiB on a CPU
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    import time
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
+def record_bandwidth(benchmark, bytes_moved: int, ceiling_gbps: float) -> None:
+    """Store achieved GB/s (bytes that must move / median time) and its share of the copy ceiling."""
+    median = benchmark.stats.stats.median
+    achieved = bytes_moved / median / 1e9
+    benchmark.extra_info.update(gb_per_s=round(achieved, 1), copy_gb_per_s=round(ceiling_gbps, 1),
+                                fraction_of_copy=round(achieved / ceiling_gbps, 3))

@@ -1,7 +1,40 @@
+import os
+
 import pytest
 import torch
 
-import kpro
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter; it is read when a kernel is
+# defined, so it is set before kpro imports any (they are imported on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kpro  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") and not CUDA:
+        pytest.skip("needs an NVIDIA GPU")
+
+
+def backend_devices():
+    """(backend, device) pairs to test every op with: Triton on the GPU where there is one, else in
+    the CPU interpreter; the CUDA C++ kernels only on a GPU (marked, skipped elsewhere)."""
+    pairs = [pytest.param("torch", "cpu", id="torch-cpu"),
+             pytest.param("triton", "cuda" if CUDA else "cpu", id="triton-" + ("cuda" if CUDA else "cpu"))]
+    pairs += [pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.cuda),
+              pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.cuda)]
+    return pairs
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere in out makes it NaN (so it never passes)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm())
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def tiny_config(**overrides) -> kpro.LlamaConfig:

@@ -6,7 +6,7 @@ import torch
 
 import kpro
 from kpro.checkpoint import hf_tensors
-from conftest import tiny_config
+from conftest import relative_error, tiny_config
 
 
 def naive_inv_freq(cfg: dict) -> list[float]:
@@ -84,10 +84,6 @@ def naive_logits(model: kpro.Llama, input_ids, attention_mask=None) -> torch.Ten
         real = [i for i in range(len(row)) if attention_mask is None or attention_mask[b, i]]
         out[b, real] = naive_forward_row(weights, cfg, [row[i] for i in real])
     return out
-
-
-def relative_error(out, ref):
-    return float((out - ref).detach().norm() / ref.detach().norm())
 
 
 VARIANTS = {

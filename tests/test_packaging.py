@@ -69,3 +69,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
     result = run_cli("demo", "no-such-act")
     assert result.returncode == 1 and "unknown demo act" in result.stderr
+
+
+@pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
+def test_cuda_library_builds_from_csrc_and_exports_every_entry_point():
+    """The real kernels compile (here, or at install) and the ctypes signatures name real symbols."""
+    from kpro.ops.cuda_kernels import library
+
+    assert library.library_problem() is None, library.library_problem()
+    lib = library._load()
+    assert lib.kpro_library_version() == 1
+    assert lib.kpro_error_string(2).decode()  # cudaErrorMemoryAllocation has a text, GPU or not
+    for name in library.SIGNATURES:
+        assert getattr(lib, name).argtypes == library.SIGNATURES[name]

@@ -1,9 +1,9 @@
-"""kpro.ops: the differentiable math every kpro model calls.
-
-Each op has one entry point; the model never calls torch.nn.functional directly for these.
+"""kpro.ops: the differentiable math every kpro model calls, each op with up to three implementations
+(plain PyTorch, Triton, CUDA C++) behind one entry point. See `kpro.ops.backend` for how one is chosen.
 """
 from .attention import attention
+from .backend import BackendError, backend, requested_backend
 from .rms_norm import rms_norm
-from .swiglu import swiglu
+from .swiglu import swiglu, swiglu_packed
 
-__all__ = ["attention", "rms_norm", "swiglu"]
+__all__ = ["BackendError", "attention", "backend", "requested_backend", "rms_norm", "swiglu", "swiglu_packed"]

@@ -1,7 +1,17 @@
-"""RMSNorm: y = x / sqrt(mean(x²) + eps) * weight, accumulated in float32 (or float64 for float64 input)."""
+"""RMSNorm: y = x / sqrt(mean(x²) + eps) * weight over the last dimension.
+
+One differentiable entry point, `rms_norm`, registered as torch.library custom ops (forward and backward)
+so torch.compile traces it whole and autograd calls our backward. The forward saves only x and the
+per-row rstd; the backward computes dW only when the weight requires grad (a frozen weight skips the
+reduction, the expensive part, entirely).
+"""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+
+from .backend import kernels, select
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -9,16 +19,90 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Plain PyTorch: normalise and scale in the accumulation dtype, round once to x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension of x (any leading shape); output in x's dtype."""
+    check_rms_norm_args(x, weight, eps)
+    return torch.ops.kpro.rms_norm_forward(x, weight, float(eps), select("rms_norm", x))[0]
+
+
+def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    if x.dim() == 0 or weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x {tuple(x.shape)} (last dim)")
+    if x.device != weight.device:
+        raise ValueError(f"rms_norm: x is on {x.device}, weight on {weight.device}")
+    if not x.is_floating_point() or not weight.is_floating_point():
+        raise ValueError(f"rms_norm: x and weight must be floating point, got {x.dtype} and {weight.dtype}")
+    if not eps >= 0:
+        raise ValueError(f"rms_norm: eps must be >= 0, got {eps}")
+
+
+# ------------------------------------------------------------------------------------ torch backend
+
+def torch_forward(x, weight, eps):
     acc = accumulation_dtype(x.dtype)
     xf = x.to(acc)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.to(acc)).to(x.dtype)
+    # ‖x‖² / n in one reduction, without materialising x²; in-place ops on our own temporaries.
+    rstd = torch.linalg.vector_norm(xf, dim=-1).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    return (xf * rstd[..., None]).mul_(weight.to(acc)).to(x.dtype), rstd
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last dimension of x (any leading shape); differentiable."""
-    if weight.shape != x.shape[-1:]:
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
-    return rms_norm_reference(x, weight, eps)
+def torch_backward(dy, x, weight, rstd, weight_grad: bool):
+    acc = accumulation_dtype(x.dtype)
+    x_hat = x.to(acc) * rstd[..., None]
+    g = dy.to(acc) * weight.to(acc)
+    dw = None
+    if weight_grad:
+        dw = (dy.to(acc) * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    mean_gx = torch.linalg.vecdot(g, x_hat).div_(x.shape[-1])
+    dx = g.sub_(x_hat.mul_(mean_gx[..., None])).mul_(rstd[..., None])  # rstd * (g - x_hat * mean(g * x_hat))
+    return dx.to(x.dtype), dw
+
+
+TORCH_KERNELS = SimpleNamespace(forward=torch_forward, backward=torch_backward)
+
+
+def _kernels(backend: str):
+    """The backend's functions: forward(x, weight, eps) and backward(dy, x, weight, rstd, weight_grad)."""
+    return kernels("rms_norm", backend, TORCH_KERNELS)
+
+
+# ------------------------------------------------------------------------------ custom op registration
+
+@torch.library.custom_op("kpro::rms_norm_forward", mutates_args=())
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): y like x, rstd [x.shape[:-1]] in the accumulation dtype."""
+    return _kernels(backend).forward(x, weight, eps)
+
+
+@rms_norm_forward.register_fake
+def _(x, weight, eps, backend):
+    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("kpro::rms_norm_backward", mutates_args=())
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      weight_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw); dw is an empty tensor when weight_grad is False."""
+    dx, dw = _kernels(backend).backward(dy, x, weight, rstd, weight_grad)
+    return dx, (dw if dw is not None else weight.new_empty(0))
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, weight_grad, backend):
+    return torch.empty_like(x), torch.empty_like(weight) if weight_grad else weight.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, backend = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    weight_grad = ctx.needs_input_grad[1]
+    dx, dw = torch.ops.kpro.rms_norm_backward(dy, x, weight, rstd, weight_grad, ctx.backend)
+    return dx, (dw if weight_grad else None), None, None
+
+
+rms_norm_forward.register_autograd(_backward, setup_context=_setup_context)

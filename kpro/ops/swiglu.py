@@ -1,19 +1,138 @@
-"""SwiGLU: silu(gate) * up, computed in the accumulation dtype and rounded once."""
+"""SwiGLU: silu(gate) * up, computed in the accumulation dtype and rounded once.
+
+Two entry points: `swiglu(gate, up)` for separate projections, and `swiglu_packed(gate_up)` for models
+that fuse them into one `[..., 2F]` tensor (gate first). Both save only their inputs and recompute
+silu in the backward.
+"""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from .backend import kernels, select
 from .rms_norm import accumulation_dtype
 
 
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    acc = accumulation_dtype(gate.dtype)
-    return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for two tensors of the same shape and dtype; differentiable."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} differ")
-    return swiglu_reference(gate, up)
+    """silu(gate) * up for two tensors of the same shape, dtype and device."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} {gate.device} and "
+                         f"up {tuple(up.shape)} {up.dtype} {up.device} differ")
+    _check_floating(gate)
+    return torch.ops.kpro.swiglu_forward(gate, up, select("swiglu", gate))
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with gate_up = cat(gate, up) on the last dimension: [..., 2F] -> [..., F]."""
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu_packed: last dimension must be even (gate then up), got {tuple(gate_up.shape)}")
+    _check_floating(gate_up)
+    return torch.ops.kpro.swiglu_packed_forward(gate_up, select("swiglu", gate_up))
+
+
+def _check_floating(x):
+    if not x.is_floating_point():
+        raise ValueError(f"swiglu: inputs must be floating point, got {x.dtype}")
+
+
+# ------------------------------------------------------------------------------------ torch backend
+
+def torch_forward(gate, up):
+    acc = accumulation_dtype(gate.dtype)
+    return F.silu(gate.to(acc)).mul_(up.to(acc)).to(gate.dtype)
+
+
+def torch_backward(dy, gate, up):
+    acc = accumulation_dtype(gate.dtype)
+    g, d = gate.to(acc), dy.to(acc)
+    dgate = torch.ops.aten.silu_backward(d * up.to(acc), g)  # d·u·silu'(g), one fused kernel
+    return dgate.to(gate.dtype), F.silu(g).mul_(d).to(up.dtype)
+
+
+def torch_packed_forward(gate_up):
+    return torch_forward(*gate_up.chunk(2, dim=-1))
+
+
+def torch_packed_backward(dy, gate_up):
+    return torch.cat(torch_backward(dy, *gate_up.chunk(2, dim=-1)), dim=-1)
+
+
+TORCH_KERNELS = SimpleNamespace(forward=torch_forward, backward=torch_backward,
+                                packed_forward=torch_packed_forward, packed_backward=torch_packed_backward)
+
+
+def _kernels(backend: str):
+    """The backend's functions: forward, backward, packed_forward, packed_backward."""
+    return kernels("swiglu", backend, TORCH_KERNELS)
+
+
+# ------------------------------------------------------------------------------ custom op registration
+
+@torch.library.custom_op("kpro::swiglu_forward", mutates_args=())
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+    return _kernels(backend).forward(gate, up)
+
+
+@swiglu_forward.register_fake
+def _(gate, up, backend):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("kpro::swiglu_backward", mutates_args=())
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels(backend).backward(dy, gate, up)
+
+
+@swiglu_backward.register_fake
+def _(dy, gate, up, backend):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _setup(ctx, inputs, output):
+    gate, up, backend = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dgate, dup = torch.ops.kpro.swiglu_backward(dy, gate, up, ctx.backend)
+    return dgate, dup, None
+
+
+swiglu_forward.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("kpro::swiglu_packed_forward", mutates_args=())
+def swiglu_packed_forward(gate_up: torch.Tensor, backend: str) -> torch.Tensor:
+    return _kernels(backend).packed_forward(gate_up)
+
+
+@swiglu_packed_forward.register_fake
+def _(gate_up, backend):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+@torch.library.custom_op("kpro::swiglu_packed_backward", mutates_args=())
+def swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor, backend: str) -> torch.Tensor:
+    return _kernels(backend).packed_backward(dy, gate_up)
+
+
+@swiglu_packed_backward.register_fake
+def _(dy, gate_up, backend):
+    return torch.empty_like(gate_up)
+
+
+def _setup_packed(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.backend = inputs[1]
+
+
+def _backward_packed(ctx, dy):
+    (gate_up,) = ctx.saved_tensors
+    return torch.ops.kpro.swiglu_packed_backward(dy, gate_up, ctx.backend), None
+
+
+swiglu_packed_forward.register_autograd(_backward_packed, setup_context=_setup_packed)

@@ -1,0 +1,49 @@
+"""RMSNorm through csrc/rms_norm.cu."""
+import torch
+
+from .._layout import as_rows, device_guard
+from ..backend import BackendError
+from .library import call, dtype_code, stream
+
+MAX_COLS = 16384  # 1024 threads x 16 elements each (see with_items in csrc/rms_norm.cu)
+ROWS_PER_BLOCK_TARGET = 4  # blocks per SM when dW is reduced from per-block partial sums
+
+
+def _check(x, weight):
+    if weight.dtype != x.dtype:
+        raise BackendError(f"rms_norm: the CUDA kernel needs weight dtype == x dtype, got {weight.dtype} and {x.dtype}")
+    if x.shape[-1] > MAX_COLS:
+        raise BackendError(f"rms_norm: the CUDA kernel takes rows of at most {MAX_COLS} elements, got {x.shape[-1]}")
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    _check(x, weight)
+    rows, w = as_rows(x), weight.contiguous()
+    n_rows, n_cols = rows.shape
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        call("kpro_rms_norm_forward", dtype_code(x), rows.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+             n_rows, n_cols, rows.stride(0), y.stride(0), float(eps), stream(x))
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+def backward(dy, x, weight, rstd, weight_grad: bool):
+    _check(x, weight)
+    rows, dy_rows, w, rstd = as_rows(x), as_rows(dy), weight.contiguous(), rstd.contiguous()
+    n_rows, n_cols = rows.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if weight_grad and n_rows:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        rows_per_block = -(-n_rows // (sms * ROWS_PER_BLOCK_TARGET))
+        partial = torch.empty((-(-n_rows // rows_per_block), n_cols), dtype=torch.float32, device=x.device)
+    else:
+        rows_per_block, partial = 1, None
+    with device_guard(x):
+        call("kpro_rms_norm_backward", dtype_code(x), dy_rows.data_ptr(), rows.data_ptr(), w.data_ptr(),
+             rstd.data_ptr(), dx.data_ptr(), None if partial is None else partial.data_ptr(), n_rows, n_cols,
+             rows_per_block, dy_rows.stride(0), rows.stride(0), dx.stride(0), stream(x))
+    if not weight_grad:
+        return dx.view(x.shape), None
+    dw = partial.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
+    return dx.view(x.shape), dw

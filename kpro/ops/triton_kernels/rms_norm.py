@@ -1,0 +1,135 @@
+"""RMSNorm forward and backward in Triton.
+
+Forward: one program per row, fp32 accumulation, output in x's dtype, rstd saved per row. Rows wider
+than MAX_BLOCK are processed in column blocks (two passes over the row).
+Backward: each program walks a contiguous range of rows, computing dX and, only when the weight needs a
+gradient, accumulating dW in fp32 for its rows; the per-program partial sums are then added up. With
+a frozen weight there is no partial buffer, no accumulation and no reduction, and every row gets its
+own program.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._layout import as_rows, device_guard
+from ._launch import next_power_of_2, program_count, warps_for
+
+MAX_BLOCK = 16384  # widest row kept in registers in one block; wider rows loop over column blocks
+
+
+@triton.jit
+def _forward_kernel(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps,
+                    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * x_stride
+    y_row = Y + row * y_stride
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    else:
+        sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            sum_sq += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / n_cols + eps)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, dy_stride, x_stride, dx_stride, n_rows, n_cols,
+                     rows_per_program, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, WEIGHT_GRAD: tl.constexpr):
+    program = tl.program_id(0).to(tl.int64)
+    first = program * rows_per_program  # int64, and so is the loop's row index
+    last = tl.minimum(first + rows_per_program, n_rows)
+    partial = DW_PARTIAL + program * n_cols
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(first, last):
+            x = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            x_hat = x * rstd
+            g = dy * w
+            mean_gx = tl.sum(g * x_hat, axis=0) / n_cols
+            tl.store(DX + row * dx_stride + cols, (rstd * (g - x_hat * mean_gx)).to(DX.dtype.element_ty), mask=mask)
+            if WEIGHT_GRAD:
+                dw += dy * x_hat
+        if WEIGHT_GRAD:
+            tl.store(partial + cols, dw, mask=mask)
+    else:
+        for row in range(first, last):
+            rstd = tl.load(RSTD + row)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                acc += dy * w * x
+            mean_gx = tl.sum(acc, axis=0) * rstd / n_cols
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x_hat = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32) * rstd
+                dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                dx = rstd * (dy * w - x_hat * mean_gx)
+                tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                if WEIGHT_GRAD:
+                    dw = tl.load(partial + cols, mask=mask, other=0.0)
+                    tl.store(partial + cols, dw + dy * x_hat, mask=mask)
+
+
+def _block(n_cols: int) -> tuple[int, bool]:
+    block = min(next_power_of_2(n_cols), MAX_BLOCK)
+    return block, n_cols <= block
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    rows = as_rows(x)
+    n_rows, n_cols = rows.shape
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows:
+        block, one_block = _block(n_cols)
+        with device_guard(x):
+            _forward_kernel[(n_rows,)](rows, weight.contiguous(), y, rstd, rows.stride(0), y.stride(0), n_cols, eps,
+                                       BLOCK=block, ONE_BLOCK=one_block, num_warps=warps_for(block))
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, weight_grad: bool):
+    rows, dy_rows = as_rows(x), as_rows(dy)
+    n_rows, n_cols = rows.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return dx.view(x.shape), (torch.zeros_like(weight) if weight_grad else None)
+    block, one_block = _block(n_cols)
+    # Without dW, rows are independent: one program each. With dW, few programs, each summing its rows.
+    programs = program_count(x, n_rows) if weight_grad else n_rows
+    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    alloc = torch.zeros if not one_block else torch.empty  # looped rows accumulate into the buffer
+    partial = alloc((programs, n_cols), dtype=torch.float32, device=x.device) if weight_grad else dx
+    with device_guard(x):
+        _backward_kernel[(programs,)](dy_rows, rows, weight.contiguous(), rstd.contiguous(), dx, partial,
+                                      dy_rows.stride(0), rows.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+                                      BLOCK=block, ONE_BLOCK=one_block, WEIGHT_GRAD=weight_grad,
+                                      num_warps=warps_for(block))
+    dw = partial.sum(0).to(weight.dtype) if weight_grad else None
+    return dx.view(x.shape), dw

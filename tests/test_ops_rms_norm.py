@@ -1,0 +1,139 @@
+"""RMSNorm on every backend against a float64 reference: forward, dX, dW, frozen weights, NaN/inf."""
+import pytest
+import torch
+
+from kpro import ops
+from conftest import TOLERANCE, backend_devices, relative_error
+
+SHAPES = [(1, 1, 64), (3, 17, 96), (37, 200), (2, 5, 1000), (1, 37), (4, 4096), (3, 8192), (2, 16384)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def reference(x, w, dy, eps):
+    """float64 autograd through the formula, on the same (already rounded) inputs."""
+    x, w = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    y.backward(dy.double())
+    return y.detach(), x.grad, w.grad
+
+
+def inputs(shape, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 0.5
+    w = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return x.to(dtype).to(device), w.to(dtype).to(device), dy.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_backward_match_float64(backend, device, dtype, shape):
+    x, w, dy = inputs(shape, dtype, device, seed=len(shape) * 1000 + shape[-1])
+    y_ref, dx_ref, dw_ref = reference(x, w, dy, 1e-5)
+    x.requires_grad_()
+    w.requires_grad_()
+    with ops.backend(backend):
+        y = ops.rms_norm(x, w, eps=1e-5)
+        y.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == dtype
+    tol = TOLERANCE[dtype]
+    assert relative_error(y, y_ref) <= tol
+    assert relative_error(x.grad, dx_ref) <= tol
+    assert relative_error(w.grad, dw_ref) <= tol
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_frozen_weight_skips_dw_and_keeps_dx(backend, device, monkeypatch):
+    x, w, dy = inputs((5, 7, 96), torch.float32, device, seed=1)
+    with ops.backend(backend):
+        trainable_x = x.clone().requires_grad_()
+        ops.rms_norm(trainable_x, w.clone().requires_grad_(), 1e-6).backward(dy)
+        from kpro.ops.rms_norm import _kernels
+        kernels = _kernels(backend)
+        flags = []
+        real = kernels.backward
+        monkeypatch.setattr(kernels, "backward", lambda *a: flags.append(a[-1]) or real(*a))
+        frozen_x = x.clone().requires_grad_()
+        frozen_w = w.clone()
+        ops.rms_norm(frozen_x, frozen_w, 1e-6).backward(dy)
+    assert flags == [False]  # the kernel was told not to compute dW at all
+    assert frozen_w.grad is None
+    assert torch.equal(frozen_x.grad, trainable_x.grad)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_weight_only_gradient(backend, device):
+    x, w, dy = inputs((3, 50), torch.float32, device, seed=2)
+    _, _, dw_ref = reference(x, w, dy, 1e-6)
+    w.requires_grad_()
+    with ops.backend(backend):
+        ops.rms_norm(x, w, 1e-6).backward(dy)
+    assert x.grad is None and relative_error(w.grad, dw_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nan_and_inf_propagate_like_the_reference(backend, device):
+    x, w, dy = inputs((4, 33), torch.float32, device, seed=3)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    y_ref, dx_ref, _ = reference(x, w, dy, 1e-6)
+    x.requires_grad_()
+    with ops.backend(backend):
+        y = ops.rms_norm(x, w, 1e-6)
+        y.backward(dy)
+    for out, ref in ((y, y_ref), (x.grad, dx_ref)):
+        out, ref = out.detach().cpu().double(), ref.cpu()
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        finite = ref.isfinite()
+        assert relative_error(out[finite], ref[finite]) <= 1e-5
+    assert y[1].isnan().all() and y[0].isfinite().all()
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_non_contiguous_input(backend, device):
+    x, w, dy = inputs((6, 80), torch.float32, device, seed=4)
+    strided = x.t().contiguous().t()  # same values, column-major
+    y_ref, dx_ref, _ = reference(x, w, dy, 1e-6)
+    strided.requires_grad_()
+    with ops.backend(backend):
+        y = ops.rms_norm(strided, w, 1e-6)
+        y.backward(dy.t().contiguous().t())
+    assert relative_error(y, y_ref) <= 1e-5 and relative_error(strided.grad, dx_ref) <= 1e-5
+
+
+def test_triton_column_loop(monkeypatch):
+    """Rows wider than one block take the looped kernel; force it on a small width."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from kpro.ops.triton_kernels import rms_norm as kernels
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for weight_grad in (True, False):
+        x, w, dy = inputs((9, 200), torch.float32, device, seed=5)
+        y_ref, dx_ref, dw_ref = reference(x, w, dy, 1e-6)
+        x.requires_grad_()
+        w.requires_grad_(weight_grad)
+        with ops.backend("triton"):
+            y = ops.rms_norm(x, w, 1e-6)
+            y.backward(dy)
+        assert relative_error(y, y_ref) <= 1e-5 and relative_error(x.grad, dx_ref) <= 1e-5
+        assert (relative_error(w.grad, dw_ref) <= 1e-5) if weight_grad else w.grad is None
+
+
+@pytest.mark.parametrize("x_shape, w_shape, message", [((4, 8), (7,), "does not match"), ((4, 8), (8, 1), "does not match")])
+def test_bad_shapes(x_shape, w_shape, message):
+    with pytest.raises(ValueError, match=message):
+        ops.rms_norm(torch.randn(x_shape), torch.randn(w_shape))
+
+
+def test_integer_input_is_refused():
+    with pytest.raises(ValueError, match="floating point"):
+        ops.rms_norm(torch.ones(2, 4, dtype=torch.long), torch.ones(4))
+
+
+def test_opcheck_registration():
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+    torch.library.opcheck(torch.ops.kpro.rms_norm_forward.default, (x, w, 1e-6, "torch"))

@@ -1,0 +1,111 @@
+"""SwiGLU (separate and packed gate/up) on every backend against a float64 reference."""
+import pytest
+import torch
+
+from kpro import ops
+from conftest import TOLERANCE, backend_devices, relative_error
+
+SHAPES = [(1, 1, 64), (3, 17, 96), (37, 200), (2, 5, 1000), (1, 37), (3, 4096), (2, 14336)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def reference(gate, up, dy):
+    g, u = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    y = g * torch.sigmoid(g) * u
+    y.backward(dy.double())
+    return y.detach(), g.grad, u.grad
+
+
+def inputs(shape, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda: (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype).to(device)
+    return make(), make(), make()
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_swiglu_matches_float64(backend, device, dtype, shape):
+    gate, up, dy = inputs(shape, dtype, device, seed=shape[-1])
+    y_ref, dg_ref, du_ref = reference(gate, up, dy)
+    gate.requires_grad_()
+    up.requires_grad_()
+    with ops.backend(backend):
+        y = ops.swiglu(gate, up)
+        y.backward(dy)
+    tol = TOLERANCE[dtype]
+    assert y.dtype == dtype
+    assert relative_error(y, y_ref) <= tol
+    assert relative_error(gate.grad, dg_ref) <= tol
+    assert relative_error(up.grad, du_ref) <= tol
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 17, 96), (37, 200), (2, 5, 1000)], ids=str)
+def test_packed_swiglu_matches_float64(backend, device, dtype, shape):
+    gate, up, dy = inputs(shape, dtype, device, seed=7 + shape[-1])
+    y_ref, dg_ref, du_ref = reference(gate, up, dy)
+    gate_up = torch.cat((gate, up), dim=-1).requires_grad_()
+    with ops.backend(backend):
+        y = ops.swiglu_packed(gate_up)
+        y.backward(dy)
+    tol = TOLERANCE[dtype]
+    assert y.shape == shape
+    assert relative_error(y, y_ref) <= tol
+    assert relative_error(gate_up.grad, torch.cat((dg_ref, du_ref), dim=-1)) <= tol
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_packed_input_that_is_a_strided_view(backend, device):
+    """gate_up as a slice of a wider projection output: rows are not contiguous in memory."""
+    gate, up, dy = inputs((4, 6, 40), torch.float32, device, seed=8)
+    y_ref, dg_ref, du_ref = reference(gate, up, dy)
+    wide = torch.cat((gate, up, torch.randn_like(gate)), dim=-1).requires_grad_()
+    with ops.backend(backend):
+        y = ops.swiglu_packed(wide[..., :80])
+        y.backward(dy)
+    assert relative_error(y, y_ref) <= 1e-5
+    assert relative_error(wide.grad[..., :80], torch.cat((dg_ref, du_ref), -1)) <= 1e-5
+    assert (wide.grad[..., 80:] == 0).all()
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_nan_and_inf_propagate_like_the_reference(backend, device):
+    gate, up, dy = inputs((3, 16), torch.float32, device, seed=9)
+    gate[0, 1], gate[1, 2], up[2, 3] = float("nan"), float("-inf"), float("inf")
+    y_ref, dg_ref, du_ref = reference(gate, up, dy)
+    gate.requires_grad_()
+    up.requires_grad_()
+    with ops.backend(backend):
+        y = ops.swiglu(gate, up)
+        y.backward(dy)
+    for out, ref in ((y, y_ref), (gate.grad, dg_ref), (up.grad, du_ref)):
+        out, ref = out.detach().cpu().double(), ref.cpu()
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        finite = ref.isfinite()
+        assert relative_error(out[finite], ref[finite]) <= 1e-5
+
+
+def test_only_gate_and_up_are_saved():
+    gate, up = torch.randn(4, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.swiglu(gate, up)
+    assert len(saved) == 2 and saved[0] is gate and saved[1] is up
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="differ"):
+        ops.swiglu(torch.randn(2, 4), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="differ"):
+        ops.swiglu(torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="even"):
+        ops.swiglu_packed(torch.randn(2, 5))
+
+
+def test_opcheck_registration():
+    gate, up = torch.randn(3, 24, requires_grad=True), torch.randn(3, 24, requires_grad=True)
+    torch.library.opcheck(torch.ops.kpro.swiglu_forward.default, (gate, up, "torch"))
+    torch.library.opcheck(torch.ops.kpro.swiglu_packed_forward.default, (torch.randn(3, 48, requires_grad=True), "torch"))
