@@ -10,16 +10,19 @@ from .model import KVCache, Llama
 def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
              attention_mask: torch.Tensor | None = None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             stop_after_eos: int = 1) -> torch.Tensor:
     """Prompt followed by new tokens, [B, T + n] with n <= max_new_tokens.
 
     Greedy unless `temperature > 0` (then sampling, optionally restricted by `top_k` / `top_p`, drawn from
     `generator` for reproducible runs). Prompts of different lengths come left-padded with an
-    `attention_mask` (see `kpro.pad_left`). A row stops at an eos token (the config's unless
-    `eos_token_id` is given; `[]` never stops) and is filled with `pad_token_id` after it; decoding ends
-    when every row has stopped.
+    `attention_mask` (see `kpro.pad_left`). A row stops at its `stop_after_eos`-th generated eos token
+    (the config's eos unless `eos_token_id` is given; `[]` never stops) and is filled with
+    `pad_token_id` after it; decoding ends when every row has stopped.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(stop_after_eos, int) or stop_after_eos < 1:
+        raise ValueError(f"stop_after_eos must be a positive integer, got {stop_after_eos!r}")
     cfg = model.config
     eos = cfg.eos_token_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
@@ -33,6 +36,7 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
     dtype = next(model.parameters()).dtype
     cache = KVCache(cfg, batch, length + max_new_tokens, dtype, device)
     eos_ids = torch.tensor(eos, dtype=input_ids.dtype, device=device)
+    eos_seen = torch.zeros(batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, step_ids = [input_ids], input_ids
     for step in range(max_new_tokens):
@@ -41,7 +45,8 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         next_ids = select_next_token(logits, temperature, top_k, top_p, generator)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
         tokens.append(next_ids[:, None])
-        finished |= torch.isin(next_ids, eos_ids)
+        eos_seen += torch.isin(next_ids, eos_ids) & ~finished
+        finished |= eos_seen >= stop_after_eos
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         step_ids = next_ids[:, None]

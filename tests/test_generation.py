@@ -48,6 +48,20 @@ def test_rows_stop_at_eos_and_are_padded(make_model):
     assert single.shape[1] == 4 + 3  # decoding ends once every row stopped
 
 
+def test_stop_after_the_second_eos(make_model):
+    model = make_model(seed=9)
+    ids = torch.randint(3, model.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(3))
+    free = kpro.generate(model, ids, 12, eos_token_id=[])[0, 4:].tolist()
+    token = max(set(free), key=free.count)  # a token the model emits at least twice, used as "eos"
+    positions = [i for i, t in enumerate(free) if t == token]
+    if len(positions) < 2:
+        pytest.skip("greedy continuation repeats no token")
+    out = kpro.generate(model, ids, 12, eos_token_id=token, stop_after_eos=2)[0, 4:].tolist()
+    assert out == free[:positions[1] + 1]
+    with pytest.raises(ValueError, match="stop_after_eos"):
+        kpro.generate(model, ids, 3, stop_after_eos=0)
+
+
 def test_sampling_is_reproducible_and_topk1_is_greedy(make_model):
     model = make_model(seed=10)
     ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
