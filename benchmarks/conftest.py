@@ -38,9 +38,24 @@ def copy_bandwidth(device) -> float:
     return 2 * src.numel() * src.element_size() / best / 1e9
 
 
+def record_tflops(benchmark, flops: float, **info) -> None:
+    """Store achieved TFLOP/s (useful flops / median time) with other facts of the case."""
+    median = median_seconds(benchmark)
+    benchmark.extra_info.update(info)
+    if median is not None:
+        benchmark.extra_info["tflops"] = round(flops / median / 1e12, 2)
+
+
+def median_seconds(benchmark) -> float | None:
+    """The median time of a finished benchmark; None when timing is off (--benchmark-disable)."""
+    return benchmark.stats.stats.median if benchmark.stats is not None else None
+
+
 def record_bandwidth(benchmark, bytes_moved: int, ceiling_gbps: float) -> None:
     """Store achieved GB/s (bytes that must move / median time) and its share of the copy ceiling."""
-    median = benchmark.stats.stats.median
+    median = median_seconds(benchmark)
+    if median is None:
+        return
     achieved = bytes_moved / median / 1e9
     benchmark.extra_info.update(gb_per_s=round(achieved, 1), copy_gb_per_s=round(ceiling_gbps, 1),
                                 fraction_of_copy=round(achieved / ceiling_gbps, 3))

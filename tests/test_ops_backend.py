@@ -50,7 +50,7 @@ def test_triton_refuses_float64():
 
 def test_op_without_such_backend():
     q = torch.randn(1, 3, 2, 8)
-    with ops.backend("triton"), pytest.raises(BackendError, match="no triton implementation of attention"):
+    with ops.backend("cuda"), pytest.raises(BackendError, match="no cuda implementation of attention"):
         select("attention", q)
 
 
@@ -103,10 +103,10 @@ def test_per_op_choice(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
 def test_model_compiles_on_gpu_with_each_backend(make_model, name):
-    """Inductor, fullgraph, on the GPU: every backend of the norm and MLP ops traces and matches eager."""
+    """Inductor, fullgraph, on the GPU: every backend traces and matches eager (CUDA has no attention yet)."""
     model = make_model(dtype=torch.float32).cuda()
     ids = torch.randint(0, model.config.vocab_size, (2, 9), device="cuda")
-    with ops.backend(name, attention="torch"):
+    with ops.backend(name, attention="torch" if name == "cuda" else name):
         compiled = torch.compile(model, fullgraph=True)
         out, ref = compiled(ids), model(ids)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

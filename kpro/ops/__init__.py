@@ -2,8 +2,9 @@
 (plain PyTorch, Triton, CUDA C++) behind one entry point. See `kpro.ops.backend` for how one is chosen.
 """
 from .attention import attention
+from .bitune_attention import bitune_attention
 from .backend import BackendError, backend, requested_backend
 from .rms_norm import rms_norm
 from .swiglu import swiglu, swiglu_packed
 
-__all__ = ["BackendError", "attention", "backend", "requested_backend", "rms_norm", "swiglu", "swiglu_packed"]
+__all__ = ["BackendError", "attention", "bitune_attention", "backend", "requested_backend", "rms_norm", "swiglu", "swiglu_packed"]

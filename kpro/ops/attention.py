@@ -9,8 +9,12 @@ Conventions shared by every backend:
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+from .backend import kernels, select
 
 
 def check_attention_args(q, k, v, causal, prefix_lens, attention_mask) -> None:
@@ -78,4 +82,54 @@ def attention_reference(q, k, v, causal=True, prefix_lens=None, attention_mask=N
 def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=None, scale: float | None = None):
     """Softmax attention. q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] (Hq a multiple of Hkv) -> [B, Tq, Hq, D]."""
     check_attention_args(q, k, v, causal, prefix_lens, attention_mask)
-    return attention_reference(q, k, v, causal, prefix_lens, attention_mask, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = select("attention", q)
+    if backend == "torch":  # plain PyTorch autograd: SDPA saves what it needs, torch.compile traces it
+        return attention_reference(q, k, v, causal, prefix_lens, attention_mask, scale)
+    return torch.ops.kpro.attention_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)[0]
+
+
+# ------------------------------------------------------------------------------ custom op registration
+
+@torch.library.custom_op("kpro::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      prefix_lens: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], scale: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse2): lse2 [B, Hq, Tq] fp32 is the base-2 log-sum-exp of each row's scaled scores."""
+    return kernels("attention", backend, None).forward(q, k, v, causal, prefix_lens, attention_mask, scale)
+
+
+@attention_forward.register_fake
+def _(q, k, v, causal, prefix_lens, attention_mask, scale, backend):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("kpro::attention_backward", mutates_args=())
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse2: torch.Tensor, causal: bool, prefix_lens: Optional[torch.Tensor],
+                       attention_mask: Optional[torch.Tensor], scale: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernels("attention", backend, None).backward(dout, q, k, v, out, lse2, causal, prefix_lens,
+                                                        attention_mask, scale)
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, causal, prefix_lens, attention_mask, scale, backend = inputs
+    out, lse2 = output
+    ctx.save_for_backward(q, k, v, out, lse2, prefix_lens, attention_mask)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _backward(ctx, dout, _dlse2):
+    q, k, v, out, lse2, prefix_lens, attention_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.kpro.attention_backward(dout, q, k, v, out, lse2, ctx.causal, prefix_lens,
+                                                   attention_mask, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup)

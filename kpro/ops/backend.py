@@ -19,7 +19,8 @@ BACKENDS = ("torch", "triton", "cuda")
 IMPLEMENTED = {
     "rms_norm": ("torch", "triton", "cuda"),
     "swiglu": ("torch", "triton", "cuda"),
-    "attention": ("torch",),
+    "attention": ("torch", "triton"),
+    "bitune_attention": ("torch", "triton"),
 }
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)

@@ -1,0 +1,139 @@
+"""The Bitune dual-attention pass: both prompt streams and the answer's attention over the mixed cache.
+
+Per layer Bitune has three token streams of each example (right-padded, positions from 0):
+- stream 0, causal: `prompt[:P-1]` with the causal adapter, attending causally to its own keys;
+- stream 1, bidirectional: the same tokens with the bidir adapter, attending to all of its own keys;
+- the answer stream `[prompt[P-1], answer...]`, attending to every valid key of the *mixed* prompt
+  cache K = (1 − α_k)·K_causal + α_k·K_bidir, V = (1 − α_v)·V_causal + α_v·V_bidir, then causally
+  to its own keys.
+`prompt_lens[b]` is the number of valid tokens in the prompt streams (P_b − 1, may be 0) and
+`answer_lens[b]` in the answer stream. Padded query rows get zeros and no gradient. Gradients reach
+every q/k/v of the three streams (the prompt keys and values also through the mix) and α_k, α_v.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import attention_reference
+from .backend import kernels, select
+
+
+def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
+                     scale: float | None = None):
+    """q_p [2, B, Tp, H, D], k_p/v_p [2, B, Tp, Hkv, D] (index 0 causal, 1 bidirectional, post-RoPE);
+    q_a [B, Ta, H, D], k_a/v_a [B, Ta, Hkv, D]; alpha_k, alpha_v 0-dim; prompt_lens, answer_lens [B].
+    Returns (o_prompt [2, B, Tp, H, D], o_answer [B, Ta, H, D])."""
+    check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens)
+    scale = q_p.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = select("bitune_attention", q_a)
+    if backend == "torch":
+        return bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens,
+                                          answer_lens, scale)
+    o_p, o_a, _, _ = torch.ops.kpro.bitune_attention_forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v,
+                                                             prompt_lens, answer_lens, scale, backend)
+    return o_p, o_a
+
+
+def check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens) -> None:
+    if q_p.dim() != 5 or q_p.shape[0] != 2 or k_p.shape != v_p.shape or k_p.dim() != 5 or k_p.shape[0] != 2:
+        raise ValueError(f"bitune_attention: q_p must be [2, B, Tp, H, D] and k_p, v_p [2, B, Tp, Hkv, D], got "
+                         f"{tuple(q_p.shape)}, {tuple(k_p.shape)}, {tuple(v_p.shape)}")
+    if q_a.dim() != 4 or k_a.shape != v_a.shape or k_a.dim() != 4:
+        raise ValueError(f"bitune_attention: q_a must be [B, Ta, H, D] and k_a, v_a [B, Ta, Hkv, D], got "
+                         f"{tuple(q_a.shape)}, {tuple(k_a.shape)}, {tuple(v_a.shape)}")
+    _, batch, tp, heads, dim = q_p.shape
+    kv_heads = k_p.shape[3]
+    if k_p.shape[1:3] != (batch, tp) or k_p.shape[4] != dim:
+        raise ValueError(f"bitune_attention: k_p {tuple(k_p.shape)} does not match q_p {tuple(q_p.shape)}")
+    if q_a.shape[0] != batch or q_a.shape[2:] != (heads, dim) or k_a.shape[0] != batch or \
+            k_a.shape[1] != q_a.shape[1] or k_a.shape[2:] != (kv_heads, dim):
+        raise ValueError(f"bitune_attention: answer stream q_a {tuple(q_a.shape)}, k_a {tuple(k_a.shape)} does not "
+                         f"match the prompt streams (B={batch}, H={heads}, Hkv={kv_heads}, D={dim})")
+    if q_a.shape[1] == 0:
+        raise ValueError("bitune_attention: the answer stream needs at least one position (the prompt's last token)")
+    if heads % kv_heads:
+        raise ValueError(f"bitune_attention: {heads} query heads are not a multiple of {kv_heads} key/value heads")
+    tensors = (q_p, k_p, v_p, q_a, k_a, v_a)
+    if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+        raise ValueError("bitune_attention: q, k, v of all streams must share dtype and device")
+    for name, alpha in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
+        if not isinstance(alpha, torch.Tensor) or alpha.dim() != 0 or not alpha.is_floating_point():
+            raise ValueError(f"bitune_attention: {name} must be a 0-dim floating tensor")
+    for name, lens in (("prompt_lens", prompt_lens), ("answer_lens", answer_lens)):
+        if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype.is_floating_point:
+            raise ValueError(f"bitune_attention: {name} must be an integer tensor [B={batch}]")
+
+
+def bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
+                               scale: float | None = None):
+    """Plain PyTorch: two masked attention calls for the prompt streams, an explicit mix, one call for
+    the answer over [mixed prompt cache, answer keys]."""
+    tp, ta = q_p.shape[2], q_a.shape[1]
+    prompt_valid = torch.arange(tp, device=q_p.device) < prompt_lens.to(q_p.device)[:, None]
+    answer_valid = torch.arange(ta, device=q_a.device) < answer_lens.to(q_a.device)[:, None]
+    k_mix = (1 - alpha_k) * k_p[0] + alpha_k * k_p[1]
+    v_mix = (1 - alpha_v) * v_p[0] + alpha_v * v_p[1]
+    # Queries aligned to the end of [prompt | answer] keys: causal over the answer, all of the prompt.
+    o_a = attention_reference(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), causal=True,
+                              attention_mask=torch.cat((prompt_valid, answer_valid), 1), scale=scale)
+    o_a = o_a.masked_fill(~answer_valid[:, :, None, None], 0)
+    if tp == 0:  # every prompt has length 1: the prompt streams are empty (clone keeps the graph)
+        return q_p.clone(), o_a
+    o_causal = attention_reference(q_p[0], k_p[0], v_p[0], causal=True, attention_mask=prompt_valid, scale=scale)
+    o_bidir = attention_reference(q_p[1], k_p[1], v_p[1], causal=False, attention_mask=prompt_valid, scale=scale)
+    o_p = torch.stack((o_causal, o_bidir)).masked_fill(~prompt_valid[None, :, :, None, None], 0)
+    return o_p, o_a
+
+
+# ------------------------------------------------------------------------------ custom op registration
+
+@torch.library.custom_op("kpro::bitune_attention_forward", mutates_args=())
+def bitune_attention_forward(q_p: torch.Tensor, k_p: torch.Tensor, v_p: torch.Tensor, q_a: torch.Tensor,
+                             k_a: torch.Tensor, v_a: torch.Tensor, alpha_k: torch.Tensor, alpha_v: torch.Tensor,
+                             prompt_lens: torch.Tensor, answer_lens: torch.Tensor, scale: float,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o_prompt, o_answer, lse2_prompt [2, B, H, Tp], lse2_answer [B, H, Ta])."""
+    return kernels("bitune_attention", backend, None).forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v,
+                                                              prompt_lens, answer_lens, scale)
+
+
+@bitune_attention_forward.register_fake
+def _(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, scale, backend):
+    _, batch, tp, heads, _ = q_p.shape
+    return (torch.empty_like(q_p), torch.empty_like(q_a),
+            q_p.new_empty((2, batch, heads, tp), dtype=torch.float32),
+            q_a.new_empty((batch, heads, q_a.shape[1]), dtype=torch.float32))
+
+
+@torch.library.custom_op("kpro::bitune_attention_backward", mutates_args=())
+def bitune_attention_backward(do_p: torch.Tensor, do_a: torch.Tensor, q_p: torch.Tensor, k_p: torch.Tensor,
+                              v_p: torch.Tensor, q_a: torch.Tensor, k_a: torch.Tensor, v_a: torch.Tensor,
+                              alpha_k: torch.Tensor, alpha_v: torch.Tensor, prompt_lens: torch.Tensor,
+                              answer_lens: torch.Tensor, o_p: torch.Tensor, o_a: torch.Tensor, lse_p: torch.Tensor,
+                              lse_a: torch.Tensor, scale: float, backend: str) -> list[torch.Tensor]:
+    """[dq_p, dk_p, dv_p, dq_a, dk_a, dv_a, dalpha_k, dalpha_v]."""
+    return list(kernels("bitune_attention", backend, None).backward(
+        do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, o_p, o_a,
+        lse_p, lse_a, scale))
+
+
+@bitune_attention_backward.register_fake
+def _(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, *rest):
+    return [torch.empty_like(t) for t in (q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v)]
+
+
+def _setup(ctx, inputs, output):
+    q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, scale, backend = inputs
+    o_p, o_a, lse_p, lse_a = output
+    ctx.save_for_backward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
+                          o_p, o_a, lse_p, lse_a)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, do_p, do_a, _dlse_p, _dlse_a):
+    saved = ctx.saved_tensors
+    grads = torch.ops.kpro.bitune_attention_backward(do_p, do_a, *saved, ctx.scale, ctx.backend)
+    return (*grads, None, None, None, None)
+
+
+bitune_attention_forward.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,200 @@
+"""Flash attention in Triton: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], GQA, causal / prefix / key-padding
+masks, queries aligned to the end of the keys. Forward saves the output and the per-row lse2 only;
+backward recomputes the probabilities tile by tile (one kernel for dK/dV, one for dQ).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._layout import device_guard
+from .attention_tiles import (LOG2E, batch_and_heads, block_sizes, dkdv_tiles, dq_tiles, finish_rows, forward_tiles,
+                              padded_head_dim, row_end, tile_plan)
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, O, LSE2, PREFIX, KEY_OK,
+                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sm_b,
+                    Tq, Tk, H, GROUP, scale2,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h, kv_h = batch_and_heads(bh, H, GROUP)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    row_ok = rows < Tq
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    K += b * sk_b + kv_h * sk_h
+    V += b * sv_b + kv_h * sv_h
+    KEY_OK += b * sm_b
+    offset = Tk - Tq
+    prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
+    ends = row_end(rows, offset, prefix, CAUSAL)
+    full, last = tile_plan(rows, ends, Tk, Tq, BLOCK_N)
+    if HAS_KEY_MASK:  # padded keys may sit anywhere: every tile needs the mask
+        full = 0
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, Tk, Tq, KEY_OK,
+                                  0, full, scale2, dims, dim_ok, BLOCK_N, False, HAS_KEY_MASK, False)
+    acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, Tk, Tq, KEY_OK,
+                                  full, last, scale2, dims, dim_ok, BLOCK_N, True, HAS_KEY_MASK, False)
+    out, lse2 = finish_rows(acc, m_i, l_i, rows, Tq)
+    tl.store(O + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(LSE2 + (b * H + h) * Tq + rows, lse2, mask=row_ok)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, T, H,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dO * O: the row term of the softmax gradient."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, _ = batch_and_heads(tl.program_id(1), H, 1)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(O + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_t + dims[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + (b * H + h) * T + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < T)
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, PREFIX, KEY_OK,
+                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+                 sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h, sm_b,
+                 Tq, Tk, H, HKV, GROUP, scale, scale2,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b, kv_h, _ = batch_and_heads(bh, HKV, 1)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < Tk
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    mask = col_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + b * sk_b + kv_h * sk_h + cols[:, None] * sk_t + dims[None, :], mask=mask, other=0.0)
+    v = tl.load(V + b * sv_b + kv_h * sv_h + cols[:, None] * sv_t + dims[None, :], mask=mask, other=0.0)
+    offset = Tk - Tq
+    prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
+    # Queries that can see this key tile: all of them when it starts inside the prefix or without a
+    # causal mask, else those at or after its first key.
+    if CAUSAL:
+        m_lo = tl.where(n0 >= prefix, (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M, 0)
+    else:
+        m_lo = 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for h in range(kv_h * GROUP, kv_h * GROUP + GROUP):
+        row_base = (b * H + h) * Tq
+        dk, dv = dkdv_tiles(dk, dv, k, v, Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h, LSE2 + row_base,
+                            DELTA + row_base, sq_t, sdo_t, cols, col_ok, offset, prefix, Tk, Tq,
+                            KEY_OK + b * sm_b, m_lo, Tq, scale2, dims, dim_ok, BLOCK_M, CAUSAL, HAS_KEY_MASK)
+    tl.store(DK + b * sdk_b + kv_h * sdk_h + cols[:, None] * sdk_t + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * sdv_b + kv_h * sdv_h + cols[:, None] * sdv_t + dims[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, PREFIX, KEY_OK,
+               sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h, sm_b,
+               Tq, Tk, H, GROUP, scale, scale2,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h, kv_h = batch_and_heads(bh, H, GROUP)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + dims[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_t + dims[None, :], mask=mask, other=0.0)
+    row_base = (b * H + h) * Tq
+    lse2 = tl.load(LSE2 + row_base + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+    offset = Tk - Tq
+    prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
+    ends = row_end(rows, offset, prefix, CAUSAL)
+    _, last = tile_plan(rows, ends, Tk, Tq, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    K += b * sk_b + kv_h * sk_h
+    V += b * sv_b + kv_h * sv_h
+    dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, Tk, Tq, KEY_OK + b * sm_b,
+                  0, last, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, False)
+    tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _mask_args(prefix_lens, attention_mask, like):
+    prefix = prefix_lens.to(device=like.device, dtype=torch.int32).contiguous() if prefix_lens is not None else None
+    key_ok = attention_mask.to(device=like.device, dtype=torch.int8).contiguous() if attention_mask is not None else None
+    dummy = torch.empty(1, dtype=torch.int32, device=like.device)
+    return (prefix if prefix is not None else dummy, key_ok if key_ok is not None else dummy,
+            key_ok.stride(0) if key_ok is not None else 0)
+
+
+def forward(q, k, v, causal, prefix_lens, attention_mask, scale):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, tq, heads, dim = q.shape
+    tk, kv_heads = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse2 = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse2
+    block_m, block_n, warps, stages = block_sizes(q.device.type, dim)
+    prefix, key_ok, sm_b = _mask_args(prefix_lens, attention_mask, q)
+    grid = (triton.cdiv(tq, block_m), batch * heads)
+    with device_guard(q):
+        _forward_kernel[grid](q, k, v, out, lse2, prefix, key_ok, *_strides(q), *_strides(k), *_strides(v),
+                              *_strides(out), sm_b, tq, tk, heads, heads // kv_heads, scale * LOG2E,
+                              HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                              CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
+                              HAS_KEY_MASK=attention_mask is not None, num_warps=warps, num_stages=stages)
+    return out, lse2
+
+
+def row_deltas(out, dout):
+    """delta [B, H, T] = rowwise dot of dO and O, in fp32."""
+    batch, t, heads, dim = out.shape
+    delta = torch.empty((batch, heads, t), dtype=torch.float32, device=out.device)
+    block_m = 16 if out.device.type != "cuda" else 64
+    with device_guard(out):
+        _delta_kernel[(triton.cdiv(t, block_m), batch * heads)](out, dout, delta, *_strides(out), *_strides(dout),
+                                                                t, heads, HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim),
+                                                                BLOCK_M=block_m)
+    return delta
+
+
+def backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scale):
+    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    batch, tq, heads, dim = q.shape
+    tk, kv_heads = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = row_deltas(out, dout)
+    block_m, block_n, warps, stages = block_sizes(q.device.type, dim)
+    prefix, key_ok, sm_b = _mask_args(prefix_lens, attention_mask, q)
+    flags = dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+                 HAS_PREFIX=prefix_lens is not None, HAS_KEY_MASK=attention_mask is not None,
+                 num_warps=warps, num_stages=stages)
+    with device_guard(q):
+        _dkdv_kernel[(triton.cdiv(tk, block_n), batch * kv_heads)](
+            q, k, v, dout, lse2, delta, dk, dv, prefix, key_ok, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(dout), *_strides(dk), *_strides(dv), sm_b, tq, tk, heads, kv_heads, heads // kv_heads,
+            scale, scale * LOG2E, **flags)
+        _dq_kernel[(triton.cdiv(tq, block_m), batch * heads)](
+            q, k, v, dout, lse2, delta, dq, prefix, key_ok, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(dout), *_strides(dq), sm_b, tq, tk, heads, heads // kv_heads, scale, scale * LOG2E, **flags)
+    return dq, dk, dv

@@ -1,0 +1,138 @@
+"""kpro.ops.attention on every backend against an explicit-mask float64 reference written here.
+
+fp32 must match to 1e-4 relative (output and every gradient); half types must stay within 2x the
+error of the plain PyTorch computation (explicit scores, softmax, weighted sum) in the same dtype."""
+import pytest
+import torch
+
+from kpro import ops
+from conftest import backend_devices, relative_error
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+def explicit_mask(batch, tq, tk, causal, prefix_lens=None, key_mask=None):
+    """[B, Tq, Tk] bool written from the definitions: query i sits at key position i + Tk - Tq."""
+    mask = torch.ones(batch, tq, tk, dtype=torch.bool)
+    for b in range(batch):
+        prefix = int(prefix_lens[b]) if prefix_lens is not None else 0
+        for i in range(tq):
+            pos = i + tk - tq
+            for j in range(tk):
+                seen = (not causal) or j <= pos or (pos < prefix and j < prefix)
+                mask[b, i, j] = seen and (key_mask is None or bool(key_mask[b, j]))
+    return mask
+
+
+def plain_attention(q, k, v, mask):
+    """Scores, softmax and weighted sum in q's dtype; rows that see nothing give zeros."""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def run(fn, tensors, dout):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    out.backward(dout.to(out.dtype))
+    return [out] + [t.grad for t in tensors]
+
+
+CASES = {  # name: (B, Tq, Tk, Hq, Hkv, D, causal, prefix_lens, key padding rows)
+    "causal_gqa": (2, 37, 37, 4, 2, 64, True, None, None),
+    "full_mha": (2, 29, 29, 2, 2, 32, False, None, None),
+    "mqa_d128": (1, 21, 21, 4, 1, 128, True, None, None),
+    "d96": (2, 19, 19, 2, 2, 96, True, None, None),
+    "decode_one_query": (3, 1, 40, 4, 2, 64, True, None, None),
+    "decode_tq_lt_tk": (2, 5, 33, 2, 1, 64, True, None, None),
+    "prefix": (3, 35, 35, 2, 1, 64, True, [7, 0, 35], None),
+    "prefix_longer_than_row": (2, 17, 17, 2, 2, 32, True, [40, 1], None),
+    "left_padding": (3, 23, 23, 4, 2, 32, True, None, [5, 0, 22]),
+    "prefix_and_right_padding": (2, 26, 26, 2, 2, 64, True, [9, 3], "right"),
+    "full_with_padding": (2, 18, 18, 2, 1, 64, False, None, [3, 17]),
+    "one_token": (1, 1, 1, 1, 1, 64, True, None, None),
+}
+
+
+def make_case(name, dtype, device, seed=0):
+    batch, tq, tk, hq, hkv, dim, causal, prefix, padding = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, tq, hq, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, tk, hkv, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, tk, hkv, dim, generator=gen, dtype=torch.float64)
+    dout = torch.randn(batch, tq, hq, dim, generator=gen, dtype=torch.float64)
+    prefix_lens = torch.tensor(prefix) if prefix is not None else None
+    key_mask = None
+    if padding == "right":
+        key_mask = torch.tensor([[1] * (tk - 4) + [0] * 4, [1] * tk])
+    elif padding is not None:
+        key_mask = torch.stack([torch.arange(tk) >= n for n in padding]).long()  # n pads on the left
+    mask = explicit_mask(batch, tq, tk, causal, prefix_lens, key_mask)
+    ins = [t.to(dtype).to(device) for t in (q, k, v)]
+    kwargs = dict(causal=causal, prefix_lens=None if prefix_lens is None else prefix_lens.to(device),
+                  attention_mask=None if key_mask is None else key_mask.to(device))
+    return ins, dout.to(device), mask.to(device), kwargs
+
+
+def with_backend(name, **kwargs):
+    def fn(q, k, v):
+        with ops.backend(name):
+            return ops.attention(q, k, v, **kwargs)
+    return fn
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2] + backend_devices()[2:3])
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_matches_float64(backend, device, case):
+    ins, dout, mask, kwargs = make_case(case, torch.float32, device)
+    ref = run(lambda q, k, v: plain_attention(q, k, v, mask), [t.double() for t in ins], dout.double())
+    got = run(with_backend(backend, **kwargs), ins, dout)
+    for name, out, expected in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert out.dtype == torch.float32
+        assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[2:3])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("case", ["causal_gqa", "full_mha", "prefix", "left_padding", "decode_tq_lt_tk", "mqa_d128"])
+def test_half_precision_within_twice_plain_pytorch(backend, device, dtype, case):
+    ins, dout, mask, kwargs = make_case(case, dtype, device, seed=1)
+    ref = run(lambda q, k, v: plain_attention(q, k, v, mask), [t.double() for t in ins], dout.double())
+    plain = run(lambda q, k, v: plain_attention(q, k, v, mask), ins, dout)
+    got = run(with_backend(backend, **kwargs), ins, dout)
+    for name, out, base, expected in zip(("out", "dq", "dk", "dv"), got, plain, ref):
+        assert out.dtype == dtype
+        assert relative_error(out, expected) <= 2 * relative_error(base, expected), name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_rows_that_see_nothing_are_zero_with_zero_gradient(backend, device):
+    ins, dout, mask, kwargs = make_case("left_padding", torch.float32, device)
+    got = run(with_backend(backend, **kwargs), ins, dout)
+    dead = ~mask.any(-1)  # [B, Tq]: the padding queries of the left-padded rows
+    assert dead.sum() > 0
+    assert (got[0][dead] == 0).all() and (got[1][dead] == 0).all()
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_nan_in_a_key_reaches_only_the_rows_that_see_it(backend, device):
+    ins, dout, mask, kwargs = make_case("causal_gqa", torch.float32, device)
+    ins[1][0, 10, 0, 3] = float("nan")
+    with ops.backend(backend):
+        out = ops.attention(*ins, **kwargs)
+    nan_rows = out[0, :, :2].isnan().any(-1).any(-1).cpu()
+    assert nan_rows[10:].all() and not nan_rows[:10].any()
+    assert not out[1].isnan().any()
+
+
+def test_opcheck_registration():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(3))
+    import os
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        q, k, v = (t.detach().to(device).requires_grad_() for t in (q, k, v))
+        torch.library.opcheck(torch.ops.kpro.attention_forward.default, (q, k, v, True, None, None, 0.25, "triton"))

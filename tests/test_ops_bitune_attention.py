@@ -1,0 +1,113 @@
+"""The fused Bitune dual pass against three explicit-mask attention calls plus an explicit mix (float64),
+forward and every gradient, alpha_k and alpha_v included."""
+import pytest
+import torch
+
+from kpro import ops
+from conftest import backend_devices, relative_error
+from test_ops_attention import plain_attention
+
+NAMES = ("o_prompt", "o_answer", "dq_p", "dk_p", "dv_p", "dq_a", "dk_a", "dv_a", "dalpha_k", "dalpha_v")
+
+
+def three_calls(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens):
+    """Stream 0 causal and stream 1 bidirectional over their own valid keys; the answer over the valid
+    mixed prompt keys and causally over its own; padded query rows zeroed."""
+    tp, ta = q_p.shape[2], q_a.shape[1]
+    p_ok = torch.arange(tp)[None, :] < prompt_lens[:, None]
+    a_ok = torch.arange(ta)[None, :] < answer_lens[:, None]
+    causal = torch.ones(tp, tp, dtype=torch.bool).tril()
+    o0 = plain_attention(q_p[0], k_p[0], v_p[0], causal[None] & p_ok[:, None, :] & p_ok[:, :, None])
+    o1 = plain_attention(q_p[1], k_p[1], v_p[1], p_ok[:, None, :] & p_ok[:, :, None])
+    k_mix = (1 - alpha_k) * k_p[0] + alpha_k * k_p[1]
+    v_mix = (1 - alpha_v) * v_p[0] + alpha_v * v_p[1]
+    answer_mask = torch.cat((p_ok[:, None, :].expand(-1, ta, -1),
+                             torch.ones(ta, ta, dtype=torch.bool).tril()[None] & a_ok[:, None, :]), -1) & a_ok[:, :, None]
+    o_a = plain_attention(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), answer_mask)
+    return torch.stack((o0, o1)), o_a
+
+
+CASES = {  # name: (B, Tp, Ta, H, Hkv, D, prompt_lens, answer_lens)
+    "gqa_mixed_lengths": (2, 19, 23, 4, 2, 32, [19, 7], [23, 11]),
+    "prompt_of_length_one": (3, 17, 13, 2, 2, 64, [0, 17, 9], [3, 13, 1]),
+    "mqa_d128": (2, 9, 6, 2, 1, 128, [9, 4], [6, 6]),
+    "all_prompts_length_one": (2, 0, 7, 2, 1, 32, [0, 0], [7, 3]),
+}
+
+
+def make(case, dtype, device, seed=0):
+    batch, tp, ta, h, hkv, d, plen, alen = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    tensors = [r(2, batch, tp, h, d), r(2, batch, tp, hkv, d), r(2, batch, tp, hkv, d), r(batch, ta, h, d),
+               r(batch, ta, hkv, d), r(batch, ta, hkv, d)]
+    tensors = [t.to(dtype) for t in tensors] + [torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)]
+    douts = (r(2, batch, tp, h, d), r(batch, ta, h, d))
+    return tensors, douts, torch.tensor(plen), torch.tensor(alen)
+
+
+def run(fn, tensors, douts, lens, device, alpha_dtype):
+    tensors = [t.detach().clone().to(device).requires_grad_() for t in tensors[:6]] + \
+              [t.detach().clone().to(device, alpha_dtype).requires_grad_() for t in tensors[6:]]
+    o_p, o_a = fn(*tensors, *(x.to(device) for x in lens))
+    ((o_p * douts[0].to(device, o_p.dtype)).sum() + (o_a * douts[1].to(device, o_a.dtype)).sum()).backward()
+    return [o_p, o_a] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
+
+
+def fused(backend):
+    def fn(*args):
+        with ops.backend(backend):
+            return ops.bitune_attention(*args)
+    return fn
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:3])
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_equals_three_calls_and_a_mix(backend, device, case):
+    tensors, douts, *lens = make(case, torch.float32, "cpu")
+    ref = run(three_calls, [t.double() for t in tensors], douts, lens, "cpu", torch.float64)
+    got = run(fused(backend), tensors, douts, lens, device, torch.float32)
+    for name, out, expected in zip(NAMES, got, ref):
+        assert out.shape == expected.shape, name
+        assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[1:3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["gqa_mixed_lengths", "prompt_of_length_one"])
+def test_half_precision_within_twice_plain_pytorch(backend, device, dtype, case):
+    tensors, douts, *lens = make(case, dtype, "cpu", seed=1)
+    ref = run(three_calls, [t.double() for t in tensors], douts, lens, "cpu", torch.float64)
+    plain = run(three_calls, tensors, douts, lens, "cpu", torch.float32)
+    got = run(fused(backend), tensors, douts, lens, device, torch.float32)
+    for name, out, base, expected in zip(NAMES, got, plain, ref):
+        assert relative_error(out, expected) <= 2 * relative_error(base, expected), name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_zero_mix_weights_make_the_answer_see_the_causal_cache(backend, device):
+    """alpha = 0: the answer attends exactly to stream 0's keys and values (what plain causal decoding sees)."""
+    tensors, douts, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    tensors[6], tensors[7] = torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    tensors[1][1].normal_()  # the bidirectional cache now differs wildly; with alpha = 0 it must not matter
+    got = run(fused(backend), tensors, douts, (plen, alen), device, torch.float32)
+    q_a, k_a, v_a = tensors[3:6]
+    keys, values = torch.cat((tensors[1][0], k_a), 1), torch.cat((tensors[2][0], v_a), 1)
+    key_ok = torch.cat((torch.arange(19)[None] < plen[:, None], torch.arange(23)[None] < alen[:, None]), 1)
+    with ops.backend("torch"):
+        expected = ops.attention(q_a, keys, values, causal=True, attention_mask=key_ok)
+    expected = expected * (torch.arange(23)[None] < alen[:, None])[..., None, None]
+    assert relative_error(got[1], expected) <= 1e-5
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda a: (a[0][0], *a[1:]), "q_p must be"),
+    (lambda a: (*a[:3], a[3][:1], *a[4:]), "answer stream"),
+    (lambda a: (*a[:6], torch.tensor([0.3]), *a[7:]), "alpha_k must be a 0-dim"),
+    (lambda a: (*a[:8], torch.tensor([1.0, 2.0]), a[9]), "prompt_lens must be an integer"),
+    (lambda a: (*a[:3], a[3][:, :0], a[4][:, :0], a[5][:, :0], *a[6:]), "at least one position"),
+])
+def test_bad_inputs(bad, message):
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    with pytest.raises(ValueError, match=message):
+        ops.bitune_attention(*bad(tensors + [plen, alen]))
