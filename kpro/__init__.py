@@ -4,11 +4,11 @@ from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import ConfigError, LlamaConfig
 from .generation import generate
 from .model import KVCache, Llama
-from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer, pad_left
+from .tokenizer import CharTokenizer, SymbolTokenizer, Tokenizer, load_tokenizer, pad_left
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CharTokenizer", "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "Tokenizer",
-    "generate", "load_pretrained", "load_tokenizer", "ops", "pad_left", "save_pretrained",
+    "CharTokenizer", "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "SymbolTokenizer",
+    "Tokenizer", "generate", "load_pretrained", "load_tokenizer", "ops", "pad_left", "save_pretrained",
 ]

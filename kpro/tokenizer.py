@@ -1,19 +1,22 @@
-"""Tokenizers: SentencePiece `tokenizer.model` files (LLaMA 1/2, Mistral), and a character tokenizer
-for the synthetic tasks (digits, operators, letters) that needs no model file.
+"""Tokenizers: SentencePiece `tokenizer.model` files (LLaMA 1/2, Mistral), a character tokenizer for the
+synthetic tasks (digits, operators, letters), and a symbol tokenizer for tasks written as space-separated
+symbols (`9 1 7 3 * 9 4 3 3`); the last two need no model file.
 
-Both share one interface: `encode(text, bos=, eos=)`, `decode(ids)`, batch versions, `bos_id`,
+All three share one interface: `encode(text, bos=, eos=)`, `decode(ids)`, batch versions, `bos_id`,
 `eos_id`, `pad_id`, `vocab_size`, and `pad_left(seqs)` for batched generation.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
+SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
 
 
 class _TokenizerBase:
@@ -114,14 +117,79 @@ class CharTokenizer(_TokenizerBase):
         return cls(data["alphabet"])
 
 
-def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | CharTokenizer:
-    """The tokenizer stored beside a checkpoint: `tokenizer.model` or kpro's character tokenizer."""
+class SymbolTokenizer(_TokenizerBase):
+    """One token per space-separated symbol of a fixed vocabulary, after <pad>=0, <bos>=1, <eos>=2.
+
+    For text written with spaces between its symbols, like the multiplication data of the ICoT papers
+    (`9 1 7 3 * 9 4 3 3||1 7 4 3 3 + ... #### 1 3 9 4 5 4 2 1`): every digit, operator and `####` is one
+    token, so sequence lengths count symbols the way those papers count GPT-2 tokens (a character
+    tokenizer would also spend a token on every space). `decode` joins symbols with single spaces.
+    """
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>")
+
+    def __init__(self, symbols):
+        symbols = list(symbols)
+        if not symbols:
+            raise ValueError("a SymbolTokenizer needs at least one symbol")
+        for symbol in symbols:
+            if not isinstance(symbol, str) or not symbol or symbol.split() != [symbol]:
+                raise ValueError(f"symbols must be non-empty strings without whitespace, got {symbol!r}")
+            if symbol in self.SPECIALS:
+                raise ValueError(f"{symbol!r} is a special token, not a symbol")
+        repeated = sorted(symbol for symbol, count in Counter(symbols).items() if count > 1)
+        if repeated:
+            raise ValueError(f"symbols are repeated: {repeated}")
+        self.symbols = tuple(symbols)
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.vocab_size = len(self.SPECIALS) + len(symbols)
+        self._ids = {symbol: i + len(self.SPECIALS) for i, symbol in enumerate(symbols)}
+
+    @classmethod
+    def from_texts(cls, texts, extra=()) -> "SymbolTokenizer":
+        """The vocabulary of every symbol in `texts` (and `extra`), sorted so that it never depends on order."""
+        return cls(sorted({symbol for text in texts for symbol in text.split()} | set(extra)))
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        try:
+            ids = [self._ids[symbol] for symbol in text.split()]
+        except KeyError as err:
+            raise ValueError(f"symbol {err.args[0]!r} is not in the vocabulary of {len(self.symbols)} "
+                             f"symbols {list(self.symbols)[:20]}{' ...' if len(self.symbols) > 20 else ''}") from None
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        n = len(self.SPECIALS)
+        return " ".join(self.symbols[int(i) - n] for i in ids if n <= int(i) < self.vocab_size)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        Path(directory, SYMBOL_TOKENIZER_FILE).write_text(
+            json.dumps({"type": "symbol", "symbols": list(self.symbols)}) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SymbolTokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / SYMBOL_TOKENIZER_FILE
+        data = json.loads(path.read_text())
+        if data.get("type") != "symbol" or not isinstance(data.get("symbols"), list):
+            raise ValueError(f"{path} is not a kpro symbol tokenizer file")
+        return cls(data["symbols"])
+
+
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, CHAR_TOKENIZER_FILE, SYMBOL_TOKENIZER_FILE)
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | CharTokenizer | SymbolTokenizer:
+    """The tokenizer stored beside a checkpoint: `tokenizer.model`, or kpro's character or symbol tokenizer."""
     directory = Path(directory)
     if (directory / SENTENCEPIECE_FILE).is_file():
         return Tokenizer(directory / SENTENCEPIECE_FILE)
     if (directory / CHAR_TOKENIZER_FILE).is_file():
         return CharTokenizer.load(directory / CHAR_TOKENIZER_FILE)
-    raise FileNotFoundError(f"{directory} holds no {SENTENCEPIECE_FILE} or {CHAR_TOKENIZER_FILE}")
+    if (directory / SYMBOL_TOKENIZER_FILE).is_file():
+        return SymbolTokenizer.load(directory / SYMBOL_TOKENIZER_FILE)
+    raise FileNotFoundError(f"{directory} holds no {', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}")
 
 
 def pad_left(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,34 @@
+"""Stepwise internalization of chain-of-thought (ICoT-SI; Deng, Choi, Shieber 2024): data, schedule, evaluation.
+
+A model is trained on `input <eos> cot <eos> #### answer <eos>` while the CoT is cut from the left, a few
+tokens more every epoch, until it answers with no CoT at all. This package holds everything but the loop:
+
+    data            the `input||cot #### answer` format, its reader, the published valid/test sets
+    multiplication  the n×n multiplication lines (identical to the published ones) and training sets
+    tokenization    examples as token ids with their CoT span; the symbol tokenizer for arithmetic
+    schedule        RemovalSchedule: tokens removed at each step, and the smoothing offsets
+    batching        removal applied to a batch, re-packed for the model and the loss
+    evaluation      batched greedy decoding, exact-match accuracy, examples/s
+"""
+from ..tokenizer import SymbolTokenizer
+from .batching import CoTBatch, TrainingBatch, collate, next_token_loss, remove_cot, training_batch
+from .data import (ANSWER_MARK, PUBLISHED_SPLITS, PUBLISHED_TASKS, CoTExample, DataFormatError, parse_line,
+                   published_file, read_examples, read_published)
+from .evaluation import Evaluation, Prediction, answers_match, evaluate, read_prediction
+from .multiplication import (multiplication_example, multiplication_lines, multiplication_operands,
+                             multiplication_pairs, multiplication_training_set, published_multiplication_pairs,
+                             write_multiplication_training_set)
+from .schedule import MAX_OFFSET, REMOVE_ALL, RemovalSchedule, step_generator
+from .tokenization import (IGNORE_INDEX, MULTIPLICATION_SYMBOLS, TokenizedExample, multiplication_tokenizer,
+                           symbol_tokenizer_for, tokenize_example, tokenize_examples)
+
+__all__ = [
+    "ANSWER_MARK", "IGNORE_INDEX", "MAX_OFFSET", "MULTIPLICATION_SYMBOLS", "PUBLISHED_SPLITS", "PUBLISHED_TASKS",
+    "REMOVE_ALL", "CoTBatch", "CoTExample", "DataFormatError", "Evaluation", "Prediction", "RemovalSchedule",
+    "SymbolTokenizer", "TokenizedExample", "TrainingBatch", "answers_match", "collate", "evaluate",
+    "multiplication_example", "multiplication_lines", "multiplication_operands", "multiplication_pairs",
+    "multiplication_tokenizer", "multiplication_training_set", "next_token_loss", "parse_line", "published_file",
+    "published_multiplication_pairs", "read_examples", "read_prediction", "read_published", "remove_cot",
+    "step_generator", "symbol_tokenizer_for", "tokenize_example", "tokenize_examples", "training_batch",
+    "write_multiplication_training_set",
+]

@@ -1,0 +1,108 @@
+"""Exact-match accuracy and throughput: batched greedy decoding from `[bos] input <eos>`.
+
+The model writes `cot <eos> #### answer <eos>` (an explicit-CoT model), a shorter CoT (partly
+internalized), or `<eos> #### answer <eos>` (no CoT); decoding stops at each row's second generated eos.
+The prediction is the text after `####` between the two eos tokens; it is correct when it equals the
+reference answer once commas and repeated spaces are dropped (GSM8K writes 1,450,000). A row that never
+writes its second eos within `max_new_tokens` is counted wrong. No CoT is ever removed here: what the
+model writes is its own.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..generation import generate
+from ..tokenizer import pad_left
+from .data import ANSWER_MARK, CoTExample
+from .tokenization import prompt_ids, tokenize_example
+
+MARGIN_TOKENS = 8  # default max_new_tokens: the longest reference `cot <eos> #### answer <eos>` plus this
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model wrote for one example."""
+
+    ids: tuple[int, ...]  # generated tokens up to and including the second eos (all of them if it never came)
+    cot: str              # decoded tokens before the first generated eos
+    answer: str | None    # the text after `####` between the first and second eos; None without a `####`
+    finished: bool        # the second eos was generated
+    correct: bool
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    examples_per_second: float  # examples / seconds of decoding (tokenizing the prompts is not counted)
+    seconds: float
+    correct: int
+    total: int
+    predictions: list[Prediction]  # in the order of the examples
+
+
+def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens: int | None = None,
+             bos: bool = True) -> Evaluation:
+    """Greedy-decode every example (batches of similar prompt lengths, left-padded) and score the answers.
+
+    `max_new_tokens` defaults to the longest reference `cot <eos> #### answer <eos>` of `examples`
+    (in tokens) plus MARGIN_TOKENS; decoding ends as soon as every row of a batch has stopped.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    if not all(isinstance(example, CoTExample) for example in examples):
+        raise TypeError("evaluate takes CoTExamples (see read_examples)")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} embeddings")
+    if max_new_tokens is None:
+        max_new_tokens = MARGIN_TOKENS + max(len(t.ids) - t.cot_start
+                                             for t in (tokenize_example(e, tokenizer, bos) for e in examples))
+    prompts = [prompt_ids(example, tokenizer, bos) for example in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    device = next(model.parameters()).device
+    generated: list[list[int]] = [[] for _ in examples]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        ids, mask = pad_left([prompts[i] for i in rows], tokenizer.pad_id, device=device)
+        out = generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=tokenizer.eos_id,
+                       pad_token_id=tokenizer.pad_id, stop_after_eos=2)
+        for i, new_ids in zip(rows, out[:, ids.shape[1]:].tolist()):
+            generated[i] = new_ids
+    seconds = time.perf_counter() - start
+    predictions = [read_prediction(new_ids, example.answer, tokenizer) for new_ids, example in zip(generated, examples)]
+    correct = sum(p.correct for p in predictions)
+    return Evaluation(accuracy=correct / len(examples), examples_per_second=len(examples) / seconds,
+                      seconds=seconds, correct=correct, total=len(examples), predictions=predictions)
+
+
+def read_prediction(new_ids, reference_answer: str, tokenizer) -> Prediction:
+    """Split generated ids at the eos tokens into CoT and answer, and compare with `reference_answer`."""
+    new_ids = [int(i) for i in new_ids]
+    eos = [t for t, token in enumerate(new_ids) if token == tokenizer.eos_id][:2]
+    finished = len(eos) == 2
+    if finished:
+        new_ids = new_ids[:eos[1] + 1]
+    if not eos:
+        return Prediction(tuple(new_ids), tokenizer.decode(new_ids), None, False, False)
+    after = tokenizer.decode(new_ids[eos[0] + 1:eos[1] if finished else None])
+    answer = after.split(ANSWER_MARK, 1)[1].strip() if ANSWER_MARK in after else None
+    correct = finished and answer is not None and answers_match(answer, reference_answer)
+    return Prediction(tuple(new_ids), tokenizer.decode(new_ids[:eos[0]]), answer, finished, correct)
+
+
+def answers_match(predicted: str, reference: str) -> bool:
+    """Exact match up to thousands separators and whitespace runs: '1,450,000' == '1450000'."""
+    return normalize_answer(predicted) == normalize_answer(reference)
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.replace(",", "").split())

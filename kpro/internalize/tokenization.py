@@ -1,0 +1,73 @@
+"""Examples as model input: `[bos] input <eos> cot <eos> #### answer <eos>`, loss after the first <eos>.
+
+Works with any kpro tokenizer (`encode(text, bos=, eos=)`, `decode(ids)`, `eos_id`): the SymbolTokenizer
+for the arithmetic tasks (one token per digit or operator, as the paper counts them) and the SentencePiece
+`kpro.Tokenizer` for text (GSM8K). The input, the CoT and `#### answer` are encoded separately, so where
+the CoT starts and ends is known exactly, whatever the tokenizer does at segment boundaries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..tokenizer import SymbolTokenizer
+from .data import ANSWER_MARK, CoTExample
+
+IGNORE_INDEX = -100  # label of a position that takes no loss (torch's cross_entropy default)
+
+MULTIPLICATION_SYMBOLS = tuple("0123456789") + ("*", "+", "(", ")", ANSWER_MARK)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of one full example; the CoT is `ids[cot_start:cot_end]` and `ids[cot_end]` is the second eos."""
+
+    ids: tuple[int, ...]
+    cot_start: int
+    cot_end: int
+
+    @property
+    def cot_length(self) -> int:
+        return self.cot_end - self.cot_start
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        """`[bos] input <eos>`: what generation starts from."""
+        return self.ids[:self.cot_start]
+
+    @property
+    def labels(self) -> list[int]:
+        """Targets aligned with `ids` (the loss shifts them): IGNORE_INDEX up to the first eos, then the ids."""
+        return [IGNORE_INDEX] * self.cot_start + list(self.ids[self.cot_start:])
+
+
+def multiplication_tokenizer() -> SymbolTokenizer:
+    """The SymbolTokenizer of the multiplication tasks: 10 digits, `*`, `+`, `(`, `)`, `####`."""
+    return SymbolTokenizer(MULTIPLICATION_SYMBOLS)
+
+
+def symbol_tokenizer_for(examples) -> SymbolTokenizer:
+    """A SymbolTokenizer covering every symbol of `examples` (sorted, so independent of their order)."""
+    return SymbolTokenizer.from_texts((text for e in examples for text in (e.input, e.cot, e.answer)),
+                                      extra=[ANSWER_MARK])
+
+
+def prompt_ids(example: CoTExample, tokenizer, bos: bool = True) -> list[int]:
+    """`[bos] input <eos>`."""
+    return tokenizer.encode(example.input, bos=bos, eos=True)
+
+
+def answer_ids(example: CoTExample, tokenizer) -> list[int]:
+    """`#### answer <eos>`, the part after the second eos."""
+    return tokenizer.encode(f"{ANSWER_MARK} {example.answer}", bos=False, eos=True)
+
+
+def tokenize_example(example: CoTExample, tokenizer, bos: bool = True) -> TokenizedExample:
+    """`[bos] input <eos> cot <eos> #### answer <eos>` with the CoT's token span."""
+    prompt = prompt_ids(example, tokenizer, bos)
+    cot = tokenizer.encode(example.cot, bos=False) if example.cot else []
+    ids = prompt + cot + [tokenizer.eos_id] + answer_ids(example, tokenizer)
+    return TokenizedExample(tuple(ids), len(prompt), len(prompt) + len(cot))
+
+
+def tokenize_examples(examples, tokenizer, bos: bool = True) -> list[TokenizedExample]:
+    return [tokenize_example(example, tokenizer, bos) for example in examples]

@@ -1,0 +1,146 @@
+"""Evaluation: decoding until the second eos, answer parsing, exact-match counting, batching, errors."""
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+import kpro
+from kpro.internalize import (CoTExample, evaluate, multiplication_tokenizer, parse_line, read_prediction,
+                              read_published, tokenize_example)
+
+MISTRAL = Path(__file__).parent / "data" / "mistral_7b_tokenizer.model"
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a Llama inside kpro.generate: greedy decoding continues each known prompt (its real,
+    unpadded tokens) with a fixed script, then repeats `filler`. An unknown prompt is a KeyError, so a
+    prompt built or padded wrongly fails the test."""
+
+    def __init__(self, scripts, vocab_size, filler):
+        super().__init__()
+        self.config = tiny_config(vocab_size=vocab_size, max_position_embeddings=512)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # generate reads the dtype from the parameters
+        self.norm, self.lm_head = torch.nn.Identity(), torch.nn.Identity()
+        self.scripts, self.filler, self.vocab_size = scripts, filler, vocab_size
+        self.cache, self.batches = None, []
+
+    def hidden_states(self, input_ids, attention_mask=None, *, cache=None):
+        if cache is not self.cache:  # a new generate call: input_ids are the left-padded prompts
+            self.cache, self.step = cache, 0
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            assert all(m.tolist() == sorted(m.tolist()) for m in mask), "prompts must be left-padded"
+            self.rows = [self.scripts[tuple(ids[m.bool()].tolist())] for ids, m in zip(input_ids, mask)]
+            self.batches.append(len(self.rows))
+        next_ids = [row[self.step] if self.step < len(row) else self.filler for row in self.rows]
+        self.step += 1
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab_size)
+        logits[:, -1] = torch.nn.functional.one_hot(torch.tensor(next_ids), self.vocab_size).float()
+        return logits
+
+
+def scripted(tokenizer, cases, filler):
+    """cases: (example, what the model writes after `input <eos>`, with '<eos>' for the eos token)."""
+    def encode(text):
+        ids = []
+        for i, part in enumerate(text.split("<eos>")):
+            ids += ([tokenizer.eos_id] if i else []) + tokenizer.encode(part, bos=False)
+        return ids
+    scripts = {tokenize_example(example, tokenizer).prompt: encode(output) for example, output in cases}
+    return ScriptedModel(scripts, max(tokenizer.vocab_size, 32), filler)
+
+
+MULT = [parse_line(line) for line in [
+    "2 1 * 4 3||8 4 0 + 0 6 3 0 #### 8 0 4 0",
+    "3 2 1 * 6 5 4||8 3 7 0 + 0 5 1 6 0 ( 8 8 8 6 0 ) + 0 0 2 9 4 0 #### 8 8 0 6 5 0",
+    "7 * 8||6 5 #### 6 5",
+    "9 * 9||1 8 #### 1 8",
+    "5 * 5||5 2 #### 5 2",
+    "1 1 * 1 1||1 1 0 + 0 1 1 0 #### 1 2 1 0",
+    "6 * 6||6 3 #### 6 3",
+]]
+
+
+def test_exact_match_counting_and_answer_parsing():
+    tok = multiplication_tokenizer()
+    cases = [
+        (MULT[0], "8 4 0 + 0 6 3 0 <eos> #### 8 0 4 0 <eos>"),                     # explicit CoT, right
+        (MULT[1], "8 3 7 0 + 0 5 1 6 0 <eos> #### 8 8 0 6 5 1 <eos>"),             # partial CoT, wrong answer
+        (MULT[2], "<eos> #### 6 5 <eos>"),                                         # no CoT, right
+        (MULT[3], "<eos> 1 8 <eos>"),                                              # no '####': wrong
+        (MULT[4], "5 2 <eos> #### 5 2"),                                           # never ends: wrong
+        (MULT[5], "<eos> #### 1 2 1 <eos>"),                                       # a digit short: wrong
+        (MULT[6], "<eos> #### 6 3 <eos> #### 6 4 <eos>"),                          # stops at the 2nd eos: right
+    ]
+    model = scripted(tok, cases, filler=tok.bos_id)  # decodes to nothing: row 4's text stays "5 2"
+    result = evaluate(model, tok, MULT, batch_size=3, max_new_tokens=20)
+    assert model.batches == [3, 3, 1]
+    assert (result.correct, result.total) == (3, 7) and result.accuracy == pytest.approx(3 / 7)
+    assert [p.correct for p in result.predictions] == [True, False, True, False, False, False, True]
+    assert [p.answer for p in result.predictions] == ["8 0 4 0", "8 8 0 6 5 1", "6 5", None, "5 2", "1 2 1", "6 3"]
+    assert [p.cot for p in result.predictions][:3] == ["8 4 0 + 0 6 3 0", "8 3 7 0 + 0 5 1 6 0", ""]
+    assert [p.finished for p in result.predictions] == [True, True, True, True, False, True, True]
+    assert len(result.predictions[4].ids) == 20 and result.predictions[6].ids[-1] == tok.eos_id
+    assert tok.decode(result.predictions[6].ids) == "#### 6 3"
+    assert result.examples_per_second > 0 and result.seconds > 0
+
+
+def test_prompts_of_different_lengths_and_sentencepiece_answers():
+    tok = kpro.Tokenizer(MISTRAL)
+    questions = [CoTExample("How many legs do 2 cats have?", "<<2*4=8>>", "8"),
+                 CoTExample("Sum?", "", "1,450,000"),
+                 CoTExample("A longer question about 1,000 apples and 3 pears, in total?", "<<1000+3=1003>>", "1,003")]
+    cases = [(questions[0], "<<2*4=8>><eos>#### 8<eos>"), (questions[1], "<eos>#### 1450000<eos>"),
+             (questions[2], "<<1000+3=1003>><eos>#### 1,004<eos>")]
+    model = scripted(tok, cases, filler=tok.encode("0", bos=False)[-1])
+    result = evaluate(model, tok, questions, batch_size=8)  # default max_new_tokens
+    assert [p.answer for p in result.predictions] == ["8", "1450000", "1,004"]
+    assert [p.correct for p in result.predictions] == [True, True, False]  # commas do not count
+    assert result.predictions[0].cot == "<<2*4=8>>" and result.accuracy == pytest.approx(2 / 3)
+
+
+def test_read_prediction_without_any_eos():
+    tok = multiplication_tokenizer()
+    prediction = read_prediction(tok.encode("1 2 3", bos=False), "1 2 3", tok)
+    assert (prediction.cot, prediction.answer, prediction.finished, prediction.correct) == ("1 2 3", None, False, False)
+
+
+def test_a_real_model_gives_the_same_predictions_in_any_batch(make_model):
+    tok = multiplication_tokenizer()
+    model = make_model(seed=3, dtype=torch.float64, vocab_size=tok.vocab_size)
+    examples = MULT[:2] + read_published("4x4", "test")[:3]
+    # A random model rarely writes eos: give eos 1.5 times the output row of the token it writes most, so
+    # that it often writes eos instead and rows stop at different steps.
+    free = evaluate(model, tok, examples, max_new_tokens=10)
+    most_written = Counter(token for p in free.predictions for token in p.ids).most_common(1)[0][0]
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_id] = 1.5 * model.lm_head.weight[most_written]
+    one_batch = evaluate(model, tok, examples, batch_size=len(examples), max_new_tokens=10)
+    one_by_one = evaluate(model, tok, examples, batch_size=1, max_new_tokens=10)
+    assert [p.ids for p in one_batch.predictions] == [p.ids for p in one_by_one.predictions]
+    for example, prediction in zip(examples, one_batch.predictions):
+        prompt = torch.tensor([tokenize_example(example, tok).prompt])
+        alone = kpro.generate(model, prompt, 10, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, stop_after_eos=2)
+        assert list(prediction.ids) == alone[0, prompt.shape[1]:].tolist()
+        eos_count = prediction.ids.count(tok.eos_id)
+        assert (eos_count == 2 and prediction.ids[-1] == tok.eos_id) if prediction.finished else eos_count < 2
+    assert {len(p.ids) for p in one_batch.predictions if p.finished} - {10}  # some rows stopped early
+    assert one_batch.accuracy == 0.0
+
+
+def test_bad_inputs_are_refused(make_model):
+    tok = multiplication_tokenizer()
+    model = make_model(vocab_size=tok.vocab_size)
+    with pytest.raises(ValueError, match="at least one example"):
+        evaluate(model, tok, [])
+    with pytest.raises(TypeError, match="CoTExamples"):
+        evaluate(model, tok, ["2 1 * 4 3||8 4 0 #### 8 0 4 0"])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        evaluate(model, tok, MULT, batch_size=0)
+    with pytest.raises(ValueError, match="the tokenizer has 18 tokens but the model only 10 embeddings"):
+        evaluate(make_model(vocab_size=10), tok, MULT)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        evaluate(model, tok, MULT, max_new_tokens=500)
+    with pytest.raises(ValueError, match="symbol 'x' is not in the vocabulary"):
+        evaluate(model, tok, [CoTExample("1 x 2", "", "3")])
