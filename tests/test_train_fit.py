@@ -430,3 +430,21 @@ def test_the_pieces_make_a_resumable_loop_of_your_own(tmp_path):
     resumed = train(tmp_path / "b", 6)
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
     assert [p.name for p in kt.list_checkpoints(tmp_path / "b")] == ["step-00000006"]
+
+
+def test_bf16_autocast_computes_the_loss_in_fp32(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        loss = kt.causal_lm_loss(logits, batch["labels"])
+        seen.append((logits.dtype, loss.dtype))
+        return loss
+
+    model = make_model()
+    run = kt.fit(model, batches(), tmp_path, steps=2, precision="bf16", loss_fn=loss_fn)
+    assert seen == [(torch.bfloat16, torch.float32)] * 2
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and math.isfinite(run.metrics["loss"])
+    kt.fit(make_model(), batches(), tmp_path / "fp32", steps=1, loss_fn=loss_fn)  # "auto" on the CPU: fp32
+    assert seen[-1] == (torch.float32, torch.float32)
+    assert losses(tmp_path)[0][1] == pytest.approx(losses(tmp_path / "fp32")[0][1], rel=1e-2)  # bf16 rounding only

@@ -97,7 +97,7 @@ def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, s
         parallel = "none"  # one process: nothing to replicate or shard
     if parallel == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False), "ddp"
+        return DistributedDataParallel(model, device_ids=device_ids), "ddp"
     if parallel == "fsdp":
         return shard_blocks(model), "fsdp"
     return model, "none"
