@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -448,3 +449,32 @@ def test_bf16_autocast_computes_the_loss_in_fp32(tmp_path):
     kt.fit(make_model(), batches(), tmp_path / "fp32", steps=1, loss_fn=loss_fn)  # "auto" on the CPU: fp32
     assert seen[-1] == (torch.float32, torch.float32)
     assert losses(tmp_path)[0][1] == pytest.approx(losses(tmp_path / "fp32")[0][1], rel=1e-2)  # bf16 rounding only
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import kpro.train as kt
+from test_train_fit import batches, make_model
+
+class Kill(kt.Callback):
+    def on_save(self, run, directory):
+        if run.step == 4:  # model and optimizer files are written, the checkpoint not yet in place
+            os.kill(os.getpid(), signal.SIGKILL)
+
+kt.fit(make_model(), batches(), {out!r}, steps=6, save_every=2, callbacks=[Kill()])
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_last_good_checkpoint(tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE.format(tests=tests, out=str(tmp_path))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".step-00000004.tmp-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "optimizer.pt").is_file()  # a half-made checkpoint...
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]  # ...that nothing mistakes for one
+    run = kt.fit(make_model(), batches(), tmp_path, steps=6, save_every=2)
+    assert run.step == 6 and not leftovers[0].exists()
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
