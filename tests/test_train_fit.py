@@ -356,6 +356,12 @@ def test_progress_line_on_a_terminal_and_in_a_log():
         line.update(step, loss=1.0, lr=1e-3, tokens=100)
     assert tty[0].startswith("\r\033[K") and tty[-1].startswith("\r\033[Kstep     3/3  loss 1.0000  lr 1.00e-03")
     assert tty[-1].endswith("\n")
+    line.close()
+    assert tty[-1].endswith("\n") and not tty[-1] == "\n"  # a finished line gets no extra newline
+    interrupted = kt.ProgressLine(3, stream=tty)
+    interrupted.update(1, loss=1.0, lr=1e-3, tokens=100)
+    interrupted.close()
+    assert tty[-1] == "\n"  # a line left open by a stopped run is ended
     log = Tty()
     log.isatty = lambda: False
     line = kt.ProgressLine(100, 40, stream=log)  # a resumed run: 60 steps to go, a line every 3

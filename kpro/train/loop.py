@@ -102,6 +102,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     resume       True: continue from the newest checkpoint in out_dir if there is one; a path: from that
                  checkpoint; False: start afresh (refused if out_dir already holds checkpoints).
     callbacks    `kpro.train.Callback`s (hooks, batch transforms, optimizer resets, saved state).
+    log_every, stream  the progress line: printed every that many steps when not on a terminal (default:
+                 every 5% of the run), to `stream` (default stdout); rank 0 only.
     """
     env = distributed.init_distributed()
     out_dir = Path(out_dir)

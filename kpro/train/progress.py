@@ -33,6 +33,7 @@ class ProgressLine:
         self.start = time.perf_counter()
         self.tokens = 0
         self.last_draw = 0.0
+        self.line_open = False  # a terminal line drawn without its newline yet
 
     def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
         self.tokens += tokens
@@ -46,16 +47,17 @@ class ProgressLine:
         if self.tty:
             if last or now - self.last_draw > 0.1:
                 self.stream.write("\r\033[K" + line + ("\n" if last else ""))
-                self.last_draw = now
+                self.last_draw, self.line_open = now, not last
         elif last or done % self.every == 0:
             self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         """End an in-place line that stopped before the last step (an interrupted run)."""
-        if self.tty and self.last_draw:
+        if self.line_open:
             self.stream.write("\n")
             self.stream.flush()
+            self.line_open = False
 
 
 class MetricsLog:
