@@ -1,5 +1,5 @@
 """kpro: fused kernels and training methods for post-pretraining LLaMA models."""
-from . import ops
+from . import ops, train
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import ConfigError, LlamaConfig
 from .generation import generate
@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CharTokenizer", "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "SymbolTokenizer",
-    "Tokenizer", "generate", "load_pretrained", "load_tokenizer", "ops", "pad_left", "save_pretrained",
+    "Tokenizer", "generate", "load_pretrained", "load_tokenizer", "ops", "pad_left", "save_pretrained", "train",
 ]

@@ -44,10 +44,14 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def hf_tensors(model: Llama) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint of `model` holds, by checkpoint name (tied lm_head left out)."""
+def hf_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of `model` holds, by checkpoint name (tied lm_head left out).
+
+    `state_dict` replaces `model.state_dict()`: a sharded model's full state, gathered by the caller.
+    """
     tied = model.config.tie_word_embeddings
-    return {hf_name(name): tensor for name, tensor in model.state_dict().items()
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    return {hf_name(name): tensor for name, tensor in state_dict.items()
             if not (tied and name == "lm_head.weight")}
 
 
@@ -167,8 +171,9 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
     return directory
 
 
-def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int) -> None:
-    tensors = hf_tensors(model)
+def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int, state_dict=None) -> None:
+    """The HF-layout files of `model` (or of `state_dict`, a sharded model's gathered full state) in `out`."""
+    tensors = hf_tensors(model, state_dict)
     dtypes = {t.dtype for t in tensors.values()}
     hf_config = model.config.to_hf()
     if len(dtypes) == 1:

@@ -1,24 +1,23 @@
 """`python -m kpro demo`: the main job on an embedded tiny default, a few minutes on 2 CPU cores.
 
-Act `basics`: train a tiny LLaMA from scratch on a built-in synthetic task (reverse a string of
-letters), save it in the Hugging Face layout, load it back, and decode held-out prompts with the KV cache.
+Act `basics`: train a tiny LLaMA from scratch with `kpro.train.fit` on a built-in synthetic task (reverse a
+string of letters), save it in the Hugging Face layout, load it back, and decode held-out prompts with the
+KV cache.
 """
 from __future__ import annotations
 
-import math
 import random
-import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import LlamaConfig
 from .generation import generate
 from .model import Llama
 from .tokenizer import CharTokenizer, pad_left
+from .train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit
 
 LETTERS = "abcdefghij"
 
@@ -35,18 +34,20 @@ def tiny_config(vocab_size: int) -> LlamaConfig:
                        rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def training_batch(tok: CharTokenizer, rng: random.Random, size: int):
-    """Right-padded sequences `<bos> prompt answer <eos>`, with the loss on answer tokens only."""
-    rows, targets = [], []
-    for _ in range(size):
-        prompt, answer = reversal_task(rng)
-        p, a = tok.encode(prompt, bos=True), tok.encode(answer, bos=False, eos=True)
-        rows.append(p + a)
-        targets.append([-100] * len(p) + a)
-    length = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_id] * (length - len(r)) for r in rows])
-    labels = torch.tensor([t + [-100] * (length - len(t)) for t in targets])
-    return ids[:, :-1], labels[:, 1:]
+def training_examples(tok: CharTokenizer, rng: random.Random, count: int) -> list[tuple[list[int], list[int]]]:
+    """(`<bos> prompt`, `answer <eos>`) token pairs: the loss falls on the answer only."""
+    pairs = (reversal_task(rng) for _ in range(count))
+    return [(tok.encode(prompt, bos=True), tok.encode(answer, bos=False, eos=True)) for prompt, answer in pairs]
+
+
+class TokenizerInCheckpoints(Callback):
+    """Write the tokenizer into every training checkpoint, so each one works with `python -m kpro generate`."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def on_save(self, run, directory):
+        self.tok.save(directory)
 
 
 def accuracy(model: Llama, tok: CharTokenizer, examples: list[tuple[str, str]]) -> float:
@@ -54,18 +55,6 @@ def accuracy(model: Llama, tok: CharTokenizer, examples: list[tuple[str, str]]) 
     out = generate(model, ids, max_new_tokens=10, attention_mask=mask, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     answers = [tok.decode(row[ids.shape[1]:].tolist()) for row in out]
     return sum(got == want for got, want in zip(answers, (a for _, a in examples))) / len(examples)
-
-
-def progress(step: int, total: int, loss: float, start: float, stream=None) -> None:
-    stream = stream or sys.stdout
-    elapsed = time.perf_counter() - start
-    eta = elapsed / step * (total - step)
-    line = f"step {step:5d}/{total}  loss {loss:.4f}  {step / elapsed:5.1f} steps/s  eta {eta:4.0f}s"
-    if stream.isatty():
-        stream.write("\r" + line + ("\n" if step == total else ""))
-    elif step % 50 == 0 or step == total:
-        stream.write(line + "\n")
-    stream.flush()
 
 
 def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
@@ -76,19 +65,13 @@ def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
     model = Llama(tiny_config(tok.vocab_size))
     held_out = [reversal_task(random.Random(10_000 + i)) for i in range(200)]
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; accuracy before training {accuracy(model, tok, held_out):.2f}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = steps // 10
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        ids, labels = training_batch(tok, rng, 64)
-        loss = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        progress(step, steps, loss.item(), start)
+    batches = Batches(training_examples(tok, rng, 20_000), 64, partial(collate_prompt_answer, pad_id=tok.pad_id), seed=seed)
+    run_dir = out_dir.with_name(out_dir.name + "-run")
+    print(f"training state in {run_dir}/ (metrics.jsonl, checkpoints): Ctrl-C saves a checkpoint and running "
+          "the demo again resumes from it")
+    fit(model, batches, run_dir, steps=steps, optimizer=lambda m: adamw(m, 3e-3, betas=(0.9, 0.98)),
+        schedule=Schedule("cosine", warmup_steps=steps // 10, total_steps=steps), clip_grad_norm=1.0,
+        keep_last=1, callbacks=[TokenizerInCheckpoints(tok)])
     save_pretrained(model, out_dir)
     tok.save(out_dir)
     reloaded = load_pretrained(out_dir)

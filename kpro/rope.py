@@ -61,4 +61,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    # In x's dtype: under autocast, q/k come out of their projections in bf16 while cos/sin follow the
+    # fp32 residual stream; fp32 rotation, then q, k and v share a dtype again for attention.
+    return (x * cos + rotated * sin).to(x.dtype)

@@ -1,0 +1,65 @@
+"""Hooks into `fit`. Subclass `Callback` and override what you need; `fit` calls each hook on every
+process, in list order, so callbacks must decide the same thing on every rank.
+
+    on_fit_start(run)               after resuming, before the first step
+    on_batch(run, batch) -> batch   each step's global batch, before it is split; return it, changed or not
+    on_step_end(run, metrics)       after the optimizer step; add entries to `metrics` to have them logged
+    on_save(run, directory)         a checkpoint is being written: add files to `directory` (rank 0 only)
+    on_fit_end(run)                 after the last step (not when interrupted)
+    state_dict() / load_state_dict  what the callback must remember across a resume (tensors, numbers,
+                                    strings, and lists/tuples/dicts of them)
+
+`run` (a `kpro.train.Run`) gives `step` (optimizer steps completed; during a step, the index of the step
+in progress), `model`, `optimizer`, `total_steps`, and takes requests: `reset_optimizer()`,
+`save_checkpoint()`, `stop()`.
+"""
+from __future__ import annotations
+
+
+class Callback:
+    def on_fit_start(self, run) -> None:
+        pass
+
+    def on_batch(self, run, batch):
+        return batch
+
+    def on_step_end(self, run, metrics: dict) -> None:
+        pass
+
+    def on_save(self, run, directory) -> None:
+        pass
+
+    def on_fit_end(self, run) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def callback_keys(callbacks) -> list[str]:
+    """Stable names for the callbacks' saved states: the class name, numbered when it repeats."""
+    keys, counts = [], {}
+    for cb in callbacks:
+        name = type(cb).__qualname__
+        counts[name] = counts.get(name, 0) + 1
+        keys.append(name if counts[name] == 1 else f"{name}#{counts[name]}")
+    return keys
+
+
+def callback_states(callbacks) -> dict:
+    return {key: cb.state_dict() for key, cb in zip(callback_keys(callbacks), callbacks) if hasattr(cb, "state_dict")}
+
+
+def load_callback_states(callbacks, states: dict) -> None:
+    """Give each callback its saved state; a saved state with no callback to take it is an error."""
+    keys = callback_keys(callbacks)
+    orphans = [key for key, state in states.items() if state and key not in keys]
+    if orphans:
+        raise ValueError(f"the checkpoint holds state for callback(s) {', '.join(orphans)} that this run does not have; "
+                         f"pass the same callbacks to resume (this run has: {', '.join(keys) or 'none'})")
+    for key, cb in zip(keys, callbacks):
+        if key in states and hasattr(cb, "load_state_dict"):
+            cb.load_state_dict(states[key])

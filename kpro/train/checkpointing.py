@@ -1,0 +1,271 @@
+"""Training checkpoints: everything a run needs to continue exactly, written atomically.
+
+A run directory holds `step-00000100/`, `step-00000200/`, ... Each is a complete checkpoint:
+
+    config.json, model.safetensors   the model in the Hugging Face layout (`kpro.load_pretrained` reads it);
+                                     another kind of module is saved as `module.safetensors` (its own names)
+    optimizer.pt                     optimizer state keyed by parameter name (full, never sharded)
+    trainer_state.pt                 step, data position, RNG states of every process, callback states,
+                                     and the model's tensor shapes (to refuse a checkpoint of another model)
+    trainer_state.json               the step and last metrics, for people
+
+A checkpoint is written under a temporary name and renamed into place (the helpers of
+`kpro.checkpoint`), so a directory named `step-*` is always complete: an interrupted save leaves a
+temporary directory, which is ignored and removed by the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..checkpoint import (CONFIG_NAME, CheckpointError, _fsync_dir, _fsync_file, _open_all, _process_alive,
+                          _replace_dir, _write_checkpoint, _write_file, parse_size, tensor_locations)
+from ..config import LlamaConfig
+from ..model import Llama
+from . import distributed
+from .distributed import DistEnv
+
+STEP_DIR = re.compile(r"step-(\d{8})")
+MODULE_WEIGHTS = "module.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.pt"
+SUMMARY_FILE = "trainer_state.json"
+FORMAT = 1
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in a run directory, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    """This process's random number generators: torch (CPU and CUDA), Python, NumPy."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Every state-dict tensor's full shape (a sharded parameter reports its unsharded shape)."""
+    return {name: list(t.shape) for name, t in model.state_dict().items()}
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict | None = None, env: DistEnv | None = None, *, summary: dict | None = None,
+                    keep_last: int | None = None, write_extra=None) -> Path:
+    """Write checkpoint `step` of a run atomically; keep the newest `keep_last`. Returns its directory.
+
+    `state` holds what else the run needs to continue (data position, callback states); the RNG states
+    of every process are added here. `write_extra(directory)` may add files (a tokenizer) before the
+    checkpoint is put in place. A collective: every process calls it; rank 0 writes.
+    """
+    env = env or distributed.current_env()
+    full_model = distributed.full_model_state(model)
+    full_optim = distributed.full_optimizer_state(model, optimizer, env)
+    state = {**(state or {}), "format": FORMAT, "step": step, "world_size": env.world_size,
+             "rng": distributed.gather_objects(rng_state(), env), "model_shapes": tensor_shapes(model),
+             "has_optimizer_state": full_optim is not None}
+    target = checkpoint_dir(run_dir, step)
+    failure = None
+    if env.is_main:
+        try:
+            _write_checkpoint_dir(target, model, full_model, full_optim, state, summary, env, write_extra)
+            if keep_last is not None:
+                prune(target.parent, keep_last)
+        except BaseException as err:
+            failure = err
+    # Rank 0's outcome reaches every rank, so that none waits forever for a save that failed.
+    error = distributed.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}", env)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise CheckpointError(f"rank 0 could not save checkpoint {target}: {error}")
+    return target
+
+
+def _write_checkpoint_dir(target: Path, model, full_model, full_optim, state, summary, env, write_extra) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries(target.parent)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_model(model, full_model, tmp)
+        _torch_save(full_optim, tmp / OPTIMIZER_FILE)
+        _torch_save(state, tmp / STATE_FILE)
+        summary = {"step": state["step"], "world_size": env.world_size, **(summary or {})}
+        _write_file(tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_model(model: nn.Module, full_state: dict | None, out: Path) -> None:
+    if isinstance(model, Llama):  # the HF-layout files, straight into the temporary directory
+        _write_checkpoint(model, out, parse_size("5GB"), full_state)
+        return
+    state = model.state_dict() if full_state is None else full_state
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key in seen:  # a tied weight: safetensors stores shared memory once
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.to("cpu").contiguous()
+    save_file(tensors, str(out / MODULE_WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    _fsync_file(out / MODULE_WEIGHTS)
+
+
+def _torch_save(obj, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (renamed away first, so none is ever half there)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        trash = old.parent / f".{old.name}.deleting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(old, trash)
+        shutil.rmtree(trash)
+
+
+def remove_abandoned_temporaries(run_dir: Path) -> None:
+    """Delete what saves and prunes of dead processes left behind (their pid is in the name)."""
+    for entry in run_dir.glob(".step-*"):
+        match = re.fullmatch(r"\.step-\d{8}\.(?:tmp|deleting)-(\d+)-[0-9a-f]+", entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    env: DistEnv | None = None) -> dict:
+    """Restore model weights, optimizer state and this process's RNG states from a checkpoint; return the
+    rest of the saved state (step, data position, callback states). A collective: every process calls it.
+
+    A checkpoint of a model with other tensor names or shapes (or, for a LLaMA, another config) is refused
+    with a CheckpointError naming the differences, before anything is loaded.
+    """
+    directory, env = Path(directory), env or distributed.current_env()
+    state, problem = None, None
+    if env.is_main:
+        try:
+            state = _read_state(directory)
+            problem = _mismatch(directory, model, state)
+        except Exception as err:  # reported on every rank below: none may be left waiting
+            problem = f"{directory} is not a readable training checkpoint: {err}"
+    state, problem = distributed.broadcast_object((state, problem), env)
+    if problem:
+        raise CheckpointError(problem)
+    distributed.load_full_model_state(model, _read_model(directory, model) if env.is_main else {}, env)
+    has_optimizer_state = state.pop("has_optimizer_state")
+    if has_optimizer_state:
+        optim_state = torch.load(directory / OPTIMIZER_FILE, weights_only=True) if env.is_main else {}
+        for group in optimizer.param_groups:  # torch's loader wants every saved group key present here
+            group.setdefault("peak_lr", group["lr"])
+        try:
+            distributed.load_full_optimizer_state(model, optimizer, optim_state, env)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{directory}: the optimizer state does not fit this optimizer ({err}); was the set "
+                                  "of trainable parameters or the optimizer changed?") from None
+    rngs = state.pop("rng")
+    set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+    return state
+
+
+def _read_state(directory: Path) -> dict:
+    if not (directory / STATE_FILE).is_file():
+        raise CheckpointError(f"no {STATE_FILE} (a model directory, not a training checkpoint?)")
+    state = torch.load(directory / STATE_FILE, weights_only=True)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{STATE_FILE} has format {state.get('format')!r}; this kpro reads format {FORMAT}")
+    return state
+
+
+def _mismatch(directory: Path, model: nn.Module, state: dict) -> str | None:
+    """Why the checkpoint cannot load into `model`, or None."""
+    problems = []
+    if isinstance(model, Llama) and (directory / CONFIG_NAME).is_file():
+        saved = LlamaConfig.from_hf(directory / CONFIG_NAME)
+        problems += [f"{field}={getattr(saved, field)!r} there, {getattr(model.config, field)!r} here"
+                     for field in vars(saved) if field != "initializer_range"
+                     and getattr(saved, field) != getattr(model.config, field)]
+    saved, mine = state["model_shapes"], tensor_shapes(model)
+    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if missing:
+        problems.append(f"tensor(s) this model has and the checkpoint lacks: {_few(missing)}")
+    if unexpected:
+        problems.append(f"tensor(s) the checkpoint has and this model lacks: {_few(unexpected)}")
+    problems += [f"{name} is {saved[name]} there, {mine[name]} here"
+                 for name in sorted(set(saved) & set(mine)) if saved[name] != mine[name]][:10]
+    if not problems:
+        return None
+    return f"checkpoint {directory} was saved from a different model:\n  " + "\n  ".join(problems)
+
+
+def _few(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _read_model(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict stored in a checkpoint, by the model's own names."""
+    if (directory / MODULE_WEIGHTS).is_file():
+        with safe_open(str(directory / MODULE_WEIGHTS), framework="pt") as f:
+            state = {name: f.get_tensor(name) for name in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        return {**state, **{name: state[original] for name, original in aliases.items()}}
+    locations = tensor_locations(directory)
+    with _open_all(set(locations.values())) as handles:
+        state = {(name[len("model."):] if name.startswith("model.") else name): handles[file].get_tensor(name)
+                 for name, file in locations.items()}
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state

@@ -1,0 +1,120 @@
+"""Training data: packed token streams, (prompt, answer) batches, and a resumable batch sampler.
+
+Batches are dicts of tensors [B, ...] with labels aligned to `input_ids` (see `kpro.train.loss`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .loss import IGNORE_INDEX
+
+
+def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_id: int, *,
+                   bos_id: int | None = None) -> torch.Tensor:
+    """Tokenized documents -> rows [N, seq_len] of one stream `[bos] doc eos [bos] doc eos ...`, no padding.
+
+    Consecutive rows overlap by one token (row k starts at k·(seq_len - 1)), so with the shifted loss every
+    token after the first is predicted exactly once, including those at row boundaries. The tail that does
+    not fill a row is dropped. Attention is not cut at document boundaries: the eos marks them.
+    """
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    bos = [] if bos_id is None else [torch.tensor([bos_id])]
+    eos = torch.tensor([eos_id])
+    pieces = [piece for doc in documents for piece in (*bos, torch.as_tensor(doc, dtype=torch.long).flatten(), eos)]
+    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    if len(stream) < seq_len:
+        raise ValueError(f"the documents hold {len(stream)} tokens (with separators), fewer than one row of {seq_len}")
+    return stream.unfold(0, seq_len, seq_len - 1).contiguous()
+
+
+def collate_packed(rows: Sequence[torch.Tensor]) -> dict:
+    """Rows of `pack_documents` -> {input_ids, labels}: every token is both input and target."""
+    ids = torch.stack(list(rows))
+    return {"input_ids": ids, "labels": ids}
+
+
+def collate_prompt_answer(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict:
+    """(prompt_ids, answer_ids) pairs -> a right-padded batch whose loss covers the answers only.
+
+    Returns input_ids, attention_mask (1 = real token), labels (-100 on prompts and padding) and
+    prompt_lens, all [B, T] or [B].
+    """
+    if not examples:
+        raise ValueError("collate_prompt_answer got no examples")
+    rows, labels, prompt_lens = [], [], []
+    for i, pair in enumerate(examples):
+        if len(pair) != 2:
+            raise ValueError(f"example {i} must be a (prompt_ids, answer_ids) pair, got {len(pair)} items")
+        prompt, answer = [int(t) for t in pair[0]], [int(t) for t in pair[1]]
+        if not prompt or not answer:
+            raise ValueError(f"example {i} has an empty {'prompt' if not prompt else 'answer'}; both need tokens")
+        rows.append(prompt + answer)
+        labels.append([IGNORE_INDEX] * len(prompt) + answer)
+        prompt_lens.append(len(prompt))
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    target = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        ids[i, :len(row)] = torch.tensor(row)
+        target[i, :len(row)] = torch.tensor(label)
+        mask[i, :len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": target, "prompt_lens": torch.tensor(prompt_lens)}
+
+
+class Batches:
+    """Batches of `batch_size` examples drawn without replacement, reshuffled each epoch, forever.
+
+    The order depends only on (seed, epoch), and `state_dict()` records how far iteration got, so a
+    run restarted from a checkpoint sees exactly the batches it would have seen. With `fit`, each batch
+    is one optimizer step's global batch: fit splits it across processes and accumulation steps.
+    """
+
+    def __init__(self, examples: Sequence, batch_size: int, collate: Callable[[list], dict] = collate_packed, *,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(seed, int):  # hash() of other types changes from process to process
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if len(examples) == 0:
+            raise ValueError("Batches got no examples")
+        if len(examples) < batch_size and drop_last:
+            raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size} (drop_last=True)")
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.index = 0, 0  # position: batches already taken from this epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(len(self.examples), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.examples))
+        generator = torch.Generator().manual_seed(hash((self.seed, epoch)) & (2**63 - 1))
+        return torch.randperm(len(self.examples), generator=generator)
+
+    def __iter__(self):
+        while True:
+            order = self.order(self.epoch)
+            while self.index < len(self):
+                picked = order[self.index * self.batch_size:(self.index + 1) * self.batch_size].tolist()
+                self.index += 1  # counted before yielding: a checkpoint taken now resumes after this batch
+                yield self.collate([self.examples[i] for i in picked])
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
+                "num_examples": len(self.examples), "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "batch_size", "num_examples", "shuffle"):
+            if state[key] != mine[key]:
+                raise ValueError(f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, "
+                                 f"these have {key}={mine[key]!r}")
+        self.epoch, self.index = state["epoch"], state["index"]

@@ -1,0 +1,202 @@
+"""Running `fit` under torchrun: process group set-up, DDP and FSDP2 wrapping, batch splitting, and the
+full (unsharded) model and optimizer states that make checkpoints independent of the process count.
+
+Each global batch is split into `world_size` row blocks, one per process, and each block into
+`grad_accum` micro-batches, so a run sees the same examples per optimizer step whatever the number of
+processes. Only rank 0 touches the file system; what it reads is broadcast to the others, so
+checkpoints need no shared file system.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+# torch.distributed.fsdp and .checkpoint are imported where used: with DTensor they take most of a second.
+
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None) -> DistEnv:
+    """Join the process group that torchrun describes in the environment; nothing to do when run alone.
+
+    Picks NCCL and `cuda:LOCAL_RANK` where CUDA is available, gloo and the CPU otherwise.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return current_env()
+
+
+def current_env() -> DistEnv:
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing can have been sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2: one sharding unit per transformer block (`kpro.model.Block`), the rest in the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..model import Block
+
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(current_env().device.type, (dist.get_world_size(),))
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise ValueError(f"FSDP: found no kpro Block inside {type(model).__name__} to shard; shard the model "
+                         "yourself with torch.distributed.fsdp.fully_shard and pass it to fit")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, str]:
+    """The module to call in training (a DDP wrapper, or the model sharded in place) and the mode used."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("pass the model itself to fit, not a DistributedDataParallel wrapper: fit wraps it (parallel='ddp')")
+    if is_sharded(model):
+        return model, "fsdp"  # sharded by the caller
+    if parallel == "auto":
+        parallel = "ddp" if env.world_size > 1 else "none"
+    if parallel == "none" and env.world_size > 1:
+        raise ValueError(f"parallel='none' with {env.world_size} processes would train {env.world_size} different "
+                         "models on different rows; use 'ddp' or 'fsdp'")
+    if env.world_size == 1:
+        parallel = "none"  # one process: nothing to replicate or shard
+    if parallel == "ddp":
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids), "ddp"
+    if parallel == "fsdp":
+        return shard_blocks(model), "fsdp"
+    return model, "none"
+
+
+@contextlib.contextmanager
+def gradient_sync(train_model: nn.Module, enabled: bool):
+    """Reduce gradients across processes only when `enabled` (the last micro-batch of a step)."""
+    if isinstance(train_model, DistributedDataParallel) and not enabled:
+        with train_model.no_sync():
+            yield
+    elif is_sharded(train_model):
+        train_model.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
+
+
+def split_batch(batch, env: DistEnv, grad_accum: int) -> list:
+    """This process's micro-batches: row block `rank` of `world_size`, cut into `grad_accum` pieces."""
+    parts = env.world_size * grad_accum
+    if parts == 1:
+        return [batch]
+    if not isinstance(batch, dict):
+        raise TypeError(f"to split a batch across processes or accumulation steps, fit needs a dict of tensors "
+                        f"[B, ...]; got {type(batch).__name__}")
+    sizes = {key: value.shape[0] for key, value in batch.items() if isinstance(value, torch.Tensor) and value.dim() > 0}
+    if not sizes or len(set(sizes.values())) != 1:
+        raise ValueError(f"batch tensors must share their first (batch) dimension to be split; got {sizes}")
+    rows = next(iter(sizes.values()))
+    if rows % parts:
+        raise ValueError(f"a global batch of {rows} rows cannot be split into {env.world_size} process(es) x "
+                         f"{grad_accum} accumulation step(s): {rows} is not a multiple of {parts}")
+    per = rows // parts
+    first = env.rank * grad_accum
+    return [{key: value[(first + i) * per:(first + i + 1) * per] if key in sizes else value
+             for key, value in batch.items()} for i in range(grad_accum)]
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The sum over processes, on the device the backend reduces on (the tensor itself when alone)."""
+    if env.world_size > 1:
+        tensor = tensor.to(env.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's `obj` on every rank."""
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------ full (unsharded) states
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict on rank 0 (CPU) for a sharded model, or None: the model's own state is full.
+
+    A collective for sharded models: every rank must call it.
+    """
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: nn.Module, state: dict, env: DistEnv) -> None:
+    """Load rank 0's full `state` (other ranks pass {}) into the model, sharding it where the model is."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.world_size > 1))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict | None:
+    """The optimizer state keyed by parameter name (so it loads under any sharding), on rank 0.
+
+    None for an optimizer that has not stepped yet: torch's state-dict helpers would initialise it
+    with a zero-gradient step, and a fresh AdamW must stay fresh. A collective for sharded models.
+    """
+    if not optimizer.state:
+        return None
+    if not is_sharded(model) and not env.is_main:
+        return {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.world_size > 1))

@@ -1,0 +1,360 @@
+"""`fit`: the ready training loop, made of the pieces in kpro.train.
+
+One optimizer step = one item of `batches` (the global batch) -> optional transform by callbacks ->
+split across processes and `grad_accum` micro-batches -> forward/backward (bf16 autocast on GPU) ->
+gradients averaged over the step's loss tokens -> clipping -> optimizer step -> metrics, hooks,
+checkpoint. Everything that decides the next step (weights, optimizer, data position, RNG states,
+callback states) is in the checkpoint, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError
+from . import distributed
+from .callbacks import Callback, callback_states, load_callback_states
+from .checkpointing import STEP_DIR, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .loss import lm_loss, no_loss_tokens_message
+from .optim import Schedule, adamw, remember_peak_lr, set_lr
+from .progress import MetricsLog, ProgressLine
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class Run:
+    """The state of a `fit` call that callbacks see and steer."""
+
+    def __init__(self, model: nn.Module, train_model: nn.Module, make_optimizer: Callable, total_steps: int,
+                 out_dir: Path, env: distributed.DistEnv):
+        self.model = model  # unwrapped (a sharded model is sharded in place)
+        self.train_model = train_model  # what the loss function calls: the DDP wrapper, or the model
+        self.total_steps, self.out_dir, self.env = total_steps, out_dir, env
+        self.step = 0
+        self.metrics: dict = {}
+        self.checkpoint: Path | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._make_optimizer = make_optimizer
+        self._save_requested = self._stop_requested = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    def reset_optimizer(self) -> None:
+        """Replace the optimizer by a fresh one from the factory (moments and step counts start over).
+
+        Takes effect at once; the learning rate still follows the schedule of the global step.
+        """
+        optimizer = self._make_optimizer(self.model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        frozen = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"the optimizer holds {len(frozen)} frozen parameter(s) ({', '.join(frozen[:4])}"
+                             f"{', ...' if len(frozen) > 4 else ''}); give it only parameters with requires_grad")
+        remember_peak_lr(optimizer)
+        self.optimizer = optimizer
+
+    def save_checkpoint(self) -> None:
+        """Save a checkpoint at the end of the current step."""
+        self._save_requested = True
+
+    def stop(self) -> None:
+        """End the run after the current step, with a checkpoint."""
+        self._stop_requested = True
+
+
+def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int | None = None,
+        loss_fn: Callable = lm_loss, optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+        lr: float | None = None, weight_decay: float = 0.0, schedule: str | Schedule = "constant",
+        grad_accum: int = 1, clip_grad_norm: float | None = 1.0, precision: str = "auto",
+        parallel: str = "auto", save_every: int | None = None, keep_last: int = 3, resume: bool | str | Path = True,
+        callbacks: Iterable[Callback] = (), log_every: int | None = None, stream=None) -> Run:
+    """Train `model` for `steps` optimizer steps; returns the `Run` (step, metrics, optimizer, checkpoint).
+
+    batches      iterable of global batches, one per optimizer step (dicts of tensors [B, ...] when they must be
+                 split). `kpro.train.Batches` resumes exactly; any other iterable is fast-forwarded on resume.
+    out_dir      run directory: `metrics.jsonl` (one line per step) and checkpoints `step-XXXXXXXX/`.
+    steps        total optimizer steps of the run (default: len(batches)).
+    loss_fn      loss_fn(model, batch) -> a scalar mean, or a `LossSum(total, count)`, which averages over
+                 every loss token of the step exactly; default: `lm_loss` (causal LM, labels -100 ignored).
+                 Under DDP/FSDP `model` is the wrapped module: call it (its forward), not other methods.
+    optimizer    factory model -> optimizer, called again by `run.reset_optimizer()`; default AdamW
+                 (`kpro.train.adamw`) with `lr` (default 3e-4) and `weight_decay` (not on norms and biases).
+    schedule     "constant", "linear", "cosine" (decaying to 0 at `steps`), or a `Schedule` (warmup, floor).
+    grad_accum   micro-batches per optimizer step on each process.
+    clip_grad_norm  max global gradient norm (None: no clipping; the norm is logged either way).
+    precision    "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" (autocast) or "fp32"; the loss is fp32.
+    parallel     "auto" (DDP when torchrun started several processes), "none", "ddp", "fsdp" (FSDP2, a unit per block).
+    save_every   checkpoint every that many steps; one is also written at the end and on Ctrl-C.
+    keep_last    how many checkpoints to keep.
+    resume       True: continue from the newest checkpoint in out_dir if there is one; a path: from that
+                 checkpoint; False: start afresh (refused if out_dir already holds checkpoints).
+    callbacks    `kpro.train.Callback`s (hooks, batch transforms, optimizer resets, saved state).
+    log_every, stream  the progress line: printed every that many steps when not on a terminal (default:
+                 every 5% of the run), to `stream` (default stdout); rank 0 only.
+    """
+    env = distributed.init_distributed()
+    out_dir = Path(out_dir)
+    steps = _total_steps(steps, batches)
+    _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last)
+    if isinstance(schedule, str):
+        schedule = Schedule(schedule, total_steps=steps if schedule != "constant" else None)
+    callbacks = list(callbacks)
+
+    model.train()
+    train_model, parallel = distributed.prepare(model, parallel, env)
+    make_optimizer = optimizer or (lambda m: adamw(m, 3e-4 if lr is None else lr, weight_decay=weight_decay))
+    run = Run(model, train_model, make_optimizer, steps, out_dir, env)
+    run.reset_optimizer()
+
+    checkpoint = _checkpoint_to_resume(out_dir, resume)
+    if checkpoint is not None:
+        _resume(run, checkpoint, batches, callbacks)
+    data = iter(batches)
+    if checkpoint is not None and not hasattr(batches, "load_state_dict"):
+        for _ in range(run.step):  # a plain iterable: skip what the checkpointed steps consumed
+            next(data)
+
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=run.step) if env.is_main else None
+    progress = ProgressLine(steps, run.step, stream=stream, every=log_every) if env.is_main else None
+    if env.is_main and checkpoint is not None:
+        print(f"resumed from {checkpoint} at step {run.step}/{steps}", file=sys.stdout if stream is None else stream)
+    autocast = _autocast(precision, model)
+    device = next(model.parameters()).device
+
+    def save():
+        def write_extra(directory):
+            for cb in callbacks:
+                cb.on_save(run, directory)
+        state = {"callbacks": callback_states(callbacks), "metrics": run.metrics,
+                 "data": batches.state_dict() if hasattr(batches, "state_dict") else {"steps": run.step}}
+        run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
+                                         summary={"metrics": run.metrics, "total_steps": steps}, write_extra=write_extra)
+        run._save_requested = False
+
+    interrupted = False
+    with _InterruptToStop() as interrupt:
+        try:
+            for cb in callbacks:
+                cb.on_fit_start(run)
+            while run.step < steps:
+                try:
+                    batch = next(data)
+                except StopIteration:
+                    if env.is_main:
+                        print(f"the batches ran out at step {run.step}/{steps}", file=sys.stdout if stream is None else stream)
+                    break
+                for cb in callbacks:
+                    batch = cb.on_batch(run, batch)
+                lr_now = set_lr(run.optimizer, schedule, run.step)
+                start = time.perf_counter()
+                loss, grad_norm, interrupted = _train_step(run, batch, loss_fn, grad_accum, clip_grad_norm, autocast,
+                                                           device, lambda: interrupt.requested)
+                run.step += 1
+                tokens = _count_tokens(batch)
+                step_time = time.perf_counter() - start
+                run.metrics = {"step": run.step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm, "tokens": tokens,
+                               "step_time": round(step_time, 6), "tokens_per_s": round(tokens / step_time, 1)}
+                for cb in callbacks:
+                    cb.on_step_end(run, run.metrics)
+                if env.is_main:
+                    metrics_log.write(run.metrics)
+                    progress.update(run.step, loss, lr_now, tokens)
+                if run._save_requested or (save_every and run.step % save_every == 0):
+                    save()
+                if interrupted or run._stop_requested:
+                    break
+            if run.checkpoint is None or _step_of(run.checkpoint) != run.step:
+                save()  # the end of the run, a stop, or Ctrl-C
+        finally:
+            if progress is not None:
+                progress.close()
+            if metrics_log is not None:
+                metrics_log.close()
+    if interrupted:
+        if env.is_main:
+            print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)
+        raise KeyboardInterrupt
+    for cb in callbacks:
+        cb.on_fit_end(run)
+    return run
+
+
+def _resume(run: Run, checkpoint: Path, batches, callbacks) -> None:
+    """Weights, optimizer, RNG states, step, callback states and data position from a checkpoint."""
+    state = load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
+    run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
+    load_callback_states(callbacks, state["callbacks"])
+    if hasattr(batches, "load_state_dict"):
+        batches.load_state_dict(state["data"])
+
+
+def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, interrupt_requested: Callable[[], bool]):
+    """Forward/backward over this process's micro-batches, then one optimizer step.
+
+    Returns (the step's global loss, the gradient norm before clipping, whether any process was interrupted).
+    """
+    env, train_model, optimizer = run.env, run.train_model, run.optimizer
+    micro_batches = distributed.split_batch(batch, env, grad_accum)
+    totals, counts, summed = [], [], None
+    for i, micro in enumerate(micro_batches):
+        micro = _to_device(micro, device)
+        with distributed.gradient_sync(train_model, i == len(micro_batches) - 1):
+            with autocast():
+                out = loss_fn(train_model, micro)
+            is_sum = isinstance(out, tuple)
+            if summed is not None and is_sum != summed:
+                raise TypeError("loss_fn returned a LossSum for some micro-batches and a scalar for others")
+            summed = is_sum
+            total = out[0] if is_sum else out
+            if total.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar loss (or a LossSum), got shape {tuple(total.shape)}")
+            (total if is_sum else total / grad_accum).backward()
+        totals.append(total.detach().float())
+        counts.append(torch.as_tensor(out[1] if is_sum else 1, device=total.device).float())
+    # One collective per step: loss, loss-token count, and whether any process got Ctrl-C.
+    stats = torch.stack([torch.stack(totals).sum(), torch.stack(counts).sum(),
+                         torch.tensor(float(interrupt_requested()), device=totals[0].device)]).double()
+    stats = distributed.all_reduce_sum(stats, env).cpu()
+    total, count, interrupted = stats.tolist()
+    if summed:
+        if count == 0:
+            raise ValueError(no_loss_tokens_message(f"the batch of step {run.step + 1}"))
+        # Gradients hold sum-of-loss gradients, averaged over processes by DDP/FSDP: make them the mean
+        # over the step's loss tokens, whatever their spread over micro-batches and processes.
+        scale = env.world_size / count
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+    loss = total / count
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the loss is {loss} at step {run.step + 1}; stopping before the optimizer step "
+                                 f"(the last checkpoint is {run.checkpoint})")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, float(norm), interrupted > 0
+
+
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def _count_tokens(batch) -> int:
+    """Real (non-padding) tokens in a global batch, for tokens/s."""
+    if isinstance(batch, dict):
+        if isinstance(batch.get("attention_mask"), torch.Tensor):
+            return int(batch["attention_mask"].sum())
+        if isinstance(batch.get("input_ids"), torch.Tensor):
+            return batch["input_ids"].numel()
+    return 0
+
+
+def _total_steps(steps, batches) -> int:
+    if steps is None:
+        if not hasattr(batches, "__len__"):
+            raise ValueError("pass steps=: the batches have no length to take it from")
+        steps = len(batches)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps
+
+
+def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_every, keep_last) -> None:
+    if optimizer is not None and (lr is not None or weight_decay):
+        raise ValueError("lr and weight_decay configure the default AdamW; with an optimizer factory, set them there")
+    if optimizer is not None and not callable(optimizer):
+        raise TypeError("optimizer must be a function model -> torch.optim.Optimizer (fit calls it again to reset it)")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip_grad_norm must be positive or None, got {clip!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
+        raise ValueError(f"save_every must be a positive integer or None, got {save_every!r}")
+    if not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
+
+
+def _autocast(precision: str, model: nn.Module):
+    device_type = next(model.parameters()).device.type
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _checkpoint_to_resume(out_dir: Path, resume) -> Path | None:
+    if resume is True:
+        return latest_checkpoint(out_dir)
+    if resume is False or resume is None:
+        if list_checkpoints(out_dir):
+            raise CheckpointError(f"{out_dir} already holds checkpoints ({latest_checkpoint(out_dir).name} is the newest); "
+                                  "pass resume=True to continue that run, or choose another directory")
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint to resume from does not exist: {path}")
+    newer = [p.name for p in list_checkpoints(out_dir) if _step_of(p) > _step_of(path)]
+    if newer:  # they belong to the run being rewound: a later resume=True would pick them up
+        raise CheckpointError(f"{out_dir} holds checkpoints newer than {path.name} ({', '.join(newer)}); to rewind "
+                              "to it, move those away first, or resume into another directory")
+    return path
+
+
+def _step_of(checkpoint: Path) -> int:
+    match = STEP_DIR.fullmatch(checkpoint.name)
+    if match is None:
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint directory (named step-XXXXXXXX)")
+    return int(match.group(1))
+
+
+class _InterruptToStop:
+    """Ctrl-C during fit asks for a stop at the end of the current step, with a checkpoint.
+
+    A second Ctrl-C, more than a second after the first, quits at once without saving. (torchrun
+    forwards the terminal's SIGINT to its workers, which get the terminal's own as well: the
+    duplicate, milliseconds apart, must not abort the save.) Only the main thread can take signals;
+    elsewhere Ctrl-C behaves as usual.
+    """
+
+    def __enter__(self):
+        self.requested, self.first, self.installed = False, 0.0, False
+        # Not where Ctrl-C is ignored on purpose (a background job, nohup): leave that as it is.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+        return self
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.requested and now - self.first > 1.0:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested, self.first = True, now
+            print("\nCtrl-C: stopping after this step with a checkpoint (press again to quit without saving)",
+                  file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.installed:  # None: a handler set outside Python; Python's own is the best stand-in
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)

@@ -1,0 +1,104 @@
+"""AdamW over parameter groups, and learning-rate schedules as plain functions of the step.
+
+A schedule holds no state: the learning rate of step s is `peak · schedule(s)`, so resuming, or
+re-creating the optimizer mid-run, can never put it out of step. `peak` is each param group's
+`peak_lr` (set from its `lr` when the optimizer is made), so groups may have different peaks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def check_lr(lr, what: str = "learning rate") -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr):
+        raise ValueError(f"{what} must be a positive finite number, got {lr!r}")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: matrices (decayed) and vectors — norms, biases, any 1-D
+    parameter — which weight decay would only pull towards zero for no benefit. Frozen ones are left out."""
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():  # parameters() yields a tied weight once
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def adamw(model: nn.Module, lr: float = 3e-4, *, weight_decay: float = 0.0, betas=(0.9, 0.999),
+          eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters, without weight decay on norms and biases.
+
+    `fused=None` uses the fused CUDA implementation for parameters on a GPU, the default one elsewhere.
+    """
+    check_lr(lr)
+    groups = param_groups(model, weight_decay)
+    if fused is None:
+        fused = all(p.device.type == "cuda" for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The fraction of the peak learning rate at each optimizer step s (0-based).
+
+    Warmup: (s + 1) / warmup_steps for s < warmup_steps, so the first step already learns.
+    Then `constant` stays at 1; `linear` and `cosine` decay from 1 at s = warmup_steps to `min_ratio`
+    at s = total_steps and stay there.
+    """
+
+    kind: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    min_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.kind!r}; choose from {', '.join(SCHEDULES)}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
+        if self.kind != "constant":
+            if not isinstance(self.total_steps, int) or self.total_steps <= self.warmup_steps:
+                raise ValueError(f"a {self.kind} schedule needs total_steps > warmup_steps "
+                                 f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps})")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        if self.kind == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_ratio + (1.0 - self.min_ratio) * decay
+
+
+def remember_peak_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Record each group's `lr` as its `peak_lr` (once), checking that it is positive."""
+    for i, group in enumerate(optimizer.param_groups):
+        peak = group.setdefault("peak_lr", group["lr"])
+        check_lr(float(peak), f"learning rate of param group {i}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, schedule, step: int) -> float:
+    """Set every group's lr to peak_lr · schedule(step) (peak_lr: the group's lr at the first call);
+    returns the first group's lr."""
+    factor = schedule(step)
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("peak_lr", group["lr"]) * factor
+    return optimizer.param_groups[0]["lr"]

@@ -1,0 +1,93 @@
+"""Observability: a progress line for people and a JSONL metrics file for programs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ProgressLine:
+    """`step 120/600  loss 1.2345  lr 3.00e-04  51,234 tok/s  eta 1:02`.
+
+    On a terminal the line is redrawn in place (at most ~10 times a second); elsewhere (a log file, a
+    pipe) a full line is printed every `every` steps and at the last step. Speed and ETA count this
+    session's steps only, so a resumed run is not credited with time it did not spend.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0, *, stream=None, every: int | None = None):
+        self.total, self.start_step = total_steps, start_step
+        self.stream = sys.stdout if stream is None else stream
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every = every or max(1, (total_steps - start_step) // 20)
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.last_draw = 0.0
+        self.line_open = False  # a terminal line drawn without its newline yet
+
+    def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
+        self.tokens += tokens
+        now = time.perf_counter()
+        elapsed = now - self.start
+        done = step - self.start_step
+        eta = elapsed / done * (self.total - step) if done else math.inf
+        line = (f"step {step:5d}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s  eta {format_duration(eta)}")
+        last = step == self.total
+        if self.tty:
+            if last or now - self.last_draw > 0.1:
+                self.stream.write("\r\033[K" + line + ("\n" if last else ""))
+                self.last_draw, self.line_open = now, not last
+        elif last or done % self.every == 0:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End an in-place line that stopped before the last step (an interrupted run)."""
+        if self.line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.line_open = False
+
+
+class MetricsLog:
+    """One JSON object per step in `path`, appended and flushed as the run goes.
+
+    Resuming from step s first drops the lines of steps after s (steps the interrupted run did but no
+    checkpoint kept), so the file tells the history of the weights being trained, each step once.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume_step: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step == 0:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, sort_keys=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,44 @@
+"""Worker for tests/test_train_distributed.py, run under torchrun with 2 gloo processes:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_fit.py OUT SINGLE_RUN
+
+For DDP and then FSDP2: a run of 4 steps from scratch (checkpoints at 2 and 4), and a run resumed from
+step 2 of the single-process run in SINGLE_RUN. The test compares both with the single-process run.
+"""
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+import kpro.train as kt
+from test_train_fit import batches, make_model
+
+
+def sgd(model):  # momentum: an optimizer state to shard and cross-load; linear in the gradient, so
+    return torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)  # rounding is not amplified like Adam's
+
+
+FIT = dict(steps=4, optimizer=sgd, save_every=2, clip_grad_norm=1.0)
+
+
+def main(out: Path, single: Path) -> None:
+    torch.set_num_threads(1)
+    env = kt.init_distributed()
+    assert env.world_size == 2, env
+    for mode in ("ddp", "fsdp"):
+        model = make_model()
+        run = kt.fit(model, batches(), out / mode / "run", parallel=mode, **FIT)
+        if mode == "ddp":
+            assert isinstance(run.train_model, DistributedDataParallel)
+        else:  # sharded in place, one unit per block plus the root
+            assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.layers)
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+        kt.fit(make_model(seed=7), batches(), out / mode / "resumed", parallel=mode,
+               resume=single / "step-00000002", **FIT)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

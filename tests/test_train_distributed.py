@@ -1,0 +1,68 @@
+"""fit under torchrun with 2 gloo processes on the CPU, DDP and FSDP2, against one process: the same global
+batches give the same losses and weights (within fp32 rounding), and checkpoints cross-load both ways."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kpro
+from kpro import train as kt
+
+from _dist_fit import FIT
+from test_train_fit import batches, losses, make_model, one_thread  # noqa: F401 (one_thread: autouse fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    single = tmp_path_factory.mktemp("single")
+    model = make_model()
+    kt.fit(model, batches(), single, **FIT)
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "_dist_fit.py"), str(out), str(single)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return single, model, out, done.stdout
+
+
+def assert_close_losses(got, want):
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def assert_close_models(a: torch.nn.Module, b: torch.nn.Module):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(runs, mode):
+    single, model, out, stdout = runs
+    assert_close_losses(losses(out / mode / "run"), losses(single))
+    grad_norms = [r["grad_norm"] for r in kt.read_metrics(out / mode / "run" / "metrics.jsonl")]
+    assert grad_norms == pytest.approx([r["grad_norm"] for r in kt.read_metrics(single / "metrics.jsonl")], rel=1e-5)
+    # The sharded run's checkpoint is an ordinary full HF-layout model.
+    assert_close_models(kpro.load_pretrained(out / mode / "run" / "step-00000004"), model)
+    assert stdout.count("step     4/4") == 4  # rank 0 alone prints: 2 modes x 2 runs
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_checkpoints_cross_load(runs, mode, tmp_path):
+    single, model, out, _ = runs
+    # one process -> two: resumed from the single-process checkpoint at step 2
+    assert_close_losses(losses(out / mode / "resumed"), losses(single)[2:])
+    assert_close_models(kpro.load_pretrained(out / mode / "resumed" / "step-00000004"), model)
+    # two processes -> one: resume the 2-process checkpoint of step 2 here, optimizer state included
+    resumed = make_model(seed=3)
+    kt.fit(resumed, batches(), tmp_path, resume=out / mode / "run" / "step-00000002", **FIT)
+    assert_close_losses(losses(tmp_path), losses(single)[2:])
+    assert_close_models(resumed, model)

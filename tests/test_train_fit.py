@@ -1,0 +1,486 @@
+"""kpro.train.fit on the CPU: exact resume (with optimizer resets, callback state, RNG-driven batch transforms),
+Ctrl-C, atomic checkpoints, token-weighted accumulation, frozen parameters, metrics, and bad input."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import kpro
+from kpro import train as kt
+from kpro.train import checkpointing
+
+from conftest import randomize_norms, tiny_config
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = kpro.Llama(tiny_config(**overrides))
+    randomize_norms(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def examples(n=48, seed=0):
+    """(prompt, answer) pairs of varied lengths, so batches hold different numbers of loss tokens."""
+    rng = random.Random(seed)
+    return [([1] + [rng.randrange(3, 67) for _ in range(rng.randint(1, 6))],
+             [rng.randrange(3, 67) for _ in range(rng.randint(1, 5))] + [2]) for _ in range(n)]
+
+
+def batches(seed=3, batch_size=8):
+    return kt.Batches(examples(), batch_size, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=seed)
+
+
+class Internalize(kt.Callback):
+    """Like ICoT: every 3 steps one more unit is 'removed' and the optimizer is re-created; each step a
+    random share of the labels is masked with the global torch RNG (so restoring the RNG matters)."""
+
+    def __init__(self):
+        self.removed, self.resets = 0, []
+
+    def on_batch(self, run, batch):
+        if run.step // 3 > self.removed:
+            self.removed = run.step // 3
+            self.resets.append(run.step)
+            run.reset_optimizer()
+        labels = batch["labels"].clone()
+        drop = torch.rand(labels.shape) < 0.1 * self.removed
+        labels[drop & (labels != 2)] = -100  # every answer keeps its eos: no row loses all its loss tokens
+        return {**batch, "labels": labels}
+
+    def on_step_end(self, run, metrics):
+        metrics["removed"] = self.removed
+
+    def state_dict(self):
+        return {"removed": self.removed}
+
+    def load_state_dict(self, state):
+        self.removed = state["removed"]
+
+
+class StopAt(kt.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, run, metrics):
+        if run.step == self.step:
+            run.stop()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine OpenMP barriers cost ~10 ms each.
+    (Module-wide: the thread count changes float reduction orders, and runs compared bit for bit must agree.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FIT = dict(steps=8, grad_accum=2, weight_decay=0.1, lr=3e-3, schedule=kt.Schedule("cosine", warmup_steps=2, total_steps=8))
+
+
+def state_of(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in kt.read_metrics(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """8 steps in one go: the reference the interrupted runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("straight")
+    model, cb = make_model(), Internalize()
+    run = kt.fit(model, batches(), out, callbacks=[cb], **FIT)
+    return out, state_of(model), run.optimizer.state_dict(), cb.resets
+
+
+def assert_same_run(reference, out, model, optimizer):
+    ref_dir, ref_weights, ref_optimizer, _ = reference
+    assert losses(out) == losses(ref_dir)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ref_weights[name]), name
+    mine = optimizer.state_dict()
+    assert mine["param_groups"] == ref_optimizer["param_groups"]
+    for key, state in ref_optimizer["state"].items():
+        for name, value in state.items():
+            assert torch.equal(mine["state"][key][name], value), (key, name)
+
+
+def test_resume_is_exact(straight_run, tmp_path):
+    assert straight_run[3] == [3, 6]  # the optimizer was re-created twice
+    first = kt.fit(make_model(), batches(), tmp_path, callbacks=[Internalize(), StopAt(4)], **FIT)
+    assert first.step == 4 and first.checkpoint.name == "step-00000004"
+    torch.manual_seed(1234)  # the resumed run must not depend on the RNG it starts with
+    model, cb = make_model(seed=5), Internalize()  # other initial weights: the checkpoint must replace them
+    run = kt.fit(model, batches(), tmp_path, callbacks=[cb], **FIT)
+    assert run.step == 8 and cb.resets == [6]
+    assert_same_run(straight_run, tmp_path, model, run.optimizer)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(straight_run, tmp_path):
+    class CtrlC(kt.Callback):
+        def on_batch(self, run, batch):
+            if run.step == 4:  # the signal arrives in the middle of step 5
+                os.kill(os.getpid(), signal.SIGINT)
+            return batch
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        kt.fit(make_model(), batches(), tmp_path, callbacks=[Internalize(), CtrlC()], **FIT)
+    assert kt.latest_checkpoint(tmp_path).name == "step-00000005"  # step 5 finished, then the save
+    assert signal.getsignal(signal.SIGINT) is handler
+    model = make_model(seed=9)
+    run = kt.fit(model, batches(), tmp_path, callbacks=[Internalize()], **FIT)
+    assert_same_run(straight_run, tmp_path, model, run.optimizer)
+
+
+def test_resume_with_a_plain_iterable_fast_forwards(tmp_path):
+    data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(6)]
+    kt.fit(make_model(), data, tmp_path / "a", lr=1e-2)
+    kt.fit(make_model(), data, tmp_path / "b", lr=1e-2, callbacks=[StopAt(3)])
+    kt.fit(make_model(), data, tmp_path / "b", lr=1e-2)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
+
+
+def test_metrics_file_drops_steps_no_checkpoint_kept(tmp_path):
+    kt.fit(make_model(), batches(), tmp_path, steps=6, save_every=2, callbacks=[StopAt(5)])
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
+    # Simulate a crash after step 5 with only the step-4 checkpoint kept: resuming re-does step 5 once.
+    os.rename(tmp_path / "step-00000005", tmp_path / "gone")
+    run = kt.fit(make_model(), batches(), tmp_path, steps=6, save_every=2)
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5, 6] and run.step == 6
+    record = kt.read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time"}
+    sixth = [b for _, b in zip(range(6), batches())][-1]
+    assert record["tokens"] == sixth["attention_mask"].sum().item()  # real tokens of the global batch
+
+
+def test_keep_last_and_summary(tmp_path):
+    kt.fit(make_model(), batches(), tmp_path, steps=8, save_every=2, keep_last=2)
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000006", "step-00000008"]
+    summary = json.loads((tmp_path / "step-00000008" / "trainer_state.json").read_text())
+    assert summary["step"] == 8 and summary["metrics"]["step"] == 8
+    loaded = kpro.load_pretrained(tmp_path / "step-00000008")  # an ordinary HF-layout model directory
+    assert loaded.config == make_model().config
+
+
+def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
+    class FailingSave(kt.Callback):
+        def on_save(self, run, directory):
+            if run.step == 6:
+                assert any(directory.iterdir())  # the checkpoint was being written...
+                raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="disk full"):
+        kt.fit(make_model(), batches(), tmp_path, steps=8, save_every=3, callbacks=[FailingSave()])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "step-00000003"]  # no temp dir left
+
+    # Re-saving an existing step and failing leaves the old one as it was.
+    model = make_model(seed=3)
+    good = state_of(kpro.load_pretrained(tmp_path / "step-00000003"))
+    optimizer = kt.adamw(model)
+    with pytest.raises(RuntimeError, match="killed"):
+        checkpointing.save_checkpoint(tmp_path, 3, model, optimizer, {}, kt.DistEnv(),
+                                      write_extra=lambda d: (_ for _ in ()).throw(RuntimeError("killed")))
+    again = kpro.load_pretrained(tmp_path / "step-00000003")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in good.items())
+
+    # What a killed process left (a temp dir with its pid) is ignored, then removed by the next save.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    junk = tmp_path / f".step-00000009.tmp-{dead.pid}-abcd1234"
+    junk.mkdir()
+    (junk / "trainer_state.pt").write_bytes(b"partial")
+    assert kt.latest_checkpoint(tmp_path).name == "step-00000003"
+    kt.fit(make_model(), batches(), tmp_path, steps=4)
+    assert not junk.exists() and kt.latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_accumulation_weights_every_loss_token_equally(tmp_path):
+    """Batches hold different numbers of loss tokens: accumulating micro-batches must give the gradient of
+    the whole batch (a token-weighted mean), not a mean of micro-batch means."""
+    results = {}
+    for accum in (1, 2, 4):  # SGD: Adam's g/sqrt(v) would blow rounding noise of near-zero gradients up
+        model = make_model()
+        kt.fit(model, batches(), tmp_path / str(accum), steps=3, grad_accum=accum, clip_grad_norm=None,
+               optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+        results[accum] = (losses(tmp_path / str(accum)), state_of(model))
+    for accum in (2, 4):
+        for (_, a), (_, b) in zip(results[1][0], results[accum][0]):
+            assert a == pytest.approx(b, rel=1e-6)
+        for name, tensor in results[1][1].items():
+            torch.testing.assert_close(results[accum][1][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_equals_a_hand_written_loop(tmp_path):
+    """Decay groups, clipping, the token-mean loss: fit is this plain loop, bit for bit."""
+    model, reference = make_model(), make_model()
+    kt.fit(model, batches(), tmp_path, steps=3, lr=1e-2, weight_decay=0.1, clip_grad_norm=0.5)
+    optimizer = torch.optim.AdamW([{"params": [p for p in reference.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in reference.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-2)
+    expected = []
+    for _, batch in zip(range(3), batches()):
+        logits = reference(batch["input_ids"], batch["attention_mask"])
+        targets = batch["labels"][:, 1:]
+        count = int((targets != -100).sum())
+        loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum")
+        loss_sum.backward()
+        for p in reference.parameters():
+            p.grad.mul_(1 / count)
+        # (the norm summed in the optimizer's parameter order, as fit does: another order rounds differently)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append(loss_sum.item() / count)
+    assert [loss for _, loss in losses(tmp_path)] == expected
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_only_trainable_parameters_reach_the_optimizer(tmp_path):
+    model = make_model()
+    model.requires_grad_(False)
+    model.layers[1].requires_grad_(True)  # like block expansion: one block trains
+    before = state_of(model)
+    run = kt.fit(model, batches(), tmp_path, steps=2, lr=1e-2)
+    trainable = {id(p) for p in model.layers[1].parameters()}
+    assert {id(p) for g in run.optimizer.param_groups for p in g["params"]} == trainable
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]) != name.startswith("layers.1."), name
+    model = make_model()
+    model.norm.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"optimizer holds 1 frozen parameter\(s\) \(norm.weight\)"):
+        kt.fit(model, batches(), tmp_path / "x", steps=1, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+
+
+class Wrapper(torch.nn.Module):
+    """Not a kpro.Llama (like a Bitune wrapper): saved as module.safetensors, tied weights included."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.base = make_model(seed, tie_word_embeddings=True)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.base(input_ids, attention_mask) * self.scale
+
+
+def mean_loss(model, batch):
+    return kt.causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+
+def test_any_module_with_a_scalar_loss_resumes_exactly(tmp_path):
+    straight = Wrapper()
+    kt.fit(straight, batches(), tmp_path / "a", steps=4, loss_fn=mean_loss, lr=1e-2)
+    kt.fit(Wrapper(), batches(), tmp_path / "b", steps=4, loss_fn=mean_loss, lr=1e-2, callbacks=[StopAt(2)])
+    assert (tmp_path / "b" / "step-00000002" / "module.safetensors").is_file()
+    resumed = Wrapper(seed=4)
+    kt.fit(resumed, batches(), tmp_path / "b", steps=4, loss_fn=mean_loss, lr=1e-2)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert resumed.base.lm_head.weight is resumed.base.embed_tokens.weight
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_learning_rates_are_refused(tmp_path):
+    for lr in (0, -1e-3):
+        with pytest.raises(ValueError, match="lr must be a positive"):
+            kt.fit(make_model(), batches(), tmp_path, steps=1, lr=lr)
+    with pytest.raises(ValueError, match="learning rate of param group 0 must be a positive"):
+        kt.fit(make_model(), batches(), tmp_path, steps=1, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
+    with pytest.raises(ValueError, match="with an optimizer factory"):
+        kt.fit(make_model(), batches(), tmp_path, steps=1, lr=1e-3, optimizer=kt.adamw)
+
+
+def test_a_batch_without_loss_tokens_is_an_error(tmp_path):
+    good = kt.collate_prompt_answer([([1, 4, 5, 6], [7, 2])] * 4, pad_id=0)
+    prompts_only = {**good, "labels": torch.full_like(good["labels"], -100)}
+    half = {**good, "labels": torch.cat([good["labels"][:2], prompts_only["labels"][2:]])}
+    with pytest.raises(ValueError, match="the batch of step 2 has no loss tokens"):
+        kt.fit(make_model(), [good, prompts_only], tmp_path / "a", steps=2, grad_accum=2)
+    run = kt.fit(make_model(), [half], tmp_path / "b", steps=1, grad_accum=2)  # one micro-batch with none: fine
+    assert math.isfinite(run.metrics["loss"])
+    with pytest.raises(ValueError, match="no loss tokens"):
+        kt.fit(make_model(), [prompts_only], tmp_path / "c", steps=1, loss_fn=mean_loss)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    kt.fit(make_model(), batches(), tmp_path, steps=1)
+    with pytest.raises(kpro.CheckpointError, match=r"different model:(.|\n)*intermediate_size=88 there, 96 here"
+                                                    r"(.|\n)*layers.0.mlp.up_proj.weight is \[88, 48\] there, \[96, 48\] here"):
+        kt.fit(make_model(intermediate_size=96), batches(), tmp_path, steps=2)
+    with pytest.raises(kpro.CheckpointError, match="this model lacks: layers.1.input_layernorm.weight"):
+        kt.fit(make_model(num_hidden_layers=1), batches(), tmp_path, steps=2)
+    with pytest.raises(kpro.CheckpointError, match="already holds checkpoints"):
+        kt.fit(make_model(), batches(), tmp_path, steps=2, resume=False)
+
+
+def test_other_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="cannot be split into 1 process.*3 accumulation"):
+        kt.fit(make_model(), batches(), tmp_path, steps=1, grad_accum=3)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        kt.fit(make_model(), batches(), tmp_path, steps=0)
+    with pytest.raises(ValueError, match="precision"):
+        kt.fit(make_model(), batches(), tmp_path, steps=1, precision="fp8")
+    kt.fit(make_model(), batches(), tmp_path / "c", steps=2, callbacks=[Internalize(), StopAt(1)])
+    with pytest.raises(ValueError, match="state for callback.*Internalize"):
+        kt.fit(make_model(), batches(), tmp_path / "c", steps=2)  # Internalize's saved state has no taker
+
+
+def test_progress_line_on_a_terminal_and_in_a_log():
+    class Tty(list):
+        def write(self, s):
+            self.append(s)
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    line = kt.ProgressLine(3, stream=tty)
+    for step in (1, 2, 3):
+        line.update(step, loss=1.0, lr=1e-3, tokens=100)
+    assert tty[0].startswith("\r\033[K") and tty[-1].startswith("\r\033[Kstep     3/3  loss 1.0000  lr 1.00e-03")
+    assert tty[-1].endswith("\n")
+    line.close()
+    assert tty[-1].endswith("\n") and not tty[-1] == "\n"  # a finished line gets no extra newline
+    interrupted = kt.ProgressLine(3, stream=tty)
+    interrupted.update(1, loss=1.0, lr=1e-3, tokens=100)
+    interrupted.close()
+    assert tty[-1] == "\n"  # a line left open by a stopped run is ended
+    log = Tty()
+    log.isatty = lambda: False
+    line = kt.ProgressLine(100, 40, stream=log)  # a resumed run: 60 steps to go, a line every 3
+    for step in range(41, 101):
+        line.update(step, loss=2.0, lr=1e-3, tokens=10)
+    assert len(log) == 20 and log[-1].startswith("step   100/100  loss 2.0000") and "eta 0:00" in log[-1]
+
+
+def test_ctrl_c_twice_quits_without_saving_and_respects_an_ignored_sigint(tmp_path):
+    class CtrlC(kt.Callback):
+        def __init__(self, pause):
+            self.pause = pause
+
+        def on_batch(self, run, batch):
+            if run.step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(self.pause)
+                os.kill(os.getpid(), signal.SIGINT)
+            return batch
+
+    with pytest.raises(KeyboardInterrupt):  # torchrun's duplicate, milliseconds apart: still one clean stop
+        kt.fit(make_model(), batches(), tmp_path / "a", steps=4, callbacks=[CtrlC(0.0)])
+    assert [p.name for p in kt.list_checkpoints(tmp_path / "a")] == ["step-00000002"]
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C a while later: out at once, nothing saved
+        kt.fit(make_model(), batches(), tmp_path / "b", steps=4, callbacks=[CtrlC(1.05)])
+    assert kt.list_checkpoints(tmp_path / "b") == []
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: Ctrl-C is not for it
+    try:
+        run = kt.fit(make_model(), batches(), tmp_path / "c", steps=4, callbacks=[CtrlC(0.0)])
+        assert run.step == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_rewinding_into_a_run_with_newer_checkpoints_is_refused(tmp_path):
+    kt.fit(make_model(), batches(), tmp_path, steps=4, save_every=2)
+    with pytest.raises(kpro.CheckpointError, match="newer than step-00000002 \\(step-00000004\\)"):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, resume=tmp_path / "step-00000002")
+    run = kt.fit(make_model(), batches(), tmp_path / "rewound", steps=4, resume=tmp_path / "step-00000002")
+    assert run.step == 4 and losses(tmp_path / "rewound") == losses(tmp_path)[2:]
+    with pytest.raises(kpro.CheckpointError, match="not a training checkpoint"):
+        kt.fit(make_model(), batches(), tmp_path / "x", steps=4, resume=tmp_path)
+
+
+def test_one_model_per_process_is_refused():
+    with pytest.raises(ValueError, match="would train 2 different models"):
+        kt.distributed.prepare(make_model(), "none", kt.DistEnv(rank=0, world_size=2))
+
+
+def test_the_pieces_make_a_resumable_loop_of_your_own(tmp_path):
+    """The README's own-loop example: save, load and continue gives the straight run's weights exactly."""
+
+    def train(run_dir, stop_at):
+        model = make_model()
+        optimizer = kt.adamw(model, 1e-2, weight_decay=0.1)
+        schedule, data, start = kt.Schedule("linear", warmup_steps=1, total_steps=6), batches(), 0
+        if (last := kt.latest_checkpoint(run_dir)) is not None:
+            state = kt.load_checkpoint(last, model, optimizer)
+            start = state["step"]
+            data.load_state_dict(state["data"])
+        for step, batch in zip(range(start, stop_at), data):
+            kt.set_lr(optimizer, schedule, step)
+            loss = kt.causal_lm_loss(model(batch["input_ids"], batch.get("attention_mask")), batch["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if (step + 1) % 3 == 0:
+                kt.save_checkpoint(run_dir, step + 1, model, optimizer, {"data": data.state_dict()}, keep_last=1)
+        return model
+
+    straight = train(tmp_path / "a", 6)
+    train(tmp_path / "b", 3)
+    resumed = train(tmp_path / "b", 6)
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert [p.name for p in kt.list_checkpoints(tmp_path / "b")] == ["step-00000006"]
+
+
+def test_bf16_autocast_computes_the_loss_in_fp32(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        loss = kt.causal_lm_loss(logits, batch["labels"])
+        seen.append((logits.dtype, loss.dtype))
+        return loss
+
+    model = make_model()
+    run = kt.fit(model, batches(), tmp_path, steps=2, precision="bf16", loss_fn=loss_fn)
+    assert seen == [(torch.bfloat16, torch.float32)] * 2
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and math.isfinite(run.metrics["loss"])
+    kt.fit(make_model(), batches(), tmp_path / "fp32", steps=1, loss_fn=loss_fn)  # "auto" on the CPU: fp32
+    assert seen[-1] == (torch.float32, torch.float32)
+    assert losses(tmp_path)[0][1] == pytest.approx(losses(tmp_path / "fp32")[0][1], rel=1e-2)  # bf16 rounding only
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import kpro.train as kt
+from test_train_fit import batches, make_model
+
+class Kill(kt.Callback):
+    def on_save(self, run, directory):
+        if run.step == 4:  # model and optimizer files are written, the checkpoint not yet in place
+            os.kill(os.getpid(), signal.SIGKILL)
+
+kt.fit(make_model(), batches(), {out!r}, steps=6, save_every=2, callbacks=[Kill()])
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_last_good_checkpoint(tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE.format(tests=tests, out=str(tmp_path))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".step-00000004.tmp-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "optimizer.pt").is_file()  # a half-made checkpoint...
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]  # ...that nothing mistakes for one
+    run = kt.fit(make_model(), batches(), tmp_path, steps=6, save_every=2)
+    assert run.step == 6 and not leftovers[0].exists()
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,219 @@
+"""kpro.train pieces on hand-written examples: packing, the prompt/answer collator, the resumable sampler,
+the fp32 masked loss, parameter groups and learning-rate schedules."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kpro
+from kpro import train as kt
+
+# ------------------------------------------------------------------------------------------- packing
+
+
+def test_pack_documents_by_hand():
+    rows = kt.pack_documents([[5, 6, 7], [8, 9]], seq_len=4, eos_id=2)
+    assert rows.tolist() == [[5, 6, 7, 2], [2, 8, 9, 2]]  # stream 5 6 7 2 8 9 2; rows overlap by one
+    rows = kt.pack_documents([[5, 6, 7], [8, 9]], seq_len=4, eos_id=2, bos_id=1)
+    assert rows.tolist() == [[1, 5, 6, 7], [7, 2, 1, 8]]  # stream 1 5 6 7 2 1 8 9 2: the tail 9 2 is dropped
+
+
+def test_packing_predicts_every_token_once():
+    docs = [list(range(10, 10 + n)) for n in (1, 7, 3, 12, 5)]
+    stream = [t for doc in docs for t in doc + [2]]
+    rows = kt.pack_documents(docs, seq_len=6, eos_id=2)
+    batch = kt.collate_packed(list(rows))
+    targets = [t for row in batch["labels"].tolist() for t in row[1:]]  # what the shifted loss predicts
+    assert targets == stream[1:1 + len(targets)]
+    assert len(stream) - 1 - len(targets) < 6 - 1  # less than one row of the tail is left out
+    assert (batch["input_ids"] != 0).all()  # no padding anywhere
+
+
+def test_packing_errors():
+    with pytest.raises(ValueError, match="seq_len"):
+        kt.pack_documents([[1, 2]], seq_len=1, eos_id=2)
+    with pytest.raises(ValueError, match="fewer than one row"):
+        kt.pack_documents([[1, 2]], seq_len=8, eos_id=2)
+
+
+# ------------------------------------------------------------------------------------------ collator
+
+
+def test_collate_prompt_answer_by_hand():
+    batch = kt.collate_prompt_answer([([1, 5, 6], [7, 8]), ([1, 9], [4])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 9, 4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 7, 8], [-100, -100, 4, -100, -100]]
+    assert batch["prompt_lens"].tolist() == [3, 2]
+    assert kt.count_loss_tokens(batch["labels"]).item() == 3
+
+
+def test_collate_prompt_answer_errors():
+    with pytest.raises(ValueError, match="example 1 has an empty answer"):
+        kt.collate_prompt_answer([([1], [2]), ([1, 3], [])], pad_id=0)
+    with pytest.raises(ValueError, match="example 0 has an empty prompt"):
+        kt.collate_prompt_answer([([], [2])], pad_id=0)
+    with pytest.raises(ValueError, match="no examples"):
+        kt.collate_prompt_answer([], pad_id=0)
+
+
+# ------------------------------------------------------------------------------------------- sampler
+
+
+def _ids(batch):
+    return batch["input_ids"][:, 0].tolist()
+
+
+def test_batches_cover_each_epoch_and_reshuffle():
+    rows = torch.arange(12)[:, None].repeat(1, 3)
+    batches = kt.Batches(rows, 4, seed=7)
+    it = iter(batches)
+    epochs = [[i for _ in range(3) for i in _ids(next(it))] for _ in range(3)]
+    assert all(sorted(e) == list(range(12)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    again = iter(kt.Batches(rows, 4, seed=7))
+    assert [i for _ in range(3) for i in _ids(next(again))] == epochs[0]  # the order is a function of the seed
+    other = iter(kt.Batches(rows, 4, seed=8))
+    assert [i for _ in range(3) for i in _ids(next(other))] != epochs[0]
+    assert len(kt.Batches(rows, 5)) == 2 and len(kt.Batches(rows, 5, drop_last=False)) == 3
+
+
+def test_batches_resume_where_they_stopped():
+    rows = torch.arange(10)[:, None].repeat(1, 2)
+    reference = iter(kt.Batches(rows, 3, seed=1))
+    expected = [_ids(next(reference)) for _ in range(8)]  # crosses two epoch boundaries (3 batches per epoch)
+    first = kt.Batches(rows, 3, seed=1)
+    it = iter(first)
+    seen = [_ids(next(it)) for _ in range(4)]
+    state = first.state_dict()
+    second = kt.Batches(rows, 3, seed=1)
+    second.load_state_dict(state)
+    it = iter(second)
+    assert seen + [_ids(next(it)) for _ in range(4)] == expected
+    with pytest.raises(ValueError, match="seed=1.*seed=2"):
+        kt.Batches(rows, 3, seed=2).load_state_dict(state)
+
+
+def test_batches_errors():
+    with pytest.raises(ValueError, match="batch_size"):
+        kt.Batches(torch.zeros(4, 2), 0)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        kt.Batches(torch.zeros(4, 2), 5)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def test_causal_lm_loss_by_hand():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 3, 4, 10], [-100, 7, -100, -100, -100]])
+    terms = [-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]]
+             for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
+    assert len(terms) == 4
+    total = kt.causal_lm_loss(logits, labels, reduction="sum")
+    torch.testing.assert_close(total, sum(terms).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(kt.causal_lm_loss(logits, labels), sum(terms).float() / 4, rtol=1e-6, atol=0)
+
+
+def test_causal_lm_loss_is_fp32_for_bf16_logits():
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 9, 50) * 4).bfloat16()
+    labels = torch.randint(0, 50, (3, 9))
+    loss = kt.causal_lm_loss(logits, labels)
+    assert loss.dtype == torch.float32
+    expected = F.cross_entropy(logits[:, :-1].double().flatten(0, 1), labels[:, 1:].flatten())
+    assert abs(loss.item() - expected.item()) < 1e-5  # bf16 cross-entropy would be off by ~1e-2
+
+
+def test_batch_without_loss_tokens_is_an_error():
+    labels = torch.tensor([[5, -100, -100], [-100, -100, -100]])  # position 0 is never a target
+    with pytest.raises(ValueError, match="batch of 2 row.s. has no loss tokens"):
+        kt.causal_lm_loss(torch.randn(2, 3, 8), labels)
+    # A sum over none is 0 (with a gradient): a micro-batch may have none if the rest of its step has some.
+    logits = torch.randn(2, 3, 8, requires_grad=True)
+    total = kt.causal_lm_loss(logits, labels, reduction="sum")
+    total.backward()
+    assert total.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_lm_loss_returns_sum_and_count(make_model):
+    model = make_model(dtype=torch.float32)
+    batch = kt.collate_prompt_answer([([1, 5, 6], [7, 8]), ([1, 9], [4])], pad_id=0)
+    out = kt.lm_loss(model, batch)
+    assert out.count.item() == 3
+    expected = kt.causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    torch.testing.assert_close(out.mean, expected)
+    with pytest.raises(KeyError, match="labels"):
+        kt.lm_loss(model, {"input_ids": batch["input_ids"]})
+
+
+# ------------------------------------------------------------------------------------ optimizer, lr
+
+
+def test_param_groups_skip_decay_on_vectors_and_leave_frozen_out(make_model):
+    model = make_model(dtype=torch.float32, tie_word_embeddings=True)
+    model.layers[0].requires_grad_(False)
+    model.extra_bias = torch.nn.Parameter(torch.zeros(3))
+    groups = kt.param_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert "layers.1.mlp.up_proj.weight" in decay and "embed_tokens.weight" in decay
+    assert no_decay == {"layers.1.input_layernorm.weight", "layers.1.post_attention_layernorm.weight", "norm.weight",
+                        "extra_bias"}
+    assert not any(n.startswith("layers.0.") for n in decay | no_decay)
+    total = sum(len(g["params"]) for g in groups)
+    assert total == sum(1 for p in model.parameters() if p.requires_grad)  # the tied weight once
+
+
+def test_optimizer_errors(make_model):
+    model = make_model(dtype=torch.float32)
+    for lr in (0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="learning rate must be a positive finite number"):
+            kt.adamw(model, lr)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        kt.adamw(model, 1e-3)
+
+
+@pytest.mark.parametrize("kind, step, expected", [
+    ("constant", 0, 0.1), ("constant", 4, 0.5), ("constant", 9, 1.0), ("constant", 10_000, 1.0),
+    ("linear", 10, 1.0), ("linear", 35, 0.75), ("linear", 60, 0.5), ("linear", 110, 0.0), ("linear", 500, 0.0),
+    ("cosine", 0, 0.1), ("cosine", 10, 1.0), ("cosine", 35, 0.5 * (1 + math.cos(math.pi / 4))),
+    ("cosine", 60, 0.5), ("cosine", 110, 0.0), ("cosine", 111, 0.0),
+])
+def test_schedule_values(kind, step, expected):
+    schedule = kt.Schedule(kind, warmup_steps=10, total_steps=None if kind == "constant" else 110)
+    assert schedule(step) == pytest.approx(expected, abs=1e-12)
+
+
+def test_schedule_floor_and_set_lr(make_model):
+    schedule = kt.Schedule("cosine", warmup_steps=0, total_steps=100, min_ratio=0.1)
+    assert schedule(50) == pytest.approx(0.55) and schedule(100) == pytest.approx(0.1)
+    model = make_model(dtype=torch.float32)
+    optimizer = torch.optim.AdamW([{"params": [model.norm.weight], "lr": 1e-2},
+                                   {"params": [model.lm_head.weight], "lr": 1e-3}])
+    kpro.train.optim.remember_peak_lr(optimizer)
+    kt.set_lr(optimizer, schedule, 50)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5.5e-3, 5.5e-4])
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        kt.Schedule("exponential")
+    with pytest.raises(ValueError, match="total_steps > warmup_steps"):
+        kt.Schedule("cosine", warmup_steps=10, total_steps=10)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        kt.Schedule("constant", warmup_steps=-1)
+
+
+def test_pack_documents_takes_tensors_and_arrays():
+    import numpy as np
+
+    rows = kt.pack_documents([torch.tensor([5, 6, 7]), np.array([8, 9])], seq_len=4, eos_id=2)
+    assert rows.tolist() == [[5, 6, 7, 2], [2, 8, 9, 2]] and rows.dtype == torch.long
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        kt.Batches(rows, 1, seed="0")
