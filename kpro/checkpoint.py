@@ -10,6 +10,7 @@ name and swaps it into place, so an interrupted save leaves the previous checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -25,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import LlamaConfig
+from .lora import LoRALinear
 from .model import Llama
 
 CONFIG_NAME = "config.json"
@@ -48,11 +50,17 @@ def hf_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) 
     """The tensors a checkpoint of `model` holds, by checkpoint name (tied lm_head left out).
 
     `state_dict` replaces `model.state_dict()`: a sharded model's full state, gathered by the caller.
+    LoRA adapters are not part of a LLaMA checkpoint: a layer must have its adapter merged into the
+    base weight (`LoRALinear.merge`), or the adapters are saved on their own (Bitune.save_adapters).
     """
+    unmerged = [name for name, module in model.named_modules() if isinstance(module, LoRALinear) and module.merged is None]
+    if unmerged:
+        raise CheckpointError(f"{len(unmerged)} LoRA layers (first: {unmerged[0]}) have unmerged adapters; merge one "
+                              "adapter into the base weights first, or save the adapters with save_adapters()")
     tied = model.config.tie_word_embeddings
     state_dict = model.state_dict() if state_dict is None else state_dict
     return {hf_name(name): tensor for name, tensor in state_dict.items()
-            if not (tied and name == "lm_head.weight")}
+            if not (tied and name == "lm_head.weight") and ".lora_A." not in name and ".lora_B." not in name}
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -152,6 +160,17 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
 
     Files in an existing directory that are not part of the weights (a tokenizer, say) are kept.
     """
+    max_shard_bytes = parse_size(max_shard_size)
+    with atomic_directory(directory, drop=_is_weight_file) as tmp:
+        _write_checkpoint(model, tmp, max_shard_bytes)
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
+    """Yield an empty temporary directory beside `directory`; when the block succeeds, it replaces
+    `directory` in one step, keeping the old directory's other entries (except those `drop(name)`
+    names, like stale weight shards). If the block fails, nothing changes and the temporary goes."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
@@ -160,15 +179,17 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_checkpoint(model, tmp, parse_size(max_shard_size))
+        yield tmp
         if directory.exists():
-            _carry_over_other_files(directory, tmp)
+            _carry_over_other_files(directory, tmp, drop)
+        for entry in tmp.iterdir():
+            if entry.is_file():
+                _fsync_file(entry)
         _fsync_dir(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
 
 
 def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int, state_dict=None) -> None:
@@ -210,7 +231,6 @@ def _save_shard(tensors: dict, names: list[str], path: Path) -> None:
     # One shard at a time on the CPU, so a GPU model is never copied to host memory whole.
     shard = {name: tensors[name].detach().to("cpu").contiguous() for name in names}
     save_file(shard, str(path), metadata={"format": "pt"})
-    _fsync_file(path)
 
 
 def parse_size(size: int | str) -> int:
@@ -233,10 +253,10 @@ def _is_weight_file(name: str) -> bool:
     return name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD_RE.fullmatch(name))
 
 
-def _carry_over_other_files(old: Path, new: Path) -> None:
+def _carry_over_other_files(old: Path, new: Path, drop) -> None:
     """Keep what else lived in the old directory (tokenizer files, notes) by hard link, or copy."""
     for entry in old.iterdir():
-        if _is_weight_file(entry.name):
+        if drop(entry.name) or (new / entry.name).exists():
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy, symlinks=True)
@@ -304,10 +324,7 @@ def _process_alive(pid: int) -> bool:
 
 
 def _write_file(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    Path(path).write_text(text)
 
 
 def _fsync_file(path: Path) -> None:

@@ -21,7 +21,7 @@ def cmd_info(args) -> None:
 
     cfg = LlamaConfig.from_hf(args.dir)
     locations = tensor_locations(Path(args.dir))
-    count, dtypes, nbytes = 0, {}, 0
+    count, dtypes = 0, {}
     for file in sorted(set(locations.values())):
         with safe_open(str(file), "pt") as f:
             for name in f.keys():
@@ -34,7 +34,7 @@ def cmd_info(args) -> None:
     files = sorted({p.name for p in locations.values()})
     print(f"checkpoint   {args.dir}  ({len(files)} weight file{'s' * (len(files) > 1)})")
     print(f"parameters   {count:,} ({count / 1e9:.3f} B)")
-    print(f"dtype        " + ", ".join(f"{d} ({n / count:.0%})" for d, n in dtypes.items()))
+    print("dtype        " + ", ".join(f"{d} ({n / count:.0%})" for d, n in dtypes.items()))
     print(f"layers       {cfg.num_hidden_layers} x hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}")
     print(f"attention    {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} key/value heads, head_dim {cfg.head_dim}")
     print(f"rope         theta {cfg.rope_theta:g}, scaling {json.dumps(cfg.rope_scaling)}, max positions {cfg.max_position_embeddings}")

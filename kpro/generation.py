@@ -21,27 +21,41 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
     `pad_token_id` after it; decoding ends when every row has stopped.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    batch, length = input_ids.shape
+    if length + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, batch, length + max_new_tokens, dtype, input_ids.device)
+    logits = model.lm_head(model.norm(model.hidden_states(input_ids, attention_mask, cache=cache)[:, -1]))
+    new = decode(model, cache, logits, attention_mask, max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, generator=generator, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                 stop_after_eos=stop_after_eos)
+    return torch.cat((input_ids, new.to(input_ids.dtype)), dim=1)
+
+
+@torch.no_grad()
+def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None, eos_token_id: int | list[int] | None = None,
+           pad_token_id: int | None = None, stop_after_eos: int = 1) -> torch.Tensor:
+    """New tokens [B, n] after a prefill: `logits` [B, V] are the last position's, `cache` holds the
+    prefill's keys and values and `attention_mask` [B, cache.length] marks its real positions.
+    (kpro.generate prefills a plain prompt; Bitune prefills its three streams and continues here.)"""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(stop_after_eos, int) or stop_after_eos < 1:
         raise ValueError(f"stop_after_eos must be a positive integer, got {stop_after_eos!r}")
     cfg = model.config
     eos = cfg.eos_token_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
-    batch, length = input_ids.shape
-    if length + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, batch, length + max_new_tokens, dtype, device)
-    eos_ids = torch.tensor(eos, dtype=input_ids.dtype, device=device)
-    eos_seen = torch.zeros(batch, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, step_ids = [input_ids], input_ids
+    device = logits.device
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    eos_seen = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+    tokens = []
     for step in range(max_new_tokens):
-        hidden = model.hidden_states(step_ids, attention_mask, cache=cache)[:, -1]
-        logits = model.lm_head(model.norm(hidden))
         next_ids = select_next_token(logits, temperature, top_k, top_p, generator)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
         tokens.append(next_ids[:, None])
@@ -49,8 +63,9 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         finished |= eos_seen >= stop_after_eos
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
-        step_ids = next_ids[:, None]
-        attention_mask = torch.cat((attention_mask, torch.ones_like(step_ids)), dim=1)
+        attention_mask = torch.cat((attention_mask, torch.ones_like(next_ids[:, None])), dim=1)
+        hidden = model.hidden_states(next_ids[:, None], attention_mask, cache=cache)[:, -1]
+        logits = model.lm_head(model.norm(hidden))
     return torch.cat(tokens, dim=1)
 
 

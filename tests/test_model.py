@@ -34,7 +34,7 @@ def naive_inv_freq(cfg: dict) -> list[float]:
 
 def naive_forward_row(w: dict, cfg: dict, tokens: list[int]) -> torch.Tensor:
     """Logits [len(tokens), V] for one unpadded sequence."""
-    d, n_heads, n_kv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    n_heads, n_kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     eps, T = cfg["rms_norm_eps"], len(tokens)
     inv_freq = naive_inv_freq(cfg)
 

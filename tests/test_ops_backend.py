@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import kpro
 from kpro import ops
 from kpro.ops import BackendError
 from kpro.ops.backend import select

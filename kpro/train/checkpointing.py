@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import (CONFIG_NAME, CheckpointError, _fsync_dir, _fsync_file, _open_all, _process_alive,
-                          _replace_dir, _write_checkpoint, _write_file, parse_size, tensor_locations)
+from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _process_alive, _write_checkpoint, _write_file,
+                          atomic_directory, parse_size, tensor_locations)
 from ..config import LlamaConfig
 from ..model import Llama
 from . import distributed
@@ -124,23 +124,15 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
 
 
 def _write_checkpoint_dir(target: Path, model, full_model, full_optim, state, summary, env, write_extra) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temporaries(target.parent)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(target, drop=lambda name: True) as tmp:  # a step's checkpoint is replaced whole
         _write_model(model, full_model, tmp)
-        _torch_save(full_optim, tmp / OPTIMIZER_FILE)
-        _torch_save(state, tmp / STATE_FILE)
+        torch.save(full_optim, tmp / OPTIMIZER_FILE)
+        torch.save(state, tmp / STATE_FILE)
         summary = {"step": state["step"], "world_size": env.world_size, **(summary or {})}
         _write_file(tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if write_extra is not None:
             write_extra(tmp)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_model(model: nn.Module, full_state: dict | None, out: Path) -> None:
@@ -158,12 +150,6 @@ def _write_model(model: nn.Module, full_state: dict | None, out: Path) -> None:
         seen[key] = name
         tensors[name] = tensor.to("cpu").contiguous()
     save_file(tensors, str(out / MODULE_WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
-    _fsync_file(out / MODULE_WEIGHTS)
-
-
-def _torch_save(obj, path: Path) -> None:
-    torch.save(obj, path)
-    _fsync_file(path)
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
