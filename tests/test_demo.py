@@ -2,7 +2,7 @@
 import random
 
 import kpro
-from kpro import demo
+from kpro.demo import basics as demo
 
 
 def test_reversal_task_format():

@@ -1,6 +1,4 @@
-"""`python -m kpro demo`: the main job on an embedded tiny default, a few minutes on 2 CPU cores.
-
-Act `basics`: train a tiny LLaMA from scratch with `kpro.train.fit` on a built-in synthetic task (reverse a
+"""Demo act `basics`: train a tiny LLaMA from scratch with `kpro.train.fit` on a built-in synthetic task (reverse a
 string of letters), save it in the Hugging Face layout, load it back, and decode held-out prompts with the
 KV cache.
 """
@@ -12,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_pretrained, save_pretrained
-from .config import LlamaConfig
-from .generation import generate
-from .model import Llama
-from .tokenizer import CharTokenizer, pad_left
-from .train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit
+from ..checkpoint import load_pretrained, save_pretrained
+from ..config import LlamaConfig
+from ..generation import generate
+from ..model import Llama
+from ..tokenizer import CharTokenizer, pad_left
+from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit
 
 LETTERS = "abcdefghij"
 
@@ -83,13 +81,3 @@ def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
         print(f"  {prompt} -> {tok.decode(sample[0, ids.shape[1]:].tolist())}   (sampled at temperature 0.7)")
     print(f"try: python -m kpro generate {out_dir} --prompt 'abcdef>'")
     return {"accuracy": acc}
-
-
-ACTS = {"basics": act_basics}
-
-
-def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:
-    results = {}
-    for name in acts:
-        results[name] = ACTS[name](out_dir / name, seed=seed)
-    return results
