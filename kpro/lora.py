@@ -1,0 +1,143 @@
+"""LoRA with several named adapters per linear layer, the adapter chosen per call.
+
+    y = x·Wᵀ + (alpha / r)·(x·Aᵀ)·Bᵀ,   A [r, in] random (Kaiming-uniform), B [out, r] zero,
+
+so a fresh adapter changes nothing. The base weight stays the layer's own `weight` parameter, frozen, so
+checkpoint names do not change; adapter weights are named `<layer>.<adapter>.lora_A.weight` and
+`<layer>.<adapter>.lora_B.weight`.
+
+Which adapter runs: `layer(x, adapter="name")`, or a list of `(start, end, name)` token segments that tile
+the sequence dimension (Bitune runs three streams stacked in one call: one base matmul for all of them,
+each segment's low-rank update with its own adapter), or, when the caller passes nothing (a plain model
+forward), the layer's `active` adapter, set for a whole model with `with kpro.lora.active(model, name):`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Segments = Sequence[tuple[int, int, str | None]]
+
+
+class Adapter(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int, dtype, device, generator=None):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
+        with torch.no_grad():
+            bound = 1 / math.sqrt(in_features)  # nn.Linear's Kaiming-uniform bound for A
+            self.lora_A.weight.copy_(torch.empty_like(self.lora_A.weight, device="cpu").uniform_(-bound, bound, generator=generator))
+            self.lora_B.weight.zero_()
+
+    def forward(self, x):
+        return self.lora_B(self.lora_A(x))
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (its `weight` kept as is) plus named low-rank adapters."""
+
+    def __init__(self, base: nn.Linear, names: Iterable[str], rank: int, alpha: float, generator=None):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("LoRALinear wraps bias-free linear layers (LLaMA has none)")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
+        self.adapters: dict[str, Adapter] = {}  # also registered as submodules, named as the adapters
+        for name in names:
+            self.add_adapter(name, generator)
+        self.active: str | None = None
+        self.merged: str | None = None
+
+    def add_adapter(self, name: str, generator=None) -> None:
+        if not name.isidentifier() or hasattr(self, name):
+            raise ValueError(f"adapter name {name!r} is taken or not an identifier")
+        adapter = Adapter(self.in_features, self.out_features, self.rank, self.weight.dtype, self.weight.device,
+                          generator)
+        self.add_module(name, adapter)  # state-dict names <layer>.<name>.lora_A.weight
+        self.adapters[name] = adapter
+
+    def forward(self, x: torch.Tensor, adapter: str | Segments | None = None) -> torch.Tensor:
+        if adapter is None:
+            adapter = self.active
+        out = F.linear(x, self.weight)
+        if adapter is None or self.merged is not None and adapter == self.merged:
+            return out
+        if isinstance(adapter, str):
+            return out + self.scale * self.adapters[adapter](x)
+        updates = [self.scale * self.adapters[name](x[:, start:end]) if name is not None
+                   else out.new_zeros((x.shape[0], end - start, self.out_features))
+                   for start, end, name in adapter]
+        return out + torch.cat(updates, dim=1)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter `name` into the base weight (for serving a single adapter); unmerge() undoes it."""
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged!r} is merged already; unmerge it first")
+        self.weight.add_(self._delta(name))
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged is None:
+            raise ValueError("no adapter is merged")
+        self.weight.sub_(self._delta(self.merged))
+        self.merged = None
+
+    def _delta(self, name: str) -> torch.Tensor:
+        adapter = self.adapters[name]
+        delta = adapter.lora_B.weight.float() @ adapter.lora_A.weight.float() * self.scale
+        return delta.to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, adapters={list(self.adapters)}"
+
+
+def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: float = 1.0,
+                 targets: Sequence[str] = PROJECTIONS, seed: int | None = None) -> list[str]:
+    """Replace every bias-free nn.Linear named in `targets` inside `model.layers` by a LoRALinear with
+    adapters `names`; freeze the whole model except the adapters. Returns the wrapped module paths."""
+    if not names:
+        raise ValueError("add_adapters needs at least one adapter name")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    wrapped = []
+    for path, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear) and ".layers." in f".{path}.":
+                setattr(module, child_name, LoRALinear(child, names, rank, alpha, generator))
+                wrapped.append(f"{path}.{child_name}")
+    if not wrapped:
+        raise ValueError(f"no linear layer named {list(targets)} was found under model.layers")
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def active(model: nn.Module, name: str | None):
+    """Run plain forwards of `model` with adapter `name` (None: the base model only)."""
+    layers = lora_layers(model)
+    previous = [layer.active for layer in layers]
+    for layer in layers:
+        if name is not None and name not in layer.adapters:
+            raise ValueError(f"adapter {name!r} does not exist (adapters: {list(layer.adapters)})")
+        layer.active = name
+    try:
+        yield
+    finally:
+        for layer, name_before in zip(layers, previous):
+            layer.active = name_before

@@ -1,0 +1,248 @@
+"""Bitune: the fused path against the three-pass reference, batching, the definitions of the ablations
+(checked against plain cached decoding of the model), generation, adapter files, bad input."""
+import json
+
+import pytest
+import torch
+
+import kpro
+from kpro import lora
+from kpro.bitune import Bitune, right_pad
+from conftest import backend_devices, randomize_norms, relative_error, tiny_config
+
+ROWS = [(9, 4), (5, 1), (12, 7), (6, 5)]  # (sequence length, prompt length P): P = 1 and P = len − 1 included
+
+
+def make(mode="bitune", dtype=torch.float64, seed=0, random_adapters=True, w=(0.02, -0.005), device="cpu"):
+    torch.manual_seed(seed)
+    model = kpro.Llama(tiny_config()).to(dtype)
+    randomize_norms(model, torch.Generator().manual_seed(seed + 1))
+    bt = Bitune(model, rank=4, alpha=2.0, mode=mode, seed=seed).to(device=device)
+    model.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        if random_adapters:
+            gen = torch.Generator().manual_seed(seed + 2)
+            for name, p in bt.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        bt.w_k.copy_(torch.tensor(w[:1] * 2 if len(w) == 1 else w, dtype=torch.float32))
+        bt.w_v.copy_(torch.tensor(tuple(reversed(w)) if len(w) > 1 else w * 2, dtype=torch.float32))
+    return bt
+
+
+def batch(device="cpu", rows=ROWS, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, 67, (n,), generator=gen).tolist() for n, _ in rows]
+    ids, lens = right_pad(seqs, 0, device=device)
+    mask = (torch.arange(ids.shape[1], device=device) < lens[:, None]).long()
+    return ids, torch.tensor([p for _, p in rows], device=device), mask, seqs
+
+
+def answer_logits(bt, ids, plens, mask, **kw):
+    """Logits of the real answer-stream positions only (padding positions are undefined)."""
+    logits = bt(ids, plens, mask, **kw)
+    answer_lens = mask.sum(1) - plens + 1
+    return torch.cat([logits[row, :n] for row, n in enumerate(answer_lens.tolist())])
+
+
+def trainable(bt):
+    return [(n, p) for n, p in bt.named_parameters() if p.requires_grad]
+
+
+def loss_and_grads(bt, ids, plens, mask, fused):
+    loss = bt.loss(ids, plens, mask, fused=fused)
+    params = [p for _, p in trainable(bt)]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:3])
+@pytest.mark.parametrize("mode", ["bitune", "shared_weights"])
+def test_fused_path_equals_three_passes(backend, device, mode):
+    bt = make(mode, dtype=torch.float32, device=device)
+    ids, plens, mask, _ = batch(device)
+    with kpro.ops.backend(backend, rms_norm="torch", swiglu="torch"):
+        fused_loss, fused_grads = loss_and_grads(bt, ids, plens, mask, fused=True)
+    with kpro.ops.backend("torch"):
+        ref_loss, ref_grads = loss_and_grads(bt, ids, plens, mask, fused=False)
+    assert relative_error(fused_loss, ref_loss) <= 1e-5
+    names = [n for n, _ in trainable(bt)]
+    for name, got, expected in zip(names, fused_grads, ref_grads):
+        assert relative_error(got, expected, floor=1e-7) <= 1e-5, name
+    assert sum(g.abs().sum() > 0 for g in ref_grads) >= len(ref_grads) - 10  # only the last layer's unused tail is 0
+
+
+def test_batched_equals_one_by_one():
+    bt = make()
+    ids, plens, mask, seqs = batch()
+    logits = bt(ids, plens, mask)
+    for row, (seq, p) in enumerate(zip(seqs, plens.tolist())):
+        alone = bt(torch.tensor([seq]), torch.tensor([p]))[0]
+        answer_len = len(seq) - p + 1
+        assert relative_error(logits[row, :answer_len], alone[:answer_len]) <= 1e-12
+    total = bt.loss(ids, plens, mask) * sum(len(s) - p for s, p in zip(seqs, plens.tolist()))
+    parts = sum(bt.loss(torch.tensor([s]), torch.tensor([p])) * (len(s) - p) for s, p in zip(seqs, plens.tolist()))
+    assert relative_error(total, parts) <= 1e-12
+
+
+def causal_decoding_logits(model, seq, p, prompt_adapter="causal"):
+    """Plain cached decoding of the model: prompt[:P-1] with one adapter, then the answer stream with the
+    causal adapter. This is the definition of every mode whose prompt cache comes from a causal pass."""
+    cache = kpro.KVCache(model.config, 1, len(seq), torch.float64)
+    if p > 1:
+        with lora.active(model, prompt_adapter):
+            model(torch.tensor([seq[:p - 1]]), cache=cache)
+    with lora.active(model, "causal"):
+        return model(torch.tensor([seq[p - 1:]]), cache=cache)[0]
+
+
+@pytest.mark.parametrize("mode", ["bitune", "shared_weights", "only_causal"])
+def test_alpha_zero_reads_the_prompt_causally_with_the_causal_adapter(mode):
+    bt = make(mode, w=(0.0,))
+    ids, plens, mask, seqs = batch()
+    logits = bt(ids, plens, mask, fused=False)
+    for row, (seq, p) in enumerate(zip(seqs, plens.tolist())):
+        expected = causal_decoding_logits(bt.model, seq, p)
+        assert relative_error(logits[row, :len(seq) - p + 1], expected) <= 1e-12
+
+
+def test_fresh_adapters_and_zero_weights_give_the_base_model():
+    bt = make(random_adapters=False, w=(0.0,))
+    ids, plens, mask, seqs = batch()
+    logits = bt(ids, plens, mask)
+    with lora.active(bt.model, None):
+        base = bt.model(ids, mask)
+    for row, (seq, p) in enumerate(zip(seqs, plens.tolist())):
+        assert relative_error(logits[row, :len(seq) - p + 1], base[row, p - 1:len(seq)]) <= 1e-12
+
+
+def test_only_causal_at_alpha_one_reads_the_prompt_with_the_bidir_adapter_causally():
+    bt = make("only_causal", w=(1e30,))
+    assert torch.all(bt.mix_weights()[0] == 1)
+    ids, plens, mask, seqs = batch()
+    logits = bt(ids, plens, mask)
+    for row, (seq, p) in enumerate(zip(seqs, plens.tolist())):
+        expected = causal_decoding_logits(bt.model, seq, p, prompt_adapter="bidir")
+        assert relative_error(logits[row, :len(seq) - p + 1], expected) <= 1e-12
+
+
+def copy_adapter(bt_from, name_from, bt_to, name_to):
+    src = dict(bt_from.named_parameters())
+    with torch.no_grad():
+        for name, p in bt_to.named_parameters():
+            if f".{name_to}.lora_" in name:
+                p.copy_(src[name.replace(f".{name_to}.lora_", f".{name_from}.lora_")])
+
+
+def test_one_pass_modes_equal_the_mix_at_its_ends():
+    """α = 1 takes the bidirectional pass's cache: bitune(α=1) = no_mix, shared_weights(α=1) = naive_bidir,
+    and naive_bidir is no_mix with the causal adapter in the bidirectional pass."""
+    ids, plens, mask, _ = batch()
+    bitune = make("bitune", w=(1e30,))
+    no_mix = make("no_mix")
+    copy_adapter(bitune, "bidir", no_mix, "bidir")
+    copy_adapter(bitune, "causal", no_mix, "causal")
+    assert relative_error(answer_logits(no_mix, ids, plens, mask), answer_logits(bitune, ids, plens, mask)) <= 1e-12
+
+    shared = make("shared_weights", w=(1e30,))
+    naive = make("naive_bidir")
+    copy_adapter(shared, "causal", naive, "causal")
+    assert relative_error(answer_logits(naive, ids, plens, mask), answer_logits(shared, ids, plens, mask)) <= 1e-12
+    copy_adapter(naive, "causal", no_mix, "bidir")
+    copy_adapter(naive, "causal", no_mix, "causal")
+    assert relative_error(answer_logits(no_mix, ids, plens, mask), answer_logits(naive, ids, plens, mask)) <= 1e-12
+
+
+def test_one_pass_modes_do_not_use_the_mixing_weights():
+    for mode in ("naive_bidir", "no_mix"):
+        bt = make(mode)
+        ids, plens, mask, _ = batch()
+        bt.loss(ids, plens, mask).backward()
+        assert bt.w_k.grad is None and bt.w_v.grad is None
+    with pytest.raises(ValueError, match="no fused path"):
+        bt.loss(ids, plens, mask, fused=True)
+
+
+def test_gradients_reach_both_adapters_and_the_mixing_weights():
+    bt = make(random_adapters=False, dtype=torch.float32)
+    ids, plens, mask, _ = batch()
+    bt.loss(ids, plens, mask).backward()
+    grads = {n: p.grad for n, p in trainable(bt)}
+    assert grads["w_k"][1:].abs().min() > 0 and grads["w_v"][1:].abs().min() > 0  # layer 0: both caches equal
+    for adapter in ("bidir", "causal"):
+        assert grads[f"model.layers.0.self_attn.k_proj.{adapter}.lora_B.weight"].abs().sum() > 0
+        assert grads[f"model.layers.0.mlp.down_proj.{adapter}.lora_B.weight"].abs().sum() > 0
+    frozen = [n for n, p in bt.named_parameters() if not p.requires_grad]
+    assert "model.layers.0.self_attn.q_proj.weight" in frozen and "model.embed_tokens.weight" in frozen
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_generation_starts_with_the_argmax_of_the_training_logits(fused):
+    bt = make(dtype=torch.float64)
+    ids, plens, mask, seqs = batch()
+    logits = bt(ids, plens, mask)
+    prompts = [seq[:p] for seq, p in zip(seqs, plens.tolist())]
+    out = bt.generate(prompts, 6, fused=fused, eos_token_id=[])
+    for row, tokens in enumerate(out):
+        assert tokens[0] == int(logits[row, 0].argmax())
+        assert len(tokens) == 6
+    # and generation continues like scoring its own output: token t+1 is the argmax after token t
+    seqs2 = [prompt + tokens for prompt, tokens in zip(prompts, out)]
+    ids2, lens2 = right_pad(seqs2, 0)
+    logits2 = bt(ids2, plens, (torch.arange(ids2.shape[1]) < lens2[:, None]).long())
+    for row, tokens in enumerate(out):
+        assert logits2[row, :6].argmax(-1).tolist() == tokens
+
+
+def test_adapter_files_round_trip(tmp_path):
+    bt = make(dtype=torch.float32)
+    ids, plens, mask, _ = batch()
+    before = bt.loss(ids, plens, mask)
+    bt.save_adapters(tmp_path / "adapters")
+    config = json.loads((tmp_path / "adapters" / "bitune_config.json").read_text())
+    assert config == {"rank": 4, "alpha": 2.0, "mix_eps": 0.01, "mode": "bitune", "adapters": ["bidir", "causal"],
+                      "num_hidden_layers": 2}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "adapters" / "bitune_adapters.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.1.mlp.down_proj.bidir.lora_B.weight" in names
+    assert "model.layers.0.self_attn.q_proj.causal.lora_A.weight" in names and "model.layers.1.bitune.w_v" in names
+    fresh = make(dtype=torch.float32, random_adapters=False, w=(0.5,))
+    fresh.load_adapters(tmp_path / "adapters")
+    assert torch.equal(fresh.loss(ids, plens, mask), before)
+    again = Bitune.from_adapters(make(dtype=torch.float32).model.__class__(tiny_config()).float(), tmp_path / "adapters")
+    assert again.mode == "bitune" and again.rank == 4
+
+
+def test_adapter_files_that_do_not_fit(tmp_path):
+    bt = make(dtype=torch.float32)
+    bt.save_adapters(tmp_path / "a")
+    other = make("no_mix", dtype=torch.float32)
+    with pytest.raises(kpro.CheckpointError, match="mode saved 'bitune' here 'no_mix'"):
+        other.load_adapters(tmp_path / "a")
+    with pytest.raises(kpro.CheckpointError, match="no Bitune adapters"):
+        bt.load_adapters(tmp_path / "missing")
+    with pytest.raises(kpro.CheckpointError, match="unmerged adapters"):
+        kpro.save_pretrained(bt.model, tmp_path / "model")
+    with pytest.raises(NotImplementedError, match="Not meaningful"):
+        bt.merged()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ids, p, m: (ids, torch.tensor([0, 1, 2, 3]), m), "prompt lengths must be >= 1"),
+    (lambda ids, p, m: (ids, torch.tensor([9, 1, 2, 3]), m), "at least one answer token"),
+    (lambda ids, p, m: (ids, p[:3], m), "prompt_lens must be an integer tensor"),
+    (lambda ids, p, m: (ids, p, m[:3]), "attention_mask must be"),
+    (lambda ids, p, m: (ids, p, m.flip(1)), "right-padded"),
+    (lambda ids, p, m: (ids.float(), p, m), "integer tensor"),
+])
+def test_bad_input(change, message):
+    bt = make()
+    ids, plens, mask, _ = batch()
+    with pytest.raises(ValueError, match=message):
+        bt.loss(*change(ids, plens, mask))
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="unknown Bitune mode 'fancy'"):
+        Bitune(kpro.Llama(tiny_config()), mode="fancy")

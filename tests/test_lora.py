@@ -1,0 +1,96 @@
+"""kpro.lora: the LoRA formula, named adapters chosen per call or per token segment, merge/unmerge."""
+import pytest
+import torch
+from torch import nn
+
+import kpro
+from kpro import lora
+from conftest import tiny_config
+
+
+def layer(seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(12, 7, bias=False).double()
+    wrapped = lora.LoRALinear(base, ["a", "b"], rank=3, alpha=6.0)
+    with torch.no_grad():
+        for adapter in wrapped.adapters.values():
+            adapter.lora_B.weight.normal_()
+    return wrapped
+
+
+def test_formula_per_adapter():
+    lin = layer()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    for name in ("a", "b"):
+        A, B = lin.adapters[name].lora_A.weight, lin.adapters[name].lora_B.weight
+        expected = x @ lin.weight.T + (6.0 / 3) * (x @ A.T) @ B.T
+        torch.testing.assert_close(lin(x, name), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lin(x), x @ lin.weight.T)  # no adapter asked for, none active: the base
+
+
+def test_fresh_adapter_is_the_identity_and_only_adapters_train():
+    base = nn.Linear(12, 7, bias=False)
+    x = torch.randn(3, 12)
+    expected = base(x)
+    lin = lora.LoRALinear(base, ["a"], rank=4, alpha=1.0)
+    assert torch.equal(lin(x, "a"), expected)
+    assert not lin.weight.requires_grad and lin.a.lora_A.weight.requires_grad
+    assert lin.a.lora_A.weight.abs().sum() > 0 and lin.a.lora_B.weight.abs().sum() == 0
+
+
+def test_segments_apply_each_adapter_to_its_tokens():
+    lin = layer()
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    out = lin(x, [(0, 3, "a"), (3, 5, "b"), (5, 8, "a"), (8, 9, None)])
+    torch.testing.assert_close(out[:, :3], lin(x[:, :3], "a"))
+    torch.testing.assert_close(out[:, 3:5], lin(x[:, 3:5], "b"))
+    torch.testing.assert_close(out[:, 5:8], lin(x[:, 5:8], "a"))
+    torch.testing.assert_close(out[:, 8:], lin(x[:, 8:]))
+
+
+def test_merge_and_unmerge():
+    lin = layer()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    with_adapter, base = lin(x, "a"), lin.weight.clone()
+    lin.merge("a")
+    torch.testing.assert_close(lin(x, "a"), with_adapter)  # merged: not added twice
+    torch.testing.assert_close(x @ lin.weight.T, with_adapter)
+    with pytest.raises(ValueError, match="merged already"):
+        lin.merge("b")
+    lin.unmerge()
+    torch.testing.assert_close(lin.weight, base, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="no adapter is merged"):
+        lin.unmerge()
+
+
+def test_add_adapters_to_a_model_and_activate():
+    model = kpro.Llama(tiny_config())
+    ids = torch.randint(0, 67, (2, 6))
+    before = model(ids)
+    wrapped = lora.add_adapters(model, ["x", "y"], rank=2, seed=0)
+    assert len(wrapped) == 7 * 2 and "layers.1.mlp.down_proj" in wrapped
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n in names if ".lora_" in n} and len(names) == 7 * 2 * 2 * 2
+    assert "layers.0.self_attn.q_proj.weight" in dict(model.named_parameters())  # base names unchanged
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.y.lora_B.weight.fill_(0.5)
+    torch.testing.assert_close(model(ids), before)
+    with lora.active(model, "x"):
+        torch.testing.assert_close(model(ids), before)  # x is still fresh
+    with lora.active(model, "y"):
+        assert not torch.allclose(model(ids), before)
+    torch.testing.assert_close(model(ids), before)  # the context restored the base
+    with pytest.raises(ValueError, match="adapter 'z' does not exist"):
+        with lora.active(model, "z"):
+            pass
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=0, alpha=1.0)
+    with pytest.raises(ValueError, match="bias-free"):
+        lora.LoRALinear(nn.Linear(4, 4), ["a"], rank=2, alpha=1.0)
+    with pytest.raises(ValueError, match="taken"):
+        lora.LoRALinear(nn.Linear(4, 4, bias=False), ["weight"], rank=2, alpha=1.0)
+    with pytest.raises(ValueError, match="no linear layer"):
+        lora.add_adapters(kpro.Llama(tiny_config()), ["a"], targets=("nope",))
