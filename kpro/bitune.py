@@ -21,25 +21,19 @@ Bitune keeps two adapters, so they cannot be merged into one set of base weights
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import lora, ops
-from .checkpoint import CheckpointError, atomic_directory
+from . import adapters, lora, ops
+from .checkpoint import CheckpointError
 from .generation import decode
 from .model import KVCache, Llama
 from .rope import apply_rope
-
-ADAPTERS_FILE = "bitune_adapters.safetensors"
-CONFIG_FILE = "bitune_config.json"
-
 
 @dataclasses.dataclass(frozen=True)
 class PromptPass:
@@ -110,13 +104,13 @@ class Bitune(nn.Module):
 
         input_ids [B, T] are `prompt + answer`, right-padded (`attention_mask` 1 = real token); prompt_lens
         [B] is each row's P. `fused=None` takes the fused path where the mode allows it."""
-        streams = self.streams(input_ids, prompt_lens, attention_mask, need_answer=True)
+        streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
         return self._answer_logits(streams, fused)
 
     def loss(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, attention_mask: torch.Tensor | None = None,
              *, fused: bool | None = None) -> torch.Tensor:
         """Mean cross-entropy (fp32) over the answer tokens of the batch."""
-        streams = self.streams(input_ids, prompt_lens, attention_mask, need_answer=True)
+        streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
         logits = self._answer_logits(streams, fused)
         targets = answer_targets(streams)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -130,7 +124,7 @@ class Bitune(nn.Module):
         eos_token_id, pad_token_id, stop_after_eos (as in kpro.generate)."""
         device = self.w_k.device
         ids, lens = right_pad([list(p) for p in prompts], pad_id=0, device=device)
-        streams = self.streams(ids, lens, (torch.arange(ids.shape[1], device=device) < lens[:, None]).long(),
+        streams = split_streams(ids, lens, (torch.arange(ids.shape[1], device=device) < lens[:, None]).long(),
                                need_answer=False)
         tp = streams.prompt_ids.shape[1]
         cache = KVCache(self.model.config, ids.shape[0], tp + 1 + max_new_tokens, self.model.embed_tokens.weight.dtype, device)
@@ -146,39 +140,7 @@ class Bitune(nn.Module):
         the same function. Serve the adapters with `generate` instead."""
         raise NotImplementedError(self.merged.__doc__.strip())
 
-    # ------------------------------------------------------------------------------------ the streams
-
-    def streams(self, input_ids, prompt_lens, attention_mask=None, need_answer=True) -> Streams:
-        """Split right-padded `prompt + answer` rows into the prompt and answer streams."""
-        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-            raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
-        batch, length = input_ids.shape
-        device = input_ids.device
-        prompt_lens = torch.as_tensor(prompt_lens, device=device)
-        if prompt_lens.shape != (batch,) or prompt_lens.dtype.is_floating_point:
-            raise ValueError(f"prompt_lens must be an integer tensor [B={batch}], got {tuple(prompt_lens.shape)} {prompt_lens.dtype}")
-        if attention_mask is None:
-            lengths = torch.full((batch,), length, device=device)
-        else:
-            if attention_mask.shape != (batch, length):
-                raise ValueError(f"attention_mask must be [B={batch}, T={length}], got {tuple(attention_mask.shape)}")
-            lengths = attention_mask.long().sum(1)
-            if not torch.equal(attention_mask.bool(), torch.arange(length, device=device) < lengths[:, None]):
-                raise ValueError("attention_mask must be right-padded (ones, then zeros) for Bitune")
-        if (prompt_lens < 1).any():
-            raise ValueError(f"prompt lengths must be >= 1, got {prompt_lens.tolist()}")
-        if need_answer and (prompt_lens >= lengths).any():
-            raise ValueError(f"every row needs at least one answer token after its prompt: prompt_lens "
-                             f"{prompt_lens.tolist()} vs sequence lengths {lengths.tolist()}")
-        if not need_answer and (prompt_lens > lengths).any():
-            raise ValueError(f"prompt_lens {prompt_lens.tolist()} exceed the sequence lengths {lengths.tolist()}")
-        lp = prompt_lens - 1
-        la = (lengths if need_answer else prompt_lens) - lp
-        tp, ta = int(lp.max()), int(la.max())
-        index = (lp[:, None] + torch.arange(ta, device=device)).clamp(max=length - 1)
-        answer_ids = torch.gather(input_ids, 1, index).masked_fill(torch.arange(ta, device=device) >= la[:, None], 0)
-        prompt_ids = input_ids[:, :tp].masked_fill(torch.arange(tp, device=device) >= lp[:, None], 0)
-        return Streams(prompt_ids, answer_ids, lp, la)
+    # -------------------------------------------------------------------------------- answer logits
 
     def _answer_logits(self, streams: Streams, fused: bool | None, cache: KVCache | None = None) -> torch.Tensor:
         mode = MODES[self.mode]
@@ -267,63 +229,67 @@ class Bitune(nn.Module):
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """Adapters and mixing scalars by their file names (`model.layers.{i}.self_attn.q_proj.bidir.lora_A.weight`,
         `model.layers.{i}.bitune.w_k`)."""
-        tensors = {}
-        for name, param in self.model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                tensors[f"model.{name}"] = param
+        tensors = adapters.lora_tensors(self.model)
         for i in range(self.model.config.num_hidden_layers):
             tensors[f"model.layers.{i}.bitune.w_k"] = self.w_k[i]
             tensors[f"model.layers.{i}.bitune.w_v"] = self.w_v[i]
         return tensors
 
     def config(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "mix_eps": self.mix_eps, "mode": self.mode,
+        return {"method": "bitune", "rank": self.rank, "alpha": self.alpha, "mix_eps": self.mix_eps, "mode": self.mode,
                 "adapters": self.adapter_names, "num_hidden_layers": self.model.config.num_hidden_layers}
 
     def save_adapters(self, directory: str | os.PathLike) -> Path:
-        """Write the adapters (safetensors) and a small JSON config, atomically replacing older ones."""
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.adapter_tensors().items()}
-        with atomic_directory(directory, drop=lambda name: name in (ADAPTERS_FILE, CONFIG_FILE)) as tmp:
-            save_file(tensors, str(tmp / ADAPTERS_FILE), metadata={"format": "pt"})
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n")
-        return Path(directory)
+        """Write the adapters and mixing scalars (safetensors) and a small JSON config, atomically."""
+        return adapters.save_adapters(directory, self.adapter_tensors(), self.config())
 
-    @torch.no_grad()
     def load_adapters(self, directory: str | os.PathLike) -> None:
         """Load adapters saved by `save_adapters` into this Bitune (same rank, alpha, mode, layers)."""
-        directory = Path(directory)
-        try:
-            saved = json.loads((directory / CONFIG_FILE).read_text())
-            tensors = load_file(str(directory / ADAPTERS_FILE))
-        except FileNotFoundError as err:
-            raise CheckpointError(f"{directory} has no Bitune adapters ({err.filename} missing)") from None
-        except (json.JSONDecodeError, OSError, Exception) as err:
-            raise CheckpointError(f"{directory}: cannot read Bitune adapters: {err}") from None
-        mismatched = {k: (saved.get(k), v) for k, v in self.config().items() if saved.get(k) != v}
-        if mismatched:
-            raise CheckpointError(f"{directory} holds adapters for another set-up: "
-                                  + ", ".join(f"{k} saved {a!r} here {b!r}" for k, (a, b) in mismatched.items()))
-        ours = self.adapter_tensors()
-        missing, unexpected = sorted(set(ours) - set(tensors)), sorted(set(tensors) - set(ours))
-        misshaped = [f"{n} {list(tensors[n].shape)} (expected {list(ours[n].shape)})"
-                     for n in sorted(set(ours) & set(tensors)) if tensors[n].shape != ours[n].shape]
-        if missing or unexpected or misshaped:
-            raise CheckpointError(f"{directory}/{ADAPTERS_FILE} does not match: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}, mis-shaped {misshaped[:5]}")
-        for name, target in ours.items():
-            target.copy_(tensors[name])
+        adapters.load_adapters(directory, self.adapter_tensors(), self.config())
 
     @classmethod
     def from_adapters(cls, model: Llama, directory: str | os.PathLike) -> "Bitune":
         """A Bitune on `model` with the set-up and weights saved in `directory`."""
-        try:
-            saved = json.loads((Path(directory) / CONFIG_FILE).read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{directory}: no readable {CONFIG_FILE}: {err}") from None
+        saved = adapters.read_config(directory)
+        if saved.get("method") != "bitune":
+            raise CheckpointError(f"{directory} holds {saved.get('method')!r} adapters, not Bitune's")
         bitune = cls(model, rank=saved["rank"], alpha=saved["alpha"], mix_eps=saved["mix_eps"], mode=saved["mode"])
         bitune.to(model.embed_tokens.weight.device)
         bitune.load_adapters(directory)
         return bitune
+
+
+def split_streams(input_ids, prompt_lens, attention_mask=None, need_answer=True) -> Streams:
+    """Split right-padded `prompt + answer` rows into the prompt and answer streams."""
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
+    batch, length = input_ids.shape
+    device = input_ids.device
+    prompt_lens = torch.as_tensor(prompt_lens, device=device)
+    if prompt_lens.shape != (batch,) or prompt_lens.dtype.is_floating_point:
+        raise ValueError(f"prompt_lens must be an integer tensor [B={batch}], got {tuple(prompt_lens.shape)} {prompt_lens.dtype}")
+    if attention_mask is None:
+        lengths = torch.full((batch,), length, device=device)
+    else:
+        if attention_mask.shape != (batch, length):
+            raise ValueError(f"attention_mask must be [B={batch}, T={length}], got {tuple(attention_mask.shape)}")
+        lengths = attention_mask.long().sum(1)
+        if not torch.equal(attention_mask.bool(), torch.arange(length, device=device) < lengths[:, None]):
+            raise ValueError("attention_mask must be right-padded (ones, then zeros) for Bitune")
+    if (prompt_lens < 1).any():
+        raise ValueError(f"prompt lengths must be >= 1, got {prompt_lens.tolist()}")
+    if need_answer and (prompt_lens >= lengths).any():
+        raise ValueError(f"every row needs at least one answer token after its prompt: prompt_lens "
+                         f"{prompt_lens.tolist()} vs sequence lengths {lengths.tolist()}")
+    if not need_answer and (prompt_lens > lengths).any():
+        raise ValueError(f"prompt_lens {prompt_lens.tolist()} exceed the sequence lengths {lengths.tolist()}")
+    lp = prompt_lens - 1
+    la = (lengths if need_answer else prompt_lens) - lp
+    tp, ta = int(lp.max()), int(la.max())
+    index = (lp[:, None] + torch.arange(ta, device=device)).clamp(max=length - 1)
+    answer_ids = torch.gather(input_ids, 1, index).masked_fill(torch.arange(ta, device=device) >= la[:, None], 0)
+    prompt_ids = input_ids[:, :tp].masked_fill(torch.arange(tp, device=device) >= lp[:, None], 0)
+    return Streams(prompt_ids, answer_ids, lp, la)
 
 
 def run_block(block, x, cos, sin, adapter, attend: Callable) -> torch.Tensor:

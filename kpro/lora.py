@@ -123,6 +123,21 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     return wrapped
 
 
+class AdaptedModel(nn.Module):
+    """A model whose every forward runs with one adapter active: plain LoRA fine-tuning, as a module a
+    trainer can wrap, checkpoint and call like the model itself."""
+
+    def __init__(self, model: nn.Module, adapter: str):
+        super().__init__()
+        if not any(adapter in layer.adapters for layer in lora_layers(model)):
+            raise ValueError(f"the model has no adapter {adapter!r}; add it with add_adapters first")
+        self.model, self.adapter = model, adapter
+
+    def forward(self, *args, **kwargs):
+        with active(self.model, self.adapter):
+            return self.model(*args, **kwargs)
+
+
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 

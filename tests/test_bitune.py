@@ -199,11 +199,11 @@ def test_adapter_files_round_trip(tmp_path):
     ids, plens, mask, _ = batch()
     before = bt.loss(ids, plens, mask)
     bt.save_adapters(tmp_path / "adapters")
-    config = json.loads((tmp_path / "adapters" / "bitune_config.json").read_text())
-    assert config == {"rank": 4, "alpha": 2.0, "mix_eps": 0.01, "mode": "bitune", "adapters": ["bidir", "causal"],
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config == {"method": "bitune", "rank": 4, "alpha": 2.0, "mix_eps": 0.01, "mode": "bitune", "adapters": ["bidir", "causal"],
                       "num_hidden_layers": 2}
     from safetensors import safe_open
-    with safe_open(str(tmp_path / "adapters" / "bitune_adapters.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "adapters" / "adapters.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "model.layers.1.mlp.down_proj.bidir.lora_B.weight" in names
     assert "model.layers.0.self_attn.q_proj.causal.lora_A.weight" in names and "model.layers.1.bitune.w_v" in names
@@ -220,7 +220,7 @@ def test_adapter_files_that_do_not_fit(tmp_path):
     other = make("no_mix", dtype=torch.float32)
     with pytest.raises(kpro.CheckpointError, match="mode saved 'bitune' here 'no_mix'"):
         other.load_adapters(tmp_path / "a")
-    with pytest.raises(kpro.CheckpointError, match="no Bitune adapters"):
+    with pytest.raises(kpro.CheckpointError, match="holds no adapters"):
         bt.load_adapters(tmp_path / "missing")
     with pytest.raises(kpro.CheckpointError, match="unmerged adapters"):
         kpro.save_pretrained(bt.model, tmp_path / "model")

@@ -17,3 +17,14 @@ def test_basics_act_trains_saves_and_reloads(tmp_path, capsys):
     assert 0.0 <= result["accuracy"] <= 1.0
     assert isinstance(kpro.load_tokenizer(tmp_path / "basics"), kpro.CharTokenizer)
     assert kpro.load_pretrained(tmp_path / "basics").config.num_hidden_layers == 4
+
+
+def test_bitune_act_compares_lora_and_bitune(tmp_path, capsys):
+    from kpro.demo import bitune
+    results = bitune.act_bitune(tmp_path / "bitune", pretrain_steps=4, tune_steps=2, held_out=20)
+    out = capsys.readouterr().out
+    assert set(results) == {"lora", "bitune"} and all(0 <= r["accuracy"] <= 1 for r in results.values())
+    assert "held-out accuracy" in out
+    prompt, answer = bitune.question(random.Random(0))
+    digits = [int(d) for d in prompt.split()[:6]]
+    assert answer == str(bitune.OPERATIONS[prompt.split()[-1]](digits))

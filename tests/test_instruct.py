@@ -1,0 +1,148 @@
+"""Instruction data, the Bitune / LoRA training entry point, multiple-choice scoring and the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kpro
+from kpro import instruct, lora
+from kpro.bitune import Bitune
+from kpro.train import collate_prompt_answer
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789 ?.:\nQA")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_read_instructions(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "add", "input": "1 2", "response": "3"},
+                                              {"instruction": "say hi", "output": "hi"}])
+    assert instruct.read_instructions(path) == [instruct.Instruction("add\n\n1 2", "3"), instruct.Instruction("say hi", "hi")]
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "response": "y"}\n\n{"question": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: needs string fields"):
+        instruct.read_instructions(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl:1: not valid JSON"):
+        instruct.read_instructions(tmp_path / "broken.jsonl")
+
+
+def test_read_multiple_choice(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 1},
+                                               {"question": "r", "choices": ["x", "y", "z"], "answer": "z"}])
+    assert [q.answer for q in instruct.read_multiple_choice(path)] == [1, 2]
+    write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'answer' must be a choice index"):
+        instruct.read_multiple_choice(tmp_path / "bad.jsonl")
+
+
+def test_prompt_format_eos_and_dropping_long_examples():
+    pairs, dropped = instruct.tokenize_instructions(TOK, [instruct.Instruction("hi", "yo"),
+                                                          instruct.Instruction("x" * 50, "long")], max_length=30)
+    assert dropped == 1 and len(pairs) == 1
+    prompt, answer = pairs[0]
+    assert TOK.decode(prompt) == "Question: hi\n\nAnswer:" and prompt[0] == TOK.bos_id
+    assert TOK.decode(answer) == " yo" and answer[-1] == TOK.eos_id
+
+
+def test_sentencepiece_answer_continues_the_prompt():
+    tok = kpro.Tokenizer(ROOT / "tests" / "data" / "mistral_7b_tokenizer.model")
+    prompt, answer = instruct.encode_pair(tok, "Question: capital of France?\n\nAnswer:", " Paris")
+    assert prompt + answer == tok.encode("Question: capital of France?\n\nAnswer: Paris")
+    assert tok.decode(answer) == "Paris"
+
+
+def tiny_pairs(n=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(3, 40, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist(),
+             torch.randint(3, 40, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()) for _ in range(n)]
+
+
+def test_bitune_loss_for_fit_equals_the_module_loss():
+    torch.manual_seed(0)
+    bt = Bitune(kpro.Llama(tiny_config()), rank=2, seed=0)
+    batch = collate_prompt_answer(tiny_pairs(), pad_id=0)
+    loss_sum = instruct.bitune_loss(bt, batch)
+    assert int(loss_sum.count) == int((batch["labels"] != -100).sum())
+    expected = bt.loss(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"])
+    torch.testing.assert_close(loss_sum.total / loss_sum.count, expected)
+
+
+def test_log_likelihoods_of_answers():
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config()).double()
+    pairs = tiny_pairs(5)
+    scores = instruct.answer_log_likelihoods(model, [p for p, _ in pairs], [a for _, a in pairs], batch_size=2)
+    for (prompt, answer), score in zip(pairs, scores):
+        logp = F.log_softmax(model(torch.tensor([prompt + answer]))[0], -1)
+        expected = sum(logp[len(prompt) - 1 + i, token] for i, token in enumerate(answer))
+        torch.testing.assert_close(score, expected.detach())
+    bt = Bitune(model, rank=2, seed=0).double()
+    bt_scores = instruct.answer_log_likelihoods(bt, [p for p, _ in pairs], [a for _, a in pairs], batch_size=3)
+    for (prompt, answer), score in zip(pairs, bt_scores):
+        loss = bt.loss(torch.tensor([prompt + answer]), torch.tensor([len(prompt)]))
+        torch.testing.assert_close(score, -loss.detach() * len(answer))
+
+
+def test_multiple_choice_picks_the_likeliest_choice():
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    questions = [instruct.MultipleChoice("what is a", ["b", "cc", "d"], 0), instruct.MultipleChoice("pick", ["x", "y"], 1)]
+    result = instruct.multiple_choice_accuracy(model, TOK, questions)
+    expected = 0
+    for q in questions:
+        prompt = instruct.PROMPT_TEMPLATE.format(instruction=q.question)
+        pairs = [instruct.encode_pair(TOK, prompt, " " + c) for c in q.choices]
+        scores = instruct.answer_log_likelihoods(model, [p for p, _ in pairs], [a for _, a in pairs])
+        expected += int(scores.argmax()) == q.answer
+    assert result["acc"] == expected / 2 and result["questions"] == 2
+
+
+@pytest.mark.parametrize("method", ["bitune", "lora"])
+def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config())
+    pairs = tiny_pairs(40)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    tuned = instruct.tune(model, pairs, method, tmp_path, steps=3, batch_size=8, lr=1e-2, rank=2, alpha=2.0)
+    changed = [n for n, p in tuned.named_parameters() if n.removeprefix("model.") in before
+               and not torch.equal(p, before[n.removeprefix("model.")])]
+    assert changed == []  # base weights frozen
+    assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config["method"] == method
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    if method == "lora":
+        assert isinstance(tuned, lora.AdaptedModel)
+    with pytest.raises(ValueError, match="unknown method"):
+        instruct.tune(kpro.Llama(tiny_config()), pairs, "prefix", tmp_path / "x")
+
+
+def test_cli_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, max_position_embeddings=256))
+    kpro.save_pretrained(model, tmp_path / "base")
+    TOK.save(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"say {c}", "response": c} for c in "abcdefghij"]
+                       + [{"instruction": "say something long", "response": "no"}])
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "say a", "choices": ["a", "b"], "answer": 0}])
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "kpro", "bitune", "--model", str(tmp_path / "base"),
+                                         "--data", str(data), "--out", str(tmp_path / "out"), "--device", "cpu",
+                                         "--steps", "2", "--batch-size", "4", "--max-length", "28", *extra],
+                                        capture_output=True, text=True, cwd=ROOT)
+    result = run("--eval", str(mc))
+    assert result.returncode == 0, result.stderr
+    assert "10 examples, 1 dropped for being longer than 28" in result.stdout and "acc " in result.stdout
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["method"] == "bitune" and str(mc) in saved["eval"]
+    bad = run("--eval", str(data))
+    assert bad.returncode == 1 and "needs 'question'" in bad.stderr
