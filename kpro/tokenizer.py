@@ -79,45 +79,96 @@ class Tokenizer(_TokenizerBase):
         Path(directory, SENTENCEPIECE_FILE).write_bytes(self.path.read_bytes())
 
 
-class CharTokenizer(_TokenizerBase):
-    """One token per character of a fixed alphabet, after three specials: <pad>=0, <bos>=1, <eos>=2."""
+class _FixedVocabulary(_TokenizerBase):
+    """One token per unit of a fixed vocabulary (characters, or space-separated symbols), after three
+    specials: <pad>=0, <bos>=1, <eos>=2. Subclasses say how text splits into units and units join back."""
 
     SPECIALS = ("<pad>", "<bos>", "<eos>")
+    KIND: str  # the "type" in its file
+    FILE: str
+    JOIN: str  # between decoded units
+    NOUN: str  # what a unit is called in errors
+    VOCABULARY: str  # what the vocabulary is called in errors
 
-    def __init__(self, alphabet: str):
-        if len(set(alphabet)) != len(alphabet) or not alphabet:
-            raise ValueError(f"alphabet must be non-empty with no repeated characters, got {alphabet!r}")
-        self.alphabet = alphabet
+    def __init__(self, units):
+        units = list(units)
+        if not units:
+            raise ValueError(f"a {type(self).__name__} needs at least one {self.NOUN}")
+        for unit in units:
+            self._check_unit(unit)
+            if unit in self.SPECIALS:
+                raise ValueError(f"{unit!r} is a special token, not a vocabulary entry")
+        repeated = sorted(unit for unit, count in Counter(units).items() if count > 1)
+        if repeated:
+            raise ValueError(f"{self.NOUN}s are repeated: {repeated}")
+        self.units = tuple(units)
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.vocab_size = len(self.SPECIALS) + len(alphabet)
-        self._ids = {char: i + len(self.SPECIALS) for i, char in enumerate(alphabet)}
+        self.vocab_size = len(self.SPECIALS) + len(units)
+        self._ids = {unit: i + len(self.SPECIALS) for i, unit in enumerate(units)}
+
+    def split(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    def _check_unit(self, unit) -> None:
+        raise NotImplementedError
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         try:
-            ids = [self._ids[char] for char in text]
+            ids = [self._ids[unit] for unit in self.split(text)]
         except KeyError as err:
-            raise ValueError(f"character {err.args[0]!r} is not in the alphabet {self.alphabet!r}") from None
+            shown = self.JOIN.join(self.units[:40]) + (" ..." if len(self.units) > 40 else "")
+            raise ValueError(f"{self.NOUN} {err.args[0]!r} is not in the {self.VOCABULARY} ({shown!r})") from None
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
         n = len(self.SPECIALS)
-        return "".join(self.alphabet[int(i) - n] for i in ids if n <= int(i) < self.vocab_size)
+        return self.JOIN.join(self.units[int(i) - n] for i in ids if n <= int(i) < self.vocab_size)
+
+    def _vocabulary_json(self) -> dict:
+        raise NotImplementedError
 
     def save(self, directory: str | os.PathLike) -> None:
-        Path(directory, CHAR_TOKENIZER_FILE).write_text(json.dumps({"type": "char", "alphabet": self.alphabet}) + "\n")
+        Path(directory, self.FILE).write_text(json.dumps({"type": self.KIND, **self._vocabulary_json()}) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CharTokenizer":
+    def load(cls, path: str | os.PathLike):
         path = Path(path)
         if path.is_dir():
-            path = path / CHAR_TOKENIZER_FILE
+            path = path / cls.FILE
         data = json.loads(path.read_text())
-        if data.get("type") != "char" or not isinstance(data.get("alphabet"), str):
-            raise ValueError(f"{path} is not a kpro character tokenizer file")
+        if data.get("type") != cls.KIND:
+            raise ValueError(f"{path} is not a kpro {cls.KIND} tokenizer file")
+        return cls._from_json(data, path)
+
+
+class CharTokenizer(_FixedVocabulary):
+    """One token per character of a fixed alphabet, after <pad>=0, <bos>=1, <eos>=2."""
+
+    KIND, FILE, JOIN, NOUN, VOCABULARY = "char", CHAR_TOKENIZER_FILE, "", "character", "alphabet"
+
+    def __init__(self, alphabet: str):
+        if not isinstance(alphabet, str):
+            raise ValueError(f"alphabet must be a string, got {alphabet!r}")
+        super().__init__(alphabet)
+        self.alphabet = alphabet
+
+    def split(self, text: str) -> list[str]:
+        return list(text)
+
+    def _check_unit(self, unit) -> None:
+        pass  # every character of a string is one
+
+    def _vocabulary_json(self) -> dict:
+        return {"alphabet": self.alphabet}
+
+    @classmethod
+    def _from_json(cls, data: dict, path) -> "CharTokenizer":
+        if not isinstance(data.get("alphabet"), str):
+            raise ValueError(f"{path} is not a kpro char tokenizer file (no alphabet)")
         return cls(data["alphabet"])
 
 
-class SymbolTokenizer(_TokenizerBase):
+class SymbolTokenizer(_FixedVocabulary):
     """One token per space-separated symbol of a fixed vocabulary, after <pad>=0, <bos>=1, <eos>=2.
 
     For text written with spaces between its symbols, like the multiplication data of the ICoT papers
@@ -126,54 +177,31 @@ class SymbolTokenizer(_TokenizerBase):
     tokenizer would also spend a token on every space). `decode` joins symbols with single spaces.
     """
 
-    SPECIALS = ("<pad>", "<bos>", "<eos>")
+    KIND, FILE, JOIN, NOUN, VOCABULARY = "symbol", SYMBOL_TOKENIZER_FILE, " ", "symbol", "vocabulary"
 
     def __init__(self, symbols):
-        symbols = list(symbols)
-        if not symbols:
-            raise ValueError("a SymbolTokenizer needs at least one symbol")
-        for symbol in symbols:
-            if not isinstance(symbol, str) or not symbol or symbol.split() != [symbol]:
-                raise ValueError(f"symbols must be non-empty strings without whitespace, got {symbol!r}")
-            if symbol in self.SPECIALS:
-                raise ValueError(f"{symbol!r} is a special token, not a symbol")
-        repeated = sorted(symbol for symbol, count in Counter(symbols).items() if count > 1)
-        if repeated:
-            raise ValueError(f"symbols are repeated: {repeated}")
-        self.symbols = tuple(symbols)
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.vocab_size = len(self.SPECIALS) + len(symbols)
-        self._ids = {symbol: i + len(self.SPECIALS) for i, symbol in enumerate(symbols)}
+        super().__init__(symbols)
+        self.symbols = self.units
 
     @classmethod
     def from_texts(cls, texts, extra=()) -> "SymbolTokenizer":
         """The vocabulary of every symbol in `texts` (and `extra`), sorted so that it never depends on order."""
         return cls(sorted({symbol for text in texts for symbol in text.split()} | set(extra)))
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        try:
-            ids = [self._ids[symbol] for symbol in text.split()]
-        except KeyError as err:
-            raise ValueError(f"symbol {err.args[0]!r} is not in the vocabulary of {len(self.symbols)} "
-                             f"symbols {list(self.symbols)[:20]}{' ...' if len(self.symbols) > 20 else ''}") from None
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+    def split(self, text: str) -> list[str]:
+        return text.split()
 
-    def decode(self, ids) -> str:
-        n = len(self.SPECIALS)
-        return " ".join(self.symbols[int(i) - n] for i in ids if n <= int(i) < self.vocab_size)
+    def _check_unit(self, unit) -> None:
+        if not isinstance(unit, str) or not unit or unit.split() != [unit]:
+            raise ValueError(f"symbols must be non-empty strings without whitespace, got {unit!r}")
 
-    def save(self, directory: str | os.PathLike) -> None:
-        Path(directory, SYMBOL_TOKENIZER_FILE).write_text(
-            json.dumps({"type": "symbol", "symbols": list(self.symbols)}) + "\n")
+    def _vocabulary_json(self) -> dict:
+        return {"symbols": list(self.symbols)}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SymbolTokenizer":
-        path = Path(path)
-        if path.is_dir():
-            path = path / SYMBOL_TOKENIZER_FILE
-        data = json.loads(path.read_text())
-        if data.get("type") != "symbol" or not isinstance(data.get("symbols"), list):
-            raise ValueError(f"{path} is not a kpro symbol tokenizer file")
+    def _from_json(cls, data: dict, path) -> "SymbolTokenizer":
+        if not isinstance(data.get("symbols"), list):
+            raise ValueError(f"{path} is not a kpro symbol tokenizer file (no symbols)")
         return cls(data["symbols"])
 
 
