@@ -103,7 +103,8 @@ class Bitune(nn.Module):
         """Logits of the answer stream [B, Ta, vocab]: position t predicts answer stream token t + 1.
 
         input_ids [B, T] are `prompt + answer`, right-padded (`attention_mask` 1 = real token); prompt_lens
-        [B] is each row's P. `fused=None` takes the fused path where the mode allows it."""
+        [B] is each row's P. `fused=None` takes the fused path on a GPU where the mode allows it, and
+        the separate passes on the CPU, where they measured faster; both compute the same."""
         streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
         return self._answer_logits(streams, fused)
 
@@ -144,8 +145,8 @@ class Bitune(nn.Module):
 
     def _answer_logits(self, streams: Streams, fused: bool | None, cache: KVCache | None = None) -> torch.Tensor:
         mode = MODES[self.mode]
-        if fused is None:
-            fused = mode.fused
+        if fused is None:  # measured: on the CPU the separate passes are faster (benchmarks/RESULTS.md)
+            fused = mode.fused and streams.prompt_ids.device.type == "cuda"
         elif fused and not mode.fused:
             raise ValueError(f"mode {self.mode!r} has no fused path (its prompt passes are not one causal and one "
                              "bidirectional); use fused=False")

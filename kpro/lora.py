@@ -74,10 +74,24 @@ class LoRALinear(nn.Module):
             return out
         if isinstance(adapter, str):
             return out + self.scale * self.adapters[adapter](x)
-        updates = [self.scale * self.adapters[name](x[:, start:end]) if name is not None
-                   else out.new_zeros((x.shape[0], end - start, self.out_features))
-                   for start, end, name in adapter]
-        return out + torch.cat(updates, dim=1)
+        return out + self.scale * self._segment_update(x, adapter)
+
+    def _segment_update(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """Each token's low-rank update from its segment's adapter, as two matmuls over all tokens: the
+        adapters' A stacked [k·r, in], their B side by side [out, k·r], and a 0/1 mask that keeps, for each
+        token, only its own adapter's r columns. Slicing the tokens instead would cost a full-size gradient
+        buffer per segment in the backward."""
+        names = list(dict.fromkeys(name for _, _, name in segments if name is not None))
+        if not names:
+            return torch.zeros_like(x[..., :1]).expand(*x.shape[:-1], self.out_features)
+        a = torch.cat([self.adapters[n].lora_A.weight for n in names])
+        b = torch.cat([self.adapters[n].lora_B.weight for n in names], dim=1)
+        keep = x.new_zeros((x.shape[1], len(names) * self.rank))
+        for start, end, name in segments:
+            if name is not None:
+                column = names.index(name) * self.rank
+                keep[start:end, column:column + self.rank] = 1
+        return F.linear(F.linear(x, a) * keep, b)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
