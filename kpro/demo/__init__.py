@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .basics import act_basics
+from .expansion import act_expansion
 
-ACTS = {"basics": act_basics}
+ACTS = {"basics": act_basics, "expansion": act_expansion}
 
 
 def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:
