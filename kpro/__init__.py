@@ -2,6 +2,7 @@
 from . import ops, train
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import ConfigError, LlamaConfig
+from .expansion import expand, train_only
 from .generation import generate
 from .model import KVCache, Llama
 from .tokenizer import CharTokenizer, SymbolTokenizer, Tokenizer, load_tokenizer, pad_left
@@ -10,5 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CharTokenizer", "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "SymbolTokenizer",
-    "Tokenizer", "generate", "load_pretrained", "load_tokenizer", "ops", "pad_left", "save_pretrained", "train",
+    "Tokenizer", "expand", "generate", "load_pretrained", "load_tokenizer", "ops", "pad_left", "save_pretrained", "train", "train_only",
 ]

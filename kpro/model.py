@@ -82,6 +82,9 @@ class Llama(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # How each block runs: None (plain calls), or one function per block, `run(block, x, cos, sin,
+        # attention_mask, kv) -> x`; kpro.train_only sets them to skip gradient work in frozen blocks.
+        self.block_runners: tuple | None = None
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -105,8 +108,9 @@ class Llama(nn.Module):
             position_ids = positions_from_mask(attention_mask, past, input_ids.shape[1], input_ids.device)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attention_mask, None if cache is None else cache.layer(i))
+        runners = self.block_runners or (run_block,) * len(self.layers)
+        for i, (layer, run) in enumerate(zip(self.layers, runners, strict=True)):
+            x = run(layer, x, cos, sin, attention_mask, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.length += input_ids.shape[1]
         return x
@@ -133,6 +137,11 @@ class Llama(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def run_block(block: Block, x, cos, sin, attention_mask, kv) -> torch.Tensor:
+    """A plain call of the block: the default way each block runs."""
+    return block(x, cos, sin, attention_mask, kv)
 
 
 def positions_from_mask(attention_mask, past: int, length: int, device) -> torch.Tensor:

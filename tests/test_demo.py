@@ -28,3 +28,18 @@ def test_bitune_act_compares_lora_and_bitune(tmp_path, capsys):
     prompt, answer = bitune.question(random.Random(0))
     digits = [int(d) for d in prompt.split()[:6]]
     assert answer == str(bitune.OPERATIONS[prompt.split()[-1]](digits))
+def test_expansion_tasks_format():
+    from kpro.demo import expansion
+    prompt, answer = expansion.domain_task(random.Random(0))
+    digits = prompt[:-1]
+    assert prompt.endswith("=") and digits.isdigit() and answer == "".join("abcdefghij"[int(d)] for d in digits[::-1])
+
+
+def test_expansion_act_runs_and_prints_the_table(tmp_path, capsys):
+    from kpro.demo import expansion
+    result = expansion.act_expansion(tmp_path / "expansion", pretrain_steps=8, domain_steps=4, eval_examples=8)
+    out = capsys.readouterr().out
+    assert "(a) expanded, new blocks trained" in out and "(b) control, all weights trained" in out
+    assert result["new_blocks"] == [1, 3, 5, 7]
+    for arm in ("before", "expanded", "control"):
+        assert set(result[arm]) == {"domain", "general"}

@@ -52,6 +52,23 @@ def backend(name: str | None = None, **per_op: str):
         _forced.pop()
 
 
+def forced_backends() -> tuple[dict[str, str], ...]:
+    """The `backend()` blocks in force now, outermost first: for code that re-runs ops later (recomputation
+    in a backward pass, outside those blocks) and must choose the same backends."""
+    return tuple(dict(choice) for choice in _forced)
+
+
+@contextlib.contextmanager
+def backends_forced(choices: tuple[dict[str, str], ...]):
+    """Run the block under exactly `choices` (from `forced_backends()`), whatever blocks surround it."""
+    outer = _forced[:]
+    _forced[:] = [dict(choice) for choice in choices]
+    try:
+        yield
+    finally:
+        _forced[:] = outer
+
+
 def requested_backend(op: str = "*") -> str:
     """The backend asked for `op` now: the innermost `backend()` block covering it, else $KPRO_BACKEND
     (`cuda`, or per op: `cuda,attention=triton`), else `auto`."""

@@ -1,0 +1,109 @@
+"""Training only the new blocks of an expanded model (LLaMA Pro: 32 blocks + 8 interleaved): saved activation
+bytes and step time of kpro.train_only against plain eager PyTorch with requires_grad_(False).
+
+    pytest --benchmark -k expansion
+
+Implementations, on the same weights (their losses are checked to agree before timing):
+    eager            the gpt-fast-style PyTorch LLaMA (llama_baseline.py), frozen parameters requires_grad_(False)
+    kpro-frozen      kpro.Llama with the same requires_grad_(False) flags and nothing else (kpro's ops only)
+    kpro-train_only  kpro.train_only(model, new_ids): no graph below the lowest new block, frozen blocks above
+                     it input-gradient only
+    kpro-recompute   kpro.train_only(model, new_ids, recompute_frozen=True)
+A step is forward, fp32 cross-entropy, backward and an AdamW step on the new blocks. `extra_info` holds the
+saved activation bytes (distinct storages packed by autograd during the forward, weights left out) and
+their reduction against eager; on CUDA also the peak memory allocated during a step.
+"""
+import pytest
+import torch
+
+import kpro
+from conftest import describe_device, median_seconds, synchronize
+from kpro.expansion import saved_activation_bytes
+from kpro.train import adamw, causal_lm_loss
+from llama_baseline import BaselineLlama
+
+# LLaMA-2-7B's shape (MHA, intermediate/hidden 2.69, vocab/hidden 7.8) at reduced widths; 32 blocks + 8 new.
+SIZES = {  # name: (config fields, batch, sequence); the GPU size runs only where CUDA is
+    "cpu-pro": (dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, vocab_size=2048), 2, 256),
+    "gpu-pro": (dict(hidden_size=1024, intermediate_size=2752, num_attention_heads=16, vocab_size=8192), 4, 2048),
+}
+IMPLEMENTATIONS = ["eager", "kpro-frozen", "kpro-train_only", "kpro-recompute"]
+ORIGINAL_BLOCKS, NEW_BLOCKS = 32, 8
+
+
+def expanded_model(size, device):
+    fields, batch, seq = SIZES[size]
+    if size.startswith("gpu") != (device.type == "cuda"):
+        pytest.skip(f"{size} runs on {'CUDA' if size.startswith('gpu') else 'the CPU'} only")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = kpro.LlamaConfig(num_hidden_layers=ORIGINAL_BLOCKS, max_position_embeddings=seq, **fields)
+    torch.manual_seed(0)
+    model = kpro.Llama(cfg)
+    new_ids = kpro.expand(model, NEW_BLOCKS)
+    with torch.no_grad():  # as after some training: the new blocks contribute
+        for i in new_ids:
+            model.layers[i].self_attn.o_proj.weight.normal_(0, 0.02)
+            model.layers[i].mlp.down_proj.weight.normal_(0, 0.02)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    return model.to(device=device, dtype=dtype), new_ids, ids
+
+
+def prepare(impl, model, new_ids):
+    if impl == "eager":
+        model = BaselineLlama.from_kpro(model)
+    if impl in ("eager", "kpro-frozen"):
+        model.requires_grad_(False)
+        for i in new_ids:
+            model.layers[i].requires_grad_(True)
+    else:
+        kpro.train_only(model, new_ids, recompute_frozen=impl == "kpro-recompute")
+    return model
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_expansion_step(benchmark, device, impl, size):
+    model, new_ids, ids = expanded_model(size, device)
+    reference_loss = None
+    if impl != "kpro-frozen":  # same function before timing: a faster wrong model is no baseline
+        with torch.no_grad():
+            reference_loss = causal_lm_loss(model(ids), ids).item()
+    model = prepare(impl, model, new_ids)
+    optimizer = adamw(model, 1e-4)
+    benchmark.group = f"expansion step {size}"
+
+    def loss_of():
+        return causal_lm_loss(model(ids), ids)
+
+    saved, loss = saved_activation_bytes(loss_of, model.parameters())
+    loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    if reference_loss is not None:
+        tolerance = 2e-2 if ids.device.type == "cuda" else 1e-4
+        assert abs(loss.item() - reference_loss) <= tolerance * abs(reference_loss), (loss.item(), reference_loss)
+
+    def step():
+        loss_of().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=3 if device.type == "cpu" else 10, iterations=1)
+    info = dict(device=describe_device(device), tokens=ids.numel(), saved_activation_mb=round(saved / 2**20, 1),
+                new_blocks=new_ids)
+    if device.type == "cuda":
+        info["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    benchmark.extra_info.update(info)
+    SAVED[size, impl] = saved
+    if (size, "eager") in SAVED:
+        benchmark.extra_info["saved_vs_eager"] = round(saved / SAVED[size, "eager"], 3)
+    median = median_seconds(benchmark)
+    print(f"\n{impl} {size}: saved activations {saved / 2**20:.1f} MiB"
+          + (f" ({saved / SAVED[size, 'eager'] - 1:+.1%} vs eager)" if (size, "eager") in SAVED else "")
+          + (f", median step {median * 1e3:.0f} ms" if median is not None else ""))
+
+
+SAVED: dict = {}  # (size, impl) -> saved bytes, so later implementations report against eager

@@ -1,0 +1,252 @@
+"""Expand an HF-layout checkpoint directory without loading the model (`python -m kpro expand`).
+
+Tensors are never materialised: each one's bytes are copied from its source file into the new files
+through one fixed buffer, renamed to its new block index, and the new blocks' `o_proj` and `down_proj`
+are written as zero bytes (0.0 in every floating-point format). Memory use is that buffer, whatever the
+checkpoint size, and dtypes are kept bit for bit. The output is written under a temporary name and
+swapped into place (`kpro.checkpoint.atomic_directory`), with `config.json` (the source's, with the new
+`num_hidden_layers`), the tokenizer and other non-weight files of the source, and `kpro_expansion.json`
+(which blocks are new, for `python -m kpro train-expanded`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError, _check_names_and_shapes,
+                          atomic_directory, hf_tensors, parse_size, tensor_locations)
+from ..config import LlamaConfig
+from ..model import Llama
+from .layout import expansion_layout
+
+EXPANSION_FILE = "kpro_expansion.json"
+# Files of other weight formats are left behind: they hold the unexpanded model.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+ZEROED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+COPY_BUFFER_BYTES = 16 << 20
+
+
+@dataclasses.dataclass
+class ExpansionResult:
+    directory: Path
+    original_blocks: int
+    new_blocks: list[int]
+    weight_files: list[str]
+    copied_files: list[str]  # tokenizer and other files taken along from the source
+    skipped: list[str]  # entries of the source left behind (weights in other formats, subdirectories)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where a tensor's bytes are: a byte range of a safetensors file."""
+
+    file: Path
+    start: int  # absolute offset in the file
+    nbytes: int
+    dtype: str  # safetensors dtype code ("BF16", "F32", ...)
+    shape: tuple[int, ...]
+
+
+def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave", *,
+                      max_shard_size: int | str = "5GB", overwrite: bool = False,
+                      buffer_bytes: int = COPY_BUFFER_BYTES) -> ExpansionResult:
+    """Write the expansion of checkpoint `src` to `dst` (see the module docstring); returns what was written."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {src} does not exist")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise FileExistsError(f"{dst} already exists and is not empty; choose a new directory, or overwrite=True (--overwrite) to replace it")
+    max_shard_bytes = parse_size(max_shard_size)
+    raw_config = json.loads((src / CONFIG_NAME).read_text()) if (src / CONFIG_NAME).is_file() else None
+    if raw_config is None:
+        raise FileNotFoundError(f"{src} has no {CONFIG_NAME}")
+    cfg = LlamaConfig.from_hf(raw_config)
+    sources = _read_headers(src)
+    _check_against_config(src, cfg, sources)
+    layout = expansion_layout(cfg.num_hidden_layers, num_new_blocks, position)
+    plan = _output_tensors(sources, layout)
+    shards = _plan_shards(plan, max_shard_bytes)
+    new_blocks = [i for i, (_, new) in enumerate(layout) if new]
+
+    with atomic_directory(dst, drop=lambda name: True) as tmp:
+        names = [WEIGHTS_NAME] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        buffer = bytearray(buffer_bytes)
+        for file, shard in zip(names, shards):
+            _write_safetensors(tmp / file, [(name, plan[name]) for name in shard], buffer)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(_nbytes(plan[n]) for n in plan)},
+                     "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps({**raw_config, "num_hidden_layers": len(layout)}, indent=2) + "\n")
+        copied, skipped = _copy_other_files(src, tmp)
+        record = {"original_num_hidden_layers": cfg.num_hidden_layers, "num_new_blocks": num_new_blocks,
+                  "position": position, "new_blocks": new_blocks,
+                  "copied_from": [source for source, _ in layout]}
+        (tmp / EXPANSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return ExpansionResult(dst, cfg.num_hidden_layers, new_blocks, names, copied, skipped)
+
+
+def read_expansion_record(directory) -> dict | None:
+    """The `kpro_expansion.json` of an expanded checkpoint, or None when it has none."""
+    path = Path(directory) / EXPANSION_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if not isinstance(record.get("new_blocks"), list):
+        raise CheckpointError(f"{path} has no list of new_blocks")
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def _read_headers(directory: Path) -> dict[str, _Source]:
+    """Every tensor of the checkpoint: where its bytes are, read from the safetensors headers only."""
+    locations = tensor_locations(directory)
+    sources = {}
+    for file in sorted(set(locations.values())):
+        for name, source in _read_header(file).items():
+            if locations.get(name) == file:  # an index decides which file holds a name
+                sources[name] = source
+    missing = sorted(name for name in locations if name not in sources)
+    if missing:
+        raise CheckpointError(f"{directory / INDEX_NAME} maps tensor(s) to files that do not hold them: "
+                              f"{', '.join(missing[:5])}")
+    return sources
+
+
+def _read_header(file: Path) -> dict[str, _Source]:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if length is None or length > size - 8:
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{file} has an unreadable safetensors header: {err}") from None
+    data_start, sources = 8 + length, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            source = _Source(file, data_start + begin, end - begin, info["dtype"], tuple(info["shape"]))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: the header entry of {name} is malformed") from None
+        if not 0 <= begin <= end or data_start + end > size:
+            raise CheckpointError(f"{file}: tensor {name} lies outside the file (truncated?)")
+        sources[name] = source
+    return sources
+
+
+def _check_against_config(directory: Path, cfg: LlamaConfig, sources: dict[str, _Source]) -> None:
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {name: tuple(t.shape) for name, t in hf_tensors(model).items()}
+    _check_names_and_shapes(directory, expected, {name: s.shape for name, s in sources.items()},
+                            tied=cfg.tie_word_embeddings)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+def _output_tensors(sources: dict[str, _Source], layout) -> dict[str, _Source | tuple]:
+    """Output name -> its source, or ("zeros", source) for a new block's zeroed projection; in file order:
+    the non-block tensors that come first in the source, the blocks in their new order, then the rest."""
+    by_block: dict[int, list[tuple[str, _Source]]] = {}
+    before, after = {}, {}
+    for name, source in sources.items():
+        match = _LAYER_RE.fullmatch(name)
+        if match:
+            by_block.setdefault(int(match.group(1)), []).append((match.group(2), source))
+        else:
+            (after if name.startswith(("model.norm.", "lm_head.")) else before)[name] = source
+    plan: dict[str, _Source | tuple] = dict(before)
+    for index, (original, new) in enumerate(layout):
+        for suffix, source in sorted(by_block.get(original, [])):
+            plan[f"model.layers.{index}.{suffix}"] = ("zeros", source) if new and suffix in ZEROED else source
+    plan.update(after)
+    return plan
+
+
+def _nbytes(entry) -> int:
+    return (entry[1] if isinstance(entry, tuple) else entry).nbytes
+
+
+def _plan_shards(plan: dict, max_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for name, entry in plan.items():
+        if current and size + _nbytes(entry) > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += _nbytes(entry)
+    return shards + [current]
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, _Source | tuple]], buffer: bytearray) -> None:
+    """A safetensors file written tensor by tensor: the header, then each tensor's bytes in order."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, entry in entries:
+        source = entry[1] if isinstance(entry, tuple) else entry
+        header[name] = {"dtype": source.dtype, "shape": list(source.shape), "data_offsets": [offset, offset + source.nbytes]}
+        offset += source.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    view = memoryview(buffer)
+    handles: dict[Path, object] = {}
+    try:
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            for _, entry in entries:
+                if isinstance(entry, tuple):
+                    _write_zeros(out, entry[1].nbytes, view)
+                else:
+                    if entry.file not in handles:
+                        handles[entry.file] = open(entry.file, "rb")
+                    _copy_range(handles[entry.file], entry.start, entry.nbytes, out, view)
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def _copy_range(src, start: int, nbytes: int, out, view: memoryview) -> None:
+    src.seek(start)
+    while nbytes:
+        got = src.readinto(view[:min(nbytes, len(view))])
+        if not got:
+            raise CheckpointError(f"{src.name} ended early (truncated while being read?)")
+        out.write(view[:got])
+        nbytes -= got
+
+
+def _write_zeros(out, nbytes: int, view: memoryview) -> None:
+    zeros = view[:min(nbytes, len(view))]
+    zeros[:] = bytes(len(zeros))
+    while nbytes:
+        out.write(zeros[:min(nbytes, len(zeros))])
+        nbytes -= min(nbytes, len(zeros))
+
+
+def _copy_other_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
+    """Copy the tokenizer and the other plain files of `src` (not its weights, config or index)."""
+    copied, skipped = [], []
+    for entry in sorted(src.iterdir()):
+        name = entry.name
+        if name in (CONFIG_NAME, EXPANSION_FILE) or name.endswith((".index.json", ".safetensors")):
+            continue  # rewritten for the expanded model
+        if entry.is_dir() or not entry.is_file() or name.endswith(WEIGHT_SUFFIXES):
+            skipped.append(name)
+            continue
+        shutil.copy2(entry, dst / name)
+        copied.append(name)
+    return copied, skipped

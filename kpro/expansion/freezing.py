@@ -1,0 +1,162 @@
+"""`kpro.train_only`: train some blocks, freeze everything else, and skip the gradient work frozen blocks
+do not need.
+
+With trainable blocks `ids` and L = min(ids), each block of the model runs one of four ways
+(`Llama.hidden_states` calls `model.block_runners[i]` for block i):
+
+    trainable              a plain call: every gradient
+    frozen, below L        under torch.no_grad(): no autograd graph, nothing saved, no backward at all
+                           (nothing below L needs a gradient)
+    frozen, above L        a plain call with frozen weights: autograd computes only the input gradient.
+                           kpro's ops make that cheap: RMSNorm saves x and its rstd and skips the dW reduction,
+                           SwiGLU saves gate and up only, attention saves q, k, v, out and the log-sum-exp,
+                           and a frozen projection saves nothing of its input (only dX = dY·W is needed)
+    frozen, above L, with  only the block's input is saved; backward re-runs the block from it and takes the
+    recompute_frozen=True  input gradient (no weight gradients: the block is frozen)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import torch
+
+from ..model import Llama, run_block
+from ..ops.backend import backends_forced, forced_backends
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """How `train_only` set the model up; block indices in each role."""
+
+    trainable: tuple[int, ...]
+    no_graph: tuple[int, ...]  # frozen blocks below the lowest trainable one
+    input_grad_only: tuple[int, ...]  # frozen blocks above it
+    recompute_frozen: bool
+
+    @property
+    def full_training(self) -> bool:
+        return not self.no_graph and not self.input_grad_only
+
+    def describe(self) -> str:
+        if self.full_training:
+            return "full training: every parameter trains"
+        above = "recomputed in backward" if self.recompute_frozen else "input gradient only"
+        return (f"training blocks {_ranges(self.trainable)}; frozen: {_ranges(self.no_graph) or 'none'} without "
+                f"autograd, {_ranges(self.input_grad_only) or 'none'} {above}; embeddings, final norm, head frozen")
+
+
+def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: bool = False) -> TrainPlan:
+    """Make only blocks `block_ids` trainable and switch on frozen-block gradient skipping.
+
+    Everything else (embeddings, final norm, lm_head, other blocks) gets requires_grad=False. `None`, or
+    every block, returns to full training: all parameters train and blocks run plainly again. Call it
+    before building the optimizer (`kpro.train.adamw` takes only trainable parameters).
+    """
+    if not isinstance(model, Llama):
+        raise TypeError(f"train_only() takes a kpro.Llama, got {type(model).__name__}")
+    num_blocks = len(model.layers)
+    ids = _check_block_ids(block_ids, num_blocks)
+    if ids is None or len(ids) == num_blocks:
+        model.requires_grad_(True)
+        model.block_runners = None
+        return TrainPlan(tuple(range(num_blocks)), (), (), False)
+    model.requires_grad_(False)
+    for i in ids:
+        model.layers[i].requires_grad_(True)
+    lowest = ids[0]
+    frozen_above = run_recomputed if recompute_frozen else run_block
+    model.block_runners = tuple(run_block if i in ids else run_without_graph if i < lowest else frozen_above
+                                for i in range(num_blocks))
+    frozen = [i for i in range(num_blocks) if i not in ids]
+    return TrainPlan(ids, tuple(i for i in frozen if i < lowest), tuple(i for i in frozen if i > lowest),
+                     bool(recompute_frozen))
+
+
+def _check_block_ids(block_ids, num_blocks: int) -> tuple[int, ...] | None:
+    if block_ids is None:
+        return None
+    if isinstance(block_ids, (int, str)):
+        raise TypeError(f"block_ids must be a collection of block indices (or None), got {block_ids!r}")
+    ids = list(block_ids)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"block indices must be integers, got {i!r}")
+        if not 0 <= i < num_blocks:
+            raise ValueError(f"block index {i} is out of range: the model has {num_blocks} blocks (0 ... {num_blocks - 1})")
+    if not ids:
+        raise ValueError("no block to train: pass the indices of at least one block, or None for full training")
+    return tuple(sorted(set(ids)))
+
+
+# ------------------------------------------------------------------------------------------ block runners
+
+def run_without_graph(block, x, cos, sin, attention_mask, kv):
+    """A frozen block below every trainable one: no gradient can be needed, so build no graph."""
+    _check_frozen(block)
+    with torch.no_grad():
+        return block(x, cos, sin, attention_mask, kv)
+
+
+def run_recomputed(block, x, cos, sin, attention_mask, kv):
+    """A frozen block above a trainable one: save its input only, recompute it in the backward."""
+    _check_frozen(block)
+    if kv is not None or not torch.is_grad_enabled() or not x.requires_grad:
+        return block(x, cos, sin, attention_mask, kv)  # decoding or evaluation: nothing to save anyway
+    return RecomputedFrozenBlock.apply(x, cos, sin, attention_mask, block, _ForwardContext.capture(x.device.type))
+
+
+def _check_frozen(block) -> None:
+    # These runners drop weight gradients by design: refuse if someone unfroze the block after train_only.
+    for name, p in block.named_parameters():
+        if p.requires_grad:
+            raise RuntimeError(f"a block that train_only froze has a trainable parameter again ({name}); call "
+                               "kpro.train_only again after changing which parameters train")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ForwardContext:
+    """What the forward ran under that the backward does not: autocast and forced kpro backends."""
+
+    device_type: str
+    autocast: bool
+    autocast_dtype: torch.dtype
+    backends: tuple
+
+    @classmethod
+    def capture(cls, device_type: str) -> "_ForwardContext":
+        return cls(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
+                   forced_backends())
+
+
+class RecomputedFrozenBlock(torch.autograd.Function):
+    """y = block(x) saving only x (cos, sin are shared by all blocks, the mask is [B, T] integers); the
+    backward re-runs the block with autograd on and returns dL/dx. The block must be frozen: no weight
+    gradient is computed."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, attention_mask, block, context):
+        ctx.block, ctx.context = block, context
+        ctx.save_for_backward(x, cos, sin, attention_mask)
+        return block(x, cos, sin, attention_mask, None)  # autograd.Function.forward runs without a graph
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, cos, sin, attention_mask = ctx.saved_tensors
+        x = x.detach().requires_grad_(True)
+        c = ctx.context
+        with torch.enable_grad(), torch.autocast(c.device_type, c.autocast_dtype, c.autocast), backends_forced(c.backends):
+            y = ctx.block(x, cos, sin, attention_mask, None)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        return dx, None, None, None, None, None
+
+
+def _ranges(ids) -> str:
+    """(0, 1, 2, 4, 9) -> '0-2, 4, 9'."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)

@@ -1,0 +1,155 @@
+"""`python -m kpro expand` and `train-expanded`: checkpoints expanded by streaming, and post-pretraining
+of the new blocks from the command line."""
+import json
+import tracemalloc
+
+import pytest
+import torch
+
+import kpro
+from kpro.cli import main
+from kpro.expansion.checkpoint import EXPANSION_FILE, expand_checkpoint
+from kpro.train import read_metrics
+from conftest import randomize_norms, tiny_config
+
+
+def write_checkpoint(directory, dtype=torch.bfloat16, max_shard_size="5GB", **overrides):
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(**overrides)).to(dtype)
+    randomize_norms(model, torch.Generator().manual_seed(1))
+    kpro.save_pretrained(model, directory, max_shard_size=max_shard_size)
+    return model
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+def test_cli_expand_matches_in_memory_expansion(tmp_path, capsys, sharded):
+    source = write_checkpoint(tmp_path / "src", num_hidden_layers=4, max_shard_size="20KB" if sharded else "5GB")
+    kpro.CharTokenizer("abcdefgh").save(tmp_path / "src")
+    (tmp_path / "src" / "README.md").write_text("model card\n")
+    (tmp_path / "src" / "pytorch_model.bin").write_bytes(b"stale weights of the unexpanded model")
+    assert (tmp_path / "src" / "model.safetensors.index.json").is_file() == sharded
+
+    args = ["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "2"]
+    assert main(args + (["--max-shard-size", "30KB"] if sharded else [])) == 0
+    out = capsys.readouterr().out
+    assert "4 -> 6 blocks (interleave); new blocks 2, 5" in out and "left behind: pytorch_model.bin" in out
+
+    expanded = kpro.load_pretrained(tmp_path / "dst", dtype=torch.bfloat16)
+    reference = kpro.load_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    kpro.expand(reference, 2)
+    assert expanded.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(expanded.state_dict()[name], tensor), name
+    ids = torch.randint(0, source.config.vocab_size, (2, 7))
+    assert torch.equal(expanded(ids), source(ids))
+    assert (tmp_path / "dst" / "model.safetensors.index.json").is_file() == sharded
+    assert isinstance(kpro.load_tokenizer(tmp_path / "dst"), kpro.CharTokenizer)
+    assert (tmp_path / "dst" / "README.md").read_text() == "model card\n"
+    assert not (tmp_path / "dst" / "pytorch_model.bin").exists()
+    record = json.loads((tmp_path / "dst" / EXPANSION_FILE).read_text())
+    assert record["new_blocks"] == [2, 5] and record["copied_from"] == [0, 1, 1, 2, 3, 3]
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["num_hidden_layers"] == 6
+
+
+def test_expand_streams_through_a_small_buffer(tmp_path):
+    """Peak Python memory stays near the copy buffer, far below the checkpoint (by design: tensors are
+    copied as byte ranges, never loaded)."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, num_hidden_layers=2, hidden_size=128,
+                     intermediate_size=512, num_attention_heads=4, num_key_value_heads=4, vocab_size=1024)
+    checkpoint_bytes = (tmp_path / "src" / "model.safetensors").stat().st_size
+    assert checkpoint_bytes > 3_000_000
+    tracemalloc.start()
+    try:
+        expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2, position="top", buffer_bytes=64 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < checkpoint_bytes / 10, (peak, checkpoint_bytes)
+    assert kpro.load_pretrained(tmp_path / "dst").config.num_hidden_layers == 4
+
+
+def test_expanded_checkpoint_keeps_every_byte_and_dtype(tmp_path):
+    write_checkpoint(tmp_path / "src", dtype=torch.float16, num_hidden_layers=2, tie_word_embeddings=True)
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1, position="bottom")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as src, \
+            safe_open(str(tmp_path / "dst" / "model.safetensors"), "pt") as dst:
+        assert "lm_head.weight" not in dst.keys()
+        assert torch.equal(dst.get_tensor("model.layers.2.mlp.up_proj.weight"), src.get_tensor("model.layers.1.mlp.up_proj.weight"))
+        assert torch.equal(dst.get_tensor("model.layers.0.mlp.up_proj.weight"), src.get_tensor("model.layers.0.mlp.up_proj.weight"))
+        zero = dst.get_tensor("model.layers.0.mlp.down_proj.weight")
+        assert zero.dtype == torch.float16 and not zero.any()
+
+
+def test_cli_expand_errors_are_one_line(tmp_path, capsys):
+    write_checkpoint(tmp_path / "src", num_hidden_layers=4)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    cases = [
+        (["expand", str(tmp_path / "src"), str(tmp_path / "a"), "--blocks", "3"], "3 does not"),
+        (["expand", str(tmp_path / "nowhere"), str(tmp_path / "a"), "--blocks", "2"], "does not exist"),
+        (["expand", str(tmp_path / "src"), str(tmp_path / "taken"), "--blocks", "2"], "already exists"),
+    ]
+    for args, message in cases:
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists() and (tmp_path / "taken" / "file").read_text() == "x"
+    with pytest.raises(SystemExit):
+        main(["expand", str(tmp_path / "src"), str(tmp_path / "a"), "--blocks", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "taken"), "--blocks", "2", "--overwrite"]) == 0
+    assert not (tmp_path / "taken" / "file").exists()
+
+
+def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path):
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2)
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(kpro.CheckpointError, match="missing tensor"):
+        expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1)
+    assert not (tmp_path / "dst").exists()
+
+
+# ------------------------------------------------------------------------------------------ train-expanded
+
+def test_cli_train_expanded_trains_only_the_new_blocks_and_resumes(tmp_path, capsys):
+    alphabet = "abcdefgh \n"
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=3 + len(alphabet), max_position_embeddings=32)
+    kpro.CharTokenizer(alphabet).save(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    run = tmp_path / "run"
+    args = ["train-expanded", str(tmp_path / "big"), "--data", str(corpus), "--out", str(run), "--seq-len", "16",
+            "--batch-size", "4", "--lr", "1e-2", "--recompute-frozen", "--save-every", "2"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "4"]) == 0  # the same run, continued
+    out = capsys.readouterr().out
+    assert "training blocks 2; frozen: 0-1 without autograd" in out and "resumed from" in out
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+    trained = kpro.load_pretrained(run / "final", dtype=torch.bfloat16)
+    start = kpro.load_pretrained(tmp_path / "big", dtype=torch.bfloat16)
+    assert json.loads((run / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    for name, tensor in start.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], tensor) != name.startswith("layers.2."), name
+    assert isinstance(kpro.load_tokenizer(run / "final"), kpro.CharTokenizer)
+    assert isinstance(kpro.load_tokenizer(run / "step-00000004"), kpro.CharTokenizer)
+
+
+def test_cli_train_expanded_errors(tmp_path, capsys):
+    write_checkpoint(tmp_path / "plain", num_hidden_layers=2, vocab_size=12)
+    kpro.CharTokenizer("abcdefghi").save(tmp_path / "plain")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc\n\nxyz\n")
+    cases = [
+        (["--data", str(corpus)], "no kpro_expansion.json"),
+        (["--data", str(corpus), "--train-blocks", "5"], "block index 5 is out of range"),
+        (["--data", str(tmp_path / "none.txt"), "--train-blocks", "1"], "corpus file"),
+        (["--data", str(corpus), "--train-blocks", "1"], "character 'x' is not in the alphabet"),
+    ]
+    for extra, message in cases:
+        assert main(["train-expanded", str(tmp_path / "plain"), "--out", str(tmp_path / "run")] + extra) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
