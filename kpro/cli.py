@@ -1,4 +1,4 @@
-"""`python -m kpro <command>`: info, generate, demo."""
+"""`python -m kpro <command>`: info, generate, internalize, demo."""
 from __future__ import annotations
 
 import argparse
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_generate)
+
+    from .internalize.command import add_parser as add_internalize_parser
+
+    add_internalize_parser(sub)
 
     from .demo import ACTS
 
