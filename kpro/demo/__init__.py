@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .basics import act_basics
+from .internalization import act_internalization
 
-ACTS = {"basics": act_basics}
+ACTS = {"basics": act_basics, "internalization": act_internalization}
 
 
 def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:

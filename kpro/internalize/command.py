@@ -164,6 +164,9 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
     steps_per_epoch = args.steps_per_epoch or len(tokenized) // args.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{len(tokenized)} training examples do not fill one batch of {args.batch_size}")
+    if round(steps_per_epoch / args.remove_per_epoch) < 1:
+        raise ValueError(f"--remove-per-epoch {args.remove_per_epoch:g} would remove more than one token per step in an "
+                         f"epoch of {steps_per_epoch} steps; lower it, or lengthen the epoch with --steps-per-epoch")
     schedule = RemovalSchedule(steps_per_epoch, args.remove_per_epoch, args.smoothing_lambda, args.remove_all_after)
     steps = _total_steps(args, schedule, max(example.cot_length for example in tokenized))
     removal = NO_REMOVAL if args.no_removal else REMOVE_EVERYTHING if args.no_cot else schedule
