@@ -258,6 +258,8 @@ def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
     (["--task", "3x3", "--remove-all-after", "-1"], "--remove-all-after must be >= 0"),
     (["--task", "2x2", "--train-size", "9000"], "asked for 9,000 pairs of 2-digit numbers"),
     (["--task", "3x3", "--remove-per-epoch", "9"], "--remove-per-epoch 9 would remove more than one token per step"),
+    pytest.param(["--task", "3x3", "--device", "cuda"], "--device cuda: this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a CUDA device")),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, args, message):
     assert main(["internalize", "--out", str(tmp_path / "run"), *TINY, *args]) == 1
