@@ -1,4 +1,4 @@
-"""`python -m kpro <command>`: info, generate, expand, train-expanded, bitune, demo."""
+"""`python -m kpro <command>`: info, generate, expand, train-expanded, internalize, bitune, demo."""
 from __future__ import annotations
 
 import argparse
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_generate)
 
+    from .internalize.command import add_parser as add_internalize_parser
+
+    add_internalize_parser(sub)
     p = sub.add_parser("expand", help="LLaMA Pro block expansion of a checkpoint, streamed tensor by tensor",
                        description="Insert identity-initialised copies of blocks (o_proj and down_proj zero) into an "
                                    "HF-layout checkpoint. Tensors are copied byte for byte through a fixed buffer, "

@@ -3,6 +3,7 @@ import random
 
 import kpro
 from kpro.demo import basics as demo
+from kpro.demo import internalization
 
 
 def test_reversal_task_format():
@@ -43,3 +44,12 @@ def test_expansion_act_runs_and_prints_the_table(tmp_path, capsys):
     assert result["new_blocks"] == [1, 3, 5, 7]
     for arm in ("before", "expanded", "control"):
         assert set(result[arm]) == {"domain", "general"}
+def test_internalization_act_trains_the_three_models_and_reports_them(tmp_path, capsys):
+    results = internalization.act_internalization(tmp_path, explicit_steps=6, internalize_steps=8, steps_per_token=2,
+                                                  test_size=8)
+    out = capsys.readouterr().out
+    assert set(results) == {"explicit CoT", "no CoT", "internalized"}
+    for name in results:
+        assert f"  {name}" in out and 0.0 <= results[name]["accuracy"] <= 1.0
+        assert results[name]["examples_per_second"] > 0
+    assert "examples/s" in out and "step 7: removing 3 CoT tokens" in out

@@ -43,7 +43,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "kpro", *args], capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["generate"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["info"], ["generate"], ["internalize"], ["demo"]])
 def test_every_subcommand_has_help(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0 and "usage: python -m kpro" in result.stdout

@@ -9,9 +9,10 @@ from pathlib import Path
 from .basics import act_basics
 from .bitune import act_bitune
 from .expansion import act_expansion
+from .internalization import act_internalization
 
 # In the order `python -m kpro demo` runs them.
-ACTS = {"expansion": act_expansion, "basics": act_basics, "bitune": act_bitune}
+ACTS = {"expansion": act_expansion, "basics": act_basics, "internalization": act_internalization, "bitune": act_bitune}
 
 
 def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:

@@ -1,0 +1,337 @@
+"""`python -m kpro internalize`: train (or evaluate) explicit-CoT, no-CoT and internalized models.
+
+    python -m kpro internalize --task 4x4 --out runs/4x4                 # stepwise internalization
+    python -m kpro internalize --task 4x4 --out runs/4x4-cot --no-removal   # explicit-CoT baseline
+    python -m kpro internalize --task 4x4 --out runs/4x4-nocot --no-cot     # no-CoT baseline
+    python -m kpro internalize --train train.txt --valid valid.txt --model llama-dir --out runs/mine
+
+A run directory holds the generated data (`data/`), `metrics.jsonl`, checkpoints `step-*/` (each one a
+model directory with its tokenizer), the final `model/`, and `eval.json`. Running the same command again
+resumes from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_pretrained, save_pretrained
+from ..config import LlamaConfig
+from ..model import Llama
+from ..tokenizer import load_tokenizer
+from .data import PUBLISHED_TASKS, read_examples, read_published
+from .evaluation import MARGIN_TOKENS, evaluate
+from .loop import NO_REMOVAL, REMOVE_EVERYTHING, ValidationAccuracy, fit_internalization, mean_cot_tokens
+from .multiplication import (PUBLISHED_SIZES, multiplication_lines, multiplication_operands, multiplication_pairs,
+                             write_multiplication_training_set)
+from .schedule import RemovalSchedule
+from .tokenization import multiplication_tokenizer, symbol_tokenizer_for, tokenize_examples
+
+PAPER_TRAIN_SIZE = 808_000
+# From-scratch model shapes: (layers, hidden, heads, intermediate); --layers etc. override any of them.
+SIZES = {"tiny": (4, 128, 4, 512), "small": (6, 256, 8, 1024), "base": (12, 768, 12, 3072)}
+SCRATCH_LR, PRETRAINED_LR = 1e-3, 5e-5  # the paper fine-tuned GPT-2 at 5e-5; a small model from scratch needs more
+MULTIPLICATION_TASK = re.compile(r"([1-9][0-9]*)x\1")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "internalize", help="stepwise internalization of chain-of-thought (ICoT-SI), and its two baselines",
+        description="Train a model on `input||cot #### answer` examples while CoT tokens are removed from the left, "
+                    "a few more every epoch (ICoT-SI), or the explicit-CoT (--no-removal) and no-CoT (--no-cot) "
+                    "baselines; then report accuracy and examples/s on the valid and test sets. Running the same "
+                    "command again resumes from the newest checkpoint in --out.")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run directory: generated data, metrics.jsonl, checkpoints, model/, eval.json")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--task", metavar="TASK",
+                      help="NxN (e.g. 4x4): n-digit multiplication, the training set generated without the valid/test "
+                           f"pairs; valid/test are the published sets for {', '.join(f'{n}x{n}' for n in PUBLISHED_SIZES)} "
+                           "and generated for other n. gsm8k: the published valid/test sets (pass --train)")
+    data.add_argument("--train", type=Path, metavar="FILE", help="training examples `input||cot #### answer`, one a "
+                      "line (instead of a generated set)")
+    data.add_argument("--valid", type=Path, metavar="FILE", help="validation examples (default: the task's)")
+    data.add_argument("--test", type=Path, metavar="FILE", help="test examples (default: the task's, if any)")
+    data.add_argument("--train-size", type=int, default=PAPER_TRAIN_SIZE, metavar="N",
+                      help=f"examples in a generated training set (default {PAPER_TRAIN_SIZE:,}, the paper's)")
+    data.add_argument("--eval-size", type=int, default=1000, metavar="N",
+                      help="examples in each generated valid/test set, for tasks with no published ones (default 1000)")
+    data.add_argument("--data-seed", type=int, default=0, metavar="N", help="seed of the generated sets (default 0)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", type=Path, metavar="DIR",
+                       help="start from this HF-layout checkpoint and its tokenizer (tokenizer.model, or a kpro symbol/"
+                            "char tokenizer file); default: a new LLaMA with a symbol tokenizer of the data")
+    model.add_argument("--size", choices=sorted(SIZES),
+                       help="shape of a new model: " + "; ".join(f"{name} {layers} layers x {hidden}, {heads} heads, "
+                                                                 f"MLP {mlp}" for name, (layers, hidden, heads, mlp)
+                                                                 in SIZES.items()) + " (default tiny)")
+    model.add_argument("--layers", type=int, metavar="N", help="layers of a new model (overrides --size)")
+    model.add_argument("--hidden", type=int, metavar="N", help="hidden size of a new model (overrides --size)")
+    model.add_argument("--heads", type=int, metavar="N", help="attention heads of a new model (overrides --size)")
+    model.add_argument("--kv-heads", type=int, metavar="N", help="key/value heads of a new model (default: --heads)")
+    model.add_argument("--intermediate", type=int, metavar="N", help="MLP size of a new model (overrides --size)")
+
+    train = p.add_argument_group("training")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--no-removal", action="store_true",
+                      help="explicit-CoT baseline: train on the whole CoT, remove nothing")
+    mode.add_argument("--no-cot", action="store_true", help="no-CoT baseline: train with the whole CoT removed")
+    mode.add_argument("--eval-only", action="store_true", help="no training: evaluate --model on the valid/test sets")
+    train.add_argument("--batch-size", type=int, default=32, metavar="B", help="examples per step (default 32)")
+    train.add_argument("--steps", type=int, metavar="N",
+                       help="optimizer steps (default: until the schedule has removed the longest training CoT, or "
+                            "passed --remove-all-after, plus one epoch; the same for the baselines)")
+    train.add_argument("--epochs", type=float, metavar="E", help="optimizer steps as epochs of --steps-per-epoch steps")
+    train.add_argument("--steps-per-epoch", type=int, metavar="N",
+                       help="the schedule's epoch in steps (default: training examples // batch size)")
+    train.add_argument("--remove-per-epoch", type=float, default=8, metavar="D",
+                       help="CoT tokens removed per epoch (default 8): one more every round(steps-per-epoch / D) steps")
+    train.add_argument("--smoothing-lambda", type=float, default=4.0, metavar="L",
+                       help="removal smoothing: each example removes o more tokens, P(o) ~ exp(-L o) (default 4; "
+                            "inf: none)")
+    train.add_argument("--remove-all-after", type=int, metavar="N",
+                       help="remove the whole CoT once more than N tokens are scheduled (default: never)")
+    train.add_argument("--keep-optimizer", action="store_true",
+                       help="keep one optimizer throughout (default: a new AdamW each time the scheduled count goes up)")
+    train.add_argument("--lr", type=float, metavar="LR",
+                       help=f"AdamW's constant learning rate (default {PRETRAINED_LR:g} with --model, {SCRATCH_LR:g} "
+                            "from scratch); gradients are clipped to norm 1")
+    train.add_argument("--seed", type=int, default=0, metavar="N",
+                       help="model initialisation, data order and removal offsets (default 0)")
+    train.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: at the end and "
+                       "on Ctrl-C only)")
+    train.add_argument("--keep-last", type=int, default=2, metavar="K", help="checkpoints to keep (default 2)")
+
+    run = p.add_argument_group("evaluation and hardware")
+    run.add_argument("--eval-every", type=int, metavar="N", help="report validation accuracy every N steps")
+    run.add_argument("--eval-examples", type=int, default=200, metavar="N",
+                     help="validation examples for --eval-every (the first N; default 200)")
+    run.add_argument("--eval-batch-size", type=int, default=256, metavar="B",
+                     help="rows decoded at once in evaluation (default 256)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cpu or cuda[:N] (default: cuda when there is one)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="training precision (default auto: bf16 autocast on CUDA, fp32 on the CPU)")
+    run.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(run=run_command)
+
+
+def run_command(args) -> None:
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_examples, evaluation_sets = _load_data(args, out)
+    if args.model is not None:
+        model = load_pretrained(args.model, device=args.device)
+        tokenizer = load_tokenizer(args.model)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer of {args.model} has {tokenizer.vocab_size} tokens but the model only "
+                             f"{model.config.vocab_size} embeddings")
+    elif _multiplication_size(args.task) and args.train is None:
+        tokenizer = multiplication_tokenizer()
+    else:
+        tokenizer = symbol_tokenizer_for([*train_examples, *(e for examples in evaluation_sets.values() for e in examples)])
+    tokenized = _tokenize(train_examples, tokenizer, "the training set")
+    positions = MARGIN_TOKENS + max(len(t.ids) for t in tokenized + [t for split, examples in evaluation_sets.items()
+                                                                       for t in _tokenize(examples, tokenizer, split)])
+    if args.model is None:
+        torch.manual_seed(args.seed)
+        model = Llama(_new_model_config(args, tokenizer, positions)).to(args.device)
+    elif model.config.max_position_embeddings < positions:
+        raise ValueError(f"{args.model} handles {model.config.max_position_embeddings} positions; the data needs {positions}")
+
+    if args.eval_only:
+        label = f"model {args.model}"
+    else:
+        label = "explicit CoT" if args.no_removal else "no CoT" if args.no_cot else "internalized"
+        _train(args, model, tokenizer, tokenized, evaluation_sets, out)
+        save_pretrained(model, out / "model")
+        tokenizer.save(out / "model")
+        print(f"saved the final model to {out / 'model'}")
+    _final_evaluation(args, model, tokenizer, evaluation_sets, label, out)
+
+
+def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> None:
+    steps_per_epoch = args.steps_per_epoch or len(tokenized) // args.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(tokenized)} training examples do not fill one batch of {args.batch_size}")
+    if round(steps_per_epoch / args.remove_per_epoch) < 1:
+        raise ValueError(f"--remove-per-epoch {args.remove_per_epoch:g} would remove more than one token per step in an "
+                         f"epoch of {steps_per_epoch} steps; lower it, or lengthen the epoch with --steps-per-epoch")
+    schedule = RemovalSchedule(steps_per_epoch, args.remove_per_epoch, args.smoothing_lambda, args.remove_all_after)
+    steps = _total_steps(args, schedule, max(example.cot_length for example in tokenized))
+    removal = NO_REMOVAL if args.no_removal else REMOVE_EVERYTHING if args.no_cot else schedule
+    lr = args.lr or (PRETRAINED_LR if args.model is not None else SCRATCH_LR)
+    print(f"{len(tokenized):,} training examples, {steps:,} steps of {args.batch_size} "
+          f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}, "
+          f"model {model.num_parameters() / 1e6:.2f}M parameters on {args.device}")
+    if removal is schedule:
+        print(f"removal: one more CoT token every {schedule.steps_per_token:,} steps"
+              + (f", the whole CoT once more than {args.remove_all_after} are scheduled" if args.remove_all_after is not None
+                 else "") + ("" if args.keep_optimizer else "; a new optimizer at each increase"))
+    callbacks = []
+    if args.eval_every:
+        callbacks.append(ValidationAccuracy(tokenizer, evaluation_sets["valid"][:args.eval_examples], args.eval_every,
+                                            batch_size=args.eval_batch_size))
+    fit_internalization(model, tokenized, out, removal=removal, steps=steps, batch_size=args.batch_size,
+                        pad_id=tokenizer.pad_id, lr=lr, seed=args.seed, reset_optimizer=not args.keep_optimizer,
+                        tokenizer=tokenizer, callbacks=callbacks, save_every=args.save_every, keep_last=args.keep_last,
+                        precision=args.precision)
+
+
+def _total_steps(args, schedule: RemovalSchedule, longest_cot: int) -> int:
+    if args.steps is not None:
+        return args.steps
+    if args.epochs is not None:
+        return max(1, round(args.epochs * schedule.steps_per_epoch))
+    tokens = longest_cot if args.remove_all_after is None else min(longest_cot, args.remove_all_after + 1)
+    return tokens * schedule.steps_per_token + schedule.steps_per_epoch
+
+
+def _final_evaluation(args, model, tokenizer, evaluation_sets, label: str, out: Path) -> None:
+    model.eval()
+    threads = f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}" if args.device == "cpu" else ""
+    report = {"model": label, "device": args.device, "batch_size": args.eval_batch_size,
+              "threads": torch.get_num_threads() if args.device == "cpu" else None}
+    for split, examples in evaluation_sets.items():
+        result = evaluate(model, tokenizer, examples, batch_size=args.eval_batch_size)
+        cot = mean_cot_tokens(result, tokenizer.eos_id)
+        report[split] = {"accuracy": result.accuracy, "correct": result.correct, "total": result.total,
+                         "examples_per_second": round(result.examples_per_second, 2),
+                         "seconds": round(result.seconds, 3), "cot_tokens": round(cot, 3)}
+        print(f"{label}, {split}: accuracy {result.accuracy:.3f} ({result.correct}/{result.total}), "
+              f"{result.examples_per_second:,.1f} examples/s (batches of {args.eval_batch_size} on {args.device}"
+              f"{threads}), {cot:.1f} CoT tokens per example")
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _load_data(args, out: Path):
+    """(training examples, {"valid": [...], "test": [...]}): from files, the published sets, or generated.
+
+    Generated sets are written under `out/data/`, named by their parameters, and read back on a resume.
+    """
+    n = _multiplication_size(args.task)
+    generate_eval = n is not None and n not in PUBLISHED_SIZES  # no published valid/test sets for this n
+    evaluation_sets = {}
+    for split in ("valid", "test"):
+        path = getattr(args, split)
+        if path is not None:
+            evaluation_sets[split] = _read(path)
+        elif args.task is not None and not generate_eval:
+            evaluation_sets[split] = read_published(args.task, split)
+    if generate_eval and len(evaluation_sets) < 2:
+        pairs = multiplication_pairs(n, 2 * args.eval_size, args.data_seed + 1)
+        for split, chunk in (("valid", pairs[:args.eval_size]), ("test", pairs[args.eval_size:])):
+            if split not in evaluation_sets:
+                path = out / "data" / f"{split}-{n}x{n}-{args.eval_size}-seed{args.data_seed}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(line + "\n" for line in multiplication_lines(chunk, n)))
+                evaluation_sets[split] = _read(path)
+    if "valid" not in evaluation_sets:
+        raise ValueError("no validation set: pass --valid FILE, or a --task")
+    if args.eval_only:
+        return [], evaluation_sets
+    if args.train is not None:
+        return _read(args.train), evaluation_sets
+    if n is None:
+        raise ValueError(f"--task {args.task} has no generated training set: pass --train FILE")
+    path = out / "data" / f"train-{n}x{n}-{args.train_size}-seed{args.data_seed}.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"generating {args.train_size:,} {n}x{n} training examples into {path}", flush=True)
+        held_out = {pair for examples in evaluation_sets.values() for pair in _operand_pairs(examples, n)}
+        write_multiplication_training_set(path, n, args.train_size, args.data_seed, exclude=held_out)
+    return _read(path), evaluation_sets
+
+
+def _read(path: Path):
+    examples = read_examples(path)
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+def _operand_pairs(examples, n: int):
+    """The (a, b) of every n x n multiplication line among `examples` (others are skipped)."""
+    for example in examples:
+        try:
+            a, b, digits = multiplication_operands(example.input)
+        except ValueError:
+            continue
+        if digits == n:
+            yield a, b
+
+
+def _multiplication_size(task: str | None) -> int | None:
+    match = MULTIPLICATION_TASK.fullmatch(task or "")
+    return int(match.group(1)) if match else None
+
+
+def _tokenize(examples, tokenizer, what: str):
+    try:
+        return tokenize_examples(examples, tokenizer)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+def _longest_example(tokenizer, train_examples, evaluation_sets) -> int:
+    """Positions the model must handle: the longest example, plus evaluation's decoding margin."""
+    longest = 0
+    for what, examples in (("the training set", train_examples), *evaluation_sets.items()):
+        longest = max([longest] + [len(t.ids) for t in _tokenize(examples, tokenizer, what)])
+    return longest + MARGIN_TOKENS
+
+
+def _new_model_config(args, tokenizer, positions: int) -> LlamaConfig:
+    layers, hidden, heads, intermediate = SIZES[args.size or "tiny"]
+    heads = args.heads or heads
+    return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden or hidden,
+                       intermediate_size=args.intermediate or intermediate, num_hidden_layers=args.layers or layers,
+                       num_attention_heads=heads, num_key_value_heads=args.kv_heads or heads,
+                       max_position_embeddings=positions, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                       pad_token_id=tokenizer.pad_id)
+
+
+def _check_args(args) -> None:
+    if args.task is not None and args.task not in PUBLISHED_TASKS and _multiplication_size(args.task) is None:
+        raise ValueError(f"unknown --task {args.task!r}: NxN multiplication (e.g. 3x3, 4x4) or gsm8k")
+    if args.task is None and (args.train is None and not args.eval_only or args.valid is None):
+        raise ValueError("pass --task, or --train FILE and --valid FILE")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device (torch sees none)")
+    if args.eval_only and args.model is None:
+        raise ValueError("--eval-only evaluates a trained model: pass --model DIR")
+    shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")
+             if getattr(args, name) is not None]
+    if args.model is not None and shape:
+        raise ValueError(f"{', '.join(shape)} shape a new model; --model {args.model} has its own shape")
+    for name in ("train", "valid", "test", "model"):
+        path = getattr(args, name)
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"--{name} {path} does not exist")
+    positive = ("train_size", "eval_size", "batch_size", "steps", "steps_per_epoch", "save_every", "keep_last",
+                "eval_every", "eval_examples", "eval_batch_size", "threads", "layers", "hidden", "heads", "kv_heads",
+                "intermediate")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("epochs", "remove_per_epoch", "lr"):
+        value = getattr(args, name)
+        if value is not None and not (0 < value < math.inf):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("pass --steps or --epochs, not both")
+    if args.remove_all_after is not None and args.remove_all_after < 0:
+        raise ValueError(f"--remove-all-after must be >= 0, got {args.remove_all_after}")
+    if not args.smoothing_lambda > 0:
+        raise ValueError(f"--smoothing-lambda must be > 0 (inf: no smoothing), got {args.smoothing_lambda}")

@@ -1,0 +1,286 @@
+"""The ICoT-SI loop on the CPU: optimizer re-creation where the schedule goes up, each step's removal, exact
+resume mid-schedule, the baselines, and `python -m kpro internalize` end to end with its errors."""
+import json
+
+import pytest
+import torch
+
+import kpro
+from kpro import train as kt
+from kpro.cli import main
+from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, collate, fit_internalization,
+                              multiplication_tokenizer, multiplication_training_set, parse_line, step_generator,
+                              tokenize_examples)
+
+TOK = multiplication_tokenizer()
+SEED = 7
+STEPS = 10
+# One more token every 2 steps; λ = 1 makes offsets of 1, 2, 3 ... common, so their effect is visible.
+SCHEDULE = RemovalSchedule(steps_per_epoch=8, remove_per_epoch=4, smoothing_lambda=1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bit-identical comparisons need one reduction order; tiny matrices gain nothing from threads anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def examples(count=48):
+    """3x3 lines: 24 CoT tokens each, so the schedule (up to 4 + offsets at step 9) never runs out of CoT."""
+    return tokenize_examples([parse_line(line) for line in multiplication_training_set(3, count, seed=1)], TOK)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return kpro.Llama(kpro.LlamaConfig(vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64, initializer_range=0.1))
+
+
+class Recorder(kt.Callback):
+    """After CoTRemoval: what each step trained on, and with which optimizer."""
+
+    def __init__(self):
+        self.batches, self.optimizers, self.adam_steps = {}, {}, {}
+
+    def on_batch(self, run, batch):
+        self.batches[run.step] = batch
+        self.optimizers[run.step] = run.optimizer
+        return batch
+
+    def on_step_end(self, run, metrics):
+        state = run.optimizer.state[next(run.model.parameters())]
+        self.adam_steps[run.step - 1] = int(state["step"])
+
+
+class StopAt(kt.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, run, metrics):
+        if run.step == self.step:
+            run.stop()
+
+
+def train(out, removal=SCHEDULE, callbacks=(), model=None, **options):
+    model = model or make_model()
+    run = fit_internalization(model, examples(), out, removal=removal, steps=STEPS, batch_size=8, pad_id=TOK.pad_id,
+                              lr=3e-3, seed=SEED, callbacks=callbacks, **options)
+    return model, run
+
+
+def test_the_optimizer_is_re_created_exactly_where_the_schedule_goes_up(tmp_path):
+    recorder = Recorder()
+    train(tmp_path / "reset", callbacks=[recorder])
+    increases = [s for s in range(STEPS) if SCHEDULE.increases_at(s)]
+    assert increases == [2, 4, 6, 8]
+    changes = [s for s in range(1, STEPS) if recorder.optimizers[s] is not recorder.optimizers[s - 1]]
+    assert changes == increases
+    # A fresh AdamW: its step count starts over at each increase.
+    assert [recorder.adam_steps[s] for s in range(STEPS)] == [1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
+    resets = [r["step"] for r in kt.read_metrics(tmp_path / "reset" / "metrics.jsonl") if r.get("optimizer_reset")]
+    assert resets == [s + 1 for s in increases]  # metrics count completed steps
+
+    kept = Recorder()
+    train(tmp_path / "kept", callbacks=[kept], reset_optimizer=False)
+    assert all(kept.optimizers[s] is kept.optimizers[0] for s in range(STEPS))
+    assert [kept.adam_steps[s] for s in range(STEPS)] == list(range(1, STEPS + 1))
+
+
+def test_every_step_trains_on_its_scheduled_removal(tmp_path):
+    recorder = Recorder()
+    train(tmp_path, callbacks=[recorder])
+    records = kt.read_metrics(tmp_path / "metrics.jsonl")
+    offsets_seen = set()
+    for step in range(STEPS):
+        batch = recorder.batches[step]
+        assert set(batch) == {"input_ids", "attention_mask", "labels"}
+        # The step's whole examples (a Batches with the same seed draws them again), and what must be cut.
+        rows = [examples()[i] for i in _batch_indices(step)]
+        scheduled = step // 2
+        offsets = SCHEDULE.sample_offsets(8, step_generator(SEED, step))
+        offsets_seen |= set(offsets.tolist())
+        for row, example in enumerate(rows):
+            cut = min(example.cot_length, scheduled + int(offsets[row]))
+            expected = list(example.ids[:example.cot_start]) + list(example.ids[example.cot_start + cut:])
+            length = int(batch["attention_mask"][row].sum())
+            assert batch["input_ids"][row, :length].tolist() == expected, (step, row)
+            labels = batch["labels"][row]
+            assert (labels[:example.cot_start] == -100).all() and labels[example.cot_start:length].tolist() == \
+                expected[example.cot_start:]
+        assert records[step]["cot_scheduled"] == scheduled
+        cot_left = sum(max(0, e.cot_length - scheduled - int(o)) for e, o in zip(rows, offsets)) / 8
+        assert records[step]["cot_left"] == pytest.approx(cot_left, abs=1e-3)
+    assert len(offsets_seen) > 2  # the offsets really varied
+
+
+def _batch_indices(step, batch_size=8, count=48):
+    batches = kt.Batches(list(range(count)), batch_size, list, seed=SEED)
+    data = iter(batches)
+    for _ in range(step):
+        next(data)
+    return next(data)
+
+
+def test_baselines_keep_the_whole_cot_or_none_of_it(tmp_path):
+    for removal, check in (("none", lambda e, n: n == len(e.ids)), ("all", lambda e, n: n == len(e.ids) - e.cot_length)):
+        recorder = Recorder()
+        train(tmp_path / removal, removal=removal, callbacks=[recorder])
+        for step in range(STEPS):
+            rows = [examples()[i] for i in _batch_indices(step)]
+            lengths = recorder.batches[step]["attention_mask"].sum(1).tolist()
+            assert all(check(e, n) for e, n in zip(rows, lengths)), (removal, step)
+        # No schedule, no resets: one optimizer all along.
+        assert all(recorder.optimizers[s] is recorder.optimizers[0] for s in range(STEPS))
+        scheduled = {r["cot_scheduled"] for r in kt.read_metrics(tmp_path / removal / "metrics.jsonl")}
+        assert scheduled == ({0} if removal == "none" else {"all"})
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    model, run = train(out)
+    return out, {k: v.clone() for k, v in model.state_dict().items()}, run.optimizer.state_dict()
+
+
+@pytest.mark.parametrize("stop", [3, 4])  # 4: the checkpoint falls on a step that re-creates the optimizer
+def test_resume_mid_schedule_continues_bit_identically(straight_run, tmp_path, stop):
+    ref_dir, ref_weights, ref_optimizer = straight_run
+    first = train(tmp_path, callbacks=[StopAt(stop)])[1]
+    assert first.step == stop
+    torch.manual_seed(99)  # the resumed run must depend on nothing but the checkpoint
+    model, run = train(tmp_path, model=make_model(seed=5))
+    assert run.step == STEPS
+    losses = lambda d: [(r["step"], r["loss"], r["cot_scheduled"], r["cot_left"]) for r in kt.read_metrics(d / "metrics.jsonl")]
+    assert losses(tmp_path) == losses(ref_dir)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ref_weights[name]), name
+    mine = run.optimizer.state_dict()
+    for key, state in ref_optimizer["state"].items():
+        for name, value in state.items():
+            assert torch.equal(mine["state"][key][name], value), (key, name)
+
+
+def test_resuming_with_another_removal_is_refused(tmp_path):
+    train(tmp_path, callbacks=[StopAt(2)])
+    other = RemovalSchedule(steps_per_epoch=8, remove_per_epoch=2, smoothing_lambda=1.0)
+    with pytest.raises(ValueError, match="trained with removal=.*remove_per_epoch=4.*this run has"):
+        train(tmp_path, removal=other)
+    with pytest.raises(ValueError, match="reset_optimizer"):
+        train(tmp_path, reset_optimizer=False)
+
+
+def test_cot_removal_argument_errors():
+    with pytest.raises(ValueError, match="removal must be a RemovalSchedule, 'none' or 'all'"):
+        CoTRemoval("some")
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        CoTRemoval(SCHEDULE, seed=1.5)
+    assert CoTRemoval("all").counts(3, 4) == REMOVE_ALL and CoTRemoval("none").counts(3, 4) == 0
+
+
+# ------------------------------------------------------------------------------------ the command line
+
+TINY = ["--train-size", "64", "--eval-size", "16", "--layers", "1", "--hidden", "32", "--heads", "2",
+        "--intermediate", "48", "--batch-size", "8", "--steps-per-epoch", "4", "--remove-per-epoch", "2",
+        "--steps", "6", "--eval-batch-size", "16", "--threads", "1"]
+
+
+def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["internalize", "--task", "3x3", "--out", str(out), "--eval-every", "3", "--eval-examples", "8",
+                 "--save-every", "3", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "step 3: removing 1 CoT token + smoothing offsets per example; optimizer re-created" in printed
+    assert "step 3: valid accuracy" in printed and "step     6/6  loss" in printed
+    assert "internalized, test: accuracy" in printed and "examples/s" in printed
+    report = json.loads((out / "eval.json").read_text())
+    assert report["model"] == "internalized" and report["valid"]["total"] == report["test"]["total"] == 16
+    assert report["test"]["examples_per_second"] > 0 and 0 <= report["test"]["accuracy"] <= 1
+    records = kt.read_metrics(out / "metrics.jsonl")
+    assert [r["cot_scheduled"] for r in records] == [0, 0, 1, 1, 2, 2]
+    assert "valid_accuracy" in records[2] and "valid_accuracy" in records[5]
+    # The training set was generated without the valid/test pairs, and every checkpoint is a model directory.
+    train = (out / "data" / "train-3x3-64-seed0.txt").read_text().splitlines()
+    held_out = set((out / "data" / "valid-3x3-16-seed0.txt").read_text().splitlines()
+                   + (out / "data" / "test-3x3-16-seed0.txt").read_text().splitlines())
+    assert len(train) == 64 and len(held_out) == 32 and not held_out & set(train)
+    assert isinstance(kpro.load_tokenizer(out / "step-00000006"), kpro.SymbolTokenizer)
+    final = kpro.load_pretrained(out / "model")
+
+    # Ask for 2 more steps: the run resumes from its last checkpoint at step 6.
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY[:-6], "--steps", "8",
+                 *TINY[-4:]]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "step 7: removing 3 CoT tokens" in printed
+    assert [r["step"] for r in kt.read_metrics(out / "metrics.jsonl")] == list(range(1, 9))
+    assert not torch.equal(kpro.load_pretrained(out / "model").embed_tokens.weight, final.embed_tokens.weight)
+
+    # Evaluation alone, of any model directory.
+    assert main(["internalize", "--task", "3x3", "--out", str(tmp_path / "eval"), "--model", str(out / "model"),
+                 "--eval-only", "--eval-size", "16", "--threads", "1"]) == 0
+    assert f"model {out / 'model'}, valid: accuracy" in capsys.readouterr().out
+
+
+def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
+    for flag, label, scheduled in (("--no-removal", "explicit CoT", 0), ("--no-cot", "no CoT", "all")):
+        out = tmp_path / flag.lstrip("-")
+        assert main(["internalize", "--task", "3x3", "--out", str(out), flag, *TINY]) == 0
+        assert f"{label}, test: accuracy" in capsys.readouterr().out
+        assert {r["cot_scheduled"] for r in kt.read_metrics(out / "metrics.jsonl")} == {scheduled}
+
+    # --train/--valid files in the format, continuing from a model directory with its tokenizer.
+    lines = multiplication_training_set(3, 40, seed=5)
+    (tmp_path / "train.txt").write_text("\n".join(lines[:32]) + "\n")
+    (tmp_path / "valid.txt").write_text("\n".join(lines[32:]) + "\n")
+    out = tmp_path / "files"
+    assert main(["internalize", "--train", str(tmp_path / "train.txt"), "--valid", str(tmp_path / "valid.txt"),
+                 "--model", str(tmp_path / "no-removal" / "model"), "--out", str(out), "--batch-size", "8",
+                 "--steps", "2", "--steps-per-epoch", "4", "--remove-per-epoch", "2", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "32 training examples, 2 steps of 8" in printed and "lr 5e-05" in printed
+    assert "internalized, valid: accuracy" in printed and "test:" not in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "4x5"], "unknown --task '4x5'"),
+    (["--task", "gsm8k"], "--task gsm8k has no generated training set: pass --train FILE"),
+    (["--valid", "x.txt"], "pass --task, or --train FILE and --valid FILE"),
+    (["--task", "3x3", "--train", "missing.txt"], "--train missing.txt does not exist"),
+    (["--task", "3x3", "--eval-only"], "--eval-only evaluates a trained model: pass --model DIR"),
+    (["--task", "3x3", "--model", "."], "--layers, --hidden, --heads, --intermediate shape a new model"),
+    (["--task", "3x3", "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--task", "3x3", "--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--task", "3x3", "--epochs", "2"], "pass --steps or --epochs, not both"),
+    (["--task", "3x3", "--smoothing-lambda", "0"], "--smoothing-lambda must be > 0"),
+    (["--task", "3x3", "--remove-all-after", "-1"], "--remove-all-after must be >= 0"),
+    (["--task", "2x2", "--train-size", "9000"], "asked for 9,000 pairs of 2-digit numbers"),
+    (["--task", "3x3", "--remove-per-epoch", "9"], "--remove-per-epoch 9 would remove more than one token per step"),
+    pytest.param(["--task", "3x3", "--device", "cuda"], "--device cuda: this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a CUDA device")),
+])
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, args, message):
+    assert main(["internalize", "--out", str(tmp_path / "run"), *TINY, *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_bad_data_line_is_reported_with_its_file_and_line(tmp_path, capsys):
+    good = multiplication_training_set(3, 3, seed=0)
+    (tmp_path / "train.txt").write_text(good[0] + "\n" + good[1] + "\n1 2 * 3 4 #### 5\n")
+    code = main(["internalize", "--train", str(tmp_path / "train.txt"), "--valid", str(tmp_path / "train.txt"),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{tmp_path / 'train.txt'}:3: expected one '||'" in err and err.count("\n") == 1
+
+
+def test_a_model_whose_tokenizer_lacks_a_symbol_is_refused(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    kpro.save_pretrained(make_model(), model_dir)
+    kpro.SymbolTokenizer(list("0123456789")).save(model_dir)  # no '*', '+', ...
+    code = main(["internalize", "--task", "3x3", "--model", str(model_dir), "--out", str(tmp_path / "run"),
+                 "--train-size", "16", "--eval-size", "4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the training set: symbol '*' is not in the vocabulary" in err
