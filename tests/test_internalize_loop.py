@@ -8,9 +8,10 @@ import torch
 import kpro
 from kpro import train as kt
 from kpro.cli import main
-from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, collate, fit_internalization,
+from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, fit_internalization,
                               multiplication_tokenizer, multiplication_training_set, parse_line, step_generator,
                               tokenize_examples)
+from test_train_fit import StopAt
 
 TOK = multiplication_tokenizer()
 SEED = 7
@@ -54,15 +55,6 @@ class Recorder(kt.Callback):
     def on_step_end(self, run, metrics):
         state = run.optimizer.state[next(run.model.parameters())]
         self.adam_steps[run.step - 1] = int(state["step"])
-
-
-class StopAt(kt.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, run, metrics):
-        if run.step == self.step:
-            run.stop()
 
 
 def train(out, removal=SCHEDULE, callbacks=(), model=None, **options):

@@ -48,7 +48,7 @@ def train(model: Llama, data, tok: CharTokenizer, run_dir: Path, steps: int, lr:
     batches = Batches(data, batch_size, partial(collate_prompt_answer, pad_id=tok.pad_id), seed=seed)
     fit(model, batches, run_dir, steps=steps, optimizer=lambda m: adamw(m, lr, betas=(0.9, 0.98)),
         schedule=Schedule("cosine", warmup_steps=steps // 10, total_steps=steps), clip_grad_norm=1.0, keep_last=1,
-        resume=False, stream=io.StringIO())
+        stream=io.StringIO())  # running the demo again resumes (or reuses) each run
 
 
 def act_expansion(out_dir: Path, pretrain_steps: int = 400, domain_steps: int = 500, new_blocks: int = 4,

@@ -7,13 +7,13 @@ with the source's tokenizer files.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import _write_checkpoint, atomic_directory, load_pretrained, parse_size, tensor_locations
+from ..instruct import read_jsonl
 from ..tokenizer import load_tokenizer
 from ..train import Batches, Callback, Schedule, adamw, fit, pack_documents
 from .checkpoint import _copy_other_files, _read_header, read_expansion_record
@@ -30,19 +30,13 @@ def read_corpus(paths) -> list[str]:
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            for number, record in read_jsonl(path):
+                if not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{number}: expected an object with a \"text\" string")
                 documents.append(record["text"])
         else:
+            text = path.read_text(encoding="utf-8")
             documents += [doc.strip() for doc in re.split(r"\n[ \t]*\n", text) if doc.strip()]
     if not documents:
         raise ValueError(f"the corpus ({', '.join(map(str, paths))}) holds no text")

@@ -11,11 +11,9 @@ resumes from the newest checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch

@@ -15,7 +15,6 @@ import sys
 from functools import partial
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from ..train import Batches, Callback, Run, adamw, fit
