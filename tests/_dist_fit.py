@@ -38,6 +38,7 @@ def main(out: Path, single: Path) -> None:
             assert all(isinstance(p, DTensor) for p in model.parameters())
         kt.fit(make_model(seed=7), batches(), out / mode / "resumed", parallel=mode,
                resume=single / "step-00000002", **FIT)
+    torch.distributed.destroy_process_group()  # a gloo group left for interpreter exit can abort the process
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """fit under torchrun with 2 gloo processes on the CPU, DDP and FSDP2, against one process: the same global
 batches give the same losses and weights (within fp32 rounding), and checkpoints cross-load both ways."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,10 @@ def runs(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "_dist_fit.py"), str(out), str(single)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    # SIGINT as in a terminal: a shell starts background jobs (CI runners among them) with it ignored, and
+    # torchrun's workers inherit that; with it ignored, rank 0 was seen to abort at exit (not yet understood).
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return single, model, out, done.stdout
 

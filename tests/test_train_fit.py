@@ -73,6 +73,15 @@ class StopAt(kt.Callback):
             run.stop()
 
 
+@pytest.fixture
+def sigint_default():
+    """Python's own SIGINT handler for the test: a shell starts background jobs (CI runners among them) with
+    SIGINT ignored, and fit rightly leaves an ignored SIGINT alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny matrices gain nothing from threads, and on a busy 2-core machine OpenMP barriers cost ~10 ms each.
@@ -126,7 +135,7 @@ def test_resume_is_exact(straight_run, tmp_path):
     assert_same_run(straight_run, tmp_path, model, run.optimizer)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(straight_run, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(straight_run, tmp_path, sigint_default):
     class CtrlC(kt.Callback):
         def on_batch(self, run, batch):
             if run.step == 4:  # the signal arrives in the middle of step 5
@@ -370,7 +379,7 @@ def test_progress_line_on_a_terminal_and_in_a_log():
     assert len(log) == 20 and log[-1].startswith("step   100/100  loss 2.0000") and "eta 0:00" in log[-1]
 
 
-def test_ctrl_c_twice_quits_without_saving_and_respects_an_ignored_sigint(tmp_path):
+def test_ctrl_c_twice_quits_without_saving_and_respects_an_ignored_sigint(tmp_path, sigint_default):
     class CtrlC(kt.Callback):
         def __init__(self, pause):
             self.pause = pause
