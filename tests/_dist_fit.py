@@ -2,8 +2,10 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_fit.py OUT SINGLE_RUN
 
-For DDP and then FSDP2: a run of 4 steps from scratch (checkpoints at 2 and 4), and a run resumed from
-step 2 of the single-process run in SINGLE_RUN. The test compares both with the single-process run.
+For DDP and then FSDP2: a run of 4 steps from scratch (checkpoints at 2 and 4), a run resumed from step 2
+of the single-process run in SINGLE_RUN, and a run with AdamW, gradient accumulation and tied embeddings
+(FIT_ACCUM); the FSDP2 model is then saved with kpro.save_pretrained (a collective). The test compares them
+with single-process runs.
 """
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+import kpro
 import kpro.train as kt
 from test_train_fit import batches, make_model
 
@@ -22,6 +25,9 @@ def sgd(model):  # momentum: an optimizer state to shard and cross-load; linear 
 
 
 FIT = dict(steps=4, optimizer=sgd, save_every=2, clip_grad_norm=1.0)
+# 2 processes x 2 micro-batches of the 8-example global batch; the default AdamW; one tied weight to shard.
+FIT_ACCUM = dict(steps=3, grad_accum=2, lr=1e-3, clip_grad_norm=1.0)
+TIED = dict(tie_word_embeddings=True)
 
 
 def main(out: Path, single: Path) -> None:
@@ -38,6 +44,9 @@ def main(out: Path, single: Path) -> None:
             assert all(isinstance(p, DTensor) for p in model.parameters())
         kt.fit(make_model(seed=7), batches(), out / mode / "resumed", parallel=mode,
                resume=single / "step-00000002", **FIT)
+        if mode == "fsdp":
+            kpro.save_pretrained(model, out / mode / "saved")  # every rank calls it; rank 0 writes
+        kt.fit(make_model(**TIED), batches(), out / mode / "accum", parallel=mode, **FIT_ACCUM)
     torch.distributed.destroy_process_group()  # a gloo group left for interpreter exit can abort the process
 
 

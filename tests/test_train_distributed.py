@@ -12,7 +12,7 @@ import torch
 import kpro
 from kpro import train as kt
 
-from _dist_fit import FIT
+from _dist_fit import FIT, FIT_ACCUM, TIED
 from test_train_fit import batches, losses, make_model, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +25,8 @@ def runs(tmp_path_factory):
     single = tmp_path_factory.mktemp("single")
     model = make_model()
     kt.fit(model, batches(), single, **FIT)
+    accum = make_model(**TIED)
+    kt.fit(accum, batches(), single / "accum", **FIT_ACCUM)
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -34,7 +36,15 @@ def runs(tmp_path_factory):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return single, model, out, done.stdout
+    return single, model, out, done.stdout, accum
+
+
+def torchrun(script, *args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / script), *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def assert_close_losses(got, want):
@@ -50,18 +60,18 @@ def assert_close_models(a: torch.nn.Module, b: torch.nn.Module):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one(runs, mode):
-    single, model, out, stdout = runs
+    single, model, out, stdout, _ = runs
     assert_close_losses(losses(out / mode / "run"), losses(single))
     grad_norms = [r["grad_norm"] for r in kt.read_metrics(out / mode / "run" / "metrics.jsonl")]
     assert grad_norms == pytest.approx([r["grad_norm"] for r in kt.read_metrics(single / "metrics.jsonl")], rel=1e-5)
     # The sharded run's checkpoint is an ordinary full HF-layout model.
     assert_close_models(kpro.load_pretrained(out / mode / "run" / "step-00000004"), model)
-    assert stdout.count("step     4/4") == 4  # rank 0 alone prints: 2 modes x 2 runs
+    assert stdout.count("step     4/4") == 4  # rank 0 alone prints: 2 modes x 2 runs of 4 steps
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_checkpoints_cross_load(runs, mode, tmp_path):
-    single, model, out, _ = runs
+    single, model, out, _, _ = runs
     # one process -> two: resumed from the single-process checkpoint at step 2
     assert_close_losses(losses(out / mode / "resumed"), losses(single)[2:])
     assert_close_models(kpro.load_pretrained(out / mode / "resumed" / "step-00000004"), model)
@@ -70,3 +80,31 @@ def test_checkpoints_cross_load(runs, mode, tmp_path):
     kt.fit(resumed, batches(), tmp_path, resume=out / mode / "run" / "step-00000002", **FIT)
     assert_close_losses(losses(tmp_path), losses(single)[2:])
     assert_close_models(resumed, model)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_accumulation_adamw_and_tied_embeddings_match_one_process(runs, mode):
+    single, _, out, _, accum = runs
+    assert_close_losses(losses(out / mode / "accum"), losses(single / "accum"))
+    loaded = kpro.load_pretrained(out / mode / "accum" / "step-00000003")
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    assert_close_models(loaded, accum)
+
+
+def test_save_pretrained_of_a_sharded_model_is_a_full_checkpoint(runs):
+    _, model, out, _, _ = runs
+    assert_close_models(kpro.load_pretrained(out / "fsdp" / "saved"), model)
+
+
+def test_ctrl_c_under_torchrun_saves_on_every_rank_and_the_same_command_resumes(runs, tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and both workers (one process group): all stop after the same
+    step with one checkpoint, and running the command again finishes the run as if never interrupted."""
+    single = runs[0]
+    first = torchrun("_dist_interrupt.py", tmp_path, start_new_session=True)
+    assert first.returncode != 0, first.stdout[-2000:]
+    assert "Ctrl-C: stopping after this step" in first.stderr, first.stderr[-3000:]
+    assert kt.latest_checkpoint(tmp_path / "run").name == "step-00000003", first.stderr[-3000:]
+    second = torchrun("_dist_interrupt.py", tmp_path, start_new_session=True)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
+    assert "resumed from" in second.stdout
+    assert_close_losses(losses(tmp_path / "run"), losses(single))

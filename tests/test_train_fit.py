@@ -493,3 +493,67 @@ def test_a_process_killed_while_saving_leaves_the_last_good_checkpoint(tmp_path)
     run = kt.fit(make_model(), batches(), tmp_path, steps=6, save_every=2)
     assert run.step == 6 and not leftovers[0].exists()
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_tuple_from_loss_fn_is_refused_not_taken_for_a_loss_sum(tmp_path):
+    def loss_and_logits(model, batch):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        return kt.causal_lm_loss(logits, batch["labels"]), logits
+
+    with pytest.raises(TypeError, match="not a tuple"):
+        kt.fit(make_model(), batches(), tmp_path / "a", steps=1, loss_fn=loss_and_logits)
+    with pytest.raises(ValueError, match="LossSum.count must be a scalar integer"):
+        kt.fit(make_model(), batches(), tmp_path / "b", steps=1,
+               loss_fn=lambda m, b: kt.LossSum(mean_loss(m, b), torch.tensor(2.5)))
+
+
+def test_resuming_with_another_schedule_or_optimizer_setting_is_refused(tmp_path, capfd):
+    kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, schedule="cosine", callbacks=[StopAt(2)])
+    with pytest.raises(kpro.CheckpointError, match=r"'kind': 'cosine'.*in the checkpoint, \{'kind': 'linear'"):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, schedule="linear")
+    with pytest.raises(kpro.CheckpointError, match=r"param group 0 peak_lr: 0.001 in the checkpoint, 0.05 now"):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, lr=5e-2, schedule="cosine")
+    with pytest.raises(kpro.CheckpointError, match=r"param group 0 weight_decay: 0.0 in the checkpoint, 0.3 now"):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, weight_decay=0.3, schedule="cosine")
+    warmed = kt.Schedule("cosine", warmup_steps=1, total_steps=4)
+    with pytest.raises(kpro.CheckpointError, match=r"'warmup_steps': 0.*in the checkpoint, .*'warmup_steps': 1"):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, schedule=warmed)
+    run = kt.fit(make_model(), batches(), tmp_path, steps=3, lr=1e-3, schedule="cosine", callbacks=[StopAt(3)])
+    assert run.step == 3
+    # more total steps extend the run, said aloud: the cosine now decays to step 6
+    run = kt.fit(make_model(), batches(), tmp_path, steps=6, lr=1e-3, schedule="cosine")
+    assert run.step == 6 and capfd.readouterr().err.count("resuming with total_steps=6") == 1
+    lrs = [r["lr"] for r in kt.read_metrics(tmp_path / "metrics.jsonl")]
+    assert lrs[3] == pytest.approx(1e-3 * kt.Schedule("cosine", total_steps=6)(3))
+    constant = tmp_path / "constant"
+    kt.fit(make_model(), batches(), constant, steps=2, lr=1e-3)
+    assert kt.fit(make_model(), batches(), constant, steps=3, lr=1e-3).step == 3  # a constant lr may run longer
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_block_resuming(tmp_path):
+    kt.fit(make_model(), batches(), tmp_path, steps=3, callbacks=[StopAt(2)])
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # the process died mid-write
+    assert [r["step"] for r in kt.read_metrics(metrics)] == [1, 2]
+    assert kt.fit(make_model(), batches(), tmp_path, steps=3).step == 3
+    assert [r["step"] for r in kt.read_metrics(metrics)] == [1, 2, 3]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        kt.read_metrics(metrics)
+
+
+def test_batches_that_run_out_before_the_steps_are_an_error(tmp_path):
+    data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(3)]
+    with pytest.raises(ValueError, match=r"batches ran out after 3 of steps=10 \(saved .*step-00000003\)"):
+        kt.fit(make_model(), data, tmp_path, steps=10)
+    assert kt.latest_checkpoint(tmp_path).name == "step-00000003"
+
+
+def test_a_truncated_optimizer_file_is_a_named_error(tmp_path):
+    kt.fit(make_model(), batches(), tmp_path, steps=2, callbacks=[StopAt(1)])
+    optimizer = tmp_path / "step-00000001" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(kpro.CheckpointError, match=r"step-00000001/optimizer.pt cannot be read"):
+        kt.fit(make_model(), batches(), tmp_path, steps=2)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -106,20 +105,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
              "rng": distributed.gather_objects(rng_state(), env), "model_shapes": tensor_shapes(model),
              "has_optimizer_state": full_optim is not None}
     target = checkpoint_dir(run_dir, step)
-    failure = None
-    if env.is_main:
-        try:
-            _write_checkpoint_dir(target, model, full_model, full_optim, state, summary, env, write_extra)
-            if keep_last is not None:
-                prune(target.parent, keep_last)
-        except BaseException as err:
-            failure = err
-    # Rank 0's outcome reaches every rank, so that none waits forever for a save that failed.
-    error = distributed.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}", env)
-    if failure is not None:
-        raise failure
-    if error is not None:
-        raise CheckpointError(f"rank 0 could not save checkpoint {target}: {error}")
+
+    def write():
+        _write_checkpoint_dir(target, model, full_model, full_optim, state, summary, env, write_extra)
+        if keep_last is not None:
+            prune(target.parent, keep_last)
+
+    distributed.on_main(write, env, f"save checkpoint {target}")
     return target
 
 
@@ -191,10 +183,12 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     state, problem = distributed.broadcast_object((state, problem), env)
     if problem:
         raise CheckpointError(problem)
-    distributed.load_full_model_state(model, _read_model(directory, model) if env.is_main else {}, env)
+    full_model = distributed.on_main(lambda: _read_model(directory, model), env, f"read the model of {directory}")
+    distributed.load_full_model_state(model, full_model if env.is_main else {}, env)
     has_optimizer_state = state.pop("has_optimizer_state")
     if has_optimizer_state:
-        optim_state = torch.load(directory / OPTIMIZER_FILE, weights_only=True) if env.is_main else {}
+        optim_state = distributed.on_main(lambda: _read_optimizer(directory), env,
+                                          f"read the optimizer state of {directory}") or {}
         for group in optimizer.param_groups:  # torch's loader wants every saved group key present here
             group.setdefault("peak_lr", group["lr"])
         try:
@@ -205,6 +199,13 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     rngs = state.pop("rng")
     set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
     return state
+
+
+def _read_optimizer(directory: Path) -> dict:
+    try:
+        return torch.load(directory / OPTIMIZER_FILE, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{directory / OPTIMIZER_FILE} cannot be read (truncated or corrupt?): {err}") from None
 
 
 def _read_state(directory: Path) -> dict:
@@ -244,7 +245,8 @@ def _few(names: list[str], limit: int = 8) -> str:
 def _read_model(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict stored in a checkpoint, by the model's own names."""
     if (directory / MODULE_WEIGHTS).is_file():
-        with safe_open(str(directory / MODULE_WEIGHTS), framework="pt") as f:
+        with _open_all({directory / MODULE_WEIGHTS}) as handles:
+            f = handles[directory / MODULE_WEIGHTS]
             state = {name: f.get_tensor(name) for name in f.keys()}
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
         return {**state, **{name: state[original] for name, original in aliases.items()}}

@@ -145,6 +145,26 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
+def on_main(work, env: DistEnv, what: str):
+    """Run `work()` on rank 0 only and return its result there (None elsewhere). Its failure reaches every
+    rank: rank 0 re-raises it, the others raise a CheckpointError saying `what` failed, so none waits
+    forever in a later collective. A collective: every rank calls it."""
+    from ..checkpoint import CheckpointError
+
+    result, failure = None, None
+    if env.is_main:
+        try:
+            result = work()
+        except BaseException as err:
+            failure = err
+    error = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}", env)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise CheckpointError(f"rank 0 could not {what}: {error}")
+    return result
+
+
 def broadcast_object(obj, env: DistEnv):
     """Rank 0's `obj` on every rank."""
     if env.world_size == 1:

@@ -9,6 +9,7 @@ callback states) is in the checkpoint, so a resumed run continues exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -24,7 +25,7 @@ from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, load_callback_states
 from .checkpointing import STEP_DIR, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .loss import lm_loss, no_loss_tokens_message
+from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
 from .progress import MetricsLog, ProgressLine
 
@@ -86,7 +87,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     batches      iterable of global batches, one per optimizer step (dicts of tensors [B, ...] when they must be
                  split). `kpro.train.Batches` resumes exactly; any other iterable is fast-forwarded on resume.
     out_dir      run directory: `metrics.jsonl` (one line per step) and checkpoints `step-XXXXXXXX/`.
-    steps        total optimizer steps of the run (default: len(batches)).
+    steps        total optimizer steps of the run (default: len(batches)); batches that run out before are an
+                 error (after a checkpoint of the steps done).
     loss_fn      loss_fn(model, batch) -> a scalar mean, or a `LossSum(total, count)`, which averages over
                  every loss token of the step exactly; default: `lm_loss` (causal LM, labels -100 ignored).
                  Under DDP/FSDP `model` is the wrapped module: call it (its forward), not other methods.
@@ -120,8 +122,9 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     run.reset_optimizer()
 
     checkpoint = _checkpoint_to_resume(out_dir, resume)
+    settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else repr(schedule)}
     if checkpoint is not None:
-        _resume(run, checkpoint, batches, callbacks)
+        _resume(run, checkpoint, batches, callbacks, settings)
     data = iter(batches)
     if checkpoint is not None and not hasattr(batches, "load_state_dict"):
         for _ in range(run.step):  # a plain iterable: skip what the checkpointed steps consumed
@@ -138,13 +141,13 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
         def write_extra(directory):
             for cb in callbacks:
                 cb.on_save(run, directory)
-        state = {"callbacks": callback_states(callbacks), "metrics": run.metrics,
+        state = {"callbacks": callback_states(callbacks), "metrics": run.metrics, "settings": settings,
                  "data": batches.state_dict() if hasattr(batches, "state_dict") else {"steps": run.step}}
         run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
                                          summary={"metrics": run.metrics, "total_steps": steps}, write_extra=write_extra)
         run._save_requested = False
 
-    interrupted = False
+    interrupted = exhausted = False
     with _InterruptToStop() as interrupt:
         try:
             for cb in callbacks:
@@ -153,8 +156,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                 try:
                     batch = next(data)
                 except StopIteration:
-                    if env.is_main:
-                        print(f"the batches ran out at step {run.step}/{steps}", file=sys.stdout if stream is None else stream)
+                    exhausted = True
                     break
                 for cb in callbacks:
                     batch = cb.on_batch(run, batch)
@@ -187,18 +189,53 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
         if env.is_main:
             print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)
         raise KeyboardInterrupt
+    if exhausted:  # a run that silently trained fewer steps than asked would mislead
+        raise ValueError(f"the batches ran out after {run.step} of steps={steps} (saved {run.checkpoint}); pass "
+                         "steps= no larger than the batches hold, or use kpro.train.Batches, which reshuffles every epoch")
     for cb in callbacks:
         cb.on_fit_end(run)
     return run
 
 
-def _resume(run: Run, checkpoint: Path, batches, callbacks) -> None:
-    """Weights, optimizer, RNG states, step, callback states and data position from a checkpoint."""
+def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> None:
+    """Weights, optimizer, RNG states, step, callback states and data position from a checkpoint.
+
+    A resume continues the same run: another kind of learning-rate schedule (warmup, floor) or other
+    optimizer hyperparameters (peak lr, betas, weight decay, eps) than the checkpoint's are refused, naming
+    what differs, rather than one set silently winning over the other. More (or fewer) total steps are
+    allowed, which extends the run; a schedule that decays to its last step then decays to the new one.
+    """
+    asked = _hyperparameters(run.optimizer)
     state = load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
+    saved_settings = state.get("settings", settings)  # checkpoints written before settings were saved: unchecked
+    saved_schedule, schedule = saved_settings.get("schedule"), settings["schedule"]
+    if isinstance(saved_schedule, dict) and isinstance(schedule, dict):
+        if saved_schedule.get("total_steps") != schedule.get("total_steps") and run.is_main:
+            print(f"resuming with total_steps={schedule.get('total_steps')} for the {schedule.get('kind')} schedule "
+                  f"(the checkpoint's run had {saved_schedule.get('total_steps')}): the learning rate follows the new "
+                  "schedule from here", file=sys.stderr)
+        saved_schedule = {**saved_schedule, "total_steps": schedule.get("total_steps")}
+    saved_settings = {**saved_settings, "schedule": saved_schedule}
+    differences = [f"{key}: {saved_settings.get(key)!r} in the checkpoint, {value!r} now"
+                   for key, value in settings.items() if saved_settings.get(key) != value]
+    differences += [f"optimizer param group {i} {key}: {saved[key]!r} in the checkpoint, {value!r} now"
+                    for i, (now, saved) in enumerate(zip(asked, _hyperparameters(run.optimizer)))
+                    for key, value in now.items() if key in saved and saved[key] != value]
+    if differences:
+        raise CheckpointError(f"{checkpoint} was trained with other settings than this call asks for:\n  "
+                              + "\n  ".join(differences) + "\nresume with the same settings, or start a new run "
+                              "directory (a checkpoint's weights alone load with kpro.load_pretrained)")
     run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
     load_callback_states(callbacks, state["callbacks"])
     if hasattr(batches, "load_state_dict"):
         batches.load_state_dict(state["data"])
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings that a resume must not change (its lr follows the schedule, so the peak)."""
+    keys = ("peak_lr", "betas", "weight_decay", "eps", "momentum")
+    return [{key: (list(group[key]) if isinstance(group[key], tuple) else group[key]) for key in keys if key in group}
+            for group in optimizer.param_groups]
 
 
 def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, interrupt_requested: Callable[[], bool]):
@@ -214,16 +251,14 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
         with distributed.gradient_sync(train_model, i == len(micro_batches) - 1):
             with autocast():
                 out = loss_fn(train_model, micro)
-            is_sum = isinstance(out, tuple)
+            is_sum = _check_loss(out)
             if summed is not None and is_sum != summed:
                 raise TypeError("loss_fn returned a LossSum for some micro-batches and a scalar for others")
             summed = is_sum
-            total = out[0] if is_sum else out
-            if total.dim() != 0:
-                raise ValueError(f"loss_fn must return a scalar loss (or a LossSum), got shape {tuple(total.shape)}")
+            total = out.total if is_sum else out
             (total if is_sum else total / grad_accum).backward()
         totals.append(total.detach().float())
-        counts.append(torch.as_tensor(out[1] if is_sum else 1, device=total.device).float())
+        counts.append(torch.as_tensor(out.count if is_sum else 1, device=total.device).float())
     # One collective per step: loss, loss-token count, and whether any process got Ctrl-C.
     stats = torch.stack([torch.stack(totals).sum(), torch.stack(counts).sum(),
                          torch.tensor(float(interrupt_requested()), device=totals[0].device)]).double()
@@ -250,6 +285,24 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, float(norm), interrupted > 0
+
+
+def _check_loss(out) -> bool:
+    """Whether loss_fn's output is a LossSum (else a scalar tensor); anything else is refused, a plain tuple
+    such as `(loss, logits)` above all, which must not pass for a (total, count) pair."""
+    if isinstance(out, LossSum):
+        if not isinstance(out.total, torch.Tensor) or out.total.dim() != 0:
+            raise ValueError("loss_fn's LossSum.total must be a scalar tensor")
+        count = torch.as_tensor(out.count)
+        if count.dim() != 0 or count.is_floating_point() or count.dtype == torch.bool:
+            raise ValueError(f"loss_fn's LossSum.count must be a scalar integer (the loss tokens), got {count!r}")
+        return True
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"loss_fn must return a scalar tensor or a kpro.train.LossSum, got {type(out).__name__}"
+                        + (" (return the loss alone, not a tuple)" if isinstance(out, tuple) else ""))
+    if out.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar loss (or a LossSum), got shape {tuple(out.shape)}")
+    return False
 
 
 def _to_device(batch, device):
