@@ -77,6 +77,7 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     expected = {name: tuple(t.shape) for name, t in hf_tensors(model).items()}
     location = tensor_locations(directory)
     with _open_all(set(location.values())) as handles:
+        _check_index_points_right(directory, location, handles)
         found = {name: tuple(handles[file].get_slice(name).get_shape()) for name, file in location.items()}
         _check_names_and_shapes(directory, expected, found, tied=cfg.tie_word_embeddings)
         state = {}
@@ -133,6 +134,16 @@ class _open_all:
             handle.__exit__(None, None, None)
 
 
+def _check_index_points_right(directory, location: dict, handles: dict) -> None:
+    """Every tensor the index places in a shard is in that shard (an index edited by hand, or shards
+    from another save, would otherwise fail deep inside safetensors)."""
+    held = {file: set(handle.keys()) for file, handle in handles.items()}
+    wrong = sorted(f"{name} (in {file.name}?)" for name, file in location.items() if name not in held[file])
+    if wrong:
+        raise CheckpointError(f"{directory / INDEX_NAME} places tensor(s) in shards that do not hold them: "
+                              f"{', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
+
+
 def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool) -> None:
     problems = []
     found = {name: shape for name, shape in found.items() if not _IGNORED_RE.fullmatch(name)}
@@ -158,12 +169,33 @@ def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool) 
 def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
     """Write `model` as an HF-layout checkpoint directory, atomically replacing any previous one.
 
-    Files in an existing directory that are not part of the weights (a tokenizer, say) are kept.
+    Files in an existing directory that are not part of the weights (a tokenizer, say) are kept. A model
+    sharded with FSDP2 is gathered to rank 0, which writes it: then every process must call this.
     """
     max_shard_bytes = parse_size(max_shard_size)
+    if any(type(param.data).__name__ == "DTensor" for param in model.parameters()):
+        return _save_sharded(model, Path(directory), max_shard_bytes)
     with atomic_directory(directory, drop=_is_weight_file) as tmp:
         _write_checkpoint(model, tmp, max_shard_bytes)
     return Path(directory)
+
+
+def _save_sharded(model: Llama, directory: Path, max_shard_bytes: int) -> Path:
+    """save_pretrained of an FSDP2-sharded model: a collective; rank 0 writes, every rank learns the outcome."""
+    from .train import distributed
+
+    env = distributed.current_env()
+    if not distributed.is_sharded(model):
+        raise CheckpointError("the model holds sharded parameters (DTensors) but is not an FSDP2 module; "
+                              "save the full state yourself")
+    state = distributed.full_model_state(model)  # every rank takes part; rank 0 gets the whole state
+
+    def write():
+        with atomic_directory(directory, drop=_is_weight_file) as tmp:
+            _write_checkpoint(model, tmp, max_shard_bytes, state)
+
+    distributed.on_main(write, env, f"save {directory}")
+    return directory
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ def cmd_info(args) -> None:
 
     from .checkpoint import tensor_locations
     from .config import LlamaConfig
+    from .tokenizer import TOKENIZER_FILES
 
     cfg = LlamaConfig.from_hf(args.dir)
     locations = tensor_locations(Path(args.dir))
@@ -40,7 +41,7 @@ def cmd_info(args) -> None:
     print(f"attention    {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} key/value heads, head_dim {cfg.head_dim}")
     print(f"rope         theta {cfg.rope_theta:g}, scaling {json.dumps(cfg.rope_scaling)}, max positions {cfg.max_position_embeddings}")
     print(f"vocab        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}, bos {cfg.bos_token_id}, eos {cfg.eos_token_id}")
-    for name in ("tokenizer.model", "kpro_char_tokenizer.json"):
+    for name in TOKENIZER_FILES:
         if (Path(args.dir) / name).is_file():
             print(f"tokenizer    {name}")
 
@@ -50,14 +51,33 @@ def cmd_generate(args) -> None:
     from .generation import generate
     from .tokenizer import load_tokenizer
 
+    check_device(args.device)
     model = load_pretrained(args.dir, dtype=DTYPES[args.dtype], device=args.device)
     tok = load_tokenizer(args.dir)
-    ids, mask = tok.pad_left(tok.encode_batch(args.prompt), device=args.device)
+    prompts = tok.encode_batch(args.prompt)
+    ids, mask = tok.pad_left(prompts, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = generate(model, ids, args.max_new_tokens, attention_mask=mask, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, generator=generator)
-    for prompt, row in zip(args.prompt, out.tolist()):
-        print(prompt + tok.decode(row[ids.shape[1]:]))
+    eos = set(model.config.eos_token_ids) | {tok.eos_id}
+    for prompt, row in zip(prompts, out.tolist()):
+        new = row[ids.shape[1]:]
+        stops = [i for i, token in enumerate(new) if token in eos]
+        new = new[:stops[0]] if stops else new
+        # Decoded whole: SentencePiece drops the leading space of a piece decoded on its own.
+        print(tok.decode(prompt + new))
+
+
+def check_device(device: str) -> None:
+    """A one-line error for a device this machine does not have (torch would fail deep inside)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def cmd_expand(args) -> None:

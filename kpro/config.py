@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ._files import write_atomic
+
 
 class ConfigError(ValueError):
     """A config.json that kpro cannot represent faithfully."""
@@ -124,7 +126,15 @@ class LlamaConfig:
         Both the classic form (`rope_theta` + `rope_scaling`) and the newer `rope_parameters` form are
         understood. With `strict=False`, keys kpro does not know are ignored instead of refused.
         """
-        raw = _read_source(source)
+        try:
+            return cls._from_raw(_read_source(source), strict)
+        except ConfigError as err:
+            if isinstance(source, dict):
+                raise
+            raise ConfigError(f"{_config_path(source)}: {err}") from None
+
+    @classmethod
+    def _from_raw(cls, raw: dict, strict: bool) -> "LlamaConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
         _check_architecture(raw)
         for key, allowed in _FIXED_KEYS.items():
@@ -141,8 +151,16 @@ class LlamaConfig:
                 raise ConfigError("config has both rope_parameters and rope_scaling; expected one of them")
             theta, scaling = _split_rope_parameters(raw["rope_parameters"])
             if theta is not None:
+                if "rope_theta" in raw and raw["rope_theta"] != theta:
+                    raise ConfigError(f"rope_theta={raw['rope_theta']!r} and rope_parameters.rope_theta={theta!r} "
+                                      "disagree; keep one of them")
                 kwargs["rope_theta"] = theta
             kwargs["rope_scaling"] = scaling
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in kwargs]
+        if missing:
+            raise ConfigError(f"missing required field(s) {', '.join(missing)}")
         return cls(**kwargs)
 
     def to_hf(self) -> dict[str, Any]:
@@ -155,7 +173,10 @@ class LlamaConfig:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
+        """Write config.json (a directory gets `config.json` inside it) atomically: temporary file, rename."""
+        path = Path(path)
+        write_atomic(path / "config.json" if path.is_dir() else path,
+                     json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -168,6 +189,11 @@ def _is_int(value) -> bool:
 def _check_token_id(name: str, value, vocab_size: int) -> None:
     if value is not None and (not _is_int(value) or not 0 <= value < vocab_size):
         raise ConfigError(f"{name}={value!r} is not a token id in [0, vocab_size={vocab_size})")
+
+
+def _config_path(source) -> Path:
+    path = Path(source)
+    return path / "config.json" if path.is_dir() else path
 
 
 def _read_source(source) -> dict:

@@ -27,6 +27,7 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    check_left_padded(attention_mask)
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, batch, length + max_new_tokens, dtype, input_ids.device)
     logits = model.lm_head(model.norm(model.hidden_states(input_ids, attention_mask, cache=cache)[:, -1]))
@@ -67,6 +68,17 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
         hidden = model.hidden_states(next_ids[:, None], attention_mask, cache=cache)[:, -1]
         logits = model.lm_head(model.norm(hidden))
     return torch.cat(tokens, dim=1)
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Generation appends after the last column, so every row's last prompt position must be real (left
+    padding); a right-padded row would continue from its padding and give other tokens than run alone."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, T], got {tuple(attention_mask.shape)}")
+    if not bool((attention_mask[:, -1] == 1).all()):
+        rows = (attention_mask[:, -1] != 1).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows[:8]} end in padding: generate needs left-padded prompts "
+                         "(see kpro.pad_left)")
 
 
 def select_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

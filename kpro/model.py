@@ -132,8 +132,15 @@ class Llama(nn.Module):
             return attention_mask
         if input_ids.device.type == "cpu" and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids hold token ids outside [0, vocab_size={self.config.vocab_size})")
+        if attention_mask is None:
+            return None
+        # One device sync for both facts: a value other than 0/1, and whether every token is real.
+        invalid = (attention_mask != 0) & (attention_mask != 1)
+        invalid, all_real = torch.stack((invalid.any(), attention_mask.bool().all())).tolist()
+        if invalid:
+            raise ValueError("attention_mask must hold 1 (real token) and 0 (padding) only")
         # A mask of all ones is no mask: take the faster unmasked attention path.
-        return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        return None if all_real else attention_mask
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

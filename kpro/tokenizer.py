@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ._files import write_atomic
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
 SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
@@ -76,7 +78,7 @@ class Tokenizer(_TokenizerBase):
         return self.sp.IdToPiece(int(token_id))
 
     def save(self, directory: str | os.PathLike) -> None:
-        Path(directory, SENTENCEPIECE_FILE).write_bytes(self.path.read_bytes())
+        write_atomic(Path(directory, SENTENCEPIECE_FILE), self.path.read_bytes())
 
 
 class _FixedVocabulary(_TokenizerBase):
@@ -128,7 +130,7 @@ class _FixedVocabulary(_TokenizerBase):
         raise NotImplementedError
 
     def save(self, directory: str | os.PathLike) -> None:
-        Path(directory, self.FILE).write_text(json.dumps({"type": self.KIND, **self._vocabulary_json()}) + "\n")
+        write_atomic(Path(directory, self.FILE), json.dumps({"type": self.KIND, **self._vocabulary_json()}) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike):

@@ -108,6 +108,18 @@ def test_truncated_and_corrupt_files_are_clear_errors(tmp_path, make_model):
         kpro.load_pretrained(tmp_path / "ck")
 
 
+def test_an_index_pointing_at_the_wrong_shard_is_named(tmp_path, make_model):
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck", max_shard_size=20_000)
+    index_file = tmp_path / "ck" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    moved = next(name for name, file in index["weight_map"].items() if file != first)
+    index["weight_map"][moved] = first
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(kpro.CheckpointError, match=f"places tensor.* in shards that do not hold them: {moved} .in {first}"):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
 def test_directory_without_weights_or_config(tmp_path):
     (tmp_path / "ck").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):

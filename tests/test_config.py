@@ -105,3 +105,23 @@ def test_to_hf_is_a_loadable_llama_config():
     assert out["rope_scaling"]["rope_type"] == "llama3" and out["rope_theta"] == 500000.0
     assert "pad_token_id" not in out
     assert kpro.LlamaConfig.from_hf(out) == LlamaConfig.from_hf(LLAMA31_8B)
+
+
+def test_a_missing_required_field_and_conflicting_rope_theta_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in LLAMA31_8B.items() if k != "vocab_size"}))
+    with pytest.raises(ConfigError, match=r"config.json: missing required field\(s\) vocab_size"):
+        LlamaConfig.from_hf(tmp_path)
+    both = dict(LLAMA31_8B, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    del both["rope_scaling"]
+    with pytest.raises(ConfigError, match="rope_theta=500000.0 and rope_parameters.rope_theta=10000.0 disagree"):
+        LlamaConfig.from_hf(both)
+    same = dict(both, rope_theta=10000.0)
+    assert LlamaConfig.from_hf(same).rope_theta == 10000.0
+
+
+def test_save_writes_config_json_atomically(tmp_path):
+    cfg = LlamaConfig.from_hf(LLAMA31_8B)
+    cfg.save(tmp_path)
+    cfg.replace(num_hidden_layers=2).save(tmp_path / "config.json")
+    assert LlamaConfig.from_hf(tmp_path).num_hidden_layers == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary left behind

@@ -96,3 +96,11 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_bad_generation_arguments(make_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         kpro.generate(make_model(), torch.ones(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_right_padded_prompts_are_refused(make_model):
+    model = make_model()
+    ids = torch.tensor([[5, 6, 0, 0], [5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match=r"rows \[0\] end in padding: generate needs left-padded prompts"):
+        kpro.generate(model, ids, 2, attention_mask=mask)

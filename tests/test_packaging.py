@@ -43,7 +43,8 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "kpro", *args], capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["generate"], ["internalize"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["info"], ["generate"], ["internalize"], ["expand"], ["train-expanded"],
+                                     ["bitune"], ["demo"]])
 def test_every_subcommand_has_help(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0 and "usage: python -m kpro" in result.stdout
@@ -64,11 +65,51 @@ def test_info_and_generate_on_a_saved_checkpoint(tmp_path, make_model):
     assert len(lines) == 2 and lines[0].startswith("hello") and lines[1].startswith("a")
 
 
+def test_generate_prints_each_row_decoded_whole_with_sentencepiece(tmp_path):
+    """SentencePiece drops the leading space of a piece decoded alone: the CLI decodes prompt + continuation
+    together. The model is rigged so that every new token is a word piece starting with '▁'."""
+    import kpro
+
+    tok = kpro.Tokenizer(ROOT / "tests" / "data" / "sentencepiece_test_model.model")
+    words = [i for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("\u2581") and len(tok.id_to_piece(i)) > 2]
+    torch.manual_seed(0)
+    model = kpro.Llama(kpro.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, bos_token_id=tok.bos_id,
+                                        eos_token_id=tok.eos_id))
+    with torch.no_grad():  # logits = ±x_0 on two word pieces only: the argmax is one of them
+        model.norm.weight.zero_()
+        model.norm.weight[0] = 1
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[words[0], 0], model.lm_head.weight[words[1], 0] = 1, -1
+    kpro.save_pretrained(model, tmp_path)
+    tok.save(tmp_path)
+    out = run_cli("generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "3")
+    assert out.returncode == 0, out.stderr
+    prompt = tok.encode("hello world")
+    new = kpro.generate(model, torch.tensor([prompt]), 3)[0, len(prompt):].tolist()
+    assert set(new) <= set(words[:2])
+    assert out.stdout.splitlines() == [tok.decode(prompt + new)]
+    assert out.stdout.startswith("hello world ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_generate_on_a_missing_cuda_device_is_a_one_line_error(tmp_path, make_model):
+    import kpro
+
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path)
+    result = run_cli("generate", str(tmp_path), "--prompt", "a", "--device", "cuda")
+    assert result.returncode == 1 and "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cli_errors_are_one_line(tmp_path):
     result = run_cli("info", str(tmp_path / "missing"))
     assert result.returncode == 1 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
     result = run_cli("demo", "no-such-act")
     assert result.returncode == 1 and "unknown demo act" in result.stderr
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    result = run_cli("info", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "config.json: missing required field(s) vocab_size, intermediate_size" in result.stderr
 
 
 @pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
