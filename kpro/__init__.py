@@ -1,5 +1,6 @@
 """kpro: fused kernels and training methods for post-pretraining LLaMA models."""
-from . import ops, train
+from . import instruct, internalize, lora, ops, train
+from .bitune import Bitune
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import ConfigError, LlamaConfig
 from .expansion import expand, train_only
@@ -10,6 +11,7 @@ from .tokenizer import CharTokenizer, SymbolTokenizer, Tokenizer, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CharTokenizer", "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "SymbolTokenizer",
-    "Tokenizer", "expand", "generate", "load_pretrained", "load_tokenizer", "ops", "pad_left", "save_pretrained", "train", "train_only",
+    "Bitune", "CharTokenizer", "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "SymbolTokenizer",
+    "Tokenizer", "expand", "generate", "instruct", "internalize", "load_pretrained", "load_tokenizer", "lora", "ops",
+    "pad_left", "save_pretrained", "train", "train_only",
 ]

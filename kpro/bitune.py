@@ -92,6 +92,14 @@ class Bitune(nn.Module):
         self.w_k = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32))
         self.w_v = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # `bt.to(torch.bfloat16)` casts the model; the mixing scalars stay fp32 (SPEC: 2·L fp32 scalars).
+        super()._apply(fn, recurse)
+        for param in (self.w_k, self.w_v):
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+        return self
+
     # ------------------------------------------------------------------------------------- public API
 
     def mix_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +111,9 @@ class Bitune(nn.Module):
         """Logits of the answer stream [B, Ta, vocab]: position t predicts answer stream token t + 1.
 
         input_ids [B, T] are `prompt + answer`, right-padded (`attention_mask` 1 = real token); prompt_lens
-        [B] is each row's P. `fused=None` takes the fused path on a GPU where the mode allows it, and
-        the separate passes on the CPU, where they measured faster; both compute the same."""
+        [B] is each row's P. `fused=None` takes the fused path wherever the mode has one (`bitune`,
+        `shared_weights`), else the separate passes; `fused=False` forces the reference path (the same
+        numbers, and on the CPU a little faster: smaller tensors, no stacking)."""
         streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
         return self._answer_logits(streams, fused)
 
@@ -125,6 +134,10 @@ class Bitune(nn.Module):
         eos_token_id, pad_token_id, stop_after_eos (as in kpro.generate)."""
         device = self.w_k.device
         ids, lens = right_pad([list(p) for p in prompts], pad_id=0, device=device)
+        limit = self.model.config.max_position_embeddings
+        if ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"the longest prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's max_position_embeddings={limit}")
         streams = split_streams(ids, lens, (torch.arange(ids.shape[1], device=device) < lens[:, None]).long(),
                                need_answer=False)
         tp = streams.prompt_ids.shape[1]
@@ -145,8 +158,8 @@ class Bitune(nn.Module):
 
     def _answer_logits(self, streams: Streams, fused: bool | None, cache: KVCache | None = None) -> torch.Tensor:
         mode = MODES[self.mode]
-        if fused is None:  # measured: on the CPU the separate passes are faster (benchmarks/RESULTS.md)
-            fused = mode.fused and streams.prompt_ids.device.type == "cuda"
+        if fused is None:
+            fused = mode.fused
         elif fused and not mode.fused:
             raise ValueError(f"mode {self.mode!r} has no fused path (its prompt passes are not one causal and one "
                              "bidirectional); use fused=False")

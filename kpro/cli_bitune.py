@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .bitune import MODES
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -16,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help="JSONL: instruction (+ optional input), response (or output)")
     p.add_argument("--out", default="runs/bitune", help="run directory: run/ (checkpoints, metrics), adapters/, results.json")
     p.add_argument("--baseline", choices=["lora"], help="train plain LoRA (one causal adapter) instead of Bitune")
-    p.add_argument("--mode", default="bitune", help="Bitune ablation: bitune, naive_bidir, no_mix, only_causal, shared_weights")
+    p.add_argument("--mode", choices=list(MODES), help="Bitune ablation (default bitune); not with --baseline lora")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -36,9 +38,13 @@ def run(args) -> None:
     import torch
 
     from . import instruct
+    from ._files import write_atomic
     from .checkpoint import load_pretrained
     from .tokenizer import load_tokenizer
 
+    if args.baseline and args.mode:
+        raise ValueError(f"--mode {args.mode} is a Bitune ablation; --baseline {args.baseline} trains plain LoRA")
+    args.mode = args.mode or "bitune"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for but no CUDA device is available (use --device cpu)")
     for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size"):
@@ -61,4 +67,4 @@ def run(args) -> None:
         scores = instruct.multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size)
         results["eval"][path] = scores
         print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  ({scores['questions']} questions)")
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")

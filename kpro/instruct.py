@@ -17,9 +17,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import adapters, lora
 from .bitune import Bitune, answer_targets, right_pad, split_streams
+from .checkpoint import CheckpointError
 from .model import Llama
 from .train import Batches, LossSum, Schedule, adamw, collate_prompt_answer, fit
 
@@ -151,9 +153,26 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
 def save_tuned_adapters(tuned, directory) -> Path:
     if isinstance(tuned, Bitune):
         return tuned.save_adapters(directory)
-    layer = lora.lora_layers(tuned.model)[0]
-    return adapters.save_adapters(directory, adapters.lora_tensors(tuned.model),
-                                  {"method": "lora", "rank": layer.rank, "alpha": layer.alpha, "adapters": ["causal"]})
+    return adapters.save_adapters(directory, adapters.lora_tensors(tuned.model), lora_config(tuned.model))
+
+
+def load_tuned(model: Llama, directory: str | os.PathLike):
+    """The tuned module saved by `tune` (its `out_dir/adapters`): a Bitune, or for plain LoRA an
+    `AdaptedModel`, with the adapters added to `model` and loaded; the set-up comes from the saved config."""
+    saved = adapters.read_config(directory)
+    if saved.get("method") == "bitune":
+        return Bitune.from_adapters(model, directory)
+    if saved.get("method") != "lora":
+        raise CheckpointError(f"{directory} holds {saved.get('method')!r} adapters; kpro reads 'bitune' and 'lora'")
+    lora.add_adapters(model, saved["adapters"], rank=saved["rank"], alpha=saved["alpha"])
+    model.to(model.embed_tokens.weight.device)
+    adapters.load_adapters(directory, adapters.lora_tensors(model), lora_config(model))
+    return lora.AdaptedModel(model, "causal")
+
+
+def lora_config(model: nn.Module) -> dict:
+    layer = lora.lora_layers(model)[0]
+    return {"method": "lora", "rank": layer.rank, "alpha": layer.alpha, "adapters": list(layer.adapters)}
 
 
 # ------------------------------------------------------------------------------------------- scoring

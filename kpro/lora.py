@@ -25,6 +25,12 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 Segments = Sequence[tuple[int, int, str | None]]
 
 
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of a half-precision model are kept in fp32 (as PEFT does): AdamW's small updates to a bf16
+    weight would round away. Under autocast they still run in bf16."""
+    return torch.promote_types(weight_dtype, torch.float32)
+
+
 class Adapter(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, dtype, device, generator=None):
         super().__init__()
@@ -61,20 +67,38 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, generator=None) -> None:
         if not name.isidentifier() or hasattr(self, name):
             raise ValueError(f"adapter name {name!r} is taken or not an identifier")
-        adapter = Adapter(self.in_features, self.out_features, self.rank, self.weight.dtype, self.weight.device,
-                          generator)
+        adapter = Adapter(self.in_features, self.out_features, self.rank, adapter_dtype(self.weight.dtype),
+                          self.weight.device, generator)
         self.add_module(name, adapter)  # state-dict names <layer>.<name>.lora_A.weight
         self.adapters[name] = adapter
 
     def forward(self, x: torch.Tensor, adapter: str | Segments | None = None) -> torch.Tensor:
+        """x·Wᵀ plus the update of `adapter` (a name, or token segments; None: the layer's `active` one).
+
+        While an adapter is merged into W, the layer runs with it whatever is asked: asking for another
+        adapter (alone or in a segment) is an error, since W no longer is the base weight.
+        """
         if adapter is None:
             adapter = self.active
         out = F.linear(x, self.weight)
-        if adapter is None or self.merged is not None and adapter == self.merged:
+        if self.merged is not None:
+            asked = {adapter} if adapter is None or isinstance(adapter, str) else {name for _, _, name in adapter}
+            others = sorted(str(name) for name in asked - {None, self.merged})
+            if others:
+                raise ValueError(f"adapter {self.merged!r} is merged into the weight; unmerge() it before running "
+                                 f"adapter(s) {', '.join(others)}")
             return out
+        if adapter is None:
+            return out
+        xa = self._adapter_input(x)
         if isinstance(adapter, str):
-            return out + self.scale * self.adapters[adapter](x)
-        return out + self.scale * self._segment_update(x, adapter)
+            return out + (self.scale * self.adapters[adapter](xa)).to(out.dtype)
+        return out + (self.scale * self._segment_update(xa, adapter)).to(out.dtype)
+
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the adapters' dtype (fp32 adapters of a bf16 model), unless autocast chooses the dtype."""
+        dtype = next(iter(self.adapters.values())).lora_A.weight.dtype
+        return x if x.dtype == dtype or torch.is_autocast_enabled(x.device.type) else x.to(dtype)
 
     def _segment_update(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         """Each token's low-rank update from its segment's adapter, as two matmuls over all tokens: the
@@ -95,7 +119,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Fold adapter `name` into the base weight (for serving a single adapter); unmerge() undoes it."""
+        """Fold adapter `name` into the base weight (for serving a single adapter); unmerge() undoes it
+        (up to rounding in the weight's dtype)."""
+        if name not in self.adapters:
+            raise ValueError(f"adapter {name!r} does not exist (adapters: {list(self.adapters)})")
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged!r} is merged already; unmerge it first")
         self.weight.add_(self._delta(name))
@@ -110,7 +137,8 @@ class LoRALinear(nn.Module):
 
     def _delta(self, name: str) -> torch.Tensor:
         adapter = self.adapters[name]
-        delta = adapter.lora_B.weight.float() @ adapter.lora_A.weight.float() * self.scale
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = adapter.lora_B.weight.to(acc) @ adapter.lora_A.weight.to(acc) * self.scale
         return delta.to(self.weight.dtype)
 
     def extra_repr(self) -> str:

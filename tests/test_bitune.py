@@ -106,10 +106,26 @@ def test_alpha_zero_reads_the_prompt_causally_with_the_causal_adapter(mode):
         assert relative_error(logits[row, :len(seq) - p + 1], expected) <= 1e-12
 
 
-def test_fresh_adapters_and_zero_weights_give_the_base_model():
+def test_mixing_weights_follow_the_formula_and_start_at_one_half():
+    bt = make(w=(0.02, -0.005))
+    alpha_k, alpha_v = bt.mix_weights()
+    torch.testing.assert_close(alpha_k, torch.tensor([2 / 3, 1 / 3]), rtol=1e-6, atol=0)  # |w| / (|w| + 0.01)
+    torch.testing.assert_close(alpha_v, torch.tensor([1 / 3, 2 / 3]), rtol=1e-6, atol=0)
+    default = Bitune(kpro.Llama(tiny_config()))
+    assert default.rank == 8 and default.alpha == 1.0 and default.mix_eps == 0.01
+    assert all(torch.equal(a, torch.full((2,), 0.5)) for a in default.mix_weights())
+    assert default.w_k.dtype == torch.float32
+    default.to(torch.bfloat16)
+    assert default.w_k.dtype == default.w_v.dtype == torch.float32  # the model moves, the mixing scalars stay fp32
+    assert default.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert kpro.Bitune is Bitune
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fresh_adapters_and_zero_weights_give_the_base_model(fused):
     bt = make(random_adapters=False, w=(0.0,))
     ids, plens, mask, seqs = batch()
-    logits = bt(ids, plens, mask)
+    logits = bt(ids, plens, mask, fused=fused)
     with lora.active(bt.model, None):
         base = bt.model(ids, mask)
     for row, (seq, p) in enumerate(zip(seqs, plens.tolist())):
@@ -241,6 +257,13 @@ def test_bad_input(change, message):
     ids, plens, mask, _ = batch()
     with pytest.raises(ValueError, match=message):
         bt.loss(*change(ids, plens, mask))
+
+
+def test_generation_past_the_model_positions_is_refused():
+    bt = make()
+    limit = bt.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the model's max_position_embeddings={limit}"):
+        bt.generate([[5] * (limit - 3)], max_new_tokens=4)
 
 
 def test_unknown_mode():

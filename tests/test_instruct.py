@@ -123,6 +123,12 @@ def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     if method == "lora":
         assert isinstance(tuned, lora.AdaptedModel)
+    torch.manual_seed(0)
+    loaded = instruct.load_tuned(kpro.Llama(tiny_config()), tmp_path / "adapters")
+    assert type(loaded) is type(tuned)
+    ids, plens, mask = torch.tensor([[1, 5, 6, 7, 2]]), torch.tensor([3]), torch.ones(1, 5, dtype=torch.long)
+    args = (ids, plens, mask) if method == "bitune" else (ids, mask)
+    assert torch.equal(loaded(*args), tuned(*args))
     with pytest.raises(ValueError, match="unknown method"):
         instruct.tune(kpro.Llama(tiny_config()), pairs, "prefix", tmp_path / "x")
 
@@ -146,3 +152,5 @@ def test_cli_end_to_end(tmp_path):
     assert saved["method"] == "bitune" and str(mc) in saved["eval"]
     bad = run("--eval", str(data))
     assert bad.returncode == 1 and "needs 'question'" in bad.stderr
+    bad = run("--baseline", "lora", "--mode", "no_mix")
+    assert bad.returncode == 1 and "--mode no_mix is a Bitune ablation" in bad.stderr

@@ -63,6 +63,38 @@ def test_merge_and_unmerge():
         lin.unmerge()
 
 
+def test_a_merged_layer_refuses_other_adapters_instead_of_adding_twice():
+    lin = layer()
+    x = torch.randn(3, 9, 12, dtype=torch.float64)
+    with_a = lin(x, "a")
+    lin.merge("a")
+    torch.testing.assert_close(lin(x, [(0, 4, "a"), (4, 9, None)]), with_a)  # its own segments: W already holds it
+    torch.testing.assert_close(lin(x), with_a)  # nothing asked for: the merged weight
+    with pytest.raises(ValueError, match="adapter 'a' is merged into the weight; unmerge.* adapter.s. b"):
+        lin(x, "b")
+    with pytest.raises(ValueError, match="adapter 'a' is merged"):
+        lin(x, [(0, 4, "a"), (4, 9, "b")])
+    with pytest.raises(ValueError, match="adapter 'c' does not exist"):
+        layer().merge("c")
+
+
+def test_adapters_of_a_half_precision_model_are_kept_in_fp32():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8, bias=False).to(torch.bfloat16)
+    lin = lora.LoRALinear(base, ["a"], rank=2, alpha=2.0)
+    assert lin.a.lora_A.weight.dtype == lin.a.lora_B.weight.dtype == torch.float32
+    with torch.no_grad():
+        lin.a.lora_B.weight.normal_()
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    out = lin(x, "a")
+    assert out.dtype == torch.bfloat16
+    A, B = lin.a.lora_A.weight.double(), lin.a.lora_B.weight.double()
+    expected = x.double() @ base.weight.double().T + (x.double() @ A.T) @ B.T
+    assert (out.double() - expected).abs().max() <= 2e-2 * expected.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x.float(), "a").dtype == torch.bfloat16
+
+
 def test_add_adapters_to_a_model_and_activate():
     model = kpro.Llama(tiny_config())
     ids = torch.randint(0, 67, (2, 6))
