@@ -139,19 +139,21 @@ def test_attention_forward_backward(benchmark, device, impl, seq, dim, mask):
 
 # ----------------------------------------------------------------------------------- Bitune dual pass
 
-def bitune_three_flex_calls(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens):
-    """The same computation as kpro.ops.bitune_attention with three FlexAttention calls and an explicit mix."""
-    batch, tp, ta = q_a.shape[0], q_p.shape[2], q_a.shape[1]
+def bitune_three_flex_calls(batch, tp, ta, prompt_lens, answer_lens, device):
+    """The same computation as kpro.ops.bitune_attention with three FlexAttention calls and an explicit mix.
+    The block masks are built here, once, outside the timed calls (they depend on the lengths only)."""
     lp, la = prompt_lens, answer_lens
-    device = q_a.device
     causal = flex_call(lambda b, h, i, j: (j <= i) & (j < lp[b]), batch, tp, tp, device)
     bidir = flex_call(lambda b, h, i, j: j < lp[b], batch, tp, tp, device)
     answer = flex_call(lambda b, h, i, j: (j < lp[b]) | ((j >= tp) & (j - tp <= i) & (j - tp < la[b])),
                        batch, ta, tp + ta, device)
-    k_mix = (1 - alpha_k) * k_p[0] + alpha_k * k_p[1]
-    v_mix = (1 - alpha_v) * v_p[0] + alpha_v * v_p[1]
-    o_p = torch.stack((causal(q_p[0], k_p[0], v_p[0]), bidir(q_p[1], k_p[1], v_p[1])))
-    return o_p, answer(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1))
+
+    def fn(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens):
+        k_mix = (1 - alpha_k) * k_p[0] + alpha_k * k_p[1]
+        v_mix = (1 - alpha_v) * v_p[0] + alpha_v * v_p[1]
+        o_p = torch.stack((causal(q_p[0], k_p[0], v_p[0]), bidir(q_p[1], k_p[1], v_p[1])))
+        return o_p, answer(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1))
+    return fn
 
 
 def bitune_fused(backend):
@@ -176,7 +178,10 @@ def test_bitune_dual_pass(benchmark, device, impl, grad):
             make(batch, ta, heads, dim), make(batch, ta, heads // 4, dim), make(batch, ta, heads // 4, dim),
             torch.tensor(0.5, device=device, requires_grad=grad), torch.tensor(0.5, device=device, requires_grad=grad),
             torch.full((batch,), tp, device=device), torch.full((batch,), ta, device=device)]
-    fn = bitune_three_flex_calls if impl == "three-flex-calls" else bitune_fused(impl.removeprefix("kpro-"))
+    if impl == "three-flex-calls":
+        fn = bitune_three_flex_calls(batch, tp, ta, args[8], args[9], device)
+    else:
+        fn = bitune_fused(impl.removeprefix("kpro-"))
     benchmark.group = f"bitune dual pass {'forward+backward' if grad else 'forward'} B={batch} Tp=Ta={tp} D={dim}"
 
     def run():

@@ -35,7 +35,8 @@ def implementations(op, device):
     try:
         if op == "rms_norm":
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-            impls["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6)
+            # offset 0, LLaMA casting, and not in place: Liger would otherwise overwrite the reused dy with dx
+            impls["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False)
         else:
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
             impls["liger"] = LigerSiLUMulFunction.apply

@@ -53,12 +53,35 @@ CASES = {  # name: (B, Tq, Tk, Hq, Hkv, D, causal, prefix_lens, key padding rows
     "left_padding": (3, 23, 23, 4, 2, 32, True, None, [5, 0, 22]),
     "prefix_and_right_padding": (2, 26, 26, 2, 2, 64, True, [9, 3], "right"),
     "full_with_padding": (2, 18, 18, 2, 1, 64, False, None, [3, 17]),
+    "key_mask_with_holes": (2, 41, 41, 2, 1, 32, True, None, "holes"),
+    "full_with_holes": (2, 35, 35, 2, 2, 32, False, None, "holes"),
+    "a_row_without_real_keys": (2, 20, 20, 2, 1, 32, True, None, [20, 6]),
     "one_token": (1, 1, 1, 1, 1, 64, True, None, None),
 }
 
 
+# Lengths past the GPU tiles (64-128 rows and keys): several query and key tiles per row, fully visible
+# tiles (no mask arithmetic), a prefix ending inside a tile, left padding spanning whole key tiles.
+GPU_CASES = {
+    "causal_long_gqa": (2, 1037, 1037, 8, 2, 128, True, None, None),
+    "prefix_ends_mid_tile": (2, 777, 777, 4, 4, 64, True, [333, 700], None),
+    "left_padding_long": (3, 301, 301, 4, 1, 64, True, None, [130, 0, 257]),
+    "decode_tq_lt_tk_777": (2, 19, 777, 4, 2, 128, True, None, None),
+    "full_d96": (1, 555, 555, 2, 2, 96, False, None, None),
+}
+
+
+def vectorized_mask(batch, tq, tk, causal, prefix_lens=None, key_mask=None):
+    """explicit_mask without the Python loops, for the long GPU cases."""
+    pos = torch.arange(tq)[None, :, None] + (tk - tq)
+    key = torch.arange(tk)[None, None, :]
+    prefix = (prefix_lens if prefix_lens is not None else torch.zeros(batch, dtype=torch.long))[:, None, None]
+    mask = (key <= pos) | ((pos < prefix) & (key < prefix)) if causal else torch.ones(batch, tq, tk, dtype=torch.bool)
+    return mask & (key_mask.bool()[:, None, :] if key_mask is not None else True)
+
+
 def make_case(name, dtype, device, seed=0):
-    batch, tq, tk, hq, hkv, dim, causal, prefix, padding = CASES[name]
+    batch, tq, tk, hq, hkv, dim, causal, prefix, padding = CASES[name] if name in CASES else GPU_CASES[name]
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, tq, hq, dim, generator=gen, dtype=torch.float64)
     k = torch.randn(batch, tk, hkv, dim, generator=gen, dtype=torch.float64)
@@ -68,9 +91,13 @@ def make_case(name, dtype, device, seed=0):
     key_mask = None
     if padding == "right":
         key_mask = torch.tensor([[1] * (tk - 4) + [0] * 4, [1] * tk])
+    elif padding == "holes":  # padding inside the rows too: the kernels must read the mask itself
+        key_mask = (torch.rand(batch, tk, generator=gen) > 0.3).long()
+        key_mask[:, :3] = 0
+        key_mask[0, -5:] = 0
     elif padding is not None:
         key_mask = torch.stack([torch.arange(tk) >= n for n in padding]).long()  # n pads on the left
-    mask = explicit_mask(batch, tq, tk, causal, prefix_lens, key_mask)
+    mask = (explicit_mask if name in CASES else vectorized_mask)(batch, tq, tk, causal, prefix_lens, key_mask)
     ins = [t.to(dtype).to(device) for t in (q, k, v)]
     kwargs = dict(causal=causal, prefix_lens=None if prefix_lens is None else prefix_lens.to(device),
                   attention_mask=None if key_mask is None else key_mask.to(device))
@@ -106,6 +133,19 @@ def test_half_precision_within_twice_plain_pytorch(backend, device, dtype, case)
     for name, out, base, expected in zip(("out", "dq", "dk", "dv"), got, plain, ref):
         assert out.dtype == dtype
         assert relative_error(out, expected) <= 2 * relative_error(base, expected), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_tiles_match_float64(dtype, case):
+    ins, dout, mask, kwargs = make_case(case, dtype, "cuda", seed=2)
+    ref = run(lambda q, k, v: plain_attention(q, k, v, mask), [t.double() for t in ins], dout.double())
+    plain = run(lambda q, k, v: plain_attention(q, k, v, mask), ins, dout)
+    got = run(with_backend("triton", **kwargs), ins, dout)
+    for name, out, base, expected in zip(("out", "dq", "dk", "dv"), got, plain, ref):
+        bound = 1e-4 if dtype == torch.float32 else 2 * relative_error(base, expected)
+        assert relative_error(out, expected, floor=1e-3 if dtype == torch.float32 else 0.0) <= bound, name
 
 
 @pytest.mark.parametrize("backend, device", backend_devices()[:2])

@@ -111,3 +111,19 @@ def test_bad_inputs(bad, message):
     tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
     with pytest.raises(ValueError, match=message):
         ops.bitune_attention(*bad(tensors + [plen, alen]))
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[3:])
+def test_opcheck_registration(backend, device):
+    """The custom ops' fake and real outputs agree, and their autograd registration holds up."""
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    args = [t.to(device, torch.float32).requires_grad_() for t in tensors] + [plen.to(device), alen.to(device)]
+    torch.library.opcheck(torch.ops.kpro.bitune_attention_forward.default, (*args, 32 ** -0.5, backend))
+
+
+@pytest.mark.cuda
+def test_mixing_weights_on_another_device_are_refused():
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    args = [t.cuda() for t in tensors[:6]] + [tensors[6].float(), tensors[7].float().cuda(), plen.cuda(), alen.cuda()]
+    with pytest.raises(ValueError, match="alpha_k is on cpu"):
+        ops.bitune_attention(*args)

@@ -133,7 +133,11 @@ def test_integer_input_is_refused():
         ops.rms_norm(torch.ones(2, 4, dtype=torch.long), torch.ones(4))
 
 
-def test_opcheck_registration():
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    w = torch.randn(24, requires_grad=True)
-    torch.library.opcheck(torch.ops.kpro.rms_norm_forward.default, (x, w, 1e-6, "torch"))
+@pytest.mark.parametrize("backend, device", backend_devices()[:2] + backend_devices()[2:])
+def test_opcheck_registration(backend, device):
+    """Fake and real outputs agree (shapes, dtypes, strides), also for an input that is not contiguous."""
+    x = torch.randn(3, 5, 24, device=device, requires_grad=True)
+    w = torch.randn(24, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.kpro.rms_norm_forward.default, (x, w, 1e-6, backend))
+    transposed = torch.randn(24, 6, device=device).t().requires_grad_()
+    torch.library.opcheck(torch.ops.kpro.rms_norm_forward.default, (transposed, w, 1e-6, backend))

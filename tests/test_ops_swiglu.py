@@ -105,7 +105,11 @@ def test_bad_inputs():
         ops.swiglu_packed(torch.randn(2, 5))
 
 
-def test_opcheck_registration():
-    gate, up = torch.randn(3, 24, requires_grad=True), torch.randn(3, 24, requires_grad=True)
-    torch.library.opcheck(torch.ops.kpro.swiglu_forward.default, (gate, up, "torch"))
-    torch.library.opcheck(torch.ops.kpro.swiglu_packed_forward.default, (torch.randn(3, 48, requires_grad=True), "torch"))
+@pytest.mark.parametrize("backend, device", backend_devices()[:2] + backend_devices()[2:])
+def test_opcheck_registration(backend, device):
+    """Fake and real outputs agree (shapes, dtypes, strides), also for inputs that are not contiguous."""
+    make = lambda *shape: torch.randn(*shape, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.kpro.swiglu_forward.default, (make(3, 24), make(3, 24), backend))
+    gate, up = (torch.randn(24, 6, device=device).t().requires_grad_() for _ in range(2))
+    torch.library.opcheck(torch.ops.kpro.swiglu_forward.default, (gate, up, backend))
+    torch.library.opcheck(torch.ops.kpro.swiglu_packed_forward.default, (make(3, 48), backend))

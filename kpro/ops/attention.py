@@ -100,8 +100,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
 
 
 @attention_forward.register_fake
-def _(q, k, v, causal, prefix_lens, attention_mask, scale, backend):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+def _(q, k, v, causal, prefix_lens, attention_mask, scale, backend):  # the kernels return contiguous tensors
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("kpro::attention_backward", mutates_args=())
@@ -115,7 +115,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 @attention_backward.register_fake
 def _(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):

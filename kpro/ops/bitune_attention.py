@@ -59,6 +59,8 @@ def check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_len
     for name, alpha in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
         if not isinstance(alpha, torch.Tensor) or alpha.dim() != 0 or not alpha.is_floating_point():
             raise ValueError(f"bitune_attention: {name} must be a 0-dim floating tensor")
+        if alpha.device != q_a.device:
+            raise ValueError(f"bitune_attention: {name} is on {alpha.device}, the streams on {q_a.device}")
     for name, lens in (("prompt_lens", prompt_lens), ("answer_lens", answer_lens)):
         if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype.is_floating_point:
             raise ValueError(f"bitune_attention: {name} must be an integer tensor [B={batch}]")
@@ -100,7 +102,7 @@ def bitune_attention_forward(q_p: torch.Tensor, k_p: torch.Tensor, v_p: torch.Te
 @bitune_attention_forward.register_fake
 def _(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, scale, backend):
     _, batch, tp, heads, _ = q_p.shape
-    return (torch.empty_like(q_p), torch.empty_like(q_a),
+    return (q_p.new_empty(q_p.shape), q_a.new_empty(q_a.shape),  # the kernels return contiguous tensors
             q_p.new_empty((2, batch, heads, tp), dtype=torch.float32),
             q_a.new_empty((batch, heads, q_a.shape[1]), dtype=torch.float32))
 
@@ -119,7 +121,7 @@ def bitune_attention_backward(do_p: torch.Tensor, do_a: torch.Tensor, q_p: torch
 
 @bitune_attention_backward.register_fake
 def _(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, *rest):
-    return [torch.empty_like(t) for t in (q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v)]
+    return [t.new_empty(t.shape) for t in (q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v)]
 
 
 def _setup(ctx, inputs, output):

@@ -43,7 +43,8 @@ def torch_forward(x, weight, eps):
     xf = x.to(acc)
     # ‖x‖² / n in one reduction, without materialising x²; in-place ops on our own temporaries.
     rstd = torch.linalg.vector_norm(xf, dim=-1).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    return (xf * rstd[..., None]).mul_(weight.to(acc)).to(x.dtype), rstd
+    # Contiguous outputs whatever x's layout, like the kernels' (and the fake implementation's).
+    return (xf * rstd[..., None]).mul_(weight.to(acc)).to(x.dtype).contiguous(), rstd.contiguous()
 
 
 def torch_backward(dy, x, weight, rstd, weight_grad: bool):
@@ -55,7 +56,7 @@ def torch_backward(dy, x, weight, rstd, weight_grad: bool):
         dw = (dy.to(acc) * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     mean_gx = torch.linalg.vecdot(g, x_hat).div_(x.shape[-1])
     dx = g.sub_(x_hat.mul_(mean_gx[..., None])).mul_(rstd[..., None])  # rstd * (g - x_hat * mean(g * x_hat))
-    return dx.to(x.dtype), dw
+    return dx.to(x.dtype).contiguous(), dw
 
 
 TORCH_KERNELS = SimpleNamespace(forward=torch_forward, backward=torch_backward)
@@ -75,8 +76,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend:
 
 
 @rms_norm_forward.register_fake
-def _(x, weight, eps, backend):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
+def _(x, weight, eps, backend):  # every backend returns contiguous tensors
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("kpro::rms_norm_backward", mutates_args=())
@@ -89,7 +90,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
 
 @rms_norm_backward.register_fake
 def _(dy, x, weight, rstd, weight_grad, backend):
-    return torch.empty_like(x), torch.empty_like(weight) if weight_grad else weight.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape) if weight_grad else weight.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):

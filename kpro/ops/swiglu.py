@@ -41,14 +41,15 @@ def _check_floating(x):
 
 def torch_forward(gate, up):
     acc = accumulation_dtype(gate.dtype)
-    return F.silu(gate.to(acc)).mul_(up.to(acc)).to(gate.dtype)
+    # Contiguous outputs whatever the inputs' layout, like the kernels' (and the fake implementations').
+    return F.silu(gate.to(acc)).mul_(up.to(acc)).to(gate.dtype).contiguous()
 
 
 def torch_backward(dy, gate, up):
     acc = accumulation_dtype(gate.dtype)
     g, d = gate.to(acc), dy.to(acc)
     dgate = torch.ops.aten.silu_backward(d * up.to(acc), g)  # d·u·silu'(g), one fused kernel
-    return dgate.to(gate.dtype), F.silu(g).mul_(d).to(up.dtype)
+    return dgate.to(gate.dtype).contiguous(), F.silu(g).mul_(d).to(up.dtype).contiguous()
 
 
 def torch_packed_forward(gate_up):
@@ -76,8 +77,8 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.
 
 
 @swiglu_forward.register_fake
-def _(gate, up, backend):
-    return torch.empty_like(gate)
+def _(gate, up, backend):  # every backend returns contiguous tensors
+    return gate.new_empty(gate.shape)
 
 
 @torch.library.custom_op("kpro::swiglu_backward", mutates_args=())
@@ -87,7 +88,7 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, back
 
 @swiglu_backward.register_fake
 def _(dy, gate, up, backend):
-    return torch.empty_like(gate), torch.empty_like(up)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -122,7 +123,7 @@ def swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor, backend: str
 
 @swiglu_packed_backward.register_fake
 def _(dy, gate_up, backend):
-    return torch.empty_like(gate_up)
+    return gate_up.new_empty(gate_up.shape)
 
 
 def _setup_packed(ctx, inputs, output):

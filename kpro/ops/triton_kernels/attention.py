@@ -7,18 +7,18 @@ import triton
 import triton.language as tl
 
 from .._layout import device_guard
+from ._launch import check_32bit_rows, launch_errors
 from .attention_tiles import (LOG2E, batch_and_heads, block_sizes, dkdv_tiles, dq_tiles, finish_rows, forward_tiles,
-                              padded_head_dim, row_end, tile_plan)
+                              key_window, padded_head_dim, row_end, tile_and_head, tile_plan, window_tiles)
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE2, PREFIX, KEY_OK,
+def _forward_kernel(Q, K, V, O, LSE2, PREFIX, KEY_OK, KEY_WINDOW,
                     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sm_b,
                     Tq, Tk, H, GROUP, scale2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m0, bh = tile_and_head(Tq, BLOCK_M)
     b, h, kv_h = batch_and_heads(bh, H, GROUP)
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -32,16 +32,26 @@ def _forward_kernel(Q, K, V, O, LSE2, PREFIX, KEY_OK,
     offset = Tk - Tq
     prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
     ends = row_end(rows, offset, prefix, CAUSAL)
-    full, last = tile_plan(rows, ends, Tk, Tq, BLOCK_N)
-    if HAS_KEY_MASK:  # padded keys may sit anywhere: every tile needs the mask
-        full = 0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, Tk, Tq, KEY_OK,
-                                  0, full, scale2, dims, dim_ok, BLOCK_N, False, HAS_KEY_MASK, False)
-    acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, Tk, Tq, KEY_OK,
-                                  full, last, scale2, dims, dim_ok, BLOCK_N, True, HAS_KEY_MASK, False)
+    if HAS_KEY_MASK:
+        key_lo, key_limit, key_dense = key_window(KEY_WINDOW, b, Tk)
+        full, last = tile_plan(rows, ends, key_limit, Tq, BLOCK_N)
+        start, lead, full, last = window_tiles(full, last, key_lo, key_dense, BLOCK_N)
+        acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq,
+                                      KEY_OK, key_lo, key_dense, start, lead, scale2, dims, dim_ok, BLOCK_N, True,
+                                      HAS_KEY_MASK, False)
+    else:
+        key_lo, key_limit, key_dense = 0, Tk, 1
+        full, last = tile_plan(rows, ends, key_limit, Tq, BLOCK_N)
+        lead = 0
+    acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq,
+                                  KEY_OK, key_lo, key_dense, lead, full, scale2, dims, dim_ok, BLOCK_N, False,
+                                  HAS_KEY_MASK, False)
+    acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq,
+                                  KEY_OK, key_lo, key_dense, full, last, scale2, dims, dim_ok, BLOCK_N, True,
+                                  HAS_KEY_MASK, False)
     out, lse2 = finish_rows(acc, m_i, l_i, rows, Tq)
     tl.store(O + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
@@ -52,8 +62,9 @@ def _forward_kernel(Q, K, V, O, LSE2, PREFIX, KEY_OK,
 def _delta_kernel(O, DO, DELTA, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, T, H,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[b, h, i] = sum_d dO * O: the row term of the softmax gradient."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b, h, _ = batch_and_heads(tl.program_id(1), H, 1)
+    m0, bh = tile_and_head(T, BLOCK_M)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    b, h, _ = batch_and_heads(bh, H, 1)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < T)[:, None] & (dims < HEAD_DIM)[None, :]
     o = tl.load(O + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :], mask=mask, other=0.0)
@@ -62,14 +73,13 @@ def _delta_kernel(O, DO, DELTA, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, T, H,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, PREFIX, KEY_OK,
+def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, PREFIX, KEY_OK, KEY_WINDOW,
                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
                  sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h, sm_b,
                  Tq, Tk, H, HKV, GROUP, scale, scale2,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    n0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    n0, bh = tile_and_head(Tk, BLOCK_N)
     b, kv_h, _ = batch_and_heads(bh, HKV, 1)
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < Tk
@@ -81,30 +91,45 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, PREFIX, KEY_OK,
     offset = Tk - Tq
     prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
     # Queries that can see this key tile: all of them when it starts inside the prefix or without a
-    # causal mask, else those at or after its first key.
+    # causal mask, else those at or after its first key; of those, the rows from m_full on see all its keys.
     if CAUSAL:
         m_lo = tl.where(n0 >= prefix, (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M, 0)
+        m_full = tl.where(n0 + BLOCK_N <= prefix, 0, tl.cdiv(tl.maximum(n0 + BLOCK_N - offset - 1, 0), BLOCK_M) * BLOCK_M)
     else:
         m_lo = 0
+        m_full = 0
+    if HAS_KEY_MASK:
+        key_lo, key_limit, key_dense = key_window(KEY_WINDOW, b, Tk)
+        whole = (key_dense != 0) & (n0 >= key_lo) & (n0 + BLOCK_N <= key_limit)
+        outside = (n0 + BLOCK_N <= key_lo) | (n0 >= key_limit)  # padding only: no query sees these keys
+        m_lo = tl.where(outside, Tq, m_lo)
+    else:
+        key_lo, key_limit, key_dense = 0, Tk, 1
+        whole = n0 + BLOCK_N <= Tk
+    m_full = tl.where(whole, tl.minimum(tl.maximum(m_full, m_lo), Tq), Tq)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    KEY_OK += b * sm_b
     for h in range(kv_h * GROUP, kv_h * GROUP + GROUP):
         row_base = (b * H + h) * Tq
-        dk, dv = dkdv_tiles(dk, dv, k, v, Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h, LSE2 + row_base,
-                            DELTA + row_base, sq_t, sdo_t, cols, col_ok, offset, prefix, Tk, Tq,
-                            KEY_OK + b * sm_b, m_lo, Tq, scale2, dims, dim_ok, BLOCK_M, CAUSAL, HAS_KEY_MASK)
+        Qh, DOh = Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h
+        dk, dv = dkdv_tiles(dk, dv, k, v, Qh, DOh, LSE2 + row_base, DELTA + row_base, sq_t, sdo_t, cols, col_ok,
+                            offset, prefix, key_limit, Tq, KEY_OK, key_lo, key_dense, m_lo, m_full, scale2, dims,
+                            dim_ok, BLOCK_M, CAUSAL, HAS_KEY_MASK, True)
+        dk, dv = dkdv_tiles(dk, dv, k, v, Qh, DOh, LSE2 + row_base, DELTA + row_base, sq_t, sdo_t, cols, col_ok,
+                            offset, prefix, key_limit, Tq, KEY_OK, key_lo, key_dense, m_full, Tq, scale2, dims,
+                            dim_ok, BLOCK_M, CAUSAL, HAS_KEY_MASK, False)
     tl.store(DK + b * sdk_b + kv_h * sdk_h + cols[:, None] * sdk_t + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + b * sdv_b + kv_h * sdv_h + cols[:, None] * sdv_t + dims[None, :], dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, PREFIX, KEY_OK,
+def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, PREFIX, KEY_OK, KEY_WINDOW,
                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h, sm_b,
                Tq, Tk, H, GROUP, scale, scale2,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m0, bh = tile_and_head(Tq, BLOCK_M)
     b, h, kv_h = batch_and_heads(bh, H, GROUP)
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < Tq
@@ -119,12 +144,24 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, PREFIX, KEY_OK,
     offset = Tk - Tq
     prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
     ends = row_end(rows, offset, prefix, CAUSAL)
-    _, last = tile_plan(rows, ends, Tk, Tq, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     K += b * sk_b + kv_h * sk_h
     V += b * sv_b + kv_h * sv_h
-    dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, Tk, Tq, KEY_OK + b * sm_b,
-                  0, last, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, False)
+    KEY_OK += b * sm_b
+    if HAS_KEY_MASK:
+        key_lo, key_limit, key_dense = key_window(KEY_WINDOW, b, Tk)
+        full, last = tile_plan(rows, ends, key_limit, Tq, BLOCK_N)
+        start, lead, full, last = window_tiles(full, last, key_lo, key_dense, BLOCK_N)
+        dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq, KEY_OK,
+                      key_lo, key_dense, start, lead, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, False, True)
+    else:
+        key_lo, key_limit, key_dense = 0, Tk, 1
+        full, last = tile_plan(rows, ends, key_limit, Tq, BLOCK_N)
+        lead = 0
+    dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq, KEY_OK,
+                  key_lo, key_dense, lead, full, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, False, False)
+    dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq, KEY_OK,
+                  key_lo, key_dense, full, last, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, False, True)
     tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -137,26 +174,43 @@ def _unit_last(t):
 
 
 def _mask_args(prefix_lens, attention_mask, like):
-    prefix = prefix_lens.to(device=like.device, dtype=torch.int32).contiguous() if prefix_lens is not None else None
-    key_ok = attention_mask.to(device=like.device, dtype=torch.int8).contiguous() if attention_mask is not None else None
+    """(prefix, key_ok, key row stride, key window) kernel arguments; dummies where there is no mask."""
     dummy = torch.empty(1, dtype=torch.int32, device=like.device)
-    return (prefix if prefix is not None else dummy, key_ok if key_ok is not None else dummy,
-            key_ok.stride(0) if key_ok is not None else 0)
+    prefix = prefix_lens.to(device=like.device, dtype=torch.int32).contiguous() if prefix_lens is not None else dummy
+    if attention_mask is None:
+        return prefix, dummy, 0, dummy
+    key_ok = attention_mask.to(device=like.device, dtype=torch.int8).contiguous()
+    return prefix, key_ok, key_ok.stride(0), key_windows(key_ok)
+
+
+def key_windows(key_ok: torch.Tensor) -> torch.Tensor:
+    """[B, 3] int32 per row: its first real key, one past its last, and 1 when every key between is real
+    (left or right padding: the kernels then never read the mask). A row with no real key gets [0, 0).
+    Computed on the device, without a sync."""
+    real = key_ok != 0
+    tk = real.shape[1]
+    any_real = real.any(1)
+    first = real.int().argmax(1)
+    end = tk - real.flip(1).int().argmax(1)
+    first, end = torch.where(any_real, first, 0), torch.where(any_real, end, 0)
+    dense = real.sum(1) == end - first
+    return torch.stack((first, end, dense.int()), 1).to(torch.int32).contiguous()
 
 
 def forward(q, k, v, causal, prefix_lens, attention_mask, scale):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     batch, tq, heads, dim = q.shape
     tk, kv_heads = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake implementation says
     lse2 = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse2
-    block_m, block_n, warps, stages = block_sizes(q.device.type, dim)
-    prefix, key_ok, sm_b = _mask_args(prefix_lens, attention_mask, q)
-    grid = (triton.cdiv(tq, block_m), batch * heads)
-    with device_guard(q):
-        _forward_kernel[grid](q, k, v, out, lse2, prefix, key_ok, *_strides(q), *_strides(k), *_strides(v),
+    check_32bit_rows("attention", q, k, v)
+    block_m, block_n, warps, stages = block_sizes("forward", q.device, dim, q.dtype)
+    prefix, key_ok, sm_b, window = _mask_args(prefix_lens, attention_mask, q)
+    grid = (triton.cdiv(tq, block_m) * batch * heads,)
+    with device_guard(q), launch_errors("attention"):
+        _forward_kernel[grid](q, k, v, out, lse2, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
                               *_strides(out), sm_b, tq, tk, heads, heads // kv_heads, scale * LOG2E,
                               HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n,
                               CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
@@ -170,7 +224,7 @@ def row_deltas(out, dout):
     delta = torch.empty((batch, heads, t), dtype=torch.float32, device=out.device)
     block_m = 16 if out.device.type != "cuda" else 64
     with device_guard(out):
-        _delta_kernel[(triton.cdiv(t, block_m), batch * heads)](out, dout, delta, *_strides(out), *_strides(dout),
+        _delta_kernel[(triton.cdiv(t, block_m) * batch * heads,)](out, dout, delta, *_strides(out), *_strides(dout),
                                                                 t, heads, HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim),
                                                                 BLOCK_M=block_m)
     return delta
@@ -180,21 +234,22 @@ def backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scal
     q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
     batch, tq, heads, dim = q.shape
     tk, kv_heads = k.shape[1], k.shape[2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = row_deltas(out, dout)
-    block_m, block_n, warps, stages = block_sizes(q.device.type, dim)
-    prefix, key_ok, sm_b = _mask_args(prefix_lens, attention_mask, q)
-    flags = dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-                 HAS_PREFIX=prefix_lens is not None, HAS_KEY_MASK=attention_mask is not None,
-                 num_warps=warps, num_stages=stages)
-    with device_guard(q):
-        _dkdv_kernel[(triton.cdiv(tk, block_n), batch * kv_heads)](
-            q, k, v, dout, lse2, delta, dk, dv, prefix, key_ok, *_strides(q), *_strides(k), *_strides(v),
+    prefix, key_ok, sm_b, window = _mask_args(prefix_lens, attention_mask, q)
+    masks = dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
+                 HAS_KEY_MASK=attention_mask is not None)
+    with device_guard(q), launch_errors("attention backward"):
+        block_m, block_n, warps, stages = block_sizes("dkdv", q.device, dim, q.dtype)
+        _dkdv_kernel[(triton.cdiv(tk, block_n) * batch * kv_heads,)](
+            q, k, v, dout, lse2, delta, dk, dv, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
             *_strides(dout), *_strides(dk), *_strides(dv), sm_b, tq, tk, heads, kv_heads, heads // kv_heads,
-            scale, scale * LOG2E, **flags)
-        _dq_kernel[(triton.cdiv(tq, block_m), batch * heads)](
-            q, k, v, dout, lse2, delta, dq, prefix, key_ok, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(dout), *_strides(dq), sm_b, tq, tk, heads, heads // kv_heads, scale, scale * LOG2E, **flags)
+            scale, scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **masks)
+        block_m, block_n, warps, stages = block_sizes("dq", q.device, dim, q.dtype)
+        _dq_kernel[(triton.cdiv(tq, block_m) * batch * heads,)](
+            q, k, v, dout, lse2, delta, dq, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(dout), *_strides(dq), sm_b, tq, tk, heads, heads // kv_heads, scale, scale * LOG2E,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **masks)
     return dq, dk, dv

@@ -1,22 +1,25 @@
 """The tile loops shared by kpro's flash attention kernels (plain attention and the Bitune dual pass).
 
 Visibility model. Every mask kpro supports says, for query row i and key column j of one (batch, head):
-    visible(i, j) = j < end(i)  and  j < key_limit  and  i < query_limit  and  key_ok(j)
+    visible(i, j) = j < end(i)  and  key_lo <= j < key_limit  and  i < query_limit  and  key_ok(j)
 with end(i) = max(i + offset + 1, prefix) for causal attention (queries aligned to the end of the keys
 by `offset = Tk - Tq`; the first `prefix` keys are seen by every query) and end(i) = +inf otherwise,
-`key_limit` / `query_limit` the valid lengths of right-padded streams, and `key_ok` an optional
-key-padding vector. Because visible keys always form a prefix [0, end(i)) of the key range, a tile
-of queries has a range of key tiles fully visible to all of its rows (no mask arithmetic) followed by
-boundary tiles (masked), and nothing after them (skipped).
+`key_limit` / `query_limit` the valid lengths of right-padded streams, and, for a key-padding mask, its
+window [key_lo, key_limit) from the row's first to its last real key and `key_ok` for any holes inside
+(a mask that is left or right padding has none: `key_dense`, and key_ok is never read). So the visible
+keys of a row are a range, and a tile of queries visits: key tiles before the window, skipped; the tile
+where the window starts, masked; tiles fully visible to every valid row, unmasked (no mask arithmetic);
+boundary tiles, masked; and nothing after the last key any row sees.
 
 Scores are kept in base 2: s = q·k * scale * log2(e), so softmax uses exp2 and the saved log-sum-exp is
 lse2 = log2(sum exp2(s)). A row that sees no key has lse2 = -inf and an output of zeros.
 """
+import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-NO_END = 2**30  # end(i) for non-causal attention: beyond any sequence
+NO_END = tl.constexpr(2**30)  # end(i) for non-causal attention: beyond any sequence (constexpr: Triton compiles no plain globals)
 
 
 @triton.jit
@@ -46,17 +49,38 @@ def load_keys(K, V, K2, V2, alpha_k, alpha_v, stride_kt, stride_vt, cols, dims, 
 
 
 @triton.jit
-def visibility(rows, cols, ends, key_limit, query_limit, KEY_OK, HAS_KEY_MASK: tl.constexpr):
+def visibility(rows, cols, ends, key_limit, query_limit, KEY_OK, key_lo, key_dense, HAS_KEY_MASK: tl.constexpr):
     visible = (cols[None, :] < ends[:, None]) & (cols[None, :] < key_limit) & (rows[:, None] < query_limit)
-    if HAS_KEY_MASK:
-        key_ok = tl.load(KEY_OK + cols, mask=cols < key_limit, other=0)
-        visible = visible & (key_ok[None, :] != 0)
+    if HAS_KEY_MASK:  # the mask is read only where it has holes inside the window
+        holes = (tl.zeros_like(cols) + key_dense) == 0  # broadcast first: the interpreter takes no scalar & vector mask
+        key_ok = tl.load(KEY_OK + cols, mask=(cols < key_limit) & holes, other=1)
+        visible = visible & (cols[None, :] >= key_lo) & (key_ok[None, :] != 0)
     return visible
 
 
 @triton.jit
+def key_window(KEY_WINDOW, b, key_count):
+    """(key_lo, key_limit, key_dense) of batch row b from the launcher's [B, 3] int32 table."""
+    key_lo = tl.load(KEY_WINDOW + b * 3)
+    key_limit = tl.minimum(tl.load(KEY_WINDOW + b * 3 + 1), key_count)
+    return key_lo, key_limit, tl.load(KEY_WINDOW + b * 3 + 2)
+
+
+@triton.jit
+def window_tiles(full, last, key_lo, key_dense, BLOCK_N: tl.constexpr):
+    """Key-tile ranges of one query tile under a key window: (start, lead, full, last) with [start, lead)
+    masked (the tile where the window begins), [lead, full) unmasked and [full, last) masked, from
+    tile_plan's (full, last). Tiles before `start` hold only padding and are skipped."""
+    start = (key_lo // BLOCK_N) * BLOCK_N
+    last = tl.maximum(last, start)
+    lead = tl.minimum(tl.cdiv(key_lo, BLOCK_N) * BLOCK_N, last)
+    full = tl.where(key_dense != 0, tl.maximum(full, lead), lead)
+    return start, lead, full, last
+
+
+@triton.jit
 def forward_tiles(acc, m_i, l_i, q, K, V, K2, V2, alpha_k, alpha_v, stride_kt, stride_vt, rows, ends,
-                  key_limit, query_limit, KEY_OK, n_lo, n_hi, scale2, dims, dim_ok,
+                  key_limit, query_limit, KEY_OK, key_lo, key_dense, n_lo, n_hi, scale2, dims, dim_ok,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MIX: tl.constexpr):
     """Online softmax over key tiles [n_lo, n_hi) for one tile of queries. Unmasked tiles are fully
     visible to every row and skip the mask arithmetic."""
@@ -67,7 +91,8 @@ def forward_tiles(acc, m_i, l_i, q, K, V, K2, V2, alpha_k, alpha_v, stride_kt, s
                          q.dtype, MIX)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
         if MASKED:
-            s = tl.where(visibility(rows, cols, ends, key_limit, query_limit, KEY_OK, HAS_KEY_MASK), s, float("-inf"))
+            visible = visibility(rows, cols, ends, key_limit, query_limit, KEY_OK, key_lo, key_dense, HAS_KEY_MASK)
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
         p = tl.exp2(s - m_ref[:, None])
@@ -79,12 +104,25 @@ def forward_tiles(acc, m_i, l_i, q, K, V, K2, V2, alpha_k, alpha_v, stride_kt, s
 
 
 @triton.jit
-def softmax_grad_tile(q, k, v, do, lse2, delta, visible, scale2):
-    """Recomputed probabilities P and the score gradient dS = P * (dO·Vᵀ − delta) of one tile."""
+def softmax_grad_tile(q, k, v, do, lse2, delta, visible, scale2, MASKED: tl.constexpr):
+    """Recomputed probabilities P and the score gradient dS = P * (dO·Vᵀ − delta) of one tile (`visible`
+    is read only when MASKED)."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
-    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision="ieee")
     return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def tile_and_head(length, BLOCK: tl.constexpr):
+    """(first row of this program's tile, its batch·head index) in a 1-D grid of cdiv(length, BLOCK) tiles per
+    (batch, head). Tiles vary fastest, so programs that read the same keys run together, and a 1-D grid
+    has no 65,535 limit on batch × heads (a second grid axis would)."""
+    tiles = tl.cdiv(length, BLOCK)
+    pid = tl.program_id(0)
+    return (pid % tiles) * BLOCK, pid // tiles
 
 
 @triton.jit
@@ -97,21 +135,24 @@ def batch_and_heads(bh, heads, group):
 
 @triton.jit
 def dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, stride_qt, stride_dot, cols, col_ok, ends_offset, prefix,
-               key_limit, query_limit, KEY_OK, m_lo, m_hi, scale2, dims, dim_ok,
-               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+               key_limit, query_limit, KEY_OK, key_lo, key_dense, m_lo, m_hi, scale2, dims, dim_ok,
+               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [m_lo, m_hi) of one query head.
-    dk is left unscaled (the caller multiplies by the softmax scale once)."""
+    dk is left unscaled (the caller multiplies by the softmax scale once). Unmasked: every row of these
+    tiles sees every key of the tile (rows past the queries load zeros and add nothing)."""
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < m_hi
+        row_ok = rows < query_limit
         mask = row_ok[:, None] & dim_ok[None, :]
         q = tl.load(Q + rows[:, None] * stride_qt + dims[None, :], mask=mask, other=0.0)
         do = tl.load(DO + rows[:, None] * stride_dot + dims[None, :], mask=mask, other=0.0)
         lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        visible = visibility(rows, cols, row_end(rows, ends_offset, prefix, CAUSAL), key_limit, query_limit,
-                             KEY_OK, HAS_KEY_MASK)
-        p, ds = softmax_grad_tile(q, k, v, do, lse2, delta, visible, scale2)
+        visible = row_ok[:, None]
+        if MASKED:
+            visible = visibility(rows, cols, row_end(rows, ends_offset, prefix, CAUSAL), key_limit, query_limit,
+                                 KEY_OK, key_lo, key_dense, HAS_KEY_MASK)
+        p, ds = softmax_grad_tile(q, k, v, do, lse2, delta, visible, scale2, MASKED)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
     return dk, dv
@@ -119,16 +160,18 @@ def dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, stride_qt, stride_dot, cols, co
 
 @triton.jit
 def dq_tiles(dq, q, do, lse2, delta, K, V, K2, V2, alpha_k, alpha_v, stride_kt, stride_vt, rows, ends,
-             key_limit, query_limit, KEY_OK, n_lo, n_hi, scale2, dims, dim_ok,
-             BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MIX: tl.constexpr):
+             key_limit, query_limit, KEY_OK, key_lo, key_dense, n_lo, n_hi, scale2, dims, dim_ok,
+             BLOCK_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, MIX: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate dQ (unscaled) of one query tile over key tiles [n_lo, n_hi)."""
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < key_limit
         k, v = load_keys(K, V, K2, V2, alpha_k, alpha_v, stride_kt, stride_vt, cols, dims, col_ok, dim_ok,
                          q.dtype, MIX)
-        visible = visibility(rows, cols, ends, key_limit, query_limit, KEY_OK, HAS_KEY_MASK)
-        _, ds = softmax_grad_tile(q, k, v, do, lse2, delta, visible, scale2)
+        visible = col_ok[None, :]
+        if MASKED:
+            visible = visibility(rows, cols, ends, key_limit, query_limit, KEY_OK, key_lo, key_dense, HAS_KEY_MASK)
+        _, ds = softmax_grad_tile(q, k, v, do, lse2, delta, visible, scale2, MASKED)
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     return dq
 
@@ -153,14 +196,42 @@ def finish_rows(acc, m_i, l_i, rows, query_limit):
     return out, lse2
 
 
-def block_sizes(device_type: str, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles under the CPU interpreter so tests
-    exercise many tiles and tails on short sequences."""
-    if device_type != "cuda":
+KERNELS = ("forward", "dkdv", "dq")
+
+
+def block_sizes(kind: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one attention kernel launch on `device`. Small tiles
+    under the CPU interpreter, so that tests exercise many tiles and tails on short sequences."""
+    if device.type != "cuda":
         return 16, 16, 4, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 2
+    major, minor = torch.cuda.get_device_capability(device)
+    return tile_config(kind, head_dim, dtype, 10 * major + minor)
+
+
+def tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> tuple[int, int, int, int]:
+    """The GPU tiles of `kind` ("forward", "dkdv": BLOCK_N keys per program over BLOCK_M query rows at a
+    time, "dq") for a head dim, dtype and compute capability (80, 90, ...).
+
+    Chosen from what the compiler reports, as no GPU could time them yet: shared memory within the
+    smallest limit of the architecture (A100 163 KB, H100 227 KB) and few register spills in bf16/fp16
+    (ptxas on sm_90: none in the forward and dQ; up to a few hundred bytes in dK/dV, whose masked and
+    unmasked loops both stay live). fp32 spills more: it is the exact path, not the fast one. Timing
+    them on a GPU is the next step (benchmarks/RESULTS.md lists what ptxas reports for each).
+    fp32 tiles are small: fp32 operands take twice the memory and do not use tensor cores (ieee
+    precision). tests/test_triton_gpu_compile.py compiles every configuration for sm_80 and sm_90.
+    """
+    if kind not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kind!r}")
+    if dtype == torch.float32:
+        return (16, 32, 4, 1) if kind == "dkdv" and head_dim > 64 else (32, 32, 4, 1)
+    if head_dim > 128:
+        return {"forward": (64, 32, 4, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}[kind]
+    small = head_dim <= 64
+    if kind == "forward":
+        return (128, 64, 8, 3) if small else (128, 32, 8, 2) if arch >= 90 else (64, 64, 4, 2)
+    if kind == "dkdv":
+        return 64, 64, 8, 2
+    return (128, 64, 8, 2) if small else (64, 64, 8, 2)
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -1,6 +1,6 @@
 """The Bitune dual-attention pass in Triton (see kpro/ops/bitune_attention.py for the semantics).
 
-Forward: one launch. A third grid axis picks the stream: 0 = causal prompt, 1 = bidirectional prompt,
+Forward: one launch. The second grid axis picks the stream: 0 = causal prompt, 1 = bidirectional prompt,
 2 = answer. The answer's programs read the two prompt caches and mix them in registers while loading
 (the mixed cache is never written), then continue over the answer's own keys with one online softmax.
 Backward: one launch for the row deltas, one for dK/dV (four roles: each prompt stream's own keys, the
@@ -12,9 +12,10 @@ import triton
 import triton.language as tl
 
 from .._layout import device_guard
+from ._launch import check_32bit_rows, launch_errors
 from .attention import row_deltas
-from .attention_tiles import (LOG2E, batch_and_heads, NO_END, block_sizes, dkdv_tiles, dq_tiles, finish_rows, forward_tiles,
-                              padded_head_dim, tile_plan)
+from .attention_tiles import (LOG2E, NO_END, batch_and_heads, block_sizes, dkdv_tiles, dq_tiles, finish_rows,
+                              forward_tiles, padded_head_dim, tile_and_head, tile_plan)
 
 
 @triton.jit
@@ -24,9 +25,8 @@ def _forward_kernel(QP, KP, VP, QA, KA, VA, OP, OA, LSEP, LSEA, ALPHA_K, ALPHA_V
                     sop_s, sop_b, sop_t, sop_h, soa_b, soa_t, soa_h,
                     B, Tp, Ta, H, GROUP, scale2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    stream = tl.program_id(2)
+    m0, bh = tile_and_head(tl.maximum(Tp, Ta), BLOCK_M)
+    stream = tl.program_id(1)
     b, h, kv_h = batch_and_heads(bh, H, GROUP)
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -46,9 +46,9 @@ def _forward_kernel(QP, KP, VP, QA, KA, VA, OP, OA, LSEP, LSEA, ALPHA_K, ALPHA_V
             ends = tl.where(stream == 0, rows + 1, NO_END)  # causal stream, bidirectional stream
             full, last = tile_plan(rows, ends, lp, lp, BLOCK_N)
             acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, skp_t, svp_t, rows, ends, lp, lp,
-                                          PLEN, 0, full, scale2, dims, dim_ok, BLOCK_N, False, False, False)
+                                          PLEN, 0, 1, 0, full, scale2, dims, dim_ok, BLOCK_N, False, False, False)
             acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, skp_t, svp_t, rows, ends, lp, lp,
-                                          PLEN, full, last, scale2, dims, dim_ok, BLOCK_N, True, False, False)
+                                          PLEN, 0, 1, full, last, scale2, dims, dim_ok, BLOCK_N, True, False, False)
             out, lse2 = finish_rows(acc, m_i, l_i, rows, lp)
             tl.store(OP + stream * sop_s + b * sop_b + h * sop_h + rows[:, None] * sop_t + dims[None, :],
                      out.to(OP.dtype.element_ty), mask=qmask)
@@ -65,10 +65,10 @@ def _forward_kernel(QP, KP, VP, QA, KA, VA, OP, OA, LSEP, LSEA, ALPHA_K, ALPHA_V
             ends = tl.zeros_like(rows) + NO_END
             full = (lp // BLOCK_N) * BLOCK_N
             acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K + skp_s, V + svp_s, alpha_k, alpha_v, skp_t, svp_t,
-                                          rows, ends, lp, la, PLEN, 0, full, scale2, dims, dim_ok, BLOCK_N,
+                                          rows, ends, lp, la, PLEN, 0, 1, 0, full, scale2, dims, dim_ok, BLOCK_N,
                                           False, False, True)
             acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K + skp_s, V + svp_s, alpha_k, alpha_v, skp_t, svp_t,
-                                          rows, ends, lp, la, PLEN, full, lp, scale2, dims, dim_ok, BLOCK_N,
+                                          rows, ends, lp, la, PLEN, 0, 1, full, lp, scale2, dims, dim_ok, BLOCK_N,
                                           True, False, True)
             # Then causally over the answer's own keys.
             K = KA + b * ska_b + kv_h * ska_h
@@ -76,9 +76,9 @@ def _forward_kernel(QP, KP, VP, QA, KA, VA, OP, OA, LSEP, LSEA, ALPHA_K, ALPHA_V
             ends = rows + 1
             full, last = tile_plan(rows, ends, la, la, BLOCK_N)
             acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, ska_t, sva_t, rows, ends, la, la,
-                                          ALEN, 0, full, scale2, dims, dim_ok, BLOCK_N, False, False, False)
+                                          ALEN, 0, 1, 0, full, scale2, dims, dim_ok, BLOCK_N, False, False, False)
             acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, ska_t, sva_t, rows, ends, la, la,
-                                          ALEN, full, last, scale2, dims, dim_ok, BLOCK_N, True, False, False)
+                                          ALEN, 0, 1, full, last, scale2, dims, dim_ok, BLOCK_N, True, False, False)
             out, lse2 = finish_rows(acc, m_i, l_i, rows, la)
             tl.store(OA + b * soa_b + h * soa_h + rows[:, None] * soa_t + dims[None, :], out.to(OA.dtype.element_ty),
                      mask=qmask)
@@ -94,11 +94,10 @@ def _dkdv_kernel(QP, KP, VP, QA, KA, VA, DOP, DOA, LSEP, LSEA, DELTAP, DELTAA, A
                  sdkp_s, sdkp_b, sdkp_t, sdkp_h, sdkm_b, sdkm_t, sdkm_h, sdka_b, sdka_t, sdka_h,
                  B, Tp, Ta, H, HKV, GROUP, scale, scale2,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Roles (third grid axis): 0, 1 = a prompt stream's own keys; 2 = the mixed prompt keys as the
+    """Roles (second grid axis): 0, 1 = a prompt stream's own keys; 2 = the mixed prompt keys as the
     answer sees them (dK, dV of the mix, fp32); 3 = the answer's own keys. dK/dV/dKm/dVm share strides."""
-    n0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    role = tl.program_id(2)
+    n0, bh = tile_and_head(tl.maximum(Tp, Ta), BLOCK_N)
+    role = tl.program_id(1)
     b, kv_h, _ = batch_and_heads(bh, HKV, 1)
     cols = n0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -129,7 +128,7 @@ def _dkdv_kernel(QP, KP, VP, QA, KA, VA, DOP, DOA, LSEP, LSEA, DELTAP, DELTAA, A
                     row_base = (b * H + h) * Ta
                     dk, dv = dkdv_tiles(dk, dv, k, v, QA + b * sqa_b + h * sqa_h, DOA + b * sdoa_b + h * sdoa_h,
                                         LSEA + row_base, DELTAA + row_base, sqa_t, sdoa_t, cols, col_ok, 0, 0,
-                                        lp, la, PLEN, 0, Ta, scale2, dims, dim_ok, BLOCK_M, False, False)
+                                        lp, la, PLEN, 0, 1, 0, Ta, scale2, dims, dim_ok, BLOCK_M, False, False, True)
                 out_mask = (cols < Tp)[:, None] & dim_ok[None, :]
                 tl.store(DKM + b * sdkm_b + kv_h * sdkm_h + cols[:, None] * sdkm_t + dims[None, :], dk * scale, mask=out_mask)
                 tl.store(DVM + b * sdkm_b + kv_h * sdkm_h + cols[:, None] * sdkm_t + dims[None, :], dv, mask=out_mask)
@@ -140,12 +139,12 @@ def _dkdv_kernel(QP, KP, VP, QA, KA, VA, DOP, DOA, LSEP, LSEA, DELTAP, DELTAA, A
                     DO = DOP + stream * sdop_s + b * sdop_b + h * sdop_h
                     if role == 0:  # causal: only queries at or after the tile's first key
                         dk, dv = dkdv_tiles(dk, dv, k, v, Q, DO, LSEP + row_base, DELTAP + row_base, sqp_t, sdop_t,
-                                            cols, col_ok, 0, 0, lp, lp, PLEN, (n0 // BLOCK_M) * BLOCK_M, Tp, scale2,
-                                            dims, dim_ok, BLOCK_M, True, False)
+                                            cols, col_ok, 0, 0, lp, lp, PLEN, 0, 1, (n0 // BLOCK_M) * BLOCK_M, Tp, scale2,
+                                            dims, dim_ok, BLOCK_M, True, False, True)
                     else:
                         dk, dv = dkdv_tiles(dk, dv, k, v, Q, DO, LSEP + row_base, DELTAP + row_base, sqp_t, sdop_t,
-                                            cols, col_ok, 0, 0, lp, lp, PLEN, 0, Tp, scale2, dims, dim_ok,
-                                            BLOCK_M, False, False)
+                                            cols, col_ok, 0, 0, lp, lp, PLEN, 0, 1, 0, Tp, scale2, dims, dim_ok,
+                                            BLOCK_M, False, False, True)
                 out_mask = (cols < Tp)[:, None] & dim_ok[None, :]
                 base = stream * sdkp_s + b * sdkp_b + kv_h * sdkp_h + cols[:, None] * sdkp_t + dims[None, :]
                 tl.store(DKP + base, (dk * scale).to(DKP.dtype.element_ty), mask=out_mask)
@@ -160,7 +159,7 @@ def _dkdv_kernel(QP, KP, VP, QA, KA, VA, DOP, DOA, LSEP, LSEA, DELTAP, DELTAA, A
                 row_base = (b * H + h) * Ta
                 dk, dv = dkdv_tiles(dk, dv, k, v, QA + b * sqa_b + h * sqa_h, DOA + b * sdoa_b + h * sdoa_h,
                                     LSEA + row_base, DELTAA + row_base, sqa_t, sdoa_t, cols, col_ok, 0, 0, la, la,
-                                    ALEN, (n0 // BLOCK_M) * BLOCK_M, Ta, scale2, dims, dim_ok, BLOCK_M, True, False)
+                                    ALEN, 0, 1, (n0 // BLOCK_M) * BLOCK_M, Ta, scale2, dims, dim_ok, BLOCK_M, True, False, True)
             out_mask = (cols < Ta)[:, None] & dim_ok[None, :]
             base = b * sdka_b + kv_h * sdka_h + cols[:, None] * sdka_t + dims[None, :]
             tl.store(DKA + base, (dk * scale).to(DKA.dtype.element_ty), mask=out_mask)
@@ -175,9 +174,8 @@ def _dq_kernel(QP, KP, VP, QA, KA, VA, DOP, DOA, LSEP, LSEA, DELTAP, DELTAA, ALP
                B, Tp, Ta, H, GROUP, scale, scale2,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of stream 0, 1 (prompt) and 2 (answer); DQP shares the strides of QP and DQA those of QA."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    stream = tl.program_id(2)
+    m0, bh = tile_and_head(tl.maximum(Tp, Ta), BLOCK_M)
+    stream = tl.program_id(1)
     b, h, kv_h = batch_and_heads(bh, H, GROUP)
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -198,8 +196,8 @@ def _dq_kernel(QP, KP, VP, QA, KA, VA, DOP, DOA, LSEP, LSEA, DELTAP, DELTAA, ALP
             V = VP + stream * svp_s + b * svp_b + kv_h * svp_h
             ends = tl.where(stream == 0, rows + 1, NO_END)
             _, last = tile_plan(rows, ends, lp, lp, BLOCK_N)
-            dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, skp_t, svp_t, rows, ends, lp, lp, PLEN,
-                          0, last, scale2, dims, dim_ok, BLOCK_N, False, False)
+            dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, skp_t, svp_t, rows, ends, lp, lp, PLEN, 0, 1,
+                          0, last, scale2, dims, dim_ok, BLOCK_N, False, False, True)
             tl.store(DQP + stream * sqp_s + b * sqp_b + h * sqp_h + rows[:, None] * sqp_t + dims[None, :],
                      (dq * scale).to(DQP.dtype.element_ty), mask=mask)
     else:
@@ -216,13 +214,13 @@ def _dq_kernel(QP, KP, VP, QA, KA, VA, DOP, DOA, LSEP, LSEA, DELTAP, DELTAA, ALP
             V = VP + b * svp_b + kv_h * svp_h
             ends = tl.zeros_like(rows) + NO_END
             dq = dq_tiles(dq, q, do, lse2, delta, K, V, K + skp_s, V + svp_s, alpha_k, alpha_v, skp_t, svp_t, rows,
-                          ends, lp, la, PLEN, 0, lp, scale2, dims, dim_ok, BLOCK_N, False, True)
+                          ends, lp, la, PLEN, 0, 1, 0, lp, scale2, dims, dim_ok, BLOCK_N, False, True, True)
             K = KA + b * ska_b + kv_h * ska_h
             V = VA + b * sva_b + kv_h * sva_h
             ends = rows + 1
             _, last = tile_plan(rows, ends, la, la, BLOCK_N)
-            dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, ska_t, sva_t, rows, ends, la, la, ALEN,
-                          0, last, scale2, dims, dim_ok, BLOCK_N, False, False)
+            dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, ska_t, sva_t, rows, ends, la, la, ALEN, 0, 1,
+                          0, last, scale2, dims, dim_ok, BLOCK_N, False, False, True)
             tl.store(DQA + b * sqa_b + h * sqa_h + rows[:, None] * sqa_t + dims[None, :], (dq * scale).to(DQA.dtype.element_ty),
                      mask=mask)
 
@@ -252,9 +250,10 @@ def forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_
     o_p, o_a = torch.empty_like(q_p), torch.empty_like(q_a)
     lse_p = torch.empty((2, batch, heads, tp), dtype=torch.float32, device=q_a.device)
     lse_a = torch.empty((batch, heads, ta), dtype=torch.float32, device=q_a.device)
-    block_m, block_n, warps, stages = block_sizes(q_a.device.type, dim)
-    grid = (triton.cdiv(max(tp, ta), block_m), batch * heads, 3)
-    with device_guard(q_a):
+    check_32bit_rows("bitune_attention", q_p[0], k_p[0], q_a, k_a)
+    block_m, block_n, warps, stages = block_sizes("forward", q_a.device, dim, q_a.dtype)
+    grid = (triton.cdiv(max(tp, ta), block_m) * batch * heads, 3)
+    with device_guard(q_a), launch_errors("bitune_attention"):
         _forward_kernel[grid](q_p, k_p, v_p, q_a, k_a, v_a, o_p, o_a, lse_p, lse_a, alpha_k.detach().float(),
                               alpha_v.detach().float(), _lens(prompt_lens, q_a), _lens(answer_lens, q_a),
                               *_strides(q_p), *_strides(k_p), *_strides(v_p), *_strides(q_a), *_strides(k_a),
@@ -280,19 +279,23 @@ def backward(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_
     dk_mix = torch.empty(k_p.shape[1:], dtype=torch.float32, device=k_p.device)
     dv_mix = torch.empty_like(dk_mix)
     a_k, a_v = alpha_k.detach().float(), alpha_v.detach().float()
-    block_m, block_n, warps, stages = block_sizes(q_a.device.type, dim)
-    flags = dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                 num_stages=stages)
+    def tiles(kind):
+        block_m, block_n, warps, stages = block_sizes(kind, q_a.device, dim, q_a.dtype)
+        return block_m, block_n, dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                                      num_warps=warps, num_stages=stages)
+
     common = (q_p, k_p, v_p, q_a, k_a, v_a, do_p, do_a, lse_p, lse_a, delta_p, delta_a, a_k, a_v,
               _lens(prompt_lens, q_a), _lens(answer_lens, q_a))
     strides = (*_strides(q_p), *_strides(k_p), *_strides(v_p), *_strides(q_a), *_strides(k_a), *_strides(v_a),
                *_strides(do_p), *_strides(do_a))
     # Contiguous inputs: dQ shares the strides of Q, dV those of dK, and dV_mix those of dK_mix.
-    with device_guard(q_a):
-        _dkdv_kernel[(triton.cdiv(max(tp, ta), block_n), batch * kv_heads, 4)](
+    with device_guard(q_a), launch_errors("bitune_attention backward"):
+        _, block_n, flags = tiles("dkdv")
+        _dkdv_kernel[(triton.cdiv(max(tp, ta), block_n) * batch * kv_heads, 4)](
             *common, dk_p, dv_p, dk_mix, dv_mix, dk_a, dv_a, *strides, *_strides(dk_p), *_strides(dk_mix),
             *_strides(dk_a), batch, tp, ta, heads, kv_heads, heads // kv_heads, scale, scale * LOG2E, **flags)
-        _dq_kernel[(triton.cdiv(max(tp, ta), block_m), batch * heads, 3)](
+        block_m, _, flags = tiles("dq")
+        _dq_kernel[(triton.cdiv(max(tp, ta), block_m) * batch * heads, 3)](
             *common, dq_p, dq_a, *strides, batch, tp, ta, heads, heads // kv_heads, scale, scale * LOG2E, **flags)
     # The answer saw K_mix = K0 + α(K1 − K0): dK0 += (1 − α)·dK_mix, dK1 += α·dK_mix, dα = Σ dK_mix·(K1 − K0).
     dalpha_k = (dk_mix * (k_p[1].float() - k_p[0].float())).sum()
