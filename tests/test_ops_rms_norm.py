@@ -141,3 +141,25 @@ def test_opcheck_registration(backend, device):
     torch.library.opcheck(torch.ops.kpro.rms_norm_forward.default, (x, w, 1e-6, backend))
     transposed = torch.randn(24, 6, device=device).t().requires_grad_()
     torch.library.opcheck(torch.ops.kpro.rms_norm_forward.default, (transposed, w, 1e-6, backend))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unaligned_rows_and_widths_that_vectors_do_not_divide(backend, dtype):
+    """A row starting one element past a 16-byte boundary, and widths that are not a multiple of the
+    vector width (the CUDA kernels' one-element fallback, with several items a thread above 1024)."""
+    for n_rows, n_cols, shift in ((5, 4096, 1), (3, 4099, 0), (2, 1027, 1)):
+        x_ref, w, dy = inputs((n_rows, n_cols), dtype, "cuda", seed=n_cols)
+        buffer = torch.empty(n_rows * n_cols + shift, dtype=dtype, device="cuda")
+        x = buffer[shift:].view(n_rows, n_cols)
+        x.copy_(x_ref)
+        y_ref, dx_ref, dw_ref = reference(x, w, dy, 1e-5)
+        x.requires_grad_()
+        w.requires_grad_()
+        with ops.backend(backend):
+            y = ops.rms_norm(x, w, eps=1e-5)
+            y.backward(dy)
+        tol = TOLERANCE[dtype]
+        assert relative_error(y, y_ref) <= tol and relative_error(x.grad, dx_ref) <= tol
+        assert relative_error(w.grad, dw_ref) <= tol

@@ -113,3 +113,23 @@ def test_opcheck_registration(backend, device):
     gate, up = (torch.randn(24, 6, device=device).t().requires_grad_() for _ in range(2))
     torch.library.opcheck(torch.ops.kpro.swiglu_forward.default, (gate, up, backend))
     torch.library.opcheck(torch.ops.kpro.swiglu_packed_forward.default, (make(3, 48), backend))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unaligned_inputs(backend, dtype):
+    """gate starting one element past a 16-byte boundary, and a width no vector divides."""
+    for n_rows, n_cols, shift in ((5, 4096, 1), (3, 4099, 0)):
+        g_ref, up, dy = inputs((n_rows, n_cols), dtype, "cuda", seed=n_cols)
+        gate = torch.empty(n_rows * n_cols + shift, dtype=dtype, device="cuda")[shift:].view(n_rows, n_cols)
+        gate.copy_(g_ref)
+        y_ref, dg_ref, du_ref = reference(gate, up, dy)
+        gate.requires_grad_()
+        up.requires_grad_()
+        with ops.backend(backend):
+            y = ops.swiglu(gate, up)
+            y.backward(dy)
+        tol = TOLERANCE[dtype]
+        assert relative_error(y, y_ref) <= tol and relative_error(gate.grad, dg_ref) <= tol
+        assert relative_error(up.grad, du_ref) <= tol
