@@ -29,11 +29,15 @@ def test_bitune_act_compares_lora_and_bitune(tmp_path, capsys):
     prompt, answer = bitune.question(random.Random(0))
     digits = [int(d) for d in prompt.split()[:6]]
     assert answer == str(bitune.OPERATIONS[prompt.split()[-1]](digits))
+
+
 def test_expansion_tasks_format():
     from kpro.demo import expansion
     prompt, answer = expansion.domain_task(random.Random(0))
     digits = prompt[:-1]
-    assert prompt.endswith("=") and digits.isdigit() and answer == "".join("abcdefghij"[int(d)] for d in digits[::-1])
+    assert prompt.endswith("=") and digits.isdigit() and answer == "".join("abcdefghij"[int(d)] for d in digits)
+    general_prompt, general_answer = expansion.reversal_task(random.Random(0))
+    assert general_answer == general_prompt[:-1][::-1]  # the general task reverses; the domain task keeps the order
 
 
 def test_expansion_act_runs_and_prints_the_table(tmp_path, capsys):

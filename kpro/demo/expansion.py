@@ -1,13 +1,14 @@
 """Demo act `expansion`: LLaMA Pro block expansion against plain fine-tuning, on a tiny model.
 
 A LLaMA is pretrained on a "general" task: reverse a string of letters (`hfbd>` -> `dbfh`). Then it learns a
-"domain" task, new to it: read a string of digits backwards and spell each digit as a letter, 0 = a ... 9 = j
-(`3917=` -> `hbjd`). Two ways, on the same domain corpus for the same steps and learning rate:
-(a) expanded by interleaved new blocks and only those trained (`kpro.expand`, `kpro.train_only`), and
-(b) as a control, every weight of the unexpanded model fine-tuned. The domain corpus holds a small share of
-general examples, as a code corpus holds some English; with none at all, both ways forget the general task
-in this toy, and with much more, neither does. A table shows held-out accuracy on both tasks before and
-after for both ways.
+"domain" task, new to it, that works the other way round: read a string of digits *forwards* and spell each
+digit as a letter, 0 = a ... 9 = j (`3917=` -> `djbh`). Two ways, on the same domain corpus for the same steps
+and learning rate: (a) expanded by interleaved new blocks and only those trained (`kpro.expand`,
+`kpro.train_only`), and (b) as a control, every weight of the unexpanded model fine-tuned. The domain corpus
+holds a small share of general examples, as a code corpus holds some English. Writing letters in reading
+order is what the general task must not do, so fine-tuning the shared weights for it overwrites the
+reversal, while the frozen original blocks keep it. A table shows held-out accuracy on both tasks before
+and after for both ways.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ DIGITS = "0123456789"
 
 
 def domain_task(rng: random.Random, min_len: int = 3, max_len: int = 8) -> tuple[str, str]:
-    """A prompt like '3917=' and its answer 'hbjd': the digits last to first, each spelled 0=a ... 9=j."""
+    """A prompt like '3917=' and its answer 'djbh': the digits in reading order, each spelled 0=a ... 9=j."""
     digits = "".join(rng.choice(DIGITS) for _ in range(rng.randint(min_len, max_len)))
-    return digits + "=", "".join(LETTERS[int(d)] for d in reversed(digits))
+    return digits + "=", "".join(LETTERS[int(d)] for d in digits)
 
 
 def encode(pairs, tok: CharTokenizer) -> list[tuple[list[int], list[int]]]:
@@ -52,7 +53,7 @@ def train(model: Llama, data, tok: CharTokenizer, run_dir: Path, steps: int, lr:
 
 
 def act_expansion(out_dir: Path, pretrain_steps: int = 400, domain_steps: int = 500, new_blocks: int = 4,
-                  general_share: float = 0.02, lr: float = 3e-3, eval_examples: int = 200, seed: int = 0) -> dict:
+                  general_share: float = 0.02, lr: float = 1e-3, eval_examples: int = 200, seed: int = 0) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small gain nothing from a second thread, and the numbers stay the same
     try:
@@ -80,7 +81,7 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
           lr, 64, seed)
     before = scores(base)
     domain = encode(domain_corpus(rng, 16_000, general_share), tok)
-    print(f"domain task: digits backwards, spelled 0=a ... 9=j ('3917=' -> 'hbjd'); the domain corpus holds "
+    print(f"domain task: digits in reading order, spelled 0=a ... 9=j ('3917=' -> 'djbh'); the domain corpus holds "
           f"{general_share:.0%} general examples; {domain_steps} steps of 32 examples, peak lr {lr:g}, both ways")
 
     expanded = copy.deepcopy(base)
