@@ -7,6 +7,7 @@ of the single-process run in SINGLE_RUN, and a run with AdamW, gradient accumula
 (FIT_ACCUM); the FSDP2 model is then saved with kpro.save_pretrained (a collective). The test compares them
 with single-process runs.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def main(out: Path, single: Path) -> None:
             kpro.save_pretrained(model, out / mode / "saved")  # every rank calls it; rank 0 writes
         kt.fit(make_model(**TIED), batches(), out / mode / "accum", parallel=mode, **FIT_ACCUM)
     torch.distributed.destroy_process_group()  # a gloo group left for interpreter exit can abort the process
+    exit_now()
+
+
+def exit_now() -> None:
+    """End the worker once its work is written, without interpreter teardown: there, a gloo thread still
+    being destroyed was seen to abort rank 0 ("terminate called without an active exception") under load,
+    turning a finished, correct run into a failed one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import kpro.train as kt
-from _dist_fit import FIT
+from _dist_fit import FIT, exit_now
 from test_train_fit import batches, make_model
 
 
@@ -35,6 +35,7 @@ def main(out: Path) -> None:
         kt.fit(make_model(), batches(), out / "run", parallel="ddp", callbacks=[CtrlCOnce(out / "interrupted")], **FIT)
     finally:
         torch.distributed.destroy_process_group()
+    exit_now()
 
 
 if __name__ == "__main__":
