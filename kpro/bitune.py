@@ -113,7 +113,7 @@ class Bitune(nn.Module):
         input_ids [B, T] are `prompt + answer`, right-padded (`attention_mask` 1 = real token); prompt_lens
         [B] is each row's P. `fused=None` takes the fused path wherever the mode has one (`bitune`,
         `shared_weights`), else the separate passes; `fused=False` forces the reference path (the same
-        numbers, and on the CPU a little faster: smaller tensors, no stacking)."""
+        numbers; on the CPU the two measured level)."""
         streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
         return self._answer_logits(streams, fused)
 
