@@ -172,8 +172,10 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
     Files in an existing directory that are not part of the weights (a tokenizer, say) are kept. A model
     sharded with FSDP2 is gathered to rank 0, which writes it: then every process must call this.
     """
+    from .train import distributed  # kpro.train builds on this module: imported when used
+
     max_shard_bytes = parse_size(max_shard_size)
-    if any(type(param.data).__name__ == "DTensor" for param in model.parameters()):
+    if distributed.is_sharded(model):
         return _save_sharded(model, Path(directory), max_shard_bytes)
     with atomic_directory(directory, drop=_is_weight_file) as tmp:
         _write_checkpoint(model, tmp, max_shard_bytes)
@@ -185,9 +187,6 @@ def _save_sharded(model: Llama, directory: Path, max_shard_bytes: int) -> Path:
     from .train import distributed
 
     env = distributed.current_env()
-    if not distributed.is_sharded(model):
-        raise CheckpointError("the model holds sharded parameters (DTensors) but is not an FSDP2 module; "
-                              "save the full state yourself")
     state = distributed.full_model_state(model)  # every rank takes part; rank 0 gets the whole state
 
     def write():

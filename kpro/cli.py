@@ -75,7 +75,7 @@ def check_device(device: str) -> None:
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise ValueError(f"--device {device}: this machine has no CUDA device (CUDA is not available to torch)")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 

@@ -39,14 +39,14 @@ def run(args) -> None:
 
     from . import instruct
     from ._files import write_atomic
+    from .cli import check_device
     from .checkpoint import load_pretrained
     from .tokenizer import load_tokenizer
 
     if args.baseline and args.mode:
         raise ValueError(f"--mode {args.mode} is a Bitune ablation; --baseline {args.baseline} trains plain LoRA")
     args.mode = args.mode or "bitune"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for but no CUDA device is available (use --device cpu)")
+    check_device(args.device)
     for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")

@@ -26,15 +26,19 @@ def inputs(shape, dtype, device, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_swiglu_matches_float64(backend, device, dtype, shape):
-    gate, up, dy = inputs(shape, dtype, device, seed=shape[-1])
+    check_against_float64(backend, *inputs(shape, dtype, device, seed=shape[-1]))
+
+
+def check_against_float64(backend, gate, up, dy):
+    """swiglu on `backend`, forward and both gradients, within the dtype's tolerance of float64."""
     y_ref, dg_ref, du_ref = reference(gate, up, dy)
     gate.requires_grad_()
     up.requires_grad_()
     with ops.backend(backend):
         y = ops.swiglu(gate, up)
         y.backward(dy)
-    tol = TOLERANCE[dtype]
-    assert y.dtype == dtype
+    tol = TOLERANCE[gate.dtype]
+    assert y.dtype == gate.dtype
     assert relative_error(y, y_ref) <= tol
     assert relative_error(gate.grad, dg_ref) <= tol
     assert relative_error(up.grad, du_ref) <= tol
@@ -124,12 +128,4 @@ def test_unaligned_inputs(backend, dtype):
         g_ref, up, dy = inputs((n_rows, n_cols), dtype, "cuda", seed=n_cols)
         gate = torch.empty(n_rows * n_cols + shift, dtype=dtype, device="cuda")[shift:].view(n_rows, n_cols)
         gate.copy_(g_ref)
-        y_ref, dg_ref, du_ref = reference(gate, up, dy)
-        gate.requires_grad_()
-        up.requires_grad_()
-        with ops.backend(backend):
-            y = ops.swiglu(gate, up)
-            y.backward(dy)
-        tol = TOLERANCE[dtype]
-        assert relative_error(y, y_ref) <= tol and relative_error(gate.grad, dg_ref) <= tol
-        assert relative_error(up.grad, du_ref) <= tol
+        check_against_float64(backend, gate, up, dy)

@@ -304,8 +304,9 @@ def _check_args(args) -> None:
         raise ValueError(f"unknown --task {args.task!r}: NxN multiplication (e.g. 3x3, 4x4) or gsm8k")
     if args.task is None and (args.train is None and not args.eval_only or args.valid is None):
         raise ValueError("pass --task, or --train FILE and --valid FILE")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA device (torch sees none)")
+    from ..cli import check_device
+
+    check_device(args.device)
     if args.eval_only and args.model is None:
         raise ValueError("--eval-only evaluates a trained model: pass --model DIR")
     shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")

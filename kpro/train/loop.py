@@ -122,7 +122,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     run.reset_optimizer()
 
     checkpoint = _checkpoint_to_resume(out_dir, resume)
-    settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else repr(schedule)}
+    settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else None}
     if checkpoint is not None:
         _resume(run, checkpoint, batches, callbacks, settings)
     data = iter(batches)
@@ -207,17 +207,16 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> N
     """
     asked = _hyperparameters(run.optimizer)
     state = load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
-    saved_settings = state.get("settings", settings)  # checkpoints written before settings were saved: unchecked
-    saved_schedule, schedule = saved_settings.get("schedule"), settings["schedule"]
-    if isinstance(saved_schedule, dict) and isinstance(schedule, dict):
-        if saved_schedule.get("total_steps") != schedule.get("total_steps") and run.is_main:
-            print(f"resuming with total_steps={schedule.get('total_steps')} for the {schedule.get('kind')} schedule "
-                  f"(the checkpoint's run had {saved_schedule.get('total_steps')}): the learning rate follows the new "
+    # Checkpoints written before settings were saved, and schedules that are not a Schedule: unchecked.
+    saved, schedule = state.get("settings", {}).get("schedule"), settings["schedule"]
+    differences = []
+    if isinstance(saved, dict) and isinstance(schedule, dict):
+        if saved["total_steps"] != schedule["total_steps"] and run.is_main:
+            print(f"resuming with total_steps={schedule['total_steps']} for the {schedule['kind']} schedule "
+                  f"(the checkpoint's run had {saved['total_steps']}): the learning rate follows the new "
                   "schedule from here", file=sys.stderr)
-        saved_schedule = {**saved_schedule, "total_steps": schedule.get("total_steps")}
-    saved_settings = {**saved_settings, "schedule": saved_schedule}
-    differences = [f"{key}: {saved_settings.get(key)!r} in the checkpoint, {value!r} now"
-                   for key, value in settings.items() if saved_settings.get(key) != value]
+        if {**saved, "total_steps": schedule["total_steps"]} != schedule:
+            differences.append(f"schedule: {saved!r} in the checkpoint, {schedule!r} now")
     differences += [f"optimizer param group {i} {key}: {saved[key]!r} in the checkpoint, {value!r} now"
                     for i, (now, saved) in enumerate(zip(asked, _hyperparameters(run.optimizer)))
                     for key, value in now.items() if key in saved and saved[key] != value]
