@@ -25,7 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import distributed
 from .config import LlamaConfig
+from .errors import CheckpointError
 from .lora import LoRALinear
 from .model import Llama
 
@@ -35,10 +37,6 @@ INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Buffers that older conversions saved and Hugging Face ignores on load; they hold nothing we need.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that cannot be loaded as the model it claims to be."""
 
 
 def hf_name(name: str) -> str:
@@ -172,8 +170,6 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
     Files in an existing directory that are not part of the weights (a tokenizer, say) are kept. A model
     sharded with FSDP2 is gathered to rank 0, which writes it: then every process must call this.
     """
-    from .train import distributed  # kpro.train builds on this module: imported when used
-
     max_shard_bytes = parse_size(max_shard_size)
     if distributed.is_sharded(model):
         return _save_sharded(model, Path(directory), max_shard_bytes)
@@ -184,8 +180,6 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
 
 def _save_sharded(model: Llama, directory: Path, max_shard_bytes: int) -> Path:
     """save_pretrained of an FSDP2-sharded model: a collective; rank 0 writes, every rank learns the outcome."""
-    from .train import distributed
-
     env = distributed.current_env()
     state = distributed.full_model_state(model)  # every rank takes part; rank 0 gets the whole state
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
-from .expansion.layout import POSITIONS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+from .bitune import command as bitune_command
+from .cli_args import DTYPES, check_device
+from .errors import CheckpointError
+from .expansion import command as expansion_command
+from .internalize import command as internalize_command
 
 
 def cmd_info(args) -> None:
@@ -68,64 +69,6 @@ def cmd_generate(args) -> None:
         print(tok.decode(prompt + new))
 
 
-def check_device(device: str) -> None:
-    """A one-line error for a device this machine does not have (torch would fail deep inside)."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA device (CUDA is not available to torch)")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def cmd_expand(args) -> None:
-    from .expansion.checkpoint import expand_checkpoint
-
-    result = expand_checkpoint(args.src, args.dst, args.blocks, args.position, max_shard_size=args.max_shard_size,
-                               overwrite=args.overwrite)
-    total = result.original_blocks + len(result.new_blocks)
-    print(f"expanded {args.src}: {result.original_blocks} -> {total} blocks ({args.position}); new blocks "
-          f"{', '.join(map(str, result.new_blocks))} (o_proj and down_proj zero: same logits as the source)")
-    print(f"wrote {result.directory}/: {', '.join(result.weight_files)}, config.json, kpro_expansion.json"
-          + (f"; copied {', '.join(result.copied_files)}" if result.copied_files else "; no tokenizer found to copy"))
-    if result.skipped:
-        print(f"left behind: {', '.join(result.skipped)} (weights in other formats, subdirectories)")
-    print(f"next: python -m kpro train-expanded {result.directory} --data corpus.txt")
-
-
-def cmd_train_expanded(args) -> None:
-    from .expansion.posttrain import train_expanded
-
-    out = args.out or f"{Path(args.dir).name}-post"
-    final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps, seq_len=args.seq_len,
-                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                           weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                           recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype], device=args.device,
-                           precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
-                           seed=args.seed)
-    print(f"saved the post-trained model to {final}/ (a normal LLaMA checkpoint, with the tokenizer)")
-
-
-def block_list(text: str) -> list[int]:
-    """'4,9,14' -> [4, 9, 14]."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block indices separated by commas (4,9,14), got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def cmd_demo(args) -> None:
     from . import demo
 
@@ -156,54 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_generate)
 
-    from .internalize.command import add_parser as add_internalize_parser
-
-    add_internalize_parser(sub)
-    p = sub.add_parser("expand", help="LLaMA Pro block expansion of a checkpoint, streamed tensor by tensor",
-                       description="Insert identity-initialised copies of blocks (o_proj and down_proj zero) into an "
-                                   "HF-layout checkpoint. Tensors are copied byte for byte through a fixed buffer, "
-                                   "never loaded whole; tokenizer files come along; the output appears atomically.")
-    p.add_argument("src", help="source checkpoint directory (config.json + safetensors)")
-    p.add_argument("dst", help="new directory for the expanded checkpoint")
-    p.add_argument("--blocks", type=positive_int, required=True, help="number of new blocks P")
-    p.add_argument("--position", choices=POSITIONS, default="interleave",
-                   help="interleave: after every N/P blocks (P must divide N); top: after the last; bottom: before the first")
-    p.add_argument("--max-shard-size", default="5GB", help="largest weight file (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.set_defaults(run=cmd_expand)
-
-    p = sub.add_parser("train-expanded", help="post-pretrain the new blocks of an expanded checkpoint on a text corpus",
-                       description="Train only the new blocks (kpro.train_only: the rest frozen, with gradient skipping) "
-                                   "on packed sequences of a corpus. Checkpoints go to OUT/step-*; running the same "
-                                   "command again resumes; the final model is saved to OUT/final.")
-    p.add_argument("dir", help="expanded checkpoint (from `python -m kpro expand`) with its tokenizer")
-    p.add_argument("--data", action="append", required=True,
-                   help="corpus file: plain text, documents separated by blank lines, or .jsonl with a \"text\" "
-                        "field; repeat for several")
-    p.add_argument("--out", help="run directory (default ./<DIR name>-post)")
-    p.add_argument("--train-blocks", type=block_list, help="blocks to train, e.g. 4,9,14 (default: the new blocks "
-                   "recorded in DIR/kpro_expansion.json)")
-    p.add_argument("--steps", type=positive_int, default=1000)
-    p.add_argument("--seq-len", type=positive_int, help="tokens per packed row (default min(512, max positions))")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per optimizer step")
-    p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay to 10%%)")
-    p.add_argument("--warmup-steps", type=int, help="default 5%% of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--recompute-frozen", action="store_true",
-                   help="keep only each frozen block's input and recompute it in backward (less memory, slower)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights while training")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on a GPU, fp32 on the CPU")
-    p.add_argument("--device", help="default cuda when available, else cpu")
-    p.add_argument("--save-every", type=positive_int, help="checkpoint every that many steps (and at the end)")
-    p.add_argument("--keep-last", type=positive_int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=cmd_train_expanded)
-
-    from . import cli_bitune
-
-    cli_bitune.add_parser(sub)
+    # Each method's subcommands live in its package's command.py.
+    for method in (expansion_command, internalize_command, bitune_command):
+        method.add_parsers(sub)
 
     from .demo import ACTS
 

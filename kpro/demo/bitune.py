@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import instruct
+from .. import bitune
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import LlamaConfig
 from ..model import Llama
@@ -54,17 +54,17 @@ def act_bitune(out_dir: Path, pretrain_steps: int = 200, tune_steps: int = 300, 
         steps=pretrain_steps, optimizer=lambda m: adamw(m, 3e-3),
         schedule=Schedule("cosine", warmup_steps=pretrain_steps // 10, total_steps=pretrain_steps), keep_last=1)
     save_pretrained(base, out_dir / "base")
-    examples = [instruct.Instruction(*question(rng)) for _ in range(4000)]
-    pairs, _ = instruct.tokenize_instructions(tok, examples, max_length=96)
+    examples = [bitune.Instruction(*question(rng)) for _ in range(4000)]
+    pairs, _ = bitune.tokenize_instructions(tok, examples, max_length=96)
     held_out = [question(random.Random(10_000 + i)) for i in range(held_out)]
     results = {}
     for method in ("lora", "bitune"):
         print(f"tuning {method} adapters (rank 8) for {tune_steps} steps")
         start = time.perf_counter()
-        tuned = instruct.tune(load_pretrained(out_dir / "base"), pairs, method, out_dir / method, steps=tune_steps,
+        tuned = bitune.tune(load_pretrained(out_dir / "base"), pairs, method, out_dir / method, steps=tune_steps,
                               batch_size=32, lr=2e-3, rank=8, alpha=16.0, seed=seed, pad_id=tok.pad_id)
         seconds = time.perf_counter() - start
-        answers = instruct.generate_answers(tuned, tok, [q for q, _ in held_out], max_new_tokens=3)
+        answers = bitune.generate_answers(tuned, tok, [q for q, _ in held_out], max_new_tokens=3)
         accuracy = sum(got == want for got, (_, want) in zip(answers, held_out)) / len(held_out)
         results[method] = {"accuracy": accuracy, "train_seconds": seconds}
     print(f"\n{'method':<10}{'held-out accuracy':>20}{'training time':>16}")

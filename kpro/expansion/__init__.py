@@ -5,7 +5,8 @@
     freezing.py    train_only(model, ids, recompute_frozen): freezing and frozen-block gradient skipping
     memory.py      saved_activation_bytes: what a forward keeps for its backward
     checkpoint.py  expand_checkpoint(src, dst, P): the same on an HF-layout directory, streamed
-    posttrain.py   post-pretraining of the new blocks on a text corpus (`python -m kpro train-expanded`)
+    posttrain.py   post-pretraining of the new blocks on a text corpus
+    command.py     `python -m kpro expand` and `python -m kpro train-expanded`
 """
 from .blocks import expand
 from .freezing import TrainPlan, train_only

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import _write_checkpoint, atomic_directory, load_pretrained, parse_size, tensor_locations
-from ..instruct import read_jsonl
 from ..tokenizer import load_tokenizer
 from ..train import Batches, Callback, Schedule, adamw, fit, pack_documents
+from ..train.data import read_jsonl
 from .checkpoint import _copy_other_files, _read_header, read_expansion_record
 from .freezing import train_only
 

@@ -1,16 +1,16 @@
-"""Stepwise internalization of chain-of-thought (ICoT-SI; Deng, Choi, Shieber 2024): data, schedule, evaluation.
+"""kpro.internalize: stepwise internalization of chain-of-thought (ICoT-SI; Deng, Choi, Shieber 2024).
 
 A model is trained on `input <eos> cot <eos> #### answer <eos>` while the CoT is cut from the left, a few
-tokens more every epoch, until it answers with no CoT at all. This package holds:
+tokens more every epoch, until it answers with no CoT at all.
 
-    data            the `input||cot #### answer` format, its reader, the published valid/test sets
-    multiplication  the n×n multiplication lines (identical to the published ones) and training sets
-    tokenization    examples as token ids with their CoT span; the symbol tokenizer for arithmetic
-    schedule        RemovalSchedule: tokens removed at each step, and the smoothing offsets
-    batching        removal applied to a batch, re-packed for the model and the loss
-    evaluation      batched greedy decoding, exact-match accuracy, examples/s
-    loop            the training loop on kpro.train.fit: each step's removal, optimizer re-creation, resume
-    command         `python -m kpro internalize`
+    data.py            the `input||cot #### answer` format, its reader, the published valid/test sets (data/)
+    multiplication.py  the n×n multiplication lines (identical to the published ones) and training sets
+    tokenization.py    examples as token ids with their CoT span; the symbol tokenizer for arithmetic
+    schedule.py        RemovalSchedule: tokens removed at each step, and the smoothing offsets
+    batching.py        removal applied to a batch, re-packed for the model and the loss
+    evaluation.py      batched greedy decoding, exact-match accuracy, examples/s
+    loop.py            fit_internalization on kpro.train.fit: each step's removal, optimizer re-creation, resume
+    command.py         `python -m kpro internalize`
 """
 from ..tokenizer import SymbolTokenizer
 from .batching import CoTBatch, TrainingBatch, collate, next_token_loss, remove_cot, training_batch

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_pretrained, save_pretrained
+from ..cli_args import check_device
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
@@ -37,7 +38,7 @@ SCRATCH_LR, PRETRAINED_LR = 1e-3, 5e-5  # the paper fine-tuned GPT-2 at 5e-5; a 
 MULTIPLICATION_TASK = re.compile(r"([1-9][0-9]*)x\1")
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser(
         "internalize", help="stepwise internalization of chain-of-thought (ICoT-SI), and its two baselines",
         description="Train a model on `input||cot #### answer` examples while CoT tokens are removed from the left, "
@@ -304,8 +305,6 @@ def _check_args(args) -> None:
         raise ValueError(f"unknown --task {args.task!r}: NxN multiplication (e.g. 3x3, 4x4) or gsm8k")
     if args.task is None and (args.train is None and not args.eval_only or args.valid is None):
         raise ValueError("pass --task, or --train FILE and --valid FILE")
-    from ..cli import check_device
-
     check_device(args.device)
     if args.eval_only and args.model is None:
         raise ValueError("--eval-only evaluates a trained model: pass --model DIR")

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from .errors import BackendError
+
 BACKENDS = ("torch", "triton", "cuda")
 
 # Backends each op has.
@@ -32,10 +34,6 @@ AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 _forced: list[dict[str, str]] = []  # innermost last; the key "*" covers every op
-
-
-class BackendError(RuntimeError):
-    """A backend was asked for a call it cannot run."""
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
-"""Training data: packed token streams, (prompt, answer) batches, and a resumable batch sampler.
+"""Training data: packed token streams, (prompt, answer) batches, a resumable batch sampler, and JSONL files.
 
 Batches are dicts of tensors [B, ...] with labels aligned to `input_ids` (see `kpro.train.loss`).
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -118,3 +120,22 @@ class Batches:
                 raise ValueError(f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, "
                                  f"these have {key}={mine[key]!r}")
         self.epoch, self.index = state["epoch"], state["index"]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-empty line; a line that is not a JSON object is named."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            rows.append((number, row))
+    if not rows:
+        raise ValueError(f"{path} holds no examples")
+    return rows

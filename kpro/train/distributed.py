@@ -9,30 +9,19 @@ checkpoints need no shared file system.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+# The helpers checkpoints share live one layer down; they are part of this module's interface too.
+from ..distributed import DistEnv, broadcast_object, current_env, full_model_state, is_sharded, on_main  # noqa: F401
+
 # torch.distributed.fsdp and .checkpoint are imported where used: with DTensor they take most of a second.
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
-
-
-@dataclasses.dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed(backend: str | None = None) -> DistEnv:
@@ -45,20 +34,6 @@ def init_distributed(backend: str | None = None) -> DistEnv:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     return current_env()
-
-
-def current_env() -> DistEnv:
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing can have been sharded
-    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
@@ -145,35 +120,6 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
-def on_main(work, env: DistEnv, what: str):
-    """Run `work()` on rank 0 only and return its result there (None elsewhere). Its failure reaches every
-    rank: rank 0 re-raises it, the others raise a CheckpointError saying `what` failed, so none waits
-    forever in a later collective. A collective: every rank calls it."""
-    from ..checkpoint import CheckpointError
-
-    result, failure = None, None
-    if env.is_main:
-        try:
-            result = work()
-        except BaseException as err:
-            failure = err
-    error = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}", env)
-    if failure is not None:
-        raise failure
-    if error is not None:
-        raise CheckpointError(f"rank 0 could not {what}: {error}")
-    return result
-
-
-def broadcast_object(obj, env: DistEnv):
-    """Rank 0's `obj` on every rank."""
-    if env.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def gather_objects(obj, env: DistEnv) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     if env.world_size == 1:
@@ -184,17 +130,6 @@ def gather_objects(obj, env: DistEnv) -> list:
 
 
 # ------------------------------------------------------------------------ full (unsharded) states
-
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full state dict on rank 0 (CPU) for a sharded model, or None: the model's own state is full.
-
-    A collective for sharded models: every rank must call it.
-    """
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
 
 def load_full_model_state(model: nn.Module, state: dict, env: DistEnv) -> None:
     """Load rank 0's full `state` (other ranks pass {}) into the model, sharding it where the model is."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kpro
-from kpro import instruct, lora
+from kpro import bitune, lora
 from kpro.bitune import Bitune
 from kpro.train import collate_prompt_answer
 from conftest import tiny_config
@@ -26,27 +26,27 @@ def write_jsonl(path, rows):
 def test_read_instructions(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "add", "input": "1 2", "response": "3"},
                                               {"instruction": "say hi", "output": "hi"}])
-    assert instruct.read_instructions(path) == [instruct.Instruction("add\n\n1 2", "3"), instruct.Instruction("say hi", "hi")]
+    assert bitune.read_instructions(path) == [bitune.Instruction("add\n\n1 2", "3"), bitune.Instruction("say hi", "hi")]
     (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "response": "y"}\n\n{"question": 1}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:3: needs string fields"):
-        instruct.read_instructions(tmp_path / "bad.jsonl")
+        bitune.read_instructions(tmp_path / "bad.jsonl")
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match=r"broken.jsonl:1: not valid JSON"):
-        instruct.read_instructions(tmp_path / "broken.jsonl")
+        bitune.read_instructions(tmp_path / "broken.jsonl")
 
 
 def test_read_multiple_choice(tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 1},
                                                {"question": "r", "choices": ["x", "y", "z"], "answer": "z"}])
-    assert [q.answer for q in instruct.read_multiple_choice(path)] == [1, 2]
+    assert [q.answer for q in bitune.read_multiple_choice(path)] == [1, 2]
     write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}])
     with pytest.raises(ValueError, match=r"bad.jsonl:1: 'answer' must be a choice index"):
-        instruct.read_multiple_choice(tmp_path / "bad.jsonl")
+        bitune.read_multiple_choice(tmp_path / "bad.jsonl")
 
 
 def test_prompt_format_eos_and_dropping_long_examples():
-    pairs, dropped = instruct.tokenize_instructions(TOK, [instruct.Instruction("hi", "yo"),
-                                                          instruct.Instruction("x" * 50, "long")], max_length=30)
+    pairs, dropped = bitune.tokenize_instructions(TOK, [bitune.Instruction("hi", "yo"),
+                                                          bitune.Instruction("x" * 50, "long")], max_length=30)
     assert dropped == 1 and len(pairs) == 1
     prompt, answer = pairs[0]
     assert TOK.decode(prompt) == "Question: hi\n\nAnswer:" and prompt[0] == TOK.bos_id
@@ -55,7 +55,7 @@ def test_prompt_format_eos_and_dropping_long_examples():
 
 def test_sentencepiece_answer_continues_the_prompt():
     tok = kpro.Tokenizer(ROOT / "tests" / "data" / "mistral_7b_tokenizer.model")
-    prompt, answer = instruct.encode_pair(tok, "Question: capital of France?\n\nAnswer:", " Paris")
+    prompt, answer = bitune.encode_pair(tok, "Question: capital of France?\n\nAnswer:", " Paris")
     assert prompt + answer == tok.encode("Question: capital of France?\n\nAnswer: Paris")
     assert tok.decode(answer) == "Paris"
 
@@ -70,7 +70,7 @@ def test_bitune_loss_for_fit_equals_the_module_loss():
     torch.manual_seed(0)
     bt = Bitune(kpro.Llama(tiny_config()), rank=2, seed=0)
     batch = collate_prompt_answer(tiny_pairs(), pad_id=0)
-    loss_sum = instruct.bitune_loss(bt, batch)
+    loss_sum = bitune.bitune_loss(bt, batch)
     assert int(loss_sum.count) == int((batch["labels"] != -100).sum())
     expected = bt.loss(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"])
     torch.testing.assert_close(loss_sum.total / loss_sum.count, expected)
@@ -80,13 +80,13 @@ def test_log_likelihoods_of_answers():
     torch.manual_seed(0)
     model = kpro.Llama(tiny_config()).double()
     pairs = tiny_pairs(5)
-    scores = instruct.answer_log_likelihoods(model, [p for p, _ in pairs], [a for _, a in pairs], batch_size=2)
+    scores = bitune.answer_log_likelihoods(model, [p for p, _ in pairs], [a for _, a in pairs], batch_size=2)
     for (prompt, answer), score in zip(pairs, scores):
         logp = F.log_softmax(model(torch.tensor([prompt + answer]))[0], -1)
         expected = sum(logp[len(prompt) - 1 + i, token] for i, token in enumerate(answer))
         torch.testing.assert_close(score, expected.detach())
     bt = Bitune(model, rank=2, seed=0).double()
-    bt_scores = instruct.answer_log_likelihoods(bt, [p for p, _ in pairs], [a for _, a in pairs], batch_size=3)
+    bt_scores = bitune.answer_log_likelihoods(bt, [p for p, _ in pairs], [a for _, a in pairs], batch_size=3)
     for (prompt, answer), score in zip(pairs, bt_scores):
         loss = bt.loss(torch.tensor([prompt + answer]), torch.tensor([len(prompt)]))
         torch.testing.assert_close(score, -loss.detach() * len(answer))
@@ -95,13 +95,13 @@ def test_log_likelihoods_of_answers():
 def test_multiple_choice_picks_the_likeliest_choice():
     torch.manual_seed(0)
     model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
-    questions = [instruct.MultipleChoice("what is a", ["b", "cc", "d"], 0), instruct.MultipleChoice("pick", ["x", "y"], 1)]
-    result = instruct.multiple_choice_accuracy(model, TOK, questions)
+    questions = [bitune.MultipleChoice("what is a", ["b", "cc", "d"], 0), bitune.MultipleChoice("pick", ["x", "y"], 1)]
+    result = bitune.multiple_choice_accuracy(model, TOK, questions)
     expected = 0
     for q in questions:
-        prompt = instruct.PROMPT_TEMPLATE.format(instruction=q.question)
-        pairs = [instruct.encode_pair(TOK, prompt, " " + c) for c in q.choices]
-        scores = instruct.answer_log_likelihoods(model, [p for p, _ in pairs], [a for _, a in pairs])
+        prompt = bitune.PROMPT_TEMPLATE.format(instruction=q.question)
+        pairs = [bitune.encode_pair(TOK, prompt, " " + c) for c in q.choices]
+        scores = bitune.answer_log_likelihoods(model, [p for p, _ in pairs], [a for _, a in pairs])
         expected += int(scores.argmax()) == q.answer
     assert result["acc"] == expected / 2 and result["questions"] == 2
 
@@ -112,7 +112,7 @@ def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
     model = kpro.Llama(tiny_config())
     pairs = tiny_pairs(40)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    tuned = instruct.tune(model, pairs, method, tmp_path, steps=3, batch_size=8, lr=1e-2, rank=2, alpha=2.0)
+    tuned = bitune.tune(model, pairs, method, tmp_path, steps=3, batch_size=8, lr=1e-2, rank=2, alpha=2.0)
     changed = [n for n, p in tuned.named_parameters() if n.removeprefix("model.") in before
                and not torch.equal(p, before[n.removeprefix("model.")])]
     assert changed == []  # base weights frozen
@@ -124,13 +124,13 @@ def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
     if method == "lora":
         assert isinstance(tuned, lora.AdaptedModel)
     torch.manual_seed(0)
-    loaded = instruct.load_tuned(kpro.Llama(tiny_config()), tmp_path / "adapters")
+    loaded = bitune.load_tuned(kpro.Llama(tiny_config()), tmp_path / "adapters")
     assert type(loaded) is type(tuned)
     ids, plens, mask = torch.tensor([[1, 5, 6, 7, 2]]), torch.tensor([3]), torch.ones(1, 5, dtype=torch.long)
     args = (ids, plens, mask) if method == "bitune" else (ids, mask)
     assert torch.equal(loaded(*args), tuned(*args))
     with pytest.raises(ValueError, match="unknown method"):
-        instruct.tune(kpro.Llama(tiny_config()), pairs, "prefix", tmp_path / "x")
+        bitune.tune(kpro.Llama(tiny_config()), pairs, "prefix", tmp_path / "x")
 
 
 def test_cli_end_to_end(tmp_path):

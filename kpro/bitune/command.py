@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bitune import MODES
+from ..cli_args import check_device
+from .passes import MODES
 
 DTYPES = ("float32", "bfloat16")
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("bitune", help="instruction-tune with Bitune (or --baseline lora) and score multiple choice",
                        description="Reference defaults: AdamW lr 3e-4, linear schedule with 10% warmup, 3000 steps "
                                    "of 10 examples, no weight decay, clip 1.0, bf16 on GPU; prompt "
@@ -37,11 +38,12 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import torch
 
-    from . import instruct
-    from ._files import write_atomic
-    from .cli import check_device
-    from .checkpoint import load_pretrained
-    from .tokenizer import load_tokenizer
+    from .._files import write_atomic
+    from ..checkpoint import load_pretrained
+    from ..tokenizer import load_tokenizer
+    from .data import read_instructions, read_multiple_choice, tokenize_instructions
+    from .evaluation import multiple_choice_accuracy
+    from .training import tune
 
     if args.baseline and args.mode:
         raise ValueError(f"--mode {args.mode} is a Bitune ablation; --baseline {args.baseline} trains plain LoRA")
@@ -50,21 +52,21 @@ def run(args) -> None:
     for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")
-    questions = {path: instruct.read_multiple_choice(path) for path in args.eval}  # fail early on bad files
+    questions = {path: read_multiple_choice(path) for path in args.eval}  # fail early on bad files
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tok = load_tokenizer(args.model)
-    pairs, dropped = instruct.tokenize_instructions(tok, instruct.read_instructions(args.data), args.max_length)
+    pairs, dropped = tokenize_instructions(tok, read_instructions(args.data), args.max_length)
     print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens")
     if not pairs:
         raise ValueError(f"no example of {args.data} fits --max-length {args.max_length}")
     method = args.baseline or "bitune"
-    tuned = instruct.tune(model, pairs, method, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    tuned = tune(model, pairs, method, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           rank=args.rank, alpha=args.alpha, mode=args.mode, seed=args.seed, pad_id=tok.pad_id)
     print(f"adapters saved to {Path(args.out) / 'adapters'}")
     results = {"method": method, "mode": args.mode if method == "bitune" else None, "examples": len(pairs),
                "dropped": dropped, "steps": args.steps, "eval": {}}
     for path, qs in questions.items():
-        scores = instruct.multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size)
+        scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size)
         results["eval"][path] = scores
         print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  ({scores['questions']} questions)")
     write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,80 @@
+"""Zero-shot multiple choice and answers to prompts, for a Bitune or a plain (LoRA-adapted) causal model.
+
+Each question's choices are scored by the log-likelihood of `" " + choice` as the answer to its prompt
+(`acc`), and by that log-likelihood per character of the choice (`acc_norm`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import lora
+from ..generation import generate
+from .data import PROMPT_TEMPLATE, MultipleChoice, encode_pair
+from .streams import answer_targets, right_pad, split_streams
+from .wrapper import Bitune
+
+
+@torch.no_grad()
+def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                           batch_size: int = 16) -> torch.Tensor:
+    """log P(answer | prompt) summed over the answer tokens, [N] float64, for a Bitune or a plain /
+    adapted causal model."""
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [list(p) + list(a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+        prompt_lens = [len(p) for p in prompts[start:start + batch_size]]
+        device = next(tuned.parameters()).device
+        ids, lens = right_pad(rows, 0, device=device)
+        mask = (torch.arange(ids.shape[1], device=device) < lens[:, None]).long()
+        plens = torch.tensor(prompt_lens, device=device)
+        if isinstance(tuned, Bitune):
+            logits = tuned(ids, plens, mask)
+            targets = answer_targets(split_streams(ids, plens, mask))
+        else:  # causal: position t predicts token t + 1; score the answer tokens
+            logits = tuned(ids, mask)[:, :-1]
+            positions = torch.arange(ids.shape[1] - 1, device=device)
+            scored = (positions >= plens[:, None] - 1) & (positions < lens[:, None] - 1)
+            targets = ids[:, 1:].masked_fill(~scored, -100)
+        logp = torch.log_softmax(logits.double(), -1)
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        scores.append(picked.masked_fill(targets == -100, 0).sum(-1))
+    return torch.cat(scores)
+
+
+def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], batch_size: int = 16) -> dict:
+    """Zero-shot accuracy: each question's choices scored as answers (`" " + choice`) to its prompt."""
+    prompts, answers, owners, lengths = [], [], [], []
+    for q_index, question in enumerate(questions):
+        prompt = PROMPT_TEMPLATE.format(instruction=question.question)
+        for choice in question.choices:
+            p, a = encode_pair(tok, prompt, " " + choice)
+            prompts.append(p)
+            answers.append(a)
+            owners.append(q_index)
+            lengths.append(max(1, len(choice)))
+    scores = answer_log_likelihoods(tuned, prompts, answers, batch_size)
+    correct = correct_norm = 0
+    offset = 0
+    for question in questions:
+        n = len(question.choices)
+        raw = scores[offset:offset + n]
+        per_char = raw / torch.tensor(lengths[offset:offset + n], dtype=torch.float64)
+        correct += int(raw.argmax()) == question.answer
+        correct_norm += int(per_char.argmax()) == question.answer
+        offset += n
+    return {"acc": correct / len(questions), "acc_norm": correct_norm / len(questions), "questions": len(questions)}
+
+
+def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **sampling) -> list[str]:
+    """Decoded answers to prompt texts (each formatted with PROMPT_TEMPLATE)."""
+    encoded = [tok.encode(PROMPT_TEMPLATE.format(instruction=p), bos=True) for p in prompts]
+    sampling.setdefault("eos_token_id", tok.eos_id)
+    if isinstance(tuned, Bitune):
+        new = tuned.generate(encoded, max_new_tokens, **sampling)
+    else:
+        ids, mask = tok.pad_left(encoded, device=next(tuned.parameters()).device)
+        with lora.active(tuned.model, tuned.adapter):
+            new = generate(tuned.model, ids, max_new_tokens, attention_mask=mask, **sampling)[:, ids.shape[1]:].tolist()
+    return [tok.decode([t for t in row if t != tok.eos_id]).strip() for row in new]

@@ -1,0 +1,78 @@
+"""A batch of `prompt + answer` rows as Bitune's token streams, and the answer stream's targets.
+
+Rows are right-padded and may all have different prompt and answer lengths. The prompt streams hold
+`prompt[:P-1]` (read twice, causally and bidirectionally); the answer stream `[prompt[P-1], answer…]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class Streams:
+    """One batch as Bitune's token streams, right-padded: the prompt streams `prompt[:P-1]` and the
+    answer stream `[prompt[P-1], answer…]`."""
+    prompt_ids: torch.Tensor  # [B, Tp]
+    answer_ids: torch.Tensor  # [B, Ta]
+    prompt_lens: torch.Tensor  # [B] valid tokens of the prompt streams (P − 1)
+    answer_lens: torch.Tensor  # [B] valid tokens of the answer stream
+
+    @property
+    def prompt_valid(self):
+        return torch.arange(self.prompt_ids.shape[1], device=self.prompt_ids.device) < self.prompt_lens[:, None]
+
+    @property
+    def answer_valid(self):
+        return torch.arange(self.answer_ids.shape[1], device=self.answer_ids.device) < self.answer_lens[:, None]
+
+
+def split_streams(input_ids, prompt_lens, attention_mask=None, need_answer=True) -> Streams:
+    """Split right-padded `prompt + answer` rows into the prompt and answer streams."""
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
+    batch, length = input_ids.shape
+    device = input_ids.device
+    prompt_lens = torch.as_tensor(prompt_lens, device=device)
+    if prompt_lens.shape != (batch,) or prompt_lens.dtype.is_floating_point:
+        raise ValueError(f"prompt_lens must be an integer tensor [B={batch}], got {tuple(prompt_lens.shape)} {prompt_lens.dtype}")
+    if attention_mask is None:
+        lengths = torch.full((batch,), length, device=device)
+    else:
+        if attention_mask.shape != (batch, length):
+            raise ValueError(f"attention_mask must be [B={batch}, T={length}], got {tuple(attention_mask.shape)}")
+        lengths = attention_mask.long().sum(1)
+        if not torch.equal(attention_mask.bool(), torch.arange(length, device=device) < lengths[:, None]):
+            raise ValueError("attention_mask must be right-padded (ones, then zeros) for Bitune")
+    if (prompt_lens < 1).any():
+        raise ValueError(f"prompt lengths must be >= 1, got {prompt_lens.tolist()}")
+    if need_answer and (prompt_lens >= lengths).any():
+        raise ValueError(f"every row needs at least one answer token after its prompt: prompt_lens "
+                         f"{prompt_lens.tolist()} vs sequence lengths {lengths.tolist()}")
+    if not need_answer and (prompt_lens > lengths).any():
+        raise ValueError(f"prompt_lens {prompt_lens.tolist()} exceed the sequence lengths {lengths.tolist()}")
+    lp = prompt_lens - 1
+    la = (lengths if need_answer else prompt_lens) - lp
+    tp, ta = int(lp.max()), int(la.max())
+    index = (lp[:, None] + torch.arange(ta, device=device)).clamp(max=length - 1)
+    answer_ids = torch.gather(input_ids, 1, index).masked_fill(torch.arange(ta, device=device) >= la[:, None], 0)
+    prompt_ids = input_ids[:, :tp].masked_fill(torch.arange(tp, device=device) >= lp[:, None], 0)
+    return Streams(prompt_ids, answer_ids, lp, la)
+
+
+def answer_targets(streams: Streams) -> torch.Tensor:
+    """Next-token targets of the answer stream: token t + 1 where it is an answer token, else -100."""
+    targets = torch.full_like(streams.answer_ids, -100)
+    targets[:, :-1] = streams.answer_ids[:, 1:]
+    valid = torch.arange(targets.shape[1], device=targets.device) < (streams.answer_lens - 1)[:, None]
+    return targets.masked_fill(~valid, -100)
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T] right-padded, lengths [B])."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("need at least one sequence and no empty sequence")
+    length = max(map(len, sequences))
+    ids = torch.tensor([list(s) + [pad_id] * (length - len(s)) for s in sequences], dtype=torch.long, device=device)
+    return ids, torch.tensor([len(s) for s in sequences], device=device)

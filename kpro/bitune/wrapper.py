@@ -1,0 +1,159 @@
+"""`kpro.Bitune`: the module that adds Bitune's two adapters and mixing scalars to a model, and computes
+the answer stream's logits, the loss, generation, and the adapter files.
+
+Each example is `prompt + answer` with prompt length P. Per layer l, with two LoRA adapters on all seven
+projections of every block:
+- pass 1 reads `prompt[:P-1]` with bidirectional attention and the `bidir` adapter;
+- pass 2 reads the same tokens causally with the `causal` adapter (both at positions 0 … P-2);
+- their post-RoPE keys and values are mixed, α = |w| / (|w| + mix_eps) with two fp32 scalars per layer:
+  K = (1 − α_k)·K_causal + α_k·K_bidir, V = (1 − α_v)·V_causal + α_v·V_bidir;
+- pass 3 reads `[prompt[P-1], answer…]` causally with the `causal` adapter, attending to the mixed
+  cache; logits and loss (answer tokens only) come from it.
+
+How the passes run (fused or one after another) is in `passes.py`. Bitune keeps two adapters, so they
+cannot be merged into one set of base weights: save them with `save_adapters` and serve with `generate`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import adapters, lora
+from ..errors import CheckpointError
+from ..generation import decode
+from ..model import KVCache, Llama
+from .passes import MODES, fused_passes, separate_passes
+from .streams import Streams, answer_targets, right_pad, split_streams
+
+
+class Bitune(nn.Module):
+    """`kpro.Bitune(model, rank=8, alpha=1.0, mix_init=0.01, mix_eps=0.01, mode="bitune")` adds the adapters
+    to `model` in place (freezing its own weights) and holds the mixing scalars."""
+
+    def __init__(self, model: Llama, rank: int = 8, alpha: float = 1.0, mix_init: float = 0.01,
+                 mix_eps: float = 0.01, mode: str = "bitune", seed: int | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown Bitune mode {mode!r}; choose from {', '.join(MODES)}")
+        if not mix_eps > 0:
+            raise ValueError(f"mix_eps must be > 0, got {mix_eps}")
+        self.model, self.mode, self.rank, self.alpha, self.mix_eps = model, mode, rank, float(alpha), float(mix_eps)
+        self.adapter_names = sorted({p.adapter for p in MODES[mode].passes} | {"causal"})
+        lora.add_adapters(model, self.adapter_names, rank=rank, alpha=alpha, seed=seed)
+        layers = model.config.num_hidden_layers
+        self.w_k = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32))
+        self.w_v = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # `bt.to(torch.bfloat16)` casts the model; the mixing scalars stay fp32 (SPEC: 2·L fp32 scalars).
+        super()._apply(fn, recurse)
+        for param in (self.w_k, self.w_v):
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+        return self
+
+    # ------------------------------------------------------------------------------------- public API
+
+    def mix_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_k, α_v), fp32 [layers]: α = |w| / (|w| + mix_eps)."""
+        return (self.w_k.abs() / (self.w_k.abs() + self.mix_eps), self.w_v.abs() / (self.w_v.abs() + self.mix_eps))
+
+    def forward(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *, fused: bool | None = None) -> torch.Tensor:
+        """Logits of the answer stream [B, Ta, vocab]: position t predicts answer stream token t + 1.
+
+        input_ids [B, T] are `prompt + answer`, right-padded (`attention_mask` 1 = real token); prompt_lens
+        [B] is each row's P. `fused=None` takes the fused path wherever the mode has one (`bitune`,
+        `shared_weights`), else the separate passes; `fused=False` forces the reference path (the same
+        numbers; on the CPU the two measured level)."""
+        streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
+        return self._answer_logits(streams, fused)
+
+    def loss(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             *, fused: bool | None = None) -> torch.Tensor:
+        """Mean cross-entropy (fp32) over the answer tokens of the batch."""
+        streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
+        logits = self._answer_logits(streams, fused)
+        targets = answer_targets(streams)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *, fused: bool | None = None,
+                 **sampling) -> list[list[int]]:
+        """New tokens for each prompt (token lists of any lengths): the three-stream prefill once, then
+        cached decoding with the `causal` adapter. `sampling`: temperature, top_k, top_p, generator,
+        eos_token_id, pad_token_id, stop_after_eos (as in kpro.generate)."""
+        device = self.w_k.device
+        ids, lens = right_pad([list(p) for p in prompts], pad_id=0, device=device)
+        limit = self.model.config.max_position_embeddings
+        if ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"the longest prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's max_position_embeddings={limit}")
+        streams = split_streams(ids, lens, (torch.arange(ids.shape[1], device=device) < lens[:, None]).long(),
+                               need_answer=False)
+        tp = streams.prompt_ids.shape[1]
+        cache = KVCache(self.model.config, ids.shape[0], tp + 1 + max_new_tokens, self.model.embed_tokens.weight.dtype, device)
+        logits = self._answer_logits(streams, fused, cache=cache)[:, -1]
+        mask = torch.cat((streams.prompt_valid.long(), torch.ones_like(lens)[:, None]), dim=1)
+        with lora.active(self.model, "causal"):
+            new = decode(self.model, cache, logits, mask, max_new_tokens, **sampling)
+        return new.tolist()
+
+    def merged(self):
+        """Not meaningful for Bitune: the prompt is read with two adapters and the answer with a third
+        combination (the causal adapter over a mixed cache), so no single set of merged weights computes
+        the same function. Serve the adapters with `generate` instead."""
+        raise NotImplementedError(self.merged.__doc__.strip())
+
+    # -------------------------------------------------------------------------------- answer logits
+
+    def _answer_logits(self, streams: Streams, fused: bool | None, cache: KVCache | None = None) -> torch.Tensor:
+        mode = MODES[self.mode]
+        if fused is None:
+            fused = mode.fused
+        elif fused and not mode.fused:
+            raise ValueError(f"mode {self.mode!r} has no fused path (its prompt passes are not one causal and one "
+                             "bidirectional); use fused=False")
+        run = fused_passes if fused else separate_passes
+        hidden = run(self.model, mode, streams, *self.mix_weights(), cache)
+        return self.model.lm_head(self.model.norm(hidden))
+
+    # ------------------------------------------------------------------------------- saving, loading
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """Adapters and mixing scalars by their file names (`model.layers.{i}.self_attn.q_proj.bidir.lora_A.weight`,
+        `model.layers.{i}.bitune.w_k`)."""
+        tensors = adapters.lora_tensors(self.model)
+        for i in range(self.model.config.num_hidden_layers):
+            tensors[f"model.layers.{i}.bitune.w_k"] = self.w_k[i]
+            tensors[f"model.layers.{i}.bitune.w_v"] = self.w_v[i]
+        return tensors
+
+    def config(self) -> dict:
+        return {"method": "bitune", "rank": self.rank, "alpha": self.alpha, "mix_eps": self.mix_eps, "mode": self.mode,
+                "adapters": self.adapter_names, "num_hidden_layers": self.model.config.num_hidden_layers}
+
+    def save_adapters(self, directory: str | os.PathLike) -> Path:
+        """Write the adapters and mixing scalars (safetensors) and a small JSON config, atomically."""
+        return adapters.save_adapters(directory, self.adapter_tensors(), self.config())
+
+    def load_adapters(self, directory: str | os.PathLike) -> None:
+        """Load adapters saved by `save_adapters` into this Bitune (same rank, alpha, mode, layers)."""
+        adapters.load_adapters(directory, self.adapter_tensors(), self.config())
+
+    @classmethod
+    def from_adapters(cls, model: Llama, directory: str | os.PathLike) -> "Bitune":
+        """A Bitune on `model` with the set-up and weights saved in `directory`."""
+        saved = adapters.read_config(directory)
+        if saved.get("method") != "bitune":
+            raise CheckpointError(f"{directory} holds {saved.get('method')!r} adapters, not Bitune's")
+        bitune = cls(model, rank=saved["rank"], alpha=saved["alpha"], mix_eps=saved["mix_eps"], mode=saved["mode"])
+        bitune.to(model.embed_tokens.weight.device)
+        bitune.load_adapters(directory)
+        return bitune

@@ -1,0 +1,80 @@
+"""`python -m kpro expand` and `python -m kpro train-expanded`: block expansion of a checkpoint on disk,
+and post-pretraining of its new blocks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cli_args import DTYPES, block_list, positive_int
+from .layout import POSITIONS
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("expand", help="LLaMA Pro block expansion of a checkpoint, streamed tensor by tensor",
+                       description="Insert identity-initialised copies of blocks (o_proj and down_proj zero) into an "
+                                   "HF-layout checkpoint. Tensors are copied byte for byte through a fixed buffer, "
+                                   "never loaded whole; tokenizer files come along; the output appears atomically.")
+    p.add_argument("src", help="source checkpoint directory (config.json + safetensors)")
+    p.add_argument("dst", help="new directory for the expanded checkpoint")
+    p.add_argument("--blocks", type=positive_int, required=True, help="number of new blocks P")
+    p.add_argument("--position", choices=POSITIONS, default="interleave",
+                   help="interleave: after every N/P blocks (P must divide N); top: after the last; bottom: before the first")
+    p.add_argument("--max-shard-size", default="5GB", help="largest weight file (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(run=cmd_expand)
+
+    p = sub.add_parser("train-expanded", help="post-pretrain the new blocks of an expanded checkpoint on a text corpus",
+                       description="Train only the new blocks (kpro.train_only: the rest frozen, with gradient skipping) "
+                                   "on packed sequences of a corpus. Checkpoints go to OUT/step-*; running the same "
+                                   "command again resumes; the final model is saved to OUT/final.")
+    p.add_argument("dir", help="expanded checkpoint (from `python -m kpro expand`) with its tokenizer")
+    p.add_argument("--data", action="append", required=True,
+                   help="corpus file: plain text, documents separated by blank lines, or .jsonl with a \"text\" "
+                        "field; repeat for several")
+    p.add_argument("--out", help="run directory (default ./<DIR name>-post)")
+    p.add_argument("--train-blocks", type=block_list, help="blocks to train, e.g. 4,9,14 (default: the new blocks "
+                   "recorded in DIR/kpro_expansion.json)")
+    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--seq-len", type=positive_int, help="tokens per packed row (default min(512, max positions))")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per optimizer step")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay to 10%%)")
+    p.add_argument("--warmup-steps", type=int, help="default 5%% of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--recompute-frozen", action="store_true",
+                   help="keep only each frozen block's input and recompute it in backward (less memory, slower)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights while training")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    p.add_argument("--device", help="default cuda when available, else cpu")
+    p.add_argument("--save-every", type=positive_int, help="checkpoint every that many steps (and at the end)")
+    p.add_argument("--keep-last", type=positive_int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_train_expanded)
+
+
+def cmd_expand(args) -> None:
+    from .checkpoint import expand_checkpoint
+
+    result = expand_checkpoint(args.src, args.dst, args.blocks, args.position, max_shard_size=args.max_shard_size,
+                               overwrite=args.overwrite)
+    total = result.original_blocks + len(result.new_blocks)
+    print(f"expanded {args.src}: {result.original_blocks} -> {total} blocks ({args.position}); new blocks "
+          f"{', '.join(map(str, result.new_blocks))} (o_proj and down_proj zero: same logits as the source)")
+    print(f"wrote {result.directory}/: {', '.join(result.weight_files)}, config.json, kpro_expansion.json"
+          + (f"; copied {', '.join(result.copied_files)}" if result.copied_files else "; no tokenizer found to copy"))
+    if result.skipped:
+        print(f"left behind: {', '.join(result.skipped)} (weights in other formats, subdirectories)")
+    print(f"next: python -m kpro train-expanded {result.directory} --data corpus.txt")
+
+
+def cmd_train_expanded(args) -> None:
+    from .posttrain import train_expanded
+
+    out = args.out or f"{Path(args.dir).name}-post"
+    final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps, seq_len=args.seq_len,
+                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                           weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                           recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype], device=args.device,
+                           precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
+                           seed=args.seed)
+    print(f"saved the post-trained model to {final}/ (a normal LLaMA checkpoint, with the tokenizer)")
