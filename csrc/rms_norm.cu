@@ -7,10 +7,8 @@
 namespace kpro {
 namespace {
 
-// Blocks of up to 1024 threads, so at most 64 registers a thread. ptxas -v (sm_80) reports no spills in
-// the forward; the backward, which keeps w, dW, x_hat and g per item, spills in its widest instantiations
-// (16-byte vectors: 52 B at 2 items with dW for bf16/fp16, 200 B at 4 for fp32; one-element fallback up
-// to 292 B). Not yet timed on a GPU: fewer registers per item is the first thing to try there.
+// Blocks of up to 1024 threads, so at most 64 registers a thread (benchmarks/RESULTS.md lists what ptxas
+// reports for each instantiation).
 template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ y,
                                         float* __restrict__ rstd_out, int64_t n_cols, int64_t x_stride,
@@ -45,66 +43,115 @@ __global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const T* __restr
   if (threadIdx.x == 0) rstd_out[row] = rstd;
 }
 
+// The backward keeps each row's x and dy as raw packed vectors (8 bf16 in 4 registers) rather than fp32,
+// and recomputes x_hat and g in its second pass. Where a thread holds at most one 16-byte vector of a row
+// (bf16 rows up to 8192, fp32 up to 4096), that frees the registers to load row r + 1 before row r's
+// block reduction, so the reduction's latency overlaps the next row's loads; wider rows would spill under
+// the 64-register cap of 1024-thread blocks, and load each row after the previous one's reduction. dW is
+// accumulated per block in fp32 and written once, as one row of dw_partial.
 template <typename T, int VEC, int ITEMS, bool WEIGHT_GRAD>
 __global__ void __launch_bounds__(1024) rms_norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                          const T* __restrict__ weight, const float* __restrict__ rstd,
                                          T* __restrict__ dx, float* __restrict__ dw_partial, int64_t n_rows,
                                          int64_t n_cols, int64_t rows_per_block, int64_t dy_stride,
                                          int64_t x_stride, int64_t dx_stride) {
+  using P = Pack<T, VEC>;
+  constexpr bool kPrefetch = VEC > 1 && ITEMS * VEC * sizeof(T) <= 16;
   __shared__ float scratch[33];
   const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t last = min(first + rows_per_block, n_rows);
-  float w[ITEMS][VEC], dw[ITEMS][VEC];
+  if (first >= last) return;
+  P w[ITEMS], x_now[ITEMS], dy_now[ITEMS];
+  float dw[ITEMS][VEC];
+  auto column = [&](int i) { return (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC; };
+  constexpr bool kWeightInRegisters = kPrefetch || VEC == 1;
+  auto weight_at = [&](int i) -> P {
+    return kWeightInRegisters ? w[i] : *reinterpret_cast<const P*>(weight + column(i));
+  };
+  auto load_row = [&](int64_t row, P (&xs)[ITEMS], P (&dys)[ITEMS]) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (column(i) < n_cols) {
+        xs[i] = *reinterpret_cast<const P*>(x + row * x_stride + column(i));
+        dys[i] = *reinterpret_cast<const P*>(dy + row * dy_stride + column(i));
+      }
+    }
+  };
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-    if (col < n_cols) load_floats<T, VEC>(weight + col, w[i]);
+    if (kWeightInRegisters && column(i) < n_cols) w[i] = *reinterpret_cast<const P*>(weight + column(i));
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dw[i][k] = 0.f;
   }
+  load_row(first, x_now, dy_now);
+  float r = rstd[first];
   for (int64_t row = first; row < last; ++row) {
-    const float r = rstd[row];
-    float x_hat[ITEMS][VEC], g[ITEMS][VEC];
     float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-      if (col < n_cols) {
-        float dy_v[VEC];
-        load_floats<T, VEC>(x + row * x_stride + col, x_hat[i]);
-        load_floats<T, VEC>(dy + row * dy_stride + col, dy_v);
+      if (column(i) < n_cols) {
+        const P w_i = weight_at(i);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          x_hat[i][k] *= r;
-          g[i][k] = dy_v[k] * w[i][k];
-          dot += g[i][k] * x_hat[i][k];
-          if (WEIGHT_GRAD) dw[i][k] += dy_v[k] * x_hat[i][k];
+          const float x_hat = Convert<T>::to_float(x_now[i].v[k]) * r;
+          const float dy_k = Convert<T>::to_float(dy_now[i].v[k]);
+          dot += dy_k * Convert<T>::to_float(w_i.v[k]) * x_hat;
+          if (WEIGHT_GRAD) dw[i][k] += dy_k * x_hat;
         }
       }
+    }
+    P x_next[ITEMS], dy_next[ITEMS];  // row + 1, in flight during this row's reduction where kPrefetch
+    float r_next = 0.f;
+    if (kPrefetch && row + 1 < last) {
+      load_row(row + 1, x_next, dy_next);
+      r_next = rstd[row + 1];
     }
     const float mean_gx = block_sum(dot, scratch) / static_cast<float>(n_cols);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-      if (col < n_cols) {
+      if (column(i) < n_cols) {
+        const P w_i = weight_at(i);
         float out[VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) out[k] = r * (g[i][k] - x_hat[i][k] * mean_gx);
-        store_floats<T, VEC>(dx + row * dx_stride + col, out);
+        for (int k = 0; k < VEC; ++k) {
+          const float x_hat = Convert<T>::to_float(x_now[i].v[k]) * r;
+          out[k] = r * (Convert<T>::to_float(dy_now[i].v[k]) * Convert<T>::to_float(w_i.v[k]) - x_hat * mean_gx);
+        }
+        store_floats<T, VEC>(dx + row * dx_stride + column(i), out);
+        if (kPrefetch) {
+          x_now[i] = x_next[i];
+          dy_now[i] = dy_next[i];
+        }
       }
+    }
+    if (kPrefetch) {
+      r = r_next;
+    } else if (row + 1 < last) {
+      load_row(row + 1, x_now, dy_now);
+      r = rstd[row + 1];
     }
   }
   if (WEIGHT_GRAD) {
     float* partial = dw_partial + static_cast<int64_t>(blockIdx.x) * n_cols;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = (static_cast<int64_t>(i) * blockDim.x + threadIdx.x) * VEC;
-      if (col < n_cols) {
+      if (column(i) < n_cols) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) partial[col + k] = dw[i][k];
+        for (int k = 0; k < VEC; ++k) partial[column(i) + k] = dw[i][k];
       }
     }
   }
+}
+
+// dW = the column sums of the blocks' fp32 partial rows, cast to the weight's dtype: one pass, one launch.
+template <typename T>
+__global__ void rms_norm_dw_kernel(const float* __restrict__ dw_partial, T* __restrict__ dw, int64_t parts,
+                                   int64_t n_cols) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= n_cols) return;
+  float sum = 0.f;
+  for (int64_t part = 0; part < parts; ++part) sum += dw_partial[part * n_cols + col];
+  dw[col] = Convert<T>::from_float(sum);
 }
 
 // Calls f(integral_constant<ITEMS>) with the fewest items per thread that cover n_cols with at most
@@ -150,14 +197,14 @@ extern "C" int kpro_rms_norm_forward(int dtype, const void* x, const void* weigh
   });
 }
 
-// dw_partial == nullptr means the weight is frozen: no dW work at all. Otherwise it is a
-// [ceil(n_rows / rows_per_block), n_cols] fp32 buffer that the caller sums over its first dimension.
+// dw == nullptr means the weight is frozen: no dW work at all. Otherwise dw_partial is a
+// [ceil(n_rows / rows_per_block), n_cols] fp32 scratch buffer, and dw (n_cols, x's dtype) receives its column sums.
 extern "C" int kpro_rms_norm_backward(int dtype, const void* dy, const void* x, const void* weight,
-                                      const float* rstd, void* dx, float* dw_partial, int64_t n_rows,
+                                      const float* rstd, void* dx, float* dw_partial, void* dw, int64_t n_rows,
                                       int64_t n_cols, int64_t rows_per_block, int64_t dy_stride, int64_t x_stride,
                                       int64_t dx_stride, void* stream) {
   if (n_rows == 0) return 0;
-  if (rows_per_block < 1) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows_per_block < 1 || (dw != nullptr && dw_partial == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
   const int64_t blocks = (n_rows + rows_per_block - 1) / rows_per_block;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -169,10 +216,11 @@ extern "C" int kpro_rms_norm_backward(int dtype, const void* dy, const void* x, 
         const int threads = round_up_to_warp((n_cols + VEC * ITEMS - 1) / (VEC * ITEMS));
         auto s = static_cast<cudaStream_t>(stream);
         const T *dy_t = static_cast<const T*>(dy), *x_t = static_cast<const T*>(x), *w_t = static_cast<const T*>(weight);
-        if (dw_partial != nullptr) {
+        if (dw != nullptr) {
           rms_norm_backward_kernel<T, VEC, ITEMS, true><<<blocks, threads, 0, s>>>(
               dy_t, x_t, w_t, rstd, static_cast<T*>(dx), dw_partial, n_rows, n_cols, rows_per_block, dy_stride,
               x_stride, dx_stride);
+          rms_norm_dw_kernel<T><<<(n_cols + 255) / 256, 256, 0, s>>>(dw_partial, static_cast<T*>(dw), blocks, n_cols);
         } else {
           rms_norm_backward_kernel<T, VEC, ITEMS, false><<<blocks, threads, 0, s>>>(
               dy_t, x_t, w_t, rstd, static_cast<T*>(dx), nullptr, n_rows, n_cols, rows_per_block, dy_stride,

@@ -13,7 +13,8 @@ import subprocess
 from pathlib import Path
 
 LIBRARY_NAME = "libkpro_cuda.so"
-ARCHITECTURES = ("80", "90")  # A100, H100/H200
+ARCHITECTURES = ("80", "90")  # machine code (SASS) for A100 and H100/H200
+PTX_ARCHITECTURE = "90"  # and PTX, which the driver compiles for newer GPUs (sm_100 and on) at load time
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo")
 
 
@@ -30,10 +31,17 @@ def cuda_sources(csrc: Path) -> list[Path]:
 
 def sources_digest(csrc: Path) -> str:
     """Hash of every source and header, and of the flags: a library built from other sources is stale."""
-    digest = hashlib.sha256(" ".join(NVCC_FLAGS + ARCHITECTURES).encode())
+    digest = hashlib.sha256(" ".join(NVCC_FLAGS + gencode_flags()).encode())
     for path in sorted(list(csrc.glob("*.cu")) + list(csrc.glob("*.cuh")) + list(csrc.glob("*.h"))):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def gencode_flags() -> tuple[str, ...]:
+    """SASS for each of ARCHITECTURES plus PTX for PTX_ARCHITECTURE: without PTX, the library would load on
+    no GPU newer than the newest SASS."""
+    sass = tuple(f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES)
+    return sass + (f"-gencode=arch=compute_{PTX_ARCHITECTURE},code=compute_{PTX_ARCHITECTURE}",)
 
 
 def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: bool = True) -> Path:
@@ -47,8 +55,7 @@ def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: b
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / LIBRARY_NAME
     tmp = out_dir / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES]
-    command = [nvcc, *NVCC_FLAGS, *gencode, *map(str, sources), "-o", str(tmp)]
+    command = [nvcc, *NVCC_FLAGS, *gencode_flags(), *map(str, sources), "-o", str(tmp)]
     if verbose:
         print("kpro: compiling CUDA kernels:", " ".join(command), flush=True)
     try:

@@ -176,3 +176,61 @@ def test_opcheck_registration():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         q, k, v = (t.detach().to(device).requires_grad_() for t in (q, k, v))
         torch.library.opcheck(torch.ops.kpro.attention_forward.default, (q, k, v, True, None, None, 0.25, "triton"))
+
+
+# ------------------------------------------------------------------------------ 32-bit row offsets
+
+def test_row_offsets_are_bounded_by_strides_not_element_counts():
+    """q sliced from a packed QKV tensor holds 2**30 elements a row but reaches 3x further: the kernels'
+    32-bit row offsets must be checked on Σ (size - 1) · stride (meta tensors: no memory needed)."""
+    from kpro.ops.triton_kernels._launch import ROW_OFFSET_LIMIT, largest_row_offset, within_32bit_rows
+
+    q = torch.empty(1, 2**20, 3, 8, 128, device="meta", dtype=torch.bfloat16)[:, :, 0]
+    assert q.numel() // q.shape[0] < ROW_OFFSET_LIMIT <= largest_row_offset(q)
+    (fixed,) = within_32bit_rows("attention", q)
+    assert fixed.is_contiguous() and largest_row_offset(fixed) < ROW_OFFSET_LIMIT
+    fine = torch.empty(4, 2**10, 8, 128, device="meta")
+    assert within_32bit_rows("attention", fine)[0] is fine  # nothing to do: no copy
+    huge = torch.empty(1, 2**21 + 1, 8, 128, device="meta")  # past 2**31 elements a row even contiguous
+    with pytest.raises(ops.BackendError, match="32-bit offsets"):
+        within_32bit_rows("attention", huge)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("TRITON_INTERPRET"), reason="needs the Triton interpreter")
+def test_packed_qkv_views_past_the_offset_limit_run_through_the_launcher(monkeypatch):
+    """With the limit lowered, a packed-QKV view whose strided rows pass it runs as a contiguous copy
+    (same numbers as the float64 reference, forward and backward), and rows too long even then are refused."""
+    from kpro.ops.triton_kernels import _launch, attention as triton_attention
+
+    launched_strides = []
+    kernel = triton_attention._forward_kernel
+
+    class Spy:  # records the query's time stride each launch passes, then launches
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched_strides.append(args[9])  # Q, K, V, O, LSE2, PREFIX, KEY_OK, KEY_WINDOW, sq_b, sq_t
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_attention, "_forward_kernel", Spy())
+    batch, t, heads, dim = 2, 19, 2, 32
+    qkv = torch.randn(batch, t, 3, heads, dim, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    row = t * heads * dim
+    monkeypatch.setattr(_launch, "ROW_OFFSET_LIMIT", row + 1)  # contiguous rows fit, strided ones do not
+    q, k, v = (qkv[:, :, i].clone().requires_grad_() for i in range(3))
+    views = [qkv.clone().requires_grad_()]
+    packed_q, packed_k, packed_v = (views[0][:, :, i] for i in range(3))
+    assert _launch.largest_row_offset(packed_q) >= _launch.ROW_OFFSET_LIMIT
+    with ops.backend("triton"):
+        out = ops.attention(packed_q, packed_k, packed_v, causal=True)
+        out.backward(torch.ones_like(out))
+    ref = ops.attention(*(x.double() for x in (q, k, v)), causal=True)
+    ref.backward(torch.ones_like(ref))
+    assert launched_strides == [heads * dim]  # the kernel got the contiguous copy, not stride 3·H·D
+    assert relative_error(out, ref) < 1e-5
+    grads = views[0].grad
+    for i, x in enumerate((q, k, v)):
+        assert relative_error(grads[:, :, i], x.grad) < 1e-5
+    monkeypatch.setattr(_launch, "ROW_OFFSET_LIMIT", row // 2)
+    with ops.backend("triton"), pytest.raises(ops.BackendError, match="32-bit offsets"):
+        ops.attention(packed_q, packed_k, packed_v, causal=True)

@@ -10,9 +10,10 @@ from test_ops_attention import plain_attention
 NAMES = ("o_prompt", "o_answer", "dq_p", "dk_p", "dv_p", "dq_a", "dk_a", "dv_a", "dalpha_k", "dalpha_v")
 
 
-def three_calls(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens):
+def three_calls(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, mixed=None):
     """Stream 0 causal and stream 1 bidirectional over their own valid keys; the answer over the valid
-    mixed prompt keys and causally over its own; padded query rows zeroed."""
+    mixed prompt keys (`mixed` = (K_mix, V_mix) in place of the mix, to take their gradients) and causally
+    over its own; padded query rows zeroed."""
     tp, ta = q_p.shape[2], q_a.shape[1]
     p_ok = torch.arange(tp)[None, :] < prompt_lens[:, None]
     a_ok = torch.arange(ta)[None, :] < answer_lens[:, None]
@@ -21,6 +22,8 @@ def three_calls(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, ans
     o1 = plain_attention(q_p[1], k_p[1], v_p[1], p_ok[:, None, :] & p_ok[:, :, None])
     k_mix = (1 - alpha_k) * k_p[0] + alpha_k * k_p[1]
     v_mix = (1 - alpha_v) * v_p[0] + alpha_v * v_p[1]
+    if mixed is not None:
+        k_mix, v_mix = mixed
     answer_mask = torch.cat((p_ok[:, None, :].expand(-1, ta, -1),
                              torch.ones(ta, ta, dtype=torch.bool).tril()[None] & a_ok[:, None, :]), -1) & a_ok[:, :, None]
     o_a = plain_attention(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), answer_mask)

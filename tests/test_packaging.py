@@ -1,5 +1,6 @@
 """The CUDA build path (compile-only where there is no GPU) and the command line."""
 import ctypes
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,32 @@ def test_builder_compiles_a_c_entry_point_without_torch_headers(tmp_path):
     lib = _cuda_build.build_library(tmp_path, tmp_path / "out", verbose=False)
     assert ctypes.CDLL(str(lib)).kpro_probe(41) == 42  # host code runs without a GPU
     assert (tmp_path / "out" / (lib.name + ".digest")).read_text().strip() == _cuda_build.sources_digest(tmp_path)
+
+
+def fatbin_entries(library: Path) -> set[tuple[str, int]]:
+    """(kind, sm) of every image in the CUDA fat binaries embedded in a shared library: kind "sass" (an ELF
+    cubin) or "ptx". Reads the fatbin container headers: magic 0xBA55ED50, then per image its kind
+    (2-byte: 1 PTX, 2 ELF), header and padded payload sizes, and the target sm at byte 28."""
+    data, images = library.read_bytes(), set()
+    magic = struct.pack("<I", 0xBA55ED50)
+    start = data.find(magic)
+    while start != -1:
+        _, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, start)
+        entry, end = start + header_size, start + header_size + fat_size
+        while entry < end:
+            kind, _, entry_header, padded = struct.unpack_from("<HHII", data, entry)
+            images.add(({1: "ptx", 2: "sass"}.get(kind, str(kind)), struct.unpack_from("<I", data, entry + 28)[0]))
+            entry += entry_header + padded
+        start = data.find(magic, end)
+    return images
+
+
+@pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
+def test_library_embeds_sass_for_ampere_and_hopper_and_ptx_for_newer_gpus(tmp_path):
+    """Without PTX the library would fail to load on sm_100 and newer: the driver JIT-compiles compute_90 PTX."""
+    (tmp_path / "probe.cu").write_text("__global__ void twice(float* x) { x[threadIdx.x] *= 2; }\n")
+    images = fatbin_entries(_cuda_build.build_library(tmp_path, tmp_path / "out", verbose=False))
+    assert images == {("sass", 80), ("sass", 90), ("ptx", 90)}
 
 
 @pytest.mark.skipif(nvcc is None, reason="nvcc not installed")

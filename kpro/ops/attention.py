@@ -69,7 +69,10 @@ def attention_reference(q, k, v, causal=True, prefix_lens=None, attention_mask=N
     gqa = q.shape[2] != k.shape[2]
     if prefix_lens is None and attention_mask is None and (not causal or tq == tk or tq == 1):
         # One query aligned to the end of the keys sees them all: a decoding step needs no mask.
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and tq > 1, scale=scale, enable_gqa=gqa)
+        # Under torch.compile with dynamic shapes `tq > 1` is symbolic and SDPA takes only a bool: an `if`
+        # makes the compiler guard on the length instead.
+        is_causal = True if causal and tq > 1 else False
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
     mask = visibility_mask(batch, tq, tk, causal=causal, prefix_lens=prefix_lens,
                            attention_mask=attention_mask, device=q.device)[:, None]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ... import _cuda_build
-from ..backend import BackendError
+from ..errors import BackendError
 
 PACKAGE_LIB_DIR = Path(__file__).resolve().parents[2] / "_lib"
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
@@ -24,7 +24,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "kpro_rms_norm_forward": [_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _float, _ptr],
-    "kpro_rms_norm_backward": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr],
+    "kpro_rms_norm_backward": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr],
     "kpro_swiglu_forward": [_int, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr],
     "kpro_swiglu_backward": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr],
 }

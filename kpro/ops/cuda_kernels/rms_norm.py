@@ -2,11 +2,11 @@
 import torch
 
 from .._layout import as_rows, device_guard
-from ..backend import BackendError
+from ..errors import BackendError
 from .library import call, dtype_code, stream
 
 MAX_COLS = 16384  # 1024 threads x 16 elements each (see with_items in csrc/rms_norm.cu)
-ROWS_PER_BLOCK_TARGET = 4  # blocks per SM when dW is reduced from per-block partial sums
+ROWS_PER_BLOCK_TARGET = 2  # blocks per SM with dW: as many as fit (512-thread blocks of ~60 registers: 2)
 
 
 def _check(x, weight):
@@ -33,17 +33,18 @@ def backward(dy, x, weight, rstd, weight_grad: bool):
     rows, dy_rows, w, rstd = as_rows(x), as_rows(dy), weight.contiguous(), rstd.contiguous()
     n_rows, n_cols = rows.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    if weight_grad and n_rows:
+    if weight_grad and n_rows == 0:
+        return dx.view(x.shape), torch.zeros_like(weight)
+    if weight_grad:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         rows_per_block = -(-n_rows // (sms * ROWS_PER_BLOCK_TARGET))
         partial = torch.empty((-(-n_rows // rows_per_block), n_cols), dtype=torch.float32, device=x.device)
+        dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device)  # the kernel sums partial into it
     else:
-        rows_per_block, partial = 1, None
+        rows_per_block, partial, dw = 1, None, None
     with device_guard(x):
         call("kpro_rms_norm_backward", dtype_code(x), dy_rows.data_ptr(), rows.data_ptr(), w.data_ptr(),
-             rstd.data_ptr(), dx.data_ptr(), None if partial is None else partial.data_ptr(), n_rows, n_cols,
-             rows_per_block, dy_rows.stride(0), rows.stride(0), dx.stride(0), stream(x))
-    if not weight_grad:
-        return dx.view(x.shape), None
-    dw = partial.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
-    return dx.view(x.shape), dw
+             rstd.data_ptr(), dx.data_ptr(), None if partial is None else partial.data_ptr(),
+             None if dw is None else dw.data_ptr(), n_rows, n_cols, rows_per_block, dy_rows.stride(0),
+             rows.stride(0), dx.stride(0), stream(x))
+    return dx.view(x.shape), None if dw is None else dw.view(weight.shape)

@@ -3,10 +3,12 @@ import contextlib
 
 import torch
 
-from ..backend import BackendError
+from ..errors import BackendError
 
-# Programs per SM for kernels that loop over rows (RMSNorm backward); a few per SM hide memory latency.
-PROGRAMS_PER_SM = 4
+# Programs per SM for kernels that loop over rows (RMSNorm backward with dW): as many as fit at once. The
+# compile report gives that kernel 111-122 registers at 8 warps (2 blocks an SM); capping it at 80 to fit
+# 3 spills 92-108 B, so 2 it is (python -m kpro.ops.report --only rms_norm).
+PROGRAMS_PER_SM = 2
 # Under the CPU interpreter every program runs in Python: keep the count small.
 INTERPRETER_PROGRAMS = 4
 
@@ -40,10 +42,27 @@ def launch_errors(op: str):
                            "backend, or report the shapes and device") from None
 
 
-def check_32bit_rows(op: str, *tensors: torch.Tensor) -> None:
-    """The attention kernels offset within one batch row (all its positions and heads) in 32-bit
-    arithmetic: refuse a row of 2**31 elements or more rather than read the wrong memory."""
+# The attention kernels offset within one batch row in 32-bit arithmetic (the batch offset is 64-bit).
+ROW_OFFSET_LIMIT = 2**31
+
+
+def largest_row_offset(t: torch.Tensor) -> int:
+    """The largest element offset inside one batch row, from the strides: sum of (size - 1) * stride over
+    every dimension but the first. A strided view (q sliced from a packed QKV tensor, stride_t = 3·H·D)
+    reaches further than its element count suggests."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]) if size > 0)
+
+
+def within_32bit_rows(op: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, each one whose strided rows reach past 32-bit offsets copied to a contiguous layout
+    (the same values, reachable with smaller offsets); a BackendError when even that layout cannot fit."""
+    out = []
     for t in tensors:
-        if t.shape[0] and t.numel() // t.shape[0] >= 2**31:
-            raise BackendError(f"{op}: one batch row holds {t.numel() // t.shape[0]:,} elements of {tuple(t.shape)}; "
-                               "the Triton kernels index a row with 32-bit offsets (below 2**31)")
+        if t.numel() and largest_row_offset(t) >= ROW_OFFSET_LIMIT:
+            if t.numel() // t.shape[0] > ROW_OFFSET_LIMIT:
+                raise BackendError(f"{op}: one batch row holds {t.numel() // t.shape[0]:,} elements of "
+                                   f"{tuple(t.shape)}; the Triton kernels index a row with 32-bit offsets "
+                                   f"(below 2**31): split the batch row, or run the torch backend")
+            t = t.contiguous()
+        out.append(t)
+    return tuple(out)

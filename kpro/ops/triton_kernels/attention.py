@@ -1,15 +1,18 @@
 """Flash attention in Triton: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], GQA, causal / prefix / key-padding
 masks, queries aligned to the end of the keys. Forward saves the output and the per-row lse2 only;
-backward recomputes the probabilities tile by tile (one kernel for dK/dV, one for dQ).
+backward recomputes the probabilities tile by tile (one kernel for dK/dV, transposed; one for dQ).
+Under a causal mask every kernel starts its heaviest tiles first. Tiles are read through TMA tensor
+descriptors on sm_90 where the tensors are aligned, else with pointer loads (attention_tiles.load_path).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .._layout import device_guard
-from ._launch import check_32bit_rows, launch_errors
-from .attention_tiles import (LOG2E, batch_and_heads, block_sizes, dkdv_tiles, dq_tiles, finish_rows, forward_tiles,
-                              key_window, padded_head_dim, row_end, tile_and_head, tile_plan, window_tiles)
+from ._launch import launch_errors, within_32bit_rows
+from .attention_tiles import (LOG2E, attend, attend_grad, batch_and_heads, block_sizes, dkdv_heads, finish_rows,
+                              key_tile_plan, key_window, load_head, load_path, padded_head_dim, prepare_launch,
+                              row_end, rows_view, store_head, tile_and_head)
 
 
 @triton.jit
@@ -17,52 +20,38 @@ def _forward_kernel(Q, K, V, O, LSE2, PREFIX, KEY_OK, KEY_WINDOW,
                     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sm_b,
                     Tq, Tk, H, GROUP, scale2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    m0, bh = tile_and_head(Tq, BLOCK_M)
+                    CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                    USE_TMA: tl.constexpr):
+    m0, bh = tile_and_head(Tq, BLOCK_M, CAUSAL, True)
     b, h, kv_h = batch_and_heads(bh, H, GROUP)
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    row_ok = rows < Tq
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    K += b * sk_b + kv_h * sk_h
-    V += b * sv_b + kv_h * sv_h
-    KEY_OK += b * sm_b
-    offset = Tk - Tq
+    q = load_head(Q + b * sq_b + h * sq_h, m0, sq_t, Tq, dims, dim_ok, HEAD_DIM, BLOCK_M, USE_TMA)
     prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
-    ends = row_end(rows, offset, prefix, CAUSAL)
+    ends = row_end(rows, Tk - Tq, prefix, CAUSAL)
+    if HAS_KEY_MASK:
+        key_lo, key_limit, key_dense = key_window(KEY_WINDOW, b, Tk)
+    else:
+        key_lo, key_limit, key_dense = 0, Tk, 1
+    k_rows = rows_view(K + b * sk_b + kv_h * sk_h, sk_t, key_limit, HEAD_DIM, HEAD_DIM, BLOCK_N, USE_TMA)
+    v_rows = rows_view(V + b * sv_b + kv_h * sv_h, sv_t, key_limit, HEAD_DIM, HEAD_DIM, BLOCK_N, USE_TMA)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_KEY_MASK:
-        key_lo, key_limit, key_dense = key_window(KEY_WINDOW, b, Tk)
-        full, last = tile_plan(rows, ends, key_limit, Tq, BLOCK_N)
-        start, lead, full, last = window_tiles(full, last, key_lo, key_dense, BLOCK_N)
-        acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq,
-                                      KEY_OK, key_lo, key_dense, start, lead, scale2, dims, dim_ok, BLOCK_N, True,
-                                      HAS_KEY_MASK, False)
-    else:
-        key_lo, key_limit, key_dense = 0, Tk, 1
-        full, last = tile_plan(rows, ends, key_limit, Tq, BLOCK_N)
-        lead = 0
-    acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq,
-                                  KEY_OK, key_lo, key_dense, lead, full, scale2, dims, dim_ok, BLOCK_N, False,
-                                  HAS_KEY_MASK, False)
-    acc, m_i, l_i = forward_tiles(acc, m_i, l_i, q, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq,
-                                  KEY_OK, key_lo, key_dense, full, last, scale2, dims, dim_ok, BLOCK_N, True,
-                                  HAS_KEY_MASK, False)
+    acc, m_i, l_i = attend(acc, m_i, l_i, q, k_rows, v_rows, sk_t, sv_t, rows, ends, key_limit, Tq, KEY_OK + b * sm_b,
+                           key_lo, key_dense, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, HAS_KEY_MASK, USE_TMA)
     out, lse2 = finish_rows(acc, m_i, l_i, rows, Tq)
-    tl.store(O + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(LSE2 + (b * H + h) * Tq + rows, lse2, mask=row_ok)
+    store_head(O + b * so_b + h * so_h, m0, so_t, Tq, out.to(O.dtype.element_ty), dims, dim_ok, HEAD_DIM, BLOCK_M,
+               USE_TMA)
+    tl.store(LSE2 + (b * H + h) * Tq + rows, lse2, mask=rows < Tq)
 
 
 @triton.jit
 def _delta_kernel(O, DO, DELTA, so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, T, H,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[b, h, i] = sum_d dO * O: the row term of the softmax gradient."""
-    m0, bh = tile_and_head(T, BLOCK_M)
+    m0, bh = tile_and_head(T, BLOCK_M, False, False)
     rows = m0 + tl.arange(0, BLOCK_M)
     b, h, _ = batch_and_heads(bh, H, 1)
     dims = tl.arange(0, BLOCK_D)
@@ -78,49 +67,35 @@ def _dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, PREFIX, KEY_OK, KEY_WINDOW,
                  sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h, sm_b,
                  Tq, Tk, H, HKV, GROUP, scale, scale2,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    n0, bh = tile_and_head(Tk, BLOCK_N)
+                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    n0, bh = tile_and_head(Tk, BLOCK_N, CAUSAL, False)  # causal: the first key tiles (most queries) first
     b, kv_h, _ = batch_and_heads(bh, HKV, 1)
     cols = n0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < Tk
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    mask = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * sk_b + kv_h * sk_h + cols[:, None] * sk_t + dims[None, :], mask=mask, other=0.0)
-    v = tl.load(V + b * sv_b + kv_h * sv_h + cols[:, None] * sv_t + dims[None, :], mask=mask, other=0.0)
-    offset = Tk - Tq
+    k = load_head(K + b * sk_b + kv_h * sk_h, n0, sk_t, Tk, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA)
+    v = load_head(V + b * sv_b + kv_h * sv_h, n0, sv_t, Tk, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA)
     prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
-    # Queries that can see this key tile: all of them when it starts inside the prefix or without a
-    # causal mask, else those at or after its first key; of those, the rows from m_full on see all its keys.
-    if CAUSAL:
-        m_lo = tl.where(n0 >= prefix, (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M, 0)
-        m_full = tl.where(n0 + BLOCK_N <= prefix, 0, tl.cdiv(tl.maximum(n0 + BLOCK_N - offset - 1, 0), BLOCK_M) * BLOCK_M)
-    else:
-        m_lo = 0
-        m_full = 0
     if HAS_KEY_MASK:
         key_lo, key_limit, key_dense = key_window(KEY_WINDOW, b, Tk)
         whole = (key_dense != 0) & (n0 >= key_lo) & (n0 + BLOCK_N <= key_limit)
-        outside = (n0 + BLOCK_N <= key_lo) | (n0 >= key_limit)  # padding only: no query sees these keys
-        m_lo = tl.where(outside, Tq, m_lo)
+        live = (n0 + BLOCK_N > key_lo) & (n0 < key_limit)  # else padding only: no query sees these keys
     else:
         key_lo, key_limit, key_dense = 0, Tk, 1
         whole = n0 + BLOCK_N <= Tk
-    m_full = tl.where(whole, tl.minimum(tl.maximum(m_full, m_lo), Tq), Tq)
+        live = n0 < Tk
+    m_lo, m_full = key_tile_plan(n0, Tk - Tq, prefix, live, whole, Tq, BLOCK_M, BLOCK_N, CAUSAL)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    KEY_OK += b * sm_b
-    for h in range(kv_h * GROUP, kv_h * GROUP + GROUP):
-        row_base = (b * H + h) * Tq
-        Qh, DOh = Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h
-        dk, dv = dkdv_tiles(dk, dv, k, v, Qh, DOh, LSE2 + row_base, DELTA + row_base, sq_t, sdo_t, cols, col_ok,
-                            offset, prefix, key_limit, Tq, KEY_OK, key_lo, key_dense, m_lo, m_full, scale2, dims,
-                            dim_ok, BLOCK_M, CAUSAL, HAS_KEY_MASK, True)
-        dk, dv = dkdv_tiles(dk, dv, k, v, Qh, DOh, LSE2 + row_base, DELTA + row_base, sq_t, sdo_t, cols, col_ok,
-                            offset, prefix, key_limit, Tq, KEY_OK, key_lo, key_dense, m_full, Tq, scale2, dims,
-                            dim_ok, BLOCK_M, CAUSAL, HAS_KEY_MASK, False)
-    tl.store(DK + b * sdk_b + kv_h * sdk_h + cols[:, None] * sdk_t + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + b * sdv_b + kv_h * sdv_h + cols[:, None] * sdv_t + dims[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+    dk, dv = dkdv_heads(dk, dv, k, v, Q + b * sq_b, DO + b * sdo_b, LSE2 + b * H * Tq, DELTA + b * H * Tq, sq_h, sq_t,
+                        sdo_h, sdo_t, Tq, kv_h * GROUP, GROUP, cols, Tk - Tq, prefix, key_limit, Tq,
+                        KEY_OK + b * sm_b, key_lo, key_dense, m_lo, m_full, scale2, dims, dim_ok, HEAD_DIM, BLOCK_M,
+                        CAUSAL, HAS_KEY_MASK, USE_TMA)
+    store_head(DK + b * sdk_b + kv_h * sdk_h, n0, sdk_t, Tk, (dk * scale).to(DK.dtype.element_ty), dims, dim_ok,
+               HEAD_DIM, BLOCK_N, USE_TMA)
+    store_head(DV + b * sdv_b + kv_h * sdv_h, n0, sdv_t, Tk, dv.to(DV.dtype.element_ty), dims, dim_ok, HEAD_DIM,
+               BLOCK_N, USE_TMA)
 
 
 @triton.jit
@@ -128,41 +103,33 @@ def _dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, PREFIX, KEY_OK, KEY_WINDOW,
                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, sdq_b, sdq_t, sdq_h, sm_b,
                Tq, Tk, H, GROUP, scale, scale2,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
-    m0, bh = tile_and_head(Tq, BLOCK_M)
+               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    m0, bh = tile_and_head(Tq, BLOCK_M, CAUSAL, True)  # causal: the last query tiles (most keys) first
     b, h, kv_h = batch_and_heads(bh, H, GROUP)
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < Tq
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + dims[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_t + dims[None, :], mask=mask, other=0.0)
+    q = load_head(Q + b * sq_b + h * sq_h, m0, sq_t, Tq, dims, dim_ok, HEAD_DIM, BLOCK_M, USE_TMA)
+    do = load_head(DO + b * sdo_b + h * sdo_h, m0, sdo_t, Tq, dims, dim_ok, HEAD_DIM, BLOCK_M, USE_TMA)
     row_base = (b * H + h) * Tq
-    lse2 = tl.load(LSE2 + row_base + rows, mask=row_ok, other=0.0)
+    neg_lse2 = -tl.load(LSE2 + row_base + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-    offset = Tk - Tq
     prefix = tl.load(PREFIX + b).to(tl.int32) if HAS_PREFIX else 0
-    ends = row_end(rows, offset, prefix, CAUSAL)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    K += b * sk_b + kv_h * sk_h
-    V += b * sv_b + kv_h * sv_h
-    KEY_OK += b * sm_b
+    ends = row_end(rows, Tk - Tq, prefix, CAUSAL)
     if HAS_KEY_MASK:
         key_lo, key_limit, key_dense = key_window(KEY_WINDOW, b, Tk)
-        full, last = tile_plan(rows, ends, key_limit, Tq, BLOCK_N)
-        start, lead, full, last = window_tiles(full, last, key_lo, key_dense, BLOCK_N)
-        dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq, KEY_OK,
-                      key_lo, key_dense, start, lead, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, False, True)
     else:
         key_lo, key_limit, key_dense = 0, Tk, 1
-        full, last = tile_plan(rows, ends, key_limit, Tq, BLOCK_N)
-        lead = 0
-    dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq, KEY_OK,
-                  key_lo, key_dense, lead, full, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, False, False)
-    dq = dq_tiles(dq, q, do, lse2, delta, K, V, K, V, 0.0, 0.0, sk_t, sv_t, rows, ends, key_limit, Tq, KEY_OK,
-                  key_lo, key_dense, full, last, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, False, True)
-    tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    k_rows = rows_view(K + b * sk_b + kv_h * sk_h, sk_t, key_limit, HEAD_DIM, HEAD_DIM, BLOCK_N, USE_TMA)
+    v_rows = rows_view(V + b * sv_b + kv_h * sv_h, sv_t, key_limit, HEAD_DIM, HEAD_DIM, BLOCK_N, USE_TMA)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = attend_grad(dq, q, do, neg_lse2, delta, k_rows, v_rows, sk_t, sv_t, rows, ends, key_limit, Tq,
+                     KEY_OK + b * sm_b, key_lo, key_dense, scale2, dims, dim_ok, BLOCK_N, HAS_KEY_MASK, HAS_KEY_MASK,
+                     USE_TMA)
+    store_head(DQ + b * sdq_b + h * sdq_h, m0, sdq_t, Tq, (dq * scale).to(DQ.dtype.element_ty), dims, dim_ok,
+               HEAD_DIM, BLOCK_M, USE_TMA)
 
 
 def _strides(t):
@@ -198,23 +165,26 @@ def key_windows(key_ok: torch.Tensor) -> torch.Tensor:
 
 
 def forward(q, k, v, causal, prefix_lens, attention_mask, scale):
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = within_32bit_rows("attention", _unit_last(q), _unit_last(k), _unit_last(v))
     batch, tq, heads, dim = q.shape
     tk, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake implementation says
     lse2 = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse2
-    check_32bit_rows("attention", q, k, v)
-    block_m, block_n, warps, stages = block_sizes("forward", q.device, dim, q.dtype)
+    tiles = block_sizes("forward", q.device, dim, q.dtype)
+    block_m, block_n, warps, stages = tiles
+    path = load_path(getattr(tiles, "arch", None), dim, q.dtype, (q, k, v, out))
     prefix, key_ok, sm_b, window = _mask_args(prefix_lens, attention_mask, q)
     grid = (triton.cdiv(tq, block_m) * batch * heads,)
+    prepare_launch(path, q)
     with device_guard(q), launch_errors("attention"):
         _forward_kernel[grid](q, k, v, out, lse2, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
                               *_strides(out), sm_b, tq, tk, heads, heads // kv_heads, scale * LOG2E,
                               HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n,
                               CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
-                              HAS_KEY_MASK=attention_mask is not None, num_warps=warps, num_stages=stages)
+                              HAS_KEY_MASK=attention_mask is not None, USE_TMA=path == "tma", num_warps=warps,
+                              num_stages=stages)
     return out, lse2
 
 
@@ -231,7 +201,7 @@ def row_deltas(out, dout):
 
 
 def backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scale):
-    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    q, k, v, out, dout = within_32bit_rows("attention backward", *(_unit_last(t) for t in (q, k, v, out, dout)))
     batch, tq, heads, dim = q.shape
     tk, kv_heads = k.shape[1], k.shape[2]
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -241,15 +211,19 @@ def backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scal
     prefix, key_ok, sm_b, window = _mask_args(prefix_lens, attention_mask, q)
     masks = dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
                  HAS_KEY_MASK=attention_mask is not None)
+    dkdv_tiles, dq_tiles = block_sizes("dkdv", q.device, dim, q.dtype), block_sizes("dq", q.device, dim, q.dtype)
+    path = load_path(getattr(dkdv_tiles, "arch", None), dim, q.dtype, (q, k, v, dout, dq, dk, dv))
+    prepare_launch(path, q)
     with device_guard(q), launch_errors("attention backward"):
-        block_m, block_n, warps, stages = block_sizes("dkdv", q.device, dim, q.dtype)
+        block_m, block_n, warps, stages = dkdv_tiles
         _dkdv_kernel[(triton.cdiv(tk, block_n) * batch * kv_heads,)](
             q, k, v, dout, lse2, delta, dk, dv, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
             *_strides(dout), *_strides(dk), *_strides(dv), sm_b, tq, tk, heads, kv_heads, heads // kv_heads,
-            scale, scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **masks)
-        block_m, block_n, warps, stages = block_sizes("dq", q.device, dim, q.dtype)
+            scale, scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps,
+            num_stages=stages, **masks)
+        block_m, block_n, warps, stages = dq_tiles
         _dq_kernel[(triton.cdiv(tq, block_m) * batch * heads,)](
             q, k, v, dout, lse2, delta, dq, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
             *_strides(dout), *_strides(dq), sm_b, tq, tk, heads, heads // kv_heads, scale, scale * LOG2E,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **masks)
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps, num_stages=stages, **masks)
     return dq, dk, dv

@@ -3,9 +3,9 @@
 Forward: one program per row, fp32 accumulation, output in x's dtype, rstd saved per row. Rows wider
 than MAX_BLOCK are processed in column blocks (two passes over the row).
 Backward: each program walks a contiguous range of rows, computing dX and, only when the weight needs a
-gradient, accumulating dW in fp32 for its rows; the per-program partial sums are then added up. With
-a frozen weight there is no partial buffer, no accumulation and no reduction, and every row gets its
-own program.
+gradient, accumulating dW in fp32 for its rows; a second small kernel adds up the per-program partial
+sums and casts them to the weight's dtype. With a frozen weight there is no partial buffer, no
+accumulation and no reduction, and every row gets its own program.
 """
 import torch
 import triton
@@ -15,6 +15,11 @@ from .._layout import as_rows, device_guard
 from ._launch import next_power_of_2, program_count, warps_for
 
 MAX_BLOCK = 16384  # widest row kept in registers in one block; wider rows loop over column blocks
+WEIGHT_GRAD_BLOCK = 1024  # columns per program of the dW reduction
+# The backward prefetches the next row where a thread holds few enough elements of it, in 16-byte vectors:
+# at 16384, or with rows that only scalar loads can read, the second row's registers spill (ptxas, sm_80
+# and sm_90a: python -m kpro.ops.report --only rms_norm).
+PREFETCH_MAX_BLOCK = 8192
 
 
 @triton.jit
@@ -47,8 +52,9 @@ def _forward_kernel(X, W, Y, RSTD, x_stride, y_stride, n_cols, eps,
 
 
 @triton.jit
-def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, dy_stride, x_stride, dx_stride, n_rows, n_cols,
-                     rows_per_program, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, WEIGHT_GRAD: tl.constexpr):
+def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, MEAN_GX, dy_stride, x_stride, dx_stride, n_rows, n_cols,
+                     rows_per_program, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+                     PREFETCH: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)
     first = program * rows_per_program  # int64, and so is the loop's row index
     last = tl.minimum(first + rows_per_program, n_rows)
@@ -58,9 +64,22 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, dy_stride, x_stride, dx_str
         mask = cols < n_cols
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
+        # With PREFETCH, row r + 1 is loaded (in the input dtype) before row r's reduction, so its loads are
+        # in flight while this row is reduced and written. (A row past `last` gets an empty mask: its columns
+        # are compared with 0 instead of n_cols.)
+        mask_next = cols < tl.where(first < last, n_cols, 0)
+        x_next = tl.load(X + first * x_stride + cols, mask=mask_next, other=0.0)
+        dy_next = tl.load(DY + first * dy_stride + cols, mask=mask_next, other=0.0)
         for row in range(first, last):
-            x = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            if not PREFETCH:
+                x_next = tl.load(X + row * x_stride + cols, mask=mask, other=0.0)
+                dy_next = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0)
+            x = x_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            if PREFETCH:
+                mask_next = cols < tl.where(row + 1 < last, n_cols, 0)
+                x_next = tl.load(X + (row + 1) * x_stride + cols, mask=mask_next, other=0.0)
+                dy_next = tl.load(DY + (row + 1) * dy_stride + cols, mask=mask_next, other=0.0)
             rstd = tl.load(RSTD + row)
             x_hat = x * rstd
             g = dy * w
@@ -71,6 +90,9 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, dy_stride, x_stride, dx_str
         if WEIGHT_GRAD:
             tl.store(partial + cols, dw, mask=mask)
     else:
+        # Rows wider than one block: first each row's mean of g·x_hat (kept in MEAN_GX), then the column
+        # blocks in the outer loop, so that a block's dW partial sum stays in registers over all the rows
+        # and is written once, not read and written back once per row.
         for row in range(first, last):
             rstd = tl.load(RSTD + row)
             acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -81,18 +103,41 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, dy_stride, x_stride, dx_str
                 dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                 acc += dy * w * x
-            mean_gx = tl.sum(acc, axis=0) * rstd / n_cols
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_cols
+            tl.store(MEAN_GX + row, tl.sum(acc, axis=0) * rstd / n_cols)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            dw = tl.zeros([BLOCK], dtype=tl.float32)
+            for row in range(first, last):
+                rstd = tl.load(RSTD + row)
                 x_hat = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32) * rstd
                 dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                dx = rstd * (dy * w - x_hat * mean_gx)
+                dx = rstd * (dy * w - x_hat * tl.load(MEAN_GX + row))
                 tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
                 if WEIGHT_GRAD:
-                    dw = tl.load(partial + cols, mask=mask, other=0.0)
-                    tl.store(partial + cols, dw + dy * x_hat, mask=mask)
+                    dw += dy * x_hat
+            if WEIGHT_GRAD:
+                tl.store(partial + cols, dw, mask=mask)
+
+
+@triton.jit
+def _weight_grad_kernel(DW_PARTIAL, DW, parts, n_cols, BLOCK: tl.constexpr):
+    """dW = the column sums of the programs' fp32 partial rows, cast to the weight's dtype, in one pass."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    row = DW_PARTIAL + cols
+    for _ in range(0, parts):
+        total += tl.load(row, mask=mask, other=0.0)
+        row += n_cols  # pointer arithmetic is 64-bit: no int32 product parts * n_cols
+    tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=mask)
+
+
+def _vectorisable(rows: torch.Tensor) -> bool:
+    """Rows the compiled kernel reads with 16-byte loads: Triton vectorises when the pointer is 16-byte
+    aligned and the row length and stride, as integers, are multiples of 16 (its launch specialisation)."""
+    return rows.data_ptr() % 16 == 0 and rows.shape[1] % 16 == 0 and rows.stride(0) % 16 == 0
 
 
 def _block(n_cols: int) -> tuple[int, bool]:
@@ -124,12 +169,17 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
     programs = program_count(x, n_rows) if weight_grad else n_rows
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
-    alloc = torch.zeros if not one_block else torch.empty  # looped rows accumulate into the buffer
-    partial = alloc((programs, n_cols), dtype=torch.float32, device=x.device) if weight_grad else dx
+    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if weight_grad else dx
+    mean_gx = dx if one_block else torch.empty(n_rows, dtype=torch.float32, device=x.device)  # dx: unused dummy
+    prefetch = one_block and block <= PREFETCH_MAX_BLOCK and all(_vectorisable(t) for t in (rows, dy_rows, dx))
     with device_guard(x):
-        _backward_kernel[(programs,)](dy_rows, rows, weight.contiguous(), rstd.contiguous(), dx, partial,
+        _backward_kernel[(programs,)](dy_rows, rows, weight.contiguous(), rstd.contiguous(), dx, partial, mean_gx,
                                       dy_rows.stride(0), rows.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-                                      BLOCK=block, ONE_BLOCK=one_block, WEIGHT_GRAD=weight_grad,
+                                      BLOCK=block, ONE_BLOCK=one_block, WEIGHT_GRAD=weight_grad, PREFETCH=prefetch,
                                       num_warps=warps_for(block))
-    dw = partial.sum(0).to(weight.dtype) if weight_grad else None
+        if not weight_grad:
+            return dx.view(x.shape), None
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+        _weight_grad_kernel[(triton.cdiv(n_cols, WEIGHT_GRAD_BLOCK),)](partial, dw, programs, n_cols,
+                                                                        BLOCK=WEIGHT_GRAD_BLOCK, num_warps=4)
     return dx.view(x.shape), dw
