@@ -69,7 +69,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """`model(input_ids, attention_mask=None) -> logits [B, T, vocab]`; attention_mask: 1 = real token."""
+    """`model(input_ids, attention_mask=None) -> logits [B, T, vocab]`; attention_mask: 1 = real token.
+    `model(input_ids, attention_mask, head=False)`: the normed hidden states the logits are made from."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -91,14 +92,18 @@ class Llama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
-        """Logits [B, T, vocab].
+                position_ids: torch.Tensor | None = None, cache: "KVCache | None" = None,
+                head: bool = True) -> torch.Tensor:
+        """Logits [B, T, vocab]; with `head=False`, the final norm's output [B, T, hidden] instead, which
+        `lm_head` would turn into the logits (losses take it with `lm_head.weight` to
+        `kpro.ops.linear_cross_entropy`, so that the logits never exist).
 
         attention_mask [B, past + T] marks real tokens (left padding for batches of different lengths);
         with a `cache`, it covers the cached tokens too. Positions count real tokens only, so a padded
         row gives the same logits as the same row unpadded.
         """
-        return self.lm_head(self.norm(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache)))
+        out = self.norm(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache))
+        return self.lm_head(out) if head else out
 
     def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, cache=None) -> torch.Tensor:
         """The final block's output [B, T, hidden], before the final norm."""

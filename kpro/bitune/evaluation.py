@@ -9,8 +9,9 @@ from typing import Sequence
 
 import torch
 
-from .. import lora
+from .. import lora, ops
 from ..generation import generate
+from ..train.loss import output_head_weight
 from .data import PROMPT_TEMPLATE, MultipleChoice, encode_pair
 from .streams import answer_targets, right_pad, split_streams
 from .wrapper import Bitune
@@ -30,16 +31,16 @@ def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Seq
         mask = (torch.arange(ids.shape[1], device=device) < lens[:, None]).long()
         plens = torch.tensor(prompt_lens, device=device)
         if isinstance(tuned, Bitune):
-            logits = tuned(ids, plens, mask)
+            hidden, head = tuned(ids, plens, mask, head=False), tuned.model.lm_head.weight
             targets = answer_targets(split_streams(ids, plens, mask))
         else:  # causal: position t predicts token t + 1; score the answer tokens
-            logits = tuned(ids, mask)[:, :-1]
+            hidden, head = tuned(ids, mask, head=False)[:, :-1], output_head_weight(tuned)
             positions = torch.arange(ids.shape[1] - 1, device=device)
             scored = (positions >= plens[:, None] - 1) & (positions < lens[:, None] - 1)
             targets = ids[:, 1:].masked_fill(~scored, -100)
-        logp = torch.log_softmax(logits.double(), -1)
-        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        scores.append(picked.masked_fill(targets == -100, 0).sum(-1))
+        # -log P(token) of every answer token from the hidden states and the head: no logits in memory
+        nll = ops.linear_cross_entropy(hidden, head, targets, ignore_index=-100, reduction="none")
+        scores.append(-nll.double().sum(-1))
     return torch.cat(scores)
 
 

@@ -8,10 +8,10 @@ import os
 from functools import partial
 from pathlib import Path
 
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .. import adapters, lora
+from .. import adapters, lora, ops
 from ..errors import CheckpointError
 from ..model import Llama
 from ..train import Batches, LossSum, Schedule, adamw, collate_prompt_answer, fit
@@ -23,10 +23,13 @@ METHODS = ("bitune", "lora")
 
 def bitune_loss(module, batch: dict) -> LossSum:
     """fit's loss for a Bitune module: cross-entropy over the answer tokens, through the module's forward
-    (so DDP/FSDP wrappers see the call)."""
-    logits = module(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"])
+    (so DDP/FSDP wrappers see the call), from the answer stream's hidden states and the head's weight
+    (`kpro.ops.linear_cross_entropy`): no logits in memory, and no gradient for the frozen head."""
+    hidden = module(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"], head=False)
     targets = answer_targets(split_streams(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"]))
-    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    bitune = module.module if isinstance(module, DistributedDataParallel) else module
+    # The weight is read after the forward: an FSDP model holds it unsharded only from its forward on.
+    total = ops.linear_cross_entropy(hidden, bitune.model.lm_head.weight, targets, ignore_index=-100, reduction="sum")
     return LossSum(total, (targets != -100).sum())
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import adapters, lora
+from .. import adapters, lora, ops
 from ..errors import CheckpointError
 from ..generation import decode
 from ..model import KVCache, Llama
@@ -64,24 +63,26 @@ class Bitune(nn.Module):
         return (self.w_k.abs() / (self.w_k.abs() + self.mix_eps), self.w_v.abs() / (self.w_v.abs() + self.mix_eps))
 
     def forward(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *, fused: bool | None = None) -> torch.Tensor:
+                *, fused: bool | None = None, head: bool = True) -> torch.Tensor:
         """Logits of the answer stream [B, Ta, vocab]: position t predicts answer stream token t + 1.
+        With `head=False`, the answer stream's final-norm hidden states [B, Ta, hidden] instead (the loss
+        takes them with `model.lm_head.weight`, so the logits never exist).
 
         input_ids [B, T] are `prompt + answer`, right-padded (`attention_mask` 1 = real token); prompt_lens
         [B] is each row's P. `fused=None` takes the fused path wherever the mode has one (`bitune`,
         `shared_weights`), else the separate passes; `fused=False` forces the reference path (the same
         numbers; on the CPU the two measured level)."""
         streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
-        return self._answer_logits(streams, fused)
+        hidden = self._answer_hidden(streams, fused)
+        return self.model.lm_head(hidden) if head else hidden
 
     def loss(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, attention_mask: torch.Tensor | None = None,
              *, fused: bool | None = None) -> torch.Tensor:
-        """Mean cross-entropy (fp32) over the answer tokens of the batch."""
+        """Mean cross-entropy (fp32) over the answer tokens of the batch, fused with the output head
+        (`kpro.ops.linear_cross_entropy`: no logits in memory, no gradient for the frozen head)."""
         streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
-        logits = self._answer_logits(streams, fused)
-        targets = answer_targets(streams)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        hidden = self._answer_hidden(streams, fused)
+        return ops.linear_cross_entropy(hidden, self.model.lm_head.weight, answer_targets(streams), ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *, fused: bool | None = None,
@@ -99,7 +100,7 @@ class Bitune(nn.Module):
                                need_answer=False)
         tp = streams.prompt_ids.shape[1]
         cache = KVCache(self.model.config, ids.shape[0], tp + 1 + max_new_tokens, self.model.embed_tokens.weight.dtype, device)
-        logits = self._answer_logits(streams, fused, cache=cache)[:, -1]
+        logits = self.model.lm_head(self._answer_hidden(streams, fused, cache=cache)[:, -1])  # one position
         mask = torch.cat((streams.prompt_valid.long(), torch.ones_like(lens)[:, None]), dim=1)
         with lora.active(self.model, "causal"):
             new = decode(self.model, cache, logits, mask, max_new_tokens, **sampling)
@@ -111,9 +112,10 @@ class Bitune(nn.Module):
         the same function. Serve the adapters with `generate` instead."""
         raise NotImplementedError(self.merged.__doc__.strip())
 
-    # -------------------------------------------------------------------------------- answer logits
+    # ------------------------------------------------------------------------------- answer stream
 
-    def _answer_logits(self, streams: Streams, fused: bool | None, cache: KVCache | None = None) -> torch.Tensor:
+    def _answer_hidden(self, streams: Streams, fused: bool | None, cache: KVCache | None = None) -> torch.Tensor:
+        """The answer stream's hidden states after the final norm, [B, Ta, hidden]."""
         mode = MODES[self.mode]
         if fused is None:
             fused = mode.fused
@@ -121,8 +123,7 @@ class Bitune(nn.Module):
             raise ValueError(f"mode {self.mode!r} has no fused path (its prompt passes are not one causal and one "
                              "bidirectional); use fused=False")
         run = fused_passes if fused else separate_passes
-        hidden = run(self.model, mode, streams, *self.mix_weights(), cache)
-        return self.model.lm_head(self.model.norm(hidden))
+        return self.model.norm(run(self.model, mode, streams, *self.mix_weights(), cache))
 
     # ------------------------------------------------------------------------------- saving, loading
 

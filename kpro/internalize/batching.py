@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..train.loss import causal_lm_loss_from_hidden, output_head_weight
 from .schedule import RemovalSchedule
 from .tokenization import IGNORE_INDEX, TokenizedExample
 
@@ -51,6 +52,12 @@ class TrainingBatch:
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled positions; logits [B, T, vocab]."""
         return next_token_loss(logits, self.labels)
+
+    def model_loss(self, model) -> torch.Tensor:
+        """The same mean loss straight from a kpro.Llama (or a model wrapping one, as `kpro.train.lm_loss`
+        takes it), from its final hidden states and head weight: no logits in memory, as in training."""
+        return causal_lm_loss_from_hidden(model(self.input_ids, self.attention_mask, head=False),
+                                          output_head_weight(model), self.labels)
 
 
 def collate(examples, pad_id: int, device=None) -> CoTBatch:

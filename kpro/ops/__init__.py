@@ -4,7 +4,9 @@
 from .attention import attention
 from .bitune_attention import bitune_attention
 from .backend import BackendError, backend, requested_backend
+from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
 from .swiglu import swiglu, swiglu_packed
 
-__all__ = ["BackendError", "attention", "bitune_attention", "backend", "requested_backend", "rms_norm", "swiglu", "swiglu_packed"]
+__all__ = ["BackendError", "attention", "bitune_attention", "backend", "linear_cross_entropy",
+           "requested_backend", "rms_norm", "swiglu", "swiglu_packed"]

@@ -23,6 +23,7 @@ IMPLEMENTED = {
     "swiglu": ("torch", "triton", "cuda"),
     "attention": ("torch", "triton"),
     "bitune_attention": ("torch", "triton"),
+    "linear_cross_entropy": ("torch", "triton"),
 }
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)

@@ -1,7 +1,8 @@
 """kpro.train: small pieces for training loops, and `fit`, the ready loop made of them.
 
     data.py           pack_documents, collate_packed, collate_prompt_answer, Batches (resumable sampler), read_jsonl
-    loss.py           causal_lm_loss (fp32, -100 ignored), lm_loss (fit's default), LossSum
+    loss.py           causal_lm_loss (fp32, -100 ignored), causal_lm_loss_from_hidden (no logits), lm_loss
+                      (fit's default: no logits on a kpro.Llama), LossSum
     optim.py          adamw (no decay on norms/biases, trainable parameters only), Schedule, set_lr
     checkpointing.py  save_checkpoint / load_checkpoint / latest_checkpoint: atomic, resumable, keep last k
     progress.py       ProgressLine (terminal), MetricsLog (JSONL), read_metrics
@@ -15,13 +16,14 @@ from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint,
 from .data import Batches, collate_packed, collate_prompt_answer, pack_documents, read_jsonl
 from .distributed import DistEnv, init_distributed, shard_blocks
 from .loop import Run, fit
-from .loss import IGNORE_INDEX, LossSum, causal_lm_loss, count_loss_tokens, lm_loss
+from .loss import IGNORE_INDEX, LossSum, causal_lm_loss, causal_lm_loss_from_hidden, count_loss_tokens, lm_loss
 from .optim import Schedule, adamw, param_groups, set_lr
 from .progress import MetricsLog, ProgressLine, read_metrics
 
 __all__ = [
     "Batches", "Callback", "DistEnv", "IGNORE_INDEX", "LossSum", "MetricsLog", "ProgressLine", "Run", "Schedule",
-    "adamw", "causal_lm_loss", "collate_packed", "collate_prompt_answer", "count_loss_tokens", "fit",
-    "init_distributed", "latest_checkpoint", "list_checkpoints", "lm_loss", "load_checkpoint", "pack_documents",
-    "param_groups", "read_jsonl", "read_metrics", "save_checkpoint", "set_lr", "shard_blocks",
+    "adamw", "causal_lm_loss", "causal_lm_loss_from_hidden", "collate_packed", "collate_prompt_answer",
+    "count_loss_tokens", "fit", "init_distributed", "latest_checkpoint", "list_checkpoints", "lm_loss",
+    "load_checkpoint", "pack_documents", "param_groups", "read_jsonl", "read_metrics", "save_checkpoint", "set_lr",
+    "shard_blocks",
 ]

@@ -2,6 +2,10 @@
 
 Labels are aligned with `input_ids` (the Hugging Face convention): the logits at position t predict
 `labels[:, t + 1]`, so `labels = input_ids` trains on every token and -100 masks a prompt or padding.
+
+`causal_lm_loss` takes logits; `causal_lm_loss_from_hidden` takes the final hidden states and the head's
+weight and never makes the logits (`kpro.ops.linear_cross_entropy`). `lm_loss`, fit's default, takes the
+second way on a kpro.Llama.
 """
 from __future__ import annotations
 
@@ -9,6 +13,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import lora, ops
+from ..model import Llama
 
 IGNORE_INDEX = -100
 
@@ -56,11 +64,61 @@ def no_loss_tokens_message(what: str) -> str:
             "(prompts too long for the sequence length?)")
 
 
+def causal_lm_loss_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, *,
+                               reduction: str = "mean") -> torch.Tensor:
+    """`causal_lm_loss` of the logits `hidden @ head_weight.T`, computed without them.
+
+    hidden [B, T, d] is what the head reads (a kpro.Llama's `model(ids, mask, head=False)`), head_weight
+    [V, d] the head's weight (`lm_head.weight`), labels [B, T] as for `causal_lm_loss`; same reductions,
+    same fp32 result up to rounding, and no [B, T, V] tensor: `kpro.ops.linear_cross_entropy` goes through
+    the vocabulary in chunks (torch) or tiles (Triton), and computes no weight gradient for a frozen head.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be [B, T, d] and labels [B, T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    # Position t predicts labels[t + 1], the last position nothing: shift the labels, not the hidden
+    # states (a slice of them would be copied to make rows).
+    targets = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1)
+    total = ops.linear_cross_entropy(hidden, head_weight, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
+    count = count_loss_tokens(labels)
+    if int(count) == 0:
+        raise ValueError(no_loss_tokens_message(f"the batch of {labels.shape[0]} row(s)"))
+    return total / count
+
+
+def output_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The head weight of the kpro.Llama that `model` is, or wraps transparently (DDP, torch.compile, a
+    `lora.AdaptedModel`), so its forward takes `head=False`; None for any other model."""
+    while not isinstance(model, Llama):
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, lora.AdaptedModel):
+            model = model.model
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
+            model = model._orig_mod
+        else:
+            return None
+    return model.lm_head.weight
+
+
 def lm_loss(model: torch.nn.Module, batch: dict) -> LossSum:
-    """fit's default loss: the model's next-token loss over a batch {input_ids, labels, attention_mask?}."""
+    """fit's default loss: the model's next-token loss over a batch {input_ids, labels, attention_mask?}.
+
+    On a kpro.Llama (alone, under DDP or FSDP, or adapted with LoRA) the loss comes from the final hidden
+    states and the head's weight (`causal_lm_loss_from_hidden`): the logits are never made. Any other
+    model is called for its logits (`causal_lm_loss`).
+    """
     for key in ("input_ids", "labels"):
         if key not in batch:
             raise KeyError(f"lm_loss needs batch[{key!r}]; the batch has {sorted(batch)}")
     labels = batch["labels"]
-    logits = model(batch["input_ids"], batch.get("attention_mask"))
-    return LossSum(causal_lm_loss(logits, labels, reduction="sum"), count_loss_tokens(labels))
+    if output_head_weight(model) is None:
+        logits = model(batch["input_ids"], batch.get("attention_mask"))
+        return LossSum(causal_lm_loss(logits, labels, reduction="sum"), count_loss_tokens(labels))
+    hidden = model(batch["input_ids"], batch.get("attention_mask"), head=False)
+    # The weight is read after the forward: an FSDP model holds it unsharded only from its forward on.
+    total = causal_lm_loss_from_hidden(hidden, output_head_weight(model), labels, reduction="sum")
+    return LossSum(total, count_loss_tokens(labels))

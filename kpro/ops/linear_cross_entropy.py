@@ -1,0 +1,222 @@
+"""Cross-entropy fused with the output projection: the loss of `hidden @ weight.T` against `labels`, with
+the logits [N, V] never in memory.
+
+`linear_cross_entropy(hidden, weight, labels)` equals `F.cross_entropy((hidden @ weight.T).float(), labels)`
+with the log-sum-exp and everything after the matmul in fp32 (float64 for float64 inputs). It is registered
+as torch.library custom ops (forward and backward): the forward returns each row's loss and log-sum-exp
+(fp32 [N] each), the reduction is ordinary autograd on that vector, and the backward gets each row's
+gradient dloss [N], so "none", "sum" and "mean" share one backward.
+
+What each backend keeps in memory:
+- torch (the reference and the CPU default): the scored rows in chunks of CHUNK_BYTES of logits, [chunk, V]
+  at a time; the backward recomputes each chunk's logits, turns them into dlogits in place, and multiplies
+  (dH = dlogits @ W, dW += dlogitsᵀ @ H). Half-precision inputs are computed from an fp32 copy of the weight.
+- triton: the forward computes logits tile by tile on chip with an online log-sum-exp; nothing of [N, V]
+  is written. The backward recomputes the tiles and writes dlogits of one slice of the vocabulary at a time
+  (at most SLICE_BYTES) for two matmuls (triton_kernels/linear_cross_entropy.py).
+
+Only rows whose label is not `ignore_index` are computed, forward and backward: an ignored row costs
+nothing. dW is computed only when the weight requires grad: a frozen head (LLaMA Pro blocks, LoRA, Bitune)
+gets no dW buffer and no dW matmul.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .backend import kernels, select
+from .rms_norm import accumulation_dtype
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
+CHUNK_BYTES = 32 * 2**20  # torch backend: logits of one chunk of rows, [chunk, V] in the accumulation dtype
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits `hidden @ weight.T` against `labels`, without the logits in memory.
+
+    hidden  [N, d] or [B, T, d] (any leading shape), already aligned with `labels` (shift them first for a
+            next-token loss)
+    weight  [V, d], the output head (`lm_head.weight`, or the tied embedding)
+    labels  integer [N] or [B, T] (hidden's leading shape), in [0, V) or `ignore_index` (no loss)
+    reduction  "mean" over the scored rows (none is an error: a mean over nothing), "sum" (0 for none),
+            or "none" (a loss per row, labels' shape, 0 where ignored)
+
+    The result is fp32 (float64 for float64 inputs) whatever the input dtype. Under autocast, hidden and
+    weight are cast to the autocast dtype first, as `F.linear` would be. A label outside [0, V) is an
+    error on CPU tensors and gives a NaN loss elsewhere.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    hidden, weight = _autocast(hidden, weight)
+    _check_args(hidden, weight, labels, ignore_index)
+    rows, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
+    losses = torch.ops.kpro.linear_cross_entropy_forward(rows, weight, targets, int(ignore_index),
+                                                         select("linear_cross_entropy", hidden))[0]
+    if reduction == "none":
+        return losses.view(labels.shape)
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    count = (targets != ignore_index).sum()
+    if not torch.compiler.is_compiling() and int(count) == 0:
+        raise ValueError(f"linear_cross_entropy: a mean over no tokens: every one of the {targets.numel()} labels "
+                         f"is ignore_index={ignore_index} (use reduction='sum' where a batch may have none)")
+    return total / count
+
+
+def _autocast(hidden, weight):
+    device = hidden.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight
+
+
+def _check_args(hidden, weight, labels, ignore_index):
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"linear_cross_entropy: weight must be [V >= 1, d] with d = hidden's last dimension; "
+                         f"got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must have hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"linear_cross_entropy: labels must be integers, got {labels.dtype}")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden and weight must share one floating-point dtype, got "
+                         f"{hidden.dtype} and {weight.dtype}")
+    if not (hidden.device == weight.device == labels.device):
+        raise ValueError(f"linear_cross_entropy: hidden, weight and labels are on {hidden.device}, {weight.device} "
+                         f"and {labels.device}")
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"linear_cross_entropy: label {int(labels[bad][0])} is outside [0, V={weight.shape[0]}) "
+                             f"and is not ignore_index={ignore_index}")
+
+
+# ------------------------------------------------------------------------------------ torch backend
+
+def scored_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows that take a loss, or None when every row does (no gather needed). One device
+    sync (nonzero), the op's only one outside a mean's count."""
+    index = (labels != ignore_index).nonzero().squeeze(1)
+    return None if index.numel() == labels.numel() else index
+
+
+def chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    return max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
+
+
+def _chunks(n_rows: int, index: torch.Tensor | None, size: int):
+    """(index of the chunk's rows, or a slice when every row is scored) for each chunk of scored rows."""
+    count = n_rows if index is None else index.numel()
+    for start in range(0, count, size):
+        stop = min(start + size, count)
+        yield slice(start, stop) if index is None else index[start:stop]
+
+
+def torch_forward(hidden, weight, labels, ignore_index):
+    acc = accumulation_dtype(hidden.dtype)
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(acc)  # no copy for fp32 / float64 weights
+    loss = torch.zeros(n_rows, dtype=acc, device=hidden.device)
+    lse = torch.zeros(n_rows, dtype=acc, device=hidden.device)
+    index = scored_rows(labels, ignore_index)
+    for rows in _chunks(n_rows, index, chunk_rows(vocab, acc)):
+        logits = hidden[rows].to(acc) @ w.T  # [chunk, V], the only large buffer
+        target = labels[rows]
+        valid = (target >= 0) & (target < vocab)
+        picked = logits.gather(1, target.clamp(0, vocab - 1)[:, None]).squeeze(1)
+        top = logits.amax(1)
+        row_lse = logits.sub_(top[:, None]).exp_().sum(1).log_().add_(top)
+        lse[rows] = row_lse
+        loss[rows] = torch.where(valid, row_lse - picked, torch.nan)
+        del logits  # before the next chunk's: one [chunk, V] buffer at a time
+    return loss, lse
+
+
+def torch_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool, weight_grad: bool):
+    acc = accumulation_dtype(hidden.dtype)
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(acc)
+    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if hidden_grad else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight_grad else None
+    index = scored_rows(labels, ignore_index)
+    for rows in _chunks(n_rows, index, chunk_rows(vocab, acc)):
+        h = hidden[rows].to(acc)
+        target = labels[rows].clamp(0, vocab - 1)
+        grad = torch.mm(h, w.T).sub_(lse[rows, None]).exp_()  # softmax, recomputed in place
+        grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1  # dlogits / dloss
+        scale = dloss[rows, None].to(acc)  # applied to [chunk, d] operands, not to the [chunk, V] one
+        if hidden_grad:
+            dh[rows] = (grad @ w).mul_(scale).to(hidden.dtype)
+        if weight_grad:
+            dw.addmm_(grad.T, h * scale)
+        del grad
+    return dh, None if dw is None else dw.to(weight.dtype)
+
+
+TORCH_KERNELS = SimpleNamespace(forward=torch_forward, backward=torch_backward)
+
+
+def _kernels(backend: str):
+    """The backend's functions: forward(hidden, weight, labels, ignore_index) -> (loss, lse) and
+    backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad) -> (dh, dw)."""
+    return kernels("linear_cross_entropy", backend, TORCH_KERNELS)
+
+
+# ------------------------------------------------------------------------------ custom op registration
+
+@torch.library.custom_op("kpro::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse), [N] each in the accumulation dtype; both 0 on ignored rows. hidden [N, d], labels [N]."""
+    with _no_autocast(hidden):
+        return _kernels(backend).forward(hidden, weight, labels, ignore_index)
+
+
+@linear_cross_entropy_forward.register_fake
+def _(hidden, weight, labels, ignore_index, backend):
+    acc = accumulation_dtype(hidden.dtype)
+    return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("kpro::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                  lse: torch.Tensor, ignore_index: int, hidden_grad: bool, weight_grad: bool,
+                                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight); each an empty tensor when not asked for."""
+    with _no_autocast(hidden):
+        dh, dw = _kernels(backend).backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad)
+    return (dh if dh is not None else hidden.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
+
+
+@linear_cross_entropy_backward.register_fake
+def _(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad, backend):
+    return (hidden.new_empty(hidden.shape) if hidden_grad else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if weight_grad else weight.new_empty(0))
+
+
+def _no_autocast(t: torch.Tensor):
+    """The matmuls inside run in the dtypes they are given (the entry point already applied autocast)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, ignore_index, backend = inputs
+    ctx.save_for_backward(hidden, weight, labels, output[1])
+    ctx.ignore_index, ctx.backend = ignore_index, backend
+
+
+def _backward(ctx, dloss, _dlse):
+    hidden, weight, labels, lse = ctx.saved_tensors
+    hidden_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dh, dw = torch.ops.kpro.linear_cross_entropy_backward(dloss.contiguous(), hidden, weight, labels, lse, ctx.ignore_index,
+                                                          hidden_grad, weight_grad, ctx.backend)
+    return (dh if hidden_grad else None), (dw if weight_grad else None), None, None, None
+
+
+linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,354 @@
+"""Cross-entropy fused with the output projection, on every backend, against F.cross_entropy of float64
+logits: loss and both gradients, every reduction, ignored rows, tails, half precision, V = 256k with
+logits of ±1e3; the frozen head (no dW, no [V, d] buffer); torch.compile; and every kpro loss that uses
+it, down to `fit` step for step against materialised logits."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import kpro
+from kpro import ops
+from kpro import train as kt
+from conftest import CUDA, TOLERANCE, backend_devices, relative_error, tiny_config
+
+lce = importlib.import_module("kpro.ops.linear_cross_entropy")  # the module (kpro.ops.linear_cross_entropy is the op)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def inputs(n, d, vocab, dtype, device, seed, *, scale=1.0, ignored=()):
+    """hidden [n, d], weight [V, d] with logits of about `scale` in size, labels [n] with rows `ignored` -100."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, d, generator=gen, dtype=torch.float64) * (scale / d ** 0.5)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[list(ignored)] = -100
+    return hidden.to(dtype).to(device), weight.to(dtype).to(device), labels.to(device)
+
+
+def reference(hidden, weight, labels, reduction, dloss=None):
+    """F.cross_entropy of the float64 logits of the same (already rounded) inputs: loss, dhidden, dweight."""
+    h = hidden.detach().cpu().double().requires_grad_()
+    w = weight.detach().cpu().double().requires_grad_()
+    loss = F.cross_entropy((h @ w.T).flatten(0, -2), labels.cpu().flatten(), reduction=reduction)
+    loss = loss.view(labels.shape) if reduction == "none" else loss
+    loss.backward(None if dloss is None else dloss.cpu().double())
+    return loss.detach(), h.grad, w.grad
+
+
+def run(backend, hidden, weight, labels, reduction, dloss=None, weight_grad=True):
+    """The op on `backend`: (loss, dhidden, dweight) for fresh leaves of the given values."""
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(weight_grad)
+    with ops.backend(backend):
+        loss = ops.linear_cross_entropy(h, w, labels, reduction=reduction)
+        loss.backward(dloss)
+    return loss.detach(), h.grad, w.grad
+
+
+def upstream(labels, reduction, device, seed=7):
+    """The gradient flowing into the loss: random per row for "none", None (1) for a scalar."""
+    if reduction != "none":
+        return None
+    return torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def check_against_float64(backend, hidden, weight, labels, reduction, tol=None):
+    dloss = upstream(labels, reduction, hidden.device)
+    loss, dh, dw = run(backend, hidden, weight, labels, reduction, dloss)
+    loss_ref, dh_ref, dw_ref = reference(hidden, weight, labels, reduction, dloss)
+    tol = TOLERANCE[hidden.dtype] if tol is None else tol
+    assert loss.dtype == torch.float32 and dh.dtype == hidden.dtype and dw.dtype == weight.dtype
+    assert loss.shape == loss_ref.shape and dh.shape == hidden.shape and dw.shape == weight.shape
+    errors = relative_error(loss, loss_ref), relative_error(dh, dh_ref), relative_error(dw, dw_ref)
+    assert all(e <= tol for e in errors), errors  # NaN fails
+    return errors
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64(backend, device, dtype, reduction):
+    """Odd N, d and V (301: no multiple of any tile), a third of the rows ignored, some in one block."""
+    ignored = [0, 5, 6, 7, 30] + list(range(12, 26))
+    check_against_float64(backend, *inputs(37, 40, 301, dtype, device, seed=1, scale=8.0, ignored=ignored), reduction)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("shape", [(1, 1, 5, 3), (2, 9, 24, 97), (1, 64, 16, 33)], ids=str)
+def test_shapes_batch_one_and_leading_dimensions(backend, device, shape):
+    """A single row and vocabulary of 3; [B, T, d] inputs with [B, T] labels; d = one tile."""
+    b, t, d, vocab = shape
+    hidden, weight, labels = inputs(b * t, d, vocab, torch.float32, device, seed=sum(shape), scale=4.0)
+    hidden, labels = hidden.view(b, t, d), labels.view(b, t)
+    for reduction in ("none", "mean"):
+        check_against_float64(backend, hidden, weight, labels, reduction)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_many_chunks_and_slices_with_a_chunk_of_ignored_rows(backend, device, monkeypatch):
+    """Chunks of 8 rows (torch) and vocabulary slices of 64 columns (Triton backward), where rows 16-39
+    (three chunks, more than a tile of rows) are all ignored."""
+    from kpro.ops.triton_kernels import linear_cross_entropy as triton_lce
+    hidden, weight, labels = inputs(50, 24, 300, torch.float32, device, seed=3, scale=6.0, ignored=range(16, 40))
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 8 * 300 * 4)
+    monkeypatch.setattr(triton_lce, "SLICE_BYTES", 26 * 64 * 4)  # 26 scored rows
+    assert lce.chunk_rows(300, torch.float32) == 8 and triton_lce.slice_columns(26, 300, torch.float32, 32) == 64
+    for reduction in ("sum", "none"):
+        check_against_float64(backend, hidden, weight, labels, reduction)
+    for dtype in (torch.bfloat16, torch.float16):  # dH summed over the slices in fp32
+        check_against_float64(backend, hidden.to(dtype), weight.to(dtype), labels, "sum")
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_a_batch_with_every_row_ignored(backend, device):
+    hidden, weight, labels = inputs(6, 16, 40, torch.float32, device, seed=4, ignored=range(6))
+    loss, dh, dw = run(backend, hidden, weight, labels, "sum")
+    assert loss.item() == 0.0 and torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
+    losses, _, _ = run(backend, hidden, weight, labels, "none", dloss=torch.ones(6, device=device))
+    assert torch.equal(losses, torch.zeros(6, device=device))
+    with pytest.raises(ValueError, match="mean over no tokens"):
+        run(backend, hidden, weight, labels, "mean")
+
+
+def test_large_vocabulary_and_large_logits_torch():
+    """V = 256k with logits of magnitude ~1e3 (max over the vocabulary ~4e3): within twice the error of
+    plain fp32 PyTorch (F.cross_entropy on fp32 logits), which already loses ~1e-4 to fp32 rounding of
+    logits that large; bf16 inputs within the bf16 tolerance."""
+    vocab = 256 * 1024
+    hidden, weight, labels = inputs(6, 8, vocab, torch.float32, "cpu", seed=5, scale=1000.0, ignored=[2])
+    logits = hidden @ weight.T
+    assert 500 < logits.abs().mean() < 2000 and logits.abs().max() > 3000
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain_loss = F.cross_entropy(h @ w.T, labels, reduction="sum")
+    plain_loss.backward()
+    ref = reference(hidden, weight, labels, "sum")
+    plain = [relative_error(a, b) for a, b in zip((plain_loss, h.grad, w.grad), ref)]
+    errors = check_against_float64("torch", hidden, weight, labels, "sum", tol=1e-3)
+    assert all(e <= max(2 * p, 1e-6) for e, p in zip(errors, plain)), (errors, plain)
+    check_against_float64("torch", hidden.bfloat16(), weight.bfloat16(), labels, "mean")
+
+
+def test_large_logits_triton_over_many_tiles():
+    """The Triton kernels (interpreter on the CPU) over 63 vocabulary tiles and 2 splits with logits of ±1e3,
+    fp32 and bf16 (whose logits stay fp32 on chip)."""
+    device = "cuda" if CUDA else "cpu"
+    hidden, weight, labels = inputs(20, 16, 2011, torch.float32, device, seed=6, scale=1000.0, ignored=[3])
+    assert (hidden @ weight.T).abs().mean() > 500
+    check_against_float64("triton", hidden, weight, labels, "sum", tol=1e-4)
+    check_against_float64("triton", hidden.bfloat16(), weight.bfloat16(), labels, "none")
+
+
+def allocations(fn) -> list[int]:
+    """The size in bytes of every CPU allocation torch makes while `fn` runs (the profiler's memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_frozen_head_computes_no_weight_gradient(backend, device, monkeypatch):
+    """A frozen weight gets no gradient, the kernels are told not to compute one, and the backward allocates
+    nothing of the weight's size (each chunk of logits, [rows < d, V], is smaller); with a trainable weight
+    the same measurement sees the [V, d] gradient, so it would see a dW computed for a frozen one."""
+    n, d, vocab = 40, 96, 700
+    hidden, weight, labels = inputs(n, d, vocab, torch.float32, device, seed=8, ignored=[1, 2])
+    weight_bytes = vocab * d * 4
+    flags = []
+    kernels = lce._kernels(backend)
+    real = kernels.backward
+    monkeypatch.setattr(kernels, "backward", lambda *a: flags.append(a[-1]) or real(*a))
+    largest, grads = {}, {}
+    for trainable in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(trainable)
+        with ops.backend(backend):
+            loss = ops.linear_cross_entropy(h, w, labels)
+            largest[trainable] = max(allocations(loss.backward))
+        grads[trainable] = h.grad, w.grad
+    assert flags == [True, False]
+    assert grads[False][1] is None and torch.equal(grads[False][0], grads[True][0])
+    assert largest[True] >= weight_bytes > 2 * largest[False]
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_gradient_for_the_weight_only(backend, device):
+    hidden, weight, labels = inputs(9, 20, 50, torch.float32, device, seed=9, ignored=[4])
+    _, _, dw_ref = reference(hidden, weight, labels, "mean")
+    w = weight.clone().requires_grad_()
+    with ops.backend(backend):
+        ops.linear_cross_entropy(hidden, w, labels).backward()
+    assert relative_error(w.grad, dw_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nan_and_inf_never_pass(backend, device):
+    hidden, weight, labels = inputs(5, 16, 30, torch.float32, device, seed=10)
+    hidden[1, 3] = float("nan")
+    hidden[3, 0] = float("inf")
+    losses, dh, _ = run(backend, hidden, weight, labels, "none", dloss=torch.ones(5, device=device))
+    assert losses[1].isnan() and not losses[3].isfinite() and losses[[0, 2, 4]].isfinite().all()
+    assert dh[1].isnan().all() and dh[[0, 2, 4]].isfinite().all()
+
+
+def test_bad_arguments_are_refused():
+    h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 3])
+    for args, message in [((h, torch.randn(10, 7), y), "weight must be"), ((h, w, y[:3]), "leading shape"),
+                          ((h, w, y.float()), "integers"), ((h, w.double(), y), "one floating-point dtype"),
+                          ((h, w, torch.tensor([1, 2, 10, 0])), "label 10 is outside"),
+                          ((h, w, torch.tensor([1, -1, 0, 0])), "label -1 is outside")]:
+        with pytest.raises(ValueError, match=message):
+            ops.linear_cross_entropy(*args)
+    with pytest.raises(ValueError, match="reduction"):
+        ops.linear_cross_entropy(h, w, y, reduction="avg")
+    assert ops.linear_cross_entropy(h, w, torch.tensor([1, 7, 0, 0]), ignore_index=7).isfinite()
+
+
+def test_autocast_casts_the_inputs_like_a_linear_layer():
+    hidden, weight, labels = inputs(7, 32, 50, torch.float32, "cpu", seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.linear_cross_entropy(hidden, weight, labels)
+    expected = ops.linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_compiles_without_graph_breaks_and_opcheck(backend, device):
+    hidden, weight, labels = inputs(12, 16, 45, torch.float32, device, seed=12, ignored=[0, 5])
+    for args in ((hidden, weight, labels, -100, backend), (hidden.requires_grad_(), weight.requires_grad_(), labels, -100, backend)):
+        torch.library.opcheck(torch.ops.kpro.linear_cross_entropy_forward.default, args)
+
+    def loss_fn(h, w, y):
+        with ops.backend(backend):
+            return ops.linear_cross_entropy(h, w, y, reduction="sum")
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, loss_fn):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        loss = fn(h, w, labels)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the losses that use it
+
+def materialised_lm_loss(model, batch):
+    """fit's default loss as it was: the logits, in fp32, through F.cross_entropy."""
+    logits = model(batch["input_ids"], batch.get("attention_mask"))
+    return kt.LossSum(kt.causal_lm_loss(logits, batch["labels"], reduction="sum"), kt.count_loss_tokens(batch["labels"]))
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return kpro.Llama(tiny_config(**overrides))
+
+
+def prompt_answer_batches(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [([1] + torch.randint(3, 67, (int(n),), generator=gen).tolist(), torch.randint(3, 67, (3,), generator=gen).tolist() + [2])
+             for n in torch.randint(1, 7, (24,), generator=gen)]
+    return kt.Batches(pairs, 6, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=seed)
+
+
+def no_logits(model):
+    """Make any call of the output head an error: the loss must never compute logits."""
+    def refuse(module, args):
+        raise AssertionError("lm_head was called: the logits were materialised")
+    return model.lm_head.register_forward_pre_hook(refuse)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fit_with_the_fused_loss_equals_fit_with_materialised_logits(tmp_path, tied):
+    """fit's default loss never calls the head, and trains step for step as the logits path does."""
+    runs = {}
+    for name, loss_fn in (("fused", kt.lm_loss), ("materialised", materialised_lm_loss)):
+        model = make_model(tie_word_embeddings=tied)
+        hook = no_logits(model) if name == "fused" else None
+        # SGD: Adam's g/sqrt(v) would blow the rounding noise of near-zero gradients up
+        run = kt.fit(model, prompt_answer_batches(), tmp_path / name, steps=4, loss_fn=loss_fn, clip_grad_norm=None,
+                     optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+        if hook is not None:
+            hook.remove()
+        runs[name] = [m["loss"] for m in kt.read_metrics(run.out_dir / "metrics.jsonl")], model.state_dict()
+    (fused, fused_state), (materialised, materialised_state) = runs["fused"], runs["materialised"]
+    assert fused == pytest.approx(materialised, rel=1e-6) and len(fused) == 4
+    for name, tensor in materialised_state.items():
+        torch.testing.assert_close(fused_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_frozen_head_of_an_expanded_model_gets_no_weight_gradient(tmp_path, monkeypatch):
+    """train_only freezes the head: fit's loss asks the kernel for dH only."""
+    model = make_model(num_hidden_layers=2)
+    new = kpro.expand(model, 1, position="top")
+    kpro.train_only(model, new)
+    flags = []
+    real = lce.TORCH_KERNELS.backward
+    monkeypatch.setattr(lce.TORCH_KERNELS, "backward", lambda *a: flags.append(a[-2:]) or real(*a))
+    no_logits(model)
+    kt.fit(model, prompt_answer_batches(), tmp_path, steps=2, lr=1e-2)
+    assert flags == [(True, False)] * 2 and model.lm_head.weight.grad is None
+
+
+def test_bitune_losses_use_no_logits_and_equal_the_materialised_loss():
+    from kpro.bitune import Bitune, bitune_loss
+    from kpro.bitune.streams import answer_targets, split_streams
+    torch.manual_seed(0)
+    bt = Bitune(kpro.Llama(tiny_config()), rank=2, seed=0)
+    batch = next(iter(prompt_answer_batches()))
+    ids, plens, mask = batch["input_ids"], batch["prompt_lens"], batch["attention_mask"]
+    logits = bt(ids, plens, mask)
+    targets = answer_targets(split_streams(ids, plens, mask))
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    hook = no_logits(bt.model)
+    summed = bitune_loss(bt, batch)
+    mean = bt.loss(ids, plens, mask)
+    hook.remove()
+    torch.testing.assert_close(summed.total, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean, expected / int((targets != -100).sum()), rtol=1e-6, atol=0)
+
+
+def test_internalization_model_loss_equals_the_loss_of_the_logits():
+    from kpro.internalize import TrainingBatch
+    model = make_model()
+    ids = torch.randint(3, 67, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    batch = TrainingBatch(ids, mask, labels, torch.zeros(3), torch.zeros(3))
+    expected = batch.loss(model(ids, mask))
+    hook = no_logits(model)
+    torch.testing.assert_close(batch.model_loss(model), expected, rtol=1e-6, atol=0)
+    hook.remove()
+
+
+def test_lm_loss_finds_the_head_through_wrappers_and_falls_back_to_logits():
+    from kpro import lora
+    model = make_model()
+    lora.add_adapters(model, ["causal"], rank=2, seed=0)
+    adapted = lora.AdaptedModel(model, "causal")
+    assert kt.loss.output_head_weight(adapted) is model.lm_head.weight
+    assert kt.loss.output_head_weight(torch.compile(adapted)) is model.lm_head.weight
+    ids = torch.randint(3, 67, (2, 9))
+    batch = {"input_ids": ids, "labels": ids}
+    expected = materialised_lm_loss(adapted, batch)
+    hook = no_logits(model)
+    fused = kt.lm_loss(adapted, batch)
+    hook.remove()
+    torch.testing.assert_close(fused.total, expected.total, rtol=1e-6, atol=0)
+
+    class Other(torch.nn.Module):  # not a kpro Llama: asked for its logits, as before
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids, attention_mask)
+
+    assert kt.loss.output_head_weight(Other()) is None
+    torch.testing.assert_close(kt.lm_loss(Other(), batch).total, materialised_lm_loss(model, batch).total)
