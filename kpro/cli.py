@@ -1,4 +1,5 @@
-"""`python -m kpro <command>`: info, generate, expand, train-expanded, internalize, bitune, demo."""
+"""`python -m kpro <command>`: info, generate, convert-gguf, expand, train-expanded, internalize, bitune, demo,
+reproduce."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,8 @@ import torch
 
 from .bitune import command as bitune_command
 from .cli_args import DTYPES, check_device
+from .convert import command as convert_command
+from .demo import command as demo_command
 from .errors import CheckpointError
 from .expansion import command as expansion_command
 from .internalize import command as internalize_command
@@ -99,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_generate)
 
-    # Each method's subcommands live in its package's command.py.
-    for method in (expansion_command, internalize_command, bitune_command):
-        method.add_parsers(sub)
+    # Each subcommand beyond these lives in the command.py of the package that owns it.
+    for package in (convert_command, expansion_command, internalize_command, bitune_command):
+        package.add_parsers(sub)
 
     from .demo import ACTS
 
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="kpro-demo", help="directory for the demo's checkpoints (default ./kpro-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo)
+    demo_command.add_parsers(sub)
     return parser
 
 

@@ -1,8 +1,13 @@
 """LlamaConfig: the shape of a LLaMA model, read from and written to a Hugging Face `config.json`.
 
-Every field that changes the model's math is either understood or refused by name: a config that asks
-for something kpro does not implement (another activation, biases, sliding windows, an unknown RoPE
-type) is an error, never a silently different model.
+Every field of a published config.json falls under one rule:
+- a field kpro reads (hidden_size, rope_scaling, ...) is understood;
+- book-keeping (`_METADATA_KEYS`: transformers_version, torch_dtype, use_cache, is_llama_config, ...) is
+  accepted: it does not change the forward math;
+- a field that changes the math (`_MATH_FIELDS`) is accepted at its neutral value (rope_interleaved false,
+  sliding_window null or no shorter than the context, attention_bias false, ...) and refused by name at any
+  other: kpro never runs a silently different model;
+- any other field is unknown: one warning by default, an error with strict=True.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,10 @@ class ConfigError(ValueError):
     """A config.json that kpro cannot represent faithfully."""
 
 
+class ConfigWarning(UserWarning):
+    """A config.json field kpro does not know (ignored; strict=True refuses it)."""
+
+
 ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 MODEL_TYPES = {"llama", "mistral"}
 ROPE_TYPES = {"default", "linear", "llama3"}
@@ -27,7 +37,7 @@ ROPE_TYPES = {"default", "linear", "llama3"}
 # Book-keeping keys that Hugging Face writes into config.json; none of them changes the forward math.
 _METADATA_KEYS = {
     "_name_or_path", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
-    "use_cache", "pretraining_tp", "output_attentions", "output_hidden_states", "return_dict",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict",
     "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
     "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
     "cross_attention_hidden_size", "id2label", "label2id", "problem_type", "finetuning_task",
@@ -38,15 +48,40 @@ _METADATA_KEYS = {
     "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens", "quantization_config_unused",
+    # written by other tools: nanotron's marker, transformers.js's runtime options, hub book-keeping,
+    # the attention backend transformers should pick
+    "is_llama_config", "transformers.js_config", "_commit_hash", "_from_model_config", "attn_implementation",
+    "_attn_implementation", "_attn_implementation_autoset",
 }
 
-# Fields whose only supported value is the plain LLaMA one.
-_FIXED_KEYS = {
-    "hidden_act": {"silu"},
-    "attention_bias": {False},
-    "mlp_bias": {False},
-    "attention_dropout": {0, 0.0},
-    "sliding_window": {None},
+
+def _not_binding_window(window, raw: dict) -> bool:
+    """A sliding window changes nothing if there is none, or it is no shorter than the context."""
+    return window is None or (isinstance(window, int) and window >= raw.get("max_position_embeddings", 2048))
+
+
+def _positive_int(value, raw: dict) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# Fields that change the math: (is the value neutral?, what kpro implements). Any other value is refused.
+_MATH_FIELDS = {
+    "hidden_act": (lambda v, raw: v == "silu", "'silu' only"),
+    "attention_bias": (lambda v, raw: v is False, "no attention biases"),
+    "mlp_bias": (lambda v, raw: v is False, "no MLP biases"),
+    "attention_dropout": (lambda v, raw: v == 0, "no attention dropout"),
+    "sliding_window": (_not_binding_window, "full attention (a window no shorter than max_position_embeddings, or null)"),
+    "use_sliding_window": (lambda v, raw: v is False, "full attention"),
+    "rope_interleaved": (lambda v, raw: v is False, "RoPE in the rotate-half layout (rope_interleaved false)"),
+    "partial_rotary_factor": (lambda v, raw: v == 1, "RoPE on the whole head (partial_rotary_factor 1)"),
+    # Hugging Face splits the projections into this many slices and adds the partial products: the same sums.
+    "pretraining_tp": (_positive_int, "a positive integer"),
+    "layer_types": (lambda v, raw: isinstance(v, list) and all(t == "full_attention" for t in v), "full attention in every layer"),
+    "quantization_config": (lambda v, raw: v is None, "unquantised checkpoints"),
+    "qk_layer_norms": (lambda v, raw: v is False, "no query/key norms"),
+    "use_qk_norm": (lambda v, raw: v is False, "no query/key norms"),
+    "final_logit_softcapping": (lambda v, raw: v is None, "no logit soft-capping"),
+    "attn_logit_softcapping": (lambda v, raw: v is None, "no logit soft-capping"),
 }
 
 
@@ -120,31 +155,38 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_hf(cls, source: str | os.PathLike | dict, *, strict: bool = True) -> "LlamaConfig":
+    def from_hf(cls, source: str | os.PathLike | dict, *, strict: bool = False) -> "LlamaConfig":
         """Read a Hugging Face LLaMA config: a dict, a `config.json` path, or a directory holding one.
 
         Both the classic form (`rope_theta` + `rope_scaling`) and the newer `rope_parameters` form are
-        understood. With `strict=False`, keys kpro does not know are ignored instead of refused.
+        understood. A field kpro does not know gives one ConfigWarning (naming all of them) and is ignored;
+        with `strict=True` it is refused. Fields that change the math are refused at any value kpro does not
+        implement, strict or not.
         """
+        where = "" if isinstance(source, dict) else f"{_config_path(source)}: "
         try:
-            return cls._from_raw(_read_source(source), strict)
+            cfg, unknown = cls._from_raw(_read_source(source), strict)
         except ConfigError as err:
             if isinstance(source, dict):
                 raise
-            raise ConfigError(f"{_config_path(source)}: {err}") from None
+            raise ConfigError(f"{where}{err}") from None
+        if unknown:
+            warnings.warn(f"{where}unknown config field(s) {', '.join(unknown)} ignored: kpro does not know what they "
+                          "change (strict=True refuses them)", ConfigWarning, stacklevel=2)
+        return cfg
 
     @classmethod
-    def _from_raw(cls, raw: dict, strict: bool) -> "LlamaConfig":
+    def _from_raw(cls, raw: dict, strict: bool) -> tuple["LlamaConfig", list[str]]:
         fields = {f.name for f in dataclasses.fields(cls)}
         _check_architecture(raw)
-        for key, allowed in _FIXED_KEYS.items():
-            if key in raw and raw[key] not in allowed:
-                raise ConfigError(f"unsupported {key}={raw[key]!r}: kpro implements {sorted(allowed, key=str)[0]!r} only")
-        unknown = sorted(set(raw) - fields - _METADATA_KEYS - set(_FIXED_KEYS) - {"rope_parameters"})
+        for key, (neutral, implemented) in _MATH_FIELDS.items():
+            if key in raw and not neutral(raw[key], raw):
+                raise ConfigError(f"unsupported {key}={raw[key]!r}: kpro implements {implemented}")
+        unknown = sorted(set(raw) - fields - _METADATA_KEYS - set(_MATH_FIELDS) - {"rope_parameters"})
         if unknown and strict:
             raise ConfigError(
-                f"unknown config field(s) {', '.join(unknown)}: kpro does not know what they change; "
-                "pass strict=False to ignore them")
+                f"unknown config field(s) {', '.join(unknown)}: kpro does not know what they change "
+                "(strict=False ignores them, with a warning)")
         kwargs = {key: value for key, value in raw.items() if key in fields}
         if "rope_parameters" in raw:
             if "rope_scaling" in raw and raw["rope_scaling"] is not None:
@@ -161,7 +203,7 @@ class LlamaConfig:
         missing = [name for name in required if name not in kwargs]
         if missing:
             raise ConfigError(f"missing required field(s) {', '.join(missing)}")
-        return cls(**kwargs)
+        return cls(**kwargs), unknown
 
     def to_hf(self) -> dict[str, Any]:
         """The config as a Hugging Face `config.json` dict (classic rope_theta + rope_scaling form)."""

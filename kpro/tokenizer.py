@@ -1,14 +1,20 @@
-"""Tokenizers: SentencePiece `tokenizer.model` files (LLaMA 1/2, Mistral), a character tokenizer for the
-synthetic tasks (digits, operators, letters), and a symbol tokenizer for tasks written as space-separated
-symbols (`9 1 7 3 * 9 4 3 3`); the last two need no model file.
+"""Tokenizers: SentencePiece `tokenizer.model` files (LLaMA 1/2, Mistral), Hugging Face `tokenizer.json` files
+(byte-level BPE: SmolLM, LLaMA 3, ...; built on the `tokenizers` library, an optional extra), a character
+tokenizer for the synthetic tasks (digits, operators, letters), and a symbol tokenizer for tasks written as
+space-separated symbols (`9 1 7 3 * 9 4 3 3`); the last two need no model file.
 
-All three share one interface: `encode(text, bos=, eos=)`, `decode(ids)`, batch versions, `bos_id`,
-`eos_id`, `pad_id`, `vocab_size`, and `pad_left(seqs)` for batched generation.
+All share one interface: `encode(text, bos=, eos=)`, `decode(ids)`, batch versions, `bos_id`, `eos_id`,
+`pad_id`, `vocab_size`, `pad_left(seqs)` for batched generation, `save(directory)`, and
+`apply_chat_template(messages)` where the checkpoint has a chat template (rendered with jinja2, as Hugging
+Face renders it).
 """
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +23,9 @@ import torch
 from ._files import write_atomic
 
 SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_JSON_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
 SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
 
@@ -26,6 +35,27 @@ class _TokenizerBase:
     eos_id: int
     pad_id: int
     vocab_size: int
+    chat_template: str | None = None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *, tokenize: bool = True,
+                            **variables):
+        """The conversation `messages` ([{"role": "user", "content": "..."}, ...]) rendered with the
+        checkpoint's chat template: token ids (the template writes its own bos and special tokens), or the
+        text with `tokenize=False`. `variables` reach the template too (`tools=`, `date_string=`, ...)."""
+        if not self.chat_template:
+            raise ValueError(f"this {type(self).__name__} has no chat template (a checkpoint keeps it in "
+                             f"{TOKENIZER_CONFIG_FILE} as \"chat_template\", or in {CHAT_TEMPLATE_FILE})")
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    **{**self.special_tokens(), **variables})
+        return self.encode_with_special_tokens(text) if tokenize else text
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """bos_token, eos_token, ... as text, for chat templates."""
+        return {}
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """`text` as ids, special tokens written in it (`<|im_start|>`, `<s>`) becoming their ids; no bos added."""
+        return self.encode(text, bos=False)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         raise NotImplementedError
@@ -66,6 +96,8 @@ class Tokenizer(_TokenizerBase):
             raise ValueError(f"{path} defines no bos/eos pieces; kpro needs both")
         # LLaMA and Mistral models define no pad piece; padding positions are masked, any id will do.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.config = read_tokenizer_config(path.parent)
+        self.chat_template = chat_template_of(path.parent, self.config)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.sp.EncodeAsIds(text)
@@ -77,8 +109,134 @@ class Tokenizer(_TokenizerBase):
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.IdToPiece(int(token_id))
 
+    def special_tokens(self) -> dict[str, str | None]:
+        return {"bos_token": self.sp.IdToPiece(self.bos_id), "eos_token": self.sp.IdToPiece(self.eos_id),
+                "unk_token": self.sp.IdToPiece(self.sp.unk_id()), "pad_token": self.sp.IdToPiece(self.pad_id)}
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """SentencePiece reads `<s>` as text: split at the control pieces first (each stretch between them
+        is encoded as text of its own, as transformers' LlamaTokenizer does)."""
+        controls = self._control_pieces()
+        if not controls:
+            return self.encode(text, bos=False)
+        ids = []
+        for piece in re.split("(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")", text):
+            if piece in controls:
+                ids.append(controls[piece])
+            elif piece:
+                ids += self.sp.EncodeAsIds(piece)
+        return ids
+
+    @functools.cache
+    def _control_pieces(self) -> dict[str, int]:
+        return {self.sp.IdToPiece(i): i for i in range(self.vocab_size) if self.sp.IsControl(i)}
+
     def save(self, directory: str | os.PathLike) -> None:
         write_atomic(Path(directory, SENTENCEPIECE_FILE), self.path.read_bytes())
+        if self.config is not None:
+            write_atomic(Path(directory, TOKENIZER_CONFIG_FILE), json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+
+
+class JsonTokenizer(_TokenizerBase):
+    """A Hugging Face `tokenizer.json` (byte-level BPE and the rest), read with the `tokenizers` library:
+    `JsonTokenizer("dir")` or `JsonTokenizer("dir/tokenizer.json")`.
+
+    The special tokens, whether a bos is added and the chat template come from `tokenizer_config.json`
+    beside it (missing ids from `config.json`). `encode(text)` adds a bos when the model's tokenizer does
+    (`bos=None`, the default; LLaMA 3 adds one, SmolLM2 does not). Special tokens written in the text
+    (`<|im_start|>`) become their ids. `decode` is the exact inverse on any text without special tokens,
+    whatever its Unicode; special tokens are left out unless `skip_special_tokens=False`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            from tokenizers import Tokenizer as RustTokenizer
+        except ImportError:
+            raise ImportError("tokenizer.json files need the `tokenizers` package: pip install 'kpro[gguf]' "
+                              "(or pip install tokenizers)") from None
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_JSON_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {TOKENIZER_JSON_FILE} at {path}")
+        self.path = path
+        try:
+            self.tok = RustTokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises a plain Exception
+            raise ValueError(f"{path} is not a tokenizer.json file: {err}") from None
+        self.config = read_tokenizer_config(path.parent) or {}
+        model_config = _read_json(path.parent / "config.json") or {}
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._special_id("bos", model_config)
+        self.eos_id = self._special_id("eos", model_config)
+        if self.eos_id is None:
+            raise ValueError(f"{path}: no eos token (tokenizer_config.json eos_token or config.json eos_token_id)")
+        pad = self._special_id("pad", model_config)
+        self.pad_id = self.eos_id if pad is None else pad
+        add_bos = self.config.get("add_bos_token")
+        self.add_bos = add_bos if isinstance(add_bos, bool) else self._post_processor_adds_bos()
+        if self.add_bos and self.bos_id is None:
+            raise ValueError(f"{path}: the tokenizer adds a bos token but names none")
+        self.chat_template = chat_template_of(path.parent, self.config)
+
+    def _special_id(self, name: str, model_config: dict) -> int | None:
+        token = self.config.get(f"{name}_token")
+        if isinstance(token, dict):  # older files: {"content": "<s>", "lstrip": false, ...}
+            token = token.get("content")
+        if isinstance(token, str):
+            token_id = self.tok.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"{self.path}: {name}_token {token!r} is not in the vocabulary")
+            return token_id
+        token_id = model_config.get(f"{name}_token_id")
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        return token_id if isinstance(token_id, int) and 0 <= token_id < self.vocab_size else None
+
+    def _post_processor_adds_bos(self) -> bool:
+        plain = self.tok.encode("a", add_special_tokens=False).ids
+        full = self.tok.encode("a", add_special_tokens=True).ids
+        return self.bos_id is not None and len(full) > len(plain) and full[0] == self.bos_id
+
+    def _wrap(self, ids: list[int], bos, eos) -> list[int]:
+        bos = self.add_bos if bos is None else bos
+        if bos and self.bos_id is None:
+            raise ValueError(f"{self.path}: no bos token to add")
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        return self._wrap(self.tok.encode(text, add_special_tokens=False).ids, bos, eos)
+
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool = False) -> list[list[int]]:
+        return [self._wrap(e.ids, bos, eos) for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch, skip_special_tokens: bool = True) -> list[str]:
+        return self.tok.decode_batch([[int(i) for i in ids] for ids in batch], skip_special_tokens=skip_special_tokens)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.tok.id_to_token(int(token_id))
+
+    def special_tokens(self) -> dict[str, str | None]:
+        def text(token_id):
+            return None if token_id is None else self.tok.id_to_token(token_id)
+        out = {"bos_token": text(self.bos_id), "eos_token": text(self.eos_id), "pad_token": text(self.pad_id)}
+        unk = self.config.get("unk_token")
+        out["unk_token"] = unk.get("content") if isinstance(unk, dict) else unk
+        return out
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """tokenizer.json and tokenizer_config.json (with the chat template) into an existing directory."""
+        write_atomic(Path(directory, TOKENIZER_JSON_FILE), self.tok.to_str(pretty=True))
+        config = dict(self.config)
+        if self.chat_template:  # the one in use (it may have come from chat_template.jinja)
+            config["chat_template"] = self.chat_template
+        write_atomic(Path(directory, TOKENIZER_CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 class _FixedVocabulary(_TokenizerBase):
@@ -207,14 +365,17 @@ class SymbolTokenizer(_FixedVocabulary):
         return cls(data["symbols"])
 
 
-TOKENIZER_FILES = (SENTENCEPIECE_FILE, CHAR_TOKENIZER_FILE, SYMBOL_TOKENIZER_FILE)
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, TOKENIZER_JSON_FILE, CHAR_TOKENIZER_FILE, SYMBOL_TOKENIZER_FILE)
 
 
-def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | CharTokenizer | SymbolTokenizer:
-    """The tokenizer stored beside a checkpoint: `tokenizer.model`, or kpro's character or symbol tokenizer."""
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | CharTokenizer | SymbolTokenizer:
+    """The tokenizer stored beside a checkpoint, the first of: `tokenizer.model` (SentencePiece),
+    `tokenizer.json` (Hugging Face), kpro's character or symbol tokenizer."""
     directory = Path(directory)
     if (directory / SENTENCEPIECE_FILE).is_file():
         return Tokenizer(directory / SENTENCEPIECE_FILE)
+    if (directory / TOKENIZER_JSON_FILE).is_file():
+        return JsonTokenizer(directory / TOKENIZER_JSON_FILE)
     if (directory / CHAR_TOKENIZER_FILE).is_file():
         return CharTokenizer.load(directory / CHAR_TOKENIZER_FILE)
     if (directory / SYMBOL_TOKENIZER_FILE).is_file():
@@ -233,3 +394,70 @@ def pad_left(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torc
         ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
         mask[row, length - len(seq):] = 1
     return ids.to(device), mask.to(device)
+
+
+# ------------------------------------------------------------------------------------------ chat templates
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return data if isinstance(data, dict) else None
+
+
+def read_tokenizer_config(directory: Path) -> dict | None:
+    """tokenizer_config.json of a checkpoint directory, or None."""
+    return _read_json(Path(directory) / TOKENIZER_CONFIG_FILE)
+
+
+def chat_template_of(directory: Path, config: dict | None) -> str | None:
+    """The default chat template: chat_template.jinja, else tokenizer_config.json's "chat_template" (a
+    string, or a list of {"name", "template"} from which "default" is taken)."""
+    file = Path(directory) / CHAT_TEMPLATE_FILE
+    if file.is_file():
+        return file.read_text(encoding="utf-8")
+    template = (config or {}).get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+class ChatTemplateError(ValueError):
+    """The template refused the conversation (its raise_exception), or could not be rendered."""
+
+
+def _raise_exception(message):
+    raise ChatTemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # Hugging Face renders templates in a sandbox with these settings and helpers; templates are written for them.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool = True, **variables) -> str:
+    """A conversation rendered with a Hugging Face chat template (jinja2, in a sandbox)."""
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError("messages must be a list of {\"role\": ..., \"content\": ...} dicts")
+    import jinja2
+
+    try:
+        return _compiled_template(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                   **variables)
+    except jinja2.TemplateError as err:
+        raise ChatTemplateError(f"the chat template failed: {err}") from None

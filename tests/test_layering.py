@@ -19,7 +19,7 @@ LAYERS = [
     ("kpro.model", "kpro.lora"),
     ("kpro.generation", "kpro.distributed"),
     ("kpro.checkpoint",),
-    ("kpro.adapters",),
+    ("kpro.adapters", "kpro.convert"),  # convert writes checkpoints with kpro.checkpoint's atomic writer
     ("kpro.train",),
     ("kpro.expansion", "kpro.internalize", "kpro.bitune"),  # the methods: none imports another
     ("kpro.demo",),  # uses the library, never the command line

