@@ -74,3 +74,30 @@ class BaselineLlama(nn.Module):
                 ours.attention_norm.weight.copy_(theirs.input_layernorm.weight)
                 ours.ffn_norm.weight.copy_(theirs.post_attention_layernorm.weight)
         return base
+
+    def kpro_grads(self) -> dict[str, torch.Tensor]:
+        """The gradients of this model's parameters under kpro.Llama's parameter names (fused projections
+        split back), for comparing with a kpro model's; parameters without a gradient are left out."""
+        grads = {}
+
+        def put(name, grad):
+            if grad is not None:
+                grads[name] = grad
+
+        put("embed_tokens.weight", self.tok_embeddings.weight.grad)
+        put("norm.weight", self.norm.weight.grad)
+        put("lm_head.weight", self.output.weight.grad)
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            q, k, v = (None,) * 3
+            if layer.wqkv.weight.grad is not None:
+                q, k, v = layer.wqkv.weight.grad.split(
+                    [layer.n_head * layer.head_dim, layer.n_kv * layer.head_dim, layer.n_kv * layer.head_dim])
+            gate, up = layer.w13.weight.grad.chunk(2) if layer.w13.weight.grad is not None else (None, None)
+            for name, grad in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v),
+                               ("self_attn.o_proj", layer.wo.weight.grad), ("mlp.gate_proj", gate),
+                               ("mlp.up_proj", up), ("mlp.down_proj", layer.w2.weight.grad),
+                               ("input_layernorm", layer.attention_norm.weight.grad),
+                               ("post_attention_layernorm", layer.ffn_norm.weight.grad)):
+                put(p + name + ".weight", grad)
+        return grads

@@ -1,14 +1,19 @@
 """A Bitune training step: the fused three-stream path against the same step done as separate passes
-(the reference code's way), in tokens/s, with saved activation bytes (CPU) or peak memory (GPU).
+(the reference code's way), in tokens/s, with saved activation bytes (CPU) or peak memory (GPU). Before
+timing, each path's loss and gradients (adapters and mixing scalars) are checked against the separate
+passes on kpro's plain-PyTorch path in fp32 (no autocast).
 
     pytest --benchmark -k bitune_step
 """
+import copy
+
 import pytest
 import torch
 
 import kpro
+from kpro import ops
 from kpro.bitune import Bitune
-from conftest import describe_device, median_seconds, synchronize
+from conftest import MODEL_TOLERANCE, CaseCache, check_gradients, describe_device, median_seconds, record_ratios, timed
 
 SIZES = {  # config fields, batch, prompt length, answer length
     "cpu-small": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -16,6 +21,18 @@ SIZES = {  # config fields, batch, prompt length, answer length
     "gpu-1b": (dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=32000), 8, 512, 256),
 }
+
+
+REFERENCES = CaseCache()
+
+
+def fp32_reference(bt, ids, prompt_lens):
+    """(loss, trainable gradients) of the separate passes on the torch backend in fp32, no autocast."""
+    ref = copy.deepcopy(bt).float()
+    with ops.backend("torch"):
+        loss = ref.loss(ids, prompt_lens, fused=False)
+        loss.backward()
+    return loss.item(), {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
 
 
 def saved_bytes(fn) -> int:
@@ -31,8 +48,8 @@ def saved_bytes(fn) -> int:
     return sum(seen.values()), out
 
 
-@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("path", ["fused", "separate-passes"])
+@pytest.mark.parametrize("size", SIZES)
 def test_bitune_training_step(benchmark, device, path, size):
     fields, batch, prompt_len, answer_len = SIZES[size]
     if size.startswith("gpu") != (device.type == "cuda"):
@@ -45,24 +62,39 @@ def test_bitune_training_step(benchmark, device, path, size):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     fused = path == "fused"
 
+    reference_loss, reference_grads = REFERENCES.get((size, device.type), lambda: fp32_reference(bt, ids, prompt_lens))
+    with autocast:
+        loss = bt.loss(ids, prompt_lens, fused=fused)
+    loss.backward()
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tolerance = 2e-2 if compute == torch.bfloat16 else 1e-4
+    assert abs(loss.item() - reference_loss) <= tolerance * abs(reference_loss), \
+        f"{path} is wrong: loss {loss.item()} against the reference's {reference_loss}; not timed"
+    check_gradients(path, {n: p.grad for n, p in bt.named_parameters() if p.grad is not None}, reference_grads,
+                    compute, tolerance=MODEL_TOLERANCE[compute], benchmark=benchmark)
+    bt.zero_grad(set_to_none=True)
+
     def step():
         with autocast:
             loss = bt.loss(ids, prompt_lens, fused=fused)
         loss.backward()
         bt.zero_grad(set_to_none=True)
-        synchronize(device)
 
     step()
     with autocast:
         activation_bytes, _ = saved_bytes(lambda: bt.loss(ids, prompt_lens, fused=fused))
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
     benchmark.group = f"bitune training step {size}"
-    benchmark(step)
+    timed(benchmark, device, step, warmup_ms=0, rep_ms=1000, min_reps=5, max_reps=20)
     median = median_seconds(benchmark)
     tokens = batch * (prompt_len + answer_len)
     benchmark.extra_info.update(device=describe_device(device), tokens=tokens, saved_activation_mb=round(activation_bytes / 2**20, 1))
     if median is not None:
         benchmark.extra_info["tokens_per_s"] = round(tokens / median)
     if device.type == "cuda":
-        benchmark.extra_info["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        peak = torch.cuda.max_memory_allocated(device)
+        benchmark.extra_info.update(peak_memory_gb=round(peak / 2**30, 2), step_peak_gb=round((peak - resident) / 2**30, 2))
+    record_ratios(benchmark, path, ours=fused)

@@ -3,21 +3,28 @@ bytes and step time of kpro.train_only against plain eager PyTorch with requires
 
     pytest --benchmark -k expansion
 
-Implementations, on the same weights (their losses are checked to agree before timing):
+Implementations, on the same weights:
     eager            the gpt-fast-style PyTorch LLaMA (llama_baseline.py), frozen parameters requires_grad_(False)
     kpro-frozen      kpro.Llama with the same requires_grad_(False) flags and nothing else (kpro's ops only)
     kpro-train_only  kpro.train_only(model, new_ids): no graph below the lowest new block, frozen blocks above
                      it input-gradient only
     kpro-recompute   kpro.train_only(model, new_ids, recompute_frozen=True)
-A step is forward, fp32 cross-entropy, backward and an AdamW step on the new blocks. `extra_info` holds the
-saved activation bytes (distinct storages packed by autograd during the forward, weights left out) and
-their reduction against eager; on CUDA also the peak memory allocated during a step.
+A step is forward, fp32 cross-entropy, backward and an AdamW step on the new blocks. Before timing, each
+implementation's loss and new-block gradients are checked against kpro's plain-PyTorch path in fp32; on a GPU
+the step is timed with CUDA events (conftest.timed). `extra_info` holds the saved activation bytes (distinct
+storages packed by autograd during the forward, weights left out) and their reduction against eager; on
+CUDA also the peak memory allocated during the timed steps, in all and above what was resident before them
+(`step_peak_mb`: activations, gradients and temporaries of a step).
 """
+import copy
+
 import pytest
 import torch
 
 import kpro
-from conftest import describe_device, median_seconds, synchronize
+from conftest import (MODEL_TOLERANCE, CaseCache, check_gradients, describe_device, median_seconds, record_ratios,
+                      timed)
+from kpro import ops
 from kpro.expansion import saved_activation_bytes
 from kpro.train import adamw, causal_lm_loss
 from llama_baseline import BaselineLlama
@@ -60,14 +67,33 @@ def prepare(impl, model, new_ids):
     return model
 
 
-@pytest.mark.parametrize("size", SIZES)
+REFERENCES = CaseCache()
+
+
+def fp32_reference(model, new_ids, ids):
+    """(loss, new-block gradients by kpro name) of kpro's plain-PyTorch path in fp32."""
+    ref = copy.deepcopy(model).float()
+    ref.requires_grad_(False)
+    for i in new_ids:
+        ref.layers[i].requires_grad_(True)
+    with ops.backend("torch"):
+        loss = causal_lm_loss(ref(ids), ids)
+        loss.backward()
+    return loss.item(), {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+
+
+def new_block_grads(impl, model):
+    if impl == "eager":
+        return model.kpro_grads()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("size", SIZES)
 def test_expansion_step(benchmark, device, impl, size):
     model, new_ids, ids = expanded_model(size, device)
-    reference_loss = None
-    if impl != "kpro-frozen":  # same function before timing: a faster wrong model is no baseline
-        with torch.no_grad():
-            reference_loss = causal_lm_loss(model(ids), ids).item()
+    dtype = model.embed_tokens.weight.dtype
+    reference_loss, reference_grads = REFERENCES.get((size, device.type), lambda: fp32_reference(model, new_ids, ids))
     model = prepare(impl, model, new_ids)
     optimizer = adamw(model, 1e-4)
     benchmark.group = f"expansion step {size}"
@@ -77,29 +103,35 @@ def test_expansion_step(benchmark, device, impl, size):
 
     saved, loss = saved_activation_bytes(loss_of, model.parameters())
     loss.backward()
+    # same function before timing: a faster wrong model is no baseline
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert abs(loss.item() - reference_loss) <= tolerance * abs(reference_loss), \
+        f"{impl} is wrong: loss {loss.item()} against the reference's {reference_loss}; not timed"
+    check_gradients(impl, new_block_grads(impl, model), reference_grads, dtype, tolerance=MODEL_TOLERANCE[dtype],
+                    benchmark=benchmark)
     optimizer.zero_grad(set_to_none=True)
-    if reference_loss is not None:
-        tolerance = 2e-2 if ids.device.type == "cuda" else 1e-4
-        assert abs(loss.item() - reference_loss) <= tolerance * abs(reference_loss), (loss.item(), reference_loss)
 
     def step():
         loss_of().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
 
     step()  # warm-up
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=3 if device.type == "cpu" else 10, iterations=1)
+        resident = torch.cuda.memory_allocated()  # weights, optimizer state, this run's buffers
+    timed(benchmark, device, step, rounds=3, warmup_ms=0, rep_ms=1000, min_reps=5, max_reps=10)
     info = dict(device=describe_device(device), tokens=ids.numel(), saved_activation_mb=round(saved / 2**20, 1),
                 new_blocks=new_ids)
     if device.type == "cuda":
-        info["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        peak = torch.cuda.max_memory_allocated()
+        info.update(peak_allocated_mb=round(peak / 2**20, 1), step_peak_mb=round((peak - resident) / 2**20, 1))
     benchmark.extra_info.update(info)
     SAVED[size, impl] = saved
     if (size, "eager") in SAVED:
         benchmark.extra_info["saved_vs_eager"] = round(saved / SAVED[size, "eager"], 3)
+    record_ratios(benchmark, impl)
     median = median_seconds(benchmark)
     print(f"\n{impl} {size}: saved activations {saved / 2**20:.1f} MiB"
           + (f" ({saved / SAVED[size, 'eager'] - 1:+.1%} vs eager)" if (size, "eager") in SAVED else "")

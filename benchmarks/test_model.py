@@ -1,13 +1,21 @@
 """Model forward and forward+backward: kpro.Llama against a compact gpt-fast-style PyTorch LLaMA
-(benchmarks/llama_baseline.py) and Hugging Face transformers when installed, on the same weights.
+(benchmarks/llama_baseline.py) and Hugging Face transformers when installed, on the same weights. Before
+timing, each implementation's logits on the first 64 tokens of one row (and, for forward+backward, all its
+parameter gradients) are checked against kpro's plain-PyTorch path in fp32 (on a GPU
+the models run in bf16: MODEL_TOLERANCE, as a bf16 model rounds at every op).
 
     pytest --benchmark -k model
 """
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import kpro
-from conftest import describe_device, synchronize
+from kpro import ops
+from conftest import (MODEL_TOLERANCE, CaseCache, check_close, check_gradients, describe_device, median_seconds,
+                      record_ratios, timed)
 from llama_baseline import BaselineLlama
 
 SIZES = {  # name: (config fields, batch, sequence); the GPU sizes run only where CUDA is
@@ -19,6 +27,25 @@ SIZES = {  # name: (config fields, batch, sequence); the GPU sizes run only wher
                     num_key_value_heads=8, vocab_size=32000), 4, 2048),
 }
 IMPLEMENTATIONS = ["kpro", "baseline", "transformers"]
+CHECK_TOKENS = 64
+REFERENCES = CaseCache()
+
+
+def logits_of(out):
+    return getattr(out, "logits", out)
+
+
+def loss_of(logits):
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1).mean()
+
+
+def fp32_reference(model, ids):
+    """Logits and parameter gradients of kpro's plain-PyTorch path in fp32."""
+    ref = copy.deepcopy(model).float()
+    with ops.backend("torch"):
+        logits = ref(ids)
+        loss_of(logits).backward()
+    return SimpleNamespace(logits=logits.detach(), grads={n: p.grad for n, p in ref.named_parameters()})
 
 
 def build(impl, size, device):
@@ -30,8 +57,9 @@ def build(impl, size, device):
     torch.manual_seed(0)
     model = kpro.Llama(cfg).to(device=device, dtype=dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    reference = REFERENCES.get((size, device.type), lambda: fp32_reference(model, ids[:1, :CHECK_TOKENS]))
     if impl == "kpro":
-        return model, ids
+        return model, ids, reference, dtype
     if impl == "baseline":
         other = BaselineLlama.from_kpro(model)
     else:
@@ -39,44 +67,63 @@ def build(impl, size, device):
         other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).to(device=device, dtype=dtype)
         other.load_state_dict({kpro.checkpoint.hf_name(k): v for k, v in model.state_dict().items()})
         other.config.use_cache = False
-    with torch.no_grad():  # same function before timing: a faster wrong model is no baseline
-        theirs = other(ids[:1, :64])
-        theirs = getattr(theirs, "logits", theirs)
-        torch.testing.assert_close(theirs.float(), model(ids[:1, :64]).float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
-    return other, ids
+    return other, ids, reference, dtype
 
 
-def logits_of(out):
-    return getattr(out, "logits", out)
+def record_tokens_per_s(benchmark, tokens):
+    median = median_seconds(benchmark)
+    if median is not None:
+        benchmark.extra_info["tokens_per_s"] = round(tokens / median)
 
 
-@pytest.mark.parametrize("size", SIZES)
+def named_grads(impl, model):
+    """Parameter gradients under kpro's names."""
+    if impl == "baseline":
+        return model.kpro_grads()
+    return {n.removeprefix("model.") if impl == "transformers" else n: p.grad
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("size", SIZES)
 def test_forward(benchmark, device, impl, size):
-    model, ids = build(impl, size, device)
+    model, ids, reference, dtype = build(impl, size, device)
+    with torch.no_grad():  # same function before timing: a faster wrong model is no baseline
+        logits = logits_of(model(ids[:1, :CHECK_TOKENS]))
+    check_close(impl, [("logits", logits, reference.logits)], dtype, tolerance=MODEL_TOLERANCE[dtype],
+                benchmark=benchmark)
+    del logits
     benchmark.group = f"model forward {size}"
     benchmark.extra_info.update(device=describe_device(device), tokens=ids.numel())
 
     def run():
         with torch.no_grad():
             logits_of(model(ids))
-        synchronize(device)
 
-    run()  # warm-up
-    benchmark(run)
+    timed(benchmark, device, run)
+    record_tokens_per_s(benchmark, ids.numel())
+    record_ratios(benchmark, impl, ours=impl == "kpro")
 
 
-@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("size", SIZES)
 def test_forward_backward(benchmark, device, impl, size):
-    model, ids = build(impl, size, device)
+    model, ids, reference, dtype = build(impl, size, device)
+    logits = logits_of(model(ids[:1, :CHECK_TOKENS]))
+    loss_of(logits).backward()
+    check_close(impl, [("logits", logits, reference.logits)], dtype, tolerance=MODEL_TOLERANCE[dtype],
+                benchmark=benchmark)
+    check_gradients(impl, named_grads(impl, model), reference.grads, dtype, tolerance=MODEL_TOLERANCE[dtype],
+                    benchmark=benchmark)
+    del logits
+    model.zero_grad(set_to_none=True)
     benchmark.group = f"model forward+backward {size}"
     benchmark.extra_info.update(device=describe_device(device), tokens=ids.numel())
 
     def run():
-        logits_of(model(ids)).float().logsumexp(-1).mean().backward()
+        loss_of(logits_of(model(ids))).backward()
         model.zero_grad(set_to_none=True)
-        synchronize(device)
 
-    run()  # warm-up
-    benchmark(run)
+    timed(benchmark, device, run)
+    record_tokens_per_s(benchmark, ids.numel())
+    record_ratios(benchmark, impl, ours=impl == "kpro")

@@ -5,7 +5,11 @@ fp32 cross-entropy, backward, clipping, AdamW), on packed random tokens.
 
 The timed call is `steps` optimizer steps (for fit, with its final checkpoint, which is part of its cost);
 `extra_info` holds the steady-state tokens/s (median over steps after the first, checkpoint excluded) and,
-on CUDA, the model FLOPs utilisation: 6 · matmul parameters · tokens/s over the measured bf16 matmul rate.
+on CUDA, the model FLOPs utilisation: 6 · matmul parameters · tokens/s over the bf16 matmul rate measured
+in the same run (conftest.matmul_flops). A training loop waits for each step's loss, so its steps are timed
+by the host clock, as fit itself reports them (on a GPU too). Both loops' first-step loss must equal the
+loss of the same fresh model on the same first batch (kpro's plain-PyTorch path, no autocast); a loop
+cannot be run untimed here, so this is checked on the timed run and fails the case when it disagrees.
 """
 import io
 import statistics
@@ -15,7 +19,8 @@ import pytest
 import torch
 
 import kpro
-from conftest import describe_device, synchronize
+from conftest import describe_device, record_ratios, synchronize
+from kpro import ops
 from kpro import train as kt
 
 SIZES = {  # name: (config fields, batch, sequence, steps); gpu sizes run only where CUDA is
@@ -51,33 +56,28 @@ def parameter_counts(cfg) -> tuple[int, int]:
     return total, total - (0 if cfg.tie_word_embeddings else model.embed_tokens.weight.numel())
 
 
-def bf16_matmul_rate(device, n=8192, reps=20) -> float:
-    """Measured dense bf16 matmul FLOP/s of the device (the MFU denominator)."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+def reference_first_loss(cfg, rows, batch, device) -> float:
+    """The loss of a fresh model on the first batch either loop sees: kpro's plain-PyTorch path, fp32."""
+    model = fresh_model(cfg, device)
+    ids = next(iter(kt.Batches(rows, batch, seed=0)))["input_ids"].to(device)
+    with torch.no_grad(), ops.backend("torch"):
+        return kt.causal_lm_loss(model(ids), ids).item()
 
 
 class StepTimes(kt.Callback):
     def __init__(self):
-        self.tokens_per_s = []
+        self.tokens_per_s, self.losses = [], []
 
     def on_step_end(self, run, metrics):
         self.tokens_per_s.append(metrics["tokens_per_s"])
+        self.losses.append(float(metrics["loss"]))
 
 
 def plain_loop(model, batches, steps, device):
-    """The same step, hand-written: what fit's bookkeeping is measured against."""
+    """The same step, hand-written: what fit's bookkeeping is measured against. (tokens/s, losses) per step."""
     optimizer = kt.adamw(model, 3e-4)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    rates = []
+    rates, losses = [], []
     for _, batch in zip(range(steps), batches):
         start = time.perf_counter()
         ids = batch["input_ids"].to(device)
@@ -87,17 +87,18 @@ def plain_loop(model, batches, steps, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        losses.append(loss.item())
         rates.append(ids.numel() / (time.perf_counter() - start))
-    return rates
+    return rates, losses
 
 
-@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("impl", ["fit", "plain-loop"])
-def test_train_throughput(benchmark, device, tmp_path, impl, size):
+@pytest.mark.parametrize("size", SIZES)
+def test_train_throughput(benchmark, device, matmul_flops, tmp_path, impl, size):
     cfg, rows, batch, steps = setup_size(size, device)
+    reference_loss = reference_first_loss(cfg, rows, batch, device)
     benchmark.group = f"train {size}"
-    rates, rounds = [], iter(range(1000))
+    rates, first_losses, rounds = [], [], iter(range(1000))
 
     def setup():
         return (fresh_model(cfg, device), kt.Batches(rows, batch, seed=0)), {}
@@ -107,17 +108,24 @@ def test_train_throughput(benchmark, device, tmp_path, impl, size):
             timer = StepTimes()
             kt.fit(model, batches, tmp_path / f"run{next(rounds)}", steps=steps, callbacks=[timer], stream=io.StringIO())
             rates.extend(timer.tokens_per_s[1:])
+            first_losses.append(timer.losses[0])
         else:
-            rates.extend(plain_loop(model, batches, steps, device)[1:])
+            step_rates, losses = plain_loop(model, batches, steps, device)
+            rates.extend(step_rates[1:])
+            first_losses.append(losses[0])
         synchronize(device)
 
     benchmark.pedantic(run, setup=setup, rounds=3 if device.type == "cpu" else 1, iterations=1)
+    tolerance = 2e-2 if device.type == "cuda" else 1e-4  # bf16 autocast on a GPU
+    assert all(abs(loss - reference_loss) <= tolerance * abs(reference_loss) for loss in first_losses), \
+        f"{impl} is wrong: first-step losses {first_losses} against the reference's {reference_loss}"
     tokens_per_s = statistics.median(rates)
     params, matmul_params = parameter_counts(cfg)
     info = dict(device=describe_device(device), tokens_per_step=batch * rows.shape[1], steps=steps,
-                tokens_per_s=round(tokens_per_s), params=params)
-    if device.type == "cuda":
-        rate = bf16_matmul_rate(device)
-        info.update(bf16_matmul_tflops=round(rate / 1e12, 1), mfu=round(6 * matmul_params * tokens_per_s / rate, 3))
+                tokens_per_s=round(tokens_per_s), params=params, timer="host clock (per step)")
+    if matmul_flops:
+        info.update(matmul_tflops=round(matmul_flops / 1e12, 1),
+                    mfu=round(6 * matmul_params * tokens_per_s / matmul_flops, 3))
     benchmark.extra_info.update(info)
+    record_ratios(benchmark, impl, ours=impl == "fit")
     print(f"\n{impl} {size}: {tokens_per_s:,.0f} tokens/s (median of steps after the first) {info}")

@@ -1,0 +1,359 @@
+"""The GPU suite (benchmarks/gpu_suite.sh, gpu_suite.py) and the GPU timing of the benchmarks, on the CPU:
+the scripts are well formed, `--list` and the no-CUDA refusal, stage bookkeeping and resuming with fake
+stages and a real pytest child, the autotune winner rule and sweep summary on fake timings, the Markdown
+report on a fake result, and the replay of CUDA-event times into pytest-benchmark's statistics."""
+import importlib.util
+import json
+import os
+import py_compile
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPT = BENCHMARKS / "gpu_suite.sh"
+
+
+def load_suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite_under_test", BENCHMARKS / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+suite = load_suite()
+
+
+def run_script(*args, env=None):
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable, **(env or {})))
+
+
+def test_scripts_are_well_formed(tmp_path):
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    for name in ("gpu_suite.py", "gpu_timing.py", "conftest.py"):
+        py_compile.compile(str(BENCHMARKS / name), cfile=str(tmp_path / (name + "c")), doraise=True)
+
+
+def test_list_prints_the_three_stages_in_order():
+    done = run_script("--list")
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["tests", "autotune", "benchmarks"]
+
+
+def test_refuses_without_cuda_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    done = run_script(str(out), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2
+    assert done.stderr.strip() == "no CUDA device" and done.stdout == ""
+    assert not out.exists()
+
+
+def test_unknown_stage_is_a_usage_error():
+    done = run_script("out", "--stages", "tests,nonsense")
+    assert done.returncode == 2 and "unknown stage" in done.stderr
+
+
+# ------------------------------------------------------------------------------------ stage bookkeeping
+
+class FakeStage:
+    def __init__(self, name, outcomes):
+        self.name, self.outcomes, self.calls = name, list(outcomes), 0
+
+    def stage(self):
+        return suite.Stage(self.name, self.run, budget=5.0, margin=1.0)
+
+    def run(self, ctx):
+        self.calls += 1
+        (ctx.out_dir / f"{self.name}.jsonl").write_text("{}\n")
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return {"complete": outcome, "calls": self.calls}
+
+
+def test_finished_stage_is_skipped_and_unfinished_one_reruns(tmp_path):
+    done, partial, broken = FakeStage("a", [True]), FakeStage("b", [False, True]), FakeStage("c", [RuntimeError("boom"), True])
+    lines = []
+    first = suite.run_stages([done.stage(), partial.stage(), broken.stage()], tmp_path, log=lines.append)
+    assert first["a"]["status"] == "complete" and first["b"]["status"] == "incomplete"
+    assert first["c"]["status"] == "error" and "boom" in first["c"]["error"]  # the run went on after it
+    assert json.loads((tmp_path / "b.json").read_text())["complete"] is False
+
+    lines.clear()
+    second = suite.run_stages([done.stage(), partial.stage(), broken.stage()], tmp_path, log=lines.append)
+    assert done.calls == 1 and any("a: complete" in line and "skipped" in line for line in lines)
+    assert second["a"]["ran_this_time"] is False
+    assert partial.calls == 2 and second["b"]["complete"] and second["b"]["attempt"] == 2
+    assert broken.calls == 2 and second["c"]["complete"]
+
+    forced = FakeStage("a", [True])
+    suite.run_stages([forced.stage()], tmp_path, force=True, log=lines.append)
+    assert forced.calls == 1 and json.loads((tmp_path / "a.json").read_text())["attempt"] == 1
+
+
+def test_pytest_stage_records_each_test_and_resumes_after_the_budget(tmp_path):
+    tests = tmp_path / "suite_tests" / "test_fake.py"
+    tests.parent.mkdir()
+    tests.write_text(textwrap.dedent("""
+        import time
+        import pytest
+
+        def test_passes():
+            pass
+
+        def test_fails():
+            assert 1 == 2, "one is not two"
+
+        def test_skips():
+            pytest.skip("not here")
+
+        @pytest.mark.parametrize("i", range(5))
+        def test_slow(i):
+            time.sleep(2.0)
+    """))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [str(tests), "-q", "-p", "no:cacheprovider"]
+    # the soft deadline (5 s in) passes during the slow tests: the rest are skipped as "budget", the stage is
+    # incomplete (three slow tests take 6 s, so at least two are left whatever the start-up time)
+    stage = suite.Stage("tests", suite.pytest_stage("tests", args), budget=60.0, margin=60.0 - 5.0)
+    first = suite.run_stages([stage], out, log=lambda line: None)["tests"]
+    assert not first["complete"]
+    assert first["counts"]["passed"] >= 1 and first["counts"]["failed"] == 1 and first["counts"]["not run (budget)"] >= 2
+    assert [f["id"].split("::")[-1] for f in first["failures"]] == ["test_fails"]
+    assert "one is not two" in first["failures"][0]["message"]
+
+    stage = suite.Stage("tests", suite.pytest_stage("tests", args), budget=120.0, margin=5.0)
+    second = suite.run_stages([stage], out, log=lambda line: None)["tests"]
+    assert second["complete"] and second["attempt"] == 2
+    assert second["counts"] == {"passed": 6, "failed": 1, "skipped": 1}
+    records = [json.loads(line) for line in (out / "tests.jsonl").read_text().splitlines()]
+    ran_twice = [nodeid for nodeid in {r["nodeid"] for r in records}
+                 if sum(r["nodeid"] == nodeid and r["outcome"] == "passed" for r in records) > 1]
+    assert ran_twice == []  # the second attempt ran only what the first did not finish
+
+
+def test_a_test_running_when_its_process_died_runs_once_more_then_fails(tmp_path):
+    class Item:
+        def __init__(self, nodeid):
+            self.nodeid = nodeid
+
+    class Hook:
+        def __init__(self):
+            self.deselected = []
+
+        def pytest_deselected(self, items):
+            self.deselected += [item.nodeid for item in items]
+
+    config = type("Config", (), {"hook": Hook()})()
+    record = tmp_path / "tests.jsonl"
+    suite.append_record(record, dict(nodeid="t.py::done", outcome="passed"))
+    suite.append_record(record, dict(nodeid="t.py::hung", outcome="started"))
+    plugin = suite.SuitePlugin(record, deadline=time.time() + 60)
+    items = [Item("t.py::done"), Item("t.py::hung"), Item("t.py::new")]
+    plugin.pytest_collection_modifyitems(None, config, items)
+    assert [i.nodeid for i in items] == ["t.py::hung", "t.py::new"] and config.hook.deselected == ["t.py::done"]
+
+    suite.append_record(record, dict(nodeid="t.py::hung", outcome="started"))  # ... and it dies again
+    items = [Item("t.py::done"), Item("t.py::hung"), Item("t.py::new")]
+    plugin.pytest_collection_modifyitems(None, config, items)
+    assert [i.nodeid for i in items] == ["t.py::new"]
+    final = suite.final_records(suite.read_records(record))["t.py::hung"]
+    assert final["outcome"] == "failed" and final["message"] == suite.KILLED
+
+
+def test_benchmark_priority_puts_the_goal_cases_first():
+    key = suite.benchmark_priority
+    goal = [key("benchmarks/test_norm_swiglu.py::test_forward_backward[rms_norm-4096x4096-eager]", {}),
+            key("benchmarks/test_attention.py::test_attention_forward[4096-128-causal-kpro-triton]",
+                {"seq": 4096, "dim": 128, "mask": "causal"}),
+            key("benchmarks/test_attention.py::test_bitune_dual_pass[spec-forward-kpro-triton]", {"size": "spec"}),
+            key("benchmarks/test_expansion.py::test_expansion_step[gpu-pro-eager]", {"size": "gpu-pro"})]
+    middle = [key("benchmarks/test_norm_swiglu.py::test_forward[swiglu-4096x4096-eager]", {}),
+              key("benchmarks/test_attention.py::test_attention_forward[4096-64-prefix-sdpa]",
+                  {"seq": 4096, "dim": 64, "mask": "prefix"})]
+    late = [key("benchmarks/test_attention.py::test_attention_forward[16384-128-causal-flex]",
+                {"seq": 16384, "dim": 128, "mask": "causal"}),
+            key("benchmarks/test_train.py::test_train_throughput[gpu-1b-fit]", {"size": "gpu-1b"})]
+    assert max(goal) < min(middle) and max(middle) < min(late)
+
+
+# ------------------------------------------------------------------------------------------- autotune
+
+def test_winner_must_beat_the_default_by_more_than_three_percent():
+    default, a, b = (64, 64, 8, 2), (128, 64, 8, 2), (32, 128, 8, 2)
+    ok = lambda t: {"status": "ok", "median_s": t}
+    assert suite.choose_winner(default, {default: ok(1.0), a: ok(0.971)})[0] == default  # 2.9%: noise
+    assert suite.choose_winner(default, {default: ok(1.0), a: ok(0.965)})[0] == a  # 3.5%
+    assert suite.choose_winner(default, {default: ok(1.0), a: ok(0.90), b: ok(0.95)})[0] == a  # the fastest
+
+
+def test_wrong_or_failed_candidates_are_never_chosen():
+    default, wrong, failed, good = (64, 64, 8, 2), (128, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1)
+    results = {default: {"status": "ok", "median_s": 1.0}, wrong: {"status": "wrong", "median_s": 0.5},
+               failed: {"status": "error", "median_s": None}, good: {"status": "ok", "median_s": 0.9}}
+    assert suite.choose_winner(default, results)[0] == good
+    results[good]["median_s"] = 0.99
+    assert suite.choose_winner(default, results)[0] == default
+    winner, why = suite.choose_winner(default, {default: {"status": "error"}, good: {"status": "ok", "median_s": 0.1}})
+    assert winner == default and "default" in why  # nothing to compare against: keep the default
+
+
+def sweep_records(key, default, timings, complete=True):
+    records = [dict(type="sweep", key=key, kind=key.split("/")[1], head_dim=128, dtype="bfloat16", arch=90,
+                    default=list(default), candidates=[list(c) for c in timings], shape=[4, 4096, 16, 4, 128])]
+    for i, (config, (status, seconds)) in enumerate(timings.items()):
+        if complete or i == 0:
+            records.append(dict(type="candidate", key=key, config=list(config), status="started"))
+            records.append(dict(type="candidate", key=key, config=list(config), status=status, median_s=seconds))
+    return records
+
+
+def test_sweep_summary_updates_the_tuned_table():
+    d, a, b = (64, 64, 8, 2), (128, 64, 8, 2), (32, 128, 8, 2)
+    records = (sweep_records("sm90/forward/d128/bfloat16", d, {d: ("ok", 1.0), a: ("ok", 0.8), b: ("wrong", 0.1)})
+               + sweep_records("sm90/dkdv/d128/bfloat16", d, {d: ("ok", 1.0), a: ("ok", 0.99)})
+               + sweep_records("sm90/dq/d128/bfloat16", d, {d: ("ok", 1.0), a: ("ok", 0.5)}, complete=False))
+    table = {"sm90/dkdv/d128/bfloat16": [32, 64, 4, 2], "sm80/forward/d64/bfloat16": [64, 64, 4, 2]}
+    sweeps, new = suite.summarize_autotune(records, table)
+    assert new == {"sm90/forward/d128/bfloat16": list(a), "sm80/forward/d64/bfloat16": [64, 64, 4, 2]}
+    by_key = {s["key"]: s for s in sweeps}
+    assert by_key["sm90/forward/d128/bfloat16"]["winner"] == list(a)
+    assert by_key["sm90/dkdv/d128/bfloat16"]["winner"] == list(d)  # measured: the default stays, the old entry goes
+    assert not by_key["sm90/dq/d128/bfloat16"]["complete"] and "winner" not in by_key["sm90/dq/d128/bfloat16"]
+
+
+def test_autotune_child_records_every_candidate_and_resumes(tmp_path, monkeypatch):
+    """The sweep's bookkeeping, run by the Triton interpreter on tiny CPU tensors with a fake timer (on
+    the CPU the launchers ignore forced tiles, so every candidate computes the default's result)."""
+    import torch
+    from kpro.ops.triton_kernels import attention_tiles as tiles
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU variant of the sweep; the GPU suite runs the real one")
+    plan = (("bfloat16", 16, True),)
+    fast = tuple(tiles.candidate_configs("forward", 16, torch.bfloat16, 90)[-1])
+    forced_seen, timer_calls = [], []
+    original = tiles.forced_tiles
+
+    def spying(kind, config):
+        forced_seen.append((kind, tuple(config)))
+        return original(kind, config)
+
+    def timer(call):
+        before = len(forced_seen)
+        call()
+        timer_calls.append(1)
+        return 0.5 if dict(forced_seen[before:])["forward"] == fast else 1.0
+
+    monkeypatch.setattr(tiles, "forced_tiles", spying)
+    kwargs = dict(device=torch.device("cpu"), arch=90, plan=plan, shapes={16: (1, 24, 4)}, timer=timer)
+    for shard in range(2):  # the compile warm-up: each candidate once across the shards, nothing recorded
+        assert suite.autotune_child(tmp_path, time.time() + 600, compile_only=(shard, 2), **kwargs) == 0
+    assert not (tmp_path / "autotune.jsonl").exists() and timer_calls == []
+    candidates = sum(len(tiles.candidate_configs(kind, 16, torch.bfloat16, 90)) for kind in tiles.KERNELS)
+    assert len(forced_seen) == 3 * candidates  # each candidate once, every kernel kind pinned for it
+    assert suite.autotune_child(tmp_path, time.time() + 600, **kwargs) == 0
+    records = suite.read_records(tmp_path / "autotune.jsonl")
+    sweeps, table = suite.summarize_autotune(records, {})
+    assert len(sweeps) == 3 and all(s["complete"] for s in sweeps)
+    assert all(c["status"] == "ok" for s in sweeps for c in s["candidates"])
+    assert table == {tiles.tuned_key("forward", 16, torch.bfloat16, 90): list(fast)}
+    assert {kind for kind, _ in forced_seen} == {"forward", "dkdv", "dq"}  # every kernel kind pinned
+    assert records[-1] == dict(records[-1], type="end", complete=True)
+
+    calls = len(timer_calls)
+    assert suite.autotune_child(tmp_path, time.time() + 600, **kwargs) == 0
+    assert len(timer_calls) == calls  # nothing left to time
+
+    # a candidate that was running when its process died is timed once more
+    suite.append_record(tmp_path / "autotune.jsonl", dict(type="candidate", key=sweeps[0]["key"],
+                                                         config=sweeps[0]["default"], status="started"))
+    assert suite.autotune_child(tmp_path, time.time() + 600, **kwargs) == 0
+    assert len(timer_calls) == calls + 1
+    sweeps, _ = suite.summarize_autotune(suite.read_records(tmp_path / "autotune.jsonl"), {})
+    assert sweeps[0]["candidates"][0]["status"] == "ok"
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+def fake_report():
+    case = lambda impl, median, **info: dict(
+        id=f"benchmarks/test_norm_swiglu.py::test_forward_backward[rms_norm-16384x4096-{impl}]", outcome="passed",
+        params={"impl": impl}, group="rms_norm forward+backward 16384x4096 bfloat16",
+        stats={"median": median, "min": median, "max": median, "mean": median, "stddev": 0.0, "rounds": 100},
+        extra_info=dict(info, timer="cuda events, L2 flushed"))
+    return {
+        "command": "benchmarks/gpu_suite.sh /tmp/out", "started": "2027-01-01 00:00 UTC",
+        "environment": {"device": "NVIDIA H200", "capability": "sm90", "sms": 132, "memory_gb": 139.8,
+                        "torch": "2.11.0", "cuda": "13.0", "triton": "3.6.0", "pytest-benchmark": "5.1.0",
+                        "python": "3.12.3", "commit": "abc1234"},
+        "stages": {
+            "tests": {"status": "complete", "complete": True, "seconds": 90.0, "budget_s": 120.0,
+                      "summary": "1 failed, 193 passed in 88.0s",
+                      "failures": [{"id": "tests/test_ops_attention.py::test_x[cuda]", "message": "AssertionError: 0.5 > 0.02"}]},
+            "autotune": {"status": "complete", "complete": True, "seconds": 95.0, "budget_s": 100.0,
+                         "copy_command": "cp /tmp/out/tuned_tiles.json /repo/kpro/ops/triton_kernels/tuned_tiles.json",
+                         "sweeps": [{"key": "sm90/forward/d128/bfloat16", "default": [128, 32, 8, 2],
+                                     "winner": [128, 64, 8, 3], "complete": True, "default_ms": 0.8, "winner_ms": 0.7,
+                                     "why": "12.5% faster than the default", "shape": [4, 4096, 16, 4, 128],
+                                     "candidates": [{"config": [128, 32, 8, 2], "status": "ok"},
+                                                    {"config": [128, 64, 8, 3], "status": "ok"},
+                                                    {"config": [64, 64, 4, 3], "status": "wrong"}]}]},
+            "benchmarks": {"status": "incomplete", "complete": False, "seconds": 220.0, "budget_s": 220.0,
+                           "attempts": [{"command": "pytest --benchmark benchmarks/test_norm_swiglu.py"}],
+                           "cases": [case("kpro-triton", 0.0004, gb_per_s=3900.0, fraction_of_copy=0.93),
+                                     case("torch.compile", 0.0005, gb_per_s=3100.0, fraction_of_copy=0.74),
+                                     case("eager", 0.0016, gb_per_s=980.0, fraction_of_copy=0.23),
+                                     dict(id="benchmarks/test_norm_swiglu.py::test_forward_backward[rms_norm-16384x4096-liger]",
+                                          outcome="failed", message="WrongResult: liger is wrong: output relative error 0.3"),
+                                     dict(id="benchmarks/test_train.py::test_train_throughput[gpu-1b-fit]",
+                                          outcome="skipped", budget=True, message=suite.BUDGET_SKIP)]},
+        },
+    }
+
+
+def test_markdown_report_on_a_fake_result():
+    text = suite.render_markdown(fake_report())
+    assert "NVIDIA H200" in text and "torch 2.11.0 (CUDA 13.0), triton 3.6.0" in text
+    assert "`benchmarks/gpu_suite.sh /tmp/out`" in text
+    assert "| tests | complete | 90.0 s | 120.0 s | 1 failed, 193 passed in 88.0s |" in text
+    assert "FAILED `tests/test_ops_attention.py::test_x[cuda]`: AssertionError: 0.5 > 0.02" in text
+    assert "| sm90/forward/d128/bfloat16 | (128, 32, 8, 2) | 0.8 ms | (128, 64, 8, 3) | 0.7 ms | 2 / 1 / 0 |" in text
+    assert "cp /tmp/out/tuned_tiles.json" in text
+    rows = [line for line in text.splitlines() if line.startswith("| rms_norm forward+backward")]
+    assert [row.split(" | ")[1] for row in rows] == ["kpro-triton", "torch.compile", "eager"]  # fastest first
+    assert "3900.0 GB/s | 93% of copy | —" in rows[0]
+    assert "| 0.80 (kpro-triton) |" in rows[1] and "| 0.25 (kpro-triton) |" in rows[2]
+    assert "liger is wrong" in text and "Not run (time budget" in text
+
+
+# ----------------------------------------------------------------------------------- GPU timing replay
+
+def test_cuda_event_times_become_the_benchmark_rounds(tmp_path):
+    """conftest.timed on a (pretended) GPU hands the measured per-call times to pytest-benchmark as its
+    rounds, so its median is the CUDA-event median; run in a child pytest to keep its plugin state apart."""
+    test = tmp_path / "test_replay.py"
+    test.write_text(textwrap.dedent(f"""
+        import sys, types
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import conftest as bench
+
+        def test_replay(benchmark):
+            times = [0.003, 0.001, 0.002, 0.005, 0.004]
+            bench.cuda_times = lambda fn, **options: times
+            bench.timed(benchmark, types.SimpleNamespace(type="cuda"), lambda: None)
+            stats = benchmark.stats.stats
+            assert abs(stats.median - 0.003) < 1e-12 and stats.rounds == 5 and abs(stats.min - 0.001) < 1e-12
+            assert benchmark.extra_info["timer"] == "cuda events, L2 flushed"
+    """))
+    done = subprocess.run([sys.executable, "-m", "pytest", str(test), "-q", "-p", "no:cacheprovider",
+                           f"--rootdir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
