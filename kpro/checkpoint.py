@@ -63,12 +63,30 @@ def hf_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) 
 
 # ----------------------------------------------------------------------------------------------- load
 
-def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", *,
-                    strict_config: bool = True) -> Llama:
-    """Load an HF-layout LLaMA checkpoint directory as a `kpro.Llama` in `dtype` on `device`."""
+# dtype names load_pretrained takes besides torch dtypes ("auto": the checkpoint's own)
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+               "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | str = "auto", device="cpu", *,
+                    strict_config: bool = False) -> Llama:
+    """Load an HF-layout LLaMA checkpoint directory as a `kpro.Llama` in `dtype` on `device`.
+
+    dtype          "auto" (the default): the checkpoint's own, that of the weights holding most parameters;
+                   a floating torch dtype, or its name ("bf16", "bfloat16", "float32", ...).
+    strict_config  refuse config fields kpro does not know (default: one ConfigWarning naming them, as
+                   `LlamaConfig.from_hf`); fields that change the math are refused either way.
+    """
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"{directory} is a file; load_pretrained takes the checkpoint directory that holds "
+                              f"config.json and the weights ({directory.parent})")
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    wanted = checked_dtype(dtype)
     cfg = LlamaConfig.from_hf(directory / CONFIG_NAME, strict=strict_config)
     with torch.device("meta"):
         model = Llama(cfg)
@@ -78,7 +96,9 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
         _check_index_points_right(directory, location, handles)
         found = {name: tuple(handles[file].get_slice(name).get_shape()) for name, file in location.items()}
         _check_names_and_shapes(directory, expected, found, tied=cfg.tie_word_embeddings)
-        state = {}
+        if wanted is None:
+            wanted = _checkpoint_dtype(directory, {name: handles[location[name]].get_slice(name) for name in expected})
+        dtype, state = wanted, {}
         for name in expected:
             tensor = handles[location[name]].get_tensor(name)
             if not tensor.is_floating_point():
@@ -89,6 +109,37 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
         model.lm_head.weight = model.embed_tokens.weight
     model.rope.reset(device=torch.device(device))
     return model
+
+
+def checked_dtype(dtype) -> torch.dtype | None:
+    """A floating torch dtype from a dtype or its name; None for "auto". Anything else is a ValueError."""
+    if isinstance(dtype, str):
+        name = dtype.lower().removeprefix("torch.")
+        if name == "auto":
+            return None
+        if name not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; use auto (the checkpoint's own), "
+                             f"{', '.join(DTYPE_NAMES)} or a torch floating dtype")
+        return DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (torch.float32, torch.bfloat16, ...) or its name, got "
+                         f"{dtype!r}: a LLaMA's weights are floating point")
+    return dtype
+
+
+def _checkpoint_dtype(directory: Path, slices: dict) -> torch.dtype:
+    """The dtype of the checkpoint's weights: where they differ, that of the most parameters."""
+    counts: dict[str, int] = {}
+    for name, piece in slices.items():
+        numel = 1
+        for size in piece.get_shape():
+            numel *= size
+        counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + numel
+    stored = max(counts, key=counts.get)
+    if stored not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{directory}: the weights are stored as {stored}; expected floating point "
+                              f"({', '.join(_SAFETENSORS_DTYPES)})")
+    return _SAFETENSORS_DTYPES[stored]
 
 
 def tensor_locations(directory: Path) -> dict[str, Path]:
@@ -152,6 +203,10 @@ def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool) 
     unexpected = sorted(set(found) - set(expected))
     misshaped = [f"{name} {list(found[name])} (expected {list(expected[name])})"
                  for name in sorted(set(expected) & set(found)) if found[name] != expected[name]]
+    if missing and {name[len("model."):] for name in missing if name.startswith("model.")} & set(found):
+        problems.append("the checkpoint's tensor names lack the `model.` prefix of the Hugging Face layout "
+                        "(`embed_tokens.weight` for `model.embed_tokens.weight`): a raw state dict? kpro.save_pretrained "
+                        "writes the layout kpro and Hugging Face read")
     if missing:
         problems.append(f"missing tensor(s): {', '.join(missing)}")
     if unexpected:

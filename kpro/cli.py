@@ -1,66 +1,124 @@
-"""`python -m kpro <command>`: info, generate, convert-gguf, expand, train-expanded, internalize, bitune, demo,
-reproduce."""
+"""`python -m kpro <command>`: info, generate, convert-gguf, tokenize, expand, train-expanded, internalize, bitune,
+demo, reproduce.
+
+Start-up: `python -m kpro --help` and `info` import no torch. COMMANDS lists every subcommand with its help
+line, and a command line builds the parser of its own command only (`build_parser(only=...)`): the method
+packages that define the others import torch. tests/test_cli.py checks the table against the parsers.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import struct
 import sys
 from pathlib import Path
 
-import torch
-
-from .bitune import command as bitune_command
-from .cli_args import DTYPES, check_device
-from .convert import command as convert_command
-from .demo import command as demo_command
+from .cli_args import DTYPES, HelpFormatter, add_device_argument, resolve_device
 from .errors import CheckpointError
-from .expansion import command as expansion_command
-from .internalize import command as internalize_command
+
+# name -> (the package whose command.py defines it; None: this file), help line.
+COMMANDS = {
+    "info": (None, "describe an HF-layout checkpoint directory (reads headers only)"),
+    "generate": (None, "continue prompts with a checkpoint and its tokenizer"),
+    "convert-gguf": ("convert", "convert a GGUF file (llama.cpp) into an HF-layout checkpoint directory"),
+    "tokenize": ("train", "tokenize text files into memory-mappable token shards (resumable)"),
+    "expand": ("expansion", "LLaMA Pro block expansion of a checkpoint, streamed tensor by tensor"),
+    "train-expanded": ("expansion", "post-pretrain the new blocks of an expanded checkpoint on a text corpus"),
+    "internalize": ("internalize", "stepwise internalization of chain-of-thought (ICoT-SI), and its two baselines"),
+    "bitune": ("bitune", "instruction-tune with Bitune (or --baseline lora) and score multiple choice"),
+    "demo": (None, "the main job on a tiny embedded default (a few CPU minutes)"),
+    "reproduce": ("demo", "reproduce a paper's experiment at CPU scale (longer than the demo)"),
+}
+# What `info` lists; the same names as kpro.tokenizer.TOKENIZER_FILES (kept here for a light `info`; a test compares).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "kpro_char_tokenizer.json", "kpro_symbol_tokenizer.json")
 
 
 def cmd_info(args) -> None:
-    from safetensors import safe_open
-
-    from .checkpoint import tensor_locations
     from .config import LlamaConfig
-    from .tokenizer import TOKENIZER_FILES
 
-    cfg = LlamaConfig.from_hf(args.dir)
-    locations = tensor_locations(Path(args.dir))
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    cfg = LlamaConfig.from_hf(directory)
     count, dtypes = 0, {}
-    for file in sorted(set(locations.values())):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                numel = 1
-                for size in piece.get_shape():
-                    numel *= size
-                count += numel
-                dtypes[piece.get_dtype()] = dtypes.get(piece.get_dtype(), 0) + numel
-    files = sorted({p.name for p in locations.values()})
+    files = _weight_files(directory)
+    for file in files:
+        for name, entry in _safetensors_header(file).items():
+            numel = 1
+            for size in entry["shape"]:
+                numel *= size
+            count += numel
+            dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + numel
     print(f"checkpoint   {args.dir}  ({len(files)} weight file{'s' * (len(files) > 1)})")
     print(f"parameters   {count:,} ({count / 1e9:.3f} B)")
-    print("dtype        " + ", ".join(f"{d} ({n / count:.0%})" for d, n in dtypes.items()))
+    print("dtype        " + ", ".join(f"{d} ({n / max(count, 1):.0%})" for d, n in dtypes.items()))
     print(f"layers       {cfg.num_hidden_layers} x hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}")
     print(f"attention    {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} key/value heads, head_dim {cfg.head_dim}")
     print(f"rope         theta {cfg.rope_theta:g}, scaling {json.dumps(cfg.rope_scaling)}, max positions {cfg.max_position_embeddings}")
     print(f"vocab        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}, bos {cfg.bos_token_id}, eos {cfg.eos_token_id}")
     for name in TOKENIZER_FILES:
-        if (Path(args.dir) / name).is_file():
+        if (directory / name).is_file():
             print(f"tokenizer    {name}")
 
 
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
+    index, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
+        missing = [name for name in names if not (directory / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(missing)}")
+        return [directory / name for name in names]
+    if single.is_file():
+        return [single]
+    present = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json (it holds: "
+                          f"{', '.join(present) or 'nothing'}); kpro reads safetensors checkpoints only")
+
+
+def _safetensors_header(file: Path) -> dict:
+    """{tensor name: {"dtype", "shape", ...}} from a safetensors file's JSON header, without torch."""
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if length is None or length > file.stat().st_size - 8:
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{file} has an unreadable safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has an unreadable safetensors header")
+    return {name: entry for name, entry in header.items() if name != "__metadata__"}
+
+
 def cmd_generate(args) -> None:
+    import secrets
+
+    import torch
+
     from .checkpoint import load_pretrained
     from .generation import generate
     from .tokenizer import load_tokenizer
 
-    check_device(args.device)
-    model = load_pretrained(args.dir, dtype=DTYPES[args.dtype], device=args.device)
+    device = resolve_device(args.device)
+    model = load_pretrained(args.dir, dtype=DTYPES[args.dtype], device=device)
     tok = load_tokenizer(args.dir)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer of {args.dir} has {tok.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} embeddings")
+    seed = args.seed
+    if seed is None and args.temperature > 0:  # say the seed, so that this sample can be drawn again
+        seed = secrets.randbits(31)
+        print(f"sampling with --seed {seed}", file=sys.stderr)
     prompts = tok.encode_batch(args.prompt)
-    ids, mask = tok.pad_left(prompts, device=args.device)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    ids, mask = tok.pad_left(prompts, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed or 0)
     out = generate(model, ids, args.max_new_tokens, attention_mask=mask, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, generator=generator)
     eos = set(model.config.eos_token_ids) | {tok.eos_id}
@@ -82,49 +140,95 @@ def cmd_demo(args) -> None:
     demo.run(acts, Path(args.out), seed=args.seed)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kpro", description="kpro: kernels and training methods for LLaMA post-pretraining")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-
-    p = sub.add_parser("info", help="describe an HF-layout checkpoint directory (reads headers only)")
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help=COMMANDS["info"][1])
     p.add_argument("dir", help="checkpoint directory (config.json + safetensors)")
     p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("generate", help="continue prompts with a checkpoint and its tokenizer")
-    p.add_argument("dir", help="checkpoint directory with tokenizer.model or kpro_char_tokenizer.json")
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help=COMMANDS["generate"][1])
+    p.add_argument("dir", help="checkpoint directory with its tokenizer (tokenizer.model, tokenizer.json, or a kpro "
+                               "character or symbol tokenizer file)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0, sampling")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this much of "
+                   "the probability (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one, printed, so that the "
+                   "sample can be repeated)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights")
+    add_device_argument(p)
     p.set_defaults(run=cmd_generate)
 
-    # Each subcommand beyond these lives in the command.py of the package that owns it.
-    for package in (convert_command, expansion_command, internalize_command, bitune_command):
-        package.add_parsers(sub)
 
+def _add_demo(sub) -> None:
     from .demo import ACTS
 
-    p = sub.add_parser("demo", help="the main job on a tiny embedded default (a few CPU minutes)")
+    p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("acts", nargs="*", metavar="act", help=f"acts to run, default all: {', '.join(ACTS)}")
     p.add_argument("--out", default="kpro-demo", help="directory for the demo's checkpoints (default ./kpro-demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models, data and sampling")
     p.set_defaults(run=cmd_demo)
-    demo_command.add_parsers(sub)
+
+
+def _add_package_parsers(sub, package: str) -> None:
+    """Import the command.py of `package` (and so the package: torch) and add its subcommands."""
+    if package == "convert":
+        from .convert import command
+    elif package == "train":
+        from .train import command
+    elif package == "expansion":
+        from .expansion import command
+    elif package == "internalize":
+        from .internalize import command
+    elif package == "bitune":
+        from .bitune import command
+    elif package == "demo":
+        from .demo import command
+    else:
+        raise ValueError(f"no command.py for package {package!r}")
+    command.add_parsers(sub)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or with `only` a command's name, of that command (and the others its
+    package defines) only, the rest listed by name and help line; `only=""` lists them all that way
+    (`python -m kpro --help`). Every subcommand shows its options' defaults (cli_args.HelpFormatter)."""
+    parser = argparse.ArgumentParser(prog="python -m kpro", formatter_class=HelpFormatter,
+                                     description="kpro: kernels and training methods for LLaMA post-pretraining")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    home = {name: package or name for name, (package, _) in COMMANDS.items()}
+    wanted = set(COMMANDS) if only is None else {name for name in COMMANDS if only in COMMANDS and home[name] == home[only]}
+    local = {"info": _add_info, "generate": _add_generate, "demo": _add_demo}
+    for name, (package, help) in COMMANDS.items():
+        if name in sub.choices:
+            continue  # added with another command of its package
+        if name not in wanted:
+            sub.add_parser(name, help=help, add_help=False)  # listed only: main parses with its own command's parser
+        elif name in local:
+            local[name](sub)
+        else:
+            _add_package_parsers(sub, package)
+    for subparser in sub.choices.values():
+        subparser.formatter_class = HelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
         args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as err:  # bad input: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (`python -m kpro info DIR | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # as a program that SIGPIPE ends
+    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)  # bad input, or a run that diverged: one line, no traceback
         return 1
     return 0

@@ -1,16 +1,67 @@
 """Argument types and checks that every subcommand shares, below both `kpro.cli` (which collects the
-subcommands) and each method's `command.py`."""
+subcommands) and each method's `command.py`. Nothing here imports torch until it is used: building the
+parsers (`python -m kpro --help`, `info`) must not pay for it."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 
-import torch
+DEVICE_HELP = "cpu, cuda or cuda:N; auto: cuda when torch sees a GPU, else cpu"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+class _TorchDtypes(Mapping):
+    """{"float32": torch.float32, ...}: the names without torch, the dtypes (importing torch) on lookup."""
+
+    NAMES = ("bfloat16", "float16", "float32", "float64")
+
+    def __getitem__(self, name: str):
+        if name not in self.NAMES:
+            raise KeyError(name)
+        import torch
+
+        return getattr(torch, name)
+
+    def __iter__(self):
+        return iter(self.NAMES)
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
+
+DTYPES = _TorchDtypes()
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every subcommand's help formatter: an option's default follows its help text, unless the text names
+    it already or there is none to show (a flag, a required option)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_device_argument(parser, help: str = DEVICE_HELP) -> None:
+    """`--device`, default auto, the same in every command (resolve it with `resolve_device`)."""
+    parser.add_argument("--device", default="auto", help=f"{help} (default: auto)")
+
+
+def resolve_device(device: str | None) -> str:
+    """"auto" (or None): "cuda" when torch sees a GPU, else "cpu"; any other name is checked by `check_device`."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
+    return device
 
 
 def check_device(device: str) -> None:
     """A one-line error for a device this machine does not have (torch would fail deep inside)."""
+    import torch
+
     try:
         parsed = torch.device(device)
     except RuntimeError:

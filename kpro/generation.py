@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .model import KVCache, Llama
 
 
@@ -21,12 +22,19 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
     `pad_token_id` after it; decoding ends when every row has stopped.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor [B, T] of prompts (one prompt: ids[None]), got {got}")
     batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"input_ids is empty ([B={batch}, T={length}]): generate needs at least one prompt of at least "
+                         "one token")
     if length + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    ops.check_attention_mask(attention_mask, (batch, length), "generate")  # the model's check: 1 and 0 only
     check_left_padded(attention_mask)
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, batch, length + max_new_tokens, dtype, input_ids.device)

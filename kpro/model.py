@@ -75,12 +75,17 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Built on the meta device, the model is to be filled from a checkpoint: no values to draw. (And on
+        # meta, nn.init.normal_ runs a Python decomposition whose first call imports seconds of torch.)
+        filled_later = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(
+            cfg.vocab_size, cfg.hidden_size) if filled_later else None)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg)
-        self.apply(self._init_weights)
+        if not filled_later:
+            self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # How each block runs: None (plain calls), or one function per block, `run(block, x, cos, sin,
@@ -131,21 +136,16 @@ class Llama(nn.Module):
                 raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {batch}")
             if past + length > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions; {past} used, {length} more asked")
-        if attention_mask is not None and attention_mask.shape != (batch, past + length):
-            raise ValueError(f"attention_mask must be [B={batch}, past+T={past + length}], got {tuple(attention_mask.shape)}")
-        if torch.compiler.is_compiling():  # checks on values would break the graph
-            return attention_mask
-        if input_ids.device.type == "cpu" and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(f"input_ids hold token ids outside [0, vocab_size={self.config.vocab_size})")
         if attention_mask is None:
-            return None
-        # One device sync for both facts: a value other than 0/1, and whether every token is real.
-        invalid = (attention_mask != 0) & (attention_mask != 1)
-        invalid, all_real = torch.stack((invalid.any(), attention_mask.bool().all())).tolist()
-        if invalid:
-            raise ValueError("attention_mask must hold 1 (real token) and 0 (padding) only")
-        # A mask of all ones is no mask: take the faster unmasked attention path.
-        return None if all_real else attention_mask
+            all_real = None
+        else:  # the op's check (bool or 0/1 integers), with whether every token is real in the same device read
+            all_real = ops.check_attention_mask(attention_mask, (batch, past + length), "model", report_all_real=True)
+        if not torch.compiler.is_compiling() and input_ids.device.type == "cpu" and (
+                input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):  # a value read breaks a graph
+            raise ValueError(f"input_ids hold token ids outside [0, vocab_size={self.config.vocab_size})")
+        # A mask of all ones is no mask: take the faster unmasked attention path. A checked mask goes to the
+        # layers as bool, whose values need no further look.
+        return None if attention_mask is None or all_real else attention_mask.bool()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

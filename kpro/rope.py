@@ -37,7 +37,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        # A model built on the meta device (to be filled from a checkpoint) gets a real table on the CPU,
+        # where it is cheap (meta's arange runs a decomposition whose first call imports seconds of torch).
+        device = "cpu" if torch.get_default_device().type == "meta" else None
+        self.register_buffer("inv_freq", rope_frequencies(cfg, device=device), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # .to(bfloat16) would round the frequencies; recompute them in float64 on the new device instead.

@@ -17,10 +17,12 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ._files import write_atomic
+
+if TYPE_CHECKING:  # torch only where tensors are made (pad_left): `kpro tokenize`'s workers never import it
+    import torch
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_JSON_FILE = "tokenizer.json"
@@ -385,6 +387,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | 
 
 def pad_left(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists to one length: (input_ids [B, T], attention_mask [B, T] with 1 = real)."""
+    import torch
+
     if not sequences or any(len(seq) == 0 for seq in sequences):
         raise ValueError("pad_left needs at least one sequence and no empty sequence")
     length = max(len(seq) for seq in sequences)

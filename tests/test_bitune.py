@@ -269,3 +269,64 @@ def test_generation_past_the_model_positions_is_refused():
 def test_unknown_mode():
     with pytest.raises(ValueError, match="unknown Bitune mode 'fancy'"):
         Bitune(kpro.Llama(tiny_config()), mode="fancy")
+
+
+def test_the_mix_is_computed_in_fp32_and_cast_back():
+    from kpro.ops.bitune_attention import mix_kv
+
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = (torch.randn(4, 64, 8, generator=gen).bfloat16() for _ in range(2))
+    alpha = torch.tensor(0.3137, dtype=torch.float32)
+    mixed = mix_kv(x0, x1, alpha)
+    assert mixed.dtype == torch.bfloat16
+    assert torch.equal(mixed, ((1 - alpha) * x0.float() + alpha * x1.float()).bfloat16())
+    # Left to type promotion, the 0-dim fp32 alpha does not promote bf16: the old expression rounds in bf16.
+    naive = (1 - alpha) * x0 + alpha * x1
+    assert naive.dtype == torch.bfloat16 and not torch.equal(naive, mixed)
+    # float64 stays float64 (the independent references compare to 1e-15), and alpha gets its gradient.
+    y0, y1 = (torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    a = torch.tensor(0.25, requires_grad=True)
+    out = mix_kv(y0, y1, a)
+    assert out.dtype == torch.float64 and torch.equal(out, (1 - a.double()) * y0 + a.double() * y1)
+    out.sum().backward()
+    torch.testing.assert_close(a.grad.double(), (y1 - y0).sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_generation_decodes_from_the_mix_the_answer_stream_attends_to(fused, monkeypatch):
+    """The first token comes from the attention over the mixed cache, the later ones from the decoding cache:
+    both must hold the same mix, in fp32 cast to bf16 (the Triton kernel's), or the two disagree under bf16."""
+    import importlib
+
+    from kpro.bitune import passes
+    ops_bitune = importlib.import_module("kpro.ops.bitune_attention")  # the module (kpro.ops exports the function)
+
+    seen = {"attention": [], "cache": []}
+    original = ops_bitune.mix_kv
+
+    def spy(where):
+        def mix(x0, x1, alpha):
+            out = original(x0, x1, alpha)
+            seen[where].append(out)
+            return out
+        return mix
+    monkeypatch.setattr(ops_bitune, "mix_kv", spy("attention"))
+    monkeypatch.setattr(passes, "mix_kv", spy("cache"))
+    bt = make(dtype=torch.bfloat16)
+    ids, plens, mask, seqs = batch()
+    prompts = [seq[:p] for seq, p in zip(seqs, plens.tolist())]
+    bt.generate(prompts, 3, fused=fused, eos_token_id=[])
+    layers = bt.model.config.num_hidden_layers
+    assert len(seen["cache"]) == 2 * layers and all(t.dtype == torch.bfloat16 for t in seen["cache"])
+    if fused:  # the answer stream's attention mixes on its own (the reference of the fused kernel): the same bits
+        assert len(seen["attention"]) == 2 * layers
+        assert all(torch.equal(a, c) for a, c in zip(seen["attention"], seen["cache"]))
+
+
+def test_applying_bitune_twice_to_one_model_is_refused():
+    model = kpro.Llama(tiny_config())
+    first = Bitune(model)
+    with pytest.raises(ValueError, match=r"this model has LoRA adapters already \(Bitune, or LoRA, was applied to it "
+                                         r"before\)"):
+        Bitune(model)
+    assert first.adapter_names == sorted({n for layer in lora.lora_layers(model) for n in layer.adapters})

@@ -15,7 +15,7 @@ from kpro.train import collate_prompt_answer
 from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TOK = kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789 ?.:\nQA")
+TOK = kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789 ?.:\nQAC")
 
 
 def write_jsonl(path, rows):
@@ -76,6 +76,51 @@ def test_bitune_loss_for_fit_equals_the_module_loss():
     torch.testing.assert_close(loss_sum.total / loss_sum.count, expected)
 
 
+def test_loss_weighting_per_example_as_the_reference_or_per_token():
+    """The reference (batch 1 x accumulation) averages each example's answer tokens, then the examples;
+    the token mean weighs long answers more. Both against log-softmax by hand, for Bitune and for LoRA."""
+    torch.manual_seed(0)
+    pairs = tiny_pairs(6, seed=4)
+    assert len({len(a) for _, a in pairs}) > 1  # answers of different lengths: the two weightings differ
+    batch = collate_prompt_answer(pairs, pad_id=0)
+    bt = Bitune(kpro.Llama(tiny_config()).double(), rank=2, seed=0).double()
+    logits = bt(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"])
+    per_row = []
+    for row, (prompt, answer) in enumerate(pairs):  # answer stream: [prompt[P-1], answer...]; position t predicts t+1
+        logp = F.log_softmax(logits[row], -1)
+        per_row.append(torch.stack([-logp[t, token] for t, token in enumerate(answer)]))
+    by_example = bitune.bitune_loss(bt, batch, weighting="example")
+    assert int(by_example.count) == len(pairs)
+    torch.testing.assert_close(by_example.total / by_example.count, torch.stack([r.mean() for r in per_row]).mean())
+    by_token = bitune.bitune_loss(bt, batch, weighting="token")
+    torch.testing.assert_close(by_token.total / by_token.count, torch.cat(per_row).mean())
+    assert not torch.allclose(by_example.total / by_example.count, by_token.total / by_token.count)
+
+    model = kpro.Llama(tiny_config()).double()
+    lora.add_adapters(model, ["causal"], rank=2, seed=0)
+    adapted = lora.AdaptedModel(model, "causal").double()
+    causal = adapted(batch["input_ids"], batch["attention_mask"])
+    rows = []
+    for row, (prompt, answer) in enumerate(pairs):
+        logp = F.log_softmax(causal[row], -1)
+        rows.append(torch.stack([-logp[len(prompt) - 1 + i, token] for i, token in enumerate(answer)]))
+    lora_example = bitune.training.lora_loss(adapted, batch, weighting="example")
+    torch.testing.assert_close(lora_example.total / lora_example.count, torch.stack([r.mean() for r in rows]).mean())
+    lora_token = bitune.training.lora_loss(adapted, batch, weighting="token")
+    torch.testing.assert_close(lora_token.total / lora_token.count, torch.cat(rows).mean())
+    with pytest.raises(ValueError, match="unknown loss weighting 'sample'"):
+        bitune.tune(kpro.Llama(tiny_config()), pairs, "bitune", "unused", weighting="sample")
+
+
+def test_tune_weighs_examples_alike_by_default(tmp_path, monkeypatch):
+    seen = []
+    original = bitune.training.weighted_loss
+    monkeypatch.setattr(bitune.training, "weighted_loss", lambda *a: seen.append(a[-1]) or original(*a))
+    for method in ("bitune", "lora"):
+        bitune.tune(kpro.Llama(tiny_config()), tiny_pairs(16), method, tmp_path / method, steps=1, batch_size=4)
+    assert seen == ["example", "example"]  # the reference's, for both methods
+
+
 def test_log_likelihoods_of_answers():
     torch.manual_seed(0)
     model = kpro.Llama(tiny_config()).double()
@@ -98,8 +143,9 @@ def test_multiple_choice_picks_the_likeliest_choice():
     questions = [bitune.MultipleChoice("what is a", ["b", "cc", "d"], 0), bitune.MultipleChoice("pick", ["x", "y"], 1)]
     result = bitune.multiple_choice_accuracy(model, TOK, questions)
     expected = 0
+    assert bitune.multiple_choice_prompt(questions[0]) == "Question: what is a\n\nChoices:\nb\ncc\nd\n\nAnswer:"
     for q in questions:
-        prompt = bitune.PROMPT_TEMPLATE.format(instruction=q.question)
+        prompt = "Question: " + q.question + "\n\nChoices:\n" + "\n".join(q.choices) + "\n\nAnswer:"  # the paper's
         pairs = [bitune.encode_pair(TOK, prompt, " " + c) for c in q.choices]
         scores = bitune.answer_log_likelihoods(model, [p for p, _ in pairs], [a for _, a in pairs])
         expected += int(scores.argmax()) == q.answer
@@ -150,6 +196,7 @@ def test_cli_end_to_end(tmp_path):
     assert "10 examples, 1 dropped for being longer than 28" in result.stdout and "acc " in result.stdout
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["method"] == "bitune" and str(mc) in saved["eval"]
+    assert saved["loss_weighting"] == "example"  # the reference's weighting is the command's default
     bad = run("--eval", str(data))
     assert bad.returncode == 1 and "needs 'question'" in bad.stderr
     bad = run("--baseline", "lora", "--mode", "no_mix")

@@ -63,6 +63,72 @@ def test_load_converts_dtype_and_device(tmp_path, make_model):
     assert loaded.rope.inv_freq.dtype == torch.float64 and loaded.rope.inv_freq.device.type == "cpu"
 
 
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_default_dtype_is_the_checkpoints_own(tmp_path, make_model, saved):
+    """dtype="auto" (the default) keeps a bf16 checkpoint bf16: re-saved, it keeps its size."""
+    model = make_model(dtype=saved)
+    kpro.save_pretrained(model, tmp_path / "ck")
+    loaded = kpro.load_pretrained(tmp_path / "ck")
+    assert {p.dtype for p in loaded.parameters()} == {saved}
+    assert torch.equal(loaded.layers[1].self_attn.o_proj.weight, model.layers[1].self_attn.o_proj.weight)
+    kpro.save_pretrained(loaded, tmp_path / "again")
+    size = lambda d: (d / "model.safetensors").stat().st_size
+    assert size(tmp_path / "again") == size(tmp_path / "ck")
+
+
+def test_dtype_names_are_accepted_and_non_float_dtypes_refused(tmp_path, make_model):
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
+    for name, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
+                        ("fp32", torch.float32), ("auto", torch.float32)):
+        assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck", dtype=name).parameters()} == {dtype}
+    with pytest.raises(ValueError, match=r"dtype must be a floating dtype .* got torch.int8: a LLaMA's weights are "
+                                         "floating point"):
+        kpro.load_pretrained(tmp_path / "ck", dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"unknown dtype 'int8'; use auto \(the checkpoint's own\), float32, fp32"):
+        kpro.load_pretrained(tmp_path / "ck", dtype="int8")
+
+
+def test_a_checkpoint_is_loaded_without_drawing_initial_weights(tmp_path, make_model, monkeypatch):
+    """The weights come from the file: the model is built on the meta device without kpro's normal init
+    (on meta it ran a decomposition whose first call cost seconds; nn.Linear's own reset on meta tensors
+    touches no data)."""
+    model = make_model(dtype=torch.float32)
+    kpro.save_pretrained(model, tmp_path / "ck")
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("a model loaded from a checkpoint was initialised")
+
+    monkeypatch.setattr(torch.nn.init, "normal_", no_init)
+    assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
+    with pytest.raises(AssertionError, match="initialised"):  # a new model on the CPU is still initialised
+        kpro.Llama(model.config)
+
+
+def test_a_file_path_and_raw_state_dict_names_are_named(tmp_path, make_model):
+    model = make_model(dtype=torch.float32)
+    kpro.save_pretrained(model, tmp_path / "ck")
+    with pytest.raises(kpro.CheckpointError, match=r"model.safetensors is a file; load_pretrained takes the "
+                                                   r"checkpoint directory that holds config.json and the weights"):
+        kpro.load_pretrained(tmp_path / "ck" / "model.safetensors")
+    save_file({name: t.contiguous() for name, t in model.state_dict().items() if "inv_freq" not in name},
+              str(tmp_path / "ck" / "model.safetensors"))  # torch's names: no `model.` prefix
+    with pytest.raises(kpro.CheckpointError, match=r"tensor names lack the `model.` prefix of the Hugging Face "
+                                                   r"layout .*a raw state dict\?"):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
+def test_unknown_config_fields_warn_as_from_hf_does(tmp_path, make_model):
+    """load_pretrained reads config.json as LlamaConfig.from_hf does: an unknown field is one warning (strict_config
+    refuses it); a field that changes the math is refused either way."""
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**config, "some_new_field": 1}))
+    with pytest.warns(kpro.config.ConfigWarning, match="some_new_field"):
+        kpro.load_pretrained(tmp_path / "ck")
+    with pytest.raises(kpro.ConfigError, match="some_new_field"):
+        kpro.load_pretrained(tmp_path / "ck", strict_config=True)
+
+
 def _rewrite(path, change):
     tensors = load_file(str(path))
     change(tensors)

@@ -1,9 +1,49 @@
-"""The demo's acts run end to end (shortened); the full-length run is `python -m kpro demo`."""
+"""The demo's acts run end to end (shortened), and each act's claim line is computed from its numbers.
+
+The full-length run is `python -m kpro demo`. Each act ends with one line, `claim (act): ... -- SHOWN by this
+run: ...` or `NOT SHOWN`; its verdict function is tested here on made-up numbers both ways, and each act,
+run at tiny settings, must print the verdict that its returned numbers give.
+"""
+import contextlib
 import random
+import re
+
+import pytest
+import torch
 
 import kpro
 from kpro.demo import basics as demo
-from kpro.demo import internalization
+from kpro.demo import bitune, claims, expansion, internalization, seeds
+from kpro.demo.parallel import run_jobs
+
+CLAIM_LINE = re.compile(r"^claim \((\w+)\): (.+) -- (SHOWN|NOT SHOWN) by this run: (.+)$", re.M)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """As the acts score (one thread): the same reductions, so the same greedy answers bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def claim_of(out: str, act: str) -> tuple[bool, str]:
+    """(shown, figures) of the one claim line of `act` in the printed output."""
+    lines = [m for m in CLAIM_LINE.finditer(out) if m.group(1) == act]
+    assert len(lines) == 1, out
+    return lines[0].group(3) == "SHOWN", lines[0].group(4)
+
+
+def test_claim_line_and_standard_errors():
+    assert claims.claim_line("x", "it works", True, "1 vs 0") == "claim (x): it works -- SHOWN by this run: 1 vs 0"
+    assert "NOT SHOWN" in claims.claim_line("x", "it works", False, "")
+    assert claims.standard_error(0.5, 100) == pytest.approx(0.05)
+    assert claims.difference_standard_error(0.5, 100, 0.5, 100) == pytest.approx(0.05 * 2 ** 0.5)
+    assert claims.in_standard_errors(0.1, 0.05) == "+2.0 standard errors"
+    assert claims.in_standard_errors(0.0, 0.0) == "no spread to measure it against"
 
 
 def test_reversal_task_format():
@@ -11,28 +51,106 @@ def test_reversal_task_format():
     assert prompt.endswith(">") and answer == prompt[:-1][::-1] and 3 <= len(answer) <= 8
 
 
+def test_basics_verdict_both_ways():
+    examples = [("ab>", "ba")] * 10
+    right, wrong = ["ba"] * 10, ["ba"] * 8 + ["ab"] * 2
+    assert demo.verdict(right, right, examples) == (True, 1.0)
+    assert demo.verdict(wrong, wrong, examples) == (False, 0.8)  # below 0.9
+    assert demo.verdict(right, wrong, examples) == (False, 0.8)  # the reload changed answers
+
+
 def test_basics_act_trains_saves_and_reloads(tmp_path, capsys):
     result = demo.act_basics(tmp_path / "basics", steps=30)
     out = capsys.readouterr().out
     assert "step    30/30  loss" in out and "reloaded" in out
-    assert 0.0 <= result["accuracy"] <= 1.0
-    assert isinstance(kpro.load_tokenizer(tmp_path / "basics"), kpro.CharTokenizer)
-    assert kpro.load_pretrained(tmp_path / "basics").config.num_hidden_layers == 4
+    tok = kpro.load_tokenizer(tmp_path / "basics")
+    reloaded = kpro.load_pretrained(tmp_path / "basics")
+    assert isinstance(tok, kpro.CharTokenizer) and reloaded.config.num_hidden_layers == 4
+    held_out = [demo.reversal_task(random.Random(10_000 + i)) for i in range(200)]
+    assert result["accuracy"] == demo.accuracy(reloaded, tok, held_out)  # the reported accuracy is the saved model's
+    shown, figures = claim_of(out, "basics")
+    assert shown == result["claim_shown"] == (result["accuracy"] >= demo.LEARNED and result["same_answers"] == 200)
+    assert f"held-out accuracy {result['accuracy']:.2f}" in figures and f"{result['same_answers']}/200" in figures
 
 
-def test_bitune_act_compares_lora_and_bitune(tmp_path, capsys):
-    from kpro.demo import bitune
-    results = bitune.act_bitune(tmp_path / "bitune", pretrain_steps=4, tune_steps=2, held_out=20)
+def test_internalization_verdict_both_ways():
+    def results(internalized, no_cot, cot_tokens=0.0):
+        return {"internalized": {"accuracy": internalized, "cot_tokens": cot_tokens},
+                "no CoT": {"accuracy": no_cot, "cot_tokens": 0.0}}
+    shown, margin, se = internalization.verdict(results(0.95, 0.35), 500)
+    assert shown and margin == pytest.approx(0.6) and se == pytest.approx(
+        ((0.95 * 0.05 + 0.35 * 0.65) / 500) ** 0.5)
+    assert not internalization.verdict(results(0.89, 0.35), 500)[0]  # below 0.9
+    assert not internalization.verdict(results(0.95, 0.35, cot_tokens=0.5), 500)[0]  # still writes CoT
+    assert not internalization.verdict(results(0.95, 0.93), 500)[0]  # not clearly above no CoT (~1.2 se)
+    assert internalization.verdict(results(1.0, 0.0), 500)[0]  # no spread, a margin of 1
+    assert not internalization.verdict(results(1.0, 1.0), 500)[0]  # no spread, no margin
+
+
+def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
+    results = internalization.act_internalization(tmp_path, explicit_steps=6, steps_per_token=2, after_steps=4,
+                                                  eval_every=4, valid_size=4, test_size=8, hidden=32, workers=1)
     out = capsys.readouterr().out
-    assert set(results) == {"lora", "bitune"} and all(0 <= r["accuracy"] <= 1 for r in results.values())
-    assert "held-out accuracy" in out
-    prompt, answer = bitune.question(random.Random(0))
-    digits = [int(d) for d in prompt.split()[:6]]
-    assert answer == str(bitune.OPERATIONS[prompt.split()[-1]](digits))
+    assert {"explicit CoT", "no CoT", "internalized"} <= set(results)
+    for name in ("explicit CoT", "no CoT", "internalized"):
+        assert f"  {name:13s} accuracy {results[name]['accuracy']:.3f}" in out
+    assert results["internalized"]["steps"] == results["no CoT"]["steps"] == 6 + 8 * 2 + 4
+    shown, figures = claim_of(out, "internalization")
+    assert shown == results["claim_shown"] == internalization.verdict(results, 8)[0]
+    assert (f"internalized {results['internalized']['accuracy']:.3f} with "
+            f"{results['internalized']['cot_tokens']:.1f} CoT tokens") in figures
+    assert f"no CoT {results['no CoT']['accuracy']:.3f}" in figures
+    # The internalized model kept its best weights once the CoT was gone (validation at 12, 16, 20... of 20).
+    assert results["selected"]["internalized"]["step"] in (16, 20)
+
+
+def test_bitune_task_needs_look_ahead_only_on_the_right():
+    assert bitune.records([3, 8, 1, 0, 7, 5], "left") == 2 and bitune.records([3, 8, 1, 0, 7, 5], "right") == 3
+    prompt, answer, side = bitune.question(random.Random(0), "right")
+    digits = [int(d) for d in prompt.split()[:-1]]
+    assert prompt.split()[-1] == side == "right" and len(set(digits)) == bitune.DIGITS
+    assert answer == str(bitune.records(digits, "right"))
+
+
+def test_bitune_verdict_both_ways():
+    def results(bitune_right, only_causal_right):
+        return {"bitune": {"right": bitune_right}, "only_causal": {"right": only_causal_right}}
+    shown, gain, se = bitune.verdict(results(0.80, 0.70), 1000)
+    assert shown and gain == pytest.approx(0.10) and 3 * se < 0.10
+    assert not bitune.verdict(results(0.726, 0.720), 1000)[0]  # the pilot's seed 0: +0.3 standard errors
+    assert not bitune.verdict(results(0.70, 0.80), 1000)[0]  # a loss is never shown
+
+
+def test_bitune_seeds_verdict_takes_the_larger_standard_error():
+    shown, gain, se, seed_se, binomial_se = seeds.seeds_verdict([0.05, 0.06, 0.04], 0.8, 0.75, 3000)
+    assert shown and gain == pytest.approx(0.05) and se == max(seed_se, binomial_se)
+    # The same mean gain, spread over the seeds: the seeds' standard error rules, and it is not shown.
+    shown, gain, se, seed_se, _ = seeds.seeds_verdict([0.25, -0.15, 0.05], 0.8, 0.75, 3000)
+    assert not shown and gain == pytest.approx(0.05) and se == seed_se
+
+
+def test_bitune_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
+    results = bitune.act_bitune(tmp_path / "bitune", pretrain_steps=4, tune_steps=2, held_out=20, train_questions=64,
+                                workers=1)
+    out = capsys.readouterr().out
+    assert set(bitune.METHODS) <= set(results) and "held-out accuracy ± standard error" in out
+    shown, figures = claim_of(out, "bitune")
+    assert shown == results["claim_shown"] == bitune.verdict(results, 20)[0]
+    assert f"right {results['bitune']['right']:.3f} vs {results['only_causal']['right']:.3f}" in figures
+    assert f"gain {results['bitune']['right'] - results['only_causal']['right']:+.3f}" in figures
+    assert "the demo's short run" in figures
+    # The reported accuracy is the saved adapters' on the held-out questions.
+    test_rng = random.Random(10_000)
+    test = [bitune.question(test_rng, side) for side in bitune.SIDES for _ in range(20)]
+    tok = kpro.load_tokenizer(tmp_path / "bitune" / "base")
+    tuned = kpro.bitune.load_tuned(kpro.load_pretrained(tmp_path / "bitune" / "base"),
+                                   tmp_path / "bitune" / "bitune" / "adapters")
+    with one_thread():
+        answers = kpro.bitune.generate_answers(tuned, tok, [q for q, _, _ in test], max_new_tokens=2)
+    assert results["bitune"]["right"] == sum(a == w for a, (_, w, _) in zip(answers[20:], test[20:])) / 20
 
 
 def test_expansion_tasks_format():
-    from kpro.demo import expansion
     prompt, answer = expansion.domain_task(random.Random(0))
     digits = prompt[:-1]
     assert prompt.endswith("=") and digits.isdigit() and answer == "".join("abcdefghij"[int(d)] for d in digits)
@@ -40,20 +158,63 @@ def test_expansion_tasks_format():
     assert general_answer == general_prompt[:-1][::-1]  # the general task reverses; the domain task keeps the order
 
 
-def test_expansion_act_runs_and_prints_the_table(tmp_path, capsys):
-    from kpro.demo import expansion
-    result = expansion.act_expansion(tmp_path / "expansion", pretrain_steps=8, domain_steps=4, eval_examples=8)
+def test_expansion_verdict_asks_for_the_margin_on_every_seed():
+    def run(expanded, control, domain=(1.0, 1.0)):
+        return {"expanded": {"general": expanded, "domain": domain[0]},
+                "control": {"general": control, "domain": domain[1]}}
+    assert expansion.verdict([run(0.9, 0.1), run(0.8, 0.0)]) == (True, pytest.approx(0.8))
+    assert expansion.verdict([run(0.96, 0.65), run(0.94, 0.61)]) == (True, pytest.approx(0.31))  # 5%'s seeds
+    assert expansion.verdict([run(0.9, 0.1), run(0.95, 0.8)]) == (False, pytest.approx(0.15))  # one seed's margin
+    assert expansion.verdict([run(0.88, 0.29), run(0.59, 0.47)]) == (False, pytest.approx(0.12))  # 3%'s seed 4
+    assert not expansion.verdict([run(0.75, 0.05)])[0]  # a wide margin, but the general task is not kept
+    assert not expansion.verdict([run(0.9, 0.1, domain=(0.5, 1.0))])[0]  # the expanded model missed the domain
+    assert not expansion.verdict([run(0.9, 0.1, domain=(1.0, 0.8))])[0]  # the control missed it
+
+
+def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
+    result = expansion.act_expansion(tmp_path / "expansion", pretrain_steps=8, domain_steps=4, eval_examples=8,
+                                     seeds=2, workers=1)
     out = capsys.readouterr().out
     assert "(a) expanded, new blocks trained" in out and "(b) control, all weights trained" in out
-    assert result["new_blocks"] == [1, 3, 5, 7]
-    for arm in ("before", "expanded", "control"):
-        assert set(result[arm]) == {"domain", "general"}
-def test_internalization_act_trains_the_three_models_and_reports_them(tmp_path, capsys):
-    results = internalization.act_internalization(tmp_path, explicit_steps=6, internalize_steps=8, steps_per_token=2,
-                                                  test_size=8)
-    out = capsys.readouterr().out
-    assert set(results) == {"explicit CoT", "no CoT", "internalized"}
-    for name in results:
-        assert f"  {name}" in out and 0.0 <= results[name]["accuracy"] <= 1.0
-        assert results[name]["examples_per_second"] > 0
-    assert "examples/s" in out and "step 7: removing 3 CoT tokens" in out
+    assert result["new_blocks"] == [1, 3, 5, 7] and [run["seed"] for run in result["runs"]] == [0, 1]
+    shown, figures = claim_of(out, "expansion")
+    assert (shown, pytest.approx(result["margin"])) == expansion.verdict(result["runs"])
+    assert shown == result["claim_shown"]
+    for run in result["runs"]:
+        assert f"{run['expanded']['general']:.2f} vs {run['control']['general']:.2f}" in figures
+    # The reported scores are the trained models': the saved base scores as reported before training.
+    base = kpro.load_pretrained(tmp_path / "expansion" / "seed-1" / "base")
+    with one_thread():
+        assert expansion.scores(base, 8) == result["runs"][1]["before"]
+
+
+def test_jobs_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
+    """Each job seeds everything and runs on one thread: two workers change the wall time, never the numbers."""
+    jobs = lambda root: [(expansion.pretrain, dict(out_dir=root / f"seed-{s}", seed=s, steps=3, eval_examples=4))
+                         for s in (0, 1)]
+    here = run_jobs(jobs(tmp_path / "here"), workers=1)
+    there = run_jobs(jobs(tmp_path / "there"), workers=2)
+    assert here == there
+    for s in (0, 1):
+        a = kpro.load_pretrained(tmp_path / "here" / f"seed-{s}" / "base").state_dict()
+        b = kpro.load_pretrained(tmp_path / "there" / f"seed-{s}" / "base").state_dict()
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_reproductions_are_registered_with_their_duration():
+    from kpro.demo import REPRODUCTIONS
+    for name in ("internalization-seeds", "internalization-3x3", "bitune-seeds", "expansion-seeds"):
+        entry = REPRODUCTIONS[name]
+        assert "minute" in entry.duration or "hour" in entry.duration, (name, entry.duration)
+    assert bitune.FULL == {"tune_steps": 600, "held_out": 1000}
+
+
+def test_the_demo_ends_with_each_acts_time_and_verdict(tmp_path, monkeypatch, capsys):
+    import kpro.demo as demo_package
+    monkeypatch.setattr(demo_package, "ACTS", {"a": lambda out, seed: {"claim_shown": True},
+                                               "b": lambda out, seed: {"claim_shown": False},
+                                               "c": lambda out, seed: {"skipped": "not installed"}})
+    demo_package.run(["a", "b", "c"], tmp_path)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("demo done in ") and "a 0.0 min, claim SHOWN; b 0.0 min, claim NOT SHOWN; " \
+        "c 0.0 min, claim not made (skipped)" in last

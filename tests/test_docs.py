@@ -44,7 +44,8 @@ from kpro.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-DOC_PAGES = ["model", "ops", "training", "expansion", "internalization", "bitune", "benchmarks", "testing"]
+DOC_PAGES = ["model", "ops", "training", "huggingface", "expansion", "internalization", "bitune", "benchmarks",
+             "testing"]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 PYTHON = {"python", "py", "python3"}

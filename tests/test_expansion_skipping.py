@@ -234,3 +234,19 @@ def test_bad_block_ids_are_refused(ids, error, message):
     with pytest.raises(error, match=message):
         kpro.train_only(model, ids)
     assert model.block_runners is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_numpy_and_tensor_integers_are_block_indices():
+    """Indices often come from numpy or torch (`torch.nonzero`, `np.arange`): integers of any kind count,
+    bools do not."""
+    expected, _ = expanded_model()
+    kpro.train_only(expected, [1, 3])
+    ids = [torch.tensor(1), torch.tensor(3, dtype=torch.int32)]
+    np = pytest.importorskip("numpy")
+    for given in (ids, torch.tensor([1, 3]), [np.int64(1), np.int32(3)], np.array([3, 1])):
+        model, _ = expanded_model()
+        kpro.train_only(model, given)
+        assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in expected.parameters()]
+    for bad in ([torch.tensor(True)], [np.bool_(True)], [torch.tensor(1.0)]):
+        with pytest.raises(TypeError, match="block indices must be integers"):
+            kpro.train_only(expanded_model()[0], bad)

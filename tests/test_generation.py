@@ -104,3 +104,27 @@ def test_right_padded_prompts_are_refused(make_model):
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     with pytest.raises(ValueError, match=r"rows \[0\] end in padding: generate needs left-padded prompts"):
         kpro.generate(model, ids, 2, attention_mask=mask)
+
+
+@pytest.mark.parametrize("mask, message", [
+    (torch.tensor([[1, 2, 2]]), r"generate: attention_mask must hold 1 \(real token\) and 0 \(padding\) only"),
+    (torch.tensor([[-1e9, 0.0, 0.0]]), r"generate: attention_mask is torch.float32; .*1 = real token.*additive == 0"),
+    (torch.ones(1, 4, dtype=torch.long), r"generate: attention_mask must be \[B, T\] = \[1, 3\], got \[1, 4\]"),
+])
+def test_a_bad_mask_gets_the_models_message_not_a_padding_one(make_model, mask, message):
+    """A 2 or an additive mask was reported as prompts that "end in padding"; the model's check says what is wrong."""
+    with pytest.raises(ValueError, match=message):
+        kpro.generate(make_model(), torch.tensor([[5, 6, 7]]), 2, attention_mask=mask)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.ones(1, 0, dtype=torch.long), r"input_ids is empty \(\[B=1, T=0\]\)"),
+    (torch.ones(0, 3, dtype=torch.long), r"input_ids is empty \(\[B=0, T=3\]\)"),
+    (torch.tensor([5, 6, 7]), r"input_ids must be an integer tensor \[B, T\] of prompts \(one prompt: "
+                              r"ids\[None\]\), got \(3,\)"),
+    (torch.ones(1, 3), r"input_ids must be an integer tensor \[B, T\].*torch.float32"),
+    ([[5, 6, 7]], r"input_ids must be an integer tensor \[B, T\].*got list"),
+])
+def test_empty_one_dimensional_or_float_prompts_are_named(make_model, ids, message):
+    with pytest.raises(ValueError, match=message):
+        kpro.generate(make_model(), ids, 2)

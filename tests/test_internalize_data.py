@@ -149,3 +149,11 @@ def test_published_file_names_the_choices():
         published_file("3x3", "test")
     with pytest.raises(ValueError, match="training sets are generated"):
         published_file("4x4", "train")
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes("1 2 * 3 4||5 6 #### 7 8\n".encode() * 3 + b"\xff\xfe bad\n")
+    with pytest.raises(DataFormatError, match=rf"{path}:4: not UTF-8 text \(byte 1 of the line, .*save the file "
+                                              "as UTF-8"):
+        read_examples(path)

@@ -1,6 +1,7 @@
 """Evaluation: decoding until the second eos, answer parsing, exact-match counting, batching, errors."""
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,8 +63,12 @@ MULT = [parse_line(line) for line in [
 ]]
 
 
-def test_exact_match_counting_and_answer_parsing():
+def test_exact_match_counting_and_answer_parsing(monkeypatch):
     tok = multiplication_tokenizer()
+    # A scripted clock: decoding starts at 100.0 s and ends at 102.5 s, so examples/s is 7 / 2.5 exactly.
+    from kpro.internalize import evaluation
+    clock = iter([100.0, 102.5])
+    monkeypatch.setattr(evaluation, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     cases = [
         (MULT[0], "8 4 0 + 0 6 3 0 <eos> #### 8 0 4 0 <eos>"),                     # explicit CoT, right
         (MULT[1], "8 3 7 0 + 0 5 1 6 0 <eos> #### 8 8 0 6 5 1 <eos>"),             # partial CoT, wrong answer
@@ -83,7 +88,7 @@ def test_exact_match_counting_and_answer_parsing():
     assert [p.finished for p in result.predictions] == [True, True, True, True, False, True, True]
     assert len(result.predictions[4].ids) == 20 and result.predictions[6].ids[-1] == tok.eos_id
     assert tok.decode(result.predictions[6].ids) == "#### 6 3"
-    assert result.examples_per_second > 0 and result.seconds > 0
+    assert (result.seconds, result.examples_per_second) == (2.5, 7 / 2.5)
 
 
 def test_prompts_of_different_lengths_and_sentencepiece_answers():

@@ -8,9 +8,10 @@ import torch
 import kpro
 from kpro import train as kt
 from kpro.cli import main
-from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, fit_internalization,
-                              multiplication_tokenizer, multiplication_training_set, parse_line, step_generator,
-                              tokenize_examples)
+from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, ValidationAccuracy, evaluate,
+                              fit_internalization, multiplication_tokenizer, multiplication_training_set, parse_line,
+                              read_examples, step_generator, tokenize_examples)
+from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY
 from test_train_fit import StopAt
 
 TOK = multiplication_tokenizer()
@@ -109,6 +110,114 @@ def test_every_step_trains_on_its_scheduled_removal(tmp_path):
     assert len(offsets_seen) > 2  # the offsets really varied
 
 
+# 2x2 lines have 8 CoT tokens: with one more token every step and no smoothing, the batch of step 8 is the
+# first with no CoT left, and the schedule keeps going up after it.
+FAST = RemovalSchedule(steps_per_epoch=8, remove_per_epoch=8, smoothing_lambda=float("inf"))
+FAST_STEPS = 12
+
+
+def train_fast(out, callbacks=(), model=None, steps=FAST_STEPS, **options):
+    model = model or make_model()
+    data = tokenize_examples([parse_line(line) for line in multiplication_training_set(2, 48, seed=1)], TOK)
+    run = fit_internalization(model, data, out, removal=FAST, steps=steps, batch_size=8, pad_id=TOK.pad_id, lr=3e-3,
+                              seed=SEED, callbacks=callbacks, **options)
+    return model, run
+
+
+def test_no_resets_once_the_previous_batch_had_no_cot_left(tmp_path):
+    """The official rule: re-create the optimizer at an increase only while the previous batch still had CoT
+    (kpro used to re-create it at every increase to the end of the run, each reset a sign-like jolt)."""
+    recorder = Recorder()
+    train_fast(tmp_path / "run", callbacks=[recorder])
+    records = kt.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [FAST.scheduled(s) for s in range(FAST_STEPS)] == list(range(FAST_STEPS))  # it goes up every step
+    assert [r["cot_rows_left"] for r in records] == [8] * 8 + [0] * 4
+    resets = [r["step"] - 1 for r in records if r.get("optimizer_reset")]
+    assert resets == list(range(1, 9))  # step 8 still follows a batch with CoT; steps 9-11 do not
+    changes = [s for s in range(1, FAST_STEPS) if recorder.optimizers[s] is not recorder.optimizers[s - 1]]
+    assert changes == resets
+    assert [recorder.adam_steps[s] for s in range(8, FAST_STEPS)] == [1, 2, 3, 4]  # one optimizer from step 8 on
+
+
+@pytest.mark.parametrize("stop", [8, 9])  # 9: resumed where the next reset depends on the saved batch
+def test_resume_after_the_cot_is_gone_keeps_the_optimizer(tmp_path, stop):
+    straight, _ = train_fast(tmp_path / "straight")
+    train_fast(tmp_path / "resumed", callbacks=[StopAt(stop)])
+    resumed, _ = train_fast(tmp_path / "resumed", model=make_model(seed=5))
+    read = lambda d: [(r["step"], r["loss"], r.get("optimizer_reset")) for r in kt.read_metrics(d / "metrics.jsonl")]
+    assert read(tmp_path / "resumed") == read(tmp_path / "straight")
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, straight.state_dict()[name]), name
+
+
+def test_weight_decay_reaches_every_parameter_as_the_official_code(tmp_path):
+    model, run = train_fast(tmp_path / "decay", steps=1, weight_decay=OFFICIAL_WEIGHT_DECAY)
+    groups = run.optimizer.param_groups
+    assert OFFICIAL_WEIGHT_DECAY == 0.01 and len(groups) == 1 and groups[0]["weight_decay"] == 0.01
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.parameters()}  # norms included
+    norm = model.norm.weight
+    assert any(p is norm for p in groups[0]["params"])
+    # The default decays nothing: kpro's adamw, two groups at 0.
+    _, run = train_fast(tmp_path / "none", steps=1)
+    assert [g["weight_decay"] for g in run.optimizer.param_groups] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="weight_decay must be a number in"):
+        train_fast(tmp_path / "bad", steps=1, weight_decay=-0.1)
+
+
+class Snapshots(kt.Callback):
+    """The weights after every step."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_step_end(self, run, metrics):
+        self.weights[run.step] = {k: v.clone() for k, v in run.model.state_dict().items()}
+
+
+def scripted_accuracies(monkeypatch, accuracies):
+    """ValidationAccuracy's evaluate returns these accuracies in turn (keyed by the call)."""
+    from kpro.internalize import loop
+
+    calls = []
+
+    def fake(model, tokenizer, examples, batch_size):
+        accuracy = accuracies[len(calls)]
+        calls.append(accuracy)
+        return type("E", (), {"accuracy": accuracy, "correct": int(accuracy * 10), "total": 10,
+                              "predictions": [type("P", (), {"ids": (TOK.eos_id,)})()]})()
+    monkeypatch.setattr(loop, "evaluate", fake)
+    return calls
+
+
+def test_select_best_keeps_the_best_weights_once_the_cot_is_gone(tmp_path, monkeypatch, capsys):
+    # Evaluations at steps 2, 4, ..., 12. The CoT is gone from the batch of step 8 on (metrics step 9):
+    # the 0.9 at step 4 had CoT left and does not count; the selection takes step 10's 0.7 over 12's 0.6.
+    scripted_accuracies(monkeypatch, [0.5, 0.9, 0.2, 0.3, 0.7, 0.6])
+    snapshots = Snapshots()
+    best = ValidationAccuracy(TOK, [], 2, select_best=True)
+    model, run = train_fast(tmp_path / "run", callbacks=[best, snapshots])
+    assert best.selected == {"step": 10, "accuracy": 0.7} and run.step == 12
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, snapshots.weights[10][name]), name
+    assert "kept the weights of step 10 (valid accuracy 0.700)" in capsys.readouterr().out
+
+    # Stopped after the best and resumed: the best weights come back from the checkpoint.
+    scripted_accuracies(monkeypatch, [0.5, 0.9, 0.2, 0.3, 0.7] + [0.6])
+    train_fast(tmp_path / "resumed", callbacks=[ValidationAccuracy(TOK, [], 2, select_best=True), StopAt(11)])
+    again = ValidationAccuracy(TOK, [], 2, select_best=True)
+    resumed, _ = train_fast(tmp_path / "resumed", model=make_model(seed=5), callbacks=[again])
+    assert again.selected == {"step": 10, "accuracy": 0.7}
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, snapshots.weights[10][name]), name
+
+    # Without select_best the final weights stay; with it but no evaluation after the CoT is gone, too.
+    scripted_accuracies(monkeypatch, [0.5, 0.9])
+    early, snapshots = ValidationAccuracy(TOK, [], 2, select_best=True), Snapshots()
+    model, _ = train_fast(tmp_path / "early", callbacks=[early, snapshots], steps=4)
+    assert early.selected is None
+    assert all(torch.equal(tensor, snapshots.weights[4][name]) for name, tensor in model.state_dict().items())
+
+
 def _batch_indices(step, batch_size=8, count=48):
     batches = kt.Batches(list(range(count)), batch_size, list, seed=SEED)
     data = iter(batches)
@@ -187,10 +296,16 @@ def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "step 3: removing 1 CoT token + smoothing offsets per example; optimizer re-created" in printed
     assert "step 3: valid accuracy" in printed and "step     6/6  loss" in printed
+    assert ", weight decay 0.01, model" in printed  # the official decay is the command's default
     assert "internalized, test: accuracy" in printed and "examples/s" in printed
     report = json.loads((out / "eval.json").read_text())
     assert report["model"] == "internalized" and report["valid"]["total"] == report["test"]["total"] == 16
-    assert report["test"]["examples_per_second"] > 0 and 0 <= report["test"]["accuracy"] <= 1
+    # The report is the final model's: scoring the saved model again gives the same answers.
+    again = evaluate(kpro.load_pretrained(out / "model").eval(), kpro.load_tokenizer(out / "model"),
+                     read_examples(out / "data" / "test-3x3-16-seed0.txt"), batch_size=16)
+    assert (report["test"]["correct"], report["test"]["accuracy"]) == (again.correct, again.correct / 16)
+    # examples/s is the 16 test examples over the decoding time (both rounded in the report).
+    assert report["test"]["examples_per_second"] == pytest.approx(16 / report["test"]["seconds"], rel=0.02)
     records = kt.read_metrics(out / "metrics.jsonl")
     assert [r["cot_scheduled"] for r in records] == [0, 0, 1, 1, 2, 2]
     assert "valid_accuracy" in records[2] and "valid_accuracy" in records[5]

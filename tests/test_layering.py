@@ -16,6 +16,7 @@ LAYERS = [
     ("kpro.ops",),
     ("kpro.config",),
     ("kpro.rope", "kpro.tokenizer"),
+    ("kpro._tokenize_worker",),  # `kpro tokenize`'s worker processes: the tokenizer without torch
     ("kpro.model", "kpro.lora"),
     ("kpro.generation", "kpro.distributed"),
     ("kpro.checkpoint",),
@@ -25,6 +26,7 @@ LAYERS = [
     ("kpro.demo",),  # uses the library, never the command line
     ("kpro.cli",),
     ("kpro.__main__", "kpro"),
+    ("kpro.integrations",),  # optional bridges to other libraries: above kpro itself, which never imports them
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -159,7 +159,8 @@ def test_backward_reaches_every_parameter(make_model):
     (lambda m: m(torch.tensor([[1, 999]])), "outside"),
     (lambda m: m(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4)), "attention_mask must be"),
     (lambda m: m(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.full((2, 3), 2)), "1 .real token. and 0"),
-    (lambda m: m(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0.5, 1, 1]])), "1 .real token. and 0"),
+    (lambda m: m(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0.5, 1, 1]])),
+     r"float32; it must be bool or 0/1 integers.*`mask = \(additive == 0\)`"),
 ])
 def test_bad_inputs_are_named(make_model, bad, message):
     with pytest.raises(ValueError, match=message):

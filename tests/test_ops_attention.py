@@ -168,14 +168,108 @@ def test_nan_in_a_key_reaches_only_the_rows_that_see_it(backend, device):
     assert not out[1].isnan().any()
 
 
-def test_opcheck_registration():
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(3))
-    import os
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        q, k, v = (t.detach().to(device).requires_grad_() for t in (q, k, v))
-        torch.library.opcheck(torch.ops.kpro.attention_forward.default, (q, k, v, True, None, None, 0.25, "triton"))
+NAN_MODES = {  # name: (causal, prefix_lens, key mask of the one row)
+    "causal": (True, None, None), "full": (False, None, None), "prefix": (True, [9], None),
+    "padded_causal": (True, None, "pad"), "padded_full": (False, None, "pad"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaNs
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("mode", NAN_MODES)
+def test_one_nan_rule_for_queries_keys_and_values_with_and_without_masks(backend, device, mode):
+    """A row is NaN exactly when its query, or a key or value it sees, holds a NaN; hidden keys (padding,
+    beyond the causal limit) never reach a row, and a row that sees nothing stays zero."""
+    causal, prefix, padded = NAN_MODES[mode]
+    batch, t, dim = 1, 20, 16
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(batch, t, 2, dim, generator=gen) for _ in range(3)]
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(batch, t, dtype=torch.bool)
+        key_mask[0, [0, 1, 12]] = False  # two left pads (rows 0 and 1 see nothing when causal) and a hole
+    prefix_lens = None if prefix is None else torch.tensor(prefix)
+    sees = explicit_mask(batch, t, t, causal, prefix_lens, key_mask)[0]  # [Tq, Tk]
+    for which in range(3):
+        for pos in (1, 5, 12, 17):
+            ins = [x.clone() for x in base]
+            ins[which][0, pos, 1, 3] = float("nan")
+            with ops.backend(backend):
+                out = ops.attention(*(x.to(device) for x in ins), causal=causal,
+                                    prefix_lens=None if prefix_lens is None else prefix_lens.to(device),
+                                    attention_mask=None if key_mask is None else key_mask.to(device)).cpu()
+            if which == 0:  # a NaN query: its own row, if it sees any key
+                expected = torch.zeros(t, dtype=torch.bool)
+                expected[pos] = bool(sees[pos].any())
+            else:  # a NaN key or value: every row that sees that position
+                expected = sees[:, pos].clone()
+            got = out[0].isnan().any(-1).any(-1)
+            assert torch.equal(got, expected), f"{'qkv'[which]} NaN at {pos}: rows {got.nonzero().flatten().tolist()}"
+            dead = ~sees.any(-1)
+            assert (out[0][dead] == 0).all()
+
+
+@pytest.mark.parametrize("make_mask", [
+    lambda m: m.bool(), lambda m: m.long(), lambda m: m.int(), lambda m: m.to(torch.uint8),
+], ids=["bool", "int64", "int32", "uint8"])
+def test_masks_of_bool_or_01_integers_are_read_as_1_real_token(make_mask):
+    ins, _, _, kwargs = make_case("left_padding", torch.float32, "cpu")
+    expected = ops.attention(*ins, **{**kwargs, "attention_mask": kwargs["attention_mask"].bool()})
+    got = ops.attention(*ins, **{**kwargs, "attention_mask": make_mask(kwargs["attention_mask"])})
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_float_and_non_01_masks_are_refused_naming_the_convention(backend, device):
+    """An additive float mask (0 = attend, -1e9 = hidden, as Hugging Face's) read as 1 = real token would
+    show exactly the hidden keys: it is refused by its dtype, with the conversion; 2 or 0.5 are refused too."""
+    ins, _, _, kwargs = make_case("left_padding", torch.float32, device)
+    real = kwargs["attention_mask"].bool()
+    additive = torch.zeros(real.shape, device=device).masked_fill(~real, -1e9)
+    with ops.backend(backend):
+        for bad in (additive, real.float(), real.half() * 0.5):
+            with pytest.raises(ValueError, match=r"attention_mask is torch.float\d+; it must be bool or 0/1 integers, "
+                                                 r"1 = real token.*`mask = \(additive == 0\)`"):
+                ops.attention(*ins, **{**kwargs, "attention_mask": bad})
+        with pytest.raises(ValueError, match=r"must hold 1 \(real token\) and 0 \(padding\) only"):
+            ops.attention(*ins, **{**kwargs, "attention_mask": real.long() * 2})
+        with pytest.raises(ValueError, match=r"must hold 1 \(real token\) and 0"):
+            ops.attention(*ins, **{**kwargs, "attention_mask": real.long() - 1})
+        with pytest.raises(ValueError, match=r"attention_mask must be \[B, Tk\] = \[3, 23\], got \[3, 22\]"):
+            ops.attention(*ins, **{**kwargs, "attention_mask": real[:, 1:]})
+        with pytest.raises(ValueError, match=r"attention_mask must be a tensor"):
+            ops.attention(*ins, **{**kwargs, "attention_mask": real.tolist()})
+
+
+def test_prefix_lens_as_a_list_and_unclear_shapes():
+    ins, _, _, kwargs = make_case("prefix", torch.float32, "cpu")
+    expected = ops.attention(*ins, **kwargs)
+    assert torch.equal(ops.attention(*ins, **{**kwargs, "prefix_lens": [7, 0, 35]}), expected)
+    for bad in ([7.0, 0, 35], "7", [True, 0, 1]):
+        with pytest.raises(ValueError, match=r"prefix_lens must be an integer tensor \[B\] \(or a list of ints\)"):
+            ops.attention(*ins, **{**kwargs, "prefix_lens": bad})
+    q, k, v = (torch.randn(1, 4, 2, 0) for _ in range(3))
+    with pytest.raises(ValueError, match="head dim and head counts must be positive"):
+        ops.attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[3:])
+def test_opcheck_registration(backend, device):
+    """The custom ops' fake and real outputs agree, their autograd registration holds up, and what they
+    compute is attention (opcheck alone would pass a wrong kernel). Triton runs on the GPU or in the
+    interpreter (tests/conftest.py sets it without a GPU); without either this fails, it never passes
+    having checked nothing."""
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    mask[0, :3] = False
+    for attention_mask in (None, mask.to(device)):
+        args = [t.to(device).requires_grad_() for t in (q, k, v)]
+        torch.library.opcheck(torch.ops.kpro.attention_forward.default,
+                              (*args, True, None, attention_mask, 0.25, backend))
+        out = torch.ops.kpro.attention_forward(*args, True, None, attention_mask, 0.25, backend)[0]
+        sees = explicit_mask(1, 20, 20, True, None, None if attention_mask is None else mask)
+        expected = plain_attention(*(t.double() for t in (q, k, v)), sees)  # its scale D ** -0.5 = 0.25
+        assert relative_error(out, expected) < 1e-5
 
 
 # ------------------------------------------------------------------------------ 32-bit row offsets

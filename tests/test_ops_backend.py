@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import kpro
 from kpro import ops
 from kpro.ops import BackendError
 from kpro.ops.backend import select
@@ -62,22 +63,74 @@ def test_unknown_backend_names(monkeypatch):
         ops.rms_norm(x, torch.randn(8))
 
 
-def test_model_compiles_without_graph_breaks(make_model):
-    """torch.compile(fullgraph=True) traces the whole model, forward and backward, through the custom ops."""
+def compiled_matches_eager(module, compiled, batches, tolerance=(1e-5, 1e-5)):
+    """Run `compiled` forward and backward on each (ids, mask) and compare output and every gradient with
+    the eager `module` (rtol, atol = `tolerance`)."""
+    for ids, mask in batches:
+        module.zero_grad()
+        out = compiled(ids, mask)
+        out.logsumexp(-1).sum().backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        module.zero_grad()
+        ref = module(ids, mask)
+        ref.logsumexp(-1).sum().backward()
+        torch.testing.assert_close(out, ref, rtol=tolerance[0], atol=tolerance[1])
+        assert grads.keys() == {n for n, p in module.named_parameters() if p.grad is not None} and grads
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(grads[name], p.grad, rtol=tolerance[0], atol=tolerance[1] / 10, msg=name)
+
+
+def length_changing_batches(vocab: int):
+    """Two sequence lengths, each without and with a left-padding mask: under dynamic=None the second
+    length recompiles with dynamic shapes, where a shape test passed to SDPA as `is_causal` was a SymBool."""
+    gen = torch.Generator().manual_seed(0)
+    for length in (9, 13):
+        ids = torch.randint(0, vocab, (2, length), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        yield ids, None
+        yield ids, mask
+
+
+@pytest.mark.parametrize("dynamic, frozen", [(None, False), (True, True)],
+                         ids=["dynamic=None", "dynamic=True-train_only"])
+def test_model_compiles_without_graph_breaks(make_model, dynamic, frozen):
+    """torch.compile(fullgraph=True) traces the whole model, forward and backward, through the custom ops,
+    at changing sequence lengths, with and without masks: a plain model under the default dynamic=None
+    (the second length recompiles with dynamic shapes), and under dynamic=True one with kpro.train_only's
+    frozen-block runners (recompute_frozen: checkpointed frozen blocks)."""
     model = make_model(dtype=torch.float32)
-    ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    for attention_mask in (None, mask):
-        out, ref = compiled(ids, attention_mask), model(ids, attention_mask)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    compiled(ids, mask).logsumexp(-1).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model(ids, mask).logsumexp(-1).sum().backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    if frozen:
+        kpro.train_only(model, [1], recompute_frozen=True)
+    torch._dynamo.reset()
+    compiled_matches_eager(model, torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic),
+                           length_changing_batches(model.config.vocab_size))
+    assert all(p.grad is None for p in model.layers[0].parameters()) == frozen
+
+
+def test_bitune_attention_compiles_at_changing_lengths():
+    """The Bitune dual-pass op under fullgraph torch.compile with dynamic=True, forward and backward (the
+    mixing weights' gradients included), at two prompt and answer lengths (GQA's head test was a SymBool)."""
+    def call(*args):
+        return ops.bitune_attention(*args)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager", dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    for tp, ta in ((7, 5), (11, 9)):
+        shapes = [(2, 2, tp, 4, 16), (2, 2, tp, 2, 16), (2, 2, tp, 2, 16),
+                  (2, ta, 4, 16), (2, ta, 2, 16), (2, ta, 2, 16)]
+        leaves = [torch.randn(*s, generator=gen) for s in shapes] + [torch.tensor(0.3), torch.tensor(0.7)]
+        lens = (torch.tensor([tp, tp - 3]), torch.tensor([ta, 2]))
+        results = []
+        for fn in (compiled, call):
+            args = [t.clone().requires_grad_() for t in leaves]
+            o_p, o_a = fn(*args, *lens)
+            (o_p.square().sum() + o_a.square().sum()).backward()
+            results.append([o_p, o_a] + [t.grad for t in args])
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_per_op_choice(monkeypatch):
@@ -102,11 +155,52 @@ def test_per_op_choice(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
 def test_model_compiles_on_gpu_with_each_backend(make_model, name):
-    """Inductor, fullgraph, on the GPU: every backend traces and matches eager (CUDA has no attention yet)."""
+    """Inductor, fullgraph, on the GPU: every backend traces and matches eager, output and every parameter's
+    gradient, at changing lengths with and without masks (CUDA has no attention yet)."""
     model = make_model(dtype=torch.float32).cuda()
-    ids = torch.randint(0, model.config.vocab_size, (2, 9), device="cuda")
+    batches = [(ids.cuda(), None if mask is None else mask.cuda())
+               for ids, mask in length_changing_batches(model.config.vocab_size)]
+    torch._dynamo.reset()
     with ops.backend(name, attention="torch" if name == "cuda" else name):
-        compiled = torch.compile(model, fullgraph=True)
-        out, ref = compiled(ids), model(ids)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-        compiled(ids).logsumexp(-1).sum().backward()
+        compiled_matches_eager(model, torch.compile(model, fullgraph=True), batches, tolerance=(1e-4, 1e-4))
+
+
+def test_bitune_after_its_stream_split_compiles_at_changing_lengths():
+    """kpro.Bitune's forward reads its stream lengths from the data (a graph break); what follows the split,
+    `forward_streams`, compiles with fullgraph=True, forward and backward, adapters and mixing weights, at
+    two lengths (dynamic=None: the second recompiles with dynamic shapes; dynamic=True takes the same path
+    in ~2x the time, and the op itself is compiled with it above)."""
+    from kpro.bitune import Bitune
+    from kpro.bitune.streams import Streams, split_streams
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    bitune = Bitune(kpro.Llama(tiny_config(num_hidden_layers=1)))
+    with torch.no_grad():
+        for name, p in bitune.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B starts at zero: make the adapters' gradients reach A too
+
+    def answer_logits(*tensors):
+        return bitune.forward_streams(Streams(*tensors))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(answer_logits, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(0)
+    for length, prompt_lens in ((9, [3, 4]), (13, [6, 2])):
+        ids = torch.randint(0, 67, (2, length), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, -2:] = 0
+        streams = split_streams(ids, torch.tensor(prompt_lens), mask)
+        tensors = (streams.prompt_ids, streams.answer_ids, streams.prompt_lens, streams.answer_lens)
+        results = []
+        for fn in (compiled, answer_logits):
+            bitune.zero_grad()
+            out = fn(*tensors)
+            out.logsumexp(-1).sum().backward()
+            results.append((out, {n: p.grad.clone() for n, p in bitune.named_parameters() if p.grad is not None}))
+        (out, grads), (ref, ref_grads) = results
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == ref_grads.keys() and {"w_k", "w_v"} <= grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -116,6 +116,25 @@ def test_bad_inputs(bad, message):
         ops.bitune_attention(*bad(tensors + [plen, alen]))
 
 
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("index, value, message", [
+    (8, [20, 7], r"prompt_lens must lie in \[0, Tp=19\], got \[20, 7\]"),
+    (8, [-1, 7], r"prompt_lens must lie in \[0, Tp=19\], got \[-1, 7\]"),
+    (9, [24, 11], r"answer_lens must lie in \[1, Ta=23\].*got \[24, 11\]"),
+    (9, [23, 0], r"answer_lens must lie in \[1, Ta=23\].*got \[23, 0\]"),
+    (6, 1.5, r"alpha_k must lie in \[0, 1\], got 1.5"),
+    (7, -0.1, r"alpha_v must lie in \[0, 1\], got -0.1"),
+])
+def test_lengths_and_mixing_weights_out_of_range_are_refused(backend, device, index, value, message):
+    """The kernels would clamp lengths past the streams and mix with any α silently."""
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    args = [t.to(device) for t in tensors[:6]] + [t.float().to(device) for t in tensors[6:]]
+    args += [plen.to(device), alen.to(device)]
+    args[index] = torch.tensor(value, dtype=args[index].dtype, device=device)
+    with ops.backend(backend), pytest.raises(ValueError, match="bitune_attention: " + message):
+        ops.bitune_attention(*args)
+
+
 @pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[3:])
 def test_opcheck_registration(backend, device):
     """The custom ops' fake and real outputs agree, and their autograd registration holds up."""

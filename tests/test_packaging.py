@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kpro import _cuda_build
+from kpro.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 nvcc = _cuda_build.find_nvcc()
@@ -70,8 +71,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "kpro", *args], capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["generate"], ["internalize"], ["expand"], ["train-expanded"],
-                                     ["bitune"], ["demo"]])
+@pytest.mark.parametrize("command", [[]] + [[name] for name in COMMANDS])
 def test_every_subcommand_has_help(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0 and "usage: python -m kpro" in result.stdout
@@ -80,9 +80,10 @@ def test_every_subcommand_has_help(command):
 def test_info_and_generate_on_a_saved_checkpoint(tmp_path, make_model):
     import kpro
 
-    model = make_model(dtype=torch.float32)
+    tok = kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'-ABCDEFGHIJKLMNOPQRSTUVW")
+    model = make_model(dtype=torch.float32, vocab_size=tok.vocab_size)  # a larger tokenizer is refused
     kpro.save_pretrained(model, tmp_path)
-    kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'-ABCDEFGHIJKLMNOPQRSTUVW").save(tmp_path)
+    tok.save(tmp_path)
     info = run_cli("info", str(tmp_path))
     assert info.returncode == 0, info.stderr
     assert f"{model.num_parameters():,}" in info.stdout and "6 heads, 2 key/value heads" in info.stdout

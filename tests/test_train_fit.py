@@ -459,13 +459,40 @@ def test_bf16_autocast_computes_the_loss_in_fp32(tmp_path):
         seen.append((logits.dtype, loss.dtype))
         return loss
 
-    model = make_model()
+    def peaked_model():  # confident, mostly wrong logits: a loss far from log V, which any forward would give
+        model = make_model()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8)
+        return model
+
+    model = peaked_model()
     run = kt.fit(model, batches(), tmp_path, steps=2, precision="bf16", loss_fn=loss_fn)
     assert seen == [(torch.bfloat16, torch.float32)] * 2
     assert all(p.dtype == torch.float32 for p in model.parameters()) and math.isfinite(run.metrics["loss"])
-    kt.fit(make_model(), batches(), tmp_path / "fp32", steps=1, loss_fn=loss_fn)  # "auto" on the CPU: fp32
+    kt.fit(peaked_model(), batches(), tmp_path / "fp32", steps=1, loss_fn=loss_fn)  # "auto" on the CPU: fp32
     assert seen[-1] == (torch.float32, torch.float32)
-    assert losses(tmp_path)[0][1] == pytest.approx(losses(tmp_path / "fp32")[0][1], rel=1e-2)  # bf16 rounding only
+    with torch.no_grad():
+        expected = mean_loss(peaked_model(), next(iter(batches()))).item()  # the first step's loss, computed here
+    assert abs(expected - math.log(67)) > 2  # so matching it checks the forward, not the vocabulary size
+    assert losses(tmp_path / "fp32")[0][1] == pytest.approx(expected, rel=1e-6)
+    assert losses(tmp_path)[0][1] == pytest.approx(expected, rel=1e-2)  # bf16 rounding only
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def nan_from_step_3(model, batch):
+        calls.append(1)
+        loss = mean_loss(model, batch)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3: stopped before its optimizer step; "
+                                                 r"the last good checkpoint is .*step-00000002 \("):
+        kt.fit(make_model(), batches(), tmp_path / "a", steps=4, save_every=2, loss_fn=nan_from_step_3)
+    calls.clear()
+    with pytest.raises(FloatingPointError, match=r"at step 1: .*; no checkpoint was saved before it"):
+        kt.fit(make_model(), batches(), tmp_path / "b", steps=4,
+               loss_fn=lambda m, b: nan_from_step_3(m, b) * 0 + float("inf"))
 
 
 KILLED_MID_SAVE = """
@@ -511,20 +538,21 @@ def test_a_tuple_from_loss_fn_is_refused_not_taken_for_a_loss_sum(tmp_path):
 
 def test_resuming_with_another_schedule_or_optimizer_setting_is_refused(tmp_path, capfd):
     kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, schedule="cosine", callbacks=[StopAt(2)])
-    with pytest.raises(kpro.CheckpointError, match=r"'kind': 'cosine'.*in the checkpoint, \{'kind': 'linear'"):
+    with pytest.raises(kpro.CheckpointError, match=r"schedule kind: 'cosine' in the checkpoint, 'linear' now"):
         kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, schedule="linear")
     with pytest.raises(kpro.CheckpointError, match=r"param group 0 peak_lr: 0.001 in the checkpoint, 0.05 now"):
         kt.fit(make_model(), batches(), tmp_path, steps=4, lr=5e-2, schedule="cosine")
     with pytest.raises(kpro.CheckpointError, match=r"param group 0 weight_decay: 0.0 in the checkpoint, 0.3 now"):
         kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, weight_decay=0.3, schedule="cosine")
     warmed = kt.Schedule("cosine", warmup_steps=1, total_steps=4)
-    with pytest.raises(kpro.CheckpointError, match=r"'warmup_steps': 0.*in the checkpoint, .*'warmup_steps': 1"):
+    with pytest.raises(kpro.CheckpointError, match=r"schedule warmup_steps: 0 in the checkpoint, 1 now\n.*another "
+                                                   r"number of total steps is fine"):
         kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, schedule=warmed)
     run = kt.fit(make_model(), batches(), tmp_path, steps=3, lr=1e-3, schedule="cosine", callbacks=[StopAt(3)])
     assert run.step == 3
     # more total steps extend the run, said aloud: the cosine now decays to step 6
     run = kt.fit(make_model(), batches(), tmp_path, steps=6, lr=1e-3, schedule="cosine")
-    assert run.step == 6 and capfd.readouterr().err.count("resuming with total_steps=6") == 1
+    assert run.step == 6 and capfd.readouterr().err.count("continuing the run with total_steps=6") == 1
     lrs = [r["lr"] for r in kt.read_metrics(tmp_path / "metrics.jsonl")]
     assert lrs[3] == pytest.approx(1e-3 * kt.Schedule("cosine", total_steps=6)(3))
     constant = tmp_path / "constant"
@@ -559,3 +587,13 @@ def test_a_truncated_optimizer_file_is_a_named_error(tmp_path):
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     with pytest.raises(kpro.CheckpointError, match=r"step-00000001/optimizer.pt cannot be read"):
         kt.fit(make_model(), batches(), tmp_path, steps=2)
+
+
+def test_dict_examples_with_the_default_collate_are_named(tmp_path):
+    examples = [{"input_ids": torch.randint(0, 67, (8,)), "labels": torch.randint(0, 67, (8,))} for _ in range(4)]
+    with pytest.raises(ValueError, match=r"collate_packed \(Batches' default collate\) stacks rows of token ids, and "
+                                         r"these examples are dicts \(keys input_ids, labels\): pass Batches\(\.\.\., "
+                                         r"collate=\.\.\.\)"):
+        kt.fit(make_model(), kt.Batches(examples, 2), tmp_path, steps=1)
+    run = kt.fit(make_model(), kt.Batches(examples, 2, torch.utils.data.default_collate), tmp_path / "ok", steps=1)
+    assert run.step == 1

@@ -11,17 +11,20 @@ from the mix), and plain LoRA tuning as its baseline.
 
 LoRA itself (`kpro.lora`, `kpro.adapters`) is a building block below this package.
 """
-from .data import (PROMPT_TEMPLATE, Instruction, MultipleChoice, encode_pair, read_instructions, read_multiple_choice,
-                   tokenize_instructions)
+from .data import (CHOICES_TEMPLATE, PROMPT_TEMPLATE, Instruction, MultipleChoice, encode_pair, multiple_choice_prompt,
+                   read_instructions, read_multiple_choice, tokenize_instructions)
 from .evaluation import answer_log_likelihoods, generate_answers, multiple_choice_accuracy
 from .passes import MODES, Mode, PromptPass, fused_passes, run_block, separate_passes
 from .streams import Streams, answer_targets, right_pad, split_streams
-from .training import METHODS, bitune_loss, load_tuned, lora_config, save_tuned_adapters, tune
+from .training import (METHODS, WEIGHTINGS, bitune_loss, load_tuned, lora_config, lora_loss, save_tuned_adapters, tune,
+                       weighted_loss)
 from .wrapper import Bitune
 
 __all__ = [
-    "METHODS", "MODES", "PROMPT_TEMPLATE", "Bitune", "Instruction", "Mode", "MultipleChoice", "PromptPass", "Streams",
-    "answer_log_likelihoods", "answer_targets", "bitune_loss", "encode_pair", "fused_passes", "generate_answers",
-    "load_tuned", "lora_config", "multiple_choice_accuracy", "read_instructions", "read_multiple_choice", "right_pad",
+    "CHOICES_TEMPLATE", "METHODS", "MODES", "PROMPT_TEMPLATE", "WEIGHTINGS", "Bitune", "Instruction", "Mode",
+    "MultipleChoice", "PromptPass", "Streams", "answer_log_likelihoods", "answer_targets", "bitune_loss",
+    "encode_pair", "fused_passes", "generate_answers", "load_tuned", "lora_config", "lora_loss",
+    "multiple_choice_accuracy", "multiple_choice_prompt", "read_instructions", "read_multiple_choice", "right_pad",
     "run_block", "save_tuned_adapters", "separate_passes", "split_streams", "tokenize_instructions", "tune",
+    "weighted_loss",
 ]

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli_args import check_device
+from ..cli_args import add_device_argument, resolve_device
 from .passes import MODES
+
+WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
 
 DTYPES = ("float32", "bfloat16")
 
@@ -13,25 +15,32 @@ DTYPES = ("float32", "bfloat16")
 def add_parsers(sub) -> None:
     p = sub.add_parser("bitune", help="instruction-tune with Bitune (or --baseline lora) and score multiple choice",
                        description="Reference defaults: AdamW lr 3e-4, linear schedule with 10% warmup, 3000 steps "
-                                   "of 10 examples, no weight decay, clip 1.0, bf16 on GPU; prompt "
-                                   "'Question: {instruction}\\n\\nAnswer:', answer ' ' + response + eos.")
+                                   "of 10 examples, no weight decay, clip 1.0, bf16 on GPU, each example's answer "
+                                   "tokens averaged and then the examples; prompt 'Question: {instruction}\\n\\nAnswer:', "
+                                   "answer ' ' + response + eos; multiple choice asked with the choices listed "
+                                   "('Question: q\\n\\nChoices:\\nc1\\nc2\\n\\nAnswer:'), each scored as ' ' + choice.")
     p.add_argument("--model", required=True, help="HF-layout checkpoint directory with its tokenizer")
     p.add_argument("--data", required=True, help="JSONL: instruction (+ optional input), response (or output)")
     p.add_argument("--out", default="runs/bitune", help="run directory: run/ (checkpoints, metrics), adapters/, results.json")
-    p.add_argument("--baseline", choices=["lora"], help="train plain LoRA (one causal adapter) instead of Bitune")
+    p.add_argument("--baseline", choices=["lora"], help="train plain LoRA (one causal adapter) instead of Bitune "
+                   "(default: Bitune)")
     p.add_argument("--mode", choices=list(MODES), help="Bitune ablation (default bitune); not with --baseline lora")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps; more than a finished run's extend it "
+                   "when run again (0: evaluate the untuned adapters)")
+    p.add_argument("--batch-size", type=int, default=10, help="examples per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (linear schedule, 10%% warmup)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=1.0, help="LoRA alpha (the update is scaled by alpha / rank)")
+    p.add_argument("--loss-weighting", choices=list(WEIGHTINGS), default="example",
+                   help="example (the reference's: each example's answer tokens averaged, then the examples) or token "
+                        "(every answer token of a step alike: long answers weigh more) (default: example)")
     p.add_argument("--max-length", type=int, default=512, help="longer examples are dropped (and counted)")
     p.add_argument("--eval", action="append", default=[], metavar="FILE",
                    help="multiple-choice JSONL (question, choices, answer) to score zero-shot; repeatable")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-batch-size", type=int, default=16, help="questions scored at once")
+    p.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (bf16 autocast runs on GPU anyway)")
-    p.add_argument("--device", default="cuda", help="default cuda (cpu works, slowly)")
+    add_device_argument(p)
     p.set_defaults(run=run)
 
 
@@ -48,22 +57,27 @@ def run(args) -> None:
     if args.baseline and args.mode:
         raise ValueError(f"--mode {args.mode} is a Bitune ablation; --baseline {args.baseline} trains plain LoRA")
     args.mode = args.mode or "bitune"
-    check_device(args.device)
+    args.device = resolve_device(args.device)
     for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")
     questions = {path: read_multiple_choice(path) for path in args.eval}  # fail early on bad files
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tok = load_tokenizer(args.model)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer of {args.model} has {tok.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} embeddings")
     pairs, dropped = tokenize_instructions(tok, read_instructions(args.data), args.max_length)
     print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens")
     if not pairs:
         raise ValueError(f"no example of {args.data} fits --max-length {args.max_length}")
     method = args.baseline or "bitune"
     tuned = tune(model, pairs, method, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          rank=args.rank, alpha=args.alpha, mode=args.mode, seed=args.seed, pad_id=tok.pad_id)
+                          rank=args.rank, alpha=args.alpha, mode=args.mode, weighting=args.loss_weighting, seed=args.seed,
+                          pad_id=tok.pad_id)
     print(f"adapters saved to {Path(args.out) / 'adapters'}")
-    results = {"method": method, "mode": args.mode if method == "bitune" else None, "examples": len(pairs),
+    results = {"method": method, "mode": args.mode if method == "bitune" else None,
+               "loss_weighting": args.loss_weighting, "examples": len(pairs),
                "dropped": dropped, "steps": args.steps, "eval": {}}
     for path, qs in questions.items():
         scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size)

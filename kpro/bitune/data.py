@@ -3,7 +3,8 @@ their prompts and answers as token ids.
 
 Data follows the Bitune reference: the prompt is `Question: {instruction}\\n\\nAnswer:` and the answer
 `" " + response + eos`; the loss covers the answer only. Examples longer than `max_length` tokens are
-dropped and counted.
+dropped and counted. Multiple-choice questions are asked as the paper's evaluation asks them, the choices
+listed in the prompt (`Question: q\\n\\nChoices:\\nc1\\nc2\\n\\nAnswer:`), each scored as the answer `" " + choice`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Sequence
 from ..train.data import read_jsonl
 
 PROMPT_TEMPLATE = "Question: {instruction}\n\nAnswer:"
+CHOICES_TEMPLATE = "Question: {question}\n\nChoices:\n{choices}\n\nAnswer:"  # one choice a line
 
 
 @dataclasses.dataclass
@@ -56,6 +58,11 @@ def read_multiple_choice(path: str | os.PathLike) -> list[MultipleChoice]:
             raise ValueError(f"{path}:{number}: 'answer' must be a choice index in [0, {len(choices)}) or a choice's text")
         questions.append(MultipleChoice(row["question"], choices, answer))
     return questions
+
+
+def multiple_choice_prompt(question: "MultipleChoice") -> str:
+    """`Question: q\\n\\nChoices:\\nc1\\nc2…\\n\\nAnswer:`, the prompt of the paper's multiple-choice evaluation."""
+    return CHOICES_TEMPLATE.format(question=question.question, choices="\n".join(question.choices))
 
 
 def encode_pair(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:

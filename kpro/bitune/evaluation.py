@@ -1,6 +1,7 @@
 """Zero-shot multiple choice and answers to prompts, for a Bitune or a plain (LoRA-adapted) causal model.
 
-Each question's choices are scored by the log-likelihood of `" " + choice` as the answer to its prompt
+Each question is asked with its choices listed (`Question: q\\n\\nChoices:\\nc1\\nc2…\\n\\nAnswer:`, the paper's
+evaluation prompt), and each choice is scored by the log-likelihood of `" " + choice` as the answer
 (`acc`), and by that log-likelihood per character of the choice (`acc_norm`).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from .. import lora, ops
 from ..generation import generate
 from ..train.loss import output_head_weight
-from .data import PROMPT_TEMPLATE, MultipleChoice, encode_pair
+from .data import PROMPT_TEMPLATE, MultipleChoice, encode_pair, multiple_choice_prompt
 from .streams import answer_targets, right_pad, split_streams
 from .wrapper import Bitune
 
@@ -45,10 +46,11 @@ def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Seq
 
 
 def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], batch_size: int = 16) -> dict:
-    """Zero-shot accuracy: each question's choices scored as answers (`" " + choice`) to its prompt."""
+    """Zero-shot accuracy: each question asked with its choices listed (`multiple_choice_prompt`), each choice
+    scored as the answer `" " + choice`."""
     prompts, answers, owners, lengths = [], [], [], []
     for q_index, question in enumerate(questions):
-        prompt = PROMPT_TEMPLATE.format(instruction=question.question)
+        prompt = multiple_choice_prompt(question)
         for choice in question.choices:
             p, a = encode_pair(tok, prompt, " " + choice)
             prompts.append(p)

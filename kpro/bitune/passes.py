@@ -15,6 +15,7 @@ import torch
 
 from .. import ops
 from ..model import KVCache, Llama
+from ..ops.bitune_attention import check_bitune_values, mix_kv
 from ..rope import apply_rope
 from .streams import Streams
 
@@ -53,16 +54,16 @@ def fused_passes(model: Llama, mode: Mode, streams: Streams, alpha_k: torch.Tens
     segments = [(0, tp, mode.passes[0].adapter), (tp, 2 * tp, mode.passes[1].adapter), (2 * tp, 2 * tp + ta, "causal")]
     x = model.embed_tokens(ids)
     cos, sin = model.rope(positions, x.dtype)
+    check_bitune_values(alpha_k, alpha_v, streams.prompt_lens, streams.answer_lens, tp, ta)  # once, not per layer
     for i, block in enumerate(model.layers):
         def attend(q, k, v, i=i):
             q_p, k_p, v_p = (t[:, :2 * tp].unflatten(1, (2, tp)).transpose(0, 1) for t in (q, k, v))
             q_a, k_a, v_a = q[:, 2 * tp:], k[:, 2 * tp:], v[:, 2 * tp:]
             if cache is not None:
-                k_mix = (1 - alpha_k[i]) * k_p[0] + alpha_k[i] * k_p[1]
-                v_mix = (1 - alpha_v[i]) * v_p[0] + alpha_v[i] * v_p[1]
-                _store(cache, i, k_mix, v_mix, k_a, v_a)
+                # The mix the attention kernel reads, in fp32 and cast back: decoding sees the same cache.
+                _store(cache, i, mix_kv(k_p[0], k_p[1], alpha_k[i]), mix_kv(v_p[0], v_p[1], alpha_v[i]), k_a, v_a)
             o_p, o_a = ops.bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k[i], alpha_v[i],
-                                            streams.prompt_lens, streams.answer_lens)
+                                            streams.prompt_lens, streams.answer_lens, check_values=False)
             return torch.cat((o_p[0], o_p[1], o_a), dim=1)
         x = run_block(block, x, cos, sin, segments, attend)
     if cache is not None:
@@ -90,7 +91,7 @@ def separate_passes(model: Llama, mode: Mode, streams: Streams, alpha_k: torch.T
             x = run_block(block, x, cos, sin, prompt_pass.adapter, attend)
         caches.append(kv)
     if len(caches) == 2:
-        prompt_kv = [((1 - alpha_k[i]) * k0 + alpha_k[i] * k1, (1 - alpha_v[i]) * v0 + alpha_v[i] * v1)
+        prompt_kv = [(mix_kv(k0, k1, alpha_k[i]), mix_kv(v0, v1, alpha_v[i]))  # in fp32, cast back
                      for i, ((k0, v0), (k1, v1)) in enumerate(zip(*caches))]
     else:
         prompt_kv = caches[0]

@@ -1,5 +1,9 @@
 """Training Bitune or plain LoRA adapters on (prompt, answer) pairs with the reference defaults, and the
 adapter files of a finished run.
+
+Loss weighting: the reference trains batch 1 × 10 accumulation steps, so each example's answer tokens are
+averaged first and the examples then weigh alike (`weighting="example"`, the default); `"token"` averages
+every answer token of the step, so long answers weigh more.
 """
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -15,48 +20,93 @@ from .. import adapters, lora, ops
 from ..errors import CheckpointError
 from ..model import Llama
 from ..train import Batches, LossSum, Schedule, adamw, collate_prompt_answer, fit
+from ..train.checkpointing import saved_schedule
+from ..train.loss import output_head_weight
 from .streams import answer_targets, split_streams
 from .wrapper import Bitune
 
 METHODS = ("bitune", "lora")
+WEIGHTINGS = ("example", "token")  # the reference's per-example mean, and the mean over every answer token
 
 
-def bitune_loss(module, batch: dict) -> LossSum:
+def bitune_loss(module, batch: dict, weighting: str = "token") -> LossSum:
     """fit's loss for a Bitune module: cross-entropy over the answer tokens, through the module's forward
     (so DDP/FSDP wrappers see the call), from the answer stream's hidden states and the head's weight
-    (`kpro.ops.linear_cross_entropy`): no logits in memory, and no gradient for the frozen head."""
+    (`kpro.ops.linear_cross_entropy`): no logits in memory, and no gradient for the frozen head.
+    `weighting`: "token" (every answer token of the step alike) or "example" (each example's mean, then
+    the mean over the step's examples, as the reference)."""
     hidden = module(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"], head=False)
     targets = answer_targets(split_streams(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"]))
     bitune = module.module if isinstance(module, DistributedDataParallel) else module
     # The weight is read after the forward: an FSDP model holds it unsharded only from its forward on.
-    total = ops.linear_cross_entropy(hidden, bitune.model.lm_head.weight, targets, ignore_index=-100, reduction="sum")
-    return LossSum(total, (targets != -100).sum())
+    return weighted_loss(hidden, bitune.model.lm_head.weight, targets, weighting)
+
+
+def lora_loss(module, batch: dict, weighting: str = "token") -> LossSum:
+    """fit's loss for plain LoRA (a causal model) with either weighting: position t predicts token t + 1,
+    and only the answer tokens (labels != -100) count."""
+    hidden = module(batch["input_ids"], batch.get("attention_mask"), head=False)
+    labels = batch["labels"]
+    targets = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)), dim=1)
+    return weighted_loss(hidden, output_head_weight(module), targets, weighting)
+
+
+def weighted_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, weighting: str) -> LossSum:
+    """The cross-entropy of `targets` [B, T] (-100: no loss) as a LossSum that `fit` averages over the step:
+    summed over tokens ("token"), or each row's mean summed over the rows that have targets ("example")."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+    if weighting == "token":
+        total = ops.linear_cross_entropy(hidden, head_weight, targets, ignore_index=-100, reduction="sum")
+        return LossSum(total, (targets != -100).sum())
+    nll = ops.linear_cross_entropy(hidden, head_weight, targets, ignore_index=-100, reduction="none")
+    tokens = (targets != -100).sum(1)
+    rows = tokens > 0
+    return LossSum((nll.sum(1)[rows] / tokens[rows]).sum(), rows.sum())
 
 
 def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, steps: int = 3000, batch_size: int = 10,
-         lr: float = 3e-4, warmup: float = 0.1, rank: int = 8, alpha: float = 1.0, mode: str = "bitune",
-         seed: int = 0, pad_id: int = 0, callbacks=(), stream=None):
+         lr: float = 3e-4, warmup: float | None = None, rank: int = 8, alpha: float = 1.0, mode: str = "bitune",
+         weighting: str = "example", seed: int = 0, pad_id: int = 0, callbacks=(), stream=None, log_every=None):
     """Train adapters on (prompt, answer) pairs with the reference defaults (AdamW, no weight decay, linear
-    schedule with `warmup` of the steps, clipping 1.0, bf16 on GPU). Returns the tuned module: a Bitune,
-    or for `method="lora"` a `lora.AdaptedModel` with one `causal` adapter; adapters are saved to
-    `out_dir/adapters`, the training state (resumable) to `out_dir/run`."""
+    schedule with `warmup` of the steps (default 10%; a resumed run keeps its own warmup, so that more
+    steps extend it), clipping 1.0, bf16 on GPU, each example's answer averaged and the
+    examples averaged: `weighting="example"`; "token" averages every answer token). Returns the tuned
+    module: a Bitune, or for `method="lora"` a `lora.AdaptedModel` with one `causal` adapter; adapters are
+    saved to `out_dir/adapters`, the training state (resumable) to `out_dir/run`."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
     if method == "bitune":
-        tuned, loss_fn = Bitune(model, rank=rank, alpha=alpha, mode=mode, seed=seed), bitune_loss
+        tuned, loss_fn = Bitune(model, rank=rank, alpha=alpha, mode=mode, seed=seed), partial(bitune_loss, weighting=weighting)
     else:
         lora.add_adapters(model, ["causal"], rank=rank, alpha=alpha, seed=seed)
-        tuned, loss_fn = lora.AdaptedModel(model, "causal"), None
+        # The token mean is fit's default loss, lm_loss, exactly.
+        tuned, loss_fn = lora.AdaptedModel(model, "causal"), (None if weighting == "token" else partial(lora_loss, weighting=weighting))
     tuned.to(model.embed_tokens.weight.device)
     out_dir = Path(out_dir)
     if steps > 0:
         batches = Batches(pairs, batch_size, partial(collate_prompt_answer, pad_id=pad_id), seed=seed)
         kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
         fit(tuned, batches, out_dir / "run", steps=steps, optimizer=lambda m: adamw(m, lr, weight_decay=0.0),
-            schedule=Schedule("linear", warmup_steps=math.ceil(warmup * steps), total_steps=steps),
-            clip_grad_norm=1.0, keep_last=1, callbacks=list(callbacks), stream=stream, **kwargs)
+            schedule=Schedule("linear", warmup_steps=_warmup_steps(warmup, steps, out_dir / "run"), total_steps=steps),
+            clip_grad_norm=1.0, keep_last=1, callbacks=list(callbacks), stream=stream, log_every=log_every, **kwargs)
     save_tuned_adapters(tuned, out_dir / "adapters")
     return tuned
+
+
+def _warmup_steps(warmup: float | None, steps: int, run_dir: Path) -> int:
+    """`warmup` of the steps (default 10%), below `steps` (a linear schedule decays after its warmup: one
+    step has none); without an explicit `warmup`, a resumed run keeps the warmup it started with."""
+    if warmup is None:
+        saved = saved_schedule(run_dir)
+        if saved is not None:
+            return saved["warmup_steps"]
+        warmup = 0.1
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {warmup!r}")
+    return min(math.ceil(warmup * steps), steps - 1)
 
 
 def save_tuned_adapters(tuned, directory) -> Path:

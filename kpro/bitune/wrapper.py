@@ -41,6 +41,10 @@ class Bitune(nn.Module):
             raise ValueError(f"unknown Bitune mode {mode!r}; choose from {', '.join(MODES)}")
         if not mix_eps > 0:
             raise ValueError(f"mix_eps must be > 0, got {mix_eps}")
+        if lora.lora_layers(model):
+            raise ValueError("this model has LoRA adapters already (Bitune, or LoRA, was applied to it before): "
+                             "kpro.Bitune adds its own to a plain model; load the model again, or keep using the "
+                             "Bitune made first")
         self.model, self.mode, self.rank, self.alpha, self.mix_eps = model, mode, rank, float(alpha), float(mix_eps)
         self.adapter_names = sorted({p.adapter for p in MODES[mode].passes} | {"causal"})
         lora.add_adapters(model, self.adapter_names, rank=rank, alpha=alpha, seed=seed)
@@ -72,7 +76,14 @@ class Bitune(nn.Module):
         [B] is each row's P. `fused=None` takes the fused path wherever the mode has one (`bitune`,
         `shared_weights`), else the separate passes; `fused=False` forces the reference path (the same
         numbers; on the CPU the two measured level)."""
-        streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
+        return self.forward_streams(split_streams(input_ids, prompt_lens, attention_mask, need_answer=True),
+                                    fused=fused, head=head)
+
+    def forward_streams(self, streams: Streams, *, fused: bool | None = None, head: bool = True) -> torch.Tensor:
+        """`forward` after its first step, `split_streams(input_ids, prompt_lens, attention_mask)`. The split
+        reads the streams' lengths from the data (their shapes depend on values), so a `torch.compile` of
+        `forward` breaks the graph there; this part compiles whole (`fullgraph=True`, changing lengths,
+        forward and backward): split outside, compile this."""
         hidden = self._answer_hidden(streams, fused)
         return self.model.lm_head(hidden) if head else hidden
 

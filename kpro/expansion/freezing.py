@@ -17,6 +17,7 @@ With trainable blocks `ids` and L = min(ids), each block of the model runs one o
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Iterable
 
 import torch
@@ -78,15 +79,23 @@ def _check_block_ids(block_ids, num_blocks: int) -> tuple[int, ...] | None:
         return None
     if isinstance(block_ids, (int, str)):
         raise TypeError(f"block_ids must be a collection of block indices (or None), got {block_ids!r}")
-    ids = list(block_ids)
+    ids = [_block_index(i) for i in block_ids]
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"block indices must be integers, got {i!r}")
         if not 0 <= i < num_blocks:
             raise ValueError(f"block index {i} is out of range: the model has {num_blocks} blocks (0 ... {num_blocks - 1})")
     if not ids:
         raise ValueError("no block to train: pass the indices of at least one block, or None for full training")
     return tuple(sorted(set(ids)))
+
+
+def _block_index(i) -> int:
+    """A block index from a Python, numpy or 0-dim tensor integer (not a bool)."""
+    if not isinstance(i, bool) and str(getattr(i, "dtype", "")) not in ("bool", "torch.bool"):
+        try:
+            return operator.index(i)
+        except TypeError:
+            pass
+    raise TypeError(f"block indices must be integers, got {i!r}")
 
 
 # ------------------------------------------------------------------------------------------ block runners

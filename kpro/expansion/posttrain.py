@@ -1,9 +1,10 @@
 """Post-pretraining of an expanded model's new blocks on a text corpus (`python -m kpro train-expanded`).
 
-The corpus is tokenized with the checkpoint's own tokenizer and packed into rows of `seq_len` tokens (no
-padding); `kpro.train.fit` runs the loop (checkpoints, resume, metrics) with only the new blocks training
-(`kpro.train_only`). At the end the model is saved as a normal LLaMA checkpoint in the source's dtype,
-with the source's tokenizer files.
+The corpus is text files, tokenized with the checkpoint's own tokenizer and packed into rows of `seq_len`
+tokens in memory (no padding), or a token shard directory of any size (`python -m kpro tokenize`, made
+with the same tokenizer), read from disk by `kpro.train.TokenShards`; `kpro.train.fit` runs the loop
+(checkpoints, resume, metrics, torchrun) with only the new blocks training (`kpro.train_only`). At the end
+the model is saved as a normal LLaMA checkpoint in the source's dtype, with the source's tokenizer files.
 """
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import torch
 
 from ..checkpoint import _write_checkpoint, atomic_directory, load_pretrained, parse_size, tensor_locations
 from ..tokenizer import load_tokenizer
-from ..train import Batches, Callback, Schedule, adamw, fit, pack_documents
+from ..distributed import on_main
+from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_distributed, pack_documents
+from ..train.checkpointing import saved_schedule
 from ..train.data import read_jsonl
+from ..train.shards import is_shard_directory
+from ..train.tokenize import check_tokenizer
 from .checkpoint import _copy_other_files, _read_header, read_expansion_record
 from .freezing import train_only
 
@@ -84,10 +89,14 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
                    recompute_frozen: bool = False, dtype: torch.dtype = torch.float32, device=None,
                    precision: str = "auto", save_every: int | None = None, keep_last: int = 2, seed: int = 0,
                    log_every: int | None = None, stream=None) -> Path:
-    """Train the new blocks of the expanded checkpoint `directory` on the text files `data`; returns the
-    directory of the final model (`out_dir/final`). Running it again with the same `out_dir` resumes."""
+    """Train the new blocks of the expanded checkpoint `directory` on `data`, text files or one token shard
+    directory; returns the directory of the final model (`out_dir/final`). Running it again with the same
+    `out_dir` resumes. Under torchrun each process trains on its device (DDP) and rank 0 writes."""
     directory, out_dir = Path(directory), Path(out_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = [data] if isinstance(data, (str, Path)) else list(data)
+    env = init_distributed()
+    # None or "auto": cuda:LOCAL_RANK under torchrun, else cuda when there is one, else cpu
+    device = torch.device(device) if device not in (None, "auto") else env.device
     block_ids = blocks_to_train(directory, blocks)
     tokenizer = load_tokenizer(directory)
     model = load_pretrained(directory, dtype=dtype, device=device)
@@ -99,20 +108,46 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     plan = train_only(model, block_ids, recompute_frozen=recompute_frozen)
-    rows = corpus_rows(read_corpus(data), tokenizer, seq_len)
-    if len(rows) < batch_size:
-        raise ValueError(f"the corpus fills {len(rows)} row(s) of {seq_len} tokens, fewer than one batch of {batch_size}")
-    print(f"{plan.describe()}\n{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
-          f"parameters; corpus: {len(rows):,} rows of {seq_len} tokens", file=stream)
-    warmup = steps // 20 if warmup_steps is None else warmup_steps
+    batches = corpus_batches(data, tokenizer, directory, seq_len, batch_size, seed)
+    if env.is_main:
+        print(f"{plan.describe()}\n{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
+              f"parameters; corpus: {batches.num_rows if isinstance(batches, TokenShards) else len(batches.examples):,} "
+              f"rows of {seq_len} tokens", file=stream)
+    if warmup_steps is None:  # 5% of the steps; a resumed run keeps its own, so that more steps extend it
+        saved = saved_schedule(out_dir)
+        warmup_steps = saved["warmup_steps"] if saved is not None else steps // 20
+    warmup = warmup_steps
     schedule = Schedule("cosine", warmup_steps=warmup, total_steps=steps, min_ratio=min_lr_ratio)
-    fit(model, Batches(rows, batch_size, seed=seed), out_dir, steps=steps, schedule=schedule, grad_accum=grad_accum,
+    fit(model, batches, out_dir, steps=steps, schedule=schedule, grad_accum=grad_accum,
         optimizer=lambda m: adamw(m, lr, weight_decay=weight_decay, betas=(0.9, 0.95)), clip_grad_norm=clip_grad_norm,
         precision=precision, save_every=save_every, keep_last=keep_last, log_every=log_every, stream=stream,
         callbacks=[CopyFilesIntoCheckpoints(directory)])
     final = out_dir / FINAL_DIR
     model.to(checkpoint_dtype(directory))
-    with atomic_directory(final, drop=lambda name: True) as tmp:  # weights and tokenizer appear together
-        _write_checkpoint(model, tmp, parse_size("5GB"))
-        _copy_other_files(directory, tmp)
+
+    def write_final():
+        with atomic_directory(final, drop=lambda name: True) as tmp:  # weights and tokenizer appear together
+            _write_checkpoint(model, tmp, parse_size("5GB"))
+            _copy_other_files(directory, tmp)
+    on_main(write_final, env, f"write {final}")  # DDP: every process holds the same weights
     return final
+
+
+def corpus_batches(data: list, tokenizer, directory: Path, seq_len: int, batch_size: int, seed: int):
+    """`Batches` of the text files' packed rows, or `TokenShards` of one shard directory (same tokenizer)."""
+    shard_dirs = [path for path in data if Path(path).is_dir() and is_shard_directory(path)]
+    for path in data:
+        if Path(path).is_dir() and not is_shard_directory(path):
+            raise ValueError(f"{path} is a directory but not a token shard directory (no index.json); pass text "
+                             "files, or tokenize them first with `python -m kpro tokenize`")
+    if not shard_dirs:
+        rows = corpus_rows(read_corpus(data), tokenizer, seq_len)
+        if len(rows) < batch_size:
+            raise ValueError(f"the corpus fills {len(rows)} row(s) of {seq_len} tokens, fewer than one batch of {batch_size}")
+        return Batches(rows, batch_size, seed=seed)
+    if len(data) > 1:
+        raise ValueError(f"--data takes one token shard directory alone ({shard_dirs[0]}), not with other files; "
+                         "tokenize them together with `python -m kpro tokenize`")
+    shards = TokenShards(shard_dirs[0], seq_len, batch_size, seed=seed)
+    check_tokenizer(shards.index, directory, f"the token shards in {shard_dirs[0]}")
+    return shards

@@ -11,6 +11,7 @@ resumes from the newest checkpoint.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -19,13 +20,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_pretrained, save_pretrained
-from ..cli_args import check_device
+from ..cli_args import add_device_argument, resolve_device
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
 from .data import PUBLISHED_TASKS, read_examples, read_published
 from .evaluation import MARGIN_TOKENS, evaluate
-from .loop import NO_REMOVAL, REMOVE_EVERYTHING, ValidationAccuracy, fit_internalization, mean_cot_tokens
+from .loop import (NO_REMOVAL, OFFICIAL_WEIGHT_DECAY, REMOVE_EVERYTHING, ValidationAccuracy, fit_internalization,
+                   mean_cot_tokens)
 from .multiplication import (PUBLISHED_SIZES, multiplication_lines, multiplication_operands, multiplication_pairs,
                              write_multiplication_training_set)
 from .schedule import RemovalSchedule
@@ -52,9 +54,10 @@ def add_parsers(sub) -> None:
     data.add_argument("--task", metavar="TASK",
                       help="NxN (e.g. 4x4): n-digit multiplication, the training set generated without the valid/test "
                            f"pairs; valid/test are the published sets for {', '.join(f'{n}x{n}' for n in PUBLISHED_SIZES)} "
-                           "and generated for other n. gsm8k: the published valid/test sets (pass --train)")
+                           "and generated for other n. gsm8k: the published valid/test sets (pass --train). Default: none "
+                           "(then --train and --valid)")
     data.add_argument("--train", type=Path, metavar="FILE", help="training examples `input||cot #### answer`, one a "
-                      "line (instead of a generated set)")
+                      "line (default: the --task's generated set)")
     data.add_argument("--valid", type=Path, metavar="FILE", help="validation examples (default: the task's)")
     data.add_argument("--test", type=Path, metavar="FILE", help="test examples (default: the task's, if any)")
     data.add_argument("--train-size", type=int, default=PAPER_TRAIN_SIZE, metavar="N",
@@ -71,11 +74,11 @@ def add_parsers(sub) -> None:
                        help="shape of a new model: " + "; ".join(f"{name} {layers} layers x {hidden}, {heads} heads, "
                                                                  f"MLP {mlp}" for name, (layers, hidden, heads, mlp)
                                                                  in SIZES.items()) + " (default tiny)")
-    model.add_argument("--layers", type=int, metavar="N", help="layers of a new model (overrides --size)")
-    model.add_argument("--hidden", type=int, metavar="N", help="hidden size of a new model (overrides --size)")
-    model.add_argument("--heads", type=int, metavar="N", help="attention heads of a new model (overrides --size)")
+    model.add_argument("--layers", type=int, metavar="N", help="layers of a new model (default: --size's)")
+    model.add_argument("--hidden", type=int, metavar="N", help="hidden size of a new model (default: --size's)")
+    model.add_argument("--heads", type=int, metavar="N", help="attention heads of a new model (default: --size's)")
     model.add_argument("--kv-heads", type=int, metavar="N", help="key/value heads of a new model (default: --heads)")
-    model.add_argument("--intermediate", type=int, metavar="N", help="MLP size of a new model (overrides --size)")
+    model.add_argument("--intermediate", type=int, metavar="N", help="MLP size of a new model (default: --size's)")
 
     train = p.add_argument_group("training")
     mode = train.add_mutually_exclusive_group()
@@ -87,7 +90,8 @@ def add_parsers(sub) -> None:
     train.add_argument("--steps", type=int, metavar="N",
                        help="optimizer steps (default: until the schedule has removed the longest training CoT, or "
                             "passed --remove-all-after, plus one epoch; the same for the baselines)")
-    train.add_argument("--epochs", type=float, metavar="E", help="optimizer steps as epochs of --steps-per-epoch steps")
+    train.add_argument("--epochs", type=float, metavar="E", help="the run's length in epochs of --steps-per-epoch steps, instead "
+                       "of --steps (default: none, --steps decides)")
     train.add_argument("--steps-per-epoch", type=int, metavar="N",
                        help="the schedule's epoch in steps (default: training examples // batch size)")
     train.add_argument("--remove-per-epoch", type=float, default=8, metavar="D",
@@ -98,7 +102,15 @@ def add_parsers(sub) -> None:
     train.add_argument("--remove-all-after", type=int, metavar="N",
                        help="remove the whole CoT once more than N tokens are scheduled (default: never)")
     train.add_argument("--keep-optimizer", action="store_true",
-                       help="keep one optimizer throughout (default: a new AdamW each time the scheduled count goes up)")
+                       help="keep one optimizer throughout (default: a new AdamW each time the scheduled count goes up, "
+                            "while the previous batch had CoT left, as the official code)")
+    train.add_argument("--weight-decay", type=float, default=OFFICIAL_WEIGHT_DECAY, metavar="WD",
+                       help=f"AdamW's weight decay, on every parameter (default {OFFICIAL_WEIGHT_DECAY:g}, the official "
+                            "code's; 0: none)")
+    train.add_argument("--select-best", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep the weights of the best validation accuracy reached once no training batch has CoT "
+                            "left, evaluated every --eval-every steps (default: every epoch), as the official code "
+                            "reports (default on; --no-select-best keeps the final weights)")
     train.add_argument("--lr", type=float, metavar="LR",
                        help=f"AdamW's constant learning rate (default {PRETRAINED_LR:g} with --model, {SCRATCH_LR:g} "
                             "from scratch); gradients are clipped to norm 1")
@@ -109,13 +121,12 @@ def add_parsers(sub) -> None:
     train.add_argument("--keep-last", type=int, default=2, metavar="K", help="checkpoints to keep (default 2)")
 
     run = p.add_argument_group("evaluation and hardware")
-    run.add_argument("--eval-every", type=int, metavar="N", help="report validation accuracy every N steps")
+    run.add_argument("--eval-every", type=int, metavar="N", help="report validation accuracy every N steps (default: never)")
     run.add_argument("--eval-examples", type=int, default=200, metavar="N",
                      help="validation examples for --eval-every (the first N; default 200)")
     run.add_argument("--eval-batch-size", type=int, default=256, metavar="B",
                      help="rows decoded at once in evaluation (default 256)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cpu or cuda[:N] (default: cuda when there is one)")
+    add_device_argument(run)
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="training precision (default auto: bf16 autocast on CUDA, fp32 on the CPU)")
     run.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
@@ -130,7 +141,7 @@ def run_command(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_examples, evaluation_sets = _load_data(args, out)
     if args.model is not None:
-        model = load_pretrained(args.model, device=args.device)
+        model = load_pretrained(args.model, dtype=torch.float32, device=args.device)  # fp32 weights to train
         tokenizer = load_tokenizer(args.model)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer of {args.model} has {tokenizer.vocab_size} tokens but the model only "
@@ -171,20 +182,22 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
     removal = NO_REMOVAL if args.no_removal else REMOVE_EVERYTHING if args.no_cot else schedule
     lr = args.lr or (PRETRAINED_LR if args.model is not None else SCRATCH_LR)
     print(f"{len(tokenized):,} training examples, {steps:,} steps of {args.batch_size} "
-          f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}, "
-          f"model {model.num_parameters() / 1e6:.2f}M parameters on {args.device}")
+          f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}, weight decay "
+          f"{args.weight_decay:g}, model {model.num_parameters() / 1e6:.2f}M parameters on {args.device}")
     if removal is schedule:
         print(f"removal: one more CoT token every {schedule.steps_per_token:,} steps"
               + (f", the whole CoT once more than {args.remove_all_after} are scheduled" if args.remove_all_after is not None
                  else "") + ("" if args.keep_optimizer else "; a new optimizer at each increase"))
     callbacks = []
-    if args.eval_every:
-        callbacks.append(ValidationAccuracy(tokenizer, evaluation_sets["valid"][:args.eval_examples], args.eval_every,
-                                            batch_size=args.eval_batch_size))
+    select_best = args.select_best and removal != NO_REMOVAL  # explicit CoT: the CoT is never gone
+    if args.eval_every or select_best:
+        callbacks.append(ValidationAccuracy(tokenizer, evaluation_sets["valid"][:args.eval_examples],
+                                            args.eval_every or steps_per_epoch, batch_size=args.eval_batch_size,
+                                            select_best=select_best))
     fit_internalization(model, tokenized, out, removal=removal, steps=steps, batch_size=args.batch_size,
                         pad_id=tokenizer.pad_id, lr=lr, seed=args.seed, reset_optimizer=not args.keep_optimizer,
-                        tokenizer=tokenizer, callbacks=callbacks, save_every=args.save_every, keep_last=args.keep_last,
-                        precision=args.precision)
+                        weight_decay=args.weight_decay, tokenizer=tokenizer, callbacks=callbacks,
+                        save_every=args.save_every, keep_last=args.keep_last, precision=args.precision)
 
 
 def _total_steps(args, schedule: RemovalSchedule, longest_cot: int) -> int:
@@ -305,7 +318,7 @@ def _check_args(args) -> None:
         raise ValueError(f"unknown --task {args.task!r}: NxN multiplication (e.g. 3x3, 4x4) or gsm8k")
     if args.task is None and (args.train is None and not args.eval_only or args.valid is None):
         raise ValueError("pass --task, or --train FILE and --valid FILE")
-    check_device(args.device)
+    args.device = resolve_device(args.device)
     if args.eval_only and args.model is None:
         raise ValueError("--eval-only evaluates a trained model: pass --model DIR")
     shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")
@@ -323,6 +336,8 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not 0 <= args.weight_decay < 1:
+        raise ValueError(f"--weight-decay must be in [0, 1), got {args.weight_decay}")
     for name in ("epochs", "remove_per_epoch", "lr"):
         value = getattr(args, name)
         if value is not None and not (0 < value < math.inf):

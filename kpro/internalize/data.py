@@ -58,17 +58,32 @@ def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[CoT
     A bad line raises DataFormatError `path:line: what is wrong`.
     """
     examples = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                examples.append(parse_line(line))
-            except DataFormatError as err:
-                raise DataFormatError(f"{path}:{number}: {err}: {_excerpt(line)}") from None
+    try:
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    examples.append(parse_line(line))
+                except DataFormatError as err:
+                    raise DataFormatError(f"{path}:{number}: {err}: {_excerpt(line)}") from None
+    except UnicodeDecodeError:
+        raise DataFormatError(_not_utf8(path)) from None
     return examples
+
+
+def _not_utf8(path) -> str:
+    """`path:line: ...` naming the first line that is not UTF-8 (text files are decoded a block at a time)."""
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"{path}:{number}: not UTF-8 text (byte {err.start + 1} of the line, "
+                        f"{raw[err.start:err.start + 4]!r}); save the file as UTF-8")
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
 
 
 def published_file(task: str, split: str) -> Path:

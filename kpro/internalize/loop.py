@@ -3,10 +3,16 @@
 Data flow: `Batches` over TokenizedExamples yields every step's examples whole (a `CoTBatch`, nothing
 removed), and `CoTRemoval.on_batch` turns the batch of global step s into the model's batch with the
 removal of step s (`schedule.removal_counts(s, B, seed)`), re-creating the optimizer first where
-`schedule.increases_at(s)`. The removal is a pure function of (schedule, seed, step, examples), so the
-callback keeps no state of its own: a resumed run gets the step and the data position back from the
-checkpoint, and with them the exact removal an uninterrupted run applies at that step. The optimizer of a
-checkpoint is the one re-created at the last increase, with its moments since, and comes back as such.
+`schedule.increases_at(s)` while the previous batch still had CoT tokens (the official rule: once a batch
+has lost its whole CoT, the optimizer is kept to the end). The removal is a pure function of (schedule,
+seed, step, examples); the callback remembers only whether the last batch had CoT left, saved with the
+checkpoint, so a resumed run applies exactly the removal and the resets of an uninterrupted one. The
+optimizer of a checkpoint is the one re-created at the last reset, with its moments since, and comes back
+as such.
+
+The official training details are options: AdamW's weight decay (`weight_decay`; 0.01 on every parameter
+in the official code) and the model kept at the end (`ValidationAccuracy(..., select_best=True)`: the best
+by validation accuracy once the CoT is fully removed, as the official code reports).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import sys
 from functools import partial
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from ..train import Batches, Callback, Run, adamw, fit
@@ -32,8 +39,11 @@ class CoTRemoval(Callback):
 
     removal          a RemovalSchedule, "none" (keep the whole CoT) or "all" (remove it all)
     seed             seeds the smoothing offsets of every step (with the step)
-    reset_optimizer  re-create the optimizer at each step where the scheduled count goes up
+    reset_optimizer  re-create the optimizer at each step where the scheduled count goes up, unless the
+                     previous batch had no CoT left (the official rule: no resets once the CoT is gone)
     stream           where to announce each increase (default stdout; main process only)
+
+    `batch_had_cot`: whether the last batch kept any CoT token (None before the first batch).
     """
 
     def __init__(self, removal, seed: int = 0, *, reset_optimizer: bool = True, stream=None):
@@ -44,6 +54,7 @@ class CoTRemoval(Callback):
         self.removal, self.seed, self.reset_optimizer, self.stream = removal, seed, reset_optimizer, stream
         self._last: dict = {}
         self._first_batch = True  # of this session: where a resumed run says how much it removes
+        self.batch_had_cot: bool | None = None  # of the global batch, the same on every process
 
     def scheduled(self, step: int):
         """Tokens every example loses at `step` before its offset: an int, or REMOVE_ALL."""
@@ -64,8 +75,9 @@ class CoTRemoval(Callback):
 
     def on_batch(self, run: Run, batch):
         step = run.step
-        reset = (self.reset_optimizer and isinstance(self.removal, RemovalSchedule)
-                 and self.removal.increases_at(step))
+        increase = isinstance(self.removal, RemovalSchedule) and self.removal.increases_at(step)
+        # As the official code: a fresh optimizer at an increase only while the previous batch had CoT left.
+        reset = increase and self.reset_optimizer and self.batch_had_cot is not False
         if reset:
             run.reset_optimizer()
         if reset or (self._first_batch and self.removal != NO_REMOVAL):
@@ -74,8 +86,10 @@ class CoTRemoval(Callback):
         device = next(run.model.parameters()).device
         removed = remove_cot(batch.to(device), self.counts(step, batch.input_ids.shape[0]))
         scheduled = self.scheduled(step)
+        rows_with_cot = int((removed.cot_left > 0).sum())
+        self.batch_had_cot = rows_with_cot > 0
         self._last = {"cot_scheduled": "all" if scheduled == REMOVE_ALL else scheduled,
-                      "cot_left": round(removed.cot_left.float().mean().item(), 3)}
+                      "cot_left": round(removed.cot_left.float().mean().item(), 3), "cot_rows_left": rows_with_cot}
         if reset:
             self._last["optimizer_reset"] = True
         return {"input_ids": removed.input_ids, "attention_mask": removed.attention_mask, "labels": removed.labels}
@@ -83,16 +97,20 @@ class CoTRemoval(Callback):
     def on_step_end(self, run: Run, metrics: dict) -> None:
         metrics.update(self._last)
 
-    def state_dict(self) -> dict:
-        # Nothing to restore (the step decides everything); saved to refuse resuming with another removal.
+    def settings(self) -> dict:
         return {"removal": describe_removal(self.removal), "seed": self.seed, "reset_optimizer": self.reset_optimizer}
 
+    def state_dict(self) -> dict:
+        # The settings, to refuse resuming with other ones, and whether the last batch had CoT left, which
+        # decides the next reset (the step decides everything else).
+        return {**self.settings(), "batch_had_cot": self.batch_had_cot}
+
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key, value in mine.items():
+        for key, value in self.settings().items():
             if state.get(key) != value:
                 raise ValueError(f"the checkpoint was trained with {key}={state.get(key)!r} and this run has "
                                  f"{key}={value!r}; resume with the same settings, or start a new run directory")
+        self.batch_had_cot = state.get("batch_had_cot")
 
     def _announce(self, run: Run, step: int, reset: bool) -> None:
         if not run.is_main:
@@ -121,15 +139,34 @@ class SaveTokenizer(Callback):
 
 
 class ValidationAccuracy(Callback):
-    """Every `every` steps (and at the last), greedy-decode `examples` and log `valid_accuracy` with the step."""
+    """Every `every` steps (and at the last), greedy-decode `examples` and log `valid_accuracy` with the step.
 
-    def __init__(self, tokenizer, examples, every: int, *, batch_size: int = 256, stream=None):
+    select_best  keep the weights of the best validation accuracy reached once the CoT is fully removed,
+                 and load them into the model when the run ends (the official code reports the epoch of
+                 best validation accuracy among those whose batches had no CoT left). A step whose batch
+                 kept a CoT token (`cot_rows_left` > 0, logged by CoTRemoval, which must come first among
+                 the callbacks) starts the selection over; without CoTRemoval every evaluation counts.
+                 The best weights travel in the checkpoints (one more copy of the model), so a resumed run
+                 keeps them. `selected` is then {"step", "accuracy"} of the kept weights (None: no
+                 evaluation came after the CoT was gone, and the final weights stay). One process only.
+    """
+
+    def __init__(self, tokenizer, examples, every: int, *, batch_size: int = 256, select_best: bool = False,
+                 stream=None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         self.tokenizer, self.examples, self.every = tokenizer, list(examples), every
-        self.batch_size, self.stream = batch_size, stream
+        self.batch_size, self.select_best, self.stream = batch_size, bool(select_best), stream
+        self._best: dict | None = None  # {"step", "accuracy", "weights"} once an evaluation follows the CoT's removal
+        self.selected: dict | None = None
+
+    def on_fit_start(self, run: Run) -> None:
+        if self.select_best and run.env.world_size > 1:
+            raise ValueError("ValidationAccuracy(select_best=True) evaluates in one process; run it without torchrun")
 
     def on_step_end(self, run: Run, metrics: dict) -> None:
+        if self.select_best and metrics.get("cot_rows_left", 0) > 0:
+            self._best = None  # this batch still had CoT: the official code starts its selection over
         if not run.is_main or (run.step % self.every and run.step != run.total_steps):
             return
         run.model.eval()
@@ -137,9 +174,40 @@ class ValidationAccuracy(Callback):
         run.model.train()
         metrics["valid_accuracy"] = result.accuracy
         metrics["valid_cot_tokens"] = round(mean_cot_tokens(result, self.tokenizer.eos_id), 3)
+        best = ""
+        if self.select_best and metrics.get("cot_rows_left", 0) == 0 and (
+                self._best is None or result.accuracy > self._best["accuracy"]):
+            self._best = {"step": run.step, "accuracy": result.accuracy,
+                          "weights": {k: v.detach().clone() for k, v in run.model.state_dict().items()}}
+            best = "; the best since the CoT is gone"
         print(f"step {run.step}: valid accuracy {result.accuracy:.3f} ({result.correct}/{result.total}), "
-              f"{metrics['valid_cot_tokens']:.1f} CoT tokens written per example",
+              f"{metrics['valid_cot_tokens']:.1f} CoT tokens written per example{best}",
               file=self.stream or sys.stdout, flush=True)
+
+    def on_fit_end(self, run: Run) -> None:
+        if not self.select_best:
+            return
+        if self._best is None:
+            self.selected = None
+            print("no validation after the CoT was fully removed: keeping the final weights",
+                  file=self.stream or sys.stdout, flush=True)
+            return
+        self.selected = {"step": self._best["step"], "accuracy": self._best["accuracy"]}
+        if self._best["step"] != run.step:
+            run.model.load_state_dict(self._best["weights"])
+        print(f"kept the weights of step {self._best['step']} (valid accuracy {self._best['accuracy']:.3f}), "
+              "the best once the CoT was fully removed", file=self.stream or sys.stdout, flush=True)
+
+    def state_dict(self) -> dict:
+        if self._best is None:
+            return {}  # nothing to remember (and an evaluation-only callback may come and go between resumes)
+        return {"best_step": self._best["step"], "best_accuracy": self._best["accuracy"],
+                "best_weights": self._best["weights"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "best_step" in state and self.select_best:
+            self._best = {"step": state["best_step"], "accuracy": state["best_accuracy"],
+                          "weights": state["best_weights"]}
 
 
 def mean_cot_tokens(result, eos_id: int) -> float:
@@ -148,22 +216,45 @@ def mean_cot_tokens(result, eos_id: int) -> float:
     return sum(lengths) / len(lengths)
 
 
+OFFICIAL_WEIGHT_DECAY = 0.01  # the official code's torch.optim.AdamW(model.parameters(), lr): its default decay
+
+
 def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], out_dir: str | os.PathLike, *,
                         removal, steps: int, batch_size: int, pad_id: int, lr: float, seed: int = 0,
-                        reset_optimizer: bool = True, tokenizer=None, callbacks=(), stream=None, **fit_options) -> Run:
+                        reset_optimizer: bool = True, weight_decay: float = 0.0, tokenizer=None, callbacks=(),
+                        stream=None, **fit_options) -> Run:
     """Train `model` on `examples` for `steps` steps of `batch_size`, removing CoT tokens by `removal`.
 
     removal          a RemovalSchedule (stepwise internalization), "none" (explicit CoT) or "all" (no CoT)
-    lr               AdamW's constant learning rate (no weight decay); gradients are clipped to norm 1.0
+    lr               AdamW's constant learning rate; gradients are clipped to norm 1.0
+    weight_decay     AdamW's decoupled weight decay on every parameter, norms and embeddings included, as the
+                     official code (OFFICIAL_WEIGHT_DECAY = 0.01 there); 0 (the default) decays nothing
     seed             the data order (reshuffled every epoch) and the smoothing offsets
-    reset_optimizer  a fresh AdamW wherever the scheduled count goes up (False: one optimizer throughout)
+    reset_optimizer  a fresh AdamW wherever the scheduled count goes up while the previous batch had CoT left
+                     (False: one optimizer throughout)
     tokenizer        written into every checkpoint when given (checkpoints become `--model` directories)
+    callbacks        more callbacks, after the removal: `ValidationAccuracy(tok, valid, every, select_best=True)`
+                     keeps the best model once the CoT is gone, as the official code reports
     fit_options      passed to `kpro.train.fit`: save_every, keep_last, resume, precision, grad_accum, ...
 
     Calling it again with the same `out_dir` resumes from the newest checkpoint, exactly.
     """
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < 1:
+        raise ValueError(f"weight_decay must be a number in [0, 1), got {weight_decay!r}")
     batches = Batches(list(examples), batch_size, partial(collate, pad_id=pad_id), seed=seed)
     removal_callback = CoTRemoval(removal, seed, reset_optimizer=reset_optimizer, stream=stream)
     extra = [SaveTokenizer(tokenizer)] if tokenizer is not None else []
-    return fit(model, batches, out_dir, steps=steps, optimizer=lambda m: adamw(m, lr), schedule="constant",
+    optimizer = (lambda m: adamw(m, lr)) if weight_decay == 0 else partial(adamw_every_parameter, lr=lr,
+                                                                           weight_decay=weight_decay)
+    return fit(model, batches, out_dir, steps=steps, optimizer=optimizer, schedule="constant",
                clip_grad_norm=1.0, callbacks=[removal_callback, *extra, *callbacks], stream=stream, **fit_options)
+
+
+def adamw_every_parameter(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with one weight decay on every trainable parameter, as `torch.optim.AdamW(model.parameters())`
+    in the official code (kpro's `adamw` spares norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
+    if not params:
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)

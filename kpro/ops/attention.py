@@ -4,8 +4,11 @@ Conventions shared by every backend:
 - queries are aligned to the end of the keys (query i sits at key position i + Tk - Tq), so a
   cached decoding step passes its new queries with the whole key cache;
 - `prefix_lens[b] = P`: keys and queries at positions < P see each other both ways, the rest is causal;
-- `attention_mask[b, j] = 0` hides key j of row b (padding);
-- a query that can see no key at all (a padding row) gets an output of zeros and no gradient.
+- `attention_mask[b, j] = 0` hides key j of row b (padding): a bool or 0/1 integer tensor, 1 = real token
+  (`check_attention_mask`; a float mask is refused, an additive one converts with `additive == 0`);
+- a query that can see no key at all (a padding row) gets an output of zeros and no gradient;
+- NaN: a NaN in a row's query, or in a key or value the row sees, makes that row NaN; keys and values
+  the row does not see (padding, positions past the causal limit) never reach it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,47 @@ import torch.nn.functional as F
 from .backend import kernels, select
 
 
+MASK_RULE = "bool or 0/1 integers, 1 = real token, 0 = padding"
+
+
+def check_attention_mask(mask, shape: tuple, where: str = "attention", *, report_all_real: bool = False):
+    """Refuse an attention mask that is not a `shape` tensor of bool or 0/1 integers (1 = real token).
+
+    A float mask is refused by its dtype alone: an additive mask (0 = attend, -inf or -1e9 = hidden, as
+    Hugging Face builds them) read as 1 = real would show exactly the keys it hides. A bool mask needs no
+    look at its values. An integer mask's values are checked: on the CPU for free, on a GPU with one
+    device sync (pass a bool mask to avoid it; `Llama.forward` checks once and passes bool masks to its
+    layers), and under torch.compile with `torch._assert_async` (no sync, no graph break; the error
+    comes at the next sync). With `report_all_real`, returns whether every entry is 1, read in the same
+    sync (False under torch.compile)."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{where}: attention_mask must be a tensor [B, T] ({MASK_RULE}), got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        names = {"model": "[B, past+T]", "generate": "[B, T]"}.get(where, "[B, Tk]")
+        raise ValueError(f"{where}: attention_mask must be {names} = {list(shape)}, got {list(mask.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise ValueError(f"{where}: attention_mask is {mask.dtype}; it must be {MASK_RULE}. An additive float mask "
+                         "(0 = attend, -inf or -1e9 = hidden) converts with `mask = (additive == 0)`, a 0/1 float "
+                         "mask with `mask.bool()`")
+    values_ok = None if mask.dtype == torch.bool else ((mask == 0) | (mask == 1)).all()
+    bad_values = f"{where}: attention_mask must hold 1 (real token) and 0 (padding) only ({MASK_RULE})"
+    if torch.compiler.is_compiling():  # a value read would break the graph
+        if values_ok is not None:
+            torch._assert_async(values_ok, bad_values)
+        return False if report_all_real else None
+    if report_all_real:
+        flags = torch.stack((values_ok if values_ok is not None else mask.new_ones((), dtype=torch.bool),
+                             mask.bool().all()))
+        values_ok, all_real = flags.tolist()
+    elif values_ok is not None:
+        values_ok, all_real = bool(values_ok), None
+    else:
+        return None
+    if not values_ok:
+        raise ValueError(bad_values)
+    return all_real
+
+
 def check_attention_args(q, k, v, causal, prefix_lens, attention_mask) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be [B, T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -26,6 +70,9 @@ def check_attention_args(q, k, v, causal, prefix_lens, attention_mask) -> None:
     _, tk, hkv, _ = k.shape
     if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim")
+    if dim == 0 or hq == 0 or hkv == 0:
+        raise ValueError(f"attention: head dim and head counts must be positive, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if hq % hkv:
         raise ValueError(f"attention: {hq} query heads are not a multiple of {hkv} key/value heads")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
@@ -39,8 +86,8 @@ def check_attention_args(q, k, v, causal, prefix_lens, attention_mask) -> None:
         if prefix_lens.shape != (batch,) or prefix_lens.dtype.is_floating_point:
             raise ValueError(f"attention: prefix_lens must be an integer tensor [B={batch}], got "
                              f"{tuple(prefix_lens.shape)} {prefix_lens.dtype}")
-    if attention_mask is not None and attention_mask.shape != (batch, tk):
-        raise ValueError(f"attention: attention_mask must be [B={batch}, Tk={tk}], got {tuple(attention_mask.shape)}")
+    if attention_mask is not None:
+        check_attention_mask(attention_mask, (batch, tk))
 
 
 def visibility_mask(batch: int, tq: int, tk: int, *, causal: bool, prefix_lens=None, attention_mask=None,
@@ -62,11 +109,56 @@ def visibility_mask(batch: int, tq: int, tk: int, *, causal: bool, prefix_lens=N
 
 
 def attention_reference(q, k, v, causal=True, prefix_lens=None, attention_mask=None, scale=None):
-    """Plain PyTorch (scaled_dot_product_attention with an explicit mask where one is needed)."""
+    """Plain PyTorch (scaled_dot_product_attention with an explicit mask where one is needed).
+
+    SDPA's kernels do not keep the NaN rule: a NaN key or value that a row does not see reaches it
+    through 0 · NaN or a NaN score plus -inf, and some of them turn a NaN query row into zeros. So where
+    an input holds a NaN, SDPA runs on the inputs with those rows zeroed, and the rows that see a NaN
+    are set to NaN after (`rows_seeing_nan`). On the CPU in eager mode, inputs whose sums are finite (no
+    NaN or infinity anywhere; one fast reduction each) take SDPA alone; elsewhere the zeroing always runs,
+    which needs no device sync."""
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and bool(
+            torch.stack((q.detach().sum(), k.detach().sum(), v.detach().sum())).isfinite().all()):  # nothing saved
+        return _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
+    nan_q = q.isnan().any(-1)  # [B, Tq, Hq]
+    nan_kv = k.isnan().any(-1) | v.isnan().any(-1)  # [B, Tk, Hkv]
+    q, k, v = q.masked_fill(nan_q[..., None], 0), k.masked_fill(nan_kv[..., None], 0), v.masked_fill(nan_kv[..., None], 0)
+    out = _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
+    return out.masked_fill(rows_seeing_nan(nan_q, nan_kv, causal, prefix_lens, attention_mask)[..., None], float("nan"))
+
+
+def rows_seeing_nan(nan_q, nan_kv, causal: bool, prefix_lens=None, attention_mask=None) -> torch.Tensor:
+    """[B, Tq, Hq] bool: the query rows that see a key or value flagged in `nan_kv` [B, Tk, Hkv], or have
+    a NaN query (`nan_q` [B, Tq, Hq]) and see any key at all. Row i sees the keys j < end(i) (causal:
+    end(i) = max(i + Tk - Tq + 1, prefix), else Tk) that the mask keeps, so prefix sums over the keys
+    answer it without a [Tq, Tk] mask."""
+    batch, tq, hq = nan_q.shape
+    tk, hkv = nan_kv.shape[1], nan_kv.shape[2]
+    if tk == 0:
+        return torch.zeros_like(nan_q)
+    real = None if attention_mask is None else attention_mask.to(device=nan_kv.device, dtype=torch.bool)
+    bad = nan_kv if real is None else nan_kv & real[:, :, None]
+    if causal:
+        ends = torch.arange(tq, device=nan_kv.device) + (tk - tq + 1)
+        if prefix_lens is not None:
+            ends = torch.maximum(ends[None, :], prefix_lens.to(nan_kv.device)[:, None])
+        last = (ends.expand(batch, tq).clamp(1, tk) - 1)[:, :, None]  # [B, Tq, 1]: the last key row i sees
+        rows_bad = (bad.int().cumsum(1) > 0).gather(1, last.expand(batch, tq, hkv))
+        sees_any = True if real is None else real.int().cumsum(1).gather(1, last[:, :, 0]) > 0
+    else:
+        rows_bad = bad.any(1, keepdim=True).expand(batch, tq, hkv)
+        sees_any = True if real is None else real.any(1, keepdim=True)
+    rows_bad = rows_bad.repeat_interleave(hq // hkv, dim=2)
+    if real is None:
+        return rows_bad | nan_q
+    return (rows_bad | nan_q) & sees_any[:, :, None]
+
+
+def _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale):
     batch, tq, _, _ = q.shape
     tk = k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = q.shape[2] != k.shape[2]
+    gqa = True if q.shape[2] != k.shape[2] else False  # a bool, not a SymBool under dynamic shapes (below)
     if prefix_lens is None and attention_mask is None and (not causal or tq == tk or tq == 1):
         # One query aligned to the end of the keys sees them all: a decoding step needs no mask.
         # Under torch.compile with dynamic shapes `tq > 1` is symbolic and SDPA takes only a bool: an `if`
@@ -84,12 +176,21 @@ def attention_reference(q, k, v, causal=True, prefix_lens=None, attention_mask=N
 
 def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=None, scale: float | None = None):
     """Softmax attention. q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] (Hq a multiple of Hkv) -> [B, Tq, Hq, D]."""
+    if prefix_lens is not None and not isinstance(prefix_lens, torch.Tensor):
+        prefix_lens = _lengths_tensor(prefix_lens, "prefix_lens", q.device)
     check_attention_args(q, k, v, causal, prefix_lens, attention_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = select("attention", q)
     if backend == "torch":  # plain PyTorch autograd: SDPA saves what it needs, torch.compile traces it
         return attention_reference(q, k, v, causal, prefix_lens, attention_mask, scale)
     return torch.ops.kpro.attention_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)[0]
+
+
+def _lengths_tensor(lengths, name: str, device) -> torch.Tensor:
+    """A list or tuple of ints as an integer tensor on `device`; anything else is a one-line error."""
+    if isinstance(lengths, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        return torch.tensor(lengths, dtype=torch.int64, device=device)
+    raise ValueError(f"attention: {name} must be an integer tensor [B] (or a list of ints), got {lengths!r}")
 
 
 # ------------------------------------------------------------------------------ custom op registration

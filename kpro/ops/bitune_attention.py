@@ -19,11 +19,15 @@ from .backend import kernels, select
 
 
 def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
-                     scale: float | None = None):
+                     scale: float | None = None, *, check_values: bool = True):
     """q_p [2, B, Tp, H, D], k_p/v_p [2, B, Tp, Hkv, D] (index 0 causal, 1 bidirectional, post-RoPE);
-    q_a [B, Ta, H, D], k_a/v_a [B, Ta, Hkv, D]; alpha_k, alpha_v 0-dim; prompt_lens, answer_lens [B].
-    Returns (o_prompt [2, B, Tp, H, D], o_answer [B, Ta, H, D])."""
+    q_a [B, Ta, H, D], k_a/v_a [B, Ta, Hkv, D]; alpha_k, alpha_v 0-dim in [0, 1]; prompt_lens [B] in
+    [0, Tp], answer_lens [B] in [1, Ta]. Returns (o_prompt [2, B, Tp, H, D], o_answer [B, Ta, H, D]).
+    `check_values=False` skips `check_bitune_values` (one device sync on a GPU) for a caller that made
+    it already, as kpro.Bitune does once per forward rather than once per layer."""
     check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens)
+    if check_values:
+        check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, q_p.shape[2], q_a.shape[1])
     scale = q_p.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = select("bitune_attention", q_a)
     if backend == "torch":
@@ -66,6 +70,41 @@ def check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_len
             raise ValueError(f"bitune_attention: {name} must be an integer tensor [B={batch}]")
 
 
+def check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, tp: int, ta: int) -> None:
+    """Refuse lengths and mixing weights outside their ranges: prompt_lens in [0, Tp], answer_lens in
+    [1, Ta] (the answer stream starts with the prompt's last token), α_k and α_v in [0, 1] (any shape:
+    kpro.Bitune checks all layers' at once). Free on the CPU; on a GPU one device read for all four
+    (the kernels would otherwise clamp or mix out of range silently); under torch.compile
+    `torch._assert_async` (no sync, no graph break)."""
+    checks = {
+        f"prompt_lens must lie in [0, Tp={tp}]": ((prompt_lens >= 0) & (prompt_lens <= tp)).all(),
+        f"answer_lens must lie in [1, Ta={ta}] (the answer stream holds the prompt's last token)":
+            ((answer_lens >= 1) & (answer_lens <= ta)).all(),
+        "alpha_k must lie in [0, 1]": ((alpha_k >= 0) & (alpha_k <= 1)).all(),
+        "alpha_v must lie in [0, 1]": ((alpha_v >= 0) & (alpha_v <= 1)).all(),
+    }
+    if torch.compiler.is_compiling():
+        for message, ok in checks.items():
+            torch._assert_async(ok, f"bitune_attention: {message}")
+        return
+    device = alpha_k.device
+    flags = torch.stack([ok.to(device) for ok in checks.values()]).tolist()
+    failed = [message for message, ok in zip(checks, flags) if not ok]
+    if failed:
+        values = {"prompt_lens": prompt_lens, "answer_lens": answer_lens, "alpha_k": alpha_k, "alpha_v": alpha_v}
+        detail = "; ".join(f"{message}, got {values[message.split()[0]].tolist()}" for message in failed)
+        raise ValueError(f"bitune_attention: {detail}")
+
+
+def mix_kv(x_causal: torch.Tensor, x_bidir: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """(1 − α)·x_causal + α·x_bidir computed in fp32 (float64 stays float64) and cast back to the inputs'
+    dtype, as the Triton mix kernel does. Left to type promotion, a 0-dim fp32 α would not promote bf16
+    inputs, and the mix would round in bf16 at every step."""
+    dtype = torch.promote_types(x_causal.dtype, torch.float32)
+    a = alpha.to(dtype)
+    return ((1 - a) * x_causal.to(dtype) + a * x_bidir.to(dtype)).to(x_causal.dtype)
+
+
 def bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
                                scale: float | None = None):
     """Plain PyTorch: two masked attention calls for the prompt streams, an explicit mix, one call for
@@ -73,8 +112,7 @@ def bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, p
     tp, ta = q_p.shape[2], q_a.shape[1]
     prompt_valid = torch.arange(tp, device=q_p.device) < prompt_lens.to(q_p.device)[:, None]
     answer_valid = torch.arange(ta, device=q_a.device) < answer_lens.to(q_a.device)[:, None]
-    k_mix = (1 - alpha_k) * k_p[0] + alpha_k * k_p[1]
-    v_mix = (1 - alpha_v) * v_p[0] + alpha_v * v_p[1]
+    k_mix, v_mix = mix_kv(k_p[0], k_p[1], alpha_k), mix_kv(v_p[0], v_p[1], alpha_v)
     # Queries aligned to the end of [prompt | answer] keys: causal over the answer, all of the prompt.
     o_a = attention_reference(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), causal=True,
                               attention_mask=torch.cat((prompt_valid, answer_valid), 1), scale=scale)

@@ -201,6 +201,20 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     return state
 
 
+def saved_schedule(run_dir: str | os.PathLike) -> dict | None:
+    """The learning-rate schedule (a `Schedule`'s fields) of the newest checkpoint in `run_dir`, or None (no
+    checkpoint, or none recorded). A command whose default warmup follows the total steps (5% of them) takes
+    the warmup from here when it resumes: more `--steps` then extend the run instead of changing its schedule."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return None
+    try:
+        schedule = _read_state(last).get("settings", {}).get("schedule")
+    except (CheckpointError, OSError, RuntimeError):
+        return None  # the resume itself reports an unreadable checkpoint
+    return schedule if isinstance(schedule, dict) else None
+
+
 def _read_optimizer(directory: Path) -> dict:
     try:
         return torch.load(directory / OPTIMIZER_FILE, weights_only=True)

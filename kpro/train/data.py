@@ -34,7 +34,12 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_id: int
 
 def collate_packed(rows: Sequence[torch.Tensor]) -> dict:
     """Rows of `pack_documents` -> {input_ids, labels}: every token is both input and target."""
-    ids = torch.stack(list(rows))
+    if len(rows) and isinstance(rows[0], dict):  # rows may be one [B, T] tensor
+        raise ValueError(f"collate_packed (Batches' default collate) stacks rows of token ids, and these examples "
+                         f"are dicts (keys {', '.join(map(str, rows[0]))}): pass Batches(..., collate=...), e.g. "
+                         "torch.utils.data.default_collate, which stacks each key (fit's default loss reads "
+                         "input_ids, labels and an optional attention_mask)")
+    ids = torch.stack([torch.as_tensor(row) for row in rows])
     return {"input_ids": ids, "labels": ids}
 
 

@@ -86,6 +86,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
 
     batches      iterable of global batches, one per optimizer step (dicts of tensors [B, ...] when they must be
                  split). `kpro.train.Batches` resumes exactly; any other iterable is fast-forwarded on resume.
+                 Batches with `per_process = True` (`kpro.train.TokenShards`) give each process its own rows of
+                 the global batch already: fit splits those only into micro-batches.
     out_dir      run directory: `metrics.jsonl` (one line per step) and checkpoints `step-XXXXXXXX/`.
     steps        total optimizer steps of the run (default: len(batches)); batches that run out before are an
                  error (after a checkpoint of the steps done).
@@ -136,6 +138,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
         print(f"resumed from {checkpoint} at step {run.step}/{steps}", file=sys.stdout if stream is None else stream)
     autocast = _autocast(precision, model)
     device = next(model.parameters()).device
+    per_process = bool(getattr(batches, "per_process", False))
 
     def save():
         def write_extra(directory):
@@ -163,9 +166,9 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                 lr_now = set_lr(run.optimizer, schedule, run.step)
                 start = time.perf_counter()
                 loss, grad_norm, interrupted = _train_step(run, batch, loss_fn, grad_accum, clip_grad_norm, autocast,
-                                                           device, lambda: interrupt.requested)
+                                                           device, lambda: interrupt.requested, per_process)
                 run.step += 1
-                tokens = _count_tokens(batch)
+                tokens = _count_tokens(batch) * (env.world_size if per_process else 1)  # per process: full rows
                 step_time = time.perf_counter() - start
                 run.metrics = {"step": run.step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm, "tokens": tokens,
                                "step_time": round(step_time, 6), "tokens_per_s": round(tokens / step_time, 1)}
@@ -211,19 +214,22 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> N
     saved, schedule = state.get("settings", {}).get("schedule"), settings["schedule"]
     differences = []
     if isinstance(saved, dict) and isinstance(schedule, dict):
-        if saved["total_steps"] != schedule["total_steps"] and run.is_main:
-            print(f"resuming with total_steps={schedule['total_steps']} for the {schedule['kind']} schedule "
-                  f"(the checkpoint's run had {saved['total_steps']}): the learning rate follows the new "
-                  "schedule from here", file=sys.stderr)
-        if {**saved, "total_steps": schedule["total_steps"]} != schedule:
-            differences.append(f"schedule: {saved!r} in the checkpoint, {schedule!r} now")
+        differences += [f"schedule {key}: {saved.get(key)!r} in the checkpoint, {schedule.get(key)!r} now"
+                         for key in sorted(set(saved) | set(schedule))
+                         if key != "total_steps" and saved.get(key) != schedule.get(key)]
     differences += [f"optimizer param group {i} {key}: {saved[key]!r} in the checkpoint, {value!r} now"
                     for i, (now, saved) in enumerate(zip(asked, _hyperparameters(run.optimizer)))
                     for key, value in now.items() if key in saved and saved[key] != value]
     if differences:
         raise CheckpointError(f"{checkpoint} was trained with other settings than this call asks for:\n  "
-                              + "\n  ".join(differences) + "\nresume with the same settings, or start a new run "
-                              "directory (a checkpoint's weights alone load with kpro.load_pretrained)")
+                              + "\n  ".join(differences) + "\nresume with the same settings (another number of "
+                              "total steps is fine: it extends or shortens the run), or start a new run directory "
+                              "(a checkpoint's weights alone load with kpro.load_pretrained)")
+    if isinstance(saved, dict) and isinstance(schedule, dict) and saved.get("total_steps") != schedule["total_steps"] \
+            and run.is_main:
+        print(f"continuing the run with total_steps={schedule['total_steps']} (the checkpoint's run had "
+              f"{saved.get('total_steps')}): the {schedule['kind']} schedule follows the new total from here",
+              file=sys.stderr)
     run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
     load_callback_states(callbacks, state["callbacks"])
     if hasattr(batches, "load_state_dict"):
@@ -237,13 +243,16 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
             for group in optimizer.param_groups]
 
 
-def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, interrupt_requested: Callable[[], bool]):
+def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, interrupt_requested: Callable[[], bool],
+                per_process: bool = False):
     """Forward/backward over this process's micro-batches, then one optimizer step.
 
     Returns (the step's global loss, the gradient norm before clipping, whether any process was interrupted).
     """
     env, train_model, optimizer = run.env, run.train_model, run.optimizer
-    micro_batches = distributed.split_batch(batch, env, grad_accum)
+    # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
+    micro_batches = distributed.split_batch(batch, dataclasses.replace(env, rank=0, world_size=1) if per_process
+                                            else env, grad_accum)
     totals, counts, summed = [], [], None
     for i, micro in enumerate(micro_batches):
         micro = _to_device(micro, device)
@@ -276,8 +285,11 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     loss = total / count
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"the loss is {loss} at step {run.step + 1}; stopping before the optimizer step "
-                                 f"(the last checkpoint is {run.checkpoint})")
+        last = (f"the last good checkpoint is {run.checkpoint}" if run.checkpoint is not None
+                else "no checkpoint was saved before it")
+        raise FloatingPointError(f"the loss is {loss} at step {run.step + 1}: stopped before its optimizer step; {last} "
+                                 "(a lower learning rate, float32 or bfloat16 weights instead of float16, or clipping "
+                                 "may help)")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -163,7 +163,12 @@ def forward_tiles(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, limits, key_limi
                   HAS_KEY_MASK: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over key tiles [n_lo, n_hi) for one tile of queries. m_i is the running maximum of
     the scaled scores. Unmasked tiles are fully visible to every row: no mask arithmetic and no select
-    (their maximum is finite); masked ones keep a row with nothing visible yet at 0."""
+    (their maximum is finite); masked ones keep a row with nothing visible yet at 0.
+
+    NaN rule (a row is NaN when its query, or a key or value it sees, holds a NaN; what it does not see
+    never reaches it): in masked tiles a hidden key's NaN score is replaced by -inf, but a hidden value
+    would still reach every row through P·V (0 · NaN = NaN). So there a value row holding a NaN (or an
+    infinity) is zeroed, and its NaN is added to the scores of the rows that see it instead."""
     for n0 in range(n_lo, n_hi, BLOCK_N):
         k = load_rows(K, n0, 0, stride_kt, key_limit, dims, dim_ok, BLOCK_N, USE_TMA)
         v = load_rows(V, n0, 0, stride_vt, key_limit, dims, dim_ok, BLOCK_N, USE_TMA)
@@ -171,7 +176,9 @@ def forward_tiles(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, limits, key_limi
         if MASKED:
             cols = n0 + tl.arange(0, BLOCK_N)
             keys_ok = visible_keys(cols, key_limit, KEY_OK, key_lo, key_dense, HAS_KEY_MASK)
-            s = tl.where((cols[None, :] < limits[:, None]) & keys_ok[None, :], s, float("-inf"))
+            v_nan = tl.sum(v.to(tl.float32) * 0.0, 1)  # per key: 0, or NaN where its value row is not finite
+            v = tl.where((v_nan == 0.0)[:, None], v, tl.zeros_like(v))
+            s = tl.where((cols[None, :] < limits[:, None]) & keys_ok[None, :], s + v_nan[None, :], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:

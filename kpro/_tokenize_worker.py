@@ -1,0 +1,48 @@
+"""The work of `python -m kpro tokenize`'s worker processes (kpro/train/tokenize.py): parse and tokenize
+chunks of documents.
+
+It lives outside kpro.train so that a spawned worker imports only this module, numpy and kpro.tokenizer:
+no torch (about a second and 300 MB of memory per worker, times one worker per core).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+
+from .tokenizer import load_tokenizer
+
+_TOKENIZER = None
+_FILES: list = []
+
+
+def start(tokenizer_dir: str, files: list) -> None:
+    """A worker's initializer: load the tokenizer once."""
+    global _TOKENIZER, _FILES
+    _TOKENIZER, _FILES = load_tokenizer(tokenizer_dir), files
+
+
+def jsonl_text(raw: bytes, path, line: int) -> str:
+    """The "text" string of one .jsonl line; a bad line is an error naming the file and line."""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}:{line}: not valid JSON ({getattr(err, 'msg', err)})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{path}:{line}: expected an object with a \"text\" string")
+    return record["text"]
+
+
+def encode(chunk: list) -> tuple[list, np.ndarray, np.ndarray]:
+    """A chunk of (file index, line, byte offset, payload) -> (the documents' positions, their framed tokens
+    `[bos] tokens eos` end to end, each one's length)."""
+    tok = _TOKENIZER
+    head = [] if tok.bos_id is None else [tok.bos_id]
+    pieces = []
+    for index, line, _, payload in chunk:
+        text = payload if isinstance(payload, str) else jsonl_text(payload, _FILES[index], line)
+        pieces.append(head + tok.encode(text, bos=False) + [tok.eos_id])
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
+    return [item[:3] for item in chunk], flat, lengths

@@ -1,0 +1,355 @@
+"""kpro's ops inside a Hugging Face `transformers` LLaMA-family model, for training with the HF Trainer, TRL,
+accelerate or a loop of your own.
+
+    import kpro.integrations.hf as kpro_hf        # imports transformers; registers attn_implementation="kpro"
+    summary = kpro_hf.apply(model)                 # RMSNorm -> kpro.ops.rms_norm, MLP -> kpro.ops.swiglu,
+                                                   # attention -> kpro.ops.attention
+    plan = kpro_hf.train_only(model, [4, 9])       # only those blocks train; frozen-block gradient skipping
+
+Supported: `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` and the other models of those types
+(config.model_type llama, mistral, qwen2) with a SiLU MLP; anything else is refused by name, nothing
+changed. What is swapped:
+
+- every `*RMSNorm` module's forward: `kpro.ops.rms_norm` (one fp32 accumulation, x and rstd saved, no weight
+  gradient reduction for a frozen weight); the output dtype is the stock one (x's, promoted with the
+  weight's);
+- every MLP's forward: `down_proj(kpro.ops.swiglu(gate_proj(x), up_proj(x)))` (gate and up saved, silu
+  recomputed in the backward); the projections stay the model's own `nn.Linear`s (LoRA adapters on them
+  keep working);
+- the attention core, through transformers' registries: "kpro" in `AttentionInterface` (the function) and
+  in `AttentionMaskInterface` (which mask it is given), so `from_pretrained(..., attn_implementation="kpro")`
+  works once this module is imported, and `apply` switches a loaded model with `set_attn_implementation`.
+  The projections and RoPE stay transformers' own.
+
+Masks: transformers builds, for "kpro", the 2-D key-padding mask (1 = real token), which kpro's attention
+takes as it is (left or right padding, GQA, cached decoding with queries at the end of the keys). A 4-D mask
+passed by the caller is converted when it is causal (or full) attention over a key-padding pattern: boolean
+(True = attend) or additive float (0 = attend, a large negative = hidden); one holding biases (ALiBi, say),
+per-head patterns or any other pattern is refused, as are dropout, logit soft-capping, sliding windows
+shorter than the keys, static caches, and packed sequences (position_ids restarting inside a row, or
+flash-attention's cu_seq_lens), each with an error naming it. Queries that see no key (padding) give zeros.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+import transformers
+from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function
+
+from .. import ops
+from ..expansion.freezing import TrainPlan, _check_block_ids, _ForwardContext
+from ..ops.attention import visibility_mask
+from ..ops.backend import backends_forced
+
+ATTENTION = "kpro"
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+SILU = ("silu", "swish")
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not one `apply` knows to be computed by kpro's ops exactly (nothing was changed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """What `apply` replaced."""
+
+    model: str
+    rms_norms: int  # modules whose forward is kpro.ops.rms_norm
+    mlps: int  # MLPs computing down_proj(kpro.ops.swiglu(gate_proj(x), up_proj(x)))
+    attention_layers: int  # layers whose attention core is kpro.ops.attention (0: attention left as it was)
+    attention_before: str  # the attn_implementation the model had
+
+    def __str__(self) -> str:
+        attention = (f"attention of {self.attention_layers} layers {self.attention_before!r} -> {ATTENTION!r} "
+                     "(kpro.ops.attention)" if self.attention_layers else f"attention left {self.attention_before!r}")
+        return (f"{self.model}: {self.rms_norms} RMSNorm -> kpro.ops.rms_norm, {self.mlps} MLP -> kpro.ops.swiglu, "
+                f"{attention}")
+
+
+def apply(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, attention: bool = True) -> Applied:
+    """Run a transformers LLaMA, Mistral or Qwen2 model on kpro's ops, in place; returns what was replaced.
+
+    Call it after loading (and before wrapping in DDP/FSDP or torch.compile); calling it again changes
+    nothing more. The weights, their names and the checkpoint format are untouched.
+    """
+    layers = decoder_layers(model)
+    config = model.config
+    act = getattr(config, "hidden_act", None)
+    if mlp and act not in SILU:
+        raise UnsupportedModelError(f"{type(model).__name__}'s MLP uses {act!r}; kpro's SwiGLU computes silu(gate) * up "
+                                    "(pass mlp=False to keep the MLP)")
+    if attention and not getattr(config, "is_causal", True):
+        raise UnsupportedModelError(f"{type(model).__name__} is configured bidirectional (is_causal=False); kpro's "
+                                    "attention here is causal (pass attention=False to keep the model's attention)")
+    norms = [m for m in model.modules() if type(m).__name__ in NORMS] if rms_norm else []
+    mlps = [layer.mlp for layer in layers] if mlp else []
+    for layer in layers:  # check everything before changing anything
+        missing = [name for name, needed in (("mlp.gate_proj", mlp), ("mlp.up_proj", mlp), ("mlp.down_proj", mlp),
+                                             ("self_attn", attention)) if needed and not _has(layer, name)]
+        if mlp and type(layer.mlp).__name__ not in MLPS:
+            missing.append(f"mlp of a known class (got {type(layer.mlp).__name__})")
+        if missing:
+            raise UnsupportedModelError(f"{type(model).__name__}'s decoder layers lack {', '.join(missing)}")
+    for module in norms:
+        if not hasattr(module, "weight") or not hasattr(module, "variance_epsilon"):
+            raise UnsupportedModelError(f"{type(module).__name__} has no weight or variance_epsilon")
+    for module in norms:
+        module.forward = types.MethodType(rms_norm_forward, module)
+    for module in mlps:
+        module.forward = types.MethodType(mlp_forward, module)
+    before = config._attn_implementation
+    if attention:
+        register()
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTENTION)
+        else:  # older transformers
+            config._attn_implementation = ATTENTION
+    return Applied(type(model).__name__, len(norms), len(mlps), len(layers) if attention else 0, before)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported model; anything else is refused, naming what it is."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model, transformers.PreTrainedModel) or model_type not in MODEL_TYPES:
+        what = f"model_type {model_type!r}" if model_type else "not a transformers PreTrainedModel"
+        raise UnsupportedModelError(f"kpro.integrations.hf supports LLaMA-family transformers models (model_type "
+                                    f"{', '.join(MODEL_TYPES)}: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                    f"...); got {type(model).__name__} ({what})")
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at .base_model.layers")
+    return layers
+
+
+def _has(module: nn.Module, dotted: str) -> bool:
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------- forwards
+
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A transformers RMSNorm on kpro.ops.rms_norm, with the stock output dtype (weight * x.to(input dtype))."""
+    out = ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    dtype = torch.promote_types(hidden_states.dtype, self.weight.dtype)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A transformers LLaMA MLP on kpro.ops.swiglu."""
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+def register() -> None:
+    """Make attn_implementation="kpro" known to transformers (done when this module is imported)."""
+    transformers.AttentionInterface.register(ATTENTION, attention_forward)
+    AttentionMaskInterface.register(ATTENTION, attention_mask)
+
+
+def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, **kwargs):
+    """The mask transformers builds once per forward for "kpro": the 2-D key-padding mask [B, kv_length]
+    (True = real token), or None when there is none; kpro's attention applies causality itself."""
+    if mask_function is bidirectional_mask_function:
+        raise NotImplementedError("kpro attention in transformers is causal; this model asks for bidirectional masks")
+    if isinstance(q_offset, torch.Tensor):  # transformers' static cache layers give tensors
+        raise NotImplementedError("kpro attention needs the new queries at the end of the keys (a DynamicCache); "
+                                  "a static cache puts them elsewhere: generate with cache_implementation='dynamic'")
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[-1] < kv_length:
+        raise NotImplementedError(f"the attention mask covers {attention_mask.shape[-1]} keys of {kv_length}")
+    return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      sliding_window: int | None = None, softcap: float | None = None, is_causal: bool | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function interface on kpro.ops.attention: query [B, Hq, Tq, D], key and value
+    [B, Hkv, Tk, D] (GQA as they are) -> ([B, Tq, Hq, D], None)."""
+    if dropout:
+        raise NotImplementedError(f"kpro attention has no dropout (attention_dropout={dropout}); set it to 0")
+    if softcap is not None:
+        raise NotImplementedError("kpro attention has no logit soft-capping (softcap)")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("kpro attention has no attention sinks (s_aux)")
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        raise NotImplementedError("packed sequences (cu_seq_lens) need document masking, which kpro attention does "
+                                  "not have; pad the batch instead")
+    batch, _, tq, _ = query.shape
+    tk = key.shape[2]
+    if sliding_window is not None and tk > sliding_window:
+        raise NotImplementedError(f"kpro attention has no sliding window: {tk} keys exceed this layer's window of "
+                                  f"{sliding_window}; use sequences of at most {sliding_window} tokens")
+    causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    mask = key_padding_mask(attention_mask, batch, tq, tk, causal)
+    if mask is None and tq > 1 and not torch.compiler.is_compiling():
+        positions = kwargs.get("position_ids")
+        if positions is not None and bool((positions.diff(dim=-1) != 1).any()):
+            raise NotImplementedError("packed sequences (position_ids restarting inside a row) need document masking, "
+                                      "which kpro attention does not have; pass an attention_mask instead")
+    out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                        attention_mask=mask, scale=scaling)
+    return out, None
+
+
+def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, causal: bool) -> torch.Tensor | None:
+    """What kpro.ops.attention takes (bool [B, Tk], True = real key) for a mask transformers or a caller
+    passes: a 2-D padding mask (bool, or 0/1 numbers), or a 4-D one [B, 1 or H, Tq, Tk] that is causal (or
+    full) attention over some key padding, boolean (True = attend) or additive (0 / large negative).
+    Anything else raises, naming it."""
+    if mask is None:
+        return None
+    checking = not torch.compiler.is_compiling()
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (batch, tk):
+            raise ValueError(f"the attention mask is {tuple(mask.shape)}; kpro attention takes [B={batch}, Tk={tk}]")
+        if mask.dtype != torch.bool and checking and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("a 2-D attention mask must hold 1 (real token) and 0 (padding); this one holds other "
+                             "values (an additive float mask?): pass the 0/1 mask")
+        return mask.to(torch.bool)
+    if mask.dim() != 4 or mask.shape[0] != batch or tuple(mask.shape[2:]) != (tq, tk):
+        raise ValueError(f"the attention mask is {tuple(mask.shape)}; kpro attention takes a 2-D padding mask "
+                         f"[{batch}, {tk}] or a 4-D one [{batch}, 1, {tq}, {tk}]")
+    if not checking:
+        raise NotImplementedError("a 4-D attention mask is checked against what kpro attention can express, which "
+                                  "torch.compile cannot trace: pass the 2-D padding mask (1 = real token)")
+    if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
+        raise NotImplementedError("kpro attention takes one mask for all heads; this 4-D mask differs by head")
+    mask = mask[:, 0]
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        hidden = mask <= torch.finfo(mask.dtype).min / 2  # -inf and transformers' dtype minimum
+        if not bool(((mask == 0) | hidden).all()):
+            raise NotImplementedError("this additive attention mask holds values other than 0 and a large negative "
+                                      "(biases such as ALiBi); kpro attention can only show or hide keys")
+        allowed = mask == 0
+    else:
+        raise ValueError(f"a 4-D attention mask must be boolean or floating point (additive), got {mask.dtype}")
+    real = allowed.any(dim=1)  # keys some query may see
+    expected = visibility_mask(batch, tq, tk, causal=causal, attention_mask=real, device=mask.device)
+    if expected is None:
+        expected = torch.ones_like(allowed)
+    sees = expected.any(dim=-1, keepdim=True)  # queries that see nothing (padding) may be masked any way
+    if not torch.equal(allowed & sees, expected):
+        raise NotImplementedError(f"this 4-D attention mask is not {'causal' if causal else 'full'} attention over a "
+                                  "key-padding pattern (a document, prefix or custom mask?); kpro attention cannot "
+                                  "express it: use another attn_implementation for it")
+    return real
+
+
+register()
+
+
+# ------------------------------------------------------------------------------------------ train_only
+
+def train_only(model: nn.Module, block_ids: Iterable[int] | None, recompute_frozen: bool = False) -> TrainPlan:
+    """Train only decoder layers `block_ids` of a supported transformers model; skip the gradient work the
+    frozen ones do not need, as `kpro.train_only` does for a kpro model, and return the same `TrainPlan`.
+
+    Everything else (embeddings, final norm, head, other layers) gets requires_grad=False. Frozen layers
+    below the lowest trainable one run under torch.no_grad (no graph, nothing saved); frozen layers above
+    it compute only their input gradient (with `apply`'s ops: RMSNorm skips its weight-gradient reduction),
+    or, with recompute_frozen=True, save only their inputs and run again in the backward (training without
+    a cache, use_cache=False; with a cache they run plainly). `None`, or every layer, restores full training.
+    Call it before building the optimizer.
+    """
+    layers = decoder_layers(model)
+    ids = _check_block_ids(block_ids, len(layers))
+    for layer in layers:
+        _set_runner(layer, None)
+    if ids is None or len(ids) == len(layers):
+        model.requires_grad_(True)
+        return TrainPlan(tuple(range(len(layers))), (), (), False)
+    model.requires_grad_(False)
+    for i in ids:
+        layers[i].requires_grad_(True)
+    lowest = ids[0]
+    for i, layer in enumerate(layers):
+        if i not in ids:
+            _set_runner(layer, run_without_graph if i < lowest else run_recomputed if recompute_frozen else None)
+    frozen = [i for i in range(len(layers)) if i not in ids]
+    return TrainPlan(ids, tuple(i for i in frozen if i < lowest), tuple(i for i in frozen if i > lowest),
+                     bool(recompute_frozen))
+
+
+def _set_runner(layer: nn.Module, runner) -> None:
+    if getattr(layer, "_kpro_runner", None) is not None:
+        del layer.forward  # our instance forward: the class's applies again
+        layer._kpro_runner = None
+    if runner is not None:
+        layer.forward = types.MethodType(runner, layer)
+        layer._kpro_runner = runner.__name__
+
+
+def _check_frozen(layer: nn.Module) -> None:
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            raise RuntimeError(f"a layer that train_only froze has a trainable parameter again ({name}); call "
+                               "kpro.integrations.hf.train_only again after changing which parameters train")
+
+
+def run_without_graph(self, *args, **kwargs):
+    """A frozen layer below every trainable one: nothing below needs a gradient, so no graph at all."""
+    _check_frozen(self)
+    with torch.no_grad():
+        return type(self).forward(self, *args, **kwargs)
+
+
+def run_recomputed(self, hidden_states, *args, **kwargs):
+    """A frozen layer above a trainable one: keep its input only, run it again in the backward."""
+    _check_frozen(self)
+    if (not torch.is_grad_enabled() or not hidden_states.requires_grad or kwargs.get("use_cache")
+            or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None):
+        return type(self).forward(self, hidden_states, *args, **kwargs)  # evaluation or decoding: nothing to save
+    context = _ForwardContext.capture(hidden_states.device.type)
+    return _RecomputedLayer.apply(hidden_states, self, args, kwargs, context)
+
+
+class _RecomputedLayer(torch.autograd.Function):
+    """y = layer(x, *args, **kwargs) saving x and the tensors among the other arguments (RoPE's cos and sin,
+    the mask: shared by every layer); the backward runs the frozen layer again and returns dL/dx only."""
+
+    @staticmethod
+    def forward(ctx, x, layer, args, kwargs, context):
+        leaves, spec = tree_flatten((args, kwargs))
+        ctx.tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        ctx.leaves = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        ctx.spec, ctx.layer, ctx.context = spec, layer, context
+        ctx.save_for_backward(x, *(leaves[i] for i in ctx.tensor_at))
+        out = type(layer).forward(layer, x, *args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"recompute_frozen needs decoder layers that return a tensor; {type(layer).__name__} "
+                            f"returns {type(out).__name__}")
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *tensors = ctx.saved_tensors
+        leaves = list(ctx.leaves)
+        for i, tensor in zip(ctx.tensor_at, tensors):
+            leaves[i] = tensor
+        args, kwargs = tree_unflatten(leaves, ctx.spec)
+        x = x.detach().requires_grad_(True)
+        c = ctx.context
+        with torch.enable_grad(), torch.autocast(c.device_type, c.autocast_dtype, c.autocast), backends_forced(c.backends):
+            y = type(ctx.layer).forward(ctx.layer, x, *args, **kwargs)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        return dx, None, None, None, None

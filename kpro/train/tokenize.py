@@ -1,0 +1,293 @@
+"""Text corpora -> token shards (`python -m kpro tokenize`): streamed, tokenized on several processes,
+written shard by shard, resumable.
+
+Inputs are read as `train-expanded` reads them: a `.jsonl` file holds one JSON object with a "text" string
+per line; any other file is plain text with documents separated by blank lines; a directory stands for
+its `*.txt` and `*.jsonl` files, sorted by path. Each document becomes `[bos] tokens eos` with the
+tokenizer's own bos and eos (the framing of `kpro.train.pack_documents`), so `TokenShards` over the result
+gives exactly the rows that `train-expanded` packs in memory.
+
+The main process reads and cuts documents and writes shards; workers (spawned processes running
+kpro/_tokenize_worker.py, each with its own tokenizer and no torch) parse and tokenize chunks of about a
+megabyte, at most two chunks per worker in flight, in order. After each full shard the index records where the input stands (file, byte offset, line, and how
+many tokens of the document in progress are already written); a run started again with the same
+arguments checks that the tokenizer and the inputs are unchanged and goes on from there.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Iterator
+
+from .. import _tokenize_worker as worker
+from .._tokenize_worker import jsonl_text
+from ..tokenizer import TOKENIZER_FILES, load_tokenizer
+from .progress import format_duration
+from .shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardWriter, is_shard_directory, new_index, prepare_directory,
+                     read_index, write_index)
+
+SUFFIXES = (".txt", ".jsonl")
+CHUNK_BYTES = 1 << 20
+
+
+def input_files(paths) -> list[Path]:
+    """The files to read, in order: each file as given, each directory's *.txt and *.jsonl sorted by path."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path} holds no {' or '.join(SUFFIXES)} files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"corpus file {path} does not exist")
+    if not files:
+        raise ValueError("no corpus files given")
+    return files
+
+
+def read_documents(files: list[Path], file: int = 0, offset: int = 0, line: int = 1) -> Iterator[tuple]:
+    """(file index, line, byte offset, payload) for every document from (file, offset, line) on: payload is
+    the text of a plain-text document, or the raw line of a .jsonl record (parsed by the workers)."""
+    for index in range(file, len(files)):
+        path = files[index]
+        jsonl = path.suffix == ".jsonl"
+        with open(path, "rb") as f:
+            if index == file:
+                f.seek(offset)
+            else:
+                offset, line = 0, 1
+            lines, first = [], None
+            for raw in f:
+                if jsonl:
+                    if raw.strip():
+                        yield index, line, offset, raw
+                else:
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise ValueError(f"{path}:{line}: not UTF-8 ({err.reason})") from None
+                    text = text[:-1] if text.endswith("\n") else text
+                    text = text[:-1] if text.endswith("\r") else text
+                    if text.strip(" \t"):
+                        if not lines:
+                            first = (line, offset)
+                        lines.append(text)
+                    elif lines:  # a blank line ends a document
+                        document = "\n".join(lines).strip()
+                        if document:
+                            yield index, first[0], first[1], document
+                        lines = []
+                offset += len(raw)
+                line += 1
+            if lines and (document := "\n".join(lines).strip()):
+                yield index, first[0], first[1], document
+
+
+def iter_documents(paths) -> Iterator[str]:
+    """The text of every document of the corpus files `paths`, streamed."""
+    files = input_files(paths)
+    for index, line, _, payload in read_documents(files):
+        yield payload if isinstance(payload, str) else jsonl_text(payload, files[index], line)
+
+
+def tokenizer_identity(directory: Path) -> dict:
+    """Which tokenizer: its file, the file's SHA-256, its class, vocabulary size and special ids."""
+    directory = Path(directory)
+    tokenizer = load_tokenizer(directory)
+    file = next(directory / name for name in TOKENIZER_FILES if (directory / name).is_file())
+    return {"file": file.name, "sha256": _sha256(file), "class": type(tokenizer).__name__,
+            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_tokenizer(index: dict, directory: Path, what: str) -> None:
+    """Refuse shards tokenized with another tokenizer than the one in `directory`."""
+    saved, here = index.get("tokenizer") or {}, tokenizer_identity(directory)
+    if saved.get("sha256") != here["sha256"]:
+        raise ValueError(f"{what} was tokenized with another tokenizer ({saved.get('file')} sha256 "
+                         f"{str(saved.get('sha256'))[:12]}...) than {directory}'s ({here['file']} sha256 "
+                         f"{here['sha256'][:12]}...)")
+
+
+def _chunks(documents, size: int):
+    chunk, nbytes = [], 0
+    for document in documents:
+        chunk.append(document)
+        nbytes += len(document[3])
+        if nbytes >= size:
+            yield chunk
+            chunk, nbytes = [], 0
+    if chunk:
+        yield chunk
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                    workers: int | None = None, chunk_bytes: int = CHUNK_BYTES, stream=None) -> dict:
+    """Tokenize the corpus files `data` with the tokenizer in `tokenizer_dir` into shards in `out_dir`;
+    returns the index. Called again on an interrupted `out_dir`, it resumes; on a complete one, it checks
+    the arguments and returns its index."""
+    stream = sys.stderr if stream is None else stream
+    tokenizer_dir, out = Path(tokenizer_dir), Path(out_dir)
+    files = input_files(data)
+    inputs = [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    identity = tokenizer_identity(tokenizer_dir)
+    workers = workers or os.cpu_count() or 1
+    prepare_directory(out)
+    if is_shard_directory(out):
+        index = read_index(out, complete=False)
+        _check_same_run(index, identity, inputs, shard_tokens, out)
+        if index["complete"]:
+            print(f"{out} is already complete: {index['tokens']:,} tokens in {len(index['shards'])} shard(s)", file=stream)
+            return index
+        start = index["resume"]
+        _remove_leftovers(out, index)
+        print(f"resuming {out} after {len(index['shards'])} shard(s), at {files[start['file']]}:{start['line']}",
+              file=stream)
+    else:
+        start = {"file": 0, "line": 1, "offset": 0, "document": 0, "skip": 0}
+        index = new_index(identity["vocab_size"], shard_tokens, identity["bos_id"], identity["eos_id"],
+                          tokenizer=identity, inputs=inputs)
+        index["resume"] = start
+        write_index(out, index)
+    writer = ShardWriter(out, index)
+    progress = _Progress(stream, sum(i["bytes"] for i in inputs), [i["bytes"] for i in inputs], index["tokens"])
+    skip_first = start["skip"]
+    ordinal = start["document"]
+
+    def consume(result) -> None:
+        nonlocal skip_first, ordinal
+        positions, flat, lengths = result
+        end = 0
+        for (index_, line, offset), length in zip(positions, lengths.tolist()):
+            tokens, end = flat[end:end + length], end + length
+            skip, skip_first = skip_first, 0
+            if skip > length:
+                raise ValueError(f"cannot resume: {files[index_]}:{line} now gives {length} tokens, fewer than the "
+                                 f"{skip} already written (a tokenizer that does not repeat itself?)")
+
+            def resume_at(done, here=(index_, line, offset, ordinal, skip)):
+                return {"file": here[0], "line": here[1], "offset": here[2], "document": here[3], "skip": here[4] + done}
+            writer.add(tokens[skip:], starts_document=skip == 0, resume_at=resume_at)
+            ordinal += 1
+        progress.update(positions[-1][0], positions[-1][2], writer)
+
+    documents = read_documents(files, start["file"], start["offset"], start["line"])
+    started = time.perf_counter()
+    try:
+        if workers == 1:
+            worker.start(str(tokenizer_dir), files)
+            for chunk in _chunks(documents, chunk_bytes):
+                consume(worker.encode(chunk))
+        else:
+            # Spawned, not forked: the caller may hold threads (torch's, a trainer's) that a fork would copy
+            # half-way. An executor, not a Pool: a worker that cannot start is an error, not a hang.
+            context = multiprocessing.get_context("spawn")
+            # The workers run kpro._tokenize_worker, which imports no torch.
+            with ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files)) as pool:
+                pending = collections.deque()
+                for chunk in _chunks(documents, chunk_bytes):
+                    pending.append(pool.submit(worker.encode, chunk))
+                    if len(pending) >= 2 * workers:
+                        consume(pending.popleft().result())
+                while pending:
+                    consume(pending.popleft().result())
+    except BrokenProcessPool as err:
+        raise RuntimeError(f"the tokenizing worker processes stopped ({err}); spawned workers re-import the "
+                           "main module, so call tokenize_corpus from a script file under `if __name__ == "
+                           "\"__main__\":` or from `python -m kpro tokenize`, or pass workers=1") from None
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"interrupted: {len(index['shards'])} shard(s) written to {out}; run the same command again to resume",
+              file=stream)
+        raise
+    index = writer.finish()
+    progress.update(len(files) - 1, inputs[-1]["bytes"], writer, final=True)  # the whole input read: 100%
+    progress.close()
+    elapsed = time.perf_counter() - started
+    print(f"wrote {index['tokens']:,} tokens ({index['documents']:,} documents, {index['dtype']}) in "
+          f"{len(index['shards'])} shard(s) to {out}/ in {format_duration(elapsed)}", file=stream)
+    return index
+
+
+def _check_same_run(index: dict, identity: dict, inputs: list, shard_tokens: int, out: Path) -> None:
+    differences = []
+    if (index.get("tokenizer") or {}).get("sha256") != identity["sha256"]:
+        differences.append("the tokenizer (its file's sha256)")
+    if index.get("inputs") != inputs:
+        differences.append("the input files (paths, sizes or modification times)")
+    if index.get("shard_tokens") != shard_tokens:
+        differences.append(f"--shard-tokens ({index.get('shard_tokens')} then, {shard_tokens} now)")
+    if differences:
+        raise ValueError(f"{out} was written with other arguments: {'; '.join(differences)} differ; use a new "
+                         "--out directory (or delete this one)")
+
+
+def _remove_leftovers(out: Path, index: dict) -> None:
+    """Temporary files of a killed writer, and shards it renamed into place but never listed."""
+    listed = {INDEX_FILE} | {name for s in index["shards"] for name in (s["file"], s["starts"])}
+    for path in out.iterdir():
+        if path.name not in listed and (path.name.startswith(".") or path.name.startswith("tokens-")):
+            path.unlink()
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+class _Progress:
+    """`tokenize  41% 1.23 GB/3.00 GB  25,678,901 tokens  3 shards  1,234,567 tok/s  eta 0:42` on stderr: redrawn
+    in place on a terminal (at most ten times a second), a line every 5% of the input elsewhere."""
+
+    def __init__(self, stream, total_bytes: int, sizes: list[int], tokens_before: int):
+        self.stream, self.total, self.tokens_before = stream, max(total_bytes, 1), tokens_before
+        self.before = list(itertools.accumulate([0] + sizes))
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.start, self.last_draw, self.last_step, self.open = time.perf_counter(), 0.0, -1, False
+        self.first_bytes = None
+
+    def update(self, file: int, offset: int, writer: ShardWriter, final: bool = False) -> None:
+        done = self.before[file] + offset
+        if self.first_bytes is None:
+            self.first_bytes = done
+        tokens = writer.index["tokens"] + writer.filled
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        rate = (done - self.first_bytes) / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = (f"tokenize {done / self.total:4.0%} {_size(done)}/{_size(self.total)}  {tokens:,} tokens  "
+                f"{len(writer.index['shards'])} shards  {(tokens - self.tokens_before) / elapsed:,.0f} tok/s  "
+                f"eta {format_duration(eta)}")
+        if self.tty:
+            if now - self.last_draw > 0.1 or final:
+                self.stream.write("\r\033[K" + line)
+                self.last_draw, self.open = now, True
+        elif int(20 * done / self.total) > self.last_step:
+            self.last_step = int(20 * done / self.total)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False

@@ -1,0 +1,194 @@
+"""`python -m kpro`: start-up without torch, help texts and defaults, the same device default everywhere,
+one-line errors (a closed pipe, a diverged run), and runs that more --steps extend."""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kpro
+from kpro import cli
+from kpro.cli import main
+from kpro.train import read_metrics
+from conftest import randomize_norms, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPHABET = "abcdefgh \n"
+
+
+def write_checkpoint(directory, dtype=torch.float32, tokenizer=ALPHABET, **overrides):
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(**{"vocab_size": 3 + len(ALPHABET), "max_position_embeddings": 64, **overrides}))
+    randomize_norms(model, torch.Generator().manual_seed(1))
+    kpro.save_pretrained(model.to(dtype), directory)
+    kpro.CharTokenizer(tokenizer).save(directory)
+    return model
+
+
+def run_kpro(*args, stdout=subprocess.PIPE):
+    return subprocess.run([sys.executable, "-m", "kpro", *map(str, args)], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# ------------------------------------------------------------------------------------------ start-up
+
+TORCH_FREE = """
+import runpy, sys
+sys.argv = ["kpro", *sys.argv[1:]]
+try:
+    runpy.run_module("kpro", run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+print("torch imported:", "torch" in sys.modules, "exit:", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["info", "CHECKPOINT"], []], ids=["help", "info", "no-command"])
+def test_help_and_info_do_not_import_torch(tmp_path, args):
+    """`python -m kpro --help` and `info` (headers only) start without torch, which took seconds."""
+    write_checkpoint(tmp_path / "ck", dtype=torch.bfloat16)
+    args = [str(tmp_path / "ck") if a == "CHECKPOINT" else a for a in args]
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE, *args], capture_output=True, text=True, cwd=ROOT)
+    assert "torch imported: False" in result.stderr, result.stderr
+    if args[:1] == ["info"]:
+        assert "exit: 0" in result.stderr and "parameters   " in result.stdout
+        assert "dtype        BF16 (100%)" in result.stdout and "tokenizer    kpro_char_tokenizer.json" in result.stdout
+
+
+def test_the_command_table_matches_the_parsers():
+    """COMMANDS (which --help lists without importing the method packages) names every subcommand the
+    packages define, with their own help lines; `info` lists the tokenizer files kpro reads."""
+    full = cli.build_parser()
+    sub = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(cli.COMMANDS)
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
+    assert helps == {name: help for name, (_, help) in cli.COMMANDS.items()}
+    assert cli.TOKENIZER_FILES == kpro.tokenizer.TOKENIZER_FILES
+    for name in cli.COMMANDS:  # each command's own parser: the same options as in the full one
+        only = next(a for a in cli.build_parser(name)._actions if isinstance(a, argparse._SubParsersAction))
+        assert [a.dest for a in only.choices[name]._actions] == [a.dest for a in sub.choices[name]._actions]
+
+
+def subcommand_options():
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(name, action) for name, parser in sub.choices.items() for action in parser._actions
+            if action.option_strings and not isinstance(action, argparse._HelpAction)]
+
+
+def test_every_option_has_help_and_shows_its_default():
+    formatter = cli.HelpFormatter("kpro")
+    missing, no_default = [], []
+    for name, action in subcommand_options():
+        flag = f"{name} {action.option_strings[-1]}"
+        if not action.help:
+            missing.append(flag)
+        elif not (action.required or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                  or "default" in formatter._get_help_string(action).lower()):
+            no_default.append(flag)
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"options whose help shows no default: {no_default}"
+
+
+def test_every_device_option_defaults_to_auto():
+    devices = {name: action.default for name, action in subcommand_options() if action.dest == "device"}
+    assert {"generate", "train-expanded", "internalize", "bitune"} <= set(devices)
+    assert set(devices.values()) == {"auto"}, devices
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`python -m kpro info DIR | head -1` closes the pipe early: no BrokenPipeError traceback."""
+    write_checkpoint(tmp_path / "ck")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        result = run_kpro("info", tmp_path / "ck", stdout=write)
+    finally:
+        os.close(write)
+    assert result.stderr == "" and result.returncode == 141
+
+
+def test_generate_prints_the_seed_it_drew_and_a_larger_tokenizer_is_refused(tmp_path, capsys):
+    write_checkpoint(tmp_path / "ck")
+    args = ["generate", str(tmp_path / "ck"), "--prompt", "abc", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(args + ["--temperature", "1.0"]) == 0
+    first = capsys.readouterr()
+    seed = int(first.err.split("sampling with --seed ")[1].split()[0])
+    assert main(args + ["--temperature", "1.0", "--seed", str(seed)]) == 0  # the printed seed repeats the sample
+    again = capsys.readouterr()
+    assert again.out == first.out and "sampling with" not in again.err
+    assert main(args) == 0 and "--seed" not in capsys.readouterr().err  # greedy: nothing to repeat
+    kpro.CharTokenizer(ALPHABET + "ijklmnop").save(tmp_path / "ck")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "has 21 tokens but the model only 13 embeddings" in err and \
+        err.count("\n") == 1, err
+    assert main(["bitune", "--model", str(tmp_path / "ck"), "--data", str(tmp_path / "none.jsonl"), "--device", "cpu"]) == 1
+    assert "has 21 tokens but the model only 13 embeddings" in capsys.readouterr().err
+
+
+def test_expand_refuses_its_source_as_destination_or_a_directory_inside_it(tmp_path, capsys):
+    write_checkpoint(tmp_path / "src")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
+    for dst, what in ((tmp_path / "src", "is the source"), (tmp_path / "src" / "big", "is inside the source"),
+                      (tmp_path, "holds the source")):
+        assert main(["expand", str(tmp_path / "src"), str(dst), "--blocks", "1", "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: the destination") and what in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == before
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_path, capsys):
+    """float16 training on the CPU went NaN with a traceback ("the last checkpoint is None")."""
+    write_checkpoint(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    code = main(["train-expanded", str(tmp_path / "big"), "--data", str(corpus), "--out", str(tmp_path / "run"),
+                 "--seq-len", "16", "--batch-size", "4", "--steps", "4", "--save-every", "1", "--dtype", "float16",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: the loss is ") and err.count("\n") == 1, err
+    step = int(err.split(" at step ")[1].split(":")[0])  # float16 on the CPU overflows at step 2
+    assert f"stopped before its optimizer step; the last good checkpoint is {tmp_path / 'run'}/step-{step - 1:08d}" \
+        in err, err
+
+
+# ------------------------------------------------------------------------------------------ more --steps
+
+def test_train_expanded_extends_a_finished_run_with_more_steps(tmp_path, capsys):
+    """The default warmup (5% of the steps) was recomputed for the new total and the resume refused."""
+    write_checkpoint(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    args = ["train-expanded", str(tmp_path / "big"), "--data", str(corpus), "--out", str(tmp_path / "run"),
+            "--seq-len", "8", "--batch-size", "2", "--device", "cpu"]
+    assert main(args + ["--steps", "20"]) == 0  # warmup 1
+    assert main(args + ["--steps", "40"]) == 0  # 5% would be 2: the run keeps its 1 and goes on
+    captured = capsys.readouterr()
+    assert "resumed from" in captured.out and "continuing the run with total_steps=40" in captured.err
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 41))
+    assert main(args + ["--steps", "40", "--warmup-steps", "3"]) == 1  # an explicit other warmup is refused
+    assert "schedule warmup_steps: 1 in the checkpoint, 3 now" in capsys.readouterr().err
+
+
+def test_bitune_extends_a_finished_run_with_more_steps_and_runs_one_step(tmp_path, capsys):
+    from kpro import bitune
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(3, 12, (3,), generator=gen).tolist(), torch.randint(3, 12, (2,), generator=gen).tolist())
+             for _ in range(8)]
+    for steps in (5, 11):  # warmup 10%, rounded up: 1, then 2 for the new total; the run keeps its 1
+        bitune.tune(kpro.Llama(tiny_config(vocab_size=13, num_hidden_layers=1)), pairs, "bitune", tmp_path / "run",
+                    steps=steps, batch_size=2, rank=2)
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "run" / "metrics.jsonl")] == list(range(1, 12))
+    assert "continuing the run with total_steps=11" in capsys.readouterr().err
+    # One step of the linear schedule: no warmup (10% rounds up to the whole run, which had no decay left).
+    bitune.tune(kpro.Llama(tiny_config(vocab_size=13, num_hidden_layers=1)), pairs, "bitune", tmp_path / "one",
+                steps=1, batch_size=2, rank=2)
+    assert [m["step"] for m in read_metrics(tmp_path / "one" / "run" / "metrics.jsonl")] == [1]

@@ -1,0 +1,332 @@
+"""kpro.integrations.hf: kpro's ops inside transformers LLaMA, Mistral and Qwen2 models. Logits and gradients
+equal to the stock model's within fp32 rounding (left padding, GQA), the kernels really used (Triton in its CPU
+interpreter), greedy generation, HF Trainer steps with the stock losses, torch.compile, the masks transformers
+and callers pass (converted or refused by name), unsupported models refused with nothing changed, and
+train_only's frozen-block gradient skipping with kpro's accounting. `import kpro` never imports any of it."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+kpro_hf = pytest.importorskip("kpro.integrations.hf")
+
+import kpro  # noqa: E402
+from kpro.expansion import saved_activation_bytes  # noqa: E402
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_stock(family="llama", layers=3, seed=0, **overrides):
+    """A small model with GQA (8 query heads, 2 key/value heads, head dim 16) and random norm weights."""
+    config_class, model_class, extra = FAMILIES[family]
+    fields = dict(vocab_size=101, hidden_size=128, intermediate_size=200, num_hidden_layers=layers,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  use_cache=False, attn_implementation="sdpa", **extra)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**fields)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def patched_copy(stock, **options):
+    model = copy.deepcopy(stock)
+    summary = kpro_hf.apply(model, **options)
+    return model, summary
+
+
+def left_padded(batch=3, length=14, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 101, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :5] = 0
+    mask[1, :1] = 0
+    ids[mask == 0] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def grads(model):
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_import_kpro_never_imports_transformers():
+    """Neither `import kpro` nor importing every other module of kpro (and touching its lazy names) brings in
+    transformers; importing kpro.integrations.hf does (the check would see it)."""
+    code = ("import importlib, pkgutil, sys, kpro\n"
+            "assert 'transformers' not in sys.modules and 'kpro.integrations' not in sys.modules\n"
+            "skip = lambda name: name.startswith(('kpro.integrations', 'kpro.__main__'))\n"
+            "names = [m.name for m in pkgutil.walk_packages(kpro.__path__, 'kpro.', onerror=print) if not skip(m.name)]\n"
+            "[importlib.import_module(name) for name in names]; [getattr(kpro, name) for name in kpro.__all__]\n"
+            "assert len(names) > 30, names\n"
+            "found = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' or skip(m) and m != 'kpro.integrations')\n"
+            "assert not found, found[:5]\n"
+            "import kpro.integrations.hf\n"
+            "assert 'transformers' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_and_gradients_equal_stock_with_left_padding_and_gqa(family):
+    stock = make_stock(family)
+    model, summary = patched_copy(stock)
+    assert (summary.rms_norms, summary.mlps, summary.attention_layers) == (7, 3, 3)
+    assert summary.attention_before == "sdpa" and model.config._attn_implementation == "kpro"
+    assert "7 RMSNorm -> kpro.ops.rms_norm" in str(summary)
+    ids, mask, labels = left_padded()
+    want = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    real = mask.bool()  # padding positions are not compared: kpro gives zeros where nothing is visible
+    assert rel(got.logits[real], want.logits[real]) < 1e-6
+    assert abs(got.loss.item() - want.loss.item()) < 1e-6
+    want.loss.backward()
+    got.loss.backward()
+    reference = grads(stock)
+    assert grads(model).keys() == reference.keys()
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 1e-5, name
+
+
+def test_the_kernels_are_kpros():
+    """The patched model on kpro's Triton kernels (in the CPU interpreter here, on the GPU there)."""
+    stock = make_stock(layers=1, hidden_size=64, intermediate_size=72, num_attention_heads=4, num_key_value_heads=2)
+    model, _ = patched_copy(stock)
+    ids, mask, labels = left_padded(batch=2, length=9)
+    want = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    with kpro.ops.backend("triton"):
+        got = model(input_ids=ids, attention_mask=mask, labels=labels)
+        got.loss.backward()
+    want.loss.backward()
+    assert rel(got.logits[mask.bool()], want.logits[mask.bool()]) < 1e-5
+    reference = grads(stock)
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 1e-4, name
+
+
+class LowRank(torch.nn.Module):
+    """A LoRA-style adapter replacing a projection: base(x) + B(A(x))."""
+
+    def __init__(self, base, rank=4):
+        super().__init__()
+        self.base, self.a = base, torch.nn.Linear(base.in_features, rank, bias=False)
+        self.b = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.b(self.a(x))
+
+
+def test_projections_replaced_after_apply_are_called():
+    """apply's MLP forward calls the layer's gate/up/down modules, so adapters put in their place later work."""
+    stock = make_stock(layers=2)
+    model, _ = patched_copy(stock)
+    for m in (stock, model):
+        torch.manual_seed(5)
+        for layer in m.model.layers:
+            layer.mlp.up_proj, layer.mlp.down_proj = LowRank(layer.mlp.up_proj), LowRank(layer.mlp.down_proj)
+    ids, mask, _ = left_padded()
+    got, want = model(input_ids=ids, attention_mask=mask).logits, stock(input_ids=ids, attention_mask=mask).logits
+    assert rel(got[mask.bool()], want[mask.bool()]) < 1e-6
+    assert rel(got[mask.bool()], patched_copy(make_stock(layers=2))[0](input_ids=ids, attention_mask=mask)
+               .logits[mask.bool()]) > 1e-3  # the adapters change the output: they were called
+
+
+def test_greedy_generation_with_a_cache_equals_stock():
+    stock = make_stock(use_cache=True)
+    model, _ = patched_copy(stock)
+    ids, mask, _ = left_padded()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+
+
+def test_from_pretrained_takes_attn_implementation_kpro(tmp_path):
+    stock = make_stock()
+    stock.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="kpro")
+    assert loaded.config._attn_implementation == "kpro"
+    ids, mask, _ = left_padded()
+    assert rel(loaded(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+               stock(input_ids=ids, attention_mask=mask).logits[mask.bool()]) < 1e-6
+
+
+def test_hf_trainer_steps_give_the_stock_losses(tmp_path):
+    pytest.importorskip("accelerate")
+    ids, mask, labels = left_padded(batch=8, length=16, seed=3)
+    rows = [{"input_ids": i, "attention_mask": m, "labels": lab} for i, m, lab in zip(ids, mask, labels)]
+
+    def train(model, out):
+        args = transformers.TrainingArguments(out, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                              disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    stock = make_stock()
+    model, _ = patched_copy(stock)
+    want = train(stock, tmp_path / "stock")
+    got = train(model, tmp_path / "kpro")
+    assert len(got) == 4 and got == pytest.approx(want, rel=1e-5)
+
+
+def test_torch_compile_of_the_patched_model():
+    torch._dynamo.reset()
+    stock = make_stock(layers=2)
+    model, _ = patched_copy(stock)
+    compiled = torch.compile(model, fullgraph=True)
+    ids, mask, labels = left_padded()
+    got = compiled(input_ids=ids, attention_mask=mask, labels=labels)
+    want = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    assert rel(got.logits[mask.bool()], want.logits[mask.bool()]) < 1e-5
+    got.loss.backward()
+    want.loss.backward()
+    reference = grads(stock)
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 1e-4, name
+
+
+# ------------------------------------------------------------------------------------------------- masks
+
+def four_d(mask, length, additive=False):
+    """transformers' 4-D form of causal attention over a 2-D padding mask: [B, 1, T, T]."""
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal[None, None] & mask.bool()[:, None, None, :]
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
+def test_a_4d_causal_padding_mask_is_converted(additive):
+    stock = make_stock()
+    model, _ = patched_copy(stock)
+    ids, mask, _ = left_padded()
+    want = stock(input_ids=ids, attention_mask=mask).logits
+    got = model(input_ids=ids, attention_mask=four_d(mask, ids.shape[1], additive)).logits
+    assert rel(got[mask.bool()], want[mask.bool()]) < 1e-6
+
+
+def test_masks_kpro_cannot_take_are_refused_by_name():
+    stock = make_stock(layers=1)
+    model, _ = patched_copy(stock)
+    ids, mask, _ = left_padded()
+    t = ids.shape[1]
+    biased = four_d(mask, t, additive=True)
+    biased[..., 3] += 0.5  # an ALiBi-like bias where keys are visible
+    prefix = four_d(mask, t)
+    prefix[:, :, :4, :4] = mask.bool()[:, None, None, :4]  # a prefix that sees itself both ways
+    cases = [(biased, "values other than 0 and a large negative"), (prefix, "not causal attention over a key-padding"),
+             (four_d(mask, t).expand(-1, 8, -1, -1).clone().index_fill_(1, torch.tensor([3]), False),
+              "differs by head"), (four_d(mask, t).long(), "boolean or floating point")]
+    for bad, message in cases:
+        with pytest.raises((NotImplementedError, ValueError), match=message):
+            model(input_ids=ids, attention_mask=bad)
+    additive_2d = (1.0 - mask.float()) * torch.finfo(torch.float32).min
+    with pytest.raises(ValueError, match="additive float mask"):
+        kpro_hf.key_padding_mask(additive_2d, 3, t, t, True)
+    packed = torch.cat([torch.arange(6), torch.arange(t - 6)]).expand(3, -1)
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(input_ids=ids, position_ids=packed)
+    q = k = v = torch.randn(1, 8, 4, 16)
+    with pytest.raises(NotImplementedError, match="no dropout"):
+        kpro_hf.attention_forward(model.model.layers[0].self_attn, q, k, v, None, dropout=0.1)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        kpro_hf.attention_forward(model.model.layers[0].self_attn, q, k, v, None, softcap=30.0)
+
+
+def test_a_sliding_window_is_taken_only_where_it_changes_nothing():
+    stock = make_stock("mistral", sliding_window=16)
+    model, _ = patched_copy(stock)
+    ids, mask, _ = left_padded(length=14)
+    assert rel(model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+               stock(input_ids=ids, attention_mask=mask).logits[mask.bool()]) < 1e-6
+    long_ids = torch.randint(3, 101, (1, 20))
+    with pytest.raises(NotImplementedError, match="20 keys exceed this layer's window of 16"):
+        model(input_ids=long_ids)
+
+
+def test_unsupported_models_are_refused_and_left_unchanged():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(kpro_hf.UnsupportedModelError, match="GPT2LMHeadModel \\(model_type 'gpt2'\\)"):
+        kpro_hf.apply(gpt2)
+    with pytest.raises(kpro_hf.UnsupportedModelError, match="not a transformers PreTrainedModel"):
+        kpro_hf.apply(kpro.Llama(kpro.LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=24,
+                                                  num_hidden_layers=1, num_attention_heads=2)))
+    gelu = make_stock(layers=1, hidden_act="gelu")
+    with pytest.raises(kpro_hf.UnsupportedModelError, match="MLP uses 'gelu'"):
+        kpro_hf.apply(gelu)
+    assert not any("forward" in vars(m) for m in gelu.modules()) and gelu.config._attn_implementation == "sdpa"
+    summary = kpro_hf.apply(gelu, mlp=False)  # the rest still can
+    assert (summary.rms_norms, summary.mlps, summary.attention_layers) == (3, 0, 1)
+
+
+# -------------------------------------------------------------------------------------------- train_only
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["input-grad-only", "recompute"])
+def test_train_only_gradients_and_plan_match_kpros(recompute):
+    stock = make_stock(layers=5)
+    stock.requires_grad_(False)
+    for i in (2, 4):
+        stock.model.layers[i].requires_grad_(True)  # the baseline: plain eager with frozen parameters
+    model, _ = patched_copy(stock)
+    plan = kpro_hf.train_only(model, [4, 2], recompute_frozen=recompute)
+    own = kpro.train_only(kpro.Llama(kpro.LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=24,
+                                                      num_hidden_layers=5, num_attention_heads=2)), [2, 4],
+                          recompute_frozen=recompute)
+    assert plan == own and plan.no_graph == (0, 1) and plan.input_grad_only == (3,)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, p in stock.named_parameters() if p.requires_grad}
+    ids, mask, labels = left_padded()
+    want = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert abs(got.loss.item() - want.loss.item()) < 1e-6
+    got.loss.backward()
+    want.loss.backward()
+    reference = grads(stock)
+    assert grads(model).keys() == reference.keys() and all(n.startswith(("model.layers.2.", "model.layers.4."))
+                                                           for n in reference)
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 1e-5, name
+
+    params = list(model.parameters())
+    saved, out = saved_activation_bytes(lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss, params)
+    stock_saved, _ = saved_activation_bytes(lambda: stock(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                                            list(stock.parameters()))
+    assert saved < stock_saved * (0.8 if recompute else 1.0), (saved, stock_saved)
+
+    kpro_hf.train_only(model, None)  # back to full training, the layers' own forwards
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
+
+
+def test_train_only_refuses_a_layer_unfrozen_behind_its_back():
+    model, _ = patched_copy(make_stock(layers=3))
+    kpro_hf.train_only(model, [2])
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    ids, mask, labels = left_padded()
+    with pytest.raises(RuntimeError, match="call kpro.integrations.hf.train_only again"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    with pytest.raises(ValueError, match="block index 3 is out of range"):
+        kpro_hf.train_only(model, [3])

@@ -1,0 +1,412 @@
+"""Token shards: the format against `pack_documents`, the order (a permutation per seed and epoch), rank
+splits, exact resume (mid-epoch, through fit, after SIGKILL), flat resident memory over a corpus many times
+the bound it is given, and `python -m kpro tokenize` with the real SentencePiece models of tests/data
+(resumed after SIGKILL, equal to train-expanded's in-memory tokenization)."""
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kpro
+from kpro import train as kt
+from kpro.cli import main
+from kpro.expansion.posttrain import corpus_rows, read_corpus
+from kpro.train.shards import permute
+from kpro.train.tokenize import iter_documents
+
+from conftest import randomize_norms, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # runs compared bit for bit must reduce in the same order
+    yield
+    torch.set_num_threads(threads)
+
+
+def documents(n=120, vocab=67, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(k),), generator=g) for k in torch.randint(1, 40, (n,), generator=g)]
+
+
+def all_rows(shards):
+    return shards.read_rows(np.arange(shards.num_rows))
+
+
+@pytest.mark.parametrize("shard_tokens", [7, 100, 10_000], ids=["shards-shorter-than-a-row", "small", "one-shard"])
+def test_rows_are_pack_documents_rows_across_shard_boundaries(tmp_path, shard_tokens):
+    docs = documents(n=30 if shard_tokens < 10 else 120)  # each shard is written and fsynced: few of them
+    index = kt.write_token_shards(tmp_path / "s", docs, vocab_size=67, eos_id=2, bos_id=1, shard_tokens=shard_tokens)
+    assert index["complete"] and index["dtype"] == "uint16" and index["documents"] == len(docs)
+    assert index["tokens"] == sum(len(d) + 2 for d in docs)
+    assert [s["tokens"] for s in index["shards"][:-1]] == [shard_tokens] * (len(index["shards"]) - 1)
+    starts = np.concatenate([np.load(tmp_path / "s" / s["starts"]) + i * shard_tokens
+                             for i, s in enumerate(index["shards"])])
+    assert starts.tolist() == np.cumsum([0] + [len(d) + 2 for d in docs[:-1]]).tolist()  # document boundaries
+    for seq_len in (2, 16, 33):
+        shards = kt.TokenShards(tmp_path / "s", seq_len=seq_len, batch_size=1, shuffle=False)
+        assert torch.equal(all_rows(shards), kt.pack_documents(docs, seq_len, eos_id=2, bos_id=1))
+
+
+def test_large_vocabularies_take_uint32(tmp_path):
+    docs = [torch.tensor([70_000, 3, 99_999]), torch.tensor([65_536, 5])]
+    index = kt.write_token_shards(tmp_path / "s", docs, vocab_size=100_000, eos_id=2, shard_tokens=4)
+    assert index["dtype"] == "uint32" and (tmp_path / "s" / "tokens-00000.bin").stat().st_size == 16
+    shards = kt.TokenShards(tmp_path / "s", seq_len=3, batch_size=1, shuffle=False)
+    assert torch.equal(all_rows(shards), kt.pack_documents(docs, 3, eos_id=2))
+    with pytest.raises(ValueError, match=r"0 ... 31999 \(vocab_size 32000\), got 2 ... 99999"):
+        kt.write_token_shards(tmp_path / "t", docs, vocab_size=32_000, eos_id=2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_the_order_is_a_permutation_per_seed_and_epoch(n):
+    p = permute(np.arange(n), n, seed=0, epoch=0)
+    assert sorted(p.tolist()) == list(range(n))
+    if n >= 64:
+        assert not np.array_equal(p, np.arange(n))
+        assert not np.array_equal(p, permute(np.arange(n), n, seed=0, epoch=1))
+        assert not np.array_equal(p, permute(np.arange(n), n, seed=1, epoch=0))
+        assert np.array_equal(p[5:9], permute(np.arange(5, 9), n, seed=0, epoch=0))  # computed position by position
+
+
+def test_an_epoch_draws_each_row_once_and_ranks_split_each_global_batch(tmp_path):
+    kt.write_token_shards(tmp_path / "s", documents(), vocab_size=67, eos_id=2, shard_tokens=50)
+    whole = kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=6, seed=5)
+    per_epoch = len(whole)
+    it = iter(whole)
+    global_batches = [next(it)["input_ids"] for _ in range(2 * per_epoch)]
+    rows = np.concatenate([whole.batch_rows(0, i) for i in range(per_epoch)])
+    assert len(set(rows.tolist())) == len(rows) == per_epoch * 6  # without replacement
+    assert not np.array_equal(whole.batch_rows(0, 0), whole.batch_rows(1, 0))  # reshuffled each epoch
+    assert torch.equal(global_batches[per_epoch], whole.read_rows(whole.batch_rows(1, 0)))
+    ranks = [iter(kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=6, seed=5, rank=r, world_size=3)) for r in range(3)]
+    for batch in global_batches:
+        parts = [next(r)["input_ids"] for r in ranks]
+        assert all(p.shape == (2, 8) for p in parts)
+        assert torch.equal(torch.cat(parts), batch)  # rank r holds rows 2r, 2r+1 of the global batch
+    with pytest.raises(ValueError, match="cannot be split evenly over 4 processes"):
+        next(iter(kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=6, rank=0, world_size=4)))
+
+
+def test_resume_mid_epoch_is_exact_and_refuses_other_data(tmp_path):
+    kt.write_token_shards(tmp_path / "s", documents(), vocab_size=67, eos_id=2, shard_tokens=64)
+    straight = iter(kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1))
+    expected = [next(straight)["input_ids"] for _ in range(40)]  # past an epoch boundary
+    first = kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1)
+    it = iter(first)
+    for _ in range(17):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # plain data, as checkpoints hold it
+    resumed = kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    assert all(torch.equal(next(it)["input_ids"], want) for want in expected[17:])
+    for other, key in [(dict(seq_len=11), "seq_len"), (dict(seed=2), "seed"), (dict(batch_size=2), "batch_size")]:
+        with pytest.raises(ValueError, match=f"had {key}="):
+            kt.TokenShards(tmp_path / "s", **{"seq_len": 10, "batch_size": 4, "seed": 1, **other}).load_state_dict(state)
+    kt.write_token_shards(tmp_path / "t", documents(seed=1), vocab_size=67, eos_id=2, shard_tokens=64)
+    with pytest.raises(ValueError, match="had corpus="):
+        kt.TokenShards(tmp_path / "t", seq_len=10, batch_size=4, seed=1).load_state_dict(state)
+
+
+def test_bad_directories_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a token shard directory"):
+        kt.TokenShards(tmp_path)
+    kt.write_token_shards(tmp_path / "s", documents(n=10), vocab_size=67, eos_id=2, shard_tokens=16)
+    with pytest.raises(ValueError, match="fewer than one row of 2048"):
+        kt.TokenShards(tmp_path / "s")
+    with pytest.raises(ValueError, match="fewer than one batch of 100"):
+        kt.TokenShards(tmp_path / "s", seq_len=4, batch_size=100)
+    (tmp_path / "s" / "tokens-00001.bin").write_bytes(b"\0\0")
+    with pytest.raises(ValueError, match="tokens-00001.bin should hold 16 tokens"):
+        kt.TokenShards(tmp_path / "s", seq_len=4)
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    (tmp_path / "s" / "index.json").write_text(json.dumps({**index, "complete": False}))
+    with pytest.raises(ValueError, match="incomplete.*run the same `python -m kpro tokenize`"):
+        kt.TokenShards(tmp_path / "s", seq_len=4)
+    with pytest.raises(FileExistsError, match="already holds token shards"):
+        kt.write_token_shards(tmp_path / "s", [], vocab_size=67, eos_id=2)
+
+
+# -------------------------------------------------------------------------------------------- with fit
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    model = kpro.Llama(tiny_config())
+    randomize_norms(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+FIT = dict(lr=1e-2, save_every=2, clip_grad_norm=1.0, grad_accum=2)
+
+
+def shard_corpus(directory):
+    if not (directory / "index.json").is_file():
+        kt.write_token_shards(directory, documents(n=300), vocab_size=67, eos_id=2, bos_id=1, shard_tokens=500)
+    return kt.TokenShards(directory, seq_len=24, batch_size=4, seed=0)
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in kt.read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_fit_on_shards_resumes_bit_for_bit(tmp_path):
+    straight = make_model()
+    kt.fit(straight, shard_corpus(tmp_path / "s"), tmp_path / "straight", steps=6, **FIT)
+    halves = make_model()
+    kt.fit(halves, shard_corpus(tmp_path / "s"), tmp_path / "halves", steps=3, **FIT)  # checkpoint at 2 and 3
+    kt.fit(make_model(seed=9), shard_corpus(tmp_path / "s"), tmp_path / "halves", steps=6, **FIT)
+    resumed = kpro.load_pretrained(tmp_path / "halves" / "step-00000006")
+    assert losses(tmp_path / "halves") == losses(tmp_path / "straight")
+    for name, tensor in kpro.load_pretrained(tmp_path / "straight" / "step-00000006").state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    assert kt.read_metrics(tmp_path / "straight" / "metrics.jsonl")[0]["tokens"] == 4 * 24
+
+
+def test_fit_on_shards_resumes_exactly_after_sigkill(tmp_path):
+    """The process dies by SIGKILL in step 4 (checkpoint at 2): nothing is flushed or cleaned up."""
+    kt.write_token_shards(tmp_path / "s", documents(n=300), vocab_size=67, eos_id=2, bos_id=1, shard_tokens=500)
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        torch.set_num_threads(1)
+        from kpro import train as kt
+        from test_train_shards import FIT, make_model, shard_corpus
+        from pathlib import Path
+
+        class Die(kt.Callback):
+            def on_step_end(self, run, metrics):
+                if run.step == int(sys.argv[2]):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        kt.fit(make_model(), shard_corpus(Path({str(tmp_path / 's')!r})), sys.argv[1], steps=6, callbacks=[Die()], **FIT)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), "3"], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert [p.name for p in kt.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), "0"], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    kt.fit(make_model(), shard_corpus(tmp_path / "s"), tmp_path / "straight", steps=6, **FIT)
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    got = kpro.load_pretrained(tmp_path / "run" / "step-00000006").state_dict()
+    for name, tensor in kpro.load_pretrained(tmp_path / "straight" / "step-00000006").state_dict().items():
+        assert torch.equal(got[name], tensor), name
+
+
+# -------------------------------------------------------------------------------------- resident memory
+
+RSS_SCRIPT = """
+import sys, numpy as np
+from kpro import train as kt
+
+def rss():  # resident set of this process, file-backed mapped pages included
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+shards = kt.TokenShards(sys.argv[1], seq_len=2048, batch_size=64, seed=0)
+if sys.argv[2] == "memmap":  # the same rows through np.memmap, to show that the measurement sees mapped pages
+    maps = [np.memmap(f, dtype=np.uint16, mode="r") for f in shards.files]
+    def read(rows):
+        out = []
+        for start in (rows * 2047).tolist():
+            shard = int(np.searchsorted(shards.ends, start, side="right"))
+            at = start - int(shards.starts[shard])
+            out.append(np.concatenate([maps[shard][at:at + 2048], maps[min(shard + 1, len(maps) - 1)][:max(0, at + 2048 - len(maps[shard]))]]))
+        return np.stack(out).astype(np.int64)
+    batches = (read(shards.batch_rows(0, i)) for i in range(len(shards)))
+else:
+    batches = iter(shards)
+next(batches)
+base, peak = rss(), 0
+for _ in range(len(shards) - 1):
+    next(batches)
+    peak = max(peak, rss())
+print(peak - base, len(shards) * 64 * 2048 * 2)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc/self/status (Linux)")
+def test_resident_memory_stays_flat_over_a_corpus_many_times_the_bound(tmp_path):
+    """10^8 tokens (200 MB of uint16) read through in shuffled order: the process may grow by 24 MB, an
+    eighth of the corpus, and grows by less. The same rows read through np.memmap grow it by most of the
+    corpus (mapped pages are resident), so the measurement would see a reader that maps the corpus."""
+    total, piece = 10**8, 10**7
+    rng = np.random.default_rng(0)
+    kt.write_token_shards(tmp_path / "big", (rng.integers(3, 32000, piece, dtype=np.uint16) for _ in range(total // piece)),
+                          vocab_size=32000, eos_id=2, shard_tokens=25_000_000)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def grow(reader):
+        done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "big"), reader], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [int(x) for x in done.stdout.split()]
+
+    grown, streamed = grow("shards")
+    assert streamed > 190e6 and grown < 24e6, (grown, streamed)
+    mapped, _ = grow("memmap")
+    assert mapped > 100e6, mapped
+
+
+# ----------------------------------------------------------------------------------------- tokenize
+
+def sentencepiece_dir(tmp_path, model):
+    directory = tmp_path / model.split(".")[0]
+    directory.mkdir()
+    shutil.copy(DATA / model, directory / "tokenizer.model")
+    return directory
+
+
+def write_corpus(directory):
+    directory.mkdir()
+    text = ["The quick brown fox jumps over the lazy dog.", "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich.",
+            "数字 3719 × 3349 = 12454931", "  indented\r\nwindows lines\r\n", "tabs\tand   spaces"]
+    (directory / "a.txt").write_text("\n\n".join(text * 6) + "\n \t\n\n\nlast\n", encoding="utf-8")
+    (directory / "b.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(text * 4))
+                                       + "\n\n" + json.dumps({"text": ""}) + "\n", encoding="utf-8")
+    (directory / "notes.md").write_text("not read: only *.txt and *.jsonl of a directory\n")
+    return [directory / "a.txt", directory / "b.jsonl"]
+
+
+@pytest.mark.parametrize("model,workers", [("mistral_7b_tokenizer.model", 2), ("sentencepiece_test_model.model", 1)])
+def test_tokenize_gives_train_expandeds_rows(tmp_path, model, workers):
+    files = write_corpus(tmp_path / "corpus")
+    tok_dir = sentencepiece_dir(tmp_path, model)
+    assert list(iter_documents([tmp_path / "corpus"])) == read_corpus(files)
+    log = io.StringIO()
+    index = kt.tokenize_corpus(tok_dir, [tmp_path / "corpus"], tmp_path / "tokens", shard_tokens=97,
+                               workers=workers, chunk_bytes=200, stream=log)
+    tok = kpro.load_tokenizer(tok_dir)
+    assert index["tokenizer"]["vocab_size"] == tok.vocab_size and index["documents"] == len(read_corpus(files))
+    assert index["tokenizer"]["file"] == "tokenizer.model" and index["tokenizer"]["class"] == "Tokenizer"
+    assert index["tokenizer"]["sha256"] == hashlib.sha256((DATA / model).read_bytes()).hexdigest()
+    assert index["dtype"] == "uint16" and index["tokens"] == sum(s["tokens"] for s in index["shards"])
+    progress = log.getvalue().splitlines()  # not a terminal: a line every 5% of the input, the last at 100%
+    assert len(progress) >= 3 and all(re.match(r"tokenize +\d+% .* tokens .* shards .* tok/s  eta ", line)
+                                       for line in progress[:-1]), progress
+    assert progress[-2].startswith("tokenize 100% ") and f"{index['tokens']:,} tokens" in progress[-2]
+    assert progress[-1].startswith(f"wrote {index['tokens']:,} tokens ({index['documents']:,} documents, uint16)")
+    for seq_len in (16, 64):
+        shards = kt.TokenShards(tmp_path / "tokens", seq_len=seq_len, batch_size=1, shuffle=False)
+        assert torch.equal(all_rows(shards), corpus_rows(read_corpus(files), tok, seq_len))
+
+
+def test_tokenize_workers_import_no_torch():
+    """Each spawned worker imports kpro._tokenize_worker: a tokenizer, numpy, no torch (a second and 300 MB a
+    worker, one worker per core)."""
+    code = ("import sys, kpro._tokenize_worker\n"
+            "assert 'torch' not in sys.modules and 'kpro.train' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from kpro.train import shards, tokenize
+
+write_index = shards.write_index
+def dying(directory, index):  # the 3rd shard is renamed into place; die before the index lists it
+    if len(index["shards"]) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_index(directory, index)
+shards.write_index = dying
+tokenize.tokenize_corpus(sys.argv[1], sys.argv[2:-1], sys.argv[-1], shard_tokens=97, workers=1, chunk_bytes=200)
+"""
+
+
+def test_tokenize_resumes_after_sigkill_to_the_same_bytes(tmp_path, capsys):
+    files = write_corpus(tmp_path / "corpus")
+    tok_dir = sentencepiece_dir(tmp_path, "mistral_7b_tokenizer.model")
+    args = [str(tok_dir), *map(str, files)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args, str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(json.loads((tmp_path / "out" / "index.json").read_text())["shards"]) == 2
+    assert (tmp_path / "out" / "tokens-00002.bin").is_file()  # written, never listed
+    with pytest.raises(ValueError, match="incomplete"):
+        kt.TokenShards(tmp_path / "out", seq_len=8)
+
+    assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", *map(str, files), "--out", str(tmp_path / "out"),
+                 "--shard-tokens", "97", "--workers", "1"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    kt.tokenize_corpus(tok_dir, files, tmp_path / "straight", shard_tokens=97, workers=1, chunk_bytes=200)
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir())
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+    # the same command again: already complete; other arguments: refused
+    assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", *map(str, files), "--out", str(tmp_path / "out"),
+                 "--shard-tokens", "97"]) == 0
+    assert "already complete" in capsys.readouterr().err
+    assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(files[0]), "--out", str(tmp_path / "out"),
+                 "--shard-tokens", "97"]) == 1
+    assert "the input files" in capsys.readouterr().err
+
+
+def test_tokenize_names_bad_input(tmp_path, capsys):
+    tok_dir = sentencepiece_dir(tmp_path, "sentencepiece_test_model.model")
+    cases = [("bad.jsonl", b'{"text": "ok"}\n{"txt": "no"}\n', "bad.jsonl:2: expected an object with a \"text\" string"),
+             ("bad2.jsonl", b'{"text": "ok"}\n{oops\n', "bad2.jsonl:2: not valid JSON"),
+             ("bad.txt", b"fine\n\n\xff\xfe\n", "bad.txt:3: not UTF-8")]
+    for name, content, message in cases:
+        (tmp_path / name).write_bytes(content)
+        assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(tmp_path / name),
+                     "--out", str(tmp_path / ("out-" + name)), "--workers", "1"]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(tmp_path / "none.txt"),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "corpus file" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    (tmp_path / "ok.txt").write_text("text\n")
+    assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(tmp_path / "ok.txt"),
+                 "--out", str(tmp_path / "full")]) == 1
+    assert "is not a token shard directory" in capsys.readouterr().err
+
+
+def test_train_expanded_reads_a_shard_directory(tmp_path, capsys):
+    alphabet = "abcdefgh \n"
+    torch.manual_seed(0)
+    kpro.save_pretrained(kpro.Llama(tiny_config(num_hidden_layers=2, vocab_size=3 + len(alphabet))), tmp_path / "src")
+    kpro.CharTokenizer(alphabet).save(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "big"), "--data", str(corpus), "--out",
+                 str(tmp_path / "tokens"), "--shard-tokens", "300", "--workers", "1"]) == 0
+    common = ["--seq-len", "16", "--batch-size", "4", "--lr", "1e-2", "--steps", "3"]
+    assert main(["train-expanded", str(tmp_path / "big"), "--data", str(tmp_path / "tokens"), "--out",
+                 str(tmp_path / "run"), *common]) == 0
+    assert "corpus: " in capsys.readouterr().out
+    assert [m["step"] for m in kt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+    (tmp_path / "other").mkdir()
+    kpro.CharTokenizer("hgfedcba \n").save(tmp_path / "other")  # the same size, other ids
+    shutil.copy(tmp_path / "other" / "kpro_char_tokenizer.json", tmp_path / "big" / "kpro_char_tokenizer.json")
+    cases = [([str(tmp_path / "tokens")], "was tokenized with another tokenizer"),
+             ([str(tmp_path / "tokens"), str(corpus)], "one token shard directory alone"),
+             ([str(tmp_path / "other")], "not a token shard directory")]
+    for data, message in cases:
+        assert main(["train-expanded", str(tmp_path / "big"), *[a for d in data for a in ("--data", d)],
+                     "--out", str(tmp_path / "run2"), *common]) == 1
+        assert message in capsys.readouterr().err
