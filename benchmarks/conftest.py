@@ -282,6 +282,14 @@ class CaseCache:
         return self.value
 
 
+def check_loss(impl: str, loss: float, reference: float, dtype: torch.dtype) -> None:
+    """A training step's loss against the fp32 reference's, before any timing (a faster wrong model is no
+    baseline): within 2e-2 relative in bf16 compute, 1e-4 otherwise."""
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert abs(loss - reference) <= tolerance * abs(reference), \
+        f"{impl} is wrong: loss {loss} against the reference's {reference}; not timed"
+
+
 def check_gradients(impl: str, grads: dict, reference: dict, dtype: torch.dtype, *, tolerance: float | None = None,
                     benchmark=None) -> float:
     """Raise WrongResult unless `grads` (name -> tensor), taken as one vector, is within tolerance of the

@@ -13,7 +13,8 @@ import torch
 import kpro
 from kpro import ops
 from kpro.bitune import Bitune
-from conftest import MODEL_TOLERANCE, CaseCache, check_gradients, describe_device, median_seconds, record_ratios, timed
+from conftest import (MODEL_TOLERANCE, CaseCache, check_gradients, check_loss, describe_device, median_seconds,
+                      record_ratios, timed)
 
 SIZES = {  # config fields, batch, prompt length, answer length
     "cpu-small": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -67,9 +68,7 @@ def test_bitune_training_step(benchmark, device, path, size):
         loss = bt.loss(ids, prompt_lens, fused=fused)
     loss.backward()
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tolerance = 2e-2 if compute == torch.bfloat16 else 1e-4
-    assert abs(loss.item() - reference_loss) <= tolerance * abs(reference_loss), \
-        f"{path} is wrong: loss {loss.item()} against the reference's {reference_loss}; not timed"
+    check_loss(path, loss.item(), reference_loss, compute)
     check_gradients(path, {n: p.grad for n, p in bt.named_parameters() if p.grad is not None}, reference_grads,
                     compute, tolerance=MODEL_TOLERANCE[compute], benchmark=benchmark)
     bt.zero_grad(set_to_none=True)

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import kpro
-from conftest import (MODEL_TOLERANCE, CaseCache, check_gradients, describe_device, median_seconds, record_ratios,
-                      timed)
+from conftest import (MODEL_TOLERANCE, CaseCache, check_gradients, check_loss, describe_device, median_seconds,
+                      record_ratios, timed)
 from kpro import ops
 from kpro.expansion import saved_activation_bytes
 from kpro.train import adamw, causal_lm_loss
@@ -103,10 +103,7 @@ def test_expansion_step(benchmark, device, impl, size):
 
     saved, loss = saved_activation_bytes(loss_of, model.parameters())
     loss.backward()
-    # same function before timing: a faster wrong model is no baseline
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    assert abs(loss.item() - reference_loss) <= tolerance * abs(reference_loss), \
-        f"{impl} is wrong: loss {loss.item()} against the reference's {reference_loss}; not timed"
+    check_loss(impl, loss.item(), reference_loss, dtype)
     check_gradients(impl, new_block_grads(impl, model), reference_grads, dtype, tolerance=MODEL_TOLERANCE[dtype],
                     benchmark=benchmark)
     optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,8 @@ import copy
 import pytest
 import torch
 
-from conftest import MODEL_TOLERANCE, CaseCache, check_gradients, describe_device, median_seconds, record_ratios, timed
+from conftest import (MODEL_TOLERANCE, CaseCache, check_gradients, check_loss, describe_device, median_seconds,
+                      record_ratios, timed)
 from kpro.expansion import saved_activation_bytes
 
 transformers = pytest.importorskip("transformers")
@@ -101,9 +102,7 @@ def test_hf_integration_step(benchmark, device, impl, size):
 
     saved, loss = saved_activation_bytes(loss_of, model.parameters())
     loss.backward()
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    assert abs(loss.item() - reference_loss) <= tolerance * abs(reference_loss), \
-        f"{impl} is wrong: loss {loss.item()} against the reference's {reference_loss}; not timed"
+    check_loss(impl, loss.item(), reference_loss, dtype)
     check_gradients(impl, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, reference_grads,
                     dtype, tolerance=MODEL_TOLERANCE[dtype], benchmark=benchmark)
     optimizer.zero_grad(set_to_none=True)

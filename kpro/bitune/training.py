@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..model import Llama
 from ..train import Batches, LossSum, Schedule, adamw, collate_prompt_answer, fit
 from ..train.checkpointing import saved_schedule
-from ..train.loss import output_head_weight
+from ..train.loss import next_token_targets, output_head_weight
 from .streams import answer_targets, split_streams
 from .wrapper import Bitune
 
@@ -46,8 +46,7 @@ def lora_loss(module, batch: dict, weighting: str = "token") -> LossSum:
     """fit's loss for plain LoRA (a causal model) with either weighting: position t predicts token t + 1,
     and only the answer tokens (labels != -100) count."""
     hidden = module(batch["input_ids"], batch.get("attention_mask"), head=False)
-    labels = batch["labels"]
-    targets = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)), dim=1)
+    targets = next_token_targets(batch["labels"])
     return weighted_loss(hidden, output_head_weight(module), targets, weighting)
 
 

@@ -51,12 +51,23 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str
         raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
     total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return _reduce(total, labels, reduction)
+
+
+def _reduce(total: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The summed loss as asked: "sum" as it is, "mean" over the loss tokens (none is an error)."""
     if reduction == "sum":
         return total
     count = count_loss_tokens(labels)
     if int(count) == 0:
         raise ValueError(no_loss_tokens_message(f"the batch of {labels.shape[0]} row(s)"))
     return total / count
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, T] shifted left: position t's target is labels[t + 1], the last position's none
+    (IGNORE_INDEX). Shifting the labels, not the hidden states, leaves the latter uncopied."""
+    return torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1)
 
 
 def no_loss_tokens_message(what: str) -> str:
@@ -77,16 +88,9 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, 
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be [B, T, d] and labels [B, T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
-    # Position t predicts labels[t + 1], the last position nothing: shift the labels, not the hidden
-    # states (a slice of them would be copied to make rows).
-    targets = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1)
+    targets = next_token_targets(labels)
     total = ops.linear_cross_entropy(hidden, head_weight, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if reduction == "sum":
-        return total
-    count = count_loss_tokens(labels)
-    if int(count) == 0:
-        raise ValueError(no_loss_tokens_message(f"the batch of {labels.shape[0]} row(s)"))
-    return total / count
+    return _reduce(total, labels, reduction)
 
 
 def output_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
