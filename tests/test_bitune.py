@@ -7,7 +7,7 @@ import torch
 
 import kpro
 from kpro import lora
-from kpro.bitune import Bitune, right_pad
+from kpro.bitune import Bitune, Streams, right_pad, split_streams
 from conftest import backend_devices, randomize_norms, relative_error, tiny_config
 
 ROWS = [(9, 4), (5, 1), (12, 7), (6, 5)]  # (sequence length, prompt length P): P = 1 and P = len − 1 included
@@ -257,6 +257,31 @@ def test_bad_input(change, message):
     ids, plens, mask, _ = batch()
     with pytest.raises(ValueError, match=message):
         bt.loss(*change(ids, plens, mask))
+
+
+def test_a_batch_given_as_streams():
+    """forward and loss take the batch split into Streams (the form torch.compile traces) with the same
+    numbers; malformed streams and streams with lengths on the side are refused, naming the culprit, and
+    lengths out of range are refused on the separate passes as on the fused one."""
+    bt = make(dtype=torch.float32)
+    ids, plens, mask, _ = batch()
+    streams = split_streams(ids, plens, mask)
+    assert torch.equal(bt(streams), bt(ids, plens, mask)) and torch.equal(bt.loss(streams), bt.loss(ids, plens, mask))
+    with pytest.raises(ValueError, match="pass no prompt_lens or attention_mask"):
+        bt(streams, plens)
+    with pytest.raises(ValueError, match="needs prompt_lens"):
+        bt(ids)
+    fields = dict(vars(streams))
+    for name, bad, message in (("prompt_lens", fields["prompt_lens"].float(), "Streams.prompt_lens must be an integer"),
+                               ("answer_lens", fields["answer_lens"][:2], "Streams.answer_lens must have the answer "
+                                                                         "stream's batch size B=4"),
+                               ("prompt_ids", fields["prompt_ids"][0], "must be \\[B, T\\]")):
+        with pytest.raises(ValueError, match=message):
+            Streams(**dict(fields, **{name: bad}))
+    too_long = Streams(**dict(fields, answer_lens=fields["answer_lens"] + streams.answer_ids.shape[1]))
+    for fused in (True, False):
+        with pytest.raises(ValueError, match="answer_lens must lie in"):
+            bt(too_long, fused=fused)
 
 
 def test_generation_past_the_model_positions_is_refused():

@@ -165,13 +165,12 @@ def test_model_compiles_on_gpu_with_each_backend(make_model, name):
         compiled_matches_eager(model, torch.compile(model, fullgraph=True), batches, tolerance=(1e-4, 1e-4))
 
 
-def test_bitune_after_its_stream_split_compiles_at_changing_lengths():
-    """kpro.Bitune's forward reads its stream lengths from the data (a graph break); what follows the split,
-    `forward_streams`, compiles with fullgraph=True, forward and backward, adapters and mixing weights, at
-    two lengths (dynamic=None: the second recompiles with dynamic shapes; dynamic=True takes the same path
-    in ~2x the time, and the op itself is compiled with it above)."""
-    from kpro.bitune import Bitune
-    from kpro.bitune.streams import Streams, split_streams
+def test_bitune_compiles_at_changing_lengths():
+    """torch.compile(kpro.Bitune(...), fullgraph=True), called with the batch split into its streams, and a
+    compiled `Bitune.loss`, at two lengths, forward and backward (adapters and mixing weights; dynamic=None:
+    the second length recompiles with dynamic shapes). Ids with lengths cannot be traced (the streams'
+    shapes are the lengths' values): the compiled call says how to split them first."""
+    from kpro.bitune import Bitune, split_streams
     from conftest import tiny_config
 
     torch.manual_seed(0)
@@ -181,26 +180,27 @@ def test_bitune_after_its_stream_split_compiles_at_changing_lengths():
             if "lora_B" in name:
                 p.normal_(0, 0.1)  # B starts at zero: make the adapters' gradients reach A too
 
-    def answer_logits(*tensors):
-        return bitune.forward_streams(Streams(*tensors))
-
     torch._dynamo.reset()
-    compiled = torch.compile(answer_logits, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(bitune, fullgraph=True, backend="aot_eager")
+    compiled_loss = torch.compile(bitune.loss, fullgraph=True, backend="aot_eager")
     gen = torch.Generator().manual_seed(0)
     for length, prompt_lens in ((9, [3, 4]), (13, [6, 2])):
         ids = torch.randint(0, 67, (2, length), generator=gen)
         mask = torch.ones_like(ids)
         mask[1, -2:] = 0
         streams = split_streams(ids, torch.tensor(prompt_lens), mask)
-        tensors = (streams.prompt_ids, streams.answer_ids, streams.prompt_lens, streams.answer_lens)
-        results = []
-        for fn in (compiled, answer_logits):
-            bitune.zero_grad()
-            out = fn(*tensors)
-            out.logsumexp(-1).sum().backward()
-            results.append((out, {n: p.grad.clone() for n, p in bitune.named_parameters() if p.grad is not None}))
-        (out, grads), (ref, ref_grads) = results
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        assert grads.keys() == ref_grads.keys() and {"w_k", "w_v"} <= grads.keys()
-        for name in grads:
-            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        for got_fn, eager_fn in ((compiled, lambda s: bitune(ids, torch.tensor(prompt_lens), mask)),
+                                 (compiled_loss, bitune.loss)):
+            results = []
+            for fn in (got_fn, eager_fn):
+                bitune.zero_grad()
+                out = fn(streams)
+                (out.logsumexp(-1).sum() if out.dim() else out).backward()
+                results.append((out, {n: p.grad.clone() for n, p in bitune.named_parameters() if p.grad is not None}))
+            (out, grads), (ref, ref_grads) = results
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            assert grads.keys() == ref_grads.keys() and {"w_k", "w_v"} <= grads.keys()
+            for name in grads:
+                torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(Exception, match="split the batch before the compiled call"):
+        compiled(ids, torch.tensor(prompt_lens), mask)

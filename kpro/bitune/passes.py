@@ -78,6 +78,7 @@ def separate_passes(model: Llama, mode: Mode, streams: Streams, alpha_k: torch.T
     batch, tp = streams.prompt_ids.shape
     ta = streams.answer_ids.shape[1]
     device = streams.prompt_ids.device
+    check_bitune_values(alpha_k, alpha_v, streams.prompt_lens, streams.answer_lens, tp, ta)
     prompt_valid = streams.prompt_valid
     caches = []
     for prompt_pass in mode.passes:

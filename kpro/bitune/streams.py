@@ -10,6 +10,13 @@ import dataclasses
 import torch
 
 
+COMPILE_HINT = (
+    "Bitune's stream shapes come from the values of prompt_lens and attention_mask, which torch.compile "
+    "cannot trace: split the batch before the compiled call, streams = kpro.bitune.split_streams(input_ids, "
+    "prompt_lens, attention_mask) (e.g. in the collate function), and call the compiled Bitune with the "
+    "streams: compiled(streams), or compiled.loss(streams)")
+
+
 @dataclasses.dataclass
 class Streams:
     """One batch as Bitune's token streams, right-padded: the prompt streams `prompt[:P-1]` and the
@@ -18,6 +25,26 @@ class Streams:
     answer_ids: torch.Tensor  # [B, Ta]
     prompt_lens: torch.Tensor  # [B] valid tokens of the prompt streams (P − 1)
     answer_lens: torch.Tensor  # [B] valid tokens of the answer stream
+
+    def __post_init__(self):
+        # Shapes, dtypes and devices only: the lengths' values are checked where they are used
+        # (`check_bitune_values`), without a device read or, under torch.compile, a graph break.
+        for name in ("prompt_ids", "answer_ids", "prompt_lens", "answer_lens"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool:
+                raise ValueError(f"Streams.{name} must be an integer tensor, got "
+                                 f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
+        if self.prompt_ids.dim() != 2 or self.answer_ids.dim() != 2:
+            raise ValueError(f"Streams.prompt_ids and answer_ids must be [B, T], got {tuple(self.prompt_ids.shape)} "
+                             f"and {tuple(self.answer_ids.shape)}")
+        batch = self.answer_ids.shape[0]
+        for name in ("prompt_ids", "prompt_lens", "answer_lens"):
+            value = getattr(self, name)
+            if (name.endswith("lens") and value.dim() != 1) or value.shape[0] != batch:
+                raise ValueError(f"Streams.{name} must have the answer stream's batch size B={batch} "
+                                 f"({'[B]' if name.endswith('lens') else '[B, Tp]'}), got {tuple(value.shape)}")
+            if value.device != self.answer_ids.device:
+                raise ValueError(f"Streams.{name} is on {value.device}, answer_ids on {self.answer_ids.device}")
 
     @property
     def prompt_valid(self):
@@ -29,7 +56,11 @@ class Streams:
 
 
 def split_streams(input_ids, prompt_lens, attention_mask=None, need_answer=True) -> Streams:
-    """Split right-padded `prompt + answer` rows into the prompt and answer streams."""
+    """Split right-padded `prompt + answer` rows into the prompt and answer streams. The streams' lengths
+    are the batch's longest prompt and answer, values of `prompt_lens` and the mask: split in the data
+    pipeline (e.g. the collate function), outside a torch.compile region."""
+    if torch.compiler.is_compiling():
+        raise ValueError(COMPILE_HINT)
     if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
     batch, length = input_ids.shape

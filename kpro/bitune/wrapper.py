@@ -66,34 +66,40 @@ class Bitune(nn.Module):
         """(α_k, α_v), fp32 [layers]: α = |w| / (|w| + mix_eps)."""
         return (self.w_k.abs() / (self.w_k.abs() + self.mix_eps), self.w_v.abs() / (self.w_v.abs() + self.mix_eps))
 
-    def forward(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *, fused: bool | None = None, head: bool = True) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | Streams, prompt_lens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *, fused: bool | None = None, head: bool = True) -> torch.Tensor:
         """Logits of the answer stream [B, Ta, vocab]: position t predicts answer stream token t + 1.
         With `head=False`, the answer stream's final-norm hidden states [B, Ta, hidden] instead (the loss
         takes them with `model.lm_head.weight`, so the logits never exist).
 
         input_ids [B, T] are `prompt + answer`, right-padded (`attention_mask` 1 = real token); prompt_lens
-        [B] is each row's P. `fused=None` takes the fused path wherever the mode has one (`bitune`,
-        `shared_weights`), else the separate passes; `fused=False` forces the reference path (the same
-        numbers; on the CPU the two measured level)."""
-        return self.forward_streams(split_streams(input_ids, prompt_lens, attention_mask, need_answer=True),
-                                    fused=fused, head=head)
-
-    def forward_streams(self, streams: Streams, *, fused: bool | None = None, head: bool = True) -> torch.Tensor:
-        """`forward` after its first step, `split_streams(input_ids, prompt_lens, attention_mask)`. The split
-        reads the streams' lengths from the data (their shapes depend on values), so a `torch.compile` of
-        `forward` breaks the graph there; this part compiles whole (`fullgraph=True`, changing lengths,
-        forward and backward): split outside, compile this."""
-        hidden = self._answer_hidden(streams, fused)
+        [B] is each row's P. Or, in place of all three, the batch already split into its streams
+        (`split_streams(input_ids, prompt_lens, attention_mask)`): the form `torch.compile(bitune,
+        fullgraph=True)` takes, since the streams' shapes come from the lengths' values. `fused=None` takes
+        the fused path wherever the mode has one (`bitune`, `shared_weights`), else the separate passes;
+        `fused=False` forces the reference path (the same numbers; on the CPU the two measured level)."""
+        hidden = self._answer_hidden(self._streams(input_ids, prompt_lens, attention_mask), fused)
         return self.model.lm_head(hidden) if head else hidden
 
-    def loss(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             *, fused: bool | None = None) -> torch.Tensor:
+    def loss(self, input_ids: torch.Tensor | Streams, prompt_lens: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, *, fused: bool | None = None) -> torch.Tensor:
         """Mean cross-entropy (fp32) over the answer tokens of the batch, fused with the output head
-        (`kpro.ops.linear_cross_entropy`: no logits in memory, no gradient for the frozen head)."""
-        streams = split_streams(input_ids, prompt_lens, attention_mask, need_answer=True)
+        (`kpro.ops.linear_cross_entropy`: no logits in memory, no gradient for the frozen head). The batch
+        as in `forward`: ids, prompt lengths and mask, or its streams."""
+        streams = self._streams(input_ids, prompt_lens, attention_mask)
         hidden = self._answer_hidden(streams, fused)
         return ops.linear_cross_entropy(hidden, self.model.lm_head.weight, answer_targets(streams), ignore_index=-100)
+
+    @staticmethod
+    def _streams(batch, prompt_lens, attention_mask) -> Streams:
+        if isinstance(batch, Streams):
+            if prompt_lens is not None or attention_mask is not None:
+                raise ValueError("a Bitune batch given as Streams carries its lengths: pass no prompt_lens or "
+                                 "attention_mask with it")
+            return batch
+        if prompt_lens is None:
+            raise ValueError("Bitune needs prompt_lens [B] with input_ids (or the batch split into Streams)")
+        return split_streams(batch, prompt_lens, attention_mask, need_answer=True)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *, fused: bool | None = None,
