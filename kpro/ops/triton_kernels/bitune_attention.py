@@ -14,7 +14,12 @@ where every row sees every key, a masked boundary, TMA where load_path allows) i
   kernels final, and dα is the ordered sum of the partials (no atomics, no torch passes).
   One dK/dV launch would need dK_mix twice in one program: both fp32 tiles in registers at once (four
   accumulators) or a round trip through memory inside the kernel; at head dim 128 either spills (the
-  compiler, sm_90a), so the kernel boundary carries it instead.
+  compiler, sm_90a), so the kernel boundary carries it instead. A single launch whose prompt tiles wait
+  (ticket-ordered work items, a release/acquire flag per mixed tile) for their mixed tile's dK_mix passes
+  the float64 tests in the interpreter, but spills 68-160 B at head dim 128 bf16 on sm_90a in every
+  arrangement tried: the fp32 dK_mix tile, loaded by pointers beside the accumulators, is one tile too
+  many (benchmarks/RESULTS.md). A TMA load of it would not be, but needs a generic-to-async proxy fence
+  across programs that no test here can check; so the two launches stay until a GPU can time both.
 """
 import torch
 import triton
