@@ -13,8 +13,8 @@ import torch
 COMPILE_HINT = (
     "Bitune's stream shapes come from the values of prompt_lens and attention_mask, which torch.compile "
     "cannot trace: split the batch before the compiled call, streams = kpro.bitune.split_streams(input_ids, "
-    "prompt_lens, attention_mask) (e.g. in the collate function), and call the compiled Bitune with the "
-    "streams: compiled(streams), or compiled.loss(streams)")
+    "prompt_lens, attention_mask) (e.g. in the collate function), and pass the streams alone: "
+    "torch.compile(bitune, fullgraph=True)(streams), torch.compile(bitune.loss, fullgraph=True)(streams)")
 
 
 @dataclasses.dataclass
