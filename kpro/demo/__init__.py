@@ -72,8 +72,8 @@ REPRODUCTIONS = {
         reproduce_internalization_seeds,
         "the internalization act (ICoT-SI on 2x2 multiplication) over seeds 0, 1, 2: explicit CoT, no CoT and "
         "internalized held-out accuracy, examples/s and CoT tokens written per seed",
-        "about 40 minutes on 2 idle CPU cores (estimated from the CPU time per step of seed 0; the three seeds "
-        "have not been run together)",
+        "about 35 minutes on 2 idle CPU cores (each seed ran 10-27 minutes on a machine with other jobs; the "
+        "three have not been run in one command)",
         "nothing"),
     "internalization-3x3": Reproduction(
         reproduce_internalization_3x3,
@@ -86,8 +86,7 @@ REPRODUCTIONS = {
         reproduce_bitune_seeds,
         "the bitune act (records counted from the left or right; LoRA, only_causal, Bitune) over seeds 0-4, "
         "pooled: mean accuracy per side with standard errors, Bitune's gain over only_causal on 'right'",
-        "about 15 minutes on 2 idle CPU cores (estimated from the CPU time of the demo's short run; seed 0 "
-        "alone took 22 minutes on one busy thread; seeds 1-4 have not been run)",
+        "about 13 minutes on 2 CPU cores (12.7 measured with another job running)",
         "nothing"),
     "expansion-seeds": Reproduction(
         reproduce_expansion_seeds,
