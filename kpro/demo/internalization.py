@@ -13,11 +13,7 @@ The recipe is the slow removal that works at this size: a token every 1,000 step
 for its data, 808,000 examples and Δ = 8, is a token every ~3,000), λ = 4 smoothing, lr 5e-4, AdamW with
 weight decay 0.01 on every parameter and a fresh optimizer at each removal while any CoT is left, as the
 official code, then 8,000 steps with none left (with 4,000, seed 0 reached 0.848, short of 0.9).
-Removing a token every 100 steps, as an earlier version of this act did, loses the task. The explicit
-phase runs at least `explicit_steps` and on, `eval_every` steps at a time, until its validation accuracy
-reaches EXPLICIT_TARGET (the recipe: removal starts from a trained explicit model; 2,500 steps left seed 1
-at 0.72), taking the extra steps from the phase after the CoT is gone, so both models train as many steps
-as before, and at least half of `after_steps` remain.
+Removing a token every 100 steps, as an earlier version of this act did, loses the task.
 """
 from __future__ import annotations
 
@@ -38,7 +34,6 @@ from .claims import claim_line, difference_standard_error, in_standard_errors
 from .parallel import run_jobs
 
 BATCH = 32
-EXPLICIT_TARGET = 0.95  # validation accuracy of the explicit-CoT model before removal starts
 CLAIM = "the internalized model answers with no CoT at >= 0.9 held-out accuracy, clearly above the no-CoT model"
 
 
@@ -98,25 +93,22 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr
     total = explicit_steps + internalize_steps
     print(f"data: {size:,} generated training problems; {valid_size} validation and {test_size} test problems left "
           f"out; the CoT is {cot} tokens, e.g. {example}")
-    print(f"explicit CoT {explicit_steps:,} steps of {BATCH}, or on to {EXPLICIT_TARGET} validation accuracy (at most "
-          f"{after_steps // 2:,} more, taken from the end); then internalization: one CoT token removed every "
+    print(f"explicit CoT {explicit_steps:,} steps of {BATCH}; then internalization: one CoT token removed every "
           f"{steps_per_token:,} steps (lambda 4), {after_steps:,} steps more with none left ({internalize_steps:,} "
           f"in all); no CoT: {total:,} steps; lr {lr:g}, weight decay {weight_decay:g}; the two runs side by side")
     settings = dict(out_dir=out_dir, digits=digits, size=size, seed=seed, lr=lr, weight_decay=weight_decay,
                     valid_size=valid_size, test_size=test_size, eval_every=eval_every, hidden=hidden, layers=layers)
     start = time.perf_counter()
     chain, no_cot = run_jobs([(train_chain, dict(settings, explicit_steps=explicit_steps, steps_per_token=steps_per_token,
-                                                 internalize_steps=internalize_steps,
-                                                 explicit_max_steps=explicit_steps + after_steps // 2)),
+                                                 internalize_steps=internalize_steps)),
                               (train_no_cot, dict(settings, steps=total))], workers)
-    print(f"trained in {time.perf_counter() - start:.0f} s; the explicit phase took {chain['explicit_steps']:,} steps "
-          f"(validation {chain['explicit_accuracy']:.3f}, target {EXPLICIT_TARGET}); the internalized model kept step "
-          f"{_kept(chain)} of its run, the no-CoT model step {_kept(no_cot)}")
+    print(f"trained in {time.perf_counter() - start:.0f} s; the internalized model kept step {_kept(chain)} of its "
+          f"run, the no-CoT model step {_kept(no_cot)}")
 
     results = {}
     print(f"held-out {digits}x{digits} test set ({test_size} problems), greedy decoding in one batch on the CPU "
           f"(1 thread):")
-    for name, directory, steps in (("explicit CoT", "explicit-cot", chain["explicit_steps"]), ("no CoT", "no-cot", total),
+    for name, directory, steps in (("explicit CoT", "explicit-cot", explicit_steps), ("no CoT", "no-cot", total),
                                    ("internalized", "internalized", total)):
         model = load_pretrained(out_dir / directory / "model").eval()
         result = evaluate(model, tok, test, batch_size=test_size)
@@ -137,8 +129,8 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr
                      f"{results['no CoT']['accuracy']:.3f} (margin {margin:+.3f} = {in_standard_errors(margin, se)}; needs "
                      f">= 0.9 with 0 CoT tokens and a margin > 3 standard errors), {speedup:.1f}x the explicit "
                      "model's examples/s") + "\n")
-    return {**results, "speedup": speedup, "claim_shown": shown, "explicit_validation": chain["explicit_accuracy"],
-            "selected": {"internalized": chain["selected"], "no CoT": no_cot["selected"]}}
+    return {**results, "speedup": speedup, "claim_shown": shown, "selected": {"internalized": chain["selected"],
+                                                                              "no CoT": no_cot["selected"]}}
 
 
 def _kept(job: dict) -> str:
@@ -152,34 +144,24 @@ def _setup(digits, size, seed, valid_size, test_size, hidden, layers):
 
 
 def train_chain(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size, test_size, eval_every, hidden, layers,
-                explicit_steps, steps_per_token, internalize_steps, explicit_max_steps) -> dict:
-    """The explicit-CoT model, trained until its validation accuracy reaches EXPLICIT_TARGET (at least
-    explicit_steps, at most explicit_max_steps), then the internalized one trained on from it for the steps
-    left of explicit_steps + internalize_steps; both saved under out_dir."""
+                explicit_steps, steps_per_token, internalize_steps) -> dict:
+    """The explicit-CoT model, then the internalized one trained on from it; both saved under out_dir."""
     torch.manual_seed(seed)
     valid, train, model = _setup(digits, size, seed, valid_size, test_size, hidden, layers)
     tok = multiplication_tokenizer()
     quiet = io.StringIO()
-    steps = explicit_steps
-    while True:  # a finished run is resumed at its own step: running the act again repeats nothing
-        steps = fit_internalization(model, train, out_dir / "explicit-cot" / "run", removal="none", steps=steps,
-                                    batch_size=BATCH, pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed,
-                                    keep_last=1, stream=quiet).step
-        model.eval()
-        accuracy = evaluate(model, tok, valid, batch_size=len(valid)).accuracy
-        model.train()
-        if accuracy >= EXPLICIT_TARGET or steps >= explicit_max_steps:
-            break
-        steps = min(steps + eval_every, explicit_max_steps)  # the constant schedule extends without a change
+    fit_internalization(model, train, out_dir / "explicit-cot" / "run", removal="none", steps=explicit_steps,
+                        batch_size=BATCH, pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed, keep_last=1,
+                        stream=quiet)
     save_pretrained(model, out_dir / "explicit-cot" / "model")
     # The schedule's "epoch" is 8 tokens' worth of steps: one more token every steps_per_token steps.
     schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
     best = ValidationAccuracy(tok, valid, eval_every, batch_size=len(valid), select_best=True, stream=quiet)
-    fit_internalization(model, train, out_dir / "internalized" / "run", removal=schedule,
-                        steps=internalize_steps - (steps - explicit_steps), batch_size=BATCH, pad_id=tok.pad_id, lr=lr,
-                        weight_decay=weight_decay, seed=seed, keep_last=1, callbacks=[best], stream=quiet)
+    fit_internalization(model, train, out_dir / "internalized" / "run", removal=schedule, steps=internalize_steps,
+                        batch_size=BATCH, pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed, keep_last=1,
+                        callbacks=[best], stream=quiet)
     save_pretrained(model, out_dir / "internalized" / "model")
-    return {"selected": best.selected, "explicit_steps": steps, "explicit_accuracy": accuracy}
+    return {"selected": best.selected}
 
 
 def train_no_cot(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size, test_size, eval_every, hidden, layers,
