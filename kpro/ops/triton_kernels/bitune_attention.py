@@ -16,7 +16,7 @@ where every row sees every key, a masked boundary, TMA where load_path allows) i
   accumulators) or a round trip through memory inside the kernel; at head dim 128 either spills (the
   compiler, sm_90a), so the kernel boundary carries it instead. A single launch whose prompt tiles wait
   (ticket-ordered work items, a release/acquire flag per mixed tile) for their mixed tile's dK_mix passes
-  the float64 tests in the interpreter, but spills 68-160 B at head dim 128 bf16 on sm_90a in every
+  the float64 tests in the interpreter, but spills 56-160 B at head dim 128 bf16 on sm_90a in every
   arrangement tried: the fp32 dK_mix tile, loaded by pointers beside the accumulators, is one tile too
   many (benchmarks/RESULTS.md). A TMA load of it would not be, but needs a generic-to-async proxy fence
   across programs that no test here can check; so the two launches stay until a GPU can time both.
