@@ -17,6 +17,35 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+class StatusLine:
+    """One status line on `stream`: redrawn in place on a terminal (at most ~10 times a second, always when
+    `final`, which ends it with a newline); elsewhere (a log file, a pipe) printed whole at each `milestone`
+    the caller names."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.last_draw = 0.0
+        self.line_open = False  # a terminal line drawn without its newline yet
+
+    def show(self, line: str, *, milestone: bool, final: bool = False) -> None:
+        if self.tty:
+            now = time.perf_counter()
+            if final or now - self.last_draw > 0.1:
+                self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+                self.last_draw, self.line_open = now, not final
+        elif milestone:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End an in-place line that stopped before its final draw (an interrupted run)."""
+        if self.line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.line_open = False
+
+
 class ProgressLine:
     """`step 120/600  loss 1.2345  lr 3.00e-04  51,234 tok/s  eta 1:02`.
 
@@ -27,37 +56,24 @@ class ProgressLine:
 
     def __init__(self, total_steps: int, start_step: int = 0, *, stream=None, every: int | None = None):
         self.total, self.start_step = total_steps, start_step
-        self.stream = sys.stdout if stream is None else stream
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.line = StatusLine(sys.stdout if stream is None else stream)
         self.every = every or max(1, (total_steps - start_step) // 20)
         self.start = time.perf_counter()
         self.tokens = 0
-        self.last_draw = 0.0
-        self.line_open = False  # a terminal line drawn without its newline yet
 
     def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
         self.tokens += tokens
-        now = time.perf_counter()
-        elapsed = now - self.start
+        elapsed = time.perf_counter() - self.start
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done else math.inf
-        line = (f"step {step:5d}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s  eta {format_duration(eta)}")
         last = step == self.total
-        if self.tty:
-            if last or now - self.last_draw > 0.1:
-                self.stream.write("\r\033[K" + line + ("\n" if last else ""))
-                self.last_draw, self.line_open = now, not last
-        elif last or done % self.every == 0:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self.line.show(f"step {step:5d}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
+                       f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s  eta {format_duration(eta)}",
+                       milestone=last or done % self.every == 0, final=last)
 
     def close(self) -> None:
         """End an in-place line that stopped before the last step (an interrupted run)."""
-        if self.line_open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.line_open = False
+        self.line.close()
 
 
 class MetricsLog:

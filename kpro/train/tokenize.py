@@ -30,7 +30,7 @@ from typing import Iterator
 from .. import _tokenize_worker as worker
 from .._tokenize_worker import jsonl_text
 from ..tokenizer import TOKENIZER_FILES, load_tokenizer
-from .progress import format_duration
+from .progress import StatusLine, format_duration
 from .shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardWriter, is_shard_directory, new_index, prepare_directory,
                      read_index, write_index)
 
@@ -259,10 +259,10 @@ class _Progress:
     in place on a terminal (at most ten times a second), a line every 5% of the input elsewhere."""
 
     def __init__(self, stream, total_bytes: int, sizes: list[int], tokens_before: int):
-        self.stream, self.total, self.tokens_before = stream, max(total_bytes, 1), tokens_before
+        self.total, self.tokens_before = max(total_bytes, 1), tokens_before
         self.before = list(itertools.accumulate([0] + sizes))
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.start, self.last_draw, self.last_step, self.open = time.perf_counter(), 0.0, -1, False
+        self.line = StatusLine(stream)
+        self.start, self.last_step = time.perf_counter(), -1
         self.first_bytes = None
 
     def update(self, file: int, offset: int, writer: ShardWriter, final: bool = False) -> None:
@@ -270,24 +270,14 @@ class _Progress:
         if self.first_bytes is None:
             self.first_bytes = done
         tokens = writer.index["tokens"] + writer.filled
-        now = time.perf_counter()
-        elapsed = max(now - self.start, 1e-9)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = (done - self.first_bytes) / elapsed
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = (f"tokenize {done / self.total:4.0%} {_size(done)}/{_size(self.total)}  {tokens:,} tokens  "
-                f"{len(writer.index['shards'])} shards  {(tokens - self.tokens_before) / elapsed:,.0f} tok/s  "
-                f"eta {format_duration(eta)}")
-        if self.tty:
-            if now - self.last_draw > 0.1 or final:
-                self.stream.write("\r\033[K" + line)
-                self.last_draw, self.open = now, True
-        elif int(20 * done / self.total) > self.last_step:
-            self.last_step = int(20 * done / self.total)
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        step = int(20 * done / self.total)
+        milestone, self.last_step = step > self.last_step, max(step, self.last_step)
+        self.line.show(f"tokenize {done / self.total:4.0%} {_size(done)}/{_size(self.total)}  {tokens:,} tokens  "
+                       f"{len(writer.index['shards'])} shards  {(tokens - self.tokens_before) / elapsed:,.0f} tok/s  "
+                       f"eta {format_duration(eta)}", milestone=milestone, final=final)
 
     def close(self) -> None:
-        if self.open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.open = False
+        self.line.close()
