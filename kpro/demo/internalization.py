@@ -34,7 +34,6 @@ from .claims import claim_line, difference_standard_error, in_standard_errors
 from .parallel import run_jobs
 
 BATCH = 32
-EXPLICIT_LR = 2e-3  # the explicit phase: at 5e-4 seed 1 stopped at 0.72 after 2,500 steps; at 2e-3 1.00 on validation by 1,750
 CLAIM = "the internalized model answers with no CoT at >= 0.9 held-out accuracy, clearly above the no-CoT model"
 
 
@@ -68,7 +67,6 @@ def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
 
 def act_internalization(out_dir: Path, seed: int = 0, digits: int = 2, explicit_steps: int = 2500,
                         steps_per_token: int = 1000, after_steps: int = 8000, lr: float = 5e-4,
-                        explicit_lr: float = EXPLICIT_LR,
                         weight_decay: float = OFFICIAL_WEIGHT_DECAY, valid_size: int = 200, test_size: int = 500,
                         eval_every: int = 250, train_size: int | None = None, hidden: int = 128, layers: int = 2,
                         workers: int | None = None) -> dict:
@@ -77,13 +75,13 @@ def act_internalization(out_dir: Path, seed: int = 0, digits: int = 2, explicit_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small gain nothing from a second thread, and lose much on a busy machine
     try:
-        return _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr, explicit_lr, weight_decay,
+        return _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr, weight_decay,
                     valid_size, test_size, eval_every, train_size, hidden, layers, workers)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr, explicit_lr, weight_decay, valid_size,
+def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr, weight_decay, valid_size,
          test_size, eval_every, train_size, hidden, layers, workers) -> dict:
     tok = multiplication_tokenizer()
     valid, test, held_out_pairs = held_out_sets(digits, valid_size, test_size, seed)
@@ -95,16 +93,15 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr
     total = explicit_steps + internalize_steps
     print(f"data: {size:,} generated training problems; {valid_size} validation and {test_size} test problems left "
           f"out; the CoT is {cot} tokens, e.g. {example}")
-    print(f"explicit CoT {explicit_steps:,} steps of {BATCH} at lr {explicit_lr:g}; then internalization at lr {lr:g}: "
-          f"one CoT token removed every {steps_per_token:,} steps (lambda 4), {after_steps:,} steps more with none "
-          f"left ({internalize_steps:,} in all); no CoT: the same {total:,} steps and learning rates; weight decay "
-          f"{weight_decay:g}; the two runs side by side")
-    settings = dict(out_dir=out_dir, digits=digits, size=size, seed=seed, lr=lr, explicit_lr=explicit_lr,
-                    weight_decay=weight_decay, valid_size=valid_size, test_size=test_size, eval_every=eval_every,
-                    hidden=hidden, layers=layers, explicit_steps=explicit_steps, internalize_steps=internalize_steps)
+    print(f"explicit CoT {explicit_steps:,} steps of {BATCH}; then internalization: one CoT token removed every "
+          f"{steps_per_token:,} steps (lambda 4), {after_steps:,} steps more with none left ({internalize_steps:,} "
+          f"in all); no CoT: {total:,} steps; lr {lr:g}, weight decay {weight_decay:g}; the two runs side by side")
+    settings = dict(out_dir=out_dir, digits=digits, size=size, seed=seed, lr=lr, weight_decay=weight_decay,
+                    valid_size=valid_size, test_size=test_size, eval_every=eval_every, hidden=hidden, layers=layers)
     start = time.perf_counter()
-    chain, no_cot = run_jobs([(train_chain, dict(settings, steps_per_token=steps_per_token)),
-                              (train_no_cot, settings)], workers)
+    chain, no_cot = run_jobs([(train_chain, dict(settings, explicit_steps=explicit_steps, steps_per_token=steps_per_token,
+                                                 internalize_steps=internalize_steps)),
+                              (train_no_cot, dict(settings, steps=total))], workers)
     print(f"trained in {time.perf_counter() - start:.0f} s; the internalized model kept step {_kept(chain)} of its "
           f"run, the no-CoT model step {_kept(no_cot)}")
 
@@ -146,16 +143,16 @@ def _setup(digits, size, seed, valid_size, test_size, hidden, layers):
                                                                                        hidden, layers))
 
 
-def train_chain(out_dir: Path, digits, size, seed, lr, explicit_lr, weight_decay, valid_size, test_size, eval_every,
-                hidden, layers, explicit_steps, steps_per_token, internalize_steps) -> dict:
+def train_chain(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size, test_size, eval_every, hidden, layers,
+                explicit_steps, steps_per_token, internalize_steps) -> dict:
     """The explicit-CoT model, then the internalized one trained on from it; both saved under out_dir."""
     torch.manual_seed(seed)
     valid, train, model = _setup(digits, size, seed, valid_size, test_size, hidden, layers)
     tok = multiplication_tokenizer()
     quiet = io.StringIO()
     fit_internalization(model, train, out_dir / "explicit-cot" / "run", removal="none", steps=explicit_steps,
-                        batch_size=BATCH, pad_id=tok.pad_id, lr=explicit_lr, weight_decay=weight_decay, seed=seed,
-                        keep_last=1, stream=quiet)
+                        batch_size=BATCH, pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed, keep_last=1,
+                        stream=quiet)
     save_pretrained(model, out_dir / "explicit-cot" / "model")
     # The schedule's "epoch" is 8 tokens' worth of steps: one more token every steps_per_token steps.
     schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
@@ -167,21 +164,16 @@ def train_chain(out_dir: Path, digits, size, seed, lr, explicit_lr, weight_decay
     return {"selected": best.selected}
 
 
-def train_no_cot(out_dir: Path, digits, size, seed, lr, explicit_lr, weight_decay, valid_size, test_size, eval_every,
-                 hidden, layers, explicit_steps, internalize_steps) -> dict:
-    """The no-CoT control from the same initial weights, in the chain's two phases (its steps, learning rates and
-    fresh optimizer between them) with no CoT in either; its best weights by validation in the second phase
-    kept, as the internalized model's; saved under out_dir."""
+def train_no_cot(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size, test_size, eval_every, hidden, layers,
+                 steps) -> dict:
+    """The no-CoT baseline from the same initial weights, its best weights by validation kept; saved under out_dir."""
     torch.manual_seed(seed)
     valid, train, model = _setup(digits, size, seed, valid_size, test_size, hidden, layers)
     tok = multiplication_tokenizer()
     quiet = io.StringIO()
-    fit_internalization(model, train, out_dir / "no-cot" / "run-first-phase", removal="all", steps=explicit_steps,
-                        batch_size=BATCH, pad_id=tok.pad_id, lr=explicit_lr, weight_decay=weight_decay, seed=seed,
-                        keep_last=1, stream=quiet)
     best = ValidationAccuracy(tok, valid, eval_every, batch_size=len(valid), select_best=True, stream=quiet)
-    fit_internalization(model, train, out_dir / "no-cot" / "run", removal="all", steps=internalize_steps,
-                        batch_size=BATCH, pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed, keep_last=1,
-                        callbacks=[best], stream=quiet)
+    fit_internalization(model, train, out_dir / "no-cot" / "run", removal="all", steps=steps, batch_size=BATCH,
+                        pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed, keep_last=1, callbacks=[best],
+                        stream=quiet)
     save_pretrained(model, out_dir / "no-cot" / "model")
     return {"selected": best.selected}
