@@ -104,6 +104,22 @@ def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys)
     assert results["selected"]["internalized"]["step"] in (16, 20)
 
 
+def test_expansion_curves_score_the_runs_they_report(tmp_path, capsys):
+    from kpro.demo.expansion_curves import reproduce_expansion_curves
+    result = reproduce_expansion_curves(tmp_path, seeds=(0,), every=2, pretrain_steps=4, domain_steps=4,
+                                        eval_examples=6, workers=1)
+    out = capsys.readouterr().out
+    for arm in expansion.ARMS:
+        points = result["curves"]["seed-0"][arm]
+        assert [step for step, _, _ in points] == [2, 4]
+        assert f"seed 0 {expansion.ARMS[arm]}: 2: {points[0][1]:.2f}/{points[0][2]:.2f}" in out
+        # The last point is the trained model's own score (the run is complete: train_arm reuses it).
+        with one_thread():
+            final = expansion.train_arm(tmp_path / "seed-0", 0, arm, steps=4, new_blocks=4, general_share=0.05,
+                                        lr=1e-3, eval_examples=6)["scores"]
+        assert points[-1][1:] == (final["domain"], final["general"])
+
+
 def test_bitune_task_needs_look_ahead_only_on_the_right():
     assert bitune.records([3, 8, 1, 0, 7, 5], "left") == 2 and bitune.records([3, 8, 1, 0, 7, 5], "right") == 3
     prompt, answer, side = bitune.question(random.Random(0), "right")

@@ -14,6 +14,7 @@ and after for both ways, for each seed run (`seeds`, from `seed` on); the two wa
 from __future__ import annotations
 
 import io
+import json
 import random
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..checkpoint import load_pretrained, save_pretrained
 from ..expansion import expand, train_only
 from ..model import Llama
 from ..tokenizer import CharTokenizer
-from ..train import Batches, Schedule, adamw, collate_prompt_answer, fit
+from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit
 from .basics import LETTERS, accuracy, reversal_task, tiny_config
 from .claims import claim_line
 from .parallel import run_jobs
@@ -78,12 +79,31 @@ def scores(model: Llama, eval_examples: int) -> dict:
     return {task: accuracy(model, tokenizer(), examples) for task, examples in held_out(eval_examples).items()}
 
 
+class HeldOutScores(Callback):
+    """Every `every` steps, held-out domain and general accuracy into the step's metrics (metrics.jsonl)."""
+
+    def __init__(self, every: int, eval_examples: int):
+        self.every, self.eval_examples = every, eval_examples
+
+    def on_step_end(self, run, metrics: dict) -> None:
+        if run.step % self.every == 0:
+            run.model.eval()
+            metrics.update({f"{task}_accuracy": value for task, value in scores(run.model, self.eval_examples).items()})
+            run.model.train()
+
+
+def curve(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, domain accuracy, general accuracy) of each step HeldOutScores scored, read from metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["domain_accuracy"], row["general_accuracy"]) for row in rows if "general_accuracy" in row]
+
+
 def train(model: Llama, data, tok: CharTokenizer, run_dir: Path, steps: int, lr: float, batch_size: int,
-          seed: int) -> None:
+          seed: int, callbacks=()) -> None:
     batches = Batches(data, batch_size, partial(collate_prompt_answer, pad_id=tok.pad_id), seed=seed)
     fit(model, batches, run_dir, steps=steps, optimizer=lambda m: adamw(m, lr, betas=(0.9, 0.98)),
         schedule=Schedule("cosine", warmup_steps=steps // 10, total_steps=steps), clip_grad_norm=1.0, keep_last=1,
-        stream=io.StringIO())  # running the demo again resumes (or reuses) each run
+        callbacks=callbacks, stream=io.StringIO())  # running the demo again resumes (or reuses) each run
 
 
 def verdict(runs: list[dict]) -> tuple[bool, float]:
@@ -162,8 +182,9 @@ def pretrain(out_dir: Path, seed: int, steps: int, eval_examples: int) -> dict:
 
 
 def train_arm(out_dir: Path, seed: int, arm: str, steps: int, new_blocks: int, general_share: float, lr: float,
-              eval_examples: int) -> dict:
-    """One way of learning the domain from the seed's base: "expanded" (new blocks only) or "control"."""
+              eval_examples: int, curve_every: int = 0) -> dict:
+    """One way of learning the domain from the seed's base: "expanded" (new blocks only) or "control";
+    curve_every > 0 also scores both tasks every that many steps ("curve" in the result)."""
     tok = tokenizer()
     model = load_pretrained(out_dir / "base")
     info = {"layers": model.config.num_hidden_layers, "new_blocks": [], "plan": "", "trainable": model.num_parameters()}
@@ -173,5 +194,7 @@ def train_arm(out_dir: Path, seed: int, arm: str, steps: int, new_blocks: int, g
         info = {"layers": len(model.layers), "new_blocks": new_ids, "plan": plan.describe(),
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     _, domain = corpora(seed, general_share)
-    train(model, domain, tok, out_dir / arm, steps, lr, 32, seed)
-    return {**info, "scores": scores(model, eval_examples)}
+    train(model, domain, tok, out_dir / arm, steps, lr, 32, seed,
+          callbacks=[HeldOutScores(curve_every, eval_examples)] if curve_every else [])
+    result = {**info, "scores": scores(model, eval_examples)}
+    return {**result, "curve": curve(out_dir / arm)} if curve_every else result

@@ -1,0 +1,38 @@
+"""`python -m kpro reproduce expansion-curves`: why the expansion act's verdict hangs on the seed.
+
+The act's two ways of learning the domain (`kpro.demo.expansion`), from the same pretrained models and with
+the same settings, scored on both held-out tasks every `every` steps, for seeds 0 and 4 (the act's widest
+and narrowest margins; `seed` shifts both). benchmarks/RESULTS.md holds what it shows: the new blocks
+break the general task within the first steps about as much as fine-tuning every weight does, and each
+way then re-learns it from the general examples in the domain corpus.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .expansion import ARMS, pretrain, train_arm
+from .parallel import run_jobs
+
+SEEDS = (0, 4)
+
+
+def reproduce_expansion_curves(out_dir: Path, seed: int = 0, seeds: tuple[int, ...] = SEEDS, every: int = 50,
+                               pretrain_steps: int = 400, domain_steps: int = 500, new_blocks: int = 4,
+                               general_share: float = 0.05, lr: float = 1e-3, eval_examples: int = 200,
+                               workers: int | None = None) -> dict:
+    seeds = [seed + s for s in seeds]
+    print(f"== expansion curves: held-out domain / general accuracy every {every} steps while each way learns the "
+          f"domain ({general_share:.0%} general examples, {domain_steps} steps, peak lr {lr:g}), seeds "
+          f"{', '.join(map(str, seeds))}")
+    run_jobs([(pretrain, dict(out_dir=out_dir / f"seed-{s}", seed=s, steps=pretrain_steps, eval_examples=eval_examples))
+              for s in seeds], workers)
+    jobs = [(train_arm, dict(out_dir=out_dir / f"seed-{s}", seed=s, arm=arm, steps=domain_steps, new_blocks=new_blocks,
+                             general_share=general_share, lr=lr, eval_examples=eval_examples, curve_every=every))
+            for s in seeds for arm in ARMS]
+    results = run_jobs(jobs, workers)
+    curves = {}
+    for (_, job), result in zip(jobs, results):
+        curves.setdefault(f"seed-{job['seed']}", {})[job["arm"]] = result["curve"]
+        print(f"seed {job['seed']} {ARMS[job['arm']]}: " + "  ".join(
+            f"{step}: {domain:.2f}/{general:.2f}" for step, domain, general in result["curve"]))
+    return {"curves": curves}
