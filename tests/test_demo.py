@@ -118,6 +118,9 @@ def test_expansion_curves_score_the_runs_they_report(tmp_path, capsys):
             final = expansion.train_arm(tmp_path / "seed-0", 0, arm, steps=4, new_blocks=4, general_share=0.05,
                                         lr=1e-3, eval_examples=6)["scores"]
         assert points[-1][1:] == (final["domain"], final["general"])
+    for every in (-2, 1.5, True):
+        with pytest.raises(ValueError, match="every must be a positive"):
+            expansion.HeldOutScores(every, 6)
 
 
 def test_bitune_task_needs_look_ahead_only_on_the_right():

@@ -83,6 +83,8 @@ class HeldOutScores(Callback):
     """Every `every` steps, held-out domain and general accuracy into the step's metrics (metrics.jsonl)."""
 
     def __init__(self, every: int, eval_examples: int):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every!r}")
         self.every, self.eval_examples = every, eval_examples
 
     def on_step_end(self, run, metrics: dict) -> None:
@@ -195,6 +197,6 @@ def train_arm(out_dir: Path, seed: int, arm: str, steps: int, new_blocks: int, g
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     _, domain = corpora(seed, general_share)
     train(model, domain, tok, out_dir / arm, steps, lr, 32, seed,
-          callbacks=[HeldOutScores(curve_every, eval_examples)] if curve_every else [])
+          callbacks=[] if curve_every == 0 else [HeldOutScores(curve_every, eval_examples)])
     result = {**info, "scores": scores(model, eval_examples)}
-    return {**result, "curve": curve(out_dir / arm)} if curve_every else result
+    return result if curve_every == 0 else {**result, "curve": curve(out_dir / arm)}
