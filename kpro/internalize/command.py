@@ -219,7 +219,7 @@ def _final_evaluation(args, model, tokenizer, evaluation_sets, label: str, out: 
         cot = mean_cot_tokens(result, tokenizer.eos_id)
         report[split] = {"accuracy": result.accuracy, "correct": result.correct, "total": result.total,
                          "examples_per_second": round(result.examples_per_second, 2),
-                         "seconds": round(result.seconds, 3), "cot_tokens": round(cot, 3)}
+                         "seconds": round(result.seconds, 6), "cot_tokens": round(cot, 3)}
         print(f"{label}, {split}: accuracy {result.accuracy:.3f} ({result.correct}/{result.total}), "
               f"{result.examples_per_second:,.1f} examples/s (batches of {args.eval_batch_size} on {args.device}"
               f"{threads}), {cot:.1f} CoT tokens per example")
