@@ -14,7 +14,6 @@ and after for both ways, for each seed run (`seeds`, from `seed` on); the two wa
 from __future__ import annotations
 
 import io
-import json
 import random
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..checkpoint import load_pretrained, save_pretrained
 from ..expansion import expand, train_only
 from ..model import Llama
 from ..tokenizer import CharTokenizer
-from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit
+from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit, read_metrics
 from .basics import LETTERS, accuracy, reversal_task, tiny_config
 from .claims import claim_line
 from .parallel import run_jobs
@@ -96,8 +95,8 @@ class HeldOutScores(Callback):
 
 def curve(run_dir: Path) -> list[tuple[int, float, float]]:
     """(step, domain accuracy, general accuracy) of each step HeldOutScores scored, read from metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(row["step"], row["domain_accuracy"], row["general_accuracy"]) for row in rows if "general_accuracy" in row]
+    return [(row["step"], row["domain_accuracy"], row["general_accuracy"])
+            for row in read_metrics(run_dir / "metrics.jsonl") if "general_accuracy" in row]
 
 
 def train(model: Llama, data, tok: CharTokenizer, run_dir: Path, steps: int, lr: float, batch_size: int,
