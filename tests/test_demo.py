@@ -115,8 +115,8 @@ def test_expansion_curves_score_the_runs_they_report(tmp_path, capsys):
         assert f"seed 0 {expansion.ARMS[arm]}: 2: {points[0][1]:.2f}/{points[0][2]:.2f}" in out
         # The last point is the trained model's own score (the run is complete: train_arm reuses it).
         with one_thread():
-            final = expansion.train_arm(tmp_path / "seed-0", 0, arm, steps=4, new_blocks=4, general_share=0.05,
-                                        lr=1e-3, eval_examples=6)["scores"]
+            final = expansion.train_arm(tmp_path / "seed-0", 0, arm, steps=4, new_blocks=expansion.NEW_BLOCKS,
+                                        general_share=expansion.GENERAL_SHARE, lr=1e-3, eval_examples=6)["scores"]
         assert points[-1][1:] == (final["domain"], final["general"])
     for every in (-2, 1.5, True):
         with pytest.raises(ValueError, match="every must be a positive"):
@@ -195,7 +195,7 @@ def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
                                      seeds=2, workers=1)
     out = capsys.readouterr().out
     assert "(a) expanded, new blocks trained" in out and "(b) control, all weights trained" in out
-    assert result["new_blocks"] == [1, 3, 5, 7] and [run["seed"] for run in result["runs"]] == [0, 1]
+    assert result["new_blocks"] == [2, 5] and [run["seed"] for run in result["runs"]] == [0, 1]  # 4 -> 6 blocks
     shown, figures = claim_of(out, "expansion")
     assert (shown, pytest.approx(result["margin"])) == expansion.verdict(result["runs"])
     assert shown == result["claim_shown"]

@@ -7,9 +7,10 @@ and learning rate: (a) expanded by interleaved new blocks and only those trained
 `kpro.train_only`), and (b) as a control, every weight of the unexpanded model fine-tuned. The domain corpus
 holds a small share of general examples, as a code corpus holds some English. Writing letters in reading
 order is what the general task must not do, so fine-tuning the shared weights for it overwrites the
-reversal, while the frozen original blocks keep it. A table shows held-out accuracy on both tasks before
-and after for both ways, for each seed run (`seeds`, from `seed` on); the two ways train side by side
-(`kpro.demo.parallel`), one thread each.
+reversal; the new blocks break it too at first, since they read the general prompts as well, but with the
+original blocks frozen the expanded model re-learns it from the few general examples far sooner. A table
+shows held-out accuracy on both tasks before and after for both ways, for each seed run (`seeds`, from
+`seed` on); the two ways train side by side (`kpro.demo.parallel`), one thread each.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ CLAIM = ("training only the new blocks keeps the general task where fine-tuning 
 DOMAIN_LEARNED = 0.9  # both ways must reach this domain accuracy
 KEPT = 0.8  # general accuracy the expanded model keeps, on every seed of the run
 MARGIN = 0.2  # general accuracy kept: expanded minus control, on every seed of the run
-# With 5% general examples in the domain corpus, seeds 0-3 hardly vary (expanded 0.94-0.99, control
-# 0.61-0.67), but on seed 4 the control kept 0.87 (benchmarks/RESULTS.md); with 2% the control forgets more,
-# but the expanded model lost the general task on seed 4 (0.04), so the default seed's verdict could hang on
-# float rounding. No setting tried shows the claim on all of seeds 0-4.
+# The defaults (2 new blocks, 800 steps, 3% general examples) show the claim on seeds 0-4, margins
+# 0.215-0.675 (0.47 on seed 0); on seeds 5-9, run afterwards as a check, on 3 of 5 (seed 5: 0.785 kept
+# against 0.755; seed 7: margin 0.195). The previous defaults (4 new blocks, 500 steps, 5%) held on 8 of
+# seeds 0-9 too, with narrower margins (mean 0.26 against 0.40; benchmarks/RESULTS.md).
 PRETRAIN_LR = 1e-3
+NEW_BLOCKS, DOMAIN_STEPS, GENERAL_SHARE = 2, 800, 0.03
 
 
 def domain_task(rng: random.Random, min_len: int = 3, max_len: int = 8) -> tuple[str, str]:
@@ -117,9 +119,9 @@ def verdict(runs: list[dict]) -> tuple[bool, float]:
     return learned and kept and min(margins) >= MARGIN, min(margins)
 
 
-def act_expansion(out_dir: Path, pretrain_steps: int = 400, domain_steps: int = 500, new_blocks: int = 4,
-                  general_share: float = 0.05, lr: float = 1e-3, eval_examples: int = 200, seed: int = 0,
-                  seeds: int = 1, workers: int | None = None) -> dict:
+def act_expansion(out_dir: Path, pretrain_steps: int = 400, domain_steps: int = DOMAIN_STEPS,
+                  new_blocks: int = NEW_BLOCKS, general_share: float = GENERAL_SHARE, lr: float = 1e-3,
+                  eval_examples: int = 200, seed: int = 0, seeds: int = 1, workers: int | None = None) -> dict:
     print("== expansion: a tiny LLaMA learns a new domain task by block expansion (only new blocks train) or by "
           "fine-tuning every weight; which one keeps its general task?")
     threads = torch.get_num_threads()
