@@ -41,8 +41,8 @@ MARGIN = 0.2  # general accuracy kept: expanded minus control, on every seed of 
 # 0.215-0.675 (0.47 on seed 0); on seeds 5-9, run afterwards as a check, on 3 of 5 (seed 5: 0.785 kept
 # against 0.755; seed 7: margin 0.195). The previous defaults (4 new blocks, 500 steps, 5%) held on 8 of
 # seeds 0-9 too, with narrower margins (mean 0.26 against 0.40; benchmarks/RESULTS.md).
-PRETRAIN_LR = 1e-3
-NEW_BLOCKS, DOMAIN_STEPS, GENERAL_SHARE = 2, 800, 0.03
+PRETRAIN_LR, PRETRAIN_STEPS = 1e-3, 400
+NEW_BLOCKS, DOMAIN_STEPS, GENERAL_SHARE, DOMAIN_LR = 2, 800, 0.03, 1e-3
 
 
 def domain_task(rng: random.Random, min_len: int = 3, max_len: int = 8) -> tuple[str, str]:
@@ -119,8 +119,8 @@ def verdict(runs: list[dict]) -> tuple[bool, float]:
     return learned and kept and min(margins) >= MARGIN, min(margins)
 
 
-def act_expansion(out_dir: Path, pretrain_steps: int = 400, domain_steps: int = DOMAIN_STEPS,
-                  new_blocks: int = NEW_BLOCKS, general_share: float = GENERAL_SHARE, lr: float = 1e-3,
+def act_expansion(out_dir: Path, pretrain_steps: int = PRETRAIN_STEPS, domain_steps: int = DOMAIN_STEPS,
+                  new_blocks: int = NEW_BLOCKS, general_share: float = GENERAL_SHARE, lr: float = DOMAIN_LR,
                   eval_examples: int = 200, seed: int = 0, seeds: int = 1, workers: int | None = None) -> dict:
     print("== expansion: a tiny LLaMA learns a new domain task by block expansion (only new blocks train) or by "
           "fine-tuning every weight; which one keeps its general task?")
@@ -139,15 +139,11 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
     print(f"pretraining {base.num_parameters() / 1e6:.2f}M parameters on the general task (reverse letters, "
           f"'hfbd>' -> 'dbfh'), {pretrain_steps} steps of 64; seed{'s' * (len(seeds) > 1)} "
           f"{', '.join(map(str, seeds))}")
-    before = run_jobs([(pretrain, dict(out_dir=directory(s), seed=s, steps=pretrain_steps,
-                                       eval_examples=eval_examples)) for s in seeds], workers)
+    before = run_jobs(pretrain_jobs(directory, seeds, pretrain_steps, eval_examples), workers)
     print(f"domain task: digits in reading order, spelled 0=a ... 9=j ('3917=' -> 'djbh'); the domain corpus holds "
           f"{general_share:.0%} general examples; {domain_steps} steps of 32 examples, peak lr {lr:g}, both ways, "
           "side by side")
-    jobs = [(train_arm, dict(out_dir=directory(s), seed=s, arm=arm, steps=domain_steps, new_blocks=new_blocks,
-                             general_share=general_share, lr=lr, eval_examples=eval_examples))
-            for s in seeds for arm in ARMS]
-    arms = run_jobs(jobs, workers)
+    arms = run_jobs(arm_jobs(directory, seeds, domain_steps, new_blocks, general_share, lr, eval_examples), workers)
     expanded = arms[0]
     print(f"(a) expanded {base.config.num_hidden_layers} -> {expanded['layers']} blocks; {expanded['plan']}; "
           f"{expanded['trainable'] / 1e6:.2f}M trainable parameters")
@@ -171,6 +167,19 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
     first = runs[0]
     return {"before": first["before"], "expanded": first["expanded"], "control": first["control"],
             "new_blocks": first["new_blocks"], "runs": runs, "claim_shown": shown, "margin": margin}
+
+
+def pretrain_jobs(directory, seeds, steps: int, eval_examples: int) -> list:
+    """run_jobs' jobs pretraining each seed's base into directory(seed)."""
+    return [(pretrain, dict(out_dir=directory(s), seed=s, steps=steps, eval_examples=eval_examples)) for s in seeds]
+
+
+def arm_jobs(directory, seeds, steps: int, new_blocks: int, general_share: float, lr: float, eval_examples: int,
+             curve_every: int = 0) -> list:
+    """run_jobs' jobs training both ways from each seed's base in directory(seed): per seed, expanded then control."""
+    return [(train_arm, dict(out_dir=directory(s), seed=s, arm=arm, steps=steps, new_blocks=new_blocks,
+                             general_share=general_share, lr=lr, eval_examples=eval_examples, curve_every=curve_every))
+            for s in seeds for arm in ARMS]
 
 
 def pretrain(out_dir: Path, seed: int, steps: int, eval_examples: int) -> dict:

@@ -10,25 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .expansion import ARMS, DOMAIN_STEPS, GENERAL_SHARE, NEW_BLOCKS, pretrain, train_arm
+from .expansion import (ARMS, DOMAIN_LR, DOMAIN_STEPS, GENERAL_SHARE, NEW_BLOCKS, PRETRAIN_STEPS, arm_jobs,
+                        pretrain_jobs)
 from .parallel import run_jobs
 
 SEEDS = (0, 4)
 
 
 def reproduce_expansion_curves(out_dir: Path, seed: int = 0, seeds: tuple[int, ...] = SEEDS, every: int = 50,
-                               pretrain_steps: int = 400, domain_steps: int = DOMAIN_STEPS,
-                               new_blocks: int = NEW_BLOCKS, general_share: float = GENERAL_SHARE, lr: float = 1e-3,
-                               eval_examples: int = 200, workers: int | None = None) -> dict:
+                               pretrain_steps: int = PRETRAIN_STEPS, domain_steps: int = DOMAIN_STEPS,
+                               new_blocks: int = NEW_BLOCKS, general_share: float = GENERAL_SHARE,
+                               lr: float = DOMAIN_LR, eval_examples: int = 200, workers: int | None = None) -> dict:
     seeds = [seed + s for s in seeds]
     print(f"== expansion curves: held-out domain / general accuracy every {every} steps while each way learns the "
           f"domain ({general_share:.0%} general examples, {domain_steps} steps, peak lr {lr:g}), seeds "
           f"{', '.join(map(str, seeds))}")
-    run_jobs([(pretrain, dict(out_dir=out_dir / f"seed-{s}", seed=s, steps=pretrain_steps, eval_examples=eval_examples))
-              for s in seeds], workers)
-    jobs = [(train_arm, dict(out_dir=out_dir / f"seed-{s}", seed=s, arm=arm, steps=domain_steps, new_blocks=new_blocks,
-                             general_share=general_share, lr=lr, eval_examples=eval_examples, curve_every=every))
-            for s in seeds for arm in ARMS]
+    directory = lambda s: out_dir / f"seed-{s}"
+    run_jobs(pretrain_jobs(directory, seeds, pretrain_steps, eval_examples), workers)
+    jobs = arm_jobs(directory, seeds, domain_steps, new_blocks, general_share, lr, eval_examples, curve_every=every)
     results = run_jobs(jobs, workers)
     curves = {}
     for (_, job), result in zip(jobs, results):
