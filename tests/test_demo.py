@@ -5,6 +5,7 @@ run: ...` or `NOT SHOWN`; its verdict function is tested here on made-up numbers
 run at tiny settings, must print the verdict that its returned numbers give.
 """
 import contextlib
+import json
 import random
 import re
 
@@ -89,7 +90,8 @@ def test_internalization_verdict_both_ways():
 
 def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
     results = internalization.act_internalization(tmp_path, explicit_steps=6, steps_per_token=2, after_steps=4,
-                                                  eval_every=4, valid_size=4, test_size=8, hidden=32, workers=1)
+                                                  eval_every=4, valid_size=4, test_size=8, hidden=32, workers=1,
+                                                  lr=5e-4, explicit_lr=1e-3)
     out = capsys.readouterr().out
     assert {"explicit CoT", "no CoT", "internalized"} <= set(results)
     for name in ("explicit CoT", "no CoT", "internalized"):
@@ -102,6 +104,10 @@ def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys)
     assert f"no CoT {results['no CoT']['accuracy']:.3f}" in figures
     # The internalized model kept its best weights once the CoT was gone (validation at 12, 16, 20... of 20).
     assert results["selected"]["internalized"]["step"] in (16, 20)
+    # The explicit phase ran at explicit_lr; the removal and the no-CoT control at lr, throughout.
+    rates = {run: {row["lr"] for row in map(json.loads, (tmp_path / run / "run" / "metrics.jsonl").open())}
+             for run in ("explicit-cot", "internalized", "no-cot")}
+    assert rates == {"explicit-cot": {1e-3}, "internalized": {5e-4}, "no-cot": {5e-4}}
 
 
 def test_expansion_curves_score_the_runs_they_report(tmp_path, capsys):

@@ -67,22 +67,26 @@ def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
 
 def act_internalization(out_dir: Path, seed: int = 0, digits: int = 2, explicit_steps: int = 2500,
                         steps_per_token: int = 1000, after_steps: int = 8000, lr: float = 5e-4,
-                        weight_decay: float = OFFICIAL_WEIGHT_DECAY, valid_size: int = 200, test_size: int = 500,
-                        eval_every: int = 250, train_size: int | None = None, hidden: int = 128, layers: int = 2,
+                        explicit_lr: float | None = None, weight_decay: float = OFFICIAL_WEIGHT_DECAY,
+                        valid_size: int = 200, test_size: int = 500, eval_every: int = 250,
+                        train_size: int | None = None, hidden: int = 128, layers: int = 2,
                         workers: int | None = None) -> dict:
+    """The act; its defaults are the demo's. `explicit_lr` sets the explicit phase's learning rate alone (default
+    `lr`): the removal and the no-CoT control train at `lr` whatever it is, so the control stays the same."""
     print(f"== internalization: a tiny LLaMA learns {digits}x{digits} multiplication with a chain of thought, "
           "then learns to do without it (ICoT-SI)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small gain nothing from a second thread, and lose much on a busy machine
     try:
-        return _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr, weight_decay,
-                    valid_size, test_size, eval_every, train_size, hidden, layers, workers)
+        return _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr,
+                    lr if explicit_lr is None else explicit_lr, weight_decay, valid_size, test_size, eval_every,
+                    train_size, hidden, layers, workers)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr, weight_decay, valid_size,
-         test_size, eval_every, train_size, hidden, layers, workers) -> dict:
+def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr, explicit_lr, weight_decay,
+         valid_size, test_size, eval_every, train_size, hidden, layers, workers) -> dict:
     tok = multiplication_tokenizer()
     valid, test, held_out_pairs = held_out_sets(digits, valid_size, test_size, seed)
     operands = 10 ** digits - (10 ** (digits - 1) if digits > 1 else 0)
@@ -93,14 +97,15 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr
     total = explicit_steps + internalize_steps
     print(f"data: {size:,} generated training problems; {valid_size} validation and {test_size} test problems left "
           f"out; the CoT is {cot} tokens, e.g. {example}")
-    print(f"explicit CoT {explicit_steps:,} steps of {BATCH}; then internalization: one CoT token removed every "
-          f"{steps_per_token:,} steps (lambda 4), {after_steps:,} steps more with none left ({internalize_steps:,} "
-          f"in all); no CoT: {total:,} steps; lr {lr:g}, weight decay {weight_decay:g}; the two runs side by side")
+    print(f"explicit CoT {explicit_steps:,} steps of {BATCH} at lr {explicit_lr:g}; then internalization: one CoT "
+          f"token removed every {steps_per_token:,} steps (lambda 4), {after_steps:,} steps more with none left "
+          f"({internalize_steps:,} in all) at lr {lr:g}; no CoT: {total:,} steps at lr {lr:g}; weight decay "
+          f"{weight_decay:g}; the two runs side by side")
     settings = dict(out_dir=out_dir, digits=digits, size=size, seed=seed, lr=lr, weight_decay=weight_decay,
                     valid_size=valid_size, test_size=test_size, eval_every=eval_every, hidden=hidden, layers=layers)
     start = time.perf_counter()
-    chain, no_cot = run_jobs([(train_chain, dict(settings, explicit_steps=explicit_steps, steps_per_token=steps_per_token,
-                                                 internalize_steps=internalize_steps)),
+    chain, no_cot = run_jobs([(train_chain, dict(settings, explicit_lr=explicit_lr, explicit_steps=explicit_steps,
+                                                 steps_per_token=steps_per_token, internalize_steps=internalize_steps)),
                               (train_no_cot, dict(settings, steps=total))], workers)
     print(f"trained in {time.perf_counter() - start:.0f} s; the internalized model kept step {_kept(chain)} of its "
           f"run, the no-CoT model step {_kept(no_cot)}")
@@ -144,15 +149,15 @@ def _setup(digits, size, seed, valid_size, test_size, hidden, layers):
 
 
 def train_chain(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size, test_size, eval_every, hidden, layers,
-                explicit_steps, steps_per_token, internalize_steps) -> dict:
+                explicit_lr, explicit_steps, steps_per_token, internalize_steps) -> dict:
     """The explicit-CoT model, then the internalized one trained on from it; both saved under out_dir."""
     torch.manual_seed(seed)
     valid, train, model = _setup(digits, size, seed, valid_size, test_size, hidden, layers)
     tok = multiplication_tokenizer()
     quiet = io.StringIO()
     fit_internalization(model, train, out_dir / "explicit-cot" / "run", removal="none", steps=explicit_steps,
-                        batch_size=BATCH, pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed, keep_last=1,
-                        stream=quiet)
+                        batch_size=BATCH, pad_id=tok.pad_id, lr=explicit_lr, weight_decay=weight_decay, seed=seed,
+                        keep_last=1, stream=quiet)
     save_pretrained(model, out_dir / "explicit-cot" / "model")
     # The schedule's "epoch" is 8 tokens' worth of steps: one more token every steps_per_token steps.
     schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
