@@ -105,8 +105,9 @@ def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys)
     # The internalized model kept its best weights once the CoT was gone (validation at 12, 16, 20... of 20).
     assert results["selected"]["internalized"]["step"] in (16, 20)
     # The explicit phase ran at explicit_lr; the removal and the no-CoT control at lr, throughout.
-    rates = {run: {row["lr"] for row in map(json.loads, (tmp_path / run / "run" / "metrics.jsonl").open())}
-             for run in ("explicit-cot", "internalized", "no-cot")}
+    runs = ("explicit-cot", "internalized", "no-cot")
+    logs = {run: (tmp_path / run / "run" / "metrics.jsonl").read_text() for run in runs}
+    rates = {run: {json.loads(line)["lr"] for line in log.splitlines()} for run, log in logs.items()}
     assert rates == {"explicit-cot": {1e-3}, "internalized": {5e-4}, "no-cot": {5e-4}}
 
 
