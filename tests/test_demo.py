@@ -123,7 +123,8 @@ def test_expansion_curves_score_the_runs_they_report(tmp_path, capsys):
         # The last point is the trained model's own score (the run is complete: train_arm reuses it).
         with one_thread():
             final = expansion.train_arm(tmp_path / "seed-0", 0, arm, steps=4, new_blocks=expansion.NEW_BLOCKS,
-                                        general_share=expansion.GENERAL_SHARE, lr=1e-3, eval_examples=6)["scores"]
+                                        general_share=expansion.GENERAL_SHARE, lr=expansion.DOMAIN_LR,
+                                        eval_examples=6)["scores"]
         assert points[-1][1:] == (final["domain"], final["general"])
     for every in (-2, 1.5, True):
         with pytest.raises(ValueError, match="every must be a positive"):
