@@ -164,6 +164,18 @@ def test_weight_decay_reaches_every_parameter_as_the_official_code(tmp_path):
         train_fast(tmp_path / "bad", steps=1, weight_decay=-0.1)
 
 
+def test_the_learning_rate_is_constant_unless_a_schedule_decays_it(tmp_path):
+    train_fast(tmp_path / "constant")
+    assert {r["lr"] for r in kt.read_metrics(tmp_path / "constant" / "metrics.jsonl")} == {3e-3}
+    # Decay over the last 4 steps: the resets of steps 1-8 re-create AdamW at the peak, and the schedule
+    # (a function of the step) sets every step's rate, before and after a reset alike.
+    train_fast(tmp_path / "decayed", schedule=kt.Schedule("linear", total_steps=FAST_STEPS, decay_steps=4),
+               weight_decay=OFFICIAL_WEIGHT_DECAY)
+    records = kt.read_metrics(tmp_path / "decayed" / "metrics.jsonl")
+    assert [r["lr"] for r in records] == pytest.approx([3e-3] * 9 + [3e-3 * 0.75, 3e-3 * 0.5, 3e-3 * 0.25])
+    assert [r["step"] - 1 for r in records if r.get("optimizer_reset")] == list(range(1, 9))
+
+
 class Snapshots(kt.Callback):
     """The weights after every step."""
 
@@ -352,6 +364,14 @@ def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
     assert "internalized, valid: accuracy" in printed and "test:" not in printed
 
 
+def test_the_command_decays_the_learning_rate_over_its_last_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY, "--decay-steps", "3"]) == 0
+    assert "lr 0.001 decaying to 0 over the last 3 steps" in capsys.readouterr().out
+    rates = [r["lr"] for r in kt.read_metrics(out / "metrics.jsonl")]
+    assert rates == pytest.approx([1e-3] * 4 + [1e-3 * 2 / 3, 1e-3 / 3])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "4x5"], "unknown --task '4x5'"),
     (["--task", "gsm8k"], "--task gsm8k has no generated training set: pass --train FILE"),
@@ -364,6 +384,8 @@ def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
     (["--task", "3x3", "--epochs", "2"], "pass --steps or --epochs, not both"),
     (["--task", "3x3", "--smoothing-lambda", "0"], "--smoothing-lambda must be > 0"),
     (["--task", "3x3", "--remove-all-after", "-1"], "--remove-all-after must be >= 0"),
+    (["--task", "3x3", "--decay-steps", "-1"], "--decay-steps must be >= 0"),
+    (["--task", "3x3", "--decay-steps", "7"], "--decay-steps 7 is longer than the run (6 steps)"),
     (["--task", "2x2", "--train-size", "9000"], "asked for 9,000 pairs of 2-digit numbers"),
     (["--task", "3x3", "--remove-per-epoch", "9"], "--remove-per-epoch 9 would remove more than one token per step"),
     pytest.param(["--task", "3x3", "--device", "cuda"], "--device cuda: this machine has no CUDA device",

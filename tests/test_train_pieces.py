@@ -190,6 +190,19 @@ def test_schedule_values(kind, step, expected):
     assert schedule(step) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("kind, step, expected", [
+    ("linear", 9, 1.0), ("linear", 69, 1.0), ("linear", 70, 1.0), ("linear", 80, 0.75), ("linear", 109, 0.025),
+    ("linear", 110, 0.0), ("cosine", 70, 1.0), ("cosine", 90, 0.5), ("cosine", 200, 0.0),
+])
+def test_schedule_decaying_over_its_last_steps_only(kind, step, expected):
+    schedule = kt.Schedule(kind, warmup_steps=10, total_steps=110, decay_steps=40)
+    assert schedule(step) == pytest.approx(expected, abs=1e-12)
+    assert schedule(0) == pytest.approx(0.1)  # the warmup is unchanged
+    # All of the steps after the warmup: the plain schedule.
+    assert kt.Schedule(kind, warmup_steps=10, total_steps=110, decay_steps=100)(step) == pytest.approx(
+        kt.Schedule(kind, warmup_steps=10, total_steps=110)(step), abs=1e-12)
+
+
 def test_schedule_floor_and_set_lr(make_model):
     schedule = kt.Schedule("cosine", warmup_steps=0, total_steps=100, min_ratio=0.1)
     assert schedule(50) == pytest.approx(0.55) and schedule(100) == pytest.approx(0.1)
@@ -208,6 +221,11 @@ def test_schedule_errors():
         kt.Schedule("cosine", warmup_steps=10, total_steps=10)
     with pytest.raises(ValueError, match="warmup_steps"):
         kt.Schedule("constant", warmup_steps=-1)
+    with pytest.raises(ValueError, match="decay_steps needs a linear or cosine schedule"):
+        kt.Schedule("constant", decay_steps=5)
+    for bad in (0, 101, 2.5, True):
+        with pytest.raises(ValueError, match=r"decay_steps must be an integer from 1 to total_steps - warmup_steps \(100\)"):
+            kt.Schedule("linear", warmup_steps=10, total_steps=110, decay_steps=bad)
 
 
 def test_pack_documents_takes_tensors_and_arrays():

@@ -12,8 +12,11 @@ by side (`kpro.demo.parallel`), one thread each. Every operand pair not held out
 The recipe is the slow removal that works at this size: a token every 1,000 steps of 32 (the paper's pace
 for its data, 808,000 examples and Δ = 8, is a token every ~3,000), λ = 4 smoothing, lr 5e-4, AdamW with
 weight decay 0.01 on every parameter and a fresh optimizer at each removal while any CoT is left, as the
-official code, then 8,000 steps with none left (with 4,000, seed 0 reached 0.848, short of 0.9).
-Removing a token every 100 steps, as an earlier version of this act did, loses the task.
+official code, then 4,000 steps with none left. Unlike the official code, the internalized and the no-CoT
+runs decay the rate linearly to 0 over their last 2,000 steps, both ending at the act's last step: at a
+constant rate, the demo needed 8,000 steps after the CoT was gone for seed 0 to reach 0.900 (0.848 with
+4,000); decaying, 4,000 steps give 0.978 (benchmarks/RESULTS.md). Removing a token every 100 steps, as an
+earlier version of this act did, loses the task.
 """
 from __future__ import annotations
 
@@ -30,10 +33,12 @@ from ..internalize import (RemovalSchedule, ValidationAccuracy, evaluate, fit_in
                            multiplication_training_set, parse_line, tokenize_examples)
 from ..internalize.loop import OFFICIAL_WEIGHT_DECAY
 from ..model import Llama
+from ..train import Schedule
 from .claims import claim_line, difference_standard_error, in_standard_errors
 from .parallel import run_jobs
 
 BATCH = 32
+DECAY_STEPS = 2000  # the last steps of the internalized and no-CoT runs, lr decaying linearly to 0
 CLAIM = "the internalized model answers with no CoT at >= 0.9 held-out accuracy, clearly above the no-CoT model"
 
 
@@ -66,26 +71,31 @@ def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
 
 
 def act_internalization(out_dir: Path, seed: int = 0, digits: int = 2, explicit_steps: int = 2500,
-                        steps_per_token: int = 1000, after_steps: int = 8000, lr: float = 5e-4,
-                        explicit_lr: float | None = None, weight_decay: float = OFFICIAL_WEIGHT_DECAY,
+                        steps_per_token: int = 1000, after_steps: int = 4000, decay_steps: int = DECAY_STEPS,
+                        lr: float = 5e-4, explicit_lr: float | None = None, weight_decay: float = OFFICIAL_WEIGHT_DECAY,
                         valid_size: int = 200, test_size: int = 500, eval_every: int = 250,
                         train_size: int | None = None, hidden: int = 128, layers: int = 2,
                         workers: int | None = None) -> dict:
     """The act; its defaults are the demo's. `explicit_lr` sets the explicit phase's learning rate alone (default
-    `lr`): the removal and the no-CoT control train at `lr` whatever it is, so the control stays the same."""
+    `lr`): the removal and the no-CoT control train at `lr` whatever it is, so the control stays the same.
+    `decay_steps`: the internalized and the no-CoT runs both decay `lr` linearly to 0 over their last
+    `decay_steps` steps (the same steps of the act: both end at its last; 0: constant throughout)."""
+    if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or not 0 <= decay_steps <= after_steps:
+        raise ValueError(f"decay_steps must be an integer from 0 to after_steps ({after_steps}): the rate decays "
+                         f"once the CoT is gone; got {decay_steps!r}")
     print(f"== internalization: a tiny LLaMA learns {digits}x{digits} multiplication with a chain of thought, "
           "then learns to do without it (ICoT-SI)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small gain nothing from a second thread, and lose much on a busy machine
     try:
-        return _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr,
+        return _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, decay_steps, lr,
                     lr if explicit_lr is None else explicit_lr, weight_decay, valid_size, test_size, eval_every,
                     train_size, hidden, layers, workers)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr, explicit_lr, weight_decay,
+def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, decay_steps, lr, explicit_lr, weight_decay,
          valid_size, test_size, eval_every, train_size, hidden, layers, workers) -> dict:
     tok = multiplication_tokenizer()
     valid, test, held_out_pairs = held_out_sets(digits, valid_size, test_size, seed)
@@ -97,12 +107,14 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, lr
     total = explicit_steps + internalize_steps
     print(f"data: {size:,} generated training problems; {valid_size} validation and {test_size} test problems left "
           f"out; the CoT is {cot} tokens, e.g. {example}")
+    decay = f", both decaying it linearly to 0 over their last {decay_steps:,} steps" if decay_steps else ""
     print(f"explicit CoT {explicit_steps:,} steps of {BATCH} at lr {explicit_lr:g}; then internalization: one CoT "
           f"token removed every {steps_per_token:,} steps (lambda 4), {after_steps:,} steps more with none left "
-          f"({internalize_steps:,} in all) at lr {lr:g}; no CoT: {total:,} steps at lr {lr:g}; weight decay "
+          f"({internalize_steps:,} in all) at lr {lr:g}; no CoT: {total:,} steps at lr {lr:g}{decay}; weight decay "
           f"{weight_decay:g}; the two runs side by side")
-    settings = dict(out_dir=out_dir, digits=digits, size=size, seed=seed, lr=lr, weight_decay=weight_decay,
-                    valid_size=valid_size, test_size=test_size, eval_every=eval_every, hidden=hidden, layers=layers)
+    settings = dict(out_dir=out_dir, digits=digits, size=size, seed=seed, lr=lr, decay_steps=decay_steps,
+                    weight_decay=weight_decay, valid_size=valid_size, test_size=test_size, eval_every=eval_every,
+                    hidden=hidden, layers=layers)
     start = time.perf_counter()
     chain, no_cot = run_jobs([(train_chain, dict(settings, explicit_lr=explicit_lr, explicit_steps=explicit_steps,
                                                  steps_per_token=steps_per_token, internalize_steps=internalize_steps)),
@@ -148,8 +160,13 @@ def _setup(digits, size, seed, valid_size, test_size, hidden, layers):
                                                                                        hidden, layers))
 
 
-def train_chain(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size, test_size, eval_every, hidden, layers,
-                explicit_lr, explicit_steps, steps_per_token, internalize_steps) -> dict:
+def lr_schedule(steps: int, decay_steps: int):
+    """A constant rate, or one decaying linearly to 0 over the last `decay_steps` of `steps`."""
+    return "constant" if decay_steps == 0 else Schedule("linear", total_steps=steps, decay_steps=decay_steps)
+
+
+def train_chain(out_dir: Path, digits, size, seed, lr, decay_steps, weight_decay, valid_size, test_size, eval_every,
+                hidden, layers, explicit_lr, explicit_steps, steps_per_token, internalize_steps) -> dict:
     """The explicit-CoT model, then the internalized one trained on from it; both saved under out_dir."""
     torch.manual_seed(seed)
     valid, train, model = _setup(digits, size, seed, valid_size, test_size, hidden, layers)
@@ -163,14 +180,14 @@ def train_chain(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size,
     schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
     best = ValidationAccuracy(tok, valid, eval_every, batch_size=len(valid), select_best=True, stream=quiet)
     fit_internalization(model, train, out_dir / "internalized" / "run", removal=schedule, steps=internalize_steps,
-                        batch_size=BATCH, pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed, keep_last=1,
-                        callbacks=[best], stream=quiet)
+                        batch_size=BATCH, pad_id=tok.pad_id, lr=lr, schedule=lr_schedule(internalize_steps, decay_steps),
+                        weight_decay=weight_decay, seed=seed, keep_last=1, callbacks=[best], stream=quiet)
     save_pretrained(model, out_dir / "internalized" / "model")
     return {"selected": best.selected}
 
 
-def train_no_cot(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size, test_size, eval_every, hidden, layers,
-                 steps) -> dict:
+def train_no_cot(out_dir: Path, digits, size, seed, lr, decay_steps, weight_decay, valid_size, test_size, eval_every,
+                 hidden, layers, steps) -> dict:
     """The no-CoT baseline from the same initial weights, its best weights by validation kept; saved under out_dir."""
     torch.manual_seed(seed)
     valid, train, model = _setup(digits, size, seed, valid_size, test_size, hidden, layers)
@@ -178,7 +195,7 @@ def train_no_cot(out_dir: Path, digits, size, seed, lr, weight_decay, valid_size
     quiet = io.StringIO()
     best = ValidationAccuracy(tok, valid, eval_every, batch_size=len(valid), select_best=True, stream=quiet)
     fit_internalization(model, train, out_dir / "no-cot" / "run", removal="all", steps=steps, batch_size=BATCH,
-                        pad_id=tok.pad_id, lr=lr, weight_decay=weight_decay, seed=seed, keep_last=1, callbacks=[best],
-                        stream=quiet)
+                        pad_id=tok.pad_id, lr=lr, schedule=lr_schedule(steps, decay_steps), weight_decay=weight_decay,
+                        seed=seed, keep_last=1, callbacks=[best], stream=quiet)
     save_pretrained(model, out_dir / "no-cot" / "model")
     return {"selected": best.selected}

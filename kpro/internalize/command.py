@@ -24,6 +24,7 @@ from ..cli_args import add_device_argument, resolve_device
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
+from ..train import Schedule
 from .data import PUBLISHED_TASKS, read_examples, read_published
 from .evaluation import MARGIN_TOKENS, evaluate
 from .loop import (NO_REMOVAL, OFFICIAL_WEIGHT_DECAY, REMOVE_EVERYTHING, ValidationAccuracy, fit_internalization,
@@ -112,8 +113,11 @@ def add_parsers(sub) -> None:
                             "left, evaluated every --eval-every steps (default: every epoch), as the official code "
                             "reports (default on; --no-select-best keeps the final weights)")
     train.add_argument("--lr", type=float, metavar="LR",
-                       help=f"AdamW's constant learning rate (default {PRETRAINED_LR:g} with --model, {SCRATCH_LR:g} "
-                            "from scratch); gradients are clipped to norm 1")
+                       help=f"AdamW's learning rate (default {PRETRAINED_LR:g} with --model, {SCRATCH_LR:g} "
+                            "from scratch), constant unless --decay-steps; gradients are clipped to norm 1")
+    train.add_argument("--decay-steps", type=int, default=0, metavar="N",
+                       help="decay the learning rate linearly to 0 over the last N steps (default 0: constant "
+                            "throughout, as the official code)")
     train.add_argument("--seed", type=int, default=0, metavar="N",
                        help="model initialisation, data order and removal offsets (default 0)")
     train.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: at the end and "
@@ -181,8 +185,13 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
     steps = _total_steps(args, schedule, max(example.cot_length for example in tokenized))
     removal = NO_REMOVAL if args.no_removal else REMOVE_EVERYTHING if args.no_cot else schedule
     lr = args.lr or (PRETRAINED_LR if args.model is not None else SCRATCH_LR)
+    if args.decay_steps > steps:
+        raise ValueError(f"--decay-steps {args.decay_steps:,} is longer than the run ({steps:,} steps)")
+    lr_schedule = "constant" if args.decay_steps == 0 else Schedule("linear", total_steps=steps,
+                                                                     decay_steps=args.decay_steps)
+    decay = f" decaying to 0 over the last {args.decay_steps:,} steps" if args.decay_steps else ""
     print(f"{len(tokenized):,} training examples, {steps:,} steps of {args.batch_size} "
-          f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}, weight decay "
+          f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}{decay}, weight decay "
           f"{args.weight_decay:g}, model {model.num_parameters() / 1e6:.2f}M parameters on {args.device}")
     if removal is schedule:
         print(f"removal: one more CoT token every {schedule.steps_per_token:,} steps"
@@ -195,8 +204,9 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
                                             args.eval_every or steps_per_epoch, batch_size=args.eval_batch_size,
                                             select_best=select_best))
     fit_internalization(model, tokenized, out, removal=removal, steps=steps, batch_size=args.batch_size,
-                        pad_id=tokenizer.pad_id, lr=lr, seed=args.seed, reset_optimizer=not args.keep_optimizer,
-                        weight_decay=args.weight_decay, tokenizer=tokenizer, callbacks=callbacks,
+                        pad_id=tokenizer.pad_id, lr=lr, schedule=lr_schedule, seed=args.seed,
+                        reset_optimizer=not args.keep_optimizer, weight_decay=args.weight_decay, tokenizer=tokenizer,
+                        callbacks=callbacks,
                         save_every=args.save_every, keep_last=args.keep_last, precision=args.precision)
 
 
@@ -344,6 +354,8 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if args.steps is not None and args.epochs is not None:
         raise ValueError("pass --steps or --epochs, not both")
+    if args.decay_steps < 0:
+        raise ValueError(f"--decay-steps must be >= 0 (0: a constant learning rate), got {args.decay_steps}")
     if args.remove_all_after is not None and args.remove_all_after < 0:
         raise ValueError(f"--remove-all-after must be >= 0, got {args.remove_all_after}")
     if not args.smoothing_lambda > 0:

@@ -222,11 +222,14 @@ OFFICIAL_WEIGHT_DECAY = 0.01  # the official code's torch.optim.AdamW(model.para
 def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], out_dir: str | os.PathLike, *,
                         removal, steps: int, batch_size: int, pad_id: int, lr: float, seed: int = 0,
                         reset_optimizer: bool = True, weight_decay: float = 0.0, tokenizer=None, callbacks=(),
-                        stream=None, **fit_options) -> Run:
+                        stream=None, schedule="constant", **fit_options) -> Run:
     """Train `model` on `examples` for `steps` steps of `batch_size`, removing CoT tokens by `removal`.
 
     removal          a RemovalSchedule (stepwise internalization), "none" (explicit CoT) or "all" (no CoT)
-    lr               AdamW's constant learning rate; gradients are clipped to norm 1.0
+    lr               AdamW's peak learning rate; gradients are clipped to norm 1.0
+    schedule         the learning rate's schedule, as `kpro.train.fit` takes it: "constant" (the default, as the
+                     official code), or e.g. `Schedule("linear", total_steps=steps, decay_steps=N)` to decay it
+                     to 0 over the last N steps
     weight_decay     AdamW's decoupled weight decay on every parameter, norms and embeddings included, as the
                      official code (OFFICIAL_WEIGHT_DECAY = 0.01 there); 0 (the default) decays nothing
     seed             the data order (reshuffled every epoch) and the smoothing offsets
@@ -246,7 +249,7 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     extra = [SaveTokenizer(tokenizer)] if tokenizer is not None else []
     optimizer = (lambda m: adamw(m, lr)) if weight_decay == 0 else partial(adamw_every_parameter, lr=lr,
                                                                            weight_decay=weight_decay)
-    return fit(model, batches, out_dir, steps=steps, optimizer=optimizer, schedule="constant",
+    return fit(model, batches, out_dir, steps=steps, optimizer=optimizer, schedule=schedule,
                clip_grad_norm=1.0, callbacks=[removal_callback, *extra, *callbacks], stream=stream, **fit_options)
 
 

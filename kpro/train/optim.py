@@ -55,13 +55,15 @@ class Schedule:
 
     Warmup: (s + 1) / warmup_steps for s < warmup_steps, so the first step already learns.
     Then `constant` stays at 1; `linear` and `cosine` decay from 1 at s = warmup_steps to `min_ratio`
-    at s = total_steps and stay there.
+    at s = total_steps and stay there. With `decay_steps`, they hold 1 until total_steps − decay_steps
+    and decay over the last decay_steps only (warmup, stable, decay).
     """
 
     kind: str = "constant"
     warmup_steps: int = 0
     total_steps: int | None = None
     min_ratio: float = 0.0
+    decay_steps: int | None = None
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
@@ -74,13 +76,21 @@ class Schedule:
             if not isinstance(self.total_steps, int) or self.total_steps <= self.warmup_steps:
                 raise ValueError(f"a {self.kind} schedule needs total_steps > warmup_steps "
                                  f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps})")
+        if self.decay_steps is not None:
+            if self.kind == "constant":
+                raise ValueError("decay_steps needs a linear or cosine schedule (a constant one never decays)")
+            if isinstance(self.decay_steps, bool) or not isinstance(self.decay_steps, int) or \
+                    not 1 <= self.decay_steps <= self.total_steps - self.warmup_steps:
+                raise ValueError(f"decay_steps must be an integer from 1 to total_steps - warmup_steps "
+                                 f"({self.total_steps - self.warmup_steps}), got {self.decay_steps!r}")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        start = self.warmup_steps if self.decay_steps is None else self.total_steps - self.decay_steps
+        progress = min(1.0, max(0, step - start) / (self.total_steps - start))
         if self.kind == "linear":
             decay = 1.0 - progress
         else:
