@@ -206,8 +206,8 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
     fit_internalization(model, tokenized, out, removal=removal, steps=steps, batch_size=args.batch_size,
                         pad_id=tokenizer.pad_id, lr=lr, schedule=lr_schedule, seed=args.seed,
                         reset_optimizer=not args.keep_optimizer, weight_decay=args.weight_decay, tokenizer=tokenizer,
-                        callbacks=callbacks,
-                        save_every=args.save_every, keep_last=args.keep_last, precision=args.precision)
+                        callbacks=callbacks, save_every=args.save_every, keep_last=args.keep_last,
+                        precision=args.precision)
 
 
 def _total_steps(args, schedule: RemovalSchedule, longest_cot: int) -> int:
