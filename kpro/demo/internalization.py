@@ -31,9 +31,8 @@ from ..config import LlamaConfig
 from ..internalize import (RemovalSchedule, ValidationAccuracy, evaluate, fit_internalization, mean_cot_tokens,
                            multiplication_lines, multiplication_pairs, multiplication_tokenizer,
                            multiplication_training_set, parse_line, tokenize_examples)
-from ..internalize.loop import OFFICIAL_WEIGHT_DECAY
+from ..internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
 from ..model import Llama
-from ..train import Schedule
 from .claims import claim_line, difference_standard_error, in_standard_errors
 from .parallel import run_jobs
 
@@ -158,11 +157,6 @@ def _setup(digits, size, seed, valid_size, test_size, hidden, layers):
     valid, _, held_out_pairs = held_out_sets(digits, valid_size, test_size, seed)
     return valid, training_set(digits, size, seed, held_out_pairs), Llama(demo_config(multiplication_tokenizer().vocab_size,
                                                                                        hidden, layers))
-
-
-def lr_schedule(steps: int, decay_steps: int):
-    """A constant rate, or one decaying linearly to 0 over the last `decay_steps` of `steps`."""
-    return "constant" if decay_steps == 0 else Schedule("linear", total_steps=steps, decay_steps=decay_steps)
 
 
 def train_chain(out_dir: Path, digits, size, seed, lr, decay_steps, weight_decay, valid_size, test_size, eval_every,

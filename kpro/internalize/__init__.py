@@ -18,7 +18,7 @@ from .data import (ANSWER_MARK, PUBLISHED_SPLITS, PUBLISHED_TASKS, CoTExample, D
                    published_file, read_examples, read_published)
 from .evaluation import Evaluation, Prediction, answers_match, evaluate, read_prediction
 from .loop import (NO_REMOVAL, REMOVE_EVERYTHING, CoTRemoval, SaveTokenizer, ValidationAccuracy, fit_internalization,
-                   mean_cot_tokens)
+                   lr_schedule, mean_cot_tokens)
 from .multiplication import (multiplication_example, multiplication_lines, multiplication_operands,
                              multiplication_pairs, multiplication_training_set, published_multiplication_pairs,
                              write_multiplication_training_set)
@@ -31,7 +31,7 @@ __all__ = [
     "PUBLISHED_TASKS", "REMOVE_ALL", "REMOVE_EVERYTHING", "CoTBatch", "CoTExample", "CoTRemoval", "DataFormatError",
     "Evaluation", "Prediction", "RemovalSchedule", "SaveTokenizer", "SymbolTokenizer", "TokenizedExample",
     "TrainingBatch", "ValidationAccuracy", "answers_match", "collate", "evaluate", "fit_internalization",
-    "mean_cot_tokens",
+    "lr_schedule", "mean_cot_tokens",
     "multiplication_example", "multiplication_lines", "multiplication_operands", "multiplication_pairs",
     "multiplication_tokenizer", "multiplication_training_set", "next_token_loss", "parse_line", "published_file",
     "published_multiplication_pairs", "read_examples", "read_prediction", "read_published", "remove_cot",

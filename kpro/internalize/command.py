@@ -24,11 +24,10 @@ from ..cli_args import add_device_argument, resolve_device
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
-from ..train import Schedule
 from .data import PUBLISHED_TASKS, read_examples, read_published
 from .evaluation import MARGIN_TOKENS, evaluate
 from .loop import (NO_REMOVAL, OFFICIAL_WEIGHT_DECAY, REMOVE_EVERYTHING, ValidationAccuracy, fit_internalization,
-                   mean_cot_tokens)
+                   lr_schedule, mean_cot_tokens)
 from .multiplication import (PUBLISHED_SIZES, multiplication_lines, multiplication_operands, multiplication_pairs,
                              write_multiplication_training_set)
 from .schedule import RemovalSchedule
@@ -187,8 +186,6 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
     lr = args.lr or (PRETRAINED_LR if args.model is not None else SCRATCH_LR)
     if args.decay_steps > steps:
         raise ValueError(f"--decay-steps {args.decay_steps:,} is longer than the run ({steps:,} steps)")
-    lr_schedule = "constant" if args.decay_steps == 0 else Schedule("linear", total_steps=steps,
-                                                                     decay_steps=args.decay_steps)
     decay = f" decaying to 0 over the last {args.decay_steps:,} steps" if args.decay_steps else ""
     print(f"{len(tokenized):,} training examples, {steps:,} steps of {args.batch_size} "
           f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}{decay}, weight decay "
@@ -204,7 +201,7 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
                                             args.eval_every or steps_per_epoch, batch_size=args.eval_batch_size,
                                             select_best=select_best))
     fit_internalization(model, tokenized, out, removal=removal, steps=steps, batch_size=args.batch_size,
-                        pad_id=tokenizer.pad_id, lr=lr, schedule=lr_schedule, seed=args.seed,
+                        pad_id=tokenizer.pad_id, lr=lr, schedule=lr_schedule(steps, args.decay_steps), seed=args.seed,
                         reset_optimizer=not args.keep_optimizer, weight_decay=args.weight_decay, tokenizer=tokenizer,
                         callbacks=callbacks, save_every=args.save_every, keep_last=args.keep_last,
                         precision=args.precision)

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..train import Batches, Callback, Run, adamw, fit
+from ..train import Batches, Callback, Run, Schedule, adamw, fit
 from .batching import collate, remove_cot
 from .evaluation import evaluate
 from .schedule import REMOVE_ALL, RemovalSchedule
@@ -228,8 +228,7 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     removal          a RemovalSchedule (stepwise internalization), "none" (explicit CoT) or "all" (no CoT)
     lr               AdamW's peak learning rate; gradients are clipped to norm 1.0
     schedule         the learning rate's schedule, as `kpro.train.fit` takes it: "constant" (the default, as the
-                     official code), or e.g. `Schedule("linear", total_steps=steps, decay_steps=N)` to decay it
-                     to 0 over the last N steps
+                     official code), or `lr_schedule(steps, N)` to decay it to 0 over the last N steps
     weight_decay     AdamW's decoupled weight decay on every parameter, norms and embeddings included, as the
                      official code (OFFICIAL_WEIGHT_DECAY = 0.01 there); 0 (the default) decays nothing
     seed             the data order (reshuffled every epoch) and the smoothing offsets
@@ -251,6 +250,12 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
                                                                            weight_decay=weight_decay)
     return fit(model, batches, out_dir, steps=steps, optimizer=optimizer, schedule=schedule,
                clip_grad_norm=1.0, callbacks=[removal_callback, *extra, *callbacks], stream=stream, **fit_options)
+
+
+def lr_schedule(steps: int, decay_steps: int = 0):
+    """`fit_internalization`'s `schedule` for a run of `steps`: constant (decay_steps 0, as the official code), or
+    decaying linearly to 0 over the last `decay_steps` steps."""
+    return "constant" if decay_steps == 0 else Schedule("linear", total_steps=steps, decay_steps=decay_steps)
 
 
 def adamw_every_parameter(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
