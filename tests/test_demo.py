@@ -90,8 +90,8 @@ def test_internalization_verdict_both_ways():
 
 def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
     results = internalization.act_internalization(tmp_path, explicit_steps=6, steps_per_token=2, after_steps=4,
-                                                  decay_steps=2, eval_every=4, valid_size=4, test_size=8, hidden=32,
-                                                  workers=1, lr=5e-4, explicit_lr=1e-3)
+                                                  decay_steps=2, warmup_steps=2, eval_every=4, valid_size=4,
+                                                  test_size=8, hidden=32, workers=1, lr=5e-4, explicit_lr=1e-3)
     out = capsys.readouterr().out
     assert {"explicit CoT", "no CoT", "internalized"} <= set(results)
     for name in ("explicit CoT", "no CoT", "internalized"):
@@ -105,14 +105,17 @@ def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys)
     # The internalized model kept its best weights once the CoT was gone (validation at 12, 16, 20... of 20).
     assert results["selected"]["internalized"]["step"] in (16, 20)
     # The explicit phase ran at explicit_lr; the removal and the no-CoT control at lr, both decaying it over
-    # their last decay_steps: the same 2 steps of the act.
+    # their last decay_steps: the same 2 steps of the act. The two runs from scratch, the explicit phase and the
+    # no-CoT control, warm up over their first warmup_steps; the removal goes on from the explicit model.
     runs = ("explicit-cot", "internalized", "no-cot")
     logs = {run: (tmp_path / run / "run" / "metrics.jsonl").read_text() for run in runs}
     rates = {run: [json.loads(line)["lr"] for line in log.splitlines()] for run, log in logs.items()}
-    assert rates == {"explicit-cot": [1e-3] * 6, "internalized": [5e-4] * 19 + [2.5e-4],
-                     "no-cot": [5e-4] * 25 + [2.5e-4]}
+    assert rates == {"explicit-cot": [5e-4] + [1e-3] * 5, "internalized": [5e-4] * 19 + [2.5e-4],
+                     "no-cot": [2.5e-4] + [5e-4] * 24 + [2.5e-4]}
     with pytest.raises(ValueError, match=r"decay_steps must be an integer from 0 to after_steps \(4\)"):
         internalization.act_internalization(tmp_path / "bad", after_steps=4, decay_steps=5)
+    with pytest.raises(ValueError, match=r"warmup_steps must be an integer from 0 to explicit_steps - 1 \(5\)"):
+        internalization.act_internalization(tmp_path / "bad", explicit_steps=6, warmup_steps=6)
 
 
 def test_expansion_curves_score_the_runs_they_report(tmp_path, capsys):

@@ -372,6 +372,15 @@ def test_the_command_decays_the_learning_rate_over_its_last_steps(tmp_path, caps
     assert rates == pytest.approx([1e-3] * 4 + [1e-3 * 2 / 3, 1e-3 / 3])
 
 
+def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY, "--warmup-steps", "2",
+                 "--decay-steps", "3"]) == 0
+    assert "lr 0.001 warming up over the first 2 steps, decaying to 0 over the last 3 steps" in capsys.readouterr().out
+    rates = [r["lr"] for r in kt.read_metrics(out / "metrics.jsonl")]
+    assert rates == pytest.approx([1e-3 / 2, 1e-3, 1e-3, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "4x5"], "unknown --task '4x5'"),
     (["--task", "gsm8k"], "--task gsm8k has no generated training set: pass --train FILE"),
@@ -385,7 +394,11 @@ def test_the_command_decays_the_learning_rate_over_its_last_steps(tmp_path, caps
     (["--task", "3x3", "--smoothing-lambda", "0"], "--smoothing-lambda must be > 0"),
     (["--task", "3x3", "--remove-all-after", "-1"], "--remove-all-after must be >= 0"),
     (["--task", "3x3", "--decay-steps", "-1"], "--decay-steps must be >= 0"),
-    (["--task", "3x3", "--decay-steps", "7"], "--decay-steps 7 is longer than the run (6 steps)"),
+    (["--task", "3x3", "--decay-steps", "7"], "--warmup-steps 0 and --decay-steps 7 together are longer than the "
+                                              "run (6 steps)"),
+    (["--task", "3x3", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["--task", "3x3", "--warmup-steps", "4", "--decay-steps", "3"], "--warmup-steps 4 and --decay-steps 3 together "
+                                                                     "are longer than the run (6 steps)"),
     (["--task", "2x2", "--train-size", "9000"], "asked for 9,000 pairs of 2-digit numbers"),
     (["--task", "3x3", "--remove-per-epoch", "9"], "--remove-per-epoch 9 would remove more than one token per step"),
     pytest.param(["--task", "3x3", "--device", "cuda"], "--device cuda: this machine has no CUDA device",

@@ -113,10 +113,14 @@ def add_parsers(sub) -> None:
                             "reports (default on; --no-select-best keeps the final weights)")
     train.add_argument("--lr", type=float, metavar="LR",
                        help=f"AdamW's learning rate (default {PRETRAINED_LR:g} with --model, {SCRATCH_LR:g} "
-                            "from scratch), constant unless --decay-steps; gradients are clipped to norm 1")
+                            "from scratch), constant unless --warmup-steps or --decay-steps; gradients are clipped "
+                            "to norm 1")
     train.add_argument("--decay-steps", type=int, default=0, metavar="N",
                        help="decay the learning rate linearly to 0 over the last N steps (default 0: constant "
                             "throughout, as the official code)")
+    train.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                       help="raise the learning rate linearly from 0 over the first N steps (default 0: none, as the "
+                            "official code; the demo's act warms up its from-scratch runs over 500)")
     train.add_argument("--seed", type=int, default=0, metavar="N",
                        help="model initialisation, data order and removal offsets (default 0)")
     train.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: at the end and "
@@ -184,11 +188,13 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
     steps = _total_steps(args, schedule, max(example.cot_length for example in tokenized))
     removal = NO_REMOVAL if args.no_removal else REMOVE_EVERYTHING if args.no_cot else schedule
     lr = args.lr or (PRETRAINED_LR if args.model is not None else SCRATCH_LR)
-    if args.decay_steps > steps:
-        raise ValueError(f"--decay-steps {args.decay_steps:,} is longer than the run ({steps:,} steps)")
-    decay = f" decaying to 0 over the last {args.decay_steps:,} steps" if args.decay_steps else ""
+    if args.warmup_steps + args.decay_steps > steps:
+        raise ValueError(f"--warmup-steps {args.warmup_steps:,} and --decay-steps {args.decay_steps:,} together are "
+                         f"longer than the run ({steps:,} steps)")
+    warmup = f" warming up over the first {args.warmup_steps:,} steps" if args.warmup_steps else ""
+    decay = f"{',' if warmup else ''} decaying to 0 over the last {args.decay_steps:,} steps" if args.decay_steps else ""
     print(f"{len(tokenized):,} training examples, {steps:,} steps of {args.batch_size} "
-          f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}{decay}, weight decay "
+          f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}{warmup}{decay}, weight decay "
           f"{args.weight_decay:g}, model {model.num_parameters() / 1e6:.2f}M parameters on {args.device}")
     if removal is schedule:
         print(f"removal: one more CoT token every {schedule.steps_per_token:,} steps"
@@ -201,9 +207,9 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
                                             args.eval_every or steps_per_epoch, batch_size=args.eval_batch_size,
                                             select_best=select_best))
     fit_internalization(model, tokenized, out, removal=removal, steps=steps, batch_size=args.batch_size,
-                        pad_id=tokenizer.pad_id, lr=lr, schedule=lr_schedule(steps, args.decay_steps), seed=args.seed,
-                        reset_optimizer=not args.keep_optimizer, weight_decay=args.weight_decay, tokenizer=tokenizer,
-                        callbacks=callbacks, save_every=args.save_every, keep_last=args.keep_last,
+                        pad_id=tokenizer.pad_id, lr=lr, schedule=lr_schedule(steps, args.decay_steps, args.warmup_steps),
+                        seed=args.seed, reset_optimizer=not args.keep_optimizer, weight_decay=args.weight_decay,
+                        tokenizer=tokenizer, callbacks=callbacks, save_every=args.save_every, keep_last=args.keep_last,
                         precision=args.precision)
 
 
@@ -353,6 +359,8 @@ def _check_args(args) -> None:
         raise ValueError("pass --steps or --epochs, not both")
     if args.decay_steps < 0:
         raise ValueError(f"--decay-steps must be >= 0 (0: a constant learning rate), got {args.decay_steps}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0 (0: no warmup), got {args.warmup_steps}")
     if args.remove_all_after is not None and args.remove_all_after < 0:
         raise ValueError(f"--remove-all-after must be >= 0, got {args.remove_all_after}")
     if not args.smoothing_lambda > 0:

@@ -228,7 +228,8 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     removal          a RemovalSchedule (stepwise internalization), "none" (explicit CoT) or "all" (no CoT)
     lr               AdamW's peak learning rate; gradients are clipped to norm 1.0
     schedule         the learning rate's schedule, as `kpro.train.fit` takes it: "constant" (the default, as the
-                     official code), or `lr_schedule(steps, N)` to decay it to 0 over the last N steps
+                     official code), or `lr_schedule(steps, N, W)` to decay it to 0 over the last N steps
+                     (and warm it up over the first W)
     weight_decay     AdamW's decoupled weight decay on every parameter, norms and embeddings included, as the
                      official code (OFFICIAL_WEIGHT_DECAY = 0.01 there); 0 (the default) decays nothing
     seed             the data order (reshuffled every epoch) and the smoothing offsets
@@ -252,10 +253,12 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
                clip_grad_norm=1.0, callbacks=[removal_callback, *extra, *callbacks], stream=stream, **fit_options)
 
 
-def lr_schedule(steps: int, decay_steps: int = 0):
-    """`fit_internalization`'s `schedule` for a run of `steps`: constant (decay_steps 0, as the official code), or
-    decaying linearly to 0 over the last `decay_steps` steps."""
-    return "constant" if decay_steps == 0 else Schedule("linear", total_steps=steps, decay_steps=decay_steps)
+def lr_schedule(steps: int, decay_steps: int = 0, warmup_steps: int = 0):
+    """`fit_internalization`'s `schedule` for a run of `steps`: constant (both 0, as the official code), rising
+    linearly over the first `warmup_steps` steps, decaying linearly to 0 over the last `decay_steps` steps."""
+    if decay_steps == 0:
+        return "constant" if warmup_steps == 0 else Schedule("constant", warmup_steps=warmup_steps)
+    return Schedule("linear", warmup_steps=warmup_steps, total_steps=steps, decay_steps=decay_steps)
 
 
 def adamw_every_parameter(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
