@@ -13,6 +13,10 @@ the same questions for the same steps: plain LoRA (one causal adapter); `only_ca
 with the same two adapters, three passes and learned mix, but both prompt passes causal; and Bitune. The
 claim is Bitune's: its gain over `only_causal` on the questions that need look-ahead (`right`) is
 bidirectional reading's, since nothing else differs. Shown when that gain exceeds 3 standard errors.
+
+Measured (benchmarks/RESULTS.md): not shown over seeds. The questions do not separate the readings at this
+size: the same model trained from scratch, all weights, as a prefix LM does no better on `right` than read
+causally, and read causally it is no better on `left` than on `right`.
 """
 from __future__ import annotations
 
