@@ -237,7 +237,7 @@ def test_jobs_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
 
 def test_reproductions_are_registered_with_their_duration():
     from kpro.demo import REPRODUCTIONS
-    for name in ("internalization-seeds", "internalization-3x3", "bitune-seeds", "expansion-seeds"):
+    for name in ("internalization-seeds", "internalization-3x3", "bitune-seeds", "bitune-readings", "expansion-seeds"):
         entry = REPRODUCTIONS[name]
         assert "minute" in entry.duration or "hour" in entry.duration, (name, entry.duration)
     assert bitune.FULL == {"tune_steps": 600, "held_out": 1000}

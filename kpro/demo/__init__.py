@@ -14,6 +14,7 @@ from typing import Callable
 
 from .basics import act_basics
 from .bitune import act_bitune
+from .bitune_readings import reproduce_bitune_readings
 from .expansion import act_expansion
 from .expansion_curves import reproduce_expansion_curves
 from .internalization import act_internalization
@@ -88,6 +89,12 @@ REPRODUCTIONS = {
         "the bitune act (records counted from the left or right; LoRA, only_causal, Bitune) over seeds 0-4, "
         "pooled: mean accuracy per side with standard errors, Bitune's gain over only_causal on 'right'",
         "about 13 minutes on 2 CPU cores (12.7 measured with another job running)",
+        "nothing"),
+    "bitune-readings": Reproduction(
+        reproduce_bitune_readings,
+        "the control behind the bitune act: its 2-block LLaMA trained from scratch, all weights, on its questions, "
+        "the prompt read causally or as a prefix LM, seeds 0-2; does bidirectional reading gain on 'right' at all?",
+        "about 11 minutes on 2 CPU cores (10.7 measured)",
         "nothing"),
     "expansion-seeds": Reproduction(
         reproduce_expansion_seeds,

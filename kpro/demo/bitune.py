@@ -16,7 +16,8 @@ bidirectional reading's, since nothing else differs. Shown when that gain exceed
 
 Measured (benchmarks/RESULTS.md): not shown over seeds. The questions do not separate the readings at this
 size: the same model trained from scratch, all weights, as a prefix LM does no better on `right` than read
-causally, and read causally it is no better on `left` than on `right`.
+causally, and read causally it is no better on `left` than on `right` (`python -m kpro reproduce
+bitune-readings`).
 """
 from __future__ import annotations
 
