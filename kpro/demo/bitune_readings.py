@@ -101,6 +101,8 @@ def train_reading(out_dir: Path, reading: str, seed: int, steps: int, lr: float,
         for i, side in enumerate(SIDES):
             batch = collate(test[i * held_out:(i + 1) * held_out], tok)
             result[side] = (answer_logits(model, batch, reading).argmax(-1) == batch["targets"]).float().mean().item()
+    print(f"seed {seed}, {reading}: left {result['left']:.3f}, right {result['right']:.3f} after {steps} steps "
+          f"({seconds:.0f} s)", flush=True)  # progress: the table waits for every run
     return result
 
 
