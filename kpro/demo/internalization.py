@@ -16,8 +16,8 @@ code, then 4,000 steps with none left. Unlike the official code, the two runs fr
 and the no-CoT model) warm the rate up linearly over their first 500 steps, and the internalized and the
 no-CoT runs decay it linearly to 0 over their last 2,000 steps, both ending at the act's last step. Without
 the warmup, seed 1's explicit model stopped at 0.716 after its 2,500 steps and the claim failed there; with
-it, the claim held on seeds 0-4 (under emulated AVX2 rounding on seeds 0 and 1, not 2, whose no-CoT control
-reached 0.970). At a constant rate, the demo needed 8,000 steps after the CoT was gone for seed 0 to reach
+it, the claim held on seeds 0-4 (under emulated AVX2 rounding on seeds 0, 1, 3 and 4, not 2, whose no-CoT
+control reached 0.970). At a constant rate, the demo needed 8,000 steps after the CoT was gone for seed 0 to reach
 0.900 (0.848 with 4,000); decaying, 4,000 steps suffice (benchmarks/RESULTS.md). Removing a token every 100
 steps, as an earlier version of this act did, loses the task.
 """
