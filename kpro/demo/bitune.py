@@ -66,6 +66,20 @@ def question(rng: random.Random, side: str | None = None) -> tuple[str, str, str
     return " ".join(map(str, digits)) + " " + side, str(records(digits, side)), side
 
 
+def question_sets(rng: random.Random, seed: int, held_out: int, train_questions: int) -> tuple[list, list]:
+    """(held-out, training) questions as (text, answer, side): `held_out` a side, drawn from their own seed's
+    stream so that every run of `seed` scores the same ones, and `train_questions` from `rng`, none of them
+    held out."""
+    test_rng = random.Random(10_000 + seed)
+    test = [question(test_rng, side) for side in SIDES for _ in range(held_out)]
+    seen, train = {q for q, _, _ in test}, []
+    while len(train) < train_questions:
+        example = question(rng)
+        if example[0] not in seen:
+            train.append(example)
+    return test, train
+
+
 def sorting_text(rng: random.Random) -> str:
     digits = [rng.randrange(10) for _ in range(rng.randint(4, 8))]
     return " ".join(map(str, digits)) + " | " + " ".join(map(str, sorted(digits)))
@@ -120,14 +134,8 @@ def _run(out_dir, pretrain_steps, tune_steps, held_out, train_questions, lr, see
         log_every=max(1, pretrain_steps // 2))
     save_pretrained(base, out_dir / "base")
     tok.save(out_dir / "base")
-    test_rng = random.Random(10_000 + seed)
-    test = [question(test_rng, side) for side in SIDES for _ in range(held_out)]
-    seen = {q for q, _, _ in test}
-    train = []
-    while len(train) < train_questions:
-        example = question(rng)
-        if example[0] not in seen:
-            train.append(example[:2])
+    test, train = question_sets(rng, seed, held_out, train_questions)
+    train = [(q, answer) for q, answer, _ in train]
     example = test[held_out]
     print(f"tuning rank-8 adapters for {tune_steps} steps of 32 on {len(train):,} questions like "
           f"{example[0]!r} -> {example[1]!r}, {workers or 'up to 2'} at a time; {held_out} held-out questions a side")

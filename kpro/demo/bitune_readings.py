@@ -23,7 +23,7 @@ from ..model import Llama, positions_from_mask
 from ..rope import apply_rope
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Schedule, fit
-from .bitune import SIDES, SYMBOLS, question, tiny_config
+from .bitune import SIDES, SYMBOLS, question_sets, tiny_config
 from .claims import claim_line, in_standard_errors
 from .parallel import run_jobs
 from .seeds import seeds_verdict
@@ -82,13 +82,7 @@ def train_reading(out_dir: Path, reading: str, seed: int, steps: int, lr: float,
     torch.manual_seed(seed)
     rng, tok = random.Random(seed), CharTokenizer(SYMBOLS)
     model = Llama(tiny_config(tok.vocab_size))
-    test_rng = random.Random(10_000 + seed)  # the bitune act's held-out questions for this seed
-    test = [question(test_rng, side) for side in SIDES for _ in range(held_out)]
-    seen, train = {q for q, _, _ in test}, []
-    while len(train) < train_questions:
-        example = question(rng)
-        if example[0] not in seen:
-            train.append(example)
+    test, train = question_sets(rng, seed, held_out, train_questions)  # the act's held-out questions
     start = time.perf_counter()
     fit(model, Batches(train, 32, lambda examples: collate(examples, tok), seed=seed), out_dir, steps=steps,
         loss_fn=lambda m, batch: F.cross_entropy(answer_logits(m, batch, reading), batch["targets"]),
