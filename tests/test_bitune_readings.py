@@ -85,6 +85,32 @@ def test_batches_target_the_count_after_the_prompt():
     assert batch["attention_mask"].dtype == torch.bool and not batch["attention_mask"][0].all()  # "left" is shorter
 
 
+def test_questions_of_other_lengths():
+    """`digits` sets the question's length for the control; the act's default stream is unchanged by it."""
+    assert bitune.question(random.Random(3)) == bitune.question(random.Random(3), digits=bitune.DIGITS)
+    prompt, answer, side = bitune.question(random.Random(0), "right", digits=9)
+    digits = [int(d) for d in prompt.split()[:-1]]
+    assert len(digits) == len(set(digits)) == 9 and answer == str(bitune.records(digits, side))
+    for bad in (0, 10):  # ten digits could count 10 records, two tokens where the answer is one
+        with pytest.raises(ValueError, match=f"digits must be 1 to 9 .* got {bad}"):
+            bitune.question(random.Random(0), digits=bad)
+    test, train = bitune.question_sets(random.Random(0), 0, 5, 20, digits=3)
+    assert {len(q.split()) for q, _, _ in test + train} == {4} and not {q for q, _, _ in test} & {q for q, _, _ in train}
+    with pytest.raises(ValueError, match="take all 20 1-digit questions"):  # nothing left to train on
+        bitune.question_sets(random.Random(0), 0, 200, 1, digits=1)
+
+
+def test_the_control_trains_on_questions_of_its_length(tmp_path, monkeypatch):
+    lengths = []
+    def recording(*args):
+        test, train = bitune.question_sets(*args)
+        lengths.extend(len(q.split()) - 1 for q, _, _ in test + train)
+        return test, train
+    monkeypatch.setattr(bitune_readings, "question_sets", recording)
+    bitune_readings.train_reading(tmp_path, "causal", 0, 1, 1e-3, 0, 32, 2, digits=4)
+    assert set(lengths) == {4}
+
+
 def test_unknown_reading_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown reading 'backwards'"):
         bitune_readings.train_reading(tmp_path, "backwards", 0, 1, 1e-3, 0, 64, 2)

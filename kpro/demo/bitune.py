@@ -22,6 +22,7 @@ bitune-readings`).
 from __future__ import annotations
 
 import io
+import math
 import random
 import time
 from pathlib import Path
@@ -59,22 +60,28 @@ def records(digits, side: str) -> int:
     return count
 
 
-def question(rng: random.Random, side: str | None = None) -> tuple[str, str, str]:
-    """(question text, answer, side): `3 8 1 0 7 5 right` -> `3`."""
-    digits = rng.sample(range(10), DIGITS)
+def question(rng: random.Random, side: str | None = None, digits: int = DIGITS) -> tuple[str, str, str]:
+    """(question text, answer, side): `3 8 1 0 7 5 right` -> `3`, over `digits` distinct digits."""
+    if not 1 <= digits <= 9:  # ten would allow the count 10, two tokens where the answer is one
+        raise ValueError(f"digits must be 1 to 9 so that the count is one digit, got {digits}")
+    digits = rng.sample(range(10), digits)
     side = side or rng.choice(SIDES)
     return " ".join(map(str, digits)) + " " + side, str(records(digits, side)), side
 
 
-def question_sets(rng: random.Random, seed: int, held_out: int, train_questions: int) -> tuple[list, list]:
+def question_sets(rng: random.Random, seed: int, held_out: int, train_questions: int,
+                  digits: int = DIGITS) -> tuple[list, list]:
     """(held-out, training) questions as (text, answer, side): `held_out` a side, drawn from their own seed's
     stream so that every run of `seed` scores the same ones, and `train_questions` from `rng`, none of them
     held out."""
     test_rng = random.Random(10_000 + seed)
-    test = [question(test_rng, side) for side in SIDES for _ in range(held_out)]
+    test = [question(test_rng, side, digits) for side in SIDES for _ in range(held_out)]
     seen, train = {q for q, _, _ in test}, []
+    if len(seen) == len(SIDES) * math.perm(10, digits):
+        raise ValueError(f"the held-out questions take all {len(seen)} {digits}-digit questions; none is left to "
+                         "train on")
     while len(train) < train_questions:
-        example = question(rng)
+        example = question(rng, digits=digits)
         if example[0] not in seen:
             train.append(example)
     return test, train

@@ -23,13 +23,13 @@ from ..model import Llama, positions_from_mask
 from ..rope import apply_rope
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Schedule, fit
-from .bitune import SIDES, SYMBOLS, question_sets, tiny_config
+from .bitune import DIGITS, SIDES, SYMBOLS, question_sets, tiny_config
 from .claims import claim_line, in_standard_errors
 from .parallel import run_jobs
 from .seeds import seeds_verdict
 
 READINGS = ("causal", "prefix")
-DEFAULTS = dict(steps=3000, lr=1e-3, warmup_steps=100, train_questions=8000, held_out=1000)
+DEFAULTS = dict(steps=3000, lr=1e-3, warmup_steps=100, train_questions=8000, held_out=1000, digits=DIGITS)
 CLAIM = "a prefix LM (the prompt read bidirectionally) beats causal reading on 'right', all weights trained"
 
 
@@ -75,14 +75,15 @@ def answer_logits(model: Llama, batch: dict, reading: str) -> torch.Tensor:
 
 
 def train_reading(out_dir: Path, reading: str, seed: int, steps: int, lr: float, warmup_steps: int,
-                  train_questions: int, held_out: int) -> dict:
-    """One run from scratch; held-out accuracy per side and the training seconds."""
+                  train_questions: int, held_out: int, digits: int = DIGITS) -> dict:
+    """One run from scratch on questions of `digits` distinct digits (the act's 6 by default); held-out
+    accuracy per side and the training seconds."""
     if reading not in READINGS:
         raise ValueError(f"unknown reading {reading!r}; choose from {', '.join(READINGS)}")
     torch.manual_seed(seed)
     rng, tok = random.Random(seed), CharTokenizer(SYMBOLS)
     model = Llama(tiny_config(tok.vocab_size))
-    test, train = question_sets(rng, seed, held_out, train_questions)  # the act's held-out questions
+    test, train = question_sets(rng, seed, held_out, train_questions, digits)  # the act's, at 6 digits
     start = time.perf_counter()
     fit(model, Batches(train, 32, lambda examples: collate(examples, tok), seed=seed), out_dir, steps=steps,
         loss_fn=lambda m, batch: F.cross_entropy(answer_logits(m, batch, reading), batch["targets"]),
@@ -107,8 +108,8 @@ def reproduce_bitune_readings(out_dir: Path, seed: int = 0, seeds: int = 3, work
     settings = {**DEFAULTS, **settings}
     seed_list = list(range(seed, seed + seeds))
     print(f"== bitune-readings: the bitune act's 2-block LLaMA trained from scratch, all weights, {settings['steps']} "
-          f"steps of 32, the prompt read causally or as a prefix LM; seeds {seed_list[0]}-{seed_list[-1]}, "
-          f"{settings['held_out']} held-out questions a side")
+          f"steps of 32, the prompt read causally or as a prefix LM; questions of {settings['digits']} digits, "
+          f"seeds {seed_list[0]}-{seed_list[-1]}, {settings['held_out']} held-out questions a side")
     jobs = [(train_reading, dict(out_dir=out_dir / f"seed-{s}" / reading, reading=reading, seed=s, **settings))
             for s in seed_list for reading in READINGS]
     done = iter(run_jobs(jobs, workers))
