@@ -5,7 +5,8 @@ The control behind the bitune act's null result, with no adapters, no mix and no
 the right), the prompt read either causally (the library's forward) or as a prefix LM, where every prompt
 token attends to the whole prompt (`kpro.ops.attention(prefix_lens=)`). Nothing else differs. If full
 training gains nothing from bidirectional reading on `right`, no adapter set-up can show Bitune's gain on
-these questions at this size.
+these questions at this size. `reproduce_bitune_readings(out, digits=9)` asks the same of longer questions
+(the act's have 6 distinct digits; 9 is the most whose count stays one digit).
 """
 from __future__ import annotations
 
