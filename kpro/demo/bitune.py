@@ -73,7 +73,7 @@ def question_sets(rng: random.Random, seed: int, held_out: int, train_questions:
                   digits: int = DIGITS) -> tuple[list, list]:
     """(held-out, training) questions as (text, answer, side): `held_out` a side, drawn from their own seed's
     stream so that every run of `seed` scores the same ones, and `train_questions` from `rng`, none of them
-    held out."""
+    held out; all of `digits` distinct digits."""
     test_rng = random.Random(10_000 + seed)
     test = [question(test_rng, side, digits) for side in SIDES for _ in range(held_out)]
     seen, train = {q for q, _, _ in test}, []

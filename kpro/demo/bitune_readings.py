@@ -84,7 +84,7 @@ def train_reading(out_dir: Path, reading: str, seed: int, steps: int, lr: float,
     torch.manual_seed(seed)
     rng, tok = random.Random(seed), CharTokenizer(SYMBOLS)
     model = Llama(tiny_config(tok.vocab_size))
-    test, train = question_sets(rng, seed, held_out, train_questions, digits)  # the act's, at 6 digits
+    test, train = question_sets(rng, seed, held_out, train_questions, digits)  # the act's at its 6 digits
     start = time.perf_counter()
     fit(model, Batches(train, 32, lambda examples: collate(examples, tok), seed=seed), out_dir, steps=steps,
         loss_fn=lambda m, batch: F.cross_entropy(answer_logits(m, batch, reading), batch["targets"]),
