@@ -88,6 +88,10 @@ def test_batches_target_the_count_after_the_prompt():
 def test_questions_of_other_lengths():
     """`digits` sets the question's length for the control; the act's default stream is unchanged by it."""
     assert bitune.question(random.Random(3)) == bitune.question(random.Random(3), digits=bitune.DIGITS)
+    rng = random.Random(3)  # the stream the act drew before `digits` existed: 6 digits, then the side
+    drawn, side = rng.sample(range(10), 6), rng.choice(bitune.SIDES)
+    assert bitune.question(random.Random(3)) == (" ".join(map(str, drawn)) + " " + side,
+                                                 str(bitune.records(drawn, side)), side)
     prompt, answer, side = bitune.question(random.Random(0), "right", digits=9)
     digits = [int(d) for d in prompt.split()[:-1]]
     assert len(digits) == len(set(digits)) == 9 and answer == str(bitune.records(digits, side))
