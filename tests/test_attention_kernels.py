@@ -92,6 +92,22 @@ def test_hopper_backward_tiles_are_tall_in_keys():
         assert block_n == 128 and block_m <= 64 and warps == 8
 
 
+@pytest.mark.parametrize("compiler, rows", [((3, 9), {64: 64, 128: 32}), ((3, 10), {64: 64, 128: 32}),
+                                            ((4, 0), {64: 64, 128: 32}), ((3, 8), {64: 32, 128: 16}),
+                                            ((3, 6), {64: 32, 128: 16})])
+def test_hopper_dkdv_takes_fewer_queries_a_step_before_triton_3_9(compiler, rows):
+    """Triton 3.6 spills at the dK/dV tiles 3.9 compiles cleanly (RESULTS.md): before 3.9 they are halved."""
+    for head_dim, block_m in rows.items():
+        assert tiles.default_tile_config("dkdv", head_dim, BF16, 90, compiler) == (block_m, 128, 8, 2)
+        for kind in ("forward", "dq"):  # only dK/dV depends on the version
+            assert (tiles.default_tile_config(kind, head_dim, BF16, 90, compiler)
+                    == tiles.default_tile_config(kind, head_dim, BF16, 90, (3, 9)))
+        assert (tiles.default_tile_config("dkdv", head_dim, BF16, 80, compiler)
+                == tiles.default_tile_config("dkdv", head_dim, BF16, 80, (3, 9)))
+    installed = tiles.triton_version()
+    assert tiles.default_tile_config("dkdv", 64, BF16, 90) == tiles.default_tile_config("dkdv", 64, BF16, 90, installed)
+
+
 # ------------------------------------------------------------------------------ program order
 
 @triton.jit

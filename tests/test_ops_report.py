@@ -102,10 +102,11 @@ def test_occupancy(registers, shared, warps, arch, expected):
 
 
 def record(**changes):
-    good = {"arch": 90, "target": "sm_90a (H100)", "kernel": "attention.forward", "dtype": "bf16", "cases": ["c"],
-            "constexprs": {"BLOCK_M": 128, "BLOCK_N": 32}, "num_warps": 8, "num_stages": 2, "shared": 65_536,
-            "shared_limit": 232_448, "registers": 190, "spill_stores": 0, "spill_loads": 0, "dots": {"wgmma": 4},
-            "tensor_core_instructions": 40}
+    good = {"arch": 90, "target": "sm_90a (H100)", "toolchain": "triton 3.9.0, ptxas 13.4",
+            "kernel": "attention.forward", "dtype": "bf16", "cases": ["c"],
+            "constexprs": {"HEAD_DIM": 128, "BLOCK_M": 128, "BLOCK_N": 32}, "num_warps": 8, "num_stages": 2,
+            "shared": 65_536, "shared_limit": 232_448, "registers": 190, "spill_stores": 0, "spill_loads": 0,
+            "dots": {"wgmma": 4}, "tensor_core_instructions": 40}
     return {**good, **changes}
 
 
@@ -116,6 +117,12 @@ def record(**changes):
     (report.forward_spill, {"spill_stores": 8}, {"spill_stores": 8, "kernel": "attention.dkdv"}),
     (report.forward_spill, {"spill_stores": 8, "dtype": "fp16", "kernel": "rms_norm.forward"},
      {"spill_stores": 8, "dtype": "fp32"}),
+    (report.hopper_dkdv_spill, {"spill_stores": 8, "kernel": "bitune_attention.dkdv_answer"},
+     {"spill_stores": 8, "kernel": "bitune_attention.dkdv_answer", "arch": 80}),
+    (report.hopper_dkdv_spill, {"spill_stores": 4, "kernel": "attention.dkdv", "dtype": "fp16"},
+     {"spill_stores": 4, "kernel": "attention.dkdv", "constexprs": {"HEAD_DIM": 256, "BLOCK_M": 16}}),
+    (report.hopper_dkdv_spill, {"spill_stores": 4, "kernel": "bitune_attention.dkdv"},
+     {"spill_stores": 4, "kernel": "bitune_attention.dkdv", "dtype": "fp32"}),
     (report.not_tensor_cores, {"dots": {"wgmma": 2, "fma": 2}}, {"dots": {"fma": 4}, "dtype": "fp32"}),
     (report.not_tensor_cores, {"dots": {"fma": 2}}, {"dots": {"wgmma": 2, "mma": 2}}),
     (report.not_tensor_cores, {"dots": {"wgmma": 4}, "tensor_core_instructions": 0}, {"dots": {}}),

@@ -572,6 +572,7 @@ def compile_all(jobs: list[Job], workers: int) -> dict[Job, dict]:
 
 FORWARD_KERNELS = ("attention.forward", "bitune_attention.forward", "rms_norm.forward", "swiglu.forward",
                    "linear_cross_entropy.forward")
+DKDV_KERNELS = ("attention.dkdv", "bitune_attention.dkdv", "bitune_attention.dkdv_answer")
 HALF_PRECISION = ("bf16", "fp16")
 
 
@@ -602,6 +603,18 @@ def forward_spill(record: dict) -> str | None:
     return None
 
 
+def hopper_dkdv_spill(record: dict) -> str | None:
+    """A half-precision dK/dV kernel on sm_90a at head dim 64 or 128 that spills registers: its tiles are
+    chosen not to, per Triton version (attention_tiles.default_tile_config). d256 is exempt (it spills at
+    every tile that keeps its dots on warp-group MMA)."""
+    if ("error" not in record and record["arch"] >= 90 and record["kernel"] in DKDV_KERNELS
+            and record["dtype"] in HALF_PRECISION and record["constexprs"].get("HEAD_DIM", 0) <= 128
+            and record.get("spill_stores")):
+        return (f"{where(record)}: spills {record['spill_stores']} B stores / {record['spill_loads']} B loads "
+                f"({record['registers']} registers, tiles {tiles(record)}, {record['toolchain']})")
+    return None
+
+
 def not_tensor_cores(record: dict) -> str | None:
     """A half-precision matmul not lowered to tensor cores: wgmma or mma.sync on sm_90a (mma.sync is what
     tiles too small for a warp group get: slower than wgmma, but tensor cores), mma on sm_80. fp32 is exempt:
@@ -616,7 +629,7 @@ def not_tensor_cores(record: dict) -> str | None:
     return None
 
 
-CHECKS = (compile_error, shared_over_limit, forward_spill, not_tensor_cores)
+CHECKS = (compile_error, shared_over_limit, forward_spill, hopper_dkdv_spill, not_tensor_cores)
 
 
 def problems(records: list[dict], checks=CHECKS) -> list[str]:

@@ -398,7 +398,14 @@ def tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> tupl
     return tuple(tuned) if tuned is not None else default_tile_config(kind, head_dim, dtype, arch)
 
 
-def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> tuple[int, int, int, int]:
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton that compiles the kernels: its register allocation differs by version."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
+                        compiler: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
     """The compiler-guided tiles of `kind` ("forward": BLOCK_M queries per program over BLOCK_N keys at a
     time; "dkdv": BLOCK_N keys per program over BLOCK_M query rows at a time; "dq"), standing until a GPU
     has timed the candidates.
@@ -410,8 +417,13 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int)
     mask adds its per-key loads). dK/dV tiles are tall (128 keys) and short (16-64 queries a step): the
     two fp32 accumulators [keys, head dim] take half the registers, and with 8 warps a tile of 64 keys
     makes the compiler compute Sᵀ twice (chained products put every warp on rows of its own: 16 a warp on
-    sm_80, 64 a warp group on sm_90a; sm_80 d128 takes 4 B of spills at 16x128 rather than that). fp32 is the exact path, not the fast one: small tiles, as fp32 operands
-    take twice the memory and do not use tensor cores (ieee).
+    sm_80, 64 a warp group on sm_90a; sm_80 d128 takes 4 B of spills at 16x128 rather than that). Triton
+    before 3.9 (`compiler`, (major, minor); default: the installed one) allocates registers differently: at
+    the dK/dV tiles Triton 3.9 compiles without spills, Triton 3.6 spills 4 to 8 B a thread on sm_90a in plain
+    attention and 12 to 228 B in the Bitune dual pass (3.8: up to 20 B), so under it sm_90a dK/dV takes
+    half the queries a step (64 -> 32 at d64, 32 -> 16 at d128), which none of the three spills. fp32 is
+    the exact path, not the fast one: small tiles, as fp32 operands take twice the memory and do not use
+    tensor cores (ieee).
     """
     if kind not in KERNELS:
         raise ValueError(f"unknown attention kernel {kind!r}")
@@ -421,8 +433,10 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int)
         return {"forward": (64, 32, 8, 2), "dkdv": (16, 64, 8, 2 if arch >= 90 else 1), "dq": (64, 16, 8, 2)}[kind]
     small = head_dim <= 64
     if arch >= 90:
-        return {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2) if small else (32, 128, 8, 2),
-                "dq": (128, 64, 8, 2)}[kind]
+        dkdv_rows = 64 if small else 32
+        if (compiler or triton_version()) < (3, 9):
+            dkdv_rows //= 2
+        return {"forward": (128, 64, 8, 3), "dkdv": (dkdv_rows, 128, 8, 2), "dq": (128, 64, 8, 2)}[kind]
     if small:
         return {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 64, 8, 2)}[kind]
     return {"forward": (64, 64, 8, 2), "dkdv": (16, 128, 8, 2), "dq": (64, 64, 8, 2)}[kind]
