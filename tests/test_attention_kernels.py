@@ -109,6 +109,17 @@ def test_hopper_dkdv_takes_fewer_queries_a_step_before_triton_3_9(compiler, rows
             == tiles.default_tile_config("dkdv", 64, BF16, 90, installed))
 
 
+def test_tuned_winners_stand_only_for_the_triton_that_timed_them(monkeypatch):
+    installed = tiles.triton_version()
+    other = (installed[0], installed[1] + 1)
+    here, there = (tiles.tuned_key("dkdv", 128, BF16, 90, version) for version in (installed, other))
+    assert here != there and "triton" in here
+    monkeypatch.setattr(tiles, "tuned_table", lambda: {there: [64, 64, 8, 2]})
+    assert tiles.tile_config("dkdv", 128, BF16, 90) == tiles.default_tile_config("dkdv", 128, BF16, 90)
+    monkeypatch.setattr(tiles, "tuned_table", lambda: {here: [64, 64, 8, 2]})
+    assert tiles.tile_config("dkdv", 128, BF16, 90) == (64, 64, 8, 2)
+
+
 # ------------------------------------------------------------------------------ program order
 
 @triton.jit

@@ -365,7 +365,9 @@ def batch_and_heads(bh, heads, group):
 
 KERNELS = ("forward", "dkdv", "dq")
 # GPU-measured winners among candidate_configs, written by the GPU suite (benchmarks/gpu_suite.py, stage
-# "autotune") and read by tile_config; keys from tuned_key. Absent or empty: the compiler-guided defaults.
+# "autotune") and read by tile_config; keys from tuned_key, which names the Triton version (a winner timed
+# under one Triton does not stand for another: register allocation differs). Absent or empty: the
+# compiler-guided defaults.
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 _forced: dict[str, tuple[int, int, int, int]] = {}
 _forced_path: list[str] = []
@@ -466,8 +468,10 @@ def candidate_configs(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -
     return list(dict.fromkeys([default, *others]))
 
 
-def tuned_key(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> str:
-    return f"sm{arch}/{kind}/d{head_dim}/{str(dtype).removeprefix('torch.')}"
+def tuned_key(kind: str, head_dim: int, dtype: torch.dtype, arch: int, compiler: tuple[int, int] | None = None) -> str:
+    """The tuned table's key of one launch shape under Triton `compiler` (default: the installed one)."""
+    major, minor = compiler or triton_version()
+    return f"sm{arch}/triton{major}.{minor}/{kind}/d{head_dim}/{str(dtype).removeprefix('torch.')}"
 
 
 @functools.cache
