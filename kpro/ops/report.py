@@ -594,12 +594,16 @@ def shared_over_limit(record: dict) -> str | None:
     return None
 
 
+def spills(record: dict) -> str:
+    return (f"{where(record)}: spills {record['spill_stores']} B stores / {record['spill_loads']} B loads "
+            f"({record['registers']} registers, tiles {tiles(record)}, {record['toolchain']})")
+
+
 def forward_spill(record: dict) -> str | None:
     """A forward kernel in half precision that spills registers (the training hot path)."""
     if ("error" not in record and record["kernel"] in FORWARD_KERNELS and record["dtype"] in HALF_PRECISION
             and record.get("spill_stores")):
-        return (f"{where(record)}: spills {record['spill_stores']} B stores / {record['spill_loads']} B loads "
-                f"({record['registers']} registers, tiles {tiles(record)})")
+        return spills(record)
     return None
 
 
@@ -610,8 +614,7 @@ def hopper_dkdv_spill(record: dict) -> str | None:
     if ("error" not in record and record["arch"] >= 90 and record["kernel"] in DKDV_KERNELS
             and record["dtype"] in HALF_PRECISION and record["constexprs"].get("HEAD_DIM", 0) <= 128
             and record.get("spill_stores")):
-        return (f"{where(record)}: spills {record['spill_stores']} B stores / {record['spill_loads']} B loads "
-                f"({record['registers']} registers, tiles {tiles(record)}, {record['toolchain']})")
+        return spills(record)
     return None
 
 

@@ -400,6 +400,7 @@ def tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> tupl
     return tuple(tuned) if tuned is not None else default_tile_config(kind, head_dim, dtype, arch)
 
 
+@functools.cache  # read at every launch (tile_config, tuned_key); the installed version does not change
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the Triton that compiles the kernels: its register allocation differs by version."""
     major, minor = triton.__version__.split(".")[:2]
