@@ -4,6 +4,10 @@ Every Python block of a page is marked on the line just before its opening fence
 
     <!-- runnable -->          executed: a page's runnable blocks in order, in one namespace, in a fresh
                                directory holding the fixtures below, on one CPU thread
+    <!-- runnable, needs transformers -->
+                               the same where the named optional modules import; else the page's
+                               examples are skipped, naming the missing one (`pip install -e '.[test]'`
+                               does not install them)
     <!-- not-run: reason -->   shown only (it needs a GPU, or a launch of several processes)
 
 An unmarked Python block fails `test_every_python_block_is_marked`. In shell blocks (bash, sh, console),
@@ -50,7 +54,7 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 PYTHON = {"python", "py", "python3"}
 SHELL = {"bash", "sh", "shell", "console"}
-RUNNABLE = re.compile(r"<!--\s*runnable\s*-->")
+RUNNABLE = re.compile(r"<!--\s*runnable(?:\s*,\s*needs\s+([\w.]+(?:\s*,\s*[\w.]+)*))?\s*-->")
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.*?)\s*-->")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([^\s`]*)")
 
@@ -70,6 +74,12 @@ class Block:
     @property
     def runnable(self) -> bool:
         return bool(RUNNABLE.fullmatch(self.marker))
+
+    @property
+    def needs(self) -> list[str]:
+        """The optional modules a runnable block names (`<!-- runnable, needs transformers -->`)."""
+        match = RUNNABLE.fullmatch(self.marker)
+        return [name.strip() for name in match.group(1).split(",")] if match and match.group(1) else []
 
     @property
     def not_run_reason(self) -> str | None:
@@ -211,6 +221,8 @@ def test_there_are_runnable_blocks():
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=page_id)
 def test_examples_run(page, workdir):
     """The page's runnable blocks, in order, in one namespace; tracebacks name the page and its line."""
+    for module in dict.fromkeys(name for block in runnable_blocks(page) for name in block.needs):
+        pytest.importorskip(module, reason=f"{page_id(page)}'s examples need {module}, an optional dependency")
     namespace = {"__name__": f"docs.{page.stem}"}
     with torch.random.fork_rng(devices=[]):  # examples that seed torch leave other tests' randomness alone
         for block in runnable_blocks(page):
