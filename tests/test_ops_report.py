@@ -105,6 +105,7 @@ def record(**changes):
     good = {"arch": 90, "target": "sm_90a (H100)", "toolchain": "triton 3.9.0, ptxas 13.4",
             "kernel": "attention.forward", "dtype": "bf16", "cases": ["c"],
             "constexprs": {"HEAD_DIM": 128, "BLOCK_M": 128, "BLOCK_N": 32}, "num_warps": 8, "num_stages": 2,
+            "enable_fp_fusion": True,
             "shared": 65_536, "shared_limit": 232_448, "registers": 190, "spill_stores": 0, "spill_loads": 0,
             "dots": {"wgmma": 4}, "tensor_core_instructions": 40}
     return {**good, **changes}
@@ -127,6 +128,8 @@ def record(**changes):
     (report.not_tensor_cores, {"dots": {"fma": 2}}, {"dots": {"wgmma": 2, "mma": 2}}),
     (report.not_tensor_cores, {"dots": {"wgmma": 4}, "tensor_core_instructions": 0}, {"dots": {}}),
     (report.not_tensor_cores, {"arch": 80, "dots": {"wgmma": 4}}, {"arch": 80, "dots": {"mma": 4}}),
+    (report.fp_fusion_by_default, {"enable_fp_fusion": None}, {}),
+    (report.fp_fusion_by_default, {"enable_fp_fusion": False}, {"kernel": "rms_norm.forward"}),
 ])
 def test_each_check_fails_a_bad_record_and_passes_a_good_one(check, bad, fine):
     assert check(record(**bad))

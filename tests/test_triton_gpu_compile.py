@@ -5,8 +5,9 @@ integers equal to 1 made constant), fits the GPU and takes the fast path: checke
 Fails on: a compile error; shared memory above the per-block limit (A100 166,912 B, H100 232,448 B); a
 register spill in a half-precision forward kernel (attention, Bitune, RMSNorm, SwiGLU forward), or in a
 half-precision dK/dV kernel at head dim 64 or 128 on sm_90a; a half-precision matmul not lowered to tensor
-cores (wgmma or mma.sync on sm_90a, mma on sm_80). fp32 is exempt from the last: kpro's fp32 attention uses
-input_precision="ieee", which is FMA by design.
+cores (wgmma or mma.sync on sm_90a, mma on sm_80; fp32 is exempt: kpro's fp32 attention uses
+input_precision="ieee", which is FMA by design); a launch that leaves FMA contraction to Triton's default,
+which changes in Triton 3.10.
 The checks themselves are in kpro/ops/report.py (CHECKS) and are shown to fail in tests/test_ops_report.py.
 """
 import json

@@ -632,7 +632,16 @@ def not_tensor_cores(record: dict) -> str | None:
     return None
 
 
-CHECKS = (compile_error, shared_over_limit, forward_spill, hopper_dkdv_spill, not_tensor_cores)
+def fp_fusion_by_default(record: dict) -> str | None:
+    """A launch that leaves FMA contraction to Triton's default, which is on up to 3.9 and off from 3.10: its
+    speed and rounding would change with the Triton version (kpro's launches pass _launch.FMA)."""
+    if record.get("enable_fp_fusion") is not True:
+        return (f"{where(record)}: launched without enable_fp_fusion=True, so Triton's default decides FMA "
+                "contraction (on up to 3.9, off from 3.10); pass **FMA from triton_kernels/_launch.py")
+    return None
+
+
+CHECKS = (compile_error, shared_over_limit, forward_spill, hopper_dkdv_spill, not_tensor_cores, fp_fusion_by_default)
 
 
 def problems(records: list[dict], checks=CHECKS) -> list[str]:
@@ -653,6 +662,7 @@ def record(job: Job, launches: list[Launch], figures: dict) -> dict:
             "kernel": kernel_name(first.kernel), "dtype": TYPE_NAMES.get(first.dtype, str(first.dtype)),
             "cases": list(dict.fromkeys(launch.case for launch in launches)), "constexprs": constexprs,
             "num_warps": options["num_warps"], "num_stages": options["num_stages"],
+            "enable_fp_fusion": options.get("enable_fp_fusion"),
             "specialisation": specialisation_summary(job), "shared_limit": target.shared_per_block, **figures}
 
 

@@ -5,6 +5,11 @@ import torch
 
 from ..errors import BackendError
 
+# Every launch asks for FMA contraction (a*b + c as one rounding) rather than taking Triton's default, which is on
+# up to 3.9 and off from 3.10 (3.9 warns of the change): the kernels' speed, their rounding and the compile
+# report's figures are those of the contracted code, whatever the Triton version.
+FMA = {"enable_fp_fusion": True}
+
 # Programs per SM for kernels that loop over rows (RMSNorm backward with dW): as many as fit at once. The
 # compile report gives that kernel 111-122 registers at 8 warps (2 blocks an SM); capping it at 80 to fit
 # 3 spills 92-108 B, so 2 it is (python -m kpro.ops.report --only rms_norm).

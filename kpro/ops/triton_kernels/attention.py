@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._layout import device_guard
-from ._launch import launch_errors, within_32bit_rows
+from ._launch import FMA, launch_errors, within_32bit_rows
 from .attention_tiles import (LOG2E, attend, attend_grad, batch_and_heads, block_sizes, dkdv_heads, finish_rows,
                               key_tile_plan, key_window, load_head, load_path, padded_head_dim, prepare_launch,
                               row_end, rows_view, store_head, tile_and_head)
@@ -184,7 +184,7 @@ def forward(q, k, v, causal, prefix_lens, attention_mask, scale):
                               HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n,
                               CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
                               HAS_KEY_MASK=attention_mask is not None, USE_TMA=path == "tma", num_warps=warps,
-                              num_stages=stages)
+                              num_stages=stages, **FMA)
     return out, lse2
 
 
@@ -196,7 +196,7 @@ def row_deltas(out, dout):
     with device_guard(out):
         _delta_kernel[(triton.cdiv(t, block_m) * batch * heads,)](out, dout, delta, *_strides(out), *_strides(dout),
                                                                 t, heads, HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim),
-                                                                BLOCK_M=block_m)
+                                                                BLOCK_M=block_m, **FMA)
     return delta
 
 
@@ -220,10 +220,10 @@ def backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scal
             q, k, v, dout, lse2, delta, dk, dv, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
             *_strides(dout), *_strides(dk), *_strides(dv), sm_b, tq, tk, heads, kv_heads, heads // kv_heads,
             scale, scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps,
-            num_stages=stages, **masks)
+            num_stages=stages, **masks, **FMA)
         block_m, block_n, warps, stages = dq_tiles
         _dq_kernel[(triton.cdiv(tq, block_m) * batch * heads,)](
             q, k, v, dout, lse2, delta, dq, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
             *_strides(dout), *_strides(dq), sm_b, tq, tk, heads, heads // kv_heads, scale, scale * LOG2E,
-            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps, num_stages=stages, **masks)
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps, num_stages=stages, **masks, **FMA)
     return dq, dk, dv
