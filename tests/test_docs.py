@@ -212,6 +212,18 @@ def test_every_python_block_is_marked():
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("marker, runnable, needs", [
+    ("<!-- runnable -->", True, []),
+    ("<!-- runnable, needs transformers -->", True, ["transformers"]),
+    ("<!-- runnable, needs transformers, gguf -->", True, ["transformers", "gguf"]),
+    ("<!-- runnable needs transformers -->", False, []),  # no comma: unmarked, which the test above fails
+    ("<!-- runnable, needs -->", False, []),
+])
+def test_runnable_markers_name_their_optional_modules(marker, runnable, needs):
+    block = Block(ROOT / "README.md", 2, "python", "pass", marker)
+    assert (block.runnable, block.needs) == (runnable, needs)
+
+
 def test_there_are_runnable_blocks():
     """A docs test with nothing to run would pass whatever the pages say."""
     assert sum(len(runnable_blocks(page)) for page in PAGES) >= 10
