@@ -105,9 +105,8 @@ def record(**changes):
     good = {"arch": 90, "target": "sm_90a (H100)", "toolchain": "triton 3.9.0, ptxas 13.4",
             "kernel": "attention.forward", "dtype": "bf16", "cases": ["c"],
             "constexprs": {"HEAD_DIM": 128, "BLOCK_M": 128, "BLOCK_N": 32}, "num_warps": 8, "num_stages": 2,
-            "enable_fp_fusion": True,
-            "shared": 65_536, "shared_limit": 232_448, "registers": 190, "spill_stores": 0, "spill_loads": 0,
-            "dots": {"wgmma": 4}, "tensor_core_instructions": 40}
+            "enable_fp_fusion": True, "shared": 65_536, "shared_limit": 232_448, "registers": 190,
+            "spill_stores": 0, "spill_loads": 0, "dots": {"wgmma": 4}, "tensor_core_instructions": 40}
     return {**good, **changes}
 
 
