@@ -115,6 +115,24 @@ def test_blocks_below_the_lowest_trainable_build_no_graph():
     assert grad_enabled == {0: False, 1: False, 2: False, 3: False, 4: True, 5: True}
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["skipping", "recompute"])
+def test_embeddings_unfrozen_after_train_only_get_their_gradient(recompute):
+    """Training new token rows after expansion: the blocks below the lowest trainable one must then carry
+    the gradient down to the embeddings instead of running without a graph."""
+    model, new_ids = expanded_model(position="top")  # trainable: 4, 5; below: 0-3
+    kpro.train_only(model, new_ids, recompute_frozen=recompute)
+    model.embed_tokens.weight.requires_grad_(True)
+    baseline = frozen_by_hand(model, new_ids)
+    baseline.embed_tokens.weight.requires_grad_(True)
+    ids, mask = batch(model.config)
+    loss, grads = loss_and_grads(model, ids, mask)
+    base_loss, base_grads = loss_and_grads(baseline, ids, mask)
+    assert torch.equal(loss, base_loss) and set(grads) == set(base_grads)
+    assert base_grads["embed_tokens.weight"].abs().sum() > 0
+    for name, grad in grads.items():
+        assert relative_error(grad, base_grads[name]) <= 1e-6, name
+
+
 def test_frozen_parameters_get_no_gradient_and_recompute_reruns_each_frozen_block_once():
     model, new_ids = expanded_model(num_blocks=4, num_new=2)  # blocks 0 1 [2] 3 4 [5]
     plan = kpro.train_only(model, new_ids, recompute_frozen=True)

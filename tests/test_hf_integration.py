@@ -321,6 +321,24 @@ def test_train_only_gradients_and_plan_match_kpros(recompute):
     assert not any("forward" in vars(layer) for layer in model.model.layers)
 
 
+def test_train_only_carries_the_gradient_to_embeddings_unfrozen_after_it():
+    stock = make_stock(layers=4)
+    stock.requires_grad_(False)
+    for parameter in (*stock.model.layers[3].parameters(), stock.model.embed_tokens.weight):
+        parameter.requires_grad_(True)
+    model, _ = patched_copy(stock)
+    plan = kpro_hf.train_only(model, [3])
+    assert plan.no_graph == (0, 1, 2)
+    model.model.embed_tokens.weight.requires_grad_(True)
+    ids, mask, labels = left_padded()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    stock(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    reference = grads(stock)
+    assert grads(model).keys() == reference.keys() and reference["model.embed_tokens.weight"].abs().sum() > 0
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 1e-5, name
+
+
 def test_train_only_refuses_a_layer_unfrozen_behind_its_back():
     model, _ = patched_copy(make_stock(layers=3))
     kpro_hf.train_only(model, [2])

@@ -6,7 +6,8 @@ With trainable blocks `ids` and L = min(ids), each block of the model runs one o
 
     trainable              a plain call: every gradient
     frozen, below L        under torch.no_grad(): no autograd graph, nothing saved, no backward at all
-                           (nothing below L needs a gradient)
+                           (nothing below L needs a gradient; if something does after all, such as
+                           embeddings unfrozen after train_only, the block runs like one above L)
     frozen, above L        a plain call with frozen weights: autograd computes only the input gradient.
                            kpro's ops make that cheap: RMSNorm saves x and its rstd and skips the dW reduction,
                            SwiGLU saves gate and up only, attention saves q, k, v, out and the log-sum-exp,
@@ -101,8 +102,12 @@ def _block_index(i) -> int:
 # ------------------------------------------------------------------------------------------ block runners
 
 def run_without_graph(block, x, cos, sin, attention_mask, kv):
-    """A frozen block below every trainable one: no gradient can be needed, so build no graph."""
+    """A frozen block below every trainable one: no gradient can be needed, so build no graph. Unless its
+    input needs one (a parameter below was unfrozen after train_only, e.g. the embeddings to train new
+    tokens): then a plain call, so that the gradient reaches it; the frozen weights still get none."""
     _check_frozen(block)
+    if x.requires_grad and torch.is_grad_enabled():
+        return block(x, cos, sin, attention_mask, kv)
     with torch.no_grad():
         return block(x, cos, sin, attention_mask, kv)
 

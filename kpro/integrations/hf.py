@@ -307,8 +307,12 @@ def _check_frozen(layer: nn.Module) -> None:
 
 
 def run_without_graph(self, *args, **kwargs):
-    """A frozen layer below every trainable one: nothing below needs a gradient, so no graph at all."""
+    """A frozen layer below every trainable one: nothing below needs a gradient, so no graph at all. Unless
+    its input needs one (a parameter below was unfrozen after train_only): then a plain call."""
     _check_frozen(self)
+    hidden_states = args[0] if args else kwargs.get("hidden_states")
+    if torch.is_tensor(hidden_states) and hidden_states.requires_grad and torch.is_grad_enabled():
+        return type(self).forward(self, *args, **kwargs)
     with torch.no_grad():
         return type(self).forward(self, *args, **kwargs)
 
