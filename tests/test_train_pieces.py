@@ -174,6 +174,9 @@ def test_optimizer_errors(make_model):
     for lr in (0, -1e-3, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="learning rate must be a positive finite number"):
             kt.adamw(model, lr)
+    for weight_decay in (-0.1, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+            kt.adamw(model, 1e-3, weight_decay=weight_decay)
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         kt.adamw(model, 1e-3)

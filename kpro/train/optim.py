@@ -23,8 +23,8 @@ def check_lr(lr, what: str = "learning rate") -> None:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: matrices (decayed) and vectors — norms, biases, any 1-D
     parameter — which weight decay would only pull towards zero for no benefit. Frozen ones are left out."""
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")  # NaN fails 0 <= x
     decay, no_decay, seen = [], [], set()
     for param in model.parameters():  # parameters() yields a tied weight once
         if param.requires_grad and id(param) not in seen:
