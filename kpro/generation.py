@@ -1,6 +1,9 @@
 """Cached decoding: one prefill over the (left-padded) prompts, then one token per step."""
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from . import ops
@@ -57,8 +60,9 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     if not isinstance(stop_after_eos, int) or stop_after_eos < 1:
         raise ValueError(f"stop_after_eos must be a positive integer, got {stop_after_eos!r}")
     cfg = model.config
-    eos = cfg.eos_token_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    eos = cfg.eos_token_ids if eos_token_id is None else _token_ids("eos_token_id", eos_token_id, cfg.vocab_size)
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    (pad,) = _token_ids("pad_token_id", pad, cfg.vocab_size)  # a finished row feeds it back to the model
     device = logits.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     eos_seen = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
@@ -94,7 +98,9 @@ def select_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     """Next token ids [B] from logits [B, V]: argmax, or a sample at `temperature` within top-k / top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted first, so that a tiny temperature sends the others to -inf instead of the best to inf (NaN).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -107,11 +113,28 @@ def select_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def _token_ids(name: str, value, vocab_size: int) -> list[int]:
+    """One token id or a collection of them (Python, numpy or 0-dim tensor integers), each in the vocabulary."""
+    values = [value] if isinstance(value, int) or getattr(value, "ndim", None) == 0 else value
+    ids = []
+    for v in values:
+        try:
+            if isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
+                raise TypeError
+            ids.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{name} must be a token id or a list of them, got {value!r}") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{name} {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
 def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")  # NaN fails 0 <= x
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -1,4 +1,5 @@
 """Cached decoding against re-running the whole sequence; batching; sampling; stopping."""
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,8 @@ def test_sampling_is_reproducible_and_topk1_is_greedy(make_model):
     greedy = kpro.generate(model, ids, 15, eos_token_id=[])
     assert torch.equal(draw(5, top_k=1), greedy)
     assert torch.equal(draw(6, top_p=1e-9), greedy)
+    big = torch.tensor([[300.0, 299.0, -5.0]] * 4)  # at temperature 1e-38, 300 / 1e-38 alone is inf in fp32
+    assert select_next_token(big, 1e-38, generator=torch.Generator().manual_seed(0)).tolist() == [0] * 4
 
 
 def test_top_k_and_top_p_restrict_the_support():
@@ -89,6 +92,10 @@ def test_top_k_and_top_p_restrict_the_support():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=5, temperature=-1.0), "temperature"),
+    (dict(max_new_tokens=5, temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+    (dict(max_new_tokens=5, temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
+    (dict(max_new_tokens=5, pad_token_id=-1), r"pad_token_id -1 is outside the vocabulary \[0, "),
+    (dict(max_new_tokens=5, eos_token_id=[3, 10_000]), r"eos_token_id 10000 is outside the vocabulary"),
     (dict(max_new_tokens=5, top_k=0), "top_k"),
     (dict(max_new_tokens=5, top_p=1.5), "top_p"),
     (dict(max_new_tokens=200), "max_position_embeddings"),
@@ -96,6 +103,15 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_bad_generation_arguments(make_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         kpro.generate(make_model(), torch.ones(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_token_ids_of_numpy_and_tensor_integers_are_taken_and_others_refused(make_model):
+    model, ids = make_model(), torch.ones(1, 3, dtype=torch.long)
+    want = kpro.generate(model, ids, 4, eos_token_id=[5], pad_token_id=2)
+    assert torch.equal(kpro.generate(model, ids, 4, eos_token_id=torch.tensor(5), pad_token_id=np.int64(2)), want)
+    for eos in ("5", [5.0], True):
+        with pytest.raises(TypeError, match="eos_token_id must be a token id or a list of them"):
+            kpro.generate(model, ids, 4, eos_token_id=eos)
 
 
 def test_right_padded_prompts_are_refused(make_model):
