@@ -160,6 +160,14 @@ def test_resume_with_a_plain_iterable_fast_forwards(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
 
 
+def test_resuming_a_plain_iterable_shorter_than_the_steps_done_is_named(tmp_path):
+    data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(4)]
+    kt.fit(make_model(), data, tmp_path, steps=4)
+    with pytest.raises(ValueError, match=r"cannot resume at step 4: the batches ran out after 2, .*skipping the 4 "
+                                         r"batches the checkpointed steps used"):
+        kt.fit(make_model(), iter(data[:2]), tmp_path, steps=6)
+
+
 def test_metrics_file_drops_steps_no_checkpoint_kept(tmp_path):
     kt.fit(make_model(), batches(), tmp_path, steps=6, save_every=2, callbacks=[StopAt(5)])
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
@@ -495,6 +503,25 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_check
                loss_fn=lambda m, b: nan_from_step_3(m, b) * 0 + float("inf"))
 
 
+def test_non_finite_gradients_of_a_finite_loss_stop_the_run_before_they_reach_the_weights(tmp_path):
+    """A NaN can sit where the loss does not see it (a masked-out position) and still reach the gradients."""
+    calls = []
+
+    def nan_gradient_from_step_2(model, batch):
+        calls.append(1)
+        loss = mean_loss(model, batch)
+        if len(calls) >= 2:
+            hidden = model.norm.weight * torch.tensor(float("nan"))  # 0 · NaN in the backward
+            loss = loss + torch.where(torch.zeros_like(hidden, dtype=torch.bool), hidden, 0.0).sum()
+        return loss
+
+    model = make_model()
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is nan \(the loss [0-9.]+ is finite\) at step 2: "
+                                                 r"stopped before its optimizer step; the last good checkpoint is "):
+        kt.fit(model, batches(), tmp_path, steps=4, save_every=1, loss_fn=nan_gradient_from_step_2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 KILLED_MID_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
@@ -558,6 +585,28 @@ def test_resuming_with_another_schedule_or_optimizer_setting_is_refused(tmp_path
     constant = tmp_path / "constant"
     kt.fit(make_model(), batches(), constant, steps=2, lr=1e-3)
     assert kt.fit(make_model(), batches(), constant, steps=3, lr=1e-3).step == 3  # a constant lr may run longer
+
+
+def test_resuming_with_other_clipping_precision_or_dtypes_is_refused(tmp_path):
+    kt.fit(make_model(), batches(), tmp_path, steps=4, callbacks=[StopAt(2)])
+    with pytest.raises(kpro.CheckpointError, match=r"clip_grad_norm: 1.0 in the checkpoint, 0.5 now"):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, clip_grad_norm=0.5)
+    with pytest.raises(kpro.CheckpointError, match=r"precision: 'fp32' in the checkpoint, 'bf16' now"):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, precision="bf16")
+    with pytest.raises(kpro.CheckpointError, match=r"param_dtypes: 'float32' in the checkpoint, 'bfloat16' now"):
+        kt.fit(make_model().to(torch.bfloat16), batches(), tmp_path, steps=4)
+    assert kt.fit(make_model(), batches(), tmp_path, steps=4, precision="fp32").step == 4  # "auto" was fp32 here
+
+
+def test_a_schedule_that_ends_before_the_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"cosine schedule decays to 0 at total_steps=4, before steps=8: the last 4 "
+                                         r"steps would train at lr 0; give the Schedule total_steps=8"):
+        kt.fit(make_model(), batches(), tmp_path, steps=8, schedule=kt.Schedule("cosine", total_steps=4))
+    assert kt.list_checkpoints(tmp_path) == []
+    longer = kt.Schedule("linear", total_steps=4)  # a run cut short of its schedule is fine
+    assert kt.fit(make_model(), batches(), tmp_path / "a", steps=2, schedule=longer).step == 2
+    floor = kt.Schedule("linear", total_steps=2, min_ratio=0.1)  # decay, then hold a floor: documented
+    assert kt.fit(make_model(), batches(), tmp_path / "b", steps=4, schedule=floor).step == 4
 
 
 def test_a_metrics_line_cut_short_by_a_crash_does_not_block_resuming(tmp_path):

@@ -96,7 +96,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                  Under DDP/FSDP `model` is the wrapped module: call it (its forward), not other methods.
     optimizer    factory model -> optimizer, called again by `run.reset_optimizer()`; default AdamW
                  (`kpro.train.adamw`) with `lr` (default 3e-4) and `weight_decay` (not on norms and biases).
-    schedule     "constant", "linear", "cosine" (decaying to 0 at `steps`), or a `Schedule` (warmup, floor).
+    schedule     "constant", "linear", "cosine" (decaying to 0 at `steps`), or a `Schedule` (warmup, floor; one
+                 decaying to 0 must last the run: total_steps >= steps).
     grad_accum   micro-batches per optimizer step on each process.
     clip_grad_norm  max global gradient norm (None: no clipping; the norm is logged either way).
     precision    "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" (autocast) or "fp32"; the loss is fp32.
@@ -115,6 +116,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last)
     if isinstance(schedule, str):
         schedule = Schedule(schedule, total_steps=steps if schedule != "constant" else None)
+    _check_schedule_covers(schedule, steps)
     callbacks = list(callbacks)
 
     model.train()
@@ -124,13 +126,14 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     run.reset_optimizer()
 
     checkpoint = _checkpoint_to_resume(out_dir, resume)
-    settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else None}
+    settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else None,
+                "clip_grad_norm": clip_grad_norm, "precision": _precision(precision, model),
+                "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))}
     if checkpoint is not None:
         _resume(run, checkpoint, batches, callbacks, settings)
     data = iter(batches)
     if checkpoint is not None and not hasattr(batches, "load_state_dict"):
-        for _ in range(run.step):  # a plain iterable: skip what the checkpointed steps consumed
-            next(data)
+        _skip_consumed(data, run.step)
 
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=run.step) if env.is_main else None
     progress = ProgressLine(steps, run.step, stream=stream, every=log_every) if env.is_main else None
@@ -203,20 +206,24 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
 def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> None:
     """Weights, optimizer, RNG states, step, callback states and data position from a checkpoint.
 
-    A resume continues the same run: another kind of learning-rate schedule (warmup, floor) or other
-    optimizer hyperparameters (peak lr, betas, weight decay, eps) than the checkpoint's are refused, naming
-    what differs, rather than one set silently winning over the other. More (or fewer) total steps are
-    allowed, which extends the run; a schedule that decays to its last step then decays to the new one.
+    A resume continues the same run: another kind of learning-rate schedule (warmup, floor), other
+    optimizer hyperparameters (peak lr, betas, weight decay, eps), clipping, precision or parameter dtypes
+    than the checkpoint's are refused, naming what differs, rather than one set silently winning over the
+    other. More (or fewer) total steps are allowed, which extends the run; a schedule that decays to its
+    last step then decays to the new one.
     """
     asked = _hyperparameters(run.optimizer)
     state = load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
-    # Checkpoints written before settings were saved, and schedules that are not a Schedule: unchecked.
-    saved, schedule = state.get("settings", {}).get("schedule"), settings["schedule"]
+    # Checkpoints written before (some) settings were saved, and schedules that are not a Schedule: unchecked.
+    recorded = state.get("settings", {})
+    saved, schedule = recorded.get("schedule"), settings["schedule"]
     differences = []
     if isinstance(saved, dict) and isinstance(schedule, dict):
         differences += [f"schedule {key}: {saved.get(key)!r} in the checkpoint, {schedule.get(key)!r} now"
                          for key in sorted(set(saved) | set(schedule))
                          if key != "total_steps" and saved.get(key) != schedule.get(key)]
+    differences += [f"{key}: {recorded[key]!r} in the checkpoint, {value!r} now" for key, value in settings.items()
+                    if key != "schedule" and key in recorded and recorded[key] != value]
     differences += [f"optimizer param group {i} {key}: {saved[key]!r} in the checkpoint, {value!r} now"
                     for i, (now, saved) in enumerate(zip(asked, _hyperparameters(run.optimizer)))
                     for key, value in now.items() if key in saved and saved[key] != value]
@@ -234,6 +241,17 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> N
     load_callback_states(callbacks, state["callbacks"])
     if hasattr(batches, "load_state_dict"):
         batches.load_state_dict(state["data"])
+
+
+def _skip_consumed(data, steps_done: int) -> None:
+    """Fast-forward a plain iterable past the batches of the checkpointed steps."""
+    for skipped in range(steps_done):
+        try:
+            next(data)
+        except StopIteration:
+            raise ValueError(f"cannot resume at step {steps_done}: the batches ran out after {skipped}, and a plain "
+                             f"iterable is resumed by skipping the {steps_done} batches the checkpointed steps used; "
+                             "pass the batches of the first run (or kpro.train.Batches, which resumes exactly)") from None
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -284,18 +302,23 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
                     p.grad.mul_(scale)
     loss = total / count
     if not math.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        last = (f"the last good checkpoint is {run.checkpoint}" if run.checkpoint is not None
-                else "no checkpoint was saved before it")
-        raise FloatingPointError(f"the loss is {loss} at step {run.step + 1}: stopped before its optimizer step; {last} "
-                                 "(a lower learning rate, float32 or bfloat16 weights instead of float16, or clipping "
-                                 "may help)")
+        _stop(run, optimizer, f"the loss is {loss}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if not math.isfinite(norm):  # a finite loss can still have NaN gradients: they must not reach the weights
+        _stop(run, optimizer, f"the gradient norm is {float(norm)} (the loss {loss:.6g} is finite)")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, float(norm), interrupted > 0
+
+
+def _stop(run, optimizer, what: str):
+    optimizer.zero_grad(set_to_none=True)
+    last = (f"the last good checkpoint is {run.checkpoint}" if run.checkpoint is not None
+            else "no checkpoint was saved before it")
+    raise FloatingPointError(f"{what} at step {run.step + 1}: stopped before its optimizer step; {last} (a lower "
+                             "learning rate, float32 or bfloat16 weights instead of float16, or clipping may help)")
 
 
 def _check_loss(out) -> bool:
@@ -361,10 +384,25 @@ def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_e
         raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
 
 
-def _autocast(precision: str, model: nn.Module):
+def _check_schedule_covers(schedule, steps: int) -> None:
+    """A Schedule decaying to 0 must last the run: past its total_steps the lr stays 0 and the steps train
+    nothing. (Holding a floor above 0 after the decay is a documented use.)"""
+    if (isinstance(schedule, Schedule) and schedule.kind != "constant" and schedule.min_ratio == 0
+            and schedule.total_steps < steps):
+        raise ValueError(f"the {schedule.kind} schedule decays to 0 at total_steps={schedule.total_steps}, before "
+                         f"steps={steps}: the last {steps - schedule.total_steps} steps would train at lr 0; give the "
+                         f"Schedule total_steps={steps}, or a min_ratio above 0 to hold a floor")
+
+
+def _precision(precision: str, model: nn.Module) -> str:
+    """What `precision` means for this model: "bf16" (autocast) or "fp32"."""
     device_type = next(model.parameters()).device.type
-    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
-        return lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return "bf16" if precision == "bf16" or (precision == "auto" and device_type == "cuda") else "fp32"
+
+
+def _autocast(precision: str, model: nn.Module):
+    if _precision(precision, model) == "bf16":
+        return lambda: torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
