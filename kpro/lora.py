@@ -80,6 +80,10 @@ class LoRALinear(nn.Module):
         """
         if adapter is None:
             adapter = self.active
+        elif isinstance(adapter, str):
+            self._check_names([adapter])
+        else:
+            self._check_segments(adapter, x.shape[-2])
         out = F.linear(x, self.weight)
         if self.merged is not None:
             asked = {adapter} if adapter is None or isinstance(adapter, str) else {name for _, _, name in adapter}
@@ -94,6 +98,23 @@ class LoRALinear(nn.Module):
         if isinstance(adapter, str):
             return out + (self.scale * self.adapters[adapter](xa)).to(out.dtype)
         return out + (self.scale * self._segment_update(xa, adapter)).to(out.dtype)
+
+    def _check_names(self, names) -> None:
+        unknown = sorted({name for name in names if name is not None and name not in self.adapters})
+        if unknown:
+            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))} (this layer's adapters: "
+                             f"{', '.join(self.adapters)})")
+
+    def _check_segments(self, segments: Segments, length: int) -> None:
+        """Segments must tile the tokens [0, length) in order: a gap would silently run tokens without their
+        adapter, an overlap with two. Python ints only, so no device sync."""
+        starts, ends = [start for start, _, _ in segments], [end for _, end, _ in segments]
+        if starts != [0, *ends[:-1]] or any(end < start for start, end in zip(starts, ends)) or \
+                (ends[-1] if ends else 0) != length:
+            raise ValueError(f"token segments {[tuple(s) for s in segments]} do not tile the sequence of {length} "
+                             f"tokens: give (start, end, adapter) segments in order, each starting where the previous "
+                             f"ends, from 0 to {length}")
+        self._check_names([name for _, _, name in segments])
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         """x in the adapters' dtype (fp32 adapters of a bf16 model), unless autocast chooses the dtype."""
@@ -110,7 +131,7 @@ class LoRALinear(nn.Module):
             return torch.zeros_like(x[..., :1]).expand(*x.shape[:-1], self.out_features)
         a = torch.cat([self.adapters[n].lora_A.weight for n in names])
         b = torch.cat([self.adapters[n].lora_B.weight for n in names], dim=1)
-        keep = x.new_zeros((x.shape[1], len(names) * self.rank))
+        keep = x.new_zeros((x.shape[-2], len(names) * self.rank))
         for start, end, name in segments:
             if name is not None:
                 column = names.index(name) * self.rank
@@ -151,6 +172,11 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     adapters `names`; freeze the whole model except the adapters. Returns the wrapped module paths."""
     if not names:
         raise ValueError("add_adapters needs at least one adapter name")
+    if lora_layers(model):
+        present = list(dict.fromkeys(name for layer in lora_layers(model) for name in layer.adapters))
+        raise ValueError(f"the model has LoRA adapters already ({', '.join(present)}): add_adapters adapts a plain "
+                         "model once; load the model again to start over, or add one more adapter to every layer "
+                         "with `for layer in kpro.lora.lora_layers(model): layer.add_adapter(name)`")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     wrapped = []
     for path, module in list(model.named_modules()):

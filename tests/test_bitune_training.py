@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import kpro
 from kpro import bitune, lora
+from kpro import train as kt
 from kpro.bitune import Bitune
 from kpro.train import collate_prompt_answer
 from conftest import tiny_config
@@ -177,6 +178,33 @@ def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
     assert torch.equal(loaded(*args), tuned(*args))
     with pytest.raises(ValueError, match="unknown method"):
         bitune.tune(kpro.Llama(tiny_config()), pairs, "prefix", tmp_path / "x")
+
+
+@pytest.mark.parametrize("method", ["bitune", "lora"])
+def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
+    pairs = tiny_pairs(16)
+
+    def tune(method=method, steps=2, **settings):
+        return bitune.tune(kpro.Llama(tiny_config()), pairs, method, tmp_path, steps=steps, batch_size=4,
+                           **{"rank": 2, **settings})
+
+    tune(steps=1)
+    config = (tmp_path / "adapters" / "adapter_config.json").read_text()
+    changed = {"rank": 4, "alpha": 16.0, "mode": "only_causal", "weighting": "token"}
+    expected = "rank: 2 in the checkpoint, 4 now\n  alpha: 1.0 in the checkpoint, 16.0 now\n  " + \
+        ("mode: 'bitune' in the checkpoint, 'only_causal' now\n  " if method == "bitune" else "") + \
+        "weighting: 'example' in the checkpoint, 'token' now\nresume with the same settings"
+    with pytest.raises(kpro.CheckpointError, match=r"step-00000001 was tuned with other settings than this call asks "
+                                                   r"for:\n  " + expected.replace("(", r"\(")):
+        tune(**changed)
+    other = "lora" if method == "bitune" else "bitune"
+    with pytest.raises(kpro.CheckpointError, match=rf"method: '{method}' in the checkpoint, '{other}' now"):
+        tune(method=other)
+    assert (tmp_path / "adapters" / "adapter_config.json").read_text() == config  # not rewritten
+    tune(steps=2)  # the same settings resume
+    assert [m["step"] for m in kt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+        tune(steps=-5)
 
 
 def test_cli_end_to_end(tmp_path):

@@ -48,6 +48,20 @@ def test_segments_apply_each_adapter_to_its_tokens():
     torch.testing.assert_close(out[:, 8:], lin(x[:, 8:]))
 
 
+def test_segments_that_do_not_tile_the_sequence_and_unknown_adapters_are_refused():
+    lin = layer()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    for segments in ([(0, 2, "a"), (3, 5, "b")], [(0, 3, "a"), (2, 5, "b")], [(0, 3, "a"), (3, 9, "b")],
+                     [(1, 5, "a")], [(0, 4, "a")], [(0, 3, "a"), (3, 2, "b"), (2, 5, "a")]):
+        with pytest.raises(ValueError, match=r"do not tile the sequence of 5 tokens: .* from 0 to 5"):
+            lin(x, segments)
+    with pytest.raises(ValueError, match=r"no adapter named 'zz' \(this layer's adapters: a, b\)"):
+        lin(x, "zz")
+    with pytest.raises(ValueError, match=r"no adapter named 'zz'"):
+        lin(x, [(0, 2, "a"), (2, 5, "zz")])
+    torch.testing.assert_close(lin(x, [(0, 0, "b"), (0, 5, "a")]), lin(x, "a"))  # an empty segment is harmless
+
+
 def test_merge_and_unmerge():
     lin = layer()
     x = torch.randn(4, 12, dtype=torch.float64)
@@ -126,3 +140,10 @@ def test_bad_arguments():
         lora.LoRALinear(nn.Linear(4, 4, bias=False), ["weight"], rank=2, alpha=1.0)
     with pytest.raises(ValueError, match="no linear layer"):
         lora.add_adapters(kpro.Llama(tiny_config()), ["a"], targets=("nope",))
+
+
+def test_adding_adapters_to_an_adapted_model_names_the_ones_it_has():
+    model = kpro.Llama(tiny_config())
+    lora.add_adapters(model, ["x", "y"], rank=2)
+    with pytest.raises(ValueError, match=r"the model has LoRA adapters already \(x, y\).*load the model again"):
+        lora.add_adapters(model, ["z"])

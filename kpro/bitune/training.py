@@ -7,6 +7,7 @@ every answer token of the step, so long answers weigh more.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from functools import partial
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import adapters, lora, ops
 from ..errors import CheckpointError
 from ..model import Llama
-from ..train import Batches, LossSum, Schedule, adamw, collate_prompt_answer, fit
+from ..train import Batches, Callback, LossSum, Schedule, adamw, collate_prompt_answer, fit, latest_checkpoint
 from ..train.checkpointing import saved_schedule
 from ..train.loss import next_token_targets, output_head_weight
 from .streams import answer_targets, split_streams
@@ -27,6 +28,7 @@ from .wrapper import Bitune
 
 METHODS = ("bitune", "lora")
 WEIGHTINGS = ("example", "token")  # the reference's per-example mean, and the mean over every answer token
+SETTINGS_FILE = "tune_settings.json"  # in each checkpoint of out_dir/run: the set-up a resume must keep
 
 
 def bitune_loss(module, batch: dict, weighting: str = "token") -> LossSum:
@@ -77,6 +79,13 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0 (0: save the untuned adapters), got {steps!r}")
+    out_dir = Path(out_dir)
+    settings = {"method": method, "rank": rank, "alpha": float(alpha), **({"mode": mode} if method == "bitune" else {}),
+                "weighting": weighting}
+    if steps > 0:
+        _check_resumable(out_dir / "run", settings)
     if method == "bitune":
         tuned, loss_fn = Bitune(model, rank=rank, alpha=alpha, mode=mode, seed=seed), partial(bitune_loss, weighting=weighting)
     else:
@@ -84,15 +93,40 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         # The token mean is fit's default loss, lm_loss, exactly.
         tuned, loss_fn = lora.AdaptedModel(model, "causal"), (None if weighting == "token" else partial(lora_loss, weighting=weighting))
     tuned.to(model.embed_tokens.weight.device)
-    out_dir = Path(out_dir)
     if steps > 0:
         batches = Batches(pairs, batch_size, partial(collate_prompt_answer, pad_id=pad_id), seed=seed)
         kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
         fit(tuned, batches, out_dir / "run", steps=steps, optimizer=lambda m: adamw(m, lr, weight_decay=0.0),
             schedule=Schedule("linear", warmup_steps=_warmup_steps(warmup, steps, out_dir / "run"), total_steps=steps),
-            clip_grad_norm=1.0, keep_last=1, callbacks=list(callbacks), stream=stream, log_every=log_every, **kwargs)
+            clip_grad_norm=1.0, keep_last=1, callbacks=[_RecordSettings(settings), *callbacks], stream=stream,
+            log_every=log_every, **kwargs)
     save_tuned_adapters(tuned, out_dir / "adapters")
     return tuned
+
+
+class _RecordSettings(Callback):
+    """Writes tune's settings into each checkpoint, for `_check_resumable`."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def on_save(self, run, directory) -> None:
+        (Path(directory) / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2) + "\n")
+
+
+def _check_resumable(run_dir: Path, settings: dict) -> None:
+    """Refuse to resume a run whose adapters or loss were set up otherwise (fit checks the optimizer and the
+    schedule); checked before any adapter is built, so that a changed rank is named, not its tensor shapes."""
+    last = latest_checkpoint(run_dir)
+    if last is None or not (last / SETTINGS_FILE).is_file():
+        return  # a new run, or one saved before the settings were recorded
+    saved = json.loads((last / SETTINGS_FILE).read_text())
+    differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {settings.get(key)!r} now"
+                   for key in dict.fromkeys([*settings, *saved]) if saved.get(key) != settings.get(key)]
+    if differences:
+        raise CheckpointError(f"{last} was tuned with other settings than this call asks for:\n  "
+                              + "\n  ".join(differences) + f"\nresume with the same settings, or tune into another "
+                              f"out_dir than {run_dir.parent}")
 
 
 def _warmup_steps(warmup: float | None, steps: int, run_dir: Path) -> int:
