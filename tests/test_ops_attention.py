@@ -209,6 +209,83 @@ def test_one_nan_rule_for_queries_keys_and_values_with_and_without_masks(backend
             assert (out[0][dead] == 0).all()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("mode", NAN_MODES)
+def test_infinite_keys_and_values_a_row_does_not_see_never_reach_it(backend, device, mode):
+    """An infinity hides like a NaN: rows that do not see it keep their output. A row that sees an infinite
+    value is not finite; on the torch backend a row that sees an infinite key or value is NaN."""
+    causal, prefix, padded = NAN_MODES[mode]
+    batch, t, dim = 1, 20, 16
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(batch, t, 2, dim, generator=gen) for _ in range(3)]
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(batch, t, dtype=torch.bool)
+        key_mask[0, [0, 1, 12]] = False
+    prefix_lens = None if prefix is None else torch.tensor(prefix)
+    sees = explicit_mask(batch, t, t, causal, prefix_lens, key_mask)[0]  # [Tq, Tk]
+
+    def attend(q, k, v):
+        with ops.backend(backend):
+            return ops.attention(q.to(device), k.to(device), v.to(device), causal=causal,
+                                 prefix_lens=None if prefix_lens is None else prefix_lens.to(device),
+                                 attention_mask=None if key_mask is None else key_mask.to(device)).cpu()
+
+    clean = attend(*base)
+    for which in (1, 2):
+        for pos in (1, 12, 19):
+            for value in (float("inf"), float("-inf")):
+                ins = [x.clone() for x in base]
+                ins[which][0, pos, 1, 3] = value
+                out = attend(*ins)
+                hidden = ~sees[:, pos]
+                torch.testing.assert_close(out[0, hidden], clean[0, hidden], msg=f"{'qkv'[which]}={value} at {pos}")
+                seen = out[0, sees[:, pos], 1]
+                if backend == "torch":
+                    assert seen.isnan().any(-1).all()
+                elif which == 2:
+                    assert (~seen.isfinite()).any(-1).all()
+
+
+@pytest.mark.parametrize("backend, device", [backend_devices()[0], backend_devices()[2]])  # torch, CPU and CUDA
+@pytest.mark.parametrize("mode", NAN_MODES)
+def test_a_nan_reaches_only_the_gradients_of_what_its_rows_touch(backend, device, mode):
+    """The NaN rule in the backward: with a NaN in one query, key or value, dQ is NaN only in the rows that
+    see it (the forward's NaN rows), dK and dV only at the keys those rows see and at the NaN's own
+    position. A key or value no row sees, or the query of a row that sees nothing, leaves every gradient
+    finite. The torch backend only: the Triton backward does not keep this rule (docs/ops.md says why)."""
+    causal, prefix, padded = NAN_MODES[mode]
+    batch, t, dim = 1, 20, 16
+    gen = torch.Generator().manual_seed(1)
+    base = [torch.randn(batch, t, 2, dim, generator=gen) for _ in range(3)]
+    dout = torch.randn(batch, t, 2, dim, generator=gen)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(batch, t, dtype=torch.bool)
+        key_mask[0, [0, 1, 12]] = False  # two left pads (rows 0 and 1 see nothing when causal) and a hole
+    prefix_lens = None if prefix is None else torch.tensor(prefix)
+    sees = explicit_mask(batch, t, t, causal, prefix_lens, key_mask)[0]  # [Tq, Tk]
+    for which in range(3):
+        for pos in (0, 12, 17):
+            ins = [x.clone() for x in base]
+            ins[which][0, pos, 1, 3] = float("nan")
+            ins = [x.to(device).requires_grad_() for x in ins]
+            with ops.backend(backend):
+                out = ops.attention(*ins, causal=causal,
+                                    prefix_lens=None if prefix_lens is None else prefix_lens.to(device),
+                                    attention_mask=None if key_mask is None else key_mask.to(device))
+            out.backward(dout.to(device))
+            nan_rows = out[0, :, 1].isnan().any(-1).cpu()  # the rows that see the NaN
+            touched = sees[nan_rows].any(0)  # the keys those rows see
+            touched[pos] |= which > 0
+            for name, grad, allowed in (("dq", ins[0].grad, nan_rows), ("dk", ins[1].grad, touched),
+                                        ("dv", ins[2].grad, touched)):
+                bad = grad[0, :, 1].isnan().any(-1).cpu() & ~allowed
+                assert not bad.any(), f"{'qkv'[which]} NaN at {pos}: {name} NaN at {bad.nonzero().flatten().tolist()}"
+                assert not grad[0, :, 0].isnan().any(), f"{name} of the other head"
+
+
 @pytest.mark.parametrize("make_mask", [
     lambda m: m.bool(), lambda m: m.long(), lambda m: m.int(), lambda m: m.to(torch.uint8),
 ], ids=["bool", "int64", "int32", "uint8"])
@@ -251,6 +328,52 @@ def test_prefix_lens_as_a_list_and_unclear_shapes():
     q, k, v = (torch.randn(1, 4, 2, 0) for _ in range(3))
     with pytest.raises(ValueError, match="head dim and head counts must be positive"):
         ops.attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_negative_or_bool_prefix_lens_and_non_bool_causal_are_refused(backend, device):
+    """Refused before any backend runs: on the CPU a negative prefix is an error naming its row; a bool
+    tensor is not a length; causal=None (from a config) would silently mean bidirectional."""
+    q, k, v = (torch.randn(2, 6, 1, 16, device=device) for _ in range(3))
+    with ops.backend(backend):
+        for bad in (torch.tensor([3, -1]), [3, -1]):
+            with pytest.raises(ValueError, match=r"attention: prefix_lens must be >= 0, got -1 in row 1"):
+                ops.attention(q, k, v, prefix_lens=bad)
+        with pytest.raises(ValueError, match=r"prefix_lens must be an integer tensor \[B=2\], got \(2,\) torch.bool"):
+            ops.attention(q, k, v, prefix_lens=torch.tensor([True, False]))
+        for bad in (None, 1, torch.tensor(True)):
+            with pytest.raises(ValueError, match=r"attention: causal must be True or False, got"):
+                ops.attention(q, k, v, causal=bad)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_prefix_lens_past_the_keys_mean_every_key_even_past_int32(backend, device):
+    """P > Tk means the whole row is bidirectional; the kernels' int32 copy of 2**32 would wrap to 0."""
+    q, k, v = (torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    expected = plain_attention(q.double(), k.double(), v.double(), torch.ones(1, 6, 6, dtype=torch.bool))
+    q, k, v = (x.to(device) for x in (q, k, v))
+    with ops.backend(backend):
+        for prefix in (6, 7, 2**31, 2**32):
+            out = ops.attention(q, k, v, prefix_lens=torch.tensor([prefix], device=device))
+            assert relative_error(out, expected) < 1e-5, prefix
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_scale_must_be_a_finite_number_above_zero(backend, device):
+    """A scale <= 0, NaN or infinite gave NaN silently; a tensor that requires grad would lose its gradient."""
+    q, k, v = (torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(i)).to(device) for i in range(3))
+    with ops.backend(backend):
+        for bad in (0.0, -0.5, float("nan"), float("inf"), torch.tensor(-1.0)):
+            with pytest.raises(ValueError, match=r"attention: scale must be a finite number > 0, got"):
+                ops.attention(q, k, v, scale=bad)
+        for bad in (True, "0.25"):
+            with pytest.raises(ValueError, match=r"attention: scale must be a finite number > 0, got"):
+                ops.attention(q, k, v, scale=bad)
+        with pytest.raises(ValueError, match=r"attention: scale requires grad"):
+            ops.attention(q, k, v, scale=torch.tensor(0.25, requires_grad=True))
+        with pytest.raises(ValueError, match=r"attention: scale must be a number or a 0-dim tensor"):
+            ops.attention(q, k, v, scale=torch.tensor([0.25]))
+        assert torch.equal(ops.attention(q, k, v, scale=torch.tensor(0.5)), ops.attention(q, k, v, scale=0.5))
 
 
 @pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[3:])

@@ -48,6 +48,48 @@ def test_triton_refuses_float64():
         ops.swiglu(x.double(), x.double())
 
 
+def test_bf16_under_the_interpreter_is_right_without_the_test_suite(tmp_path):
+    """Triton's CPU interpreter reads bf16 bits as integers in tl.dot: kpro fixes it when its triton backend
+    first runs, so a user (no conftest here: a fresh process) gets the right numbers, not garbage."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "bf16.py"
+    script.write_text(
+        "import torch\n"
+        "from kpro import ops\n"
+        "q, k, v = (torch.randn(1, 5, 1, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))\n"
+        "with ops.backend('triton'):\n"
+        "    out = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())\n"
+        "ref = ops.attention(q.double(), k.double(), v.double())\n"
+        "print(float((out.double() - ref).norm() / ref.norm()))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KPRO_BACKEND": ""}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-2
+
+
+def test_bf16_is_refused_under_an_interpreter_kpro_cannot_fix(monkeypatch):
+    """A later interpreter organised differently: bf16 is refused, naming why, rather than computed wrong."""
+    import importlib
+
+    backend_module = importlib.import_module("kpro.ops.backend")  # the module (kpro.ops exports the function)
+
+    def cannot():
+        raise AttributeError("no InterpreterBuilder")
+    monkeypatch.setattr(backend_module, "_interpreter_bf16", None)
+    monkeypatch.setattr(backend_module, "_fix_interpreter_bf16", cannot)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 3, 2, 8)
+    with ops.backend("triton"):
+        with pytest.raises(BackendError, match=r"attention: backend 'triton' cannot run this call: .*bfloat16"):
+            select("attention", q.bfloat16())
+        assert select("attention", q) == "triton"
+
+
 def test_op_without_such_backend():
     q = torch.randn(1, 3, 2, 8)
     with ops.backend("cuda"), pytest.raises(BackendError, match="no cuda implementation of attention"):

@@ -135,6 +135,35 @@ def test_lengths_and_mixing_weights_out_of_range_are_refused(backend, device, in
         ops.bitune_attention(*args)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaNs
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_padded_prompt_keys_and_values_do_not_reach_the_mixing_weights(backend, device, value):
+    """No stream sees a prompt position past prompt_lens: a NaN or infinity there must leave the outputs and
+    every gradient, dα_k and dα_v included, as they are with a finite value there."""
+    tensors, douts, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")  # row 1: prompt of 7 in 19
+    tensors[6], tensors[7] = torch.tensor(0.3), torch.tensor(0.8)
+    clean = run(fused(backend), tensors, douts, (plen, alen), device, torch.float32)
+    for cache in (1, 2):  # k_p, v_p: the bidirectional stream's entry at a padded position of row 1
+        bad = [t.clone() for t in tensors]
+        bad[cache][1, 1, 10, 0, 3] = value
+        got = run(fused(backend), bad, douts, (plen, alen), device, torch.float32)
+        for name, out, expected in zip(NAMES, got, clean):
+            torch.testing.assert_close(out, expected, msg=f"{'kv'[cache - 1]}: {name}")
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def test_scale_must_be_a_finite_number_above_zero(backend, device):
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    args = [t.to(device) for t in tensors[:6]] + [t.float().to(device) for t in tensors[6:]] + [plen, alen]
+    with ops.backend(backend):
+        for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+            with pytest.raises(ValueError, match=r"bitune_attention: scale must be a finite number > 0"):
+                ops.bitune_attention(*args, scale=bad)
+        with pytest.raises(ValueError, match=r"bitune_attention: scale requires grad"):
+            ops.bitune_attention(*args, scale=torch.tensor(0.2, requires_grad=True))
+
+
 @pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[3:])
 def test_opcheck_registration(backend, device):
     """The custom ops' fake and real outputs agree, and their autograd registration holds up."""

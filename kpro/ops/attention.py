@@ -8,10 +8,14 @@ Conventions shared by every backend:
   (`check_attention_mask`; a float mask is refused, an additive one converts with `additive == 0`);
 - a query that can see no key at all (a padding row) gets an output of zeros and no gradient;
 - NaN: a NaN in a row's query, or in a key or value the row sees, makes that row NaN; keys and values
-  the row does not see (padding, positions past the causal limit) never reach it.
+  the row does not see (padding, positions past the causal limit) never reach it, infinite ones included.
+  The torch backend counts an infinity in a query, key or value as a NaN (the Triton kernels let a seen
+  one give what the arithmetic gives).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -78,14 +82,23 @@ def check_attention_args(q, k, v, causal, prefix_lens, attention_mask) -> None:
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
                          f"on {q.device}/{k.device}/{v.device}")
+    if not isinstance(causal, bool):  # None from a config would silently mean bidirectional
+        raise ValueError(f"attention: causal must be True or False, got {causal!r}")
     if causal and tq > tk:
         raise ValueError(f"attention: causal attention needs Tq <= Tk, got Tq={tq}, Tk={tk}")
     if prefix_lens is not None:
         if not causal:
             raise ValueError("attention: prefix_lens only makes sense with causal=True (the rest is causal)")
-        if prefix_lens.shape != (batch,) or prefix_lens.dtype.is_floating_point:
+        if prefix_lens.shape != (batch,) or prefix_lens.dtype.is_floating_point or prefix_lens.dtype.is_complex \
+                or prefix_lens.dtype == torch.bool:
             raise ValueError(f"attention: prefix_lens must be an integer tensor [B={batch}], got "
                              f"{tuple(prefix_lens.shape)} {prefix_lens.dtype}")
+        # Free on the CPU only; elsewhere a negative length counts as 0 (`attention` clamps), no device sync.
+        if prefix_lens.device.type == "cpu" and not torch.compiler.is_compiling():
+            negative = (prefix_lens < 0).nonzero()
+            if negative.numel():
+                row = int(negative[0])
+                raise ValueError(f"attention: prefix_lens must be >= 0, got {int(prefix_lens[row])} in row {row}")
     if attention_mask is not None:
         check_attention_mask(attention_mask, (batch, tk))
 
@@ -111,17 +124,17 @@ def visibility_mask(batch: int, tq: int, tk: int, *, causal: bool, prefix_lens=N
 def attention_reference(q, k, v, causal=True, prefix_lens=None, attention_mask=None, scale=None):
     """Plain PyTorch (scaled_dot_product_attention with an explicit mask where one is needed).
 
-    SDPA's kernels do not keep the NaN rule: a NaN key or value that a row does not see reaches it
-    through 0 · NaN or a NaN score plus -inf, and some of them turn a NaN query row into zeros. So where
-    an input holds a NaN, SDPA runs on the inputs with those rows zeroed, and the rows that see a NaN
-    are set to NaN after (`rows_seeing_nan`). On the CPU in eager mode, inputs whose sums are finite (no
-    NaN or infinity anywhere; one fast reduction each) take SDPA alone; elsewhere the zeroing always runs,
-    which needs no device sync."""
+    SDPA's kernels do not keep the NaN rule: a NaN or infinite key or value that a row does not see
+    reaches it through 0 · NaN, 0 · inf or a NaN score plus -inf, and some of them turn a NaN query row
+    into zeros. So where an input holds a NaN or an infinity, SDPA runs on the inputs with those rows
+    zeroed, and the rows that see one are set to NaN after (`rows_seeing_nan`). On the CPU in eager mode,
+    inputs whose sums are finite (no NaN or infinity anywhere; one fast reduction each) take SDPA alone;
+    elsewhere the zeroing always runs, which needs no device sync."""
     if q.device.type == "cpu" and not torch.compiler.is_compiling() and bool(
             torch.stack((q.detach().sum(), k.detach().sum(), v.detach().sum())).isfinite().all()):  # nothing saved
         return _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
-    nan_q = q.isnan().any(-1)  # [B, Tq, Hq]
-    nan_kv = k.isnan().any(-1) | v.isnan().any(-1)  # [B, Tk, Hkv]
+    nan_q = ~q.isfinite().all(-1)  # [B, Tq, Hq]
+    nan_kv = ~(k.isfinite().all(-1) & v.isfinite().all(-1))  # [B, Tk, Hkv]
     q, k, v = q.masked_fill(nan_q[..., None], 0), k.masked_fill(nan_kv[..., None], 0), v.masked_fill(nan_kv[..., None], 0)
     out = _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
     return out.masked_fill(rows_seeing_nan(nan_q, nan_kv, causal, prefix_lens, attention_mask)[..., None], float("nan"))
@@ -177,20 +190,43 @@ def _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale):
 def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=None, scale: float | None = None):
     """Softmax attention. q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] (Hq a multiple of Hkv) -> [B, Tq, Hq, D]."""
     if prefix_lens is not None and not isinstance(prefix_lens, torch.Tensor):
-        prefix_lens = _lengths_tensor(prefix_lens, "prefix_lens", q.device)
+        prefix_lens = _lengths_tensor(prefix_lens, "prefix_lens")  # on the CPU, where its check is free
     check_attention_args(q, k, v, causal, prefix_lens, attention_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if prefix_lens is not None:
+        # A prefix past the keys covers them all; clamped, it also fits the kernels' int32 copy.
+        prefix_lens = prefix_lens.long().clamp(0, k.shape[1]).to(q.device)
+    scale = softmax_scale(scale, q.shape[-1], "attention")
     backend = select("attention", q)
     if backend == "torch":  # plain PyTorch autograd: SDPA saves what it needs, torch.compile traces it
         return attention_reference(q, k, v, causal, prefix_lens, attention_mask, scale)
     return torch.ops.kpro.attention_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)[0]
 
 
-def _lengths_tensor(lengths, name: str, device) -> torch.Tensor:
-    """A list or tuple of ints as an integer tensor on `device`; anything else is a one-line error."""
+def _lengths_tensor(lengths, name: str) -> torch.Tensor:
+    """A list or tuple of ints as an integer CPU tensor; anything else is a one-line error."""
     if isinstance(lengths, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
-        return torch.tensor(lengths, dtype=torch.int64, device=device)
+        return torch.tensor(lengths, dtype=torch.int64)
     raise ValueError(f"attention: {name} must be an integer tensor [B] (or a list of ints), got {lengths!r}")
+
+
+def softmax_scale(scale, head_dim: int, where: str) -> float:
+    """`scale` as a float, `head_dim ** -0.5` when None. Anything but a finite number > 0 is refused: the
+    kernels would return NaN (a zero or negative scale turns the running maximum into a minimum). A tensor
+    must be 0-dim without grad: the kernels take a float, so a gradient would be dropped silently."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, torch.Tensor):
+        if scale.requires_grad:
+            raise ValueError(f"{where}: scale requires grad, but it is used as a number: no gradient would reach it")
+        if scale.dim() != 0 or scale.dtype == torch.bool:
+            raise ValueError(f"{where}: scale must be a number or a 0-dim tensor, got {tuple(scale.shape)} "
+                             f"{scale.dtype}")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"{where}: scale must be a finite number > 0, got {scale!r}")
+    value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: scale must be a finite number > 0, got {value}")
+    return value
 
 
 # ------------------------------------------------------------------------------ custom op registration

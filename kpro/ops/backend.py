@@ -117,6 +117,10 @@ def unavailable_reason(name: str, op: str, x: torch.Tensor) -> str | None:
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         if x.device.type not in ("cpu", "cuda"):
             return f"Triton does not run on {x.device.type} tensors"
+        if x.device.type == "cpu":
+            problem = interpreter_bf16_problem()  # fixes the interpreter on first use where it can
+            if problem is not None and x.dtype == torch.bfloat16:
+                return problem
     if name == "cuda":
         if x.device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors, got a tensor on {x.device}"
@@ -137,6 +141,73 @@ def kernels(op: str, backend: str, torch_kernels):
 
 def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_interpreter_bf16: str | None = None  # "" once the interpreter computes bf16 right, else why it does not
+
+
+def interpreter_bf16_problem() -> str | None:
+    """Why Triton's CPU interpreter would compute bfloat16 kernels wrong, or None.
+
+    The interpreter (triton 3.x) stores bf16 as raw uint16 bits and (1) hands them to np.matmul as
+    integers, so tl.dot on bf16 returns garbage, and (2) casts fp32 to bf16 by truncating the mantissa,
+    where GPUs round to nearest even. On first call, each of the two that a small check finds wrong is
+    patched (dots decode the bits and accumulate in fp32, as tensor cores do; casts round to nearest even;
+    the kernels are unchanged) and checked again: an interpreter this does not fit gets bf16 refused."""
+    global _interpreter_bf16
+    if _interpreter_bf16 is None:
+        try:
+            _interpreter_bf16 = _fix_interpreter_bf16()
+        except Exception as err:  # an interpreter organised differently
+            _interpreter_bf16 = f"kpro cannot check Triton's interpreter for bfloat16 ({type(err).__name__}: {err})"
+    return _interpreter_bf16 or None
+
+
+def _fix_interpreter_bf16() -> str:
+    import numpy as np
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder, handle = interpreter.InterpreterBuilder, interpreter.TensorHandle
+    original_dot, original_cast = builder.create_dot, builder.cast_impl
+
+    def as_float32(h):
+        return (h.data.astype(np.uint32) << 16).view(np.float32) if h.dtype.scalar == tl.bfloat16 else h.data
+
+    def bf16_bits(values) -> np.ndarray:
+        return torch.tensor(values, dtype=torch.float32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        product = np.matmul(as_float32(a), as_float32(b), dtype=np.float32)
+        return handle(product + d.data, d.dtype.scalar)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return handle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    def dot_ok(dot):  # [1.5, -2] · [3, 0.25] = 4
+        a, b = handle(bf16_bits([[1.5, -2.0]]), tl.bfloat16), handle(bf16_bits([[3.0], [0.25]]), tl.bfloat16)
+        out = dot(builder(), a, b, handle(np.zeros((1, 1), np.float32), tl.float32), "ieee", 0)
+        return out.dtype.scalar == tl.float32 and float(out.data[0, 0]) == 4.0
+
+    def cast_ok(cast):  # 1 + 3/4 of bf16's step above 1 rounds up to the next step; truncation keeps 1
+        x = 1 + 0.75 * 2 ** -7
+        out = cast(builder(), handle(np.array([x], np.float32), tl.float32), tl.bfloat16)
+        return out.dtype.scalar == tl.bfloat16 and np.array_equal(out.data, bf16_bits([x]))
+
+    # Checked before anything is changed: an interpreter that fails the checks is left as it is.
+    dot = original_dot if dot_ok(original_dot) else create_dot
+    cast = original_cast if cast_ok(original_cast) else cast_impl
+    if not (dot_ok(dot) and cast_ok(cast)):
+        return (f"Triton {triton.__version__}'s CPU interpreter computes bfloat16 wrong (tl.dot reads its bits as "
+                "integers) in a way kpro cannot fix; use float16 or float32, or a GPU")
+    builder.create_dot, builder.cast_impl = dot, cast
+    return ""
 
 
 def _parse_choice(default: str | None, per_op: dict, where: str) -> dict[str, str]:

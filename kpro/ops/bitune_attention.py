@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import attention_reference
+from .attention import attention_reference, softmax_scale
 from .backend import kernels, select
 
 
@@ -28,7 +28,7 @@ def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens
     check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens)
     if check_values:
         check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, q_p.shape[2], q_a.shape[1])
-    scale = q_p.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = softmax_scale(scale, q_p.shape[-1], "bitune_attention")
     backend = select("bitune_attention", q_a)
     if backend == "torch":
         return bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens,
@@ -112,7 +112,12 @@ def bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, p
     tp, ta = q_p.shape[2], q_a.shape[1]
     prompt_valid = torch.arange(tp, device=q_p.device) < prompt_lens.to(q_p.device)[:, None]
     answer_valid = torch.arange(ta, device=q_a.device) < answer_lens.to(q_a.device)[:, None]
-    k_mix, v_mix = mix_kv(k_p[0], k_p[1], alpha_k), mix_kv(v_p[0], v_p[1], alpha_v)
+    # No stream sees the keys and values past prompt_lens, but dα sums dK_mix · (K_bidir − K_causal) over
+    # every position: a NaN or infinity there would reach it as 0 · NaN. Zero those entries (finite ones keep
+    # their bits, so the mix still equals the decoding cache's).
+    hidden = ~prompt_valid[None, :, :, None, None]
+    k_in, v_in = (x.masked_fill(hidden & ~x.isfinite(), 0) for x in (k_p, v_p))
+    k_mix, v_mix = mix_kv(k_in[0], k_in[1], alpha_k), mix_kv(v_in[0], v_in[1], alpha_v)
     # Queries aligned to the end of [prompt | answer] keys: causal over the answer, all of the prompt.
     o_a = attention_reference(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), causal=True,
                               attention_mask=torch.cat((prompt_valid, answer_valid), 1), scale=scale)
