@@ -57,6 +57,13 @@ def hf_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) 
                               "adapter into the base weights first, or save the adapters with save_adapters()")
     tied = model.config.tie_word_embeddings
     state_dict = model.state_dict() if state_dict is None else state_dict
+    head, embedding = state_dict.get("lm_head.weight"), state_dict.get("embed_tokens.weight")
+    if tied and head is not None and embedding is not None and not (
+            head.data_ptr() == embedding.data_ptr() or torch.equal(head, embedding)):
+        raise CheckpointError("config.tie_word_embeddings is True, but lm_head.weight is no longer the embedding "
+                              "(load_state_dict(assign=True) unties them, for one): a tied checkpoint would drop it. "
+                              "Tie them again (model.lm_head.weight = model.embed_tokens.weight), or untie the config "
+                              "(model.config = model.config.replace(tie_word_embeddings=False))")
     return {hf_name(name): tensor for name, tensor in state_dict.items()
             if not (tied and name == "lm_head.weight") and ".lora_A." not in name and ".lora_B." not in name}
 

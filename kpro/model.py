@@ -116,6 +116,8 @@ class Llama(nn.Module):
         attention_mask = self._check_inputs(input_ids, attention_mask, past, cache)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, input_ids.shape[1], input_ids.device)
+        else:
+            position_ids = _check_position_ids(position_ids, input_ids.shape)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
         runners = self.block_runners or (run_block,) * len(self.layers)
@@ -129,8 +131,8 @@ class Llama(nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
         batch, length = input_ids.shape
-        if length == 0:
-            raise ValueError("input_ids has no tokens")
+        if length == 0 or batch == 0:
+            raise ValueError(f"input_ids is empty ([B={batch}, T={length}])")
         if cache is not None:
             if cache.batch_size != batch:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {batch}")
@@ -149,6 +151,19 @@ class Llama(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_position_ids(position_ids, shape: tuple) -> torch.Tensor:
+    """Integer positions [B, T] or [1, T] (a [T] tensor is read as [1, T], as Hugging Face does)."""
+    batch, length = shape
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32):
+        got = position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be an integer tensor (int64 or int32), got {got}")
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must be [B={batch}, T={length}] or [1, {length}], got {tuple(position_ids.shape)}")
+    return position_ids
 
 
 def run_block(block: Block, x, cos, sin, attention_mask, kv) -> torch.Tensor:

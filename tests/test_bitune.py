@@ -251,12 +251,16 @@ def test_adapter_files_that_do_not_fit(tmp_path):
     (lambda ids, p, m: (ids, p, m[:3]), "attention_mask must be"),
     (lambda ids, p, m: (ids, p, m.flip(1)), "right-padded"),
     (lambda ids, p, m: (ids.float(), p, m), "integer tensor"),
+    (lambda ids, p, m: (ids.index_fill(1, torch.tensor([1]), 10_000), p, m), r"token ids outside \[0, vocab_size="),
+    (lambda ids, p, m: (ids.index_fill(1, torch.tensor([6]), -1), p, m), r"token ids outside \[0, vocab_size="),
 ])
 def test_bad_input(change, message):
     bt = make()
     ids, plens, mask, _ = batch()
     with pytest.raises(ValueError, match=message):
         bt.loss(*change(ids, plens, mask))
+    with pytest.raises(ValueError, match="token ids outside"):
+        bt.generate([[1, 2, bt.model.config.vocab_size]], 2)
 
 
 def test_a_batch_given_as_streams():

@@ -41,6 +41,19 @@ def test_single_file_round_trip(tmp_path, make_model, tied):
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
+def test_a_tied_config_whose_head_was_untied_is_refused_not_saved_without_it(tmp_path, make_model):
+    model = make_model(dtype=torch.float32, tie_word_embeddings=True)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # unties them
+    kpro.save_pretrained(model, tmp_path / "equal")  # still equal in value: nothing would be lost
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)
+    with pytest.raises(kpro.CheckpointError, match="tie_word_embeddings is True, but lm_head.weight is no longer"):
+        kpro.save_pretrained(model, tmp_path / "ck")
+    model.config = model.config.replace(tie_word_embeddings=False)  # the way out the message gives
+    kpro.save_pretrained(model, tmp_path / "ck")
+    assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
+
+
 def test_sharded_round_trip(tmp_path, make_model):
     model = make_model(dtype=torch.float32)
     kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=20_000)

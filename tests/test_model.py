@@ -155,7 +155,13 @@ def test_backward_reaches_every_parameter(make_model):
 @pytest.mark.parametrize("bad, message", [
     (lambda m: m(torch.zeros(2, 3)), "integer tensor"),
     (lambda m: m(torch.zeros(3, dtype=torch.long)), "integer tensor"),
-    (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "no tokens"),
+    (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), r"input_ids is empty \(\[B=1, T=0\]\)"),
+    (lambda m: m(torch.zeros(0, 3, dtype=torch.long)), r"input_ids is empty \(\[B=0, T=3\]\)"),
+    (lambda m: m(torch.ones(2, 3, dtype=torch.long), position_ids=torch.arange(3.0)[None]),
+     "position_ids must be an integer tensor .int64 or int32., got torch.float32"),
+    (lambda m: m(torch.ones(2, 3, dtype=torch.long), position_ids=torch.ones(2, 3, dtype=torch.bool)), "got torch.bool"),
+    (lambda m: m(torch.ones(2, 3, dtype=torch.long), position_ids=torch.arange(4).expand(2, 4)),
+     r"position_ids must be \[B=2, T=3\] or \[1, 3\], got \(2, 4\)"),
     (lambda m: m(torch.tensor([[1, 999]])), "outside"),
     (lambda m: m(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4)), "attention_mask must be"),
     (lambda m: m(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.full((2, 3), 2)), "1 .real token. and 0"),
@@ -165,3 +171,12 @@ def test_backward_reaches_every_parameter(make_model):
 def test_bad_inputs_are_named(make_model, bad, message):
     with pytest.raises(ValueError, match=message):
         bad(make_model())
+
+
+def test_position_ids_of_one_row_or_one_dimension_apply_to_every_row(make_model):
+    model = make_model(dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    shifted = torch.arange(3, 8)
+    want = model(ids, position_ids=shifted.expand(2, 5))
+    assert torch.equal(model(ids, position_ids=shifted), want) and torch.equal(model(ids, position_ids=shifted[None]), want)
+    assert not torch.allclose(model(ids), want)  # the positions do reach the model
