@@ -139,3 +139,6 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0 and (top_k is not None or top_p is not None):  # greedy would ignore them
+        raise ValueError("top_k and top_p restrict sampling, but temperature 0 decodes greedily: give a temperature "
+                         "above 0 to sample")

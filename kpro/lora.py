@@ -54,6 +54,8 @@ class LoRALinear(nn.Module):
             raise ValueError("LoRALinear wraps bias-free linear layers (LLaMA has none)")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got {alpha!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)

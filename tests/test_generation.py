@@ -95,6 +95,8 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(max_new_tokens=5, temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
     (dict(max_new_tokens=5, temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
     (dict(max_new_tokens=5, pad_token_id=-1), r"pad_token_id -1 is outside the vocabulary \[0, "),
+    (dict(max_new_tokens=5, top_p=0.9), "top_k and top_p restrict sampling, but temperature 0 decodes greedily"),
+    (dict(max_new_tokens=5, top_k=5), "top_k and top_p restrict sampling"),
     (dict(max_new_tokens=5, eos_token_id=[3, 10_000]), r"eos_token_id 10000 is outside the vocabulary"),
     (dict(max_new_tokens=5, top_k=0), "top_k"),
     (dict(max_new_tokens=5, top_p=1.5), "top_p"),

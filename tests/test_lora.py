@@ -134,6 +134,9 @@ def test_add_adapters_to_a_model_and_activate():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="rank"):
         lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=0, alpha=1.0)
+    for alpha in (float("nan"), float("inf"), "8", True):
+        with pytest.raises(ValueError, match="LoRA alpha must be a finite number"):
+            lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=2, alpha=alpha)
     with pytest.raises(ValueError, match="bias-free"):
         lora.LoRALinear(nn.Linear(4, 4), ["a"], rank=2, alpha=1.0)
     with pytest.raises(ValueError, match="taken"):
