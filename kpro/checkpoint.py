@@ -128,9 +128,9 @@ def checked_dtype(dtype) -> torch.dtype | None:
             raise ValueError(f"unknown dtype {dtype!r}; use auto (the checkpoint's own), "
                              f"{', '.join(DTYPE_NAMES)} or a torch floating dtype")
         return DTYPE_NAMES[name]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype (torch.float32, torch.bfloat16, ...) or its name, got "
-                         f"{dtype!r}: a LLaMA's weights are floating point")
+    if not isinstance(dtype, torch.dtype) or dtype not in _SAFETENSORS_DTYPES.values():
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16, torch.float16 or torch.float64 (or its name), "
+                         f"got {dtype!r}: a LLaMA's weights are one of these (float8 weights cannot run the model)")
     return dtype
 
 

@@ -94,9 +94,10 @@ def test_dtype_names_are_accepted_and_non_float_dtypes_refused(tmp_path, make_mo
     for name, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
                         ("fp32", torch.float32), ("auto", torch.float32)):
         assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck", dtype=name).parameters()} == {dtype}
-    with pytest.raises(ValueError, match=r"dtype must be a floating dtype .* got torch.int8: a LLaMA's weights are "
-                                         "floating point"):
-        kpro.load_pretrained(tmp_path / "ck", dtype=torch.int8)
+    for bad in (torch.int8, torch.float8_e4m3fn, torch.complex64):
+        with pytest.raises(ValueError, match=rf"dtype must be torch.float32, torch.bfloat16, torch.float16 or "
+                                             rf"torch.float64 \(or its name\), got {bad}"):
+            kpro.load_pretrained(tmp_path / "ck", dtype=bad)
     with pytest.raises(ValueError, match=r"unknown dtype 'int8'; use auto \(the checkpoint's own\), float32, fp32"):
         kpro.load_pretrained(tmp_path / "ck", dtype="int8")
 
