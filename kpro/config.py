@@ -221,6 +221,15 @@ class LlamaConfig:
                      json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes) -> "LlamaConfig":
+        """A copy with `changes`. The fields derived when left out follow the fields they derive from: a
+        head_dim of hidden_size // num_attention_heads, or num_key_value_heads equal to num_attention_heads
+        (multi-head attention), is derived again from the new values unless given."""
+        if {"hidden_size", "num_attention_heads"} & set(changes) and "head_dim" not in changes \
+                and self.head_dim == self.hidden_size // self.num_attention_heads:
+            changes["head_dim"] = None
+        if "num_attention_heads" in changes and "num_key_value_heads" not in changes \
+                and self.num_key_value_heads == self.num_attention_heads:
+            changes["num_key_value_heads"] = None
         return dataclasses.replace(self, **changes)
 
 

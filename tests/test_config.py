@@ -125,3 +125,14 @@ def test_save_writes_config_json_atomically(tmp_path):
     cfg.replace(num_hidden_layers=2).save(tmp_path / "config.json")
     assert LlamaConfig.from_hf(tmp_path).num_hidden_layers == 2
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary left behind
+
+
+def test_replace_derives_head_dim_and_kv_heads_again_unless_they_were_set_apart():
+    mha = LlamaConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    wider = mha.replace(hidden_size=64)
+    assert (wider.head_dim, wider.num_key_value_heads) == (16, 4)
+    assert mha.replace(num_attention_heads=8).num_key_value_heads == 8 and mha.replace(num_attention_heads=8).head_dim == 4
+    assert mha.replace(hidden_size=64, head_dim=8).head_dim == 8  # given: kept
+    gqa = LlamaConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16)  # head_dim set apart from hidden_size / heads
+    assert (gqa.replace(hidden_size=64).head_dim, gqa.replace(num_attention_heads=8).num_key_value_heads) == (16, 2)
