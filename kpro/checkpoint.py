@@ -232,6 +232,9 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
     Files in an existing directory that are not part of the weights (a tokenizer, say) are kept. A model
     sharded with FSDP2 is gathered to rank 0, which writes it: then every process must call this.
     """
+    if not isinstance(model, Llama):
+        raise TypeError(f"save_pretrained() takes a kpro.Llama, got {type(model).__name__} (a Bitune or LoRA-adapted "
+                        "model: save its adapters with save_adapters, or merge one adapter first)")
     max_shard_bytes = parse_size(max_shard_size)
     if distributed.is_sharded(model):
         return _save_sharded(model, Path(directory), max_shard_bytes)

@@ -134,6 +134,11 @@ class Llama(nn.Module):
         if length == 0 or batch == 0:
             raise ValueError(f"input_ids is empty ([B={batch}, T={length}])")
         if cache is not None:
+            cfg, held = self.config, cache.keys[0].shape
+            if (len(cache.keys), held[2], held[3]) != (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim):
+                raise ValueError(f"cache was made for {len(cache.keys)} layers of {held[2]} key/value heads of dim "
+                                 f"{held[3]}; this model has {cfg.num_hidden_layers} of {cfg.num_key_value_heads} of dim "
+                                 f"{cfg.head_dim}: make it with KVCache(model.config, ...)")
             if cache.batch_size != batch:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {batch}")
             if past + length > cache.max_len:

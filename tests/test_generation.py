@@ -107,6 +107,24 @@ def test_bad_generation_arguments(make_model, kwargs, message):
         kpro.generate(make_model(), torch.ones(1, 3, dtype=torch.long), **kwargs)
 
 
+def test_generate_and_save_name_a_module_that_is_not_a_llama(make_model, tmp_path):
+    model = make_model()
+    kpro.lora.add_adapters(model, ["a"], rank=2)
+    with pytest.raises(TypeError, match=r"generate\(\) takes a kpro.Llama, got AdaptedModel \(a LoRA-adapted model: "
+                                        r"`with kpro.lora.active\(tuned.model, 'a'\)"):
+        kpro.generate(kpro.lora.AdaptedModel(model, "a"), torch.ones(1, 3, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match=r"save_pretrained\(\) takes a kpro.Llama, got Linear"):
+        kpro.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "ck")
+
+
+def test_a_cache_made_for_another_model_is_named(make_model):
+    model, ids = make_model(), torch.ones(1, 3, dtype=torch.long)
+    for change in (dict(num_hidden_layers=model.config.num_hidden_layers + 1), dict(num_key_value_heads=1)):
+        other = model.config.replace(**change)
+        with pytest.raises(ValueError, match=r"cache was made for \d+ layers of \d+ key/value heads of dim \d+; this model"):
+            model(ids, cache=kpro.KVCache(other, 1, 8, next(model.parameters()).dtype))
+
+
 def test_token_ids_of_numpy_and_tensor_integers_are_taken_and_others_refused(make_model):
     model, ids = make_model(), torch.ones(1, 3, dtype=torch.long)
     want = kpro.generate(model, ids, 4, eos_token_id=[5], pad_token_id=2)
