@@ -174,22 +174,29 @@ NAN_MODES = {  # name: (causal, prefix_lens, key mask of the one row)
 }
 
 
+def nan_case(mode: str, seed: int = 0):
+    """One row of 20 positions, 2 heads of 16, in a NAN_MODES mode: (causal, prefix_lens, key_mask, sees
+    [Tq, Tk], q, k, v, dout)."""
+    causal, prefix, padded = NAN_MODES[mode]
+    batch, t, dim = 1, 20, 16
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(batch, t, 2, dim, generator=gen) for _ in range(4))
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(batch, t, dtype=torch.bool)
+        key_mask[0, [0, 1, 12]] = False  # two left pads (rows 0 and 1 see nothing when causal) and a hole
+    prefix_lens = None if prefix is None else torch.tensor(prefix)
+    return causal, prefix_lens, key_mask, explicit_mask(batch, t, t, causal, prefix_lens, key_mask)[0], q, k, v, dout
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaNs
 @pytest.mark.parametrize("backend, device", backend_devices()[:2])
 @pytest.mark.parametrize("mode", NAN_MODES)
 def test_one_nan_rule_for_queries_keys_and_values_with_and_without_masks(backend, device, mode):
     """A row is NaN exactly when its query, or a key or value it sees, holds a NaN; hidden keys (padding,
     beyond the causal limit) never reach a row, and a row that sees nothing stays zero."""
-    causal, prefix, padded = NAN_MODES[mode]
-    batch, t, dim = 1, 20, 16
-    gen = torch.Generator().manual_seed(0)
-    base = [torch.randn(batch, t, 2, dim, generator=gen) for _ in range(3)]
-    key_mask = None
-    if padded:
-        key_mask = torch.ones(batch, t, dtype=torch.bool)
-        key_mask[0, [0, 1, 12]] = False  # two left pads (rows 0 and 1 see nothing when causal) and a hole
-    prefix_lens = None if prefix is None else torch.tensor(prefix)
-    sees = explicit_mask(batch, t, t, causal, prefix_lens, key_mask)[0]  # [Tq, Tk]
+    causal, prefix_lens, key_mask, sees, *base, _ = nan_case(mode)
+    t = sees.shape[0]
     for which in range(3):
         for pos in (1, 5, 12, 17):
             ins = [x.clone() for x in base]
@@ -215,16 +222,7 @@ def test_one_nan_rule_for_queries_keys_and_values_with_and_without_masks(backend
 def test_infinite_keys_and_values_a_row_does_not_see_never_reach_it(backend, device, mode):
     """An infinity hides like a NaN: rows that do not see it keep their output. A row that sees an infinite
     value is not finite; on the torch backend a row that sees an infinite key or value is NaN."""
-    causal, prefix, padded = NAN_MODES[mode]
-    batch, t, dim = 1, 20, 16
-    gen = torch.Generator().manual_seed(0)
-    base = [torch.randn(batch, t, 2, dim, generator=gen) for _ in range(3)]
-    key_mask = None
-    if padded:
-        key_mask = torch.ones(batch, t, dtype=torch.bool)
-        key_mask[0, [0, 1, 12]] = False
-    prefix_lens = None if prefix is None else torch.tensor(prefix)
-    sees = explicit_mask(batch, t, t, causal, prefix_lens, key_mask)[0]  # [Tq, Tk]
+    causal, prefix_lens, key_mask, sees, *base, _ = nan_case(mode)
 
     def attend(q, k, v):
         with ops.backend(backend):
@@ -255,17 +253,7 @@ def test_a_nan_reaches_only_the_gradients_of_what_its_rows_touch(backend, device
     see it (the forward's NaN rows), dK and dV only at the keys those rows see and at the NaN's own
     position. A key or value no row sees, or the query of a row that sees nothing, leaves every gradient
     finite. The torch backend only: the Triton backward does not keep this rule (docs/ops.md says why)."""
-    causal, prefix, padded = NAN_MODES[mode]
-    batch, t, dim = 1, 20, 16
-    gen = torch.Generator().manual_seed(1)
-    base = [torch.randn(batch, t, 2, dim, generator=gen) for _ in range(3)]
-    dout = torch.randn(batch, t, 2, dim, generator=gen)
-    key_mask = None
-    if padded:
-        key_mask = torch.ones(batch, t, dtype=torch.bool)
-        key_mask[0, [0, 1, 12]] = False  # two left pads (rows 0 and 1 see nothing when causal) and a hole
-    prefix_lens = None if prefix is None else torch.tensor(prefix)
-    sees = explicit_mask(batch, t, t, causal, prefix_lens, key_mask)[0]  # [Tq, Tk]
+    causal, prefix_lens, key_mask, sees, *base, dout = nan_case(mode, seed=1)
     for which in range(3):
         for pos in (0, 12, 17):
             ins = [x.clone() for x in base]

@@ -1,4 +1,10 @@
 """Backend choice: env and context manager, auto, forced backends that cannot run, torch.compile."""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,11 +57,6 @@ def test_triton_refuses_float64():
 def test_bf16_under_the_interpreter_is_right_without_the_test_suite(tmp_path):
     """Triton's CPU interpreter reads bf16 bits as integers in tl.dot: kpro fixes it when its triton backend
     first runs, so a user (no conftest here: a fresh process) gets the right numbers, not garbage."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = tmp_path / "bf16.py"
     script.write_text(
         "import torch\n"
@@ -74,8 +75,6 @@ def test_bf16_under_the_interpreter_is_right_without_the_test_suite(tmp_path):
 
 def test_bf16_is_refused_under_an_interpreter_kpro_cannot_fix(monkeypatch):
     """A later interpreter organised differently: bf16 is refused, naming why, rather than computed wrong."""
-    import importlib
-
     backend_module = importlib.import_module("kpro.ops.backend")  # the module (kpro.ops exports the function)
 
     def cannot():
