@@ -24,9 +24,10 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
     (the config's eos unless `eos_token_id` is given; `[]` never stops) and is filled with
     `pad_token_id` after it; decoding ends when every row has stopped.
     """
-    if not isinstance(model, Llama):
+    if not all(hasattr(model, name) for name in ("config", "hidden_states", "norm", "lm_head")):  # a Llama's parts
+        adapted = hasattr(model, "adapter") and isinstance(getattr(model, "model", None), Llama)
         hint = (f" (a LoRA-adapted model: `with kpro.lora.active(tuned.model, {model.adapter!r}): "
-                "kpro.generate(tuned.model, ...)`)") if hasattr(model, "adapter") and isinstance(getattr(model, "model", None), Llama) else ""
+                "kpro.generate(tuned.model, ...)`)") if adapted else ""
         raise TypeError(f"generate() takes a kpro.Llama, got {type(model).__name__}{hint}")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
