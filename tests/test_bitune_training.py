@@ -205,6 +205,8 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
     assert [m["step"] for m in kt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     with pytest.raises(ValueError, match="steps must be an integer >= 0"):
         tune(steps=-5)
+    with pytest.raises(ValueError, match="holds a tuned run: steps=0 would save untrained adapters over its adapters"):
+        tune(steps=0)
 
 
 def test_cli_end_to_end(tmp_path):

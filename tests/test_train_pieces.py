@@ -1,5 +1,6 @@
 """kpro.train pieces on hand-written examples: packing, the prompt/answer collator, the resumable sampler,
 the fp32 masked loss, parameter groups and learning-rate schedules."""
+import collections
 import math
 
 import pytest
@@ -167,6 +168,15 @@ def test_param_groups_skip_decay_on_vectors_and_leave_frozen_out(make_model):
     assert not any(n.startswith("layers.0.") for n in decay | no_decay)
     total = sum(len(g["params"]) for g in groups)
     assert total == sum(1 for p in model.parameters() if p.requires_grad)  # the tied weight once
+
+
+def test_the_default_loss_names_a_batch_that_is_not_a_mapping(make_model):
+    model, ids = make_model(dtype=torch.float32), torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"lm_loss, fit's default loss, takes dict batches .* got Tensor: collate to dicts"):
+        kt.lm_loss(model, ids)
+    with pytest.raises(KeyError, match=r"lm_loss needs batch\['labels'\]; the batch has \['input_ids'\]"):
+        kt.lm_loss(model, {"input_ids": ids})
+    assert kt.lm_loss(model, collections.UserDict(input_ids=ids, labels=ids)).count == 8  # Hugging Face's BatchEncoding
 
 
 def test_optimizer_errors(make_model):

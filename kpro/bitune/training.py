@@ -86,6 +86,9 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
                 "weighting": weighting}
     if steps > 0:
         _check_resumable(out_dir / "run", settings)
+    elif latest_checkpoint(out_dir / "run") is not None:  # the untuned adapters would replace the tuned ones
+        raise ValueError(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
+                         "load them with load_tuned, or tune into another out_dir")
     if method == "bitune":
         tuned, loss_fn = Bitune(model, rank=rank, alpha=alpha, mode=mode, seed=seed), partial(bitune_loss, weighting=weighting)
     else:

@@ -9,6 +9,7 @@ second way on a kpro.Llama.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -115,6 +116,9 @@ def lm_loss(model: torch.nn.Module, batch: dict) -> LossSum:
     states and the head's weight (`causal_lm_loss_from_hidden`): the logits are never made. Any other
     model is called for its logits (`causal_lm_loss`).
     """
+    if not isinstance(batch, Mapping):  # a dict, or a mapping such as Hugging Face's BatchEncoding
+        raise TypeError(f"lm_loss, fit's default loss, takes dict batches {{input_ids, labels, attention_mask?}}, got "
+                        f"{type(batch).__name__}: collate to dicts (kpro.train.Batches does), or give fit a loss_fn")
     for key in ("input_ids", "labels"):
         if key not in batch:
             raise KeyError(f"lm_loss needs batch[{key!r}]; the batch has {sorted(batch)}")
