@@ -196,6 +196,7 @@ def test_nan_and_inf_never_pass(backend, device):
 def test_bad_arguments_are_refused():
     h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 3])
     for args, message in [((h, torch.randn(10, 7), y), "weight must be"), ((h, w, y[:3]), "leading shape"),
+                          ((torch.randn(4, 0), torch.randn(10, 0), y), r"weight must be \[V >= 1, d >= 1\]"),
                           ((h, w, y.float()), "integers"), ((h, w.double(), y), "one floating-point dtype"),
                           ((h, w, torch.tensor([1, 2, 10, 0])), "label 10 is outside"),
                           ((h, w, torch.tensor([1, -1, 0, 0])), "label -1 is outside")]:

@@ -127,7 +127,8 @@ def test_triton_column_loop(monkeypatch):
         assert (relative_error(w.grad, dw_ref) <= 1e-5) if weight_grad else w.grad is None
 
 
-@pytest.mark.parametrize("x_shape, w_shape, message", [((4, 8), (7,), "does not match"), ((4, 8), (8, 1), "does not match")])
+@pytest.mark.parametrize("x_shape, w_shape, message", [((4, 8), (7,), "does not match"), ((4, 8), (8, 1), "does not match"),
+                                                      ((4, 0), (0,), r"x \(4, 0\) has no features to normalise")])
 def test_bad_shapes(x_shape, w_shape, message):
     with pytest.raises(ValueError, match=message):
         ops.rms_norm(torch.randn(x_shape), torch.randn(w_shape))

@@ -107,6 +107,10 @@ def test_bad_inputs():
         ops.swiglu(torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="even"):
         ops.swiglu_packed(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"inputs \(2, 0\) have no features"):
+        ops.swiglu(torch.randn(2, 0), torch.randn(2, 0))
+    with pytest.raises(ValueError, match="have no features"):
+        ops.swiglu_packed(torch.randn(2, 0))
 
 
 @pytest.mark.parametrize("backend, device", backend_devices()[:2] + backend_devices()[2:])

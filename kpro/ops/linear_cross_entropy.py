@@ -76,8 +76,8 @@ def _autocast(hidden, weight):
 
 
 def _check_args(hidden, weight, labels, ignore_index):
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"linear_cross_entropy: weight must be [V >= 1, d] with d = hidden's last dimension; "
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or 0 in weight.shape:
+        raise ValueError(f"linear_cross_entropy: weight must be [V >= 1, d >= 1] with d = hidden's last dimension; "
                          f"got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must have hidden's leading shape "

@@ -28,6 +28,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     if x.dim() == 0 or weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x {tuple(x.shape)} (last dim)")
+    if x.shape[-1] == 0:
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} has no features to normalise (last dimension 0)")
     if x.device != weight.device:
         raise ValueError(f"rms_norm: x is on {x.device}, weight on {weight.device}")
     if not x.is_floating_point() or not weight.is_floating_point():

@@ -35,6 +35,8 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
 def _check_floating(x):
     if not x.is_floating_point():
         raise ValueError(f"swiglu: inputs must be floating point, got {x.dtype}")
+    if x.dim() > 0 and x.shape[-1] == 0:
+        raise ValueError(f"swiglu: inputs {tuple(x.shape)} have no features (last dimension 0)")
 
 
 # ------------------------------------------------------------------------------------ torch backend
