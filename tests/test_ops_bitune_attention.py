@@ -137,19 +137,17 @@ def test_lengths_and_mixing_weights_out_of_range_are_refused(backend, device, in
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaNs
 @pytest.mark.parametrize("backend, device", backend_devices()[:2])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_non_finite_padded_prompt_keys_and_values_do_not_reach_the_mixing_weights(backend, device, value):
+def test_non_finite_padded_prompt_keys_and_values_do_not_reach_the_mixing_weights(backend, device):
     """No stream sees a prompt position past prompt_lens: a NaN or infinity there must leave the outputs and
     every gradient, dα_k and dα_v included, as they are with a finite value there."""
     tensors, douts, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")  # row 1: prompt of 7 in 19
     tensors[6], tensors[7] = torch.tensor(0.3), torch.tensor(0.8)
     clean = run(fused(backend), tensors, douts, (plen, alen), device, torch.float32)
-    for cache in (1, 2):  # k_p, v_p: the bidirectional stream's entry at a padded position of row 1
-        bad = [t.clone() for t in tensors]
-        bad[cache][1, 1, 10, 0, 3] = value
-        got = run(fused(backend), bad, douts, (plen, alen), device, torch.float32)
-        for name, out, expected in zip(NAMES, got, clean):
-            torch.testing.assert_close(out, expected, msg=f"{'kv'[cache - 1]}: {name}")
+    bad = [t.clone() for t in tensors]  # k_p, v_p: the bidirectional stream's entries at padded positions of row 1
+    bad[1][1, 1, 10, 0, 3], bad[2][1, 1, 12, 1, 5], bad[2][1, 1, 9, 0, 0] = float("nan"), float("inf"), -float("inf")
+    got = run(fused(backend), bad, douts, (plen, alen), device, torch.float32)
+    for name, out, expected in zip(NAMES, got, clean):
+        torch.testing.assert_close(out, expected, msg=name)
 
 
 @pytest.mark.parametrize("backend, device", backend_devices()[:2])
