@@ -147,15 +147,21 @@ class Llama(nn.Module):
             all_real = None
         else:  # the op's check (bool or 0/1 integers), with whether every token is real in the same device read
             all_real = ops.check_attention_mask(attention_mask, (batch, past + length), "model", report_all_real=True)
-        if not torch.compiler.is_compiling() and input_ids.device.type == "cpu" and (
-                input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):  # a value read breaks a graph
-            raise ValueError(f"input_ids hold token ids outside [0, vocab_size={self.config.vocab_size})")
+        check_token_ids(input_ids, self.config.vocab_size)
         # A mask of all ones is no mask: take the faster unmasked attention path. A checked mask goes to the
         # layers as bool, whose values need no further look.
         return None if attention_mask is None or all_real else attention_mask.bool()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside the vocabulary; checked on CPU tensors in eager mode only (a value read
+    would sync a GPU and break a compiled graph)."""
+    if not torch.compiler.is_compiling() and ids.device.type == "cpu" and ids.numel() and (
+            ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"input_ids hold token ids outside [0, vocab_size={vocab_size})")
 
 
 def _check_position_ids(position_ids, shape: tuple) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 from .. import adapters, lora, ops
 from ..errors import CheckpointError
 from ..generation import decode
-from ..model import KVCache, Llama
+from ..model import KVCache, Llama, check_token_ids
 from .passes import MODES, fused_passes, separate_passes
 from .streams import Streams, answer_targets, right_pad, split_streams
 
@@ -139,10 +139,8 @@ class Bitune(nn.Module):
         elif fused and not mode.fused:
             raise ValueError(f"mode {self.mode!r} has no fused path (its prompt passes are not one causal and one "
                              "bidirectional); use fused=False")
-        vocab = self.model.config.vocab_size
-        if not torch.compiler.is_compiling() and streams.answer_ids.device.type == "cpu" and any(
-                ids.numel() and (ids.min() < 0 or ids.max() >= vocab) for ids in (streams.prompt_ids, streams.answer_ids)):
-            raise ValueError(f"input_ids hold token ids outside [0, vocab_size={vocab})")  # the model's check
+        for ids in (streams.prompt_ids, streams.answer_ids):
+            check_token_ids(ids, self.model.config.vocab_size)
         run = fused_passes if fused else separate_passes
         return self.model.norm(run(self.model, mode, streams, *self.mix_weights(), cache))
 

@@ -130,14 +130,21 @@ def attention_reference(q, k, v, causal=True, prefix_lens=None, attention_mask=N
     zeroed, and the rows that see one are set to NaN after (`rows_seeing_nan`). On the CPU in eager mode,
     inputs whose sums are finite (no NaN or infinity anywhere; one fast reduction each) take SDPA alone;
     elsewhere the zeroing always runs, which needs no device sync."""
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() and bool(
-            torch.stack((q.detach().sum(), k.detach().sum(), v.detach().sum())).isfinite().all()):  # nothing saved
+    if finite_on_cpu(q, k, v):
         return _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
     nan_q = ~q.isfinite().all(-1)  # [B, Tq, Hq]
     nan_kv = ~(k.isfinite().all(-1) & v.isfinite().all(-1))  # [B, Tk, Hkv]
     q, k, v = q.masked_fill(nan_q[..., None], 0), k.masked_fill(nan_kv[..., None], 0), v.masked_fill(nan_kv[..., None], 0)
     out = _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
     return out.masked_fill(rows_seeing_nan(nan_q, nan_kv, causal, prefix_lens, attention_mask)[..., None], float("nan"))
+
+
+def finite_on_cpu(*tensors) -> bool:
+    """True when the tensors are on the CPU, in eager mode, and hold no NaN or infinity (one fast sum each,
+    nothing saved for autograd): there the reference paths can skip their sanitising. False elsewhere, where
+    asking would sync the device."""
+    return tensors[0].device.type == "cpu" and not torch.compiler.is_compiling() and bool(
+        torch.stack([t.detach().sum() for t in tensors]).isfinite().all())
 
 
 def rows_seeing_nan(nan_q, nan_kv, causal: bool, prefix_lens=None, attention_mask=None) -> torch.Tensor:

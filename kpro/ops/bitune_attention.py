@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import attention_reference, softmax_scale
+from .attention import attention_reference, finite_on_cpu, softmax_scale
 from .backend import kernels, select
 
 
@@ -115,8 +115,10 @@ def bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, p
     # No stream sees the keys and values past prompt_lens, but dα sums dK_mix · (K_bidir − K_causal) over
     # every position: a NaN or infinity there would reach it as 0 · NaN. Zero those entries (finite ones keep
     # their bits, so the mix still equals the decoding cache's).
-    hidden = ~prompt_valid[None, :, :, None, None]
-    k_in, v_in = (x.masked_fill(hidden & ~x.isfinite(), 0) for x in (k_p, v_p))
+    k_in, v_in = k_p, v_p
+    if not finite_on_cpu(k_p, v_p):
+        hidden = ~prompt_valid[None, :, :, None, None]
+        k_in, v_in = (x.masked_fill(hidden & ~x.isfinite(), 0) for x in (k_p, v_p))
     k_mix, v_mix = mix_kv(k_in[0], k_in[1], alpha_k), mix_kv(v_in[0], v_in[1], alpha_v)
     # Queries aligned to the end of [prompt | answer] keys: causal over the answer, all of the prompt.
     o_a = attention_reference(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), causal=True,
