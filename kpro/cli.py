@@ -103,9 +103,11 @@ def cmd_generate(args) -> None:
     import torch
 
     from .checkpoint import load_pretrained
-    from .generation import generate
+    from .generation import check_sampling, generate
     from .tokenizer import load_tokenizer
 
+    # Before the model loads and a seed is printed for a sample that would never be drawn.
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = resolve_device(args.device)
     model = load_pretrained(args.dir, dtype=DTYPES[args.dtype], device=device)
     tok = load_tokenizer(args.dir)

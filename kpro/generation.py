@@ -29,7 +29,7 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         hint = (f" (a LoRA-adapted model: `with kpro.lora.active(tuned.model, {model.adapter!r}): "
                 "kpro.generate(tuned.model, ...)`)") if adapted else ""
         raise TypeError(f"generate() takes a kpro.Llama, got {type(model).__name__}{hint}")
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be an integer tensor [B, T] of prompts (one prompt: ids[None]), got {got}")
@@ -61,7 +61,7 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     """New tokens [B, n] after a prefill: `logits` [B, V] are the last position's, `cache` holds the
     prefill's keys and values and `attention_mask` [B, cache.length] marks its real positions.
     (kpro.generate prefills a plain prompt; Bitune prefills its three streams and continues here.)"""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(stop_after_eos, int) or stop_after_eos < 1:
         raise ValueError(f"stop_after_eos must be a positive integer, got {stop_after_eos!r}")
     cfg = model.config
@@ -135,7 +135,8 @@ def _token_ids(name: str, value, vocab_size: int) -> list[int]:
     return ids
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """Refuse sampling arguments that are out of range or that greedy decoding would ignore."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:

@@ -122,6 +122,9 @@ def test_generate_prints_the_seed_it_drew_and_a_larger_tokenizer_is_refused(tmp_
     again = capsys.readouterr()
     assert again.out == first.out and "sampling with" not in again.err
     assert main(args) == 0 and "--seed" not in capsys.readouterr().err  # greedy: nothing to repeat
+    assert main(args + ["--temperature", "1.0", "--top-k", "0"]) == 1  # refused before a seed is drawn and printed
+    err = capsys.readouterr().err
+    assert "top_k must be a positive integer" in err and "--seed" not in err, err
     kpro.CharTokenizer(ALPHABET + "ijklmnop").save(tmp_path / "ck")
     assert main(args) == 1
     err = capsys.readouterr().err
