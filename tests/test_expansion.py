@@ -83,6 +83,17 @@ def test_new_blocks_are_copies_not_shared(make_model):
     assert model.layers[2].self_attn.q_proj.weight.data_ptr() != model.layers[1].self_attn.q_proj.weight.data_ptr()
 
 
+def test_new_blocks_are_trainable_even_when_their_source_was_frozen(make_model):
+    model = make_model(dtype=torch.float32, num_hidden_layers=2)
+    model.requires_grad_(False)
+    model.layers[1].requires_grad_(True)  # frozen by hand: block 0 frozen, block 1 trainable
+    new_ids = kpro.expand(model, 2, position="interleave")  # copies of blocks 0 and 1
+    for i, block in enumerate(model.layers):
+        trainable = {p.requires_grad for p in block.parameters()}
+        assert trainable == {i in new_ids or i == 2}, (i, trainable)  # old block 1 is now layers.2
+    assert not model.embed_tokens.weight.requires_grad
+
+
 def test_only_new_blocks_change_after_optimizer_steps(make_model):
     model = make_model(dtype=torch.float32, num_hidden_layers=4)
     new_ids = kpro.expand(model, 2)

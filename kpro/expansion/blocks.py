@@ -15,7 +15,9 @@ def expand(model: Llama, num_new_blocks: int, position: str = "interleave") -> l
 
     Each new block is a copy of the block it follows (see `kpro.expansion.layout`) with `o_proj` and
     `down_proj` zeroed: both residual branches add exactly zero, so the expanded model computes the same
-    logits as before. `model.config` becomes a new config with the new `num_hidden_layers`.
+    logits as before. New blocks are trainable (requires_grad=True) even if their source was frozen;
+    the original parameters keep their flags. `model.config` becomes a new config with the new
+    `num_hidden_layers`.
 
     Refused for a model that is being trained (in `train_only` mode, or holding gradients: an optimizer
     built before would miss the new blocks), sharded, or carrying LoRA adapters: expand first.
@@ -32,6 +34,9 @@ def expand(model: Llama, num_new_blocks: int, position: str = "interleave") -> l
             with torch.no_grad():
                 block.self_attn.o_proj.weight.zero_()
                 block.mlp.down_proj.weight.zero_()
+            # A copy of a block frozen by hand would stay frozen, and an optimizer over the trainable
+            # parameters would silently skip the blocks made to be trained.
+            block.requires_grad_(True)
         blocks.append(block)
     model.layers = nn.ModuleList(blocks)
     model.config = model.config.replace(num_hidden_layers=len(blocks))
