@@ -222,6 +222,22 @@ def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
     assert not junk.exists() and kt.latest_checkpoint(tmp_path).name == "step-00000004"
 
 
+def test_a_resume_may_change_the_accumulation(tmp_path):
+    """grad_accum only cuts each step's global batch into micro-batches (to fit memory): a resume with
+    another one continues the same run, up to float rounding."""
+    sgd = dict(clip_grad_norm=None, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+    straight = make_model()
+    kt.fit(straight, batches(), tmp_path / "straight", steps=4, grad_accum=1, **sgd)
+    model = make_model()
+    kt.fit(model, batches(), tmp_path / "resumed", steps=4, grad_accum=1, callbacks=[StopAt(2)], **sgd)
+    model = make_model(seed=5)  # the weights come from the checkpoint
+    kt.fit(model, batches(), tmp_path / "resumed", steps=4, grad_accum=4, **sgd)
+    for (step, a), (_, b) in zip(losses(tmp_path / "straight"), losses(tmp_path / "resumed"), strict=True):
+        assert a == pytest.approx(b, rel=1e-6), step
+    for name, tensor in state_of(straight).items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
 def test_accumulation_weights_every_loss_token_equally(tmp_path):
     """Batches hold different numbers of loss tokens: accumulating micro-batches must give the gradient of
     the whole batch (a token-weighted mean), not a mean of micro-batch means."""
