@@ -1,14 +1,17 @@
 """kpro.train pieces on hand-written examples: packing, the prompt/answer collator, the resumable sampler,
 the fp32 masked loss, parameter groups and learning-rate schedules."""
 import collections
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kpro
 from kpro import train as kt
+from kpro.train.data import content_digest
 
 # ------------------------------------------------------------------------------------------- packing
 
@@ -94,6 +97,31 @@ def test_batches_resume_where_they_stopped():
     assert seen + [_ids(next(it)) for _ in range(4)] == expected
     with pytest.raises(ValueError, match="seed=1.*seed=2"):
         kt.Batches(rows, 3, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="as many examples as the checkpoint's data \\(10\\), but other ones"):
+        kt.Batches(rows + 1, 3, seed=1).load_state_dict(state)  # other data of the same size
+    kt.Batches(rows.clone(), 3, seed=1).load_state_dict(state)  # equal content in another tensor is the same data
+
+
+@pytest.mark.parametrize("examples, changed", [
+    ([([1, 2], [3]), ([4], [5, 6])], [([1, 2], [3]), ([4, 5], [6])]),  # the same tokens, cut elsewhere
+    ([("a 1", "2", "left")], [("a 1", "2", "right")]),
+    ([{"ids": torch.tensor([1, 2])}], [{"ids": torch.tensor([1, 3])}]),
+    ([np.array([1.0, 2.0])], [np.array([1.0, 2.5])]),
+])
+def test_the_content_digest_tells_other_examples_apart(examples, changed):
+    assert content_digest(examples) == content_digest(copy.deepcopy(examples)) is not None
+    assert content_digest(changed) != content_digest(examples)
+
+
+def test_examples_without_a_stable_content_are_not_checked():
+    class Opaque:  # its repr would hold an address that changes from run to run
+        pass
+
+    state = kt.Batches([Opaque(), Opaque()], 1).state_dict()
+    assert state["digest"] is None
+    kt.Batches([Opaque(), Opaque()], 1).load_state_dict(state)
+    del state["digest"]  # a checkpoint written before the digest was kept
+    kt.Batches([[1], [2]], 1).load_state_dict(state)
 
 
 def test_batches_errors():
@@ -242,9 +270,8 @@ def test_schedule_errors():
 
 
 def test_pack_documents_takes_tensors_and_arrays():
-    import numpy as np
-
     rows = kt.pack_documents([torch.tensor([5, 6, 7]), np.array([8, 9])], seq_len=4, eos_id=2)
     assert rows.tolist() == [[5, 6, 7, 2], [2, 8, 9, 2]] and rows.dtype == torch.long
-    with pytest.raises(ValueError, match="seed must be an integer"):
-        kt.Batches(rows, 1, seed="0")
+    for seed in ("0", -1, True):  # hash(-1) == hash(-2): two negative seeds would give one order
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            kt.Batches(rows, 1, seed=seed)

@@ -4,10 +4,15 @@ Batches are dicts of tensors [B, ...] with labels aligned to `input_ids` (see `k
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+from array import array
+from collections.abc import Mapping
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .loss import IGNORE_INDEX
@@ -84,8 +89,9 @@ class Batches:
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True):
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(seed, int):  # hash() of other types changes from process to process
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        # hash() of other types changes from process to process, and hash(-1) == hash(-2)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if len(examples) == 0:
             raise ValueError("Batches got no examples")
         if len(examples) < batch_size and drop_last:
@@ -93,6 +99,7 @@ class Batches:
         self.examples, self.batch_size, self.collate = examples, batch_size, collate
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch, self.index = 0, 0  # position: batches already taken from this epoch
+        self._digest: str | None | bool = False  # the examples' content digest, computed once when first asked
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -115,16 +122,77 @@ class Batches:
             self.epoch, self.index = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
+        if self._digest is False:
+            self._digest = content_digest(self.examples)
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
-                "num_examples": len(self.examples), "shuffle": self.shuffle}
+                "num_examples": len(self.examples), "shuffle": self.shuffle, "digest": self._digest}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume where `state` left off; other data (seed, batch size, count, shuffling, or content: the
+        same number of other examples) is refused. A digest missing on either side (an older checkpoint,
+        examples without a stable content) leaves the content unchecked."""
         mine = self.state_dict()
         for key in ("seed", "batch_size", "num_examples", "shuffle"):
             if state[key] != mine[key]:
                 raise ValueError(f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, "
                                  f"these have {key}={mine[key]!r}")
+        if state.get("digest") is not None and mine["digest"] is not None and state["digest"] != mine["digest"]:
+            raise ValueError(f"cannot resume these batches: they hold as many examples as the checkpoint's data "
+                             f"({mine['num_examples']}), but other ones (content digest {mine['digest'][:12]}, the "
+                             f"checkpoint's {state['digest'][:12]}); resume with the run's own data, or start a new run")
         self.epoch, self.index = state["epoch"], state["index"]
+
+
+class _NoStableContent(Exception):
+    pass
+
+
+def content_digest(examples: Sequence) -> str | None:
+    """SHA-256 of the examples' content (token lists, tensors, arrays, strings, numbers, and tuples, lists,
+    mappings and dataclasses of them), or None if an example holds anything else, whose content cannot be
+    told from its identity."""
+    digest = hashlib.sha256()
+    try:
+        if isinstance(examples, (torch.Tensor, np.ndarray)):  # rows [N, T] (pack_documents): one pass
+            _feed(digest, examples)
+        else:
+            for example in examples:
+                _feed(digest, example)
+    except _NoStableContent:
+        return None
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, (list, tuple)):
+        try:  # a token list: C speed, and every example of a large dataset is one
+            digest.update(b"q%d;" % len(value) + array("q", value).tobytes())
+            return
+        except (TypeError, OverflowError):
+            pass
+        digest.update(b"%s%d;" % (type(value).__name__.encode(), len(value)))
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, (torch.Tensor, np.ndarray)):
+        tensor = torch.as_tensor(value).detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.generic):
+        _feed(digest, value.item())
+    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+        text = repr(value).encode()
+        digest.update(b"%s%d;" % (type(value).__name__.encode(), len(text)) + text)
+    elif isinstance(value, Mapping):
+        digest.update(b"map%d;" % len(value))
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        digest.update(type(value).__name__.encode() + b";")
+        for field in dataclasses.fields(value):
+            _feed(digest, getattr(value, field.name))
+    else:
+        raise _NoStableContent
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
