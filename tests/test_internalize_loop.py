@@ -35,6 +35,9 @@ def examples(count=48):
     return tokenize_examples([parse_line(line) for line in multiplication_training_set(3, count, seed=1)], TOK)
 
 
+VALID = [parse_line(line) for line in multiplication_training_set(3, 2, seed=9)]  # scored by a stand-in or in full
+
+
 def make_model(seed=0):
     torch.manual_seed(seed)
     return kpro.Llama(kpro.LlamaConfig(vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=64,
@@ -206,7 +209,7 @@ def test_select_best_keeps_the_best_weights_once_the_cot_is_gone(tmp_path, monke
     # the 0.9 at step 4 had CoT left and does not count; the selection takes step 10's 0.7 over 12's 0.6.
     scripted_accuracies(monkeypatch, [0.5, 0.9, 0.2, 0.3, 0.7, 0.6])
     snapshots = Snapshots()
-    best = ValidationAccuracy(TOK, [], 2, select_best=True)
+    best = ValidationAccuracy(TOK, VALID, 2, select_best=True)
     model, run = train_fast(tmp_path / "run", callbacks=[best, snapshots])
     assert best.selected == {"step": 10, "accuracy": 0.7} and run.step == 12
     for name, tensor in model.state_dict().items():
@@ -215,8 +218,8 @@ def test_select_best_keeps_the_best_weights_once_the_cot_is_gone(tmp_path, monke
 
     # Stopped after the best and resumed: the best weights come back from the checkpoint.
     scripted_accuracies(monkeypatch, [0.5, 0.9, 0.2, 0.3, 0.7] + [0.6])
-    train_fast(tmp_path / "resumed", callbacks=[ValidationAccuracy(TOK, [], 2, select_best=True), StopAt(11)])
-    again = ValidationAccuracy(TOK, [], 2, select_best=True)
+    train_fast(tmp_path / "resumed", callbacks=[ValidationAccuracy(TOK, VALID, 2, select_best=True), StopAt(11)])
+    again = ValidationAccuracy(TOK, VALID, 2, select_best=True)
     resumed, _ = train_fast(tmp_path / "resumed", model=make_model(seed=5), callbacks=[again])
     assert again.selected == {"step": 10, "accuracy": 0.7}
     for name, tensor in resumed.state_dict().items():
@@ -224,7 +227,7 @@ def test_select_best_keeps_the_best_weights_once_the_cot_is_gone(tmp_path, monke
 
     # Without select_best the final weights stay; with it but no evaluation after the CoT is gone, too.
     scripted_accuracies(monkeypatch, [0.5, 0.9])
-    early, snapshots = ValidationAccuracy(TOK, [], 2, select_best=True), Snapshots()
+    early, snapshots = ValidationAccuracy(TOK, VALID, 2, select_best=True), Snapshots()
     model, _ = train_fast(tmp_path / "early", callbacks=[early, snapshots], steps=4)
     assert early.selected is None
     assert all(torch.equal(tensor, snapshots.weights[4][name]) for name, tensor in model.state_dict().items())
@@ -417,6 +420,35 @@ def test_a_bad_data_line_is_reported_with_its_file_and_line(tmp_path, capsys):
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and f"{tmp_path / 'train.txt'}:3: expected one '||'" in err and err.count("\n") == 1
+
+
+def test_the_command_sizes_a_new_model_for_evaluating_examples_of_varied_lengths(tmp_path, capsys):
+    """The longest prompt and the longest CoT come from different examples: evaluating them takes more
+    positions than the longest example (a batch pads its prompts to its longest and decodes for the set's
+    longest reference), so a model sized by the longest example failed at its first validation."""
+    (tmp_path / "mix.txt").write_text("a b c d e f g h i j||x #### y\na||p q r s t u v w x y z #### y\n"
+                                      "a b||x y #### z\nb||x #### y\n")
+    out = tmp_path / "run"
+    assert main(["internalize", "--train", str(tmp_path / "mix.txt"), "--valid", str(tmp_path / "mix.txt"),
+                 "--out", str(out), "--batch-size", "2", "--steps", "4", "--remove-per-epoch", "1", "--layers", "1",
+                 "--hidden", "16", "--heads", "2", "--intermediate", "32", "--threads", "1"]) == 0, \
+        capsys.readouterr().err
+    assert "internalized, valid: accuracy" in capsys.readouterr().out
+    assert json.loads((out / "model" / "config.json").read_text())["max_position_embeddings"] == 12 + 15 + 8
+
+
+def test_validation_is_checked_before_training(tmp_path):
+    with pytest.raises(ValueError, match="at least one example"):
+        ValidationAccuracy(TOK, [], every=1)
+    valid = VALID
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        ValidationAccuracy(TOK, valid, every=1, batch_size=0)
+    with pytest.raises(TypeError, match="CoTExamples"):
+        ValidationAccuracy(TOK, tokenize_examples(valid, TOK), every=1)
+    short = kpro.Llama(make_model().config.replace(max_position_embeddings=40))
+    with pytest.raises(ValueError, match=r"evaluating the validation examples takes up to \d+ positions"):
+        train(tmp_path, model=short, callbacks=[ValidationAccuracy(TOK, valid, every=5)])
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
 
 
 def test_a_model_whose_tokenizer_lacks_a_symbol_is_refused(tmp_path, capsys):

@@ -25,7 +25,7 @@ from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
 from .data import PUBLISHED_TASKS, read_examples, read_published
-from .evaluation import MARGIN_TOKENS, evaluate
+from .evaluation import evaluate, evaluation_positions
 from .loop import (NO_REMOVAL, OFFICIAL_WEIGHT_DECAY, REMOVE_EVERYTHING, ValidationAccuracy, fit_internalization,
                    lr_schedule, mean_cot_tokens)
 from .multiplication import (PUBLISHED_SIZES, multiplication_lines, multiplication_operands, multiplication_pairs,
@@ -158,8 +158,7 @@ def run_command(args) -> None:
     else:
         tokenizer = symbol_tokenizer_for([*train_examples, *(e for examples in evaluation_sets.values() for e in examples)])
     tokenized = _tokenize(train_examples, tokenizer, "the training set")
-    positions = MARGIN_TOKENS + max(len(t.ids) for t in tokenized + [t for split, examples in evaluation_sets.items()
-                                                                       for t in _tokenize(examples, tokenizer, split)])
+    positions = _positions_needed(tokenizer, tokenized, evaluation_sets)
     if args.model is None:
         torch.manual_seed(args.seed)
         model = Llama(_new_model_config(args, tokenizer, positions)).to(args.device)
@@ -308,12 +307,14 @@ def _tokenize(examples, tokenizer, what: str):
         raise ValueError(f"{what}: {err}") from None
 
 
-def _longest_example(tokenizer, train_examples, evaluation_sets) -> int:
-    """Positions the model must handle: the longest example, plus evaluation's decoding margin."""
-    longest = 0
-    for what, examples in (("the training set", train_examples), *evaluation_sets.items()):
-        longest = max([longest] + [len(t.ids) for t in _tokenize(examples, tokenizer, what)])
-    return longest + MARGIN_TOKENS
+def _positions_needed(tokenizer, tokenized_train, evaluation_sets) -> int:
+    """Positions the model must handle: the longest training example, and what evaluating each set takes
+    (its longest prompt plus its longest reference plus the decoding margin; not its longest example)."""
+    needs = [max((len(t.ids) for t in tokenized_train), default=0)]  # none under --eval-only
+    for split, examples in evaluation_sets.items():
+        _tokenize(examples, tokenizer, split)  # names the split of a symbol the tokenizer lacks
+        needs.append(evaluation_positions(examples, tokenizer))
+    return max(needs)
 
 
 def _new_model_config(args, tokenizer, positions: int) -> LlamaConfig:

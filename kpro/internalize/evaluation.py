@@ -17,7 +17,7 @@ import torch
 from ..generation import generate
 from ..tokenizer import pad_left
 from .data import ANSWER_MARK, CoTExample
-from .tokenization import prompt_ids, tokenize_example
+from .tokenization import tokenize_example
 
 MARGIN_TOKENS = 8  # default max_new_tokens: the longest reference `cot <eos> #### answer <eos>` plus this
 
@@ -50,20 +50,19 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
     `max_new_tokens` defaults to the longest reference `cot <eos> #### answer <eos>` of `examples`
     (in tokens) plus MARGIN_TOKENS; decoding ends as soon as every row of a batch has stopped.
     """
-    examples = list(examples)
-    if not examples:
-        raise ValueError("evaluate needs at least one example")
-    if not all(isinstance(example, CoTExample) for example in examples):
-        raise TypeError("evaluate takes CoTExamples (see read_examples)")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    examples = check_evaluation_examples(examples, batch_size)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
+    tokenized = [tokenize_example(e, tokenizer, bos) for e in examples]
     if max_new_tokens is None:
-        max_new_tokens = MARGIN_TOKENS + max(len(t.ids) - t.cot_start
-                                             for t in (tokenize_example(e, tokenizer, bos) for e in examples))
-    prompts = [prompt_ids(example, tokenizer, bos) for example in examples]
+        max_new_tokens = MARGIN_TOKENS + max(len(t.ids) - t.cot_start for t in tokenized)
+    longest_prompt = max(t.cot_start for t in tokenized)
+    if longest_prompt + max_new_tokens > model.config.max_position_embeddings:  # before any batch is decoded
+        raise ValueError(f"evaluating these examples takes up to {longest_prompt + max_new_tokens} positions (the "
+                         f"longest prompt, {longest_prompt} tokens, + max_new_tokens={max_new_tokens}), more than "
+                         f"the model's max_position_embeddings={model.config.max_position_embeddings}")
+    prompts = [list(t.prompt) for t in tokenized]
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
     generated: list[list[int]] = [[] for _ in examples]
@@ -82,6 +81,25 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
     correct = sum(p.correct for p in predictions)
     return Evaluation(accuracy=correct / len(examples), examples_per_second=len(examples) / seconds,
                       seconds=seconds, correct=correct, total=len(examples), predictions=predictions)
+
+
+def check_evaluation_examples(examples, batch_size) -> list[CoTExample]:
+    """The examples as a list, refused when empty or not CoTExamples, and a positive batch size."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    if not all(isinstance(example, CoTExample) for example in examples):
+        raise TypeError("evaluate takes CoTExamples (see read_examples)")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return examples
+
+
+def evaluation_positions(examples, tokenizer, bos: bool = True) -> int:
+    """Positions `evaluate` needs for `examples` with its default max_new_tokens: the longest prompt (a batch
+    is padded to its longest) plus the longest reference `cot <eos> #### answer <eos>` plus MARGIN_TOKENS."""
+    tokenized = [tokenize_example(e, tokenizer, bos) for e in examples]
+    return max(t.cot_start for t in tokenized) + max(len(t.ids) - t.cot_start for t in tokenized) + MARGIN_TOKENS
 
 
 def read_prediction(new_ids, reference_answer: str, tokenizer) -> Prediction:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..train import Batches, Callback, Run, Schedule, adamw, fit
 from .batching import collate, remove_cot
-from .evaluation import evaluate
+from .evaluation import MARGIN_TOKENS, check_evaluation_examples, evaluate, evaluation_positions
 from .schedule import REMOVE_ALL, RemovalSchedule
 from .tokenization import TokenizedExample
 
@@ -155,7 +155,7 @@ class ValidationAccuracy(Callback):
                  stream=None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        self.tokenizer, self.examples, self.every = tokenizer, list(examples), every
+        self.tokenizer, self.examples, self.every = tokenizer, check_evaluation_examples(examples, batch_size), every
         self.batch_size, self.select_best, self.stream = batch_size, bool(select_best), stream
         self._best: dict | None = None  # {"step", "accuracy", "weights"} once an evaluation follows the CoT's removal
         self.selected: dict | None = None
@@ -163,6 +163,12 @@ class ValidationAccuracy(Callback):
     def on_fit_start(self, run: Run) -> None:
         if self.select_best and run.env.world_size > 1:
             raise ValueError("ValidationAccuracy(select_best=True) evaluates in one process; run it without torchrun")
+        # Refused now, not after `every` steps of training.
+        needed, limit = evaluation_positions(self.examples, self.tokenizer), run.model.config.max_position_embeddings
+        if needed > limit:
+            raise ValueError(f"evaluating the validation examples takes up to {needed} positions (the longest prompt "
+                             f"+ the longest reference + {MARGIN_TOKENS}), more than the model's "
+                             f"max_position_embeddings={limit}")
 
     def on_step_end(self, run: Run, metrics: dict) -> None:
         if self.select_best and metrics.get("cot_rows_left", 0) > 0:
