@@ -42,6 +42,21 @@ if not CUDA:
     _interpreter_loop_bounds()
 
 
+def pytest_collection_finish(session):
+    # The compile report takes minutes of one core: start it now, beside the tests that run before its own.
+    if any(item.path.name == "test_triton_gpu_compile.py" for item in session.items):
+        import importlib.util
+
+        if importlib.util.find_spec("triton.backends.nvidia") is not None:
+            import _compile_report
+            _compile_report.start()
+
+
+def pytest_sessionfinish(session):
+    import _compile_report
+    _compile_report.stop()
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("cuda") and not CUDA:
         pytest.skip("needs an NVIDIA GPU")

@@ -11,12 +11,10 @@ which changes in Triton 3.10.
 The checks themselves are in kpro/ops/report.py (CHECKS) and are shown to fail in tests/test_ops_report.py.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+import _compile_report
 from kpro.ops import report
 
 ARCHS = (80, 90)
@@ -25,11 +23,9 @@ ARCHS = (80, 90)
 @pytest.fixture(scope="module")
 def records() -> list[dict]:
     pytest.importorskip("triton.backends.nvidia", reason="this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "kpro.ops.report", "--arch", "80", "--arch", "90", "--json"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    returncode, stdout, stderr = _compile_report.result()  # started at collection (conftest.py)
+    assert returncode == 0, stderr[-3000:]
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def test_every_kernel_and_case_is_compiled_for_both_targets(records):
