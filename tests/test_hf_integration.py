@@ -4,6 +4,7 @@ interpreter), greedy generation, HF Trainer steps with the stock losses, torch.c
 and callers pass (converted or refused by name), unsupported models refused with nothing changed, and
 train_only's frozen-block gradient skipping with kpro's accounting. `import kpro` never imports any of it."""
 import copy
+import inspect
 import subprocess
 import sys
 
@@ -246,6 +247,17 @@ def test_masks_kpro_cannot_take_are_refused_by_name():
     additive_2d = (1.0 - mask.float()) * torch.finfo(torch.float32).min
     with pytest.raises(ValueError, match="additive float mask"):
         kpro_hf.key_padding_mask(additive_2d, 3, t, t, True)
+    for call in (model, model.model):  # transformers would make it boolean first: real tokens hidden, padding seen
+        with pytest.raises(ValueError, match="additive float mask"):
+            call(input_ids=ids, attention_mask=additive_2d)
+    with pytest.raises(ValueError, match="additive float mask"):
+        model(ids, additive_2d)  # given by position
+    with pytest.raises(NotImplementedError, match="no attention weights"):
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    static = transformers.StaticCache(config=model.config, max_cache_len=2 * t)
+    with pytest.raises(NotImplementedError, match="a static cache puts them elsewhere"):
+        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model(input_ids=ids, use_cache=True, **{cache_argument: static})  # the prefill: no tensor offset yet
     packed = torch.cat([torch.arange(6), torch.arange(t - 6)]).expand(3, -1)
     with pytest.raises(NotImplementedError, match="packed sequences"):
         model(input_ids=ids, position_ids=packed)

@@ -109,6 +109,10 @@ def apply(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, attentio
     before = config._attn_implementation
     if attention:
         register()
+        for module in {model, model.base_model}:  # the base model may be called on its own
+            if not getattr(module, "_kpro_checks_inputs", False):
+                module.register_forward_pre_hook(check_model_inputs, with_kwargs=True)
+                module._kpro_checks_inputs = True
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(ATTENTION)
         else:  # older transformers
@@ -161,13 +165,30 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION, attention_mask)
 
 
+def check_model_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """What transformers would take silently and kpro's attention cannot honour, checked before the forward
+    (a pre-hook that `apply` installs): transformers turns a 2-D mask into booleans before kpro sees it, so an
+    additive 2-D mask would hide the real tokens and show the padding; and kpro computes no attention weights."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype != torch.bool
+            and not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any())):
+        raise ValueError("a 2-D attention mask must hold 1 (real token) and 0 (padding); this one holds other "
+                         "values (an additive float mask?): pass the 0/1 mask")
+    asked = kwargs.get("output_attentions")
+    if asked or (asked is None and getattr(module.config, "output_attentions", False)):
+        raise NotImplementedError("kpro attention computes no attention weights (output_attentions=True); use "
+                                  "another attn_implementation to inspect them")
+
+
 def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                    attention_mask=None, **kwargs):
     """The mask transformers builds once per forward for "kpro": the 2-D key-padding mask [B, kv_length]
     (True = real token), or None when there is none; kpro's attention applies causality itself."""
     if mask_function is bidirectional_mask_function:
         raise NotImplementedError("kpro attention in transformers is causal; this model asks for bidirectional masks")
-    if isinstance(q_offset, torch.Tensor):  # transformers' static cache layers give tensors
+    # kpro aligns the queries with the last keys. A static cache gives a tensor offset when decoding and, when
+    # prefilling, keys for all its slots (most of them empty) after the queries.
+    if isinstance(q_offset, torch.Tensor) or q_offset + q_length != kv_offset + kv_length:
         raise NotImplementedError("kpro attention needs the new queries at the end of the keys (a DynamicCache); "
                                   "a static cache puts them elsewhere: generate with cache_implementation='dynamic'")
     if attention_mask is None:
