@@ -108,9 +108,17 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | str = "au
         dtype, state = wanted, {}
         for name in expected:
             tensor = handles[location[name]].get_tensor(name)
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"{directory}: tensor {name} has dtype {tensor.dtype}; expected floating point")
+            if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
+                raise CheckpointError(f"{directory}: tensor {name} has dtype {tensor.dtype}; expected fp32, bf16, fp16 "
+                                      "or fp64")
             state[name[len("model."):] if name.startswith("model.") else name] = tensor.to(device=device, dtype=dtype)
+        if cfg.tie_word_embeddings and "lm_head.weight" in location:  # a tied head saved anyway must be the embedding
+            head = handles[location["lm_head.weight"]].get_tensor("lm_head.weight")
+            if not torch.equal(head.to(state["embed_tokens.weight"]), state["embed_tokens.weight"]):
+                raise CheckpointError(f"{directory}: config.json ties the head to the embedding "
+                                      "(tie_word_embeddings=true), but the checkpoint's lm_head.weight differs from "
+                                      "model.embed_tokens.weight; set tie_word_embeddings to false to load the head "
+                                      "as saved, or drop lm_head.weight to tie it")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -152,11 +160,18 @@ def _checkpoint_dtype(directory: Path, slices: dict) -> torch.dtype:
 def tensor_locations(directory: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the file holding it."""
     index, single = directory / INDEX_NAME, directory / WEIGHTS_NAME
+    if index.is_file() and single.is_file():  # transformers would read one, older tools the other
+        raise CheckpointError(f"{directory} holds both {WEIGHTS_NAME} and a sharded checkpoint ({INDEX_NAME}); which "
+                              "one is the model is ambiguous: remove the other")
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) and isinstance(file, str)
+                                                       for name, file in weight_map.items()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: its 'weight_map' must map each tensor "
+                                  "name to a shard file name")
         missing_files = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
         if missing_files:
             raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(missing_files)}")

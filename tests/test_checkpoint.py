@@ -200,6 +200,40 @@ def test_an_index_pointing_at_the_wrong_shard_is_named(tmp_path, make_model):
         kpro.load_pretrained(tmp_path / "ck")
 
 
+def test_ambiguous_and_malformed_weight_files_are_refused(tmp_path, make_model):
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck", max_shard_size=20_000)
+    kpro.save_pretrained(make_model(seed=1, dtype=torch.float32), tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").rename(tmp_path / "ck" / "model.safetensors")
+    with pytest.raises(kpro.CheckpointError, match="holds both model.safetensors and a sharded checkpoint"):
+        kpro.load_pretrained(tmp_path / "ck")  # transformers reads the single file, kpro read the shards
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    index_file = tmp_path / "ck" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    for weight_map in (list(index["weight_map"]), {**index["weight_map"], "model.norm.weight": 3}):
+        index_file.write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(kpro.CheckpointError, match="'weight_map' must map each tensor name to a shard file"):
+            kpro.load_pretrained(tmp_path / "ck")
+
+
+def test_a_tied_config_with_a_saved_head_other_than_the_embedding_is_refused(tmp_path, make_model):
+    kpro.save_pretrained(make_model(dtype=torch.float32, tie_word_embeddings=True), tmp_path / "ck")
+    file = tmp_path / "ck" / "model.safetensors"
+    _rewrite(file, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    loaded = kpro.load_pretrained(tmp_path / "ck")  # saved anyway, equal: fine
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    _rewrite(file, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 0.5}))
+    with pytest.raises(kpro.CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        kpro.load_pretrained(tmp_path / "ck")  # transformers would untie and use it; kpro dropped it
+
+
+def test_a_float8_tensor_is_refused(tmp_path, make_model):
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
+    _rewrite(tmp_path / "ck" / "model.safetensors",
+             lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.float8_e4m3fn)}))
+    with pytest.raises(kpro.CheckpointError, match="model.norm.weight has dtype torch.float8_e4m3fn"):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
 def test_directory_without_weights_or_config(tmp_path):
     (tmp_path / "ck").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
