@@ -253,7 +253,7 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
     max_shard_bytes = parse_size(max_shard_size)
     if distributed.is_sharded(model):
         return _save_sharded(model, Path(directory), max_shard_bytes)
-    with atomic_directory(directory, drop=_is_weight_file) as tmp:
+    with atomic_directory(directory, drop=is_weight_file) as tmp:
         _write_checkpoint(model, tmp, max_shard_bytes)
     return Path(directory)
 
@@ -264,7 +264,7 @@ def _save_sharded(model: Llama, directory: Path, max_shard_bytes: int) -> Path:
     state = distributed.full_model_state(model)  # every rank takes part; rank 0 gets the whole state
 
     def write():
-        with atomic_directory(directory, drop=_is_weight_file) as tmp:
+        with atomic_directory(directory, drop=is_weight_file) as tmp:
             _write_checkpoint(model, tmp, max_shard_bytes, state)
 
     distributed.on_main(write, env, f"save {directory}")
@@ -277,6 +277,8 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
     `directory` in one step, keeping the old directory's other entries (except those `drop(name)`
     names, like stale weight shards). If the block fails, nothing changes and the temporary goes."""
     directory = Path(directory)
+    if directory.is_symlink():  # replace the directory it points to; swapping the link itself would break it
+        directory = directory.resolve()
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -354,7 +356,7 @@ def parse_size(size: int | str) -> int:
     return int(number * scale)
 
 
-def _is_weight_file(name: str) -> bool:
+def is_weight_file(name: str) -> bool:
     return name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD_RE.fullmatch(name))
 
 

@@ -268,6 +268,16 @@ def test_save_replaces_old_weights_and_keeps_other_files(tmp_path, make_model):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporaries left behind
 
 
+def test_save_through_a_symlink_replaces_the_directory_it_points_to(tmp_path, make_model):
+    kpro.save_pretrained(make_model(seed=1, dtype=torch.float32), tmp_path / "run-1")
+    (tmp_path / "latest").symlink_to("run-1")
+    new = make_model(seed=2, dtype=torch.float32)
+    kpro.save_pretrained(new, tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and os.readlink(tmp_path / "latest") == "run-1"
+    assert_same_model(new, kpro.load_pretrained(tmp_path / "run-1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run-1"]  # no temporaries left behind
+
+
 def test_failed_save_leaves_old_checkpoint_intact(tmp_path, make_model, monkeypatch):
     target = tmp_path / "ck"
     old = make_model(seed=1, dtype=torch.float32)

@@ -201,8 +201,12 @@ def test_convert_gguf_writes_a_loadable_directory_atomically(tmp_path, small_voc
     assert isinstance(tok, kpro.Tokenizer) and tok.chat_template == TEMPLATE
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>[user] hi</s><s>[assistant]"
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}])[0] == tok.bos_id
-    convert_gguf(path, out, dtype=torch.bfloat16)  # an earlier conversion is replaced, stale shards gone
-    assert "model.safetensors.index.json" not in {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    path.rename(out / "m.gguf")  # converted again from inside its own output
+    convert_gguf(out / "m.gguf", out, dtype=torch.bfloat16)  # an earlier conversion is replaced, stale shards gone
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors.index.json" not in names and {"m.gguf", "notes.txt"} <= names  # the rest is kept
+    path = out / "m.gguf"
     assert kpro.load_pretrained(out, dtype=torch.bfloat16).layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

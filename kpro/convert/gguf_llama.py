@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory, hf_tensors, parse_size
+from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory, hf_tensors,
+                          is_weight_file, parse_size)
 from ..config import ConfigError, LlamaConfig
 from ..model import Llama
 from ..rope import rope_frequencies
@@ -230,7 +231,8 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
     vocabulary) with tokenizer_config.json and the chat template, and kpro_gguf.json naming the source.
 
     The directory appears complete or not at all (a temporary directory swapped into place). An existing
-    `out` is replaced only if an earlier conversion wrote it."""
+    `out` is replaced only if an earlier conversion wrote it; files there that no conversion writes (notes,
+    the GGUF file itself) are kept."""
     file = GGUFFile(path)
     cfg = gguf_config(file)
     plan = tensor_plan(file, cfg)
@@ -240,7 +242,7 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
     tokenizer = tokenizer_files(file, cfg)  # refuses an unsupported vocabulary before anything is written
     out = Path(out)
     _check_replaceable(out)
-    with atomic_directory(out, drop=lambda name: True) as tmp:
+    with atomic_directory(out, drop=_written_by_a_conversion) as tmp:
         hf_config = cfg.to_hf()
         hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
@@ -258,6 +260,12 @@ def conversion_record(file: GGUFFile, dtype: torch.dtype) -> dict:
     return {"source": file.path.name, "source_bytes": file.path.stat().st_size, "name": file.get("general.name"),
             "architecture": file.get("general.architecture"), "tensor_types": types,
             "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _written_by_a_conversion(name: str) -> bool:
+    """Files an earlier conversion may have left that this one replaces (a tokenizer.model where this one
+    writes tokenizer.json, shards of another count)."""
+    return is_weight_file(name) or name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", RECORD_NAME)
 
 
 def _check_replaceable(out: Path) -> None:
