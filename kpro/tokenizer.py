@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import numbers
 import os
 import re
 from collections import Counter
@@ -30,6 +31,39 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
 SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
+
+
+def checked_text(text, what: str = "text") -> str:
+    """`text` if it is a str: a list given to `encode` (or a str to `encode_batch`) would be taken apart
+    item by item, or character by character, instead of refused."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}" +
+                        (" (encode_batch takes a list of texts)" if isinstance(text, (list, tuple)) else ""))
+    return text
+
+
+def checked_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("encode_batch takes a list of texts, got one str (which would be encoded character by "
+                        "character); use encode for one text")
+    return [checked_text(text, f"texts[{i}]") for i, text in enumerate(texts)]
+
+
+def checked_ids(ids, vocab_size: int | None, what: str = "ids") -> list[int]:
+    """Token ids as a list of ints, each in [0, vocab_size) (or >= 0 without a vocabulary). Floats and bools
+    (truncated or taken as 0/1 otherwise) and ids outside the vocabulary (dropped or misread otherwise) are
+    refused, naming the first."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__") and not hasattr(ids, "tolist"):
+        raise TypeError(f"{what} must be a sequence of token ids, got {type(ids).__name__}")
+    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors and arrays: Python numbers
+    if not isinstance(values, list):
+        raise TypeError(f"{what} must be a sequence of token ids, got a single value {values!r}")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{what}[{i}] is {value!r}: token ids are integers")
+        if value < 0 or (vocab_size is not None and value >= vocab_size):
+            raise ValueError(f"{what}[{i}] = {value} is outside the vocabulary [0, {vocab_size or 'inf'})")
+    return [int(value) for value in values]
 
 
 class _TokenizerBase:
@@ -66,7 +100,7 @@ class _TokenizerBase:
         raise NotImplementedError
 
     def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
-        return [self.encode(text, bos=bos, eos=eos) for text in texts]
+        return [self.encode(text, bos=bos, eos=eos) for text in checked_texts(texts)]
 
     def decode_batch(self, batch) -> list[str]:
         return [self.decode(ids) for ids in batch]
@@ -102,11 +136,11 @@ class Tokenizer(_TokenizerBase):
         self.chat_template = chat_template_of(path.parent, self.config)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = self.sp.EncodeAsIds(text)
+        ids = self.sp.EncodeAsIds(checked_text(text))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
-        return self.sp.DecodeIds([int(i) for i in ids])
+        return self.sp.DecodeIds(checked_ids(ids, self.vocab_size))
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.IdToPiece(int(token_id))
@@ -118,6 +152,7 @@ class Tokenizer(_TokenizerBase):
     def encode_with_special_tokens(self, text: str) -> list[int]:
         """SentencePiece reads `<s>` as text: split at the control pieces first (each stretch between them
         is encoded as text of its own, as transformers' LlamaTokenizer does)."""
+        text = checked_text(text)
         controls = self._control_pieces()
         if not controls:
             return self.encode(text, bos=False)
@@ -207,19 +242,20 @@ class JsonTokenizer(_TokenizerBase):
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
-        return self._wrap(self.tok.encode(text, add_special_tokens=False).ids, bos, eos)
+        return self._wrap(self.tok.encode(checked_text(text), add_special_tokens=False).ids, bos, eos)
 
     def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool = False) -> list[list[int]]:
-        return [self._wrap(e.ids, bos, eos) for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [self._wrap(e.ids, bos, eos) for e in self.tok.encode_batch(checked_texts(texts), add_special_tokens=False)]
 
     def encode_with_special_tokens(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tok.encode(checked_text(text), add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self.tok.decode(checked_ids(ids, self.vocab_size), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch, skip_special_tokens: bool = True) -> list[str]:
-        return self.tok.decode_batch([[int(i) for i in ids] for ids in batch], skip_special_tokens=skip_special_tokens)
+        return self.tok.decode_batch([checked_ids(ids, self.vocab_size, f"batch[{i}]") for i, ids in enumerate(batch)],
+                                     skip_special_tokens=skip_special_tokens)
 
     def id_to_piece(self, token_id: int) -> str:
         return self.tok.id_to_token(int(token_id))
@@ -276,15 +312,16 @@ class _FixedVocabulary(_TokenizerBase):
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         try:
-            ids = [self._ids[unit] for unit in self.split(text)]
+            ids = [self._ids[unit] for unit in self.split(checked_text(text))]
         except KeyError as err:
             shown = self.JOIN.join(self.units[:40]) + (" ..." if len(self.units) > 40 else "")
             raise ValueError(f"{self.NOUN} {err.args[0]!r} is not in the {self.VOCABULARY} ({shown!r})") from None
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
+        """The units of `ids`; the special tokens (pad, bos, eos) write nothing."""
         n = len(self.SPECIALS)
-        return self.JOIN.join(self.units[int(i) - n] for i in ids if n <= int(i) < self.vocab_size)
+        return self.JOIN.join(self.units[i - n] for i in checked_ids(ids, self.vocab_size) if i >= n)
 
     def _vocabulary_json(self) -> dict:
         raise NotImplementedError
@@ -389,6 +426,7 @@ def pad_left(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torc
     """Left-pad token lists to one length: (input_ids [B, T], attention_mask [B, T] with 1 = real)."""
     import torch
 
+    sequences = [checked_ids(seq, None, f"sequences[{i}]") for i, seq in enumerate(sequences)]
     if not sequences or any(len(seq) == 0 for seq in sequences):
         raise ValueError("pad_left needs at least one sequence and no empty sequence")
     length = max(len(seq) for seq in sequences)

@@ -6,7 +6,9 @@ transformers' own GGUF tokenizer. Skips cleanly without `tokenizers` (and `trans
 import importlib.util
 import json
 import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +97,31 @@ def test_special_ids_bos_and_the_shared_interface(bpe_dir, tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.chat_template) == (1, 2, None)
     with pytest.raises(ValueError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_wrongly_typed_text_and_ids_outside_the_vocabulary_are_refused_by_every_tokenizer(bpe_dir):
+    tokenizers = [kpro.JsonTokenizer(bpe_dir), kpro.Tokenizer(Path(__file__).parent / "data" / "sentencepiece_test_model.model"),
+                  kpro.CharTokenizer("abc"), kpro.SymbolTokenizer(["7", "*", "8"])]
+    for tok in tokenizers:
+        name = type(tok).__name__
+        for bad in (["ab", "cd"], 3, None):  # a list went item by item (or nested), a str char by char
+            with pytest.raises(TypeError, match="text must be a str"):
+                tok.encode(bad)
+        with pytest.raises(TypeError, match="encode_batch takes a list of texts, got one str"):
+            tok.encode_batch("hello")
+        good = tok.encode("a" if name == "CharTokenizer" else "7", bos=False)
+        assert tok.decode(np.array(good)) == tok.decode(torch.tensor(good)) == tok.decode(good), name
+        for bad, error, message in (([*good, tok.vocab_size], ValueError, r"ids\[\d\] = \d+ is outside the vocabulary"),
+                                    ([-1], ValueError, r"ids\[0\] = -1 is outside"),
+                                    ([3.7], TypeError, r"ids\[0\] is 3.7: token ids are integers"),
+                                    (torch.tensor([True]), TypeError, "token ids are integers"),
+                                    ("12", TypeError, "sequence of token ids")):
+            with pytest.raises(error, match=message):  # dropped, truncated or misread before
+                tok.decode(bad)
+    with pytest.raises(TypeError, match=r"sequences\[0\] must be a sequence of token ids, got int"):
+        kpro.pad_left([1, 2, 3], 0)
+    with pytest.raises(TypeError, match=r"sequences\[0\]\[1\] is 2.7"):
+        kpro.pad_left([[1, 2.7]], 0)
 
 
 def test_chat_templates(bpe_dir, tmp_path):
