@@ -157,3 +157,18 @@ def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     with pytest.raises(DataFormatError, match=rf"{path}:4: not UTF-8 text \(byte 1 of the line, .*save the file "
                                               "as UTF-8"):
         read_examples(path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_symbol(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text("\ufeff1 2 * 3 4||5 6 #### 7 8\n9 9 * 1 1||2 #### 3\n", encoding="utf-8")
+    assert read_examples(path)[0] == CoTExample("1 2 * 3 4", "5 6", "7 8")
+
+
+def test_limit_takes_the_first_examples_and_refuses_nonsense(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text("1 2||3 #### 4\n\n5 6||7 #### 8\n9 9||1 #### 2\n")
+    assert [e.input for e in read_examples(path, limit=2)] == ["1 2", "5 6"] and read_examples(path, limit=0) == []
+    for bad in (-1, 1.5, "3", True):  # -1 meant "all" in the official code; here it gave no examples
+        with pytest.raises(ValueError, match="limit must be an integer >= 0, or None for every example"):
+            read_examples(path, limit=bad)

@@ -55,11 +55,14 @@ def parse_line(line: str) -> CoTExample:
 def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[CoTExample]:
     """Every example of a file (the first `limit`), in order; blank lines are skipped.
 
-    A bad line raises DataFormatError `path:line: what is wrong`.
+    A bad line raises DataFormatError `path:line: what is wrong`. A UTF-8 byte-order mark at the start is
+    not part of the first symbol.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be an integer >= 0, or None for every example; got {limit!r}")
     examples = []
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:
             for number, line in enumerate(file, start=1):
                 if limit is not None and len(examples) >= limit:
                     break
