@@ -39,6 +39,16 @@ def test_packing_errors():
         kt.pack_documents([[1, 2]], seq_len=1, eos_id=2)
     with pytest.raises(ValueError, match="fewer than one row"):
         kt.pack_documents([[1, 2]], seq_len=8, eos_id=2)
+    for docs, message in (([[5, 6], [7.9]], "document 1 holds torch.float32 values; token ids are integers"),
+                          ([torch.tensor([True])], "document 0 holds torch.bool"),
+                          ([[5], "12"], "document 1 is not a sequence of token ids")):
+        with pytest.raises(TypeError, match=message):  # truncated to 7 (or taken as 1) before
+            kt.pack_documents(docs, seq_len=3, eos_id=2)
+    for ids, message in ((dict(eos_id=None), "eos_id must be a token id"), (dict(eos_id=2.5), "eos_id must be"),
+                         (dict(eos_id=2, bos_id=-1), "bos_id must be a token id")):
+        with pytest.raises(ValueError, match=message):
+            kt.pack_documents([[5, 6]], seq_len=3, **ids)
+    assert kt.pack_documents([[5, 6]], seq_len=3, eos_id=np.int64(2)).tolist() == [[5, 6, 2]]  # numpy ids are ids
 
 
 # ------------------------------------------------------------------------------------------ collator
@@ -60,6 +70,15 @@ def test_collate_prompt_answer_errors():
         kt.collate_prompt_answer([([], [2])], pad_id=0)
     with pytest.raises(ValueError, match="no examples"):
         kt.collate_prompt_answer([], pad_id=0)
+    for examples, error, message in (([([1.9, 2.2], [3.7])], TypeError, r"example 0 prompt\[0\] is 1.9"),
+                                     ([("12", "34")], TypeError, "example 0 prompt must be a sequence of token ids"),
+                                     ([([1], [-3])], ValueError, r"example 0 answer\[0\] = -3"),
+                                     ([{"prompt": [1], "answer": [2]}], TypeError, "example 0 must be a .* pair, got a dict"),
+                                     (torch.ones(2, 2, 3), TypeError, "takes a list of .* pairs, got a Tensor")):
+        with pytest.raises(error, match=message):  # truncated, or text read as ids, before
+            kt.collate_prompt_answer(examples, pad_id=0)
+    with pytest.raises(ValueError, match="pad_id must be a token id"):
+        kt.collate_prompt_answer([([1], [2])], pad_id=None)
 
 
 # ------------------------------------------------------------------------------------------- sampler

@@ -71,6 +71,11 @@ def test_large_vocabularies_take_uint32(tmp_path):
     assert torch.equal(all_rows(shards), kt.pack_documents(docs, 3, eos_id=2))
     with pytest.raises(ValueError, match=r"0 ... 31999 \(vocab_size 32000\), got 2 ... 99999"):
         kt.write_token_shards(tmp_path / "t", docs, vocab_size=32_000, eos_id=2)
+    with pytest.raises(TypeError, match="document 0 holds torch.float64 values"):  # truncated before
+        kt.write_token_shards(tmp_path / "u", [np.array([5.7, 6.2])], vocab_size=100, eos_id=2)
+    with pytest.raises(ValueError, match="eos_id must be a token id"):  # 2.5 stored as 2, 2.5 in the index
+        kt.write_token_shards(tmp_path / "v", [[5, 6]], vocab_size=100, eos_id=2.5)
+    assert not (tmp_path / "v").exists()
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])

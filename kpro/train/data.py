@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 from array import array
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..tokenizer import checked_ids
 from .loss import IGNORE_INDEX
 
 
@@ -28,13 +30,35 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_id: int
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    bos = [] if bos_id is None else [torch.tensor([bos_id])]
+    check_special_id(eos_id, "eos_id")
+    bos = [] if check_special_id(bos_id, "bos_id", optional=True) is None else [torch.tensor([bos_id])]
     eos = torch.tensor([eos_id])
-    pieces = [piece for doc in documents for piece in (*bos, torch.as_tensor(doc, dtype=torch.long).flatten(), eos)]
+    pieces = [piece for i, doc in enumerate(documents) for piece in (*bos, document_tensor(doc, i), eos)]
     stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     if len(stream) < seq_len:
         raise ValueError(f"the documents hold {len(stream)} tokens (with separators), fewer than one row of {seq_len}")
     return stream.unfold(0, seq_len, seq_len - 1).contiguous()
+
+
+def check_special_id(value, name: str, optional: bool = False):
+    """An eos, bos or pad id: an integer >= 0 (None too where `optional`); returned as given."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a token id (an integer >= 0), got {value!r}")
+    return value
+
+
+def document_tensor(doc, index: int) -> torch.Tensor:
+    """A tokenized document as a flat int64 tensor; float or bool ids (which a cast would truncate or take as
+    0/1) and text are refused, naming the document."""
+    try:
+        tensor = torch.as_tensor(doc)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"document {index} is not a sequence of token ids (got {type(doc).__name__})") from None
+    if tensor.numel() and (tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex()):
+        raise TypeError(f"document {index} holds {tensor.dtype} values; token ids are integers")
+    return tensor.to(torch.long).flatten()
 
 
 def collate_packed(rows: Sequence[torch.Tensor]) -> dict:
@@ -54,13 +78,19 @@ def collate_prompt_answer(examples: Sequence[tuple[Sequence[int], Sequence[int]]
     Returns input_ids, attention_mask (1 = real token), labels (-100 on prompts and padding) and
     prompt_lens, all [B, T] or [B].
     """
+    if isinstance(examples, (torch.Tensor, np.ndarray, Mapping)):
+        raise TypeError(f"collate_prompt_answer takes a list of (prompt_ids, answer_ids) pairs, got a "
+                        f"{type(examples).__name__}")
     if not examples:
         raise ValueError("collate_prompt_answer got no examples")
+    check_special_id(pad_id, "pad_id")
     rows, labels, prompt_lens = [], [], []
     for i, pair in enumerate(examples):
+        if not isinstance(pair, (tuple, list)):
+            raise TypeError(f"example {i} must be a (prompt_ids, answer_ids) pair, got a {type(pair).__name__}")
         if len(pair) != 2:
             raise ValueError(f"example {i} must be a (prompt_ids, answer_ids) pair, got {len(pair)} items")
-        prompt, answer = [int(t) for t in pair[0]], [int(t) for t in pair[1]]
+        prompt, answer = checked_ids(pair[0], None, f"example {i} prompt"), checked_ids(pair[1], None, f"example {i} answer")
         if not prompt or not answer:
             raise ValueError(f"example {i} has an empty {'prompt' if not prompt else 'answer'}; both need tokens")
         rows.append(prompt + answer)

@@ -24,6 +24,7 @@ import torch
 
 from .._files import write_atomic
 from ..distributed import current_env
+from .data import check_special_id, document_tensor
 
 FORMAT = "kpro-token-shards"
 VERSION = 1
@@ -171,6 +172,8 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
                        tokenizer: dict | None = None) -> dict:
     """Tokenized documents -> a new shard directory holding `[bos] doc eos [bos] doc eos ...` (the framing of
     `pack_documents`, so `TokenShards` gives the rows `pack_documents` would). Returns the index."""
+    check_special_id(eos_id, "eos_id")
+    check_special_id(bos_id, "bos_id", optional=True)
     directory = Path(directory)
     prepare_directory(directory)
     if is_shard_directory(directory):
@@ -178,9 +181,8 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
     writer = ShardWriter(directory, new_index(vocab_size, shard_tokens, bos_id, eos_id, tokenizer=tokenizer))
     head = np.array([] if bos_id is None else [bos_id], dtype=np.int64)
     tail = np.array([eos_id], dtype=np.int64)
-    for doc in documents:
-        body = doc.numpy() if isinstance(doc, torch.Tensor) else np.asarray(doc)
-        writer.add(np.concatenate((head, body.astype(np.int64, copy=False).ravel(), tail)))
+    for i, doc in enumerate(documents):
+        writer.add(np.concatenate((head, document_tensor(doc, i).numpy(), tail)))
     return writer.finish()
 
 
