@@ -289,6 +289,16 @@ def test_resuming_with_another_removal_is_refused(tmp_path):
         train(tmp_path, reset_optimizer=False)
 
 
+def test_a_removal_rate_written_as_an_int_or_a_float_is_one_schedule(tmp_path):
+    """The API takes 4, the command passes 4.0: a run started one way resumes the other."""
+    assert repr(RemovalSchedule(8, 4, 1.0)) == repr(RemovalSchedule(8, 4.0, 1.0))
+    train(tmp_path, callbacks=[StopAt(2)])  # SCHEDULE: remove_per_epoch=4
+    _, run = train(tmp_path, removal=RemovalSchedule(steps_per_epoch=8, remove_per_epoch=4.0, smoothing_lambda=1.0))
+    assert run.step == STEPS
+    legacy = CoTRemoval(SCHEDULE, seed=SEED)  # a checkpoint written when the repr kept the int
+    legacy.load_state_dict({**legacy.state_dict(), "removal": legacy.settings()["removal"].replace("=4.0,", "=4,")})
+
+
 def test_cot_removal_argument_errors():
     with pytest.raises(ValueError, match="removal must be a RemovalSchedule, 'none' or 'all'"):
         CoTRemoval("some")

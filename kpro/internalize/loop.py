@@ -17,6 +17,7 @@ by validation accuracy once the CoT is fully removed, as the official code repor
 from __future__ import annotations
 
 import os
+import re
 import sys
 from functools import partial
 from typing import Sequence
@@ -106,6 +107,9 @@ class CoTRemoval(Callback):
         return {**self.settings(), "batch_had_cot": self.batch_had_cot}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        if isinstance(state.get("removal"), str):  # checkpoints from before remove_per_epoch was kept as a float
+            state["removal"] = re.sub(r"remove_per_epoch=(\d+),", r"remove_per_epoch=\1.0,", state["removal"])
         for key, value in self.settings().items():
             if state.get(key) != value:
                 raise ValueError(f"the checkpoint was trained with {key}={state.get(key)!r} and this run has "

@@ -42,7 +42,7 @@ class RemovalSchedule:
                              f"more than one token per step (round({steps_per_epoch} / {remove_per_epoch}) = 0); "
                              f"remove_per_epoch must be below {2 * steps_per_epoch}")
         self.steps_per_epoch = steps_per_epoch
-        self.remove_per_epoch = remove_per_epoch
+        self.remove_per_epoch = float(remove_per_epoch)  # 2 and 2.0 are one schedule (a run resumes either way)
         self.smoothing_lambda = float(smoothing_lambda)
         self.remove_all_after = remove_all_after
         self.steps_per_token = steps_per_token
