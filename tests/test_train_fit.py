@@ -365,6 +365,10 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
 def test_other_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="cannot be split into 1 process.*3 accumulation"):
         kt.fit(make_model(), batches(), tmp_path, steps=1, grad_accum=3)
+    partial = kt.Batches(examples(45), 8, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), drop_last=False)
+    with pytest.raises(ValueError, match=r"last batch of each epoch holds 5 of the 45 examples \(Batches\(drop_last=False"):
+        kt.fit(make_model(), partial, tmp_path / "p", steps=1, grad_accum=2)  # failed 5 steps in before
+    assert not (tmp_path / "p").exists()
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         kt.fit(make_model(), batches(), tmp_path, steps=0)
     with pytest.raises(ValueError, match="precision"):

@@ -25,6 +25,7 @@ from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, load_callback_states
 from .checkpointing import STEP_DIR, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
 from .progress import MetricsLog, ProgressLine
@@ -114,6 +115,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     out_dir = Path(out_dir)
     steps = _total_steps(steps, batches)
     _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last)
+    _check_partial_batch(batches, env.world_size * grad_accum)
     if isinstance(schedule, str):
         schedule = Schedule(schedule, total_steps=steps if schedule != "constant" else None)
     _check_schedule_covers(schedule, steps)
@@ -363,6 +365,18 @@ def _total_steps(steps, batches) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     return steps
+
+
+def _check_partial_batch(batches, parts: int) -> None:
+    """A `Batches` that keeps its last, smaller batch: refused now if that batch cannot be split (it would
+    fail an epoch into the run)."""
+    if not isinstance(batches, Batches) or batches.drop_last:
+        return
+    rest = len(batches.examples) % batches.batch_size
+    if rest and rest % parts:
+        raise ValueError(f"the last batch of each epoch holds {rest} of the {len(batches.examples)} examples "
+                         f"(Batches(drop_last=False)), which cannot be split into {parts} micro-batches (processes "
+                         "x grad_accum); pass drop_last=True, or a number of examples that splits")
 
 
 def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_every, keep_last) -> None:
