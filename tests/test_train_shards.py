@@ -282,7 +282,8 @@ def sentencepiece_dir(tmp_path, model):
 def write_corpus(directory):
     directory.mkdir()
     text = ["The quick brown fox jumps over the lazy dog.", "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich.",
-            "数字 3719 × 3349 = 12454931", "  indented\r\nwindows lines\r\n", "tabs\tand   spaces"]
+            "数字 3719 × 3349 = 12454931", "  indented\r\nwindows lines\r\n", "tabs\tand   spaces",
+            "classic\rMac\r\rline ends"]  # a lone CR is text to both readers (read_corpus split at it before)
     (directory / "a.txt").write_text("\n\n".join(text * 6) + "\n \t\n\n\nlast\n", encoding="utf-8")
     (directory / "b.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(text * 4))
                                        + "\n\n" + json.dumps({"text": ""}) + "\n", encoding="utf-8")
