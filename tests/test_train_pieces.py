@@ -148,6 +148,25 @@ def test_batches_errors():
         kt.Batches(torch.zeros(4, 2), 0)
     with pytest.raises(ValueError, match="cannot fill one batch"):
         kt.Batches(torch.zeros(4, 2), 5)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got True"):
+        kt.Batches(torch.zeros(4, 2), True)
+    with pytest.raises(TypeError, match="sequence of examples .*got a generator: pass list"):
+        kt.Batches((row for row in torch.zeros(4, 2)), 2)
+    with pytest.raises(ValueError, match="rows of one length, and these have 1 to 2 tokens: pack documents"):
+        next(iter(kt.Batches([[5, 6], [7]], 2, shuffle=False)))
+
+
+def test_read_jsonl_names_the_line_at_fault(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "a"}\r\n\n{"text": "b"}\n')
+    assert kt.read_jsonl(path) == [(1, {"text": "a"}), (3, {"text": "b"})]
+    for content, message in ((b'{"text": "a"}\n{"text": "\xff"}\n', r"data.jsonl:2: not UTF-8 \(invalid start byte at "
+                                                                    "byte 11 of the line"),
+                             (b'{"text": "a"}\n[1]\n', "data.jsonl:2: expected a JSON object"),
+                             (b'{"text": \n', "data.jsonl:1: not valid JSON"), (b"\n\n", "holds no examples")):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            kt.read_jsonl(path)
 
 
 # ---------------------------------------------------------------------------------------------- loss

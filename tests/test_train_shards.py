@@ -133,6 +133,9 @@ def test_bad_directories_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a token shard directory"):
         kt.TokenShards(tmp_path)
     kt.write_token_shards(tmp_path / "s", documents(n=10), vocab_size=67, eos_id=2, shard_tokens=16)
+    for rank, world in ((0, 0), (-1, 2), (2, 2), (0.0, 2), (True, 2)):  # a ZeroDivisionError, a wrong message before
+        with pytest.raises(ValueError, match="rank and world_size must be integers with 0 <= rank < world_size"):
+            kt.TokenShards(tmp_path / "s", seq_len=4, rank=rank, world_size=world)
     with pytest.raises(ValueError, match="fewer than one row of 2048"):
         kt.TokenShards(tmp_path / "s")
     with pytest.raises(ValueError, match="fewer than one batch of 100"):

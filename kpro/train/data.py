@@ -68,7 +68,13 @@ def collate_packed(rows: Sequence[torch.Tensor]) -> dict:
                          f"are dicts (keys {', '.join(map(str, rows[0]))}): pass Batches(..., collate=...), e.g. "
                          "torch.utils.data.default_collate, which stacks each key (fit's default loss reads "
                          "input_ids, labels and an optional attention_mask)")
-    ids = torch.stack([torch.as_tensor(row) for row in rows])
+    rows = [torch.as_tensor(row) for row in rows]
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise ValueError(f"collate_packed (Batches' default collate) stacks rows of one length, and these have "
+                         f"{lengths[0]} to {lengths[-1]} tokens: pack documents into rows with pack_documents, or pass "
+                         "Batches(..., collate=...) that pads them (collate_prompt_answer for prompt/answer pairs)")
+    ids = torch.stack(rows)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -117,8 +123,11 @@ class Batches:
 
     def __init__(self, examples: Sequence, batch_size: int, collate: Callable[[list], dict] = collate_packed, *,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True):
-        if not isinstance(batch_size, int) or batch_size <= 0:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not hasattr(examples, "__len__") or not hasattr(examples, "__getitem__"):
+            raise TypeError(f"Batches draws from a sequence of examples (a list, a tensor of rows), got a "
+                            f"{type(examples).__name__}: pass list(...) of it")
         # hash() of other types changes from process to process, and hash(-1) == hash(-2)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
@@ -228,8 +237,12 @@ def _feed(digest, value) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line number, object) for every non-empty line; a line that is not a JSON object is named."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is named with its number
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:

@@ -268,6 +268,10 @@ class TokenShards:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if (rank is None) != (world_size is None):
             raise ValueError("pass rank and world_size together (or neither: torchrun's are used)")
+        if world_size is not None and (any(isinstance(v, bool) or not isinstance(v, int) for v in (rank, world_size))
+                                       or world_size < 1 or not 0 <= rank < world_size):
+            raise ValueError(f"rank and world_size must be integers with 0 <= rank < world_size, got rank={rank!r}, "
+                             f"world_size={world_size!r}")
         self.directory = Path(directory)
         self.index = read_index(self.directory)
         self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, bool(shuffle)
