@@ -11,7 +11,7 @@ from kpro.cli import main
 from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, ValidationAccuracy, evaluate,
                               fit_internalization, multiplication_tokenizer, multiplication_training_set, parse_line,
                               read_examples, step_generator, tokenize_examples)
-from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY
+from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
 from test_train_fit import StopAt
 
 TOK = multiplication_tokenizer()
@@ -297,6 +297,20 @@ def test_a_removal_rate_written_as_an_int_or_a_float_is_one_schedule(tmp_path):
     assert run.step == STEPS
     legacy = CoTRemoval(SCHEDULE, seed=SEED)  # a checkpoint written when the repr kept the int
     legacy.load_state_dict({**legacy.state_dict(), "removal": legacy.settings()["removal"].replace("=4.0,", "=4,")})
+
+
+def test_a_pad_id_outside_the_model_is_named(tmp_path):
+    for pad_id in (TOK.vocab_size + 5, -1, None):  # blamed on input_ids at the first forward before
+        with pytest.raises(ValueError, match=rf"pad_id must be a token id of the model \(an integer in \[0, {TOK.vocab_size}\)\)"):
+            fit_internalization(make_model(), examples(), tmp_path, removal=SCHEDULE, steps=1, batch_size=8,
+                                pad_id=pad_id, lr=1e-3)
+
+
+def test_lr_schedule_refuses_a_warmup_and_decay_longer_than_the_run():
+    assert lr_schedule(10) == "constant" and lr_schedule(10, 3, 7).warmup_steps == 7
+    for args in ((10, 0, 20), (10, 6, 5), (10, -1), (0,), (10, 1.5)):
+        with pytest.raises(ValueError, match="longer than the run|must be an integer"):
+            lr_schedule(*args)
 
 
 def test_cot_removal_argument_errors():

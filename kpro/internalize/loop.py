@@ -254,6 +254,9 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     """
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < 1:
         raise ValueError(f"weight_decay must be a number in [0, 1), got {weight_decay!r}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # else the first forward blames input_ids
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0 or (vocab is not None and pad_id >= vocab):
+        raise ValueError(f"pad_id must be a token id of the model (an integer in [0, {vocab})), got {pad_id!r}")
     batches = Batches(list(examples), batch_size, partial(collate, pad_id=pad_id), seed=seed)
     removal_callback = CoTRemoval(removal, seed, reset_optimizer=reset_optimizer, stream=stream)
     extra = [SaveTokenizer(tokenizer)] if tokenizer is not None else []
@@ -266,6 +269,12 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
 def lr_schedule(steps: int, decay_steps: int = 0, warmup_steps: int = 0):
     """`fit_internalization`'s `schedule` for a run of `steps`: constant (both 0, as the official code), rising
     linearly over the first `warmup_steps` steps, decaying linearly to 0 over the last `decay_steps` steps."""
+    for name, value in (("steps", steps), ("decay_steps", decay_steps), ("warmup_steps", warmup_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "steps" else 0):
+            raise ValueError(f"{name} must be an integer >= {1 if name == 'steps' else 0}, got {value!r}")
+    if warmup_steps + decay_steps > steps:  # the rate would never reach its peak
+        raise ValueError(f"warmup_steps {warmup_steps} and decay_steps {decay_steps} together are longer than the "
+                         f"run ({steps} steps)")
     if decay_steps == 0:
         return "constant" if warmup_steps == 0 else Schedule("constant", warmup_steps=warmup_steps)
     return Schedule("linear", warmup_steps=warmup_steps, total_steps=steps, decay_steps=decay_steps)
