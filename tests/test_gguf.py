@@ -87,7 +87,8 @@ def tiny_model(vocab_size: int, tied=False, seed=0, **changes) -> kpro.Llama:
 
 
 def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32", arch: str = "llama",
-               metadata: dict | None = None, extra_tensors: dict | None = None, template: str | None = None) -> Path:
+               metadata: dict | None = None, extra_tensors: dict | None = None, template: str | None = None,
+               raw_tensors: dict | None = None) -> Path:
     """A GGUF file laid out as llama.cpp's converter writes a LLaMA: its key names, tensor names, q/k rows
     permuted, norms in F32, matrices in `qtype`."""
     cfg = model.config
@@ -125,7 +126,9 @@ def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32"
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
         data = tensor.detach().float().numpy()
-        if data.ndim == 1 or qtype == "F32":
+        if gname in (raw_tensors or {}):  # (bytes [rows, bytes per row], a type gguf cannot quantise to)
+            w.add_tensor(gname, raw_tensors[gname][0], raw_dtype=raw_tensors[gname][1])
+        elif data.ndim == 1 or qtype == "F32":
             w.add_tensor(gname, data)
         else:
             w.add_tensor(gname, gguf.quants.quantize(data, Q[qtype]), raw_dtype=Q[qtype])
@@ -259,6 +262,12 @@ def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):
     ({"extra_tensors": {"blk.0.attn_q.bias": np.zeros(32, dtype=np.float32)}}, "no place for.*blk.0.attn_q.bias"),
     ({"vocab": {"model": "bert"}}, "tokenizer model 'bert' is not supported"),
     ({"vocab": {"model": "gpt2", "merges": ["a b"], "pre": "qwen2"}}, "pre-tokenizer 'qwen2' is not supported"),
+    ({"metadata": {"llama.attention.head_count": 0}}, "head_count must be a positive integer"),
+    ({"metadata": {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}}, "'none' with a factor of 4"),
+    ({"vocab": {"types": [1] * 10}}, "token_type has 10 entries for 1000 tokens"),  # a smaller tokenizer before
+    ({"vocab": {"unk": 5000}}, "the unk token id 5000 is outside the vocabulary of 1000"),
+    ({"raw_tensors": {"blk.1.ffn_down.weight": (np.zeros((32, 80), dtype=np.uint8), gguf.GGMLQuantizationType.Q8_1)}},
+     "blk.1.ffn_down.weight has quantisation type Q8_1, which neither kpro nor"),  # before anything is written
 ])
 def test_what_kpro_does_not_implement_is_refused_by_name(tmp_path, small_vocab, change, message):
     model = tiny_model(len(small_vocab["tokens"]))
@@ -268,6 +277,17 @@ def test_what_kpro_does_not_implement_is_refused_by_name(tmp_path, small_vocab, 
     with pytest.raises(GGUFError, match=message):
         convert_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_dtypes_are_checked_as_load_pretrained_checks_them(tmp_path, small_vocab):
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
+    assert from_gguf(path, dtype="bf16").embed_tokens.weight.dtype == torch.bfloat16  # a raw TypeError before
+    for bad in (torch.int8, torch.float8_e4m3fn, "auto"):
+        with pytest.raises(ValueError, match="dtype"):
+            from_gguf(path, dtype=bad)
+    with pytest.raises(ValueError, match="dtype torch.float64 is not one of"):  # safetensors files are not written in it
+        convert_gguf(path, tmp_path / "out", dtype="float64")
+    assert convert_gguf(path, tmp_path / "out", dtype="bfloat16").is_dir()
 
 
 def test_not_a_gguf_file(tmp_path):

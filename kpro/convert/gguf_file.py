@@ -121,13 +121,30 @@ class GGUFFile:
         if kind in DEQUANTIZERS:
             raw = torch.from_numpy(np.ascontiguousarray(info.data).view(np.uint8).reshape(-1).copy())
             return DEQUANTIZERS[kind](raw).view(shape)
-        try:
-            values = self._gguf.quants.dequantize(info.data, info.tensor_type)
-        except (NotImplementedError, KeyError, AttributeError):
-            raise GGUFError(f"{self.path}: tensor {name} has quantisation type {kind}, which neither kpro nor the "
-                            f"installed gguf package can dequantise; kpro reads {', '.join(DEQUANTIZERS)} and "
-                            "the types `gguf` supports") from None
+        values = self._dequantize_with_gguf(name, info.data)
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(shape)
+
+    def check_readable(self, names) -> None:
+        """Refuse, before any work, a tensor of `names` whose type cannot be read: for each type the `gguf`
+        package dequantises, one row of one such tensor is tried."""
+        tried = set()
+        for name in names:
+            info = self._tensors[name]
+            kind = info.tensor_type.name
+            if kind in _NOT_WEIGHTS:
+                raise GGUFError(f"{self.path}: tensor {name} has type {kind}, not a floating-point or quantised weight")
+            if kind not in DEQUANTIZERS and kind not in tried:
+                self._dequantize_with_gguf(name, info.data[:1])
+                tried.add(kind)
+
+    def _dequantize_with_gguf(self, name: str, data):
+        info = self._tensors[name]
+        try:
+            return self._gguf.quants.dequantize(data, info.tensor_type)
+        except (NotImplementedError, KeyError, AttributeError):
+            raise GGUFError(f"{self.path}: tensor {name} has quantisation type {info.tensor_type.name}, which neither "
+                            f"kpro nor the installed gguf package can dequantise; kpro reads {', '.join(DEQUANTIZERS)} "
+                            "and the types `gguf` supports") from None
 
 
 def _field_value(field, gguf):

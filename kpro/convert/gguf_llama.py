@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory, hf_tensors,
-                          is_weight_file, parse_size)
+from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory, checked_dtype,
+                          hf_tensors, is_weight_file, parse_size)
 from ..config import ConfigError, LlamaConfig
 from ..model import Llama
 from ..rope import rope_frequencies
@@ -77,8 +77,10 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
         if isinstance(get(key), list):
             raise GGUFError(f"{file.path}: per-layer {arch}.{key} values are not supported (kpro's blocks are all alike)")
     heads = need("attention.head_count")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise GGUFError(f"{file.path}: {arch}.attention.head_count must be a positive integer, got {heads!r}")
     hidden = need("embedding_length")
-    head_dim = get("attention.key_length", hidden // heads if heads else None)
+    head_dim = get("attention.key_length", hidden // heads)
     if get("attention.value_length", head_dim) != head_dim:
         raise GGUFError(f"{file.path}: key and value head sizes differ ({head_dim} and {get('attention.value_length')})")
     if get("rope.dimension_count", head_dim) != head_dim:
@@ -108,6 +110,9 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
     except ConfigError as err:
         raise GGUFError(f"{file.path}: the metadata describes no valid LLaMA: {err}") from None
     if _ROPE_FREQS in file.names:
+        if cfg.rope_scaling is not None:  # the factors would replace it silently
+            raise GGUFError(f"{file.path}: both RoPE scaling metadata ({cfg.rope_scaling}) and per-frequency factors "
+                            f"({_ROPE_FREQS}); kpro cannot apply both")
         cfg = cfg.replace(rope_scaling=_llama3_scaling_from_factors(file, cfg))
     return cfg
 
@@ -117,6 +122,8 @@ def _rope_scaling(file: GGUFFile, arch: str) -> dict | None:
     factor = file.get(f"{arch}.rope.scaling.factor", file.get(f"{arch}.rope.scale_linear"))
     if kind in (None, "none") and factor in (None, 1.0):
         return None
+    if kind == "none":
+        raise GGUFError(f"{file.path}: RoPE scaling type 'none' with a factor of {factor}: which one holds is ambiguous")
     if kind in (None, "linear"):
         return {"rope_type": "linear", "factor": factor}
     raise GGUFError(f"{file.path}: RoPE scaling type {kind!r} is not supported; kpro implements linear and llama3")
@@ -196,12 +203,22 @@ def load_tensor(file: GGUFFile, cfg: LlamaConfig, hf_name: str, gguf_name: str) 
 
 # ------------------------------------------------------------------------------------------ model
 
+def _checked_dtype(dtype) -> torch.dtype:
+    """float32, bfloat16, float16 or float64, or its name; anything else (integers, float8) is refused."""
+    checked = checked_dtype(dtype)
+    if checked is None:  # "auto" is load_pretrained's; here None means the file's own
+        raise ValueError("dtype 'auto' is not taken here; pass None for the file's own dtype")
+    return checked
+
+
 def from_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
     """A kpro.Llama with the weights of a GGUF file, dequantised to `dtype` on `device`, one tensor at a time.
     (Its tokenizer: convert_gguf writes one beside the weights.)"""
+    dtype = _checked_dtype(dtype)
     file = GGUFFile(path)
     cfg = gguf_config(file)
     plan = tensor_plan(file, cfg)
+    file.check_readable(plan.values())
     with torch.device("meta"):
         model = Llama(cfg)
     state = {}
@@ -233,9 +250,11 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
     The directory appears complete or not at all (a temporary directory swapped into place). An existing
     `out` is replaced only if an earlier conversion wrote it; files there that no conversion writes (notes,
     the GGUF file itself) are kept."""
+    dtype = None if dtype is None else _checked_dtype(dtype)
     file = GGUFFile(path)
     cfg = gguf_config(file)
     plan = tensor_plan(file, cfg)
+    file.check_readable(plan.values())  # before anything is written
     dtype = default_dtype(file) if dtype is None else dtype
     if dtype not in _SAFETENSORS_DTYPES:
         raise ValueError(f"dtype {dtype} is not one of {', '.join(str(d) for d in _SAFETENSORS_DTYPES)}")

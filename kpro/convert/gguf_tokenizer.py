@@ -63,10 +63,15 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
     if len(tokens) != cfg.vocab_size:
         raise GGUFError(f"{file.path}: the vocabulary has {len(tokens)} tokens, the model {cfg.vocab_size} rows")
     types = file.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if len(types) != len(tokens):  # zip() would cut the vocabulary short
+        raise GGUFError(f"{file.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     add_bos = bool(file.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     add_eos = bool(file.get("tokenizer.ggml.add_eos_token", False))
     ids = {name: file.get(f"tokenizer.ggml.{key}_token_id")
            for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    for name, token_id in ids.items():
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise GGUFError(f"{file.path}: the {name} token id {token_id} is outside the vocabulary of {len(tokens)}")
     if kind == "gpt2":
         files = {"tokenizer.json": _byte_level_bpe(file, tokens, types, ids, add_bos, add_eos)}
         tokenizer_class = "PreTrainedTokenizerFast"
@@ -79,7 +84,7 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
     config = {"add_bos_token": add_bos, "add_eos_token": add_eos, "clean_up_tokenization_spaces": False,
               "model_max_length": cfg.max_position_embeddings, "tokenizer_class": tokenizer_class}
     for name, token_id in ids.items():
-        config[f"{name}_token"] = tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+        config[f"{name}_token"] = tokens[token_id] if token_id is not None else None
     template = file.get("tokenizer.chat_template")
     if template:
         config["chat_template"] = template
