@@ -210,22 +210,24 @@ def test_torch_compile_of_the_patched_model():
 
 # ------------------------------------------------------------------------------------------------- masks
 
-def four_d(mask, length, additive=False):
+def four_d(mask, length, additive=False, hidden=torch.finfo(torch.float32).min):
     """transformers' 4-D form of causal attention over a 2-D padding mask: [B, 1, T, T]."""
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     allowed = causal[None, None] & mask.bool()[:, None, None, :]
     if not additive:
         return allowed
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.zeros(allowed.shape).masked_fill(~allowed, hidden)
 
 
-@pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
-def test_a_4d_causal_padding_mask_is_converted(additive):
+@pytest.mark.parametrize("additive, hidden", [(False, None), (True, torch.finfo(torch.float32).min),
+                                              (True, -float("inf")), (True, -1e9), (True, -1e4)],
+                         ids=["bool", "additive-min", "additive-inf", "additive-1e9", "additive-1e4"])
+def test_a_4d_causal_padding_mask_is_converted(additive, hidden):
     stock = make_stock()
     model, _ = patched_copy(stock)
     ids, mask, _ = left_padded()
     want = stock(input_ids=ids, attention_mask=mask).logits
-    got = model(input_ids=ids, attention_mask=four_d(mask, ids.shape[1], additive)).logits
+    got = model(input_ids=ids, attention_mask=four_d(mask, ids.shape[1], additive, hidden)).logits
     assert rel(got[mask.bool()], want[mask.bool()]) < 1e-6
 
 
@@ -236,9 +238,10 @@ def test_masks_kpro_cannot_take_are_refused_by_name():
     t = ids.shape[1]
     biased = four_d(mask, t, additive=True)
     biased[..., 3] += 0.5  # an ALiBi-like bias where keys are visible
+    shallow = four_d(mask, t, additive=True, hidden=-50.0)  # softmax weight e^-50 > 0: a bias, not hidden
     prefix = four_d(mask, t)
     prefix[:, :, :4, :4] = mask.bool()[:, None, None, :4]  # a prefix that sees itself both ways
-    cases = [(biased, "values other than 0 and a large negative"), (prefix, "not causal attention over a key-padding"),
+    cases = [(biased, "values other than 0 and a large negative"), (shallow, "values other than 0 and a large negative"), (prefix, "not causal attention over a key-padding"),
              (four_d(mask, t).expand(-1, 8, -1, -1).clone().index_fill_(1, torch.tensor([3]), False),
               "differs by head"), (four_d(mask, t).long(), "boolean or floating point")]
     for bad, message in cases:

@@ -24,7 +24,7 @@ changed. What is swapped:
 Masks: transformers builds, for "kpro", the 2-D key-padding mask (1 = real token), which kpro's attention
 takes as it is (left or right padding, GQA, cached decoding with queries at the end of the keys). A 4-D mask
 passed by the caller is converted when it is causal (or full) attention over a key-padding pattern: boolean
-(True = attend) or additive float (0 = attend, a large negative = hidden); one holding biases (ALiBi, say),
+(True = attend) or additive float (0 = attend, <= -1e4 = hidden); one holding biases (ALiBi, say),
 per-head patterns or any other pattern is refused, as are dropout, logit soft-capping, sliding windows
 shorter than the keys, static caches, and packed sequences (position_ids restarting inside a row, or
 flash-attention's cu_seq_lens), each with an error naming it. Queries that see no key (padding) give zeros.
@@ -257,7 +257,9 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
     if mask.dtype == torch.bool:
         allowed = mask
     elif mask.is_floating_point():
-        hidden = mask <= torch.finfo(mask.dtype).min / 2  # -inf and transformers' dtype minimum
+        # -inf, transformers' dtype minimum, and the -1e4 or -1e9 of older code: each gives a key a softmax
+        # weight of exactly 0 in fp32 (exp underflows below about -104), as hiding it does
+        hidden = mask <= -1e4
         if not bool(((mask == 0) | hidden).all()):
             raise NotImplementedError("this additive attention mask holds values other than 0 and a large negative "
                                       "(biases such as ALiBi); kpro attention can only show or hide keys")
