@@ -411,6 +411,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | 
     """The tokenizer stored beside a checkpoint, the first of: `tokenizer.model` (SentencePiece),
     `tokenizer.json` (Hugging Face), kpro's character or symbol tokenizer."""
     directory = Path(directory)
+    if directory.is_file():
+        raise FileNotFoundError(f"{directory} is a file; load_tokenizer takes the directory that holds it "
+                                f"({directory.parent}), or open the file with kpro.Tokenizer or kpro.JsonTokenizer")
     if (directory / SENTENCEPIECE_FILE).is_file():
         return Tokenizer(directory / SENTENCEPIECE_FILE)
     if (directory / TOKENIZER_JSON_FILE).is_file():

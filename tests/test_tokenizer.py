@@ -46,6 +46,8 @@ def test_batches_and_left_padding():
 def test_bad_model_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         kpro.Tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="mistral_7b_tokenizer.model is a file; load_tokenizer takes the directory"):
+        kpro.load_tokenizer(MISTRAL)  # "holds no tokenizer.model" before
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         kpro.Tokenizer(tmp_path)
