@@ -390,6 +390,9 @@ def test_tokenize_names_bad_input(tmp_path, capsys):
     assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(tmp_path / "ok.txt"),
                  "--out", str(tmp_path / "full")]) == 1
     assert "is not a token shard directory" in capsys.readouterr().err
+    assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(tmp_path), "--data", str(tmp_path / "ok.txt"),
+                 "--out", str(tmp_path / "twice")]) == 1  # read twice before
+    assert "ok.txt is given twice (also as" in capsys.readouterr().err
 
 
 def test_train_expanded_reads_a_shard_directory(tmp_path, capsys):

@@ -14,8 +14,9 @@ def add_parsers(sub) -> None:
                                    "interruption resumes where the last shard ended.")
     p.add_argument("--tokenizer", required=True, help="directory holding tokenizer.model or tokenizer.json "
                    "(a checkpoint directory)")
-    p.add_argument("--data", nargs="+", required=True, help="corpus files or directories (their *.txt and *.jsonl): "
-                   "plain text with documents separated by blank lines, or .jsonl with a \"text\" field")
+    p.add_argument("--data", nargs="+", action="extend", required=True,
+                   help="corpus files or directories (their *.txt and *.jsonl; repeatable): plain text with documents "
+                        "separated by blank lines, or .jsonl with a \"text\" field")
     p.add_argument("--out", required=True, help="directory for the shards (new, or an interrupted run's to resume)")
     p.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")

@@ -53,6 +53,11 @@ def input_files(paths) -> list[Path]:
             raise FileNotFoundError(f"corpus file {path} does not exist")
     if not files:
         raise ValueError("no corpus files given")
+    seen = {}
+    for file in files:  # a file and its directory, say: read twice, or meant once? Refused, not guessed
+        if seen.setdefault(file.resolve(), file) is not file:
+            raise ValueError(f"{file} is given twice (also as {seen[file.resolve()]}, directly or through a directory); "
+                             "name each corpus file once (repeat a file's text in it to weigh it more)")
     return files
 
 
