@@ -170,7 +170,8 @@ def check_model_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     (a pre-hook that `apply` installs): transformers turns a 2-D mask into booleans before kpro sees it, so an
     additive 2-D mask would hide the real tokens and show the padding; and kpro computes no attention weights."""
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype != torch.bool
+    # Only a float mask can be additive: the integer masks of tokenizers and collators pass with no device sync.
+    if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.is_floating_point()
             and not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any())):
         raise ValueError("a 2-D attention mask must hold 1 (real token) and 0 (padding); this one holds other "
                          "values (an additive float mask?): pass the 0/1 mask")

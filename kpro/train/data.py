@@ -152,6 +152,7 @@ class Batches:
         return torch.randperm(len(self.examples), generator=generator)
 
     def __iter__(self):
+        self._content_digest()  # of the examples as the run starts, before any collate could change them
         while True:
             order = self.order(self.epoch)
             while self.index < len(self):
@@ -160,11 +161,14 @@ class Batches:
                 yield self.collate([self.examples[i] for i in picked])
             self.epoch, self.index = self.epoch + 1, 0
 
-    def state_dict(self) -> dict:
+    def _content_digest(self) -> str | None:
         if self._digest is False:
             self._digest = content_digest(self.examples)
+        return self._digest
+
+    def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
-                "num_examples": len(self.examples), "shuffle": self.shuffle, "digest": self._digest}
+                "num_examples": len(self.examples), "shuffle": self.shuffle, "digest": self._content_digest()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume where `state` left off; other data (seed, batch size, count, shuffling, or content: the
