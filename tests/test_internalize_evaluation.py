@@ -111,6 +111,15 @@ def test_read_prediction_without_any_eos():
     assert (prediction.cot, prediction.answer, prediction.finished, prediction.correct) == ("1 2 3", None, False, False)
 
 
+def test_a_token_outside_the_tokenizer_is_a_wrong_answer_not_a_crash():
+    """A model with more embeddings than its tokenizer has tokens can write one of the others."""
+    tok = multiplication_tokenizer()
+    ids = tok.encode("8", bos=False) + [tok.eos_id] + tok.encode("#### 8", bos=False) + [tok.vocab_size + 3, tok.eos_id]
+    prediction = read_prediction(ids, "8", tok)
+    assert prediction.correct is False and prediction.finished and prediction.answer is None
+    assert prediction.cot == f"<token {tok.vocab_size + 3}, outside the tokenizer's {tok.vocab_size}>"
+
+
 def test_a_real_model_gives_the_same_predictions_in_any_batch(make_model):
     tok = multiplication_tokenizer()
     model = make_model(seed=3, dtype=torch.float64, vocab_size=tok.vocab_size)

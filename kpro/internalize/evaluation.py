@@ -109,6 +109,10 @@ def read_prediction(new_ids, reference_answer: str, tokenizer) -> Prediction:
     finished = len(eos) == 2
     if finished:
         new_ids = new_ids[:eos[1] + 1]
+    outside = [token for token in new_ids if not 0 <= token < tokenizer.vocab_size]
+    if outside:  # a model with more embeddings than the tokenizer has tokens wrote one of the others: no text
+        return Prediction(tuple(new_ids), f"<token {outside[0]}, outside the tokenizer's {tokenizer.vocab_size}>", None,
+                          finished, False)
     if not eos:
         return Prediction(tuple(new_ids), tokenizer.decode(new_ids), None, False, False)
     after = tokenizer.decode(new_ids[eos[0] + 1:eos[1] if finished else None])
