@@ -54,8 +54,9 @@ class LoRALinear(nn.Module):
             raise ValueError("LoRALinear wraps bias-free linear layers (LLaMA has none)")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"LoRA alpha must be a finite number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+            raise ValueError(f"LoRA alpha must be a finite number other than 0 (0 makes every adapter a no-op that "
+                             f"learns nothing), got {alpha!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)

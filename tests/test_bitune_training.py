@@ -34,15 +34,24 @@ def test_read_instructions(tmp_path):
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match=r"broken.jsonl:1: not valid JSON"):
         bitune.read_instructions(tmp_path / "broken.jsonl")
+    for row, message in (({"instruction": "a", "input": {"k": "v"}, "response": "b"}, "'input' must be a string, got dict"),
+                         ({"instruction": "a", "input": 0, "response": "b"}, "'input' must be a string, got int"),
+                         ({"instruction": "a", "response": "b", "output": "c"}, "has both 'response' and 'output'")):
+        write_jsonl(tmp_path / "odd.jsonl", [row])  # a repr in the prompt, a dropped 0, one answer chosen, before
+        with pytest.raises(ValueError, match=rf"odd.jsonl:1: {message}"):
+            bitune.read_instructions(tmp_path / "odd.jsonl")
 
 
 def test_read_multiple_choice(tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 1},
                                                {"question": "r", "choices": ["x", "y", "z"], "answer": "z"}])
     assert [q.answer for q in bitune.read_multiple_choice(path)] == [1, 2]
-    write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}])
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'answer' must be a choice index"):
-        bitune.read_multiple_choice(tmp_path / "bad.jsonl")
+    for row, message in (({"question": "q", "choices": ["a", "b"], "answer": 2}, "'answer' must be a choice index"),
+                         ({"question": "q", "choices": ["a", " "], "answer": 0}, "choice 1 is empty"),
+                         ({"question": "q", "choices": ["a", "a", "b"], "answer": "a"}, "choice 'a' is listed twice")):
+        write_jsonl(tmp_path / "bad.jsonl", [row])
+        with pytest.raises(ValueError, match=rf"bad.jsonl:1: {message}"):
+            bitune.read_multiple_choice(tmp_path / "bad.jsonl")
 
 
 def test_prompt_format_eos_and_dropping_long_examples():
@@ -153,6 +162,39 @@ def test_multiple_choice_picks_the_likeliest_choice():
     assert result["acc"] == expected / 2 and result["questions"] == 2
 
 
+def test_multiple_choice_refuses_questions_it_would_score_wrongly():
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, max_position_embeddings=40))
+    for questions, message in (([], "at least one question"),
+                               ([bitune.MultipleChoice("q", ["a", ""], 0)], "question 0: choice 1 is empty"),
+                               ([bitune.MultipleChoice("q", ["x", "x", "y"], 1)], "choice 'x' is listed twice"),
+                               ([bitune.MultipleChoice("q", ["a", "b"], 5)], r"'answer' must be a choice index in \[0, 2\)"),
+                               ([bitune.MultipleChoice("q" * 30, ["a", "b"], 0)], "more than the model's max_position")):
+        with pytest.raises(ValueError, match=message):  # scored (an empty choice winning; 0.0 accuracy) before
+            bitune.multiple_choice_accuracy(model, TOK, questions)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        bitune.answer_log_likelihoods(model, [[1, 5]], [[6]], batch_size=0)
+    with pytest.raises(ValueError, match="one answer per prompt"):
+        bitune.answer_log_likelihoods(model, [[1, 5], [1, 7]], [[6]])
+
+
+def test_generate_answers_takes_a_plain_model():
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    ids, mask = TOK.pad_left([TOK.encode(bitune.PROMPT_TEMPLATE.format(instruction="say a"))])
+    expected = kpro.generate(model, ids, 3, attention_mask=mask, eos_token_id=TOK.eos_id)[0, ids.shape[1]:].tolist()
+    text = TOK.decode([t for t in expected if t != TOK.eos_id]).strip()
+    assert bitune.generate_answers(model, TOK, ["say a"], 3) == [text]  # an AttributeError before
+
+
+def test_tune_refuses_examples_beyond_the_model_positions_and_a_zero_alpha(tmp_path):
+    model = kpro.Llama(tiny_config(max_position_embeddings=8))
+    with pytest.raises(ValueError, match="example 1 takes 9 tokens, more than the model's max_position_embeddings=8"):
+        bitune.tune(model, [([1, 2], [3]), ([1] * 6, [4, 5, 6])], "bitune", tmp_path, steps=1, batch_size=1)
+    with pytest.raises(ValueError, match="alpha must be a finite number other than 0"):
+        bitune.tune(model, [([1, 2], [3])], "lora", tmp_path, steps=1, batch_size=1, alpha=0)
+
+
 @pytest.mark.parametrize("method", ["bitune", "lora"])
 def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
     torch.manual_seed(0)
@@ -190,7 +232,7 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
 
     tune(steps=1)
     config = (tmp_path / "adapters" / "adapter_config.json").read_text()
-    changed = {"rank": 4, "alpha": 16.0, "mode": "only_causal", "weighting": "token"}
+    changed = {"rank": 4, "alpha": 16.0, **({"mode": "only_causal"} if method == "bitune" else {}), "weighting": "token"}
     expected = "rank: 2 in the checkpoint, 4 now\n  alpha: 1.0 in the checkpoint, 16.0 now\n  " + \
         ("mode: 'bitune' in the checkpoint, 'only_causal' now\n  " if method == "bitune" else "") + \
         "weighting: 'example' in the checkpoint, 'token' now\nresume with the same settings"
@@ -207,6 +249,11 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
         tune(steps=-5)
     with pytest.raises(ValueError, match="holds a tuned run: steps=0 would save untrained adapters over its adapters"):
         tune(steps=0)
+    with pytest.raises(ValueError, match="holds a run of 2 steps already, more than steps=1"):
+        tune(steps=1)  # a warmup error about the first run's schedule before
+    if method == "lora":
+        with pytest.raises(ValueError, match="mode='no_mix' is a Bitune ablation"):
+            tune(mode="no_mix")  # ignored before
 
 
 def test_cli_end_to_end(tmp_path):
@@ -231,3 +278,5 @@ def test_cli_end_to_end(tmp_path):
     assert bad.returncode == 1 and "needs 'question'" in bad.stderr
     bad = run("--baseline", "lora", "--mode", "no_mix")
     assert bad.returncode == 1 and "--mode no_mix is a Bitune ablation" in bad.stderr
+    bad = run("--max-length", "300")  # the last --max-length wins
+    assert bad.returncode == 1 and "--max-length 300 is more than the model's max_position_embeddings=256" in bad.stderr

@@ -34,7 +34,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--loss-weighting", choices=list(WEIGHTINGS), default="example",
                    help="example (the reference's: each example's answer tokens averaged, then the examples) or token "
                         "(every answer token of a step alike: long answers weigh more) (default: example)")
-    p.add_argument("--max-length", type=int, default=512, help="longer examples are dropped (and counted)")
+    p.add_argument("--max-length", type=int, default=None, help="longer examples are dropped (and counted); default "
+                   "and most: the model's max_position_embeddings")
     p.add_argument("--eval", action="append", default=[], metavar="FILE",
                    help="multiple-choice JSONL (question, choices, answer) to score zero-shot; repeatable")
     p.add_argument("--eval-batch-size", type=int, default=16, help="questions scored at once")
@@ -59,7 +60,7 @@ def run(args) -> None:
     args.mode = args.mode or "bitune"
     args.device = resolve_device(args.device)
     for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size"):
-        if getattr(args, name) < (0 if name == "steps" else 1):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")
     questions = {path: read_multiple_choice(path) for path in args.eval}  # fail early on bad files
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -67,6 +68,10 @@ def run(args) -> None:
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer of {args.model} has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
+    limit = model.config.max_position_embeddings
+    if args.max_length is not None and args.max_length > limit:
+        raise ValueError(f"--max-length {args.max_length} is more than the model's max_position_embeddings={limit}")
+    args.max_length = args.max_length or limit
     pairs, dropped = tokenize_instructions(tok, read_instructions(args.data), args.max_length)
     print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens")
     if not pairs:
@@ -84,3 +89,4 @@ def run(args) -> None:
         results["eval"][path] = scores
         print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  ({scores['questions']} questions)")
     write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
+

@@ -39,7 +39,12 @@ def read_instructions(path: str | os.PathLike) -> list[Instruction]:
         response = row.get("response", row.get("output"))
         if not isinstance(row.get("instruction"), str) or not isinstance(response, str):
             raise ValueError(f"{path}:{number}: needs string fields 'instruction' and 'response' (or 'output')")
-        instruction = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        if "response" in row and "output" in row and row["response"] != row["output"]:
+            raise ValueError(f"{path}:{number}: has both 'response' and 'output', and they differ: which is the answer?")
+        extra = row.get("input")
+        if extra is not None and not isinstance(extra, str):  # its repr would become part of the prompt
+            raise ValueError(f"{path}:{number}: 'input' must be a string, got {type(extra).__name__}")
+        instruction = row["instruction"] + (f"\n\n{extra}" if extra else "")
         examples.append(Instruction(instruction, response))
     return examples
 
@@ -49,15 +54,31 @@ def read_multiple_choice(path: str | os.PathLike) -> list[MultipleChoice]:
     questions = []
     for number, row in read_jsonl(path):
         choices, answer = row.get("choices"), row.get("answer")
-        if not isinstance(row.get("question"), str) or not isinstance(choices, list) or len(choices) < 2 \
-                or not all(isinstance(c, str) for c in choices):
-            raise ValueError(f"{path}:{number}: needs 'question' (string) and 'choices' (two or more strings)")
-        if isinstance(answer, str) and answer in choices:
+        if isinstance(answer, str) and isinstance(choices, list) and answer in choices:
             answer = choices.index(answer)
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise ValueError(f"{path}:{number}: 'answer' must be a choice index in [0, {len(choices)}) or a choice's text")
-        questions.append(MultipleChoice(row["question"], choices, answer))
+        question = MultipleChoice(row.get("question"), choices, answer)
+        check_multiple_choice(question, f"{path}:{number}")
+        questions.append(question)
     return questions
+
+
+def check_multiple_choice(question: "MultipleChoice", where: str) -> None:
+    """A question string, two or more distinct choices with some text (an empty choice would be scored as an
+    answer of no tokens, log-likelihood 0, and always win; twins make the right one depend on the tie), and the
+    index of the right one."""
+    choices = question.choices
+    if not isinstance(question.question, str) or not isinstance(choices, list) or len(choices) < 2 \
+            or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{where}: needs 'question' (string) and 'choices' (two or more strings)")
+    if not all(c.strip() for c in choices):
+        raise ValueError(f"{where}: choice {next(i for i, c in enumerate(choices) if not c.strip())} is empty")
+    if len(set(choices)) < len(choices):
+        twin = next(c for c in choices if choices.count(c) > 1)
+        raise ValueError(f"{where}: choice {twin!r} is listed twice; the choices must differ")
+    answer = question.answer
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: 'answer' must be a choice index in [0, {len(choices)}) or a choice's text, got "
+                         f"{answer!r}")
 
 
 def multiple_choice_prompt(question: "MultipleChoice") -> str:

@@ -6,6 +6,7 @@ evaluation prompt), and each choice is scored by the log-likelihood of `" " + ch
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from .. import lora, ops
 from ..generation import generate
 from ..train.loss import output_head_weight
-from .data import PROMPT_TEMPLATE, MultipleChoice, encode_pair, multiple_choice_prompt
+from .data import PROMPT_TEMPLATE, MultipleChoice, check_multiple_choice, encode_pair, multiple_choice_prompt
 from .streams import answer_targets, right_pad, split_streams
 from .wrapper import Bitune
 
@@ -23,6 +24,16 @@ def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Seq
                            batch_size: int = 16) -> torch.Tensor:
     """log P(answer | prompt) summed over the answer tokens, [N] float64, for a Bitune or a plain /
     adapted causal model."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if len(prompts) != len(answers) or not prompts:
+        raise ValueError(f"answer_log_likelihoods takes one answer per prompt, at least one: got {len(prompts)} "
+                         f"prompts and {len(answers)} answers")
+    limit = _model_of(tuned).config.max_position_embeddings
+    too_long = next((i for i, (p, a) in enumerate(zip(prompts, answers)) if len(p) + len(a) > limit), None)
+    if too_long is not None:
+        raise ValueError(f"prompt {too_long} and its answer take {len(prompts[too_long]) + len(answers[too_long])} "
+                         f"tokens, more than the model's max_position_embeddings={limit}")
     scores = []
     for start in range(0, len(prompts), batch_size):
         rows = [list(p) + list(a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
@@ -48,11 +59,16 @@ def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Seq
 def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], batch_size: int = 16) -> dict:
     """Zero-shot accuracy: each question asked with its choices listed (`multiple_choice_prompt`), each choice
     scored as the answer `" " + choice`."""
+    if not questions:
+        raise ValueError("multiple_choice_accuracy needs at least one question")
     prompts, answers, owners, lengths = [], [], [], []
     for q_index, question in enumerate(questions):
+        check_multiple_choice(question, f"question {q_index}")
         prompt = multiple_choice_prompt(question)
         for choice in question.choices:
             p, a = encode_pair(tok, prompt, " " + choice)
+            if not a:  # it would be scored as no answer at all, log-likelihood 0, and win
+                raise ValueError(f"question {q_index}: choice {choice!r} encodes to no tokens after its prompt")
             prompts.append(p)
             answers.append(a)
             owners.append(q_index)
@@ -78,6 +94,13 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
         new = tuned.generate(encoded, max_new_tokens, **sampling)
     else:
         ids, mask = tok.pad_left(encoded, device=next(tuned.parameters()).device)
-        with lora.active(tuned.model, tuned.adapter):
-            new = generate(tuned.model, ids, max_new_tokens, attention_mask=mask, **sampling)[:, ids.shape[1]:].tolist()
+        adapted = isinstance(tuned, lora.AdaptedModel)
+        with lora.active(tuned.model, tuned.adapter) if adapted else contextlib.nullcontext():
+            new = generate(_model_of(tuned), ids, max_new_tokens, attention_mask=mask,
+                           **sampling)[:, ids.shape[1]:].tolist()
     return [tok.decode([t for t in row if t != tok.eos_id]).strip() for row in new]
+
+
+def _model_of(tuned):
+    """The kpro.Llama inside a Bitune or a LoRA-adapted model, or the model itself."""
+    return tuned.model if isinstance(tuned, (Bitune, lora.AdaptedModel)) else tuned

@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import adapters, lora, ops
 from ..errors import CheckpointError
 from ..model import Llama
-from ..train import Batches, Callback, LossSum, Schedule, adamw, collate_prompt_answer, fit, latest_checkpoint
+from ..train import (Batches, Callback, LossSum, Schedule, adamw, checkpoint_step, collate_prompt_answer, fit,
+                     latest_checkpoint)
 from ..train.checkpointing import saved_schedule
 from ..train.loss import next_token_targets, output_head_weight
 from .streams import answer_targets, split_streams
@@ -81,12 +82,23 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (0: save the untuned adapters), got {steps!r}")
+    if method == "lora" and mode != "bitune":
+        raise ValueError(f"mode={mode!r} is a Bitune ablation; method='lora' trains one causal adapter")
+    limit = model.config.max_position_embeddings
+    too_long = next((i for i, (prompt, answer) in enumerate(pairs) if len(prompt) + len(answer) > limit), None)
+    if too_long is not None:
+        raise ValueError(f"example {too_long} takes {len(pairs[too_long][0]) + len(pairs[too_long][1])} tokens, more "
+                         f"than the model's max_position_embeddings={limit}")
     out_dir = Path(out_dir)
+    last = latest_checkpoint(out_dir / "run")
+    if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for
+        raise ValueError(f"{out_dir} holds a run of {checkpoint_step(last)} steps already, more than steps={steps}: "
+                         "pass at least as many steps (more extend it), or tune into another out_dir")
     settings = {"method": method, "rank": rank, "alpha": float(alpha), **({"mode": mode} if method == "bitune" else {}),
                 "weighting": weighting}
     if steps > 0:
         _check_resumable(out_dir / "run", settings)
-    elif latest_checkpoint(out_dir / "run") is not None:  # the untuned adapters would replace the tuned ones
+    elif last is not None:  # the untuned adapters would replace the tuned ones
         raise ValueError(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
                          "load them with load_tuned, or tune into another out_dir")
     if method == "bitune":

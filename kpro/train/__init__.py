@@ -16,7 +16,7 @@
     command.py        `python -m kpro tokenize`
 """
 from .callbacks import Callback
-from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import Batches, collate_packed, collate_prompt_answer, pack_documents, read_jsonl
 from .distributed import DistEnv, init_distributed, shard_blocks
 from .loop import Run, fit
@@ -29,7 +29,7 @@ from .tokenize import tokenize_corpus
 __all__ = [
     "Batches", "Callback", "DistEnv", "IGNORE_INDEX", "LossSum", "MetricsLog", "ProgressLine", "Run", "Schedule",
     "TokenShards", "adamw", "causal_lm_loss", "causal_lm_loss_from_hidden", "collate_packed", "collate_prompt_answer",
-    "count_loss_tokens", "fit", "init_distributed", "latest_checkpoint", "list_checkpoints", "lm_loss",
+    "checkpoint_step", "count_loss_tokens", "fit", "init_distributed", "latest_checkpoint", "list_checkpoints", "lm_loss",
     "load_checkpoint", "pack_documents", "param_groups", "read_jsonl", "read_metrics", "save_checkpoint", "set_lr",
     "shard_blocks", "tokenize_corpus", "write_token_shards",
 ]

@@ -61,6 +61,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The step a checkpoint directory (`step-XXXXXXXX`) was saved at."""
+    match = STEP_DIR.fullmatch(Path(checkpoint).name)
+    if match is None:
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint directory (named step-XXXXXXXX)")
+    return int(match.group(1))
+
+
 # ----------------------------------------------------------------------------------------------- RNG
 
 def rng_state() -> dict:

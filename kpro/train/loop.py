@@ -24,7 +24,7 @@ from torch import nn
 from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, load_callback_states
-from .checkpointing import STEP_DIR, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -186,7 +186,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                     save()
                 if interrupted or run._stop_requested:
                     break
-            if run.checkpoint is None or _step_of(run.checkpoint) != run.step:
+            if run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step:
                 save()  # the end of the run, a stop, or Ctrl-C
         finally:
             if progress is not None:
@@ -431,18 +431,11 @@ def _checkpoint_to_resume(out_dir: Path, resume) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint to resume from does not exist: {path}")
-    newer = [p.name for p in list_checkpoints(out_dir) if _step_of(p) > _step_of(path)]
+    newer = [p.name for p in list_checkpoints(out_dir) if checkpoint_step(p) > checkpoint_step(path)]
     if newer:  # they belong to the run being rewound: a later resume=True would pick them up
         raise CheckpointError(f"{out_dir} holds checkpoints newer than {path.name} ({', '.join(newer)}); to rewind "
                               "to it, move those away first, or resume into another directory")
     return path
-
-
-def _step_of(checkpoint: Path) -> int:
-    match = STEP_DIR.fullmatch(checkpoint.name)
-    if match is None:
-        raise CheckpointError(f"{checkpoint} is not a training checkpoint directory (named step-XXXXXXXX)")
-    return int(match.group(1))
 
 
 class _InterruptToStop:
