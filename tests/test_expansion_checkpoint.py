@@ -117,7 +117,9 @@ def test_cli_train_expanded_trains_only_the_new_blocks_and_resumes(tmp_path, cap
     alphabet = "abcdefgh \n"
     write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=3 + len(alphabet), max_position_embeddings=32)
     kpro.CharTokenizer(alphabet).save(tmp_path / "src")
-    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top",
+                 "--max-shard-size", "1KB"]) == 0  # sharded: the first shard holds the embedding alone
+    assert len(list((tmp_path / "big").glob("model-*.safetensors"))) > 2
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
     run = tmp_path / "run"
@@ -148,6 +150,8 @@ def test_cli_train_expanded_errors(tmp_path, capsys):
         (["--data", str(corpus), "--train-blocks", "5"], "block index 5 is out of range"),
         (["--data", str(tmp_path / "none.txt"), "--train-blocks", "1"], "corpus file"),
         (["--data", str(corpus), "--train-blocks", "1"], "character 'x' is not in the alphabet"),
+        (["--data", str(corpus), "--data", str(tmp_path / "." / "corpus.txt"), "--train-blocks", "1"],
+         "is given twice"),  # read twice before
     ]
     for extra, message in cases:
         assert main(["train-expanded", str(tmp_path / "plain"), "--out", str(tmp_path / "run")] + extra) == 1

@@ -8,6 +8,7 @@ the model is saved as a normal LLaMA checkpoint in the source's dtype, with the 
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_d
 from ..train.checkpointing import saved_schedule
 from ..train.data import read_jsonl
 from ..train.shards import is_shard_directory
-from ..train.tokenize import check_tokenizer
+from ..train.tokenize import check_tokenizer, refuse_repeated_files
 from .checkpoint import _copy_other_files, _read_header, read_expansion_record
 from .freezing import train_only
 
@@ -32,6 +33,7 @@ def read_corpus(paths) -> list[str]:
     """Documents of text files: a `.jsonl` file holds one JSON object with a "text" string per line; any
     other file is plain text with documents separated by blank lines."""
     documents = []
+    refuse_repeated_files([Path(p) for p in paths])
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist")
@@ -79,10 +81,13 @@ def blocks_to_train(directory: Path, blocks) -> list[int]:
 
 
 def checkpoint_dtype(directory: Path) -> torch.dtype:
-    """The floating-point dtype the checkpoint's block weights are stored in."""
-    file = sorted(set(tensor_locations(directory).values()))[0]
-    dtypes = {s.dtype for name, s in _read_header(file).items() if ".layers." in name}
-    return SAFETENSORS_DTYPES.get(dtypes.pop() if len(dtypes) == 1 else "F32", torch.float32)
+    """The floating-point dtype holding most of the checkpoint's parameters, over every shard (the rule of
+    `load_pretrained(dtype="auto")`)."""
+    counts: dict[str, int] = {}
+    for file in sorted(set(tensor_locations(directory).values())):
+        for source in _read_header(file).values():
+            counts[source.dtype] = counts.get(source.dtype, 0) + math.prod(source.shape)
+    return SAFETENSORS_DTYPES.get(max(counts, key=counts.get) if counts else "F32", torch.float32)
 
 
 def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, seq_len: int | None = None,

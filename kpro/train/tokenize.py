@@ -53,12 +53,18 @@ def input_files(paths) -> list[Path]:
             raise FileNotFoundError(f"corpus file {path} does not exist")
     if not files:
         raise ValueError("no corpus files given")
+    refuse_repeated_files(files)
+    return files
+
+
+def refuse_repeated_files(files: list[Path]) -> None:
+    """A file named twice (directly, through a directory, or by another path): read twice, or meant once?
+    Refused, not guessed."""
     seen = {}
-    for file in files:  # a file and its directory, say: read twice, or meant once? Refused, not guessed
+    for file in files:
         if seen.setdefault(file.resolve(), file) is not file:
             raise ValueError(f"{file} is given twice (also as {seen[file.resolve()]}, directly or through a directory); "
                              "name each corpus file once (repeat a file's text in it to weigh it more)")
-    return files
 
 
 def read_documents(files: list[Path], file: int = 0, offset: int = 0, line: int = 1) -> Iterator[tuple]:
