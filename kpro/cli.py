@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`python -m kpro info DIR | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # as a program that SIGPIPE ends
-    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, FloatingPointError) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+            CheckpointError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)  # bad input, or a run that diverged: one line, no traceback
         return 1
     return 0

@@ -278,5 +278,7 @@ def test_cli_end_to_end(tmp_path):
     assert bad.returncode == 1 and "needs 'question'" in bad.stderr
     bad = run("--baseline", "lora", "--mode", "no_mix")
     assert bad.returncode == 1 and "--mode no_mix is a Bitune ablation" in bad.stderr
+    bad = run("--eval", str(tmp_path))  # a directory: a traceback before
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
     bad = run("--max-length", "300")  # the last --max-length wins
     assert bad.returncode == 1 and "--max-length 300 is more than the model's max_position_embeddings=256" in bad.stderr

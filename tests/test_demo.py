@@ -47,6 +47,19 @@ def test_claim_line_and_standard_errors():
     assert claims.in_standard_errors(0.0, 0.0) == "no spread to measure it against"
 
 
+def test_demo_and_reproduce_refuse_a_file_as_out_and_a_bad_seed_before_any_work(tmp_path, capsys):
+    from kpro.cli import main
+
+    (tmp_path / "afile").write_text("mine")
+    for command in (["demo", "basics"], ["reproduce", "bitune-seeds"]):  # a traceback minutes in, before
+        assert main([*command, "--out", str(tmp_path / "afile" / "sub")]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: --out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a directory\n"
+        assert main([*command, "--out", str(tmp_path / "out"), "--seed", "-1"]) == 1
+        assert capsys.readouterr().err == "error: --seed must be an integer >= 0, got -1\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_reversal_task_format():
     prompt, answer = demo.reversal_task(random.Random(0))
     assert prompt.endswith(">") and answer == prompt[:-1][::-1] and 3 <= len(answer) <= 8

@@ -32,6 +32,7 @@ ACTS = {"expansion": act_expansion, "basics": act_basics, "internalization": act
 
 def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:
     """Run the acts in turn; then one line per act: its time and whether its claim was shown."""
+    check_run_arguments(out_dir, seed)
     results, seconds = {}, {}
     for name in acts:
         start = time.perf_counter()
@@ -113,4 +114,16 @@ REPRODUCTIONS = {
 def reproduce(name: str, out_dir: Path, seed: int = 0) -> dict:
     if name not in REPRODUCTIONS:
         raise ValueError(f"unknown reproduction {name!r}; choose from {', '.join(REPRODUCTIONS)}")
+    check_run_arguments(out_dir, seed)
     return REPRODUCTIONS[name].run(out_dir / name, seed=seed)
+
+
+def check_run_arguments(out_dir: Path, seed) -> None:
+    """Refused before minutes of work, not when the first file is written: an output path that is a file, and
+    a seed that is not an integer >= 0."""
+    out_dir = Path(out_dir)
+    file = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise NotADirectoryError(f"--out {out_dir}: {file} is a file, not a directory")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
