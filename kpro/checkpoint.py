@@ -346,10 +346,10 @@ def parse_size(size: int | str) -> int:
         if size <= 0:
             raise ValueError(f"max_shard_size must be positive, got {size}")
         return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)\s*", str(size), re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)  # no unit: bytes
     if not match:
         raise ValueError(f"cannot read size {size!r}; use a byte count or a string like '5GB'")
-    number, unit = float(match.group(1)), match.group(2).upper()
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     if number * scale < 1:
         raise ValueError(f"max_shard_size must be positive, got {size!r}")

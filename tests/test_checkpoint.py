@@ -327,12 +327,13 @@ def test_killed_save_leaves_old_checkpoint_intact_and_is_cleaned_up(tmp_path, ma
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
-@pytest.mark.parametrize("size, expected", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500 mb", 5 * 10**8), (123, 123)])
+@pytest.mark.parametrize("size, expected", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500 mb", 5 * 10**8), (123, 123),
+                                            ("3000", 3000)])  # the command line passes a byte count as text
 def test_parse_size(size, expected):
     assert ckpt.parse_size(size) == expected
 
 
-@pytest.mark.parametrize("size", ["5 parsecs", 0, "0GB", -3])
+@pytest.mark.parametrize("size", ["5 parsecs", 0, "0GB", -3, "0", "", "GB"])
 def test_parse_size_rejects_nonsense(size):
     with pytest.raises(ValueError):
         ckpt.parse_size(size)

@@ -157,3 +157,8 @@ def test_cli_train_expanded_errors(tmp_path, capsys):
         assert main(["train-expanded", str(tmp_path / "plain"), "--out", str(tmp_path / "run")] + extra) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
+    for record in ('{"new_blocks": ["4", 5]}', "[1]", '{"new_blocks": []}', "{oops"):  # tracebacks before
+        (tmp_path / "plain" / "kpro_expansion.json").write_text(record)
+        assert main(["train-expanded", str(tmp_path / "plain"), "--out", str(tmp_path / "run"), "--data", str(corpus)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "kpro_expansion.json" in err and err.count("\n") == 1, err

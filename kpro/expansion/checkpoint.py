@@ -105,9 +105,15 @@ def read_expansion_record(directory) -> dict | None:
     path = Path(directory) / EXPANSION_FILE
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
-    if not isinstance(record.get("new_blocks"), list):
-        raise CheckpointError(f"{path} has no list of new_blocks")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    blocks = record.get("new_blocks") if isinstance(record, dict) else None
+    if not isinstance(blocks, list) or not blocks or \
+            not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+        raise CheckpointError(f"{path} must hold {{\"new_blocks\": [block indices]}}, a non-empty list of integers "
+                              "(written by `python -m kpro expand`); fix it, or name the blocks with --train-blocks")
     return record
 
 
