@@ -58,6 +58,8 @@ def test_prompt_format_eos_and_dropping_long_examples():
     pairs, dropped = bitune.tokenize_instructions(TOK, [bitune.Instruction("hi", "yo"),
                                                           bitune.Instruction("x" * 50, "long")], max_length=30)
     assert dropped == 1 and len(pairs) == 1
+    with pytest.raises(ValueError, match="example 1 \\(from 0\\): character 'Z' is not in the alphabet"):
+        bitune.tokenize_instructions(TOK, [bitune.Instruction("hi", "yo"), bitune.Instruction("say Z", "z")], 30)
     prompt, answer = pairs[0]
     assert TOK.decode(prompt) == "Question: hi\n\nAnswer:" and prompt[0] == TOK.bos_id
     assert TOK.decode(answer) == " yo" and answer[-1] == TOK.eos_id

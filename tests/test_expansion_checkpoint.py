@@ -51,6 +51,12 @@ def test_cli_expand_matches_in_memory_expansion(tmp_path, capsys, sharded):
     assert json.loads((tmp_path / "dst" / "config.json").read_text())["num_hidden_layers"] == 6
 
 
+def test_a_buffer_of_no_bytes_is_refused(tmp_path):
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2)
+    with pytest.raises(ValueError, match="buffer_bytes must be a positive integer, got 0"):  # blamed the source before
+        expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2, buffer_bytes=0)
+
+
 def test_expand_streams_through_a_small_buffer(tmp_path):
     """Peak Python memory stays near the copy buffer, far below the checkpoint (by design: tensors are
     copied as byte ranges, never loaded)."""

@@ -72,7 +72,11 @@ def run(args) -> None:
     if args.max_length is not None and args.max_length > limit:
         raise ValueError(f"--max-length {args.max_length} is more than the model's max_position_embeddings={limit}")
     args.max_length = args.max_length or limit
-    pairs, dropped = tokenize_instructions(tok, read_instructions(args.data), args.max_length)
+    instructions = read_instructions(args.data)
+    try:
+        pairs, dropped = tokenize_instructions(tok, instructions, args.max_length)
+    except ValueError as err:
+        raise ValueError(f"{args.data}: {err}") from None
     print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens")
     if not pairs:
         raise ValueError(f"no example of {args.data} fits --max-length {args.max_length}")

@@ -99,8 +99,12 @@ def encode_pair(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
 def tokenize_instructions(tok, examples: Sequence[Instruction], max_length: int) -> tuple[list, int]:
     """(prompt_ids, answer_ids + eos) pairs of at most `max_length` tokens, and how many were dropped."""
     pairs, dropped = [], 0
-    for example in examples:
-        prompt, answer = encode_pair(tok, PROMPT_TEMPLATE.format(instruction=example.instruction), " " + example.response)
+    for i, example in enumerate(examples):
+        try:
+            prompt, answer = encode_pair(tok, PROMPT_TEMPLATE.format(instruction=example.instruction),
+                                         " " + example.response)
+        except ValueError as err:  # a symbol the tokenizer lacks: say which example
+            raise ValueError(f"example {i} (from 0): {err}") from None
         answer = answer + [tok.eos_id]
         if len(prompt) + len(answer) > max_length:
             dropped += 1

@@ -58,6 +58,8 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
                       max_shard_size: int | str = "5GB", overwrite: bool = False,
                       buffer_bytes: int = COPY_BUFFER_BYTES) -> ExpansionResult:
     """Write the expansion of checkpoint `src` to `dst` (see the module docstring); returns what was written."""
+    if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
+        raise ValueError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"checkpoint directory {src} does not exist")
