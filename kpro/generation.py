@@ -7,7 +7,7 @@ import operator
 import torch
 
 from . import ops
-from .model import KVCache, Llama
+from .model import KVCache, Llama, activation_dtype
 
 
 @torch.no_grad()
@@ -44,8 +44,7 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         attention_mask = torch.ones_like(input_ids)
     ops.check_attention_mask(attention_mask, (batch, length), "generate")  # the model's check: 1 and 0 only
     check_left_padded(attention_mask)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, batch, length + max_new_tokens, dtype, input_ids.device)
+    cache = KVCache(model.config, batch, length + max_new_tokens, activation_dtype(model), input_ids.device)
     logits = model.lm_head(model.norm(model.hidden_states(input_ids, attention_mask, cache=cache)[:, -1]))
     new = decode(model, cache, logits, attention_mask, max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, generator=generator, eos_token_id=eos_token_id, pad_token_id=pad_token_id,

@@ -143,10 +143,20 @@ class Llama(nn.Module):
                 raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {batch}")
             if past + length > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions; {past} used, {length} more asked")
+            wanted, weight = activation_dtype(self), self.embed_tokens.weight
+            if (cache.keys[0].dtype, cache.keys[0].device) != (wanted, weight.device):  # before any layer writes it
+                raise ValueError(f"cache holds {cache.keys[0].dtype} keys on {cache.keys[0].device}, and this forward "
+                                 f"computes {wanted} ones on {weight.device} (autocast sets it where it is on): make it "
+                                 "with KVCache(model.config, ..., dtype=kpro.model.activation_dtype(model))")
         if attention_mask is None:
             all_real = None
+            if cache is not None and cache.padded:  # without it the new tokens would see the cached padding
+                raise ValueError(f"the cache holds padding (its tokens came with an attention mask holding zeros): "
+                                 f"pass the attention_mask [B, {past + length}] covering the cached tokens and these")
         else:  # the op's check (bool or 0/1 integers), with whether every token is real in the same device read
             all_real = ops.check_attention_mask(attention_mask, (batch, past + length), "model", report_all_real=True)
+            if cache is not None and not all_real:
+                cache.padded = True
         check_token_ids(input_ids, self.config.vocab_size)
         # A mask of all ones is no mask: take the faster unmasked attention path. A checked mask goes to the
         # layers as bool, whose values need no further look.
@@ -189,6 +199,15 @@ def positions_from_mask(attention_mask, past: int, length: int, device) -> torch
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
 
 
+def activation_dtype(model: "Llama") -> torch.dtype:
+    """The dtype of the keys and values a forward computes: autocast's where autocast is on for the model's
+    device (it casts fp32, fp16 and bf16 weights' matmuls), else the weights'."""
+    weight = model.embed_tokens.weight
+    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
 class KVCache:
     """Preallocated keys and values of every layer, [B, max_len, Hkv, D] each, for cached decoding."""
 
@@ -197,6 +216,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.padded = False  # a mask with zeros came with its tokens: later calls must pass a mask too
 
     def layer(self, index: int) -> "LayerKV":
         return LayerKV(self, index)

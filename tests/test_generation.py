@@ -125,6 +125,32 @@ def test_a_cache_made_for_another_model_is_named(make_model):
             model(ids, cache=kpro.KVCache(other, 1, 8, next(model.parameters()).dtype))
 
 
+def test_a_cache_of_another_dtype_is_named_before_anything_is_written(make_model):
+    model = make_model(dtype=torch.float32)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    cache = kpro.KVCache(model.config, 2, 8, torch.bfloat16)
+    with pytest.raises(ValueError, match="cache holds torch.bfloat16 keys on cpu, and this forward computes torch.float32"):
+        model(ids, cache=cache)  # the shared q/k/v dtype check, after layer 0 wrote rounded keys, before
+    assert cache.length == 0 and not any(k.any() for k in cache.keys)
+    with torch.autocast("cpu", torch.bfloat16):  # an evaluation inside a training step's autocast
+        assert kpro.model.activation_dtype(model) == torch.bfloat16
+        out = kpro.generate(model, ids, 3)  # a q/k/v dtype error before: the cache was fp32
+    assert out.shape == (2, 6)
+
+
+def test_a_padded_cache_needs_its_mask_on_every_later_call(make_model):
+    model = make_model()
+    ids, mask = torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    cache = kpro.KVCache(model.config, 2, 8, torch.float64)
+    model(ids, mask, cache=cache)
+    new = torch.tensor([[4], [4]])
+    with pytest.raises(ValueError, match=r"the cache holds padding .* pass the attention_mask \[B, 4\]"):
+        model(new, cache=cache)  # attended to the cached padding before
+    full = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), 1)
+    alone = model(torch.tensor([[5, 6, 4]]))[0, -1]
+    torch.testing.assert_close(model(new, full, cache=cache)[0, -1], alone)
+
+
 def test_token_ids_of_numpy_and_tensor_integers_are_taken_and_others_refused(make_model):
     model, ids = make_model(), torch.ones(1, 3, dtype=torch.long)
     want = kpro.generate(model, ids, 4, eos_token_id=[5], pad_token_id=2)

@@ -155,6 +155,7 @@ def test_rows_that_see_nothing_are_zero_with_zero_gradient(backend, device):
     dead = ~mask.any(-1)  # [B, Tq]: the padding queries of the left-padded rows
     assert dead.sum() > 0
     assert (got[0][dead] == 0).all() and (got[1][dead] == 0).all()
+    assert got[0].is_contiguous()  # [B, T, H, D] in memory, so .view(B, T, H * D) works (the torch path's was not)
 
 
 @pytest.mark.parametrize("backend, device", backend_devices()[:2])

@@ -213,6 +213,11 @@ def test_autocast_casts_the_inputs_like_a_linear_layer():
         loss = ops.linear_cross_entropy(hidden, weight, labels)
     expected = ops.linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels)
     assert loss.dtype == torch.float32 and torch.equal(loss, expected)
+    hidden, weight = hidden.double(), weight.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 matmuls alone: so does kpro
+        loss = ops.linear_cross_entropy(hidden, weight, labels)
+        assert torch.nn.functional.linear(hidden, weight).dtype == torch.float64
+    assert loss.dtype == torch.float64 and torch.equal(loss, ops.linear_cross_entropy(hidden, weight, labels))
 
 
 @pytest.mark.parametrize("backend, device", backend_devices()[:2])

@@ -182,6 +182,7 @@ def test_causal_lm_loss_by_hand():
     total = kt.causal_lm_loss(logits, labels, reduction="sum")
     torch.testing.assert_close(total, sum(terms).float(), rtol=1e-6, atol=0)
     torch.testing.assert_close(kt.causal_lm_loss(logits, labels), sum(terms).float() / 4, rtol=1e-6, atol=0)
+    assert torch.equal(kt.causal_lm_loss(logits, labels.int()), kt.causal_lm_loss(logits, labels))  # int32 refused before
 
 
 def test_causal_lm_loss_is_fp32_for_bf16_logits():

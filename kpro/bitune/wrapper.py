@@ -25,7 +25,7 @@ from torch import nn
 from .. import adapters, lora, ops
 from ..errors import CheckpointError
 from ..generation import decode
-from ..model import KVCache, Llama, check_token_ids
+from ..model import KVCache, Llama, activation_dtype, check_token_ids
 from .passes import MODES, fused_passes, separate_passes
 from .streams import Streams, answer_targets, right_pad, split_streams
 
@@ -116,7 +116,7 @@ class Bitune(nn.Module):
         streams = split_streams(ids, lens, (torch.arange(ids.shape[1], device=device) < lens[:, None]).long(),
                                need_answer=False)
         tp = streams.prompt_ids.shape[1]
-        cache = KVCache(self.model.config, ids.shape[0], tp + 1 + max_new_tokens, self.model.embed_tokens.weight.dtype, device)
+        cache = KVCache(self.model.config, ids.shape[0], tp + 1 + max_new_tokens, activation_dtype(self.model), device)
         logits = self.model.lm_head(self._answer_hidden(streams, fused, cache=cache)[:, -1])  # one position
         mask = torch.cat((streams.prompt_valid.long(), torch.ones_like(lens)[:, None]), dim=1)
         with lora.active(self.model, "causal"):

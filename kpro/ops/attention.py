@@ -185,13 +185,13 @@ def _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale):
         # makes the compiler guard on the length instead.
         is_causal = True if causal and tq > 1 else False
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2).contiguous()  # [B, T, H, D] in memory, as the kernels give it (a no-op if so)
     mask = visibility_mask(batch, tq, tk, causal=causal, prefix_lens=prefix_lens,
                            attention_mask=attention_mask, device=q.device)[:, None]
     # Rows that see nothing would be NaN in some SDPA backends: let them see everything, then zero them.
     sees_any = mask.any(-1, keepdim=True)
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask | ~sees_any, scale=scale, enable_gqa=gqa)
-    return out.masked_fill(~sees_any, 0).transpose(1, 2)
+    return out.masked_fill(~sees_any, 0).transpose(1, 2).contiguous()
 
 
 def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=None, scale: float | None = None):

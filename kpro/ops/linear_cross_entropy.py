@@ -71,7 +71,8 @@ def _autocast(hidden, weight):
     device = hidden.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        return hidden.to(dtype), weight.to(dtype)
+        cast = (torch.float32, torch.float16, torch.bfloat16)  # as autocast casts F.linear's inputs: fp64 stays
+        return (hidden.to(dtype) if hidden.dtype in cast else hidden), (weight.to(dtype) if weight.dtype in cast else weight)
     return hidden, weight
 
 

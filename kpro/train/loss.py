@@ -50,7 +50,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),  # int32 too
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return _reduce(total, labels, reduction)
 
