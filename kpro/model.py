@@ -202,7 +202,7 @@ def positions_from_mask(attention_mask, past: int, length: int, device) -> torch
 def activation_dtype(model: "Llama") -> torch.dtype:
     """The dtype of the keys and values a forward computes: autocast's where autocast is on for the model's
     device (it casts fp32, fp16 and bf16 weights' matmuls), else the weights'."""
-    weight = model.embed_tokens.weight
+    weight = next(model.parameters())
     if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(weight.device.type):
         return torch.get_autocast_dtype(weight.device.type)
     return weight.dtype
