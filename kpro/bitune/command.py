@@ -93,4 +93,3 @@ def run(args) -> None:
         results["eval"][path] = scores
         print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  ({scores['questions']} questions)")
     write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
-
