@@ -81,6 +81,14 @@ def check_multiple_choice(question: "MultipleChoice", where: str) -> None:
                          f"{answer!r}")
 
 
+def check_positions(pairs, limit: int, what: str) -> None:
+    """Refuse the first (prompt, answer) pair longer than the model's `limit` positions, naming it."""
+    for i, (prompt, answer) in enumerate(pairs):
+        if len(prompt) + len(answer) > limit:
+            raise ValueError(f"{what} {i} takes {len(prompt) + len(answer)} tokens, more than the model's "
+                             f"max_position_embeddings={limit}")
+
+
 def multiple_choice_prompt(question: "MultipleChoice") -> str:
     """`Question: q\\n\\nChoices:\\nc1\\nc2…\\n\\nAnswer:`, the prompt of the paper's multiple-choice evaluation."""
     return CHOICES_TEMPLATE.format(question=question.question, choices="\n".join(question.choices))

@@ -14,7 +14,8 @@ import torch
 from .. import lora, ops
 from ..generation import generate
 from ..train.loss import output_head_weight
-from .data import PROMPT_TEMPLATE, MultipleChoice, check_multiple_choice, encode_pair, multiple_choice_prompt
+from .data import (PROMPT_TEMPLATE, MultipleChoice, check_multiple_choice, check_positions, encode_pair,
+                   multiple_choice_prompt)
 from .streams import answer_targets, right_pad, split_streams
 from .wrapper import Bitune
 
@@ -29,11 +30,7 @@ def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Seq
     if len(prompts) != len(answers) or not prompts:
         raise ValueError(f"answer_log_likelihoods takes one answer per prompt, at least one: got {len(prompts)} "
                          f"prompts and {len(answers)} answers")
-    limit = _model_of(tuned).config.max_position_embeddings
-    too_long = next((i for i, (p, a) in enumerate(zip(prompts, answers)) if len(p) + len(a) > limit), None)
-    if too_long is not None:
-        raise ValueError(f"prompt {too_long} and its answer take {len(prompts[too_long]) + len(answers[too_long])} "
-                         f"tokens, more than the model's max_position_embeddings={limit}")
+    check_positions(zip(prompts, answers), _model_of(tuned).config.max_position_embeddings, "prompt + answer")
     scores = []
     for start in range(0, len(prompts), batch_size):
         rows = [list(p) + list(a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]

@@ -24,6 +24,7 @@ from ..train import (Batches, Callback, LossSum, Schedule, adamw, checkpoint_ste
                      latest_checkpoint)
 from ..train.checkpointing import saved_schedule
 from ..train.loss import next_token_targets, output_head_weight
+from .data import check_positions
 from .streams import answer_targets, split_streams
 from .wrapper import Bitune
 
@@ -84,11 +85,7 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"steps must be an integer >= 0 (0: save the untuned adapters), got {steps!r}")
     if method == "lora" and mode != "bitune":
         raise ValueError(f"mode={mode!r} is a Bitune ablation; method='lora' trains one causal adapter")
-    limit = model.config.max_position_embeddings
-    too_long = next((i for i, (prompt, answer) in enumerate(pairs) if len(prompt) + len(answer) > limit), None)
-    if too_long is not None:
-        raise ValueError(f"example {too_long} takes {len(pairs[too_long][0]) + len(pairs[too_long][1])} tokens, more "
-                         f"than the model's max_position_embeddings={limit}")
+    check_positions(pairs, model.config.max_position_embeddings, "example")
     out_dir = Path(out_dir)
     last = latest_checkpoint(out_dir / "run")
     if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for

@@ -55,9 +55,9 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
     tokenized = [tokenize_example(e, tokenizer, bos) for e in examples]
+    longest_prompt, longest_reference = _longest(tokenized)
     if max_new_tokens is None:
-        max_new_tokens = MARGIN_TOKENS + max(len(t.ids) - t.cot_start for t in tokenized)
-    longest_prompt = max(t.cot_start for t in tokenized)
+        max_new_tokens = MARGIN_TOKENS + longest_reference
     if longest_prompt + max_new_tokens > model.config.max_position_embeddings:  # before any batch is decoded
         raise ValueError(f"evaluating these examples takes up to {longest_prompt + max_new_tokens} positions (the "
                          f"longest prompt, {longest_prompt} tokens, + max_new_tokens={max_new_tokens}), more than "
@@ -98,8 +98,12 @@ def check_evaluation_examples(examples, batch_size) -> list[CoTExample]:
 def evaluation_positions(examples, tokenizer, bos: bool = True) -> int:
     """Positions `evaluate` needs for `examples` with its default max_new_tokens: the longest prompt (a batch
     is padded to its longest) plus the longest reference `cot <eos> #### answer <eos>` plus MARGIN_TOKENS."""
-    tokenized = [tokenize_example(e, tokenizer, bos) for e in examples]
-    return max(t.cot_start for t in tokenized) + max(len(t.ids) - t.cot_start for t in tokenized) + MARGIN_TOKENS
+    return sum(_longest([tokenize_example(e, tokenizer, bos) for e in examples])) + MARGIN_TOKENS
+
+
+def _longest(tokenized) -> tuple[int, int]:
+    """(the longest prompt `[bos] input <eos>`, the longest reference `cot <eos> #### answer <eos>`), in tokens."""
+    return max(t.cot_start for t in tokenized), max(len(t.ids) - t.cot_start for t in tokenized)
 
 
 def read_prediction(new_ids, reference_answer: str, tokenizer) -> Prediction:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..train import Batches, Callback, Run, Schedule, adamw, fit
+from ..train.data import check_special_id
 from .batching import collate, remove_cot
 from .evaluation import MARGIN_TOKENS, check_evaluation_examples, evaluate, evaluation_positions
 from .schedule import REMOVE_ALL, RemovalSchedule
@@ -254,9 +255,8 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     """
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < 1:
         raise ValueError(f"weight_decay must be a number in [0, 1), got {weight_decay!r}")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # else the first forward blames input_ids
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0 or (vocab is not None and pad_id >= vocab):
-        raise ValueError(f"pad_id must be a token id of the model (an integer in [0, {vocab})), got {pad_id!r}")
+    # Checked now: the first forward would blame input_ids
+    check_special_id(pad_id, "pad_id", vocab_size=getattr(getattr(model, "config", None), "vocab_size", None))
     batches = Batches(list(examples), batch_size, partial(collate, pad_id=pad_id), seed=seed)
     removal_callback = CoTRemoval(removal, seed, reset_optimizer=reset_optimizer, stream=stream)
     extra = [SaveTokenizer(tokenizer)] if tokenizer is not None else []
