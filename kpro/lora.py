@@ -215,12 +215,17 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
 
 @contextlib.contextmanager
 def active(model: nn.Module, name: str | None):
-    """Run plain forwards of `model` with adapter `name` (None: the base model only)."""
+    """Run plain forwards of `model` with adapter `name` (None: the base model only). Every LoRA layer must
+    have it: the layers are checked before any is switched, so a refused name leaves the model as it was."""
     layers = lora_layers(model)
+    if name is not None:
+        lacking = [layer for layer in layers if name not in layer.adapters]
+        if lacking:
+            first = next(path for path, module in model.named_modules() if module is lacking[0])
+            raise ValueError(f"adapter {name!r} does not exist in {len(lacking)} of the {len(layers)} LoRA layers "
+                             f"(first: {first}, whose adapters are {list(lacking[0].adapters)})")
     previous = [layer.active for layer in layers]
     for layer in layers:
-        if name is not None and name not in layer.adapters:
-            raise ValueError(f"adapter {name!r} does not exist (adapters: {list(layer.adapters)})")
         layer.active = name
     try:
         yield

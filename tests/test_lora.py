@@ -150,3 +150,22 @@ def test_adding_adapters_to_an_adapted_model_names_the_ones_it_has():
     lora.add_adapters(model, ["x", "y"], rank=2)
     with pytest.raises(ValueError, match=r"the model has LoRA adapters already \(x, y\).*load the model again"):
         lora.add_adapters(model, ["z"])
+
+
+def test_active_refuses_an_adapter_some_layers_lack_without_switching_any():
+    """The layers were switched one by one while checking: a name the later layers lack left the earlier
+    ones running it in every plain forward after the error."""
+    model = kpro.Llama(tiny_config())
+    ids = torch.randint(0, 67, (2, 6))
+    lora.add_adapters(model, ["x"], rank=2, seed=0)
+    before = model(ids)
+    first = model.layers[0].self_attn.q_proj
+    first.add_adapter("z")
+    with torch.no_grad():
+        first.z.lora_B.weight.fill_(0.5)
+    with pytest.raises(ValueError, match=r"adapter 'z' does not exist in 13 of the 14 LoRA layers \(first: "
+                                         r"layers.0.self_attn.k_proj, whose adapters are \['x'\]\)"):
+        with lora.active(model, "z"):
+            pass
+    assert [layer.active for layer in lora.lora_layers(model)] == [None] * 14
+    torch.testing.assert_close(model(ids), before)
