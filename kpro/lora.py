@@ -14,6 +14,7 @@ forward), the layer's `active` adapter, set for a whole model with `with kpro.lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Iterable, Sequence
 
@@ -45,6 +46,16 @@ class Adapter(nn.Module):
         return self.lora_B(self.lora_A(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class _MergeRecord:
+    """What LoRALinear.merge folded into the weight: the adapter's A and B, its requires_grad flags, and
+    (to notice later in-place changes) the version counters of its parameters."""
+
+    factors: tuple[torch.Tensor, torch.Tensor]
+    requires_grad: tuple[bool, bool]
+    versions: tuple[int, int]
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer (its `weight` kept as is) plus named low-rank adapters."""
 
@@ -66,6 +77,7 @@ class LoRALinear(nn.Module):
             self.add_adapter(name, generator)
         self.active: str | None = None
         self.merged: str | None = None
+        self._merge_record: _MergeRecord | None = None
 
     def add_adapter(self, name: str, generator=None) -> None:
         if not name.isidentifier() or hasattr(self, name):
@@ -89,6 +101,7 @@ class LoRALinear(nn.Module):
             self._check_segments(adapter, x.shape[-2])
         out = F.linear(x, self.weight)
         if self.merged is not None:
+            self._check_merged_unchanged()
             asked = {adapter} if adapter is None or isinstance(adapter, str) else {name for _, _, name in adapter}
             others = sorted(str(name) for name in asked - {None, self.merged})
             if others:
@@ -144,25 +157,46 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """Fold adapter `name` into the base weight (for serving a single adapter); unmerge() undoes it
-        (up to rounding in the weight's dtype)."""
+        (up to rounding in the weight's dtype). While merged, the adapter is frozen (its update is in the
+        weight, so it would get no gradient); unmerge() subtracts what merge() added and restores its flags."""
         if name not in self.adapters:
             raise ValueError(f"adapter {name!r} does not exist (adapters: {list(self.adapters)})")
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged!r} is merged already; unmerge it first")
-        self.weight.add_(self._delta(name))
-        self.merged = name
+        params = self._factors(name)
+        record = _MergeRecord(tuple(p.detach().clone() for p in params), tuple(p.requires_grad for p in params),
+                              tuple(p._version for p in params))
+        self.weight.add_(self._delta(*record.factors))
+        for p in params:
+            p.requires_grad_(False)
+        self._merge_record, self.merged = record, name
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged is None:
             raise ValueError("no adapter is merged")
-        self.weight.sub_(self._delta(self.merged))
-        self.merged = None
+        record = self._merge_record
+        self.weight.sub_(self._delta(*record.factors))  # the values merged, even if the adapter changed since
+        for p, flag in zip(self._factors(self.merged), record.requires_grad):
+            p.requires_grad_(flag)
+        self.merged, self._merge_record = None, None
 
-    def _delta(self, name: str) -> torch.Tensor:
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         adapter = self.adapters[name]
+        return adapter.lora_A.weight, adapter.lora_B.weight
+
+    def _check_merged_unchanged(self) -> None:
+        """The merged weight holds the adapter's values at merge(): refuse to run once they were changed in
+        place (loaded, or an optimizer step), which would silently run the old ones."""
+        if torch.compiler.is_compiling():
+            return
+        if tuple(p._version for p in self._factors(self.merged)) != self._merge_record.versions:
+            raise ValueError(f"adapter {self.merged!r} was changed after it was merged into the weight, which still "
+                             "holds its old values: unmerge() and merge() it again")
+
+    def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(self.weight.dtype, torch.float32)
-        delta = adapter.lora_B.weight.to(acc) @ adapter.lora_A.weight.to(acc) * self.scale
+        delta = b.to(self.weight.device, acc) @ a.to(self.weight.device, acc) * self.scale
         return delta.to(self.weight.dtype)
 
     def extra_repr(self) -> str:

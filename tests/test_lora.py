@@ -169,3 +169,28 @@ def test_active_refuses_an_adapter_some_layers_lack_without_switching_any():
             pass
     assert [layer.active for layer in lora.lora_layers(model)] == [None] * 14
     torch.testing.assert_close(model(ids), before)
+
+
+def test_unmerge_restores_the_base_weight_after_the_adapter_changed_and_a_merged_adapter_is_frozen():
+    """unmerge() recomputed the delta from the adapter's current values: an adapter loaded or trained while
+    merged left the base weight off by the difference. A merged adapter got no gradient, silently."""
+    lin = layer()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    base = lin.weight.clone()
+    lin.merge("a")
+    assert not lin.a.lora_A.weight.requires_grad and not lin.a.lora_B.weight.requires_grad
+    assert lin.b.lora_B.weight.requires_grad  # the other adapter is untouched
+    with_a = lin(x)
+    with torch.no_grad():
+        lin.a.lora_B.weight.add_(1.0)  # e.g. adapters loaded into the merged model
+    with pytest.raises(ValueError, match="adapter 'a' was changed after it was merged into the weight.*merge.. it again"):
+        lin(x)
+    lin.unmerge()
+    torch.testing.assert_close(lin.weight, base, rtol=0, atol=1e-12)
+    assert lin.a.lora_A.weight.requires_grad and lin.a.lora_B.weight.requires_grad
+    lin.merge("a")  # merged again: the new values
+    assert not torch.allclose(lin(x), with_a)
+    A, B = lin.a.lora_A.weight, lin.a.lora_B.weight
+    torch.testing.assert_close(lin(x), x @ base.T + 2.0 * (x @ A.T) @ B.T)
+    lin.unmerge()
+    torch.testing.assert_close(lin.weight, base, rtol=0, atol=1e-12)
