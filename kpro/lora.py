@@ -214,6 +214,9 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
         raise ValueError(f"the model has LoRA adapters already ({', '.join(present)}): add_adapters adapts a plain "
                          "model once; load the model again to start over, or add one more adapter to every layer "
                          "with `for layer in kpro.lora.lora_layers(model): layer.add_adapter(name)`")
+    if getattr(model, "block_runners", None) is not None:
+        raise ValueError("the model is in train_only mode (frozen-block gradient skipping): call "
+                         "kpro.train_only(model, None) before adding adapters")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     wrapped = []
     for path, module in list(model.named_modules()):

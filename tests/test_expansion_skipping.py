@@ -268,3 +268,48 @@ def test_numpy_and_tensor_integers_are_block_indices():
     for bad in ([torch.tensor(True)], [np.bool_(True)], [torch.tensor(1.0)]):
         with pytest.raises(TypeError, match="block indices must be integers"):
             kpro.train_only(expanded_model()[0], bad)
+
+
+def test_train_only_drops_the_gradients_of_the_parameters_it_freezes():
+    """Gradients kept from full training (zero_grad(set_to_none=False), or a step in progress) stayed on the
+    frozen parameters: an optimizer built before train_only then moved the frozen blocks (decay, moments)."""
+    model, new_ids = expanded_model()
+    ids, mask = batch(model.config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    loss_and_grads(model, ids, mask)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    kpro.train_only(model, new_ids)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    causal_lm_loss(model(ids, attention_mask=mask), ids).backward()
+    optimizer.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert model.layers[new_ids[0]].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["skipping", "recompute"])
+def test_unfreezing_a_frozen_block_above_the_lowest_trainable_one_is_an_error_too(recompute):
+    """The docs promise it for every block train_only froze; the default mode ran those above L plainly."""
+    model, new_ids = expanded_model()  # blocks 0 1 [2] 3 4 [5]
+    kpro.train_only(model, new_ids, recompute_frozen=recompute)
+    model.layers[3].mlp.up_proj.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"trainable parameter again \(mlp.up_proj.weight\)"):
+        model(batch(model.config)[0])
+
+
+def test_train_only_refuses_a_model_with_lora_adapters():
+    """It trains whole blocks: on an adapted model it made the blocks' base weights trainable (and None
+    every base weight), where add_adapters had left only the adapters."""
+    model, new_ids = expanded_model()
+    kpro.lora.add_adapters(model, ["a"], rank=2)
+    for ids in (new_ids, None):
+        with pytest.raises(ValueError, match=r"the model has LoRA adapters \(42 layers, first: layers.0.self_attn.q_proj\)"):
+            kpro.train_only(model, ids)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if ".lora_" in n}
+    model, new_ids = expanded_model()
+    kpro.train_only(model, new_ids)
+    with pytest.raises(ValueError, match=r"in train_only mode .* kpro.train_only\(model, None\) before adding adapters"):
+        kpro.lora.add_adapters(model, ["a"])
+

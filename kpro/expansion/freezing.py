@@ -23,6 +23,7 @@ from typing import Iterable
 
 import torch
 
+from ..lora import LoRALinear
 from ..model import Llama, run_block
 from ..ops.backend import backends_forced, forced_backends
 
@@ -53,10 +54,17 @@ def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: 
 
     Everything else (embeddings, final norm, lm_head, other blocks) gets requires_grad=False. `None`, or
     every block, returns to full training: all parameters train and blocks run plainly again. Call it
-    before building the optimizer (`kpro.train.adamw` takes only trainable parameters).
+    before building the optimizer (`kpro.train.adamw` takes only trainable parameters); the parameters it
+    freezes lose any gradient they held, so that no optimizer steps them. A model with LoRA adapters is
+    refused: training whole blocks would unfreeze their base weights.
     """
     if not isinstance(model, Llama):
         raise TypeError(f"train_only() takes a kpro.Llama, got {type(model).__name__}")
+    adapted = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    if adapted:
+        raise ValueError(f"the model has LoRA adapters ({len(adapted)} layers, first: {adapted[0]}): train_only trains "
+                         "whole blocks and would unfreeze their base weights; add_adapters already leaves only the "
+                         "adapters trainable")
     num_blocks = len(model.layers)
     ids = _check_block_ids(block_ids, num_blocks)
     if ids is None or len(ids) == num_blocks:
@@ -66,8 +74,11 @@ def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: 
     model.requires_grad_(False)
     for i in ids:
         model.layers[i].requires_grad_(True)
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.grad = None  # a frozen parameter keeps no gradient an optimizer (built before) could step on
     lowest = ids[0]
-    frozen_above = run_recomputed if recompute_frozen else run_block
+    frozen_above = run_recomputed if recompute_frozen else run_input_grad_only
     model.block_runners = tuple(run_block if i in ids else run_without_graph if i < lowest else frozen_above
                                 for i in range(num_blocks))
     frozen = [i for i in range(num_blocks) if i not in ids]
@@ -110,6 +121,13 @@ def run_without_graph(block, x, cos, sin, attention_mask, kv):
         return block(x, cos, sin, attention_mask, kv)
     with torch.no_grad():
         return block(x, cos, sin, attention_mask, kv)
+
+
+def run_input_grad_only(block, x, cos, sin, attention_mask, kv):
+    """A frozen block above a trainable one: a plain call, whose frozen weights autograd gives no gradient
+    (it computes dX only)."""
+    _check_frozen(block)
+    return block(x, cos, sin, attention_mask, kv)
 
 
 def run_recomputed(block, x, cos, sin, attention_mask, kv):
