@@ -313,3 +313,22 @@ def test_train_only_refuses_a_model_with_lora_adapters():
     with pytest.raises(ValueError, match=r"in train_only mode .* kpro.train_only\(model, None\) before adding adapters"):
         kpro.lora.add_adapters(model, ["a"])
 
+
+def test_a_bare_index_or_a_string_flag_is_refused():
+    np = pytest.importorskip("numpy")
+    model, _ = expanded_model()
+    for bare in (np.int64(2), torch.tensor(2), b"\x02"):
+        with pytest.raises(TypeError, match="block_ids must be a collection of block indices"):
+            kpro.train_only(model, bare)
+    for flag in ("False", None, 1):
+        with pytest.raises(TypeError, match="recompute_frozen must be True or False"):
+            kpro.train_only(model, [2], recompute_frozen=flag)
+    assert model.block_runners is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_train_expanded_names_blocks_that_are_not_a_list(tmp_path):
+    from kpro.expansion.posttrain import blocks_to_train
+    assert blocks_to_train(tmp_path, (4, 9)) == [4, 9]
+    for bad in (4, "4,9"):  # an int was a raw "'int' object is not iterable"; a string became ['4', ',', '9']
+        with pytest.raises(TypeError, match=r"blocks must be a list of block indices, such as \[4, 9, 14\]"):
+            blocks_to_train(tmp_path, bad)

@@ -65,6 +65,8 @@ def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: 
         raise ValueError(f"the model has LoRA adapters ({len(adapted)} layers, first: {adapted[0]}): train_only trains "
                          "whole blocks and would unfreeze their base weights; add_adapters already leaves only the "
                          "adapters trainable")
+    if not isinstance(recompute_frozen, bool):
+        raise TypeError(f"recompute_frozen must be True or False, got {recompute_frozen!r}")
     num_blocks = len(model.layers)
     ids = _check_block_ids(block_ids, num_blocks)
     if ids is None or len(ids) == num_blocks:
@@ -89,7 +91,8 @@ def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: 
 def _check_block_ids(block_ids, num_blocks: int) -> tuple[int, ...] | None:
     if block_ids is None:
         return None
-    if isinstance(block_ids, (int, str)):
+    # A bare index (Python, numpy or 0-dim tensor integer) or a string is not a collection of them.
+    if isinstance(block_ids, (int, str, bytes)) or (hasattr(block_ids, "__index__") and getattr(block_ids, "ndim", 0) == 0):
         raise TypeError(f"block_ids must be a collection of block indices (or None), got {block_ids!r}")
     ids = [_block_index(i) for i in block_ids]
     for i in ids:

@@ -72,6 +72,8 @@ class CopyFilesIntoCheckpoints(Callback):
 def blocks_to_train(directory: Path, blocks) -> list[int]:
     """The given block indices, else the new blocks named in the checkpoint's kpro_expansion.json."""
     if blocks is not None:
+        if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
+            raise TypeError(f"blocks must be a list of block indices, such as [4, 9, 14], got {blocks!r}")
         return list(blocks)
     record = read_expansion_record(directory)
     if record is None:
