@@ -63,7 +63,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linear layers (LLaMA has none)")
-        if not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
             raise ValueError(f"LoRA alpha must be a finite number other than 0 (0 makes every adapter a no-op that "
@@ -207,6 +207,9 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
                  targets: Sequence[str] = PROJECTIONS, seed: int | None = None) -> list[str]:
     """Replace every bias-free nn.Linear named in `targets` inside `model.layers` by a LoRALinear with
     adapters `names`; freeze the whole model except the adapters. Returns the wrapped module paths."""
+    for what, value in (("names", names), ("targets", targets)):
+        if isinstance(value, str):  # a string is a sequence of its letters: "lora" gave adapters l, o, r, a
+            raise TypeError(f"add_adapters takes a list of {what}, got the string {value!r}: pass [{value!r}]")
     if not names:
         raise ValueError("add_adapters needs at least one adapter name")
     if lora_layers(model):

@@ -132,8 +132,9 @@ def test_add_adapters_to_a_model_and_activate():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="rank"):
-        lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=0, alpha=1.0)
+    for rank in (0, True, 2.0):
+        with pytest.raises(ValueError, match="LoRA rank must be a positive integer"):
+            lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=rank, alpha=1.0)
     for alpha in (float("nan"), float("inf"), "8", True):
         with pytest.raises(ValueError, match="LoRA alpha must be a finite number"):
             lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=2, alpha=alpha)
@@ -194,3 +195,13 @@ def test_unmerge_restores_the_base_weight_after_the_adapter_changed_and_a_merged
     torch.testing.assert_close(lin(x), x @ base.T + 2.0 * (x @ A.T) @ B.T)
     lin.unmerge()
     torch.testing.assert_close(lin.weight, base, rtol=0, atol=1e-12)
+
+
+def test_add_adapters_refuses_a_string_for_names_or_targets():
+    """A string is a sequence of its letters: add_adapters(model, "lora") made adapters l, o, r and a."""
+    model = kpro.Llama(tiny_config())
+    with pytest.raises(TypeError, match=r"add_adapters takes a list of names, got the string 'lora': pass \['lora'\]"):
+        lora.add_adapters(model, "lora")
+    with pytest.raises(TypeError, match=r"list of targets, got the string 'q_proj'"):
+        lora.add_adapters(model, ["a"], targets="q_proj")
+    assert not lora.lora_layers(model)
