@@ -301,6 +301,14 @@ def test_schedule_errors():
         kt.Schedule("cosine", warmup_steps=10, total_steps=10)
     with pytest.raises(ValueError, match="warmup_steps"):
         kt.Schedule("constant", warmup_steps=-1)
+    # Bools are not step counts: warmup_steps=True was a warmup of 1, total_steps=True a decay over 1 step.
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0, got True"):
+        kt.Schedule("linear", warmup_steps=True, total_steps=10)
+    with pytest.raises(ValueError, match="a linear schedule needs total_steps > warmup_steps"):
+        kt.Schedule("linear", total_steps=True)
+    for bad in ("0.1", True, float("nan"), 1.5):  # a string was a raw TypeError from the comparison
+        with pytest.raises(ValueError, match="min_ratio must be a number in \\[0, 1\\]"):
+            kt.Schedule("cosine", total_steps=10, min_ratio=bad)
     with pytest.raises(ValueError, match="decay_steps needs a linear or cosine schedule"):
         kt.Schedule("constant", decay_steps=5)
     for bad in (0, 101, 2.5, True):

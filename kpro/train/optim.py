@@ -68,12 +68,14 @@ class Schedule:
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.kind!r}; choose from {', '.join(SCHEDULES)}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if not 0.0 <= self.min_ratio <= 1.0:
-            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
+        if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, (int, float)) or \
+                not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be a number in [0, 1], got {self.min_ratio!r}")
         if self.kind != "constant":
-            if not isinstance(self.total_steps, int) or self.total_steps <= self.warmup_steps:
+            if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or \
+                    self.total_steps <= self.warmup_steps:
                 raise ValueError(f"a {self.kind} schedule needs total_steps > warmup_steps "
                                  f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps})")
         if self.decay_steps is not None:
