@@ -363,3 +363,32 @@ def test_train_only_refuses_a_layer_unfrozen_behind_its_back():
         model(input_ids=ids, attention_mask=mask, labels=labels)
     with pytest.raises(ValueError, match="block index 3 is out of range"):
         kpro_hf.train_only(model, [3])
+
+
+def test_train_only_checks_frozen_layers_above_the_lowest_trainable_one_too():
+    """The default mode ran those layers with the class's forward, unchecked: unfreezing one went unnoticed."""
+    model, _ = patched_copy(make_stock(layers=4))
+    kpro_hf.train_only(model, [1])
+    model.model.layers[2].mlp.up_proj.weight.requires_grad_(True)
+    ids, mask, labels = left_padded()
+    with pytest.raises(RuntimeError, match=r"trainable parameter again \(mlp.up_proj.weight\)"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    with pytest.raises(TypeError, match="recompute_frozen must be True or False, got 'False'"):
+        kpro_hf.train_only(model, [1], recompute_frozen="False")
+
+
+def test_train_only_drops_the_gradients_of_the_layers_it_freezes():
+    """Gradients left by full training (zero_grad(set_to_none=False)) let an optimizer built before
+    train_only move the frozen layers."""
+    model, _ = patched_copy(make_stock(layers=3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids, mask, labels = left_padded()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    kpro_hf.train_only(model, [2])
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    optimizer.step()
+    assert frozen and all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert model.model.layers[2].mlp.up_proj.weight.grad.abs().sum() > 0

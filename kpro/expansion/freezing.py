@@ -65,20 +65,14 @@ def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: 
         raise ValueError(f"the model has LoRA adapters ({len(adapted)} layers, first: {adapted[0]}): train_only trains "
                          "whole blocks and would unfreeze their base weights; add_adapters already leaves only the "
                          "adapters trainable")
-    if not isinstance(recompute_frozen, bool):
-        raise TypeError(f"recompute_frozen must be True or False, got {recompute_frozen!r}")
+    _check_recompute_flag(recompute_frozen)
     num_blocks = len(model.layers)
     ids = _check_block_ids(block_ids, num_blocks)
     if ids is None or len(ids) == num_blocks:
         model.requires_grad_(True)
         model.block_runners = None
         return TrainPlan(tuple(range(num_blocks)), (), (), False)
-    model.requires_grad_(False)
-    for i in ids:
-        model.layers[i].requires_grad_(True)
-    for param in model.parameters():
-        if not param.requires_grad:
-            param.grad = None  # a frozen parameter keeps no gradient an optimizer (built before) could step on
+    freeze_all_but(model, [model.layers[i] for i in ids])
     lowest = ids[0]
     frozen_above = run_recomputed if recompute_frozen else run_input_grad_only
     model.block_runners = tuple(run_block if i in ids else run_without_graph if i < lowest else frozen_above
@@ -86,6 +80,22 @@ def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: 
     frozen = [i for i in range(num_blocks) if i not in ids]
     return TrainPlan(ids, tuple(i for i in frozen if i < lowest), tuple(i for i in frozen if i > lowest),
                      bool(recompute_frozen))
+
+
+def freeze_all_but(model: torch.nn.Module, trainable) -> None:
+    """requires_grad=False on every parameter outside the `trainable` modules, and their gradients dropped:
+    an optimizer built before (or a loop's zero_grad(set_to_none=False)) would otherwise step on them."""
+    model.requires_grad_(False)
+    for module in trainable:
+        module.requires_grad_(True)
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.grad = None
+
+
+def _check_recompute_flag(recompute_frozen) -> None:
+    if not isinstance(recompute_frozen, bool):  # "False" would turn recompute on
+        raise TypeError(f"recompute_frozen must be True or False, got {recompute_frozen!r}")
 
 
 def _check_block_ids(block_ids, num_blocks: int) -> tuple[int, ...] | None:

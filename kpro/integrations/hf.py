@@ -43,7 +43,7 @@ import transformers
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function
 
 from .. import ops
-from ..expansion.freezing import TrainPlan, _check_block_ids, _ForwardContext
+from ..expansion.freezing import TrainPlan, _check_block_ids, _check_recompute_flag, _ForwardContext, freeze_all_but
 from ..ops.attention import visibility_mask
 from ..ops.backend import backends_forced
 
@@ -293,8 +293,9 @@ def train_only(model: nn.Module, block_ids: Iterable[int] | None, recompute_froz
     it compute only their input gradient (with `apply`'s ops: RMSNorm skips its weight-gradient reduction),
     or, with recompute_frozen=True, save only their inputs and run again in the backward (training without
     a cache, use_cache=False; with a cache they run plainly). `None`, or every layer, restores full training.
-    Call it before building the optimizer.
+    Call it before building the optimizer; the parameters it freezes lose any gradient they held.
     """
+    _check_recompute_flag(recompute_frozen)
     layers = decoder_layers(model)
     ids = _check_block_ids(block_ids, len(layers))
     for layer in layers:
@@ -302,13 +303,11 @@ def train_only(model: nn.Module, block_ids: Iterable[int] | None, recompute_froz
     if ids is None or len(ids) == len(layers):
         model.requires_grad_(True)
         return TrainPlan(tuple(range(len(layers))), (), (), False)
-    model.requires_grad_(False)
-    for i in ids:
-        layers[i].requires_grad_(True)
+    freeze_all_but(model, [layers[i] for i in ids])
     lowest = ids[0]
     for i, layer in enumerate(layers):
         if i not in ids:
-            _set_runner(layer, run_without_graph if i < lowest else run_recomputed if recompute_frozen else None)
+            _set_runner(layer, run_without_graph if i < lowest else run_recomputed if recompute_frozen else run_input_grad_only)
     frozen = [i for i in range(len(layers)) if i not in ids]
     return TrainPlan(ids, tuple(i for i in frozen if i < lowest), tuple(i for i in frozen if i > lowest),
                      bool(recompute_frozen))
@@ -339,6 +338,12 @@ def run_without_graph(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     with torch.no_grad():
         return type(self).forward(self, *args, **kwargs)
+
+
+def run_input_grad_only(self, *args, **kwargs):
+    """A frozen layer above a trainable one: a plain call (autograd gives its frozen weights no gradient)."""
+    _check_frozen(self)
+    return type(self).forward(self, *args, **kwargs)
 
 
 def run_recomputed(self, hidden_states, *args, **kwargs):
