@@ -311,6 +311,8 @@ def test_schedule_errors():
             kt.Schedule("cosine", total_steps=10, min_ratio=bad)
     with pytest.raises(ValueError, match="decay_steps needs a linear or cosine schedule"):
         kt.Schedule("constant", decay_steps=5)
+    with pytest.raises(ValueError, match="min_ratio needs a linear or cosine schedule"):
+        kt.Schedule("constant", warmup_steps=2, min_ratio=0.1)  # was ignored: 1.0 after warmup
     for bad in (0, 101, 2.5, True):
         with pytest.raises(ValueError, match=r"decay_steps must be an integer from 1 to total_steps - warmup_steps \(100\)"):
             kt.Schedule("linear", warmup_steps=10, total_steps=110, decay_steps=bad)
