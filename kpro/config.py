@@ -55,6 +55,22 @@ _METADATA_KEYS = {
 }
 
 
+# Hugging Face's MistralConfig defaults where they differ from LlamaConfig's: a Mistral config.json that leaves
+# these out means a 4,096-token sliding window, 8 key/value heads and 131,072 positions (an explicit null
+# sliding_window or num_key_value_heads means none, or as many as the query heads, as for LLaMA).
+_MODEL_TYPE_DEFAULTS = {
+    "mistral": {"sliding_window": 4096, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32},
+}
+
+
+def _model_type(raw: dict) -> str:
+    """The config's model type; without one, the architecture's (Hugging Face's MistralForCausalLM reads Mistral's
+    defaults), else LLaMA."""
+    if "model_type" in raw:
+        return raw["model_type"]
+    return "mistral" if "MistralForCausalLM" in (raw.get("architectures") or []) else "llama"
+
+
 def _not_binding_window(window, raw: dict) -> bool:
     """A sliding window changes nothing if there is none, or it is no shorter than the context."""
     return window is None or (isinstance(window, int) and window >= raw.get("max_position_embeddings", 2048))
@@ -179,9 +195,14 @@ class LlamaConfig:
     def _from_raw(cls, raw: dict, strict: bool) -> tuple["LlamaConfig", list[str]]:
         fields = {f.name for f in dataclasses.fields(cls)}
         _check_architecture(raw)
+        defaults = _MODEL_TYPE_DEFAULTS.get(_model_type(raw), {})
+        implied = {key: value for key, value in defaults.items() if key not in raw}
+        raw = {**raw, **implied}  # what transformers reads where the file is silent
         for key, (neutral, implemented) in _MATH_FIELDS.items():
             if key in raw and not neutral(raw[key], raw):
-                raise ConfigError(f"unsupported {key}={raw[key]!r}: kpro implements {implemented}")
+                why = f" (transformers' default for model_type {_model_type(raw)!r}: config.json has no {key})" \
+                    if key in implied else ""
+                raise ConfigError(f"unsupported {key}={raw[key]!r}{why}: kpro implements {implemented}")
         unknown = sorted(set(raw) - fields - _METADATA_KEYS - set(_MATH_FIELDS) - {"rope_parameters"})
         if unknown and strict:
             raise ConfigError(
@@ -265,7 +286,7 @@ def _read_source(source) -> dict:
 
 
 def _check_architecture(raw: dict) -> None:
-    model_type = raw.get("model_type", "llama")
+    model_type = _model_type(raw)
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"unsupported model_type={model_type!r}: kpro implements {sorted(MODEL_TYPES)}")
     for arch in raw.get("architectures") or []:

@@ -136,3 +136,23 @@ def test_replace_derives_head_dim_and_kv_heads_again_unless_they_were_set_apart(
     gqa = LlamaConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16)  # head_dim set apart from hidden_size / heads
     assert (gqa.replace(hidden_size=64).head_dim, gqa.replace(num_attention_heads=8).num_key_value_heads) == (16, 2)
+
+
+def test_a_mistral_config_silent_on_window_and_kv_heads_means_transformers_mistral_defaults():
+    # transformers' MistralConfig reads an absent sliding_window as 4,096 (a window the logits depend on past
+    # 4,096 tokens), absent num_key_value_heads as 8 and absent max_position_embeddings as 131,072.
+    left_out = ("rope_scaling", "num_key_value_heads", "max_position_embeddings")
+    mistral = {k: v for k, v in LLAMA31_8B.items() if k not in left_out}
+    mistral.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    with pytest.raises(ConfigError, match=r"sliding_window=4096 \(transformers' default for model_type 'mistral': "
+                                          r"config.json has no sliding_window\)"):
+        LlamaConfig.from_hf(mistral)
+    with pytest.raises(ConfigError, match=r"sliding_window=4096 \(transformers' default"):  # the architecture says it
+        LlamaConfig.from_hf({k: v for k, v in mistral.items() if k != "model_type"})
+    with pytest.raises(ConfigError, match=r"unsupported sliding_window=4096:"):  # no shorter than 131,072 positions
+        LlamaConfig.from_hf(dict(mistral, sliding_window=4096))
+    cfg = LlamaConfig.from_hf(dict(mistral, sliding_window=None))
+    assert (cfg.num_key_value_heads, cfg.max_position_embeddings) == (8, 131072)
+    assert LlamaConfig.from_hf(dict(mistral, sliding_window=None, num_key_value_heads=None)).num_key_value_heads == 32
+    llama = {k: v for k, v in mistral.items() if k not in ("model_type", "architectures")}
+    assert LlamaConfig.from_hf(llama).num_key_value_heads == 32  # LLaMA's defaults stay LLaMA's
