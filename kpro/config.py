@@ -203,7 +203,8 @@ class LlamaConfig:
                 why = f" (transformers' default for model_type {_model_type(raw)!r}: config.json has no {key})" \
                     if key in implied else ""
                 raise ConfigError(f"unsupported {key}={raw[key]!r}{why}: kpro implements {implemented}")
-        unknown = sorted(set(raw) - fields - _METADATA_KEYS - set(_MATH_FIELDS) - {"rope_parameters"})
+        unknown = sorted(set(raw) - fields - _METADATA_KEYS - set(_MATH_FIELDS)
+                         - {"rope_parameters", "original_max_position_embeddings"})
         if unknown and strict:
             raise ConfigError(
                 f"unknown config field(s) {', '.join(unknown)}: kpro does not know what they change "
@@ -219,6 +220,9 @@ class LlamaConfig:
                                       "disagree; keep one of them")
                 kwargs["rope_theta"] = theta
             kwargs["rope_scaling"] = scaling
+        if "original_max_position_embeddings" in raw:
+            kwargs["rope_scaling"] = _top_level_original_context(raw["original_max_position_embeddings"],
+                                                                 kwargs.get("rope_scaling"))
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [name for name in required if name not in kwargs]
@@ -301,6 +305,18 @@ def _split_rope_parameters(params) -> tuple[float | None, dict | None]:
     params = dict(params)
     theta = params.pop("rope_theta", None)
     return theta, (params or None)
+
+
+def _top_level_original_context(value, scaling):
+    """transformers gives a top-level original_max_position_embeddings (Phi-3's place for it) precedence over
+    the one in a llama3 rope_scaling, and fills it in where that has none; other rope types do not read it."""
+    if not isinstance(scaling, dict) or (scaling.get("rope_type") or scaling.get("type")) != "llama3":
+        return scaling
+    nested = scaling.get("original_max_position_embeddings")
+    if nested is not None and nested != value:
+        raise ConfigError(f"original_max_position_embeddings={value!r} and rope_scaling.original_max_position_embeddings="
+                          f"{nested!r} disagree (transformers takes the top-level one); keep one of them")
+    return {**scaling, "original_max_position_embeddings": value}
 
 
 _SCALING_KEYS = {

@@ -156,3 +156,17 @@ def test_a_mistral_config_silent_on_window_and_kv_heads_means_transformers_mistr
     assert LlamaConfig.from_hf(dict(mistral, sliding_window=None, num_key_value_heads=None)).num_key_value_heads == 32
     llama = {k: v for k, v in mistral.items() if k not in ("model_type", "architectures")}
     assert LlamaConfig.from_hf(llama).num_key_value_heads == 32  # LLaMA's defaults stay LLaMA's
+
+
+def test_a_top_level_original_max_position_embeddings_is_the_one_transformers_gives_llama3():
+    # transformers lets it override rope_scaling's for llama3 RoPE (and fill it in where that has none):
+    # read as such, and refused where the two disagree; other rope types do not read it.
+    scaling = {k: v for k, v in LLAMA31_8B["rope_scaling"].items() if k != "original_max_position_embeddings"}
+    cfg = LlamaConfig.from_hf(dict(LLAMA31_8B, rope_scaling=scaling, original_max_position_embeddings=8192), strict=True)
+    assert cfg == LlamaConfig.from_hf(LLAMA31_8B)
+    assert LlamaConfig.from_hf(dict(LLAMA31_8B, original_max_position_embeddings=8192), strict=True) == cfg
+    with pytest.raises(ConfigError, match=r"original_max_position_embeddings=4096 and "
+                                          r"rope_scaling.original_max_position_embeddings=8192 disagree"):
+        LlamaConfig.from_hf(dict(LLAMA31_8B, original_max_position_embeddings=4096))
+    linear = dict(LLAMA31_8B, rope_scaling={"rope_type": "linear", "factor": 2.0}, original_max_position_embeddings=4096)
+    assert LlamaConfig.from_hf(linear, strict=True).rope_scaling == {"rope_type": "linear", "factor": 2.0}
