@@ -88,6 +88,9 @@ _MATH_FIELDS = {
     "attention_dropout": (lambda v, raw: v == 0, "no attention dropout"),
     "sliding_window": (_not_binding_window, "full attention (a window no shorter than max_position_embeddings, or null)"),
     "use_sliding_window": (lambda v, raw: v is False, "full attention"),
+    # LLaMA's forward ignores it, but transformers' generate keeps only that many keys in its cache.
+    "attention_chunk_size": (_not_binding_window,
+                             "full attention (a chunk no shorter than max_position_embeddings, or null)"),
     "rope_interleaved": (lambda v, raw: v is False, "RoPE in the rotate-half layout (rope_interleaved false)"),
     "partial_rotary_factor": (lambda v, raw: v == 1, "RoPE on the whole head (partial_rotary_factor 1)"),
     # Hugging Face splits the projections into this many slices and adds the partial products: the same sums.

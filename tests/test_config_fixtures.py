@@ -69,6 +69,7 @@ SMOLLM2 = json.loads((CONFIGS / "smollm2-135m.json").read_text())
     ("sliding_window", 8192), ("use_sliding_window", False), ("partial_rotary_factor", 1.0),
     ("layer_types", ["full_attention"] * 30), ("_name_or_path", "x/y"), ("transformers_version", "4.48.0"),
     ("torch_dtype", "float32"), ("dtype", "bfloat16"), ("use_cache", False), ("is_llama_config", True),
+    ("attention_chunk_size", None), ("attention_chunk_size", 8192),
 ])
 def test_metadata_and_neutral_values_are_accepted(field, value):
     with warnings.catch_warnings():
@@ -80,6 +81,7 @@ def test_metadata_and_neutral_values_are_accepted(field, value):
     ("rope_interleaved", True), ("sliding_window", 4096), ("use_sliding_window", True),
     ("partial_rotary_factor", 0.5), ("layer_types", ["sliding_attention"] * 30), ("mlp_bias", True),
     ("quantization_config", {"quant_method": "gptq"}), ("pretraining_tp", 0),
+    ("attention_chunk_size", 4096),  # transformers' generate would keep only the last 4,096 keys
 ])
 def test_math_kpro_lacks_is_refused_by_name_even_when_not_strict(field, value):
     with pytest.raises(ConfigError, match=f"unsupported {field}="):
