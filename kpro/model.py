@@ -78,8 +78,10 @@ class Llama(nn.Module):
         # Built on the meta device, the model is to be filled from a checkpoint: no values to draw. (And on
         # meta, nn.init.normal_ runs a Python decomposition whose first call imports seconds of torch.)
         filled_later = torch.get_default_device().type == "meta"
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(
-            cfg.vocab_size, cfg.hidden_size) if filled_later else None)
+        # padding_idx as in Hugging Face's LLaMA: the pad token's row gets no gradient from the lookup (it
+        # matters where the pad id is a real token too, eos for SmolLM2-1.7B-Instruct) and starts at zero.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size) if filled_later else None)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -95,6 +97,9 @@ class Llama(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cache: "KVCache | None" = None,

@@ -48,3 +48,18 @@ def test_transformers_checkpoint_gives_same_logits_in_kpro(tmp_path, variant):
     ids = torch.randint(0, 67, (2, 40))
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_embedding_gradients_equal_transformers_where_the_pad_id_is_a_real_token(tmp_path):
+    spec = dict(vocab_size=67, hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6,
+                num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15, pad_token_id=2,
+                eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec))
+    hf.save_pretrained(tmp_path)
+    model = kpro.load_pretrained(tmp_path)
+    ids = torch.tensor([[1, 9, 2, 14, 2, 30, 8, 2]])
+    hf(ids, labels=ids).loss.backward()
+    torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:]).backward()
+    theirs, ours = hf.model.embed_tokens.weight.grad, model.embed_tokens.weight.grad
+    assert not theirs[2].any() and (ours - theirs).abs().max() < 1e-5

@@ -180,3 +180,17 @@ def test_position_ids_of_one_row_or_one_dimension_apply_to_every_row(make_model)
     want = model(ids, position_ids=shifted.expand(2, 5))
     assert torch.equal(model(ids, position_ids=shifted), want) and torch.equal(model(ids, position_ids=shifted[None]), want)
     assert not torch.allclose(model(ids), want)  # the positions do reach the model
+
+
+def test_the_pad_tokens_embedding_starts_at_zero_and_gets_no_gradient_as_in_transformers(make_model):
+    # transformers' LLaMA gives its embedding padding_idx=pad_token_id; where the pad id is a real token too
+    # (SmolLM2-1.7B-Instruct's pad is its eos), a loss over it must not move that row.
+    model = make_model(pad_token_id=2)
+    assert not model.embed_tokens.weight[2].any() and model.embed_tokens.weight[3].any()
+    with torch.no_grad():
+        model.embed_tokens.weight[2].normal_()  # a trained checkpoint's row
+    ids = torch.tensor([[1, 9, 2, 14, 2, 30]])
+    model(ids)[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).sum().backward()
+    assert not model.embed_tokens.weight.grad[2].any() and model.embed_tokens.weight.grad[9].any()
+    assert model.lm_head.weight.grad[2].any()  # the head's row for it learns
+    assert make_model().embed_tokens.padding_idx is None  # no pad id: every row learns
