@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -29,7 +30,7 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         hint = (f" (a LoRA-adapted model: `with kpro.lora.active(tuned.model, {model.adapter!r}): "
                 "kpro.generate(tuned.model, ...)`)") if adapted else ""
         raise TypeError(f"generate() takes a kpro.Llama, got {type(model).__name__}{hint}")
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be an integer tensor [B, T] of prompts (one prompt: ids[None]), got {got}")
@@ -60,9 +61,8 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     """New tokens [B, n] after a prefill: `logits` [B, V] are the last position's, `cache` holds the
     prefill's keys and values and `attention_mask` [B, cache.length] marks its real positions.
     (kpro.generate prefills a plain prompt; Bitune prefills its three streams and continues here.)"""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    if not isinstance(stop_after_eos, int) or stop_after_eos < 1:
-        raise ValueError(f"stop_after_eos must be a positive integer, got {stop_after_eos!r}")
+    max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
+    stop_after_eos = _positive_int("stop_after_eos", stop_after_eos)
     cfg = model.config
     eos = cfg.eos_token_ids if eos_token_id is None else _token_ids("eos_token_id", eos_token_id, cfg.vocab_size)
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
@@ -102,7 +102,8 @@ def select_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     """Next token ids [B] from logits [B, V]: argmax, or a sample at `temperature` within top-k / top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float()
+    # In float64, where any positive temperature is a nonzero divisor (in float32, 1e-300 is 0: 0 / 0 for the best).
+    logits = logits.double()
     # Shifted first, so that a tiny temperature sends the others to -inf instead of the best to inf (NaN).
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -134,16 +135,44 @@ def _token_ids(name: str, value, vocab_size: int) -> list[int]:
     return ids
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
-    """Refuse sampling arguments that are out of range or that greedy decoding would ignore."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")  # NaN fails 0 <= x
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature == 0 and (top_k is not None or top_p is not None):  # greedy would ignore them
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> tuple[int, float, int | None, float | None]:
+    """Refuse sampling arguments that are out of range, of another kind (a bool, a string, a list) or that greedy
+    decoding would ignore; return them as Python numbers (numpy and 0-dim tensor numbers are taken, as token ids)."""
+    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+    temperature_ = _real(temperature)
+    if temperature_ is None or not 0 <= temperature_ < math.inf:  # NaN fails 0 <= x
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    top_k = None if top_k is None else _positive_int("top_k", top_k)
+    top_p_ = None if top_p is None else _real(top_p)
+    if top_p is not None and (top_p_ is None or not 0 < top_p_ <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if temperature_ == 0 and (top_k is not None or top_p is not None):  # greedy would ignore them
         raise ValueError("top_k and top_p restrict sampling, but temperature 0 decodes greedily: give a temperature "
                          "above 0 to sample")
+    return max_new_tokens, temperature_, top_k, top_p_
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
+def _positive_int(name: str, value) -> int:
+    """A positive Python, numpy or 0-dim tensor integer, as an int (a bool or a float is refused)."""
+    try:
+        if _is_bool(value):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def _real(value) -> float | None:
+    """A Python, numpy or 0-dim tensor real number as a float; None for anything else (a bool, a str, a list)."""
+    if _is_bool(value):
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.dim() == 0 and not value.is_complex() else None
+    return float(value) if isinstance(value, numbers.Real) else None

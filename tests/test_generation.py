@@ -75,6 +75,18 @@ def test_sampling_is_reproducible_and_topk1_is_greedy(make_model):
     assert torch.equal(draw(6, top_p=1e-9), greedy)
     big = torch.tensor([[300.0, 299.0, -5.0]] * 4)  # at temperature 1e-38, 300 / 1e-38 alone is inf in fp32
     assert select_next_token(big, 1e-38, generator=torch.Generator().manual_seed(0)).tolist() == [0] * 4
+    for tiny in (1e-300, 5e-324):  # 0 in float32: the best token's 0 / 0 was NaN, and multinomial refused
+        assert select_next_token(big, tiny, generator=torch.Generator().manual_seed(0)).tolist() == [0] * 4
+
+
+def test_numpy_and_tensor_numbers_are_taken_for_sampling_arguments(make_model):
+    import numpy as np
+    model = make_model(seed=10)
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    draw = lambda **kw: kpro.generate(model, ids, generator=torch.Generator().manual_seed(0), eos_token_id=[], **kw)
+    want = draw(max_new_tokens=6, temperature=0.5, top_k=4, top_p=0.9, stop_after_eos=2)
+    assert torch.equal(draw(max_new_tokens=np.int64(6), temperature=np.float32(0.5), top_k=torch.tensor(4),
+                            top_p=np.float64(0.9), stop_after_eos=np.int32(2)), want)
 
 
 def test_top_k_and_top_p_restrict_the_support():
@@ -101,6 +113,13 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(max_new_tokens=5, top_k=0), "top_k"),
     (dict(max_new_tokens=5, top_p=1.5), "top_p"),
     (dict(max_new_tokens=200), "max_position_embeddings"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
+    (dict(max_new_tokens=5, temperature=1.0, top_k=True), "top_k must be a positive integer, got True"),
+    (dict(max_new_tokens=5, temperature=1.0, top_k=2.0), "top_k must be a positive integer, got 2.0"),
+    (dict(max_new_tokens=5, temperature=1.0, top_p=True), r"top_p must be a number in \(0, 1\], got True"),
+    (dict(max_new_tokens=5, temperature=1.0, top_p="0.9"), r"top_p must be a number in \(0, 1\], got '0.9'"),
+    (dict(max_new_tokens=5, temperature=1.0, top_p=torch.tensor([0.9, 0.5])), "top_p must be a number"),
+    (dict(max_new_tokens=5, stop_after_eos=True), "stop_after_eos must be a positive integer, got True"),
 ])
 def test_bad_generation_arguments(make_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
