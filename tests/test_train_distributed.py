@@ -1,5 +1,6 @@
 """fit under torchrun with 2 gloo processes on the CPU, DDP and FSDP2, against one process: the same global
 batches give the same losses and weights (within fp32 rounding), and checkpoints cross-load both ways."""
+import json
 import os
 import signal
 import subprocess
@@ -39,11 +40,11 @@ def runs(tmp_path_factory):
     return single, model, out, done.stdout, accum
 
 
-def torchrun(script, *args, **kwargs):
+def torchrun(script, *args, timeout=400, **kwargs):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / script), *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
@@ -108,3 +109,37 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank_and_the_same_command_resumes(
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     assert "resumed from" in second.stdout
     assert_close_losses(losses(tmp_path / "run"), losses(single))
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("checks")
+    done = torchrun("_dist_checks.py", out, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out, [json.loads((out / f"checks-rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_rank_0_alone_finds_the_checkpoint_to_resume(checks):
+    """Nodes without a shared file system: only rank 0 sees out_dir's checkpoints. Every process resumed
+    from it (the others started afresh before, and waited in another collective than rank 0's for ever)."""
+    out, results = checks
+    assert [r["resumed_step"] for r in results] == [4, 4]
+    assert not (out / "node1" / "run").exists()
+    assert_close_losses(results[0]["losses"], results[0]["straight"])
+
+
+def test_data_told_apart_by_rank_is_refused_on_every_process(checks):
+    """A TokenShards given another rank and world size than the process group's, or a Batches seeded by rank:
+    rows trained twice or never (silently before). Every process raises, none waits."""
+    _, results = checks
+    for r in results:
+        assert "process 1 takes the rows of process 0 of 1" in r["shards_error"], r["shards_error"]
+        assert "seed: 0 on process 0, 1 on process 1" in r["seed_error"], r["seed_error"]
+
+
+def test_fsdp_starts_every_process_from_rank_0s_weights_as_ddp_does(checks):
+    """Models initialised with a seed per rank: fully_shard kept each rank's slice of its own model, a stitched
+    model, where DDP trains rank 0's."""
+    out, _ = checks
+    assert_close_models(kpro.load_pretrained(out / "fsdp-seeded" / "step-00000001"),
+                        kpro.load_pretrained(out / "ddp-seeded" / "step-00000001"))

@@ -666,3 +666,42 @@ def test_dict_examples_with_the_default_collate_are_named(tmp_path):
         kt.fit(make_model(), kt.Batches(examples, 2), tmp_path, steps=1)
     run = kt.fit(make_model(), kt.Batches(examples, 2, torch.utils.data.default_collate), tmp_path / "ok", steps=1)
     assert run.step == 1
+
+
+def test_a_list_with_an_item_per_row_is_not_given_whole_to_every_micro_batch(tmp_path):
+    """fit splits tensors only: per-example weights in a list reached every micro-batch whole (silently
+    misaligned with its rows) once grad_accum or processes split the batch."""
+    batch = {**kt.collate_prompt_answer(examples(8), pad_id=0), "weights": [1.0] * 8}
+    with pytest.raises(TypeError, match=r"batch\['weights'\] is a list of 8 items, as many as the batch has rows"):
+        kt.distributed.split_batch(batch, kt.DistEnv(), grad_accum=2)
+    with pytest.raises(TypeError, match="make it a tensor"):
+        kt.fit(make_model(), [batch], tmp_path, steps=1, grad_accum=2)
+    assert len(kt.distributed.split_batch(batch, kt.DistEnv(), grad_accum=1)) == 1  # not split: left alone
+    kept = kt.distributed.split_batch({**batch, "weights": [1.0, 2.0]}, kt.DistEnv(), grad_accum=2)
+    assert [m["weights"] for m in kept] == [[1.0, 2.0]] * 2  # not one item per row: every micro-batch's
+
+
+def test_a_per_process_batch_that_does_not_split_is_named_as_this_process_rows():
+    """TokenShards under 2 processes, grad_accum 2, a global batch of 6: the error spoke of 'a global batch of
+    3 rows' split into '1 process(es)'."""
+    rows = {"input_ids": torch.zeros(3, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"this process's 3 rows of the global batch .* each of the 2 process\(es\) "
+                                         r"its own rows\) cannot be split into 2 accumulation steps: make the global "
+                                         r"batch a multiple of 4"):
+        kt.distributed.split_batch(rows, kt.DistEnv(rank=1, world_size=2), 2, per_process=True)
+    parts = kt.distributed.split_batch({"input_ids": torch.arange(4)[:, None]}, kt.DistEnv(rank=1, world_size=2), 2,
+                                       per_process=True)
+    assert [p["input_ids"].flatten().tolist() for p in parts] == [[0, 1], [2, 3]]  # this process's rows, all of them
+
+
+def test_the_logged_loss_does_not_depend_on_how_the_batch_is_split(tmp_path):
+    """float64 weights: one micro-batch or four give the same weights to 1e-15, and now the same logged loss
+    (summed in float32 before, it differed in the 7th digit)."""
+    runs = [kt.fit(make_model().double(), batches(), tmp_path / str(accum), steps=2, lr=1e-2, grad_accum=accum)
+            for accum in (1, 4)]
+    want, got = losses(tmp_path / "1"), losses(tmp_path / "4")
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-13, abs=0)
+    for x, y in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,7 +38,12 @@ def init_distributed(backend: str | None = None) -> DistEnv:
 
 
 def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
-    """FSDP2: one sharding unit per transformer block (`kpro.model.Block`), the rest in the root unit."""
+    """FSDP2: one sharding unit per transformer block (`kpro.model.Block`), the rest in the root unit.
+
+    Every process starts from rank 0's weights, as under DDP: `fully_shard` keeps each process's own slice of
+    its own tensors, so models initialised differently (another seed per rank, a checkpoint loaded on rank 0
+    only) would otherwise be stitched together from all of them.
+    """
     from torch.distributed.fsdp import fully_shard
 
     from ..model import Block
@@ -49,6 +55,10 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
     if not blocks:
         raise ValueError(f"FSDP: found no kpro Block inside {type(model).__name__} to shard; shard the model "
                          "yourself with torch.distributed.fsdp.fully_shard and pass it to fit")
+    if dist.get_world_size() > 1:
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type != "meta":  # a model built on the meta device gets its weights loaded later
+                dist.broadcast(tensor.detach(), src=0)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -91,9 +101,11 @@ def gradient_sync(train_model: nn.Module, enabled: bool):
         yield
 
 
-def split_batch(batch, env: DistEnv, grad_accum: int) -> list:
-    """This process's micro-batches: row block `rank` of `world_size`, cut into `grad_accum` pieces."""
-    parts = env.world_size * grad_accum
+def split_batch(batch, env: DistEnv, grad_accum: int, per_process: bool = False) -> list:
+    """This process's micro-batches: row block `rank` of `world_size`, cut into `grad_accum` pieces. A
+    `per_process` batch is this process's block already (`TokenShards`): it is cut into micro-batches only."""
+    processes = 1 if per_process else env.world_size
+    parts = processes * grad_accum
     if parts == 1:
         return [batch]
     if not isinstance(batch, dict):
@@ -103,11 +115,22 @@ def split_batch(batch, env: DistEnv, grad_accum: int) -> list:
     if not sizes or len(set(sizes.values())) != 1:
         raise ValueError(f"batch tensors must share their first (batch) dimension to be split; got {sizes}")
     rows = next(iter(sizes.values()))
+    for key, value in batch.items():  # one item per row, or one value for all rows? Only tensors are split
+        if isinstance(value, (list, tuple, np.ndarray)) and len(value) == rows:
+            raise TypeError(f"batch[{key!r}] is a {type(value).__name__} of {rows} items, as many as the batch has "
+                            f"rows, and fit splits only tensors across processes and accumulation steps: every "
+                            f"micro-batch would get all {rows} items; make it a tensor [B, ...] to split it with the "
+                            "rows, or keep it out of the batch")
     if rows % parts:
+        if per_process:
+            raise ValueError(f"this process's {rows} rows of the global batch (a per-process batch source, such as "
+                             f"TokenShards, gives each of the {env.world_size} process(es) its own rows) cannot be "
+                             f"split into {grad_accum} accumulation steps: make the global batch a multiple of "
+                             f"{env.world_size * grad_accum} (processes x grad_accum)")
         raise ValueError(f"a global batch of {rows} rows cannot be split into {env.world_size} process(es) x "
                          f"{grad_accum} accumulation step(s): {rows} is not a multiple of {parts}")
     per = rows // parts
-    first = env.rank * grad_accum
+    first = 0 if per_process else env.rank * grad_accum
     return [{key: value[(first + i) * per:(first + i + 1) * per] if key in sizes else value
              for key, value in batch.items()} for i in range(grad_accum)]
 

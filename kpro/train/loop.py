@@ -116,6 +116,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     steps = _total_steps(steps, batches)
     _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last)
     _check_partial_batch(batches, env.world_size * grad_accum)
+    _check_same_data(batches, env)
     if isinstance(schedule, str):
         schedule = Schedule(schedule, total_steps=steps if schedule != "constant" else None)
     _check_schedule_covers(schedule, steps)
@@ -127,7 +128,9 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     run = Run(model, train_model, make_optimizer, steps, out_dir, env)
     run.reset_optimizer()
 
-    checkpoint = _checkpoint_to_resume(out_dir, resume)
+    # Rank 0 alone looks at out_dir (nodes need no shared file system) and tells the others what it found.
+    checkpoint = distributed.broadcast_object(distributed.on_main(lambda: _checkpoint_to_resume(out_dir, resume), env,
+                                                                  f"find the checkpoint to resume in {out_dir}"), env)
     settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else None,
                 "clip_grad_norm": clip_grad_norm, "precision": _precision(precision, model),
                 "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))}
@@ -271,8 +274,7 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     """
     env, train_model, optimizer = run.env, run.train_model, run.optimizer
     # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
-    micro_batches = distributed.split_batch(batch, dataclasses.replace(env, rank=0, world_size=1) if per_process
-                                            else env, grad_accum)
+    micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
     totals, counts, summed = [], [], None
     for i, micro in enumerate(micro_batches):
         micro = _to_device(micro, device)
@@ -285,11 +287,12 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
             summed = is_sum
             total = out.total if is_sum else out
             (total if is_sum else total / grad_accum).backward()
-        totals.append(total.detach().float())
-        counts.append(torch.as_tensor(out.count if is_sum else 1, device=total.device).float())
+        # float64: the sums, and so the logged loss, must not depend on how the batch was split
+        totals.append(total.detach().double())
+        counts.append(torch.as_tensor(out.count if is_sum else 1, device=total.device).double())
     # One collective per step: loss, loss-token count, and whether any process got Ctrl-C.
     stats = torch.stack([torch.stack(totals).sum(), torch.stack(counts).sum(),
-                         torch.tensor(float(interrupt_requested()), device=totals[0].device)]).double()
+                         torch.tensor(float(interrupt_requested()), device=totals[0].device, dtype=torch.float64)])
     stats = distributed.all_reduce_sum(stats, env).cpu()
     total, count, interrupted = stats.tolist()
     if summed:
@@ -377,6 +380,38 @@ def _check_partial_batch(batches, parts: int) -> None:
         raise ValueError(f"the last batch of each epoch holds {rest} of the {len(batches.examples)} examples "
                          f"(Batches(drop_last=False)), which cannot be split into {parts} micro-batches (processes "
                          "x grad_accum); pass drop_last=True, or a number of examples that splits")
+
+
+def _check_same_data(batches, env: distributed.DistEnv) -> None:
+    """Under torchrun every process must iterate the same global batches, of which fit gives each its rows
+    (a per-process source its own rows of them): data told apart by rank (a seed per rank, a TokenShards given
+    another rank or world size) would train some rows on several processes and others never. Compared where
+    the batches say what they are (`state_dict()`, and `process()` for a per-process source)."""
+    if env.world_size == 1:
+        return
+    per_process = bool(getattr(batches, "per_process", False)) and hasattr(batches, "process")
+    mine = (tuple(batches.process()) if per_process else None,
+            batches.state_dict() if hasattr(batches, "state_dict") else None)
+    everyone = distributed.gather_objects(mine, env)  # every process decides alike: none is left waiting
+    wrong = [f"process {rank} takes the rows of process {process[0]} of {process[1]}"
+             for rank, (process, _) in enumerate(everyone) if process is not None and process != (rank, env.world_size)]
+    if wrong:
+        raise ValueError(f"{type(batches).__name__} under {env.world_size} processes: {'; '.join(wrong)}, so rows "
+                         "would be trained twice or never; pass it the process group's rank and world_size, or "
+                         "neither (torchrun's are used)")
+    states = [state for _, state in everyone]
+    try:
+        same = all(state == states[0] for state in states)
+    except (RuntimeError, TypeError, ValueError):  # states holding tensors: cannot be told apart this way
+        return
+    if not same:
+        keys = sorted({key for state in states if isinstance(state, dict) for key in state}, key=str)
+        differences = [f"{key}: " + ", ".join(f"{state.get(key)!r} on process {rank}" for rank, state in
+                                              enumerate(states)) for key in keys
+                       if len({repr(state.get(key)) for state in states if isinstance(state, dict)}) > 1]
+        raise ValueError(f"the {env.world_size} processes iterate different data ({type(batches).__name__}.state_dict() "
+                         f"differs: {'; '.join(differences) or states}); pass every process the same global batches "
+                         "(same examples, seed and position): fit gives each process its rows of them")
 
 
 def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_every, keep_last) -> None:

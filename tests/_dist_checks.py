@@ -1,0 +1,68 @@
+"""Worker for tests/test_train_distributed.py, run under torchrun with 2 gloo processes:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_checks.py OUT
+
+Writes OUT/checks-rank{R}.json for the test to read:
+- no shared file system: each process works in its own directory OUT/node{R} with a relative out_dir, so only
+  rank 0 sees the checkpoints it writes; a second fit of the same run must resume on every process;
+- data told apart by rank (a TokenShards given another rank and world size, a Batches seeded by rank): the
+  error each process raised;
+- FSDP2 of models initialised differently on each process: runs that the test compares with DDP's.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import kpro.train as kt
+from _dist_fit import exit_now
+from test_train_fit import batches, examples, losses, make_model
+
+
+def error_of(work) -> str | None:
+    try:
+        work()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    env = kt.init_distributed()
+    assert env.world_size == 2, env
+    fit = dict(lr=1e-2, save_every=2)
+    results = {}
+
+    kt.fit(make_model(), batches(), out / "straight", steps=4, **fit)
+    node = out / f"node{env.rank}"
+    node.mkdir(parents=True, exist_ok=True)
+    os.chdir(node)
+    kt.fit(make_model(), batches(), "run", steps=2, **fit)
+    run = kt.fit(make_model(seed=5), batches(), "run", steps=4, **fit)  # rank 0 alone sees step-00000002
+    results["resumed_step"] = run.step
+    if env.is_main:
+        results["losses"] = losses(Path("run"))
+        results["straight"] = losses(out / "straight")
+    os.chdir(out)
+
+    if env.is_main:
+        kt.write_token_shards(out / "tokens", [list(range(3, 40))] * 8, vocab_size=67, eos_id=2, bos_id=1)
+    torch.distributed.barrier()
+    shards = kt.TokenShards(out / "tokens", seq_len=8, batch_size=4, rank=0, world_size=1)
+    results["shards_error"] = error_of(lambda: kt.fit(make_model(), shards, out / "shards", steps=1, **fit))
+    seeded = kt.Batches(examples(), 8, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=env.rank)
+    results["seed_error"] = error_of(lambda: kt.fit(make_model(), seeded, out / "seeded", steps=1, **fit))
+
+    for mode in ("ddp", "fsdp"):  # DDP starts every process from rank 0's weights: so must FSDP2
+        kt.fit(make_model(seed=env.rank), batches(), out / f"{mode}-seeded", steps=1, parallel=mode, **fit)
+
+    (out / f"checks-rank{env.rank}.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+    exit_now()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
