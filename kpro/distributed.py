@@ -62,6 +62,14 @@ def on_main(work, env: DistEnv, what: str):
     return result
 
 
+def main_decides(work, what: str, env: DistEnv | None = None):
+    """`work()` run on rank 0 alone and its result given to every rank: what a run finds on disk (the
+    checkpoint to resume, its recorded settings) is rank 0's, since nodes need no shared file system. Its
+    failure reaches every rank, as with `on_main`. A collective: every rank calls it."""
+    env = current_env() if env is None else env
+    return broadcast_object(on_main(work, env, what), env)
+
+
 def broadcast_object(obj, env: DistEnv):
     """Rank 0's `obj` on every rank."""
     if env.world_size == 1:

@@ -4,7 +4,8 @@
 
 Writes OUT/checks-rank{R}.json for the test to read:
 - no shared file system: each process works in its own directory OUT/node{R} with a relative out_dir, so only
-  rank 0 sees the checkpoints it writes; a second fit of the same run must resume on every process;
+  rank 0 sees the checkpoints it writes; a second fit of the same run must resume on every process, and
+  every process must read rank 0's saved schedule;
 - data told apart by rank (a TokenShards given another rank and world size, a Batches seeded by rank): the
   error each process raised;
 - FSDP2 of models initialised differently on each process: runs that the test compares with DDP's.
@@ -18,6 +19,7 @@ import torch
 
 import kpro.train as kt
 from _dist_fit import exit_now
+from kpro.train.checkpointing import saved_schedule
 from test_train_fit import batches, examples, losses, make_model
 
 
@@ -43,6 +45,7 @@ def main(out: Path) -> None:
     kt.fit(make_model(), batches(), "run", steps=2, **fit)
     run = kt.fit(make_model(seed=5), batches(), "run", steps=4, **fit)  # rank 0 alone sees step-00000002
     results["resumed_step"] = run.step
+    results["saved_schedule"] = saved_schedule("run")  # train-expanded's and bitune's resumed warmup read it
     if env.is_main:
         results["losses"] = losses(Path("run"))
         results["straight"] = losses(out / "straight")

@@ -124,6 +124,7 @@ def test_rank_0_alone_finds_the_checkpoint_to_resume(checks):
     from it (the others started afresh before, and waited in another collective than rank 0's for ever)."""
     out, results = checks
     assert [r["resumed_step"] for r in results] == [4, 4]
+    assert results[0]["saved_schedule"]["kind"] == "constant" and results[1]["saved_schedule"] == results[0]["saved_schedule"]
     assert not (out / "node1" / "run").exists()
     assert_close_losses(results[0]["losses"], results[0]["straight"])
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import adapters, lora, ops
+from ..distributed import main_decides
 from ..errors import CheckpointError
 from ..model import Llama
 from ..train import (Batches, Callback, LossSum, Schedule, adamw, checkpoint_step, collate_prompt_answer, fit,
@@ -87,14 +88,14 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"mode={mode!r} is a Bitune ablation; method='lora' trains one causal adapter")
     check_positions(pairs, model.config.max_position_embeddings, "example")
     out_dir = Path(out_dir)
-    last = latest_checkpoint(out_dir / "run")
+    last = main_decides(lambda: latest_checkpoint(out_dir / "run"), f"look for checkpoints in {out_dir / 'run'}")
     if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for
         raise ValueError(f"{out_dir} holds a run of {checkpoint_step(last)} steps already, more than steps={steps}: "
                          "pass at least as many steps (more extend it), or tune into another out_dir")
     settings = {"method": method, "rank": rank, "alpha": float(alpha), **({"mode": mode} if method == "bitune" else {}),
                 "weighting": weighting}
     if steps > 0:
-        _check_resumable(out_dir / "run", settings)
+        main_decides(lambda: _check_resumable(out_dir / "run", settings), f"read the settings of {out_dir / 'run'}")
     elif last is not None:  # the untuned adapters would replace the tuned ones
         raise ValueError(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
                          "load them with load_tuned, or tune into another out_dir")

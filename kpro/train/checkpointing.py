@@ -212,7 +212,12 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
 def saved_schedule(run_dir: str | os.PathLike) -> dict | None:
     """The learning-rate schedule (a `Schedule`'s fields) of the newest checkpoint in `run_dir`, or None (no
     checkpoint, or none recorded). A command whose default warmup follows the total steps (5% of them) takes
-    the warmup from here when it resumes: more `--steps` then extend the run instead of changing its schedule."""
+    the warmup from here when it resumes: more `--steps` then extend the run instead of changing its schedule.
+    Under torchrun, rank 0's (a collective)."""
+    return distributed.main_decides(lambda: _saved_schedule(run_dir), f"read the schedule saved in {run_dir}")
+
+
+def _saved_schedule(run_dir) -> dict | None:
     last = latest_checkpoint(run_dir)
     if last is None:
         return None

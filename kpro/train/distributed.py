@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 # The helpers checkpoints share live one layer down; they are part of this module's interface too.
-from ..distributed import DistEnv, broadcast_object, current_env, full_model_state, is_sharded, on_main  # noqa: F401
+from ..distributed import (DistEnv, broadcast_object, current_env, full_model_state, is_sharded, main_decides,  # noqa: F401
+                           on_main)
 
 # torch.distributed.fsdp and .checkpoint are imported where used: with DTensor they take most of a second.
 

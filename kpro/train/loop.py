@@ -128,9 +128,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     run = Run(model, train_model, make_optimizer, steps, out_dir, env)
     run.reset_optimizer()
 
-    # Rank 0 alone looks at out_dir (nodes need no shared file system) and tells the others what it found.
-    checkpoint = distributed.broadcast_object(distributed.on_main(lambda: _checkpoint_to_resume(out_dir, resume), env,
-                                                                  f"find the checkpoint to resume in {out_dir}"), env)
+    checkpoint = distributed.main_decides(lambda: _checkpoint_to_resume(out_dir, resume),
+                                          f"find the checkpoint to resume in {out_dir}", env)
     settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else None,
                 "clip_grad_norm": clip_grad_norm, "precision": _precision(precision, model),
                 "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))}
