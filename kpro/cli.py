@@ -103,6 +103,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from .checkpoint import load_pretrained
+    from .config import generation_eos_ids
     from .generation import check_sampling, generate
     from .tokenizer import load_tokenizer
 
@@ -121,9 +122,11 @@ def cmd_generate(args) -> None:
     prompts = tok.encode_batch(args.prompt)
     ids, mask = tok.pad_left(prompts, device=device)
     generator = torch.Generator(device=device).manual_seed(seed or 0)
+    # Stop where transformers' generate would: generation_config.json's eos ids, else config.json's.
+    stop_ids = generation_eos_ids(args.dir, model.config.vocab_size)
     out = generate(model, ids, args.max_new_tokens, attention_mask=mask, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, generator=generator)
-    eos = set(model.config.eos_token_ids) | {tok.eos_id}
+                   top_k=args.top_k, top_p=args.top_p, generator=generator, eos_token_id=stop_ids)
+    eos = set(stop_ids if stop_ids is not None else model.config.eos_token_ids) | {tok.eos_id}
     for prompt, row in zip(prompts, out.tolist()):
         new = row[ids.shape[1]:]
         stops = [i for i, token in enumerate(new) if token in eos]

@@ -261,6 +261,25 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
 
+def generation_eos_ids(directory: str | os.PathLike, vocab_size: int) -> list[int] | None:
+    """The eos ids of the checkpoint's `generation_config.json` (where transformers' generate takes its stop
+    tokens: Qwen2.5 Instruct lists one more than its config.json), or None: no such file, or no eos in it."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    if eos is None:
+        return None
+    ids = list(eos) if isinstance(eos, list) else [eos]
+    for token in ids:
+        _check_token_id(f"{path}: eos_token_id", token, vocab_size)
+    return ids
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

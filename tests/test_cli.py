@@ -134,6 +134,34 @@ def test_generate_prints_the_seed_it_drew_and_a_larger_tokenizer_is_refused(tmp_
     assert "has 21 tokens but the model only 13 embeddings" in capsys.readouterr().err
 
 
+def test_generate_stops_at_the_eos_ids_of_generation_config_json(tmp_path, capsys):
+    """transformers' generate stops at generation_config.json's eos ids (Qwen2.5 Instruct lists one more than
+    its config.json); the command read config.json's only and ran on past them."""
+    model = write_checkpoint(tmp_path / "ck")
+    tok = kpro.load_tokenizer(tmp_path / "ck")
+
+    def until(ids, stops):
+        return ids[:next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+
+    for text in ("abc", "hg", "dab", "gfe", "ha", "cheb", "fade"):  # one whose third new token is no eos
+        prompt = tok.encode(text)
+        continuation = kpro.generate(model, torch.tensor([prompt]), 6, eos_token_id=[])[0, len(prompt):].tolist()
+        if tok.eos_id not in continuation[:3]:
+            break
+    stop = continuation[2]
+    args = ["generate", str(tmp_path / "ck"), "--prompt", text, "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == tok.decode(prompt + until(continuation, {tok.eos_id})) + "\n"
+    (tmp_path / "ck" / "generation_config.json").write_text(f'{{"eos_token_id": [{stop}]}}')
+    assert main(args) == 0
+    cut = until(continuation, {stop, tok.eos_id})
+    assert len(cut) <= 2 and capsys.readouterr().out == tok.decode(prompt + cut) + "\n"
+    (tmp_path / "ck" / "generation_config.json").write_text('{"eos_token_id": 99}')
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "generation_config.json: eos_token_id=99 is not a token id" in err, err
+
+
 def test_expand_refuses_its_source_as_destination_or_a_directory_inside_it(tmp_path, capsys):
     write_checkpoint(tmp_path / "src")
     before = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
