@@ -392,3 +392,113 @@ def test_train_only_drops_the_gradients_of_the_layers_it_freezes():
     optimizer.step()
     assert frozen and all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert model.model.layers[2].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------- how HF users run it
+
+def test_bf16_autocast_gives_the_stock_attention():
+    """Under autocast transformers' RoPE hands over float32 queries and keys (bf16 projections times float32
+    cos/sin) with bf16 values: kpro's attention refused the mix, raw, where SDPA casts all three to bf16."""
+    stock = make_stock(layers=2)
+    ids, mask, labels = left_padded()
+    real = mask.bool()
+    attention_only, _ = patched_copy(stock, rms_norm=False, mlp=False)
+    model, _ = patched_copy(stock)
+    with torch.autocast("cpu", torch.bfloat16):
+        want = stock(input_ids=ids, attention_mask=mask, labels=labels)
+        alone = attention_only(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert alone.dtype == want.logits.dtype == torch.bfloat16 and torch.equal(alone[real], want.logits[real])
+    assert rel(got.logits[real], want.logits[real]) < 1e-2 and abs(got.loss.item() - want.loss.item()) < 1e-3
+    got.loss.backward()
+    want.loss.backward()
+    reference = grads(stock)
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 3e-2, name
+
+
+def test_packed_position_ids_are_refused_under_torch_compile_too():
+    """Without a mask, transformers masks packed documents under torch.compile as well; the check was skipped
+    there, and kpro attended across the documents (logits 0.6 away from the stock model's)."""
+    torch._dynamo.reset()
+    model, _ = patched_copy(make_stock(layers=1))
+    q, k = torch.randn(2, 8, 10, 16), torch.randn(2, 2, 10, 16)
+    attention = torch.compile(kpro_hf.attention_forward, fullgraph=True)
+    layer = model.model.layers[0].self_attn
+    assert attention(layer, q, k, k, None, position_ids=torch.arange(10).expand(2, -1))[0].shape == (2, 10, 8, 16)
+    packed = torch.cat([torch.arange(4), torch.arange(6)]).expand(2, -1)
+    with pytest.raises(RuntimeError, match="packed sequences"):
+        attention(layer, q, k, k, None, position_ids=packed)
+
+
+def test_a_patched_model_saved_whole_loads_again(tmp_path):
+    """torch.save of the model object pickled apply's and train_only's forwards as bound methods, looked up by
+    name on load: the model saved, and loading it raised AttributeError 'LlamaMLP' object has no attribute."""
+    stock = make_stock(layers=3)
+    model, _ = patched_copy(stock)
+    kpro_hf.train_only(model, [1], recompute_frozen=True)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert [getattr(layer, "_kpro_runner", None) for layer in loaded.model.layers] == ["run_without_graph", None, "run_recomputed"]
+    ids, mask, labels = left_padded()
+    assert rel(loaded(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+               stock(input_ids=ids, attention_mask=mask).logits[mask.bool()]) < 1e-6
+    loaded(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert grads(loaded).keys() == {n for n, p in loaded.named_parameters() if n.startswith("model.layers.1.")}
+
+
+class CountingLinear(torch.nn.Linear):
+    runs = 0
+
+    def forward(self, x):
+        CountingLinear.runs += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_train_only_recompute_with_gradient_checkpointing(reentrant):
+    """transformers' checkpointing already recomputes a layer: recompute_frozen ran it inside its own backward a
+    third time, and with use_reentrant=True died in torch.autograd.grad ('incompatible with .grad()')."""
+    stock = make_stock(layers=3)
+    stock.requires_grad_(False)
+    stock.model.layers[1].requires_grad_(True)
+    model, _ = patched_copy(stock)
+    kpro_hf.train_only(model, [1], recompute_frozen=True)
+    gate = model.model.layers[2].mlp.gate_proj
+    counting = CountingLinear(gate.in_features, gate.out_features, bias=False).requires_grad_(False)
+    counting.load_state_dict(gate.state_dict())
+    model.model.layers[2].mlp.gate_proj = counting
+    for m in (stock, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.train()
+    ids, mask, labels = left_padded()
+    CountingLinear.runs = 0
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert CountingLinear.runs == 2  # the forward and one recomputation
+    stock(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    reference = grads(stock)
+    assert grads(model).keys() == reference.keys()
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 1e-5, name
+
+
+def test_compiled_and_accelerate_dispatched_models_are_refused_by_name(tmp_path):
+    """apply on torch.compile's wrapper said model_type 'llama' was not one of llama, mistral, qwen2; on a model
+    accelerate offloads, it replaced the forwards accelerate's hooks wrap ('rms_norm: weight on meta')."""
+    stock = make_stock(layers=2)
+    with pytest.raises(kpro_hf.UnsupportedModelError, match="OptimizedModule around LlamaForCausalLM: call "
+                                                            "kpro_hf.apply .* before torch.compile"):
+        kpro_hf.apply(torch.compile(stock))
+    pytest.importorskip("accelerate")
+    stock.save_pretrained(tmp_path / "stock")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"}
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stock", device_map=device_map,
+                                                                  offload_folder=tmp_path / "offload")
+    for call in (kpro_hf.apply, lambda m: kpro_hf.train_only(m, [1])):
+        with pytest.raises(kpro_hf.UnsupportedModelError, match="model.layers.0.* is dispatched by accelerate"):
+            call(offloaded)
+    assert offloaded.config._attn_implementation == "sdpa" and all(p.requires_grad for p in offloaded.parameters())
+    ids, mask, _ = left_padded()
+    assert rel(offloaded(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+               stock(input_ids=ids, attention_mask=mask).logits[mask.bool()]) < 1e-6

@@ -32,7 +32,7 @@ flash-attention's cu_seq_lens), each with an error naming it. Queries that see n
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 from typing import Iterable
 
 import torch
@@ -102,10 +102,11 @@ def apply(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, attentio
     for module in norms:
         if not hasattr(module, "weight") or not hasattr(module, "variance_epsilon"):
             raise UnsupportedModelError(f"{type(module).__name__} has no weight or variance_epsilon")
+    _check_no_accelerate_hooks(model, [*norms, *mlps], "apply")
     for module in norms:
-        module.forward = types.MethodType(rms_norm_forward, module)
+        module.forward = bound(rms_norm_forward, module)
     for module in mlps:
-        module.forward = types.MethodType(mlp_forward, module)
+        module.forward = bound(mlp_forward, module)
     before = config._attn_implementation
     if attention:
         register()
@@ -124,6 +125,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a supported model; anything else is refused, naming what it is."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule forwards .config to the model
+    if isinstance(inner, transformers.PreTrainedModel) and not isinstance(model, transformers.PreTrainedModel):
+        raise UnsupportedModelError(f"got torch.compile's {type(model).__name__} around {type(inner).__name__}: call "
+                                    "kpro_hf.apply (and train_only) on the model before torch.compile, then compile it "
+                                    "(or pass the compiled module's ._orig_mod and compile again)")
     if not isinstance(model, transformers.PreTrainedModel) or model_type not in MODEL_TYPES:
         what = f"model_type {model_type!r}" if model_type else "not a transformers PreTrainedModel"
         raise UnsupportedModelError(f"kpro.integrations.hf supports LLaMA-family transformers models (model_type "
@@ -133,6 +139,26 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at .base_model.layers")
     return layers
+
+
+def bound(function, module: nn.Module) -> functools.partial:
+    """`function` as `module`'s forward. A partial rather than a bound method: pickle (torch.save of the whole
+    model) stores a bound method as a look-up of its name on the module, which a LlamaMLP does not have, so the
+    model saved but did not load; a partial stores the function itself (accelerate's hooks do the same)."""
+    return functools.update_wrapper(functools.partial(function, module), function)
+
+
+def _check_no_accelerate_hooks(model: nn.Module, modules: list, what: str) -> None:
+    """Refuse modules whose forward accelerate wraps (a device_map over several devices, or offloading): replacing
+    their forward drops the hook that moves inputs to the module's device and loads offloaded weights, and the op
+    then failed on a weight left on the meta device or on another GPU, naming neither."""
+    names = {id(m): name for name, m in model.named_modules()}
+    hooked = [names.get(id(m), type(m).__name__) for m in modules if hasattr(m, "_hf_hook")]
+    if hooked:
+        raise UnsupportedModelError(f"{hooked[0]} is dispatched by accelerate (a device_map spreading the model over "
+                                    f"devices, or offloading it to the CPU or disk; {len(hooked)} such modules): "
+                                    f"kpro_hf.{what} replaces the forward its hook wraps; load the model onto one "
+                                    "device (device_map='cuda', say)")
 
 
 def _has(module: nn.Module, dotted: str) -> bool:
@@ -221,14 +247,31 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                   f"{sliding_window}; use sequences of at most {sliding_window} tokens")
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     mask = key_padding_mask(attention_mask, batch, tq, tk, causal)
-    if mask is None and tq > 1 and not torch.compiler.is_compiling():
+    if mask is None and tq > 1:
         positions = kwargs.get("position_ids")
-        if positions is not None and bool((positions.diff(dim=-1) != 1).any()):
-            raise NotImplementedError("packed sequences (position_ids restarting inside a row) need document masking, "
-                                      "which kpro attention does not have; pass an attention_mask instead")
+        if positions is not None:
+            packed = ("packed sequences (position_ids restarting inside a row) need document masking, which kpro "
+                      "attention does not have; pass an attention_mask instead")
+            if torch.compiler.is_compiling():  # transformers masks the documents there too; no value read (graph break)
+                torch._assert_async((positions.diff(dim=-1) == 1).all(), packed)
+            elif bool((positions.diff(dim=-1) != 1).any()):
+                raise NotImplementedError(packed)
+    query, key, value = autocast_inputs(query, key, value)
     out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                         attention_mask=mask, scale=scaling)
     return out, None
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v as autocast gives them to scaled_dot_product_attention (what the stock model calls): in the
+    autocast dtype where autocast is on. Under bf16 autocast transformers' RoPE hands over float32 queries and keys
+    (bf16 projections times float32 cos/sin) with bf16 values."""
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    cast = (torch.float32, torch.float16, torch.bfloat16)  # as autocast casts: float64 stays
+    return tuple(t.to(dtype) if t.dtype in cast else t for t in tensors)
 
 
 def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, causal: bool) -> torch.Tensor | None:
@@ -298,6 +341,7 @@ def train_only(model: nn.Module, block_ids: Iterable[int] | None, recompute_froz
     _check_recompute_flag(recompute_frozen)
     layers = decoder_layers(model)
     ids = _check_block_ids(block_ids, len(layers))
+    _check_no_accelerate_hooks(model, layers, "train_only")
     for layer in layers:
         _set_runner(layer, None)
     if ids is None or len(ids) == len(layers):
@@ -318,7 +362,7 @@ def _set_runner(layer: nn.Module, runner) -> None:
         del layer.forward  # our instance forward: the class's applies again
         layer._kpro_runner = None
     if runner is not None:
-        layer.forward = types.MethodType(runner, layer)
+        layer.forward = bound(runner, layer)
         layer._kpro_runner = runner.__name__
 
 
@@ -352,6 +396,11 @@ def run_recomputed(self, hidden_states, *args, **kwargs):
     if (not torch.is_grad_enabled() or not hidden_states.requires_grad or kwargs.get("use_cache")
             or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None):
         return type(self).forward(self, hidden_states, *args, **kwargs)  # evaluation or decoding: nothing to save
+    if getattr(self, "gradient_checkpointing", False) and self.training:
+        # transformers' gradient checkpointing (the class's forward) already keeps only the input and runs the layer
+        # again in the backward. Inside our backward it would run a third time, or, with use_reentrant=True, fail
+        # in torch.autograd.grad: let it do the recomputing alone.
+        return type(self).forward(self, hidden_states, *args, **kwargs)
     context = _ForwardContext.capture(hidden_states.device.type)
     return _RecomputedLayer.apply(hidden_states, self, args, kwargs, context)
 
