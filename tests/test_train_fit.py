@@ -160,6 +160,27 @@ def test_resume_with_a_plain_iterable_fast_forwards(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
 
 
+def test_a_plain_iterable_drawing_from_the_global_rng_resumes_exactly(tmp_path):
+    """A generator drawing each batch from the global RNG, and a DataLoader shuffled by it: the fast-forward
+    re-makes the steps done from the state the first session began with, then the checkpoint's state goes on."""
+    rows = torch.randint(3, 60, (16, 8), generator=torch.Generator().manual_seed(0))
+
+    def drawn():
+        while True:
+            ids = torch.randint(3, 60, (4, 8))
+            yield {"input_ids": ids, "labels": ids}
+
+    def shuffled():
+        return torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in rows], batch_size=4, shuffle=True)
+
+    for name, data in (("drawn", drawn), ("shuffled", shuffled)):
+        for out, sessions in ((tmp_path / f"{name}-straight", [[]]), (tmp_path / f"{name}-resumed", [[StopAt(2)], []])):
+            for stop in sessions:
+                torch.manual_seed(0)  # the script seeds, builds its model and data, and calls fit
+                kt.fit(make_model(), data(), out, steps=4, lr=1e-2, callbacks=[Internalize(), *stop])
+        assert losses(tmp_path / f"{name}-resumed") == losses(tmp_path / f"{name}-straight"), name
+
+
 def test_resuming_a_plain_iterable_shorter_than_the_steps_done_is_named(tmp_path):
     data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(4)]
     kt.fit(make_model(), data, tmp_path, steps=4)

@@ -24,7 +24,8 @@ from torch import nn
 from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, load_callback_states
-from .checkpointing import checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import (checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
+                            save_checkpoint, set_rng_state)
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -133,11 +134,21 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else None,
                 "clip_grad_norm": clip_grad_norm, "precision": _precision(precision, model),
                 "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))}
+    fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
+    start_rng = rng_state() if fast_forward else None
     if checkpoint is not None:
         _resume(run, checkpoint, batches, callbacks, settings)
-    data = iter(batches)
-    if checkpoint is not None and not hasattr(batches, "load_state_dict"):
+    if fast_forward:
+        # A plain iterable may draw from the global RNGs (a shuffling DataLoader when iterated, a generator at
+        # each batch): it re-makes the batches of the steps done from the state the first session began with,
+        # as that session did, and only then does the run take the checkpoint's RNG states.
+        resumed_rng = rng_state()
+        set_rng_state(start_rng)
+        data = iter(batches)
         _skip_consumed(data, run.step)
+        set_rng_state(resumed_rng)
+    else:
+        data = iter(batches)
 
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=run.step) if env.is_main else None
     progress = ProgressLine(steps, run.step, stream=stream, every=log_every) if env.is_main else None
