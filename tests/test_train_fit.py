@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import pytest
 import torch
@@ -200,6 +201,45 @@ def test_metrics_file_drops_steps_no_checkpoint_kept(tmp_path):
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time"}
     sixth = [b for _, b in zip(range(6), batches())][-1]
     assert record["tokens"] == sixth["attention_mask"].sum().item()  # real tokens of the global batch
+
+
+def test_states_a_checkpoint_cannot_load_back_are_refused_before_they_are_saved(tmp_path):
+    """trainer_state.pt is read with torch.load(weights_only=True): a NumPy number saved in it made every
+    checkpoint of the run unresumable, found out only on resume. Refused when given, naming the entry."""
+    import numpy as np
+
+    class Holds(kt.Callback):
+        def __init__(self, value, from_step=0):
+            self.value, self.from_step, self.step = value, from_step, 0
+
+        def on_step_end(self, run, metrics):
+            self.step = run.step
+
+        def state_dict(self):
+            return {"ok": [1, 2.5, "x", torch.ones(2)], "v": self.value if self.step >= self.from_step else 0}
+
+        def load_state_dict(self, state):
+            self.value = state["v"]
+
+    class Logs(kt.Callback):
+        def on_step_end(self, run, metrics):
+            metrics["acc"] = np.mean([1, 0, 1])  # an np.float64: a float to json, not to the checkpoint loader
+
+    with pytest.raises(TypeError, match=r"Holds#2's state_dict\(\)\['v'\] is a numpy.float32, which a "
+                                        r"checkpoint cannot hold \(.*weights_only"):
+        kt.fit(make_model(), batches(), tmp_path / "a", steps=2, callbacks=[Holds(1), Holds(np.float32(0.5))])
+    assert kt.read_metrics(tmp_path / "a" / "metrics.jsonl") == []  # before the first step
+    with pytest.raises(TypeError, match=r"\.Holds's state_dict\(\)\['v'\] is a fractions.Fraction"):
+        kt.fit(make_model(), batches(), tmp_path / "b", steps=3, callbacks=[Holds(Fraction(1, 3), from_step=2)])
+    assert [p.name for p in kt.list_checkpoints(tmp_path / "b")] == []
+    with pytest.raises(TypeError, match=r"Logs.on_step_end at step 1: metrics\['acc'\] is a numpy.float64; log Python "
+                                        r"numbers"):
+        kt.fit(make_model(), batches(), tmp_path / "c", steps=2, callbacks=[Logs()])
+    model = make_model()
+    with pytest.raises(TypeError, match=r"the state given to save_checkpoint\['data'\]\['rng'\]\[1\] is a numpy.ndarray"):
+        kt.save_checkpoint(tmp_path / "d", 1, model, kt.adamw(model), {"data": {"rng": np.random.get_state()}})
+    run = kt.fit(make_model(), batches(), tmp_path / "e", steps=1, callbacks=[Holds({1, 2}), Holds(torch.float16)])
+    assert run.step == 1  # what the loader takes (sets, dtypes, tensors, OrderedDicts...) is saved as before
 
 
 def test_keep_last_and_summary(tmp_path):

@@ -15,6 +15,8 @@ in progress), `model`, `optimizer`, `total_steps`, and takes requests: `reset_op
 """
 from __future__ import annotations
 
+from .checkpointing import check_loadable
+
 
 class Callback:
     def on_fit_start(self, run) -> None:
@@ -50,7 +52,29 @@ def callback_keys(callbacks) -> list[str]:
 
 
 def callback_states(callbacks) -> dict:
-    return {key: cb.state_dict() for key, cb in zip(callback_keys(callbacks), callbacks) if hasattr(cb, "state_dict")}
+    """The callbacks' states, by `callback_keys`; one a checkpoint could not load back is refused, naming it."""
+    states = {key: cb.state_dict() for key, cb in zip(callback_keys(callbacks), callbacks) if hasattr(cb, "state_dict")}
+    for key, state in states.items():
+        check_loadable(state, f"callback {key}'s state_dict()")
+    return states
+
+
+def check_metrics(metrics: dict, what: str) -> None:
+    """A step's metrics go to metrics.jsonl and, the last ones, into checkpoints: Python numbers, strings,
+    None, and lists and dicts of them only (a tensor is no JSON, a NumPy float no checkpoint can load back)."""
+    def check(value, where):
+        if type(value) in (list, dict):
+            for key, item in (value.items() if type(value) is dict else enumerate(value)):
+                if type(value) is dict and type(key) is not str:
+                    raise TypeError(f"{what}: {where} has the key {key!r}, not a string (metrics.jsonl is JSON)")
+                check(item, f"{where}[{key!r}]")
+        elif type(value) not in (type(None), bool, int, float, str):
+            kind = type(value).__qualname__ if type(value).__module__ == "builtins" else \
+                f"{type(value).__module__}.{type(value).__qualname__}"
+            raise TypeError(f"{what}: {where} is a {kind}; log Python numbers, strings, and lists and dicts of them "
+                            "(float(x), x.item() for a tensor, x.tolist())")
+    for key, value in metrics.items():
+        check(value, f"metrics[{key!r}]")
 
 
 def load_callback_states(callbacks, states: dict) -> None:

@@ -15,6 +15,7 @@ temporary directory, which is ignored and removed by the next save.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -92,6 +93,38 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- save
 
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def check_loadable(value, what: str) -> None:
+    """Refuse, naming the entry, what `torch.save` writes into trainer_state.pt but `torch.load(weights_only=True)`
+    cannot read back (a NumPy scalar or array, a Fraction, a Path, an object of your own): every checkpoint of
+    the run would be found unresumable only when it is needed."""
+    if type(value) in _PLAIN or isinstance(value, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return
+    if type(value) in (list, tuple, set, dict):
+        for key, item in (value.items() if type(value) is dict else enumerate(value)):
+            if type(value) is dict:
+                check_loadable(key, f"a key of {what}")
+            check_loadable(item, f"{what}[{key!r}]" if type(value) is not set else f"an item of {what}")
+        return
+    buffer = io.BytesIO()  # anything else: as the loader takes it (torch.serialization.add_safe_globals included)
+    try:
+        torch.save(value, buffer)
+    except Exception as err:
+        problem = f"it cannot be saved: {str(err).splitlines()[0][:200]}"
+    else:
+        try:
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+            return
+        except Exception:
+            problem = "checkpoints are read back with torch.load(weights_only=True), which refuses it"
+    kind = type(value).__qualname__ if type(value).__module__ == "builtins" else \
+        f"{type(value).__module__}.{type(value).__qualname__}"
+    raise TypeError(f"{what} is a {kind}, which a checkpoint cannot hold ({problem}); save tensors, Python numbers "
+                    "and strings, and lists, tuples and dicts of them (float(x), x.item(), x.tolist(), torch.from_numpy(x))")
+
 def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Every state-dict tensor's full shape (a sharded parameter reports its unsharded shape)."""
     return {name: list(t.shape) for name, t in model.state_dict().items()}
@@ -107,6 +140,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     checkpoint is put in place. A collective: every process calls it; rank 0 writes.
     """
     env = env or distributed.current_env()
+    check_loadable(state or {}, "the state given to save_checkpoint")
     full_model = distributed.full_model_state(model)
     full_optim = distributed.full_optimizer_state(model, optimizer, env)
     state = {**(state or {}), "format": FORMAT, "step": step, "world_size": env.world_size,

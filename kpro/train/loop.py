@@ -23,9 +23,9 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from . import distributed
-from .callbacks import Callback, callback_states, load_callback_states
-from .checkpointing import (checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
-                            save_checkpoint, set_rng_state)
+from .callbacks import Callback, callback_states, check_metrics, load_callback_states
+from .checkpointing import (check_loadable, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
+                            rng_state, save_checkpoint, set_rng_state)
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -158,12 +158,19 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     device = next(model.parameters()).device
     per_process = bool(getattr(batches, "per_process", False))
 
+    def data_state():
+        if not hasattr(batches, "state_dict"):
+            return {"steps": run.step}
+        state = batches.state_dict()
+        check_loadable(state, f"{type(batches).__name__}.state_dict()")
+        return state
+
     def save():
         def write_extra(directory):
             for cb in callbacks:
                 cb.on_save(run, directory)
         state = {"callbacks": callback_states(callbacks), "metrics": run.metrics, "settings": settings,
-                 "data": batches.state_dict() if hasattr(batches, "state_dict") else {"steps": run.step}}
+                 "data": data_state()}
         run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
                                          summary={"metrics": run.metrics, "total_steps": steps}, write_extra=write_extra)
         run._save_requested = False
@@ -173,6 +180,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
         try:
             for cb in callbacks:
                 cb.on_fit_start(run)
+            callback_states(callbacks), data_state()  # states a checkpoint cannot load back: refused before training
             while run.step < steps:
                 try:
                     batch = next(data)
@@ -192,6 +200,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                                "step_time": round(step_time, 6), "tokens_per_s": round(tokens / step_time, 1)}
                 for cb in callbacks:
                     cb.on_step_end(run, run.metrics)
+                    check_metrics(run.metrics, f"{type(cb).__qualname__}.on_step_end at step {run.step}")
                 if env.is_main:
                     metrics_log.write(run.metrics)
                     progress.update(run.step, loss, lr_now, tokens)
