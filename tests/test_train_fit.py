@@ -242,6 +242,15 @@ def test_states_a_checkpoint_cannot_load_back_are_refused_before_they_are_saved(
     assert run.step == 1  # what the loader takes (sets, dtypes, tensors, OrderedDicts...) is saved as before
 
 
+def test_resuming_a_run_past_the_steps_asked_is_refused(tmp_path):
+    kt.fit(make_model(), batches(), tmp_path, steps=4, save_every=2)
+    with pytest.raises(kpro.CheckpointError, match=r"step-00000004 is at step 4, past steps=3: pass steps=4 or more"):
+        kt.fit(make_model(), batches(), tmp_path, steps=3)  # it returned the model of step 4, at 'step 4/3'
+    with pytest.raises(kpro.CheckpointError, match=r"step-00000002 is at step 2, past steps=1"):
+        kt.fit(make_model(), batches(), tmp_path / "b", steps=1, resume=tmp_path / "step-00000002")
+    assert kt.fit(make_model(), batches(), tmp_path, steps=4).step == 4  # a finished run, again: nothing to do
+
+
 def test_keep_last_and_summary(tmp_path):
     kt.fit(make_model(), batches(), tmp_path, steps=8, save_every=2, keep_last=2)
     assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000006", "step-00000008"]

@@ -236,6 +236,11 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> N
     other. More (or fewer) total steps are allowed, which extends the run; a schedule that decays to its
     last step then decays to the new one.
     """
+    done = checkpoint_step(checkpoint)
+    if done > run.total_steps:  # nothing would train, and the model of another step than asked would come back
+        raise CheckpointError(f"{checkpoint} is at step {done}, past steps={run.total_steps}: pass steps={done} or "
+                              f"more to continue that run (steps={done}: it is done), or resume an earlier checkpoint "
+                              "(resume=PATH) into another directory")
     asked = _hyperparameters(run.optimizer)
     state = load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
     # Checkpoints written before (some) settings were saved, and schedules that are not a Schedule: unchecked.
