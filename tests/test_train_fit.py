@@ -448,6 +448,23 @@ def test_other_bad_arguments(tmp_path):
         kt.fit(make_model(), batches(), tmp_path / "c", steps=2)  # Internalize's saved state has no taker
 
 
+def test_bookkeeping_arguments_are_checked_before_anything_runs(tmp_path):
+    """log_every=0 fell back to the default and -2 meant 2, a bool passed for 1 (save_every=True saved every step),
+    resume=1 died in pathlib, and an out_dir that is a file in mkdir's 'File exists'."""
+    for name, value in [("log_every", 0), ("log_every", -2), ("log_every", True), ("log_every", 2.5),
+                        ("save_every", True), ("keep_last", True), ("grad_accum", True)]:
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer.*got {value!r}"):
+            kt.fit(make_model(), batches(), tmp_path / "a", steps=2, **{name: value})
+    with pytest.raises(TypeError, match="resume must be True, False or the path of a checkpoint, got 1"):
+        kt.fit(make_model(), batches(), tmp_path / "a", steps=2, resume=1)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="out_dir .*file is a file, not a run directory"):
+        kt.fit(make_model(), batches(), tmp_path / "file", steps=2)
+    with pytest.raises(ValueError, match="every must be a positive integer or None"):
+        kt.ProgressLine(10, every=0)
+
+
 def test_progress_line_on_a_terminal_and_in_a_log():
     class Tty(list):
         def write(self, s):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -115,7 +116,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     env = distributed.init_distributed()
     out_dir = Path(out_dir)
     steps = _total_steps(steps, batches)
-    _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last)
+    _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last, log_every,
+                resume, out_dir)
     _check_partial_batch(batches, env.world_size * grad_accum)
     _check_same_data(batches, env)
     if isinstance(schedule, str):
@@ -438,23 +440,34 @@ def _check_same_data(batches, env: distributed.DistEnv) -> None:
                          "(same examples, seed and position): fit gives each process its rows of them")
 
 
-def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_every, keep_last) -> None:
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1  # a bool is no count
+
+
+def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_every, keep_last, log_every=None,
+                resume=True, out_dir=None) -> None:
     if optimizer is not None and (lr is not None or weight_decay):
         raise ValueError("lr and weight_decay configure the default AdamW; with an optimizer factory, set them there")
     if optimizer is not None and not callable(optimizer):
         raise TypeError("optimizer must be a function model -> torch.optim.Optimizer (fit calls it again to reset it)")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if not isinstance(grad_accum, int) or grad_accum < 1:
+    if not _positive_int(grad_accum):
         raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip_grad_norm must be positive or None, got {clip!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
+    if save_every is not None and not _positive_int(save_every):
         raise ValueError(f"save_every must be a positive integer or None, got {save_every!r}")
-    if not isinstance(keep_last, int) or keep_last < 1:
+    if not _positive_int(keep_last):
         raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
+    if log_every is not None and not _positive_int(log_every):  # 0 fell back to the default, -2 meant 2
+        raise ValueError(f"log_every must be a positive integer or None (every 5% of the run), got {log_every!r}")
+    if not isinstance(resume, (bool, str, os.PathLike)) and resume is not None:
+        raise TypeError(f"resume must be True, False or the path of a checkpoint, got {resume!r}")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} is a file, not a run directory")
 
 
 def _check_schedule_covers(schedule, steps: int) -> None:

@@ -57,7 +57,9 @@ class ProgressLine:
     def __init__(self, total_steps: int, start_step: int = 0, *, stream=None, every: int | None = None):
         self.total, self.start_step = total_steps, start_step
         self.line = StatusLine(sys.stdout if stream is None else stream)
-        self.every = every or max(1, (total_steps - start_step) // 20)
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive integer or None (every 5% of the steps), got {every!r}")
+        self.every = every if every is not None else max(1, (total_steps - start_step) // 20)
         self.start = time.perf_counter()
         self.tokens = 0
 
