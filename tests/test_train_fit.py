@@ -236,7 +236,7 @@ def test_states_a_checkpoint_cannot_load_back_are_refused_before_they_are_saved(
                                         r"numbers"):
         kt.fit(make_model(), batches(), tmp_path / "c", steps=2, callbacks=[Logs()])
     model = make_model()
-    with pytest.raises(TypeError, match=r"the state given to save_checkpoint\['data'\]\['rng'\]\[1\] is a numpy.ndarray"):
+    with pytest.raises(TypeError, match=r"save_checkpoint\['data'\]\['rng'\]\[1\] is a numpy.ndarray"):
         kt.save_checkpoint(tmp_path / "d", 1, model, kt.adamw(model), {"data": {"rng": np.random.get_state()}})
     run = kt.fit(make_model(), batches(), tmp_path / "e", steps=1, callbacks=[Holds({1, 2}), Holds(torch.float16)])
     assert run.step == 1  # what the loader takes (sets, dtypes, tensors, OrderedDicts...) is saved as before
@@ -530,6 +530,20 @@ def test_rewinding_into_a_run_with_newer_checkpoints_is_refused(tmp_path):
     assert run.step == 4 and losses(tmp_path / "rewound") == losses(tmp_path)[2:]
     with pytest.raises(kpro.CheckpointError, match="not a training checkpoint"):
         kt.fit(make_model(), batches(), tmp_path / "x", steps=4, resume=tmp_path)
+
+
+def test_a_checkpoint_of_another_directory_does_not_mix_with_this_one(tmp_path):
+    """Its steps were kept in this directory's metrics.jsonl beside lines of this directory's own run (steps 1-3 of
+    one run, then 5 and 6 of the other), and its checkpoints beside this directory's."""
+    kt.fit(make_model(), batches(seed=7), tmp_path / "y", steps=4, save_every=4)
+    kt.fit(make_model(seed=1), batches(), tmp_path / "x", steps=6, save_every=2, callbacks=[StopAt(3)])
+    with pytest.raises(kpro.CheckpointError, match=r"x holds checkpoints of its own \(step-00000002, step-00000003\); "
+                                                    r"to continue .*y/step-00000004 there would mix two runs"):
+        kt.fit(make_model(), batches(seed=7), tmp_path / "x", steps=6, resume=tmp_path / "y" / "step-00000004")
+    for checkpoint in kt.list_checkpoints(tmp_path / "x"):  # a run that died before its first checkpoint
+        os.rename(checkpoint, tmp_path / checkpoint.name)
+    kt.fit(make_model(), batches(seed=7), tmp_path / "x", steps=6, resume=tmp_path / "y" / "step-00000004")
+    assert [s for s, _ in losses(tmp_path / "x")] == [5, 6]
 
 
 def test_one_model_per_process_is_refused():

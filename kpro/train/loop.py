@@ -152,7 +152,9 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     else:
         data = iter(batches)
 
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=run.step) if env.is_main else None
+    # A checkpoint of another directory has its history there: this directory's lines are of no step of it.
+    kept = run.step if checkpoint is not None and _inside(checkpoint, out_dir) else 0
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=kept) if env.is_main else None
     progress = ProgressLine(steps, run.step, stream=stream, every=log_every) if env.is_main else None
     if env.is_main and checkpoint is not None:
         print(f"resumed from {checkpoint} at step {run.step}/{steps}", file=sys.stdout if stream is None else stream)
@@ -503,11 +505,20 @@ def _checkpoint_to_resume(out_dir: Path, resume) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint to resume from does not exist: {path}")
+    own = [p.name for p in list_checkpoints(out_dir)]
+    if own and not _inside(path, out_dir):  # they, and their metrics, would mix with this run
+        raise CheckpointError(f"{out_dir} holds checkpoints of its own ({', '.join(own)}); to continue {path} there "
+                              "would mix two runs: resume it into another directory, or pass resume=True to continue "
+                              "the run of this one")
     newer = [p.name for p in list_checkpoints(out_dir) if checkpoint_step(p) > checkpoint_step(path)]
     if newer:  # they belong to the run being rewound: a later resume=True would pick them up
         raise CheckpointError(f"{out_dir} holds checkpoints newer than {path.name} ({', '.join(newer)}); to rewind "
                               "to it, move those away first, or resume into another directory")
     return path
+
+
+def _inside(checkpoint: Path, out_dir: Path) -> bool:
+    return Path(checkpoint).resolve().parent == Path(out_dir).resolve()
 
 
 class _InterruptToStop:
