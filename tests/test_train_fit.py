@@ -190,6 +190,14 @@ def test_resuming_a_plain_iterable_shorter_than_the_steps_done_is_named(tmp_path
         kt.fit(make_model(), iter(data[:2]), tmp_path, steps=6)
 
 
+def test_resuming_a_plain_iterable_run_with_batches_is_named(tmp_path):
+    data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(4)]
+    kt.fit(make_model(), data, tmp_path, steps=4, callbacks=[StopAt(2)])
+    with pytest.raises(ValueError, match=r"the checkpoint's data position is not a Batches' \({'steps': 2}\): the run "
+                                         r"took its batches from another kind of source"):  # was KeyError: 'seed'
+        kt.fit(make_model(), batches(), tmp_path, steps=4)
+
+
 def test_metrics_file_drops_steps_no_checkpoint_kept(tmp_path):
     kt.fit(make_model(), batches(), tmp_path, steps=6, save_every=2, callbacks=[StopAt(5)])
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]

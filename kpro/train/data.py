@@ -178,6 +178,10 @@ class Batches:
         same number of other examples) is refused. A digest missing on either side (an older checkpoint,
         examples without a stable content) leaves the content unchecked."""
         mine = self.state_dict()
+        if not isinstance(state, dict) or not {"seed", "batch_size", "num_examples", "shuffle", "epoch", "index"} \
+                <= set(state):
+            raise ValueError(f"cannot resume these batches: the checkpoint's data position is not a Batches' "
+                             f"({state!r:.120}): the run took its batches from another kind of source; resume with it")
         for key in ("seed", "batch_size", "num_examples", "shuffle"):
             if state[key] != mine[key]:
                 raise ValueError(f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, "
