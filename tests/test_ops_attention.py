@@ -275,6 +275,33 @@ def test_a_nan_reaches_only_the_gradients_of_what_its_rows_touch(backend, device
                 assert not grad[0, :, 0].isnan().any(), f"{name} of the other head"
 
 
+@pytest.mark.parametrize("backend, device", [backend_devices()[0], backend_devices()[2]])  # torch, CPU and CUDA
+@pytest.mark.parametrize("mode", NAN_MODES)
+def test_a_nan_reaches_the_gradients_of_what_its_rows_touch(backend, device, mode):
+    """The other half of the rule: a NaN loss never comes with finite gradients. dQ is NaN in exactly the
+    rows that see the NaN, dK and dV at exactly the keys those rows see (the torch backend zeroes NaN
+    inputs before SDPA, which cut these paths: the loss was NaN, every gradient finite)."""
+    causal, prefix_lens, key_mask, sees, *base, dout = nan_case(mode, seed=1)
+    for which in range(3):
+        for pos in (0, 12, 17):
+            ins = [x.clone() for x in base]
+            ins[which][0, pos, 1, 3] = float("nan")
+            ins = [x.to(device).requires_grad_() for x in ins]
+            with ops.backend(backend):
+                out = ops.attention(*ins, causal=causal,
+                                    prefix_lens=None if prefix_lens is None else prefix_lens.to(device),
+                                    attention_mask=None if key_mask is None else key_mask.to(device))
+            out.backward(dout.to(device))
+            nan_rows = out[0, :, 1].isnan().any(-1).cpu()
+            touched = sees[nan_rows].any(0)
+            for name, grad, expected in (("dq", ins[0].grad, nan_rows), ("dk", ins[1].grad, touched),
+                                         ("dv", ins[2].grad, touched)):
+                got = grad[0, :, 1].isnan().all(-1).cpu()
+                assert torch.equal(got, expected), \
+                    f"{'qkv'[which]} NaN at {pos}: {name} NaN at {got.nonzero().flatten().tolist()}"
+                assert not grad[0, :, 0].isnan().any()
+
+
 @pytest.mark.parametrize("make_mask", [
     lambda m: m.bool(), lambda m: m.long(), lambda m: m.int(), lambda m: m.to(torch.uint8),
 ], ids=["bool", "int64", "int32", "uint8"])

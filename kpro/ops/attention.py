@@ -127,16 +127,47 @@ def attention_reference(q, k, v, causal=True, prefix_lens=None, attention_mask=N
     SDPA's kernels do not keep the NaN rule: a NaN or infinite key or value that a row does not see
     reaches it through 0 · NaN, 0 · inf or a NaN score plus -inf, and some of them turn a NaN query row
     into zeros. So where an input holds a NaN or an infinity, SDPA runs on the inputs with those rows
-    zeroed, and the rows that see one are set to NaN after (`rows_seeing_nan`). On the CPU in eager mode,
-    inputs whose sums are finite (no NaN or infinity anywhere; one fast reduction each) take SDPA alone;
-    elsewhere the zeroing always runs, which needs no device sync."""
+    zeroed, and the rows that see one are set to NaN after (`rows_seeing_nan`); zeroing cuts the NaN's way
+    into the gradients too, so `with_nan_gradients` puts it back where the rule says it goes. On the CPU
+    in eager mode, inputs whose sums are finite (no NaN or infinity anywhere; one fast reduction each) take
+    SDPA alone; elsewhere the zeroing always runs, which needs no device sync."""
     if finite_on_cpu(q, k, v):
         return _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
     nan_q = ~q.isfinite().all(-1)  # [B, Tq, Hq]
     nan_kv = ~(k.isfinite().all(-1) & v.isfinite().all(-1))  # [B, Tk, Hkv]
-    q, k, v = q.masked_fill(nan_q[..., None], 0), k.masked_fill(nan_kv[..., None], 0), v.masked_fill(nan_kv[..., None], 0)
-    out = _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
-    return out.masked_fill(rows_seeing_nan(nan_q, nan_kv, causal, prefix_lens, attention_mask)[..., None], float("nan"))
+    clean = (x.masked_fill(nan[..., None], 0) for x, nan in ((q, nan_q), (k, nan_kv), (v, nan_kv)))
+    out = _sdpa(*clean, causal, prefix_lens, attention_mask, scale)
+    bad = rows_seeing_nan(nan_q, nan_kv, causal, prefix_lens, attention_mask)
+    return with_nan_gradients(out, bad, q, k, v, causal, prefix_lens, attention_mask)
+
+
+def with_nan_gradients(out, bad, q, k, v, causal: bool, prefix_lens=None, attention_mask=None) -> torch.Tensor:
+    """`out` with the rows `bad` [B, Tq, Hq] set to NaN, whose backward gives NaN to the queries of those rows
+    and to the keys and values they see (the NaN rule), and what `out` gives everywhere else. A NaN row
+    set with masked_fill has no gradient at all: a NaN loss came with finite gradients. Here each NaN row is
+    a sum over its query and the keys and values its group sees, each multiplied by NaN where selected
+    (torch.where selects, so 0 · NaN never reaches the others). Cheap: one sum over the head dimension each."""
+    batch, tq, hq = bad.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    bad_kv = bad.view(batch, tq, hkv, hq // hkv).any(-1)  # [B, Tq, Hkv]
+    if causal:  # a row sees the keys before its end; the group's NaN rows together, those before the last end
+        ends = torch.arange(tq, device=q.device) + (tk - tq + 1)
+        if prefix_lens is not None:
+            ends = torch.maximum(ends[None, :], prefix_lens.to(q.device)[:, None])
+        ends = torch.where(bad_kv, ends.expand(batch, tq)[:, :, None], 0)
+        reach = torch.cat((ends, ends.new_zeros(batch, 1, hkv)), 1).amax(1)  # [B, Hkv]; 0 without NaN rows
+        seen = torch.arange(tk, device=q.device)[None, :, None] < reach[:, None, :]
+    else:
+        seen = bad_kv.any(1, keepdim=True).expand(batch, tk, hkv)
+    if attention_mask is not None:
+        seen = seen & attention_mask.to(device=q.device, dtype=torch.bool)[:, :, None]
+
+    def poisoned(x, rows):  # [B, T, H]: NaN where `rows`, 0 elsewhere; the gradient NaN where `rows`, 0 elsewhere
+        nan = torch.zeros(rows.shape, dtype=x.dtype, device=x.device).masked_fill(rows, float("nan"))
+        return torch.where(rows, x.sum(-1) * nan, 0)
+
+    kv = (poisoned(k, seen) + poisoned(v, seen)).sum(1).repeat_interleave(hq // hkv, dim=1)  # [B, Hq]
+    return torch.where(bad[..., None], (poisoned(q, bad) + kv[:, None, :])[..., None], out)
 
 
 def finite_on_cpu(*tensors) -> bool:
