@@ -103,6 +103,13 @@ def select(op: str, x: torch.Tensor) -> str:
     return name
 
 
+def no_autocast(t: torch.Tensor):
+    """Inside an op's implementation: run in the dtypes it is given. The torch backends call PyTorch ops that
+    autocast would otherwise run in half precision (linalg.vecdot, matmuls) when the op, or its backward,
+    is called inside an autocast block."""
+    return torch.autocast(t.device.type, enabled=False) if t.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def unavailable_reason(name: str, op: str, x: torch.Tensor) -> str | None:
     """Why backend `name` cannot run `op` on tensors like `x`, or None if it can."""
     if name not in IMPLEMENTED[op]:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import kernels, select
+from .backend import kernels, no_autocast, select
 from .rms_norm import accumulation_dtype
 
 IGNORE_INDEX = -100
@@ -175,7 +175,7 @@ def _kernels(backend: str):
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse), [N] each in the accumulation dtype; both 0 on ignored rows. hidden [N, d], labels [N]."""
-    with _no_autocast(hidden):
+    with no_autocast(hidden):  # the entry point already applied autocast
         return _kernels(backend).forward(hidden, weight, labels, ignore_index)
 
 
@@ -190,7 +190,7 @@ def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, wei
                                   lse: torch.Tensor, ignore_index: int, hidden_grad: bool, weight_grad: bool,
                                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dhidden, dweight); each an empty tensor when not asked for."""
-    with _no_autocast(hidden):
+    with no_autocast(hidden):  # the entry point already applied autocast
         dh, dw = _kernels(backend).backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad)
     return (dh if dh is not None else hidden.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
 
@@ -199,11 +199,6 @@ def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, wei
 def _(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad, backend):
     return (hidden.new_empty(hidden.shape) if hidden_grad else hidden.new_empty(0),
             weight.new_empty(weight.shape) if weight_grad else weight.new_empty(0))
-
-
-def _no_autocast(t: torch.Tensor):
-    """The matmuls inside run in the dtypes they are given (the entry point already applied autocast)."""
-    return torch.autocast(t.device.type, enabled=False)
 
 
 def _setup_context(ctx, inputs, output):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import kernels, select
+from .backend import kernels, no_autocast, select
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,7 +74,8 @@ def _kernels(backend: str):
 @torch.library.custom_op("kpro::rms_norm_forward", mutates_args=())
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd): y like x, rstd [x.shape[:-1]] in the accumulation dtype."""
-    return _kernels(backend).forward(x, weight, eps)
+    with no_autocast(x):
+        return _kernels(backend).forward(x, weight, eps)
 
 
 @rms_norm_forward.register_fake
@@ -86,7 +87,8 @@ def _(x, weight, eps, backend):  # every backend returns contiguous tensors
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                       weight_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw); dw is an empty tensor when weight_grad is False."""
-    dx, dw = _kernels(backend).backward(dy, x, weight, rstd, weight_grad)
+    with no_autocast(x):  # the torch backward's vecdot would run in bf16 under a CPU autocast block
+        dx, dw = _kernels(backend).backward(dy, x, weight, rstd, weight_grad)
     return dx, (dw if dw is not None else weight.new_empty(0))
 
 
