@@ -245,3 +245,44 @@ def test_bitune_compiles_at_changing_lengths():
                 torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(Exception, match="split the batch before the compiled call"):
         compiled(ids, torch.tensor(prompt_lens), mask)
+
+
+def _one_call_of_each_op(q):
+    """Each op as a function of one tensor q [1, 3, 2, 8] (the others fixed), to a scalar."""
+    gen = torch.Generator().manual_seed(0)
+    w, head, labels = torch.randn(8, generator=gen), torch.randn(11, 8, generator=gen), torch.tensor([1, 4, 9])
+    kv = torch.randn(2, 1, 3, 2, 8, generator=gen)
+    return {
+        "rms_norm": lambda t: ops.rms_norm(t, w).sum(),
+        "swiglu": lambda t: ops.swiglu(t, q).sum(),
+        "swiglu_packed": lambda t: ops.swiglu_packed(t).sum(),
+        "attention": lambda t: ops.attention(t, q, q).sum(),
+        "bitune_attention": lambda t: ops.bitune_attention(
+            kv, kv, kv, t, q, q, torch.tensor(0.5), torch.tensor(0.5), torch.tensor([3]), torch.tensor([3]))[1].sum(),
+        "linear_cross_entropy": lambda t: ops.linear_cross_entropy(t[0, :, 0], head, labels),
+    }
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_function_transforms_and_forward_mode_ad_are_refused_by_name(name):
+    """torch.func's grad/vjp raised a message about autograd.Function's setup_context, and forward-mode AD
+    (torch.func.jvp, torch.autograd.forward_ad) returned a zero or missing tangent: the custom ops have a
+    reverse-mode backward only. Each is refused naming the op; torch.vmap still runs them. (The torch backend
+    of the two attention ops is plain PyTorch, where torch.func is PyTorch's own business.)"""
+    import torch.autograd.forward_ad as forward_ad
+
+    q = torch.randn(1, 3, 2, 8)
+    with ops.backend(name):
+        for op, fn in _one_call_of_each_op(q).items():
+            if name == "torch" and op in ("attention", "bitune_attention"):
+                continue
+            for transform in (lambda: torch.func.grad(fn)(q), lambda: torch.func.vjp(fn, q),
+                              lambda: torch.func.jvp(fn, (q,), (torch.ones_like(q),))):
+                with pytest.raises(BackendError, match=f"^{op}: torch.func.grad"):
+                    transform()
+            with forward_ad.dual_level(), pytest.raises(BackendError, match=f"^{op}: forward-mode AD"):
+                fn(forward_ad.make_dual(q, torch.ones_like(q)))
+        with forward_ad.dual_level():  # a dual level without dual inputs is no concern of the ops
+            assert torch.allclose(ops.rms_norm(q, torch.ones(8)), ops.rms_norm(q, torch.ones(8)))
+        batched = torch.vmap(lambda t: ops.rms_norm(t, torch.ones(8)))(q)
+        assert torch.allclose(batched, ops.rms_norm(q, torch.ones(8)), atol=1e-6)

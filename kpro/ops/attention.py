@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import kernels, select
+from .backend import kernels, refuse_function_transforms, select
 
 
 MASK_RULE = "bool or 0/1 integers, 1 = real token, 0 = padding"
@@ -237,6 +237,7 @@ def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=Non
     backend = select("attention", q)
     if backend == "torch":  # plain PyTorch autograd: SDPA saves what it needs, torch.compile traces it
         return attention_reference(q, k, v, causal, prefix_lens, attention_mask, scale)
+    refuse_function_transforms("attention", q, k, v)
     return torch.ops.kpro.attention_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)[0]
 
 

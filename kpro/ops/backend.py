@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .errors import BackendError
 
@@ -101,6 +102,31 @@ def select(op: str, x: torch.Tensor) -> str:
     if reason is not None:
         raise BackendError(f"{op}: backend {name!r} cannot run this call: {reason}")
     return name
+
+
+def refuse_function_transforms(op: str, *tensors) -> None:
+    """Refuse, naming `op`, the differentiation that kpro's custom ops (torch.library, with a backward
+    registered for reverse-mode autograd only) cannot do: torch.func's grad, vjp and jacrev, which raise
+    a message about autograd.Function's setup_context, and forward-mode AD (torch.func.jvp, jacfwd,
+    torch.autograd.forward_ad), which returned zero or no tangent as if the output did not depend on the
+    inputs. torch.vmap alone runs the ops one example at a time and is let through. Nothing is checked
+    under torch.compile (the tracer handles these itself) and the common case costs one C call."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        if TransformType.Grad in kinds or TransformType.Jvp in kinds:
+            raise BackendError(f"{op}: torch.func.grad, vjp, jacrev, jvp and jacfwd cannot differentiate kpro's ops "
+                               "(custom ops with a reverse-mode backward only); use torch.autograd "
+                               "(loss.backward(), torch.autograd.grad)")
+    if forward_ad._current_level >= 0 and any(
+            isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise BackendError(f"{op}: forward-mode AD (torch.autograd.forward_ad) cannot differentiate kpro's ops "
+                           "(custom ops with a reverse-mode backward only): their tangent would be lost; use "
+                           "reverse mode (loss.backward(), torch.autograd.grad)")
 
 
 def no_autocast(t: torch.Tensor):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_reference, finite_on_cpu, softmax_scale
-from .backend import kernels, select
+from .backend import kernels, refuse_function_transforms, select
 
 
 def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
@@ -33,6 +33,7 @@ def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens
     if backend == "torch":
         return bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens,
                                           answer_lens, scale)
+    refuse_function_transforms("bitune_attention", q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v)
     o_p, o_a, _, _ = torch.ops.kpro.bitune_attention_forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v,
                                                              prompt_lens, answer_lens, scale, backend)
     return o_p, o_a

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import kernels, no_autocast, select
+from .backend import kernels, no_autocast, refuse_function_transforms, select
 from .rms_norm import accumulation_dtype
 
 IGNORE_INDEX = -100
@@ -52,6 +52,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     hidden, weight = _autocast(hidden, weight)
     _check_args(hidden, weight, labels, ignore_index)
+    refuse_function_transforms("linear_cross_entropy", hidden, weight)
     rows, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
     losses = torch.ops.kpro.linear_cross_entropy_forward(rows, weight, targets, int(ignore_index),
                                                          select("linear_cross_entropy", hidden))[0]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import kernels, no_autocast, select
+from .backend import kernels, no_autocast, refuse_function_transforms, select
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -22,6 +22,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension of x (any leading shape); output in x's dtype."""
     check_rms_norm_args(x, weight, eps)
+    refuse_function_transforms("rms_norm", x, weight)
     return torch.ops.kpro.rms_norm_forward(x, weight, float(eps), select("rms_norm", x))[0]
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .backend import kernels, select
+from .backend import kernels, refuse_function_transforms, select
 from .rms_norm import accumulation_dtype
 
 
@@ -21,6 +21,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} {gate.device} and "
                          f"up {tuple(up.shape)} {up.dtype} {up.device} differ")
     _check_floating(gate)
+    refuse_function_transforms("swiglu", gate, up)
     return torch.ops.kpro.swiglu_forward(gate, up, select("swiglu", gate))
 
 
@@ -29,6 +30,7 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise ValueError(f"swiglu_packed: last dimension must be even (gate then up), got {tuple(gate_up.shape)}")
     _check_floating(gate_up)
+    refuse_function_transforms("swiglu_packed", gate_up)
     return torch.ops.kpro.swiglu_packed_forward(gate_up, select("swiglu", gate_up))
 
 
