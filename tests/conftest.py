@@ -14,32 +14,11 @@ from kpro.ops.backend import interpreter_bf16_problem  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
-def _interpreter_loop_bounds():
-    """Let Triton 3.6's interpreter take a loop bound computed in the kernel under numpy >= 2.4.
-
-    The interpreter holds a scalar as a one-element array and turns it into a `range` bound with
-    int(array); numpy 2.4 refuses that ("only 0-dimensional arrays can be converted to Python scalars"),
-    so every kernel whose tile loop starts or ends at a computed tile fails. Triton 3.8 squeezes the array
-    first: do the same, so the suite runs on the oldest Triton kpro supports. The kernels are unchanged."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None:  # a later interpreter, organised differently
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).squeeze()))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
 if not CUDA:
-    # kpro fixes the interpreter's bfloat16 when its triton backend first runs: do it now, for the tests
-    # that launch kernels directly (and refuse bf16 in the ones that go through the backend, if it cannot).
+    # kpro fixes the interpreter (bfloat16; loop bounds on Triton 3.6 with numpy >= 2.4) when its triton
+    # backend first runs: do it now, for the tests that launch kernels directly (and refuse bf16 in the ones
+    # that go through the backend, if it cannot).
     interpreter_bf16_problem()
-    _interpreter_loop_bounds()
 
 
 def pytest_collection_finish(session):

@@ -180,7 +180,8 @@ _interpreter_bf16: str | None = None  # "" once the interpreter computes bf16 ri
 
 
 def interpreter_bf16_problem() -> str | None:
-    """Why Triton's CPU interpreter would compute bfloat16 kernels wrong, or None.
+    """Why Triton's CPU interpreter would compute bfloat16 kernels wrong, or None (first, on Triton 3.6 with
+    numpy >= 2.4, its loop bounds are fixed: `_fix_interpreter_loop_bounds`).
 
     The interpreter (triton 3.x) stores bf16 as raw uint16 bits and (1) hands them to np.matmul as
     integers, so tl.dot on bf16 returns garbage, and (2) casts fp32 to bf16 by truncating the mantissa,
@@ -190,10 +191,33 @@ def interpreter_bf16_problem() -> str | None:
     global _interpreter_bf16
     if _interpreter_bf16 is None:
         try:
+            _fix_interpreter_loop_bounds()
             _interpreter_bf16 = _fix_interpreter_bf16()
         except Exception as err:  # an interpreter organised differently
             _interpreter_bf16 = f"kpro cannot check Triton's interpreter for bfloat16 ({type(err).__name__}: {err})"
     return _interpreter_bf16 or None
+
+
+def _fix_interpreter_loop_bounds() -> None:
+    """Let Triton 3.6's interpreter take a loop bound computed in the kernel under numpy >= 2.4.
+
+    The interpreter holds a scalar as a one-element array and turns it into a `range` bound with
+    int(array); numpy 2.4 refuses that ("only 0-dimensional arrays can be converted to Python scalars"),
+    so every kernel whose tile loop starts or ends at a computed tile failed. Triton 3.8 squeezes the array
+    first: do the same. The kernels are unchanged."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_kpro_squeezes", False):  # organised differently, or done
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).squeeze()))
+
+    patch_lang_tensor._kpro_squeezes = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def _fix_interpreter_bf16() -> str:
