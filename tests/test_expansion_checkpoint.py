@@ -168,3 +168,22 @@ def test_cli_train_expanded_errors(tmp_path, capsys):
         assert main(["train-expanded", str(tmp_path / "plain"), "--out", str(tmp_path / "run"), "--data", str(corpus)]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "kpro_expansion.json" in err and err.count("\n") == 1, err
+
+
+def test_per_layer_config_lists_are_extended_with_the_blocks(tmp_path):
+    """config.json's layer_types gets an entry per new block (it kept the source's length before: transformers
+    refused the expanded checkpoint, num_hidden_layers 6 against 4 layer types); a list of the wrong length
+    is refused."""
+    transformers = pytest.importorskip("transformers")
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, num_hidden_layers=4)
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "layer_types": ["full_attention"] * 4}))
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2)
+    written = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 6 and written["layer_types"] == ["full_attention"] * 6
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "dst").num_hidden_layers == 6
+
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "layer_types": ["full_attention"] * 3}))
+    with pytest.raises(kpro.CheckpointError, match="layer_types has 3 entries for 4 blocks"):
+        expand_checkpoint(tmp_path / "src", tmp_path / "bad", 2)
+    assert not (tmp_path / "bad").exists()
