@@ -8,7 +8,7 @@ import torch
 
 import kpro
 from kpro.cli import main
-from kpro.expansion.checkpoint import EXPANSION_FILE, expand_checkpoint
+from kpro.expansion.checkpoint import EXPANSION_FILE, expand_checkpoint, read_expansion_record
 from kpro.train import read_metrics
 from conftest import randomize_norms, tiny_config
 
@@ -187,3 +187,25 @@ def test_per_layer_config_lists_are_extended_with_the_blocks(tmp_path):
     with pytest.raises(kpro.CheckpointError, match="layer_types has 3 entries for 4 blocks"):
         expand_checkpoint(tmp_path / "src", tmp_path / "bad", 2)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_stale_expansion_record_is_refused(tmp_path, capsys):
+    """kpro.save_pretrained into an expanded checkpoint's directory keeps its kpro_expansion.json: after a
+    second expansion in memory, train-expanded trained the first expansion's blocks 2 and 5 (now old blocks)
+    of the 8, not the new 6 and 7."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, num_hidden_layers=4)
+    kpro.CharTokenizer("abcdefgh").save(tmp_path / "src")
+    expand_checkpoint(tmp_path / "src", tmp_path / "pro", 2)
+    model = kpro.load_pretrained(tmp_path / "pro")
+    kpro.save_pretrained(model, tmp_path / "pro")  # the same blocks (after training them, say): the record holds
+    assert read_expansion_record(tmp_path / "pro")["new_blocks"] == [2, 5]
+    assert kpro.expand(model, 2, position="top") == [6, 7]
+    kpro.save_pretrained(model, tmp_path / "pro")
+    with pytest.raises(kpro.CheckpointError, match="records an expansion to 6 blocks, but .* num_hidden_layers=8"):
+        read_expansion_record(tmp_path / "pro")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc\n\ndef\n")
+    assert main(["train-expanded", str(tmp_path / "pro"), "--data", str(corpus), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is stale" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

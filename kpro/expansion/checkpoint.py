@@ -117,7 +117,25 @@ def read_expansion_record(directory) -> dict | None:
             not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
         raise CheckpointError(f"{path} must hold {{\"new_blocks\": [block indices]}}, a non-empty list of integers "
                               "(written by `python -m kpro expand`); fix it, or name the blocks with --train-blocks")
+    _check_record_matches_config(path, record)
     return record
+
+
+def _check_record_matches_config(path: Path, record: dict) -> None:
+    """A record of an expansion to another number of blocks than config.json's is stale: kpro.save_pretrained
+    of another model (expanded again, say) into the directory keeps it, and its indices name other blocks."""
+    copied_from, config = record.get("copied_from"), path.parent / CONFIG_NAME
+    if not isinstance(copied_from, list) or not config.is_file():
+        return  # a record written by hand may name the blocks only; train_only checks their range
+    try:
+        blocks = json.loads(config.read_text()).get("num_hidden_layers")
+    except (json.JSONDecodeError, AttributeError):
+        return  # loading the checkpoint says what is wrong with its config
+    if blocks != len(copied_from):
+        raise CheckpointError(f"{path} records an expansion to {len(copied_from)} blocks, but {config} has "
+                              f"num_hidden_layers={blocks}: it is stale (another model was saved into this directory "
+                              "since `python -m kpro expand` wrote it); delete it and name the blocks to train "
+                              "(--train-blocks), or expand again")
 
 
 # ------------------------------------------------------------------------------------------------ reading
