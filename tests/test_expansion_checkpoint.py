@@ -209,3 +209,15 @@ def test_a_stale_expansion_record_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is stale" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [("{oops", "is not valid JSON"), ("[1]", "does not hold a JSON object")])
+def test_an_unreadable_config_is_named(tmp_path, capsys, text, message):
+    """A config.json that is not a JSON object: a traceback (TypeError: expected str, bytes or os.PathLike
+    object, not list) or json's bare message naming no file, before."""
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2)
+    (tmp_path / "src" / "config.json").write_text(text)
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "config.json" in err and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "dst").exists()

@@ -72,10 +72,10 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; choose a new directory, or overwrite=True (--overwrite) to replace it")
     max_shard_bytes = parse_size(max_shard_size)
-    raw_config = json.loads((src / CONFIG_NAME).read_text()) if (src / CONFIG_NAME).is_file() else None
-    if raw_config is None:
+    if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}")
-    cfg = LlamaConfig.from_hf(raw_config)
+    cfg = LlamaConfig.from_hf(src)  # its errors name the file
+    raw_config = json.loads((src / CONFIG_NAME).read_text())
     sources = _read_headers(src)
     _check_against_config(src, cfg, sources)
     layout = expansion_layout(cfg.num_hidden_layers, num_new_blocks, position)
