@@ -183,8 +183,9 @@ class LlamaConfig:
         implement, strict or not.
         """
         where = "" if isinstance(source, dict) else f"{_config_path(source)}: "
+        raw = _read_source(source)  # its errors name the file already
         try:
-            cfg, unknown = cls._from_raw(_read_source(source), strict)
+            cfg, unknown = cls._from_raw(raw, strict)
         except ConfigError as err:
             if isinstance(source, dict):
                 raise

@@ -220,4 +220,5 @@ def test_an_unreadable_config_is_named(tmp_path, capsys, text, message):
     assert main(["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "config.json" in err and message in err and err.count("\n") == 1, err
+    assert err.count("config.json") == 1, err  # named once, not "…/config.json: …/config.json is not valid JSON"
     assert not (tmp_path / "dst").exists()
