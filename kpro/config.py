@@ -95,7 +95,9 @@ _MATH_FIELDS = {
     "partial_rotary_factor": (lambda v, raw: v == 1, "RoPE on the whole head (partial_rotary_factor 1)"),
     # Hugging Face splits the projections into this many slices and adds the partial products: the same sums.
     "pretraining_tp": (_positive_int, "a positive integer"),
-    "layer_types": (lambda v, raw: isinstance(v, list) and all(t == "full_attention" for t in v), "full attention in every layer"),
+    # One entry per block, as transformers requires (an expansion that left it short was refused there only).
+    "layer_types": (lambda v, raw: isinstance(v, list) and all(t == "full_attention" for t in v)
+                    and len(v) == raw.get("num_hidden_layers"), "full attention in every layer, one entry per block"),
     "quantization_config": (lambda v, raw: v is None, "unquantised checkpoints"),
     "qk_layer_norms": (lambda v, raw: v is False, "no query/key norms"),
     "use_qk_norm": (lambda v, raw: v is False, "no query/key norms"),

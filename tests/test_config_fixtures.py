@@ -82,6 +82,7 @@ def test_metadata_and_neutral_values_are_accepted(field, value):
     ("partial_rotary_factor", 0.5), ("layer_types", ["sliding_attention"] * 30), ("mlp_bias", True),
     ("quantization_config", {"quant_method": "gptq"}), ("pretraining_tp", 0),
     ("attention_chunk_size", 4096),  # transformers' generate would keep only the last 4,096 keys
+    ("layer_types", ["full_attention"] * 29),  # not one per block: transformers refuses the config
 ])
 def test_math_kpro_lacks_is_refused_by_name_even_when_not_strict(field, value):
     with pytest.raises(ConfigError, match=f"unsupported {field}="):

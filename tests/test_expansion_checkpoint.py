@@ -184,7 +184,7 @@ def test_per_layer_config_lists_are_extended_with_the_blocks(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "dst").num_hidden_layers == 6
 
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "layer_types": ["full_attention"] * 3}))
-    with pytest.raises(kpro.CheckpointError, match="layer_types has 3 entries for 4 blocks"):
+    with pytest.raises(kpro.config.ConfigError, match="unsupported layer_types=.*one entry per block"):
         expand_checkpoint(tmp_path / "src", tmp_path / "bad", 2)
     assert not (tmp_path / "bad").exists()
 

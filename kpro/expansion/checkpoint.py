@@ -79,7 +79,6 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     sources = _read_headers(src)
     _check_against_config(src, cfg, sources)
     layout = expansion_layout(cfg.num_hidden_layers, num_new_blocks, position)
-    _expanded_config(src, raw_config, layout)  # refused before anything is written
     plan = _output_tensors(sources, layout)
     shards = _plan_shards(plan, max_shard_bytes)
     new_blocks = [i for i, (_, new) in enumerate(layout) if new]
@@ -94,7 +93,7 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
             index = {"metadata": {"total_size": sum(_nbytes(plan[n]) for n in plan)},
                      "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / CONFIG_NAME).write_text(json.dumps(_expanded_config(src, raw_config, layout), indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(_expanded_config(raw_config, layout), indent=2) + "\n")
         copied, skipped = _copy_other_files(src, tmp)
         record = {"original_num_hidden_layers": cfg.num_hidden_layers, "num_new_blocks": num_new_blocks,
                   "position": position, "new_blocks": new_blocks,
@@ -194,20 +193,14 @@ def _check_against_config(directory: Path, cfg: LlamaConfig, sources: dict[str, 
 PER_LAYER_FIELDS = ("layer_types",)  # config.json lists with one entry per block, extended with the blocks
 
 
-def _expanded_config(src: Path, raw_config: dict, layout) -> dict:
+def _expanded_config(raw_config: dict, layout) -> dict:
     """The source's config.json for the expanded model: the new `num_hidden_layers`, and each per-layer list
-    (`layer_types`) given a new block's entry copied from the block it copies. A list of the wrong length is
-    refused: which entry belongs to which block is then unknown."""
+    (`layer_types`) given a new block's entry copied from the block it copies (`LlamaConfig.from_hf` has
+    refused a list that is not one entry per block)."""
     out = {**raw_config, "num_hidden_layers": len(layout)}
     for key in PER_LAYER_FIELDS:
-        values = raw_config.get(key)
-        if values is None:
-            continue
-        if len(values) != raw_config["num_hidden_layers"]:
-            raise CheckpointError(f"{src / CONFIG_NAME}: {key} has {len(values)} entries for "
-                                  f"{raw_config['num_hidden_layers']} blocks (num_hidden_layers); expand cannot "
-                                  "tell which entry belongs to which block: fix the config")
-        out[key] = [values[source] for source, _ in layout]
+        if raw_config.get(key) is not None:
+            out[key] = [raw_config[key][source] for source, _ in layout]
     return out
 
 
