@@ -250,6 +250,9 @@ def test_adapter_files_that_do_not_fit(tmp_path):
     (lambda ids, p, m: (ids, p[:3], m), "prompt_lens must be an integer tensor"),
     (lambda ids, p, m: (ids, p, m[:3]), "attention_mask must be"),
     (lambda ids, p, m: (ids, p, m.flip(1)), "right-padded"),
+    # a 2 counted as two tokens: the answer stream took row 2's last token again, a phantom answer token
+    (lambda ids, p, m: (ids, p, m.index_put((torch.tensor([2]), torch.tensor([11])), torch.tensor(2))),
+     r"attention_mask must hold 1 \(real token\) and 0 \(padding\) only"),
     (lambda ids, p, m: (ids.float(), p, m), "integer tensor"),
     (lambda ids, p, m: (ids.index_fill(1, torch.tensor([1]), 10_000), p, m), r"token ids outside \[0, vocab_size="),
     (lambda ids, p, m: (ids.index_fill(1, torch.tensor([6]), -1), p, m), r"token ids outside \[0, vocab_size="),

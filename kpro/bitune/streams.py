@@ -9,6 +9,8 @@ import dataclasses
 
 import torch
 
+from .. import ops
+
 
 COMPILE_HINT = (
     "Bitune's stream shapes come from the values of prompt_lens and attention_mask, which torch.compile "
@@ -73,6 +75,9 @@ def split_streams(input_ids, prompt_lens, attention_mask=None, need_answer=True)
     else:
         if attention_mask.shape != (batch, length):
             raise ValueError(f"attention_mask must be [B={batch}, T={length}], got {tuple(attention_mask.shape)}")
+        # 1 and 0 only, as the model's mask: a 2 would count as two tokens, and the answer stream would take
+        # the row's last token once more, a phantom answer token in the logits and the loss.
+        ops.check_attention_mask(attention_mask, (batch, length), "Bitune")
         lengths = attention_mask.long().sum(1)
         if not torch.equal(attention_mask.bool(), torch.arange(length, device=device) < lengths[:, None]):
             raise ValueError("attention_mask must be right-padded (ones, then zeros) for Bitune")
