@@ -291,6 +291,22 @@ def test_a_batch_given_as_streams():
             bt(too_long, fused=fused)
 
 
+@pytest.mark.parametrize("prompts, max_new_tokens, message", [
+    ([5, 6, 7], 4, r"takes a list of prompts, each a sequence of token ids: prompt 0 is 5 \(one prompt: \[ids\]\)"),
+    (torch.tensor([5, 6, 7]), 4, "takes a list of prompts"),
+    ([[5, 6], []], 4, "prompt 1 is empty"),
+    ([], 4, "needs at least one prompt"),
+    ([[5, 6, 7]], -5, "max_new_tokens must be a positive integer, got -5"),  # a RuntimeError from torch.zeros before
+    ([[5, 6, 7]], 2.5, "max_new_tokens must be a positive integer, got 2.5"),
+    ([[5, 6, 7]], "3", "max_new_tokens must be a positive integer, got '3'"),
+])
+def test_generation_refuses_what_it_cannot_read(prompts, max_new_tokens, message):
+    bt = make()
+    with pytest.raises(ValueError, match=message):
+        bt.generate(prompts, max_new_tokens)
+    assert bt.generate(torch.tensor([[5, 6, 7]]), 2) == bt.generate([[5, 6, 7]], 2)  # rows of a 2-D tensor are prompts
+
+
 def test_generation_past_the_model_positions_is_refused():
     bt = make()
     limit = bt.model.config.max_position_embeddings

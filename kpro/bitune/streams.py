@@ -6,6 +6,7 @@ Rows are right-padded and may all have different prompt and answer lengths. The 
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 
@@ -103,6 +104,30 @@ def answer_targets(streams: Streams) -> torch.Tensor:
     targets[:, :-1] = streams.answer_ids[:, 1:]
     valid = torch.arange(targets.shape[1], device=targets.device) < (streams.answer_lens - 1)[:, None]
     return targets.masked_fill(~valid, -100)
+
+
+def token_lists(sequences, what: str, where: str) -> list[list[int]]:
+    """`sequences` (lists, tuples or 1-D tensors of token ids) as lists of Python ints. A flat list of ids, a
+    string, a bool or an empty sequence is refused, naming the first culprit (`what` 0, 1, … in `where`)."""
+    if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__iter__") or \
+            (isinstance(sequences, torch.Tensor) and sequences.dim() != 2):
+        raise ValueError(f"{where} takes a list of {what}s, each a sequence of token ids, got {sequences!r:.80}")
+    lists = []
+    for i, seq in enumerate(sequences):
+        try:
+            if isinstance(seq, (str, bytes)):
+                raise TypeError
+            ids = [operator.index(t) for t in seq]
+            if any(isinstance(t, bool) or getattr(t, "dtype", None) == torch.bool for t in seq):
+                raise TypeError
+        except TypeError:
+            hint = f" (one {what}: [ids])" if not hasattr(seq, "__iter__") else ""
+            raise ValueError(f"{where} takes a list of {what}s, each a sequence of token ids: {what} {i} is "
+                             f"{seq!r:.80}{hint}") from None
+        lists.append(ids)
+    if not lists:
+        raise ValueError(f"{where} needs at least one {what}")
+    return lists
 
 
 def right_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,10 +24,10 @@ from torch import nn
 
 from .. import adapters, lora, ops
 from ..errors import CheckpointError
-from ..generation import decode
+from ..generation import check_sampling, decode
 from ..model import KVCache, Llama, activation_dtype, check_token_ids
 from .passes import MODES, fused_passes, separate_passes
-from .streams import Streams, answer_targets, right_pad, split_streams
+from .streams import Streams, answer_targets, right_pad, split_streams, token_lists
 
 
 class Bitune(nn.Module):
@@ -107,8 +107,16 @@ class Bitune(nn.Module):
         """New tokens for each prompt (token lists of any lengths): the three-stream prefill once, then
         cached decoding with the `causal` adapter. `sampling`: temperature, top_k, top_p, generator,
         eos_token_id, pad_token_id, stop_after_eos (as in kpro.generate)."""
+        prompts = token_lists(prompts, "prompt", "Bitune.generate")
+        empty = next((i for i, p in enumerate(prompts) if not p), None)
+        if empty is not None:
+            raise ValueError(f"Bitune.generate: prompt {empty} is empty; the answer stream starts with the prompt's "
+                             "last token (give at least one, e.g. bos)")
+        # Before the prefill: a bad max_new_tokens or sampling argument would otherwise size the cache
+        max_new_tokens = check_sampling(max_new_tokens, sampling.get("temperature", 0.0), sampling.get("top_k"),
+                                        sampling.get("top_p"))[0]
         device = self.w_k.device
-        ids, lens = right_pad([list(p) for p in prompts], pad_id=0, device=device)
+        ids, lens = right_pad(prompts, pad_id=0, device=device)
         limit = self.model.config.max_position_embeddings
         if ids.shape[1] + max_new_tokens > limit:
             raise ValueError(f"the longest prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
