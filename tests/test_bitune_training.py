@@ -180,6 +180,20 @@ def test_multiple_choice_refuses_questions_it_would_score_wrongly():
         bitune.answer_log_likelihoods(model, [[1, 5], [1, 7]], [[6]])
 
 
+def test_log_likelihoods_refuse_empty_prompts_and_answers():
+    """A causal model scored an empty answer as log-likelihood 0 (certain) and an empty prompt without its
+    answer's first token; flat lists of ids raised a TypeError from len()."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config()).double()
+    for tuned in (model, Bitune(kpro.Llama(tiny_config()).double(), rank=2, seed=0)):
+        for prompts, answers, message in (([[1, 5], [1, 6]], [[7], []], "answer 1 is empty"),
+                                          ([[1, 5], []], [[7], [8]], "prompt 1 is empty"),
+                                          ([1, 5], [7, 8], r"prompt 0 is 1 \(one prompt: \[ids\]\)"),
+                                          ([[1, 5]], [7], r"answer 0 is 7 \(one answer: \[ids\]\)")):
+            with pytest.raises(ValueError, match=message):
+                bitune.answer_log_likelihoods(tuned, prompts, answers)
+
+
 def test_generate_answers_takes_a_plain_model():
     torch.manual_seed(0)
     model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))

@@ -16,7 +16,7 @@ from ..generation import generate
 from ..train.loss import output_head_weight
 from .data import (PROMPT_TEMPLATE, MultipleChoice, check_multiple_choice, check_positions, encode_pair,
                    multiple_choice_prompt)
-from .streams import answer_targets, right_pad, split_streams
+from .streams import answer_targets, right_pad, split_streams, token_lists
 from .wrapper import Bitune
 
 
@@ -30,6 +30,17 @@ def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Seq
     if len(prompts) != len(answers) or not prompts:
         raise ValueError(f"answer_log_likelihoods takes one answer per prompt, at least one: got {len(prompts)} "
                          f"prompts and {len(answers)} answers")
+    prompts, answers = (token_lists(seqs, what, "answer_log_likelihoods") for seqs, what in ((prompts, "prompt"),
+                                                                                            (answers, "answer")))
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        # A causal model scored both silently: an empty answer as log-likelihood 0 (certain), an empty prompt
+        # without its answer's first token (nothing predicts it).
+        if not answer:
+            raise ValueError(f"answer_log_likelihoods: answer {i} is empty; its log-likelihood would be 0, as if "
+                             "certain")
+        if not prompt:
+            raise ValueError(f"answer_log_likelihoods: prompt {i} is empty; nothing would predict the answer's first "
+                             "token (start the prompt with bos)")
     check_positions(zip(prompts, answers), _model_of(tuned).config.max_position_embeddings, "prompt + answer")
     scores = []
     for start in range(0, len(prompts), batch_size):
