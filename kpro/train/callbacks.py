@@ -15,7 +15,7 @@ in progress), `model`, `optimizer`, `total_steps`, and takes requests: `reset_op
 """
 from __future__ import annotations
 
-from .checkpointing import check_loadable
+from .checkpointing import check_loadable, type_name
 
 
 class Callback:
@@ -69,9 +69,7 @@ def check_metrics(metrics: dict, what: str) -> None:
                     raise TypeError(f"{what}: {where} has the key {key!r}, not a string (metrics.jsonl is JSON)")
                 check(item, f"{where}[{key!r}]")
         elif type(value) not in (type(None), bool, int, float, str):
-            kind = type(value).__qualname__ if type(value).__module__ == "builtins" else \
-                f"{type(value).__module__}.{type(value).__qualname__}"
-            raise TypeError(f"{what}: {where} is a {kind}; log Python numbers, strings, and lists and dicts of them "
+            raise TypeError(f"{what}: {where} is a {type_name(value)}; log Python numbers, strings, and lists and dicts of them "
                             "(float(x), x.item() for a tensor, x.tolist())")
     for key, value in metrics.items():
         check(value, f"metrics[{key!r}]")

@@ -120,10 +120,16 @@ def check_loadable(value, what: str) -> None:
             return
         except Exception:
             problem = "checkpoints are read back with torch.load(weights_only=True), which refuses it"
-    kind = type(value).__qualname__ if type(value).__module__ == "builtins" else \
-        f"{type(value).__module__}.{type(value).__qualname__}"
-    raise TypeError(f"{what} is a {kind}, which a checkpoint cannot hold ({problem}); save tensors, Python numbers "
-                    "and strings, and lists, tuples and dicts of them (float(x), x.item(), x.tolist(), torch.from_numpy(x))")
+    raise TypeError(f"{what} is a {type_name(value)}, which a checkpoint cannot hold ({problem}); save tensors, Python "
+                    "numbers and strings, and lists, tuples and dicts of them (float(x), x.item(), x.tolist(), "
+                    "torch.from_numpy(x))")
+
+
+def type_name(value) -> str:
+    """`float`, `numpy.float64`: a value's type as an error message names it."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
 
 def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Every state-dict tensor's full shape (a sharded parameter reports its unsharded shape)."""
