@@ -284,6 +284,21 @@ def test_a_nan_reaches_exactly_the_gradients_of_what_its_rows_touch(backend, dev
             assert not grad[0, :, 0].isnan().any(), f"{name} of the other head"
 
 
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_every_backend_takes_the_autocast_dtype_as_sdpa_does(backend, device):
+    """Under bf16 autocast: fp32 inputs gave bf16 on the torch backend (SDPA) and fp32 on Triton, and fp32
+    q, k beside a bf16 v (transformers' RoPE under autocast) were refused. Now all are cast, as SDPA's are."""
+    (q, k, v), _, _, kwargs = make_case("causal_gqa", torch.float32, device)
+    with ops.backend(backend):
+        want = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kwargs)
+        with torch.autocast(device, torch.bfloat16):
+            got = ops.attention(q, k, v.bfloat16(), **kwargs)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    if backend == "torch":  # the one backend that takes float64, which autocast leaves alone
+        with ops.backend(backend), torch.autocast(device, torch.bfloat16):
+            assert ops.attention(q.double(), k.double(), v.double(), **kwargs).dtype == torch.float64
+
+
 @pytest.mark.parametrize("make_mask", [
     lambda m: m.bool(), lambda m: m.long(), lambda m: m.int(), lambda m: m.to(torch.uint8),
 ], ids=["bool", "int64", "int32", "uint8"])

@@ -256,22 +256,9 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                 torch._assert_async((positions.diff(dim=-1) == 1).all(), packed)
             elif bool((positions.diff(dim=-1) != 1).any()):
                 raise NotImplementedError(packed)
-    query, key, value = autocast_inputs(query, key, value)
     out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                         attention_mask=mask, scale=scaling)
     return out, None
-
-
-def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v as autocast gives them to scaled_dot_product_attention (what the stock model calls): in the
-    autocast dtype where autocast is on. Under bf16 autocast transformers' RoPE hands over float32 queries and keys
-    (bf16 projections times float32 cos/sin) with bf16 values."""
-    device = tensors[0].device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    cast = (torch.float32, torch.float16, torch.bfloat16)  # as autocast casts: float64 stays
-    return tuple(t.to(dtype) if t.dtype in cast else t for t in tensors)
 
 
 def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, causal: bool) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import kernels, refuse_function_transforms, select
+from .backend import autocast_inputs, kernels, refuse_function_transforms, select
 
 
 MASK_RULE = "bool or 0/1 integers, 1 = real token, 0 = padding"
@@ -229,6 +229,7 @@ def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=Non
     """Softmax attention. q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] (Hq a multiple of Hkv) -> [B, Tq, Hq, D]."""
     if prefix_lens is not None and not isinstance(prefix_lens, torch.Tensor):
         prefix_lens = _lengths_tensor(prefix_lens, "prefix_lens")  # on the CPU, where its check is free
+    q, k, v = autocast_inputs(q, k, v)  # as SDPA takes them: every backend in the torch one's precision
     check_attention_args(q, k, v, causal, prefix_lens, attention_mask)
     if prefix_lens is not None:
         # A prefix past the keys covers them all; clamped, it also fits the kernels' int32 copy.

@@ -129,6 +129,17 @@ def refuse_function_transforms(op: str, *tensors) -> None:
                            "reverse mode (loss.backward(), torch.autograd.grad)")
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as autocast casts a matmul's or SDPA's inputs: in the autocast dtype where autocast is on
+    (fp32, fp16 and bf16 ones; float64 stays, as autocast leaves it), else unchanged. An op's entry point
+    calls it, so every backend computes in the precision the torch one (PyTorch's own ops) would."""
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t for t in tensors)
+
+
 def no_autocast(t: torch.Tensor):
     """Inside an op's implementation: run in the dtypes it is given. The torch backends call PyTorch ops that
     autocast would otherwise run in half precision (linalg.vecdot, matmuls) when the op, or its backward,

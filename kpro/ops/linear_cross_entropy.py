@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import kernels, no_autocast, refuse_function_transforms, select
+from .backend import autocast_inputs, kernels, no_autocast, refuse_function_transforms, select
 from .rms_norm import accumulation_dtype
 
 IGNORE_INDEX = -100
@@ -50,7 +50,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    hidden, weight = _autocast(hidden, weight)
+    hidden, weight = autocast_inputs(hidden, weight)  # as a linear layer would be
     _check_args(hidden, weight, labels, ignore_index)
     refuse_function_transforms("linear_cross_entropy", hidden, weight)
     rows, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
@@ -66,15 +66,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"linear_cross_entropy: a mean over no tokens: every one of the {targets.numel()} labels "
                          f"is ignore_index={ignore_index} (use reduction='sum' where a batch may have none)")
     return total / count
-
-
-def _autocast(hidden, weight):
-    device = hidden.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        cast = (torch.float32, torch.float16, torch.bfloat16)  # as autocast casts F.linear's inputs: fp64 stays
-        return (hidden.to(dtype) if hidden.dtype in cast else hidden), (weight.to(dtype) if weight.dtype in cast else weight)
-    return hidden, weight
 
 
 def _check_args(hidden, weight, labels, ignore_index):
