@@ -124,7 +124,7 @@ def _token_ids(name: str, value, vocab_size: int) -> list[int]:
     ids = []
     for v in values:
         try:
-            if isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
+            if _is_bool(v):
                 raise TypeError
             ids.append(operator.index(v))
         except TypeError:

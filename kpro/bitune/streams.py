@@ -6,11 +6,11 @@ Rows are right-padded and may all have different prompt and answer lengths. The 
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 
 from .. import ops
+from ..tokenizer import checked_ids
 
 
 COMPILE_HINT = (
@@ -107,24 +107,20 @@ def answer_targets(streams: Streams) -> torch.Tensor:
 
 
 def token_lists(sequences, what: str, where: str) -> list[list[int]]:
-    """`sequences` (lists, tuples or 1-D tensors of token ids) as lists of Python ints. A flat list of ids, a
-    string, a bool or an empty sequence is refused, naming the first culprit (`what` 0, 1, … in `where`)."""
+    """`sequences` (lists, tuples or 1-D tensors of token ids, or the rows of a 2-D tensor) as lists of Python
+    ints (`kpro.tokenizer.checked_ids` each). A flat list of ids, a string, a bool or no sequence at all is
+    refused, naming the first culprit (`what` 0, 1, … in `where`)."""
     if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__iter__") or \
             (isinstance(sequences, torch.Tensor) and sequences.dim() != 2):
         raise ValueError(f"{where} takes a list of {what}s, each a sequence of token ids, got {sequences!r:.80}")
     lists = []
     for i, seq in enumerate(sequences):
         try:
-            if isinstance(seq, (str, bytes)):
-                raise TypeError
-            ids = [operator.index(t) for t in seq]
-            if any(isinstance(t, bool) or getattr(t, "dtype", None) == torch.bool for t in seq):
-                raise TypeError
+            lists.append(checked_ids(seq, None, f"{what} {i}"))
         except TypeError:
             hint = f" (one {what}: [ids])" if not hasattr(seq, "__iter__") else ""
             raise ValueError(f"{where} takes a list of {what}s, each a sequence of token ids: {what} {i} is "
                              f"{seq!r:.80}{hint}") from None
-        lists.append(ids)
     if not lists:
         raise ValueError(f"{where} needs at least one {what}")
     return lists
