@@ -233,6 +233,23 @@ def test_select_best_keeps_the_best_weights_once_the_cot_is_gone(tmp_path, monke
     assert all(torch.equal(tensor, snapshots.weights[4][name]) for name, tensor in model.state_dict().items())
 
 
+def test_a_validation_callback_used_for_a_second_run_starts_its_selection_over(tmp_path, monkeypatch):
+    # One ValidationAccuracy for the internalized run and then the no-CoT baseline (no step of which has CoT
+    # to start the selection over): the baseline kept the first run's best (0.7 at step 10, above its own
+    # 0.1s) and ended with the first model's weights.
+    scripted_accuracies(monkeypatch, [0.5, 0.9, 0.2, 0.3, 0.7, 0.6] + [0.1] * 6)
+    best = ValidationAccuracy(TOK, VALID, 2, select_best=True)
+    train_fast(tmp_path / "internalized", callbacks=[best])
+    assert best.selected == {"step": 10, "accuracy": 0.7}
+    snapshots, baseline = Snapshots(), make_model(seed=5)
+    data = tokenize_examples([parse_line(line) for line in multiplication_training_set(2, 48, seed=1)], TOK)
+    fit_internalization(baseline, data, tmp_path / "no-cot", removal="all", steps=FAST_STEPS, batch_size=8,
+                        pad_id=TOK.pad_id, lr=3e-3, callbacks=[best, snapshots])
+    assert best.selected == {"step": 2, "accuracy": 0.1}
+    for name, tensor in baseline.state_dict().items():
+        assert torch.equal(tensor, snapshots.weights[2][name]), name
+
+
 def _batch_indices(step, batch_size=8, count=48):
     batches = kt.Batches(list(range(count)), batch_size, list, seed=SEED)
     data = iter(batches)

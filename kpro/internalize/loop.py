@@ -166,6 +166,8 @@ class ValidationAccuracy(Callback):
         self.selected: dict | None = None
 
     def on_fit_start(self, run: Run) -> None:
+        if run.checkpoint is None:  # a fresh run: nothing of an earlier fit with this callback carries over
+            self._best, self.selected = None, None
         if self.select_best and run.env.world_size > 1:
             raise ValueError("ValidationAccuracy(select_best=True) evaluates in one process; run it without torchrun")
         # Refused now, not after `every` steps of training.
@@ -216,6 +218,8 @@ class ValidationAccuracy(Callback):
                 "best_weights": self._best["weights"]}
 
     def load_state_dict(self, state: dict) -> None:
+        # The checkpoint's best, or none (not the one this object kept from another run or a later step).
+        self._best = None
         if "best_step" in state and self.select_best:
             self._best = {"step": state["best_step"], "accuracy": state["best_accuracy"],
                           "weights": state["best_weights"]}
