@@ -62,6 +62,12 @@ def test_empty_cot():
     assert tokenized.labels == [IGNORE_INDEX] * 5 + [EOS, HASH, D["2"], EOS]
 
 
+def test_an_example_the_tokenizer_cannot_encode_is_named():
+    examples = [EXAMPLE, CoTExample("1 * 2", "", "2"), CoTExample("1 x 2", "", "3")]
+    with pytest.raises(ValueError, match=r"^example 3 \('1 x 2\|\| #### 3'\): symbol 'x' is not in the vocabulary"):
+        tokenize_examples(examples, multiplication_tokenizer())
+
+
 def test_sentencepiece_segments_decode_back():
     tok = kpro.Tokenizer(MISTRAL)
     for example in read_published("gsm8k", "test")[:40]:

@@ -499,4 +499,4 @@ def test_a_model_whose_tokenizer_lacks_a_symbol_is_refused(tmp_path, capsys):
     code = main(["internalize", "--task", "3x3", "--model", str(model_dir), "--out", str(tmp_path / "run"),
                  "--train-size", "16", "--eval-size", "4"])
     err = capsys.readouterr().err
-    assert code == 1 and "the training set: symbol '*' is not in the vocabulary" in err
+    assert code == 1 and "the training set: example 1 (" in err and "): symbol '*' is not in the vocabulary" in err

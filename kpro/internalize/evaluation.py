@@ -17,7 +17,7 @@ import torch
 from ..generation import generate
 from ..tokenizer import pad_left
 from .data import ANSWER_MARK, CoTExample
-from .tokenization import tokenize_example
+from .tokenization import tokenize_examples
 
 MARGIN_TOKENS = 8  # default max_new_tokens: the longest reference `cot <eos> #### answer <eos>` plus this
 
@@ -54,7 +54,7 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
-    tokenized = [tokenize_example(e, tokenizer, bos) for e in examples]
+    tokenized = tokenize_examples(examples, tokenizer, bos)
     longest_prompt, longest_reference = _longest(tokenized)
     if max_new_tokens is None:
         max_new_tokens = MARGIN_TOKENS + longest_reference
@@ -98,7 +98,7 @@ def check_evaluation_examples(examples, batch_size) -> list[CoTExample]:
 def evaluation_positions(examples, tokenizer, bos: bool = True) -> int:
     """Positions `evaluate` needs for `examples` with its default max_new_tokens: the longest prompt (a batch
     is padded to its longest) plus the longest reference `cot <eos> #### answer <eos>` plus MARGIN_TOKENS."""
-    return sum(_longest([tokenize_example(e, tokenizer, bos) for e in examples])) + MARGIN_TOKENS
+    return sum(_longest(tokenize_examples(examples, tokenizer, bos))) + MARGIN_TOKENS
 
 
 def _longest(tokenized) -> tuple[int, int]:
