@@ -408,6 +408,19 @@ def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
     assert "internalized, valid: accuracy" in printed and "test:" not in printed
 
 
+def test_a_baseline_of_its_own_length_takes_any_removal_rate(tmp_path, capsys):
+    # --remove-per-epoch 9 in an epoch of 4 steps would remove more than a token per step: refused where the
+    # schedule is used (ICoT-SI, a baseline's default length), not for a baseline of --steps 6.
+    out = tmp_path / "explicit"
+    assert main(["internalize", "--task", "3x3", "--out", str(out), "--no-removal", *TINY,
+                 "--remove-per-epoch", "9"]) == 0
+    assert "explicit CoT, test: accuracy" in capsys.readouterr().out
+    at = TINY.index("--steps")
+    assert main(["internalize", "--task", "3x3", "--out", str(tmp_path / "default"), "--no-cot", *TINY[:at],
+                 *TINY[at + 2:], "--remove-per-epoch", "9"]) == 1
+    assert "or pass --steps (a baseline's default length follows the schedule)" in capsys.readouterr().err
+
+
 def test_the_command_decays_the_learning_rate_over_its_last_steps(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY, "--decay-steps", "3"]) == 0

@@ -180,11 +180,16 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
     steps_per_epoch = args.steps_per_epoch or len(tokenized) // args.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{len(tokenized)} training examples do not fill one batch of {args.batch_size}")
-    if round(steps_per_epoch / args.remove_per_epoch) < 1:
+    baseline = args.no_removal or args.no_cot
+    # A baseline removes nothing by the schedule: it needs one only for its default length.
+    needs_schedule = not baseline or (args.steps is None and args.epochs is None)
+    if needs_schedule and round(steps_per_epoch / args.remove_per_epoch) < 1:
         raise ValueError(f"--remove-per-epoch {args.remove_per_epoch:g} would remove more than one token per step in an "
-                         f"epoch of {steps_per_epoch} steps; lower it, or lengthen the epoch with --steps-per-epoch")
-    schedule = RemovalSchedule(steps_per_epoch, args.remove_per_epoch, args.smoothing_lambda, args.remove_all_after)
-    steps = _total_steps(args, schedule, max(example.cot_length for example in tokenized))
+                         f"epoch of {steps_per_epoch} steps; lower it, or lengthen the epoch with --steps-per-epoch"
+                         + (", or pass --steps (a baseline's default length follows the schedule)" if baseline else ""))
+    schedule = (RemovalSchedule(steps_per_epoch, args.remove_per_epoch, args.smoothing_lambda, args.remove_all_after)
+                if needs_schedule else None)
+    steps = _total_steps(args, steps_per_epoch, schedule, max(example.cot_length for example in tokenized))
     removal = NO_REMOVAL if args.no_removal else REMOVE_EVERYTHING if args.no_cot else schedule
     lr = args.lr or (PRETRAINED_LR if args.model is not None else SCRATCH_LR)
     if args.warmup_steps + args.decay_steps > steps:
@@ -212,11 +217,11 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
                         precision=args.precision)
 
 
-def _total_steps(args, schedule: RemovalSchedule, longest_cot: int) -> int:
+def _total_steps(args, steps_per_epoch: int, schedule: RemovalSchedule | None, longest_cot: int) -> int:
     if args.steps is not None:
         return args.steps
     if args.epochs is not None:
-        return max(1, round(args.epochs * schedule.steps_per_epoch))
+        return max(1, round(args.epochs * steps_per_epoch))
     tokens = longest_cot if args.remove_all_after is None else min(longest_cot, args.remove_all_after + 1)
     return tokens * schedule.steps_per_token + schedule.steps_per_epoch
 
