@@ -450,6 +450,7 @@ def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, c
     (["--task", "3x3", "--epochs", "2"], "pass --steps or --epochs, not both"),
     (["--task", "3x3", "--smoothing-lambda", "0"], "--smoothing-lambda must be > 0"),
     (["--task", "3x3", "--remove-all-after", "-1"], "--remove-all-after must be >= 0"),
+    (["--task", "3x3", "--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--task", "3x3", "--decay-steps", "-1"], "--decay-steps must be >= 0"),
     (["--task", "3x3", "--decay-steps", "7"], "--warmup-steps 0 and --decay-steps 7 together are longer than the "
                                               "run (6 steps)"),

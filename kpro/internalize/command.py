@@ -367,6 +367,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--decay-steps must be >= 0 (0: a constant learning rate), got {args.decay_steps}")
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0 (0: no warmup), got {args.warmup_steps}")
+    if args.seed < 0:  # kpro.train.Batches shuffles with it: refused here, before data and model are made
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.remove_all_after is not None and args.remove_all_after < 0:
         raise ValueError(f"--remove-all-after must be >= 0, got {args.remove_all_after}")
     if not args.smoothing_lambda > 0:
