@@ -421,6 +421,16 @@ def test_a_baseline_of_its_own_length_takes_any_removal_rate(tmp_path, capsys):
     assert "or pass --steps (a baseline's default length follows the schedule)" in capsys.readouterr().err
 
 
+def test_the_help_says_validation_runs_every_epoch_by_default(tmp_path, capsys):
+    # --select-best, on by default, evaluates every epoch without --eval-every, whose help said "never".
+    assert main(["internalize", "--task", "3x3", "--out", str(tmp_path / "run"), *TINY]) == 0
+    assert "step 4: valid accuracy" in capsys.readouterr().out  # the epoch is 4 steps
+    with pytest.raises(SystemExit):
+        main(["internalize", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "every N steps (default: every epoch under --select-best," in shown
+
+
 def test_the_command_decays_the_learning_rate_over_its_last_steps(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY, "--decay-steps", "3"]) == 0

@@ -128,9 +128,11 @@ def add_parsers(sub) -> None:
     train.add_argument("--keep-last", type=int, default=2, metavar="K", help="checkpoints to keep (default 2)")
 
     run = p.add_argument_group("evaluation and hardware")
-    run.add_argument("--eval-every", type=int, metavar="N", help="report validation accuracy every N steps (default: never)")
+    run.add_argument("--eval-every", type=int, metavar="N",
+                     help="report validation accuracy every N steps (default: every epoch under --select-best, the "
+                          "default for ICoT-SI and --no-cot; never otherwise)")
     run.add_argument("--eval-examples", type=int, default=200, metavar="N",
-                     help="validation examples for --eval-every (the first N; default 200)")
+                     help="validation examples for --eval-every and --select-best (the first N; default 200)")
     run.add_argument("--eval-batch-size", type=int, default=256, metavar="B",
                      help="rows decoded at once in evaluation (default 256)")
     add_device_argument(run)
