@@ -163,6 +163,10 @@ def test_a_byte_order_mark_is_not_part_of_the_first_symbol(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("\ufeff1 2 * 3 4||5 6 #### 7 8\n9 9 * 1 1||2 #### 3\n", encoding="utf-8")
     assert read_examples(path)[0] == CoTExample("1 2 * 3 4", "5 6", "7 8")
+    # One further on (two such files joined with cat) was kept in the line: '\ufeff9' became a symbol of its own.
+    path.write_text("\ufeff1 2 * 3 4||5 6 #### 7 8\n\ufeff9 9 * 1 1||2 #### 3\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=rf"{path}:2: a byte-order mark \(U\+FEFF\) inside the text"):
+        read_examples(path)
 
 
 def test_limit_takes_the_first_examples_and_refuses_nonsense(tmp_path):

@@ -38,6 +38,9 @@ class CoTExample:
 def parse_line(line: str) -> CoTExample:
     """`input||cot #### answer` -> CoTExample; DataFormatError says what is wrong with the line."""
     text = line.rstrip("\r\n")
+    if "\ufeff" in text:  # invisible, and not whitespace: it would become part of a symbol
+        raise DataFormatError("a byte-order mark (U+FEFF) inside the text, as files joined with `cat` leave at "
+                              "each file's start; remove it")
     if text.count(INPUT_END) != 1:
         raise DataFormatError(f"expected one {INPUT_END!r} after the input, found {text.count(INPUT_END)}")
     source, target = text.split(INPUT_END)
@@ -56,7 +59,7 @@ def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[CoT
     """Every example of a file (the first `limit`), in order; blank lines are skipped.
 
     A bad line raises DataFormatError `path:line: what is wrong`. A UTF-8 byte-order mark at the start is
-    not part of the first symbol.
+    not part of the first symbol; one further on (files joined with `cat`) is refused.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be an integer >= 0, or None for every example; got {limit!r}")
