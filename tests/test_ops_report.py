@@ -1,5 +1,9 @@
 """The readers and checks of kpro/ops/report.py on small synthetic compiler output, so that the GPU compile
 test (tests/test_triton_gpu_compile.py) is shown able to fail. No compilation here: fast, no GPU backend."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from kpro.ops import report
@@ -134,3 +138,29 @@ def test_each_check_fails_a_bad_record_and_passes_a_good_one(check, bad, fine):
     assert check(record(**bad))
     assert check(record(**fine)) is None
     assert report.problems([record(**fine)], [check]) == []
+
+
+def launch_specialisations(cases: str) -> list[str]:
+    """`arch kernel constexpr_1` of every launch the report records for the standard cases whose name starts
+    with `cases`, in a process without TRITON_INTERPRET (under it the launchers would run the kernels)."""
+    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no NVIDIA backend")
+    code = f"""
+from kpro.ops import report
+for arch in (80, 90):
+    cases = [case for case in report.standard_cases() if case.name.startswith({cases!r})]
+    for launch in report.capture(cases, report.TARGETS[arch]):
+        summary = report.specialisation_summary(report.specialise(launch, report.TARGETS[arch]))
+        print(arch, report.kernel_name(launch.kernel), ",".join(summary["constexpr_1"]) or "-")
+"""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def test_the_cross_entropy_forward_is_compiled_with_its_vocabulary_loop():
+    """At a training batch's row count each program of the fused loss's forward loops over several vocabulary
+    tiles; at 64 rows it took one, and Triton compiled the loop bound as the constant 1."""
+    launches = launch_specialisations("linear_cross_entropy")
+    forward = [line for line in launches if " linear_cross_entropy.forward " in line]
+    assert len(forward) == 4 and not [line for line in forward if "tiles_per_split" in line], launches

@@ -400,15 +400,20 @@ def swiglu_case(width: int, packed: bool, dtype=torch.bfloat16) -> Case:
 
 
 def linear_cross_entropy_case(vocab: int, dim: int, dtype=torch.bfloat16) -> Case:
-    """Forward and backward (trainable head) of the fused loss over 64 rows: the kernels' code does not
-    depend on the row count, and the backward's matmuls run here on the CPU, so they stay small. A vocabulary
-    not a multiple of 16 is unaligned (widths are: every LLaMA's hidden size is a multiple of 64)."""
+    """The forward of the fused loss over 8192 rows and its backward (trainable head) over 64. The forward
+    splits the vocabulary among as many programs as the GPU holds, so its row count decides how many
+    vocabulary tiles a program loops over (`tiles_per_split`): with as few rows as 64 each program takes one,
+    and Triton compiles that 1 as a constant, without the loop a training batch runs. The backward's launch
+    specialises alike at 64 rows and at 8192 (row counts divisible by 16, one vocabulary slice at these
+    vocabularies), and its matmuls run here on the CPU, so its rows stay few. A vocabulary not a multiple
+    of 16 is unaligned (widths are: every LLaMA's hidden size is a multiple of 64)."""
     def run():
         from .triton_kernels import linear_cross_entropy
-        hidden, weight = torch.randn(64, dim, dtype=dtype), torch.randn(vocab, dim, dtype=dtype)
-        labels = torch.randint(0, vocab, (64,))
-        loss, lse = linear_cross_entropy.forward(hidden, weight, labels, -100)
-        linear_cross_entropy.backward(torch.ones_like(loss), hidden, weight, labels, lse, -100, True, True)
+        hidden, weight = torch.randn(8192, dim, dtype=dtype), torch.randn(vocab, dim, dtype=dtype)
+        labels = torch.randint(0, vocab, (8192,))
+        linear_cross_entropy.forward(hidden, weight, labels, -100)
+        linear_cross_entropy.backward(torch.ones(64), hidden[:64], weight, labels[:64], torch.zeros(64), -100, True,
+                                      True)
 
     return Case(f"linear_cross_entropy {TYPE_NAMES[dtype]} vocab {vocab} d{dim}", dtype, run)
 
