@@ -164,3 +164,14 @@ def test_the_cross_entropy_forward_is_compiled_with_its_vocabulary_loop():
     launches = launch_specialisations("linear_cross_entropy")
     forward = [line for line in launches if " linear_cross_entropy.forward " in line]
     assert len(forward) == 4 and not [line for line in forward if "tiles_per_split" in line], launches
+
+
+def test_only_refuses_a_text_no_case_name_contains(monkeypatch, capsys):
+    """A misspelt --only was an empty report: 0 compilations, 0 problems, exit status 0."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for only in (["--only", "rmsnorm"], ["--only", "rms_norm", "--only", "rmsnorm"]):  # each TEXT must match
+        with pytest.raises(SystemExit) as exit_:
+            report.main([*only, "--workers", "1"])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err
+        assert "--only 'rmsnorm': no case name contains it" in error and "rms_norm bf16 width 4096" in error

@@ -765,11 +765,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     started = time.perf_counter()
 
-    def cases_for(arch: int) -> list[Case]:
-        cases = standard_cases() + (candidate_cases(arch) if args.candidates else [])
-        return [case for case in cases if not args.only or any(text in case.name for text in args.only)]
+    archs = args.arch or [90]
 
-    records = report(args.arch or [90], cases_for, args.workers, args.unspecialised)
+    def all_cases(arch: int) -> list[Case]:
+        return standard_cases() + (candidate_cases(arch) if args.candidates else [])
+
+    def cases_for(arch: int) -> list[Case]:
+        return [case for case in all_cases(arch) if not args.only or any(text in case.name for text in args.only)]
+
+    names = {case.name for arch in archs for case in all_cases(arch)}
+    unmatched = [text for text in args.only or [] if not any(text in name for name in names)]
+    if unmatched:
+        parser.error(f"--only {', '.join(map(repr, unmatched))}: no case name contains it; the cases are "
+                     + "; ".join(case.name for case in standard_cases())
+                     + ("" if args.candidates else " (--candidates adds their autotuning candidates)"))
+    records = report(archs, cases_for, args.workers, args.unspecialised)
     if args.json:
         for entry in records:
             print(json.dumps(entry), flush=True)
