@@ -59,13 +59,23 @@ def test_loops_are_found_by_their_backward_branches():
 def test_the_hot_loop_counts_one_iteration():
     (loop,) = report.hot_loops(PTX)
     assert {key: loop[key] for key in report.LOOP_COLUMNS} == {
-        "tensor_core": 2, "ld_shared": 1, "st_shared": 1, "ldmatrix": 1, "stmatrix": 0, "cp_async": 1, "ld_global": 0}
+        "tensor_core": 2, "ld_shared": 1, "st_shared": 1, "ldmatrix": 1, "stmatrix": 0, "cp_async": 1, "tma": 0,
+        "ld_global": 0}
 
 
 def test_without_tensor_cores_the_largest_innermost_loop_is_reported():
     ptx = PTX.replace("mma.sync", "fma.rn")
     (loop,) = report.hot_loops(ptx)
     assert loop["tensor_core"] == 0 and loop["ldmatrix"] == 1
+
+
+def test_the_table_counts_the_tma_copies_of_the_hot_loop():
+    """On sm_90a the attention loops load their tiles with TMA: the table's loop column showed no copy and no
+    global load in them."""
+    tma = "cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r6], [%rd3, {%r7, %r8}], [%r9];"
+    ptx = PTX.replace("cp.async.cg.shared.global [ %r6 + 0 ], [ %rd3 + 0 ], 0x10, %r7;", tma)
+    assert report.main_loop({"loops": report.hot_loops(ptx)}) == "2/1/1/1/0/0/1/0"
+    assert report.COLUMNS[-1] == "loop tc/lds/sts/ldm/stm/cp/tma/ldg"
 
 
 def test_memory_access_widths_and_pipelining():

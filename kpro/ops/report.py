@@ -25,8 +25,8 @@ What each number of a record predicts:
   computes the current ones, instead of waiting for each load.
 - loops: for each innermost loop of the PTX (found by its backward branch) that issues tensor-core
   instructions (else the largest innermost loop), the instructions of one iteration: tensor-core ops,
-  ld.shared / st.shared, ldmatrix / stmatrix, cp.async, global loads. Static counts: a branch inside
-  the body may skip some.
+  ld.shared / st.shared, ldmatrix / stmatrix, cp.async, TMA copies, global loads. Static counts: a
+  branch inside the body may skip some.
 - specialisation: which integer and pointer arguments Triton marked divisible by 16 and which became
   the constant 1 at this launch (`--unspecialised` compiles without both, as a check that ignored the
   launch did before, for comparison only).
@@ -695,7 +695,7 @@ def widths(histogram: dict) -> str:
     return " ".join(f"{size}B×{count}" for size, count in histogram.items()) or "-"
 
 
-LOOP_COLUMNS = ("tensor_core", "ld_shared", "st_shared", "ldmatrix", "stmatrix", "cp_async", "ld_global")
+LOOP_COLUMNS = ("tensor_core", "ld_shared", "st_shared", "ldmatrix", "stmatrix", "cp_async", "tma", "ld_global")
 
 
 def main_loop(record: dict) -> str:
@@ -707,7 +707,7 @@ def main_loop(record: dict) -> str:
 
 
 COLUMNS = ("kernel", "cases", "flags", "tiles", "div16", "=1", "shared KiB", "regs", "spill B", "blocks/SM", "dots",
-           "global ld", "cp.async", "pipelined", "loop tc/lds/sts/ldm/stm/cp/ldg")
+           "global ld", "cp.async", "pipelined", "loop tc/lds/sts/ldm/stm/cp/tma/ldg")
 
 
 def table_row(record: dict) -> list[str]:
