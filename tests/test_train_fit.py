@@ -804,8 +804,10 @@ def test_a_per_process_batch_that_does_not_split_is_named_as_this_process_rows()
 
 
 def test_the_logged_loss_does_not_depend_on_how_the_batch_is_split(tmp_path):
-    """float64 weights: one micro-batch or four give the same weights to 1e-15, and now the same logged loss
-    (summed in float32 before, it differed in the 7th digit)."""
+    """float64 weights: one micro-batch or four give the same weights, and now the same logged loss (summed in
+    float32 before, it differed in the 7th digit). The weights to 1e-10 relative: the split changes the
+    gradients' summation order, and AdamW's division by sqrt(v) magnifies that rounding in an element whose
+    gradient is tiny (8e-12 relative was seen on a loaded machine; float32 gradients would be off by 1e-7)."""
     runs = [kt.fit(make_model().double(), batches(), tmp_path / str(accum), steps=2, lr=1e-2, grad_accum=accum)
             for accum in (1, 4)]
     want, got = losses(tmp_path / "1"), losses(tmp_path / "4")
@@ -813,4 +815,4 @@ def test_the_logged_loss_does_not_depend_on_how_the_batch_is_split(tmp_path):
     for (_, a), (_, b) in zip(got, want):
         assert a == pytest.approx(b, rel=1e-13, abs=0)
     for x, y in zip(runs[0].model.parameters(), runs[1].model.parameters()):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-13)
