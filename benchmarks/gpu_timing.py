@@ -21,7 +21,8 @@ L2_FLUSH_BYTES = 256 * 2**20
 
 
 @functools.cache
-def _flush_buffer(device_index: int) -> torch.Tensor:
+def flush_buffer(device_index: int) -> torch.Tensor:
+    """The 256 MB buffer written before each timed call, allocated once per device and kept."""
     return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=torch.device("cuda", device_index))
 
 
@@ -31,7 +32,7 @@ def cuda_times(fn, *, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: 
 
     `fn` must not synchronise (a `.item()`, a `print` of a tensor) or the host time it waits is measured
     too; gradients it accumulates should be reset inside it (`t.grad = None`), as a training step does."""
-    buffer = _flush_buffer(torch.cuda.current_device()) if flush else None
+    buffer = flush_buffer(torch.cuda.current_device()) if flush else None
 
     def timed_calls(count: int) -> list[float]:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]

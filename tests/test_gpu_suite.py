@@ -357,3 +357,21 @@ def test_cuda_event_times_become_the_benchmark_rounds(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pytest", str(test), "-q", "-p", "no:cacheprovider",
                            f"--rootdir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_flush_buffer_is_resident_before_the_first_case():
+    """On a (pretended) GPU the benchmarks' device fixture allocates the timing's L2-flush buffer, so that the
+    first timed case does not count its 256 MB in its step peak (expansion, Bitune measure memory allocated
+    during the timed steps above what was resident before them); run in a child to keep conftest apart."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import conftest as bench
+        allocated = []
+        bench.flush_buffer = allocated.append
+        torch.cuda.is_available = lambda: True
+        torch.cuda.current_device = lambda: 3
+        assert bench.session_device().type == "cuda" and allocated == [3], allocated
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
