@@ -375,3 +375,30 @@ def test_the_flush_buffer_is_resident_before_the_first_case():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_training_benchmark_loops_compute_the_same_loss(tmp_path):
+    """benchmarks/test_train.py times fit against a hand-written loop to measure fit's bookkeeping: both must
+    compute the loss the same way (fit's default, kpro.ops.linear_cross_entropy from the hidden states), or
+    the figures compare two loss implementations; run in a child to keep benchmarks/conftest.py apart."""
+    script = textwrap.dedent(f"""
+        import io, sys, torch
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import test_train as bench
+        import kpro
+        from kpro import ops, train as kt
+        calls, real = [], ops.linear_cross_entropy
+        ops.linear_cross_entropy = lambda *a, **k: calls.append(1) or real(*a, **k)
+        cfg = kpro.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=64, max_position_embeddings=16)
+        rows = kt.pack_documents([list(range(3, 60))] * 4, 16, eos_id=2)
+        cpu = torch.device("cpu")
+        _, losses = bench.plain_loop(bench.fresh_model(cfg, cpu), kt.Batches(rows, 2, seed=0), 1, cpu)
+        loop_calls = len(calls)
+        fit = kt.fit(bench.fresh_model(cfg, cpu), kt.Batches(rows, 2, seed=0), {str(tmp_path / 'run')!r}, steps=1,
+                     stream=io.StringIO())
+        assert loop_calls == len(calls) - loop_calls == 1, (loop_calls, len(calls))
+        assert abs(losses[0] - fit.metrics["loss"]) <= 1e-5 * abs(losses[0]), (losses, fit.metrics)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
