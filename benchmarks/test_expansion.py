@@ -1,7 +1,7 @@
 """Training only the new blocks of an expanded model (LLaMA Pro: 32 blocks + 8 interleaved): saved activation
 bytes and step time of kpro.train_only against plain eager PyTorch with requires_grad_(False).
 
-    pytest --benchmark -k expansion
+    pytest --benchmark -k expansion_step
 
 Implementations, on the same weights:
     eager            the gpt-fast-style PyTorch LLaMA (llama_baseline.py), frozen parameters requires_grad_(False)

@@ -3,7 +3,7 @@ fp32 cross-entropy, backward, clipping, AdamW), on packed random tokens. Both co
 default (`lm_loss`: kpro.ops.linear_cross_entropy from the final hidden states, no logits), so the figures
 compare fit's bookkeeping, not two ways of computing the loss.
 
-    pytest --benchmark -k train
+    pytest --benchmark -k train_throughput
 
 The timed call is `steps` optimizer steps (for fit, with its final checkpoint, which is part of its cost);
 `extra_info` holds the steady-state tokens/s (median over steps after the first, checkpoint excluded) and,

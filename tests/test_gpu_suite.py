@@ -1,11 +1,14 @@
 """The GPU suite (benchmarks/gpu_suite.sh, gpu_suite.py) and the GPU timing of the benchmarks, on the CPU:
 the scripts are well formed, `--list` and the no-CUDA refusal, stage bookkeeping and resuming with fake
 stages and a real pytest child, the autotune winner rule and sweep summary on fake timings, the Markdown
-report on a fake result, and the replay of CUDA-event times into pytest-benchmark's statistics."""
+report on a fake result, the replay of CUDA-event times into pytest-benchmark's statistics, the L2-flush
+buffer allocated before any case, the training benchmark's two loops computing one loss, and the `-k`
+keywords of docs/benchmarks.md each selecting its suite's file only."""
 import importlib.util
 import json
 import os
 import py_compile
+import re
 import subprocess
 import sys
 import textwrap
@@ -402,3 +405,36 @@ def test_the_training_benchmark_loops_compute_the_same_loss(tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_each_suite_keyword_of_the_docs_selects_its_file_only():
+    """docs/benchmarks.md's table names each suite by the `-k` keyword that runs it: `pytest --benchmark -k KW`
+    must collect that file's cases and no other file's (`-k train` also ran every case with "train" in its
+    name: train_only, training steps). Collected in one child, one pytest.main per keyword."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    table = text.split("| suite (`-k`) |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    rows = [re.match(r"\| `([^`]+)` \(`(test_\w+\.py)`\) \|", line) for line in table]
+    assert rows and all(rows), table
+    suites = {row[1]: row[2] for row in rows}
+    assert sorted(suites.values()) == sorted(p.name for p in BENCHMARKS.glob("test_*.py"))
+    script = textwrap.dedent("""
+        import json, sys
+        import pytest
+
+        class Files:
+            files = None
+
+            def pytest_collection_finish(self, session):
+                self.files = sorted({item.nodeid.split("::")[0].rsplit("/", 1)[-1] for item in session.items})
+
+        found = {}
+        for keyword in sys.argv[1:]:
+            plugin = Files()
+            pytest.main(["--benchmark", "--collect-only", "-q", "-p", "no:cacheprovider", "-k", keyword], plugins=[plugin])
+            found[keyword] = plugin.files
+        print("FOUND " + json.dumps(found))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, *suites], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    found = json.loads(done.stdout.split("FOUND ", 1)[1]) if "FOUND " in done.stdout else None
+    assert found == {keyword: [file] for keyword, file in suites.items()}, done.stdout[-3000:] + done.stderr[-3000:]
