@@ -438,3 +438,43 @@ def test_each_suite_keyword_of_the_docs_selects_its_file_only():
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
     found = json.loads(done.stdout.split("FOUND ", 1)[1]) if "FOUND " in done.stdout else None
     assert found == {keyword: [file] for keyword, file in suites.items()}, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_ratios_can_compare_a_time_other_than_the_median():
+    """record_ratios(seconds=...) compares the given times, not the timed calls' medians: test_train.py's fit
+    round holds a final checkpoint that the hand-written loop's does not, so its ratio is of steady-state
+    steps; run in a child to keep benchmarks/conftest.py apart."""
+    script = textwrap.dedent(f"""
+        import sys, types
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import conftest as bench
+
+        def row(median):
+            stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=median))
+            return types.SimpleNamespace(stats=stats, enabled=True, group="train cpu-small", name="x", extra_info={{}})
+
+        fit, loop = row(2.0), row(1.7)  # rounds: fit's with its checkpoint
+        bench.record_ratios(fit, "fit", ours=True, seconds=0.30)
+        bench.record_ratios(loop, "plain-loop", ours=False, seconds=0.33)
+        assert fit.extra_info == {{"time_over_plain-loop": round(0.30 / 0.33, 3)}}, fit.extra_info
+        untimed = row(None)
+        untimed.stats, untimed.enabled, untimed.group = None, False, "other"
+        bench.record_ratios(untimed, "fit", ours=True, seconds=0.3)
+        assert untimed.extra_info == {{}}
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_markdown_ratio_of_the_training_loops_is_of_steady_state_steps():
+    """fit's timed round writes a final checkpoint that the hand-written loop's does not: the report's ratio
+    is the one the case recorded (time_over_plain-loop, of steady-state steps), not of the round medians."""
+    case = lambda impl, median, **info: dict(
+        id=f"benchmarks/test_train.py::test_train_throughput[gpu-1b-{impl}]", outcome="passed", params={"impl": impl},
+        group="train gpu-1b", stats={"median": median, "rounds": 1}, extra_info=dict(info, tokens_per_s=1000))
+    report = fake_report()
+    report["stages"]["benchmarks"]["cases"] = [case("fit", 30.0, **{"time_over_plain-loop": 0.98}),
+                                               case("plain-loop", 10.0)]
+    rows = [line for line in suite.render_markdown(report).splitlines() if line.startswith("| train gpu-1b")]
+    assert [row.split(" | ")[1] for row in rows] == ["plain-loop", "fit"]
+    assert "| 0.98 (fit) |" in rows[0]
