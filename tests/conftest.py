@@ -13,6 +13,14 @@ from kpro.ops.backend import interpreter_bf16_problem  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
+# Under pytest-xdist (`pytest -n auto`) each worker takes its share of the cores for torch's threads, and the
+# child pytest processes some tests start must not take themselves for workers (pytest-benchmark would
+# switch itself off in them).
+XDIST_WORKERS = int(os.environ.pop("PYTEST_XDIST_WORKER_COUNT", "0"))
+if XDIST_WORKERS:
+    os.environ.pop("PYTEST_XDIST_WORKER", None)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
+
 
 if not CUDA:
     # kpro fixes the interpreter (bfloat16; loop bounds on Triton 3.6 with numpy >= 2.4) when its triton
@@ -21,9 +29,26 @@ if not CUDA:
     interpreter_bf16_problem()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Whole files to a worker (a module's fixtures, such as the real model, are built once), in the order
+    collected (below: the compile report's file first, so its minutes overlap the other worker's tests)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if XDIST_WORKERS:  # a stable sort: the rest keep their order
+        items.sort(key=lambda item: item.path.name != "test_triton_gpu_compile.py")
+
+
 def pytest_collection_finish(session):
     # The compile report takes minutes of one core: start it now, beside the tests that run before its own.
-    if any(item.path.name == "test_triton_gpu_compile.py" for item in session.items):
+    # Under xdist the worker whose file it is starts it when that file's test runs, the other worker's
+    # tests beside it.
+    if not XDIST_WORKERS and any(item.path.name == "test_triton_gpu_compile.py" for item in session.items):
         import importlib.util
 
         if importlib.util.find_spec("triton.backends.nvidia") is not None:

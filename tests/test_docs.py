@@ -365,9 +365,13 @@ def exact_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# pytest-xdist's, from the `test` extra: known where it is not installed too (the GPU machine has none).
+XDIST_OPTIONS = frozenset({"-n", "--numprocesses", "--dist"})
+
+
 def known_pytest_option(arg: str) -> bool:
     name = arg.split("=", 1)[0]
-    if name in pytest_options():
+    if name in pytest_options() or name in XDIST_OPTIONS:
         return True
     # Short flags run together: -sq, -xvs.
     return bool(re.fullmatch(r"-[A-Za-z]{2,}", name)) and all(f"-{c}" in pytest_options() for c in name[1:])
