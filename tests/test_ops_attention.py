@@ -2,6 +2,8 @@
 
 fp32 must match to 1e-4 relative (output and every gradient); half types must stay within 2x the
 error of the plain PyTorch computation (explicit scores, softmax, weighted sum) in the same dtype."""
+import sys
+
 import pytest
 import torch
 
@@ -119,7 +121,9 @@ def test_fp32_matches_float64(backend, device, case):
     got = run(with_backend(backend, **kwargs), ins, dout)
     for name, out, expected in zip(("out", "dq", "dk", "dv"), got, ref):
         assert out.dtype == torch.float32
-        assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
+        # The floor judges a gradient that vanishes exactly (one_token: one key, so dQ = dK = 0 from the
+        # cancelling dP - Δ, terms of size ~1 here) against that size: fp32 leaves ~1e-7 of it (SDPA on CUDA).
+        assert relative_error(out, expected, floor=1e-2) <= 1e-4, name
 
 
 @pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[2:3])
@@ -284,7 +288,7 @@ def test_a_nan_reaches_exactly_the_gradients_of_what_its_rows_touch(backend, dev
             assert not grad[0, :, 0].isnan().any(), f"{name} of the other head"
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices()[:3])  # attention has no CUDA C++ kernel
 def test_every_backend_takes_the_autocast_dtype_as_sdpa_does(backend, device):
     """Under bf16 autocast: fp32 inputs gave bf16 on the torch backend (SDPA) and fp32 on Triton, and fp32
     q, k beside a bf16 v (transformers' RoPE under autocast) were refused. Now all are cast, as SDPA's are."""
@@ -297,6 +301,24 @@ def test_every_backend_takes_the_autocast_dtype_as_sdpa_does(backend, device):
     if backend == "torch":  # the one backend that takes float64, which autocast leaves alone
         with ops.backend(backend), torch.autocast(device, torch.bfloat16):
             assert ops.attention(q.double(), k.double(), v.double(), **kwargs).dtype == torch.float64
+
+
+def test_the_torch_backend_computes_outside_autocast(monkeypatch):
+    """CUDA autocast runs sums in fp32, so the NaN sanitising returned fp32 from bf16 inputs under it (seen
+    on an H200). CPU autocast does not, so this checks the cause on the CPU: no part of the torch backend
+    runs with autocast on (its inputs are cast once, at the entry point)."""
+    attention_module = sys.modules["kpro.ops.attention"]  # kpro.ops.attention is the function
+    seen = []
+    for name in ("_sdpa", "with_nan_gradients", "rows_seeing_nan"):
+        def spy(*args, _original=getattr(attention_module, name), **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(attention_module, name, spy)
+    (q, k, v), _, _, kwargs = make_case("causal_gqa", torch.float32, "cpu")
+    k[0, 3, 1, 2] = float("nan")  # takes the sanitising path
+    with ops.backend("torch"), torch.autocast("cpu", torch.bfloat16):
+        out = ops.attention(q, k, v, **kwargs)
+    assert out.dtype == torch.bfloat16 and len(seen) == 3 and not any(seen)
 
 
 @pytest.mark.parametrize("make_mask", [
@@ -389,7 +411,7 @@ def test_scale_must_be_a_finite_number_above_zero(backend, device):
         assert torch.equal(ops.attention(q, k, v, scale=torch.tensor(0.5)), ops.attention(q, k, v, scale=0.5))
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[3:])
+@pytest.mark.parametrize("backend, device", backend_devices()[1:2])  # the op's one kernel backend: Triton
 def test_opcheck_registration(backend, device):
     """The custom ops' fake and real outputs agree, their autograd registration holds up, and what they
     compute is attention (opcheck alone would pass a wrong kernel). Triton runs on the GPU or in the

@@ -162,7 +162,23 @@ def test_scale_must_be_a_finite_number_above_zero(backend, device):
             ops.bitune_attention(*args, scale=torch.tensor(0.2, requires_grad=True))
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[3:])
+@pytest.mark.parametrize("backend, device", backend_devices()[:3])
+def test_autocast_casts_the_streams_as_attention_does(backend, device):
+    """Under bf16 autocast, fp32 streams (and an fp32 query beside bf16 keys) are cast first: every backend
+    returns bf16, bit-equal to the call with bf16 inputs. Before, Triton ran them in fp32 and the torch
+    backend's output depended on the device's autocast rules."""
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    streams = [t.to(device) for t in tensors[:6]]
+    rest = [t.float().to(device) for t in tensors[6:]] + [plen.to(device), alen.to(device)]
+    with ops.backend(backend):
+        want = ops.bitune_attention(*(t.bfloat16() for t in streams), *rest)
+        with torch.autocast(torch.device(device).type, torch.bfloat16):
+            got = ops.bitune_attention(*streams[:4], streams[4].bfloat16(), streams[5], *rest)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[1:2])  # the op's one kernel backend: Triton
 def test_opcheck_registration(backend, device):
     """The custom ops' fake and real outputs agree, and their autograd registration holds up."""
     tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")

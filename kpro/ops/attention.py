@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import autocast_inputs, kernels, refuse_function_transforms, select
+from .backend import autocast_inputs, kernels, no_autocast, refuse_function_transforms, select
 
 
 MASK_RULE = "bool or 0/1 integers, 1 = real token, 0 = padding"
@@ -130,7 +130,15 @@ def attention_reference(q, k, v, causal=True, prefix_lens=None, attention_mask=N
     zeroed, and the rows that see one are set to NaN after (`rows_seeing_nan`); zeroing cuts the NaN's way
     into the gradients too, so `with_nan_gradients` puts it back where the rule says it goes. On the CPU
     in eager mode, inputs whose sums are finite (no NaN or infinity anywhere; one fast reduction each) take
-    SDPA alone; elsewhere the zeroing always runs, which needs no device sync."""
+    SDPA alone; elsewhere the zeroing always runs, which needs no device sync.
+
+    Runs with autocast off: the tensors are taken in their own dtypes (the entry points apply autocast to
+    their inputs first), and CUDA autocast would run the sanitising's sums in fp32 and so return fp32."""
+    with no_autocast(q):
+        return _sanitised_sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
+
+
+def _sanitised_sdpa(q, k, v, causal, prefix_lens, attention_mask, scale):
     if finite_on_cpu(q, k, v):
         return _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale)
     nan_q = ~q.isfinite().all(-1)  # [B, Tq, Hq]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_reference, finite_on_cpu, softmax_scale
-from .backend import kernels, refuse_function_transforms, select
+from .backend import autocast_inputs, kernels, refuse_function_transforms, select
 
 
 def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
@@ -24,7 +24,9 @@ def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens
     q_a [B, Ta, H, D], k_a/v_a [B, Ta, Hkv, D]; alpha_k, alpha_v 0-dim in [0, 1]; prompt_lens [B] in
     [0, Tp], answer_lens [B] in [1, Ta]. Returns (o_prompt [2, B, Tp, H, D], o_answer [B, Ta, H, D]).
     `check_values=False` skips `check_bitune_values` (one device sync on a GPU) for a caller that made
-    it already, as kpro.Bitune does once per forward rather than once per layer."""
+    it already, as kpro.Bitune does once per forward rather than once per layer. Under autocast the six
+    query, key and value tensors are cast to its dtype first, as `attention` and SDPA take theirs."""
+    q_p, k_p, v_p, q_a, k_a, v_a = autocast_inputs(q_p, k_p, v_p, q_a, k_a, v_a)
     check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens)
     if check_values:
         check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, q_p.shape[2], q_a.shape[1])
