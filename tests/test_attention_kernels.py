@@ -120,6 +120,30 @@ def test_tuned_winners_stand_only_for_the_triton_that_timed_them(monkeypatch):
     assert tiles.tile_config("dkdv", 128, BF16, 90) == (64, 64, 8, 2)
 
 
+def test_only_plain_attention_asks_for_the_tuned_winners(monkeypatch):
+    """The sweep times plain attention: its winners must not reach the dual pass's kernels, which hold more
+    per tile, until a sweep of theirs measures them (tuned=False there, the default elsewhere)."""
+    asked = []
+
+    def spy(module):
+        def block_sizes(kind, device, head_dim, dtype, tuned=True):
+            asked.append((module, kind, tuned))
+            return tiles.Tiles((16, 16, 4, 1))
+        return block_sizes
+
+    monkeypatch.setattr(triton_attention, "block_sizes", spy("attention"))
+    monkeypatch.setattr(triton_bitune, "block_sizes", spy("bitune"))
+    tensors, douts, *lens = make_bitune("gqa_mixed_lengths", torch.float32, "cpu")
+    run_bitune(fused("triton"), tensors, douts, lens, "cpu", torch.float32)
+    q, k, v = (torch.randn(1, 5, 2, 16, requires_grad=True) for _ in range(3))
+    with ops.backend("triton"):
+        ops.attention(q, k, v, causal=True).sum().backward()
+    assert {(module, kind) for module, kind, _ in asked} == {(m, k) for m in ("attention", "bitune")
+                                                             for k in tiles.KERNELS}
+    assert all(tuned == (module == "attention") for module, _, tuned in asked)
+    assert tiles.tile_config("dkdv", 128, BF16, 90, tuned=False) == tiles.default_tile_config("dkdv", 128, BF16, 90)
+
+
 # ------------------------------------------------------------------------------ program order
 
 @triton.jit
@@ -162,7 +186,7 @@ TILE_SETS = {
 def forced_interpreter_tiles(monkeypatch):
     """Make the launchers take the given (BLOCK_M, BLOCK_N) per kernel, as on a GPU."""
     def force(tile_set):
-        def block_sizes(kind, device, head_dim, dtype):
+        def block_sizes(kind, device, head_dim, dtype, tuned=True):
             return tiles.Tiles((*tile_set[kind], 4, 1))
         monkeypatch.setattr(triton_attention, "block_sizes", block_sizes)
         monkeypatch.setattr(triton_bitune, "block_sizes", block_sizes)

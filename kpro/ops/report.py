@@ -274,8 +274,8 @@ def launches_on(target: Target) -> Iterator[Recorder]:
     def run(kernel, *args, grid, warmup, **kwargs):  # stands in for JITFunction.run: record, do not launch
         recorder.record(kernel, args, kwargs)
 
-    def block_sizes(kind, device, head_dim, dtype):  # the launcher's own rule, asked for a GPU
-        return attention_tiles.block_sizes(kind, torch.device("cuda"), head_dim, dtype)
+    def block_sizes(kind, device, head_dim, dtype, tuned=True):  # the launcher's own rule, asked for a GPU
+        return attention_tiles.block_sizes(kind, torch.device("cuda"), head_dim, dtype, tuned)
 
     def program_count(t, work_items):
         return _launch.program_count(SimpleNamespace(device=torch.device("cuda")), work_items)

@@ -383,21 +383,26 @@ class Tiles(tuple):
         return tiles
 
 
-def block_sizes(kind: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> Tiles:
+def block_sizes(kind: str, device: torch.device, head_dim: int, dtype: torch.dtype, tuned: bool = True) -> Tiles:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one attention kernel launch on `device`. Small tiles
-    under the CPU interpreter, so that tests exercise many tiles and tails on short sequences."""
+    under the CPU interpreter, so that tests exercise many tiles and tails on short sequences. `tuned`:
+    whether TUNED_TABLE's winners apply (they were timed on plain attention; see tile_config)."""
     if device.type != "cuda":
         return Tiles((16, 16, 4, 1))
     major, minor = torch.cuda.get_device_capability(device)
     arch = 10 * major + minor
-    return Tiles(_forced[kind] if kind in _forced else tile_config(kind, head_dim, dtype, arch), arch)
+    return Tiles(_forced[kind] if kind in _forced else tile_config(kind, head_dim, dtype, arch, tuned), arch)
 
 
-def tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> tuple[int, int, int, int]:
+def tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
+                tuned: bool = True) -> tuple[int, int, int, int]:
     """The GPU tiles of `kind` for a head dim, dtype and compute capability (80, 90, ...): the GPU-measured
-    winner in TUNED_TABLE where there is one, else `default_tile_config`."""
-    tuned = tuned_table().get(tuned_key(kind, head_dim, dtype, arch))
-    return tuple(tuned) if tuned is not None else default_tile_config(kind, head_dim, dtype, arch)
+    winner in TUNED_TABLE where there is one and `tuned` is set, else `default_tile_config`. The sweep times
+    plain attention only, so the Bitune dual pass asks with tuned=False: its kernels hold more per tile
+    (Triton 3.6 spills in its dK/dV at tiles plain attention compiles cleanly) and keep the compiler-guided
+    defaults until a sweep of their own measures them."""
+    winner = tuned_table().get(tuned_key(kind, head_dim, dtype, arch)) if tuned else None
+    return tuple(winner) if winner is not None else default_tile_config(kind, head_dim, dtype, arch)
 
 
 @functools.cache  # read at every launch (tile_config, tuned_key); the installed version does not change

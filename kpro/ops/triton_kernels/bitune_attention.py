@@ -292,7 +292,7 @@ def forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_
     lse_a = torch.empty((batch, heads, ta), dtype=torch.float32, device=q_a.device)
     within_32bit_rows("bitune_attention", q_p[0], k_p[0], q_a, k_a)  # contiguous already: refuses, never copies
     a_k, a_v = _alphas(alpha_k, alpha_v)
-    tiles = block_sizes("forward", q_a.device, dim, q_a.dtype)
+    tiles = block_sizes("forward", q_a.device, dim, q_a.dtype, tuned=False)  # defaults: tile_config
     block_m, block_n, warps, stages = tiles
     with device_guard(q_a), launch_errors("bitune_attention"):
         k_mix, v_mix = mixed_cache(k_p, v_p, a_k, a_v)
@@ -326,8 +326,8 @@ def backward(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_
     dk_mix = torch.empty(k_p.shape[1:], dtype=torch.float32, device=k_p.device)  # the answer's, unscaled
     dv_mix = torch.empty_like(dk_mix)
     a_k, a_v = _alphas(alpha_k, alpha_v)
-    dkdv_tiles = block_sizes("dkdv", q_a.device, dim, q_a.dtype)
-    dq_tiles = block_sizes("dq", q_a.device, dim, q_a.dtype)
+    dkdv_tiles = block_sizes("dkdv", q_a.device, dim, q_a.dtype, tuned=False)
+    dq_tiles = block_sizes("dq", q_a.device, dim, q_a.dtype, tuned=False)
     mixed_tiles = triton.cdiv(tp, dkdv_tiles[1]) * batch * kv_heads
     partials = torch.empty((mixed_tiles, 2), dtype=torch.float32, device=q_a.device)  # dα_k, dα_v per key tile
     lens = (_lens(prompt_lens, q_a), _lens(answer_lens, q_a))
