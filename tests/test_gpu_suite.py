@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -186,6 +187,22 @@ def test_benchmark_priority_puts_the_goal_cases_first():
                 {"seq": 16384, "dim": 128, "mask": "causal"}),
             key("benchmarks/test_train.py::test_train_throughput[gpu-1b-fit]", {"size": "gpu-1b"})]
     assert max(goal) < min(middle) and max(middle) < min(late)
+
+
+def test_the_slow_cuda_tests_run_after_the_quick_ones(tmp_path):
+    """The plugin's tests order: every op's quick tests before the GPU-size and compilation ones."""
+    names = ["tests/test_attention_kernels.py::test_gpu_paths_at_gpu_sizes[causal_long_gqa-tma]",
+             "tests/test_ops_attention.py::test_gpu_tiles_match_float64[full_d96-torch.float32]",
+             "tests/test_ops_attention.py::test_fp32_matches_float64[one_token-torch-cuda]",
+             "tests/test_ops_backend.py::test_model_compiles_on_gpu_with_each_backend[torch]",
+             "tests/test_ops_rms_norm.py::test_forward_backward[cuda-cuda]",
+             "tests/test_attention_kernels.py::test_bitune_at_the_benchmark_size[tma]",
+             "tests/test_ops_swiglu.py::test_forward_backward[cuda-cuda]"]
+    items = [SimpleNamespace(nodeid=name) for name in names]
+    plugin = suite.SuitePlugin(tmp_path / "tests.jsonl", deadline=float("inf"), order="tests")
+    config = SimpleNamespace(hook=SimpleNamespace(pytest_deselected=lambda items: None))
+    plugin.pytest_collection_modifyitems(None, config, items)
+    assert [i.nodeid for i in items] == [names[2], names[4], names[6], names[0], names[1], names[3], names[5]]
 
 
 # ------------------------------------------------------------------------------------------- autotune
