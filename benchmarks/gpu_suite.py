@@ -1,8 +1,9 @@
 """The GPU suite: one command that runs, on one CUDA GPU (made for an H100/H200; no network, no install,
-from the source tree), the cuda-marked tests, a sweep of the attention tile configurations, and every
-benchmark at its headline shapes, in at most 8 minutes, and writes one JSON and one Markdown report.
+from the source tree), the cuda-marked tests, a sweep of the attention tile configurations, a profile of
+one expansion training step, and every benchmark at its headline shapes, in at most 8 minutes, and writes
+one JSON and one Markdown report.
 
-    benchmarks/gpu_suite.sh OUT_DIR [--stages tests,autotune,benchmarks] [--force] [--budget NAME=SECONDS] [--list]
+    benchmarks/gpu_suite.sh OUT_DIR [--stages tests,autotune,profile,benchmarks] [--force] [--budget NAME=SECONDS] [--list]
 
 Stages, in order, each in a child process with its own time budget (BUDGETS, 440 s in all; the rest of the
 8 minutes covers start-up and reports). A pytest stage stops starting tests `margin` seconds before its
@@ -19,6 +20,11 @@ budget and is killed at it; either way what finished is kept.
               more than 3% (NOISE_GUARD). OUT_DIR/tuned_tiles.json is the repository's table with the
               measured sweeps updated, ready to copy over kpro/ops/triton_kernels/tuned_tiles.json (the
               command is printed; the suite never writes into the repository).
+  profile     benchmarks/profile_step.py: the expansion benchmark's step for eager and kpro-frozen (the
+              same model, flags and step; building the models takes most of the time), each timed, with
+              the host time to issue it, the GPU's busy time, kernel launches and device syncs
+              (torch.profiler): whether Python or the GPU sets the step time (the first H200 run measured
+              kpro's step at 2.2x eager's). OUT_DIR/profile.json and profile.md.
   benchmarks  `pytest --benchmark` over benchmarks/ (CUDA-event timing, checks before timing: conftest.py),
               the cases behind SPEC.md's performance goals first (benchmark_priority). A full pass of
               every GPU case may well take longer than the budget (an estimate: mostly torch.compile and
@@ -58,12 +64,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 REPO_TUNED_TABLE = ROOT / "kpro" / "ops" / "triton_kernels" / "tuned_tiles.json"
 
-STAGES = ("tests", "autotune", "benchmarks")
-BUDGETS = {"tests": 150.0, "autotune": 70.0, "benchmarks": 220.0}  # seconds; 440 of the 480
-MARGINS = {"tests": 15.0, "autotune": 8.0, "benchmarks": 30.0}  # stop starting work this long before the budget
+STAGES = ("tests", "autotune", "profile", "benchmarks")
+BUDGETS = {"tests": 150.0, "autotune": 60.0, "profile": 45.0, "benchmarks": 185.0}  # seconds; 440 of the 480
+MARGINS = {"tests": 15.0, "autotune": 8.0, "profile": 0.0, "benchmarks": 30.0}  # stop starting work this long before the budget
 DESCRIPTIONS = {
     "tests": "the cuda-marked tests: pytest -m cuda -q tests",
     "autotune": "attention tile sweep (bf16 d128/d64, then fp16) -> OUT_DIR/tuned_tiles.json",
+    "profile": "one expansion step per implementation, profiled: host vs GPU time -> OUT_DIR/profile.md",
     "benchmarks": "pytest --benchmark benchmarks/ at the headline shapes -> OUT_DIR/pytest-benchmark-N.json",
 }
 NOISE_GUARD = 0.03  # a candidate replaces the default only if its median time is more than 3% lower
@@ -628,6 +635,22 @@ def autotune_stage(ctx: Context) -> dict:
                 required=sorted(required), attempts=attempts, error=error)
 
 
+def profile_stage(ctx: Context) -> dict:
+    """benchmarks/profile_step.py in a child: the expansion step of eager and kpro-frozen, each timed (host
+    clock, synchronised), the time to issue it and its device syncs counted, and profiled."""
+    log_path = ctx.out_dir / "profile.log"
+    code, killed = run_child([str(HERE / "profile_step.py"), str(ctx.out_dir)], log_path, ctx.hard_deadline)
+    results = read_json(ctx.out_dir / "profile.json") or []
+    for r in results:
+        ctx.log(f"profile: {r['impl']}: step {r['step_ms']} ms, issued in {r['enqueue_ms']} ms, GPU busy "
+                f"{r.get('gpu_busy_ms')} ms, {r['launches']} launches, syncs {r['syncs'] or 'none'}")
+    complete = code == 0 and not killed
+    error = None if complete else ("the time budget ran out" if killed
+                                   else f"exited with status {code}: {last_line(log_path)}")
+    return dict(complete=complete, results=results, attempts=[dict(exit_code=code, killed=killed)], error=error,
+                summary=f"{len(results)} implementations profiled", markdown_path=str(ctx.out_dir / "profile.md"))
+
+
 def last_line(log_path: Path) -> str:
     """The last non-empty line of a child's log (its error, when it died of one)."""
     try:
@@ -953,6 +976,14 @@ def render_markdown(report: dict) -> str:
                          f"{counts} | {sweep.get('why', 'incomplete: not decided')} |")
         lines += ["", f"Adopt: `{tune.get('copy_command')}` (then commit kpro/ops/triton_kernels/tuned_tiles.json).", ""]
 
+    prof = stages.get("profile")
+    if prof and prof.get("results"):
+        lines += ["### Where an expansion step's time goes (profile)", "",
+                  "benchmarks/profile_step.py: the expansion benchmark's step, host clock around a synchronised "
+                  "step (median of 3); the host time to issue it without waiting; the GPU's busy time and kernel "
+                  "launches, and device syncs, from torch.profiler over one step.", ""]
+        lines.append(Path(prof.get("markdown_path", "")).read_text() if prof.get("markdown_path")
+                     and Path(prof["markdown_path"]).is_file() else "")
     bench = stages.get("benchmarks")
     if bench:
         lines += ["### Benchmarks", "",
@@ -980,6 +1011,7 @@ def stages_for(budgets: dict[str, float]) -> list[Stage]:
     runs = {
         "tests": pytest_stage("tests", ["-m", "cuda", "-q", "tests", "-rfE", "--tb=short", "-p", "no:cacheprovider"]),
         "autotune": autotune_stage,
+        "profile": profile_stage,
         "benchmarks": pytest_stage("benchmarks", ["--benchmark", "benchmarks", "-q", "-p", "no:cacheprovider",
                                                   "--benchmark-columns=median,rounds"]),
     }

@@ -495,3 +495,73 @@ def test_markdown_ratio_of_the_training_loops_is_of_steady_state_steps():
     rows = [line for line in suite.render_markdown(report).splitlines() if line.startswith("| train gpu-1b")]
     assert [row.split(" | ")[1] for row in rows] == ["plain-loop", "fit"]
     assert "| 0.98 (fit) |" in rows[0]
+
+
+# -------------------------------------------------------------------------------------------- profile
+
+def load_profile_step():
+    spec = importlib.util.spec_from_file_location("profile_step_under_test", BENCHMARKS / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_counts_the_device_reads_a_step_makes():
+    """A host read of a tensor's value (`.item()`, `bool(t)`) is what stalls a GPU's run-ahead: the
+    profile must find each one, and none where there is none."""
+    import torch
+    from torch.profiler import profile
+
+    profile_step = load_profile_step()
+    x = torch.ones(4)
+    with profile() as prof:
+        for _ in range(3):
+            x.sum().item()
+        bool(x.any())
+        (x * 2).sum()
+    counts = profile_step.sync_counts(prof.key_averages())
+    assert counts.get("aten::item", 0) + counts.get("aten::is_nonzero", 0) >= 4
+    with profile() as prof:
+        (x * 2).sum()
+    assert profile_step.sync_counts(prof.key_averages()) == {}
+
+
+def test_profile_step_runs_the_expansion_step_and_writes_its_report(tmp_path):
+    """On the CPU at a tiny depth (the suite's stage runs it on the GPU at the benchmark's size)."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), str(tmp_path), "--blocks", "2", "1",
+                           "--steps", "1", "--impl", "eager", "--impl", "kpro-frozen"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["impl"] for r in results] == ["eager", "kpro-frozen"]
+    for r in results:
+        assert r["step_ms"] > 0 and 0 < r["enqueue_ms"] <= r["step_ms"] * 1.01 + 0.05  # the CPU runs synchronously
+        assert r["launches"] == 0 and r["gpu_busy_ms"] is None and r["top_cpu"]
+        assert any(t["op"] == "aten::mm" for t in r["top_cpu"])
+    table = (tmp_path / "profile.md").read_text()
+    assert table.count("\n| eager |") == 1 and table.count("\n| kpro-frozen |") == 1
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), str(tmp_path), "--impl", "kpro"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert bad.returncode == 2 and "--impl must be among" in bad.stderr
+
+
+def test_the_profile_stage_reports_what_its_child_measured(tmp_path, monkeypatch):
+    result = [dict(impl="eager", step_ms=95.0, enqueue_ms=30.0, gpu_busy_ms=93.0, launches=900, syncs={},
+                   top_cpu=[], top_gpu=[]),
+              dict(impl="kpro-frozen", step_ms=208.0, enqueue_ms=205.0, gpu_busy_ms=110.0, launches=2100,
+                   syncs={"aten::item": 40}, top_cpu=[], top_gpu=[])]
+
+    def child(args, log_path, hard_deadline, poll=None):
+        assert args[0].endswith("profile_step.py") and args[1] == str(tmp_path)
+        (tmp_path / "profile.json").write_text(json.dumps(result))
+        (tmp_path / "profile.md").write_text("| kpro-frozen | 208.0 ms | 205.0 ms |\n")
+        return 0, False
+
+    monkeypatch.setattr(suite, "run_child", child)
+    lines = []
+    out = suite.profile_stage(suite.Context(tmp_path, budget=45, margin=0, log=lines.append))
+    assert out["complete"] and out["results"] == result
+    assert any("kpro-frozen: step 208.0 ms, issued in 205.0 ms" in line and "aten::item" in line for line in lines)
+    text = suite.render_markdown(dict(stages={"profile": out}))
+    assert "### Where an expansion step's time goes (profile)" in text and "| kpro-frozen | 208.0 ms |" in text

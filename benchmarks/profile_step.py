@@ -1,0 +1,160 @@
+"""Where one expansion training step's time goes: the step of `test_expansion.py` (forward, fp32
+cross-entropy, backward, AdamW on the new blocks) per implementation, timed and profiled.
+
+    python benchmarks/profile_step.py OUT_DIR [--size gpu-pro] [--impl eager --impl kpro-frozen ...]
+
+The first H200 run (benchmarks/RESULTS.md, 2026-12-04) measured kpro's model at 208 ms a step against
+95 ms for the plain eager LLaMA, with each kernel, timed alone, within 1.4x of its baseline. This asks
+whether the host, not the GPU, sets the step time. Per implementation it writes
+  step_ms     the step's time: host clock around a synchronised step, median of `--steps`
+  enqueue_ms  the host time to issue one step without waiting for the GPU; close to step_ms, the GPU
+              waits for Python (launch overhead, not kernels, is the cost)
+  syncs       device synchronisations and device-to-host reads inside one step, by name (each stalls
+              the host's run-ahead)
+  launches    GPU kernel launches in one step, and gpu_busy_ms, the sum of their times
+  top_cpu     the 12 operators with the most self CPU time; top_gpu, the 12 with the most GPU time
+to OUT_DIR/profile.json and a table to OUT_DIR/profile.md. Without CUDA it profiles on the CPU (the
+GPU columns stay empty); the test in tests/test_gpu_suite.py runs it that way at a tiny size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+HERE = Path(__file__).resolve().parent
+
+# Host-side events that wait for the device, or read a device value (which waits for it).
+SYNC_EVENTS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "aten::item",
+               "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+TOP = 12
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_module():
+    """benchmarks/test_expansion.py, imported when first needed: it imports benchmarks/conftest.py as
+    `conftest`, which a pytest process (the tests of this file) already holds under that name."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import test_expansion
+    return test_expansion
+
+
+def sync_counts(events) -> dict[str, int]:
+    """{event name: calls} of the SYNC_EVENTS among a profile's key averages."""
+    return {e.key: e.count for e in events if e.key in SYNC_EVENTS and e.count}
+
+
+def make_step(impl: str, size: str, device: torch.device, blocks: tuple[int, int] | None = None):
+    """The benchmark's model, flags and step for `impl` (test_expansion.expanded_model and prepare);
+    `blocks` = (original, new) replaces its 32 + 8 for a quick check."""
+    from kpro.train import adamw, causal_lm_loss
+
+    expansion = benchmark_module()
+    if blocks is not None:
+        expansion.ORIGINAL_BLOCKS, expansion.NEW_BLOCKS = blocks
+    model, new_ids, ids = expansion.expanded_model(size, device)
+    model = expansion.prepare(impl, model, new_ids)
+    optimizer = adamw(model, 1e-4)
+
+    def step():
+        causal_lm_loss(model(ids), ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, ids.numel()
+
+
+def profile_impl(impl: str, size: str, device: torch.device, steps: int,
+                 blocks: tuple[int, int] | None = None) -> dict:
+    step, tokens = make_step(impl, size, device, blocks)
+    for _ in range(2):  # warm-up: Triton compilations, allocator growth, optimizer state
+        step()
+    synchronize(device)
+    step_times, enqueue_times = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        enqueued = time.perf_counter()
+        synchronize(device)
+        step_times.append(time.perf_counter() - start)
+        enqueue_times.append(enqueued - start)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    events = prof.key_averages()
+    gpu_time = (lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) or 0)
+    syncs = sync_counts(events)
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    top = lambda key: [dict(op=e.key, calls=e.count, self_ms=round(key(e) / 1e3, 3))
+                       for e in sorted(events, key=key, reverse=True)[:TOP] if key(e) > 0]
+    return dict(impl=impl, size=size, device=str(device), tokens=tokens,
+                step_ms=round(1e3 * statistics.median(step_times), 2),
+                enqueue_ms=round(1e3 * statistics.median(enqueue_times), 2),
+                syncs=syncs, launches=len(kernels),
+                gpu_busy_ms=round(sum(k.device_time_total if hasattr(k, "device_time_total") else k.cuda_time_total
+                                      for k in kernels) / 1e3, 2) if kernels else None,
+                top_cpu=top(lambda e: e.self_cpu_time_total), top_gpu=top(gpu_time) if kernels else [])
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| implementation | step | host time to issue it | GPU busy | launches | syncs in a step |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        syncs = ", ".join(f"{name} ×{count}" for name, count in r["syncs"].items()) or "none"
+        busy = f"{r['gpu_busy_ms']} ms" if r["gpu_busy_ms"] is not None else "—"
+        lines.append(f"| {r['impl']} | {r['step_ms']} ms | {r['enqueue_ms']} ms | {busy} | {r['launches']} | {syncs} |")
+    for r in results:
+        lines += ["", f"{r['impl']}: most self CPU time — "
+                  + "; ".join(f"{t['op']} {t['self_ms']} ms ×{t['calls']}" for t in r["top_cpu"])]
+        if r["top_gpu"]:
+            lines.append(f"{r['impl']}: most GPU time — "
+                         + "; ".join(f"{t['op']} {t['self_ms']} ms ×{t['calls']}" for t in r["top_gpu"]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--size", default=None, help="a size of test_expansion.SIZES (default: gpu-pro on CUDA, "
+                                                     "cpu-pro elsewhere)")
+    parser.add_argument("--impl", action="append", help="repeatable; default: eager and kpro-frozen (the same model "
+                                                        "and flags: the difference is kpro's)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--blocks", type=int, nargs=2, metavar=("ORIGINAL", "NEW"),
+                        help="blocks before and after expansion's additions, in place of 32 and 8 (a quick check)")
+    args = parser.parse_args(argv)
+    expansion = benchmark_module()
+    unknown = sorted(set(args.impl or []) - set(expansion.IMPLEMENTATIONS))
+    if unknown:
+        parser.error(f"--impl must be among {', '.join(expansion.IMPLEMENTATIONS)}, got {', '.join(unknown)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = args.size or ("gpu-pro" if device.type == "cuda" else "cpu-pro")
+    if size not in expansion.SIZES:
+        parser.error(f"--size must be one of {', '.join(expansion.SIZES)}, got {size!r}")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for impl in args.impl or ["eager", "kpro-frozen"]:
+        results.append(profile_impl(impl, size, device, args.steps, tuple(args.blocks) if args.blocks else None))
+        print(f"{impl}: step {results[-1]['step_ms']} ms, issued in {results[-1]['enqueue_ms']} ms, "
+              f"{results[-1]['launches']} launches, syncs {results[-1]['syncs'] or 'none'}", flush=True)
+        (out / "profile.json").write_text(json.dumps(results, indent=1) + "\n")  # each as it finishes
+    (out / "profile.md").write_text(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
