@@ -176,3 +176,26 @@ def test_backward_inside_an_autocast_block_keeps_the_input_dtype(backend, device
     assert y.dtype == x.grad.dtype == w.grad.dtype == torch.float32
     errors = relative_error(y, y_ref), relative_error(x.grad, dx_ref), relative_error(w.grad, dw_ref)
     assert all(e <= TOLERANCE[torch.float32] for e in errors), errors
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_no_autocast_context_is_entered_where_autocast_is_off(backend, device, monkeypatch):
+    """Switching autocast off inside the op costs a torch.autocast enter and exit (about 10 us of Python, twice
+    a forward and backward, every norm of every layer): it happens only inside an autocast block."""
+    disabling = []
+
+    class CountingAutocast(torch.autocast):
+        def __init__(self, device_type, *args, enabled=True, **kwargs):
+            if not enabled:
+                disabling.append(device_type)
+            super().__init__(device_type, *args, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", CountingAutocast)
+    x, w, dy = inputs((3, 17, 96), torch.float32, device, seed=5)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    with ops.backend(backend):
+        ops.rms_norm(x, w, eps=1e-6).backward(dy)
+        assert disabling == []
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            ops.rms_norm(x, w, eps=1e-6).backward(dy)
+    assert len(disabling) == 2  # forward and backward, inside the block
