@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kpro.ops import report
 
@@ -148,6 +149,24 @@ def test_each_check_fails_a_bad_record_and_passes_a_good_one(check, bad, fine):
     assert check(record(**bad))
     assert check(record(**fine)) is None
     assert report.problems([record(**fine)], [check]) == []
+
+
+def test_a_spilling_dkdv_tile_a_gpu_timed_fastest_passes_the_spill_check(monkeypatch):
+    """The H200-measured winners (tuned_tiles.json) outrank the compiler's spill rule, for plain attention
+    only, at exactly the winning tiles, warps and stages."""
+    from kpro.ops.triton_kernels import attention_tiles
+
+    winner = [64, 128, 8, 2]
+    key = attention_tiles.tuned_key("dkdv", 128, torch.bfloat16, 90)
+    monkeypatch.setattr(attention_tiles, "tuned_table", lambda: {key: winner})
+    spilling = record(kernel="attention.dkdv", spill_stores=96,
+                      constexprs={"HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128})
+    assert report.hopper_dkdv_spill(spilling) is None
+    assert report.hopper_dkdv_spill({**spilling, "num_stages": 3})  # not the measured configuration
+    assert report.hopper_dkdv_spill({**spilling, "kernel": "bitune_attention.dkdv"})  # Bitune takes no winners
+    assert report.hopper_dkdv_spill({**spilling, "dtype": "fp16"})  # no fp16 winner in this table
+    monkeypatch.setattr(attention_tiles, "tuned_table", lambda: {})
+    assert report.hopper_dkdv_spill(spilling)
 
 
 def launch_specialisations(cases: str) -> list[str]:
