@@ -286,3 +286,26 @@ def test_function_transforms_and_forward_mode_ad_are_refused_by_name(name):
             assert torch.allclose(ops.rms_norm(q, torch.ones(8)), ops.rms_norm(q, torch.ones(8)))
         batched = torch.vmap(lambda t: ops.rms_norm(t, torch.ones(8)))(q)
         assert torch.allclose(batched, ops.rms_norm(q, torch.ones(8)), atol=1e-6)
+
+
+def test_eager_fast_path_only_for_plain_tensors_in_plain_eager_mode():
+    """The ops skip their custom ops' dispatch only where nothing traces, transforms or intercepts them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.overrides import TorchFunctionMode
+    from kpro.ops.backend import eager_fast_path
+
+    x, p = torch.randn(2, 4), torch.nn.Parameter(torch.randn(4))
+    assert eager_fast_path(x, p, None)
+    assert not eager_fast_path(x, torch.empty(4, device="meta"))
+    with FakeTensorMode() as mode:
+        assert not eager_fast_path(x)
+        fake = mode.from_tensor(x)
+    assert not eager_fast_path(fake, p)
+    seen = []
+    make_fx(lambda t: seen.append(eager_fast_path(t)) or t + 1)(x)
+    torch.vmap(lambda t: seen.append(eager_fast_path(t)) or t)(x)
+    with TorchFunctionMode():
+        seen.append(eager_fast_path(x))
+    assert seen == [False, False, False]
+    assert torch.equal(torch.compile(lambda t: t + eager_fast_path(t), backend="eager", fullgraph=True)(x), x)

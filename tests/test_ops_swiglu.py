@@ -1,9 +1,13 @@
 """SwiGLU (separate and packed gate/up) on every backend against a float64 reference."""
+import sys
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kpro import ops
 from conftest import TOLERANCE, backend_devices, relative_error
+from test_ops_rms_norm import bits
 
 SHAPES = [(1, 1, 64), (3, 17, 96), (37, 200), (2, 5, 1000), (1, 37), (3, 4096), (2, 14336)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -133,3 +137,76 @@ def test_unaligned_inputs(backend, dtype):
         gate = torch.empty(n_rows * n_cols + shift, dtype=dtype, device="cuda")[shift:].view(n_rows, n_cols)
         gate.copy_(g_ref)
         check_against_float64(backend, gate, up, dy)
+
+
+# ---------------------------------------------------------------- eager path (autograd.Function) vs custom op
+
+SWIGLU_MODULE = sys.modules["kpro.ops.swiglu"]
+
+
+def test_eager_calls_skip_the_custom_ops_and_tracing_takes_them(monkeypatch):
+    """Eager calls run the kernels through SwiGLUFunction / SwiGLUPackedFunction; torch.compile and fake tensors
+    get the registered custom ops."""
+    gate, up = torch.randn(3, 16, requires_grad=True), torch.randn(3, 16, requires_grad=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda g, u: (ops.swiglu(g, u), ops.swiglu_packed(torch.cat((g, u), -1))),
+                             backend=record, fullgraph=True)
+    assert torch.equal(compiled(gate, up)[0], ops.swiglu(gate, up))
+    assert "kpro.swiglu_forward" in graphs[0].code and "kpro.swiglu_packed_forward" in graphs[0].code
+
+    calls = []
+    for name in ("swiglu_forward", "swiglu_packed_forward"):
+        real = getattr(torch.ops.kpro, name)
+        monkeypatch.setattr(torch.ops.kpro, name, lambda *args, real=real: calls.append(args) or real(*args))
+    outs = ops.swiglu(gate, up), ops.swiglu_packed(torch.cat((gate, up), -1))
+    sum(out.sum() for out in outs).backward()
+    assert calls == [] and [type(out.grad_fn).__name__ for out in outs] == ["SwiGLUFunctionBackward",
+                                                                           "SwiGLUPackedFunctionBackward"]
+    packed = torch.cat((gate, up), -1)
+    with FakeTensorMode() as mode:
+        ops.swiglu(mode.from_tensor(gate), mode.from_tensor(up))
+        ops.swiglu_packed(mode.from_tensor(packed))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eager_path_is_bit_identical_to_the_custom_ops(backend, device, dtype, monkeypatch):
+    """Output, dgate and dup of swiglu and swiglu_packed, a NaN included, and the tensors saved for the backward:
+    bit for bit the custom ops', on an odd shape."""
+    gate, up, dy = inputs((3, 5, 37), dtype, device, seed=9)
+    gate[0, 1, 2], up[2, 3, 4] = float("nan"), float("nan")
+    runs = []
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(SWIGLU_MODULE, "eager_fast_path", lambda *tensors: False)
+        saved, results = [], []
+        g, u, gu = gate.clone().requires_grad_(), up.clone().requires_grad_(), torch.cat((gate, up), -1).requires_grad_()
+        with ops.backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y, y_packed = ops.swiglu(g, u), ops.swiglu_packed(gu)
+        assert ("SwiGLUFunction" in type(y.grad_fn).__name__) == eager
+        assert ("SwiGLUPackedFunction" in type(y_packed.grad_fn).__name__) == eager
+        torch.autograd.backward((y, y_packed), (dy, dy))
+        runs.append(([y, y_packed, g.grad, u.grad, gu.grad], saved))
+    (fast, fast_saved), (op, op_saved) = runs
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fast, op))
+    assert len(fast_saved) == len(op_saved) == 3
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fast_saved, op_saved))
+
+
+def test_double_backward_raises_on_both_paths(monkeypatch):
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(SWIGLU_MODULE, "eager_fast_path", lambda *tensors: False)
+        gate, up = (torch.randn(3, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        for fn in (lambda g, u: ops.swiglu(g, u), lambda g, u: ops.swiglu_packed(torch.cat((g, u), -1))):
+            (dgate,) = torch.autograd.grad(fn(gate, up).sum(), gate, create_graph=True)
+            assert dgate.requires_grad
+            with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
+                dgate.sum().backward()
+            assert torch.autograd.gradcheck(fn, (gate, up))

@@ -8,6 +8,7 @@ raises `BackendError`; nothing ever falls back silently to another implementatio
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 
@@ -127,6 +128,56 @@ def refuse_function_transforms(op: str, *tensors) -> None:
         raise BackendError(f"{op}: forward-mode AD (torch.autograd.forward_ad) cannot differentiate kpro's ops "
                            "(custom ops with a reverse-mode backward only): their tangent would be lost; use "
                            "reverse mode (loss.backward(), torch.autograd.grad)")
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # exact types: a subclass (FakeTensor, DTensor) is not plain
+
+
+def eager_fast_path(*tensors) -> bool:
+    """True where an op may run its kernels through a plain torch.autograd.Function instead of its registered
+    custom ops: the same kernel functions with the same arguments, forward and backward, without the custom
+    ops' dispatch (about 195 us of Python per forward and backward on the 2-core VM, four ops a layer).
+
+    Only in plain eager mode: not under torch.compile, torch.jit.trace, a torch.func transform (vmap; grad
+    and jvp are refused before), a TorchDispatchMode (FakeTensorMode, make_fx, selective checkpointing) or
+    a TorchFunctionMode, and only for plain strided tensors or Parameters (no subclass, no meta or nested
+    tensor); `None` entries (optional tensors) pass. Everywhere else the custom ops, which those need."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None):
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSORS or t.is_meta or t.is_nested
+                              or t.layout is not torch.strided):
+            return False
+    return True
+
+
+def once_differentiable(backward):
+    """For the backward of an eager path's autograd.Function: like the custom ops, whose backward ops have no
+    autograd formula, a backward with create_graph=True gives gradients whose own backward raises (torch's
+    @once_differentiable gives them no grad_fn at all where the incoming gradient does not require grad: a
+    second derivative that would silently miss the op). The kernels run without a graph, as below the
+    custom ops; a plain backward (grad mode off) costs one C call more."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        present = [i for i, g in enumerate(outputs) if g is not None]
+        error = torch._C._functions.DelayedError(
+            b"kpro's ops have no double backward: their backward (as the custom ops' kpro::*_backward, which "
+            b"have no autograd formula) cannot be differentiated", len(present))
+        wrapped = error(*[outputs[i].detach().requires_grad_() for i in present])
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        outputs = list(outputs)
+        for i, grad in zip(present, wrapped):
+            outputs[i] = grad
+        return tuple(outputs)
+
+    return wrapper
 
 
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import kernels, no_autocast, refuse_function_transforms, select
+from .backend import (eager_fast_path, kernels, no_autocast, once_differentiable, refuse_function_transforms,
+                      select)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,7 +24,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """RMSNorm over the last dimension of x (any leading shape); output in x's dtype."""
     check_rms_norm_args(x, weight, eps)
     refuse_function_transforms("rms_norm", x, weight)
-    return torch.ops.kpro.rms_norm_forward(x, weight, float(eps), select("rms_norm", x))[0]
+    backend = select("rms_norm", x)
+    if eager_fast_path(x, weight):  # the same kernels without the custom op's dispatch (backend.eager_fast_path)
+        return RmsNormFunction.apply(x, weight, float(eps), backend)
+    return torch.ops.kpro.rms_norm_forward(x, weight, float(eps), backend)[0]
 
 
 def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
@@ -72,11 +76,22 @@ def _kernels(backend: str):
 
 # ------------------------------------------------------------------------------ custom op registration
 
+def _run_forward(x, weight, eps, backend):
+    """The forward of both paths, the custom op and RmsNormFunction: (y, rstd)."""
+    with no_autocast(x):
+        return _kernels(backend).forward(x, weight, eps)
+
+
+def _run_backward(dy, x, weight, rstd, weight_grad, backend):
+    """The backward of both paths: (dx, dw), dw None without weight_grad."""
+    with no_autocast(x):  # the torch backward's vecdot would run in bf16 under a CPU autocast block
+        return _kernels(backend).backward(dy, x, weight, rstd, weight_grad)
+
+
 @torch.library.custom_op("kpro::rms_norm_forward", mutates_args=())
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd): y like x, rstd [x.shape[:-1]] in the accumulation dtype."""
-    with no_autocast(x):
-        return _kernels(backend).forward(x, weight, eps)
+    return _run_forward(x, weight, eps, backend)
 
 
 @rms_norm_forward.register_fake
@@ -88,8 +103,7 @@ def _(x, weight, eps, backend):  # every backend returns contiguous tensors
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                       weight_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw); dw is an empty tensor when weight_grad is False."""
-    with no_autocast(x):  # the torch backward's vecdot would run in bf16 under a CPU autocast block
-        dx, dw = _kernels(backend).backward(dy, x, weight, rstd, weight_grad)
+    dx, dw = _run_backward(dy, x, weight, rstd, weight_grad, backend)
     return dx, (dw if dw is not None else weight.new_empty(0))
 
 
@@ -112,3 +126,23 @@ def _backward(ctx, dy, _drstd):
 
 
 rms_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class RmsNormFunction(torch.autograd.Function):
+    """The eager path: the custom ops' kernels and saved tensors (x, weight, rstd) without their dispatch.
+    Its backward is once differentiable, as the custom op's (no autograd formula for its backward op)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, backend):
+        y, rstd = _run_forward(x, weight, eps, backend)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        weight_grad = ctx.needs_input_grad[1]
+        dx, dw = _run_backward(dy, x, weight, rstd, weight_grad, ctx.backend)
+        return dx, (dw if weight_grad else None), None, None

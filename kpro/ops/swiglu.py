@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .backend import kernels, refuse_function_transforms, select
+from .backend import eager_fast_path, kernels, once_differentiable, refuse_function_transforms, select
 from .rms_norm import accumulation_dtype
 
 
@@ -22,7 +22,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                          f"up {tuple(up.shape)} {up.dtype} {up.device} differ")
     _check_floating(gate)
     refuse_function_transforms("swiglu", gate, up)
-    return torch.ops.kpro.swiglu_forward(gate, up, select("swiglu", gate))
+    backend = select("swiglu", gate)
+    if eager_fast_path(gate, up):  # the same kernels without the custom op's dispatch (backend.eager_fast_path)
+        return SwiGLUFunction.apply(gate, up, backend)
+    return torch.ops.kpro.swiglu_forward(gate, up, backend)
 
 
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
@@ -31,7 +34,10 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu_packed: last dimension must be even (gate then up), got {tuple(gate_up.shape)}")
     _check_floating(gate_up)
     refuse_function_transforms("swiglu_packed", gate_up)
-    return torch.ops.kpro.swiglu_packed_forward(gate_up, select("swiglu", gate_up))
+    backend = select("swiglu", gate_up)
+    if eager_fast_path(gate_up):
+        return SwiGLUPackedFunction.apply(gate_up, backend)
+    return torch.ops.kpro.swiglu_packed_forward(gate_up, backend)
 
 
 def _check_floating(x):
@@ -141,3 +147,36 @@ def _backward_packed(ctx, dy):
 
 
 swiglu_packed_forward.register_autograd(_backward_packed, setup_context=_setup_packed)
+
+
+# ------------------------------------------------------------------------------ the eager path
+# The custom ops' kernels and saved tensors without their dispatch (backend.eager_fast_path); backwards once
+# differentiable, as the custom ops' (no autograd formula for their backward ops).
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, backend):
+        ctx.save_for_backward(gate, up)
+        ctx.backend = backend
+        return _kernels(backend).forward(gate, up)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dgate, dup = _kernels(ctx.backend).backward(dy, gate, up)
+        return dgate, dup, None
+
+
+class SwiGLUPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up, backend):
+        ctx.save_for_backward(gate_up)
+        ctx.backend = backend
+        return _kernels(backend).packed_forward(gate_up)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        return _kernels(ctx.backend).packed_backward(dy, gate_up), None
