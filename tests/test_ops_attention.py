@@ -486,3 +486,117 @@ def test_packed_qkv_views_past_the_offset_limit_run_through_the_launcher(monkeyp
     monkeypatch.setattr(_launch, "ROW_OFFSET_LIMIT", row // 2)
     with ops.backend("triton"), pytest.raises(ops.BackendError, match="32-bit offsets"):
         ops.attention(packed_q, packed_k, packed_v, causal=True)
+
+
+# ---------------------------------------------------------------- eager path (autograd.Function) vs custom op
+
+ATTENTION_MODULE = sys.modules["kpro.ops.attention"]
+EAGER_CASES = {  # name: (B, Tq, Tk, Hq, Hkv, D, causal, prefix_lens, key mask); a NaN in the "nan" case
+    "causal_gqa": (2, 7, 7, 4, 2, 16, True, None, None),
+    "decode_tq_lt_tk": (1, 3, 9, 2, 1, 16, True, None, None),
+    "prefix_and_padding": (2, 9, 9, 2, 1, 16, True, [4, 0], [[1] * 7 + [0] * 2, [0] * 2 + [1] * 7]),
+    "full_with_padding": (2, 5, 5, 2, 2, 16, False, None, [[1, 1, 0, 1, 1], [0, 0, 0, 1, 1]]),
+    "nan": (1, 7, 7, 2, 1, 16, True, None, None),
+}
+
+
+def eager_case(name, dtype, seed=5):
+    batch, tq, tk, hq, hkv, dim, causal, prefix, key_mask = EAGER_CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    q, dout = (torch.randn(batch, tq, hq, dim, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(batch, tk, hkv, dim, generator=gen).to(dtype) for _ in range(2))
+    if name == "nan":
+        q[0, 5, 1, 3], k[0, 2, 0, 7] = float("nan"), float("nan")
+    kwargs = dict(causal=causal, prefix_lens=None if prefix is None else torch.tensor(prefix),
+                  attention_mask=None if key_mask is None else torch.tensor(key_mask, dtype=torch.bool))
+    return (q, k, v), dout, kwargs
+
+
+def test_eager_calls_skip_the_custom_op_and_tracing_takes_it(monkeypatch):
+    """Eager Triton calls run the kernels through AttentionFunction, without the custom op's dispatch;
+    torch.compile and fake tensors get the registered custom op; the torch backend takes neither."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    (q, k, v), dout, kwargs = eager_case("prefix_and_padding", torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def call(a, b, c):
+        with ops.backend("triton"):
+            return ops.attention(a, b, c, **kwargs)
+
+    compiled = torch.compile(call, backend=record, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), call(q, k, v))
+    assert "kpro.attention_forward" in graphs[0].code and "AttentionFunction" not in graphs[0].code
+
+    calls, real = [], torch.ops.kpro.attention_forward
+    monkeypatch.setattr(torch.ops.kpro, "attention_forward", lambda *args: calls.append(args) or real(*args))
+    out = call(q, k, v)
+    out.backward(dout)
+    assert calls == [] and type(out.grad_fn).__name__ == "AttentionFunctionBackward"
+    with ops.backend("torch"):
+        assert "AttentionFunction" not in type(ops.attention(q, k, v, **kwargs).grad_fn).__name__
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (q, k, v)]
+        kwargs["attention_mask"] = mode.from_tensor(kwargs["attention_mask"])
+        kwargs["prefix_lens"] = None  # its check reads the values (on the CPU)
+        fake = call(*fakes)
+    assert len(calls) == 1 and fake.shape == q.shape
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaN
+@pytest.mark.parametrize("backend, device", backend_devices()[1:2])  # the op's one kernel backend: Triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", EAGER_CASES)
+def test_eager_path_is_bit_identical_to_the_custom_op(backend, device, dtype, case, monkeypatch):
+    """Output, dq, dk and dv (and dq alone, with k and v frozen; the incoming gradient a strided view), and the
+    tensors saved for the backward: bit for bit the custom op's, on odd shapes with masks, a prefix and NaN."""
+    from test_ops_rms_norm import bits
+
+    (q, k, v), dout, kwargs = eager_case(case, dtype)
+    kwargs = {name: (t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in kwargs.items()}
+    strided = torch.cat((dout, dout), -1).to(device)[..., ::2]  # equal to dout, not contiguous
+    runs = []
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(ATTENTION_MODULE, "eager_fast_path", lambda *tensors: False)
+        saved, results = [], []
+        for frozen_kv, grad in ((False, dout.to(device)), (True, strided)):
+            qr, kr, vr = (t.to(device).clone().requires_grad_(not frozen_kv or i == 0) for i, t in enumerate((q, k, v)))
+            with ops.backend(backend), torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.append(t) or t, lambda t: t):
+                out = ops.attention(qr, kr, vr, **kwargs)
+            assert ("AttentionFunction" in type(out.grad_fn).__name__) == eager
+            out.backward(grad)
+            results += [out, qr.grad] + ([] if frozen_kv else [kr.grad, vr.grad])
+            assert (kr.grad is None) == frozen_kv
+        runs.append((results, saved))
+    (fast, fast_saved), (op, op_saved) = runs
+    assert all(t.dtype == dtype for t in fast) and len(fast) == len(op) == 6
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fast, op))
+    if case == "nan":
+        assert fast[0].isnan().any() and not fast[0].isnan().all()
+    assert [(t.shape, t.dtype) for t in fast_saved] == [(t.shape, t.dtype) for t in op_saved]
+    assert all(torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b)
+               for a, b in zip(fast_saved, op_saved))
+
+
+def test_double_backward_raises_on_both_paths(monkeypatch):
+    """The custom op has no double backward (its backward op has no autograd formula): create_graph gives a
+    gradient whose own backward raises. The eager path raises too."""
+    (q, k, v), _, kwargs = eager_case("causal_gqa", torch.float32)
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(ATTENTION_MODULE, "eager_fast_path", lambda *tensors: False)
+        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+        with ops.backend("triton"):
+            out = ops.attention(qr, kr, vr, **kwargs)
+        assert ("AttentionFunction" in type(out.grad_fn).__name__) == eager
+        dq, dk = torch.autograd.grad(out.sum(), (qr, kr), create_graph=True)
+        assert dq.requires_grad and dk.requires_grad
+        with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
+            dq.sum().backward()

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import autocast_inputs, kernels, no_autocast, refuse_function_transforms, select
+from .backend import (autocast_inputs, eager_fast_path, kernels, no_autocast, once_differentiable,
+                      refuse_function_transforms, select)
 
 
 MASK_RULE = "bool or 0/1 integers, 1 = real token, 0 = padding"
@@ -247,6 +248,8 @@ def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=Non
     if backend == "torch":  # plain PyTorch autograd: SDPA saves what it needs, torch.compile traces it
         return attention_reference(q, k, v, causal, prefix_lens, attention_mask, scale)
     refuse_function_transforms("attention", q, k, v)
+    if eager_fast_path(q, k, v, prefix_lens, attention_mask):  # the same kernels without the custom op's dispatch
+        return AttentionFunction.apply(q, k, v, causal, prefix_lens, attention_mask, scale, backend)
     return torch.ops.kpro.attention_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)[0]
 
 
@@ -279,12 +282,23 @@ def softmax_scale(scale, head_dim: int, where: str) -> float:
 
 # ------------------------------------------------------------------------------ custom op registration
 
+def _run_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend):
+    """The forward of both paths, the custom op and AttentionFunction: (out, lse2)."""
+    return kernels("attention", backend, None).forward(q, k, v, causal, prefix_lens, attention_mask, scale)
+
+
+def _run_backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scale, backend):
+    """The backward of both paths: (dq, dk, dv)."""
+    return kernels("attention", backend, None).backward(dout, q, k, v, out, lse2, causal, prefix_lens,
+                                                        attention_mask, scale)
+
+
 @torch.library.custom_op("kpro::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       prefix_lens: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], scale: float,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse2): lse2 [B, Hq, Tq] fp32 is the base-2 log-sum-exp of each row's scaled scores."""
-    return kernels("attention", backend, None).forward(q, k, v, causal, prefix_lens, attention_mask, scale)
+    return _run_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)
 
 
 @attention_forward.register_fake
@@ -297,8 +311,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        lse2: torch.Tensor, causal: bool, prefix_lens: Optional[torch.Tensor],
                        attention_mask: Optional[torch.Tensor], scale: float,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernels("attention", backend, None).backward(dout, q, k, v, out, lse2, causal, prefix_lens,
-                                                        attention_mask, scale)
+    return _run_backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scale, backend)
 
 
 @attention_backward.register_fake
@@ -321,3 +334,25 @@ def _backward(ctx, dout, _dlse2):
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """The eager path of the kernel backends: the custom ops' kernels and saved tensors (q, k, v, out, lse2,
+    prefix_lens, attention_mask) without their dispatch (backend.eager_fast_path). It returns out alone, as
+    `attention` does; lse2 is saved, not returned. Its backward computes dq, dk and dv whatever needs them,
+    as the custom op's does, and is once differentiable as that one (no autograd formula for its backward op)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, prefix_lens, attention_mask, scale, backend):
+        out, lse2 = _run_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse2, prefix_lens, attention_mask)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse2, prefix_lens, attention_mask = ctx.saved_tensors
+        dq, dk, dv = _run_backward(dout, q, k, v, out, lse2, ctx.causal, prefix_lens, attention_mask, ctx.scale,
+                                   ctx.backend)
+        return dq, dk, dv, None, None, None, None, None
