@@ -1,5 +1,7 @@
 """The fused Bitune dual pass against three explicit-mask attention calls plus an explicit mix (float64),
 forward and every gradient, alpha_k and alpha_v included."""
+import sys
+
 import pytest
 import torch
 
@@ -192,3 +194,115 @@ def test_mixing_weights_on_another_device_are_refused():
     args = [t.cuda() for t in tensors[:6]] + [tensors[6].float(), tensors[7].float().cuda(), plen.cuda(), alen.cuda()]
     with pytest.raises(ValueError, match="alpha_k is on cpu"):
         ops.bitune_attention(*args)
+
+
+# ---------------------------------------------------------------- eager path (autograd.Function) vs custom op
+
+EAGER_CASES = {  # name: (B, Tp, Ta, H, Hkv, D, prompt_lens, answer_lens); a NaN in the "nan" case
+    "gqa_padded": (2, 5, 7, 4, 2, 16, [5, 2], [7, 3]),
+    "prompt_of_length_one": (2, 3, 5, 2, 1, 16, [0, 3], [1, 5]),
+    "nan": (1, 5, 3, 2, 1, 16, [4], [3]),
+}
+
+
+def eager_case(name, dtype, seed=3):
+    batch, tp, ta, h, hkv, d, plen, alen = EAGER_CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)
+    streams = [r(2, batch, tp, h, d), r(2, batch, tp, hkv, d), r(2, batch, tp, hkv, d), r(batch, ta, h, d),
+               r(batch, ta, hkv, d), r(batch, ta, hkv, d)]
+    if name == "nan":
+        streams[3][0, 1, 1, 2], streams[1][1, 0, 2, 0, 5] = float("nan"), float("nan")
+    return streams, [torch.tensor(0.3), torch.tensor(0.8)], (r(2, batch, tp, h, d), r(batch, ta, h, d)), \
+        [torch.tensor(plen), torch.tensor(alen)]
+
+
+def test_eager_calls_skip_the_custom_op_and_tracing_takes_it(monkeypatch):
+    """Eager Triton calls run the kernels through BituneAttentionFunction, without the custom op's dispatch;
+    torch.compile and fake tensors get the registered custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    streams, alphas, douts, lens = eager_case("gqa_padded", torch.float32)
+    leaves = [t.requires_grad_() for t in streams + alphas]
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def call(*args, check_values=True):
+        with ops.backend("triton"):
+            return ops.bitune_attention(*args, check_values=check_values)
+
+    compiled = torch.compile(call, backend=record, fullgraph=True)
+    assert all(torch.equal(a, b) for a, b in zip(compiled(*leaves, *lens), call(*leaves, *lens)))
+    assert "kpro.bitune_attention_forward" in graphs[0].code and "BituneAttentionFunction" not in graphs[0].code
+
+    calls, real = [], torch.ops.kpro.bitune_attention_forward
+    monkeypatch.setattr(torch.ops.kpro, "bitune_attention_forward", lambda *args: calls.append(args) or real(*args))
+    o_p, o_a = call(*leaves, *lens)
+    torch.autograd.backward((o_p, o_a), douts)
+    assert calls == [] and type(o_a.grad_fn).__name__ == "BituneAttentionFunctionBackward"
+    with FakeTensorMode() as mode:
+        fake = call(*(mode.from_tensor(t) for t in leaves + lens), check_values=False)
+    assert len(calls) == 1 and fake[1].shape == o_a.shape
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaN
+@pytest.mark.parametrize("backend, device", backend_devices()[1:2])  # the op's one kernel backend: Triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", EAGER_CASES)
+def test_eager_path_is_bit_identical_to_the_custom_op(backend, device, dtype, case, monkeypatch):
+    """Both outputs and all eight gradients, dα_k and dα_v included; then a loss on the answer alone (o_p's
+    gradient zeros) with the mixing weights and the prompt streams frozen and a strided incoming gradient;
+    and the tensors saved for the backward: bit for bit the custom op's, on odd shapes, NaN included."""
+    from test_ops_rms_norm import bits
+
+    streams, alphas, (do_p, do_a), lens = eager_case(case, dtype)
+    lens = [x.to(device) for x in lens]
+    strided = torch.cat((do_a, do_a), -1).to(device)[..., ::2]  # equal to do_a, not contiguous
+    runs = []
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(sys.modules["kpro.ops.bitune_attention"], "eager_fast_path", lambda *tensors: False)
+        saved, results = [], []
+        for answer_only in (False, True):
+            leaves = [t.to(device).clone().requires_grad_(not answer_only or 3 <= i < 6)
+                      for i, t in enumerate(streams + alphas)]
+            with ops.backend(backend), torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.append(t) or t, lambda t: t):
+                o_p, o_a = ops.bitune_attention(*leaves, *lens)
+            assert ("BituneAttentionFunction" in type(o_a.grad_fn).__name__) == eager
+            if answer_only:
+                o_a.backward(strided)
+            else:
+                torch.autograd.backward((o_p, o_a), (do_p.to(device), do_a.to(device)))
+            results += [o_p, o_a] + [t.grad for t in leaves if t.requires_grad]
+            assert all((t.grad is None) != t.requires_grad for t in leaves)
+        runs.append((results, saved))
+    (fast, fast_saved), (op, op_saved) = runs
+    assert len(fast) == len(op) == 10 + 5
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fast, op))
+    if case == "nan":
+        assert fast[0].isnan().any() and not fast[0].isnan().all()  # the bidir stream and the answer see it
+    assert [(t.shape, t.dtype) for t in fast_saved] == [(t.shape, t.dtype) for t in op_saved]
+    assert all(torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b)
+               for a, b in zip(fast_saved, op_saved))
+
+
+def test_double_backward_raises_on_both_paths(monkeypatch):
+    """The custom op has no double backward (its backward op has no autograd formula): create_graph gives
+    gradients whose own backward raises. The eager path raises too, for dα as for the streams'."""
+    streams, alphas, _, lens = eager_case("gqa_padded", torch.float32)
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(sys.modules["kpro.ops.bitune_attention"], "eager_fast_path", lambda *tensors: False)
+        leaves = [t.clone().requires_grad_() for t in streams + alphas]
+        with ops.backend("triton"):
+            o_p, o_a = ops.bitune_attention(*leaves, *lens)
+        assert ("BituneAttentionFunction" in type(o_a.grad_fn).__name__) == eager
+        dq_a, dalpha_k = torch.autograd.grad(o_p.sum() + o_a.sum(), (leaves[3], leaves[6]), create_graph=True)
+        assert dq_a.requires_grad and dalpha_k.requires_grad
+        for grad in (dq_a, dalpha_k):
+            with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
+                grad.sum().backward(retain_graph=True)

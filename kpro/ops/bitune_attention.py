@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_reference, finite_on_cpu, softmax_scale
-from .backend import autocast_inputs, kernels, refuse_function_transforms, select
+from .backend import (autocast_inputs, eager_fast_path, kernels, once_differentiable, refuse_function_transforms,
+                      select)
 
 
 def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
@@ -36,6 +37,10 @@ def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens
         return bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens,
                                           answer_lens, scale)
     refuse_function_transforms("bitune_attention", q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v)
+    if eager_fast_path(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens):
+        # the same kernels without the custom op's dispatch (backend.eager_fast_path)
+        return BituneAttentionFunction.apply(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens,
+                                             answer_lens, scale, backend)
     o_p, o_a, _, _ = torch.ops.kpro.bitune_attention_forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v,
                                                              prompt_lens, answer_lens, scale, backend)
     return o_p, o_a
@@ -137,14 +142,27 @@ def bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, p
 
 # ------------------------------------------------------------------------------ custom op registration
 
+def _run_forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, scale, backend):
+    """The forward of both paths, the custom op and BituneAttentionFunction: (o_p, o_a, lse_p, lse_a)."""
+    return kernels("bitune_attention", backend, None).forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v,
+                                                              prompt_lens, answer_lens, scale)
+
+
+def _run_backward(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, o_p, o_a,
+                  lse_p, lse_a, scale, backend):
+    """The backward of both paths: [dq_p, dk_p, dv_p, dq_a, dk_a, dv_a, dalpha_k, dalpha_v]."""
+    return list(kernels("bitune_attention", backend, None).backward(
+        do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, o_p, o_a,
+        lse_p, lse_a, scale))
+
+
 @torch.library.custom_op("kpro::bitune_attention_forward", mutates_args=())
 def bitune_attention_forward(q_p: torch.Tensor, k_p: torch.Tensor, v_p: torch.Tensor, q_a: torch.Tensor,
                              k_a: torch.Tensor, v_a: torch.Tensor, alpha_k: torch.Tensor, alpha_v: torch.Tensor,
                              prompt_lens: torch.Tensor, answer_lens: torch.Tensor, scale: float,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o_prompt, o_answer, lse2_prompt [2, B, H, Tp], lse2_answer [B, H, Ta])."""
-    return kernels("bitune_attention", backend, None).forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v,
-                                                              prompt_lens, answer_lens, scale)
+    return _run_forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, scale, backend)
 
 
 @bitune_attention_forward.register_fake
@@ -162,9 +180,8 @@ def bitune_attention_backward(do_p: torch.Tensor, do_a: torch.Tensor, q_p: torch
                               answer_lens: torch.Tensor, o_p: torch.Tensor, o_a: torch.Tensor, lse_p: torch.Tensor,
                               lse_a: torch.Tensor, scale: float, backend: str) -> list[torch.Tensor]:
     """[dq_p, dk_p, dv_p, dq_a, dk_a, dv_a, dalpha_k, dalpha_v]."""
-    return list(kernels("bitune_attention", backend, None).backward(
-        do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, o_p, o_a,
-        lse_p, lse_a, scale))
+    return _run_backward(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
+                         o_p, o_a, lse_p, lse_a, scale, backend)
 
 
 @bitune_attention_backward.register_fake
@@ -187,3 +204,25 @@ def _backward(ctx, do_p, do_a, _dlse_p, _dlse_a):
 
 
 bitune_attention_forward.register_autograd(_backward, setup_context=_setup)
+
+
+class BituneAttentionFunction(torch.autograd.Function):
+    """The eager path of the kernel backends: the custom ops' kernels and saved tensors without their dispatch
+    (backend.eager_fast_path). It returns (o_p, o_a), as `bitune_attention` does; lse_p and lse_a are saved,
+    not returned. Its backward gives all eight gradients (the six streams', α_k's, α_v's) whatever needs them,
+    as the custom op's does, and is once differentiable as that one (no autograd formula for its backward op)."""
+
+    @staticmethod
+    def forward(ctx, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, scale, backend):
+        o_p, o_a, lse_p, lse_a = _run_forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens,
+                                              answer_lens, scale, backend)
+        ctx.save_for_backward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
+                              o_p, o_a, lse_p, lse_a)
+        ctx.scale, ctx.backend = scale, backend
+        return o_p, o_a
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do_p, do_a):
+        grads = _run_backward(do_p, do_a, *ctx.saved_tensors, ctx.scale, ctx.backend)
+        return (*grads, None, None, None, None)
