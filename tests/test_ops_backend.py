@@ -288,6 +288,37 @@ def test_function_transforms_and_forward_mode_ad_are_refused_by_name(name):
         assert torch.allclose(batched, ops.rms_norm(q, torch.ones(8)), atol=1e-6)
 
 
+EAGER_FUNCTIONS = {"rms_norm": ["RmsNormFunction"], "swiglu": ["SwiGLUFunction", "SwiGLUPackedFunction"],
+                   "attention": ["AttentionFunction"], "bitune_attention": ["BituneAttentionFunction"],
+                   "linear_cross_entropy": ["LinearCrossEntropyFunction"]}
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_calls_that_record_no_graph_skip_the_autograd_function(name, monkeypatch):
+    """Where no graph is recorded (grad mode off, or no input requiring grad: generation, evaluation), the eager
+    path calls the kernel functions directly instead of its autograd.Function (whose apply alone costs ~12 us):
+    the same values, bit for bit. Where one is, the Function runs."""
+    from test_ops_rms_norm import bits
+
+    applied = []
+    for module, classes in EAGER_FUNCTIONS.items():
+        for cls in (getattr(importlib.import_module(f"kpro.ops.{module}"), c) for c in classes):
+            monkeypatch.setattr(cls, "apply", lambda *args, real=cls.apply, cls=cls: applied.append(cls) or real(*args))
+    q = torch.randn(1, 3, 2, 8)
+    with ops.backend(name):
+        for op, fn in _one_call_of_each_op(q).items():
+            if name == "torch" and op in ("attention", "bitune_attention"):
+                continue  # plain PyTorch: no Function either way
+            applied.clear()
+            recorded = fn(q.clone().requires_grad_())
+            assert len(applied) == 1 and recorded.requires_grad, op
+            with torch.no_grad():
+                without_grad_mode = fn(q.clone().requires_grad_())
+            no_input_needs_grad = fn(q.clone())
+            assert len(applied) == 1 and not without_grad_mode.requires_grad, op
+            assert all(torch.equal(bits(recorded), bits(out)) for out in (without_grad_mode, no_input_needs_grad)), op
+
+
 def test_eager_fast_path_only_for_plain_tensors_in_plain_eager_mode():
     """The ops skip their custom ops' dispatch only where nothing traces, transforms or intercepts them."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -241,6 +241,95 @@ def test_compiles_without_graph_breaks_and_opcheck(backend, device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+# ---------------------------------------------------------------- eager path (autograd.Function) vs custom ops
+
+def graph_names(t: torch.Tensor) -> set[str]:
+    """The names of every autograd node behind `t`."""
+    names, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def test_eager_calls_skip_the_custom_ops_and_tracing_takes_them(monkeypatch):
+    """Eager calls run the kernels through LinearCrossEntropyFunction, not the custom ops; torch.compile
+    traces the registered op."""
+    hidden, weight, labels = inputs(12, 16, 45, torch.float32, "cpu", seed=13, ignored=[2])
+    hidden.requires_grad_(), weight.requires_grad_()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda h, w, y: ops.linear_cross_entropy(h, w, y, reduction="sum"), backend=record,
+                             fullgraph=True)
+    assert torch.equal(compiled(hidden, weight, labels), ops.linear_cross_entropy(hidden, weight, labels, reduction="sum"))
+    assert "kpro.linear_cross_entropy_forward" in graphs[0].code and "LinearCrossEntropyFunction" not in graphs[0].code
+
+    calls = []
+    for name in ("linear_cross_entropy_forward", "linear_cross_entropy_backward"):
+        real = getattr(torch.ops.kpro, name)
+        monkeypatch.setattr(torch.ops.kpro, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    loss = ops.linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    assert calls == [] and "LinearCrossEntropyFunctionBackward" in graph_names(loss)
+    assert hidden.grad.isfinite().all() and weight.grad.abs().sum() > 0
+    monkeypatch.setattr(lce, "eager_fast_path", lambda *tensors: False)
+    ops.linear_cross_entropy(hidden, weight, labels).backward()
+    assert calls == ["linear_cross_entropy_forward", "linear_cross_entropy_backward"]
+
+
+@pytest.mark.parametrize("backend, device", backend_devices()[:3])
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_eager_path_is_bit_identical_to_the_custom_ops(backend, device, monkeypatch):
+    """The loss per row and summed, dH and dW (dH alone for a frozen head), ignored rows and a NaN row included,
+    and the tensors saved for the backward: bit for bit the custom ops', on odd sizes."""
+    from test_ops_rms_norm import bits
+
+    hidden, weight, labels = inputs(11, 19, 37, torch.float32, device, seed=14, ignored=[3, 8])
+    hidden[5, 2] = float("nan")
+    dloss = upstream(labels, "none", device)
+    runs = []
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(lce, "eager_fast_path", lambda *tensors: False)
+        saved, results = [], []
+        for reduction, train_head in (("none", True), ("sum", False)):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_head)
+            with ops.backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                                                   lambda t: t):
+                loss = ops.linear_cross_entropy(h, w, labels, reduction=reduction)
+            assert ("LinearCrossEntropyFunctionBackward" in graph_names(loss)) == eager
+            loss.backward(dloss if reduction == "none" else None)
+            results += [loss, h.grad] + ([w.grad] if train_head else [])
+        runs.append((results, saved))
+    (fast, fast_saved), (op, op_saved) = runs
+    assert fast[0][5].isnan() and fast[0][[3, 8]].eq(0).all() and fast[1].isfinite()[[0, 1, 2, 4]].all()
+    assert len(fast) == len(op) and all(torch.equal(bits(a), bits(b)) for a, b in zip(fast, op))
+    assert [(t.shape, t.dtype) for t in fast_saved] == [(t.shape, t.dtype) for t in op_saved]
+    assert all(torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b)
+               for a, b in zip(fast_saved, op_saved))
+
+
+def test_double_backward_raises_on_both_paths(monkeypatch):
+    """The custom op has no double backward (its backward op has no autograd formula): create_graph gives a
+    gradient whose own backward raises. The eager path raises too."""
+    hidden, weight, labels = inputs(6, 8, 13, torch.float64, "cpu", seed=15, ignored=[1])
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(lce, "eager_fast_path", lambda *tensors: False)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        (dh,) = torch.autograd.grad(ops.linear_cross_entropy(h, w, labels), h, create_graph=True)
+        assert dh.requires_grad
+        with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
+            dh.sum().backward()
+        assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, labels), (h, w))
+
+
 # ----------------------------------------------------------------------------- the losses that use it
 
 def materialised_lm_loss(model, batch):

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import (autocast_inputs, eager_fast_path, kernels, no_autocast, once_differentiable,
+from .backend import (autocast_inputs, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
                       refuse_function_transforms, select)
 
 
@@ -249,6 +249,8 @@ def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=Non
         return attention_reference(q, k, v, causal, prefix_lens, attention_mask, scale)
     refuse_function_transforms("attention", q, k, v)
     if eager_fast_path(q, k, v, prefix_lens, attention_mask):  # the same kernels without the custom op's dispatch
+        if not needs_graph(q, k, v):
+            return _run_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)[0]
         return AttentionFunction.apply(q, k, v, causal, prefix_lens, attention_mask, scale, backend)
     return torch.ops.kpro.attention_forward(q, k, v, causal, prefix_lens, attention_mask, scale, backend)[0]
 

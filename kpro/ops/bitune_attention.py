@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_reference, finite_on_cpu, softmax_scale
-from .backend import (autocast_inputs, eager_fast_path, kernels, once_differentiable, refuse_function_transforms,
-                      select)
+from .backend import (autocast_inputs, eager_fast_path, kernels, needs_graph, once_differentiable,
+                      refuse_function_transforms, select)
 
 
 def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
@@ -39,6 +39,9 @@ def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens
     refuse_function_transforms("bitune_attention", q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v)
     if eager_fast_path(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens):
         # the same kernels without the custom op's dispatch (backend.eager_fast_path)
+        if not needs_graph(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v):
+            return tuple(_run_forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, scale,
+                                      backend)[:2])
         return BituneAttentionFunction.apply(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens,
                                              answer_lens, scale, backend)
     o_p, o_a, _, _ = torch.ops.kpro.bitune_attention_forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v,

@@ -5,7 +5,8 @@ the logits [N, V] never in memory.
 with the log-sum-exp and everything after the matmul in fp32 (float64 for float64 inputs). It is registered
 as torch.library custom ops (forward and backward): the forward returns each row's loss and log-sum-exp
 (fp32 [N] each), the reduction is ordinary autograd on that vector, and the backward gets each row's
-gradient dloss [N], so "none", "sum" and "mean" share one backward.
+gradient dloss [N], so "none", "sum" and "mean" share one backward. Eager calls run the same kernel
+functions through LinearCrossEntropyFunction instead, without the custom ops' dispatch (backend.eager_fast_path).
 
 What each backend keeps in memory:
 - torch (the reference and the CPU default): the scored rows in chunks of CHUNK_BYTES of logits, [chunk, V]
@@ -25,7 +26,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import autocast_inputs, kernels, no_autocast, refuse_function_transforms, select
+from .backend import (autocast_inputs, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
+                      refuse_function_transforms, select)
 from .rms_norm import accumulation_dtype
 
 IGNORE_INDEX = -100
@@ -54,8 +56,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     _check_args(hidden, weight, labels, ignore_index)
     refuse_function_transforms("linear_cross_entropy", hidden, weight)
     rows, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
-    losses = torch.ops.kpro.linear_cross_entropy_forward(rows, weight, targets, int(ignore_index),
-                                                         select("linear_cross_entropy", hidden))[0]
+    backend = select("linear_cross_entropy", hidden)
+    if eager_fast_path(rows, weight, targets):  # the same kernels without the custom ops' dispatch
+        if not needs_graph(rows, weight):
+            losses = _run_forward(rows, weight, targets, int(ignore_index), backend)[0]
+        else:
+            losses = LinearCrossEntropyFunction.apply(rows, weight, targets, int(ignore_index), backend)
+    else:
+        losses = torch.ops.kpro.linear_cross_entropy_forward(rows, weight, targets, int(ignore_index), backend)[0]
     if reduction == "none":
         return losses.view(labels.shape)
     total = losses.sum()
@@ -163,12 +171,24 @@ def _kernels(backend: str):
 
 # ------------------------------------------------------------------------------ custom op registration
 
+def _run_forward(hidden, weight, labels, ignore_index, backend):
+    """The forward of both paths, the custom op and LinearCrossEntropyFunction: (loss, lse)."""
+    with no_autocast(hidden):  # the entry point already applied autocast
+        return _kernels(backend).forward(hidden, weight, labels, ignore_index)
+
+
+def _run_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad, backend):
+    """The backward of both paths: (dhidden, dweight), each None when not asked for."""
+    with no_autocast(hidden):
+        return _kernels(backend).backward(dloss.contiguous(), hidden, weight, labels, lse, ignore_index, hidden_grad,
+                                          weight_grad)
+
+
 @torch.library.custom_op("kpro::linear_cross_entropy_forward", mutates_args=())
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse), [N] each in the accumulation dtype; both 0 on ignored rows. hidden [N, d], labels [N]."""
-    with no_autocast(hidden):  # the entry point already applied autocast
-        return _kernels(backend).forward(hidden, weight, labels, ignore_index)
+    return _run_forward(hidden, weight, labels, ignore_index, backend)
 
 
 @linear_cross_entropy_forward.register_fake
@@ -182,8 +202,7 @@ def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, wei
                                   lse: torch.Tensor, ignore_index: int, hidden_grad: bool, weight_grad: bool,
                                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dhidden, dweight); each an empty tensor when not asked for."""
-    with no_autocast(hidden):  # the entry point already applied autocast
-        dh, dw = _kernels(backend).backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad)
+    dh, dw = _run_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad, backend)
     return (dh if dh is not None else hidden.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
 
 
@@ -208,3 +227,25 @@ def _backward(ctx, dloss, _dlse):
 
 
 linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """The eager path: the custom ops' kernels and saved tensors (hidden, weight, labels, lse) without their
+    dispatch (backend.eager_fast_path). It returns the per-row losses only: lse is saved, not an output. Its
+    backward is once differentiable, as the custom op's (no autograd formula for its backward op)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, backend):
+        loss, lse = _run_forward(hidden, weight, labels, ignore_index, backend)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.ignore_index, ctx.backend = ignore_index, backend
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh, dw = _run_backward(dloss, hidden, weight, labels, lse, ctx.ignore_index, hidden_grad, weight_grad,
+                               ctx.backend)
+        return (dh if hidden_grad else None), (dw if weight_grad else None), None, None, None

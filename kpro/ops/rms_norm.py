@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import (eager_fast_path, kernels, no_autocast, once_differentiable, refuse_function_transforms,
-                      select)
+from .backend import (eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
+                      refuse_function_transforms, select)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,6 +26,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     refuse_function_transforms("rms_norm", x, weight)
     backend = select("rms_norm", x)
     if eager_fast_path(x, weight):  # the same kernels without the custom op's dispatch (backend.eager_fast_path)
+        if not needs_graph(x, weight):
+            return _run_forward(x, weight, float(eps), backend)[0]
         return RmsNormFunction.apply(x, weight, float(eps), backend)
     return torch.ops.kpro.rms_norm_forward(x, weight, float(eps), backend)[0]
 

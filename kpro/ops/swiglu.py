@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .backend import eager_fast_path, kernels, once_differentiable, refuse_function_transforms, select
+from .backend import eager_fast_path, kernels, needs_graph, once_differentiable, refuse_function_transforms, select
 from .rms_norm import accumulation_dtype
 
 
@@ -24,6 +24,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     refuse_function_transforms("swiglu", gate, up)
     backend = select("swiglu", gate)
     if eager_fast_path(gate, up):  # the same kernels without the custom op's dispatch (backend.eager_fast_path)
+        if not needs_graph(gate, up):
+            return _kernels(backend).forward(gate, up)
         return SwiGLUFunction.apply(gate, up, backend)
     return torch.ops.kpro.swiglu_forward(gate, up, backend)
 
@@ -36,6 +38,8 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     refuse_function_transforms("swiglu_packed", gate_up)
     backend = select("swiglu", gate_up)
     if eager_fast_path(gate_up):
+        if not needs_graph(gate_up):
+            return _kernels(backend).packed_forward(gate_up)
         return SwiGLUPackedFunction.apply(gate_up, backend)
     return torch.ops.kpro.swiglu_packed_forward(gate_up, backend)
 

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import next_power_of_2
+
 LOG2E = 1.4426950408889634
 NO_END = tl.constexpr(2**30)  # end(i) for non-causal attention: beyond any sequence (constexpr: Triton compiles no plain globals)
 
@@ -572,4 +574,4 @@ def prepare_launch(path: str, like: torch.Tensor) -> None:
 
 
 def padded_head_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._layout import as_rows, device_guard
-from ._launch import FMA, next_power_of_2, program_count, warps_for
+from ._launch import FMA, cdiv, next_power_of_2, program_count, warps_for
 
 MAX_BLOCK = 16384  # widest row kept in registers in one block; wider rows loop over column blocks
 WEIGHT_GRAD_BLOCK = 1024  # columns per program of the dW reduction
@@ -167,8 +167,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
     block, one_block = _block(n_cols)
     # Without dW, rows are independent: one program each. With dW, few programs, each summing its rows.
     programs = program_count(x, n_rows) if weight_grad else n_rows
-    rows_per_program = triton.cdiv(n_rows, programs)
-    programs = triton.cdiv(n_rows, rows_per_program)
+    rows_per_program = cdiv(n_rows, programs)
+    programs = cdiv(n_rows, rows_per_program)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if weight_grad else dx
     mean_gx = dx if one_block else torch.empty(n_rows, dtype=torch.float32, device=x.device)  # dx: unused dummy
     prefetch = one_block and block <= PREFETCH_MAX_BLOCK and all(_vectorisable(t) for t in (rows, dy_rows, dx))
@@ -180,6 +180,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
         if not weight_grad:
             return dx.view(x.shape), None
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
-        _weight_grad_kernel[(triton.cdiv(n_cols, WEIGHT_GRAD_BLOCK),)](partial, dw, programs, n_cols,
+        _weight_grad_kernel[(cdiv(n_cols, WEIGHT_GRAD_BLOCK),)](partial, dw, programs, n_cols,
                                                                         BLOCK=WEIGHT_GRAD_BLOCK, num_warps=4, **FMA)
     return dx.view(x.shape), dw

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .._layout import swiglu_functions
-from ._launch import FMA, next_power_of_2
+from ._launch import FMA, cdiv, next_power_of_2
 
 BLOCK_MAX = 1024
 
@@ -40,7 +40,7 @@ def _backward_kernel(DY, G, U, DG, DU, dy_stride, g_stride, u_stride, dg_stride,
 
 def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int]:
     block = min(next_power_of_2(n_cols), BLOCK_MAX)
-    return (n_rows, triton.cdiv(n_cols, block)), block
+    return (n_rows, cdiv(n_cols, block)), block
 
 
 def _forward_rows(g, u, y):
