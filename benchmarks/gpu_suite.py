@@ -24,7 +24,9 @@ budget and is killed at it; either way what finished is kept.
               same model, flags and step; building the models takes most of the time), each timed, with
               the host time to issue it, the GPU's busy time, kernel launches and device syncs
               (torch.profiler): whether Python or the GPU sets the step time (the first H200 run measured
-              kpro's step at 2.2x eager's). OUT_DIR/profile.json and profile.md.
+              kpro's step at 2.2x eager's); then the host's cost of one call of each kpro op beside the
+              PyTorch ops it replaces, and of its parts (custom op, launcher alone). OUT_DIR/profile.json,
+              host_costs.json and profile.md.
   benchmarks  `pytest --benchmark` over benchmarks/ (CUDA-event timing, checks before timing: conftest.py),
               the cases behind SPEC.md's performance goals first (benchmark_priority). A full pass of
               every GPU case may well take longer than the budget (an estimate: mostly torch.compile and
@@ -981,7 +983,8 @@ def render_markdown(report: dict) -> str:
         lines += ["### Where an expansion step's time goes (profile)", "",
                   "benchmarks/profile_step.py: the expansion benchmark's step, host clock around a synchronised "
                   "step (median of 3); the host time to issue it without waiting; the GPU's busy time and kernel "
-                  "launches, and device syncs, from torch.profiler over one step.", ""]
+                  "launches, and device syncs, from torch.profiler over one step; then what one call of each op costs the "
+                  "host, on tensors small enough that the host sets the pace.", ""]
         lines.append(Path(prof.get("markdown_path", "")).read_text() if prof.get("markdown_path")
                      and Path(prof["markdown_path"]).is_file() else "")
     bench = stages.get("benchmarks")

@@ -13,8 +13,11 @@ whether the host, not the GPU, sets the step time. Per implementation it writes
               the host's run-ahead)
   launches    GPU kernel launches in one step, and gpu_busy_ms, the sum of their times
   top_cpu     the 12 operators with the most self CPU time; top_gpu, the 12 with the most GPU time
-to OUT_DIR/profile.json and a table to OUT_DIR/profile.md. Without CUDA it profiles on the CPU (the
-GPU columns stay empty); the test in tests/test_gpu_suite.py runs it that way at a tiny size.
+to OUT_DIR/profile.json and a table to OUT_DIR/profile.md. Then, where the step's host time is the
+question, what one call costs the host: kpro's ops (eager path, custom op, the backend's launcher alone)
+next to the PyTorch ops they replace, on tensors so small that the host sets the pace (host_costs.json and
+a second table in profile.md). Without CUDA it profiles on the CPU (the GPU columns stay empty); the test in
+tests/test_gpu_suite.py runs it that way at a tiny size.
 """
 from __future__ import annotations
 
@@ -123,6 +126,71 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def host_microseconds(fn, device: torch.device, calls: int = 200) -> tuple[float, float]:
+    """(host time to issue one call, time per call with the device's work) in microseconds, over `calls`
+    back-to-back calls after a warm-up: on tiny tensors the device finishes each call before the host has
+    issued the next, so the two agree and measure the host's cost."""
+    for _ in range(10):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter()
+    synchronize(device)
+    done = time.perf_counter()
+    return 1e6 * (issued - start) / calls, 1e6 * (done - start) / calls
+
+
+def host_costs(device: torch.device) -> list[dict]:
+    """The host's cost of one call of each kpro op in a layer, forward and forward+backward, beside the PyTorch
+    ops they replace, and of the op's parts: the custom op (what compiled graphs call) and the backend's
+    launcher alone (Triton's or the CUDA library's on a GPU, the torch functions on the CPU)."""
+    import importlib
+
+    import torch.nn.functional as F
+    from kpro import ops
+
+    # The modules (kpro.ops.backend and kpro.ops.swiglu are the functions of those names)
+    kpro_backend, swiglu_module = (importlib.import_module(f"kpro.ops.{m}") for m in ("backend", "swiglu"))
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    g, u, x = (torch.randn(16, 256, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+    w = torch.ones(256, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = (torch.randn(1, 16, 2, 64, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+    dy, dq = torch.ones_like(g), torch.ones_like(q)
+    name = kpro_backend.select("swiglu", g)
+    launcher = kpro_backend.kernels("swiglu", name, swiglu_module.TORCH_KERNELS)
+    sdpa = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True).transpose(1, 2)
+    with torch.no_grad():
+        forward = [("torch: silu(g) * u", lambda: F.silu(g) * u),
+                   ("kpro swiglu (eager path)", lambda: ops.swiglu(g, u)),
+                   ("kpro swiglu, custom op", lambda: torch.ops.kpro.swiglu_forward(g, u, name)),
+                   (f"kpro swiglu, {name} launcher alone", lambda: launcher.forward(g, u))]
+        rows = [(label, "forward") + host_microseconds(fn, device) for label, fn in forward]
+    both = [("torch: silu(g) * u", lambda: (F.silu(g) * u).backward(dy)),
+            ("kpro swiglu", lambda: ops.swiglu(g, u).backward(dy)),
+            ("torch: RMSNorm of x", lambda: (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+                                            .to(dtype) * w).backward(dy)),
+            ("kpro rms_norm", lambda: ops.rms_norm(x, w).backward(dy)),
+            ("torch: SDPA, causal", lambda: sdpa().backward(dq)),
+            ("kpro attention, causal", lambda: ops.attention(q, k, v, causal=True).backward(dq))]
+    for tensor in (g, u, x, w, q, k, v):  # gradients accumulate across calls; their values are not used
+        tensor.grad = None
+    rows += [(label, "forward+backward") + host_microseconds(fn, device) for label, fn in both]
+    return [dict(call=label, pass_=kind, backend=name, host_us=round(host, 1), per_call_us=round(total, 1))
+            for label, kind, host, total in rows]
+
+
+def host_costs_markdown(rows: list[dict]) -> str:
+    lines = ["", f"Host cost of one call on tiny tensors (kpro's backend: {rows[0]['backend']}):", "",
+             "| call | pass | host time to issue | time per call |", "|---|---|---|---|"]
+    lines += [f"| {r['call']} | {r['pass_']} | {r['host_us']} µs | {r['per_call_us']} µs |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
@@ -152,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{impl}: step {results[-1]['step_ms']} ms, issued in {results[-1]['enqueue_ms']} ms, "
               f"{results[-1]['launches']} launches, syncs {results[-1]['syncs'] or 'none'}", flush=True)
         (out / "profile.json").write_text(json.dumps(results, indent=1) + "\n")  # each as it finishes
-    (out / "profile.md").write_text(markdown(results))
+    (out / "profile.md").write_text(markdown(results))  # the step's table stands should the next part fail
+    costs = host_costs(device)
+    (out / "host_costs.json").write_text(json.dumps(costs, indent=1) + "\n")
+    (out / "profile.md").write_text(markdown(results) + host_costs_markdown(costs))
     return 0
 
 
