@@ -195,8 +195,8 @@ def row_deltas(out, dout):
     block_m = 16 if out.device.type != "cuda" else 64
     with device_guard(out):
         _delta_kernel[(cdiv(t, block_m) * batch * heads,)](out, dout, delta, *_strides(out), *_strides(dout),
-                                                                t, heads, HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim),
-                                                                BLOCK_M=block_m, **FMA)
+                                                         t, heads, HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim),
+                                                         BLOCK_M=block_m, **FMA)
     return delta
 
 

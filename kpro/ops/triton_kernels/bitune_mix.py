@@ -58,7 +58,7 @@ def mixed_cache(k_p: torch.Tensor, v_p: torch.Tensor, alpha_k: torch.Tensor, alp
     if n:
         with device_guard(k_p):
             _mix_kernel[(cdiv(n, BLOCK),)](k_p, v_p, k_mix, v_mix, alpha_k, alpha_v, n, BLOCK=BLOCK, num_warps=4,
-                                                  **FMA)
+                                           **FMA)
     return k_mix, v_mix
 
 

@@ -181,5 +181,5 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
             return dx.view(x.shape), None
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
         _weight_grad_kernel[(cdiv(n_cols, WEIGHT_GRAD_BLOCK),)](partial, dw, programs, n_cols,
-                                                                        BLOCK=WEIGHT_GRAD_BLOCK, num_warps=4, **FMA)
+                                                                 BLOCK=WEIGHT_GRAD_BLOCK, num_warps=4, **FMA)
     return dx.view(x.shape), dw
