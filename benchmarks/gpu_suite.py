@@ -983,8 +983,8 @@ def render_markdown(report: dict) -> str:
         lines += ["### Where an expansion step's time goes (profile)", "",
                   "benchmarks/profile_step.py: the expansion benchmark's step, host clock around a synchronised "
                   "step (median of 3); the host time to issue it without waiting; the GPU's busy time and kernel "
-                  "launches, and device syncs, from torch.profiler over one step; then what one call of each op costs the "
-                  "host, on tensors small enough that the host sets the pace.", ""]
+                  "launches, and device syncs, from torch.profiler over one step; then what one call of each op "
+                  "costs the host, on tensors small enough that the host sets the pace.", ""]
         lines.append(Path(prof.get("markdown_path", "")).read_text() if prof.get("markdown_path")
                      and Path(prof["markdown_path"]).is_file() else "")
     bench = stages.get("benchmarks")
