@@ -142,6 +142,18 @@ def test_integer_input_is_refused():
         ops.rms_norm(torch.ones(2, 4, dtype=torch.long), torch.ones(4))
 
 
+def test_eps_must_be_a_finite_number_at_least_zero():
+    """True was read as 1.0 and an infinite eps made every output 0, silently; a string raised an unnamed
+    TypeError; a tensor requiring grad would have lost its gradient (the op takes a float)."""
+    x, w = torch.randn(3, 8), torch.ones(8)
+    for eps in (True, float("inf"), float("nan"), -1e-6, "1e-6", None, torch.tensor([1e-6]), torch.tensor(1),
+                torch.tensor(1e-6, requires_grad=True)):
+        with pytest.raises(ValueError, match="^rms_norm: eps must be"):
+            ops.rms_norm(x, w, eps=eps)
+    for eps in (0, 1e-6, torch.tensor(1e-6)):
+        assert torch.equal(ops.rms_norm(x, w, eps=eps), ops.rms_norm(x, w, eps=float(eps)))
+
+
 @pytest.mark.parametrize("backend, device", backend_devices()[:2] + backend_devices()[2:])
 def test_opcheck_registration(backend, device):
     """Fake and real outputs agree (shapes, dtypes, strides), also for an input that is not contiguous."""

@@ -7,6 +7,8 @@ reduction, the expensive part, entirely).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from types import SimpleNamespace
 
 import torch
@@ -41,8 +43,20 @@ def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> No
         raise ValueError(f"rms_norm: x is on {x.device}, weight on {weight.device}")
     if not x.is_floating_point() or not weight.is_floating_point():
         raise ValueError(f"rms_norm: x and weight must be floating point, got {x.dtype} and {weight.dtype}")
-    if not eps >= 0:
-        raise ValueError(f"rms_norm: eps must be >= 0, got {eps}")
+    check_eps(eps)
+
+
+def check_eps(eps) -> None:
+    """eps must be a finite number >= 0: a bool (True read as 1.0), a string, an infinity (every output 0) or a
+    tensor that requires grad (the op takes a float: its gradient would be dropped) is refused by name."""
+    if isinstance(eps, torch.Tensor):
+        if eps.requires_grad or eps.dim() != 0 or eps.dtype == torch.bool or not eps.dtype.is_floating_point:
+            raise ValueError(f"rms_norm: eps must be a number or a 0-dim floating-point tensor without grad, got "
+                             f"{tuple(eps.shape)} {eps.dtype}{' requiring grad' if eps.requires_grad else ''}")
+    elif isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {eps!r}")
+    if not (math.isfinite(float(eps)) and float(eps) >= 0):
+        raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {float(eps)}")
 
 
 # ------------------------------------------------------------------------------------ torch backend
