@@ -55,7 +55,7 @@ def check_eps(eps) -> None:
                              f"{tuple(eps.shape)} {eps.dtype}{' requiring grad' if eps.requires_grad else ''}")
     elif isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {eps!r}")
-    if not (math.isfinite(float(eps)) and float(eps) >= 0):
+    if not 0 <= eps < math.inf:  # comparisons, not float(): under torch.compile(dynamic=True) eps is a SymFloat
         raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {float(eps)}")
 
 
