@@ -195,6 +195,18 @@ def test_causal_lm_loss_is_fp32_for_bf16_logits():
     assert abs(loss.item() - expected.item()) < 1e-5  # bf16 cross-entropy would be off by ~1e-2
 
 
+def test_labels_that_are_not_integers_are_refused():
+    """Float labels were cast to int64 (3.7 read as token 3) by causal_lm_loss, silently; int32 ones are fine."""
+    logits, hidden, head = torch.randn(2, 4, 8), torch.randn(2, 4, 6), torch.randn(8, 6)
+    for labels in (torch.full((2, 4), 3.7), torch.ones(2, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="labels must be an integer tensor"):
+            kt.causal_lm_loss(logits, labels)
+        with pytest.raises(ValueError, match="labels must be an integer tensor"):
+            kt.causal_lm_loss_from_hidden(hidden, head, labels)
+    labels = torch.randint(0, 8, (2, 4))
+    assert torch.equal(kt.causal_lm_loss(logits, labels.int()), kt.causal_lm_loss(logits, labels))
+
+
 def test_batch_without_loss_tokens_is_an_error():
     labels = torch.tensor([[5, -100, -100], [-100, -100, -100]])  # position 0 is never a target
     with pytest.raises(ValueError, match="batch of 2 row.s. has no loss tokens"):

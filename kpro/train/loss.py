@@ -50,9 +50,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    _check_label_dtype(labels)
     total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),  # int32 too
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return _reduce(total, labels, reduction)
+
+
+def _check_label_dtype(labels: torch.Tensor) -> None:
+    """Token ids: integers (int64, int32 too). Float labels were cast to int64, 3.7 read as token 3, silently
+    (soft targets or probabilities, which a float tensor may hold, are not what this loss takes)."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of token ids (or -100), got {labels.dtype}")
 
 
 def _reduce(total: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -89,6 +97,7 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, 
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be [B, T, d] and labels [B, T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    _check_label_dtype(labels)
     targets = next_token_targets(labels)
     total = ops.linear_cross_entropy(hidden, head_weight, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return _reduce(total, labels, reduction)
