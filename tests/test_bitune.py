@@ -319,6 +319,22 @@ def test_unknown_mode():
         Bitune(kpro.Llama(tiny_config()), mode="fancy")
 
 
+def test_mixing_settings_that_cannot_train_are_refused():
+    """mix_init 0 left α at 0 for good (|w| has no gradient at 0), an infinite or NaN one made α NaN, and an
+    infinite mix_eps made α 0: each was accepted silently."""
+    w = torch.zeros(1, requires_grad=True)
+    (w.abs() / (w.abs() + 0.01)).sum().backward()
+    assert w.grad.item() == 0  # why 0 is refused
+    for mix_init in (0, 0.0, float("inf"), float("nan"), True, "0.01"):
+        with pytest.raises(ValueError, match="mix_init must be a finite number other than 0"):
+            Bitune(kpro.Llama(tiny_config()), mix_init=mix_init)
+    for mix_eps in (0.0, -0.01, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="mix_eps must be a finite number > 0"):
+            Bitune(kpro.Llama(tiny_config()), mix_eps=mix_eps)
+    negative = Bitune(kpro.Llama(tiny_config()), mix_init=-0.02)  # |w| is what counts: allowed
+    assert all(torch.allclose(a, torch.full((2,), 2 / 3)) for a in negative.mix_weights())
+
+
 def test_the_mix_is_computed_in_fp32_and_cast_back():
     from kpro.ops.bitune_attention import mix_kv
 

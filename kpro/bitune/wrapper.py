@@ -15,6 +15,8 @@ cannot be merged into one set of base weights: save them with `save_adapters` an
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Sequence
@@ -39,8 +41,14 @@ class Bitune(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown Bitune mode {mode!r}; choose from {', '.join(MODES)}")
-        if not mix_eps > 0:
-            raise ValueError(f"mix_eps must be > 0, got {mix_eps}")
+        if isinstance(mix_eps, bool) or not isinstance(mix_eps, numbers.Real) or not 0 < mix_eps < math.inf:
+            raise ValueError(f"mix_eps must be a finite number > 0, got {mix_eps!r}")
+        # α = |w| / (|w| + mix_eps): an infinite or NaN w makes it NaN, and at w = 0 |w| has no gradient, so the
+        # mix would stay at α = 0 and never learn.
+        if isinstance(mix_init, bool) or not isinstance(mix_init, numbers.Real) or not (
+                math.isfinite(mix_init) and mix_init != 0):
+            raise ValueError(f"mix_init must be a finite number other than 0 (|w| has no gradient at 0: the mix "
+                             f"would never learn), got {mix_init!r}")
         if lora.lora_layers(model):
             raise ValueError("this model has LoRA adapters already (Bitune, or LoRA, was applied to it before): "
                              "kpro.Bitune adds its own to a plain model; load the model again, or keep using the "
