@@ -66,7 +66,10 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     cfg = model.config
     eos = cfg.eos_token_ids if eos_token_id is None else _token_ids("eos_token_id", eos_token_id, cfg.vocab_size)
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
-    (pad,) = _token_ids("pad_token_id", pad, cfg.vocab_size)  # a finished row feeds it back to the model
+    pads = _token_ids("pad_token_id", pad, cfg.vocab_size)  # a finished row feeds it back to the model
+    if len(pads) != 1:
+        raise TypeError(f"pad_token_id must be one token id, got {pad!r}")
+    (pad,) = pads
     device = logits.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     eos_seen = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
@@ -120,7 +123,10 @@ def select_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
 
 def _token_ids(name: str, value, vocab_size: int) -> list[int]:
     """One token id or a collection of them (Python, numpy or 0-dim tensor integers), each in the vocabulary."""
-    values = [value] if isinstance(value, int) or getattr(value, "ndim", None) == 0 else value
+    # A collection (list, tuple, set, range, 1-D array or tensor), else one value: a float is named below, not
+    # iterated ("'float' object is not iterable").
+    many = isinstance(value, (list, tuple, set, frozenset, range)) or (getattr(value, "ndim", 0) or 0) >= 1
+    values = value if many else [value]
     ids = []
     for v in values:
         try:

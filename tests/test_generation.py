@@ -174,9 +174,12 @@ def test_token_ids_of_numpy_and_tensor_integers_are_taken_and_others_refused(mak
     model, ids = make_model(), torch.ones(1, 3, dtype=torch.long)
     want = kpro.generate(model, ids, 4, eos_token_id=[5], pad_token_id=2)
     assert torch.equal(kpro.generate(model, ids, 4, eos_token_id=torch.tensor(5), pad_token_id=np.int64(2)), want)
-    for eos in ("5", [5.0], True):
+    for eos in ("5", [5.0], True, 5.5):  # 5.5 raised "'float' object is not iterable"
         with pytest.raises(TypeError, match="eos_token_id must be a token id or a list of them"):
             kpro.generate(model, ids, 4, eos_token_id=eos)
+    for pad, message in ((0.5, "pad_token_id must be a token id"), ([1, 2], "pad_token_id must be one token id")):
+        with pytest.raises(TypeError, match=message):
+            kpro.generate(model, ids, 4, eos_token_id=5, pad_token_id=pad)
 
 
 def test_right_padded_prompts_are_refused(make_model):
