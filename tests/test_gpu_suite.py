@@ -543,7 +543,7 @@ def test_profile_step_runs_the_expansion_step_and_writes_its_report(tmp_path):
     assert table.count("\n| eager |") == 1 and table.count("\n| kpro-frozen |") == 1
     costs = json.loads((tmp_path / "host_costs.json").read_text())
     calls = [(c["call"], c["pass_"]) for c in costs]
-    for op in ("kpro swiglu", "kpro rms_norm", "kpro attention, causal", "torch: SDPA, causal"):
+    for op in ("kpro swiglu", "kpro rms_norm, frozen weight", "kpro attention, causal", "torch: SDPA, causal"):
         assert (op, "forward+backward") in calls
     assert ("kpro swiglu, torch launcher alone", "forward") in calls  # the CPU's backend
     assert all(0 < c["host_us"] <= c["per_call_us"] * 1.01 + 1 for c in costs)
