@@ -296,7 +296,7 @@ EAGER_FUNCTIONS = {"rms_norm": ["RmsNormFunction"], "swiglu": ["SwiGLUFunction",
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_calls_that_record_no_graph_skip_the_autograd_function(name, monkeypatch):
     """Where no graph is recorded (grad mode off, or no input requiring grad: generation, evaluation), the eager
-    path calls the kernel functions directly instead of its autograd.Function (whose apply alone costs ~12 us):
+    path calls the kernel functions directly instead of its autograd.Function (whose apply alone costs ~10 us):
     the same values, bit for bit. Where one is, the Function runs."""
     from test_ops_rms_norm import bits
 

@@ -157,7 +157,7 @@ def eager_fast_path(*tensors) -> bool:
 def needs_graph(*tensors) -> bool:
     """Whether a call records an autograd graph: grad mode on and an input (`None` entries skipped) requiring
     grad. Where none is recorded (generation, evaluation), an eager path calls its kernel functions directly:
-    torch.autograd.Function.apply alone costs ~12 us a call on the 2-core VM, four times torch's silu · up."""
+    torch.autograd.Function.apply alone costs ~10 us a call on the 2-core VM (benchmarks/RESULTS.md)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -242,7 +242,7 @@ def kernels(op: str, backend: str, torch_kernels):
     if backend == "torch":
         return torch_kernels
     module = _kernel_modules.get((op, backend))
-    if module is None:  # an import_module call costs ~13 us even for a loaded module: once per op and backend
+    if module is None:  # import_module costs ~1.3 us even for a loaded module: once per op and backend
         package = {"triton": "triton_kernels", "cuda": "cuda_kernels"}[backend]
         module = _kernel_modules[op, backend] = importlib.import_module(f".{package}.{op}", __package__)
     return module

@@ -183,7 +183,8 @@ def _run_forward(hidden, weight, labels, ignore_index, backend):
 
 
 def _run_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad, backend):
-    """The backward of both paths: (dhidden, dweight), each None when not asked for."""
+    """The backward of both paths: (dhidden, dweight), each None when not asked for. dloss may be a stride-0
+    expansion (the gradient of a sum or mean): the kernels take it contiguous."""
     with no_autocast(hidden):
         return _kernels(backend).backward(dloss.contiguous(), hidden, weight, labels, lse, ignore_index, hidden_grad,
                                           weight_grad)
@@ -226,7 +227,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dloss, _dlse):
     hidden, weight, labels, lse = ctx.saved_tensors
     hidden_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dh, dw = torch.ops.kpro.linear_cross_entropy_backward(dloss.contiguous(), hidden, weight, labels, lse, ctx.ignore_index,
+    dh, dw = torch.ops.kpro.linear_cross_entropy_backward(dloss, hidden, weight, labels, lse, ctx.ignore_index,
                                                           hidden_grad, weight_grad, ctx.backend)
     return (dh if hidden_grad else None), (dw if weight_grad else None), None, None, None
 

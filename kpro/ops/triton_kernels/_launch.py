@@ -27,7 +27,7 @@ def program_count(t: torch.Tensor, work_items: int) -> int:
 
 
 # Host-side integer helpers in plain Python: in Triton 3.6 and 3.9, triton.cdiv and triton.next_power_of_2 are
-# constexpr functions whose Python call costs ~9 us on the 2-core VM, a dozen times a layer and step.
+# constexpr functions whose Python call costs ~2.5 us on the 2-core VM (kpro's: 0.08), a dozen times a layer and step.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
