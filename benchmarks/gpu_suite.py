@@ -639,13 +639,15 @@ def autotune_stage(ctx: Context) -> dict:
 
 def profile_stage(ctx: Context) -> dict:
     """benchmarks/profile_step.py in a child: the expansion step of eager and kpro-frozen, each timed (host
-    clock, synchronised), the time to issue it and its device syncs counted, and profiled."""
+    clock, synchronised) with the time to issue it, then the host costs, then each step profiled (its
+    device syncs counted): every clock reading before the first profiler session."""
     log_path = ctx.out_dir / "profile.log"
     code, killed = run_child([str(HERE / "profile_step.py"), str(ctx.out_dir)], log_path, ctx.hard_deadline)
     results = read_json(ctx.out_dir / "profile.json") or []
     for r in results:
-        ctx.log(f"profile: {r['impl']}: step {r['step_ms']} ms, issued in {r['enqueue_ms']} ms, GPU busy "
-                f"{r.get('gpu_busy_ms')} ms, {r['launches']} launches, syncs {r['syncs'] or 'none'}")
+        profiled = (f", GPU busy {r.get('gpu_busy_ms')} ms, {r['launches']} launches, syncs {r['syncs'] or 'none'}"
+                    if "launches" in r else ", not profiled (the child stopped first)")
+        ctx.log(f"profile: {r['impl']}: step {r['step_ms']} ms, issued in {r['enqueue_ms']} ms{profiled}")
     complete = code == 0 and not killed
     error = None if complete else ("the time budget ran out" if killed
                                    else f"exited with status {code}: {last_line(log_path)}")

@@ -56,7 +56,7 @@ def loss_and_grads(bt, ids, plens, mask, fused):
     return loss, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:3])
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:3])
 @pytest.mark.parametrize("mode", ["bitune", "shared_weights"])
 def test_fused_path_equals_three_passes(backend, device, mode):
     bt = make(mode, dtype=torch.float32, device=device)

@@ -533,6 +533,10 @@ def test_profile_step_runs_the_expansion_step_and_writes_its_report(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    timed = [i for i, line in enumerate(lines) if ": step " in line]
+    profiled = [i for i, line in enumerate(lines) if " launches, syncs " in line]
+    assert len(timed) == len(profiled) == 2 and max(timed) < min(profiled)  # every clock before any profiler
     results = json.loads((tmp_path / "profile.json").read_text())
     assert [r["impl"] for r in results] == ["eager", "kpro-frozen"]
     for r in results:
@@ -572,3 +576,16 @@ def test_the_profile_stage_reports_what_its_child_measured(tmp_path, monkeypatch
     assert any("kpro-frozen: step 208.0 ms, issued in 205.0 ms" in line and "aten::item" in line for line in lines)
     text = suite.render_markdown(dict(stages={"profile": out}))
     assert "### Where an expansion step's time goes (profile)" in text and "| kpro-frozen | 208.0 ms |" in text
+
+
+def test_the_profile_stage_reports_a_step_timed_but_not_profiled(tmp_path, monkeypatch):
+    """The child writes each step's timing before any profiling: killed in between, the timing stands."""
+    def child(args, log_path, hard_deadline, poll=None):
+        (tmp_path / "profile.json").write_text(json.dumps([dict(impl="eager", step_ms=80.9, enqueue_ms=74.4)]))
+        return None, True
+
+    monkeypatch.setattr(suite, "run_child", child)
+    lines = []
+    out = suite.profile_stage(suite.Context(tmp_path, budget=45, margin=0, log=lines.append))
+    assert not out["complete"] and out["error"] == "the time budget ran out"
+    assert any("eager: step 80.9 ms, issued in 74.4 ms, not profiled" in line for line in lines)

@@ -113,7 +113,7 @@ def with_backend(name, **kwargs):
     return fn
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2] + backend_devices()[2:3])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2] + backend_devices("attention")[2:3])
 @pytest.mark.parametrize("case", CASES)
 def test_fp32_matches_float64(backend, device, case):
     ins, dout, mask, kwargs = make_case(case, torch.float32, device)
@@ -126,7 +126,7 @@ def test_fp32_matches_float64(backend, device, case):
         assert relative_error(out, expected, floor=1e-2) <= 1e-4, name
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[1:2] + backend_devices()[2:3])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[1:2] + backend_devices("attention")[2:3])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("case", ["causal_gqa", "full_mha", "prefix", "left_padding", "decode_tq_lt_tk", "mqa_d128"])
 def test_half_precision_within_twice_plain_pytorch(backend, device, dtype, case):
@@ -152,7 +152,7 @@ def test_gpu_tiles_match_float64(dtype, case):
         assert relative_error(out, expected, floor=1e-3 if dtype == torch.float32 else 0.0) <= bound, name
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 def test_rows_that_see_nothing_are_zero_with_zero_gradient(backend, device):
     ins, dout, mask, kwargs = make_case("left_padding", torch.float32, device)
     got = run(with_backend(backend, **kwargs), ins, dout)
@@ -162,7 +162,7 @@ def test_rows_that_see_nothing_are_zero_with_zero_gradient(backend, device):
     assert got[0].is_contiguous()  # [B, T, H, D] in memory, so .view(B, T, H * D) works (the torch path's was not)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 def test_nan_in_a_key_reaches_only_the_rows_that_see_it(backend, device):
     ins, dout, mask, kwargs = make_case("causal_gqa", torch.float32, device)
     ins[1][0, 10, 0, 3] = float("nan")
@@ -195,7 +195,7 @@ def nan_case(mode: str, seed: int = 0):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaNs
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 @pytest.mark.parametrize("mode", NAN_MODES)
 def test_one_nan_rule_for_queries_keys_and_values_with_and_without_masks(backend, device, mode):
     """A row is NaN exactly when its query, or a key or value it sees, holds a NaN; hidden keys (padding,
@@ -222,7 +222,7 @@ def test_one_nan_rule_for_queries_keys_and_values_with_and_without_masks(backend
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 @pytest.mark.parametrize("mode", NAN_MODES)
 def test_infinite_keys_and_values_a_row_does_not_see_never_reach_it(backend, device, mode):
     """An infinity hides like a NaN: rows that do not see it keep their output. A row that sees an infinite
@@ -269,7 +269,7 @@ def nan_backward_cases(backend, device, mode):
             yield which, pos, ins, nan_rows, sees[nan_rows].any(0)
 
 
-@pytest.mark.parametrize("backend, device", [backend_devices()[0], backend_devices()[2]])  # torch, CPU and CUDA
+@pytest.mark.parametrize("backend, device", [backend_devices("attention")[0], backend_devices("attention")[2]])  # torch, CPU and CUDA
 @pytest.mark.parametrize("mode", NAN_MODES)
 def test_a_nan_reaches_exactly_the_gradients_of_what_its_rows_touch(backend, device, mode):
     """The NaN rule in the backward: with a NaN in one query, key or value, dQ is NaN in exactly the rows that
@@ -288,7 +288,7 @@ def test_a_nan_reaches_exactly_the_gradients_of_what_its_rows_touch(backend, dev
             assert not grad[0, :, 0].isnan().any(), f"{name} of the other head"
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:3])  # attention has no CUDA C++ kernel
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:3])  # attention has no CUDA C++ kernel
 def test_every_backend_takes_the_autocast_dtype_as_sdpa_does(backend, device):
     """Under bf16 autocast: fp32 inputs gave bf16 on the torch backend (SDPA) and fp32 on Triton, and fp32
     q, k beside a bf16 v (transformers' RoPE under autocast) were refused. Now all are cast, as SDPA's are."""
@@ -331,7 +331,7 @@ def test_masks_of_bool_or_01_integers_are_read_as_1_real_token(make_mask):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 def test_float_and_non_01_masks_are_refused_naming_the_convention(backend, device):
     """An additive float mask (0 = attend, -1e9 = hidden, as Hugging Face's) read as 1 = real token would
     show exactly the hidden keys: it is refused by its dtype, with the conversion; 2 or 0.5 are refused too."""
@@ -365,7 +365,7 @@ def test_prefix_lens_as_a_list_and_unclear_shapes():
         ops.attention(q, k, v)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 def test_negative_or_bool_prefix_lens_and_non_bool_causal_are_refused(backend, device):
     """Refused before any backend runs: on the CPU a negative prefix is an error naming its row; a bool
     tensor is not a length; causal=None (from a config) would silently mean bidirectional."""
@@ -381,7 +381,7 @@ def test_negative_or_bool_prefix_lens_and_non_bool_causal_are_refused(backend, d
                 ops.attention(q, k, v, causal=bad)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 def test_prefix_lens_past_the_keys_mean_every_key_even_past_int32(backend, device):
     """P > Tk means the whole row is bidirectional; the kernels' int32 copy of 2**32 would wrap to 0."""
     q, k, v = (torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
@@ -393,7 +393,7 @@ def test_prefix_lens_past_the_keys_mean_every_key_even_past_int32(backend, devic
             assert relative_error(out, expected) < 1e-5, prefix
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 def test_scale_must_be_a_finite_number_above_zero(backend, device):
     """A scale <= 0, NaN or infinite gave NaN silently; a tensor that requires grad would lose its gradient."""
     q, k, v = (torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(i)).to(device) for i in range(3))
@@ -411,7 +411,7 @@ def test_scale_must_be_a_finite_number_above_zero(backend, device):
         assert torch.equal(ops.attention(q, k, v, scale=torch.tensor(0.5)), ops.attention(q, k, v, scale=0.5))
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[1:2])  # the op's one kernel backend: Triton
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[1:2])  # the op's one kernel backend: Triton
 def test_opcheck_registration(backend, device):
     """The custom ops' fake and real outputs agree, their autograd registration holds up, and what they
     compute is attention (opcheck alone would pass a wrong kernel). Triton runs on the GPU or in the
@@ -549,7 +549,7 @@ def test_eager_calls_skip_the_custom_op_and_tracing_takes_it(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaN
-@pytest.mark.parametrize("backend, device", backend_devices()[1:2])  # the op's one kernel backend: Triton
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[1:2])  # the op's one kernel backend: Triton
 @pytest.mark.parametrize("case, dtype", [  # each case in one dtype, the NaN in both (interpreter time: CI)
     ("causal_gqa", torch.bfloat16), ("decode_tq_lt_tk", torch.float32), ("prefix_and_padding", torch.bfloat16),
     ("full_with_padding", torch.float32), ("nan", torch.float32), ("nan", torch.bfloat16)], ids=str)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kpro import ops
-from conftest import backend_devices, relative_error
+from conftest import TOLERANCE, backend_devices, relative_error
 from test_ops_attention import plain_attention
 
 NAMES = ("o_prompt", "o_answer", "dq_p", "dk_p", "dv_p", "dq_a", "dk_a", "dv_a", "dalpha_k", "dalpha_v")
@@ -66,7 +66,7 @@ def fused(backend):
     return fn
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:3])
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:3])
 @pytest.mark.parametrize("case", CASES)
 def test_fp32_equals_three_calls_and_a_mix(backend, device, case):
     tensors, douts, *lens = make(case, torch.float32, "cpu")
@@ -77,19 +77,38 @@ def test_fp32_equals_three_calls_and_a_mix(backend, device, case):
         assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[1:3])
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[1:3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ["gqa_mixed_lengths", "prompt_of_length_one"])
 def test_half_precision_within_twice_plain_pytorch(backend, device, dtype, case):
+    """Every tensor within twice plain PyTorch's error, but dα_k and dα_v: each is one sum of thousands of
+    products (K_bidir − K_causal)·dK_mix that cancel, so a half-precision dK_mix leaves it an error of about
+    the unit roundoff times their norm, ‖(K_bidir − K_causal)·dK_mix‖₂, whatever its own size. Against
+    another implementation's single scalar that is a coin toss: plain PyTorch's dα_k on one CPU was off
+    by 2%, on another much less, and an H200's SDPA gradients failed the test by that. They are held to
+    the dtype's tolerance times that norm instead (the largest seen: 0.5%)."""
     tensors, douts, *lens = make(case, dtype, "cpu", seed=1)
     ref = run(three_calls, [t.double() for t in tensors], douts, lens, "cpu", torch.float64)
     plain = run(three_calls, tensors, douts, lens, "cpu", torch.float32)
     got = run(fused(backend), tensors, douts, lens, device, torch.float32)
+    scale = dalpha_rounding_scale(tensors, douts, lens)
     for name, out, base, expected in zip(NAMES, got, plain, ref):
-        assert relative_error(out, expected) <= 2 * relative_error(base, expected), name
+        if name in scale:
+            assert abs(float(out) - float(expected)) <= TOLERANCE[dtype] * scale[name], name
+        else:
+            assert relative_error(out, expected) <= 2 * relative_error(base, expected), name
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+def dalpha_rounding_scale(tensors, douts, lens):
+    """{"dalpha_k": ‖(K_bidir − K_causal)·dK_mix‖₂, "dalpha_v": the same for V}, in float64."""
+    t = [x.detach().double() for x in tensors]
+    mixed = [((1 - alpha) * x[0] + alpha * x[1]).requires_grad_() for x, alpha in ((t[1], t[6]), (t[2], t[7]))]
+    o_p, o_a = three_calls(*t, *lens, mixed=mixed)
+    ((o_p * douts[0]).sum() + (o_a * douts[1]).sum()).backward()
+    return {f"dalpha_{c}": float(((x[1] - x[0]) * m.grad).norm()) for c, x, m in zip("kv", (t[1], t[2]), mixed)}
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
 def test_zero_mix_weights_make_the_answer_see_the_causal_cache(backend, device):
     """alpha = 0: the answer attends exactly to stream 0's keys and values (what plain causal decoding sees)."""
     tensors, douts, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
@@ -118,7 +137,7 @@ def test_bad_inputs(bad, message):
         ops.bitune_attention(*bad(tensors + [plen, alen]))
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
 @pytest.mark.parametrize("index, value, message", [
     (8, [20, 7], r"prompt_lens must lie in \[0, Tp=19\], got \[20, 7\]"),
     (8, [-1, 7], r"prompt_lens must lie in \[0, Tp=19\], got \[-1, 7\]"),
@@ -138,7 +157,7 @@ def test_lengths_and_mixing_weights_out_of_range_are_refused(backend, device, in
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaNs
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
 def test_non_finite_padded_prompt_keys_and_values_do_not_reach_the_mixing_weights(backend, device):
     """No stream sees a prompt position past prompt_lens: a NaN or infinity there must leave the outputs and
     every gradient, dα_k and dα_v included, as they are with a finite value there."""
@@ -152,7 +171,7 @@ def test_non_finite_padded_prompt_keys_and_values_do_not_reach_the_mixing_weight
         torch.testing.assert_close(out, expected, msg=name)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
 def test_scale_must_be_a_finite_number_above_zero(backend, device):
     tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
     args = [t.to(device) for t in tensors[:6]] + [t.float().to(device) for t in tensors[6:]] + [plen, alen]
@@ -164,7 +183,7 @@ def test_scale_must_be_a_finite_number_above_zero(backend, device):
             ops.bitune_attention(*args, scale=torch.tensor(0.2, requires_grad=True))
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:3])
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:3])
 def test_autocast_casts_the_streams_as_attention_does(backend, device):
     """Under bf16 autocast, fp32 streams (and an fp32 query beside bf16 keys) are cast first: every backend
     returns bf16, bit-equal to the call with bf16 inputs. Before, Triton ran them in fp32 and the torch
@@ -180,7 +199,7 @@ def test_autocast_casts_the_streams_as_attention_does(backend, device):
         assert g.dtype == torch.bfloat16 and torch.equal(g, w)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[1:2])  # the op's one kernel backend: Triton
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[1:2])  # the op's one kernel backend: Triton
 def test_opcheck_registration(backend, device, monkeypatch):
     """The custom ops' fake and real outputs agree, and their autograd registration holds up (GQA, padded
     prompts and answers, at the smallest such shape: opcheck runs the op many times in the interpreter)."""
@@ -251,7 +270,7 @@ def test_eager_calls_skip_the_custom_op_and_tracing_takes_it(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaN
-@pytest.mark.parametrize("backend, device", backend_devices()[1:2])  # the op's one kernel backend: Triton
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[1:2])  # the op's one kernel backend: Triton
 @pytest.mark.parametrize("case, dtype", [  # each case in one dtype, the NaN in both (interpreter time: CI)
     ("gqa_padded", torch.bfloat16), ("prompt_of_length_one", torch.float32), ("nan", torch.float32),
     ("nan", torch.bfloat16)], ids=str)

@@ -67,7 +67,7 @@ def check_against_float64(backend, hidden, weight, labels, reduction, tol=None):
     return errors
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy"))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_float64(backend, device, dtype, reduction):
@@ -76,7 +76,7 @@ def test_matches_float64(backend, device, dtype, reduction):
     check_against_float64(backend, *inputs(37, 40, 301, dtype, device, seed=1, scale=8.0, ignored=ignored), reduction)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy"))
 @pytest.mark.parametrize("shape", [(1, 1, 5, 3), (2, 9, 24, 97), (1, 64, 16, 33)], ids=str)
 def test_shapes_batch_one_and_leading_dimensions(backend, device, shape):
     """A single row and vocabulary of 3; [B, T, d] inputs with [B, T] labels; d = one tile."""
@@ -87,7 +87,7 @@ def test_shapes_batch_one_and_leading_dimensions(backend, device, shape):
         check_against_float64(backend, hidden, weight, labels, reduction)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy"))
 def test_many_chunks_and_slices_with_a_chunk_of_ignored_rows(backend, device, monkeypatch):
     """Chunks of 8 rows (torch) and vocabulary slices of 64 columns (Triton backward), where rows 16-39
     (three chunks, more than a tile of rows) are all ignored."""
@@ -102,7 +102,7 @@ def test_many_chunks_and_slices_with_a_chunk_of_ignored_rows(backend, device, mo
         check_against_float64(backend, hidden.to(dtype), weight.to(dtype), labels, "sum")
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy"))
 def test_a_batch_with_every_row_ignored(backend, device):
     hidden, weight, labels = inputs(6, 16, 40, torch.float32, device, seed=4, ignored=range(6))
     loss, dh, dw = run(backend, hidden, weight, labels, "sum")
@@ -148,7 +148,7 @@ def allocations(fn) -> list[int]:
     return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy")[:2])
 def test_frozen_head_computes_no_weight_gradient(backend, device, monkeypatch):
     """A frozen weight gets no gradient, the kernels are told not to compute one, and the backward allocates
     nothing of the weight's size (each chunk of logits, [rows < d, V], is smaller); with a trainable weight
@@ -172,7 +172,7 @@ def test_frozen_head_computes_no_weight_gradient(backend, device, monkeypatch):
     assert largest[True] >= weight_bytes > 2 * largest[False]
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy")[:2])
 def test_gradient_for_the_weight_only(backend, device):
     hidden, weight, labels = inputs(9, 20, 50, torch.float32, device, seed=9, ignored=[4])
     _, _, dw_ref = reference(hidden, weight, labels, "mean")
@@ -182,7 +182,7 @@ def test_gradient_for_the_weight_only(backend, device):
     assert relative_error(w.grad, dw_ref) <= 1e-5
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy")[:2])
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_nan_and_inf_never_pass(backend, device):
     hidden, weight, labels = inputs(5, 16, 30, torch.float32, device, seed=10)
@@ -224,7 +224,7 @@ def test_autocast_casts_the_inputs_like_a_linear_layer():
     assert loss.dtype == torch.float64 and torch.equal(loss, ops.linear_cross_entropy(hidden, weight, labels))
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2])
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy")[:2])
 def test_compiles_without_graph_breaks_and_opcheck(backend, device):
     hidden, weight, labels = inputs(12, 16, 45, torch.float32, device, seed=12, ignored=[0, 5])
     for args in ((hidden, weight, labels, -100, backend), (hidden.requires_grad_(), weight.requires_grad_(), labels, -100, backend)):
@@ -288,7 +288,7 @@ def test_eager_calls_skip_the_custom_ops_and_tracing_takes_them(monkeypatch):
     assert calls == ["linear_cross_entropy_forward", "linear_cross_entropy_backward"]
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:3])
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy")[:3])
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_eager_path_is_bit_identical_to_the_custom_ops(backend, device, monkeypatch):
     """The loss per row and summed, dH and dW (dH alone for a frozen head), ignored rows and a NaN row included,

@@ -28,7 +28,7 @@ def inputs(shape, dtype, device, seed):
     return x.to(dtype).to(device), w.to(dtype).to(device), dy.to(dtype).to(device)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_and_backward_match_float64(backend, device, dtype, shape):
@@ -51,7 +51,7 @@ def check_against_float64(backend, x, w, dy):
     assert relative_error(w.grad, dw_ref) <= tol
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
 def test_frozen_weight_skips_dw_and_keeps_dx(backend, device, monkeypatch):
     x, w, dy = inputs((5, 7, 96), torch.float32, device, seed=1)
     with ops.backend(backend):
@@ -70,7 +70,7 @@ def test_frozen_weight_skips_dw_and_keeps_dx(backend, device, monkeypatch):
     assert torch.equal(frozen_x.grad, trainable_x.grad)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
 def test_weight_only_gradient(backend, device):
     x, w, dy = inputs((3, 50), torch.float32, device, seed=2)
     _, _, dw_ref = reference(x, w, dy, 1e-6)
@@ -80,7 +80,7 @@ def test_weight_only_gradient(backend, device):
     assert x.grad is None and relative_error(w.grad, dw_ref) <= 1e-5
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_nan_and_inf_propagate_like_the_reference(backend, device):
     x, w, dy = inputs((4, 33), torch.float32, device, seed=3)
@@ -99,7 +99,7 @@ def test_nan_and_inf_propagate_like_the_reference(backend, device):
     assert y[1].isnan().all() and y[0].isfinite().all()
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
 def test_non_contiguous_input(backend, device):
     x, w, dy = inputs((6, 80), torch.float32, device, seed=4)
     strided = x.t().contiguous().t()  # same values, column-major
@@ -154,7 +154,7 @@ def test_eps_must_be_a_finite_number_at_least_zero():
         assert torch.equal(ops.rms_norm(x, w, eps=eps), ops.rms_norm(x, w, eps=float(eps)))
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2] + backend_devices()[2:])
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm")[:2] + backend_devices("rms_norm")[2:])
 def test_opcheck_registration(backend, device):
     """Fake and real outputs agree (shapes, dtypes, strides), also for an input that is not contiguous."""
     x = torch.randn(3, 5, 24, device=device, requires_grad=True)
@@ -178,7 +178,7 @@ def test_unaligned_rows_and_widths_that_vectors_do_not_divide(backend, dtype):
         check_against_float64(backend, x, w, dy)
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
 def test_backward_inside_an_autocast_block_keeps_the_input_dtype(backend, device):
     """Autocast does not reach inside the op: fp32 in, fp32 arithmetic out, forward and backward (the torch
     backward's vecdot ran in bf16 under a CPU autocast block: dX 5e-3 off)."""
@@ -193,7 +193,7 @@ def test_backward_inside_an_autocast_block_keeps_the_input_dtype(backend, device
     assert all(e <= TOLERANCE[torch.float32] for e in errors), errors
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
 def test_no_autocast_context_is_entered_where_autocast_is_off(backend, device, monkeypatch):
     """Switching autocast off inside the op costs a torch.autocast enter and exit (about 10 us of Python, twice
     a forward and backward, every norm of every layer): it happens only inside an autocast block."""
@@ -250,7 +250,7 @@ def test_eager_calls_skip_the_custom_op_and_tracing_takes_it(monkeypatch):
     assert len(calls) == 1 and fake.shape == x.shape
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_eager_path_is_bit_identical_to_the_custom_op(backend, device, dtype, monkeypatch):
     """Forward, dX and dW (and dX alone for a frozen weight), a NaN included, and the tensors saved for the

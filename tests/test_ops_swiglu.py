@@ -26,7 +26,7 @@ def inputs(shape, dtype, device, seed):
     return make(), make(), make()
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_swiglu_matches_float64(backend, device, dtype, shape):
@@ -48,7 +48,7 @@ def check_against_float64(backend, gate, up, dy):
     assert relative_error(up.grad, du_ref) <= tol
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1, 64), (3, 17, 96), (37, 200), (2, 5, 1000)], ids=str)
 def test_packed_swiglu_matches_float64(backend, device, dtype, shape):
@@ -64,7 +64,7 @@ def test_packed_swiglu_matches_float64(backend, device, dtype, shape):
     assert relative_error(gate_up.grad, torch.cat((dg_ref, du_ref), dim=-1)) <= tol
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
 def test_packed_input_that_is_a_strided_view(backend, device):
     """gate_up as a slice of a wider projection output: rows are not contiguous in memory."""
     gate, up, dy = inputs((4, 6, 40), torch.float32, device, seed=8)
@@ -78,7 +78,7 @@ def test_packed_input_that_is_a_strided_view(backend, device):
     assert (wide.grad[..., 80:] == 0).all()
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 def test_nan_and_inf_propagate_like_the_reference(backend, device):
     gate, up, dy = inputs((3, 16), torch.float32, device, seed=9)
@@ -117,7 +117,7 @@ def test_bad_inputs():
         ops.swiglu_packed(torch.randn(2, 0))
 
 
-@pytest.mark.parametrize("backend, device", backend_devices()[:2] + backend_devices()[2:])
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu")[:2] + backend_devices("swiglu")[2:])
 def test_opcheck_registration(backend, device):
     """Fake and real outputs agree (shapes, dtypes, strides), also for inputs that are not contiguous."""
     make = lambda *shape: torch.randn(*shape, device=device, requires_grad=True)
@@ -174,7 +174,7 @@ def test_eager_calls_skip_the_custom_ops_and_tracing_takes_them(monkeypatch):
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("backend, device", backend_devices())
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_eager_path_is_bit_identical_to_the_custom_ops(backend, device, dtype, monkeypatch):
     """Output, dgate and dup of swiglu and swiglu_packed, a NaN included, and the tensors saved for the backward:
