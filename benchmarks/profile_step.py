@@ -14,8 +14,9 @@ whether the host, not the GPU, sets the step time. Per implementation it writes
   launches    GPU kernel launches in one step, and gpu_busy_ms, the sum of their times
   top_cpu     the 12 operators with the most self CPU time; top_gpu, the 12 with the most GPU time
 to OUT_DIR/profile.json and a table to OUT_DIR/profile.md. Then, where the step's host time is the
-question, what one call costs the host: kpro's ops (eager path, custom op, the backend's launcher alone)
-next to the PyTorch ops they replace, on tensors so small that the host sets the pace (host_costs.json and
+question, what one call costs the host: kpro's ops (eager path, custom op, the backend's launcher alone, and
+with Triton one launch split into the JIT's lookup and the compiled kernel's launch) next to the PyTorch ops
+they replace, on tensors so small that the host sets the pace (host_costs.json and
 a second table in profile.md). Without CUDA it profiles on the CPU (the GPU columns stay empty); the test in
 tests/test_gpu_suite.py runs it that way at a tiny size.
 """
@@ -184,14 +185,40 @@ def host_costs(device: torch.device) -> list[dict]:
     for tensor in (g, u, x, q, k, v):  # gradients accumulate across calls; their values are not used
         tensor.grad = None
     rows += [(label, "forward+backward") + host_microseconds(fn, device) for label, fn in both]
-    return [dict(call=label, pass_=kind, backend=name, host_us=round(host, 1), per_call_us=round(total, 1))
-            for label, kind, host, total in rows]
+    if name == "triton":
+        rows += triton_launch_parts(g, u, device)
+    return [dict(call=row[0], pass_=row[1], backend=name, host_us=round(row[2], 1), per_call_us=round(row[3], 1))
+            if len(row) == 4 else dict(call=row[0], pass_=row[1], backend=name, error=row[2]) for row in rows]
+
+
+def triton_launch_parts(g, u, device) -> list[tuple]:
+    """The SwiGLU forward kernel launched as Triton's JIT launches it (binding the arguments, computing the
+    specialisation, finding the compiled kernel) and then through the compiled kernel alone, on the same
+    arguments: how much of a launch's host time the lookup is, which a launch cache could save. The second
+    call uses Triton's internals (CompiledKernel[grid]); an error is recorded in its row, not raised."""
+    from kpro.ops.triton_kernels import swiglu as kernels
+    from kpro.ops.triton_kernels._launch import FMA
+
+    y = torch.empty_like(g)
+    grid, block = kernels._grid(*g.shape)
+    args = (g, u, y, g.stride(0), u.stride(0), y.stride(0), g.shape[1])
+    jit = lambda: kernels._forward_kernel[grid](*args, BLOCK=block, **FMA)
+    rows = [("triton: the kernel through JITFunction (bind, specialise, look up, launch)", "forward")
+            + host_microseconds(jit, device)]
+    label = ("triton: the compiled kernel alone (CompiledKernel[grid])", "forward")
+    try:
+        launch = jit()[grid]
+        rows.append(label + host_microseconds(lambda: launch(*args, block), device))
+    except Exception as err:  # an internal API of Triton: report what broke
+        rows.append(label + (f"{type(err).__name__}: {err}"[:200],))
+    return rows
 
 
 def host_costs_markdown(rows: list[dict]) -> str:
     lines = ["", f"Host cost of one call on tiny tensors (kpro's backend: {rows[0]['backend']}):", "",
              "| call | pass | host time to issue | time per call |", "|---|---|---|---|"]
-    lines += [f"| {r['call']} | {r['pass_']} | {r['host_us']} µs | {r['per_call_us']} µs |" for r in rows]
+    lines += [f"| {r['call']} | {r['pass_']} | {r['host_us']} µs | {r['per_call_us']} µs |" if "error" not in r
+              else f"| {r['call']} | {r['pass_']} | not measured: {r['error']} | — |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -200,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--size", default=None, help="a size of test_expansion.SIZES (default: gpu-pro on CUDA, "
                                                      "cpu-pro elsewhere)")
-    parser.add_argument("--impl", action="append", help="repeatable; default: eager and kpro-frozen (the same model "
-                                                        "and flags: the difference is kpro's)")
+    parser.add_argument("--impl", action="append", help="repeatable; default: eager, kpro-frozen (the same model "
+                                                        "and flags: the difference is kpro's) and kpro-train_only")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--blocks", type=int, nargs=2, metavar=("ORIGINAL", "NEW"),
                         help="blocks before and after expansion's additions, in place of 32 and 8 (a quick check)")
@@ -222,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     # implementation timed after another's profile took 180.6 ms a step where the benchmark measured 93.8 ms,
     # and a profiler that stays attached to the driver (CUPTI) is one suspected cause. So all models are built
     # and timed, then the host costs are read, and only then is each step profiled.
-    impls = args.impl or ["eager", "kpro-frozen"]
+    impls = args.impl or ["eager", "kpro-frozen", "kpro-train_only"]
     blocks = tuple(args.blocks) if args.blocks else None
     steps, results = {}, []
     for impl in impls:

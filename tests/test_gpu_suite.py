@@ -589,3 +589,20 @@ def test_the_profile_stage_reports_a_step_timed_but_not_profiled(tmp_path, monke
     out = suite.profile_stage(suite.Context(tmp_path, budget=45, margin=0, log=lines.append))
     assert not out["complete"] and out["error"] == "the time budget ran out"
     assert any("eager: step 80.9 ms, issued in 74.4 ms, not profiled" in line for line in lines)
+
+
+def test_the_triton_launch_parts_time_the_jit_launch_and_report_the_compiled_one():
+    """The host-cost rows that split a Triton launch (on a GPU only in the stage; here in the interpreter,
+    where the JIT launch returns no compiled kernel, so the second row must carry the error, not numbers)."""
+    import torch
+
+    profile_step = load_profile_step()
+    g, u = torch.randn(4, 40), torch.randn(4, 40)
+    rows = profile_step.triton_launch_parts(g, u, torch.device("cpu"))
+    assert [row[1] for row in rows] == ["forward", "forward"] and "JITFunction" in rows[0][0]
+    assert 0 < rows[0][2] <= rows[0][3] * 1.01 + 1
+    assert len(rows[1]) == 3 and "Error" in rows[1][2]  # (label, pass, error)
+    table = profile_step.host_costs_markdown(
+        [dict(call="a", pass_="forward", backend="triton", host_us=1.0, per_call_us=1.0),
+         dict(call=rows[1][0], pass_="forward", backend="triton", error=rows[1][2])])
+    assert "| 1.0 µs | 1.0 µs |" in table and "not measured: " + rows[1][2] in table
