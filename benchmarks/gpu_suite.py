@@ -332,7 +332,9 @@ def benchmark_priority(nodeid: str, params: dict) -> tuple:
             or (function == "test_attention_forward" and params.get("mask") == "causal"
                 and params.get("dim") == 128 and params.get("seq") == 4096)
             or file == "test_expansion.py")
-    late = params.get("seq") in (1024, 16384) or params.get("size") == "long" or file == "test_train.py"
+    # The Bitune dual pass's "long" size stays in the middle: at SPEC's size the plain-attention comparison
+    # is bound by the host's launches (second H200 run), so only a longer one tests the fusion's kernel cost.
+    late = params.get("seq") in (1024, 16384) or file == "test_train.py"
     tier = 0 if goal else 2 if late else 1
     return tier, BENCHMARK_FILES.index(file) if file in BENCHMARK_FILES else len(BENCHMARK_FILES)
 

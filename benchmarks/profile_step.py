@@ -193,9 +193,10 @@ def host_costs(device: torch.device) -> list[dict]:
 
 def triton_launch_parts(g, u, device) -> list[tuple]:
     """The SwiGLU forward kernel launched as Triton's JIT launches it (binding the arguments, computing the
-    specialisation, finding the compiled kernel) and then through the compiled kernel alone, on the same
-    arguments: how much of a launch's host time the lookup is, which a launch cache could save. The second
-    call uses Triton's internals (CompiledKernel[grid]); an error is recorded in its row, not raised."""
+    specialisation, finding the compiled kernel), then through the compiled kernel alone, on the same
+    arguments (how much of a launch's host time the lookup is), then kpro's launcher with its launch cache
+    on (kpro.ops.triton_kernels._launch). These use Triton's internals (CompiledKernel[grid]); an error is
+    recorded in its row, not raised."""
     from kpro.ops.triton_kernels import swiglu as kernels
     from kpro.ops.triton_kernels._launch import FMA
 
@@ -211,6 +212,16 @@ def triton_launch_parts(g, u, device) -> list[tuple]:
         rows.append(label + host_microseconds(lambda: launch(*args, block), device))
     except Exception as err:  # an internal API of Triton: report what broke
         rows.append(label + (f"{type(err).__name__}: {err}"[:200],))
+    from kpro.ops.triton_kernels import _launch
+
+    cached = ("kpro swiglu, triton launcher with KPRO_LAUNCH_CACHE=1", "forward")
+    previous, _launch.LAUNCH_CACHE = _launch.LAUNCH_CACHE, True
+    try:
+        rows.append(cached + host_microseconds(lambda: kernels.forward(g, u), device))
+    except Exception as err:
+        rows.append(cached + (f"{type(err).__name__}: {err}"[:200],))
+    finally:
+        _launch.LAUNCH_CACHE = previous
     return rows
 
 

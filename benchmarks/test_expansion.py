@@ -6,6 +6,8 @@ bytes and step time of kpro.train_only against plain eager PyTorch with requires
 Implementations, on the same weights:
     eager            the gpt-fast-style PyTorch LLaMA (llama_baseline.py), frozen parameters requires_grad_(False)
     kpro-frozen      kpro.Llama with the same requires_grad_(False) flags and nothing else (kpro's ops only)
+    kpro-frozen-launch-cache  the same, its Triton kernels launched through KPRO_LAUNCH_CACHE's cache (GPU only):
+                     how much of kpro's step is Triton's per-launch host work
     kpro-train_only  kpro.train_only(model, new_ids): no graph below the lowest new block, frozen blocks above
                      it input-gradient only
     kpro-recompute   kpro.train_only(model, new_ids, recompute_frozen=True)
@@ -26,6 +28,7 @@ from conftest import (MODEL_TOLERANCE, CaseCache, check_gradients, check_loss, d
                       record_ratios, timed)
 from kpro import ops
 from kpro.expansion import saved_activation_bytes
+from kpro.ops.triton_kernels import _launch
 from kpro.train import adamw, causal_lm_loss
 from llama_baseline import BaselineLlama
 
@@ -34,7 +37,7 @@ SIZES = {  # name: (config fields, batch, sequence); the GPU size runs only wher
     "cpu-pro": (dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, vocab_size=2048), 2, 256),
     "gpu-pro": (dict(hidden_size=1024, intermediate_size=2752, num_attention_heads=16, vocab_size=8192), 4, 2048),
 }
-IMPLEMENTATIONS = ["eager", "kpro-frozen", "kpro-train_only", "kpro-recompute"]
+IMPLEMENTATIONS = ["eager", "kpro-frozen", "kpro-frozen-launch-cache", "kpro-train_only", "kpro-recompute"]
 ORIGINAL_BLOCKS, NEW_BLOCKS = 32, 8
 
 
@@ -58,7 +61,7 @@ def expanded_model(size, device):
 def prepare(impl, model, new_ids):
     if impl == "eager":
         model = BaselineLlama.from_kpro(model)
-    if impl in ("eager", "kpro-frozen"):
+    if impl in ("eager", "kpro-frozen", "kpro-frozen-launch-cache"):
         model.requires_grad_(False)
         for i in new_ids:
             model.layers[i].requires_grad_(True)
@@ -90,7 +93,11 @@ def new_block_grads(impl, model):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("size", SIZES)
-def test_expansion_step(benchmark, device, impl, size):
+def test_expansion_step(benchmark, device, impl, size, monkeypatch):
+    if impl == "kpro-frozen-launch-cache":
+        if device.type != "cuda":
+            pytest.skip("the launch cache serves Triton's launches on a GPU")
+        monkeypatch.setattr(_launch, "LAUNCH_CACHE", True)  # for this test only
     model, new_ids, ids = expanded_model(size, device)
     dtype = model.embed_tokens.weight.dtype
     reference_loss, reference_grads = REFERENCES.get((size, device.type), lambda: fp32_reference(model, new_ids, ids))

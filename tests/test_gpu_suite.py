@@ -182,7 +182,9 @@ def test_benchmark_priority_puts_the_goal_cases_first():
             key("benchmarks/test_expansion.py::test_expansion_step[gpu-pro-eager]", {"size": "gpu-pro"})]
     middle = [key("benchmarks/test_norm_swiglu.py::test_forward[swiglu-4096x4096-eager]", {}),
               key("benchmarks/test_attention.py::test_attention_forward[4096-64-prefix-sdpa]",
-                  {"seq": 4096, "dim": 64, "mask": "prefix"})]
+                  {"seq": 4096, "dim": 64, "mask": "prefix"}),
+              key("benchmarks/test_attention.py::test_bitune_dual_pass[long-forward-kpro-triton-plain]",
+                  {"size": "long"})]
     late = [key("benchmarks/test_attention.py::test_attention_forward[16384-128-causal-flex]",
                 {"seq": 16384, "dim": 128, "mask": "causal"}),
             key("benchmarks/test_train.py::test_train_throughput[gpu-1b-fit]", {"size": "gpu-1b"})]
@@ -596,12 +598,17 @@ def test_the_triton_launch_parts_time_the_jit_launch_and_report_the_compiled_one
     where the JIT launch returns no compiled kernel, so the second row must carry the error, not numbers)."""
     import torch
 
+    from kpro.ops.triton_kernels import _launch
+
     profile_step = load_profile_step()
     g, u = torch.randn(4, 40), torch.randn(4, 40)
+    before = _launch.LAUNCH_CACHE
     rows = profile_step.triton_launch_parts(g, u, torch.device("cpu"))
-    assert [row[1] for row in rows] == ["forward", "forward"] and "JITFunction" in rows[0][0]
+    assert [row[1] for row in rows] == ["forward"] * 3 and "JITFunction" in rows[0][0]
     assert 0 < rows[0][2] <= rows[0][3] * 1.01 + 1
     assert len(rows[1]) == 3 and "Error" in rows[1][2]  # (label, pass, error)
+    assert "KPRO_LAUNCH_CACHE" in rows[2][0] and 0 < rows[2][2]  # the interpreter bypasses the cache: it runs
+    assert _launch.LAUNCH_CACHE is before  # restored
     table = profile_step.host_costs_markdown(
         [dict(call="a", pass_="forward", backend="triton", host_us=1.0, per_call_us=1.0),
          dict(call=rows[1][0], pass_="forward", backend="triton", error=rows[1][2])])

@@ -1,5 +1,6 @@
 """Helpers shared by the Triton launchers."""
 import contextlib
+import os
 
 import torch
 
@@ -77,3 +78,66 @@ def within_32bit_rows(op: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ..
             t = t.contiguous()
         out.append(t)
     return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------- launch cache
+# Every kernel launch goes through `launch`. By default it is `kernel[grid](*args, **meta)`, Triton's JIT
+# launch: bind the arguments, compute their specialisation, look the compiled kernel up, launch. On the second
+# H200 run that host work made a launch cost ~57 us, and kpro's expansion step waited on its host (benchmarks/
+# RESULTS.md). KPRO_LAUNCH_CACHE=1 keeps the compiled kernel of each specialisation and launches it directly.
+# Experimental and off by default: it has not yet run on a GPU. It relies on Triton's specialisation rules
+# (3.6 to 3.9: a tensor by dtype and 16-byte alignment, an int by type range, divisibility by 16 and being 1,
+# constexprs by value), which its key covers and refines; an argument of any other kind bypasses it.
+LAUNCH_CACHE = os.environ.get("KPRO_LAUNCH_CACHE", "0") == "1"
+_compiled: dict = {}  # (kernel, specialisation key) -> (compiled kernel, names of the kwargs it takes)
+INT32 = range(-2**31, 2**31)
+PLAIN = (int, float, bool, str, type(None))
+
+
+def launch(kernel, grid: tuple, *args, **meta):
+    """kernel[grid](*args, **meta), through the launch cache when KPRO_LAUNCH_CACHE=1."""
+    if not LAUNCH_CACHE:
+        return kernel[grid](*args, **meta)
+    key = specialisation_key(kernel, args, meta)
+    hit = _compiled.get(key) if key is not None else None
+    if hit is None:
+        compiled = kernel[grid](*args, **meta)
+        if key is not None and hasattr(compiled, "run"):  # the interpreter and the compile report return None
+            names = kernel.arg_names[len(args):]
+            _compiled[key] = (compiled, names) if all(n in meta for n in names) else None
+        return compiled
+    compiled, names = hit
+    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *(meta[n] for n in names))
+    return compiled
+
+
+def specialisation_key(kernel, args: tuple, meta: dict):
+    """What Triton specialises a launch on, refined (so one key never covers two of its compilations), or
+    None where the cache does not apply: an argument of another kind, no CUDA tensor (the interpreter), a
+    constexpr or option of another kind than a number, bool, string or None (a key must not hold a tensor
+    alive). The current device is part of it: a compiled kernel is loaded on one."""
+    constexprs = getattr(kernel, "constexprs", None)  # the interpreter's functions have none
+    if constexprs is None or not all(isinstance(v, PLAIN) for v in meta.values()):
+        return None
+    # Types beside values: True == 1 and 1.0 == 1 in Python, not in Triton.
+    parts, on_cuda = [kernel, tuple((name, type(v), v) for name, v in sorted(meta.items()))], False
+    for i, arg in enumerate(args):
+        if i in constexprs:
+            if not isinstance(arg, PLAIN):
+                return None
+            parts.append(("c", type(arg), arg))
+        elif isinstance(arg, torch.Tensor):
+            on_cuda = on_cuda or arg.is_cuda
+            parts.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif isinstance(arg, bool) or arg is None:
+            parts.append(("v", arg))
+        elif isinstance(arg, int):
+            parts.append(("i", arg in INT32, arg >= 2**63, arg == 1, arg % 16 == 0))
+        elif isinstance(arg, float):
+            parts.append(("f",))
+        else:
+            return None
+    if not on_cuda:
+        return None
+    parts.append(torch.cuda.current_device())
+    return tuple(parts)

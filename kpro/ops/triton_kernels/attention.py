@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._layout import device_guard
-from ._launch import FMA, cdiv, launch_errors, within_32bit_rows
+from ._launch import FMA, cdiv, launch, launch_errors, within_32bit_rows
 from .attention_tiles import (LOG2E, attend, attend_grad, batch_and_heads, block_sizes, dkdv_heads, finish_rows,
                               key_tile_plan, key_window, load_head, load_path, padded_head_dim, prepare_launch,
                               row_end, rows_view, store_head, tile_and_head)
@@ -179,12 +179,11 @@ def forward(q, k, v, causal, prefix_lens, attention_mask, scale):
     grid = (cdiv(tq, block_m) * batch * heads,)
     prepare_launch(path, q)
     with device_guard(q), launch_errors("attention"):
-        _forward_kernel[grid](q, k, v, out, lse2, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
-                              *_strides(out), sm_b, tq, tk, heads, heads // kv_heads, scale * LOG2E,
-                              HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n,
-                              CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
-                              HAS_KEY_MASK=attention_mask is not None, USE_TMA=path == "tma", num_warps=warps,
-                              num_stages=stages, **FMA)
+        launch(_forward_kernel, grid, q, k, v, out, lse2, prefix, key_ok, window, *_strides(q), *_strides(k),
+               *_strides(v), *_strides(out), sm_b, tq, tk, heads, heads // kv_heads, scale * LOG2E, HEAD_DIM=dim,
+               BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+               HAS_PREFIX=prefix_lens is not None, HAS_KEY_MASK=attention_mask is not None, USE_TMA=path == "tma",
+               num_warps=warps, num_stages=stages, **FMA)
     return out, lse2
 
 
@@ -194,9 +193,8 @@ def row_deltas(out, dout):
     delta = torch.empty((batch, heads, t), dtype=torch.float32, device=out.device)
     block_m = 16 if out.device.type != "cuda" else 64
     with device_guard(out):
-        _delta_kernel[(cdiv(t, block_m) * batch * heads,)](out, dout, delta, *_strides(out), *_strides(dout),
-                                                         t, heads, HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim),
-                                                         BLOCK_M=block_m, **FMA)
+        launch(_delta_kernel, (cdiv(t, block_m) * batch * heads,), out, dout, delta, *_strides(out), *_strides(dout),
+               t, heads, HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, **FMA)
     return delta
 
 
@@ -216,14 +214,13 @@ def backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scal
     prepare_launch(path, q)
     with device_guard(q), launch_errors("attention backward"):
         block_m, block_n, warps, stages = dkdv_tiles
-        _dkdv_kernel[(cdiv(tk, block_n) * batch * kv_heads,)](
-            q, k, v, dout, lse2, delta, dk, dv, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(dout), *_strides(dk), *_strides(dv), sm_b, tq, tk, heads, kv_heads, heads // kv_heads,
-            scale, scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps,
-            num_stages=stages, **masks, **FMA)
+        launch(_dkdv_kernel, (cdiv(tk, block_n) * batch * kv_heads,), q, k, v, dout, lse2, delta, dk, dv, prefix,
+               key_ok, window, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
+               *_strides(dv), sm_b, tq, tk, heads, kv_heads, heads // kv_heads, scale, scale * LOG2E, BLOCK_M=block_m,
+               BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps, num_stages=stages, **masks, **FMA)
         block_m, block_n, warps, stages = dq_tiles
-        _dq_kernel[(cdiv(tq, block_m) * batch * heads,)](
-            q, k, v, dout, lse2, delta, dq, prefix, key_ok, window, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(dout), *_strides(dq), sm_b, tq, tk, heads, heads // kv_heads, scale, scale * LOG2E,
-            BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps, num_stages=stages, **masks, **FMA)
+        launch(_dq_kernel, (cdiv(tq, block_m) * batch * heads,), q, k, v, dout, lse2, delta, dq, prefix, key_ok,
+               window, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), sm_b, tq, tk, heads,
+               heads // kv_heads, scale, scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma",
+               num_warps=warps, num_stages=stages, **masks, **FMA)
     return dq, dk, dv

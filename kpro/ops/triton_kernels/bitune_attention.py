@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._layout import device_guard
-from ._launch import FMA, cdiv, launch_errors, within_32bit_rows
+from ._launch import FMA, cdiv, launch, launch_errors, within_32bit_rows
 from .attention import row_deltas
 from .attention_tiles import (LOG2E, NO_END, attend, attend_grad, batch_and_heads, block_sizes, dkdv_heads,
                               finish_rows, key_tile_plan, load_head, load_path, padded_head_dim, prepare_launch,
@@ -300,12 +300,11 @@ def forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_
                                                                          o_p, o_a))
         prepare_launch(path, q_a)
         grid = ((cdiv(ta, block_m) + 2 * cdiv(tp, block_m)) * batch * heads,)
-        _forward_kernel[grid](q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, o_p, o_a, lse_p, lse_a,
-                              _lens(prompt_lens, q_a), _lens(answer_lens, q_a), *_strides(q_p), *_strides(k_p),
-                              *_strides(v_p), *_strides(k_mix), *_strides(q_a), *_strides(k_a), *_strides(v_a),
-                              *_strides(o_p), *_strides(o_a), batch, tp, ta, heads, heads // kv_heads, scale * LOG2E,
-                              HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), BLOCK_M=block_m, BLOCK_N=block_n,
-                              USE_TMA=path == "tma", num_warps=warps, num_stages=stages, **FMA)
+        launch(_forward_kernel, grid, q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, o_p, o_a, lse_p, lse_a,
+               _lens(prompt_lens, q_a), _lens(answer_lens, q_a), *_strides(q_p), *_strides(k_p), *_strides(v_p),
+               *_strides(k_mix), *_strides(q_a), *_strides(k_a), *_strides(v_a), *_strides(o_p), *_strides(o_a),
+               batch, tp, ta, heads, heads // kv_heads, scale * LOG2E, HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim),
+               BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=path == "tma", num_warps=warps, num_stages=stages, **FMA)
     return o_p[:, :, :tp_given], o_a, lse_p[..., :tp_given], lse_a
 
 
@@ -341,22 +340,21 @@ def backward(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_
         block_m, block_n, warps, stages = dkdv_tiles
         tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
         grid = ((cdiv(tp, block_n) + cdiv(ta, block_n)) * batch * kv_heads,)
-        _dkdv_answer_kernel[grid](k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, do_a, lse_a, delta_a, *lens, dk_mix, dv_mix,
-                                  dk_a, dv_a, partials, *_strides(k_p), *_strides(v_p), *_strides(k_mix),
-                                  *_strides(q_a), *_strides(k_a), *_strides(v_a), *_strides(do_a), *_strides(dk_a),
-                                  *_strides(dk_mix), batch, tp, ta, heads, kv_heads, heads // kv_heads, scale,
-                                  scale * LOG2E, **tiles, **FMA)
-        _dkdv_kernel[(2 * cdiv(tp, block_n) * batch * kv_heads,)](
-            q_p, k_p, v_p, do_p, lse_p, delta_p, a_k, a_v, lens[0], dk_mix, dv_mix, dk_p, dv_p, *_strides(q_p),
-            *_strides(k_p), *_strides(v_p), *_strides(do_p), *_strides(dk_p), *_strides(dk_mix), batch, tp, heads,
-            kv_heads, heads // kv_heads, scale, scale * LOG2E, **tiles, **FMA)
+        launch(_dkdv_answer_kernel, grid, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, do_a, lse_a, delta_a, *lens, dk_mix,
+               dv_mix, dk_a, dv_a, partials, *_strides(k_p), *_strides(v_p), *_strides(k_mix), *_strides(q_a),
+               *_strides(k_a), *_strides(v_a), *_strides(do_a), *_strides(dk_a), *_strides(dk_mix), batch, tp, ta,
+               heads, kv_heads, heads // kv_heads, scale, scale * LOG2E, **tiles, **FMA)
+        launch(_dkdv_kernel, (2 * cdiv(tp, block_n) * batch * kv_heads,), q_p, k_p, v_p, do_p, lse_p, delta_p, a_k,
+               a_v, lens[0], dk_mix, dv_mix, dk_p, dv_p, *_strides(q_p), *_strides(k_p), *_strides(v_p),
+               *_strides(do_p), *_strides(dk_p), *_strides(dk_mix), batch, tp, heads, kv_heads, heads // kv_heads,
+               scale, scale * LOG2E, **tiles, **FMA)
         block_m, block_n, warps, stages = dq_tiles
         grid = ((cdiv(ta, block_m) + 2 * cdiv(tp, block_m)) * batch * heads,)
-        _dq_kernel[grid](q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, do_p, do_a, lse_p, lse_a, delta_p, delta_a, *lens,
-                         dq_p, dq_a, *_strides(q_p), *_strides(k_p), *_strides(v_p), *_strides(k_mix), *_strides(q_a),
-                         *_strides(k_a), *_strides(v_a), *_strides(do_p), *_strides(do_a), batch, tp, ta, heads,
-                         heads // kv_heads, scale, scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                         num_stages=stages, **flags, **FMA)
+        launch(_dq_kernel, grid, q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, do_p, do_a, lse_p, lse_a, delta_p,
+               delta_a, *lens, dq_p, dq_a, *_strides(q_p), *_strides(k_p), *_strides(v_p), *_strides(k_mix),
+               *_strides(q_a), *_strides(k_a), *_strides(v_a), *_strides(do_p), *_strides(do_a), batch, tp, ta, heads,
+               heads // kv_heads, scale, scale * LOG2E, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+               num_stages=stages, **flags, **FMA)
         dalpha = ordered_sum(partials)
     cut = slice(0, tp_given)
     return (dq_p[:, :, cut], dk_p[:, :, cut], dv_p[:, :, cut], dq_a, dk_a, dv_a,

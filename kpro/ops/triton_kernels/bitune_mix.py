@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .._layout import device_guard
-from ._launch import FMA, cdiv
+from ._launch import FMA, cdiv, launch
 
 BLOCK = 2048  # elements a program: 16 bf16 (32 bytes) a thread at 4 warps
 SUM_BLOCK = 1024
@@ -57,8 +57,8 @@ def mixed_cache(k_p: torch.Tensor, v_p: torch.Tensor, alpha_k: torch.Tensor, alp
     n = k_mix.numel()
     if n:
         with device_guard(k_p):
-            _mix_kernel[(cdiv(n, BLOCK),)](k_p, v_p, k_mix, v_mix, alpha_k, alpha_v, n, BLOCK=BLOCK, num_warps=4,
-                                           **FMA)
+            launch(_mix_kernel, (cdiv(n, BLOCK),), k_p, v_p, k_mix, v_mix, alpha_k, alpha_v, n, BLOCK=BLOCK,
+                   num_warps=4, **FMA)
     return k_mix, v_mix
 
 
@@ -67,5 +67,5 @@ def ordered_sum(partials: torch.Tensor) -> torch.Tensor:
     count, columns = partials.shape
     out = torch.empty(columns, dtype=torch.float32, device=partials.device)
     with device_guard(partials):
-        _ordered_sum_kernel[(1,)](partials, out, count, COLUMNS=columns, BLOCK=SUM_BLOCK, num_warps=4, **FMA)
+        launch(_ordered_sum_kernel, (1,), partials, out, count, COLUMNS=columns, BLOCK=SUM_BLOCK, num_warps=4, **FMA)
     return out

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._layout import as_rows, device_guard
 from ..linear_cross_entropy import scored_rows
-from ._launch import FMA, cdiv, launch_errors, program_count
+from ._launch import FMA, cdiv, launch, launch_errors, program_count
 
 SLICE_BYTES = 128 * 2**20  # backward: dlogits of one vocabulary slice, [rows, slice] in the input dtype
 
@@ -135,10 +135,9 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ig
     splits = cdiv(vocab_tiles, tiles_per_split)
     parts = torch.empty((3, splits, n), dtype=torch.float32, device=hidden.device)
     with device_guard(h), launch_errors("linear_cross_entropy"):
-        _forward_kernel[(row_blocks, splits)](h, w, target, parts[0], parts[1], parts[2], n, vocab, d, h.stride(0),
-                                              w.stride(0), tiles_per_split, BLOCK_N=block_n, BLOCK_V=block_v,
-                                              BLOCK_D=block_d, EVEN_D=d % block_d == 0, num_warps=warps,
-                                              num_stages=stages, **FMA)
+        launch(_forward_kernel, (row_blocks, splits), h, w, target, parts[0], parts[1], parts[2], n, vocab, d,
+               h.stride(0), w.stride(0), tiles_per_split, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+               EVEN_D=d % block_d == 0, num_warps=warps, num_stages=stages, **FMA)
     m, s, t = parts.unbind(0)
     top = m.amax(0)
     row_lse = top + torch.log((s * torch.exp(m - top)).sum(0))
@@ -175,10 +174,9 @@ def backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool
         width = min(columns, vocab - start)
         grad = grad_buffer[:, :width]
         with device_guard(h), launch_errors("linear_cross_entropy"):
-            _grad_logits_kernel[(cdiv(n, block_n), cdiv(width, block_v))](
-                h, w, target, row_lse, scale, grad, n, width, start, d, h.stride(0), w.stride(0), grad.stride(0),
-                BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, EVEN_D=d % block_d == 0, num_warps=warps,
-                num_stages=stages, **FMA)
+            launch(_grad_logits_kernel, (cdiv(n, block_n), cdiv(width, block_v)), h, w, target, row_lse, scale, grad,
+                   n, width, start, d, h.stride(0), w.stride(0), grad.stride(0), BLOCK_N=block_n, BLOCK_V=block_v,
+                   BLOCK_D=block_d, EVEN_D=d % block_d == 0, num_warps=warps, num_stages=stages, **FMA)
         w_slice = w[start:start + width]
         if weight_grad:
             torch.mm(grad.T, h, out=dw[start:start + width])

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._layout import as_rows, device_guard
-from ._launch import FMA, cdiv, next_power_of_2, program_count, warps_for
+from ._launch import FMA, cdiv, launch, next_power_of_2, program_count, warps_for
 
 MAX_BLOCK = 16384  # widest row kept in registers in one block; wider rows loop over column blocks
 WEIGHT_GRAD_BLOCK = 1024  # columns per program of the dW reduction
@@ -153,8 +153,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     if n_rows:
         block, one_block = _block(n_cols)
         with device_guard(x):
-            _forward_kernel[(n_rows,)](rows, weight.contiguous(), y, rstd, rows.stride(0), y.stride(0), n_cols, eps,
-                                       BLOCK=block, ONE_BLOCK=one_block, num_warps=warps_for(block), **FMA)
+            launch(_forward_kernel, (n_rows,), rows, weight.contiguous(), y, rstd, rows.stride(0), y.stride(0),
+                   n_cols, eps, BLOCK=block, ONE_BLOCK=one_block, num_warps=warps_for(block), **FMA)
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
@@ -173,13 +173,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
     mean_gx = dx if one_block else torch.empty(n_rows, dtype=torch.float32, device=x.device)  # dx: unused dummy
     prefetch = one_block and block <= PREFETCH_MAX_BLOCK and all(_vectorisable(t) for t in (rows, dy_rows, dx))
     with device_guard(x):
-        _backward_kernel[(programs,)](dy_rows, rows, weight.contiguous(), rstd.contiguous(), dx, partial, mean_gx,
-                                      dy_rows.stride(0), rows.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-                                      BLOCK=block, ONE_BLOCK=one_block, WEIGHT_GRAD=weight_grad, PREFETCH=prefetch,
-                                      num_warps=warps_for(block), **FMA)
+        launch(_backward_kernel, (programs,), dy_rows, rows, weight.contiguous(), rstd.contiguous(), dx, partial,
+               mean_gx, dy_rows.stride(0), rows.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+               BLOCK=block, ONE_BLOCK=one_block, WEIGHT_GRAD=weight_grad, PREFETCH=prefetch,
+               num_warps=warps_for(block), **FMA)
         if not weight_grad:
             return dx.view(x.shape), None
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
-        _weight_grad_kernel[(cdiv(n_cols, WEIGHT_GRAD_BLOCK),)](partial, dw, programs, n_cols,
-                                                                 BLOCK=WEIGHT_GRAD_BLOCK, num_warps=4, **FMA)
+        launch(_weight_grad_kernel, (cdiv(n_cols, WEIGHT_GRAD_BLOCK),), partial, dw, programs, n_cols,
+               BLOCK=WEIGHT_GRAD_BLOCK, num_warps=4, **FMA)
     return dx.view(x.shape), dw

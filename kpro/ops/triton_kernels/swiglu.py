@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .._layout import swiglu_functions
-from ._launch import FMA, cdiv, next_power_of_2
+from ._launch import FMA, cdiv, launch, next_power_of_2
 
 BLOCK_MAX = 1024
 
@@ -45,13 +45,13 @@ def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int]:
 
 def _forward_rows(g, u, y):
     grid, block = _grid(*g.shape)
-    _forward_kernel[grid](g, u, y, g.stride(0), u.stride(0), y.stride(0), g.shape[1], BLOCK=block, **FMA)
+    launch(_forward_kernel, grid, g, u, y, g.stride(0), u.stride(0), y.stride(0), g.shape[1], BLOCK=block, **FMA)
 
 
 def _backward_rows(dy, g, u, dg, du):
     grid, block = _grid(*g.shape)
-    _backward_kernel[grid](dy, g, u, dg, du, dy.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
-                           g.shape[1], BLOCK=block, **FMA)
+    launch(_backward_kernel, grid, dy, g, u, dg, du, dy.stride(0), g.stride(0), u.stride(0), dg.stride(0),
+           du.stride(0), g.shape[1], BLOCK=block, **FMA)
 
 
 _functions = swiglu_functions(_forward_rows, _backward_rows)
