@@ -113,13 +113,17 @@ def profile_one_step(step, device: torch.device) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
+    """The step table, and each profiled step's top operators; a step timed but not yet profiled has dashes."""
     lines = ["| implementation | step | host time to issue it | GPU busy | launches | syncs in a step |",
              "|---|---|---|---|---|---|"]
     for r in results:
+        if "launches" not in r:
+            lines.append(f"| {r['impl']} | {r['step_ms']} ms | {r['enqueue_ms']} ms | — | — | not profiled |")
+            continue
         syncs = ", ".join(f"{name} ×{count}" for name, count in r["syncs"].items()) or "none"
         busy = f"{r['gpu_busy_ms']} ms" if r["gpu_busy_ms"] is not None else "—"
         lines.append(f"| {r['impl']} | {r['step_ms']} ms | {r['enqueue_ms']} ms | {busy} | {r['launches']} | {syncs} |")
-    for r in results:
+    for r in (r for r in results if "launches" in r):
         lines += ["", f"{r['impl']}: most self CPU time — "
                   + "; ".join(f"{t['op']} {t['self_ms']} ms ×{t['calls']}" for t in r["top_cpu"])]
         if r["top_gpu"]:
@@ -197,7 +201,7 @@ def triton_launch_parts(g, u, device) -> list[tuple]:
     arguments (how much of a launch's host time the lookup is), then kpro's launcher with its launch cache
     on (kpro.ops.triton_kernels._launch). These use Triton's internals (CompiledKernel[grid]); an error is
     recorded in its row, not raised."""
-    from kpro.ops.triton_kernels import swiglu as kernels
+    from kpro.ops.triton_kernels import _launch, swiglu as kernels
     from kpro.ops.triton_kernels._launch import FMA
 
     y = torch.empty_like(g)
@@ -212,8 +216,6 @@ def triton_launch_parts(g, u, device) -> list[tuple]:
         rows.append(label + host_microseconds(lambda: launch(*args, block), device))
     except Exception as err:  # an internal API of Triton: report what broke
         rows.append(label + (f"{type(err).__name__}: {err}"[:200],))
-    from kpro.ops.triton_kernels import _launch
-
     cached = ("kpro swiglu, triton launcher with KPRO_LAUNCH_CACHE=1", "forward")
     previous, _launch.LAUNCH_CACHE = _launch.LAUNCH_CACHE, True
     try:
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be at least 1")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Every clock reading comes before the first torch.profiler session: on the first H200 profile the
+    # Every clock reading comes before the first torch.profiler session: in the second H200 run's profile, the
     # implementation timed after another's profile took 180.6 ms a step where the benchmark measured 93.8 ms,
     # and a profiler that stays attached to the driver (CUPTI) is one suspected cause. So all models are built
     # and timed, then the host costs are read, and only then is each step profiled.
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                             enqueue_ms=enqueue_ms))
         print(f"{impl}: step {step_ms} ms, issued in {enqueue_ms} ms", flush=True)
         (out / "profile.json").write_text(json.dumps(results, indent=1) + "\n")  # each as it finishes
+        (out / "profile.md").write_text(markdown(results))  # the table stands should a later part fail
     costs = host_costs(device)
     (out / "host_costs.json").write_text(json.dumps(costs, indent=1) + "\n")
     for result in results:

@@ -591,6 +591,9 @@ def test_the_profile_stage_reports_a_step_timed_but_not_profiled(tmp_path, monke
     out = suite.profile_stage(suite.Context(tmp_path, budget=45, margin=0, log=lines.append))
     assert not out["complete"] and out["error"] == "the time budget ran out"
     assert any("eager: step 80.9 ms, issued in 74.4 ms, not profiled" in line for line in lines)
+    profile_step = load_profile_step()
+    table = profile_step.markdown([dict(impl="eager", step_ms=80.9, enqueue_ms=74.4)])
+    assert "| eager | 80.9 ms | 74.4 ms | — | — | not profiled |" in table and "most self CPU" not in table
 
 
 def test_the_triton_launch_parts_time_the_jit_launch_and_report_the_compiled_one():

@@ -86,7 +86,7 @@ def test_half_precision_within_twice_plain_pytorch(backend, device, dtype, case)
     the unit roundoff times their norm, ‖(K_bidir − K_causal)·dK_mix‖₂, whatever its own size. Against
     another implementation's single scalar that is a coin toss: plain PyTorch's dα_k on one CPU was off
     by 2%, on another much less, and an H200's SDPA gradients failed the test by that. They are held to
-    the dtype's tolerance times that norm instead (the largest seen: 0.5%)."""
+    the dtype's tolerance times that norm instead (the largest error seen: 0.5% of it)."""
     tensors, douts, *lens = make(case, dtype, "cpu", seed=1)
     ref = run(three_calls, [t.double() for t in tensors], douts, lens, "cpu", torch.float64)
     plain = run(three_calls, tensors, douts, lens, "cpu", torch.float32)
