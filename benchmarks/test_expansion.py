@@ -28,7 +28,6 @@ from conftest import (MODEL_TOLERANCE, CaseCache, check_gradients, check_loss, d
                       record_ratios, timed)
 from kpro import ops
 from kpro.expansion import saved_activation_bytes
-from kpro.ops.triton_kernels import _launch
 from kpro.train import adamw, causal_lm_loss
 from llama_baseline import BaselineLlama
 
@@ -97,6 +96,8 @@ def test_expansion_step(benchmark, device, impl, size, monkeypatch):
     if impl == "kpro-frozen-launch-cache":
         if device.type != "cuda":
             pytest.skip("the launch cache serves Triton's launches on a GPU")
+        from kpro.ops.triton_kernels import _launch
+
         monkeypatch.setattr(_launch, "LAUNCH_CACHE", True)  # for this test only
     model, new_ids, ids = expanded_model(size, device)
     dtype = model.embed_tokens.weight.dtype

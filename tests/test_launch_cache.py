@@ -1,6 +1,7 @@
-"""kpro.ops.triton_kernels._launch.launch: Triton's JIT launch by default; with KPRO_LAUNCH_CACHE=1, the
+"""kpro.ops.triton_kernels._launch: `launch` is Triton's JIT launch by default; with KPRO_LAUNCH_CACHE=1, the
 compiled kernel of each specialisation launched directly. The key must separate every pair of launches that
-Triton would compile apart (alignment, int divisibility and range, constexpr values, options)."""
+Triton would compile apart (alignment, int divisibility and range, constexpr values, options). And
+`launch_errors`, which names the op when a kernel does not fit the device."""
 import os
 from unittest import mock
 
@@ -120,3 +121,16 @@ def test_cached_launches_match_jit_launches_bit_for_bit_on_a_gpu(monkeypatch):
         cached = run()  # every launch a hit: Triton's JIT is not called
     for a, b in zip(jit, cached):
         assert torch.equal(a, b)
+
+
+def test_a_kernel_too_big_for_the_device_is_a_backend_error_naming_the_op():
+    from triton.runtime.errors import OutOfResources
+
+    with pytest.raises(ops.BackendError, match=r"attention backward: the Triton kernel does not fit this GPU"):
+        with _launch.launch_errors("attention backward"):
+            raise OutOfResources(232448, 227328, "shared memory")
+    with pytest.raises(KeyError):  # anything else passes through untouched
+        with _launch.launch_errors("attention"):
+            raise KeyError("x")
+    with _launch.launch_errors("attention"):
+        pass
