@@ -23,6 +23,7 @@ tests/test_gpu_suite.py runs it that way at a tiny size.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -208,23 +209,26 @@ def triton_launch_parts(g, u, device) -> list[tuple]:
     grid, block = kernels._grid(*g.shape)
     args = (g, u, y, g.stride(0), u.stride(0), y.stride(0), g.shape[1])
     jit = lambda: kernels._forward_kernel[grid](*args, BLOCK=block, **FMA)
-    rows = [("triton: the kernel through JITFunction (bind, specialise, look up, launch)", "forward")
-            + host_microseconds(jit, device)]
-    label = ("triton: the compiled kernel alone (CompiledKernel[grid])", "forward")
-    try:
-        launch = jit()[grid]
-        rows.append(label + host_microseconds(lambda: launch(*args, block), device))
-    except Exception as err:  # an internal API of Triton: report what broke
-        rows.append(label + (f"{type(err).__name__}: {err}"[:200],))
-    cached = ("kpro swiglu, triton launcher with KPRO_LAUNCH_CACHE=1", "forward")
+    rows = [timed_row("triton: the kernel through JITFunction (bind, specialise, look up, launch)", lambda: jit,
+                      device),
+            timed_row("triton: the compiled kernel alone (CompiledKernel[grid])",
+                      lambda: functools.partial(jit()[grid], *args, block), device)]
     previous, _launch.LAUNCH_CACHE = _launch.LAUNCH_CACHE, True
     try:
-        rows.append(cached + host_microseconds(lambda: kernels.forward(g, u), device))
-    except Exception as err:
-        rows.append(cached + (f"{type(err).__name__}: {err}"[:200],))
+        rows.append(timed_row("kpro swiglu, triton launcher with KPRO_LAUNCH_CACHE=1",
+                              lambda: functools.partial(kernels.forward, g, u), device))
     finally:
         _launch.LAUNCH_CACHE = previous
     return rows
+
+
+def timed_row(label: str, make_call, device: torch.device) -> tuple:
+    """(label, "forward", host µs, µs per call) of the call make_call() returns, or (label, "forward", error)
+    when making or timing it raises."""
+    try:
+        return (label, "forward") + host_microseconds(make_call(), device)
+    except Exception as err:  # Triton's internals differ between versions: report what broke
+        return (label, "forward", f"{type(err).__name__}: {err}"[:200])
 
 
 def host_costs_markdown(rows: list[dict]) -> str:
