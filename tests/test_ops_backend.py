@@ -290,7 +290,7 @@ def test_function_transforms_and_forward_mode_ad_are_refused_by_name(name):
 
 EAGER_FUNCTIONS = {"rms_norm": ["RmsNormFunction"], "swiglu": ["SwiGLUFunction", "SwiGLUPackedFunction"],
                    "attention": ["AttentionFunction"], "bitune_attention": ["BituneAttentionFunction"],
-                   "linear_cross_entropy": ["LinearCrossEntropyFunction"]}
+                   "linear_cross_entropy": ["LinearCrossEntropyFunction", "GradientsInForwardFunction"]}
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])

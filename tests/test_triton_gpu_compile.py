@@ -35,7 +35,7 @@ def test_every_kernel_and_case_is_compiled_for_both_targets(records):
         assert {"attention.forward", "attention.delta", "attention.dkdv", "attention.dq", "bitune_attention.forward",
                 "bitune_attention.dkdv", "bitune_attention.dq", "rms_norm.forward", "rms_norm.backward",
                 "swiglu.forward", "swiglu.backward", "rms_norm.weight_grad", "linear_cross_entropy.forward",
-                "linear_cross_entropy.grad_logits"} <= kernels
+                "linear_cross_entropy.grad_logits", "linear_cross_entropy.softmax_grad"} <= kernels
         cases = {case for r in mine for case in r["cases"]}
         assert cases == {case.name for case in report.standard_cases()}
 

@@ -3,18 +3,28 @@ the logits [N, V] never in memory.
 
 `linear_cross_entropy(hidden, weight, labels)` equals `F.cross_entropy((hidden @ weight.T).float(), labels)`
 with the log-sum-exp and everything after the matmul in fp32 (float64 for float64 inputs). It is registered
-as torch.library custom ops (forward and backward): the forward returns each row's loss and log-sum-exp
-(fp32 [N] each), the reduction is ordinary autograd on that vector, and the backward gets each row's
-gradient dloss [N], so "none", "sum" and "mean" share one backward. Eager calls run the same kernel
-functions through LinearCrossEntropyFunction instead, without the custom ops' dispatch (backend.eager_fast_path).
+as torch.library custom ops, in two pairs. Where a gradient is wanted (gradients_in_forward), one op returns
+the loss (per row, or summed) with the gradients of the summed loss, computed from the same logits, and its
+backward op only scales them by the incoming dloss. Otherwise (and for a trainable head's per-row losses)
+the forward op returns each row's loss and log-sum-exp (fp32 [N] each), the reduction is ordinary autograd
+on that vector, and the backward op recomputes the logits for each row's dloss. Eager calls run the same
+kernel functions through GradientsInForwardFunction and LinearCrossEntropyFunction instead, without the
+custom ops' dispatch (backend.eager_fast_path).
 
 What each backend keeps in memory:
 - torch (the reference and the CPU default): the scored rows in chunks of CHUNK_BYTES of logits, [chunk, V]
-  at a time; the backward recomputes each chunk's logits, turns them into dlogits in place, and multiplies
-  (dH = dlogits @ W, dW += dlogitsᵀ @ H). Half-precision inputs are computed from an fp32 copy of the weight.
-- triton: the forward computes logits tile by tile on chip with an online log-sum-exp; nothing of [N, V]
-  is written. The backward recomputes the tiles and writes dlogits of one slice of the vocabulary at a time
-  (at most SLICE_BYTES) for two matmuls (triton_kernels/linear_cross_entropy.py).
+  at a time. Where a gradient is wanted it is computed in the forward from the same logits, turned into
+  dlogits in place (dH = dlogits @ W, dW += dlogitsᵀ @ H, for a loss summed with dloss = 1), and the backward
+  only scales it: dH row by row by its dloss (any reduction), dW by the one dloss of a sum or mean. One
+  matmul of the logits' size fewer than recomputing them; the backward keeps the [N, d] gradient (and the
+  [V, d] one) in the accumulation dtype instead of hidden and the weight. A trainable head's per-row losses
+  (reduction="none") cannot be done so, since dW weighs each row by its own dloss: there the backward
+  recomputes each chunk's logits. Half-precision inputs are computed from an fp32 copy of the weight.
+- triton: gradients in the forward as above, per chunk of rows: cuBLAS logits in fp32, a Triton program per
+  row for the loss and dlogits, cuBLAS for dH and dW. Without a gradient the forward computes logits tile by
+  tile on chip with an online log-sum-exp (nothing of [N, V] is written); where it recomputes, the backward
+  rebuilds the tiles and writes dlogits of one slice of the vocabulary at a time (at most SLICE_BYTES) for
+  two matmuls (triton_kernels/linear_cross_entropy.py).
 
 Only rows whose label is not `ignore_index` are computed, forward and backward: an ignored row costs
 nothing. dW is computed only when the weight requires grad: a frozen head (LLaMA Pro blocks, LoRA, Bitune)
@@ -57,17 +67,29 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     _check_args(hidden, weight, labels, ignore_index)
     refuse_function_transforms("linear_cross_entropy", hidden, weight)
     rows, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
-    backend = select("linear_cross_entropy", hidden)
-    if eager_fast_path(rows, weight, targets):  # the same kernels without the custom ops' dispatch
-        if not needs_graph(rows, weight):
-            losses = _run_forward(rows, weight, targets, int(ignore_index), backend)[0]
+    backend, ignore_index = select("linear_cross_entropy", hidden), int(ignore_index)
+    hidden_grad, weight_grad = needs_graph(rows), needs_graph(weight)
+    eager = eager_fast_path(rows, weight, targets)  # the same kernels without the custom ops' dispatch
+    if gradients_in_forward(backend, hidden_grad, weight_grad, reduction):
+        flags = (reduction == "none", hidden_grad, weight_grad)  # per row, or the sum whose dloss is one
+        if eager:
+            out = GradientsInForwardFunction.apply(rows, weight, targets, ignore_index, backend, *flags)
         else:
-            losses = LinearCrossEntropyFunction.apply(rows, weight, targets, int(ignore_index), backend)
+            out = torch.ops.kpro.linear_cross_entropy_with_grads(rows, weight, targets, ignore_index, backend,
+                                                                 *flags)[0]
+        losses = total = out
+    elif eager:
+        if not (hidden_grad or weight_grad):
+            losses = _run_forward(rows, weight, targets, ignore_index, backend)[0]
+        else:
+            losses = LinearCrossEntropyFunction.apply(rows, weight, targets, ignore_index, backend)
+        total = None
     else:
-        losses = torch.ops.kpro.linear_cross_entropy_forward(rows, weight, targets, int(ignore_index), backend)[0]
+        losses = torch.ops.kpro.linear_cross_entropy_forward(rows, weight, targets, ignore_index, backend)[0]
+        total = None
     if reduction == "none":
         return losses.view(labels.shape)
-    total = losses.sum()
+    total = losses.sum() if total is None else total
     if reduction == "sum":
         return total
     count = (targets != ignore_index).sum()
@@ -165,13 +187,69 @@ def torch_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad
     return dh, None if dw is None else dw.to(weight.dtype)
 
 
-TORCH_KERNELS = SimpleNamespace(forward=torch_forward, backward=torch_backward)
+def torch_forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad: bool, weight_grad: bool):
+    """The forward and the gradients of the summed loss (dloss = 1 on every scored row) from the same
+    logits, chunk by chunk: (loss [N], lse [N], dh [N, d], dw [V, d]), the gradients in the accumulation
+    dtype, zero on ignored rows, and None where not asked for. Two matmuls of the logits' size per chunk
+    with a frozen head (logits, dh), three with a trainable one, against one more for forward + backward:
+    the backward only scales these (dh by each row's dloss, dw by a sum's or mean's one dloss)."""
+    acc = accumulation_dtype(hidden.dtype)
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.to(acc)
+    loss = torch.zeros(n_rows, dtype=acc, device=hidden.device)
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if hidden_grad else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight_grad else None
+    index = scored_rows(labels, ignore_index)
+    for rows in _chunks(n_rows, index, chunk_rows(vocab, acc)):
+        h = hidden[rows].to(acc)
+        logits = h @ w.T  # [chunk, V], the only large buffer: the logits, then the softmax, then dlogits
+        target = labels[rows]
+        valid = (target >= 0) & (target < vocab)
+        clamped = target.clamp(0, vocab - 1)
+        picked = logits.gather(1, clamped[:, None]).squeeze(1)
+        top = logits.amax(1)
+        total = logits.sub_(top[:, None]).exp_().sum(1)  # the forward's log-sum-exp, op for op
+        row_lse = total.log().add_(top)
+        loss[rows] = torch.where(valid, row_lse - picked, torch.nan)
+        grad = logits.div_(total[:, None])  # softmax
+        grad[torch.arange(grad.shape[0], device=grad.device), clamped] -= 1  # dlogits / dloss
+        if hidden_grad:
+            dh[rows] = grad @ w
+        if weight_grad:
+            dw.addmm_(grad.T, h)
+        del logits, grad
+    return loss, dh, dw
+
+
+def scale_gradients(dloss, dh, dw, labels, ignore_index, per_row: bool, hidden_dtype, weight_dtype):
+    """The backward of forward_with_grads, for every backend: (dhidden, dweight), each None where its unit
+    gradient is. Per row, dh's rows times their dloss (0 on ignored rows, whatever their dloss: they were
+    never computed); for a sum, both times the one dloss (dw exists only then: it is a sum over rows)."""
+    if per_row:
+        scale = dloss.masked_fill(labels == ignore_index, 0)[:, None]
+        return (dh * scale).to(hidden_dtype), None
+    return (None if dh is None else (dh * dloss).to(hidden_dtype),
+            None if dw is None else (dw * dloss).to(weight_dtype))
+
+
+TORCH_KERNELS = SimpleNamespace(forward=torch_forward, backward=torch_backward,
+                                forward_with_grads=torch_forward_with_grads)
 
 
 def _kernels(backend: str):
-    """The backend's functions: forward(hidden, weight, labels, ignore_index) -> (loss, lse) and
-    backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad) -> (dh, dw)."""
+    """The backend's functions: forward(hidden, weight, labels, ignore_index) -> (loss, lse),
+    backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad) -> (dh, dw), and
+    where the backend has it, forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad,
+    weight_grad) -> (loss, dh, dw)."""
     return kernels("linear_cross_entropy", backend, TORCH_KERNELS)
+
+
+def gradients_in_forward(backend: str, hidden_grad: bool, weight_grad: bool, reduction: str) -> bool:
+    """Whether a call computes its gradients in the forward (forward_with_grads): where the backend has it
+    and a gradient is wanted, except a trainable head's with reduction="none", whose dW weighs each row by a
+    dloss the forward cannot know (that case recomputes the logits in the backward)."""
+    return ((hidden_grad or weight_grad) and not (weight_grad and reduction == "none")
+            and hasattr(_kernels(backend), "forward_with_grads"))
 
 
 # ------------------------------------------------------------------------------ custom op registration
@@ -233,6 +311,98 @@ def _backward(ctx, dloss, _dlse):
 
 
 linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The gradients computed in the forward (gradients_in_forward): one op computes the loss (per row, or its sum)
+# with the unit gradients, a second scales them by the incoming dloss. The second is an op of its own, with
+# no autograd formula, so that a double backward raises as the recomputing path's does.
+
+@torch.library.custom_op("kpro::linear_cross_entropy_with_grads", mutates_args=())
+def linear_cross_entropy_with_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                    ignore_index: int, backend: str, per_row: bool, hidden_grad: bool,
+                                    weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dh, dw): the loss per row [N] (per_row) or summed (0-dim), and the gradients of the summed
+    loss in the accumulation dtype, dh [N, d] and dw [V, d], each an empty tensor when not asked for."""
+    return _run_forward_with_grads(hidden, weight, labels, ignore_index, backend, per_row, hidden_grad, weight_grad)
+
+
+@linear_cross_entropy_with_grads.register_fake
+def _(hidden, weight, labels, ignore_index, backend, per_row, hidden_grad, weight_grad):
+    acc = accumulation_dtype(hidden.dtype)
+    return (hidden.new_empty(hidden.shape[0] if per_row else (), dtype=acc),
+            hidden.new_empty(hidden.shape if hidden_grad else 0, dtype=acc),
+            weight.new_empty(weight.shape if weight_grad else 0, dtype=acc))
+
+
+@torch.library.custom_op("kpro::linear_cross_entropy_scale_grads", mutates_args=())
+def linear_cross_entropy_scale_grads(dloss: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, labels: torch.Tensor,
+                                     ignore_index: int, per_row: bool, hidden_dtype: torch.dtype,
+                                     weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight) from the unit gradients (scale_gradients); each empty where its unit one is."""
+    dhidden, dweight = _run_scale_gradients(dloss, dh, dw, labels, ignore_index, per_row, hidden_dtype, weight_dtype)
+    return (dhidden if dhidden is not None else dh.new_empty(0, dtype=hidden_dtype),
+            dweight if dweight is not None else dw.new_empty(0, dtype=weight_dtype))
+
+
+@linear_cross_entropy_scale_grads.register_fake
+def _(dloss, dh, dw, labels, ignore_index, per_row, hidden_dtype, weight_dtype):
+    return dh.new_empty(dh.shape, dtype=hidden_dtype), dw.new_empty(dw.shape, dtype=weight_dtype)
+
+
+def _run_forward_with_grads(hidden, weight, labels, ignore_index, backend, per_row, hidden_grad, weight_grad):
+    """The forward of both paths, the custom op and GradientsInForwardFunction: (loss, dh, dw), the gradients
+    an empty tensor where not asked for (what both paths save)."""
+    if weight_grad and per_row:  # dW of a per-row loss needs each row's dloss: gradients_in_forward excludes it
+        raise ValueError("linear_cross_entropy: a trainable head's gradient in the forward needs a summed loss")
+    with no_autocast(hidden):
+        loss, dh, dw = _kernels(backend).forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad,
+                                                            weight_grad)
+    return ((loss if per_row else loss.sum()), (dh if dh is not None else hidden.new_empty(0)),
+            (dw if dw is not None else weight.new_empty(0)))
+
+
+def _run_scale_gradients(dloss, dh, dw, labels, ignore_index, per_row, hidden_dtype, weight_dtype):
+    """The backward of both paths: (dhidden, dweight), None where the forward computed no gradient."""
+    return scale_gradients(dloss, dh if dh.dim() == 2 else None, dw if dw.dim() == 2 else None, labels, ignore_index,
+                           per_row, hidden_dtype, weight_dtype)
+
+
+def _setup_context_with_grads(ctx, inputs, output):
+    hidden, weight, labels, ignore_index, backend, per_row, hidden_grad, weight_grad = inputs
+    ctx.save_for_backward(output[1], output[2], labels)
+    ctx.ignore_index, ctx.per_row, ctx.dtypes = ignore_index, per_row, (hidden.dtype, weight.dtype)
+
+
+def _backward_with_grads(ctx, dloss, _ddh, _ddw):
+    dh, dw, labels = ctx.saved_tensors
+    dhidden, dweight = torch.ops.kpro.linear_cross_entropy_scale_grads(dloss, dh, dw, labels, ctx.ignore_index,
+                                                                       ctx.per_row, *ctx.dtypes)
+    return ((dhidden if ctx.needs_input_grad[0] else None), (dweight if ctx.needs_input_grad[1] else None),
+            None, None, None, None, None, None)
+
+
+linear_cross_entropy_with_grads.register_autograd(_backward_with_grads, setup_context=_setup_context_with_grads)
+
+
+class GradientsInForwardFunction(torch.autograd.Function):
+    """The eager path of linear_cross_entropy_with_grads: the same kernels and saved tensors (the unit
+    gradients and the labels), returning the loss alone."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, backend, per_row, hidden_grad, weight_grad):
+        loss, dh, dw = _run_forward_with_grads(hidden, weight, labels, ignore_index, backend, per_row, hidden_grad,
+                                               weight_grad)
+        ctx.save_for_backward(dh, dw, labels)
+        ctx.ignore_index, ctx.per_row, ctx.dtypes = ignore_index, per_row, (hidden.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        dh, dw, labels = ctx.saved_tensors
+        dhidden, dweight = _run_scale_gradients(dloss, dh, dw, labels, ctx.ignore_index, ctx.per_row, *ctx.dtypes)
+        return ((dhidden if ctx.needs_input_grad[0] else None), (dweight if ctx.needs_input_grad[1] else None),
+                None, None, None, None, None, None)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

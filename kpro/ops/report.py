@@ -285,6 +285,8 @@ def launches_on(target: Target) -> Iterator[Recorder]:
     def cross_entropy_tile_config(device, dtype):
         return cross_entropy_tiles(torch.device("cuda"), dtype)
 
+    softmax_grad_config = linear_cross_entropy.softmax_grad_config
+
     gpu = SimpleNamespace(multi_processor_count=target.sms, major=target.arch // 10, minor=target.arch % 10)
     with contextlib.ExitStack() as stack:
         for patch in (mock.patch.object(JITFunction, "run", run),
@@ -294,7 +296,9 @@ def launches_on(target: Target) -> Iterator[Recorder]:
                       mock.patch.object(bitune_attention, "block_sizes", block_sizes),
                       mock.patch.object(rms_norm, "program_count", program_count),
                       mock.patch.object(linear_cross_entropy, "program_count", program_count),
-                      mock.patch.object(linear_cross_entropy, "tile_config", cross_entropy_tile_config)):
+                      mock.patch.object(linear_cross_entropy, "tile_config", cross_entropy_tile_config),
+                      mock.patch.object(linear_cross_entropy, "softmax_grad_config",
+                                        lambda device: softmax_grad_config(torch.device("cuda")))):
             stack.enter_context(patch)
         yield recorder
     recorder.launches[:] = map(on_gpu, recorder.launches)
@@ -405,8 +409,9 @@ def linear_cross_entropy_case(vocab: int, dim: int, dtype=torch.bfloat16) -> Cas
     vocabulary tiles a program loops over (`tiles_per_split`): with as few rows as 64 each program takes one,
     and Triton compiles that 1 as a constant, without the loop a training batch runs. The backward's launch
     specialises alike at 64 rows and at 8192 (row counts divisible by 16, one vocabulary slice at these
-    vocabularies), and its matmuls run here on the CPU, so its rows stay few. A vocabulary not a multiple
-    of 16 is unaligned (widths are: every LLaMA's hidden size is a multiple of 64)."""
+    vocabularies), and its matmuls run here on the CPU, so its rows stay few; so do those of the gradients
+    computed in the forward (forward_with_grads), whose row kernel takes no row count at all. A vocabulary
+    not a multiple of 16 is unaligned (widths are: every LLaMA's hidden size is a multiple of 64)."""
     def run():
         from .triton_kernels import linear_cross_entropy
         hidden, weight = torch.randn(8192, dim, dtype=dtype), torch.randn(vocab, dim, dtype=dtype)
@@ -414,6 +419,7 @@ def linear_cross_entropy_case(vocab: int, dim: int, dtype=torch.bfloat16) -> Cas
         linear_cross_entropy.forward(hidden, weight, labels, -100)
         linear_cross_entropy.backward(torch.ones(64), hidden[:64], weight, labels[:64], torch.zeros(64), -100, True,
                                       True)
+        linear_cross_entropy.forward_with_grads(hidden[:64], weight, labels[:64], -100, True, True)
 
     return Case(f"linear_cross_entropy {TYPE_NAMES[dtype]} vocab {vocab} d{dim}", dtype, run)
 

@@ -13,6 +13,15 @@ each slice one kernel recomputes the logit tiles on chip and writes dlogits, the
 dW[slice] = dlogitsᵀ @ H (written once, fp32 accumulation inside the matmul, and only when the weight
 requires grad) and dH += dlogits @ W[slice] (accumulated in fp32 across slices).
 
+Gradients in the forward (forward_with_grads, where the loss module asks for it: a frozen head with any
+reduction, a trainable one summed or averaged): per chunk of at most GRADIENT_CHUNK_BYTES of rows, the
+logits [chunk, V] in fp32 from one cuBLAS matmul (fp32 output of half-precision inputs), then one program
+per row reads them twice (online max and sum, then the gradient) and writes its loss and dlogits = softmax -
+onehot(label) in the input dtype, and cuBLAS takes dlogits to dH = dlogits @ W (fp32) and dW += dlogitsᵀ @ H
+(fp32). Two matmuls of the logits' size with a frozen head, three with a trainable one, all cuBLAS, against
+the three and four of the forward and backward above (two of them on Triton's tl.dot); the backward then
+only scales the gradients.
+
 Rows whose label is ignore_index are dropped before either pass (one gather of the scored rows when there
 are any), so they cost nothing. Row and vocabulary offsets are 64-bit: N·d, V·d and N·V may all pass 2³¹.
 """
@@ -25,6 +34,7 @@ from ..linear_cross_entropy import scored_rows
 from ._launch import FMA, cdiv, launch, launch_errors, program_count
 
 SLICE_BYTES = 128 * 2**20  # backward: dlogits of one vocabulary slice, [rows, slice] in the input dtype
+GRADIENT_CHUNK_BYTES = 512 * 2**20  # forward_with_grads: fp32 logits and dlogits of one chunk of rows
 
 
 @triton.jit
@@ -194,3 +204,104 @@ def backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool
         if index is not None:
             dh = hidden.new_zeros(hidden.shape).index_copy_(0, index, dh)
     return dh, dw
+
+
+# ------------------------------------------------------------------------------ gradients in the forward
+
+@triton.jit
+def _softmax_grad_kernel(LOGITS, LABELS, DLOGITS, LOSS, n_vocab, l_stride, g_stride, BLOCK_V: tl.constexpr):
+    """One row of fp32 logits: LOSS = log-sum-exp - the target's logit (NaN for a label outside [0, V)) and
+    DLOGITS = softmax - onehot(label) in DLOGITS' dtype. Two passes over the row: the running max and sum of
+    exponentials (rescaled as the max grows), then the gradient."""
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(LABELS + row)
+    logits = LOGITS + row * l_stride
+    cols = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, n_vocab, BLOCK_V):
+        x = tl.load(logits + start + cols, mask=start + cols < n_vocab, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has a valid column
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    for start in range(0, n_vocab, BLOCK_V):
+        ok = start + cols < n_vocab
+        x = tl.load(logits + start + cols, mask=ok, other=float("-inf"))
+        grad = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
+        tl.store(DLOGITS + row * g_stride + start + cols, grad.to(DLOGITS.dtype.element_ty), mask=ok)
+    valid = (label >= 0) & (label < n_vocab)
+    target = tl.load(logits + tl.where(valid, label, 0))
+    tl.store(LOSS + row, tl.where(valid, lse - target, float("nan")))
+
+
+def softmax_grad_config(device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernel, a pure stream over memory: 8 fp32 logits a thread a block
+    on a GPU (two 16-byte loads), small blocks under the interpreter so tests cover several and a tail."""
+    return (2048, 8) if device.type == "cuda" else (32, 1)
+
+
+def gradient_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: their fp32 logits and dlogits in `dtype` within GRADIENT_CHUNK_BYTES (at least one)."""
+    return max(1, GRADIENT_CHUNK_BYTES // (vocab * (4 + torch.empty((), dtype=dtype).element_size())))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (fp32) = a @ b. Half-precision inputs on a GPU: cuBLAS's fp32 output, no copy of either operand;
+    elsewhere (the interpreter) a product of fp32 copies, the same products (a product of two half-precision
+    numbers is exact in fp32) summed in another order."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, as _mm_fp32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad: bool, weight_grad: bool):
+    """(loss [N], dh [N, d], dw [V, d]): the loss per row and the gradients of their sum, in fp32, zero on
+    ignored rows, None where not asked for (see the module's docstring)."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    loss = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if hidden_grad else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_grad else None
+    index, h, target, _ = _scored(hidden, labels, ignore_index)
+    n = h.shape[0]
+    if n == 0:
+        return loss, dh, dw
+    w = as_rows(weight)
+    block_v, warps = softmax_grad_config(hidden.device)
+    rows = min(n, gradient_chunk_rows(vocab, hidden.dtype))
+    logits_buffer = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
+    grad_buffer = torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
+    row_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    row_dh = torch.empty((rows, h.shape[1]), dtype=torch.float32, device=hidden.device) if hidden_grad else None
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        h_chunk, logits, grad = h[start:stop], logits_buffer[:stop - start], grad_buffer[:stop - start]
+        _mm_fp32(h_chunk, w.T, logits)
+        with device_guard(h), launch_errors("linear_cross_entropy"):
+            launch(_softmax_grad_kernel, (stop - start,), logits, target[start:stop], grad, row_loss[start:stop],
+                   vocab, logits.stride(0), grad.stride(0), BLOCK_V=block_v, num_warps=warps, **FMA)
+        if hidden_grad:
+            chunk_dh = _mm_fp32(grad, w, row_dh[:stop - start])
+            if index is None:
+                dh[start:stop] = chunk_dh
+            else:
+                dh.index_copy_(0, index[start:stop], chunk_dh)
+        if weight_grad:
+            _addmm_fp32(dw, grad.T, h_chunk)
+    if index is None:
+        loss.copy_(row_loss)
+    else:
+        loss.index_copy_(0, index, row_loss)
+    return loss, dh, dw
