@@ -70,7 +70,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     backend, ignore_index = select("linear_cross_entropy", hidden), int(ignore_index)
     hidden_grad, weight_grad = needs_graph(rows), needs_graph(weight)
     eager = eager_fast_path(rows, weight, targets)  # the same kernels without the custom ops' dispatch
-    if gradients_in_forward(backend, hidden_grad, weight_grad, reduction):
+    if gradients_in_forward(hidden_grad, weight_grad, reduction):
         flags = (reduction == "none", hidden_grad, weight_grad)  # per row, or the sum whose dloss is one
         if eager:
             out = GradientsInForwardFunction.apply(rows, weight, targets, ignore_index, backend, *flags)
@@ -189,7 +189,7 @@ def torch_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad
 
 def torch_forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad: bool, weight_grad: bool):
     """The forward and the gradients of the summed loss (dloss = 1 on every scored row) from the same
-    logits, chunk by chunk: (loss [N], lse [N], dh [N, d], dw [V, d]), the gradients in the accumulation
+    logits, chunk by chunk: (loss [N], dh [N, d], dw [V, d]), the gradients in the accumulation
     dtype, zero on ignored rows, and None where not asked for. Two matmuls of the logits' size per chunk
     with a frozen head (logits, dh), three with a trainable one, against one more for forward + backward:
     the backward only scales these (dh by each row's dloss, dw by a sum's or mean's one dloss)."""
@@ -238,18 +238,16 @@ TORCH_KERNELS = SimpleNamespace(forward=torch_forward, backward=torch_backward,
 
 def _kernels(backend: str):
     """The backend's functions: forward(hidden, weight, labels, ignore_index) -> (loss, lse),
-    backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad) -> (dh, dw), and
-    where the backend has it, forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad,
-    weight_grad) -> (loss, dh, dw)."""
+    backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad) -> (dh, dw) and
+    forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad, weight_grad) -> (loss, dh, dw)."""
     return kernels("linear_cross_entropy", backend, TORCH_KERNELS)
 
 
-def gradients_in_forward(backend: str, hidden_grad: bool, weight_grad: bool, reduction: str) -> bool:
-    """Whether a call computes its gradients in the forward (forward_with_grads): where the backend has it
-    and a gradient is wanted, except a trainable head's with reduction="none", whose dW weighs each row by a
-    dloss the forward cannot know (that case recomputes the logits in the backward)."""
-    return ((hidden_grad or weight_grad) and not (weight_grad and reduction == "none")
-            and hasattr(_kernels(backend), "forward_with_grads"))
+def gradients_in_forward(hidden_grad: bool, weight_grad: bool, reduction: str) -> bool:
+    """Whether a call computes its gradients in the forward (forward_with_grads): wherever a gradient is
+    wanted, except a trainable head's with reduction="none", whose dW weighs each row by a dloss the forward
+    cannot know (that case recomputes the logits in the backward)."""
+    return (hidden_grad or weight_grad) and not (weight_grad and reduction == "none")
 
 
 # ------------------------------------------------------------------------------ custom op registration
