@@ -207,8 +207,8 @@ def test_gradient_for_the_weight_only(backend, device):
 @pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy")[:2])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_frozen_head_every_reduction_and_ignored_rows_with_any_dloss(backend, device, reduction):
-    """A frozen head (the torch backend computes dH in the forward and the backward scales it by each row's
-    dloss) against float64, odd sizes; per row, ignored rows get a zero gradient even where their incoming
+    """A frozen head (dH computed in the forward, and the backward scales it by each row's dloss) against
+    float64, odd sizes; per row, ignored rows get a zero gradient even where their incoming
     dloss is inf or NaN, as when they were never computed."""
     hidden, weight, labels = inputs(29, 23, 151, torch.float32, device, seed=21, scale=6.0, ignored=[0, 7, 8, 28])
     dloss = upstream(labels, reduction, device)
@@ -239,8 +239,9 @@ def test_gradients_computed_in_the_forward_cost_one_matmul_less(monkeypatch, bac
     in the forward and three in the backward; Triton computes its logits with tl.dot, so only its backward's
     two cuBLAS matmuls (dW, dH) a slice count there."""
     from kpro.ops.triton_kernels import linear_cross_entropy as triton_lce
+    expected = (3 * forward, 3 * backward)
     if backend == "triton" and reduction == "none" and head == "trainable":
-        forward, backward = 0, 2 / 3  # one vocabulary slice
+        expected = (0, 2)  # tl.dot logits; one vocabulary slice of the backward
     hidden, weight, labels = inputs(24, 16, 50, torch.float32, device, seed=22)
     monkeypatch.setattr(lce, "CHUNK_BYTES", 8 * 50 * 4)
     monkeypatch.setattr(triton_lce, "GRADIENT_CHUNK_BYTES", 8 * 50 * (4 + 4))
@@ -249,7 +250,7 @@ def test_gradients_computed_in_the_forward_cost_one_matmul_less(monkeypatch, bac
     with ops.backend(backend):
         counts = (matmuls(lambda: losses.append(ops.linear_cross_entropy(h, w, labels, reduction=reduction).sum())),
                   matmuls(lambda: losses[0].backward()))
-    assert counts == (3 * forward, 3 * backward)
+    assert counts == expected
     _, dh_ref, dw_ref = reference(hidden, weight, labels, "sum" if reduction == "none" else reduction)
     assert relative_error(h.grad, dh_ref) <= 1e-5
     assert w.grad is None if head == "frozen" else relative_error(w.grad, dw_ref) <= 1e-5
