@@ -56,11 +56,18 @@ def test_triton_refuses_float64():
 
 def test_bf16_under_the_interpreter_is_right_without_the_test_suite(tmp_path):
     """Triton's CPU interpreter reads bf16 bits as integers in tl.dot: kpro fixes it when its triton backend
-    first runs, so a user (no conftest here: a fresh process) gets the right numbers, not garbage."""
+    first runs, so a user (no conftest here: a fresh process) gets the right numbers, not garbage. That first
+    run may be under torch.compile(fullgraph=True), which cannot trace the check: it runs eagerly there."""
     script = tmp_path / "bf16.py"
     script.write_text(
         "import torch\n"
         "from kpro import ops\n"
+        "def norm(x, w):\n"
+        "    with ops.backend('triton'):\n"
+        "        return ops.rms_norm(x, w)\n"
+        "x, w = torch.randn(3, 8).bfloat16(), torch.ones(8).bfloat16()\n"
+        "compiled = torch.compile(norm, fullgraph=True, backend='aot_eager')(x, w)\n"
+        "assert torch.equal(compiled, norm(x, w))\n"
         "q, k, v = (torch.randn(1, 5, 1, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))\n"
         "with ops.backend('triton'):\n"
         "    out = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())\n"

@@ -277,6 +277,13 @@ def interpreter_bf16_problem() -> str | None:
     return _interpreter_bf16 or None
 
 
+# Where torch.compile traces a process's first call, the check runs eagerly and its answer (fixed for the
+# process) goes into the graph as a constant: dynamo cannot trace its numpy and Triton internals ("Unsupported
+# ndarray attribute access"). What torch.compiler.assume_constant_result sets, without importing dynamo
+# (1.7 s) at kpro's import.
+interpreter_bf16_problem._dynamo_marked_constant = True
+
+
 def _fix_interpreter_loop_bounds() -> None:
     """Let Triton 3.6's interpreter take a loop bound computed in the kernel under numpy >= 2.4.
 
