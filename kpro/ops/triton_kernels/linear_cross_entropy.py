@@ -283,8 +283,11 @@ def forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad: bool, 
     rows = min(n, gradient_chunk_rows(vocab, hidden.dtype))
     logits_buffer = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
     grad_buffer = torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
-    row_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    row_dh = torch.empty((rows, h.shape[1]), dtype=torch.float32, device=hidden.device) if hidden_grad else None
+    # Every row scored: results go straight to loss and dh; else to the scored rows' buffers, then scattered.
+    row_loss = loss if index is None else torch.empty(n, dtype=torch.float32, device=hidden.device)
+    row_dh = None
+    if hidden_grad and index is not None:
+        row_dh = torch.empty((rows, h.shape[1]), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         h_chunk, logits, grad = h[start:stop], logits_buffer[:stop - start], grad_buffer[:stop - start]
@@ -292,16 +295,12 @@ def forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad: bool, 
         with device_guard(h), launch_errors("linear_cross_entropy"):
             launch(_softmax_grad_kernel, (stop - start,), logits, target[start:stop], grad, row_loss[start:stop],
                    vocab, logits.stride(0), grad.stride(0), BLOCK_V=block_v, num_warps=warps, **FMA)
-        if hidden_grad:
-            chunk_dh = _mm_fp32(grad, w, row_dh[:stop - start])
-            if index is None:
-                dh[start:stop] = chunk_dh
-            else:
-                dh.index_copy_(0, index[start:stop], chunk_dh)
+        if hidden_grad and index is None:
+            _mm_fp32(grad, w, dh[start:stop])
+        elif hidden_grad:
+            dh.index_copy_(0, index[start:stop], _mm_fp32(grad, w, row_dh[:stop - start]))
         if weight_grad:
             _addmm_fp32(dw, grad.T, h_chunk)
-    if index is None:
-        loss.copy_(row_loss)
-    else:
+    if index is not None:
         loss.index_copy_(0, index, row_loss)
     return loss, dh, dw
