@@ -5,9 +5,12 @@ run: ...` or `NOT SHOWN`; its verdict function is tested here on made-up numbers
 run at tiny settings, must print the verdict that its returned numbers give.
 """
 import contextlib
+import functools
+import io
 import json
 import random
 import re
+import time
 
 import pytest
 import torch
@@ -246,6 +249,46 @@ def test_jobs_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
         a = kpro.load_pretrained(tmp_path / "here" / f"seed-{s}" / "base").state_dict()
         b = kpro.load_pretrained(tmp_path / "there" / f"seed-{s}" / "base").state_dict()
         assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_jobs_in_worker_processes_report_progress_until_they_end():
+    """progress() runs every poll while worker processes work, not after, and not for jobs in this process; a
+    failing job ends the polling and raises."""
+    calls = []
+    jobs = [(functools.partial(time.sleep, 1.0), {})] * 2  # picklable: spawned workers unpickle each job
+    assert run_jobs(jobs, workers=2, progress=lambda: calls.append(0), poll_seconds=0.05) == [None] * 2
+    assert len(calls) >= 5  # 1 s of sleep after the workers' start-up, polled every 0.05 s
+    assert run_jobs(jobs[:1] * 2, workers=1, progress=lambda: calls.append(None)) == [None] * 2
+    assert None not in calls
+    with pytest.raises(ValueError, match="sleep length must be non-negative"):
+        run_jobs([(functools.partial(time.sleep, -1), {}), (functools.partial(time.sleep, 1.0), {})], workers=2,
+                 progress=lambda: None, poll_seconds=0.05)
+
+
+def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):
+    def log(run, steps, partial=False):
+        path = tmp_path / run / "run" / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as file:
+            file.writelines(json.dumps({"step": s, "loss": 1.0, "padding": "x" * 100}) + "\n" for s in steps)
+            file.write('{"step": 999, "lo' if partial else "")  # a line still being written
+        return path
+
+    assert internalization.last_logged_step(tmp_path / "none" / "metrics.jsonl") == 0
+    assert internalization.last_logged_step(log("partial-only", [], partial=True)) == 0
+    log("explicit-cot", range(1, 4))
+    log("no-cot", range(1, 101))  # more than the 4 KiB read from the end
+    out = io.StringIO()  # not a terminal: a line per LOG_LINE_SECONDS
+    progress = internalization.TrainingProgress(tmp_path, chain_steps=10, no_cot_steps=200, stream=out)
+    assert progress.steps() == (3, 100)  # what a resumed run had done before this session
+    log("internalized", range(1, 5), partial=True)
+    log("no-cot", range(101, 151))
+    progress.report()
+    progress.report()  # within the minute: no second line in a log
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "  training: explicit CoT then internalization 7/10 steps, no CoT 150/200; 0:00 elapsed, about 0:00 left")
 
 
 def test_reproductions_are_registered_with_their_duration():

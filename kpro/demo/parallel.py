@@ -26,8 +26,12 @@ def default_workers() -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
-def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None) -> list:
-    """[fn(**kwargs) for fn, kwargs in jobs], each on one thread, up to `workers` processes at once."""
+def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
+             progress: Callable[[], None] | None = None, poll_seconds: float = 10.0) -> list:
+    """[fn(**kwargs) for fn, kwargs in jobs], each on one thread, up to `workers` processes at once.
+
+    `progress()`, if given, is called every `poll_seconds` while worker processes run, to report on them from
+    what they write to disk (jobs run in this process, `workers=1`, get no such calls)."""
     workers = default_workers() if workers is None else workers
     if workers <= 1 or len(jobs) <= 1:
         return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
@@ -35,6 +39,11 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None) -> l
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
         futures = [pool.submit(_one_thread, fn, kwargs) for fn, kwargs in jobs]
         try:
+            while progress is not None:
+                done, pending = concurrent.futures.wait(futures, poll_seconds, concurrent.futures.FIRST_EXCEPTION)
+                if not pending or any(future.exception() is not None for future in done):
+                    break  # all finished, or one failed: result() below returns or raises
+                progress()
             return [future.result() for future in futures]
         except BaseException:
             for future in futures:
