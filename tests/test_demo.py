@@ -19,6 +19,7 @@ import kpro
 from kpro.demo import basics as demo
 from kpro.demo import bitune, claims, expansion, internalization, seeds
 from kpro.demo.parallel import run_jobs
+from kpro.train.progress import last_logged_step
 
 CLAIM_LINE = re.compile(r"^claim \((\w+)\): (.+) -- (SHOWN|NOT SHOWN) by this run: (.+)$", re.M)
 
@@ -274,8 +275,8 @@ def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):
             file.write('{"step": 999, "lo' if partial else "")  # a line still being written
         return path
 
-    assert internalization.last_logged_step(tmp_path / "none" / "metrics.jsonl") == 0
-    assert internalization.last_logged_step(log("partial-only", [], partial=True)) == 0
+    assert last_logged_step(tmp_path / "none" / "metrics.jsonl") == 0
+    assert last_logged_step(log("partial-only", [], partial=True)) == 0
     log("explicit-cot", range(1, 4))
     log("no-cot", range(1, 101))  # more than the 4 KiB read from the end
     out = io.StringIO()  # not a terminal: a line per LOG_LINE_SECONDS

@@ -24,7 +24,6 @@ steps, as an earlier version of this act did, loses the task.
 from __future__ import annotations
 
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..internalize import (RemovalSchedule, ValidationAccuracy, evaluate, fit_in
                            multiplication_training_set, parse_line, tokenize_examples)
 from ..internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
 from ..model import Llama
-from ..train.progress import StatusLine, format_duration
+from ..train.progress import StatusLine, format_duration, last_logged_step
 from .claims import claim_line, difference_standard_error, in_standard_errors
 from .parallel import run_jobs
 
@@ -199,24 +198,6 @@ class TrainingProgress:
 
     def close(self) -> None:
         self.line.close()
-
-
-def last_logged_step(path: Path) -> int:
-    """The step of the last whole line of a run's metrics.jsonl (0 before its first step, or with no file):
-    read from the file's end, so that polling a long run costs nothing."""
-    try:
-        with open(path, "rb") as file:
-            size = file.seek(0, 2)
-            file.seek(max(0, size - 4096))
-            lines = file.read().split(b"\n")
-    except FileNotFoundError:
-        return 0
-    for line in reversed(lines[1:] if size > 4096 else lines):  # the first may be cut by the seek
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):  # the line being written, or the empty one after the last
-            continue
-    return 0
 
 
 def _kept(job: dict) -> str:

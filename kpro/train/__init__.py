@@ -8,7 +8,7 @@
                       (fit's default: no logits on a kpro.Llama), LossSum
     optim.py          adamw (no decay on norms/biases, trainable parameters only), Schedule, set_lr
     checkpointing.py  save_checkpoint / load_checkpoint / latest_checkpoint: atomic, resumable, keep last k
-    progress.py       StatusLine and ProgressLine (terminal), MetricsLog (JSONL), read_metrics
+    progress.py       StatusLine and ProgressLine (terminal), MetricsLog (JSONL), read_metrics, last_logged_step
     callbacks.py      Callback: hooks, batch transforms, optimizer resets, state saved in checkpoints
     distributed.py    torchrun: init_distributed, DDP, FSDP2 (one unit per block), full-state checkpoints
                       (on kpro.distributed, the helpers checkpoints share)

@@ -127,3 +127,21 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}:{number}: not a JSON object")
         records.append(record)
     return records
+
+
+def last_logged_step(path: str | os.PathLike) -> int:
+    """The step of the last whole line of a metrics file (0 before its first step, or with no file): what
+    `read_metrics(path)[-1]["step"]` gives, read from the file's end, so that polling a long run costs nothing."""
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, 2)
+            file.seek(max(0, size - 4096))
+            lines = file.read().split(b"\n")
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines[1:] if size > 4096 else lines):  # the first may be cut by the seek
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # the line being written, or the empty one after the last
+            continue
+    return 0
