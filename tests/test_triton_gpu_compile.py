@@ -1,6 +1,7 @@
 """Every Triton kernel, compiled for sm_90a and sm_80 (there a case of each kind: tests/_compile_report.py) as
-its launches specialise it (divisibility by 16, integers equal to 1 made constant), fits the GPU and takes the fast path: checked without a GPU by
-`python -m kpro.ops.report` (the CPU tests run Triton's interpreter, which compiles nothing).
+its launches specialise it (divisibility by 16, integers equal to 1 made constant), fits the GPU and takes
+the fast path: checked without a GPU by `python -m kpro.ops.report` (the CPU tests run Triton's interpreter,
+which compiles nothing).
 
 Fails on: a compile error; shared memory above the per-block limit (A100 166,912 B, H100 232,448 B); a
 register spill in a half-precision forward kernel (attention, Bitune, RMSNorm, SwiGLU forward), or in a
@@ -29,7 +30,7 @@ def records() -> list[dict]:
 def test_every_kernel_and_case_is_compiled_for_both_targets(records):
     every_case = {case.name for case in report.standard_cases()}
     sm80_cases = {name for name in every_case if any(text in name for text in _compile_report.SM80_CASES)}
-    assert len(sm80_cases) == 15  # each of SM80_CASES matches: 6 attention cases, 5 RMSNorm, 2 SwiGLU, 2 cross-entropy
+    assert len(sm80_cases) == 15  # each entry matches: 6 attention cases, 5 RMSNorm, 2 SwiGLU, 2 cross-entropy
     for arch, cases in ((90, every_case), (80, sm80_cases)):
         mine = [r for r in records if r["arch"] == arch]
         kernels = {r["kernel"] for r in mine}
