@@ -75,8 +75,8 @@ REPRODUCTIONS = {
         reproduce_internalization_seeds,
         "the internalization act (ICoT-SI on 2x2 multiplication) over seeds 0, 1, 2: explicit CoT, no CoT and "
         "internalized held-out accuracy, examples/s and CoT tokens written per seed",
-        "about 25 minutes on 2 idle CPU cores (estimated: the demo's act took 7.7 and 9.1 minutes for seed 0 on "
-        "two days; the three have not been run in one command)",
+        "19 to 50 minutes on 2 idle CPU cores, by VM (19.2 measured on a fast VM; the demo's act for seed 0 alone "
+        "took 6.0 to 15.8 minutes across the VMs measured)",
         "nothing"),
     "internalization-3x3": Reproduction(
         reproduce_internalization_3x3,
