@@ -89,7 +89,7 @@ REPRODUCTIONS = {
         reproduce_bitune_seeds,
         "the bitune act (records counted from the left or right; LoRA, only_causal, Bitune) over seeds 0-4, "
         "pooled: mean accuracy per side with standard errors, Bitune's gain over only_causal on 'right'",
-        "about 13 minutes on 2 CPU cores (12.7 measured with another job running)",
+        "10 to 13 minutes on 2 CPU cores (9.8 measured on an idle fast VM, 12.7 with another job running)",
         "nothing"),
     "bitune-readings": Reproduction(
         reproduce_bitune_readings,
@@ -100,7 +100,7 @@ REPRODUCTIONS = {
     "expansion-seeds": Reproduction(
         reproduce_expansion_seeds,
         "the expansion act over seeds 0-4: domain and general accuracy of expansion and of full fine-tuning per seed",
-        "about 7 minutes on 2 idle CPU cores (6.9 measured)",
+        "5 to 7 minutes on 2 idle CPU cores (4.9 and 6.9 measured on two VMs)",
         "nothing"),
     "expansion-curves": Reproduction(
         reproduce_expansion_curves,
