@@ -105,6 +105,15 @@ def test_internalization_verdict_both_ways():
     assert not internalization.verdict(results(1.0, 1.0), 500)[0]  # no spread, no margin
 
 
+def test_explicit_note_only_below_the_recipes_target():
+    note = internalization.explicit_note(0.706, 2500, 12000)
+    assert note == ("  the explicit model stopped at 0.706 after its fixed 2,500 steps, short of the recipe's 0.95; "
+                    "the internalized model trained 12,000 steps more from it")
+    assert internalization.explicit_note(0.9499, 2500, 12000) is not None
+    assert internalization.explicit_note(0.95, 2500, 12000) is None
+    assert internalization.explicit_note(1.0, 2500, 12000) is None
+
+
 def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
     results = internalization.act_internalization(tmp_path, explicit_steps=6, steps_per_token=2, after_steps=4,
                                                   decay_steps=2, warmup_steps=2, eval_every=4, valid_size=4,
@@ -119,6 +128,9 @@ def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys)
     assert (f"internalized {results['internalized']['accuracy']:.3f} with "
             f"{results['internalized']['cot_tokens']:.1f} CoT tokens") in figures
     assert f"no CoT {results['no CoT']['accuracy']:.3f}" in figures
+    # Six explicit steps leave the explicit model far below the recipe's 0.95: the act says so, with its numbers.
+    note = internalization.explicit_note(results["explicit CoT"]["accuracy"], 6, 8 * 2 + 4)
+    assert note is not None and note + "\n" in out
     # The internalized model kept its best weights once the CoT was gone (validation at 12, 16, 20... of 20).
     assert results["selected"]["internalized"]["step"] in (16, 20)
     # The explicit phase ran at explicit_lr; the removal and the no-CoT control at lr, both decaying it over

@@ -46,6 +46,7 @@ DECAY_STEPS = 2000  # the last steps of the internalized and no-CoT runs, lr dec
 WARMUP_STEPS = 500  # the first steps of the explicit and no-CoT runs, lr rising linearly from 0
 LOG_LINE_SECONDS = 60  # off a terminal, the training's progress line at most once a minute
 CLAIM = "the internalized model answers with no CoT at >= 0.9 held-out accuracy, clearly above the no-CoT model"
+EXPLICIT_TARGET = 0.95  # the recipe's explicit-CoT accuracy before the removal starts (issue 17)
 
 
 def demo_config(vocab_size: int, hidden: int = 128, layers: int = 2) -> LlamaConfig:
@@ -64,6 +65,16 @@ def held_out_sets(digits: int, valid_size: int, test_size: int, seed: int):
 def training_set(digits: int, size: int, seed: int, held_out_pairs):
     return tokenize_examples([parse_line(line) for line in multiplication_training_set(
         digits, size, seed, exclude=held_out_pairs)], multiplication_tokenizer())
+
+
+def explicit_note(accuracy: float, explicit_steps: int, internalize_steps: int) -> str | None:
+    """A line for an explicit model below the recipe's EXPLICIT_TARGET (None at or above it): the act trains a
+    fixed number of explicit steps, and how far they get varies with the seed and the CPU's float rounding, so an
+    internalized model may end above the explicit one it started from."""
+    if accuracy >= EXPLICIT_TARGET:
+        return None
+    return (f"  the explicit model stopped at {accuracy:.3f} after its fixed {explicit_steps:,} steps, short of the "
+            f"recipe's {EXPLICIT_TARGET}; the internalized model trained {internalize_steps:,} steps more from it")
 
 
 def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
@@ -156,6 +167,9 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
             prediction = evaluate(model, tok, test[:1]).predictions[0]
             print(f"  e.g. internalized: {test[0].input} -> [{prediction.cot}] #### {prediction.answer}  "
                   f"(reference {test[0].answer})")
+    note = explicit_note(results["explicit CoT"]["accuracy"], explicit_steps, internalize_steps)
+    if note:
+        print(note)
     speedup = results["internalized"]["examples_per_second"] / results["explicit CoT"]["examples_per_second"]
     shown, margin, se = verdict(results, test_size)
     print(claim_line("internalization", CLAIM, shown,
