@@ -8,13 +8,18 @@ import contextlib
 import functools
 import io
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import _parallel_jobs
 import kpro
 from kpro.demo import basics as demo
 from kpro.demo import bitune, claims, expansion, internalization, seeds
@@ -276,6 +281,52 @@ def test_jobs_in_worker_processes_report_progress_until_they_end():
     with pytest.raises(ValueError, match="sleep length must be non-negative"):
         run_jobs([(functools.partial(time.sleep, -1), {}), (functools.partial(time.sleep, 1.0), {})], workers=2,
                  progress=lambda: None, poll_seconds=0.05)
+
+
+def _pids(directory) -> list[int]:
+    return [int(path.stem) for path in Path(directory).glob("*.pid")]
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (an orphan's exit may never be reaped in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_failing_job_ends_the_running_ones_at_once(tmp_path):
+    """The failure surfaces at once, whichever job it is (here the second, with no progress polling), and the
+    worker still training is ended rather than waited for: before, the error came after the other job's end."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="this job failed"):
+        run_jobs([(_parallel_jobs.sleep_reporting_pid, dict(directory=str(tmp_path), seconds=300)),
+                  (_parallel_jobs.fail_once_another_started, dict(directory=str(tmp_path)))], workers=2)
+    assert time.perf_counter() - start < 120  # the sleeping job alone would take 300 s
+    (pid,) = _pids(tmp_path)
+    assert not _running(pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """A demo killed by a signal it cannot handle leaves no worker training on: each notices its parent is gone."""
+    script = ("import _parallel_jobs, sys\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
+              f"    run_jobs([(_parallel_jobs.sleep_reporting_pid, dict(directory={str(tmp_path)!r}, seconds=300))] * 2, 2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_pids(tmp_path)) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "the two workers never started their jobs"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while any(_running(pid) for pid in _pids(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in _pids(tmp_path) if _running(pid)]
 
 
 def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):

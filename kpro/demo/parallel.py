@@ -5,12 +5,15 @@ take the time of one on two cores. `run_jobs` runs each job (a module-level func
 arguments) in a worker process of its own, at most `workers` at a time, and returns their results in
 order. A job seeds everything it uses and runs on one thread, so its result is the same whether it runs
 in a worker or in this process (`workers=1`): the parallelism changes the wall time, never the numbers.
+A job that fails, or an interrupt, ends the other jobs at once rather than after their training; a worker
+whose parent process is gone (killed, say) ends itself within a second rather than train on for nobody.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
 import os
+import threading
 from typing import Callable
 
 import torch
@@ -36,19 +39,35 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
     if workers <= 1 or len(jobs) <= 1:
         return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
     context = multiprocessing.get_context("spawn")  # no forked torch state; works the same on every OS
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+    stop = context.Event()
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
+                                                initializer=_end_with, initargs=(os.getpid(), stop)) as pool:
         futures = [pool.submit(_one_thread, fn, kwargs) for fn, kwargs in jobs]
         try:
-            while progress is not None:
-                done, pending = concurrent.futures.wait(futures, poll_seconds, concurrent.futures.FIRST_EXCEPTION)
-                if not pending or any(future.exception() is not None for future in done):
-                    break  # all finished, or one failed: result() below returns or raises
-                progress()
-            return [future.result() for future in futures]
+            while True:  # wakes at the first failure, whichever job it is, or every poll to report progress
+                done, pending = concurrent.futures.wait(futures, poll_seconds if progress is not None else None,
+                                                        concurrent.futures.FIRST_EXCEPTION)
+                failed = [future for future in done if future.exception() is not None]
+                if failed:
+                    failed[0].result()  # raises its error now, not after the jobs before it in the list end
+                if not pending:
+                    return [future.result() for future in futures]
+                if progress is not None:
+                    progress()
         except BaseException:
+            stop.set()  # the other jobs' workers exit now, so leaving the pool does not wait out their training
             for future in futures:
                 future.cancel()
             raise
+
+
+def _end_with(parent: int, stop) -> None:
+    """Worker initializer: a daemon thread ends this worker once `stop` is set or its parent process is gone."""
+    def watch():
+        while not stop.wait(1.0) and os.getppid() == parent:
+            pass
+        os._exit(1)
+    threading.Thread(target=watch, name="kpro-end-with-parent", daemon=True).start()
 
 
 def _one_thread(fn: Callable, kwargs: dict):
