@@ -311,8 +311,9 @@ def test_a_failing_job_ends_the_running_ones_at_once(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_workers_end_when_their_parent_is_killed(tmp_path):
     """A demo killed by a signal it cannot handle leaves no worker training on: each notices its parent is gone."""
-    script = ("import _parallel_jobs, sys\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
-              f"    run_jobs([(_parallel_jobs.sleep_reporting_pid, dict(directory={str(tmp_path)!r}, seconds=300))] * 2, 2)\n")
+    job = f"(_parallel_jobs.sleep_reporting_pid, dict(directory={str(tmp_path)!r}, seconds=300))"
+    script = ("import _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
+              f"    run_jobs([{job}] * 2, 2)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     parent = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
