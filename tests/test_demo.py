@@ -283,6 +283,9 @@ def test_jobs_in_worker_processes_report_progress_until_they_end():
                  progress=lambda: None, poll_seconds=0.05)
 
 
+NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+
+
 def _pids(directory) -> list[int]:
     return [int(path.stem) for path in Path(directory).glob("*.pid")]
 
@@ -295,7 +298,7 @@ def _running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@NEEDS_PROC
 def test_a_failing_job_ends_the_running_ones_at_once(tmp_path):
     """The failure surfaces at once, whichever job it is (here the second, with no progress polling), and the
     worker still training is ended rather than waited for: before, the error came after the other job's end."""
@@ -308,7 +311,7 @@ def test_a_failing_job_ends_the_running_ones_at_once(tmp_path):
     assert not _running(pid)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@NEEDS_PROC
 def test_workers_end_when_their_parent_is_killed(tmp_path):
     """A demo killed by a signal it cannot handle leaves no worker training on: each notices its parent is gone."""
     job = f"(_parallel_jobs.sleep_reporting_pid, dict(directory={str(tmp_path)!r}, seconds=300))"
