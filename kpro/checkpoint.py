@@ -58,6 +58,11 @@ def hf_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) 
     tied = model.config.tie_word_embeddings
     state_dict = model.state_dict() if state_dict is None else state_dict
     head, embedding = state_dict.get("lm_head.weight"), state_dict.get("embed_tokens.weight")
+    if not tied and head is not None and embedding is not None and head.data_ptr() == embedding.data_ptr() != 0:
+        raise CheckpointError("lm_head.weight is the embedding, but config.tie_word_embeddings is False: an untied "
+                              "checkpoint stores both, and would load them as two tensors. Tie the config "
+                              "(model.config = model.config.replace(tie_word_embeddings=True)), or give the head its "
+                              "own copy (model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.clone()))")
     if tied and head is not None and embedding is not None and not (
             head.data_ptr() == embedding.data_ptr() or torch.equal(head, embedding)):
         raise CheckpointError("config.tie_word_embeddings is True, but lm_head.weight is no longer the embedding "

@@ -39,7 +39,8 @@ def cmd_info(args) -> None:
 
     directory = Path(args.dir)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory" if directory.exists()
+                                else f"checkpoint directory {directory} does not exist")
     cfg = LlamaConfig.from_hf(directory)
     count, dtypes = 0, {}
     files = _weight_files(directory)

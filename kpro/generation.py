@@ -74,14 +74,23 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     eos_seen = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+    broken = torch.zeros_like(finished)  # rows whose logits held a NaN or infinity, read at the step's one sync
     tokens = []
     for step in range(max_new_tokens):
+        broken |= ~logits.isfinite().all(dim=-1) & ~finished
+        # Such a row's token is refused below; meanwhile it must not trip torch.multinomial's own check.
+        logits = torch.where(broken[:, None], torch.zeros_like(logits), logits)
         next_ids = select_next_token(logits, temperature, top_k, top_p, generator)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
         tokens.append(next_ids[:, None])
         eos_seen += torch.isin(next_ids, eos_ids) & ~finished
         finished |= eos_seen >= stop_after_eos
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        all_finished, any_broken = torch.stack((finished.all(), broken.any())).tolist()
+        if any_broken:  # argmax would pick NaN as the best token: a plausible id from a broken model
+            raise ValueError(f"the model's logits are not finite (NaN or infinity) in rows "
+                             f"{broken.nonzero().flatten().tolist()[:8]} at generated token {step + 1}: no token "
+                             "can be chosen from them (check the weights and inputs for NaN)")
+        if step == max_new_tokens - 1 or all_finished:
             break
         attention_mask = torch.cat((attention_mask, torch.ones_like(next_ids[:, None])), dim=1)
         hidden = model.hidden_states(next_ids[:, None], attention_mask, cache=cache)[:, -1]

@@ -220,15 +220,20 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     if getattr(model, "block_runners", None) is not None:
         raise ValueError("the model is in train_only mode (frozen-block gradient skipping): call "
                          "kpro.train_only(model, None) before adding adapters")
+    found = [(path, module, child_name, child) for path, module in list(model.named_modules())
+             for child_name, child in list(module.named_children())
+             if child_name in targets and isinstance(child, nn.Linear) and ".layers." in f".{path}."]
+    if not found:
+        raise ValueError(f"no linear layer named {list(targets)} was found under model.layers")
+    unmatched = [target for target in targets if all(child_name != target for _, _, child_name, _ in found)]
+    if unmatched:  # a misspelt target would otherwise leave its layers untrained without a word
+        raise ValueError(f"targets {unmatched} match no linear layer under model.layers (matched: "
+                         f"{sorted({child_name for _, _, child_name, _ in found})})")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     wrapped = []
-    for path, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear) and ".layers." in f".{path}.":
-                setattr(module, child_name, LoRALinear(child, names, rank, alpha, generator))
-                wrapped.append(f"{path}.{child_name}")
-    if not wrapped:
-        raise ValueError(f"no linear layer named {list(targets)} was found under model.layers")
+    for path, module, child_name, child in found:
+        setattr(module, child_name, LoRALinear(child, names, rank, alpha, generator))
+        wrapped.append(f"{path}.{child_name}")
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return wrapped
@@ -258,6 +263,8 @@ def active(model: nn.Module, name: str | None):
     """Run plain forwards of `model` with adapter `name` (None: the base model only). Every LoRA layer must
     have it: the layers are checked before any is switched, so a refused name leaves the model as it was."""
     layers = lora_layers(model)
+    if name is not None and not layers:
+        raise ValueError(f"adapter {name!r} asked for, but the model has no LoRA layers: add them with add_adapters")
     if name is not None:
         lacking = [layer for layer in layers if name not in layer.adapters]
         if lacking:

@@ -334,8 +334,11 @@ class _FixedVocabulary(_TokenizerBase):
         path = Path(path)
         if path.is_dir():
             path = path / cls.FILE
-        data = json.loads(path.read_text())
-        if data.get("type") != cls.KIND:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): a kpro {cls.KIND} tokenizer file") from None
+        if not isinstance(data, dict) or data.get("type") != cls.KIND:
             raise ValueError(f"{path} is not a kpro {cls.KIND} tokenizer file")
         return cls._from_json(data, path)
 
@@ -414,6 +417,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | 
     if directory.is_file():
         raise FileNotFoundError(f"{directory} is a file; load_tokenizer takes the directory that holds it "
                                 f"({directory.parent}), or open the file with kpro.Tokenizer or kpro.JsonTokenizer")
+    if not directory.exists():
+        raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
     if (directory / SENTENCEPIECE_FILE).is_file():
         return Tokenizer(directory / SENTENCEPIECE_FILE)
     if (directory / TOKENIZER_JSON_FILE).is_file():

@@ -173,6 +173,22 @@ def test_expand_refuses_its_source_as_destination_or_a_directory_inside_it(tmp_p
     assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == before
 
 
+def test_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
+    """`info` on a file said the directory did not exist; a tokenizer directory that does not exist was said to
+    hold no tokenizer file; a char tokenizer file cut short or holding a list gave a bare JSON message or a
+    traceback."""
+    (tmp_path / "corpus.txt").write_text("abc\n")
+    assert main(["info", str(tmp_path / "corpus.txt")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'corpus.txt'} is a file, not a checkpoint directory\n"
+    with pytest.raises(FileNotFoundError, match=r"tokenizer directory .*nope does not exist"):
+        kpro.load_tokenizer(tmp_path / "nope")
+    path = tmp_path / "kpro_char_tokenizer.json"
+    for text, message in (('{"type": "ch', "is not valid JSON"), ("[1, 2]", "is not a kpro char tokenizer file")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"kpro_char_tokenizer.json {message}"):
+            kpro.load_tokenizer(tmp_path)
+
+
 def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_path, capsys):
     """float16 training on the CPU went NaN with a traceback ("the last checkpoint is None")."""
     write_checkpoint(tmp_path / "src")

@@ -359,6 +359,15 @@ def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):
         "  training: explicit CoT then internalization 7/10 steps, no CoT 150/200; 0:00 elapsed, about 0:00 left")
 
 
+def test_the_last_logged_step_is_found_behind_records_longer_than_the_window(tmp_path):
+    """The last 4 KiB of a file whose records are longer held no whole line, and the step read as 0."""
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as file:
+        file.writelines(json.dumps({"step": s, "per_token": [0.123456789] * 700}) + "\n" for s in range(1, 6))
+        file.write('{"step": 6, "per_token": [' + "0.5, " * 2000)  # a long line still being written
+    assert path.stat().st_size > 5 * 8192 and last_logged_step(path) == 5
+
+
 def test_reproductions_are_registered_with_their_duration():
     from kpro.demo import REPRODUCTIONS
     for name in ("internalization-seeds", "internalization-3x3", "bitune-seeds", "bitune-readings", "expansion-seeds"):

@@ -211,6 +211,25 @@ def test_a_stale_expansion_record_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_expanding_an_untrained_expansion_keeps_its_new_blocks_in_the_record(tmp_path, capsys):
+    """The source's own record was dropped: its zero-initialised blocks 2 and 5, untrained, became blocks 3 and 7
+    of the second expansion, and train-expanded left them frozen as identities without a word. Blocks trained
+    since (o_proj and down_proj no longer zero) are ordinary blocks of the next expansion."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, num_hidden_layers=4)
+    expand_checkpoint(tmp_path / "src", tmp_path / "e1", 2)
+    assert main(["expand", str(tmp_path / "e1"), str(tmp_path / "e2"), "--blocks", "3"]) == 0
+    assert "the source's own new blocks, untrained per its kpro_expansion.json, are now blocks 3, 7" in \
+        capsys.readouterr().out
+    record = read_expansion_record(tmp_path / "e2")
+    assert record["new_blocks"] == [2, 3, 5, 7, 8] and record["earlier_new_blocks"] == [3, 7]
+    model = kpro.load_pretrained(tmp_path / "e1")
+    with torch.no_grad():
+        model.layers[5].mlp.down_proj.weight.add_(0.5)  # block 5 trained, block 2 not
+    kpro.save_pretrained(model, tmp_path / "e1")  # the record stays: the weights tell
+    result = expand_checkpoint(tmp_path / "e1", tmp_path / "e3", 3)
+    assert result.earlier_new_blocks == [3] and read_expansion_record(tmp_path / "e3")["new_blocks"] == [2, 3, 5, 8]
+
+
 @pytest.mark.parametrize("text, message", [("{oops", "is not valid JSON"), ("[1]", "does not hold a JSON object")])
 def test_an_unreadable_config_is_named(tmp_path, capsys, text, message):
     """A config.json that is not a JSON object: a traceback (TypeError: expected str, bytes or os.PathLike

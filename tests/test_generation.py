@@ -79,6 +79,19 @@ def test_sampling_is_reproducible_and_topk1_is_greedy(make_model):
         assert select_next_token(big, tiny, generator=torch.Generator().manual_seed(0)).tolist() == [0] * 4
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_non_finite_logits_are_refused_not_decoded(make_model, temperature):
+    """argmax takes NaN for the best logit: greedy decoding returned the NaN row's token ids as if they were
+    answers; sampling died in torch.multinomial's check, which names no row and no cause."""
+    model = make_model(seed=3)
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")  # every row's logit of token 5
+    ids = torch.randint(3, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"the model's logits are not finite \(NaN or infinity\) in rows \[0, 1\] "
+                                         r"at generated token 1"):
+        kpro.generate(model, ids, 3, temperature=temperature, generator=torch.Generator().manual_seed(0))
+
+
 def test_numpy_and_tensor_numbers_are_taken_for_sampling_arguments(make_model):
     import numpy as np
     model = make_model(seed=10)

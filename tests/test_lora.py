@@ -205,3 +205,23 @@ def test_add_adapters_refuses_a_string_for_names_or_targets():
     with pytest.raises(TypeError, match=r"list of targets, got the string 'q_proj'"):
         lora.add_adapters(model, ["a"], targets="q_proj")
     assert not lora.lora_layers(model)
+
+
+def test_targets_that_match_nothing_are_named_and_the_model_is_left_as_it_was():
+    """A misspelt target ("v_prj") or one outside model.layers ("lm_head") beside a good one was dropped
+    without a word: those layers got no adapter and never trained."""
+    model = kpro.Llama(tiny_config())
+    with pytest.raises(ValueError, match=r"targets \['v_prj', 'lm_head'\] match no linear layer under model.layers "
+                                         r"\(matched: \['q_proj'\]\)"):
+        lora.add_adapters(model, ["a"], targets=["q_proj", "v_prj", "lm_head"])
+    assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_active_names_a_model_without_lora_layers():
+    """An adapter asked of a plain model ran the base model silently."""
+    model = kpro.Llama(tiny_config())
+    with pytest.raises(ValueError, match="adapter 'a' asked for, but the model has no LoRA layers"):
+        with lora.active(model, "a"):
+            pass
+    with lora.active(model, None):  # the base model, as asked
+        model(torch.randint(0, 67, (1, 4)))

@@ -163,6 +163,17 @@ def test_rows_that_see_nothing_are_zero_with_zero_gradient(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
+def test_no_keys_under_a_key_mask_give_zeros(backend, device):
+    """Tk = 0 with an attention_mask [B, 0]: the Triton launcher's key windows died in argmax over no keys."""
+    q = torch.randn(2, 3, 2, 8, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 0, 1, 8, device=device, requires_grad=True) for _ in range(2))
+    with ops.backend(backend):
+        out = ops.attention(q, k, v, causal=False, attention_mask=torch.ones(2, 0, dtype=torch.bool, device=device))
+    out.sum().backward()
+    assert out.shape == q.shape and not out.any() and not q.grad.any()
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
 def test_nan_in_a_key_reaches_only_the_rows_that_see_it(backend, device):
     ins, dout, mask, kwargs = make_case("causal_gqa", torch.float32, device)
     ins[1][0, 10, 0, 3] = float("nan")

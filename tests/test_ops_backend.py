@@ -111,6 +111,17 @@ def test_unknown_backend_names(monkeypatch):
         ops.rms_norm(x, torch.randn(8))
 
 
+@pytest.mark.parametrize("value, message", [
+    ("torch,triton", "names a backend for every op twice"),  # the last one won, silently
+    ("cuda,attention=torch,attention=triton", "names a backend for attention twice"),
+    ("=torch", "'=torch' names no op"),  # an empty op name was taken as the default
+])
+def test_contradictory_backend_settings_are_refused(monkeypatch, value, message):
+    monkeypatch.setenv("KPRO_BACKEND", value)
+    with pytest.raises(BackendError, match=f"KPRO_BACKEND={value!r}.*{message}"):
+        ops.requested_backend("rms_norm")
+
+
 def compiled_matches_eager(module, compiled, batches, tolerance=(1e-5, 1e-5)):
     """Run `compiled` forward and backward on each (ids, mask) and compare output and every gradient with
     the eager `module` (rtol, atol = `tolerance`)."""

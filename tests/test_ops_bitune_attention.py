@@ -129,6 +129,9 @@ def test_zero_mix_weights_make_the_answer_see_the_causal_cache(backend, device):
     (lambda a: (*a[:3], a[3][:1], *a[4:]), "answer stream"),
     (lambda a: (*a[:6], torch.tensor([0.3]), *a[7:]), "alpha_k must be a 0-dim"),
     (lambda a: (*a[:8], torch.tensor([1.0, 2.0]), a[9]), "prompt_lens must be an integer"),
+    # a bool "valid" vector read as lengths 0 and 1: every answer row past the first dropped, silently
+    (lambda a: (*a[:9], torch.tensor([True, True])), r"answer_lens must be an integer tensor \[B=2\] of lengths, "
+                                                     r"got torch.bool \[2\]"),
     (lambda a: (*a[:3], a[3][:, :0], a[4][:, :0], a[5][:, :0], *a[6:]), "at least one position"),
 ])
 def test_bad_inputs(bad, message):
@@ -158,14 +161,18 @@ def test_lengths_and_mixing_weights_out_of_range_are_refused(backend, device, in
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaNs
 @pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
-def test_non_finite_padded_prompt_keys_and_values_do_not_reach_the_mixing_weights(backend, device):
-    """No stream sees a prompt position past prompt_lens: a NaN or infinity there must leave the outputs and
-    every gradient, dα_k and dα_v included, as they are with a finite value there."""
-    tensors, douts, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")  # row 1: prompt of 7 in 19
+def test_non_finite_padded_positions_do_not_reach_the_outputs_or_gradients(backend, device):
+    """No stream sees a prompt position past prompt_lens, and padded query rows get zeros: a NaN or infinity
+    there must leave the outputs and every gradient, dα_k and dα_v included, as they are with a finite value
+    there. (A NaN in a padded query row gave the torch backend NaN dK, dV and dα: its scores' softmax backward
+    carried 0 · NaN.)"""
+    tensors, douts, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")  # row 1: prompt 7/19, answer 11/23
     tensors[6], tensors[7] = torch.tensor(0.3), torch.tensor(0.8)
     clean = run(fused(backend), tensors, douts, (plen, alen), device, torch.float32)
     bad = [t.clone() for t in tensors]  # k_p, v_p: the bidirectional stream's entries at padded positions of row 1
     bad[1][1, 1, 10, 0, 3], bad[2][1, 1, 12, 1, 5], bad[2][1, 1, 9, 0, 0] = float("nan"), float("inf"), -float("inf")
+    # and queries: the padded rows of both prompt streams, and of the answer stream
+    bad[0][0, 1, 8, 2, 1], bad[0][1, 1, 15, 0, 0], bad[3][1, 20, 3, 7] = float("nan"), float("inf"), float("nan")
     got = run(fused(backend), bad, douts, (plen, alen), device, torch.float32)
     for name, out, expected in zip(NAMES, got, clean):
         torch.testing.assert_close(out, expected, msg=name)

@@ -292,7 +292,8 @@ def test_bad_arguments_are_refused():
                           ((torch.randn(4, 0), torch.randn(10, 0), y), r"weight must be \[V >= 1, d >= 1\]"),
                           ((h, w, y.float()), "integers"), ((h, w.double(), y), "one floating-point dtype"),
                           ((h, w, torch.tensor([1, 2, 10, 0])), "label 10 is outside"),
-                          ((h, w, torch.tensor([1, -1, 0, 0])), "label -1 is outside")]:
+                          ((h, w, torch.tensor([1, -1, 0, 0])), "label -1 is outside"),
+                          ((h, w, [1, 2, 3, 4]), "labels must be a tensor, got list")]:  # was an AttributeError
         with pytest.raises(ValueError, match=message):
             ops.linear_cross_entropy(*args)
     with pytest.raises(ValueError, match="reduction"):

@@ -33,6 +33,12 @@ def test_swiglu_matches_float64(backend, device, dtype, shape):
     check_against_float64(backend, *inputs(shape, dtype, device, seed=shape[-1]))
 
 
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
+def test_zero_dim_inputs(backend, device):
+    """0-dim gate and up: the torch backend took them, the kernels' launchers died in an IndexError."""
+    check_against_float64(backend, *inputs((), torch.float32, device, seed=5))
+
+
 def check_against_float64(backend, gate, up, dy):
     """swiglu on `backend`, forward and both gradients, within the dtype's tolerance of float64."""
     y_ref, dg_ref, du_ref = reference(gate, up, dy)

@@ -193,8 +193,9 @@ def test_resuming_a_plain_iterable_shorter_than_the_steps_done_is_named(tmp_path
 def test_resuming_a_plain_iterable_run_with_batches_is_named(tmp_path):
     data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(4)]
     kt.fit(make_model(), data, tmp_path, steps=4, callbacks=[StopAt(2)])
-    with pytest.raises(ValueError, match=r"the checkpoint's data position is not a Batches' \({'steps': 2}\): the run "
-                                         r"took its batches from another kind of source"):  # was KeyError: 'seed'
+    with pytest.raises(ValueError, match=r"the checkpoint's data position is not a Batches' "
+                                         r"\({'steps': 2, 'rows': 8}\): "
+                                         r"the run took its batches from another kind of source"):  # was KeyError
         kt.fit(make_model(), batches(), tmp_path, steps=4)
 
 
@@ -390,6 +391,62 @@ class Wrapper(torch.nn.Module):
 
 def mean_loss(model, batch):
     return kt.causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+
+def test_resuming_a_plain_iterable_with_another_batch_size_is_refused(tmp_path):
+    """The fast-forward skips as many batches as steps were done: of another size, they are other examples
+    than the checkpointed steps used (rows 12-47 of 96 were skipped, never trained, without a word)."""
+    rows = torch.randint(3, 60, (96, 8), generator=torch.Generator().manual_seed(0))
+    cut = lambda size: [kt.collate_packed(rows[i:i + size]) for i in range(0, len(rows) - size + 1, size)]
+    kt.fit(make_model(), cut(4), tmp_path, steps=3)
+    with pytest.raises(ValueError, match=r"the batches have 16 rows, the checkpoint's run had 4: a plain iterable "
+                                         r"resumes by skipping 3 batches"):
+        kt.fit(make_model(), cut(16), tmp_path, steps=6)
+    kt.fit(make_model(), cut(4), tmp_path, steps=6)  # the same batches resume
+    assert [r["tokens"] for r in kt.read_metrics(tmp_path / "metrics.jsonl")] == [32] * 6
+
+
+def test_a_lora_model_trains_checkpoints_and_resumes_exactly(tmp_path):
+    """A Llama with LoRA layers (documented for fit's default loss) trained every step, then its checkpoint was
+    refused at the first save (unmerged adapters have no place in an HF checkpoint) and the run was lost. Its
+    checkpoints are its state dict now, adapters included, and resume exactly."""
+    def adapted():
+        model = make_model()
+        kpro.lora.add_adapters(model, ["a"], rank=2, seed=0)
+        return model
+    straight = adapted()
+    with kpro.lora.active(straight, "a"):
+        kt.fit(straight, batches(), tmp_path / "a", steps=4, lr=1e-2)
+    for stop in ([StopAt(2)], []):
+        resumed = adapted()
+        with kpro.lora.active(resumed, "a"):
+            kt.fit(resumed, batches(), tmp_path / "b", steps=4, lr=1e-2, callbacks=stop)
+    assert (tmp_path / "b" / "step-00000002" / "module.safetensors").is_file()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_loss_that_trains_nothing_is_named(tmp_path):
+    """A LoRA model with no adapter active: the loss depends on no trainable parameter, and backward died with
+    torch's 'element 0 of tensors does not require grad'."""
+    model = make_model()
+    kpro.lora.add_adapters(model, ["a"], rank=2)
+    with pytest.raises(ValueError, match=r"the loss of step 1 depends on no trainable parameter.*"
+                                         r"kpro.lora.AdaptedModel\(model, name\)"):
+        kt.fit(model, batches(), tmp_path, steps=2)
+
+
+def test_a_model_whose_checkpoint_would_be_refused_is_refused_before_training(tmp_path):
+    """A head that is the embedding under an untied config: safetensors refused the save (shared memory)
+    after every step had trained; kpro.save_pretrained names the config now, and fit asks before step 1."""
+    model = make_model()
+    model.lm_head.weight = model.embed_tokens.weight
+    for save in (lambda: kpro.save_pretrained(model, tmp_path / "model"),
+                 lambda: kt.fit(model, batches(), tmp_path / "run", steps=2)):
+        with pytest.raises(kpro.CheckpointError, match=r"lm_head.weight is the embedding, but "
+                                                       r"config.tie_word_embeddings is False"):
+            save()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "model").exists()
 
 
 def test_any_module_with_a_scalar_loss_resumes_exactly(tmp_path):

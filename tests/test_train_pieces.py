@@ -119,6 +119,9 @@ def test_batches_resume_where_they_stopped():
     with pytest.raises(ValueError, match="as many examples as the checkpoint's data \\(10\\), but other ones"):
         kt.Batches(rows + 1, 3, seed=1).load_state_dict(state)  # other data of the same size
     kt.Batches(rows.clone(), 3, seed=1).load_state_dict(state)  # equal content in another tensor is the same data
+    with pytest.raises(ValueError, match=r"num_examples=10, these have num_examples=5: other data, or the same cut "
+                                         r"into rows of another length \(seq_len\)"):
+        kt.Batches(rows.reshape(5, 4), 3, seed=1).load_state_dict(state)  # train-expanded --seq-len changed, say
 
 
 @pytest.mark.parametrize("examples, changed", [
@@ -333,6 +336,10 @@ def test_schedule_errors():
 def test_pack_documents_takes_tensors_and_arrays():
     rows = kt.pack_documents([torch.tensor([5, 6, 7]), np.array([8, 9])], seq_len=4, eos_id=2)
     assert rows.tolist() == [[5, 6, 7, 2], [2, 8, 9, 2]] and rows.dtype == torch.long
+    assert kt.pack_documents([torch.tensor([[5, 6, 7]])], seq_len=4, eos_id=2).tolist() == [[5, 6, 7, 2]]  # [1, T]
+    # A document of two rows was flattened into one, with no eos between them: two documents run together.
+    with pytest.raises(ValueError, match=r"document 1 has shape \[2, 3\]: a document is 1-D token ids"):
+        kt.pack_documents([[4], torch.tensor([[5, 6, 7], [8, 9, 10]])], seq_len=4, eos_id=2)
     for seed in ("0", -1, True):  # hash(-1) == hash(-2): two negative seeds would give one order
         with pytest.raises(ValueError, match="seed must be an integer >= 0"):
             kt.Batches(rows, 1, seed=seed)

@@ -41,6 +41,9 @@ class ExpansionResult:
     weight_files: list[str]
     copied_files: list[str]  # tokenizer and other files taken along from the source
     skipped: list[str]  # entries of the source left behind (weights in other formats, subdirectories)
+    # the source's own new blocks still untrained (named by its kpro_expansion.json, their o_proj and down_proj
+    # still zero), by their index here: the record lists them with the new ones, for train-expanded
+    earlier_new_blocks: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,9 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     plan = _output_tensors(sources, layout)
     shards = _plan_shards(plan, max_shard_bytes)
     new_blocks = [i for i, (_, new) in enumerate(layout) if new]
+    record = read_expansion_record(src)
+    untrained = _untrained_blocks(sources, record["new_blocks"]) if record is not None else []
+    earlier = [i for i, (source, new) in enumerate(layout) if not new and source in untrained]
 
     with atomic_directory(dst, drop=lambda name: True) as tmp:
         names = [WEIGHTS_NAME] if len(shards) == 1 else [
@@ -96,10 +102,12 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
         (tmp / CONFIG_NAME).write_text(json.dumps(_expanded_config(raw_config, layout), indent=2) + "\n")
         copied, skipped = _copy_other_files(src, tmp)
         record = {"original_num_hidden_layers": cfg.num_hidden_layers, "num_new_blocks": num_new_blocks,
-                  "position": position, "new_blocks": new_blocks,
+                  "position": position, "new_blocks": sorted(new_blocks + earlier),
                   "copied_from": [source for source, _ in layout]}
+        if earlier:
+            record["earlier_new_blocks"] = earlier
         (tmp / EXPANSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return ExpansionResult(dst, cfg.num_hidden_layers, new_blocks, names, copied, skipped)
+    return ExpansionResult(dst, cfg.num_hidden_layers, new_blocks, names, copied, skipped, earlier)
 
 
 def read_expansion_record(directory) -> dict | None:
@@ -263,6 +271,25 @@ def _write_safetensors(path: Path, entries: list[tuple[str, _Source | tuple]], b
     finally:
         for handle in handles.values():
             handle.close()
+
+
+def _untrained_blocks(sources: dict[str, _Source], blocks: list[int]) -> list[int]:
+    """The blocks whose o_proj and down_proj are still the zero bytes `expand` wrote: new, never trained.
+    (A record alone cannot tell: kpro.save_pretrained of the trained model into the directory keeps it.)"""
+    def zero(entry: _Source) -> bool:
+        with open(entry.file, "rb") as file:
+            file.seek(entry.start)
+            left = entry.nbytes
+            while left:
+                chunk = file.read(min(left, COPY_BUFFER_BYTES))
+                if not chunk:
+                    raise CheckpointError(f"{entry.file} ended early (truncated while being read?)")
+                if chunk.count(0) != len(chunk):
+                    return False
+                left -= len(chunk)
+        return True
+    entries = lambda block: [sources.get(f"model.layers.{block}.{name}") for name in ZEROED]
+    return [block for block in blocks if all(entry is not None and zero(entry) for entry in entries(block))]
 
 
 def _copy_range(src, start: int, nbytes: int, out, view: memoryview) -> None:

@@ -65,6 +65,9 @@ def cmd_expand(args) -> None:
     total = result.original_blocks + len(result.new_blocks)
     print(f"expanded {args.src}: {result.original_blocks} -> {total} blocks ({args.position}); new blocks "
           f"{', '.join(map(str, result.new_blocks))} (o_proj and down_proj zero: same logits as the source)")
+    if result.earlier_new_blocks:
+        print(f"the source's own new blocks, untrained per its kpro_expansion.json, are now blocks "
+              f"{', '.join(map(str, result.earlier_new_blocks))}: train-expanded trains them with the new ones")
     print(f"wrote {result.directory}/: {', '.join(result.weight_files)}, config.json, kpro_expansion.json"
           + (f"; copied {', '.join(result.copied_files)}" if result.copied_files else "; no tokenizer found to copy"))
     if result.skipped:

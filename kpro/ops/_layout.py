@@ -6,8 +6,8 @@ import torch
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D [rows, cols] view (a copy only when needed) whose columns are contiguous."""
-    rows = t.reshape(-1, t.shape[-1])
+    """A 2-D [rows, cols] view (a copy only when needed) whose columns are contiguous; a 0-dim tensor is [1, 1]."""
+    rows = t.reshape(-1, t.shape[-1] if t.dim() else 1)
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 

@@ -80,7 +80,12 @@ def requested_backend(op: str = "*") -> str:
     if env:
         default, per_op = None, {}
         for item in env.split(","):
-            key, _, value = item.strip().rpartition("=")
+            key, eq, value = item.strip().rpartition("=")
+            if eq and not key.strip():
+                raise BackendError(f"KPRO_BACKEND={env!r}: {item.strip()!r} names no op (write op=backend)")
+            if (key and key in per_op) or (not key and default is not None):
+                raise BackendError(f"KPRO_BACKEND={env!r} names a backend for {key or 'every op'} twice: "
+                                   "say it once")
             if key:
                 per_op[key] = value
             else:

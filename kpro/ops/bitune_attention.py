@@ -77,8 +77,10 @@ def check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_len
         if alpha.device != q_a.device:
             raise ValueError(f"bitune_attention: {name} is on {alpha.device}, the streams on {q_a.device}")
     for name, lens in (("prompt_lens", prompt_lens), ("answer_lens", answer_lens)):
-        if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype.is_floating_point:
-            raise ValueError(f"bitune_attention: {name} must be an integer tensor [B={batch}]")
+        if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype.is_floating_point \
+                or lens.dtype.is_complex or lens.dtype == torch.bool:  # a bool mask would read as lengths 0 and 1
+            got = f"{lens.dtype} {list(lens.shape)}" if isinstance(lens, torch.Tensor) else type(lens).__name__
+            raise ValueError(f"bitune_attention: {name} must be an integer tensor [B={batch}] of lengths, got {got}")
 
 
 def check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, tp: int, ta: int) -> None:
@@ -125,11 +127,14 @@ def bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, p
     answer_valid = torch.arange(ta, device=q_a.device) < answer_lens.to(q_a.device)[:, None]
     # No stream sees the keys and values past prompt_lens, but dα sums dK_mix · (K_bidir − K_causal) over
     # every position: a NaN or infinity there would reach it as 0 · NaN. Zero those entries (finite ones keep
-    # their bits, so the mix still equals the decoding cache's).
+    # their bits, so the mix still equals the decoding cache's). The same for the padded query rows: their
+    # outputs are zeroed, but their scores' softmax backward would carry 0 · NaN into dK and dV.
     k_in, v_in = k_p, v_p
-    if not finite_on_cpu(k_p, v_p):
+    if not finite_on_cpu(q_p, k_p, v_p):
         hidden = ~prompt_valid[None, :, :, None, None]
-        k_in, v_in = (x.masked_fill(hidden & ~x.isfinite(), 0) for x in (k_p, v_p))
+        q_p, k_in, v_in = (x.masked_fill(hidden & ~x.isfinite(), 0) for x in (q_p, k_p, v_p))
+    if not finite_on_cpu(q_a):
+        q_a = q_a.masked_fill(~answer_valid[:, :, None, None] & ~q_a.isfinite(), 0)
     k_mix, v_mix = mix_kv(k_in[0], k_in[1], alpha_k), mix_kv(v_in[0], v_in[1], alpha_v)
     # Queries aligned to the end of [prompt | answer] keys: causal over the answer, all of the prompt.
     o_a = attention_reference(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), causal=True,

@@ -104,6 +104,9 @@ def _check_args(hidden, weight, labels, ignore_index):
     # compared the labels with -100.5 (every -100 label counted, none scored: a wrong mean, silently).
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"linear_cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"linear_cross_entropy: {name} must be a tensor, got {type(value).__name__}")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or 0 in weight.shape:
         raise ValueError(f"linear_cross_entropy: weight must be [V >= 1, d >= 1] with d = hidden's last dimension; "
                          f"got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}")

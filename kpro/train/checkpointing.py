@@ -30,8 +30,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _process_alive, _write_checkpoint, _write_file,
-                          atomic_directory, parse_size, tensor_locations)
+                          atomic_directory, hf_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
+from ..lora import lora_layers
 from ..model import Llama
 from . import distributed
 from .distributed import DistEnv
@@ -175,8 +176,20 @@ def _write_checkpoint_dir(target: Path, model, full_model, full_optim, state, su
             write_extra(tmp)
 
 
+def saves_hf_layout(model: nn.Module) -> bool:
+    """Whether a training checkpoint holds `model` as a LLaMA checkpoint (HF layout) or as its state dict
+    (module.safetensors): a Llama with LoRA layers keeps them, which an HF checkpoint cannot."""
+    return isinstance(model, Llama) and not lora_layers(model)
+
+
+def check_savable(model: nn.Module) -> None:
+    """Refuse, before any training, a model whose checkpoint could not be written (CheckpointError)."""
+    if saves_hf_layout(model):
+        hf_tensors(model)
+
+
 def _write_model(model: nn.Module, full_state: dict | None, out: Path) -> None:
-    if isinstance(model, Llama):  # the HF-layout files, straight into the temporary directory
+    if saves_hf_layout(model):  # the HF-layout files, straight into the temporary directory
         _write_checkpoint(model, out, parse_size("5GB"), full_state)
         return
     state = model.state_dict() if full_state is None else full_state

@@ -61,6 +61,9 @@ def document_tensor(doc, index: int) -> torch.Tensor:
         raise TypeError(f"document {index} is not a sequence of token ids (got {type(doc).__name__})") from None
     if tensor.numel() and (tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex()):
         raise TypeError(f"document {index} holds {tensor.dtype} values; token ids are integers")
+    if tensor.dim() > 2 or (tensor.dim() == 2 and tensor.shape[0] != 1):  # flattened, rows would run together
+        raise ValueError(f"document {index} has shape {list(tensor.shape)}: a document is 1-D token ids (or one row, "
+                         "[1, T]); pass a batch of documents as a list of rows, or the [N, T] tensor itself")
     return tensor.to(torch.long).flatten()
 
 
@@ -184,8 +187,10 @@ class Batches:
                              f"({state!r:.120}): the run took its batches from another kind of source; resume with it")
         for key in ("seed", "batch_size", "num_examples", "shuffle"):
             if state[key] != mine[key]:
+                why = ": other data, or the same cut into rows of another length (seq_len)" if key == "num_examples" \
+                    else ""
                 raise ValueError(f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, "
-                                 f"these have {key}={mine[key]!r}")
+                                 f"these have {key}={mine[key]!r}{why}")
         if state.get("digest") is not None and mine["digest"] is not None and state["digest"] != mine["digest"]:
             raise ValueError(f"cannot resume these batches: they hold as many examples as the checkpoint's data "
                              f"({mine['num_examples']}), but other ones (content digest {mine['digest'][:12]}, the "

@@ -25,8 +25,8 @@ from torch import nn
 from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, check_metrics, load_callback_states
-from .checkpointing import (check_loadable, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
-                            rng_state, save_checkpoint, set_rng_state)
+from .checkpointing import (check_loadable, check_savable, checkpoint_step, latest_checkpoint, list_checkpoints,
+                            load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -125,6 +125,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     _check_schedule_covers(schedule, steps)
     callbacks = list(callbacks)
 
+    check_savable(model)  # a checkpoint refused at the first save would lose the steps before it
     model.train()
     train_model, parallel = distributed.prepare(model, parallel, env)
     make_optimizer = optimizer or (lambda m: adamw(m, 3e-4 if lr is None else lr, weight_decay=weight_decay))
@@ -138,8 +139,11 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                 "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))}
     fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
     start_rng = rng_state() if fast_forward else None
+    # A plain iterable's batch size (rows of its first batch), checked where a resume fast-forwards it.
+    batch_rows = None
     if checkpoint is not None:
-        _resume(run, checkpoint, batches, callbacks, settings)
+        batch_rows = _resume(run, checkpoint, batches, callbacks, settings).get("rows")
+    check_rows_after_resume = fast_forward
     if fast_forward:
         # A plain iterable may draw from the global RNGs (a shuffling DataLoader when iterated, a generator at
         # each batch): it re-makes the batches of the steps done from the state the first session began with,
@@ -164,7 +168,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
 
     def data_state():
         if not hasattr(batches, "state_dict"):
-            return {"steps": run.step}
+            return {"steps": run.step, "rows": batch_rows}
         state = batches.state_dict()
         check_loadable(state, f"{type(batches).__name__}.state_dict()")
         return state
@@ -191,6 +195,15 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                 except StopIteration:
                     exhausted = True
                     break
+                if not hasattr(batches, "state_dict"):
+                    rows = _batch_rows(batch)
+                    if check_rows_after_resume and None not in (rows, batch_rows) and rows != batch_rows:
+                        raise ValueError(f"the batches have {rows} rows, the checkpoint's run had {batch_rows}: a "
+                                         f"plain iterable resumes by skipping {run.step} batches, which of another "
+                                         "size are not the examples the checkpointed steps used; resume with the first "
+                                         "run's batches (or kpro.train.Batches, which refuses another batch size by "
+                                         "name)")
+                    check_rows_after_resume, batch_rows = False, batch_rows or rows
                 for cb in callbacks:
                     batch = cb.on_batch(run, batch)
                 lr_now = set_lr(run.optimizer, schedule, run.step)
@@ -274,6 +287,13 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> N
     load_callback_states(callbacks, state["callbacks"])
     if hasattr(batches, "load_state_dict"):
         batches.load_state_dict(state["data"])
+    return state["data"] if isinstance(state.get("data"), dict) else {}
+
+
+def _batch_rows(batch) -> int | None:
+    """Rows of a batch of token ids (a [B, T] tensor, or a dict holding one as input_ids); None for others."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    return ids.shape[0] if isinstance(ids, torch.Tensor) and ids.dim() else None
 
 
 def _skip_consumed(data, steps_done: int) -> None:
@@ -314,6 +334,10 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
                 raise TypeError("loss_fn returned a LossSum for some micro-batches and a scalar for others")
             summed = is_sum
             total = out.total if is_sum else out
+            if not total.requires_grad:
+                raise ValueError(f"the loss of step {run.step + 1} depends on no trainable parameter, so there is "
+                                 "nothing to train: is every parameter frozen (requires_grad False)? A LoRA model "
+                                 "trains with an adapter active: fit kpro.lora.AdaptedModel(model, name)")
             (total if is_sum else total / grad_accum).backward()
         # float64: the sums, and so the logged loss, must not depend on how the batch was split
         totals.append(total.detach().double())

@@ -131,17 +131,22 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def last_logged_step(path: str | os.PathLike) -> int:
     """The step of the last whole line of a metrics file (0 before its first step, or with no file): what
-    `read_metrics(path)[-1]["step"]` gives, read from the file's end, so that polling a long run costs nothing."""
+    `read_metrics(path)[-1]["step"]` gives, read from the file's end, so that polling a long run costs little.
+    The window read doubles until it holds a whole record, however long the records are."""
     try:
         with open(path, "rb") as file:
-            size = file.seek(0, 2)
-            file.seek(max(0, size - 4096))
-            lines = file.read().split(b"\n")
+            size, window = file.seek(0, 2), 4096
+            while True:
+                file.seek(max(0, size - window))
+                lines = file.read().split(b"\n")
+                whole = lines if window >= size else lines[1:]  # the first may be cut by the seek
+                for line in reversed(whole):
+                    try:
+                        return int(json.loads(line)["step"])
+                    except (ValueError, KeyError, TypeError):  # the line being written, or the empty one after the last
+                        continue
+                if window >= size:
+                    return 0
+                window *= 2
     except FileNotFoundError:
         return 0
-    for line in reversed(lines[1:] if size > 4096 else lines):  # the first may be cut by the seek
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):  # the line being written, or the empty one after the last
-            continue
-    return 0

@@ -156,6 +156,8 @@ def key_windows(key_ok: torch.Tensor) -> torch.Tensor:
     Computed on the device, without a sync."""
     real = key_ok != 0
     tk = real.shape[1]
+    if tk == 0:  # no keys at all (argmax has no dimension to reduce): every row an empty window
+        return torch.tensor([0, 0, 1], dtype=torch.int32, device=real.device).repeat(real.shape[0], 1)
     any_real = real.any(1)
     first = real.int().argmax(1)
     end = tk - real.flip(1).int().argmax(1)
