@@ -7,6 +7,7 @@ named.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,14 +37,66 @@ def save_adapters(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
     return Path(directory)
 
 
-def read_config(directory: str | os.PathLike) -> dict:
+def read_config(directory: str | os.PathLike, required: tuple[str, ...] = ()) -> dict:
+    """The adapters' config, a JSON object holding the `required` keys (each missing one named)."""
     path = Path(directory) / CONFIG_FILE
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{directory} holds no adapters ({CONFIG_FILE} missing)") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a {type(config).__name__}")
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(map(repr, missing))}: it was not written by kpro's "
+                              "save_adapters, or was edited")
+    return config
+
+
+def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in model.state_dict().items() if ".lora_A." not in name and ".lora_B." not in name}
+
+
+@torch.no_grad()
+def base_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """A digest of the base model's weights (adapters left out): names, shapes and 16 evenly spaced values
+    of each tensor, cast to `dtype` (default: each tensor's own). Adapters tuned on one base, or a run resumed
+    onto another, would otherwise load into any base of the same shape."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_base_tensors(model).items()):
+        flat = tensor.detach().reshape(-1)
+        index = torch.linspace(0, max(flat.numel() - 1, 0), min(16, flat.numel()), device=flat.device).long()
+        values = flat[index].to(dtype or flat.dtype).to(torch.float64).cpu()
+        digest.update(f"{name}{list(tensor.shape)}".encode() + values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_record(model: nn.Module) -> dict:
+    """What an adapter config records of the base model it was tuned on (checked by `check_base`)."""
+    dtypes = [t.dtype for t in _base_tensors(model).values() if t.is_floating_point()]
+    dtype = max(set(dtypes), key=dtypes.count)
+    return {"base_model": base_fingerprint(model, dtype), "base_dtype": str(dtype).removeprefix("torch.")}
+
+
+def check_base(directory: str | os.PathLike, model: nn.Module) -> None:
+    """Refuse adapters tuned on another base model than `model`. Checked where `model` holds the tuned
+    base's dtype or a wider one (its values are then cast as the tuned base's were); adapters saved before
+    the base was recorded are not checked."""
+    saved = read_config(directory)
+    if "base_model" not in saved:
+        return
+    dtype = getattr(torch, str(saved.get("base_dtype")), None)
+    mine = base_record(model)
+    if not isinstance(dtype, torch.dtype) or (mine["base_dtype"] != saved["base_dtype"]
+                                              and mine["base_dtype"] not in ("float32", "float64")):
+        return  # a narrower base than the tuned one: its values cannot be compared
+    fingerprint = base_fingerprint(model, dtype)
+    if fingerprint != saved["base_model"]:
+        raise CheckpointError(f"{directory} holds adapters tuned on another base model (fingerprint "
+                              f"{saved['base_model']}, this model's {fingerprint}): load the checkpoint they were "
+                              "tuned on")
 
 
 @torch.no_grad()

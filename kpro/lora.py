@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -229,7 +230,9 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     if unmatched:  # a misspelt target would otherwise leave its layers untrained without a word
         raise ValueError(f"targets {unmatched} match no linear layer under model.layers (matched: "
                          f"{sorted({child_name for _, _, child_name, _ in found})})")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer (or None: the global RNG), got {seed!r}")
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     wrapped = []
     for path, module, child_name, child in found:
         setattr(module, child_name, LoRALinear(child, names, rank, alpha, generator))

@@ -134,10 +134,19 @@ class Tokenizer(_TokenizerBase):
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.config = read_tokenizer_config(path.parent)
         self.chat_template = chat_template_of(path.parent, self.config)
+        # As transformers' LlamaTokenizer: a bos unless tokenizer_config.json says otherwise (a GGUF's
+        # add_bos_token false, converted, is written there)
+        add_bos = (self.config or {}).get("add_bos_token")
+        self.add_bos = add_bos if isinstance(add_bos, bool) else True
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        """Ids of `text`; `bos` None: as the tokenizer's config says (`add_bos`)."""
         ids = self.sp.EncodeAsIds(checked_text(text))
+        bos = self.add_bos if bos is None else bos
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool = False) -> list[list[int]]:
+        return [self.encode(text, bos=bos, eos=eos) for text in checked_texts(texts)]
 
     def decode(self, ids) -> str:
         return self.sp.DecodeIds(checked_ids(ids, self.vocab_size))

@@ -217,7 +217,8 @@ def test_adapter_files_round_trip(tmp_path):
     bt.save_adapters(tmp_path / "adapters")
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert config == {"method": "bitune", "rank": 4, "alpha": 2.0, "mix_eps": 0.01, "mode": "bitune", "adapters": ["bidir", "causal"],
-                      "num_hidden_layers": 2}
+                      "num_hidden_layers": 2, "base_model": kpro.adapters.base_fingerprint(bt.model, torch.float32),
+                      "base_dtype": "float32"}
     from safetensors import safe_open
     with safe_open(str(tmp_path / "adapters" / "adapters.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -226,8 +227,35 @@ def test_adapter_files_round_trip(tmp_path):
     fresh = make(dtype=torch.float32, random_adapters=False, w=(0.5,))
     fresh.load_adapters(tmp_path / "adapters")
     assert torch.equal(fresh.loss(ids, plens, mask), before)
-    again = Bitune.from_adapters(make(dtype=torch.float32).model.__class__(tiny_config()).float(), tmp_path / "adapters")
+    again = Bitune.from_adapters(base_of_make(torch.float32), tmp_path / "adapters")
     assert again.mode == "bitune" and again.rank == 4
+    assert torch.equal(again.loss(ids, plens, mask), before)
+
+
+def test_adapters_load_only_into_the_base_they_were_tuned_on(tmp_path):
+    """Adapters loaded into any base of the same shape, silently: another checkpoint, or another seed of it.
+    The base is recorded (a digest of its weights); a base of a wider dtype is compared in the tuned one's."""
+    Bitune(base_of_make(torch.float32).to(torch.bfloat16), rank=4, seed=0).save_adapters(tmp_path / "a")
+    other = base_of_make(torch.float32, seed=1).to(torch.bfloat16)
+    before = {name: p.clone() for name, p in other.named_parameters()}
+    with pytest.raises(kpro.CheckpointError, match=r"holds adapters tuned on another base model \(fingerprint \w+, "
+                                                   r"this model's \w+\): load the checkpoint they were tuned on"):
+        Bitune.from_adapters(other, tmp_path / "a")
+    assert not lora.lora_layers(other) and all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    # the tuned base in fp32: its values cast to bf16 are the tuned ones
+    assert Bitune.from_adapters(base_of_make(torch.float32), tmp_path / "a").rank == 4
+    for config, message in (([1], "must hold a JSON object, got a list"), ({"method": "bitune"}, "lacks 'rank', 'alpha'")):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(kpro.CheckpointError, match=message):  # an AttributeError or KeyError before
+            Bitune.from_adapters(base_of_make(torch.float32), tmp_path / "a")
+
+
+def base_of_make(dtype, seed=0):
+    """The plain model `make` puts adapters on."""
+    torch.manual_seed(seed)
+    model = kpro.Llama(tiny_config()).to(dtype)
+    randomize_norms(model, torch.Generator().manual_seed(seed + 1))
+    return model
 
 
 def test_adapter_files_that_do_not_fit(tmp_path):

@@ -36,7 +36,8 @@ def test_read_instructions(tmp_path):
         bitune.read_instructions(tmp_path / "broken.jsonl")
     for row, message in (({"instruction": "a", "input": {"k": "v"}, "response": "b"}, "'input' must be a string, got dict"),
                          ({"instruction": "a", "input": 0, "response": "b"}, "'input' must be a string, got int"),
-                         ({"instruction": "a", "response": "b", "output": "c"}, "has both 'response' and 'output'")):
+                         ({"instruction": "a", "response": "b", "output": "c"}, "has both 'response' and 'output'"),
+                         ({"instruction": "a", "response": None, "output": "c"}, "has both 'response' and 'output'")):
         write_jsonl(tmp_path / "odd.jsonl", [row])  # a repr in the prompt, a dropped 0, one answer chosen, before
         with pytest.raises(ValueError, match=rf"odd.jsonl:1: {message}"):
             bitune.read_instructions(tmp_path / "odd.jsonl")
@@ -48,7 +49,11 @@ def test_read_multiple_choice(tmp_path):
     assert [q.answer for q in bitune.read_multiple_choice(path)] == [1, 2]
     for row, message in (({"question": "q", "choices": ["a", "b"], "answer": 2}, "'answer' must be a choice index"),
                          ({"question": "q", "choices": ["a", " "], "answer": 0}, "choice 1 is empty"),
-                         ({"question": "q", "choices": ["a", "a", "b"], "answer": "a"}, "choice 'a' is listed twice")):
+                         ({"question": "q", "choices": ["a", "a", "b"], "answer": "a"}, "choice 'a' is listed twice"),
+                         # the text of choice 1, or the index 2 as a string (a dataset's label): refused, not guessed
+                         ({"question": "q", "choices": ["1", "2", "3"], "answer": "2"},
+                          "'answer' '2' is both the text of choice 1 and the index of choice 2"),
+                         ({"question": "q", "choices": ["a\nb", "c"], "answer": 1}, "choice 0 holds a line break")):
         write_jsonl(tmp_path / "bad.jsonl", [row])
         with pytest.raises(ValueError, match=rf"bad.jsonl:1: {message}"):
             bitune.read_multiple_choice(tmp_path / "bad.jsonl")
@@ -180,6 +185,32 @@ def test_multiple_choice_refuses_questions_it_would_score_wrongly():
         bitune.answer_log_likelihoods(model, [[1, 5], [1, 7]], [[6]])
 
 
+def test_multiple_choice_refuses_choices_the_model_reads_alike():
+    """'a  b' and 'a b' (SentencePiece folds the spaces), or two words of unknown characters, encode to the same
+    tokens: equal scores, so the labelled one won or lost by its index alone."""
+    tok = kpro.Tokenizer(ROOT / "tests" / "data" / "sentencepiece_test_model.model")
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=tok.vocab_size))
+    for choices in (["a b", "a  b", "c"], ["東京", "大阪"]):
+        with pytest.raises(ValueError, match=rf"question 0: choices {choices[0]!r} and {choices[1]!r} encode to the "
+                                             "same tokens"):
+            bitune.multiple_choice_accuracy(model, tok, [bitune.MultipleChoice("where", choices, 1)])
+    questions = (bitune.MultipleChoice("q", ["a b", "c"], 0) for _ in range(2))  # a generator: read twice
+    assert bitune.multiple_choice_accuracy(model, tok, questions)["questions"] == 2
+
+
+def test_generated_answers_end_at_their_eos(monkeypatch):
+    """A row that finished before the others is padded with the model's pad id; with a pad id other than the eos,
+    that padding was decoded into the answer (batched answers then differed from one-by-one ones)."""
+    def generated(model, ids, max_new_tokens, **kwargs):
+        rows = [[4, 5, TOK.eos_id, TOK.pad_id, TOK.pad_id], [6, TOK.eos_id, 7, TOK.eos_id, TOK.pad_id], [4, 4, 4, 4, 4]]
+        return torch.cat((ids, torch.tensor(rows)), 1)
+    monkeypatch.setattr(bitune.evaluation, "generate", generated)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    assert bitune.generate_answers(model, TOK, ["x", "y", "z"], 5) == ["bc", "d", "bbbbb"]
+    assert bitune.generate_answers(model, TOK, ["x", "y", "z"], 5, stop_after_eos=2)[1] == "de"
+
+
 def test_log_likelihoods_refuse_empty_prompts_and_answers():
     """A causal model scored an empty answer as log-likelihood 0 (certain) and an empty prompt without its
     answer's first token; flat lists of ids raised a TypeError from len()."""
@@ -209,6 +240,14 @@ def test_tune_refuses_examples_beyond_the_model_positions_and_a_zero_alpha(tmp_p
         bitune.tune(model, [([1, 2], [3]), ([1] * 6, [4, 5, 6])], "bitune", tmp_path, steps=1, batch_size=1)
     with pytest.raises(ValueError, match="alpha must be a finite number other than 0"):
         bitune.tune(model, [([1, 2], [3])], "lora", tmp_path, steps=1, batch_size=1, alpha=0)
+    # Bad pairs were found in the batch that held them, steps into the run, named by their place in the batch.
+    for bad, message in ((([1, 2], []), "example 3 has an empty answer"), (([1, 99], [3]), r"example 3 prompt\[1\] = 99 "
+                         r"is outside the vocabulary \[0, 67\)"), ("ab", r"example 3 must be a \(prompt_ids, answer_ids\) pair")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            bitune.tune(model, [([1, 2], [3])] * 3 + [bad], "bitune", tmp_path / "bad", steps=1, batch_size=1)
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="seed must be an integer"):  # torch's manual_seed error before
+        bitune.tune(model, [([1, 2], [3])], "bitune", tmp_path, steps=1, batch_size=1, seed=1.5)
 
 
 @pytest.mark.parametrize("method", ["bitune", "lora"])
@@ -242,7 +281,8 @@ def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
 def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
     pairs = tiny_pairs(16)
 
-    def tune(method=method, steps=2, **settings):
+    def tune(method=method, steps=2, base_seed=0, **settings):
+        torch.manual_seed(base_seed)
         return bitune.tune(kpro.Llama(tiny_config()), pairs, method, tmp_path, steps=steps, batch_size=4,
                            **{"rank": 2, **settings})
 
@@ -259,6 +299,10 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
     with pytest.raises(kpro.CheckpointError, match=rf"method: '{method}' in the checkpoint, '{other}' now"):
         tune(method=other)
     assert (tmp_path / "adapters" / "adapter_config.json").read_text() == config  # not rewritten
+    # Another base: the resume loaded the checkpoint's base weights over the model given, silently.
+    with pytest.raises(kpro.CheckpointError, match=r"base_model: '\w+' in the checkpoint, '\w+' now \(another base "
+                                                   r"model, or another dtype of it\)"):
+        tune(base_seed=1)
     tune(steps=2)  # the same settings resume
     assert [m["step"] for m in kt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     with pytest.raises(ValueError, match="steps must be an integer >= 0"):

@@ -112,7 +112,8 @@ def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32"
     for key in ("bos", "eos", "unk"):
         if vocab.get(key) is not None:
             w.add_uint32(f"tokenizer.ggml.{'unknown' if key == 'unk' else key}_token_id", vocab[key])
-    w.add_bool("tokenizer.ggml.add_bos_token", vocab["model"] == "llama")
+    if vocab.get("add_bos", "") is not None:  # None: the key left out
+        w.add_bool("tokenizer.ggml.add_bos_token", vocab.get("add_bos", vocab["model"] == "llama"))
     if template:
         w.add_string("tokenizer.chat_template", template)
     for name, tensor in kpro.checkpoint.hf_tensors(model).items():
@@ -239,6 +240,22 @@ def test_sentencepiece_vocabulary_is_rebuilt_exactly(tmp_path):
     assert (tok.bos_id, tok.eos_id) == (1, 2)
 
 
+def test_the_tokenizer_adds_a_bos_as_the_gguf_says(tmp_path, small_vocab):
+    """A SentencePiece GGUF with add_bos_token false: tokenizer_config.json said so, and kpro's tokenizer added a
+    bos anyway. A LLaMA 3 byte-level vocabulary without the key: llama.cpp adds one, kpro's added none."""
+    model = tiny_model(len(small_vocab["tokens"]))
+    out = convert_gguf(write_gguf(tmp_path / "spm.gguf", model, {**small_vocab, "add_bos": False}), tmp_path / "spm")
+    tok = kpro.load_tokenizer(out)
+    assert tok.encode("hello") == tok.encode("hello", bos=False) and tok.encode("hello", bos=True)[0] == tok.bos_id
+    assert tok.encode_batch(["hello"]) == [tok.encode("hello", bos=False)]
+    assert kpro.Tokenizer(DATA / "sentencepiece_test_model.model").encode("hello")[0] == 1  # no config: a bos
+    tokens = [chr(c) for c in range(33, 127)] + ["<|begin_of_text|>", "<|end_of_text|>", "hi"]
+    bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 1], "merges": ["h i"], "pre": "llama-bpe",
+           "bos": 94, "eos": 95, "add_bos": None}
+    out = convert_gguf(write_gguf(tmp_path / "bpe.gguf", tiny_model(len(tokens)), bpe), tmp_path / "bpe")
+    assert kpro.load_tokenizer(out).encode("hi") == [94, 96]
+
+
 def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):
     model = tiny_model(len(small_vocab["tokens"]))
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -257,7 +274,10 @@ def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):
 @pytest.mark.parametrize("change, message", [
     ({"arch": "qwen2"}, "architecture 'qwen2' is not supported"),
     ({"metadata": {"llama.expert_count": 8}}, "mixture of experts"),
-    ({"metadata": {"llama.rope.dimension_count": 4}}, "partial rotary"),
+    ({"metadata": {"llama.rope.dimension_count": 4}}, r"RoPE on 4 of 8 head dimensions, taken as embedding_length / "
+                                                      r"head_count since llama.attention.key_length is missing \(partial"),
+    ({"metadata": {"llama.rope.dimension_count": 4, "llama.attention.key_length": 8,
+                   "llama.attention.value_length": 8}}, r"RoPE on 4 of 8 head dimensions \(partial rotary\)"),
     ({"metadata": {"llama.rope.scaling.type": "yarn"}}, "RoPE scaling type 'yarn'"),
     ({"extra_tensors": {"blk.0.attn_q.bias": np.zeros(32, dtype=np.float32)}}, "no place for.*blk.0.attn_q.bias"),
     ({"vocab": {"model": "bert"}}, "tokenizer model 'bert' is not supported"),

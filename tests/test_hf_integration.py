@@ -257,6 +257,10 @@ def test_masks_kpro_cannot_take_are_refused_by_name():
         model(ids, additive_2d)  # given by position
     with pytest.raises(NotImplementedError, match="no attention weights"):
         model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    wide = torch.cat((torch.zeros_like(mask[:, :2]), mask), 1)  # the stock model read its first columns, silently
+    for use_cache in (True, False):  # without a cache the error blamed a static cache
+        with pytest.raises(ValueError, match=rf"the attention mask has {t + 2} columns for {t} tokens"):
+            model(input_ids=ids, attention_mask=wide, use_cache=use_cache)
     static = transformers.StaticCache(config=model.config, max_cache_len=2 * t)
     with pytest.raises(NotImplementedError, match="a static cache puts them elsewhere"):
         cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -38,6 +38,8 @@ def test_symbol_tokenizer_vocabulary_checks_and_saving(tmp_path):
                              (["a b"], "without whitespace"), ([""], "without whitespace"), (["<eos>"], "special")]:
         with pytest.raises(ValueError, match=message):
             SymbolTokenizer(symbols)
+    with pytest.raises(ValueError, match=r"example 2 \('x\|\|y <eos> #### z'\): '<eos>' is a special token"):
+        symbol_tokenizer_for([EXAMPLE, CoTExample("x", "y <eos>", "z")])  # not named before: which of 808,000?
     tok = symbol_tokenizer_for([EXAMPLE, CoTExample("x y", "", "z")])
     assert tok.symbols == tuple(sorted(set("0123468*+") | {"####", "x", "y", "z"}))
     tok.save(tmp_path)

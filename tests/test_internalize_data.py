@@ -135,6 +135,10 @@ def test_every_published_line_survives_a_round_trip(task):
     ("question||a #### 1 #### 2", "expected one '####' before the answer, found 2"),
     ("question||<<1+1=2>> #### ", "the answer after '####' is empty"),
     ("  ||<<1+1=2>> #### 2", "the input is empty"),
+    # split silently before: a '|' in the CoT, a '#' in the answer, the '####' in the input
+    ("a|||b #### 1", "expected one '\\|\\|' after the input, found '\\|\\|\\|'"),
+    ("a||b ##### 1", "expected one '####' before the answer, found '#####'"),
+    ("a #### x||b #### 1", "'####' inside the input, before '\\|\\|'"),
 ])
 def test_bad_lines_name_the_file_and_line(tmp_path, bad, reason):
     path = tmp_path / "data.txt"

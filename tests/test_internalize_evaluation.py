@@ -111,6 +111,17 @@ def test_read_prediction_without_any_eos():
     assert (prediction.cot, prediction.answer, prediction.finished, prediction.correct) == ("1 2 3", None, False, False)
 
 
+def test_special_tokens_inside_the_answer_make_it_wrong():
+    """decode drops them: `1 3 <pad> <bos> 9 4` read as the answer `1 3 9 4`, and was scored right."""
+    tok = multiplication_tokenizer()
+    ids = lambda *middle: [tok.eos_id] + tok.encode("#### 1 3", bos=False) + list(middle) + tok.encode("9 4", bos=False) \
+        + [tok.eos_id]
+    assert read_prediction(ids(), "1 3 9 4", tok).correct
+    for special in (tok.pad_id, tok.bos_id):
+        prediction = read_prediction(ids(special), "1 3 9 4", tok)
+        assert prediction.answer == "1 3 9 4" and not prediction.correct
+
+
 def test_a_token_outside_the_tokenizer_is_a_wrong_answer_not_a_crash():
     """A model with more embeddings than its tokenizer has tokens can write one of the others."""
     tok = multiplication_tokenizer()

@@ -467,7 +467,8 @@ def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, c
     (["--task", "3x3", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--task", "3x3", "--warmup-steps", "4", "--decay-steps", "3"], "--warmup-steps 4 and --decay-steps 3 together "
                                                                      "are longer than the run (6 steps)"),
-    (["--task", "2x2", "--train-size", "9000"], "asked for 9,000 pairs of 2-digit numbers"),
+    (["--task", "2x2", "--train-size", "9000"], "--train-size 9,000: asked for 9,000 pairs of 2-digit numbers"),
+    (["--task", "1x1", "--eval-size", "60"], "--eval-size 60: asked for 120 pairs of 1-digit numbers"),
     (["--task", "3x3", "--remove-per-epoch", "9"], "--remove-per-epoch 9 would remove more than one token per step"),
     pytest.param(["--task", "3x3", "--device", "cuda"], "--device cuda: this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a CUDA device")),
@@ -510,10 +511,21 @@ def test_validation_is_checked_before_training(tmp_path):
         ValidationAccuracy(TOK, valid, every=1, batch_size=0)
     with pytest.raises(TypeError, match="CoTExamples"):
         ValidationAccuracy(TOK, tokenize_examples(valid, TOK), every=1)
-    short = kpro.Llama(make_model().config.replace(max_position_embeddings=40))
+    # room for the training examples, not for evaluating (their margin of generated tokens)
+    short = kpro.Llama(make_model().config.replace(max_position_embeddings=max(len(e.ids) for e in examples())))
     with pytest.raises(ValueError, match=r"evaluating the validation examples takes up to \d+ positions"):
         train(tmp_path, model=short, callbacks=[ValidationAccuracy(TOK, valid, every=5)])
     assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_examples_longer_than_the_model_positions_are_refused_before_training(tmp_path):
+    """They trained (past the positions the model has), and only evaluate refused them afterwards."""
+    longest = max(range(len(examples())), key=lambda i: len(examples()[i].ids))
+    short = kpro.Llama(make_model().config.replace(max_position_embeddings=len(examples()[longest].ids) - 1))
+    with pytest.raises(ValueError, match=rf"example {longest} takes {len(examples()[longest].ids)} tokens, more than "
+                                         rf"the model's max_position_embeddings={len(examples()[longest].ids) - 1}"):
+        train(tmp_path, model=short)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_a_model_whose_tokenizer_lacks_a_symbol_is_refused(tmp_path, capsys):

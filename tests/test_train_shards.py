@@ -76,6 +76,10 @@ def test_large_vocabularies_take_uint32(tmp_path):
     with pytest.raises(ValueError, match="eos_id must be a token id"):  # 2.5 stored as 2, 2.5 in the index
         kt.write_token_shards(tmp_path / "v", [[5, 6]], vocab_size=100, eos_id=2.5)
     assert not (tmp_path / "v").exists()
+    for ids, name in ((dict(eos_id=100), "eos_id"), (dict(eos_id=2, bos_id=100), "bos_id")):  # the documents blamed
+        with pytest.raises(ValueError, match=rf"{name} must be a token id of the model \(an integer in \[0, 100\)\), "
+                                             "got 100"):
+            kt.write_token_shards(tmp_path / "w", [[5, 6]], vocab_size=100, **ids)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])

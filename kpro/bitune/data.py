@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Sequence
 
+from ..tokenizer import checked_ids
 from ..train.data import read_jsonl
 
 PROMPT_TEMPLATE = "Question: {instruction}\n\nAnswer:"
@@ -37,10 +38,10 @@ def read_instructions(path: str | os.PathLike) -> list[Instruction]:
     examples = []
     for number, row in read_jsonl(path):
         response = row.get("response", row.get("output"))
-        if not isinstance(row.get("instruction"), str) or not isinstance(response, str):
-            raise ValueError(f"{path}:{number}: needs string fields 'instruction' and 'response' (or 'output')")
         if "response" in row and "output" in row and row["response"] != row["output"]:
             raise ValueError(f"{path}:{number}: has both 'response' and 'output', and they differ: which is the answer?")
+        if not isinstance(row.get("instruction"), str) or not isinstance(response, str):
+            raise ValueError(f"{path}:{number}: needs string fields 'instruction' and 'response' (or 'output')")
         extra = row.get("input")
         if extra is not None and not isinstance(extra, str):  # its repr would become part of the prompt
             raise ValueError(f"{path}:{number}: 'input' must be a string, got {type(extra).__name__}")
@@ -55,6 +56,11 @@ def read_multiple_choice(path: str | os.PathLike) -> list[MultipleChoice]:
     for number, row in read_jsonl(path):
         choices, answer = row.get("choices"), row.get("answer")
         if isinstance(answer, str) and isinstance(choices, list) and answer in choices:
+            index = int(answer) if answer.isascii() and answer.isdigit() else None
+            if index is not None and index < len(choices) and choices.index(answer) != index:
+                raise ValueError(f"{path}:{number}: 'answer' {answer!r} is both the text of choice "
+                                 f"{choices.index(answer)} and the index of choice {index}: which is it? Give "
+                                 "the index as a number")
             answer = choices.index(answer)
         question = MultipleChoice(row.get("question"), choices, answer)
         check_multiple_choice(question, f"{path}:{number}")
@@ -72,6 +78,9 @@ def check_multiple_choice(question: "MultipleChoice", where: str) -> None:
         raise ValueError(f"{where}: needs 'question' (string) and 'choices' (two or more strings)")
     if not all(c.strip() for c in choices):
         raise ValueError(f"{where}: choice {next(i for i, c in enumerate(choices) if not c.strip())} is empty")
+    if any("\n" in c for c in choices):  # the prompt lists one choice a line: it would read as two choices
+        raise ValueError(f"{where}: choice {next(i for i, c in enumerate(choices) if chr(10) in c)} holds a line "
+                         "break; the prompt lists the choices one a line")
     if len(set(choices)) < len(choices):
         twin = next(c for c in choices if choices.count(c) > 1)
         raise ValueError(f"{where}: choice {twin!r} is listed twice; the choices must differ")
@@ -79,6 +88,19 @@ def check_multiple_choice(question: "MultipleChoice", where: str) -> None:
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise ValueError(f"{where}: 'answer' must be a choice index in [0, {len(choices)}) or a choice's text, got "
                          f"{answer!r}")
+
+
+def check_pairs(pairs, vocab_size: int, limit: int) -> None:
+    """Refuse, before any training, the first example that is not a (prompt ids, answer ids) pair of
+    non-empty token ids in the vocabulary within the model's `limit` positions, naming its index in `pairs`
+    (a batch would name its place in the batch, steps later)."""
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"example {i} must be a (prompt_ids, answer_ids) pair, got {pair!r:.60}")
+        for part, ids in zip(("prompt", "answer"), pair):
+            if not checked_ids(ids, vocab_size, f"example {i} {part}"):
+                raise ValueError(f"example {i} has an empty {part}; both need tokens")
+    check_positions(pairs, limit, "example")
 
 
 def check_positions(pairs, limit: int, what: str) -> None:

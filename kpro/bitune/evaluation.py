@@ -69,14 +69,21 @@ def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], ba
     scored as the answer `" " + choice`."""
     if not questions:
         raise ValueError("multiple_choice_accuracy needs at least one question")
+    questions = list(questions)  # read twice: to encode, then to score
     prompts, answers, owners, lengths = [], [], [], []
     for q_index, question in enumerate(questions):
         check_multiple_choice(question, f"question {q_index}")
         prompt = multiple_choice_prompt(question)
+        encoded = {}
         for choice in question.choices:
             p, a = encode_pair(tok, prompt, " " + choice)
             if not a:  # it would be scored as no answer at all, log-likelihood 0, and win
                 raise ValueError(f"question {q_index}: choice {choice!r} encodes to no tokens after its prompt")
+            if tuple(a) in encoded:  # equal scores: the right one would win or lose by its index alone
+                raise ValueError(f"question {q_index}: choices {encoded[tuple(a)]!r} and {choice!r} encode to the "
+                                 "same tokens (unknown characters, or whitespace the tokenizer drops); the choices "
+                                 "must differ as the model reads them")
+            encoded[tuple(a)] = choice
             prompts.append(p)
             answers.append(a)
             owners.append(q_index)
@@ -106,7 +113,23 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
         with lora.active(tuned.model, tuned.adapter) if adapted else contextlib.nullcontext():
             new = generate(_model_of(tuned), ids, max_new_tokens, attention_mask=mask,
                            **sampling)[:, ids.shape[1]:].tolist()
-    return [tok.decode([t for t in row if t != tok.eos_id]).strip() for row in new]
+    eos = sampling["eos_token_id"]
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    return [tok.decode(_until_stop(row, eos, sampling.get("stop_after_eos", 1))).strip() for row in new]
+
+
+def _until_stop(row: list[int], eos: set[int], stop_after_eos: int) -> list[int]:
+    """A generated row's tokens before the eos that ended it, eos ids left out: what follows it is the padding
+    of a row that finished before the others (decoded, a pad id that is no eos read as text)."""
+    kept, seen = [], 0
+    for token in row:
+        if token in eos:
+            seen += 1
+            if seen >= stop_after_eos:
+                break
+        else:
+            kept.append(token)
+    return kept
 
 
 def _model_of(tuned):

@@ -25,7 +25,7 @@ from ..train import (Batches, Callback, LossSum, Schedule, adamw, checkpoint_ste
                      latest_checkpoint)
 from ..train.checkpointing import saved_schedule
 from ..train.loss import next_token_targets, output_head_weight
-from .data import check_positions
+from .data import check_pairs
 from .streams import answer_targets, split_streams
 from .wrapper import Bitune
 
@@ -86,14 +86,14 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"steps must be an integer >= 0 (0: save the untuned adapters), got {steps!r}")
     if method == "lora" and mode != "bitune":
         raise ValueError(f"mode={mode!r} is a Bitune ablation; method='lora' trains one causal adapter")
-    check_positions(pairs, model.config.max_position_embeddings, "example")
+    check_pairs(pairs, model.config.vocab_size, model.config.max_position_embeddings)
     out_dir = Path(out_dir)
     last = main_decides(lambda: latest_checkpoint(out_dir / "run"), f"look for checkpoints in {out_dir / 'run'}")
     if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for
         raise ValueError(f"{out_dir} holds a run of {checkpoint_step(last)} steps already, more than steps={steps}: "
                          "pass at least as many steps (more extend it), or tune into another out_dir")
     settings = {"method": method, "rank": rank, "alpha": float(alpha), **({"mode": mode} if method == "bitune" else {}),
-                "weighting": weighting}
+                "weighting": weighting, "base_model": adapters.base_fingerprint(model)}
     if steps > 0:
         main_decides(lambda: _check_resumable(out_dir / "run", settings), f"read the settings of {out_dir / 'run'}")
     elif last is not None:  # the untuned adapters would replace the tuned ones
@@ -134,8 +134,11 @@ def _check_resumable(run_dir: Path, settings: dict) -> None:
     if last is None or not (last / SETTINGS_FILE).is_file():
         return  # a new run, or one saved before the settings were recorded
     saved = json.loads((last / SETTINGS_FILE).read_text())
+    # base_model: a resume loads the checkpoint's base weights over the model given (not recorded before)
     differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {settings.get(key)!r} now"
-                   for key in dict.fromkeys([*settings, *saved]) if saved.get(key) != settings.get(key)]
+                   + (" (another base model, or another dtype of it)" if key == "base_model" else "")
+                   for key in dict.fromkeys([*settings, *saved]) if saved.get(key) != settings.get(key)
+                   and (key != "base_model" or key in saved)]
     if differences:
         raise CheckpointError(f"{last} was tuned with other settings than this call asks for:\n  "
                               + "\n  ".join(differences) + f"\nresume with the same settings, or tune into another "
@@ -158,17 +161,20 @@ def _warmup_steps(warmup: float | None, steps: int, run_dir: Path) -> int:
 def save_tuned_adapters(tuned, directory) -> Path:
     if isinstance(tuned, Bitune):
         return tuned.save_adapters(directory)
-    return adapters.save_adapters(directory, adapters.lora_tensors(tuned.model), lora_config(tuned.model))
+    return adapters.save_adapters(directory, adapters.lora_tensors(tuned.model),
+                                  {**lora_config(tuned.model), **adapters.base_record(tuned.model)})
 
 
 def load_tuned(model: Llama, directory: str | os.PathLike):
     """The tuned module saved by `tune` (its `out_dir/adapters`): a Bitune, or for plain LoRA an
     `AdaptedModel`, with the adapters added to `model` and loaded; the set-up comes from the saved config."""
-    saved = adapters.read_config(directory)
+    saved = adapters.read_config(directory, ("method",))
     if saved.get("method") == "bitune":
         return Bitune.from_adapters(model, directory)
     if saved.get("method") != "lora":
         raise CheckpointError(f"{directory} holds {saved.get('method')!r} adapters; kpro reads 'bitune' and 'lora'")
+    saved = adapters.read_config(directory, ("adapters", "rank", "alpha"))
+    adapters.check_base(directory, model)
     lora.add_adapters(model, saved["adapters"], rank=saved["rank"], alpha=saved["alpha"])
     model.to(model.embed_tokens.weight.device)
     adapters.load_adapters(directory, adapters.lora_tensors(model), lora_config(model))

@@ -177,18 +177,22 @@ class Bitune(nn.Module):
 
     def save_adapters(self, directory: str | os.PathLike) -> Path:
         """Write the adapters and mixing scalars (safetensors) and a small JSON config, atomically."""
-        return adapters.save_adapters(directory, self.adapter_tensors(), self.config())
+        return adapters.save_adapters(directory, self.adapter_tensors(),
+                                      {**self.config(), **adapters.base_record(self.model)})
 
     def load_adapters(self, directory: str | os.PathLike) -> None:
-        """Load adapters saved by `save_adapters` into this Bitune (same rank, alpha, mode, layers)."""
+        """Load adapters saved by `save_adapters` into this Bitune (same rank, alpha, mode, layers, base)."""
+        adapters.check_base(directory, self.model)
         adapters.load_adapters(directory, self.adapter_tensors(), self.config())
 
     @classmethod
     def from_adapters(cls, model: Llama, directory: str | os.PathLike) -> "Bitune":
         """A Bitune on `model` with the set-up and weights saved in `directory`."""
-        saved = adapters.read_config(directory)
+        saved = adapters.read_config(directory, ("method",))
         if saved.get("method") != "bitune":
             raise CheckpointError(f"{directory} holds {saved.get('method')!r} adapters, not Bitune's")
+        saved = adapters.read_config(directory, ("rank", "alpha", "mix_eps", "mode"))
+        adapters.check_base(directory, model)  # before any adapter is added to it
         bitune = cls(model, rank=saved["rank"], alpha=saved["alpha"], mix_eps=saved["mix_eps"], mode=saved["mode"])
         bitune.to(model.embed_tokens.weight.device)
         bitune.load_adapters(directory)

@@ -84,8 +84,10 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
     if get("attention.value_length", head_dim) != head_dim:
         raise GGUFError(f"{file.path}: key and value head sizes differ ({head_dim} and {get('attention.value_length')})")
     if get("rope.dimension_count", head_dim) != head_dim:
-        raise GGUFError(f"{file.path}: RoPE on {get('rope.dimension_count')} of {head_dim} head dimensions (partial "
-                        "rotary) is not supported")
+        taken = "" if get("attention.key_length") is not None else (
+            f", taken as embedding_length / head_count since {arch}.attention.key_length is missing")
+        raise GGUFError(f"{file.path}: RoPE on {get('rope.dimension_count')} of {head_dim} head dimensions{taken} "
+                        "(partial rotary) is not supported")
     window = get("attention.sliding_window")
     context = get("context_length", 2048)
     if window and window < context:

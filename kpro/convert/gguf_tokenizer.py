@@ -52,6 +52,7 @@ def _llama3():
 _PRE_TOKENIZERS = {"gpt-2": _gpt2, "smollm": _digits_then_gpt2, "starcoder": _digits_then_gpt2,
                    "refact": _digits_then_gpt2, "llama-bpe": _llama3, "llama3": _llama3, "llama-v3": _llama3}
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
+_ADD_BOS_BY_DEFAULT = {"llama-bpe", "llama3", "llama-v3"}
 
 
 def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
@@ -65,7 +66,9 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
     types = file.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):  # zip() would cut the vocabulary short
         raise GGUFError(f"{file.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    add_bos = bool(file.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    # Where the key is missing, llama.cpp's defaults: a bos for SentencePiece and for the LLaMA 3 pre-tokenizer
+    add_bos = bool(file.get("tokenizer.ggml.add_bos_token", kind == "llama" or file.get("tokenizer.ggml.pre") in
+                            _ADD_BOS_BY_DEFAULT))
     add_eos = bool(file.get("tokenizer.ggml.add_eos_token", False))
     ids = {name: file.get(f"tokenizer.ggml.{key}_token_id")
            for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}

@@ -213,6 +213,11 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
     (True = real token), or None when there is none; kpro's attention applies causality itself."""
     if mask_function is bidirectional_mask_function:
         raise NotImplementedError("kpro attention in transformers is causal; this model asks for bidirectional masks")
+    # A mask wider than the tokens (cached and new): transformers reads its first columns, for no stated reason.
+    if attention_mask is not None and not isinstance(q_offset, torch.Tensor) \
+            and attention_mask.shape[-1] > q_offset + q_length:
+        raise ValueError(f"the attention mask has {attention_mask.shape[-1]} columns for {q_offset + q_length} "
+                         "tokens (cached and new): pass one column per token")
     # kpro aligns the queries with the last keys. A static cache gives a tensor offset when decoding and, when
     # prefilling, keys for all its slots (most of them empty) after the queries.
     if isinstance(q_offset, torch.Tensor) or q_offset + q_length != kv_offset + kv_length:
@@ -220,9 +225,10 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
                                   "a static cache puts them elsewhere: generate with cache_implementation='dynamic'")
     if attention_mask is None:
         return None
-    if attention_mask.shape[-1] < kv_length:
-        raise NotImplementedError(f"the attention mask covers {attention_mask.shape[-1]} keys of {kv_length}")
-    return attention_mask[:, -kv_length:].to(torch.bool)
+    if attention_mask.shape[-1] < kv_offset + kv_length:
+        raise NotImplementedError(f"the attention mask covers {attention_mask.shape[-1]} keys of "
+                                  f"{kv_offset + kv_length}")
+    return attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)  # as transformers reads it
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

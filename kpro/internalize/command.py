@@ -12,6 +12,7 @@ resumes from the newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -260,7 +261,8 @@ def _load_data(args, out: Path):
         elif args.task is not None and not generate_eval:
             evaluation_sets[split] = read_published(args.task, split)
     if generate_eval and len(evaluation_sets) < 2:
-        pairs = multiplication_pairs(n, 2 * args.eval_size, args.data_seed + 1)
+        with _naming("--eval-size", args.eval_size, "the valid and test sets draw twice as many"):
+            pairs = multiplication_pairs(n, 2 * args.eval_size, args.data_seed + 1)
         for split, chunk in (("valid", pairs[:args.eval_size]), ("test", pairs[args.eval_size:])):
             if split not in evaluation_sets:
                 path = out / "data" / f"{split}-{n}x{n}-{args.eval_size}-seed{args.data_seed}.txt"
@@ -280,8 +282,18 @@ def _load_data(args, out: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"generating {args.train_size:,} {n}x{n} training examples into {path}", flush=True)
         held_out = {pair for examples in evaluation_sets.values() for pair in _operand_pairs(examples, n)}
-        write_multiplication_training_set(path, n, args.train_size, args.data_seed, exclude=held_out)
+        with _naming("--train-size", args.train_size, "pass a smaller one"):
+            write_multiplication_training_set(path, n, args.train_size, args.data_seed, exclude=held_out)
     return _read(path), evaluation_sets
+
+
+@contextlib.contextmanager
+def _naming(option: str, value: int, hint: str):
+    """A ValueError of the data generation, with the option whose value asked for it."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{option} {value:,}: {err} ({hint})") from None
 
 
 def _read(path: Path):

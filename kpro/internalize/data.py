@@ -41,11 +41,15 @@ def parse_line(line: str) -> CoTExample:
     if "\ufeff" in text:  # invisible, and not whitespace: it would become part of a symbol
         raise DataFormatError("a byte-order mark (U+FEFF) inside the text, as files joined with `cat` leave at "
                               "each file's start; remove it")
-    if text.count(INPUT_END) != 1:
-        raise DataFormatError(f"expected one {INPUT_END!r} after the input, found {text.count(INPUT_END)}")
+    if text.count(INPUT_END) != 1 or INPUT_END + "|" in text:  # '|||' would leave a '|' in the input or CoT
+        raise DataFormatError(f"expected one {INPUT_END!r} after the input, found "
+                              + ("'|||'" if INPUT_END + "|" in text else str(text.count(INPUT_END))))
     source, target = text.split(INPUT_END)
-    if target.count(ANSWER_MARK) != 1:
-        raise DataFormatError(f"expected one {ANSWER_MARK!r} before the answer, found {target.count(ANSWER_MARK)}")
+    if ANSWER_MARK in source:
+        raise DataFormatError(f"{ANSWER_MARK!r} inside the input, before {INPUT_END!r}")
+    if target.count(ANSWER_MARK) != 1 or ANSWER_MARK + "#" in target:  # '#####' would leave a '#' in the answer
+        raise DataFormatError(f"expected one {ANSWER_MARK!r} before the answer, found "
+                              + ("'#####'" if ANSWER_MARK + "#" in target else str(target.count(ANSWER_MARK))))
     cot, answer = target.split(ANSWER_MARK)
     example = CoTExample(source.strip(), cot.strip(), answer.strip())
     if not example.input:

@@ -119,9 +119,13 @@ def read_prediction(new_ids, reference_answer: str, tokenizer) -> Prediction:
                           finished, False)
     if not eos:
         return Prediction(tuple(new_ids), tokenizer.decode(new_ids), None, False, False)
-    after = tokenizer.decode(new_ids[eos[0] + 1:eos[1] if finished else None])
+    span = new_ids[eos[0] + 1:eos[1] if finished else None]
+    after = tokenizer.decode(span)
     answer = after.split(ANSWER_MARK, 1)[1].strip() if ANSWER_MARK in after else None
-    correct = finished and answer is not None and answers_match(answer, reference_answer)
+    # decode drops special tokens: `1 3 <pad> <bos> 9 4` would read as the answer `1 3 9 4`
+    specials = {getattr(tokenizer, name, None) for name in ("bos_id", "pad_id")} - {None, tokenizer.eos_id}
+    correct = finished and answer is not None and not specials.intersection(span) \
+        and answers_match(answer, reference_answer)
     return Prediction(tuple(new_ids), tokenizer.decode(new_ids[:eos[0]]), answer, finished, correct)
 
 

@@ -260,8 +260,16 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < 1:
         raise ValueError(f"weight_decay must be a number in [0, 1), got {weight_decay!r}")
     # Checked now: the first forward would blame input_ids
-    check_special_id(pad_id, "pad_id", vocab_size=getattr(getattr(model, "config", None), "vocab_size", None))
-    batches = Batches(list(examples), batch_size, partial(collate, pad_id=pad_id), seed=seed)
+    config = getattr(model, "config", None)
+    check_special_id(pad_id, "pad_id", vocab_size=getattr(config, "vocab_size", None))
+    examples = list(examples)
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max(range(len(examples)), key=lambda i: len(getattr(examples[i], "ids", ())), default=None)
+    if limit is not None and longest is not None and len(getattr(examples[longest], "ids", ())) > limit:
+        # evaluate refuses such a model's examples: training on them would go past the positions it has
+        raise ValueError(f"example {longest} takes {len(examples[longest].ids)} tokens, more than the model's "
+                         f"max_position_embeddings={limit}")
+    batches = Batches(examples, batch_size, partial(collate, pad_id=pad_id), seed=seed)
     removal_callback = CoTRemoval(removal, seed, reset_optimizer=reset_optimizer, stream=stream)
     extra = [SaveTokenizer(tokenizer)] if tokenizer is not None else []
     optimizer = (lambda m: adamw(m, lr)) if weight_decay == 0 else partial(adamw_every_parameter, lr=lr,

@@ -47,6 +47,13 @@ def multiplication_tokenizer() -> SymbolTokenizer:
 
 def symbol_tokenizer_for(examples) -> SymbolTokenizer:
     """A SymbolTokenizer covering every symbol of `examples` (sorted, so independent of their order)."""
+    examples = list(examples)
+    for number, example in enumerate(examples, start=1):  # named here: the vocabulary would refuse it unnamed
+        special = next((s for text in (example.input, example.cot, example.answer) for s in text.split()
+                        if s in SymbolTokenizer.SPECIALS), None)
+        if special is not None:
+            raise ValueError(f"example {number} ({_excerpt(example.line())}): {special!r} is a special token, not a "
+                             "symbol of the data")
     return SymbolTokenizer.from_texts((text for e in examples for text in (e.input, e.cot, e.answer)),
                                       extra=[ANSWER_MARK])
 

@@ -172,8 +172,9 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
                        tokenizer: dict | None = None) -> dict:
     """Tokenized documents -> a new shard directory holding `[bos] doc eos [bos] doc eos ...` (the framing of
     `pack_documents`, so `TokenShards` gives the rows `pack_documents` would). Returns the index."""
-    check_special_id(eos_id, "eos_id")
-    check_special_id(bos_id, "bos_id", optional=True)
+    vocabulary = vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
+    check_special_id(eos_id, "eos_id", vocab_size=vocabulary)  # else the documents' ids would be blamed
+    check_special_id(bos_id, "bos_id", vocab_size=vocabulary, optional=True)
     directory = Path(directory)
     prepare_directory(directory)
     if is_shard_directory(directory):
