@@ -66,6 +66,15 @@ def checked_ids(ids, vocab_size: int | None, what: str = "ids") -> list[int]:
     return [int(value) for value in values]
 
 
+def special_token_in(tok, ids) -> str | None:
+    """Which of the tokenizer's bos and eos ids is among `ids` ("eos (id 2)"), or None: text that spells a
+    special token (`</s>`, `<|im_end|>`) encodes to it with a tokenizer.json, and data holding one would end
+    or restart its sequence where it stands. (Padding is masked by length, so a pad id in text is only text.)"""
+    special = {getattr(tok, f"{name}_id", None): name for name in ("bos", "eos")}
+    found = next((i for i in ids if i in special and i is not None), None)
+    return None if found is None else f"{special[found]} (id {found})"
+
+
 class _TokenizerBase:
     bos_id: int
     eos_id: int

@@ -156,6 +156,15 @@ def saved_bytes(model, ids):
     return nbytes
 
 
+def test_saved_bytes_take_the_model_itself_and_refuse_other_excludes():
+    """exclude=model died in 'not iterable', exclude=model.state_dict() in an AttributeError on str."""
+    model = kpro.Llama(tiny_config())
+    ids = torch.randint(3, 60, (2, 7))
+    assert saved_activation_bytes(lambda: causal_lm_loss(model(ids), ids), model)[0] == saved_bytes(model, ids)
+    with pytest.raises(TypeError, match="exclude takes tensors \\(model.parameters\\(\\)\\), got str items"):
+        saved_activation_bytes(lambda: model(ids), model.state_dict())
+
+
 def block_only_saved_bytes(block, cfg, ids_shape, frozen):
     """What one block alone saves, its input requiring grad (cos/sin shared, so left out)."""
     generator = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@ transformers' own GGUF tokenizer. Skips cleanly without `tokenizers` (and `trans
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,21 @@ def test_special_ids_bos_and_the_shared_interface(bpe_dir, tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.chat_template) == (1, 2, None)
     with pytest.raises(ValueError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_training_data_that_spells_a_special_token_is_refused(bpe_dir):
+    """With a tokenizer.json, '<|im_end|>' written in the data becomes the eos id: an ICoT CoT or a Bitune answer
+    holding it ended its segment early (the CoT span and the labels wrong), silently."""
+    from kpro import bitune
+    from kpro.internalize import parse_line, tokenize_examples
+
+    tok = JsonTokenizer(bpe_dir)
+    assert tokenize_examples([parse_line("1 * 2||2 4 #### 8")], tok)  # <|endoftext|>, the pad, may be text
+    for line, special in (("1 * 2||2 <|im_end|> 4 #### 8", "eos (id 2)"), ("1 <|im_start|> 2||2 #### 8", "bos (id 1)")):
+        with pytest.raises(ValueError, match=rf"example 1 \(.*\): its text spells the tokenizer's {re.escape(special)}"):
+            tokenize_examples([parse_line(line)], tok)
+    with pytest.raises(ValueError, match=r"example 0 \(from 0\): its text spells the tokenizer's eos \(id 2\)"):
+        bitune.tokenize_instructions(tok, [bitune.Instruction("say", "ok<|im_end|>")], 100)
 
 
 def test_wrongly_typed_text_and_ids_outside_the_vocabulary_are_refused_by_every_tokenizer(bpe_dir):

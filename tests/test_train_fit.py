@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,6 +270,32 @@ def test_keep_last_and_summary(tmp_path):
     assert loaded.config == make_model().config
 
 
+def test_a_checkpoint_older_than_the_directory_holds_is_refused(tmp_path):
+    """A rewound hand-written loop saved step 5 beside steps 10 and 20: keep_last pruned the one just written,
+    returned its path all the same, and the next resume took step 20."""
+    model = make_model()
+    optimizer = kt.adamw(model)
+    for step in (10, 20):
+        kt.save_checkpoint(tmp_path, step, model, optimizer, keep_last=2)
+    with pytest.raises(kpro.CheckpointError, match=r"holds step-00000010, step-00000020, past step 5: a rewound run "
+                                                   r"writes into another directory"):
+        kt.save_checkpoint(tmp_path, 5, model, optimizer, keep_last=2)
+    kt.save_checkpoint(tmp_path, 20, model, optimizer, keep_last=2)  # the same step again: replaced
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000010", "step-00000020"]
+
+
+def test_a_prune_finds_a_checkpoint_another_process_removed(tmp_path, monkeypatch):
+    model = make_model()
+    optimizer = kt.adamw(model)
+    for step in (1, 2):
+        kt.save_checkpoint(tmp_path, step, model, optimizer)
+    stale = kt.list_checkpoints(tmp_path)
+    shutil.rmtree(stale[0])  # between the listing and the rename: a raw FileNotFoundError crashed the run
+    monkeypatch.setattr(checkpointing, "list_checkpoints", lambda run_dir: stale)
+    checkpointing.prune(tmp_path, keep_last=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
+
+
 def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
     class FailingSave(kt.Callback):
         def on_save(self, run, directory):
@@ -464,6 +491,46 @@ def test_any_module_with_a_scalar_loss_resumes_exactly(tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 
 
+def test_an_optimizer_that_does_not_train_the_models_trainable_parameters_is_refused(tmp_path):
+    """An optimizer over another model's parameters trained nothing (grad_norm 0); parameters made trainable
+    after the optimizer was built gathered gradients every step, outside clipping, and never changed; a factory
+    returning the optimizer in use made reset_optimizer keep its moments."""
+    other = make_model(seed=1)
+    with pytest.raises(ValueError, match="the optimizer holds 21 parameter\\(s\\) that are not the model's"):
+        kt.fit(make_model(), batches(), tmp_path / "a", steps=2, optimizer=lambda m: kt.adamw(other, 1e-3))
+
+    class UnfreezeAt2(kt.Callback):
+        def on_batch(self, run, batch):
+            if run.step == 1:
+                run.model.embed_tokens.weight.requires_grad_(True)
+            return batch
+    model = make_model()
+    model.embed_tokens.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"1 trainable parameter\(s\) are not in the optimizer \(embed_tokens.weight\)"
+                                         r": freeze them .*or call run.reset_optimizer\(\)"):
+        kt.fit(model, batches(), tmp_path / "b", steps=3, callbacks=[UnfreezeAt2()])
+    assert [r["step"] for r in kt.read_metrics(tmp_path / "b" / "metrics.jsonl")] == [1]
+    built = []
+    once = lambda m: built[0] if built else built.append(kt.adamw(m, 1e-3)) or built[0]
+    with pytest.raises(ValueError, match="returned the optimizer in use"):  # Internalize resets at step 3
+        kt.fit(make_model(), batches(), tmp_path / "c", steps=4, callbacks=[Internalize()], optimizer=once)
+
+
+def test_a_stateless_optimizer_resumes_with_its_settings_checked(tmp_path):
+    """Plain SGD holds no state, so the checkpoint held no param groups, and another lr or parameter set went
+    through unchecked on resume."""
+    sgd = lambda lr: (lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr))
+    kt.fit(make_model(), batches(), tmp_path, steps=2, optimizer=sgd(0.1))
+    with pytest.raises(kpro.CheckpointError, match=r"optimizer param group 0 peak_lr: 0.1 in the checkpoint, 5.0 now"):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, optimizer=sgd(5.0))
+    frozen = make_model()
+    frozen.embed_tokens.weight.requires_grad_(False)
+    with pytest.raises(kpro.CheckpointError, match=r"optimizer param group 0 parameter count: 21 in the checkpoint, "
+                                                   r"20 now"):
+        kt.fit(frozen, batches(), tmp_path, steps=4, optimizer=sgd(0.1))
+    kt.fit(make_model(), batches(), tmp_path, steps=4, optimizer=sgd(0.1))
+
+
 def test_bad_learning_rates_are_refused(tmp_path):
     for lr in (0, -1e-3):
         with pytest.raises(ValueError, match="lr must be a positive"):
@@ -511,6 +578,31 @@ def test_other_bad_arguments(tmp_path):
     kt.fit(make_model(), batches(), tmp_path / "c", steps=2, callbacks=[Internalize(), StopAt(1)])
     with pytest.raises(ValueError, match="state for callback.*Internalize"):
         kt.fit(make_model(), batches(), tmp_path / "c", steps=2)  # Internalize's saved state has no taker
+    for clip in (True, "1"):  # True read as 1.0; "1" died in a bare '>' TypeError
+        with pytest.raises(ValueError, match=f"clip_grad_norm must be a positive number or None, got {clip!r}"):
+            kt.fit(make_model(), batches(), tmp_path / "d", steps=1, clip_grad_norm=clip)
+    with pytest.raises(ValueError, match="precision='bf16' autocasts float32 operations, and this model is float64"):
+        kt.fit(make_model().double(), batches(), tmp_path / "e", steps=1, precision="bf16")  # fp64 as recorded 'bf16'
+
+
+def test_a_callback_whose_saved_state_it_cannot_read_is_named(tmp_path):
+    """A callback changed since the run saved it died in a bare KeyError('level') naming neither."""
+    class Stage(kt.Callback):
+        def state_dict(self):
+            return {"stage": 1}
+
+    kt.fit(make_model(), batches(), tmp_path, steps=1, callbacks=[Stage()])
+
+    class Stage(kt.Callback):  # noqa: F811: the same callback, a later version
+        def state_dict(self):
+            return {"level": 0}
+
+        def load_state_dict(self, state):
+            self.level = state["level"]
+
+    with pytest.raises(kpro.CheckpointError, match=r"callback .*Stage could not load the state the checkpoint holds "
+                                                   r"for it \(keys \['stage'\]\): KeyError: 'level'"):
+        kt.fit(make_model(), batches(), tmp_path, steps=2, callbacks=[Stage()])
 
 
 def test_bookkeeping_arguments_are_checked_before_anything_runs(tmp_path):

@@ -328,6 +328,9 @@ def test_schedule_errors():
         kt.Schedule("constant", decay_steps=5)
     with pytest.raises(ValueError, match="min_ratio needs a linear or cosine schedule"):
         kt.Schedule("constant", warmup_steps=2, min_ratio=0.1)  # was ignored: 1.0 after warmup
+    for total in (3, -5):  # ignored: a constant schedule ends nowhere
+        with pytest.raises(ValueError, match=f"a constant one has none \\(got total_steps={total}\\)"):
+            kt.Schedule("constant", warmup_steps=5, total_steps=total)
     for bad in (0, 101, 2.5, True):
         with pytest.raises(ValueError, match=r"decay_steps must be an integer from 1 to total_steps - warmup_steps \(100\)"):
             kt.Schedule("linear", warmup_steps=10, total_steps=110, decay_steps=bad)

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Sequence
 
-from ..tokenizer import checked_ids
+from ..tokenizer import checked_ids, special_token_in
 from ..train.data import read_jsonl
 
 PROMPT_TEMPLATE = "Question: {instruction}\n\nAnswer:"
@@ -135,6 +135,10 @@ def tokenize_instructions(tok, examples: Sequence[Instruction], max_length: int)
                                          " " + example.response)
         except ValueError as err:  # a symbol the tokenizer lacks: say which example
             raise ValueError(f"example {i} (from 0): {err}") from None
+        special = special_token_in(tok, prompt[1:] + answer)
+        if special is not None:
+            raise ValueError(f"example {i} (from 0): its text spells the tokenizer's {special} token, which would "
+                             "end or restart the sequence there; remove it from the data")
         answer = answer + [tok.eos_id]
         if len(prompt) + len(answer) > max_length:
             dropped += 1

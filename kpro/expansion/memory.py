@@ -15,6 +15,12 @@ def saved_activation_bytes(forward: Callable[[], Any], exclude: Iterable[torch.T
     fused qkv output that three views keep alive, counts at its real size. Copies of weights do count
     (bf16 casts under autocast are memory the step holds). Call backward on the result afterwards as usual.
     """
+    if isinstance(exclude, torch.nn.Module):  # what it was asked for anyway
+        exclude = exclude.parameters()
+    exclude = list(exclude)
+    if not all(isinstance(t, torch.Tensor) for t in exclude):
+        raise TypeError("exclude takes tensors (model.parameters()), got "
+                        f"{type(next(t for t in exclude if not isinstance(t, torch.Tensor))).__name__} items")
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     kept: dict[int, torch.UntypedStorage] = {}  # held until the end, so no address is reused meanwhile
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..tokenizer import SymbolTokenizer
+from ..tokenizer import SymbolTokenizer, special_token_in
 from .data import ANSWER_MARK, CoTExample, _excerpt
 
 IGNORE_INDEX = -100  # label of a position that takes no loss (torch's cross_entropy default)
@@ -72,7 +72,11 @@ def tokenize_example(example: CoTExample, tokenizer, bos: bool = True) -> Tokeni
     """`[bos] input <eos> cot <eos> #### answer <eos>` with the CoT's token span."""
     prompt = prompt_ids(example, tokenizer, bos)
     cot = tokenizer.encode(example.cot, bos=False) if example.cot else []
-    ids = prompt + cot + [tokenizer.eos_id] + answer_ids(example, tokenizer)
+    answer = answer_ids(example, tokenizer)
+    special = special_token_in(tokenizer, prompt[int(bos):-1] + cot + answer[:-1])
+    if special is not None:  # it would end a segment early: the CoT span and the labels would be wrong
+        raise ValueError(f"its text spells the tokenizer's {special} token; remove it from the data")
+    ids = prompt + cot + [tokenizer.eos_id] + answer
     return TokenizedExample(tuple(ids), len(prompt), len(prompt) + len(cot))
 
 

@@ -15,6 +15,7 @@ in progress), `model`, `optimizer`, `total_steps`, and takes requests: `reset_op
 """
 from __future__ import annotations
 
+from ..errors import CheckpointError
 from .checkpointing import check_loadable, type_name
 
 
@@ -84,4 +85,13 @@ def load_callback_states(callbacks, states: dict) -> None:
                          f"pass the same callbacks to resume (this run has: {', '.join(keys) or 'none'})")
     for key, cb in zip(keys, callbacks):
         if key in states and hasattr(cb, "load_state_dict"):
-            cb.load_state_dict(states[key])
+            try:
+                cb.load_state_dict(states[key])
+            # A state of another layout (the callback changed since the run saved it); a ValueError is a
+            # callback's own refusal, which names its cause.
+            except (KeyError, IndexError, TypeError, AttributeError) as err:
+                saved = states[key]
+                held = f"keys {sorted(map(str, saved))}" if isinstance(saved, dict) else type(saved).__name__
+                raise CheckpointError(f"callback {key} could not load the state the checkpoint holds for it ({held}): "
+                                      f"{type(err).__name__}: {err}; resume with the callback the run was saved "
+                                      "with") from err

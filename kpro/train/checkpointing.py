@@ -156,6 +156,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     target = checkpoint_dir(run_dir, step)
 
     def write():
+        newer = [c.name for c in list_checkpoints(target.parent) if checkpoint_step(c) > step]
+        if newer:  # keep_last would prune the one written now, and a resume would take the newer branch
+            raise CheckpointError(f"{target.parent} holds {', '.join(newer[:3])}, past step {step}: a rewound run "
+                                  "writes into another directory")
         _write_checkpoint_dir(target, model, full_model, full_optim, state, summary, env, write_extra)
         if keep_last is not None:
             prune(target.parent, keep_last)
@@ -211,7 +215,10 @@ def prune(run_dir: Path, keep_last: int) -> None:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         trash = old.parent / f".{old.name}.deleting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(old, trash)
+        try:
+            os.rename(old, trash)
+        except FileNotFoundError:  # pruned by another process since it was listed
+            continue
         shutil.rmtree(trash)
 
 

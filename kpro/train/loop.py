@@ -47,6 +47,7 @@ class Run:
         self.metrics: dict = {}
         self.checkpoint: Path | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self._optimized: set[int] = set()  # ids of the optimizer's parameters
         self._make_optimizer = make_optimizer
         self._save_requested = self._stop_requested = False
 
@@ -62,13 +63,33 @@ class Run:
         optimizer = self._make_optimizer(self.model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is self.optimizer:  # its moments would go on: no reset at all
+            raise ValueError("the optimizer factory returned the optimizer in use; it must build a new one each call "
+                             "(fit calls it again wherever a fresh optimizer is asked for)")
         names = {id(p): name for name, p in self.model.named_parameters()}
-        frozen = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        foreign = sum(id(p) not in names for p in held)
+        if foreign:  # the model's own parameters would never change, silently
+            raise ValueError(f"the optimizer holds {foreign} parameter(s) that are not the model's; build it from the "
+                             "model the factory is given")
+        frozen = [names[id(p)] for p in held if not p.requires_grad]
         if frozen:
             raise ValueError(f"the optimizer holds {len(frozen)} frozen parameter(s) ({', '.join(frozen[:4])}"
                              f"{', ...' if len(frozen) > 4 else ''}); give it only parameters with requires_grad")
         remember_peak_lr(optimizer)
         self.optimizer = optimizer
+        self._optimized = {id(p) for p in held}
+        self.check_optimizer_covers_the_trainable()
+
+    def check_optimizer_covers_the_trainable(self) -> None:
+        """A trainable parameter the optimizer lacks (made trainable after the optimizer was built, say) would
+        gather gradients step after step, outside clipping, and never change: refused, naming it."""
+        left_out = [name for name, p in self.model.named_parameters()
+                    if p.requires_grad and id(p) not in self._optimized]
+        if left_out:
+            raise ValueError(f"{len(left_out)} trainable parameter(s) are not in the optimizer ({', '.join(left_out[:4])}"
+                             f"{', ...' if len(left_out) > 4 else ''}): freeze them (requires_grad False), or call "
+                             "run.reset_optimizer() after changing which parameters train")
 
     def save_checkpoint(self) -> None:
         """Save a checkpoint at the end of the current step."""
@@ -136,7 +157,10 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                                           f"find the checkpoint to resume in {out_dir}", env)
     settings = {"schedule": dataclasses.asdict(schedule) if isinstance(schedule, Schedule) else None,
                 "clip_grad_norm": clip_grad_norm, "precision": _precision(precision, model),
-                "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))}
+                "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})),
+                # also where the optimizer state holds none (plain SGD), which the checks below read them from
+                "param_groups": [{**group, "params": len(run.optimizer.param_groups[i]["params"])}
+                                 for i, group in enumerate(_hyperparameters(run.optimizer))]}
     fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
     start_rng = rng_state() if fast_forward else None
     # A plain iterable's batch size (rows of its first batch), checked where a resume fast-forwards it.
@@ -258,7 +282,6 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> N
         raise CheckpointError(f"{checkpoint} is at step {done}, past steps={run.total_steps}: pass steps={done} or "
                               f"more to continue that run (steps={done}: it is done), or resume an earlier checkpoint "
                               "(resume=PATH) into another directory")
-    asked = _hyperparameters(run.optimizer)
     state = load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
     # Checkpoints written before (some) settings were saved, and schedules that are not a Schedule: unchecked.
     recorded = state.get("settings", {})
@@ -269,9 +292,14 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> N
                          for key in sorted(set(saved) | set(schedule))
                          if key != "total_steps" and saved.get(key) != schedule.get(key)]
     differences += [f"{key}: {recorded[key]!r} in the checkpoint, {value!r} now" for key, value in settings.items()
-                    if key != "schedule" and key in recorded and recorded[key] != value]
-    differences += [f"optimizer param group {i} {key}: {saved[key]!r} in the checkpoint, {value!r} now"
-                    for i, (now, saved) in enumerate(zip(asked, _hyperparameters(run.optimizer)))
+                    if key not in ("schedule", "param_groups") and key in recorded and recorded[key] != value]
+    # A checkpoint of an older kpro has no param_groups setting: they are read from its optimizer state.
+    groups = recorded.get("param_groups", _hyperparameters(run.optimizer))
+    if len(groups) != len(settings["param_groups"]) and "param_groups" in recorded:
+        differences.append(f"optimizer param groups: {len(groups)} in the checkpoint, "
+                           f"{len(settings['param_groups'])} now")
+    differences += [f"optimizer param group {i} {'parameter count' if key == 'params' else key}: {saved[key]!r} in the "
+                    f"checkpoint, {value!r} now" for i, (now, saved) in enumerate(zip(settings["param_groups"], groups))
                     for key, value in now.items() if key in saved and saved[key] != value]
     if differences:
         raise CheckpointError(f"{checkpoint} was trained with other settings than this call asks for:\n  "
@@ -321,6 +349,7 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     Returns (the step's global loss, the gradient norm before clipping, whether any process was interrupted).
     """
     env, train_model, optimizer = run.env, run.train_model, run.optimizer
+    run.check_optimizer_covers_the_trainable()
     # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
     micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
     totals, counts, summed = [], [], None
@@ -480,8 +509,8 @@ def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_e
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not _positive_int(grad_accum):
         raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip_grad_norm must be positive or None, got {clip!r}")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if save_every is not None and not _positive_int(save_every):
@@ -508,8 +537,13 @@ def _check_schedule_covers(schedule, steps: int) -> None:
 
 def _precision(precision: str, model: nn.Module) -> str:
     """What `precision` means for this model: "bf16" (autocast) or "fp32"."""
-    device_type = next(model.parameters()).device.type
-    return "bf16" if precision == "bf16" or (precision == "auto" and device_type == "cuda") else "fp32"
+    first = next(model.parameters())
+    if first.dtype == torch.float64:  # autocast leaves float64 as it is
+        if precision == "bf16":
+            raise ValueError("precision='bf16' autocasts float32 operations, and this model is float64: it would run "
+                             "in float64 as asked for nothing; pass precision='fp32', or cast the model")
+        return "fp32"
+    return "bf16" if precision == "bf16" or (precision == "auto" and first.device.type == "cuda") else "fp32"
 
 
 def _autocast(precision: str, model: nn.Module):

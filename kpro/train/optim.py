@@ -78,6 +78,9 @@ class Schedule:
                     self.total_steps <= self.warmup_steps:
                 raise ValueError(f"a {self.kind} schedule needs total_steps > warmup_steps "
                                  f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps})")
+        if self.kind == "constant" and self.total_steps is not None:  # it would be ignored
+            raise ValueError(f"total_steps is where a linear or cosine schedule ends its decay; a constant one has "
+                             f"none (got total_steps={self.total_steps!r}): leave it out")
         if self.kind == "constant" and self.min_ratio != 0.0:
             raise ValueError(f"min_ratio needs a linear or cosine schedule (a constant one never decays), got "
                              f"min_ratio={self.min_ratio!r}")
