@@ -13,6 +13,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     if config.getoption("benchmark"):
-        config.option.benchmark_only = True
+        # Only the timed cases, where timing runs: pytest-benchmark refuses --benchmark-only beside
+        # --benchmark-disable or --benchmark-skip, and turns timing off itself under xdist (-n).
+        untimed = config.getoption("benchmark_disable", False) or config.getoption("benchmark_skip", False) or \
+            (config.getoption("numprocesses", None) or 0) != 0 or config.getoption("dist", "no") != "no"
+        config.option.benchmark_only = not untimed
         if config.args_source == pytest.Config.ArgsSource.TESTPATHS:  # no paths given: the benchmarks
             config.args[:] = [str(ROOT / "benchmarks")]

@@ -42,7 +42,10 @@ def encode(chunk: list) -> tuple[list, np.ndarray, np.ndarray]:
     pieces = []
     for index, line, _, payload in chunk:
         text = payload if isinstance(payload, str) else jsonl_text(payload, _FILES[index], line)
-        pieces.append(head + tok.encode(text, bos=False) + [tok.eos_id])
+        try:
+            pieces.append(head + tok.encode(text, bos=False) + [tok.eos_id])
+        except ValueError as err:  # a character the tokenizer lacks: where, of thousands of lines
+            raise ValueError(f"{_FILES[index]}:{line}: {err}") from None
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
     return [item[:3] for item in chunk], flat, lengths

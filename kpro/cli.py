@@ -110,6 +110,11 @@ def cmd_generate(args) -> None:
 
     # Before the model loads and a seed is printed for a sample that would never be drawn.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:  # -1 drew what 2**64 - 1 draws; more overflowed
+        raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    empty = [i for i, prompt in enumerate(args.prompt) if not prompt]
+    if empty:  # a tokenizer that adds no bos gives it no token to continue from
+        raise ValueError(f"--prompt {empty[0] + 1} is empty; give each prompt some text")
     device = resolve_device(args.device)
     model = load_pretrained(args.dir, dtype=DTYPES[args.dtype], device=device)
     tok = load_tokenizer(args.dir)
@@ -143,6 +148,9 @@ def cmd_demo(args) -> None:
     unknown = [act for act in acts if act not in demo.ACTS]
     if unknown:
         raise ValueError(f"unknown demo act(s) {', '.join(unknown)}; choose from {', '.join(demo.ACTS)}")
+    twice = [act for i, act in enumerate(acts) if act in acts[:i]]
+    if twice:  # it ran twice into one directory, and the summary counted it twice
+        raise ValueError(f"demo act {twice[0]} is named twice")
     demo.run(acts, Path(args.out), seed=args.seed)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from pathlib import Path
 
 DEVICE_HELP = "cpu, cuda or cuda:N; auto: cuda when torch sees a GPU, else cpu"
 
@@ -88,3 +89,18 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def check_input_file(path, flag: str) -> None:
+    """A file a command reads, named by its flag where it is missing or a directory (not an OS errno)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a directory; give a file")
+
+
+def check_output_dir(path, flag: str = "--out") -> None:
+    """A directory a command writes into: a file in its place is named by its flag."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise FileExistsError(f"{flag} {path} is a file; give a directory")

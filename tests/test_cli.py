@@ -130,7 +130,9 @@ def test_generate_prints_the_seed_it_drew_and_a_larger_tokenizer_is_refused(tmp_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "has 21 tokens but the model only 13 embeddings" in err and \
         err.count("\n") == 1, err
-    assert main(["bitune", "--model", str(tmp_path / "ck"), "--data", str(tmp_path / "none.jsonl"), "--device", "cpu"]) == 1
+    (tmp_path / "inst.jsonl").write_text('{"instruction": "ab", "response": "cd"}\n')
+    assert main(["bitune", "--model", str(tmp_path / "ck"), "--data", str(tmp_path / "inst.jsonl"), "--device", "cpu",
+                 "--out", str(tmp_path / "o")]) == 1
     assert "has 21 tokens but the model only 13 embeddings" in capsys.readouterr().err
 
 
@@ -187,6 +189,52 @@ def test_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
         path.write_text(text)
         with pytest.raises(ValueError, match=f"kpro_char_tokenizer.json {message}"):
             kpro.load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    # raw OS errors before ([Errno 2], [Errno 21], [Errno 17], [Errno 20]), naming no flag
+    (["bitune", "--model", "ck", "--data", "nope.jsonl", "--out", "o"], "--data nope.jsonl does not exist"),
+    (["bitune", "--model", "ck", "--data", "ck", "--out", "o"], "--data ck is a directory; give a file"),
+    (["bitune", "--model", "ck", "--data", "inst.jsonl", "--eval", "mc.jsonl", "--eval", "./mc.jsonl", "--out", "o"],
+     "--eval ./mc.jsonl is named twice"),  # scored once, or twice when spelt another way
+    (["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", "afile"], "--out afile is a file; give a directory"),
+    (["internalize", "--train", "ck", "--valid", "corpus.txt", "--out", "o"], "--train ck is a directory"),
+    (["internalize", "--task", "2x2", "--out", "afile"], "--out afile is a file; give a directory"),
+    (["internalize", "--task", "2x2", "--data-seed", "-1", "--out", "o"], "--data-seed must be >= 0, got -1"),
+    (["internalize", "--task", "2x2", "--model", "ck", "--eval-only", "--steps", "5", "--no-select-best",
+      "--out", "o"], "--steps, --no-select-best shape a training run; --eval-only evaluates --model as it is"),
+    (["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", "afile"], "--out afile is a file"),
+    (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", "-1"], "--seed must be an integer from 0"),
+    (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", str(2 ** 80)], "--seed must be an integer"),
+    (["generate", "ck", "--prompt", "ab", "--prompt", ""], "--prompt 2 is empty"),  # pad_left's message before
+    (["expand", "ck/config.json", "x", "--blocks", "1"], "ck/config.json is a file, not a checkpoint directory"),
+    (["expand", "ck", "afile", "--blocks", "1"], "afile is a file; choose a directory"),  # "is not empty" before
+    (["train-expanded", "ck", "--data", "corpus.txt", "--out", "ck/run"], "--out ck/run is inside the checkpoint ck"),
+    (["demo", "basics", "basics"], "demo act basics is named twice"),
+])
+def test_command_errors_name_their_flag(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "corpus.txt").write_text("ab cd\n\nef gh\n")
+    (tmp_path / "inst.jsonl").write_text('{"instruction": "ab", "response": "cd"}\n')
+    (tmp_path / "mc.jsonl").write_text('{"question": "ab", "choices": ["c", "d"], "answer": 0}\n')
+    (tmp_path / "afile").write_text("")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_train_expanded_runs_beside_a_checkpoint_given_as_dot(tmp_path, capsys, monkeypatch):
+    """`train-expanded .` wrote its run to a directory named `-post` inside the checkpoint."""
+    write_checkpoint(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "with space"), "--blocks", "1"]) == 0
+    assert f"next: python -m kpro train-expanded '{tmp_path / 'with space'}' --data" in capsys.readouterr().out
+    (tmp_path / "corpus.txt").write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(8)))
+    monkeypatch.chdir(tmp_path / "with space")
+    assert main(["train-expanded", ".", "--data", "../corpus.txt", "--steps", "1", "--seq-len", "8",
+                 "--batch-size", "2", "--device", "cpu"]) == 0
+    assert (tmp_path / "with space-post" / "final" / "config.json").is_file()
+    assert not any(p.name.endswith("-post") for p in (tmp_path / "with space").iterdir())
 
 
 def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_path, capsys):

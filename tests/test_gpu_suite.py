@@ -459,6 +459,17 @@ def test_each_suite_keyword_of_the_docs_selects_its_file_only():
     assert found == {keyword: [file] for keyword, file in suites.items()}, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("untimed", [["--benchmark-disable"], ["--benchmark-skip"], ["-n", "2"]], ids=" ".join)
+def test_the_benchmark_flag_combines_with_untimed_runs(untimed):
+    """--benchmark asked pytest-benchmark for --benchmark-only, which it refuses beside --benchmark-disable and
+    under xdist ("Can't have both --benchmark-only and --benchmark-disable", an option nobody gave)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", *untimed, "--collect-only", "-q", "-p",
+                           "no:cacheprovider", "-k", "rms_norm and 2048x1024"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0 and "benchmark-only" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "test_norm_swiglu.py" in done.stdout or untimed[0] == "-n", done.stdout  # xdist lists no ids
+
+
 def test_ratios_can_compare_a_time_other_than_the_median():
     """record_ratios(seconds=...) compares the given times, not the timed calls' medians: test_train.py's fit
     round holds a final checkpoint that the hand-written loop's does not, so its ratio is of steady-state

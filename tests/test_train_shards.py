@@ -399,6 +399,28 @@ def test_tokenize_names_bad_input(tmp_path, capsys):
     assert "ok.txt is given twice (also as" in capsys.readouterr().err
 
 
+def test_a_character_the_tokenizer_lacks_is_named_with_its_file_and_line_and_the_fixed_input_runs(tmp_path, capsys):
+    """`character 'Q' is not in the alphabet` named no file or line, one line among thousands; and the run that
+    failed (no shard written) refused the fixed file as another run's input."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc\n\ndef\n\ngQh\n")
+    args = ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(corpus), "--out", str(tmp_path / "t"),
+            "--workers", "1"]
+    assert main(args) == 1
+    assert f"{corpus}:5: character 'Q' is not in the alphabet" in capsys.readouterr().err
+    corpus.write_text("abc\n\ndef\n\ngah\n")
+    assert main(args) == 0 and kt.TokenShards(tmp_path / "t", seq_len=3, batch_size=1).num_rows > 0
+    torch.manual_seed(0)
+    kpro.save_pretrained(kpro.Llama(tiny_config(num_hidden_layers=2, vocab_size=13)), tmp_path / "src")
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")
+    (tmp_path / "bad.txt").write_text("abc\n\nabQ def\n")
+    assert main(["train-expanded", str(tmp_path / "src"), "--data", str(tmp_path / "bad.txt"), "--train-blocks", "1",
+                 "--out", str(tmp_path / "run"), "--steps", "1", "--seq-len", "4", "--device", "cpu"]) == 1
+    assert "document 2 of the corpus ('abQ def'): character 'Q' is not in the alphabet" in capsys.readouterr().err
+
+
 def test_train_expanded_reads_a_shard_directory(tmp_path, capsys):
     alphabet = "abcdefgh \n"
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli_args import add_device_argument, resolve_device
+from ..cli_args import add_device_argument, check_input_file, check_output_dir, resolve_device
 from .passes import MODES
 
 WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
@@ -62,6 +62,14 @@ def run(args) -> None:
     for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")
+    check_input_file(args.data, "--data")
+    for path in args.eval:
+        check_input_file(path, "--eval")
+    named_twice = [path for i, path in enumerate(args.eval) if Path(path).resolve() in
+                   {Path(other).resolve() for other in args.eval[:i]}]
+    if named_twice:  # scored once, or twice under another spelling of the path
+        raise ValueError(f"--eval {named_twice[0]} is named twice")
+    check_output_dir(args.out)
     questions = {path: read_multiple_choice(path) for path in args.eval}  # fail early on bad files
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tok = load_tokenizer(args.model)

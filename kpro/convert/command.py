@@ -1,6 +1,7 @@
 """`python -m kpro convert-gguf FILE OUT`: a llama.cpp GGUF file as an HF-layout checkpoint directory."""
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -40,4 +41,4 @@ def cmd_convert_gguf(args) -> None:
     files = sorted(p for p in Path(out).iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in files)
     print(f"wrote {out}/ ({', '.join(p.name for p in files)}; {size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
-    print(f"try: python -m kpro generate {out} --prompt 'The capital of France is'")
+    print(f"try: python -m kpro generate {shlex.quote(str(out))} --prompt 'The capital of France is'")

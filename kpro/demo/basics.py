@@ -5,6 +5,7 @@ KV cache.
 from __future__ import annotations
 
 import random
+import shlex
 from functools import partial
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
         ids = torch.tensor([tok.encode(prompt, bos=True)])
         sample = generate(reloaded, ids, 10, temperature=0.7, generator=torch.Generator().manual_seed(seed))
         print(f"  {prompt} -> {tok.decode(sample[0, ids.shape[1]:].tolist())}   (sampled at temperature 0.7)")
-    print(f"try: python -m kpro generate {out_dir} --prompt 'abcdef>'")
+    print(f"try: python -m kpro generate {shlex.quote(str(out_dir))} --prompt 'abcdef>'")
     print(claim_line("basics", CLAIM, shown, f"held-out accuracy {acc:.2f} after reloading (needs >= {LEARNED}), "
                      f"{same}/{len(held_out)} answers unchanged by the save and reload") + "\n")
     return {"accuracy": acc, "same_answers": same, "claim_shown": shown}

@@ -65,15 +65,19 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
         raise ValueError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {src} does not exist")
+        raise FileNotFoundError(f"{src} is a file, not a checkpoint directory" if src.exists()
+                                else f"checkpoint directory {src} does not exist")
     source, target = src.resolve(), dst.resolve()
     if target == source or source in target.parents or target in source.parents:
         what = "is the source" if target == source else "is inside the source" if source in target.parents \
             else "holds the source"
         raise ValueError(f"the destination {dst} {what} {src}: expand writes a new checkpoint beside it (the output "
                          "replaces its destination whole); choose another directory")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise FileExistsError(f"{dst} already exists and is not empty; choose a new directory, or overwrite=True (--overwrite) to replace it")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} is a file; choose a directory")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} already exists and is not empty; choose a new directory, or overwrite=True "
+                              "(--overwrite) to replace it")
     max_shard_bytes = parse_size(max_shard_size)
     if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}")

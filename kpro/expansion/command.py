@@ -2,6 +2,7 @@
 and post-pretraining of its new blocks."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from ..cli_args import DEVICE_HELP, DTYPES, add_device_argument, block_list, positive_int, resolve_device
@@ -32,7 +33,7 @@ def add_parsers(sub) -> None:
                    help="corpus file: plain text, documents separated by blank lines, or .jsonl with a \"text\" "
                         "field; repeat for several. Or one token shard directory (`python -m kpro tokenize`), "
                         "read from disk as training goes: a corpus of any size")
-    p.add_argument("--out", help="run directory (default ./<DIR name>-post)")
+    p.add_argument("--out", help="run directory (default <DIR name>-post, beside DIR)")
     p.add_argument("--train-blocks", type=block_list, help="blocks to train, e.g. 4,9,14 (default: the new blocks "
                    "recorded in DIR/kpro_expansion.json)")
     p.add_argument("--steps", type=positive_int, default=1000,
@@ -72,13 +73,17 @@ def cmd_expand(args) -> None:
           + (f"; copied {', '.join(result.copied_files)}" if result.copied_files else "; no tokenizer found to copy"))
     if result.skipped:
         print(f"left behind: {', '.join(result.skipped)} (weights in other formats, subdirectories)")
-    print(f"next: python -m kpro train-expanded {result.directory} --data corpus.txt")
+    print(f"next: python -m kpro train-expanded {shlex.quote(str(result.directory))} --data corpus.txt")
 
 
 def cmd_train_expanded(args) -> None:
     from .posttrain import train_expanded
 
-    out = args.out or f"{Path(args.dir).name}-post"
+    source = Path(args.dir).resolve()
+    out = Path(args.out) if args.out else source.parent / f"{source.name}-post"  # `.` named itself "-post"
+    if out.resolve() == source or source in out.resolve().parents:  # its runs would be copied with the model
+        raise ValueError(f"--out {out} is {'the checkpoint' if out.resolve() == source else 'inside the checkpoint'} "
+                         f"{args.dir}: the run writes beside it; choose another --out")
     final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps, seq_len=args.seq_len,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,

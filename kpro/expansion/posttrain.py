@@ -54,8 +54,13 @@ def read_corpus(paths) -> list[str]:
 
 def corpus_rows(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     """Tokenized documents packed into rows [N, seq_len]: `<bos> doc <eos> <bos> doc <eos> ...`."""
-    return pack_documents((tokenizer.encode(doc, bos=False) for doc in documents), seq_len,
-                          eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
+    def encoded():
+        for number, doc in enumerate(documents, start=1):
+            try:
+                yield tokenizer.encode(doc, bos=False)
+            except ValueError as err:  # a character the tokenizer lacks: which of the corpus's documents
+                raise ValueError(f"document {number} of the corpus ({doc[:40]!r}): {err}") from None
+    return pack_documents(encoded(), seq_len, eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
 
 
 class CopyFilesIntoCheckpoints(Callback):

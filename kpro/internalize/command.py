@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_pretrained, save_pretrained
-from ..cli_args import add_device_argument, resolve_device
+from ..cli_args import add_device_argument, check_input_file, check_output_dir, resolve_device
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
@@ -39,6 +39,12 @@ PAPER_TRAIN_SIZE = 808_000
 SIZES = {"tiny": (4, 128, 4, 512), "small": (6, 256, 8, 1024), "base": (12, 768, 12, 3072)}
 SCRATCH_LR, PRETRAINED_LR = 1e-3, 5e-5  # the paper fine-tuned GPT-2 at 5e-5; a small model from scratch needs more
 MULTIPLICATION_TASK = re.compile(r"([1-9][0-9]*)x\1")
+
+
+TRAINING_OPTIONS = ("no_removal", "no_cot", "batch_size", "steps", "epochs", "steps_per_epoch", "remove_per_epoch",
+                    "smoothing_lambda", "remove_all_after", "keep_optimizer", "weight_decay", "select_best", "lr",
+                    "decay_steps", "warmup_steps", "seed", "save_every", "keep_last", "train", "train_size",
+                    "eval_every", "precision")
 
 
 def add_parsers(sub) -> None:
@@ -140,7 +146,8 @@ def add_parsers(sub) -> None:
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="training precision (default auto: bf16 autocast on CUDA, fp32 on the CPU)")
     run.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
-    p.set_defaults(run=run_command)
+    # What --eval-only would ignore: refused when given otherwise than its default
+    p.set_defaults(run=run_command, training_defaults={name: p.get_default(name) for name in TRAINING_OPTIONS})
 
 
 def run_command(args) -> None:
@@ -354,14 +361,21 @@ def _check_args(args) -> None:
     args.device = resolve_device(args.device)
     if args.eval_only and args.model is None:
         raise ValueError("--eval-only evaluates a trained model: pass --model DIR")
+    if args.eval_only:
+        given = [f"--{'no-' if default is True else ''}{name.replace('_', '-')}"
+                 for name, default in getattr(args, "training_defaults", {}).items() if getattr(args, name) != default]
+        if given:  # ignored before, silently
+            raise ValueError(f"{', '.join(given)} shape a training run; --eval-only evaluates --model as it is")
     shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")
              if getattr(args, name) is not None]
     if args.model is not None and shape:
         raise ValueError(f"{', '.join(shape)} shape a new model; --model {args.model} has its own shape")
-    for name in ("train", "valid", "test", "model"):
-        path = getattr(args, name)
-        if path is not None and not path.exists():
-            raise FileNotFoundError(f"--{name} {path} does not exist")
+    for name in ("train", "valid", "test"):
+        if getattr(args, name) is not None:
+            check_input_file(getattr(args, name), f"--{name}")
+    if args.model is not None and not args.model.exists():
+        raise FileNotFoundError(f"--model {args.model} does not exist")
+    check_output_dir(args.out)
     positive = ("train_size", "eval_size", "batch_size", "steps", "steps_per_epoch", "save_every", "keep_last",
                 "eval_every", "eval_examples", "eval_batch_size", "threads", "layers", "hidden", "heads", "kv_heads",
                 "intermediate")
@@ -381,8 +395,9 @@ def _check_args(args) -> None:
         raise ValueError(f"--decay-steps must be >= 0 (0: a constant learning rate), got {args.decay_steps}")
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0 (0: no warmup), got {args.warmup_steps}")
-    if args.seed < 0:  # kpro.train.Batches shuffles with it: refused here, before data and model are made
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    for name in ("seed", "data_seed"):  # Batches shuffles with one, the generated data draws from the other
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.remove_all_after is not None and args.remove_all_after < 0:
         raise ValueError(f"--remove-all-after must be >= 0, got {args.remove_all_after}")
     if not args.smoothing_lambda > 0:

@@ -55,6 +55,8 @@ from unittest import mock
 
 import torch
 
+from ..cli_args import positive_int
+
 
 # --------------------------------------------------------------------------------------------------
 # Targets and occupancy
@@ -779,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also every autotuning candidate of the bf16 d64/d128 attention kernels")
     parser.add_argument("--unspecialised", action="store_true",
                         help="compile without the launch's divisibility and constant-1 facts (comparison only)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                         help="compiler processes (default: up to 4)")
     parser.add_argument("--only", metavar="TEXT", action="append",
                         help="only the cases whose name contains TEXT, e.g. rms_norm (repeatable)")

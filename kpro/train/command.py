@@ -25,7 +25,11 @@ def add_parsers(sub) -> None:
 
 
 def cmd_tokenize(args) -> None:
+    import shlex
+
+    from ..cli_args import check_output_dir
     from .tokenize import tokenize_corpus
 
+    check_output_dir(args.out)
     tokenize_corpus(args.tokenizer, args.data, args.out, shard_tokens=args.shard_tokens, workers=args.workers)
-    print(f"next: python -m kpro train-expanded EXPANDED_DIR --data {args.out}")
+    print(f"next: python -m kpro train-expanded EXPANDED_DIR --data {shlex.quote(str(args.out))}")

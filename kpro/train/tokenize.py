@@ -164,8 +164,14 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
     identity = tokenizer_identity(tokenizer_dir)
     workers = workers or os.cpu_count() or 1
     prepare_directory(out)
-    if is_shard_directory(out):
-        index = read_index(out, complete=False)
+    index = read_index(out, complete=False) if is_shard_directory(out) else None
+    if index is not None and not index["complete"] and not index["shards"]:
+        # A run that wrote no shard (its input refused, say) resumes from the start anyway: nothing to protect,
+        # so inputs fixed since start over rather than be refused as another run's.
+        _remove_leftovers(out, index)
+        (out / INDEX_FILE).unlink()
+        index = None
+    if index is not None:
         _check_same_run(index, identity, inputs, shard_tokens, out)
         if index["complete"]:
             print(f"{out} is already complete: {index['tokens']:,} tokens in {len(index['shards'])} shard(s)", file=stream)
