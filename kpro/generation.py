@@ -63,6 +63,10 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     (kpro.generate prefills a plain prompt; Bitune prefills its three streams and continues here.)"""
     max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
     stop_after_eos = _positive_int("stop_after_eos", stop_after_eos)
+    if logits.dim() != 2 or logits.shape[0] != cache.batch_size:  # the prefill's [B, T, V] is the easy mistake
+        raise ValueError(f"logits must be the last position's [B={cache.batch_size}, V], got {tuple(logits.shape)} "
+                         "(the prefill's logits[:, -1])")
+    check_left_padded(attention_mask)  # a right-padded row would continue from its padding
     cfg = model.config
     eos = cfg.eos_token_ids if eos_token_id is None else _token_ids("eos_token_id", eos_token_id, cfg.vocab_size)
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)

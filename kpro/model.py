@@ -160,9 +160,9 @@ class Llama(nn.Module):
                                  f"pass the attention_mask [B, {past + length}] covering the cached tokens and these")
         else:  # the op's check (bool or 0/1 integers), with whether every token is real in the same device read
             all_real = ops.check_attention_mask(attention_mask, (batch, past + length), "model", report_all_real=True)
-            if cache is not None and not all_real:
-                cache.padded = True
         check_token_ids(input_ids, self.config.vocab_size)
+        if cache is not None and attention_mask is not None and not all_real:  # once the call is accepted
+            cache.padded = True
         # A mask of all ones is no mask: take the faster unmasked attention path. A checked mask goes to the
         # layers as bool, whose values need no further look.
         return None if attention_mask is None or all_real else attention_mask.bool()
@@ -238,6 +238,12 @@ class LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.cache.length, self.cache.length + k.shape[1]
         keys, values = self.cache.keys[self.index], self.cache.values[self.index]
-        keys[:, start:end] = k
-        values[:, start:end] = v
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or keys.requires_grad):
+            # Out of place where autograd records it: a later call's in-place write would change what an
+            # earlier graph saved, and its backward would fail ("modified by an inplace operation").
+            keys = self.cache.keys[self.index] = torch.slice_scatter(keys, k, 1, start, end)
+            values = self.cache.values[self.index] = torch.slice_scatter(values, v, 1, start, end)
+        else:
+            keys[:, start:end] = k
+            values[:, start:end] = v
         return keys[:, :end], values[:, :end]

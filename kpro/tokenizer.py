@@ -115,7 +115,7 @@ class _TokenizerBase:
         return [self.decode(ids) for ids in batch]
 
     def pad_left(self, sequences: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_left(sequences, self.pad_id, device=device)
+        return pad_left(sequences, self.pad_id, device=device, vocab_size=self.vocab_size)
 
 
 class Tokenizer(_TokenizerBase):
@@ -448,11 +448,13 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | 
     raise FileNotFoundError(f"{directory} holds no {', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}")
 
 
-def pad_left(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists to one length: (input_ids [B, T], attention_mask [B, T] with 1 = real)."""
+def pad_left(sequences: list[list[int]], pad_id: int, device=None,
+             vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to one length: (input_ids [B, T], attention_mask [B, T] with 1 = real); ids
+    outside [0, vocab_size) are refused where it is given (a tokenizer's method gives its own)."""
     import torch
 
-    sequences = [checked_ids(seq, None, f"sequences[{i}]") for i, seq in enumerate(sequences)]
+    sequences = [checked_ids(seq, vocab_size, f"sequences[{i}]") for i, seq in enumerate(sequences)]
     if not sequences or any(len(seq) == 0 for seq in sequences):
         raise ValueError("pad_left needs at least one sequence and no empty sequence")
     length = max(len(seq) for seq in sequences)

@@ -170,6 +170,45 @@ def test_a_cache_of_another_dtype_is_named_before_anything_is_written(make_model
     assert out.shape == (2, 6)
 
 
+def test_a_cache_in_grad_mode_gives_the_full_forwards_gradients(make_model):
+    """Written in place, the cache broke the backward of a chunked forward ("modified by an inplace
+    operation"); where autograd records the writes they go out of place."""
+    model = make_model()
+    ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    cache = kpro.KVCache(model.config, 2, 12, next(model.parameters()).dtype)
+    chunked = torch.cat((model(ids[:, :3], cache=cache), model(ids[:, 3:], cache=cache)), 1)
+    grads = torch.autograd.grad(chunked.square().sum(), list(model.parameters()))
+    full = model(ids)
+    torch.testing.assert_close(chunked, full)
+    for got, want in zip(grads, torch.autograd.grad(full.square().sum(), list(model.parameters()))):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_refused_call_leaves_the_cache_as_it_was(make_model):
+    """A call refused for its token ids marked the empty cache as holding padding, and every later call
+    without a mask was refused for padding that was not there."""
+    model = make_model()
+    cache = kpro.KVCache(model.config, 2, 8, next(model.parameters()).dtype)
+    with pytest.raises(ValueError, match="outside"):
+        model(torch.tensor([[1, 2], [3, 999]]), torch.tensor([[0, 1], [1, 1]]), cache=cache)
+    assert cache.length == 0 and not cache.padded
+    model(torch.tensor([[1, 2], [3, 4]]), cache=cache)
+
+
+def test_decode_refuses_a_right_padded_mask_and_the_prefills_full_logits(make_model):
+    """decode (what Bitune continues with) went on after the padding of a right-padded row, and the prefill's
+    [B, T, V] logits died in a broadcast error."""
+    model = make_model()
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    for mask, message in ((torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), r"rows \[0\] end in padding"),
+                          (torch.ones(2, 5, dtype=torch.long), r"logits must be the last position's \[B=2, V\]")):
+        cache = kpro.KVCache(model.config, 2, 12, next(model.parameters()).dtype)
+        with torch.no_grad():
+            logits = model(ids, mask, cache=cache)
+        with pytest.raises(ValueError, match=message):
+            kpro.generation.decode(model, cache, logits[:, -1] if "padding" in message else logits, mask, 3)
+
+
 def test_a_padded_cache_needs_its_mask_on_every_later_call(make_model):
     model = make_model()
     ids, mask = torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]])

@@ -302,9 +302,11 @@ def test_what_kpro_does_not_implement_is_refused_by_name(tmp_path, small_vocab, 
 def test_dtypes_are_checked_as_load_pretrained_checks_them(tmp_path, small_vocab):
     path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
     assert from_gguf(path, dtype="bf16").embed_tokens.weight.dtype == torch.bfloat16  # a raw TypeError before
-    for bad in (torch.int8, torch.float8_e4m3fn, "auto"):
+    for bad in (torch.int8, torch.float8_e4m3fn):
         with pytest.raises(ValueError, match="dtype"):
             from_gguf(path, dtype=bad)
+    with pytest.raises(ValueError, match=r"dtype 'auto' is not taken here: pass a floating dtype \(from_gguf\)"):
+        from_gguf(path, dtype="auto")  # "pass None", which from_gguf refuses, before
     with pytest.raises(ValueError, match="dtype torch.float64 is not one of"):  # safetensors files are not written in it
         convert_gguf(path, tmp_path / "out", dtype="float64")
     assert convert_gguf(path, tmp_path / "out", dtype="bfloat16").is_dir()

@@ -54,6 +54,27 @@ def test_triton_refuses_float64():
         ops.swiglu(x.double(), x.double())
 
 
+def test_an_interpreter_asked_for_after_triton_was_imported_is_named(tmp_path):
+    """Set after torch imported triton (an optimizer step does), TRITON_INTERPRET=1 reached kpro's kernels but not
+    Triton's own helpers, defined at import: the call died in "Cannot call @triton.jit'd outside of the scope of
+    a kernel" (an InterpreterError, no BackendError). A fresh process, as a user's script."""
+    script = (
+        "import os, sys, torch\n"
+        "from kpro import ops\n"
+        "p = torch.nn.Parameter(torch.randn(4)); opt = torch.optim.AdamW([p]); p.sum().backward(); opt.step()\n"
+        "assert 'triton' in sys.modules\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "try:\n"
+        "    with ops.backend('triton'):\n"
+        "        ops.rms_norm(torch.randn(3, 8), torch.ones(8))\n"
+        "except ops.BackendError as err:\n"
+        "    print(err)\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "KPRO_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parent.parent, timeout=300)
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
 def test_bf16_under_the_interpreter_is_right_without_the_test_suite(tmp_path):
     """Triton's CPU interpreter reads bf16 bits as integers in tl.dot: kpro fixes it when its triton backend
     first runs, so a user (no conftest here: a fresh process) gets the right numbers, not garbage. That first

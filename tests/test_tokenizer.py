@@ -73,3 +73,6 @@ def test_pad_left_rejects_empty():
         kpro.pad_left([[1], []], 0)
     ids, mask = kpro.pad_left([[5, 6, 7], [8]], pad_id=0)
     assert torch.equal(ids, torch.tensor([[5, 6, 7], [0, 0, 8]])) and mask.sum() == 4
+    tok = kpro.CharTokenizer("abc")  # a tokenizer's pad_left checks its vocabulary, as decode does (6 ids)
+    with pytest.raises(ValueError, match=r"sequences\[0\]\[1\] = 99 is outside the vocabulary \[0, 6\)"):
+        tok.pad_left([[1, 99]])

@@ -110,6 +110,9 @@ def test_an_epoch_draws_each_row_once_and_ranks_split_each_global_batch(tmp_path
         assert torch.equal(torch.cat(parts), batch)  # rank r holds rows 2r, 2r+1 of the global batch
     with pytest.raises(ValueError, match="cannot be split evenly over 4 processes"):
         next(iter(kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=6, rank=0, world_size=4)))
+    share = kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=6, rank=1, world_size=3)
+    with pytest.raises(ValueError, match="takes the rows of process 1 of 3, and this run has one process"):
+        kt.fit(kpro.Llama(tiny_config(num_hidden_layers=1)), share, tmp_path / "run", steps=1)  # a third, before
 
 
 def test_resume_mid_epoch_is_exact_and_refuses_other_data(tmp_path):

@@ -208,8 +208,9 @@ def load_tensor(file: GGUFFile, cfg: LlamaConfig, hf_name: str, gguf_name: str) 
 def _checked_dtype(dtype) -> torch.dtype:
     """float32, bfloat16, float16 or float64, or its name; anything else (integers, float8) is refused."""
     checked = checked_dtype(dtype)
-    if checked is None:  # "auto" is load_pretrained's; here None means the file's own
-        raise ValueError("dtype 'auto' is not taken here; pass None for the file's own dtype")
+    if checked is None:  # "auto" is load_pretrained's: a GGUF's quantised types have no torch dtype to keep
+        raise ValueError("dtype 'auto' is not taken here: pass a floating dtype (from_gguf), or None for "
+                         "convert_gguf's own choice (the file's float dtype)")
     return checked
 
 

@@ -226,6 +226,10 @@ def unavailable_reason(name: str, op: str, x: torch.Tensor) -> str | None:
             return "triton is not installed"
         if x.device.type == "cpu" and not triton_interpreter():
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if x.device.type == "cpu" and not interpreter_took_effect():
+            return ("TRITON_INTERPRET=1 was set after triton was imported (torch imports it on an optimizer step, for "
+                    "one), and Triton's own helpers were defined for the GPU then: set it before, in the environment "
+                    "or at the top of the script")
         if x.device.type not in ("cpu", "cuda"):
             return f"Triton does not run on {x.device.type} tensors"
         if x.device.type == "cpu":
@@ -258,6 +262,15 @@ _kernel_modules: dict[tuple[str, str], object] = {}
 
 def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_took_effect() -> bool:
+    """Whether triton was imported under the interpreter: its standard library's jit functions are defined at
+    import, and kernels calling them fail in the interpreter ("Cannot call @triton.jit'd outside of the scope
+    of a kernel") where they were defined for the GPU."""
+    from triton.language import standard
+
+    return type(standard.sum).__name__ == "InterpretedFunction"
 
 
 _interpreter_bf16: str | None = None  # "" once the interpreter computes bf16 right, else why it does not

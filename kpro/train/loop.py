@@ -468,9 +468,13 @@ def _check_same_data(batches, env: distributed.DistEnv) -> None:
     (a per-process source its own rows of them): data told apart by rank (a seed per rank, a TokenShards given
     another rank or world size) would train some rows on several processes and others never. Compared where
     the batches say what they are (`state_dict()`, and `process()` for a per-process source)."""
-    if env.world_size == 1:
-        return
     per_process = bool(getattr(batches, "per_process", False)) and hasattr(batches, "process")
+    if env.world_size == 1:
+        if per_process and tuple(batches.process()) != (0, 1):  # it would train on its share of the rows only
+            rank, world_size = batches.process()
+            raise ValueError(f"{type(batches).__name__} takes the rows of process {rank} of {world_size}, and this run "
+                             "has one process: pass neither rank nor world_size, or run under torchrun")
+        return
     mine = (tuple(batches.process()) if per_process else None,
             batches.state_dict() if hasattr(batches, "state_dict") else None)
     everyone = distributed.gather_objects(mine, env)  # every process decides alike: none is left waiting
