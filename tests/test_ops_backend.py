@@ -379,3 +379,41 @@ def test_eager_fast_path_only_for_plain_tensors_in_plain_eager_mode():
         seen.append(eager_fast_path(x))
     assert seen == [False, False, False]
     assert torch.equal(torch.compile(lambda t: t + eager_fast_path(t), backend="eager", fullgraph=True)(x), x)
+
+
+def _second_derivative_cases(device):
+    """op name -> (inputs requiring grad, the op's scalar of them): each op as a first derivative would use it."""
+    gen = torch.Generator().manual_seed(0)
+    leaf = lambda *shape: torch.randn(*shape, generator=gen).to(device).requires_grad_()
+    labels = torch.tensor([1, 4, 0, 2, 3]).to(device)
+    lens = torch.tensor([3, 2]).to(device), torch.tensor([4, 1]).to(device)
+    return {
+        "rms_norm": ((leaf(3, 8), leaf(8)), lambda x, w: ops.rms_norm(x, w)),
+        "swiglu": ((leaf(3, 8), leaf(3, 8)), lambda g, u: ops.swiglu(g, u)),
+        "swiglu_packed": ((leaf(3, 8),), lambda gu: ops.swiglu_packed(gu)),
+        "linear_cross_entropy": ((leaf(5, 8), leaf(6, 8)), lambda h, w: ops.linear_cross_entropy(h, w, labels)),
+        "attention": ((leaf(1, 5, 2, 8), leaf(1, 5, 2, 8), leaf(1, 5, 2, 8)), lambda q, k, v: ops.attention(q, k, v)),
+        "bitune_attention": ((leaf(2, 2, 3, 2, 8), leaf(2, 2, 3, 2, 8), leaf(2, 2, 3, 2, 8), leaf(2, 4, 2, 8),
+                              leaf(2, 4, 2, 8), leaf(2, 4, 2, 8)),
+                             lambda *s: torch.cat([o.flatten() for o in ops.bitune_attention(
+                                 *s, torch.tensor(0.3, device=device), torch.tensor(0.6, device=device), *lens)])),
+    }
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "swiglu_packed", "linear_cross_entropy", "attention",
+                                "bitune_attention"])
+def test_a_second_derivative_through_an_op_raises_whichever_input_it_asks_for(backend, op):
+    """The eager path's error node hung on fresh leaves: a second derivative asked only of the op's inputs
+    (autograd.grad(dx.sum(), w), a Hessian-vector product, a gradient penalty) never visited it, and the op's
+    term came back as zeros or None, silently. It must raise, as the custom ops' backward does."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    inputs, call = _second_derivative_cases(device)[op]
+    with ops.backend(backend):
+        first = torch.autograd.grad(call(*inputs).pow(2).sum(), inputs[0], create_graph=True)[0]
+        with pytest.raises(RuntimeError, match="no double backward|no autograd formula|not implemented"):
+            torch.autograd.grad(first.sum(), inputs[-1], allow_unused=True)
+    if op == "rms_norm":
+        x, w = inputs
+        with ops.backend(backend), pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.functional.hvp(lambda a: ops.rms_norm(a, w).pow(2).sum(), x.detach(), torch.ones_like(x))

@@ -179,11 +179,16 @@ def once_differentiable(backward):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
         present = [i for i, g in enumerate(outputs) if g is not None]
+        # The error node also takes the op's saved inputs and the incoming gradients that require grad: a
+        # second derivative with respect to one of them (autograd.grad(..., inputs=[w]), a Hessian-vector
+        # product) reaches the node and raises, where a node linked to fresh leaves alone was never visited
+        # and the op's term silently left out.
+        links = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
         error = torch._C._functions.DelayedError(
             b"kpro's ops have no double backward: their backward (as the custom ops' kpro::*_backward, which "
-            b"have no autograd formula) cannot be differentiated", len(present))
-        wrapped = error(*[outputs[i].detach().requires_grad_() for i in present])
-        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            b"have no autograd formula) cannot be differentiated", len(present) + len(links))
+        wrapped = error(*[outputs[i].detach().requires_grad_() for i in present], *links)
+        wrapped = (wrapped if isinstance(wrapped, tuple) else (wrapped,))[:len(present)]
         outputs = list(outputs)
         for i, grad in zip(present, wrapped):
             outputs[i] = grad
