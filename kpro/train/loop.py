@@ -88,8 +88,9 @@ class Run:
                     if p.requires_grad and id(p) not in self._optimized]
         if left_out:
             raise ValueError(f"{len(left_out)} trainable parameter(s) are not in the optimizer "
-                             f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}): freeze them (requires_grad False), or call "
-                             "run.reset_optimizer() after changing which parameters train")
+                             f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}): freeze them "
+                             "(requires_grad False), or call run.reset_optimizer() after changing which parameters "
+                             "train")
 
     def save_checkpoint(self) -> None:
         """Save a checkpoint at the end of the current step."""
