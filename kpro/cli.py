@@ -246,4 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             CheckpointError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)  # bad input, or a run that diverged: one line, no traceback
         return 1
+    except OSError as err:  # a full disk, a read-only file system: what the writing saw, in one line
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: cannot write or read{where}: {err.strerror or err}", file=sys.stderr)
+        return 1
     return 0

@@ -105,7 +105,7 @@ def test_cli_expand_errors_are_one_line(tmp_path, capsys):
         main(["expand", str(tmp_path / "src"), str(tmp_path / "a"), "--blocks", "0"])
     assert "expected a positive integer" in capsys.readouterr().err
     assert main(["expand", str(tmp_path / "src"), str(tmp_path / "taken"), "--blocks", "2", "--overwrite"]) == 0
-    assert not (tmp_path / "taken" / "file").exists()
+    assert (tmp_path / "taken" / "config.json").is_file() and (tmp_path / "taken" / "file").read_text() == "x"
 
 
 def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path):
@@ -209,6 +209,38 @@ def test_a_stale_expansion_record_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is stale" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_replaces_the_model_and_keeps_the_users_files(tmp_path):
+    """--overwrite deleted everything in DST: notes, an eval_results/ directory. It replaces a model
+    directory's files only, stale weights of another layout included."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, num_hidden_layers=4)
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2)
+    (tmp_path / "dst" / "NOTES.md").write_text("mine\n")
+    (tmp_path / "dst" / "eval_results").mkdir()
+    (tmp_path / "dst" / "eval_results" / "r.json").write_text("{}\n")
+    (tmp_path / "dst" / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (tmp_path / "dst" / "tokenizer.json").write_text("{}")  # another model's tokenizer
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 4, overwrite=True)
+    names = {p.name for p in (tmp_path / "dst").iterdir()}
+    assert {"NOTES.md", "eval_results", "model.safetensors", EXPANSION_FILE} <= names
+    assert not {"model-00001-of-00002.safetensors", "tokenizer.json"} & names
+    assert read_expansion_record(tmp_path / "dst")["num_new_blocks"] == 4
+
+
+def test_a_full_disk_is_one_line_naming_what_it_could_not_do(tmp_path, capsys, monkeypatch):
+    """ENOSPC or EROFS ended `python -m kpro` in a traceback."""
+    import errno
+    from kpro.expansion import checkpoint as expansion_checkpoint
+
+    write_checkpoint(tmp_path / "src", dtype=torch.float32)
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(expansion_checkpoint, "_write_safetensors", full)
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write or read (") and err.endswith("No space left on device\n"), err
+    assert not (tmp_path / "dst").exists()
 
 
 def test_expanding_an_untrained_expansion_keeps_its_new_blocks_in_the_record(tmp_path, capsys):

@@ -506,3 +506,31 @@ def test_compiled_and_accelerate_dispatched_models_are_refused_by_name(tmp_path)
     ids, mask, _ = left_padded()
     assert rel(offloaded(input_ids=ids, attention_mask=mask).logits[mask.bool()],
                stock(input_ids=ids, attention_mask=mask).logits[mask.bool()]) < 1e-6
+
+
+def test_output_attentions_after_switching_away_from_kpro_and_integer_masks_of_other_values():
+    """apply's input check refused output_attentions even after set_attn_implementation('eager'), whose own
+    message it sent the user to; an integer mask of segment ids (packing) or additive values was read as 0/1."""
+    stock = make_stock(layers=1)
+    model, _ = patched_copy(stock)
+    ids, mask, _ = left_padded()
+    for bad in (torch.tensor([[1] * 7 + [2] * 7] * 3), (mask - 1) * 10_000):
+        with pytest.raises(ValueError, match="holds other values \\(an additive float mask, or segment ids\\?\\)"):
+            model(input_ids=ids, attention_mask=bad)
+    model.set_attn_implementation("eager")
+    stock.set_attn_implementation("eager")
+    got = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    want = stock(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(got) == 1 and rel(got[0], want[0]) < 1e-6
+
+
+def test_recompute_frozen_warns_where_a_training_cache_leaves_it_nothing_to_do():
+    """With use_cache on (transformers' default), training runs each layer with a cache, and the recomputation
+    fell back to a plain run: the memory saving was lost silently (the gradients were right)."""
+    model, _ = patched_copy(make_stock(layers=3, use_cache=True))
+    kpro_hf.train_only(model, [1], recompute_frozen=True)
+    model.train()
+    ids, mask, labels = left_padded()
+    kpro_hf._warn_cache_in_training.cache_clear()
+    with pytest.warns(UserWarning, match="recomputes nothing while the model builds a KV cache in training"):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()

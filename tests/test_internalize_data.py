@@ -180,3 +180,25 @@ def test_limit_takes_the_first_examples_and_refuses_nonsense(tmp_path):
     for bad in (-1, 1.5, "3", True):  # -1 meant "all" in the official code; here it gave no examples
         with pytest.raises(ValueError, match="limit must be an integer >= 0, or None for every example"):
             read_examples(path, limit=bad)
+
+
+def test_a_training_set_that_fails_midway_leaves_the_old_one_and_no_temporary(tmp_path, monkeypatch):
+    """It was written to `train.txt.partial` (no fsync, never removed after a failure) and renamed: the command
+    reuses the file where it exists, so a truncated one must never be renamed into place."""
+    from kpro.internalize import multiplication
+
+    path = write_multiplication_training_set(tmp_path / "train.txt", 2, 300, seed=0)
+    before = path.read_bytes()
+    calls = []
+
+    def failing(pairs, n):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return encode(pairs, n)
+    encode = multiplication._encoded_lines
+    monkeypatch.setattr(multiplication, "_CHUNK", 100)  # 400 pairs: four chunks
+    monkeypatch.setattr(multiplication, "_encoded_lines", failing)
+    with pytest.raises(OSError, match="No space left"):
+        write_multiplication_training_set(path, 2, 400, seed=1)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["train.txt"]

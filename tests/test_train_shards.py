@@ -414,7 +414,10 @@ def test_a_character_the_tokenizer_lacks_is_named_with_its_file_and_line_and_the
     assert main(args) == 1
     assert f"{corpus}:5: character 'Q' is not in the alphabet" in capsys.readouterr().err
     corpus.write_text("abc\n\ndef\n\ngah\n")
+    (tmp_path / "t" / ".gitignore").write_text("*\n")  # a user's files: a resume deleted unlisted dotfiles
+    (tmp_path / "t" / "tokens-00007.bin").write_bytes(b"stray")  # a killed writer's unlisted shard: removed
     assert main(args) == 0 and kt.TokenShards(tmp_path / "t", seq_len=3, batch_size=1).num_rows > 0
+    assert (tmp_path / "t" / ".gitignore").is_file() and not (tmp_path / "t" / "tokens-00007.bin").exists()
     torch.manual_seed(0)
     kpro.save_pretrained(kpro.Llama(tiny_config(num_hidden_layers=2, vocab_size=13)), tmp_path / "src")
     kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import write_atomic
 from ..checkpoint import load_pretrained
 from ..expansion import expand, train_only
 from ..tokenizer import load_tokenizer
@@ -112,6 +113,6 @@ def reproduce_llama_pro_smollm2(out_dir: Path, seed: int = 0, steps: int = 40, b
     results["seconds"] = time.perf_counter() - start
     results["settings"] = {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "new_blocks": new_blocks,
                            "eval_rows": eval_rows, "seed": seed, "threads": torch.get_num_threads()}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     print(f"took {results['seconds'] / 60:.1f} min; results in {out_dir / 'results.json'}\n")
     return results

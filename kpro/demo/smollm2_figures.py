@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import write_atomic
 from ..checkpoint import load_pretrained
 from ..expansion import expand, saved_activation_bytes, train_only
 from ..generation import generate
@@ -102,5 +103,5 @@ def measure_smollm2_cpu_figures(out_dir: Path, seed: int = 0, repeats: int = 3, 
     ratio = results["full"]["step_seconds"] / results["train_only"]["step_seconds"]
     memory = 1 - results["train_only"]["saved_activation_bytes"] / results["full"]["saved_activation_bytes"]
     print(f"train_only: step {ratio:.2f}x faster than full training, {memory:.1%} fewer saved activation bytes\n")
-    (out_dir / "figures.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(out_dir / "figures.json", json.dumps(results, indent=2) + "\n")
     return results

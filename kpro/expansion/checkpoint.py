@@ -29,6 +29,8 @@ EXPANSION_FILE = "kpro_expansion.json"
 # Files of other weight formats are left behind: they hold the unexpanded model.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 ZEROED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+MODEL_FILES = (CONFIG_NAME, INDEX_NAME, "generation_config.json", "special_tokens_map.json", "added_tokens.json",
+               "chat_template.jinja", "vocab.json", "merges.txt")
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 COPY_BUFFER_BYTES = 16 << 20
 
@@ -93,7 +95,13 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     untrained = _untrained_blocks(sources, record["new_blocks"]) if record is not None else []
     earlier = [i for i, (source, new) in enumerate(layout) if not new and source in untrained]
 
-    with atomic_directory(dst, drop=lambda name: True) as tmp:
+    # --overwrite replaces a model directory's files (weights of any format, config, tokenizer, what the source
+    # holds); a user's other files and directories in DST stay, as save_pretrained keeps them
+    def written_by_an_expansion(name: str) -> bool:
+        return name in MODEL_FILES or name.startswith(("tokenizer", "kpro_")) or name.endswith(WEIGHT_SUFFIXES) \
+            or (src / name).is_file()
+
+    with atomic_directory(dst, drop=written_by_an_expansion) as tmp:
         names = [WEIGHTS_NAME] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         buffer = bytearray(buffer_bytes)

@@ -20,8 +20,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--position", choices=POSITIONS, default="interleave",
                    help="interleave: after every N/P blocks (P must divide N); top: after the last; bottom: before the first")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (never SRC, nor a directory "
-                   "holding it or inside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model in DST if it exists, keeping other "
+                   "files there (never SRC, nor a directory holding it or inside it)")
     p.set_defaults(run=cmd_expand)
 
     p = sub.add_parser("train-expanded", help="post-pretrain the new blocks of an expanded checkpoint on a text corpus",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Iterable
 
 import torch
@@ -196,12 +197,15 @@ def check_model_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     (a pre-hook that `apply` installs): transformers turns a 2-D mask into booleans before kpro sees it, so an
     additive 2-D mask would hide the real tokens and show the padding; and kpro computes no attention weights."""
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    # Only a float mask can be additive: the integer masks of tokenizers and collators pass with no device sync.
-    if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.is_floating_point()
+    # An additive float mask, or an integer one of segment ids (packing), would be read as 0/1: one device read,
+    # as kpro's own model checks its masks. A bool mask holds nothing else.
+    if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype != torch.bool
             and not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any())):
         raise ValueError("a 2-D attention mask must hold 1 (real token) and 0 (padding); this one holds other "
-                         "values (an additive float mask?): pass the 0/1 mask")
+                         "values (an additive float mask, or segment ids?): pass the 0/1 mask")
     asked = kwargs.get("output_attentions")
+    if getattr(module.config, "_attn_implementation", ATTENTION) != ATTENTION:  # switched away after apply
+        return
     if asked or (asked is None and getattr(module.config, "output_attentions", False)):
         raise NotImplementedError("kpro attention computes no attention weights (output_attentions=True); use "
                                   "another attn_implementation to inspect them")
@@ -383,11 +387,20 @@ def run_input_grad_only(self, *args, **kwargs):
     return type(self).forward(self, *args, **kwargs)
 
 
+@functools.cache
+def _warn_cache_in_training() -> None:
+    warnings.warn("train_only(..., recompute_frozen=True) recomputes nothing while the model builds a KV cache in "
+                  "training (a layer run again would write it twice): pass use_cache=False, or set "
+                  "model.config.use_cache = False; the gradients are right either way", stacklevel=3)
+
+
 def run_recomputed(self, hidden_states, *args, **kwargs):
     """A frozen layer above a trainable one: keep its input only, run it again in the backward."""
     _check_frozen(self)
     if (not torch.is_grad_enabled() or not hidden_states.requires_grad or kwargs.get("use_cache")
             or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None):
+        if torch.is_grad_enabled() and hidden_states.requires_grad and self.training:
+            _warn_cache_in_training()
         return type(self).forward(self, hidden_states, *args, **kwargs)  # evaluation or decoding: nothing to save
     if getattr(self, "gradient_checkpointing", False) and self.training:
         # transformers' gradient checkpointing (the class's forward) already keeps only the input and runs the layer

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import write_atomic
 from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import add_device_argument, check_input_file, check_output_dir, resolve_device
 from ..config import LlamaConfig
@@ -250,7 +251,7 @@ def _final_evaluation(args, model, tokenizer, evaluation_sets, label: str, out: 
         print(f"{label}, {split}: accuracy {result.accuracy:.3f} ({result.correct}/{result.total}), "
               f"{result.examples_per_second:,.1f} examples/s (batches of {args.eval_batch_size} on {args.device}"
               f"{threads}), {cot:.1f} CoT tokens per example")
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")  # a failed rewrite keeps the old one
 
 
 def _load_data(args, out: Path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import write_atomic
 from .data import published_file, read_examples
 
 PUBLISHED_SIZES = (4, 5, 7, 9)
@@ -120,11 +121,9 @@ def write_multiplication_training_set(path: str | os.PathLike, n: int, size: int
     """Write `multiplication_training_set(...)`, one line each, atomically (a temporary file renamed)."""
     path = Path(path)
     pairs = multiplication_pairs(n, size, seed, exclude_published=exclude_published, exclude=exclude)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
-        for start in range(0, len(pairs), _CHUNK):
-            file.write(_encoded_lines(pairs[start:start + _CHUNK], n))
-    os.replace(partial, path)
+    # fsynced before the rename: the command reuses the file where it exists, so a truncated one must never be
+    # renamed into place; a failure leaves no temporary behind
+    write_atomic(path, (_encoded_lines(pairs[start:start + _CHUNK], n) for start in range(0, len(pairs), _CHUNK)))
     return path
 
 

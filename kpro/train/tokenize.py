@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -262,9 +263,13 @@ def _check_same_run(index: dict, identity: dict, inputs: list, shard_tokens: int
 def _remove_leftovers(out: Path, index: dict) -> None:
     """Temporary files of a killed writer, and shards it renamed into place but never listed."""
     listed = {INDEX_FILE} | {name for s in index["shards"] for name in (s["file"], s["starts"])}
-    for path in out.iterdir():
-        if path.name not in listed and (path.name.startswith(".") or path.name.startswith("tokens-")):
+    for path in out.iterdir():  # only the writer's own names: a user's .gitignore or notes stay
+        if path.name not in listed and path.is_file() and _WRITER_FILE.fullmatch(path.name):
             path.unlink()
+
+
+# A shard or its starts (renamed into place), or a temporary of them or of the index (`.NAME.tmp-PID`).
+_WRITER_FILE = re.compile(r"(\.)?(tokens-\d{5}\.(bin|starts\.npy)|index\.json)(?(1)\.tmp-\d+)")
 
 
 def _size(n: int) -> str:
