@@ -269,14 +269,14 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     return run
 
 
-def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> None:
+def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> dict:
     """Weights, optimizer, RNG states, step, callback states and data position from a checkpoint.
 
     A resume continues the same run: another kind of learning-rate schedule (warmup, floor), other
     optimizer hyperparameters (peak lr, betas, weight decay, eps), clipping, precision or parameter dtypes
     than the checkpoint's are refused, naming what differs, rather than one set silently winning over the
     other. More (or fewer) total steps are allowed, which extends the run; a schedule that decays to its
-    last step then decays to the new one.
+    last step then decays to the new one. Returns the checkpoint's data position (a dict).
     """
     done = checkpoint_step(checkpoint)
     if done > run.total_steps:  # nothing would train, and the model of another step than asked would come back
