@@ -73,10 +73,15 @@ def base_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def _base_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype holding most of the base model's tensors."""
+    dtypes = [t.dtype for t in _base_tensors(model).values() if t.is_floating_point()]
+    return max(set(dtypes), key=dtypes.count)
+
+
 def base_record(model: nn.Module) -> dict:
     """What an adapter config records of the base model it was tuned on (checked by `check_base`)."""
-    dtypes = [t.dtype for t in _base_tensors(model).values() if t.is_floating_point()]
-    dtype = max(set(dtypes), key=dtypes.count)
+    dtype = _base_dtype(model)
     return {"base_model": base_fingerprint(model, dtype), "base_dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -88,9 +93,8 @@ def check_base(directory: str | os.PathLike, model: nn.Module) -> None:
     if "base_model" not in saved:
         return
     dtype = getattr(torch, str(saved.get("base_dtype")), None)
-    mine = base_record(model)
-    if not isinstance(dtype, torch.dtype) or (mine["base_dtype"] != saved["base_dtype"]
-                                              and mine["base_dtype"] not in ("float32", "float64")):
+    mine = _base_dtype(model)
+    if not isinstance(dtype, torch.dtype) or (mine != dtype and mine not in (torch.float32, torch.float64)):
         return  # a narrower base than the tuned one: its values cannot be compared
     fingerprint = base_fingerprint(model, dtype)
     if fingerprint != saved["base_model"]:

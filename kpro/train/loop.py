@@ -160,8 +160,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                 "clip_grad_norm": clip_grad_norm, "precision": _precision(precision, model),
                 "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})),
                 # also where the optimizer state holds none (plain SGD), which the checks below read them from
-                "param_groups": [{**group, "params": len(run.optimizer.param_groups[i]["params"])}
-                                 for i, group in enumerate(_hyperparameters(run.optimizer))]}
+                "param_groups": [{**hyper, "params": len(group["params"])} for hyper, group in
+                                 zip(_hyperparameters(run.optimizer), run.optimizer.param_groups)]}
     fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
     start_rng = rng_state() if fast_forward else None
     # A plain iterable's batch size (rows of its first batch), checked where a resume fast-forwards it.
