@@ -16,9 +16,6 @@ _NAMES = {
     "Llama": "model", "CharTokenizer": "tokenizer", "JsonTokenizer": "tokenizer", "SymbolTokenizer": "tokenizer",
     "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "pad_left": "tokenizer",
 }
-# `kpro.instruct` was Bitune's instruction-tuning module before Bitune became one package; every name it
-# had is in kpro.bitune, so the old name stays an alias of it.
-_ALIASES = {"instruct": "bitune"}
 
 __version__ = "0.1.0"
 
@@ -35,9 +32,9 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
     elif not name.startswith("_"):  # a submodule: kpro.ops, kpro.train, kpro.generation, ...
         try:
-            value = importlib.import_module(f".{_ALIASES.get(name, name)}", __name__)
+            value = importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{_ALIASES.get(name, name)}":
+            if err.name != f"{__name__}.{name}":
                 raise  # a dependency of that module is missing: say so
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     else:

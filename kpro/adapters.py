@@ -80,27 +80,46 @@ def _base_dtype(model: nn.Module) -> torch.dtype:
 
 
 def base_record(model: nn.Module) -> dict:
-    """What an adapter config records of the base model it was tuned on (checked by `check_base`)."""
+    """What an adapter config records of the base model it was tuned on (checked by `check_base`): its
+    fingerprint in its dtype and, so that a narrower copy of it is checked too, in each narrower float dtype."""
     dtype = _base_dtype(model)
-    return {"base_model": base_fingerprint(model, dtype), "base_dtype": str(dtype).removeprefix("torch.")}
+    narrower = {_dtype_name(d): base_fingerprint(model, d) for d in _NARROWER if d.itemsize < dtype.itemsize}
+    return {"base_model": base_fingerprint(model, dtype), "base_dtype": _dtype_name(dtype),
+            **({"base_model_narrower": narrower} if narrower else {})}
+
+
+_NARROWER = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes a tuned base is commonly loaded in
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_base(directory: str | os.PathLike, model: nn.Module) -> None:
-    """Refuse adapters tuned on another base model than `model`. Checked where `model` holds the tuned
-    base's dtype or a wider one (its values are then cast as the tuned base's were); adapters saved before
-    the base was recorded are not checked."""
+    """Refuse adapters tuned on another base model than `model`. A base in the tuned dtype or a wider one is
+    compared cast to the tuned dtype; a narrower one against the fingerprint recorded in its own dtype.
+    Adapters saved before the base was recorded, or before narrower fingerprints were, are not checked where
+    the record lacks the model's dtype."""
     saved = read_config(directory)
     if "base_model" not in saved:
         return
-    dtype = getattr(torch, str(saved.get("base_dtype")), None)
+    tuned = getattr(torch, str(saved.get("base_dtype")), None)
     mine = _base_dtype(model)
-    if not isinstance(dtype, torch.dtype) or (mine != dtype and mine not in (torch.float32, torch.float64)):
-        return  # a narrower base than the tuned one: its values cannot be compared
+    if not isinstance(tuned, torch.dtype):
+        return
+    if mine == tuned or mine.itemsize > tuned.itemsize:
+        dtype, expected = tuned, saved["base_model"]
+    else:  # narrower: the tuned values cast to this dtype were recorded, where the config is recent enough
+        narrower = saved.get("base_model_narrower")
+        expected = narrower.get(_dtype_name(mine)) if isinstance(narrower, dict) else None
+        if expected is None:
+            return
+        dtype = mine
     fingerprint = base_fingerprint(model, dtype)
-    if fingerprint != saved["base_model"]:
+    if fingerprint != expected:
         raise CheckpointError(f"{directory} holds adapters tuned on another base model (fingerprint "
-                              f"{saved['base_model']}, this model's {fingerprint}): load the checkpoint they were "
-                              "tuned on")
+                              f"{expected} in {_dtype_name(dtype)}, this model's {fingerprint}): load the checkpoint "
+                              "they were tuned on")
 
 
 @torch.no_grad()

@@ -15,3 +15,25 @@ def fail_once_another_started(directory: str) -> None:
     while not any(Path(directory).glob("*.pid")):
         time.sleep(0.05)
     raise ValueError("this job failed")
+
+
+
+def train_until_interrupted(directory: str, name: str) -> None:
+    """kpro.train.fit for far more steps than a test waits; its pid file appears once a step has run, then
+    every step sleeps a little, so that Ctrl-C finds it training."""
+    import torch
+
+    import kpro
+    import kpro.train as kt
+
+    class Started(kt.Callback):
+        def on_step_end(self, run, metrics):
+            Path(directory, f"{os.getpid()}.pid").touch()
+            time.sleep(0.05)
+
+    torch.manual_seed(0)
+    model = kpro.Llama(kpro.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    ids = torch.randint(3, 32, (8, 12), generator=torch.Generator().manual_seed(1))
+    kt.fit(model, iter(lambda: {"input_ids": ids, "labels": ids}, None), Path(directory, name), steps=100_000,
+           lr=1e-3, save_every=100_000, callbacks=[Started()], stream=None)

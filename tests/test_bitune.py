@@ -1,6 +1,8 @@
 """Bitune: the fused path against the three-pass reference, batching, the definitions of the ablations
 (checked against plain cached decoding of the model), generation, adapter files, bad input."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,7 +220,9 @@ def test_adapter_files_round_trip(tmp_path):
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert config == {"method": "bitune", "rank": 4, "alpha": 2.0, "mix_eps": 0.01, "mode": "bitune", "adapters": ["bidir", "causal"],
                       "num_hidden_layers": 2, "base_model": kpro.adapters.base_fingerprint(bt.model, torch.float32),
-                      "base_dtype": "float32"}
+                      "base_dtype": "float32", "base_model_narrower": {
+                          name: kpro.adapters.base_fingerprint(bt.model, getattr(torch, name))
+                          for name in ("bfloat16", "float16")}}
     from safetensors import safe_open
     with safe_open(str(tmp_path / "adapters" / "adapters.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -238,12 +242,28 @@ def test_adapters_load_only_into_the_base_they_were_tuned_on(tmp_path):
     Bitune(base_of_make(torch.float32).to(torch.bfloat16), rank=4, seed=0).save_adapters(tmp_path / "a")
     other = base_of_make(torch.float32, seed=1).to(torch.bfloat16)
     before = {name: p.clone() for name, p in other.named_parameters()}
-    with pytest.raises(kpro.CheckpointError, match=r"holds adapters tuned on another base model \(fingerprint \w+, "
-                                                   r"this model's \w+\): load the checkpoint they were tuned on"):
+    with pytest.raises(kpro.CheckpointError, match=r"holds adapters tuned on another base model \(fingerprint \w+ in "
+                                                   r"bfloat16, this model's \w+\): load the checkpoint they were tuned on"):
         Bitune.from_adapters(other, tmp_path / "a")
     assert not lora.lora_layers(other) and all(torch.equal(p, before[n]) for n, p in other.named_parameters())
     # the tuned base in fp32: its values cast to bf16 are the tuned ones
     assert Bitune.from_adapters(base_of_make(torch.float32), tmp_path / "a").rank == 4
+
+
+@pytest.mark.parametrize("tuned, loaded", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                           (torch.float64, torch.float32)])
+def test_adapters_tuned_on_a_wide_base_check_a_narrower_one(tmp_path, tuned, loaded):
+    """A narrower copy of another base loaded adapters tuned in fp32 unchecked, and a float32 copy of the
+    very base tuned in float64 was refused as another base (compared cast to float64)."""
+    Bitune(base_of_make(tuned), rank=4, seed=0).save_adapters(tmp_path / "a")
+    assert Bitune.from_adapters(base_of_make(tuned).to(loaded), tmp_path / "a").rank == 4
+    with pytest.raises(kpro.CheckpointError, match=fr"another base model \(fingerprint \w+ in {str(loaded)[6:]}, "):
+        Bitune.from_adapters(base_of_make(tuned, seed=1).to(loaded), tmp_path / "a")
+    # a config written before the narrower fingerprints were recorded: the narrower base is not checked
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    del config["base_model_narrower"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    assert Bitune.from_adapters(base_of_make(tuned, seed=1).to(loaded), tmp_path / "a").rank == 4
     for config, message in (([1], "must hold a JSON object, got a list"), ({"method": "bitune"}, "lacks 'rank', 'alpha'")):
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
         with pytest.raises(kpro.CheckpointError, match=message):  # an AttributeError or KeyError before
@@ -422,3 +442,13 @@ def test_applying_bitune_twice_to_one_model_is_refused():
                                          r"before\)"):
         Bitune(model)
     assert first.adapter_names == sorted({n for layer in lora.lora_layers(model) for n in layer.adapters})
+
+
+def test_kpro_instruct_is_kpro_bitune_however_it_is_imported():
+    """The docs call `kpro.instruct` an alias of `kpro.bitune`; only the attribute worked, `import kpro.instruct`
+    and `from kpro.instruct import tune` raised ModuleNotFoundError. A fresh interpreter, as a user's."""
+    code = ("import kpro, kpro.bitune; a = kpro.instruct; import kpro.instruct as b; from kpro.instruct import tune; "
+            "print(a is kpro.bitune, b is kpro.bitune, tune is kpro.bitune.tune)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True"]
+

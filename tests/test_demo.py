@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -330,6 +331,39 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     deadline = time.monotonic() + 60
     while any(_running(pid) for pid in _pids(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert not [pid for pid in _pids(tmp_path) if _running(pid)]
+
+
+@NEEDS_PROC
+@pytest.mark.parametrize("terminal", [False, True], ids=["ctrl-c-to-the-demo-alone", "ctrl-c-from-a-terminal"])
+def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, terminal):
+    """Ctrl-C during a parallel act ended the workers before fit could save, so a rerun started the act over. Each
+    training job now stops after its step with a checkpoint, whether the signal reached the demo alone or, as a
+    terminal's does, every process of its group (then each worker gets it twice, counted once)."""
+    jobs = f"[(_parallel_jobs.train_until_interrupted, dict(directory={str(tmp_path)!r}, name=n)) for n in 'ab']"
+    script = ("import _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
+              f"    run_jobs({jobs}, 2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True, text=True,
+                              stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_pids(tmp_path)) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "the two jobs never started training"
+            time.sleep(0.1)
+        if terminal:
+            os.killpg(parent.pid, signal.SIGINT)
+        else:
+            parent.send_signal(signal.SIGINT)
+        _, err = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert parent.returncode != 0 and "KeyboardInterrupt" in err, err
+    assert err.count("run again to resume") == 2, err
+    for name in "ab":
+        assert len(list((tmp_path / name).glob("step-*"))) == 1, err
     assert not [pid for pid in _pids(tmp_path) if _running(pid)]
 
 

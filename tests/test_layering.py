@@ -23,6 +23,7 @@ LAYERS = [
     ("kpro.adapters", "kpro.convert"),  # convert writes checkpoints with kpro.checkpoint's atomic writer
     ("kpro.train",),
     ("kpro.expansion", "kpro.internalize", "kpro.bitune"),  # the methods: none imports another
+    ("kpro.instruct",),  # the old name of kpro.bitune: that module itself
     ("kpro.demo",),  # uses the library, never the command line
     ("kpro.cli",),
     ("kpro.__main__", "kpro"),

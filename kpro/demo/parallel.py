@@ -5,14 +5,17 @@ take the time of one on two cores. `run_jobs` runs each job (a module-level func
 arguments) in a worker process of its own, at most `workers` at a time, and returns their results in
 order. A job seeds everything it uses and runs on one thread, so its result is the same whether it runs
 in a worker or in this process (`workers=1`): the parallelism changes the wall time, never the numbers.
-A job that fails, or an interrupt, ends the other jobs at once rather than after their training; a worker
-whose parent process is gone (killed, say) ends itself within a second rather than train on for nobody.
+A job that fails ends the other jobs at once rather than after their training. Ctrl-C lets each job that
+trains stop after its step with a checkpoint, as `kpro.train.fit` does in one process, so that a rerun resumes
+it (a second Ctrl-C quits at once). A worker whose parent process is gone (killed, say) ends itself within a
+second rather than train on for nobody.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 import threading
 from typing import Callable
 
@@ -39,10 +42,11 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
     if workers <= 1 or len(jobs) <= 1:
         return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
     context = multiprocessing.get_context("spawn")  # no forked torch state; works the same on every OS
-    stop = context.Event()
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
-                                                initializer=_end_with, initargs=(os.getpid(), stop)) as pool:
-        futures = [pool.submit(_one_thread, fn, kwargs) for fn, kwargs in jobs]
+    stop, pids = context.Event(), context.SimpleQueue()
+    takes_ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # not where it is ignored on purpose
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_end_with,
+                                                initargs=(os.getpid(), stop, pids)) as pool:
+        futures = [pool.submit(_in_worker, fn, kwargs, takes_ctrl_c) for fn, kwargs in jobs]
         try:
             while True:  # wakes at the first failure, whichever job it is, or every poll to report progress
                 done, pending = concurrent.futures.wait(futures, poll_seconds if progress is not None else None,
@@ -54,20 +58,53 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
                     return [future.result() for future in futures]
                 if progress is not None:
                     progress()
-        except BaseException:
-            stop.set()  # the other jobs' workers exit now, so leaving the pool does not wait out their training
-            for future in futures:
-                future.cancel()
+        except BaseException as error:
+            try:
+                if isinstance(error, KeyboardInterrupt):
+                    _save_and_stop(futures, pids)  # a second Ctrl-C while the jobs save ends the wait
+            finally:
+                stop.set()  # the other jobs' workers exit now, so leaving the pool does not wait out their training
+                for future in futures:
+                    future.cancel()
             raise
 
 
-def _end_with(parent: int, stop) -> None:
-    """Worker initializer: a daemon thread ends this worker once `stop` is set or its parent process is gone."""
+def _save_and_stop(futures: list, pids) -> None:
+    """After Ctrl-C: jobs not started are dropped, and each running one gets SIGINT and is waited for, so that
+    fit stops it after its step with a checkpoint. A terminal's Ctrl-C reached the workers already: fit takes
+    this copy, milliseconds later, as the same press. Elsewhere than POSIX, the console signals every process."""
+    for future in futures:
+        future.cancel()
+    if os.name == "posix":
+        while not pids.empty():
+            try:
+                os.kill(pids.get(), signal.SIGINT)  # an idle worker ignores it
+            except ProcessLookupError:  # that worker has ended
+                pass
+    concurrent.futures.wait(futures)
+
+
+def _end_with(parent: int, stop, pids) -> None:
+    """Worker initializer: reports this worker's pid, then a daemon thread ends the worker once `stop` is set or
+    its parent process is gone. An idle worker ignores Ctrl-C: ended by it, it would break the pool, which then
+    ends the other workers, saving or not."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pids.put(os.getpid())
     def watch():
         while not stop.wait(1.0) and os.getppid() == parent:
             pass
         os._exit(1)
     threading.Thread(target=watch, name="kpro-end-with-parent", daemon=True).start()
+
+
+def _in_worker(fn: Callable, kwargs: dict, takes_ctrl_c: bool):
+    """A job in a worker process: Ctrl-C reaches it as it would in the parent (fit saves and stops)."""
+    if takes_ctrl_c:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _one_thread(fn, kwargs)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _one_thread(fn: Callable, kwargs: dict):
