@@ -488,6 +488,35 @@ def test_any_module_with_a_scalar_loss_resumes_exactly(tmp_path):
     assert resumed.base.lm_head.weight is resumed.base.embed_tokens.weight
 
 
+class WithUnused(Wrapper):
+    """Two trainable parameters the loss never reaches: AdamW keeps no state for them (as for the adapter that
+    Bitune's only_causal mode leaves without a gradient)."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.unused_a, self.unused_b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+
+
+def test_a_parameter_that_never_had_a_gradient_resumes_exactly(tmp_path):
+    """Its checkpoint lists it without optimizer state, and every resume was refused ("Missing optimizer state
+    for parameter 'unused_a'"): `kpro demo bitune` could never be run again into the same directory."""
+    straight = WithUnused()
+    kt.fit(straight, batches(), tmp_path / "a", steps=4, loss_fn=mean_loss, lr=1e-2)
+    kt.fit(WithUnused(), batches(), tmp_path / "b", steps=4, loss_fn=mean_loss, lr=1e-2, callbacks=[StopAt(2)])
+    resumed = WithUnused(seed=4)
+    kt.fit(resumed, batches(), tmp_path / "b", steps=4, loss_fn=mean_loss, lr=1e-2)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    # another parameter trainable in its place (the counts agree): its missing state is not the saved set-up's
+    frozen_b, swapped = WithUnused(), WithUnused()
+    frozen_b.unused_b.requires_grad_(False)
+    kt.fit(frozen_b, batches(), tmp_path / "c", steps=2, loss_fn=mean_loss, lr=1e-2)
+    swapped.unused_a.requires_grad_(False)
+    with pytest.raises(kpro.CheckpointError, match=r"the optimizer state does not fit this optimizer: it never held "
+                                                   r"unused_b;"):
+        kt.fit(swapped, batches(), tmp_path / "c", steps=4, loss_fn=mean_loss, lr=1e-2)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -259,8 +259,10 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
                                           f"read the optimizer state of {directory}") or {}
         for group in optimizer.param_groups:  # torch's loader wants every saved group key present here
             group.setdefault("peak_lr", group["lr"])
+        strict = distributed.main_decides(lambda: not _stateless_parameters(directory, model, optimizer, optim_state),
+                                          f"check the optimizer state of {directory}", env)
         try:
-            distributed.load_full_optimizer_state(model, optimizer, optim_state, env)
+            distributed.load_full_optimizer_state(model, optimizer, optim_state, env, strict=strict)
         except (KeyError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{directory}: the optimizer state does not fit this optimizer ({err}); was the set "
                                   "of trainable parameters or the optimizer changed?") from None
@@ -286,6 +288,23 @@ def _saved_schedule(run_dir) -> dict | None:
     except (CheckpointError, OSError, RuntimeError):
         return None  # the resume itself reports an unreadable checkpoint
     return schedule if isinstance(schedule, dict) else None
+
+
+def _stateless_parameters(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> list:
+    """The trainable parameters the saved optimizer held without state: AdamW keeps none for a parameter that
+    has had no gradient yet (Bitune's `only_causal` leaves one adapter without), and such a run must resume.
+    A parameter lacking state that the saved optimizer did not hold at all is refused, by name."""
+    names = distributed.state_dict_names(model)
+    stored = saved.get("state", {})
+    listed = {name for group in saved.get("param_groups", ()) for name in group.get("params", ())}
+    lacking = [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]
+               if p.requires_grad and names.get(id(p)) not in stored]
+    foreign = [name for name in lacking if name not in listed]
+    if foreign:
+        raise CheckpointError(f"{directory}: the optimizer state does not fit this optimizer: it never held "
+                              f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; was the set of trainable "
+                              "parameters or the optimizer changed?")
+    return lacking
 
 
 def _read_optimizer(directory: Path) -> dict:

@@ -175,7 +175,30 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv) -> None:
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv, *,
+                              strict: bool = True) -> None:
+    """Load rank 0's full optimizer `state` (others pass {}). `strict=False` lets parameters without saved state
+    start fresh: only for those the saved optimizer held without state (`checkpointing._stateless_parameters`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.world_size > 1))
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=env.world_size > 1, strict=strict))
+
+
+def state_dict_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> the name torch's state-dict helpers give it: a DDP wrapper's `module.` and a torch.compile
+    wrapper's `_orig_mod.` left out (FSDP2 keeps the plain names)."""
+    from torch.nn.parallel import DistributedDataParallel
+    names = {}
+    for name, param in model.named_parameters():
+        module, kept = model, []
+        for atom in name.split("."):
+            inner = module.module if isinstance(module, DistributedDataParallel) and atom == "module" else (
+                module._orig_mod if atom == "_orig_mod" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+                else None)
+            if inner is None:
+                kept.append(atom)
+                module = getattr(module, atom, None)
+            else:
+                module = inner
+        names[id(param)] = ".".join(kept)
+    return names
