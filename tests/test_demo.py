@@ -65,9 +65,96 @@ def test_demo_and_reproduce_refuse_a_file_as_out_and_a_bad_seed_before_any_work(
         assert main([*command, "--out", str(tmp_path / "afile" / "sub")]) == 1
         err = capsys.readouterr().err
         assert err == f"error: --out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a directory\n"
-        assert main([*command, "--out", str(tmp_path / "out"), "--seed", "-1"]) == 1
-        assert capsys.readouterr().err == "error: --seed must be an integer >= 0, got -1\n"
+        for seed in ("-1", str(2 ** 64)):  # 2**64 failed with "Overflow when unpacking long long"
+            assert main([*command, "--out", str(tmp_path / "out"), "--seed", seed]) == 1
+            assert capsys.readouterr().err == f"error: --seed must be an integer from 0 to 2**63 - 1, got {seed}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A rerun into the same --out with another --seed failed minutes in with an error that named neither the
+    directory nor the fix; through the API, an act rerun with other settings resumed some runs from checkpoints
+    of the old ones (an internalized model trained from an explicit-CoT model no longer beside it). Each act
+    records its settings; bad arguments, KPRO_DEMO_WORKERS and an act's directory that is a file are refused
+    before any work as well."""
+    from kpro.cli import main
+    from kpro.demo import act_settings
+
+    tiny = dict(explicit_steps=6, steps_per_token=2, after_steps=4, decay_steps=0, warmup_steps=1, valid_size=4,
+                test_size=4, eval_every=4, workers=1)
+    internalization.act_internalization(tmp_path / "i", **tiny)
+    recorded = json.loads((tmp_path / "i" / act_settings.SETTINGS_FILE).read_text())
+    assert recorded["act"] == "act_internalization" and recorded["explicit_steps"] == 6 and "workers" not in recorded
+    weights = (tmp_path / "i" / "internalized" / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(explicit_steps 6 there, 8 now\): its "
+                                         r"checkpoints would mix with this run's; pass another output directory"):
+        internalization.act_internalization(tmp_path / "i", **{**tiny, "explicit_steps": 8})
+    internalization.act_internalization(tmp_path / "i", **{**tiny, "workers": 2})  # workers change no number
+    assert (tmp_path / "i" / "internalized" / "model" / "model.safetensors").read_bytes() == weights
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+    monkeypatch.setattr(demo, "fit", stop)
+    with pytest.raises(Stopped):  # `demo basics --seed 1`, stopped in its training
+        main(["demo", "basics", "--out", str(tmp_path / "d"), "--seed", "1"])
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["demo", "expansion", "basics", "--out", str(tmp_path / "d")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'd' / 'basics-run'} holds a run with other "
+                                              "settings (seed 1 there, 0 now)")
+    assert not (tmp_path / "d" / "expansion").exists()  # refused before the first act ran
+    (tmp_path / "d" / "bitune").write_text("mine")
+    assert main(["demo", "bitune", "--out", str(tmp_path / "d")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'd' / 'bitune'} is a file, not a directory: the act " \
+                                      "writes its runs there\n"
+    monkeypatch.setenv("KPRO_DEMO_WORKERS", "0")
+    assert main(["demo", "basics", "--out", str(tmp_path / "e")]) == 1
+    assert "KPRO_DEMO_WORKERS must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("act, arguments, message", [
+    (internalization.act_internalization, dict(steps_per_token=0), "steps_per_token must be an integer >= 1, got 0"),
+    (internalization.act_internalization, dict(test_size=0), "test_size must be an integer >= 1, got 0"),
+    (internalization.act_internalization, dict(eval_every=0), "eval_every must be an integer >= 1, got 0"),
+    (internalization.act_internalization, dict(explicit_steps=0), "explicit_steps must be an integer >= 1, got 0"),
+    (internalization.act_internalization, dict(lr=0.0), "lr must be a positive number, got 0.0"),
+    (internalization.act_internalization, dict(hidden=130), "130"),
+    (bitune.act_bitune, dict(held_out=0), "held_out must be an integer >= 1, got 0"),
+    (expansion.act_expansion, dict(eval_examples=0), "eval_examples must be an integer >= 1, got 0"),
+    (expansion.act_expansion, dict(seeds=0), "seeds must be an integer >= 1, got 0"),
+    (expansion.act_expansion, dict(general_share=1.0), "general_share must be a number from 0 to below 1"),
+    (demo.act_basics, dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (seeds.reproduce_internalization_seeds, dict(seeds=0), "seeds must be an integer >= 1, got 0"),
+    (seeds.reproduce_bitune_seeds, dict(seeds=0), "seeds must be an integer >= 1, got 0"),
+])
+def test_an_acts_bad_arguments_are_refused_before_any_work(tmp_path, act, arguments, message):
+    """They failed after minutes of training (steps_per_token=0 after the explicit phase, test_size=0 after all of
+    it), under internal names, or not at all (seeds=0 reported 'shown on 0 of 0 seeds')."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        act(tmp_path / "out", **arguments)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-run").exists()
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        run_jobs([(time.sleep, dict(secs=0))] * 2, workers=0)
+
+
+def test_printed_figures_agree_with_their_verdicts():
+    """0.85 - 0.65 is 0.19999999999999996: the expansion act printed a margin of +0.20 beside NOT SHOWN where
+    0.2 was needed; 159 of 200 printed as 0.80 beside a needed 0.8, and 2 CoT tokens over 500 answers as 0.0
+    beside a verdict that needs none."""
+    run = lambda exp, ctrl: {"expanded": {"general": exp, "domain": 1.0}, "control": {"general": ctrl, "domain": 1.0}}
+    assert expansion.verdict([run(0.85, 0.65)]) == (True, 0.2)
+    assert expansion.verdict([run(0.85, 0.655)])[0] is False
+    assert claims.figure(159 / 200, 0.8, 159 / 200 >= 0.8) == "0.795"
+    assert claims.figure(0.8, 0.8, True) == "0.80" and claims.figure(0.2, 0.2, True, sign=True) == "+0.20"
+    assert claims.figure(0.8996, 0.9, False, digits=3) == "0.8996"
+    assert claims.in_standard_errors(0.0304, 0.01, 3, True) == "+3.04 standard errors"
+    assert claims.in_standard_errors(0.0296, 0.01, 3, False) == "+3.0 standard errors"
+    assert internalization.cot_figure(2 / 500) == "0.0040" and internalization.cot_figure(0.0) == "0.0"
+    assert internalization.cot_figure(8.0) == "8.0"
 
 
 def test_reversal_task_format():

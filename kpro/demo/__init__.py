@@ -1,4 +1,4 @@
-"""`python -m kpro demo [act ...]`: the main job on embedded tiny defaults, a few minutes on 2 CPU cores;
+"""`python -m kpro demo [act ...]`: the main job on embedded tiny defaults, 9 to 23 minutes on 2 CPU cores;
 `python -m kpro reproduce NAME`: longer runs that reproduce a paper's experiment at CPU scale.
 
 Each act lives in its own module here and is registered in ACTS; `python -m kpro demo` runs them all. Each
@@ -18,6 +18,7 @@ from .bitune_readings import reproduce_bitune_readings
 from .expansion import act_expansion
 from .expansion_curves import reproduce_expansion_curves
 from .internalization import act_internalization
+from .parallel import default_workers
 from .llama_pro_smollm2 import reproduce_llama_pro_smollm2
 from .seeds import (reproduce_bitune_seeds, reproduce_expansion_seeds, reproduce_internalization_3x3,
                     reproduce_internalization_seeds)
@@ -33,6 +34,9 @@ ACTS = {"expansion": act_expansion, "basics": act_basics, "internalization": act
 def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:
     """Run the acts in turn; then one line per act: its time and whether its claim was shown."""
     check_run_arguments(out_dir, seed)
+    for name in acts:  # every act's settings before the first act's minutes of work (records_settings)
+        if hasattr(ACTS[name], "check"):
+            ACTS[name].check(out_dir / name, seed=seed)
     results, seconds = {}, {}
     for name in acts:
         start = time.perf_counter()
@@ -120,11 +124,12 @@ def reproduce(name: str, out_dir: Path, seed: int = 0) -> dict:
 
 
 def check_run_arguments(out_dir: Path, seed) -> None:
-    """Refused before minutes of work, not when the first file is written: an output path that is a file, and
-    a seed that is not an integer >= 0."""
+    """Refused before minutes of work, not when the first file is written: an output path that is a file, a seed
+    that is not an integer from 0 to 2**63 - 1 (what torch takes), and a bad KPRO_DEMO_WORKERS."""
     out_dir = Path(out_dir)
     file = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
     if file is not None:
         raise NotADirectoryError(f"--out {out_dir}: {file} is a file, not a directory")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    default_workers()

@@ -17,7 +17,8 @@ from ..generation import generate
 from ..model import Llama
 from ..tokenizer import CharTokenizer, pad_left
 from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit
-from .claims import claim_line
+from .act_settings import check_positive, records_settings
+from .claims import claim_line, figure
 
 LETTERS = "abcdefghij"
 CLAIM = "a LLaMA trained with kpro.train.fit reverses held-out strings (>= 0.9) and answers the same after a save and reload"
@@ -70,6 +71,8 @@ def verdict(trained: list[str], reloaded: list[str], examples: list[tuple[str, s
     return trained == reloaded and acc >= LEARNED, acc
 
 
+@records_settings(lambda steps, seed, **_: check_positive("act_basics", steps=steps, seed=seed),
+                  where=lambda out_dir: out_dir.with_name(out_dir.name + "-run"))  # out_dir is the model's directory
 def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
     print("== basics: a tiny LLaMA learns to reverse strings, is saved in the HF layout, reloaded and sampled")
     torch.manual_seed(seed)
@@ -99,6 +102,6 @@ def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
         sample = generate(reloaded, ids, 10, temperature=0.7, generator=torch.Generator().manual_seed(seed))
         print(f"  {prompt} -> {tok.decode(sample[0, ids.shape[1]:].tolist())}   (sampled at temperature 0.7)")
     print(f"try: python -m kpro generate {shlex.quote(str(out_dir))} --prompt 'abcdef>'")
-    print(claim_line("basics", CLAIM, shown, f"held-out accuracy {acc:.2f} after reloading (needs >= {LEARNED}), "
+    print(claim_line("basics", CLAIM, shown, f"held-out accuracy {figure(acc, LEARNED, acc >= LEARNED)} after reloading (needs >= {LEARNED}), "
                      f"{same}/{len(held_out)} answers unchanged by the save and reload") + "\n")
     return {"accuracy": acc, "same_answers": same, "claim_shown": shown}

@@ -35,8 +35,9 @@ from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import CharTokenizer, load_tokenizer
 from ..train import Batches, Schedule, adamw, fit, pack_documents
+from .act_settings import check_positive, records_settings
 from .claims import claim_line, difference_standard_error, in_standard_errors, standard_error
-from .parallel import run_jobs
+from .parallel import default_workers, run_jobs
 
 SIDES = ("left", "right")
 DIGITS = 6  # distinct digits per question
@@ -112,6 +113,13 @@ FULL = dict(tune_steps=600, held_out=1000)
 DEMO = dict(tune_steps=150, held_out=300)
 
 
+def check_arguments(pretrain_steps, tune_steps, held_out, train_questions, lr, seed, **_) -> None:
+    """act_bitune's arguments, refused before the base is pretrained rather than after."""
+    check_positive("act_bitune", pretrain_steps=pretrain_steps, tune_steps=tune_steps, held_out=held_out,
+                   train_questions=train_questions, lr=lr, seed=seed)
+
+
+@records_settings(check_arguments)
 def act_bitune(out_dir: Path, pretrain_steps: int = 300, tune_steps: int = DEMO["tune_steps"],
                held_out: int = DEMO["held_out"], train_questions: int = 8000, lr: float = 2e-3, seed: int = 0,
                workers: int | None = None) -> dict:
@@ -145,7 +153,8 @@ def _run(out_dir, pretrain_steps, tune_steps, held_out, train_questions, lr, see
     train = [(q, answer) for q, answer, _ in train]
     example = test[held_out]
     print(f"tuning rank-8 adapters for {tune_steps} steps of 32 on {len(train):,} questions like "
-          f"{example[0]!r} -> {example[1]!r}, {workers or 'up to 2'} at a time; {held_out} held-out questions a side")
+          f"{example[0]!r} -> {example[1]!r}, {min(workers or default_workers(), len(METHODS))} at a time; {held_out} "
+          "held-out questions a side")
     jobs = [(tune_and_score, dict(base_dir=out_dir / "base", out_dir=out_dir / name, method=method, mode=mode,
                                   train=train, test=test, steps=tune_steps, lr=lr, seed=seed))
             for name, (method, mode) in sorted(METHODS.items(), key=lambda item: item[0] != "bitune")]  # longest first
@@ -158,7 +167,7 @@ def _run(out_dir, pretrain_steps, tune_steps, held_out, train_questions, lr, see
         print(f"{name + ' (' + DESCRIPTIONS[name] + ')':<40}{cells}{result['train_seconds']:>8.0f}s")
     shown, gain, se = verdict(results, held_out)
     print(claim_line("bitune", CLAIM, shown, f"right {results['bitune']['right']:.3f} vs "
-                     f"{results['only_causal']['right']:.3f}, gain {gain:+.3f} = {in_standard_errors(gain, se)} "
+                     f"{results['only_causal']['right']:.3f}, gain {gain:+.3f} = {in_standard_errors(gain, se, 3, shown)} "
                      f"(needs > 3); one seed, {tune_steps} tuning steps, {held_out} questions a side"
                      + ("" if (tune_steps, held_out) == (FULL["tune_steps"], FULL["held_out"]) else
                         "; the demo's short run: `python -m kpro reproduce bitune-seeds` runs "

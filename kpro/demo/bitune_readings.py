@@ -25,6 +25,7 @@ from ..rope import apply_rope
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Schedule, fit
 from .bitune import DIGITS, SIDES, SYMBOLS, question_sets, tiny_config
+from .act_settings import check_positive
 from .claims import claim_line, in_standard_errors
 from .parallel import run_jobs
 from .seeds import seeds_verdict
@@ -107,6 +108,7 @@ def reproduce_bitune_readings(out_dir: Path, seed: int = 0, seeds: int = 3, work
     """Both readings over `seeds` seeds, two runs at a time; per seed the accuracies, and the prefix LM's gain
     on `right` over causal reading with the larger of the seeds' and the questions' standard error."""
     settings = {**DEFAULTS, **settings}
+    check_positive("reproduce_bitune_readings", seeds=seeds, seed=seed)
     seed_list = list(range(seed, seed + seeds))
     print(f"== bitune-readings: the bitune act's 2-block LLaMA trained from scratch, all weights, {settings['steps']} "
           f"steps of 32, the prompt read causally or as a prefix LM; questions of {settings['digits']} digits, "
@@ -125,5 +127,5 @@ def reproduce_bitune_readings(out_dir: Path, seed: int = 0, seeds: int = 3, work
     shown, gain, se, seed_se, binomial_se = seeds_verdict(gains, mean["prefix"], mean["causal"],
                                                           settings["held_out"] * seeds)
     print(claim_line("bitune-readings", CLAIM, shown, f"gain {gain:+.3f}, standard error {se:.3f} (seeds "
-                     f"{seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se)} (needs > 3)"))
+                     f"{seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se, 3, shown)} (needs > 3)"))
     return {"runs": runs, "gain": gain, "gain_se": se, "claim_shown": shown}

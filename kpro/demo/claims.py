@@ -24,6 +24,31 @@ def difference_standard_error(a: float, n_a: int, b: float, n_b: int) -> float:
     return math.hypot(standard_error(a, n_a), standard_error(b, n_b))
 
 
-def in_standard_errors(difference: float, se: float) -> str:
-    """`+2.3 standard errors`; with a zero standard error (both accuracies at 0 or at 1) there is none to count."""
-    return f"{difference / se:+.1f} standard errors" if se else "no spread to measure it against"
+def in_standard_errors(difference: float, se: float, needs: float | None = None, met: bool | None = None) -> str:
+    """`+2.3 standard errors`; with a zero standard error (both accuracies at 0 or at 1) there is none to count.
+    Given the verdict's threshold (`needs`, a count of standard errors to exceed) and whether it was `met`, as
+    many more decimals as it takes to agree with it (+3.04, not +3.0, where more than 3 were needed and met)."""
+    if not se:
+        return "no spread to measure it against"
+    if needs is None:
+        return f"{difference / se:+.1f} standard errors"
+    return f"{figure(difference / se, needs, met, digits=1, strict=True, sign=True)} standard errors"
+
+
+def figure(value: float, threshold: float, met: bool, *, digits: int = 2, strict: bool = False,
+           sign: bool = False) -> str:
+    """`value` printed with `digits` decimals, or as many more (up to 9) as it takes for the printed figure to
+    compare with `threshold` (`>=`, or `>` where `strict`) as the verdict found (`met`): an accuracy of 0.795
+    where 0.8 was needed prints 0.795, not a 0.80 beside NOT SHOWN."""
+    for places in range(digits, 10):
+        text = f"{value:{'+' if sign else ''}.{places}f}"
+        if (float(text) > threshold if strict else float(text) >= threshold) == met:
+            break
+    return text
+
+
+def at_threshold(value: float) -> float:
+    """A difference of accuracies without its float noise (0.85 - 0.65 is 0.19999999999999996), so that a
+    margin printed as +0.20 meets a threshold of 0.2: accuracies of at most a million questions differ by
+    multiples of 1e-6, far above the 1e-9 this rounds at."""
+    return round(value, 9)

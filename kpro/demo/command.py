@@ -12,7 +12,8 @@ def add_parsers(sub) -> None:
                                    "long they take. Choices: " + ", ".join(REPRODUCTIONS))
     p.add_argument("name", nargs="?", help="reproduction to run")
     p.add_argument("--out", default="kpro-reproduce", help="directory for models and results (default ./kpro-reproduce)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the models, data and sampling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the models, data and sampling; a reproduction over "
+                   "seeds runs S, S+1, ... (default 0)")
     p.set_defaults(run=cmd_reproduce)
 
 

@@ -27,7 +27,8 @@ from ..model import Llama
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit, read_metrics
 from .basics import LETTERS, accuracy, reversal_task, tiny_config
-from .claims import claim_line
+from .act_settings import check_positive, records_settings
+from .claims import at_threshold, claim_line, figure
 from .parallel import run_jobs
 
 DIGITS = "0123456789"
@@ -113,12 +114,22 @@ def verdict(runs: list[dict]) -> tuple[bool, float]:
     """(shown, the smallest margin): on every seed both ways learn the domain (>= DOMAIN_LEARNED), the
     expanded model keeps the general task (>= KEPT) and at least MARGIN more of it than the fine-tuned
     control."""
-    margins = [run["expanded"]["general"] - run["control"]["general"] for run in runs]
+    margins = [at_threshold(run["expanded"]["general"] - run["control"]["general"]) for run in runs]
     learned = all(run[arm]["domain"] >= DOMAIN_LEARNED for run in runs for arm in ARMS)
     kept = all(run["expanded"]["general"] >= KEPT for run in runs)
     return learned and kept and min(margins) >= MARGIN, min(margins)
 
 
+def check_arguments(pretrain_steps, domain_steps, new_blocks, general_share, lr, eval_examples, seed, seeds,
+                    **_) -> None:
+    """act_expansion's arguments, refused before the base is pretrained rather than after."""
+    check_positive("act_expansion", pretrain_steps=pretrain_steps, domain_steps=domain_steps, new_blocks=new_blocks,
+                   eval_examples=eval_examples, seeds=seeds, lr=lr, seed=seed)
+    if isinstance(general_share, bool) or not isinstance(general_share, (int, float)) or not 0 <= general_share < 1:
+        raise ValueError(f"act_expansion: general_share must be a number from 0 to below 1, got {general_share!r}")
+
+
+@records_settings(check_arguments)
 def act_expansion(out_dir: Path, pretrain_steps: int = PRETRAIN_STEPS, domain_steps: int = DOMAIN_STEPS,
                   new_blocks: int = NEW_BLOCKS, general_share: float = GENERAL_SHARE, lr: float = DOMAIN_LR,
                   eval_examples: int = 200, seed: int = 0, seeds: int = 1, workers: int | None = None) -> dict:
@@ -159,11 +170,13 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
                              (ARMS["control"], run["control"])]:
             print(f"{name:<36}{s:>5}{result['domain']:>8.2f}{result['general']:>9.2f}")
     shown, margin = verdict(runs)
-    kept = ", ".join(f"{run['expanded']['general']:.2f} vs {run['control']['general']:.2f}" for run in runs)
+    kept = ", ".join(f"{figure(run['expanded']['general'], KEPT, run['expanded']['general'] >= KEPT)} vs "
+                     f"{run['control']['general']:.2f}" for run in runs)
+    learned = all(r[a]["domain"] >= DOMAIN_LEARNED for r in runs for a in ARMS)
     print(claim_line("expansion", CLAIM, shown, f"general task kept with expansion vs full fine-tuning: {kept} "
-                     f"(needs >= {KEPT} kept and a margin >= {MARGIN}; smallest margin {margin:+.2f}); domain learned by both (>= "
-                     f"{DOMAIN_LEARNED}): {'yes' if all(r[a]['domain'] >= DOMAIN_LEARNED for r in runs for a in ARMS) else 'no'}")
-          + "\n")
+                     f"(needs >= {KEPT} kept and a margin >= {MARGIN}; smallest margin "
+                     f"{figure(margin, MARGIN, margin >= MARGIN, sign=True)}); domain learned by both (>= "
+                     f"{DOMAIN_LEARNED}): {'yes' if learned else 'no'}") + "\n")
     first = runs[0]
     return {"before": first["before"], "expanded": first["expanded"], "control": first["control"],
             "new_blocks": first["new_blocks"], "runs": runs, "claim_shown": shown, "margin": margin}

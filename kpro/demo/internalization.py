@@ -38,8 +38,9 @@ from ..internalize import (RemovalSchedule, ValidationAccuracy, evaluate, fit_in
 from ..internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
 from ..model import Llama
 from ..train.progress import StatusLine, format_duration, last_logged_step
-from .claims import claim_line, difference_standard_error, in_standard_errors
-from .parallel import run_jobs
+from .act_settings import check_positive, records_settings
+from .claims import claim_line, difference_standard_error, figure, in_standard_errors
+from .parallel import default_workers, run_jobs
 
 BATCH = 32
 DECAY_STEPS = 2000  # the last steps of the internalized and no-CoT runs, lr decaying linearly to 0
@@ -77,6 +78,12 @@ def explicit_note(accuracy: float, explicit_steps: int, internalize_steps: int) 
             f"recipe's {EXPLICIT_TARGET}; the internalized model trained {internalize_steps:,} steps more from it")
 
 
+def cot_figure(mean_tokens: float) -> str:
+    """CoT tokens written per answer, one decimal; more where a few tokens in all would print as 0.0 beside
+    a verdict that needs none."""
+    return f"{mean_tokens:.1f}" if mean_tokens == 0 or mean_tokens >= 0.05 else f"{mean_tokens:.4f}"
+
+
 def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
     """(shown, margin over no CoT, its standard error): shown when the internalized model writes no CoT
     token, scores >= 0.9 and beats the no-CoT model by more than 3 standard errors of the difference."""
@@ -87,6 +94,26 @@ def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
     return shown, margin, se
 
 
+def check_arguments(seed, digits, explicit_steps, steps_per_token, after_steps, decay_steps, warmup_steps, lr,
+                    explicit_lr, valid_size, test_size, eval_every, train_size, hidden, layers, **_) -> None:
+    """act_internalization's arguments, refused before any training rather than minutes into it."""
+    check_positive("act_internalization", seed=seed, digits=digits, explicit_steps=explicit_steps,
+                   steps_per_token=steps_per_token, valid_size=valid_size, test_size=test_size, eval_every=eval_every,
+                   hidden=hidden, layers=layers, lr=lr, explicit_lr=explicit_lr)
+    if isinstance(after_steps, bool) or not isinstance(after_steps, int) or after_steps < 0:
+        raise ValueError(f"act_internalization: after_steps must be an integer >= 0, got {after_steps!r}")
+    if train_size is not None:
+        check_positive("act_internalization", train_size=train_size)
+    if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or not 0 <= decay_steps <= after_steps:
+        raise ValueError(f"decay_steps must be an integer from 0 to after_steps ({after_steps}): the rate decays "
+                         f"once the CoT is gone; got {decay_steps!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < explicit_steps:
+        raise ValueError(f"warmup_steps must be an integer from 0 to explicit_steps - 1 ({explicit_steps - 1}): the "
+                         f"rate warms up within the explicit phase; got {warmup_steps!r}")
+    demo_config(multiplication_tokenizer().vocab_size, hidden, layers)  # a width its 4 heads cannot split, say
+
+
+@records_settings(check_arguments)
 def act_internalization(out_dir: Path, seed: int = 0, digits: int = 2, explicit_steps: int = 2500,
                         steps_per_token: int = 1000, after_steps: int = 4000, decay_steps: int = DECAY_STEPS,
                         warmup_steps: int = WARMUP_STEPS, lr: float = 5e-4, explicit_lr: float | None = None,
@@ -100,12 +127,6 @@ def act_internalization(out_dir: Path, seed: int = 0, digits: int = 2, explicit_
     `decay_steps` steps (the same steps of the act: both end at its last; 0: constant throughout). `warmup_steps`:
     the explicit and the no-CoT runs, both from scratch, raise it linearly from 0 over their first `warmup_steps`
     steps (0: none)."""
-    if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or not 0 <= decay_steps <= after_steps:
-        raise ValueError(f"decay_steps must be an integer from 0 to after_steps ({after_steps}): the rate decays "
-                         f"once the CoT is gone; got {decay_steps!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < explicit_steps:
-        raise ValueError(f"warmup_steps must be an integer from 0 to explicit_steps - 1 ({explicit_steps - 1}): the "
-                         f"rate warms up within the explicit phase; got {warmup_steps!r}")
     print(f"== internalization: a tiny LLaMA learns {digits}x{digits} multiplication with a chain of thought, "
           "then learns to do without it (ICoT-SI)")
     threads = torch.get_num_threads()
@@ -135,7 +156,8 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
     print(f"explicit CoT {explicit_steps:,} steps of {BATCH} at lr {explicit_lr:g}; then internalization: one CoT "
           f"token removed every {steps_per_token:,} steps (lambda 4), {after_steps:,} steps more with none left "
           f"({internalize_steps:,} in all) at lr {lr:g}; no CoT: {total:,} steps at lr {lr:g}{decay}{warmup}; "
-          f"weight decay {weight_decay:g}; the two runs side by side")
+          f"weight decay {weight_decay:g}; "
+          + ("the two runs side by side" if (workers or default_workers()) > 1 else "the two runs one after the other"))
     settings = dict(out_dir=out_dir, digits=digits, size=size, seed=seed, lr=lr, decay_steps=decay_steps,
                     warmup_steps=warmup_steps, weight_decay=weight_decay, valid_size=valid_size, test_size=test_size,
                     eval_every=eval_every, hidden=hidden, layers=layers)
@@ -162,7 +184,7 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
         results[name] = {"accuracy": result.accuracy, "examples_per_second": result.examples_per_second,
                          "cot_tokens": written, "steps": steps}
         print(f"  {name:13s} accuracy {result.accuracy:.3f}  {result.examples_per_second:7,.0f} examples/s  "
-              f"{written:4.1f} CoT tokens written  ({steps:,} training steps)")
+              f"{cot_figure(written):>4} CoT tokens written  ({steps:,} training steps)")
         if name == "internalized":
             prediction = evaluate(model, tok, test[:1]).predictions[0]
             print(f"  e.g. internalized: {test[0].input} -> [{prediction.cot}] #### {prediction.answer}  "
@@ -172,12 +194,13 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
         print(note)
     speedup = results["internalized"]["examples_per_second"] / results["explicit CoT"]["examples_per_second"]
     shown, margin, se = verdict(results, test_size)
+    internalized = results["internalized"]
     print(claim_line("internalization", CLAIM, shown,
-                     f"internalized {results['internalized']['accuracy']:.3f} with "
-                     f"{results['internalized']['cot_tokens']:.1f} CoT tokens, no CoT "
-                     f"{results['no CoT']['accuracy']:.3f} (margin {margin:+.3f} = {in_standard_errors(margin, se)}; needs "
-                     f">= 0.9 with 0 CoT tokens and a margin > 3 standard errors), {speedup:.1f}x the explicit "
-                     "model's examples/s") + "\n")
+                     f"internalized {figure(internalized['accuracy'], 0.9, internalized['accuracy'] >= 0.9, digits=3)} "
+                     f"with {cot_figure(internalized['cot_tokens'])} CoT tokens, no CoT "
+                     f"{results['no CoT']['accuracy']:.3f} (margin {margin:+.3f} = "
+                     f"{in_standard_errors(margin, se, 3, margin > 3 * se)}; needs >= 0.9 with 0 CoT tokens and a margin "
+                     f"> 3 standard errors), {speedup:.1f}x the explicit model's examples/s") + "\n")
     return {**results, "speedup": speedup, "claim_shown": shown, "selected": {"internalized": chain["selected"],
                                                                               "no CoT": no_cot["selected"]}}
 

@@ -39,7 +39,9 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
     `progress()`, if given, is called every `poll_seconds` while worker processes run, to report on them from
     what they write to disk (jobs run in this process, `workers=1`, get no such calls)."""
     workers = default_workers() if workers is None else workers
-    if workers <= 1 or len(jobs) <= 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1 (or None: default_workers()), got {workers!r}")
+    if workers == 1 or len(jobs) <= 1:
         return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
     context = multiprocessing.get_context("spawn")  # no forked torch state; works the same on every OS
     stop, pids = context.Event(), context.SimpleQueue()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .bitune import FULL as BITUNE_FULL
 from .bitune import SIDES, act_bitune
+from .act_settings import check_positive
 from .claims import claim_line, in_standard_errors
 from .expansion import act_expansion
-from .internalization import act_internalization
+from .internalization import act_internalization, cot_figure
 
 BITUNE_SEEDS = EXPANSION_SEEDS = 5
 INTERNALIZATION_SEEDS = 3
@@ -24,6 +25,9 @@ def reproduce_bitune_seeds(out_dir: Path, seed: int = 0, seeds: int = BITUNE_SEE
     error, and Bitune's gain over only_causal on `right` with the larger of two standard errors: the
     seeds' spread of the paired differences, and the binomial one of the pooled questions."""
     act = {**BITUNE_FULL, **act}
+    check_positive("reproduce_bitune_seeds", seeds=seeds)
+    for s in range(seed, seed + seeds):  # every seed's settings before the first seed's work
+        act_bitune.check(out_dir / f"seed-{s}", seed=s, **act)
     runs = [act_bitune(out_dir / f"seed-{s}", seed=s, **act) for s in range(seed, seed + seeds)]
     held_out = act["held_out"]
     print(f"== bitune over seeds {seed}-{seed + seeds - 1}: mean held-out accuracy ± standard error over the seeds "
@@ -38,7 +42,7 @@ def reproduce_bitune_seeds(out_dir: Path, seed: int = 0, seeds: int = BITUNE_SEE
                                                           pooled["only_causal"]["right"][0], held_out * seeds)
     print(claim_line("bitune", "bidirectional reading beats the same set-up read causally on 'right', over seeds",
                      shown, f"gain {gain:+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}), standard error "
-                     f"{se:.3f} (seeds {seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se)} (needs > 3)"))
+                     f"{se:.3f} (seeds {seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se, 3, shown)} (needs > 3)"))
     return {"runs": runs, "pooled": pooled, "gain": gain, "gain_se": se, "claim_shown": shown}
 
 
@@ -60,10 +64,14 @@ def reproduce_expansion_seeds(out_dir: Path, seed: int = 0, seeds: int = EXPANSI
 
 def reproduce_internalization_seeds(out_dir: Path, seed: int = 0, seeds: int = INTERNALIZATION_SEEDS, **act) -> dict:
     """The internalization act over `seeds` seeds: each seed's table and verdict, then a summary."""
+    check_positive("reproduce_internalization_seeds", seeds=seeds)
+    for s in range(seed, seed + seeds):  # every seed's settings before the first seed's work
+        act_internalization.check(out_dir / f"seed-{s}", seed=s, **act)
     runs = [act_internalization(out_dir / f"seed-{s}", seed=s, **act) for s in range(seed, seed + seeds)]
     print(f"== internalization over seeds {seed}-{seed + seeds - 1} (held-out accuracy; CoT tokens written)")
     for name in ("explicit CoT", "no CoT", "internalized"):
-        print(f"{name:<14}" + "".join(f"{run[name]['accuracy']:>8.3f} ({run[name]['cot_tokens']:.1f})" for run in runs))
+        print(f"{name:<14}" + "".join(f"{run[name]['accuracy']:>8.3f} ({cot_figure(run[name]['cot_tokens'])})"
+                                      for run in runs))
     shown = all(run["claim_shown"] for run in runs)
     print(f"claim shown on {sum(run['claim_shown'] for run in runs)} of {seeds} seeds")
     return {"runs": runs, "claim_shown": shown}

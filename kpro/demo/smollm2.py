@@ -27,6 +27,7 @@ from ..expansion import expand, train_only
 from ..generation import generate
 from ..tokenizer import load_tokenizer
 from ..train import Batches, adamw, collate_packed, lm_loss, pack_documents
+from .act_settings import check_positive, records_settings
 from .claims import claim_line
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -171,6 +172,13 @@ def show_answers(questions, answers, before=None) -> None:
 
 # ------------------------------------------------------------------------------------------ the act
 
+def check_arguments(seed, new_blocks, steps, batch_size, seq_len, lr, eval_rows, **_) -> None:
+    """act_smollm2's arguments, refused before the model is converted rather than after."""
+    check_positive("act_smollm2", seed=seed, new_blocks=new_blocks, steps=steps, batch_size=batch_size,
+                   seq_len=seq_len, lr=lr, eval_rows=eval_rows)
+
+
+@records_settings(check_arguments)
 def act_smollm2(out_dir: Path, seed: int = 0, new_blocks: int = 6, steps: int = 16, batch_size: int = 4,
                 seq_len: int = 128, lr: float = 1e-4, eval_rows: int = 8) -> dict:
     print("== smollm2: a real pretrained LLaMA (SmolLM2-135M-Instruct) converted from GGUF, asked, expanded by "
