@@ -357,15 +357,20 @@ def test_jobs_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
         assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_jobs_in_worker_processes_report_progress_until_they_end():
-    """progress() runs every poll while worker processes work, not after, and not for jobs in this process; a
-    failing job ends the polling and raises."""
+def test_jobs_report_progress_until_they_end():
+    """progress() runs every poll while the jobs work, not after, in worker processes or, from a thread, in this
+    one (with one worker, the act's training printed nothing for its many minutes); a failing job ends the
+    polling and raises."""
     calls = []
     jobs = [(functools.partial(time.sleep, 1.0), {})] * 2  # picklable: spawned workers unpickle each job
     assert run_jobs(jobs, workers=2, progress=lambda: calls.append(0), poll_seconds=0.05) == [None] * 2
     assert len(calls) >= 5  # 1 s of sleep after the workers' start-up, polled every 0.05 s
-    assert run_jobs(jobs[:1] * 2, workers=1, progress=lambda: calls.append(None)) == [None] * 2
-    assert None not in calls
+    here = []
+    assert run_jobs(jobs, workers=1, progress=lambda: here.append(0), poll_seconds=0.05) == [None] * 2
+    assert len(here) >= 20  # 2 s of sleep polled every 0.05 s
+    count = len(here)
+    time.sleep(0.2)
+    assert len(here) == count  # and none after the jobs
     with pytest.raises(ValueError, match="sleep length must be non-negative"):
         run_jobs([(functools.partial(time.sleep, -1), {}), (functools.partial(time.sleep, 1.0), {})], workers=2,
                  progress=lambda: None, poll_seconds=0.05)
@@ -468,7 +473,7 @@ def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):
     log("explicit-cot", range(1, 4))
     log("no-cot", range(1, 101))  # more than the 4 KiB read from the end
     out = io.StringIO()  # not a terminal: a line per LOG_LINE_SECONDS
-    progress = internalization.TrainingProgress(tmp_path, chain_steps=10, no_cot_steps=200, stream=out)
+    progress = internalization.training_progress(tmp_path, chain_steps=10, no_cot_steps=200, stream=out)
     assert progress.steps() == (3, 100)  # what a resumed run had done before this session
     log("internalized", range(1, 5), partial=True)
     log("no-cot", range(101, 151))
@@ -478,6 +483,25 @@ def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "  training: explicit CoT then internalization 7/10 steps, no CoT 150/200; 0:00 elapsed, about 0:00 left")
+
+
+def test_a_progress_line_over_finished_and_unstarted_runs(tmp_path):
+    """A group whose runs had all finished before this session (a resumed act) read as infinitely far from done,
+    so the line said so for the whole act; a session with no step yet says it cannot estimate."""
+    from kpro.demo.progress import RunsProgress
+    done = tmp_path / "done.jsonl"
+    done.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 11)))
+    waiting = tmp_path / "waiting.jsonl"
+    out = io.StringIO()
+    progress = RunsProgress({"a": ([done], 10), "b": ([waiting], 20)}, stream=out)
+    progress.report()
+    waiting.write_text(json.dumps({"step": 5}) + "\n")
+    progress.logged = None  # as a minute later
+    progress.report()
+    progress.close()
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("  training: a 10/10 steps, b 0/20; 0:00 elapsed, time left not known yet")
+    assert second.startswith("  training: a 10/10 steps, b 5/20; 0:00 elapsed, about 0:00 left")
 
 
 def test_the_last_logged_step_is_found_behind_records_longer_than_the_window(tmp_path):

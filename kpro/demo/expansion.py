@@ -29,7 +29,7 @@ from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, f
 from .basics import LETTERS, accuracy, reversal_task, tiny_config
 from .act_settings import check_positive, records_settings
 from .claims import at_threshold, claim_line, figure
-from .parallel import run_jobs
+from .progress import run_jobs_reporting
 
 DIGITS = "0123456789"
 ARMS = {"expanded": "(a) expanded, new blocks trained", "control": "(b) control, all weights trained"}
@@ -150,11 +150,14 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
     print(f"pretraining {base.num_parameters() / 1e6:.2f}M parameters on the general task (reverse letters, "
           f"'hfbd>' -> 'dbfh'), {pretrain_steps} steps of 64; seed{'s' * (len(seeds) > 1)} "
           f"{', '.join(map(str, seeds))}")
-    before = run_jobs(pretrain_jobs(directory, seeds, pretrain_steps, eval_examples), workers)
+    metrics = lambda run: [directory(s) / run / "metrics.jsonl" for s in seeds]
+    before = run_jobs_reporting(pretrain_jobs(directory, seeds, pretrain_steps, eval_examples), workers,
+                                {"pretraining": (metrics("pretrain"), pretrain_steps * len(seeds))})
     print(f"domain task: digits in reading order, spelled 0=a ... 9=j ('3917=' -> 'djbh'); the domain corpus holds "
           f"{general_share:.0%} general examples; {domain_steps} steps of 32 examples, peak lr {lr:g}, both ways, "
           "side by side")
-    arms = run_jobs(arm_jobs(directory, seeds, domain_steps, new_blocks, general_share, lr, eval_examples), workers)
+    arms = run_jobs_reporting(arm_jobs(directory, seeds, domain_steps, new_blocks, general_share, lr, eval_examples),
+                              workers, {arm: (metrics(arm), domain_steps * len(seeds)) for arm in ARMS})
     expanded = arms[0]
     print(f"(a) expanded {base.config.num_hidden_layers} -> {expanded['layers']} blocks; {expanded['plan']}; "
           f"{expanded['trainable'] / 1e6:.2f}M trainable parameters")

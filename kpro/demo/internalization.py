@@ -6,7 +6,7 @@ every `steps_per_token` steps, then `after_steps` more with no CoT at all); and 
 many steps as the two others together. Both of the latter keep their best weights by validation accuracy
 once no CoT is left in training (the official code's selection). Each is decoded greedily on held-out
 problems: accuracy, examples/s and CoT tokens written. The explicit chain and the no-CoT model train side
-by side (`kpro.demo.parallel`), one thread each, and a progress line follows both (`TrainingProgress`). Every
+by side (`kpro.demo.parallel`), one thread each, and a progress line follows both (`training_progress`). Every
 operand pair not held out is in the training set (2×2 has 8,100); the valid and test pairs are left out.
 
 The recipe is the slow removal that works at this size: a token every 1,000 steps of 32 (the paper's pace for
@@ -24,7 +24,6 @@ steps, as an earlier version of this act did, loses the task.
 from __future__ import annotations
 
 import io
-import sys
 import time
 from pathlib import Path
 
@@ -37,15 +36,14 @@ from ..internalize import (RemovalSchedule, ValidationAccuracy, evaluate, fit_in
                            multiplication_training_set, parse_line, tokenize_examples)
 from ..internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
 from ..model import Llama
-from ..train.progress import StatusLine, format_duration, last_logged_step
 from .act_settings import check_positive, records_settings
 from .claims import claim_line, difference_standard_error, figure, in_standard_errors
 from .parallel import default_workers, run_jobs
+from .progress import RunsProgress
 
 BATCH = 32
 DECAY_STEPS = 2000  # the last steps of the internalized and no-CoT runs, lr decaying linearly to 0
 WARMUP_STEPS = 500  # the first steps of the explicit and no-CoT runs, lr rising linearly from 0
-LOG_LINE_SECONDS = 60  # off a terminal, the training's progress line at most once a minute
 CLAIM = "the internalized model answers with no CoT at >= 0.9 held-out accuracy, clearly above the no-CoT model"
 EXPLICIT_TARGET = 0.95  # the recipe's explicit-CoT accuracy before the removal starts (issue 17)
 
@@ -162,7 +160,7 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
                     warmup_steps=warmup_steps, weight_decay=weight_decay, valid_size=valid_size, test_size=test_size,
                     eval_every=eval_every, hidden=hidden, layers=layers)
     start = time.perf_counter()
-    progress = TrainingProgress(out_dir, explicit_steps + internalize_steps, total)
+    progress = training_progress(out_dir, explicit_steps + internalize_steps, total)
     try:
         chain, no_cot = run_jobs([(train_chain, dict(settings, explicit_lr=explicit_lr, explicit_steps=explicit_steps,
                                                      steps_per_token=steps_per_token,
@@ -205,36 +203,12 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
                                                                               "no CoT": no_cot["selected"]}}
 
 
-class TrainingProgress:
-    """The act's progress line while its two runs train in worker processes, read from their metrics files:
-    steps done of the chain (explicit CoT, then internalization) and of the no-CoT model, and the time left
-    at this session's pace. Redrawn in place on a terminal; elsewhere a line at most every LOG_LINE_SECONDS."""
-
-    def __init__(self, out_dir: Path, chain_steps: int, no_cot_steps: int, stream=None):
-        self.out_dir, self.totals = Path(out_dir), (chain_steps, no_cot_steps)
-        self.line = StatusLine(sys.stdout if stream is None else stream)
-        self.start, self.first = time.perf_counter(), self.steps()  # a resumed run's steps are not this session's
-        self.logged: float | None = None
-
-    def steps(self) -> tuple[int, int]:
-        run = lambda name: last_logged_step(self.out_dir / name / "run" / "metrics.jsonl")
-        return run("explicit-cot") + run("internalized"), run("no-cot")
-
-    def report(self) -> None:
-        now = time.perf_counter()
-        elapsed, steps = now - self.start, self.steps()
-        left = [elapsed * (total - done) / (done - first) if done > first else float("inf")
-                for done, first, total in zip(steps, self.first, self.totals)]
-        (chain, no_cot), (chain_total, no_cot_total) = steps, self.totals
-        milestone = self.logged is None or now - self.logged >= LOG_LINE_SECONDS
-        if milestone:
-            self.logged = now
-        self.line.show(f"  training: explicit CoT then internalization {chain:,}/{chain_total:,} steps, no CoT "
-                       f"{no_cot:,}/{no_cot_total:,}; {format_duration(elapsed)} elapsed, about "
-                       f"{format_duration(max(left))} left", milestone=milestone)
-
-    def close(self) -> None:
-        self.line.close()
+def training_progress(out_dir: Path, chain_steps: int, no_cot_steps: int, stream=None) -> RunsProgress:
+    """The act's progress line: steps done of the chain (explicit CoT, then internalization) and of the no-CoT
+    model, and the time left."""
+    run = lambda name: Path(out_dir) / name / "run" / "metrics.jsonl"
+    return RunsProgress({"explicit CoT then internalization": ([run("explicit-cot"), run("internalized")], chain_steps),
+                         "no CoT": ([run("no-cot")], no_cot_steps)}, stream)
 
 
 def _kept(job: dict) -> str:

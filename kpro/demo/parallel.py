@@ -13,6 +13,7 @@ second rather than train on for nobody.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -36,13 +37,14 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
              progress: Callable[[], None] | None = None, poll_seconds: float = 10.0) -> list:
     """[fn(**kwargs) for fn, kwargs in jobs], each on one thread, up to `workers` processes at once.
 
-    `progress()`, if given, is called every `poll_seconds` while worker processes run, to report on them from
-    what they write to disk (jobs run in this process, `workers=1`, get no such calls)."""
+    `progress()`, if given, is called every `poll_seconds` while the jobs run, to report on them from what they
+    write to disk (from a thread of its own where they run in this process, `workers=1`)."""
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1 (or None: default_workers()), got {workers!r}")
     if workers == 1 or len(jobs) <= 1:
-        return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
+        with _reporting(progress, poll_seconds):
+            return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
     context = multiprocessing.get_context("spawn")  # no forked torch state; works the same on every OS
     stop, pids = context.Event(), context.SimpleQueue()
     takes_ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # not where it is ignored on purpose
@@ -69,6 +71,26 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
                 for future in futures:
                     future.cancel()
             raise
+
+
+@contextlib.contextmanager
+def _reporting(progress: Callable[[], None] | None, poll_seconds: float):
+    """`progress()` every `poll_seconds` from a daemon thread while the block runs (jobs in this process)."""
+    if progress is None:
+        yield
+        return
+    done = threading.Event()
+
+    def report():
+        while not done.wait(poll_seconds):
+            progress()
+    thread = threading.Thread(target=report, name="kpro-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _save_and_stop(futures: list, pids) -> None:

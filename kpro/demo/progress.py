@@ -1,0 +1,55 @@
+"""An act's progress line while its runs train, read from the metrics files they write.
+
+The runs train in worker processes (`kpro.demo.parallel`), or in this one behind a silenced `fit`, so the act
+reads how far each has got from the last line of its `metrics.jsonl` and reports every group of runs (those of
+a group train one after another, or side by side, and their steps add up) with the time left at this session's
+pace. Redrawn in place on a terminal; elsewhere a line at most every LOG_LINE_SECONDS.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..train.progress import StatusLine, format_duration, last_logged_step
+from .parallel import run_jobs
+
+LOG_LINE_SECONDS = 60  # off a terminal, at most a line a minute
+
+
+class RunsProgress:
+    def __init__(self, groups: dict[str, tuple[list[Path], int]], stream=None):
+        """`groups`: a name -> (the metrics files of its runs, the steps they train in all)."""
+        self.groups = groups
+        self.line = StatusLine(sys.stdout if stream is None else stream)
+        self.start, self.first = time.perf_counter(), self.steps()  # a resumed run's steps are not this session's
+        self.logged: float | None = None
+
+    def steps(self) -> tuple[int, ...]:
+        return tuple(sum(last_logged_step(path) for path in paths) for paths, _ in self.groups.values())
+
+    def report(self) -> None:
+        now = time.perf_counter()
+        elapsed, steps = now - self.start, self.steps()
+        totals = [total for _, total in self.groups.values()]
+        left = [0.0 if done >= total else elapsed * (total - done) / (done - first) if done > first else float("inf")
+                for done, first, total in zip(steps, self.first, totals)]
+        milestone = self.logged is None or now - self.logged >= LOG_LINE_SECONDS
+        if milestone:
+            self.logged = now
+        counts = ", ".join(f"{name} {done:,}/{total:,}" + (" steps" if i == 0 else "")
+                           for i, (name, done, total) in enumerate(zip(self.groups, steps, totals)))
+        estimate = f"about {format_duration(max(left))} left" if max(left) < float("inf") else "time left not known yet"
+        self.line.show(f"  training: {counts}; {format_duration(elapsed)} elapsed, {estimate}", milestone=milestone)
+
+    def close(self) -> None:
+        self.line.close()
+
+
+def run_jobs_reporting(jobs: list, workers: int | None, groups: dict[str, tuple[list[Path], int]]) -> list:
+    """`run_jobs(jobs, workers)` with a `RunsProgress` line over `groups` while they train."""
+    progress = RunsProgress(groups)
+    try:
+        return run_jobs(jobs, workers, progress=progress.report)
+    finally:
+        progress.close()
