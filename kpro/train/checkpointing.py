@@ -259,13 +259,19 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
                                           f"read the optimizer state of {directory}") or {}
         for group in optimizer.param_groups:  # torch's loader wants every saved group key present here
             group.setdefault("peak_lr", group["lr"])
-        strict = distributed.main_decides(lambda: not _stateless_parameters(directory, model, optimizer, optim_state),
-                                          f"check the optimizer state of {directory}", env)
+        stateless = distributed.main_decides(lambda: _stateless_parameters(directory, model, optimizer, optim_state),
+                                             f"check the optimizer state of {directory}", env)
         try:
-            distributed.load_full_optimizer_state(model, optimizer, optim_state, env, strict=strict)
+            distributed.load_full_optimizer_state(model, optimizer, optim_state, env, strict=not stateless)
         except (KeyError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{directory}: the optimizer state does not fit this optimizer ({err}); was the set "
                                   "of trainable parameters or the optimizer changed?") from None
+        if stateless:  # torch's loader gave them the state of a zero-gradient step: they had none, and start fresh
+            names, fresh = distributed.state_dict_names(model), set(stateless)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if names.get(id(param)) in fresh:
+                        optimizer.state.pop(param, None)
     rngs = state.pop("rng")
     set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
     return state
@@ -291,9 +297,9 @@ def _saved_schedule(run_dir) -> dict | None:
 
 
 def _stateless_parameters(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> list:
-    """The trainable parameters the saved optimizer held without state: AdamW keeps none for a parameter that
-    has had no gradient yet (Bitune's `only_causal` leaves one adapter without), and such a run must resume.
-    A parameter lacking state that the saved optimizer did not hold at all is refused, by name."""
+    """The names of the trainable parameters the saved optimizer held without state: AdamW keeps none for a
+    parameter that has had no gradient yet (Bitune's `only_causal` leaves one adapter without), and such a run
+    must resume. A parameter lacking state that the saved optimizer did not hold at all is refused, by name."""
     names = distributed.state_dict_names(model)
     stored = saved.get("state", {})
     listed = {name for group in saved.get("param_groups", ()) for name in group.get("params", ())}

@@ -178,27 +178,19 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv, *,
                               strict: bool = True) -> None:
     """Load rank 0's full optimizer `state` (others pass {}). `strict=False` lets parameters without saved state
-    start fresh: only for those the saved optimizer held without state (`checkpointing._stateless_parameters`)."""
+    through, with the state of a zero-gradient step: only for those the saved optimizer held without state
+    (`checkpointing._stateless_parameters`), whose state the caller then drops."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=env.world_size > 1, strict=strict))
 
 
 def state_dict_names(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> the name torch's state-dict helpers give it: a DDP wrapper's `module.` and a torch.compile
-    wrapper's `_orig_mod.` left out (FSDP2 keeps the plain names)."""
-    from torch.nn.parallel import DistributedDataParallel
+    """id(parameter) -> the name torch's state-dict helpers key its optimizer state by: wrappers' parts left out
+    (DDP's `module.`, torch.compile's `_orig_mod.`, checkpoint_wrapper's). torch has no public API for it."""
+    from torch.distributed.checkpoint.state_dict import _get_fqns
     names = {}
     for name, param in model.named_parameters():
-        module, kept = model, []
-        for atom in name.split("."):
-            inner = module.module if isinstance(module, DistributedDataParallel) and atom == "module" else (
-                module._orig_mod if atom == "_orig_mod" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
-                else None)
-            if inner is None:
-                kept.append(atom)
-                module = getattr(module, atom, None)
-            else:
-                module = inner
-        names[id(param)] = ".".join(kept)
+        fqns = _get_fqns(model, name)
+        names[id(param)] = next(iter(fqns)) if len(fqns) == 1 else name
     return names
