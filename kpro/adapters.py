@@ -79,6 +79,9 @@ def _base_dtype(model: nn.Module) -> torch.dtype:
     return max(set(dtypes), key=dtypes.count)
 
 
+_NARROWER = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes a tuned base is commonly loaded in
+
+
 def base_record(model: nn.Module) -> dict:
     """What an adapter config records of the base model it was tuned on (checked by `check_base`): its
     fingerprint in its dtype and, so that a narrower copy of it is checked too, in each narrower float dtype."""
@@ -86,9 +89,6 @@ def base_record(model: nn.Module) -> dict:
     narrower = {_dtype_name(d): base_fingerprint(model, d) for d in _NARROWER if d.itemsize < dtype.itemsize}
     return {"base_model": base_fingerprint(model, dtype), "base_dtype": _dtype_name(dtype),
             **({"base_model_narrower": narrower} if narrower else {})}
-
-
-_NARROWER = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes a tuned base is commonly loaded in
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

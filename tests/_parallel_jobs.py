@@ -17,7 +17,6 @@ def fail_once_another_started(directory: str) -> None:
     raise ValueError("this job failed")
 
 
-
 def train_until_interrupted(directory: str, name: str) -> None:
     """kpro.train.fit for far more steps than a test waits; its pid file appears once a step has run, then
     every step sleeps a little, so that Ctrl-C finds it training."""

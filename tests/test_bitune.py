@@ -242,8 +242,9 @@ def test_adapters_load_only_into_the_base_they_were_tuned_on(tmp_path):
     Bitune(base_of_make(torch.float32).to(torch.bfloat16), rank=4, seed=0).save_adapters(tmp_path / "a")
     other = base_of_make(torch.float32, seed=1).to(torch.bfloat16)
     before = {name: p.clone() for name, p in other.named_parameters()}
-    with pytest.raises(kpro.CheckpointError, match=r"holds adapters tuned on another base model \(fingerprint \w+ in "
-                                                   r"bfloat16, this model's \w+\): load the checkpoint they were tuned on"):
+    with pytest.raises(kpro.CheckpointError, match=r"holds adapters tuned on another base model \(fingerprint \w+ "
+                                                   r"in bfloat16, this model's \w+\): load the checkpoint they were "
+                                                   r"tuned on"):
         Bitune.from_adapters(other, tmp_path / "a")
     assert not lora.lora_layers(other) and all(torch.equal(p, before[n]) for n, p in other.named_parameters())
     # the tuned base in fp32: its values cast to bf16 are the tuned ones
@@ -451,4 +452,3 @@ def test_kpro_instruct_is_kpro_bitune_however_it_is_imported():
             "print(a is kpro.bitune, b is kpro.bitune, tune is kpro.bitune.tune)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True", "True"]
-

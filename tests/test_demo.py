@@ -25,6 +25,7 @@ import kpro
 from kpro.demo import basics as demo
 from kpro.demo import bitune, claims, expansion, internalization, seeds
 from kpro.demo.parallel import run_jobs
+from kpro.demo.progress import RunsProgress
 from kpro.train.progress import last_logged_step
 
 CLAIM_LINE = re.compile(r"^claim \((\w+)\): (.+) -- (SHOWN|NOT SHOWN) by this run: (.+)$", re.M)
@@ -91,6 +92,10 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys
         internalization.act_internalization(tmp_path / "i", **{**tiny, "explicit_steps": 8})
     internalization.act_internalization(tmp_path / "i", **{**tiny, "workers": 2})  # workers change no number
     assert (tmp_path / "i" / "internalized" / "model" / "model.safetensors").read_bytes() == weights
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / act_settings.SETTINGS_FILE).write_text("[1]")  # a TypeError before
+    with pytest.raises(ValueError, match="holds a JSON list, not the settings kpro writes: delete"):
+        internalization.act_internalization(tmp_path / "j", **tiny)
 
     class Stopped(Exception):
         pass
@@ -431,8 +436,9 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
 def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, terminal):
     """Ctrl-C during a parallel act ended the workers before fit could save, so a rerun started the act over. Each
     training job now stops after its step with a checkpoint, whether the signal reached the demo alone or, as a
-    terminal's does, every process of its group (then each worker gets it twice, counted once)."""
-    jobs = f"[(_parallel_jobs.train_until_interrupted, dict(directory={str(tmp_path)!r}, name=n)) for n in 'ab']"
+    terminal's does, every process of its group (then each worker gets it twice, counted once). A third job,
+    queued, must not start training after Ctrl-C (the pool had handed it over, and it trained to its end)."""
+    jobs = f"[(_parallel_jobs.train_until_interrupted, dict(directory={str(tmp_path)!r}, name=n)) for n in 'abc']"
     script = ("import _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
               f"    run_jobs({jobs}, 2)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
@@ -456,6 +462,7 @@ def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, terminal):
     assert err.count("run again to resume") == 2, err
     for name in "ab":
         assert len(list((tmp_path / name).glob("step-*"))) == 1, err
+    assert not (tmp_path / "c").exists(), err
     assert not [pid for pid in _pids(tmp_path) if _running(pid)]
 
 
@@ -473,7 +480,7 @@ def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):
     log("explicit-cot", range(1, 4))
     log("no-cot", range(1, 101))  # more than the 4 KiB read from the end
     out = io.StringIO()  # not a terminal: a line per LOG_LINE_SECONDS
-    progress = internalization.training_progress(tmp_path, chain_steps=10, no_cot_steps=200, stream=out)
+    progress = RunsProgress(internalization.training_groups(tmp_path, chain_steps=10, no_cot_steps=200), stream=out)
     assert progress.steps() == (3, 100)  # what a resumed run had done before this session
     log("internalized", range(1, 5), partial=True)
     log("no-cot", range(101, 151))
@@ -488,7 +495,6 @@ def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):
 def test_a_progress_line_over_finished_and_unstarted_runs(tmp_path):
     """A group whose runs had all finished before this session (a resumed act) read as infinitely far from done,
     so the line said so for the whole act; a session with no step yet says it cannot estimate."""
-    from kpro.demo.progress import RunsProgress
     done = tmp_path / "done.jsonl"
     done.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 11)))
     waiting = tmp_path / "waiting.jsonl"
@@ -502,6 +508,11 @@ def test_a_progress_line_over_finished_and_unstarted_runs(tmp_path):
     first, second = out.getvalue().splitlines()
     assert first.startswith("  training: a 10/10 steps, b 0/20; 0:00 elapsed, time left not known yet")
     assert second.startswith("  training: a 10/10 steps, b 5/20; 0:00 elapsed, about 0:00 left")
+    # groups taking turns on one worker: the second not started yet, the first's pace stands for both
+    progress = RunsProgress({"a": ([waiting], 20), "b": ([tmp_path / "later.jsonl"], 30)}, stream=io.StringIO())
+    progress.first = (0, 0)
+    assert progress.left(10.0, (5, 0), [20, 30]) == 10.0 * 45 / 5
+    assert progress.left(10.0, (5, 3), [20, 30]) == max(10.0 * 15 / 5, 10.0 * 27 / 3)
 
 
 def test_the_last_logged_step_is_found_behind_records_longer_than_the_window(tmp_path):

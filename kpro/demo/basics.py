@@ -71,8 +71,12 @@ def verdict(trained: list[str], reloaded: list[str], examples: list[tuple[str, s
     return trained == reloaded and acc >= LEARNED, acc
 
 
-@records_settings(lambda steps, seed, **_: check_positive("act_basics", steps=steps, seed=seed),
-                  where=lambda out_dir: out_dir.with_name(out_dir.name + "-run"))  # out_dir is the model's directory
+def run_directory(out_dir: Path) -> Path:
+    """The training run's directory, beside the model's (out_dir, which holds the model alone)."""
+    return out_dir.with_name(out_dir.name + "-run")
+
+
+@records_settings(lambda steps, seed, **_: check_positive("act_basics", steps=steps, seed=seed), where=run_directory)
 def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
     print("== basics: a tiny LLaMA learns to reverse strings, is saved in the HF layout, reloaded and sampled")
     torch.manual_seed(seed)
@@ -82,7 +86,7 @@ def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
     held_out = [reversal_task(random.Random(10_000 + i)) for i in range(200)]
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters; accuracy before training {accuracy(model, tok, held_out):.2f}")
     batches = Batches(training_examples(tok, rng, 20_000), 64, partial(collate_prompt_answer, pad_id=tok.pad_id), seed=seed)
-    run_dir = out_dir.with_name(out_dir.name + "-run")
+    run_dir = run_directory(out_dir)
     print(f"training state in {run_dir}/ (metrics.jsonl, checkpoints): Ctrl-C saves a checkpoint and running "
           "the demo again resumes from it")
     fit(model, batches, run_dir, steps=steps, optimizer=lambda m: adamw(m, 3e-3, betas=(0.9, 0.98)),
@@ -102,6 +106,7 @@ def act_basics(out_dir: Path, steps: int = 600, seed: int = 0) -> dict:
         sample = generate(reloaded, ids, 10, temperature=0.7, generator=torch.Generator().manual_seed(seed))
         print(f"  {prompt} -> {tok.decode(sample[0, ids.shape[1]:].tolist())}   (sampled at temperature 0.7)")
     print(f"try: python -m kpro generate {shlex.quote(str(out_dir))} --prompt 'abcdef>'")
-    print(claim_line("basics", CLAIM, shown, f"held-out accuracy {figure(acc, LEARNED, acc >= LEARNED)} after reloading (needs >= {LEARNED}), "
+    print(claim_line("basics", CLAIM, shown, f"held-out accuracy {figure(acc, LEARNED, acc >= LEARNED)} after "
+                     f"reloading (needs >= {LEARNED}), "
                      f"{same}/{len(held_out)} answers unchanged by the save and reload") + "\n")
     return {"accuracy": acc, "same_answers": same, "claim_shown": shown}

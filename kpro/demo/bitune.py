@@ -167,7 +167,8 @@ def _run(out_dir, pretrain_steps, tune_steps, held_out, train_questions, lr, see
         print(f"{name + ' (' + DESCRIPTIONS[name] + ')':<40}{cells}{result['train_seconds']:>8.0f}s")
     shown, gain, se = verdict(results, held_out)
     print(claim_line("bitune", CLAIM, shown, f"right {results['bitune']['right']:.3f} vs "
-                     f"{results['only_causal']['right']:.3f}, gain {gain:+.3f} = {in_standard_errors(gain, se, 3, shown)} "
+                     f"{results['only_causal']['right']:.3f}, gain {gain:+.3f} = "
+                     f"{in_standard_errors(gain, se, 3, shown)} "
                      f"(needs > 3); one seed, {tune_steps} tuning steps, {held_out} questions a side"
                      + ("" if (tune_steps, held_out) == (FULL["tune_steps"], FULL["held_out"]) else
                         "; the demo's short run: `python -m kpro reproduce bitune-seeds` runs "

@@ -24,8 +24,8 @@ from ..model import Llama, positions_from_mask
 from ..rope import apply_rope
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Schedule, fit
-from .bitune import DIGITS, SIDES, SYMBOLS, question_sets, tiny_config
 from .act_settings import check_positive
+from .bitune import DIGITS, SIDES, SYMBOLS, question_sets, tiny_config
 from .claims import claim_line, in_standard_errors
 from .parallel import run_jobs
 from .seeds import seeds_verdict
@@ -127,5 +127,6 @@ def reproduce_bitune_readings(out_dir: Path, seed: int = 0, seeds: int = 3, work
     shown, gain, se, seed_se, binomial_se = seeds_verdict(gains, mean["prefix"], mean["causal"],
                                                           settings["held_out"] * seeds)
     print(claim_line("bitune-readings", CLAIM, shown, f"gain {gain:+.3f}, standard error {se:.3f} (seeds "
-                     f"{seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se, 3, shown)} (needs > 3)"))
+                     f"{seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se, 3, shown)} "
+                     "(needs > 3)"))
     return {"runs": runs, "gain": gain, "gain_se": se, "claim_shown": shown}

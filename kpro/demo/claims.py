@@ -26,12 +26,14 @@ def difference_standard_error(a: float, n_a: int, b: float, n_b: int) -> float:
 
 def in_standard_errors(difference: float, se: float, needs: float | None = None, met: bool | None = None) -> str:
     """`+2.3 standard errors`; with a zero standard error (both accuracies at 0 or at 1) there is none to count.
-    Given the verdict's threshold (`needs`, a count of standard errors to exceed) and whether it was `met`, as
-    many more decimals as it takes to agree with it (+3.04, not +3.0, where more than 3 were needed and met)."""
+    Given the verdict's threshold (`needs`, a count of standard errors to exceed) and whether it was `met`
+    (default: the count exceeds it), as many more decimals as it takes to agree with it (+3.04, not +3.0,
+    where more than 3 were needed and met)."""
     if not se:
         return "no spread to measure it against"
     if needs is None:
         return f"{difference / se:+.1f} standard errors"
+    met = difference / se > needs if met is None else met
     return f"{figure(difference / se, needs, met, digits=1, strict=True, sign=True)} standard errors"
 
 

@@ -26,8 +26,8 @@ from ..expansion import expand, train_only
 from ..model import Llama
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit, read_metrics
-from .basics import LETTERS, accuracy, reversal_task, tiny_config
 from .act_settings import check_positive, records_settings
+from .basics import LETTERS, accuracy, reversal_task, tiny_config
 from .claims import at_threshold, claim_line, figure
 from .progress import run_jobs_reporting
 

@@ -6,7 +6,7 @@ every `steps_per_token` steps, then `after_steps` more with no CoT at all); and 
 many steps as the two others together. Both of the latter keep their best weights by validation accuracy
 once no CoT is left in training (the official code's selection). Each is decoded greedily on held-out
 problems: accuracy, examples/s and CoT tokens written. The explicit chain and the no-CoT model train side
-by side (`kpro.demo.parallel`), one thread each, and a progress line follows both (`training_progress`). Every
+by side (`kpro.demo.parallel`), one thread each, and a progress line follows both (`training_groups`). Every
 operand pair not held out is in the training set (2×2 has 8,100); the valid and test pairs are left out.
 
 The recipe is the slow removal that works at this size: a token every 1,000 steps of 32 (the paper's pace for
@@ -38,8 +38,8 @@ from ..internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
 from ..model import Llama
 from .act_settings import check_positive, records_settings
 from .claims import claim_line, difference_standard_error, figure, in_standard_errors
-from .parallel import default_workers, run_jobs
-from .progress import RunsProgress
+from .parallel import default_workers
+from .progress import run_jobs_reporting
 
 BATCH = 32
 DECAY_STEPS = 2000  # the last steps of the internalized and no-CoT runs, lr decaying linearly to 0
@@ -160,14 +160,11 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
                     warmup_steps=warmup_steps, weight_decay=weight_decay, valid_size=valid_size, test_size=test_size,
                     eval_every=eval_every, hidden=hidden, layers=layers)
     start = time.perf_counter()
-    progress = training_progress(out_dir, explicit_steps + internalize_steps, total)
-    try:
-        chain, no_cot = run_jobs([(train_chain, dict(settings, explicit_lr=explicit_lr, explicit_steps=explicit_steps,
-                                                     steps_per_token=steps_per_token,
-                                                     internalize_steps=internalize_steps)),
-                                  (train_no_cot, dict(settings, steps=total))], workers, progress=progress.report)
-    finally:
-        progress.close()
+    chain, no_cot = run_jobs_reporting([(train_chain, dict(settings, explicit_lr=explicit_lr,
+                                                           explicit_steps=explicit_steps, steps_per_token=steps_per_token,
+                                                           internalize_steps=internalize_steps)),
+                                        (train_no_cot, dict(settings, steps=total))], workers,
+                                       training_groups(out_dir, explicit_steps + internalize_steps, total))
     print(f"trained in {time.perf_counter() - start:.0f} s; the internalized model kept step {_kept(chain)} of its "
           f"run, the no-CoT model step {_kept(no_cot)}")
 
@@ -197,18 +194,19 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
                      f"internalized {figure(internalized['accuracy'], 0.9, internalized['accuracy'] >= 0.9, digits=3)} "
                      f"with {cot_figure(internalized['cot_tokens'])} CoT tokens, no CoT "
                      f"{results['no CoT']['accuracy']:.3f} (margin {margin:+.3f} = "
-                     f"{in_standard_errors(margin, se, 3, margin > 3 * se)}; needs >= 0.9 with 0 CoT tokens and a margin "
+                     f"{in_standard_errors(margin, se, 3, margin > 3 * se)}; needs >= 0.9 with 0 CoT tokens and a "
+                     "margin "
                      f"> 3 standard errors), {speedup:.1f}x the explicit model's examples/s") + "\n")
     return {**results, "speedup": speedup, "claim_shown": shown, "selected": {"internalized": chain["selected"],
                                                                               "no CoT": no_cot["selected"]}}
 
 
-def training_progress(out_dir: Path, chain_steps: int, no_cot_steps: int, stream=None) -> RunsProgress:
-    """The act's progress line: steps done of the chain (explicit CoT, then internalization) and of the no-CoT
-    model, and the time left."""
+def training_groups(out_dir: Path, chain_steps: int, no_cot_steps: int) -> dict:
+    """What the act's progress line follows (`RunsProgress`): the chain (explicit CoT, then internalization) and
+    the no-CoT model."""
     run = lambda name: Path(out_dir) / name / "run" / "metrics.jsonl"
-    return RunsProgress({"explicit CoT then internalization": ([run("explicit-cot"), run("internalized")], chain_steps),
-                         "no CoT": ([run("no-cot")], no_cot_steps)}, stream)
+    return {"explicit CoT then internalization": ([run("explicit-cot"), run("internalized")], chain_steps),
+            "no CoT": ([run("no-cot")], no_cot_steps)}
 
 
 def _kept(job: dict) -> str:

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -46,10 +47,10 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
         with _reporting(progress, poll_seconds):
             return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
     context = multiprocessing.get_context("spawn")  # no forked torch state; works the same on every OS
-    stop, pids = context.Event(), context.SimpleQueue()
+    stop, interrupted, pids = context.Event(), context.Event(), context.SimpleQueue()
     takes_ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # not where it is ignored on purpose
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_end_with,
-                                                initargs=(os.getpid(), stop, pids)) as pool:
+                                                initargs=(os.getpid(), stop, interrupted, pids)) as pool:
         futures = [pool.submit(_in_worker, fn, kwargs, takes_ctrl_c) for fn, kwargs in jobs]
         try:
             while True:  # wakes at the first failure, whichever job it is, or every poll to report progress
@@ -65,7 +66,7 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
         except BaseException as error:
             try:
                 if isinstance(error, KeyboardInterrupt):
-                    _save_and_stop(futures, pids)  # a second Ctrl-C while the jobs save ends the wait
+                    _save_and_stop(futures, interrupted, pids)  # a second Ctrl-C while the jobs save ends the wait
             finally:
                 stop.set()  # the other jobs' workers exit now, so leaving the pool does not wait out their training
                 for future in futures:
@@ -93,10 +94,13 @@ def _reporting(progress: Callable[[], None] | None, poll_seconds: float):
         thread.join()
 
 
-def _save_and_stop(futures: list, pids) -> None:
-    """After Ctrl-C: jobs not started are dropped, and each running one gets SIGINT and is waited for, so that
-    fit stops it after its step with a checkpoint. A terminal's Ctrl-C reached the workers already: fit takes
-    this copy, milliseconds later, as the same press. Elsewhere than POSIX, the console signals every process."""
+def _save_and_stop(futures: list, interrupted, pids) -> None:
+    """After Ctrl-C: jobs not started yet end at their start (the pool hands a worker's next job over early, so
+    cancelling misses some), and each running one gets SIGINT and is waited for, so that fit stops it after its
+    step with a checkpoint. A terminal's Ctrl-C reached the workers already: fit takes this copy, milliseconds
+    later, as the same press, and a second press here within a second is taken as the first one too.
+    Elsewhere than POSIX, the console signals every process."""
+    interrupted.set()
     for future in futures:
         future.cancel()
     if os.name == "posix":
@@ -105,13 +109,25 @@ def _save_and_stop(futures: list, pids) -> None:
                 os.kill(pids.get(), signal.SIGINT)  # an idle worker ignores it
             except ProcessLookupError:  # that worker has ended
                 pass
-    concurrent.futures.wait(futures)
+    first = time.monotonic()
+    while True:
+        try:
+            concurrent.futures.wait(futures)
+            return
+        except KeyboardInterrupt:
+            if time.monotonic() - first > 1.0:
+                raise
 
 
-def _end_with(parent: int, stop, pids) -> None:
+_INTERRUPTED = None  # in a worker: the pool's event set at Ctrl-C (_end_with)
+
+
+def _end_with(parent: int, stop, interrupted, pids) -> None:
     """Worker initializer: reports this worker's pid, then a daemon thread ends the worker once `stop` is set or
     its parent process is gone. An idle worker ignores Ctrl-C: ended by it, it would break the pool, which then
     ends the other workers, saving or not."""
+    global _INTERRUPTED
+    _INTERRUPTED = interrupted
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pids.put(os.getpid())
     def watch():
@@ -122,10 +138,13 @@ def _end_with(parent: int, stop, pids) -> None:
 
 
 def _in_worker(fn: Callable, kwargs: dict, takes_ctrl_c: bool):
-    """A job in a worker process: Ctrl-C reaches it as it would in the parent (fit saves and stops)."""
+    """A job in a worker process: Ctrl-C reaches it as it would in the parent (fit saves and stops); one that
+    starts after Ctrl-C ends at once."""
     if takes_ctrl_c:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        if _INTERRUPTED is not None and _INTERRUPTED.is_set():  # read after the handler is in: no press is lost
+            raise KeyboardInterrupt
         return _one_thread(fn, kwargs)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

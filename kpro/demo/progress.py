@@ -32,15 +32,23 @@ class RunsProgress:
         now = time.perf_counter()
         elapsed, steps = now - self.start, self.steps()
         totals = [total for _, total in self.groups.values()]
-        left = [0.0 if done >= total else elapsed * (total - done) / (done - first) if done > first else float("inf")
-                for done, first, total in zip(steps, self.first, totals)]
         milestone = self.logged is None or now - self.logged >= LOG_LINE_SECONDS
         if milestone:
             self.logged = now
         counts = ", ".join(f"{name} {done:,}/{total:,}" + (" steps" if i == 0 else "")
                            for i, (name, done, total) in enumerate(zip(self.groups, steps, totals)))
-        estimate = f"about {format_duration(max(left))} left" if max(left) < float("inf") else "time left not known yet"
+        left = self.left(elapsed, steps, totals)
+        estimate = "time left not known yet" if left is None else f"about {format_duration(left)} left"
         self.line.show(f"  training: {counts}; {format_duration(elapsed)} elapsed, {estimate}", milestone=milestone)
+
+    def left(self, elapsed: float, steps: tuple[int, ...], totals: list[int]) -> float | None:
+        """Seconds left: the slowest group's at its own pace, or, where a group has not started (the groups take
+        turns on one worker), all the steps left at the pace of those done; None before any step."""
+        rest = [max(total - done, 0) for done, total in zip(steps, totals)]
+        done = [now - first for now, first in zip(steps, self.first)]
+        if all(r == 0 or d > 0 for r, d in zip(rest, done)):
+            return max((elapsed * r / d if r else 0.0) for r, d in zip(rest, done))
+        return elapsed * sum(rest) / sum(done) if sum(done) > 0 else None
 
     def close(self) -> None:
         self.line.close()

@@ -9,9 +9,9 @@ import math
 import statistics
 from pathlib import Path
 
+from .act_settings import check_positive
 from .bitune import FULL as BITUNE_FULL
 from .bitune import SIDES, act_bitune
-from .act_settings import check_positive
 from .claims import claim_line, in_standard_errors
 from .expansion import act_expansion
 from .internalization import act_internalization, cot_figure
@@ -42,7 +42,8 @@ def reproduce_bitune_seeds(out_dir: Path, seed: int = 0, seeds: int = BITUNE_SEE
                                                           pooled["only_causal"]["right"][0], held_out * seeds)
     print(claim_line("bitune", "bidirectional reading beats the same set-up read causally on 'right', over seeds",
                      shown, f"gain {gain:+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}), standard error "
-                     f"{se:.3f} (seeds {seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se, 3, shown)} (needs > 3)"))
+                     f"{se:.3f} (seeds {seed_se:.3f}, questions {binomial_se:.3f}): "
+                     f"{in_standard_errors(gain, se, 3, shown)} (needs > 3)"))
     return {"runs": runs, "pooled": pooled, "gain": gain, "gain_se": se, "claim_shown": shown}
 
 

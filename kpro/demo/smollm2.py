@@ -177,9 +177,11 @@ def show_answers(questions, answers, before=None) -> None:
 # ------------------------------------------------------------------------------------------ the act
 
 def check_arguments(seed, new_blocks, steps, batch_size, seq_len, lr, eval_rows, **_) -> None:
-    """act_smollm2's arguments, refused before the model is converted rather than after."""
+    """act_smollm2's arguments, refused before the model is converted rather than after (and a
+    KPRO_SMOLLM2_GGUF naming no file before the demo's other acts run)."""
     check_positive("act_smollm2", seed=seed, new_blocks=new_blocks, steps=steps, batch_size=batch_size,
                    seq_len=seq_len, lr=lr, eval_rows=eval_rows)
+    smollm2_gguf()
 
 
 @records_settings(check_arguments)
