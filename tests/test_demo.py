@@ -439,8 +439,9 @@ def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, terminal):
     terminal's does, every process of its group (then each worker gets it twice, counted once). A third job,
     queued, must not start training after Ctrl-C (the pool had handed it over, and it trained to its end)."""
     jobs = f"[(_parallel_jobs.train_until_interrupted, dict(directory={str(tmp_path)!r}, name=n)) for n in 'abc']"
-    script = ("import _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
-              f"    run_jobs({jobs}, 2)\n")
+    # Python's own Ctrl-C handling, as at a terminal: a pytest-xdist worker ignores SIGINT, and children inherit it
+    script = ("import signal, _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
+              f"    signal.signal(signal.SIGINT, signal.default_int_handler)\n    run_jobs({jobs}, 2)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     parent = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True, text=True,
                               stderr=subprocess.PIPE)

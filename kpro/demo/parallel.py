@@ -7,8 +7,8 @@ order. A job seeds everything it uses and runs on one thread, so its result is t
 in a worker or in this process (`workers=1`): the parallelism changes the wall time, never the numbers.
 A job that fails ends the other jobs at once rather than after their training. Ctrl-C lets each job that
 trains stop after its step with a checkpoint, as `kpro.train.fit` does in one process, so that a rerun resumes
-it (a second Ctrl-C quits at once). A worker whose parent process is gone (killed, say) ends itself within a
-second rather than train on for nobody.
+it (a second Ctrl-C, more than a second later, quits at once). A worker whose parent process is gone (killed,
+say) ends itself within a second rather than train on for nobody.
 """
 from __future__ import annotations
 
