@@ -82,7 +82,8 @@ def reproduce_internalization_seeds(out_dir: Path, seed: int = 0, seeds: int = I
 # Run once (seed 0, benchmarks/RESULTS.md): explicit CoT 1.000, internalized 0.158, no CoT 0.051 -- at this pace a
 # 2-block, width-128 model loses the task as the last CoT tokens go. It ran at a constant learning rate, before
 # the 2x2 act warmed it up and decayed it, and stays as it ran (warmup_steps=0, decay_steps=0). The paper's pace
-# (steps_per_token=3000, warmup_steps=500, decay_steps=2000) did worse: internalized 0.032, no CoT 0.230.
+# (steps_per_token=3000, warmup_steps=500, decay_steps=2000) did worse: internalized 0.032, no CoT 0.230; so did
+# width 256 at this lr (hidden=256): internalized 0.012, no CoT 0.011.
 RECIPE_3X3 = dict(digits=3, train_size=100_000, explicit_steps=8000, steps_per_token=1000, after_steps=8000,
                   decay_steps=0, warmup_steps=0, test_size=1000, valid_size=200, eval_every=500)
 
