@@ -127,7 +127,7 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys
     (internalization.act_internalization, dict(eval_every=0), "eval_every must be an integer >= 1, got 0"),
     (internalization.act_internalization, dict(explicit_steps=0), "explicit_steps must be an integer >= 1, got 0"),
     (internalization.act_internalization, dict(lr=0.0), "lr must be a positive number, got 0.0"),
-    (internalization.act_internalization, dict(hidden=130), "130"),
+    (internalization.act_internalization, dict(hidden=130), "hidden_size=130 is not divisible by num_attention"),
     (bitune.act_bitune, dict(held_out=0), "held_out must be an integer >= 1, got 0"),
     (expansion.act_expansion, dict(eval_examples=0), "eval_examples must be an integer >= 1, got 0"),
     (expansion.act_expansion, dict(seeds=0), "seeds must be an integer >= 1, got 0"),
@@ -142,8 +142,12 @@ def test_an_acts_bad_arguments_are_refused_before_any_work(tmp_path, act, argume
     with pytest.raises(ValueError, match=re.escape(message)):
         act(tmp_path / "out", **arguments)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-run").exists()
-    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
-        run_jobs([(time.sleep, dict(secs=0))] * 2, workers=0)
+
+
+def test_run_jobs_refuses_fewer_than_one_worker():
+    for workers in (0, -1, True):  # 0 and -1 ran the jobs one at a time, silently
+        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+            run_jobs([(functools.partial(time.sleep, 0), {})] * 2, workers=workers)
 
 
 def test_printed_figures_agree_with_their_verdicts():
