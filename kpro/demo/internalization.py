@@ -46,6 +46,8 @@ DECAY_STEPS = 2000  # the last steps of the internalized and no-CoT runs, lr dec
 WARMUP_STEPS = 500  # the first steps of the explicit and no-CoT runs, lr rising linearly from 0
 CLAIM = "the internalized model answers with no CoT at >= 0.9 held-out accuracy, clearly above the no-CoT model"
 EXPLICIT_TARGET = 0.95  # the recipe's explicit-CoT accuracy before the removal starts (issue 17)
+# Ctrl-C saves; these let a killed run (an ended session, a lost machine) resume at most this many steps back.
+SAVE_EVERY = 1000
 
 
 def demo_config(vocab_size: int, hidden: int = 128, layers: int = 2) -> LlamaConfig:
@@ -229,14 +231,15 @@ def train_chain(out_dir: Path, digits, size, seed, lr, decay_steps, warmup_steps
     fit_internalization(model, train, out_dir / "explicit-cot" / "run", removal="none", steps=explicit_steps,
                         batch_size=BATCH, pad_id=tok.pad_id, lr=explicit_lr,
                         schedule=lr_schedule(explicit_steps, warmup_steps=warmup_steps), weight_decay=weight_decay,
-                        seed=seed, keep_last=1, stream=quiet)
+                        seed=seed, keep_last=1, save_every=SAVE_EVERY, stream=quiet)
     save_pretrained(model, out_dir / "explicit-cot" / "model")
     # The schedule's "epoch" is 8 tokens' worth of steps: one more token every steps_per_token steps.
     schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
     best = ValidationAccuracy(tok, valid, eval_every, batch_size=len(valid), select_best=True, stream=quiet)
     fit_internalization(model, train, out_dir / "internalized" / "run", removal=schedule, steps=internalize_steps,
                         batch_size=BATCH, pad_id=tok.pad_id, lr=lr, schedule=lr_schedule(internalize_steps, decay_steps),
-                        weight_decay=weight_decay, seed=seed, keep_last=1, callbacks=[best], stream=quiet)
+                        weight_decay=weight_decay, seed=seed, keep_last=1, save_every=SAVE_EVERY, callbacks=[best],
+                        stream=quiet)
     save_pretrained(model, out_dir / "internalized" / "model")
     return {"selected": best.selected}
 
@@ -251,6 +254,7 @@ def train_no_cot(out_dir: Path, digits, size, seed, lr, decay_steps, warmup_step
     best = ValidationAccuracy(tok, valid, eval_every, batch_size=len(valid), select_best=True, stream=quiet)
     fit_internalization(model, train, out_dir / "no-cot" / "run", removal="all", steps=steps, batch_size=BATCH,
                         pad_id=tok.pad_id, lr=lr, schedule=lr_schedule(steps, decay_steps, warmup_steps),
-                        weight_decay=weight_decay, seed=seed, keep_last=1, callbacks=[best], stream=quiet)
+                        weight_decay=weight_decay, seed=seed, keep_last=1, save_every=SAVE_EVERY, callbacks=[best],
+                        stream=quiet)
     save_pretrained(model, out_dir / "no-cot" / "model")
     return {"selected": best.selected}
