@@ -26,6 +26,7 @@ from kpro.demo import basics as demo
 from kpro.demo import bitune, claims, expansion, internalization, seeds
 from kpro.demo.parallel import run_jobs
 from kpro.demo.progress import RunsProgress
+from kpro.train import Callback
 from kpro.train.progress import last_logged_step
 
 CLAIM_LINE = re.compile(r"^claim \((\w+)\): (.+) -- (SHOWN|NOT SHOWN) by this run: (.+)$", re.M)
@@ -205,6 +206,41 @@ def test_internalization_verdict_both_ways():
     assert not internalization.verdict(results(0.95, 0.93), 500)[0]  # not clearly above no CoT (~1.2 se)
     assert internalization.verdict(results(1.0, 0.0), 500)[0]  # no spread, a margin of 1
     assert not internalization.verdict(results(1.0, 1.0), 500)[0]  # no spread, no margin
+
+
+def test_a_killed_internalization_act_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """The act saved only at a run's end or on Ctrl-C: a killed run (an ended session) lost everything, an hour
+    of the 3x3 reproduction. It saves every SAVE_EVERY steps now, and the resumed act ends where an unbroken one
+    does, bit for bit."""
+    tiny = dict(explicit_steps=6, steps_per_token=2, after_steps=4, decay_steps=2, warmup_steps=1, valid_size=4,
+                test_size=4, eval_every=4, hidden=32, workers=1)
+    monkeypatch.setattr(internalization, "SAVE_EVERY", 5)
+    internalization.act_internalization(tmp_path / "whole", **tiny)
+
+    class Killed(Exception):
+        pass
+
+    class KillAt(Callback):
+        def on_step_end(self, run, metrics):
+            if run.step == 13:
+                raise Killed
+
+    fit_internalization = internalization.fit_internalization
+
+    def killed_in_the_removal(model, examples, out_dir, **options):
+        if Path(out_dir).parent.name == "internalized":
+            options["callbacks"] = [*options["callbacks"], KillAt()]
+        return fit_internalization(model, examples, out_dir, **options)
+    monkeypatch.setattr(internalization, "fit_internalization", killed_in_the_removal)
+    with pytest.raises(Killed):
+        internalization.act_internalization(tmp_path / "killed", **tiny)
+    run = tmp_path / "killed" / "internalized" / "run"
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-00000010"]
+    monkeypatch.setattr(internalization, "fit_internalization", fit_internalization)
+    internalization.act_internalization(tmp_path / "killed", **tiny)
+    for name in ("explicit-cot", "internalized", "no-cot"):
+        model = Path(name) / "model" / "model.safetensors"
+        assert (tmp_path / "killed" / model).read_bytes() == (tmp_path / "whole" / model).read_bytes(), name
 
 
 def test_explicit_note_only_below_the_recipes_target():
