@@ -34,11 +34,16 @@ SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
 
 
 def checked_text(text, what: str = "text") -> str:
-    """`text` if it is a str: a list given to `encode` (or a str to `encode_batch`) would be taken apart
-    item by item, or character by character, instead of refused."""
+    """`text` if it is a str of Unicode text: a list given to `encode` (or a str to `encode_batch`) would be
+    taken apart item by item, or character by character, instead of refused."""
     if not isinstance(text, str):
         raise TypeError(f"{what} must be a str, got {type(text).__name__}" +
                         (" (encode_batch takes a list of texts)" if isinstance(text, (list, tuple)) else ""))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's "\ud800": the tokenizers' C++ fails with an error naming nothing
+        raise ValueError(f"{what} holds a lone surrogate ({text[err.start]!r} at character {err.start}), which is "
+                         "not Unicode text") from None
     return text
 
 

@@ -22,8 +22,8 @@ import kpro
 from kpro import train as kt
 from kpro.cli import main
 from kpro.expansion.posttrain import corpus_rows, read_corpus
-from kpro.train.shards import permute
-from kpro.train.tokenize import iter_documents
+from kpro.train.shards import corpus_id, permute
+from kpro.train.tokenize import check_tokenizer, iter_documents
 
 from conftest import randomize_norms, tiny_config
 
@@ -132,7 +132,7 @@ def test_resume_mid_epoch_is_exact_and_refuses_other_data(tmp_path):
         with pytest.raises(ValueError, match=f"had {key}="):
             kt.TokenShards(tmp_path / "s", **{"seq_len": 10, "batch_size": 4, "seed": 1, **other}).load_state_dict(state)
     kt.write_token_shards(tmp_path / "t", documents(seed=1), vocab_size=67, eos_id=2, shard_tokens=64)
-    with pytest.raises(ValueError, match="had corpus="):
+    with pytest.raises(ValueError, match="the checkpoint was trained on another corpus"):
         kt.TokenShards(tmp_path / "t", seq_len=10, batch_size=4, seed=1).load_state_dict(state)
 
 
@@ -454,3 +454,109 @@ def test_train_expanded_reads_a_shard_directory(tmp_path, capsys):
         assert main(["train-expanded", str(tmp_path / "big"), *[a for d in data for a in ("--data", d)],
                      "--out", str(tmp_path / "run2"), *common]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_a_tokenizer_with_another_eos_beside_the_same_tokenizer_json_is_another_tokenizer(tmp_path, capsys):
+    """tokenizer.json's eos is set by tokenizer_config.json beside it (a base and an instruct checkpoint often
+    differ only there). Only the file's hash was compared: a resumed `tokenize` ended half the documents with
+    another eos, and `train-expanded` trained on shards framed with another eos than the model's."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    for name, eos in (("base", "<|endoftext|>"), ("instruct", "<|im_end|>")):
+        (tmp_path / name).mkdir()
+        tok.save(str(tmp_path / name / "tokenizer.json"))
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos, "add_bos_token": False}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick fox\n\nthe lazy dog\n")
+    index = kt.tokenize_corpus(tmp_path / "base", [corpus], tmp_path / "tokens", workers=1, stream=io.StringIO())
+    assert index["eos_id"] == 0
+    with pytest.raises(ValueError, match=r"tokenized with another tokenizer than .*instruct's: eos_id \(0 there, 1 "
+                                         r"here\)"):
+        check_tokenizer(index, tmp_path / "instruct", "the token shards")
+    check_tokenizer(index, tmp_path / "base", "the token shards")
+    with pytest.raises(ValueError, match=r"with other arguments: the tokenizer's eos_id \(0 then, 1 now\) differ"):
+        kt.tokenize_corpus(tmp_path / "instruct", [corpus], tmp_path / "tokens", workers=1, stream=io.StringIO())
+    # Shards written by write_token_shards record no tokenizer: their own eos and vocabulary are compared.
+    vocab_size = kpro.load_tokenizer(tmp_path / "base").vocab_size
+    untold = kt.write_token_shards(tmp_path / "untold", [[5, 6]], vocab_size=vocab_size, eos_id=0)
+    check_tokenizer(untold, tmp_path / "base", "the token shards")
+    with pytest.raises(ValueError, match=r"record no tokenizer \(write_token_shards without tokenizer=\), and their "
+                                         r"eos_id \(0 there, 1 here\) differ"):
+        check_tokenizer(untold, tmp_path / "instruct", "the token shards")
+
+
+def test_the_corpus_fingerprint_holds_the_tokens_not_only_their_count(tmp_path):
+    """The fingerprint hashed the shards' lengths alone: a run resumed on another corpus of the same size
+    trained on without a word."""
+    docs = documents()
+    kt.write_token_shards(tmp_path / "a", docs, vocab_size=67, eos_id=2, shard_tokens=64)
+    kt.write_token_shards(tmp_path / "b", [d.flip(0) for d in docs], vocab_size=67, eos_id=2, shard_tokens=64)
+    a, b = (kt.TokenShards(tmp_path / name, seq_len=10, batch_size=4) for name in "ab")
+    assert [s["tokens"] for s in a.index["shards"]] == [s["tokens"] for s in b.index["shards"]]
+    assert all(s["sha256"] == hashlib.sha256((tmp_path / "a" / s["file"]).read_bytes()).hexdigest()
+               for s in a.index["shards"])
+    with pytest.raises(ValueError, match="the checkpoint was trained on another corpus"):
+        b.load_state_dict(a.state_dict())
+    # An index written before the hashes keeps the fingerprint it had: its runs still resume.
+    old = json.loads((tmp_path / "a" / "index.json").read_text())
+    for shard in old["shards"]:
+        del shard["sha256"]
+    key = json.dumps([old["dtype"], None, [s["tokens"] for s in old["shards"]]])
+    assert corpus_id(old) == hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def test_unshuffled_epochs_go_on_where_the_last_stopped(tmp_path):
+    """Unshuffled, every epoch took rows 0 ... len·b − 1: the rows that did not fill a last batch were never
+    trained on, although the docs said they wait for another epoch."""
+    kt.write_token_shards(tmp_path / "s", documents(n=6), vocab_size=67, eos_id=2, shard_tokens=50)
+    shards = kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=4, shuffle=False)
+    assert shards.num_rows % 4 and len(shards) >= 2
+    seen = np.concatenate([shards.batch_rows(e, i) for e in range(4) for i in range(len(shards))])
+    assert np.array_equal(seen, np.arange(len(seen)) % shards.num_rows)  # one pass after another, in order
+    assert np.array_equal(shards.batch_rows(0, 0), np.arange(4))
+
+
+def test_corpus_files_are_read_as_named_and_bad_ones_refused(tmp_path, capsys):
+    """A directory was searched into hidden folders (a `.ipynb_checkpoints/` copy read twice) and by
+    case-sensitive suffix (`A.JSONL` skipped unsaid; named directly, read as plain text: raw JSON trained on);
+    a .json file was plain text; a lone surrogate (valid JSON) failed in the tokenizer's C++ naming nothing;
+    an empty corpus "succeeded" with 0 tokens; a BOM opening a .jsonl was read by `tokenize`, refused by
+    `train-expanded`."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    corpus = tmp_path / "corpus"
+    (corpus / ".ipynb_checkpoints").mkdir(parents=True)
+    (corpus / "a.txt").write_text("abc\n")
+    (corpus / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("abc\n")
+    (corpus / ".hidden.txt").write_text("hid\n")
+    (corpus / "B.JSONL").write_text(json.dumps({"text": "def"}) + "\n")
+    assert list(iter_documents([corpus])) == ["def", "abc"]  # sorted by path: B.JSONL, a.txt
+    assert list(iter_documents([corpus / "B.JSONL"])) == ["def"]
+    assert read_corpus([corpus / "B.JSONL"]) == ["def"]
+    (tmp_path / "records.json").write_text('[{"text": "abc"}]')
+    for read in (lambda p: list(iter_documents(p)), read_corpus):
+        with pytest.raises(ValueError, match=r"records.json is a .json file: kpro reads .jsonl files"):
+            read([tmp_path / "records.json"])
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "abc"}).encode() + b"\n")
+    assert read_corpus([tmp_path / "bom.jsonl"]) == list(iter_documents([tmp_path / "bom.jsonl"])) == ["abc"]
+
+    def tokenize(data, out):
+        return main(["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(data), "--out",
+                     str(tmp_path / out), "--workers", "1"])
+    (tmp_path / "lone.jsonl").write_text('{"text": "ab"}\n{"text": "a\\ud800b"}\n')
+    assert tokenize(tmp_path / "lone.jsonl", "lone") == 1
+    assert (f"{tmp_path / 'lone.jsonl'}:2: text holds a lone surrogate ('\\ud800' at character 1), which is not "
+            "Unicode text") in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"document 2 of the corpus .*: text holds a lone surrogate"):
+        corpus_rows(read_corpus([tmp_path / "lone.jsonl"]), kpro.load_tokenizer(tmp_path / "tok"), 4)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert tokenize(tmp_path / "empty.txt", "empty") == 1
+    assert f"the corpus ({tmp_path / 'empty.txt'}) holds no documents" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("abc\n")  # fixed: the run starts over
+    assert tokenize(tmp_path / "empty.txt", "empty") == 0

@@ -21,7 +21,7 @@ from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_d
 from ..train.checkpointing import saved_schedule
 from ..train.data import read_jsonl
 from ..train.shards import is_shard_directory
-from ..train.tokenize import check_tokenizer, refuse_repeated_files
+from ..train.tokenize import check_tokenizer, is_jsonl, refuse_repeated_files
 from .checkpoint import _copy_other_files, _read_header, read_expansion_record
 from .freezing import train_only
 
@@ -31,13 +31,13 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 
 def read_corpus(paths) -> list[str]:
     """Documents of text files: a `.jsonl` file holds one JSON object with a "text" string per line; any
-    other file is plain text with documents separated by blank lines."""
+    other file (but .json, refused) is plain text with documents separated by blank lines."""
     documents = []
     refuse_repeated_files([Path(p) for p in paths])
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist")
-        if path.suffix == ".jsonl":
+        if is_jsonl(path):
             for number, record in read_jsonl(path):
                 if not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{number}: expected an object with a \"text\" string")

@@ -256,7 +256,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is named with its number
         for number, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM opens some editors' files
             except UnicodeDecodeError as err:
                 raise ValueError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start + 1} of the line)") from None
             if not line.strip():

@@ -70,9 +70,15 @@ def read_index(directory: str | os.PathLike, *, complete: bool = True) -> dict:
 
 
 def corpus_id(index: dict) -> str:
-    """A fingerprint of the token stream's identity: dtype, tokenizer, and every shard's length."""
+    """A fingerprint of the token stream: dtype, tokenizer, bos and eos, and every shard's length and SHA-256
+    (taken when it was written). Shards written before kpro recorded their SHA-256 keep the fingerprint
+    they had then, of the dtype, the tokenizer file's hash and the shards' lengths."""
     tokenizer = index.get("tokenizer") or {}
-    key = json.dumps([index["dtype"], tokenizer.get("sha256"), [s["tokens"] for s in index["shards"]]])
+    if index["shards"] and all("sha256" in s for s in index["shards"]):
+        key = json.dumps([index["dtype"], tokenizer.get("sha256"), index.get("bos_id"), index.get("eos_id"),
+                          [[s["tokens"], s["sha256"]] for s in index["shards"]]])
+    else:
+        key = json.dumps([index["dtype"], tokenizer.get("sha256"), [s["tokens"] for s in index["shards"]]])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -143,7 +149,8 @@ class ShardWriter:
             starts_file = shard_name(i).replace(".bin", ".starts.npy")
             _write_array_atomic(self.directory / starts_file, np.asarray(self.starts, dtype=np.int64), npy=True)
             self.index["shards"].append({"file": shard_name(i), "tokens": self.filled, "documents": len(self.starts),
-                                         "starts": starts_file})
+                                         "starts": starts_file,
+                                         "sha256": hashlib.sha256(self.buffer[:self.filled]).hexdigest()})
             self.index["tokens"] += self.filled
             self.index["documents"] += len(self.starts)
             self.filled, self.starts = 0, []
@@ -328,9 +335,12 @@ class TokenShards:
         return rank, world
 
     def batch_rows(self, epoch: int, index: int) -> np.ndarray:
-        """The row numbers of global batch `index` of `epoch` (every process's rows, in process order)."""
+        """The row numbers of global batch `index` of `epoch` (every process's rows, in process order).
+        Unshuffled, each epoch starts where the last one stopped, so the rows left over come first."""
         positions = np.arange(index * self.batch_size, (index + 1) * self.batch_size, dtype=np.int64)
-        return permute(positions, self.num_rows, self.seed, epoch) if self.shuffle else positions
+        if self.shuffle:
+            return permute(positions, self.num_rows, self.seed, epoch)
+        return (positions + epoch * len(self) * self.batch_size) % self.num_rows
 
     def read_rows(self, rows) -> torch.Tensor:
         """Rows [len(rows), seq_len] (int64), read from the shards."""
@@ -378,6 +388,10 @@ class TokenShards:
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         for key in ("corpus", "seq_len", "num_rows", "seed", "batch_size", "shuffle"):
+            if key == "corpus" and state.get(key) != mine[key]:
+                raise ValueError(f"cannot resume on these token shards: the checkpoint was trained on another corpus "
+                                 f"(fingerprint {state.get(key)!r}, these {mine[key]!r}): its tokenizer, its tokens "
+                                 "or where its shards are cut differ")
             if state.get(key) != mine[key]:
                 raise ValueError(f"cannot resume these token shards: the checkpoint's data had {key}="
                                  f"{state.get(key)!r}, these have {key}={mine[key]!r}")

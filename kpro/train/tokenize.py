@@ -3,15 +3,17 @@ written shard by shard, resumable.
 
 Inputs are read as `train-expanded` reads them: a `.jsonl` file holds one JSON object with a "text" string
 per line; any other file is plain text with documents separated by blank lines; a directory stands for
-its `*.txt` and `*.jsonl` files, sorted by path. Each document becomes `[bos] tokens eos` with the
+its `*.txt` and `*.jsonl` files (any case, hidden folders skipped), sorted by path; a `.json` file is
+refused (one JSON document, or text?). Each document becomes `[bos] tokens eos` with the
 tokenizer's own bos and eos (the framing of `kpro.train.pack_documents`), so `TokenShards` over the result
 gives exactly the rows that `train-expanded` packs in memory.
 
 The main process reads and cuts documents and writes shards; workers (spawned processes running
 kpro/_tokenize_worker.py, each with its own tokenizer and no torch) parse and tokenize chunks of about a
-megabyte, at most two chunks per worker in flight, in order. After each full shard the index records where the input stands (file, byte offset, line, and how
-many tokens of the document in progress are already written); a run started again with the same
-arguments checks that the tokenizer and the inputs are unchanged and goes on from there.
+megabyte, at most two chunks per worker in flight, in order. After each full shard the index records where
+the input stands (file, byte offset, line, and how many tokens of the document in progress are already
+written); a run started again with the same arguments checks that the tokenizer and the inputs are unchanged
+and goes on from there.
 """
 from __future__ import annotations
 
@@ -39,16 +41,29 @@ SUFFIXES = (".txt", ".jsonl")
 CHUNK_BYTES = 1 << 20
 
 
+def is_jsonl(path: Path) -> bool:
+    """A .jsonl file (one JSON object a line), else plain text. A .json file is refused: one JSON document
+    or text to read as it is? Not guessed."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raise ValueError(f"{path} is a .json file: kpro reads .jsonl files (one JSON object with a \"text\" "
+                         "string per line) and plain text; convert it, or rename it .txt to read it as text")
+    return suffix == ".jsonl"
+
+
 def input_files(paths) -> list[Path]:
-    """The files to read, in order: each file as given, each directory's *.txt and *.jsonl sorted by path."""
+    """The files to read, in order: each file as given, each directory's *.txt and *.jsonl (any case) sorted
+    by path, outside hidden folders (an editor's `.ipynb_checkpoints/` copy would be read twice)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                raise FileNotFoundError(f"{path} holds no {' or '.join(SUFFIXES)} files")
+                raise FileNotFoundError(f"{path} holds no {' or '.join(SUFFIXES)} files (hidden ones are skipped)")
             files += found
         elif path.is_file():
+            is_jsonl(path)
             files.append(path)
         else:
             raise FileNotFoundError(f"corpus file {path} does not exist")
@@ -73,7 +88,7 @@ def read_documents(files: list[Path], file: int = 0, offset: int = 0, line: int 
     the text of a plain-text document, or the raw line of a .jsonl record (parsed by the workers)."""
     for index in range(file, len(files)):
         path = files[index]
-        jsonl = path.suffix == ".jsonl"
+        jsonl = is_jsonl(path)
         with open(path, "rb") as f:
             if index == file:
                 f.seek(offset)
@@ -130,13 +145,36 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What makes two tokenizers the same: tokenizer.json's bos and eos are set by tokenizer_config.json or
+# config.json beside it (a base and an instruct checkpoint often differ only there), so the file's hash alone
+# would take documents ended by another eos as the same corpus.
+IDENTITY = ("sha256", "class", "vocab_size", "bos_id", "eos_id")
+
+
+def tokenizer_differences(saved: dict, here: dict, labels=("there", "here")) -> list[str]:
+    """What differs between two `tokenizer_identity`s, each as "name (saved's there, here's here)"."""
+    def shown(key, value):
+        return f"{value[:12]}..." if key == "sha256" and isinstance(value, str) else repr(value)
+    names = {"sha256": f"{here['file']}'s sha256"}
+    return [f"{names.get(key, key)} ({shown(key, saved.get(key))} {labels[0]}, {shown(key, here[key])} {labels[1]})"
+            for key in IDENTITY if saved.get(key) != here[key]]
+
+
 def check_tokenizer(index: dict, directory: Path, what: str) -> None:
-    """Refuse shards tokenized with another tokenizer than the one in `directory`."""
-    saved, here = index.get("tokenizer") or {}, tokenizer_identity(directory)
-    if saved.get("sha256") != here["sha256"]:
-        raise ValueError(f"{what} was tokenized with another tokenizer ({saved.get('file')} sha256 "
-                         f"{str(saved.get('sha256'))[:12]}...) than {directory}'s ({here['file']} sha256 "
-                         f"{here['sha256'][:12]}...)")
+    """Refuse shards tokenized with another tokenizer than the one in `directory` (its file, class,
+    vocabulary size, bos or eos)."""
+    here = tokenizer_identity(directory)
+    saved = index.get("tokenizer")
+    if not saved:  # write_token_shards without tokenizer=: the index's own vocab_size, bos and eos
+        differences = [f"{key} ({index.get(key)!r} there, {here[key]!r} here)" for key in IDENTITY[2:]
+                       if index.get(key) != here[key]]
+        if differences:
+            raise ValueError(f"{what} record no tokenizer (write_token_shards without tokenizer=), and their "
+                             f"{'; '.join(differences)} differ from {directory}'s tokenizer")
+        return
+    differences = tokenizer_differences(saved, here)
+    if differences:
+        raise ValueError(f"{what} was tokenized with another tokenizer than {directory}'s: {'; '.join(differences)}")
 
 
 def _chunks(documents, size: int):
@@ -238,6 +276,9 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
         print(f"interrupted: {len(index['shards'])} shard(s) written to {out}; run the same command again to resume",
               file=stream)
         raise
+    if ordinal == 0:  # else a "complete" directory that TokenShards refuses only when training starts
+        progress.close()
+        raise ValueError(f"the corpus ({', '.join(map(str, data))}) holds no documents: nothing to tokenize")
     index = writer.finish()
     progress.update(len(files) - 1, inputs[-1]["bytes"], writer, final=True)  # the whole input read: 100%
     progress.close()
@@ -248,9 +289,8 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
 
 
 def _check_same_run(index: dict, identity: dict, inputs: list, shard_tokens: int, out: Path) -> None:
-    differences = []
-    if (index.get("tokenizer") or {}).get("sha256") != identity["sha256"]:
-        differences.append("the tokenizer (its file's sha256)")
+    differences = [f"the tokenizer's {difference}"
+                   for difference in tokenizer_differences(index.get("tokenizer") or {}, identity, ("then", "now"))]
     if index.get("inputs") != inputs:
         differences.append("the input files (paths, sizes or modification times)")
     if index.get("shard_tokens") != shard_tokens:
