@@ -7,6 +7,7 @@ import copy
 import inspect
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -423,7 +424,8 @@ def test_bf16_autocast_gives_the_stock_attention():
 
 def test_packed_position_ids_are_refused_under_torch_compile_too():
     """Without a mask, transformers masks packed documents under torch.compile as well; the check was skipped
-    there, and kpro attended across the documents (logits 0.6 away from the stock model's)."""
+    there, and kpro attended across the documents (logits 0.6 away from the stock model's). The 2-D mask's
+    check was skipped there too."""
     torch._dynamo.reset()
     model, _ = patched_copy(make_stock(layers=1))
     q, k = torch.randn(2, 8, 10, 16), torch.randn(2, 2, 10, 16)
@@ -433,6 +435,13 @@ def test_packed_position_ids_are_refused_under_torch_compile_too():
     packed = torch.cat([torch.arange(4), torch.arange(6)]).expand(2, -1)
     with pytest.raises(RuntimeError, match="packed sequences"):
         attention(layer, q, k, k, None, position_ids=packed)
+    # A 2-D mask of other values than 0 and 1 too (an additive one hid the real tokens and showed the padding).
+    mask = torch.ones(2, 10)
+    mask[0, :3] = 0
+    padding = torch.compile(kpro_hf.key_padding_mask, fullgraph=True)
+    assert torch.equal(padding(mask, 2, 10, 10, True), mask.bool())
+    with pytest.raises(RuntimeError, match="additive float mask"):
+        padding((1.0 - mask) * torch.finfo(torch.float32).min, 2, 10, 10, True)
 
 
 def test_a_patched_model_saved_whole_loads_again(tmp_path):
@@ -534,3 +543,54 @@ def test_recompute_frozen_warns_where_a_training_cache_leaves_it_nothing_to_do()
     kpro_hf._warn_cache_in_training.cache_clear()
     with pytest.warns(UserWarning, match="recomputes nothing while the model builds a KV cache in training"):
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+
+
+def test_masks_and_models_the_audit_found_taken_wrongly_or_refused_wrongly():
+    """attn_implementation="kpro" ran any model, a chunked-attention Llama4 computed with a plain causal mask
+    (0.53 away); the mask transformers builds on a GPU (padding queries unmasked to see every key) was refused;
+    a [1, 1, T, T] mask was refused; output_attentions=True without apply gave empty attentions; packed
+    position_ids were read (a device sync) in every layer and advised a mask of ones, which attends across
+    the documents."""
+    stock = make_stock(layers=2)
+    model, _ = patched_copy(stock)
+    ids, mask, _ = left_padded()
+    t, real = ids.shape[1], mask.bool()
+    want = stock(input_ids=ids, attention_mask=mask).logits
+    on_gpu = four_d(mask, t, additive=True)
+    on_gpu[(on_gpu < 0).all(dim=-1)] = 0  # transformers' _unmask_unattended on CUDA: a query seeing no key sees all
+    assert bool((on_gpu[0, 0, 0] == 0).all())  # the first query of row 0, padding, sees every key
+    assert rel(model(input_ids=ids, attention_mask=on_gpu).logits[real], want[real]) < 1e-6
+    whole = torch.ones(3, t, dtype=torch.long)
+    broadcast = four_d(whole[:1], t)
+    assert broadcast.shape == (1, 1, t, t)
+    assert rel(model(input_ids=ids, attention_mask=broadcast).logits,
+               stock(input_ids=ids, attention_mask=whole).logits) < 1e-6
+
+    config = transformers.Llama4TextConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_chunk_size=4, num_local_experts=2,
+        num_experts_per_tok=1, max_position_embeddings=64, attn_implementation="sdpa")
+    llama4 = transformers.Llama4ForCausalLM(config)
+    llama4.set_attn_implementation("kpro")
+    with pytest.raises(kpro_hf.UnsupportedModelError, match="supports model_type llama, mistral, qwen2; got "
+                                                            "Llama4TextAttention of model_type 'llama4_text'"):
+        llama4(input_ids=ids % 61)
+
+    loaded = copy.deepcopy(stock)
+    loaded.set_attn_implementation("kpro")  # as from_pretrained(..., attn_implementation="kpro"), no apply
+    with pytest.raises(NotImplementedError, match="no attention weights"):
+        loaded(input_ids=ids, attention_mask=mask, output_attentions=True)
+
+    packed = torch.cat([torch.arange(6), torch.arange(t - 6)]).expand(3, -1)
+    with pytest.raises(NotImplementedError, match="pad each document into a row of its own"):
+        model(input_ids=ids, position_ids=packed)
+    positions = torch.arange(t).expand(3, -1)
+    reads = []
+    diff = torch.Tensor.diff
+
+    def counted(self, *args, **kwargs):
+        reads.append(self)
+        return diff(self, *args, **kwargs)
+    with mock.patch.object(torch.Tensor, "diff", counted):
+        model(input_ids=ids, position_ids=positions)
+    assert len(reads) == 1  # once per forward, not per layer

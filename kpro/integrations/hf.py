@@ -26,14 +26,16 @@ takes as it is (left or right padding, GQA, cached decoding with queries at the 
 passed by the caller is converted when it is causal (or full) attention over a key-padding pattern: boolean
 (True = attend) or additive float (0 = attend, <= -1e4 = hidden); one holding biases (ALiBi, say),
 per-head patterns or any other pattern is refused, as are dropout, logit soft-capping, sliding windows
-shorter than the keys, static caches, and packed sequences (position_ids restarting inside a row, or
-flash-attention's cu_seq_lens), each with an error naming it. Queries that see no key (padding) give zeros.
+shorter than the keys, static caches, packed sequences (position_ids restarting inside a row, or
+flash-attention's cu_seq_lens), and models of another model_type given attn_implementation="kpro", each with
+an error naming it. Queries that see no key (padding) give zeros.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import warnings
+import weakref
 from typing import Iterable
 
 import torch
@@ -199,10 +201,8 @@ def check_model_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     # An additive float mask, or an integer one of segment ids (packing), would be read as 0/1: one device read,
     # as kpro's own model checks its masks. A bool mask holds nothing else.
-    if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype != torch.bool
-            and not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any())):
-        raise ValueError("a 2-D attention mask must hold 1 (real token) and 0 (padding); this one holds other "
-                         "values (an additive float mask, or segment ids?): pass the 0/1 mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype != torch.bool:
+        check_zeros_and_ones(mask)
     asked = kwargs.get("output_attentions")
     if getattr(module.config, "_attn_implementation", ATTENTION) != ATTENTION:  # switched away after apply
         return
@@ -241,6 +241,15 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface on kpro.ops.attention: query [B, Hq, Tq, D], key and value
     [B, Hkv, Tk, D] (GQA as they are) -> ([B, Tq, Hq, D], None)."""
+    config = getattr(module, "config", None)
+    if getattr(config, "model_type", MODEL_TYPES[0]) not in MODEL_TYPES:
+        # attn_implementation="kpro" is open to any model: one whose masks are chunked, prefix-LM or image masks
+        # would be computed with a plain padding mask
+        raise UnsupportedModelError(f"attn_implementation=\"kpro\" supports model_type {', '.join(MODEL_TYPES)}; "
+                                    f"got {type(module).__name__} of model_type {config.model_type!r}")
+    if kwargs.get("output_attentions"):  # without apply's pre-hook, the attentions would come back empty
+        raise NotImplementedError("kpro attention computes no attention weights (output_attentions=True); use "
+                                  "another attn_implementation to inspect them")
     if dropout:
         raise NotImplementedError(f"kpro attention has no dropout (attention_dropout={dropout}); set it to 0")
     if softcap is not None:
@@ -260,15 +269,40 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if mask is None and tq > 1:
         positions = kwargs.get("position_ids")
         if positions is not None:
-            packed = ("packed sequences (position_ids restarting inside a row) need document masking, which kpro "
-                      "attention does not have; pass an attention_mask instead")
-            if torch.compiler.is_compiling():  # transformers masks the documents there too; no value read (graph break)
-                torch._assert_async((positions.diff(dim=-1) == 1).all(), packed)
-            elif bool((positions.diff(dim=-1) != 1).any()):
-                raise NotImplementedError(packed)
+            check_not_packed(positions)
     out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                         attention_mask=mask, scale=scaling)
     return out, None
+
+
+ZEROS_AND_ONES = ("a 2-D attention mask must hold 1 (real token) and 0 (padding); this one holds other values (an "
+                  "additive float mask, or segment ids?): pass the 0/1 mask")
+
+
+def check_zeros_and_ones(mask: torch.Tensor) -> None:
+    """Refuse a 2-D mask holding anything but 0 and 1: one device read, or under torch.compile an assertion
+    that fails at the next device sync (no value read, no graph break)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(((mask == 0) | (mask == 1)).all(), ZEROS_AND_ONES)
+    elif bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(ZEROS_AND_ONES)
+
+
+PACKED = ("packed sequences (position_ids restarting inside a row) need document masking, which kpro attention does "
+          "not have: pad each document into a row of its own (an attention_mask of ones does not separate them)")
+_unpacked = (lambda: None, None)  # the position tensor checked last and its version: every layer gets the same
+
+
+def check_not_packed(positions: torch.Tensor) -> None:
+    """Refuse position_ids that restart inside a row. Read once per tensor, not in every layer (a device sync
+    each); under torch.compile an assertion, as transformers masks the documents there too."""
+    global _unpacked
+    if torch.compiler.is_compiling():
+        torch._assert_async((positions.diff(dim=-1) == 1).all(), PACKED)
+    elif positions.device.type != "meta" and (_unpacked[0]() is not positions or _unpacked[1] != positions._version):
+        if bool((positions.diff(dim=-1) != 1).any()):
+            raise NotImplementedError(PACKED)
+        _unpacked = (weakref.ref(positions), positions._version)
 
 
 def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, causal: bool) -> torch.Tensor | None:
@@ -282,10 +316,11 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
     if mask.dim() == 2:
         if tuple(mask.shape) != (batch, tk):
             raise ValueError(f"the attention mask is {tuple(mask.shape)}; kpro attention takes [B={batch}, Tk={tk}]")
-        if mask.dtype != torch.bool and checking and bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("a 2-D attention mask must hold 1 (real token) and 0 (padding); this one holds other "
-                             "values (an additive float mask?): pass the 0/1 mask")
+        if mask.dtype != torch.bool:
+            check_zeros_and_ones(mask)
         return mask.to(torch.bool)
+    if mask.dim() == 4 and mask.shape[0] == 1:  # one mask for the whole batch, as transformers' own attention takes
+        mask = mask.expand(batch, *mask.shape[1:])
     if mask.dim() != 4 or mask.shape[0] != batch or tuple(mask.shape[2:]) != (tq, tk):
         raise ValueError(f"the attention mask is {tuple(mask.shape)}; kpro attention takes a 2-D padding mask "
                          f"[{batch}, {tk}] or a 4-D one [{batch}, 1, {tq}, {tk}]")
@@ -307,7 +342,9 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
         allowed = mask == 0
     else:
         raise ValueError(f"a 4-D attention mask must be boolean or floating point (additive), got {mask.dtype}")
-    real = allowed.any(dim=1)  # keys some query may see
+    # The real keys: those the last query sees, which causality hides nothing from. Not the keys any query
+    # sees: on a GPU transformers lets a query that sees no key see them all (`_unmask_unattended`).
+    real = allowed[:, -1] if causal and tq else allowed.any(dim=1)
     expected = visibility_mask(batch, tq, tk, causal=causal, attention_mask=real, device=mask.device)
     if expected is None:
         expected = torch.ones_like(allowed)
