@@ -556,6 +556,23 @@ def test_a_progress_line_over_finished_and_unstarted_runs(tmp_path):
     assert progress.left(10.0, (5, 3), [20, 30]) == max(10.0 * 15 / 5, 10.0 * 27 / 3)
 
 
+def test_a_progress_line_over_runs_that_drop_their_last_sessions_lines(tmp_path):
+    """A run killed before its first checkpoint starts over and truncates its metrics: its steps stayed behind
+    those read at the start, and the 3x3 reproduction said "time left not known yet" for 46 minutes."""
+    stale = tmp_path / "metrics.jsonl"
+    stale.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 301)))
+    out = io.StringIO()
+    progress = RunsProgress({"a": ([stale], 400)}, stream=out)
+    stale.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 11)))  # fit started over
+    progress.report()
+    stale.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 111)))
+    progress.logged = None
+    progress.report()
+    progress.close()
+    assert progress.first == (10,)
+    assert out.getvalue().splitlines()[1].startswith("  training: a 110/400 steps; 0:00 elapsed, about 0:00 left")
+
+
 def test_the_last_logged_step_is_found_behind_records_longer_than_the_window(tmp_path):
     """The last 4 KiB of a file whose records are longer held no whole line, and the step read as 0."""
     path = tmp_path / "metrics.jsonl"

@@ -31,6 +31,9 @@ class RunsProgress:
     def report(self) -> None:
         now = time.perf_counter()
         elapsed, steps = now - self.start, self.steps()
+        # A run restarted or resumed drops the lines its last session logged past its checkpoint: from there on
+        # the steps count as this session's (else the line had no estimate for as long as they were ahead).
+        self.first = tuple(map(min, self.first, steps))
         totals = [total for _, total in self.groups.values()]
         milestone = self.logged is None or now - self.logged >= LOG_LINE_SECONDS
         if milestone:
