@@ -143,6 +143,29 @@ def test_contradictory_backend_settings_are_refused(monkeypatch, value, message)
         ops.requested_backend("rms_norm")
 
 
+def test_arguments_of_the_wrong_kind_are_refused_by_name():
+    """An op name misspelt in requested_backend read as "auto"; a None weight or a NumPy array failed with an
+    AttributeError deep in the op; bitune_attention took modulo by zero heads, or 0 ** -0.5, instead of
+    naming them; a complex 0-dim scale failed in a float conversion."""
+    with pytest.raises(BackendError, match="unknown op 'rmsnorm'; kpro's ops are rms_norm"):
+        ops.requested_backend("rmsnorm")
+    q = torch.randn(1, 3, 2, 4)
+    for call, message in [(lambda: ops.rms_norm(x, None), "rms_norm: weight must be a torch.Tensor, got NoneType"),
+                          (lambda: ops.swiglu(x.numpy(), x), "swiglu: gate must be a torch.Tensor, got ndarray"),
+                          (lambda: ops.swiglu_packed([1.0, 2.0]), "swiglu_packed: gate_up must be a torch.Tensor"),
+                          (lambda: ops.attention(q, q.numpy(), q), "attention: k must be a torch.Tensor, got ndarray"),
+                          (lambda: ops.attention(q, q, q, scale=torch.tensor(0.5 + 0j)), "scale must be a number")]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    lens = torch.tensor([2])
+    for heads, kv_heads, dim in [(2, 0, 4), (0, 1, 4), (2, 1, 0)]:
+        p_q, p_kv = torch.randn(2, 1, 3, heads, dim), torch.randn(2, 1, 3, kv_heads, dim)
+        a_q, a_kv = torch.randn(1, 2, heads, dim), torch.randn(1, 2, kv_heads, dim)
+        with pytest.raises(ValueError, match="bitune_attention: head dim and head counts must be positive"):
+            ops.bitune_attention(p_q, p_kv, p_kv, a_q, a_kv, a_kv, torch.tensor(0.5), torch.tensor(0.5), lens,
+                                 lens, scale=0.5)
+
+
 def compiled_matches_eager(module, compiled, batches, tolerance=(1e-5, 1e-5)):
     """Run `compiled` forward and backward on each (ids, mask) and compare output and every gradient with
     the eager `module` (rtol, atol = `tolerance`)."""

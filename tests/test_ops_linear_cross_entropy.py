@@ -286,6 +286,42 @@ def test_nan_and_inf_never_pass(backend, device):
     assert total.isnan() and dh[1].isnan().all() and dh[[0, 2, 4]].isfinite().all() and dw.isnan().any()
 
 
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy")[:2])
+def test_a_label_outside_the_vocabulary_gives_nan_gradients_where_it_is_not_checked(backend, device, monkeypatch):
+    """Where labels are not checked (a GPU's: no device read), a label >= V gave a NaN loss with a finite,
+    wrong gradient (the clamped label's on the torch backend, the softmax alone on Triton's): a masked or
+    nansum-ed loss trained on it. Both paths of both backends now give NaN gradients there."""
+    monkeypatch.setattr(lce, "_check_args", lambda *args: None)  # as on a GPU
+    hidden, weight, labels = inputs(5, 16, 30, torch.float32, device, seed=13)
+    for bad in (30, -7):
+        labels[2] = bad
+        for trainable in (True, False):
+            losses, dh, dw = run(backend, hidden, weight, labels, "none", dloss=torch.ones(5, device=device),
+                                 weight_grad=trainable)
+            assert losses[2].isnan() and losses[[0, 1, 3, 4]].isfinite().all()
+            assert dh[2].isnan().all() and dh[[0, 1, 3, 4]].isfinite().all()
+            assert not trainable or dw.isnan().any()
+        total, dh, dw = run(backend, hidden, weight, labels, "sum", weight_grad=False)  # gradients in the forward
+        assert total.isnan() and dh[2].isnan().all() and dh[[0, 1, 3, 4]].isfinite().all()
+
+
+def test_labels_are_checked_as_the_kernels_read_them_and_under_compile():
+    """uint8 labels were compared in uint8, where -100 is 156: a label 156 passed as ignored and was scored
+    (a NaN loss). Under torch.compile the CPU label check and the mean's count were skipped: NaN, no error."""
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="label 156 is outside"):
+        ops.linear_cross_entropy(h, w, torch.tensor([1, 2, 156, 3], dtype=torch.uint8))
+    assert ops.linear_cross_entropy(h, w, torch.tensor([1, 2, 9, 3], dtype=torch.uint8)).isfinite()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, w, y: ops.linear_cross_entropy(h, w, y), fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(h, w, torch.tensor([1, 2, -100, 3])),
+                          ops.linear_cross_entropy(h, w, torch.tensor([1, 2, -100, 3])))
+    with pytest.raises(RuntimeError, match="a label is outside"):
+        compiled(h, w, torch.tensor([1, 2, 10, 3]))
+    with pytest.raises(RuntimeError, match="a mean over no tokens"):
+        compiled(h, w, torch.full((4,), -100))
+
+
 def test_bad_arguments_are_refused():
     h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 3])
     for args, message in [((h, torch.randn(10, 7), y), "weight must be"), ((h, w, y[:3]), "leading shape"),

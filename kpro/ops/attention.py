@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import (autocast_inputs, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
-                      refuse_function_transforms, select)
+from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast,
+                      once_differentiable, refuse_function_transforms, select)
 
 
 MASK_RULE = "bool or 0/1 integers, 1 = real token, 0 = padding"
@@ -236,6 +236,7 @@ def _sdpa(q, k, v, causal, prefix_lens, attention_mask, scale):
 
 def attention(q, k, v, causal: bool = True, prefix_lens=None, attention_mask=None, scale: float | None = None):
     """Softmax attention. q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] (Hq a multiple of Hkv) -> [B, Tq, Hq, D]."""
+    check_tensors("attention", q=q, k=k, v=v)
     if prefix_lens is not None and not isinstance(prefix_lens, torch.Tensor):
         prefix_lens = _lengths_tensor(prefix_lens, "prefix_lens")  # on the CPU, where its check is free
     q, k, v = autocast_inputs(q, k, v)  # as SDPA takes them: every backend in the torch one's precision
@@ -271,7 +272,7 @@ def softmax_scale(scale, head_dim: int, where: str) -> float:
     if isinstance(scale, torch.Tensor):
         if scale.requires_grad:
             raise ValueError(f"{where}: scale requires grad, but it is used as a number: no gradient would reach it")
-        if scale.dim() != 0 or scale.dtype == torch.bool:
+        if scale.dim() != 0 or scale.dtype == torch.bool or scale.dtype.is_complex:
             raise ValueError(f"{where}: scale must be a number or a 0-dim tensor, got {tuple(scale.shape)} "
                              f"{scale.dtype}")
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):

@@ -36,7 +36,9 @@ AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-_forced: list[dict[str, str]] = []  # innermost last; the key "*" covers every op
+# Innermost last; the key "*" covers every op. Process-wide, not per thread: on a GPU autograd runs the
+# backward in threads of its own, which must see the block a backward is called in.
+_forced: list[dict[str, str]] = []
 
 
 @contextlib.contextmanager
@@ -73,6 +75,8 @@ def backends_forced(choices: tuple[dict[str, str], ...]):
 def requested_backend(op: str = "*") -> str:
     """The backend asked for `op` now: the innermost `backend()` block covering it, else $KPRO_BACKEND
     (`cuda`, or per op: `cuda,attention=triton`), else `auto`."""
+    if op != "*" and op not in IMPLEMENTED:  # a misspelt op would read as "auto"
+        raise BackendError(f"unknown op {op!r}; kpro's ops are {', '.join(IMPLEMENTED)}")
     for choice in reversed(_forced):
         if op in choice or "*" in choice:
             return choice.get(op, choice.get("*"))
@@ -108,6 +112,14 @@ def select(op: str, x: torch.Tensor) -> str:
     if reason is not None:
         raise BackendError(f"{op}: backend {name!r} cannot run this call: {reason}")
     return name
+
+
+def check_tensors(op: str, **named) -> None:
+    """Refuse, by name, arguments that are not tensors (a None weight, a NumPy array): an AttributeError deep
+    in the op named neither."""
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def refuse_function_transforms(op: str, *tensors) -> None:

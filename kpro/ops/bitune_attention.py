@@ -66,6 +66,9 @@ def check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_len
                          f"match the prompt streams (B={batch}, H={heads}, Hkv={kv_heads}, D={dim})")
     if q_a.shape[1] == 0:
         raise ValueError("bitune_attention: the answer stream needs at least one position (the prompt's last token)")
+    if dim == 0 or heads == 0 or kv_heads == 0:  # refused as attention refuses them (a modulo by zero before)
+        raise ValueError(f"bitune_attention: head dim and head counts must be positive, got q_p {tuple(q_p.shape)}, "
+                         f"k_p {tuple(k_p.shape)}")
     if heads % kv_heads:
         raise ValueError(f"bitune_attention: {heads} query heads are not a multiple of {kv_heads} key/value heads")
     tensors = (q_p, k_p, v_p, q_a, k_a, v_a)

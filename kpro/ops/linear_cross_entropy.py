@@ -59,7 +59,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
     The result is fp32 (float64 for float64 inputs) whatever the input dtype. Under autocast, hidden and
     weight are cast to the autocast dtype first, as `F.linear` would be. A label outside [0, V) is an
-    error on CPU tensors and gives a NaN loss elsewhere.
+    error on CPU tensors and gives a NaN loss elsewhere, with NaN gradients (never finite ones).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
@@ -93,9 +93,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if reduction == "sum":
         return total
     count = (targets != ignore_index).sum()
-    if not torch.compiler.is_compiling() and int(count) == 0:
-        raise ValueError(f"linear_cross_entropy: a mean over no tokens: every one of the {targets.numel()} labels "
-                         f"is ignore_index={ignore_index} (use reduction='sum' where a batch may have none)")
+    nothing = (f"linear_cross_entropy: a mean over no tokens: every one of the {targets.numel()} labels is "
+               f"ignore_index={ignore_index} (use reduction='sum' where a batch may have none)")
+    if torch.compiler.is_compiling():  # no value read: the error comes at the next device sync
+        torch._assert_async(count > 0, nothing)
+    elif int(count) == 0:
+        raise ValueError(nothing)
     return total / count
 
 
@@ -121,9 +124,13 @@ def _check_args(hidden, weight, labels, ignore_index):
     if not (hidden.device == weight.device == labels.device):
         raise ValueError(f"linear_cross_entropy: hidden, weight and labels are on {hidden.device}, {weight.device} "
                          f"and {labels.device}")
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel():
+    if labels.device.type == "cpu" and labels.numel():
+        labels = labels.long()  # compared as the kernels read them: uint8's 156 is not -100
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
-        if bool(bad.any()):
+        if torch.compiler.is_compiling():  # no value read: the error comes at the next device sync
+            torch._assert_async(~bad.any(), f"linear_cross_entropy: a label is outside [0, V={weight.shape[0]}) "
+                                            f"and is not ignore_index={ignore_index}")
+        elif bool(bad.any()):
             raise ValueError(f"linear_cross_entropy: label {int(labels[bad][0])} is outside [0, V={weight.shape[0]}) "
                              f"and is not ignore_index={ignore_index}")
 
@@ -147,6 +154,11 @@ def _chunks(n_rows: int, index: torch.Tensor | None, size: int):
     for start in range(0, count, size):
         stop = min(start + size, count)
         yield slice(start, stop) if index is None else index[start:stop]
+
+
+def nan_where_invalid(target: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, 1]: 1 where the label is in [0, V), NaN elsewhere (unchecked labels: a GPU's, or under compile)."""
+    return torch.where((target >= 0) & (target < vocab), 1.0, torch.nan).to(dtype)[:, None]
 
 
 def torch_forward(hidden, weight, labels, ignore_index):
@@ -178,10 +190,11 @@ def torch_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad
     index = scored_rows(labels, ignore_index)
     for rows in _chunks(n_rows, index, chunk_rows(vocab, acc)):
         h = hidden[rows].to(acc)
-        target = labels[rows].clamp(0, vocab - 1)
+        target = labels[rows]
         grad = torch.mm(h, w.T).sub_(lse[rows, None]).exp_()  # softmax, recomputed in place
-        grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1  # dlogits / dloss
-        scale = dloss[rows, None].to(acc)  # applied to [chunk, d] operands, not to the [chunk, V] one
+        grad[torch.arange(grad.shape[0], device=grad.device), target.clamp(0, vocab - 1)] -= 1  # dlogits / dloss
+        # applied to [chunk, d] operands, not to the [chunk, V] one; NaN where the loss is
+        scale = dloss[rows, None].to(acc) * nan_where_invalid(target, vocab, acc)
         if hidden_grad:
             dh[rows] = (grad @ w).mul_(scale).to(hidden.dtype)
         if weight_grad:
@@ -216,10 +229,11 @@ def torch_forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad: 
         loss[rows] = torch.where(valid, row_lse - picked, torch.nan)
         grad = logits.div_(total[:, None])  # softmax
         grad[torch.arange(grad.shape[0], device=grad.device), clamped] -= 1  # dlogits / dloss
+        invalid = nan_where_invalid(target, vocab, acc)  # NaN gradients where the loss is NaN, not the clamped label's
         if hidden_grad:
-            dh[rows] = grad @ w
+            dh[rows] = (grad @ w).mul_(invalid)
         if weight_grad:
-            dw.addmm_(grad.T, h)
+            dw.addmm_(grad.T, h * invalid)
         del logits, grad
     return loss, dh, dw
 

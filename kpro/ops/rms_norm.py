@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import (eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
+from .backend import (check_tensors, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
                       refuse_function_transforms, select)
 
 
@@ -24,6 +24,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension of x (any leading shape); output in x's dtype."""
+    check_tensors("rms_norm", x=x, weight=weight)
     check_rms_norm_args(x, weight, eps)
     refuse_function_transforms("rms_norm", x, weight)
     backend = select("rms_norm", x)

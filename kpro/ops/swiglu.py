@@ -11,12 +11,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .backend import eager_fast_path, kernels, needs_graph, once_differentiable, refuse_function_transforms, select
+from .backend import (check_tensors, eager_fast_path, kernels, needs_graph, once_differentiable,
+                      refuse_function_transforms, select)
 from .rms_norm import accumulation_dtype
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for two tensors of the same shape, dtype and device."""
+    check_tensors("swiglu", gate=gate, up=up)
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} {gate.device} and "
                          f"up {tuple(up.shape)} {up.dtype} {up.device} differ")
@@ -32,6 +34,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up with gate_up = cat(gate, up) on the last dimension: [..., 2F] -> [..., F]."""
+    check_tensors("swiglu_packed", gate_up=gate_up)
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise ValueError(f"swiglu_packed: last dimension must be even (gate then up), got {tuple(gate_up.shape)}")
     _check_floating(gate_up)

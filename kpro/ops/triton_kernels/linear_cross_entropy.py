@@ -171,6 +171,7 @@ def slice_columns(n_rows: int, vocab: int, dtype: torch.dtype, block_v: int) -> 
 def backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool, weight_grad: bool):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     index, h, target, (row_lse, scale) = _scored(hidden, labels, ignore_index, lse, dloss.float())
+    scale = torch.where((target >= 0) & (target < vocab), scale, torch.nan)  # NaN gradients where the loss is
     n, d = h.shape
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else None
     dh = None
@@ -210,9 +211,9 @@ def backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool
 
 @triton.jit
 def _softmax_grad_kernel(LOGITS, LABELS, DLOGITS, LOSS, n_vocab, l_stride, g_stride, BLOCK_V: tl.constexpr):
-    """One row of fp32 logits: LOSS = log-sum-exp - the target's logit (NaN for a label outside [0, V)) and
-    DLOGITS = softmax - onehot(label) in DLOGITS' dtype. Two passes over the row: the running max and sum of
-    exponentials (rescaled as the max grows), then the gradient."""
+    """One row of fp32 logits: LOSS = log-sum-exp - the target's logit and DLOGITS = softmax - onehot(label)
+    in DLOGITS' dtype, both NaN for a label outside [0, V). Two passes over the row: the running max and sum
+    of exponentials (rescaled as the max grows), then the gradient."""
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(LABELS + row)
     logits = LOGITS + row * l_stride
@@ -225,12 +226,13 @@ def _softmax_grad_kernel(LOGITS, LABELS, DLOGITS, LOSS, n_vocab, l_stride, g_str
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
+    valid = (label >= 0) & (label < n_vocab)
     for start in range(0, n_vocab, BLOCK_V):
         ok = start + cols < n_vocab
         x = tl.load(logits + start + cols, mask=ok, other=float("-inf"))
         grad = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
+        grad = tl.where(valid, grad, float("nan"))  # a NaN loss never comes with finite gradients
         tl.store(DLOGITS + row * g_stride + start + cols, grad.to(DLOGITS.dtype.element_ty), mask=ok)
-    valid = (label >= 0) & (label < n_vocab)
     target = tl.load(logits + tl.where(valid, label, 0))
     tl.store(LOSS + row, tl.where(valid, lse - target, float("nan")))
 
