@@ -560,6 +560,19 @@ def test_masks_and_models_the_audit_found_taken_wrongly_or_refused_wrongly():
     on_gpu[(on_gpu < 0).all(dim=-1)] = 0  # transformers' _unmask_unattended on CUDA: a query seeing no key sees all
     assert bool((on_gpu[0, 0, 0] == 0).all())  # the first query of row 0, padding, sees every key
     assert rel(model(input_ids=ids, attention_mask=on_gpu).logits[real], want[real]) < 1e-6
+    # Not every query that sees nothing the last one sees is padding: a document mask is refused (a first rule
+    # read the real keys off the last query and took it, 0.49 away); a query-masked right padding is taken.
+    documents = four_d(torch.ones(3, t, dtype=torch.long), t)
+    documents[..., 5:, :5] = False
+    with pytest.raises(NotImplementedError, match="not causal attention over a key-padding"):
+        model(input_ids=ids, attention_mask=documents)
+    right = torch.ones(3, t, dtype=torch.long)
+    right[0, 9:] = 0
+    both = four_d(right, t) & right.bool()[:, None, :, None]  # padding queries see nothing either
+    assert rel(model(input_ids=ids, attention_mask=both).logits[right.bool()],
+               stock(input_ids=ids, attention_mask=right).logits[right.bool()]) < 1e-6
+    with torch.inference_mode():  # position_ids are inference tensors, which keep no version counter
+        assert rel(model(input_ids=ids).logits, stock(input_ids=ids).logits) < 1e-6
     whole = torch.ones(3, t, dtype=torch.long)
     broadcast = four_d(whole[:1], t)
     assert broadcast.shape == (1, 1, t, t)

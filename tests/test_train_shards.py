@@ -23,7 +23,7 @@ from kpro import train as kt
 from kpro.cli import main
 from kpro.expansion.posttrain import corpus_rows, read_corpus
 from kpro.train.shards import corpus_id, permute
-from kpro.train.tokenize import check_tokenizer, iter_documents
+from kpro.train.tokenize import check_tokenizer, iter_documents, tokenizer_identity
 
 from conftest import randomize_norms, tiny_config
 
@@ -375,7 +375,7 @@ def test_tokenize_resumes_after_sigkill_to_the_same_bytes(tmp_path, capsys):
     assert "already complete" in capsys.readouterr().err
     assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(files[0]), "--out", str(tmp_path / "out"),
                  "--shard-tokens", "97"]) == 1
-    assert "the input files" in capsys.readouterr().err
+    assert f"the input files (1 no longer read, {files[1].resolve()} first) differ" in capsys.readouterr().err
 
 
 def test_tokenize_names_bad_input(tmp_path, capsys):
@@ -482,13 +482,16 @@ def test_a_tokenizer_with_another_eos_beside_the_same_tokenizer_json_is_another_
     check_tokenizer(index, tmp_path / "base", "the token shards")
     with pytest.raises(ValueError, match=r"with other arguments: the tokenizer's eos_id \(0 then, 1 now\) differ"):
         kt.tokenize_corpus(tmp_path / "instruct", [corpus], tmp_path / "tokens", workers=1, stream=io.StringIO())
-    # Shards written by write_token_shards record no tokenizer: their own eos and vocabulary are compared.
+    # Shards written by write_token_shards without tokenizer= record none: nothing to check them against (two
+    # tokenizers can share vocabulary size, bos and eos), so they are refused, saying how to record one.
     vocab_size = kpro.load_tokenizer(tmp_path / "base").vocab_size
     untold = kt.write_token_shards(tmp_path / "untold", [[5, 6]], vocab_size=vocab_size, eos_id=0)
-    check_tokenizer(untold, tmp_path / "base", "the token shards")
-    with pytest.raises(ValueError, match=r"record no tokenizer \(write_token_shards without tokenizer=\), and their "
-                                         r"eos_id \(0 there, 1 here\) differ"):
-        check_tokenizer(untold, tmp_path / "instruct", "the token shards")
+    with pytest.raises(ValueError, match=r"record no tokenizer \(written by write_token_shards without tokenizer=\), "
+                                         r"so nothing shows they hold .*base's ids; write them with tokenizer="):
+        check_tokenizer(untold, tmp_path / "base", "the token shards")
+    told = kt.write_token_shards(tmp_path / "told", [[5, 6]], vocab_size=vocab_size, eos_id=0,
+                                 tokenizer=tokenizer_identity(tmp_path / "base"))
+    check_tokenizer(told, tmp_path / "base", "the token shards")
 
 
 def test_the_corpus_fingerprint_holds_the_tokens_not_only_their_count(tmp_path):

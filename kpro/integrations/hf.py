@@ -215,6 +215,8 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
                    attention_mask=None, **kwargs):
     """The mask transformers builds once per forward for "kpro": the 2-D key-padding mask [B, kv_length]
     (True = real token), or None when there is none; kpro's attention applies causality itself."""
+    global _unpacked
+    _unpacked = _NOTHING_CHECKED  # a new forward: its position_ids are checked again (check_not_packed)
     if mask_function is bidirectional_mask_function:
         raise NotImplementedError("kpro attention in transformers is causal; this model asks for bidirectional masks")
     # A mask wider than the tokens (cached and new): transformers reads its first columns, for no stated reason.
@@ -290,19 +292,26 @@ def check_zeros_and_ones(mask: torch.Tensor) -> None:
 
 PACKED = ("packed sequences (position_ids restarting inside a row) need document masking, which kpro attention does "
           "not have: pad each document into a row of its own (an attention_mask of ones does not separate them)")
-_unpacked = (lambda: None, None)  # the position tensor checked last and its version: every layer gets the same
+_NOTHING_CHECKED = (lambda: None, None)
+_unpacked = _NOTHING_CHECKED  # the position tensor checked last in this forward, and its version
 
 
 def check_not_packed(positions: torch.Tensor) -> None:
-    """Refuse position_ids that restart inside a row. Read once per tensor, not in every layer (a device sync
-    each); under torch.compile an assertion, as transformers masks the documents there too."""
+    """Refuse position_ids that restart inside a row. Read once per forward, not in every layer (a device sync
+    each): every layer gets the same tensor, and `attention_mask`, which transformers calls once per forward,
+    forgets the last one checked. Under torch.compile an assertion, as transformers masks the documents there
+    too. (Inference tensors keep no version: within a forward nothing writes to them.)"""
     global _unpacked
     if torch.compiler.is_compiling():
         torch._assert_async((positions.diff(dim=-1) == 1).all(), PACKED)
-    elif positions.device.type != "meta" and (_unpacked[0]() is not positions or _unpacked[1] != positions._version):
+        return
+    if positions.device.type == "meta":
+        return
+    version = None if positions.is_inference() else positions._version
+    if _unpacked[0]() is not positions or _unpacked[1] != version:
         if bool((positions.diff(dim=-1) != 1).any()):
             raise NotImplementedError(PACKED)
-        _unpacked = (weakref.ref(positions), positions._version)
+        _unpacked = (weakref.ref(positions), version)
 
 
 def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, causal: bool) -> torch.Tensor | None:
@@ -342,14 +351,18 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
         allowed = mask == 0
     else:
         raise ValueError(f"a 4-D attention mask must be boolean or floating point (additive), got {mask.dtype}")
-    # The real keys: those the last query sees, which causality hides nothing from. Not the keys any query
-    # sees: on a GPU transformers lets a query that sees no key see them all (`_unmask_unattended`).
-    real = allowed[:, -1] if causal and tq else allowed.any(dim=1)
+    # Queries that see no key are padding, masked any way: on a GPU transformers lets them see every key
+    # (`_unmask_unattended`), which causality would hide from all but the last query. The real keys are those
+    # the other queries see, and those must see exactly causal (or full) attention over them.
+    unattended = ~allowed.any(dim=-1)
+    if causal:
+        hides = torch.arange(tq, device=mask.device) + (tk - tq) < tk - 1  # queries causality hides a key from
+        unattended |= allowed.all(dim=-1) & hides
+    real = (allowed & ~unattended[..., None]).any(dim=1)
     expected = visibility_mask(batch, tq, tk, causal=causal, attention_mask=real, device=mask.device)
     if expected is None:
         expected = torch.ones_like(allowed)
-    sees = expected.any(dim=-1, keepdim=True)  # queries that see nothing (padding) may be masked any way
-    if not torch.equal(allowed & sees, expected):
+    if not torch.equal(allowed[~unattended], expected[~unattended]):
         raise NotImplementedError(f"this 4-D attention mask is not {'causal' if causal else 'full'} attention over a "
                                   "key-padding pattern (a document, prefix or custom mask?); kpro attention cannot "
                                   "express it: use another attn_implementation for it")

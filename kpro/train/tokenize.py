@@ -165,13 +165,10 @@ def check_tokenizer(index: dict, directory: Path, what: str) -> None:
     vocabulary size, bos or eos)."""
     here = tokenizer_identity(directory)
     saved = index.get("tokenizer")
-    if not saved:  # write_token_shards without tokenizer=: the index's own vocab_size, bos and eos
-        differences = [f"{key} ({index.get(key)!r} there, {here[key]!r} here)" for key in IDENTITY[2:]
-                       if index.get(key) != here[key]]
-        if differences:
-            raise ValueError(f"{what} record no tokenizer (write_token_shards without tokenizer=), and their "
-                             f"{'; '.join(differences)} differ from {directory}'s tokenizer")
-        return
+    if not saved:  # two tokenizers can share vocabulary size, bos and eos (LLaMA 2's and Mistral's): not a check
+        raise ValueError(f"{what} record no tokenizer (written by write_token_shards without tokenizer=), so "
+                         f"nothing shows they hold {directory}'s ids; write them with tokenizer="
+                         "kpro.train.tokenize.tokenizer_identity(TOKENIZER_DIR), or with `python -m kpro tokenize`")
     differences = tokenizer_differences(saved, here)
     if differences:
         raise ValueError(f"{what} was tokenized with another tokenizer than {directory}'s: {'; '.join(differences)}")
@@ -292,12 +289,24 @@ def _check_same_run(index: dict, identity: dict, inputs: list, shard_tokens: int
     differences = [f"the tokenizer's {difference}"
                    for difference in tokenizer_differences(index.get("tokenizer") or {}, identity, ("then", "now"))]
     if index.get("inputs") != inputs:
-        differences.append("the input files (paths, sizes or modification times)")
+        differences.append(f"the input files ({input_differences(index.get('inputs') or [], inputs)})")
     if index.get("shard_tokens") != shard_tokens:
         differences.append(f"--shard-tokens ({index.get('shard_tokens')} then, {shard_tokens} now)")
     if differences:
         raise ValueError(f"{out} was written with other arguments: {'; '.join(differences)} differ; use a new "
                          "--out directory (or delete this one)")
+
+
+def input_differences(then: list, now: list) -> str:
+    """How the files read now differ from those read then: the first file dropped, added and changed."""
+    before, after = {i["path"]: i for i in then}, {i["path"]: i for i in now}
+    dropped = [p for p in before if p not in after]
+    added = [p for p in after if p not in before]
+    changed = [p for p in after if p in before and after[p] != before[p]]
+    parts = [f"{len(paths)} {what}, {paths[0]} first" for paths, what in
+             ((dropped, "no longer read"), (added, "read now, not then"), (changed, "changed in size or time"))
+             if paths]
+    return "; ".join(parts) or "the same files in another order"
 
 
 def _remove_leftovers(out: Path, index: dict) -> None:
