@@ -63,7 +63,7 @@ def input_files(paths) -> list[Path]:
                 raise FileNotFoundError(f"{path} holds no {' or '.join(SUFFIXES)} files (hidden ones are skipped)")
             files += found
         elif path.is_file():
-            is_jsonl(path)
+            is_jsonl(path)  # a .json file refused now, not when the reader reaches it
             files.append(path)
         else:
             raise FileNotFoundError(f"corpus file {path} does not exist")
