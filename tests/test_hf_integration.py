@@ -294,6 +294,14 @@ def test_unsupported_models_are_refused_and_left_unchanged():
     with pytest.raises(kpro_hf.UnsupportedModelError, match="not a transformers PreTrainedModel"):
         kpro_hf.apply(kpro.Llama(kpro.LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=24,
                                                   num_hidden_layers=1, num_attention_heads=2)))
+
+    class Wrapper(torch.nn.Module):  # forwards .config, as wrappers of a model do
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config = model, model.config
+    with pytest.raises(kpro_hf.UnsupportedModelError, match="got Wrapper, not a transformers PreTrainedModel, with "
+                                                            "the config of a llama model: a wrapper around one?"):
+        kpro_hf.apply(Wrapper(make_stock(layers=1)))
     gelu = make_stock(layers=1, hidden_act="gelu")
     with pytest.raises(kpro_hf.UnsupportedModelError, match="MLP uses 'gelu'"):
         kpro_hf.apply(gelu)

@@ -133,6 +133,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         raise UnsupportedModelError(f"got torch.compile's {type(model).__name__} around {type(inner).__name__}: call "
                                     "kpro_hf.apply (and train_only) on the model before torch.compile, then compile it "
                                     "(or pass the compiled module's ._orig_mod and compile again)")
+    if not isinstance(model, transformers.PreTrainedModel) and model_type in MODEL_TYPES:
+        # the message below would read "supports llama ...; got X (model_type 'llama')"
+        raise UnsupportedModelError(f"got {type(model).__name__}, not a transformers PreTrainedModel, with the config "
+                                    f"of a {model_type} model: a wrapper around one? pass the transformers model "
+                                    "itself (what the wrapper holds), then wrap it again")
     if not isinstance(model, transformers.PreTrainedModel) or model_type not in MODEL_TYPES:
         what = f"model_type {model_type!r}" if model_type else "not a transformers PreTrainedModel"
         raise UnsupportedModelError(f"kpro.integrations.hf supports LLaMA-family transformers models (model_type "
