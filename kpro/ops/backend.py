@@ -119,7 +119,7 @@ def check_tensors(op: str, **named) -> None:
     in the op named neither."""
     for name, value in named.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+            raise ValueError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
 
 
 def refuse_function_transforms(op: str, *tensors) -> None:

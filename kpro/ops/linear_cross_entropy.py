@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import (autocast_inputs, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
+from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
                       refuse_function_transforms, select)
 from .rms_norm import accumulation_dtype
 
@@ -63,6 +63,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    check_tensors("linear_cross_entropy", hidden=hidden, weight=weight, labels=labels)
     hidden, weight = autocast_inputs(hidden, weight)  # as a linear layer would be
     _check_args(hidden, weight, labels, ignore_index)
     refuse_function_transforms("linear_cross_entropy", hidden, weight)
@@ -107,9 +108,6 @@ def _check_args(hidden, weight, labels, ignore_index):
     # compared the labels with -100.5 (every -100 label counted, none scored: a wrong mean, silently).
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"linear_cross_entropy: ignore_index must be an int, got {ignore_index!r}")
-    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"linear_cross_entropy: {name} must be a tensor, got {type(value).__name__}")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or 0 in weight.shape:
         raise ValueError(f"linear_cross_entropy: weight must be [V >= 1, d >= 1] with d = hidden's last dimension; "
                          f"got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}")
@@ -156,9 +154,10 @@ def _chunks(n_rows: int, index: torch.Tensor | None, size: int):
         yield slice(start, stop) if index is None else index[start:stop]
 
 
-def nan_where_invalid(target: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
-    """[rows, 1]: 1 where the label is in [0, V), NaN elsewhere (unchecked labels: a GPU's, or under compile)."""
-    return torch.where((target >= 0) & (target < vocab), 1.0, torch.nan).to(dtype)[:, None]
+def nan_unless(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, 1]: 1 where the row's label is in [0, V), NaN elsewhere (unchecked labels: a GPU's, or under
+    compile), to make a NaN loss's gradients NaN too."""
+    return torch.where(valid, 1.0, torch.nan).to(dtype)[:, None]
 
 
 def torch_forward(hidden, weight, labels, ignore_index):
@@ -194,7 +193,7 @@ def torch_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad
         grad = torch.mm(h, w.T).sub_(lse[rows, None]).exp_()  # softmax, recomputed in place
         grad[torch.arange(grad.shape[0], device=grad.device), target.clamp(0, vocab - 1)] -= 1  # dlogits / dloss
         # applied to [chunk, d] operands, not to the [chunk, V] one; NaN where the loss is
-        scale = dloss[rows, None].to(acc) * nan_where_invalid(target, vocab, acc)
+        scale = dloss[rows, None].to(acc) * nan_unless((target >= 0) & (target < vocab), acc)
         if hidden_grad:
             dh[rows] = (grad @ w).mul_(scale).to(hidden.dtype)
         if weight_grad:
@@ -229,11 +228,11 @@ def torch_forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad: 
         loss[rows] = torch.where(valid, row_lse - picked, torch.nan)
         grad = logits.div_(total[:, None])  # softmax
         grad[torch.arange(grad.shape[0], device=grad.device), clamped] -= 1  # dlogits / dloss
-        invalid = nan_where_invalid(target, vocab, acc)  # NaN gradients where the loss is NaN, not the clamped label's
+        validity = nan_unless(valid, acc)  # NaN gradients where the loss is NaN, not the clamped label's
         if hidden_grad:
-            dh[rows] = (grad @ w).mul_(invalid)
+            dh[rows] = (grad @ w).mul_(validity)
         if weight_grad:
-            dw.addmm_(grad.T, h * invalid)
+            dw.addmm_(grad.T, h * validity)
         del logits, grad
     return loss, dh, dw
 
