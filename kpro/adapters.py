@@ -84,9 +84,11 @@ _NARROWER = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes a tuned
 
 def base_record(model: nn.Module) -> dict:
     """What an adapter config records of the base model it was tuned on (checked by `check_base`): its
-    fingerprint in its dtype and, so that a narrower copy of it is checked too, in each narrower float dtype."""
+    fingerprint in its dtype and, so that a narrower copy of it is checked too, in each other float dtype no
+    wider (bf16 and fp16 are as wide as each other: a bf16 base's fp16 copy is checked against its own)."""
     dtype = _base_dtype(model)
-    narrower = {_dtype_name(d): base_fingerprint(model, d) for d in _NARROWER if d.itemsize < dtype.itemsize}
+    narrower = {_dtype_name(d): base_fingerprint(model, d) for d in _NARROWER
+                if d != dtype and d.itemsize <= dtype.itemsize}
     return {"base_model": base_fingerprint(model, dtype), "base_dtype": _dtype_name(dtype),
             **({"base_model_narrower": narrower} if narrower else {})}
 
@@ -97,9 +99,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def check_base(directory: str | os.PathLike, model: nn.Module) -> None:
     """Refuse adapters tuned on another base model than `model`. A base in the tuned dtype or a wider one is
-    compared cast to the tuned dtype; a narrower one against the fingerprint recorded in its own dtype.
-    Adapters saved before the base was recorded, or before narrower fingerprints were, are not checked where
-    the record lacks the model's dtype."""
+    compared cast to the tuned dtype; a narrower one, or one as wide (fp16 for bf16), against the fingerprint
+    recorded in its own dtype. Adapters saved before the base was recorded, or before those fingerprints
+    were, are not checked where the record lacks the model's dtype."""
     saved = read_config(directory)
     if "base_model" not in saved:
         return
@@ -109,7 +111,7 @@ def check_base(directory: str | os.PathLike, model: nn.Module) -> None:
         return
     if mine == tuned or mine.itemsize > tuned.itemsize:
         dtype, expected = tuned, saved["base_model"]
-    else:  # narrower: the tuned values cast to this dtype were recorded, where the config is recent enough
+    else:  # narrower or as wide: the tuned values cast to this dtype were recorded, where the config is recent enough
         narrower = saved.get("base_model_narrower")
         expected = narrower.get(_dtype_name(mine)) if isinstance(narrower, dict) else None
         if expected is None:

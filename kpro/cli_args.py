@@ -76,7 +76,9 @@ def check_device(device: str) -> None:
 def block_list(text: str) -> list[int]:
     """'4,9,14' -> [4, 9, 14]."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        if any(not part.strip() for part in text.split(",")):  # "2,,5": a missing index, not a list of two
+            raise ValueError
+        return [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected block indices separated by commas (4,9,14), got {text!r}") from None
 

@@ -71,17 +71,17 @@ class LoRALinear(nn.Module):
                              f"learns nothing), got {alpha!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
-        self.weight.requires_grad_(False)
         self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
         self.adapters: dict[str, Adapter] = {}  # also registered as submodules, named as the adapters
         for name in names:
             self.add_adapter(name, generator)
+        self.weight.requires_grad_(False)  # after the names were taken: a refused one leaves the base as it was
         self.active: str | None = None
         self.merged: str | None = None
         self._merge_record: _MergeRecord | None = None
 
     def add_adapter(self, name: str, generator=None) -> None:
-        if not name.isidentifier() or hasattr(self, name):
+        if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name):
             raise ValueError(f"adapter name {name!r} is taken or not an identifier")
         adapter = Adapter(self.in_features, self.out_features, self.rank, adapter_dtype(self.weight.dtype),
                           self.weight.device, generator)
@@ -125,6 +125,10 @@ class LoRALinear(nn.Module):
     def _check_segments(self, segments: Segments, length: int) -> None:
         """Segments must tile the tokens [0, length) in order: a gap would silently run tokens without their
         adapter, an overlap with two. Python ints only, so no device sync."""
+        if not isinstance(segments, (list, tuple)) or not all(
+                isinstance(segment, (list, tuple)) and len(segment) == 3 for segment in segments):
+            raise ValueError(f"adapter must be an adapter's name, None, or a list of (start, end, adapter) token "
+                             f"segments; got {segments!r}")
         starts, ends = [start for start, _, _ in segments], [end for _, end, _ in segments]
         if starts != [0, *ends[:-1]] or any(end < start for start, end in zip(starts, ends)) or \
                 (ends[-1] if ends else 0) != length:
@@ -211,8 +215,13 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     for what, value in (("names", names), ("targets", targets)):
         if isinstance(value, str):  # a string is a sequence of its letters: "lora" gave adapters l, o, r, a
             raise TypeError(f"add_adapters takes a list of {what}, got the string {value!r}: pass [{value!r}]")
+    names = list(names)  # once: a generator would give the first layer every name and the others none
     if not names:
         raise ValueError("add_adapters needs at least one adapter name")
+    bad = [name for name in names if not isinstance(name, str) or not name.isidentifier()]
+    repeated = sorted({name for name in names if names.count(name) > 1}, key=str)
+    if bad or repeated:  # checked before any layer is wrapped or frozen
+        raise ValueError(f"adapter names must be distinct Python identifiers; got {names!r}")
     if lora_layers(model):
         present = list(dict.fromkeys(name for layer in lora_layers(model) for name in layer.adapters))
         raise ValueError(f"the model has LoRA adapters already ({', '.join(present)}): add_adapters adapts a plain "

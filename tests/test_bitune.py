@@ -252,19 +252,21 @@ def test_adapters_load_only_into_the_base_they_were_tuned_on(tmp_path):
 
 
 @pytest.mark.parametrize("tuned, loaded", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
-                                           (torch.float64, torch.float32)])
+                                           (torch.float64, torch.float32), (torch.bfloat16, torch.float16),
+                                           (torch.float16, torch.bfloat16)])
 def test_adapters_tuned_on_a_wide_base_check_a_narrower_one(tmp_path, tuned, loaded):
     """A narrower copy of another base loaded adapters tuned in fp32 unchecked, and a float32 copy of the
-    very base tuned in float64 was refused as another base (compared cast to float64)."""
-    Bitune(base_of_make(tuned), rank=4, seed=0).save_adapters(tmp_path / "a")
-    assert Bitune.from_adapters(base_of_make(tuned).to(loaded), tmp_path / "a").rank == 4
+    very base tuned in float64 was refused as another base (compared cast to float64). bf16 and fp16 are as
+    wide as each other: adapters tuned on one loaded into any base in the other, unchecked."""
+    Bitune(base_of_make(torch.float32).to(tuned), rank=4, seed=0).save_adapters(tmp_path / "a")
+    assert Bitune.from_adapters(base_of_make(torch.float32).to(tuned).to(loaded), tmp_path / "a").rank == 4
     with pytest.raises(kpro.CheckpointError, match=fr"another base model \(fingerprint \w+ in {str(loaded)[6:]}, "):
-        Bitune.from_adapters(base_of_make(tuned, seed=1).to(loaded), tmp_path / "a")
+        Bitune.from_adapters(base_of_make(torch.float32, seed=1).to(tuned).to(loaded), tmp_path / "a")
     # a config written before the narrower fingerprints were recorded: the narrower base is not checked
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     del config["base_model_narrower"]
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
-    assert Bitune.from_adapters(base_of_make(tuned, seed=1).to(loaded), tmp_path / "a").rank == 4
+    assert Bitune.from_adapters(base_of_make(torch.float32, seed=1).to(tuned).to(loaded), tmp_path / "a").rank == 4
     for config, message in (([1], "must hold a JSON object, got a list"), ({"method": "bitune"}, "lacks 'rank', 'alpha'")):
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
         with pytest.raises(kpro.CheckpointError, match=message):  # an AttributeError or KeyError before

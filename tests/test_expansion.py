@@ -26,6 +26,15 @@ def test_top_and_bottom_indices():
     assert new_block_indices(3, 5, "top") == [3, 4, 5, 6, 7]  # P need not divide N here
 
 
+@pytest.mark.parametrize("num_blocks", [0, -4, True, 4.0, "4"])
+def test_a_bad_number_of_original_blocks_is_refused(num_blocks):
+    """0 or -4 original blocks gave no new block, or copies of block -1; 4.0 and "4" failed inside range()."""
+    for position in ("interleave", "top", "bottom"):
+        with pytest.raises(ValueError, match=f"the number of original blocks must be a positive integer, got "
+                                             f"{num_blocks!r}"):
+            expansion_layout(num_blocks, 2, position)
+
+
 def test_layout_names_the_copied_block():
     assert expansion_layout(4, 2) == [(0, False), (1, False), (1, True), (2, False), (3, False), (3, True)]
     assert expansion_layout(2, 2, "top") == [(0, False), (1, False), (1, True), (1, True)]

@@ -273,3 +273,63 @@ def test_an_unreadable_config_is_named(tmp_path, capsys, text, message):
     assert err.startswith("error: ") and "config.json" in err and message in err and err.count("\n") == 1, err
     assert err.count("config.json") == 1, err  # named once, not "…/config.json: …/config.json is not valid JSON"
     assert not (tmp_path / "dst").exists()
+
+
+def test_overwrite_must_be_a_bool(tmp_path):
+    """overwrite="False" is truthy: it replaced an existing expansion."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, num_hidden_layers=2)
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1)
+    before = (tmp_path / "dst" / "model.safetensors").read_bytes()
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'False'"):
+        expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2, overwrite="False")
+    assert (tmp_path / "dst" / "model.safetensors").read_bytes() == before
+
+
+def test_a_shard_whose_header_lies_about_a_tensors_size_is_refused_naming_the_source(tmp_path):
+    """A sharded source is read only through its headers: a tensor whose dtype code no longer fits its
+    bytes was expanded, and the error came later, naming the output's shard."""
+    import struct
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, max_shard_size="1KB", num_hidden_layers=2)
+    weight_map = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.up_proj.weight"
+    shard = tmp_path / "src" / weight_map[name]
+    raw = shard.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    header[name]["dtype"] = "BF16"  # its bytes hold F32: twice what BF16 of that shape takes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    with pytest.raises(kpro.CheckpointError, match=fr"{shard.name}: tensor {name} takes \d+ bytes, but its shape "
+                                                   r"\[\d+, \d+\] in BF16 needs \d+"):
+        expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1, "top")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_train_expanded_refuses_a_run_directory_in_the_checkpoint_and_bad_arguments(tmp_path):
+    """Only the command line refused an out_dir inside the checkpoint: from Python, the run's steps and
+    metrics.jsonl were written into it and copied into every checkpoint as if they were tokenizer files."""
+    from kpro.expansion.posttrain import train_expanded
+    write_checkpoint(tmp_path / "big", num_hidden_layers=2, vocab_size=12)
+    kpro.CharTokenizer("abcdefghi").save(tmp_path / "big")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc\n\ndef\n")
+    files = sorted(p.name for p in (tmp_path / "big").iterdir())
+    for out, what in ((tmp_path / "big", "the checkpoint"), (tmp_path / "big" / "run", "inside the checkpoint")):
+        with pytest.raises(ValueError, match=f"out_dir {out} is {what} {tmp_path / 'big'}: the run writes beside it"):
+            train_expanded(tmp_path / "big", corpus, out, blocks=[1], steps=1)
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == files
+    for kwargs, message in ((dict(data=corpus, blocks=torch.tensor(1)), "blocks must be a list of block indices"),
+                            (dict(data=str(corpus).encode(), blocks=[1]), "data must be a path"),
+                            (dict(data=[corpus, 3], blocks=[1]), "data must be a path")):
+        with pytest.raises(TypeError, match=message):  # "iteration over a 0-d tensor", "expected str ... not int"
+            train_expanded(tmp_path / "big", out_dir=tmp_path / "run", steps=1, **kwargs)
+
+
+def test_train_blocks_with_an_empty_entry_is_refused(tmp_path, capsys):
+    """--train-blocks 2,,1 trained blocks 2 and 1: a missing index was dropped without a word."""
+    from kpro.cli_args import block_list
+    assert block_list("4, 9,14") == [4, 9, 14]
+    for text in ("2,,1", ",3,", "2, ,5", ""):
+        with pytest.raises(Exception, match="expected block indices separated by commas"):
+            block_list(text)

@@ -60,6 +60,10 @@ def test_segments_that_do_not_tile_the_sequence_and_unknown_adapters_are_refused
     with pytest.raises(ValueError, match=r"no adapter named 'zz'"):
         lin(x, [(0, 2, "a"), (2, 5, "zz")])
     torch.testing.assert_close(lin(x, [(0, 0, "b"), (0, 5, "a")]), lin(x, "a"))  # an empty segment is harmless
+    for segments in ((0, 5, "a"), ["a"], [(0, 5)], 3):  # "cannot unpack non-iterable int" and the like before
+        with pytest.raises(ValueError, match=r"adapter must be an adapter's name, None, or a list of \(start, end, "
+                                             r"adapter\) token segments; got"):
+            lin(x, segments)
 
 
 def test_merge_and_unmerge():
@@ -225,3 +229,23 @@ def test_active_names_a_model_without_lora_layers():
             pass
     with lora.active(model, None):  # the base model, as asked
         model(torch.randint(0, 67, (1, 4)))
+
+
+@pytest.mark.parametrize("names", [["bad-name"], ["a", "a"], [1], ["a", None]])
+def test_refused_adapter_names_leave_the_model_as_it_was(names):
+    """A refused name froze the first layer's weight on its way out, and [1] was an AttributeError."""
+    model = kpro.Llama(tiny_config())
+    with pytest.raises(ValueError, match="adapter names must be distinct Python identifiers"):
+        lora.add_adapters(model, names)
+    assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    base = nn.Linear(4, 3, bias=False)
+    with pytest.raises(ValueError, match="is taken or not an identifier"):
+        lora.LoRALinear(base, names, rank=2, alpha=1.0)
+    assert base.weight.requires_grad
+
+
+def test_add_adapters_takes_names_from_a_generator_once():
+    """Each layer iterated `names` again: a generator gave its adapters to the first layer only."""
+    model = kpro.Llama(tiny_config())
+    lora.add_adapters(model, (name for name in ("a", "b")))
+    assert all(list(layer.adapters) == ["a", "b"] for layer in lora.lora_layers(model))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import struct
@@ -48,6 +49,11 @@ class ExpansionResult:
     earlier_new_blocks: list[int] = dataclasses.field(default_factory=list)
 
 
+# bytes per element of each safetensors dtype code
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Source:
     """Where a tensor's bytes are: a byte range of a safetensors file."""
@@ -65,6 +71,8 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     """Write the expansion of checkpoint `src` to `dst` (see the module docstring); returns what was written."""
     if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or buffer_bytes < 1:
         raise ValueError(f"buffer_bytes must be a positive integer, got {buffer_bytes!r}")
+    if not isinstance(overwrite, bool):  # "False" is truthy: it would replace the destination
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is a file, not a checkpoint directory" if src.exists()
@@ -196,6 +204,15 @@ def _read_header(file: Path) -> dict[str, _Source]:
             raise CheckpointError(f"{file}: the header entry of {name} is malformed") from None
         if not 0 <= begin <= end or data_start + end > size:
             raise CheckpointError(f"{file}: tensor {name} lies outside the file (truncated?)")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in source.shape):
+            raise CheckpointError(f"{file}: the header entry of {name} is malformed (shape {list(source.shape)})")
+        if source.dtype not in _ITEM_BYTES:
+            raise CheckpointError(f"{file}: tensor {name} has an unknown dtype code {source.dtype!r}")
+        if source.nbytes != math.prod(source.shape) * _ITEM_BYTES[source.dtype]:
+            # safe_open checks this for a single file; a shard is read only here, and copied byte for byte
+            raise CheckpointError(f"{file}: tensor {name} takes {source.nbytes} bytes, but its shape "
+                                  f"{list(source.shape)} in {source.dtype} needs "
+                                  f"{math.prod(source.shape) * _ITEM_BYTES[source.dtype]} (a corrupt header?)")
         sources[name] = source
     return sources
 

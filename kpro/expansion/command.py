@@ -77,13 +77,11 @@ def cmd_expand(args) -> None:
 
 
 def cmd_train_expanded(args) -> None:
-    from .posttrain import train_expanded
+    from .posttrain import check_out_dir, train_expanded
 
     source = Path(args.dir).resolve()
     out = Path(args.out) if args.out else source.parent / f"{source.name}-post"  # `.` named itself "-post"
-    if out.resolve() == source or source in out.resolve().parents:  # its runs would be copied with the model
-        raise ValueError(f"--out {out} is {'the checkpoint' if out.resolve() == source else 'inside the checkpoint'} "
-                         f"{args.dir}: the run writes beside it; choose another --out")
+    check_out_dir(Path(args.dir), out, "--out")
     final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps, seq_len=args.seq_len,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,

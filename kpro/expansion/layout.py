@@ -37,6 +37,8 @@ def new_block_indices(num_blocks: int, num_new_blocks: int, position: str = "int
 def check_expansion(num_blocks: int, num_new_blocks, position: str) -> None:
     if position not in POSITIONS:
         raise ValueError(f"unknown expansion position {position!r}; choose from {', '.join(POSITIONS)}")
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
+        raise ValueError(f"the number of original blocks must be a positive integer, got {num_blocks!r}")
     if isinstance(num_new_blocks, bool) or not isinstance(num_new_blocks, int) or num_new_blocks <= 0:
         raise ValueError(f"the number of new blocks must be a positive integer, got {num_new_blocks!r}")
     if position == "interleave" and num_blocks % num_new_blocks:

@@ -9,6 +9,7 @@ the model is saved as a normal LLaMA checkpoint in the source's dtype, with the 
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -74,10 +75,18 @@ class CopyFilesIntoCheckpoints(Callback):
         _copy_other_files(self.source, Path(directory))
 
 
+def check_out_dir(directory: Path, out_dir: Path, name: str) -> None:
+    """The run's directory must lie outside the checkpoint: its steps and metrics would be copied with the model."""
+    source, out = Path(directory).resolve(), Path(out_dir).resolve()
+    if out == source or source in out.parents:
+        raise ValueError(f"{name} {out_dir} is {'the checkpoint' if out == source else 'inside the checkpoint'} "
+                         f"{directory}: the run writes beside it; choose another {name}")
+
+
 def blocks_to_train(directory: Path, blocks) -> list[int]:
     """The given block indices, else the new blocks named in the checkpoint's kpro_expansion.json."""
     if blocks is not None:
-        if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
+        if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__") or getattr(blocks, "ndim", None) == 0:
             raise TypeError(f"blocks must be a list of block indices, such as [4, 9, 14], got {blocks!r}")
         return list(blocks)
     record = read_expansion_record(directory)
@@ -107,7 +116,12 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     directory; returns the directory of the final model (`out_dir/final`). Running it again with the same
     `out_dir` resumes. Under torchrun each process trains on its device (DDP) and rank 0 writes."""
     directory, out_dir = Path(directory), Path(out_dir)
-    data = [data] if isinstance(data, (str, Path)) else list(data)
+    check_out_dir(directory, out_dir, "out_dir")
+    given = data
+    data = [data] if isinstance(data, (str, os.PathLike)) else list(data) if hasattr(data, "__iter__") else None
+    if isinstance(given, bytes) or data is None or not all(isinstance(path, (str, os.PathLike)) for path in data):
+        raise TypeError(f"data must be a path (text files or a token shard directory) or a list of paths, "
+                        f"got {given!r}")
     env = init_distributed()
     # None or "auto": cuda:LOCAL_RANK under torchrun, else cuda when there is one, else cpu
     device = torch.device(device) if device not in (None, "auto") else env.device
