@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import os
 import random
 import re
@@ -46,7 +47,11 @@ FORMAT = 1
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / f"step-{step:08d}"
+    # steps outside 0 ... 10^8 - 1 would name directories that list_checkpoints never finds (nor prunes)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 10**8:
+        raise ValueError(f"a checkpoint's step must be an integer from 0 to 99,999,999 (an optimizer step count), "
+                         f"got {step!r}")
+    return Path(run_dir) / f"step-{int(step):08d}"
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

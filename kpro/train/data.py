@@ -71,9 +71,10 @@ def collate_packed(rows: Sequence[torch.Tensor]) -> dict:
     """Rows of `pack_documents` -> {input_ids, labels}: every token is both input and target."""
     if len(rows) and isinstance(rows[0], dict):  # rows may be one [B, T] tensor
         raise ValueError(f"collate_packed (Batches' default collate) stacks rows of token ids, and these examples "
-                         f"are dicts (keys {', '.join(map(str, rows[0]))}): pass Batches(..., collate=...), e.g. "
-                         "torch.utils.data.default_collate, which stacks each key (fit's default loss reads "
-                         "input_ids, labels and an optional attention_mask)")
+                         f"are dicts (keys {', '.join(map(str, rows[0]))}): pass Batches(..., collate=...), a function "
+                         "that stacks each key into a tensor [B, T] (torch.utils.data.default_collate does for "
+                         "tensor values, not for lists of ids); fit's default loss reads input_ids, labels and an "
+                         "optional attention_mask")
     rows = [torch.as_tensor(row) for row in rows]
     lengths = sorted({len(row) for row in rows})
     if len(lengths) > 1:
@@ -131,6 +132,10 @@ class Batches:
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(examples, Mapping):  # {"input_ids": [...], "labels": [...]}: columns, not examples
+            raise TypeError(f"Batches draws from a sequence of examples, and got a {type(examples).__name__} (keys "
+                            f"{', '.join(map(str, list(examples)[:4]))}): pass a list with one entry per example "
+                            "(a dict per example, with a collate that stacks them)")
         if not hasattr(examples, "__len__") or not hasattr(examples, "__getitem__"):
             raise TypeError(f"Batches draws from a sequence of examples (a list, a tensor of rows), got a "
                             f"{type(examples).__name__}: pass list(...) of it")

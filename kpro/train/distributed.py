@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -122,6 +123,10 @@ def split_batch(batch, env: DistEnv, grad_accum: int, per_process: bool = False)
                             f"rows, and fit splits only tensors across processes and accumulation steps: every "
                             f"micro-batch would get all {rows} items; make it a tensor [B, ...] to split it with the "
                             "rows, or keep it out of the batch")
+        if isinstance(value, (Mapping, list, tuple)) and _holds_a_tensor(value):
+            raise TypeError(f"batch[{key!r}] is a {type(value).__name__} holding tensors, and fit splits only the "
+                            "batch's own tensors across processes and accumulation steps: every micro-batch would "
+                            f"get all of it; put its tensors [B, ...] in the batch itself (batch['{key}_...'])")
     if rows % parts:
         if per_process:
             raise ValueError(f"this process's {rows} rows of the global batch (a per-process batch source, such as "
@@ -134,6 +139,13 @@ def split_batch(batch, env: DistEnv, grad_accum: int, per_process: bool = False)
     first = 0 if per_process else env.rank * grad_accum
     return [{key: value[(first + i) * per:(first + i + 1) * per] if key in sizes else value
              for key, value in batch.items()} for i in range(grad_accum)]
+
+
+def _holds_a_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    return any(_holds_a_tensor(item) for item in items)
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -47,7 +48,6 @@ class Run:
         self.metrics: dict = {}
         self.checkpoint: Path | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._optimized: set[int] = set()  # ids of the optimizer's parameters
         self._make_optimizer = make_optimizer
         self._save_requested = self._stop_requested = False
 
@@ -78,14 +78,14 @@ class Run:
                              f"{', ...' if len(frozen) > 4 else ''}); give it only parameters with requires_grad")
         remember_peak_lr(optimizer)
         self.optimizer = optimizer
-        self._optimized = {id(p) for p in held}
         self.check_optimizer_covers_the_trainable()
 
     def check_optimizer_covers_the_trainable(self) -> None:
         """A trainable parameter the optimizer lacks (made trainable after the optimizer was built, say) would
         gather gradients step after step, outside clipping, and never change: refused, naming it."""
-        left_out = [name for name, p in self.model.named_parameters()
-                    if p.requires_grad and id(p) not in self._optimized]
+        # read off the optimizer each time: a group added with optimizer.add_param_group counts
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        left_out = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in optimized]
         if left_out:
             raise ValueError(f"{len(left_out)} trainable parameter(s) are not in the optimizer "
                              f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}): freeze them "
@@ -216,7 +216,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
             callback_states(callbacks), data_state()  # states a checkpoint cannot load back: refused before training
             while run.step < steps:
                 try:
-                    batch = next(data)
+                    batch = _as_dict(next(data))
                 except StopIteration:
                     exhausted = True
                     break
@@ -231,6 +231,10 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                     check_rows_after_resume, batch_rows = False, batch_rows or rows
                 for cb in callbacks:
                     batch = cb.on_batch(run, batch)
+                    if batch is None:
+                        raise TypeError(f"{type(cb).__qualname__}.on_batch returned None at step {run.step + 1}: it "
+                                        "must return the batch, changed or not")
+                    batch = _as_dict(batch)
                 lr_now = set_lr(run.optimizer, schedule, run.step)
                 start = time.perf_counter()
                 loss, grad_norm, interrupted = _train_step(run, batch, loss_fn, grad_accum, clip_grad_norm, autocast,
@@ -284,6 +288,11 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> d
                               f"more to continue that run (steps={done}: it is done), or resume an earlier checkpoint "
                               "(resume=PATH) into another directory")
     state = load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
+    lacking = [key for key in ("step", "callbacks") if key not in state]
+    if lacking:  # a checkpoint of a hand-written loop (kpro.train.save_checkpoint with a state of its own)
+        raise CheckpointError(f"{checkpoint} was not written by fit (its state lacks {', '.join(map(repr, lacking))}), "
+                              "so fit cannot continue its run; its weights and optimizer state are loaded into the "
+                              "model now. Continue it with the loop that wrote it, or start fit in a new directory")
     # Checkpoints written before (some) settings were saved, and schedules that are not a Schedule: unchecked.
     recorded = state.get("settings", {})
     saved, schedule = recorded.get("schedule"), settings["schedule"]
@@ -353,6 +362,9 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     run.check_optimizer_covers_the_trainable()
     # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
     micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
+    # Gradients left from before (a check's backward before fit, a step that raised) would add to this step's
+    for p in run.model.parameters():
+        p.grad = None
     totals, counts, summed = [], [], None
     for i, micro in enumerate(micro_batches):
         micro = _to_device(micro, device)
@@ -364,6 +376,11 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
                 raise TypeError("loss_fn returned a LossSum for some micro-batches and a scalar for others")
             summed = is_sum
             total = out.total if is_sum else out
+            if not total.requires_grad and is_sum and _is_zero(out.count):
+                raise ValueError(f"loss_fn returned a LossSum of no loss tokens for micro-batch {i} of step "
+                                 f"{run.step + 1} whose total depends on no trainable parameter: compute it from the "
+                                 "model's output even then (e.g. 0 * logits.sum()), so that every micro-batch runs "
+                                 "a backward (under DDP each process must)")
             if not total.requires_grad:
                 raise ValueError(f"the loss of step {run.step + 1} depends on no trainable parameter, so there is "
                                  "nothing to train: is every parameter frozen (requires_grad False)? A LoRA model "
@@ -400,6 +417,10 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     return loss, float(norm), interrupted > 0
 
 
+def _is_zero(count) -> bool:
+    return bool(torch.as_tensor(count).eq(0).all())
+
+
 def _stop(run, optimizer, what: str):
     optimizer.zero_grad(set_to_none=True)
     last = (f"the last good checkpoint is {run.checkpoint}" if run.checkpoint is not None
@@ -424,6 +445,11 @@ def _check_loss(out) -> bool:
     if out.dim() != 0:
         raise ValueError(f"loss_fn must return a scalar loss (or a LossSum), got shape {tuple(out.shape)}")
     return False
+
+
+def _as_dict(batch):
+    """A mapping that is not a dict (Hugging Face's BatchEncoding) as a dict: fit moves, splits and counts dicts."""
+    return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
 
 
 def _to_device(batch, device):

@@ -131,11 +131,29 @@ def lm_loss(model: torch.nn.Module, batch: dict) -> LossSum:
     for key in ("input_ids", "labels"):
         if key not in batch:
             raise KeyError(f"lm_loss needs batch[{key!r}]; the batch has {sorted(batch)}")
-    labels = batch["labels"]
+    labels, mask = batch["labels"], batch.get("attention_mask")
+    for key in ("input_ids", "labels"):
+        if not isinstance(batch[key], torch.Tensor):  # default_collate makes a list of T tensors of lists of ids
+            raise TypeError(f"lm_loss needs batch[{key!r}] as a tensor [B, T], got {type(batch[key]).__name__}: "
+                            "collate rows of token ids with torch.stack or torch.tensor")
+    _check_padding_is_not_scored(labels, mask)
     if output_head_weight(model) is None:
-        logits = model(batch["input_ids"], batch.get("attention_mask"))
+        logits = model(batch["input_ids"], mask)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"lm_loss calls the model for its logits, and it returned a {type(logits).__name__}: "
+                            "give fit a loss_fn that reads the logits (a Hugging Face model's output.logits)")
         return LossSum(causal_lm_loss(logits, labels, reduction="sum"), count_loss_tokens(labels))
-    hidden = model(batch["input_ids"], batch.get("attention_mask"), head=False)
+    hidden = model(batch["input_ids"], mask, head=False)
     # The weight is read after the forward: an FSDP model holds it unsharded only from its forward on.
     total = causal_lm_loss_from_hidden(hidden, output_head_weight(model), labels, reduction="sum")
     return LossSum(total, count_loss_tokens(labels))
+
+
+def _check_padding_is_not_scored(labels: torch.Tensor, mask) -> None:
+    """Padding with a label would be trained on: a batch whose labels are its input_ids, pads included."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape:
+        return  # the model names a mask of another shape
+    scored = int(((mask[:, 1:] == 0) & (labels[:, 1:] != IGNORE_INDEX)).sum())  # position 0 is never scored
+    if scored:
+        raise ValueError(f"{scored} position(s) that attention_mask marks as padding carry labels, and would be "
+                         f"trained on: set labels[attention_mask == 0] = {IGNORE_INDEX}")

@@ -1,0 +1,177 @@
+"""kpro.train.fit given inputs that trained silently wrong, or failed naming nothing: schedules, leftover
+gradients, scored padding, nested or non-dict batches, checkpoint steps, optimizer groups added mid-run."""
+from collections import UserDict
+
+import pytest
+import torch
+
+import kpro
+from kpro import train as kt
+from kpro.train import checkpointing
+
+from conftest import tiny_config
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return kpro.Llama(tiny_config())
+
+
+def batch(rows=4, length=6, seed=0):
+    """A padded batch whose padding carries no label."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def fit(model, out, data=None, steps=2, **kwargs):
+    data = [batch(seed=i) for i in range(steps)] if data is None else data
+    return kt.fit(model, data, out, steps=steps, lr=1e-2, stream=None, log_every=None, **kwargs)
+
+
+@pytest.mark.parametrize("factor", [float("nan"), -0.5, float("inf"), None])
+def test_a_schedule_factor_that_is_no_learning_rate_is_refused(tmp_path, factor):
+    """A callable schedule's NaN factor turned every weight NaN, and the run saved them; a negative one
+    trained uphill."""
+    model = make_model()
+    before = weights(model)
+    with pytest.raises(ValueError, match=fr"the schedule gave the factor {factor!r} at step 1; a schedule's factor "
+                                         r"must be a finite number >= 0"):
+        fit(model, tmp_path, schedule=lambda step: 1.0 if step == 0 else factor)
+    after = weights(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[name], p) for name, p in after.items())  # step 0 trained, step 1 did not
+
+
+def test_gradients_left_on_the_model_do_not_reach_the_first_step(tmp_path):
+    """A backward run before fit (a check of the loss, a step that raised) added to step 1's gradients."""
+    clean, stale = make_model(), make_model()
+    kt.lm_loss(stale, batch(seed=9)).total.backward()
+    assert all(p.grad is not None for p in stale.parameters())
+    fit(clean, tmp_path / "clean", steps=1)
+    fit(stale, tmp_path / "stale", steps=1)
+    for (name, a), b in zip(clean.named_parameters(), stale.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_padding_that_carries_labels_is_refused():
+    """Labels left equal to input_ids, pads included, trained on the padding."""
+    model = make_model()
+    data = batch()
+    data["labels"] = data["input_ids"].clone()
+    data["input_ids"][1, :3] = 0
+    data["attention_mask"][1, :3] = 0  # and a second row of 3 pads carrying labels
+    with pytest.raises(ValueError, match=r"3 position\(s\) that attention_mask marks as padding carry labels, and "
+                                         r"would be trained on: set labels\[attention_mask == 0\] = -100"):
+        kt.lm_loss(model, data)  # position 0 of each row is never scored: 1 + 2
+    data["labels"] = data["labels"].masked_fill(data["attention_mask"] == 0, -100)
+    data["labels"][:, 0] = 5
+    assert kt.lm_loss(model, data).count == int((data["labels"][:, 1:] != -100).sum())
+
+
+def test_tensors_nested_in_a_batch_are_refused_when_it_is_split(tmp_path):
+    """{"meta": {"weight": tensor[B]}} reached every micro-batch whole, out of step with its rows."""
+    data = batch()
+    data["meta"] = {"weight": torch.ones(4)}
+    with pytest.raises(TypeError, match=r"batch\['meta'\] is a dict holding tensors, and fit splits only the batch's "
+                                        r"own tensors"):
+        fit(make_model(), tmp_path, data=[data, data], grad_accum=2, loss_fn=lambda m, b: kt.lm_loss(m, b))
+
+
+class Columns(UserDict):
+    """A mapping that is not a dict, as Hugging Face's BatchEncoding."""
+
+
+def test_a_mapping_batch_trains_as_the_same_dict(tmp_path):
+    """A BatchEncoding-like batch logged 0 tokens, stayed on the CPU, and grad_accum=2 refused it."""
+    as_dict, as_mapping = make_model(), make_model()
+    data = [batch(seed=i) for i in range(2)]
+    runs = [fit(as_dict, tmp_path / "dict", data=data, grad_accum=2),
+            fit(as_mapping, tmp_path / "mapping", data=[Columns(b) for b in data], grad_accum=2)]
+    assert runs[0].metrics["tokens"] == runs[1].metrics["tokens"] == int(data[1]["attention_mask"].sum())
+    for (name, a), b in zip(as_dict.named_parameters(), as_mapping.parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("step", [-3, 5.0, True, 10**8])
+def test_a_checkpoint_step_its_directory_cannot_name_is_refused(tmp_path, step):
+    """-3 and 10^8 named directories that latest_checkpoint never found, so the next run started afresh."""
+    with pytest.raises(ValueError, match=r"a checkpoint's step must be an integer from 0 to 99,999,999"):
+        checkpointing.checkpoint_dir(tmp_path, step)
+    model = make_model()
+    with pytest.raises(ValueError, match="a checkpoint's step must be an integer"):
+        kt.save_checkpoint(tmp_path, step, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_param_group_added_by_a_callback_is_in_the_optimizer(tmp_path):
+    """A group added with add_param_group was named as 'not in the optimizer' at the next step."""
+    class Unfreeze(kt.Callback):
+        def on_batch(self, run, batch):
+            if run.step == 1:
+                run.model.lm_head.weight.requires_grad_(True)
+                run.optimizer.add_param_group({"params": [run.model.lm_head.weight], "lr": 1e-3})
+            return batch
+
+    model = make_model()
+    model.lm_head.weight.requires_grad_(False)
+    head = model.lm_head.weight.detach().clone()
+    fit(model, tmp_path, steps=3, callbacks=[Unfreeze()])
+    assert not torch.equal(model.lm_head.weight, head)
+
+
+def test_a_callback_that_returns_no_batch_is_named(tmp_path):
+    class Forgets(kt.Callback):
+        def on_batch(self, run, batch):
+            batch["labels"] = batch["labels"].clone()
+
+    with pytest.raises(TypeError, match=r"Forgets.on_batch returned None at step 1: it must return the batch"):
+        fit(make_model(), tmp_path, callbacks=[Forgets()])
+
+
+def test_a_constant_loss_for_a_micro_batch_of_no_tokens_is_explained(tmp_path):
+    """It read 'depends on no trainable parameter ... is every parameter frozen?'."""
+    def loss(model, micro):
+        if (micro["labels"][:, 1:] == -100).all():
+            return kt.LossSum(torch.zeros(()), torch.tensor(0))
+        return kt.lm_loss(model, micro)
+
+    data = batch()
+    data["labels"][:2] = -100  # the first micro-batch has no loss tokens, the step has some
+    with pytest.raises(ValueError, match=r"returned a LossSum of no loss tokens for micro-batch 0 of step 1 whose "
+                                         r"total depends on no trainable parameter"):
+        fit(make_model(), tmp_path, data=[data], steps=1, grad_accum=2, loss_fn=loss)
+
+
+def test_outputs_the_default_loss_cannot_read_are_named():
+    class Outputs(torch.nn.Module):  # a model returning a tuple, as some Hugging Face models do
+        def __init__(self):
+            super().__init__()
+            self.inner = make_model()
+
+        def forward(self, ids, mask=None):
+            return (self.inner(ids, mask),)
+
+    with pytest.raises(TypeError, match="returned a tuple: give fit a loss_fn that reads the logits"):
+        kt.lm_loss(Outputs(), batch())
+    data = batch()
+    data["input_ids"] = data["input_ids"].tolist()
+    with pytest.raises(TypeError, match=r"lm_loss needs batch\['input_ids'\] as a tensor \[B, T\], got list"):
+        kt.lm_loss(make_model(), data)
+    with pytest.raises(TypeError, match=r"Batches draws from a sequence of examples, and got a dict \(keys "
+                                        r"input_ids, labels\)"):
+        kt.Batches({"input_ids": [[1, 2]], "labels": [[1, 2]]}, 1)
+
+
+def test_fit_names_a_checkpoint_it_did_not_write(tmp_path):
+    """A checkpoint of a hand-written loop failed in fit with KeyError('callbacks')."""
+    model = make_model()
+    kt.save_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"mine": 1})
+    with pytest.raises(kpro.CheckpointError, match=r"was not written by fit \(its state lacks 'callbacks'\)"):
+        fit(make_model(), tmp_path, steps=2)
