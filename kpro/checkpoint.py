@@ -220,7 +220,7 @@ def _check_index_points_right(directory, location: dict, handles: dict) -> None:
                               f"{', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
 
 
-def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool) -> None:
+def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool, what: str | None = None) -> None:
     problems = []
     found = {name: shape for name, shape in found.items() if not _IGNORED_RE.fullmatch(name)}
     if tied and "lm_head.weight" in found:  # some tools save the tied head anyway: it must be the embedding
@@ -241,7 +241,8 @@ def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool) 
     if misshaped:
         problems.append(f"mis-shaped tensor(s): {', '.join(misshaped)}")
     if problems:
-        raise CheckpointError(f"checkpoint {directory} does not match its config.json:\n  " + "\n  ".join(problems))
+        raise CheckpointError((what or f"checkpoint {directory} does not match its config.json") + ":\n  "
+                              + "\n  ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -307,6 +308,13 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
 def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int, state_dict=None) -> None:
     """The HF-layout files of `model` (or of `state_dict`, a sharded model's gathered full state) in `out`."""
     tensors = hf_tensors(model, state_dict)
+    with torch.device("meta"):  # what its config.json will describe, which loaders build and fill
+        expected = {name: tuple(t.shape) for name, t in hf_tensors(Llama(model.config)).items()}
+    _check_names_and_shapes(out, expected, {name: tuple(t.shape) for name, t in tensors.items()},
+                            tied=model.config.tie_word_embeddings,
+                            what="the model does not match its config (model.config), which the checkpoint's "
+                                 "config.json would hold (after changing its blocks, set model.config = "
+                                 "model.config.replace(...))")
     dtypes = {t.dtype for t in tensors.values()}
     hf_config = model.config.to_hf()
     if len(dtypes) == 1:

@@ -129,7 +129,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             if not _is_int(self.hidden_size) or not _is_int(self.num_attention_heads) or self.num_attention_heads <= 0:
                 raise ConfigError("hidden_size and num_attention_heads must be positive integers")
@@ -137,9 +137,18 @@ class LlamaConfig:
                 raise ConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; set head_dim explicitly")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        object.__setattr__(self, "rope_scaling", _normalise_rope_scaling(self.rope_scaling))
         self.validate()
+        object.__setattr__(self, "_built", True)
+
+    def __setattr__(self, name, value):
+        # A model builds its RoPE tables and norms from its config once: a field changed in place would be
+        # saved with the model and not run by it. A new config, given to the model whole, is applied.
+        if getattr(self, "_built", False):
+            raise AttributeError(f"a LlamaConfig does not change in place ({name}): make a new one with "
+                                 f"config.replace({name}=...), and give it to a model with model.config = ...")
+        object.__setattr__(self, name, value)
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

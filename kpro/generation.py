@@ -66,6 +66,9 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     if logits.dim() != 2 or logits.shape[0] != cache.batch_size:  # the prefill's [B, T, V] is the easy mistake
         raise ValueError(f"logits must be the last position's [B={cache.batch_size}, V], got {tuple(logits.shape)} "
                          "(the prefill's logits[:, -1])")
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"decode needs the prefill's attention_mask [B, cache.length={cache.length}] (1 = real "
+                        f"token; torch.ones for an unpadded prompt), got {type(attention_mask).__name__}")
     check_left_padded(attention_mask)  # a right-padded row would continue from its padding
     cfg = model.config
     eos = cfg.eos_token_ids if eos_token_id is None else _token_ids("eos_token_id", eos_token_id, cfg.vocab_size)

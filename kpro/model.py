@@ -74,7 +74,10 @@ class Llama(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.config = cfg
+        if not isinstance(cfg, LlamaConfig):
+            raise TypeError(f"Llama takes a kpro.LlamaConfig, got {type(cfg).__name__}: read a config.json or its "
+                            "dict with kpro.LlamaConfig.from_hf, or load a checkpoint with kpro.load_pretrained")
+        self._config = cfg
         # Built on the meta device, the model is to be filled from a checkpoint: no values to draw. (And on
         # meta, nn.init.normal_ runs a Python decomposition whose first call imports seconds of torch.)
         filled_later = torch.get_default_device().type == "meta"
@@ -93,6 +96,26 @@ class Llama(nn.Module):
         # How each block runs: None (plain calls), or one function per block, `run(block, x, cos, sin,
         # attention_mask, kv) -> x`; kpro.train_only sets them to skip gradient work in frozen blocks.
         self.block_runners: tuple | None = None
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self._config
+
+    @config.setter
+    def config(self, cfg: LlamaConfig) -> None:
+        """A new config for the built model: its shapes must be the model's, and its RoPE and norm settings
+        are applied (a replaced rope_theta was saved with the model and not run by it)."""
+        if not isinstance(cfg, LlamaConfig):
+            raise TypeError(f"model.config must be a kpro.LlamaConfig, got {type(cfg).__name__}")
+        differences = shape_differences(self, cfg)
+        if differences:
+            raise ValueError("the new config does not fit the model's modules: " + "; ".join(differences))
+        self._config = cfg
+        self.rope.cfg = cfg
+        self.rope.reset(device=self.rope.inv_freq.device)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.eps = cfg.rms_norm_eps
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -140,6 +163,10 @@ class Llama(nn.Module):
             raise ValueError(f"input_ids is empty ([B={batch}, T={length}])")
         if cache is not None:
             cfg, held = self.config, cache.keys[0].shape
+            if len(self.layers) != cfg.num_hidden_layers:  # the cache is sized from the config
+                raise ValueError(f"the model has {len(self.layers)} blocks and its config {cfg.num_hidden_layers}: after "
+                                 "changing the blocks, set model.config = model.config.replace(num_hidden_layers="
+                                 f"{len(self.layers)})")
             if (len(cache.keys), held[2], held[3]) != (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim):
                 raise ValueError(f"cache was made for {len(cache.keys)} layers of {held[2]} key/value heads of dim "
                                  f"{held[3]}; this model has {cfg.num_hidden_layers} of {cfg.num_key_value_heads} of dim "
@@ -247,3 +274,23 @@ class LayerKV:
             keys[:, start:end] = k
             values[:, start:end] = v
         return keys[:, :end], values[:, :end]
+
+
+def shape_differences(model: Llama, cfg: LlamaConfig) -> list[str]:
+    """How the built modules of `model` differ in shape from those `cfg` describes (empty: none)."""
+    out = []
+    if len(model.layers) != cfg.num_hidden_layers:
+        out.append(f"num_hidden_layers {cfg.num_hidden_layers}, the model has {len(model.layers)} blocks")
+    if tuple(model.embed_tokens.weight.shape) != (cfg.vocab_size, cfg.hidden_size):
+        out.append(f"vocab_size x hidden_size {cfg.vocab_size} x {cfg.hidden_size}, the embedding is "
+                   f"{list(model.embed_tokens.weight.shape)}")
+    for i, block in enumerate(model.layers):
+        attn = block.self_attn
+        heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        if heads != (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):
+            out.append(f"block {i}: {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} key/value heads of "
+                       f"dim {cfg.head_dim}, the block has {heads[0]}, {heads[1]} of dim {heads[2]}")
+        if block.mlp.gate_proj.weight.shape[0] != cfg.intermediate_size:
+            out.append(f"block {i}: intermediate_size {cfg.intermediate_size}, the block's MLP has "
+                       f"{block.mlp.gate_proj.weight.shape[0]}")
+    return out[:4]

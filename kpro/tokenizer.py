@@ -123,6 +123,10 @@ class _TokenizerBase:
         return pad_left(sequences, self.pad_id, device=device, vocab_size=self.vocab_size)
 
 
+class TokensNotInSentencePiece(ValueError):
+    """tokenizer_config.json names tokens that a directory's tokenizer.model lacks."""
+
+
 class Tokenizer(_TokenizerBase):
     """A SentencePiece model: `Tokenizer("dir/tokenizer.model")` or `Tokenizer("dir")`."""
 
@@ -141,17 +145,56 @@ class Tokenizer(_TokenizerBase):
         except (OSError, RuntimeError) as err:
             raise ValueError(f"{path} is not a SentencePiece model: {err}") from None
         self.vocab_size = self.sp.GetPieceSize()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.config = read_tokenizer_config(path.parent)
+        self._check_added_tokens()
+        # tokenizer_config.json's special tokens where it names them (a fine-tune's eos <|im_end|>), else the model's
+        self.bos_id = self._special_id("bos", self.sp.bos_id())
+        self.eos_id = self._special_id("eos", self.sp.eos_id())
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(f"{path} defines no bos/eos pieces; kpro needs both")
         # LLaMA and Mistral models define no pad piece; padding positions are masked, any id will do.
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
-        self.config = read_tokenizer_config(path.parent)
+        self.pad_id = self._special_id("pad", self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id)
         self.chat_template = chat_template_of(path.parent, self.config)
         # As transformers' LlamaTokenizer: a bos unless tokenizer_config.json says otherwise (a GGUF's
         # add_bos_token false, converted, is written there)
         add_bos = (self.config or {}).get("add_bos_token")
         self.add_bos = add_bos if isinstance(add_bos, bool) else True
+
+    def _check_added_tokens(self) -> None:
+        """Tokens tokenizer_config.json (added_tokens_decoder, added_tokens.json beside it) or its special
+        tokens name that the SentencePiece model lacks (a ChatML fine-tune's <|im_start|> = 32001): this class
+        cannot encode them, and would spell them out as text."""
+        config = self.config or {}
+        named = {}
+        decoder = config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            named.update({entry.get("content"): key for key, entry in decoder.items() if isinstance(entry, dict)})
+        added = _read_json(self.path.parent / "added_tokens.json")
+        if isinstance(added, dict):
+            named.update(added)
+        for name in ("bos", "eos", "pad", "unk"):
+            token = config.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str):
+                named.setdefault(token, None)
+        lacking = [f"{token!r}" + (f" (id {key})" if key is not None else "") for token, key in named.items()
+                   if not isinstance(token, str) or self._piece_id(token) is None
+                   or (key is not None and str(self._piece_id(token)) != str(key))]
+        if lacking:
+            raise TokensNotInSentencePiece(
+                f"{self.path.parent}: tokenizer_config.json names token(s) the SentencePiece model {self.path.name} "
+                f"does not hold as such: {', '.join(lacking[:6])}{' ...' if len(lacking) > 6 else ''}; kpro's "
+                "SentencePiece Tokenizer would spell them out as text. Open the directory's tokenizer.json with "
+                "kpro.JsonTokenizer (kpro.load_tokenizer does where there is one)")
+
+    def _piece_id(self, token: str) -> int | None:
+        token_id = self.sp.PieceToId(token)
+        return token_id if 0 <= token_id < self.vocab_size and self.sp.IdToPiece(token_id) == token else None
+
+    def _special_id(self, name: str, default: int) -> int:
+        token = (self.config or {}).get(f"{name}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        return self._piece_id(token) if isinstance(token, str) else default
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Ids of `text`; `bos` None: as the tokenizer's config says (`add_bos`)."""
@@ -192,9 +235,10 @@ class Tokenizer(_TokenizerBase):
         return {self.sp.IdToPiece(i): i for i in range(self.vocab_size) if self.sp.IsControl(i)}
 
     def save(self, directory: str | os.PathLike) -> None:
+        """tokenizer.model and tokenizer_config.json (with the chat template) into an existing directory."""
         write_atomic(Path(directory, SENTENCEPIECE_FILE), self.path.read_bytes())
-        if self.config is not None:
-            write_atomic(Path(directory, TOKENIZER_CONFIG_FILE), json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        if self.config is not None or self.chat_template:
+            _save_config(directory, self.config or {}, self.chat_template)
 
 
 class JsonTokenizer(_TokenizerBase):
@@ -294,10 +338,15 @@ class JsonTokenizer(_TokenizerBase):
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.json and tokenizer_config.json (with the chat template) into an existing directory."""
         write_atomic(Path(directory, TOKENIZER_JSON_FILE), self.tok.to_str(pretty=True))
-        config = dict(self.config)
-        if self.chat_template:  # the one in use (it may have come from chat_template.jinja)
-            config["chat_template"] = self.chat_template
-        write_atomic(Path(directory, TOKENIZER_CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _save_config(directory, self.config, self.chat_template)
+
+
+def _save_config(directory, config: dict, chat_template: str | None) -> None:
+    """tokenizer_config.json with the chat template in use (it may have come from chat_template.jinja)."""
+    config = dict(config)
+    if chat_template:
+        config["chat_template"] = chat_template
+    write_atomic(Path(directory, TOKENIZER_CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 class _FixedVocabulary(_TokenizerBase):
@@ -435,7 +484,8 @@ TOKENIZER_FILES = (SENTENCEPIECE_FILE, TOKENIZER_JSON_FILE, CHAR_TOKENIZER_FILE,
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | CharTokenizer | SymbolTokenizer:
     """The tokenizer stored beside a checkpoint, the first of: `tokenizer.model` (SentencePiece),
-    `tokenizer.json` (Hugging Face), kpro's character or symbol tokenizer."""
+    `tokenizer.json` (Hugging Face), kpro's character or symbol tokenizer. A `tokenizer.model` that lacks
+    tokens tokenizer_config.json adds (a ChatML fine-tune's <|im_start|>) gives way to `tokenizer.json`."""
     directory = Path(directory)
     if directory.is_file():
         raise FileNotFoundError(f"{directory} is a file; load_tokenizer takes the directory that holds it "
@@ -443,7 +493,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | 
     if not directory.exists():
         raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
     if (directory / SENTENCEPIECE_FILE).is_file():
-        return Tokenizer(directory / SENTENCEPIECE_FILE)
+        try:
+            return Tokenizer(directory / SENTENCEPIECE_FILE)
+        except TokensNotInSentencePiece:
+            if not (directory / TOKENIZER_JSON_FILE).is_file():
+                raise  # else tokenizer.json holds the added tokens, as transformers' fast tokenizer reads them
     if (directory / TOKENIZER_JSON_FILE).is_file():
         return JsonTokenizer(directory / TOKENIZER_JSON_FILE)
     if (directory / CHAR_TOKENIZER_FILE).is_file():
@@ -460,6 +514,9 @@ def pad_left(sequences: list[list[int]], pad_id: int, device=None,
     import torch
 
     sequences = [checked_ids(seq, vocab_size, f"sequences[{i}]") for i, seq in enumerate(sequences)]
+    if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral) or pad_id < 0 or \
+            (vocab_size is not None and pad_id >= vocab_size):  # 1.5 was read as 1, None failed in torch.full
+        raise ValueError(f"pad_id must be a token id (an integer in [0, {vocab_size or 'vocab_size'})), got {pad_id!r}")
     if not sequences or any(len(seq) == 0 for seq in sequences):
         raise ValueError("pad_left needs at least one sequence and no empty sequence")
     length = max(len(seq) for seq in sequences)
@@ -505,6 +562,24 @@ class ChatTemplateError(ValueError):
     """The template refused the conversation (its raise_exception), or could not be rendered."""
 
 
+@functools.cache
+def _generation_block():
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        """`{% generation %} ... {% endgeneration %}` (templates of assistant-only training, which transformers
+        reads to mark the assistant's tokens): rendered as its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return GenerationBlock
+
+
 def _raise_exception(message):
     raise ChatTemplateError(message)
 
@@ -517,8 +592,10 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 def _compiled_template(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    _GenerationBlock = _generation_block()
     # Hugging Face renders templates in a sandbox with these settings and helpers; templates are written for them.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -531,8 +608,14 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
         raise ValueError("messages must be a list of {\"role\": ..., \"content\": ...} dicts")
     import jinja2
 
+    # transformers passes tools and documents as None when not given: `tools is not none` must be false
+    variables = {"tools": None, "documents": None, **variables}
     try:
         return _compiled_template(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                                    **variables)
+    except ChatTemplateError:
+        raise
     except jinja2.TemplateError as err:
         raise ChatTemplateError(f"the chat template failed: {err}") from None
+    except Exception as err:  # a TypeError from a filter (tojson of an undefined value), say
+        raise ChatTemplateError(f"the chat template failed: {type(err).__name__}: {err}") from None

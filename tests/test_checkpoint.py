@@ -337,3 +337,20 @@ def test_parse_size(size, expected):
 def test_parse_size_rejects_nonsense(size):
     with pytest.raises(ValueError):
         ckpt.parse_size(size)
+
+
+def test_a_model_that_does_not_match_its_config_is_not_saved(tmp_path):
+    """A block appended by hand was saved under a config.json of 2 blocks: kpro refused the checkpoint, and
+    transformers loaded it without the block."""
+    import copy
+    from conftest import tiny_config
+    model = kpro.Llama(tiny_config())
+    model.layers.append(copy.deepcopy(model.layers[-1]))
+    with pytest.raises(kpro.CheckpointError, match=r"the model does not match its config \(model.config\), which the "
+                                                   r"checkpoint's config.json would hold .*\n  unexpected tensor\(s\): "
+                                                   r"model.layers.2.input_layernorm.weight"):
+        kpro.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model.config = model.config.replace(num_hidden_layers=3)
+    kpro.save_pretrained(model, tmp_path / "out")
+    assert kpro.load_pretrained(tmp_path / "out").config.num_hidden_layers == 3

@@ -207,6 +207,19 @@ def test_decode_refuses_a_right_padded_mask_and_the_prefills_full_logits(make_mo
             logits = model(ids, mask, cache=cache)
         with pytest.raises(ValueError, match=message):
             kpro.generation.decode(model, cache, logits[:, -1] if "padding" in message else logits, mask, 3)
+    with pytest.raises(TypeError, match=r"decode needs the prefill's attention_mask \[B, cache.length=5\] \(1 = real "
+                                        r"token; torch.ones for an unpadded prompt\), got NoneType"):
+        kpro.generation.decode(model, cache, logits[:, -1], None, 3)  # an AttributeError on None.dim before
+
+
+def test_a_model_whose_blocks_differ_from_its_config_is_named_before_generating(make_model):
+    """A block appended by hand (the config left at 2) failed in generate with a bare IndexError."""
+    import copy
+    model = make_model()
+    model.layers.append(copy.deepcopy(model.layers[-1]))
+    with pytest.raises(ValueError, match=r"the model has 3 blocks and its config 2: after changing the blocks, set "
+                                         r"model.config = model.config.replace\(num_hidden_layers=3\)"):
+        kpro.generate(model, torch.tensor([[5, 6]]), 2)
 
 
 def test_a_padded_cache_needs_its_mask_on_every_later_call(make_model):

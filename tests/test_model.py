@@ -194,3 +194,33 @@ def test_the_pad_tokens_embedding_starts_at_zero_and_gets_no_gradient_as_in_tran
     assert not model.embed_tokens.weight.grad[2].any() and model.embed_tokens.weight.grad[9].any()
     assert model.lm_head.weight.grad[2].any()  # the head's row for it learns
     assert make_model().embed_tokens.padding_idx is None  # no pad id: every row learns
+
+
+def test_a_config_does_not_change_in_place_and_a_new_one_is_applied():
+    """model.config = model.config.replace(rope_theta=...) was saved and never run (the RoPE table and the
+    norms' eps were built once); a field set in place took effect only after the next .to()."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config())
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with pytest.raises(AttributeError, match=r"a LlamaConfig does not change in place \(rope_theta\): make a new one "
+                                             r"with config.replace\(rope_theta=...\)"):
+        model.config.rope_theta = 500000.0
+    changed = model.config.replace(rope_theta=500000.0, rms_norm_eps=0.5)
+    fresh = kpro.Llama(changed)
+    fresh.load_state_dict(model.state_dict())
+    model.config = changed
+    assert torch.equal(model(ids), fresh(ids))  # as a model built with it
+    assert all(norm.eps == 0.5 for norm in model.modules() if isinstance(norm, kpro.model.RMSNorm))
+    for changes, message in ((dict(num_hidden_layers=3), "num_hidden_layers 3, the model has 2 blocks"),
+                             (dict(intermediate_size=8), "block 0: intermediate_size 8, the block's MLP has")):
+        with pytest.raises(ValueError, match="the new config does not fit the model's modules: " + message):
+            model.config = model.config.replace(**changes)
+    assert model.config is changed
+
+
+def test_a_model_takes_a_config_object_only():
+    """Llama(dict) failed with "'dict' object has no attribute 'vocab_size'"."""
+    for wrong in (tiny_config().to_hf(), "config.json"):
+        with pytest.raises(TypeError, match="Llama takes a kpro.LlamaConfig, got .*: read a config.json or its dict "
+                                            "with kpro.LlamaConfig.from_hf"):
+            kpro.Llama(wrong)

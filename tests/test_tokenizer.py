@@ -76,3 +76,46 @@ def test_pad_left_rejects_empty():
     tok = kpro.CharTokenizer("abc")  # a tokenizer's pad_left checks its vocabulary, as decode does (6 ids)
     with pytest.raises(ValueError, match=r"sequences\[0\]\[1\] = 99 is outside the vocabulary \[0, 6\)"):
         tok.pad_left([[1, 99]])
+
+
+def test_chat_templates_see_tools_and_documents_as_none_and_every_failure_is_named():
+    """transformers renders with tools=None: a template testing `tools is not none` added an empty tool block
+    in kpro (undefined is not none), and `tools | tojson` leaked a bare TypeError."""
+    pytest.importorskip("jinja2")
+    from kpro.tokenizer import ChatTemplateError, render_chat_template
+    mistral = ("{% if tools is not none %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+               "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat_template(mistral, messages) == "[INST] hi [/INST]"
+    assert render_chat_template(mistral, messages, tools=[{"name": "f"}]) == \
+        '[AVAILABLE_TOOLS] [{"name": "f"}][/AVAILABLE_TOOLS][INST] hi [/INST]'
+    with pytest.raises(ChatTemplateError, match="the chat template failed: TypeError: .*not JSON serializable"):
+        render_chat_template("{{ undefined_name | tojson }}", messages)
+
+
+def test_chat_templates_with_generation_blocks_render_their_body():
+    """Templates of assistant-only training mark the assistant's text with {% generation %}: kpro refused them."""
+    pytest.importorskip("jinja2")
+    from kpro.tokenizer import render_chat_template
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<a>{% generation %}{{ m['content'] }}"
+                "{% endgeneration %}{% else %}<u>{{ m['content'] }}{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert render_chat_template(template, messages) == "<u>hi<a>hello"
+
+
+def test_a_saved_sentencepiece_tokenizer_keeps_a_chat_template_from_its_own_file(tmp_path):
+    """Tokenizer.save wrote tokenizer_config.json only where there was one, and without chat_template.jinja's template."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tokenizer.model").write_bytes(MISTRAL.read_bytes())
+    (tmp_path / "src" / "chat_template.jinja").write_text("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    (tmp_path / "out").mkdir()
+    kpro.Tokenizer(tmp_path / "src").save(tmp_path / "out")
+    again = kpro.load_tokenizer(tmp_path / "out")
+    assert again.chat_template == (tmp_path / "src" / "chat_template.jinja").read_text()
+
+
+@pytest.mark.parametrize("pad_id", [None, 1.5, -1, 32000, True])
+def test_pad_left_refuses_a_pad_that_is_no_token_id(pad_id):
+    """1.5 was read as 1; None failed inside torch.full; 32000 was named later as an id outside the vocabulary."""
+    with pytest.raises(ValueError, match=r"pad_id must be a token id \(an integer in \[0, 32000\)\), got"):
+        kpro.pad_left([[5, 6], [7]], pad_id, vocab_size=32000)

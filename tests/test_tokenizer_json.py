@@ -166,12 +166,40 @@ def test_sentencepiece_first_when_both_files_are_there(bpe_dir, tmp_path):
     from pathlib import Path
 
     data = Path(__file__).parent / "data"
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((bpe_dir / name).read_bytes())
+    (tmp_path / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
     (tmp_path / "tokenizer.model").write_bytes((data / "sentencepiece_test_model.model").read_bytes())
     tok = load_tokenizer(tmp_path)
     assert isinstance(tok, kpro.Tokenizer) and tok.chat_template == CHATML  # tokenizer_config.json beside it counts
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>user")
+
+
+def test_a_sentencepiece_model_lacking_the_configs_added_tokens_gives_way_to_tokenizer_json(bpe_dir, tmp_path):
+    """A ChatML fine-tune of a SentencePiece model adds <|im_start|> = 32001 in tokenizer_config.json: the
+    SentencePiece Tokenizer spelt it out as text, and kept eos </s> where the config says <|im_end|>."""
+    data = Path(__file__).parent / "data"
+    (tmp_path / "tokenizer.model").write_bytes((data / "mistral_7b_tokenizer.model").read_bytes())
+    config = {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHATML,
+              "added_tokens_decoder": {"0": {"content": "<unk>"}, "1": {"content": "<s>"}, "2": {"content": "</s>"},
+                                       "32000": {"content": "<|im_end|>", "special": True},
+                                       "32001": {"content": "<|im_start|>", "special": False}}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json names token\(s\) the SentencePiece model "
+                                         r"tokenizer.model does not hold as such: '<\|im_end\|>' \(id 32000\), "
+                                         r"'<\|im_start\|>' \(id 32001\); .* Open the directory's tokenizer.json"):
+        load_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a ChatML tokenizer.json beside it: that one is read
+        (tmp_path / name).write_bytes((bpe_dir / name).read_bytes())
+    assert isinstance(load_tokenizer(tmp_path), JsonTokenizer)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="does not hold as such: '<s>' \\(id 5\\)"):  # a piece at another id
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"5": {"content": "<s>"}}}))
+        kpro.Tokenizer(tmp_path)
+    # special tokens the model does hold are taken from the config, as transformers takes them
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<unk>", "pad_token": "</s>",
+                                                                "added_tokens_decoder": {}}))
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, kpro.Tokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 0, 2)
 
 
 transformers_needed = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
