@@ -117,9 +117,16 @@ def check_base(directory: str | os.PathLike, model: nn.Module) -> None:
         if expected is None:
             return
         dtype = mine
+        # As wide (bf16, fp16): the release the tuned base was cast from (Llama 2's fp16 files, tuned in bf16),
+        # cast the same way, is the tuned base itself
+        if mine.itemsize == tuned.itemsize and base_fingerprint(model, tuned) == saved["base_model"]:
+            return
     fingerprint = base_fingerprint(model, dtype)
     if fingerprint != expected:
-        raise CheckpointError(f"{directory} holds adapters tuned on another base model (fingerprint "
+        cast = "" if dtype == tuned else (
+            f", or a {_dtype_name(mine)} copy of it made by another route, which rounds otherwise: cast the tuned "
+            f"base ({_dtype_name(tuned)}) to {_dtype_name(mine)}")
+        raise CheckpointError(f"{directory} holds adapters tuned on another base model{cast} (fingerprint "
                               f"{expected} in {_dtype_name(dtype)}, this model's {fingerprint}): load the checkpoint "
                               "they were tuned on")
 

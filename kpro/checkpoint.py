@@ -73,6 +73,20 @@ def hf_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) 
             if not (tied and name == "lm_head.weight") and ".lora_A." not in name and ".lora_B." not in name}
 
 
+def checkpoint_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`hf_tensors`, checked against the model's config: the tensors its config.json describes, which loaders
+    build and fill (a block appended by hand, the config left as it was, is refused by name)."""
+    tensors = hf_tensors(model, state_dict)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in hf_tensors(Llama(model.config)).items()}
+    _check_names_and_shapes(None, expected, {name: tuple(t.shape) for name, t in tensors.items()},
+                            tied=model.config.tie_word_embeddings,
+                            what="the model does not match its config (model.config), which the checkpoint's "
+                                 "config.json would hold (after changing its blocks, set model.config = "
+                                 "model.config.replace(...))")
+    return tensors
+
+
 # ----------------------------------------------------------------------------------------------- load
 
 # dtype names load_pretrained takes besides torch dtypes ("auto": the checkpoint's own)
@@ -307,14 +321,7 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
 
 def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int, state_dict=None) -> None:
     """The HF-layout files of `model` (or of `state_dict`, a sharded model's gathered full state) in `out`."""
-    tensors = hf_tensors(model, state_dict)
-    with torch.device("meta"):  # what its config.json will describe, which loaders build and fill
-        expected = {name: tuple(t.shape) for name, t in hf_tensors(Llama(model.config)).items()}
-    _check_names_and_shapes(out, expected, {name: tuple(t.shape) for name, t in tensors.items()},
-                            tied=model.config.tie_word_embeddings,
-                            what="the model does not match its config (model.config), which the checkpoint's "
-                                 "config.json would hold (after changing its blocks, set model.config = "
-                                 "model.config.replace(...))")
+    tensors = checkpoint_tensors(model, state_dict)
     dtypes = {t.dtype for t in tensors.values()}
     hf_config = model.config.to_hf()
     if len(dtypes) == 1:

@@ -106,6 +106,26 @@ _MATH_FIELDS = {
 }
 
 
+class _ReadOnlyDict(dict):
+    """A config's rope_scaling: changed in place, it would be saved and not run (the model's RoPE table is built
+    from it once). Copies and pickles stay read-only; `dict(...)` of it is a plain dict to change."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a LlamaConfig's rope_scaling does not change in place: make a new config with "
+                        "config.replace(rope_scaling={...})")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __reduce__(self):
+        return _ReadOnlyDict, (dict(self),)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self  # its values are numbers and strings
+
+
 @dataclasses.dataclass
 class LlamaConfig:
     """Model shape. Field names and defaults follow Hugging Face's `LlamaConfig`."""
@@ -138,7 +158,8 @@ class LlamaConfig:
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; set head_dim explicitly")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        object.__setattr__(self, "rope_scaling", _normalise_rope_scaling(self.rope_scaling))
+        scaling = _normalise_rope_scaling(self.rope_scaling)
+        object.__setattr__(self, "rope_scaling", None if scaling is None else _ReadOnlyDict(scaling))
         self.validate()
         object.__setattr__(self, "_built", True)
 
@@ -250,6 +271,8 @@ class LlamaConfig:
         out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
                "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0}
         out.update(dataclasses.asdict(self))
+        if out["rope_scaling"] is not None:
+            out["rope_scaling"] = dict(out["rope_scaling"])
         if out["pad_token_id"] is None:
             del out["pad_token_id"]
         return out

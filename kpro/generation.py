@@ -63,6 +63,9 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     (kpro.generate prefills a plain prompt; Bitune prefills its three streams and continues here.)"""
     max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
     stop_after_eos = _positive_int("stop_after_eos", stop_after_eos)
+    if generator is not None and not isinstance(generator, torch.Generator):  # a seed, say
+        raise TypeError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, got "
+                        f"{generator!r}")
     if logits.dim() != 2 or logits.shape[0] != cache.batch_size:  # the prefill's [B, T, V] is the easy mistake
         raise ValueError(f"logits must be the last position's [B={cache.batch_size}, V], got {tuple(logits.shape)} "
                          "(the prefill's logits[:, -1])")

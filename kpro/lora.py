@@ -73,12 +73,13 @@ class LoRALinear(nn.Module):
         self.weight = base.weight
         self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
         self.adapters: dict[str, Adapter] = {}  # also registered as submodules, named as the adapters
-        for name in names:
-            self.add_adapter(name, generator)
-        self.weight.requires_grad_(False)  # after the names were taken: a refused one leaves the base as it was
+        # set before the adapters, whose names must not take these attributes' ("active" replaced by None)
         self.active: str | None = None
         self.merged: str | None = None
         self._merge_record: _MergeRecord | None = None
+        for name in names:
+            self.add_adapter(name, generator)
+        self.weight.requires_grad_(False)  # after the names were taken: a refused one leaves the base as it was
 
     def add_adapter(self, name: str, generator=None) -> None:
         if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name):
@@ -268,6 +269,18 @@ class AdaptedModel(nn.Module):
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def refuse_idle_adapters(model: nn.Module, what: str) -> None:
+    """Refuse to evaluate a model whose LoRA layers run no adapter (none active, none merged): it computes its
+    base, though the natural call passes the model that add_adapters or tune adapted in place."""
+    layers = lora_layers(model)
+    if layers and all(layer.active is None and layer.merged is None for layer in layers):
+        names = ", ".join(dict.fromkeys(name for layer in layers for name in layer.adapters))
+        raise ValueError(f"{what}: the model has LoRA adapters ({names}) and none is active or merged, so it would "
+                         "run as its base model: pass what tune returned (a Bitune, or "
+                         "kpro.lora.AdaptedModel(model, name)); to evaluate the base, evaluate it before adding "
+                         "adapters")
 
 
 @contextlib.contextmanager

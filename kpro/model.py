@@ -111,11 +111,17 @@ class Llama(nn.Module):
         if differences:
             raise ValueError("the new config does not fit the model's modules: " + "; ".join(differences))
         self._config = cfg
+        self.embed_tokens.padding_idx = cfg.pad_token_id  # as a model built with it: the pad row gets no gradient
         self.rope.cfg = cfg
         self.rope.reset(device=self.rope.inv_freq.device)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.eps = cfg.rms_norm_eps
+
+    def __setstate__(self, state):
+        if "config" in state and "_config" not in state:  # a whole-model pickle of an older kpro
+            state["_config"] = state.pop("config")
+        super().__setstate__(state)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

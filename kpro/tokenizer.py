@@ -161,40 +161,49 @@ class Tokenizer(_TokenizerBase):
         self.add_bos = add_bos if isinstance(add_bos, bool) else True
 
     def _check_added_tokens(self) -> None:
-        """Tokens tokenizer_config.json (added_tokens_decoder, added_tokens.json beside it) or its special
-        tokens name that the SentencePiece model lacks (a ChatML fine-tune's <|im_start|> = 32001): this class
-        cannot encode them, and would spell them out as text."""
+        """Refuse a directory whose tokenizer.model lacks tokens that matter: the bos or eos tokenizer_config.json
+        names, or a token added beside it (tokenizer_config.json's added_tokens_decoder, added_tokens.json) that
+        the chat template writes (a ChatML fine-tune's <|im_start|> = 32001, which this class would spell out
+        as text). Other added tokens (an unused <pad> = 32000) are left out, as the model never needs them."""
         config = self.config or {}
-        named = {}
+        added = {}  # token -> (id, the file that adds it)
         decoder = config.get("added_tokens_decoder")
         if isinstance(decoder, dict):
-            named.update({entry.get("content"): key for key, entry in decoder.items() if isinstance(entry, dict)})
-        added = _read_json(self.path.parent / "added_tokens.json")
-        if isinstance(added, dict):
-            named.update(added)
-        for name in ("bos", "eos", "pad", "unk"):
+            added.update({entry.get("content"): (key, TOKENIZER_CONFIG_FILE) for key, entry in decoder.items()
+                          if isinstance(entry, dict) and isinstance(entry.get("content"), str)})
+        added_file = _read_json(self.path.parent / "added_tokens.json")
+        if isinstance(added_file, dict):
+            added.update({token: (key, "added_tokens.json") for token, key in added_file.items()})
+        template = chat_template_of(self.path.parent, config) or ""
+        lacking = [f"{token!r} (id {key}, from {source}, in the chat template)"
+                   for token, (key, source) in added.items()
+                   if token in template and str(self._piece_id(token)) != str(key)]
+        for name in ("bos", "eos"):
             token = config.get(f"{name}_token")
             token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str):
-                named.setdefault(token, None)
-        lacking = [f"{token!r}" + (f" (id {key})" if key is not None else "") for token, key in named.items()
-                   if not isinstance(token, str) or self._piece_id(token) is None
-                   or (key is not None and str(self._piece_id(token)) != str(key))]
+            if isinstance(token, str) and self._piece_id(token) is None:
+                lacking.append(f"{token!r} (the {name}_token of {TOKENIZER_CONFIG_FILE})")
         if lacking:
+            json_file = self.path.parent / TOKENIZER_JSON_FILE
             raise TokensNotInSentencePiece(
-                f"{self.path.parent}: tokenizer_config.json names token(s) the SentencePiece model {self.path.name} "
-                f"does not hold as such: {', '.join(lacking[:6])}{' ...' if len(lacking) > 6 else ''}; kpro's "
-                "SentencePiece Tokenizer would spell them out as text. Open the directory's tokenizer.json with "
-                "kpro.JsonTokenizer (kpro.load_tokenizer does where there is one)")
+                f"{self.path.parent}: the SentencePiece model {self.path.name} lacks token(s) this tokenizer uses: "
+                f"{', '.join(lacking[:6])}{' ...' if len(lacking) > 6 else ''}; kpro's SentencePiece Tokenizer would "
+                "spell them out as text or stop at another eos. " + (
+                    f"Open {json_file.name} with kpro.JsonTokenizer (kpro.load_tokenizer does)" if json_file.is_file()
+                    else "Save the tokenizer with transformers (tokenizer.save_pretrained writes a tokenizer.json "
+                         "holding them), and load it with kpro.JsonTokenizer"))
 
     def _piece_id(self, token: str) -> int | None:
         token_id = self.sp.PieceToId(token)
         return token_id if 0 <= token_id < self.vocab_size and self.sp.IdToPiece(token_id) == token else None
 
     def _special_id(self, name: str, default: int) -> int:
+        """The id of the `name`_token tokenizer_config.json names among the pieces (a lacking bos or eos was
+        refused; a lacking pad, which only masked positions hold, leaves the default)."""
         token = (self.config or {}).get(f"{name}_token")
         token = token.get("content") if isinstance(token, dict) else token
-        return self._piece_id(token) if isinstance(token, str) else default
+        found = self._piece_id(token) if isinstance(token, str) else None
+        return default if found is None else found
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Ids of `text`; `bos` None: as the tokenizer's config says (`add_bos`)."""

@@ -260,7 +260,10 @@ def test_adapters_tuned_on_a_wide_base_check_a_narrower_one(tmp_path, tuned, loa
     wide as each other: adapters tuned on one loaded into any base in the other, unchecked."""
     Bitune(base_of_make(torch.float32).to(tuned), rank=4, seed=0).save_adapters(tmp_path / "a")
     assert Bitune.from_adapters(base_of_make(torch.float32).to(tuned).to(loaded), tmp_path / "a").rank == 4
-    with pytest.raises(kpro.CheckpointError, match=fr"another base model \(fingerprint \w+ in {str(loaded)[6:]}, "):
+    with pytest.raises(kpro.CheckpointError, match=fr"another base model, or a {str(loaded)[6:]} copy of it made by "
+                                                   fr"another route, which rounds otherwise: cast the tuned base "
+                                                   fr"\({str(tuned)[6:]}\) to {str(loaded)[6:]} \(fingerprint \w+ in "
+                                                   fr"{str(loaded)[6:]}, "):
         Bitune.from_adapters(base_of_make(torch.float32, seed=1).to(tuned).to(loaded), tmp_path / "a")
     # a config written before the narrower fingerprints were recorded: the narrower base is not checked
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -271,6 +274,16 @@ def test_adapters_tuned_on_a_wide_base_check_a_narrower_one(tmp_path, tuned, loa
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
         with pytest.raises(kpro.CheckpointError, match=message):  # an AttributeError or KeyError before
             Bitune.from_adapters(base_of_make(torch.float32), tmp_path / "a")
+
+
+def test_adapters_tuned_on_a_cast_of_a_half_precision_release_load_into_the_release(tmp_path):
+    """Adapters tuned on the bf16 cast of an fp16 release (Llama 2's files) load back into the fp16 release, and
+    the other way round; another base in that dtype is refused."""
+    for release, tuned in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        Bitune(base_of_make(torch.float32).to(release).to(tuned), rank=4, seed=0).save_adapters(tmp_path / "a")
+        assert Bitune.from_adapters(base_of_make(torch.float32).to(release), tmp_path / "a").rank == 4
+        with pytest.raises(kpro.CheckpointError, match="holds adapters tuned on another base model"):
+            Bitune.from_adapters(base_of_make(torch.float32, seed=1).to(release), tmp_path / "a")
 
 
 def base_of_make(dtype, seed=0):

@@ -1,5 +1,6 @@
 """Instruction data, the Bitune / LoRA training entry point, multiple-choice scoring and the CLI."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,27 @@ def test_multiple_choice_refuses_questions_it_would_score_wrongly():
         bitune.answer_log_likelihoods(model, [[1, 5], [1, 7]], [[6]])
 
 
+def test_a_model_tuned_in_place_is_not_scored_as_its_base():
+    """tune and Bitune adapt the model in place: scoring that model ran its base, untuned, without a word."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    tuned = Bitune(model, rank=2, seed=0)
+    questions = [bitune.MultipleChoice("what is a", ["b", "cc", "d"], 0)]
+    for call in (lambda m: bitune.multiple_choice_accuracy(m, TOK, questions),
+                 lambda m: bitune.generate_answers(m, TOK, ["say a"], 2)):
+        with pytest.raises(ValueError, match=r"the model has LoRA adapters \(bidir, causal\) and none is active or "
+                                             r"merged, so it would run as its base model: pass what tune returned"):
+            call(model)
+        call(tuned)  # what tune returns is scored as tuned
+    with lora.active(model, "causal"):
+        bitune.multiple_choice_accuracy(model, TOK, questions)  # an adapter active: that one runs
+    with pytest.raises(TypeError, match=r"generate_answers takes a list of prompts, got the string 'say a'"):
+        bitune.generate_answers(tuned, TOK, "say a", 2)  # twelve answers, one per character, before
+    with pytest.raises(ValueError, match=r"pad_id must be a token id of the model \(an integer in \[0, \d+\)\), got 999"):
+        bitune.tune(kpro.Llama(tiny_config(vocab_size=TOK.vocab_size)), [([1, 5], [6, 2])], "lora", None, steps=1,
+                    pad_id=999)
+
+
 def test_multiple_choice_refuses_choices_the_model_reads_alike():
     """'a  b' and 'a b' (SentencePiece folds the spaces), or two words of unknown characters, encode to the same
     tokens: equal scores, so the labelled one won or lost by its index alone."""
@@ -341,5 +363,15 @@ def test_cli_end_to_end(tmp_path):
     assert bad.returncode == 1 and "--mode no_mix is a Bitune ablation" in bad.stderr
     bad = run("--eval", str(tmp_path))  # a directory: a traceback before
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+    for question, message in (({"question": "say Z", "choices": ["Z", "b"], "answer": 0},
+                               r"question 0, choice 'Z': character 'Z' is not in the alphabet"),
+                              ({"question": "say a" * 60, "choices": ["a", "b"], "answer": 0},
+                               r"question 0, choice 'a': prompt \+ answer takes \d+ tokens, more than the model's")):
+        write_jsonl(tmp_path / "bad_mc.jsonl", [{"question": "say a", "choices": ["a", "b"], "answer": 0}, question])
+        bad = run("--eval", str(tmp_path / "bad_mc.jsonl"), "--out", str(tmp_path / "bad_out"))
+        # named after training before, and without the file, question or choice
+        assert bad.returncode == 1 and re.search(f"--eval {tmp_path / 'bad_mc.jsonl'}: {message}".replace(
+            "question 0", "question 1"), bad.stderr), bad.stderr
+        assert not (tmp_path / "bad_out").exists()
     bad = run("--max-length", "300")  # the last --max-length wins
     assert bad.returncode == 1 and "--max-length 300 is more than the model's max_position_embeddings=256" in bad.stderr

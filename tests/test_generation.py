@@ -210,6 +210,9 @@ def test_decode_refuses_a_right_padded_mask_and_the_prefills_full_logits(make_mo
     with pytest.raises(TypeError, match=r"decode needs the prefill's attention_mask \[B, cache.length=5\] \(1 = real "
                                         r"token; torch.ones for an unpadded prompt\), got NoneType"):
         kpro.generation.decode(model, cache, logits[:, -1], None, 3)  # an AttributeError on None.dim before
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator \(torch.Generator\(\).manual_seed\(seed\)\) "
+                                        r"or None, got 0"):  # multinomial's own TypeError named no argument
+        kpro.generate(model, ids, 2, temperature=1.0, generator=0)
 
 
 def test_a_model_whose_blocks_differ_from_its_config_is_named_before_generating(make_model):

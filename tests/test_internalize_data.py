@@ -33,6 +33,9 @@ def test_hand_worked_lines():
         "3 2 1 * 6 5 4||8 3 7 0 + 0 5 1 6 0 ( 8 8 8 6 0 ) + 0 0 2 9 4 0 #### 8 8 0 6 5 0")
     assert multiplication_example(7, 8, 1) == "7 * 8||6 5 #### 6 5"
     assert multiplication_operands("9 1 7 3 * 9 4 3 3||1 7 4 3 3 #### 1") == (3719, 3349, 4)
+    # read as the tokenizer reads it: a tab around the "*" was no multiplication, so its pair was not held out
+    assert multiplication_operands("9 1 7 3\t*\t9 4 3 3") == multiplication_operands(" 9 1 7 3  *  9 4 3 3 ") == \
+        (3719, 3349, 4)
 
 
 def test_vectorized_lines_equal_the_reference_for_every_size():
@@ -52,7 +55,7 @@ def test_operands_of_the_wrong_size_are_refused(a, b, n, message):
         multiplication_lines([(a, b)], n)
 
 
-@pytest.mark.parametrize("source", ["1 2 3 4", "1 2 * 3", "1 2 * 3 x", "12 * 34", " * "])
+@pytest.mark.parametrize("source", ["1 2 3 4", "1 2 * 3", "1 2 * 3 x", "12 * 34", " * ", "1 * 2 * 3"])
 def test_operands_are_parsed_only_from_multiplication_inputs(source):
     with pytest.raises(ValueError, match="not the input of a multiplication line"):
         multiplication_operands(source)

@@ -154,6 +154,24 @@ def test_a_real_model_gives_the_same_predictions_in_any_batch(make_model):
     assert one_batch.accuracy == 0.0
 
 
+def test_an_adapted_model_is_evaluated_with_its_adapter_and_an_idle_one_refused(make_model):
+    """An AdaptedModel failed with "'AdaptedModel' object has no attribute 'config'"; the model it wraps,
+    passed itself, was evaluated as its base."""
+    tok = multiplication_tokenizer()
+    model = make_model(seed=3, dtype=torch.float64, vocab_size=tok.vocab_size)
+    kpro.lora.add_adapters(model, ["a"], rank=2, seed=0)
+    with torch.no_grad():
+        for layer in kpro.lora.lora_layers(model):
+            layer.adapters["a"].lora_B.weight.normal_()
+    examples = MULT[:3]
+    adapted = evaluate(kpro.lora.AdaptedModel(model, "a"), tok, examples, max_new_tokens=6)
+    with kpro.lora.active(model, "a"):
+        assert [p.ids for p in adapted.predictions] == [p.ids for p in evaluate(model, tok, examples,
+                                                                                 max_new_tokens=6).predictions]
+    with pytest.raises(ValueError, match=r"evaluate: the model has LoRA adapters \(a\) and none is active or merged"):
+        evaluate(model, tok, examples, max_new_tokens=6)
+
+
 def test_bad_inputs_are_refused(make_model):
     tok = multiplication_tokenizer()
     model = make_model(vocab_size=tok.vocab_size)

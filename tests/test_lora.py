@@ -249,3 +249,12 @@ def test_add_adapters_takes_names_from_a_generator_once():
     model = kpro.Llama(tiny_config())
     lora.add_adapters(model, (name for name in ("a", "b")))
     assert all(list(layer.adapters) == ["a", "b"] for layer in lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("name", ["active", "merged", "weight", "forward"])
+def test_an_adapter_name_that_is_an_attribute_of_the_layer_is_refused(name):
+    """An adapter named "active" was registered, then replaced by None: nothing trained."""
+    model = kpro.Llama(tiny_config())
+    with pytest.raises(ValueError, match=f"adapter name '{name}' is taken or not an identifier"):
+        lora.add_adapters(model, [name])
+    assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())

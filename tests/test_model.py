@@ -216,6 +216,25 @@ def test_a_config_does_not_change_in_place_and_a_new_one_is_applied():
         with pytest.raises(ValueError, match="the new config does not fit the model's modules: " + message):
             model.config = model.config.replace(**changes)
     assert model.config is changed
+    model.config = changed.replace(pad_token_id=0)
+    assert model.embed_tokens.padding_idx == 0  # as a model built with it (the pad row gets no gradient)
+    scaled = kpro.Llama(tiny_config(rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(TypeError, match="a LlamaConfig's rope_scaling does not change in place"):
+        scaled.config.rope_scaling["factor"] = 8.0  # saved with the model, and not run, before
+    assert dict(scaled.config.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_a_whole_model_pickle_of_an_older_kpro_loads():
+    """Older kpro kept the config as a plain attribute, now a property over `_config`."""
+    import pickle
+    model = kpro.Llama(tiny_config())
+    state = dict(model.__dict__)
+    state["config"] = state.pop("_config")
+    old = kpro.Llama.__new__(kpro.Llama)
+    old.__setstate__(state)
+    again = pickle.loads(pickle.dumps(old))
+    ids = torch.randint(0, 50, (1, 4))
+    assert again.config == model.config and torch.equal(again(ids), model(ids))
 
 
 def test_a_model_takes_a_config_object_only():

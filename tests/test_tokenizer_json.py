@@ -184,16 +184,27 @@ def test_a_sentencepiece_model_lacking_the_configs_added_tokens_gives_way_to_tok
                                        "32000": {"content": "<|im_end|>", "special": True},
                                        "32001": {"content": "<|im_start|>", "special": False}}}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"tokenizer_config.json names token\(s\) the SentencePiece model "
-                                         r"tokenizer.model does not hold as such: '<\|im_end\|>' \(id 32000\), "
-                                         r"'<\|im_start\|>' \(id 32001\); .* Open the directory's tokenizer.json"):
+    with pytest.raises(ValueError, match=r"the SentencePiece model tokenizer.model lacks token\(s\) this tokenizer "
+                                         r"uses: '<\|im_end\|>' \(id 32000, from tokenizer_config.json, in the chat "
+                                         r"template\), '<\|im_start\|>' \(id 32001, .*\), '<\|im_end\|>' \(the eos_token "
+                                         r"of tokenizer_config.json\); .* Save the tokenizer with transformers"):
         load_tokenizer(tmp_path)
+    # an added token nothing uses (an older fine-tune's <pad> = 32000) is left out, as before
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<pad>": 32000}))
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, kpro.Tokenizer) and tok.pad_id == tok.eos_id == 2
+    (tmp_path / "added_tokens.json").unlink()
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a ChatML tokenizer.json beside it: that one is read
         (tmp_path / name).write_bytes((bpe_dir / name).read_bytes())
     assert isinstance(load_tokenizer(tmp_path), JsonTokenizer)
+    from kpro.train.tokenize import tokenizer_identity  # what token shards record: the file in use
+    assert tokenizer_identity(tmp_path)["file"] == "tokenizer.json"
     (tmp_path / "tokenizer.json").unlink()
-    with pytest.raises(ValueError, match="does not hold as such: '<s>' \\(id 5\\)"):  # a piece at another id
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"5": {"content": "<s>"}}}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"5": {"content": "<s>"}},
+                                                                "chat_template": "<s>{{ messages[0]['content'] }}"}))
+    with pytest.raises(ValueError, match=r"lacks token\(s\) this tokenizer uses: '<s>' \(id 5, from "
+                                         r"tokenizer_config.json, in the chat template\)"):  # a piece at another id
         kpro.Tokenizer(tmp_path)
     # special tokens the model does hold are taken from the config, as transformers takes them
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<unk>", "pad_token": "</s>",

@@ -175,3 +175,13 @@ def test_fit_names_a_checkpoint_it_did_not_write(tmp_path):
     kt.save_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"mine": 1})
     with pytest.raises(kpro.CheckpointError, match=r"was not written by fit \(its state lacks 'callbacks'\)"):
         fit(make_model(), tmp_path, steps=2)
+
+
+def test_a_model_its_config_does_not_describe_is_refused_before_training(tmp_path):
+    """A block appended by hand trained until the first checkpoint, which then refused it."""
+    import copy
+    model = make_model()
+    model.layers.append(copy.deepcopy(model.layers[-1]))
+    with pytest.raises(kpro.CheckpointError, match=r"the model does not match its config \(model.config\)"):
+        fit(model, tmp_path, steps=3, save_every=2)
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip()

@@ -52,7 +52,7 @@ def run(args) -> None:
     from ..checkpoint import load_pretrained
     from ..tokenizer import load_tokenizer
     from .data import read_instructions, read_multiple_choice, tokenize_instructions
-    from .evaluation import multiple_choice_accuracy
+    from .evaluation import encode_multiple_choice, multiple_choice_accuracy
     from .training import tune
 
     if args.baseline and args.mode:
@@ -80,6 +80,11 @@ def run(args) -> None:
     if args.max_length is not None and args.max_length > limit:
         raise ValueError(f"--max-length {args.max_length} is more than the model's max_position_embeddings={limit}")
     args.max_length = args.max_length or limit
+    for path, qs in questions.items():  # every question encodable and short enough, before any training
+        try:
+            encode_multiple_choice(tok, qs, limit)
+        except ValueError as err:
+            raise ValueError(f"--eval {path}: {err}") from None
     instructions = read_instructions(args.data)
     try:
         pairs, dropped = tokenize_instructions(tok, instructions, args.max_length)

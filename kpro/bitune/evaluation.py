@@ -42,6 +42,8 @@ def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Seq
             raise ValueError(f"answer_log_likelihoods: prompt {i} is empty; nothing would predict the answer's first "
                              "token (start the prompt with bos)")
     check_positions(zip(prompts, answers), _model_of(tuned).config.max_position_embeddings, "prompt + answer")
+    if not isinstance(tuned, (Bitune, lora.AdaptedModel)):
+        lora.refuse_idle_adapters(tuned, "answer_log_likelihoods")
     scores = []
     for start in range(0, len(prompts), batch_size):
         rows = [list(p) + list(a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
@@ -70,24 +72,7 @@ def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], ba
     if not questions:
         raise ValueError("multiple_choice_accuracy needs at least one question")
     questions = list(questions)  # read twice: to encode, then to score
-    prompts, answers, owners, lengths = [], [], [], []
-    for q_index, question in enumerate(questions):
-        check_multiple_choice(question, f"question {q_index}")
-        prompt = multiple_choice_prompt(question)
-        encoded = {}
-        for choice in question.choices:
-            p, a = encode_pair(tok, prompt, " " + choice)
-            if not a:  # it would be scored as no answer at all, log-likelihood 0, and win
-                raise ValueError(f"question {q_index}: choice {choice!r} encodes to no tokens after its prompt")
-            if tuple(a) in encoded:  # equal scores: the right one would win or lose by its index alone
-                raise ValueError(f"question {q_index}: choices {encoded[tuple(a)]!r} and {choice!r} encode to the "
-                                 "same tokens (unknown characters, or whitespace the tokenizer drops); the choices "
-                                 "must differ as the model reads them")
-            encoded[tuple(a)] = choice
-            prompts.append(p)
-            answers.append(a)
-            owners.append(q_index)
-            lengths.append(max(1, len(choice)))
+    prompts, answers, lengths = encode_multiple_choice(tok, questions, _model_of(tuned).config.max_position_embeddings)
     scores = answer_log_likelihoods(tuned, prompts, answers, batch_size)
     correct = correct_norm = 0
     offset = 0
@@ -101,8 +86,42 @@ def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], ba
     return {"acc": correct / len(questions), "acc_norm": correct_norm / len(questions), "questions": len(questions)}
 
 
+def encode_multiple_choice(tok, questions: Sequence[MultipleChoice], limit: int) -> tuple[list, list, list]:
+    """Each choice's (prompt ids, answer ids) and its length in characters, in order; a question that cannot be
+    scored (a character the tokenizer lacks, choices that encode alike, too long for `limit` positions) is
+    refused by question and choice, so that a command can check its files before it trains."""
+    prompts, answers, lengths = [], [], []
+    for q_index, question in enumerate(questions):
+        check_multiple_choice(question, f"question {q_index}")
+        prompt = multiple_choice_prompt(question)
+        encoded = {}
+        for choice in question.choices:
+            try:
+                p, a = encode_pair(tok, prompt, " " + choice)
+            except ValueError as err:
+                raise ValueError(f"question {q_index}, choice {choice!r}: {err}") from None
+            if len(p) + len(a) > limit:
+                raise ValueError(f"question {q_index}, choice {choice!r}: prompt + answer takes {len(p) + len(a)} "
+                                 f"tokens, more than the model's max_position_embeddings={limit}")
+            if not a:  # it would be scored as no answer at all, log-likelihood 0, and win
+                raise ValueError(f"question {q_index}: choice {choice!r} encodes to no tokens after its prompt")
+            if tuple(a) in encoded:  # equal scores: the right one would win or lose by its index alone
+                raise ValueError(f"question {q_index}: choices {encoded[tuple(a)]!r} and {choice!r} encode to the "
+                                 "same tokens (unknown characters, or whitespace the tokenizer drops); the choices "
+                                 "must differ as the model reads them")
+            encoded[tuple(a)] = choice
+            prompts.append(p)
+            answers.append(a)
+            lengths.append(max(1, len(choice)))
+    return prompts, answers, lengths
+
+
 def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **sampling) -> list[str]:
     """Decoded answers to prompt texts (each formatted with PROMPT_TEMPLATE)."""
+    if isinstance(prompts, (str, bytes)):  # a string is a sequence of its characters, each a prompt
+        raise TypeError(f"generate_answers takes a list of prompts, got the string {prompts!r}: pass [{prompts!r}]")
+    if not isinstance(tuned, (Bitune, lora.AdaptedModel)):
+        lora.refuse_idle_adapters(tuned, "generate_answers")
     encoded = [tok.encode(PROMPT_TEMPLATE.format(instruction=p), bos=True) for p in prompts]
     sampling.setdefault("eos_token_id", tok.eos_id)
     if isinstance(tuned, Bitune):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import lora
 from ..generation import generate
 from ..tokenizer import pad_left
 from .data import ANSWER_MARK, CoTExample
@@ -50,6 +51,11 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
     `max_new_tokens` defaults to the longest reference `cot <eos> #### answer <eos>` of `examples`
     (in tokens) plus MARGIN_TOKENS; decoding ends as soon as every row of a batch has stopped.
     """
+    if isinstance(model, lora.AdaptedModel):  # its adapter runs in the plain model's forwards
+        with lora.active(model.model, model.adapter):
+            return evaluate(model.model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            bos=bos)
+    lora.refuse_idle_adapters(model, "evaluate")
     examples = check_evaluation_examples(examples, batch_size)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -44,9 +44,11 @@ def multiplication_example(a: int, b: int, n: int) -> str:
 def multiplication_operands(source: str) -> tuple[int, int, int]:
     """(a, b, n) from the input of a multiplication line (`9 1 7 3 * 9 4 3 3`, or the whole line)."""
     source = source.split("||", 1)[0]
-    sides = source.split(" * ")
-    digits = [side.split() for side in sides]
-    if (len(sides) != 2 or not digits[0] or len(digits[0]) != len(digits[1])
+    # by whitespace-separated symbols, as the tokenizer reads them: tabs around the "*" are the same line
+    symbols = source.split()
+    star = symbols.index("*") if symbols.count("*") == 1 else None
+    digits = [symbols[:star], symbols[star + 1:]] if star is not None else []
+    if (star is None or not digits[0] or len(digits[0]) != len(digits[1])
             or not all(len(d) == 1 and d in "0123456789" for side in digits for d in side)):
         raise ValueError(f"not the input of a multiplication line (two runs of n digits joined by ' * '): {source!r}")
     a, b = (int("".join(reversed(side))) for side in digits)

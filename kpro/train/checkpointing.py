@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _process_alive, _write_checkpoint, _write_file,
-                          atomic_directory, hf_tensors, parse_size, tensor_locations)
+                          atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
 from ..lora import lora_layers
 from ..model import Llama
@@ -194,7 +194,7 @@ def saves_hf_layout(model: nn.Module) -> bool:
 def check_savable(model: nn.Module) -> None:
     """Refuse, before any training, a model whose checkpoint could not be written (CheckpointError)."""
     if saves_hf_layout(model):
-        hf_tensors(model)
+        checkpoint_tensors(model)
 
 
 def _write_model(model: nn.Module, full_state: dict | None, out: Path) -> None:

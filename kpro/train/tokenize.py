@@ -132,7 +132,9 @@ def tokenizer_identity(directory: Path) -> dict:
     """Which tokenizer: its file, the file's SHA-256, its class, vocabulary size and special ids."""
     directory = Path(directory)
     tokenizer = load_tokenizer(directory)
-    file = next(directory / name for name in TOKENIZER_FILES if (directory / name).is_file())
+    # the file load_tokenizer read (a tokenizer.json where tokenizer.model lacks the config's added tokens)
+    file = getattr(tokenizer, "path", None) or next(directory / name for name in TOKENIZER_FILES
+                                                    if (directory / name).is_file())
     return {"file": file.name, "sha256": _sha256(file), "class": type(tokenizer).__name__,
             "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
 
