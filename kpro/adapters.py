@@ -100,7 +100,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_base(directory: str | os.PathLike, model: nn.Module) -> None:
     """Refuse adapters tuned on another base model than `model`. A base in the tuned dtype or a wider one is
     compared cast to the tuned dtype; a narrower one, or one as wide (fp16 for bf16), against the fingerprint
-    recorded in its own dtype. Adapters saved before the base was recorded, or before those fingerprints
+    recorded in its own dtype (one as wide is also taken where, cast to the tuned dtype, it is the tuned base:
+    the release that base was cast from). Adapters saved before the base was recorded, or before those fingerprints
     were, are not checked where the record lacks the model's dtype."""
     saved = read_config(directory)
     if "base_model" not in saved:

@@ -75,6 +75,7 @@ class LoRALinear(nn.Module):
         self.adapters: dict[str, Adapter] = {}  # also registered as submodules, named as the adapters
         # set before the adapters, whose names must not take these attributes' ("active" replaced by None)
         self.active: str | None = None
+        self.base_asked = False  # within lora.active(model, None): the base model on purpose
         self.merged: str | None = None
         self._merge_record: _MergeRecord | None = None
         for name in names:
@@ -272,15 +273,16 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
 
 
 def refuse_idle_adapters(model: nn.Module, what: str) -> None:
-    """Refuse to evaluate a model whose LoRA layers run no adapter (none active, none merged): it computes its
-    base, though the natural call passes the model that add_adapters or tune adapted in place."""
+    """Refuse to evaluate a model whose LoRA layers run no adapter (none active, none merged) unless its base
+    was asked for (`lora.active(model, None)`): it computes its base, though the natural call passes the model
+    that add_adapters or tune adapted in place."""
     layers = lora_layers(model)
-    if layers and all(layer.active is None and layer.merged is None for layer in layers):
+    if layers and all(layer.active is None and layer.merged is None and not layer.base_asked for layer in layers):
         names = ", ".join(dict.fromkeys(name for layer in layers for name in layer.adapters))
         raise ValueError(f"{what}: the model has LoRA adapters ({names}) and none is active or merged, so it would "
                          "run as its base model: pass what tune returned (a Bitune, or "
-                         "kpro.lora.AdaptedModel(model, name)); to evaluate the base, evaluate it before adding "
-                         "adapters")
+                         "kpro.lora.AdaptedModel(model, name)); to evaluate the base, evaluate it under "
+                         "`with kpro.lora.active(model, None):`")
 
 
 @contextlib.contextmanager
@@ -296,11 +298,11 @@ def active(model: nn.Module, name: str | None):
             first = next(path for path, module in model.named_modules() if module is lacking[0])
             raise ValueError(f"adapter {name!r} does not exist in {len(lacking)} of the {len(layers)} LoRA layers "
                              f"(first: {first}, whose adapters are {list(lacking[0].adapters)})")
-    previous = [layer.active for layer in layers]
+    previous = [(layer.active, layer.base_asked) for layer in layers]
     for layer in layers:
-        layer.active = name
+        layer.active, layer.base_asked = name, name is None  # the base, asked for: evaluations take it
     try:
         yield
     finally:
-        for layer, name_before in zip(layers, previous):
-            layer.active = name_before
+        for layer, (name_before, base_before) in zip(layers, previous):
+            layer.active, layer.base_asked = name_before, base_before

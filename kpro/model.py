@@ -5,6 +5,8 @@ checkpoint maps onto the model by adding the `model.` prefix. All math goes thro
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -120,7 +122,10 @@ class Llama(nn.Module):
 
     def __setstate__(self, state):
         if "config" in state and "_config" not in state:  # a whole-model pickle of an older kpro
-            state["_config"] = state.pop("config")
+            old = state.pop("config")  # rebuilt: it changed in place, and its rope_scaling was a plain dict
+            state["_config"] = LlamaConfig(**{field.name: getattr(old, field.name)
+                                              for field in dataclasses.fields(LlamaConfig)})
+            state["_modules"]["rope"].cfg = state["_config"]
         super().__setstate__(state)
 
     def _init_weights(self, module: nn.Module) -> None:

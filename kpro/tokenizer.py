@@ -124,7 +124,7 @@ class _TokenizerBase:
 
 
 class TokensNotInSentencePiece(ValueError):
-    """tokenizer_config.json names tokens that a directory's tokenizer.model lacks."""
+    """A directory's tokenizer.model lacks tokens its tokenizer uses (Tokenizer._check_added_tokens)."""
 
 
 class Tokenizer(_TokenizerBase):
@@ -494,7 +494,8 @@ TOKENIZER_FILES = (SENTENCEPIECE_FILE, TOKENIZER_JSON_FILE, CHAR_TOKENIZER_FILE,
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | CharTokenizer | SymbolTokenizer:
     """The tokenizer stored beside a checkpoint, the first of: `tokenizer.model` (SentencePiece),
     `tokenizer.json` (Hugging Face), kpro's character or symbol tokenizer. A `tokenizer.model` that lacks
-    tokens tokenizer_config.json adds (a ChatML fine-tune's <|im_start|>) gives way to `tokenizer.json`."""
+    tokens the tokenizer uses (the bos or eos tokenizer_config.json names, an added token its chat template
+    writes: a ChatML fine-tune's <|im_start|>) gives way to `tokenizer.json`."""
     directory = Path(directory)
     if directory.is_file():
         raise FileNotFoundError(f"{directory} is a file; load_tokenizer takes the directory that holds it "

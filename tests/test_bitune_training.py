@@ -200,6 +200,13 @@ def test_a_model_tuned_in_place_is_not_scored_as_its_base():
         call(tuned)  # what tune returns is scored as tuned
     with lora.active(model, "causal"):
         bitune.multiple_choice_accuracy(model, TOK, questions)  # an adapter active: that one runs
+    with lora.active(model, None):  # the base, asked for
+        base = bitune.multiple_choice_accuracy(model, TOK, questions)
+    untouched = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    untouched.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k}, strict=False)
+    assert base == bitune.multiple_choice_accuracy(untouched, TOK, questions)
+    with pytest.raises(ValueError, match="^multiple_choice_accuracy: the model has LoRA adapters"):
+        bitune.multiple_choice_accuracy(model, TOK, questions)
     with pytest.raises(TypeError, match=r"generate_answers takes a list of prompts, got the string 'say a'"):
         bitune.generate_answers(tuned, TOK, "say a", 2)  # twelve answers, one per character, before
     with pytest.raises(ValueError, match=r"pad_id must be a token id of the model \(an integer in \[0, \d+\)\), got 999"):

@@ -226,15 +226,26 @@ def test_a_config_does_not_change_in_place_and_a_new_one_is_applied():
 
 def test_a_whole_model_pickle_of_an_older_kpro_loads():
     """Older kpro kept the config as a plain attribute, now a property over `_config`."""
+    import dataclasses
     import pickle
-    model = kpro.Llama(tiny_config())
+    model = kpro.Llama(tiny_config(rope_scaling={"rope_type": "linear", "factor": 2.0}))
     state = dict(model.__dict__)
-    state["config"] = state.pop("_config")
+    config = object.__new__(kpro.LlamaConfig)  # as an older kpro made it: plain attributes, a plain dict
+    config.__dict__.update({field.name: getattr(model.config, field.name) for field in dataclasses.fields(config)},
+                           rope_scaling=dict(model.config.rope_scaling))
+    state["config"] = config
+    del state["_config"]
     old = kpro.Llama.__new__(kpro.Llama)
     old.__setstate__(state)
     again = pickle.loads(pickle.dumps(old))
     ids = torch.randint(0, 50, (1, 4))
     assert again.config == model.config and torch.equal(again(ids), model(ids))
+    assert again.rope.cfg is again.config  # rebuilt, so that it does not change in place
+    with pytest.raises(TypeError, match="does not change in place"):
+        again.config.rope_scaling["factor"] = 8.0
+    path = __import__("tempfile").mktemp()
+    torch.save({"scaling": again.config.rope_scaling}, path)  # a callback's state holding it
+    assert torch.load(path, weights_only=True) == {"scaling": {"rope_type": "linear", "factor": 2.0}}
 
 
 def test_a_model_takes_a_config_object_only():

@@ -72,6 +72,8 @@ def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], ba
     if not questions:
         raise ValueError("multiple_choice_accuracy needs at least one question")
     questions = list(questions)  # read twice: to encode, then to score
+    if not isinstance(tuned, (Bitune, lora.AdaptedModel)):
+        lora.refuse_idle_adapters(tuned, "multiple_choice_accuracy")
     prompts, answers, lengths = encode_multiple_choice(tok, questions, _model_of(tuned).config.max_position_embeddings)
     scores = answer_log_likelihoods(tuned, prompts, answers, batch_size)
     correct = correct_norm = 0
