@@ -334,7 +334,8 @@ def benchmark_priority(nodeid: str, params: dict) -> tuple:
             or file == "test_expansion.py")
     # The Bitune dual pass's "long" size stays in the middle: at SPEC's size the plain-attention comparison
     # is bound by the host's launches (second H200 run), so only a longer one tests the fusion's kernel cost.
-    late = params.get("seq") in (1024, 16384) or file == "test_train.py"
+    # the token shards' benchmarks time the host's CPU, not the GPU: last
+    late = params.get("seq") in (1024, 16384) or file in ("test_train.py", "test_token_shards.py")
     tier = 0 if goal else 2 if late else 1
     return tier, BENCHMARK_FILES.index(file) if file in BENCHMARK_FILES else len(BENCHMARK_FILES)
 
@@ -344,13 +345,14 @@ def benchmark_priority(nodeid: str, params: dict) -> tuple:
 SLOW_TESTS = ("gpu_sizes", "gpu_tiles", "benchmark_size", "candidate", "compile")
 
 
-def test_priority(nodeid: str) -> int:
-    """Sort key of a cuda-marked test: 1 for the slow ones (SLOW_TESTS in the function's name), 0 else;
-    collection order within each (the sort is stable). On the first H200 run (2026-12-04) the tests
-    stage spent its budget on the attention files' GPU-size cases and a model compilation, and the
-    RMSNorm, SwiGLU, cross-entropy and Bitune op tests behind them never started."""
-    function = nodeid.partition("::")[2].split("[", 1)[0]
-    return int(any(word in function for word in SLOW_TESTS))
+def test_priority(nodeid: str) -> tuple[int, int]:
+    """Sort key of a cuda-marked test: the slow ones (SLOW_TESTS in the function's name) last, and within the
+    quick and the slow, kpro's kernels (Triton, CUDA C++) before its torch backend on the GPU, which tests
+    PyTorch's ops more than kpro's; collection order within each (the sort is stable). On the first H200
+    run (2026-12-04) the tests stage spent its budget on the attention files' GPU-size cases and a model
+    compilation, and the RMSNorm, SwiGLU, cross-entropy and Bitune op tests behind them never started."""
+    function, _, params = nodeid.partition("::")[2].partition("[")
+    return int(any(word in function for word in SLOW_TESTS)), int("torch-cuda" in params)
 
 
 def _jsonable(value):
@@ -846,12 +848,18 @@ def environment() -> dict:
     major, minor = torch.cuda.get_device_capability(0)
     info.update(device=props.name, device_count=torch.cuda.device_count(), capability=f"sm{major}{minor}",
                 sms=props.multi_processor_count, memory_gb=round(props.total_memory / 2**30, 1))
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
+    info["commit"] = source_commit()
     return info
+
+
+def source_commit() -> str | None:
+    """The tree's commit; a copy without .git (a device machine's) names it through KPRO_COMMIT."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return commit or os.environ.get("KPRO_COMMIT") or None
 
 
 def _ms(seconds) -> str:

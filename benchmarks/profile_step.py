@@ -212,7 +212,8 @@ def triton_launch_parts(g, u, device) -> list[tuple]:
     rows = [timed_row("triton: the kernel through JITFunction (bind, specialise, look up, launch)", lambda: jit,
                       device),
             timed_row("triton: the compiled kernel alone (CompiledKernel[grid])",
-                      lambda: functools.partial(jit()[grid], *args, block), device)]
+                      # a CompiledKernel's grid has three dimensions (Triton 3.6 reads grid[2])
+                      lambda: functools.partial(jit()[tuple(grid) + (1,) * (3 - len(grid))], *args, block), device)]
     previous, _launch.LAUNCH_CACHE = _launch.LAUNCH_CACHE, True
     try:
         rows.append(timed_row("kpro swiglu, triton launcher with KPRO_LAUNCH_CACHE=1",

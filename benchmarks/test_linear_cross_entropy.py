@@ -45,9 +45,12 @@ def implementations(device):
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
             liger = LigerFusedLinearCrossEntropyLoss()
             impls["liger"] = lambda hidden, weight, labels: liger(weight, hidden, labels)
-        except ImportError:
-            pass
+        except ImportError as err:  # named in the skip: a broken install must not just drop the column
+            MISSING["liger"] = f"{type(err).__name__}: {err}"
     return impls
+
+
+MISSING: dict[str, str] = {}  # baseline -> why it could not be imported
 
 
 def _with_backend(name, hidden, weight, labels):
@@ -123,7 +126,8 @@ def test_loss_and_backward(benchmark, device, shape, head, impl):
         pytest.skip(f"{shape} is not benchmarked on {device.type}")
     impls = implementations(device)
     if impl not in impls:
-        pytest.skip(f"{impl} is not available here" + (" (liger-kernel is not installed, or no GPU)" if impl == "liger" else ""))
+        why = MISSING.get(impl, "no GPU: Liger's kernels are Triton" if impl == "liger" else None)
+        pytest.skip(f"{impl} is not available here" + (f" ({why})" if why else ""))
     case = CASES.get((shape, device.type), lambda: build_case(shape, device))
     if impl.startswith("kpro-"):
         reason = unavailable_reason(impl.removeprefix("kpro-"), "linear_cross_entropy", case.hidden)

@@ -54,9 +54,12 @@ def implementations(op, device, key):
         else:
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
             impls["liger"] = LigerSiLUMulFunction.apply
-    except ImportError:
-        pass
+    except ImportError as err:  # named in the skip: a broken install must not just drop the column
+        MISSING["liger"] = f"{type(err).__name__}: {err}"
     return impls
+
+
+MISSING: dict[str, str] = {}  # baseline -> why it could not be imported
 
 
 def _with_backend(name, fn, *args):
@@ -96,7 +99,7 @@ def setup_case(op, impl, shape, device, backward):
     key = (op, shape, backward, device.type)
     impls = implementations(op, device, key)
     if impl not in impls:
-        pytest.skip(f"{impl} is not available here")
+        pytest.skip(f"{impl} is not available here" + (f" ({MISSING[impl]})" if impl in MISSING else ""))
     case = CASES.get(key, lambda: build_case(op, shape, device, backward))
     if impl.startswith("kpro-"):
         reason = unavailable_reason(impl.removeprefix("kpro-"), op, case.a)

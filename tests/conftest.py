@@ -71,8 +71,10 @@ def backend_devices(op: str):
     GPU where there is one, else in the CPU interpreter; the CUDA C++ kernels only on a GPU (marked, skipped
     elsewhere). Asking by op keeps a test from requesting a kernel that does not exist (an H200 run
     failed 14 such cases, which no CPU run could see)."""
+    # Triton on the GPU is marked cuda: the GPU suite's tests stage runs `-m cuda`, and left 176 of them out
     pairs = [pytest.param("torch", "cpu", id="torch-cpu"),
-             pytest.param("triton", "cuda" if CUDA else "cpu", id="triton-" + ("cuda" if CUDA else "cpu"))]
+             pytest.param("triton", "cuda" if CUDA else "cpu", id="triton-" + ("cuda" if CUDA else "cpu"),
+                          marks=pytest.mark.cuda if CUDA else ())]
     pairs += [pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.cuda),
               pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.cuda)]
     return [pair for pair in pairs if pair.values[0] in IMPLEMENTED[op]]

@@ -199,12 +199,35 @@ def test_the_slow_cuda_tests_run_after_the_quick_ones(tmp_path):
              "tests/test_ops_backend.py::test_model_compiles_on_gpu_with_each_backend[torch]",
              "tests/test_ops_rms_norm.py::test_forward_backward[cuda-cuda]",
              "tests/test_attention_kernels.py::test_bitune_at_the_benchmark_size[tma]",
-             "tests/test_ops_swiglu.py::test_forward_backward[cuda-cuda]"]
+             "tests/test_ops_swiglu.py::test_forward_backward[cuda-cuda]",
+             "tests/test_ops_rms_norm.py::test_forward_backward[triton-cuda]"]
     items = [SimpleNamespace(nodeid=name) for name in names]
     plugin = suite.SuitePlugin(tmp_path / "tests.jsonl", deadline=float("inf"), order="tests")
     config = SimpleNamespace(hook=SimpleNamespace(pytest_deselected=lambda items: None))
     plugin.pytest_collection_modifyitems(None, config, items)
-    assert [i.nodeid for i in items] == [names[2], names[4], names[6], names[0], names[1], names[3], names[5]]
+    # kpro's kernels before its torch backend on the GPU (PyTorch's own ops, mostly)
+    assert [i.nodeid for i in items] == [names[4], names[6], names[7], names[2], names[0], names[1], names[3],
+                                         names[5]]
+
+
+def test_triton_on_the_gpu_is_cuda_marked(monkeypatch):
+    """The tests stage runs `pytest -m cuda`, and the [triton-cuda] cases carried no mark: 176 op tests of
+    Triton on the GPU never ran there."""
+    import conftest
+    monkeypatch.setattr(conftest, "CUDA", True)
+    marked = {param.id: any(mark.name == "cuda" for mark in param.marks) for param in conftest.backend_devices("rms_norm")}
+    assert marked == {"torch-cpu": False, "triton-cuda": True, "torch-cuda": True, "cuda-cuda": True}
+    monkeypatch.setattr(conftest, "CUDA", False)
+    assert [param.id for param in conftest.backend_devices("rms_norm") if not param.marks] == ["torch-cpu", "triton-cpu"]
+
+
+def test_the_report_names_its_commit_without_git(monkeypatch, tmp_path):
+    """A tree copied without .git reported commit None: its figures could not be traced to a version."""
+    monkeypatch.setattr(suite, "ROOT", tmp_path)
+    monkeypatch.setenv("KPRO_COMMIT", "abc1234")
+    assert suite.source_commit() == "abc1234"
+    monkeypatch.delenv("KPRO_COMMIT")
+    assert suite.source_commit() is None
 
 
 # ------------------------------------------------------------------------------------------- autotune
