@@ -100,6 +100,8 @@ def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32"
                "rope.freq_base": float(cfg.rope_theta)}
     metadata = {**{f"{arch}.{key}": value for key, value in numbers.items()}, **(metadata or {})}
     for key, value in metadata.items():
+        if value is None:  # a key left out
+            continue
         {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)](key, value)
     w.add_string("tokenizer.ggml.model", vocab["model"])
     w.add_array("tokenizer.ggml.tokens", vocab["tokens"])
@@ -206,10 +208,15 @@ def test_convert_gguf_writes_a_loadable_directory_atomically(tmp_path, small_voc
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>[user] hi</s><s>[assistant]"
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}])[0] == tok.bos_id
     (out / "notes.txt").write_text("mine")
+    # what transformers' save_pretrained of the folder writes: kept, they overrode the new model's template and stops
+    (out / "chat_template.jinja").write_text("OLD")
+    (out / "generation_config.json").write_text('{"eos_token_id": 7}')
     path.rename(out / "m.gguf")  # converted again from inside its own output
     convert_gguf(out / "m.gguf", out, dtype=torch.bfloat16)  # an earlier conversion is replaced, stale shards gone
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors.index.json" not in names and {"m.gguf", "notes.txt"} <= names  # the rest is kept
+    assert not {"chat_template.jinja", "generation_config.json"} & names
+    assert kpro.load_tokenizer(out).chat_template == TEMPLATE
     path = out / "m.gguf"
     assert kpro.load_pretrained(out, dtype=torch.bfloat16).layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     (tmp_path / "other").mkdir()
@@ -283,6 +290,8 @@ def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):
     ({"vocab": {"model": "bert"}}, "tokenizer model 'bert' is not supported"),
     ({"vocab": {"model": "gpt2", "merges": ["a b"], "pre": "qwen2"}}, "pre-tokenizer 'qwen2' is not supported"),
     ({"metadata": {"llama.attention.head_count": 0}}, "head_count must be a positive integer"),
+    ({"metadata": {"llama.context_length": None}}, "metadata llama.context_length is missing"),  # 2048 before
+    ({"metadata": {"split.count": 2}}, r"part 1 of 2 of a split GGUF model; merge the parts"),  # "missing tensor(s)"
     ({"metadata": {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}}, "'none' with a factor of 4"),
     ({"vocab": {"types": [1] * 10}}, "token_type has 10 entries for 1000 tokens"),  # a smaller tokenizer before
     ({"vocab": {"unk": 5000}}, "the unk token id 5000 is outside the vocabulary of 1000"),

@@ -30,9 +30,13 @@ def cmd_convert_gguf(args) -> None:
 
     start = time.perf_counter()
     try:
-        file = GGUFFile(args.file)
-    except ImportError as err:  # the optional packages: one line, like any other bad input
+        _convert(args, GGUFFile, convert_gguf, gguf_config, start)
+    except ImportError as err:  # the optional packages (gguf, tokenizers): one line, like any other bad input
         raise ValueError(str(err)) from None
+
+
+def _convert(args, GGUFFile, convert_gguf, gguf_config, start) -> None:
+    file = GGUFFile(args.file)
     cfg = gguf_config(file)
     types = sorted(file.type_names())
     print(f"{file.path.name}: {file.get('general.name') or 'unnamed'}, {cfg.num_hidden_layers} blocks x {cfg.hidden_size}, "

@@ -58,6 +58,10 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
     """The LlamaConfig a GGUF file's metadata describes (refusing what kpro does not implement)."""
     file = source if isinstance(source, GGUFFile) else GGUFFile(source)
+    parts = file.get("split.count")
+    if isinstance(parts, int) and parts > 1:  # its tensors are spread over the other parts
+        raise GGUFError(f"{file.path}: part {file.get('split.no', 0) + 1} of {parts} of a split GGUF model; merge the "
+                        "parts into one file first (llama.cpp's `llama-gguf-split --merge FIRST_PART OUT.gguf`)")
     arch = file.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{file.path}: architecture {arch!r} is not supported; kpro converts {', '.join(ARCHITECTURES)}")
@@ -89,7 +93,7 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
         raise GGUFError(f"{file.path}: RoPE on {get('rope.dimension_count')} of {head_dim} head dimensions{taken} "
                         "(partial rotary) is not supported")
     window = get("attention.sliding_window")
-    context = get("context_length", 2048)
+    context = need("context_length")  # llama.cpp requires it too: no default to invent a model's context
     if window and window < context:
         raise GGUFError(f"{file.path}: sliding-window attention ({arch}.attention.sliding_window={window}) is not supported")
     tokens = file.get("tokenizer.ggml.tokens")
@@ -287,7 +291,11 @@ def conversion_record(file: GGUFFile, dtype: torch.dtype) -> dict:
 def _written_by_a_conversion(name: str) -> bool:
     """Files an earlier conversion may have left that this one replaces (a tokenizer.model where this one
     writes tokenizer.json, shards of another count)."""
-    return is_weight_file(name) or name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", RECORD_NAME)
+    # transformers' save_pretrained of a converted folder writes the last four: kept, an old template or stop ids
+    # would override the new model's (chat_template.jinja is read before tokenizer_config.json's template)
+    return is_weight_file(name) or name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", RECORD_NAME,
+                                            "chat_template.jinja", "generation_config.json", "special_tokens_map.json",
+                                            "added_tokens.json")
 
 
 def _check_replaceable(out: Path) -> None:
