@@ -19,8 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from torch.serialization import add_safe_globals
-
 from ._files import write_atomic
 
 
@@ -126,10 +124,6 @@ class _ReadOnlyDict(dict):
 
     def __deepcopy__(self, memo):
         return self  # its values are numbers and strings
-
-
-# a saved state holding a config's rope_scaling loads under torch.load(weights_only=True)
-add_safe_globals([_ReadOnlyDict])
 
 
 @dataclasses.dataclass

@@ -10,9 +10,16 @@ import dataclasses
 import torch
 from torch import nn
 
+from torch.serialization import add_safe_globals
+
 from . import ops
-from .config import LlamaConfig
+from .config import LlamaConfig, _ReadOnlyDict
 from .rope import RotaryEmbedding, apply_rope
+
+
+# A saved state holding a config's rope_scaling loads under torch.load(weights_only=True). Registered here, not in
+# kpro.config, which `python -m kpro info` reads without importing torch.
+add_safe_globals([_ReadOnlyDict])
 
 
 class RMSNorm(nn.Module):
