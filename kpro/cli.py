@@ -14,7 +14,7 @@ import struct
 import sys
 from pathlib import Path
 
-from .cli_args import DTYPES, HelpFormatter, add_device_argument, resolve_device
+from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, resolve_device
 from .errors import CheckpointError
 
 # name -> (the package whose command.py defines it; None: this file), help line.
@@ -182,7 +182,7 @@ def _add_demo(sub) -> None:
 
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("acts", nargs="*", metavar="act", help=f"acts to run, default all: {', '.join(ACTS)}")
-    p.add_argument("--out", default="kpro-demo", help="directory for the demo's checkpoints (default ./kpro-demo)")
+    p.add_argument("--out", default="kpro-demo", type=directory_path, help="directory for the demo's checkpoints (default ./kpro-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the models, data and sampling")
     p.set_defaults(run=cmd_demo)
 

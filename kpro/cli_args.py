@@ -83,6 +83,13 @@ def block_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected block indices separated by commas (4,9,14), got {text!r}") from None
 
 
+def directory_path(text: str) -> str:
+    """An output directory's path: an empty one (an unset `--out "$DIR"`) would be the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path (pass . for this directory)")
+    return text
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -101,13 +101,26 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys
     class Stopped(Exception):
         pass
 
-    def stop(*args, **kwargs):
+    def stop_at_once(*args, **kwargs):
         raise Stopped
+
+    def stop(model, batches, run_dir, **kwargs):  # after its first metrics line
+        (Path(run_dir) / "metrics.jsonl").write_text('{"step": 1}\n')
+        raise Stopped
+    monkeypatch.setattr(demo, "fit", stop_at_once)
+    with pytest.raises(Stopped):  # stopped before anything was written beside its settings
+        main(["demo", "basics", "--out", str(tmp_path / "d"), "--seed", "2"])
+    # no run to mix with: the settings are not kept to refuse another seed ("its checkpoints would mix", before)
+    assert not (tmp_path / "d" / "basics-run" / act_settings.SETTINGS_FILE).exists()
     monkeypatch.setattr(demo, "fit", stop)
     with pytest.raises(Stopped):  # `demo basics --seed 1`, stopped in its training
         main(["demo", "basics", "--out", str(tmp_path / "d"), "--seed", "1"])
     monkeypatch.undo()
     capsys.readouterr()
+    for command in (["demo", "basics"], ["reproduce", "expansion-seeds"]):  # an unset --out "$DIR": the current one
+        with pytest.raises(SystemExit):
+            main([*command, "--out", ""])
+        assert "argument --out: expected a directory, got an empty path" in capsys.readouterr().err
     assert main(["demo", "expansion", "basics", "--out", str(tmp_path / "d")]) == 1
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'd' / 'basics-run'} holds a run with other "
                                               "settings (seed 1 there, 0 now)")
@@ -389,6 +402,18 @@ def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
         assert expansion.scores(base, 8) == result["runs"][1]["before"]
 
 
+def test_the_expansion_claim_prints_the_lowest_domain_accuracy_as_compared(tmp_path, capsys, monkeypatch):
+    """A domain accuracy of 0.895 printed as 0.90 in the table beside "domain learned by both (>= 0.9): no"."""
+    arms = [{"layers": 6, "new_blocks": [2, 5], "plan": "plan", "trainable": 1,
+             "scores": {"domain": 0.895, "general": 0.95}},
+            {"layers": 4, "new_blocks": [], "plan": "", "trainable": 1, "scores": {"domain": 0.97, "general": 0.40}}]
+    calls = iter([[{"domain": 0.0, "general": 0.99}], arms])
+    monkeypatch.setattr(expansion, "run_jobs_reporting", lambda jobs, workers, groups: next(calls))
+    assert not expansion._run(tmp_path, 400, 800, 2, 0.03, 1e-3, 200, [0], 1)["claim_shown"]
+    shown, figures = claim_of(capsys.readouterr().out, "expansion")
+    assert not shown and figures.endswith("domain learned by both (>= 0.9): no, lowest 0.895")
+
+
 def test_jobs_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
     """Each job seeds everything and runs on one thread: two workers change the wall time, never the numbers."""
     jobs = lambda root: [(expansion.pretrain, dict(out_dir=root / f"seed-{s}", seed=s, steps=3, eval_examples=4))
@@ -554,6 +579,12 @@ def test_a_progress_line_over_finished_and_unstarted_runs(tmp_path):
     progress.first = (0, 0)
     assert progress.left(10.0, (5, 0), [20, 30]) == 10.0 * 45 / 5
     assert progress.left(10.0, (5, 3), [20, 30]) == max(10.0 * 15 / 5, 10.0 * 27 / 3)
+    # taking turns (one worker), the second group started: the pace of all steps done, not the second's over
+    # a time that holds the first's turn (an estimate of 22 days for 30 minutes left)
+    turns = RunsProgress({"a": ([waiting], 10500), "b": ([tmp_path / "later.jsonl"], 10500)}, stream=io.StringIO(),
+                         side_by_side=False)
+    turns.first = (0, 0)
+    assert turns.left(1802.0, (10500, 10), [10500, 10500]) == 1802.0 * 10490 / 10510
 
 
 def test_a_progress_line_over_runs_that_drop_their_last_sessions_lines(tmp_path):

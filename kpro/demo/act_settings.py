@@ -47,7 +47,13 @@ def records_settings(validate: Callable[..., None] | None = None,
             if fresh:
                 directory.mkdir(parents=True, exist_ok=True)
                 write_atomic(directory / SETTINGS_FILE, json.dumps(_as_json(settings), indent=1) + "\n")
-            result = act(*args, **kwargs)
+            try:
+                result = act(*args, **kwargs)
+            except BaseException:
+                # failed before writing anything beside the settings: nothing a rerun with others would mix with
+                if fresh and [p.name for p in directory.iterdir()] == [SETTINGS_FILE]:
+                    (directory / SETTINGS_FILE).unlink(missing_ok=True)
+                raise
             if fresh and isinstance(result, dict) and "skipped" in result:  # nothing ran: nothing to keep consistent
                 (directory / SETTINGS_FILE).unlink(missing_ok=True)
             return result

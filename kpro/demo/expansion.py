@@ -27,7 +27,7 @@ from ..model import Llama
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit, read_metrics
 from .act_settings import check_positive, records_settings
-from .basics import LETTERS, accuracy, reversal_task, tiny_config
+from .basics import LETTERS, accuracy, drawn_outside, reversal_task, tiny_config
 from .claims import at_threshold, claim_line, figure
 from .progress import run_jobs_reporting
 
@@ -57,19 +57,21 @@ def encode(pairs, tok: CharTokenizer) -> list[tuple[list[int], list[int]]]:
     return [(tok.encode(prompt, bos=True), tok.encode(answer, bos=False, eos=True)) for prompt, answer in pairs]
 
 
-def domain_corpus(rng: random.Random, count: int, general_share: float) -> list[tuple[str, str]]:
-    return [(reversal_task if rng.random() < general_share else domain_task)(rng) for _ in range(count)]
+def domain_corpus(rng: random.Random, count: int, general_share: float, held_out=()) -> list[tuple[str, str]]:
+    return drawn_outside(lambda: (reversal_task if rng.random() < general_share else domain_task)(rng), count, held_out)
 
 
 def tokenizer() -> CharTokenizer:
     return CharTokenizer(LETTERS + DIGITS + ">=")
 
 
-def corpora(seed: int, general_share: float):
-    """(the general corpus, the domain corpus) of a seed, as token pairs: the same in every job."""
+def corpora(seed: int, general_share: float, eval_examples: int):
+    """(the general corpus, the domain corpus) of a seed, as token pairs: the same in every job; neither holds a
+    question of the held-out sets (`held_out(eval_examples)`)."""
     rng, tok = random.Random(seed), tokenizer()
-    general = encode([reversal_task(rng) for _ in range(20_000)], tok)
-    return general, encode(domain_corpus(rng, 16_000, general_share), tok)
+    questions = [pair for examples in held_out(eval_examples).values() for pair in examples]
+    general = encode(drawn_outside(lambda: reversal_task(rng), 20_000, questions), tok)
+    return general, encode(domain_corpus(rng, 16_000, general_share, questions), tok)
 
 
 def held_out(eval_examples: int) -> dict:
@@ -176,10 +178,13 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
     kept = ", ".join(f"{figure(run['expanded']['general'], KEPT, run['expanded']['general'] >= KEPT)} vs "
                      f"{run['control']['general']:.2f}" for run in runs)
     learned = all(r[a]["domain"] >= DOMAIN_LEARNED for r in runs for a in ARMS)
+    # the lowest domain accuracy, as the verdict compares it: a 0.895 is not a "0.90" beside "no"
+    lowest = min(r[a]["domain"] for r in runs for a in ARMS)
     print(claim_line("expansion", CLAIM, shown, f"general task kept with expansion vs full fine-tuning: {kept} "
                      f"(needs >= {KEPT} kept and a margin >= {MARGIN}; smallest margin "
                      f"{figure(margin, MARGIN, margin >= MARGIN, sign=True)}); domain learned by both (>= "
-                     f"{DOMAIN_LEARNED}): {'yes' if learned else 'no'}") + "\n")
+                     f"{DOMAIN_LEARNED}): {'yes' if learned else 'no'}, lowest "
+                     f"{figure(lowest, DOMAIN_LEARNED, learned)}") + "\n")
     first = runs[0]
     return {"before": first["before"], "expanded": first["expanded"], "control": first["control"],
             "new_blocks": first["new_blocks"], "runs": runs, "claim_shown": shown, "margin": margin}
@@ -203,7 +208,7 @@ def pretrain(out_dir: Path, seed: int, steps: int, eval_examples: int) -> dict:
     torch.manual_seed(seed)
     tok = tokenizer()
     model = Llama(tiny_config(tok.vocab_size))
-    general, _ = corpora(seed, 0.0)
+    general, _ = corpora(seed, 0.0, eval_examples)
     train(model, general, tok, out_dir / "pretrain", steps, PRETRAIN_LR, 64, seed)
     save_pretrained(model, out_dir / "base")
     return scores(model, eval_examples)
@@ -221,7 +226,7 @@ def train_arm(out_dir: Path, seed: int, arm: str, steps: int, new_blocks: int, g
         plan = train_only(model, new_ids)
         info = {"layers": len(model.layers), "new_blocks": new_ids, "plan": plan.describe(),
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    _, domain = corpora(seed, general_share)
+    _, domain = corpora(seed, general_share, eval_examples)
     train(model, domain, tok, out_dir / arm, steps, lr, 32, seed,
           callbacks=[] if curve_every == 0 else [HeldOutScores(curve_every, eval_examples)])
     result = {**info, "scores": scores(model, eval_examples)}

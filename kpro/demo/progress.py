@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 
 from ..train.progress import StatusLine, format_duration, last_logged_step
-from .parallel import run_jobs
+from .parallel import default_workers, run_jobs
 
 LOG_LINE_SECONDS = 60  # off a terminal, at most a line a minute
 
 
 class RunsProgress:
-    def __init__(self, groups: dict[str, tuple[list[Path], int]], stream=None):
-        """`groups`: a name -> (the metrics files of its runs, the steps they train in all)."""
-        self.groups = groups
+    def __init__(self, groups: dict[str, tuple[list[Path], int]], stream=None, side_by_side: bool = True):
+        """`groups`: a name -> (the metrics files of its runs, the steps they train in all); `side_by_side`:
+        whether the groups train at once (a worker each), else they take turns."""
+        self.groups, self.side_by_side = groups, side_by_side
         self.line = StatusLine(sys.stdout if stream is None else stream)
         self.start, self.first = time.perf_counter(), self.steps()  # a resumed run's steps are not this session's
         self.logged: float | None = None
@@ -45,11 +46,12 @@ class RunsProgress:
         self.line.show(f"  training: {counts}; {format_duration(elapsed)} elapsed, {estimate}", milestone=milestone)
 
     def left(self, elapsed: float, steps: tuple[int, ...], totals: list[int]) -> float | None:
-        """Seconds left: the slowest group's at its own pace, or, where a group has not started (the groups take
-        turns on one worker), all the steps left at the pace of those done; None before any step."""
+        """Seconds left: the slowest group's at its own pace where the groups train side by side, else (they take
+        turns, or one has not started) all the steps left at the pace of those done; None before any step. (A
+        group's own pace, taken over the session's time, counted the first group's turn in the second's.)"""
         rest = [max(total - done, 0) for done, total in zip(steps, totals)]
         done = [now - first for now, first in zip(steps, self.first)]
-        if all(r == 0 or d > 0 for r, d in zip(rest, done)):
+        if self.side_by_side and all(r == 0 or d > 0 for r, d in zip(rest, done)):
             return max((elapsed * r / d if r else 0.0) for r, d in zip(rest, done))
         return elapsed * sum(rest) / sum(done) if sum(done) > 0 else None
 
@@ -59,7 +61,8 @@ class RunsProgress:
 
 def run_jobs_reporting(jobs: list, workers: int | None, groups: dict[str, tuple[list[Path], int]]) -> list:
     """`run_jobs(jobs, workers)` with a `RunsProgress` line over `groups` while they train."""
-    progress = RunsProgress(groups)
+    side_by_side = (default_workers() if workers is None else workers) >= len(groups)
+    progress = RunsProgress(groups, side_by_side=side_by_side)
     try:
         return run_jobs(jobs, workers, progress=progress.report)
     finally:
