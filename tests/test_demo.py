@@ -316,6 +316,10 @@ def test_expansion_curves_score_the_runs_they_report(tmp_path, capsys):
     for every in (-2, 1.5, True):
         with pytest.raises(ValueError, match="every must be a positive"):
             expansion.HeldOutScores(every, 6)
+    # another `every` in the same directory printed the old runs' curves under the new header
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(every 2 there, 1 now\)"):
+        reproduce_expansion_curves(tmp_path, seeds=(0,), every=1, pretrain_steps=4, domain_steps=4, eval_examples=6,
+                                   workers=1)
 
 
 def test_bitune_task_needs_look_ahead_only_on_the_right():

@@ -24,7 +24,7 @@ from ..model import Llama, positions_from_mask
 from ..rope import apply_rope
 from ..tokenizer import CharTokenizer
 from ..train import Batches, Schedule, fit
-from .act_settings import check_positive
+from .act_settings import check_positive, records_settings
 from .bitune import DIGITS, SIDES, SYMBOLS, question_sets, tiny_config
 from .claims import claim_line, in_standard_errors
 from .parallel import run_jobs
@@ -103,6 +103,7 @@ def train_reading(out_dir: Path, reading: str, seed: int, steps: int, lr: float,
     return result
 
 
+@records_settings()  # a rerun with other settings would reuse the old runs' checkpoints
 def reproduce_bitune_readings(out_dir: Path, seed: int = 0, seeds: int = 3, workers: int | None = None,
                               **settings) -> dict:
     """Both readings over `seeds` seeds, two runs at a time; per seed the accuracies, and the prefix LM's gain

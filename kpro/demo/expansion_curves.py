@@ -12,11 +12,13 @@ from pathlib import Path
 
 from .expansion import (ARMS, DOMAIN_LR, DOMAIN_STEPS, GENERAL_SHARE, NEW_BLOCKS, PRETRAIN_STEPS, arm_jobs,
                         pretrain_jobs)
+from .act_settings import records_settings
 from .parallel import run_jobs
 
 SEEDS = (0, 4)
 
 
+@records_settings()  # a rerun with another `every` or eval_examples reused the old runs' curves, silently
 def reproduce_expansion_curves(out_dir: Path, seed: int = 0, seeds: tuple[int, ...] = SEEDS, every: int = 50,
                                pretrain_steps: int = PRETRAIN_STEPS, domain_steps: int = DOMAIN_STEPS,
                                new_blocks: int = NEW_BLOCKS, general_share: float = GENERAL_SHARE,
