@@ -105,7 +105,8 @@ def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32"
         {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)](key, value)
     w.add_string("tokenizer.ggml.model", vocab["model"])
     w.add_array("tokenizer.ggml.tokens", vocab["tokens"])
-    w.add_array("tokenizer.ggml.token_type", vocab["types"])
+    if vocab["types"] is not None:  # None: the key left out
+        w.add_array("tokenizer.ggml.token_type", vocab["types"])
     if "scores" in vocab:
         w.add_array("tokenizer.ggml.scores", vocab["scores"])
     if "merges" in vocab:
@@ -261,6 +262,25 @@ def test_the_tokenizer_adds_a_bos_as_the_gguf_says(tmp_path, small_vocab):
            "bos": 94, "eos": 95, "add_bos": None}
     out = convert_gguf(write_gguf(tmp_path / "bpe.gguf", tiny_model(len(tokens)), bpe), tmp_path / "bpe")
     assert kpro.load_tokenizer(out).encode("hi") == [94, 96]
+
+
+def test_a_tokenizer_that_would_not_load_is_refused_before_writing(tmp_path, small_vocab):
+    """These converted, and the folder's tokenizer then failed to load ("unk is not defined", "no eos token")."""
+    model = tiny_model(len(small_vocab["tokens"]))
+    types = list(small_vocab["types"])
+    types[small_vocab["unk"]] = 1  # typed NORMAL
+    with pytest.raises(GGUFError, match=r"the unknown token '<unk>' \(id 0\) has token type 1, not UNKNOWN \(2\)"):
+        convert_gguf(write_gguf(tmp_path / "a.gguf", model, {**small_vocab, "types": types}), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    # no token types at all: the unknown piece is typed as one, and the tokenizer loads
+    out = convert_gguf(write_gguf(tmp_path / "b.gguf", model, {**small_vocab, "types": None}), tmp_path / "b")
+    assert kpro.load_tokenizer(out).encode("hello", bos=False)
+    tokens = [chr(c) for c in range(33, 127)] + ["<|begin_of_text|>", "<|end_of_text|>", "hi"]
+    bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 1], "merges": ["h i"], "pre": "llama-bpe",
+           "bos": 94, "eos": None}
+    with pytest.raises(GGUFError, match="the vocabulary names no end token"):
+        convert_gguf(write_gguf(tmp_path / "c.gguf", tiny_model(len(tokens)), bpe), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):

@@ -63,7 +63,8 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
         raise GGUFError(f"{file.path} holds no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens)")
     if len(tokens) != cfg.vocab_size:
         raise GGUFError(f"{file.path}: the vocabulary has {len(tokens)} tokens, the model {cfg.vocab_size} rows")
-    types = file.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    given_types = file.get("tokenizer.ggml.token_type")
+    types = list(given_types) if given_types else [NORMAL] * len(tokens)
     if len(types) != len(tokens):  # zip() would cut the vocabulary short
         raise GGUFError(f"{file.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     # Where the key is missing, llama.cpp's defaults: a bos for SentencePiece and for the LLaMA 3 pre-tokenizer
@@ -75,7 +76,12 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
     for name, token_id in ids.items():
         if token_id is not None and not 0 <= token_id < len(tokens):
             raise GGUFError(f"{file.path}: the {name} token id {token_id} is outside the vocabulary of {len(tokens)}")
+    if kind == "llama" and not given_types and ids["unk"] is not None:
+        types[ids["unk"]] = UNKNOWN  # no types given: SentencePiece still needs its unknown piece typed as one
     if kind == "gpt2":
+        if ids["eos"] is None and not cfg.eos_token_ids:  # the converted tokenizer would not load
+            raise GGUFError(f"{file.path}: the vocabulary names no end token (tokenizer.ggml.eos_token_id, "
+                            "eot_token_id or eom_token_id); kpro's tokenizers need one")
         files = {"tokenizer.json": _byte_level_bpe(file, tokens, types, ids, add_bos, add_eos)}
         tokenizer_class = "PreTrainedTokenizerFast"
     elif kind == "llama":
@@ -189,6 +195,9 @@ def _sentencepiece_model(file: GGUFFile, tokens, types, ids) -> bytes:
         raise GGUFError(f"{file.path}: token type {unknown[0]} is not a SentencePiece piece type")
     if ids["eos"] is None or ids["unk"] is None:
         raise GGUFError(f"{file.path}: a SentencePiece vocabulary needs eos and unknown token ids")
+    if types[ids["unk"]] != UNKNOWN:  # SentencePiece refuses such a model ("unk is not defined") when it is loaded
+        raise GGUFError(f"{file.path}: the unknown token {tokens[ids['unk']]!r} (id {ids['unk']}) has token type "
+                        f"{types[ids['unk']]}, not UNKNOWN ({UNKNOWN})")
     pieces = b"".join(_bytes(1, _bytes(1, t) + _float(2, s) + _int(3, k)) for t, s, k in zip(tokens, scores, types))
     special = {}
     for name, field_id, field_piece in (("unk", 40, 45), ("bos", 41, 46), ("eos", 42, 47), ("pad", 43, 48)):
