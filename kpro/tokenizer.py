@@ -179,9 +179,8 @@ class Tokenizer(_TokenizerBase):
                    for token, (key, source) in added.items()
                    if token in template and str(self._piece_id(token)) != str(key)]
         for name in ("bos", "eos"):
-            token = config.get(f"{name}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str) and self._piece_id(token) is None:
+            token = special_token_text(config, name)
+            if token is not None and self._piece_id(token) is None:
                 lacking.append(f"{token!r} (the {name}_token of {TOKENIZER_CONFIG_FILE})")
         if lacking:
             json_file = self.path.parent / TOKENIZER_JSON_FILE
@@ -200,9 +199,8 @@ class Tokenizer(_TokenizerBase):
     def _special_id(self, name: str, default: int) -> int:
         """The id of the `name`_token tokenizer_config.json names among the pieces (a lacking bos or eos was
         refused; a lacking pad, which only masked positions hold, leaves the default)."""
-        token = (self.config or {}).get(f"{name}_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        found = self._piece_id(token) if isinstance(token, str) else None
+        token = special_token_text(self.config or {}, name)
+        found = self._piece_id(token) if token is not None else None
         return default if found is None else found
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
@@ -293,10 +291,8 @@ class JsonTokenizer(_TokenizerBase):
         self.chat_template = chat_template_of(path.parent, self.config)
 
     def _special_id(self, name: str, model_config: dict) -> int | None:
-        token = self.config.get(f"{name}_token")
-        if isinstance(token, dict):  # older files: {"content": "<s>", "lstrip": false, ...}
-            token = token.get("content")
-        if isinstance(token, str):
+        token = special_token_text(self.config, name)
+        if token is not None:
             token_id = self.tok.token_to_id(token)
             if token_id is None:
                 raise ValueError(f"{self.path}: {name}_token {token!r} is not in the vocabulary")
@@ -340,8 +336,7 @@ class JsonTokenizer(_TokenizerBase):
         def text(token_id):
             return None if token_id is None else self.tok.id_to_token(token_id)
         out = {"bos_token": text(self.bos_id), "eos_token": text(self.eos_id), "pad_token": text(self.pad_id)}
-        unk = self.config.get("unk_token")
-        out["unk_token"] = unk.get("content") if isinstance(unk, dict) else unk
+        out["unk_token"] = special_token_text(self.config, "unk")
         return out
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -548,6 +543,13 @@ def _read_json(path: Path) -> dict | None:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     return data if isinstance(data, dict) else None
+
+
+def special_token_text(config: dict, name: str) -> str | None:
+    """The text of tokenizer_config.json's `name`_token (older files: {"content": "<s>", "lstrip": false, ...})."""
+    token = config.get(f"{name}_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) else None
 
 
 def read_tokenizer_config(directory: Path) -> dict | None:

@@ -214,6 +214,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
             for cb in callbacks:
                 cb.on_fit_start(run)
             callback_states(callbacks), data_state()  # states a checkpoint cannot load back: refused before training
+            for p in model.parameters():  # gradients left from before fit (a check's backward) would add to step 1
+                p.grad = None
             while run.step < steps:
                 try:
                     batch = _as_dict(next(data))
@@ -362,9 +364,6 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     run.check_optimizer_covers_the_trainable()
     # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
     micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
-    # Gradients left from before (a check's backward before fit, a step that raised) would add to this step's
-    for p in run.model.parameters():
-        p.grad = None
     totals, counts, summed = [], [], None
     for i, micro in enumerate(micro_batches):
         micro = _to_device(micro, device)
