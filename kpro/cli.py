@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, resolve_device
-from .errors import CheckpointError
+from .errors import CheckpointError, DirectoryInUse
 
 # name -> (the package whose command.py defines it; None: this file), help line.
 COMMANDS = {
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # as a program that SIGPIPE ends
     except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
-            CheckpointError, FloatingPointError) as err:
+            CheckpointError, DirectoryInUse, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)  # bad input, or a run that diverged: one line, no traceback
         return 1
     except OSError as err:  # a full disk, a read-only file system: what the writing saw, in one line

@@ -135,6 +135,45 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys
     assert not (tmp_path / "e").exists()
 
 
+def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two runs given one --out both resumed from its checkpoints and appended to the same metrics and results.
+    A run holds its directory (and each act its own) until it ends; the system releases the hold of a killed
+    one."""
+    from kpro.cli import main
+    from kpro.demo import act_settings
+    from kpro._run_lock import LOCK_FILE, DirectoryInUse, holding
+
+    def hold(directory):
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kpro._run_lock import "
+                                   "holding\nwith holding(sys.argv[1]):\n print('held', flush=True); time.sleep(600)",
+                                   str(directory)], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "held\n"
+        return holder
+
+    holder = hold(tmp_path / "d")
+    try:
+        assert main(["demo", "basics", "--out", str(tmp_path / "d")]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'd'} is in use by another kpro run (process "
+                                                  f"{holder.pid}): two runs there would resume from")
+        assert not (tmp_path / "d" / "basics-run").exists()
+    finally:
+        holder.kill()  # SIGKILL: nothing of the holder's runs to release the lock
+        holder.wait()
+    holder = hold(tmp_path / "i")
+    try:  # an act called from Python holds its own directory
+        with pytest.raises(DirectoryInUse, match=f"process {holder.pid}"):
+            internalization.act_internalization(tmp_path / "i", explicit_steps=6, steps_per_token=2, after_steps=4,
+                                                decay_steps=0, warmup_steps=1, valid_size=4, test_size=4,
+                                                eval_every=4, workers=1)
+        assert not (tmp_path / "i" / act_settings.SETTINGS_FILE).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with holding(tmp_path / "d"), holding(tmp_path / "d"):  # released by the kill; re-entrant in one process
+        assert (tmp_path / "d" / LOCK_FILE).read_text() == str(os.getpid())
+    assert not (tmp_path / "d" / LOCK_FILE).exists()  # removed by the run that ends
+
+
 @pytest.mark.parametrize("act, arguments, message", [
     (internalization.act_internalization, dict(steps_per_token=0), "steps_per_token must be an integer >= 1, got 0"),
     (internalization.act_internalization, dict(test_size=0), "test_size must be an integer >= 1, got 0"),

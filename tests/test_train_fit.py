@@ -767,6 +767,27 @@ def test_a_checkpoint_of_another_directory_does_not_mix_with_this_one(tmp_path):
     assert [s for s, _ in losses(tmp_path / "x")] == [5, 6]
 
 
+def test_a_second_fit_in_a_run_directory_in_use_is_refused(tmp_path):
+    """Two runs given one directory (a job submitted twice) both resumed from its checkpoints and wrote over each
+    other's metrics. A second process is refused before it reads anything; the hold ends with the first."""
+    kt.fit(make_model(), batches(), tmp_path / "x", steps=2)
+    metrics = (tmp_path / "x" / "metrics.jsonl").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kpro._run_lock import holding\n"
+                               "with holding(sys.argv[1]):\n print('held', flush=True); time.sleep(600)",
+                               str(tmp_path / "x")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(kpro.errors.DirectoryInUse, match=rf"x is in use by another kpro run \(process "
+                                                             rf"{holder.pid}\)"):
+            kt.fit(make_model(), batches(), tmp_path / "x", steps=4)
+        assert (tmp_path / "x" / "metrics.jsonl").read_bytes() == metrics
+    finally:
+        holder.kill()
+        holder.wait()
+    kt.fit(make_model(), batches(), tmp_path / "x", steps=4)  # released when its holder was killed
+    assert [s for s, _ in losses(tmp_path / "x")] == [1, 2, 3, 4]
+
+
 def test_one_model_per_process_is_refused():
     with pytest.raises(ValueError, match="would train 2 different models"):
         kt.distributed.prepare(make_model(), "none", kt.DistEnv(rank=0, world_size=2))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .._run_lock import holding
 from .basics import act_basics
 from .bitune import act_bitune
 from .bitune_readings import reproduce_bitune_readings
@@ -38,10 +39,11 @@ def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:
         if hasattr(ACTS[name], "check"):
             ACTS[name].check(out_dir / name, seed=seed)
     results, seconds = {}, {}
-    for name in acts:
-        start = time.perf_counter()
-        results[name] = ACTS[name](out_dir / name, seed=seed)
-        seconds[name] = time.perf_counter() - start
+    with holding(out_dir):  # a second demo in the same --out is refused, not interleaved with this one
+        for name in acts:
+            start = time.perf_counter()
+            results[name] = ACTS[name](out_dir / name, seed=seed)
+            seconds[name] = time.perf_counter() - start
     print(f"demo done in {sum(seconds.values()) / 60:.1f} minutes: " + "; ".join(
         f"{name} {seconds[name] / 60:.1f} min, claim {_shown(results[name])}" for name in acts))
     return results
@@ -121,7 +123,8 @@ def reproduce(name: str, out_dir: Path, seed: int = 0) -> dict:
     if name not in REPRODUCTIONS:
         raise ValueError(f"unknown reproduction {name!r}; choose from {', '.join(REPRODUCTIONS)}")
     check_run_arguments(out_dir, seed)
-    return REPRODUCTIONS[name].run(out_dir / name, seed=seed)
+    with holding(out_dir):
+        return REPRODUCTIONS[name].run(out_dir / name, seed=seed)
 
 
 def check_run_arguments(out_dir: Path, seed) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .._files import write_atomic
+from .._run_lock import LOCK_FILE, holding
 
 SETTINGS_FILE = "act_settings.json"
 UNRECORDED = ("out_dir", "workers")  # where an act runs and in how many processes: neither changes a number
@@ -43,20 +44,21 @@ def records_settings(validate: Callable[..., None] | None = None,
         @functools.wraps(act)
         def run(*args, **kwargs):
             directory, settings = settings_of(args, kwargs)
-            fresh = check_settings(directory, settings) is None
-            if fresh:
-                directory.mkdir(parents=True, exist_ok=True)
-                write_atomic(directory / SETTINGS_FILE, json.dumps(_as_json(settings), indent=1) + "\n")
-            try:
-                result = act(*args, **kwargs)
-            except BaseException:
-                # failed before writing anything beside the settings: nothing a rerun with others would mix with
-                if fresh and [p.name for p in directory.iterdir()] == [SETTINGS_FILE]:
+            check_settings(directory, settings)  # before creating the directory: a file there is named as such
+            with holding(directory):  # one run at a time there (a second would resume from the first's checkpoints)
+                fresh = check_settings(directory, settings) is None
+                if fresh:
+                    write_atomic(directory / SETTINGS_FILE, json.dumps(_as_json(settings), indent=1) + "\n")
+                try:
+                    result = act(*args, **kwargs)
+                except BaseException:
+                    # failed before writing anything beside the settings: nothing a rerun with others would mix with
+                    if fresh and {p.name for p in directory.iterdir()} <= {SETTINGS_FILE, LOCK_FILE}:
+                        (directory / SETTINGS_FILE).unlink(missing_ok=True)
+                    raise
+                if fresh and isinstance(result, dict) and "skipped" in result:  # nothing ran: nothing to keep
                     (directory / SETTINGS_FILE).unlink(missing_ok=True)
-                raise
-            if fresh and isinstance(result, dict) and "skipped" in result:  # nothing ran: nothing to keep consistent
-                (directory / SETTINGS_FILE).unlink(missing_ok=True)
-            return result
+                return result
 
         run.check = lambda *args, **kwargs: check_settings(*settings_of(args, kwargs))
         return run

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .._run_lock import holding
 from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, check_metrics, load_callback_states
@@ -145,8 +146,15 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     if isinstance(schedule, str):
         schedule = Schedule(schedule, total_steps=steps if schedule != "constant" else None)
     _check_schedule_covers(schedule, steps)
-    callbacks = list(callbacks)
+    # One run at a time in out_dir: a second would resume from this one's checkpoints and write over its metrics.
+    with holding(out_dir) if env.is_main else contextlib.nullcontext():
+        return _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_decay, schedule, grad_accum,
+                    clip_grad_norm, precision, parallel, save_every, keep_last, resume, list(callbacks), log_every,
+                    stream)
 
+
+def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_decay, schedule, grad_accum,
+         clip_grad_norm, precision, parallel, save_every, keep_last, resume, callbacks, log_every, stream) -> Run:
     check_savable(model)  # a checkpoint refused at the first save would lose the steps before it
     model.train()
     train_model, parallel = distributed.prepare(model, parallel, env)
