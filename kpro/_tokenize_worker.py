@@ -43,7 +43,7 @@ def encode(chunk: list) -> tuple[list, np.ndarray, np.ndarray]:
     for index, line, _, payload in chunk:
         text = payload if isinstance(payload, str) else jsonl_text(payload, _FILES[index], line)
         try:
-            pieces.append(head + tok.encode(text, bos=False) + [tok.eos_id])
+            pieces.append(head + tok.encode(text, bos=False, eos=False) + [tok.eos_id])
         except ValueError as err:  # a character the tokenizer lacks: where, of thousands of lines
             raise ValueError(f"{_FILES[index]}:{line}: {err}") from None
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))

@@ -29,6 +29,7 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_JSON_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers' NAME.jinja files of a checkpoint's other templates
 CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
 SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
 
@@ -87,17 +88,45 @@ class _TokenizerBase:
     vocab_size: int
     chat_template: str | None = None
 
+    chat_templates: dict[str, str] = {}  # every template by name, the default one as "default"
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *, tokenize: bool = True,
-                            **variables):
+                            chat_template: str | None = None, **variables):
         """The conversation `messages` ([{"role": "user", "content": "..."}, ...]) rendered with the
         checkpoint's chat template: token ids (the template writes its own bos and special tokens), or the
-        text with `tokenize=False`. `variables` reach the template too (`tools=`, `date_string=`, ...)."""
-        if not self.chat_template:
-            raise ValueError(f"this {type(self).__name__} has no chat template (a checkpoint keeps it in "
-                             f"{TOKENIZER_CONFIG_FILE} as \"chat_template\", or in {CHAT_TEMPLATE_FILE})")
-        text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+        text with `tokenize=False`. `variables` reach the template too (`tools=`, `date_string=`, ...).
+        `chat_template`: the name of one of the checkpoint's templates, or a template's text; by default, as
+        transformers chooses, its "tool_use" template where `tools` are given and it has one, else its default."""
+        template = self._chosen_template(chat_template, variables.get("tools"))
+        text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
                                     **{**self.special_tokens(), **variables})
         return self.encode_with_special_tokens(text) if tokenize else text
+
+    def _templates(self) -> dict[str, str]:
+        """chat_templates, with `chat_template` (which a user may have set) as the default."""
+        templates = {name: text for name, text in self.chat_templates.items() if name != "default"}
+        return {"default": self.chat_template, **templates} if self.chat_template else templates
+
+    def _chosen_template(self, chat_template: str | None, tools) -> str:
+        templates = self._templates()
+        if chat_template is not None:
+            if not isinstance(chat_template, str):
+                raise TypeError(f"chat_template must be a template's name or text, got {type(chat_template).__name__}")
+            if chat_template in templates:
+                return templates[chat_template]
+            if "{{" in chat_template or "{%" in chat_template:
+                return chat_template
+            raise ValueError(f"no chat template named {chat_template!r} (this {type(self).__name__} has "
+                             f"{', '.join(map(repr, templates)) or 'none'}); a template's own text is taken too")
+        if tools is not None and "tool_use" in templates:
+            return templates["tool_use"]
+        if "default" in templates:
+            return templates["default"]
+        if templates:
+            raise ValueError(f"this {type(self).__name__} has chat templates {', '.join(map(repr, templates))} and "
+                             "no default: pass chat_template= one of them")
+        raise ValueError(f"this {type(self).__name__} has no chat template (a checkpoint keeps it in "
+                         f"{TOKENIZER_CONFIG_FILE} as \"chat_template\", or in {CHAT_TEMPLATE_FILE})")
 
     def special_tokens(self) -> dict[str, str | None]:
         """bos_token, eos_token, ... as text, for chat templates."""
@@ -105,7 +134,7 @@ class _TokenizerBase:
 
     def encode_with_special_tokens(self, text: str) -> list[int]:
         """`text` as ids, special tokens written in it (`<|im_start|>`, `<s>`) becoming their ids; no bos added."""
-        return self.encode(text, bos=False)
+        return self.encode(text, bos=False, eos=False)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         raise NotImplementedError
@@ -154,11 +183,14 @@ class Tokenizer(_TokenizerBase):
             raise ValueError(f"{path} defines no bos/eos pieces; kpro needs both")
         # LLaMA and Mistral models define no pad piece; padding positions are masked, any id will do.
         self.pad_id = self._special_id("pad", self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id)
-        self.chat_template = chat_template_of(path.parent, self.config)
+        self.chat_templates = chat_templates_of(path.parent, self.config)
+        self.chat_template = self.chat_templates.get("default")
         # As transformers' LlamaTokenizer: a bos unless tokenizer_config.json says otherwise (a GGUF's
         # add_bos_token false, converted, is written there)
         add_bos = (self.config or {}).get("add_bos_token")
         self.add_bos = add_bos if isinstance(add_bos, bool) else True
+        add_eos = (self.config or {}).get("add_eos_token")  # as LlamaTokenizer: an eos only where it says so
+        self.add_eos = add_eos if isinstance(add_eos, bool) else False
 
     def _check_added_tokens(self) -> None:
         """Refuse a directory whose tokenizer.model lacks tokens that matter: the bos or eos tokenizer_config.json
@@ -174,7 +206,7 @@ class Tokenizer(_TokenizerBase):
         added_file = _read_json(self.path.parent / "added_tokens.json")
         if isinstance(added_file, dict):
             added.update({token: (key, "added_tokens.json") for token, key in added_file.items()})
-        template = chat_template_of(self.path.parent, config) or ""
+        template = "\n".join(chat_templates_of(self.path.parent, config).values())
         lacking = [f"{token!r} (id {key}, from {source}, in the chat template)"
                    for token, (key, source) in added.items()
                    if token in template and str(self._piece_id(token)) != str(key)]
@@ -203,13 +235,14 @@ class Tokenizer(_TokenizerBase):
         found = self._piece_id(token) if token is not None else None
         return default if found is None else found
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
-        """Ids of `text`; `bos` None: as the tokenizer's config says (`add_bos`)."""
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        """Ids of `text`; `bos`, `eos` None: as the tokenizer's config says (`add_bos`, `add_eos`)."""
         ids = self.sp.EncodeAsIds(checked_text(text))
         bos = self.add_bos if bos is None else bos
+        eos = self.add_eos if eos is None else eos
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None) -> list[list[int]]:
         return [self.encode(text, bos=bos, eos=eos) for text in checked_texts(texts)]
 
     def decode(self, ids) -> str:
@@ -228,7 +261,7 @@ class Tokenizer(_TokenizerBase):
         text = checked_text(text)
         controls = self._control_pieces()
         if not controls:
-            return self.encode(text, bos=False)
+            return self.encode(text, bos=False, eos=False)
         ids = []
         for piece in re.split("(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")", text):
             if piece in controls:
@@ -244,19 +277,20 @@ class Tokenizer(_TokenizerBase):
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.model and tokenizer_config.json (with the chat template) into an existing directory."""
         write_atomic(Path(directory, SENTENCEPIECE_FILE), self.path.read_bytes())
-        if self.config is not None or self.chat_template:
-            _save_config(directory, self.config or {}, self.chat_template)
+        if self.config is not None or self._templates():
+            _save_config(directory, self.config or {}, self._templates())
 
 
 class JsonTokenizer(_TokenizerBase):
     """A Hugging Face `tokenizer.json` (byte-level BPE and the rest), read with the `tokenizers` library:
     `JsonTokenizer("dir")` or `JsonTokenizer("dir/tokenizer.json")`.
 
-    The special tokens, whether a bos is added and the chat template come from `tokenizer_config.json`
-    beside it (missing ids from `config.json`). `encode(text)` adds a bos when the model's tokenizer does
-    (`bos=None`, the default; LLaMA 3 adds one, SmolLM2 does not). Special tokens written in the text
-    (`<|im_start|>`) become their ids. `decode` is the exact inverse on any text without special tokens,
-    whatever its Unicode; special tokens are left out unless `skip_special_tokens=False`.
+    The special tokens, whether a bos is added and the chat template come from `tokenizer_config.json` beside it
+    (missing ids from `config.json`). `encode(text)` adds a bos, and an eos, where the model's tokenizer does
+    (`bos=None`, `eos=None`, the defaults; LLaMA 3 adds a bos, SmolLM2 none; an eos only where `add_eos_token` or
+    the post-processor says so). Special tokens written in the text (`<|im_start|>`) become their ids. `decode` is
+    the exact inverse on any text without special tokens, whatever its Unicode; special tokens are left out unless
+    `skip_special_tokens=False`.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -288,7 +322,10 @@ class JsonTokenizer(_TokenizerBase):
         self.add_bos = add_bos if isinstance(add_bos, bool) else self._post_processor_adds_bos()
         if self.add_bos and self.bos_id is None:
             raise ValueError(f"{path}: the tokenizer adds a bos token but names none")
-        self.chat_template = chat_template_of(path.parent, self.config)
+        add_eos = self.config.get("add_eos_token")
+        self.add_eos = add_eos if isinstance(add_eos, bool) else self._post_processor_adds_eos()
+        self.chat_templates = chat_templates_of(path.parent, self.config)
+        self.chat_template = self.chat_templates.get("default")
 
     def _special_id(self, name: str, model_config: dict) -> int | None:
         token = special_token_text(self.config, name)
@@ -307,16 +344,23 @@ class JsonTokenizer(_TokenizerBase):
         full = self.tok.encode("a", add_special_tokens=True).ids
         return self.bos_id is not None and len(full) > len(plain) and full[0] == self.bos_id
 
+    def _post_processor_adds_eos(self) -> bool:
+        plain = self.tok.encode("a", add_special_tokens=False).ids
+        full = self.tok.encode("a", add_special_tokens=True).ids
+        body = full[1:] if self._post_processor_adds_bos() else full
+        return len(body) > len(plain) and body[-1] == self.eos_id
+
     def _wrap(self, ids: list[int], bos, eos) -> list[int]:
         bos = self.add_bos if bos is None else bos
+        eos = self.add_eos if eos is None else eos
         if bos and self.bos_id is None:
             raise ValueError(f"{self.path}: no bos token to add")
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
         return self._wrap(self.tok.encode(checked_text(text), add_special_tokens=False).ids, bos, eos)
 
-    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None) -> list[list[int]]:
         return [self._wrap(e.ids, bos, eos) for e in self.tok.encode_batch(checked_texts(texts), add_special_tokens=False)]
 
     def encode_with_special_tokens(self, text: str) -> list[int]:
@@ -342,14 +386,17 @@ class JsonTokenizer(_TokenizerBase):
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.json and tokenizer_config.json (with the chat template) into an existing directory."""
         write_atomic(Path(directory, TOKENIZER_JSON_FILE), self.tok.to_str(pretty=True))
-        _save_config(directory, self.config, self.chat_template)
+        _save_config(directory, self.config, self._templates())
 
 
-def _save_config(directory, config: dict, chat_template: str | None) -> None:
-    """tokenizer_config.json with the chat template in use (it may have come from chat_template.jinja)."""
+def _save_config(directory, config: dict, chat_templates: dict[str, str]) -> None:
+    """tokenizer_config.json with the chat templates in use (they may have come from chat_template.jinja and
+    additional_chat_templates/): the default alone as a string, several as transformers' list of names."""
     config = dict(config)
-    if chat_template:
-        config["chat_template"] = chat_template
+    if list(chat_templates) == ["default"]:
+        config["chat_template"] = chat_templates["default"]
+    elif chat_templates:
+        config["chat_template"] = [{"name": name, "template": text} for name, text in chat_templates.items()]
     write_atomic(Path(directory, TOKENIZER_CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -557,17 +604,24 @@ def read_tokenizer_config(directory: Path) -> dict | None:
     return _read_json(Path(directory) / TOKENIZER_CONFIG_FILE)
 
 
-def chat_template_of(directory: Path, config: dict | None) -> str | None:
-    """The default chat template: chat_template.jinja, else tokenizer_config.json's "chat_template" (a
-    string, or a list of {"name", "template"} from which "default" is taken)."""
-    file = Path(directory) / CHAT_TEMPLATE_FILE
-    if file.is_file():
-        return file.read_text(encoding="utf-8")
+def chat_templates_of(directory: Path, config: dict | None) -> dict[str, str]:
+    """A checkpoint's chat templates by name, as transformers reads them: tokenizer_config.json's "chat_template"
+    (a string, the default one, or a list of {"name", "template"}), unless chat_template.jinja (the default) or
+    additional_chat_templates/NAME.jinja files are there, which take precedence over all of it."""
+    directory = Path(directory)
+    files = {}
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        files["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (directory / CHAT_TEMPLATE_DIR).is_dir():
+        files.update({path.name.removesuffix(".jinja"): path.read_text(encoding="utf-8")
+                      for path in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))})
+    if files:
+        return files
     template = (config or {}).get("chat_template")
     if isinstance(template, list):
-        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template else None
+        return {entry["name"]: entry["template"] for entry in template if isinstance(entry, dict)
+                and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str) and entry["template"]}
+    return {"default": template} if isinstance(template, str) and template else {}
 
 
 class ChatTemplateError(ValueError):

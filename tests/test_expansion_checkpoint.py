@@ -27,12 +27,15 @@ def test_cli_expand_matches_in_memory_expansion(tmp_path, capsys, sharded):
     kpro.CharTokenizer("abcdefgh").save(tmp_path / "src")
     (tmp_path / "src" / "README.md").write_text("model card\n")
     (tmp_path / "src" / "pytorch_model.bin").write_bytes(b"stale weights of the unexpanded model")
+    (tmp_path / "src" / "additional_chat_templates").mkdir()  # transformers' files of a tokenizer's named templates
+    (tmp_path / "src" / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    (tmp_path / "src" / "notes").mkdir()
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file() == sharded
 
     args = ["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "2"]
     assert main(args + (["--max-shard-size", "30KB"] if sharded else [])) == 0
     out = capsys.readouterr().out
-    assert "4 -> 6 blocks (interleave); new blocks 2, 5" in out and "left behind: pytorch_model.bin" in out
+    assert "4 -> 6 blocks (interleave); new blocks 2, 5" in out and "left behind: notes, pytorch_model.bin" in out
 
     expanded = kpro.load_pretrained(tmp_path / "dst", dtype=torch.bfloat16)
     reference = kpro.load_pretrained(tmp_path / "src", dtype=torch.bfloat16)
@@ -45,6 +48,7 @@ def test_cli_expand_matches_in_memory_expansion(tmp_path, capsys, sharded):
     assert (tmp_path / "dst" / "model.safetensors.index.json").is_file() == sharded
     assert isinstance(kpro.load_tokenizer(tmp_path / "dst"), kpro.CharTokenizer)
     assert (tmp_path / "dst" / "README.md").read_text() == "model card\n"
+    assert (tmp_path / "dst" / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
     assert not (tmp_path / "dst" / "pytorch_model.bin").exists()
     record = json.loads((tmp_path / "dst" / EXPANSION_FILE).read_text())
     assert record["new_blocks"] == [2, 5] and record["copied_from"] == [0, 1, 1, 2, 3, 3]

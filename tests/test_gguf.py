@@ -102,7 +102,7 @@ def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32"
     for key, value in metadata.items():
         if value is None:  # a key left out
             continue
-        {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)](key, value)
+        {int: w.add_uint32, float: w.add_float32, str: w.add_string, list: w.add_array}[type(value)](key, value)
     w.add_string("tokenizer.ggml.model", vocab["model"])
     w.add_array("tokenizer.ggml.tokens", vocab["tokens"])
     if vocab["types"] is not None:  # None: the key left out
@@ -117,6 +117,8 @@ def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32"
             w.add_uint32(f"tokenizer.ggml.{'unknown' if key == 'unk' else key}_token_id", vocab[key])
     if vocab.get("add_bos", "") is not None:  # None: the key left out
         w.add_bool("tokenizer.ggml.add_bos_token", vocab.get("add_bos", vocab["model"] == "llama"))
+    if "add_eos" in vocab:
+        w.add_bool("tokenizer.ggml.add_eos_token", vocab["add_eos"])
     if template:
         w.add_string("tokenizer.chat_template", template)
     for name, tensor in kpro.checkpoint.hf_tensors(model).items():
@@ -264,6 +266,107 @@ def test_the_tokenizer_adds_a_bos_as_the_gguf_says(tmp_path, small_vocab):
     assert kpro.load_tokenizer(out).encode("hi") == [94, 96]
 
 
+def test_the_tokenizer_adds_an_eos_where_the_gguf_says(tmp_path, small_vocab):
+    """add_eos_token true was written to tokenizer_config.json (and the byte-level post-processor), and kpro's
+    tokenizers added no eos: `encode(text)` gave other ids than llama.cpp's and transformers' tokenization."""
+    model = tiny_model(len(small_vocab["tokens"]))
+    tokens = [chr(c) for c in range(33, 127)] + ["<|begin_of_text|>", "<|end_of_text|>", "hi"]
+    bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 1], "merges": ["h i"], "pre": "llama-bpe",
+           "bos": 94, "eos": 95}
+    for name, vocab, vocab_model in (("spm", small_vocab, model), ("bpe", bpe, tiny_model(len(tokens)))):
+        out = {flag: convert_gguf(write_gguf(tmp_path / f"{name}-{flag}.gguf", vocab_model, {**vocab, "add_eos": flag}),
+                                  tmp_path / f"{name}-{flag}") for flag in (True, False)}
+        tok = kpro.load_tokenizer(out[True])
+        plain = tok.encode("hi", eos=False)
+        assert tok.add_eos and tok.encode("hi") == plain + [tok.eos_id] and plain[-1] != tok.eos_id, name
+        assert tok.encode_batch(["hi"]) == [plain + [tok.eos_id]]
+        unchanged = kpro.load_tokenizer(out[False])
+        assert not unchanged.add_eos and unchanged.encode("hi") == plain, name
+        if name == "bpe":  # the tokenizer.json alone (no add_eos_token in the config): read from its post-processor
+            config = json.loads((out[True] / "tokenizer_config.json").read_text())
+            del config["add_eos_token"]
+            (out[True] / "tokenizer_config.json").write_text(json.dumps(config))
+            assert kpro.load_tokenizer(out[True]).encode("hi") == plain + [tok.eos_id]
+
+
+def test_kpros_own_framing_is_the_same_under_a_tokenizer_that_adds_an_eos(tmp_path, small_vocab):
+    """Where kpro frames the ids itself (a Bitune prompt and answer, an ICoT example, packed documents), the
+    tokenizer's add_eos_token must not put an eos inside them."""
+    from kpro.bitune.data import encode_pair
+    from kpro.expansion.posttrain import corpus_rows
+    from kpro.internalize import CoTExample
+    from kpro.internalize.tokenization import tokenize_example
+
+    model = tiny_model(len(small_vocab["tokens"]))
+    toks = [kpro.load_tokenizer(convert_gguf(write_gguf(tmp_path / f"{flag}.gguf", model, {**small_vocab,
+                                                                                            "add_eos": flag}),
+                                             tmp_path / str(flag))) for flag in (True, False)]
+    assert toks[0].add_eos and not toks[1].add_eos
+    framed = [(encode_pair(tok, "hello", " world"), tokenize_example(CoTExample("hello", "a b", "c"), tok).ids,
+               corpus_rows(["hello world", "a b c"], tok, 8).tolist()) for tok in toks]
+    assert framed[0] == framed[1]
+
+
+def test_named_chat_templates_are_converted_and_chosen_as_transformers_chooses(tmp_path, small_vocab):
+    """`tokenizer.chat_template.tool_use` (and rag, ...) were dropped: a conversation with tools was rendered with
+    the default template, silently, where transformers renders the model's tool_use template."""
+    tool_use = "{% for t in tools %}[tool {{ t['name'] }}]{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    rag = "[rag]{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = tiny_model(len(small_vocab["tokens"]))
+    path = write_gguf(tmp_path / "m.gguf", model, small_vocab, template=TEMPLATE,
+                      metadata={"tokenizer.chat_template.tool_use": tool_use, "tokenizer.chat_template.rag": rag,
+                                "tokenizer.chat_templates": ["tool_use", "rag"]})
+    out = convert_gguf(path, tmp_path / "out")
+    chat, tools = [{"role": "user", "content": "hi"}], [{"name": "calc"}]
+    expected = {"default": "<s>[user] hi</s><s>[assistant]", "tools": "[tool calc]hi", "rag": "[rag]hi"}
+    tok = kpro.load_tokenizer(out)
+    assert tok.chat_template == TEMPLATE and set(tok.chat_templates) == {"default", "tool_use", "rag"}
+
+    def rendered(tok):
+        return {"default": tok.apply_chat_template(chat, tokenize=False),
+                "tools": tok.apply_chat_template(chat, tools=tools, tokenize=False),
+                "rag": tok.apply_chat_template(chat, chat_template="rag", tokenize=False)}
+    assert rendered(tok) == expected
+    assert tok.apply_chat_template(chat, chat_template="{{ messages[0]['content'] }}!", tokenize=False) == "hi!"
+    with pytest.raises(ValueError, match=r"no chat template named 'tool-use' \(this Tokenizer has 'default', "
+                                         r"'tool_use', 'rag'\)"):
+        tok.apply_chat_template(chat, chat_template="tool-use")
+    (tmp_path / "saved").mkdir()
+    tok.save(tmp_path / "saved")  # kept by save, and read back from transformers' newer layout of files too
+    assert rendered(kpro.Tokenizer(tmp_path / "saved")) == expected
+    (tmp_path / "files" / "additional_chat_templates").mkdir(parents=True)
+    tok.save(tmp_path / "files")
+    (tmp_path / "files" / "chat_template.jinja").write_text(TEMPLATE)
+    for name, text in (("tool_use", tool_use), ("rag", rag)):
+        (tmp_path / "files" / "additional_chat_templates" / f"{name}.jinja").write_text(text)
+    config = json.loads((tmp_path / "files" / "tokenizer_config.json").read_text())
+    (tmp_path / "files" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "unused"}))
+    assert rendered(kpro.Tokenizer(tmp_path / "files")) == expected
+    if transformers_available():  # on a byte-level vocabulary's folder (tokenizer.json), which it reads as it is
+        from transformers import AutoTokenizer
+        tokens = [chr(c) for c in range(33, 127)] + ["<s>", "</s>", "hi"]
+        bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 1], "merges": ["h i"], "pre": "gpt-2",
+               "bos": 94, "eos": 95}
+        bpe_out = convert_gguf(write_gguf(tmp_path / "bpe.gguf", tiny_model(len(tokens)), bpe, template=TEMPLATE,
+                                          metadata={"tokenizer.chat_template.tool_use": tool_use,
+                                                    "tokenizer.chat_template.rag": rag,
+                                                    "tokenizer.chat_templates": ["tool_use", "rag"]}), tmp_path / "b")
+        assert rendered(kpro.load_tokenizer(bpe_out)) == expected
+        reference = AutoTokenizer.from_pretrained(bpe_out)
+        assert {"default": reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                "tools": reference.apply_chat_template(chat, tools=tools, tokenize=False),
+                "rag": reference.apply_chat_template(chat, chat_template="rag", tokenize=False)} == expected
+    listed_only = write_gguf(tmp_path / "bad.gguf", model, small_vocab, template=TEMPLATE,
+                             metadata={"tokenizer.chat_templates": ["tool_use"]})
+    with pytest.raises(GGUFError, match="names a template 'tool_use', but tokenizer.chat_template.tool_use holds"):
+        convert_gguf(listed_only, tmp_path / "bad")
+
+
+def transformers_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("transformers") is not None
+
+
 def test_a_tokenizer_that_would_not_load_is_refused_before_writing(tmp_path, small_vocab):
     """These converted, and the folder's tokenizer then failed to load ("unk is not defined", "no eos token")."""
     model = tiny_model(len(small_vocab["tokens"]))
@@ -275,12 +378,31 @@ def test_a_tokenizer_that_would_not_load_is_refused_before_writing(tmp_path, sma
     # no token types at all: the unknown piece is typed as one, and the tokenizer loads
     out = convert_gguf(write_gguf(tmp_path / "b.gguf", model, {**small_vocab, "types": None}), tmp_path / "b")
     assert kpro.load_tokenizer(out).encode("hello", bos=False)
-    tokens = [chr(c) for c in range(33, 127)] + ["<|begin_of_text|>", "<|end_of_text|>", "hi"]
+    tokens = [chr(c) for c in range(33, 127)] + ["<|begin_of_text|>", "<|stop|>", "hi"]  # no end llama.cpp knows
     bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 1], "merges": ["h i"], "pre": "llama-bpe",
            "bos": 94, "eos": None}
     with pytest.raises(GGUFError, match="the vocabulary names no end token"):
         convert_gguf(write_gguf(tmp_path / "c.gguf", tiny_model(len(tokens)), bpe), tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_the_ends_llama_cpp_knows_by_their_text_stop_generation(tmp_path):
+    """A ChatML vocabulary whose eos is <|endoftext|> and which names no end-of-turn token: llama.cpp stops at
+    <|im_end|> (it takes that text as an end), the converted model generated past it to the end of the budget."""
+    tokens = [chr(c) for c in range(33, 127)] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "hi"]
+    bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 3, 1], "merges": ["h i"], "pre": "gpt-2",
+           "bos": None, "eos": 94}
+    model = tiny_model(len(tokens))
+    out = convert_gguf(write_gguf(tmp_path / "m.gguf", model, bpe), tmp_path / "out")
+    assert kpro.load_pretrained(out).config.eos_token_ids == [94, 96]
+    assert kpro.load_tokenizer(out).eos_id == 94  # the tokenizer's own eos stays the file's
+    ids = torch.tensor([[95, 97]])
+    with torch.no_grad():  # <|im_end|> the likeliest token after the prompt, whose final state its row now is
+        model.lm_head.weight[96] = model(ids, head=False)[0, -1] * 100
+    out = convert_gguf(write_gguf(tmp_path / "m2.gguf", model, bpe), tmp_path / "out2")
+    converted = kpro.load_pretrained(out)
+    assert converted(ids)[0, -1].argmax() == 96
+    assert kpro.generate(converted, ids, max_new_tokens=5)[0, ids.shape[1]:].tolist() == [96]
 
 
 def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):

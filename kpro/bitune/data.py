@@ -119,11 +119,11 @@ def multiple_choice_prompt(question: "MultipleChoice") -> str:
 def encode_pair(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of `<bos> prompt` and of the answer as it continues the prompt (tokenized together, so a
     SentencePiece model splits the boundary as it would in running text)."""
-    prompt_ids = tok.encode(prompt, bos=True)
-    full = tok.encode(prompt + answer, bos=True)
+    prompt_ids = tok.encode(prompt, bos=True, eos=False)
+    full = tok.encode(prompt + answer, bos=True, eos=False)
     if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         return prompt_ids, full[len(prompt_ids):]
-    return prompt_ids, tok.encode(answer, bos=False)
+    return prompt_ids, tok.encode(answer, bos=False, eos=False)
 
 
 def tokenize_instructions(tok, examples: Sequence[Instruction], max_length: int) -> tuple[list, int]:

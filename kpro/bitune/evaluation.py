@@ -124,7 +124,7 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
         raise TypeError(f"generate_answers takes a list of prompts, got the string {prompts!r}: pass [{prompts!r}]")
     if not isinstance(tuned, (Bitune, lora.AdaptedModel)):
         lora.refuse_idle_adapters(tuned, "generate_answers")
-    encoded = [tok.encode(PROMPT_TEMPLATE.format(instruction=p), bos=True) for p in prompts]
+    encoded = [tok.encode(PROMPT_TEMPLATE.format(instruction=p), bos=True, eos=False) for p in prompts]
     sampling.setdefault("eos_token_id", tok.eos_id)
     if isinstance(tuned, Bitune):
         new = tuned.generate(encoded, max_new_tokens, **sampling)

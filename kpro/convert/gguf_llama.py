@@ -49,6 +49,10 @@ _BLOCK_NAMES = {
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+# Tokens llama.cpp takes as an end of generation by their text alone (an end of turn the file names nowhere else:
+# a ChatML model whose eos is <|endoftext|> stops at <|im_end|>): the converted model stops at them too.
+END_TOKEN_TEXTS = frozenset({"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                             "<|end_of_text|>", "<EOT>", "_<EOT>", "<end_of_utterance>"})
 _ROPE_FREQS = "rope_freqs.weight"
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -101,6 +105,8 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
                                         else need("vocab_size"))
     bos = file.get("tokenizer.ggml.bos_token_id")
     eos_ids = [file.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    # and, as llama.cpp ends generation there too, the tokens it knows as ends by their text
+    eos_ids += [i for i, token in enumerate(tokens or ()) if token in END_TOKEN_TEXTS]
     eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
     fields = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=need("feed_forward_length"),
@@ -291,11 +297,11 @@ def conversion_record(file: GGUFFile, dtype: torch.dtype) -> dict:
 def _written_by_a_conversion(name: str) -> bool:
     """Files an earlier conversion may have left that this one replaces (a tokenizer.model where this one
     writes tokenizer.json, shards of another count)."""
-    # transformers' save_pretrained of a converted folder writes the last four: kept, an old template or stop ids
-    # would override the new model's (chat_template.jinja is read before tokenizer_config.json's template)
+    # transformers' save_pretrained of a converted folder writes the last five: kept, an old template or stop ids
+    # would override the new model's (template files are read before tokenizer_config.json's templates)
     return is_weight_file(name) or name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", RECORD_NAME,
-                                            "chat_template.jinja", "generation_config.json", "special_tokens_map.json",
-                                            "added_tokens.json")
+                                            "chat_template.jinja", "additional_chat_templates", "generation_config.json",
+                                            "special_tokens_map.json", "added_tokens.json")
 
 
 def _check_replaceable(out: Path) -> None:

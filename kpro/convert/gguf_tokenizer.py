@@ -81,7 +81,8 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
     if kind == "gpt2":
         if ids["eos"] is None and not cfg.eos_token_ids:  # the converted tokenizer would not load
             raise GGUFError(f"{file.path}: the vocabulary names no end token (tokenizer.ggml.eos_token_id, "
-                            "eot_token_id or eom_token_id); kpro's tokenizers need one")
+                            "eot_token_id or eom_token_id) and has none llama.cpp knows by its text (<|im_end|>, "
+                            "<|eot_id|>, ...); kpro's tokenizers need one")
         files = {"tokenizer.json": _byte_level_bpe(file, tokens, types, ids, add_bos, add_eos)}
         tokenizer_class = "PreTrainedTokenizerFast"
     elif kind == "llama":
@@ -94,11 +95,31 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
               "model_max_length": cfg.max_position_embeddings, "tokenizer_class": tokenizer_class}
     for name, token_id in ids.items():
         config[f"{name}_token"] = tokens[token_id] if token_id is not None else None
-    template = file.get("tokenizer.chat_template")
-    if template:
-        config["chat_template"] = template
+    templates = chat_templates(file)
+    if list(templates) == ["default"]:
+        config["chat_template"] = templates["default"]
+    elif templates:  # transformers' form of several: a list of names and templates
+        config["chat_template"] = [{"name": name, "template": text} for name, text in templates.items()]
     files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     return files
+
+
+def chat_templates(file: GGUFFile) -> dict[str, str]:
+    """The chat templates by name: `tokenizer.chat_template` (the default) and each name `tokenizer.chat_templates`
+    lists (or a `tokenizer.chat_template.NAME` key has: tool_use, rag, ...)."""
+    prefix = "tokenizer.chat_template."
+    listed = file.get("tokenizer.chat_templates") or []
+    names = list(dict.fromkeys([*listed, *(key[len(prefix):] for key in file.metadata if key.startswith(prefix))]))
+    templates = {}
+    if file.get("tokenizer.chat_template"):
+        templates["default"] = file.get("tokenizer.chat_template")
+    for name in names:
+        text = file.get(prefix + name)
+        if not isinstance(text, str) or not text:
+            raise GGUFError(f"{file.path}: tokenizer.chat_templates names a template {name!r}, but {prefix}{name} "
+                            "holds no template")
+        templates[name] = text
+    return templates
 
 
 def _vocabulary(file: GGUFFile, tokens: list[str]) -> dict[str, int]:

@@ -90,8 +90,8 @@ REPRODUCTIONS = {
         "a width-256 model at lr 2.5e-4, 100,000 training problems, 8,000 explicit steps, a token removed every "
         "1,000 steps, 8,000 steps after",
         "about 2.3 hours on 2 CPU cores (41 minutes of explicit steps, then 95 for the removal beside the no-CoT "
-        "control, measured with other jobs sharing the cores); run on seeds 0 and 1: internalized 0.941 and 0.151 "
-        "with 0 CoT tokens, no CoT 0.012 and 0.012 (shown on seed 0 only)",
+        "control, measured with other jobs sharing the cores); run on seeds 0, 1 and 2: internalized 0.941, 0.151 "
+        "and 0.351 with 0 CoT tokens, no CoT 0.012, 0.012 and 0.041 (shown on seed 0 only)",
         "nothing"),
     "bitune-seeds": Reproduction(
         reproduce_bitune_seeds,

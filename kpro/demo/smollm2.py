@@ -111,7 +111,7 @@ def packed_rows(tok, documents, seq_len: int, rows: int, seed: int = 0) -> torch
     ids, total = [], 0
     for doc in order:
         text = doc.read_text(encoding="utf-8", errors="replace") if isinstance(doc, Path) else doc
-        ids.append(tok.encode(text, bos=False))
+        ids.append(tok.encode(text, bos=False, eos=False))
         total += len(ids[-1]) + 1
         if total >= rows * (seq_len - 1) + 1:
             break

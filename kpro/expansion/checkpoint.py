@@ -24,6 +24,7 @@ from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError
                           atomic_directory, hf_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
 from ..model import Llama
+from ..tokenizer import CHAT_TEMPLATE_DIR
 from .layout import expansion_layout
 
 EXPANSION_FILE = "kpro_expansion.json"
@@ -107,7 +108,7 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     # holds); a user's other files and directories in DST stay, as save_pretrained keeps them
     def written_by_an_expansion(name: str) -> bool:
         return name in MODEL_FILES or name.startswith(("tokenizer", "kpro_")) or name.endswith(WEIGHT_SUFFIXES) \
-            or (src / name).is_file()
+            or (src / name).is_file() or name == CHAT_TEMPLATE_DIR
 
     with atomic_directory(dst, drop=written_by_an_expansion) as tmp:
         names = [WEIGHTS_NAME] if len(shards) == 1 else [
@@ -346,6 +347,10 @@ def _copy_other_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
         name = entry.name
         if name in (CONFIG_NAME, EXPANSION_FILE) or name.endswith((".index.json", ".safetensors")):
             continue  # rewritten for the expanded model
+        if name == CHAT_TEMPLATE_DIR and entry.is_dir():  # the tokenizer's other chat templates
+            shutil.copytree(entry, dst / name, dirs_exist_ok=True)
+            copied.append(name)
+            continue
         if entry.is_dir() or not entry.is_file() or name.endswith(WEIGHT_SUFFIXES):
             skipped.append(name)
             continue

@@ -58,7 +58,7 @@ def corpus_rows(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     def encoded():
         for number, doc in enumerate(documents, start=1):
             try:
-                yield tokenizer.encode(doc, bos=False)
+                yield tokenizer.encode(doc, bos=False, eos=False)
             except ValueError as err:  # a character the tokenizer lacks: which of the corpus's documents
                 raise ValueError(f"document {number} of the corpus ({doc[:40]!r}): {err}") from None
     return pack_documents(encoded(), seq_len, eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)

@@ -71,7 +71,7 @@ def answer_ids(example: CoTExample, tokenizer) -> list[int]:
 def tokenize_example(example: CoTExample, tokenizer, bos: bool = True) -> TokenizedExample:
     """`[bos] input <eos> cot <eos> #### answer <eos>` with the CoT's token span."""
     prompt = prompt_ids(example, tokenizer, bos)
-    cot = tokenizer.encode(example.cot, bos=False) if example.cot else []
+    cot = tokenizer.encode(example.cot, bos=False, eos=False) if example.cot else []
     answer = answer_ids(example, tokenizer)
     special = special_token_in(tokenizer, prompt[int(bos):-1] + cot + answer[:-1])
     if special is not None:  # it would end a segment early: the CoT span and the labels would be wrong
