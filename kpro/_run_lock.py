@@ -4,8 +4,10 @@ Two runs given the same directory (a job submitted twice, a demo started again i
 from its checkpoints and append to the same metrics and results, so each reports a mixture of both. A run holds
 an exclusive lock on the directory's LOCK_FILE (`flock`, which the system releases when the process ends, however
 it ends: no stale lock after a SIGKILL; a run that ends removes the file); a second run is refused at once, naming
-the holder. Within one process the lock is re-entrant (the demo holds --out while each act holds its own
-directory below it, and `fit` its run directory below that).
+the holder. Within one thread the lock is re-entrant (the demo holds --out while each act holds its own directory
+below it, and `fit` its run directory below that); another thread of the same process is refused as another
+process is. Where the system has no such locks (Windows, some network file systems), runs go unguarded, with a
+warning: the run's numbers are the same either way.
 """
 from __future__ import annotations
 
@@ -13,73 +15,98 @@ import contextlib
 import errno
 import os
 import sys
+import threading
 from pathlib import Path
 
 from .errors import DirectoryInUse
 
 LOCK_FILE = ".kpro-run.lock"
 
-_held: dict[Path, int] = {}  # resolved directory -> how many times this process holds it
+_held: dict[Path, list] = {}  # resolved directory -> [holding thread's id, how many times it holds it]
+_held_guard = threading.Lock()
 
 
 @contextlib.contextmanager
 def holding(directory: str | os.PathLike):
-    """Hold `directory` (created if missing) for the block; DirectoryInUse where another process holds it."""
+    """Hold `directory` for the block, creating it if missing (and removing it again if the block left it
+    empty); DirectoryInUse where another process or thread holds it."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} is a file, not a directory: the run writes there")
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     key = directory.resolve()
-    if key in _held:
-        _held[key] += 1
+    with _held_guard:
+        held = _held.get(key)
+        if held is not None and held[0] != threading.get_ident():
+            raise DirectoryInUse(_in_use(directory, f"another thread of this process, {os.getpid()}"))
+        if held is not None:
+            held[1] += 1
+    if held is not None:
         try:
             yield
         finally:
-            _held[key] -= 1
+            with _held_guard:
+                held[1] -= 1
         return
     path = directory / LOCK_FILE
     fd = _lock(path, directory)
     try:
-        _held[key] = 1
+        with _held_guard:
+            _held[key] = [threading.get_ident(), 1]
         try:
             yield
         finally:
-            del _held[key]
+            with _held_guard:
+                del _held[key]
             if fd is not None:
                 path.unlink(missing_ok=True)  # while still locked: the next run creates a file of its own
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+        if created:
+            with contextlib.suppress(OSError):  # refused before writing anything: leave no empty directory
+                directory.rmdir()
+
+
+def _in_use(directory: Path, holder: str) -> str:
+    return (f"{directory} is in use by another kpro run (process {holder}): two runs there would resume from and "
+            "write over each other's checkpoints and results; wait for it to end, or pass another output directory")
 
 
 def _lock(path: Path, directory: Path) -> int | None:
-    """An open, locked descriptor of the file at `path` (None where the file system has no locks)."""
-    import fcntl  # POSIX, as kpro's training is
-
+    """An open, locked descriptor of the file at `path` (None where the system has no locks)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return _unguarded(directory, "this system has no flock")
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                return fd
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise DirectoryInUse(f"{directory} is in use by another kpro run (process {holder}): two runs there "
-                                 "would resume from and write over each other's checkpoints and results; wait for "
-                                 "it to end, or pass another output directory") from None
+            raise DirectoryInUse(_in_use(directory, holder)) from None
+        except FileNotFoundError:
+            pass  # locked a file its holder removed on release: lock the one now at `path`
         except OSError as err:
             os.close(fd)
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            # a file system without locks (some network mounts): the run is the same, only unguarded
-            print(f"warning: {directory} cannot be locked ({err.strerror}): nothing stops a second run from using "
-                  "it at the same time", file=sys.stderr)
-            return None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            return fd
+            return _unguarded(directory, err.strerror)
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)  # locked a file its holder removed on release: lock the one now at `path`
+
+
+def _unguarded(directory: Path, why: str) -> None:
+    print(f"warning: {directory} cannot be locked ({why}): nothing stops a second run from using it at the same "
+          "time", file=sys.stderr)
+    return None

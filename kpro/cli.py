@@ -125,7 +125,7 @@ def cmd_generate(args) -> None:
     if seed is None and args.temperature > 0:  # say the seed, so that this sample can be drawn again
         seed = secrets.randbits(31)
         print(f"sampling with --seed {seed}", file=sys.stderr)
-    prompts = tok.encode_batch(args.prompt)
+    prompts = tok.encode_batch(args.prompt, eos=False)  # a prompt goes on: no end of text after it
     ids, mask = tok.pad_left(prompts, device=device)
     generator = torch.Generator(device=device).manual_seed(seed or 0)
     # Stop where transformers' generate would: generation_config.json's eos ids, else config.json's.

@@ -17,7 +17,9 @@ import numbers
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ._files import write_atomic
@@ -88,7 +90,7 @@ class _TokenizerBase:
     vocab_size: int
     chat_template: str | None = None
 
-    chat_templates: dict[str, str] = {}  # every template by name, the default one as "default"
+    chat_templates: Mapping[str, str] = MappingProxyType({})  # every template by name, the default as "default"
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *, tokenize: bool = True,
                             chat_template: str | None = None, **variables):
@@ -235,14 +237,14 @@ class Tokenizer(_TokenizerBase):
         found = self._piece_id(token) if token is not None else None
         return default if found is None else found
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
-        """Ids of `text`; `bos`, `eos` None: as the tokenizer's config says (`add_bos`, `add_eos`)."""
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = False) -> list[int]:
+        """Ids of `text`; no eos unless asked; `bos`, `eos` None: as the config says (`add_bos`, `add_eos`)."""
         ids = self.sp.EncodeAsIds(checked_text(text))
         bos = self.add_bos if bos is None else bos
         eos = self.add_eos if eos is None else eos
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = False) -> list[list[int]]:
         return [self.encode(text, bos=bos, eos=eos) for text in checked_texts(texts)]
 
     def decode(self, ids) -> str:
@@ -286,11 +288,11 @@ class JsonTokenizer(_TokenizerBase):
     `JsonTokenizer("dir")` or `JsonTokenizer("dir/tokenizer.json")`.
 
     The special tokens, whether a bos is added and the chat template come from `tokenizer_config.json` beside it
-    (missing ids from `config.json`). `encode(text)` adds a bos, and an eos, where the model's tokenizer does
-    (`bos=None`, `eos=None`, the defaults; LLaMA 3 adds a bos, SmolLM2 none; an eos only where `add_eos_token` or
-    the post-processor says so). Special tokens written in the text (`<|im_start|>`) become their ids. `decode` is
-    the exact inverse on any text without special tokens, whatever its Unicode; special tokens are left out unless
-    `skip_special_tokens=False`.
+    (missing ids from `config.json`). `encode(text)` adds a bos where the model's tokenizer does (`bos=None`, the
+    default; LLaMA 3 adds one, SmolLM2 none), and an eos only with `eos=True`, or with `eos=None` where its post-
+    processor adds one (`add_eos`), as transformers' `tokenizer(text)` does. Special tokens written in the text
+    (`<|im_start|>`) become their ids. `decode` is the exact inverse on any text without special tokens, whatever
+    its Unicode; special tokens are left out unless `skip_special_tokens=False`.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -322,8 +324,8 @@ class JsonTokenizer(_TokenizerBase):
         self.add_bos = add_bos if isinstance(add_bos, bool) else self._post_processor_adds_bos()
         if self.add_bos and self.bos_id is None:
             raise ValueError(f"{path}: the tokenizer adds a bos token but names none")
-        add_eos = self.config.get("add_eos_token")
-        self.add_eos = add_eos if isinstance(add_eos, bool) else self._post_processor_adds_eos()
+        # as transformers 5 reads a tokenizer.json: its post-processor says, not tokenizer_config.json
+        self.add_eos = self._post_processor_adds_eos()
         self.chat_templates = chat_templates_of(path.parent, self.config)
         self.chat_template = self.chat_templates.get("default")
 
@@ -357,10 +359,10 @@ class JsonTokenizer(_TokenizerBase):
             raise ValueError(f"{self.path}: no bos token to add")
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = False) -> list[int]:
         return self._wrap(self.tok.encode(checked_text(text), add_special_tokens=False).ids, bos, eos)
 
-    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = None) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = False) -> list[list[int]]:
         return [self._wrap(e.ids, bos, eos) for e in self.tok.encode_batch(checked_texts(texts), add_special_tokens=False)]
 
     def encode_with_special_tokens(self, text: str) -> list[int]:

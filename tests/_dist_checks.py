@@ -6,12 +6,13 @@ Writes OUT/checks-rank{R}.json for the test to read:
 - no shared file system: each process works in its own directory OUT/node{R} with a relative out_dir, so only
   rank 0 sees the checkpoints it writes; a second fit of the same run must resume on every process, and
   every process must read rank 0's saved schedule;
-- data told apart by rank (a TokenShards given another rank and world size, a Batches seeded by rank): the
-  error each process raised;
+- data told apart by rank (a TokenShards given another rank and world size, a Batches seeded by rank), and a
+  run directory another process holds: the error each process raised;
 - FSDP2 of models initialised differently on each process: runs that the test compares with DDP's.
 """
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def main(out: Path) -> None:
     results["shards_error"] = error_of(lambda: kt.fit(make_model(), shards, out / "shards", steps=1, **fit))
     seeded = kt.Batches(examples(), 8, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=env.rank)
     results["seed_error"] = error_of(lambda: kt.fit(make_model(), seeded, out / "seeded", steps=1, **fit))
+
+    holder = None
+    if env.is_main:  # another run holds the directory: rank 0 is refused, and the others hear of it
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kpro._run_lock import holding\n"
+                                   "with holding(sys.argv[1]):\n print('held', flush=True); time.sleep(600)",
+                                   str(out / "held")], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "held\n"
+    torch.distributed.barrier()
+    results["held_error"] = error_of(lambda: kt.fit(make_model(), batches(), out / "held", steps=1, **fit))
+    if holder is not None:
+        holder.kill()
+        holder.wait()
 
     for mode in ("ddp", "fsdp"):  # DDP starts every process from rank 0's weights: so must FSDP2
         kt.fit(make_model(seed=env.rank), batches(), out / f"{mode}-seeded", steps=1, parallel=mode, **fit)

@@ -268,7 +268,8 @@ def test_the_tokenizer_adds_a_bos_as_the_gguf_says(tmp_path, small_vocab):
 
 def test_the_tokenizer_adds_an_eos_where_the_gguf_says(tmp_path, small_vocab):
     """add_eos_token true was written to tokenizer_config.json (and the byte-level post-processor), and kpro's
-    tokenizers added no eos: `encode(text)` gave other ids than llama.cpp's and transformers' tokenization."""
+    tokenizers had no way to add the eos llama.cpp's and transformers' tokenization of a text adds: `eos=None`
+    (`add_eos`) does now. The default stays `eos=False`: an eos after a text is the caller's framing."""
     model = tiny_model(len(small_vocab["tokens"]))
     tokens = [chr(c) for c in range(33, 127)] + ["<|begin_of_text|>", "<|end_of_text|>", "hi"]
     bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 1], "merges": ["h i"], "pre": "llama-bpe",
@@ -277,34 +278,16 @@ def test_the_tokenizer_adds_an_eos_where_the_gguf_says(tmp_path, small_vocab):
         out = {flag: convert_gguf(write_gguf(tmp_path / f"{name}-{flag}.gguf", vocab_model, {**vocab, "add_eos": flag}),
                                   tmp_path / f"{name}-{flag}") for flag in (True, False)}
         tok = kpro.load_tokenizer(out[True])
-        plain = tok.encode("hi", eos=False)
-        assert tok.add_eos and tok.encode("hi") == plain + [tok.eos_id] and plain[-1] != tok.eos_id, name
-        assert tok.encode_batch(["hi"]) == [plain + [tok.eos_id]]
+        plain = tok.encode("hi")
+        assert tok.add_eos and tok.encode("hi", eos=None) == plain + [tok.eos_id] and plain[-1] != tok.eos_id, name
+        assert tok.encode_batch(["hi"], eos=None) == [plain + [tok.eos_id]] and tok.encode_batch(["hi"]) == [plain]
         unchanged = kpro.load_tokenizer(out[False])
-        assert not unchanged.add_eos and unchanged.encode("hi") == plain, name
-        if name == "bpe":  # the tokenizer.json alone (no add_eos_token in the config): read from its post-processor
-            config = json.loads((out[True] / "tokenizer_config.json").read_text())
-            del config["add_eos_token"]
-            (out[True] / "tokenizer_config.json").write_text(json.dumps(config))
-            assert kpro.load_tokenizer(out[True]).encode("hi") == plain + [tok.eos_id]
-
-
-def test_kpros_own_framing_is_the_same_under_a_tokenizer_that_adds_an_eos(tmp_path, small_vocab):
-    """Where kpro frames the ids itself (a Bitune prompt and answer, an ICoT example, packed documents), the
-    tokenizer's add_eos_token must not put an eos inside them."""
-    from kpro.bitune.data import encode_pair
-    from kpro.expansion.posttrain import corpus_rows
-    from kpro.internalize import CoTExample
-    from kpro.internalize.tokenization import tokenize_example
-
-    model = tiny_model(len(small_vocab["tokens"]))
-    toks = [kpro.load_tokenizer(convert_gguf(write_gguf(tmp_path / f"{flag}.gguf", model, {**small_vocab,
-                                                                                            "add_eos": flag}),
-                                             tmp_path / str(flag))) for flag in (True, False)]
-    assert toks[0].add_eos and not toks[1].add_eos
-    framed = [(encode_pair(tok, "hello", " world"), tokenize_example(CoTExample("hello", "a b", "c"), tok).ids,
-               corpus_rows(["hello world", "a b c"], tok, 8).tolist()) for tok in toks]
-    assert framed[0] == framed[1]
+        assert not unchanged.add_eos and unchanged.encode("hi", eos=None) == plain, name
+    # a tokenizer.json's post-processor decides, as transformers 5 reads it, whatever tokenizer_config.json says
+    for flag in (True, False):
+        config = json.loads((out[flag] / "tokenizer_config.json").read_text())
+        (out[flag] / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": not flag}))
+        assert kpro.load_tokenizer(out[flag]).add_eos is flag
 
 
 def test_named_chat_templates_are_converted_and_chosen_as_transformers_chooses(tmp_path, small_vocab):

@@ -138,6 +138,16 @@ def test_data_told_apart_by_rank_is_refused_on_every_process(checks):
         assert "seed: 0 on process 0, 1 on process 1" in r["seed_error"], r["seed_error"]
 
 
+def test_a_run_directory_in_use_is_refused_on_every_process(checks):
+    """Rank 0 alone holds out_dir: it was refused, and the other process waited in the next collective until the
+    group timed out."""
+    _, results = checks
+    assert results[0]["held_error"].startswith("DirectoryInUse: ") and "is in use by another kpro run" in \
+        results[0]["held_error"]
+    assert results[1]["held_error"].startswith("CheckpointError: rank 0 could not hold ") and \
+        "DirectoryInUse: " in results[1]["held_error"]
+
+
 def test_fsdp_starts_every_process_from_rank_0s_weights_as_ddp_does(checks):
     """Models initialised with a seed per rank: fully_shard kept each rank's slice of its own model, a stitched
     model, where DDP trains rank 0's."""

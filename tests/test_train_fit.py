@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from fractions import Fraction
 
@@ -16,6 +17,8 @@ import torch
 
 import kpro
 from kpro import train as kt
+from kpro._run_lock import LOCK_FILE, holding
+from kpro.errors import DirectoryInUse
 from kpro.train import checkpointing
 
 from conftest import randomize_norms, tiny_config
@@ -777,7 +780,7 @@ def test_a_second_fit_in_a_run_directory_in_use_is_refused(tmp_path):
                                str(tmp_path / "x")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(kpro.errors.DirectoryInUse, match=rf"x is in use by another kpro run \(process "
+        with pytest.raises(DirectoryInUse, match=rf"x is in use by another kpro run \(process "
                                                              rf"{holder.pid}\)"):
             kt.fit(make_model(), batches(), tmp_path / "x", steps=4)
         assert (tmp_path / "x" / "metrics.jsonl").read_bytes() == metrics
@@ -786,6 +789,42 @@ def test_a_second_fit_in_a_run_directory_in_use_is_refused(tmp_path):
         holder.wait()
     kt.fit(make_model(), batches(), tmp_path / "x", steps=4)  # released when its holder was killed
     assert [s for s, _ in losses(tmp_path / "x")] == [1, 2, 3, 4]
+    assert not (tmp_path / "x" / LOCK_FILE).exists()
+
+
+def test_the_run_directorys_hold_is_per_thread_and_leaves_nothing_behind(tmp_path):
+    """Another thread of the process got into a held directory, and the first one's release then left it
+    unguarded; a run refused before writing anything left an empty directory behind."""
+    with pytest.raises(FileNotFoundError, match="checkpoint to resume from does not exist"):
+        kt.fit(make_model(), batches(), tmp_path / "new", steps=2, resume=tmp_path / "nowhere")
+    assert not (tmp_path / "new").exists()
+    outcome = []
+
+    def other_thread():
+        try:
+            kt.fit(make_model(), batches(), tmp_path / "x", steps=2)
+            outcome.append("trained")
+        except DirectoryInUse as err:
+            outcome.append(str(err))
+    with holding(tmp_path / "x"), holding(tmp_path / "x"):  # re-entrant in its own thread
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert outcome == [f"{tmp_path / 'x'} is in use by another kpro run (process another thread of this process, "
+                       f"{os.getpid()}): two runs there would resume from and write over each other's checkpoints "
+                       "and results; wait for it to end, or pass another output directory"]
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert outcome[1:] == ["trained"]
+
+
+def test_a_system_without_flock_runs_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
+    """fcntl is POSIX: on Windows every fit failed with ModuleNotFoundError."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    kt.fit(make_model(), batches(), tmp_path / "x", steps=1)
+    assert f"warning: {tmp_path / 'x'} cannot be locked (this system has no flock)" in capsys.readouterr().err
+    assert kt.latest_checkpoint(tmp_path / "x").name == "step-00000001"
 
 
 def test_one_model_per_process_is_refused():

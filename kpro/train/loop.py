@@ -147,7 +147,9 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
         schedule = Schedule(schedule, total_steps=steps if schedule != "constant" else None)
     _check_schedule_covers(schedule, steps)
     # One run at a time in out_dir: a second would resume from this one's checkpoints and write over its metrics.
-    with holding(out_dir) if env.is_main else contextlib.nullcontext():
+    # Rank 0 holds it; a refusal there reaches every rank (on_main), none waiting in a later collective.
+    with contextlib.ExitStack() as hold:
+        distributed.on_main(lambda: hold.enter_context(holding(out_dir)), env, f"hold {out_dir}")
         return _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_decay, schedule, grad_accum,
                     clip_grad_norm, precision, parallel, save_every, keep_last, resume, list(callbacks), log_every,
                     stream)
