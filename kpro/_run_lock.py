@@ -28,12 +28,16 @@ _held_guard = threading.Lock()
 
 @contextlib.contextmanager
 def holding(directory: str | os.PathLike):
-    """Hold `directory` for the block, creating it if missing (and removing it again if the block left it
-    empty); DirectoryInUse where another process or thread holds it."""
+    """Hold `directory` for the block, creating it if missing (and removing what it created again if the block
+    left it empty); DirectoryInUse where another process or thread holds it."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} is a file, not a directory: the run writes there")
-    created = not directory.exists()
+    created = []  # the directory and the parents it lacked, innermost first
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        created.append(path)
     directory.mkdir(parents=True, exist_ok=True)
     key = directory.resolve()
     with _held_guard:
@@ -49,24 +53,24 @@ def holding(directory: str | os.PathLike):
             with _held_guard:
                 held[1] -= 1
         return
-    path = directory / LOCK_FILE
-    fd = _lock(path, directory)
+    path, fd, registered = directory / LOCK_FILE, None, False
     try:
+        fd = _lock(path, directory)
         with _held_guard:
-            _held[key] = [threading.get_ident(), 1]
-        try:
-            yield
-        finally:
+            _held[key], registered = [threading.get_ident(), 1], True
+        yield
+    finally:
+        if registered:
             with _held_guard:
                 del _held[key]
-            if fd is not None:
-                path.unlink(missing_ok=True)  # while still locked: the next run creates a file of its own
-    finally:
         if fd is not None:
+            path.unlink(missing_ok=True)  # while still locked: the next run creates a file of its own
             os.close(fd)  # releases the lock
-        if created:
-            with contextlib.suppress(OSError):  # refused before writing anything: leave no empty directory
-                directory.rmdir()
+        for made in created:  # refused before writing anything: leave no empty directory of this run's
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 def _in_use(directory: Path, holder: str) -> str:
@@ -81,7 +85,11 @@ def _lock(path: Path, directory: Path) -> int | None:
     except ImportError:  # not a POSIX system
         return _unguarded(directory, "this system has no flock")
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # another run that created the directory removed it, empty, on leaving
+            directory.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -99,6 +107,7 @@ def _lock(path: Path, directory: Path) -> int | None:
             os.close(fd)
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
+            path.unlink(missing_ok=True)
             return _unguarded(directory, err.strerror)
         except BaseException:
             os.close(fd)

@@ -796,8 +796,8 @@ def test_the_run_directorys_hold_is_per_thread_and_leaves_nothing_behind(tmp_pat
     """Another thread of the process got into a held directory, and the first one's release then left it
     unguarded; a run refused before writing anything left an empty directory behind."""
     with pytest.raises(FileNotFoundError, match="checkpoint to resume from does not exist"):
-        kt.fit(make_model(), batches(), tmp_path / "new", steps=2, resume=tmp_path / "nowhere")
-    assert not (tmp_path / "new").exists()
+        kt.fit(make_model(), batches(), tmp_path / "runs" / "new", steps=2, resume=tmp_path / "nowhere")
+    assert not (tmp_path / "runs").exists()  # nor the parent it created
     outcome = []
 
     def other_thread():
@@ -820,11 +820,39 @@ def test_the_run_directorys_hold_is_per_thread_and_leaves_nothing_behind(tmp_pat
 
 
 def test_a_system_without_flock_runs_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
-    """fcntl is POSIX: on Windows every fit failed with ModuleNotFoundError."""
+    """fcntl is POSIX: on Windows every fit failed with ModuleNotFoundError. A file system refusing locks
+    (ENOLCK) left its lock file, and so an empty directory, behind."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with holding(tmp_path / "nfs"):
+        assert not (tmp_path / "nfs" / LOCK_FILE).exists()
+    assert not (tmp_path / "nfs").exists()
+    assert f"warning: {tmp_path / 'nfs'} cannot be locked (No locks available)" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "fcntl", None)
     kt.fit(make_model(), batches(), tmp_path / "x", steps=1)
     assert f"warning: {tmp_path / 'x'} cannot be locked (this system has no flock)" in capsys.readouterr().err
     assert kt.latest_checkpoint(tmp_path / "x").name == "step-00000001"
+
+
+def test_a_directory_another_run_removed_on_leaving_is_made_again(tmp_path, monkeypatch):
+    """Run A created a directory and left it empty, removing it, just as run B, which found it there, went to
+    open its lock file: B failed with FileNotFoundError."""
+    import kpro._run_lock as run_lock
+    real_open, left = os.open, []
+
+    def open_after_a_left(path, *args):
+        if str(path).endswith(LOCK_FILE) and not left:
+            (tmp_path / "d").rmdir()
+            left.append(path)
+        return real_open(path, *args)
+    (tmp_path / "d").mkdir()
+    monkeypatch.setattr(run_lock.os, "open", open_after_a_left)
+    with holding(tmp_path / "d"):
+        assert left and (tmp_path / "d" / LOCK_FILE).read_text() == str(os.getpid())
 
 
 def test_one_model_per_process_is_refused():
