@@ -320,12 +320,12 @@ class JsonTokenizer(_TokenizerBase):
             raise ValueError(f"{path}: no eos token (tokenizer_config.json eos_token or config.json eos_token_id)")
         pad = self._special_id("pad", model_config)
         self.pad_id = self.eos_id if pad is None else pad
+        adds_bos, adds_eos = self._post_processor_adds()
         add_bos = self.config.get("add_bos_token")
-        self.add_bos = add_bos if isinstance(add_bos, bool) else self._post_processor_adds_bos()
+        self.add_bos = add_bos if isinstance(add_bos, bool) else adds_bos
         if self.add_bos and self.bos_id is None:
             raise ValueError(f"{path}: the tokenizer adds a bos token but names none")
-        # as transformers 5 reads a tokenizer.json: its post-processor says, not tokenizer_config.json
-        self.add_eos = self._post_processor_adds_eos()
+        self.add_eos = adds_eos  # as transformers 5 reads a tokenizer.json: its post-processor says, not the config
         self.chat_templates = chat_templates_of(path.parent, self.config)
         self.chat_template = self.chat_templates.get("default")
 
@@ -341,16 +341,13 @@ class JsonTokenizer(_TokenizerBase):
             token_id = token_id[0] if token_id else None
         return token_id if isinstance(token_id, int) and 0 <= token_id < self.vocab_size else None
 
-    def _post_processor_adds_bos(self) -> bool:
+    def _post_processor_adds(self) -> tuple[bool, bool]:
+        """(a bos, an eos): what the file's post-processor puts around a text."""
         plain = self.tok.encode("a", add_special_tokens=False).ids
         full = self.tok.encode("a", add_special_tokens=True).ids
-        return self.bos_id is not None and len(full) > len(plain) and full[0] == self.bos_id
-
-    def _post_processor_adds_eos(self) -> bool:
-        plain = self.tok.encode("a", add_special_tokens=False).ids
-        full = self.tok.encode("a", add_special_tokens=True).ids
-        body = full[1:] if self._post_processor_adds_bos() else full
-        return len(body) > len(plain) and body[-1] == self.eos_id
+        bos = self.bos_id is not None and len(full) > len(plain) and full[0] == self.bos_id
+        body = full[1:] if bos else full
+        return bos, len(body) > len(plain) and body[-1] == self.eos_id
 
     def _wrap(self, ids: list[int], bos, eos) -> list[int]:
         bos = self.add_bos if bos is None else bos

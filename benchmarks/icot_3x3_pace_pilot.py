@@ -1,0 +1,45 @@
+"""The half-pace pilot of benchmarks/RESULTS.md ("ICoT-SI at 3×3, the CPU recipe"): a seed's explicit-CoT model
+from `python -m kpro reproduce internalization-3x3` (its `explicit-cot/model`), internalized as RECIPE_3X3 does
+but removing a CoT token every STEPS_PER_TOKEN steps; the chain only, no no-CoT control. Validation accuracy is
+printed every 500 steps; the run resumes from its checkpoints.
+
+    python benchmarks/icot_3x3_pace_pilot.py OUT/internalization-3x3/explicit-cot/model SEED RUN_DIR [STEPS_PER_TOKEN]
+
+The recorded runs: seeds 1 and 2, STEPS_PER_TOKEN 2000 (the recipe's is 1000).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from kpro.checkpoint import load_pretrained, save_pretrained
+from kpro.demo.internalization import BATCH, SAVE_EVERY, _setup
+from kpro.demo.seeds import RECIPE_3X3
+from kpro.internalize import RemovalSchedule, ValidationAccuracy, fit_internalization, multiplication_tokenizer
+from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
+
+COT_TOKENS = 24  # a 3x3 product's CoT
+
+
+def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    r = RECIPE_3X3
+    valid, train, _ = _setup(r["digits"], r["train_size"], seed, r["valid_size"], r["test_size"], r["hidden"], 2)
+    model = load_pretrained(explicit)
+    tok = multiplication_tokenizer()
+    steps = COT_TOKENS * steps_per_token + r["after_steps"]
+    schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
+    best = ValidationAccuracy(tok, valid, r["eval_every"], batch_size=len(valid), select_best=True, stream=sys.stdout)
+    fit_internalization(model, train, run_dir / "run", removal=schedule, steps=steps, batch_size=BATCH,
+                        pad_id=tok.pad_id, lr=r["lr"], schedule=lr_schedule(steps, r["decay_steps"]),
+                        weight_decay=OFFICIAL_WEIGHT_DECAY, seed=seed, keep_last=1, save_every=SAVE_EVERY,
+                        callbacks=[best], stream=sys.stdout)
+    save_pretrained(model, run_dir / "model")
+    print("selected", best.selected)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), *(int(a) for a in sys.argv[4:5]))
