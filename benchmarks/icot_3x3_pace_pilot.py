@@ -1,11 +1,14 @@
 """The half-pace pilot of benchmarks/RESULTS.md ("ICoT-SI at 3×3, the CPU recipe"): a seed's explicit-CoT model
 from `python -m kpro reproduce internalization-3x3` (its `explicit-cot/model`), internalized as RECIPE_3X3 does
-but removing a CoT token every STEPS_PER_TOKEN steps; the chain only, no no-CoT control. Validation accuracy is
-printed every 500 steps; the run resumes from its checkpoints.
+but removing a CoT token every STEPS_PER_TOKEN steps at learning rate LR; the chain only, no no-CoT control.
+Validation accuracy is printed every 500 steps; the run resumes from its checkpoints.
 
-    python benchmarks/icot_3x3_pace_pilot.py OUT/internalization-3x3/explicit-cot/model SEED RUN_DIR [STEPS_PER_TOKEN]
+    python benchmarks/icot_3x3_pace_pilot.py EXPLICIT_MODEL SEED RUN_DIR [STEPS_PER_TOKEN [LR]]
 
-The recorded runs: seeds 1 and 2, STEPS_PER_TOKEN 2000 (the recipe's is 1000).
+EXPLICIT_MODEL: OUT/internalization-3x3/explicit-cot/model.
+
+The recorded runs: seeds 1 and 2, STEPS_PER_TOKEN 2000 (the recipe's is 1000), and STEPS_PER_TOKEN 1000 at LR
+1.25e-4 (the recipe's is 2.5e-4).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
 COT_TOKENS = 24  # a 3x3 product's CoT
 
 
-def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000) -> None:
+def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
+         lr: float | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     r = RECIPE_3X3
@@ -33,8 +37,9 @@ def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000) 
     steps = COT_TOKENS * steps_per_token + r["after_steps"]
     schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
     best = ValidationAccuracy(tok, valid, r["eval_every"], batch_size=len(valid), select_best=True, stream=sys.stdout)
+    lr = r["lr"] if lr is None else lr
     fit_internalization(model, train, run_dir / "run", removal=schedule, steps=steps, batch_size=BATCH,
-                        pad_id=tok.pad_id, lr=r["lr"], schedule=lr_schedule(steps, r["decay_steps"]),
+                        pad_id=tok.pad_id, lr=lr, schedule=lr_schedule(steps, r["decay_steps"]),
                         weight_decay=OFFICIAL_WEIGHT_DECAY, seed=seed, keep_last=1, save_every=SAVE_EVERY,
                         callbacks=[best], stream=sys.stdout)
     save_pretrained(model, run_dir / "model")
@@ -42,4 +47,5 @@ def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000) 
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), *(int(a) for a in sys.argv[4:5]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), *(int(a) for a in sys.argv[4:5]),
+         *(float(a) for a in sys.argv[5:6]))
