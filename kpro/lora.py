@@ -163,9 +163,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Fold adapter `name` into the base weight (for serving a single adapter); unmerge() undoes it
-        (up to rounding in the weight's dtype). While merged, the adapter is frozen (its update is in the
-        weight, so it would get no gradient); unmerge() subtracts what merge() added and restores its flags."""
+        """Fold adapter `name` into the base weight (for serving a single adapter); unmerge() undoes it. Both
+        compute in fp32 or wider, autocast or not, and round once into the weight's dtype: exact to fp32 rounding
+        for an fp32 weight, but a bf16 or fp16 weight is rounded each way, so each merge/unmerge cycle moves some
+        of its entries by a unit in the last place, and cycles add up (reload the base to get it back exactly).
+        While merged, the adapter is frozen (its update is in the weight, so it would get no gradient); unmerge()
+        subtracts what merge() added and restores its flags."""
         if name not in self.adapters:
             raise ValueError(f"adapter {name!r} does not exist (adapters: {list(self.adapters)})")
         if self.merged is not None:
@@ -173,7 +176,7 @@ class LoRALinear(nn.Module):
         params = self._factors(name)
         record = _MergeRecord(tuple(p.detach().clone() for p in params), tuple(p.requires_grad for p in params),
                               tuple(p._version for p in params))
-        self.weight.add_(self._delta(*record.factors))
+        self._add_to_weight(record.factors, +1)
         for p in params:
             p.requires_grad_(False)
         self._merge_record, self.merged = record, name
@@ -183,10 +186,46 @@ class LoRALinear(nn.Module):
         if self.merged is None:
             raise ValueError("no adapter is merged")
         record = self._merge_record
-        self.weight.sub_(self._delta(*record.factors))  # the values merged, even if the adapter changed since
+        self._add_to_weight(record.factors, -1)  # the values merged, even if the adapter changed since
         for p, flag in zip(self._factors(self.merged), record.requires_grad):
             p.requires_grad_(flag)
         self.merged, self._merge_record = None, None
+
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)`, `.half()`: the base weight is cast, the adapters stay in `adapter_dtype`
+        of it (fp32 for a half-precision weight), converted from their own values, not rounded through the
+        narrower dtype on the way."""
+        factors = [(linear, linear.weight.data, None if linear.weight.grad is None else linear.weight.grad.data)
+                   for adapter in self.adapters.values() for linear in (adapter.lora_A, adapter.lora_B)]
+        merged_unchanged = self.merged is not None and self._merged_versions_match()
+        super()._apply(fn, recurse)
+        dtype = adapter_dtype(self.weight.dtype)
+        for linear, data, grad in factors:
+            param = linear.weight
+            if param.dtype != dtype and param.is_floating_point():
+                param.data = data.to(param.device, dtype)
+                if grad is not None and param.grad is not None:
+                    param.grad.data = grad.to(param.grad.device, dtype)
+        if merged_unchanged:  # the conversion is not a change to the merged values
+            self._record_merged_versions()
+        return self
+
+    def __setstate__(self, state):
+        # A copy (copy.deepcopy, pickle) starts its tensors' version counters afresh: re-record them where the
+        # copied adapter holds the values merged, so the copy runs as the original does (and refuses as it would).
+        super().__setstate__(state)
+        if self.merged is not None:
+            if all(torch.equal(p, f) for p, f in zip(self._factors(self.merged), self._merge_record.factors)):
+                self._record_merged_versions()
+            else:
+                self._merge_record = dataclasses.replace(self._merge_record, versions=(-1, -1))
+
+    def _record_merged_versions(self) -> None:
+        self._merge_record = dataclasses.replace(
+            self._merge_record, versions=tuple(p._version for p in self._factors(self.merged)))
+
+    def _merged_versions_match(self) -> bool:
+        return tuple(p._version for p in self._factors(self.merged)) == self._merge_record.versions
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         adapter = self.adapters[name]
@@ -197,14 +236,18 @@ class LoRALinear(nn.Module):
         place (loaded, or an optimizer step), which would silently run the old ones."""
         if torch.compiler.is_compiling():
             return
-        if tuple(p._version for p in self._factors(self.merged)) != self._merge_record.versions:
+        if not self._merged_versions_match():
             raise ValueError(f"adapter {self.merged!r} was changed after it was merged into the weight, which still "
                              "holds its old values: unmerge() and merge() it again")
 
-    def _delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _add_to_weight(self, factors: tuple[torch.Tensor, torch.Tensor], sign: int) -> None:
+        """weight ± scale·B·A, in fp32 or wider and rounded once. Outside autocast: under it the product would be
+        bf16, and an unmerge() outside autocast would not subtract what a merge() inside it added."""
+        a, b = factors
         acc = torch.promote_types(self.weight.dtype, torch.float32)
-        delta = b.to(self.weight.device, acc) @ a.to(self.weight.device, acc) * self.scale
-        return delta.to(self.weight.dtype)
+        with torch.autocast(self.weight.device.type, enabled=False):
+            delta = b.to(self.weight.device, acc) @ a.to(self.weight.device, acc) * (sign * self.scale)
+            self.weight.copy_(self.weight.to(acc) + delta)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, adapters={list(self.adapters)}"
@@ -251,6 +294,27 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return wrapped
+
+
+@contextlib.contextmanager
+def adapters_undone_on_error(model: nn.Module):
+    """For a loader that adds adapters to the caller's model and then loads them: if the block raises, every
+    LoRA layer it added is replaced by the plain linear layer it wrapped and every parameter's requires_grad
+    is restored, so the model is left as it was and a corrected retry can adapt it again."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = set(map(id, lora_layers(model)))
+    try:
+        yield
+    except BaseException:
+        for path, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, LoRALinear) and id(child) not in before:
+                    plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                    plain.weight = child.weight
+                    setattr(module, child_name, plain)
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags.get(name, param.requires_grad))
+        raise
 
 
 class AdaptedModel(nn.Module):

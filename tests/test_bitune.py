@@ -117,10 +117,24 @@ def test_mixing_weights_follow_the_formula_and_start_at_one_half():
     assert default.rank == 8 and default.alpha == 1.0 and default.mix_eps == 0.01
     assert all(torch.equal(a, torch.full((2,), 0.5)) for a in default.mix_weights())
     assert default.w_k.dtype == torch.float32
+    with torch.no_grad():  # trained values bf16 cannot hold: the cast must not round them on the way
+        default.w_k.copy_(torch.tensor([0.7342197, -1.0001]))
+        default.w_v.copy_(torch.tensor([1e-3 + 1e-7, 3.1415927]))
+    w_k, w_v = default.w_k.detach().clone(), default.w_v.detach().clone()
     default.to(torch.bfloat16)
     assert default.w_k.dtype == default.w_v.dtype == torch.float32  # the model moves, the mixing scalars stay fp32
+    assert torch.equal(default.w_k, w_k) and torch.equal(default.w_v, w_v)
     assert default.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert default.model.layers[0].self_attn.q_proj.causal.lora_A.weight.dtype == torch.float32
     assert kpro.Bitune is Bitune
+
+
+def test_mixing_scalars_are_made_where_the_model_is():
+    """w_k and w_v were made on the CPU whatever the model's device, so a model on a GPU needed a bt.to(device)."""
+    with torch.device("meta"):
+        model = kpro.Llama(tiny_config())
+    bt = Bitune(model)
+    assert bt.w_k.device.type == bt.w_v.device.type == "meta"
 
 
 @pytest.mark.parametrize("fused", [True, False])

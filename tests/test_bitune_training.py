@@ -307,6 +307,50 @@ def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
         bitune.tune(kpro.Llama(tiny_config()), pairs, "prefix", tmp_path / "x")
 
 
+def test_load_tuned_rebuilds_lora_on_other_projections_and_names(tmp_path):
+    """save_tuned_adapters recorded neither the projections adapted nor the adapter's name: adapters on q_proj
+    and v_proj only, or named other than "causal", could not be loaded from the files it wrote."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config())
+    lora.add_adapters(model, ["mine"], rank=2, targets=["q_proj", "v_proj"], seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    tuned = lora.AdaptedModel(model, "mine")
+    bitune.save_tuned_adapters(tuned, tmp_path / "adapters")
+    torch.manual_seed(0)
+    loaded = bitune.load_tuned(kpro.Llama(tiny_config()), tmp_path / "adapters")
+    assert isinstance(loaded, lora.AdaptedModel) and loaded.adapter == "mine"
+    assert bitune.lora_config(loaded.model)["targets"] == ["q_proj", "v_proj"]
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    assert torch.equal(loaded(ids), tuned(ids))
+    with pytest.raises(TypeError, match="takes a Bitune or a kpro.lora.AdaptedModel, got Llama"):
+        bitune.save_tuned_adapters(model, tmp_path / "other")
+
+
+@pytest.mark.parametrize("method", ["bitune", "lora"])
+def test_a_failed_load_tuned_leaves_the_model_as_it_was(tmp_path, method):
+    """load_tuned added the adapters to the caller's model before loading them: a file that did not match left
+    the model adapted and frozen, and the retry failed with "has LoRA adapters already"."""
+    torch.manual_seed(0)
+    bitune.tune(kpro.Llama(tiny_config()), tiny_pairs(8), method, tmp_path, steps=0, rank=2)
+    files = tmp_path / "adapters"
+    good = (files / "adapters.safetensors").read_bytes()
+    (files / "adapters.safetensors").write_bytes(b"not a safetensors file")
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config())
+    before = {name: (type(module), module.weight.requires_grad) for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    with pytest.raises(kpro.CheckpointError, match="is not a readable safetensors file"):
+        bitune.load_tuned(model, files)
+    after = {name: (type(module), module.weight.requires_grad) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) or isinstance(module, lora.LoRALinear)}
+    assert after == before and not lora.lora_layers(model)
+    (files / "adapters.safetensors").write_bytes(good)
+    assert lora.lora_layers(bitune.load_tuned(model, files).model)  # the retry works
+
+
 @pytest.mark.parametrize("method", ["bitune", "lora"])
 def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
     pairs = tiny_pairs(16)

@@ -258,3 +258,86 @@ def test_an_adapter_name_that_is_an_attribute_of_the_layer_is_refused(name):
     with pytest.raises(ValueError, match=f"adapter name '{name}' is taken or not an identifier"):
         lora.add_adapters(model, [name])
     assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_merge_under_autocast_is_undone_by_unmerge_outside_it():
+    """merge() computed its delta under autocast in bf16 and unmerge() outside it in fp32: the fp32 base came
+    back off by about 3e-3 in every entry."""
+    torch.manual_seed(0)
+    lin = lora.LoRALinear(nn.Linear(24, 16, bias=False), ["a"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        lin.a.lora_B.weight.normal_(std=0.5)
+    base = lin.weight.detach().clone()
+    delta = (lin.a.lora_B.weight.double() @ lin.a.lora_A.weight.double()) * lin.scale
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lin.merge("a")
+    assert ((lin.weight.double() - base.double()) - delta).abs().max() < 1e-6 * delta.abs().max()
+    lin.unmerge()
+    assert (lin.weight - base).abs().max() < 1e-6 * base.abs().max()
+
+
+def test_a_bf16_weight_is_merged_with_one_rounding():
+    torch.manual_seed(0)
+    lin = lora.LoRALinear(nn.Linear(64, 48, bias=False).to(torch.bfloat16), ["a"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        lin.a.lora_B.weight.normal_(std=0.1)
+    base = lin.weight.detach().clone()
+    delta = (lin.a.lora_B.weight @ lin.a.lora_A.weight) * lin.scale  # fp32 adapters
+    lin.merge("a")
+    assert torch.equal(lin.weight, (base.float() + delta).to(torch.bfloat16))  # not base + delta rounded first
+    lin.unmerge()
+    assert torch.equal(lin.weight, ((base.float() + delta).to(torch.bfloat16).float() - delta).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("cast", ["to", "bfloat16", "half"])
+def test_adapters_stay_fp32_and_unrounded_when_the_model_is_cast_after_they_were_added(cast):
+    """model.to(torch.bfloat16) after add_adapters turned the fp32 adapters into bf16 ones, where AdamW's small
+    updates round away (the docs promise fp32 adapters for a half-precision model)."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config())
+    lora.add_adapters(model, ["a"], rank=2, seed=0)
+    params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_()
+            p.grad = torch.randn_like(p)
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in params.items()}
+    dtype = torch.float16 if cast == "half" else torch.bfloat16
+    model.to(dtype) if cast == "to" else getattr(model, cast)()
+    assert model.embed_tokens.weight.dtype == dtype
+    after = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    for name, (value, grad) in before.items():
+        assert after[name].dtype == after[name].grad.dtype == torch.float32, name
+        assert torch.equal(after[name], value) and torch.equal(after[name].grad, grad), name  # not rounded on the way
+    model.double()  # wider than fp32: the adapters follow
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_a_copy_of_a_merged_model_runs_and_refuses_as_the_original():
+    """copy.deepcopy of a merged layer refused to run ("changed after it was merged"): the copy's version
+    counters start afresh."""
+    import copy
+    import io
+    lin = layer()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    lin.merge("a")
+    expected = lin(x)
+    buffer = io.BytesIO()
+    torch.save(lin, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(lin), torch.load(buffer, weights_only=False)):
+        assert torch.equal(twin(x), expected)
+        twin.unmerge()
+        torch.testing.assert_close(twin.weight, layer().weight, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        lin.a.lora_A.weight.add_(1.0)  # changed while merged: the original refuses, and so does its copy
+    for refusing in (lin, copy.deepcopy(lin)):
+        with pytest.raises(ValueError, match="adapter 'a' was changed after it was merged"):
+            refusing(x)
+    lin.to(torch.float64)  # a conversion is not a change, and not a way around the refusal
+    with pytest.raises(ValueError, match="adapter 'a' was changed after it was merged"):
+        lin(x)
+    fresh = layer()
+    fresh.merge("a")
+    fresh.to(torch.float32)
+    fresh(x.float())

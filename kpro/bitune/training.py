@@ -161,28 +161,47 @@ def _warmup_steps(warmup: float | None, steps: int, run_dir: Path) -> int:
 
 
 def save_tuned_adapters(tuned, directory) -> Path:
+    """The adapters of what `tune` returns (a Bitune, or a `lora.AdaptedModel`, whatever its adapter's name and
+    the projections adapted), with the set-up `load_tuned` rebuilds them from."""
     if isinstance(tuned, Bitune):
         return tuned.save_adapters(directory)
+    if not isinstance(tuned, lora.AdaptedModel):
+        raise TypeError(f"save_tuned_adapters takes a Bitune or a kpro.lora.AdaptedModel, got {type(tuned).__name__}")
     return adapters.save_adapters(directory, adapters.lora_tensors(tuned.model),
-                                  {**lora_config(tuned.model), **adapters.base_record(tuned.model)})
+                                  {**lora_config(tuned.model), "adapter": tuned.adapter,
+                                   **adapters.base_record(tuned.model)})
 
 
 def load_tuned(model: Llama, directory: str | os.PathLike):
     """The tuned module saved by `tune` (its `out_dir/adapters`): a Bitune, or for plain LoRA an
-    `AdaptedModel`, with the adapters added to `model` and loaded; the set-up comes from the saved config."""
+    `AdaptedModel`, with the adapters added to `model` and loaded; the set-up comes from the saved config.
+    A load that fails leaves `model` as it was."""
     saved = adapters.read_config(directory, ("method",))
     if saved.get("method") == "bitune":
         return Bitune.from_adapters(model, directory)
     if saved.get("method") != "lora":
         raise CheckpointError(f"{directory} holds {saved.get('method')!r} adapters; kpro reads 'bitune' and 'lora'")
     saved = adapters.read_config(directory, ("adapters", "rank", "alpha"))
+    # Files written before these were recorded hold tune's: every projection, the adapter "causal".
+    targets, adapter = saved.get("targets", list(lora.PROJECTIONS)), saved.get("adapter", "causal")
+    if not isinstance(targets, list) or not isinstance(saved["adapters"], list) or adapter not in saved["adapters"]:
+        raise CheckpointError(f"{Path(directory) / adapters.CONFIG_FILE}: targets {targets!r}, adapters "
+                              f"{saved['adapters']!r} and adapter {adapter!r} (one of the adapters) do not fit "
+                              "together: it was not written by save_tuned_adapters, or was edited")
     adapters.check_base(directory, model)
-    lora.add_adapters(model, saved["adapters"], rank=saved["rank"], alpha=saved["alpha"])
-    model.to(model.embed_tokens.weight.device)
-    adapters.load_adapters(directory, adapters.lora_tensors(model), lora_config(model))
-    return lora.AdaptedModel(model, "causal")
+    with lora.adapters_undone_on_error(model):
+        lora.add_adapters(model, saved["adapters"], rank=saved["rank"], alpha=saved["alpha"], targets=targets)
+        model.to(model.embed_tokens.weight.device)
+        config = lora_config(model)
+        adapters.load_adapters(directory, adapters.lora_tensors(model),
+                               {key: value for key, value in config.items() if key != "targets" or key in saved})
+    return lora.AdaptedModel(model, adapter)
 
 
 def lora_config(model: nn.Module) -> dict:
-    layer = lora.lora_layers(model)[0]
-    return {"method": "lora", "rank": layer.rank, "alpha": layer.alpha, "adapters": list(layer.adapters)}
+    """The LoRA set-up of `model`: rank, alpha, adapter names, and the projections adapted (`targets`)."""
+    layers = [(path.rsplit(".", 1)[-1], module) for path, module in model.named_modules()
+              if isinstance(module, lora.LoRALinear)]
+    layer = layers[0][1]
+    return {"method": "lora", "rank": layer.rank, "alpha": layer.alpha, "adapters": list(layer.adapters),
+            "targets": list(dict.fromkeys(name for name, _ in layers))}

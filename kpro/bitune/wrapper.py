@@ -57,15 +57,21 @@ class Bitune(nn.Module):
         self.adapter_names = sorted({p.adapter for p in MODES[mode].passes} | {"causal"})
         lora.add_adapters(model, self.adapter_names, rank=rank, alpha=alpha, seed=seed)
         layers = model.config.num_hidden_layers
-        self.w_k = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32))
-        self.w_v = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32))
+        device = model.embed_tokens.weight.device  # where the model is, as the adapters are
+        self.w_k = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32, device=device))
+        self.w_v = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32, device=device))
 
     def _apply(self, fn, recurse=True):
-        # `bt.to(torch.bfloat16)` casts the model; the mixing scalars stay fp32 (SPEC: 2·L fp32 scalars).
+        # `bt.to(torch.bfloat16)` casts the model; the mixing scalars stay fp32 (SPEC: 2·L fp32 scalars),
+        # converted from their own values rather than rounded through bf16 on the way.
+        scalars = [(name, getattr(self, name).data, getattr(self, name).grad) for name in ("w_k", "w_v")]
         super()._apply(fn, recurse)
-        for param in (self.w_k, self.w_v):
+        for name, data, grad in scalars:
+            param = getattr(self, name)
             if param.dtype != torch.float32:
-                param.data = param.data.float()
+                param.data = data.to(param.device, torch.float32)
+                if grad is not None and param.grad is not None:
+                    param.grad.data = grad.data.to(param.grad.device, torch.float32)
         return self
 
     # ------------------------------------------------------------------------------------- public API
@@ -193,7 +199,8 @@ class Bitune(nn.Module):
             raise CheckpointError(f"{directory} holds {saved.get('method')!r} adapters, not Bitune's")
         saved = adapters.read_config(directory, ("rank", "alpha", "mix_eps", "mode"))
         adapters.check_base(directory, model)  # before any adapter is added to it
-        bitune = cls(model, rank=saved["rank"], alpha=saved["alpha"], mix_eps=saved["mix_eps"], mode=saved["mode"])
-        bitune.to(model.embed_tokens.weight.device)
-        bitune.load_adapters(directory)
+        with lora.adapters_undone_on_error(model):  # a failed load leaves the model as it was
+            bitune = cls(model, rank=saved["rank"], alpha=saved["alpha"], mix_eps=saved["mix_eps"], mode=saved["mode"])
+            bitune.to(model.embed_tokens.weight.device)
+            bitune.load_adapters(directory)
         return bitune
