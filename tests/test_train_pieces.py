@@ -124,6 +124,22 @@ def test_batches_resume_where_they_stopped():
         kt.Batches(rows.reshape(5, 4), 3, seed=1).load_state_dict(state)  # train-expanded --seq-len changed, say
 
 
+def test_batches_refuse_to_resume_with_another_drop_last():
+    """A run saved with drop_last=True and resumed with False (or the reverse) was accepted, and from the next
+    epoch on saw other batches than the uninterrupted run."""
+    rows = torch.arange(10)[:, None].repeat(1, 2)  # batches of 4: 2 full ones and 2 examples left an epoch
+    first = kt.Batches(rows, 4, seed=0, drop_last=True)
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    with pytest.raises(ValueError, match=r"the checkpoint's data had drop_last=True, these have drop_last=False; "
+                                         r"pass Batches\(\.\.\., drop_last=True\) to continue that run"):
+        kt.Batches(rows, 4, seed=0, drop_last=False).load_state_dict(state)
+    kt.Batches(rows, 4, seed=0, drop_last=True).load_state_dict(state)
+    del state["drop_last"]  # a checkpoint written before drop_last was kept: unchecked
+    kt.Batches(rows, 4, seed=0, drop_last=False).load_state_dict(state)
+
+
 @pytest.mark.parametrize("examples, changed", [
     ([([1, 2], [3]), ([4], [5, 6])], [([1, 2], [3]), ([4, 5], [6])]),  # the same tokens, cut elsewhere
     ([("a 1", "2", "left")], [("a 1", "2", "right")]),

@@ -179,12 +179,14 @@ class Batches:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
-                "num_examples": len(self.examples), "shuffle": self.shuffle, "digest": self._content_digest()}
+                "num_examples": len(self.examples), "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "digest": self._content_digest()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume where `state` left off; other data (seed, batch size, count, shuffling, or content: the
-        same number of other examples) is refused. A digest missing on either side (an older checkpoint,
-        examples without a stable content) leaves the content unchecked."""
+        """Resume where `state` left off; other data (seed, batch size, count, shuffling, drop_last, or
+        content: the same number of other examples) is refused. A digest missing on either side (an older
+        checkpoint, examples without a stable content), or drop_last missing in an older checkpoint, leaves
+        that unchecked."""
         mine = self.state_dict()
         if not isinstance(state, dict) or not {"seed", "batch_size", "num_examples", "shuffle", "epoch", "index"} \
                 <= set(state):
@@ -196,6 +198,12 @@ class Batches:
                     else ""
                 raise ValueError(f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, "
                                  f"these have {key}={mine[key]!r}{why}")
+        # Another drop_last keeps or drops each epoch's last, smaller batch: other batches from the next epoch on.
+        saved = state.get("drop_last")  # None: a checkpoint written before it was kept
+        if saved is not None and saved != mine["drop_last"]:
+            raise ValueError(f"cannot resume these batches: the checkpoint's data had drop_last={saved!r}, these "
+                             f"have drop_last={mine['drop_last']!r}; pass Batches(..., drop_last={saved!r}) to "
+                             "continue that run")
         if state.get("digest") is not None and mine["digest"] is not None and state["digest"] != mine["digest"]:
             raise ValueError(f"cannot resume these batches: they hold as many examples as the checkpoint's data "
                              f"({mine['num_examples']}), but other ones (content digest {mine['digest'][:12]}, the "
