@@ -186,6 +186,19 @@ def test_a_plain_iterable_drawing_from_the_global_rng_resumes_exactly(tmp_path):
         assert losses(tmp_path / f"{name}-resumed") == losses(tmp_path / f"{name}-straight"), name
 
 
+def test_a_new_run_starts_a_used_batches_from_its_start(tmp_path):
+    """fit into a new directory iterated a Batches from where an earlier fit (or a look at a batch) left it,
+    and saved that offset as its own: a fresh script could not make the same run."""
+    kt.fit(make_model(), batches(), tmp_path / "fresh", steps=3, lr=1e-2)
+    used = batches()
+    kt.fit(make_model(), used, tmp_path / "earlier", steps=2, lr=1e-2)
+    next(iter(used))
+    again = kt.fit(make_model(), used, tmp_path / "again", steps=3, lr=1e-2)
+    assert losses(tmp_path / "again") == losses(tmp_path / "fresh")
+    saved = torch.load(again.checkpoint / "trainer_state.pt", weights_only=True)["data"]
+    assert saved == batches().state_dict() | {"index": 3}  # the position of its own 3 steps
+
+
 def test_resuming_a_plain_iterable_shorter_than_the_steps_done_is_named(tmp_path):
     data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(4)]
     kt.fit(make_model(), data, tmp_path, steps=4)

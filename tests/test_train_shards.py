@@ -193,6 +193,16 @@ def test_fit_on_shards_resumes_bit_for_bit(tmp_path):
     assert kt.read_metrics(tmp_path / "straight" / "metrics.jsonl")[0]["tokens"] == 4 * 24
 
 
+def test_a_new_run_starts_used_token_shards_from_their_start(tmp_path):
+    """A second fit into a new directory (resume=False) went on where the first left the object."""
+    kt.fit(make_model(), shard_corpus(tmp_path / "s"), tmp_path / "fresh", steps=3, **FIT)
+    used = shard_corpus(tmp_path / "s")
+    kt.fit(make_model(), used, tmp_path / "earlier", steps=2, **FIT)
+    kt.fit(make_model(), used, tmp_path / "again", steps=3, resume=False, **FIT)
+    assert losses(tmp_path / "again") == losses(tmp_path / "fresh")
+    assert used.state_dict() == shard_corpus(tmp_path / "s").state_dict() | {"index": 3}
+
+
 def test_fit_on_shards_resumes_exactly_after_sigkill(tmp_path):
     """The process dies by SIGKILL in step 4 (checkpoint at 2): nothing is flushed or cleaned up."""
     kt.write_token_shards(tmp_path / "s", documents(n=300), vocab_size=67, eos_id=2, bos_id=1, shard_tokens=500)

@@ -172,6 +172,11 @@ class Batches:
                 yield self.collate([self.examples[i] for i in picked])
             self.epoch, self.index = self.epoch + 1, 0
 
+    def restart(self) -> None:
+        """Go back to the first batch of epoch 0, where a new `Batches` starts. `fit` calls it when a run starts
+        afresh (no checkpoint to resume), so the run is the one a fresh script makes, whatever iterated before."""
+        self.epoch, self.index = 0, 0
+
     def _content_digest(self) -> str | None:
         if self._digest is False:
             self._digest = content_digest(self.examples)

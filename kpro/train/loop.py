@@ -33,6 +33,7 @@ from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
 from .progress import MetricsLog, ProgressLine
+from .shards import TokenShards
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -189,6 +190,10 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
         _skip_consumed(data, run.step)
         set_rng_state(resumed_rng)
     else:
+        if checkpoint is None and isinstance(batches, (Batches, TokenShards)):
+            # A new run starts its data from the start, wherever an earlier fit or a look at a batch left the
+            # object: a fresh script then makes the same run, and the run's first checkpoint its own position.
+            batches.restart()
         data = iter(batches)
 
     # A checkpoint of another directory has its history there: this directory's lines are of no step of it.

@@ -380,6 +380,11 @@ class TokenShards:
                 yield {"input_ids": ids, "labels": ids}
             self.epoch, self.position = self.epoch + 1, 0
 
+    def restart(self) -> None:
+        """Go back to the first batch of epoch 0, where a new `TokenShards` starts (`fit` calls it when a run
+        starts afresh, as `Batches.restart`)."""
+        self.epoch, self.position = 0, 0
+
     def state_dict(self) -> dict:
         """Where iteration stands, the same on every process (global batches), and what it is of."""
         return {"epoch": self.epoch, "index": self.position, "seed": self.seed, "batch_size": self.batch_size,
