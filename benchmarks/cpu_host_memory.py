@@ -36,7 +36,9 @@ def training_step():
     ids = torch.randint(3, vocab, (BATCH, TOKENS))
     mask = torch.ones_like(ids)
     mask[:5, :3] = 0  # some left padding, as batches of different lengths have
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:][mask[:, :-1] == 0] = -100  # nor on a row's first real token, which a pad would predict
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
     def step():

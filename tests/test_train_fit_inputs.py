@@ -23,7 +23,9 @@ def batch(rows=4, length=6, seed=0):
     ids = torch.randint(3, 60, (rows, length), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 2] = -100  # the first real token: a pad would predict it
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def weights(model):
@@ -71,8 +73,30 @@ def test_padding_that_carries_labels_is_refused():
                                          r"would be trained on: set labels\[attention_mask == 0\] = -100"):
         kt.lm_loss(model, data)  # position 0 of each row is never scored: 1 + 2
     data["labels"] = data["labels"].masked_fill(data["attention_mask"] == 0, -100)
+    data["labels"][:, 1:][data["attention_mask"][:, :-1] == 0] = -100
     data["labels"][:, 0] = 5
     assert kt.lm_loss(model, data).count == int((data["labels"][:, 1:] != -100).sum())
+
+
+def test_a_label_predicted_from_padding_is_refused():
+    """Left padding with labels[attention_mask == 0] = -100 alone: each padded row's first real token was
+    scored from the pad before it, and the loss differed from the rows' own."""
+    model = make_model().double()
+    rows = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12]]
+    ids, mask = kpro.pad_left(rows, pad_id=0)
+    labels = ids.masked_fill(mask == 0, -100)
+    with pytest.raises(ValueError, match=r"^1 label\(s\) come right after padding \(with left padding, each padded "
+                                         r"row's first real token\), .*: set labels\[:, 1:\]\[attention_mask\[:, "
+                                         r":-1\] == 0\] = -100"):
+        kt.lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    labels[:, 1:][mask[:, :-1] == 0] = -100  # the fix the message names
+    padded = kt.lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    alone = [kt.lm_loss(model, {"input_ids": torch.tensor([row]), "labels": torch.tensor([row])}) for row in rows]
+    assert int(padded.count) == sum(int(part.count) for part in alone) == 8
+    torch.testing.assert_close(padded.total, sum(part.total for part in alone), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"1 position\(s\) .* padding carry labels, .*: set labels\[attention_mask "
+                                         r"== 0\] = -100; and set labels\[:, 1:\]\[attention_mask\[:, :-1\] == 0\]"):
+        kt.lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})  # pads labelled as well
 
 
 def test_tensors_nested_in_a_batch_are_refused_when_it_is_split(tmp_path):

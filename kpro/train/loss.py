@@ -150,13 +150,25 @@ def lm_loss(model: torch.nn.Module, batch: dict) -> LossSum:
 
 
 def _check_padding_is_not_scored(labels: torch.Tensor, mask) -> None:
-    """Padding with a label would be trained on: a batch whose labels are its input_ids, pads included."""
+    """A label on padding, or one predicted from padding, would be trained on: labels equal to input_ids with
+    the pads included, or (left padding, labels[mask == 0] = -100 alone) each padded row's first real token,
+    whose label the position before it, a pad, predicts."""
     if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape:
         return  # the model names a mask of another shape
-    scored = ((mask[:, 1:] == 0) & (labels[:, 1:] != IGNORE_INDEX)).sum()  # position 0 is never scored
+    pad, scored = mask == 0, labels[:, 1:] != IGNORE_INDEX  # position 0 is never scored
+    on_pad = (pad[:, 1:] & scored).sum()
+    after_pad = (pad[:, :-1] & ~pad[:, 1:] & scored).sum()
     fix = f"set labels[attention_mask == 0] = {IGNORE_INDEX}"
+    fix_after = f"set labels[:, 1:][attention_mask[:, :-1] == 0] = {IGNORE_INDEX}"
     if torch.compiler.is_compiling():  # no graph break (a failed device assert ends the process, though)
-        torch._assert_async(scored == 0, f"lm_loss: positions that attention_mask marks as padding carry labels: {fix}")
-    elif scored:  # one host sync on a GPU, as the fused loss's own label checks
-        raise ValueError(f"{int(scored)} position(s) that attention_mask marks as padding carry labels, and would be "
-                         f"trained on: {fix}")
+        torch._assert_async(on_pad + after_pad == 0, f"lm_loss: positions that attention_mask marks as padding "
+                            f"carry labels, or labels follow padding, which predicts them: {fix}, and {fix_after}")
+        return
+    on_pad, after_pad = torch.stack([on_pad, after_pad]).tolist()  # one host sync on a GPU, as the loss's own checks
+    if on_pad:
+        raise ValueError(f"{on_pad} position(s) that attention_mask marks as padding carry labels, and would be "
+                         f"trained on: {fix}" + (f"; and {fix_after}" if after_pad else ""))
+    if after_pad:
+        raise ValueError(f"{after_pad} label(s) come right after padding (with left padding, each padded row's "
+                         f"first real token), and the padding position before would be trained to predict them: "
+                         f"{fix_after} (as well as labels[attention_mask == 0])")
