@@ -573,3 +573,20 @@ def test_corpus_files_are_read_as_named_and_bad_ones_refused(tmp_path, capsys):
     assert f"the corpus ({tmp_path / 'empty.txt'}) holds no documents" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("abc\n")  # fixed: the run starts over
     assert tokenize(tmp_path / "empty.txt", "empty") == 0
+
+
+def test_a_bom_opening_a_text_file_is_not_text(tmp_path):
+    """A BOM (Notepad's "UTF-8" files) was stripped from .jsonl files, but tokenized at the start of every .txt
+    file by `kpro tokenize` and `train-expanded` alike."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "plain.txt").write_text("abc\n\ndef\n", encoding="utf-8")
+    (tmp_path / "bom.txt").write_text("\ufeffabc\n\ndef\n", encoding="utf-8")
+    (tmp_path / "alone.txt").write_text("\ufeff\nabc\n\ndef\n", encoding="utf-8")  # a BOM on a line of its own
+    for name in ("bom.txt", "alone.txt"):
+        assert read_corpus([tmp_path / name]) == list(iter_documents([tmp_path / name])) == ["abc", "def"]
+    tokens = {}
+    for name in ("plain.txt", "bom.txt"):
+        kt.tokenize_corpus(tmp_path / "tok", [tmp_path / name], tmp_path / f"t-{name}", workers=1, stream=io.StringIO())
+        tokens[name] = (tmp_path / f"t-{name}" / "tokens-00000.bin").read_bytes()
+    assert tokens["bom.txt"] == tokens["plain.txt"]

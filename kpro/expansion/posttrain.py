@@ -44,8 +44,9 @@ def read_corpus(paths) -> list[str]:
                     raise ValueError(f"{path}:{number}: expected an object with a \"text\" string")
                 documents.append(record["text"])
         else:
-            # Lines end at "\n" (a "\r\n" too), as `kpro tokenize` reads them; a lone "\r" is text in both.
-            with open(path, encoding="utf-8", newline="") as f:
+            # Lines end at "\n" (a "\r\n" too), as `kpro tokenize` reads them; a lone "\r" is text in both, and
+            # a BOM opening the file is not.
+            with open(path, encoding="utf-8-sig", newline="") as f:
                 text = f.read().replace("\r\n", "\n")
             documents += [doc.strip() for doc in re.split(r"\n[ \t]*\n", text) if doc.strip()]
     if not documents:

@@ -100,8 +100,8 @@ def read_documents(files: list[Path], file: int = 0, offset: int = 0, line: int 
                     if raw.strip():
                         yield index, line, offset, raw
                 else:
-                    try:
-                        text = raw.decode("utf-8")
+                    try:  # a BOM opens some editors' files (Notepad's "UTF-8"): not text, as in .jsonl files
+                        text = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
                     except UnicodeDecodeError as err:
                         raise ValueError(f"{path}:{line}: not UTF-8 ({err.reason})") from None
                     text = text[:-1] if text.endswith("\n") else text
