@@ -54,6 +54,16 @@ def test_packing_errors():
 # ------------------------------------------------------------------------------------------ collator
 
 
+def test_packed_labels_are_a_tensor_of_their_own():
+    """labels were input_ids, one tensor: a callback masking labels in place (no loss on each bos) rewrote the
+    inputs, -100 included, and the model was refused them."""
+    rows = kt.pack_documents([[5, 6, 7], [8, 9]], seq_len=4, eos_id=2, bos_id=1)
+    for batch in (kt.collate_packed(list(rows)), next(iter(kt.Batches(rows, 2, shuffle=False)))):
+        assert torch.equal(batch["labels"], batch["input_ids"])
+        batch["labels"][batch["labels"] == 1] = -100
+        assert torch.equal(batch["input_ids"], rows[:2]) and (batch["labels"] == -100).any()
+
+
 def test_collate_prompt_answer_by_hand():
     batch = kt.collate_prompt_answer([([1, 5, 6], [7, 8]), ([1, 9], [4])], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 9, 4, 0, 0]]

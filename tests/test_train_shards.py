@@ -203,6 +203,22 @@ def test_a_new_run_starts_used_token_shards_from_their_start(tmp_path):
     assert used.state_dict() == shard_corpus(tmp_path / "s").state_dict() | {"index": 3}
 
 
+def test_labels_masked_in_place_keep_the_inputs(tmp_path):
+    """TokenShards' labels were its input_ids, one tensor: a callback masking labels in place (no loss on the
+    bos opening each document) rewrote the inputs, and fit refused ids of -100."""
+    class NoLossOnBos(kt.Callback):
+        def on_batch(self, run, batch):
+            assert (batch["input_ids"] == 1).any()
+            batch["labels"][batch["labels"] == 1] = -100
+            return batch
+
+    shards = shard_corpus(tmp_path / "s")
+    batch = next(iter(shards))
+    batch["labels"][:] = -100
+    assert torch.equal(batch["input_ids"], shards.read_rows(shards.batch_rows(0, 0)))
+    kt.fit(make_model(), shards, tmp_path / "run", steps=2, callbacks=[NoLossOnBos()], **FIT)
+
+
 def test_fit_on_shards_resumes_exactly_after_sigkill(tmp_path):
     """The process dies by SIGKILL in step 4 (checkpoint at 2): nothing is flushed or cleaned up."""
     kt.write_token_shards(tmp_path / "s", documents(n=300), vocab_size=67, eos_id=2, bos_id=1, shard_tokens=500)

@@ -68,7 +68,8 @@ def document_tensor(doc, index: int) -> torch.Tensor:
 
 
 def collate_packed(rows: Sequence[torch.Tensor]) -> dict:
-    """Rows of `pack_documents` -> {input_ids, labels}: every token is both input and target."""
+    """Rows of `pack_documents` -> {input_ids, labels}: every token is both input and target (two tensors, so
+    a callback may mask labels in place)."""
     if len(rows) and isinstance(rows[0], dict):  # rows may be one [B, T] tensor
         raise ValueError(f"collate_packed (Batches' default collate) stacks rows of token ids, and these examples "
                          f"are dicts (keys {', '.join(map(str, rows[0]))}): pass Batches(..., collate=...), a function "
@@ -82,7 +83,7 @@ def collate_packed(rows: Sequence[torch.Tensor]) -> dict:
                          f"{lengths[0]} to {lengths[-1]} tokens: pack documents into rows with pack_documents, or pass "
                          "Batches(..., collate=...) that pads them (collate_prompt_answer for prompt/answer pairs)")
     ids = torch.stack(rows)
-    return {"input_ids": ids, "labels": ids}
+    return {"input_ids": ids, "labels": ids.clone()}  # not one tensor: masking labels in place kept the inputs
 
 
 def collate_prompt_answer(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict:

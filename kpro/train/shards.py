@@ -253,7 +253,7 @@ class TokenShards:
 
     Row k is the `seq_len` tokens starting at k·(seq_len - 1) of the stream (consecutive rows overlap by one
     token, as in `pack_documents`), read across shard boundaries. Each item is `{input_ids, labels}` [b,
-    seq_len] (int64). `batch_size` is the global batch, one optimizer step's: under torchrun each process
+    seq_len] (int64), two tensors. `batch_size` is the global batch, one optimizer step's: under torchrun each process
     gets and reads only its rows of it, rows rank·b ... (rank+1)·b - 1 with b = batch_size / world size, so
     the run is the same on any number of processes (`fit` knows this from `per_process`). Rows are drawn
     without replacement in an order that depends only on (seed, epoch) and is computed row by row (no
@@ -377,7 +377,7 @@ class TokenShards:
                 rows = self.batch_rows(self.epoch, self.position)[rank * per:(rank + 1) * per]
                 self.position += 1  # counted before yielding: a checkpoint taken now resumes after this batch
                 ids = self.read_rows(rows)
-                yield {"input_ids": ids, "labels": ids}
+                yield {"input_ids": ids, "labels": ids.clone()}  # two tensors: labels masked in place keep the inputs
             self.epoch, self.position = self.epoch + 1, 0
 
     def restart(self) -> None:
