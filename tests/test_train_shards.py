@@ -404,6 +404,59 @@ def test_tokenize_resumes_after_sigkill_to_the_same_bytes(tmp_path, capsys):
     assert f"the input files (1 no longer read, {files[1].resolve()} first) differ" in capsys.readouterr().err
 
 
+FIRST_INDEX_KILL_SCRIPT = """
+import os, signal, sys
+from kpro import _files
+from kpro.cli import main
+
+fsync = os.fsync
+def dying(fd):  # SIGKILL while the very first index.json is written: only its temporary is left
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(f".index.json.tmp-{os.getpid()}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    fsync(fd)
+os.fsync = dying
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the index's file descriptor in /proc")
+def test_a_run_killed_writing_its_first_index_starts_over_with_the_same_command(tmp_path, capsys):
+    """The leftover `.index.json.tmp-PID` made the same command fail with "exists and is not a token shard
+    directory", where the docs say a run killed at any moment resumes with the same command."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("abc\n\ndef\n\ngah\n")
+    args = ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "c.txt"), "--out",
+            str(tmp_path / "out"), "--workers", "1"]
+    killed = subprocess.run([sys.executable, "-c", FIRST_INDEX_KILL_SCRIPT, *args], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = [p.name for p in (tmp_path / "out").iterdir()]
+    assert len(left) == 1 and re.fullmatch(r"\.index\.json\.tmp-\d+", left[0]), left
+    assert main(args) == 0
+    assert main(["tokenize", *args[1:-4], "--out", str(tmp_path / "straight"), "--workers", "1"]) == 0
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir())  # the temporary is gone
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_only_a_writers_own_temporaries_are_cleaned_from_a_directory_without_an_index(tmp_path):
+    leftovers = [".index.json.tmp-123", ".tokens-00000.bin.tmp-123", ".tokens-00000.starts.npy.tmp-9"]
+    for others in ([], ["notes.txt"], [".index.json.tmp-x"], ["tokens-00000.bin"]):
+        directory = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        directory.mkdir()
+        for name in leftovers + others:
+            (directory / name).write_bytes(b"{")
+        if others:  # not all kpro's temporaries: nothing is deleted, the directory is refused
+            with pytest.raises(FileExistsError, match="exists and is not a token shard directory"):
+                kt.write_token_shards(directory, documents(n=3), vocab_size=67, eos_id=2)
+            assert sorted(p.name for p in directory.iterdir()) == sorted(leftovers + others)
+        else:
+            kt.write_token_shards(directory, documents(n=3), vocab_size=67, eos_id=2)
+            assert not any(p.name.startswith(".") for p in directory.iterdir())
+
+
 def test_tokenize_names_bad_input(tmp_path, capsys):
     tok_dir = sentencepiece_dir(tmp_path, "sentencepiece_test_model.model")
     cases = [("bad.jsonl", b'{"text": "ok"}\n{"txt": "no"}\n', "bad.jsonl:2: expected an object with a \"text\" string"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -167,11 +168,22 @@ class ShardWriter:
         return self.index
 
 
+# A writer's temporary (`.NAME.tmp-PID`) of a shard, its starts or the index: what a writer killed before its
+# first index.json was in place can have left.
+WRITER_TEMPORARY = re.compile(r"\.(tokens-\d{5}\.(bin|starts\.npy)|index\.json)\.tmp-\d+")
+
+
 def prepare_directory(directory: Path) -> None:
-    """Create `directory`, refusing one that holds files but no shard index (it is not ours to fill)."""
+    """Create `directory`, refusing one that holds files but no shard index (it is not ours to fill). One
+    that holds only a writer's temporaries (killed while writing its first index) is a fresh start: they go."""
     directory.mkdir(parents=True, exist_ok=True)
-    if not is_shard_directory(directory) and any(directory.iterdir()):
+    if is_shard_directory(directory):
+        return
+    present = list(directory.iterdir())
+    if not all(path.is_file() and WRITER_TEMPORARY.fullmatch(path.name) for path in present):
         raise FileExistsError(f"{directory} exists and is not a token shard directory; choose an empty or new one")
+    for path in present:  # nothing else there: no file of anyone else's goes
+        path.unlink(missing_ok=True)
 
 
 def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequence[int]], *, vocab_size: int,
