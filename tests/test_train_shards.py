@@ -82,6 +82,23 @@ def test_large_vocabularies_take_uint32(tmp_path):
             kt.write_token_shards(tmp_path / "w", [[5, 6]], vocab_size=100, **ids)
 
 
+def test_shards_are_little_endian_and_an_index_naming_another_dtype_is_refused(tmp_path):
+    """The index's "uint16" was read in the machine's byte order, where the docs say little-endian; a dtype
+    kpro never writes (another byte order, signed, 8 bytes) was read as it said, giving other token ids."""
+    docs = [[5, 600, 7], [65_000]]
+    index = kt.write_token_shards(tmp_path / "s", docs, vocab_size=65_536, eos_id=2, bos_id=1)
+    assert index["dtype"] == "uint16"  # the name indexes have always held: the corpus fingerprint is unchanged
+    stream = [1, 5, 600, 7, 2, 1, 65_000, 2]
+    assert (tmp_path / "s" / "tokens-00000.bin").read_bytes() == np.array(stream, dtype="<u2").tobytes()
+    shards = kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=1)
+    assert shards.dtype == np.dtype("<u2") and shards.read_rows([0]).tolist() == [stream]
+    for dtype in (">u2", "int64", "<u2", None):
+        (tmp_path / "s" / "index.json").write_text(json.dumps({**index, "dtype": dtype}))
+        with pytest.raises(ValueError, match=rf"index.json has dtype {re.escape(repr(dtype))}; token shards hold "
+                                             r"uint16 or uint32 \(little-endian\)"):
+            kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=1)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
 def test_the_order_is_a_permutation_per_seed_and_epoch(n):
     p = permute(np.arange(n), n, seed=0, epoch=0)

@@ -36,10 +36,20 @@ _M64 = (1 << 64) - 1
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 for vocabularies of up to 65,536 tokens, uint32 above."""
+    """uint16 for vocabularies of up to 65,536 tokens, uint32 above (little-endian)."""
     if not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+# The index names the dtype as numpy does ("uint16"), which numpy reads in the machine's byte order; the
+# shards are little-endian on every machine, so the name maps to an explicit one.
+STORED_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def stored_dtype(index: dict) -> np.dtype:
+    """The little-endian dtype of an index's shards."""
+    return STORED_DTYPES[index["dtype"]]
 
 
 def shard_name(i: int) -> str:
@@ -64,6 +74,9 @@ def read_index(directory: str | os.PathLike, *, complete: bool = True) -> dict:
         raise ValueError(f"{path} is not a kpro token shard index (no \"format\": \"{FORMAT}\")")
     if index.get("version") != VERSION:
         raise ValueError(f"{path} has format version {index.get('version')!r}; this kpro reads version {VERSION}")
+    if index.get("dtype") not in STORED_DTYPES:  # another dtype or byte order would read as wrong token ids
+        raise ValueError(f"{path} has dtype {index.get('dtype')!r}; token shards hold {' or '.join(STORED_DTYPES)} "
+                         "(little-endian): write them again with `python -m kpro tokenize`")
     if complete and not index.get("complete"):
         raise ValueError(f"{directory} is incomplete: its writing stopped after {len(index['shards'])} shard(s); "
                          "run the same `python -m kpro tokenize` command again to finish it")
@@ -108,6 +121,7 @@ def write_index(directory: Path, index: dict) -> None:
 def new_index(vocab_size: int, shard_tokens: int, bos_id: int | None, eos_id: int, **extra) -> dict:
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    # The dtype's name, as indexes have always held it (the corpus fingerprint includes it): "uint16", "uint32".
     return {"format": FORMAT, "version": VERSION, "complete": False, "dtype": token_dtype(vocab_size).name,
             "vocab_size": vocab_size, "shard_tokens": shard_tokens, "bos_id": bos_id, "eos_id": eos_id,
             **extra, "tokens": 0, "documents": 0, "shards": []}
@@ -121,7 +135,7 @@ class ShardWriter:
 
     def __init__(self, directory: Path, index: dict):
         self.directory, self.index = Path(directory), index
-        self.dtype = np.dtype(index["dtype"])
+        self.dtype = stored_dtype(index)
         self.limit = index["vocab_size"] - 1
         self.buffer = np.empty(index["shard_tokens"], dtype=self.dtype)
         self.filled, self.starts = 0, []
@@ -296,7 +310,7 @@ class TokenShards:
         self.index = read_index(self.directory)
         self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, bool(shuffle)
         self.rank, self.world_size = rank, world_size
-        self.dtype = np.dtype(self.index["dtype"])
+        self.dtype = stored_dtype(self.index)
         sizes = np.array([s["tokens"] for s in self.index["shards"]], dtype=np.int64)
         self.files = [self.directory / s["file"] for s in self.index["shards"]]
         for file, size in zip(self.files, sizes):
