@@ -372,3 +372,31 @@ def test_pack_documents_takes_tensors_and_arrays():
     for seed in ("0", -1, True):  # hash(-1) == hash(-2): two negative seeds would give one order
         with pytest.raises(ValueError, match="seed must be an integer >= 0"):
             kt.Batches(rows, 1, seed=seed)
+
+
+def test_the_content_digest_hashes_tensors_in_place_and_is_unchanged():
+    """The digest copied the whole examples tensor (tobytes) before hashing it: twice the rows' memory at the
+    start of a run. Its value must stay what checkpoints already hold."""
+    import hashlib
+    import tracemalloc
+
+    def old_digest(tensor):  # the formula of the checkpoints written so far
+        digest = hashlib.sha256()
+        tensor = torch.as_tensor(tensor).detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 50_000, (7, 33), generator=g)
+    for value in (rows, rows.t(), rows.to(torch.int32), torch.randn(3, 5, generator=g).to(torch.bfloat16),
+                  rows > 100, torch.tensor(5), torch.zeros(0, 4), rows.numpy()):
+        assert content_digest(value) == old_digest(value)
+    big = torch.zeros(1_000_000, dtype=torch.long)  # 8 MB
+    tracemalloc.start()
+    try:
+        content_digest(big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak

@@ -250,7 +250,7 @@ def _feed(digest, value) -> None:
     elif isinstance(value, (torch.Tensor, np.ndarray)):
         tensor = torch.as_tensor(value).detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)};".encode())
-        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(tensor.flatten().view(torch.uint8).numpy()))  # the bytes in place: no copy
     elif isinstance(value, np.generic):
         _feed(digest, value.item())
     elif value is None or isinstance(value, (bool, int, float, str, bytes)):
