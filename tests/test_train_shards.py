@@ -173,6 +173,10 @@ def test_bad_directories_are_named(tmp_path):
         kt.TokenShards(tmp_path / "s", seq_len=4)
     with pytest.raises(FileExistsError, match="already holds token shards"):
         kt.write_token_shards(tmp_path / "s", [], vocab_size=67, eos_id=2)
+    # no documents: a complete-looking directory of 0 tokens was written, refused only when training started
+    with pytest.raises(ValueError, match=r"write_token_shards got no documents: nothing to write to .*empty; pass"):
+        kt.write_token_shards(tmp_path / "empty", iter([]), vocab_size=67, eos_id=2)
+    assert not (tmp_path / "empty").exists()
 
 
 # -------------------------------------------------------------------------------------------- with fit

@@ -209,14 +209,21 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
     check_special_id(eos_id, "eos_id", vocab_size=vocabulary)  # else the documents' ids would be blamed
     check_special_id(bos_id, "bos_id", vocab_size=vocabulary, optional=True)
     directory = Path(directory)
+    existed = directory.exists()
     prepare_directory(directory)
     if is_shard_directory(directory):
         raise FileExistsError(f"{directory} already holds token shards")
     writer = ShardWriter(directory, new_index(vocab_size, shard_tokens, bos_id, eos_id, tokenizer=tokenizer))
     head = np.array([] if bos_id is None else [bos_id], dtype=np.int64)
     tail = np.array([eos_id], dtype=np.int64)
-    for i, doc in enumerate(documents):
-        writer.add(np.concatenate((head, document_tensor(doc, i).numpy(), tail)))
+    count = 0
+    for count, doc in enumerate(documents, 1):
+        writer.add(np.concatenate((head, document_tensor(doc, count - 1).numpy(), tail)))
+    if count == 0:  # else a complete-looking directory of 0 tokens, refused only when training starts
+        if not existed:
+            directory.rmdir()  # nothing was written into it
+        raise ValueError(f"write_token_shards got no documents: nothing to write to {directory}; pass the tokenized "
+                         "documents (a list of token id lists), not an empty or used-up iterable")
     return writer.finish()
 
 
