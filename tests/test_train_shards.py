@@ -680,3 +680,20 @@ def test_a_bom_opening_a_text_file_is_not_text(tmp_path):
         kt.tokenize_corpus(tmp_path / "tok", [tmp_path / name], tmp_path / f"t-{name}", workers=1, stream=io.StringIO())
         tokens[name] = (tmp_path / f"t-{name}" / "tokens-00000.bin").read_bytes()
     assert tokens["bom.txt"] == tokens["plain.txt"]
+
+
+def test_a_jsonl_line_of_unicode_whitespace_is_blank_to_both_readers(tmp_path):
+    """A line holding only U+00A0 was skipped by train-expanded (str.strip) but refused by `kpro tokenize` as
+    "not valid JSON" (bytes.strip sees ASCII whitespace only)."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdef ").save(tmp_path / "tok")
+    path = tmp_path / "c.jsonl"
+    lines = ["\ufeff", json.dumps({"text": "abc"}), "\u00a0", "\u3000 \t", "\x1c", json.dumps({"text": "def"}), ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    assert read_corpus([path]) == list(iter_documents([path])) == ["abc", "def"]
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(path), "--out",
+                 str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["documents"] == 2
+    path.write_bytes(b'{"text": "abc"}\n\xc2\n')  # not UTF-8 (a cut character) is still named, not skipped
+    with pytest.raises(ValueError, match=r"c.jsonl:2: not valid JSON"):
+        list(iter_documents([path]))

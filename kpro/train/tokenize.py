@@ -97,7 +97,7 @@ def read_documents(files: list[Path], file: int = 0, offset: int = 0, line: int 
             lines, first = [], None
             for raw in f:
                 if jsonl:
-                    if raw.strip():
+                    if not _blank_jsonl_line(raw, first_line=offset == 0):
                         yield index, line, offset, raw
                 else:
                     try:  # a BOM opens some editors' files (Notepad's "UTF-8"): not text, as in .jsonl files
@@ -119,6 +119,18 @@ def read_documents(files: list[Path], file: int = 0, offset: int = 0, line: int 
                 line += 1
             if lines and (document := "\n".join(lines).strip()):
                 yield index, first[0], first[1], document
+
+
+def _blank_jsonl_line(raw: bytes, first_line: bool = False) -> bool:
+    """A .jsonl line of whitespace only, skipped as `read_jsonl` (train-expanded) skips it: whitespace as
+    str.strip() sees it, Unicode's (U+00A0, a BOM opening the file) included, where bytes.strip() sees ASCII's."""
+    stripped = raw.strip()
+    if not stripped or stripped[:1] == b"{":  # no text, or a record: nearly every line, told without decoding
+        return not stripped
+    try:
+        return not raw.decode("utf-8-sig" if first_line else "utf-8").strip()
+    except UnicodeDecodeError:
+        return False  # not UTF-8: the worker names the line
 
 
 def iter_documents(paths) -> Iterator[str]:
