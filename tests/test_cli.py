@@ -203,6 +203,8 @@ def test_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
     (["internalize", "--task", "2x2", "--data-seed", "-1", "--out", "o"], "--data-seed must be >= 0, got -1"),
     (["internalize", "--task", "2x2", "--model", "ck", "--eval-only", "--steps", "5", "--no-select-best",
       "--out", "o"], "--steps, --no-select-best shape a training run; --eval-only evaluates --model as it is"),
+    (["internalize", "--task", "2x2", "--train", "corpus.txt", "--train-size", "5", "--out", "o"],
+     "--train-size sizes a generated training set; --train corpus.txt is read as it is"),  # ignored before
     (["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", "afile"], "--out afile is a file"),
     (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", "-1"], "--seed must be an integer from 0"),
     (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", str(2 ** 80)], "--seed must be an integer"),

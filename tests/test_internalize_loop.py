@@ -1,5 +1,6 @@
 """The ICoT-SI loop on the CPU: optimizer re-creation where the schedule goes up, each step's removal, exact
 resume mid-schedule, the baselines, and `python -m kpro internalize` end to end with its errors."""
+import io
 import json
 
 import pytest
@@ -250,6 +251,38 @@ def test_a_validation_callback_used_for_a_second_run_starts_its_selection_over(t
         assert torch.equal(tensor, snapshots.weights[2][name]), name
 
 
+def test_a_resumed_run_whose_checkpoint_has_no_selection_does_not_take_another_runs_best(tmp_path, monkeypatch):
+    """A resume cleared the selection only through load_state_dict, which a checkpoint written without the
+    callback never calls: the second run ended with the first run's best weights and step."""
+    scripted_accuracies(monkeypatch, [0.9] * 6 + [0.1] * 6)
+    best = ValidationAccuracy(TOK, VALID, 2, select_best=True)
+    data = tokenize_examples([parse_line(line) for line in multiplication_training_set(2, 48, seed=1)], TOK)
+    first = make_model(seed=3)
+    fit_internalization(first, data, tmp_path / "a", removal="all", steps=FAST_STEPS, batch_size=8,
+                        pad_id=TOK.pad_id, lr=3e-3, callbacks=[best])
+    assert best.selected["accuracy"] == 0.9
+    fit_internalization(make_model(seed=5), data, tmp_path / "b", removal="all", steps=2, batch_size=8,
+                        pad_id=TOK.pad_id, lr=3e-3)  # its first session, without the callback
+    snapshots, second = Snapshots(), make_model(seed=5)
+    fit_internalization(second, data, tmp_path / "b", removal="all", steps=FAST_STEPS, batch_size=8,
+                        pad_id=TOK.pad_id, lr=3e-3, callbacks=[best, snapshots])
+    assert best.selected["accuracy"] == 0.1 and best.selected["step"] > 2
+    for name, tensor in second.state_dict().items():
+        assert torch.equal(tensor, snapshots.weights[best.selected["step"]][name]), name
+        assert not torch.equal(tensor, first.state_dict()[name]), name
+
+
+def test_each_increase_is_announced_with_or_without_a_reset(tmp_path):
+    """Only a reset printed its line: with reset_optimizer=False (the command's --keep-optimizer) no increase
+    was shown, though the docs promise a line at each."""
+    for reset in (True, False):
+        stream = io.StringIO()
+        train(tmp_path / str(reset), reset_optimizer=reset, stream=stream)
+        lines = [line for line in stream.getvalue().splitlines() if "removing" in line]
+        assert [line.split(":")[0] for line in lines] == ["step 1", "step 3", "step 5", "step 7", "step 9"], lines
+        assert all(("optimizer re-created" in line) == (reset and line != lines[0]) for line in lines), lines
+
+
 def _batch_indices(step, batch_size=8, count=48):
     batches = kt.Batches(list(range(count)), batch_size, list, seed=SEED)
     data = iter(batches)
@@ -345,6 +378,27 @@ TINY = ["--train-size", "64", "--eval-size", "16", "--layers", "1", "--hidden", 
         "--steps", "6", "--eval-batch-size", "16", "--threads", "1"]
 
 
+def test_generated_valid_and_test_sets_never_hold_a_training_problem(tmp_path):
+    """The generated training file was named without the pairs it leaves out, so a rerun with a larger
+    --eval-size trained on the new test problems; and valid/test drawn for a --train file ignored its pairs."""
+    from types import SimpleNamespace
+    from kpro.internalize.command import _load_data
+    args = lambda **changes: SimpleNamespace(**{"task": "2x2", "valid": None, "test": None, "train": None,
+                                                "eval_only": False, "eval_size": 16, "data_seed": 0,
+                                                "train_size": 4000, **changes})
+    lines = lambda examples: {f"{e.input}||{e.cot} #### {e.answer}" for e in examples}
+    out = tmp_path / "run"
+    for eval_size in (16, 24):  # half of 2x2's 8,100 pairs are in training: 8 of 16 new pairs would be
+        train, held_out = _load_data(args(eval_size=eval_size), out)
+        assert len(train) == 4000 and len(held_out["test"]) == eval_size
+        assert not lines(train) & (lines(held_out["valid"]) | lines(held_out["test"])), eval_size
+    given = tmp_path / "train.txt"
+    given.write_text("".join(line + "\n" for line in sorted(lines(train))))
+    train, held_out = _load_data(args(train=given, eval_size=300), tmp_path / "other")
+    assert len(held_out["valid"]) == len(held_out["test"]) == 300
+    assert not lines(train) & (lines(held_out["valid"]) | lines(held_out["test"]))
+
+
 def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["internalize", "--task", "3x3", "--out", str(out), "--eval-every", "3", "--eval-examples", "8",
@@ -367,7 +421,7 @@ def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
     assert [r["cot_scheduled"] for r in records] == [0, 0, 1, 1, 2, 2]
     assert "valid_accuracy" in records[2] and "valid_accuracy" in records[5]
     # The training set was generated without the valid/test pairs, and every checkpoint is a model directory.
-    train = (out / "data" / "train-3x3-64-seed0.txt").read_text().splitlines()
+    train = next((out / "data").glob("train-3x3-64-seed0-without-*.txt")).read_text().splitlines()
     held_out = set((out / "data" / "valid-3x3-16-seed0.txt").read_text().splitlines()
                    + (out / "data" / "test-3x3-16-seed0.txt").read_text().splitlines())
     assert len(train) == 64 and len(held_out) == 32 and not held_out & set(train)

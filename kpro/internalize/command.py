@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -268,9 +269,12 @@ def _load_data(args, out: Path):
             evaluation_sets[split] = _read(path)
         elif args.task is not None and not generate_eval:
             evaluation_sets[split] = read_published(args.task, split)
+    train = _read(args.train) if args.train is not None and not args.eval_only else None
     if generate_eval and len(evaluation_sets) < 2:
+        # Drawn from the pairs a given training file does not hold (a generated one leaves these out instead)
+        trained = set(_operand_pairs(train, n)) if train is not None else set()
         with _naming("--eval-size", args.eval_size, "the valid and test sets draw twice as many"):
-            pairs = multiplication_pairs(n, 2 * args.eval_size, args.data_seed + 1)
+            pairs = multiplication_pairs(n, 2 * args.eval_size, args.data_seed + 1, exclude=trained)
         for split, chunk in (("valid", pairs[:args.eval_size]), ("test", pairs[args.eval_size:])):
             if split not in evaluation_sets:
                 path = out / "data" / f"{split}-{n}x{n}-{args.eval_size}-seed{args.data_seed}.txt"
@@ -281,15 +285,18 @@ def _load_data(args, out: Path):
         raise ValueError("no validation set: pass --valid FILE, or a --task")
     if args.eval_only:
         return [], evaluation_sets
-    if args.train is not None:
-        return _read(args.train), evaluation_sets
+    if train is not None:
+        return train, evaluation_sets
     if n is None:
         raise ValueError(f"--task {args.task} has no generated training set: pass --train FILE")
-    path = out / "data" / f"train-{n}x{n}-{args.train_size}-seed{args.data_seed}.txt"
+    held_out = {pair for examples in evaluation_sets.values() for pair in _operand_pairs(examples, n)}
+    # Named by the pairs it leaves out too: a rerun with another --eval-size (or --valid, --test) must not
+    # train on the file that left out only the earlier sets' pairs.
+    left_out = hashlib.sha256(repr(sorted(held_out)).encode()).hexdigest()[:12]
+    path = out / "data" / f"train-{n}x{n}-{args.train_size}-seed{args.data_seed}-without-{left_out}.txt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"generating {args.train_size:,} {n}x{n} training examples into {path}", flush=True)
-        held_out = {pair for examples in evaluation_sets.values() for pair in _operand_pairs(examples, n)}
         with _naming("--train-size", args.train_size, "pass a smaller one"):
             write_multiplication_training_set(path, n, args.train_size, args.data_seed, exclude=held_out)
     return _read(path), evaluation_sets
@@ -362,11 +369,11 @@ def _check_args(args) -> None:
     args.device = resolve_device(args.device)
     if args.eval_only and args.model is None:
         raise ValueError("--eval-only evaluates a trained model: pass --model DIR")
-    if args.eval_only:
-        given = [f"--{'no-' if default is True else ''}{name.replace('_', '-')}"
-                 for name, default in getattr(args, "training_defaults", {}).items() if getattr(args, name) != default]
-        if given:  # ignored before, silently
-            raise ValueError(f"{', '.join(given)} shape a training run; --eval-only evaluates --model as it is")
+    defaults = getattr(args, "training_defaults", {})
+    given = lambda names: [f"--{'no-' if defaults[name] is True else ''}{name.replace('_', '-')}" for name in names
+                           if name in defaults and getattr(args, name) != defaults[name]]
+    if args.eval_only and given(defaults):  # ignored before, silently
+        raise ValueError(f"{', '.join(given(defaults))} shape a training run; --eval-only evaluates --model as it is")
     shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")
              if getattr(args, name) is not None]
     if args.model is not None and shape:
@@ -374,6 +381,8 @@ def _check_args(args) -> None:
     for name in ("train", "valid", "test"):
         if getattr(args, name) is not None:
             check_input_file(getattr(args, name), f"--{name}")
+    if args.train is not None and given(["train_size"]):
+        raise ValueError(f"--train-size sizes a generated training set; --train {args.train} is read as it is")
     if args.model is not None and not args.model.exists():
         raise FileNotFoundError(f"--model {args.model} does not exist")
     check_output_dir(args.out)

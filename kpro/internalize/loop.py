@@ -82,7 +82,7 @@ class CoTRemoval(Callback):
         reset = increase and self.reset_optimizer and self.batch_had_cot is not False
         if reset:
             run.reset_optimizer()
-        if reset or (self._first_batch and self.removal != NO_REMOVAL):
+        if increase or (self._first_batch and self.removal != NO_REMOVAL):  # with or without a reset
             self._announce(run, step, reset)
         self._first_batch = False
         device = next(run.model.parameters()).device
@@ -164,10 +164,14 @@ class ValidationAccuracy(Callback):
         self.batch_size, self.select_best, self.stream = batch_size, bool(select_best), stream
         self._best: dict | None = None  # {"step", "accuracy", "weights"} once an evaluation follows the CoT's removal
         self.selected: dict | None = None
+        self._restored = False  # load_state_dict ran in this fit (before on_fit_start)
 
     def on_fit_start(self, run: Run) -> None:
-        if run.checkpoint is None:  # a fresh run: nothing of an earlier fit with this callback carries over
-            self._best, self.selected = None, None
+        # Nothing of an earlier fit with this callback carries over: a fresh run, or a resumed one whose checkpoint
+        # holds no state of it (its first session ran without it), starts its selection empty.
+        if not self._restored:
+            self._best = None
+        self.selected, self._restored = None, False
         if self.select_best and run.env.world_size > 1:
             raise ValueError("ValidationAccuracy(select_best=True) evaluates in one process; run it without torchrun")
         # Refused now, not after `every` steps of training.
@@ -219,7 +223,7 @@ class ValidationAccuracy(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         # The checkpoint's best, or none (not the one this object kept from another run or a later step).
-        self._best = None
+        self._best, self._restored = None, True
         if "best_step" in state and self.select_best:
             self._best = {"step": state["best_step"], "accuracy": state["best_accuracy"],
                           "weights": state["best_weights"]}
