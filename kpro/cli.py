@@ -132,13 +132,22 @@ def cmd_generate(args) -> None:
     stop_ids = generation_eos_ids(args.dir, model.config.vocab_size)
     out = generate(model, ids, args.max_new_tokens, attention_mask=mask, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, generator=generator, eos_token_id=stop_ids)
-    eos = set(stop_ids if stop_ids is not None else model.config.eos_token_ids) | {tok.eos_id}
-    for prompt, row in zip(prompts, out.tolist()):
+    eos = set(stop_ids if stop_ids is not None else model.config.eos_token_ids)  # what generate stopped at
+    unknown = []
+    for number, (prompt, row) in enumerate(zip(prompts, out.tolist()), 1):
         new = row[ids.shape[1]:]
         stops = [i for i, token in enumerate(new) if token in eos]
         new = new[:stops[0]] if stops else new
+        # A model with more embeddings than its tokenizer has tokens can generate an id it cannot decode
+        lacking = next((i for i, token in enumerate(new) if not 0 <= token < tok.vocab_size), None)
+        if lacking is not None:
+            unknown.append(f"prompt {number} generated id {new[lacking]} after {lacking} tokens")
+            new = new[:lacking]
         # Decoded whole: SentencePiece drops the leading space of a piece decoded on its own.
         print(tok.decode(prompt + new))
+    if unknown:
+        raise ValueError(f"{'; '.join(unknown)}, which the tokenizer of {args.dir} lacks (it has {tok.vocab_size} "
+                         f"tokens, the model {model.config.vocab_size} embeddings): the text above stops before it")
 
 
 def cmd_demo(args) -> None:

@@ -8,6 +8,7 @@ import operator
 import torch
 
 from . import ops
+from .lora import refuse_idle_adapters
 from .model import KVCache, Llama, activation_dtype
 
 
@@ -29,7 +30,9 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         adapted = hasattr(model, "adapter") and isinstance(getattr(model, "model", None), Llama)
         hint = (f" (a LoRA-adapted model: `with kpro.lora.active(tuned.model, {model.adapter!r}): "
                 "kpro.generate(tuned.model, ...)`)") if adapted else ""
-        raise TypeError(f"generate() takes a kpro.Llama, got {type(model).__name__}{hint}")
+        bitune = " (a Bitune: its own bt.generate(prompts, ...))" if hasattr(model, "mix_weights") else ""
+        raise TypeError(f"generate() takes a kpro.Llama, got {type(model).__name__}{hint}{bitune}")
+    refuse_idle_adapters(model, "generate")  # adapted in place, no adapter active: it would decode the base model
     max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -38,6 +41,10 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
     if batch == 0 or length == 0:
         raise ValueError(f"input_ids is empty ([B={batch}, T={length}]): generate needs at least one prompt of at least "
                          "one token")
+    device = model.lm_head.weight.device
+    if input_ids.device != device:  # else the cache, made on the prompts' device, is blamed
+        raise ValueError(f"input_ids are on {input_ids.device} and the model on {device}: move the prompts "
+                         f"(input_ids.to({str(device)!r}), and the attention_mask)")
     if length + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings={model.config.max_position_embeddings}")

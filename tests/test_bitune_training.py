@@ -426,3 +426,17 @@ def test_cli_end_to_end(tmp_path):
         assert not (tmp_path / "bad_out").exists()
     bad = run("--max-length", "300")  # the last --max-length wins
     assert bad.returncode == 1 and "--max-length 300 is more than the model's max_position_embeddings=256" in bad.stderr
+
+
+def test_generate_answers_takes_numpy_and_tensor_eos_ids():
+    """kpro.generate takes a numpy or 0-dim tensor eos id; generate_answers failed on it after generating."""
+    import numpy as np
+    from kpro.bitune.evaluation import generate_answers
+    torch.manual_seed(0)
+    tok = kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz ?:\n.QA")
+    model = kpro.Llama(tiny_config(vocab_size=tok.vocab_size))
+    lora.add_adapters(model, ["causal"], rank=2)
+    adapted = lora.AdaptedModel(model, "causal")
+    expected = generate_answers(adapted, tok, ["ab", "c"], 4, eos_token_id=2)
+    for eos in (np.int64(2), torch.tensor(2), [2]):
+        assert generate_answers(adapted, tok, ["ab", "c"], 4, eos_token_id=eos) == expected

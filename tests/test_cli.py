@@ -1,6 +1,7 @@
 """`python -m kpro`: start-up without torch, help texts and defaults, the same device default everywhere,
 one-line errors (a closed pipe, a diverged run), and runs that more --steps extend."""
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -136,6 +137,46 @@ def test_generate_prints_the_seed_it_drew_and_a_larger_tokenizer_is_refused(tmp_
     assert "has 21 tokens but the model only 13 embeddings" in capsys.readouterr().err
 
 
+def test_generate_prints_what_it_generated_up_to_its_stop_ids_only(tmp_path, capsys):
+    """The command also cut its printed text at the tokenizer's eos, where generation (stopping at
+    generation_config.json's ids, as transformers') had run on: the text was shorter than what was generated."""
+    model = write_checkpoint(tmp_path / "ck")
+    tok = kpro.load_tokenizer(tmp_path / "ck")
+    for text in ("".join(letters) for letters in itertools.product("abcdefgh", repeat=2)):
+        prompt = tok.encode(text)
+        new = kpro.generate(model, torch.tensor([prompt]), 12, eos_token_id=[])[0, len(prompt):].tolist()
+        special = {tok.eos_id, tok.bos_id, tok.pad_id}
+        if tok.eos_id in new:  # a stop after the eos, with text between them that the old cut dropped
+            e = new.index(tok.eos_id)
+            stop = next((t for j, t in enumerate(new) if j > e + 1 and t not in new[:j] and t not in special
+                         and set(new[e + 1:j]) - special), None)
+            if stop is not None:
+                break
+    else:
+        pytest.fail("no prompt generates the tokenizer's eos and then a new token")
+    (tmp_path / "ck" / "generation_config.json").write_text(f'{{"eos_token_id": [{stop}]}}')
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", text, "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == tok.decode(prompt + new[:new.index(stop)]) + "\n"
+
+
+def test_generate_names_an_id_the_tokenizer_lacks_after_printing_the_text_before_it(tmp_path, capsys):
+    """A model with more embeddings than its tokenizer has tokens (common in released checkpoints) generated
+    an id the tokenizer lacks, and the command failed with "ids[5] = 45 is outside the vocabulary", printing
+    nothing."""
+    model = write_checkpoint(tmp_path / "ck", vocab_size=64)
+    tok = kpro.load_tokenizer(tmp_path / "ck")
+    prompt = tok.encode("abc")
+    new = kpro.generate(model, torch.tensor([prompt]), 8)[0, len(prompt):].tolist()  # to config.json's eos
+    first = next(i for i, t in enumerate(new) if t >= tok.vocab_size)  # seed 0's weights reach one, before any eos
+    assert not set(new[:first]) & set(model.config.eos_token_ids)
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", "abc", "--max-new-tokens", "8", "--device", "cpu",
+                 ]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == tok.decode(prompt + new[:first]) + "\n"
+    assert f"prompt 1 generated id {new[first]} after {first} tokens, which the tokenizer of" in printed.err
+    assert f"(it has {tok.vocab_size} tokens, the model 64 embeddings)" in printed.err
+
+
 def test_generate_stops_at_the_eos_ids_of_generation_config_json(tmp_path, capsys):
     """transformers' generate stops at generation_config.json's eos ids (Qwen2.5 Instruct lists one more than
     its config.json); the command read config.json's only and ran on past them."""
@@ -156,7 +197,7 @@ def test_generate_stops_at_the_eos_ids_of_generation_config_json(tmp_path, capsy
     assert capsys.readouterr().out == tok.decode(prompt + until(continuation, {tok.eos_id})) + "\n"
     (tmp_path / "ck" / "generation_config.json").write_text(f'{{"eos_token_id": [{stop}]}}')
     assert main(args) == 0
-    cut = until(continuation, {stop, tok.eos_id})
+    cut = until(continuation, {stop})
     assert len(cut) <= 2 and capsys.readouterr().out == tok.decode(prompt + cut) + "\n"
     (tmp_path / "ck" / "generation_config.json").write_text('{"eos_token_id": 99}')
     assert main(args) == 1

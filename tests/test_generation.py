@@ -280,3 +280,32 @@ def test_a_bad_mask_gets_the_models_message_not_a_padding_one(make_model, mask, 
 def test_empty_one_dimensional_or_float_prompts_are_named(make_model, ids, message):
     with pytest.raises(ValueError, match=message):
         kpro.generate(make_model(), ids, 2)
+
+
+def test_a_model_adapted_in_place_with_no_adapter_active_is_refused(make_model):
+    """generate ran the base model of a model adapted in place (Bitune(model), a LoRA tune) with no error,
+    where every evaluation refuses it: a tuned model's output checked this way was the base model's."""
+    from kpro import lora
+    model = make_model()
+    ids = torch.tensor([[1, 5, 6]])
+    base = kpro.generate(model, ids, 4)
+    lora.add_adapters(model, ["a"], rank=2, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    with pytest.raises(ValueError, match=r"generate: the model has LoRA adapters \(a\) and none is active"):
+        kpro.generate(model, ids, 4)
+    with kpro.lora.active(model, None):  # the base, asked for
+        assert torch.equal(kpro.generate(model, ids, 4), base)
+    with kpro.lora.active(model, "a"):
+        kpro.generate(model, ids, 4)
+    with pytest.raises(TypeError, match="got Bitune .a Bitune: its own bt.generate"):
+        kpro.generate(kpro.Bitune(make_model()), ids, 4)
+
+
+def test_prompts_on_another_device_than_the_model_are_named(make_model):
+    """The cache was made on the prompts' device, and the error blamed its dtype and KVCache."""
+    model = make_model().to("meta")
+    with pytest.raises(ValueError, match=r"input_ids are on cpu and the model on meta: move the prompts"):
+        kpro.generate(model, torch.tensor([[1, 5, 6]]), 4)

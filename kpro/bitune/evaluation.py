@@ -134,8 +134,8 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
         with lora.active(tuned.model, tuned.adapter) if adapted else contextlib.nullcontext():
             new = generate(_model_of(tuned), ids, max_new_tokens, attention_mask=mask,
                            **sampling)[:, ids.shape[1]:].tolist()
-    eos = sampling["eos_token_id"]
-    eos = {eos} if isinstance(eos, int) else set(eos)
+    eos = torch.as_tensor(sampling["eos_token_id"]).reshape(-1).tolist()  # an int, numpy or tensor id, or several
+    eos = set(eos)
     return [tok.decode(_until_stop(row, eos, sampling.get("stop_after_eos", 1))).strip() for row in new]
 
 
