@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -767,6 +768,13 @@ def test_rewinding_into_a_run_with_newer_checkpoints_is_refused(tmp_path):
     assert run.step == 4 and losses(tmp_path / "rewound") == losses(tmp_path)[2:]
     with pytest.raises(kpro.CheckpointError, match="not a training checkpoint"):
         kt.fit(make_model(), batches(), tmp_path / "x", steps=4, resume=tmp_path)
+    # a file of a checkpoint was reported as a checkpoint that does not exist
+    state_file = tmp_path / "step-00000002" / "trainer_state.pt"
+    with pytest.raises(NotADirectoryError, match=re.escape(f"resume='{state_file}' is a file; pass the checkpoint "
+                                                           f"directory (step-XXXXXXXX), {state_file.parent}")):
+        kt.fit(make_model(), batches(), tmp_path / "y", steps=4, resume=state_file)
+    with pytest.raises(NotADirectoryError, match=r"is a file; pass the checkpoint directory \(step-XXXXXXXX\)$"):
+        kt.fit(make_model(), batches(), tmp_path / "y", steps=4, resume=tmp_path / "metrics.jsonl")
 
 
 def test_a_checkpoint_of_another_directory_does_not_mix_with_this_one(tmp_path):

@@ -27,8 +27,8 @@ from .._run_lock import holding
 from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, check_metrics, load_callback_states
-from .checkpointing import (check_loadable, check_savable, checkpoint_step, latest_checkpoint, list_checkpoints,
-                            load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from .checkpointing import (STEP_DIR, check_loadable, check_savable, checkpoint_step, latest_checkpoint,
+                            list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -606,6 +606,9 @@ def _checkpoint_to_resume(out_dir: Path, resume) -> Path | None:
                                   "pass resume=True to continue that run, or choose another directory")
         return None
     path = Path(resume)
+    if path.is_file():  # a file of a checkpoint (trainer_state.pt, say): reported as missing before
+        raise NotADirectoryError(f"resume={str(path)!r} is a file; pass the checkpoint directory (step-XXXXXXXX)"
+                                 + (f", {path.parent}" if STEP_DIR.fullmatch(path.parent.name) else ""))
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint to resume from does not exist: {path}")
     own = [p.name for p in list_checkpoints(out_dir)]
