@@ -8,6 +8,7 @@ Writes OUT/checks-rank{R}.json for the test to read:
   every process must read rank 0's saved schedule;
 - data told apart by rank (a TokenShards given another rank and world size, a Batches seeded by rank), and a
   run directory another process holds: the error each process raised;
+- a Batches that rank 0 alone took a batch from before a new run: the losses of that run;
 - FSDP2 of models initialised differently on each process: runs that the test compares with DDP's.
 """
 import json
@@ -59,6 +60,12 @@ def main(out: Path) -> None:
     results["shards_error"] = error_of(lambda: kt.fit(make_model(), shards, out / "shards", steps=1, **fit))
     seeded = kt.Batches(examples(), 8, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=env.rank)
     results["seed_error"] = error_of(lambda: kt.fit(make_model(), seeded, out / "seeded", steps=1, **fit))
+    peeked = batches()
+    if env.is_main:  # a look at a batch: fit restarts a new run's Batches, on every process
+        next(iter(peeked))
+    results["peeked_error"] = error_of(lambda: kt.fit(make_model(), peeked, out / "peeked", steps=2, **fit))
+    if env.is_main and results["peeked_error"] is None:
+        results["peeked_losses"] = losses(out / "peeked")
 
     holder = None
     if env.is_main:  # another run holds the directory: rank 0 is refused, and the others hear of it

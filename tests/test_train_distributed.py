@@ -138,6 +138,14 @@ def test_data_told_apart_by_rank_is_refused_on_every_process(checks):
         assert "seed: 0 on process 0, 1 on process 1" in r["seed_error"], r["seed_error"]
 
 
+def test_a_batches_looked_at_on_one_process_is_restarted_not_refused(checks):
+    """Rank 0 took a batch before a new run: the processes' Batches differed in position only, which fit resets
+    (restart()), and the run was refused as data told apart by rank."""
+    _, results = checks
+    assert [r["peeked_error"] for r in results] == [None, None]
+    assert_close_losses(results[0]["peeked_losses"], results[0]["straight"][:2])
+
+
 def test_a_run_directory_in_use_is_refused_on_every_process(checks):
     """Rank 0 alone holds out_dir: it was refused, and the other process waited in the next collective until the
     group timed out."""

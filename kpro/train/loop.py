@@ -508,7 +508,8 @@ def _check_same_data(batches, env: distributed.DistEnv) -> None:
     """Under torchrun every process must iterate the same global batches, of which fit gives each its rows
     (a per-process source its own rows of them): data told apart by rank (a seed per rank, a TokenShards given
     another rank or world size) would train some rows on several processes and others never. Compared where
-    the batches say what they are (`state_dict()`, and `process()` for a per-process source)."""
+    the batches say what they are (`state_dict()`, and `process()` for a per-process source; the position of
+    a `Batches` or `TokenShards` aside, which fit sets)."""
     per_process = bool(getattr(batches, "per_process", False)) and hasattr(batches, "process")
     if env.world_size == 1:
         if per_process and tuple(batches.process()) != (0, 1):  # it would train on its share of the rows only
@@ -516,8 +517,12 @@ def _check_same_data(batches, env: distributed.DistEnv) -> None:
             raise ValueError(f"{type(batches).__name__} takes the rows of process {rank} of {world_size}, and this run "
                              "has one process: pass neither rank nor world_size, or run under torchrun")
         return
-    mine = (tuple(batches.process()) if per_process else None,
-            batches.state_dict() if hasattr(batches, "state_dict") else None)
+    state = batches.state_dict() if hasattr(batches, "state_dict") else None
+    if isinstance(batches, (Batches, TokenShards)):
+        # fit sets where these start (restart() for a new run, the checkpoint's position on resume): where each
+        # process's object stood (rank 0 looked at a batch, say) does not matter, what they are of does
+        state = {key: value for key, value in state.items() if key not in ("epoch", "index")}
+    mine = (tuple(batches.process()) if per_process else None, state)
     everyone = distributed.gather_objects(mine, env)  # every process decides alike: none is left waiting
     wrong = [f"process {rank} takes the rows of process {process[0]} of {process[1]}"
              for rank, (process, _) in enumerate(everyone) if process is not None and process != (rank, env.world_size)]
