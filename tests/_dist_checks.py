@@ -6,8 +6,9 @@ Writes OUT/checks-rank{R}.json for the test to read:
 - no shared file system: each process works in its own directory OUT/node{R} with a relative out_dir, so only
   rank 0 sees the checkpoints it writes; a second fit of the same run must resume on every process, and
   every process must read rank 0's saved schedule;
-- data told apart by rank (a TokenShards given another rank and world size, a Batches seeded by rank), and a
-  run directory another process holds: the error each process raised;
+- data told apart by rank (a TokenShards given another rank and world size, a Batches seeded by rank), a run
+  directory another process holds, and a parameter made trainable after DDP wrapped the model (then
+  run.reset_optimizer(), or in a group added in on_fit_start): the error each process raised;
 - a Batches that rank 0 alone took a batch from before a new run: the losses of that run;
 - FSDP2 of models initialised differently on each process: runs that the test compares with DDP's.
 """
@@ -66,6 +67,23 @@ def main(out: Path) -> None:
     results["peeked_error"] = error_of(lambda: kt.fit(make_model(), peeked, out / "peeked", steps=2, **fit))
     if env.is_main and results["peeked_error"] is None:
         results["peeked_losses"] = losses(out / "peeked")
+
+    class Unfreeze(kt.Callback):  # at step 2, as the docs advise for a parameter made trainable
+        def on_batch(self, run, batch):
+            if run.step == 1:
+                run.model.embed_tokens.weight.requires_grad_(True)
+                run.reset_optimizer()
+            return batch
+
+    class EmbeddingGroup(kt.Callback):
+        def on_fit_start(self, run):
+            run.model.embed_tokens.weight.requires_grad_(True)
+            run.optimizer.add_param_group({"params": [run.model.embed_tokens.weight], "lr": 1e-3})
+
+    for name, callback in (("unfreeze_error", Unfreeze()), ("group_error", EmbeddingGroup())):
+        model = make_model()
+        model.embed_tokens.weight.requires_grad_(False)
+        results[name] = error_of(lambda: kt.fit(model, batches(), out / name, steps=3, callbacks=[callback], **fit))
 
     holder = None
     if env.is_main:  # another run holds the directory: rank 0 is refused, and the others hear of it

@@ -146,6 +146,17 @@ def test_a_batches_looked_at_on_one_process_is_restarted_not_refused(checks):
     assert_close_losses(results[0]["peeked_losses"], results[0]["straight"][:2])
 
 
+def test_a_parameter_made_trainable_under_ddp_is_refused_on_every_process(checks):
+    """DDP reduces the gradients of the parameters trainable when it wrapped the model: the embedding unfrozen
+    mid-run trained apart on each process, silently."""
+    _, results = checks
+    for r in results:
+        for key in ("unfreeze_error", "group_error"):  # at run.reset_optimizer(), and at the next step
+            assert r[key].startswith("ValueError: the parameters that train changed after DDP wrapped the model at "
+                                     "the start of fit (made trainable since: embed_tokens.weight)"), r[key]
+            assert "set requires_grad before calling fit" in r[key] and "parallel='fsdp'" in r[key], r[key]
+
+
 def test_a_run_directory_in_use_is_refused_on_every_process(checks):
     """Rank 0 alone holds out_dir: it was refused, and the other process waited in the next collective until the
     group timed out."""

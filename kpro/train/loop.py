@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .._run_lock import holding
 from ..checkpoint import CheckpointError
@@ -52,6 +53,8 @@ class Run:
         self.optimizer: torch.optim.Optimizer | None = None
         self._make_optimizer = make_optimizer
         self._save_requested = self._stop_requested = False
+        # DDP averages the gradients of the parameters that were trainable when it wrapped the model, of no others
+        self._ddp_trainable = self._trainable() if isinstance(train_model, DistributedDataParallel) else None
 
     @property
     def is_main(self) -> bool:
@@ -62,6 +65,7 @@ class Run:
 
         Takes effect at once; the learning rate still follows the schedule of the global step.
         """
+        self._check_ddp_trainable()
         optimizer = self._make_optimizer(self.model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -84,7 +88,9 @@ class Run:
 
     def check_optimizer_covers_the_trainable(self) -> None:
         """A trainable parameter the optimizer lacks (made trainable after the optimizer was built, say) would
-        gather gradients step after step, outside clipping, and never change: refused, naming it."""
+        gather gradients step after step, outside clipping, and never change: refused, naming it. So is, under
+        DDP, a change of which parameters train since fit wrapped the model."""
+        self._check_ddp_trainable()
         # read off the optimizer each time: a group added with optimizer.add_param_group counts
         optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         left_out = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in optimized]
@@ -93,6 +99,27 @@ class Run:
                              f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}): freeze them "
                              "(requires_grad False), or call run.reset_optimizer() after changing which parameters "
                              "train")
+
+    def _trainable(self) -> set[str]:
+        return {name for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _check_ddp_trainable(self) -> None:
+        """Under DDP a parameter made trainable after fit wrapped the model trained apart on each process (its
+        gradients never averaged), silently; one frozen since left DDP's reduction unfinished: a step on the
+        processes' own gradients, then DDP's error about unused parameters at the next."""
+        if self._ddp_trainable is None:
+            return
+        now = self._trainable()
+        if now == self._ddp_trainable:
+            return
+        changes = [f"{what} since: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}" for what, names in
+                   (("made trainable", sorted(now - self._ddp_trainable)),
+                    ("frozen", sorted(self._ddp_trainable - now))) if names]
+        raise ValueError(f"the parameters that train changed after DDP wrapped the model at the start of fit "
+                         f"({'; '.join(changes)}), and DDP averages the gradients of those trainable then, of no "
+                         "others: the processes would train apart. Under DDP set requires_grad before calling fit "
+                         "(to train other parameters later, start another fit from the model in a new directory), "
+                         "or use parallel='fsdp', which follows the change")
 
     def save_checkpoint(self) -> None:
         """Save a checkpoint at the end of the current step."""
