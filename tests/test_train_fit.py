@@ -13,6 +13,7 @@ import threading
 import time
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -343,6 +344,31 @@ def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
     assert kt.latest_checkpoint(tmp_path).name == "step-00000003"
     kt.fit(make_model(), batches(), tmp_path, steps=4)
     assert not junk.exists() and kt.latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_an_on_save_hook_that_draws_random_numbers_does_not_move_the_run(tmp_path):
+    """A hook sampling a generation into each checkpoint moved the RNG streams after they were saved: the
+    uninterrupted run went on from other states than a resume restores (and, rank 0 alone running it, than the
+    other processes')."""
+    class MaskAtRandom(kt.Callback):
+        def on_batch(self, run, batch):
+            labels = batch["labels"].clone()
+            labels[(torch.rand(labels.shape) < 0.3) & (labels != 2)] = -100
+            return {**batch, "labels": labels}
+
+    class Sample(kt.Callback):
+        def on_save(self, run, directory):
+            drawn = [torch.rand(3).tolist(), random.random(), float(np.random.rand())]
+            (directory / "sample.json").write_text(json.dumps(drawn))
+
+    fit = lambda out, *more: kt.fit(make_model(), batches(), tmp_path / out, steps=6, lr=1e-2, save_every=2,
+                                    callbacks=[MaskAtRandom(), Sample(), *more])
+    straight = fit("a")
+    fit("b", StopAt(2))
+    resumed = fit("b")
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(),
+                                                 resumed.model.state_dict().values()))
 
 
 def test_a_resume_may_change_the_accumulation(tmp_path):

@@ -4,7 +4,8 @@ process, in list order, so callbacks must decide the same thing on every rank.
     on_fit_start(run)               after resuming, before the first step
     on_batch(run, batch) -> batch   each step's global batch, before it is split; return it, changed or not
     on_step_end(run, metrics)       after the optimizer step; add entries to `metrics` to have them logged
-    on_save(run, directory)         a checkpoint is being written: add files to `directory` (rank 0 only)
+    on_save(run, directory)         a checkpoint is being written: add files to `directory` (rank 0 only; the
+                                    random generators are put back as they were after it)
     on_fit_end(run)                 after the last step (not when interrupted)
     state_dict() / load_state_dict  what the callback must remember across a resume (tensors, numbers,
                                     strings, and lists/tuples/dicts of them)

@@ -182,7 +182,13 @@ def _write_checkpoint_dir(target: Path, model, full_model, full_optim, state, su
         summary = {"step": state["step"], "world_size": env.world_size, **(summary or {})}
         _write_file(tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if write_extra is not None:
-            write_extra(tmp)
+            # What it draws (a sampled generation written beside the weights) must not move the random streams:
+            # the checkpoint holds them as they were, and the other processes, which do not run it, go on from there.
+            drawn_from = rng_state()
+            try:
+                write_extra(tmp)
+            finally:
+                set_rng_state(drawn_from)
 
 
 def saves_hf_layout(model: nn.Module) -> bool:
