@@ -590,8 +590,9 @@ def test_a_model_with_checkpoint_wrapped_layers_resumes_exactly(tmp_path):
     frozen_b.unused_b.requires_grad_(False)
     kt.fit(frozen_b, batches(), tmp_path / "c", steps=2, loss_fn=mean_loss, lr=1e-2)
     swapped.unused_a.requires_grad_(False)
-    with pytest.raises(kpro.CheckpointError, match=r"the optimizer state does not fit this optimizer: it never held "
-                                                   r"unused_b;"):
+    with pytest.raises(kpro.CheckpointError, match=r"the optimizer state does not fit this optimizer: the checkpoint's "
+                                                   r"optimizer trained unused_a, which this one does not hold .*; this "
+                                                   r"one holds unused_b, which the checkpoint's never held"):
         kt.fit(swapped, batches(), tmp_path / "c", steps=4, loss_fn=mean_loss, lr=1e-2)
 
 
@@ -632,10 +633,73 @@ def test_a_stateless_optimizer_resumes_with_its_settings_checked(tmp_path):
         kt.fit(make_model(), batches(), tmp_path, steps=4, optimizer=sgd(5.0))
     frozen = make_model()
     frozen.embed_tokens.weight.requires_grad_(False)
-    with pytest.raises(kpro.CheckpointError, match=r"optimizer param group 0 parameter count: 21 in the checkpoint, "
-                                                   r"20 now"):
+    with pytest.raises(kpro.CheckpointError, match=r"the checkpoint's optimizer trained embed_tokens.weight, which "
+                                                   r"this one does not hold"):
         kt.fit(frozen, batches(), tmp_path, steps=4, optimizer=sgd(0.1))
     kt.fit(make_model(), batches(), tmp_path, steps=4, optimizer=sgd(0.1))
+
+
+class UnfreezeEmbeddingAt(kt.Callback):
+    """Makes the embedding trainable before step `step` + 1 and asks for a fresh optimizer, as the docs advise."""
+
+    def __init__(self, step):
+        self.step, self.done = step, False
+
+    def on_batch(self, run, batch):
+        if run.step == self.step and not self.done:
+            self.done = True
+            run.model.embed_tokens.weight.requires_grad_(True)
+            run.reset_optimizer()
+        return batch
+
+    def state_dict(self):
+        return {"done": self.done}
+
+    def load_state_dict(self, state):
+        self.done = state["done"]
+
+
+def frozen_embedding(seed=0):
+    model = make_model(seed)
+    model.embed_tokens.weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_resume_whose_optimizer_lacks_parameters_the_checkpoints_trained_is_refused(tmp_path, optimizer):
+    """An embedding unfrozen mid-run (then run.reset_optimizer()) came back frozen on resume, and one in a group
+    added in on_fit_start lost its moments: torch's loader dropped what this optimizer lacks, silently (plain SGD
+    holds no state, and its checkpoint no parameters). Made trainable before fit resumes, the run goes on exactly."""
+    kw = dict(steps=5, lr=1e-2) if optimizer == "adamw" else dict(
+        steps=5, optimizer=lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1))
+    straight = frozen_embedding()
+    kt.fit(straight, batches(), tmp_path / "a", callbacks=[UnfreezeEmbeddingAt(2)], **kw)
+    kt.fit(frozen_embedding(), batches(), tmp_path / "b", callbacks=[UnfreezeEmbeddingAt(2), StopAt(3)], **kw)
+    with pytest.raises(kpro.CheckpointError, match=r"step-00000003: the optimizer state does not fit this "
+                                                   r"optimizer: the checkpoint's optimizer trained embed_tokens.weight,"
+                                                   r" which this one does not hold \(they would lose their optimizer "
+                                                   r"state, or train no more\). Make the same parameters trainable"):
+        kt.fit(frozen_embedding(seed=4), batches(), tmp_path / "b", callbacks=[UnfreezeEmbeddingAt(2)], **kw)
+    if optimizer == "adamw":  # a checkpoint of an older kpro records no parameters: read off its optimizer state
+        older = tmp_path / "b" / "step-00000003" / "trainer_state.pt"
+        state = torch.load(older, weights_only=True)
+        del state["trained_params"]
+        torch.save(state, older)
+        with pytest.raises(kpro.CheckpointError, match=r"trained embed_tokens.weight, which this one does not hold"):
+            kt.fit(frozen_embedding(seed=4), batches(), tmp_path / "b", callbacks=[UnfreezeEmbeddingAt(2)], **kw)
+    resumed = make_model(seed=4)  # the embedding trainable, as it was when step 3 was saved
+    kt.fit(resumed, batches(), tmp_path / "b", callbacks=[UnfreezeEmbeddingAt(2)], **kw)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+    class EmbeddingGroup(kt.Callback):
+        def on_fit_start(self, run):
+            run.model.embed_tokens.weight.requires_grad_(True)
+            run.optimizer.add_param_group({"params": [run.model.embed_tokens.weight], "lr": 1e-3})
+    kt.fit(frozen_embedding(), batches(), tmp_path / "c", callbacks=[EmbeddingGroup(), StopAt(2)], **kw)
+    with pytest.raises(kpro.CheckpointError, match=r"trained embed_tokens.weight, which this one does not hold .*"
+                                                   r"on_fit_start runs after the resume"):
+        kt.fit(frozen_embedding(), batches(), tmp_path / "c", callbacks=[EmbeddingGroup()], **kw)
 
 
 def test_bad_learning_rates_are_refused(tmp_path):

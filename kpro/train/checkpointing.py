@@ -137,6 +137,13 @@ def type_name(value) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
+def trained_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names (as optimizer.pt keys them) of the trainable parameters the optimizer holds. A checkpoint records
+    them even where the optimizer holds no state (plain SGD), whose optimizer.pt then holds nothing."""
+    names = distributed.state_dict_names(model)
+    return [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
 def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Every state-dict tensor's full shape (a sharded parameter reports its unsharded shape)."""
     return {name: list(t.shape) for name, t in model.state_dict().items()}
@@ -157,7 +164,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     full_optim = distributed.full_optimizer_state(model, optimizer, env)
     state = {**(state or {}), "format": FORMAT, "step": step, "world_size": env.world_size,
              "rng": distributed.gather_objects(rng_state(), env), "model_shapes": tensor_shapes(model),
-             "has_optimizer_state": full_optim is not None}
+             "has_optimizer_state": full_optim is not None, "trained_params": trained_parameters(model, optimizer)}
     target = checkpoint_dir(run_dir, step)
 
     def write():
@@ -248,8 +255,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     """Restore model weights, optimizer state and this process's RNG states from a checkpoint; return the
     rest of the saved state (step, data position, callback states). A collective: every process calls it.
 
-    A checkpoint of a model with other tensor names or shapes (or, for a LLaMA, another config) is refused
-    with a CheckpointError naming the differences, before anything is loaded.
+    A checkpoint of a model with other tensor names or shapes (or, for a LLaMA, another config), or of an
+    optimizer that trained other parameters, is refused with a CheckpointError naming the differences, before
+    anything is loaded.
     """
     directory, env = Path(directory), env or distributed.current_env()
     state, problem = None, None
@@ -257,6 +265,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         try:
             state = _read_state(directory)
             problem = _mismatch(directory, model, state)
+            if problem is None and "trained_params" in state:  # else (an older kpro's) from optimizer.pt, below
+                recorded = state["trained_params"]
+                problem = _optimizer_mismatch(directory, trained_parameters(model, optimizer), recorded, recorded)
         except Exception as err:  # reported on every rank below: none may be left waiting
             problem = f"{directory} is not a readable training checkpoint: {err}"
     state, problem = distributed.broadcast_object((state, problem), env)
@@ -264,14 +275,15 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         raise CheckpointError(problem)
     full_model = distributed.on_main(lambda: _read_model(directory, model), env, f"read the model of {directory}")
     distributed.load_full_model_state(model, full_model if env.is_main else {}, env)
-    has_optimizer_state = state.pop("has_optimizer_state")
+    has_optimizer_state, checked = state.pop("has_optimizer_state"), state.pop("trained_params", None) is not None
     if has_optimizer_state:
         optim_state = distributed.on_main(lambda: _read_optimizer(directory), env,
                                           f"read the optimizer state of {directory}") or {}
         for group in optimizer.param_groups:  # torch's loader wants every saved group key present here
             group.setdefault("peak_lr", group["lr"])
-        stateless = distributed.main_decides(lambda: _stateless_parameters(directory, model, optimizer, optim_state),
-                                             f"check the optimizer state of {directory}", env)
+        stateless = distributed.main_decides(
+            lambda: _stateless_parameters(directory, model, optimizer, optim_state, checked),
+            f"check the optimizer state of {directory}", env)
         try:
             distributed.load_full_optimizer_state(model, optimizer, optim_state, env, strict=not stateless)
         except (KeyError, ValueError, RuntimeError) as err:
@@ -307,21 +319,45 @@ def _saved_schedule(run_dir) -> dict | None:
     return schedule if isinstance(schedule, dict) else None
 
 
-def _stateless_parameters(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> list:
+def _stateless_parameters(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict,
+                          checked: bool) -> list:
     """The names of the trainable parameters the saved optimizer held without state: AdamW keeps none for a
     parameter that has had no gradient yet (Bitune's `only_causal` leaves one adapter without), and such a run
-    must resume. A parameter lacking state that the saved optimizer did not hold at all is refused, by name."""
-    names = distributed.state_dict_names(model)
+    must resume. `checked`: the parameters were compared with those the checkpoint records; else (a checkpoint
+    of an older kpro) here, with those its optimizer state holds state for and lists."""
     stored = saved.get("state", {})
-    listed = {name for group in saved.get("param_groups", ()) for name in group.get("params", ())}
-    lacking = [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]
-               if p.requires_grad and names.get(id(p)) not in stored]
-    foreign = [name for name in lacking if name not in listed]
-    if foreign:
-        raise CheckpointError(f"{directory}: the optimizer state does not fit this optimizer: it never held "
-                              f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; was the set of trainable "
-                              "parameters or the optimizer changed?")
-    return lacking
+    if not checked:
+        listed = [name for group in saved.get("param_groups", ()) for name in group.get("params", ())]
+        problem = _optimizer_mismatch(directory, trained_parameters(model, optimizer),
+                                      [name for name in listed if name in stored], listed)
+        if problem:
+            raise CheckpointError(problem)
+    names = distributed.state_dict_names(model)
+    return [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]
+            if p.requires_grad and names.get(id(p)) not in stored]
+
+
+def _optimizer_mismatch(directory: Path, now: list[str], trained: list[str], held: list[str]) -> str | None:
+    """Why this optimizer, training the parameters named `now`, cannot continue the checkpoint's, which trained
+    `trained` and held `held`; or None.
+
+    torch's loader silently drops the saved state of a parameter this optimizer lacks (frozen again, or in a
+    group added after the load): its moments were lost, or it trained no more. One the saved optimizer never
+    held has no state to continue."""
+    dropped = [name for name in trained if name not in set(now)]  # small lists: parameters, not elements
+    added = [name for name in now if name not in set(held)]
+    if not dropped and not added:
+        return None
+    problems = []
+    if dropped:
+        problems.append(f"the checkpoint's optimizer trained {_few(dropped)}, which this one does not hold (they "
+                        "would lose their optimizer state, or train no more)")
+    if added:
+        problems.append(f"this one holds {_few(added)}, which the checkpoint's never held")
+    return (f"{directory}: the optimizer state does not fit this optimizer: {'; '.join(problems)}. Make the same "
+            "parameters trainable and build the optimizer with the same param groups before loading it; under fit, "
+            "before fit is called (e.g. when kt.latest_checkpoint(out_dir) is past the step that changed them) or in "
+            "the optimizer factory: on_fit_start runs after the resume")
 
 
 def _read_optimizer(directory: Path) -> dict:

@@ -198,8 +198,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 "clip_grad_norm": clip_grad_norm, "precision": _precision(precision, model),
                 "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})),
                 # also where the optimizer state holds none (plain SGD), which the checks below read them from
-                "param_groups": [{**hyper, "params": len(group["params"])} for hyper, group in
-                                 zip(_hyperparameters(run.optimizer), run.optimizer.param_groups)]}
+                "param_groups": _param_groups(run.optimizer)}
     fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
     start_rng = rng_state() if fast_forward else None
     # A plain iterable's batch size (rows of its first batch), checked where a resume fast-forwards it.
@@ -244,6 +243,8 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
         def write_extra(directory):
             for cb in callbacks:
                 cb.on_save(run, directory)
+        # As the optimizer is now (reset, or given a group, since the run started): what a resume must build.
+        settings["param_groups"] = _param_groups(run.optimizer)
         state = {"callbacks": callback_states(callbacks), "metrics": run.metrics, "settings": settings,
                  "data": data_state()}
         run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
@@ -387,6 +388,11 @@ def _skip_consumed(data, steps_done: int) -> None:
             raise ValueError(f"cannot resume at step {steps_done}: the batches ran out after {skipped}, and a plain "
                              f"iterable is resumed by skipping the {steps_done} batches the checkpointed steps used; "
                              "pass the batches of the first run (or kpro.train.Batches, which resumes exactly)") from None
+
+
+def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{**hyper, "params": len(group["params"])} for hyper, group in
+            zip(_hyperparameters(optimizer), optimizer.param_groups)]
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
