@@ -1,5 +1,6 @@
 """kpro.train.fit given inputs that trained silently wrong, or failed naming nothing: schedules, leftover
-gradients, scored padding, nested or non-dict batches, checkpoint steps, optimizer groups added mid-run."""
+gradients (a resume's among them), scored padding, nested or non-dict batches, checkpoint steps, optimizer groups
+added mid-run."""
 from collections import UserDict
 
 import pytest
@@ -60,6 +61,24 @@ def test_gradients_left_on_the_model_do_not_reach_the_first_step(tmp_path):
     fit(stale, tmp_path / "stale", steps=1)
     for (name, a), b in zip(clean.named_parameters(), stale.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_gradients_left_on_the_model_do_not_stop_a_resume(tmp_path):
+    """With gradients on the parameters, torch's loader did not prepare the fresh optimizer's state, and the
+    resume died in it with 'AssertionError: Expected device to be set'."""
+    straight, stale = make_model(), make_model()
+    data = [batch(seed=i) for i in range(4)]
+    fit(straight, tmp_path / "a", data=data, steps=4)
+    fit(stale, tmp_path / "b", data=data[:2], steps=2)
+    stale = make_model(seed=1)
+    kt.lm_loss(stale, batch(seed=9)).total.backward()
+    fit(stale, tmp_path / "b", data=data, steps=4)  # resumes at step 2, skipping the batches done
+    for (name, a), b in zip(straight.named_parameters(), stale.parameters()):
+        assert torch.equal(a, b), name
+    optimizer = kt.adamw(stale, 1e-2)  # a loop of one's own: its load_checkpoint clears them too
+    kt.lm_loss(stale, batch(seed=9)).total.backward()
+    kt.load_checkpoint(tmp_path / "b" / "step-00000004", stale, optimizer)
+    assert all(p.grad is None for p in stale.parameters()) and len(optimizer.state) == len(list(stale.parameters()))
 
 
 def test_padding_that_carries_labels_is_refused():

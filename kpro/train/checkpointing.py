@@ -257,7 +257,8 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
 
     A checkpoint of a model with other tensor names or shapes (or, for a LLaMA, another config), or of an
     optimizer that trained other parameters, is refused with a CheckpointError naming the differences, before
-    anything is loaded.
+    anything is loaded. Gradients left on the parameters (a check's backward) are cleared: a checkpoint is
+    taken between steps, where there are none.
     """
     directory, env = Path(directory), env or distributed.current_env()
     state, problem = None, None
@@ -276,6 +277,8 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     full_model = distributed.on_main(lambda: _read_model(directory, model), env, f"read the model of {directory}")
     distributed.load_full_model_state(model, full_model if env.is_main else {}, env)
     has_optimizer_state, checked = state.pop("has_optimizer_state"), state.pop("trained_params", None) is not None
+    for param in model.parameters():  # torch's loader prepares a fresh optimizer's state only without them
+        param.grad = None
     if has_optimizer_state:
         optim_state = distributed.on_main(lambda: _read_optimizer(directory), env,
                                           f"read the optimizer state of {directory}") or {}
