@@ -41,7 +41,7 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
     if batch == 0 or length == 0:
         raise ValueError(f"input_ids is empty ([B={batch}, T={length}]): generate needs at least one prompt of at least "
                          "one token")
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device  # where activation_dtype reads the dtype
     if input_ids.device != device:  # else the cache, made on the prompts' device, is blamed
         raise ValueError(f"input_ids are on {input_ids.device} and the model on {device}: move the prompts "
                          f"(input_ids.to({str(device)!r}), and the attention_mask)")
