@@ -215,7 +215,8 @@ class LoRALinear(nn.Module):
         # copied adapter holds the values merged, so the copy runs as the original does (and refuses as it would).
         super().__setstate__(state)
         if self.merged is not None:
-            if all(torch.equal(p, f) for p, f in zip(self._factors(self.merged), self._merge_record.factors)):
+            if all(torch.equal(p, f.to(p.device)) for p, f in zip(self._factors(self.merged),
+                                                                   self._merge_record.factors)):
                 self._record_merged_versions()
             else:
                 self._merge_record = dataclasses.replace(self._merge_record, versions=(-1, -1))

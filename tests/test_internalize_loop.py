@@ -272,6 +272,18 @@ def test_a_resumed_run_whose_checkpoint_has_no_selection_does_not_take_another_r
         assert not torch.equal(tensor, first.state_dict()[name]), name
 
 
+def test_a_fresh_run_after_a_refused_resume_starts_its_selection_empty(tmp_path, monkeypatch):
+    """load_state_dict marked the selection restored; a resume refused after it (another seed, say) left the mark,
+    and the next fresh run with the callback ended with the refused checkpoint's best weights."""
+    scripted_accuracies(monkeypatch, [0.1] * 6)
+    best = ValidationAccuracy(TOK, VALID, 2, select_best=True)
+    best.load_state_dict({"best_step": 4, "best_accuracy": 0.99, "best_weights": make_model(seed=9).state_dict()})
+    data = tokenize_examples([parse_line(line) for line in multiplication_training_set(2, 48, seed=1)], TOK)
+    fit_internalization(make_model(seed=5), data, tmp_path, removal="all", steps=FAST_STEPS, batch_size=8,
+                        pad_id=TOK.pad_id, lr=3e-3, callbacks=[best])
+    assert best.selected["accuracy"] == 0.1
+
+
 def test_each_increase_is_announced_with_or_without_a_reset(tmp_path):
     """Only a reset printed its line: with reset_optimizer=False (the command's --keep-optimizer) no increase
     was shown, though the docs promise a line at each."""
@@ -397,6 +409,13 @@ def test_generated_valid_and_test_sets_never_hold_a_training_problem(tmp_path):
     train, held_out = _load_data(args(train=given, eval_size=300), tmp_path / "other")
     assert len(held_out["valid"]) == len(held_out["test"]) == 300
     assert not lines(train) & (lines(held_out["valid"]) | lines(held_out["test"]))
+    # --eval-only --train FILE scores the sets that run drew (they leave FILE's pairs out), and writes them
+    # beside the plain draw's files rather than over them
+    _load_data(args(eval_size=300), tmp_path / "other")
+    none, again = _load_data(args(train=given, eval_size=300, eval_only=True), tmp_path / "other")
+    assert none == [] and {split: lines(sets) for split, sets in again.items()} == \
+        {split: lines(sets) for split, sets in held_out.items()}
+    assert len(list((tmp_path / "other" / "data").glob("valid-2x2-300-seed0*.txt"))) == 2
 
 
 def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):

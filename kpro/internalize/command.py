@@ -66,7 +66,8 @@ def add_parsers(sub) -> None:
                            "and generated for other n. gsm8k: the published valid/test sets (pass --train). Default: none "
                            "(then --train and --valid)")
     data.add_argument("--train", type=Path, metavar="FILE", help="training examples `input||cot #### answer`, one a "
-                      "line (default: the --task's generated set)")
+                      "line (default: the --task's generated set); generated valid/test sets leave its pairs out, "
+                      "with --eval-only too")
     data.add_argument("--valid", type=Path, metavar="FILE", help="validation examples (default: the task's)")
     data.add_argument("--test", type=Path, metavar="FILE", help="test examples (default: the task's, if any)")
     data.add_argument("--train-size", type=int, default=PAPER_TRAIN_SIZE, metavar="N",
@@ -269,15 +270,17 @@ def _load_data(args, out: Path):
             evaluation_sets[split] = _read(path)
         elif args.task is not None and not generate_eval:
             evaluation_sets[split] = read_published(args.task, split)
-    train = _read(args.train) if args.train is not None and not args.eval_only else None
+    train = _read(args.train) if args.train is not None else None  # with --eval-only: only the pairs to leave out
     if generate_eval and len(evaluation_sets) < 2:
-        # Drawn from the pairs a given training file does not hold (a generated one leaves these out instead)
+        # Drawn from the pairs a given training file does not hold (a generated one leaves these out instead),
+        # and named by them: --eval-only --train FILE draws the sets the training run drew
         trained = set(_operand_pairs(train, n)) if train is not None else set()
+        without = f"-without-{_digest(trained)}" if trained else ""
         with _naming("--eval-size", args.eval_size, "the valid and test sets draw twice as many"):
             pairs = multiplication_pairs(n, 2 * args.eval_size, args.data_seed + 1, exclude=trained)
         for split, chunk in (("valid", pairs[:args.eval_size]), ("test", pairs[args.eval_size:])):
             if split not in evaluation_sets:
-                path = out / "data" / f"{split}-{n}x{n}-{args.eval_size}-seed{args.data_seed}.txt"
+                path = out / "data" / f"{split}-{n}x{n}-{args.eval_size}-seed{args.data_seed}{without}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("".join(line + "\n" for line in multiplication_lines(chunk, n)))
                 evaluation_sets[split] = _read(path)
@@ -292,14 +295,18 @@ def _load_data(args, out: Path):
     held_out = {pair for examples in evaluation_sets.values() for pair in _operand_pairs(examples, n)}
     # Named by the pairs it leaves out too: a rerun with another --eval-size (or --valid, --test) must not
     # train on the file that left out only the earlier sets' pairs.
-    left_out = hashlib.sha256(repr(sorted(held_out)).encode()).hexdigest()[:12]
-    path = out / "data" / f"train-{n}x{n}-{args.train_size}-seed{args.data_seed}-without-{left_out}.txt"
+    path = out / "data" / f"train-{n}x{n}-{args.train_size}-seed{args.data_seed}-without-{_digest(held_out)}.txt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"generating {args.train_size:,} {n}x{n} training examples into {path}", flush=True)
         with _naming("--train-size", args.train_size, "pass a smaller one"):
             write_multiplication_training_set(path, n, args.train_size, args.data_seed, exclude=held_out)
     return _read(path), evaluation_sets
+
+
+def _digest(pairs) -> str:
+    """A short name for a set of operand pairs, for the files generated without them."""
+    return hashlib.sha256(repr(sorted(pairs)).encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
@@ -372,8 +379,9 @@ def _check_args(args) -> None:
     defaults = getattr(args, "training_defaults", {})
     given = lambda names: [f"--{'no-' if defaults[name] is True else ''}{name.replace('_', '-')}" for name in names
                            if name in defaults and getattr(args, name) != defaults[name]]
-    if args.eval_only and given(defaults):  # ignored before, silently
-        raise ValueError(f"{', '.join(given(defaults))} shape a training run; --eval-only evaluates --model as it is")
+    training = [name for name in defaults if name != "train"]  # --eval-only --train FILE: the pairs to leave out
+    if args.eval_only and given(training):  # ignored before, silently
+        raise ValueError(f"{', '.join(given(training))} shape a training run; --eval-only evaluates --model as it is")
     shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")
              if getattr(args, name) is not None]
     if args.model is not None and shape:

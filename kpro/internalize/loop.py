@@ -169,7 +169,7 @@ class ValidationAccuracy(Callback):
     def on_fit_start(self, run: Run) -> None:
         # Nothing of an earlier fit with this callback carries over: a fresh run, or a resumed one whose checkpoint
         # holds no state of it (its first session ran without it), starts its selection empty.
-        if not self._restored:
+        if run.checkpoint is None or not self._restored:  # a flag left by a resume refused after loading it
             self._best = None
         self.selected, self._restored = None, False
         if self.select_best and run.env.world_size > 1:

@@ -276,7 +276,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         raise CheckpointError(problem)
     full_model = distributed.on_main(lambda: _read_model(directory, model), env, f"read the model of {directory}")
     distributed.load_full_model_state(model, full_model if env.is_main else {}, env)
-    has_optimizer_state, checked = state.pop("has_optimizer_state"), state.pop("trained_params", None) is not None
+    has_optimizer_state, checked = state.pop("has_optimizer_state"), state.get("trained_params") is not None
     for param in model.parameters():  # torch's loader prepares a fresh optimizer's state only without them
         param.grad = None
     if has_optimizer_state:

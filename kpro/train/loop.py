@@ -348,14 +348,18 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> d
                          if key != "total_steps" and saved.get(key) != schedule.get(key)]
     differences += [f"{key}: {recorded[key]!r} in the checkpoint, {value!r} now" for key, value in settings.items()
                     if key not in ("schedule", "param_groups") and key in recorded and recorded[key] != value]
-    # A checkpoint of an older kpro has no param_groups setting: they are read from its optimizer state.
+    # A checkpoint of an older kpro has no param_groups setting: they are read from its optimizer state. One
+    # without trained_params recorded its groups as the run started, not as it saved (a group added or a parameter
+    # unfrozen since): there, the parameters were checked against its optimizer state instead, by name.
     groups = recorded.get("param_groups", _hyperparameters(run.optimizer))
-    if len(groups) != len(settings["param_groups"]) and "param_groups" in recorded:
+    as_saved = "trained_params" in state
+    if len(groups) != len(settings["param_groups"]) and "param_groups" in recorded and as_saved:
         differences.append(f"optimizer param groups: {len(groups)} in the checkpoint, "
                            f"{len(settings['param_groups'])} now")
     differences += [f"optimizer param group {i} {'parameter count' if key == 'params' else key}: {saved[key]!r} in the "
                     f"checkpoint, {value!r} now" for i, (now, saved) in enumerate(zip(settings["param_groups"], groups))
-                    for key, value in now.items() if key in saved and saved[key] != value]
+                    for key, value in now.items() if key in saved and saved[key] != value
+                    and (as_saved or key != "params")]
     if differences:
         raise CheckpointError(f"{checkpoint} was trained with other settings than this call asks for:\n  "
                               + "\n  ".join(differences) + "\nresume with the same settings (another number of "
