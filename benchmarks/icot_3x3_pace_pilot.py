@@ -1,14 +1,16 @@
 """The half-pace pilot of benchmarks/RESULTS.md ("ICoT-SI at 3×3, the CPU recipe"): a seed's explicit-CoT model
 from `python -m kpro reproduce internalization-3x3` (its `explicit-cot/model`), internalized as RECIPE_3X3 does
 but removing a CoT token every STEPS_PER_TOKEN steps at learning rate LR; the chain only, no no-CoT control.
-Validation accuracy is printed every 500 steps; the run resumes from its checkpoints.
+Validation accuracy is printed every 500 steps, the test accuracy of the weights kept at the end; the run resumes
+from its checkpoints.
 
-    python benchmarks/icot_3x3_pace_pilot.py EXPLICIT_MODEL SEED RUN_DIR [STEPS_PER_TOKEN [LR]]
+    python benchmarks/icot_3x3_pace_pilot.py EXPLICIT_MODEL SEED RUN_DIR [STEPS_PER_TOKEN [LR [AFTER_STEPS]]]
 
 EXPLICIT_MODEL: OUT/internalization-3x3/explicit-cot/model.
 
 The recorded runs: seeds 1 and 2, STEPS_PER_TOKEN 2000 (the recipe's is 1000), and STEPS_PER_TOKEN 1000 at LR
-1.25e-4 (the recipe's is 2.5e-4).
+1.25e-4 (the recipe's is 2.5e-4); seed 2's then extended to AFTER_STEPS 16000 and 24000 (the recipe's 8000; the
+same command with more steps resumes the run from its last checkpoint).
 """
 from __future__ import annotations
 
@@ -18,23 +20,24 @@ from pathlib import Path
 import torch
 
 from kpro.checkpoint import load_pretrained, save_pretrained
-from kpro.demo.internalization import BATCH, SAVE_EVERY, _setup
+from kpro.demo.internalization import BATCH, SAVE_EVERY, _setup, held_out_sets
 from kpro.demo.seeds import RECIPE_3X3
-from kpro.internalize import RemovalSchedule, ValidationAccuracy, fit_internalization, multiplication_tokenizer
-from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
+from kpro.internalize import (RemovalSchedule, ValidationAccuracy, evaluate, fit_internalization,
+                              multiplication_tokenizer)
+from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule, mean_cot_tokens
 
 COT_TOKENS = 24  # a 3x3 product's CoT
 
 
 def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
-         lr: float | None = None) -> None:
+         lr: float | None = None, after_steps: int | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     r = RECIPE_3X3
     valid, train, _ = _setup(r["digits"], r["train_size"], seed, r["valid_size"], r["test_size"], r["hidden"], 2)
     model = load_pretrained(explicit)
     tok = multiplication_tokenizer()
-    steps = COT_TOKENS * steps_per_token + r["after_steps"]
+    steps = COT_TOKENS * steps_per_token + (r["after_steps"] if after_steps is None else after_steps)
     schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
     best = ValidationAccuracy(tok, valid, r["eval_every"], batch_size=len(valid), select_best=True, stream=sys.stdout)
     lr = r["lr"] if lr is None else lr
@@ -44,8 +47,14 @@ def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
                         callbacks=[best], stream=sys.stdout)
     save_pretrained(model, run_dir / "model")
     print("selected", best.selected)
+    # The kept weights on the seed's 1,000 test problems, as the act scores its models (run again, a finished
+    # run only scores them)
+    _, test, _ = held_out_sets(r["digits"], r["valid_size"], r["test_size"], seed)
+    result = evaluate(model.eval(), tok, test, batch_size=len(test))
+    print(f"test accuracy {result.accuracy:.3f} ({result.correct}/{result.total}), "
+          f"{mean_cot_tokens(result, tok.eos_id):.1f} CoT tokens written per example")
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), *(int(a) for a in sys.argv[4:5]),
-         *(float(a) for a in sys.argv[5:6]))
+         *(float(a) for a in sys.argv[5:6]), *(int(a) for a in sys.argv[6:7]))
