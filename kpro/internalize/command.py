@@ -377,8 +377,10 @@ def _check_args(args) -> None:
     if args.eval_only and args.model is None:
         raise ValueError("--eval-only evaluates a trained model: pass --model DIR")
     defaults = getattr(args, "training_defaults", {})
-    given = lambda names: [f"--{'no-' if defaults[name] is True else ''}{name.replace('_', '-')}" for name in names
-                           if name in defaults and getattr(args, name) != defaults[name]]
+
+    def given(names) -> list[str]:  # the flags among `names` set to other than their defaults
+        return [f"--{'no-' if defaults[name] is True else ''}{name.replace('_', '-')}" for name in names
+                if name in defaults and getattr(args, name) != defaults[name]]
     training = [name for name in defaults if name != "train"]  # --eval-only --train FILE: the pairs to leave out
     if args.eval_only and given(training):  # ignored before, silently
         raise ValueError(f"{', '.join(given(training))} shape a training run; --eval-only evaluates --model as it is")
