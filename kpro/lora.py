@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,23 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """Adapters of a half-precision model are kept in fp32 (as PEFT does): AdamW's small updates to a bf16
     weight would round away. Under autocast they still run in bf16."""
     return torch.promote_types(weight_dtype, torch.float32)
+
+
+@contextlib.contextmanager
+def dtype_kept(params: Sequence[tuple[nn.Module, str]], dtype: Callable[[], torch.dtype]):
+    """Around a module's `_apply` (`.to(torch.bfloat16)`, `.half()`): each parameter `getattr(owner, name)` of
+    `params` ends in `dtype()` (read after the cast), converted from its own values and gradient rather than
+    rounded through the cast's dtype on the way."""
+    saved = [(owner, name, getattr(owner, name).data, getattr(owner, name).grad) for owner, name in params]
+    saved = [(owner, name, data, None if grad is None else grad.data) for owner, name, data, grad in saved]
+    yield  # (the cast swaps the .data of a parameter and of its gradient: these references keep the old values)
+    want = dtype()
+    for owner, name, data, grad in saved:
+        param = getattr(owner, name)
+        if param.dtype != want and param.is_floating_point():
+            param.data = data.to(param.device, want)
+            if grad is not None and param.grad is not None:
+                param.grad.data = grad.to(param.grad.device, want)
 
 
 class Adapter(nn.Module):
@@ -193,19 +210,12 @@ class LoRALinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """`model.to(torch.bfloat16)`, `.half()`: the base weight is cast, the adapters stay in `adapter_dtype`
-        of it (fp32 for a half-precision weight), converted from their own values, not rounded through the
-        narrower dtype on the way."""
-        factors = [(linear, linear.weight.data, None if linear.weight.grad is None else linear.weight.grad.data)
-                   for adapter in self.adapters.values() for linear in (adapter.lora_A, adapter.lora_B)]
+        of it (fp32 for a half-precision weight)."""
+        factors = [(linear, "weight") for adapter in self.adapters.values()
+                   for linear in (adapter.lora_A, adapter.lora_B)]
         merged_unchanged = self.merged is not None and self._merged_versions_match()
-        super()._apply(fn, recurse)
-        dtype = adapter_dtype(self.weight.dtype)
-        for linear, data, grad in factors:
-            param = linear.weight
-            if param.dtype != dtype and param.is_floating_point():
-                param.data = data.to(param.device, dtype)
-                if grad is not None and param.grad is not None:
-                    param.grad.data = grad.to(param.grad.device, dtype)
+        with dtype_kept(factors, lambda: adapter_dtype(self.weight.dtype)):
+            super()._apply(fn, recurse)
         if merged_unchanged:  # the conversion is not a change to the merged values
             self._record_merged_versions()
         return self

@@ -121,9 +121,11 @@ def test_mixing_weights_follow_the_formula_and_start_at_one_half():
         default.w_k.copy_(torch.tensor([0.7342197, -1.0001]))
         default.w_v.copy_(torch.tensor([1e-3 + 1e-7, 3.1415927]))
     w_k, w_v = default.w_k.detach().clone(), default.w_v.detach().clone()
+    default.w_k.grad = torch.tensor([0.1234567, -2.0001])  # and their gradients, kept as they are
     default.to(torch.bfloat16)
     assert default.w_k.dtype == default.w_v.dtype == torch.float32  # the model moves, the mixing scalars stay fp32
     assert torch.equal(default.w_k, w_k) and torch.equal(default.w_v, w_v)
+    assert torch.equal(default.w_k.grad, torch.tensor([0.1234567, -2.0001]))
     assert default.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert default.model.layers[0].self_attn.q_proj.causal.lora_A.weight.dtype == torch.float32
     assert kpro.Bitune is Bitune

@@ -62,16 +62,9 @@ class Bitune(nn.Module):
         self.w_v = nn.Parameter(torch.full((layers,), float(mix_init), dtype=torch.float32, device=device))
 
     def _apply(self, fn, recurse=True):
-        # `bt.to(torch.bfloat16)` casts the model; the mixing scalars stay fp32 (SPEC: 2·L fp32 scalars),
-        # converted from their own values rather than rounded through bf16 on the way.
-        scalars = [(name, getattr(self, name).data, getattr(self, name).grad) for name in ("w_k", "w_v")]
-        super()._apply(fn, recurse)
-        for name, data, grad in scalars:
-            param = getattr(self, name)
-            if param.dtype != torch.float32:
-                param.data = data.to(param.device, torch.float32)
-                if grad is not None and param.grad is not None:
-                    param.grad.data = grad.data.to(param.grad.device, torch.float32)
+        # `bt.to(torch.bfloat16)` casts the model; the mixing scalars stay fp32 (SPEC: 2·L fp32 scalars).
+        with lora.dtype_kept([(self, "w_k"), (self, "w_v")], lambda: torch.float32):
+            super()._apply(fn, recurse)
         return self
 
     # ------------------------------------------------------------------------------------- public API
