@@ -300,6 +300,29 @@ def test_optimizer_errors(make_model):
         kt.adamw(model, 1e-3)
 
 
+def test_adamw_on_the_cpu_is_torch_default_adamw_to_the_bit(make_model):
+    """kpro's CPU AdamW runs torch's multi-tensor implementation for speed: it must leave every weight
+    exactly where torch's per-parameter default does, with weight decay, a frozen block, a tied weight and
+    a parameter without a gradient in the step."""
+    torch.manual_seed(0)
+    base = make_model(dtype=torch.float32, tie_word_embeddings=True)
+    base.layers[0].requires_grad_(False)
+    base.spare = torch.nn.Parameter(torch.randn(3))  # in no loss: its gradient stays None
+    models = [base, copy.deepcopy(base)]
+    ours = kt.adamw(models[0], 1e-2, weight_decay=0.1)
+    reference = torch.optim.AdamW(kt.param_groups(models[1], 0.1), lr=1e-2, foreach=False)
+    assert ours.defaults["foreach"] and not ours.defaults["fused"]
+    ids = torch.randint(1, base.config.vocab_size, (3, 7))
+    for _ in range(3):
+        for model, optimizer in zip(models, (ours, reference)):
+            kt.lm_loss(model, {"input_ids": ids, "labels": ids}).total.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert not torch.equal(models[0].norm.weight, torch.ones_like(models[0].norm.weight))  # it trained
+
+
 @pytest.mark.parametrize("kind, step, expected", [
     ("constant", 0, 0.1), ("constant", 4, 0.5), ("constant", 9, 1.0), ("constant", 10_000, 1.0),
     ("linear", 10, 1.0), ("linear", 35, 0.75), ("linear", 60, 0.5), ("linear", 110, 0.0), ("linear", 500, 0.0),

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..train import Batches, Callback, Run, Schedule, adamw, fit
+from ..train import Batches, Callback, Run, Schedule, adamw, fit, optim
 from ..train.data import check_special_id
 from .batching import collate, remove_cot
 from .evaluation import MARGIN_TOKENS, check_evaluation_examples, evaluate, evaluation_positions
@@ -302,5 +302,4 @@ def adamw_every_parameter(model: nn.Module, lr: float, weight_decay: float) -> t
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
     if not params:
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    fused = all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **optim.implementation(params))

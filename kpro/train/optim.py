@@ -41,13 +41,22 @@ def adamw(model: nn.Module, lr: float = 3e-4, *, weight_decay: float = 0.0, beta
           eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters, without weight decay on norms and biases.
 
-    `fused=None` uses the fused CUDA implementation for parameters on a GPU, the default one elsewhere.
+    `fused=None` uses the fused CUDA implementation for parameters on a GPU. On the CPU, torch's multi-tensor
+    (`foreach`) implementation: the same element-wise operations as its per-parameter default, bit for bit,
+    in fewer Python calls.
     """
     check_lr(lr)
     groups = param_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps,
+                             **implementation([p for g in groups for p in g["params"]], fused))
+
+
+def implementation(params, fused: bool | None = None) -> dict:
+    """AdamW's `fused`/`foreach` keywords for these parameters (see `adamw`)."""
+    devices = {p.device.type for p in params}
     if fused is None:
-        fused = all(p.device.type == "cuda" for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+        fused = devices == {"cuda"}
+    return {"fused": fused or None, "foreach": True if not fused and devices == {"cpu"} else None}
 
 
 @dataclasses.dataclass(frozen=True)
