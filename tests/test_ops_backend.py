@@ -429,14 +429,32 @@ def _second_derivative_cases(device):
 def test_a_second_derivative_through_an_op_raises_whichever_input_it_asks_for(backend, op):
     """The eager path's error node hung on fresh leaves: a second derivative asked only of the op's inputs
     (autograd.grad(dx.sum(), w), a Hessian-vector product, a gradient penalty) never visited it, and the op's
-    term came back as zeros or None, silently. It must raise, as the custom ops' backward does."""
+    term came back as zeros or None, silently. It must raise, as the custom ops' backward does (the
+    cross-entropy's gradients-in-forward path at the create_graph backward itself)."""
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     inputs, call = _second_derivative_cases(device)[op]
-    with ops.backend(backend):
+    with ops.backend(backend), \
+            pytest.raises(RuntimeError, match="no double backward|no autograd formula|not implemented"):
         first = torch.autograd.grad(call(*inputs).pow(2).sum(), inputs[0], create_graph=True)[0]
-        with pytest.raises(RuntimeError, match="no double backward|no autograd formula|not implemented"):
-            torch.autograd.grad(first.sum(), inputs[-1], allow_unused=True)
+        torch.autograd.grad(first.sum(), inputs[-1], allow_unused=True)
     if op == "rms_norm":
         x, w = inputs
         with ops.backend(backend), pytest.raises(RuntimeError, match="no double backward"):
             torch.autograd.functional.hvp(lambda a: ops.rms_norm(a, w).pow(2).sum(), x.detach(), torch.ones_like(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "swiglu_packed", "linear_cross_entropy", "attention",
+                                "bitune_attention"])
+def test_a_second_derivative_from_a_plain_loss_raises(backend, op):
+    """The common case: the op's output summed as it is, so the incoming gradient does not require grad, and
+    the second derivative asked of a scale applied before the op (a gradient penalty's). The cross-entropy,
+    whose gradients come from its forward, kept nothing linked to its inputs and left its term out silently."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    inputs, call = _second_derivative_cases(device)[op]
+    scale = torch.tensor(1.3, device=device, requires_grad=True)
+    # (the attention ops' torch backend is SDPA, whose backward has no derivative: its own error)
+    with ops.backend(backend), \
+            pytest.raises(RuntimeError, match="no double backward|no autograd formula|is not implemented"):
+        first = torch.autograd.grad(call(inputs[0] * scale, *inputs[1:]).sum(), inputs[0], create_graph=True)[0]
+        torch.autograd.grad(first.pow(2).sum(), scale, allow_unused=True)

@@ -3,6 +3,7 @@ logits: loss and both gradients, every reduction, ignored rows, tails, half prec
 logits of ±1e3; the frozen head (no dW, no [V, d] buffer); torch.compile; and every kpro loss that uses
 it, down to `fit` step for step against materialised logits."""
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -462,19 +463,23 @@ def test_eager_path_is_bit_identical_to_the_custom_ops(backend, device, monkeypa
                for a, b in zip(fast_saved, op_saved))
 
 
-def test_double_backward_raises_on_both_paths(monkeypatch):
-    """The custom op has no double backward (its backward op has no autograd formula): create_graph gives a
-    gradient whose own backward raises. The eager path raises too."""
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_raises_on_both_paths(monkeypatch, reduction):
+    """No double backward, on the eager path and the custom ops'. Where the gradients come from the forward
+    (a loss, or a frozen head's per-row losses) the create_graph backward itself is refused: those gradients
+    are linked to nothing, so a second derivative would leave the loss's term out. Where the backward
+    recomputes (a trainable head's per-row losses) it gives a gradient whose own backward raises."""
     hidden, weight, labels = inputs(6, 8, 13, torch.float64, "cpu", seed=15, ignored=[1])
-    for eager in (True, False):
+    for eager, head_trains in itertools.product((True, False), (True, False)):
         if not eager:
             monkeypatch.setattr(lce, "eager_fast_path", lambda *tensors: False)
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        (dh,) = torch.autograd.grad(ops.linear_cross_entropy(h, w, labels), h, create_graph=True)
-        assert dh.requires_grad
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(head_trains)
         with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
+            (dh,) = torch.autograd.grad(ops.linear_cross_entropy(h, w, labels, reduction=reduction).sum(), h,
+                                        create_graph=True)
             dh.sum().backward()
-        assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, labels), (h, w))
+        assert torch.autograd.gradcheck(lambda a, b: ops.linear_cross_entropy(a, b, labels, reduction=reduction),
+                                        (h, w))
 
 
 # ----------------------------------------------------------------------------- the losses that use it

@@ -39,6 +39,7 @@ import torch
 
 from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
                       refuse_function_transforms, select)
+from .errors import BackendError
 from .rms_norm import accumulation_dtype
 
 IGNORE_INDEX = -100
@@ -387,7 +388,19 @@ def _setup_context_with_grads(ctx, inputs, output):
     ctx.ignore_index, ctx.per_row, ctx.dtypes = ignore_index, per_row, (hidden.dtype, weight.dtype)
 
 
+def _refuse_create_graph(ctx) -> None:
+    """A backward with create_graph=True through the gradients computed in the forward: they were computed
+    without a graph and are not linked to hidden or the weight, so no error node could reach a second
+    derivative taken with respect to them (autograd.grad(dh.norm(), x)): it would silently leave the loss's
+    term out. Refused at once instead, where the other paths raise when the gradient is differentiated."""
+    if torch.is_grad_enabled() and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        raise BackendError("kpro's ops have no double backward: linear_cross_entropy computes its gradients in the "
+                           "forward, which a backward with create_graph=True cannot differentiate (the second "
+                           "derivative would leave the loss's term out); take this gradient without create_graph")
+
+
 def _backward_with_grads(ctx, dloss, _ddh, _ddw):
+    _refuse_create_graph(ctx)
     dh, dw, labels = ctx.saved_tensors
     dhidden, dweight = torch.ops.kpro.linear_cross_entropy_scale_grads(dloss, dh, dw, labels, ctx.ignore_index,
                                                                        ctx.per_row, *ctx.dtypes)
@@ -411,8 +424,8 @@ class GradientsInForwardFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dloss):
+        _refuse_create_graph(ctx)
         dh, dw, labels = ctx.saved_tensors
         dhidden, dweight = _run_scale_gradients(dloss, dh, dw, labels, ctx.ignore_index, ctx.per_row, *ctx.dtypes)
         return ((dhidden if ctx.needs_input_grad[0] else None), (dweight if ctx.needs_input_grad[1] else None),
