@@ -169,8 +169,9 @@ class Llama(nn.Module):
         runners = self.block_runners or (run_block,) * len(self.layers)
         for i, (layer, run) in enumerate(zip(self.layers, runners, strict=True)):
             x = run(layer, x, cos, sin, attention_mask, None if cache is None else cache.layer(i))
-        if cache is not None:
+        if cache is not None:  # once the call has run: a refused one leaves the cache as it was
             cache.length += input_ids.shape[1]
+            cache.padded = cache.padded or attention_mask is not None  # the checked mask: None where all real
         return x
 
     def _check_inputs(self, input_ids, attention_mask, past, cache):
@@ -206,8 +207,6 @@ class Llama(nn.Module):
         else:  # the op's check (bool or 0/1 integers), with whether every token is real in the same device read
             all_real = ops.check_attention_mask(attention_mask, (batch, past + length), "model", report_all_real=True)
         check_token_ids(input_ids, self.config.vocab_size)
-        if cache is not None and attention_mask is not None and not all_real:  # once the call is accepted
-            cache.padded = True
         # A mask of all ones is no mask: take the faster unmasked attention path. A checked mask goes to the
         # layers as bool, whose values need no further look.
         return None if attention_mask is None or all_real else attention_mask.bool()

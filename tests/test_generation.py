@@ -238,6 +238,19 @@ def test_a_padded_cache_needs_its_mask_on_every_later_call(make_model):
     torch.testing.assert_close(model(new, full, cache=cache)[0, -1], alone)
 
 
+def test_a_refused_call_does_not_mark_the_cache_padded(make_model):
+    """A call with a padded mask refused after the mask's check (its position_ids here) marked the empty
+    cache padded, and the next valid call without a mask was refused for padding it never held."""
+    model = make_model()
+    ids, mask = torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    cache = kpro.KVCache(model.config, 2, 8, torch.float64)
+    with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
+        model(ids, mask, cache=cache, position_ids=torch.arange(3.0))
+    assert (cache.length, cache.padded) == (0, False)
+    rows = torch.tensor([[5, 6, 4], [7, 8, 9]])
+    torch.testing.assert_close(model(rows, cache=cache), model(rows))
+
+
 def test_token_ids_of_numpy_and_tensor_integers_are_taken_and_others_refused(make_model):
     model, ids = make_model(), torch.ones(1, 3, dtype=torch.long)
     want = kpro.generate(model, ids, 4, eos_token_id=[5], pad_token_id=2)
