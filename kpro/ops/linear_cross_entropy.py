@@ -107,8 +107,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 def _check_args(hidden, weight, labels, ignore_index):
     # An int, as F.cross_entropy takes it: -100.5 was truncated to -100 for the kernels while the mean's count
     # compared the labels with -100.5 (every -100 label counted, none scored: a wrong mean, silently).
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise ValueError(f"linear_cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral) or \
+            not -2**63 <= ignore_index < 2**63:  # compared with int64 labels
+        raise ValueError(f"linear_cross_entropy: ignore_index must be an int64 integer, got {ignore_index!r}")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or 0 in weight.shape:
         raise ValueError(f"linear_cross_entropy: weight must be [V >= 1, d >= 1] with d = hidden's last dimension; "
                          f"got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}")
