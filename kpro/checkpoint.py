@@ -121,7 +121,8 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | str = "au
     with _open_all(set(location.values())) as handles:
         _check_index_points_right(directory, location, handles)
         found = {name: tuple(handles[file].get_slice(name).get_shape()) for name, file in location.items()}
-        _check_names_and_shapes(directory, expected, found, tied=cfg.tie_word_embeddings)
+        _check_names_and_shapes(directory, expected, found, tied=cfg.tie_word_embeddings,
+                                unlisted=_unlisted_tensors(location, handles))
         if wanted is None:
             wanted = _checkpoint_dtype(directory, {name: handles[location[name]].get_slice(name) for name in expected})
         dtype, state = wanted, {}
@@ -234,14 +235,26 @@ def _check_index_points_right(directory, location: dict, handles: dict) -> None:
                               f"{', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
 
 
-def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool, what: str | None = None) -> None:
+def _unlisted_tensors(location: dict[str, Path], held: dict[Path, object]) -> dict[str, Path]:
+    """Tensors a shard holds that the index does not list, name -> shard: reading by the index alone would
+    leave them out without a word. `held` maps each file to what lists its tensor names (a safetensors
+    handle, a header dict). A single file's tensors all have a location, so it has none."""
+    return {name: file for file, tensors in held.items() for name in tensors.keys() if name not in location}
+
+
+def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool, what: str | None = None,
+                            unlisted: dict[str, Path] | None = None) -> None:
+    """One error naming every missing, unexpected (including the `_unlisted_tensors` of a sharded
+    checkpoint) and mis-shaped tensor."""
     problems = []
     found = {name: shape for name, shape in found.items() if not _IGNORED_RE.fullmatch(name)}
+    unlisted = {name: file for name, file in (unlisted or {}).items() if not _IGNORED_RE.fullmatch(name)}
     if tied and "lm_head.weight" in found:  # some tools save the tied head anyway: it must be the embedding
         if found.pop("lm_head.weight") != expected["model.embed_tokens.weight"]:
             problems.append("lm_head.weight has a different shape from the tied model.embed_tokens.weight")
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+    unexpected = sorted(set(found) - set(expected)) + [
+        f"{name} (in {file.name}, but not in {INDEX_NAME})" for name, file in sorted(unlisted.items())]
     misshaped = [f"{name} {list(found[name])} (expected {list(expected[name])})"
                  for name in sorted(set(expected) & set(found)) if found[name] != expected[name]]
     if missing and {name[len("model."):] for name in missing if name.startswith("model.")} & set(found):

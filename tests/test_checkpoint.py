@@ -200,6 +200,21 @@ def test_an_index_pointing_at_the_wrong_shard_is_named(tmp_path, make_model):
         kpro.load_pretrained(tmp_path / "ck")
 
 
+def test_a_tensor_a_shard_holds_but_the_index_does_not_list_is_named(tmp_path, make_model):
+    """Only the index's weight_map was read: a shard's extra q_proj.bias loaded without a word (a single file's
+    is refused as unexpected). Old rotary buffers are ignored in a shard as in a single file."""
+    model = make_model(dtype=torch.float32)
+    kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=20_000)
+    weight_map = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = tmp_path / "ck" / weight_map["model.layers.0.self_attn.q_proj.weight"]
+    _rewrite(shard, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
+    _rewrite(shard, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.ones(48)}))
+    with pytest.raises(kpro.CheckpointError, match=r"unexpected tensor\(s\): model.layers.0.self_attn.q_proj.bias "
+                                                   fr"\(in {shard.name}, but not in model.safetensors.index.json\)$"):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
 def test_ambiguous_and_malformed_weight_files_are_refused(tmp_path, make_model):
     kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck", max_shard_size=20_000)
     kpro.save_pretrained(make_model(seed=1, dtype=torch.float32), tmp_path / "other")

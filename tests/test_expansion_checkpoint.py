@@ -310,6 +310,24 @@ def test_a_shard_whose_header_lies_about_a_tensors_size_is_refused_naming_the_so
     assert not (tmp_path / "dst").exists()
 
 
+def test_a_tensor_a_shard_holds_but_the_index_does_not_list_is_refused_not_dropped(tmp_path, capsys):
+    """Only the index's weight_map was read: a shard's extra q_proj.bias was left out of the expansion without
+    a word (a single file's is refused as unexpected)."""
+    from safetensors.torch import load_file, save_file
+    from kpro.checkpoint import INDEX_NAME
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, max_shard_size="20KB", num_hidden_layers=2)
+    weight_map = json.loads((tmp_path / "src" / INDEX_NAME).read_text())["weight_map"]
+    shard = tmp_path / "src" / weight_map["model.layers.0.self_attn.q_proj.weight"]
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.ones(48)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "1"]) == 1
+    err = capsys.readouterr().err
+    named = f"unexpected tensor(s): model.layers.0.self_attn.q_proj.bias (in {shard.name}, but not in {INDEX_NAME})"
+    assert err.startswith("error: ") and named in err, err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_train_expanded_refuses_a_run_directory_in_the_checkpoint_and_bad_arguments(tmp_path):
     """Only the command line refused an out_dir inside the checkpoint: from Python, the run's steps and
     metrics.jsonl were written into it and copied into every checkpoint as if they were tokenizer files."""

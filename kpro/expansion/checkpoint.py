@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError, _check_names_and_shapes,
-                          atomic_directory, hf_tensors, parse_size, tensor_locations)
+                          _unlisted_tensors, atomic_directory, hf_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import CHAT_TEMPLATE_DIR
@@ -94,8 +94,8 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}")
     cfg = LlamaConfig.from_hf(src)  # its errors name the file
     raw_config = json.loads((src / CONFIG_NAME).read_text())
-    sources = _read_headers(src)
-    _check_against_config(src, cfg, sources)
+    sources, unlisted = _read_headers(src)
+    _check_against_config(src, cfg, sources, unlisted)
     layout = expansion_layout(cfg.num_hidden_layers, num_new_blocks, position)
     plan = _output_tensors(sources, layout)
     shards = _plan_shards(plan, max_shard_bytes)
@@ -168,19 +168,21 @@ def _check_record_matches_config(path: Path, record: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def _read_headers(directory: Path) -> dict[str, _Source]:
-    """Every tensor of the checkpoint: where its bytes are, read from the safetensors headers only."""
+def _read_headers(directory: Path) -> tuple[dict[str, _Source], dict[str, Path]]:
+    """Every tensor of the checkpoint: where its bytes are, read from the safetensors headers only; and the
+    tensors a shard holds that its index does not list (name -> shard), which the output would leave out."""
     locations = tensor_locations(directory)
+    headers = {file: _read_header(file) for file in sorted(set(locations.values()))}
     sources = {}
-    for file in sorted(set(locations.values())):
-        for name, source in _read_header(file).items():
+    for file, header in headers.items():
+        for name, source in header.items():
             if locations.get(name) == file:  # an index decides which file holds a name
                 sources[name] = source
     missing = sorted(name for name in locations if name not in sources)
     if missing:
         raise CheckpointError(f"{directory / INDEX_NAME} maps tensor(s) to files that do not hold them: "
                               f"{', '.join(missing[:5])}")
-    return sources
+    return sources, _unlisted_tensors(locations, headers)
 
 
 def _read_header(file: Path) -> dict[str, _Source]:
@@ -218,12 +220,13 @@ def _read_header(file: Path) -> dict[str, _Source]:
     return sources
 
 
-def _check_against_config(directory: Path, cfg: LlamaConfig, sources: dict[str, _Source]) -> None:
+def _check_against_config(directory: Path, cfg: LlamaConfig, sources: dict[str, _Source],
+                          unlisted: dict[str, Path]) -> None:
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {name: tuple(t.shape) for name, t in hf_tensors(model).items()}
     _check_names_and_shapes(directory, expected, {name: s.shape for name, s in sources.items()},
-                            tied=cfg.tie_word_embeddings)
+                            tied=cfg.tie_word_embeddings, unlisted=unlisted)
 
 
 # ------------------------------------------------------------------------------------------------ writing
