@@ -309,9 +309,14 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
     """Yield an empty temporary directory beside `directory`; when the block succeeds, it replaces
     `directory` in one step, keeping the old directory's other entries (except those `drop(name)`
     names, like stale weight shards). If the block fails, nothing changes and the temporary goes."""
-    directory = Path(directory)
-    if directory.is_symlink():  # replace the directory it points to; swapping the link itself would break it
-        directory = directory.resolve()
+    given = Path(directory)
+    # absolute: the temporary's name and place derive from it (Path(".").name is ""); a symbolic link resolves
+    # to the directory it points to, which is replaced (swapping the link itself would break it)
+    directory = given.resolve()
+    if _holds_working_directory(directory):  # the swap would fail ("." is busy), or strand us in the old copy
+        shown = given if str(given) == str(directory) else f"{given} ({directory})"
+        raise ValueError(f"cannot replace {shown}: it is the current working directory (or holds it), and the "
+                         "directory is replaced whole; save from outside it or to another path")
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -440,6 +445,14 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
         return False
     raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+def _holds_working_directory(directory: Path) -> bool:
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:  # deleted: no directory holds it any more
+        return False
+    return directory == cwd or directory in cwd.parents
 
 
 def _remove_abandoned_temporaries(directory: Path) -> None:

@@ -1,6 +1,7 @@
 """HF-layout checkpoints: round trips, sharding, tied embeddings, named errors, atomic saves."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -291,6 +292,28 @@ def test_save_through_a_symlink_replaces_the_directory_it_points_to(tmp_path, ma
     assert (tmp_path / "latest").is_symlink() and os.readlink(tmp_path / "latest") == "run-1"
     assert_same_model(new, kpro.load_pretrained(tmp_path / "run-1"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run-1"]  # no temporaries left behind
+
+
+def test_saving_to_the_working_directory_or_one_holding_it_is_refused(tmp_path, make_model, monkeypatch):
+    """save_pretrained(model, ".") failed with "OSError: [Errno 16] cannot swap ..tmp-... and .: Device or resource
+    busy"; by its absolute path it replaced the directory, and left the process in the deleted old copy."""
+    old, new = make_model(seed=1, dtype=torch.float32), make_model(seed=2, dtype=torch.float32)
+    ck = tmp_path / "ck"
+    kpro.save_pretrained(old, ck)
+    (ck / "sub").mkdir()
+    for cwd, target, shown in ((ck, ".", f". ({ck})"), (ck, "", f". ({ck})"), (ck, ck, str(ck)),
+                               (ck / "sub", "..", f".. ({ck})"), (ck / "sub", ck, str(ck))):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(ValueError, match=re.escape(f"cannot replace {shown}: it is the current working directory "
+                                                       "(or holds it), and the directory is replaced whole; save from "
+                                                       "outside it or to another path")):
+            kpro.save_pretrained(new, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporaries left behind
+    assert sorted(os.listdir(ck)) == ["config.json", "model.safetensors", "sub"]
+    assert_same_model(old, kpro.load_pretrained(ck))
+    monkeypatch.chdir(tmp_path)
+    kpro.save_pretrained(new, "ck")  # from outside it
+    assert_same_model(new, kpro.load_pretrained(ck))
 
 
 def test_failed_save_leaves_old_checkpoint_intact(tmp_path, make_model, monkeypatch):

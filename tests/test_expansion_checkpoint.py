@@ -328,6 +328,19 @@ def test_a_tensor_a_shard_holds_but_the_index_does_not_list_is_refused_not_dropp
     assert not (tmp_path / "dst").exists()
 
 
+def test_expanding_into_the_working_directory_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """`python -m kpro expand ../src .` from an empty directory failed with "cannot swap ..tmp-... and .:
+    Device or resource busy"."""
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2)
+    (tmp_path / "dst").mkdir()
+    monkeypatch.chdir(tmp_path / "dst")
+    assert main(["expand", "../src", ".", "--blocks", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: cannot replace . ({tmp_path / 'dst'}): it is the current working directory (or holds " \
+                  "it), and the directory is replaced whole; save from outside it or to another path\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"] and not any((tmp_path / "dst").iterdir())
+
+
 def test_train_expanded_refuses_a_run_directory_in_the_checkpoint_and_bad_arguments(tmp_path):
     """Only the command line refused an out_dir inside the checkpoint: from Python, the run's steps and
     metrics.jsonl were written into it and copied into every checkpoint as if they were tokenizer files."""
