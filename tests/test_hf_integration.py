@@ -574,6 +574,13 @@ def test_masks_and_models_the_audit_found_taken_wrongly_or_refused_wrongly():
     documents[..., 5:, :5] = False
     with pytest.raises(NotImplementedError, match="not causal attention over a key-padding"):
         model(input_ids=ids, attention_mask=documents)
+    # Nor is every query seeing every key: a bidirectional mask (an encoder's, all True or all 0) was read as
+    # padding queries unmasked and computed causal (0.35 away), as was a real query given every key.
+    first_sees_all = four_d(torch.ones(3, t, dtype=torch.long), t)
+    first_sees_all[:, :, 0] = True
+    for bidirectional in (torch.ones(3, 1, t, t, dtype=torch.bool), torch.zeros(3, 1, t, t), first_sees_all):
+        with pytest.raises(NotImplementedError, match="not causal attention over a key-padding"):
+            model(input_ids=ids, attention_mask=bidirectional)
     right = torch.ones(3, t, dtype=torch.long)
     right[0, 9:] = 0
     both = four_d(right, t) & right.bool()[:, None, :, None]  # padding queries see nothing either

@@ -28,7 +28,8 @@ passed by the caller is converted when it is causal (or full) attention over a k
 per-head patterns or any other pattern is refused, as are dropout, logit soft-capping, sliding windows
 shorter than the keys, static caches, packed sequences (position_ids restarting inside a row, or
 flash-attention's cu_seq_lens), and models of another model_type given attn_implementation="kpro", each with
-an error naming it. Queries that see no key (padding) give zeros.
+an error naming it. Queries that see no key (padding) give zeros (as stock sdpa; eager attends uniformly,
+so the label a left-padded row's last padding query predicts must be -100 for eager's loss).
 """
 from __future__ import annotations
 
@@ -357,12 +358,16 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
     else:
         raise ValueError(f"a 4-D attention mask must be boolean or floating point (additive), got {mask.dtype}")
     # Queries that see no key are padding, masked any way: on a GPU transformers lets them see every key
-    # (`_unmask_unattended`), which causality would hide from all but the last query. The real keys are those
-    # the other queries see, and those must see exactly causal (or full) attention over them.
+    # (`_unmask_unattended`), which causality would hide from all but the last query. Such a query is padding
+    # only where its own key is one the other queries do not see (a padding token's); where they see it, the
+    # mask is asking for more than causality (bidirectional, as an encoder's all-True mask), refused below.
+    # The real keys are those the other queries see, and those must see exactly causal (or full) attention.
     unattended = ~allowed.any(dim=-1)
     if causal:
-        hides = torch.arange(tq, device=mask.device) + (tk - tq) < tk - 1  # queries causality hides a key from
-        unattended |= allowed.all(dim=-1) & hides
+        own = torch.arange(tq, device=mask.device) + (tk - tq)  # each query's own key
+        sees_all = allowed.all(dim=-1) & (own < tk - 1)  # seeing a key causality hides from it
+        seen = (allowed & ~(unattended | sees_all)[..., None]).any(dim=1)  # [B, tk] by the other queries
+        unattended |= sees_all & ~seen[:, own]
     real = (allowed & ~unattended[..., None]).any(dim=1)
     expected = visibility_mask(batch, tq, tk, causal=causal, attention_mask=real, device=mask.device)
     if expected is None:
