@@ -20,3 +20,25 @@ def write_atomic(path: str | os.PathLike, data) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """The process's file-creation mask (read from /proc where it can be, without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
+    """safetensors' save_file, leaving the file readable as the umask allows, as every other file kpro writes:
+    safetensors 0.8 creates it with mode 0600 whatever the umask, so others could not read a checkpoint's
+    weights beside its readable config."""
+    from safetensors.torch import save_file  # torch-free import of this module
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())

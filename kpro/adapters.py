@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ._files import save_safetensors
 from .checkpoint import CheckpointError, atomic_directory
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -32,7 +33,7 @@ def save_adapters(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
     """Write adapter tensors and their config, atomically replacing older adapter files there."""
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_directory(directory, drop=lambda name: name in (ADAPTERS_FILE, CONFIG_FILE)) as tmp:
-        save_file(cpu, str(tmp / ADAPTERS_FILE), metadata={"format": "pt"})
+        save_safetensors(cpu, tmp / ADAPTERS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return Path(directory)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import distributed
+from ._files import save_safetensors
 from .config import LlamaConfig
 from .errors import CheckpointError
 from .lora import LoRALinear
@@ -375,7 +375,7 @@ def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
 def _save_shard(tensors: dict, names: list[str], path: Path) -> None:
     # One shard at a time on the CPU, so a GPU model is never copied to host memory whole.
     shard = {name: tensors[name].detach().to("cpu").contiguous() for name in names}
-    save_file(shard, str(path), metadata={"format": "pt"})
+    save_safetensors(shard, path, metadata={"format": "pt"})
 
 
 def parse_size(size: int | str) -> int:

@@ -392,3 +392,24 @@ def test_a_model_that_does_not_match_its_config_is_not_saved(tmp_path):
     model.config = model.config.replace(num_hidden_layers=3)
     kpro.save_pretrained(model, tmp_path / "out")
     assert kpro.load_pretrained(tmp_path / "out").config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_weights_files_are_as_readable_as_the_umask_allows(tmp_path, make_model, mask):
+    """safetensors 0.8 created every weights file with mode 0600 whatever the umask: a checkpoint's config was
+    readable by others, its weights not."""
+    from kpro import train as kt
+    from kpro.adapters import save_adapters
+    model = make_model(dtype=torch.float32)
+    old = os.umask(mask)
+    try:
+        kpro.save_pretrained(model, tmp_path / "one")
+        kpro.save_pretrained(model, tmp_path / "shards", max_shard_size=20_000)
+        save_adapters(tmp_path / "adapters", {"model.x": torch.zeros(2)}, {"r": 1})
+        kt.save_checkpoint(tmp_path / "run", 1, model, kt.adamw(model), {})
+    finally:
+        os.umask(old)
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert sum(f.suffix == ".safetensors" for f in files) >= 5
+    assert {f.relative_to(tmp_path).as_posix(): oct(f.stat().st_mode & 0o777) for f in files} == \
+        {f.relative_to(tmp_path).as_posix(): oct(0o666 & ~mask) for f in files}

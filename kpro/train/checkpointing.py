@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from .._files import save_safetensors
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _process_alive, _write_checkpoint, _write_file,
                           atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
@@ -224,7 +224,7 @@ def _write_model(model: nn.Module, full_state: dict | None, out: Path) -> None:
             continue
         seen[key] = name
         tensors[name] = tensor.to("cpu").contiguous()
-    save_file(tensors, str(out / MODULE_WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    save_safetensors(tensors, out / MODULE_WEIGHTS, metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
