@@ -195,6 +195,17 @@ def test_the_cross_entropy_forward_is_compiled_with_its_vocabulary_loop():
     assert len(forward) == 4 and not [line for line in forward if "tiles_per_split" in line], launches
 
 
+@pytest.mark.parametrize("constexprs, expected", [
+    ({"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 128, "CAUSAL": True}, "16x128, 8w, 2s"),
+    ({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64, "EVEN_D": True}, "128x128x64, 8w, 2s"),
+    ({"BLOCK_V": 2048}, "2048, 8w, 2s"),
+    ({"BLOCK": 4096, "ONE_BLOCK": True}, "4096, 8w, 2s")])
+def test_the_tiles_column_names_every_block_size_of_the_launch(constexprs, expected):
+    """The cross-entropy kernels' tiles read "128" and "" (only BLOCK_M, BLOCK_N and BLOCK were looked for);
+    an attention kernel's BLOCK_D only pads HEAD_DIM and stays out."""
+    assert report.tiles({"constexprs": constexprs, "num_warps": 8, "num_stages": 2}) == expected
+
+
 def test_only_refuses_a_text_no_case_name_contains(monkeypatch, capsys):
     """A misspelt --only was an empty report: 0 compilations, 0 problems, exit status 0."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

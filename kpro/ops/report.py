@@ -712,7 +712,11 @@ def flags(record: dict) -> str:
 
 
 def tiles(record: dict) -> str:
-    block = [record["constexprs"][name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK") if name in record["constexprs"]]
+    """Every block size the launch used, in the kernel's argument order (the cross-entropy's BLOCK_N x BLOCK_V x
+    BLOCK_D), but an attention kernel's BLOCK_D, which only pads HEAD_DIM to a power of two."""
+    constexprs = record["constexprs"]
+    block = [value for name, value in constexprs.items() if name.startswith("BLOCK") and type(value) is int
+             and not (name == "BLOCK_D" and "HEAD_DIM" in constexprs)]
     return "x".join(map(str, block)) + f", {record['num_warps']}w, {record['num_stages']}s"
 
 

@@ -427,7 +427,8 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
     mask adds its per-key loads). dK/dV tiles are tall (128 keys) and short (16-64 queries a step): the
     two fp32 accumulators [keys, head dim] take half the registers, and with 8 warps a tile of 64 keys
     makes the compiler compute Sᵀ twice (chained products put every warp on rows of its own: 16 a warp on
-    sm_80, 64 a warp group on sm_90a; sm_80 d128 takes 4 B of spills at 16x128 rather than that). Triton
+    sm_80, 64 a warp group on sm_90a; sm_80 d128 takes spills at 16x128 rather than that: 4 to 12 B a
+    thread in plain attention, 20 to 32 B in the Bitune answer pass, Triton 3.9). Triton
     before 3.9 (`compiler`, (major, minor); default: the installed one) allocates registers differently: at
     the dK/dV tiles Triton 3.9 compiles without spills, Triton 3.6 spills 4 to 8 B a thread on sm_90a in plain
     attention and 12 to 228 B in the Bitune dual pass (3.8: up to 20 B), so under it sm_90a dK/dV takes
