@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from .tokenizer import load_tokenizer
+from .tokenizer import document_bos_id, load_tokenizer
 
 _TOKENIZER = None
 _FILES: list = []
@@ -36,9 +36,9 @@ def jsonl_text(raw: bytes, path, line: int) -> str:
 
 def encode(chunk: list) -> tuple[list, np.ndarray, np.ndarray]:
     """A chunk of (file index, line, byte offset, payload) -> (the documents' positions, their framed tokens
-    `[bos] tokens eos` end to end, each one's length)."""
+    `[bos] tokens eos` end to end, the bos where the tokenizer adds one, each one's length)."""
     tok = _TOKENIZER
-    head = [] if tok.bos_id is None else [tok.bos_id]
+    head = [] if document_bos_id(tok) is None else [tok.bos_id]
     pieces = []
     for index, line, _, payload in chunk:
         text = payload if isinstance(payload, str) else jsonl_text(payload, _FILES[index], line)

@@ -4,7 +4,7 @@ tokenizer for the synthetic tasks (digits, operators, letters), and a symbol tok
 space-separated symbols (`9 1 7 3 * 9 4 3 3`); the last two need no model file.
 
 All share one interface: `encode(text, bos=, eos=)`, `decode(ids)`, batch versions, `bos_id`, `eos_id`,
-`pad_id`, `vocab_size`, `pad_left(seqs)` for batched generation, `save(directory)`, and
+`pad_id`, `vocab_size`, `add_bos`, `pad_left(seqs)` for batched generation, `save(directory)`, and
 `apply_chat_template(messages)` where the checkpoint has a chat template (rendered with jinja2, as Hugging
 Face renders it).
 """
@@ -81,6 +81,12 @@ def special_token_in(tok, ids) -> str | None:
     special = {getattr(tok, f"{name}_id", None): name for name in ("bos", "eos")}
     found = next((i for i in ids if i in special and i is not None), None)
     return None if found is None else f"{special[found]} (id {found})"
+
+
+def document_bos_id(tok) -> int | None:
+    """The bos opening each document of a pretraining stream: the tokenizer's where `encode(text)` adds one,
+    else none (SmolLM2's bos `<|im_start|>` marks a chat turn, and its documents open with none)."""
+    return tok.bos_id if tok.add_bos else None
 
 
 class _TokenizerBase:
@@ -404,6 +410,7 @@ class _FixedVocabulary(_TokenizerBase):
     specials: <pad>=0, <bos>=1, <eos>=2. Subclasses say how text splits into units and units join back."""
 
     SPECIALS = ("<pad>", "<bos>", "<eos>")
+    add_bos = True  # `encode(text)` adds one
     KIND: str  # the "type" in its file
     FILE: str
     JOIN: str  # between decoded units

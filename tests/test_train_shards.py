@@ -21,7 +21,7 @@ import torch
 import kpro
 from kpro import train as kt
 from kpro.cli import main
-from kpro.expansion.posttrain import corpus_rows, read_corpus
+from kpro.expansion.posttrain import corpus_batches, corpus_rows, read_corpus
 from kpro.train.shards import corpus_id, permute
 from kpro.train.tokenize import check_tokenizer, iter_documents, tokenizer_identity
 
@@ -697,3 +697,46 @@ def test_a_jsonl_line_of_unicode_whitespace_is_blank_to_both_readers(tmp_path):
     path.write_bytes(b'{"text": "abc"}\n\xc2\n')  # not UTF-8 (a cut character) is still named, not skipped
     with pytest.raises(ValueError, match=r"c.jsonl:2: not valid JSON"):
         list(iter_documents([path]))
+
+
+def chatml_tokenizer_dir(directory):
+    """A byte-level BPE tokenizer.json configured as SmolLM2's: bos <|im_start|>, eos <|im_end|>, no bos added."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}))
+    return directory
+
+
+def test_documents_open_with_a_bos_only_where_the_tokenizer_adds_one(tmp_path):
+    """SmolLM2's tokenizer adds no bos, its bos <|im_start|> being a chat marker: train-expanded and `tokenize`
+    put it before every document all the same, training a pretraining corpus as ChatML turns. A shard directory
+    written that way is refused by a rerun of `tokenize` and by train-expanded, not mixed with the new framing."""
+    tok_dir = chatml_tokenizer_dir(tmp_path / "tok")
+    tok = kpro.load_tokenizer(tok_dir)
+    assert not tok.add_bos and tok.bos_id == 1 and tok.eos_id == 2
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick fox\n\nthe lazy dog\n")
+    docs = [tok.encode(text) for text in ("the quick fox", "the lazy dog")]
+    stream = docs[0] + [tok.eos_id] + docs[1] + [tok.eos_id]
+    assert corpus_rows(read_corpus([corpus]), tok, len(stream)).tolist() == [stream]
+    index = kt.tokenize_corpus(tok_dir, [corpus], tmp_path / "tokens", workers=1, stream=io.StringIO())
+    assert index["bos_id"] is None and index["tokenizer"]["bos_id"] == 1
+    assert np.fromfile(tmp_path / "tokens" / "tokens-00000.bin", dtype="<u2").tolist() == stream
+
+    # the shards an earlier kpro wrote: each document opened with the bos the tokenizer never adds
+    index_file = tmp_path / "tokens" / "index.json"
+    index_file.write_text(json.dumps({**json.loads(index_file.read_text()), "bos_id": 1}))
+    with pytest.raises(ValueError, match=r"with other arguments: the documents' framing \(bos id 1 then, no bos "
+                                         r"now: the tokenizer adds none to text\) differ"):
+        kt.tokenize_corpus(tok_dir, [corpus], tmp_path / "tokens", workers=1, stream=io.StringIO())
+    with pytest.raises(ValueError, match=r"open each document with bos id 1, .*tok's tokenizer with no bos"):
+        corpus_batches([tmp_path / "tokens"], tok, tok_dir, 4, 1, 0)

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import _write_checkpoint, atomic_directory, load_pretrained, parse_size, tensor_locations
-from ..tokenizer import load_tokenizer
+from ..tokenizer import document_bos_id, load_tokenizer
 from ..distributed import on_main
 from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_distributed, pack_documents
 from ..train.checkpointing import saved_schedule
 from ..train.data import read_jsonl
 from ..train.shards import is_shard_directory
-from ..train.tokenize import check_tokenizer, is_jsonl, refuse_repeated_files
+from ..train.tokenize import check_tokenizer, framing, is_jsonl, refuse_repeated_files
 from .checkpoint import _copy_other_files, _read_header, read_expansion_record
 from .freezing import train_only
 
@@ -55,14 +55,15 @@ def read_corpus(paths) -> list[str]:
 
 
 def corpus_rows(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Tokenized documents packed into rows [N, seq_len]: `<bos> doc <eos> <bos> doc <eos> ...`."""
+    """Tokenized documents packed into rows [N, seq_len]: `[bos] doc <eos> [bos] doc <eos> ...`, a bos where the
+    tokenizer adds one (`encode(text)`: LLaMA's; SmolLM2's bos is a chat marker it adds to no text)."""
     def encoded():
         for number, doc in enumerate(documents, start=1):
             try:
                 yield tokenizer.encode(doc, bos=False, eos=False)
             except ValueError as err:  # a character the tokenizer lacks: which of the corpus's documents
                 raise ValueError(f"document {number} of the corpus ({doc[:40]!r}): {err}") from None
-    return pack_documents(encoded(), seq_len, eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
+    return pack_documents(encoded(), seq_len, eos_id=tokenizer.eos_id, bos_id=document_bos_id(tokenizer))
 
 
 class CopyFilesIntoCheckpoints(Callback):
@@ -179,4 +180,9 @@ def corpus_batches(data: list, tokenizer, directory: Path, seq_len: int, batch_s
                          "tokenize them together with `python -m kpro tokenize`")
     shards = TokenShards(shard_dirs[0], seq_len, batch_size, seed=seed)
     check_tokenizer(shards.index, directory, f"the token shards in {shard_dirs[0]}")
+    if shards.index.get("bos_id") != document_bos_id(tokenizer):  # rows unlike those of the same text given as files
+        raise ValueError(f"the token shards in {shard_dirs[0]} open each document with "
+                         f"{framing(shards.index.get('bos_id'))}, {directory}'s tokenizer with "
+                         f"{framing(document_bos_id(tokenizer))} (a bos only where it adds one to text); "
+                         "tokenize the corpus again with `python -m kpro tokenize`")
     return shards

@@ -5,15 +5,15 @@ Inputs are read as `train-expanded` reads them: a `.jsonl` file holds one JSON o
 per line; any other file is plain text with documents separated by blank lines; a directory stands for
 its `*.txt` and `*.jsonl` files (any case, hidden folders skipped), sorted by path; a `.json` file is
 refused (one JSON document, or text?). Each document becomes `[bos] tokens eos` with the
-tokenizer's own bos and eos (the framing of `kpro.train.pack_documents`), so `TokenShards` over the result
-gives exactly the rows that `train-expanded` packs in memory.
+tokenizer's own eos, and its bos where it adds one (the framing of `kpro.train.pack_documents`), so
+`TokenShards` over the result gives exactly the rows that `train-expanded` packs in memory.
 
 The main process reads and cuts documents and writes shards; workers (spawned processes running
 kpro/_tokenize_worker.py, each with its own tokenizer and no torch) parse and tokenize chunks of about a
 megabyte, at most two chunks per worker in flight, in order. After each full shard the index records where
 the input stands (file, byte offset, line, and how many tokens of the document in progress are already
-written); a run started again with the same arguments checks that the tokenizer and the inputs are unchanged
-and goes on from there.
+written); a run started again with the same arguments checks that the tokenizer, the documents' framing and
+the inputs are unchanged and goes on from there.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Iterator
 
 from .. import _tokenize_worker as worker
 from .._tokenize_worker import jsonl_text
-from ..tokenizer import TOKENIZER_FILES, load_tokenizer
+from ..tokenizer import TOKENIZER_FILES, document_bos_id, load_tokenizer
 from .progress import StatusLine, format_duration
 from .shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardWriter, is_shard_directory, new_index, prepare_directory,
                      read_index, write_index)
@@ -140,10 +140,11 @@ def iter_documents(paths) -> Iterator[str]:
         yield payload if isinstance(payload, str) else jsonl_text(payload, files[index], line)
 
 
-def tokenizer_identity(directory: Path) -> dict:
-    """Which tokenizer: its file, the file's SHA-256, its class, vocabulary size and special ids."""
+def tokenizer_identity(directory: Path, tokenizer=None) -> dict:
+    """Which tokenizer: its file, the file's SHA-256, its class, vocabulary size and special ids. `tokenizer`:
+    the one loaded from `directory`, where the caller has it."""
     directory = Path(directory)
-    tokenizer = load_tokenizer(directory)
+    tokenizer = load_tokenizer(directory) if tokenizer is None else tokenizer
     # the file load_tokenizer read (a tokenizer.json where tokenizer.model lacks the config's added tokens)
     file = getattr(tokenizer, "path", None) or next(directory / name for name in TOKENIZER_FILES
                                                     if (directory / name).is_file())
@@ -211,7 +212,9 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
     tokenizer_dir, out = Path(tokenizer_dir), Path(out_dir)
     files = input_files(data)
     inputs = [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
-    identity = tokenizer_identity(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    identity = tokenizer_identity(tokenizer_dir, tokenizer)
+    bos_id = document_bos_id(tokenizer)  # the index's bos_id: the one framing documents, None where none does
     workers = workers or os.cpu_count() or 1
     prepare_directory(out)
     index = read_index(out, complete=False) if is_shard_directory(out) else None
@@ -222,7 +225,7 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
         (out / INDEX_FILE).unlink()
         index = None
     if index is not None:
-        _check_same_run(index, identity, inputs, shard_tokens, out)
+        _check_same_run(index, identity, bos_id, inputs, shard_tokens, out)
         if index["complete"]:
             print(f"{out} is already complete: {index['tokens']:,} tokens in {len(index['shards'])} shard(s)", file=stream)
             return index
@@ -232,7 +235,7 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
               file=stream)
     else:
         start = {"file": 0, "line": 1, "offset": 0, "document": 0, "skip": 0}
-        index = new_index(identity["vocab_size"], shard_tokens, identity["bos_id"], identity["eos_id"],
+        index = new_index(identity["vocab_size"], shard_tokens, bos_id, identity["eos_id"],
                           tokenizer=identity, inputs=inputs)
         index["resume"] = start
         write_index(out, index)
@@ -299,9 +302,13 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
     return index
 
 
-def _check_same_run(index: dict, identity: dict, inputs: list, shard_tokens: int, out: Path) -> None:
+def _check_same_run(index: dict, identity: dict, bos_id: int | None, inputs: list, shard_tokens: int,
+                    out: Path) -> None:
     differences = [f"the tokenizer's {difference}"
                    for difference in tokenizer_differences(index.get("tokenizer") or {}, identity, ("then", "now"))]
+    if index.get("bos_id") != bos_id:  # an index from before a bos was left to tokenizers adding one differs here
+        differences.append(f"the documents' framing ({framing(index.get('bos_id'))} then, {framing(bos_id)} now"
+                           f"{'' if bos_id is not None else ': the tokenizer adds none to text'})")
     if index.get("inputs") != inputs:
         differences.append(f"the input files ({input_differences(index.get('inputs') or [], inputs)})")
     if index.get("shard_tokens") != shard_tokens:
@@ -309,6 +316,11 @@ def _check_same_run(index: dict, identity: dict, inputs: list, shard_tokens: int
     if differences:
         raise ValueError(f"{out} was written with other arguments: {'; '.join(differences)} differ; use a new "
                          "--out directory (or delete this one)")
+
+
+def framing(bos_id: int | None) -> str:
+    """What opens each document of a shard index with `bos_id`, in words."""
+    return "no bos" if bos_id is None else f"bos id {bos_id}"
 
 
 def input_differences(then: list, now: list) -> str:
