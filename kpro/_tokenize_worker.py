@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from .tokenizer import document_bos_id, load_tokenizer
+from .tokenizer import document_bos_id, load_tokenizer, special_token_in
 
 _TOKENIZER = None
 _FILES: list = []
@@ -43,9 +43,14 @@ def encode(chunk: list) -> tuple[list, np.ndarray, np.ndarray]:
     for index, line, _, payload in chunk:
         text = payload if isinstance(payload, str) else jsonl_text(payload, _FILES[index], line)
         try:
-            pieces.append(head + tok.encode(text, bos=False, eos=False) + [tok.eos_id])
+            ids = tok.encode(text, bos=False, eos=False)
         except ValueError as err:  # a character the tokenizer lacks: where, of thousands of lines
             raise ValueError(f"{_FILES[index]}:{line}: {err}") from None
+        special = special_token_in(tok, ids)  # `<|im_end|>` written in text is the eos with a tokenizer.json
+        if special is not None:
+            raise ValueError(f"{_FILES[index]}:{line}: the text spells the tokenizer's {special} token, which would "
+                             "end or restart the document there; remove it from the data")
+        pieces.append(head + ids + [tok.eos_id])
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
     return [item[:3] for item in chunk], flat, lengths

@@ -740,3 +740,19 @@ def test_documents_open_with_a_bos_only_where_the_tokenizer_adds_one(tmp_path):
         kt.tokenize_corpus(tok_dir, [corpus], tmp_path / "tokens", workers=1, stream=io.StringIO())
     with pytest.raises(ValueError, match=r"open each document with bos id 1, .*tok's tokenizer with no bos"):
         corpus_batches([tmp_path / "tokens"], tok, tok_dir, 4, 1, 0)
+
+
+def test_text_spelling_the_bos_or_eos_is_refused_naming_where(tmp_path, capsys):
+    """A tokenizer.json turns `<|im_end|>` written in text into the eos id: train-expanded and `tokenize` ended
+    the document there without a word, where bitune's and internalize's data refuse it."""
+    tok_dir = chatml_tokenizer_dir(tmp_path / "tok")
+    tok = kpro.load_tokenizer(tok_dir)
+    (tmp_path / "eos.txt").write_text("the quick fox\n\nthe lazy dog <|im_end|> jumps\n")
+    (tmp_path / "bos.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ("the fox", "<|im_start|>dog")))
+    for name, line, special in (("eos.txt", 3, "eos (id 2)"), ("bos.jsonl", 2, "bos (id 1)")):
+        message = f"the text spells the tokenizer's {special} token, which would end or restart the document there"
+        assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(tmp_path / name), "--out",
+                     str(tmp_path / f"out-{name}"), "--workers", "1"]) == 1
+        assert f"{tmp_path / name}:{line}: {message}" in capsys.readouterr().err
+        with pytest.raises(ValueError, match=rf"document 2 of the corpus \(.*\): {re.escape(message)}"):
+            corpus_rows(read_corpus([tmp_path / name]), tok, 4)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import _write_checkpoint, atomic_directory, load_pretrained, parse_size, tensor_locations
-from ..tokenizer import document_bos_id, load_tokenizer
+from ..tokenizer import document_bos_id, load_tokenizer, special_token_in
 from ..distributed import on_main
 from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_distributed, pack_documents
 from ..train.checkpointing import saved_schedule
@@ -60,9 +60,15 @@ def corpus_rows(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     def encoded():
         for number, doc in enumerate(documents, start=1):
             try:
-                yield tokenizer.encode(doc, bos=False, eos=False)
+                ids = tokenizer.encode(doc, bos=False, eos=False)
             except ValueError as err:  # a character the tokenizer lacks: which of the corpus's documents
                 raise ValueError(f"document {number} of the corpus ({doc[:40]!r}): {err}") from None
+            special = special_token_in(tokenizer, ids)  # `<|im_end|>` written in text is the eos with a tokenizer.json
+            if special is not None:
+                raise ValueError(f"document {number} of the corpus ({doc[:40]!r}): the text spells the tokenizer's "
+                                 f"{special} token, which would end or restart the document there; remove it from "
+                                 "the data")
+            yield ids
     return pack_documents(encoded(), seq_len, eos_id=tokenizer.eos_id, bos_id=document_bos_id(tokenizer))
 
 
