@@ -280,20 +280,44 @@ def test_train_expanded_runs_beside_a_checkpoint_given_as_dot(tmp_path, capsys, 
     assert not any(p.name.endswith("-post") for p in (tmp_path / "with space").iterdir())
 
 
-def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_path, capsys):
-    """float16 training on the CPU went NaN with a traceback ("the last checkpoint is None")."""
+def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_path, capsys, monkeypatch):
+    """A run going NaN stopped with a traceback ("the last checkpoint is None"). (It went NaN with float16 weights,
+    now refused: AdamW's eps is 0 there; here its weights turn NaN after the first step.)"""
+    from kpro.expansion import posttrain
+    adamw = posttrain.adamw
+
+    def diverging_adamw(model, *args, **kwargs):
+        optimizer = adamw(model, *args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: [p.data.fill_(float("nan")) for p in model.parameters()])
+        return optimizer
+    monkeypatch.setattr(posttrain, "adamw", diverging_adamw)
     write_checkpoint(tmp_path / "src")
     assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
     code = main(["train-expanded", str(tmp_path / "big"), "--data", str(corpus), "--out", str(tmp_path / "run"),
-                 "--seq-len", "16", "--batch-size", "4", "--steps", "4", "--save-every", "1", "--dtype", "float16",
+                 "--seq-len", "16", "--batch-size", "4", "--steps", "4", "--save-every", "1", "--lr", "1e-3",
                  "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: the loss is ") and err.count("\n") == 1, err
-    step = int(err.split(" at step ")[1].split(":")[0])  # float16 on the CPU overflows at step 2
-    assert f"stopped before its optimizer step; the last good checkpoint is {tmp_path / 'run'}/step-{step - 1:08d}" \
-        in err, err
+    assert " at step 2: stopped before its optimizer step; the last good checkpoint is " \
+           f"{tmp_path / 'run'}/step-00000001" in err, err
+
+
+def test_train_expanded_refuses_float16_weights(tmp_path, capsys):
+    """`--dtype float16` always stopped at a NaN loss, suggesting a lower lr or clipping: AdamW's eps (1e-8) is 0
+    in float16, and the new blocks' gradients at step 1 are 0, so their first step is 0 / 0."""
+    from kpro.expansion.posttrain import train_expanded
+
+    write_checkpoint(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    (tmp_path / "corpus.txt").write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(8)))
+    with pytest.raises(SystemExit):
+        main(["train-expanded", str(tmp_path / "big"), "--data", str(tmp_path / "corpus.txt"), "--dtype", "float16"])
+    assert "argument --dtype: invalid choice: 'float16'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"is float16, where AdamW's eps=1e-08 is 0"):
+        train_expanded(tmp_path / "big", tmp_path / "corpus.txt", tmp_path / "run", steps=1, seq_len=8, batch_size=2,
+                       dtype=torch.float16, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------ more --steps

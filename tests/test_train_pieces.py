@@ -300,6 +300,24 @@ def test_optimizer_errors(make_model):
         kt.adamw(model, 1e-3)
 
 
+def test_adamw_refuses_float16_parameters_where_its_eps_is_0(make_model):
+    """AdamW's eps=1e-8 is 0 in float16: `train-expanded --dtype float16` always stopped at a NaN loss, its
+    message suggesting a lower learning rate or clipping, neither of which could help."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    p.grad = torch.zeros_like(p)
+    torch.optim.AdamW([p], lr=1e-3, eps=1e-8, foreach=True).step()
+    assert p.isnan().all()  # the step it would have taken: 0 / (sqrt(0) + 0)
+    model = make_model(dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, where AdamW's eps=1e-08 is 0: "
+                                         r".*keep the weights in float32 .* or bfloat16, or pass an eps"):
+        kt.adamw(model, 1e-3)
+    kt.adamw(model, 1e-3, eps=1e-4)  # an eps float16 holds: as asked
+    model.requires_grad_(False)
+    model.norm.weight.data = model.norm.weight.data.float()
+    model.norm.requires_grad_(True)
+    kt.adamw(model, 1e-3)  # float16 weights frozen, a float32 one trained
+
+
 def test_adamw_on_the_cpu_is_torch_default_adamw_to_the_bit(make_model):
     """kpro's CPU AdamW runs torch's multi-tensor implementation for speed: it must leave every weight
     exactly where torch's per-parameter default does, with weight decay, a frozen block, a tied weight and

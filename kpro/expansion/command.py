@@ -47,7 +47,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norms)")
     p.add_argument("--recompute-frozen", action="store_true",
                    help="keep only each frozen block's input and recompute it in backward (less memory, slower)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights while training")
+    # not float16: AdamW's eps (1e-8) is 0 there, and a new block's zero gradient at step 1 gives NaN
+    p.add_argument("--dtype", choices=sorted(set(DTYPES) - {"float16"}), default="float32",
+                   help="dtype of the weights while training (bf16 autocast runs on a GPU anyway)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     add_device_argument(p, DEVICE_HELP + " (cuda:LOCAL_RANK under torchrun)")
