@@ -267,6 +267,22 @@ def test_command_errors_name_their_flag(tmp_path, capsys, monkeypatch, args, mes
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("args", [
+    ["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", ""],
+    ["internalize", "--task", "2x2", "--out", ""],
+    ["train-expanded", "ck", "--data", "corpus.txt", "--out", ""],  # fell back to <DIR>-post
+    ["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", ""],
+    ["expand", "ck", "", "--blocks", "1"],
+    ["convert-gguf", "m.gguf", ""],
+], ids=lambda args: args[0])
+def test_an_empty_output_directory_is_refused(tmp_path, capsys, monkeypatch, args):
+    """An unset `--out "$OUT"` was taken as the current directory (demo and reproduce refused it already)."""
+    monkeypatch.chdir(tmp_path)  # where the command wrote before
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "expected a directory, got an empty path (pass . for this directory)" in capsys.readouterr().err
+
+
 def test_train_expanded_runs_beside_a_checkpoint_given_as_dot(tmp_path, capsys, monkeypatch):
     """`train-expanded .` wrote its run to a directory named `-post` inside the checkpoint."""
     write_checkpoint(tmp_path / "src")

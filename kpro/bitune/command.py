@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli_args import add_device_argument, check_input_file, check_output_dir, resolve_device
+from ..cli_args import add_device_argument, check_input_file, check_output_dir, directory_path, resolve_device
 from .passes import MODES
 
 WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
@@ -21,7 +21,8 @@ def add_parsers(sub) -> None:
                                    "('Question: q\\n\\nChoices:\\nc1\\nc2\\n\\nAnswer:'), each scored as ' ' + choice.")
     p.add_argument("--model", required=True, help="HF-layout checkpoint directory with its tokenizer")
     p.add_argument("--data", required=True, help="JSONL: instruction (+ optional input), response (or output)")
-    p.add_argument("--out", default="runs/bitune", help="run directory: run/ (checkpoints, metrics), adapters/, results.json")
+    p.add_argument("--out", default="runs/bitune", type=directory_path,
+                   help="run directory: run/ (checkpoints, metrics), adapters/, results.json")
     p.add_argument("--baseline", choices=["lora"], help="train plain LoRA (one causal adapter) instead of Bitune "
                    "(default: Bitune)")
     p.add_argument("--mode", choices=list(MODES), help="Bitune ablation (default bitune); not with --baseline lora")

@@ -5,7 +5,7 @@ import shlex
 import time
 from pathlib import Path
 
-from ..cli_args import DTYPES
+from ..cli_args import DTYPES, directory_path
 
 _DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 
@@ -17,7 +17,8 @@ def add_parsers(sub) -> None:
                                    "template, tensor by tensor; the directory appears atomically. Needs "
                                    "pip install 'kpro[gguf]'.")
     p.add_argument("file", help="the .gguf file")
-    p.add_argument("out", help="new directory for the checkpoint (an earlier conversion there is replaced)")
+    p.add_argument("out", type=directory_path,
+                   help="new directory for the checkpoint (an earlier conversion there is replaced)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights' dtype (default: float32 for quantised files, "
                    "which holds the dequantised values exactly; the file's own dtype for F16/BF16 files)")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file (default 5GB)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..cli_args import DEVICE_HELP, DTYPES, add_device_argument, block_list, positive_int, resolve_device
+from ..cli_args import (DEVICE_HELP, DTYPES, add_device_argument, block_list, directory_path, positive_int,
+                        resolve_device)
 from .layout import POSITIONS
 
 
@@ -15,7 +16,7 @@ def add_parsers(sub) -> None:
                                    "HF-layout checkpoint. Tensors are copied byte for byte through a fixed buffer, "
                                    "never loaded whole; tokenizer files come along; the output appears atomically.")
     p.add_argument("src", help="source checkpoint directory (config.json + safetensors)")
-    p.add_argument("dst", help="new directory for the expanded checkpoint")
+    p.add_argument("dst", type=directory_path, help="new directory for the expanded checkpoint")
     p.add_argument("--blocks", type=positive_int, required=True, help="number of new blocks P")
     p.add_argument("--position", choices=POSITIONS, default="interleave",
                    help="interleave: after every N/P blocks (P must divide N); top: after the last; bottom: before the first")
@@ -33,7 +34,7 @@ def add_parsers(sub) -> None:
                    help="corpus file: plain text, documents separated by blank lines, or .jsonl with a \"text\" "
                         "field; repeat for several. Or one token shard directory (`python -m kpro tokenize`), "
                         "read from disk as training goes: a corpus of any size")
-    p.add_argument("--out", help="run directory (default <DIR name>-post, beside DIR)")
+    p.add_argument("--out", type=directory_path, help="run directory (default <DIR name>-post, beside DIR)")
     p.add_argument("--train-blocks", type=block_list, help="blocks to train, e.g. 4,9,14 (default: the new blocks "
                    "recorded in DIR/kpro_expansion.json)")
     p.add_argument("--steps", type=positive_int, default=1000,
@@ -82,7 +83,7 @@ def cmd_train_expanded(args) -> None:
     from .posttrain import check_out_dir, train_expanded
 
     source = Path(args.dir).resolve()
-    out = Path(args.out) if args.out else source.parent / f"{source.name}-post"  # `.` named itself "-post"
+    out = Path(args.out) if args.out is not None else source.parent / f"{source.name}-post"  # `.`: "-post"
     check_out_dir(Path(args.dir), out, "--out")
     final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps, seq_len=args.seq_len,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,

@@ -23,7 +23,7 @@ import torch
 
 from .._files import write_atomic
 from ..checkpoint import load_pretrained, save_pretrained
-from ..cli_args import add_device_argument, check_input_file, check_output_dir, resolve_device
+from ..cli_args import add_device_argument, check_input_file, check_output_dir, directory_path, resolve_device
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
@@ -56,7 +56,7 @@ def add_parsers(sub) -> None:
                     "a few more every epoch (ICoT-SI), or the explicit-CoT (--no-removal) and no-CoT (--no-cot) "
                     "baselines; then report accuracy and examples/s on the valid and test sets. Running the same "
                     "command again resumes from the newest checkpoint in --out.")
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("--out", required=True, metavar="DIR", type=directory_path,
                    help="run directory: generated data, metrics.jsonl, checkpoints, model/, eval.json")
 
     data = p.add_argument_group("data")

@@ -2,7 +2,7 @@
 `kpro.train.TokenShards` read."""
 from __future__ import annotations
 
-from ..cli_args import positive_int
+from ..cli_args import directory_path, positive_int
 from .shards import DEFAULT_SHARD_TOKENS
 
 
@@ -17,7 +17,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--data", nargs="+", action="extend", required=True,
                    help="corpus files or directories (their *.txt and *.jsonl; repeatable): plain text with documents "
                         "separated by blank lines, or .jsonl with a \"text\" field")
-    p.add_argument("--out", required=True, help="directory for the shards (new, or an interrupted run's to resume)")
+    p.add_argument("--out", required=True, type=directory_path,
+                   help="directory for the shards (new, or an interrupted run's to resume)")
     p.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--workers", type=positive_int, help="tokenizing processes (default: one per CPU core)")
