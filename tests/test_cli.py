@@ -253,6 +253,8 @@ def test_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
     (["expand", "ck/config.json", "x", "--blocks", "1"], "ck/config.json is a file, not a checkpoint directory"),
     (["expand", "ck", "afile", "--blocks", "1"], "afile is a file; choose a directory"),  # "is not empty" before
     (["train-expanded", "ck", "--data", "corpus.txt", "--out", "ck/run"], "--out ck/run is inside the checkpoint ck"),
+    (["train-expanded", "ck", "--data", "corpus.txt", "--train-blocks", "1", "--out", "afile"],
+     "--out afile is a file; give a directory"),  # after the model loaded and the corpus was read, as out_dir
     (["demo", "basics", "basics"], "demo act basics is named twice"),
 ])
 def test_command_errors_name_their_flag(tmp_path, capsys, monkeypatch, args, message):

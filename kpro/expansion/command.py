@@ -5,8 +5,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..cli_args import (DEVICE_HELP, DTYPES, add_device_argument, block_list, directory_path, positive_int,
-                        resolve_device)
+from ..cli_args import (DEVICE_HELP, DTYPES, add_device_argument, block_list, check_output_dir, directory_path,
+                        positive_int, resolve_device)
 from .layout import POSITIONS
 
 
@@ -85,6 +85,7 @@ def cmd_train_expanded(args) -> None:
     source = Path(args.dir).resolve()
     out = Path(args.out) if args.out is not None else source.parent / f"{source.name}-post"  # `.`: "-post"
     check_out_dir(Path(args.dir), out, "--out")
+    check_output_dir(out)  # a file there: named now, not after the model loads and the corpus is tokenized
     final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps, seq_len=args.seq_len,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
