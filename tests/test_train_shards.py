@@ -756,3 +756,16 @@ def test_text_spelling_the_bos_or_eos_is_refused_naming_where(tmp_path, capsys):
         assert f"{tmp_path / name}:{line}: {message}" in capsys.readouterr().err
         with pytest.raises(ValueError, match=rf"document 2 of the corpus \(.*\): {re.escape(message)}"):
             corpus_rows(read_corpus([tmp_path / name]), tok, 4)
+
+
+def test_train_expanded_names_the_line_of_a_text_file_that_is_not_utf8(tmp_path, capsys):
+    """`kpro tokenize` said `latin1.txt:3: not UTF-8`, train-expanded a bare UnicodeDecodeError naming no file."""
+    (tmp_path / "latin1.txt").write_bytes("fine\n\nZwölf\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt:3: not UTF-8 \(invalid start byte\)"):
+        read_corpus([tmp_path / "latin1.txt"])
+    torch.manual_seed(0)
+    kpro.save_pretrained(kpro.Llama(tiny_config(num_hidden_layers=2, vocab_size=13)), tmp_path / "src")
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")
+    assert main(["train-expanded", str(tmp_path / "src"), "--data", str(tmp_path / "latin1.txt"), "--train-blocks",
+                 "1", "--out", str(tmp_path / "run"), "--steps", "1", "--seq-len", "4", "--device", "cpu"]) == 1
+    assert f"error: {tmp_path / 'latin1.txt'}:3: not UTF-8 (invalid start byte)" in capsys.readouterr().err

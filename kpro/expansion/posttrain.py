@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_d
 from ..train.checkpointing import saved_schedule
 from ..train.data import read_jsonl
 from ..train.shards import is_shard_directory
-from ..train.tokenize import check_tokenizer, framing, is_jsonl, refuse_repeated_files
+from ..train.tokenize import check_tokenizer, framing, is_jsonl, read_documents, refuse_repeated_files
 from .checkpoint import _copy_other_files, _read_header, read_expansion_record
 from .freezing import train_only
 
@@ -43,12 +42,8 @@ def read_corpus(paths) -> list[str]:
                 if not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{number}: expected an object with a \"text\" string")
                 documents.append(record["text"])
-        else:
-            # Lines end at "\n" (a "\r\n" too), as `kpro tokenize` reads them; a lone "\r" is text in both, and
-            # a BOM opening the file is not.
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                text = f.read().replace("\r\n", "\n")
-            documents += [doc.strip() for doc in re.split(r"\n[ \t]*\n", text) if doc.strip()]
+        else:  # read as `kpro tokenize` reads it, a line that is not UTF-8 named by its file and number
+            documents += [text for _, _, _, text in read_documents([path])]
     if not documents:
         raise ValueError(f"the corpus ({', '.join(map(str, paths))}) holds no text")
     return documents
