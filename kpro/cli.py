@@ -95,7 +95,14 @@ def _safetensors_header(file: Path) -> dict:
             raise CheckpointError(f"{file} has an unreadable safetensors header: {err}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file} has an unreadable safetensors header")
-    return {name: entry for name, entry in header.items() if name != "__metadata__"}
+    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    for name, entry in entries.items():  # what info reads of each: a "dtype" string and a "shape" list of sizes
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)
+                and isinstance(entry.get("dtype"), str)):
+            raise CheckpointError(f"{file}: the header entry of {name} is malformed (needs a \"dtype\" string and a "
+                                  f"\"shape\" list of sizes, got {json.dumps(entry)[:80]}); the file is corrupt")
+    return entries
 
 
 def cmd_generate(args) -> None:

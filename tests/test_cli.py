@@ -2,7 +2,9 @@
 one-line errors (a closed pipe, a diverged run), and runs that more --steps extend."""
 import argparse
 import itertools
+import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +232,24 @@ def test_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
         path.write_text(text)
         with pytest.raises(ValueError, match=f"kpro_char_tokenizer.json {message}"):
             kpro.load_tokenizer(tmp_path)
+
+
+def test_info_names_a_malformed_safetensors_header_entry(tmp_path, capsys):
+    """An entry without a "shape" (or with a string for one) crashed `info` with a KeyError traceback."""
+    write_checkpoint(tmp_path / "ck")
+    file = tmp_path / "ck" / "model.safetensors"
+    data = file.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    name = next(n for n in header if n != "__metadata__")
+    for broken in ({k: v for k, v in header[name].items() if k != "shape"}, {**header[name], "shape": "4"},
+                   {**header[name], "dtype": None}, [1, 2]):
+        text = json.dumps({**header, name: broken}).encode()
+        file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+        assert main(["info", str(tmp_path / "ck")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {file}: the header entry of {name} is malformed (needs a \"dtype\" string "
+                              "and a \"shape\" list of sizes, got ") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("args, message", [
