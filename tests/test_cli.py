@@ -264,6 +264,8 @@ def test_info_names_a_malformed_safetensors_header_entry(tmp_path, capsys):
     (["internalize", "--task", "2x2", "--data-seed", "-1", "--out", "o"], "--data-seed must be >= 0, got -1"),
     (["internalize", "--task", "2x2", "--model", "ck", "--eval-only", "--steps", "5", "--no-select-best",
       "--out", "o"], "--steps, --no-select-best shape a training run; --eval-only evaluates --model as it is"),
+    (["internalize", "--task", "2x2", "--model", "ck", "--eval-only", "--eval-examples", "5", "--out", "o"],
+     "--eval-examples shape a training run; --eval-only evaluates"),  # ignored before
     (["internalize", "--task", "2x2", "--train", "corpus.txt", "--train-size", "5", "--out", "o"],
      "--train-size sizes a generated training set; --train corpus.txt is read as it is"),  # ignored before
     (["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", "afile"], "--out afile is a file"),

@@ -46,7 +46,7 @@ MULTIPLICATION_TASK = re.compile(r"([1-9][0-9]*)x\1")
 TRAINING_OPTIONS = ("no_removal", "no_cot", "batch_size", "steps", "epochs", "steps_per_epoch", "remove_per_epoch",
                     "smoothing_lambda", "remove_all_after", "keep_optimizer", "weight_decay", "select_best", "lr",
                     "decay_steps", "warmup_steps", "seed", "save_every", "keep_last", "train", "train_size",
-                    "eval_every", "precision")
+                    "eval_every", "eval_examples", "precision")
 
 
 def add_parsers(sub) -> None:
