@@ -234,6 +234,22 @@ def test_select_best_keeps_the_best_weights_once_the_cot_is_gone(tmp_path, monke
     assert all(torch.equal(tensor, snapshots.weights[4][name]) for name, tensor in model.state_dict().items())
 
 
+def test_a_resume_on_other_validation_examples_is_refused(tmp_path, monkeypatch):
+    """The best accuracy was kept without its examples: a resume with another --eval-examples or --valid compared
+    the saved best, measured on one set, with accuracies on another."""
+    scripted_accuracies(monkeypatch, [0.5, 0.9, 0.2, 0.3, 0.7] + [0.6])  # the last for the step-12 evaluation
+    train_fast(tmp_path, callbacks=[ValidationAccuracy(TOK, VALID, 2, select_best=True), StopAt(11)])
+    other = ValidationAccuracy(TOK, VALID[:1], 2, select_best=True)
+    with pytest.raises(ValueError, match=r"the checkpoint's best weights \(step 10, valid accuracy 0.700\) were "
+                                         r"selected on other validation examples than these 1 \(content digest "
+                                         r"[0-9a-f]{12}\.\.\. then, [0-9a-f]{12}\.\.\. now\): resume with the same"):
+        train_fast(tmp_path, model=make_model(seed=5), callbacks=[other])
+    scripted_accuracies(monkeypatch, [0.6])
+    same = ValidationAccuracy(TOK, VALID, 2, select_best=True)
+    train_fast(tmp_path, model=make_model(seed=5), callbacks=[same])
+    assert same.selected == {"step": 10, "accuracy": 0.7}
+
+
 def test_a_validation_callback_used_for_a_second_run_starts_its_selection_over(tmp_path, monkeypatch):
     # One ValidationAccuracy for the internalized run and then the no-CoT baseline (no step of which has CoT
     # to start the selection over): the baseline kept the first run's best (0.7 at step 10, above its own

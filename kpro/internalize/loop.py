@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..train import Batches, Callback, Run, Schedule, adamw, fit, optim
-from ..train.data import check_special_id
+from ..train.data import check_special_id, content_digest
 from .batching import collate, remove_cot
 from .evaluation import MARGIN_TOKENS, check_evaluation_examples, evaluate, evaluation_positions
 from .schedule import REMOVE_ALL, RemovalSchedule
@@ -151,9 +151,11 @@ class ValidationAccuracy(Callback):
                  best validation accuracy among those whose batches had no CoT left). A step whose batch
                  kept a CoT token (`cot_rows_left` > 0, logged by CoTRemoval, which must come first among
                  the callbacks) starts the selection over; without CoTRemoval every evaluation counts.
-                 The best weights travel in the checkpoints (one more copy of the model), so a resumed run
-                 keeps them. `selected` is then {"step", "accuracy"} of the kept weights (None: no
-                 evaluation came after the CoT was gone, and the final weights stay). One process only.
+                 The best weights travel in the checkpoints (one more copy of the model), with a digest of
+                 the examples they were selected on, so a resumed run keeps them, and a resume on other
+                 examples is refused (a checkpoint saved before the digest was kept is taken). `selected`
+                 is then {"step", "accuracy"} of the kept weights (None: no evaluation came after the CoT
+                 was gone, and the final weights stay). One process only.
     """
 
     def __init__(self, tokenizer, examples, every: int, *, batch_size: int = 256, select_best: bool = False,
@@ -161,6 +163,7 @@ class ValidationAccuracy(Callback):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         self.tokenizer, self.examples, self.every = tokenizer, check_evaluation_examples(examples, batch_size), every
+        self.examples_digest = content_digest(self.examples)  # None where the content cannot be told
         self.batch_size, self.select_best, self.stream = batch_size, bool(select_best), stream
         self._best: dict | None = None  # {"step", "accuracy", "weights"} once an evaluation follows the CoT's removal
         self.selected: dict | None = None
@@ -219,11 +222,19 @@ class ValidationAccuracy(Callback):
         if self._best is None:
             return {}  # nothing to remember (and an evaluation-only callback may come and go between resumes)
         return {"best_step": self._best["step"], "best_accuracy": self._best["accuracy"],
-                "best_weights": self._best["weights"]}
+                "best_weights": self._best["weights"], "examples_digest": self.examples_digest}
 
     def load_state_dict(self, state: dict) -> None:
         # The checkpoint's best, or none (not the one this object kept from another run or a later step).
         self._best, self._restored = None, True
+        saved = state.get("examples_digest")  # absent from checkpoints saved before it was kept: taken as they are
+        if "best_step" in state and self.select_best and None not in (saved, self.examples_digest) \
+                and saved != self.examples_digest:  # the best's accuracy would be compared with another set's
+            raise ValueError(f"the checkpoint's best weights (step {state['best_step']}, valid accuracy "
+                             f"{state['best_accuracy']:.3f}) were selected on other validation examples than these "
+                             f"{len(self.examples)} (content digest {saved[:12]}... then, "
+                             f"{self.examples_digest[:12]}... now): resume with the same examples (the same --valid "
+                             "or --eval-size, and --eval-examples), or start a new run directory")
         if "best_step" in state and self.select_best:
             self._best = {"step": state["best_step"], "accuracy": state["best_accuracy"],
                           "weights": state["best_weights"]}
