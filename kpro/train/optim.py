@@ -47,15 +47,16 @@ def adamw(model: nn.Module, lr: float = 3e-4, *, weight_decay: float = 0.0, beta
     """
     check_lr(lr)
     groups = param_groups(model, weight_decay)
-    check_eps_holds(model, eps)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps,
-                             **implementation([p for g in groups for p in g["params"]], fused))
+    keywords = implementation([p for g in groups for p in g["params"]], fused)
+    if not keywords["fused"]:  # the fused CUDA kernel computes in fp32, where eps holds
+        check_eps_holds(model, eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **keywords)
 
 
 def check_eps_holds(model: nn.Module, eps: float) -> None:
-    """Refuse float16 parameters where `eps` rounds to 0 in float16 (the default 1e-8 does): AdamW keeps its
-    moments in the parameter's dtype, so a zero gradient (a fresh expansion's new blocks at step 1), or one
-    whose square underflows, makes a step divided by 0: NaN on the CPU, where it computes in float16 too."""
+    """Refuse float16 parameters where `eps` rounds to 0 in float16 (the default 1e-8 does): AdamW's unfused
+    implementations compute in the parameter's dtype, op by op, so a zero gradient (a fresh expansion's new
+    blocks at step 1), or one whose square underflows, makes a step divided by 0: NaN."""
     if torch.tensor(eps, dtype=torch.float16).item() != 0:
         return
     name = next((name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16), None)
