@@ -32,6 +32,7 @@ TOKENIZER_JSON_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers' NAME.jinja files of a checkpoint's other templates
+CHAT_TEMPLATE_FILES = (CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR)  # read before tokenizer_config.json's templates
 CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
 SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
 
@@ -287,6 +288,8 @@ class Tokenizer(_TokenizerBase):
         write_atomic(Path(directory, SENTENCEPIECE_FILE), self.path.read_bytes())
         if self.config is not None or self._templates():
             _save_config(directory, self.config or {}, self._templates())
+        else:
+            _remove_chat_template_files(directory)  # one left there would give the reloaded tokenizer a template
 
 
 class JsonTokenizer(_TokenizerBase):
@@ -396,13 +399,27 @@ class JsonTokenizer(_TokenizerBase):
 
 def _save_config(directory, config: dict, chat_templates: dict[str, str]) -> None:
     """tokenizer_config.json with the chat templates in use (they may have come from chat_template.jinja and
-    additional_chat_templates/): the default alone as a string, several as transformers' list of names."""
-    config = dict(config)
+    additional_chat_templates/): the default alone as a string, several as transformers' list of names. The
+    template files `directory` held are removed once it is written: read first, they would override it."""
+    config = {key: value for key, value in config.items() if key != "chat_template"}  # one no longer in use
     if list(chat_templates) == ["default"]:
         config["chat_template"] = chat_templates["default"]
     elif chat_templates:
         config["chat_template"] = [{"name": name, "template": text} for name, text in chat_templates.items()]
     write_atomic(Path(directory, TOKENIZER_CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    _remove_chat_template_files(directory)  # after: a save cut short leaves the old templates, not a mixture
+
+
+def _remove_chat_template_files(directory) -> None:
+    """chat_template.jinja and additional_chat_templates/*.jinja, which kpro and transformers read before
+    tokenizer_config.json (an earlier save_pretrained's, a copied checkpoint's); the folder goes if left empty."""
+    Path(directory, CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+    folder = Path(directory, CHAT_TEMPLATE_DIR)
+    if folder.is_dir():
+        for path in folder.glob("*.jinja"):
+            path.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 class _FixedVocabulary(_TokenizerBase):

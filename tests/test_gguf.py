@@ -317,8 +317,9 @@ def test_named_chat_templates_are_converted_and_chosen_as_transformers_chooses(t
     (tmp_path / "saved").mkdir()
     tok.save(tmp_path / "saved")  # kept by save, and read back from transformers' newer layout of files too
     assert rendered(kpro.Tokenizer(tmp_path / "saved")) == expected
-    (tmp_path / "files" / "additional_chat_templates").mkdir(parents=True)
+    (tmp_path / "files").mkdir()
     tok.save(tmp_path / "files")
+    (tmp_path / "files" / "additional_chat_templates").mkdir()
     (tmp_path / "files" / "chat_template.jinja").write_text(TEMPLATE)
     for name, text in (("tool_use", tool_use), ("rag", rag)):
         (tmp_path / "files" / "additional_chat_templates" / f"{name}.jinja").write_text(text)

@@ -162,6 +162,31 @@ def test_chat_templates(bpe_dir, tmp_path):
     assert again.chat_template == strict and again.encode(TEXTS[5]) == tok.encode(TEXTS[5])
 
 
+def test_save_leaves_no_template_file_that_would_override_the_saved_templates(bpe_dir, tmp_path):
+    """save wrote the templates into tokenizer_config.json and left a chat_template.jinja (or
+    additional_chat_templates/NAME.jinja) already in the directory, which kpro and transformers read first:
+    the reloaded tokenizer rendered the stale template, silently."""
+    messages = [{"role": "user", "content": "hi"}]
+    spm = kpro.Tokenizer(Path(__file__).parent / "data" / "sentencepiece_test_model.model")  # no config, no template
+    for tok in (load_tokenizer(bpe_dir), spm):
+        out = tmp_path / type(tok).__name__
+        (out / "additional_chat_templates").mkdir(parents=True)
+        (out / "chat_template.jinja").write_text("OLD {{ messages[0]['content'] }}")
+        (out / "additional_chat_templates" / "rag.jinja").write_text("OLD RAG")
+        tok.save(out)
+        again = load_tokenizer(out)
+        assert again.chat_templates == tok.chat_templates and not (out / "additional_chat_templates").exists()
+    out = tmp_path / "JsonTokenizer"
+    (out / "chat_template.jinja").write_text(CHATML)  # the newer layout: the template in its own file
+    tok = load_tokenizer(out)
+    tok.chat_template = "NEW {{ messages[0]['content'] }}"  # changed and saved in place
+    tok.save(out)
+    assert load_tokenizer(out).apply_chat_template(messages, tokenize=False) == "NEW hi"
+    tok.chat_template = None  # a template no longer in use is not saved either
+    tok.save(out)
+    assert load_tokenizer(out).chat_templates == {}
+
+
 def test_sentencepiece_first_when_both_files_are_there(bpe_dir, tmp_path):
     from pathlib import Path
 

@@ -29,6 +29,7 @@ from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _plan_shards, a
 from ..config import ConfigError, LlamaConfig
 from ..model import Llama
 from ..rope import rope_frequencies
+from ..tokenizer import CHAT_TEMPLATE_FILES
 from .gguf_file import GGUFError, GGUFFile
 from .gguf_tokenizer import tokenizer_files
 
@@ -300,7 +301,7 @@ def _written_by_a_conversion(name: str) -> bool:
     # transformers' save_pretrained of a converted folder writes the last five: kept, an old template or stop ids
     # would override the new model's (template files are read before tokenizer_config.json's templates)
     return is_weight_file(name) or name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", RECORD_NAME,
-                                            "chat_template.jinja", "additional_chat_templates", "generation_config.json",
+                                            *CHAT_TEMPLATE_FILES, "generation_config.json",
                                             "special_tokens_map.json", "added_tokens.json")
 
 
