@@ -90,6 +90,36 @@ def document_bos_id(tok) -> int | None:
     return tok.bos_id if tok.add_bos else None
 
 
+# transformers' apply_chat_template options that kpro does not implement: each with the values that ask for what kpro
+# does, and what to do instead. Any other value is refused: taken as a template variable, it would change nothing.
+_TRANSFORMERS_CHAT_OPTIONS = {
+    "continue_final_message": ((False,), "kpro renders the final message closed, as the template writes it; to "
+                               "prefill a reply, render the messages before it (add_generation_prompt=True, "
+                               "tokenize=False), append the reply's start and encode that with "
+                               "encode_with_special_tokens"),
+    "return_tensors": ((None,), "it returns a list of ids: torch.tensor([ids]), or pad_left for several"),
+    "return_dict": ((False,), "it returns the list of ids alone (transformers' input_ids)"),
+    "return_assistant_tokens_mask": ((False,), "kpro renders {% generation %} blocks without marking their tokens"),
+    "padding": ((False,), "it renders one conversation, unpadded: pad_left pads several"),
+    "truncation": ((False,), "it returns every id: cut them yourself"),
+    "max_length": ((None,), "it returns every id: cut them yourself"),
+    "tokenizer_kwargs": ((None, {}), "it encodes the text with encode_with_special_tokens, which takes no options"),
+    "sanitize_control_tokens": ((False,), "special tokens written in the messages become their ids, as "
+                                "transformers does by default"),
+}
+
+
+def _without_transformers_options(variables: dict) -> dict:
+    """`variables` less transformers' call options given with a value that asks for what kpro does; any other
+    value of one is refused, naming it."""
+    for name in variables.keys() & _TRANSFORMERS_CHAT_OPTIONS:
+        accepted, instead = _TRANSFORMERS_CHAT_OPTIONS[name]
+        if not any(type(variables[name]) is type(value) and variables[name] == value for value in accepted):
+            raise ValueError(f"apply_chat_template does not implement transformers' {name}={variables[name]!r}: "
+                             f"{instead}")
+    return {name: value for name, value in variables.items() if name not in _TRANSFORMERS_CHAT_OPTIONS}
+
+
 class _TokenizerBase:
     bos_id: int
     eos_id: int
@@ -103,9 +133,12 @@ class _TokenizerBase:
                             chat_template: str | None = None, **variables):
         """The conversation `messages` ([{"role": "user", "content": "..."}, ...]) rendered with the
         checkpoint's chat template: token ids (the template writes its own bos and special tokens), or the
-        text with `tokenize=False`. `variables` reach the template too (`tools=`, `date_string=`, ...).
+        text with `tokenize=False`. `variables` reach the template too (`tools=`, `date_string=`, ...), except
+        transformers' call options kpro does not implement (`continue_final_message`, `return_tensors`,
+        `return_dict`, ...), refused unless given as what kpro does (`return_dict=False`).
         `chat_template`: the name of one of the checkpoint's templates, or a template's text; by default, as
         transformers chooses, its "tool_use" template where `tools` are given and it has one, else its default."""
+        variables = _without_transformers_options(variables)
         template = self._chosen_template(chat_template, variables.get("tools"))
         text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
                                     **{**self.special_tokens(), **variables})

@@ -162,6 +162,23 @@ def test_chat_templates(bpe_dir, tmp_path):
     assert again.chat_template == strict and again.encode(TEXTS[5]) == tok.encode(TEXTS[5])
 
 
+def test_transformers_call_options_kpro_does_not_implement_are_refused(bpe_dir):
+    """apply_chat_template passed every keyword to the template: continue_final_message=True closed the final
+    message anyway, return_tensors="pt" and return_dict=True gave a plain list, silently."""
+    tok = load_tokenizer(bpe_dir)
+    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "The answer is"}]
+    for option, value in (("continue_final_message", True), ("continue_final_message", "content"),
+                          ("return_tensors", "pt"), ("return_dict", True), ("return_assistant_tokens_mask", True),
+                          ("padding", "longest"), ("truncation", True), ("max_length", 8),
+                          ("tokenizer_kwargs", {"add_special_tokens": True}), ("sanitize_control_tokens", True)):
+        with pytest.raises(ValueError, match=rf"apply_chat_template does not implement transformers' {option}="):
+            tok.apply_chat_template(messages, False, **{option: value})
+    ids = tok.apply_chat_template(messages, False)
+    assert tok.apply_chat_template(messages, False, continue_final_message=False, return_tensors=None,
+                                   return_dict=False, tokenizer_kwargs={}, max_length=None) == ids  # what kpro does
+    assert tok.apply_chat_template(messages, chat_template="{{ answer }}", answer=42, tokenize=False) == "42"
+
+
 def test_save_leaves_no_template_file_that_would_override_the_saved_templates(bpe_dir, tmp_path):
     """save wrote the templates into tokenizer_config.json and left a chat_template.jinja (or
     additional_chat_templates/NAME.jinja) already in the directory, which kpro and transformers read first:
