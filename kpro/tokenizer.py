@@ -425,9 +425,16 @@ class JsonTokenizer(_TokenizerBase):
         return out
 
     def save(self, directory: str | os.PathLike) -> None:
-        """tokenizer.json and tokenizer_config.json (with the chat template) into an existing directory."""
+        """tokenizer.json and tokenizer_config.json (with the chat template and the special tokens in use) into an
+        existing directory."""
         write_atomic(Path(directory, TOKENIZER_JSON_FILE), self.tok.to_str(pretty=True))
-        _save_config(directory, self.config, self._templates())
+        # ids taken from config.json are named too: the directory may have another config.json, or none
+        config = dict(self.config)
+        for name, token_id in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)):
+            text = None if token_id is None else self.tok.id_to_token(token_id)
+            if text is not None and special_token_text(config, name) != text:  # an equal {"content": ...} stays
+                config[f"{name}_token"] = text
+        _save_config(directory, config, self._templates())
 
 
 def _save_config(directory, config: dict, chat_templates: dict[str, str]) -> None:

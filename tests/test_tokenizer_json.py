@@ -100,6 +100,27 @@ def test_special_ids_bos_and_the_shared_interface(bpe_dir, tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_save_names_the_special_tokens_taken_from_config_json(bpe_dir, tmp_path):
+    """save wrote tokenizer_config.json without the bos, eos and pad ids taken from config.json: the saved
+    directory did not load without a config.json (no eos), and beside one without pad_token_id the pad
+    became the eos, silently."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+    config = json.loads((bpe_dir / "tokenizer_config.json").read_text())
+    for name in ("bos_token", "eos_token", "pad_token"):
+        del config[name]
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    tok = load_tokenizer(tmp_path / "src")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
+    (tmp_path / "out").mkdir()
+    tok.save(tmp_path / "out")
+    again = load_tokenizer(tmp_path / "out")  # without config.json
+    assert (again.bos_id, again.eos_id, again.pad_id) == (1, 2, 0)
+    (tmp_path / "out" / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    assert load_tokenizer(tmp_path / "out").pad_id == 0
+
+
 def test_training_data_that_spells_a_special_token_is_refused(bpe_dir):
     """With a tokenizer.json, '<|im_end|>' written in the data becomes the eos id: an ICoT CoT or a Bitune answer
     holding it ended its segment early (the CoT span and the labels wrong), silently."""
