@@ -329,10 +329,11 @@ class JsonTokenizer(_TokenizerBase):
     """A Hugging Face `tokenizer.json` (byte-level BPE and the rest), read with the `tokenizers` library:
     `JsonTokenizer("dir")` or `JsonTokenizer("dir/tokenizer.json")`.
 
-    The special tokens, whether a bos is added and the chat template come from `tokenizer_config.json` beside it
-    (missing ids from `config.json`). `encode(text)` adds a bos where the model's tokenizer does (`bos=None`, the
-    default; LLaMA 3 adds one, SmolLM2 none), and an eos only with `eos=True`, or with `eos=None` where its post-
-    processor adds one (`add_eos`), as transformers' `tokenizer(text)` does. Special tokens written in the text
+    The special tokens and the chat template come from `tokenizer_config.json` beside it (missing ids from
+    `config.json`). `encode(text)` adds a bos where the file's post-processor does (`bos=None`, the default;
+    LLaMA 3 adds one, SmolLM2 none), and an eos only with `eos=True`, or with `eos=None` where the post-processor
+    adds one (`add_eos`), as transformers' `tokenizer(text)` does; an `add_bos_token` or `add_eos_token` in
+    `tokenizer_config.json` that contradicts the post-processor is refused. Special tokens written in the text
     (`<|im_start|>`) become their ids. `decode` is the exact inverse on any text without special tokens, whatever
     its Unicode; special tokens are left out unless `skip_special_tokens=False`.
     """
@@ -362,12 +363,9 @@ class JsonTokenizer(_TokenizerBase):
             raise ValueError(f"{path}: no eos token (tokenizer_config.json eos_token or config.json eos_token_id)")
         pad = self._special_id("pad", model_config)
         self.pad_id = self.eos_id if pad is None else pad
-        adds_bos, adds_eos = self._post_processor_adds()
-        add_bos = self.config.get("add_bos_token")
-        self.add_bos = add_bos if isinstance(add_bos, bool) else adds_bos
-        if self.add_bos and self.bos_id is None:
-            raise ValueError(f"{path}: the tokenizer adds a bos token but names none")
-        self.add_eos = adds_eos  # as transformers 5 reads a tokenizer.json: its post-processor says, not the config
+        # as transformers 5 reads a tokenizer.json: its post-processor says, not tokenizer_config.json
+        self.add_bos, self.add_eos = self._post_processor_adds()
+        self._check_config_agrees_with_post_processor()
         self.chat_templates = chat_templates_of(path.parent, self.config)
         self.chat_template = self.chat_templates.get("default")
 
@@ -390,6 +388,19 @@ class JsonTokenizer(_TokenizerBase):
         bos = self.bos_id is not None and len(full) > len(plain) and full[0] == self.bos_id
         body = full[1:] if bos else full
         return bos, len(body) > len(plain) and body[-1] == self.eos_id
+
+    def _check_config_agrees_with_post_processor(self) -> None:
+        """Refuse an add_bos_token or add_eos_token in tokenizer_config.json that contradicts the post-processor:
+        transformers 5 follows the post-processor, other readers the config, and which of the two the model was
+        trained with cannot be told."""
+        for name, adds in (("bos", self.add_bos), ("eos", self.add_eos)):
+            said = self.config.get(f"add_{name}_token")
+            if isinstance(said, bool) and said != adds:
+                raise ValueError(
+                    f"{self.path.parent / TOKENIZER_CONFIG_FILE} says add_{name}_token {json.dumps(said)}, but the "
+                    f"post-processor of {self.path} adds {'a' if adds else 'no'} {name} token: which one the model "
+                    f"was trained with cannot be told; correct the file that is wrong (or remove add_{name}_token "
+                    "from the config, to follow the post-processor)")
 
     def _wrap(self, ids: list[int], bos, eos) -> list[int]:
         bos = self.add_bos if bos is None else bos

@@ -78,12 +78,8 @@ def test_special_ids_bos_and_the_shared_interface(bpe_dir, tmp_path):
     assert tok.decode_batch(batch) == TEXTS[:4]
     ids, mask = tok.pad_left(batch)
     assert ids.shape == mask.shape and (ids[mask == 0] == tok.pad_id).all()
-    # bos added when the tokenizer says so (tokenizer_config.json), or when its post-processor adds one
+    # bos added where the post-processor adds one
     config = json.loads((bpe_dir / "tokenizer_config.json").read_text())
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((bpe_dir / name).read_bytes())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
-    assert load_tokenizer(tmp_path).encode("hi")[0] == 1
     raw = tokenizers.Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
     raw.post_processor = tokenizers.processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
     raw.save(str(tmp_path / "tokenizer.json"))
@@ -119,6 +115,35 @@ def test_save_names_the_special_tokens_taken_from_config_json(bpe_dir, tmp_path)
     assert (again.bos_id, again.eos_id, again.pad_id) == (1, 2, 0)
     (tmp_path / "out" / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     assert load_tokenizer(tmp_path / "out").pad_id == 0
+
+
+def test_the_post_processor_decides_bos_and_eos_and_a_config_that_contradicts_it_is_refused(bpe_dir, tmp_path):
+    """A bos followed add_bos_token in tokenizer_config.json over the post-processor of tokenizer.json, an eos the
+    post-processor: where the two disagreed, kpro added what transformers 5 (the post-processor, for both) did
+    not, silently. The files contradict each other, and which one the model was trained with cannot be told."""
+    config = json.loads((bpe_dir / "tokenizer_config.json").read_text())
+    del config["add_bos_token"]
+    raw = tokenizers.Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    template = tokenizers.processors.TemplateProcessing
+    processors = {"none": None, "bos": template(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]),
+                  "eos": template(single="$A <|im_end|>", special_tokens=[("<|im_end|>", 2)])}
+    for adds, processor in processors.items():
+        raw.post_processor = processor
+        raw.save(str(tmp_path / "tokenizer.json"))
+        for name in ("bos", "eos"):
+            for said in (None, True, False):
+                extra = {} if said is None else {f"add_{name}_token": said}
+                (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **extra}))
+                if said is None or said == (adds == name):
+                    tok = load_tokenizer(tmp_path)
+                    assert (tok.add_bos, tok.add_eos) == (adds == "bos", adds == "eos")
+                    assert tok.encode("hi", eos=None) == raw.encode("hi").ids  # what the post-processor adds
+                    continue
+                with pytest.raises(ValueError, match=rf"tokenizer_config.json says add_{name}_token "
+                                                     rf"{str(said).lower()}, but the post-processor of "
+                                                     rf".*tokenizer.json adds {'no' if said else 'a'} {name} token: "
+                                                     "which one the model was trained with cannot be told; correct"):
+                    load_tokenizer(tmp_path)
 
 
 def test_training_data_that_spells_a_special_token_is_refused(bpe_dir):
