@@ -323,7 +323,7 @@ def test_same_ids_decoding_and_chat_template_as_transformers(bpe_dir):
 # ------------------------------------------------------------------------------------------ SmolLM2's vocabulary
 
 CODE = 'class Point:\n    """A point."""\n\n    def __init__(self, x: float, y: float) -> None:\n\t\tself.x, self.y = x, y\n'
-# Whitespace runs before a digit are the one place where transformers' GGUF tokenizer differs (below).
+# Whitespace before a number character (\p{N}) is the one place where transformers' GGUF tokenizer differs (below).
 REAL_TEXTS = [t for t in TEXTS if "1,234" not in t] + [CODE, "if (a && b) { return -1; }", "x=1+2*3", "   \n\t  \n"]
 
 
@@ -356,7 +356,8 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_tokenizer):
     assert tok.apply_chat_template(messages) == from_dir.encode(rendered)
     # llama.cpp splits every digit off before the GPT-2 regex for this vocabulary (`tokenizer.ggml.pre` smollm),
     # as SmolLM2's own tokenizer.json does (Digits then ByteLevel); transformers' GGUF reader has no rule for
-    # 'smollm' and applies the GPT-2 regex alone, so a run of spaces before a digit splits differently.
+    # 'smollm' and applies the GPT-2 regex alone, so whitespace before any \p{N} character (a digit, ², ١) splits
+    # differently: a run of it, or one space, which the GPT-2 regex joins to the number.
     assert [tok.id_to_piece(i) for i in tok.encode("x  1")] == ["x", "\u0120\u0120", "1"]
     assert from_gguf.convert_ids_to_tokens(from_gguf.encode("x  1")) == ["x", "\u0120", "\u0120", "1"]
 
@@ -372,8 +373,8 @@ def byte_level_char(byte: int) -> str:
 
 def test_smollm2_decoding_is_exact_on_arbitrary_unicode(smollm2_tokenizer):
     """Exact on every text the vocabulary can spell. SmolLM2's has no token for six ASCII control bytes
-    (0x04, 0x06, 0x13, 0x14, 0x16, 0x1D) nor for the lead bytes of code points from U+40000 on (0xF1-0xF7):
-    those characters are dropped by encode, by transformers' tokenizer as by kpro's."""
+    (0x04, 0x06, 0x13, 0x14, 0x16, 0x1D) nor for the lead bytes 0xF1 and 0xF2 (of U+40000 to U+BFFFF): encode
+    drops those bytes, by transformers' tokenizer as by kpro's, and the three bytes after a lead decode as U+FFFD."""
     tok = smollm2_tokenizer
     missing = {b for b in range(256) if tok.tok.token_to_id(byte_level_char(b)) is None}
     assert {0x04, 0x06, 0x13, 0x14, 0x16, 0x1D} <= missing and all(b >= 0xC0 for b in missing - {4, 6, 19, 20, 22, 29})
@@ -383,5 +384,7 @@ def test_smollm2_decoding_is_exact_on_arbitrary_unicode(smollm2_tokenizer):
     for text, ids in zip(texts, tok.encode_batch(texts)):
         assert tok.decode(ids, skip_special_tokens=False) == text, repr(text)
     assert tok.decode(tok.encode("a\x04b")) == "ab"
+    ids = tok.encode("a\U00040000b")  # its lead byte 0xF1 dropped, the other three kept
+    assert ids == [81, 218, 218, 218, 82] and tok.decode(ids) == "a\ufffd\ufffd\ufffdb"
     ids, mask = smollm2_tokenizer.pad_left(smollm2_tokenizer.encode_batch(["a", "a b c"]))
     assert torch.equal(mask[0], torch.tensor([0, 0, 1]))
