@@ -101,7 +101,10 @@ def tiny_config(vocab_size: int) -> LlamaConfig:
 
 def verdict(results: dict, held_out_per_side: int) -> tuple[bool, float, float]:
     """(shown, gain, its standard error): Bitune's accuracy on `right` minus only_causal's, shown when the
-    gain exceeds 3 standard errors of the difference (binomial, independent question sets)."""
+    gain exceeds 3 standard errors of the difference. Both answer the same questions, but the standard error
+    treats the two scores as independent (unpaired), an upper bound for scores on the same questions (unless
+    one model tends to fail where the other succeeds), so the rule is conservative; it was fixed before the
+    results were seen, and stays."""
     a, b = results["bitune"]["right"], results["only_causal"]["right"]
     se = difference_standard_error(a, held_out_per_side, b, held_out_per_side)
     return a - b > 3 * se, a - b, se

@@ -20,7 +20,9 @@ def standard_error(accuracy: float, n: int) -> float:
 
 
 def difference_standard_error(a: float, n_a: int, b: float, n_b: int) -> float:
-    """The standard error of a − b for accuracies measured on independent sets of n_a and n_b questions."""
+    """The standard error of a − b for accuracies measured on independent sets of n_a and n_b questions. For two
+    models scored on the same questions it is an upper bound (unless one model tends to fail where the other
+    succeeds), so a rule that asks for a multiple of it is conservative there."""
     return math.hypot(standard_error(a, n_a), standard_error(b, n_b))
 
 

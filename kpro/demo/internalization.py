@@ -86,7 +86,10 @@ def cot_figure(mean_tokens: float) -> str:
 
 def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
     """(shown, margin over no CoT, its standard error): shown when the internalized model writes no CoT
-    token, scores >= 0.9 and beats the no-CoT model by more than 3 standard errors of the difference."""
+    token, scores >= 0.9 and beats the no-CoT model by more than 3 standard errors of the difference. Both
+    answer the same problems, but the standard error treats the two scores as independent (unpaired), an upper
+    bound for scores on the same problems (unless one model tends to fail where the other succeeds), so the rule
+    is conservative; it was fixed before the results were seen, and stays."""
     internalized, no_cot = results["internalized"], results["no CoT"]
     se = difference_standard_error(internalized["accuracy"], test_size, no_cot["accuracy"], test_size)
     margin = internalized["accuracy"] - no_cot["accuracy"]

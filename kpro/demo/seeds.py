@@ -50,7 +50,9 @@ def reproduce_bitune_seeds(out_dir: Path, seed: int = 0, seeds: int = BITUNE_SEE
 def seeds_verdict(gains: list[float], bitune_right: float, only_causal_right: float, questions: int):
     """(shown, mean gain, its standard error, the seeds' one, the questions' one): Bitune's gain over
     only_causal on `right` per seed, shown when its mean exceeds 3 standard errors, the larger of the seeds'
-    spread and the binomial error of `questions` pooled questions a method."""
+    spread and the binomial error of `questions` pooled questions a method. The binomial one treats the two
+    methods' scores as independent (unpaired), an upper bound for scores on the same questions (unless one
+    method tends to fail where the other succeeds), so the rule is conservative."""
     gain, seed_se = _mean_se(gains)
     binomial_se = math.sqrt(bitune_right * (1 - bitune_right) / questions
                             + only_causal_right * (1 - only_causal_right) / questions)
