@@ -23,7 +23,7 @@ import torch
 import _parallel_jobs
 import kpro
 from kpro.demo import basics as demo
-from kpro.demo import bitune, claims, expansion, internalization, seeds
+from kpro.demo import bitune, claims, expansion, internalization, seeds, smollm2
 from kpro.demo.parallel import run_jobs
 from kpro.demo.progress import RunsProgress
 from kpro.train import Callback
@@ -257,6 +257,7 @@ def test_internalization_verdict_both_ways():
     assert not internalization.verdict(results(0.95, 0.35, cot_tokens=0.5), 500)[0]  # still writes CoT
     assert not internalization.verdict(results(0.95, 0.93), 500)[0]  # not clearly above no CoT (~1.2 se)
     assert internalization.verdict(results(1.0, 0.0), 500)[0]  # no spread, a margin of 1
+    assert internalization.verdict(results(0.9, 0.1), 500)[0]  # 0.9 exactly is enough, with a wide margin
     assert not internalization.verdict(results(1.0, 1.0), 500)[0]  # no spread, no margin
 
 
@@ -373,14 +374,21 @@ def test_bitune_verdict_both_ways():
     def results(bitune_right, only_causal_right):
         return {"bitune": {"right": bitune_right}, "only_causal": {"right": only_causal_right}}
     shown, gain, se = bitune.verdict(results(0.80, 0.70), 1000)
-    assert shown and gain == pytest.approx(0.10) and 3 * se < 0.10
+    assert shown and gain == pytest.approx(0.10) and se == pytest.approx(((0.8 * 0.2 + 0.7 * 0.3) / 1000) ** 0.5)
+    assert bitune.verdict(results(0.76, 0.70), 1000)[0]  # +3.03 standard errors of the difference
+    # +2.77: not shown (+3.9 counted on 2,000 questions, +4.0 against Bitune's standard error alone)
+    assert not bitune.verdict(results(0.755, 0.70), 1000)[0]
     assert not bitune.verdict(results(0.726, 0.720), 1000)[0]  # the pilot's seed 0: +0.3 standard errors
     assert not bitune.verdict(results(0.70, 0.80), 1000)[0]  # a loss is never shown
 
 
 def test_bitune_seeds_verdict_takes_the_larger_standard_error():
     shown, gain, se, seed_se, binomial_se = seeds.seeds_verdict([0.05, 0.06, 0.04], 0.8, 0.75, 3000)
-    assert shown and gain == pytest.approx(0.05) and se == max(seed_se, binomial_se)
+    assert shown and gain == pytest.approx(0.05) and seed_se == pytest.approx(0.01 / 3 ** 0.5)
+    assert binomial_se == pytest.approx(((0.8 * 0.2 + 0.75 * 0.25) / 3000) ** 0.5) and se == binomial_se
+    # The seeds agree (no spread): the questions' standard error, 0.0108, rules, and +0.03 is below 3 of it.
+    assert seeds.seeds_verdict([0.03] * 3, 0.8, 0.75, 3000) == (False, pytest.approx(0.03), pytest.approx(
+        binomial_se), 0.0, pytest.approx(binomial_se))
     # The same mean gain, spread over the seeds: the seeds' standard error rules, and it is not shown.
     shown, gain, se, seed_se, _ = seeds.seeds_verdict([0.25, -0.15, 0.05], 0.8, 0.75, 3000)
     assert not shown and gain == pytest.approx(0.05) and se == seed_se
@@ -426,6 +434,22 @@ def test_expansion_verdict_asks_for_the_margin_on_every_seed():
     assert not expansion.verdict([run(0.75, 0.05)])[0]  # a wide margin, but the general task is not kept
     assert not expansion.verdict([run(0.9, 0.1, domain=(0.5, 1.0))])[0]  # the expanded model missed the domain
     assert not expansion.verdict([run(0.9, 0.1, domain=(1.0, 0.8))])[0]  # the control missed it
+    # Each threshold is met exactly: domain 0.9 by both, 0.8 kept and a margin of 0.2 (0.8 - 0.6 is 0.20000000000000007)
+    assert expansion.verdict([run(0.9, 0.1, domain=(0.9, 0.9))]) == (True, pytest.approx(0.8))
+    assert expansion.verdict([run(0.8, 0.6)]) == (True, 0.2)
+    assert expansion.verdict([run(0.8, 0.6), run(0.85, 0.65)]) == (True, 0.2)  # 0.19999999999999996 on the second
+    assert not expansion.verdict([run(0.79, 0.1)])[0] and not expansion.verdict([run(0.8, 0.61)])[0]
+
+
+def test_smollm2_verdict_both_ways():
+    """Made-up numbers on each side of each condition (the act itself needs the real model)."""
+    answers = ["Paris", "Tokyo"]
+    assert smollm2.verdict(0.0, [1.919, 1.886, 1.862], answers, list(answers))
+    assert smollm2.verdict(smollm2.EXACT, [1.919, 2.5, 1.862], answers, answers)  # at the threshold; the last loss
+    assert not smollm2.verdict(1.04e-5, [1.919, 1.862], answers, answers)  # the logits moved
+    assert not smollm2.verdict(0.0, [1.919, 1.919], answers, answers)  # the loss did not fall
+    assert not smollm2.verdict(0.0, [1.862, 1.5, 1.919], answers, answers)  # it rose
+    assert not smollm2.verdict(0.0, [1.919, 1.862], answers, ["Paris", "Kyoto"])  # a general answer changed
 
 
 def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
