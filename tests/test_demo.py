@@ -452,6 +452,23 @@ def test_smollm2_verdict_both_ways():
     assert not smollm2.verdict(0.0, [1.919, 1.862], answers, ["Paris", "Kyoto"])  # a general answer changed
 
 
+def test_the_smollm2_claim_prints_its_figures_as_the_verdict_compares_them():
+    """A drift of 1.04e-5 printed as 1.0e-05 beside "needs <= 1e-05" and NOT SHOWN, and a held-out loss that fell
+    from 2.3454 to 2.3451 as 2.345 -> 2.345 beside SHOWN."""
+    answers = ["Paris"] * 5
+    shown, line = smollm2.claim(1.04e-5, [2.0, 1.0], answers, answers)
+    assert not shown and "at expansion 1.04e-05 (needs <= 1e-05)," in line
+    shown, line = smollm2.claim(0.0, [2.3454, 2.3, 2.3451], answers, answers)
+    assert shown and "held-out loss 2.3454 -> 2.3451," in line
+    # Far from the thresholds, the figures print as they always have (the runs in benchmarks/RESULTS.md).
+    shown, line = smollm2.claim(0.0, [1.9191, 1.886, 1.8622], answers, answers)
+    assert shown and line.endswith("SHOWN by this run: logits max |change| at expansion 0.0e+00 (needs <= 1e-05), "
+                                   "held-out loss 1.919 -> 1.862, 5/5 answers unchanged")
+    assert [smollm2.drift_figure(d) for d in (1e-5, 9.96e-6, 2.3e-7)] == ["1.0e-05", "1.0e-05", "2.3e-07"]
+    assert claims.before_after(2.3451, 2.3454) == ("2.345", "2.345")  # it rose: printed as not fallen either
+    assert claims.before_after(1.91949, 1.91851) == ("1.9195", "1.9185")
+
+
 def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
     result = expansion.act_expansion(tmp_path / "expansion", pretrain_steps=8, domain_steps=4, eval_examples=8,
                                      seeds=2, workers=1)

@@ -40,15 +40,27 @@ def in_standard_errors(difference: float, se: float, needs: float | None = None,
 
 
 def figure(value: float, threshold: float, met: bool, *, digits: int = 2, strict: bool = False,
-           sign: bool = False) -> str:
+           sign: bool = False, style: str = "f") -> str:
     """`value` printed with `digits` decimals, or as many more (up to 9) as it takes for the printed figure to
     compare with `threshold` (`>=`, or `>` where `strict`) as the verdict found (`met`): an accuracy of 0.795
-    where 0.8 was needed prints 0.795, not a 0.80 beside NOT SHOWN."""
+    where 0.8 was needed prints 0.795, not a 0.80 beside NOT SHOWN. `style` "e" counts the decimals of the
+    mantissa (1.04e-05, not 1.0e-05, where more than 1e-05 was found)."""
     for places in range(digits, 10):
-        text = f"{value:{'+' if sign else ''}.{places}f}"
+        text = f"{value:{'+' if sign else ''}.{places}{style}}"
         if (float(text) > threshold if strict else float(text) >= threshold) == met:
             break
     return text
+
+
+def before_after(before: float, after: float, digits: int = 3) -> tuple[str, str]:
+    """`before` and `after` printed with `digits` decimals, or as many more (up to 9) as it takes for the printed
+    figures to compare as the numbers do (after < before, or not): a loss that fell from 2.3454 to 2.3451 prints
+    2.3454 -> 2.3451, not 2.345 -> 2.345 beside "fell"."""
+    for places in range(digits, 10):
+        texts = f"{before:.{places}f}", f"{after:.{places}f}"
+        if (float(texts[1]) < float(texts[0])) == (after < before):
+            break
+    return texts
 
 
 def at_threshold(value: float) -> float:

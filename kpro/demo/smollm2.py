@@ -28,7 +28,7 @@ from ..generation import generate
 from ..tokenizer import load_tokenizer
 from ..train import Batches, adamw, collate_packed, lm_loss, pack_documents
 from .act_settings import check_positive, records_settings
-from .claims import claim_line
+from .claims import before_after, claim_line, figure
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "SmolLM2-135M-Instruct"  # where a run converts it to, beside its other outputs
@@ -215,7 +215,8 @@ def act_smollm2(out_dir: Path, seed: int = 0, new_blocks: int = 6, steps: int = 
     expanded = ask(model, tok, GENERAL_QUESTIONS)
     same = sum(a == b for a, b in zip(before, expanded))
     print(f"expanded {cfg.num_hidden_layers} -> {len(model.layers)} blocks (new blocks {', '.join(map(str, new_ids))}: "
-          f"copies with o_proj and down_proj zero): logits max |change| {drift:.1e}; answers unchanged {same}/{len(before)}")
+          f"copies with o_proj and down_proj zero): logits max |change| {drift_figure(drift)}; answers unchanged "
+          f"{same}/{len(before)}")
 
     train_files, held_files = split_files(stdlib_files())
     train_rows = packed_rows(tok, train_files, seq_len, steps * batch_size, seed)
@@ -235,17 +236,15 @@ def act_smollm2(out_dir: Path, seed: int = 0, new_blocks: int = 6, steps: int = 
 
     losses = train_steps(model, train_rows, steps, batch_size, lr, seed, report=report)
     verb = "fell" if held_out[-1] < held_out[0] else "did not fall"
-    print(f"the domain loss {verb}: {held_out[0]:.3f} -> {held_out[-1]:.3f}; {plan.describe()}")
+    print(f"the domain loss {verb}: {' -> '.join(before_after(held_out[0], held_out[-1]))}; {plan.describe()}")
     after = ask(model, tok, GENERAL_QUESTIONS)
     kept = sum(a == b for a, b in zip(before, after))
     print(f"general answers after post-pretraining: {kept}/{len(before)} unchanged")
     show_answers(GENERAL_QUESTIONS, after, before)
     print(f"act took {time.perf_counter() - start:.0f} s; reproduce LLaMA Pro's comparison on this model with "
           "`python -m kpro reproduce llama-pro-smollm2`")
-    shown = verdict(drift, held_out, before, after)
-    print(claim_line("smollm2", CLAIM, shown, f"logits max |change| at expansion {drift:.1e} (needs <= {EXACT:g}), "
-                     f"held-out loss {held_out[0]:.3f} -> {held_out[-1]:.3f}, {kept}/{len(before)} answers unchanged")
-          + "\n")
+    shown, line = claim(drift, held_out, before, after)
+    print(line + "\n")
     return {"answers_before": before, "answers_expanded": expanded, "answers_after": after, "logit_drift": drift,
             "held_out_loss": held_out, "train_losses": losses, "new_blocks": new_ids, "claim_shown": shown}
 
@@ -256,3 +255,17 @@ EXACT = 1e-5  # fp32: the new blocks add exact zeros, so the logits do not move 
 def verdict(drift: float, held_out_loss: list[float], before: list[str], after: list[str]) -> bool:
     """Expansion left the logits alone, the held-out domain loss fell, and every general answer stayed."""
     return drift <= EXACT and held_out_loss[-1] < held_out_loss[0] and before == after
+
+
+def drift_figure(drift: float) -> str:
+    """1.0e-05, or as many more digits as it takes to compare with EXACT as the verdict does (1.04e-05 fails)."""
+    return figure(drift, EXACT, drift > EXACT, digits=1, strict=True, style="e")  # <= EXACT is not > EXACT
+
+
+def claim(drift: float, held_out_loss: list[float], before: list[str], after: list[str]) -> tuple[bool, str]:
+    """(shown, the act's claim line), its figures printed to agree with the verdict."""
+    shown = verdict(drift, held_out_loss, before, after)
+    kept = sum(a == b for a, b in zip(before, after))
+    loss = " -> ".join(before_after(held_out_loss[0], held_out_loss[-1]))
+    return shown, claim_line("smollm2", CLAIM, shown, f"logits max |change| at expansion {drift_figure(drift)} (needs "
+                             f"<= {EXACT:g}), held-out loss {loss}, {kept}/{len(before)} answers unchanged")
