@@ -8,6 +8,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import random
 import re
@@ -217,6 +218,68 @@ def test_printed_figures_agree_with_their_verdicts():
     assert claims.in_standard_errors(0.0296, 0.01, 3, False) == "+3.0 standard errors"
     assert internalization.cot_figure(2 / 500) == "0.0040" and internalization.cot_figure(0.0) == "0.0"
     assert internalization.cot_figure(8.0) == "8.0"
+
+
+def test_a_verdict_given_a_figure_that_is_not_finite_is_not_shown():
+    """A NaN on expansion's second seed passed (min() skipped it), as did an infinite accuracy or loss wherever a
+    difference or a fall was asked for; a NaN accuracy passed the Bitune seeds' verdict with a standard error of 0
+    (max(0.0, nan) is 0.0), and a NaN gain crashed statistics.stdev."""
+    nan, inf = math.nan, math.inf
+    run = lambda expanded, control, domain=1.0: {"expanded": {"general": expanded, "domain": domain},
+                                                 "control": {"general": control, "domain": 1.0}}
+    shown, margin = expansion.verdict([run(0.9, 0.1), run(0.9, nan)])
+    assert not shown and math.isnan(margin)
+    assert not expansion.verdict([run(0.9, 0.1), run(0.9, 0.1, domain=nan)])[0]
+    assert not expansion.verdict([run(inf, 0.1)])[0]
+    internal = lambda accuracy, no_cot, cot=0.0: {"internalized": {"accuracy": accuracy, "cot_tokens": cot},
+                                                  "no CoT": {"accuracy": no_cot, "cot_tokens": 0.0}}
+    for results in (internal(inf, 0.1), internal(0.95, -inf), internal(0.95, nan), internal(0.95, 0.1, nan)):
+        assert not internalization.verdict(results, 500)[0], results
+    for a, b in ((inf, 0.1), (0.9, -inf), (nan, 0.1)):
+        assert not bitune.verdict({"bitune": {"right": a}, "only_causal": {"right": b}}, 300)[0], (a, b)
+    shown, gain, se, seed_se, binomial_se = seeds.seeds_verdict([0.1, nan, 0.1], 0.8, 0.7, 3000)
+    assert not shown and math.isnan(gain) and math.isnan(se)
+    shown, gain, se, seed_se, binomial_se = seeds.seeds_verdict([0.1] * 3, nan, 0.7, 3000)
+    assert not shown and gain == pytest.approx(0.1) and math.isnan(se) and math.isnan(binomial_se)
+    assert not seeds.seeds_verdict([0.1] * 3, inf, 0.7, 3000)[0]  # math.sqrt refused it
+    answers = ["Paris"]
+    assert not smollm2.verdict(0.0, [2.0, -inf], answers, answers) and not smollm2.verdict(nan, [2, 1], [], [])
+
+
+def test_a_claim_line_names_the_figures_that_are_not_finite(tmp_path, capsys, monkeypatch):
+    nan, inf = math.nan, math.inf
+    assert claims.claim_line("x", "it works", False, "1 vs 0", {"a": 1.0, "b": nan, "c": -inf}) == \
+        "claim (x): it works -- NOT SHOWN by this run: 1 vs 0; not a finite number: b (nan), c (-inf)"
+    assert claims.claim_line("x", "it works", True, "1 vs 0", {"a": 1.0}).endswith("by this run: 1 vs 0")
+    bitune_results = {"bitune": {"right": 0.5}, "only_causal": {"right": nan}}
+    assert claims.not_finite(bitune.verdict_inputs(bitune_results)) == ["only_causal's accuracy on right"]
+    internal = {"internalized": {"accuracy": 0.95, "cot_tokens": inf}, "no CoT": {"accuracy": nan, "cot_tokens": 0}}
+    assert claims.not_finite(internalization.verdict_inputs(internal)) == ["internalized CoT tokens",
+                                                                           "no CoT accuracy"]
+    _, line = smollm2.claim(0.0, [2.0, 1.5, nan], ["Paris"], ["Paris"])
+    assert line.endswith("held-out loss 2.000 -> nan, 1/1 answers unchanged; not a finite number: held-out loss "
+                         "after (nan)")
+    # the expansion act, its jobs' scores made up: a NaN general accuracy of the control
+    arms = [{"layers": 6, "new_blocks": [2, 5], "plan": "plan", "trainable": 1,
+             "scores": {"domain": 0.95, "general": 0.95}},
+            {"layers": 4, "new_blocks": [], "plan": "", "trainable": 1, "scores": {"domain": 0.97, "general": nan}}]
+    calls = iter([[{"domain": 0.0, "general": 0.99}], arms])
+    monkeypatch.setattr(expansion, "run_jobs_reporting", lambda jobs, workers, groups: next(calls))
+    assert not expansion._run(tmp_path, 400, 800, 2, 0.03, 1e-3, 200, [0], 1)["claim_shown"]
+    shown, figures = claim_of(capsys.readouterr().out, "expansion")
+    assert not shown and figures.endswith("; not a finite number: control general accuracy on seed 0 (nan)")
+
+    class Act:  # the bitune act over seeds, its accuracies made up: only_causal's a NaN on seed 1
+        check = staticmethod(lambda out_dir, seed, **act: None)
+
+        def __call__(self, out_dir, seed, **act):
+            return {"lora": {"left": 0.5, "right": 0.5}, "bitune": {"left": 0.5, "right": 0.9},
+                    "only_causal": {"left": 0.5, "right": nan if seed == 1 else 0.8}}
+    monkeypatch.setattr(seeds, "act_bitune", Act())
+    assert not seeds.reproduce_bitune_seeds(tmp_path / "seeds", seeds=3)["claim_shown"]  # stdev raised before
+    shown, figures = claim_of(capsys.readouterr().out, "bitune")
+    assert not shown and figures.endswith("; not a finite number: gain on seed 1 (nan), only_causal's mean "
+                                          "accuracy on right (nan)")
 
 
 def test_reversal_task_format():

@@ -36,7 +36,7 @@ from ..model import Llama
 from ..tokenizer import CharTokenizer, load_tokenizer
 from ..train import Batches, Schedule, adamw, fit, pack_documents
 from .act_settings import check_positive, records_settings
-from .claims import claim_line, difference_standard_error, in_standard_errors, standard_error
+from .claims import claim_line, difference_standard_error, in_standard_errors, not_finite, standard_error
 from .parallel import default_workers, run_jobs
 
 SIDES = ("left", "right")
@@ -107,7 +107,13 @@ def verdict(results: dict, held_out_per_side: int) -> tuple[bool, float, float]:
     results were seen, and stays."""
     a, b = results["bitune"]["right"], results["only_causal"]["right"]
     se = difference_standard_error(a, held_out_per_side, b, held_out_per_side)
-    return a - b > 3 * se, a - b, se
+    return a - b > 3 * se and not not_finite(verdict_inputs(results)), a - b, se
+
+
+def verdict_inputs(results: dict) -> dict[str, float]:
+    """The accuracies the verdict compares, by name (the claim line names those that are not finite)."""
+    return {"Bitune's accuracy on right": results["bitune"]["right"],
+            "only_causal's accuracy on right": results["only_causal"]["right"]}
 
 
 # The full run, per seed (`python -m kpro reproduce bitune-seeds` runs it over seeds 0-4). The demo's act is
@@ -175,7 +181,8 @@ def _run(out_dir, pretrain_steps, tune_steps, held_out, train_questions, lr, see
                      f"(needs > 3); one seed, {tune_steps} tuning steps, {held_out} questions a side"
                      + ("" if (tune_steps, held_out) == (FULL["tune_steps"], FULL["held_out"]) else
                         "; the demo's short run: `python -m kpro reproduce bitune-seeds` runs "
-                        f"{FULL['tune_steps']} steps, {FULL['held_out']} questions, 5 seeds")) + "\n")
+                        f"{FULL['tune_steps']} steps, {FULL['held_out']} questions, 5 seeds"),
+                     verdict_inputs(results)) + "\n")
     return {**results, "gain": gain, "gain_se": se, "claim_shown": shown}
 
 

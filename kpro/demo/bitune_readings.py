@@ -28,7 +28,7 @@ from .act_settings import check_positive, records_settings
 from .bitune import DIGITS, SIDES, SYMBOLS, question_sets, tiny_config
 from .claims import claim_line, in_standard_errors
 from .parallel import run_jobs
-from .seeds import seeds_verdict
+from .seeds import seeds_inputs, seeds_verdict
 
 READINGS = ("causal", "prefix")
 DEFAULTS = dict(steps=3000, lr=1e-3, warmup_steps=100, train_questions=8000, held_out=1000, digits=DIGITS)
@@ -129,5 +129,5 @@ def reproduce_bitune_readings(out_dir: Path, seed: int = 0, seeds: int = 3, work
                                                           settings["held_out"] * seeds)
     print(claim_line("bitune-readings", CLAIM, shown, f"gain {gain:+.3f}, standard error {se:.3f} (seeds "
                      f"{seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se, 3, shown)} "
-                     "(needs > 3)"))
+                     "(needs > 3)", seeds_inputs(gains, {reading: mean[reading] for reading in READINGS}, seed)))
     return {"runs": runs, "gain": gain, "gain_se": se, "claim_shown": shown}

@@ -8,8 +8,18 @@ from __future__ import annotations
 import math
 
 
-def claim_line(act: str, claim: str, shown: bool, figures: str) -> str:
-    return f"claim ({act}): {claim} -- {'SHOWN' if shown else 'NOT SHOWN'} by this run: {figures}"
+def claim_line(act: str, claim: str, shown: bool, figures: str, inputs: dict[str, float] | None = None) -> str:
+    """The act's last line; `inputs`, its verdict's figures by name, adds those that are not finite numbers."""
+    bad = not_finite(inputs or {})
+    note = "; not a finite number: " + ", ".join(f"{name} ({inputs[name]})" for name in bad) if bad else ""
+    return f"claim ({act}): {claim} -- {'SHOWN' if shown else 'NOT SHOWN'} by this run: {figures}{note}"
+
+
+def not_finite(inputs: dict[str, float]) -> list[str]:
+    """The names of a verdict's inputs that are not finite numbers (a diverged run's NaN). A verdict given one is
+    not shown: a NaN fails every comparison, so a `not x < t` passes it, and min() and max() keep or skip it by
+    its place."""
+    return [name for name, value in inputs.items() if not math.isfinite(value)]
 
 
 def standard_error(accuracy: float, n: int) -> float:

@@ -15,6 +15,7 @@ shows held-out accuracy on both tasks before and after for both ways, for each s
 from __future__ import annotations
 
 import io
+import math
 import random
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,7 @@ from ..tokenizer import CharTokenizer
 from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, fit, read_metrics
 from .act_settings import check_positive, records_settings
 from .basics import LETTERS, accuracy, drawn_outside, reversal_task, tiny_config
-from .claims import at_threshold, claim_line, figure
+from .claims import at_threshold, claim_line, figure, not_finite
 from .progress import run_jobs_reporting
 
 DIGITS = "0123456789"
@@ -119,7 +120,14 @@ def verdict(runs: list[dict]) -> tuple[bool, float]:
     margins = [at_threshold(run["expanded"]["general"] - run["control"]["general"]) for run in runs]
     learned = all(run[arm]["domain"] >= DOMAIN_LEARNED for run in runs for arm in ARMS)
     kept = all(run["expanded"]["general"] >= KEPT for run in runs)
-    return learned and kept and min(margins) >= MARGIN, min(margins)
+    smallest = math.nan if any(map(math.isnan, margins)) else min(margins)  # min() skips a NaN after the first
+    return not not_finite(verdict_inputs(runs)) and learned and kept and smallest >= MARGIN, smallest
+
+
+def verdict_inputs(runs: list[dict]) -> dict[str, float]:
+    """The accuracies the verdict compares, by name (the claim line names those that are not finite)."""
+    return {f"{arm} {task} accuracy on seed {run.get('seed', i)}": run[arm][task]
+            for i, run in enumerate(runs) for arm in ARMS for task in ("domain", "general")}
 
 
 def check_arguments(pretrain_steps, domain_steps, new_blocks, general_share, lr, eval_examples, seed, seeds,
@@ -184,7 +192,7 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
                      f"(needs >= {KEPT} kept and a margin >= {MARGIN}; smallest margin "
                      f"{figure(margin, MARGIN, margin >= MARGIN, sign=True)}); domain learned by both (>= "
                      f"{DOMAIN_LEARNED}): {'yes' if learned else 'no'}, lowest "
-                     f"{figure(lowest, DOMAIN_LEARNED, learned)}") + "\n")
+                     f"{figure(lowest, DOMAIN_LEARNED, learned)}", verdict_inputs(runs)) + "\n")
     first = runs[0]
     return {"before": first["before"], "expanded": first["expanded"], "control": first["control"],
             "new_blocks": first["new_blocks"], "runs": runs, "claim_shown": shown, "margin": margin}

@@ -37,7 +37,7 @@ from ..internalize import (RemovalSchedule, ValidationAccuracy, evaluate, fit_in
 from ..internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
 from ..model import Llama
 from .act_settings import check_positive, records_settings
-from .claims import claim_line, difference_standard_error, figure, in_standard_errors
+from .claims import claim_line, difference_standard_error, figure, in_standard_errors, not_finite
 from .parallel import default_workers
 from .progress import run_jobs_reporting
 
@@ -94,7 +94,14 @@ def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
     se = difference_standard_error(internalized["accuracy"], test_size, no_cot["accuracy"], test_size)
     margin = internalized["accuracy"] - no_cot["accuracy"]
     shown = internalized["cot_tokens"] == 0 and internalized["accuracy"] >= 0.9 and margin > 3 * se
-    return shown, margin, se
+    return shown and not not_finite(verdict_inputs(results)), margin, se
+
+
+def verdict_inputs(results: dict) -> dict[str, float]:
+    """The figures the verdict compares, by name (the claim line names those that are not finite)."""
+    return {"internalized accuracy": results["internalized"]["accuracy"],
+            "internalized CoT tokens": results["internalized"]["cot_tokens"],
+            "no CoT accuracy": results["no CoT"]["accuracy"]}
 
 
 def check_arguments(seed, digits, explicit_steps, steps_per_token, after_steps, decay_steps, warmup_steps, lr,
@@ -201,7 +208,8 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
                      f"{results['no CoT']['accuracy']:.3f} (margin {margin:+.3f} = "
                      f"{in_standard_errors(margin, se, 3, margin > 3 * se)}; needs >= 0.9 with 0 CoT tokens and a "
                      "margin "
-                     f"> 3 standard errors), {speedup:.1f}x the explicit model's examples/s") + "\n")
+                     f"> 3 standard errors), {speedup:.1f}x the explicit model's examples/s", verdict_inputs(results))
+          + "\n")
     return {**results, "speedup": speedup, "claim_shown": shown, "selected": {"internalized": chain["selected"],
                                                                               "no CoT": no_cot["selected"]}}
 

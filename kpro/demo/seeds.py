@@ -12,7 +12,7 @@ from pathlib import Path
 from .act_settings import check_positive
 from .bitune import FULL as BITUNE_FULL
 from .bitune import SIDES, act_bitune
-from .claims import claim_line, in_standard_errors
+from .claims import claim_line, in_standard_errors, not_finite
 from .expansion import act_expansion
 from .internalization import act_internalization, cot_figure
 
@@ -38,12 +38,13 @@ def reproduce_bitune_seeds(out_dir: Path, seed: int = 0, seeds: int = BITUNE_SEE
         pooled[name] = {side: _mean_se([run[name][side] for run in runs]) for side in SIDES}
         print(f"{name:<14}" + "".join(f"{pooled[name][side][0]:>11.3f} ± {pooled[name][side][1]:.3f}" for side in SIDES))
     gains = [run["bitune"]["right"] - run["only_causal"]["right"] for run in runs]
-    shown, gain, se, seed_se, binomial_se = seeds_verdict(gains, pooled["bitune"]["right"][0],
-                                                          pooled["only_causal"]["right"][0], held_out * seeds)
+    right = {name: pooled[name]["right"][0] for name in ("bitune", "only_causal")}
+    shown, gain, se, seed_se, binomial_se = seeds_verdict(gains, right["bitune"], right["only_causal"],
+                                                          held_out * seeds)
     print(claim_line("bitune", "bidirectional reading beats the same set-up read causally on 'right', over seeds",
                      shown, f"gain {gain:+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}), standard error "
                      f"{se:.3f} (seeds {seed_se:.3f}, questions {binomial_se:.3f}): "
-                     f"{in_standard_errors(gain, se, 3, shown)} (needs > 3)"))
+                     f"{in_standard_errors(gain, se, 3, shown)} (needs > 3)", seeds_inputs(gains, right, seed)))
     return {"runs": runs, "pooled": pooled, "gain": gain, "gain_se": se, "claim_shown": shown}
 
 
@@ -54,10 +55,19 @@ def seeds_verdict(gains: list[float], bitune_right: float, only_causal_right: fl
     methods' scores as independent (unpaired), an upper bound for scores on the same questions (unless one
     method tends to fail where the other succeeds), so the rule is conservative."""
     gain, seed_se = _mean_se(gains)
+    if not_finite(seeds_inputs(gains, {"bitune": bitune_right, "only_causal": only_causal_right})):
+        return False, gain, math.nan, seed_se, math.nan  # math.sqrt refuses an infinite accuracy's variance
     binomial_se = math.sqrt(bitune_right * (1 - bitune_right) / questions
                             + only_causal_right * (1 - only_causal_right) / questions)
     se = max(seed_se, binomial_se)
     return gain > 3 * se, gain, se, seed_se, binomial_se
+
+
+def seeds_inputs(gains: list[float], right: dict[str, float], first_seed: int = 0) -> dict[str, float]:
+    """seeds_verdict's figures by name, the gain on each seed and each method's mean accuracy on `right` (the
+    claim line names those that are not finite)."""
+    return {**{f"gain on seed {first_seed + i}": gain for i, gain in enumerate(gains)},
+            **{f"{name}'s mean accuracy on right": accuracy for name, accuracy in right.items()}}
 
 
 def reproduce_expansion_seeds(out_dir: Path, seed: int = 0, seeds: int = EXPANSION_SEEDS, **act) -> dict:
@@ -98,4 +108,6 @@ def reproduce_internalization_3x3(out_dir: Path, seed: int = 0, **act) -> dict:
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
+    if len(values) > 1 and not_finite(dict(enumerate(values))):
+        return mean, math.nan  # statistics.stdev raises on a NaN
     return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)

@@ -28,7 +28,7 @@ from ..generation import generate
 from ..tokenizer import load_tokenizer
 from ..train import Batches, adamw, collate_packed, lm_loss, pack_documents
 from .act_settings import check_positive, records_settings
-from .claims import before_after, claim_line, figure
+from .claims import before_after, claim_line, figure, not_finite
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "SmolLM2-135M-Instruct"  # where a run converts it to, beside its other outputs
@@ -254,7 +254,14 @@ EXACT = 1e-5  # fp32: the new blocks add exact zeros, so the logits do not move 
 
 def verdict(drift: float, held_out_loss: list[float], before: list[str], after: list[str]) -> bool:
     """Expansion left the logits alone, the held-out domain loss fell, and every general answer stayed."""
-    return drift <= EXACT and held_out_loss[-1] < held_out_loss[0] and before == after
+    finite = not not_finite(verdict_inputs(drift, held_out_loss))  # a loss of -inf would have fallen
+    return finite and drift <= EXACT and held_out_loss[-1] < held_out_loss[0] and before == after
+
+
+def verdict_inputs(drift: float, held_out_loss: list[float]) -> dict[str, float]:
+    """The figures the verdict compares, by name (the claim line names those that are not finite)."""
+    return {"logits max |change|": drift, "held-out loss before": held_out_loss[0],
+            "held-out loss after": held_out_loss[-1]}
 
 
 def drift_figure(drift: float) -> str:
@@ -268,4 +275,5 @@ def claim(drift: float, held_out_loss: list[float], before: list[str], after: li
     kept = sum(a == b for a, b in zip(before, after))
     loss = " -> ".join(before_after(held_out_loss[0], held_out_loss[-1]))
     return shown, claim_line("smollm2", CLAIM, shown, f"logits max |change| at expansion {drift_figure(drift)} (needs "
-                             f"<= {EXACT:g}), held-out loss {loss}, {kept}/{len(before)} answers unchanged")
+                             f"<= {EXACT:g}), held-out loss {loss}, {kept}/{len(before)} answers unchanged",
+                             verdict_inputs(drift, held_out_loss))
