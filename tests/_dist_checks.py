@@ -10,7 +10,10 @@ Writes OUT/checks-rank{R}.json for the test to read:
   directory another process holds, and a parameter made trainable after DDP wrapped the model (then
   run.reset_optimizer(), or in a group added in on_fit_start): the error each process raised;
 - a Batches that rank 0 alone took a batch from before a new run: the losses of that run;
-- FSDP2 of models initialised differently on each process: runs that the test compares with DDP's.
+- FSDP2 of models initialised differently on each process: runs that the test compares with DDP's;
+- DDP of a LoRA model training one of two adapters (the other trainable, getting no gradient): each process's
+  weights (OUT/idle-rank{R}.pt) and how many parameters AdamW holds no state for; and the error when a
+  parameter without a gradient at the first step gets one later.
 """
 import json
 import os
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import kpro.lora as lora
 import kpro.train as kt
 from _dist_fit import exit_now
 from kpro.train.checkpointing import saved_schedule
@@ -32,6 +36,16 @@ def error_of(work) -> str | None:
     except Exception as err:
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def idle_adapter_model() -> lora.AdaptedModel:
+    """A LoRA model trained with adapter a: adapter b is trainable and gets no gradient."""
+    model = make_model()
+    lora.add_adapters(model, ["a", "b"], rank=4, alpha=2.0, seed=0)
+    return lora.AdaptedModel(model, "a")
+
+
+IDLE_FIT = dict(steps=3, grad_accum=2, lr=1e-2)
 
 
 def main(out: Path) -> None:
@@ -99,6 +113,22 @@ def main(out: Path) -> None:
 
     for mode in ("ddp", "fsdp"):  # DDP starts every process from rank 0's weights: so must FSDP2
         kt.fit(make_model(seed=env.rank), batches(), out / f"{mode}-seeded", steps=1, parallel=mode, **fit)
+
+    adapted, idle_runs = idle_adapter_model(), []
+    results["idle_error"] = error_of(lambda: idle_runs.append(kt.fit(adapted, batches(), out / "idle", **IDLE_FIT)))
+    torch.save(adapted.state_dict(), out / f"idle-rank{env.rank}.pt")
+    if idle_runs:
+        state = idle_runs[0].optimizer.state
+        results["idle_stateless"] = sum(p not in state for p in adapted.parameters() if p.requires_grad)
+
+    def late_use(model, batch):  # adapter b's first weight joins the loss at step 2, outside DDP's reduction
+        out = kt.lm_loss(model, batch)
+        calls.append(None)
+        return kt.LossSum(out.total + 0 * late.sum(), out.count) if len(calls) > 1 else out
+    adapted, calls = idle_adapter_model(), []
+    late = next(p for name, p in adapted.named_parameters() if ".b.lora_A." in name)
+    results["late_use_error"] = error_of(lambda: kt.fit(adapted, batches(), out / "late", steps=2, loss_fn=late_use,
+                                                        lr=1e-2))
 
     (out / f"checks-rank{env.rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

@@ -13,6 +13,7 @@ import torch
 import kpro
 from kpro import train as kt
 
+from _dist_checks import IDLE_FIT, idle_adapter_model
 from _dist_fit import FIT, FIT_ACCUM, TIED
 from test_train_fit import batches, losses, make_model, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
@@ -173,3 +174,28 @@ def test_fsdp_starts_every_process_from_rank_0s_weights_as_ddp_does(checks):
     out, _ = checks
     assert_close_models(kpro.load_pretrained(out / "fsdp-seeded" / "step-00000001"),
                         kpro.load_pretrained(out / "ddp-seeded" / "step-00000001"))
+
+
+def test_a_trainable_parameter_without_gradient_trains_under_ddp_as_in_one_process(checks, tmp_path):
+    """A second LoRA adapter, trainable and idle (as Bitune's only_causal, naive_bidir and no_mix modes leave
+    some): DDP left its bucket unreduced, so step 1 stepped each process on its own gradients, and step 2 died
+    with torch's advice to pass find_unused_parameters=True, which fit does not offer."""
+    out, results = checks
+    assert [r["idle_error"] for r in results] == [None, None]
+    single = idle_adapter_model()
+    run = kt.fit(single, batches(), tmp_path, **IDLE_FIT)
+    stateless = sum(p not in run.optimizer.state for p in single.parameters() if p.requires_grad)
+    assert stateless == 28 and [r["idle_stateless"] for r in results] == [stateless] * 2  # AdamW: none for adapter b
+    for rank in range(2):
+        state = torch.load(out / f"idle-rank{rank}.pt")
+        for name, tensor in single.state_dict().items():
+            torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_parameter_idle_at_the_first_step_and_used_later_is_refused_under_ddp(checks):
+    _, results = checks
+    for r in results:
+        assert r["late_use_error"].startswith("ValueError: the trainable parameters that get no gradient changed "
+                                              "after the first step under DDP, at step 2"), r["late_use_error"]
+    assert "model.layers.0.self_attn.q_proj.b.lora_A.weight" in results[0]["late_use_error"]
+

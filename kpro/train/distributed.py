@@ -83,11 +83,52 @@ def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, s
     if env.world_size == 1:
         parallel = "none"  # one process: nothing to replicate or shard
     if parallel == "ddp":
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids), "ddp"
+        return wrap_ddp(model, env), "ddp"
     if parallel == "fsdp":
         return shard_blocks(model), "fsdp"
     return model, "none"
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv, idle: set[str] = frozenset()) -> DistributedDataParallel:
+    """DDP over the model's trainable parameters but those named in `idle`, which get no gradient: DDP would
+    wait for theirs, its reduction never finishing (it manages the parameters that require grad when it wraps)."""
+    left_out = [p for name, p in model.named_parameters() if name in idle]
+    for p in left_out:
+        p.requires_grad_(False)
+    try:
+        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    finally:
+        for p in left_out:
+            p.requires_grad_(True)
+
+
+def idle_parameters(model: nn.Module) -> set[str]:
+    """The trainable parameters left without a gradient by the backward just run."""
+    return {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+
+def finish_first_ddp_step(train_model: DistributedDataParallel,
+                          env: DistEnv) -> tuple[DistributedDataParallel, set[str]]:
+    """Average the gradients of fit's first step under DDP, run without DDP's reduction (`no_sync`); returns the
+    DDP wrapper for the steps after it, made anew without the trainable parameters that got no gradient (on every
+    process: a LoRA adapter not active, those a Bitune mode leaves out), and their names. DDP would leave such a
+    parameter's bucket unreduced (a step on each process's own gradients, then an error), and its
+    find_unused_parameters=True takes a parameter used outside the module's forward, as `lm_loss`'s head is, for
+    an unused one."""
+    model = train_model.module
+    idle = idle_parameters(model)
+    everyone = gather_objects(sorted(idle), env)
+    if any(set(names) != idle for names in everyone):
+        some = sorted(set().union(*everyone) - set.intersection(*map(set, everyone)))
+        raise ValueError(f"{len(some)} trainable parameter(s) got a gradient on some processes and not on others at "
+                         f"the first step ({', '.join(some[:4])}{', ...' if len(some) > 4 else ''}): DDP averages a "
+                         "set of parameters fixed at the first step; use parallel='fsdp', or make the loss use them "
+                         "on every process")
+    for p in model.parameters():  # the same parameters, in the same order, on every process
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(env.world_size)
+    return (wrap_ddp(model, env, idle) if idle else train_model), idle
 
 
 @contextlib.contextmanager

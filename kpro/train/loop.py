@@ -55,6 +55,9 @@ class Run:
         self._save_requested = self._stop_requested = False
         # DDP averages the gradients of the parameters that were trainable when it wrapped the model, of no others
         self._ddp_trainable = self._trainable() if isinstance(train_model, DistributedDataParallel) else None
+        # Under DDP, from the first step on: (name, parameter, whether it got no gradient there and DDP leaves it out)
+        # of each trainable parameter
+        self._ddp_idle: list[tuple[str, nn.Parameter, bool]] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -417,9 +420,11 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
     micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
     totals, counts, summed = [], [], None
+    ddp = isinstance(train_model, DistributedDataParallel)
+    first_ddp_step = ddp and run._ddp_idle is None  # reduced by fit, which finds the parameters without gradient
     for i, micro in enumerate(micro_batches):
         micro = _to_device(micro, device)
-        with distributed.gradient_sync(train_model, i == len(micro_batches) - 1):
+        with distributed.gradient_sync(train_model, i == len(micro_batches) - 1 and not first_ddp_step):
             with autocast():
                 out = loss_fn(train_model, micro)
             is_sum = _check_loss(out)
@@ -440,11 +445,24 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
         # float64: the sums, and so the logged loss, must not depend on how the batch was split
         totals.append(total.detach().double())
         counts.append(torch.as_tensor(out.count if is_sum else 1, device=total.device).double())
-    # One collective per step: loss, loss-token count, and whether any process got Ctrl-C.
-    stats = torch.stack([torch.stack(totals).sum(), torch.stack(counts).sum(),
-                         torch.tensor(float(interrupt_requested()), device=totals[0].device, dtype=torch.float64)])
+    changed = set()
+    if first_ddp_step:
+        run.train_model, idle = distributed.finish_first_ddp_step(train_model, env)
+        run._ddp_idle = [(name, p, name in idle) for name, p in run.model.named_parameters() if p.requires_grad]
+    elif ddp:  # one idle since would leave DDP's reduction unfinished; one idle at the first, outside DDP, train apart
+        changed = {name for name, p, idle in run._ddp_idle if (p.grad is None) != idle}
+    # One collective per step: loss, loss-token count, whether any process got Ctrl-C, and whether DDP's idle
+    # parameters changed on any process.
+    flags = torch.tensor([float(interrupt_requested()), len(changed)], device=totals[0].device, dtype=torch.float64)
+    stats = torch.cat([torch.stack([torch.stack(totals).sum(), torch.stack(counts).sum()]), flags])
     stats = distributed.all_reduce_sum(stats, env).cpu()
-    total, count, interrupted = stats.tolist()
+    total, count, interrupted, idle_changed = stats.tolist()
+    if idle_changed:
+        optimizer.zero_grad(set_to_none=True)
+        raise ValueError(f"the trainable parameters that get no gradient changed after the first step under DDP, at "
+                         f"step {run.step + 1} ({_listed(sorted(changed)) if changed else 'on another process'}): DDP "
+                         "averages the gradients of a set of parameters fixed at the first step; use "
+                         "parallel='fsdp', or make the loss use the same parameters at every step")
     if summed:
         if count == 0:
             raise ValueError(no_loss_tokens_message(f"the batch of step {run.step + 1}"))
@@ -466,6 +484,10 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, float(norm), interrupted > 0
+
+
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
 
 
 def _is_zero(count) -> bool:
