@@ -13,7 +13,8 @@ Writes OUT/checks-rank{R}.json for the test to read:
 - FSDP2 of models initialised differently on each process: runs that the test compares with DDP's;
 - DDP of a LoRA model training one of two adapters (the other trainable, getting no gradient): each process's
   weights (OUT/idle-rank{R}.pt) and how many parameters AdamW holds no state for; and the error when a
-  parameter without a gradient at the first step gets one later.
+  parameter without a gradient at the first step gets one later;
+- a DataLoader with a DistributedSampler (each process passing its own rows as the global batch): the error.
 """
 import json
 import os
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 import kpro.lora as lora
 import kpro.train as kt
@@ -129,6 +131,10 @@ def main(out: Path) -> None:
     late = next(p for name, p in adapted.named_parameters() if ".b.lora_A." in name)
     results["late_use_error"] = error_of(lambda: kt.fit(adapted, batches(), out / "late", steps=2, loss_fn=late_use,
                                                         lr=1e-2))
+
+    own_rows = DataLoader(examples(), batch_size=8, sampler=DistributedSampler(examples(), shuffle=False),
+                          collate_fn=lambda rows: kt.collate_prompt_answer(rows, pad_id=0))
+    results["sampler_error"] = error_of(lambda: kt.fit(make_model(), own_rows, out / "sampler", steps=2, **fit))
 
     (out / f"checks-rank{env.rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

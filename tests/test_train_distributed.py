@@ -15,7 +15,7 @@ from kpro import train as kt
 
 from _dist_checks import IDLE_FIT, idle_adapter_model
 from _dist_fit import FIT, FIT_ACCUM, TIED
-from test_train_fit import batches, losses, make_model, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from test_train_fit import batches, examples, losses, make_model, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -199,3 +199,27 @@ def test_a_parameter_idle_at_the_first_step_and_used_later_is_refused_under_ddp(
                                               "after the first step under DDP, at step 2"), r["late_use_error"]
     assert "model.layers.0.self_attn.q_proj.b.lora_A.weight" in results[0]["late_use_error"]
 
+
+def test_processes_passing_different_batches_are_refused_before_the_step(checks):
+    """The usual DDP data pattern, a DataLoader with a DistributedSampler, gives each process its own rows: fit,
+    which takes them as the global batch and splits it again, trained on half the rows without a word."""
+    out, results = checks
+    for r in results:
+        assert r["sampler_error"].startswith("ValueError: the 2 processes passed different batches at step 1: fit "
+                                             "expects the same global batches on every process"), r["sampler_error"]
+        assert "a DataLoader with a DistributedSampler" in r["sampler_error"], r["sampler_error"]
+    assert kt.latest_checkpoint(out / "sampler") is None
+
+
+def test_the_batch_fingerprint_tells_apart_one_element_and_is_exact():
+    from kpro.train.distributed import batch_fingerprint
+    batch = kt.collate_prompt_answer(examples(8), pad_id=0)
+    batch["scores"] = torch.linspace(0, 1, 8, dtype=torch.bfloat16)
+    fingerprint = batch_fingerprint(batch)
+    assert fingerprint.dtype == torch.int64 and 0 <= int(fingerprint) < 2 ** 20
+    assert int(batch_fingerprint({key: value.clone() for key, value in reversed(batch.items())})) == int(fingerprint)
+    for key, index in (("input_ids", (3, 2)), ("labels", (7, -1)), ("attention_mask", (0, 1)), ("scores", 5)):
+        changed = {name: value.clone() for name, value in batch.items()}
+        changed[key][index] += 1
+        assert int(batch_fingerprint(changed)) != int(fingerprint), key
+    assert int(batch_fingerprint({k: v[:4] for k, v in batch.items()})) != int(fingerprint)

@@ -451,12 +451,25 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
         run._ddp_idle = [(name, p, name in idle) for name, p in run.model.named_parameters() if p.requires_grad]
     elif ddp:  # one idle since would leave DDP's reduction unfinished; one idle at the first, outside DDP, train apart
         changed = {name for name, p, idle in run._ddp_idle if (p.grad is None) != idle}
-    # One collective per step: loss, loss-token count, whether any process got Ctrl-C, and whether DDP's idle
-    # parameters changed on any process.
+    # One collective per step: loss, loss-token count, whether any process got Ctrl-C, whether DDP's idle
+    # parameters changed on any process, and the batch's fingerprint f and f^2, whose sums over the W processes
+    # satisfy W * sum(f^2) == sum(f)^2 only where every f is the same (exact: f < 2^20).
+    fingerprint = torch.zeros((), dtype=torch.int64, device=totals[0].device)
+    if env.world_size > 1 and not per_process:  # a per-process batch is this process's own rows
+        fingerprint = distributed.batch_fingerprint(batch).to(totals[0].device)
     flags = torch.tensor([float(interrupt_requested()), len(changed)], device=totals[0].device, dtype=torch.float64)
-    stats = torch.cat([torch.stack([torch.stack(totals).sum(), torch.stack(counts).sum()]), flags])
+    stats = torch.cat([torch.stack([torch.stack(totals).sum(), torch.stack(counts).sum()]), flags,
+                       torch.stack([fingerprint, fingerprint * fingerprint]).double()])
     stats = distributed.all_reduce_sum(stats, env).cpu()
-    total, count, interrupted, idle_changed = stats.tolist()
+    total, count, interrupted, idle_changed, fingerprints, squares = stats.tolist()
+    if env.world_size * int(squares) != int(fingerprints) ** 2:
+        optimizer.zero_grad(set_to_none=True)
+        raise ValueError(f"the {env.world_size} processes passed different batches at step {run.step + 1}: fit "
+                         "expects the same global batches on every process and gives each process its share of the "
+                         "rows, so a DataLoader with a DistributedSampler, which gives each process its own rows, "
+                         f"would train on 1/{env.world_size} of them; pass every process the same batches (no "
+                         "DistributedSampler, the same shuffling seed; or kpro.train.Batches), or a per-process source "
+                         "(kpro.train.TokenShards)")
     if idle_changed:
         optimizer.zero_grad(set_to_none=True)
         raise ValueError(f"the trainable parameters that get no gradient changed after the first step under DDP, at "
