@@ -14,8 +14,11 @@ Writes OUT/checks-rank{R}.json for the test to read:
 - DDP of a LoRA model training one of two adapters (the other trainable, getting no gradient): each process's
   weights (OUT/idle-rank{R}.pt) and how many parameters AdamW holds no state for; and the error when a
   parameter without a gradient at the first step gets one later;
-- a DataLoader with a DistributedSampler (each process passing its own rows as the global batch): the error.
+- a DataLoader with a DistributedSampler (each process passing its own rows as the global batch): the error;
+- run.stop() and run.save_checkpoint() asked for on rank 0 alone: the step each process returned at.
+The process group times out after a minute, not torchrun's 30: a process left waiting fails the test soon.
 """
+import datetime
 import json
 import os
 import subprocess
@@ -52,6 +55,7 @@ IDLE_FIT = dict(steps=3, grad_accum=2, lr=1e-2)
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     env = kt.init_distributed()
     assert env.world_size == 2, env
     fit = dict(lr=1e-2, save_every=2)
@@ -135,6 +139,20 @@ def main(out: Path) -> None:
     own_rows = DataLoader(examples(), batch_size=8, sampler=DistributedSampler(examples(), shuffle=False),
                           collate_fn=lambda rows: kt.collate_prompt_answer(rows, pad_id=0))
     results["sampler_error"] = error_of(lambda: kt.fit(make_model(), own_rows, out / "sampler", steps=2, **fit))
+
+    class OnRank0(kt.Callback):  # early stopping on rank 0's evaluation, say
+        def __init__(self, request):
+            self.request = request
+
+        def on_step_end(self, run, metrics):
+            if run.is_main and run.step == 1:
+                getattr(run, self.request)()
+
+    for request in ("stop", "save_checkpoint"):
+        runs = []
+        results[f"{request}_error"] = error_of(lambda: runs.append(kt.fit(
+            make_model(), batches(), out / request, steps=3, callbacks=[OnRank0(request)], **fit)))
+        results[f"{request}_step"] = runs[0].step if runs else None
 
     (out / f"checks-rank{env.rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

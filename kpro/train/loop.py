@@ -295,6 +295,8 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 for cb in callbacks:
                     cb.on_step_end(run, run.metrics)
                     check_metrics(run.metrics, f"{type(cb).__qualname__}.on_step_end at step {run.step}")
+                if env.world_size > 1:  # a save or stop asked for on any process (rank 0's early stopping) is for all
+                    _agree_on_requests(run)
                 if env.is_main:
                     metrics_log.write(run.metrics)
                     progress.update(run.step, loss, lr_now, tokens)
@@ -319,6 +321,14 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     for cb in callbacks:
         cb.on_fit_end(run)
     return run
+
+
+def _agree_on_requests(run: Run) -> None:
+    """`run.save_checkpoint()` and `run.stop()` asked for on any process, on every process: saving is a collective,
+    and a process stopping alone would leave the others waiting in the next step's. One small all-reduce; it
+    cannot join the step's own, which comes before the callbacks' on_step_end."""
+    requests = torch.tensor([run._save_requested, run._stop_requested], dtype=torch.float64)
+    run._save_requested, run._stop_requested = (distributed.all_reduce_sum(requests, run.env) > 0).tolist()
 
 
 def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> dict:
