@@ -15,7 +15,9 @@ Writes OUT/checks-rank{R}.json for the test to read:
   weights (OUT/idle-rank{R}.pt) and how many parameters AdamW holds no state for; and the error when a
   parameter without a gradient at the first step gets one later;
 - a DataLoader with a DistributedSampler (each process passing its own rows as the global batch): the error;
-- run.stop() and run.save_checkpoint() asked for on rank 0 alone: the step each process returned at.
+- run.stop() and run.save_checkpoint() asked for on rank 0 alone: the step each process returned at;
+- a loop of one's own giving save_checkpoint and load_checkpoint a DDP wrapper: the weights saved
+  (OUT/own-weights.pt) and the largest difference to them of a second wrapped model loaded from the checkpoint.
 The process group times out after a minute, not torchrun's 30: a process left waiting fails the test soon.
 """
 import datetime
@@ -26,6 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import kpro.lora as lora
@@ -153,6 +156,22 @@ def main(out: Path) -> None:
         results[f"{request}_error"] = error_of(lambda: runs.append(kt.fit(
             make_model(), batches(), out / request, steps=3, callbacks=[OnRank0(request)], **fit)))
         results[f"{request}_step"] = runs[0].step if runs else None
+
+    model = make_model()
+    optimizer = kt.adamw(model, 1e-2)
+    wrapped = DistributedDataParallel(model)
+    kt.lm_loss(wrapped, next(iter(batches()))).mean.backward()
+    optimizer.step()
+    if env.is_main:
+        torch.save(model.state_dict(), out / "own-weights.pt")
+
+    def save_and_load():
+        saved = kt.save_checkpoint(out / "own", 1, wrapped, optimizer)
+        other = make_model(seed=5)
+        kt.load_checkpoint(saved, DistributedDataParallel(other), kt.adamw(other, 1e-2))
+        return max((a - b).abs().max().item() for a, b in zip(other.state_dict().values(),
+                                                               model.state_dict().values()))
+    results["own_error"] = error_of(lambda: results.update(own_loaded_difference=save_and_load()))
 
     (out / f"checks-rank{env.rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

@@ -235,3 +235,15 @@ def test_a_stop_or_save_asked_for_on_rank_0_alone_applies_to_every_process(check
     assert [p.name for p in kt.list_checkpoints(out / "stop")] == ["step-00000001"]
     assert [p.name for p in kt.list_checkpoints(out / "save_checkpoint")] == ["step-00000001", "step-00000002",
                                                                               "step-00000003"]
+
+
+def test_a_ddp_wrapper_is_checkpointed_and_loaded_as_the_model_inside(checks):
+    """Your own loop under DDP: save_checkpoint wrote the wrapper's `module.*` names as module.safetensors (not
+    the HF layout) beside an optimizer.pt keyed by the model's own names, and nothing could load it."""
+    out, results = checks
+    for r in results:
+        assert (r["own_error"], r.get("own_loaded_difference")) == (None, 0), r["own_error"]
+    assert not (out / "own" / "step-00000001" / "module.safetensors").exists()
+    weights = torch.load(out / "own-weights.pt")
+    for name, tensor in kpro.load_pretrained(out / "own" / "step-00000001").state_dict().items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0, msg=name)

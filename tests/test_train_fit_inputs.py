@@ -220,6 +220,25 @@ def test_fit_names_a_checkpoint_it_did_not_write(tmp_path):
         fit(make_model(), tmp_path, steps=2)
 
 
+def test_a_compiled_model_is_checkpointed_and_loaded_as_the_model_inside(tmp_path):
+    """Your own loop with torch.compile: save_checkpoint wrote the `_orig_mod.*` names as module.safetensors
+    (not the HF layout), beside an optimizer.pt keyed by the model's own names; nothing could load it."""
+    model = make_model()
+    optimizer = kt.adamw(model, 1e-2)
+    kt.lm_loss(model, batch()).mean.backward()
+    optimizer.step()
+    saved = kt.save_checkpoint(tmp_path, 1, torch.compile(model), optimizer)  # never run: no compilation
+    assert not (saved / checkpointing.MODULE_WEIGHTS).exists()
+    for name, tensor in kpro.load_pretrained(saved).state_dict().items():
+        torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=0, msg=name)
+    other = make_model(seed=1)
+    other_optimizer = kt.adamw(other, 1e-2)
+    assert kt.load_checkpoint(saved, torch.compile(other), other_optimizer)["step"] == 1
+    for name, tensor in other.state_dict().items():
+        torch.testing.assert_close(tensor, model.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert [s["step"] for s in other_optimizer.state.values()] == [s["step"] for s in optimizer.state.values()]
+
+
 def test_a_model_its_config_does_not_describe_is_refused_before_training(tmp_path):
     """A block appended by hand trained until the first checkpoint, which then refused it."""
     import copy

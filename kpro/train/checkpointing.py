@@ -145,8 +145,9 @@ def trained_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> li
 
 
 def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Every state-dict tensor's full shape (a sharded parameter reports its unsharded shape)."""
-    return {name: list(t.shape) for name, t in model.state_dict().items()}
+    """Every state-dict tensor's full shape (a sharded parameter reports its unsharded shape), by the names of the
+    model inside a DDP or torch.compile wrapper."""
+    return {name: list(t.shape) for name, t in distributed.unwrapped(model).state_dict().items()}
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -156,9 +157,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
 
     `state` holds what else the run needs to continue (data position, callback states); the RNG states
     of every process are added here. `write_extra(directory)` may add files (a tokenizer) before the
-    checkpoint is put in place. A collective: every process calls it; rank 0 writes.
+    checkpoint is put in place. A collective: every process calls it; rank 0 writes. A model in a DDP or
+    torch.compile wrapper is saved as the model inside it (HF layout for a Llama), whose names optimizer.pt uses.
     """
-    env = env or distributed.current_env()
+    env, model = env or distributed.current_env(), distributed.unwrapped(model)
     check_loadable(state or {}, "the state given to save_checkpoint")
     full_model = distributed.full_model_state(model)
     full_optim = distributed.full_optimizer_state(model, optimizer, env)
@@ -206,6 +208,7 @@ def saves_hf_layout(model: nn.Module) -> bool:
 
 def check_savable(model: nn.Module) -> None:
     """Refuse, before any training, a model whose checkpoint could not be written (CheckpointError)."""
+    model = distributed.unwrapped(model)
     if saves_hf_layout(model):
         checkpoint_tensors(model)
 
@@ -258,9 +261,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     A checkpoint of a model with other tensor names or shapes (or, for a LLaMA, another config), or of an
     optimizer that trained other parameters, is refused with a CheckpointError naming the differences, before
     anything is loaded. Gradients left on the parameters (a check's backward) are cleared: a checkpoint is
-    taken between steps, where there are none.
+    taken between steps, where there are none. A model in a DDP or torch.compile wrapper loads as the model inside.
     """
-    directory, env = Path(directory), env or distributed.current_env()
+    directory, env, model = Path(directory), env or distributed.current_env(), distributed.unwrapped(model)
     state, problem = None, None
     if env.is_main:
         try:

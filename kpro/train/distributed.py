@@ -262,6 +262,17 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         full_state_dict=True, broadcast_from_rank0=env.world_size > 1, strict=strict))
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP's and torch.compile's wrappers, which add `module.` and `_orig_mod.` to its names."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def state_dict_names(model: nn.Module) -> dict[int, str]:
     """id(parameter) -> the name torch's state-dict helpers key its optimizer state by: wrappers' parts left out
     (DDP's `module.`, torch.compile's `_orig_mod.`, checkpoint_wrapper's). torch has no public API for it."""
