@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 
 import torch
 
@@ -33,6 +34,12 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         bitune = " (a Bitune: its own bt.generate(prompts, ...))" if hasattr(model, "mix_weights") else ""
         raise TypeError(f"generate() takes a kpro.Llama, got {type(model).__name__}{hint}{bitune}")
     refuse_idle_adapters(model, "generate")  # adapted in place, no adapter active: it would decode the base model
+    dtensor = sys.modules.get("torch.distributed.tensor")  # never imported: nothing can be sharded
+    if dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters()):
+        # its forward is a collective of every process, and embedding a plain tensor with a DTensor fails
+        raise ValueError("generate() takes a whole model, and this one is sharded across processes (FSDP: "
+                         "parallel='fsdp', or fully_shard): generate from its checkpoint (kpro.load_pretrained), or "
+                         "train with parallel='ddp', which keeps a whole model on every process")
     max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__

@@ -17,7 +17,8 @@ Writes OUT/checks-rank{R}.json for the test to read:
 - a DataLoader with a DistributedSampler (each process passing its own rows as the global batch): the error;
 - run.stop() and run.save_checkpoint() asked for on rank 0 alone: the step each process returned at;
 - a loop of one's own giving save_checkpoint and load_checkpoint a DDP wrapper: the weights saved
-  (OUT/own-weights.pt) and the largest difference to them of a second wrapped model loaded from the checkpoint.
+  (OUT/own-weights.pt) and the largest difference to them of a second wrapped model loaded from the checkpoint;
+- ValidationAccuracy in a run with parallel='fsdp', and kpro.generate given a sharded model: the errors.
 The process group times out after a minute, not torchrun's 30: a process left waiting fails the test soon.
 """
 import datetime
@@ -31,9 +32,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+import kpro
 import kpro.lora as lora
 import kpro.train as kt
 from _dist_fit import exit_now
+from kpro.internalize import ValidationAccuracy, multiplication_tokenizer, multiplication_training_set, parse_line
 from kpro.train.checkpointing import saved_schedule
 from test_train_fit import batches, examples, losses, make_model
 
@@ -172,6 +175,13 @@ def main(out: Path) -> None:
         return max((a - b).abs().max().item() for a, b in zip(other.state_dict().values(),
                                                                model.state_dict().values()))
     results["own_error"] = error_of(lambda: results.update(own_loaded_difference=save_and_load()))
+
+    valid = [parse_line(line) for line in multiplication_training_set(3, 2, seed=9)]
+    accuracy = ValidationAccuracy(multiplication_tokenizer(), valid, every=1)
+    results["valid_fsdp_error"] = error_of(lambda: kt.fit(make_model(), batches(), out / "valid-fsdp", steps=1,
+                                                          parallel="fsdp", callbacks=[accuracy], **fit))
+    sharded = kt.shard_blocks(make_model())
+    results["generate_fsdp_error"] = error_of(lambda: kpro.generate(sharded, torch.tensor([[1, 5, 6]]), 2))
 
     (out / f"checks-rank{env.rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

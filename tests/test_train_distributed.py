@@ -247,3 +247,16 @@ def test_a_ddp_wrapper_is_checkpointed_and_loaded_as_the_model_inside(checks):
     weights = torch.load(out / "own-weights.pt")
     for name, tensor in kpro.load_pretrained(out / "own" / "step-00000001").state_dict().items():
         torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0, msg=name)
+
+
+def test_evaluating_a_sharded_model_on_one_process_is_refused_by_name(checks):
+    """ValidationAccuracy (rank 0 evaluates) in an FSDP run, and kpro.generate of a sharded model, failed in torch
+    ("aten.embedding.default: got mixed torch.Tensor and DTensor"), the other process with a connection reset."""
+    out, results = checks
+    for r in results:
+        assert r["valid_fsdp_error"].startswith("ValueError: ValidationAccuracy evaluates on rank 0 alone, and needs "
+                                                "a whole model there"), r["valid_fsdp_error"]
+        assert "parallel='ddp'" in r["valid_fsdp_error"], r["valid_fsdp_error"]
+        assert r["generate_fsdp_error"].startswith("ValueError: generate() takes a whole model, and this one is "
+                                                   "sharded across processes"), r["generate_fsdp_error"]
+    assert not (out / "valid-fsdp" / "metrics.jsonl").read_text().strip()  # refused before the first step

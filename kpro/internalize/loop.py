@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..distributed import is_sharded
 from ..train import Batches, Callback, Run, Schedule, adamw, fit, optim
 from ..train.data import check_special_id, content_digest
 from .batching import collate, remove_cot
@@ -177,6 +178,10 @@ class ValidationAccuracy(Callback):
         self.selected, self._restored = None, False
         if self.select_best and run.env.world_size > 1:
             raise ValueError("ValidationAccuracy(select_best=True) evaluates in one process; run it without torchrun")
+        if is_sharded(run.model):  # rank 0 would decode alone, and a sharded model's forward needs every process
+            raise ValueError("ValidationAccuracy evaluates on rank 0 alone, and needs a whole model there, not one "
+                             "sharded across processes (parallel='fsdp'): train with parallel='ddp', or evaluate "
+                             "the checkpoint after training (kpro.internalize.evaluate)")
         # Refused now, not after `every` steps of training.
         needed, limit = evaluation_positions(self.examples, self.tokenizer), run.model.config.max_position_embeddings
         if needed > limit:
