@@ -455,6 +455,31 @@ def test_not_a_gguf_file(tmp_path):
         GGUFFile(tmp_path / "x.gguf")
 
 
+def test_corrupt_files_are_refused_naming_what_is_wrong(tmp_path, small_vocab):
+    """A tensor pointing into another's bytes was read silently (o_proj held q_proj's weights); a truncated file
+    gave numpy's "cannot reshape array of size 0"; a metadata string that is not UTF-8 a bare UnicodeDecodeError."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:-5000])
+    with pytest.raises(GGUFError, match=r"cut.gguf is not a readable GGUF file \(truncated or corrupt\? an incomplete "
+                                        rf"download\? {len(data) - 5000:,} bytes\)"):
+        GGUFFile(tmp_path / "cut.gguf")
+    overlap = tmp_path / "overlap.gguf"
+    overlap.write_bytes(data)
+    reader = gguf.GGUFReader(str(overlap), "r+")
+    tensors = {t.name: t for t in reader.tensors}
+    tensors["blk.0.attn_output.weight"].field.parts[5][0] = tensors["blk.0.attn_q.weight"].field.parts[5][0]
+    reader.data.flush()
+    del reader
+    with pytest.raises(GGUFError, match=r"the bytes of tensor blk.0.attn_output.weight .* overlap those of "
+                                        r"blk.0.attn_q.weight .*; the file is corrupt"):
+        from_gguf(overlap)
+    vocab = {**small_vocab, "tokens": [*small_vocab["tokens"][:-1], b"\xe4\xbd"]}  # half a character
+    bad = write_gguf(tmp_path / "utf.gguf", tiny_model(len(vocab["tokens"])), vocab)
+    with pytest.raises(GGUFError, match="utf.gguf: metadata tokenizer.ggml.tokens holds a string that is not UTF-8"):
+        GGUFFile(bad)
+
+
 def test_convert_gguf_command(tmp_path, small_vocab):
     path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
     run = subprocess.run([sys.executable, "-m", "kpro", "convert-gguf", str(path), str(tmp_path / "out")],

@@ -88,15 +88,37 @@ class GGUFFile:
         self._gguf = gguf
         try:
             reader = gguf.GGUFReader(str(self.path))
-        except (ValueError, OSError, KeyError, IndexError) as err:
-            raise GGUFError(f"{self.path} is not a readable GGUF file: {err}") from None
+        except (ValueError, OSError, KeyError, IndexError, UnicodeDecodeError) as err:
+            # the reader's own words are numpy's ("cannot reshape array of size 30750"): say what they mean
+            raise GGUFError(f"{self.path} is not a readable GGUF file (truncated or corrupt? an incomplete "
+                            f"download? {self.path.stat().st_size:,} bytes): {err}") from None
         if getattr(reader, "byte_order", "I") != "I":
             raise GGUFError(f"{self.path} is a big-endian GGUF file; kpro reads little-endian files only")
         self._reader = reader
-        self.metadata = {name: _field_value(field, gguf) for name, field in reader.fields.items()
-                         if not name.startswith("GGUF.")}
+        self.metadata = {}
+        for name, field in reader.fields.items():
+            if not name.startswith("GGUF."):
+                try:
+                    self.metadata[name] = _field_value(field, gguf)
+                except UnicodeDecodeError as err:
+                    raise GGUFError(f"{self.path}: metadata {name} holds a string that is not UTF-8 ({err})") from None
         self._tensors = {tensor.name: tensor for tensor in reader.tensors}
         self.names = list(self._tensors)
+        self._check_tensor_layout(reader)
+
+    def _check_tensor_layout(self, reader) -> None:
+        """Each tensor's bytes aligned and its own: the gguf package's reader checks neither, and a tensor pointing
+        into another's bytes (a corrupt or hand-made file) would read them silently. llama.cpp refuses such files."""
+        previous = None
+        for tensor in sorted(reader.tensors, key=lambda t: t.data_offset):
+            if (tensor.data_offset - reader.data_offset) % reader.alignment:
+                raise GGUFError(f"{self.path}: tensor {tensor.name} starts at byte {tensor.data_offset:,}, not on the "
+                                f"file's {reader.alignment}-byte alignment; the file is corrupt")
+            if previous is not None and tensor.data_offset < previous.data_offset + previous.n_bytes:
+                raise GGUFError(f"{self.path}: the bytes of tensor {tensor.name} (from {tensor.data_offset:,}) overlap "
+                                f"those of {previous.name} ({previous.data_offset:,} to "
+                                f"{previous.data_offset + previous.n_bytes:,}); the file is corrupt")
+            previous = tensor  # (one past the file's end: the reader itself fails, above)
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
