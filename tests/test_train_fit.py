@@ -826,6 +826,24 @@ def test_progress_line_on_a_terminal_and_in_a_log():
     assert len(log) == 20 and log[-1].startswith("step   100/100  loss 2.0000") and "eta 0:00" in log[-1]
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
+    """SIGTERM, which a scheduler (SLURM, Kubernetes, torchrun) sends before it kills a job, killed fit at once
+    without a checkpoint: it is taken as a Ctrl-C, and a second one does not quit without saving."""
+    class Term(kt.Callback):
+        def on_batch(self, run, batch):
+            if run.step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1.05)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return batch
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        kt.fit(make_model(), batches(), tmp_path, steps=4, callbacks=[Term()])
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_ctrl_c_twice_quits_without_saving_and_respects_an_ignored_sigint(tmp_path, sigint_default):
     class CtrlC(kt.Callback):
         def __init__(self, pause):

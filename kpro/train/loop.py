@@ -715,31 +715,38 @@ def _inside(checkpoint: Path, out_dir: Path) -> bool:
 
 
 class _InterruptToStop:
-    """Ctrl-C during fit asks for a stop at the end of the current step, with a checkpoint.
+    """Ctrl-C or SIGTERM during fit asks for a stop at the end of the current step, with a checkpoint.
 
-    A second Ctrl-C, more than a second after the first, quits at once without saving. (torchrun
-    forwards the terminal's SIGINT to its workers, which get the terminal's own as well: the
-    duplicate, milliseconds apart, must not abort the save.) Only the main thread can take signals;
-    elsewhere Ctrl-C behaves as usual.
+    SIGTERM is what a scheduler (SLURM, Kubernetes, torchrun) sends before it kills a job: the checkpoint
+    must be written within its grace period. A second Ctrl-C, more than a second after the first, quits at
+    once without saving. (torchrun forwards the terminal's SIGINT to its workers, which get the terminal's
+    own as well: the duplicate, milliseconds apart, must not abort the save.) A second SIGTERM changes
+    nothing: the scheduler's SIGKILL follows anyway. Only the main thread can take signals; elsewhere they
+    behave as usual.
     """
 
     def __enter__(self):
-        self.requested, self.first, self.installed = False, 0.0, False
-        # Not where Ctrl-C is ignored on purpose (a background job, nohup): leave that as it is.
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-            self.installed = True
+        self.requested, self.first, self.previous = False, 0.0, {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            # Not where a signal is ignored on purpose (a background job, nohup): leave that as it is.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
         now = time.monotonic()
-        if self.requested and now - self.first > 1.0:
+        if self.requested and signum == signal.SIGINT and now - self.first > 1.0:
             raise KeyboardInterrupt
         if not self.requested:
             self.requested, self.first = True, now
-            print("\nCtrl-C: stopping after this step with a checkpoint (press again to quit without saving)",
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{what}: stopping after this step with a checkpoint (press Ctrl-C again to quit without saving)",
                   file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self.installed:  # None: a handler set outside Python; Python's own is the best stand-in
-            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+        for signum, previous in self.previous.items():
+            if previous is None:  # a handler set outside Python; Python's own is the best stand-in
+                previous = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, previous)
