@@ -844,6 +844,30 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
+def test_ctrl_c_after_the_step_check_stops_at_this_step_and_is_never_dropped(tmp_path, sigint_default):
+    """A Ctrl-C during on_step_end (an evaluation, say) came after the step's check: fit trained one more step
+    before stopping, and at the last step, or during the final save, it returned as if nothing had happened."""
+    class CtrlC(kt.Callback):
+        def __init__(self, at, where):
+            self.at, self.where = at, where
+
+        def on_step_end(self, run, metrics):
+            if self.where == "step_end" and run.step == self.at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def on_save(self, run, directory):
+            if self.where == "save" and run.step == self.at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    for name, at, where, saved in [("mid", 2, "step_end", ["step-00000002"]), ("periodic_save", 2, "save",
+                                   ["step-00000002"]), ("last", 4, "step_end", ["step-00000004"]),
+                                   ("final_save", 4, "save", ["step-00000002", "step-00000004"])]:
+        with pytest.raises(KeyboardInterrupt):
+            kt.fit(make_model(), batches(), tmp_path / name, steps=4, save_every=2 if where == "save" else None,
+                   callbacks=[CtrlC(at, where)])
+        assert [p.name for p in kt.list_checkpoints(tmp_path / name)] == saved, name
+
+
 def test_ctrl_c_twice_quits_without_saving_and_respects_an_ignored_sigint(tmp_path, sigint_default):
     class CtrlC(kt.Callback):
         def __init__(self, pause):

@@ -295,14 +295,19 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 for cb in callbacks:
                     cb.on_step_end(run, run.metrics)
                     check_metrics(run.metrics, f"{type(cb).__qualname__}.on_step_end at step {run.step}")
+                # A Ctrl-C during the callbacks (an evaluation, say) stops at this step, not after one more.
+                interrupted = interrupted or interrupt.requested
                 if env.world_size > 1:  # a save or stop asked for on any process (rank 0's early stopping) is for all
-                    _agree_on_requests(run)
+                    interrupted = _agree_on_requests(run, interrupted)
                 if env.is_main:
                     metrics_log.write(run.metrics)
                     progress.update(run.step, loss, lr_now, tokens)
                 if run._save_requested or (save_every and run.step % save_every == 0):
                     save()
                 if interrupted or run._stop_requested:
+                    break
+                if env.world_size == 1 and interrupt.requested:  # came during the metrics write or a save
+                    interrupted = True  # (several processes agree on it at the next step's all-reduce)
                     break
             if run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step:
                 save()  # the end of the run, a stop, or Ctrl-C
@@ -311,7 +316,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 progress.close()
             if metrics_log is not None:
                 metrics_log.close()
-    if interrupted:
+    if interrupted or interrupt.requested:  # requested during the last step's end or the final save: not ignored
         if env.is_main:
             print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)
         raise KeyboardInterrupt
@@ -323,12 +328,14 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     return run
 
 
-def _agree_on_requests(run: Run) -> None:
-    """`run.save_checkpoint()` and `run.stop()` asked for on any process, on every process: saving is a collective,
-    and a process stopping alone would leave the others waiting in the next step's. One small all-reduce; it
-    cannot join the step's own, which comes before the callbacks' on_step_end."""
-    requests = torch.tensor([run._save_requested, run._stop_requested], dtype=torch.float64)
-    run._save_requested, run._stop_requested = (distributed.all_reduce_sum(requests, run.env) > 0).tolist()
+def _agree_on_requests(run: Run, interrupted: bool) -> bool:
+    """`run.save_checkpoint()`, `run.stop()` and Ctrl-C asked for on any process, on every process: saving is a
+    collective, and a process stopping alone would leave the others waiting in the next step's. One small
+    all-reduce; it cannot join the step's own, which comes before the callbacks' on_step_end. Returns whether any
+    process was interrupted."""
+    requests = torch.tensor([run._save_requested, run._stop_requested, interrupted], dtype=torch.float64)
+    run._save_requested, run._stop_requested, interrupted = (distributed.all_reduce_sum(requests, run.env) > 0).tolist()
+    return interrupted
 
 
 def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> dict:
