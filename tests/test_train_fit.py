@@ -868,6 +868,35 @@ def test_ctrl_c_after_the_step_check_stops_at_this_step_and_is_never_dropped(tmp
         assert [p.name for p in kt.list_checkpoints(tmp_path / name)] == saved, name
 
 
+class _CtrlCInWorker(torch.utils.data.Dataset):
+    """A terminal's Ctrl-C as a DataLoader worker process sees it: the signal reaches fit's process too, and the
+    worker exits quietly on its KeyboardInterrupt."""
+
+    def __init__(self, at):
+        self.examples, self.at, self.fetched = examples(), at, 0
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.fetched == self.at:
+            time.sleep(1.0)  # fit has taken the batch before and waits for this one
+            os.kill(os.getppid(), signal.SIGINT)
+            raise KeyboardInterrupt
+        return self.examples[i]
+
+
+def test_ctrl_c_that_ends_the_dataloader_workers_still_saves(tmp_path, sigint_default):
+    """fit, waiting for the next batch, got the DataLoader's "worker exited unexpectedly" and died without a
+    checkpoint."""
+    loader = torch.utils.data.DataLoader(_CtrlCInWorker(at=8 * 2 + 1), batch_size=8, num_workers=1, prefetch_factor=1,
+                                         collate_fn=lambda ex: kt.collate_prompt_answer(ex, pad_id=0))
+    with pytest.raises(KeyboardInterrupt):
+        kt.fit(make_model(), loader, tmp_path, steps=6)
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]
+
+
 def test_ctrl_c_twice_quits_without_saving_and_respects_an_ignored_sigint(tmp_path, sigint_default):
     class CtrlC(kt.Callback):
         def __init__(self, pause):

@@ -268,6 +268,13 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 except StopIteration:
                     exhausted = True
                     break
+                except Exception:
+                    if not interrupt.requested:
+                        raise
+                    # Ctrl-C reached the data's own workers too (a torch DataLoader's, which exit quietly): the
+                    # failure to fetch is the interrupt's doing, and the steps done are saved as on any Ctrl-C.
+                    interrupted = True
+                    break
                 if not hasattr(batches, "state_dict"):
                     rows = _batch_rows(batch)
                     if check_rows_after_resume and None not in (rows, batch_rows) and rows != batch_rows:
