@@ -1,5 +1,6 @@
 """kpro.train.fit on the CPU: exact resume (with optimizer resets, callback state, RNG-driven batch transforms),
 Ctrl-C, atomic checkpoints, token-weighted accumulation, frozen parameters, metrics, and bad input."""
+import errno
 import json
 import math
 import os
@@ -895,6 +896,33 @@ def test_ctrl_c_that_ends_the_dataloader_workers_still_saves(tmp_path, sigint_de
     with pytest.raises(KeyboardInterrupt):
         kt.fit(make_model(), loader, tmp_path, steps=6)
     assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]
+
+
+def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """torch.save and safetensors report a full disk without a path ("basic_ios::clear: iostream error"), and
+    the commands printed torch's RuntimeError as a 40-line traceback."""
+    import safetensors.torch
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    saves, torch_save = [], torch.save
+
+    def fills_the_disk(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) > 2:  # step 2's optimizer.pt and trainer_state.pt are written
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+        return torch_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    with pytest.raises(OSError) as failure:
+        kt.fit(make_model(), batches(), tmp_path, steps=4, save_every=2)
+    assert failure.value.errno == errno.ENOSPC
+    assert str(failure.value) == f"cannot write {tmp_path / 'step-00000004' / 'optimizer.pt'}: no space left on device"
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]
+
+    def safetensors_full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+    monkeypatch.setattr(safetensors.torch, "save_file", safetensors_full)
+    with pytest.raises(OSError, match="cannot write .*model.safetensors: no space left on device"):
+        kpro.save_pretrained(make_model(), tmp_path / "model")
+    assert not (tmp_path / "model").exists()
 
 
 def test_ctrl_c_twice_quits_without_saving_and_respects_an_ignored_sigint(tmp_path, sigint_default):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import save_safetensors
+from .._files import naming_write_failures, save_safetensors
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _process_alive, _write_checkpoint, _write_file,
                           atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
@@ -186,8 +186,9 @@ def _write_checkpoint_dir(target: Path, model, full_model, full_optim, state, su
     remove_abandoned_temporaries(target.parent)
     with atomic_directory(target, drop=lambda name: True) as tmp:  # a step's checkpoint is replaced whole
         _write_model(model, full_model, tmp)
-        torch.save(full_optim, tmp / OPTIMIZER_FILE)
-        torch.save(state, tmp / STATE_FILE)
+        for name, content in [(OPTIMIZER_FILE, full_optim), (STATE_FILE, state)]:
+            with naming_write_failures(target / name):  # where it was to go: the temporary name tells nothing
+                torch.save(content, tmp / name)
         summary = {"step": state["step"], "world_size": env.world_size, **(summary or {})}
         _write_file(tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if write_extra is not None:

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .._files import write_atomic
+from .._files import naming_write_failures, write_atomic
 from ..distributed import current_env
 from .data import check_special_id, document_tensor
 
@@ -102,7 +102,7 @@ def _write_array_atomic(path: Path, array: np.ndarray, npy: bool = False) -> Non
     """Write an array's bytes (or an .npy file) under a temporary name, fsync, and rename into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with naming_write_failures(path), open(tmp, "wb") as f:
             if npy:
                 np.save(f, array)
             else:
