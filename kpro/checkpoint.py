@@ -323,6 +323,7 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
     _remove_abandoned_temporaries(directory)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    _IN_PROGRESS.add(tmp.name)
     try:
         yield tmp
         if directory.exists():
@@ -335,6 +336,8 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _IN_PROGRESS.discard(tmp.name)
 
 
 def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int, state_dict=None) -> None:
@@ -456,14 +459,24 @@ def _holds_working_directory(directory: Path) -> bool:
 
 
 def _remove_abandoned_temporaries(directory: Path) -> None:
-    """Delete temp dirs left by saves whose process died (their pid is in the name)."""
+    """Delete temp dirs left by saves whose process died (their pid is in the name) or that failed."""
     for entry in directory.parent.glob(f".{directory.name}.tmp-*"):
         try:
             pid = int(entry.name.rsplit(".tmp-", 1)[1].split("-")[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _process_alive(pid):
+        if _abandoned(entry.name, pid):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+# Names of the temporaries this process is writing now. One with this process's pid that is not among them was
+# left by a dead process: a container restarted in a fresh PID namespace gets the same small pid every time.
+_IN_PROGRESS: set[str] = set()
+
+
+def _abandoned(name: str, pid: int) -> bool:
+    """Whether the temporary `name`, made by process `pid`, belongs to no save in progress."""
+    return name not in _IN_PROGRESS if pid == os.getpid() else not _process_alive(pid)
 
 
 def _process_alive(pid: int) -> bool:

@@ -925,6 +925,21 @@ def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_checkpo
     assert not (tmp_path / "model").exists()
 
 
+def test_temporaries_left_by_a_dead_process_with_this_pid_are_removed(tmp_path):
+    """A container restarted in a fresh PID namespace gets the same small pid every time: the half-written
+    checkpoints of the killed run, named with that pid, were taken for this process's own and never removed."""
+    leftovers = [tmp_path / "run" / f".step-00000002.tmp-{os.getpid()}-0123abcd",
+                 tmp_path / "run" / f".step-00000001.deleting-{os.getpid()}-4567cdef",
+                 tmp_path / f".model.tmp-{os.getpid()}-89abcdef"]
+    for leftover in leftovers:
+        leftover.mkdir(parents=True)
+        (leftover / "optimizer.pt").write_bytes(b"half")
+    kt.fit(make_model(), batches(), tmp_path / "run", steps=2)
+    kpro.save_pretrained(make_model(), tmp_path / "model")
+    assert [p for p in leftovers if p.exists()] == []
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".step")) == []
+
+
 def test_ctrl_c_twice_quits_without_saving_and_respects_an_ignored_sigint(tmp_path, sigint_default):
     class CtrlC(kt.Callback):
         def __init__(self, pause):

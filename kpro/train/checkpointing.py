@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .._files import naming_write_failures, save_safetensors
-from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _process_alive, _write_checkpoint, _write_file,
-                          atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
+from ..checkpoint import (CONFIG_NAME, CheckpointError, _IN_PROGRESS, _abandoned, _open_all, _write_checkpoint,
+                          _write_file, atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
 from ..lora import lora_layers
 from ..model import Llama
@@ -241,14 +241,19 @@ def prune(run_dir: Path, keep_last: int) -> None:
             os.rename(old, trash)
         except FileNotFoundError:  # pruned by another process since it was listed
             continue
-        shutil.rmtree(trash)
+        _IN_PROGRESS.add(trash.name)
+        try:
+            shutil.rmtree(trash)
+        finally:
+            _IN_PROGRESS.discard(trash.name)
 
 
 def remove_abandoned_temporaries(run_dir: Path) -> None:
-    """Delete what saves and prunes of dead processes left behind (their pid is in the name)."""
+    """Delete what saves and prunes of dead processes left behind (their pid is in the name), and of this one's pid
+    but no save in progress (a restarted container's process, which gets the same pid)."""
     for entry in run_dir.glob(".step-*"):
         match = re.fullmatch(r"\.step-\d{8}\.(?:tmp|deleting)-(\d+)-[0-9a-f]+", entry.name)
-        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+        if match and _abandoned(entry.name, int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 
