@@ -644,12 +644,13 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
 
 
 @NEEDS_PROC
-@pytest.mark.parametrize("terminal", [False, True], ids=["ctrl-c-to-the-demo-alone", "ctrl-c-from-a-terminal"])
-def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, terminal):
+@pytest.mark.parametrize("how", ["ctrl-c-to-the-demo-alone", "ctrl-c-from-a-terminal", "sigterm-to-the-demo"])
+def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, how):
     """Ctrl-C during a parallel act ended the workers before fit could save, so a rerun started the act over. Each
     training job now stops after its step with a checkpoint, whether the signal reached the demo alone or, as a
     terminal's does, every process of its group (then each worker gets it twice, counted once). A third job,
-    queued, must not start training after Ctrl-C (the pool had handed it over, and it trained to its end)."""
+    queued, must not start training after Ctrl-C (the pool had handed it over, and it trained to its end).
+    SIGTERM, a scheduler's notice, ended the demo at once and its workers with it, unsaved: now as Ctrl-C."""
     jobs = f"[(_parallel_jobs.train_until_interrupted, dict(directory={str(tmp_path)!r}, name=n)) for n in 'abc']"
     # Python's own Ctrl-C handling, as at a terminal: a pytest-xdist worker ignores SIGINT, and children inherit it
     script = ("import signal, _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
@@ -662,10 +663,10 @@ def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, terminal):
         while len(_pids(tmp_path)) < 2:
             assert parent.poll() is None and time.monotonic() < deadline, "the two jobs never started training"
             time.sleep(0.1)
-        if terminal:
+        if how == "ctrl-c-from-a-terminal":
             os.killpg(parent.pid, signal.SIGINT)
         else:
-            parent.send_signal(signal.SIGINT)
+            parent.send_signal(signal.SIGTERM if how == "sigterm-to-the-demo" else signal.SIGINT)
         _, err = parent.communicate(timeout=120)
     finally:
         if parent.poll() is None:

@@ -7,8 +7,8 @@ order. A job seeds everything it uses and runs on one thread, so its result is t
 in a worker or in this process (`workers=1`): the parallelism changes the wall time, never the numbers.
 A job that fails ends the other jobs at once rather than after their training. Ctrl-C lets each job that
 trains stop after its step with a checkpoint, as `kpro.train.fit` does in one process, so that a rerun resumes
-it (a second Ctrl-C, more than a second later, quits at once). A worker whose parent process is gone (killed,
-say) ends itself within a second rather than train on for nobody.
+it (a second Ctrl-C, more than a second later, quits at once); SIGTERM, a scheduler's notice, does the same. A
+worker whose parent process is gone (killed, say) ends itself within a second rather than train on for nobody.
 """
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
     context = multiprocessing.get_context("spawn")  # no forked torch state; works the same on every OS
     stop, interrupted, pids = context.Event(), context.Event(), context.SimpleQueue()
     takes_ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # not where it is ignored on purpose
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_end_with,
-                                                initargs=(os.getpid(), stop, interrupted, pids)) as pool:
+    with _sigterm_as_ctrl_c(), \
+            concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_end_with,
+                                                   initargs=(os.getpid(), stop, interrupted, pids)) as pool:
         futures = [pool.submit(_in_worker, fn, kwargs, takes_ctrl_c) for fn, kwargs in jobs]
         try:
             while True:  # wakes at the first failure, whichever job it is, or every poll to report progress
@@ -72,6 +73,24 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
                 for future in futures:
                     future.cancel()
             raise
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (a scheduler's notice before it kills the job) taken as a Ctrl-C while the workers run: they save
+    and stop as on Ctrl-C. Python's default would end this process at once, and the workers, their parent gone,
+    with it, unsaved. Main thread only; left alone where SIGTERM is ignored on purpose."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
