@@ -363,6 +363,7 @@ class JsonTokenizer(_TokenizerBase):
             raise ValueError(f"{path}: no eos token (tokenizer_config.json eos_token or config.json eos_token_id)")
         pad = self._special_id("pad", model_config)
         self.pad_id = self.eos_id if pad is None else pad
+        self._pad_named = pad is not None  # else eos stands in: save names no pad the files did not
         # as transformers 5 reads a tokenizer.json: its post-processor says, not tokenizer_config.json
         self.add_bos, self.add_eos = self._post_processor_adds()
         self._check_config_agrees_with_post_processor()
@@ -441,7 +442,8 @@ class JsonTokenizer(_TokenizerBase):
         write_atomic(Path(directory, TOKENIZER_JSON_FILE), self.tok.to_str(pretty=True))
         # ids taken from config.json are named too: the directory may have another config.json, or none
         config = dict(self.config)
-        for name, token_id in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)):
+        pad = self.pad_id if self._pad_named else None
+        for name, token_id in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", pad)):
             text = None if token_id is None else self.tok.id_to_token(token_id)
             if text is not None and special_token_text(config, name) != text:  # an equal {"content": ...} stays
                 config[f"{name}_token"] = text

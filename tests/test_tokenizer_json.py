@@ -115,6 +115,11 @@ def test_save_names_the_special_tokens_taken_from_config_json(bpe_dir, tmp_path)
     assert (again.bos_id, again.eos_id, again.pad_id) == (1, 2, 0)
     (tmp_path / "out" / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     assert load_tokenizer(tmp_path / "out").pad_id == 0
+    # a pad named nowhere (eos stands in) is not written as one: a reader of the files would see a pad
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (tmp_path / "none").mkdir()
+    load_tokenizer(tmp_path / "src").save(tmp_path / "none")
+    assert "pad_token" not in json.loads((tmp_path / "none" / "tokenizer_config.json").read_text())
 
 
 def test_the_post_processor_decides_bos_and_eos_and_a_config_that_contradicts_it_is_refused(bpe_dir, tmp_path):

@@ -374,8 +374,10 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
         expected = torch.ones_like(allowed)
     if not torch.equal(allowed[~unattended], expected[~unattended]):
         raise NotImplementedError(f"this 4-D attention mask is not {'causal' if causal else 'full'} attention over a "
-                                  "key-padding pattern (a document, prefix or custom mask?); kpro attention cannot "
-                                  "express it: use another attn_implementation for it")
+                                  "key-padding pattern (a document, prefix or custom mask? a row whose every query "
+                                  "sees every key, an encoder's, or a row of padding alone as transformers unmasks "
+                                  "it, which cannot be told apart); kpro attention cannot express it: use another "
+                                  "attn_implementation for it, or the 2-D padding mask")
     return real
 
 

@@ -188,9 +188,9 @@ _FINGERPRINT_MODULUS = 1_048_573
 
 def batch_fingerprint(batch) -> torch.Tensor:
     """A hash of the batch's tensors (their bits and sizes) below 2^20, as an int64 scalar: the same on processes
-    given the same global batch, different (but for a chance of 1 in 2^20) on processes given different ones, and
-    whatever two batches it tells apart, always one differing in one element. Exact integer arithmetic, without
-    overflow, so it is the same on any device and summation order. 0 for a batch holding no tensor."""
+    given the same global batch, different (but for a chance of about 1 in 2^20) on processes given different
+    ones. Exact integer arithmetic, without overflow, so it is the same on any device and summation order. 0 for
+    a batch holding no tensor."""
     tensors = [batch[key] for key in sorted(batch, key=str)] if isinstance(batch, Mapping) else [batch]
     fingerprint = torch.zeros((), dtype=torch.int64)
     for tensor in tensors:

@@ -193,6 +193,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     train_model, parallel = distributed.prepare(model, parallel, env)
     make_optimizer = optimizer or (lambda m: adamw(m, 3e-4 if lr is None else lr, weight_decay=weight_decay))
     run = Run(model, train_model, make_optimizer, steps, out_dir, env)
+    del train_model  # run.train_model from here: DDP's first step replaces it, and the old one's buckets would stay
     run.reset_optimizer()
 
     checkpoint = distributed.main_decides(lambda: _checkpoint_to_resume(out_dir, resume),
