@@ -75,11 +75,9 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     """New tokens [B, n] after a prefill: `logits` [B, V] are the last position's, `cache` holds the
     prefill's keys and values and `attention_mask` [B, cache.length] marks its real positions.
     (kpro.generate prefills a plain prompt; Bitune prefills its three streams and continues here.)"""
-    max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
-    stop_after_eos = _positive_int("stop_after_eos", stop_after_eos)
-    if generator is not None and not isinstance(generator, torch.Generator):  # a seed, say
-        raise TypeError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, got "
-                        f"{generator!r}")
+    max_new_tokens, temperature, top_k, top_p, eos, pad, stop_after_eos = check_decoding(
+        model.config, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_after_eos=stop_after_eos)
     if logits.dim() != 2 or logits.shape[0] != cache.batch_size:  # the prefill's [B, T, V] is the easy mistake
         raise ValueError(f"logits must be the last position's [B={cache.batch_size}, V], got {tuple(logits.shape)} "
                          "(the prefill's logits[:, -1])")
@@ -87,13 +85,6 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
         raise TypeError(f"decode needs the prefill's attention_mask [B, cache.length={cache.length}] (1 = real "
                         f"token; torch.ones for an unpadded prompt), got {type(attention_mask).__name__}")
     check_left_padded(attention_mask)  # a right-padded row would continue from its padding
-    cfg = model.config
-    eos = cfg.eos_token_ids if eos_token_id is None else _token_ids("eos_token_id", eos_token_id, cfg.vocab_size)
-    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
-    pads = _token_ids("pad_token_id", pad, cfg.vocab_size)  # a finished row feeds it back to the model
-    if len(pads) != 1:
-        raise TypeError(f"pad_token_id must be one token id, got {pad!r}")
-    (pad,) = pads
     device = logits.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     eos_seen = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
@@ -120,6 +111,28 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
         hidden = model.hidden_states(next_ids[:, None], attention_mask, cache=cache)[:, -1]
         logits = model.lm_head(model.norm(hidden))
     return torch.cat(tokens, dim=1)
+
+
+# decode's keywords after max_new_tokens: what Bitune.generate passes on as **sampling
+DECODE_OPTIONS = ("temperature", "top_k", "top_p", "generator", "eos_token_id", "pad_token_id", "stop_after_eos")
+
+
+def check_decoding(config, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, generator=None,
+                   eos_token_id=None, pad_token_id=None, stop_after_eos=1):
+    """decode's argument checks, callable before a prefill: (max_new_tokens, temperature, top_k, top_p, eos ids,
+    pad id, stop_after_eos) as Python numbers, the eos and pad defaults read from `config`."""
+    max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
+    stop_after_eos = _positive_int("stop_after_eos", stop_after_eos)
+    if generator is not None and not isinstance(generator, torch.Generator):  # a seed, say
+        raise TypeError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, got "
+                        f"{generator!r}")
+    eos = config.eos_token_ids if eos_token_id is None else _token_ids("eos_token_id", eos_token_id, config.vocab_size)
+    pad = (pad_token_id if pad_token_id is not None else config.pad_token_id if config.pad_token_id is not None
+           else (eos[0] if eos else 0))
+    pads = _token_ids("pad_token_id", pad, config.vocab_size)  # a finished row feeds it back to the model
+    if len(pads) != 1:
+        raise TypeError(f"pad_token_id must be one token id, got {pad!r}")
+    return max_new_tokens, temperature, top_k, top_p, eos, pads[0], stop_after_eos
 
 
 def check_left_padded(attention_mask: torch.Tensor) -> None:

@@ -387,6 +387,26 @@ def test_generation_refuses_what_it_cannot_read(prompts, max_new_tokens, message
     assert bt.generate(torch.tensor([[5, 6, 7]]), 2) == bt.generate([[5, 6, 7]], 2)  # rows of a 2-D tensor are prompts
 
 
+@pytest.mark.parametrize("sampling, error, message", [
+    (dict(temprature=0.5), TypeError, r"Bitune.generate got unexpected keyword arguments \['temprature'\]"),
+    (dict(eos_token_id=10**6), ValueError, "eos_token_id 1000000 is outside the vocabulary"),
+    (dict(pad_token_id=-5), ValueError, "pad_token_id -5 is outside the vocabulary"),
+    (dict(pad_token_id=[1, 2]), TypeError, "pad_token_id must be one token id"),
+    (dict(stop_after_eos=0), ValueError, "stop_after_eos must be a positive integer, got 0"),
+    (dict(generator="x"), TypeError, "generator must be a torch.Generator"),
+])
+def test_generation_refuses_bad_decoding_arguments_before_the_prefill(monkeypatch, sampling, error, message):
+    bt = make()
+    import kpro.bitune.wrapper as wrapper
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("the prefill ran before the argument was refused")
+    monkeypatch.setattr(wrapper, "fused_passes", no_prefill)
+    monkeypatch.setattr(wrapper, "separate_passes", no_prefill)
+    with pytest.raises(error, match=message):
+        bt.generate([[5, 6, 7]], 2, **sampling)
+
+
 def test_generation_past_the_model_positions_is_refused():
     bt = make()
     limit = bt.model.config.max_position_embeddings

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import adapters, lora, ops
 from ..errors import CheckpointError
-from ..generation import check_sampling, decode
+from ..generation import DECODE_OPTIONS, check_decoding, decode
 from ..model import KVCache, Llama, activation_dtype, check_token_ids
 from .passes import MODES, fused_passes, separate_passes
 from .streams import Streams, answer_targets, right_pad, split_streams, token_lists
@@ -119,9 +119,13 @@ class Bitune(nn.Module):
         if empty is not None:
             raise ValueError(f"Bitune.generate: prompt {empty} is empty; the answer stream starts with the prompt's "
                              "last token (give at least one, e.g. bos)")
-        # Before the prefill: a bad max_new_tokens or sampling argument would otherwise size the cache
-        max_new_tokens = check_sampling(max_new_tokens, sampling.get("temperature", 0.0), sampling.get("top_k"),
-                                        sampling.get("top_p"))[0]
+        # Before the prefill: a bad max_new_tokens would size the cache, and any other bad argument would be
+        # refused by decode only after the prefill's work
+        unknown = sorted(set(sampling) - set(DECODE_OPTIONS))
+        if unknown:
+            raise TypeError(f"Bitune.generate got unexpected keyword arguments {unknown} (it takes max_new_tokens, "
+                            f"fused and {', '.join(DECODE_OPTIONS)})")
+        max_new_tokens = check_decoding(self.model.config, max_new_tokens, **sampling)[0]
         device = self.w_k.device
         ids, lens = right_pad(prompts, pad_id=0, device=device)
         limit = self.model.config.max_position_embeddings
