@@ -268,6 +268,14 @@ def test_info_names_a_malformed_safetensors_header_entry(tmp_path, capsys):
      "--eval-examples shape a training run; --eval-only evaluates"),  # ignored before
     (["internalize", "--task", "2x2", "--train", "corpus.txt", "--train-size", "5", "--out", "o"],
      "--train-size sizes a generated training set; --train corpus.txt is read as it is"),  # ignored before
+    (["internalize", "--task", "4x4", "--eval-size", "16", "--out", "o"],  # ignored before, as the next three
+     "--eval-size sizes generated valid and test sets; --task 4x4 has published ones"),
+    (["internalize", "--task", "3x3", "--valid", "corpus.txt", "--test", "corpus.txt", "--eval-size", "16", "--out",
+      "o"], "--eval-size sizes generated valid and test sets; --valid corpus.txt and --test corpus.txt are read"),
+    (["internalize", "--task", "4x4", "--train", "corpus.txt", "--data-seed", "3", "--out", "o"],
+     "--data-seed seeds generated data sets; --task 4x4 has published ones, and --train corpus.txt is read as it is"),
+    (["internalize", "--task", "gsm8k", "--model", "ck", "--eval-only", "--data-seed", "3", "--out", "o"],
+     "--data-seed seeds generated data sets; --task gsm8k has published ones, and --eval-only trains on none"),
     (["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", "afile"], "--out afile is a file"),
     (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", "-1"], "--seed must be an integer from 0"),
     (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", str(2 ** 80)], "--seed must be an integer"),

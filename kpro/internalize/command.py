@@ -149,8 +149,9 @@ def add_parsers(sub) -> None:
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="training precision (default auto: bf16 autocast on CUDA, fp32 on the CPU)")
     run.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
-    # What --eval-only would ignore: refused when given otherwise than its default
-    p.set_defaults(run=run_command, training_defaults={name: p.get_default(name) for name in TRAINING_OPTIONS})
+    # What --eval-only (or published evaluation sets) would ignore: refused when given otherwise than its default
+    p.set_defaults(run=run_command, option_defaults={name: p.get_default(name)
+                                                     for name in TRAINING_OPTIONS + ("eval_size", "data_seed")})
 
 
 def run_command(args) -> None:
@@ -290,8 +291,6 @@ def _load_data(args, out: Path):
         return [], evaluation_sets
     if train is not None:
         return train, evaluation_sets
-    if n is None:
-        raise ValueError(f"--task {args.task} has no generated training set: pass --train FILE")
     held_out = {pair for examples in evaluation_sets.values() for pair in _operand_pairs(examples, n)}
     # Named by the pairs it leaves out too: a rerun with another --eval-size (or --valid, --test) must not
     # train on the file that left out only the earlier sets' pairs.
@@ -376,12 +375,12 @@ def _check_args(args) -> None:
     args.device = resolve_device(args.device)
     if args.eval_only and args.model is None:
         raise ValueError("--eval-only evaluates a trained model: pass --model DIR")
-    defaults = getattr(args, "training_defaults", {})
+    defaults = getattr(args, "option_defaults", {})
 
     def given(names) -> list[str]:  # the flags among `names` set to other than their defaults
         return [f"--{'no-' if defaults[name] is True else ''}{name.replace('_', '-')}" for name in names
                 if name in defaults and getattr(args, name) != defaults[name]]
-    training = [name for name in defaults if name != "train"]  # --eval-only --train FILE: the pairs to leave out
+    training = [name for name in TRAINING_OPTIONS if name != "train"]  # --eval-only --train FILE: pairs to leave out
     if args.eval_only and given(training):  # ignored before, silently
         raise ValueError(f"{', '.join(given(training))} shape a training run; --eval-only evaluates --model as it is")
     shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")
@@ -393,6 +392,20 @@ def _check_args(args) -> None:
             check_input_file(getattr(args, name), f"--{name}")
     if args.train is not None and given(["train_size"]):
         raise ValueError(f"--train-size sizes a generated training set; --train {args.train} is read as it is")
+    n = _multiplication_size(args.task)  # as _load_data decides what it generates
+    generated_eval = n is not None and n not in PUBLISHED_SIZES and (args.valid is None or args.test is None)
+    generated_train = n is not None and args.train is None and not args.eval_only
+    if args.task is not None and n is None and args.train is None and not args.eval_only:  # the first thing to fix
+        raise ValueError(f"--task {args.task} has no generated training set: pass --train FILE")
+    if not generated_eval and given(["eval_size", "data_seed"]):
+        why = (f"--valid {args.valid} and --test {args.test} are read as they are" if args.valid and args.test
+               else f"--task {args.task} has published ones" if args.task else "none are generated without --task NxN")
+        if given(["eval_size"]):
+            raise ValueError(f"--eval-size sizes generated valid and test sets; {why}")
+        if not generated_train:  # it seeds a generated training set too
+            train = (f"--train {args.train} is read as it is" if args.train is not None and not args.eval_only
+                     else "--eval-only trains on none" if args.eval_only else f"--task {args.task} generates none")
+            raise ValueError(f"--data-seed seeds generated data sets; {why}, and {train}")
     if args.model is not None and not args.model.exists():
         raise FileNotFoundError(f"--model {args.model} does not exist")
     check_output_dir(args.out)
