@@ -343,6 +343,11 @@ class AdaptedModel(nn.Module):
             return self.model(*args, **kwargs)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside an AdaptedModel (whose config, positions and embeddings are its own), or the model itself."""
+    return model.model if isinstance(model, AdaptedModel) else model
+
+
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 

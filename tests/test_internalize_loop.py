@@ -617,6 +617,28 @@ def test_examples_longer_than_the_model_positions_are_refused_before_training(tm
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_an_adapted_model_is_checked_and_validated_as_its_model(tmp_path):
+    """A kpro.lora.AdaptedModel has no config of its own: ValidationAccuracy failed on it (AttributeError), and
+    fit_internalization skipped the pad_id and example-length checks for it."""
+    def adapted(model):
+        kpro.lora.add_adapters(model, ["a"], rank=2)
+        return kpro.lora.AdaptedModel(model, "a")
+    with pytest.raises(ValueError, match="pad_id must be a token id of the model"):
+        fit_internalization(adapted(make_model()), examples(), tmp_path / "pad", removal=SCHEDULE, steps=1,
+                            batch_size=8, pad_id=TOK.vocab_size + 5, lr=1e-3)
+    longest = max(len(e.ids) for e in examples())
+    with pytest.raises(ValueError, match=f"tokens, more than the model's max_position_embeddings={longest - 1}"):
+        train(tmp_path / "long", model=adapted(kpro.Llama(make_model().config.replace(
+            max_position_embeddings=longest - 1))))
+    short = adapted(kpro.Llama(make_model().config.replace(max_position_embeddings=longest)))
+    with pytest.raises(ValueError, match=r"evaluating the validation examples takes up to \d+ positions"):
+        train(tmp_path / "short", model=short, callbacks=[ValidationAccuracy(TOK, VALID, every=5)])
+    model = adapted(make_model())
+    fit_internalization(model, examples(16), tmp_path / "run", removal=SCHEDULE, steps=1, batch_size=8,
+                        pad_id=TOK.pad_id, lr=1e-3, callbacks=[ValidationAccuracy(TOK, VALID, every=1)],
+                        stream=io.StringIO())
+
+
 def test_a_model_whose_tokenizer_lacks_a_symbol_is_refused(tmp_path, capsys):
     model_dir = tmp_path / "model"
     kpro.save_pretrained(make_model(), model_dir)

@@ -155,4 +155,4 @@ def _until_stop(row: list[int], eos: set[int], stop_after_eos: int) -> list[int]
 
 def _model_of(tuned):
     """The kpro.Llama inside a Bitune or a LoRA-adapted model, or the model itself."""
-    return tuned.model if isinstance(tuned, (Bitune, lora.AdaptedModel)) else tuned
+    return tuned.model if isinstance(tuned, Bitune) else lora.unwrap(tuned)

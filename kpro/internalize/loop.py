@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import lora
 from ..distributed import is_sharded
 from ..train import Batches, Callback, Run, Schedule, adamw, fit, optim
 from ..train.data import check_special_id, content_digest
@@ -183,7 +184,8 @@ class ValidationAccuracy(Callback):
                              "sharded across processes (parallel='fsdp'): train with parallel='ddp', or evaluate "
                              "the checkpoint after training (kpro.internalize.evaluate)")
         # Refused now, not after `every` steps of training.
-        needed, limit = evaluation_positions(self.examples, self.tokenizer), run.model.config.max_position_embeddings
+        needed = evaluation_positions(self.examples, self.tokenizer)
+        limit = lora.unwrap(run.model).config.max_position_embeddings  # an AdaptedModel's is its model's
         if needed > limit:
             raise ValueError(f"evaluating the validation examples takes up to {needed} positions (the longest prompt "
                              f"+ the longest reference + {MARGIN_TOKENS}), more than the model's "
@@ -280,7 +282,7 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < 1:
         raise ValueError(f"weight_decay must be a number in [0, 1), got {weight_decay!r}")
     # Checked now: the first forward would blame input_ids
-    config = getattr(model, "config", None)
+    config = getattr(lora.unwrap(model), "config", None)  # an AdaptedModel's is its model's
     check_special_id(pad_id, "pad_id", vocab_size=getattr(config, "vocab_size", None))
     examples = list(examples)
     limit = getattr(config, "max_position_embeddings", None)
