@@ -81,14 +81,16 @@ class LoRALinear(nn.Module):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linear layers (LLaMA has none)")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        # numbers, not just int and float: a NumPy integer or float32 (a swept hyperparameter) is a rank or alpha
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha == 0:
             raise ValueError(f"LoRA alpha must be a finite number other than 0 (0 makes every adapter a no-op that "
                              f"learns nothing), got {alpha!r}")
+        rank, alpha = int(rank), float(alpha)  # Python numbers in the saved set-up and the scale
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
-        self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.adapters: dict[str, Adapter] = {}  # also registered as submodules, named as the adapters
         # set before the adapters, whose names must not take these attributes' ("active" replaced by None)
         self.active: str | None = None

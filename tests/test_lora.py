@@ -1,4 +1,5 @@
 """kpro.lora: the LoRA formula, named adapters chosen per call or per token segment, merge/unmerge."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -144,6 +145,16 @@ def test_bad_arguments():
             lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=2, alpha=alpha)
     with pytest.raises(ValueError, match="bias-free"):
         lora.LoRALinear(nn.Linear(4, 4), ["a"], rank=2, alpha=1.0)
+    # NumPy numbers are numbers ("LoRA rank must be a positive integer, got np.int64(2)" before)
+    layer = lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=np.int64(2), alpha=np.float32(8))
+    assert (layer.rank, layer.alpha, layer.scale) == (2, 8.0, 4.0) and type(layer.rank) is int
+    assert type(layer.alpha) is float
+    for rank in (np.int64(0), np.float64(2)):
+        with pytest.raises(ValueError, match="LoRA rank must be a positive integer"):
+            lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=rank, alpha=1.0)
+    for alpha in (np.float32("nan"), np.int64(0), np.bool_(True)):
+        with pytest.raises(ValueError, match="LoRA alpha must be a finite number"):
+            lora.LoRALinear(nn.Linear(4, 4, bias=False), ["a"], rank=2, alpha=alpha)
     with pytest.raises(ValueError, match="taken"):
         lora.LoRALinear(nn.Linear(4, 4, bias=False), ["weight"], rank=2, alpha=1.0)
     with pytest.raises(ValueError, match="no linear layer"):
