@@ -311,6 +311,9 @@ def test_adamw_refuses_float16_parameters_where_its_eps_is_0(make_model):
     with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, where AdamW's eps=1e-08 is 0: "
                                          r".*keep the weights in float32 .* or bfloat16, or pass an eps"):
         kt.adamw(model, 1e-3)
+    from kpro.internalize.loop import adamw_every_parameter  # ICoT's optimizer, the same implementation choice
+    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, where AdamW's eps=1e-08 is 0"):
+        adamw_every_parameter(model, 1e-3, 0.01)
     kt.adamw(model, 1e-3, eps=1e-4)  # an eps float16 holds: as asked
     model.requires_grad_(False)
     model.norm.weight.data = model.norm.weight.data.float()

@@ -320,4 +320,4 @@ def adamw_every_parameter(model: nn.Module, lr: float, weight_decay: float) -> t
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
     if not params:
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **optim.implementation(params))
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **optim.implementation(model))

@@ -47,10 +47,7 @@ def adamw(model: nn.Module, lr: float = 3e-4, *, weight_decay: float = 0.0, beta
     """
     check_lr(lr)
     groups = param_groups(model, weight_decay)
-    keywords = implementation([p for g in groups for p in g["params"]], fused)
-    if not keywords["fused"]:  # the fused CUDA kernel computes in fp32, where eps holds
-        check_eps_holds(model, eps)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **keywords)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **implementation(model, fused, eps))
 
 
 def check_eps_holds(model: nn.Module, eps: float) -> None:
@@ -67,11 +64,14 @@ def check_eps_holds(model: nn.Module, eps: float) -> None:
                          "(1e-7 or more)")
 
 
-def implementation(params, fused: bool | None = None) -> dict:
-    """AdamW's `fused`/`foreach` keywords for these parameters (see `adamw`)."""
-    devices = {p.device.type for p in params}
+def implementation(model: nn.Module, fused: bool | None = None, eps: float = 1e-8) -> dict:
+    """AdamW's `fused`/`foreach` keywords for the model's trainable parameters (see `adamw`); unfused, float16
+    ones are refused where `eps` is 0 in float16 (`check_eps_holds`; the fused CUDA kernel computes in fp32)."""
+    devices = {p.device.type for p in model.parameters() if p.requires_grad}
     if fused is None:
         fused = devices == {"cuda"}
+    if not fused:
+        check_eps_holds(model, eps)
     return {"fused": fused or None, "foreach": True if not fused and devices == {"cpu"} else None}
 
 
