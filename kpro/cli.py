@@ -14,7 +14,6 @@ import struct
 import sys
 from pathlib import Path
 
-from ._files import WriteFailed
 from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, resolve_device
 from .errors import CheckpointError, DirectoryInUse
 
@@ -262,9 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
             CheckpointError, DirectoryInUse, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)  # bad input, or a run that diverged: one line, no traceback
-        return 1
-    except WriteFailed as err:  # a full disk: "cannot write PATH: no space left on device"
-        print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a read-only file system: what the writing saw, in one line
         where = f" ({err.filename})" if err.filename else ""
