@@ -74,6 +74,18 @@ class _MergeRecord:
     versions: tuple[int, int]
 
 
+def check_rank_alpha(rank, alpha) -> tuple[int, float]:
+    """`rank` and `alpha` checked, as Python numbers: they go into the scale and the saved set-up (JSON, which
+    refuses a NumPy number)."""
+    # numbers, not just int and float: a NumPy integer or float32 (a swept hyperparameter) is a rank or alpha
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha == 0:
+        raise ValueError(f"LoRA alpha must be a finite number other than 0 (0 makes every adapter a no-op that "
+                         f"learns nothing), got {alpha!r}")
+    return int(rank), float(alpha)
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer (its `weight` kept as is) plus named low-rank adapters."""
 
@@ -81,13 +93,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linear layers (LLaMA has none)")
-        # numbers, not just int and float: a NumPy integer or float32 (a swept hyperparameter) is a rank or alpha
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha == 0:
-            raise ValueError(f"LoRA alpha must be a finite number other than 0 (0 makes every adapter a no-op that "
-                             f"learns nothing), got {alpha!r}")
-        rank, alpha = int(rank), float(alpha)  # Python numbers in the saved set-up and the scale
+        rank, alpha = check_rank_alpha(rank, alpha)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank

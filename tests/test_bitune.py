@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,6 +251,19 @@ def test_adapter_files_round_trip(tmp_path):
     again = Bitune.from_adapters(base_of_make(torch.float32), tmp_path / "adapters")
     assert again.mode == "bitune" and again.rank == 4
     assert torch.equal(again.loss(ids, plens, mask), before)
+
+
+def test_numpy_rank_and_alpha_are_saved_as_json_numbers(tmp_path):
+    """A NumPy rank was kept as given: save_adapters raised 'Object of type int64 is not JSON serializable'."""
+    bt = Bitune(kpro.Llama(tiny_config()), rank=np.int64(2), alpha=np.float32(4))
+    assert (type(bt.rank), type(bt.alpha)) == (int, float)
+    bt.save_adapters(tmp_path / "adapters")
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert (config["rank"], config["alpha"]) == (2, 4.0)
+    for rank, alpha, message in ((np.int64(0), 1.0, "LoRA rank must be a positive integer"),
+                                 (2, np.float32("nan"), "LoRA alpha must be a finite number other than 0")):
+        with pytest.raises(ValueError, match=message):
+            Bitune(kpro.Llama(tiny_config()), rank=rank, alpha=alpha)
 
 
 def test_adapters_load_only_into_the_base_they_were_tuned_on(tmp_path):

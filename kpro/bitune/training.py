@@ -94,7 +94,8 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
     if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for
         raise ValueError(f"{out_dir} holds a run of {checkpoint_step(last)} steps already, more than steps={steps}: "
                          "pass at least as many steps (more extend it), or tune into another out_dir")
-    settings = {"method": method, "rank": rank, "alpha": float(alpha), **({"mode": mode} if method == "bitune" else {}),
+    rank, alpha = lora.check_rank_alpha(rank, alpha)  # Python numbers: the settings are saved as JSON
+    settings = {"method": method, "rank": rank, "alpha": alpha, **({"mode": mode} if method == "bitune" else {}),
                 "weighting": weighting, "base_model": adapters.base_fingerprint(model)}
     if steps > 0:
         main_decides(lambda: _check_resumable(out_dir / "run", settings), f"read the settings of {out_dir / 'run'}")

@@ -49,11 +49,12 @@ class Bitune(nn.Module):
                 math.isfinite(mix_init) and mix_init != 0):
             raise ValueError(f"mix_init must be a finite number other than 0 (|w| has no gradient at 0: the mix "
                              f"would never learn), got {mix_init!r}")
+        rank, alpha = lora.check_rank_alpha(rank, alpha)  # Python numbers: config() is saved as JSON
         if lora.lora_layers(model):
             raise ValueError("this model has LoRA adapters already (Bitune, or LoRA, was applied to it before): "
                              "kpro.Bitune adds its own to a plain model; load the model again, or keep using the "
                              "Bitune made first")
-        self.model, self.mode, self.rank, self.alpha, self.mix_eps = model, mode, rank, float(alpha), float(mix_eps)
+        self.model, self.mode, self.rank, self.alpha, self.mix_eps = model, mode, rank, alpha, float(mix_eps)
         self.adapter_names = sorted({p.adapter for p in MODES[mode].passes} | {"causal"})
         lora.add_adapters(model, self.adapter_names, rank=rank, alpha=alpha, seed=seed)
         layers = model.config.num_hidden_layers
