@@ -404,6 +404,39 @@ def test_eager_fast_path_only_for_plain_tensors_in_plain_eager_mode():
     assert torch.equal(torch.compile(lambda t: t + eager_fast_path(t), backend="eager", fullgraph=True)(x), x)
 
 
+def test_under_compile_the_environment_is_read_when_traced_and_a_backend_block_is_guarded(monkeypatch):
+    """What docs/ops.md says: a change of KPRO_BACKEND after the first compile is not seen, even by a fresh
+    torch.compile of the same function, but a compiled function called in another backend() block recompiles."""
+    monkeypatch.delenv("KPRO_BACKEND", raising=False)
+    w = torch.randn(8)
+    cpu_refused = "the CUDA kernels need CUDA tensors"
+
+    def norm(t, weight):
+        return ops.rms_norm(t, weight)
+
+    torch._dynamo.reset()
+    try:
+        expected = ops.rms_norm(x, w)
+        compiled = torch.compile(norm, backend="eager")
+        assert torch.equal(compiled(x, w), expected)
+        monkeypatch.setenv("KPRO_BACKEND", "cuda")
+        with pytest.raises(BackendError, match=cpu_refused):
+            ops.rms_norm(x, w)  # eager: read per call
+        for again in (compiled, torch.compile(norm, backend="eager")):  # traced with the environment unset
+            assert torch.equal(again(x, w), expected)
+        torch._dynamo.reset()
+        with pytest.raises(BackendError, match=cpu_refused):
+            torch.compile(norm, backend="eager")(x, w)  # traced again: read now
+        monkeypatch.delenv("KPRO_BACKEND")
+        torch._dynamo.reset()
+        compiled = torch.compile(norm, backend="eager")
+        assert torch.equal(compiled(x, w), expected)
+        with ops.backend("cuda"), pytest.raises(BackendError, match=cpu_refused):
+            compiled(x, w)  # recompiled
+    finally:
+        torch._dynamo.reset()
+
+
 def _second_derivative_cases(device):
     """op name -> (inputs requiring grad, the op's scalar of them): each op as a first derivative would use it."""
     gen = torch.Generator().manual_seed(0)

@@ -1,9 +1,10 @@
 """Which implementation runs an op: `torch` (plain PyTorch, the reference), `triton`, or `cuda` (csrc/).
 
 The choice is made per call and per op, from, in order: the innermost `with kpro.ops.backend(...)`
-block that covers the op, the `KPRO_BACKEND` environment variable, else `auto`. `auto` takes the first
-backend of `AUTO_ORDER` that can run the call. A backend named explicitly that cannot run the call
-raises `BackendError`; nothing ever falls back silently to another implementation.
+block that covers the op, the `KPRO_BACKEND` environment variable, else `auto` (under torch.compile, when
+the op is traced: the blocks are guarded, the environment is not). `auto` takes the first backend of
+`AUTO_ORDER` that can run the call. A backend named explicitly that cannot run the call raises
+`BackendError`; nothing ever falls back silently to another implementation.
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def requested_backend(op: str = "*") -> str:
     for choice in reversed(_forced):
         if op in choice or "*" in choice:
             return choice.get(op, choice.get("*"))
+    # Under torch.compile Dynamo reads the environment at trace time and cannot guard on it (unlike _forced): a
+    # change after the first compile is not seen (docs/ops.md says so)
     env = os.environ.get("KPRO_BACKEND", "")
     if env:
         default, per_op = None, {}
