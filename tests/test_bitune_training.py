@@ -313,8 +313,8 @@ def test_tune_takes_a_numpy_rank_and_alpha(tmp_path, method):
     """The settings recorded in each checkpoint kept a NumPy rank as given: the first save raised 'Object of
     type int64 is not JSON serializable' after training, and no adapters were saved."""
     torch.manual_seed(0)
-    bitune.tune(kpro.Llama(tiny_config()), tiny_pairs(8), method, tmp_path, steps=1, batch_size=4,
-                rank=np.int64(2), alpha=np.float32(2))
+    bitune.tune(kpro.Llama(tiny_config()), tiny_pairs(8), method, tmp_path, steps=np.int64(1),
+                batch_size=np.int64(4), lr=np.float32(1e-3), rank=np.int64(2), alpha=np.float32(2))
     settings = json.loads((tmp_path / "run" / "step-00000001" / "tune_settings.json").read_text())
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert (settings["rank"], settings["alpha"], config["rank"], config["alpha"]) == (2, 2.0, 2, 2.0)

@@ -52,6 +52,19 @@ def test_a_schedule_factor_that_is_no_learning_rate_is_refused(tmp_path, factor)
     assert any(not torch.equal(before[name], p) for name, p in after.items())  # step 0 trained, step 1 did not
 
 
+def test_numpy_numbers_are_taken_and_checkpointed_as_python_ones(tmp_path):
+    """fit refused a NumPy step count, lr or clip ('steps must be a positive integer, got np.int64(2)'); taken
+    now, as Python numbers: the checkpoint (torch.load with weights_only) holds them and a resume compares them."""
+    np = pytest.importorskip("numpy")
+    data = [batch(seed=i) for i in range(4)]
+    numbers = dict(lr=np.float32(1e-2), clip_grad_norm=np.float64(1.0), grad_accum=np.int64(2),
+                   save_every=np.int64(1), keep_last=np.int32(2), log_every=np.int64(1))
+    run = kt.fit(make_model(), data, tmp_path, steps=np.int64(2), stream=None, **numbers)
+    assert run.step == 2 and type(run.total_steps) is int
+    resumed = kt.fit(make_model(), data, tmp_path, steps=np.int64(3), stream=None, **numbers)
+    assert resumed.step == 3
+
+
 def test_gradients_left_on_the_model_do_not_reach_the_first_step(tmp_path):
     """A backward run before fit (a check of the loss, a step that raised) added to step 1's gradients."""
     clean, stale = make_model(), make_model()

@@ -406,6 +406,30 @@ def test_schedule_errors():
             kt.Schedule("linear", warmup_steps=10, total_steps=110, decay_steps=bad)
 
 
+def test_numpy_numbers_are_numbers_kept_as_python_ones(make_model):
+    """A NumPy learning rate or step count (a sweep's) was refused as if it were no number: 'a linear schedule
+    needs total_steps > warmup_steps (got total_steps=10, warmup_steps=2)'. Taken now, as Python numbers (they
+    go into checkpoints)."""
+    optimizer = kt.adamw(make_model(dtype=torch.float32), np.float32(1e-3), weight_decay=np.float64(0.1))
+    assert [(type(g["lr"]), type(g["weight_decay"])) for g in optimizer.param_groups] == [(float, float)] * 2
+    schedule = kt.Schedule("linear", warmup_steps=np.int64(2), total_steps=np.int32(10), min_ratio=np.float32(0.5),
+                           decay_steps=np.uint8(4))
+    assert schedule == kt.Schedule("linear", warmup_steps=2, total_steps=10, min_ratio=0.5, decay_steps=4)
+    assert [type(v) for v in (schedule.warmup_steps, schedule.total_steps, schedule.decay_steps)] == [int] * 3
+    assert type(schedule.min_ratio) is float
+    with pytest.raises(ValueError, match=r"a linear schedule needs total_steps > warmup_steps, an integer .*got "
+                                         r"total_steps=10.0"):  # the comparison's message named 10.0 > 2 before
+        kt.Schedule("linear", warmup_steps=2, total_steps=10.0)
+    batches = kt.Batches(list(range(6)), np.int64(2), collate=list, seed=np.int64(3))
+    assert (batches.batch_size, batches.seed, type(batches.seed)) == (2, 3, int)
+    assert next(iter(batches)) == next(iter(kt.Batches(list(range(6)), 2, collate=list, seed=3)))
+    assert kt.pack_documents([[5, 6, 7]], seq_len=np.int64(4), eos_id=2).tolist() == [[5, 6, 7, 2]]
+    assert kt.ProgressLine(10, every=np.int64(2)).every == 2
+    for bad in (np.float32(1e-3), np.bool_(True)):  # not integers
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            kt.Batches(list(range(6)), bad)
+
+
 def test_pack_documents_takes_tensors_and_arrays():
     rows = kt.pack_documents([torch.tensor([5, 6, 7]), np.array([8, 9])], seq_len=4, eos_id=2)
     assert rows.tolist() == [[5, 6, 7, 2], [2, 8, 9, 2]] and rows.dtype == torch.long

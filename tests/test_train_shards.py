@@ -132,6 +132,21 @@ def test_an_epoch_draws_each_row_once_and_ranks_split_each_global_batch(tmp_path
         kt.fit(kpro.Llama(tiny_config(num_hidden_layers=1)), share, tmp_path / "run", steps=1)  # a third, before
 
 
+def test_numpy_counts_and_seeds_are_python_ints(tmp_path):
+    """A NumPy vocab_size, shard_tokens, seq_len, batch_size or seed was refused as no integer; taken now, as ints
+    (the index is JSON, the state is checkpointed, and the seed's mixing takes the int path: the same rows)."""
+    index = kt.write_token_shards(tmp_path / "s", documents(), vocab_size=np.int64(67), eos_id=2,
+                                  shard_tokens=np.int64(50))
+    assert (index["vocab_size"], index["shard_tokens"]) == (67, 50)
+    numpy_args = kt.TokenShards(tmp_path / "s", seq_len=np.int64(8), batch_size=np.int32(6), seed=np.int64(5),
+                                rank=np.int64(1), world_size=np.int64(3))
+    plain = kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=6, seed=5, rank=1, world_size=3)
+    assert json.dumps(numpy_args.state_dict()) == json.dumps(plain.state_dict())
+    assert torch.equal(next(iter(numpy_args))["input_ids"], next(iter(plain))["input_ids"])
+    with pytest.raises(ValueError, match="seed must be an integer, got np.float64"):
+        kt.TokenShards(tmp_path / "s", seed=np.float64(5))
+
+
 def test_resume_mid_epoch_is_exact_and_refuses_other_data(tmp_path):
     kt.write_token_shards(tmp_path / "s", documents(), vocab_size=67, eos_id=2, shard_tokens=64)
     straight = iter(kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1))

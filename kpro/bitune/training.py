@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from functools import partial
 from pathlib import Path
@@ -83,8 +84,9 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (0: save the untuned adapters), got {steps!r}")
+    steps = int(steps)
     if method == "lora" and mode != "bitune":
         raise ValueError(f"mode={mode!r} is a Bitune ablation; method='lora' trains one causal adapter")
     check_pairs(pairs, model.config.vocab_size, model.config.max_position_embeddings)

@@ -28,8 +28,9 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_id: int
     token after the first is predicted exactly once, including those at row boundaries. The tail that does
     not fill a row is dropped. Attention is not cut at document boundaries: the eos marks them.
     """
-    if not isinstance(seq_len, int) or seq_len < 2:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    seq_len = int(seq_len)
     check_special_id(eos_id, "eos_id")
     bos = [] if check_special_id(bos_id, "bos_id", optional=True) is None else [torch.tensor([bos_id])]
     eos = torch.tensor([eos_id])
@@ -131,7 +132,8 @@ class Batches:
 
     def __init__(self, examples: Sequence, batch_size: int, collate: Callable[[list], dict] = collate_packed, *,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        # numbers.Integral: a NumPy integer (a swept hyperparameter) too, kept as an int (the state is checkpointed)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(examples, Mapping):  # {"input_ids": [...], "labels": [...]}: columns, not examples
             raise TypeError(f"Batches draws from a sequence of examples, and got a {type(examples).__name__} (keys "
@@ -141,8 +143,9 @@ class Batches:
             raise TypeError(f"Batches draws from a sequence of examples (a list, a tensor of rows), got a "
                             f"{type(examples).__name__}: pass list(...) of it")
         # hash() of other types changes from process to process, and hash(-1) == hash(-2)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        batch_size, seed = int(batch_size), int(seed)
         if len(examples) == 0:
             raise ValueError("Batches got no examples")
         if len(examples) < batch_size and drop_last:

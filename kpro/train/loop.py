@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import signal
 import sys
@@ -172,6 +173,10 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     steps = _total_steps(steps, batches)
     _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last, log_every,
                 resume, out_dir)
+    # Python numbers from here (a NumPy one passed the checks): the settings are saved in checkpoints
+    lr, clip_grad_norm = (None if value is None else float(value) for value in (lr, clip_grad_norm))
+    grad_accum, keep_last = int(grad_accum), int(keep_last)
+    save_every, log_every = (None if value is None else int(value) for value in (save_every, log_every))
     _check_partial_batch(batches, env.world_size * grad_accum)
     _check_same_data(batches, env)
     if isinstance(schedule, str):
@@ -584,9 +589,9 @@ def _total_steps(steps, batches) -> int:
         if not hasattr(batches, "__len__"):
             raise ValueError("pass steps=: the batches have no length to take it from")
         steps = len(batches)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+    if not _positive_int(steps):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    return steps
+    return int(steps)
 
 
 def _check_partial_batch(batches, parts: int) -> None:
@@ -643,7 +648,8 @@ def _check_same_data(batches, env: distributed.DistEnv) -> None:
 
 
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1  # a bool is no count
+    # numbers.Integral: a NumPy integer (a swept hyperparameter) is a count too; a bool is not
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_every, keep_last, log_every=None,
@@ -652,11 +658,11 @@ def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_e
         raise ValueError("lr and weight_decay configure the default AdamW; with an optimizer factory, set them there")
     if optimizer is not None and not callable(optimizer):
         raise TypeError("optimizer must be a function model -> torch.optim.Optimizer (fit calls it again to reset it)")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr)):
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or math.isinf(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not _positive_int(grad_accum):
         raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not clip > 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

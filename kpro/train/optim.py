@@ -16,16 +16,21 @@ from torch import nn
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def check_lr(lr, what: str = "learning rate") -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr):
+def check_lr(lr, what: str = "learning rate") -> float:
+    """`lr` as a float. Any real number (a NumPy float32 from a sweep too), as for the counts below: the values go
+    into checkpoints, which take Python numbers only."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0 or math.isinf(lr):
         raise ValueError(f"{what} must be a positive finite number, got {lr!r}")
+    return float(lr)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: matrices (decayed) and vectors — norms, biases, any 1-D
     parameter — which weight decay would only pull towards zero for no benefit. Frozen ones are left out."""
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or \
+            not 0 <= weight_decay < math.inf:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")  # NaN fails 0 <= x
+    weight_decay = float(weight_decay)
     decay, no_decay, seen = [], [], set()
     for param in model.parameters():  # parameters() yields a tied weight once
         if param.requires_grad and id(param) not in seen:
@@ -45,7 +50,7 @@ def adamw(model: nn.Module, lr: float = 3e-4, *, weight_decay: float = 0.0, beta
     (`foreach`) implementation: the same element-wise operations as its per-parameter default, bit for bit,
     in fewer Python calls.
     """
-    check_lr(lr)
+    lr = check_lr(lr)
     groups = param_groups(model, weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **implementation(model, fused, eps))
 
@@ -75,6 +80,10 @@ def implementation(model: nn.Module, fused: bool | None = None, eps: float = 1e-
     return {"fused": fused or None, "foreach": True if not fused and devices == {"cpu"} else None}
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # a bool is no count
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """The fraction of the peak learning rate at each optimizer step s (0-based).
@@ -94,14 +103,16 @@ class Schedule:
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.kind!r}; choose from {', '.join(SCHEDULES)}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not _is_integer(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, (int, float)) or \
+        if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, numbers.Real) or \
                 not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be a number in [0, 1], got {self.min_ratio!r}")
         if self.kind != "constant":
-            if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or \
-                    self.total_steps <= self.warmup_steps:
+            if not _is_integer(self.total_steps):
+                raise ValueError(f"a {self.kind} schedule needs total_steps > warmup_steps, an integer (where its "
+                                 f"decay ends), got total_steps={self.total_steps!r}")
+            if self.total_steps <= self.warmup_steps:
                 raise ValueError(f"a {self.kind} schedule needs total_steps > warmup_steps "
                                  f"(got total_steps={self.total_steps}, warmup_steps={self.warmup_steps})")
         if self.kind == "constant" and self.total_steps is not None:  # it would be ignored
@@ -113,10 +124,14 @@ class Schedule:
         if self.decay_steps is not None:
             if self.kind == "constant":
                 raise ValueError("decay_steps needs a linear or cosine schedule (a constant one never decays)")
-            if isinstance(self.decay_steps, bool) or not isinstance(self.decay_steps, int) or \
-                    not 1 <= self.decay_steps <= self.total_steps - self.warmup_steps:
+            if not _is_integer(self.decay_steps) or not 1 <= self.decay_steps <= self.total_steps - self.warmup_steps:
                 raise ValueError(f"decay_steps must be an integer from 1 to total_steps - warmup_steps "
                                  f"({self.total_steps - self.warmup_steps}), got {self.decay_steps!r}")
+        # Python numbers (a NumPy one is an integer too): the schedule is saved in checkpoints and compared on resume
+        for name in ("warmup_steps", "total_steps", "decay_steps", "min_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, float(value) if name == "min_ratio" else int(value))
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

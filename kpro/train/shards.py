@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -35,9 +36,14 @@ MAX_OPEN_SHARDS = 64  # file descriptors a TokenShards keeps open (least recentl
 _M64 = (1 << 64) - 1
 
 
+def _is_integer(value) -> bool:
+    """A Python or NumPy integer (a bool is no count or id); the callers keep int(value), as the index is JSON."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 for vocabularies of up to 65,536 tokens, uint32 above (little-endian)."""
-    if not isinstance(vocab_size, int) or vocab_size <= 0:
+    if not _is_integer(vocab_size) or vocab_size <= 0:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
@@ -119,11 +125,11 @@ def write_index(directory: Path, index: dict) -> None:
 
 
 def new_index(vocab_size: int, shard_tokens: int, bos_id: int | None, eos_id: int, **extra) -> dict:
-    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+    if not _is_integer(shard_tokens) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
     # The dtype's name, as indexes have always held it (the corpus fingerprint includes it): "uint16", "uint32".
     return {"format": FORMAT, "version": VERSION, "complete": False, "dtype": token_dtype(vocab_size).name,
-            "vocab_size": vocab_size, "shard_tokens": shard_tokens, "bos_id": bos_id, "eos_id": eos_id,
+            "vocab_size": int(vocab_size), "shard_tokens": int(shard_tokens), "bos_id": bos_id, "eos_id": eos_id,
             **extra, "tokens": 0, "documents": 0, "shards": []}
 
 
@@ -205,7 +211,7 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
                        tokenizer: dict | None = None) -> dict:
     """Tokenized documents -> a new shard directory holding `[bos] doc eos [bos] doc eos ...` (the framing of
     `pack_documents`, so `TokenShards` gives the rows `pack_documents` would). Returns the index."""
-    vocabulary = vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
+    vocabulary = int(vocab_size) if _is_integer(vocab_size) else None
     check_special_id(eos_id, "eos_id", vocab_size=vocabulary)  # else the documents' ids would be blamed
     check_special_id(bos_id, "bos_id", vocab_size=vocabulary, optional=True)
     directory = Path(directory)
@@ -303,16 +309,19 @@ class TokenShards:
     def __init__(self, directory: str | os.PathLike, seq_len: int = 2048, batch_size: int = 8, *, seed: int = 0,
                  shuffle: bool = True, rank: int | None = None, world_size: int | None = None):
         for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not _is_integer(value) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not _is_integer(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if (rank is None) != (world_size is None):
             raise ValueError("pass rank and world_size together (or neither: torchrun's are used)")
-        if world_size is not None and (any(isinstance(v, bool) or not isinstance(v, int) for v in (rank, world_size))
+        if world_size is not None and (not (_is_integer(rank) and _is_integer(world_size))
                                        or world_size < 1 or not 0 <= rank < world_size):
             raise ValueError(f"rank and world_size must be integers with 0 <= rank < world_size, got rank={rank!r}, "
                              f"world_size={world_size!r}")
+        # Python ints (a NumPy one passed): the seed's mixing takes the int path, and the state is checkpointed
+        seq_len, batch_size, seed = int(seq_len), int(batch_size), int(seed)
+        rank, world_size = (None, None) if rank is None else (int(rank), int(world_size))
         self.directory = Path(directory)
         self.index = read_index(self.directory)
         self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, bool(shuffle)
