@@ -42,9 +42,11 @@ def read_config(directory: str | os.PathLike, required: tuple[str, ...] = ()) ->
     """The adapters' config, a JSON object holding the `required` keys (each missing one named)."""
     path = Path(directory) / CONFIG_FILE
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8, whatever the locale's encoding
     except FileNotFoundError:
         raise CheckpointError(f"{directory} holds no adapters ({CONFIG_FILE} missing)") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not UTF-8 text, as JSON must be ({err}): save it as UTF-8") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):

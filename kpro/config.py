@@ -338,7 +338,9 @@ def _read_source(source) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8, whatever the locale's encoding
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text, as JSON must be ({err}): save it as UTF-8") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):

@@ -332,6 +332,10 @@ def test_adapter_files_that_do_not_fit(tmp_path):
         other.load_adapters(tmp_path / "a")
     with pytest.raises(kpro.CheckpointError, match="holds no adapters"):
         bt.load_adapters(tmp_path / "missing")
+    config = tmp_path / "a" / "adapter_config.json"
+    config.write_bytes(config.read_text().replace('"bitune"', '"bitun\u00e9"', 1).encode("latin-1"))
+    with pytest.raises(kpro.CheckpointError, match=r"adapter_config.json is not UTF-8 text"):  # a bare error before
+        Bitune.from_adapters(base_of_make(torch.float32), tmp_path / "a")
     with pytest.raises(kpro.CheckpointError, match="unmerged adapters"):
         kpro.save_pretrained(bt.model, tmp_path / "model")
     with pytest.raises(NotImplementedError, match="Not meaningful"):

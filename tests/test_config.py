@@ -1,5 +1,8 @@
 """LlamaConfig: both config.json forms, defaults that follow Hugging Face, and errors that name the field."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -97,6 +100,21 @@ def test_missing_file_and_bad_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         LlamaConfig.from_hf(tmp_path)
+
+
+def test_config_json_is_read_as_utf8_and_other_bytes_are_named(tmp_path):
+    """config.json was read in the locale's encoding, and a file that did not decode raised a bare
+    UnicodeDecodeError naming no file."""
+    raw = json.dumps(dict(LLAMA31_8B, _name_or_path="Caf\u00e9"), ensure_ascii=False)
+    (tmp_path / "config.json").write_bytes(raw.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config.json is not UTF-8 text, as JSON must be \('utf-8' codec"):
+        LlamaConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_bytes(raw.encode("utf-8"))
+    # Under an ASCII locale (no UTF-8 mode, no coercion): the locale's encoding refused the é before
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = f"import kpro; print(kpro.LlamaConfig.from_hf({str(tmp_path)!r}).hidden_size)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "4096", done.stderr[-500:]
 
 
 def test_to_hf_is_a_loadable_llama_config():
