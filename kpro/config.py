@@ -278,8 +278,16 @@ class LlamaConfig:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write config.json (a directory gets `config.json` inside it) atomically: temporary file, rename."""
+        """Write config.json atomically (temporary file, rename): into a directory (`config.json` inside it; a
+        path ending in a separator is one, made if missing), or to a file (that exists, or a new `.json` name)."""
+        as_directory = os.fspath(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
         path = Path(path)
+        if as_directory:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not path.exists() and path.suffix != ".json":  # "out/model" meant as a directory became a file
+            raise ValueError(f"cannot save the config to {path}: it does not exist and is no .json file name; pass a "
+                             f"directory that exists (config.json goes inside), one ending in {os.sep!r} (made), or "
+                             "a .json file")
         write_atomic(path / "config.json" if path.is_dir() else path,
                      json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
 

@@ -143,6 +143,15 @@ def test_save_writes_config_json_atomically(tmp_path):
     cfg.replace(num_hidden_layers=2).save(tmp_path / "config.json")
     assert LlamaConfig.from_hf(tmp_path).num_hidden_layers == 2
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary left behind
+    # "newdir/" was written as a file named newdir, read back as nothing's config.json
+    cfg.save(f"{tmp_path}/new/dir/")
+    assert LlamaConfig.from_hf(tmp_path / "new" / "dir") == cfg
+    cfg.save(tmp_path / "other.json")
+    assert LlamaConfig.from_hf(tmp_path / "other.json") == cfg
+    with pytest.raises(ValueError, match=r"cannot save the config to .*model: it does not exist and is no \.json file "
+                                         r"name; pass a directory that exists"):
+        cfg.save(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
 
 
 def test_replace_derives_head_dim_and_kv_heads_again_unless_they_were_set_apart():
