@@ -6,8 +6,9 @@ an exclusive lock on the directory's LOCK_FILE (`flock`, which the system releas
 it ends: no stale lock after a SIGKILL; a run that ends removes the file); a second run is refused at once, naming
 the holder. Within one thread the lock is re-entrant (the demo holds --out while each act holds its own directory
 below it, and `fit` its run directory below that); another thread of the same process is refused as another
-process is. Where the system has no such locks (Windows, some network file systems), runs go unguarded, with a
-warning: the run's numbers are the same either way.
+process is, and so is a child forked by the holder (its copy of the holder's memory does not make it the holder).
+Where the system has no such locks (Windows, some network file systems), runs go unguarded, with a warning: the
+run's numbers are the same either way.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from .errors import DirectoryInUse
 
 LOCK_FILE = ".kpro-run.lock"
 
-_held: dict[Path, list] = {}  # resolved directory -> [holding thread's id, how many times it holds it]
+# resolved directory -> [holding process's id, its thread's id, how many times it holds it]. The process's id too:
+# a forked child copies this, and its forking thread keeps the thread id the holder had.
+_held: dict[Path, list] = {}
 _held_guard = threading.Lock()
 
 
@@ -39,25 +42,27 @@ def holding(directory: str | os.PathLike):
             break
         created.append(path)
     directory.mkdir(parents=True, exist_ok=True)
-    key = directory.resolve()
+    key, me = directory.resolve(), [os.getpid(), threading.get_ident()]
     with _held_guard:
         held = _held.get(key)
-        if held is not None and held[0] != threading.get_ident():
+        if held is not None and held[0] != me[0]:
+            held = None  # the parent's, copied when it forked this process: its lock file refuses this one
+        if held is not None and held[1] != me[1]:
             raise DirectoryInUse(_in_use(directory, f"another thread of this process, {os.getpid()}"))
         if held is not None:
-            held[1] += 1
+            held[2] += 1
     if held is not None:
         try:
             yield
         finally:
             with _held_guard:
-                held[1] -= 1
+                held[2] -= 1
         return
     path, fd, registered = directory / LOCK_FILE, None, False
     try:
         fd = _lock(path, directory)
         with _held_guard:
-            _held[key], registered = [threading.get_ident(), 1], True
+            _held[key], registered = [*me, 1], True
         yield
     finally:
         if registered:

@@ -1046,6 +1046,31 @@ def test_the_run_directorys_hold_is_per_thread_and_leaves_nothing_behind(tmp_pat
     assert outcome[1:] == ["trained"]
 
 
+def test_a_child_forked_by_the_holder_is_refused_as_another_process(tmp_path):
+    """A child forked inside the holder's block passed as the holder re-entering it (its copy of the holder's
+    memory, and the thread id its forking thread keeps): both ran in the directory."""
+    import multiprocessing
+
+    def child(queue):
+        try:
+            with holding(tmp_path / "x"):
+                queue.put("held")
+        except DirectoryInUse as err:
+            queue.put(str(err))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    with holding(tmp_path / "x"):
+        process = context.Process(target=child, args=(queue,))
+        process.start()
+        said = queue.get(timeout=60)
+        process.join()
+    assert said.startswith(f"{tmp_path / 'x'} is in use by another kpro run (process {os.getpid()})"), said
+    process = context.Process(target=child, args=(queue,))  # once the parent let go, the child holds it
+    process.start()
+    assert queue.get(timeout=60) == "held"
+    process.join()
+
+
 def test_a_system_without_flock_runs_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
     """fcntl is POSIX: on Windows every fit failed with ModuleNotFoundError. A file system refusing locks
     (ENOLCK) left its lock file, and so an empty directory, behind."""
