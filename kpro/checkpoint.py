@@ -185,8 +185,8 @@ def tensor_locations(directory: Path) -> dict[str, Path]:
                               "one is the model is ambiguous: remove the other")
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
         if not isinstance(weight_map, dict) or not all(isinstance(name, str) and isinstance(file, str)
                                                        for name, file in weight_map.items()):

@@ -534,8 +534,8 @@ class _FixedVocabulary(_TokenizerBase):
         if path.is_dir():
             path = path / cls.FILE
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON ({err}): a kpro {cls.KIND} tokenizer file") from None
         if not isinstance(data, dict) or data.get("type") != cls.KIND:
             raise ValueError(f"{path} is not a kpro {cls.KIND} tokenizer file")

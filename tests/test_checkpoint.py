@@ -229,6 +229,10 @@ def test_ambiguous_and_malformed_weight_files_are_refused(tmp_path, make_model):
         index_file.write_text(json.dumps({**index, "weight_map": weight_map}))
         with pytest.raises(kpro.CheckpointError, match="'weight_map' must map each tensor name to a shard file"):
             kpro.load_pretrained(tmp_path / "ck")
+    # An index that is not UTF-8 (a tensor or file name in another encoding) is named, not a bare UnicodeDecodeError
+    index_file.write_bytes(json.dumps(index).replace('"metadata"', '"m\u00e9tadata"').encode("latin-1"))
+    with pytest.raises(kpro.CheckpointError, match=r"model.safetensors.index.json is not a valid safetensors index"):
+        kpro.load_pretrained(tmp_path / "ck")
 
 
 def test_a_tied_config_with_a_saved_head_other_than_the_embedding_is_refused(tmp_path, make_model):

@@ -138,7 +138,7 @@ def _check_resumable(run_dir: Path, settings: dict) -> None:
     last = latest_checkpoint(run_dir)
     if last is None or not (last / SETTINGS_FILE).is_file():
         return  # a new run, or one saved before the settings were recorded
-    saved = json.loads((last / SETTINGS_FILE).read_text())
+    saved = json.loads((last / SETTINGS_FILE).read_text(encoding="utf-8"))
     # base_model: a resume loads the checkpoint's base weights over the model given (not recorded before)
     differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {settings.get(key)!r} now"
                    + (" (another base model, or another dtype of it)" if key == "base_model" else "")

@@ -73,7 +73,7 @@ def check_settings(directory: Path, settings: dict) -> dict | None:
     if not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is unreadable ({err}): delete {directory} to start that act over") from None
     if not isinstance(saved, dict):

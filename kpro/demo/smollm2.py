@@ -80,7 +80,7 @@ def converted_model(directory: Path) -> tuple[Path, float | None]:
     source = smollm2_gguf()
     record = directory / RECORD_NAME
     if record.is_file():
-        done = json.loads(record.read_text())
+        done = json.loads(record.read_text(encoding="utf-8"))
         if done.get("source") == source.name and done.get("source_bytes") == source.stat().st_size:
             return directory, None
     start = time.perf_counter()

@@ -93,7 +93,7 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}")
     cfg = LlamaConfig.from_hf(src)  # its errors name the file
-    raw_config = json.loads((src / CONFIG_NAME).read_text())
+    raw_config = json.loads((src / CONFIG_NAME).read_text(encoding="utf-8"))
     sources, unlisted = _read_headers(src)
     _check_against_config(src, cfg, sources, unlisted)
     layout = expansion_layout(cfg.num_hidden_layers, num_new_blocks, position)
@@ -137,8 +137,8 @@ def read_expansion_record(directory) -> dict | None:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
     blocks = record.get("new_blocks") if isinstance(record, dict) else None
     if not isinstance(blocks, list) or not blocks or \
@@ -156,8 +156,8 @@ def _check_record_matches_config(path: Path, record: dict) -> None:
     if not isinstance(copied_from, list) or not config.is_file():
         return  # a record written by hand may name the blocks only; train_only checks their range
     try:
-        blocks = json.loads(config.read_text()).get("num_hidden_layers")
-    except (json.JSONDecodeError, AttributeError):
+        blocks = json.loads(config.read_text(encoding="utf-8")).get("num_hidden_layers")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return  # loading the checkpoint says what is wrong with its config
     if blocks != len(copied_from):
         raise CheckpointError(f"{path} records an expansion to {len(copied_from)} blocks, but {config} has "

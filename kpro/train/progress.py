@@ -96,7 +96,7 @@ class MetricsLog:
             tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record, sort_keys=False) + "\n")
@@ -113,7 +113,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     checkpointed. Any other line that is not a JSON object is an error naming the file and line.
     """
     path = Path(path)
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -487,7 +487,7 @@ def tuned_key(kind: str, head_dim: int, dtype: torch.dtype, arch: int, compiler:
 def tuned_table() -> dict[str, list[int]]:
     if not TUNED_TABLE.is_file():
         return {}
-    table = json.loads(TUNED_TABLE.read_text())
+    table = json.loads(TUNED_TABLE.read_text(encoding="utf-8"))
     bad = {key: value for key, value in table.items() if not (isinstance(value, list) and len(value) == 4)}
     if bad:
         raise ValueError(f"{TUNED_TABLE}: entries must be [BLOCK_M, BLOCK_N, num_warps, num_stages], got {bad}")
