@@ -131,6 +131,17 @@ def test_add_adapters_to_a_model_and_activate():
     with lora.active(model, "y"):
         assert not torch.allclose(model(ids), before)
     torch.testing.assert_close(model(ids), before)  # the context restored the base
+    with lora.active(model, "y"):
+        with_y = model(ids)
+        with lora.active(model, "x"):
+            torch.testing.assert_close(model(ids), before)
+        torch.testing.assert_close(model(ids), with_y)  # the inner context restored the outer adapter
+    with lora.active(model, None):
+        with lora.active(model, "x"):
+            pass
+        lora.refuse_idle_adapters(model, "evaluate")  # the outer context's base, asked for, is restored too
+    with pytest.raises(ValueError, match="none is active or merged"):
+        lora.refuse_idle_adapters(model, "evaluate")  # and, outside every context, not asked for
     with pytest.raises(ValueError, match="adapter 'z' does not exist"):
         with lora.active(model, "z"):
             pass
