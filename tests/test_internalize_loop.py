@@ -233,6 +233,17 @@ def test_select_best_keeps_the_best_weights_once_the_cot_is_gone(tmp_path, monke
     assert early.selected is None
     assert all(torch.equal(tensor, snapshots.weights[4][name]) for name, tensor in model.state_dict().items())
 
+    # CoT back in a batch after a CoT-free evaluation (rows of other lengths, smoothing offsets): the selection
+    # starts over, so step 1's 0.9 does not count and step 3's 0.5 is kept.
+    scripted_accuracies(monkeypatch, [0.9, 0.2, 0.5])
+    restart = ValidationAccuracy(TOK, VALID, 1, select_best=True, stream=io.StringIO())
+    run = type("R", (), {"is_main": True, "step": 0, "total_steps": 3, "model": make_model()})()
+    for step, rows_left in [(1, 0), (2, 3), (3, 0)]:
+        run.step = step
+        restart.on_step_end(run, {"cot_rows_left": rows_left})
+    restart.on_fit_end(run)
+    assert restart.selected == {"step": 3, "accuracy": 0.5}
+
 
 def test_a_resume_on_other_validation_examples_is_refused(tmp_path, monkeypatch):
     """The best accuracy was kept without its examples: a resume with another --eval-examples or --valid compared
