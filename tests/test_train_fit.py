@@ -403,6 +403,20 @@ def test_accumulation_weights_every_loss_token_equally(tmp_path):
         for name, tensor in results[1][1].items():
             torch.testing.assert_close(results[accum][1][name], tensor, rtol=1e-5, atol=1e-6)
 
+    # A scalar loss_fn (a mean) is a mean of micro-batch means: with as many loss tokens in each micro-batch,
+    # that is the batch's mean, so accumulating must not change the step either.
+    rows = torch.randint(3, 67, (4, 8), generator=torch.Generator().manual_seed(1))
+    full = [{"input_ids": rows, "labels": rows.clone()}] * 3
+    scalar = {}
+    for accum in (1, 2, 4):
+        model = make_model()
+        kt.fit(model, full, tmp_path / f"scalar{accum}", steps=3, grad_accum=accum, clip_grad_norm=None,
+               loss_fn=lambda m, b: kt.lm_loss(m, b).mean, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+        scalar[accum] = state_of(model)
+    for accum in (2, 4):
+        for name, tensor in scalar[1].items():
+            torch.testing.assert_close(scalar[accum][name], tensor, rtol=1e-5, atol=1e-6)
+
 
 def test_fit_equals_a_hand_written_loop(tmp_path):
     """Decay groups, clipping, the token-mean loss: fit is this plain loop, bit for bit. (The loop computes the
