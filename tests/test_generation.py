@@ -112,6 +112,10 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(picks.tolist()) == {0, 1}
     share = (picks == 0).float().mean()
     assert abs(share - probs[0] / probs[:2].sum()) < 0.05
+    # Two equal tokens of 0.5 each and top_p=0.5: the first ranked holds top_p already, so the second is dropped.
+    tied = torch.tensor([[1.5, 1.5]]).repeat(200, 1)
+    first = torch.sort(tied.double(), dim=-1, descending=True).indices[:, 0]
+    assert torch.equal(select_next_token(tied, 1.0, top_p=0.5, generator=gen), first)
 
 
 @pytest.mark.parametrize("kwargs, message", [
