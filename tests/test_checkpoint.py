@@ -90,6 +90,17 @@ def test_the_default_dtype_is_the_checkpoints_own(tmp_path, make_model, saved):
     assert size(tmp_path / "again") == size(tmp_path / "ck")
 
 
+def test_the_default_dtype_of_a_mixed_checkpoint_is_that_of_most_parameters(tmp_path, make_model):
+    """Norms kept in fp32 beside bf16 matrices (as mixed-precision tools save them) load as bf16; the reverse,
+    fp32 matrices beside bf16 norms, as fp32: the dtype holding the most parameters, not the fewest."""
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
+    tensors = load_file(tmp_path / "ck" / "model.safetensors")
+    for matrices, norms in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+        mixed = {name: t.to(norms if t.dim() == 1 else matrices) for name, t in tensors.items()}
+        save_file(mixed, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt"})
+        assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck").parameters()} == {matrices}
+
+
 def test_dtype_names_are_accepted_and_non_float_dtypes_refused(tmp_path, make_model):
     kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
     for name, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
