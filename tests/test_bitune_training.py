@@ -187,6 +187,28 @@ def test_multiple_choice_refuses_questions_it_would_score_wrongly():
         bitune.answer_log_likelihoods(model, [[1, 5], [1, 7]], [[6]])
 
 
+def test_scores_that_are_not_finite_are_refused_by_answer_and_by_question():
+    """NaN scores passed: argmax takes a NaN for the largest, so broken weights scored acc 1.0 where every
+    answer was the first choice."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    bt = Bitune(model, rank=2, seed=0)
+    with torch.no_grad():
+        model.layers[1].mlp.down_proj.causal.lora_B.weight.fill_(float("nan"))
+    questions = [bitune.MultipleChoice("say a", ["a", "b"], 0), bitune.MultipleChoice("say c", ["c", "d", "e"], 0)]
+    with pytest.raises(ValueError, match=r"multiple_choice_accuracy: question 0, choice 'a' scored nan \(5 of 5 "
+                                         r"scores are not finite\): the model computes NaN or infinite outputs"):
+        bitune.multiple_choice_accuracy(bt, TOK, questions)
+    with pytest.raises(ValueError, match=r"answer_log_likelihoods: answer 0 scored nan \(2 of 2"):
+        bitune.answer_log_likelihoods(bt, [[1, 5, 6], [1, 7]], [[7, 8], [9]])
+    plain = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    with torch.no_grad():
+        plain.embed_tokens.weight[9].fill_(float("inf"))  # only the row that reads token 9: the second answer
+    assert bitune.answer_log_likelihoods(plain, [[1, 5]], [[7, 8]]).isfinite().all()
+    with pytest.raises(ValueError, match=r"answer_log_likelihoods: answer 1 scored nan \(1 of 2"):
+        bitune.answer_log_likelihoods(plain, [[1, 5], [1, 9, 5]], [[7, 8], [6]])
+
+
 def test_a_model_tuned_in_place_is_not_scored_as_its_base():
     """tune and Bitune adapt the model in place: scoring that model ran its base, untuned, without a word."""
     torch.manual_seed(0)

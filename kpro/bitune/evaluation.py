@@ -7,7 +7,7 @@ evaluation prompt), and each choice is scored by the log-likelihood of `" " + ch
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -20,11 +20,19 @@ from .streams import answer_targets, right_pad, split_streams, token_lists
 from .wrapper import Bitune
 
 
-@torch.no_grad()
 def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                            batch_size: int = 16) -> torch.Tensor:
     """log P(answer | prompt) summed over the answer tokens, [N] float64, for a Bitune or a plain /
-    adapted causal model."""
+    adapted causal model. A score that is not finite (NaN or infinite weights) is refused, naming its answer."""
+    scores = _log_likelihoods(tuned, prompts, answers, batch_size)
+    _refuse_non_finite(scores, lambda i: f"answer_log_likelihoods: answer {i}")
+    return scores
+
+
+@torch.no_grad()
+def _log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                     batch_size: int) -> torch.Tensor:
+    """answer_log_likelihoods' scores, unchecked: each caller names a score that is not finite its own way."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if len(prompts) != len(answers) or not prompts:
@@ -75,7 +83,9 @@ def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], ba
     if not isinstance(tuned, (Bitune, lora.AdaptedModel)):
         lora.refuse_idle_adapters(tuned, "multiple_choice_accuracy")
     prompts, answers, lengths = encode_multiple_choice(tok, questions, _model_of(tuned).config.max_position_embeddings)
-    scores = answer_log_likelihoods(tuned, prompts, answers, batch_size)
+    scores = _log_likelihoods(tuned, prompts, answers, batch_size)
+    rows = [(q_index, choice) for q_index, question in enumerate(questions) for choice in question.choices]
+    _refuse_non_finite(scores, lambda i: f"multiple_choice_accuracy: question {rows[i][0]}, choice {rows[i][1]!r}")
     correct = correct_norm = 0
     offset = 0
     for question in questions:
@@ -86,6 +96,17 @@ def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], ba
         correct_norm += int(per_char.argmax()) == question.answer
         offset += n
     return {"acc": correct / len(questions), "acc_norm": correct_norm / len(questions), "questions": len(questions)}
+
+
+def _refuse_non_finite(scores: torch.Tensor, name: Callable[[int], str]) -> None:
+    """A NaN score passed as a number: argmax takes a NaN for the largest, so a model with broken weights was
+    credited with every question whose answer is its first NaN choice."""
+    bad = (~scores.isfinite()).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{name(i)} scored {scores[i].item()} ({len(bad)} of {len(scores)} scores are not "
+                         "finite): the model computes NaN or infinite outputs (NaN or infinite weights, or an "
+                         "overflow in its dtype)")
 
 
 def encode_multiple_choice(tok, questions: Sequence[MultipleChoice], limit: int) -> tuple[list, list, list]:
