@@ -316,15 +316,18 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
 
 
 @contextlib.contextmanager
-def adapters_undone_on_error(model: nn.Module):
+def adapters_undone_on_error(model: nn.Module, keep: Callable[[], bool] = lambda: False):
     """For a loader that adds adapters to the caller's model and then loads them: if the block raises, every
     LoRA layer it added is replaced by the plain linear layer it wrapped and every parameter's requires_grad
-    is restored, so the model is left as it was and a corrected retry can adapt it again."""
+    is restored, so the model is left as it was and a corrected retry can adapt it again. Unless `keep()` is
+    true by then (tune: a step has trained the adapters)."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     before = set(map(id, lora_layers(model)))
     try:
         yield
     except BaseException:
+        if keep():
+            raise
         for path, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, LoRALinear) and id(child) not in before:

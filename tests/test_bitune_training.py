@@ -1,6 +1,8 @@
 """Instruction data, the Bitune / LoRA training entry point, multiple-choice scoring and the CLI."""
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -384,6 +386,49 @@ def test_a_failed_load_tuned_leaves_the_model_as_it_was(tmp_path, method):
     assert after == before and not lora.lora_layers(model)
     (files / "adapters.safetensors").write_bytes(good)
     assert lora.lora_layers(bitune.load_tuned(model, files).model)  # the retry works
+
+
+@pytest.mark.parametrize("method", ["bitune", "lora"])
+def test_a_tune_refused_before_its_first_step_leaves_the_model_as_it_was(tmp_path, method):
+    """The adapters went into the caller's model before fit's resume checks (another lr) or Batches' (a batch
+    the examples cannot fill) refused: the model was left adapted and frozen, and the corrected call failed
+    with "has LoRA adapters already". Adapters a step has trained stay, on Ctrl-C too."""
+    pairs = tiny_pairs(16)
+
+    def base():
+        torch.manual_seed(0)
+        return kpro.Llama(tiny_config())
+
+    bitune.tune(base(), pairs, method, tmp_path, steps=1, batch_size=4, lr=1e-2, rank=2)
+    model = base()
+
+    def assert_plain():
+        assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+    with pytest.raises(kpro.CheckpointError, match="was trained with other settings"):
+        bitune.tune(model, pairs, method, tmp_path, steps=2, batch_size=4, lr=1e-3, rank=2)
+    assert_plain()
+    with pytest.raises(ValueError, match="16 examples cannot fill one batch of 20"):
+        bitune.tune(model, pairs, method, tmp_path / "other", steps=1, batch_size=20, rank=2)
+    assert_plain()
+    bitune.tune(model, pairs, method, tmp_path, steps=2, batch_size=4, lr=1e-2, rank=2)  # the corrected call
+    assert lora.lora_layers(model)
+
+    class CtrlC(kt.Callback):
+        def on_batch(self, run, batch):
+            os.kill(os.getpid(), signal.SIGINT)  # in the first step: it finishes, is saved, and fit raises
+            return batch
+
+    model = base()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # not ignored, as in a background job
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bitune.tune(model, pairs, method, tmp_path / "interrupted", steps=3, batch_size=4, rank=2,
+                        callbacks=[CtrlC()])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert kt.latest_checkpoint(tmp_path / "interrupted" / "run").name == "step-00000001"
+    assert lora.lora_layers(model)  # trained: kept
 
 
 @pytest.mark.parametrize("method", ["bitune", "lora"])

@@ -104,22 +104,41 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
     elif last is not None:  # the untuned adapters would replace the tuned ones
         raise ValueError(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
                          "load them with load_tuned, or tune into another out_dir")
-    if method == "bitune":
-        tuned, loss_fn = Bitune(model, rank=rank, alpha=alpha, mode=mode, seed=seed), partial(bitune_loss, weighting=weighting)
-    else:
-        lora.add_adapters(model, ["causal"], rank=rank, alpha=alpha, seed=seed)
-        # The token mean is fit's default loss, lm_loss, exactly.
-        tuned, loss_fn = lora.AdaptedModel(model, "causal"), (None if weighting == "token" else partial(lora_loss, weighting=weighting))
-    tuned.to(model.embed_tokens.weight.device)
-    if steps > 0:
+    if steps > 0:  # before any adapter is added: a batch size the examples cannot fill, a bad warmup
         batches = Batches(pairs, batch_size, partial(collate_prompt_answer, pad_id=pad_id), seed=seed)
-        kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
-        fit(tuned, batches, out_dir / "run", steps=steps, optimizer=lambda m: adamw(m, lr, weight_decay=0.0),
-            schedule=Schedule("linear", warmup_steps=_warmup_steps(warmup, steps, out_dir / "run"), total_steps=steps),
-            clip_grad_norm=1.0, keep_last=1, callbacks=[_RecordSettings(settings), *callbacks], stream=stream,
-            log_every=log_every, **kwargs)
-    save_tuned_adapters(tuned, out_dir / "adapters")
+        schedule = Schedule("linear", warmup_steps=_warmup_steps(warmup, steps, out_dir / "run"), total_steps=steps)
+    trained = _StepsTrained()
+    # The adapters go into the caller's model: a refusal before the first step (fit's resume checks of the lr,
+    # warmup, batch size, seed or data) takes them out again, so that the corrected call can add them; once a
+    # step has trained them (Ctrl-C saves it and raises) they stay.
+    with lora.adapters_undone_on_error(model, keep=lambda: trained.any):
+        if method == "bitune":
+            tuned = Bitune(model, rank=rank, alpha=alpha, mode=mode, seed=seed)
+            loss_fn = partial(bitune_loss, weighting=weighting)
+        else:
+            lora.add_adapters(model, ["causal"], rank=rank, alpha=alpha, seed=seed)
+            # The token mean is fit's default loss, lm_loss, exactly.
+            tuned = lora.AdaptedModel(model, "causal")
+            loss_fn = None if weighting == "token" else partial(lora_loss, weighting=weighting)
+        tuned.to(model.embed_tokens.weight.device)
+        if steps > 0:
+            kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
+            fit(tuned, batches, out_dir / "run", steps=steps, optimizer=lambda m: adamw(m, lr, weight_decay=0.0),
+                schedule=schedule, clip_grad_norm=1.0, keep_last=1,
+                callbacks=[_RecordSettings(settings), trained, *callbacks], stream=stream, log_every=log_every,
+                **kwargs)
+        save_tuned_adapters(tuned, out_dir / "adapters")
     return tuned
+
+
+class _StepsTrained(Callback):
+    """Whether fit has trained a step of this call: the adapters then hold it, and stay on an error."""
+
+    def __init__(self):
+        self.any = False
+
+    def on_step_end(self, run, metrics) -> None:
+        self.any = True
 
 
 class _RecordSettings(Callback):
