@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from . import lora
 from ._files import save_safetensors
 from .checkpoint import CheckpointError, atomic_directory
 
@@ -89,11 +90,26 @@ def base_record(model: nn.Module) -> dict:
     """What an adapter config records of the base model it was tuned on (checked by `check_base`): its
     fingerprint in its dtype and, so that a narrower copy of it is checked too, in each other float dtype no
     wider (bf16 and fp16 are as wide as each other: a bf16 base's fp16 copy is checked against its own)."""
+    _refuse_merged(model)
     dtype = _base_dtype(model)
     narrower = {_dtype_name(d): base_fingerprint(model, d) for d in _NARROWER
                 if d != dtype and d.itemsize <= dtype.itemsize}
     return {"base_model": base_fingerprint(model, dtype), "base_dtype": _dtype_name(dtype),
             **({"base_model_narrower": narrower} if narrower else {})}
+
+
+def _refuse_merged(model: nn.Module) -> None:
+    """The base fingerprint reads the weights: where an adapter is merged into one, it would fingerprint the
+    merged weight, and adapters saved so would be refused by the base they were tuned on."""
+    layers = [(path, module.merged) for path, module in model.named_modules() if isinstance(module, lora.LoRALinear)]
+    merged = [(path, name) for path, name in layers if name is not None]
+    if merged:
+        path, name = merged[0]
+        raise ValueError(f"cannot save adapters while one is merged into the base weights ({len(merged)} of "
+                         f"{len(layers)} LoRA layers; first: {path}, adapter {name!r}): they would record the merged "
+                         "weights as their base, and the base they were tuned on would refuse them; save them before "
+                         "merging, or unmerge() first (`for layer in kpro.lora.lora_layers(model): layer.unmerge()`; "
+                         "it restores the base to rounding only, and a base check may tell the difference)")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -366,6 +366,38 @@ def test_load_tuned_rebuilds_lora_on_other_projections_and_names(tmp_path):
         bitune.save_tuned_adapters(model, tmp_path / "other")
 
 
+def test_adapters_are_not_saved_while_merged(tmp_path):
+    """Saved while merged, the adapters recorded the merged weights as their base: load_tuned into the base they
+    were tuned on refused them as "tuned on another base model"."""
+    def base():
+        torch.manual_seed(0)
+        return kpro.Llama(tiny_config())
+
+    model = base()
+    lora.add_adapters(model, ["causal"], rank=2, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    for layer in lora.lora_layers(model):
+        layer.merge("causal")
+    tuned = lora.AdaptedModel(model, "causal")
+    with pytest.raises(ValueError, match=r"cannot save adapters while one is merged into the base weights "
+                                         r"\(14 of 14 LoRA layers; first: layers.0.self_attn.q_proj, adapter 'causal'\)"
+                                         r": .* save them before merging, or unmerge\(\) first"):
+        bitune.save_tuned_adapters(tuned, tmp_path / "adapters")
+    assert not (tmp_path / "adapters").exists()
+    for layer in lora.lora_layers(model):
+        layer.unmerge()
+    bitune.save_tuned_adapters(tuned, tmp_path / "adapters")  # the base as it is now, unmerged
+    assert json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())["base_model"] == \
+        kpro.adapters.base_fingerprint(model)
+    bt = Bitune(base(), rank=2, seed=0)
+    lora.lora_layers(bt.model)[3].merge("bidir")
+    with pytest.raises(ValueError, match=r"\(1 of 14 LoRA layers; first: layers.0.self_attn.o_proj, adapter 'bidir'\)"):
+        bt.save_adapters(tmp_path / "bitune")
+
+
 @pytest.mark.parametrize("method", ["bitune", "lora"])
 def test_a_failed_load_tuned_leaves_the_model_as_it_was(tmp_path, method):
     """load_tuned added the adapters to the caller's model before loading them: a file that did not match left
