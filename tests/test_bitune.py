@@ -461,15 +461,23 @@ def test_the_mix_is_computed_in_fp32_and_cast_back():
     alpha = torch.tensor(0.3137, dtype=torch.float32)
     mixed = mix_kv(x0, x1, alpha)
     assert mixed.dtype == torch.bfloat16
-    assert torch.equal(mixed, ((1 - alpha) * x0.float() + alpha * x1.float()).bfloat16())
+    # x0 + α·(x1 − x0) rounded once to fp32, as the kernel's fma (test_ops_bitune_attention: bit for bit)
+    assert torch.equal(mixed, (x0.double() + alpha.double() * (x1.float() - x0.float()).double()).float().bfloat16())
     # Left to type promotion, the 0-dim fp32 alpha does not promote bf16: the old expression rounds in bf16.
     naive = (1 - alpha) * x0 + alpha * x1
     assert naive.dtype == torch.bfloat16 and not torch.equal(naive, mixed)
+    # Gradients reach both caches and alpha, as the kernels' backward gives them.
+    leaves = [x0.float().requires_grad_(), x1.float().requires_grad_(), alpha.clone().requires_grad_()]
+    mix_kv(*leaves).sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in leaves)
+    torch.testing.assert_close(leaves[0].grad, torch.full_like(x0.float(), 1 - 0.3137), rtol=1e-6, atol=0)
+    torch.testing.assert_close(leaves[1].grad, torch.full_like(x0.float(), 0.3137), rtol=1e-6, atol=0)
+    torch.testing.assert_close(leaves[2].grad, (x1.float() - x0.float()).sum(), rtol=1e-5, atol=0)
     # float64 stays float64 (the independent references compare to 1e-15), and alpha gets its gradient.
     y0, y1 = (torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(2))
     a = torch.tensor(0.25, requires_grad=True)
     out = mix_kv(y0, y1, a)
-    assert out.dtype == torch.float64 and torch.equal(out, (1 - a.double()) * y0 + a.double() * y1)
+    assert out.dtype == torch.float64 and torch.equal(out, y0 + a.double() * (y1 - y0))
     out.sum().backward()
     torch.testing.assert_close(a.grad.double(), (y1 - y0).sum(), rtol=1e-6, atol=0)
 
@@ -503,6 +511,40 @@ def test_bf16_generation_decodes_from_the_mix_the_answer_stream_attends_to(fused
     if fused:  # the answer stream's attention mixes on its own (the reference of the fused kernel): the same bits
         assert len(seen["attention"]) == 2 * layers
         assert all(torch.equal(a, c) for a, c in zip(seen["attention"], seen["cache"]))
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[1:2])  # Triton: GPU, or interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_the_first_generated_token_and_the_later_ones_read_the_same_mix(backend, device, dtype, monkeypatch):
+    """On the kernel backend the first token attends to the mix of the Triton kernel (fma(α, x1 − x0, x0) in
+    fp32) and the later ones to the decoding cache, filled by mix_kv ((1 − α)·x0 + α·x1 before): some entries
+    differed by a unit in the last place. Both caches, every layer, bit for bit."""
+    from kpro.bitune import passes
+    from kpro.ops.backend import interpreter_bf16_problem
+    from kpro.ops.triton_kernels import bitune_attention as kernels
+    from test_ops_rms_norm import bits
+
+    if dtype == torch.bfloat16 and device == "cpu" and interpreter_bf16_problem():
+        pytest.skip(interpreter_bf16_problem())
+    seen = {"kernel": [], "cache": []}
+
+    def spy(where, real):
+        def mix(*args):
+            out = real(*args)
+            seen[where].append(out)
+            return out
+        return mix
+    monkeypatch.setattr(kernels, "mixed_cache", spy("kernel", kernels.mixed_cache))
+    monkeypatch.setattr(passes, "mix_kv", spy("cache", passes.mix_kv))
+    bt = make(dtype=dtype, device=device, w=(0.7, -0.013))
+    ids, plens, mask, seqs = batch()
+    with kpro.ops.backend(backend):
+        bt.generate([seq[:p] for seq, p in zip(seqs, plens.tolist())], 2, fused=True, eos_token_id=[])
+    layers = bt.model.config.num_hidden_layers
+    assert len(seen["kernel"]) == layers and len(seen["cache"]) == 2 * layers
+    for (k_mix, v_mix), k_cache, v_cache in zip(seen["kernel"], seen["cache"][::2], seen["cache"][1::2]):
+        assert k_mix.dtype == dtype and torch.equal(bits(k_mix), bits(k_cache))
+        assert torch.equal(bits(v_mix), bits(v_cache))
 
 
 def test_applying_bitune_twice_to_one_model_is_refused():

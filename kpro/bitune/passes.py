@@ -60,7 +60,7 @@ def fused_passes(model: Llama, mode: Mode, streams: Streams, alpha_k: torch.Tens
             q_p, k_p, v_p = (t[:, :2 * tp].unflatten(1, (2, tp)).transpose(0, 1) for t in (q, k, v))
             q_a, k_a, v_a = q[:, 2 * tp:], k[:, 2 * tp:], v[:, 2 * tp:]
             if cache is not None:
-                # The mix the attention kernel reads, in fp32 and cast back: decoding sees the same cache.
+                # The mix the attention kernel reads, bit for bit (mix_kv rounds as it): decoding sees the same cache.
                 _store(cache, i, mix_kv(k_p[0], k_p[1], alpha_k[i]), mix_kv(v_p[0], v_p[1], alpha_v[i]), k_a, v_a)
             o_p, o_a = ops.bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k[i], alpha_v[i],
                                             streams.prompt_lens, streams.answer_lens, check_values=False)
