@@ -173,6 +173,26 @@ def test_multiple_choice_picks_the_likeliest_choice():
     assert result["acc"] == expected / 2 and result["questions"] == 2
 
 
+def test_the_eval_batch_size_counts_rows_of_a_prompt_and_one_choice(monkeypatch):
+    """--eval-batch-size said "questions scored at once"; it batches (prompt, choice) rows."""
+    import argparse
+
+    from kpro.bitune import command
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    command.add_parsers(sub)
+    option = next(action for action in sub.choices["bitune"]._actions if "--eval-batch-size" in action.option_strings)
+    assert option.help.startswith("rows scored at once, each a question's prompt with one of its choices")
+    torch.manual_seed(0)
+    bt = Bitune(kpro.Llama(tiny_config(vocab_size=TOK.vocab_size)), rank=2, seed=0)
+    rows, forward = [], Bitune.forward
+    monkeypatch.setattr(Bitune, "forward", lambda self, ids, *args, **kwargs: rows.append(ids.shape[0]) or
+                        forward(self, ids, *args, **kwargs))
+    questions = [bitune.MultipleChoice(f"say {c}", ["a", "b", "c"], 0) for c in "ab"]
+    bitune.multiple_choice_accuracy(bt, TOK, questions, batch_size=4)
+    assert rows == [4, 2]
+
+
 def test_multiple_choice_refuses_questions_it_would_score_wrongly():
     torch.manual_seed(0)
     model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, max_position_embeddings=40))

@@ -39,7 +39,9 @@ def add_parsers(sub) -> None:
                    "and most: the model's max_position_embeddings")
     p.add_argument("--eval", action="append", default=[], metavar="FILE",
                    help="multiple-choice JSONL (question, choices, answer) to score zero-shot; repeatable")
-    p.add_argument("--eval-batch-size", type=int, default=16, help="questions scored at once")
+    p.add_argument("--eval-batch-size", type=int, default=16,
+                   help="rows scored at once, each a question's prompt with one of its choices (a question of 4 "
+                        "choices is 4 rows)")
     p.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (bf16 autocast runs on GPU anyway)")
     add_device_argument(p)

@@ -76,7 +76,7 @@ def _log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Sequence[
 
 def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], batch_size: int = 16) -> dict:
     """Zero-shot accuracy: each question asked with its choices listed (`multiple_choice_prompt`), each choice
-    scored as the answer `" " + choice`."""
+    scored as the answer `" " + choice`; `batch_size` rows a forward, each a prompt with one of its choices."""
     if not questions:
         raise ValueError("multiple_choice_accuracy needs at least one question")
     questions = list(questions)  # read twice: to encode, then to score
