@@ -346,6 +346,10 @@ def test_adapter_files_that_do_not_fit(tmp_path):
     (lambda ids, p, m: (ids, torch.tensor([0, 1, 2, 3]), m), "prompt lengths must be >= 1"),
     (lambda ids, p, m: (ids, torch.tensor([9, 1, 2, 3]), m), "at least one answer token"),
     (lambda ids, p, m: (ids, p[:3], m), "prompt_lens must be an integer tensor"),
+    # torch's "Subtraction, the `-` operator, with a bool tensor is not supported" before
+    (lambda ids, p, m: (ids, p > 0, m), r"prompt_lens must be an integer tensor \[B=4\] of lengths, got \(4,\) "
+                                         r"torch.bool"),
+    (lambda ids, p, m: (ids > 5, p, m), r"input_ids must be an integer tensor \[B, T\], got \(4, 12\) torch.bool"),
     (lambda ids, p, m: (ids, p, m[:3]), "attention_mask must be"),
     (lambda ids, p, m: (ids, p, m.flip(1)), "right-padded"),
     # a 2 counted as two tokens: the answer stream took row 2's last token again, a phantom answer token

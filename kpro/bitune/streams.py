@@ -64,13 +64,14 @@ def split_streams(input_ids, prompt_lens, attention_mask=None, need_answer=True)
     pipeline (e.g. the collate function), outside a torch.compile region."""
     if torch.compiler.is_compiling():
         raise ValueError(COMPILE_HINT)
-    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+    if input_ids.dim() != 2 or not _integer(input_ids.dtype):
         raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
     batch, length = input_ids.shape
     device = input_ids.device
     prompt_lens = torch.as_tensor(prompt_lens, device=device)
-    if prompt_lens.shape != (batch,) or prompt_lens.dtype.is_floating_point:
-        raise ValueError(f"prompt_lens must be an integer tensor [B={batch}], got {tuple(prompt_lens.shape)} {prompt_lens.dtype}")
+    if prompt_lens.shape != (batch,) or not _integer(prompt_lens.dtype):  # a bool mask would read as lengths 0, 1
+        raise ValueError(f"prompt_lens must be an integer tensor [B={batch}] of lengths, got "
+                         f"{tuple(prompt_lens.shape)} {prompt_lens.dtype}")
     if attention_mask is None:
         lengths = torch.full((batch,), length, device=device)
     else:
@@ -96,6 +97,10 @@ def split_streams(input_ids, prompt_lens, attention_mask=None, need_answer=True)
     answer_ids = torch.gather(input_ids, 1, index).masked_fill(torch.arange(ta, device=device) >= la[:, None], 0)
     prompt_ids = input_ids[:, :tp].masked_fill(torch.arange(tp, device=device) >= lp[:, None], 0)
     return Streams(prompt_ids, answer_ids, lp, la)
+
+
+def _integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def answer_targets(streams: Streams) -> torch.Tensor:
