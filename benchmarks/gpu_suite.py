@@ -36,7 +36,8 @@ budget and is killed at it; either way what finished is kept.
 
 Outputs in OUT_DIR: gpu_suite.json (device, versions, per-stage status, timings, results, errors) and
 gpu_suite.md (tables to paste into benchmarks/RESULTS.md); per stage NAME.json (its result), NAME.jsonl
-(one line per finished test or candidate, written as it finishes) and NAME.log (the child's output);
+(one line per finished test or candidate, written as it finishes; a benchmark's again at its process's end
+where a later case added to its extra_info, as the ratios do) and NAME.log (the child's output);
 pytest-benchmark-N.json from each benchmarks attempt.
 
 Resuming: a stage whose NAME.json says complete is skipped (and says so); an incomplete one reruns and
@@ -376,10 +377,12 @@ class SuitePlugin:
     """The pytest plugin of the pytest stages: writes one JSON line per test as soon as it finishes (its
     outcome, message, and a benchmark's statistics), skips tests a previous attempt finished, records a
     test that was running when the process died, orders benchmarks by `benchmark_priority`, and skips
-    every test that would start after the stage's soft deadline."""
+    every test that would start after the stage's soft deadline. At the session's end it writes a
+    benchmark's line again where a later case changed its extra_info (`record_ratios`, `record_memory`)."""
 
     def __init__(self, record_path: Path, deadline: float, order: str | None = None):
         self.record_path, self.deadline, self.order = Path(record_path), deadline, order
+        self.benchmarks: dict[str, tuple[dict, dict]] = {}  # nodeid -> (its last record, the case's extra_info)
 
     def pytest_collection_modifyitems(self, session, config, items):
         records = read_records(self.record_path)
@@ -418,6 +421,7 @@ class SuitePlugin:
             self.write(item, report)
 
     def write(self, item, report) -> None:
+        self.benchmarks.pop(item.nodeid, None)  # a teardown error after the call supersedes its record
         record = dict(nodeid=item.nodeid, outcome=report.outcome, phase=report.when,
                       duration=round(report.duration, 3), t=time.time())
         if report.skipped:
@@ -434,7 +438,16 @@ class SuitePlugin:
             stats = bench.stats.stats if bench.stats is not None else None
             if stats:
                 record["stats"] = {k: getattr(stats, k) for k in ("median", "min", "max", "mean", "stddev", "rounds")}
+            self.benchmarks[item.nodeid] = (record, bench.extra_info)
         append_record(self.record_path, record)
+
+    def pytest_sessionfinish(self, session):
+        """Rows of implementations timed earlier get ratios when the later ones finish (fit's
+        `time_over_plain-loop`): write each benchmark's record again whose extra_info changed since."""
+        for record, info in self.benchmarks.values():
+            extra_info = {k: _jsonable(v) for k, v in info.items()}
+            if extra_info != record["extra_info"]:
+                append_record(self.record_path, dict(record, extra_info=extra_info, rewritten=True, t=time.time()))
 
 
 def _params(item) -> dict:
@@ -522,6 +535,8 @@ def report_record(stage: str, record: dict, log) -> None:
     """One progress line per finished test worth seeing: failures always; for benchmarks, every timed case."""
     outcome, nodeid = record.get("outcome"), record.get("nodeid", "?")
     short = nodeid.split("/")[-1]
+    if record.get("rewritten"):  # the same case with its final extra_info: reported when it finished
+        return
     if outcome == "failed":
         log(f"{stage}: FAILED {short}: {record.get('message', '').splitlines()[-1] if record.get('message') else ''}"[:400])
     elif outcome == "passed" and stage == "benchmarks" and record.get("stats"):
