@@ -482,6 +482,28 @@ def test_each_suite_keyword_of_the_docs_selects_its_file_only():
     assert found == {keyword: [file] for keyword, file in suites.items()}, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def test_the_bitune_activation_count_keeps_no_graph_alive():
+    """benchmarks/test_bitune_step.py counts the activations a step saves before timing the step: the loss
+    it returned stayed alive, with its graph, through the timed steps and counted in their peak memory (the
+    first H200 run's 41.72 GiB held about 17 GiB of it). Run in a child to keep benchmarks/conftest.py apart."""
+    script = textwrap.dedent(f"""
+        import sys, weakref, torch
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import test_bitune_step as bench
+        x, losses = torch.randn(64, 64, requires_grad=True), []
+
+        def loss():
+            out = (x.exp() * x).sum()  # saves exp(x) and x
+            losses.append(weakref.ref(out))
+            return out
+        counted = bench.saved_bytes(loss)
+        assert counted == 2 * x.numel() * x.element_size(), counted
+        assert losses[0]() is None, "the loss and its graph outlive the count"
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("untimed", [["--benchmark-disable"], ["--benchmark-skip"], ["-n", "2"]], ids=" ".join)
 def test_the_benchmark_flag_combines_with_untimed_runs(untimed):
     """--benchmark asked pytest-benchmark for --benchmark-only, which it refuses beside --benchmark-disable and
