@@ -504,6 +504,30 @@ def test_the_bitune_activation_count_keeps_no_graph_alive():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_the_frozen_head_cross_entropy_is_checked_frozen(tmp_path):
+    """benchmarks/test_linear_cross_entropy.py times each loss with the head frozen too, kpro's path without
+    the weight gradient: the check before the timing must run that path, not the trainable head's. A plugin
+    breaks dhidden of kpro's torch kernel for a frozen head only; the frozen case must fail, unmeasured."""
+    (tmp_path / "broken_frozen_head.py").write_text(textwrap.dedent("""
+        import importlib
+        lce = importlib.import_module("kpro.ops.linear_cross_entropy")  # kpro.ops.linear_cross_entropy: the function
+        real = lce.TORCH_KERNELS.forward_with_grads
+
+        def wrong_when_frozen(hidden, weight, labels, ignore_index, hidden_grad, weight_grad):
+            loss, dh, dw = real(hidden, weight, labels, ignore_index, hidden_grad, weight_grad)
+            return loss, dh if weight_grad or dh is None else 2 * dh, dw
+        lce.TORCH_KERNELS.forward_with_grads = wrong_when_frozen
+    """))
+    path = os.pathsep.join([str(ROOT), str(tmp_path)])
+    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
+                           "no:cacheprovider", "-p", "broken_frozen_head", "-k",
+                           "loss_and_backward and kpro-torch and V32768"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    assert "1 failed, 1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    failed = "FAILED benchmarks/test_linear_cross_entropy.py::test_loss_and_backward[N2048-d256-V32768-frozen-kpro-"
+    assert failed in done.stdout and "WrongResult: kpro-torch is wrong: dhidden" in done.stdout, done.stdout[-3000:]
+
+
 @pytest.mark.parametrize("untimed", [["--benchmark-disable"], ["--benchmark-skip"], ["-n", "2"]], ids=" ".join)
 def test_the_benchmark_flag_combines_with_untimed_runs(untimed):
     """--benchmark asked pytest-benchmark for --benchmark-only, which it refuses beside --benchmark-disable and
