@@ -43,8 +43,10 @@ pytest-benchmark-N.json from each benchmarks attempt.
 Resuming: a stage whose NAME.json says complete is skipped (and says so); an incomplete one reruns and
 skips what its NAME.jsonl already holds, so a second run of the same command continues where the budget
 stopped the first. A test or candidate that was running when its child was killed or died runs once more
-on the next attempt, and is recorded as failed if that happens again. `--force` deletes the selected
-stages' files and reruns them from scratch.
+on the next attempt, and is recorded as failed if that happens again. A test or candidate that fails and
+leaves the CUDA context broken (a sticky error, such as an illegal memory access: every later CUDA call of
+the process fails) is recorded as failed and ends its child; the stage goes on in a fresh one. `--force`
+deletes the selected stages' files and reruns them from scratch.
 
 Without CUDA the suite prints "no CUDA device" and exits 2; `--list` needs no GPU. Exit status: 0 when
 every selected stage is complete (failing tests and wrong kernels are results, in the reports), 1 when
@@ -80,6 +82,7 @@ DESCRIPTIONS = {
 NOISE_GUARD = 0.03  # a candidate replaces the default only if its median time is more than 3% lower
 BUDGET_SKIP = "gpu suite: this stage's time budget is spent"
 KILLED = "still running when its process was killed (time budget) or died, twice; not retried"
+CONTEXT_LOST_EXIT = 6  # a pytest child whose CUDA context a failed test broke (pytest's own codes are 0 to 5)
 INTERRUPTED = "interrupted: still running when its process was killed (time budget) or died; runs once more"
 
 # Autotune: (dtype, head dim, required); the fp16 sweeps run only if the budget allows.
@@ -378,11 +381,14 @@ class SuitePlugin:
     outcome, message, and a benchmark's statistics), skips tests a previous attempt finished, records a
     test that was running when the process died, orders benchmarks by `benchmark_priority`, and skips
     every test that would start after the stage's soft deadline. At the session's end it writes a
-    benchmark's line again where a later case changed its extra_info (`record_ratios`, `record_memory`)."""
+    benchmark's line again where a later case changed its extra_info (`record_ratios`, `record_memory`).
+    A failed test that leaves the CUDA context broken ends the process (CONTEXT_LOST_EXIT) once it is
+    recorded: every later test would fail of it, each recorded as finished and never rerun."""
 
     def __init__(self, record_path: Path, deadline: float, order: str | None = None):
         self.record_path, self.deadline, self.order = Path(record_path), deadline, order
         self.benchmarks: dict[str, tuple[dict, dict]] = {}  # nodeid -> (its last record, the case's extra_info)
+        self.context_lost = None  # the failed test after which the CUDA context no longer works
 
     def pytest_collection_modifyitems(self, session, config, items):
         records = read_records(self.record_path)
@@ -431,6 +437,8 @@ class SuitePlugin:
         elif report.failed:
             crash = getattr(report.longrepr, "reprcrash", None)
             record["message"] = (crash.message if crash is not None else str(report.longrepr))[-2000:]
+            if cuda_context_lost():
+                record["context_lost"], self.context_lost = True, item.nodeid
         bench = getattr(item, "funcargs", {}).get("benchmark")
         if bench is not None and report.when == "call":
             record.update(params={k: _jsonable(v) for k, v in _params(item).items()}, group=bench.group,
@@ -441,6 +449,12 @@ class SuitePlugin:
             self.benchmarks[item.nodeid] = (record, bench.extra_info)
         append_record(self.record_path, record)
 
+    def pytest_runtest_logfinish(self, nodeid, location):
+        if self.context_lost is not None:  # the tests not yet run start in a fresh process (pytest_stage)
+            import pytest
+            pytest.exit(f"the CUDA context is lost after {self.context_lost} failed; the tests after it run in "
+                        "a fresh process", returncode=CONTEXT_LOST_EXIT)
+
     def pytest_sessionfinish(self, session):
         """Rows of implementations timed earlier get ratios when the later ones finish (fit's
         `time_over_plain-loop`): write each benchmark's record again whose extra_info changed since."""
@@ -448,6 +462,14 @@ class SuitePlugin:
             extra_info = {k: _jsonable(v) for k, v in info.items()}
             if extra_info != record["extra_info"]:
                 append_record(self.record_path, dict(record, extra_info=extra_info, rewritten=True, t=time.time()))
+
+
+def cuda_context_lost() -> bool:
+    """Whether this process has used CUDA and its context no longer works (after a sticky error)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return False
+    return not _context_alive(torch.device("cuda"))
 
 
 def _params(item) -> dict:
@@ -486,14 +508,16 @@ def pytest_result(stage: str, out_dir: Path, attempts: list[dict]) -> dict:
     for record in records.values():
         key = "not run (budget)" if record.get("budget") else record.get("outcome", "?")
         counts[key] = counts.get(key, 0) + 1
-    failures = [{"id": nodeid, "message": r.get("message", "")} for nodeid, r in records.items()
-                if r.get("outcome") == "failed"]
+    failures = [dict(id=nodeid, message=r.get("message", ""), context_lost=r.get("context_lost", False))
+                for nodeid, r in records.items() if r.get("outcome") == "failed"]
     last = attempts[-1] if attempts else {}
     complete = (not last.get("killed") and last.get("exit_code") in (0, 1, 5)
                 and counts.get("not run (budget)", 0) == 0)
     summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()) if outcome != "started")
     if last.get("killed"):
         summary = "killed at the time budget; " + summary
+    elif last.get("exit_code") == CONTEXT_LOST_EXIT:
+        summary = "stopped: a failed test broke the CUDA context, the budget left no fresh process; " + summary
     result = dict(complete=complete, counts=counts, failures=failures, attempts=attempts, summary=summary,
                   pytest_summary=summary_line(out_dir / f"{stage}.log"))
     if stage == "benchmarks":
@@ -507,9 +531,6 @@ def pytest_stage(stage: str, args: list[str]) -> Callable[[Context], dict]:
         before = len(read_records(record_path))
         previous = read_json(ctx.out_dir / f"{stage}.json") or {}
         attempts = list(previous.get("attempts", []))
-        extra = []
-        if stage == "benchmarks":
-            extra = [f"--benchmark-json={ctx.out_dir / f'pytest-benchmark-{len(attempts) + 1}.json'}"]
         seen, last_count = [before], [time.monotonic()]
 
         def poll():
@@ -523,10 +544,18 @@ def pytest_stage(stage: str, args: list[str]) -> Callable[[Context], dict]:
                 ctx.log(f"{stage}: {len(finals)} finished, {failed} failed, {ctx.left():.0f} s of the budget left")
                 last_count[0] = time.monotonic()
 
-        code, killed = run_child([str(Path(__file__).resolve()), "_pytest-child", stage, str(ctx.out_dir),
-                                  repr(ctx.deadline), "--", *args, *extra],
-                                 ctx.out_dir / f"{stage}.log", ctx.hard_deadline, poll)
-        attempts.append(dict(exit_code=code, killed=killed, command="pytest " + " ".join(args + extra)))
+        while True:  # a failed test that broke the CUDA context ends the child: the rest go on in a fresh one
+            extra = []
+            if stage == "benchmarks":
+                extra = [f"--benchmark-json={ctx.out_dir / f'pytest-benchmark-{len(attempts) + 1}.json'}"]
+            code, killed = run_child([str(Path(__file__).resolve()), "_pytest-child", stage, str(ctx.out_dir),
+                                      repr(ctx.deadline), "--", *args, *extra],
+                                     ctx.out_dir / f"{stage}.log", ctx.hard_deadline, poll)
+            attempts.append(dict(exit_code=code, killed=killed, command="pytest " + " ".join(args + extra)))
+            if code != CONTEXT_LOST_EXIT or time.time() >= ctx.deadline:
+                break
+            ctx.log(f"{stage}: a failed test broke the CUDA context (recorded as failed); continuing in a fresh "
+                    "process")
         return pytest_result(stage, ctx.out_dir, attempts)
     return run
 
@@ -983,7 +1012,10 @@ def render_markdown(report: dict) -> str:
         lines += ["### Tests (`pytest -m cuda -q tests`)", "", f"Summary (all attempts): {tests.get('summary')}"
                   + (f"; pytest's last line: {tests['pytest_summary']}" if tests.get("pytest_summary") else ""), ""]
         for failure in tests.get("failures", []):
-            lines.append(f"- FAILED `{failure['id']}`: {failure['message'].strip().splitlines()[-1] if failure['message'].strip() else ''}")
+            message = failure["message"].strip()
+            lines.append(f"- FAILED `{failure['id']}`: {message.splitlines()[-1] if message else ''}"
+                         + (" (the CUDA context was lost: the tests after it ran in a fresh process)"
+                            if failure.get("context_lost") else ""))
         lines.append("")
 
     tune = stages.get("autotune")

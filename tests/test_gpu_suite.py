@@ -173,6 +173,49 @@ def test_a_test_running_when_its_process_died_runs_once_more_then_fails(tmp_path
     assert final["outcome"] == "failed" and final["message"] == suite.KILLED
 
 
+def test_a_test_that_breaks_the_cuda_context_ends_its_process_and_the_rest_run_in_a_fresh_one(tmp_path):
+    """After a sticky CUDA error (an illegal memory access) every later CUDA call of the process fails: the
+    tests after it failed too, each recorded as finished, and the stage said complete with nothing to retry.
+    The failure that left the context broken (here pretended: torch reports CUDA initialised, and its
+    synchronisation fails) is recorded, and the others run in a second child."""
+    tests = tmp_path / "suite_tests" / "test_sticky.py"
+    tests.parent.mkdir()
+    tests.write_text(textwrap.dedent("""
+        import pytest
+        import torch
+
+        def cuda_call():
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+
+        def test_a_ok():
+            cuda_call()
+
+        def test_b_kernel_with_a_bug():
+            def fail(*args, **kwargs):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            torch.cuda.is_initialized, torch.cuda.synchronize = (lambda: True), fail
+            cuda_call()
+
+        @pytest.mark.parametrize("op", ["rms_norm", "swiglu", "attention", "bitune"])
+        def test_c_other_ops(op):
+            cuda_call()
+    """))
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = []
+    stage = suite.Stage("tests", suite.pytest_stage("tests", [str(tests), "-q", "-p", "no:cacheprovider"]),
+                        budget=240.0, margin=5.0)
+    result = suite.run_stages([stage], out, log=lines.append)["tests"]
+    assert result["complete"] and result["counts"] == {"passed": 5, "failed": 1}, result
+    assert [a["exit_code"] for a in result["attempts"]] == [suite.CONTEXT_LOST_EXIT, 0], result["attempts"]
+    [failure] = result["failures"]
+    assert failure["id"].endswith("test_b_kernel_with_a_bug") and failure["context_lost"], failure
+    assert any("broke the CUDA context" in line for line in lines), lines
+    assert "(the CUDA context was lost: the tests after it ran in a fresh process)" in suite.render_markdown(
+        dict(stages={"tests": result}))
+
+
 def test_benchmark_priority_puts_the_goal_cases_first():
     key = suite.benchmark_priority
     goal = [key("benchmarks/test_norm_swiglu.py::test_forward_backward[rms_norm-4096x4096-eager]", {}),
