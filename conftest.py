@@ -1,4 +1,5 @@
-"""Repository-wide pytest set-up: `pytest --benchmark` runs the suites in benchmarks/ instead of tests/."""
+"""Repository-wide pytest set-up: `pytest --benchmark`, or pytest-benchmark's own `--benchmark-only`, with no
+path runs the suites in benchmarks/ instead of tests/."""
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # pytest-benchmark's --benchmark-only alone would collect tests/ (no benchmark there), skip it all and pass
+    benchmarks = config.getoption("benchmark") or config.getoption("benchmark_only", False)
     if config.getoption("benchmark"):
         # Only the timed cases, where timing runs: pytest-benchmark refuses --benchmark-only beside
         # --benchmark-disable or --benchmark-skip, and turns timing off itself under xdist (-n).
         untimed = config.getoption("benchmark_disable", False) or config.getoption("benchmark_skip", False) or \
             (config.getoption("numprocesses", None) or 0) != 0 or config.getoption("dist", "no") != "no"
         config.option.benchmark_only = not untimed
-        if config.args_source == pytest.Config.ArgsSource.TESTPATHS:  # no paths given: the benchmarks
-            config.args[:] = [str(ROOT / "benchmarks")]
+    if benchmarks and config.args_source == pytest.Config.ArgsSource.TESTPATHS:  # no paths given: the benchmarks
+        config.args[:] = [str(ROOT / "benchmarks")]

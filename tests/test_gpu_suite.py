@@ -582,6 +582,17 @@ def test_the_benchmark_flag_combines_with_untimed_runs(untimed):
     assert "test_norm_swiglu.py" in done.stdout or untimed[0] == "-n", done.stdout  # xdist lists no ids
 
 
+def test_benchmark_only_with_no_path_runs_the_benchmarks():
+    """pytest-benchmark's own --benchmark-only from the root collected tests/, which holds no benchmark: every
+    test skipped and the run passed, having measured nothing. Like --benchmark, it picks benchmarks/ when no
+    path is given."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "--collect-only", "-q", "-p",
+                           "no:cacheprovider", "-k", "rms_norm and 2048x1024"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0 and "benchmarks/test_norm_swiglu.py::" in done.stdout, done.stdout + done.stderr
+    assert "tests/" not in done.stdout, done.stdout
+
+
 def test_ratios_can_compare_a_time_other_than_the_median():
     """record_ratios(seconds=...) compares the given times, not the timed calls' medians: test_train.py's fit
     round holds a final checkpoint that the hand-written loop's does not, so its ratio is of steady-state
