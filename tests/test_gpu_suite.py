@@ -711,6 +711,28 @@ def test_profile_step_runs_the_expansion_step_and_writes_its_report(tmp_path):
     assert bad.returncode == 2 and "--impl must be among" in bad.stderr
 
 
+def test_profile_step_turns_the_launch_cache_on_for_its_implementation_only():
+    """`--impl kpro-frozen-launch-cache` profiled plain kpro-frozen under that name: only the benchmark's case
+    turned KPRO_LAUNCH_CACHE's cache on. Each of its steps runs with the cache on, restored after; run in a
+    child (profile_step imports benchmarks/conftest.py as `conftest`)."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import profile_step
+        import kpro.train
+        from kpro.ops.triton_kernels import _launch
+        seen, real = [], kpro.train.causal_lm_loss
+        kpro.train.causal_lm_loss = lambda *a, **k: seen.append(_launch.LAUNCH_CACHE) or real(*a, **k)
+        for impl in ("kpro-frozen-launch-cache", "kpro-frozen"):
+            step, _ = profile_step.make_step(impl, "cpu-pro", torch.device("cpu"), (2, 1))
+            step()
+        assert seen == [True, False] and _launch.LAUNCH_CACHE is False, (seen, _launch.LAUNCH_CACHE)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), KPRO_LAUNCH_CACHE="0"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_the_profile_stage_reports_what_its_child_measured(tmp_path, monkeypatch):
     result = [dict(impl="eager", step_ms=95.0, enqueue_ms=30.0, gpu_busy_ms=93.0, launches=900, syncs={},
                    top_cpu=[], top_gpu=[]),
