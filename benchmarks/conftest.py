@@ -12,6 +12,7 @@ through a clock that moves only by one measured time per round, so the tables, `
 host-clock rounds and putting the CUDA figure in extra_info: the tables and comparisons would then show the
 unfair figure. The fixture reads its clock from `benchmark._timer` when a round starts (pytest-benchmark
 3.x to 5.x); `timed` checks that the recorded median is the replayed one and fails loudly otherwise.
+`--benchmark-cprofile` profiles one real call of the case after the replayed rounds: the host's work to issue it.
 `extra_info["timer"]` names the clock of a figure. With `--benchmark-disable` (the CI) each case runs
 once, untimed, on either device.
 
@@ -116,8 +117,13 @@ class _ReplayClock:
     def __call__(self) -> float:
         return self.now
 
-    def tick(self) -> None:
-        self.now += next(self._times)
+    def tick(self) -> bool:
+        """Advance by the next measured time; False once every one is used."""
+        step = next(self._times, None)
+        if step is None:
+            return False
+        self.now += step
+        return True
 
 
 def timed(benchmark, device: torch.device, fn, *, rounds: int | None = None, **cuda_options) -> None:
@@ -135,8 +141,13 @@ def timed(benchmark, device: torch.device, fn, *, rounds: int | None = None, **c
         return
     times = cuda_times(fn, **cuda_options)
     clock = _ReplayClock(times)
+
+    def replay():
+        # after the rounds, --benchmark-cprofile calls the target once more: profile a real call, not the replay
+        if not clock.tick():
+            fn()
     benchmark._timer = clock
-    benchmark.pedantic(clock.tick, rounds=len(times), iterations=1)
+    benchmark.pedantic(replay, rounds=len(times), iterations=1)
     recorded = median_seconds(benchmark)
     if recorded is None or abs(recorded - statistics.median(times)) > 1e-9 * max(1.0, recorded):
         raise RuntimeError("pytest-benchmark did not take the replayed CUDA-event times (its fixture no longer "

@@ -425,9 +425,12 @@ def test_markdown_report_on_a_fake_result():
 
 # ----------------------------------------------------------------------------------- GPU timing replay
 
-def test_cuda_event_times_become_the_benchmark_rounds(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--benchmark-cprofile=tottime"]], ids=["replay", "cprofile"])
+def test_cuda_event_times_become_the_benchmark_rounds(tmp_path, options):
     """conftest.timed on a (pretended) GPU hands the measured per-call times to pytest-benchmark as its
-    rounds, so its median is the CUDA-event median; run in a child pytest to keep its plugin state apart."""
+    rounds, so its median is the CUDA-event median; run in a child pytest to keep its plugin state apart.
+    --benchmark-cprofile calls the target once more after the rounds (a bare StopIteration once): that call
+    is the case's own, which cProfile profiles."""
     test = tmp_path / "test_replay.py"
     test.write_text(textwrap.dedent(f"""
         import sys, types
@@ -435,15 +438,18 @@ def test_cuda_event_times_become_the_benchmark_rounds(tmp_path):
         import conftest as bench
 
         def test_replay(benchmark):
-            times = [0.003, 0.001, 0.002, 0.005, 0.004]
+            times, calls = [0.003, 0.001, 0.002, 0.005, 0.004], []
             bench.cuda_times = lambda fn, **options: times
-            bench.timed(benchmark, types.SimpleNamespace(type="cuda"), lambda: None)
+            bench.timed(benchmark, types.SimpleNamespace(type="cuda"), lambda: calls.append(1))
             stats = benchmark.stats.stats
             assert abs(stats.median - 0.003) < 1e-12 and stats.rounds == 5 and abs(stats.min - 0.001) < 1e-12
             assert benchmark.extra_info["timer"] == "cuda events, L2 flushed"
+            assert len(calls) == (1 if benchmark.cprofile else 0), calls
+            assert (benchmark.stats.cprofile_stats is not None) == bool(benchmark.cprofile)
     """))
     done = subprocess.run([sys.executable, "-m", "pytest", str(test), "-q", "-p", "no:cacheprovider",
-                           f"--rootdir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           f"--rootdir={tmp_path}", *options], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
