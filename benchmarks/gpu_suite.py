@@ -1105,6 +1105,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.budgets[name] = float(seconds)
         except ValueError:
             parser.error(f"--budget {item}: seconds must be a number")
+        # NaN and infinity would disable the deadlines; at or below the margin the stage would start nothing
+        if not MARGINS[name] < args.budgets[name] < float("inf"):
+            why = f" (it starts no work in its last {MARGINS[name]:g} s)" if MARGINS[name] else ""
+            parser.error(f"--budget {item}: the {name} stage's budget must be a finite number of seconds above "
+                         f"{MARGINS[name]:g}{why}, got {seconds}")
     if not args.list and not args.out_dir:
         parser.error("OUT_DIR is required")
     return args

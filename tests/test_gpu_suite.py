@@ -64,6 +64,18 @@ def test_unknown_stage_is_a_usage_error():
     assert done.returncode == 2 and "unknown stage" in done.stderr
 
 
+@pytest.mark.parametrize("budget", ["tests=nan", "benchmarks=inf", "tests=-30", "profile=0", "benchmarks=30"])
+def test_a_budget_must_be_finite_and_above_the_stages_margin(budget, capsys):
+    """NaN or infinity disabled the stage's deadlines; a budget at or below its margin starts nothing."""
+    with pytest.raises(SystemExit) as refused:
+        suite.parse_args(["out", "--budget", budget])
+    name, _, seconds = budget.partition("=")
+    assert refused.value.code == 2
+    assert f"--budget {budget}: the {name} stage's budget must be a finite number of seconds above " \
+           f"{suite.MARGINS[name]:g}" in capsys.readouterr().err
+    assert suite.parse_args(["out", "--budget", "benchmarks=30.5"]).budgets["benchmarks"] == 30.5
+
+
 # ------------------------------------------------------------------------------------ stage bookkeeping
 
 class FakeStage:
