@@ -154,13 +154,15 @@ def candidates(impl, mask, case, grad):
     if impl == "flash-attn" and mask == "causal":
         try:
             from flash_attn import flash_attn_func
-        except ImportError:
+        except ImportError as err:  # named in the skip: a broken install must not just drop the column
+            MISSING["flash-attn"] = f"{type(err).__name__}: {err}"
             return []
         return [(None, lambda q, k, v: flash_attn_func(q, k, v, causal=True))]
     return []
 
 
 IMPLS = ["kpro-triton", "kpro-torch", "sdpa", "flex", "flash-attn"]
+MISSING: dict[str, str] = {}  # baseline -> why it could not be imported
 
 
 def setup(device, seq, dim, mask, impl, grad):
@@ -175,7 +177,7 @@ def setup(device, seq, dim, mask, impl, grad):
     case = CASES.get((device.type, seq, dim, mask, grad), lambda: build_case(device, seq, dim, mask, grad))
     found = candidates(impl, mask, case, grad)
     if not found:
-        pytest.skip(f"{impl} is not available for this case here")
+        pytest.skip(f"{impl} is not available for this case here" + (f" ({MISSING[impl]})" if impl in MISSING else ""))
     return case, found
 
 

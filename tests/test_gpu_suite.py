@@ -611,6 +611,29 @@ def test_benchmark_only_with_no_path_runs_the_benchmarks():
     assert "tests/" not in done.stdout, done.stdout
 
 
+def test_a_missing_flash_attn_is_named_in_its_skip():
+    """The attention benchmark skipped flash-attn as "not available" without the import error, so a broken
+    install read as an absent one (Liger's skip names its error). On a (pretended) GPU, flash_attn unimportable;
+    run in a child to keep benchmarks/conftest.py apart."""
+    script = textwrap.dedent(f"""
+        import sys, types
+        import pytest
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import test_attention as bench
+        sys.modules["flash_attn"] = None  # what a broken install raises: an ImportError
+        bench.CASES.get = lambda key, build: types.SimpleNamespace(q=types.SimpleNamespace(shape=(1, 1, 1, 1)))
+        try:
+            bench.setup(types.SimpleNamespace(type="cuda"), 4096, 128, "causal", "flash-attn", False)
+        except pytest.skip.Exception as skip:
+            assert str(skip).startswith("flash-attn is not available for this case here (ModuleNotFoundError: "), skip
+        else:
+            raise AssertionError("not skipped")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_ratios_can_compare_a_time_other_than_the_median():
     """record_ratios(seconds=...) compares the given times, not the timed calls' medians: test_train.py's fit
     round holds a final checkpoint that the hand-written loop's does not, so its ratio is of steady-state
