@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or ("gpu-pro" if device.type == "cuda" else "cpu-pro")
     if size not in expansion.SIZES:
         parser.error(f"--size must be one of {', '.join(expansion.SIZES)}, got {size!r}")
+    if size.startswith("gpu") != (device.type == "cuda"):  # the benchmark's rule, a pytest.skip there
+        parser.error(f"--size {size} runs on {'CUDA' if size.startswith('gpu') else 'the CPU'} only, and this "
+                     f"machine's device is {device.type}")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     out = Path(args.out_dir)

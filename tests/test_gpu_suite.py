@@ -750,6 +750,11 @@ def test_profile_step_runs_the_expansion_step_and_writes_its_report(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), str(tmp_path), "--impl", "kpro"],
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert bad.returncode == 2 and "--impl must be among" in bad.stderr
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), str(tmp_path), "--size", "gpu-pro"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES=""))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "error: --size gpu-pro runs on CUDA only, and this machine's device is cpu"), bad.stderr[-2000:]
 
 
 def test_profile_step_turns_the_launch_cache_on_for_its_implementation_only():
