@@ -222,8 +222,9 @@ def record_ratios(benchmark, impl: str, ours: bool | None = None, seconds: float
     """Store, in `extra_info` of every kpro implementation (`ours`, by default a name starting with "kpro")
     of this benchmark's group timed so far in this run, its median time over each other implementation's
     as `time_over_<impl>`. pytest-benchmark writes extra_info at the end of the session (the GPU suite's
-    benchmarks.jsonl too), so the rows of implementations timed earlier get the ratios of those timed later. `seconds`: the time to compare
-    instead of the median, where the timed call holds work that the others' do not (fit's checkpoint)."""
+    benchmarks.jsonl too), so the rows of implementations timed earlier get the ratios of those timed later.
+    `seconds`: the time to compare instead of the median, where the timed call holds work that the others'
+    do not (fit's checkpoint)."""
     median = median_seconds(benchmark) if seconds is None or not benchmark.enabled else seconds
     if median is None:
         return
