@@ -465,8 +465,7 @@ def test_the_mix_is_computed_in_fp32_and_cast_back():
     alpha = torch.tensor(0.3137, dtype=torch.float32)
     mixed = mix_kv(x0, x1, alpha)
     assert mixed.dtype == torch.bfloat16
-    # x0 + α·(x1 − x0) rounded once to fp32, as the kernel's fma (test_ops_bitune_attention: bit for bit)
-    assert torch.equal(mixed, (x0.double() + alpha.double() * (x1.float() - x0.float()).double()).float().bfloat16())
+    assert torch.equal(mixed, ((1 - alpha) * x0.float() + alpha * x1.float()).bfloat16())
     # Left to type promotion, the 0-dim fp32 alpha does not promote bf16: the old expression rounds in bf16.
     naive = (1 - alpha) * x0 + alpha * x1
     assert naive.dtype == torch.bfloat16 and not torch.equal(naive, mixed)
@@ -481,7 +480,7 @@ def test_the_mix_is_computed_in_fp32_and_cast_back():
     y0, y1 = (torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(2))
     a = torch.tensor(0.25, requires_grad=True)
     out = mix_kv(y0, y1, a)
-    assert out.dtype == torch.float64 and torch.equal(out, y0 + a.double() * (y1 - y0))
+    assert out.dtype == torch.float64 and torch.equal(out, (1 - a.double()) * y0 + a.double() * y1)
     out.sum().backward()
     torch.testing.assert_close(a.grad.double(), (y1 - y0).sum(), rtol=1e-6, atol=0)
 
@@ -491,38 +490,44 @@ def test_bf16_generation_decodes_from_the_mix_the_answer_stream_attends_to(fused
     """The first token comes from the attention over the mixed cache, the later ones from the decoding cache:
     both must hold the same mix, in fp32 cast to bf16 (the Triton kernel's), or the two disagree under bf16."""
     import importlib
+    import sys
 
     from kpro.bitune import passes
     ops_bitune = importlib.import_module("kpro.ops.bitune_attention")  # the module (kpro.ops exports the function)
 
     seen = {"attention": [], "cache": []}
-    original = ops_bitune.mix_kv
+    original, store = ops_bitune.mix_kv, passes._store
 
-    def spy(where):
-        def mix(x0, x1, alpha):
-            out = original(x0, x1, alpha)
-            seen[where].append(out)
-            return out
-        return mix
-    monkeypatch.setattr(ops_bitune, "mix_kv", spy("attention"))
-    monkeypatch.setattr(passes, "mix_kv", spy("cache"))
+    def mix(x0, x1, alpha):  # the mixes the answer stream's attention reads (fused: the reference op's own)
+        out = original(x0, x1, alpha)
+        if sys._getframe(1).f_code.co_name in ("bitune_attention_reference", "separate_passes", "<listcomp>"):
+            seen["attention"].append(out)
+        return out
+
+    def stored(cache, i, k, v, k_a, v_a):
+        seen["cache"] += [k.clone(), v.clone()]
+        store(cache, i, k, v, k_a, v_a)
+    monkeypatch.setattr(ops_bitune, "mix_kv", mix)
+    monkeypatch.setattr(passes, "mix_kv", mix)
+    monkeypatch.setattr(passes, "_store", stored)
     bt = make(dtype=torch.bfloat16)
     ids, plens, mask, seqs = batch()
     prompts = [seq[:p] for seq, p in zip(seqs, plens.tolist())]
     bt.generate(prompts, 3, fused=fused, eos_token_id=[])
     layers = bt.model.config.num_hidden_layers
-    assert len(seen["cache"]) == 2 * layers and all(t.dtype == torch.bfloat16 for t in seen["cache"])
-    if fused:  # the answer stream's attention mixes on its own (the reference of the fused kernel): the same bits
-        assert len(seen["attention"]) == 2 * layers
-        assert all(torch.equal(a, c) for a, c in zip(seen["attention"], seen["cache"]))
+    assert len(seen["cache"]) == len(seen["attention"]) == 2 * layers
+    assert all(t.dtype == torch.bfloat16 for t in seen["cache"])
+    assert all(torch.equal(a, c) for a, c in zip(seen["attention"], seen["cache"]))
 
 
 @pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[1:2])  # Triton: GPU, or interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_the_first_generated_token_and_the_later_ones_read_the_same_mix(backend, device, dtype, monkeypatch):
     """On the kernel backend the first token attends to the mix of the Triton kernel (fma(α, x1 − x0, x0) in
-    fp32) and the later ones to the decoding cache, filled by mix_kv ((1 − α)·x0 + α·x1 before): some entries
-    differed by a unit in the last place. Both caches, every layer, bit for bit."""
+    fp32) and the later ones to the decoding cache, which mix_kv filled ((1 − α)·x0 + α·x1): some entries
+    differed by a unit in the last place. The cache now holds the kernel's mix: both, every layer, bit for bit."""
+    import sys
+
     from kpro.bitune import passes
     from kpro.ops.backend import interpreter_bf16_problem
     from kpro.ops.triton_kernels import bitune_attention as kernels
@@ -530,23 +535,27 @@ def test_the_first_generated_token_and_the_later_ones_read_the_same_mix(backend,
 
     if dtype == torch.bfloat16 and device == "cpu" and interpreter_bf16_problem():
         pytest.skip(interpreter_bf16_problem())
-    seen = {"kernel": [], "cache": []}
+    attended, cached = [], []
 
-    def spy(where, real):
-        def mix(*args):
-            out = real(*args)
-            seen[where].append(out)
-            return out
-        return mix
-    monkeypatch.setattr(kernels, "mixed_cache", spy("kernel", kernels.mixed_cache))
-    monkeypatch.setattr(passes, "mix_kv", spy("cache", passes.mix_kv))
+    def mixed_cache(*args):  # the mixes the attention forward reads (not the cache's own call)
+        out = real_mix(*args)
+        if sys._getframe(1).f_code.co_name == "forward":
+            attended.append(out)
+        return out
+
+    def store(cache, i, k, v, k_a, v_a):
+        cached.append((k.clone(), v.clone()))
+        real_store(cache, i, k, v, k_a, v_a)
+    real_mix, real_store = kernels.mixed_cache, passes._store
+    monkeypatch.setattr(kernels, "mixed_cache", mixed_cache)
+    monkeypatch.setattr(passes, "_store", store)
     bt = make(dtype=dtype, device=device, w=(0.7, -0.013))
     ids, plens, mask, seqs = batch()
     with kpro.ops.backend(backend):
         bt.generate([seq[:p] for seq, p in zip(seqs, plens.tolist())], 2, fused=True, eos_token_id=[])
     layers = bt.model.config.num_hidden_layers
-    assert len(seen["kernel"]) == layers and len(seen["cache"]) == 2 * layers
-    for (k_mix, v_mix), k_cache, v_cache in zip(seen["kernel"], seen["cache"][::2], seen["cache"][1::2]):
+    assert len(attended) == len(cached) == layers  # the prefill's (decoding appends to the cache itself)
+    for (k_mix, v_mix), (k_cache, v_cache) in zip(attended, cached):
         assert k_mix.dtype == dtype and torch.equal(bits(k_mix), bits(k_cache))
         assert torch.equal(bits(v_mix), bits(v_cache))
 

@@ -7,7 +7,7 @@ import torch
 
 from kpro import ops
 from kpro.ops.backend import interpreter_bf16_problem
-from conftest import CUDA, TOLERANCE, backend_devices, relative_error
+from conftest import TOLERANCE, backend_devices, relative_error
 from test_ops_attention import plain_attention
 
 NAMES = ("o_prompt", "o_answer", "dq_p", "dk_p", "dv_p", "dq_a", "dk_a", "dv_a", "dalpha_k", "dalpha_v")
@@ -246,42 +246,31 @@ def eager_case(name, dtype, seed=3):
         [torch.tensor(plen), torch.tensor(alen)]
 
 
-# x0 = 1 + 2^-23 (an odd last bit), x1 = x0 + D·2^-23, α = A·2^-32 with A·D = (2n + 1)·2^31 − 1: α·(x1 − x0) + x0
-# lies 2^-55 below a midpoint between two fp32 values, so rounding it to float64 first makes it the midpoint,
-# which rounds to the even value above, where one rounding (the kernel's fma) gives the one below.
-DOUBLE_ROUNDING = [(11154055, 3273), (15179117, 2971), (9550779, 11917), (10139833, 12919)]
-
-
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_the_torch_mix_is_the_triton_kernels_bit_for_bit(dtype):
-    """`mix_kv` (the reference path's mix, and the cache Bitune.generate decodes from) computed (1 − α)·x0 + α·x1,
-    the Triton kernel (the fused path's, which the first generated token reads) fma(α, x1 − x0, x0): some
-    entries differed by a unit in the last place. Both now round as the kernel does, on the GPU where there is
-    one, else in Triton's interpreter (a real single-rounding fma; its bf16 casts made to round as a GPU's)."""
-    from kpro.ops.bitune_attention import mix_kv
-    from kpro.ops.triton_kernels.bitune_mix import mixed_cache
+def test_the_prompt_cache_mix_is_the_one_the_op_reads(backend, device, dtype):
+    """mixed_prompt_cache (what Bitune.generate puts in its decoding cache) is the mix of the backend the op
+    selects, bit for bit: the Triton kernel's fused multiply-add x0 + α·(x1 − x0) rounds otherwise than
+    mix_kv's (1 − α)·x0 + α·x1 in some entries, and the first generated token reads the op's."""
+    from kpro.ops.bitune_attention import mix_kv, mixed_prompt_cache
     from test_ops_rms_norm import bits
 
-    if dtype == torch.bfloat16 and not CUDA and interpreter_bf16_problem():
+    if dtype == torch.bfloat16 and device == "cpu" and backend != "torch" and interpreter_bf16_problem():
         pytest.skip(interpreter_bf16_problem())
-    device = "cuda" if CUDA else "cpu"
     gen = torch.Generator().manual_seed(0)
     k_p, v_p = (torch.randn(2, 3, 37, 2, 64, generator=gen).mul(scale).to(device, dtype) for scale in (1, 30))
+    q_a = torch.randn(3, 5, 4, 64, generator=gen).to(device, dtype)
     for alpha_k, alpha_v in ((0.3137, 0.7071), (1e-3, 0.999), (0.0, 1.0)):
         a_k, a_v = (torch.tensor(a, device=device) for a in (alpha_k, alpha_v))
-        k_mix, v_mix = mixed_cache(k_p, v_p, a_k, a_v)
-        assert torch.equal(bits(mix_kv(k_p[0], k_p[1], a_k)), bits(k_mix))
-        assert torch.equal(bits(mix_kv(v_p[0], v_p[1], a_v)), bits(v_mix))
-    if dtype != torch.float32:
-        return
-    for a, d in DOUBLE_ROUNDING:  # where rounding through float64 is not one rounding
-        x0 = torch.tensor([1 + 2 ** -23, -(1 + 2 ** -23)], dtype=torch.float64)
-        x = torch.stack((x0, x0 + x0.sign() * d * 2 ** -23)).float()[:, None]
-        alpha = torch.tensor(a * 2 ** -32)
-        twice = (x[0].double() + alpha.double() * (x[1] - x[0]).double()).float()
-        kernel = mixed_cache(x.to(device), x.to(device), alpha.to(device), alpha.to(device))[0]
-        assert not torch.equal(twice, kernel.cpu())
-        assert torch.equal(bits(mix_kv(x[0].to(device), x[1].to(device), alpha.to(device))), bits(kernel))
+        with ops.backend(backend):
+            k_mix, v_mix = mixed_prompt_cache(k_p, v_p, a_k, a_v, q_a)
+        if backend == "torch":
+            expected = mix_kv(k_p[0], k_p[1], a_k), mix_kv(v_p[0], v_p[1], a_v)
+        else:
+            from kpro.ops.triton_kernels.bitune_mix import mixed_cache
+            expected = mixed_cache(k_p.contiguous(), v_p.contiguous(), a_k, a_v)
+        assert k_mix.dtype == dtype and torch.equal(bits(k_mix), bits(expected[0]))
+        assert torch.equal(bits(v_mix), bits(expected[1]))
 
 
 def test_eager_calls_skip_the_custom_op_and_tracing_takes_it(monkeypatch):

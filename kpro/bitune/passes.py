@@ -15,7 +15,7 @@ import torch
 
 from .. import ops
 from ..model import KVCache, Llama
-from ..ops.bitune_attention import check_bitune_values, mix_kv
+from ..ops.bitune_attention import check_bitune_values, mix_kv, mixed_prompt_cache
 from ..rope import apply_rope
 from .streams import Streams
 
@@ -60,8 +60,8 @@ def fused_passes(model: Llama, mode: Mode, streams: Streams, alpha_k: torch.Tens
             q_p, k_p, v_p = (t[:, :2 * tp].unflatten(1, (2, tp)).transpose(0, 1) for t in (q, k, v))
             q_a, k_a, v_a = q[:, 2 * tp:], k[:, 2 * tp:], v[:, 2 * tp:]
             if cache is not None:
-                # The mix the attention kernel reads, bit for bit (mix_kv rounds as it): decoding sees the same cache.
-                _store(cache, i, mix_kv(k_p[0], k_p[1], alpha_k[i]), mix_kv(v_p[0], v_p[1], alpha_v[i]), k_a, v_a)
+                # The mix bitune_attention reads below, bit for bit: decoding sees the same keys and values.
+                _store(cache, i, *mixed_prompt_cache(k_p, v_p, alpha_k[i], alpha_v[i], q_a), k_a, v_a)
             o_p, o_a = ops.bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k[i], alpha_v[i],
                                             streams.prompt_lens, streams.answer_lens, check_values=False)
             return torch.cat((o_p[0], o_p[1], o_a), dim=1)

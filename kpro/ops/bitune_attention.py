@@ -113,32 +113,25 @@ def check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, tp: int, ta:
 
 
 def mix_kv(x_causal: torch.Tensor, x_bidir: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """(1 − α)·x_causal + α·x_bidir as the Triton mix kernel computes it, bit for bit: x0 + α·(x1 − x0) in fp32,
-    the difference rounded, then one fused multiply-add (one rounding), cast back to the inputs' dtype; float64
-    inputs, which no kernel takes, in float64. (1 − α)·x0 + α·x1 rounds otherwise: the decoding cache, filled
-    from this, differed from the kernel's mix by a unit in the last place in some entries. Left to type
-    promotion, a 0-dim fp32 α would not promote bf16 inputs, and the mix would round in bf16 at every step."""
-    if x_causal.dtype == torch.float64:
-        return x_causal + alpha.to(torch.float64) * (x_bidir - x_causal)
-    x0 = x_causal.float()
-    return _fma_fp32(alpha.float(), x_bidir.float() - x0, x0).to(x_causal.dtype)
+    """(1 − α)·x_causal + α·x_bidir computed in fp32 (float64 stays float64) and cast back to the inputs'
+    dtype: the reference path's mix. Left to type promotion, a 0-dim fp32 α would not promote bf16 inputs,
+    and the mix would round in bf16 at every step."""
+    dtype = torch.promote_types(x_causal.dtype, torch.float32)
+    a = alpha.to(dtype)
+    return ((1 - a) * x_causal.to(dtype) + a * x_bidir.to(dtype)).to(x_causal.dtype)
 
 
-def _fma_fp32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """a·b + c for fp32 tensors, rounded once to fp32 as a GPU's fma (and Triton's interpreter) rounds it.
-    a·b is exact in float64 (24 + 24 significant bits); the sum is rounded to float64 by round-to-odd (an
-    inexact sum with an even last bit moves to its odd neighbour towards the exact sum, which TwoSum's error
-    gives), and round-to-odd with 29 bits to spare rounds to fp32 as one rounding would. Rounded to nearest
-    twice instead, a sum just below a midpoint between two fp32 values became the midpoint, then rounded up."""
-    product, c = a.double() * b.double(), c.double()
-    total = product + c  # the gradient's path; the step below only moves its value
-    with torch.no_grad():
-        c_part = total - product  # TwoSum: total + error is the exact sum, whichever addend is larger
-        error = (product - (total - c_part)) + (c - c_part)
-        inexact_even = (error != 0) & error.isfinite() & ((total.view(torch.int64) & 1) == 0)
-        odd = torch.nextafter(total, torch.copysign(torch.full_like(total, torch.inf), error))
-        step = torch.where(inexact_even, odd - total, 0)  # neighbours: their difference is exact
-    return (total + step).float()
+def mixed_prompt_cache(k_p: torch.Tensor, v_p: torch.Tensor, alpha_k: torch.Tensor, alpha_v: torch.Tensor,
+                       q_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixed prompt keys and values [B, Tp, Hkv, D] exactly as `bitune_attention` mixes them for a call with
+    these inputs (the backend it selects for q_a), for a decoding cache: the answer's first tokens read that
+    mix and the later ones decode from the cache, so they read the same bits. The Triton kernel mixes as one
+    fused multiply-add, x0 + α·(x1 − x0), which rounds otherwise than mix_kv in some entries."""
+    backend = select("bitune_attention", q_a)
+    if backend == "torch":
+        return mix_kv(k_p[0], k_p[1], alpha_k), mix_kv(v_p[0], v_p[1], alpha_v)
+    with torch.no_grad():  # a cache holds values; the op's backward recomputes its own mix
+        return kernels("bitune_attention", backend, None).prompt_cache_mix(k_p, v_p, alpha_k, alpha_v)
 
 
 def bitune_attention_reference(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,

@@ -281,6 +281,13 @@ def _alphas(alpha_k, alpha_v):
     return alpha_k.detach().float().contiguous(), alpha_v.detach().float().contiguous()
 
 
+def prompt_cache_mix(k_p, v_p, alpha_k, alpha_v):
+    """(K_mix, V_mix) as `forward` mixes them, for a decoding cache (kpro.ops.bitune_attention.mixed_prompt_cache)."""
+    a_k, a_v = _alphas(alpha_k, alpha_v)
+    with device_guard(k_p):
+        return mixed_cache(k_p.contiguous(), v_p.contiguous(), a_k, a_v)
+
+
 def forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, scale):
     tp_given = q_p.shape[2]
     q_p, k_p, v_p = _nonempty_prompt(q_p.contiguous(), k_p.contiguous(), v_p.contiguous())

@@ -19,8 +19,7 @@ SUM_BLOCK = 1024
 
 @triton.jit
 def mix(x0, x1, alpha):
-    """(1 − α)·x0 + α·x1 in fp32, as one fused multiply-add x0 + α·(x1 − x0) (bitune_attention.mix_kv, which
-    fills the decoding cache, rounds as this does)."""
+    """(1 − α)·x0 + α·x1 in fp32, as one fused multiply-add x0 + α·(x1 − x0)."""
     x0 = x0.to(tl.float32)
     return tl.fma(alpha, x1.to(tl.float32) - x0, x0)
 
