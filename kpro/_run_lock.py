@@ -65,6 +65,10 @@ def holding(directory: str | os.PathLike):
             _held[key], registered = [*me, 1], True
         yield
     finally:
+        if os.getpid() != me[0]:  # a child forked in the block, unwinding the holder's frame: the lock stays his
+            if fd is not None:
+                os.close(fd)  # its copy only: the holder's descriptor keeps the lock
+            return
         if registered:
             with _held_guard:
                 del _held[key]

@@ -1089,6 +1089,28 @@ def test_a_child_forked_by_the_holder_is_refused_as_another_process(tmp_path):
     process.join()
 
 
+def test_a_child_forked_inside_the_block_that_unwinds_it_leaves_the_holders_lock(tmp_path):
+    """A child of os.fork() inside the holder's block that left it (sys.exit, an exception) ran the copied block's
+    end: it deleted the lock file, and a third run then took the directory while the holder was in it."""
+    third_run = [sys.executable, "-c", "import sys; from kpro._run_lock import holding\n"
+                 "try:\n with holding(sys.argv[1]): print('held')\nexcept Exception as err: print(err)",
+                 str(tmp_path / "x")]
+    pid = -1
+    try:
+        with holding(tmp_path / "x"):
+            pid = os.fork()
+            if pid == 0:
+                raise SystemExit(0)  # the child leaves the block it inherited, as sys.exit would
+            os.waitpid(pid, 0)
+            assert (tmp_path / "x" / LOCK_FILE).exists()
+            said = subprocess.run(third_run, capture_output=True, text=True, timeout=120).stdout
+            assert f"in use by another kpro run (process {os.getpid()})" in said, said
+    finally:
+        if pid == 0:
+            os._exit(0)  # the child: never back into pytest
+    assert subprocess.run(third_run, capture_output=True, text=True, timeout=120).stdout == "held\n"
+
+
 def test_a_system_without_flock_runs_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
     """fcntl is POSIX: on Windows every fit failed with ModuleNotFoundError. A file system refusing locks
     (ENOLCK) left its lock file, and so an empty directory, behind."""
