@@ -135,9 +135,10 @@ def test_an_epoch_draws_each_row_once_and_ranks_split_each_global_batch(tmp_path
 def test_numpy_counts_and_seeds_are_python_ints(tmp_path):
     """A NumPy vocab_size, shard_tokens, seq_len, batch_size or seed was refused as no integer; taken now, as ints
     (the index is JSON, the state is checkpointed, and the seed's mixing takes the int path: the same rows)."""
-    index = kt.write_token_shards(tmp_path / "s", documents(), vocab_size=np.int64(67), eos_id=2,
-                                  shard_tokens=np.int64(50))
-    assert (index["vocab_size"], index["shard_tokens"]) == (67, 50)
+    index = kt.write_token_shards(tmp_path / "s", documents(), vocab_size=np.int64(67), eos_id=np.int64(2),
+                                  shard_tokens=np.int64(50), bos_id=np.int32(1))
+    assert (index["vocab_size"], index["shard_tokens"], index["eos_id"], index["bos_id"]) == (67, 50, 2, 1)
+    assert all(type(index[key]) is int for key in ("vocab_size", "shard_tokens", "eos_id", "bos_id"))
     numpy_args = kt.TokenShards(tmp_path / "s", seq_len=np.int64(8), batch_size=np.int32(6), seed=np.int64(5),
                                 rank=np.int64(1), world_size=np.int64(3))
     plain = kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=6, seed=5, rank=1, world_size=3)

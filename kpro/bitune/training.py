@@ -90,7 +90,7 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
     if method == "lora" and mode != "bitune":
         raise ValueError(f"mode={mode!r} is a Bitune ablation; method='lora' trains one causal adapter")
     check_pairs(pairs, model.config.vocab_size, model.config.max_position_embeddings)
-    check_special_id(pad_id, "pad_id", vocab_size=model.config.vocab_size)  # else named as input_ids, at step 1
+    pad_id = check_special_id(pad_id, "pad_id", vocab_size=model.config.vocab_size)  # else named as input_ids later
     out_dir = Path(out_dir)
     last = main_decides(lambda: latest_checkpoint(out_dir / "run"), f"look for checkpoints in {out_dir / 'run'}")
     if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for

@@ -283,7 +283,7 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
         raise ValueError(f"weight_decay must be a number in [0, 1), got {weight_decay!r}")
     # Checked now: the first forward would blame input_ids
     config = getattr(lora.unwrap(model), "config", None)  # an AdaptedModel's is its model's
-    check_special_id(pad_id, "pad_id", vocab_size=getattr(config, "vocab_size", None))
+    pad_id = check_special_id(pad_id, "pad_id", vocab_size=getattr(config, "vocab_size", None))
     examples = list(examples)
     limit = getattr(config, "max_position_embeddings", None)
     longest = max(range(len(examples)), key=lambda i: len(getattr(examples[i], "ids", ())), default=None)

@@ -43,14 +43,14 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_id: int
 
 def check_special_id(value, name: str, optional: bool = False, vocab_size: int | None = None):
     """An eos, bos or pad id: an integer >= 0, below `vocab_size` if given (None too where `optional`);
-    returned as given."""
+    returned as a Python int (a NumPy one too: ids go into JSON indexes and checkpoints)."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0 or \
             (vocab_size is not None and value >= vocab_size):
         bound = "(an integer >= 0)" if vocab_size is None else f"of the model (an integer in [0, {vocab_size}))"
         raise ValueError(f"{name} must be a token id {bound}, got {value!r}")
-    return value
+    return int(value)
 
 
 def document_tensor(doc, index: int) -> torch.Tensor:

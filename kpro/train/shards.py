@@ -212,8 +212,8 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
     """Tokenized documents -> a new shard directory holding `[bos] doc eos [bos] doc eos ...` (the framing of
     `pack_documents`, so `TokenShards` gives the rows `pack_documents` would). Returns the index."""
     vocabulary = int(vocab_size) if _is_integer(vocab_size) else None
-    check_special_id(eos_id, "eos_id", vocab_size=vocabulary)  # else the documents' ids would be blamed
-    check_special_id(bos_id, "bos_id", vocab_size=vocabulary, optional=True)
+    eos_id = check_special_id(eos_id, "eos_id", vocab_size=vocabulary)  # else the documents' ids would be blamed
+    bos_id = check_special_id(bos_id, "bos_id", vocab_size=vocabulary, optional=True)
     directory = Path(directory)
     existed = directory.exists()
     prepare_directory(directory)
