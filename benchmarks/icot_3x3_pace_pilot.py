@@ -5,12 +5,15 @@ Validation accuracy is printed every 500 steps, the test accuracy of the weights
 from its checkpoints.
 
     python benchmarks/icot_3x3_pace_pilot.py EXPLICIT_MODEL SEED RUN_DIR [STEPS_PER_TOKEN [LR [AFTER_STEPS]]]
+        [--expand P]
 
-EXPLICIT_MODEL: OUT/internalization-3x3/explicit-cot/model.
+EXPLICIT_MODEL: OUT/internalization-3x3/explicit-cot/model. `--expand P` inserts P blocks into it first, as
+`kpro.expand` does (copies whose output projections are zero: the same function), and internalizes the deeper model.
 
 The recorded runs: seeds 1 and 2, STEPS_PER_TOKEN 2000 (the recipe's is 1000), and STEPS_PER_TOKEN 1000 at LR
 1.25e-4 (the recipe's is 2.5e-4); seed 2's then extended to AFTER_STEPS 16000 and 24000 (the recipe's 8000; the
-same command with more steps resumes the run from its last checkpoint).
+same command with more steps resumes the run from its last checkpoint); seeds 1 and 2 with `--expand 2` at the
+recipe's pace and lr.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import kpro
 from kpro.checkpoint import load_pretrained, save_pretrained
 from kpro.demo.internalization import BATCH, SAVE_EVERY, _setup, held_out_sets
 from kpro.demo.seeds import RECIPE_3X3
@@ -30,12 +34,15 @@ COT_TOKENS = 24  # a 3x3 product's CoT
 
 
 def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
-         lr: float | None = None, after_steps: int | None = None) -> None:
+         lr: float | None = None, after_steps: int | None = None, expand: int = 0) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     r = RECIPE_3X3
     valid, train, _ = _setup(r["digits"], r["train_size"], seed, r["valid_size"], r["test_size"], r["hidden"], 2)
     model = load_pretrained(explicit)
+    if expand:
+        kpro.expand(model, expand)
+        print("expanded to", model.config.num_hidden_layers, "blocks", flush=True)
     tok = multiplication_tokenizer()
     steps = COT_TOKENS * steps_per_token + (r["after_steps"] if after_steps is None else after_steps)
     schedule = RemovalSchedule(steps_per_epoch=8 * steps_per_token, remove_per_epoch=8, smoothing_lambda=4.0)
@@ -56,5 +63,9 @@ def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), *(int(a) for a in sys.argv[4:5]),
-         *(float(a) for a in sys.argv[5:6]), *(int(a) for a in sys.argv[6:7]))
+    args, expand = sys.argv[1:], 0
+    if "--expand" in args:
+        at = args.index("--expand")
+        expand, args = int(args[at + 1]), args[:at] + args[at + 2:]
+    main(Path(args[0]), int(args[1]), Path(args[2]), *(int(a) for a in args[3:4]), *(float(a) for a in args[4:5]),
+         *(int(a) for a in args[5:6]), expand=expand)
