@@ -406,6 +406,33 @@ def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):
         gguf_config(path)
 
 
+def test_linear_rope_scaling_becomes_rope_scaling(tmp_path, small_vocab):
+    model = tiny_model(len(small_vocab["tokens"]))
+    for name, meta in (("typed", {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}),
+                       ("legacy", {"llama.rope.scale_linear": 4.0})):  # older files: the factor alone
+        path = write_gguf(tmp_path / f"{name}.gguf", model, small_vocab, metadata=meta)
+        assert gguf_config(path).rope_scaling == {"rope_type": "linear", "factor": 4.0}, name
+
+
+def test_the_ends_of_turn_the_file_names_stop_generation(tmp_path):
+    """tokenizer.ggml.eot_token_id / eom_token_id name stops llama.cpp ends generation at, whatever their text."""
+    tokens = [chr(c) for c in range(33, 127)] + ["<|endoftext|>", "<turn_end>", "<msg_end>", "hi"]
+    bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 3, 1], "merges": ["h i"], "pre": "gpt-2",
+           "bos": None, "eos": 94}
+    meta = {"tokenizer.ggml.eot_token_id": 95, "tokenizer.ggml.eom_token_id": 96}
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(tokens)), bpe, metadata=meta)
+    assert gguf_config(path).eos_token_ids == [94, 95, 96]
+
+
+def test_a_head_size_other_than_hidden_over_heads_is_read_from_key_length(tmp_path, small_vocab):
+    model = tiny_model(len(small_vocab["tokens"]), head_dim=16)  # 4 heads x 16, not hidden 32 / 4
+    meta = {"llama.attention.key_length": 16, "llama.attention.value_length": 16}
+    path = write_gguf(tmp_path / "m.gguf", model, small_vocab, metadata=meta)
+    assert gguf_config(path) == model.config.replace(pad_token_id=None)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    assert torch.equal(from_gguf(path)(ids), model(ids))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"arch": "qwen2"}, "architecture 'qwen2' is not supported"),
     ({"metadata": {"llama.expert_count": 8}}, "mixture of experts"),
@@ -414,6 +441,8 @@ def test_llama3_rope_factors_become_rope_scaling(tmp_path, small_vocab):
     ({"metadata": {"llama.rope.dimension_count": 4, "llama.attention.key_length": 8,
                    "llama.attention.value_length": 8}}, r"RoPE on 4 of 8 head dimensions \(partial rotary\)"),
     ({"metadata": {"llama.rope.scaling.type": "yarn"}}, "RoPE scaling type 'yarn'"),
+    ({"metadata": {"llama.attention.sliding_window": 16}},
+     r"sliding-window attention \(llama.attention.sliding_window=16\) is not supported"),
     ({"extra_tensors": {"blk.0.attn_q.bias": np.zeros(32, dtype=np.float32)}}, "no place for.*blk.0.attn_q.bias"),
     ({"vocab": {"model": "bert"}}, "tokenizer model 'bert' is not supported"),
     ({"vocab": {"model": "gpt2", "merges": ["a b"], "pre": "qwen2"}}, "pre-tokenizer 'qwen2' is not supported"),
