@@ -102,7 +102,8 @@ def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32"
     for key, value in metadata.items():
         if value is None:  # a key left out
             continue
-        {int: w.add_uint32, float: w.add_float32, str: w.add_string, list: w.add_array}[type(value)](key, value)
+        {bool: w.add_bool, int: w.add_uint32, float: w.add_float32, str: w.add_string,
+         list: w.add_array}[type(value)](key, value)
     w.add_string("tokenizer.ggml.model", vocab["model"])
     w.add_array("tokenizer.ggml.tokens", vocab["tokens"])
     if vocab["types"] is not None:  # None: the key left out
@@ -290,6 +291,26 @@ def test_the_tokenizer_adds_an_eos_where_the_gguf_says(tmp_path, small_vocab):
         (out[flag] / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": not flag}))
         with pytest.raises(ValueError, match=f"says add_eos_token {str(not flag).lower()}, but the post-processor"):
             kpro.load_tokenizer(out[flag])
+
+
+_SPLIT_TOKENS = [chr(c) for c in range(33, 127)] + ["<|end_of_text|>", "<tool>", "hi", "12"]
+_SPLIT_BPE = {"model": "gpt2", "tokens": _SPLIT_TOKENS, "types": [1] * 94 + [3, 4, 1, 1], "merges": ["1 2"],
+              "bos": None, "eos": 94, "add_bos": False}  # no merge makes "hi": only a whole-word match does
+
+
+@pytest.mark.parametrize("vocab, metadata, text, pieces", [
+    ({**_SPLIT_BPE, "pre": "gpt-2"}, {}, "<tool>12hi", ["<tool>", "12", "h", "i"]),  # a USER_DEFINED token whole
+    ({**_SPLIT_BPE, "pre": "smollm"}, {}, "12hi", ["1", "2", "h", "i"]),  # every digit on its own
+    ({**_SPLIT_BPE, "pre": "llama-bpe"}, {}, "12hi", ["12", "hi"]),  # whole words in the vocabulary skip the merges
+    ("spm", {}, "hello", ["\u2581he", "ll", "o"]),
+    ("spm", {"tokenizer.ggml.add_space_prefix": False}, "hello", ["he", "ll", "o"]),
+])
+def test_text_is_split_as_llama_cpp_splits_it(tmp_path, small_vocab, vocab, metadata, text, pieces):
+    """What the file says about splitting: user-defined tokens, the pre-tokenizer's rules, the dummy prefix."""
+    vocab = small_vocab if vocab == "spm" else vocab
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(vocab["tokens"])), vocab, metadata=metadata)
+    tok = kpro.load_tokenizer(convert_gguf(path, tmp_path / "out"))
+    assert [vocab["tokens"][i] for i in tok.encode(text, bos=False)] == pieces
 
 
 def test_named_chat_templates_are_converted_and_chosen_as_transformers_chooses(tmp_path, small_vocab):
