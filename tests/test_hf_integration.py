@@ -285,6 +285,10 @@ def test_a_sliding_window_is_taken_only_where_it_changes_nothing():
     long_ids = torch.randint(3, 101, (1, 20))
     with pytest.raises(NotImplementedError, match="20 keys exceed this layer's window of 16"):
         model(input_ids=long_ids)
+    # the window counts the query's own key: with 16 keys every query sees all, with 17 the last misses the first
+    assert rel(model(input_ids=long_ids[:, :16]).logits, stock(input_ids=long_ids[:, :16]).logits) < 1e-6
+    with pytest.raises(NotImplementedError, match="17 keys exceed this layer's window of 16"):
+        model(input_ids=long_ids[:, :17])
 
 
 def test_unsupported_models_are_refused_and_left_unchanged():
@@ -408,6 +412,19 @@ def test_train_only_drops_the_gradients_of_the_layers_it_freezes():
 
 
 # ----------------------------------------------------------------------------------- how HF users run it
+
+@pytest.mark.parametrize("x_dtype, weight_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.bfloat16)])
+def test_rms_norm_gives_the_stock_output_dtype(x_dtype, weight_dtype):
+    """transformers' LlamaRMSNorm returns weight * x.to(input dtype): float32 for bf16 activations and an fp32
+    weight (a model loaded in fp32, run on bf16 inputs), not the input's dtype."""
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(8).to(weight_dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 8).to(x_dtype)
+    want, got = norm(x), kpro_hf.rms_norm_forward(norm, x)
+    assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=2e-2)
+
 
 def test_bf16_autocast_gives_the_stock_attention():
     """Under autocast transformers' RoPE hands over float32 queries and keys (bf16 projections times float32
