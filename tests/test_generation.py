@@ -47,6 +47,9 @@ def test_rows_stop_at_eos_and_are_padded(make_model):
         assert out[1].tolist() == free[1].tolist()
     single = kpro.generate(model, ids[:1], 10, eos_token_id=stop)
     assert single.shape[1] == 4 + 3  # decoding ends once every row stopped
+    pad = 5 if stop != 5 else 6  # no pad_token_id given: the config's, before the eos
+    configured = kpro.generate(make_model(seed=9, pad_token_id=pad), ids, 10, eos_token_id=stop)
+    assert configured[0, :7].tolist() == out[0, :7].tolist() and (configured[0, 7:] == pad).all()
 
 
 def test_stop_after_the_second_eos(make_model):
