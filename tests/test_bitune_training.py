@@ -173,6 +173,21 @@ def test_multiple_choice_picks_the_likeliest_choice():
     assert result["acc"] == expected / 2 and result["questions"] == 2
 
 
+def test_acc_norm_divides_by_the_choices_characters_and_each_choice_is_scored_after_a_space(monkeypatch):
+    from kpro.bitune import evaluation
+
+    scored = []
+
+    def scores(tuned, prompts, answers, batch_size):  # "bb" less likely in all, likelier per character
+        scored.extend(TOK.decode(a) for a in answers)
+        return torch.tensor([-1.5, -2.5], dtype=torch.float64)
+    monkeypatch.setattr(evaluation, "_log_likelihoods", scores)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    result = bitune.multiple_choice_accuracy(model, TOK, [bitune.MultipleChoice("which", ["a", "bb"], 1)])
+    assert scored == [" a", " bb"]
+    assert result == {"acc": 0.0, "acc_norm": 1.0, "questions": 1}  # -2.5 / 2 > -1.5 / 1; not / 3 tokens with " "
+
+
 def test_the_eval_batch_size_counts_rows_of_a_prompt_and_one_choice(monkeypatch):
     """--eval-batch-size said "questions scored at once"; it batches (prompt, choice) rows."""
     import argparse
