@@ -17,6 +17,8 @@ def test_llama_style_bpe_with_byte_fallback():
     assert tok.encode("Hello world", bos=False, eos=True) == [22557, 1526, 2]
     ids = tok.encode("日本語 🦙", bos=False)
     assert [tok.id_to_piece(i) for i in ids[-4:]] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]  # the llama, as bytes
+    # no tokenizer_config.json: as LlamaTokenizer, a bos and no eos where the caller leaves it to the tokenizer
+    assert tok.add_bos and not tok.add_eos and tok.encode("Hello world", bos=None, eos=None) == [1, 22557, 1526]
 
 
 @pytest.mark.parametrize("text", ["Hello world", " 3719 × 3349 = 12454831", "日本語 🦙\nsecond line", "  leading spaces"])
