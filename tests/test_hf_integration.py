@@ -312,6 +312,15 @@ def test_unsupported_models_are_refused_and_left_unchanged():
     assert not any("forward" in vars(m) for m in gelu.modules()) and gelu.config._attn_implementation == "sdpa"
     summary = kpro_hf.apply(gelu, mlp=False)  # the rest still can
     assert (summary.rms_norms, summary.mlps, summary.attention_layers) == (3, 0, 1)
+    bidirectional = make_stock(layers=1)
+    bidirectional.config.is_causal = False  # an encoder's attention: every query sees every key
+    with pytest.raises(kpro_hf.UnsupportedModelError, match=r"configured bidirectional \(is_causal=False\)"):
+        kpro_hf.apply(bidirectional)
+    assert not any("forward" in vars(m) for m in bidirectional.modules())
+    assert bidirectional.config._attn_implementation == "sdpa"
+    bidirectional.set_attn_implementation("kpro")  # without apply: the bidirectional mask it asks for is refused
+    with pytest.raises(NotImplementedError, match="this model asks for bidirectional masks"):
+        bidirectional(input_ids=torch.randint(3, 101, (1, 6)))
 
 
 # -------------------------------------------------------------------------------------------- train_only
