@@ -352,12 +352,19 @@ def sentencepiece_dir(tmp_path, model):
     return directory
 
 
+CORPUS_TEXT = ["The quick brown fox jumps over the lazy dog.",
+               "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich.", "数字 3719 × 3349 = 12454931",
+               "  indented\r\nwindows lines\r\n", "tabs\tand   spaces", "classic\rMac\r\rline ends"]
+# a.txt's documents: lines end at \n or \r\n (a blank \r\n line ends a document too) but a lone CR is text to
+# both readers (read_corpus split at it before); a document's leading and trailing whitespace is dropped
+A_TXT_DOCUMENTS = [*CORPUS_TEXT[:3], "indented\nwindows lines", *CORPUS_TEXT[4:]] * 6 + ["last", "crlf\n  ends"]
+
+
 def write_corpus(directory):
     directory.mkdir()
-    text = ["The quick brown fox jumps over the lazy dog.", "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich.",
-            "数字 3719 × 3349 = 12454931", "  indented\r\nwindows lines\r\n", "tabs\tand   spaces",
-            "classic\rMac\r\rline ends"]  # a lone CR is text to both readers (read_corpus split at it before)
-    (directory / "a.txt").write_text("\n\n".join(text * 6) + "\n \t\n\n\nlast\n", encoding="utf-8")
+    text = CORPUS_TEXT
+    (directory / "a.txt").write_text("\n\n".join(text * 6) + "\n \t\n\n\nlast\r\n\r\n\tcrlf\r\n  ends\r\n",
+                                     encoding="utf-8")
     (directory / "b.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(text * 4))
                                        + "\n\n" + json.dumps({"text": ""}) + "\n", encoding="utf-8")
     (directory / "notes.md").write_text("not read: only *.txt and *.jsonl of a directory\n")
@@ -369,6 +376,7 @@ def test_tokenize_gives_train_expandeds_rows(tmp_path, model, workers):
     files = write_corpus(tmp_path / "corpus")
     tok_dir = sentencepiece_dir(tmp_path, model)
     assert list(iter_documents([tmp_path / "corpus"])) == read_corpus(files)
+    assert read_corpus(files[:1]) == A_TXT_DOCUMENTS
     log = io.StringIO()
     index = kt.tokenize_corpus(tok_dir, [tmp_path / "corpus"], tmp_path / "tokens", shard_tokens=97,
                                workers=workers, chunk_bytes=200, stream=log)
