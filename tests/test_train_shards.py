@@ -449,6 +449,42 @@ def test_tokenize_resumes_after_sigkill_to_the_same_bytes(tmp_path, capsys):
     assert f"the input files (1 no longer read, {files[1].resolve()} first) differ" in capsys.readouterr().err
 
 
+def test_tokenize_resumes_twice_inside_one_document_to_the_same_bytes(tmp_path, monkeypatch):
+    """A document spanning several shards, interrupted twice inside it: the second resume skips the tokens both
+    earlier runs wrote (the first resume's skip plus its own). A resume with another --shard-tokens is refused."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz").save(tmp_path / "tok")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefghijklmnopqrstuvwxyz" * 2 + "\n\nxyz\n")
+
+    def tokenize(out, shard_tokens=8):
+        return kt.tokenize_corpus(tmp_path / "tok", [corpus], out, shard_tokens=shard_tokens, workers=1,
+                                  stream=io.StringIO())
+    commit = kt.shards.ShardWriter.commit
+
+    def interrupting(self, resume):  # stop each run after its 2nd shard
+        commit(self, resume)
+        interrupting.commits += 1
+        if interrupting.commits == 2 and not self.index["complete"]:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(kt.shards.ShardWriter, "commit", interrupting)
+    for shards in (2, 4):
+        interrupting.commits = 0
+        with pytest.raises(KeyboardInterrupt):
+            tokenize(tmp_path / "out")
+        index = json.loads((tmp_path / "out" / "index.json").read_text())
+        assert len(index["shards"]) == shards and index["resume"]["document"] == 0  # inside the first document
+    with pytest.raises(ValueError, match=r"--shard-tokens \(8 then, 5 now\) differ"):
+        tokenize(tmp_path / "out", shard_tokens=5)
+    monkeypatch.undo()
+    tokenize(tmp_path / "out")
+    tokenize(tmp_path / "straight")
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir()) and len(names) > 4
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
 FIRST_INDEX_KILL_SCRIPT = """
 import os, signal, sys
 from kpro import _files
