@@ -150,17 +150,19 @@ def test_numpy_counts_and_seeds_are_python_ints(tmp_path):
 
 def test_resume_mid_epoch_is_exact_and_refuses_other_data(tmp_path):
     kt.write_token_shards(tmp_path / "s", documents(), vocab_size=67, eos_id=2, shard_tokens=64)
-    straight = iter(kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1))
-    expected = [next(straight)["input_ids"] for _ in range(40)]  # past an epoch boundary
-    first = kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1)
-    it = iter(first)
-    for _ in range(17):
-        next(it)
-    state = json.loads(json.dumps(first.state_dict()))  # plain data, as checkpoints hold it
-    resumed = kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1)
-    resumed.load_state_dict(state)
-    it = iter(resumed)
-    assert all(torch.equal(next(it)["input_ids"], want) for want in expected[17:])
+    straight = kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1)
+    epoch, straight = len(straight), iter(straight)
+    expected = [next(straight)["input_ids"] for _ in range(epoch + 8)]  # past an epoch boundary
+    for stop in (17, epoch + 3):  # in epoch 0, and in epoch 1 (another order: the saved epoch must be restored)
+        first = kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1)
+        it = iter(first)
+        for _ in range(stop):
+            next(it)
+        state = json.loads(json.dumps(first.state_dict()))  # plain data, as checkpoints hold it
+        resumed = kt.TokenShards(tmp_path / "s", seq_len=10, batch_size=4, seed=1)
+        resumed.load_state_dict(state)
+        it = iter(resumed)
+        assert all(torch.equal(next(it)["input_ids"], want) for want in expected[stop:])
     for other, key in [(dict(seq_len=11), "seq_len"), (dict(seed=2), "seed"), (dict(batch_size=2), "batch_size")]:
         with pytest.raises(ValueError, match=f"had {key}="):
             kt.TokenShards(tmp_path / "s", **{"seq_len": 10, "batch_size": 4, "seed": 1, **other}).load_state_dict(state)
