@@ -65,6 +65,9 @@ def test_sharded_round_trip(tmp_path, make_model):
     index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(ckpt.hf_tensors(model))
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in ckpt.hf_tensors(model).values())
+    for shard in shards:  # within max_shard_size, unless one tensor alone outgrows it
+        tensors = load_file(tmp_path / "ck" / shard)
+        assert sum(t.nbytes for t in tensors.values()) <= 20_000 or len(tensors) == 1, shard
     assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
 
 

@@ -1,6 +1,7 @@
 """`python -m kpro expand` and `train-expanded`: checkpoints expanded by streaming, and post-pretraining
 of the new blocks from the command line."""
 import json
+import struct
 import tracemalloc
 
 import pytest
@@ -19,6 +20,15 @@ def write_checkpoint(directory, dtype=torch.bfloat16, max_shard_size="5GB", **ov
     randomize_norms(model, torch.Generator().manual_seed(1))
     kpro.save_pretrained(model, directory, max_shard_size=max_shard_size)
     return model
+
+
+def safetensors_header(path):
+    """(the header's length, its tensor entries) of a safetensors file."""
+    with open(path, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return length, header
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
@@ -46,6 +56,15 @@ def test_cli_expand_matches_in_memory_expansion(tmp_path, capsys, sharded):
     ids = torch.randint(0, source.config.vocab_size, (2, 7))
     assert torch.equal(expanded(ids), source(ids))
     assert (tmp_path / "dst" / "model.safetensors.index.json").is_file() == sharded
+    sizes = {}  # each file's tensor bytes: a shard's within --max-shard-size, unless one tensor alone outgrows it
+    for file in sorted((tmp_path / "dst").glob("*.safetensors")):
+        length, header = safetensors_header(file)
+        assert length % 8 == 0, file  # the format aligns the data that follows the header to 8 bytes
+        sizes[file.name] = [end - start for start, end in (h["data_offsets"] for h in header.values())]
+        assert sum(sizes[file.name]) <= 30_000 or len(sizes[file.name]) == 1 or not sharded, (file, sizes)
+    if sharded:
+        index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())
+        assert len(sizes) > 2 and index["metadata"]["total_size"] == sum(map(sum, sizes.values()))
     assert isinstance(kpro.load_tokenizer(tmp_path / "dst"), kpro.CharTokenizer)
     assert (tmp_path / "dst" / "README.md").read_text() == "model card\n"
     assert (tmp_path / "dst" / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
@@ -292,7 +311,6 @@ def test_overwrite_must_be_a_bool(tmp_path):
 def test_a_shard_whose_header_lies_about_a_tensors_size_is_refused_naming_the_source(tmp_path):
     """A sharded source is read only through its headers: a tensor whose dtype code no longer fits its
     bytes was expanded, and the error came later, naming the output's shard."""
-    import struct
     write_checkpoint(tmp_path / "src", dtype=torch.float32, max_shard_size="1KB", num_hidden_layers=2)
     weight_map = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())["weight_map"]
     name = "model.layers.1.mlp.up_proj.weight"
