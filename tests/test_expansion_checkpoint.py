@@ -169,6 +169,18 @@ def test_cli_train_expanded_trains_only_the_new_blocks_and_resumes(tmp_path, cap
     assert isinstance(kpro.load_tokenizer(run / "step-00000004"), kpro.CharTokenizer)
 
 
+def test_the_checkpoint_dtype_is_the_one_holding_most_parameters_over_every_shard(tmp_path):
+    """train-expanded saves in it: a bfloat16 model whose norms are float32 is a bfloat16 checkpoint."""
+    from kpro.expansion.posttrain import checkpoint_dtype
+    model = kpro.Llama(tiny_config(num_hidden_layers=2)).to(torch.bfloat16)
+    for module in model.modules():
+        if "Norm" in type(module).__name__:
+            module.float()
+    kpro.save_pretrained(model, tmp_path / "ck", max_shard_size="20KB")
+    assert len(list((tmp_path / "ck").glob("model-*.safetensors"))) > 2
+    assert checkpoint_dtype(tmp_path / "ck") == torch.bfloat16
+
+
 def test_cli_train_expanded_errors(tmp_path, capsys):
     write_checkpoint(tmp_path / "plain", num_hidden_layers=2, vocab_size=12)
     kpro.CharTokenizer("abcdefghi").save(tmp_path / "plain")
