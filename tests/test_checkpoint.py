@@ -42,6 +42,15 @@ def test_single_file_round_trip(tmp_path, make_model, tied):
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
+def test_a_mixed_dtype_model_is_saved_without_a_torch_dtype(tmp_path, make_model):
+    """config.json's torch_dtype names the dtype of every tensor; a model of several has none to name."""
+    model = make_model(dtype=torch.bfloat16)
+    model.norm.float()
+    kpro.save_pretrained(model, tmp_path / "ck")
+    assert "torch_dtype" not in json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert load_file(tmp_path / "ck" / "model.safetensors")["model.norm.weight"].dtype == torch.float32
+
+
 def test_a_tied_config_whose_head_was_untied_is_refused_not_saved_without_it(tmp_path, make_model):
     model = make_model(dtype=torch.float32, tie_word_embeddings=True)
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # unties them
@@ -384,7 +393,9 @@ def test_killed_save_leaves_old_checkpoint_intact_and_is_cleaned_up(tmp_path, ma
 
 
 @pytest.mark.parametrize("size, expected", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500 mb", 5 * 10**8), (123, 123),
-                                            ("3000", 3000)])  # the command line passes a byte count as text
+                                            ("3000", 3000),  # the command line passes a byte count as text
+                                            ("30KB", 30_000), ("30kib", 30 * 2**10), ("1.5MB", 1_500_000),
+                                            ("3MiB", 3 * 2**20), ("7B", 7)])  # KB, MB, GB: decimal, as HF's
 def test_parse_size(size, expected):
     assert ckpt.parse_size(size) == expected
 
