@@ -93,6 +93,9 @@ def test_exclusions_sparse_and_dense():
     with pytest.raises(ValueError, match="only 7,087 remain after the 1,013 excluded"):
         multiplication_pairs(2, 7088, seed=1, exclude=excluded)
     assert sorted(multiplication_pairs(1, 100, seed=0)) == [(a, b) for a in range(10) for b in range(10)]
+    # a pair not of n-digit numbers (another n's) excludes nothing, not the n-digit pair its index would fall on
+    assert sorted(multiplication_pairs(1, 100, seed=0, exclude=[(5, 12), (5, -1), (12, 5)])) == sorted(
+        multiplication_pairs(1, 100, seed=0))
 
 
 def test_published_pairs_are_those_of_both_splits():
