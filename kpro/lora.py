@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._numbers import is_integer
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Segments = Sequence[tuple[int, int, str | None]]
 
@@ -78,7 +80,7 @@ def check_rank_alpha(rank, alpha) -> tuple[int, float]:
     """`rank` and `alpha` checked, as Python numbers: they go into the scale and the saved set-up (JSON, which
     refuses a NumPy number)."""
     # numbers, not just int and float: a NumPy integer or float32 (a swept hyperparameter) is a rank or alpha
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+    if not is_integer(rank) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha == 0:
         raise ValueError(f"LoRA alpha must be a finite number other than 0 (0 makes every adapter a no-op that "
@@ -303,7 +305,7 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     if unmatched:  # a misspelt target would otherwise leave its layers untrained without a word
         raise ValueError(f"targets {unmatched} match no linear layer under model.layers (matched: "
                          f"{sorted({child_name for _, _, child_name, _ in found})})")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+    if seed is not None and not is_integer(seed):
         raise ValueError(f"seed must be an integer (or None: the global RNG), got {seed!r}")
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     wrapped = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .._numbers import is_integer
 from .. import adapters, lora, ops
 from ..distributed import main_decides
 from ..errors import CheckpointError
@@ -84,7 +84,7 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+    if not is_integer(steps) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (0: save the untuned adapters), got {steps!r}")
     steps = int(steps)
     if method == "lora" and mode != "bitune":

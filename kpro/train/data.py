@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import numbers
 import os
 from array import array
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .._numbers import is_integer
 from ..tokenizer import checked_ids
 from .loss import IGNORE_INDEX
 
@@ -28,7 +28,7 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int, eos_id: int
     token after the first is predicted exactly once, including those at row boundaries. The tail that does
     not fill a row is dropped. Attention is not cut at document boundaries: the eos marks them.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 2:
+    if not is_integer(seq_len) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     seq_len = int(seq_len)
     check_special_id(eos_id, "eos_id")
@@ -46,7 +46,7 @@ def check_special_id(value, name: str, optional: bool = False, vocab_size: int |
     returned as a Python int (a NumPy one too: ids go into JSON indexes and checkpoints)."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0 or \
+    if not is_integer(value) or value < 0 or \
             (vocab_size is not None and value >= vocab_size):
         bound = "(an integer >= 0)" if vocab_size is None else f"of the model (an integer in [0, {vocab_size}))"
         raise ValueError(f"{name} must be a token id {bound}, got {value!r}")
@@ -132,8 +132,7 @@ class Batches:
 
     def __init__(self, examples: Sequence, batch_size: int, collate: Callable[[list], dict] = collate_packed, *,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True):
-        # numbers.Integral: a NumPy integer (a swept hyperparameter) too, kept as an int (the state is checkpointed)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+        if not is_integer(batch_size) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(examples, Mapping):  # {"input_ids": [...], "labels": [...]}: columns, not examples
             raise TypeError(f"Batches draws from a sequence of examples, and got a {type(examples).__name__} (keys "
@@ -143,7 +142,7 @@ class Batches:
             raise TypeError(f"Batches draws from a sequence of examples (a list, a tensor of rows), got a "
                             f"{type(examples).__name__}: pass list(...) of it")
         # hash() of other types changes from process to process, and hash(-1) == hash(-2)
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        if not is_integer(seed) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         batch_size, seed = int(batch_size), int(seed)
         if len(examples) == 0:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .._numbers import is_integer
 from .._run_lock import holding
 from ..checkpoint import CheckpointError
 from . import distributed
@@ -648,8 +649,7 @@ def _check_same_data(batches, env: distributed.DistEnv) -> None:
 
 
 def _positive_int(value) -> bool:
-    # numbers.Integral: a NumPy integer (a swept hyperparameter) is a count too; a bool is not
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return is_integer(value) and value >= 1
 
 
 def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_every, keep_last, log_every=None,

@@ -13,6 +13,8 @@ import numbers
 import torch
 from torch import nn
 
+from .._numbers import is_integer
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -80,10 +82,6 @@ def implementation(model: nn.Module, fused: bool | None = None, eps: float = 1e-
     return {"fused": fused or None, "foreach": True if not fused and devices == {"cpu"} else None}
 
 
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # a bool is no count
-
-
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """The fraction of the peak learning rate at each optimizer step s (0-based).
@@ -103,13 +101,13 @@ class Schedule:
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.kind!r}; choose from {', '.join(SCHEDULES)}")
-        if not _is_integer(self.warmup_steps) or self.warmup_steps < 0:
+        if not is_integer(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, numbers.Real) or \
                 not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be a number in [0, 1], got {self.min_ratio!r}")
         if self.kind != "constant":
-            if not _is_integer(self.total_steps):
+            if not is_integer(self.total_steps):
                 raise ValueError(f"a {self.kind} schedule needs total_steps > warmup_steps, an integer (where its "
                                  f"decay ends), got total_steps={self.total_steps!r}")
             if self.total_steps <= self.warmup_steps:
@@ -124,7 +122,7 @@ class Schedule:
         if self.decay_steps is not None:
             if self.kind == "constant":
                 raise ValueError("decay_steps needs a linear or cosine schedule (a constant one never decays)")
-            if not _is_integer(self.decay_steps) or not 1 <= self.decay_steps <= self.total_steps - self.warmup_steps:
+            if not is_integer(self.decay_steps) or not 1 <= self.decay_steps <= self.total_steps - self.warmup_steps:
                 raise ValueError(f"decay_steps must be an integer from 1 to total_steps - warmup_steps "
                                  f"({self.total_steps - self.warmup_steps}), got {self.decay_steps!r}")
         # Python numbers (a NumPy one is an integer too): the schedule is saved in checkpoints and compared on resume

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import sys
 import time
 from pathlib import Path
+
+from .._numbers import is_integer
 
 
 def format_duration(seconds: float) -> str:
@@ -58,7 +59,7 @@ class ProgressLine:
     def __init__(self, total_steps: int, start_step: int = 0, *, stream=None, every: int | None = None):
         self.total, self.start_step = total_steps, start_step
         self.line = StatusLine(sys.stdout if stream is None else stream)
-        if every is not None and (isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1):
+        if every is not None and (not is_integer(every) or every < 1):
             raise ValueError(f"every must be a positive integer or None (every 5% of the steps), got {every!r}")
         self.every = int(every) if every is not None else max(1, (total_steps - start_step) // 20)
         self.start = time.perf_counter()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .._numbers import is_integer
 from .._files import naming_write_failures, write_atomic
 from ..distributed import current_env
 from .data import check_special_id, document_tensor
@@ -36,14 +36,9 @@ MAX_OPEN_SHARDS = 64  # file descriptors a TokenShards keeps open (least recentl
 _M64 = (1 << 64) - 1
 
 
-def _is_integer(value) -> bool:
-    """A Python or NumPy integer (a bool is no count or id); the callers keep int(value), as the index is JSON."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 for vocabularies of up to 65,536 tokens, uint32 above (little-endian)."""
-    if not _is_integer(vocab_size) or vocab_size <= 0:
+    if not is_integer(vocab_size) or vocab_size <= 0:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
@@ -125,7 +120,7 @@ def write_index(directory: Path, index: dict) -> None:
 
 
 def new_index(vocab_size: int, shard_tokens: int, bos_id: int | None, eos_id: int, **extra) -> dict:
-    if not _is_integer(shard_tokens) or shard_tokens < 1:
+    if not is_integer(shard_tokens) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
     # The dtype's name, as indexes have always held it (the corpus fingerprint includes it): "uint16", "uint32".
     return {"format": FORMAT, "version": VERSION, "complete": False, "dtype": token_dtype(vocab_size).name,
@@ -211,7 +206,7 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
                        tokenizer: dict | None = None) -> dict:
     """Tokenized documents -> a new shard directory holding `[bos] doc eos [bos] doc eos ...` (the framing of
     `pack_documents`, so `TokenShards` gives the rows `pack_documents` would). Returns the index."""
-    vocabulary = int(vocab_size) if _is_integer(vocab_size) else None
+    vocabulary = int(vocab_size) if is_integer(vocab_size) else None
     eos_id = check_special_id(eos_id, "eos_id", vocab_size=vocabulary)  # else the documents' ids would be blamed
     bos_id = check_special_id(bos_id, "bos_id", vocab_size=vocabulary, optional=True)
     directory = Path(directory)
@@ -309,13 +304,13 @@ class TokenShards:
     def __init__(self, directory: str | os.PathLike, seq_len: int = 2048, batch_size: int = 8, *, seed: int = 0,
                  shuffle: bool = True, rank: int | None = None, world_size: int | None = None):
         for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
-            if not _is_integer(value) or value < low:
+            if not is_integer(value) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not _is_integer(seed):
+        if not is_integer(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if (rank is None) != (world_size is None):
             raise ValueError("pass rank and world_size together (or neither: torchrun's are used)")
-        if world_size is not None and (not (_is_integer(rank) and _is_integer(world_size))
+        if world_size is not None and (not (is_integer(rank) and is_integer(world_size))
                                        or world_size < 1 or not 0 <= rank < world_size):
             raise ValueError(f"rank and world_size must be integers with 0 <= rank < world_size, got rank={rank!r}, "
                              f"world_size={world_size!r}")
