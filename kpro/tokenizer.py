@@ -4,7 +4,7 @@ tokenizer for the synthetic tasks (digits, operators, letters), and a symbol tok
 space-separated symbols (`9 1 7 3 * 9 4 3 3`); the last two need no model file.
 
 All share one interface: `encode(text, bos=, eos=)`, `decode(ids)`, batch versions, `bos_id`, `eos_id`,
-`pad_id`, `vocab_size`, `add_bos`, `pad_left(seqs)` for batched generation, `save(directory)`, and
+`pad_id`, `special_ids`, `vocab_size`, `add_bos`, `pad_left(seqs)` for batched generation, `save(directory)`, and
 `apply_chat_template(messages)` where the checkpoint has a chat template (rendered with jinja2, as Hugging
 Face renders it).
 """
@@ -174,6 +174,12 @@ class _TokenizerBase:
         """bos_token, eos_token, ... as text, for chat templates."""
         return {}
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The ids of the special tokens: bos, eos, pad, and any other that `decode` writes as nothing (a
+        SentencePiece model's control pieces, a tokenizer.json's special added tokens)."""
+        return frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None)
+
     def encode_with_special_tokens(self, text: str) -> list[int]:
         """`text` as ids, special tokens written in it (`<|im_start|>`, `<s>`) becoming their ids; no bos added."""
         return self.encode(text, bos=False, eos=False)
@@ -312,6 +318,10 @@ class Tokenizer(_TokenizerBase):
                 ids += self.sp.EncodeAsIds(piece)
         return ids
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return super().special_ids | frozenset(self._control_pieces().values())  # decoded as nothing
+
     @functools.cache
     def _control_pieces(self) -> dict[str, int]:
         return {self.sp.IdToPiece(i): i for i in range(self.vocab_size) if self.sp.IsControl(i)}
@@ -428,6 +438,11 @@ class JsonTokenizer(_TokenizerBase):
 
     def id_to_piece(self, token_id: int) -> str:
         return self.tok.id_to_token(int(token_id))
+
+    @property
+    def special_ids(self) -> frozenset[int]:  # the added tokens marked special, which decode skips
+        return super().special_ids | frozenset(i for i, token in self.tok.get_added_tokens_decoder().items()
+                                               if token.special)
 
     def special_tokens(self) -> dict[str, str | None]:
         def text(token_id):

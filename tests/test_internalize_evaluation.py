@@ -1,4 +1,5 @@
 """Evaluation: decoding until the second eos, answer parsing, exact-match counting, batching, errors."""
+import importlib.util
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,6 +121,37 @@ def test_special_tokens_inside_the_answer_make_it_wrong():
     for special in (tok.pad_id, tok.bos_id):
         prediction = read_prediction(ids(special), "1 3 9 4", tok)
         assert prediction.answer == "1 3 9 4" and not prediction.correct
+
+
+def test_any_token_decoding_drops_inside_the_answer_makes_it_wrong(tmp_path):
+    """Only <pad> and <bos> counted: a tokenizer.json's other special tokens (which decode skips) and a
+    SentencePiece model's control pieces (which it writes as nothing) read `#### 1 <|extra|> 8` as `1 8`, right."""
+    import sentencepiece
+    model = tmp_path / "sp" / "tokenizer.model"
+    model.parent.mkdir()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(["#### 1 2 3 4 5 6 7 8 9 0"] * 20),
+                                             model_prefix=str(model.with_suffix("")), model_type="char", vocab_size=16,
+                                             control_symbols=["[INST]"], minloglevel=2)
+    sp = kpro.Tokenizer(model)
+    tokenizers = [(sp, sp.sp.PieceToId("[INST]"))]
+    if importlib.util.find_spec("tokenizers"):
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        tokens = ["<pad>", "<s>", "</s>", "<|extra|>", "[UNK]", "####", *"0123456789"]
+        vocab = {token: i for i, token in enumerate(tokens)}
+        raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        raw.pre_tokenizer, raw.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(cleanup=False)
+        raw.add_special_tokens([AddedToken(token, special=True) for token in ["<pad>", "<s>", "</s>", "<|extra|>"]])
+        (tmp_path / "json").mkdir()
+        raw.save(str(tmp_path / "json" / "tokenizer.json"))
+        (tmp_path / "json" / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+        tokenizers.append((kpro.JsonTokenizer(tmp_path / "json"), 3))
+    for tok, special in tokenizers:
+        ids = lambda *middle: [tok.eos_id, *tok.encode("#### 1", bos=False), *middle, *tok.encode("8", bos=False),
+                               tok.eos_id]
+        assert read_prediction(ids(), "1 8", tok).correct
+        prediction = read_prediction(ids(special), "1 8", tok)
+        assert prediction.answer == "1 8" and not prediction.correct, type(tok).__name__
+        assert special in tok.special_ids and not set(tok.encode("#### 1 8", bos=False)) & tok.special_ids
 
 
 def test_a_token_outside_the_tokenizer_is_a_wrong_answer_not_a_crash():

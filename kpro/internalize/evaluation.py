@@ -4,8 +4,9 @@ The model writes `cot <eos> #### answer <eos>` (an explicit-CoT model), a shorte
 internalized), or `<eos> #### answer <eos>` (no CoT); decoding stops at each row's second generated eos.
 The prediction is the text after `####` between the two eos tokens; it is correct when it equals the
 reference answer once commas and repeated spaces are dropped (GSM8K writes 1,450,000). A row that never
-writes its second eos within `max_new_tokens` is counted wrong. No CoT is ever removed here: what the
-model writes is its own.
+writes its second eos within `max_new_tokens` is counted wrong, and so is one whose answer holds a special
+token (the tokenizer's `special_ids`: decoding would drop it). No CoT is ever removed here: what the model
+writes is its own.
 """
 from __future__ import annotations
 
@@ -128,8 +129,9 @@ def read_prediction(new_ids, reference_answer: str, tokenizer) -> Prediction:
     span = new_ids[eos[0] + 1:eos[1] if finished else None]
     after = tokenizer.decode(span)
     answer = after.split(ANSWER_MARK, 1)[1].strip() if ANSWER_MARK in after else None
-    # decode drops special tokens: `1 3 <pad> <bos> 9 4` would read as the answer `1 3 9 4`
-    specials = {getattr(tokenizer, name, None) for name in ("bos_id", "pad_id")} - {None, tokenizer.eos_id}
+    # decode drops special tokens: `1 3 <pad> <bos> 9 4` (or `1 3 <|extra|> 9 4`) would read as the answer `1 3 9 4`
+    specials = {*getattr(tokenizer, "special_ids", ()), getattr(tokenizer, "bos_id", None),
+                getattr(tokenizer, "pad_id", None)} - {None, tokenizer.eos_id}
     correct = finished and answer is not None and not specials.intersection(span) \
         and answers_match(answer, reference_answer)
     return Prediction(tuple(new_ids), tokenizer.decode(new_ids[:eos[0]]), answer, finished, correct)
