@@ -658,3 +658,31 @@ def test_a_model_whose_tokenizer_lacks_a_symbol_is_refused(tmp_path, capsys):
                  "--train-size", "16", "--eval-size", "4"])
     err = capsys.readouterr().err
     assert code == 1 and "the training set: example 1 (" in err and "): symbol '*' is not in the vocabulary" in err
+
+
+def test_a_tokenizer_without_a_bos_trains_and_evaluates_with_prompts_of_no_bos(tmp_path, capsys):
+    """A bos was hard-wired: a tokenizer.json that defines none failed with "the training set: example 1 (...):
+    DIR/tokenizer.json: no bos token to add". The format needs none: the prompt is then `input <eos>`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    symbols = ["<pad>", "</s>", "[UNK]", "####", *"0123456789*+()"]
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="[UNK]"))
+    raw.pre_tokenizer, raw.decoder = tokenizers.pre_tokenizers.WhitespaceSplit(), tokenizers.decoders.WordPiece()
+    raw.add_special_tokens([tokenizers.AddedToken(token, special=True) for token in symbols[:3]])
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    raw.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text('{"eos_token": "</s>", "pad_token": "<pad>"}')
+    tok = kpro.load_tokenizer(model_dir)
+    assert tok.bos_id is None
+    torch.manual_seed(0)
+    kpro.save_pretrained(kpro.Llama(kpro.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=128, bos_token_id=None, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)), model_dir)
+    example = parse_line(multiplication_training_set(3, 1, seed=0)[0])
+    assert tokenize_examples([example], tok)[0].prompt == (*tok.encode(example.input, bos=False), tok.eos_id)
+    with pytest.raises(ValueError, match="bos=True: the tokenizer has no bos token"):
+        tokenize_examples([example], tok, bos=True)
+    assert main(["internalize", "--task", "3x3", "--model", str(model_dir), "--out", str(tmp_path / "run"),
+                 "--train-size", "16", "--eval-size", "4", "--batch-size", "4", "--steps", "2",
+                 "--remove-per-epoch", "2", "--threads", "1"]) == 0, capsys.readouterr().err
+    assert "internalized, test: accuracy" in capsys.readouterr().out

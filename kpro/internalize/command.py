@@ -78,8 +78,9 @@ def add_parsers(sub) -> None:
 
     model = p.add_argument_group("model")
     model.add_argument("--model", type=Path, metavar="DIR",
-                       help="start from this HF-layout checkpoint and its tokenizer (tokenizer.model, or a kpro symbol/"
-                            "char tokenizer file); default: a new LLaMA with a symbol tokenizer of the data")
+                       help="start from this HF-layout checkpoint and its tokenizer (tokenizer.model or "
+                            "tokenizer.json, or a kpro symbol/char tokenizer file); default: a new LLaMA with a symbol "
+                            "tokenizer of the data")
     model.add_argument("--size", choices=sorted(SIZES),
                        help="shape of a new model: " + "; ".join(f"{name} {layers} layers x {hidden}, {heads} heads, "
                                                                  f"MLP {mlp}" for name, (layers, hidden, heads, mlp)

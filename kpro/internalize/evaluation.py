@@ -46,9 +46,10 @@ class Evaluation:
 
 
 def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens: int | None = None,
-             bos: bool = True) -> Evaluation:
+             bos: bool | None = None) -> Evaluation:
     """Greedy-decode every example (batches of similar prompt lengths, left-padded) and score the answers.
 
+    `bos` None: prompts open with a bos where the tokenizer has one, as training's (`tokenize_examples`).
     `max_new_tokens` defaults to the longest reference `cot <eos> #### answer <eos>` of `examples`
     (in tokens) plus MARGIN_TOKENS; decoding ends as soon as every row of a batch has stopped.
     """
@@ -102,7 +103,7 @@ def check_evaluation_examples(examples, batch_size) -> list[CoTExample]:
     return examples
 
 
-def evaluation_positions(examples, tokenizer, bos: bool = True) -> int:
+def evaluation_positions(examples, tokenizer, bos: bool | None = None) -> int:
     """Positions `evaluate` needs for `examples` with its default max_new_tokens: the longest prompt (a batch
     is padded to its longest) plus the longest reference `cot <eos> #### answer <eos>` plus MARGIN_TOKENS."""
     return sum(_longest(tokenize_examples(examples, tokenizer, bos))) + MARGIN_TOKENS

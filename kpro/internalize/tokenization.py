@@ -1,4 +1,5 @@
 """Examples as model input: `[bos] input <eos> cot <eos> #### answer <eos>`, loss after the first <eos>.
+The bos opens the prompt where the tokenizer has one (a tokenizer.json may define none), unless `bos=` says.
 
 Works with any kpro tokenizer (`encode(text, bos=, eos=)`, `decode(ids)`, `eos_id`): the SymbolTokenizer
 for the arithmetic tasks (one token per digit or operator, as the paper counts them) and the SentencePiece
@@ -58,9 +59,18 @@ def symbol_tokenizer_for(examples) -> SymbolTokenizer:
                                       extra=[ANSWER_MARK])
 
 
-def prompt_ids(example: CoTExample, tokenizer, bos: bool = True) -> list[int]:
+def uses_bos(tokenizer, bos: bool | None = None) -> bool:
+    """Whether prompts open with a bos: `bos`, or where it is None, whether the tokenizer has one."""
+    if bos is None:
+        return getattr(tokenizer, "bos_id", None) is not None
+    if bos and getattr(tokenizer, "bos_id", None) is None:
+        raise ValueError("bos=True: the tokenizer has no bos token (bos=None opens prompts with none)")
+    return bos
+
+
+def prompt_ids(example: CoTExample, tokenizer, bos: bool | None = None) -> list[int]:
     """`[bos] input <eos>`."""
-    return tokenizer.encode(example.input, bos=bos, eos=True)
+    return tokenizer.encode(example.input, bos=uses_bos(tokenizer, bos), eos=True)
 
 
 def answer_ids(example: CoTExample, tokenizer) -> list[int]:
@@ -68,8 +78,9 @@ def answer_ids(example: CoTExample, tokenizer) -> list[int]:
     return tokenizer.encode(f"{ANSWER_MARK} {example.answer}", bos=False, eos=True)
 
 
-def tokenize_example(example: CoTExample, tokenizer, bos: bool = True) -> TokenizedExample:
+def tokenize_example(example: CoTExample, tokenizer, bos: bool | None = None) -> TokenizedExample:
     """`[bos] input <eos> cot <eos> #### answer <eos>` with the CoT's token span."""
+    bos = uses_bos(tokenizer, bos)
     prompt = prompt_ids(example, tokenizer, bos)
     cot = tokenizer.encode(example.cot, bos=False, eos=False) if example.cot else []
     answer = answer_ids(example, tokenizer)
@@ -80,9 +91,10 @@ def tokenize_example(example: CoTExample, tokenizer, bos: bool = True) -> Tokeni
     return TokenizedExample(tuple(ids), len(prompt), len(prompt) + len(cot))
 
 
-def tokenize_examples(examples, tokenizer, bos: bool = True) -> list[TokenizedExample]:
+def tokenize_examples(examples, tokenizer, bos: bool | None = None) -> list[TokenizedExample]:
     """`tokenize_example` of each; an example the tokenizer cannot encode is named by its number (from 1) and
     text, which one error among 808,000 lines needs."""
+    bos = uses_bos(tokenizer, bos)  # a bos=True the tokenizer cannot honour is no fault of an example
     tokenized = []
     for number, example in enumerate(examples, start=1):
         try:
