@@ -686,3 +686,23 @@ def test_a_tokenizer_without_a_bos_trains_and_evaluates_with_prompts_of_no_bos(t
                  "--train-size", "16", "--eval-size", "4", "--batch-size", "4", "--steps", "2",
                  "--remove-per-epoch", "2", "--threads", "1"]) == 0, capsys.readouterr().err
     assert "internalized, test: accuracy" in capsys.readouterr().out
+
+
+def test_eval_only_refuses_a_train_file_where_no_valid_or_test_set_is_generated(tmp_path, capsys):
+    """--eval-only --train FILE only leaves FILE's pairs out of generated valid/test sets: with a published
+    task's sets (or --valid and --test given) it was accepted and did nothing."""
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(multiplication_training_set(4, 4, seed=0)) + "\n")
+    model = tmp_path / "model"
+    kpro.save_pretrained(make_model(), model)
+    TOK.save(model)
+    for data, why in ((["--task", "4x4"], "--task 4x4 has published ones"),
+                      (["--task", "gsm8k"], "--task gsm8k has published ones"),
+                      (["--task", "3x3", "--valid", str(train), "--test", str(train)],
+                       f"--valid {train} and --test {train} are read as they are")):
+        assert main(["internalize", *data, "--eval-only", "--model", str(model), "--train", str(train),
+                     "--out", str(tmp_path / "run")]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: --eval-only --train {train} only leaves its pairs out of generated valid and test " \
+                      f"sets; {why}\n", err
+        assert not (tmp_path / "run").exists()

@@ -398,9 +398,12 @@ def _check_args(args) -> None:
     generated_train = n is not None and args.train is None and not args.eval_only
     if args.task is not None and n is None and args.train is None and not args.eval_only:  # the first thing to fix
         raise ValueError(f"--task {args.task} has no generated training set: pass --train FILE")
+    why = (f"--valid {args.valid} and --test {args.test} are read as they are" if args.valid and args.test
+           else f"--task {args.task} has published ones" if args.task else "none are generated without --task NxN")
+    if args.eval_only and args.train is not None and not generated_eval:  # it would be read for nothing
+        raise ValueError(f"--eval-only --train {args.train} only leaves its pairs out of generated valid and test "
+                         f"sets; {why}")
     if not generated_eval and given(["eval_size", "data_seed"]):
-        why = (f"--valid {args.valid} and --test {args.test} are read as they are" if args.valid and args.test
-               else f"--task {args.task} has published ones" if args.task else "none are generated without --task NxN")
         if given(["eval_size"]):
             raise ValueError(f"--eval-size sizes generated valid and test sets; {why}")
         if not generated_train:  # it seeds a generated training set too
