@@ -570,6 +570,12 @@ def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, c
     (["--task", "2x2", "--train-size", "9000"], "--train-size 9,000: asked for 9,000 pairs of 2-digit numbers"),
     (["--task", "1x1", "--eval-size", "60"], "--eval-size 60: asked for 120 pairs of 1-digit numbers"),
     (["--task", "3x3", "--remove-per-epoch", "9"], "--remove-per-epoch 9 would remove more than one token per step"),
+    # no validation runs during training for --eval-examples to size: it was ignored
+    (["--task", "3x3", "--no-removal", "--eval-examples", "8"], "--eval-examples 8 sizes the validation during "
+                                                               "training, and none runs with --no-removal: pass "
+                                                               "--eval-every N too"),
+    (["--task", "3x3", "--no-select-best", "--eval-examples", "8"], "none runs with --no-select-best: pass "
+                                                                    "--eval-every N too"),
     pytest.param(["--task", "3x3", "--device", "cuda"], "--device cuda: this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a CUDA device")),
 ])

@@ -410,6 +410,11 @@ def _check_args(args) -> None:
             train = (f"--train {args.train} is read as it is" if args.train is not None and not args.eval_only
                      else "--eval-only trains on none" if args.eval_only else f"--task {args.task} generates none")
             raise ValueError(f"--data-seed seeds generated data sets; {why}, and {train}")
+    # validation during training, as _train runs it (explicit CoT never selects: its CoT is never gone)
+    validates = args.eval_every is not None or (args.select_best and not args.no_removal)
+    if not args.eval_only and not validates and given(["eval_examples"]):
+        raise ValueError(f"--eval-examples {args.eval_examples} sizes the validation during training, and none runs "
+                         f"with {'--no-removal' if args.no_removal else '--no-select-best'}: pass --eval-every N too")
     if args.model is not None and not args.model.exists():
         raise FileNotFoundError(f"--model {args.model} does not exist")
     check_output_dir(args.out)
