@@ -712,3 +712,21 @@ def test_eval_only_refuses_a_train_file_where_no_valid_or_test_set_is_generated(
         assert err == f"error: --eval-only --train {train} only leaves its pairs out of generated valid and test " \
                       f"sets; {why}\n", err
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("shape, message", [
+    (["--hidden", "30", "--heads", "4"], "--hidden 30 is not a multiple of --heads 4"),
+    (["--heads", "3"], "--size tiny's hidden size 128 is not a multiple of --heads 3"),
+    (["--size", "small", "--hidden", "20", "--heads", "4"], "--hidden 20 / --heads 4 is 5 dimensions per head; "
+                                                            "rotary embeddings need an even number"),
+    (["--heads", "4", "--kv-heads", "3"], "--heads 4 is not a multiple of --kv-heads 3"),
+    (["--size", "base", "--kv-heads", "5"], "--size base's 12 heads is not a multiple of --kv-heads 5"),
+])
+def test_a_new_model_shape_that_cannot_be_is_refused_naming_the_flags_before_any_data(tmp_path, capsys, shape,
+                                                                                       message):
+    """They were refused by LlamaConfig, naming its fields (hidden_size, head_dim: 'set head_dim explicitly',
+    which the command has no flag for), and only once the training set had been generated."""
+    assert main(["internalize", "--task", "3x3", "--out", str(tmp_path / "run"), *shape]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n", err
+    assert not (tmp_path / "run").exists()

@@ -358,12 +358,32 @@ def _positions_needed(tokenizer, tokenized_train, evaluation_sets) -> int:
     return max(needs)
 
 
-def _new_model_config(args, tokenizer, positions: int) -> LlamaConfig:
+def _new_model_shape(args) -> tuple[int, int, int, int, int]:
+    """(layers, hidden, heads, kv_heads, intermediate) of a new model: the flags, else --size's."""
     layers, hidden, heads, intermediate = SIZES[args.size or "tiny"]
     heads = args.heads or heads
-    return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden or hidden,
-                       intermediate_size=args.intermediate or intermediate, num_hidden_layers=args.layers or layers,
-                       num_attention_heads=heads, num_key_value_heads=args.kv_heads or heads,
+    return args.layers or layers, args.hidden or hidden, heads, args.kv_heads or heads, args.intermediate or intermediate
+
+
+def _check_new_model_shape(args) -> None:
+    """What LlamaConfig would refuse naming its fields, and only once the training set was generated."""
+    _, hidden, heads, kv_heads, _ = _new_model_shape(args)
+    size = f"--size {args.size or 'tiny'}'s"
+    hidden_flag = f"--hidden {hidden}" if args.hidden else f"{size} hidden size {hidden}"
+    heads_flag = f"--heads {heads}" if args.heads else f"{size} {heads} heads"
+    if hidden % heads:
+        raise ValueError(f"{hidden_flag} is not a multiple of {heads_flag}")
+    if hidden // heads % 2:
+        raise ValueError(f"{hidden_flag} / {heads_flag} is {hidden // heads} dimensions per head; rotary embeddings "
+                         "need an even number")
+    if heads % kv_heads:
+        raise ValueError(f"{heads_flag} is not a multiple of --kv-heads {kv_heads}")
+
+
+def _new_model_config(args, tokenizer, positions: int) -> LlamaConfig:
+    layers, hidden, heads, kv_heads, intermediate = _new_model_shape(args)
+    return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        max_position_embeddings=positions, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                        pad_token_id=tokenizer.pad_id)
 
@@ -425,6 +445,8 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.model is None:
+        _check_new_model_shape(args)
     if not 0 <= args.weight_decay < 1:
         raise ValueError(f"--weight-decay must be in [0, 1), got {args.weight_decay}")
     for name in ("epochs", "remove_per_epoch", "lr"):
