@@ -730,3 +730,24 @@ def test_a_new_model_shape_that_cannot_be_is_refused_naming_the_flags_before_any
     err = capsys.readouterr().err
     assert err == f"error: {message}\n", err
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_only_refuses_an_out_that_holds_a_training_run(tmp_path, capsys):
+    """--eval-only into a training run's --out overwrote that run's eval.json (its final evaluation)."""
+    model = tmp_path / "model"
+    kpro.save_pretrained(make_model(), model)
+    TOK.save(model)
+    run = tmp_path / "run"
+    (run / "step-00000006").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "eval.json").write_text('{"model": "internalized"}\n')
+    command = ["internalize", "--task", "3x3", "--eval-only", "--model", str(model), "--eval-size", "4",
+               "--threads", "1"]
+    assert main([*command, "--out", str(run)]) == 1
+    assert capsys.readouterr().err == f"error: --out {run} holds a training run (metrics.jsonl, step-00000006), " \
+                                      "whose eval.json --eval-only would overwrite: give it another --out\n"
+    assert (run / "eval.json").read_text() == '{"model": "internalized"}\n'
+    # an --out of evaluations alone is evaluated into again
+    assert main([*command, "--out", str(tmp_path / "eval")]) == 0
+    assert main([*command, "--out", str(tmp_path / "eval")]) == 0
+    assert f"model {model}, test: accuracy" in capsys.readouterr().out

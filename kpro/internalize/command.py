@@ -438,6 +438,14 @@ def _check_args(args) -> None:
     if args.model is not None and not args.model.exists():
         raise FileNotFoundError(f"--model {args.model} does not exist")
     check_output_dir(args.out)
+    if args.eval_only:  # its eval.json is that run's final evaluation
+        out = Path(args.out)
+        run_files = [name for name in ("metrics.jsonl", "model") if (out / name).exists()] + \
+            sorted(path.name for path in out.glob("step-*") if path.is_dir())
+        if run_files:
+            raise ValueError(f"--out {args.out} holds a training run ({', '.join(run_files[:3])}"
+                             f"{', ...' if len(run_files) > 3 else ''}), whose eval.json --eval-only would overwrite: "
+                             "give it another --out")
     positive = ("train_size", "eval_size", "batch_size", "steps", "steps_per_epoch", "save_every", "keep_last",
                 "eval_every", "eval_examples", "eval_batch_size", "threads", "layers", "hidden", "heads", "kv_heads",
                 "intermediate")
