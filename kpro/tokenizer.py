@@ -35,6 +35,8 @@ CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers' NAME.jinja file
 CHAT_TEMPLATE_FILES = (CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR)  # read before tokenizer_config.json's templates
 CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
 SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
+ADDED_TOKENS_FILE = "added_tokens.json"  # transformers' tokens added to a vocabulary
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # transformers' older record of the special tokens
 
 
 def checked_text(text, what: str = "text") -> str:
@@ -223,6 +225,8 @@ class Tokenizer(_TokenizerBase):
             raise ValueError(f"{path} is not a SentencePiece model: {err}") from None
         self.vocab_size = self.sp.GetPieceSize()
         self.config = read_tokenizer_config(path.parent)
+        added = path.parent / ADDED_TOKENS_FILE  # part of the tokenizer (transformers' LlamaTokenizer reads it): saved
+        self._added_tokens = added.read_bytes() if added.is_file() else None
         self._check_added_tokens()
         # tokenizer_config.json's special tokens where it names them (a fine-tune's eos <|im_end|>), else the model's
         self.bos_id = self._special_id("bos", self.sp.bos_id())
@@ -251,9 +255,9 @@ class Tokenizer(_TokenizerBase):
         if isinstance(decoder, dict):
             added.update({entry.get("content"): (key, TOKENIZER_CONFIG_FILE) for key, entry in decoder.items()
                           if isinstance(entry, dict) and isinstance(entry.get("content"), str)})
-        added_file = _read_json(self.path.parent / "added_tokens.json")
+        added_file = _read_json(self.path.parent / ADDED_TOKENS_FILE)
         if isinstance(added_file, dict):
-            added.update({token: (key, "added_tokens.json") for token, key in added_file.items()})
+            added.update({token: (key, ADDED_TOKENS_FILE) for token, key in added_file.items()})
         template = "\n".join(chat_templates_of(self.path.parent, config).values())
         lacking = [f"{token!r} (id {key}, from {source}, in the chat template)"
                    for token, (key, source) in added.items()
@@ -327,12 +331,17 @@ class Tokenizer(_TokenizerBase):
         return {self.sp.IdToPiece(i): i for i in range(self.vocab_size) if self.sp.IsControl(i)}
 
     def save(self, directory: str | os.PathLike) -> None:
-        """tokenizer.model and tokenizer_config.json (with the chat template) into an existing directory."""
+        """tokenizer.model, its added_tokens.json and tokenizer_config.json (with the chat template) into an existing
+        directory, where no other tokenizer's files stay."""
         write_atomic(Path(directory, SENTENCEPIECE_FILE), self.path.read_bytes())
+        if self._added_tokens is not None:
+            write_atomic(Path(directory, ADDED_TOKENS_FILE), self._added_tokens)
         if self.config is not None or self._templates():
             _save_config(directory, self.config or {}, self._templates())
         else:
             _remove_chat_template_files(directory)  # one left there would give the reloaded tokenizer a template
+        _remove_other_tokenizers(directory, keep=(SENTENCEPIECE_FILE, ADDED_TOKENS_FILE) if self._added_tokens is not None
+                                 else (SENTENCEPIECE_FILE,))
 
 
 class JsonTokenizer(_TokenizerBase):
@@ -453,7 +462,7 @@ class JsonTokenizer(_TokenizerBase):
 
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.json and tokenizer_config.json (with the chat template and the special tokens in use) into an
-        existing directory."""
+        existing directory, where no other tokenizer's files stay."""
         write_atomic(Path(directory, TOKENIZER_JSON_FILE), self.tok.to_str(pretty=True))
         # ids taken from config.json are named too: the directory may have another config.json, or none
         config = dict(self.config)
@@ -463,6 +472,16 @@ class JsonTokenizer(_TokenizerBase):
             if text is not None and special_token_text(config, name) != text:  # an equal {"content": ...} stays
                 config[f"{name}_token"] = text
         _save_config(directory, config, self._templates())
+        _remove_other_tokenizers(directory, keep=(TOKENIZER_JSON_FILE,))
+
+
+def _remove_other_tokenizers(directory, keep: tuple[str, ...]) -> None:
+    """Remove the files of another tokenizer than the one just saved (but `keep`): load_tokenizer would read a
+    tokenizer.model before the saved tokenizer.json, say, and transformers a stale tokenizer.json,
+    added_tokens.json or special_tokens_map.json with it. Called after the save: one cut short leaves the old files."""
+    for name in (*TOKENIZER_FILES, ADDED_TOKENS_FILE, SPECIAL_TOKENS_MAP_FILE):
+        if name not in keep:
+            Path(directory, name).unlink(missing_ok=True)
 
 
 def _save_config(directory, config: dict, chat_templates: dict[str, str]) -> None:
@@ -541,7 +560,9 @@ class _FixedVocabulary(_TokenizerBase):
         raise NotImplementedError
 
     def save(self, directory: str | os.PathLike) -> None:
+        """Its file into an existing directory, where no other tokenizer's files stay."""
         write_atomic(Path(directory, self.FILE), json.dumps({"type": self.KIND, **self._vocabulary_json()}) + "\n")
+        _remove_other_tokenizers(directory, keep=(self.FILE,))
 
     @classmethod
     def load(cls, path: str | os.PathLike):

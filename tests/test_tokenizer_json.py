@@ -255,6 +255,37 @@ def test_save_leaves_no_template_file_that_would_override_the_saved_templates(bp
     assert load_tokenizer(out).chat_templates == {}
 
 
+def test_save_removes_the_files_of_another_tokenizer_the_directory_held(bpe_dir, tmp_path):
+    """save wrote its own file beside another tokenizer's: load_tokenizer read the old tokenizer.model after a
+    CharTokenizer.save, the old ChatML tokenizer.json after a SentencePiece save (tokenizer.model lacking the
+    config's tokens gave way to it), and transformers would read the stale added_tokens.json and
+    special_tokens_map.json. The directory now holds the saved tokenizer alone."""
+    spm = kpro.Tokenizer(Path(__file__).parent / "data" / "sentencepiece_test_model.model")
+    others = {"tokenizer.model": spm.path.read_bytes(), "tokenizer.json": (bpe_dir / "tokenizer.json").read_bytes(),
+              "kpro_char_tokenizer.json": b'{"type": "char", "alphabet": "xyz"}',
+              "kpro_symbol_tokenizer.json": b'{"type": "symbol", "symbols": ["x"]}',
+              "added_tokens.json": b'{"<|im_start|>": 1000}', "special_tokens_map.json": b'{"eos_token": "<|im_end|>"}'}
+    cases = [(load_tokenizer(bpe_dir), "hello world", {"tokenizer.json", "tokenizer_config.json"}),
+             (spm, "hello world", {"tokenizer.model"}),
+             (kpro.CharTokenizer("0123456789+="), "12+3=", {"kpro_char_tokenizer.json"}),
+             (kpro.SymbolTokenizer(["1", "2", "+"]), "1 + 2", {"kpro_symbol_tokenizer.json"})]
+    for tok, text, files in cases:
+        out = tmp_path / type(tok).__name__
+        out.mkdir()
+        for name, data in others.items():
+            (out / name).write_bytes(data)
+        tok.save(out)
+        again = load_tokenizer(out)
+        assert type(again) is type(tok) and again.encode(text) == tok.encode(text), type(tok).__name__
+        assert {p.name for p in out.iterdir()} == files, type(tok).__name__
+    # a SentencePiece tokenizer's own added_tokens.json is part of it: saved with it
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tokenizer.model").write_bytes(spm.path.read_bytes())
+    (tmp_path / "src" / "added_tokens.json").write_text('{"<pad>": 1000}')
+    kpro.Tokenizer(tmp_path / "src").save(tmp_path / "Tokenizer")
+    assert (tmp_path / "Tokenizer" / "added_tokens.json").read_text() == '{"<pad>": 1000}'
+
+
 def test_sentencepiece_first_when_both_files_are_there(bpe_dir, tmp_path):
     from pathlib import Path
 
