@@ -338,8 +338,9 @@ class Tokenizer(_TokenizerBase):
             write_atomic(Path(directory, ADDED_TOKENS_FILE), self._added_tokens)
         if self.config is not None or self._templates():
             _save_config(directory, self.config or {}, self._templates())
-        else:
-            _remove_chat_template_files(directory)  # one left there would give the reloaded tokenizer a template
+        else:  # as it was read, without one: a config or template left there (an earlier model's) would be read
+            Path(directory, TOKENIZER_CONFIG_FILE).unlink(missing_ok=True)
+            _remove_chat_template_files(directory)
         _remove_other_tokenizers(directory, keep=(SENTENCEPIECE_FILE, ADDED_TOKENS_FILE) if self._added_tokens is not None
                                  else (SENTENCEPIECE_FILE,))
 

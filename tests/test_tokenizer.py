@@ -1,4 +1,5 @@
 """Tokenizers on real SentencePiece models (see tests/data/README.md) and the character tokenizer."""
+import json
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,18 @@ def test_a_saved_sentencepiece_tokenizer_keeps_a_chat_template_from_its_own_file
     kpro.Tokenizer(tmp_path / "src").save(tmp_path / "out")
     again = kpro.load_tokenizer(tmp_path / "out")
     assert again.chat_template == (tmp_path / "src" / "chat_template.jinja").read_text()
+
+
+def test_a_sentencepiece_tokenizer_without_a_config_removes_a_stale_one_when_saved(tmp_path):
+    """Tokenizer.save of a tokenizer without tokenizer_config.json left the one the directory held (an earlier
+    model's): the reloaded tokenizer added no bos, had its chat template and another pad."""
+    tok = kpro.Tokenizer(MISTRAL)
+    stale = {"add_bos_token": False, "chat_template": "{{ messages[0]['content'] }}", "pad_token": "<unk>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(stale))
+    tok.save(tmp_path)
+    again = kpro.load_tokenizer(tmp_path)
+    assert (again.add_bos, again.chat_template, again.pad_id) == (True, None, tok.pad_id)
+    assert again.encode("hi") == tok.encode("hi") and sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model"]
 
 
 @pytest.mark.parametrize("pad_id", [None, 1.5, -1, 32000, True])
