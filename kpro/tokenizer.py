@@ -186,13 +186,14 @@ class _TokenizerBase:
         """`text` as ids, special tokens written in it (`<|im_start|>`, `<s>`) becoming their ids; no bos added."""
         return self.encode(text, bos=False, eos=False)
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = False) -> list[int]:
+        """Ids of `text`; `bos`, `eos` None: as the tokenizer does (`add_bos`, `add_eos`)."""
         raise NotImplementedError
 
     def decode(self, ids) -> str:
         raise NotImplementedError
 
-    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], bos: bool | None = None, eos: bool | None = False) -> list[list[int]]:
         return [self.encode(text, bos=bos, eos=eos) for text in checked_texts(texts)]
 
     def decode_batch(self, batch) -> list[str]:
@@ -515,7 +516,7 @@ class _FixedVocabulary(_TokenizerBase):
     specials: <pad>=0, <bos>=1, <eos>=2. Subclasses say how text splits into units and units join back."""
 
     SPECIALS = ("<pad>", "<bos>", "<eos>")
-    add_bos = True  # `encode(text)` adds one
+    add_bos, add_eos = True, False  # `encode(text)` adds a bos, no eos
     KIND: str  # the "type" in its file
     FILE: str
     JOIN: str  # between decoded units
@@ -544,7 +545,9 @@ class _FixedVocabulary(_TokenizerBase):
     def _check_unit(self, unit) -> None:
         raise NotImplementedError
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = False) -> list[int]:
+        bos = self.add_bos if bos is None else bos
+        eos = self.add_eos if eos is None else eos
         try:
             ids = [self._ids[unit] for unit in self.split(checked_text(text))]
         except KeyError as err:

@@ -71,6 +71,15 @@ def test_char_tokenizer(tmp_path):
         kpro.CharTokenizer("aa")
 
 
+@pytest.mark.parametrize("tok, text", [(kpro.CharTokenizer("ab"), "ab"), (kpro.SymbolTokenizer(["a", "b"]), "a b")])
+def test_char_and_symbol_tokenizers_take_none_as_their_default_as_the_others_do(tok, text):
+    """encode(text, bos=None) added no bos though add_bos is True (SentencePiece and JSON tokenizers take None as
+    their own default); they had no add_eos."""
+    assert tok.add_bos is True and tok.add_eos is False
+    assert tok.encode(text, bos=None, eos=None) == tok.encode(text) == [tok.bos_id, 3, 4]
+    assert tok.encode_batch([text], bos=None) == [tok.encode(text)]
+
+
 def test_pad_left_rejects_empty():
     with pytest.raises(ValueError):
         kpro.pad_left([[1], []], 0)
