@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import uuid
 from pathlib import Path
@@ -328,6 +329,7 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
         yield tmp
         if directory.exists():
             _carry_over_other_files(directory, tmp, drop)
+            _keep_permissions(directory, tmp)
         for entry in tmp.iterdir():
             if entry.is_file():
                 _fsync_file(entry)
@@ -402,14 +404,26 @@ def is_weight_file(name: str) -> bool:
 
 
 def _carry_over_other_files(old: Path, new: Path, drop) -> None:
-    """Keep what else lived in the old directory (tokenizer files, notes) by hard link, or copy."""
+    """Keep what else lived in the old directory (tokenizer files, notes) by hard link, or copy; a symbolic
+    link stays a link (to a folder too, which would otherwise be copied whole)."""
     for entry in old.iterdir():
         if drop(entry.name) or (new / entry.name).exists():
             continue
-        if entry.is_dir():
+        if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy, symlinks=True)
         else:
             _link_or_copy(entry, new / entry.name)
+
+
+def _keep_permissions(old: Path, new: Path) -> None:
+    """Give `new` the mode bits (setgid included) and group of `old`, which it replaces: a shared folder's 0o2750
+    became what the umask gives. Set once its files are written, which a mode without write permission refuses.
+    The group is kept where the user may set it (a member of it), else it is the one new files get here."""
+    old_stat = old.stat()
+    if new.stat().st_gid != old_stat.st_gid:
+        with contextlib.suppress(PermissionError):
+            os.chown(new, -1, old_stat.st_gid)
+    os.chmod(new, stat.S_IMODE(old_stat.st_mode))
 
 
 def _link_or_copy(src, dst) -> None:

@@ -321,6 +321,25 @@ def test_save_through_a_symlink_replaces_the_directory_it_points_to(tmp_path, ma
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run-1"]  # no temporaries left behind
 
 
+def test_save_keeps_the_directorys_permissions_and_its_symbolic_links(tmp_path, make_model):
+    """The directory is replaced by a new one: it came back with the mode the umask gives (0o2750 became 0o755,
+    the setgid bit of a shared folder lost), and a symbolic link to a data folder in it became a copy of the folder."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f.txt").write_text("data")
+    ck = tmp_path / "ck"
+    kpro.save_pretrained(make_model(seed=1, dtype=torch.float32), ck)
+    (ck / "data").symlink_to(tmp_path / "data")
+    (ck / "notes.txt").symlink_to("../data/f.txt")  # a relative one still points where it did
+    os.chmod(ck, 0o2750)
+    new = make_model(seed=2, dtype=torch.float32)
+    kpro.save_pretrained(new, ck)
+    assert oct(os.stat(ck).st_mode & 0o7777) == oct(0o2750)
+    assert (ck / "data").is_symlink() and os.readlink(ck / "data") == str(tmp_path / "data")
+    assert (ck / "notes.txt").is_symlink() and (ck / "notes.txt").read_text() == "data"
+    assert_same_model(new, kpro.load_pretrained(ck))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "data"]  # no temporaries left behind
+
+
 def test_saving_to_the_working_directory_or_one_holding_it_is_refused(tmp_path, make_model, monkeypatch):
     """save_pretrained(model, ".") failed with "OSError: [Errno 16] cannot swap ..tmp-... and .: Device or resource
     busy"; by its absolute path it replaced the directory, and left the process in the deleted old copy."""

@@ -1,6 +1,7 @@
 """`python -m kpro expand` and `train-expanded`: checkpoints expanded by streaming, and post-pretraining
 of the new blocks from the command line."""
 import json
+import os
 import struct
 import tracemalloc
 
@@ -256,9 +257,13 @@ def test_overwrite_replaces_the_model_and_keeps_the_users_files(tmp_path):
     (tmp_path / "dst" / "eval_results" / "r.json").write_text("{}\n")
     (tmp_path / "dst" / "model-00001-of-00002.safetensors").write_bytes(b"stale")
     (tmp_path / "dst" / "tokenizer.json").write_text("{}")  # another model's tokenizer
+    (tmp_path / "data").mkdir()
+    (tmp_path / "dst" / "data").symlink_to(tmp_path / "data")  # a link to the user's folder stays a link
+    os.chmod(tmp_path / "dst", 0o2750)  # and the directory keeps its permissions
     expand_checkpoint(tmp_path / "src", tmp_path / "dst", 4, overwrite=True)
     names = {p.name for p in (tmp_path / "dst").iterdir()}
     assert {"NOTES.md", "eval_results", "model.safetensors", EXPANSION_FILE} <= names
+    assert (tmp_path / "dst" / "data").is_symlink() and os.stat(tmp_path / "dst").st_mode & 0o7777 == 0o2750
     assert not {"model-00001-of-00002.safetensors", "tokenizer.json"} & names
     assert read_expansion_record(tmp_path / "dst")["num_new_blocks"] == 4
 
