@@ -120,3 +120,25 @@ def make_model():
         randomize_norms(model, torch.Generator().manual_seed(seed + 1))
         return model
     return make
+
+
+@pytest.fixture
+def lock_folder(monkeypatch):
+    """lock_folder(folder) makes `folder` read-only (writable again after the test); as root, who may write there
+    anyway, by failing the mkdir of an entry in it."""
+    locked = []
+
+    def lock(folder):
+        os.chmod(folder, 0o555)
+        locked.append(folder)
+        if os.geteuid() == 0:
+            real_mkdir = os.mkdir
+
+            def mkdir(path, *args, **kwargs):
+                if os.path.dirname(os.path.abspath(path)) == str(folder):
+                    raise PermissionError(13, "Permission denied", str(path))
+                return real_mkdir(path, *args, **kwargs)
+            monkeypatch.setattr(os, "mkdir", mkdir)
+    yield lock
+    for folder in locked:
+        os.chmod(folder, 0o755)

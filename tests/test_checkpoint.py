@@ -340,6 +340,22 @@ def test_save_keeps_the_directorys_permissions_and_its_symbolic_links(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "data"]  # no temporaries left behind
 
 
+def test_saving_into_a_folder_that_is_not_writable_names_it_and_why(tmp_path, make_model, lock_folder):
+    """save_pretrained into a writable directory in a folder that is not writable failed with a PermissionError
+    naming '.ck.tmp-...', a temporary the user never named."""
+    old = make_model(seed=1, dtype=torch.float32)
+    (tmp_path / "shared").mkdir()
+    kpro.save_pretrained(old, tmp_path / "shared" / "ck")
+    lock_folder(tmp_path / "shared")
+    with pytest.raises(PermissionError, match=re.escape(
+            f"cannot save {tmp_path / 'shared' / 'ck'}: the folder holding it, {tmp_path / 'shared'}, is not "
+            "writable, and the save writes a new directory beside it and swaps it into place (so that a save cut "
+            "short leaves the old one as it was); make the folder writable, or save elsewhere")):
+        kpro.save_pretrained(make_model(seed=2, dtype=torch.float32), tmp_path / "shared" / "ck")
+    assert os.listdir(tmp_path / "shared") == ["ck"]
+    assert_same_model(old, kpro.load_pretrained(tmp_path / "shared" / "ck"))
+
+
 def test_saving_to_the_working_directory_or_one_holding_it_is_refused(tmp_path, make_model, monkeypatch):
     """save_pretrained(model, ".") failed with "OSError: [Errno 16] cannot swap ..tmp-... and .: Device or resource
     busy"; by its absolute path it replaced the directory, and left the process in the deleted old copy."""

@@ -283,6 +283,20 @@ def test_a_full_disk_is_one_line_naming_what_it_could_not_do(tmp_path, capsys, m
     assert not (tmp_path / "dst").exists()
 
 
+def test_overwriting_in_a_folder_that_is_not_writable_is_one_line_naming_it(tmp_path, capsys, lock_folder):
+    """expand --overwrite into a DST whose folder is not writable named '.dst.tmp-...', a temporary the user never
+    named (save_pretrained and convert-gguf share the swap)."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32)
+    (tmp_path / "out").mkdir()
+    expand_checkpoint(tmp_path / "src", tmp_path / "out" / "dst", 1)
+    lock_folder(tmp_path / "out")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "out" / "dst"), "--blocks", "2", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot save {tmp_path / 'out' / 'dst'}: the folder holding it, {tmp_path / 'out'}, "
+                          "is not writable") and ".tmp-" not in err and err.count("\n") == 1, err
+    assert read_expansion_record(tmp_path / "out" / "dst")["num_new_blocks"] == 1
+
+
 def test_expanding_an_untrained_expansion_keeps_its_new_blocks_in_the_record(tmp_path, capsys):
     """The source's own record was dropped: its zero-initialised blocks 2 and 5, untrained, became blocks 3 and 7
     of the second expansion, and train-expanded left them frozen as identities without a word. Blocks trained
