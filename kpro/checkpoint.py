@@ -136,15 +136,18 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | str = "au
         if cfg.tie_word_embeddings and "lm_head.weight" in location:  # a tied head saved anyway must be the embedding
             head = handles[location["lm_head.weight"]].get_tensor("lm_head.weight")
             if not torch.equal(head.to(state["embed_tokens.weight"]), state["embed_tokens.weight"]):
-                raise CheckpointError(f"{directory}: config.json ties the head to the embedding "
-                                      "(tie_word_embeddings=true), but the checkpoint's lm_head.weight differs from "
-                                      "model.embed_tokens.weight; set tie_word_embeddings to false to load the head "
-                                      "as saved, or drop lm_head.weight to tie it")
+                raise tied_head_differs(directory)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope.reset(device=torch.device(device))
     return model
+
+
+def tied_head_differs(directory) -> CheckpointError:
+    return CheckpointError(f"{directory}: config.json ties the head to the embedding (tie_word_embeddings=true), but "
+                           "the checkpoint's lm_head.weight differs from model.embed_tokens.weight; set "
+                           "tie_word_embeddings to false to load the head as saved, or drop lm_head.weight to tie it")
 
 
 def checked_dtype(dtype) -> torch.dtype | None:

@@ -141,6 +141,51 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+def test_tensors_load_pretrained_refuses_are_refused(tmp_path, sharded):
+    """Only names and shapes were checked: a tied config's saved lm_head.weight other than the embedding, and an
+    int32 model.norm.weight, both refused by load_pretrained, were expanded into a checkpoint that cannot load."""
+    from safetensors.torch import load_file, save_file
+
+    write_checkpoint(tmp_path / "src", dtype=torch.bfloat16, tie_word_embeddings=True, num_hidden_layers=2)
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+
+    def rewrite(**changed):
+        state = {**tensors, **changed}
+        for file in (tmp_path / "src").glob("model*.safetensors*"):
+            file.unlink()
+        if not sharded:
+            save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+            return
+        last = {"lm_head.weight", "model.norm.weight"}  # in a shard of their own, away from the embedding
+        shards = {"model-00001-of-00002.safetensors": {n: t for n, t in state.items() if n not in last},
+                  "model-00002-of-00002.safetensors": {n: t for n, t in state.items() if n in last}}
+        for file, part in shards.items():
+            save_file(part, tmp_path / "src" / file, metadata={"format": "pt"})
+        index = {"weight_map": {name: file for file, part in shards.items() for name in part}}
+        (tmp_path / "src" / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    head = tensors["model.embed_tokens.weight"].clone()
+    rewrite(**{"lm_head.weight": head})  # saved anyway, equal: fine (compared a few elements at a time)
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1, "top", buffer_bytes=12)
+    assert kpro.load_pretrained(tmp_path / "dst").config.num_hidden_layers == 3
+    head[-1, -1] += 1  # the last element, in the last chunk
+    for changed, message in [({"lm_head.weight": head}, "lm_head.weight differs from model.embed_tokens.weight"),
+                             ({"lm_head.weight": tensors["model.embed_tokens.weight"].float()}, None),
+                             ({"model.norm.weight": tensors["model.norm.weight"].to(torch.int32)},
+                              r"tensor model.norm.weight has dtype I32; expected F64, F32, BF16 or F16")]:
+        rewrite(**changed)
+        if message is None:  # a head stored in another dtype is compared in the embedding's, as load_pretrained does
+            kpro.load_pretrained(tmp_path / "src")
+            expand_checkpoint(tmp_path / "src", tmp_path / "ok", 1, "top", buffer_bytes=12)
+            continue
+        with pytest.raises(kpro.CheckpointError):
+            kpro.load_pretrained(tmp_path / "src")
+        with pytest.raises(kpro.CheckpointError, match=message):
+            expand_checkpoint(tmp_path / "src", tmp_path / "refused", 1, "top", buffer_bytes=12)
+        assert not (tmp_path / "refused").exists()
+
+
 # ------------------------------------------------------------------------------------------ train-expanded
 
 def test_cli_train_expanded_trains_only_the_new_blocks_and_resumes(tmp_path, capsys):

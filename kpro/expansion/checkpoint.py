@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError, _check_names_and_shapes,
-                          _unlisted_tensors, atomic_directory, hf_tensors, parse_size, tensor_locations)
+from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError,
+                          _check_names_and_shapes, _unlisted_tensors, atomic_directory, hf_tensors, parse_size,
+                          tensor_locations, tied_head_differs)
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import CHAT_TEMPLATE_DIR
@@ -95,7 +96,7 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     cfg = LlamaConfig.from_hf(src)  # its errors name the file
     raw_config = json.loads((src / CONFIG_NAME).read_text(encoding="utf-8"))
     sources, unlisted = _read_headers(src)
-    _check_against_config(src, cfg, sources, unlisted)
+    _check_against_config(src, cfg, sources, unlisted, buffer_bytes)
     layout = expansion_layout(cfg.num_hidden_layers, num_new_blocks, position)
     plan = _output_tensors(sources, layout)
     shards = _plan_shards(plan, max_shard_bytes)
@@ -221,12 +222,42 @@ def _read_header(file: Path) -> dict[str, _Source]:
 
 
 def _check_against_config(directory: Path, cfg: LlamaConfig, sources: dict[str, _Source],
-                          unlisted: dict[str, Path]) -> None:
+                          unlisted: dict[str, Path], buffer_bytes: int) -> None:
+    """Refuse what load_pretrained refuses: tensors missing, unexpected or mis-shaped; a weight that is not
+    floating point (F8 included); a tied config's lm_head.weight, saved anyway, other than the embedding."""
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {name: tuple(t.shape) for name, t in hf_tensors(model).items()}
     _check_names_and_shapes(directory, expected, {name: s.shape for name, s in sources.items()},
                             tied=cfg.tie_word_embeddings, unlisted=unlisted)
+    for name in [*expected, "lm_head.weight"]:
+        if name in sources and sources[name].dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{sources[name].file}: tensor {name} has dtype {sources[name].dtype}; expected "
+                                  f"{', '.join(list(_SAFETENSORS_DTYPES)[:-1])} or {list(_SAFETENSORS_DTYPES)[-1]}")
+    if cfg.tie_word_embeddings and "lm_head.weight" in sources and \
+            not _same_values(sources["lm_head.weight"], sources["model.embed_tokens.weight"], buffer_bytes):
+        raise tied_head_differs(directory)
+
+
+def _same_values(head: _Source, embedding: _Source, buffer_bytes: int) -> bool:
+    """Whether `head` equals `embedding` (of one shape) in the embedding's dtype, as load_pretrained compares a
+    tied head saved anyway, read chunk by chunk through about `buffer_bytes`."""
+    head_size, embedding_size = _ITEM_BYTES[head.dtype], _ITEM_BYTES[embedding.dtype]
+    count, step = embedding.nbytes // embedding_size, max(1, buffer_bytes // (head_size + embedding_size))
+    head_chunk, embedding_chunk = bytearray(step * head_size), bytearray(step * embedding_size)
+    with open(head.file, "rb") as head_file, open(embedding.file, "rb") as embedding_file:
+        for first in range(0, count, step):
+            n = min(step, count - first)
+            values = []
+            for source, file, chunk, size in ((head, head_file, head_chunk, head_size),
+                                              (embedding, embedding_file, embedding_chunk, embedding_size)):
+                file.seek(source.start + first * size)
+                if file.readinto(memoryview(chunk)[:n * size]) != n * size:
+                    raise CheckpointError(f"{source.file} ended early (truncated while being read?)")
+                values.append(torch.frombuffer(chunk, dtype=_SAFETENSORS_DTYPES[source.dtype], count=n))
+            if not torch.equal(values[0].to(values[1].dtype), values[1]):
+                return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ writing
