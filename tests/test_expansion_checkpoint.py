@@ -404,6 +404,29 @@ def test_a_shard_whose_header_lies_about_a_tensors_size_is_refused_naming_the_so
     assert not (tmp_path / "dst").exists()
 
 
+@pytest.mark.parametrize("change", ["dtype list", "not an object"])
+def test_a_malformed_shard_header_is_one_line_naming_the_file(tmp_path, capsys, change):
+    """A shard's header entry with "dtype": ["F32"] ended `python -m kpro expand` in a traceback (TypeError:
+    unhashable type: 'list'), and so did a header that is JSON but not an object (AttributeError)."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, max_shard_size="1KB", num_hidden_layers=2)
+    shard = tmp_path / "src" / "model-00002-of-00021.safetensors"
+    raw = shard.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    if change == "dtype list":
+        name = next(name for name in header if name != "__metadata__")
+        header[name]["dtype"] = [header[name]["dtype"]]
+    else:
+        header = [header]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {shard}") and "header" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_a_tensor_a_shard_holds_but_the_index_does_not_list_is_refused_not_dropped(tmp_path, capsys):
     """Only the index's weight_map was read: a shard's extra q_proj.bias was left out of the expansion without
     a word (a single file's is refused as unexpected)."""

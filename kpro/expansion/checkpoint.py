@@ -197,6 +197,9 @@ def _read_header(file: Path) -> dict[str, _Source]:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{file} has an unreadable safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has an unreadable safetensors header (a JSON {type(header).__name__}, not an "
+                              "object); the file is corrupt")
     data_start, sources = 8 + length, {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -204,8 +207,12 @@ def _read_header(file: Path) -> dict[str, _Source]:
         try:
             begin, end = info["data_offsets"]
             source = _Source(file, data_start + begin, end - begin, info["dtype"], tuple(info["shape"]))
+            if not isinstance(source.dtype, str) or not all(type(offset) is int for offset in (begin, end)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: the header entry of {name} is malformed") from None
+            raise CheckpointError(f"{file}: the header entry of {name} is malformed (needs a \"dtype\" string, a "
+                                  f"\"shape\" list of sizes and two \"data_offsets\", got {json.dumps(info)[:80]}); "
+                                  "the file is corrupt") from None
         if not 0 <= begin <= end or data_start + end > size:
             raise CheckpointError(f"{file}: tensor {name} lies outside the file (truncated?)")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in source.shape):
