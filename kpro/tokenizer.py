@@ -698,11 +698,19 @@ def pad_left(sequences: list[list[int]], pad_id: int, device=None,
 
 # ------------------------------------------------------------------------------------------ chat templates
 
+def _read_text(path: Path) -> str:
+    """A tokenizer file's text, in UTF-8 (as transformers writes and reads them), or a ValueError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); tokenizer files are UTF-8") from None
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     return data if isinstance(data, dict) else None
@@ -727,9 +735,9 @@ def chat_templates_of(directory: Path, config: dict | None) -> dict[str, str]:
     directory = Path(directory)
     files = {}
     if (directory / CHAT_TEMPLATE_FILE).is_file():
-        files["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        files["default"] = _read_text(directory / CHAT_TEMPLATE_FILE)
     if (directory / CHAT_TEMPLATE_DIR).is_dir():
-        files.update({path.name.removesuffix(".jinja"): path.read_text(encoding="utf-8")
+        files.update({path.name.removesuffix(".jinja"): _read_text(path)
                       for path in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))})
     if files:
         return files

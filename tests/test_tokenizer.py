@@ -138,6 +138,17 @@ def test_a_sentencepiece_tokenizer_without_a_config_removes_a_stale_one_when_sav
     assert again.encode("hi") == tok.encode("hi") and sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model"]
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "added_tokens.json", "chat_template.jinja",
+                                  "additional_chat_templates/rag.jinja"])
+def test_a_tokenizer_file_that_is_not_utf8_is_named(tmp_path, name):
+    """A tokenizer_config.json in Latin-1 gave a bare UnicodeDecodeError naming no file (and so did the others)."""
+    (tmp_path / "tokenizer.model").write_bytes(MISTRAL.read_bytes())
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_bytes('{"eos_token": "\u00e9"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{tmp_path / name} is not UTF-8 text"):
+        kpro.load_tokenizer(tmp_path)
+
+
 @pytest.mark.parametrize("pad_id", [None, 1.5, -1, 32000, True])
 def test_pad_left_refuses_a_pad_that_is_no_token_id(pad_id):
     """1.5 was read as 1; None failed inside torch.full; 32000 was named later as an id outside the vocabulary."""

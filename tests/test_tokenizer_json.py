@@ -96,6 +96,14 @@ def test_special_ids_bos_and_the_shared_interface(bpe_dir, tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_a_config_json_beside_tokenizer_json_that_is_not_utf8_is_named(bpe_dir, tmp_path):
+    """It gave a bare UnicodeDecodeError naming no file."""
+    (tmp_path / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "config.json").write_bytes('{"eos_token_id": 2, "name": "\u00e9"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} is not UTF-8 text"):
+        load_tokenizer(tmp_path)
+
+
 def test_save_names_the_special_tokens_taken_from_config_json(bpe_dir, tmp_path):
     """save wrote tokenizer_config.json without the bos, eos and pad ids taken from config.json: the saved
     directory did not load without a config.json (no eos), and beside one without pad_token_id the pad
