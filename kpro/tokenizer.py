@@ -334,6 +334,7 @@ class Tokenizer(_TokenizerBase):
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.model, its added_tokens.json and tokenizer_config.json (with the chat template) into an existing
         directory, where no other tokenizer's files stay."""
+        _check_save_directory(directory)
         write_atomic(Path(directory, SENTENCEPIECE_FILE), self.path.read_bytes())
         if self._added_tokens is not None:
             write_atomic(Path(directory, ADDED_TOKENS_FILE), self._added_tokens)
@@ -465,6 +466,7 @@ class JsonTokenizer(_TokenizerBase):
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.json and tokenizer_config.json (with the chat template and the special tokens in use) into an
         existing directory, where no other tokenizer's files stay."""
+        _check_save_directory(directory)
         write_atomic(Path(directory, TOKENIZER_JSON_FILE), self.tok.to_str(pretty=True))
         # ids taken from config.json are named too: the directory may have another config.json, or none
         config = dict(self.config)
@@ -475,6 +477,16 @@ class JsonTokenizer(_TokenizerBase):
                 config[f"{name}_token"] = text
         _save_config(directory, config, self._templates())
         _remove_other_tokenizers(directory, keep=(TOKENIZER_JSON_FILE,))
+
+
+def _check_save_directory(directory) -> None:
+    """Refuse, naming it, a directory a save cannot write into (the write named its temporary file instead)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save the tokenizer into {directory}: it is a file, not a directory")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"cannot save the tokenizer into {directory}: it does not exist; create it first "
+                                "(save writes into an existing directory, a checkpoint's typically)")
 
 
 def _remove_other_tokenizers(directory, keep: tuple[str, ...]) -> None:
@@ -565,6 +577,7 @@ class _FixedVocabulary(_TokenizerBase):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Its file into an existing directory, where no other tokenizer's files stay."""
+        _check_save_directory(directory)
         write_atomic(Path(directory, self.FILE), json.dumps({"type": self.KIND, **self._vocabulary_json()}) + "\n")
         _remove_other_tokenizers(directory, keep=(self.FILE,))
 

@@ -149,6 +149,19 @@ def test_a_tokenizer_file_that_is_not_utf8_is_named(tmp_path, name):
         kpro.load_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("tok", [kpro.CharTokenizer("ab"), kpro.SymbolTokenizer(["a"]), kpro.Tokenizer(MISTRAL)],
+                         ids=["char", "symbol", "sentencepiece"])
+def test_saving_into_a_directory_that_does_not_exist_names_it(tmp_path, tok):
+    """save raised FileNotFoundError naming 'nonexist/dir/.kpro_char_tokenizer.json.tmp-4763', a temporary."""
+    with pytest.raises(FileNotFoundError, match=f"cannot save the tokenizer into {tmp_path / 'no' / 'dir'}: it does "
+                                                "not exist; create it first"):
+        tok.save(tmp_path / "no" / "dir")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match=f"cannot save the tokenizer into {tmp_path / 'file'}: it is a file"):
+        tok.save(tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.parametrize("pad_id", [None, 1.5, -1, 32000, True])
 def test_pad_left_refuses_a_pad_that_is_no_token_id(pad_id):
     """1.5 was read as 1; None failed inside torch.full; 32000 was named later as an id outside the vocabulary."""

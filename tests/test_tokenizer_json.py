@@ -294,6 +294,12 @@ def test_save_removes_the_files_of_another_tokenizer_the_directory_held(bpe_dir,
     assert (tmp_path / "Tokenizer" / "added_tokens.json").read_text() == '{"<pad>": 1000}'
 
 
+def test_saving_into_a_directory_that_does_not_exist_names_it(bpe_dir, tmp_path):
+    """save raised FileNotFoundError naming 'dir/.tokenizer.json.tmp-4763', a temporary."""
+    with pytest.raises(FileNotFoundError, match=f"cannot save the tokenizer into {tmp_path / 'dir'}: it does not exist"):
+        load_tokenizer(bpe_dir).save(tmp_path / "dir")
+
+
 def test_sentencepiece_first_when_both_files_are_there(bpe_dir, tmp_path):
     from pathlib import Path
 
