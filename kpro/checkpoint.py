@@ -329,9 +329,10 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
     try:
         tmp.mkdir()
     except PermissionError:  # it named the temporary, which the user never named
-        raise PermissionError(f"cannot save {given}: the folder holding it, {directory.parent}, is not writable, and "
-                              "the save writes a new directory beside it and swaps it into place (so that a save cut "
-                              "short leaves the old one as it was); make the folder writable, or save elsewhere") from None
+        raise PermissionError(
+            f"cannot save {given}: the folder holding it, {directory.parent}, is not writable, and the save writes a "
+            "new directory beside it and swaps it into place (so that a save cut short leaves the old one as it "
+            "was); make the folder writable, or save elsewhere") from None
     _IN_PROGRESS.add(tmp.name)
     try:
         yield tmp

@@ -343,8 +343,8 @@ class Tokenizer(_TokenizerBase):
         else:  # as it was read, without one: a config or template left there (an earlier model's) would be read
             Path(directory, TOKENIZER_CONFIG_FILE).unlink(missing_ok=True)
             _remove_chat_template_files(directory)
-        _remove_other_tokenizers(directory, keep=(SENTENCEPIECE_FILE, ADDED_TOKENS_FILE) if self._added_tokens is not None
-                                 else (SENTENCEPIECE_FILE,))
+        own = (SENTENCEPIECE_FILE,) if self._added_tokens is None else (SENTENCEPIECE_FILE, ADDED_TOKENS_FILE)
+        _remove_other_tokenizers(directory, keep=own)
 
 
 class JsonTokenizer(_TokenizerBase):

@@ -207,12 +207,12 @@ def _read_header(file: Path) -> dict[str, _Source]:
         try:
             begin, end = info["data_offsets"]
             source = _Source(file, data_start + begin, end - begin, info["dtype"], tuple(info["shape"]))
-            if not isinstance(source.dtype, str) or not all(type(offset) is int for offset in (begin, end)):
-                raise TypeError
         except (KeyError, TypeError, ValueError):
+            source = None
+        if source is None or not isinstance(source.dtype, str) or type(begin) is not int or type(end) is not int:
             raise CheckpointError(f"{file}: the header entry of {name} is malformed (needs a \"dtype\" string, a "
                                   f"\"shape\" list of sizes and two \"data_offsets\", got {json.dumps(info)[:80]}); "
-                                  "the file is corrupt") from None
+                                  "the file is corrupt")
         if not 0 <= begin <= end or data_start + end > size:
             raise CheckpointError(f"{file}: tensor {name} lies outside the file (truncated?)")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in source.shape):
