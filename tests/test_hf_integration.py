@@ -579,6 +579,25 @@ def test_recompute_frozen_warns_where_a_training_cache_leaves_it_nothing_to_do()
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
 
 
+def test_a_query_that_sees_no_key_but_whose_own_key_is_seen_is_refused():
+    """A 4-D mask hiding every key from a query whose own key later queries see (not padding: its token is read)
+    was taken, the query computed as an ordinary causal one, and the next layer's logits were 16-21% away from
+    stock sdpa's. Padding queries that see nothing (their own key hidden from all) are still taken."""
+    stock = make_stock(layers=2)
+    model, _ = patched_copy(stock)
+    ids, mask, _ = left_padded()
+    t = ids.shape[1]
+    for query in (0, 5):
+        blind = four_d(torch.ones(3, t, dtype=torch.long), t)
+        blind[1, :, query] = False  # query `query` of row 1 sees nothing; its key stays visible to the later ones
+        for form in (blind, four_d(torch.ones(3, t, dtype=torch.long), t, additive=True).masked_fill(~blind, -1e9)):
+            with pytest.raises(NotImplementedError, match=f"query {query} of row 1 sees no key"):
+                model(input_ids=ids, attention_mask=form)
+    padded = four_d(mask, t) & mask.bool()[:, None, :, None]  # left padding queries see nothing either
+    assert rel(model(input_ids=ids, attention_mask=padded).logits[mask.bool()],
+               stock(input_ids=ids, attention_mask=mask).logits[mask.bool()]) < 1e-6
+
+
 def test_masks_and_models_the_audit_found_taken_wrongly_or_refused_wrongly():
     """attn_implementation="kpro" ran any model, a chunked-attention Llama4 computed with a plain causal mask
     (0.53 away); the mask transformers builds on a GPU (padding queries unmasked to see every key) was refused;

@@ -363,12 +363,21 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
     # mask is asking for more than causality (bidirectional, as an encoder's all-True mask), refused below.
     # The real keys are those the other queries see, and those must see exactly causal (or full) attention.
     unattended = ~allowed.any(dim=-1)
+    own = torch.arange(tq, device=mask.device) + (tk - tq)  # each query's own key
     if causal:
-        own = torch.arange(tq, device=mask.device) + (tk - tq)  # each query's own key
         sees_all = allowed.all(dim=-1) & (own < tk - 1)  # seeing a key causality hides from it
         seen = (allowed & ~(unattended | sees_all)[..., None]).any(dim=1)  # [B, tk] by the other queries
         unattended |= sees_all & ~seen[:, own]
     real = (allowed & ~unattended[..., None]).any(dim=1)
+    # A query that sees nothing while the others see its key is no padding: kpro would give it the real keys
+    # (causally), and its wrong output would reach the queries that read its key in the next layer.
+    blind = unattended & real[:, own]
+    if bool(blind.any()):
+        row, query = (int(i) for i in blind.nonzero()[0])
+        raise NotImplementedError(f"in this 4-D attention mask query {query} of row {row} sees no key while "
+                                  "other queries see its own key (it is not padding); kpro attention "
+                                  "cannot express it: use another attn_implementation for it, or the 2-D padding "
+                                  "mask")
     expected = visibility_mask(batch, tq, tk, causal=causal, attention_mask=real, device=mask.device)
     if expected is None:
         expected = torch.ones_like(allowed)
