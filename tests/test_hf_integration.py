@@ -529,6 +529,28 @@ def test_train_only_recompute_with_gradient_checkpointing(reentrant):
         assert rel(g, reference[name]) < 1e-5, name
 
 
+def test_train_only_recompute_replays_the_forwards_dropout():
+    """recompute_frozen ran a frozen layer again with fresh dropout masks: with attention_dropout=0.5 (the stock
+    sdpa attention kept) the gradients were ~50% away from the stock model's with the same parameters frozen.
+    The forward's RNG state is now replayed, and the one after the backward is the stock model's."""
+    stock = make_stock(layers=3, attention_dropout=0.5).train()
+    stock.requires_grad_(False)
+    stock.model.layers[0].requires_grad_(True)
+    model, _ = patched_copy(stock, attention=False)  # kpro attention has no dropout: keep sdpa's
+    kpro_hf.train_only(model, [0], recompute_frozen=True)
+    ids, mask, labels = left_padded()
+    after = []
+    for m in (stock, model):
+        torch.manual_seed(123)
+        m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        after.append(torch.get_rng_state())
+    assert torch.equal(*after)
+    reference = grads(stock)
+    assert grads(model).keys() == reference.keys()
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 1e-5, name
+
+
 def test_compiled_and_accelerate_dispatched_models_are_refused_by_name(tmp_path):
     """apply on torch.compile's wrapper said model_type 'llama' was not one of llama, mistral, qwen2; on a model
     accelerate offloads, it replaced the forwards accelerate's hooks wrap ('rms_norm: weight on meta')."""

@@ -17,6 +17,7 @@ With trainable blocks `ids` and L = min(ids), each block of the model runs one o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from typing import Iterable
@@ -148,7 +149,9 @@ def run_recomputed(block, x, cos, sin, attention_mask, kv):
     _check_frozen(block)
     if kv is not None or not torch.is_grad_enabled() or not x.requires_grad:
         return block(x, cos, sin, attention_mask, kv)  # decoding or evaluation: nothing to save anyway
-    return RecomputedFrozenBlock.apply(x, cos, sin, attention_mask, block, _ForwardContext.capture(x.device.type))
+    # kpro's blocks draw no random numbers (LlamaConfig refuses attention dropout; there is no other): no RNG state
+    # to keep for the recomputation, unlike the transformers layers of kpro.integrations.hf.
+    return RecomputedFrozenBlock.apply(x, cos, sin, attention_mask, block, _ForwardContext.capture(x.device))
 
 
 def _check_frozen(block) -> None:
@@ -161,17 +164,43 @@ def _check_frozen(block) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _ForwardContext:
-    """What the forward ran under that the backward does not: autocast and forced kpro backends."""
+    """What the forward ran under that the backward does not: autocast, forced kpro backends, and with rng=True
+    the RNG states (CPU, and `device`'s), so that a recomputation draws the forward's dropout masks again, as
+    torch.utils.checkpoint does. Copying them costs: ask for it only where the module draws (in training)."""
 
     device_type: str
     autocast: bool
     autocast_dtype: torch.dtype
     backends: tuple
+    rng: tuple | None = None  # (device index or None for a CPU device, CPU state, the device's state or None)
 
     @classmethod
-    def capture(cls, device_type: str) -> "_ForwardContext":
-        return cls(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
-                   forced_backends())
+    def capture(cls, device: torch.device, rng: bool = False) -> "_ForwardContext":
+        kind = device.type
+        states = None
+        if rng and kind in ("cpu", "meta"):
+            states = (None, torch.get_rng_state(), None)
+        elif rng:
+            module = torch.get_device_module(kind)
+            index = module.current_device() if device.index is None else device.index
+            states = (index, torch.get_rng_state(), module.get_rng_state(index))
+        return cls(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), forced_backends(), states)
+
+    @contextlib.contextmanager
+    def replayed(self):
+        """Run a recomputation as the forward ran: with gradients, its autocast, backends and RNG states (those
+        outside are restored afterwards: the backward draws nothing from the caller's sequence)."""
+        with torch.enable_grad(), torch.autocast(self.device_type, self.autocast_dtype, self.autocast), \
+                backends_forced(self.backends), contextlib.ExitStack() as stack:
+            if self.rng is not None:
+                index, cpu_state, device_state = self.rng
+                if index is None:
+                    stack.enter_context(torch.random.fork_rng(devices=[]))
+                else:
+                    stack.enter_context(torch.random.fork_rng(devices=[index], device_type=self.device_type))
+                    torch.get_device_module(self.device_type).set_rng_state(device_state, index)
+                torch.set_rng_state(cpu_state)
+            yield
 
 
 class RecomputedFrozenBlock(torch.autograd.Function):
@@ -189,8 +218,7 @@ class RecomputedFrozenBlock(torch.autograd.Function):
     def backward(ctx, dy):
         x, cos, sin, attention_mask = ctx.saved_tensors
         x = x.detach().requires_grad_(True)
-        c = ctx.context
-        with torch.enable_grad(), torch.autocast(c.device_type, c.autocast_dtype, c.autocast), backends_forced(c.backends):
+        with ctx.context.replayed():
             y = ctx.block(x, cos, sin, attention_mask, None)
         (dx,) = torch.autograd.grad(y, x, dy)
         return dx, None, None, None, None, None

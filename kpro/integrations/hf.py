@@ -49,7 +49,6 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 from .. import ops
 from ..expansion.freezing import TrainPlan, _check_block_ids, _check_recompute_flag, _ForwardContext, freeze_all_but
 from ..ops.attention import visibility_mask
-from ..ops.backend import backends_forced
 
 ATTENTION = "kpro"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -478,7 +477,9 @@ def run_recomputed(self, hidden_states, *args, **kwargs):
         # again in the backward. Inside our backward it would run a third time, or, with use_reentrant=True, fail
         # in torch.autograd.grad: let it do the recomputing alone.
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    context = _ForwardContext.capture(hidden_states.device.type)
+    # In training the layer may draw dropout masks (attention_dropout with the stock attention): the recomputation
+    # must draw the same ones, or the gradients are those of another forward.
+    context = _ForwardContext.capture(hidden_states.device, rng=self.training)
     return _RecomputedLayer.apply(hidden_states, self, args, kwargs, context)
 
 
@@ -507,8 +508,7 @@ class _RecomputedLayer(torch.autograd.Function):
             leaves[i] = tensor
         args, kwargs = tree_unflatten(leaves, ctx.spec)
         x = x.detach().requires_grad_(True)
-        c = ctx.context
-        with torch.enable_grad(), torch.autocast(c.device_type, c.autocast_dtype, c.autocast), backends_forced(c.backends):
+        with ctx.context.replayed():
             y = type(ctx.layer).forward(ctx.layer, x, *args, **kwargs)
         (dx,) = torch.autograd.grad(y, x, dy)
         return dx, None, None, None, None
