@@ -360,6 +360,10 @@ def test_train_only_gradients_and_plan_match_kpros(recompute):
     kpro_hf.train_only(model, None)  # back to full training, the layers' own forwards
     assert all(p.requires_grad for p in model.parameters())
     assert not any("forward" in vars(layer) for layer in model.model.layers)
+    kpro_hf.train_only(model, [4, 2])
+    every = kpro_hf.train_only(model, range(5))  # as kpro.train_only: every layer is full training, head and all
+    assert every.trainable == tuple(range(5)) and all(p.requires_grad for p in model.parameters())
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
 
 
 def test_train_only_carries_the_gradient_to_embeddings_unfrozen_after_it():

@@ -402,7 +402,8 @@ def train_only(model: nn.Module, block_ids: Iterable[int] | None, recompute_froz
     below the lowest trainable one run under torch.no_grad (no graph, nothing saved); frozen layers above
     it compute only their input gradient (with `apply`'s ops: RMSNorm skips its weight-gradient reduction),
     or, with recompute_frozen=True, save only their inputs and run again in the backward (training without
-    a cache, use_cache=False; with a cache they run plainly). `None`, or every layer, restores full training.
+    a cache, use_cache=False; with a cache they run plainly). `None`, or every layer, restores full training,
+    as kpro.train_only does: every parameter trains (embeddings, final norm and head too).
     Call it before building the optimizer; the parameters it freezes lose any gradient they held.
     """
     _check_recompute_flag(recompute_frozen)
