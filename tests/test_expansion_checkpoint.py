@@ -215,6 +215,41 @@ def test_cli_train_expanded_trains_only_the_new_blocks_and_resumes(tmp_path, cap
     assert isinstance(kpro.load_tokenizer(run / "step-00000004"), kpro.CharTokenizer)
 
 
+def test_train_expanded_refuses_to_resume_onto_another_source_checkpoint(tmp_path, capsys):
+    """A run resumed after its checkpoint was expanded again from another source went on silently: the
+    checkpoint's weights replaced the new expansion's, and the final model's frozen blocks were the first
+    source's. The run records a digest of the source's weights; another one is refused, naming it."""
+    alphabet = "abcdefgh \n"
+    for name, seed in (("src", 0), ("src2", 1)):
+        write_checkpoint(tmp_path / name, num_hidden_layers=2, vocab_size=3 + len(alphabet),
+                         max_position_embeddings=32)
+        if seed:  # another model of the same shape
+            model = kpro.load_pretrained(tmp_path / name, dtype=torch.bfloat16)
+            torch.manual_seed(seed)
+            for p in model.parameters():
+                p.data.normal_()
+            kpro.save_pretrained(model, tmp_path / name)
+        kpro.CharTokenizer(alphabet).save(tmp_path / name)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    run = tmp_path / "run"
+    args = ["train-expanded", str(tmp_path / "big"), "--data", str(corpus), "--out", str(run), "--seq-len", "16",
+            "--batch-size", "4", "--save-every", "2", "--steps", "4"]
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    assert main(args) == 0
+    for directory in (run / "step-00000004", run / "final"):
+        for file in directory.iterdir():
+            file.unlink()
+        directory.rmdir()
+    assert main(["expand", str(tmp_path / "src2"), str(tmp_path / "big"), "--blocks", "1", "--position", "top",
+                 "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{run} was started from another source checkpoint" in err, err
+    assert str(tmp_path / "big") in err and not (run / "final").exists()
+
+
 def test_the_checkpoint_dtype_is_the_one_holding_most_parameters_over_every_shard(tmp_path):
     """train-expanded saves in it: a bfloat16 model whose norms are float32 is a bfloat16 checkpoint."""
     from kpro.expansion.posttrain import checkpoint_dtype

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import base_fingerprint
 from ..checkpoint import _write_checkpoint, atomic_directory, load_pretrained, parse_size, tensor_locations
 from ..tokenizer import document_bos_id, load_tokenizer, special_token_in
 from ..distributed import on_main
@@ -78,6 +79,26 @@ class CopyFilesIntoCheckpoints(Callback):
         _copy_other_files(self.source, Path(directory))
 
 
+class SourceFingerprint(Callback):
+    """Records in the run's checkpoints a digest of the checkpoint the run started from, and refuses a resume
+    onto another one (`expand --overwrite` of another source into the same directory): the resume would load
+    the run's weights over it, and the final model's frozen blocks would silently be the first source's."""
+
+    def __init__(self, directory: Path, out_dir: Path, fingerprint: str):
+        self.directory, self.out_dir, self.fingerprint = directory, out_dir, fingerprint
+
+    def state_dict(self) -> dict:
+        return {"source": str(self.directory), "source_model": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("source_model", self.fingerprint) != self.fingerprint:
+            raise ValueError(f"{self.out_dir} was started from another source checkpoint than {self.directory} holds "
+                             f"now (the run's source {state.get('source')} had the weight digest "
+                             f"{state['source_model']}, {self.directory} has {self.fingerprint}): was it expanded "
+                             "again? Resume with the checkpoint the run started from, or train into another out "
+                             "directory")
+
+
 def check_out_dir(directory: Path, out_dir: Path, name: str) -> None:
     """The run's directory must lie outside the checkpoint: its steps and metrics would be copied with the model."""
     source, out = Path(directory).resolve(), Path(out_dir).resolve()
@@ -131,6 +152,9 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     block_ids = blocks_to_train(directory, blocks)
     tokenizer = load_tokenizer(directory)
     model = load_pretrained(directory, dtype=dtype, device=device)
+    source_dtype = checkpoint_dtype(directory)
+    # in the source's dtype: the values as stored, whatever --dtype the run trains in (fit checks that apart)
+    source = SourceFingerprint(directory, out_dir, base_fingerprint(model, source_dtype))
     if seq_len is None:
         seq_len = min(512, model.config.max_position_embeddings)
     if seq_len > model.config.max_position_embeddings:
@@ -152,9 +176,9 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     fit(model, batches, out_dir, steps=steps, schedule=schedule, grad_accum=grad_accum,
         optimizer=lambda m: adamw(m, lr, weight_decay=weight_decay, betas=(0.9, 0.95)), clip_grad_norm=clip_grad_norm,
         precision=precision, save_every=save_every, keep_last=keep_last, log_every=log_every, stream=stream,
-        callbacks=[CopyFilesIntoCheckpoints(directory)])
+        callbacks=[CopyFilesIntoCheckpoints(directory), source])
     final = out_dir / FINAL_DIR
-    model.to(checkpoint_dtype(directory))
+    model.to(source_dtype)
 
     def write_final():
         with atomic_directory(final, drop=lambda name: True) as tmp:  # weights and tokenizer appear together
