@@ -250,6 +250,26 @@ def test_train_expanded_refuses_to_resume_onto_another_source_checkpoint(tmp_pat
     assert str(tmp_path / "big") in err and not (run / "final").exists()
 
 
+def test_expand_and_train_expanded_leave_convert_ggufs_record_behind(tmp_path):
+    """kpro_gguf.json (convert-gguf's record of its own output) was copied into the expansion and the run's
+    checkpoints: convert-gguf then took them for its own output and replaced them, trained model and all."""
+    from kpro.convert.gguf_llama import RECORD_NAME, _check_replaceable
+    from kpro.expansion.posttrain import train_expanded
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=13)
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")
+    (tmp_path / "src" / RECORD_NAME).write_text('{"source": "m.gguf"}\n')
+    result = expand_checkpoint(tmp_path / "src", tmp_path / "big", 1, "top")
+    assert RECORD_NAME not in result.copied_files and not (tmp_path / "big" / RECORD_NAME).exists()
+    (tmp_path / "big" / RECORD_NAME).write_text('{"source": "m.gguf"}\n')  # the source of train-expanded, too
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    final = train_expanded(tmp_path / "big", corpus, tmp_path / "run", steps=1, seq_len=16, batch_size=4)
+    for directory in (final, tmp_path / "run" / "step-00000001"):
+        assert (directory / "kpro_char_tokenizer.json").is_file() and not (directory / RECORD_NAME).exists()
+        with pytest.raises(FileExistsError, match="was not written by convert-gguf"):
+            _check_replaceable(directory)
+
+
 def test_the_checkpoint_dtype_is_the_one_holding_most_parameters_over_every_shard(tmp_path):
     """train-expanded saves in it: a bfloat16 model whose norms are float32 is a bfloat16 checkpoint."""
     from kpro.expansion.posttrain import checkpoint_dtype

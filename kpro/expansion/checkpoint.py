@@ -24,6 +24,7 @@ from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, INDEX_NAME, WEIGHTS_
                           _check_names_and_shapes, _unlisted_tensors, atomic_directory, hf_tensors, parse_size,
                           tensor_locations, tied_head_differs)
 from ..config import LlamaConfig
+from ..convert.gguf_llama import RECORD_NAME as GGUF_RECORD
 from ..model import Llama
 from ..tokenizer import CHAT_TEMPLATE_DIR
 from .layout import expansion_layout
@@ -382,11 +383,13 @@ def _write_zeros(out, nbytes: int, view: memoryview) -> None:
 
 
 def _copy_other_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
-    """Copy the tokenizer and the other plain files of `src` (not its weights, config or index)."""
+    """Copy the tokenizer and the other plain files of `src` (not its weights, config or index, nor
+    convert-gguf's record)."""
     copied, skipped = [], []
     for entry in sorted(src.iterdir()):
         name = entry.name
-        if name in (CONFIG_NAME, EXPANSION_FILE) or name.endswith((".index.json", ".safetensors")):
+        # GGUF_RECORD marks convert-gguf's own output, which a later conversion replaces: not this model
+        if name in (CONFIG_NAME, EXPANSION_FILE, GGUF_RECORD) or name.endswith((".index.json", ".safetensors")):
             continue  # rewritten for the expanded model
         if name == CHAT_TEMPLATE_DIR and entry.is_dir():  # the tokenizer's other chat templates
             shutil.copytree(entry, dst / name, dirs_exist_ok=True)
