@@ -204,6 +204,9 @@ def test_cli_train_expanded_trains_only_the_new_blocks_and_resumes(tmp_path, cap
     assert main(args + ["--steps", "4"]) == 0  # the same run, continued
     out = capsys.readouterr().out
     assert "training blocks 2; frozen: 0-1 without autograd" in out and "resumed from" in out
+    # said before the silent tokenizing (20 s for 29 MB), not only after it
+    assert out.index(f"tokenizing 1 corpus file ({corpus.stat().st_size / 1e6:.1f} MB) in memory ...") \
+        < out.index("training blocks 2")
     assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
     trained = kpro.load_pretrained(run / "final", dtype=torch.bfloat16)

@@ -541,6 +541,25 @@ def test_convert_gguf_command(tmp_path, small_vocab):
     assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
 
+def test_convert_gguf_says_how_far_it_got_when_it_takes_long(tmp_path, small_vocab, capsys, monkeypatch):
+    """It printed nothing between its header and "wrote" (minutes for a 7B file): a line per tensor count
+    every PROGRESS_SECONDS now, none for a file converted within them."""
+    from kpro.cli import main
+    from kpro.convert import command
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
+    calls = []
+    convert_gguf(path, tmp_path / "direct", progress=lambda done, total: calls.append((done, total)))
+    total = len(GGUFFile(path).names)
+    assert calls == [(i, total) for i in range(1, total + 1)]
+    assert main(["convert-gguf", str(path), str(tmp_path / "quick")]) == 0
+    assert "tensors written" not in capsys.readouterr().out
+    monkeypatch.setattr(command, "PROGRESS_SECONDS", 0)
+    assert main(["convert-gguf", str(path), str(tmp_path / "slow")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith(f"  1/{total} tensors written in ") and lines[1].endswith(" s ...")
+    assert lines[total - 1].startswith(f"  {total - 1}/{total} tensors") and lines[total].startswith("wrote ")
+
+
 # ------------------------------------------------------------------------------------------ the real model
 
 QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "How many legs does a cat have?"]

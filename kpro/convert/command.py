@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..cli_args import DTYPES, directory_path
 
+PROGRESS_SECONDS = 10  # a line of progress after this long without one (a 7B file takes minutes)
 _DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 
 
@@ -41,8 +42,18 @@ def _convert(args, GGUFFile, convert_gguf, gguf_config, start) -> None:
     cfg = gguf_config(file)
     types = sorted(file.type_names())
     print(f"{file.path.name}: {file.get('general.name') or 'unnamed'}, {cfg.num_hidden_layers} blocks x {cfg.hidden_size}, "
-          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; tensor types {', '.join(types)}")
-    out = convert_gguf(file.path, args.out, dtype=_DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
+          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; tensor types {', '.join(types)}",
+          flush=True)  # shown while it converts, also through a pipe
+    said = time.perf_counter()
+
+    def progress(done, total):
+        nonlocal said
+        if time.perf_counter() - said >= PROGRESS_SECONDS and done < total:
+            said = time.perf_counter()
+            print(f"  {done:,}/{total:,} tensors written in {said - start:.0f} s ...", flush=True)
+
+    out = convert_gguf(file.path, args.out, dtype=_DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
+                       progress=progress)
     files = sorted(p for p in Path(out).iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in files)
     print(f"wrote {out}/ ({', '.join(p.name for p in files)}; {size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")

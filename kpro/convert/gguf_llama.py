@@ -256,14 +256,14 @@ def default_dtype(file: GGUFFile) -> torch.dtype:
 
 
 def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                 max_shard_size: int | str = "5GB") -> Path:
+                 max_shard_size: int | str = "5GB", progress=None) -> Path:
     """Write the GGUF file at `path` as an HF-layout directory `out`: config.json, safetensors (streamed, one
     tensor in memory at a time), the tokenizer (tokenizer.json, or tokenizer.model for a SentencePiece
     vocabulary) with tokenizer_config.json and the chat template, and kpro_gguf.json naming the source.
 
     The directory appears complete or not at all (a temporary directory swapped into place). An existing
     `out` is replaced only if an earlier conversion wrote it; files there that no conversion writes (notes,
-    the GGUF file itself) are kept."""
+    the GGUF file itself) are kept. `progress(done, total)` is called after each tensor is written."""
     dtype = None if dtype is None else _checked_dtype(dtype)
     file = GGUFFile(path)
     cfg = gguf_config(file)
@@ -279,7 +279,7 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
         hf_config = cfg.to_hf()
         hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        _write_weights(file, cfg, plan, dtype, tmp, parse_size(max_shard_size))
+        _write_weights(file, cfg, plan, dtype, tmp, parse_size(max_shard_size), progress)
         for name, content in tokenizer.items():
             (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
         (tmp / RECORD_NAME).write_text(json.dumps(conversion_record(file, dtype), indent=2) + "\n")
@@ -310,22 +310,31 @@ def _check_replaceable(out: Path) -> None:
         raise FileExistsError(f"{out} exists and was not written by convert-gguf; choose a new directory")
 
 
-def _write_weights(file: GGUFFile, cfg: LlamaConfig, plan: dict, dtype: torch.dtype, out: Path, max_bytes: int) -> None:
+def _write_weights(file: GGUFFile, cfg: LlamaConfig, plan: dict, dtype: torch.dtype, out: Path, max_bytes: int,
+                   progress=None) -> None:
     shapes = {name: file.shape(gguf_name) for name, gguf_name in plan.items()}
     with torch.device("meta"):
         sizes = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
     shards = _plan_shards(sizes, max_bytes)
 
+    written = 0
+
     def load(name):
         return load_tensor(file, cfg, name, plan[name])
 
+    def tensor_written():
+        nonlocal written
+        written += 1
+        if progress is not None:
+            progress(written, len(plan))
+
     if len(shards) == 1:
-        _write_safetensors(out / WEIGHTS_NAME, [(n, shapes[n]) for n in shards[0]], dtype, load)
+        _write_safetensors(out / WEIGHTS_NAME, [(n, shapes[n]) for n in shards[0]], dtype, load, tensor_written)
         return
     weight_map, total = {}, 0
     for i, names in enumerate(shards):
         shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(out / shard, [(n, shapes[n]) for n in names], dtype, load)
+        _write_safetensors(out / shard, [(n, shapes[n]) for n in names], dtype, load, tensor_written)
         for name in names:
             weight_map[name] = shard
             total += sizes[name].numel() * sizes[name].element_size()
@@ -333,7 +342,8 @@ def _write_weights(file: GGUFFile, cfg: LlamaConfig, plan: dict, dtype: torch.dt
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dtype: torch.dtype, load) -> None:
+def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dtype: torch.dtype, load,
+                       written=lambda: None) -> None:
     """A safetensors file written as it is produced: the header (every size is known from the shapes),
     then each tensor's bytes in turn, so only one tensor is ever in memory."""
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -353,3 +363,4 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dtype: torc
             if tuple(tensor.shape) != tuple(shape):
                 raise GGUFError(f"{name}: produced shape {list(tensor.shape)}, expected {list(shape)}")
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            written()

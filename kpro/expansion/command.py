@@ -2,6 +2,7 @@
 and post-pretraining of its new blocks."""
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 
@@ -79,9 +80,25 @@ def cmd_expand(args) -> None:
     print(f"next: python -m kpro train-expanded {shlex.quote(str(result.directory))} --data corpus.txt")
 
 
+def check_optimizer_flags(args) -> None:
+    """Named by their flags before the model loads and the corpus is tokenized: Schedule and adamw refuse them
+    only then, naming their Python parameters."""
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a positive finite number, got {args.lr:g}")
+    if not 0 <= args.weight_decay < math.inf:  # NaN fails it too
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay:g}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be an integer >= 0 (0: no warmup), got {args.warmup_steps}")
+    if args.warmup_steps is not None and args.warmup_steps >= args.steps:
+        raise ValueError(f"--warmup-steps {args.warmup_steps} must be fewer than --steps {args.steps}: the cosine "
+                         "decay runs from the end of the warmup to the last step; lower --warmup-steps or raise "
+                         "--steps")
+
+
 def cmd_train_expanded(args) -> None:
     from .posttrain import check_out_dir, train_expanded
 
+    check_optimizer_flags(args)
     source = Path(args.dir).resolve()
     out = Path(args.out) if args.out is not None else source.parent / f"{source.name}-post"  # `.`: "-post"
     check_out_dir(Path(args.dir), out, "--out")

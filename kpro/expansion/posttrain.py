@@ -163,7 +163,8 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     plan = train_only(model, block_ids, recompute_frozen=recompute_frozen)
-    batches = corpus_batches(data, tokenizer, directory, seq_len, batch_size, seed)
+    say = (lambda text: print(text, file=stream, flush=True)) if env.is_main else (lambda text: None)
+    batches = corpus_batches(data, tokenizer, directory, seq_len, batch_size, seed, say=say)
     if env.is_main:
         print(f"{plan.describe()}\n{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
               f"parameters; corpus: {batches.num_rows if isinstance(batches, TokenShards) else len(batches.examples):,} "
@@ -188,14 +189,18 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     return final
 
 
-def corpus_batches(data: list, tokenizer, directory: Path, seq_len: int, batch_size: int, seed: int):
-    """`Batches` of the text files' packed rows, or `TokenShards` of one shard directory (same tokenizer)."""
+def corpus_batches(data: list, tokenizer, directory: Path, seq_len: int, batch_size: int, seed: int,
+                   say=lambda text: None):
+    """`Batches` of the text files' packed rows, or `TokenShards` of one shard directory (same tokenizer).
+    `say` takes a progress line, printed before text files are tokenized (silent for seconds per 10 MB)."""
     shard_dirs = [path for path in data if Path(path).is_dir() and is_shard_directory(path)]
     for path in data:
         if Path(path).is_dir() and not is_shard_directory(path):
             raise ValueError(f"{path} is a directory but not a token shard directory (no index.json); pass text "
                              "files, or tokenize them first with `python -m kpro tokenize`")
     if not shard_dirs:
+        size = sum(Path(path).stat().st_size for path in data if Path(path).is_file())
+        say(f"tokenizing {len(data)} corpus file{'s' * (len(data) > 1)} ({size / 1e6:,.1f} MB) in memory ...")
         rows = corpus_rows(read_corpus(data), tokenizer, seq_len)
         if len(rows) < batch_size:
             raise ValueError(f"the corpus fills {len(rows)} row(s) of {seq_len} tokens, fewer than one batch of {batch_size}")
