@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -42,10 +43,13 @@ def cmd_info(args) -> None:
         raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory" if directory.exists()
                                 else f"checkpoint directory {directory} does not exist")
     cfg = LlamaConfig.from_hf(directory)
-    count, dtypes = 0, {}
+    count, dtypes, layers = 0, {}, set()
     files = _weight_files(directory)
     for file in files:
         for name, entry in _safetensors_header(file).items():
+            layer = re.match(r"(?:model\.)?layers\.(\d+)\.", name)  # load_pretrained takes both
+            if layer:
+                layers.add(int(layer.group(1)))
             numel = 1
             for size in entry["shape"]:
                 numel *= size
@@ -61,6 +65,19 @@ def cmd_info(args) -> None:
     for name in TOKENIZER_FILES:
         if (directory / name).is_file():
             print(f"tokenizer    {name}")
+    # described all the same, then refused: load_pretrained would not load it
+    expected = set(range(cfg.num_hidden_layers))
+    missing, beyond = sorted(expected - layers), sorted(layers - expected)
+    if missing or beyond:
+        problems = ([f"no tensors of layer{'s' * (len(missing) > 1)} {_few(missing)}"] if missing else []) + \
+            ([f"tensors of layer{'s' * (len(beyond) > 1)} {_few(beyond)} beyond it"] if beyond else [])
+        raise CheckpointError(f"{directory / 'config.json'} has num_hidden_layers {cfg.num_hidden_layers}, but the "
+                              f"weights hold {' and '.join(problems)}: the config or the weight files are not this "
+                              "model's")
+
+
+def _few(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:8])) + (f", ... ({len(numbers)} in all)" if len(numbers) > 8 else "")
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -83,11 +100,13 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def _safetensors_header(file: Path) -> dict:
-    """{tensor name: {"dtype", "shape", ...}} from a safetensors file's JSON header, without torch."""
+    """{tensor name: {"dtype", "shape", ...}} from a safetensors file's JSON header, without torch; a file
+    shorter than the header says is refused as truncated."""
+    size = file.stat().st_size
     with open(file, "rb") as f:
         prefix = f.read(8)
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
-        if length is None or length > file.stat().st_size - 8:
+        if length is None or length > size - 8:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?)")
         try:
             header = json.loads(f.read(length))
@@ -102,6 +121,17 @@ def _safetensors_header(file: Path) -> dict:
                 and isinstance(entry.get("dtype"), str)):
             raise CheckpointError(f"{file}: the header entry of {name} is malformed (needs a \"dtype\" string and a "
                                   f"\"shape\" list of sizes, got {json.dumps(entry)[:80]}); the file is corrupt")
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{file}: the header entry of {name} has no valid \"data_offsets\" (two byte "
+                                  f"offsets, got {json.dumps(offsets)[:80]}); the file is corrupt")
+    # The tensor bytes follow the 8-byte length and the header: a file cut short (a download, a full disk) ends
+    # before the last of them
+    end = 8 + length + max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+    if end > size:
+        raise CheckpointError(f"{file} is truncated: its header places tensor data up to byte {end:,}, the file has "
+                              f"{size:,} bytes; write or download it again")
     return entries
 
 

@@ -252,6 +252,28 @@ def test_info_names_a_malformed_safetensors_header_entry(tmp_path, capsys):
                               "and a \"shape\" list of sizes, got ") and err.count("\n") == 1, err
 
 
+def test_info_refuses_a_truncated_weight_file_and_names_layers_the_tensors_lack(tmp_path, capsys):
+    """A safetensors file cut short after its header, or a config.json whose num_hidden_layers the tensors do not
+    match, was described as a healthy checkpoint."""
+    write_checkpoint(tmp_path / "ck")
+    file = tmp_path / "ck" / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:-100])
+    assert main(["info", str(tmp_path / "ck")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {file} is truncated: its header places tensor data up to byte {len(data):,}, the file "
+                   f"has {len(data) - 100:,} bytes; write or download it again\n"), err
+    file.write_bytes(data)
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    for layers, message in ((3, "has num_hidden_layers 3, but the weights hold no tensors of layer 2"),
+                            (1, "has num_hidden_layers 1, but the weights hold tensors of layer 1 beyond it")):
+        (tmp_path / "ck" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+        assert main(["info", str(tmp_path / "ck")]) == 1
+        out, err = capsys.readouterr()
+        assert f"layers       {layers} x hidden 48" in out  # described all the same
+        assert err.startswith(f"error: {tmp_path / 'ck' / 'config.json'} {message}") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("args, message", [
     # raw OS errors before ([Errno 2], [Errno 21], [Errno 17], [Errno 20]), naming no flag
     (["bitune", "--model", "ck", "--data", "nope.jsonl", "--out", "o"], "--data nope.jsonl does not exist"),
