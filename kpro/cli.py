@@ -147,6 +147,9 @@ def cmd_generate(args) -> None:
 
     # Before the model loads and a seed is printed for a sample that would never be drawn.
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.seed is not None and args.temperature == 0:  # greedy draws nothing: ignored, as --top-k would be
+        raise ValueError("--seed seeds sampling, but temperature 0 decodes greedily: give a --temperature above 0 to "
+                         "sample, or leave --seed out")
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:  # -1 drew what 2**64 - 1 draws; more overflowed
         raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     empty = [i for i, prompt in enumerate(args.prompt) if not prompt]

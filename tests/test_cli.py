@@ -302,6 +302,9 @@ def test_info_refuses_a_truncated_weight_file_and_names_layers_the_tensors_lack(
     (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", "-1"], "--seed must be an integer from 0"),
     (["generate", "ck", "--prompt", "a", "--temperature", "1", "--seed", str(2 ** 80)], "--seed must be an integer"),
     (["generate", "ck", "--prompt", "ab", "--prompt", ""], "--prompt 2 is empty"),  # pad_left's message before
+    (["generate", "ck", "--prompt", "ab", "--seed", "3"],  # ignored before, as --top-k and --top-p are refused
+     "--seed seeds sampling, but temperature 0 decodes greedily: give a --temperature above 0 to sample, or leave "
+     "--seed out"),
     (["expand", "ck/config.json", "x", "--blocks", "1"], "ck/config.json is a file, not a checkpoint directory"),
     (["expand", "ck", "afile", "--blocks", "1"], "afile is a file; choose a directory"),  # "is not empty" before
     (["train-expanded", "ck", "--data", "corpus.txt", "--out", "ck/run"], "--out ck/run is inside the checkpoint ck"),
