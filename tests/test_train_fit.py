@@ -1273,6 +1273,18 @@ def test_a_process_killed_while_saving_leaves_the_last_good_checkpoint(tmp_path)
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_more_total_steps_are_announced_only_once_the_resume_is_taken(tmp_path, capfd):
+    """"continuing the run with total_steps=..." was printed before the data's and the callbacks' states were
+    checked, and then the resume was refused: it said the run went on where it did not."""
+    kt.fit(make_model(), batches(), tmp_path, steps=4, lr=1e-3, schedule="cosine", callbacks=[StopAt(2)])
+    capfd.readouterr()
+    with pytest.raises(ValueError, match="the checkpoint's data had seed=3, these have seed=4"):
+        kt.fit(make_model(), batches(seed=4), tmp_path, steps=6, lr=1e-3, schedule="cosine")
+    assert "continuing the run" not in capfd.readouterr().err
+    assert kt.fit(make_model(), batches(), tmp_path, steps=6, lr=1e-3, schedule="cosine").step == 6
+    assert capfd.readouterr().err.count("continuing the run with total_steps=6") == 1
+
+
 def test_a_tuple_from_loss_fn_is_refused_not_taken_for_a_loss_sum(tmp_path):
     def loss_and_logits(model, batch):
         logits = model(batch["input_ids"], batch["attention_mask"])

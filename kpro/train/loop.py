@@ -399,15 +399,16 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> d
                               + "\n  ".join(differences) + "\nresume with the same settings (another number of "
                               "total steps is fine: it extends or shortens the run), or start a new run directory "
                               "(a checkpoint's weights alone load with kpro.load_pretrained)")
+    run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
+    load_callback_states(callbacks, state["callbacks"])
+    if hasattr(batches, "load_state_dict"):
+        batches.load_state_dict(state["data"])
+    # Said once the resume is taken: the callbacks' and the data's checks above may still refuse it
     if isinstance(saved, dict) and isinstance(schedule, dict) and saved.get("total_steps") != schedule["total_steps"] \
             and run.is_main:
         print(f"continuing the run with total_steps={schedule['total_steps']} (the checkpoint's run had "
               f"{saved.get('total_steps')}): the {schedule['kind']} schedule follows the new total from here",
               file=sys.stderr)
-    run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
-    load_callback_states(callbacks, state["callbacks"])
-    if hasattr(batches, "load_state_dict"):
-        batches.load_state_dict(state["data"])
     return state["data"] if isinstance(state.get("data"), dict) else {}
 
 
