@@ -3,6 +3,7 @@ splits, exact resume (mid-epoch, through fit, after SIGKILL), flat resident memo
 the bound it is given, and `python -m kpro tokenize` with the real SentencePiece models of tests/data
 (resumed after SIGKILL, equal to train-expanded's in-memory tokenization)."""
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +406,81 @@ def test_tokenize_workers_import_no_torch():
             "assert 'torch' not in sys.modules and 'kpro.train' not in sys.modules, sorted(sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _KillingPool(kt.tokenize.ProcessPoolExecutor):
+    """tokenize_corpus's pool, one of whose workers is SIGKILLed (as the OOM killer does) at the `kill_at`th
+    submitted chunk; without `kill_at`, it records what a worker does with SIGINT."""
+    kill_at = None
+    submits = 0
+    sigint = []
+
+    def submit(self, *args, **kwargs):
+        future = super().submit(*args, **kwargs)
+        type(self).submits += 1
+        if type(self).submits == 1 and self.kill_at is None:
+            type(self).sigint.append(super().submit(signal.getsignal, signal.SIGINT).result())
+        if type(self).submits == self.kill_at:
+            process = next(iter(self._processes.values()))
+            process.kill()
+            process.join()
+        return future
+
+
+def killing_pool(monkeypatch, kill_at):
+    pool = type("Pool", (_KillingPool,), {"kill_at": kill_at, "submits": 0, "sigint": []})
+    monkeypatch.setattr(kt.tokenize, "ProcessPoolExecutor", pool)
+    return pool
+
+
+def main_module(monkeypatch, script=None):
+    """The caller's __main__ as spawned workers see it: `python -m kpro`'s, or a script file's (re-imported)."""
+    module = types.ModuleType("__main__")
+    if script is None:
+        module.__spec__ = importlib.util.find_spec("kpro.__main__")
+    else:
+        script.write_text("")
+        module.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", module)
+
+
+def test_a_killed_tokenizing_worker_is_one_error_line_and_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    """A worker killed for lack of memory gave a RuntimeError traceback, whose advice (a script's `if __name__ ==
+    "__main__":`, or `python -m kpro tokenize`) was for API callers whose workers could not start."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(200)))
+    monkeypatch.setitem(kt.tokenize_corpus.__kwdefaults__, "chunk_bytes", 200)
+    main_module(monkeypatch)
+    pool = killing_pool(monkeypatch, kill_at=12)
+    args = ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "c.txt"), "--out",
+            str(tmp_path / "out"), "--shard-tokens", "100", "--workers", "2"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    shards = len(json.loads((tmp_path / "out" / "index.json").read_text())["shards"])
+    assert shards > 0 and pool.submits >= 12
+    assert err == (f"error: a tokenizing worker process died, most often killed by the system for lack of memory; the "
+                   f"{shards} shard(s) written to {tmp_path / 'out'} are kept: run the same command again to resume "
+                   "(with fewer --workers if memory is short)"), err
+    pool = killing_pool(monkeypatch, kill_at=None)
+    assert main(args) == 0
+    assert "resuming" in capsys.readouterr().err and kt.TokenShards(tmp_path / "out", seq_len=8).num_rows > 0
+
+
+@pytest.mark.parametrize("script", [False, True])
+def test_workers_dying_at_start_up_name_the_main_module_only_where_workers_import_it(tmp_path, monkeypatch, script):
+    """Spawned workers import a script's main module again (one calling tokenize_corpus unguarded starts them over
+    and over); `python -m kpro`'s is not, so the CLI is not told about `if __name__ == "__main__":`."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("abc\n\ndef\n")
+    main_module(monkeypatch, tmp_path / "script.py" if script else None)
+    killing_pool(monkeypatch, kill_at=1)
+    with pytest.raises(ValueError, match="^a tokenizing worker process died, .* the 0 shard") as error:
+        kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=2)
+    hint = "spawned workers import the main module again, so call tokenize_corpus under `if __name__ == \"__main__\":`"
+    assert (hint in str(error.value)) == script, str(error.value)
+
 
 
 KILL_SCRIPT = """

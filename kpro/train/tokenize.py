@@ -281,10 +281,16 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
                         consume(pending.popleft().result())
                 while pending:
                     consume(pending.popleft().result())
-    except BrokenProcessPool as err:
-        raise RuntimeError(f"the tokenizing worker processes stopped ({err}); spawned workers re-import the "
-                           "main module, so call tokenize_corpus from a script file under `if __name__ == "
-                           "\"__main__\":` or from `python -m kpro tokenize`, or pass workers=1") from None
+    except BrokenProcessPool:
+        progress.close()
+        # A ValueError, as the command line reports in one line: a worker killed (the OOM killer) is no bug of kpro's
+        startup = ""
+        if ordinal == start["document"] and _spawn_imports_main():  # no chunk came back: maybe none could start
+            startup = ("; if none started: spawned workers import the main module again, so call tokenize_corpus "
+                       "under `if __name__ == \"__main__\":`, or pass workers=1")
+        raise ValueError(f"a tokenizing worker process died, most often killed by the system for lack of memory; the "
+                         f"{len(index['shards'])} shard(s) written to {out} are kept: run the same command again to "
+                         f"resume (with fewer --workers if memory is short){startup}") from None
     except KeyboardInterrupt:
         progress.close()
         print(f"interrupted: {len(index['shards'])} shard(s) written to {out}; run the same command again to resume",
@@ -300,6 +306,16 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
     print(f"wrote {index['tokens']:,} tokens ({index['documents']:,} documents, {index['dtype']}) in "
           f"{len(index['shards'])} shard(s) to {out}/ in {format_duration(elapsed)}", file=stream)
     return index
+
+
+def _spawn_imports_main() -> bool:
+    """Whether spawned workers import the caller's main module again (multiprocessing's rule): a script's or a
+    module's run by name, not a package's `__main__` (`python -m kpro`) or an interactive session's."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return name != "__main__" and not name.endswith(".__main__")
+    return getattr(main, "__file__", None) is not None
 
 
 def _check_same_run(index: dict, identity: dict, bos_id: int | None, inputs: list, shard_tokens: int,
