@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 
 import numpy as np
 
@@ -17,9 +18,12 @@ _TOKENIZER = None
 _FILES: list = []
 
 
-def start(tokenizer_dir: str, files: list) -> None:
-    """A worker's initializer: load the tokenizer once."""
+def start(tokenizer_dir: str, files: list, pool_worker: bool = False) -> None:
+    """A worker's initializer: load the tokenizer once. A pool worker ignores SIGINT: a terminal's Ctrl-C
+    reaches the whole process group, and the main process handles it (it saves and says how to resume)."""
     global _TOKENIZER, _FILES
+    if pool_worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _TOKENIZER, _FILES = load_tokenizer(tokenizer_dir), files
 
 

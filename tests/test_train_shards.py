@@ -482,6 +482,20 @@ def test_workers_dying_at_start_up_name_the_main_module_only_where_workers_impor
     assert (hint in str(error.value)) == script, str(error.value)
 
 
+def test_tokenizing_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypatch):
+    """A terminal's Ctrl-C reaches the whole process group: each worker printed a KeyboardInterrupt traceback
+    while the main process saved and said how to resume."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("abc\n\ndef\n")
+    main_module(monkeypatch)
+    pool = killing_pool(monkeypatch, kill_at=None)
+    kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=2)
+    assert pool.sigint == [signal.SIG_IGN]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # workers=1 runs here: not ignored
+    kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "one", workers=1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
 
 KILL_SCRIPT = """
 import os, signal, sys

@@ -273,7 +273,7 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
             # half-way. An executor, not a Pool: a worker that cannot start is an error, not a hang.
             context = multiprocessing.get_context("spawn")
             # The workers run kpro._tokenize_worker, which imports no torch.
-            with ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files)) as pool:
+            with ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True)) as pool:
                 pending = collections.deque()
                 for chunk in _chunks(documents, chunk_bytes):
                     pending.append(pool.submit(worker.encode, chunk))
