@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kpro
-from kpro import bitune, lora
+from kpro import bitune, cli, lora
 from kpro import train as kt
 from kpro.bitune import Bitune
 from kpro.train import collate_prompt_answer
@@ -573,6 +573,23 @@ def test_cli_end_to_end(tmp_path):
         assert not (tmp_path / "bad_out").exists()
     bad = run("--max-length", "300")  # the last --max-length wins
     assert bad.returncode == 1 and "--max-length 300 is more than the model's max_position_embeddings=256" in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    # checked inside tune before, after the model and the data had loaded (nan passed with --steps 0)
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--lr", "nan", "--steps", "0"], "--lr must be a positive number, got nan"),
+    (["--lr", "inf"], "--lr must be a positive number, got inf"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--seed", str(2 ** 80)],  # "Overflow when unpacking long long" before
+     f"--seed must be an integer from 0 to 2**63 - 1, got {2 ** 80}"),
+])
+def test_bitune_checks_lr_and_seed_before_loading_anything(tmp_path, capsys, args, message):
+    """--model and --data do not exist: each check named here comes before anything is read."""
+    assert cli.main(["bitune", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nope.jsonl"),
+                     "--out", str(tmp_path / "out"), "--device", "cpu", *args]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n", err
 
 
 def test_generate_answers_takes_numpy_and_tensor_eos_ids():

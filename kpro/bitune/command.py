@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..cli_args import add_device_argument, check_input_file, check_output_dir, directory_path, resolve_device
@@ -65,6 +66,10 @@ def run(args) -> None:
     for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")
+    if not 0 < args.lr < math.inf:  # else refused by tune, after the model and the data had loaded
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.seed < 2 ** 63:  # the adapters' torch.Generator overflows past it
+        raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     check_input_file(args.data, "--data")
     for path in args.eval:
         check_input_file(path, "--eval")
