@@ -592,6 +592,24 @@ def test_bitune_checks_lr_and_seed_before_loading_anything(tmp_path, capsys, arg
     assert err == f"error: {message}\n", err
 
 
+@pytest.mark.parametrize("args, message", [  # each accepted and ignored before
+    (["--steps", "0", "--lr", "1e-3"], "--lr shapes training; --steps 0 trains nothing (it saves the untuned "
+                                       "adapters and scores them on --eval): drop it, or pass --steps N"),
+    (["--steps", "0", "--batch-size", "4", "--loss-weighting", "token"],
+     "--batch-size, --loss-weighting shape training; --steps 0 trains nothing"),
+    (["--eval-batch-size", "4"], "--eval-batch-size 4 sizes the scoring of --eval files, and none is given: pass "
+                                 "--eval FILE, or drop it"),
+    (["--steps", "0", "--seed", "3", "--lr", "3e-4", "--eval-batch-size", "16"],  # given as their defaults
+     "--data"),
+])
+def test_bitune_refuses_flags_it_would_ignore(tmp_path, capsys, args, message):
+    """Only flags given (otherwise than their defaults) are refused: the last case goes on to the missing --data."""
+    assert cli.main(["bitune", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nope.jsonl"),
+                     "--out", str(tmp_path / "out"), "--device", "cpu", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
 def test_generate_answers_takes_numpy_and_tensor_eos_ids():
     """kpro.generate takes a numpy or 0-dim tensor eos id; generate_answers failed on it after generating."""
     import numpy as np

@@ -12,6 +12,8 @@ WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --h
 
 DTYPES = ("float32", "bfloat16")
 
+TRAINING = ("lr", "batch_size", "loss_weighting")  # the options only training reads: --steps 0 ignores them
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("bitune", help="instruction-tune with Bitune (or --baseline lora) and score multiple choice",
@@ -46,7 +48,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (bf16 autocast runs on GPU anyway)")
     add_device_argument(p)
-    p.set_defaults(run=run)
+    # What --steps 0, or no --eval, would ignore: refused when given otherwise than its default
+    p.set_defaults(run=run, option_defaults={name: p.get_default(name) for name in (*TRAINING, "eval_batch_size")})
 
 
 def run(args) -> None:
@@ -70,6 +73,16 @@ def run(args) -> None:
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.seed < 2 ** 63:  # the adapters' torch.Generator overflows past it
         raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    defaults = getattr(args, "option_defaults", {})
+    given = [f"--{name.replace('_', '-')}" for name in defaults if getattr(args, name) != defaults[name]]
+    untrained = [flag for flag in given if flag != "--eval-batch-size"]
+    if args.steps == 0 and untrained:  # ignored before, silently
+        raise ValueError(f"{', '.join(untrained)} shape{'s' if len(untrained) == 1 else ''} training; --steps 0 "
+                         "trains nothing (it saves the untuned adapters and scores them on --eval): "
+                         f"drop {'it' if len(untrained) == 1 else 'them'}, or pass --steps N")
+    if not args.eval and "--eval-batch-size" in given:
+        raise ValueError(f"--eval-batch-size {args.eval_batch_size} sizes the scoring of --eval files, and none is "
+                         "given: pass --eval FILE, or drop it")
     check_input_file(args.data, "--data")
     for path in args.eval:
         check_input_file(path, "--eval")
