@@ -1,5 +1,6 @@
 """Bitune: the fused path against the three-pass reference, batching, the definitions of the ablations
 (checked against plain cached decoding of the model), generation, adapter files, bad input."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -272,13 +273,67 @@ def test_adapters_load_only_into_the_base_they_were_tuned_on(tmp_path):
     Bitune(base_of_make(torch.float32).to(torch.bfloat16), rank=4, seed=0).save_adapters(tmp_path / "a")
     other = base_of_make(torch.float32, seed=1).to(torch.bfloat16)
     before = {name: p.clone() for name, p in other.named_parameters()}
-    with pytest.raises(kpro.CheckpointError, match=r"holds adapters tuned on another base model \(fingerprint \w+ "
-                                                   r"in bfloat16, this model's \w+\): load the checkpoint they were "
-                                                   r"tuned on"):
+    with pytest.raises(kpro.CheckpointError, match=r"holds adapters tuned on another base model \(fingerprint "
+                                                   r"sha256:\w+ in bfloat16, this model's sha256:\w+\): load the "
+                                                   r"checkpoint they were tuned on"):
         Bitune.from_adapters(other, tmp_path / "a")
     assert not lora.lora_layers(other) and all(torch.equal(p, before[n]) for n, p in other.named_parameters())
     # the tuned base in fp32: its values cast to bf16 are the tuned ones
     assert Bitune.from_adapters(base_of_make(torch.float32), tmp_path / "a").rank == 4
+
+
+def test_adapters_refuse_a_base_that_differs_in_one_value(tmp_path):
+    """The base digest sampled 16 evenly spaced values of each tensor: a base whose embedding row 5 differed (one
+    token's vector retrained, say) took the adapters, in the tuned dtype and in a narrower one."""
+    Bitune(base_of_make(torch.float32), rank=4, seed=0).save_adapters(tmp_path / "a")
+    for dtype in (torch.float32, torch.bfloat16):
+        other = base_of_make(torch.float32)
+        with torch.no_grad():
+            other.embed_tokens.weight[5, 3] += 0.25  # a change bf16 keeps too
+        with pytest.raises(kpro.CheckpointError, match="holds adapters tuned on another base model"):
+            Bitune.from_adapters(other.to(dtype), tmp_path / "a")
+        assert Bitune.from_adapters(base_of_make(torch.float32).to(dtype), tmp_path / "a").rank == 4
+
+
+def test_the_base_fingerprint_takes_a_tensor_of_over_2_24_values():
+    """The sampled digest's float32 linspace rounded its last index past the end of SmolLM2-135M's embedding
+    (49152 x 576): IndexError, so tune and save_adapters failed on every real checkpoint."""
+    model = torch.nn.Embedding(49152, 576, dtype=torch.bfloat16)
+    fingerprint = kpro.adapters.base_fingerprint(model)
+    assert fingerprint.startswith("sha256:") and kpro.adapters.base_record(model)["base_model"] == fingerprint
+    with torch.no_grad():
+        model.weight[-1, -1] += 1
+    assert kpro.adapters.base_fingerprint(model) != fingerprint
+
+
+@torch.no_grad()
+def sampled_fingerprint(model, dtype=None):
+    """The base digest kpro recorded before it hashed every value, as it computed it (names, shapes and 16
+    evenly spaced values of each tensor): adapter configs and tune checkpoints hold it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        flat = tensor.detach().reshape(-1)
+        index = torch.linspace(0, max(flat.numel() - 1, 0), min(16, flat.numel()), device=flat.device).long()
+        values = flat[index].to(dtype or flat.dtype).to(torch.float64).cpu()
+        digest.update(f"{name}{list(tensor.shape)}".encode() + values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_adapters_saved_with_the_sampled_base_digest_still_load_into_their_base(tmp_path):
+    """Adapter files written before the digest covered every value record the sampled one: checked with it."""
+    Bitune(base_of_make(torch.float32), rank=4, seed=0).save_adapters(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model"] = sampled_fingerprint(base_of_make(torch.float32), torch.float32)
+    config["base_model_narrower"] = {name: sampled_fingerprint(base_of_make(torch.float32), getattr(torch, name))
+                                     for name in ("bfloat16", "float16")}
+    path.write_text(json.dumps(config))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):  # the tuned dtype, a wider one, a narrower one
+        assert Bitune.from_adapters(base_of_make(torch.float32).to(dtype), tmp_path / "a").rank == 4
+        with pytest.raises(kpro.CheckpointError, match="holds adapters tuned on another base model"):
+            Bitune.from_adapters(base_of_make(torch.float32, seed=1).to(dtype), tmp_path / "a")
 
 
 @pytest.mark.parametrize("tuned, loaded", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
@@ -292,8 +347,8 @@ def test_adapters_tuned_on_a_wide_base_check_a_narrower_one(tmp_path, tuned, loa
     assert Bitune.from_adapters(base_of_make(torch.float32).to(tuned).to(loaded), tmp_path / "a").rank == 4
     with pytest.raises(kpro.CheckpointError, match=fr"another base model, or a {str(loaded)[6:]} copy of it made by "
                                                    fr"another route, which rounds otherwise: cast the tuned base "
-                                                   fr"\({str(tuned)[6:]}\) to {str(loaded)[6:]} \(fingerprint \w+ in "
-                                                   fr"{str(loaded)[6:]}, "):
+                                                   fr"\({str(tuned)[6:]}\) to {str(loaded)[6:]} \(fingerprint "
+                                                   fr"sha256:\w+ in {str(loaded)[6:]}, "):
         Bitune.from_adapters(base_of_make(torch.float32, seed=1).to(tuned).to(loaded), tmp_path / "a")
     # a config written before the narrower fingerprints were recorded: the narrower base is not checked
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())

@@ -521,8 +521,8 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
         tune(method=other)
     assert (tmp_path / "adapters" / "adapter_config.json").read_text() == config  # not rewritten
     # Another base: the resume loaded the checkpoint's base weights over the model given, silently.
-    with pytest.raises(kpro.CheckpointError, match=r"base_model: '\w+' in the checkpoint, '\w+' now \(another base "
-                                                   r"model, or another dtype of it\)"):
+    with pytest.raises(kpro.CheckpointError, match=r"base_model: 'sha256:\w+' in the checkpoint, 'sha256:\w+' now "
+                                                   r"\(another base model, or another dtype of it\)"):
         tune(base_seed=1)
     tune(steps=2)  # the same settings resume
     assert [m["step"] for m in kt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
@@ -535,6 +535,29 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
     if method == "lora":
         with pytest.raises(ValueError, match="mode='no_mix' is a Bitune ablation"):
             tune(mode="no_mix")  # ignored before
+
+
+@pytest.mark.parametrize("method", ["bitune", "lora"])
+def test_a_run_saved_with_the_sampled_base_digest_resumes_onto_its_base_only(tmp_path, method):
+    """Checkpoints tune saved before the base digest covered every value record the sampled one: a resume
+    compares the base with it (a digest of the new kind would differ from any such record)."""
+    from test_bitune import sampled_fingerprint
+
+    def tune(steps, base_seed=0):
+        torch.manual_seed(base_seed)
+        return bitune.tune(kpro.Llama(tiny_config()), tiny_pairs(16), method, tmp_path, steps=steps, batch_size=4,
+                           rank=2)
+
+    tune(steps=1)
+    settings = tmp_path / "run" / "step-00000001" / bitune.training.SETTINGS_FILE
+    torch.manual_seed(0)
+    saved = {**json.loads(settings.read_text()), "base_model": sampled_fingerprint(kpro.Llama(tiny_config()))}
+    settings.write_text(json.dumps(saved))
+    with pytest.raises(kpro.CheckpointError, match=rf"base_model: '{saved['base_model']}' in the checkpoint, "
+                                                   r"'\w+' now \(another base model"):
+        tune(steps=2, base_seed=1)
+    tune(steps=2)
+    assert [m["step"] for m in kt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
 def test_cli_end_to_end(tmp_path):

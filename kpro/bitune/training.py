@@ -100,7 +100,8 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
     settings = {"method": method, "rank": rank, "alpha": alpha, **({"mode": mode} if method == "bitune" else {}),
                 "weighting": weighting, "base_model": adapters.base_fingerprint(model)}
     if steps > 0:
-        main_decides(lambda: _check_resumable(out_dir / "run", settings), f"read the settings of {out_dir / 'run'}")
+        main_decides(lambda: _check_resumable(out_dir / "run", settings, model),
+                     f"read the settings of {out_dir / 'run'}")
     elif last is not None:  # the untuned adapters would replace the tuned ones
         raise ValueError(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
                          "load them with load_tuned, or tune into another out_dir")
@@ -151,13 +152,17 @@ class _RecordSettings(Callback):
         (Path(directory) / SETTINGS_FILE).write_text(json.dumps(self.settings, indent=2) + "\n")
 
 
-def _check_resumable(run_dir: Path, settings: dict) -> None:
+def _check_resumable(run_dir: Path, settings: dict, model: Llama) -> None:
     """Refuse to resume a run whose adapters or loss were set up otherwise (fit checks the optimizer and the
-    schedule); checked before any adapter is built, so that a changed rank is named, not its tensor shapes."""
+    schedule), or whose base was another than `model`; checked before any adapter is built, so that a changed
+    rank is named, not its tensor shapes."""
     last = latest_checkpoint(run_dir)
     if last is None or not (last / SETTINGS_FILE).is_file():
         return  # a new run, or one saved before the settings were recorded
     saved = json.loads((last / SETTINGS_FILE).read_text(encoding="utf-8"))
+    if "base_model" in saved and adapters.fingerprint_method(saved["base_model"]) != "sha256":
+        # saved before the fingerprint hashed every value: compared by the method it was taken with
+        settings = {**settings, "base_model": adapters.fingerprint_like(model, saved["base_model"])}
     # base_model: a resume loads the checkpoint's base weights over the model given (not recorded before)
     differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {settings.get(key)!r} now"
                    + (" (another base model, or another dtype of it)" if key == "base_model" else "")
