@@ -343,8 +343,24 @@ class Tokenizer(_TokenizerBase):
         else:  # as it was read, without one: a config or template left there (an earlier model's) would be read
             Path(directory, TOKENIZER_CONFIG_FILE).unlink(missing_ok=True)
             _remove_chat_template_files(directory)
-        own = (SENTENCEPIECE_FILE,) if self._added_tokens is None else (SENTENCEPIECE_FILE, ADDED_TOKENS_FILE)
-        _remove_other_tokenizers(directory, keep=own)
+        own = [SENTENCEPIECE_FILE] + ([ADDED_TOKENS_FILE] if self._added_tokens is not None else [])
+        if self._is_fast_form(Path(directory, TOKENIZER_JSON_FILE)):
+            # Llama and Mistral checkpoints ship this tokenizer twice, tokenizer.json being transformers' fast form
+            # of it (load_tokenizer reads tokenizer.model first): the same tokenizer's files, kept
+            own += [TOKENIZER_JSON_FILE, SPECIAL_TOKENS_MAP_FILE]
+        _remove_other_tokenizers(directory, keep=tuple(own))
+
+    def _is_fast_form(self, path: Path) -> bool:
+        """Whether the tokenizer.json at `path` has this model's vocabulary, piece for piece (a BPE's {piece: id}
+        or a Unigram's [[piece, score], ...]); anything else there is another tokenizer's, or unreadable."""
+        try:
+            vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return False
+        if isinstance(vocab, list):
+            vocab = {entry[0]: i for i, entry in enumerate(vocab) if isinstance(entry, list) and entry}
+        return isinstance(vocab, dict) and len(vocab) == self.vocab_size and \
+            all(vocab.get(self.sp.IdToPiece(i)) == i for i in range(self.vocab_size))
 
 
 class JsonTokenizer(_TokenizerBase):

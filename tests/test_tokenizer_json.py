@@ -294,6 +294,29 @@ def test_save_removes_the_files_of_another_tokenizer_the_directory_held(bpe_dir,
     assert (tmp_path / "Tokenizer" / "added_tokens.json").read_text() == '{"<pad>": 1000}'
 
 
+def test_a_sentencepiece_save_keeps_the_fast_form_of_itself_a_checkpoint_ships(bpe_dir, tmp_path):
+    """Llama and Mistral checkpoints hold tokenizer.model and tokenizer.json, transformers' fast form of the same
+    vocabulary, with special_tokens_map.json: a save back into the checkpoint deleted both. A tokenizer.json
+    whose vocabulary is the model's, piece for piece (BPE's {piece: id} or Unigram's [[piece, score]]), is
+    kept; one piece off, or another tokenizer's (the ChatML BPE), is removed with special_tokens_map.json."""
+    spm = kpro.Tokenizer(Path(__file__).parent / "data" / "sentencepiece_test_model.model")
+    pieces = [spm.sp.IdToPiece(i) for i in range(spm.vocab_size)]
+    bpe = {"model": {"type": "BPE", "vocab": {piece: i for i, piece in enumerate(pieces)}}}
+    unigram = {"model": {"type": "Unigram", "vocab": [[piece, -1.0] for piece in pieces]}}
+    off_by_one = {"model": {"type": "BPE", "vocab": {piece: i for i, piece in enumerate(pieces[:-1] + ["▁nope"])}}}
+    cases = [(json.dumps(bpe), True), (json.dumps(unigram), True), (json.dumps(off_by_one), False),
+             ((bpe_dir / "tokenizer.json").read_text(), False), ("not json", False)]
+    for i, (content, kept) in enumerate(cases):
+        out = tmp_path / str(i)
+        out.mkdir()
+        (out / "tokenizer.json").write_text(content)
+        (out / "special_tokens_map.json").write_text('{"bos_token": "<s>"}')
+        spm.save(out)
+        expected = {"tokenizer.model"} | ({"tokenizer.json", "special_tokens_map.json"} if kept else set())
+        assert {p.name for p in out.iterdir()} == expected, i
+        assert type(load_tokenizer(out)) is kpro.Tokenizer
+
+
 def test_saving_into_a_directory_that_does_not_exist_names_it(bpe_dir, tmp_path):
     """save raised FileNotFoundError naming 'dir/.tokenizer.json.tmp-4763', a temporary."""
     with pytest.raises(FileNotFoundError, match=f"cannot save the tokenizer into {tmp_path / 'dir'}: it does not exist"):
