@@ -75,18 +75,28 @@ def base_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:
     bytes, cast to `dtype` (default: each tensor's own), so that adapters tuned on one base, or a run resumed
     onto another, are refused by a base of the same shape that differs in any value. Streamed a slice at a time
     (from the GPU too) and hashed on up to 8 threads (hashlib releases the GIL): about 1 GB/s on two busy cores."""
-    def tensor_digest(item) -> bytes:  # detach(): grad mode is per thread, and no_grad is not set in these
+    return base_fingerprints(model, [dtype])[dtype]
+
+
+def base_fingerprints(model: nn.Module, dtypes) -> dict:
+    """{dtype: base_fingerprint(model, dtype)} for each of `dtypes` (None: each tensor's own), in one pass over
+    the weights: each slice is read (from the GPU) once and cast to every dtype."""
+    dtypes = list(dict.fromkeys(dtypes))
+
+    def tensor_digests(item) -> list[bytes]:  # detach(): grad mode is per thread, and no_grad is not set in these
         name, tensor = item
-        digest = hashlib.sha256(f"{name}{list(tensor.shape)}".encode())
+        digests = [hashlib.sha256(f"{name}{list(tensor.shape)}".encode()) for _ in dtypes]
         flat = tensor.detach().reshape(-1)
         for start in range(0, flat.numel(), _PIECE):
-            piece = flat[start:start + _PIECE].to(dtype or flat.dtype).cpu()
-            digest.update(piece.view(torch.uint8).numpy())
-        return digest.digest()
+            piece = flat[start:start + _PIECE].cpu()
+            for digest, dtype in zip(digests, dtypes):
+                digest.update(piece.to(dtype or flat.dtype).view(torch.uint8).numpy())
+        return [digest.digest() for digest in digests]
 
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(tensor_digest, sorted(_base_tensors(model).items())))
-    return _SHA256 + hashlib.sha256(b"".join(digests)).hexdigest()[:16]
+        per_tensor = list(pool.map(tensor_digests, sorted(_base_tensors(model).items())))
+    return {dtype: _SHA256 + hashlib.sha256(b"".join(d[i] for d in per_tensor)).hexdigest()[:16]
+            for i, dtype in enumerate(dtypes)}
 
 
 @torch.no_grad()
@@ -133,9 +143,10 @@ def base_record(model: nn.Module) -> dict:
     wider (bf16 and fp16 are as wide as each other: a bf16 base's fp16 copy is checked against its own)."""
     _refuse_merged(model)
     dtype = _base_dtype(model)
-    narrower = {_dtype_name(d): base_fingerprint(model, d) for d in _NARROWER
-                if d != dtype and d.itemsize <= dtype.itemsize}
-    return {"base_model": base_fingerprint(model, dtype), "base_dtype": _dtype_name(dtype),
+    others = [d for d in _NARROWER if d != dtype and d.itemsize <= dtype.itemsize]
+    fingerprints = base_fingerprints(model, [dtype, *others])  # one pass over the weights for all of them
+    narrower = {_dtype_name(d): fingerprints[d] for d in others}
+    return {"base_model": fingerprints[dtype], "base_dtype": _dtype_name(dtype),
             **({"base_model_narrower": narrower} if narrower else {})}
 
 
