@@ -490,11 +490,17 @@ def test_tokenizing_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypat
     (tmp_path / "c.txt").write_text("abc\n\ndef\n")
     main_module(monkeypatch)
     pool = killing_pool(monkeypatch, kill_at=None)
-    kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=2)
-    assert pool.sigint == [signal.SIG_IGN]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # workers=1 runs here: not ignored
-    kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "one", workers=1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # As a terminal's command has it: a process started in the background by a script (CI's, maybe) ignores
+    # SIGINT from the start, and its spawned workers would inherit that whatever kpro does
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=2)
+        assert pool.sigint == [signal.SIG_IGN]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # workers=1 runs here: not ignored
+        kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "one", workers=1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 KILL_SCRIPT = """
