@@ -5,10 +5,12 @@ Validation accuracy is printed every 500 steps, the test accuracy of the weights
 from its checkpoints.
 
     python benchmarks/icot_3x3_pace_pilot.py EXPLICIT_MODEL SEED RUN_DIR [STEPS_PER_TOKEN [LR [AFTER_STEPS]]]
-        [--expand P]
+        [--expand P] [--threads N]
 
 EXPLICIT_MODEL: OUT/internalization-3x3/explicit-cot/model. `--expand P` inserts P blocks into it first, as
 `kpro.expand` does (copies whose output projections are zero: the same function), and internalizes the deeper model.
+`--threads N`: torch's threads (default 1, as the recorded runs; 2 made a 4-block run about 1.7 times faster on an
+idle 2-core VM, with other float rounding).
 
 The recorded runs: seeds 1 and 2, STEPS_PER_TOKEN 2000 (the recipe's is 1000), and STEPS_PER_TOKEN 1000 at LR
 1.25e-4 (the recipe's is 2.5e-4); seed 2's then extended to AFTER_STEPS 16000 and 24000 (the recipe's 8000; the
@@ -34,8 +36,8 @@ COT_TOKENS = 24  # a 3x3 product's CoT
 
 
 def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
-         lr: float | None = None, after_steps: int | None = None, expand: int = 0) -> None:
-    torch.set_num_threads(1)
+         lr: float | None = None, after_steps: int | None = None, expand: int = 0, threads: int = 1) -> None:
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     r = RECIPE_3X3
     valid, train, _ = _setup(r["digits"], r["train_size"], seed, r["valid_size"], r["test_size"], r["hidden"], 2)
@@ -63,9 +65,10 @@ def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
 
 
 if __name__ == "__main__":
-    args, expand = sys.argv[1:], 0
-    if "--expand" in args:
-        at = args.index("--expand")
-        expand, args = int(args[at + 1]), args[:at] + args[at + 2:]
+    args, options = sys.argv[1:], {"expand": 0, "threads": 1}
+    for name in options:
+        if f"--{name}" in args:
+            at = args.index(f"--{name}")
+            options[name], args = int(args[at + 1]), args[:at] + args[at + 2:]
     main(Path(args[0]), int(args[1]), Path(args[2]), *(int(a) for a in args[3:4]), *(float(a) for a in args[4:5]),
-         *(int(a) for a in args[5:6]), expand=expand)
+         *(int(a) for a in args[5:6]), **options)
