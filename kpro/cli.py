@@ -11,10 +11,10 @@ import argparse
 import json
 import os
 import re
-import struct
 import sys
 from pathlib import Path
 
+from ._safetensors import read_header
 from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, resolve_device
 from .errors import CheckpointError, DirectoryInUse
 
@@ -46,15 +46,15 @@ def cmd_info(args) -> None:
     count, dtypes, layers = 0, {}, set()
     files = _weight_files(directory)
     for file in files:
-        for name, entry in _safetensors_header(file).items():
+        for name, entry in read_header(file).items():
             layer = re.match(r"(?:model\.)?layers\.(\d+)\.", name)  # load_pretrained takes both
             if layer:
                 layers.add(int(layer.group(1)))
             numel = 1
-            for size in entry["shape"]:
+            for size in entry.shape:
                 numel *= size
             count += numel
-            dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + numel
+            dtypes[entry.dtype] = dtypes.get(entry.dtype, 0) + numel
     print(f"checkpoint   {args.dir}  ({len(files)} weight file{'s' * (len(files) > 1)})")
     print(f"parameters   {count:,} ({count / 1e9:.3f} B)")
     print("dtype        " + ", ".join(f"{d} ({n / max(count, 1):.0%})" for d, n in dtypes.items()))
@@ -97,42 +97,6 @@ def _weight_files(directory: Path) -> list[Path]:
     present = sorted(p.name for p in directory.iterdir())
     raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json (it holds: "
                           f"{', '.join(present) or 'nothing'}); kpro reads safetensors checkpoints only")
-
-
-def _safetensors_header(file: Path) -> dict:
-    """{tensor name: {"dtype", "shape", ...}} from a safetensors file's JSON header, without torch; a file
-    shorter than the header says is refused as truncated."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
-        if length is None or length > size - 8:
-            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?)")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{file} has an unreadable safetensors header: {err}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file} has an unreadable safetensors header")
-    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
-    for name, entry in entries.items():  # what info reads of each: a "dtype" string and a "shape" list of sizes
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not (isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)
-                and isinstance(entry.get("dtype"), str)):
-            raise CheckpointError(f"{file}: the header entry of {name} is malformed (needs a \"dtype\" string and a "
-                                  f"\"shape\" list of sizes, got {json.dumps(entry)[:80]}); the file is corrupt")
-        offsets = entry.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            raise CheckpointError(f"{file}: the header entry of {name} has no valid \"data_offsets\" (two byte "
-                                  f"offsets, got {json.dumps(offsets)[:80]}); the file is corrupt")
-    # The tensor bytes follow the 8-byte length and the header: a file cut short (a download, a full disk) ends
-    # before the last of them
-    end = 8 + length + max((entry["data_offsets"][1] for entry in entries.values()), default=0)
-    if end > size:
-        raise CheckpointError(f"{file} is truncated: its header places tensor data up to byte {end:,}, the file has "
-                              f"{size:,} bytes; write or download it again")
-    return entries
 
 
 def cmd_generate(args) -> None:

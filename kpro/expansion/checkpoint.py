@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError,
                           _check_names_and_shapes, _unlisted_tensors, atomic_directory, hf_tensors, parse_size,
                           tensor_locations, tied_head_differs)
+from .._safetensors import TensorBytes as _Source, read_header
 from ..config import LlamaConfig
 from ..convert.gguf_llama import RECORD_NAME as GGUF_RECORD
 from ..model import Llama
@@ -55,17 +56,6 @@ class ExpansionResult:
 # bytes per element of each safetensors dtype code
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Source:
-    """Where a tensor's bytes are: a byte range of a safetensors file."""
-
-    file: Path
-    start: int  # absolute offset in the file
-    nbytes: int
-    dtype: str  # safetensors dtype code ("BF16", "F32", ...)
-    shape: tuple[int, ...]
 
 
 def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave", *,
@@ -188,36 +178,10 @@ def _read_headers(directory: Path) -> tuple[dict[str, _Source], dict[str, Path]]
 
 
 def _read_header(file: Path) -> dict[str, _Source]:
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
-        if length is None or length > size - 8:
-            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?)")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{file} has an unreadable safetensors header: {err}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file} has an unreadable safetensors header (a JSON {type(header).__name__}, not an "
-                              "object); the file is corrupt")
-    data_start, sources = 8 + length, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            source = _Source(file, data_start + begin, end - begin, info["dtype"], tuple(info["shape"]))
-        except (KeyError, TypeError, ValueError):
-            source = None
-        if source is None or not isinstance(source.dtype, str) or type(begin) is not int or type(end) is not int:
-            raise CheckpointError(f"{file}: the header entry of {name} is malformed (needs a \"dtype\" string, a "
-                                  f"\"shape\" list of sizes and two \"data_offsets\", got {json.dumps(info)[:80]}); "
-                                  "the file is corrupt")
-        if not 0 <= begin <= end or data_start + end > size:
-            raise CheckpointError(f"{file}: tensor {name} lies outside the file (truncated?)")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in source.shape):
-            raise CheckpointError(f"{file}: the header entry of {name} is malformed (shape {list(source.shape)})")
+    """The header's tensors (kpro._safetensors), each of a known dtype code whose bytes its shape fills: they are
+    copied byte for byte."""
+    sources = read_header(file)
+    for name, source in sources.items():
         if source.dtype not in _ITEM_BYTES:
             raise CheckpointError(f"{file}: tensor {name} has an unknown dtype code {source.dtype!r}")
         if source.nbytes != math.prod(source.shape) * _ITEM_BYTES[source.dtype]:
@@ -225,7 +189,6 @@ def _read_header(file: Path) -> dict[str, _Source]:
             raise CheckpointError(f"{file}: tensor {name} takes {source.nbytes} bytes, but its shape "
                                   f"{list(source.shape)} in {source.dtype} needs "
                                   f"{math.prod(source.shape) * _ITEM_BYTES[source.dtype]} (a corrupt header?)")
-        sources[name] = source
     return sources
 
 
