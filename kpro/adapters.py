@@ -74,7 +74,7 @@ def base_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:
     """A digest of the base model's weights (adapters left out): the SHA-256 of every tensor's name, shape and
     bytes, cast to `dtype` (default: each tensor's own), so that adapters tuned on one base, or a run resumed
     onto another, are refused by a base of the same shape that differs in any value. Streamed a slice at a time
-    (from the GPU too) and hashed on up to 8 threads (hashlib releases the GIL): about 1 GB/s on two busy cores."""
+    (from the GPU too) and hashed on up to 8 threads (hashlib releases the GIL)."""
     return base_fingerprints(model, [dtype])[dtype]
 
 
