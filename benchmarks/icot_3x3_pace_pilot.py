@@ -5,12 +5,14 @@ Validation accuracy is printed every 500 steps, the test accuracy of the weights
 from its checkpoints.
 
     python benchmarks/icot_3x3_pace_pilot.py EXPLICIT_MODEL SEED RUN_DIR [STEPS_PER_TOKEN [LR [AFTER_STEPS]]]
-        [--expand P] [--threads N]
+        [--expand P] [--threads N] [--train-explicit]
 
 EXPLICIT_MODEL: OUT/internalization-3x3/explicit-cot/model. `--expand P` inserts P blocks into it first, as
 `kpro.expand` does (copies whose output projections are zero: the same function), and internalizes the deeper model.
 `--threads N`: torch's threads (default 1, as the recorded runs; 2 made a 4-block run about 1.7 times faster on an
-idle 2-core VM, with other float rounding).
+idle 2-core VM, with other float rounding). `--train-explicit`: EXPLICIT_MODEL does not exist yet; train it first
+as the recipe's explicit phase does (the same initial weights, data, steps and learning rate as `train_chain` in
+kpro/demo/internalization.py: its checkpoints go beside it, in EXPLICIT_MODEL/../run, and a killed run resumes).
 
 The recorded runs: seeds 1 and 2, STEPS_PER_TOKEN 2000 (the recipe's is 1000), and STEPS_PER_TOKEN 1000 at LR
 1.25e-4 (the recipe's is 2.5e-4); seed 2's then extended to AFTER_STEPS 16000 and 24000 (the recipe's 8000; the
@@ -36,11 +38,16 @@ COT_TOKENS = 24  # a 3x3 product's CoT
 
 
 def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
-         lr: float | None = None, after_steps: int | None = None, expand: int = 0, threads: int = 1) -> None:
+         lr: float | None = None, after_steps: int | None = None, expand: int = 0, threads: int = 1,
+         train_explicit: bool = False) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     r = RECIPE_3X3
-    valid, train, _ = _setup(r["digits"], r["train_size"], seed, r["valid_size"], r["test_size"], r["hidden"], 2)
+    valid, train, initial = _setup(r["digits"], r["train_size"], seed, r["valid_size"], r["test_size"], r["hidden"], 2)
+    if train_explicit and not explicit.exists():
+        train_explicit_model(initial, train, explicit, seed)
+    elif train_explicit:
+        print(f"{explicit} exists: its explicit phase is not run again", flush=True)
     model = load_pretrained(explicit)
     if expand:
         kpro.expand(model, expand)
@@ -64,11 +71,24 @@ def main(explicit: Path, seed: int, run_dir: Path, steps_per_token: int = 2000,
           f"{mean_cot_tokens(result, tok.eos_id):.1f} CoT tokens written per example")
 
 
+def train_explicit_model(model, train, explicit: Path, seed: int) -> None:
+    """The recipe's explicit phase, as train_chain runs it (RECIPE_3X3 sets no explicit_lr: it trains at lr)."""
+    r = RECIPE_3X3
+    fit_internalization(model, train, explicit.parent / "run", removal="none", steps=r["explicit_steps"],
+                        batch_size=BATCH, pad_id=multiplication_tokenizer().pad_id, lr=r["lr"],
+                        schedule=lr_schedule(r["explicit_steps"], warmup_steps=r["warmup_steps"]),
+                        weight_decay=OFFICIAL_WEIGHT_DECAY, seed=seed, keep_last=1, save_every=SAVE_EVERY,
+                        stream=sys.stdout)
+    save_pretrained(model, explicit)
+
+
 if __name__ == "__main__":
     args, options = sys.argv[1:], {"expand": 0, "threads": 1}
+    train_explicit = "--train-explicit" in args
+    args = [a for a in args if a != "--train-explicit"]
     for name in options:
         if f"--{name}" in args:
             at = args.index(f"--{name}")
             options[name], args = int(args[at + 1]), args[:at] + args[at + 2:]
     main(Path(args[0]), int(args[1]), Path(args[2]), *(int(a) for a in args[3:4]), *(float(a) for a in args[4:5]),
-         *(int(a) for a in args[5:6]), **options)
+         *(int(a) for a in args[5:6]), **options, train_explicit=train_explicit)
