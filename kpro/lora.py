@@ -69,11 +69,12 @@ class Adapter(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class _MergeRecord:
     """What LoRALinear.merge folded into the weight: the adapter's A and B, its requires_grad flags, and
-    (to notice later in-place changes) the version counters of its parameters."""
+    (to notice later in-place changes) the version counters of the weight, A and B after the merge (-1: changed
+    in a copy's original)."""
 
     factors: tuple[torch.Tensor, torch.Tensor]
     requires_grad: tuple[bool, bool]
-    versions: tuple[int, int]
+    versions: tuple[int, int, int]
 
 
 def check_rank_alpha(rank, alpha) -> tuple[int, float]:
@@ -105,6 +106,8 @@ class LoRALinear(nn.Module):
         self.base_asked = False  # within lora.active(model, None): the base model on purpose
         self.merged: str | None = None
         self._merge_record: _MergeRecord | None = None
+        self._loading = None  # set by _load_from_state_dict for _record_loaded_merge
+        self.register_load_state_dict_post_hook(_record_loaded_merge)
         for name in names:
             self.add_adapter(name, generator)
         self.weight.requires_grad_(False)  # after the names were taken: a refused one leaves the base as it was
@@ -201,17 +204,20 @@ class LoRALinear(nn.Module):
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged!r} is merged already; unmerge it first")
         params = self._factors(name)
-        record = _MergeRecord(tuple(p.detach().clone() for p in params), tuple(p.requires_grad for p in params),
-                              tuple(p._version for p in params))
-        self._add_to_weight(record.factors, +1)
+        factors, flags = tuple(p.detach().clone() for p in params), tuple(p.requires_grad for p in params)
+        self._add_to_weight(factors, +1)
         for p in params:
             p.requires_grad_(False)
-        self._merge_record, self.merged = record, name
+        self._merge_record = _MergeRecord(factors, flags, (-1, -1, -1))
+        self.merged = name
+        self._record_merged_versions()  # after the weight's own change
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged is None:
             raise ValueError("no adapter is merged")
+        if self._weight_changed():  # subtracting the update merged would not give back the base
+            raise ValueError(self._weight_changed_message())
         record = self._merge_record
         self._add_to_weight(record.factors, -1)  # the values merged, even if the adapter changed since
         for p, flag in zip(self._factors(self.merged), record.requires_grad):
@@ -230,36 +236,81 @@ class LoRALinear(nn.Module):
             self._record_merged_versions()
         return self
 
+    # A copy (copy.deepcopy, pickle) starts its tensors' version counters afresh: the original marks those of
+    # its watched tensors that changed since the merge (-1, never a version), the copy re-records the others, so
+    # the copy runs as the original does (and refuses as it would).
+    def __getstate__(self):
+        state = super().__getstate__()
+        if self.merged is not None:
+            versions = tuple(-1 if now != then else then for now, then in zip(self._versions(),
+                                                                              self._merge_record.versions))
+            state["_merge_record"] = dataclasses.replace(self._merge_record, versions=versions)
+        return state
+
     def __setstate__(self, state):
-        # A copy (copy.deepcopy, pickle) starts its tensors' version counters afresh: re-record them where the
-        # copied adapter holds the values merged, so the copy runs as the original does (and refuses as it would).
         super().__setstate__(state)
         if self.merged is not None:
-            if all(torch.equal(p, f.to(p.device)) for p, f in zip(self._factors(self.merged),
-                                                                   self._merge_record.factors)):
-                self._record_merged_versions()
-            else:
-                self._merge_record = dataclasses.replace(self._merge_record, versions=(-1, -1))
+            versions = tuple(-1 if then == -1 else now for now, then in zip(self._versions(),
+                                                                            self._merge_record.versions))
+            self._merge_record = dataclasses.replace(self._merge_record, versions=versions)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A merged layer loading its weight together with the merged adapter (a merged model's state_dict, as
+        # the docs ask) takes the loaded weight as holding the loaded adapter's update: noted here, recorded by
+        # _record_loaded_merge once the adapter (a child module) is loaded too.
+        self._loading = None
+        if self.merged is not None and all(prefix + key in state_dict for key in self._watched_keys()):
+            self._loading = [(t, t._version) for t in self._watched()]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _watched(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors whose values the merge record stands for: the weight and the merged adapter's A and B."""
+        return (self.weight, *self._factors(self.merged))
+
+    def _watched_keys(self) -> tuple[str, str, str]:
+        return ("weight", f"{self.merged}.lora_A.weight", f"{self.merged}.lora_B.weight")
+
+    def _versions(self) -> tuple[int, int, int]:
+        return tuple(t._version for t in self._watched())
 
     def _record_merged_versions(self) -> None:
-        self._merge_record = dataclasses.replace(
-            self._merge_record, versions=tuple(p._version for p in self._factors(self.merged)))
+        self._merge_record = dataclasses.replace(self._merge_record, versions=self._versions())
 
     def _merged_versions_match(self) -> bool:
-        return tuple(p._version for p in self._factors(self.merged)) == self._merge_record.versions
+        return self._versions() == self._merge_record.versions
+
+    def _weight_changed(self) -> bool:
+        return self.weight._version != self._merge_record.versions[0]
+
+    def _weight_changed_message(self) -> str:
+        return (f"the weight, with adapter {self.merged!r} merged into it, was changed in place after the merge "
+                "(loaded without its adapter, or stepped), so which update it holds is unknown: unmerge() would "
+                "not give back the base weight. Load the weight together with the adapter (a merged model's whole "
+                "state_dict: the merge is recorded from the loaded adapter), or build the model again from its "
+                "base weights and adapters")
+
+    def merge_stale(self) -> str | None:
+        """Why the merged weight no longer stands for the merged adapter (changed in place since the merge), or
+        None where it does or nothing is merged."""
+        if self.merged is None or self._merged_versions_match():
+            return None
+        if self._weight_changed():
+            return self._weight_changed_message()
+        return (f"adapter {self.merged!r} was changed after it was merged into the weight, which still holds its "
+                "old values: unmerge() and merge() it again")
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         adapter = self.adapters[name]
         return adapter.lora_A.weight, adapter.lora_B.weight
 
     def _check_merged_unchanged(self) -> None:
-        """The merged weight holds the adapter's values at merge(): refuse to run once they were changed in
-        place (loaded, or an optimizer step), which would silently run the old ones."""
+        """The merged weight holds the adapter's values at merge(): refuse to run once either was changed in
+        place (loaded, or an optimizer step), which would silently run other values than the adapter's."""
         if torch.compiler.is_compiling():
             return
-        if not self._merged_versions_match():
-            raise ValueError(f"adapter {self.merged!r} was changed after it was merged into the weight, which still "
-                             "holds its old values: unmerge() and merge() it again")
+        stale = self.merge_stale()
+        if stale:
+            raise ValueError(stale)
 
     def _add_to_weight(self, factors: tuple[torch.Tensor, torch.Tensor], sign: int) -> None:
         """weight ± scale·B·A, in fp32 or wider and rounded once. Outside autocast: under it the product would be
@@ -272,6 +323,24 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, adapters={list(self.adapters)}"
+
+
+def _record_loaded_merge(layer: LoRALinear, incompatible_keys) -> None:
+    """After a load into a merged layer that held its weight and merged adapter (see
+    LoRALinear._load_from_state_dict): where all three were loaded (copied into, or replaced under
+    assign=True), record the merge from the loaded adapter, so the forward runs and unmerge() gives the loaded
+    base. A load that failed part way leaves the record as it was: the forward then refuses."""
+    loading, layer._loading = layer._loading, None
+    if loading is None or layer.merged is None:
+        return
+    watched = layer._watched()
+    if all(now is not then or now._version != version for (then, version), now in zip(loading, watched)):
+        factors = layer._factors(layer.merged)
+        for p in factors:
+            p.requires_grad_(False)  # still merged (assign=True gives new parameters)
+        layer._merge_record = dataclasses.replace(layer._merge_record,
+                                                  factors=tuple(p.detach().clone() for p in factors))
+        layer._record_merged_versions()
 
 
 def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: float = 1.0,

@@ -363,3 +363,71 @@ def test_a_copy_of_a_merged_model_runs_and_refuses_as_the_original():
     fresh.merge("a")
     fresh.to(torch.float32)
     fresh(x.float())
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_merged_state_dict_loads_into_a_model_merged_the_same_way(assign):
+    """The docs' reload (a fresh model, adapters added and merged, then the merged model's state_dict) made the
+    next forward refuse ("changed after it was merged ... unmerge() and merge() it again"), and following that
+    advice counted the update twice: W+2Δ. The load now records the merge from the loaded adapter."""
+    torch.manual_seed(0)
+    source = kpro.Llama(tiny_config()).double()
+    lora.add_adapters(source, ["a"], rank=2, alpha=4.0, seed=0)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)
+    ids = torch.randint(0, 67, (2, 6))
+    with lora.active(source, None):
+        base = source(ids)
+    with lora.active(source, "a"):
+        adapted = source(ids)
+    for lin in lora.lora_layers(source):
+        lin.merge("a")
+    state = source.state_dict()
+    target = kpro.Llama(tiny_config()).double()  # other base weights and adapters: all are loaded
+    lora.add_adapters(target, ["a"], rank=2, alpha=4.0, seed=1)
+    for lin in lora.lora_layers(target):
+        lin.merge("a")
+    target.load_state_dict(state, assign=assign)
+    torch.testing.assert_close(target(ids), adapted)
+    assert not any(p.requires_grad for lin in lora.lora_layers(target) for p in lin.a.parameters())  # still merged
+    for lin in lora.lora_layers(target):
+        lin.unmerge()
+    with lora.active(target, None):
+        torch.testing.assert_close(target(ids), base)  # the loaded base, not W - Δ_fresh
+    with lora.active(target, "a"):
+        torch.testing.assert_close(target(ids), adapted)
+
+
+def test_a_merged_weight_changed_in_place_is_refused_without_advising_a_double_count():
+    """Only the adapter's changes were watched: a merged weight changed in place (loaded alone, or stepped) ran,
+    and unmerge() subtracted the old update from it. Now the forward and unmerge() refuse, and the message does
+    not send to unmerge() and merge() (which would count an update twice); loading the weight with its adapter
+    records the merge anew."""
+    import copy
+    lin = layer()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    lin.merge("a")
+    merged = {name: t.clone() for name, t in lin.state_dict().items()}
+    expected = lin(x)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    for call in (lambda: lin(x), lin.unmerge, lambda: copy.deepcopy(lin)(x)):  # a copy refuses as the original
+        with pytest.raises(ValueError, match=r"the weight, with adapter 'a' merged into it, was changed in place") as e:
+            call()
+        assert "merge() it again" not in str(e.value)
+    lin.load_state_dict({"weight": merged["weight"]}, strict=False)  # the weight alone: which update it holds is unknown
+    with pytest.raises(ValueError, match="the weight, with adapter 'a' merged into it, was changed in place"):
+        lin(x)
+    lin.load_state_dict(merged)  # with its adapter: the merge is recorded from the loaded values
+    torch.testing.assert_close(lin(x), expected)
+    lin.unmerge()
+    torch.testing.assert_close(lin.weight, layer().weight, rtol=0, atol=1e-12)
+    lin.merge("a")
+    with torch.no_grad():
+        lin.a.lora_B.weight.add_(1.0)  # the adapter alone changed: the weight holds the old update, as recorded
+    with pytest.raises(ValueError, match="adapter 'a' was changed after it was merged.*unmerge.. and merge.. it again"):
+        lin(x)
+    lin.unmerge()
+    torch.testing.assert_close(lin.weight, layer().weight, rtol=0, atol=1e-12)
