@@ -56,6 +56,12 @@ def hf_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) 
     if unmerged:
         raise CheckpointError(f"{len(unmerged)} LoRA layers (first: {unmerged[0]}) have unmerged adapters; merge one "
                               "adapter into the base weights first, or save the adapters with save_adapters()")
+    # refused as the forward refuses it: the weight would be saved with other values than the merged adapter's
+    stale = [(name, module.merge_stale()) for name, module in model.named_modules()
+             if isinstance(module, LoRALinear) and module.merge_stale()]
+    if stale:
+        raise CheckpointError(f"{len(stale)} merged LoRA layers changed since the merge (first: {stale[0][0]}: "
+                              f"{stale[0][1]})")
     tied = model.config.tie_word_embeddings
     state_dict = model.state_dict() if state_dict is None else state_dict
     head, embedding = state_dict.get("lm_head.weight"), state_dict.get("embed_tokens.weight")

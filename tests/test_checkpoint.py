@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import kpro
 from kpro import checkpoint as ckpt
+from kpro import lora
 
 
 def assert_same_model(a: kpro.Llama, b: kpro.Llama):
@@ -62,6 +63,28 @@ def test_a_tied_config_whose_head_was_untied_is_refused_not_saved_without_it(tmp
     model.config = model.config.replace(tie_word_embeddings=False)  # the way out the message gives
     kpro.save_pretrained(model, tmp_path / "ck")
     assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
+
+
+def test_a_merged_adapter_changed_since_the_merge_is_refused_not_saved_as_it_was(tmp_path, make_model):
+    """Only `merged is None` was checked: an adapter changed in place after its merge (loaded, or stepped) was
+    dropped, and the checkpoint held the weight merged with its old values, where the forward refused."""
+    model = make_model(dtype=torch.float32)
+    lora.add_adapters(model, ["a"], rank=2, seed=0)
+    for layer in lora.lora_layers(model):
+        layer.merge("a")
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.a.lora_B.weight.fill_(0.5)  # e.g. adapters loaded into the merged model
+    with pytest.raises(kpro.CheckpointError, match=r"layers.1.mlp.up_proj: adapter 'a' was changed after it was "
+                                                   r"merged into the weight.*unmerge\(\) and merge\(\) it again"):
+        kpro.save_pretrained(model, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+    for layer in lora.lora_layers(model):
+        layer.unmerge()
+        layer.merge("a")
+    kpro.save_pretrained(model, tmp_path / "ck")
+    with lora.active(model, "a"):
+        ids = torch.randint(0, 67, (2, 6))
+        torch.testing.assert_close(kpro.load_pretrained(tmp_path / "ck")(ids), model(ids))
 
 
 def test_sharded_round_trip(tmp_path, make_model):
