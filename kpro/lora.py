@@ -123,9 +123,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter: str | Segments | None = None) -> torch.Tensor:
         """x·Wᵀ plus the update of `adapter` (a name, or token segments; None: the layer's `active` one).
 
-        While an adapter is merged into W, the layer runs with it whatever is asked: asking for another
-        adapter (alone or in a segment) is an error, since W no longer is the base weight.
+        While an adapter is merged into W, the layer runs with it: asking for another adapter (alone or in a
+        segment) or for the base (`lora.active(model, None)`, a segment's adapter None) is an error, since W no
+        longer is the base weight.
         """
+        base_asked = adapter is None and self.active is None and self.base_asked
         if adapter is None:
             adapter = self.active
         elif isinstance(adapter, str):
@@ -135,11 +137,15 @@ class LoRALinear(nn.Module):
         out = F.linear(x, self.weight)
         if self.merged is not None:
             self._check_merged_unchanged()
-            asked = {adapter} if adapter is None or isinstance(adapter, str) else {name for _, _, name in adapter}
+            segments = not (adapter is None or isinstance(adapter, str))
+            asked = {name for _, _, name in adapter} if segments else {adapter}
             others = sorted(str(name) for name in asked - {None, self.merged})
-            if others:
+            wanted = [f"adapter(s) {', '.join(others)}"] if others else []
+            if base_asked or (segments and None in asked):  # (None alone, not asked for: the merged model)
+                wanted.append("the base model (lora.active(model, None), or a segment's adapter None)")
+            if wanted:
                 raise ValueError(f"adapter {self.merged!r} is merged into the weight; unmerge() it before running "
-                                 f"adapter(s) {', '.join(others)}")
+                                 f"{' and '.join(wanted)}")
             return out
         if adapter is None:
             return out
@@ -449,8 +455,9 @@ def refuse_idle_adapters(model: nn.Module, what: str) -> None:
 
 @contextlib.contextmanager
 def active(model: nn.Module, name: str | None):
-    """Run plain forwards of `model` with adapter `name` (None: the base model only). Every LoRA layer must
-    have it: the layers are checked before any is switched, so a refused name leaves the model as it was."""
+    """Run plain forwards of `model` with adapter `name` (None: the base model only, which a layer with an
+    adapter merged refuses to run). Every LoRA layer must have `name`: the layers are checked before any is
+    switched, so a refused name leaves the model as it was."""
     layers = lora_layers(model)
     if name is not None and not layers:
         raise ValueError(f"adapter {name!r} asked for, but the model has no LoRA layers: add them with add_adapters")

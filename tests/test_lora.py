@@ -87,7 +87,7 @@ def test_a_merged_layer_refuses_other_adapters_instead_of_adding_twice():
     x = torch.randn(3, 9, 12, dtype=torch.float64)
     with_a = lin(x, "a")
     lin.merge("a")
-    torch.testing.assert_close(lin(x, [(0, 4, "a"), (4, 9, None)]), with_a)  # its own segments: W already holds it
+    torch.testing.assert_close(lin(x, [(0, 4, "a"), (4, 9, "a")]), with_a)  # its own segments: W already holds it
     torch.testing.assert_close(lin(x), with_a)  # nothing asked for: the merged weight
     with pytest.raises(ValueError, match="adapter 'a' is merged into the weight; unmerge.* adapter.s. b"):
         lin(x, "b")
@@ -431,3 +431,27 @@ def test_a_merged_weight_changed_in_place_is_refused_without_advising_a_double_c
         lin(x)
     lin.unmerge()
     torch.testing.assert_close(lin.weight, layer().weight, rtol=0, atol=1e-12)
+
+
+def test_the_base_asked_of_a_merged_model_is_refused_not_run_with_the_adapter():
+    """With an adapter merged, `lora.active(model, None)` (the base model only) and a (start, end, None) segment
+    ran with the merged adapter; another adapter was refused, the base was not."""
+    model = kpro.Llama(tiny_config())
+    lora.add_adapters(model, ["a"], rank=2, seed=0)
+    for lin in lora.lora_layers(model):
+        lin.merge("a")
+    ids = torch.randint(0, 67, (2, 6))
+    with pytest.raises(ValueError, match=r"adapter 'a' is merged into the weight; unmerge\(\) it before running the "
+                                         r"base model \(lora.active\(model, None\), or a segment's adapter None\)"):
+        with lora.active(model, None):
+            model(ids)
+    model(ids)  # a plain forward, nothing asked for: the merged model
+    lin = layer()
+    x = torch.randn(3, 9, 12, dtype=torch.float64)
+    lin.merge("a")
+    with pytest.raises(ValueError, match=r"unmerge\(\) it before running the base model"):
+        lin(x, [(0, 4, "a"), (4, 9, None)])
+    with pytest.raises(ValueError, match=r"before running adapter\(s\) b and the base model"):
+        lin(x, [(0, 4, None), (4, 9, "b")])
+    lin.unmerge()
+    lin(x, [(0, 4, "a"), (4, 9, None)])
