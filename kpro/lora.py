@@ -351,8 +351,8 @@ def _record_loaded_merge(layer: LoRALinear, incompatible_keys) -> None:
 
 def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: float = 1.0,
                  targets: Sequence[str] = PROJECTIONS, seed: int | None = None) -> list[str]:
-    """Replace every bias-free nn.Linear named in `targets` inside `model.layers` by a LoRALinear with
-    adapters `names`; freeze the whole model except the adapters. Returns the wrapped module paths."""
+    """Replace every nn.Linear named in `targets` inside `model.layers` (each must be bias-free) by a LoRALinear
+    with adapters `names`; freeze the whole model except the adapters. Returns the wrapped module paths."""
     for what, value in (("names", names), ("targets", targets)):
         if isinstance(value, str):  # a string is a sequence of its letters: "lora" gave adapters l, o, r, a
             raise TypeError(f"add_adapters takes a list of {what}, got the string {value!r}: pass [{value!r}]")
@@ -380,6 +380,10 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     if unmatched:  # a misspelt target would otherwise leave its layers untrained without a word
         raise ValueError(f"targets {unmatched} match no linear layer under model.layers (matched: "
                          f"{sorted({child_name for _, _, child_name, _ in found})})")
+    biased = [f"{path}.{child_name}" for path, _, child_name, child in found if child.bias is not None]
+    if biased:  # checked before any layer is wrapped or frozen
+        raise ValueError(f"{len(biased)} target linear layer(s) have a bias (first: {biased[0]}); LoRA wraps bias-free "
+                         "ones only (LLaMA has none): give targets without a bias")
     if seed is not None and not is_integer(seed):
         raise ValueError(f"seed must be an integer (or None: the global RNG), got {seed!r}")
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None

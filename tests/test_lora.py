@@ -455,3 +455,24 @@ def test_the_base_asked_of_a_merged_model_is_refused_not_run_with_the_adapter():
         lin(x, [(0, 4, None), (4, 9, "b")])
     lin.unmerge()
     lin(x, [(0, 4, "a"), (4, 9, None)])
+
+
+def test_a_target_layer_with_a_bias_is_named_before_any_layer_is_wrapped():
+    """The bias was met inside the wrapping loop: the layers before it were wrapped and frozen already, the error
+    named no layer, and a retry was refused as "has LoRA adapters already"."""
+    class Block(nn.Module):
+        def __init__(self, bias):
+            super().__init__()
+            self.q_proj, self.v_proj = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=bias)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(False), Block(True)])
+
+    model = Model()
+    with pytest.raises(ValueError, match=r"1 target linear layer\(s\) have a bias \(first: layers.1.v_proj\); LoRA "
+                                         r"wraps bias-free ones only"):
+        lora.add_adapters(model, ["a"], rank=2, targets=["q_proj", "v_proj"])
+    assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    assert lora.add_adapters(model, ["a"], rank=2, targets=["q_proj"]) == ["layers.0.q_proj", "layers.1.q_proj"]
