@@ -92,6 +92,7 @@ def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], ba
         n = len(question.choices)
         raw = scores[offset:offset + n]
         per_char = raw / torch.tensor(lengths[offset:offset + n], dtype=torch.float64)
+        # exact ties go to the first tied choice (argmax returns the first maximum), as lm-eval-harness scores them
         correct += int(raw.argmax()) == question.answer
         correct_norm += int(per_char.argmax()) == question.answer
         offset += n
