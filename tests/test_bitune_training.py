@@ -81,6 +81,17 @@ def test_sentencepiece_answer_continues_the_prompt():
     assert tok.decode(answer) == "Paris"
 
 
+def test_a_prompt_and_answer_whose_boundary_falls_inside_a_token_are_refused_not_respaced():
+    """Where the prompt's tokens were not a prefix of prompt + answer's, the answer was tokenized alone, which adds
+    SentencePiece's leading space: "Answer: " + "Paris" was trained and scored as "Answer:  Paris"."""
+    tok = kpro.Tokenizer(ROOT / "tests" / "data" / "mistral_7b_tokenizer.model")
+    for prompt, answer in (("Question: hi\n\nAnswer: ", "Paris"), ("The capital is Par", "is")):
+        with pytest.raises(ValueError, match=rf"the boundary between the prompt's end {re.escape(repr(prompt[-8:]))} "
+                                             rf"and the answer's start {re.escape(repr(answer[:8]))} falls inside a "
+                                             r"token"):
+            bitune.encode_pair(tok, prompt, answer)
+
+
 def tiny_pairs(n=12, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randint(3, 40, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist(),

@@ -118,12 +118,18 @@ def multiple_choice_prompt(question: "MultipleChoice") -> str:
 
 def encode_pair(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of `<bos> prompt` and of the answer as it continues the prompt (tokenized together, so a
-    SentencePiece model splits the boundary as it would in running text)."""
+    SentencePiece model splits the boundary as it would in running text). The prompt's tokens must be a prefix
+    of prompt + answer's (the built-in templates end in "Answer:" and the answers start with a space)."""
     prompt_ids = tok.encode(prompt, bos=True, eos=False)
     full = tok.encode(prompt + answer, bos=True, eos=False)
-    if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        return prompt_ids, full[len(prompt_ids):]
-    return prompt_ids, tok.encode(answer, bos=False, eos=False)
+    if full[:len(prompt_ids)] != prompt_ids:
+        # Tokenizing the answer alone would change the text (SentencePiece adds a leading space: "Answer: " +
+        # "Paris" would read "Answer:  Paris"), and no split of the joint tokens is the prompt's
+        raise ValueError(f"the boundary between the prompt's end {prompt[-8:]!r} and the answer's start "
+                         f"{answer[:8]!r} falls inside a token (prompt + answer tokenize otherwise than the prompt "
+                         "alone, as where the prompt ends in a space that joins the answer's first word): end the "
+                         "prompt where a token ends, with the space at the start of the answer")
+    return prompt_ids, full[len(prompt_ids):]
 
 
 def tokenize_instructions(tok, examples: Sequence[Instruction], max_length: int) -> tuple[list, int]:
