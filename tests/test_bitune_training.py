@@ -311,6 +311,22 @@ def test_generated_answers_end_at_their_eos(monkeypatch):
     assert bitune.generate_answers(model, TOK, ["x", "y", "z"], 5, stop_after_eos=2)[1] == "de"
 
 
+def test_generate_answers_takes_eos_token_id_none_as_the_configs_eos(monkeypatch):
+    """None is kpro.generate's own default, the config's eos; generate_answers crashed on it after generating
+    (torch.as_tensor(None))."""
+    torch.manual_seed(0)
+    bt = Bitune(kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, eos_token_id=5)), rank=2, seed=0)
+    assert bitune.generate_answers(bt, TOK, ["x", "y"], 4, eos_token_id=None) == \
+        bitune.generate_answers(bt, TOK, ["x", "y"], 4, eos_token_id=5)
+
+    def generated(model, ids, max_new_tokens, **kwargs):
+        return torch.cat((ids, torch.tensor([[4, 5, 6, TOK.eos_id]])), 1)
+    monkeypatch.setattr(bitune.evaluation, "generate", generated)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, eos_token_id=5))  # 5 is "c", the tokenizer's eos 2
+    assert bitune.generate_answers(model, TOK, ["x"], 4, eos_token_id=None) == ["b"]  # cut at the config's eos
+    assert bitune.generate_answers(model, TOK, ["x"], 4) == ["bcd"]  # the default: the tokenizer's
+
+
 def test_log_likelihoods_refuse_empty_prompts_and_answers():
     """A causal model scored an empty answer as log-likelihood 0 (certain) and an empty prompt without its
     answer's first token; flat lists of ids raised a TypeError from len()."""

@@ -141,7 +141,8 @@ def encode_multiple_choice(tok, questions: Sequence[MultipleChoice], limit: int)
 
 
 def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **sampling) -> list[str]:
-    """Decoded answers to prompt texts (each formatted with PROMPT_TEMPLATE)."""
+    """Decoded answers to prompt texts (each formatted with PROMPT_TEMPLATE). `sampling` as in kpro.generate,
+    but `eos_token_id` defaults to the tokenizer's eos (None: the model config's, as kpro.generate's default)."""
     if isinstance(prompts, (str, bytes)):  # a string is a sequence of its characters, each a prompt
         raise TypeError(f"generate_answers takes a list of prompts, got the string {prompts!r}: pass [{prompts!r}]")
     if not isinstance(tuned, (Bitune, lora.AdaptedModel)):
@@ -156,8 +157,10 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
         with lora.active(tuned.model, tuned.adapter) if adapted else contextlib.nullcontext():
             new = generate(_model_of(tuned), ids, max_new_tokens, attention_mask=mask,
                            **sampling)[:, ids.shape[1]:].tolist()
-    eos = torch.as_tensor(sampling["eos_token_id"]).reshape(-1).tolist()  # an int, numpy or tensor id, or several
-    eos = set(eos)
+    eos = sampling["eos_token_id"]
+    if eos is None:  # as kpro.generate takes it: the model config's eos
+        eos = _model_of(tuned).config.eos_token_ids
+    eos = set(torch.as_tensor(eos).reshape(-1).tolist())  # an int, numpy or tensor id, or several
     return [tok.decode(_until_stop(row, eos, sampling.get("stop_after_eos", 1))).strip() for row in new]
 
 
