@@ -61,7 +61,7 @@ def read_config(directory: str | os.PathLike, required: tuple[str, ...] = ()) ->
 
 
 def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t for name, t in model.state_dict().items() if ".lora_A." not in name and ".lora_B." not in name}
+    return {name: t for name, t in model.state_dict().items() if not lora.is_lora_key(name)}  # merge marks too
 
 
 # A fingerprint names its method: "sha256:" and 16 hex digits. One without a prefix is the digest kpro recorded

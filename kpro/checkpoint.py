@@ -29,7 +29,7 @@ from . import distributed
 from ._files import save_safetensors
 from .config import LlamaConfig
 from .errors import CheckpointError
-from .lora import LoRALinear
+from .lora import LoRALinear, is_lora_key
 from .model import Llama
 
 CONFIG_NAME = "config.json"
@@ -77,7 +77,7 @@ def hf_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) 
                               "Tie them again (model.lm_head.weight = model.embed_tokens.weight), or untie the config "
                               "(model.config = model.config.replace(tie_word_embeddings=False))")
     return {hf_name(name): tensor for name, tensor in state_dict.items()
-            if not (tied and name == "lm_head.weight") and ".lora_A." not in name and ".lora_B." not in name}
+            if not (tied and name == "lm_head.weight") and not is_lora_key(name)}  # adapters and merge marks
 
 
 def checkpoint_tensors(model: Llama, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

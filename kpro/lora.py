@@ -27,6 +27,29 @@ from ._numbers import is_integer
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Segments = Sequence[tuple[int, int, str | None]]
+# A merged layer's buffer (state-dict key `<layer>.merged_adapter`): the merged adapter's name, as a uint8 tensor
+# of its UTF-8 bytes. An unmerged layer has none, so an unmerged model's state_dict is as it was before the mark.
+MERGE_MARK = "merged_adapter"
+
+
+def is_lora_key(name: str) -> bool:
+    """Whether a state-dict key is LoRA's own (an adapter's A or B, or a merge mark), not the base model's."""
+    return ".lora_A." in name or ".lora_B." in name or name == MERGE_MARK or name.endswith("." + MERGE_MARK)
+
+
+def _mark(name: str, device) -> torch.Tensor:
+    return torch.tensor(list(name.encode()), dtype=torch.uint8, device=device)
+
+
+def _marked_name(mark) -> str | None:
+    """The adapter name a merge mark holds, or None where it is no mark."""
+    if not (isinstance(mark, torch.Tensor) and mark.dtype == torch.uint8 and mark.dim() == 1):
+        return None
+    try:
+        name = bytes(mark.tolist()).decode()
+    except UnicodeDecodeError:
+        return None
+    return name if name.isidentifier() else None
 
 
 def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -113,7 +136,7 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)  # after the names were taken: a refused one leaves the base as it was
 
     def add_adapter(self, name: str, generator=None) -> None:
-        if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name):
+        if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name) or name == MERGE_MARK:
             raise ValueError(f"adapter name {name!r} is taken or not an identifier")
         adapter = Adapter(self.in_features, self.out_features, self.rank, adapter_dtype(self.weight.dtype),
                           self.weight.device, generator)
@@ -216,6 +239,7 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
         self._merge_record = _MergeRecord(factors, flags, (-1, -1, -1))
         self.merged = name
+        self.register_buffer(MERGE_MARK, _mark(name, self.weight.device))
         self._record_merged_versions()  # after the weight's own change
 
     @torch.no_grad()
@@ -229,6 +253,7 @@ class LoRALinear(nn.Module):
         for p, flag in zip(self._factors(self.merged), record.requires_grad):
             p.requires_grad_(flag)
         self.merged, self._merge_record = None, None
+        delattr(self, MERGE_MARK)
 
     def _apply(self, fn, recurse=True):
         """`model.to(torch.bfloat16)`, `.half()`: the base weight is cast, the adapters stay in `adapter_dtype`
@@ -260,21 +285,62 @@ class LoRALinear(nn.Module):
                                                                             self._merge_record.versions))
             self._merge_record = dataclasses.replace(self._merge_record, versions=versions)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A merged layer loading its weight together with the merged adapter (a merged model's state_dict, as
-        # the docs ask) takes the loaded weight as holding the loaded adapter's update: noted here, recorded by
-        # _record_loaded_merge once the adapter (a child module) is loaded too.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The merge mark says what the loaded weight holds. Loaded with the merged adapter (a merged model's
+        # state_dict), the weight is taken as holding the loaded adapter's update, by a layer merged with the same
+        # adapter or by an unmerged one (which becomes merged): noted here, recorded by _record_loaded_merge once
+        # the adapter (a child module) is loaded too. A weight without the mark is a base weight.
         self._loading = None
-        if self.merged is not None and all(prefix + key in state_dict for key in self._watched_keys()):
-            self._loading = [(t, t._version) for t in self._watched()]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        mark = state_dict.get(prefix + MERGE_MARK)
+        merged = None if mark is None else _marked_name(mark)
+        got = (f"a {mark.dtype} tensor of shape {list(mark.shape)}" if isinstance(mark, torch.Tensor)
+               else f"a {type(mark).__name__}")
+        problem = (f"{prefix}{MERGE_MARK} is not a merge mark (the merged adapter's name as a 1-D uint8 tensor of "
+                   f"its UTF-8 bytes), got {got}" if mark is not None and merged is None
+                   else self._load_problem(merged, lambda key: prefix + key in state_dict))
+        if problem:  # nothing of this layer's own is loaded (its adapters are children: they are)
+            where = f"LoRA layer {prefix[:-1]}" if prefix else "the LoRA layer"
+            error_msgs.append(f"{where}: {problem}")
+            return
+        if merged is not None and all(prefix + key in state_dict for key in self._watched_keys(merged)):
+            self._loading = (merged, [(t, t._version) for t in (self.weight, *self._factors(merged))])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + MERGE_MARK in unexpected_keys:  # an unmerged layer has no mark buffer (yet)
+            unexpected_keys.remove(prefix + MERGE_MARK)
+
+    def _load_problem(self, merged: str | None, holds: Callable[[str], bool]) -> str | None:
+        """Why this layer refuses a state_dict that `holds` its keys (named without the layer's prefix) and whose
+        weight has adapter `merged` merged into it (None: no merge mark), or None."""
+        if self.merged is not None and merged is None and holds("weight"):
+            return (f"the state_dict holds its weight without a merge mark ({MERGE_MARK}): it is an unmerged "
+                    f"model's (or was written by kpro before the mark, or by hand), whose weight is the base, but "
+                    f"adapter {self.merged!r} is merged into this layer. unmerge() it before loading (`for layer in "
+                    "kpro.lora.lora_layers(model): layer.unmerge()`), or load a merged model's state_dict")
+        if merged is None:
+            return None
+        if self.merged is not None and merged != self.merged:
+            return (f"the state_dict has adapter {merged!r} merged into the weight, this layer adapter "
+                    f"{self.merged!r}: unmerge() this layer's adapter before loading (the load then merges "
+                    f"{merged!r}), or load a state_dict merged with {self.merged!r}")
+        if merged not in self.adapters:
+            return (f"the state_dict has adapter {merged!r} merged into the weight, and this layer has no adapter "
+                    f"{merged!r} (its adapters: {', '.join(self.adapters)}): add the adapters of the model it was "
+                    "saved from before loading")
+        lacking = [key for key in self._watched_keys(merged) if not holds(key)]
+        if self.merged is None and lacking:
+            return (f"the state_dict has adapter {merged!r} merged into the weight but lacks {', '.join(lacking)}: "
+                    "the layer becomes merged only by loading its weight together with that adapter")
+        return None
 
     def _watched(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tensors whose values the merge record stands for: the weight and the merged adapter's A and B."""
         return (self.weight, *self._factors(self.merged))
 
-    def _watched_keys(self) -> tuple[str, str, str]:
-        return ("weight", f"{self.merged}.lora_A.weight", f"{self.merged}.lora_B.weight")
+    @staticmethod
+    def _watched_keys(name: str) -> tuple[str, str, str]:
+        return ("weight", f"{name}.lora_A.weight", f"{name}.lora_B.weight")
 
     def _versions(self) -> tuple[int, int, int]:
         return tuple(t._version for t in self._watched())
@@ -332,21 +398,29 @@ class LoRALinear(nn.Module):
 
 
 def _record_loaded_merge(layer: LoRALinear, incompatible_keys) -> None:
-    """After a load into a merged layer that held its weight and merged adapter (see
+    """After a load of a merged state_dict that held the layer's weight and merged adapter (see
     LoRALinear._load_from_state_dict): where all three were loaded (copied into, or replaced under
-    assign=True), record the merge from the loaded adapter, so the forward runs and unmerge() gives the loaded
-    base. A load that failed part way leaves the record as it was: the forward then refuses."""
+    assign=True), record the merge from the loaded adapter (an unmerged layer becomes merged with it), so the
+    forward runs the loaded model and unmerge() gives its base. A load that failed part way leaves the layer as
+    it was: a merged one's forward then refuses."""
     loading, layer._loading = layer._loading, None
-    if loading is None or layer.merged is None:
+    if loading is None:
         return
-    watched = layer._watched()
-    if all(now is not then or now._version != version for (then, version), now in zip(loading, watched)):
-        factors = layer._factors(layer.merged)
-        for p in factors:
-            p.requires_grad_(False)  # still merged (assign=True gives new parameters)
-        layer._merge_record = dataclasses.replace(layer._merge_record,
-                                                  factors=tuple(p.detach().clone() for p in factors))
-        layer._record_merged_versions()
+    name, before = loading
+    factors = layer._factors(name)
+    if not all(now is not then or now._version != version
+               for (then, version), now in zip(before, (layer.weight, *factors))):
+        return
+    if layer.merged is None:  # an unmerged layer becomes merged; its adapter's flags kept for unmerge(), as merge()
+        flags = tuple(p.requires_grad for p in factors)
+        layer.merged = name
+        layer.register_buffer(MERGE_MARK, _mark(name, layer.weight.device))
+    else:
+        flags = layer._merge_record.requires_grad
+    for p in factors:
+        p.requires_grad_(False)  # merged (assign=True gives new parameters)
+    layer._merge_record = _MergeRecord(tuple(p.detach().clone() for p in factors), flags, (-1, -1, -1))
+    layer._record_merged_versions()
 
 
 def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: float = 1.0,

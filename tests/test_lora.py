@@ -417,7 +417,8 @@ def test_a_merged_weight_changed_in_place_is_refused_without_advising_a_double_c
         with pytest.raises(ValueError, match=r"the weight, with adapter 'a' merged into it, was changed in place") as e:
             call()
         assert "merge() it again" not in str(e.value)
-    lin.load_state_dict({"weight": merged["weight"]}, strict=False)  # the weight alone: which update it holds is unknown
+    lin.load_state_dict({"weight": merged["weight"], "merged_adapter": merged["merged_adapter"]},
+                        strict=False)  # a merged weight alone: which update it holds is unknown
     with pytest.raises(ValueError, match="the weight, with adapter 'a' merged into it, was changed in place"):
         lin(x)
     lin.load_state_dict(merged)  # with its adapter: the merge is recorded from the loaded values
@@ -476,3 +477,141 @@ def test_a_target_layer_with_a_bias_is_named_before_any_layer_is_wrapped():
         lora.add_adapters(model, ["a"], rank=2, targets=["q_proj", "v_proj"])
     assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
     assert lora.add_adapters(model, ["a"], rank=2, targets=["q_proj"]) == ["layers.0.q_proj", "layers.1.q_proj"]
+
+
+def adapted_model(names=("a",), seed=0):
+    """A float64 tiny model with adapters `names`, each changing it (B not zero)."""
+    torch.manual_seed(seed)
+    model = kpro.Llama(tiny_config()).double()
+    lora.add_adapters(model, list(names), rank=2, alpha=4.0, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def merged_into(model, name):
+    for lin in lora.lora_layers(model):
+        lin.merge(name)
+    return model
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_an_unmerged_state_dict_is_refused_by_a_merged_model_not_run_as_its_base(strict):
+    """A state_dict carried no mark of the merge: an unmerged model's, loaded into a merged model, was taken as a
+    merged one, and the model then silently ran its base."""
+    source = adapted_model()
+    ids = torch.randint(0, 67, (2, 6))
+    with lora.active(source, "a"):
+        adapted = source(ids)
+    target = merged_into(adapted_model(seed=1), "a")
+    with pytest.raises(RuntimeError, match=r"LoRA layer layers.0.self_attn.q_proj: the state_dict holds its weight "
+                                           r"without a merge mark.*adapter 'a' is merged into this layer.*unmerge\(\)"):
+        target.load_state_dict(source.state_dict(), strict=strict)
+    with pytest.raises(ValueError, match="changed"):
+        target(ids)  # what the refused load copied (the adapters) does not run either
+    target = merged_into(adapted_model(seed=1), "a")
+    for lin in lora.lora_layers(target):  # the way out the message gives
+        lin.unmerge()
+    target.load_state_dict(source.state_dict(), strict=strict)
+    with lora.active(target, "a"):
+        torch.testing.assert_close(target(ids), adapted)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_merged_state_dict_loaded_into_an_unmerged_model_is_taken_as_merged_not_counted_twice(assign):
+    """Loaded into a fresh model with adapters (none merged), a merged model's state_dict gave the weight W+Δ
+    beside the adapter: running the adapter added its update twice, silently. The merge mark makes the layer
+    merged with the loaded adapter."""
+    source = adapted_model()
+    ids = torch.randint(0, 67, (2, 6))
+    with lora.active(source, None):
+        base = source(ids)
+    with lora.active(source, "a"):
+        adapted = source(ids)
+    state = merged_into(source, "a").state_dict()
+    target = adapted_model(seed=1)
+    target.load_state_dict(state, assign=assign)
+    assert [lin.merged for lin in lora.lora_layers(target)] == ["a"] * 14
+    torch.testing.assert_close(target(ids), adapted)
+    with lora.active(target, "a"):
+        torch.testing.assert_close(target(ids), adapted)  # not W+2Δ
+    assert not any(p.requires_grad for lin in lora.lora_layers(target) for p in lin.a.parameters())  # as merged
+    assert target.state_dict().keys() == state.keys()
+    for lin in lora.lora_layers(target):
+        lin.unmerge()
+    assert all(p.requires_grad for lin in lora.lora_layers(target) for p in lin.a.parameters())
+    with lora.active(target, None):
+        torch.testing.assert_close(target(ids), base)
+    with lora.active(target, "a"):
+        torch.testing.assert_close(target(ids), adapted)
+
+
+def test_a_state_dict_without_the_merge_mark_loads_as_unmerged_and_is_refused_by_a_merged_model():
+    """A state_dict without the mark (an older kpro's, or written by hand) is an unmerged one: it loads as
+    before (strict, no missing key) into an unmerged model and is refused by a merged one, which took it as
+    merged."""
+    source = merged_into(adapted_model(), "a")
+    ids = torch.randint(0, 67, (2, 6))
+    unmarked = {k: v for k, v in source.state_dict().items() if not k.endswith(".merged_adapter")}
+    target = merged_into(adapted_model(seed=1), "a")
+    with pytest.raises(RuntimeError, match=r"LoRA layer layers.0.self_attn.q_proj: the state_dict holds its weight "
+                                           r"without a merge mark"):
+        target.load_state_dict(unmarked)
+    plain = adapted_model(seed=1)
+    plain.load_state_dict(unmarked, strict=True)
+    assert all(lin.merged is None for lin in lora.lora_layers(plain))
+    torch.testing.assert_close(plain(ids), source(ids))  # the weights as loaded, the base W+Δ run as it is
+
+
+def test_a_state_dict_merged_with_another_adapter_is_refused_naming_both():
+    """The merged adapter's name was not in the state_dict: one merged with 'b' loaded into a layer merged with
+    'a' was recorded as W+Δ_a, silently."""
+    state = merged_into(adapted_model(["a", "b"]), "b").state_dict()
+    target = merged_into(adapted_model(["a", "b"], seed=1), "a")
+    with pytest.raises(RuntimeError, match=r"LoRA layer layers.0.self_attn.q_proj: the state_dict has adapter 'b' "
+                                           r"merged into the weight, this layer adapter 'a'"):
+        target.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"LoRA layer layers.0.self_attn.q_proj: the state_dict has adapter 'b' "
+                                           r"merged into the weight, and this layer has no adapter 'b' \(its "
+                                           r"adapters: a\)"):
+        adapted_model(["a"], seed=1).load_state_dict(state, strict=False)
+
+
+def test_a_merge_mark_without_its_weight_and_adapter_or_holding_no_name_is_refused():
+    state = merged_into(adapted_model(), "a").state_dict()
+    lin = adapted_model(seed=1).layers[1].mlp.down_proj
+    mine = {k.removeprefix("layers.1.mlp.down_proj."): v for k, v in state.items()
+            if k.startswith("layers.1.mlp.down_proj.")}
+    with pytest.raises(RuntimeError, match=r"the LoRA layer: the state_dict has adapter 'a' merged into the weight "
+                                           r"but lacks a.lora_A.weight, a.lora_B.weight"):
+        lin.load_state_dict({"weight": mine["weight"], "merged_adapter": mine["merged_adapter"]}, strict=False)
+    with pytest.raises(RuntimeError, match=r"merged_adapter is not a merge mark .*got a torch.float32 tensor of "
+                                           r"shape \[1\]"):
+        lin.load_state_dict({**mine, "merged_adapter": torch.ones(1)})
+    assert lin.merged is None
+    lin.load_state_dict(mine)
+    assert lin.merged == "a"
+
+
+def test_the_merge_mark_is_in_a_merged_layers_state_dict_only():
+    """Unmerged, a LoRA model's state_dict keys are as before the mark; merged, each layer adds the adapter's name
+    (uint8 UTF-8 bytes), which the base fingerprint and a state_dict's copy take as they take a buffer."""
+    from kpro import adapters
+    model = adapted_model(["a", "bb"])
+    keys = list(model.state_dict())
+    assert not any("merged" in k for k in keys)
+    lin = model.layers[0].self_attn.q_proj
+    lin.merge("bb")
+    assert lin.state_dict()["merged_adapter"].tolist() == list(b"bb")
+    assert [k for k in model.state_dict() if k not in keys] == ["layers.0.self_attn.q_proj.merged_adapter"]
+    assert not any("merged" in k for k in adapters._base_tensors(model))  # the base fingerprint's tensors
+    lin.unmerge()
+    assert list(model.state_dict()) == keys
+    merged_into(model, "a")
+    copied = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as internalize keeps the best weights
+    model.load_state_dict(copied)
+    model(torch.randint(0, 67, (1, 4)))
+    with pytest.raises(ValueError, match="adapter name 'merged_adapter' is taken"):
+        lin.add_adapter("merged_adapter")

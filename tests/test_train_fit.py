@@ -17,6 +17,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import kpro
 from kpro import train as kt
@@ -513,6 +514,38 @@ def test_a_lora_model_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert (tmp_path / "b" / "step-00000002" / "module.safetensors").is_file()
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_model_with_a_merged_adapter_checkpoints_its_merge_and_resumes_exactly(tmp_path):
+    """A merged LoRA layer's state dict holds its merge mark (the adapter's name, a uint8 tensor): a model trained
+    with an adapter merged (its norms trained here) checkpoints it with its tensors, and resumes into a model
+    merged the same way, exactly."""
+    def merged(merge=True):
+        model = make_model()
+        kpro.lora.add_adapters(model, ["a"], rank=2, seed=0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.fill_(0.01)
+        for layer in kpro.lora.lora_layers(model) if merge else []:
+            layer.merge("a")
+        for name, p in model.named_parameters():
+            p.requires_grad_("norm" in name)
+        return model
+    straight = merged()
+    kt.fit(straight, batches(), tmp_path / "a", steps=4, lr=1e-2)
+    for stop in ([StopAt(2)], []):
+        resumed = merged()
+        kt.fit(resumed, batches(), tmp_path / "b", steps=4, lr=1e-2, callbacks=stop)
+    saved = load_file(tmp_path / "b" / "step-00000002" / "module.safetensors")
+    assert saved["layers.0.self_attn.q_proj.merged_adapter"].tolist() == list(b"a")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert straight.state_dict().keys() == resumed.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert resumed.layers[0].self_attn.q_proj.merged == "a"
+    with pytest.raises(kpro.CheckpointError, match=r"tensor\(s\) the checkpoint has and this model lacks: "
+                                                   r"layers.0.mlp.down_proj.merged_adapter"):
+        kt.fit(merged(merge=False), batches(), tmp_path / "b", steps=6, lr=1e-2)  # not into an unmerged model
 
 
 def test_a_loss_that_trains_nothing_is_named(tmp_path):
