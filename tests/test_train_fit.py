@@ -1354,6 +1354,24 @@ def test_resuming_with_another_schedule_or_optimizer_setting_is_refused(tmp_path
     assert kt.fit(make_model(), batches(), constant, steps=3, lr=1e-3).step == 3  # a constant lr may run longer
 
 
+def test_resuming_with_another_optimizer_flag_is_refused(tmp_path):
+    """torch's loader copies every saved param-group key over the new optimizer's, and fit compared five of them: a
+    resume whose factory turned on amsgrad or nesterov went through, the checkpoint's False silently kept. The
+    implementation flags (fused, foreach) are the new factory's: the checkpoint's fused=True came back before."""
+    adamw = lambda **kw: (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, **kw))
+    kt.fit(make_model(), batches(), tmp_path / "a", steps=2, optimizer=adamw())
+    with pytest.raises(kpro.CheckpointError, match=r"param group 0 amsgrad: False in the checkpoint, True now\n  "
+                                                   r"optimizer param group 0 maximize: False in the checkpoint, True"):
+        kt.fit(make_model(), batches(), tmp_path / "a", steps=4, optimizer=adamw(amsgrad=True, maximize=True))
+    sgd = lambda **kw: (lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9, **kw))
+    kt.fit(make_model(), batches(), tmp_path / "b", steps=2, optimizer=sgd())
+    with pytest.raises(kpro.CheckpointError, match=r"param group 0 nesterov: False in the checkpoint, True now"):
+        kt.fit(make_model(), batches(), tmp_path / "b", steps=4, optimizer=sgd(nesterov=True))
+    kt.fit(make_model(), batches(), tmp_path / "c", steps=2, optimizer=lambda m: kt.adamw(m, 1e-3, fused=True))
+    run = kt.fit(make_model(), batches(), tmp_path / "c", steps=3, optimizer=lambda m: kt.adamw(m, 1e-3))
+    assert {(g["fused"], g["foreach"]) for g in run.optimizer.param_groups} == {(None, True)}
+
+
 def test_resuming_with_other_clipping_precision_or_dtypes_is_refused(tmp_path):
     kt.fit(make_model(), batches(), tmp_path, steps=4, callbacks=[StopAt(2)])
     with pytest.raises(kpro.CheckpointError, match=r"clip_grad_norm: 1.0 in the checkpoint, 0.5 now"):

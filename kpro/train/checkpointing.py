@@ -44,6 +44,10 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "trainer_state.json"
 FORMAT = 1
+# Param-group keys that choose how an optimizer computes its step, not what it computes (fused kernels may round
+# otherwise): a loaded optimizer keeps its own, where torch's loader would copy the checkpoint's over them, so a
+# run moves between devices (kt.adamw is fused on a GPU) and a new factory's choice holds.
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -266,7 +270,8 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
 
     A checkpoint of a model with other tensor names or shapes (or, for a LLaMA, another config), or of an
     optimizer that trained other parameters, is refused with a CheckpointError naming the differences, before
-    anything is loaded. Gradients left on the parameters (a check's backward) are cleared: a checkpoint is
+    anything is loaded. The optimizer keeps its own implementation flags (`IMPLEMENTATION_FLAGS`: fused, foreach,
+    ...), where torch's loader takes every saved param-group key. Gradients left on the parameters (a check's backward) are cleared: a checkpoint is
     taken between steps, where there are none. A model in a DDP or torch.compile wrapper loads as the model inside.
     """
     directory, env, model = Path(directory), env or distributed.current_env(), distributed.unwrapped(model)
@@ -293,6 +298,12 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
                                           f"read the optimizer state of {directory}") or {}
         for group in optimizer.param_groups:  # torch's loader wants every saved group key present here
             group.setdefault("peak_lr", group["lr"])
+        for saved, group in zip(optim_state.get("param_groups", ()), optimizer.param_groups):
+            for flag in IMPLEMENTATION_FLAGS:  # this optimizer's own (see IMPLEMENTATION_FLAGS)
+                if flag in group:
+                    saved[flag] = group[flag]
+                else:
+                    saved.pop(flag, None)
         stateless = distributed.main_decides(
             lambda: _stateless_parameters(directory, model, optimizer, optim_state, checked),
             f"check the optimizer state of {directory}", env)

@@ -30,8 +30,9 @@ from .._run_lock import holding
 from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, check_metrics, load_callback_states
-from .checkpointing import (STEP_DIR, check_loadable, check_savable, checkpoint_step, latest_checkpoint,
-                            list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_savable, checkpoint_step,
+                            latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                            set_rng_state, type_name)
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -435,10 +436,25 @@ def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each param group's settings that a resume must not change (its lr follows the schedule, so the peak)."""
-    keys = ("peak_lr", "betas", "weight_decay", "eps", "momentum")
-    return [{key: (list(group[key]) if isinstance(group[key], tuple) else group[key]) for key in keys if key in group}
-            for group in optimizer.param_groups]
+    """Each param group's settings that a resume must not change: every key (torch's loader would copy the saved
+    ones over the new optimizer's, silently), but its parameters (counted apart), its lr (the schedule sets it from
+    peak_lr) and the implementation flags, which load_checkpoint leaves as the new optimizer has them."""
+    skip = {"params", "param_names", "lr", *IMPLEMENTATION_FLAGS}
+    return [{key: _plain(value) for key, value in group.items() if key not in skip} for group in optimizer.param_groups]
+
+
+def _plain(value):
+    """A param-group value as a checkpoint holds it and `!=` compares it: tuples as lists, tensors as numbers. One
+    of another kind (a custom optimizer's object) by its type: a checkpoint cannot hold it."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    try:
+        check_loadable(value, "a param-group value")
+    except TypeError:
+        return f"a {type_name(value)}"
+    return value
 
 
 def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, interrupt_requested: Callable[[], bool],
