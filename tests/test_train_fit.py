@@ -1372,6 +1372,73 @@ def test_resuming_with_another_optimizer_flag_is_refused(tmp_path):
     assert {(g["fused"], g["foreach"]) for g in run.optimizer.param_groups} == {(None, True)}
 
 
+class Count(kt.Callback):
+    def __init__(self, seen=0):
+        self.seen = seen
+
+    def on_step_end(self, run, metrics):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_a_refused_resume_loads_nothing_into_the_callers_objects(tmp_path):
+    """A resume refused for another lr, another Batches seed, an optimizer whose state does not fit or a callback
+    that cannot take its state had loaded the checkpoint's weights into the caller's model already (and the data
+    position, the callbacks' states, the RNG states): a model passed in came back holding the checkpoint's. (A
+    callback refusing its state leaves those before it in the list loaded: here the refusing one comes first.)"""
+    class Stage(kt.Callback):
+        def state_dict(self):
+            return {"stage": 1}
+
+    kt.fit(make_model(), batches(), tmp_path, steps=2, lr=1e-2, callbacks=[Count(), Stage()])
+    Saved = Stage
+
+    class Stage(Stage):  # noqa: F811: the same callback, a later version, which refuses the saved state
+        def load_state_dict(self, state):
+            raise ValueError("this callback refuses")
+
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9)
+    cases = [(dict(lr=5e-3), Saved, r"param group 0 peak_lr: 0.01 in the checkpoint, 0.005 now"),
+             (dict(lr=1e-2, data=batches(seed=7)), Saved, r"the checkpoint's data had seed=3, these have seed=7"),
+             (dict(optimizer=sgd), Saved, r"optimizer: 'torch.optim.adamw.AdamW' in the checkpoint, "
+                                          r"'torch.optim.sgd.SGD' now"),
+             (dict(lr=1e-2), Stage, r"this callback refuses")]
+    older_cases = [(dict(lr=5e-3), Saved, r"param group 0 peak_lr: 0.01 in the checkpoint, 0.005 now"),
+                   (dict(optimizer=sgd), Saved, r"the optimizer state does not fit this optimizer")]
+    for i, (kwargs, stage, refusal) in enumerate(cases + older_cases):
+        if i == len(cases):  # as an older kpro wrote it: neither the optimizer's class nor its groups recorded
+            last = tmp_path / "step-00000002" / "trainer_state.pt"
+            older = torch.load(last, weights_only=True)
+            del older["settings"]["optimizer"], older["settings"]["param_groups"]
+            torch.save(older, last)
+        model, count, data = make_model(seed=5), Count(seen=7), kwargs.pop("data", batches())
+        weights, rng = state_of(model), (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        with pytest.raises((kpro.CheckpointError, ValueError), match=refusal):
+            kt.fit(model, data, tmp_path, steps=4, callbacks=[stage(), count], **kwargs)
+        assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items()), refusal
+        assert all(p.grad is None for p in model.parameters())
+        assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+        assert np.array_equal(np.random.get_state()[1], rng[2])
+        assert count.seen == 7 and (data.epoch, data.index) == (0, 0), refusal
+
+    # kt.load_checkpoint too: an optimizer of another kind leaves the model, and the optimizer, as they were
+    model = make_model(seed=5)
+    optimizer, weights = sgd(model), state_of(model)
+    groups = [dict(group) for group in optimizer.param_groups]
+    with pytest.raises(kpro.CheckpointError, match=r"the optimizer state does not fit this optimizer"):
+        kt.load_checkpoint(tmp_path / "step-00000002", model, optimizer)
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
+    assert not optimizer.state and [dict(group) for group in optimizer.param_groups] == groups
+    count = Count()
+    assert kt.fit(make_model(), batches(), tmp_path, steps=3, lr=1e-2, callbacks=[count, Saved()]).step == 3
+    assert count.seen == 3
+
+
 def test_resuming_with_other_clipping_precision_or_dtypes_is_refused(tmp_path):
     kt.fit(make_model(), batches(), tmp_path, steps=4, callbacks=[StopAt(2)])
     with pytest.raises(kpro.CheckpointError, match=r"clip_grad_norm: 1.0 in the checkpoint, 0.5 now"):

@@ -15,6 +15,7 @@ temporary directory, which is ignored and removed by the next save.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import numbers
@@ -270,10 +271,23 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
 
     A checkpoint of a model with other tensor names or shapes (or, for a LLaMA, another config), or of an
     optimizer that trained other parameters, is refused with a CheckpointError naming the differences, before
-    anything is loaded. The optimizer keeps its own implementation flags (`IMPLEMENTATION_FLAGS`: fused, foreach,
-    ...), where torch's loader takes every saved param-group key. Gradients left on the parameters (a check's backward) are cleared: a checkpoint is
-    taken between steps, where there are none. A model in a DDP or torch.compile wrapper loads as the model inside.
+    anything is loaded; so is an optimizer state that torch's loader refuses (another kind of optimizer): it is
+    loaded first, the weights and RNG states after it, and a refusal puts the optimizer back as it was. The
+    optimizer keeps its own implementation flags (`IMPLEMENTATION_FLAGS`: fused, foreach, ...), where torch's
+    loader takes every saved param-group key. Gradients left on the parameters (a check's backward) are cleared:
+    a checkpoint is taken between steps, where there are none. A model in a DDP or torch.compile wrapper loads
+    as the model inside.
     """
+    return restore_checkpoint(directory, model, optimizer, env)
+
+
+def restore_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       env: DistEnv | None = None, *, check=None, take=None) -> dict:
+    """`load_checkpoint` with the caller's own steps (fit's), so that whatever refuses the checkpoint does so
+    before anything is loaded: `check(state)` may refuse the saved state (step, settings) before more is read;
+    `take(state)` loads the caller's other states (data position, callback states) after the optimizer state,
+    before the weights and RNG states: what it raises refuses the checkpoint, the optimizer put back as it was
+    (`take` puts back its own). Every process calls both, with rank 0's state."""
     directory, env, model = Path(directory), env or distributed.current_env(), distributed.unwrapped(model)
     state, problem = None, None
     if env.is_main:
@@ -288,39 +302,72 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
     state, problem = distributed.broadcast_object((state, problem), env)
     if problem:
         raise CheckpointError(problem)
+    if check is not None:
+        check(state)
     full_model = distributed.on_main(lambda: _read_model(directory, model), env, f"read the model of {directory}")
-    distributed.load_full_model_state(model, full_model if env.is_main else {}, env)
     has_optimizer_state, checked = state.pop("has_optimizer_state"), state.get("trained_params") is not None
-    for param in model.parameters():  # torch's loader prepares a fresh optimizer's state only without them
-        param.grad = None
     if has_optimizer_state:
-        optim_state = distributed.on_main(lambda: _read_optimizer(directory), env,
+        optim_state = distributed.on_main(lambda: read_optimizer(directory), env,
                                           f"read the optimizer state of {directory}") or {}
-        for group in optimizer.param_groups:  # torch's loader wants every saved group key present here
-            group.setdefault("peak_lr", group["lr"])
-        for saved, group in zip(optim_state.get("param_groups", ()), optimizer.param_groups):
-            for flag in IMPLEMENTATION_FLAGS:  # this optimizer's own (see IMPLEMENTATION_FLAGS)
-                if flag in group:
-                    saved[flag] = group[flag]
-                else:
-                    saved.pop(flag, None)
         stateless = distributed.main_decides(
             lambda: _stateless_parameters(directory, model, optimizer, optim_state, checked),
             f"check the optimizer state of {directory}", env)
-        try:
-            distributed.load_full_optimizer_state(model, optimizer, optim_state, env, strict=not stateless)
-        except (KeyError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{directory}: the optimizer state does not fit this optimizer ({err}); was the set "
-                                  "of trainable parameters or the optimizer changed?") from None
-        if stateless:  # torch's loader gave them the state of a zero-gradient step: they had none, and start fresh
-            names, fresh = distributed.state_dict_names(model), set(stateless)
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    if names.get(id(param)) in fresh:
-                        optimizer.state.pop(param, None)
+    with _put_back_on_failure(model, optimizer):
+        for param in model.parameters():  # torch's loader prepares a fresh optimizer's state only without them
+            param.grad = None
+        if has_optimizer_state:
+            _load_optimizer(directory, model, optimizer, optim_state, stateless, env)
+        if take is not None:
+            take(state)
+    distributed.load_full_model_state(model, full_model if env.is_main else {}, env)
     rngs = state.pop("rng")
     set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
     return state
+
+
+def _load_optimizer(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict,
+                    stateless: list, env: DistEnv) -> None:
+    for group in optimizer.param_groups:  # torch's loader wants every saved group key present here
+        group.setdefault("peak_lr", group["lr"])
+    for saved, group in zip(optim_state.get("param_groups", ()), optimizer.param_groups):
+        for flag in IMPLEMENTATION_FLAGS:  # this optimizer's own (see IMPLEMENTATION_FLAGS)
+            if flag in group:
+                saved[flag] = group[flag]
+            else:
+                saved.pop(flag, None)
+    try:
+        distributed.load_full_optimizer_state(model, optimizer, optim_state, env, strict=not stateless)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{directory}: the optimizer state does not fit this optimizer ({err}); was the set "
+                              "of trainable parameters or the optimizer changed?") from None
+    if stateless:  # torch's loader gave them the state of a zero-gradient step: they had none, and start fresh
+        names, fresh = distributed.state_dict_names(model), set(stateless)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if names.get(id(param)) in fresh:
+                    optimizer.state.pop(param, None)
+
+
+@contextlib.contextmanager
+def _put_back_on_failure(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """On an exception, the optimizer's groups and state and the parameters' gradients as they were: torch's
+    loader replaces the groups and the state (a fresh optimizer's it first fills with a zero-lr step, which
+    leaves the weights alone), and the gradients are cleared for it."""
+    groups, contents = optimizer.param_groups, [dict(group) for group in optimizer.param_groups]
+    state, entries = optimizer.state, dict(optimizer.state)
+    grads = [(param, param.grad) for param in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for group, kept in zip(groups, contents):
+            group.clear()
+            group.update(kept)
+        state.clear()
+        state.update(entries)
+        optimizer.param_groups, optimizer.state = groups, state
+        for param, grad in grads:
+            param.grad = grad
+        raise
 
 
 def saved_schedule(run_dir: str | os.PathLike) -> dict | None:
@@ -383,7 +430,7 @@ def _optimizer_mismatch(directory: Path, now: list[str], trained: list[str], hel
             "the optimizer factory: on_fit_start runs after the resume")
 
 
-def _read_optimizer(directory: Path) -> dict:
+def read_optimizer(directory: Path) -> dict:
     try:
         return torch.load(directory / OPTIMIZER_FILE, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError) as err:

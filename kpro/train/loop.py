@@ -31,8 +31,8 @@ from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, check_metrics, load_callback_states
 from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_savable, checkpoint_step,
-                            latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
-                            set_rng_state, type_name)
+                            latest_checkpoint, list_checkpoints, read_optimizer, restore_checkpoint, rng_state,
+                            save_checkpoint, set_rng_state, type_name)
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -209,24 +209,15 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 "clip_grad_norm": clip_grad_norm, "precision": _precision(precision, model),
                 "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})),
                 # also where the optimizer state holds none (plain SGD), which the checks below read them from
-                "param_groups": _param_groups(run.optimizer)}
+                "optimizer": type_name(run.optimizer), "param_groups": _param_groups(run.optimizer)}
     fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
-    start_rng = rng_state() if fast_forward else None
     # A plain iterable's batch size (rows of its first batch), checked where a resume fast-forwards it.
-    batch_rows = None
+    batch_rows = data = None
     if checkpoint is not None:
-        batch_rows = _resume(run, checkpoint, batches, callbacks, settings).get("rows")
+        saved_data, data = _resume(run, checkpoint, batches, callbacks, settings, fast_forward)
+        batch_rows = saved_data.get("rows")
     check_rows_after_resume = fast_forward
-    if fast_forward:
-        # A plain iterable may draw from the global RNGs (a shuffling DataLoader when iterated, a generator at
-        # each batch): it re-makes the batches of the steps done from the state the first session began with,
-        # as that session did, and only then does the run take the checkpoint's RNG states.
-        resumed_rng = rng_state()
-        set_rng_state(start_rng)
-        data = iter(batches)
-        _skip_consumed(data, run.step)
-        set_rng_state(resumed_rng)
-    else:
+    if data is None:
         if checkpoint is None and isinstance(batches, (Batches, TokenShards)):
             # A new run starts its data from the start, wherever an earlier fit or a look at a batch left the
             # object: a fresh script then makes the same run, and the run's first checkpoint its own position.
@@ -255,7 +246,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
             for cb in callbacks:
                 cb.on_save(run, directory)
         # As the optimizer is now (reset, or given a group, since the run started): what a resume must build.
-        settings["param_groups"] = _param_groups(run.optimizer)
+        settings["optimizer"], settings["param_groups"] = type_name(run.optimizer), _param_groups(run.optimizer)
         state = {"callbacks": callback_states(callbacks), "metrics": run.metrics, "settings": settings,
                  "data": data_state()}
         run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
@@ -353,40 +344,95 @@ def _agree_on_requests(run: Run, interrupted: bool) -> bool:
     return interrupted
 
 
-def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> dict:
+def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast_forward: bool):
     """Weights, optimizer, RNG states, step, callback states and data position from a checkpoint.
 
     A resume continues the same run: another kind of learning-rate schedule (warmup, floor), other
-    optimizer hyperparameters (peak lr, betas, weight decay, eps), clipping, precision or parameter dtypes
-    than the checkpoint's are refused, naming what differs, rather than one set silently winning over the
-    other. More (or fewer) total steps are allowed, which extends the run; a schedule that decays to its
-    last step then decays to the new one. Returns the checkpoint's data position (a dict).
+    optimizer hyperparameters (every param-group key but lr and the implementation flags) or optimizer class,
+    clipping, precision or parameter dtypes than the checkpoint's are refused, naming what differs, rather than
+    one set silently winning over the other. More (or fewer) total steps are allowed, which extends the run; a
+    schedule that decays to its last step then decays to the new one. Whatever refuses the resume (these
+    settings, the optimizer state, the data, a callback) does so before anything is loaded into the model, the
+    data or the RNGs (a callback refusing its state: once those before it in the list loaded theirs). Returns
+    the checkpoint's data position (a dict) and, where `fast_forward`, the plain iterable's iterator past the
+    steps done.
     """
     done = checkpoint_step(checkpoint)
     if done > run.total_steps:  # nothing would train, and the model of another step than asked would come back
         raise CheckpointError(f"{checkpoint} is at step {done}, past steps={run.total_steps}: pass steps={done} or "
                               f"more to continue that run (steps={done}: it is done), or resume an earlier checkpoint "
                               "(resume=PATH) into another directory")
-    state = load_checkpoint(checkpoint, run.model, run.optimizer, run.env)
-    lacking = [key for key in ("step", "callbacks") if key not in state]
-    if lacking:  # a checkpoint of a hand-written loop (kpro.train.save_checkpoint with a state of its own)
-        raise CheckpointError(f"{checkpoint} was not written by fit (its state lacks {', '.join(map(repr, lacking))}), "
-                              "so fit cannot continue its run; its weights and optimizer state are loaded into the "
-                              "model now. Continue it with the loop that wrote it, or start fit in a new directory")
-    # Checkpoints written before (some) settings were saved, and schedules that are not a Schedule: unchecked.
+
+    def check(state):
+        lacking = [key for key in ("step", "callbacks") if key not in state]
+        if lacking:  # a checkpoint of a hand-written loop (kpro.train.save_checkpoint with a state of its own)
+            raise CheckpointError(f"{checkpoint} was not written by fit (its state lacks "
+                                  f"{', '.join(map(repr, lacking))}), so fit cannot continue its run. Continue it "
+                                  "with the loop that wrote it, or start fit in a new directory")
+        differences = _settings_differences(checkpoint, state, settings, run.env)
+        if differences:
+            raise CheckpointError(f"{checkpoint} was trained with other settings than this call asks for:\n  "
+                                  + "\n  ".join(differences) + "\nresume with the same settings (another number of "
+                                  "total steps is fine: it extends or shortens the run), or start a new run directory "
+                                  "(a checkpoint's weights alone load with kpro.load_pretrained)")
+
+    data = None
+
+    def take(state):
+        nonlocal data
+        # The callbacks last, any of which may refuse its state: the RNGs (the fast-forward draws) and the data
+        # position are put back then. (A callback before it in the list keeps the state it loaded: a callback's
+        # state, best weights say, may be large, and its load_state_dict may record that it ran.)
+        rng = rng_state()
+        data_before = batches.state_dict() if hasattr(batches, "load_state_dict") and hasattr(batches, "state_dict") \
+            else None
+        try:
+            if fast_forward:
+                # A plain iterable may draw from the global RNGs (a shuffling DataLoader when iterated, a generator
+                # at each batch): it re-makes the batches of the steps done from the state fit was called with, as
+                # the first session did (the checkpoint's RNG states are loaded after this).
+                data = iter(batches)
+                _skip_consumed(data, state["step"])
+            elif hasattr(batches, "load_state_dict"):
+                batches.load_state_dict(state["data"])
+            load_callback_states(callbacks, state["callbacks"])
+        except BaseException:
+            set_rng_state(rng)
+            if data_before is not None:
+                batches.load_state_dict(data_before)
+            raise
+
+    state = restore_checkpoint(checkpoint, run.model, run.optimizer, run.env, check=check, take=take)
+    run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
+    # Said once the resume is taken: nothing refuses it from here
+    saved, schedule = state.get("settings", {}).get("schedule"), settings["schedule"]
+    if isinstance(saved, dict) and isinstance(schedule, dict) and saved.get("total_steps") != schedule["total_steps"] \
+            and run.is_main:
+        print(f"continuing the run with total_steps={schedule['total_steps']} (the checkpoint's run had "
+              f"{saved.get('total_steps')}): the {schedule['kind']} schedule follows the new total from here",
+              file=sys.stderr)
+    return (state["data"] if isinstance(state.get("data"), dict) else {}), data
+
+
+def _settings_differences(checkpoint: Path, state: dict, settings: dict, env) -> list[str]:
+    """The settings of this call that differ from those the checkpoint's run recorded, as lines naming each.
+    Checkpoints written before (some) settings were saved, and schedules that are not a Schedule: unchecked."""
     recorded = state.get("settings", {})
     saved, schedule = recorded.get("schedule"), settings["schedule"]
     differences = []
     if isinstance(saved, dict) and isinstance(schedule, dict):
         differences += [f"schedule {key}: {saved.get(key)!r} in the checkpoint, {schedule.get(key)!r} now"
-                         for key in sorted(set(saved) | set(schedule))
-                         if key != "total_steps" and saved.get(key) != schedule.get(key)]
+                        for key in sorted(set(saved) | set(schedule))
+                        if key != "total_steps" and saved.get(key) != schedule.get(key)]
     differences += [f"{key}: {recorded[key]!r} in the checkpoint, {value!r} now" for key, value in settings.items()
                     if key not in ("schedule", "param_groups") and key in recorded and recorded[key] != value]
     # A checkpoint of an older kpro has no param_groups setting: they are read from its optimizer state. One
     # without trained_params recorded its groups as the run started, not as it saved (a group added or a parameter
     # unfrozen since): there, the parameters were checked against its optimizer state instead, by name.
-    groups = recorded.get("param_groups", _hyperparameters(run.optimizer))
+    groups = recorded.get("param_groups")
+    if groups is None:
+        groups = distributed.main_decides(lambda: _saved_hyperparameters(checkpoint, state),
+                                          f"read the optimizer state of {checkpoint}", env)
     as_saved = "trained_params" in state
     if len(groups) != len(settings["param_groups"]) and "param_groups" in recorded and as_saved:
         differences.append(f"optimizer param groups: {len(groups)} in the checkpoint, "
@@ -395,22 +441,14 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict) -> d
                     f"checkpoint, {value!r} now" for i, (now, saved) in enumerate(zip(settings["param_groups"], groups))
                     for key, value in now.items() if key in saved and saved[key] != value
                     and (as_saved or key != "params")]
-    if differences:
-        raise CheckpointError(f"{checkpoint} was trained with other settings than this call asks for:\n  "
-                              + "\n  ".join(differences) + "\nresume with the same settings (another number of "
-                              "total steps is fine: it extends or shortens the run), or start a new run directory "
-                              "(a checkpoint's weights alone load with kpro.load_pretrained)")
-    run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
-    load_callback_states(callbacks, state["callbacks"])
-    if hasattr(batches, "load_state_dict"):
-        batches.load_state_dict(state["data"])
-    # Said once the resume is taken: the callbacks' and the data's checks above may still refuse it
-    if isinstance(saved, dict) and isinstance(schedule, dict) and saved.get("total_steps") != schedule["total_steps"] \
-            and run.is_main:
-        print(f"continuing the run with total_steps={schedule['total_steps']} (the checkpoint's run had "
-              f"{saved.get('total_steps')}): the {schedule['kind']} schedule follows the new total from here",
-              file=sys.stderr)
-    return state["data"] if isinstance(state.get("data"), dict) else {}
+    return differences
+
+
+def _saved_hyperparameters(checkpoint: Path, state: dict) -> list[dict]:
+    """The param groups' hyperparameters in a checkpoint's optimizer state ([] where it holds none)."""
+    if not state.get("has_optimizer_state"):
+        return []
+    return [_group_hyperparameters(group) for group in read_optimizer(checkpoint).get("param_groups", ())]
 
 
 def _batch_rows(batch) -> int | None:
@@ -439,8 +477,12 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
     """Each param group's settings that a resume must not change: every key (torch's loader would copy the saved
     ones over the new optimizer's, silently), but its parameters (counted apart), its lr (the schedule sets it from
     peak_lr) and the implementation flags, which load_checkpoint leaves as the new optimizer has them."""
+    return [_group_hyperparameters(group) for group in optimizer.param_groups]
+
+
+def _group_hyperparameters(group: dict) -> dict:
     skip = {"params", "param_names", "lr", *IMPLEMENTATION_FLAGS}
-    return [{key: _plain(value) for key, value in group.items() if key not in skip} for group in optimizer.param_groups]
+    return {key: _plain(value) for key, value in group.items() if key not in skip}
 
 
 def _plain(value):
