@@ -377,6 +377,31 @@ def test_an_on_save_hook_that_draws_random_numbers_does_not_move_the_run(tmp_pat
                                                  resumed.model.state_dict().values()))
 
 
+def test_an_on_fit_start_hook_that_draws_random_numbers_does_not_move_the_run(tmp_path):
+    """A callback picking a random evaluation subset in on_fit_start drew from the RNG states a resume had just
+    restored: the resumed run went on from other states than the uninterrupted one (and its masks differed)."""
+    class PickSubset(kt.Callback):
+        def on_fit_start(self, run):
+            self.subset = [torch.randperm(100)[:10].tolist(), random.random(), float(np.random.rand())]
+
+    class MaskAtRandom(kt.Callback):
+        def on_batch(self, run, batch):
+            labels = batch["labels"].clone()
+            labels[(torch.rand(labels.shape) < 0.3) & (labels != 2)] = -100
+            return {**batch, "labels": labels}
+
+    def fit(out, *more):  # make_model seeds torch
+        random.seed(0)
+        np.random.seed(0)
+        kt.fit(make_model(), batches(), tmp_path / out, steps=4, lr=1e-2, callbacks=[MaskAtRandom(), *more])
+    fit("a", PickSubset())
+    fit("b", PickSubset(), StopAt(2))
+    fit("b", PickSubset())
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    fit("c")  # the steps see the RNG states fit was called with, as without the hook
+    assert losses(tmp_path / "c") == losses(tmp_path / "a")
+
+
 def test_a_resume_may_change_the_accumulation(tmp_path):
     """grad_accum only cuts each step's global batch into micro-batches (to fit memory): a resume with
     another one continues the same run, up to float rounding."""

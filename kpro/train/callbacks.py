@@ -1,7 +1,8 @@
 """Hooks into `fit`. Subclass `Callback` and override what you need; `fit` calls each hook on every
 process, in list order, so callbacks must decide the same thing on every rank.
 
-    on_fit_start(run)               after resuming, before the first step
+    on_fit_start(run)               after resuming, before the first step (the random generators are put
+                                    back as they were after it: what it draws moves no run, resumed or new)
     on_batch(run, batch) -> batch   each step's global batch, before it is split; return it, changed or not
     on_step_end(run, metrics)       after the optimizer step; add entries to `metrics` to have them logged
     on_save(run, directory)         a checkpoint is being written: add files to `directory` (rank 0 only; the

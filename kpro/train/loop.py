@@ -256,8 +256,14 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     interrupted = exhausted = False
     with _InterruptToStop() as interrupt:
         try:
-            for cb in callbacks:
-                cb.on_fit_start(run)
+            # What on_fit_start draws (a random evaluation subset) must not move the random streams, as in on_save: a
+            # resume has just restored them as they were at the save, and the uninterrupted run went on from there.
+            drawn_from = rng_state()
+            try:
+                for cb in callbacks:
+                    cb.on_fit_start(run)
+            finally:
+                set_rng_state(drawn_from)
             callback_states(callbacks), data_state()  # states a checkpoint cannot load back: refused before training
             for p in model.parameters():  # gradients left from before fit (a check's backward) would add to step 1
                 p.grad = None
