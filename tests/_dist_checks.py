@@ -10,6 +10,7 @@ Writes OUT/checks-rank{R}.json for the test to read:
   directory another process holds, and a parameter made trainable after DDP wrapped the model (then
   run.reset_optimizer(), or in a group added in on_fit_start): the error each process raised;
 - a Batches that rank 0 alone took a batch from before a new run: the losses of that run;
+- fit settings that differ between the processes (steps, lr, an optimizer factory's lr): the error each raised;
 - FSDP2 of models initialised differently on each process: runs that the test compares with DDP's;
 - DDP of a LoRA model training one of two adapters (the other trainable, getting no gradient): each process's
   weights (OUT/idle-rank{R}.pt) and how many parameters AdamW holds no state for; and the error when a
@@ -87,6 +88,10 @@ def main(out: Path) -> None:
     results["shards_error"] = error_of(lambda: kt.fit(make_model(), shards, out / "shards", steps=1, **fit))
     seeded = kt.Batches(examples(), 8, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=env.rank)
     results["seed_error"] = error_of(lambda: kt.fit(make_model(), seeded, out / "seeded", steps=1, **fit))
+    other = {"steps": dict(steps=3 if env.is_main else 2, **fit), "lr": dict(steps=1, lr=1e-2 if env.is_main else 3e-2),
+             "factory": dict(steps=1, optimizer=lambda m: kt.adamw(m, 1e-2 if env.is_main else 3e-2))}
+    for name, kwargs in other.items():
+        results[f"{name}_error"] = error_of(lambda: kt.fit(make_model(), batches(), out / f"{name}-apart", **kwargs))
     peeked = batches()
     if env.is_main:  # a look at a batch: fit restarts a new run's Batches, on every process
         next(iter(peeked))

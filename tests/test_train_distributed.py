@@ -139,6 +139,18 @@ def test_data_told_apart_by_rank_is_refused_on_every_process(checks):
         assert "seed: 0 on process 0, 1 on process 1" in r["seed_error"], r["seed_error"]
 
 
+def test_fit_settings_that_differ_between_processes_are_refused_on_every_process(checks):
+    """Another steps on one process left every process waiting in a collective until the group timed out; another
+    lr (fit's, or in the optimizer factory) trained the replicas apart, silently. Every process raises, naming it."""
+    _, results = checks
+    for r in results:
+        assert r["steps_error"].startswith("ValueError: the 2 processes were given different fit settings"), r
+        assert "steps: 3 on process 0, 2 on process 1" in r["steps_error"], r["steps_error"]
+        assert "lr: 0.01 on process 0, 0.03 on process 1" in r["lr_error"], r["lr_error"]
+        assert "optimizer param group 0 peak_lr: 0.01 on process 0, 0.03 on process 1" in r["factory_error"], \
+            r["factory_error"]
+
+
 def test_a_batches_looked_at_on_one_process_is_restarted_not_refused(checks):
     """Rank 0 took a batch before a new run: the processes' Batches differed in position only, which fit resets
     (restart()), and the run was refused as data told apart by rank."""

@@ -210,6 +210,9 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 "param_dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})),
                 # also where the optimizer state holds none (plain SGD), which the checks below read them from
                 "optimizer": type_name(run.optimizer), "param_groups": _param_groups(run.optimizer)}
+    _check_same_settings({"steps": steps, "lr": lr, "weight_decay": weight_decay, "grad_accum": grad_accum,
+                          "parallel": parallel, "save_every": save_every, "keep_last": keep_last, **settings,
+                          "schedule": settings["schedule"] or _describe(schedule)}, env)
     fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
     # A plain iterable's batch size (rows of its first batch), checked where a resume fast-forwards it.
     batch_rows = data = None
@@ -711,6 +714,42 @@ def _check_same_data(batches, env: distributed.DistEnv) -> None:
         raise ValueError(f"the {env.world_size} processes iterate different data ({type(batches).__name__}.state_dict() "
                          f"differs: {'; '.join(differences) or states}); pass every process the same global batches "
                          "(same examples, seed and position): fit gives each process its rows of them")
+
+
+def _check_same_settings(settings: dict, env: distributed.DistEnv) -> None:
+    """Under torchrun every process must train the same run: another `steps` on one left the others waiting in a
+    collective until the process group timed out, another lr or clipping trained the replicas apart, silently.
+    Refused on every process (all decide on the same gathered values), naming each setting and its values."""
+    if env.world_size == 1:
+        return
+    everyone = [_flat_settings(mine) for mine in distributed.gather_objects(settings, env)]
+    keys = list(dict.fromkeys(key for flat in everyone for key in flat))
+    differences = [f"{key}: " + ", ".join(f"{flat.get(key)!r} on process {rank}" for rank, flat in enumerate(everyone))
+                   for key in keys if len({repr(flat.get(key)) for flat in everyone}) > 1]
+    if differences:
+        raise ValueError(f"the {env.world_size} processes were given different fit settings ({'; '.join(differences)})"
+                         ": every process must call fit with the same arguments (and optimizer factory), or they "
+                         "train apart or wait for each other")
+
+
+def _flat_settings(settings: dict) -> dict:
+    """`schedule kind`, `optimizer param group 0 peak_lr`: each setting by a name a message can give."""
+    flat = {}
+    for key, value in settings.items():
+        if key == "param_groups":
+            flat["optimizer param groups"] = len(value)
+            flat.update({f"optimizer param group {i} {'parameter count' if name == 'params' else name}": item
+                         for i, group in enumerate(value) for name, item in group.items()})
+        elif key == "schedule" and isinstance(value, dict):
+            flat.update({f"schedule {name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _describe(schedule) -> str:
+    """A schedule that is not a `Schedule` (a function of the step), by its name: what processes can compare."""
+    return getattr(schedule, "__qualname__", type(schedule).__qualname__)
 
 
 def _positive_int(value) -> bool:
