@@ -44,6 +44,12 @@ def test_packing_errors():
                           ([[5], "12"], "document 1 is not a sequence of token ids")):
         with pytest.raises(TypeError, match=message):  # truncated to 7 (or taken as 1) before
             kt.pack_documents(docs, seq_len=3, eos_id=2)
+    # One document's ids (tok.encode(text)) where a list of documents goes: each id was a document, an eos after it.
+    for docs, index, token in (([10, 11, 12], 0, 10), ([[5, 6], torch.tensor(7)], 1, 7), ([[5], np.int64(8)], 1, 8)):
+        with pytest.raises(TypeError, match=rf"document {index} is one token id \({token}\), not a document: pass "
+                                            r"a list of documents \(one document's ids, tok.encode\(text\), as "
+                                            r"\[ids\]\)"):
+            kt.pack_documents(docs, seq_len=3, eos_id=2)
     for ids, message in ((dict(eos_id=None), "eos_id must be a token id"), (dict(eos_id=2.5), "eos_id must be"),
                          (dict(eos_id=2, bos_id=-1), "bos_id must be a token id")):
         with pytest.raises(ValueError, match=message):

@@ -75,6 +75,8 @@ def test_large_vocabularies_take_uint32(tmp_path):
         kt.write_token_shards(tmp_path / "t", docs, vocab_size=32_000, eos_id=2)
     with pytest.raises(TypeError, match="document 0 holds torch.float64 values"):  # truncated before
         kt.write_token_shards(tmp_path / "u", [np.array([5.7, 6.2])], vocab_size=100, eos_id=2)
+    with pytest.raises(TypeError, match=r"document 0 is one token id \(10\), not a document: pass a list of documents"):
+        kt.write_token_shards(tmp_path / "w", [10, 11, 12], vocab_size=100, eos_id=2)  # each id a document before
     with pytest.raises(ValueError, match="eos_id must be a token id"):  # 2.5 stored as 2, 2.5 in the index
         kt.write_token_shards(tmp_path / "v", [[5, 6]], vocab_size=100, eos_id=2.5)
     assert not (tmp_path / "v").exists()

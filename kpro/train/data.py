@@ -55,13 +55,17 @@ def check_special_id(value, name: str, optional: bool = False, vocab_size: int |
 
 def document_tensor(doc, index: int) -> torch.Tensor:
     """A tokenized document as a flat int64 tensor; float or bool ids (which a cast would truncate or take as
-    0/1) and text are refused, naming the document."""
+    0/1), text and a single id (one document's ids passed as the list of documents) are refused, naming the
+    document."""
     try:
         tensor = torch.as_tensor(doc)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"document {index} is not a sequence of token ids (got {type(doc).__name__})") from None
     if tensor.numel() and (tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex()):
         raise TypeError(f"document {index} holds {tensor.dtype} values; token ids are integers")
+    if tensor.dim() == 0:  # one document's ids passed as the documents: each id framed as a document of its own
+        raise TypeError(f"document {index} is one token id ({tensor.item()}), not a document: pass a list of "
+                        "documents (one document's ids, tok.encode(text), as [ids])")
     if tensor.dim() > 2 or (tensor.dim() == 2 and tensor.shape[0] != 1):  # flattened, rows would run together
         raise ValueError(f"document {index} has shape {list(tensor.shape)}: a document is 1-D token ids (or one row, "
                          "[1, T]); pass a batch of documents as a list of rows, or the [N, T] tensor itself")
