@@ -240,6 +240,17 @@ def test_labels_that_are_not_integers_are_refused():
             kt.causal_lm_loss_from_hidden(hidden, head, labels)
     labels = torch.randint(0, 8, (2, 4))
     assert torch.equal(kt.causal_lm_loss(logits, labels.int()), kt.causal_lm_loss(logits, labels))
+    # Narrower integers: with uint8 labels the -100 that causal_lm_loss_from_hidden gives the last position wrapped to
+    # 156, every row's last position trained towards token 156 (a vocabulary above 156), silently; int8 and int16
+    # hold only part of a vocabulary. lm_loss, fit's default, takes that path on a Llama.
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        message = rf"labels must be an integer tensor of token ids \(or -100\), int64 or int32, got {dtype}"
+        with pytest.raises(ValueError, match=message):
+            kt.causal_lm_loss(logits, labels.to(dtype))
+        with pytest.raises(ValueError, match=message):
+            kt.causal_lm_loss_from_hidden(hidden, head, labels.to(dtype))
+        with pytest.raises(ValueError, match=message):
+            kt.count_loss_tokens(labels.to(dtype))
 
 
 def test_batch_without_loss_tokens_is_an_error():

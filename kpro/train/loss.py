@@ -36,6 +36,7 @@ class LossSum(NamedTuple):
 
 def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
     """How many positions `causal_lm_loss` scores: labels after the first position that are not -100."""
+    _check_label_dtype(labels)  # -100 is 156 in uint8
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
@@ -57,10 +58,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str
 
 
 def _check_label_dtype(labels: torch.Tensor) -> None:
-    """Token ids: integers (int64, int32 too). Float labels were cast to int64, 3.7 read as token 3, silently
-    (soft targets or probabilities, which a float tensor may hold, are not what this loss takes)."""
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor of token ids (or -100), got {labels.dtype}")
+    """Token ids: int64 or int32. Float labels were cast to int64, 3.7 read as token 3, silently (soft targets
+    or probabilities, which a float tensor may hold, are not what this loss takes); in uint8 the -100 given to
+    the last position (next_token_targets) wrapped to 156, a token trained on, and int8 and int16 hold only
+    part of a vocabulary (ids cast to them wrapped before they came here)."""
+    if labels.dtype not in (torch.int64, torch.int32):
+        narrow = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
+        raise ValueError(f"labels must be an integer tensor of token ids (or -100), int64 or int32, got {labels.dtype}"
+                         + (": ids, or -100, wrap in it; make them int64 where they are built" if narrow else ""))
 
 
 def _reduce(total: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -76,6 +81,7 @@ def _reduce(total: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """labels [B, T] shifted left: position t's target is labels[t + 1], the last position's none
     (IGNORE_INDEX). Shifting the labels, not the hidden states, leaves the latter uncopied."""
+    _check_label_dtype(labels)  # the IGNORE_INDEX added here would wrap to 156 in uint8
     return torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1)
 
 
