@@ -304,6 +304,21 @@ def test_a_checkpoint_older_than_the_directory_holds_is_refused(tmp_path):
     assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000010", "step-00000020"]
 
 
+def test_save_checkpoint_checks_keep_last_before_writing(tmp_path):
+    """save_checkpoint's keep_last was checked by fit alone: True was read as 1 and pruned the older checkpoints,
+    0 and -1 were refused after the checkpoint was written, and 2.5 died in an unnamed TypeError after it too."""
+    model = make_model()
+    optimizer = kt.adamw(model)
+    kt.save_checkpoint(tmp_path, 1, model, optimizer)
+    for keep in (True, 0, -1, 2.5, "2"):
+        with pytest.raises(ValueError, match=rf"keep_last must be a positive integer or None \(keep all\), "
+                                             rf"got {re.escape(repr(keep))}"):
+            kt.save_checkpoint(tmp_path, 2, model, optimizer, keep_last=keep)
+        assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000001"]  # nothing written or pruned
+    kt.save_checkpoint(tmp_path, 2, model, optimizer, keep_last=np.int64(1))
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]
+
+
 def test_a_prune_finds_a_checkpoint_another_process_removed(tmp_path, monkeypatch):
     model = make_model()
     optimizer = kt.adamw(model)

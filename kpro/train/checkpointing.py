@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .._files import naming_write_failures, save_safetensors
+from .._numbers import is_integer
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _IN_PROGRESS, _abandoned, _open_all, _write_checkpoint,
                           _write_file, atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
@@ -158,13 +159,17 @@ def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict | None = None, env: DistEnv | None = None, *, summary: dict | None = None,
                     keep_last: int | None = None, write_extra=None) -> Path:
-    """Write checkpoint `step` of a run atomically; keep the newest `keep_last`. Returns its directory.
+    """Write checkpoint `step` of a run atomically; keep the newest `keep_last` (a positive integer; None: all).
+    Returns its directory.
 
     `state` holds what else the run needs to continue (data position, callback states); the RNG states
     of every process are added here. `write_extra(directory)` may add files (a tokenizer) before the
     checkpoint is put in place. A collective: every process calls it; rank 0 writes. A model in a DDP or
     torch.compile wrapper is saved as the model inside it (HF layout for a Llama), whose names optimizer.pt uses.
     """
+    # Before anything is written: True was read as 1 (pruning), 0, -1 and 2.5 failed after the write
+    if keep_last is not None and (not is_integer(keep_last) or keep_last < 1):
+        raise ValueError(f"keep_last must be a positive integer or None (keep all), got {keep_last!r}")
     env, model = env or distributed.current_env(), distributed.unwrapped(model)
     check_loadable(state or {}, "the state given to save_checkpoint")
     full_model = distributed.full_model_state(model)
@@ -181,7 +186,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
                                   "writes into another directory")
         _write_checkpoint_dir(target, model, full_model, full_optim, state, summary, env, write_extra)
         if keep_last is not None:
-            prune(target.parent, keep_last)
+            prune(target.parent, int(keep_last))
 
     distributed.on_main(write, env, f"save checkpoint {target}")
     return target
