@@ -622,6 +622,32 @@ def test_a_failing_job_ends_the_running_ones_at_once(tmp_path):
 
 
 @NEEDS_PROC
+def test_a_killed_worker_is_reported_at_once_and_ends_the_others(tmp_path):
+    """A worker killed (the out-of-memory killer's SIGKILL) broke the pool, and the parent then hung for ever
+    telling the workers to stop: a multiprocessing.Event waits for each sleeping worker, the dead one too, to
+    acknowledge. It now fails at once, saying a worker died, and the other job's worker ends. In a child process,
+    so that a hang fails the test rather than the test run."""
+    jobs = (f"[(_parallel_jobs.sleep_reporting_pid, dict(directory={str(tmp_path)!r}, seconds=300)), "
+            f"(_parallel_jobs.die_once_another_started, dict(directory={str(tmp_path)!r}))]")
+    script = ("import _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
+              f"    run_jobs({jobs}, 2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, text=True, stderr=subprocess.PIPE)
+    try:
+        _, err = parent.communicate(timeout=120)  # the sleeping job alone would take 300 s
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert parent.returncode not in (0, None) and "BrokenProcessPool" in err, err
+    assert "a worker process of the demo died" in err, err
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in _pids(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _pids(tmp_path) and not [pid for pid in _pids(tmp_path) if _running(pid)]
+
+
+@NEEDS_PROC
 def test_workers_end_when_their_parent_is_killed(tmp_path):
     """A demo killed by a signal it cannot handle leaves no worker training on: each notices its parent is gone."""
     job = f"(_parallel_jobs.sleep_reporting_pid, dict(directory={str(tmp_path)!r}, seconds=300))"

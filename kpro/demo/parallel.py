@@ -5,7 +5,8 @@ take the time of one on two cores. `run_jobs` runs each job (a module-level func
 arguments) in a worker process of its own, at most `workers` at a time, and returns their results in
 order. A job seeds everything it uses and runs on one thread, so its result is the same whether it runs
 in a worker or in this process (`workers=1`): the parallelism changes the wall time, never the numbers.
-A job that fails ends the other jobs at once rather than after their training. Ctrl-C lets each job that
+A job that fails ends the other jobs at once rather than after their training, and so does a worker that dies
+(killed by the system for lack of memory, say): BrokenProcessPool, saying so. Ctrl-C lets each job that
 trains stop after its step with a checkpoint, as `kpro.train.fit` does in one process, so that a rerun resumes
 it (a second Ctrl-C, more than a second later, quits at once); SIGTERM, a scheduler's notice, does the same. A
 worker whose parent process is gone (killed, say) ends itself within a second rather than train on for nobody.
@@ -19,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 import torch
@@ -47,19 +49,32 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
         with _reporting(progress, poll_seconds):
             return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
     context = multiprocessing.get_context("spawn")  # no forked torch state; works the same on every OS
-    stop, interrupted, pids = context.Event(), context.Event(), context.SimpleQueue()
+    # Flags in shared memory, not Events: Event.set() waits for every worker sleeping on it to acknowledge, and a
+    # worker that was killed never does (the parent hung for ever). A flag is set and read with no lock.
+    stop, interrupted, pids = context.RawValue("b", 0), context.RawValue("b", 0), context.SimpleQueue()
     takes_ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # not where it is ignored on purpose
     with _sigterm_as_ctrl_c(), \
             concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_end_with,
                                                    initargs=(os.getpid(), stop, interrupted, pids)) as pool:
         futures = [pool.submit(_in_worker, fn, kwargs, takes_ctrl_c) for fn, kwargs in jobs]
+        # The pool notices a worker's death by watching the workers it knew of when its manager thread last woke,
+        # and each submit wakes it before starting the worker that submit adds: the last one started could die
+        # unnoticed (the demo hung). A no-op submitted once every worker has started wakes it to watch them all.
+        pool.submit(int)
         try:
             while True:  # wakes at the first failure, whichever job it is, or every poll to report progress
                 done, pending = concurrent.futures.wait(futures, poll_seconds if progress is not None else None,
                                                         concurrent.futures.FIRST_EXCEPTION)
                 failed = [future for future in done if future.exception() is not None]
                 if failed:
-                    failed[0].result()  # raises its error now, not after the jobs before it in the list end
+                    try:
+                        failed[0].result()  # raises its error now, not after the jobs before it in the list end
+                    except BrokenProcessPool as broken:
+                        raise BrokenProcessPool(
+                            "a worker process of the demo died (killed, most often by the system for lack of "
+                            "memory) while running a job; the other jobs are ended. Run the same command again: "
+                            "the runs resume from their last checkpoints (KPRO_DEMO_WORKERS=1 runs one job at a "
+                            "time, with less memory)") from broken
                 if not pending:
                     return [future.result() for future in futures]
                 if progress is not None:
@@ -69,7 +84,7 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
                 if isinstance(error, KeyboardInterrupt):
                     _save_and_stop(futures, interrupted, pids)  # a second Ctrl-C while the jobs save ends the wait
             finally:
-                stop.set()  # the other jobs' workers exit now, so leaving the pool does not wait out their training
+                stop.value = 1  # the other jobs' workers exit now, so leaving the pool does not wait out their training
                 for future in futures:
                     future.cancel()
             raise
@@ -119,7 +134,7 @@ def _save_and_stop(futures: list, interrupted, pids) -> None:
     step with a checkpoint. A terminal's Ctrl-C reached the workers already: fit takes this copy, milliseconds
     later, as the same press, and a second press here within a second is taken as the first one too.
     Elsewhere than POSIX, the console signals every process."""
-    interrupted.set()
+    interrupted.value = 1
     for future in futures:
         future.cancel()
     if os.name == "posix":
@@ -138,20 +153,20 @@ def _save_and_stop(futures: list, interrupted, pids) -> None:
                 raise
 
 
-_INTERRUPTED = None  # in a worker: the pool's event set at Ctrl-C (_end_with)
+_INTERRUPTED = None  # in a worker: the pool's flag set at Ctrl-C (_end_with)
 
 
 def _end_with(parent: int, stop, interrupted, pids) -> None:
-    """Worker initializer: reports this worker's pid, then a daemon thread ends the worker once `stop` is set or
-    its parent process is gone. An idle worker ignores Ctrl-C: ended by it, it would break the pool, which then
+    """Worker initializer: reports this worker's pid, then a daemon thread ends the worker within a second once
+    `stop` is set or its parent process is gone. An idle worker ignores Ctrl-C: ended by it, it would break the pool, which then
     ends the other workers, saving or not."""
     global _INTERRUPTED
     _INTERRUPTED = interrupted
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pids.put(os.getpid())
     def watch():
-        while not stop.wait(1.0) and os.getppid() == parent:
-            pass
+        while not stop.value and os.getppid() == parent:
+            time.sleep(0.2)
         os._exit(1)
     threading.Thread(target=watch, name="kpro-end-with-parent", daemon=True).start()
 
@@ -162,7 +177,7 @@ def _in_worker(fn: Callable, kwargs: dict, takes_ctrl_c: bool):
     if takes_ctrl_c:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        if _INTERRUPTED is not None and _INTERRUPTED.is_set():  # read after the handler is in: no press is lost
+        if _INTERRUPTED is not None and _INTERRUPTED.value:  # read after the handler is in: no press is lost
             raise KeyboardInterrupt
         return _one_thread(fn, kwargs)
     finally:
