@@ -1,5 +1,6 @@
 """The bitune-readings control: the prefix-LM forward against a float64 reference, the batches, and the
 reproduction's verdict computed from the numbers it prints."""
+import json
 import random
 import re
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kpro.demo import bitune, bitune_readings, seeds
+from kpro.demo import act_settings, bitune, bitune_readings, seeds
 from kpro.model import Llama
 from kpro.rope import apply_rope
 from kpro.tokenizer import CharTokenizer
@@ -137,6 +138,20 @@ def test_reproduction_prints_the_verdict_of_its_numbers(tmp_path, capsys):
     assert (result["claim_shown"], result["gain"], result["gain_se"]) == (shown, gain, se)
     line = re.search(r"^claim \(bitune-readings\): .* -- (SHOWN|NOT SHOWN) by this run: gain ([-+0-9.]+)", out, re.M)
     assert line.group(1) == ("SHOWN" if shown else "NOT SHOWN") and float(line.group(2)) == pytest.approx(gain, abs=5e-4)
+
+
+def test_the_reproduction_records_the_settings_in_effect(tmp_path):
+    """The settings file held only the keywords passed (**settings): a default that a newer kpro changed went
+    unnoticed by a rerun, which resumed the old runs' checkpoints, and a default passed explicitly was refused
+    as other settings. It now holds every setting the runs use, as the acts' files do."""
+    tiny = dict(seeds=1, workers=1, steps=1, warmup_steps=0, train_questions=32, held_out=2)
+    bitune_readings.reproduce_bitune_readings(tmp_path, **tiny)
+    recorded = json.loads((tmp_path / act_settings.SETTINGS_FILE).read_text())
+    assert recorded == {"act": "reproduce_bitune_readings", "seed": 0, "seeds": 1, "steps": 1, "lr": 1e-3,
+                        "warmup_steps": 0, "train_questions": 32, "held_out": 2, "digits": bitune.DIGITS}
+    bitune_readings.reproduce_bitune_readings.check(tmp_path, **tiny, lr=1e-3, digits=bitune.DIGITS)  # the same
+    with pytest.raises(ValueError, match="steps 1 there, 2 now"):
+        bitune_readings.reproduce_bitune_readings.check(tmp_path, **{**tiny, "steps": 2})
 
 
 def test_the_loss_trains_the_answer_position():

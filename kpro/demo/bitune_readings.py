@@ -31,7 +31,6 @@ from .parallel import run_jobs
 from .seeds import seeds_inputs, seeds_verdict
 
 READINGS = ("causal", "prefix")
-DEFAULTS = dict(steps=3000, lr=1e-3, warmup_steps=100, train_questions=8000, held_out=1000, digits=DIGITS)
 CLAIM = "a prefix LM (the prompt read bidirectionally) beats causal reading on 'right', all weights trained"
 
 
@@ -103,12 +102,16 @@ def train_reading(out_dir: Path, reading: str, seed: int, steps: int, lr: float,
     return result
 
 
-@records_settings()  # a rerun with other settings would reuse the old runs' checkpoints
+# A rerun with other settings would reuse the old runs' checkpoints. Each setting is a parameter of its own, not
+# **settings, so that the file records every one in effect (defaults included), as the acts' do.
+@records_settings()
 def reproduce_bitune_readings(out_dir: Path, seed: int = 0, seeds: int = 3, workers: int | None = None,
-                              **settings) -> dict:
+                              steps: int = 3000, lr: float = 1e-3, warmup_steps: int = 100,
+                              train_questions: int = 8000, held_out: int = 1000, digits: int = DIGITS) -> dict:
     """Both readings over `seeds` seeds, two runs at a time; per seed the accuracies, and the prefix LM's gain
     on `right` over causal reading with the larger of the seeds' and the questions' standard error."""
-    settings = {**DEFAULTS, **settings}
+    settings = dict(steps=steps, lr=lr, warmup_steps=warmup_steps, train_questions=train_questions,
+                    held_out=held_out, digits=digits)
     check_positive("reproduce_bitune_readings", seeds=seeds, seed=seed)
     seed_list = list(range(seed, seed + seeds))
     print(f"== bitune-readings: the bitune act's 2-block LLaMA trained from scratch, all weights, {settings['steps']} "
