@@ -561,6 +561,20 @@ def test_the_expansion_claim_prints_the_lowest_domain_accuracy_as_compared(tmp_p
     assert not shown and figures.endswith("domain learned by both (>= 0.9): no, lowest 0.895")
 
 
+def test_the_expansion_claim_prints_a_nan_domain_accuracy_as_the_lowest(tmp_path, capsys, monkeypatch):
+    """min() skips a NaN after the first value: the control's NaN domain accuracy printed "lowest 0.950000000",
+    the expanded model's, padded to 9 decimals trying to agree with "no"."""
+    arms = [{"layers": 6, "new_blocks": [2, 5], "plan": "plan", "trainable": 1,
+             "scores": {"domain": 0.95, "general": 0.9}},
+            {"layers": 4, "new_blocks": [], "plan": "", "trainable": 1, "scores": {"domain": math.nan, "general": 0.5}}]
+    calls = iter([[{"domain": 0.0, "general": 1.0}], arms])
+    monkeypatch.setattr(expansion, "run_jobs_reporting", lambda jobs, workers, groups: next(calls))
+    assert not expansion._run(tmp_path, 400, 800, 2, 0.03, 1e-3, 200, [0], 1)["claim_shown"]
+    shown, figures = claim_of(capsys.readouterr().out, "expansion")
+    assert not shown and "domain learned by both (>= 0.9): no, lowest nan; not a finite number: control domain " \
+                         "accuracy on seed 0 (nan)" in figures
+
+
 def test_jobs_in_worker_processes_give_the_numbers_of_one_process(tmp_path):
     """Each job seeds everything and runs on one thread: two workers change the wall time, never the numbers."""
     jobs = lambda root: [(expansion.pretrain, dict(out_dir=root / f"seed-{s}", seed=s, steps=3, eval_examples=4))

@@ -186,8 +186,10 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
     kept = ", ".join(f"{figure(run['expanded']['general'], KEPT, run['expanded']['general'] >= KEPT)} vs "
                      f"{run['control']['general']:.2f}" for run in runs)
     learned = all(r[a]["domain"] >= DOMAIN_LEARNED for r in runs for a in ARMS)
-    # the lowest domain accuracy, as the verdict compares it: a 0.895 is not a "0.90" beside "no"
-    lowest = min(r[a]["domain"] for r in runs for a in ARMS)
+    # the lowest domain accuracy, as the verdict compares it: a 0.895 is not a "0.90" beside "no"; a NaN is the
+    # lowest (min() would skip one not in first place and print another figure)
+    domains = [r[a]["domain"] for r in runs for a in ARMS]
+    lowest = math.nan if any(math.isnan(d) for d in domains) else min(domains)
     print(claim_line("expansion", CLAIM, shown, f"general task kept with expansion vs full fine-tuning: {kept} "
                      f"(needs >= {KEPT} kept and a margin >= {MARGIN}; smallest margin "
                      f"{figure(margin, MARGIN, margin >= MARGIN, sign=True)}); domain learned by both (>= "
