@@ -24,7 +24,7 @@ import torch
 import _parallel_jobs
 import kpro
 from kpro.demo import basics as demo
-from kpro.demo import bitune, claims, expansion, internalization, seeds, smollm2
+from kpro.demo import bitune, claims, expansion, internalization, llama_pro_smollm2, seeds, smollm2
 from kpro.demo.parallel import run_jobs
 from kpro.demo.progress import RunsProgress
 from kpro.train import Callback
@@ -573,6 +573,48 @@ def test_the_expansion_claim_prints_a_nan_domain_accuracy_as_the_lowest(tmp_path
     shown, figures = claim_of(capsys.readouterr().out, "expansion")
     assert not shown and "domain learned by both (>= 0.9): no, lowest nan; not a finite number: control domain " \
                          "accuracy on seed 0 (nan)" in figures
+
+
+def test_llama_pro_smollm2_averages_the_losses_it_has_and_checks_its_arguments_first(tmp_path, capsys, monkeypatch):
+    """The mean loss of the "first 5 steps" and "last 5" divided by 5 whatever the steps: two losses of 3.0
+    printed 1.200; steps=0 raised ZeroDivisionError after the original model was measured. Everything heavy is
+    stubbed: the model, the data and the training (a loss of 3.0 a step)."""
+    module = llama_pro_smollm2
+    (tmp_path / "wordnet").mkdir()
+    (tmp_path / "wordnet" / "data.noun").write_text("x")
+    measured = []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def measure(model, tok, domain_rows, general_rows, reference=None):
+        measured.append(model)
+        return {"domain_ppl": 1.0, "general_ppl": 1.0, "answers": ["a"] * len(module.QUESTIONS),
+                **({} if reference is None else {"answers_unchanged": len(module.QUESTIONS)})}
+    stubs = dict(WORDNET=tmp_path / "wordnet", missing_requirement=lambda: None, converted_model=lambda d: (d, None),
+                 load_tokenizer=lambda d: None, stdlib_files=lambda: [], split_files=lambda files: ([], []),
+                 wordnet_glosses=lambda: [], load_pretrained=lambda d: Model(), expand=lambda model, n: [],
+                 train_only=lambda model, ids: None, _measure=measure,
+                 packed_rows=lambda tok, docs, seq_len, rows, seed=0: torch.zeros(rows, seq_len, dtype=torch.long),
+                 train_steps=lambda model, rows, steps, batch_size, lr, seed: [3.0] * steps)
+    for name, value in stubs.items():
+        monkeypatch.setattr(module, name, value)
+    module.reproduce_llama_pro_smollm2(tmp_path / "out", steps=2)
+    out = capsys.readouterr().out
+    assert out.count("training loss 3.000 (first 2 steps) -> 3.000 (last 2)") == 2, out
+    module.reproduce_llama_pro_smollm2(tmp_path / "out", steps=7)
+    assert capsys.readouterr().out.count("training loss 3.000 (first 5 steps) -> 3.000 (last 5)") == 2
+    measured.clear()
+    for bad, message in [(dict(steps=0), "steps must be an integer >= 1, got 0"),
+                         (dict(batch_size=2.5), "batch_size must be an integer >= 1"),
+                         (dict(lr=-1e-4), "lr must be a positive number"), (dict(seed=-1), "seed must be an integer"),
+                         (dict(new_blocks=0), "new_blocks must be"), (dict(eval_rows=0), "eval_rows must be"),
+                         (dict(seq_len=0), "seq_len must be")]:
+        with pytest.raises(ValueError, match=f"reproduce_llama_pro_smollm2: {re.escape(message)}"):
+            module.reproduce_llama_pro_smollm2(tmp_path / "bad", **bad)
+    assert not measured and not (tmp_path / "bad").exists()  # refused before any work
 
 
 def test_jobs_in_worker_processes_give_the_numbers_of_one_process(tmp_path):

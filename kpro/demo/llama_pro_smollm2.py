@@ -23,6 +23,7 @@ from .._files import write_atomic
 from ..checkpoint import load_pretrained
 from ..expansion import expand, train_only
 from ..tokenizer import load_tokenizer
+from .act_settings import check_positive
 from .smollm2 import (GGUF_NAME, MODEL_DIR, ask, converted_model, mean_loss, missing_requirement, packed_rows, split_files,
                       stdlib_files, train_steps)
 
@@ -56,6 +57,9 @@ def _measure(model, tok, domain_rows, general_rows, reference_answers=None) -> d
 
 def reproduce_llama_pro_smollm2(out_dir: Path, seed: int = 0, steps: int = 40, batch_size: int = 4, seq_len: int = 256,
                                 lr: float = 1e-4, new_blocks: int = 6, eval_rows: int = 16) -> dict:
+    # refused before the model is converted and measured rather than after (steps=0 divided by zero there)
+    check_positive("reproduce_llama_pro_smollm2", seed=seed, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                   lr=lr, new_blocks=new_blocks, eval_rows=eval_rows)
     print("== llama-pro-smollm2: LLaMA Pro at CPU scale. SmolLM2-135M-Instruct learns Python code (the standard "
           f"library's source) for {steps} steps of {batch_size} x {seq_len} tokens, (a) expanded by {new_blocks} blocks "
           "with only those trained, (b) all weights fine-tuned; domain and general perplexity, general answers")
@@ -93,8 +97,9 @@ def reproduce_llama_pro_smollm2(out_dir: Path, seed: int = 0, steps: int = 40, b
         began = time.perf_counter()
         losses = train_steps(model, train_rows, steps, batch_size, lr, seed)
         step_s = (time.perf_counter() - began) / steps
-        print(f"    {step_s:.1f} s/step; training loss {sum(losses[:5]) / 5:.3f} (first 5 steps) -> "
-              f"{sum(losses[-5:]) / 5:.3f} (last 5)", flush=True)
+        first, last = losses[:5], losses[-5:]  # fewer than 5 where steps < 5
+        print(f"    {step_s:.1f} s/step; training loss {sum(first) / len(first):.3f} (first {len(first)} steps) -> "
+              f"{sum(last) / len(last):.3f} (last {len(last)})", flush=True)
         results[arm] = {**_measure(model, tok, domain_rows, general_rows, reference), "trainable": trainable,
                         "step_s": step_s, "train_losses": losses}
         del model
