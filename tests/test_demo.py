@@ -181,6 +181,9 @@ def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_
     (internalization.act_internalization, dict(eval_every=0), "eval_every must be an integer >= 1, got 0"),
     (internalization.act_internalization, dict(explicit_steps=0), "explicit_steps must be an integer >= 1, got 0"),
     (internalization.act_internalization, dict(lr=0.0), "lr must be a positive number, got 0.0"),
+    *[(internalization.act_internalization, dict(weight_decay=bad),  # passed the check, and "0.01" failed unnamed
+       f"act_internalization: weight_decay must be a number from 0 to below 1, got {bad!r}")
+      for bad in (math.nan, -1.0, 1.0, "0.01", True)],
     (internalization.act_internalization, dict(hidden=130), "hidden_size=130 is not divisible by num_attention"),
     (bitune.act_bitune, dict(held_out=0), "held_out must be an integer >= 1, got 0"),
     (expansion.act_expansion, dict(eval_examples=0), "eval_examples must be an integer >= 1, got 0"),

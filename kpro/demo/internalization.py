@@ -105,7 +105,7 @@ def verdict_inputs(results: dict) -> dict[str, float]:
 
 
 def check_arguments(seed, digits, explicit_steps, steps_per_token, after_steps, decay_steps, warmup_steps, lr,
-                    explicit_lr, valid_size, test_size, eval_every, train_size, hidden, layers, **_) -> None:
+                    explicit_lr, weight_decay, valid_size, test_size, eval_every, train_size, hidden, layers, **_) -> None:
     """act_internalization's arguments, refused before any training rather than minutes into it."""
     check_positive("act_internalization", seed=seed, digits=digits, explicit_steps=explicit_steps,
                    steps_per_token=steps_per_token, valid_size=valid_size, test_size=test_size, eval_every=eval_every,
@@ -114,6 +114,9 @@ def check_arguments(seed, digits, explicit_steps, steps_per_token, after_steps, 
         raise ValueError(f"act_internalization: after_steps must be an integer >= 0, got {after_steps!r}")
     if train_size is not None:
         check_positive("act_internalization", train_size=train_size)
+    # as fit_internalization refuses it, but before the act's work and by the act's name
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < 1:
+        raise ValueError(f"act_internalization: weight_decay must be a number from 0 to below 1, got {weight_decay!r}")
     if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or not 0 <= decay_steps <= after_steps:
         raise ValueError(f"decay_steps must be an integer from 0 to after_steps ({after_steps}): the rate decays "
                          f"once the CoT is gone; got {decay_steps!r}")
