@@ -361,6 +361,38 @@ class LoRALinear(nn.Module):
                 "state_dict: the merge is recorded from the loaded adapter), or build the model again from its "
                 "base weights and adapters")
 
+    def merge_state(self) -> tuple[str, tuple[bool, bool], tuple[bool, bool, bool]] | None:
+        """This layer's merge, for another copy of the model to take over (`take_merge_state`): None where
+        unmerged, else the merged adapter's name, its requires_grad flags before the merge, and which of the
+        weight, A and B are unchanged since the merge."""
+        if self.merged is None:
+            return None
+        unchanged = tuple(now == then for now, then in zip(self._versions(), self._merge_record.versions))
+        return self.merged, self._merge_record.requires_grad, unchanged
+
+    def take_merge_state(self, state: tuple[str, tuple[bool, bool], tuple[bool, bool, bool]],
+                         factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """After this merged layer's weight and adapter were overwritten in place with those of a copy whose
+        `merge_state()` was `state` (DDP's start-up broadcast of rank 0's values): the merge recorded as that
+        copy's, unchanged where it was, changed (refused) where it was. `factors`: the copy's `merged_factors()`;
+        None where it was unchanged, whose adapter holds them (the adapter's values now, as copied)."""
+        name, flags, unchanged = state
+        if name != self.merged:
+            raise ValueError(f"the merge of adapter {name!r} cannot be taken over by a layer with adapter "
+                             f"{self.merged!r} merged")
+        if factors is None:
+            if not all(unchanged):
+                raise ValueError("a merge changed since it was made needs its recorded factors (merged_factors())")
+            factors = self._factors(name)
+        versions = tuple(now if same else -1 for now, same in zip(self._versions(), unchanged))
+        self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, versions)
+
+    def merged_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A and B whose update merge() added to the weight (unmerge() subtracts them)."""
+        if self.merged is None:
+            raise ValueError("no adapter is merged")
+        return self._merge_record.factors
+
     def merge_stale(self) -> str | None:
         """Why the merged weight no longer stands for the merged adapter (changed in place since the merge), or
         None where it does or nothing is merged."""

@@ -15,6 +15,7 @@ from kpro import train as kt
 
 from _dist_checks import IDLE_FIT, idle_adapter_model
 from _dist_fit import FIT, FIT_ACCUM, TIED
+from _dist_merged import MERGED_FIT, merged_model
 from test_train_fit import batches, examples, losses, make_model, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,3 +273,60 @@ def test_evaluating_a_sharded_model_on_one_process_is_refused_by_name(checks):
         assert r["generate_fsdp_error"].startswith("ValueError: generate() takes a whole model, and this one is "
                                                    "sharded across processes"), r["generate_fsdp_error"]
     assert not (out / "valid-fsdp" / "metrics.jsonl").read_text().strip()  # refused before the first step
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged")
+    done = torchrun("_dist_merged.py", out, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out, [json.loads((out / f"merged-rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_a_merged_lora_model_trains_under_ddp_merged_as_on_rank_0(merged, tmp_path):
+    """DDP's start-up broadcast copies rank 0's weights in place, which the merged layers read as their weight
+    changed since the merge: the first forward was refused on every process. Each process now holds rank 0's
+    merged weight and adapter, and is merged as rank 0 is: it trains as one process does, and unmerge() gives
+    rank 0's base on every process (the other's own adapter would not)."""
+    out, results = merged
+    for r in results:
+        assert (r["ddp_error"], r["unmerge_error"]) == (None, None), r["ddp_error"]
+        assert r["unmerged_difference"] < 1e-5, r["unmerged_difference"]
+    single = merged_model(seed=0)
+    kt.fit(single, batches(), tmp_path, **MERGED_FIT)
+    state = torch.load(out / "merged-ddp.pt")
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_merge_stale_on_rank_0_before_ddp_is_refused_on_every_process(merged):
+    """A merged weight, or adapter, changed in place on rank 0 before fit: after the broadcast every process holds
+    rank 0's, and refuses as rank 0 does; unmerge() then subtracts the update rank 0 merged, giving its base."""
+    _, results = merged
+    for r in results:
+        assert "was changed in place after the merge" in (r["stale_error"] or ""), r["stale_error"]
+        assert "was changed after it was merged into the weight" in (r["stale_adapter_error"] or ""), \
+            r["stale_adapter_error"]
+        assert r["stale_adapter_unmerge_error"] is None, r["stale_adapter_unmerge_error"]
+        assert r["stale_adapter_unmerged_difference"] < 1e-5, r["stale_adapter_unmerged_difference"]
+
+
+def test_ddp_refuses_models_merged_differently_on_every_process_by_name(merged):
+    _, results = merged
+    for r in results:
+        assert r["apart_error"] == ("ValueError: LoRA layer layers.0.self_attn.v_proj has adapter 'a' merged on "
+                                    "process 0 and no adapter merged on process 1 (1 layer(s) differ): merge the same "
+                                    "adapters on every process before fit"), r["apart_error"]
+
+
+def test_fsdp_refuses_a_merged_lora_model_up_front_by_name(merged):
+    """FSDP2 replaces the parameters by shards and runs on gathered copies, which the merge record cannot follow:
+    the first forward was refused with a message about a weight changed in place; now fit refuses before
+    sharding, naming the layer and what to do, and the model is left as it was."""
+    _, results = merged
+    for r in results:
+        for key in ("fsdp_error", "sharded_error"):
+            assert r[key].startswith("ValueError: FSDP cannot train a model with a LoRA adapter merged"), r[key]
+            assert "(layer layers.0.self_attn.q_proj, adapter 'a'" in r[key] and "unmerge()" in r[key], r[key]
+            assert "save_pretrained" in r[key], r[key]
+        assert r["fsdp_model_error"] is None, r["fsdp_model_error"]

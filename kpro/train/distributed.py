@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import lora
 # The helpers checkpoints share live one layer down; they are part of this module's interface too.
 from ..distributed import (DistEnv, broadcast_object, current_env, full_model_state, is_sharded, main_decides,  # noqa: F401
                            on_main)
@@ -50,6 +51,7 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
 
     from ..model import Block
 
+    refuse_merged_lora(model)
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(current_env().device.type, (dist.get_world_size(),))
@@ -74,6 +76,7 @@ def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, s
     if isinstance(model, DistributedDataParallel):
         raise ValueError("pass the model itself to fit, not a DistributedDataParallel wrapper: fit wraps it (parallel='ddp')")
     if is_sharded(model):
+        refuse_merged_lora(model)
         return model, "fsdp"  # sharded by the caller
     if parallel == "auto":
         parallel = "ddp" if env.world_size > 1 else "none"
@@ -96,10 +99,65 @@ def wrap_ddp(model: nn.Module, env: DistEnv, idle: set[str] = frozenset()) -> Di
     for p in left_out:
         p.requires_grad_(False)
     try:
-        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        with merges_as_on_rank0(model, env):
+            return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     finally:
         for p in left_out:
             p.requires_grad_(True)
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, lora.LoRALinear]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, lora.LoRALinear)]
+
+
+@contextlib.contextmanager
+def merges_as_on_rank0(model: nn.Module, env: DistEnv):
+    """Around DDP's wrapping, whose start-up broadcast copies rank 0's parameters and buffers into every process's
+    in place. A LoRA layer with an adapter merged reads that copy as its weight changed since the merge (its forward
+    refused); but every process now holds rank 0's merged weight and adapter together, so each takes over rank 0's
+    record of the merge: unchanged where rank 0's was, refused where rank 0's was (changed in place before fit).
+    The processes must have the same adapters merged. A collective: every process calls it."""
+    def merged_as(name):
+        return "no adapter merged" if name is None else f"adapter {name!r} merged"
+
+    layers = _lora_layers(model)
+    everyone = gather_objects([layer.merge_state() for _, layer in layers], env)
+    merged = [[None if state is None else state[0] for state in states] for states in everyone]
+    for rank, names in enumerate(merged):
+        if len(names) != len(merged[0]):
+            raise ValueError(f"the processes' models have different numbers of LoRA layers ({len(merged[0])} on "
+                             f"process 0, {len(names)} on process {rank}): build the same model on every process")
+        differ = [(path, a, b) for (path, _), a, b in zip(layers, merged[0], names) if a != b]
+        if differ:
+            path, a, b = differ[0]
+            raise ValueError(f"LoRA layer {path} has {merged_as(a)} on process 0 and {merged_as(b)} on process {rank} "
+                             f"({len(differ)} layer(s) differ): merge the same adapters on every process before fit")
+    yield
+    for (_, layer), state in zip(layers, everyone[0]):
+        if state is None:
+            continue
+        factors = None
+        if not all(state[2]):  # rank 0's merge is stale: its recorded factors, which its adapter no longer holds
+            factors = tuple(f.clone() for f in layer.merged_factors())
+            for f in factors:
+                dist.broadcast(f, src=0)
+        layer.take_merge_state(state, factors)
+
+
+def refuse_merged_lora(model: nn.Module) -> None:
+    """Refuse FSDP for a model with a LoRA adapter merged. FSDP replaces the parameters by shards and runs the
+    forward on gathered copies: a merged layer's record of its merge (the version counters of its weight and
+    adapter) cannot follow them, so its forward took the copies for a changed weight and refused, and a record
+    following the copies would miss a load or step of the shards."""
+    merged = [(path, layer.merged) for path, layer in _lora_layers(model) if layer.merged is not None]
+    if merged:
+        (path, name), more = merged[0], len(merged) - 1
+        raise ValueError(f"FSDP cannot train a model with a LoRA adapter merged (layer {path}, adapter {name!r}"
+                         f"{f', and {more} more layer(s)' if more else ''}): sharding replaces its weight, and the "
+                         "record of the merge cannot follow it. unmerge() it first (`for layer in "
+                         "kpro.lora.lora_layers(model): layer.unmerge()`), or save the merged model with "
+                         "kpro.save_pretrained and load it as a plain model (kpro.load_pretrained), or use "
+                         "parallel='ddp'")
 
 
 def idle_parameters(model: nn.Module) -> set[str]:
