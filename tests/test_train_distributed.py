@@ -113,12 +113,17 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank_and_the_same_command_resumes(
     assert_close_losses(losses(tmp_path / "run"), losses(single))
 
 
+def run_and_read_ranks(tmp_path_factory, name: str):
+    """tests/_dist_NAME.py run on 2 processes; its directory and each rank's NAME-rankR.json."""
+    out = tmp_path_factory.mktemp(name)
+    done = torchrun(f"_dist_{name}.py", out, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out, [json.loads((out / f"{name}-rank{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("checks")
-    done = torchrun("_dist_checks.py", out, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return out, [json.loads((out / f"checks-rank{r}.json").read_text()) for r in range(2)]
+    return run_and_read_ranks(tmp_path_factory, "checks")
 
 
 def test_rank_0_alone_finds_the_checkpoint_to_resume(checks):
@@ -277,10 +282,7 @@ def test_evaluating_a_sharded_model_on_one_process_is_refused_by_name(checks):
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
-    out = tmp_path_factory.mktemp("merged")
-    done = torchrun("_dist_merged.py", out, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return out, [json.loads((out / f"merged-rank{r}.json").read_text()) for r in range(2)]
+    return run_and_read_ranks(tmp_path_factory, "merged")
 
 
 def test_a_merged_lora_model_trains_under_ddp_merged_as_on_rank_0(merged, tmp_path):
