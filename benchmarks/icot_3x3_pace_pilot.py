@@ -17,7 +17,7 @@ kpro/demo/internalization.py: its checkpoints go beside it, in EXPLICIT_MODEL/..
 The recorded runs: seeds 1 and 2, STEPS_PER_TOKEN 2000 (the recipe's is 1000), and STEPS_PER_TOKEN 1000 at LR
 1.25e-4 (the recipe's is 2.5e-4); seed 2's then extended to AFTER_STEPS 16000 and 24000 (the recipe's 8000; the
 same command with more steps resumes the run from its last checkpoint); seeds 1 and 2 with `--expand 2` at the
-recipe's pace and lr.
+recipe's pace and lr (seed 2's to the end with `--threads 2 --train-explicit`).
 """
 from __future__ import annotations
 
