@@ -371,6 +371,12 @@ def _split_rope_parameters(params) -> tuple[float | None, dict | None]:
         raise ConfigError(f"rope_parameters must be an object, got {params!r}")
     params = dict(params)
     theta = params.pop("rope_theta", None)
+    if "partial_rotary_factor" in params:  # transformers 5 writes it here, not at the top level
+        factor = params.pop("partial_rotary_factor")
+        neutral, implemented = _MATH_FIELDS["partial_rotary_factor"]
+        if not neutral(factor, {}):
+            raise ConfigError(f"unsupported rope_parameters.partial_rotary_factor={factor!r}: kpro implements "
+                              f"{implemented}")
     return theta, (params or None)
 
 
@@ -417,8 +423,13 @@ def _normalise_rope_scaling(scaling) -> dict | None:
     if extra:
         raise ConfigError(f"rope_scaling of type {rope_type!r} has unsupported field(s) {sorted(extra)}")
     for key, value in scaling.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"rope_scaling {key} must be a positive number, got {value!r}")
+        # json reads Infinity: a factor of inf made every inverse frequency 0, a model without positions
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConfigError(f"rope_scaling {key} must be a positive finite number, got {value!r}")
+    context = scaling.get("original_max_position_embeddings")
+    if context is not None and not float(context).is_integer():
+        raise ConfigError(f"rope_scaling original_max_position_embeddings must be a whole number of positions, got "
+                          f"{context!r}")
     if rope_type == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ConfigError("rope_scaling high_freq_factor must be greater than low_freq_factor")
     return {"rope_type": rope_type, **scaling}

@@ -1,5 +1,6 @@
 """LlamaConfig: both config.json forms, defaults that follow Hugging Face, and errors that name the field."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,6 +75,13 @@ def test_mistral_without_sliding_window_is_llama():
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "misses"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta": 1}}, "unsupported field.*beta"),
     ({"rope_scaling": {"rope_type": "linear", "factor": -2.0}}, "factor must be a positive"),
+    # json reads Infinity: every inverse frequency 0, a model without positions
+    ({"rope_scaling": {"rope_type": "linear", "factor": math.inf}}, "factor must be a positive finite number, got inf"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192.5}}, "must be a whole number of positions, got 8192.5"),
+    # transformers 5 writes partial_rotary_factor into rope_parameters
+    ({"rope_scaling": None, "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "unsupported rope_parameters.partial_rotary_factor=0.5"),
     ({"rope_scaling": None, "rope_parameters": {"rope_type": "longrope"}}, "rope_type='longrope'"),
     ({"rope_parameters": {"rope_type": "default"}}, "both rope_parameters and rope_scaling"),
     ({"partial_rotary_factor": 0.5}, "unsupported partial_rotary_factor=0.5"),
@@ -87,6 +95,15 @@ def test_mistral_without_sliding_window_is_llama():
 def test_errors_name_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
         LlamaConfig.from_hf(dict(LLAMA31_8B, **change))
+
+
+def test_a_neutral_partial_rotary_factor_inside_rope_parameters_is_accepted():
+    """transformers 5.25 writes LlamaConfig(partial_rotary_factor=1.0) as rope_parameters = {rope_theta,
+    partial_rotary_factor, rope_type}: it was refused as a parameter rope_type 'default' does not take."""
+    newer = {key: value for key, value in LLAMA31_8B.items() if key not in ("rope_scaling", "rope_theta")}
+    cfg = LlamaConfig.from_hf(dict(newer, rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                                                           "rope_type": "default"}))
+    assert cfg.rope_theta == 10000.0 and cfg.rope_scaling is None
 
 
 def test_unknown_fields_can_be_ignored_on_request():
