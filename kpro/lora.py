@@ -233,11 +233,16 @@ class LoRALinear(nn.Module):
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged!r} is merged already; unmerge it first")
         params = self._factors(name)
-        factors, flags = tuple(p.detach().clone() for p in params), tuple(p.requires_grad for p in params)
-        self._add_to_weight(factors, +1)
+        flags = tuple(p.requires_grad for p in params)
+        self._add_to_weight(tuple(p.detach() for p in params), +1)
         for p in params:
             p.requires_grad_(False)
-        self._merge_record = _MergeRecord(factors, flags, (-1, -1, -1))
+        self._record_merge(name, params, flags)
+
+    def _record_merge(self, name: str, factors: tuple[torch.Tensor, torch.Tensor], flags: tuple[bool, bool]) -> None:
+        """Adapter `name`, whose A and B are `factors` (copied here) and whose requires_grad flags before the merge
+        were `flags`, is merged into the weight as it is now: its record, its mark, the versions to watch."""
+        self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, (-1, -1, -1))
         self.merged = name
         self.register_buffer(MERGE_MARK, _mark(name, self.weight.device))
         self._record_merged_versions()  # after the weight's own change
@@ -443,16 +448,11 @@ def _record_loaded_merge(layer: LoRALinear, incompatible_keys) -> None:
     if not all(now is not then or now._version != version
                for (then, version), now in zip(before, (layer.weight, *factors))):
         return
-    if layer.merged is None:  # an unmerged layer becomes merged; its adapter's flags kept for unmerge(), as merge()
-        flags = tuple(p.requires_grad for p in factors)
-        layer.merged = name
-        layer.register_buffer(MERGE_MARK, _mark(name, layer.weight.device))
-    else:
-        flags = layer._merge_record.requires_grad
+    # an unmerged layer becomes merged, its adapter's flags kept for unmerge() as merge() keeps them
+    flags = tuple(p.requires_grad for p in factors) if layer.merged is None else layer._merge_record.requires_grad
     for p in factors:
         p.requires_grad_(False)  # merged (assign=True gives new parameters)
-    layer._merge_record = _MergeRecord(tuple(p.detach().clone() for p in factors), flags, (-1, -1, -1))
-    layer._record_merged_versions()
+    layer._record_merge(name, factors, flags)
 
 
 def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: float = 1.0,
