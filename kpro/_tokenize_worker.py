@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import pickle
 import signal
 
 import numpy as np
@@ -58,3 +60,21 @@ def encode(chunk: list) -> tuple[list, np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
     return [item[:3] for item in chunk], flat, lengths
+
+
+def encode_to_file(chunk: list, path: str) -> str:
+    """encode(chunk) written to `path` (a pool worker's way): only the path goes back through the pool's pipe.
+    A result of megabytes is sent in several writes, and a worker killed between two of them (the OOM killer)
+    left the executor reading the rest of the message forever; a path is sent in one write under the pipe's
+    atomic size, so a killed worker's result arrives whole or not at all, and the pool reports the death."""
+    with open(path, "wb") as f:
+        pickle.dump(encode(chunk), f, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def read_result(path: str) -> tuple[list, np.ndarray, np.ndarray]:
+    """The result encode_to_file wrote, its file removed."""
+    with open(path, "rb") as f:
+        result = pickle.load(f)
+    os.unlink(path)
+    return result

@@ -7,10 +7,13 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import re
+import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import textwrap
 import types
@@ -503,6 +506,41 @@ def test_tokenizing_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypat
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+
+class _ReplySizePool(kt.tokenize.ProcessPoolExecutor):
+    """tokenize_corpus's pool, recording the pickled size of each result a worker sends back."""
+    replies = []
+
+    def submit(self, *args, **kwargs):
+        future = super().submit(*args, **kwargs)
+        future.add_done_callback(lambda done: type(self).replies.append(len(pickle.dumps(done.result()))))
+        return future
+
+
+def test_tokenizing_workers_send_back_replies_a_pipe_takes_whole(tmp_path, monkeypatch):
+    """A worker killed (the OOM killer) while sending a result of megabytes left the pool's result pipe with half
+    a message, and the executor waited for the rest forever: about 1 kill in 6 hung the command (a repro killing
+    a worker at random moments of a 33 MB corpus in 4 MB chunks). Results now go through files: every reply a
+    worker sends fits in one write, which the pipe takes whole or not at all, however large the chunk; and the
+    files are gone afterwards."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("\n\n".join("abc def gh " * 50 for _ in range(400)))  # 220 kB: ~1.8 MB of ids
+    pool = type("Pool", (_ReplySizePool,), {"replies": []})
+    monkeypatch.setattr(kt.tokenize, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    main_module(monkeypatch)
+    index = kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=2,
+                               chunk_bytes=100_000)
+    assert index["tokens"] > 200_000 and len(pool.replies) == 3, (index["tokens"], pool.replies)
+    assert max(pool.replies) < select.PIPE_BUF, pool.replies
+    assert list((tmp_path / "scratch").iterdir()) == []
+    one = kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "one", workers=1)
+    assert [p.read_bytes() for p in sorted((tmp_path / "out").glob("*.bin"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "one").glob("*.bin"))] and one["tokens"] == index["tokens"]
 
 
 KILL_SCRIPT = """

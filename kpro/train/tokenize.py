@@ -10,7 +10,8 @@ tokenizer's own eos, and its bos where it adds one (the framing of `kpro.train.p
 
 The main process reads and cuts documents and writes shards; workers (spawned processes running
 kpro/_tokenize_worker.py, each with its own tokenizer and no torch) parse and tokenize chunks of about a
-megabyte, at most two chunks per worker in flight, in order. After each full shard the index records where
+megabyte, at most two chunks per worker in flight, in order; each result comes back as a file in a temporary
+directory (see `kpro._tokenize_worker.encode_to_file`). After each full shard the index records where
 the input stands (file, byte offset, line, and how many tokens of the document in progress are already
 written); a run started again with the same arguments checks that the tokenizer, the documents' framing and
 the inputs are unchanged and goes on from there.
@@ -24,6 +25,7 @@ import multiprocessing
 import os
 import re
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -272,15 +274,17 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
             # Spawned, not forked: the caller may hold threads (torch's, a trainer's) that a fork would copy
             # half-way. An executor, not a Pool: a worker that cannot start is an error, not a hang.
             context = multiprocessing.get_context("spawn")
-            # The workers run kpro._tokenize_worker, which imports no torch.
-            with ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True)) as pool:
+            # The workers run kpro._tokenize_worker, which imports no torch. Results come back through files
+            # (worker.encode_to_file: a worker killed mid-send hung the pool).
+            with tempfile.TemporaryDirectory(prefix="kpro-tokenize-") as scratch, \
+                    ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True)) as pool:
                 pending = collections.deque()
-                for chunk in _chunks(documents, chunk_bytes):
-                    pending.append(pool.submit(worker.encode, chunk))
+                for number, chunk in enumerate(_chunks(documents, chunk_bytes)):
+                    pending.append(pool.submit(worker.encode_to_file, chunk, os.path.join(scratch, f"{number}.pickle")))
                     if len(pending) >= 2 * workers:
-                        consume(pending.popleft().result())
+                        consume(worker.read_result(pending.popleft().result()))
                 while pending:
-                    consume(pending.popleft().result())
+                    consume(worker.read_result(pending.popleft().result()))
     except BrokenProcessPool:
         progress.close()
         # A ValueError, as the command line reports in one line: a worker killed (the OOM killer) is no bug of kpro's
