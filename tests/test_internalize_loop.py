@@ -445,6 +445,28 @@ def test_generated_valid_and_test_sets_never_hold_a_training_problem(tmp_path):
     assert len(list((tmp_path / "other" / "data").glob("valid-2x2-300-seed0*.txt"))) == 2
 
 
+def test_a_generated_valid_or_test_set_leaves_out_the_given_other_sets_problems(tmp_path):
+    """With only one of --valid/--test given, the other was drawn leaving out the training pairs only: 2x2 valid
+    and test shared ~120 of 1,000 problems, and --select-best selected partly on test problems."""
+    from types import SimpleNamespace
+    from kpro.internalize import multiplication_lines, multiplication_pairs
+    from kpro.internalize.command import _load_data
+    given = tmp_path / "given.txt"
+    given.write_text("".join(line + "\n" for line in
+                             multiplication_lines(multiplication_pairs(2, 1000, seed=123, exclude_published=False), 2)))
+    inputs = lambda examples: {e.input for e in examples}
+    for flag, other in (("test", "valid"), ("valid", "test")):
+        args = SimpleNamespace(task="2x2", train=None, eval_only=False, eval_size=1000, data_seed=0, train_size=64,
+                               **{"valid": None, "test": None, flag: given})
+        out = tmp_path / flag
+        train, sets = _load_data(args, out)
+        assert len(sets[other]) == 1000 and not inputs(sets[other]) & inputs(sets[flag]), flag
+        # named by what it leaves out: not the file a draw without the given set's pairs wrote
+        assert [path.name.startswith(f"{other}-2x2-1000-seed0-without-") for path in (out / "data").glob(f"{other}-*")] \
+            == [True]
+        assert not inputs(train) & (inputs(sets["valid"]) | inputs(sets["test"]))
+
+
 def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["internalize", "--task", "3x3", "--out", str(out), "--eval-every", "3", "--eval-examples", "8",

@@ -68,8 +68,10 @@ def add_parsers(sub) -> None:
     data.add_argument("--train", type=Path, metavar="FILE", help="training examples `input||cot #### answer`, one a "
                       "line (default: the --task's generated set); generated valid/test sets leave its pairs out, "
                       "with --eval-only too")
-    data.add_argument("--valid", type=Path, metavar="FILE", help="validation examples (default: the task's)")
-    data.add_argument("--test", type=Path, metavar="FILE", help="test examples (default: the task's, if any)")
+    data.add_argument("--valid", type=Path, metavar="FILE", help="validation examples (default: the task's; a "
+                      "generated one leaves out the pairs of --test FILE)")
+    data.add_argument("--test", type=Path, metavar="FILE", help="test examples (default: the task's, if any; a "
+                      "generated one leaves out the pairs of --valid FILE)")
     data.add_argument("--train-size", type=int, default=PAPER_TRAIN_SIZE, metavar="N",
                       help=f"examples in a generated training set (default {PAPER_TRAIN_SIZE:,}, the paper's)")
     data.add_argument("--eval-size", type=int, default=1000, metavar="N",
@@ -274,12 +276,14 @@ def _load_data(args, out: Path):
             evaluation_sets[split] = read_published(args.task, split)
     train = _read(args.train) if args.train is not None else None  # with --eval-only: only the pairs to leave out
     if generate_eval and len(evaluation_sets) < 2:
-        # Drawn from the pairs a given training file does not hold (a generated one leaves these out instead),
-        # and named by them: --eval-only --train FILE draws the sets the training run drew
-        trained = set(_operand_pairs(train, n)) if train is not None else set()
-        without = f"-without-{_digest(trained)}" if trained else ""
+        # Drawn from the pairs neither a given training file (a generated one leaves these out instead) nor a
+        # given --valid/--test file holds, so the valid and test sets share no problem; and named by them:
+        # --eval-only --train FILE draws the sets the training run drew
+        given = [*(train or ()), *(e for examples in evaluation_sets.values() for e in examples)]
+        excluded = set(_operand_pairs(given, n))
+        without = f"-without-{_digest(excluded)}" if excluded else ""
         with _naming("--eval-size", args.eval_size, "the valid and test sets draw twice as many"):
-            pairs = multiplication_pairs(n, 2 * args.eval_size, args.data_seed + 1, exclude=trained)
+            pairs = multiplication_pairs(n, 2 * args.eval_size, args.data_seed + 1, exclude=excluded)
         for split, chunk in (("valid", pairs[:args.eval_size]), ("test", pairs[args.eval_size:])):
             if split not in evaluation_sets:
                 path = out / "data" / f"{split}-{n}x{n}-{args.eval_size}-seed{args.data_seed}{without}.txt"
