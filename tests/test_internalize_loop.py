@@ -582,7 +582,7 @@ def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, c
     (["--task", "3x3", "--epochs", "2"], "pass --steps or --epochs, not both"),
     (["--task", "3x3", "--smoothing-lambda", "0"], "--smoothing-lambda must be > 0"),
     (["--task", "3x3", "--remove-all-after", "-1"], "--remove-all-after must be >= 0"),
-    (["--task", "3x3", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--task", "3x3", "--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
     (["--task", "3x3", "--decay-steps", "-1"], "--decay-steps must be >= 0"),
     (["--task", "3x3", "--decay-steps", "7"], "--warmup-steps 0 and --decay-steps 7 together are longer than the "
                                               "run (6 steps)"),
@@ -605,6 +605,17 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, args, messag
     assert main(["internalize", "--out", str(tmp_path / "run"), *TINY, *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_seed_torch_cannot_take_is_refused_before_any_data(tmp_path, capsys):
+    """--seed 2**64 passed the checks; the training set was generated, then torch.manual_seed failed with
+    "Overflow when unpacking long long", naming no option. The range is generate's: -1 and 2**64 - 1 seed alike."""
+    for seed in (2 ** 64, 2 ** 63):
+        out = tmp_path / str(seed)
+        assert main(["internalize", "--task", "2x2", "--out", str(out), *TINY, "--seed", str(seed)]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: --seed must be an integer from 0 to 2**63 - 1, got {seed}\n", err
+        assert not (out / "data").exists()
 
 
 def test_a_bad_data_line_is_reported_with_its_file_and_line(tmp_path, capsys):

@@ -135,7 +135,7 @@ def add_parsers(sub) -> None:
                        help="raise the learning rate linearly from 0 over the first N steps (default 0: none, as the "
                             "official code; the demo's act warms up its from-scratch runs over 500)")
     train.add_argument("--seed", type=int, default=0, metavar="N",
-                       help="model initialisation, data order and removal offsets (default 0)")
+                       help="model initialisation, data order and removal offsets: 0 to 2**63 - 1 (default 0)")
     train.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: at the end and "
                        "on Ctrl-C only)")
     train.add_argument("--keep-last", type=int, default=2, metavar="K", help="checkpoints to keep (default 2)")
@@ -471,9 +471,11 @@ def _check_args(args) -> None:
         raise ValueError(f"--decay-steps must be >= 0 (0: a constant learning rate), got {args.decay_steps}")
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0 (0: no warmup), got {args.warmup_steps}")
-    for name in ("seed", "data_seed"):  # Batches shuffles with one, the generated data draws from the other
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    # Batches shuffles with --seed, and torch.manual_seed takes it; the generated data draw from --data-seed
+    if not 0 <= args.seed < 2 ** 63:  # as generate's: -1 seeds what 2**64 - 1 seeds, and more overflows
+        raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    if args.data_seed < 0:
+        raise ValueError(f"--data-seed must be >= 0, got {args.data_seed}")
     if args.remove_all_after is not None and args.remove_all_after < 0:
         raise ValueError(f"--remove-all-after must be >= 0, got {args.remove_all_after}")
     if not args.smoothing_lambda > 0:
