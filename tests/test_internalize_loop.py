@@ -2,6 +2,7 @@
 resume mid-schedule, the baselines, and `python -m kpro internalize` end to end with its errors."""
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -658,13 +659,21 @@ def test_validation_is_checked_before_training(tmp_path):
 
 
 def test_examples_longer_than_the_model_positions_are_refused_before_training(tmp_path):
-    """They trained (past the positions the model has), and only evaluate refused them afterwards."""
-    longest = max(range(len(examples())), key=lambda i: len(examples()[i].ids))
-    short = kpro.Llama(make_model().config.replace(max_position_embeddings=len(examples()[longest].ids) - 1))
-    with pytest.raises(ValueError, match=rf"example {longest} takes {len(examples()[longest].ids)} tokens, more than "
-                                         rf"the model's max_position_embeddings={len(examples()[longest].ids) - 1}"):
-        train(tmp_path, model=short)
-    assert not (tmp_path / "metrics.jsonl").exists()
+    """They trained (past the positions the model has), and only evaluate refused them afterwards. The example
+    is numbered from 1 with its text, as tokenize_examples names one (it was numbered from 0, with no text)."""
+    lines = [multiplication_training_set(2, 1, seed=0)[0]] * 4 + [multiplication_training_set(4, 1, seed=0)[0]]
+    tokenized = tokenize_examples([parse_line(line) for line in lines], TOK)  # the 5th is the long one
+    short = kpro.Llama(make_model().config.replace(max_position_embeddings=len(tokenized[4].ids) - 1))
+    fit = lambda out, **options: fit_internalization(short, tokenized, out, removal="none", steps=1, batch_size=2,
+                                                     pad_id=TOK.pad_id, lr=1e-3, **options)
+    with pytest.raises(ValueError) as err:
+        fit(tmp_path / "text", tokenizer=TOK)
+    assert str(err.value) == (f"example 5 ({lines[4][:80] + '...'!r}) takes {len(tokenized[4].ids)} tokens, more than "
+                              f"the model's max_position_embeddings={len(tokenized[4].ids) - 1}")
+    ids = f"example 5 (token ids {list(tokenized[4].ids[:12])}...) takes"
+    with pytest.raises(ValueError, match="^" + re.escape(ids)):
+        fit(tmp_path / "ids")  # no tokenizer to decode it with
+    assert not (tmp_path / "text" / "metrics.jsonl").exists() and not (tmp_path / "ids" / "metrics.jsonl").exists()
 
 
 def test_an_adapted_model_is_checked_and_validated_as_its_model(tmp_path):

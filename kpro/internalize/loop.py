@@ -32,7 +32,7 @@ from ..train.data import check_special_id, content_digest
 from .batching import collate, remove_cot
 from .evaluation import MARGIN_TOKENS, check_evaluation_examples, evaluate, evaluation_positions
 from .schedule import REMOVE_ALL, RemovalSchedule
-from .tokenization import TokenizedExample
+from .tokenization import TokenizedExample, describe_tokenized
 
 NO_REMOVAL = "none"   # removal="none": train on the whole CoT (the explicit-CoT baseline)
 REMOVE_EVERYTHING = "all"  # removal="all": train with no CoT at all (the no-CoT baseline)
@@ -289,8 +289,8 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     longest = max(range(len(examples)), key=lambda i: len(getattr(examples[i], "ids", ())), default=None)
     if limit is not None and longest is not None and len(getattr(examples[longest], "ids", ())) > limit:
         # evaluate refuses such a model's examples: training on them would go past the positions it has
-        raise ValueError(f"example {longest} takes {len(examples[longest].ids)} tokens, more than the model's "
-                         f"max_position_embeddings={limit}")
+        raise ValueError(f"example {longest + 1} ({describe_tokenized(examples[longest], tokenizer)}) takes "
+                         f"{len(examples[longest].ids)} tokens, more than the model's max_position_embeddings={limit}")
     batches = Batches(examples, batch_size, partial(collate, pad_id=pad_id), seed=seed)
     removal_callback = CoTRemoval(removal, seed, reset_optimizer=reset_optimizer, stream=stream)
     extra = [SaveTokenizer(tokenizer)] if tokenizer is not None else []

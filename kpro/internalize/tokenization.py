@@ -91,6 +91,17 @@ def tokenize_example(example: CoTExample, tokenizer, bos: bool | None = None) ->
     return TokenizedExample(tuple(ids), len(prompt), len(prompt) + len(cot))
 
 
+def describe_tokenized(example: TokenizedExample, tokenizer=None) -> str:
+    """A tokenized example for a message: its `input||cot #### answer` line decoded by `tokenizer`, shortened
+    as tokenize_examples shows one; without a tokenizer, its first token ids."""
+    if tokenizer is None:
+        return f"token ids {list(example.ids[:12])}{'...' * (len(example.ids) > 12)}"
+    ids = example.ids
+    # decode skips the bos and eos; the eos after the CoT (ids[cot_end]) separates it from `#### answer`
+    return _excerpt(f"{tokenizer.decode(example.prompt)}||{tokenizer.decode(ids[example.cot_start:example.cot_end])} "
+                    f"{tokenizer.decode(ids[example.cot_end + 1:])}")
+
+
 def tokenize_examples(examples, tokenizer, bos: bool | None = None) -> list[TokenizedExample]:
     """`tokenize_example` of each; an example the tokenizer cannot encode is named by its number (from 1) and
     text, which one error among 808,000 lines needs."""
