@@ -672,3 +672,19 @@ def test_generate_answers_takes_numpy_and_tensor_eos_ids():
     expected = generate_answers(adapted, tok, ["ab", "c"], 4, eos_token_id=2)
     for eos in (np.int64(2), torch.tensor(2), [2]):
         assert generate_answers(adapted, tok, ["ab", "c"], 4, eos_token_id=eos) == expected
+
+
+def test_generate_answers_takes_the_eos_collections_kpro_generate_takes(monkeypatch):
+    """kpro.generate takes a set, frozenset or range of eos ids; generate_answers decoded the whole batch, then
+    failed at torch.as_tensor(eos) ("Could not infer dtype of set"). A bad eos is now refused before decoding."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    expected = bitune.generate_answers(model, TOK, ["ab", "c"], 4, eos_token_id=[2, 3])
+    for eos in ({2, 3}, frozenset({2, 3}), range(2, 4), (2, 3), np.array([2, 3])):
+        assert bitune.generate_answers(model, TOK, ["ab", "c"], 4, eos_token_id=eos) == expected
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the eos was refused")
+    monkeypatch.setattr(bitune.evaluation, "generate", no_decoding)
+    with pytest.raises(TypeError, match=r"eos_token_id must be a token id or a list of them, got \{'x'\}"):
+        bitune.generate_answers(model, TOK, ["ab"], 4, eos_token_id={"x"})

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import lora, ops
-from ..generation import generate
+from ..generation import DECODE_OPTIONS, check_decoding, generate
 from ..train.loss import output_head_weight
 from .data import (PROMPT_TEMPLATE, MultipleChoice, check_multiple_choice, check_positions, encode_pair,
                    multiple_choice_prompt)
@@ -149,6 +149,10 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
         lora.refuse_idle_adapters(tuned, "generate_answers")
     encoded = [tok.encode(PROMPT_TEMPLATE.format(instruction=p), bos=True, eos=False) for p in prompts]
     sampling.setdefault("eos_token_id", tok.eos_id)
+    # The eos ids and stop_after_eos as decoding reads them (None: the config's eos), refused before decoding;
+    # other keywords are left to the generate called below.
+    *_, eos, _, stop_after_eos = check_decoding(_model_of(tuned).config, max_new_tokens, **{
+        name: value for name, value in sampling.items() if name in DECODE_OPTIONS})
     if isinstance(tuned, Bitune):
         new = tuned.generate(encoded, max_new_tokens, **sampling)
     else:
@@ -157,11 +161,7 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
         with lora.active(tuned.model, tuned.adapter) if adapted else contextlib.nullcontext():
             new = generate(_model_of(tuned), ids, max_new_tokens, attention_mask=mask,
                            **sampling)[:, ids.shape[1]:].tolist()
-    eos = sampling["eos_token_id"]
-    if eos is None:  # as kpro.generate takes it: the model config's eos
-        eos = _model_of(tuned).config.eos_token_ids
-    eos = set(torch.as_tensor(eos).reshape(-1).tolist())  # an int, numpy or tensor id, or several
-    return [tok.decode(_until_stop(row, eos, sampling.get("stop_after_eos", 1))).strip() for row in new]
+    return [tok.decode(_until_stop(row, set(eos), stop_after_eos)).strip() for row in new]
 
 
 def _until_stop(row: list[int], eos: set[int], stop_after_eos: int) -> list[int]:
