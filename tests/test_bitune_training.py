@@ -688,3 +688,18 @@ def test_generate_answers_takes_the_eos_collections_kpro_generate_takes(monkeypa
     monkeypatch.setattr(bitune.evaluation, "generate", no_decoding)
     with pytest.raises(TypeError, match=r"eos_token_id must be a token id or a list of them, got \{'x'\}"):
         bitune.generate_answers(model, TOK, ["ab"], 4, eos_token_id={"x"})
+
+
+def test_generate_answers_refuses_prompts_that_are_not_texts():
+    """Token-id lists (what Bitune.generate takes), None or a number were formatted into the prompt template as
+    their repr ('Question: [1, 10, 11]') and answered without a word."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    ids = TOK.encode("hi", bos=True, eos=False)
+    for prompts, message in (([ids], r"prompt 0 is \[1, .*\]: token ids go to Bitune.generate or kpro.generate"),
+                             ((["hi", torch.tensor(ids)]), "prompt 1 is tensor.*: token ids go to Bitune.generate"),
+                             (["hi", "ho", None], r"prompt 2 is None$"),
+                             ([42], r"prompt 0 is 42$"),
+                             ([b"hi"], r"prompt 0 is b'hi'$")):
+        with pytest.raises(TypeError, match=r"generate_answers takes prompt texts \(str\): " + message):
+            bitune.generate_answers(model, TOK, prompts, 2)

@@ -13,6 +13,7 @@ import torch
 
 from .. import lora, ops
 from ..generation import DECODE_OPTIONS, check_decoding, generate
+from ..tokenizer import checked_ids
 from ..train.loss import output_head_weight
 from .data import (PROMPT_TEMPLATE, MultipleChoice, check_multiple_choice, check_positions, encode_pair,
                    multiple_choice_prompt)
@@ -145,6 +146,15 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
     but `eos_token_id` defaults to the tokenizer's eos (None: the model config's, as kpro.generate's default)."""
     if isinstance(prompts, (str, bytes)):  # a string is a sequence of its characters, each a prompt
         raise TypeError(f"generate_answers takes a list of prompts, got the string {prompts!r}: pass [{prompts!r}]")
+    prompts = list(prompts)
+    for i, prompt in enumerate(prompts):  # anything else would be formatted into the template as its repr
+        if not isinstance(prompt, str):
+            try:
+                checked_ids(prompt, None)
+                hint = ": token ids go to Bitune.generate or kpro.generate"
+            except (TypeError, ValueError):
+                hint = ""
+            raise TypeError(f"generate_answers takes prompt texts (str): prompt {i} is {prompt!r:.80}{hint}")
     if not isinstance(tuned, (Bitune, lora.AdaptedModel)):
         lora.refuse_idle_adapters(tuned, "generate_answers")
     encoded = [tok.encode(PROMPT_TEMPLATE.format(instruction=p), bos=True, eos=False) for p in prompts]
