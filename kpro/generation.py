@@ -92,9 +92,10 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
     broken = torch.zeros_like(finished)  # rows whose logits held a NaN or infinity, read at the step's one sync
     tokens = []
     for step in range(max_new_tokens):
-        broken |= ~logits.isfinite().all(dim=-1) & ~finished
-        # Such a row's token is refused below; meanwhile it must not trip torch.multinomial's own check.
-        logits = torch.where(broken[:, None], torch.zeros_like(logits), logits)
+        non_finite = ~logits.isfinite().all(dim=-1)
+        broken |= non_finite & ~finished  # a finished row's token is discarded (padding): its logits do not matter
+        # An unfinished such row is refused below; meanwhile no such row may trip torch.multinomial's own check.
+        logits = torch.where(non_finite[:, None], torch.zeros_like(logits), logits)
         next_ids = select_next_token(logits, temperature, top_k, top_p, generator)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
         tokens.append(next_ids[:, None])

@@ -95,6 +95,25 @@ def test_non_finite_logits_are_refused_not_decoded(make_model, temperature):
         kpro.generate(model, ids, 3, temperature=temperature, generator=torch.Generator().manual_seed(0))
 
 
+
+def test_a_finished_rows_non_finite_logits_do_not_stop_sampling(make_model):
+    """A finished row is fed the pad token and its tokens are discarded; its logits (NaN here: the pad's embedding
+    is NaN) still reached torch.multinomial when sampling, whose own check raised ("probability tensor contains
+    either `inf`, `nan` or element < 0"). Greedy decoding never minded."""
+    model = make_model(seed=3)
+    pad = 9
+    with torch.no_grad():
+        model.embed_tokens.weight[pad] = float("nan")  # only a finished row reads it
+    ids = torch.tensor([[5, 6, 7], [8, 10, 11]])
+    free = kpro.generate(model, ids, 6, eos_token_id=[])
+    eos = int(free[0, 3])  # row 0's first new token: row 0 finishes at once, row 1 goes on
+    assert eos not in free[1, 3:].tolist() and eos != pad
+    greedy = kpro.generate(model, ids, 6, eos_token_id=eos, pad_token_id=pad)
+    assert greedy[0, 4:].tolist() == [pad] * 5 and greedy[1].tolist() == free[1].tolist()
+    sampled = kpro.generate(model, ids, 6, eos_token_id=eos, pad_token_id=pad, temperature=1.0, top_k=1,
+                            generator=torch.Generator().manual_seed(0))  # top_k=1: the greedy tokens, sampled
+    assert torch.equal(sampled, greedy)
+
 def test_numpy_and_tensor_numbers_are_taken_for_sampling_arguments(make_model):
     import numpy as np
     model = make_model(seed=10)
