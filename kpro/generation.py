@@ -40,7 +40,10 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         raise ValueError("generate() takes a whole model, and this one is sharded across processes (FSDP: "
                          "parallel='fsdp', or fully_shard): generate from its checkpoint (kpro.load_pretrained), or "
                          "train with parallel='ddp', which keeps a whole model on every process")
-    max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
+    # every decoding argument before the prefill (decode checks them again, for its other callers)
+    max_new_tokens = check_decoding(model.config, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                    stop_after_eos=stop_after_eos)[0]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be an integer tensor [B, T] of prompts (one prompt: ids[None]), got {got}")
@@ -124,6 +127,9 @@ def check_decoding(config, max_new_tokens, *, temperature=0.0, top_k=None, top_p
     pad id, stop_after_eos) as Python numbers, the eos and pad defaults read from `config`."""
     max_new_tokens, temperature, top_k, top_p = check_sampling(max_new_tokens, temperature, top_k, top_p)
     stop_after_eos = _positive_int("stop_after_eos", stop_after_eos)
+    if stop_after_eos > torch.iinfo(torch.long).max:  # compared with an int64 count: it would wrap or overflow
+        raise ValueError(f"stop_after_eos must be at most 2**63 - 1 (eos tokens are counted in int64), got "
+                         f"{stop_after_eos}: any count above max_new_tokens never stops a row, as eos_token_id=[]")
     if generator is not None and not isinstance(generator, torch.Generator):  # a seed, say
         raise TypeError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, got "
                         f"{generator!r}")

@@ -470,6 +470,7 @@ def test_generation_refuses_what_it_cannot_read(prompts, max_new_tokens, message
     (dict(pad_token_id=-5), ValueError, "pad_token_id -5 is outside the vocabulary"),
     (dict(pad_token_id=[1, 2]), TypeError, "pad_token_id must be one token id"),
     (dict(stop_after_eos=0), ValueError, "stop_after_eos must be a positive integer, got 0"),
+    (dict(stop_after_eos=2**63), ValueError, r"stop_after_eos must be at most 2\*\*63 - 1"),  # wrapped in int64
     (dict(generator="x"), TypeError, "generator must be a torch.Generator"),
 ])
 def test_generation_refuses_bad_decoding_arguments_before_the_prefill(monkeypatch, sampling, error, message):

@@ -66,6 +66,22 @@ def test_stop_after_the_second_eos(make_model):
         kpro.generate(model, ids, 3, stop_after_eos=0)
 
 
+
+def test_stop_after_eos_beyond_int64_is_refused_before_the_prefill(make_model, monkeypatch):
+    """The eos tokens are counted in int64: a stop_after_eos of 2**63 .. 2**64 - 1 wrapped negative in the
+    comparison (every row stopped after its first token), and 2**64 raised an OverflowError after the prefill."""
+    model = make_model(seed=3)
+    ids = torch.tensor([[5, 6, 7]])
+    free = kpro.generate(model, ids, 3, eos_token_id=[])
+    assert torch.equal(kpro.generate(model, ids, 3, eos_token_id=[], stop_after_eos=2**63 - 1), free)
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("the prefill ran before the argument was refused")
+    monkeypatch.setattr(model, "hidden_states", no_prefill)
+    for value in (2**63, 2**64 - 1, 2**64, np.uint64(2**63)):
+        with pytest.raises(ValueError, match=rf"stop_after_eos must be at most 2\*\*63 - 1 .*, got {value}"):
+            kpro.generate(model, ids, 3, eos_token_id=[], stop_after_eos=value)
+
 def test_sampling_is_reproducible_and_topk1_is_greedy(make_model):
     model = make_model(seed=10)
     ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
