@@ -217,5 +217,8 @@ def test_bad_inputs_are_refused(make_model):
         evaluate(make_model(vocab_size=10), tok, MULT)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         evaluate(model, tok, MULT, max_new_tokens=500)
+    for bad in ("5", 0, 2.5, True):  # "5": a bare TypeError from the position check before (int + str)
+        with pytest.raises(ValueError, match=f"^max_new_tokens must be a positive integer, got {bad!r}$"):
+            evaluate(model, tok, MULT, max_new_tokens=bad)
     with pytest.raises(ValueError, match="symbol 'x' is not in the vocabulary"):
         evaluate(model, tok, [CoTExample("1 x 2", "", "3")])

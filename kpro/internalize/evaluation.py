@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import lora
-from ..generation import generate
+from ..generation import check_sampling, generate
 from ..tokenizer import pad_left
 from .data import ANSWER_MARK, CoTExample
 from .tokenization import tokenize_examples
@@ -59,6 +59,8 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
                             bos=bos)
     lora.refuse_idle_adapters(model, "evaluate")
     examples = check_evaluation_examples(examples, batch_size)
+    if max_new_tokens is not None:  # generate's own check (greedy), before the position check adds it up
+        max_new_tokens = check_sampling(max_new_tokens, 0.0, None, None)[0]
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
