@@ -632,3 +632,15 @@ def test_kpro_instruct_is_kpro_bitune_however_it_is_imported():
             "print(a is kpro.bitune, b is kpro.bitune, tune is kpro.bitune.tune)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True", "True"]
+
+
+def test_kpro_instruct_submodules_are_kpro_bitunes():
+    """`import kpro.instruct.evaluation` loaded a second copy of kpro.bitune's evaluation.py (its own Bitune class:
+    a kpro.Bitune was scored as a causal model) and rebound kpro.bitune.evaluation to that copy. A fresh
+    interpreter, as a user's."""
+    code = ("import sys, kpro.instruct.evaluation as ev, kpro.instruct.command; from kpro.instruct.wrapper import Bitune; "
+            "import kpro, kpro.bitune; "
+            "print(ev is sys.modules['kpro.bitune.evaluation'] is kpro.bitune.evaluation, Bitune is kpro.Bitune, "
+            "kpro.instruct.command is sys.modules['kpro.bitune.command'], ev.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True", "kpro.bitune.evaluation"]
