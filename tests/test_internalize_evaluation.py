@@ -222,3 +222,12 @@ def test_bad_inputs_are_refused(make_model):
             evaluate(model, tok, MULT, max_new_tokens=bad)
     with pytest.raises(ValueError, match="symbol 'x' is not in the vocabulary"):
         evaluate(model, tok, [CoTExample("1 x 2", "", "3")])
+
+
+def test_the_docs_give_evaluates_signature():
+    """docs/internalization.md showed `evaluate(model, tokenizer, examples, batch_size=64, max_new_tokens=None)`:
+    batch_size positional, and no bos."""
+    import inspect
+    parameters = [p.replace(annotation=inspect.Parameter.empty) for p in inspect.signature(evaluate).parameters.values()]
+    signature = f"`evaluate{inspect.Signature(parameters)}`"  # as the docs write it, without annotations
+    assert signature in (Path(__file__).parents[1] / "docs" / "internalization.md").read_text(), signature
