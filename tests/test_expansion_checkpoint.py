@@ -536,6 +536,24 @@ def test_train_expanded_refuses_a_run_directory_in_the_checkpoint_and_bad_argume
             train_expanded(tmp_path / "big", out_dir=tmp_path / "run", steps=1, **kwargs)
 
 
+def test_train_expanded_names_a_checkpoint_directory_that_does_not_exist_or_is_a_file(tmp_path, capsys):
+    """A DIR that did not exist (a typo), or a file, was said to have no kpro_expansion.json and told to name
+    --train-blocks; with --train-blocks, the tokenizer's loader spoke instead. Named as expand names its SRC."""
+    from kpro.expansion.posttrain import train_expanded
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc\n\ndef\n")
+    for directory, message in ((tmp_path / "llama-pro-ini", f"checkpoint directory {tmp_path / 'llama-pro-ini'} "
+                                "does not exist"),
+                               (corpus, f"{corpus} is a file, not a checkpoint directory")):
+        for blocks in (None, [1]):
+            with pytest.raises(FileNotFoundError, match=message):
+                train_expanded(directory, corpus, tmp_path / "run", blocks=blocks, steps=1)
+        assert main(["train-expanded", str(directory), "--data", str(corpus), "--out", str(tmp_path / "run")]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {message}\n", err
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_blocks_with_an_empty_entry_is_refused(tmp_path, capsys):
     """--train-blocks 2,,1 trained blocks 2 and 1: a missing index was dropped without a word."""
     from kpro.cli_args import block_list

@@ -67,9 +67,7 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     if not isinstance(overwrite, bool):  # "False" is truthy: it would replace the destination
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src} is a file, not a checkpoint directory" if src.exists()
-                                else f"checkpoint directory {src} does not exist")
+    check_checkpoint_directory(src)
     source, target = src.resolve(), dst.resolve()
     if target == source or source in target.parents or target in source.parents:
         what = "is the source" if target == source else "is inside the source" if source in target.parents \
@@ -121,6 +119,13 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
             record["earlier_new_blocks"] = earlier
         (tmp / EXPANSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return ExpansionResult(dst, cfg.num_hidden_layers, new_blocks, names, copied, skipped, earlier)
+
+
+def check_checkpoint_directory(directory: Path) -> None:
+    """A checkpoint directory given by the user exists and is a directory (a typo is named as one)."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory" if directory.exists()
+                                else f"checkpoint directory {directory} does not exist")
 
 
 def read_expansion_record(directory) -> dict | None:

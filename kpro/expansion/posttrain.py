@@ -23,7 +23,7 @@ from ..train.checkpointing import saved_schedule
 from ..train.data import read_jsonl
 from ..train.shards import is_shard_directory
 from ..train.tokenize import check_tokenizer, framing, is_jsonl, read_documents, refuse_repeated_files
-from .checkpoint import _copy_other_files, _read_header, read_expansion_record
+from .checkpoint import _copy_other_files, _read_header, check_checkpoint_directory, read_expansion_record
 from .freezing import train_only
 
 FINAL_DIR = "final"
@@ -140,6 +140,7 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     directory; returns the directory of the final model (`out_dir/final`). Running it again with the same
     `out_dir` resumes. Under torchrun each process trains on its device (DDP) and rank 0 writes."""
     directory, out_dir = Path(directory), Path(out_dir)
+    check_checkpoint_directory(directory)
     check_out_dir(directory, out_dir, "out_dir")
     given = data
     data = [data] if isinstance(data, (str, os.PathLike)) else list(data) if hasattr(data, "__iter__") else None
