@@ -330,6 +330,10 @@ def test_command_errors_name_their_flag(tmp_path, capsys, monkeypatch, args, mes
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1"),
     (["--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0 (0: no warmup), got -1"),
     (["--steps", "10", "--warmup-steps", "10"], "--warmup-steps 10 must be fewer than --steps 10"),
+    # fit refused it after the loading and tokenizing, as "a global batch of 6 rows cannot be split", naming no flag
+    (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of --grad-accum 4"),
+    (["--batch-size", "6", "--grad-accum", "2", "WORLD_SIZE=4"],
+     "--batch-size 6 must be a multiple of --grad-accum 2 x 4 processes (torchrun's WORLD_SIZE) = 8"),
 ])
 def test_train_expanded_refuses_bad_optimizer_flags_before_loading_anything(tmp_path, capsys, monkeypatch, args,
                                                                            message):
@@ -340,6 +344,10 @@ def test_train_expanded_refuses_bad_optimizer_flags_before_loading_anything(tmp_
     write_checkpoint(tmp_path / "ck")
     (tmp_path / "corpus.txt").write_text("ab cd\n\nef gh\n")
     monkeypatch.setattr(posttrain, "read_corpus", lambda paths: pytest.fail("the corpus was read"))
+    monkeypatch.setattr(posttrain, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    for setting in [arg for arg in args if "=" in arg]:  # the environment torchrun sets
+        monkeypatch.setenv(*setting.split("="))
+    args = [arg for arg in args if "=" not in arg]
     assert main(["train-expanded", "ck", "--data", "corpus.txt", "--train-blocks", "1", *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

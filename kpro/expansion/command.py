@@ -3,6 +3,7 @@ and post-pretraining of its new blocks."""
 from __future__ import annotations
 
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -81,8 +82,8 @@ def cmd_expand(args) -> None:
 
 
 def check_optimizer_flags(args) -> None:
-    """Named by their flags before the model loads and the corpus is tokenized: Schedule and adamw refuse them
-    only then, naming their Python parameters."""
+    """Named by their flags before the model loads and the corpus is tokenized: Schedule, adamw and fit refuse
+    them only then, naming their Python parameters."""
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a positive finite number, got {args.lr:g}")
     if not 0 <= args.weight_decay < math.inf:  # NaN fails it too
@@ -93,6 +94,12 @@ def check_optimizer_flags(args) -> None:
         raise ValueError(f"--warmup-steps {args.warmup_steps} must be fewer than --steps {args.steps}: the cosine "
                          "decay runs from the end of the warmup to the last step; lower --warmup-steps or raise "
                          "--steps")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's: fit splits each step's rows across them
+    if args.batch_size % (args.grad_accum * processes):
+        split = f"--grad-accum {args.grad_accum}" + (
+            f" x {processes} processes (torchrun's WORLD_SIZE) = {args.grad_accum * processes}" if processes > 1 else "")
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of {split}: each optimizer step's rows "
+                         "are split evenly into that many micro-batches; change --batch-size or --grad-accum")
 
 
 def cmd_train_expanded(args) -> None:
