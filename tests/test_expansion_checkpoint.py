@@ -350,6 +350,28 @@ def test_a_stale_expansion_record_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_expand_of_a_source_with_a_stale_or_broken_record_says_what_to_do_for_expand(tmp_path, capsys):
+    """expand of a directory whose kpro_expansion.json is stale (or not a record) told the user to name
+    --train-blocks, a flag of train-expanded. It is refused still (ignoring it would leave the source's untrained
+    blocks, if any, out of the new record without a word), saying to delete it to expand."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, num_hidden_layers=4)
+    expand_checkpoint(tmp_path / "src", tmp_path / "pro", 2)
+    model = kpro.load_pretrained(tmp_path / "pro")
+    kpro.expand(model, 2)
+    kpro.save_pretrained(model, tmp_path / "pro")  # 8 blocks; the record of 6 stays
+    record = tmp_path / "pro" / EXPANSION_FILE
+    for broken in (False, True):
+        if broken:
+            record.write_text('{"new_blocks": []}')
+        assert main(["expand", str(tmp_path / "pro"), str(tmp_path / "pro2"), "--blocks", "2"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {record}") and ("is stale" in err) != broken and err.count("\n") == 1, err
+        assert "delete it to expand this checkpoint" in err and "--train-blocks" not in err, err
+        assert not (tmp_path / "pro2").exists()
+    record.unlink()
+    assert expand_checkpoint(tmp_path / "pro", tmp_path / "pro2", 2).earlier_new_blocks == []
+
+
 def test_overwrite_replaces_the_model_and_keeps_the_users_files(tmp_path):
     """--overwrite deleted everything in DST: notes, an eval_results/ directory. It replaces a model
     directory's files only, stale weights of another layout included."""

@@ -90,7 +90,7 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     plan = _output_tensors(sources, layout)
     shards = _plan_shards(plan, max_shard_bytes)
     new_blocks = [i for i, (_, new) in enumerate(layout) if new]
-    record = read_expansion_record(src)
+    record = read_expansion_record(src, command="expand")
     untrained = _untrained_blocks(sources, record["new_blocks"]) if record is not None else []
     earlier = [i for i, (source, new) in enumerate(layout) if not new and source in untrained]
 
@@ -128,25 +128,38 @@ def check_checkpoint_directory(directory: Path) -> None:
                                 else f"checkpoint directory {directory} does not exist")
 
 
-def read_expansion_record(directory) -> dict | None:
-    """The `kpro_expansion.json` of an expanded checkpoint, or None when it has none."""
+# what to do about a record that is broken or stale, by the command that reads it: train-expanded reads it for the
+# blocks to train, expand for the source's untrained blocks (refused, not ignored: those would become ordinary
+# blocks of the new expansion without a word)
+_REMEDIES = {"train-expanded": ("fix it, or name the blocks with --train-blocks",
+                                "delete it and name the blocks to train (--train-blocks), or expand again"),
+             "expand": ("fix it, or delete it to expand this checkpoint (the new record then names only this "
+                        "expansion's new blocks)",
+                        "delete it to expand this checkpoint (the new record then names only this expansion's new "
+                        "blocks)")}
+
+
+def read_expansion_record(directory, command: str = "train-expanded") -> dict | None:
+    """The `kpro_expansion.json` of an expanded checkpoint, or None when it has none; a broken or stale one is
+    refused, saying what to do for `command` ("train-expanded" or "expand")."""
+    broken, stale = _REMEDIES[command]
     path = Path(directory) / EXPANSION_FILE
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {err}; {broken}") from None
     blocks = record.get("new_blocks") if isinstance(record, dict) else None
     if not isinstance(blocks, list) or not blocks or \
             not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
         raise CheckpointError(f"{path} must hold {{\"new_blocks\": [block indices]}}, a non-empty list of integers "
-                              "(written by `python -m kpro expand`); fix it, or name the blocks with --train-blocks")
-    _check_record_matches_config(path, record)
+                              f"(written by `python -m kpro expand`); {broken}")
+    _check_record_matches_config(path, record, stale)
     return record
 
 
-def _check_record_matches_config(path: Path, record: dict) -> None:
+def _check_record_matches_config(path: Path, record: dict, remedy: str) -> None:
     """A record of an expansion to another number of blocks than config.json's is stale: kpro.save_pretrained
     of another model (expanded again, say) into the directory keeps it, and its indices name other blocks."""
     copied_from, config = record.get("copied_from"), path.parent / CONFIG_NAME
@@ -159,8 +172,7 @@ def _check_record_matches_config(path: Path, record: dict) -> None:
     if blocks != len(copied_from):
         raise CheckpointError(f"{path} records an expansion to {len(copied_from)} blocks, but {config} has "
                               f"num_hidden_layers={blocks}: it is stale (another model was saved into this directory "
-                              "since `python -m kpro expand` wrote it); delete it and name the blocks to train "
-                              "(--train-blocks), or expand again")
+                              f"since `python -m kpro expand` wrote it); {remedy}")
 
 
 # ------------------------------------------------------------------------------------------------ reading
