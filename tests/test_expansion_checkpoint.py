@@ -273,6 +273,35 @@ def test_expand_and_train_expanded_leave_convert_ggufs_record_behind(tmp_path):
             _check_replaceable(directory)
 
 
+def test_a_training_checkpoint_as_source_keeps_the_runs_own_trainer_state(tmp_path):
+    """A training checkpoint (step-*) expanded again had its trainer_state.json copied into the expansion, and from
+    there over the new run's own summary in every checkpoint and in final/ (step 3 of the old run where the new one
+    was at step 2). fit's files are never copied from a source, and copying never replaces a file already there."""
+    from kpro.expansion.checkpoint import _copy_other_files
+    from kpro.expansion.posttrain import train_expanded
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=13)
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    expand_checkpoint(tmp_path / "src", tmp_path / "pro1", 1, "top")
+    train_expanded(tmp_path / "pro1", corpus, tmp_path / "run1", steps=3, seq_len=16, batch_size=4)
+    step3 = tmp_path / "run1" / "step-00000003"
+    fit_files = {"trainer_state.json", "trainer_state.pt", "optimizer.pt"}
+    assert fit_files <= {p.name for p in step3.iterdir()}
+    result = expand_checkpoint(step3, tmp_path / "pro2", 1, "top")
+    assert result.copied_files == ["kpro_char_tokenizer.json"] and fit_files <= set(result.skipped)
+    assert not fit_files & {p.name for p in (tmp_path / "pro2").iterdir()}
+    (tmp_path / "pro2" / "trainer_state.json").write_text('{"step": 3}\n')  # the old summary, put back by hand
+    final = train_expanded(tmp_path / "pro2", corpus, tmp_path / "run2", steps=2, seq_len=16, batch_size=4)
+    summary = json.loads((tmp_path / "run2" / "step-00000002" / "trainer_state.json").read_text())
+    assert summary["step"] == 2 and summary["total_steps"] == 2, summary
+    assert not fit_files & {p.name for p in final.iterdir()}  # a model, as the run's source was
+    (tmp_path / "into").mkdir()
+    (tmp_path / "into" / "kpro_char_tokenizer.json").write_text("mine")
+    assert _copy_other_files(tmp_path / "src", tmp_path / "into") == ([], ["kpro_char_tokenizer.json"])
+    assert (tmp_path / "into" / "kpro_char_tokenizer.json").read_text() == "mine"
+
+
 def test_the_checkpoint_dtype_is_the_one_holding_most_parameters_over_every_shard(tmp_path):
     """train-expanded saves in it: a bfloat16 model whose norms are float32 is a bfloat16 checkpoint."""
     from kpro.expansion.posttrain import checkpoint_dtype

@@ -28,6 +28,7 @@ from ..config import LlamaConfig
 from ..convert.gguf_llama import RECORD_NAME as GGUF_RECORD
 from ..model import Llama
 from ..tokenizer import CHAT_TEMPLATE_DIR
+from ..train.checkpointing import RUN_FILES
 from .layout import expansion_layout
 
 EXPANSION_FILE = "kpro_expansion.json"
@@ -47,7 +48,7 @@ class ExpansionResult:
     new_blocks: list[int]
     weight_files: list[str]
     copied_files: list[str]  # tokenizer and other files taken along from the source
-    skipped: list[str]  # entries of the source left behind (weights in other formats, subdirectories)
+    skipped: list[str]  # entries of the source left behind (weights in other formats, training state, subdirectories)
     # the source's own new blocks still untrained (named by its kpro_expansion.json, their o_proj and down_proj
     # still zero), by their index here: the record lists them with the new ones, for train-expanded
     earlier_new_blocks: list[int] = dataclasses.field(default_factory=list)
@@ -364,13 +365,18 @@ def _write_zeros(out, nbytes: int, view: memoryview) -> None:
 
 def _copy_other_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
     """Copy the tokenizer and the other plain files of `src` (not its weights, config or index, nor
-    convert-gguf's record)."""
+    convert-gguf's record) into `dst`, never over an entry `dst` holds already."""
     copied, skipped = [], []
     for entry in sorted(src.iterdir()):
         name = entry.name
         # GGUF_RECORD marks convert-gguf's own output, which a later conversion replaces: not this model
         if name in (CONFIG_NAME, EXPANSION_FILE, GGUF_RECORD) or name.endswith((".index.json", ".safetensors")):
             continue  # rewritten for the expanded model
+        # fit's files of a training checkpoint used as the source: its step and optimizer, not this model's; and
+        # what `dst` holds (a training checkpoint's own trainer_state.json, written before its on_save callbacks)
+        if name in RUN_FILES or (dst / name).exists() or (dst / name).is_symlink():
+            skipped.append(name)
+            continue
         if name == CHAT_TEMPLATE_DIR and entry.is_dir():  # the tokenizer's other chat templates
             shutil.copytree(entry, dst / name, dirs_exist_ok=True)
             copied.append(name)

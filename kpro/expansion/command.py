@@ -77,7 +77,7 @@ def cmd_expand(args) -> None:
     print(f"wrote {result.directory}/: {', '.join(result.weight_files)}, config.json, kpro_expansion.json"
           + (f"; copied {', '.join(result.copied_files)}" if result.copied_files else "; no tokenizer found to copy"))
     if result.skipped:
-        print(f"left behind: {', '.join(result.skipped)} (weights in other formats, subdirectories)")
+        print(f"left behind: {', '.join(result.skipped)} (weights in other formats, training state, subdirectories)")
     print(f"next: python -m kpro train-expanded {shlex.quote(str(result.directory))} --data corpus.txt")
 
 

@@ -45,6 +45,7 @@ MODULE_WEIGHTS = "module.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "trainer_state.json"
+RUN_FILES = (MODULE_WEIGHTS, OPTIMIZER_FILE, STATE_FILE, SUMMARY_FILE)  # a checkpoint's files besides the model's
 FORMAT = 1
 # Param-group keys that choose how an optimizer computes its step, not what it computes (fused kernels may round
 # otherwise): a loaded optimizer keeps its own, where torch's loader would copy the checkpoint's over them, so a
