@@ -303,7 +303,8 @@ def test_a_training_checkpoint_as_source_keeps_the_runs_own_trainer_state(tmp_pa
 
 
 def test_the_checkpoint_dtype_is_the_one_holding_most_parameters_over_every_shard(tmp_path):
-    """train-expanded saves in it: a bfloat16 model whose norms are float32 is a bfloat16 checkpoint."""
+    """train-expanded takes the digest of its source in it: a bfloat16 model whose norms are float32 is a bfloat16
+    checkpoint."""
     from kpro.expansion.posttrain import checkpoint_dtype
     model = kpro.Llama(tiny_config(num_hidden_layers=2)).to(torch.bfloat16)
     for module in model.modules():
@@ -312,6 +313,35 @@ def test_the_checkpoint_dtype_is_the_one_holding_most_parameters_over_every_shar
     kpro.save_pretrained(model, tmp_path / "ck", max_shard_size="20KB")
     assert len(list((tmp_path / "ck").glob("model-*.safetensors"))) > 2
     assert checkpoint_dtype(tmp_path / "ck") == torch.bfloat16
+
+
+def test_train_expanded_saves_each_tensor_in_its_source_dtype(tmp_path):
+    """A source of bfloat16 matrices and float32 norms (a mixed-precision export): the final model was cast whole
+    to the dtype holding most parameters, so the frozen blocks' norm weights were rounded to bfloat16 (changes up to
+    4e-3). Each tensor is saved in its source dtype: the frozen ones bit for bit."""
+    from safetensors.torch import load_file
+    from kpro.expansion.posttrain import train_expanded
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(num_hidden_layers=2, vocab_size=13))
+    randomize_norms(model, torch.Generator().manual_seed(1))  # float32 values bfloat16 cannot hold
+    norms = {name: p.detach().clone() for name, p in model.named_parameters() if "norm" in name}
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in norms:
+                p.data = norms[name]
+    kpro.save_pretrained(model, tmp_path / "src")
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")
+    expand_checkpoint(tmp_path / "src", tmp_path / "big", 1, "top")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    final = train_expanded(tmp_path / "big", corpus, tmp_path / "run", steps=2, seq_len=16, batch_size=4, lr=1e-2)
+    source, trained = load_file(tmp_path / "big" / "model.safetensors"), load_file(final / "model.safetensors")
+    assert trained.keys() == source.keys()
+    assert {t.dtype for t in source.values()} == {torch.bfloat16, torch.float32}
+    for name, tensor in source.items():
+        assert trained[name].dtype == tensor.dtype, name
+        assert torch.equal(trained[name], tensor) != name.startswith("model.layers.2."), name
 
 
 def test_cli_train_expanded_errors(tmp_path, capsys):

@@ -4,7 +4,8 @@ The corpus is text files, tokenized with the checkpoint's own tokenizer and pack
 tokens in memory (no padding), or a token shard directory of any size (`python -m kpro tokenize`, made
 with the same tokenizer), read from disk by `kpro.train.TokenShards`; `kpro.train.fit` runs the loop
 (checkpoints, resume, metrics, torchrun) with only the new blocks training (`kpro.train_only`). At the end
-the model is saved as a normal LLaMA checkpoint in the source's dtype, with the source's tokenizer files.
+the model is saved as a normal LLaMA checkpoint, each tensor in its dtype in the source, with the source's
+tokenizer files.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import base_fingerprint
-from ..checkpoint import _write_checkpoint, atomic_directory, load_pretrained, parse_size, tensor_locations
+from ..checkpoint import _write_checkpoint, atomic_directory, hf_name, load_pretrained, parse_size, tensor_locations
 from ..tokenizer import document_bos_id, load_tokenizer, special_token_in
 from ..distributed import on_main
 from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_distributed, pack_documents
@@ -130,6 +131,14 @@ def checkpoint_dtype(directory: Path) -> torch.dtype:
     return SAFETENSORS_DTYPES.get(max(counts, key=counts.get) if counts else "F32", torch.float32)
 
 
+def tensor_dtypes(directory: Path) -> dict[str, torch.dtype]:
+    """Each tensor's dtype in the checkpoint, by its checkpoint name (load_pretrained has refused any other than
+    the floating-point ones)."""
+    locations = tensor_locations(directory)
+    return {name: SAFETENSORS_DTYPES[source.dtype] for file in sorted(set(locations.values()))
+            for name, source in _read_header(file).items() if locations.get(name) == file}
+
+
 def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, seq_len: int | None = None,
                    batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4, weight_decay: float = 0.0,
                    warmup_steps: int | None = None, min_lr_ratio: float = 0.1, clip_grad_norm: float | None = 1.0,
@@ -153,7 +162,7 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     block_ids = blocks_to_train(directory, blocks)
     tokenizer = load_tokenizer(directory)
     model = load_pretrained(directory, dtype=dtype, device=device)
-    source_dtype = checkpoint_dtype(directory)
+    source_dtype, source_dtypes = checkpoint_dtype(directory), tensor_dtypes(directory)
     # in the source's dtype: the values as stored, whatever --dtype the run trains in (fit checks that apart)
     source = SourceFingerprint(directory, out_dir, base_fingerprint(model, source_dtype))
     if seq_len is None:
@@ -180,7 +189,11 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
         precision=precision, save_every=save_every, keep_last=keep_last, log_every=log_every, stream=stream,
         callbacks=[CopyFilesIntoCheckpoints(directory), source])
     final = out_dir / FINAL_DIR
-    model.to(source_dtype)
+    # each tensor back in its source dtype, not the whole model in the majority one: a mixed source's float32
+    # norms beside bfloat16 matrices stay float32, and the frozen tensors are the source's bit for bit (where
+    # --dtype holds their values: float32 holds bfloat16's). In place, one tensor at a time: no second copy.
+    for name, parameter in model.named_parameters():  # a tied head is the embedding: one parameter
+        parameter.data = parameter.data.to(source_dtypes[hf_name(name)])
 
     def write_final():
         with atomic_directory(final, drop=lambda name: True) as tmp:  # weights and tokenizer appear together
