@@ -207,6 +207,10 @@ class TokensNotInSentencePiece(ValueError):
     """A directory's tokenizer.model lacks tokens its tokenizer uses (Tokenizer._check_added_tokens)."""
 
 
+class NotSentencePiece(ValueError):
+    """A tokenizer.model that SentencePiece cannot read (LLaMA 3's tiktoken BPE file has that name too)."""
+
+
 class Tokenizer(_TokenizerBase):
     """A SentencePiece model: `Tokenizer("dir/tokenizer.model")` or `Tokenizer("dir")`."""
 
@@ -223,7 +227,7 @@ class Tokenizer(_TokenizerBase):
         try:
             self.sp.Load(str(path))
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"{path} is not a SentencePiece model: {err}") from None
+            raise NotSentencePiece(f"{path} is not a SentencePiece model: {err}") from None
         self.vocab_size = self.sp.GetPieceSize()
         self.config = read_tokenizer_config(path.parent)
         added = path.parent / ADDED_TOKENS_FILE  # part of the tokenizer (transformers' LlamaTokenizer reads it): saved
@@ -682,7 +686,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | 
     """The tokenizer stored beside a checkpoint, the first of: `tokenizer.model` (SentencePiece),
     `tokenizer.json` (Hugging Face), kpro's character or symbol tokenizer. A `tokenizer.model` that lacks
     tokens the tokenizer uses (the bos or eos tokenizer_config.json names, an added token its chat template
-    writes: a ChatML fine-tune's <|im_start|>) gives way to `tokenizer.json`."""
+    writes: a ChatML fine-tune's <|im_start|>), or that is no SentencePiece model at all (LLaMA 3's tiktoken file),
+    gives way to `tokenizer.json`."""
     directory = Path(directory)
     if directory.is_file():
         raise FileNotFoundError(f"{directory} is a file; load_tokenizer takes the directory that holds it "
@@ -695,6 +700,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | 
         except TokensNotInSentencePiece:
             if not (directory / TOKENIZER_JSON_FILE).is_file():
                 raise  # else tokenizer.json holds the added tokens, as transformers' fast tokenizer reads them
+        except NotSentencePiece as err:  # read as transformers reads such a directory: its tokenizer.json
+            if not (directory / TOKENIZER_JSON_FILE).is_file():
+                raise NotSentencePiece(f"{err}; {directory} holds no {TOKENIZER_JSON_FILE} to read instead (LLaMA 3's "
+                                       f"tiktoken {SENTENCEPIECE_FILE} comes with one: add the {TOKENIZER_JSON_FILE} "
+                                       "of the model's release)") from None
     if (directory / TOKENIZER_JSON_FILE).is_file():
         return JsonTokenizer(directory / TOKENIZER_JSON_FILE)
     if (directory / CHAR_TOKENIZER_FILE).is_file():

@@ -374,6 +374,24 @@ def test_a_sentencepiece_model_lacking_the_configs_added_tokens_gives_way_to_tok
     assert isinstance(tok, kpro.Tokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 0, 2)
 
 
+def test_a_tokenizer_model_that_is_not_sentencepiece_gives_way_to_tokenizer_json(bpe_dir, tmp_path):
+    """LLaMA 3 uploads may keep its tiktoken BPE file as tokenizer.model beside tokenizer.json: load_tokenizer
+    refused the directory ("not a SentencePiece model"), where transformers reads tokenizer.json. It reads
+    tokenizer.json there; without one, the error names both files."""
+    import base64
+    from kpro.train.tokenize import tokenizer_identity
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(piece).decode()} {rank}\n"
+                                                      for rank, piece in enumerate([b"!", b"hello", b" world"])))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.model'} is not a SentencePiece model: .*; "
+                                         f"{tmp_path} holds no tokenizer.json to read instead"):
+        load_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((bpe_dir / name).read_bytes())
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, JsonTokenizer) and tok.encode("hello world") == load_tokenizer(bpe_dir).encode("hello world")
+    assert tokenizer_identity(tmp_path)["file"] == "tokenizer.json"  # what token shards record: the file in use
+
+
 transformers_needed = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 
 
