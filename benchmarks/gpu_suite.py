@@ -26,8 +26,9 @@ budget and is killed at it; either way what finished is kept.
               syncs (torch.profiler): whether Python or the GPU sets the step time (the second H200 run
               measured the GPU busy 74 ms of kpro's 180 ms step, and train_only's step slower than
               kpro-frozen's, unexplained); then the host's cost of one call of each kpro op beside the
-              PyTorch ops it replaces, and of its parts (custom op, launcher alone). OUT_DIR/profile.json,
-              host_costs.json and profile.md.
+              PyTorch ops it replaces, and of its parts (custom op, launcher alone). OUT_DIR/profile.json
+              (the measurements), host_costs.json and profile.md, written anew by each attempt (an earlier
+              attempt's are deleted first).
   benchmarks  `pytest --benchmark` over benchmarks/ (CUDA-event timing, checks before timing: conftest.py),
               the cases behind SPEC.md's performance goals first (benchmark_priority). A full pass of
               every GPU case may well take longer than the budget (an estimate: mostly torch.compile and
@@ -35,12 +36,12 @@ budget and is killed at it; either way what finished is kept.
               of the same command continues it.
 
 Outputs in OUT_DIR: gpu_suite.json (device, versions, per-stage status, timings, results, errors) and
-gpu_suite.md (tables to paste into benchmarks/RESULTS.md); per stage NAME.json (its result), NAME.jsonl
+gpu_suite.md (tables to paste into benchmarks/RESULTS.md); per stage NAME.stage.json (its result), NAME.jsonl
 (one line per finished test or candidate, written as it finishes; a benchmark's again at its process's end
 where a later case added to its extra_info, as the ratios do) and NAME.log (the child's output);
 pytest-benchmark-N.json from each benchmarks attempt.
 
-Resuming: a stage whose NAME.json says complete is skipped (and says so); an incomplete one reruns and
+Resuming: a stage whose NAME.stage.json says complete is skipped (and says so); an incomplete one reruns and
 skips what its NAME.jsonl already holds, so a second run of the same command continues where the budget
 stopped the first. A test or candidate that was running when its child was killed or died runs once more
 on the next attempt, and is recorded as failed if that happens again. A test or candidate that fails and
@@ -80,6 +81,7 @@ DESCRIPTIONS = {
     "benchmarks": "pytest --benchmark benchmarks/ at the headline shapes -> OUT_DIR/pytest-benchmark-N.json",
 }
 NOISE_GUARD = 0.03  # a candidate replaces the default only if its median time is more than 3% lower
+PROFILE_FILES = ("profile.json", "profile.md", "host_costs.json")  # what benchmarks/profile_step.py writes
 BUDGET_SKIP = "gpu suite: this stage's time budget is spent"
 KILLED = "still running when its process was killed (time budget) or died, twice; not retried"
 CONTEXT_LOST_EXIT = 6  # a pytest child whose CUDA context a failed test broke (pytest's own codes are 0 to 5)
@@ -103,6 +105,12 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def result_path(out_dir: Path, stage: str) -> Path:
+    """OUT_DIR/NAME.stage.json, a stage's result: apart from what its child writes (profile_step.py's
+    measurements are OUT_DIR/profile.json)."""
+    return Path(out_dir) / f"{stage}.stage.json"
 
 
 def write_json(path: Path, data) -> None:
@@ -188,11 +196,11 @@ class Stage:
 
 
 def run_stages(stages: list[Stage], out_dir: Path, *, force: bool = False, log=print) -> dict[str, dict]:
-    """Run `stages` in order: a stage whose OUT_DIR/NAME.json is complete is skipped unless `force` (which
+    """Run `stages` in order: a stage whose OUT_DIR/NAME.stage.json is complete is skipped unless `force` (which
     first deletes its files); an exception in a stage is recorded in its result and the next stage runs."""
     results = {}
     for stage in stages:
-        path = out_dir / f"{stage.name}.json"
+        path = result_path(out_dir, stage.name)
         previous = read_json(path)
         if isinstance(previous, dict) and previous.get("complete") and not force:
             log(f"{stage.name}: complete in {path}, skipped (--force reruns it)")
@@ -529,7 +537,7 @@ def pytest_stage(stage: str, args: list[str]) -> Callable[[Context], dict]:
     def run(ctx: Context) -> dict:
         record_path = ctx.out_dir / f"{stage}.jsonl"
         before = len(read_records(record_path))
-        previous = read_json(ctx.out_dir / f"{stage}.json") or {}
+        previous = read_json(result_path(ctx.out_dir, stage)) or {}
         attempts = list(previous.get("attempts", []))
         seen, last_count = [before], [time.monotonic()]
 
@@ -691,6 +699,9 @@ def profile_stage(ctx: Context) -> dict:
     each timed (host clock, synchronised) with the time to issue it, then the host costs, then each step
     profiled (its device syncs counted): every clock reading before the first profiler session."""
     log_path = ctx.out_dir / "profile.log"
+    # Each attempt measures everything again: an earlier attempt's files would pass for this one's.
+    for name in PROFILE_FILES:
+        (ctx.out_dir / name).unlink(missing_ok=True)
     code, killed = run_child([str(HERE / "profile_step.py"), str(ctx.out_dir)], log_path, ctx.hard_deadline)
     results = read_json(ctx.out_dir / "profile.json") or []
     for r in results:
@@ -700,8 +711,11 @@ def profile_stage(ctx: Context) -> dict:
     complete = code == 0 and not killed
     error = None if complete else ("the time budget ran out" if killed
                                    else f"exited with status {code}: {last_line(log_path)}")
+    if error and not results:
+        error = f"profile_step.py measured nothing (no profile.json): {error}"
     return dict(complete=complete, results=results, attempts=[dict(exit_code=code, killed=killed)], error=error,
-                summary=f"{len(results)} implementations profiled", markdown_path=str(ctx.out_dir / "profile.md"))
+                summary=f"{len(results)} implementations profiled" if results else "nothing measured",
+                markdown_path=str(ctx.out_dir / "profile.md"))
 
 
 def last_line(log_path: Path) -> str:
@@ -1148,8 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s for s in stages_for(args.budgets) if s.name in args.selected]
     results = run_stages(stages, out_dir, force=args.force, log=log)
     for name in STAGES:  # the report covers every stage with a result in OUT_DIR, run now or before
-        if name not in results and isinstance(read_json(out_dir / f"{name}.json"), dict):
-            results[name] = dict(read_json(out_dir / f"{name}.json"), ran_this_time=False)
+        if name not in results and isinstance(read_json(result_path(out_dir, name)), dict):
+            results[name] = dict(read_json(result_path(out_dir, name)), ran_this_time=False)
     command = "benchmarks/gpu_suite.sh " + " ".join([args.out_dir] + [a for a in argv if a != args.out_dir])
     report = dict(command=command, started=started, seconds=round(time.monotonic() - log.start, 1),
                   environment=env, budgets=args.budgets, stages={n: results[n] for n in STAGES if n in results})

@@ -100,7 +100,7 @@ def test_finished_stage_is_skipped_and_unfinished_one_reruns(tmp_path):
     first = suite.run_stages([done.stage(), partial.stage(), broken.stage()], tmp_path, log=lines.append)
     assert first["a"]["status"] == "complete" and first["b"]["status"] == "incomplete"
     assert first["c"]["status"] == "error" and "boom" in first["c"]["error"]  # the run went on after it
-    assert json.loads((tmp_path / "b.json").read_text())["complete"] is False
+    assert json.loads((tmp_path / "b.stage.json").read_text())["complete"] is False
 
     lines.clear()
     second = suite.run_stages([done.stage(), partial.stage(), broken.stage()], tmp_path, log=lines.append)
@@ -111,7 +111,7 @@ def test_finished_stage_is_skipped_and_unfinished_one_reruns(tmp_path):
 
     forced = FakeStage("a", [True])
     suite.run_stages([forced.stage()], tmp_path, force=True, log=lines.append)
-    assert forced.calls == 1 and json.loads((tmp_path / "a.json").read_text())["attempt"] == 1
+    assert forced.calls == 1 and json.loads((tmp_path / "a.stage.json").read_text())["attempt"] == 1
 
 
 def test_pytest_stage_records_each_test_and_resumes_after_the_budget(tmp_path):
@@ -836,3 +836,31 @@ def test_the_triton_launch_parts_time_the_jit_launch_and_report_the_compiled_one
         [dict(call="a", pass_="forward", backend="triton", host_us=1.0, per_call_us=1.0),
          dict(call=rows[1][0], pass_="forward", backend="triton", error=rows[1][2])])
     assert "| 1.0 µs | 1.0 µs |" in table and "not measured: " + rows[1][2] in table
+
+
+def test_the_profile_stages_result_and_its_childs_measurements_are_separate_files(tmp_path, monkeypatch):
+    """The stage's result was saved as OUT_DIR/profile.json, the file profile_step.py writes its measurements
+    to: the measurements were overwritten, and a resumed stage read the result dict as their list and
+    crashed ("string indices must be integers"). A child killed before writing anything is reported so."""
+    measured = [dict(impl="eager", step_ms=80.9, enqueue_ms=74.4)]
+
+    def silent_child(args, log_path, hard_deadline, poll=None):
+        return None, True  # killed while it built its models
+
+    def child(args, log_path, hard_deadline, poll=None):
+        (tmp_path / "profile.json").write_text(json.dumps(measured))
+        return 0, False
+
+    [stage] = [s for s in suite.stages_for(suite.BUDGETS) if s.name == "profile"]
+    monkeypatch.setattr(suite, "run_child", silent_child)
+    for attempt in (1, 2):
+        result = suite.run_stages([stage], tmp_path, log=lambda line: None)["profile"]
+        assert result["status"] == "incomplete" and result["attempt"] == attempt, result
+        assert result["results"] == [] and result["summary"] == "nothing measured", result
+        assert result["error"] == "profile_step.py measured nothing (no profile.json): the time budget ran out"
+        assert not (tmp_path / "profile.json").exists()
+    monkeypatch.setattr(suite, "run_child", child)
+    result = suite.run_stages([stage], tmp_path, log=lambda line: None)["profile"]
+    assert result["complete"] and result["results"] == measured and result["attempt"] == 3
+    assert json.loads((tmp_path / "profile.json").read_text()) == measured  # the measurements stay
+    assert json.loads((tmp_path / "profile.stage.json").read_text())["complete"] is True
