@@ -186,10 +186,12 @@ class Stage:
     description: str = ""
 
     def files(self, out_dir: Path) -> list[Path]:
-        """What the stage owns in OUT_DIR (deleted by --force)."""
+        """What the stage owns in OUT_DIR (deleted by --force): every file it or its children write."""
         found = [p for p in out_dir.glob(f"{self.name}.*")]
         if self.name == "autotune":
             found.append(out_dir / "tuned_tiles.json")
+        if self.name == "profile":
+            found += [out_dir / name for name in PROFILE_FILES if out_dir / name not in found]
         if self.name == "benchmarks":
             found += list(out_dir.glob("pytest-benchmark-*.json"))
         return found

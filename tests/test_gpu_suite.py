@@ -864,3 +864,15 @@ def test_the_profile_stages_result_and_its_childs_measurements_are_separate_file
     assert result["complete"] and result["results"] == measured and result["attempt"] == 3
     assert json.loads((tmp_path / "profile.json").read_text()) == measured  # the measurements stay
     assert json.loads((tmp_path / "profile.stage.json").read_text())["complete"] is True
+
+
+def test_force_deletes_every_file_the_profile_stage_writes(tmp_path):
+    """--force deleted profile.* and left host_costs.json, an output of profile_step.py, from the earlier run."""
+    written = ["profile.json", "profile.md", "profile.log", "profile.stage.json", "host_costs.json"]
+    for name in written + ["tests.jsonl", "tuned_tiles.json"]:
+        (tmp_path / name).write_text("from an earlier run\n")
+    [stage] = [s for s in suite.stages_for(suite.BUDGETS) if s.name == "profile"]
+    assert sorted(p.name for p in stage.files(tmp_path)) == sorted(written)
+    stage.run = lambda ctx: {"complete": False, "error": "cut short before the host costs"}
+    suite.run_stages([stage], tmp_path, force=True, log=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.stage.json", "tests.jsonl", "tuned_tiles.json"]
