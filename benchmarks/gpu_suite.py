@@ -7,7 +7,8 @@ one JSON and one Markdown report.
 
 Stages, in order, each in a child process with its own time budget (BUDGETS, 440 s in all; the rest of the
 8 minutes covers start-up and reports). A pytest stage stops starting tests `margin` seconds before its
-budget and is killed at it; either way what finished is kept.
+budget and is killed at it; either way what finished is kept, and what did not is counted as "not run
+(budget)" (killed, the test that was running is named).
   tests       `pytest -m cuda -q tests`: the summary, and each failure's id and message; the quick tests
               first, those at GPU sizes or compiling a model after them (test_priority).
   autotune    every candidate tile configuration of the attention kernels (attention_tiles.candidate_configs)
@@ -421,6 +422,11 @@ class SuitePlugin:
         elif self.order == "tests":
             items.sort(key=lambda item: test_priority(item.nodeid))
 
+    def pytest_collection_finish(self, session):
+        """Record what this attempt will run (after every deselection): a test in it that never finishes, the
+        child killed first, is counted as not run (pytest_result)."""
+        append_record(self.record_path, dict(collected=[item.nodeid for item in session.items], t=time.time()))
+
     @pytest_hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item):
         if time.time() > self.deadline:
@@ -512,24 +518,34 @@ def summary_line(log_path: Path) -> str | None:
 
 
 def pytest_result(stage: str, out_dir: Path, attempts: list[dict]) -> dict:
-    """A pytest stage's result from its records: counts, failures with messages, and completeness."""
-    records = final_records(read_records(out_dir / f"{stage}.jsonl"))
+    """A pytest stage's result from its records: counts, failures with messages, and completeness. A test the
+    last attempt collected but never finished (it was running, or after the one running, when the child was
+    killed or died) counts as not run (budget); the one that was running is named (`in_flight`)."""
+    all_records = read_records(out_dir / f"{stage}.jsonl")
+    records = final_records(all_records)
+    last = attempts[-1] if attempts else {}
+    collected = next((r["collected"] for r in reversed(all_records) if "collected" in r), [])
+    unfinished = [nodeid for nodeid, r in records.items() if r.get("outcome") == "started"]  # the one running
+    in_flight = unfinished[0] if unfinished else None
+    for nodeid in unfinished + [nodeid for nodeid in collected if nodeid not in records]:
+        records[nodeid] = dict(nodeid=nodeid, outcome="skipped", budget=True, in_flight=nodeid == in_flight,
+                               message="running when its process was killed or died" if nodeid == in_flight
+                               else "not started: its process was killed or died first")
     counts: dict[str, int] = {}
     for record in records.values():
         key = "not run (budget)" if record.get("budget") else record.get("outcome", "?")
         counts[key] = counts.get(key, 0) + 1
     failures = [dict(id=nodeid, message=r.get("message", ""), context_lost=r.get("context_lost", False))
                 for nodeid, r in records.items() if r.get("outcome") == "failed"]
-    last = attempts[-1] if attempts else {}
     complete = (not last.get("killed") and last.get("exit_code") in (0, 1, 5)
                 and counts.get("not run (budget)", 0) == 0)
-    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()) if outcome != "started")
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
     if last.get("killed"):
-        summary = "killed at the time budget; " + summary
+        summary = f"killed at the time budget{f' during {in_flight}' if in_flight else ''}; " + summary
     elif last.get("exit_code") == CONTEXT_LOST_EXIT:
         summary = "stopped: a failed test broke the CUDA context, the budget left no fresh process; " + summary
     result = dict(complete=complete, counts=counts, failures=failures, attempts=attempts, summary=summary,
-                  pytest_summary=summary_line(out_dir / f"{stage}.log"))
+                  in_flight=in_flight, pytest_summary=summary_line(out_dir / f"{stage}.log"))
     if stage == "benchmarks":
         result["cases"] = [dict(r, id=nodeid) for nodeid, r in records.items()]
     return result
@@ -1080,7 +1096,8 @@ def render_markdown(report: dict) -> str:
             lines.append("")
         budget = [c["id"] for c in bench.get("cases", []) if c.get("budget")]
         if budget:
-            lines += [f"Not run (time budget; run the same command again to continue): {len(budget)} cases.", ""]
+            lines += [f"Not run (time budget; run the same command again to continue): {len(budget)} cases"
+                      + (f" (the stage's process ended while `{bench['in_flight']}` ran)" if bench.get("in_flight") else "") + ".", ""]
     return "\n".join(lines) + "\n"
 
 

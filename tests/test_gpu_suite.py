@@ -151,9 +151,43 @@ def test_pytest_stage_records_each_test_and_resumes_after_the_budget(tmp_path):
     assert second["complete"] and second["attempt"] == 2
     assert second["counts"] == {"passed": 6, "failed": 1, "skipped": 1}
     records = [json.loads(line) for line in (out / "tests.jsonl").read_text().splitlines()]
-    ran_twice = [nodeid for nodeid in {r["nodeid"] for r in records}
-                 if sum(r["nodeid"] == nodeid and r["outcome"] == "passed" for r in records) > 1]
+    ran_twice = [nodeid for nodeid in {r["nodeid"] for r in records if "nodeid" in r}
+                 if sum(r.get("nodeid") == nodeid and r["outcome"] == "passed" for r in records) > 1]
     assert ran_twice == []  # the second attempt ran only what the first did not finish
+
+
+def test_a_stage_killed_at_its_budget_counts_the_tests_it_never_finished(tmp_path):
+    """Killed at the hard deadline, the stage's counts held only the tests that had finished: the one in flight
+    and every later one were in no count, and the Markdown's "Not run (time budget)" line was missing."""
+    tests = tmp_path / "suite_tests" / "test_killed.py"
+    tests.parent.mkdir()
+    tests.write_text(textwrap.dedent("""
+        import time
+        import pytest
+
+        def test_a_quick():
+            pass
+
+        def test_b_hangs():
+            time.sleep(120)
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_c_after(i):
+            pass
+    """))
+    out = tmp_path / "out"
+    out.mkdir()
+    stage = suite.Stage("benchmarks", suite.pytest_stage("benchmarks", [str(tests), "-q", "-p", "no:cacheprovider"]),
+                        budget=20.0, margin=1.0)
+    result = suite.run_stages([stage], out, log=lambda line: None)["benchmarks"]
+    assert result["attempts"][-1]["killed"] and not result["complete"], result
+    assert result["counts"] == {"passed": 1, "not run (budget)": 4}, result["counts"]
+    assert result["in_flight"].endswith("::test_b_hangs"), result
+    assert result["summary"].startswith("killed at the time budget during ") and "4 not run (budget)" in result["summary"]
+    assert len(result["cases"]) == 5
+    text = suite.render_markdown(dict(stages={"benchmarks": result}))
+    assert "Not run (time budget; run the same command again to continue): 4 cases" in text, text
+    assert "test_b_hangs" in text
 
 
 def test_a_test_running_when_its_process_died_runs_once_more_then_fails(tmp_path):
