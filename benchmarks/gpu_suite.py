@@ -16,11 +16,13 @@ budget and is killed at it; either way what finished is kept, and what did not i
               backward with the other kernels at their defaults; each candidate's result is checked against
               the default configuration's first (a wrong or failing candidate is recorded, never chosen).
               bf16 at head dims 128 and 64, then fp16 if time is left. Up to WARMUP_PROCESSES children
-              first compile the candidates in parallel (Triton's on-disk cache; at most half the budget),
-              then one child checks and times them one at a time. A winner must beat the default by
-              more than 3% (NOISE_GUARD). OUT_DIR/tuned_tiles.json is the repository's table with the
-              measured sweeps updated, ready to copy over kpro/ops/triton_kernels/tuned_tiles.json (the
-              command is printed; the suite never writes into the repository).
+              first compile the candidates in parallel (Triton's on-disk cache; at most half the budget,
+              and WARMUP_GRACE to finish), then one child checks and times them one at a time, started
+              only with TIMING_START left (a budget under AUTOTUNE_FULL_BUDGET may be spent compiling: the
+              result says so). A winner must beat the default by more than 3% (NOISE_GUARD).
+              OUT_DIR/tuned_tiles.json is the repository's table with the measured sweeps updated, ready to
+              copy over kpro/ops/triton_kernels/tuned_tiles.json (the command is printed; the suite never
+              writes into the repository).
   profile     benchmarks/profile_step.py: the expansion benchmark's step for eager, kpro-frozen (the same
               model, flags and step) and kpro-train_only (building the models takes most of the time), each
               timed, with the host time to issue it; then the GPU's busy time, kernel launches and device
@@ -93,6 +95,10 @@ AUTOTUNE_PLAN = (("bfloat16", 128, True), ("bfloat16", 64, True), ("float16", 12
 AUTOTUNE_SHAPE = {128: (4, 4096, 16), 64: (4, 4096, 32)}  # head dim -> (batch, tokens, query heads); GQA 4:1
 AUTOTUNE_TOLERANCE = {"bfloat16": 2e-2, "float16": 1e-2}  # relative error against the default configuration
 WARMUP_PROCESSES = 8  # processes compiling the candidates in parallel before the timing (at most half the CPUs)
+WARMUP_GRACE = 10.0  # seconds the compile processes get after their deadline to finish the compile in hand
+TIMING_START = 15.0  # the timing process starts only with this much of the budget left
+# the least budget that leaves TIMING_START after a full warm-up (half the budget, plus its grace)
+AUTOTUNE_FULL_BUDGET = 2 * (WARMUP_GRACE + TIMING_START)
 
 # The order of the benchmark files within a priority tier (a file not named here comes after them).
 BENCHMARK_FILES = ("test_norm_swiglu.py", "test_attention.py", "test_expansion.py", "test_bitune_step.py",
@@ -679,10 +685,12 @@ def autotune_stage(ctx: Context) -> dict:
     warm_deadline = min(ctx.deadline, warm_start + 0.5 * ctx.budget)  # at least half the budget is for timing
     run_children([[str(Path(__file__).resolve()), "_autotune-child", str(ctx.out_dir), repr(warm_deadline),
                    f"--compile-only={i}/{shards}"] for i in range(shards)],
-                 [ctx.out_dir / f"autotune.compile-{i}.log" for i in range(shards)], warm_deadline + 10)
-    ctx.log(f"autotune: kernels compiled by {shards} processes in {time.time() - warm_start:.0f} s")
+                 [ctx.out_dir / f"autotune.compile-{i}.log" for i in range(shards)],
+                 min(warm_deadline + WARMUP_GRACE, ctx.hard_deadline))  # no child outlives the stage's budget
+    warm_s = time.time() - warm_start
+    ctx.log(f"autotune: kernels compiled by {shards} processes in {warm_s:.0f} s")
     for _ in range(4):  # a candidate that breaks the CUDA context ends the child (exit 3): start a fresh one
-        if ctx.left() < 15:
+        if ctx.left() < TIMING_START:
             break
         code, killed = run_child([str(Path(__file__).resolve()), "_autotune-child", str(ctx.out_dir), repr(ctx.deadline)],
                                  log_path, ctx.hard_deadline, poll)
@@ -704,8 +712,12 @@ def autotune_stage(ctx: Context) -> dict:
             ctx.log(f"autotune: {sweep['key']}: {tuple(sweep['winner'])} ({sweep['why']})")
     ctx.log(f"autotune: winners in {out_table}; to adopt them: {copy}")
     error = None
-    if not complete:
-        last = attempts[-1] if attempts else {}
+    if not attempts:
+        error = (f"the time budget was spent compiling: the warm-up took {warm_s:.0f} s of the {ctx.budget:g} s "
+                 f"budget and left under the {TIMING_START:g} s the timing process needs, so nothing was timed "
+                 f"(a budget of at least {AUTOTUNE_FULL_BUDGET:g} s leaves them after a full warm-up)")
+    elif not complete:
+        last = attempts[-1]
         error = ("the time budget ran out" if last.get("killed") or (ends and ends[-1].get("reason"))
                  else f"the sweep process exited with status {last.get('exit_code')}: {last_line(log_path)}")
     return dict(complete=bool(complete), sweeps=sweeps, table=table, table_path=str(out_table), copy_command=copy,
@@ -1139,10 +1151,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         except ValueError:
             parser.error(f"--budget {item}: seconds must be a number")
         # NaN and infinity would disable the deadlines; at or below the margin the stage would start nothing
-        if not MARGINS[name] < args.budgets[name] < float("inf"):
-            why = f" (it starts no work in its last {MARGINS[name]:g} s)" if MARGINS[name] else ""
+        least, why = MARGINS[name], f" (it starts no work in its last {MARGINS[name]:g} s)" if MARGINS[name] else ""
+        if name == "autotune":  # and under TIMING_START, the timing process would never start
+            least, why = TIMING_START, f" (its timing process starts only with {TIMING_START:g} s left)"
+        if not least < args.budgets[name] < float("inf"):
             parser.error(f"--budget {item}: the {name} stage's budget must be a finite number of seconds above "
-                         f"{MARGINS[name]:g}{why}, got {seconds}")
+                         f"{least:g}{why}, got {seconds}")
     if not args.list and not args.out_dir:
         parser.error("OUT_DIR is required")
     return args

@@ -416,6 +416,34 @@ def test_autotune_child_records_every_candidate_and_resumes(tmp_path, monkeypatc
     assert sweeps[0]["candidates"][0]["status"] == "ok"
 
 
+
+def test_an_autotune_budget_spent_compiling_says_so(tmp_path, monkeypatch, capsys):
+    """At budgets the parser accepted (under 50 s) the compile warm-up could leave the timing child too little
+    time to start: the error read "the sweep process exited with status None". Under 20 s, the compile
+    children were killed after the stage's own hard deadline. The warm-up is now cut at the hard deadline, a
+    budget spent compiling says so, and budgets that can never time anything are refused."""
+    kills, timing = [], []
+    monkeypatch.setattr(suite, "run_children", lambda commands, logs, hard_deadline: kills.append(hard_deadline)
+                        or [None] * len(commands))
+    monkeypatch.setattr(suite, "run_child", lambda *args, **kwargs: timing.append(args) or (0, False))
+    for budget in (12.0, 18.0):
+        ctx = suite.Context(tmp_path, budget, suite.MARGINS["autotune"], lambda line: None)
+        suite.autotune_stage(ctx)
+        assert kills[-1] <= ctx.hard_deadline, (budget, kills[-1] - ctx.started)
+    timing.clear()
+    ctx = suite.Context(tmp_path, 30.0, suite.MARGINS["autotune"], lambda line: None)
+    ctx.started -= 20.0  # the warm-up took 20 s of a 30 s budget (time compressed: nothing waits here)
+    result = suite.autotune_stage(ctx)
+    assert timing == [] and not result["complete"] and result["attempts"] == []
+    assert result["error"].startswith("the time budget was spent compiling"), result["error"]
+    assert "at least 50 s" in result["error"], result["error"]
+    assert suite.parse_args(["out", "--budget", "autotune=15.5"]).budgets["autotune"] == 15.5
+    with pytest.raises(SystemExit):
+        suite.parse_args(["out", "--budget", "autotune=15"])
+    assert "--budget autotune=15: the autotune stage's budget must be a finite number of seconds above 15 " \
+           "(its timing process starts only with 15 s left)" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 def fake_report():
