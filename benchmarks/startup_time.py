@@ -5,7 +5,8 @@ processes each.
     python benchmarks/startup_time.py [SOURCE_TREE ...] [--runs N]
 
 SOURCE_TREE (default: this repository) is put first on PYTHONPATH, so a checkout of an older commit
-(`git archive COMMIT | tar -x -C DIR`) measures the before. The checkpoint is a tiny bf16 model: the cost
+(`git archive COMMIT | tar -x -C DIR`) measures the before. A tree without kpro/__init__.py, or whose
+processes import kpro from elsewhere (an installed kpro), is refused: it would measure another kpro. The checkpoint is a tiny bf16 model: the cost
 measured is start-up, not reading weights.
 """
 from __future__ import annotations
@@ -45,6 +46,21 @@ def tiny_checkpoint(directory: Path) -> Path:
     return directory
 
 
+def tree_problem(tree: Path) -> str | None:
+    """Why `tree` cannot be measured (its processes would not import kpro from it), or None."""
+    init = tree / "kpro" / "__init__.py"
+    if not init.is_file():
+        return f"{tree} holds no kpro/__init__.py: give the root of a kpro source tree (the folder holding kpro/)"
+    done = subprocess.run([sys.executable, "-c", "import kpro; print(kpro.__file__)"], cwd=tree,
+                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"{tree}: kpro does not import from it: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    imported = Path(done.stdout.strip().splitlines()[-1])
+    if imported.resolve() != init.resolve():
+        return f"{tree}: its processes import kpro from {imported}, not from {init}"
+    return None
+
+
 def median_wall(args: list, tree: Path, runs: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     times = []
@@ -68,6 +84,10 @@ def main() -> None:
     parser.add_argument("trees", nargs="*", type=Path, default=[ROOT], help="source trees (default: this one)")
     parser.add_argument("--runs", type=int, default=7, help="fresh processes per figure (default: 7)")
     args = parser.parse_args()
+    for tree in args.trees:
+        problem = tree_problem(tree)
+        if problem:
+            parser.error(problem)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = tiny_checkpoint(Path(tmp) / "tiny")
         print("| source tree | `--help` | `info DIR` | `import torch` alone | first `load_pretrained` | second |")

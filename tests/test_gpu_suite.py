@@ -938,3 +938,33 @@ def test_force_deletes_every_file_the_profile_stage_writes(tmp_path):
     stage.run = lambda ctx: {"complete": False, "error": "cut short before the host costs"}
     suite.run_stages([stage], tmp_path, force=True, log=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.stage.json", "tests.jsonl", "tuned_tiles.json"]
+
+
+# ------------------------------------------------------------------------------------------ startup_time.py
+
+def run_startup_time(*args):
+    return subprocess.run([sys.executable, str(BENCHMARKS / "startup_time.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_startup_time_refuses_a_tree_it_would_not_measure(tmp_path):
+    """A SOURCE_TREE without kpro/ (a mistyped path, an archive extracted one level down) was measured anyway:
+    its children imported whichever kpro Python found, the installed one, under the tree's name."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_startup_time(empty, "--runs", "1")
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert f"error: {empty} holds no kpro/__init__.py" in done.stderr, done.stderr
+    # a kpro/ whose import resolves elsewhere (here: a package that hands the import over to another kpro)
+    shim = tmp_path / "shim"
+    (shim / "kpro").mkdir(parents=True)
+    (shim / "kpro" / "__init__.py").write_text(textwrap.dedent(f"""
+        import sys
+        del sys.modules[__name__]
+        sys.path[:] = [{str(ROOT)!r}] + [p for p in sys.path if p not in ("", {str(shim)!r})]
+        import kpro
+    """))
+    done = run_startup_time(shim, "--runs", "1")
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert f"error: {shim}: its processes import kpro from {ROOT / 'kpro' / '__init__.py'}, not from " \
+           f"{shim / 'kpro' / '__init__.py'}" in done.stderr, done.stderr
