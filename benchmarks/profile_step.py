@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "and flags: the difference is kpro's) and kpro-train_only")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--blocks", type=int, nargs=2, metavar=("ORIGINAL", "NEW"),
-                        help="blocks before and after expansion's additions, in place of 32 and 8 (a quick check)")
+                        help="blocks before expansion and blocks it adds, in place of 32 and 8 (a quick check); "
+                             "both positive, NEW dividing ORIGINAL (the interleaved layout)")
     args = parser.parse_args(argv)
     expansion = benchmark_module()
     unknown = sorted(set(args.impl or []) - set(expansion.IMPLEMENTATIONS))
@@ -278,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"machine's device is {device.type}")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.blocks:
+        from kpro.expansion.layout import check_expansion
+        try:  # kpro.expand's own rule, before any model is built
+            check_expansion(*args.blocks, "interleave")
+        except ValueError as err:
+            parser.error(f"--blocks {' '.join(map(str, args.blocks))}: {err}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Every clock reading comes before the first torch.profiler session: in the second H200 run's profile, the

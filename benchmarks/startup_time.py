@@ -82,8 +82,10 @@ def first_loads(tree: Path, checkpoint: Path, runs: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs="*", type=Path, default=[ROOT], help="source trees (default: this one)")
-    parser.add_argument("--runs", type=int, default=7, help="fresh processes per figure (default: 7)")
+    parser.add_argument("--runs", type=int, default=7, help="fresh processes per figure, at least 1 (default: 7)")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
     for tree in args.trees:
         problem = tree_problem(tree)
         if problem:

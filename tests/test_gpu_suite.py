@@ -968,3 +968,20 @@ def test_startup_time_refuses_a_tree_it_would_not_measure(tmp_path):
     assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
     assert f"error: {shim}: its processes import kpro from {ROOT / 'kpro' / '__init__.py'}, not from " \
            f"{shim / 'kpro' / '__init__.py'}" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("startup_time.py", ["--runs", "0"], "error: --runs must be at least 1, got 0"),
+    ("profile_step.py", ["OUT", "--blocks", "4", "0"],
+     "error: --blocks 4 0: the number of new blocks must be a positive integer, got 0"),
+    ("profile_step.py", ["OUT", "--blocks", "4", "3"],
+     "error: --blocks 4 3: interleave needs the number of new blocks to divide the 4 original blocks"),
+], ids=["runs-0", "blocks-new-0", "blocks-not-dividing"])
+def test_the_helper_scripts_refuse_bad_counts_by_their_option(tmp_path, script, args, message):
+    """They were accepted and crashed with a traceback (StatisticsError: no median for empty data; a ValueError
+    from kpro.expand after the models' set-up began)."""
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
