@@ -1,5 +1,5 @@
 """Repository-wide pytest set-up: `pytest --benchmark`, or pytest-benchmark's own `--benchmark-only`, with no
-path runs the suites in benchmarks/ instead of tests/."""
+path runs the suites in benchmarks/ instead of tests/, wherever in the repository pytest starts."""
 from pathlib import Path
 
 import pytest
@@ -21,5 +21,7 @@ def pytest_configure(config):
         untimed = config.getoption("benchmark_disable", False) or config.getoption("benchmark_skip", False) or \
             (config.getoption("numprocesses", None) or 0) != 0 or config.getoption("dist", "no") != "no"
         config.option.benchmark_only = not untimed
-    if benchmarks and config.args_source == pytest.Config.ArgsSource.TESTPATHS:  # no paths given: the benchmarks
+    # No path given: the benchmarks. Not only in place of the testpaths (pytest started at the root): started in
+    # a folder (tests/, say), pytest takes that folder for its path, where no benchmark is to be found.
+    if benchmarks and config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args[:] = [str(ROOT / "benchmarks")]

@@ -673,6 +673,18 @@ def test_benchmark_only_with_no_path_runs_the_benchmarks():
     assert "tests/" not in done.stdout, done.stdout
 
 
+
+@pytest.mark.parametrize("where", ["tests", "docs"])
+def test_the_benchmark_flag_with_no_path_runs_the_benchmarks_wherever_pytest_starts(where):
+    """From tests/ (or any folder but the root) pytest took the folder for its path, not the testpaths, and the
+    conftest redirected only the testpaths: `pytest --benchmark` collected tests/, skipped every test and
+    passed, having measured nothing."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--collect-only", "-q", "-p",
+                           "no:cacheprovider", "-k", "rms_norm and 2048x1024"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT / where, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0 and "test_norm_swiglu.py::" in done.stdout, done.stdout + done.stderr
+    assert "tests/" not in done.stdout, done.stdout
+
 def test_a_missing_flash_attn_is_named_in_its_skip():
     """The attention benchmark skipped flash-attn as "not available" without the import error, so a broken
     install read as an absent one (Liger's skip names its error). On a (pretended) GPU, flash_attn unimportable;
