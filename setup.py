@@ -7,7 +7,6 @@ KPRO_CUDA_BUILD=0: never compile.
 """
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -26,21 +25,9 @@ def load_builder():
 class BuildPyWithCuda(build_py):
     def run(self):
         super().run()
-        mode = os.environ.get("KPRO_CUDA_BUILD", "auto")
-        if mode == "0":
-            return
-        builder = load_builder()
-        csrc = ROOT / "csrc"
-        if not builder.cuda_sources(csrc):
-            return
         in_place = getattr(self, "editable_mode", False)
         out_dir = (ROOT if in_place else Path(self.build_lib)) / "kpro" / "_lib"
-        try:
-            builder.build_library(csrc, out_dir)
-        except (FileNotFoundError, RuntimeError) as err:
-            if mode == "1":
-                raise
-            print(f"kpro: CUDA kernels not built ({err}); the torch and triton backends remain.", file=sys.stderr)
+        load_builder().build_for_install(ROOT / "csrc", out_dir, os.environ.get("KPRO_CUDA_BUILD", "auto"))
 
 
 setup(cmdclass={"build_py": BuildPyWithCuda})

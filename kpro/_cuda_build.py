@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 LIBRARY_NAME = "libkpro_cuda.so"
@@ -67,3 +68,21 @@ def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: b
         tmp.unlink(missing_ok=True)
     (out_dir / (LIBRARY_NAME + ".digest")).write_text(sources_digest(csrc) + "\n")
     return target
+
+
+def build_for_install(csrc: Path, out_dir: Path, mode: str, nvcc: str | None = None) -> Path | None:
+    """setup.py's build into out_dir (pip's build/lib/kpro/_lib, reused across builds of a tree): afterwards
+    out_dir holds a library only if this call compiled it from csrc. A library left by an earlier build would
+    otherwise ship in the wheel, where the installed kpro loads it without a digest check.
+    mode "0": never compile; "1": a failure raises; "auto": a failure is reported and leaves no library."""
+    for name in (LIBRARY_NAME, LIBRARY_NAME + ".digest"):
+        (out_dir / name).unlink(missing_ok=True)
+    if mode == "0" or not cuda_sources(csrc):
+        return None
+    try:
+        return build_library(csrc, out_dir, nvcc)
+    except (FileNotFoundError, RuntimeError) as err:
+        if mode == "1":
+            raise
+        print(f"kpro: CUDA kernels not built ({err}); the torch and triton backends remain.", file=sys.stderr)
+        return None

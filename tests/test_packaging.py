@@ -1,8 +1,11 @@
 """The CUDA build path (compile-only where there is no GPU) and the command line."""
 import ctypes
+import os
+import shutil
 import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -65,6 +68,85 @@ def test_digest_follows_the_sources(tmp_path):
     before = _cuda_build.sources_digest(tmp_path)
     (tmp_path / "a.cuh").write_text("int b;\n")
     assert _cuda_build.sources_digest(tmp_path) != before
+
+
+def fake_nvcc(cuda_home: Path, fail: bool = False) -> Path:
+    """An nvcc at cuda_home/bin/nvcc (found through $CUDA_HOME) that writes a dummy library, or fails."""
+    nvcc = cuda_home / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True, exist_ok=True)
+    nvcc.write_text(f"#!{sys.executable}\nimport sys\n"
+                    + ("sys.exit('nvcc: error in a kernel')\n" if fail else
+                       "open(sys.argv[sys.argv.index('-o') + 1], 'wb').write(b'not a real library')\n"))
+    nvcc.chmod(0o755)
+    return nvcc
+
+
+def library_files(directory: Path) -> set[str]:
+    return {p.name for p in directory.glob(_cuda_build.LIBRARY_NAME + "*")}
+
+
+def test_install_build_leaves_a_library_only_when_it_compiled_one(tmp_path, capsys):
+    """A build directory reused from an earlier build (pip's build/lib) must not ship that build's library."""
+    out = tmp_path / "build" / "kpro" / "_lib"
+
+    def stale_build():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / _cuda_build.LIBRARY_NAME).write_bytes(b"old kernels")
+        (out / (_cuda_build.LIBRARY_NAME + ".digest")).write_text("0123456789abcdef\n")
+
+    stale_build()
+    assert _cuda_build.build_for_install(ROOT / "csrc", out, "0") is None
+    assert library_files(out) == set()
+    stale_build()
+    broken = fake_nvcc(tmp_path / "broken", fail=True)
+    assert _cuda_build.build_for_install(ROOT / "csrc", out, "auto", nvcc=str(broken)) is None
+    assert library_files(out) == set() and "CUDA kernels not built" in capsys.readouterr().err
+    stale_build()
+    built = _cuda_build.build_for_install(ROOT / "csrc", out, "auto", nvcc=str(fake_nvcc(tmp_path / "ok")))
+    assert built.read_bytes() == b"not a real library"
+    assert (out / (built.name + ".digest")).read_text().strip() == _cuda_build.sources_digest(ROOT / "csrc")
+
+
+def package_tree(tmp_path: Path) -> Path:
+    """What setup.py needs to build kpro's wheel or sdist (its Python modules but the builder left out): fast."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        if (ROOT / name).is_file():
+            shutil.copy(ROOT / name, tree)
+    (tree / "kpro").mkdir()
+    (tree / "kpro" / "__init__.py").write_text("")
+    shutil.copy(ROOT / "kpro" / "_cuda_build.py", tree / "kpro")
+    return tree
+
+
+def build(tree: Path, kind: str, out: Path, **env) -> subprocess.CompletedProcess:
+    """setuptools' PEP 517 build_wheel or build_sdist in tree, as pip and `python -m build` call it."""
+    code = f"import sys; from setuptools import build_meta; print(build_meta.build_{kind}(sys.argv[1]))"
+    return subprocess.run([sys.executable, "-c", code, str(out)], cwd=tree, capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def wheel_names(result: subprocess.CompletedProcess, out: Path) -> tuple[str, set[str]]:
+    assert result.returncode == 0, result.stderr
+    wheel = out / result.stdout.split()[-1]
+    with zipfile.ZipFile(wheel) as z:
+        return wheel.name, set(z.namelist())
+
+
+def test_a_wheel_carries_the_library_only_when_its_build_compiled_it(tmp_path):
+    """Rebuilt in the same tree (build/ kept), the wheel of a KPRO_CUDA_BUILD=0 build or of a failed compile
+    held the library of the first build, which an installed kpro loads unchecked."""
+    tree, library = package_tree(tmp_path), f"kpro/_lib/{_cuda_build.LIBRARY_NAME}"
+    env = {"CUDA_HOME": str(tmp_path / "cuda")}
+    fake_nvcc(tmp_path / "cuda")
+    _, names = wheel_names(build(tree, "wheel", tmp_path / "w1", **env), tmp_path / "w1")
+    assert library in names
+    _, names = wheel_names(build(tree, "wheel", tmp_path / "w2", KPRO_CUDA_BUILD="0", **env), tmp_path / "w2")
+    assert library not in names and library + ".digest" not in names
+    fake_nvcc(tmp_path / "cuda", fail=True)
+    _, names = wheel_names(build(tree, "wheel", tmp_path / "w3", **env), tmp_path / "w3")
+    assert library not in names and library + ".digest" not in names
 
 
 def run_cli(*args):
