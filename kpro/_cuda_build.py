@@ -47,12 +47,15 @@ def gencode_flags() -> tuple[str, ...]:
 
 def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: bool = True) -> Path:
     """Compile csrc/*.cu into out_dir/libkpro_cuda.so (written atomically) and record its digest."""
-    nvcc = nvcc or find_nvcc()
-    if nvcc is None:
-        raise FileNotFoundError("nvcc not found (looked in $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and PATH)")
+    if not csrc.is_dir():
+        raise FileNotFoundError(f"{csrc} is missing: no CUDA sources to compile (build from a git checkout "
+                                "or an sdist that holds csrc/)")
     sources = cuda_sources(csrc)
     if not sources:
         raise FileNotFoundError(f"no .cu sources in {csrc}")
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (looked in $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and PATH)")
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / LIBRARY_NAME
     tmp = out_dir / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
@@ -74,10 +77,11 @@ def build_for_install(csrc: Path, out_dir: Path, mode: str, nvcc: str | None = N
     """setup.py's build into out_dir (pip's build/lib/kpro/_lib, reused across builds of a tree): afterwards
     out_dir holds a library only if this call compiled it from csrc. A library left by an earlier build would
     otherwise ship in the wheel, where the installed kpro loads it without a digest check.
-    mode "0": never compile; "1": a failure raises; "auto": a failure is reported and leaves no library."""
+    mode "0": never compile; "1": a failure (missing sources included) raises; "auto": a failure is reported
+    and leaves no library."""
     for name in (LIBRARY_NAME, LIBRARY_NAME + ".digest"):
         (out_dir / name).unlink(missing_ok=True)
-    if mode == "0" or not cuda_sources(csrc):
+    if mode == "0":
         return None
     try:
         return build_library(csrc, out_dir, nvcc)

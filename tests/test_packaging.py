@@ -5,6 +5,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -147,6 +148,36 @@ def test_a_wheel_carries_the_library_only_when_its_build_compiled_it(tmp_path):
     fake_nvcc(tmp_path / "cuda", fail=True)
     _, names = wheel_names(build(tree, "wheel", tmp_path / "w3", **env), tmp_path / "w3")
     assert library not in names and library + ".digest" not in names
+
+
+def test_the_sdist_carries_csrc_and_its_wheel_compiles_the_kernels(tmp_path):
+    """An sdist without csrc/ (what `python -m build` and an index build the wheel from) gave a wheel without
+    kernels, even with KPRO_CUDA_BUILD=1, and said nothing."""
+    tree = package_tree(tmp_path)
+    (tree / "kpro" / "_lib").mkdir()
+    (tree / "kpro" / "_lib" / _cuda_build.LIBRARY_NAME).write_bytes(b"a local build")
+    result = build(tree, "sdist", tmp_path / "dist")
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(tmp_path / "dist" / result.stdout.split()[-1]) as sdist:
+        sdist.extractall(tmp_path / "unpacked", filter="data")
+    source, = (tmp_path / "unpacked").iterdir()
+    assert {p.name for p in (source / "csrc").iterdir()} == {p.name for p in (ROOT / "csrc").iterdir()}
+    assert not (source / "kpro" / "_lib").exists()
+    fake_nvcc(tmp_path / "cuda")
+    _, names = wheel_names(build(source, "wheel", tmp_path / "w", KPRO_CUDA_BUILD="1", CUDA_HOME=str(tmp_path / "cuda")),
+                           tmp_path / "w")
+    assert f"kpro/_lib/{_cuda_build.LIBRARY_NAME}" in names
+
+
+def test_required_build_without_sources_names_them(tmp_path, capsys):
+    nvcc = str(fake_nvcc(tmp_path / "cuda"))
+    with pytest.raises(FileNotFoundError, match="csrc is missing"):
+        _cuda_build.build_for_install(tmp_path / "csrc", tmp_path / "out", "1", nvcc=nvcc)
+    (tmp_path / "csrc").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .cu sources in .*csrc"):
+        _cuda_build.build_for_install(tmp_path / "csrc", tmp_path / "out", "1", nvcc=nvcc)
+    assert _cuda_build.build_for_install(tmp_path / "csrc", tmp_path / "out", "auto", nvcc=nvcc) is None
+    assert "no .cu sources" in capsys.readouterr().err
 
 
 def run_cli(*args):
