@@ -2,11 +2,11 @@
 
 KPRO_CUDA_BUILD=auto (default): compile when nvcc is found; a failed compile is reported and the
     install goes on without the CUDA backend (it never fails for lack of a GPU or toolkit).
-KPRO_CUDA_BUILD=1: compiling is required; a missing nvcc or a compile error fails the install (CI).
+KPRO_CUDA_BUILD=1: compiling is required; a missing nvcc or csrc/ or a compile error fails the install (CI).
 KPRO_CUDA_BUILD=0: never compile.
+Any other value is an error.
 """
 import importlib.util
-import os
 from pathlib import Path
 
 from setuptools import setup
@@ -24,10 +24,12 @@ def load_builder():
 
 class BuildPyWithCuda(build_py):
     def run(self):
+        builder = load_builder()
+        mode = builder.build_mode()  # before building anything: an unknown value is an error
         super().run()
         in_place = getattr(self, "editable_mode", False)
         out_dir = (ROOT if in_place else Path(self.build_lib)) / "kpro" / "_lib"
-        load_builder().build_for_install(ROOT / "csrc", out_dir, os.environ.get("KPRO_CUDA_BUILD", "auto"))
+        builder.build_for_install(ROOT / "csrc", out_dir, mode)
 
 
 setup(cmdclass={"build_py": BuildPyWithCuda})

@@ -73,6 +73,19 @@ def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: b
     return target
 
 
+BUILD_MODES = {"0": "never compile", "1": "compile or fail", "auto": "compile when nvcc is found; the default"}
+
+
+def build_mode(environ=os.environ) -> str:
+    """$KPRO_CUDA_BUILD for setup.py: 0, 1 or auto (also when unset or empty); another spelling is refused
+    rather than read as auto (`off` would compile, `true` would not insist)."""
+    mode = environ.get("KPRO_CUDA_BUILD") or "auto"
+    if mode not in BUILD_MODES:
+        accepted = ", ".join(f"{value} ({meaning})" for value, meaning in BUILD_MODES.items())
+        raise ValueError(f"KPRO_CUDA_BUILD={mode!r} is not a build mode; accepted: {accepted}")
+    return mode
+
+
 def build_for_install(csrc: Path, out_dir: Path, mode: str, nvcc: str | None = None) -> Path | None:
     """setup.py's build into out_dir (pip's build/lib/kpro/_lib, reused across builds of a tree): afterwards
     out_dir holds a library only if this call compiled it from csrc. A library left by an earlier build would

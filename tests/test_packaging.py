@@ -180,6 +180,23 @@ def test_required_build_without_sources_names_them(tmp_path, capsys):
     assert "no .cu sources" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value, mode", [(None, "auto"), ("", "auto"), ("auto", "auto"), ("0", "0"), ("1", "1")])
+def test_cuda_build_mode_reads_0_1_or_auto(value, mode):
+    assert _cuda_build.build_mode({} if value is None else {"KPRO_CUDA_BUILD": value}) == mode
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "off", "AUTO", " 1"])
+def test_cuda_build_mode_refuses_other_spellings(value):
+    """They meant auto: `off` compiled, `true` installed without kernels where nvcc was missing."""
+    with pytest.raises(ValueError, match=r"KPRO_CUDA_BUILD=.*accepted: 0 .*, 1 .*, auto"):
+        _cuda_build.build_mode({"KPRO_CUDA_BUILD": value})
+
+
+def test_setup_refuses_an_unknown_cuda_build_mode(tmp_path):
+    result = build(package_tree(tmp_path), "wheel", tmp_path / "w", KPRO_CUDA_BUILD="off")
+    assert result.returncode != 0 and "KPRO_CUDA_BUILD='off'" in result.stderr
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "kpro", *args], capture_output=True, text=True, cwd=ROOT)
 
