@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -32,4 +33,17 @@ class BuildPyWithCuda(build_py):
         builder.build_for_install(ROOT / "csrc", out_dir, mode)
 
 
-setup(cmdclass={"build_py": BuildPyWithCuda})
+class BdistWheelWithCuda(bdist_wheel):
+    """A wheel holding the compiled library is tagged for this platform (py3-none-linux_x86_64, not
+    py3-none-any): the library is machine code, though no Python extension, so any Python 3 and ABI fits."""
+
+    def get_tag(self):
+        # Decided here, after the build (whether it compiled is known only then): run() calls get_tag()
+        # once the files are in bdist_dir and before write_wheelfile() reads root_is_pure.
+        if (Path(self.bdist_dir) / "kpro" / "_lib" / "libkpro_cuda.so").is_file():
+            self.root_is_pure = False
+            return "py3", "none", super().get_tag()[2]
+        return super().get_tag()
+
+
+setup(cmdclass={"build_py": BuildPyWithCuda, "bdist_wheel": BdistWheelWithCuda})

@@ -5,6 +5,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -148,6 +149,19 @@ def test_a_wheel_carries_the_library_only_when_its_build_compiled_it(tmp_path):
     fake_nvcc(tmp_path / "cuda", fail=True)
     _, names = wheel_names(build(tree, "wheel", tmp_path / "w3", **env), tmp_path / "w3")
     assert library not in names and library + ".digest" not in names
+
+
+def test_a_wheel_holding_the_library_is_tagged_for_this_platform(tmp_path):
+    """The library is machine code: a wheel with it was tagged py3-none-any, installable anywhere."""
+    tree, env = package_tree(tmp_path), {"CUDA_HOME": str(tmp_path / "cuda")}
+    fake_nvcc(tmp_path / "cuda")
+    platform = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    for mode, tag, pure in [("auto", f"py3-none-{platform}", "false"), ("0", "py3-none-any", "true")]:
+        name, _ = wheel_names(build(tree, "wheel", tmp_path / mode, KPRO_CUDA_BUILD=mode, **env), tmp_path / mode)
+        assert name.endswith(f"-{tag}.whl")
+        with zipfile.ZipFile(tmp_path / mode / name) as wheel:
+            metadata = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/WHEEL"))).decode()
+        assert f"Root-Is-Purelib: {pure}" in metadata and f"Tag: {tag}" in metadata
 
 
 def test_the_sdist_carries_csrc_and_its_wheel_compiles_the_kernels(tmp_path):
