@@ -211,6 +211,12 @@ def test_setup_refuses_an_unknown_cuda_build_mode(tmp_path):
     assert result.returncode != 0 and "KPRO_CUDA_BUILD='off'" in result.stderr
 
 
+def test_ci_starts_from_a_fresh_virtual_environment():
+    """`python3 -m venv DIR` keeps what an earlier run installed in DIR; --clear empties it first."""
+    creates = [line.split() for line in (ROOT / ".ci" / "run").read_text().splitlines() if " -m venv " in line]
+    assert creates and all("--clear" in words for words in creates)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "kpro", *args], capture_output=True, text=True, cwd=ROOT)
 
