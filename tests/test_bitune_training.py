@@ -299,6 +299,19 @@ def test_multiple_choice_refuses_choices_the_model_reads_alike():
     assert bitune.multiple_choice_accuracy(model, tok, questions)["questions"] == 2
 
 
+def test_a_character_the_tokenizer_lacks_is_blamed_on_the_question_or_choice_that_holds_it():
+    """The prompt lists every choice and was encoded once per choice: a character of the question or of choice 1
+    was blamed on choice 0, the first to be encoded."""
+    from kpro.bitune.evaluation import encode_multiple_choice
+    for question, message in (
+            (bitune.MultipleChoice("say a", ["a", "bZ", "c"], 0), r"^question 1, choice 'bZ' \(listed in the prompt\): "
+                                                                  r"character 'Z' is not in the alphabet"),
+            (bitune.MultipleChoice("say Z", ["a", "b"], 0), r"^question 1, its question 'say Z': character 'Z' is "
+                                                            r"not in the alphabet")):
+        with pytest.raises(ValueError, match=message):
+            encode_multiple_choice(TOK, [bitune.MultipleChoice("say a", ["a", "b"], 0), question], 100)
+
+
 def test_generated_answers_end_at_their_eos(monkeypatch):
     """A row that finished before the others is padded with the model's pad id; with a pad id other than the eos,
     that padding was decoded into the answer (batched answers then differed from one-by-one ones)."""
@@ -611,8 +624,9 @@ def test_cli_end_to_end(tmp_path):
     assert bad.returncode == 1 and "--mode no_mix is a Bitune ablation" in bad.stderr
     bad = run("--eval", str(tmp_path))  # a directory: a traceback before
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
-    for question, message in (({"question": "say Z", "choices": ["Z", "b"], "answer": 0},
-                               r"question 0, choice 'Z': character 'Z' is not in the alphabet"),
+    for question, message in (({"question": "say b", "choices": ["b", "Z"], "answer": 0},
+                               r"question 0, choice 'Z' \(listed in the prompt\): character 'Z' is not in the "
+                               "alphabet"),
                               ({"question": "say a" * 60, "choices": ["a", "b"], "answer": 0},
                                r"question 0, choice 'a': prompt \+ answer takes \d+ tokens, more than the model's")):
         write_jsonl(tmp_path / "bad_mc.jsonl", [{"question": "say a", "choices": ["a", "b"], "answer": 0}, question])

@@ -116,11 +116,13 @@ def multiple_choice_prompt(question: "MultipleChoice") -> str:
     return CHOICES_TEMPLATE.format(question=question.question, choices="\n".join(question.choices))
 
 
-def encode_pair(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def encode_pair(tok, prompt: str, answer: str, prompt_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of `<bos> prompt` and of the answer as it continues the prompt (tokenized together, so a
     SentencePiece model splits the boundary as it would in running text). The prompt's tokens must be a prefix
-    of prompt + answer's (the built-in templates end in "Answer:" and the answers start with a space)."""
-    prompt_ids = tok.encode(prompt, bos=True, eos=False)
+    of prompt + answer's (the built-in templates end in "Answer:" and the answers start with a space).
+    `prompt_ids`: the prompt's `tok.encode(prompt, bos=True, eos=False)`, where already encoded."""
+    if prompt_ids is None:
+        prompt_ids = tok.encode(prompt, bos=True, eos=False)
     full = tok.encode(prompt + answer, bos=True, eos=False)
     if full[:len(prompt_ids)] != prompt_ids:
         # Tokenizing the answer alone would change the text (SentencePiece adds a leading space: "Answer: " +

@@ -114,15 +114,20 @@ def _refuse_non_finite(scores: torch.Tensor, name: Callable[[int], str]) -> None
 def encode_multiple_choice(tok, questions: Sequence[MultipleChoice], limit: int) -> tuple[list, list, list]:
     """Each choice's (prompt ids, answer ids) and its length in characters, in order; a question that cannot be
     scored (a character the tokenizer lacks, choices that encode alike, too long for `limit` positions) is
-    refused by question and choice, so that a command can check its files before it trains."""
+    refused by question and choice (a character the prompt cannot encode by the question text or the listed choice
+    that holds it), so that a command can check its files before it trains."""
     prompts, answers, lengths = [], [], []
     for q_index, question in enumerate(questions):
         check_multiple_choice(question, f"question {q_index}")
         prompt = multiple_choice_prompt(question)
+        try:  # once: the prompt lists every choice, so a failure here is no one choice's but the part's holding it
+            prompt_ids = tok.encode(prompt, bos=True, eos=False)
+        except ValueError as err:
+            raise ValueError(f"question {q_index}, {_unencodable_part(tok, question)}: {err}") from None
         encoded = {}
         for choice in question.choices:
             try:
-                p, a = encode_pair(tok, prompt, " " + choice)
+                p, a = encode_pair(tok, prompt, " " + choice, prompt_ids=prompt_ids)
             except ValueError as err:
                 raise ValueError(f"question {q_index}, choice {choice!r}: {err}") from None
             if len(p) + len(a) > limit:
@@ -139,6 +144,19 @@ def encode_multiple_choice(tok, questions: Sequence[MultipleChoice], limit: int)
             answers.append(a)
             lengths.append(max(1, len(choice)))
     return prompts, answers, lengths
+
+
+def _unencodable_part(tok, question: MultipleChoice) -> str:
+    """Which part of a question's prompt the tokenizer fails on: its question, or the first listed choice it
+    fails on (or the prompt, where neither fails alone)."""
+    parts = [(f"its question {question.question!r:.80}", question.question)]
+    parts += [(f"choice {choice!r} (listed in the prompt)", choice) for choice in question.choices]
+    for name, text in parts:
+        try:
+            tok.encode(text, bos=False, eos=False)
+        except ValueError:
+            return name
+    return "its prompt"
 
 
 def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **sampling) -> list[str]:
