@@ -639,6 +639,38 @@ def test_cli_end_to_end(tmp_path):
     assert bad.returncode == 1 and "--max-length 300 is more than the model's max_position_embeddings=256" in bad.stderr
 
 
+def bitune_command(tmp_path, *args):
+    """`python -m kpro bitune` in this process on a tiny base and 11 examples (the last dropped at --max-length
+    28): its exit status."""
+    if not (tmp_path / "base").exists():
+        torch.manual_seed(0)
+        kpro.save_pretrained(kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, max_position_embeddings=256)),
+                             tmp_path / "base")
+        TOK.save(tmp_path / "base")
+        write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"say {c}", "response": c} for c in "abcdefghij"]
+                    + [{"instruction": "say something long", "response": "no"}])
+    return cli.main(["bitune", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"),
+                     "--out", str(tmp_path / "out"), "--device", "cpu", "--steps", "1", *args])
+
+
+def test_bitune_refuses_a_batch_size_the_kept_examples_cannot_fill_before_training(tmp_path, capsys, monkeypatch):
+    """Refused inside tune before, after the base was hashed, as "10 examples cannot fill one batch of 11
+    (drop_last=True)", naming neither --batch-size nor --max-length."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("tune was called")
+    monkeypatch.setattr(bitune.training, "tune", no_training)
+    for args, message in (
+            (["--batch-size", "11", "--max-length", "28"],
+             f"--batch-size 11 is more than the 10 examples of {tmp_path / 'train.jsonl'} kept at --max-length 28 "
+             "(1 longer one dropped): a step takes one full batch; pass --batch-size 10 or less, or a larger "
+             "--max-length (at most the model's 256)"),
+            (["--batch-size", "12"], f"--batch-size 12 is more than the 11 examples of {tmp_path / 'train.jsonl'}: "
+                                     "a step takes one full batch; pass --batch-size 11 or less")):
+        assert bitune_command(tmp_path, *args) == 1
+        err = capsys.readouterr().err
+        assert err.endswith(f"error: {message}\n"), err
+
+
 @pytest.mark.parametrize("args, message", [
     # checked inside tune before, after the model and the data had loaded (nan passed with --steps 0)
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),

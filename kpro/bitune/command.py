@@ -114,6 +114,13 @@ def run(args) -> None:
     print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens")
     if not pairs:
         raise ValueError(f"no example of {args.data} fits --max-length {args.max_length}")
+    if args.steps > 0 and args.batch_size > len(pairs):  # else refused by Batches, after the base was hashed
+        kept, fix = f"{len(pairs)} examples of {args.data}", f"pass --batch-size {len(pairs)} or less"
+        if dropped:
+            kept += f" kept at --max-length {args.max_length} ({dropped} longer one{'s' * (dropped > 1)} dropped)"
+            if args.max_length < limit:
+                fix += f", or a larger --max-length (at most the model's {limit})"
+        raise ValueError(f"--batch-size {args.batch_size} is more than the {kept}: a step takes one full batch; {fix}")
     method = args.baseline or "bitune"
     tuned = tune(model, pairs, method, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           rank=args.rank, alpha=args.alpha, mode=args.mode, weighting=args.loss_weighting, seed=args.seed,
