@@ -74,6 +74,19 @@ def test_prompt_format_eos_and_dropping_long_examples():
     assert TOK.decode(answer) == " yo" and answer[-1] == TOK.eos_id
 
 
+def test_an_example_the_tokenizer_cannot_encode_is_named_by_its_file_and_line(tmp_path, capsys):
+    """Named "example 2 (from 0)" before: its index among the rows, not its line (blank lines make them differ)."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "say a", "response": "a"}\n\n{"instruction": "say b", "response": "b"}\n\n'
+                    '{"instruction": "say Z", "response": "z"}\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:5: character 'Z' is not in the alphabet"):
+        bitune.tokenize_instructions(TOK, bitune.read_instructions(path), 30)
+    (tmp_path / "train.jsonl").write_text(path.read_text())  # the command reads it as its --data
+    assert bitune_command(tmp_path, "--batch-size", "1") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'train.jsonl'}:5: character 'Z' is not in the alphabet"), err
+
+
 def test_sentencepiece_answer_continues_the_prompt():
     tok = kpro.Tokenizer(ROOT / "tests" / "data" / "mistral_7b_tokenizer.model")
     prompt, answer = bitune.encode_pair(tok, "Question: capital of France?\n\nAnswer:", " Paris")
@@ -640,13 +653,14 @@ def test_cli_end_to_end(tmp_path):
 
 
 def bitune_command(tmp_path, *args):
-    """`python -m kpro bitune` in this process on a tiny base and 11 examples (the last dropped at --max-length
-    28): its exit status."""
+    """`python -m kpro bitune` in this process on a tiny base and tmp_path/train.jsonl (unless written already: 11
+    examples, the last dropped at --max-length 28): its exit status."""
     if not (tmp_path / "base").exists():
         torch.manual_seed(0)
         kpro.save_pretrained(kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, max_position_embeddings=256)),
                              tmp_path / "base")
         TOK.save(tmp_path / "base")
+    if not (tmp_path / "train.jsonl").exists():
         write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"say {c}", "response": c} for c in "abcdefghij"]
                     + [{"instruction": "say something long", "response": "no"}])
     return cli.main(["bitune", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"),

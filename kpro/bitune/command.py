@@ -107,10 +107,7 @@ def run(args) -> None:
         except ValueError as err:
             raise ValueError(f"--eval {path}: {err}") from None
     instructions = read_instructions(args.data)
-    try:
-        pairs, dropped = tokenize_instructions(tok, instructions, args.max_length)
-    except ValueError as err:
-        raise ValueError(f"{args.data}: {err}") from None
+    pairs, dropped = tokenize_instructions(tok, instructions, args.max_length)  # a bad one named FILE:LINE
     print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens")
     if not pairs:
         raise ValueError(f"no example of {args.data} fits --max-length {args.max_length}")

@@ -23,6 +23,8 @@ CHOICES_TEMPLATE = "Question: {question}\n\nChoices:\n{choices}\n\nAnswer:"  # o
 class Instruction:
     instruction: str
     response: str
+    # "FILE:LINE" where read_instructions read it, to name it in errors (an index among the rows is not its line)
+    where: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass
@@ -46,7 +48,7 @@ def read_instructions(path: str | os.PathLike) -> list[Instruction]:
         if extra is not None and not isinstance(extra, str):  # its repr would become part of the prompt
             raise ValueError(f"{path}:{number}: 'input' must be a string, got {type(extra).__name__}")
         instruction = row["instruction"] + (f"\n\n{extra}" if extra else "")
-        examples.append(Instruction(instruction, response))
+        examples.append(Instruction(instruction, response, where=f"{path}:{number}"))
     return examples
 
 
@@ -135,17 +137,19 @@ def encode_pair(tok, prompt: str, answer: str, prompt_ids: list[int] | None = No
 
 
 def tokenize_instructions(tok, examples: Sequence[Instruction], max_length: int) -> tuple[list, int]:
-    """(prompt_ids, answer_ids + eos) pairs of at most `max_length` tokens, and how many were dropped."""
+    """(prompt_ids, answer_ids + eos) pairs of at most `max_length` tokens, and how many were dropped. A bad
+    example is named by its file and line where read_instructions read it, else by its index."""
     pairs, dropped = [], 0
     for i, example in enumerate(examples):
+        name = example.where or f"example {i} (from 0)"
         try:
             prompt, answer = encode_pair(tok, PROMPT_TEMPLATE.format(instruction=example.instruction),
                                          " " + example.response)
         except ValueError as err:  # a symbol the tokenizer lacks: say which example
-            raise ValueError(f"example {i} (from 0): {err}") from None
+            raise ValueError(f"{name}: {err}") from None
         special = special_token_in(tok, prompt[1:] + answer)
         if special is not None:
-            raise ValueError(f"example {i} (from 0): its text spells the tokenizer's {special} token, which would "
+            raise ValueError(f"{name}: its text spells the tokenizer's {special} token, which would "
                              "end or restart the sequence there; remove it from the data")
         answer = answer + [tok.eos_id]
         if len(prompt) + len(answer) > max_length:
