@@ -685,6 +685,25 @@ def test_bitune_refuses_a_batch_size_the_kept_examples_cannot_fill_before_traini
         assert err.endswith(f"error: {message}\n"), err
 
 
+def test_bitune_resumed_on_other_examples_names_data_and_max_length(tmp_path, capsys):
+    """Refused with fit's hint "other data, or the same cut into rows of another length (seq_len)": no such option
+    here; the kept examples are --data's at --max-length."""
+    assert bitune_command(tmp_path, "--batch-size", "4", "--max-length", "28") == 0  # 10 examples kept
+    capsys.readouterr()
+    data, out = tmp_path / "train.jsonl", tmp_path / "out"
+    assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "2") == 1  # the 11th kept too
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --out {out} holds a run tuned on 10 examples, and --data {data} at --max-length 256 "
+                        "keeps 11: resume with the run's --data and --max-length, or pass another --out for a new "
+                        "run\n"), err
+    write_jsonl(data, [{"instruction": f"say {c}", "response": c} for c in "klmnopqrst"])  # as many, other ones
+    assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "2", "--max-length", "28") == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --out {out} holds a run tuned on other examples than the 10 that --data {data} at "
+                        "--max-length 28 keeps (as many): resume with the run's --data and --max-length, or pass "
+                        "another --out for a new run\n"), err
+
+
 @pytest.mark.parametrize("args, message", [
     # checked inside tune before, after the model and the data had loaded (nan passed with --steps 0)
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from ..cli_args import add_device_argument, check_input_file, check_output_dir, directory_path, resolve_device
@@ -119,9 +120,15 @@ def run(args) -> None:
                 fix += f", or a larger --max-length (at most the model's {limit})"
         raise ValueError(f"--batch-size {args.batch_size} is more than the {kept}: a step takes one full batch; {fix}")
     method = args.baseline or "bitune"
-    tuned = tune(model, pairs, method, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          rank=args.rank, alpha=args.alpha, mode=args.mode, weighting=args.loss_weighting, seed=args.seed,
-                          pad_id=tok.pad_id)
+    try:
+        tuned = tune(model, pairs, method, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     rank=args.rank, alpha=args.alpha, mode=args.mode, weighting=args.loss_weighting, seed=args.seed,
+                     pad_id=tok.pad_id)
+    except ValueError as err:
+        other = _other_examples(err, args, len(pairs))
+        if other is None:
+            raise
+        raise other from None
     print(f"adapters saved to {Path(args.out) / 'adapters'}")
     results = {"method": method, "mode": args.mode if method == "bitune" else None,
                "loss_weighting": args.loss_weighting, "examples": len(pairs),
@@ -131,3 +138,21 @@ def run(args) -> None:
         results["eval"][path] = scores
         print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  ({scores['questions']} questions)")
     write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
+
+
+def _other_examples(err: ValueError, args, kept: int) -> ValueError | None:
+    """A resume refused by Batches for other examples, said in this command's terms: Batches' hint ("the same cut
+    into rows of another length (seq_len)") is fit's, and the examples here are --data's kept at --max-length."""
+    message = str(err)
+    if not message.startswith("cannot resume these batches:"):
+        return None
+    had = re.search(r"had num_examples=(\d+),", message)
+    if had:
+        what = f"{had[1]} examples, and --data {args.data} at --max-length {args.max_length} keeps {kept}"
+    elif "content digest" in message:
+        what = (f"other examples than the {kept} that --data {args.data} at --max-length {args.max_length} keeps "
+                "(as many)")
+    else:
+        return None
+    return ValueError(f"--out {args.out} holds a run tuned on {what}: resume with the run's --data and --max-length, "
+                      "or pass another --out for a new run")
