@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -22,9 +23,18 @@ class TensorBytes:
     shape: tuple[int, ...]
 
 
+# Bits an element of each dtype code takes: the codes the safetensors library (0.6+) reads.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+              "F6_E3M2": 6, "U16": 16, "I16": 16, "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64,
+              "I64": 64, "F64": 64, "C64": 64}
+
+
 def read_header(file: Path) -> dict[str, TensorBytes]:
-    """{tensor name: TensorBytes} of `file`; a header that is unreadable, has an entry without a "dtype" string,
-    a "shape" list of sizes or two "data_offsets", or places data past the file's end is a CheckpointError."""
+    """{tensor name: TensorBytes} of `file`, the header checked as the safetensors library checks it (so that
+    what `load_pretrained` refuses is not described or copied here): each entry a known "dtype" code, a "shape"
+    list of sizes and two "data_offsets" spanning exactly the bytes the shape takes; the tensors' bytes back to
+    back from the start of the data to the file's end; a "__metadata__" of strings to strings. Anything else is a
+    CheckpointError naming the file (and the tensor)."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         prefix = f.read(8)
@@ -38,6 +48,11 @@ def read_header(file: Path) -> dict[str, TensorBytes]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{file} has an unreadable safetensors header (a JSON {type(header).__name__}, not an "
                               "object); the file is corrupt")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     all(isinstance(value, str) for value in metadata.values())):
+        raise CheckpointError(f"{file}: __metadata__ must be an object of strings to strings, got "
+                              f"{json.dumps(metadata)[:80]}; the file is corrupt")
     data_start, entries = 8 + length, {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -52,11 +67,31 @@ def read_header(file: Path) -> dict[str, TensorBytes]:
                 and 0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(f"{file}: the header entry of {name} has no valid \"data_offsets\" (two byte "
                                   f"offsets, got {json.dumps(offsets)[:80]}); the file is corrupt")
-        entries[name] = TensorBytes(file, data_start + offsets[0], offsets[1] - offsets[0], entry["dtype"],
-                                    tuple(shape))
+        dtype, numel = entry["dtype"], math.prod(shape)
+        if dtype not in DTYPE_BITS:
+            raise CheckpointError(f"{file}: tensor {name} has an unknown dtype code {dtype!r} (safetensors knows "
+                                  f"{', '.join(DTYPE_BITS)}); the file is corrupt")
+        nbytes, bits = offsets[1] - offsets[0], numel * DTYPE_BITS[dtype]
+        if nbytes * 8 != bits:
+            needs = bits // 8 if bits % 8 == 0 else bits / 8
+            raise CheckpointError(f"{file}: tensor {name} takes {nbytes} bytes, but its shape {shape} in {dtype} "
+                                  f"needs {needs}; the file is corrupt")
+        entries[name] = TensorBytes(file, data_start + offsets[0], nbytes, dtype, tuple(shape))
+    # Offsets pointing at another tensor's bytes (or leaving bytes no tensor owns) are what a corrupt or hand-made
+    # header looks like; the streamed `expand` would copy whatever they point at.
+    end = data_start
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].nbytes)):
+        if entry.start != end:
+            where = "the tensor before it ends" if end > data_start else "the data begins"
+            offsets = [entry.start - data_start, entry.start - data_start + entry.nbytes]
+            raise CheckpointError(f"{file}: tensor {name}'s data_offsets {offsets} do not start where {where} (byte "
+                                  f"{end - data_start}): tensors overlap or leave a gap; the file is corrupt")
+        end += entry.nbytes
     # A file cut short (a download, a full disk) ends before the last tensor's bytes
-    end = max((entry.start + entry.nbytes for entry in entries.values()), default=data_start)
     if end > size:
         raise CheckpointError(f"{file} is truncated: its header places tensor data up to byte {end:,}, the file has "
                               f"{size:,} bytes; write or download it again")
+    if end < size:
+        raise CheckpointError(f"{file}: the tensors' data ends at byte {end - data_start:,} of the data, but the file "
+                              f"holds {size - data_start:,} bytes of data after its header; the file is corrupt")
     return entries

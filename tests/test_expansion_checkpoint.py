@@ -642,3 +642,77 @@ def test_train_blocks_with_an_empty_entry_is_refused(tmp_path, capsys):
     for text in ("2,,1", ",3,", "2, ,5", ""):
         with pytest.raises(Exception, match="expected block indices separated by commas"):
             block_list(text)
+
+
+def test_a_shard_whose_tensor_offsets_point_at_another_tensors_bytes_is_refused(tmp_path, capsys):
+    """A shard header whose gate_proj offsets pointed at up_proj's bytes (the safetensors library, and so
+    load_pretrained, refuses it) was expanded into a checkpoint that loads, gate_proj a copy of up_proj."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, max_shard_size="40KB", num_hidden_layers=2)
+    weight_map = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())["weight_map"]
+    name, other = "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    assert weight_map[name] == weight_map[other]
+    shard = tmp_path / "src" / weight_map[name]
+    raw = shard.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    header[name]["data_offsets"] = list(header[other]["data_offsets"])
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {shard}: ") and "data_offsets" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("header, data, message", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8),
+     r"tensor b's data_offsets \[4, 8\] do not start where the tensor before it ends \(byte 8\)"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8),
+     r"tensor a's data_offsets \[4, 8\] do not start where the data begins \(byte 0\)"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8),
+     r"the tensors' data ends at byte 4 of the data, but the file holds 8 bytes of data after its header"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}}, bytes(4),
+     r"tensor a takes 4 bytes, but its shape \[3\] in F32 needs 12"),
+    ({"a": {"dtype": "Q99", "shape": [1], "data_offsets": [0, 4]}}, bytes(4),
+     r"tensor a has an unknown dtype code 'Q99'"),
+    ({"__metadata__": [1, 2], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4),
+     r"__metadata__ must be an object of strings to strings, got \[1, 2\]"),
+    ({"__metadata__": {"format": 1}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4),
+     r"__metadata__ must be an object of strings to strings"),
+], ids=["overlap", "gap", "trailing bytes", "size", "dtype", "metadata list", "metadata value"])
+def test_read_header_refuses_what_the_safetensors_library_refuses(tmp_path, header, data, message):
+    """read_header checked only that a tensor's bytes lie inside the file: overlapping or scattered offsets, a
+    size that does not match the shape, an unknown dtype, and a __metadata__ that is not a map of strings were
+    accepted, and the streamed expand copied whatever bytes the offsets pointed at."""
+    from safetensors import safe_open
+    from kpro._safetensors import read_header
+    file = tmp_path / "x.safetensors"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    with pytest.raises(Exception):
+        with safe_open(str(file), "pt"):
+            pass
+    with pytest.raises(kpro.CheckpointError, match=f"^{file}: {message}"):
+        read_header(file)
+
+
+def test_read_header_takes_what_the_safetensors_library_takes(tmp_path):
+    """Sub-byte dtypes, empty tensors at one offset, tensors listed out of order, no __metadata__ or a null one."""
+    from safetensors import safe_open
+    from kpro._safetensors import read_header
+    file = tmp_path / "x.safetensors"
+    header = {"__metadata__": None, "z": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+              "e1": {"dtype": "BF16", "shape": [0, 3], "data_offsets": [0, 0]},
+              "e2": {"dtype": "I64", "shape": [0], "data_offsets": [0, 0]},
+              "f4": {"dtype": "F4", "shape": [2, 4], "data_offsets": [0, 4]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(struct.pack("<Q", len(text)) + text + bytes(12))
+    with safe_open(str(file), "np"):
+        pass
+    entries = read_header(file)
+    assert {name: (e.start - 8 - len(text), e.nbytes, e.dtype, e.shape) for name, e in entries.items()} == {
+        "z": (4, 8, "F32", (2,)), "e1": (0, 0, "BF16", (0, 3)), "e2": (0, 0, "I64", (0,)), "f4": (0, 4, "F4", (2, 4))}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 import struct
@@ -52,11 +51,6 @@ class ExpansionResult:
     # the source's own new blocks still untrained (named by its kpro_expansion.json, their o_proj and down_proj
     # still zero), by their index here: the record lists them with the new ones, for train-expanded
     earlier_new_blocks: list[int] = dataclasses.field(default_factory=list)
-
-
-# bytes per element of each safetensors dtype code
-_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave", *,
@@ -182,7 +176,7 @@ def _read_headers(directory: Path) -> tuple[dict[str, _Source], dict[str, Path]]
     """Every tensor of the checkpoint: where its bytes are, read from the safetensors headers only; and the
     tensors a shard holds that its index does not list (name -> shard), which the output would leave out."""
     locations = tensor_locations(directory)
-    headers = {file: _read_header(file) for file in sorted(set(locations.values()))}
+    headers = {file: read_header(file) for file in sorted(set(locations.values()))}
     sources = {}
     for file, header in headers.items():
         for name, source in header.items():
@@ -193,21 +187,6 @@ def _read_headers(directory: Path) -> tuple[dict[str, _Source], dict[str, Path]]
         raise CheckpointError(f"{directory / INDEX_NAME} maps tensor(s) to files that do not hold them: "
                               f"{', '.join(missing[:5])}")
     return sources, _unlisted_tensors(locations, headers)
-
-
-def _read_header(file: Path) -> dict[str, _Source]:
-    """The header's tensors (kpro._safetensors), each of a known dtype code whose bytes its shape fills: they are
-    copied byte for byte."""
-    sources = read_header(file)
-    for name, source in sources.items():
-        if source.dtype not in _ITEM_BYTES:
-            raise CheckpointError(f"{file}: tensor {name} has an unknown dtype code {source.dtype!r}")
-        if source.nbytes != math.prod(source.shape) * _ITEM_BYTES[source.dtype]:
-            # safe_open checks this for a single file; a shard is read only here, and copied byte for byte
-            raise CheckpointError(f"{file}: tensor {name} takes {source.nbytes} bytes, but its shape "
-                                  f"{list(source.shape)} in {source.dtype} needs "
-                                  f"{math.prod(source.shape) * _ITEM_BYTES[source.dtype]} (a corrupt header?)")
-    return sources
 
 
 def _check_against_config(directory: Path, cfg: LlamaConfig, sources: dict[str, _Source],
@@ -231,7 +210,8 @@ def _check_against_config(directory: Path, cfg: LlamaConfig, sources: dict[str, 
 def _same_values(head: _Source, embedding: _Source, buffer_bytes: int) -> bool:
     """Whether `head` equals `embedding` (of one shape) in the embedding's dtype, as load_pretrained compares a
     tied head saved anyway, read chunk by chunk through about `buffer_bytes`."""
-    head_size, embedding_size = _ITEM_BYTES[head.dtype], _ITEM_BYTES[embedding.dtype]
+    head_size = _SAFETENSORS_DTYPES[head.dtype].itemsize  # _check_against_config has refused other dtypes
+    embedding_size = _SAFETENSORS_DTYPES[embedding.dtype].itemsize
     count, step = embedding.nbytes // embedding_size, max(1, buffer_bytes // (head_size + embedding_size))
     head_chunk, embedding_chunk = bytearray(step * head_size), bytearray(step * embedding_size)
     with open(head.file, "rb") as head_file, open(embedding.file, "rb") as embedding_file:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .._safetensors import read_header
 from ..adapters import base_fingerprint
 from ..checkpoint import _write_checkpoint, atomic_directory, hf_name, load_pretrained, parse_size, tensor_locations
 from ..tokenizer import document_bos_id, load_tokenizer, special_token_in
@@ -24,7 +25,7 @@ from ..train.checkpointing import saved_schedule
 from ..train.data import read_jsonl
 from ..train.shards import is_shard_directory
 from ..train.tokenize import check_tokenizer, framing, is_jsonl, read_documents, refuse_repeated_files
-from .checkpoint import _copy_other_files, _read_header, check_checkpoint_directory, read_expansion_record
+from .checkpoint import _copy_other_files, check_checkpoint_directory, read_expansion_record
 from .freezing import train_only
 
 FINAL_DIR = "final"
@@ -126,7 +127,7 @@ def checkpoint_dtype(directory: Path) -> torch.dtype:
     `load_pretrained(dtype="auto")`)."""
     counts: dict[str, int] = {}
     for file in sorted(set(tensor_locations(directory).values())):
-        for source in _read_header(file).values():
+        for source in read_header(file).values():
             counts[source.dtype] = counts.get(source.dtype, 0) + math.prod(source.shape)
     return SAFETENSORS_DTYPES.get(max(counts, key=counts.get) if counts else "F32", torch.float32)
 
@@ -136,7 +137,7 @@ def tensor_dtypes(directory: Path) -> dict[str, torch.dtype]:
     the floating-point ones)."""
     locations = tensor_locations(directory)
     return {name: SAFETENSORS_DTYPES[source.dtype] for file in sorted(set(locations.values()))
-            for name, source in _read_header(file).items() if locations.get(name) == file}
+            for name, source in read_header(file).items() if locations.get(name) == file}
 
 
 def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, seq_len: int | None = None,
