@@ -8,7 +8,8 @@ the holder. Within one thread the lock is re-entrant (the demo holds --out while
 below it, and `fit` its run directory below that); another thread of the same process is refused as another
 process is, and so is a child forked by the holder (its copy of the holder's memory does not make it the holder).
 Where the system has no such locks (Windows, some network file systems), runs go unguarded, with a warning: the
-run's numbers are the same either way.
+run's numbers are the same either way. A forked child (a DataLoader worker) closes its copy of the locked
+descriptor at once: the lock would otherwise last until the last such child ended, a SIGKILLed holder's included.
 """
 from __future__ import annotations
 
@@ -23,10 +24,25 @@ from .errors import DirectoryInUse
 
 LOCK_FILE = ".kpro-run.lock"
 
-# resolved directory -> [holding process's id, its thread's id, how many times it holds it]. The process's id too:
-# a forked child copies this, and its forking thread keeps the thread id the holder had.
+# resolved directory -> [holding process's id, its thread's id, how many times it holds it, its locked descriptor].
+# The process's id too: a forked child copies this, and its forking thread keeps the thread id the holder had.
 _held: dict[Path, list] = {}
 _held_guard = threading.Lock()
+
+
+def _close_in_child() -> None:
+    """In a forked child, close the copies of the held lock descriptors: an flock is released only once every
+    descriptor of it is closed, so the children of a SIGKILLed holder (DataLoader workers) kept its directory
+    locked until they ended. (Python opens them non-inheritable, so an exec'd child has none.) Runs in the only
+    thread of the child, so without _held_guard, which another thread of the parent may have held at the fork."""
+    for held in _held.values():
+        if held[3] is not None:
+            os.close(held[3])
+            held[3] = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 @contextlib.contextmanager
@@ -62,13 +78,11 @@ def holding(directory: str | os.PathLike):
     try:
         fd = _lock(path, directory)
         with _held_guard:
-            _held[key], registered = [*me, 1], True
+            _held[key], registered = [*me, 1, fd], True
         yield
     finally:
         if os.getpid() != me[0]:  # a child forked in the block, unwinding the holder's frame: the lock stays his
-            if fd is not None:
-                os.close(fd)  # its copy only: the holder's descriptor keeps the lock
-            return
+            return  # (its copy of the descriptor was closed at the fork, by _close_in_child)
         if registered:
             with _held_guard:
                 del _held[key]

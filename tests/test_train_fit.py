@@ -1184,6 +1184,34 @@ def test_a_child_forked_inside_the_block_that_unwinds_it_leaves_the_holders_lock
     assert subprocess.run(third_run, capture_output=True, text=True, timeout=120).stdout == "held\n"
 
 
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    """A child forked by the holder (a DataLoader worker) inherited its locked descriptor, and an flock lasts while
+    any descriptor of it is open: after a SIGKILL of the holder, the directory stayed locked until the children
+    ended (seconds for DataLoader workers; as long as a child lives, here)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from kpro._run_lock import holding\n"
+                               "with holding(sys.argv[1]):\n"
+                               " child = os.fork()\n"
+                               " if child == 0:\n  time.sleep(600); os._exit(0)\n"
+                               " print(child, flush=True); time.sleep(600)",
+                               str(tmp_path / "x")], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(DirectoryInUse, match=rf"\(process {holder.pid}\)"):
+            with holding(tmp_path / "x"):
+                pass
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child still runs
+        with holding(tmp_path / "x"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_system_without_flock_runs_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
     """fcntl is POSIX: on Windows every fit failed with ModuleNotFoundError. A file system refusing locks
     (ENOLCK) left its lock file, and so an empty directory, behind."""
