@@ -178,6 +178,17 @@ def test_examples_without_a_stable_content_are_not_checked():
     kt.Batches([[1], [2]], 1).load_state_dict(state)
 
 
+@pytest.mark.parametrize("array", [np.array(["math", "easy"]), np.array([b"x"]), np.array([1, "a"], dtype=object)],
+                         ids=["str", "bytes", "object"])
+def test_examples_holding_numpy_arrays_torch_cannot_hold_are_not_checked(array):
+    """The digest read NumPy arrays through torch.as_tensor, which raises TypeError on strings and objects:
+    iterating the batches, and state_dict(), crashed instead of leaving such examples unchecked."""
+    examples = [{"ids": [1, 2, 3], "tags": array} for _ in range(4)]
+    batches = kt.Batches(examples, 2, collate=lambda chosen: {"input_ids": [e["ids"] for e in chosen]})
+    assert next(iter(batches)) == {"input_ids": [[1, 2, 3], [1, 2, 3]]}
+    assert batches.state_dict()["digest"] is None
+
+
 def test_batches_errors():
     with pytest.raises(ValueError, match="batch_size"):
         kt.Batches(torch.zeros(4, 2), 0)

@@ -228,9 +228,9 @@ class _NoStableContent(Exception):
 
 
 def content_digest(examples: Sequence) -> str | None:
-    """SHA-256 of the examples' content (token lists, tensors, arrays, strings, numbers, and tuples, lists,
-    mappings and dataclasses of them), or None if an example holds anything else, whose content cannot be
-    told from its identity."""
+    """SHA-256 of the examples' content (token lists, tensors, arrays of numbers, strings, numbers, and tuples,
+    lists, mappings and dataclasses of them), or None if an example holds anything else (NumPy arrays of
+    strings or objects included), whose content cannot be told from its identity."""
     digest = hashlib.sha256()
     try:
         if isinstance(examples, (torch.Tensor, np.ndarray)):  # rows [N, T] (pack_documents): one pass
@@ -254,7 +254,10 @@ def _feed(digest, value) -> None:
         for item in value:
             _feed(digest, item)
     elif isinstance(value, (torch.Tensor, np.ndarray)):
-        tensor = torch.as_tensor(value).detach().cpu().contiguous()
+        try:
+            tensor = torch.as_tensor(value).detach().cpu().contiguous()
+        except TypeError:  # a NumPy array of strings, objects, dates, ...: not checked, as other objects
+            raise _NoStableContent from None
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)};".encode())
         digest.update(memoryview(tensor.flatten().view(torch.uint8).numpy()))  # the bytes in place: no copy
     elif isinstance(value, np.generic):
