@@ -106,6 +106,27 @@ def test_shards_are_little_endian_and_an_index_naming_another_dtype_is_refused(t
             kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=1)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda index: index.pop("shards"), r"has no \"shards\" list"),
+    (lambda index: index.update(shards={"a": 1}), r"has no \"shards\" list"),
+    (lambda index: index.update(complete=False) or index.pop("shards"), r"has no \"shards\" list"),
+    (lambda index: index["shards"][1].pop("tokens"), r"shard 1 .* needs a \"file\" name and a \"tokens\" count"),
+    (lambda index: index["shards"][0].update(tokens="10"), r"shard 0 .* needs a \"file\" name and a \"tokens\" count"),
+    (lambda index: index["shards"].__setitem__(0, "tokens-00000.bin"), r"shard 0 .* needs a \"file\" name"),
+    (lambda index: index["shards"][0].update(file="../t/tokens-00000.bin"), r"shard 0 .* needs a \"file\" name"),
+], ids=["missing", "not a list", "incomplete and missing", "entry without tokens", "tokens a string",
+        "entry not an object", "file outside the directory"])
+def test_an_index_whose_shard_list_is_malformed_is_named(tmp_path, change, message):
+    """A shard list missing or not a list, or an entry without its "tokens", ended in a bare KeyError or
+    TypeError; a count given as a string was read as a number."""
+    index = kt.write_token_shards(tmp_path / "t", [list(range(1, 20)), list(range(5, 30))], vocab_size=100,
+                                  eos_id=0, shard_tokens=10)
+    change(index)
+    (tmp_path / "t" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 't' / 'index.json'))} {message}"):
+        kt.TokenShards(tmp_path / "t", seq_len=4, batch_size=2, rank=0, world_size=1)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
 def test_the_order_is_a_permutation_per_seed_and_epoch(n):
     p = permute(np.arange(n), n, seed=0, epoch=0)

@@ -78,10 +78,25 @@ def read_index(directory: str | os.PathLike, *, complete: bool = True) -> dict:
     if index.get("dtype") not in STORED_DTYPES:  # another dtype or byte order would read as wrong token ids
         raise ValueError(f"{path} has dtype {index.get('dtype')!r}; token shards hold {' or '.join(STORED_DTYPES)} "
                          "(little-endian): write them again with `python -m kpro tokenize`")
+    _check_shard_list(path, index.get("shards"))
     if complete and not index.get("complete"):
         raise ValueError(f"{directory} is incomplete: its writing stopped after {len(index['shards'])} shard(s); "
                          "run the same `python -m kpro tokenize` command again to finish it")
     return index
+
+
+def _check_shard_list(path: Path, shards) -> None:
+    """Each entry of an index's "shards" names its file (in the directory) and how many tokens it holds."""
+    if not isinstance(shards, list):
+        raise ValueError(f"{path} has no \"shards\" list (got {json.dumps(shards)[:60]}): it is corrupt; write the "
+                         "shards again with `python -m kpro tokenize`")
+    for i, shard in enumerate(shards):
+        file = shard.get("file") if isinstance(shard, dict) else None
+        tokens = shard.get("tokens") if isinstance(shard, dict) else None
+        if not (isinstance(file, str) and file not in ("", ".", "..") and Path(file).name == file
+                and is_integer(tokens) and tokens >= 0):
+            raise ValueError(f"{path} shard {i} ({json.dumps(shard)[:80]}) needs a \"file\" name and a \"tokens\" "
+                             "count: it is corrupt; write the shards again with `python -m kpro tokenize`")
 
 
 def corpus_id(index: dict) -> str:
