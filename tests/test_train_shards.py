@@ -74,7 +74,8 @@ def test_large_vocabularies_take_uint32(tmp_path):
     assert index["dtype"] == "uint32" and (tmp_path / "s" / "tokens-00000.bin").stat().st_size == 16
     shards = kt.TokenShards(tmp_path / "s", seq_len=3, batch_size=1, shuffle=False)
     assert torch.equal(all_rows(shards), kt.pack_documents(docs, 3, eos_id=2))
-    with pytest.raises(ValueError, match=r"0 ... 31999 \(vocab_size 32000\), got 2 ... 99999"):
+    with pytest.raises(ValueError, match=r"document 0 holds token id 70000, outside the vocabulary \(0 ... 31999, "
+                                         r"vocab_size 32000\)"):
         kt.write_token_shards(tmp_path / "t", docs, vocab_size=32_000, eos_id=2)
     with pytest.raises(TypeError, match="document 0 holds torch.float64 values"):  # truncated before
         kt.write_token_shards(tmp_path / "u", [np.array([5.7, 6.2])], vocab_size=100, eos_id=2)
@@ -199,6 +200,25 @@ def test_resume_mid_epoch_is_exact_and_refuses_other_data(tmp_path):
         kt.TokenShards(tmp_path / "t", seq_len=10, batch_size=4, seed=1).load_state_dict(state)
 
 
+def test_a_bad_id_is_traced_to_its_document_and_the_directory_left_is_named_incomplete(tmp_path):
+    """An id outside the vocabulary was reported as the range of the whole framed stream (eos included), not
+    naming its document; a retry into the directory the failed call left said only that it "already holds
+    token shards"."""
+    docs = [[5, 6, 7] for _ in range(1000)]
+    docs[742] = [5, 100, -3, 7]
+    with pytest.raises(ValueError, match=r"^document 742 holds token id 100, outside the vocabulary \(0 ... 99, "
+                                         r"vocab_size 100\)$"):
+        kt.write_token_shards(tmp_path / "a", docs, vocab_size=100, eos_id=1, shard_tokens=50)
+    docs[742] = [5, 99, 7]
+    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(tmp_path / 'a'))} holds an incomplete token shard "
+                                              r"directory \(an earlier write failed or was stopped\), which "
+                                              r"write_token_shards does not resume: delete it, or pass another "
+                                              r"directory$"):
+        kt.write_token_shards(tmp_path / "a", docs, vocab_size=100, eos_id=1, shard_tokens=50)
+    shutil.rmtree(tmp_path / "a")
+    assert kt.write_token_shards(tmp_path / "a", docs, vocab_size=100, eos_id=1, shard_tokens=50)["complete"]
+
+
 def test_bad_directories_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a token shard directory"):
         kt.TokenShards(tmp_path)
@@ -217,6 +237,9 @@ def test_bad_directories_are_named(tmp_path):
     (tmp_path / "s" / "index.json").write_text(json.dumps({**index, "complete": False}))
     with pytest.raises(ValueError, match="incomplete.*run the same `python -m kpro tokenize`"):
         kt.TokenShards(tmp_path / "s", seq_len=4)
+    with pytest.raises(FileExistsError, match="holds an incomplete token shard directory"):
+        kt.write_token_shards(tmp_path / "s", [], vocab_size=67, eos_id=2)
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
     with pytest.raises(FileExistsError, match="already holds token shards"):
         kt.write_token_shards(tmp_path / "s", [], vocab_size=67, eos_id=2)
     # no documents: a complete-looking directory of 0 tokens was written, refused only when training started

@@ -228,13 +228,22 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
     existed = directory.exists()
     prepare_directory(directory)
     if is_shard_directory(directory):
+        if not read_index(directory, complete=False).get("complete"):  # what a call that failed midway leaves
+            raise FileExistsError(f"{directory} holds an incomplete token shard directory (an earlier write failed "
+                                  "or was stopped), which write_token_shards does not resume: delete it, or pass "
+                                  "another directory")
         raise FileExistsError(f"{directory} already holds token shards")
     writer = ShardWriter(directory, new_index(vocab_size, shard_tokens, bos_id, eos_id, tokenizer=tokenizer))
     head = np.array([] if bos_id is None else [bos_id], dtype=np.int64)
     tail = np.array([eos_id], dtype=np.int64)
     count = 0
     for count, doc in enumerate(documents, 1):
-        writer.add(np.concatenate((head, document_tensor(doc, count - 1).numpy(), tail)))
+        ids = document_tensor(doc, count - 1).numpy()
+        outside = (ids < 0) | (ids > writer.limit)
+        if outside.any():  # checked here, before framing, to name the document and the id
+            raise ValueError(f"document {count - 1} holds token id {ids[outside][0]}, outside the vocabulary "
+                             f"(0 ... {writer.limit}, vocab_size {writer.limit + 1})")
+        writer.add(np.concatenate((head, ids, tail)))
     if count == 0:  # else a complete-looking directory of 0 tokens, refused only when training starts
         if not existed:
             directory.rmdir()  # nothing was written into it
