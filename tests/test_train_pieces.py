@@ -3,6 +3,7 @@ the fp32 masked loss, parameter groups and learning-rate schedules."""
 import collections
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -200,6 +201,21 @@ def test_batches_errors():
         kt.Batches((row for row in torch.zeros(4, 2)), 2)
     with pytest.raises(ValueError, match="rows of one length, and these have 1 to 2 tokens: pack documents"):
         next(iter(kt.Batches([[5, 6], [7]], 2, shuffle=False)))
+
+
+def test_batches_take_shuffle_and_drop_last_as_bools_only():
+    """shuffle="False" (from a config or the command line) shuffled and drop_last="no" dropped, being truthy;
+    a NumPy bool was kept in the state, which fit's checkpoint then refused."""
+    rows = torch.arange(40).view(10, 4)
+    for name in ("shuffle", "drop_last"):
+        for value in ("False", "no", 0, None):
+            with pytest.raises(TypeError, match=rf"^{name} must be True or False, got {re.escape(repr(value))}$"):
+                kt.Batches(rows, 2, **{name: value})
+    batches = kt.Batches(rows, 2, shuffle=np.False_, drop_last=np.True_)
+    assert type(batches.shuffle) is bool and type(batches.drop_last) is bool
+    state = batches.state_dict()
+    assert type(state["shuffle"]) is bool and type(state["drop_last"]) is bool
+    assert next(iter(batches))["input_ids"][:, 0].tolist() == [0, 4]
 
 
 def test_read_jsonl_names_the_line_at_fault(tmp_path):

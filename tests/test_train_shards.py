@@ -857,6 +857,16 @@ def test_the_corpus_fingerprint_holds_the_tokens_not_only_their_count(tmp_path):
     assert corpus_id(old) == hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def test_shuffle_is_a_bool(tmp_path):
+    """shuffle="False" (from a config or the command line) was taken as True."""
+    kt.write_token_shards(tmp_path / "s", [list(range(2, 60))], vocab_size=64, eos_id=1)
+    for value in ("False", 0, None):
+        with pytest.raises(TypeError, match=rf"^shuffle must be True or False, got {re.escape(repr(value))}$"):
+            kt.TokenShards(tmp_path / "s", seq_len=4, batch_size=2, shuffle=value)
+    shards = kt.TokenShards(tmp_path / "s", seq_len=4, batch_size=2, shuffle=np.False_)
+    assert shards.shuffle is False
+
+
 def test_unshuffled_epochs_go_on_where_the_last_stopped(tmp_path):
     """Unshuffled, every epoch took rows 0 ... len·b − 1: the rows that did not fill a last batch were never
     trained on, although the docs said they wait for another epoch."""

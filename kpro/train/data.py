@@ -53,6 +53,14 @@ def check_special_id(value, name: str, optional: bool = False, vocab_size: int |
     return int(value)
 
 
+def check_flag(value, name: str) -> bool:
+    """A True/False argument as a Python bool (a NumPy one too: it goes into checkpoints); anything else is
+    refused, since a string such as "False" is truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def document_tensor(doc, index: int) -> torch.Tensor:
     """A tokenized document as a flat int64 tensor; float or bool ids (which a cast would truncate or take as
     0/1), text and a single id (one document's ids passed as the list of documents) are refused, naming the
@@ -149,6 +157,7 @@ class Batches:
         if not is_integer(seed) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         batch_size, seed = int(batch_size), int(seed)
+        shuffle, drop_last = check_flag(shuffle, "shuffle"), check_flag(drop_last, "drop_last")
         if len(examples) == 0:
             raise ValueError("Batches got no examples")
         if len(examples) < batch_size and drop_last:

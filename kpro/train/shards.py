@@ -26,7 +26,7 @@ import torch
 from .._numbers import is_integer
 from .._files import naming_write_failures, write_atomic
 from ..distributed import current_env
-from .data import check_special_id, document_tensor
+from .data import check_flag, check_special_id, document_tensor
 
 FORMAT = "kpro-token-shards"
 VERSION = 1
@@ -340,10 +340,11 @@ class TokenShards:
                              f"world_size={world_size!r}")
         # Python ints (a NumPy one passed): the seed's mixing takes the int path, and the state is checkpointed
         seq_len, batch_size, seed = int(seq_len), int(batch_size), int(seed)
+        shuffle = check_flag(shuffle, "shuffle")
         rank, world_size = (None, None) if rank is None else (int(rank), int(world_size))
         self.directory = Path(directory)
         self.index = read_index(self.directory)
-        self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, bool(shuffle)
+        self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.dtype = stored_dtype(self.index)
         sizes = np.array([s["tokens"] for s in self.index["shards"]], dtype=np.int64)
