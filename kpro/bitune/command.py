@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 from ..cli_args import add_device_argument, check_input_file, check_output_dir, directory_path, resolve_device
@@ -59,6 +58,7 @@ def run(args) -> None:
     from .._files import write_atomic
     from ..checkpoint import load_pretrained
     from ..tokenizer import load_tokenizer
+    from ..train.data import OtherExamples
     from .data import read_instructions, read_multiple_choice, tokenize_instructions
     from .evaluation import encode_multiple_choice, multiple_choice_accuracy
     from .training import tune
@@ -124,11 +124,8 @@ def run(args) -> None:
         tuned = tune(model, pairs, method, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      rank=args.rank, alpha=args.alpha, mode=args.mode, weighting=args.loss_weighting, seed=args.seed,
                      pad_id=tok.pad_id)
-    except ValueError as err:
-        other = _other_examples(err, args, len(pairs))
-        if other is None:
-            raise
-        raise other from None
+    except OtherExamples as err:
+        raise _other_examples(err, args, len(pairs)) from None
     print(f"adapters saved to {Path(args.out) / 'adapters'}")
     results = {"method": method, "mode": args.mode if method == "bitune" else None,
                "loss_weighting": args.loss_weighting, "examples": len(pairs),
@@ -140,19 +137,11 @@ def run(args) -> None:
     write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
 
 
-def _other_examples(err: ValueError, args, kept: int) -> ValueError | None:
+def _other_examples(err: OtherExamples, args, kept: int) -> ValueError:
     """A resume refused by Batches for other examples, said in this command's terms: Batches' hint ("the same cut
     into rows of another length (seq_len)") is fit's, and the examples here are --data's kept at --max-length."""
-    message = str(err)
-    if not message.startswith("cannot resume these batches:"):
-        return None
-    had = re.search(r"had num_examples=(\d+),", message)
-    if had:
-        what = f"{had[1]} examples, and --data {args.data} at --max-length {args.max_length} keeps {kept}"
-    elif "content digest" in message:
-        what = (f"other examples than the {kept} that --data {args.data} at --max-length {args.max_length} keeps "
-                "(as many)")
-    else:
-        return None
+    source = f"--data {args.data} at --max-length {args.max_length}"
+    what = (f"{err.had} examples, and {source} keeps {kept}" if err.had != kept
+            else f"other examples than the {kept} that {source} keeps (as many)")
     return ValueError(f"--out {args.out} holds a run tuned on {what}: resume with the run's --data and --max-length, "
                       "or pass another --out for a new run")

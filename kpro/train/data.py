@@ -215,10 +215,12 @@ class Batches:
                              f"({state!r:.120}): the run took its batches from another kind of source; resume with it")
         for key in ("seed", "batch_size", "num_examples", "shuffle"):
             if state[key] != mine[key]:
-                why = ": other data, or the same cut into rows of another length (seq_len)" if key == "num_examples" \
-                    else ""
-                raise ValueError(f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, "
-                                 f"these have {key}={mine[key]!r}{why}")
+                message = f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, these have " \
+                          f"{key}={mine[key]!r}"
+                if key == "num_examples":
+                    raise OtherExamples(message + ": other data, or the same cut into rows of another length "
+                                        "(seq_len)", had=state[key])
+                raise ValueError(message)
         # Another drop_last keeps or drops each epoch's last, smaller batch: other batches from the next epoch on.
         saved = state.get("drop_last")  # None: a checkpoint written before it was kept
         if saved is not None and saved != mine["drop_last"]:
@@ -226,10 +228,20 @@ class Batches:
                              f"have drop_last={mine['drop_last']!r}; pass Batches(..., drop_last={saved!r}) to "
                              "continue that run")
         if state.get("digest") is not None and mine["digest"] is not None and state["digest"] != mine["digest"]:
-            raise ValueError(f"cannot resume these batches: they hold as many examples as the checkpoint's data "
-                             f"({mine['num_examples']}), but other ones (content digest {mine['digest'][:12]}, the "
-                             f"checkpoint's {state['digest'][:12]}); resume with the run's own data, or start a new run")
+            raise OtherExamples(f"cannot resume these batches: they hold as many examples as the checkpoint's data "
+                                f"({mine['num_examples']}), but other ones (content digest {mine['digest'][:12]}, the "
+                                f"checkpoint's {state['digest'][:12]}); resume with the run's own data, or start a new "
+                                "run", had=state["num_examples"])
         self.epoch, self.index = state["epoch"], state["index"]
+
+
+class OtherExamples(ValueError):
+    """A resume refused because the examples are not the checkpoint's: `had` examples then (as many now, where
+    only their content differs). A command says it in its own terms (bitune: its --data and --max-length)."""
+
+    def __init__(self, message: str, had: int):
+        super().__init__(message)
+        self.had = had
 
 
 class _NoStableContent(Exception):
