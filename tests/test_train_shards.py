@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import sys
 import textwrap
+import threading
 import types
 from pathlib import Path
 
@@ -25,7 +26,9 @@ import torch
 
 import kpro
 from kpro import train as kt
+from kpro._run_lock import LOCK_FILE, holding
 from kpro.cli import main
+from kpro.errors import DirectoryInUse
 from kpro.expansion.posttrain import corpus_batches, corpus_rows, read_corpus
 from kpro.train.shards import corpus_id, permute
 from kpro.train.tokenize import check_tokenizer, iter_documents, tokenizer_identity
@@ -587,6 +590,34 @@ def test_tokenizing_workers_send_back_replies_a_pipe_takes_whole(tmp_path, monke
         [p.read_bytes() for p in sorted((tmp_path / "one").glob("*.bin"))] and one["tokens"] == index["tokens"]
 
 
+
+def test_a_second_tokenize_into_a_directory_in_use_is_refused(tmp_path):
+    """Two runs into one --out (a job submitted twice) both resumed from the same index and wrote the same shard
+    names over each other; the second is now refused at once, naming the holder, and runs once the first ends."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("abc def\n\ngh\n")
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():  # another thread holds it as another process would
+        with holding(tmp_path / "out"):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(DirectoryInUse, match="in use by another kpro run"):
+            kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=1)
+    finally:
+        release.set()
+        thread.join()
+    index = kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=1)
+    assert index["complete"] and index["documents"] == 2
+    assert not (tmp_path / "out" / LOCK_FILE).exists()  # released at the end
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 from kpro.train import shards, tokenize
@@ -695,7 +726,7 @@ def test_a_run_killed_writing_its_first_index_starts_over_with_the_same_command(
     killed = subprocess.run([sys.executable, "-c", FIRST_INDEX_KILL_SCRIPT, *args], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    left = [p.name for p in (tmp_path / "out").iterdir()]
+    left = [p.name for p in (tmp_path / "out").iterdir() if p.name != LOCK_FILE]  # the lock file, no lock left
     assert len(left) == 1 and re.fullmatch(r"\.index\.json\.tmp-\d+", left[0]), left
     assert main(args) == 0
     assert main(["tokenize", *args[1:-4], "--out", str(tmp_path / "straight"), "--workers", "1"]) == 0

@@ -25,6 +25,7 @@ import torch
 
 from .._numbers import is_integer
 from .._files import naming_write_failures, write_atomic
+from .._run_lock import LOCK_FILE
 from ..distributed import current_env
 from .data import check_flag, check_special_id, document_tensor
 
@@ -209,7 +210,7 @@ def prepare_directory(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if is_shard_directory(directory):
         return
-    present = list(directory.iterdir())
+    present = [path for path in directory.iterdir() if path.name != LOCK_FILE]  # tokenize_corpus's own, held
     if not all(path.is_file() and WRITER_TEMPORARY.fullmatch(path.name) for path in present):
         raise FileExistsError(f"{directory} exists and is not a token shard directory; choose an empty or new one")
     for path in present:  # nothing else there: no file of anyone else's goes

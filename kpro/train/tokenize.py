@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import _tokenize_worker as worker
+from .._run_lock import holding
 from .._tokenize_worker import jsonl_text
 from ..tokenizer import TOKENIZER_FILES, document_bos_id, load_tokenizer
 from .progress import StatusLine, format_duration
@@ -209,7 +210,13 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
                     workers: int | None = None, chunk_bytes: int = CHUNK_BYTES, stream=None) -> dict:
     """Tokenize the corpus files `data` with the tokenizer in `tokenizer_dir` into shards in `out_dir`;
     returns the index. Called again on an interrupted `out_dir`, it resumes; on a complete one, it checks
-    the arguments and returns its index."""
+    the arguments and returns its index. One run at a time in `out_dir` (kpro._run_lock): a second, started
+    while one writes (a job submitted twice), would resume from the same index and write the same shards."""
+    with holding(out_dir):
+        return _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_bytes, stream)
+
+
+def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_bytes, stream) -> dict:
     stream = sys.stderr if stream is None else stream
     tokenizer_dir, out = Path(tokenizer_dir), Path(out_dir)
     files = input_files(data)
