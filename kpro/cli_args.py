@@ -60,13 +60,17 @@ def resolve_device(device: str | None) -> str:
 
 
 def check_device(device: str) -> None:
-    """A one-line error for a device this machine does not have (torch would fail deep inside)."""
+    """A one-line error for a device kpro does not run on (meta, mps, xpu, ...: torch parses them, then fails deep
+    inside) or this machine does not have."""
     import torch
 
     try:
         parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: kpro's commands run on cpu, cuda or cuda:N (or auto), not on "
+                         f"{parsed.type} devices")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA device (CUDA is not available to torch)")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():

@@ -311,6 +311,10 @@ def test_info_refuses_a_truncated_weight_file_and_names_layers_the_tensors_lack(
     (["train-expanded", "ck", "--data", "corpus.txt", "--train-blocks", "1", "--out", "afile"],
      "--out afile is a file; give a directory"),  # after the model loaded and the corpus was read, as out_dir
     (["demo", "basics", "basics"], "demo act basics is named twice"),
+    # device types torch parses but kpro's commands do not run on: tracebacks from deep inside torch before
+    *[(["generate", "ck", "--prompt", "a", "--device", device], f"--device {device}: kpro's commands run on cpu, "
+       "cuda or cuda:N") for device in ("meta", "mps", "xpu", "meta:0")],
+    (["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", "o", "--device", "mps"], "--device mps: kpro's"),
 ])
 def test_command_errors_name_their_flag(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
