@@ -29,6 +29,23 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0"
               "I64": 64, "F64": 64, "C64": 64}
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The "weight_map" of the safetensors index file `index` (tensor name -> shard file name beside it), checked
+    as load_pretrained and `info` both read it: an object of names to file names, every file present."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) and isinstance(file, str)
+                                                   for name, file in weight_map.items()):
+        raise CheckpointError(f"{index} is not a valid safetensors index: its 'weight_map' must map each tensor "
+                              "name to a shard file name")
+    missing_files = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if missing_files:
+        raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(missing_files)}")
+    return weight_map
+
+
 def read_header(file: Path) -> dict[str, TensorBytes]:
     """{tensor name: TensorBytes} of `file`, the header checked as the safetensors library checks it (so that
     what `load_pretrained` refuses is not described or copied here): each entry a known "dtype" code, a "shape"

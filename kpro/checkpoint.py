@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import distributed
 from ._files import save_safetensors
+from ._safetensors import read_weight_map
 from .config import LlamaConfig
 from .errors import CheckpointError
 from .lora import LoRALinear, is_lora_key
@@ -194,18 +195,7 @@ def tensor_locations(directory: Path) -> dict[str, Path]:
         raise CheckpointError(f"{directory} holds both {WEIGHTS_NAME} and a sharded checkpoint ({INDEX_NAME}); which "
                               "one is the model is ambiguous: remove the other")
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(name, str) and isinstance(file, str)
-                                                       for name, file in weight_map.items()):
-            raise CheckpointError(f"{index} is not a valid safetensors index: its 'weight_map' must map each tensor "
-                                  "name to a shard file name")
-        missing_files = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
-        if missing_files:
-            raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(missing_files)}")
-        return {name: directory / file for name, file in weight_map.items()}
+        return {name: directory / file for name, file in read_weight_map(index).items()}
     if single.is_file():
         with _open_all({single}) as handles:
             return {name: single for name in handles[single].keys()}

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from ._safetensors import read_header
+from ._safetensors import read_header, read_weight_map
 from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, resolve_device
 from .errors import CheckpointError, DirectoryInUse
 
@@ -84,14 +84,7 @@ def _weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
     index, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
-        missing = [name for name in names if not (directory / name).is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(missing)}")
-        return [directory / name for name in names]
+        return [directory / name for name in sorted(set(read_weight_map(index).values()))]
     if single.is_file():
         return [single]
     present = sorted(p.name for p in directory.iterdir())

@@ -252,6 +252,23 @@ def test_info_names_a_malformed_safetensors_header_entry(tmp_path, capsys):
                               "and a \"shape\" list of sizes, got ") and err.count("\n") == 1, err
 
 
+def test_info_refuses_a_bad_weight_map_with_load_pretrained_s_message(tmp_path, capsys):
+    """A weight_map mapping tensors to numbers ended `info` in a TypeError traceback, or a raw Python message
+    ("'<' not supported between instances of 'int' and 'str'") where load_pretrained names the fault."""
+    model = write_checkpoint(tmp_path / "ck")
+    kpro.save_pretrained(model, tmp_path / "ck", max_shard_size="20KB")
+    index = tmp_path / "ck" / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    for weight_map in ({**good["weight_map"], "model.norm.weight": 3}, list(good["weight_map"].values()),
+                       {name: 1 for name in good["weight_map"]}):
+        index.write_text(json.dumps({**good, "weight_map": weight_map}))
+        with pytest.raises(kpro.CheckpointError) as loading:
+            kpro.load_pretrained(tmp_path / "ck")
+        assert main(["info", str(tmp_path / "ck")]) == 1
+        assert capsys.readouterr().err == f"error: {loading.value}\n"
+        assert "must map each tensor name to a shard file name" in str(loading.value)
+
+
 def test_info_refuses_a_truncated_weight_file_and_names_layers_the_tensors_lack(tmp_path, capsys):
     """A safetensors file cut short after its header, or a config.json whose num_hidden_layers the tensors do not
     match, was described as a healthy checkpoint."""
