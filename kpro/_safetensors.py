@@ -29,6 +29,26 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0"
               "I64": 64, "F64": 64, "C64": 64}
 
 
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def sharded_weight_map(directory: Path) -> dict[str, str] | None:
+    """The checked "weight_map" of the checkpoint directory `directory`'s index, or None where it holds a single
+    model.safetensors; both (ambiguous), or neither, is a CheckpointError. load_pretrained's and `info`'s rule."""
+    index, single = directory / INDEX_NAME, directory / WEIGHTS_NAME
+    if index.is_file() and single.is_file():  # transformers would read one, older tools the other
+        raise CheckpointError(f"{directory} holds both {WEIGHTS_NAME} and a sharded checkpoint ({INDEX_NAME}); which "
+                              "one is the model is ambiguous: remove the other")
+    if index.is_file():
+        return read_weight_map(index)
+    if single.is_file():
+        return None
+    present = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME} (it holds: {', '.join(present) or 'nothing'}); "
+                          "kpro reads safetensors checkpoints only")
+
+
 def read_weight_map(index: Path) -> dict[str, str]:
     """The "weight_map" of the safetensors index file `index` (tensor name -> shard file name beside it), checked
     as load_pretrained and `info` both read it: an object of names to file names, every file present."""

@@ -27,15 +27,13 @@ from safetensors import SafetensorError, safe_open
 
 from . import distributed
 from ._files import save_safetensors
-from ._safetensors import read_weight_map
+from ._safetensors import INDEX_NAME, WEIGHTS_NAME, sharded_weight_map
 from .config import LlamaConfig
 from .errors import CheckpointError
 from .lora import LoRALinear, is_lora_key
 from .model import Llama
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Buffers that older conversions saved and Hugging Face ignores on load; they hold nothing we need.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -190,18 +188,12 @@ def _checkpoint_dtype(directory: Path, slices: dict) -> torch.dtype:
 
 def tensor_locations(directory: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the file holding it."""
-    index, single = directory / INDEX_NAME, directory / WEIGHTS_NAME
-    if index.is_file() and single.is_file():  # transformers would read one, older tools the other
-        raise CheckpointError(f"{directory} holds both {WEIGHTS_NAME} and a sharded checkpoint ({INDEX_NAME}); which "
-                              "one is the model is ambiguous: remove the other")
-    if index.is_file():
-        return {name: directory / file for name, file in read_weight_map(index).items()}
-    if single.is_file():
-        with _open_all({single}) as handles:
-            return {name: single for name in handles[single].keys()}
-    present = sorted(p.name for p in directory.iterdir())
-    raise CheckpointError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME} (it holds: {', '.join(present) or 'nothing'}); "
-                          "kpro reads safetensors checkpoints only")
+    weight_map = sharded_weight_map(directory)
+    if weight_map is not None:
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / WEIGHTS_NAME
+    with _open_all({single}) as handles:
+        return {name: single for name in handles[single].keys()}
 
 
 class _open_all:

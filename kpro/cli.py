@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from ._safetensors import read_header, read_weight_map
+from ._safetensors import WEIGHTS_NAME, read_header, sharded_weight_map
 from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, resolve_device
 from .errors import CheckpointError, DirectoryInUse
 
@@ -81,15 +81,12 @@ def _few(numbers: list[int]) -> str:
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
-    index, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
-    if index.is_file():
-        return [directory / name for name in sorted(set(read_weight_map(index).values()))]
-    if single.is_file():
-        return [single]
-    present = sorted(p.name for p in directory.iterdir())
-    raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json (it holds: "
-                          f"{', '.join(present) or 'nothing'}); kpro reads safetensors checkpoints only")
+    """The safetensors files of a checkpoint directory, as load_pretrained finds them: the index's shards, or
+    model.safetensors."""
+    weight_map = sharded_weight_map(directory)
+    if weight_map is None:
+        return [directory / WEIGHTS_NAME]
+    return [directory / name for name in sorted(set(weight_map.values()))]
 
 
 def cmd_generate(args) -> None:

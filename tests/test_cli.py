@@ -252,6 +252,20 @@ def test_info_names_a_malformed_safetensors_header_entry(tmp_path, capsys):
                               "and a \"shape\" list of sizes, got ") and err.count("\n") == 1, err
 
 
+def test_info_refuses_a_directory_holding_both_a_single_file_and_shards_as_load_pretrained_does(tmp_path, capsys):
+    """info described the index's shards and exited 0 where load_pretrained refuses the directory as ambiguous."""
+    model = write_checkpoint(tmp_path / "ck")
+    kpro.save_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")
+    for file in (tmp_path / "sharded").iterdir():
+        if file.name.startswith("model-") or file.name.endswith("index.json"):
+            (tmp_path / "ck" / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(kpro.CheckpointError, match="ambiguous") as loading:
+        kpro.load_pretrained(tmp_path / "ck")
+    assert main(["info", str(tmp_path / "ck")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {loading.value}\n"
+
+
 def test_info_refuses_a_bad_weight_map_with_load_pretrained_s_message(tmp_path, capsys):
     """A weight_map mapping tensors to numbers ended `info` in a TypeError traceback, or a raw Python message
     ("'<' not supported between instances of 'int' and 'str'") where load_pretrained names the fault."""
