@@ -114,6 +114,11 @@ def check_input_file(path, flag: str) -> None:
 
 
 def check_output_dir(path, flag: str = "--out") -> None:
-    """A directory a command writes into: a file in its place is named by its flag."""
-    if Path(path).exists() and not Path(path).is_dir():
+    """A directory a command writes into: a file in its place, or in the place of a directory above it (which
+    creating it would meet late, as a raw errno), is named by its flag (a positional's metavar: DST)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
         raise FileExistsError(f"{flag} {path} is a file; give a directory")
+    file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise NotADirectoryError(f"{flag} {path}: {file} is a file, not a directory")

@@ -337,7 +337,17 @@ def test_info_refuses_a_truncated_weight_file_and_names_layers_the_tensors_lack(
      "--seed seeds sampling, but temperature 0 decodes greedily: give a --temperature above 0 to sample, or leave "
      "--seed out"),
     (["expand", "ck/config.json", "x", "--blocks", "1"], "ck/config.json is a file, not a checkpoint directory"),
-    (["expand", "ck", "afile", "--blocks", "1"], "afile is a file; choose a directory"),  # "is not empty" before
+    (["expand", "ck", "afile", "--blocks", "1"], "DST afile is a file; give a directory"),  # "is not empty" before
+    # an output path under a file: raw errnos naming no flag before ([Errno 20], [Errno 17]), bitune's after loading
+    *[(args, f"{flag} afile/sub: afile is a file, not a directory") for flag, args in (
+        ("--out", ["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", "afile/sub"]),
+        ("--out", ["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", "afile/sub"]),
+        ("--out", ["internalize", "--task", "2x2", "--out", "afile/sub"]),
+        ("--out", ["train-expanded", "ck", "--data", "corpus.txt", "--train-blocks", "1", "--out", "afile/sub"]),
+        ("DST", ["expand", "ck", "afile/sub", "--blocks", "1"]),
+        ("OUT", ["convert-gguf", "m.gguf", "afile/sub"]),  # after reading the GGUF file before
+        ("--out", ["demo", "basics", "--out", "afile/sub"]))],
+    (["convert-gguf", "m.gguf", "afile"], "OUT afile is a file; give a directory"),  # after reading it before
     (["train-expanded", "ck", "--data", "corpus.txt", "--out", "ck/run"], "--out ck/run is inside the checkpoint ck"),
     (["train-expanded", "ck", "--data", "corpus.txt", "--train-blocks", "1", "--out", "afile"],
      "--out afile is a file; give a directory"),  # after the model loaded and the corpus was read, as out_dir
@@ -354,6 +364,7 @@ def test_command_errors_name_their_flag(tmp_path, capsys, monkeypatch, args, mes
     (tmp_path / "inst.jsonl").write_text('{"instruction": "ab", "response": "cd"}\n')
     (tmp_path / "mc.jsonl").write_text('{"question": "ab", "choices": ["c", "d"], "answer": 0}\n')
     (tmp_path / "afile").write_text("")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # not a whole one: refused if read
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

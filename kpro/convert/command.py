@@ -5,7 +5,7 @@ import shlex
 import time
 from pathlib import Path
 
-from ..cli_args import DTYPES, directory_path
+from ..cli_args import DTYPES, check_output_dir, directory_path
 
 PROGRESS_SECONDS = 10  # a line of progress after this long without one (a 7B file takes minutes)
 _DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
@@ -38,6 +38,7 @@ def cmd_convert_gguf(args) -> None:
 
 
 def _convert(args, GGUFFile, convert_gguf, gguf_config, start) -> None:
+    check_output_dir(args.out, "OUT")  # before the file is read
     file = GGUFFile(args.file)
     cfg = gguf_config(file)
     types = sorted(file.type_names())

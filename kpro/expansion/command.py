@@ -66,6 +66,7 @@ def add_parsers(sub) -> None:
 def cmd_expand(args) -> None:
     from .checkpoint import expand_checkpoint
 
+    check_output_dir(args.dst, "DST")
     result = expand_checkpoint(args.src, args.dst, args.blocks, args.position, max_shard_size=args.max_shard_size,
                                overwrite=args.overwrite)
     total = result.original_blocks + len(result.new_blocks)
