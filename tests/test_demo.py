@@ -74,6 +74,33 @@ def test_demo_and_reproduce_refuse_a_file_as_out_and_a_bad_seed_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+def test_reproduce_refuses_options_without_a_name_and_fails_when_the_reproduction_did_not_run(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """`reproduce --seed 7` (or --out) without a NAME listed the reproductions and exited 0, the option ignored; a
+    named reproduction whose model or data is not installed printed `skipped: ...` and exited 0, as if it had run."""
+    import dataclasses
+
+    import kpro.demo as demo_package
+    from kpro.cli import main
+
+    for args, given in ((["--seed", "7"], "--seed"), (["--seed", "0"], "--seed"), (["--out", str(tmp_path / "o")],
+                        "--out"), (["--out", str(tmp_path / "o"), "--seed", "1"], "--out, --seed")):
+        assert main(["reproduce", *args]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"error: {given} ") and "give a reproduction's NAME" in err \
+            and err.count("\n") == 1, err
+
+    def not_installed(out_dir, seed=0):
+        print("skipped: the model is not installed: pip install it")
+        return {"skipped": "the model is not installed: pip install it"}
+    monkeypatch.setitem(demo_package.REPRODUCTIONS, "needs-a-model",
+                        dataclasses.replace(demo_package.REPRODUCTIONS["expansion-seeds"], run=not_installed))
+    assert main(["reproduce", "needs-a-model", "--out", str(tmp_path / "r")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "skipped: the model is not installed: pip install it\n"
+    assert err == "error: reproduce needs-a-model did not run: the model is not installed: pip install it\n"
+
+
 def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """A rerun into the same --out with another --seed failed minutes in with an error that named neither the
     directory nor the fix; through the API, an act rerun with other settings resumed some runs from checkpoints

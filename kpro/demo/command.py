@@ -12,8 +12,9 @@ def add_parsers(sub) -> None:
                        description="Run a named reproduction; without a name, list them with what they need and how "
                                    "long they take. Choices: " + ", ".join(REPRODUCTIONS))
     p.add_argument("name", nargs="?", help="reproduction to run")
-    p.add_argument("--out", default="kpro-reproduce", type=directory_path, help="directory for models and results (default ./kpro-reproduce)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the models, data and sampling; a reproduction over "
+    # Defaults None: given without a NAME, they are refused rather than ignored
+    p.add_argument("--out", type=directory_path, help="directory for models and results (default ./kpro-reproduce)")
+    p.add_argument("--seed", type=int, help="seed of the models, data and sampling; a reproduction over "
                    "seeds runs S, S+1, ... (default 0)")
     p.set_defaults(run=cmd_reproduce)
 
@@ -22,7 +23,13 @@ def cmd_reproduce(args) -> None:
     from . import REPRODUCTIONS, reproduce
 
     if args.name is None:
+        given = [f"--{name}" for name in ("out", "seed") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for running a reproduction, and "
+                             "none is named: give a reproduction's NAME (python -m kpro reproduce alone lists them)")
         for name, entry in REPRODUCTIONS.items():
             print(f"{name}: {entry.summary}\n  takes {entry.duration}; needs: {entry.needs}")
         return
-    reproduce(args.name, Path(args.out), seed=args.seed)
+    result = reproduce(args.name, Path(args.out or "kpro-reproduce"), seed=0 if args.seed is None else args.seed)
+    if isinstance(result, dict) and "skipped" in result:  # what it needs is not installed: it printed `skipped: ...`
+        raise ValueError(f"reproduce {args.name} did not run: {result['skipped']}")
