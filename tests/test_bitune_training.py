@@ -712,8 +712,11 @@ def test_bitune_resumed_on_other_examples_names_data_and_max_length(tmp_path, ca
     (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
     (["--seed", str(2 ** 80)],  # "Overflow when unpacking long long" before
      f"--seed must be an integer from 0 to 2**63 - 1, got {2 ** 80}"),
+    # refused by LoRA's "LoRA alpha must be ..." before, after the model and the data had loaded
+    *[(["--alpha", alpha], f"--alpha must be a finite number other than 0 (0 makes every adapter a no-op that learns "
+                           f"nothing), got {alpha}") for alpha in ("0", "nan", "inf")],
 ])
-def test_bitune_checks_lr_and_seed_before_loading_anything(tmp_path, capsys, args, message):
+def test_bitune_checks_lr_alpha_and_seed_before_loading_anything(tmp_path, capsys, args, message):
     """--model and --data do not exist: each check named here comes before anything is read."""
     assert cli.main(["bitune", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nope.jsonl"),
                      "--out", str(tmp_path / "out"), "--device", "cpu", *args]) == 1

@@ -72,6 +72,9 @@ def run(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")
     if not 0 < args.lr < math.inf:  # else refused by tune, after the model and the data had loaded
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if not math.isfinite(args.alpha) or args.alpha == 0:  # lora.check_rank_alpha's rule, named by the flag
+        raise ValueError(f"--alpha must be a finite number other than 0 (0 makes every adapter a no-op that learns "
+                         f"nothing), got {args.alpha:g}")
     if not 0 <= args.seed < 2 ** 63:  # the adapters' torch.Generator overflows past it
         raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     defaults = getattr(args, "option_defaults", {})
