@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ._safetensors import WEIGHTS_NAME, read_header, sharded_weight_map
-from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, resolve_device
+from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, resolve_device
 from .errors import CheckpointError, DirectoryInUse
 
 # name -> (the package whose command.py defines it; None: this file), help line.
@@ -100,7 +100,11 @@ def cmd_generate(args) -> None:
     from .tokenizer import load_tokenizer
 
     # Before the model loads and a seed is printed for a sample that would never be drawn.
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        raise in_flag_terms(err, {name: "--" + name.replace("_", "-") for name in
+                                  ("max_new_tokens", "temperature", "top_k", "top_p")}) from None
     if args.seed is not None and args.temperature == 0:  # greedy draws nothing: ignored, as --top-k would be
         raise ValueError("--seed seeds sampling, but temperature 0 decodes greedily: give a --temperature above 0 to "
                          "sample, or leave --seed out")

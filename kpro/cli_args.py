@@ -4,6 +4,7 @@ parsers (`python -m kpro --help`, `info`) must not pay for it."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,6 +76,17 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: this machine has no CUDA device (CUDA is not available to torch)")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def in_flag_terms(err: Exception, flags: dict[str, str]) -> ValueError:
+    """`err`, a Python API's error, reworded for the command line: each parameter name of `flags` it holds as a
+    word (max_new_tokens) becomes the flag the user typed (--max-new-tokens). The API keeps its own wording."""
+    pattern = r"\b(" + "|".join(map(re.escape, flags)) + r")\b"
+    return ValueError(re.sub(pattern, lambda match: flags[match.group(1)], str(err)))
+
+
+# parse_size's parameter (and the "size" of its "cannot read size ...") as convert-gguf and expand take it
+SHARD_SIZE_FLAG = {"max_shard_size": "--max-shard-size", "size": "--max-shard-size"}
 
 
 def block_list(text: str) -> list[int]:

@@ -127,7 +127,7 @@ def test_generate_prints_the_seed_it_drew_and_a_larger_tokenizer_is_refused(tmp_
     assert main(args) == 0 and "--seed" not in capsys.readouterr().err  # greedy: nothing to repeat
     assert main(args + ["--temperature", "1.0", "--top-k", "0"]) == 1  # refused before a seed is drawn and printed
     err = capsys.readouterr().err
-    assert "top_k must be a positive integer" in err and "--seed" not in err, err
+    assert "--top-k must be a positive integer" in err and "--seed" not in err, err
     kpro.CharTokenizer(ALPHABET + "ijklmnop").save(tmp_path / "ck")
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -352,6 +352,18 @@ def test_info_refuses_a_truncated_weight_file_and_names_layers_the_tensors_lack(
     (["train-expanded", "ck", "--data", "corpus.txt", "--train-blocks", "1", "--out", "afile"],
      "--out afile is a file; give a directory"),  # after the model loaded and the corpus was read, as out_dir
     (["demo", "basics", "basics"], "demo act basics is named twice"),
+    # kpro.generate's and parse_size's messages, which named the Python parameters (max_new_tokens, max_shard_size)
+    (["generate", "ck", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+    (["generate", "ck", "--prompt", "a", "--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
+    (["generate", "ck", "--prompt", "a", "--temperature", "1", "--top-k", "0"], "--top-k must be a positive integer"),
+    (["generate", "ck", "--prompt", "a", "--temperature", "1", "--top-p", "0"], "--top-p must be a number in (0, 1]"),
+    (["generate", "ck", "--prompt", "a", "--top-k", "2"], "--top-k and --top-p restrict sampling, but --temperature 0 "
+                                                         "decodes greedily: give a --temperature above 0 to sample"),
+    (["expand", "ck", "x", "--blocks", "1", "--max-shard-size", "0"], "--max-shard-size must be positive, got '0'"),
+    (["expand", "ck", "x", "--blocks", "1", "--max-shard-size", "5XB"],
+     "cannot read --max-shard-size '5XB'; use a byte count or a string like '5GB'"),
+    (["convert-gguf", "m.gguf", "x", "--max-shard-size", "0.1"],  # after reading the file before
+     "--max-shard-size must be positive, got '0.1'"),
     # device types torch parses but kpro's commands do not run on: tracebacks from deep inside torch before
     *[(["generate", "ck", "--prompt", "a", "--device", device], f"--device {device}: kpro's commands run on cpu, "
        "cuda or cuda:N") for device in ("meta", "mps", "xpu", "meta:0")],

@@ -5,7 +5,7 @@ import shlex
 import time
 from pathlib import Path
 
-from ..cli_args import DTYPES, check_output_dir, directory_path
+from ..cli_args import DTYPES, SHARD_SIZE_FLAG, check_output_dir, directory_path, in_flag_terms
 
 PROGRESS_SECONDS = 10  # a line of progress after this long without one (a 7B file takes minutes)
 _DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
@@ -38,7 +38,13 @@ def cmd_convert_gguf(args) -> None:
 
 
 def _convert(args, GGUFFile, convert_gguf, gguf_config, start) -> None:
-    check_output_dir(args.out, "OUT")  # before the file is read
+    from ..checkpoint import parse_size
+
+    check_output_dir(args.out, "OUT")  # these before the file is read
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as err:
+        raise in_flag_terms(err, SHARD_SIZE_FLAG) from None
     file = GGUFFile(args.file)
     cfg = gguf_config(file)
     types = sorted(file.type_names())

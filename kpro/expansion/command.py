@@ -7,8 +7,8 @@ import os
 import shlex
 from pathlib import Path
 
-from ..cli_args import (DEVICE_HELP, DTYPES, add_device_argument, block_list, check_output_dir, directory_path,
-                        positive_int, resolve_device)
+from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_output_dir,
+                        directory_path, in_flag_terms, positive_int, resolve_device)
 from .layout import POSITIONS
 
 
@@ -64,9 +64,14 @@ def add_parsers(sub) -> None:
 
 
 def cmd_expand(args) -> None:
+    from ..checkpoint import parse_size
     from .checkpoint import expand_checkpoint
 
     check_output_dir(args.dst, "DST")
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as err:
+        raise in_flag_terms(err, SHARD_SIZE_FLAG) from None
     result = expand_checkpoint(args.src, args.dst, args.blocks, args.position, max_shard_size=args.max_shard_size,
                                overwrite=args.overwrite)
     total = result.original_blocks + len(result.new_blocks)
