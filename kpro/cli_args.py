@@ -81,7 +81,7 @@ def check_device(device: str) -> None:
 def in_flag_terms(err: Exception, flags: dict[str, str]) -> ValueError:
     """`err`, a Python API's error, reworded for the command line: each parameter name of `flags` it holds as a
     word (max_new_tokens) becomes the flag the user typed (--max-new-tokens). The API keeps its own wording."""
-    pattern = r"\b(" + "|".join(map(re.escape, flags)) + r")\b"
+    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, flags)) + r")\b"  # not a flag already: --workers
     return ValueError(re.sub(pattern, lambda match: flags[match.group(1)], str(err)))
 
 

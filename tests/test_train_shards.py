@@ -776,6 +776,22 @@ def test_tokenize_names_bad_input(tmp_path, capsys):
     assert "ok.txt is given twice (also as" in capsys.readouterr().err
 
 
+def test_a_shard_larger_than_memory_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--shard-tokens 10**13 (a 20 TB buffer to assemble each shard in) ended in numpy's MemoryError traceback,
+    after --out and its index.json had been written."""
+    tok_dir = sentencepiece_dir(tmp_path, "sentencepiece_test_model.model")
+    (tmp_path / "ok.txt").write_text("text\n")
+    assert main(["tokenize", "--tokenizer", str(tok_dir), "--data", str(tmp_path / "ok.txt"), "--out",
+                 str(tmp_path / "out"), "--shard-tokens", str(10 ** 13), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --shard-tokens 10,000,000,000,000 needs 20,000 GB of memory to assemble a shard in, "
+                          "more than this machine's ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="^shard_tokens 10,000,000,000,000 needs 40,000 GB of memory"):
+        kt.write_token_shards(tmp_path / "api", documents(n=3), vocab_size=70_000, eos_id=2, shard_tokens=10 ** 13)
+    assert not (tmp_path / "api").exists()
+
+
 def test_a_character_the_tokenizer_lacks_is_named_with_its_file_and_line_and_the_fixed_input_runs(tmp_path, capsys):
     """`character 'Q' is not in the alphabet` named no file or line, one line among thousands; and the run that
     failed (no shard written) refused the fixed file as another run's input."""

@@ -28,9 +28,12 @@ def add_parsers(sub) -> None:
 def cmd_tokenize(args) -> None:
     import shlex
 
-    from ..cli_args import check_output_dir
+    from ..cli_args import check_output_dir, in_flag_terms
     from .tokenize import tokenize_corpus
 
     check_output_dir(args.out)
-    tokenize_corpus(args.tokenizer, args.data, args.out, shard_tokens=args.shard_tokens, workers=args.workers)
+    try:
+        tokenize_corpus(args.tokenizer, args.data, args.out, shard_tokens=args.shard_tokens, workers=args.workers)
+    except ValueError as err:  # "shard_tokens 10,000,000,000,000 needs ..." as the flag typed
+        raise in_flag_terms(err, {"shard_tokens": "--shard-tokens"}) from None
     print(f"next: python -m kpro train-expanded EXPANDED_DIR --data {shlex.quote(str(args.out))}")

@@ -135,9 +135,30 @@ def write_index(directory: Path, index: dict) -> None:
     write_atomic(Path(directory) / INDEX_FILE, json.dumps(index, indent=1) + "\n")
 
 
-def new_index(vocab_size: int, shard_tokens: int, bos_id: int | None, eos_id: int, **extra) -> dict:
+def check_shard_tokens(shard_tokens, vocab_size: int) -> None:
+    """`shard_tokens` a positive integer whose shard fits in this machine's memory: a writer assembles each shard
+    in a buffer that size (one beyond memory failed at its allocation, after the directory and index were written,
+    or would be killed filling it)."""
     if not is_integer(shard_tokens) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    itemsize = token_dtype(vocab_size).itemsize
+    memory = _physical_memory()
+    if memory is not None and shard_tokens * itemsize > memory:
+        raise ValueError(f"shard_tokens {shard_tokens:,} needs {shard_tokens * itemsize / 1e9:,.0f} GB of memory to "
+                         f"assemble a shard in, more than this machine's {memory / 1e9:,.1f} GB: give fewer (the "
+                         f"default, {DEFAULT_SHARD_TOKENS:,}, takes {DEFAULT_SHARD_TOKENS * itemsize / 1e6:,.0f} MB)")
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes, None where the system does not say (no sysconf: Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def new_index(vocab_size: int, shard_tokens: int, bos_id: int | None, eos_id: int, **extra) -> dict:
+    check_shard_tokens(shard_tokens, vocab_size)
     # The dtype's name, as indexes have always held it (the corpus fingerprint includes it): "uint16", "uint32".
     return {"format": FORMAT, "version": VERSION, "complete": False, "dtype": token_dtype(vocab_size).name,
             "vocab_size": int(vocab_size), "shard_tokens": int(shard_tokens), "bos_id": bos_id, "eos_id": eos_id,
@@ -225,6 +246,7 @@ def write_token_shards(directory: str | os.PathLike, documents: Iterable[Sequenc
     vocabulary = int(vocab_size) if is_integer(vocab_size) else None
     eos_id = check_special_id(eos_id, "eos_id", vocab_size=vocabulary)  # else the documents' ids would be blamed
     bos_id = check_special_id(bos_id, "bos_id", vocab_size=vocabulary, optional=True)
+    check_shard_tokens(shard_tokens, vocab_size)  # before the directory is made
     directory = Path(directory)
     existed = directory.exists()
     prepare_directory(directory)

@@ -37,8 +37,8 @@ from .._run_lock import holding
 from .._tokenize_worker import jsonl_text
 from ..tokenizer import TOKENIZER_FILES, document_bos_id, load_tokenizer
 from .progress import StatusLine, format_duration
-from .shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardWriter, is_shard_directory, new_index, prepare_directory,
-                     read_index, write_index)
+from .shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardWriter, check_shard_tokens, is_shard_directory, new_index,
+                     prepare_directory, read_index, write_index)
 
 SUFFIXES = (".txt", ".jsonl")
 CHUNK_BYTES = 1 << 20
@@ -225,6 +225,7 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
     identity = tokenizer_identity(tokenizer_dir, tokenizer)
     bos_id = document_bos_id(tokenizer)  # the index's bos_id: the one framing documents, None where none does
     workers = workers or os.cpu_count() or 1
+    check_shard_tokens(shard_tokens, identity["vocab_size"])  # before anything is written
     prepare_directory(out)
     index = read_index(out, complete=False) if is_shard_directory(out) else None
     if index is not None and not index["complete"] and not index["shards"]:
