@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from ._safetensors import WEIGHTS_NAME, read_header, sharded_weight_map
-from .cli_args import DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, resolve_device
+from .cli_args import (DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, input_path,
+                       resolve_device)
 from .errors import CheckpointError, DirectoryInUse
 
 # name -> (the package whose command.py defines it; None: this file), help line.
@@ -163,13 +164,13 @@ def cmd_demo(args) -> None:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help=COMMANDS["info"][1])
-    p.add_argument("dir", help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("dir", type=input_path, help="checkpoint directory (config.json + safetensors)")
     p.set_defaults(run=cmd_info)
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help=COMMANDS["generate"][1])
-    p.add_argument("dir", help="checkpoint directory with its tokenizer (tokenizer.model, tokenizer.json, or a kpro "
+    p.add_argument("dir", type=input_path, help="checkpoint directory with its tokenizer (tokenizer.model, tokenizer.json, or a kpro "
                                "character or symbol tokenizer file)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most per prompt")

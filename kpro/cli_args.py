@@ -106,6 +106,13 @@ def directory_path(text: str) -> str:
     return text
 
 
+def input_path(text: str) -> str:
+    """A file or directory a command reads: an empty path (an unset `"$CKPT"`) would be the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one (pass . for this directory)")
+    return text
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -427,6 +427,28 @@ def test_an_empty_output_directory_is_refused(tmp_path, capsys, monkeypatch, arg
     assert "expected a directory, got an empty path (pass . for this directory)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, argument", [
+    (["info", ""], "dir"),
+    (["generate", "", "--prompt", "a"], "dir"),
+    (["expand", "", "x", "--blocks", "1"], "src"),
+    (["train-expanded", "", "--data", "corpus.txt"], "dir"),
+    (["train-expanded", "ck", "--data", ""], "--data"),
+    (["bitune", "--model", "", "--data", "inst.jsonl"], "--model"),
+    (["tokenize", "--tokenizer", "", "--data", "corpus.txt", "--out", "o"], "--tokenizer"),
+    (["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "", "--out", "o"], "--data"),  # read the whole cwd
+    (["internalize", "--task", "2x2", "--model", ""], "--model"),
+    (["convert-gguf", "", "o"], "file"),
+], ids=lambda value: value[0] if isinstance(value, list) else value)
+def test_an_empty_input_path_is_refused(tmp_path, capsys, monkeypatch, args, argument):
+    """An unset "$CKPT" was taken as the current directory: inside a checkpoint, `info ""` and `generate ""` ran on
+    it; elsewhere info said "no config.json at config.json"."""
+    write_checkpoint(tmp_path / "ck")
+    monkeypatch.chdir(tmp_path / "ck")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert f"argument {argument}: expected a path, got an empty one" in capsys.readouterr().err
+
+
 def test_train_expanded_runs_beside_a_checkpoint_given_as_dot(tmp_path, capsys, monkeypatch):
     """`train-expanded .` wrote its run to a directory named `-post` inside the checkpoint."""
     write_checkpoint(tmp_path / "src")

@@ -5,7 +5,8 @@ import json
 import math
 from pathlib import Path
 
-from ..cli_args import add_device_argument, check_input_file, check_output_dir, directory_path, resolve_device
+from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, input_path,
+                        resolve_device)
 from .passes import MODES
 
 WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
@@ -22,7 +23,7 @@ def add_parsers(sub) -> None:
                                    "tokens averaged and then the examples; prompt 'Question: {instruction}\\n\\nAnswer:', "
                                    "answer ' ' + response + eos; multiple choice asked with the choices listed "
                                    "('Question: q\\n\\nChoices:\\nc1\\nc2\\n\\nAnswer:'), each scored as ' ' + choice.")
-    p.add_argument("--model", required=True, help="HF-layout checkpoint directory with its tokenizer")
+    p.add_argument("--model", required=True, type=input_path, help="HF-layout checkpoint directory with its tokenizer")
     p.add_argument("--data", required=True, help="JSONL: instruction (+ optional input), response (or output)")
     p.add_argument("--out", default="runs/bitune", type=directory_path,
                    help="run directory: run/ (checkpoints, metrics), adapters/, results.json")

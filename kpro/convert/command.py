@@ -5,7 +5,7 @@ import shlex
 import time
 from pathlib import Path
 
-from ..cli_args import DTYPES, SHARD_SIZE_FLAG, check_output_dir, directory_path, in_flag_terms
+from ..cli_args import DTYPES, SHARD_SIZE_FLAG, check_output_dir, directory_path, in_flag_terms, input_path
 
 PROGRESS_SECONDS = 10  # a line of progress after this long without one (a 7B file takes minutes)
 _DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
@@ -17,7 +17,7 @@ def add_parsers(sub) -> None:
                                    "gguf package reads) into config.json, safetensors and tokenizer files with the chat "
                                    "template, tensor by tensor; the directory appears atomically. Needs "
                                    "pip install 'kpro[gguf]'.")
-    p.add_argument("file", help="the .gguf file")
+    p.add_argument("file", type=input_path, help="the .gguf file")
     p.add_argument("out", type=directory_path,
                    help="new directory for the checkpoint (an earlier conversion there is replaced)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights' dtype (default: float32 for quantised files, "

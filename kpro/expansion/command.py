@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_output_dir,
-                        directory_path, in_flag_terms, positive_int, resolve_device)
+                        directory_path, in_flag_terms, input_path, positive_int, resolve_device)
 from .layout import POSITIONS
 
 
@@ -17,7 +17,7 @@ def add_parsers(sub) -> None:
                        description="Insert identity-initialised copies of blocks (o_proj and down_proj zero) into an "
                                    "HF-layout checkpoint. Tensors are copied byte for byte through a fixed buffer, "
                                    "never loaded whole; tokenizer files come along; the output appears atomically.")
-    p.add_argument("src", help="source checkpoint directory (config.json + safetensors)")
+    p.add_argument("src", type=input_path, help="source checkpoint directory (config.json + safetensors)")
     p.add_argument("dst", type=directory_path, help="new directory for the expanded checkpoint")
     p.add_argument("--blocks", type=positive_int, required=True, help="number of new blocks P")
     p.add_argument("--position", choices=POSITIONS, default="interleave",
@@ -31,8 +31,8 @@ def add_parsers(sub) -> None:
                        description="Train only the new blocks (kpro.train_only: the rest frozen, with gradient skipping) "
                                    "on packed sequences of a corpus. Checkpoints go to OUT/step-*; running the same "
                                    "command again resumes; the final model is saved to OUT/final.")
-    p.add_argument("dir", help="expanded checkpoint (from `python -m kpro expand`) with its tokenizer")
-    p.add_argument("--data", action="append", required=True,
+    p.add_argument("dir", type=input_path, help="expanded checkpoint (from `python -m kpro expand`) with its tokenizer")
+    p.add_argument("--data", action="append", required=True, type=input_path,
                    help="corpus file: plain text, documents separated by blank lines, or .jsonl with a \"text\" "
                         "field; repeat for several. Or one token shard directory (`python -m kpro tokenize`), "
                         "read from disk as training goes: a corpus of any size")

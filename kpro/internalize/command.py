@@ -23,7 +23,8 @@ import torch
 
 from .._files import write_atomic
 from ..checkpoint import load_pretrained, save_pretrained
-from ..cli_args import add_device_argument, check_input_file, check_output_dir, directory_path, resolve_device
+from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, input_path,
+                        resolve_device)
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
@@ -79,7 +80,7 @@ def add_parsers(sub) -> None:
     data.add_argument("--data-seed", type=int, default=0, metavar="N", help="seed of the generated sets (default 0)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", type=Path, metavar="DIR",
+    model.add_argument("--model", type=input_path, metavar="DIR",
                        help="start from this HF-layout checkpoint and its tokenizer (tokenizer.model or "
                             "tokenizer.json, or a kpro symbol/char tokenizer file); default: a new LLaMA with a symbol "
                             "tokenizer of the data")
@@ -439,7 +440,7 @@ def _check_args(args) -> None:
     if not args.eval_only and not validates and given(["eval_examples"]):
         raise ValueError(f"--eval-examples {args.eval_examples} sizes the validation during training, and none runs "
                          f"with {'--no-removal' if args.no_removal else '--no-select-best'}: pass --eval-every N too")
-    if args.model is not None and not args.model.exists():
+    if args.model is not None and not Path(args.model).exists():
         raise FileNotFoundError(f"--model {args.model} does not exist")
     check_output_dir(args.out)
     if args.eval_only:  # its eval.json is that run's final evaluation

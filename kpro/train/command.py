@@ -2,7 +2,7 @@
 `kpro.train.TokenShards` read."""
 from __future__ import annotations
 
-from ..cli_args import directory_path, positive_int
+from ..cli_args import directory_path, input_path, positive_int
 from .shards import DEFAULT_SHARD_TOKENS
 
 
@@ -12,9 +12,9 @@ def add_parsers(sub) -> None:
                                    "fixed-size shards of uint16 (uint32 for vocabularies over 65,536) with an index.json. "
                                    "Each shard appears atomically; running the same command again after an "
                                    "interruption resumes where the last shard ended.")
-    p.add_argument("--tokenizer", required=True, help="directory holding tokenizer.model or tokenizer.json "
+    p.add_argument("--tokenizer", required=True, type=input_path, help="directory holding tokenizer.model or tokenizer.json "
                    "(a checkpoint directory)")
-    p.add_argument("--data", nargs="+", action="extend", required=True,
+    p.add_argument("--data", nargs="+", action="extend", required=True, type=input_path,
                    help="corpus files or directories (their *.txt and *.jsonl; repeatable): plain text with documents "
                         "separated by blank lines, or .jsonl with a \"text\" field")
     p.add_argument("--out", required=True, type=directory_path,
