@@ -1,4 +1,8 @@
 """RMSNorm on every backend against a float64 reference: forward, dX, dW, frozen weights, NaN/inf."""
+import json
+import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -128,6 +132,47 @@ def test_triton_column_loop(monkeypatch):
             y.backward(dy)
         assert relative_error(y, y_ref) <= 1e-5 and relative_error(x.grad, dx_ref) <= 1e-5
         assert (relative_error(w.grad, dw_ref) <= 1e-5) if weight_grad else w.grad is None
+
+
+WIDE_BACKWARD_TTGIR = """
+import json, sys
+import triton
+from triton.compiler import ASTSource
+from kpro.ops import report
+from kpro.ops.triton_kernels import rms_norm
+target = report.TARGETS[int(sys.argv[1])]
+ttgir = {}
+for launch in report.capture([report.rms_norm_case(16400)], target):
+    if launch.kernel is rms_norm._backward_kernel:
+        job = report.specialise(launch, target)
+        source = ASTSource(launch.kernel, dict(job.signature), dict(job.constexprs),
+                           {key: json.loads(value) for key, value in job.attrs})
+        compiled = triton.compile(source, target=report.gpu_target(target), options=dict(job.options))
+        ttgir["dW" if launch.kwargs["WEIGHT_GRAD"] else "frozen"] = compiled.asm["ttgir"]
+print(json.dumps(ttgir))
+"""
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_triton_column_loop_reads_each_rows_mean_after_a_barrier(arch):
+    """Rows wider than MAX_BLOCK: the first loop stores each row's mean of g·x_hat to MEAN_GX from one thread
+    (a scalar store), the second loop reads it back in every thread. Without a barrier between the loops,
+    other warps could read MEAN_GX before it was written: a race only a GPU shows (the interpreter runs one
+    thread), so it is checked in what launches of 16,400-wide bf16 rows compile to for sm_90a and sm_80. In
+    the TTGIR the loops are still nested regions (in the PTX, blocks are laid out in any order): the first
+    load or barrier after the mean's store must be the barrier."""
+    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no NVIDIA backend")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # compiled, not run
+    done = subprocess.run([sys.executable, "-c", WIDE_BACKWARD_TTGIR, str(arch)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = json.loads(done.stdout.splitlines()[-1])
+    assert set(compiled) == {"dW", "frozen"}
+    for weight_grad, ttgir in compiled.items():
+        lines = ttgir.splitlines()
+        (store,) = [i for i, line in enumerate(lines) if re.search(r"tt\.store %\w+, %\w+ : !tt\.ptr<f32>", line)]
+        first = next(line for line in lines[store + 1:] if re.search(r"tt\.load |\b(gpu|ttg)\.barrier\b", line))
+        assert "barrier" in first, f"{weight_grad}: the mean's store is followed by {first.strip()}"
 
 
 @pytest.mark.parametrize("x_shape, w_shape, message", [((4, 8), (7,), "does not match"), ((4, 8), (8, 1), "does not match"),

@@ -104,6 +104,10 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, MEAN_GX, dy_stride, x_strid
                 w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                 acc += dy * w * x
             tl.store(MEAN_GX + row, tl.sum(acc, axis=0) * rstd / n_cols)
+        # One thread stored each mean and every thread reads it back: without a barrier, warps past it could
+        # read MEAN_GX before the store (Triton synchronises shared memory only; bar.sync orders global
+        # memory among the block's threads too).
+        tl.debug_barrier()
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
