@@ -500,6 +500,24 @@ def test_packed_qkv_views_past_the_offset_limit_run_through_the_launcher(monkeyp
         ops.attention(packed_q, packed_k, packed_v, causal=True)
 
 
+def test_the_forward_checks_the_output_row_it_allocates(monkeypatch):
+    """A query broadcast over heads (stride 0) reaches little, but the output the forward allocates is
+    contiguous, Tq·H·D elements a row: past the limit its 32-bit store offsets would wrap. The forward checked
+    q, k and v only (the backward checks out); now it refuses before launching (limit lowered, launch captured)."""
+    from kpro.ops.triton_kernels import _launch, attention as triton_attention
+
+    batch, t, heads, dim = 1, 19, 4, 16
+    q = torch.randn(batch, t, 1, dim).expand(batch, t, heads, dim)  # one query row shared by every head
+    k, v = torch.randn(batch, t, 1, dim), torch.randn(batch, t, 1, dim)  # MQA: rows of t·D elements
+    monkeypatch.setattr(_launch, "ROW_OFFSET_LIMIT", t * dim + 1)  # q, k, v reach t·D − 1; out's rows t·H·D
+    assert max(map(_launch.largest_row_offset, (q, k, v))) < _launch.ROW_OFFSET_LIMIT
+    launched = []
+    monkeypatch.setattr(triton_attention, "launch", lambda kernel, *args, **meta: launched.append(kernel))
+    with pytest.raises(ops.BackendError, match=rf"attention: one batch row holds {t * heads * dim:,} elements"):
+        triton_attention.forward(q, k, v, True, None, None, dim ** -0.5)
+    assert not launched
+
+
 # ---------------------------------------------------------------- eager path (autograd.Function) vs custom op
 
 ATTENTION_MODULE = sys.modules["kpro.ops.attention"]

@@ -171,6 +171,7 @@ def forward(q, k, v, causal, prefix_lens, attention_mask, scale):
     batch, tq, heads, dim = q.shape
     tk, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake implementation says
+    within_32bit_rows("attention", out)  # a query broadcast over heads reaches less far than its output's rows
     lse2 = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse2
