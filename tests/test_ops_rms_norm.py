@@ -175,6 +175,26 @@ def test_triton_column_loop_reads_each_rows_mean_after_a_barrier(arch):
         assert "barrier" in first, f"{weight_grad}: the mean's store is followed by {first.strip()}"
 
 
+def test_the_cuda_launcher_refuses_more_rows_than_a_grid_holds():
+    """csrc/rms_norm.cu launches one block a row (the forward, and the backward of a frozen weight), and CUDA's
+    grid holds at most 2**31 - 1 of them: the int64 row count became the unsigned grid size, a raw launch error
+    from 2**31 rows and, from 2**32 on, a wrapped grid that left rows unwritten. The launcher refuses first
+    (meta tensors: no memory, no CUDA needed; the check comes before the library is called)."""
+    from kpro.ops.cuda_kernels import rms_norm as cuda_rms_norm
+
+    weight = torch.empty(4, device="meta")
+    for rows in (2**31, 2**32 + 3):
+        x = torch.empty(rows // 2, 2, 4, device="meta")  # the rows are every dimension but the last
+        rstd = torch.empty(rows // 2, 2, device="meta")
+        message = rf"rms_norm: the CUDA kernel takes at most 2,147,483,647 rows \(2\*\*31 - 1\), got {rows // 2 * 2:,}"
+        with pytest.raises(ops.BackendError, match=message):
+            cuda_rms_norm.forward(x, weight, 1e-6)
+        for weight_grad in (False, True):
+            with pytest.raises(ops.BackendError, match=message):
+                cuda_rms_norm.backward(x, x, weight, rstd, weight_grad)
+    cuda_rms_norm._check(torch.empty(2**31 - 1, 4, device="meta"), weight)  # the largest grid: accepted
+
+
 @pytest.mark.parametrize("x_shape, w_shape, message", [((4, 8), (7,), "does not match"), ((4, 8), (8, 1), "does not match"),
                                                       ((4, 0), (0,), r"x \(4, 0\) has no features to normalise")])
 def test_bad_shapes(x_shape, w_shape, message):

@@ -1,4 +1,6 @@
 """RMSNorm through csrc/rms_norm.cu."""
+import math
+
 import torch
 
 from .._layout import as_rows, device_guard
@@ -6,6 +8,7 @@ from ..errors import BackendError
 from .library import call, dtype_code, stream
 
 MAX_COLS = 16384  # 1024 threads x 16 elements each (see with_items in csrc/rms_norm.cu)
+MAX_ROWS = 2**31 - 1  # one block a row (forward; backward of a frozen weight): CUDA's grid.x limit
 ROWS_PER_BLOCK_TARGET = 2  # blocks per SM with dW: as many as fit (512-thread blocks of ~60 registers: 2)
 
 
@@ -14,6 +17,10 @@ def _check(x, weight):
         raise BackendError(f"rms_norm: the CUDA kernel needs weight dtype == x dtype, got {weight.dtype} and {x.dtype}")
     if x.shape[-1] > MAX_COLS:
         raise BackendError(f"rms_norm: the CUDA kernel takes rows of at most {MAX_COLS} elements, got {x.shape[-1]}")
+    rows = math.prod(x.shape[:-1])
+    if rows > MAX_ROWS:  # the .cu would turn the int64 count into an unsigned grid size: fail or wrap
+        raise BackendError(f"rms_norm: the CUDA kernel takes at most {MAX_ROWS:,} rows (2**31 - 1), got {rows:,} "
+                           "(a block a row): split the rows, or run the torch backend")
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
