@@ -160,21 +160,40 @@ def test_lengths_and_mixing_weights_out_of_range_are_refused(backend, device, in
         ops.bitune_attention(*args)
 
 
+def non_finite_paths():
+    """(backend, device, load path, dtype): torch, then Triton's pointer loads in fp32 and its TMA descriptors
+    (half precision only; forced in the interpreter) in fp16."""
+    torch_param, triton_param = backend_devices("bitune_attention")[:2]
+    return [pytest.param(*torch_param.values, "pointer", torch.float32, id=torch_param.id),
+            pytest.param(*triton_param.values, "pointer", torch.float32, id=triton_param.id, marks=triton_param.marks),
+            pytest.param(*triton_param.values, "tma", torch.float16, id=triton_param.id + "-tma",
+                         marks=triton_param.marks)]
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy meeting the NaNs
-@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
-def test_non_finite_padded_positions_do_not_reach_the_outputs_or_gradients(backend, device):
+@pytest.mark.parametrize("backend, device, path, dtype", non_finite_paths())
+def test_non_finite_padded_positions_do_not_reach_the_outputs_or_gradients(backend, device, path, dtype,
+                                                                           monkeypatch):
     """No stream sees a prompt position past prompt_lens, and padded query rows get zeros: a NaN or infinity
     there must leave the outputs and every gradient, dα_k and dα_v included, as they are with a finite value
     there. (A NaN in a padded query row gave the torch backend NaN dK, dV and dα: its scores' softmax backward
-    carried 0 · NaN.)"""
-    tensors, douts, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")  # row 1: prompt 7/19, answer 11/23
+    carried 0 · NaN. On the TMA path a row with prompt_lens 0 read its position 0, as a descriptor holds at
+    least one row, and a NaN there gave NaN dα_k, dα_v.)"""
+    from kpro.ops.triton_kernels.attention_tiles import forced_load_path
+
+    # gqa_mixed_lengths (row 1: prompt 7/19, answer 11/23) and a row 2 without a prompt: 0/19, answer 5/23
+    monkeypatch.setitem(CASES, "non_finite", (3, 19, 23, 4, 2, 32, [19, 7, 0], [23, 11, 5]))
+    tensors, douts, plen, alen = make("non_finite", dtype, "cpu")
     tensors[6], tensors[7] = torch.tensor(0.3), torch.tensor(0.8)
-    clean = run(fused(backend), tensors, douts, (plen, alen), device, torch.float32)
     bad = [t.clone() for t in tensors]  # k_p, v_p: the bidirectional stream's entries at padded positions of row 1
     bad[1][1, 1, 10, 0, 3], bad[2][1, 1, 12, 1, 5], bad[2][1, 1, 9, 0, 0] = float("nan"), float("inf"), -float("inf")
     # and queries: the padded rows of both prompt streams, and of the answer stream
     bad[0][0, 1, 8, 2, 1], bad[0][1, 1, 15, 0, 0], bad[3][1, 20, 3, 7] = float("nan"), float("inf"), float("nan")
-    got = run(fused(backend), bad, douts, (plen, alen), device, torch.float32)
+    # row 2, position 0 (past its prompt): keys and values of both streams
+    bad[1][1, 2, 0, 1, 4], bad[1][0, 2, 0, 0, 2], bad[2][0, 2, 0, 1, 6] = float("nan"), float("inf"), float("nan")
+    with forced_load_path(path):
+        clean = run(fused(backend), tensors, douts, (plen, alen), device, torch.float32)
+        got = run(fused(backend), bad, douts, (plen, alen), device, torch.float32)
     for name, out, expected in zip(NAMES, got, clean):
         torch.testing.assert_close(out, expected, msg=name)
 

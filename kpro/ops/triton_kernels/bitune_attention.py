@@ -139,12 +139,21 @@ def _dkdv_answer_kernel(KP, VP, KM, VM, QA, KA, VA, DOA, LSEA, DELTAA, PLEN, ALE
         store_head(DKM + mixed, n0, sdkm_t, Tp, dk, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA)
         store_head(DVM + mixed, n0, sdkm_t, Tp, dv, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA)
         K0, V0 = KP + b * skp_b + kv_h * skp_h, VP + b * svp_b + kv_h * svp_h
+        # A TMA view holds at least one row: with prompt_lens[b] = 0 it reads the real row 0 (pointer loads give
+        # zeros), whose NaN or infinity would reach dα through 0 · NaN. Such a tile has no valid key: its partials
+        # are 0. (With prompt_lens[b] > 0 the view ends at the valid keys; the pointer path compiles unchanged.)
         k_diff = load_head(K0 + skp_s, n0, skp_t, lp, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA).to(tl.float32) - \
             load_head(K0, n0, skp_t, lp, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA).to(tl.float32)
-        tl.store(DALPHA + 2 * pid, tl.sum(tl.sum(dk * k_diff, 1), 0) * scale)
+        partial = tl.sum(tl.sum(dk * k_diff, 1), 0) * scale
+        if USE_TMA:
+            partial = tl.where(n0 < lp, partial, 0.0)
+        tl.store(DALPHA + 2 * pid, partial)
         v_diff = load_head(V0 + svp_s, n0, svp_t, lp, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA).to(tl.float32) - \
             load_head(V0, n0, svp_t, lp, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA).to(tl.float32)
-        tl.store(DALPHA + 2 * pid + 1, tl.sum(tl.sum(dv * v_diff, 1), 0))
+        partial = tl.sum(tl.sum(dv * v_diff, 1), 0)
+        if USE_TMA:
+            partial = tl.where(n0 < lp, partial, 0.0)
+        tl.store(DALPHA + 2 * pid + 1, partial)
     else:
         k = load_head(KA + b * ska_b + kv_h * ska_h, n0, ska_t, la, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA)
         v = load_head(VA + b * sva_b + kv_h * sva_h, n0, sva_t, la, dims, dim_ok, HEAD_DIM, BLOCK_N, USE_TMA)
