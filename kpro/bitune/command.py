@@ -141,9 +141,10 @@ def run(args) -> None:
     write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
 
 
-def _other_examples(err: OtherExamples, args, kept: int) -> ValueError:
-    """A resume refused by Batches for other examples, said in this command's terms: Batches' hint ("the same cut
-    into rows of another length (seq_len)") is fit's, and the examples here are --data's kept at --max-length."""
+def _other_examples(err, args, kept: int) -> ValueError:
+    """A resume refused by Batches for other examples (`err`, an OtherExamples), said in this command's terms:
+    Batches' hint ("the same cut into rows of another length (seq_len)") is fit's, and the examples here are
+    --data's kept at --max-length."""
     source = f"--data {args.data} at --max-length {args.max_length}"
     what = (f"{err.had} examples, and {source} keeps {kept}" if err.had != kept
             else f"other examples than the {kept} that {source} keeps (as many)")
