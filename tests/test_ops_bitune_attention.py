@@ -141,6 +141,33 @@ def test_bad_inputs(bad, message):
         ops.bitune_attention(*bad(tensors + [plen, alen]))
 
 
+@pytest.mark.parametrize("index, name", list(enumerate(("q_p", "k_p", "v_p", "q_a", "k_a", "v_a", "alpha_k", "alpha_v",
+                                                           "prompt_lens", "answer_lens"))))
+@pytest.mark.parametrize("kind", ["none", "numpy"])
+def test_arguments_that_are_not_tensors_are_refused_by_name(index, name, kind):
+    """A None stream failed with an AttributeError in autocast_inputs or the shape checks, and a NumPy one with
+    a dtype/device message that named no argument."""
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    args = tensors + [plen, alen]
+    args[index] = None if kind == "none" else args[index].numpy()
+    got = "NoneType" if kind == "none" else "ndarray"
+    with pytest.raises(ValueError, match=f"bitune_attention: {name} must be a tensor, got {got}"):
+        ops.bitune_attention(*args)
+
+
+def test_streams_of_another_dtype_or_device_are_named():
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    args = tensors + [plen, alen]
+    args[4] = args[4].double()
+    with pytest.raises(ValueError, match=r"bitune_attention: q_p, k_p, v_p, q_a, k_a, v_a must share dtype and "
+                                         r"device; q_p is torch.float32 on cpu, k_a torch.float64 on cpu$"):
+        ops.bitune_attention(*args)
+    args[4], args[5] = tensors[4].to("meta"), tensors[5].to("meta")
+    with pytest.raises(ValueError, match=r"q_p is torch.float32 on cpu, k_a torch.float32 on meta, "
+                                         r"v_a torch.float32 on meta$"):
+        ops.bitune_attention(*args)
+
+
 @pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
 @pytest.mark.parametrize("index, value, message", [
     (8, [20, 7], r"prompt_lens must lie in \[0, Tp=19\], got \[20, 7\]"),

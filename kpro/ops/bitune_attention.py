@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_reference, finite_on_cpu, softmax_scale
-from .backend import (autocast_inputs, eager_fast_path, kernels, needs_graph, once_differentiable,
+from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, once_differentiable,
                       refuse_function_transforms, select)
 
 
@@ -27,6 +27,8 @@ def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens
     `check_values=False` skips `check_bitune_values` (one device sync on a GPU) for a caller that made
     it already, as kpro.Bitune does once per forward rather than once per layer. Under autocast the six
     query, key and value tensors are cast to its dtype first, as `attention` and SDPA take theirs."""
+    check_tensors("bitune_attention", q_p=q_p, k_p=k_p, v_p=v_p, q_a=q_a, k_a=k_a, v_a=v_a, alpha_k=alpha_k,
+                  alpha_v=alpha_v, prompt_lens=prompt_lens, answer_lens=answer_lens)
     q_p, k_p, v_p, q_a, k_a, v_a = autocast_inputs(q_p, k_p, v_p, q_a, k_a, v_a)
     check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens)
     if check_values:
@@ -71,19 +73,22 @@ def check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_len
                          f"k_p {tuple(k_p.shape)}")
     if heads % kv_heads:
         raise ValueError(f"bitune_attention: {heads} query heads are not a multiple of {kv_heads} key/value heads")
-    tensors = (q_p, k_p, v_p, q_a, k_a, v_a)
-    if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
-        raise ValueError("bitune_attention: q, k, v of all streams must share dtype and device")
+    streams = {"q_p": q_p, "k_p": k_p, "v_p": v_p, "q_a": q_a, "k_a": k_a, "v_a": v_a}
+    differ = [name for name, t in streams.items() if (t.dtype, t.device) != (q_p.dtype, q_p.device)]
+    if differ:
+        raise ValueError(f"bitune_attention: {', '.join(streams)} must share dtype and device; q_p is {q_p.dtype} "
+                         f"on {q_p.device}, " + ", ".join(f"{name} {streams[name].dtype} on {streams[name].device}"
+                                                          for name in differ))
     for name, alpha in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
-        if not isinstance(alpha, torch.Tensor) or alpha.dim() != 0 or not alpha.is_floating_point():
+        if alpha.dim() != 0 or not alpha.is_floating_point():
             raise ValueError(f"bitune_attention: {name} must be a 0-dim floating tensor")
         if alpha.device != q_a.device:
             raise ValueError(f"bitune_attention: {name} is on {alpha.device}, the streams on {q_a.device}")
     for name, lens in (("prompt_lens", prompt_lens), ("answer_lens", answer_lens)):
-        if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype.is_floating_point \
-                or lens.dtype.is_complex or lens.dtype == torch.bool:  # a bool mask would read as lengths 0 and 1
-            got = f"{lens.dtype} {list(lens.shape)}" if isinstance(lens, torch.Tensor) else type(lens).__name__
-            raise ValueError(f"bitune_attention: {name} must be an integer tensor [B={batch}] of lengths, got {got}")
+        if lens.shape != (batch,) or lens.dtype.is_floating_point or lens.dtype.is_complex \
+                or lens.dtype == torch.bool:  # a bool mask would read as lengths 0 and 1
+            raise ValueError(f"bitune_attention: {name} must be an integer tensor [B={batch}] of lengths, got "
+                             f"{lens.dtype} {list(lens.shape)}")
 
 
 def check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, tp: int, ta: int) -> None:
