@@ -365,6 +365,26 @@ def test_float_and_non_01_masks_are_refused_naming_the_convention(backend, devic
             ops.attention(*ins, **{**kwargs, "attention_mask": real.tolist()})
 
 
+def test_fake_and_meta_tensors_take_the_checks_as_assertions():
+    """An integer mask's values, negative prefix_lens and the reference's NaN scan were read outside
+    torch.compile only: under FakeTensorMode and make_fx(tracing_mode="fake") they failed with a
+    data-dependent error, on meta tensors in bool(). There the mask's check is an assertion now, as under
+    torch.compile, which a traced graph keeps, and a negative prefix counts as 0 (as on a GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, mask, prefix = torch.randn(2, 4, 2, 16), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]), torch.tensor([2, 0])
+    call = lambda q, mask, prefix: ops.attention(q, q, q, prefix_lens=prefix, attention_mask=mask)
+    with FakeTensorMode() as mode:
+        fake = call(*(mode.from_tensor(t) for t in (q, mask, prefix)))
+    meta = call(*(t.to("meta") for t in (q, mask, prefix)))
+    assert fake.shape == meta.shape == q.shape and meta.is_meta
+    graph = make_fx(call, tracing_mode="fake")(q, mask, prefix)
+    assert torch.equal(graph(q, mask, prefix), call(q, mask, prefix))
+    with pytest.raises(RuntimeError, match="attention_mask must hold 1 .real token. and 0 .padding. only"):
+        graph(q, mask * 2, prefix)
+
+
 def test_prefix_lens_as_a_list_and_unclear_shapes():
     ins, _, _, kwargs = make_case("prefix", torch.float32, "cpu")
     expected = ops.attention(*ins, **kwargs)
@@ -572,8 +592,8 @@ def test_eager_calls_skip_the_custom_op_and_tracing_takes_it(monkeypatch):
         assert "AttentionFunction" not in type(ops.attention(q, k, v, **kwargs).grad_fn).__name__
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in (q, k, v)]
-        kwargs["attention_mask"] = mode.from_tensor(kwargs["attention_mask"])
-        kwargs["prefix_lens"] = None  # its check reads the values (on the CPU)
+        for name in ("prefix_lens", "attention_mask"):  # their checks read no values of fake tensors
+            kwargs[name] = mode.from_tensor(kwargs[name])
         fake = call(*fakes)
     assert len(calls) == 1 and fake.shape == q.shape
 

@@ -168,6 +168,27 @@ def test_streams_of_another_dtype_or_device_are_named():
         ops.bitune_attention(*args)
 
 
+def test_fake_and_meta_tensors_take_the_checks_as_assertions():
+    """The lengths' and mixing weights' ranges and the reference's NaN scan were read outside torch.compile
+    only: under FakeTensorMode and make_fx(tracing_mode="fake") they failed with a data-dependent error, on
+    meta tensors in .tolist(). There the range checks are assertions now, as under torch.compile, which a
+    traced graph keeps."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    tensors, _, plen, alen = make("gqa_mixed_lengths", torch.float32, "cpu")
+    args = [t.float() for t in tensors] + [plen, alen]
+    with FakeTensorMode() as mode:
+        fake = ops.bitune_attention(*(mode.from_tensor(t) for t in args))
+    meta = ops.bitune_attention(*(t.to("meta") for t in args))
+    assert [o.shape for o in fake] == [o.shape for o in meta] == [args[0].shape, args[3].shape]
+    assert all(o.is_meta for o in meta)
+    graph = make_fx(lambda *a: ops.bitune_attention(*a), tracing_mode="fake")(*args)
+    assert all(torch.equal(a, b) for a, b in zip(graph(*args), ops.bitune_attention(*args)))
+    with pytest.raises(RuntimeError, match=r"bitune_attention: prompt_lens must lie in \[0, Tp=19\]"):
+        graph(*args[:8], torch.tensor([20, 7]), alen)
+
+
 @pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
 @pytest.mark.parametrize("index, value, message", [
     (8, [20, 7], r"prompt_lens must lie in \[0, Tp=19\], got \[20, 7\]"),
@@ -346,7 +367,7 @@ def test_eager_calls_skip_the_custom_op_and_tracing_takes_it(monkeypatch):
     torch.autograd.backward((o_p, o_a), douts)
     assert calls == [] and type(o_a.grad_fn).__name__ == "BituneAttentionFunctionBackward"
     with FakeTensorMode() as mode:
-        fake = call(*(mode.from_tensor(t) for t in leaves + lens), check_values=False)
+        fake = call(*(mode.from_tensor(t) for t in leaves + lens))  # its value checks become assertions
     assert len(calls) == 1 and fake[1].shape == o_a.shape
 
 

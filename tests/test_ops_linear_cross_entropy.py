@@ -323,6 +323,29 @@ def test_labels_are_checked_as_the_kernels_read_them_and_under_compile():
         compiled(h, w, torch.full((4,), -100))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fake_and_meta_tensors_take_the_checks_as_assertions(reduction):
+    """The label check and the mean's count read values outside torch.compile only: under FakeTensorMode
+    and make_fx(tracing_mode="fake") they failed with a data-dependent error, on meta tensors the mean failed
+    in int(count). There they are assertions now, as under torch.compile, which a traced graph keeps."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 3])
+    shape = (4,) if reduction == "none" else ()
+    with FakeTensorMode() as mode:
+        fake = ops.linear_cross_entropy(*(mode.from_tensor(t) for t in (h, w, y)), reduction=reduction)
+    meta = ops.linear_cross_entropy(*(t.to("meta") for t in (h, w, y)), reduction=reduction)
+    assert fake.shape == meta.shape == shape and meta.is_meta and fake.dtype == meta.dtype == torch.float32
+    graph = make_fx(lambda *args: ops.linear_cross_entropy(*args, reduction=reduction), tracing_mode="fake")(h, w, y)
+    assert torch.equal(graph(h, w, y), ops.linear_cross_entropy(h, w, y, reduction=reduction))
+    with pytest.raises(RuntimeError, match="a label is outside"):
+        graph(h, w, torch.tensor([1, 2, 10, 3]))
+    if reduction == "mean":
+        with pytest.raises(RuntimeError, match="a mean over no tokens"):
+            graph(h, w, torch.full((4,), -100))
+
+
 def test_bad_arguments_are_refused():
     h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, -100, 3])
     for args, message in [((h, torch.randn(10, 7), y), "weight must be"), ((h, w, y[:3]), "leading shape"),

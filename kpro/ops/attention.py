@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast,
-                      once_differentiable, refuse_function_transforms, select)
+                      once_differentiable, refuse_function_transforms, select, values_readable)
 
 
 MASK_RULE = "bool or 0/1 integers, 1 = real token, 0 = padding"
@@ -35,9 +35,9 @@ def check_attention_mask(mask, shape: tuple, where: str = "attention", *, report
     Hugging Face builds them) read as 1 = real would show exactly the keys it hides. A bool mask needs no
     look at its values. An integer mask's values are checked: on the CPU for free, on a GPU with one
     device sync (pass a bool mask to avoid it; `Llama.forward` checks once and passes bool masks to its
-    layers), and under torch.compile with `torch._assert_async` (no sync, no graph break; the error
-    comes at the next sync). With `report_all_real`, returns whether every entry is 1, read in the same
-    sync (False under torch.compile)."""
+    layers), and under torch.compile or for fake and meta tensors with `torch._assert_async` (no sync, no
+    graph break; the error comes at the next sync). With `report_all_real`, returns whether every entry is
+    1, read in the same sync (False where values are not read)."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"{where}: attention_mask must be a tensor [B, T] ({MASK_RULE}), got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
@@ -49,7 +49,7 @@ def check_attention_mask(mask, shape: tuple, where: str = "attention", *, report
                          "mask with `mask.bool()`")
     values_ok = None if mask.dtype == torch.bool else ((mask == 0) | (mask == 1)).all()
     bad_values = f"{where}: attention_mask must hold 1 (real token) and 0 (padding) only ({MASK_RULE})"
-    if torch.compiler.is_compiling():  # a value read would break the graph
+    if not values_readable(mask):  # compiling (a read would break the graph), or fake or meta tensors
         if values_ok is not None:
             torch._assert_async(values_ok, bad_values)
         return False if report_all_real else None
@@ -95,7 +95,7 @@ def check_attention_args(q, k, v, causal, prefix_lens, attention_mask) -> None:
             raise ValueError(f"attention: prefix_lens must be an integer tensor [B={batch}], got "
                              f"{tuple(prefix_lens.shape)} {prefix_lens.dtype}")
         # Free on the CPU only; elsewhere a negative length counts as 0 (`attention` clamps), no device sync.
-        if prefix_lens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if prefix_lens.device.type == "cpu" and values_readable(prefix_lens):
             negative = (prefix_lens < 0).nonzero()
             if negative.numel():
                 row = int(negative[0])
@@ -183,7 +183,7 @@ def finite_on_cpu(*tensors) -> bool:
     """True when the tensors are on the CPU, in eager mode, and hold no NaN or infinity (one fast sum each,
     nothing saved for autograd): there the reference paths can skip their sanitising. False elsewhere, where
     asking would sync the device."""
-    return tensors[0].device.type == "cpu" and not torch.compiler.is_compiling() and bool(
+    return tensors[0].device.type == "cpu" and values_readable(*tensors) and bool(
         torch.stack([t.detach().sum() for t in tensors]).isfinite().all())
 
 

@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch._subclasses.fake_tensor import is_fake
 
 from .errors import BackendError
 
@@ -123,6 +124,16 @@ def check_tensors(op: str, **named) -> None:
     for name, value in named.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
+
+
+def values_readable(*tensors) -> bool:
+    """Whether an op's checks may read the tensors' values into Python (bool(), int(), .tolist()): in eager
+    mode on real tensors. Not under torch.compile (a graph break), nor with fake tensors (FakeTensorMode,
+    make_fx, torch.export: there is no data) or meta ones; there the checks put `torch._assert_async` in
+    the computation instead, which a traced graph keeps (and a fake or meta tensor skips)."""
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False
+    return not any(t.is_meta or (type(t) not in _PLAIN_TENSORS and is_fake(t)) for t in tensors)
 
 
 def refuse_function_transforms(op: str, *tensors) -> None:

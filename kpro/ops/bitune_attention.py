@@ -16,7 +16,7 @@ import torch
 
 from .attention import attention_reference, finite_on_cpu, softmax_scale
 from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, once_differentiable,
-                      refuse_function_transforms, select)
+                      refuse_function_transforms, select, values_readable)
 
 
 def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
@@ -95,8 +95,8 @@ def check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, tp: int, ta:
     """Refuse lengths and mixing weights outside their ranges: prompt_lens in [0, Tp], answer_lens in
     [1, Ta] (the answer stream starts with the prompt's last token), α_k and α_v in [0, 1] (any shape:
     kpro.Bitune checks all layers' at once). Free on the CPU; on a GPU one device read for all four
-    (the kernels would otherwise clamp or mix out of range silently); under torch.compile
-    `torch._assert_async` (no sync, no graph break)."""
+    (the kernels would otherwise clamp or mix out of range silently); under torch.compile and for fake or
+    meta tensors `torch._assert_async` (no sync, no graph break)."""
     checks = {
         f"prompt_lens must lie in [0, Tp={tp}]": ((prompt_lens >= 0) & (prompt_lens <= tp)).all(),
         f"answer_lens must lie in [1, Ta={ta}] (the answer stream holds the prompt's last token)":
@@ -104,7 +104,7 @@ def check_bitune_values(alpha_k, alpha_v, prompt_lens, answer_lens, tp: int, ta:
         "alpha_k must lie in [0, 1]": ((alpha_k >= 0) & (alpha_k <= 1)).all(),
         "alpha_v must lie in [0, 1]": ((alpha_v >= 0) & (alpha_v <= 1)).all(),
     }
-    if torch.compiler.is_compiling():
+    if not values_readable(alpha_k, alpha_v, prompt_lens, answer_lens):  # compiling, or fake or meta tensors
         for message, ok in checks.items():
             torch._assert_async(ok, f"bitune_attention: {message}")
         return

@@ -38,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
-                      refuse_function_transforms, select)
+                      refuse_function_transforms, select, values_readable)
 from .errors import BackendError
 from .rms_norm import accumulation_dtype
 
@@ -97,7 +97,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     count = (targets != ignore_index).sum()
     nothing = (f"linear_cross_entropy: a mean over no tokens: every one of the {targets.numel()} labels is "
                f"ignore_index={ignore_index} (use reduction='sum' where a batch may have none)")
-    if torch.compiler.is_compiling():  # no value read: the error comes at the next device sync
+    if not values_readable(count):  # compiling, or fake or meta tensors: the error comes at the next device sync
         torch._assert_async(count > 0, nothing)
     elif int(count) == 0:
         raise ValueError(nothing)
@@ -127,7 +127,7 @@ def _check_args(hidden, weight, labels, ignore_index):
     if labels.device.type == "cpu" and labels.numel():
         labels = labels.long()  # compared as the kernels read them: uint8's 156 is not -100
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
-        if torch.compiler.is_compiling():  # no value read: the error comes at the next device sync
+        if not values_readable(bad):  # compiling, or fake tensors: the error comes at the next device sync
             torch._assert_async(~bad.any(), f"linear_cross_entropy: a label is outside [0, V={weight.shape[0]}) "
                                             f"and is not ignore_index={ignore_index}")
         elif bool(bad.any()):
