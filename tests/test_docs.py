@@ -272,6 +272,35 @@ def test_links_resolve():
     assert not problems, "\n".join(problems)
 
 
+def test_the_ops_table_gives_the_signatures_of_the_ops():
+    """docs/ops.md's table of entry points read as `def` lines: the same parameters as the functions, each
+    positional or keyword-only as there, with the same defaults (it showed linear_cross_entropy's
+    keyword-only ignore_index and reduction as positional ones, which raise a TypeError)."""
+    import ast
+    import inspect
+
+    from kpro import ops
+
+    table = [line for line in (ROOT / "docs" / "ops.md").read_text(encoding="utf-8").splitlines()
+             if line.startswith("| ") and line.endswith(" |")]
+    shown = [call for line in table for call in re.findall(r"`(\w+\(.*?\))`", line.split(" | ")[1])]
+    assert len(shown) >= 6, f"docs/ops.md's table of entry points was not found: {shown}"
+    problems = []
+    for call in shown:
+        args = ast.parse(f"def {call}: pass").body[0].args
+        documented = [(a.arg, "positional") for a in args.args] + [(a.arg, "keyword-only") for a in args.kwonlyargs]
+        defaults = dict(zip([a.arg for a in args.args][len(args.args) - len(args.defaults):],
+                            map(ast.literal_eval, args.defaults)))
+        defaults.update({a.arg: ast.literal_eval(d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d})
+        parameters = inspect.signature(getattr(ops, call.split("(")[0])).parameters.values()
+        actual = [(p.name, "keyword-only" if p.kind is p.KEYWORD_ONLY else "positional") for p in parameters]
+        actual_defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+        if documented != actual or defaults != actual_defaults:
+            problems.append(f"docs/ops.md shows {call}; the function is {call.split('(')[0]}"
+                            f"{inspect.signature(getattr(ops, call.split('(')[0]))}")
+    assert not problems, "\n".join(problems)
+
+
 def test_measured_figures_are_those_of_results():
     """Each row of a measured table (docs/benchmarks.md's headline figures, and any page's) names a section of
     RESULTS.md, and every number it quotes appears in RESULTS.md: figures are copied, never made up."""
