@@ -1,6 +1,8 @@
 """Backend choice: env and context manager, auto, forced backends that cannot run, torch.compile."""
+import ast
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +143,34 @@ def test_contradictory_backend_settings_are_refused(monkeypatch, value, message)
     monkeypatch.setenv("KPRO_BACKEND", value)
     with pytest.raises(BackendError, match=f"KPRO_BACKEND={value!r}.*{message}"):
         ops.requested_backend("rms_norm")
+
+
+@pytest.mark.parametrize("value, attention, rms_norm", [
+    ("triton,", "triton", "triton"),  # was "names a backend for every op twice"
+    (" cuda , attention = torch ", "torch", "cuda"),  # was "unknown op 'attention '"
+    ("attention=torch,, ", "torch", "auto"),
+    (" , ", "auto", "auto"),
+])
+def test_backend_setting_strips_spaces_and_skips_empty_entries(monkeypatch, value, attention, rms_norm):
+    monkeypatch.setenv("KPRO_BACKEND", value)
+    assert (ops.requested_backend("attention"), ops.requested_backend("rms_norm")) == (attention, rms_norm)
+
+
+def test_the_per_op_example_of_the_docs_runs_every_op(monkeypatch):
+    """docs/ops.md's per-op example was `cuda,attention=torch`, which leaves linear_cross_entropy and
+    bitune_attention on cuda, where they have no kernel: refused whatever the device."""
+    from kpro.ops.backend import IMPLEMENTED
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ops.md").read_text(encoding="utf-8")
+    setting = re.search(r"per op\s+`([^`]+)`", text).group(1)
+    call = ast.parse(re.search(r"with (ops\.backend\([^)]*\)):", text).group(1)).body[0].value
+    monkeypatch.setenv("KPRO_BACKEND", setting)
+    from_env = {op: ops.requested_backend(op) for op in IMPLEMENTED}
+    monkeypatch.delenv("KPRO_BACKEND")
+    with ops.backend(*map(ast.literal_eval, call.args), **{k.arg: ast.literal_eval(k.value) for k in call.keywords}):
+        from_block = {op: ops.requested_backend(op) for op in IMPLEMENTED}
+    for choice in (from_env, from_block):
+        assert all(choice[op] in IMPLEMENTED[op] for op in IMPLEMENTED), (setting, ast.unparse(call), choice)
 
 
 def test_arguments_of_the_wrong_kind_are_refused_by_name():

@@ -47,8 +47,10 @@ _forced: list[dict[str, str]] = []
 def backend(name: str | None = None, **per_op: str):
     """Force a backend (`auto`, `torch`, `triton`, `cuda`) for the ops called inside the block.
 
-    `backend("cuda", attention="triton")` forces CUDA for every op but attention;
-    `backend(swiglu="torch")` changes swiglu only.
+    `backend("triton", rms_norm="cuda", swiglu="cuda")` forces Triton for every op but RMSNorm and SwiGLU,
+    which run the CUDA kernels; `backend(swiglu="torch")` changes swiglu only. A default covers every op:
+    `backend("cuda")` alone refuses the ops with no CUDA kernel (attention, bitune_attention,
+    linear_cross_entropy).
     """
     _forced.append(_parse_choice(name, per_op, "kpro.ops.backend()"))
     try:
@@ -76,7 +78,8 @@ def backends_forced(choices: tuple[dict[str, str], ...]):
 
 def requested_backend(op: str = "*") -> str:
     """The backend asked for `op` now: the innermost `backend()` block covering it, else $KPRO_BACKEND
-    (`cuda`, or per op: `cuda,attention=triton`), else `auto`."""
+    (`triton`, or per op: `triton,rms_norm=cuda,swiglu=cuda`; spaces and empty entries are ignored), else
+    `auto`."""
     if op != "*" and op not in IMPLEMENTED:  # a misspelt op would read as "auto"
         raise BackendError(f"unknown op {op!r}; kpro's ops are {', '.join(IMPLEMENTED)}")
     for choice in reversed(_forced):
@@ -88,8 +91,10 @@ def requested_backend(op: str = "*") -> str:
     if env:
         default, per_op = None, {}
         for item in env.split(","):
-            key, eq, value = item.strip().rpartition("=")
-            if eq and not key.strip():
+            if not item.strip():  # a trailing or doubled comma says nothing
+                continue
+            key, eq, value = (part.strip() for part in item.rpartition("="))
+            if eq and not key:
                 raise BackendError(f"KPRO_BACKEND={env!r}: {item.strip()!r} names no op (write op=backend)")
             if (key and key in per_op) or (not key and default is not None):
                 raise BackendError(f"KPRO_BACKEND={env!r} names a backend for {key or 'every op'} twice: "
