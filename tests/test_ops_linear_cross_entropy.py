@@ -29,22 +29,23 @@ def inputs(n, d, vocab, dtype, device, seed, *, scale=1.0, ignored=()):
     return hidden.to(dtype).to(device), weight.to(dtype).to(device), labels.to(device)
 
 
-def reference(hidden, weight, labels, reduction, dloss=None):
+def reference(hidden, weight, labels, reduction, dloss=None, ignore_index=-100):
     """F.cross_entropy of the float64 logits of the same (already rounded) inputs: loss, dhidden, dweight."""
     h = hidden.detach().cpu().double().requires_grad_()
     w = weight.detach().cpu().double().requires_grad_()
-    loss = F.cross_entropy((h @ w.T).flatten(0, -2), labels.cpu().flatten(), reduction=reduction)
+    loss = F.cross_entropy((h @ w.T).flatten(0, -2), labels.cpu().flatten(), reduction=reduction,
+                           ignore_index=ignore_index)
     loss = loss.view(labels.shape) if reduction == "none" else loss
     loss.backward(None if dloss is None else dloss.cpu().double())
     return loss.detach(), h.grad, w.grad
 
 
-def run(backend, hidden, weight, labels, reduction, dloss=None, weight_grad=True):
+def run(backend, hidden, weight, labels, reduction, dloss=None, weight_grad=True, ignore_index=-100):
     """The op on `backend`: (loss, dhidden, dweight) for fresh leaves of the given values."""
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_(weight_grad)
     with ops.backend(backend):
-        loss = ops.linear_cross_entropy(h, w, labels, reduction=reduction)
+        loss = ops.linear_cross_entropy(h, w, labels, reduction=reduction, ignore_index=ignore_index)
         loss.backward(dloss)
     return loss.detach(), h.grad, w.grad
 
@@ -75,6 +76,28 @@ def test_matches_float64(backend, device, dtype, reduction):
     """Odd N, d and V (301: no multiple of any tile), a third of the rows ignored, some in one block."""
     ignored = [0, 5, 6, 7, 30] + list(range(12, 26))
     check_against_float64(backend, *inputs(37, 40, 301, dtype, device, seed=1, scale=8.0, ignored=ignored), reduction)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy")[:2])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_ignore_index_that_is_a_token_id_matches_float64(backend, device, reduction):
+    """ignore_index=7, a valid token that labels hold in 9 of 29 rows (they are ignored, not scored), against
+    F.cross_entropy(ignore_index=7): loss and gradients, on both paths (the gradients in the forward and the
+    logits recomputed in the backward: a trainable head's per-row losses), trainable and frozen head. An op
+    that dropped the argument for -100 scored those rows: its loss was 10% off, its gradients 56%."""
+    hidden, weight, labels = inputs(29, 23, 51, torch.float32, device, seed=16, scale=6.0)
+    ignored = [0, 3, 4, 5, 11, 12, 20, 27, 28]
+    labels[labels == 7] = 8  # no other row is 7 by chance
+    labels[ignored] = 7
+    dloss = upstream(labels, reduction, device)
+    loss_ref, dh_ref, dw_ref = reference(hidden, weight, labels, reduction, dloss, ignore_index=7)
+    for trainable in (True, False):
+        loss, dh, dw = run(backend, hidden, weight, labels, reduction, dloss, weight_grad=trainable, ignore_index=7)
+        assert (dw is not None) == trainable
+        errors = [relative_error(loss, loss_ref), relative_error(dh, dh_ref)]
+        errors += [relative_error(dw, dw_ref)] if trainable else []
+        assert all(e <= TOLERANCE[torch.float32] for e in errors), (trainable, errors)  # NaN fails
+        assert dh[ignored].eq(0).all() and (reduction != "none" or loss[ignored].eq(0).all())
 
 
 @pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy"))
