@@ -26,11 +26,12 @@ def explicit_mask(batch, tq, tk, causal, prefix_lens=None, key_mask=None):
     return mask
 
 
-def plain_attention(q, k, v, mask):
-    """Scores, softmax and weighted sum in q's dtype; rows that see nothing give zeros."""
+def plain_attention(q, k, v, mask, scale=None):
+    """Scores (times `scale`, D ** -0.5 by default), softmax and weighted sum in q's dtype; rows that see
+    nothing give zeros."""
     group = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
     s = s.masked_fill(~mask[:, None], float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
@@ -124,6 +125,19 @@ def test_fp32_matches_float64(backend, device, case):
         # The floor judges a gradient that vanishes exactly (one_token: one key, so dQ = dK = 0 from the
         # cancelling dP - Δ, terms of size ~1 here) against that size: fp32 leaves ~1e-7 of it (SDPA on CUDA).
         assert relative_error(out, expected, floor=1e-2) <= 1e-4, name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2] + backend_devices("attention")[2:3])
+@pytest.mark.parametrize("case", ["causal_gqa", "prefix", "left_padding"])
+def test_a_given_scale_matches_float64(backend, device, case):
+    """scale=0.37, not D ** -0.5 (0.125 or 0.177 here), for the output and every gradient: a scale checked and
+    then dropped for the default, or a backward kernel given the default (dK, dV 140-170% off), passed every
+    other test, all of which use the default."""
+    ins, dout, mask, kwargs = make_case(case, torch.float32, device, seed=3)
+    ref = run(lambda q, k, v: plain_attention(q, k, v, mask, scale=0.37), [t.double() for t in ins], dout.double())
+    got = run(with_backend(backend, scale=0.37, **kwargs), ins, dout)
+    for name, out, expected in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert relative_error(out, expected) <= 1e-4, name
 
 
 @pytest.mark.parametrize("backend, device", backend_devices("attention")[1:2] + backend_devices("attention")[2:3])

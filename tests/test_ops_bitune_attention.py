@@ -13,23 +13,23 @@ from test_ops_attention import plain_attention
 NAMES = ("o_prompt", "o_answer", "dq_p", "dk_p", "dv_p", "dq_a", "dk_a", "dv_a", "dalpha_k", "dalpha_v")
 
 
-def three_calls(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, mixed=None):
+def three_calls(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens, mixed=None, scale=None):
     """Stream 0 causal and stream 1 bidirectional over their own valid keys; the answer over the valid
     mixed prompt keys (`mixed` = (K_mix, V_mix) in place of the mix, to take their gradients) and causally
-    over its own; padded query rows zeroed."""
+    over its own; padded query rows zeroed. Scores times `scale` (D ** -0.5 by default)."""
     tp, ta = q_p.shape[2], q_a.shape[1]
     p_ok = torch.arange(tp)[None, :] < prompt_lens[:, None]
     a_ok = torch.arange(ta)[None, :] < answer_lens[:, None]
     causal = torch.ones(tp, tp, dtype=torch.bool).tril()
-    o0 = plain_attention(q_p[0], k_p[0], v_p[0], causal[None] & p_ok[:, None, :] & p_ok[:, :, None])
-    o1 = plain_attention(q_p[1], k_p[1], v_p[1], p_ok[:, None, :] & p_ok[:, :, None])
+    o0 = plain_attention(q_p[0], k_p[0], v_p[0], causal[None] & p_ok[:, None, :] & p_ok[:, :, None], scale)
+    o1 = plain_attention(q_p[1], k_p[1], v_p[1], p_ok[:, None, :] & p_ok[:, :, None], scale)
     k_mix = (1 - alpha_k) * k_p[0] + alpha_k * k_p[1]
     v_mix = (1 - alpha_v) * v_p[0] + alpha_v * v_p[1]
     if mixed is not None:
         k_mix, v_mix = mixed
     answer_mask = torch.cat((p_ok[:, None, :].expand(-1, ta, -1),
                              torch.ones(ta, ta, dtype=torch.bool).tril()[None] & a_ok[:, None, :]), -1) & a_ok[:, :, None]
-    o_a = plain_attention(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), answer_mask)
+    o_a = plain_attention(q_a, torch.cat((k_mix, k_a), 1), torch.cat((v_mix, v_a), 1), answer_mask, scale)
     return torch.stack((o0, o1)), o_a
 
 
@@ -60,10 +60,10 @@ def run(fn, tensors, douts, lens, device, alpha_dtype):
     return [o_p, o_a] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
 
 
-def fused(backend):
+def fused(backend, **kwargs):
     def fn(*args):
         with ops.backend(backend):
-            return ops.bitune_attention(*args)
+            return ops.bitune_attention(*args, **kwargs)
     return fn
 
 
@@ -75,6 +75,19 @@ def test_fp32_equals_three_calls_and_a_mix(backend, device, case):
     got = run(fused(backend), tensors, douts, lens, device, torch.float32)
     for name, out, expected in zip(NAMES, got, ref):
         assert out.shape == expected.shape, name
+        assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:3])
+@pytest.mark.parametrize("case", ["gqa_mixed_lengths", "prompt_of_length_one"])
+def test_a_given_scale_equals_three_calls_and_a_mix(backend, device, case):
+    """scale=0.37, not D ** -0.5 (0.177 or 0.125 here), for both outputs and every gradient, dα included: a
+    scale checked and then dropped for the default passed every other test, all of which use the default."""
+    tensors, douts, *lens = make(case, torch.float32, "cpu", seed=2)
+    ref = run(lambda *args: three_calls(*args, scale=0.37), [t.double() for t in tensors], douts, lens, "cpu",
+              torch.float64)
+    got = run(fused(backend, scale=0.37), tensors, douts, lens, device, torch.float32)
+    for name, out, expected in zip(NAMES, got, ref):
         assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
 
 
