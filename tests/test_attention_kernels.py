@@ -247,10 +247,13 @@ def test_the_mix_kernel_is_one_fused_multiply_add_in_fp32():
     alpha_k, alpha_v = torch.tensor(0.3, device=DEVICE), torch.tensor(0.85, device=DEVICE)
     k_mix, v_mix = mixed_cache(k_p, v_p, alpha_k, alpha_v)
     for mixed, cache, alpha in ((k_mix, k_p, alpha_k), (v_mix, v_p, alpha_v)):
-        x0, x1 = cache[0].double(), cache[1].double()
-        expected = (x0 + alpha.double() * (x1 - x0)).to(BF16)  # fp32 FMA then one rounding: within one bf16 ulp
+        x0, x1 = cache[0].float(), cache[1].float()
+        # The kernel's arithmetic exactly: x1 − x0 in fp32, then α·(x1 − x0) + x0 rounded once to fp32 (α·d, a
+        # product of two fp32 numbers, is exact in float64), then stored as bf16. A mix computed in bf16 steps
+        # was within the old 4e-3 relative bound (up to 326 ulp off in some entries); no entry may differ.
+        expected = (alpha.double() * (x1 - x0).double() + x0.double()).float().to(BF16)
         assert mixed.dtype == BF16 and mixed.shape == cache.shape[1:]
-        assert relative_error(mixed, expected) <= 4e-3 and not mixed.isnan().any()
+        assert torch.equal(mixed.cpu(), expected.cpu()) and not mixed.isnan().any()
 
 
 def test_the_dalpha_sum_adds_partials_in_a_fixed_order():
