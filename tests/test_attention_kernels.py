@@ -13,7 +13,8 @@ from kpro.ops.triton_kernels import attention_tiles as tiles
 from kpro.ops.triton_kernels import bitune_attention as triton_bitune
 from conftest import CUDA, relative_error
 from test_ops_attention import make_case, plain_attention, run, vectorized_mask, with_backend
-from test_ops_bitune_attention import NAMES, fused, make as make_bitune, run as run_bitune, three_calls
+from test_ops_bitune_attention import (DALPHA_TOLERANCE, NAMES, dalpha_rounding_scale, fused, make as make_bitune,
+                                      run as run_bitune, three_calls)
 
 DEVICE = "cuda" if CUDA else "cpu"
 BF16 = torch.bfloat16
@@ -280,8 +281,13 @@ def check_bitune(case, dtype, path, seed=7):
     plain = run_bitune(three_calls, tensors, douts, lens, "cpu", torch.float32)
     for name, out, base, expected in zip(NAMES[:-2], got, plain, ref):
         assert relative_error(out, expected, floor=1e-3) <= 2 * relative_error(base, expected, floor=1e-3), name
-    for name, out, expected, terms in zip(NAMES[-2:], got[-2:], ref[-2:], mix_terms(tensors, douts, lens)):
-        assert abs(float(out) - float(expected)) <= 2**-8 * terms, name  # NaN fails too
+    # dα against its rounding scale ‖(K_bidir − K_causal)·dK_mix‖₂, as test_ops_bitune_attention holds it: a
+    # bound of 2**-8 times the sum of the terms' magnitudes was 7%-215% of the value, and dα 7% low on the TMA
+    # path passed; this one is 1.2%-5.8% of it in these cases, 33% for prompt_of_length_one's dα_v at seed 7
+    # (6% of its norm), and 0 where there is no prompt (all_prompts_length_one: dα exactly 0)
+    scale = dalpha_rounding_scale(tensors, douts, lens)
+    for name, out, expected in zip(NAMES[-2:], got[-2:], ref[-2:]):
+        assert abs(float(out) - float(expected)) <= DALPHA_TOLERANCE[dtype] * scale[name], name  # NaN fails too
     return got
 
 

@@ -7,7 +7,7 @@ import torch
 
 from kpro import ops
 from kpro.ops.backend import interpreter_bf16_problem
-from conftest import TOLERANCE, backend_devices, relative_error
+from conftest import backend_devices, relative_error
 from test_ops_attention import plain_attention
 
 NAMES = ("o_prompt", "o_answer", "dq_p", "dk_p", "dv_p", "dq_a", "dk_a", "dv_a", "dalpha_k", "dalpha_v")
@@ -91,6 +91,13 @@ def test_a_given_scale_equals_three_calls_and_a_mix(backend, device, case):
         assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
 
 
+# dα_k, dα_v in half precision: within this fraction of their rounding scale (dalpha_rounding_scale). The largest
+# errors of Triton's (interpreter, both load paths) over 4 cases and 8 seeds: 0.64% of it in bf16, 0.075% in
+# fp16; plain PyTorch's, 1.6% and 0.14%. The bf16 factor leaves 3x over Triton's; fp16's stays at its
+# earlier 5e-3, which the torch backend's GPU gradients were held to (nothing here measures those).
+DALPHA_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
 @pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[1:3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ["gqa_mixed_lengths", "prompt_of_length_one"])
@@ -100,15 +107,17 @@ def test_half_precision_within_twice_plain_pytorch(backend, device, dtype, case)
     the unit roundoff times their norm, ‖(K_bidir − K_causal)·dK_mix‖₂, whatever its own size. Against
     another implementation's single scalar that is a coin toss: plain PyTorch's dα_k on one CPU was off
     by 2%, on another much less, and an H200's SDPA gradients failed the test by that. They are held to
-    the dtype's tolerance times that norm instead (the largest error seen: 0.5% of it)."""
-    tensors, douts, *lens = make(case, dtype, "cpu", seed=1)
+    DALPHA_TOLERANCE times that norm instead. Seed 8: there every dα is at least 35% of its norm, so the
+    bound is at most 6% of the value (at seed 1, gqa_mixed_lengths' dα_v was 1.2% of it: 0 passed)."""
+    tensors, douts, *lens = make(case, dtype, "cpu", seed=8)
     ref = run(three_calls, [t.double() for t in tensors], douts, lens, "cpu", torch.float64)
     plain = run(three_calls, tensors, douts, lens, "cpu", torch.float32)
     got = run(fused(backend), tensors, douts, lens, device, torch.float32)
     scale = dalpha_rounding_scale(tensors, douts, lens)
     for name, out, base, expected in zip(NAMES, got, plain, ref):
         if name in scale:
-            assert abs(float(out) - float(expected)) <= TOLERANCE[dtype] * scale[name], name
+            assert abs(float(expected)) > 0.3 * scale[name], name  # a value the bound can tell from 0
+            assert abs(float(out) - float(expected)) <= DALPHA_TOLERANCE[dtype] * scale[name], name
         else:
             assert relative_error(out, expected) <= 2 * relative_error(base, expected), name
 
