@@ -91,7 +91,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> 
     return float((out - ref).norm() / max(float(ref.norm()), floor * out.numel() ** 0.5))
 
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# The relative error (above) a kernel's output may have against float64, by dtype. bf16: 1e-2, docs/testing.md's
+# rule; the largest seen on the CPU, over the seeds of rms_norm's, swiglu's and linear_cross_entropy's tests and 3
+# others each, is 2.6e-3 (bf16 rounding of the output alone leaves ~2.3e-3).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
 def tiny_config(**overrides) -> kpro.LlamaConfig:
