@@ -1191,12 +1191,16 @@ def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from kpro._run_lock import holding\n"
                                "with holding(sys.argv[1]):\n"
                                " child = os.fork()\n"
-                               " if child == 0:\n  time.sleep(600); os._exit(0)\n"
-                               " print(child, flush=True); time.sleep(600)",
+                               " if child == 0:\n  os.write(1, b'ready\\n'); time.sleep(600); os._exit(0)\n"
+                               " os.write(1, b'%d\\n' % child); time.sleep(600)",
                                str(tmp_path / "x")], stdout=subprocess.PIPE, text=True)
     child = None
     try:
-        child = int(holder.stdout.readline())
+        # The child's fork hooks have run once it writes (on a loaded machine it may not have run at all yet
+        # when the parent writes its pid); one os.write each, so the two lines cannot interleave
+        lines = {holder.stdout.readline().strip() for _ in range(2)}
+        child = int(next(line for line in lines if line != "ready"))
+        assert "ready" in lines, lines
         with pytest.raises(DirectoryInUse, match=rf"\(process {holder.pid}\)"):
             with holding(tmp_path / "x"):
                 pass
