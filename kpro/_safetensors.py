@@ -33,6 +33,13 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
+def check_checkpoint_directory(directory: Path) -> None:
+    """A checkpoint directory given by the user exists and is a directory (a typo is named as one)."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory" if directory.exists()
+                                else f"checkpoint directory {directory} does not exist")
+
+
 def sharded_weight_map(directory: Path) -> dict[str, str] | None:
     """The checked "weight_map" of the checkpoint directory `directory`'s index, or None where it holds a single
     model.safetensors; both (ambiguous), or neither, is a CheckpointError. load_pretrained's and `info`'s rule."""

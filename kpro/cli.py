@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from ._safetensors import WEIGHTS_NAME, read_header, sharded_weight_map
+from ._safetensors import WEIGHTS_NAME, check_checkpoint_directory, read_header, sharded_weight_map
 from .cli_args import (DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, input_path,
                        resolve_device)
 from .errors import CheckpointError, DirectoryInUse
@@ -40,9 +40,7 @@ def cmd_info(args) -> None:
     from .config import LlamaConfig
 
     directory = Path(args.dir)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory" if directory.exists()
-                                else f"checkpoint directory {directory} does not exist")
+    check_checkpoint_directory(directory)
     cfg = LlamaConfig.from_hf(directory)
     count, dtypes, layers = 0, {}, set()
     files = _weight_files(directory)

@@ -22,7 +22,7 @@ import torch
 from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError,
                           _check_names_and_shapes, _unlisted_tensors, atomic_directory, hf_tensors, parse_size,
                           tensor_locations, tied_head_differs)
-from .._safetensors import TensorBytes as _Source, read_header
+from .._safetensors import TensorBytes as _Source, check_checkpoint_directory, read_header
 from ..config import LlamaConfig
 from ..convert.gguf_llama import RECORD_NAME as GGUF_RECORD
 from ..model import Llama
@@ -114,13 +114,6 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
             record["earlier_new_blocks"] = earlier
         (tmp / EXPANSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return ExpansionResult(dst, cfg.num_hidden_layers, new_blocks, names, copied, skipped, earlier)
-
-
-def check_checkpoint_directory(directory: Path) -> None:
-    """A checkpoint directory given by the user exists and is a directory (a typo is named as one)."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory" if directory.exists()
-                                else f"checkpoint directory {directory} does not exist")
 
 
 # what to do about a record that is broken or stale, by the command that reads it: train-expanded reads it for the

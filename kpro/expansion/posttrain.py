@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._safetensors import read_header
+from .._safetensors import TensorBytes, check_checkpoint_directory, read_header
 from ..adapters import base_fingerprint
 from ..checkpoint import _write_checkpoint, atomic_directory, hf_name, load_pretrained, parse_size, tensor_locations
 from ..tokenizer import document_bos_id, load_tokenizer, special_token_in
@@ -25,7 +25,7 @@ from ..train.checkpointing import saved_schedule
 from ..train.data import read_jsonl
 from ..train.shards import is_shard_directory
 from ..train.tokenize import check_tokenizer, framing, is_jsonl, read_documents, refuse_repeated_files
-from .checkpoint import _copy_other_files, check_checkpoint_directory, read_expansion_record
+from .checkpoint import _copy_other_files, read_expansion_record
 from .freezing import train_only
 
 FINAL_DIR = "final"
@@ -125,19 +125,21 @@ def blocks_to_train(directory: Path, blocks) -> list[int]:
 def checkpoint_dtype(directory: Path) -> torch.dtype:
     """The floating-point dtype holding most of the checkpoint's parameters, over every shard (the rule of
     `load_pretrained(dtype="auto")`)."""
-    counts: dict[str, int] = {}
-    for file in sorted(set(tensor_locations(directory).values())):
-        for source in read_header(file).values():
-            counts[source.dtype] = counts.get(source.dtype, 0) + math.prod(source.shape)
-    return SAFETENSORS_DTYPES.get(max(counts, key=counts.get) if counts else "F32", torch.float32)
+    return _majority_dtype(_listed_tensors(directory))
 
 
-def tensor_dtypes(directory: Path) -> dict[str, torch.dtype]:
-    """Each tensor's dtype in the checkpoint, by its checkpoint name (load_pretrained has refused any other than
-    the floating-point ones)."""
+def _listed_tensors(directory: Path) -> dict[str, TensorBytes]:
+    """Each tensor of the checkpoint by its name, as its header describes it (the index decides the file)."""
     locations = tensor_locations(directory)
-    return {name: SAFETENSORS_DTYPES[source.dtype] for file in sorted(set(locations.values()))
+    return {name: source for file in sorted(set(locations.values()))
             for name, source in read_header(file).items() if locations.get(name) == file}
+
+
+def _majority_dtype(tensors: dict[str, TensorBytes]) -> torch.dtype:
+    counts: dict[str, int] = {}
+    for source in tensors.values():
+        counts[source.dtype] = counts.get(source.dtype, 0) + math.prod(source.shape)
+    return SAFETENSORS_DTYPES.get(max(counts, key=counts.get) if counts else "F32", torch.float32)
 
 
 def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, seq_len: int | None = None,
@@ -163,7 +165,9 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     block_ids = blocks_to_train(directory, blocks)
     tokenizer = load_tokenizer(directory)
     model = load_pretrained(directory, dtype=dtype, device=device)
-    source_dtype, source_dtypes = checkpoint_dtype(directory), tensor_dtypes(directory)
+    tensors = _listed_tensors(directory)  # load_pretrained has refused any dtype but the floating-point ones
+    source_dtype = _majority_dtype(tensors)
+    source_dtypes = {name: SAFETENSORS_DTYPES[source.dtype] for name, source in tensors.items()}
     # in the source's dtype: the values as stored, whatever --dtype the run trains in (fit checks that apart)
     source = SourceFingerprint(directory, out_dir, base_fingerprint(model, source_dtype))
     if seq_len is None:
