@@ -14,6 +14,7 @@ from torch.serialization import add_safe_globals
 
 from . import ops
 from .config import LlamaConfig, _ReadOnlyDict
+from .ops.backend import values_readable
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -216,9 +217,9 @@ class Llama(nn.Module):
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
-    """Refuse token ids outside the vocabulary; checked on CPU tensors in eager mode only (a value read
-    would sync a GPU and break a compiled graph)."""
-    if not torch.compiler.is_compiling() and ids.device.type == "cpu" and ids.numel() and (
+    """Refuse token ids outside the vocabulary; checked on CPU tensors with readable values only (a value
+    read would sync a GPU and break a compiled graph, and fake or meta tensors hold none)."""
+    if ids.device.type == "cpu" and ids.numel() and values_readable(ids) and (
             ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"input_ids hold token ids outside [0, vocab_size={vocab_size})")
 

@@ -482,6 +482,26 @@ def test_packed_position_ids_are_refused_under_torch_compile_too():
         padding((1.0 - mask) * torch.finfo(torch.float32).min, 2, 10, 10, True)
 
 
+
+def test_a_patched_model_runs_under_fake_tensors():
+    """The checks of the 2-D mask and of packed positions read values outside torch.compile only: a patched
+    model's forward under FakeTensorMode (a memory estimate) failed with a data-dependent error, with a mask
+    or without. With fake tensors they are assertions, as under torch.compile; on real ones, errors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model, _ = patched_copy(make_stock(layers=1))
+    ids, mask, _ = left_padded()
+    for attention_mask in (mask, None):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            logits = model(ids, attention_mask=attention_mask).logits
+            logits.sum().backward()
+        assert logits.shape == (*ids.shape, 101)
+    with pytest.raises(ValueError, match="additive float mask"):
+        model(ids, attention_mask=mask * 2)
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(ids, position_ids=torch.cat([torch.arange(4), torch.arange(10)]).expand(3, -1))
+
+
 def test_a_patched_model_saved_whole_loads_again(tmp_path):
     """torch.save of the model object pickled apply's and train_only's forwards as bound methods, looked up by
     name on load: the model saved, and loading it raised AttributeError 'LlamaMLP' object has no attribute."""

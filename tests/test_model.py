@@ -173,6 +173,26 @@ def test_bad_inputs_are_named(make_model, bad, message):
         bad(make_model())
 
 
+
+def test_the_model_runs_under_fake_tensors_and_make_fx(make_model):
+    """The token-id check read values outside torch.compile only: the forward under FakeTensorMode (a memory
+    estimate without memory) and make_fx(tracing_mode="fake") failed with a data-dependent error. It reads
+    values only where there are some; in eager mode ids outside the vocabulary are still refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = make_model(dtype=torch.float32)
+    ids, mask = torch.randint(0, model.config.vocab_size, (2, 5)), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = model(ids, attention_mask=mask)
+        logits.sum().backward()
+    assert logits.shape == (2, 5, model.config.vocab_size) and logits.dtype == torch.float32
+    graph = make_fx(lambda i, m: model(i, attention_mask=m), tracing_mode="fake", _allow_non_fake_inputs=True)(ids, mask)
+    assert torch.equal(graph(ids, mask), model(ids, attention_mask=mask))
+    with pytest.raises(ValueError, match="outside"):
+        model(torch.full((2, 5), model.config.vocab_size))
+
+
 def test_position_ids_of_one_row_or_one_dimension_apply_to_every_row(make_model):
     model = make_model(dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (2, 5))

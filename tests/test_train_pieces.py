@@ -302,6 +302,35 @@ def test_lm_loss_returns_sum_and_count(make_model):
         kt.lm_loss(model, {"input_ids": batch["input_ids"]})
 
 
+
+def test_the_losses_trace_under_fake_and_meta_tensors_with_their_checks_kept(make_model):
+    """The padding check and the mean's count of loss tokens read values outside torch.compile only: under
+    FakeTensorMode (memory estimates) and make_fx(tracing_mode="fake") they failed with a data-dependent
+    error, on a meta model in .tolist(). There they are assertions now, which a traced graph keeps."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = make_model(dtype=torch.float32)
+    batch = kt.collate_prompt_answer([([1, 5, 6], [7, 8]), ([1, 9], [4])], pad_id=0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        total, count = kt.lm_loss(model, batch)
+        (total / count).backward()
+        mean = kt.causal_lm_loss(model(batch["input_ids"]), batch["labels"])
+    assert total.shape == mean.shape == () and total.dtype == mean.dtype == torch.float32
+    meta = copy.deepcopy(model).to("meta")
+    assert kt.lm_loss(meta, {k: v.to("meta") for k, v in batch.items()}).total.is_meta
+    graph = make_fx(lambda logits, labels: kt.causal_lm_loss(logits, labels), tracing_mode="fake")(
+        torch.randn(2, 3, 8), torch.tensor([[5, 1, 2], [-100, 3, -100]]))
+    logits, labels = torch.randn(2, 3, 8), torch.tensor([[5, 1, 2], [-100, 3, -100]])
+    assert torch.equal(graph(logits, labels), kt.causal_lm_loss(logits, labels))
+    with pytest.raises(RuntimeError, match="has no loss tokens"):
+        graph(logits, torch.full((2, 3), -100))
+    padded = make_fx(lambda b: kt.lm_loss(model, b).total, tracing_mode="fake", _allow_non_fake_inputs=True)(batch)
+    on_pad = dict(batch, labels=batch["input_ids"].clone())  # the pads carry labels
+    with pytest.raises(RuntimeError, match="marks as padding carry labels"):
+        padded(on_pad)
+
+
 # ------------------------------------------------------------------------------------ optimizer, lr
 
 

@@ -49,6 +49,7 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 from .. import ops
 from ..expansion.freezing import TrainPlan, _check_block_ids, _check_recompute_flag, _ForwardContext, freeze_all_but
 from ..ops.attention import visibility_mask
+from ..ops.backend import values_readable
 
 ATTENTION = "kpro"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -288,8 +289,9 @@ ZEROS_AND_ONES = ("a 2-D attention mask must hold 1 (real token) and 0 (padding)
 
 def check_zeros_and_ones(mask: torch.Tensor) -> None:
     """Refuse a 2-D mask holding anything but 0 and 1: one device read, or under torch.compile an assertion
-    that fails at the next device sync (no value read, no graph break)."""
-    if torch.compiler.is_compiling():
+    that fails at the next device sync (no value read, no graph break); the same for fake or meta tensors,
+    which hold no values."""
+    if not values_readable(mask):
         torch._assert_async(((mask == 0) | (mask == 1)).all(), ZEROS_AND_ONES)
     elif bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(ZEROS_AND_ONES)
@@ -307,10 +309,8 @@ def check_not_packed(positions: torch.Tensor) -> None:
     forgets the last one checked. Under torch.compile an assertion, as transformers masks the documents there
     too. (Inference tensors keep no version: within a forward nothing writes to them.)"""
     global _unpacked
-    if torch.compiler.is_compiling():
+    if not values_readable(positions):  # compiling, or fake or meta tensors (no values)
         torch._assert_async((positions.diff(dim=-1) == 1).all(), PACKED)
-        return
-    if positions.device.type == "meta":
         return
     version = None if positions.is_inference() else positions._version
     if _unpacked[0]() is not positions or _unpacked[1] != version:
@@ -326,7 +326,7 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
     Anything else raises, naming it."""
     if mask is None:
         return None
-    checking = not torch.compiler.is_compiling()
+    checking = values_readable(mask)
     if mask.dim() == 2:
         if tuple(mask.shape) != (batch, tk):
             raise ValueError(f"the attention mask is {tuple(mask.shape)}; kpro attention takes [B={batch}, Tk={tk}]")
@@ -340,7 +340,8 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
                          f"[{batch}, {tk}] or a 4-D one [{batch}, 1, {tq}, {tk}]")
     if not checking:
         raise NotImplementedError("a 4-D attention mask is checked against what kpro attention can express, which "
-                                  "torch.compile cannot trace: pass the 2-D padding mask (1 = real token)")
+                                  "needs its values (torch.compile cannot trace that, and fake or meta tensors have "
+                                  "none): pass the 2-D padding mask (1 = real token)")
     if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
         raise NotImplementedError("kpro attention takes one mask for all heads; this 4-D mask differs by head")
     mask = mask[:, 0]

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import lora, ops
 from ..model import Llama
+from ..ops.backend import values_readable
 
 IGNORE_INDEX = -100
 
@@ -73,8 +74,11 @@ def _reduce(total: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.
     if reduction == "sum":
         return total
     count = count_loss_tokens(labels)
-    if int(count) == 0:
-        raise ValueError(no_loss_tokens_message(f"the batch of {labels.shape[0]} row(s)"))
+    message = no_loss_tokens_message(f"the batch of {labels.shape[0]} row(s)")
+    if not values_readable(count):  # compiling (no graph break), or fake or meta tensors
+        torch._assert_async(count > 0, message)
+    elif int(count) == 0:
+        raise ValueError(message)
     return total / count
 
 
@@ -166,7 +170,8 @@ def _check_padding_is_not_scored(labels: torch.Tensor, mask) -> None:
     after_pad = (pad[:, :-1] & ~pad[:, 1:] & scored).sum()
     fix = f"set labels[attention_mask == 0] = {IGNORE_INDEX}"
     fix_after = f"set labels[:, 1:][attention_mask[:, :-1] == 0] = {IGNORE_INDEX}"
-    if torch.compiler.is_compiling():  # no graph break (a failed device assert ends the process, though)
+    if not values_readable(on_pad):  # compiling (no graph break; a failed device assert ends the process,
+        # though), or fake or meta tensors (no values: the assertion is traced, or skipped)
         torch._assert_async(on_pad + after_pad == 0, f"lm_loss: positions that attention_mask marks as padding "
                             f"carry labels, or labels follow padding, which predicts them: {fix}, and {fix_after}")
         return
