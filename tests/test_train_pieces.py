@@ -325,6 +325,9 @@ def test_the_losses_trace_under_fake_and_meta_tensors_with_their_checks_kept(mak
     assert torch.equal(graph(logits, labels), kt.causal_lm_loss(logits, labels))
     with pytest.raises(RuntimeError, match="has no loss tokens"):
         graph(logits, torch.full((2, 3), -100))
+    torch._dynamo.reset()  # and torch.compile(fullgraph=True), where int(count) could not be traced
+    torch.testing.assert_close(torch.compile(kt.causal_lm_loss, fullgraph=True)(logits, labels),
+                               kt.causal_lm_loss(logits, labels))
     padded = make_fx(lambda b: kt.lm_loss(model, b).total, tracing_mode="fake", _allow_non_fake_inputs=True)(batch)
     on_pad = dict(batch, labels=batch["input_ids"].clone())  # the pads carry labels
     with pytest.raises(RuntimeError, match="marks as padding carry labels"):
