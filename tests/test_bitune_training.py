@@ -706,9 +706,9 @@ def test_bitune_resumed_on_other_examples_names_data_and_max_length(tmp_path, ca
 
 @pytest.mark.parametrize("args, message", [
     # checked inside tune before, after the model and the data had loaded (nan passed with --steps 0)
-    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
-    (["--lr", "nan", "--steps", "0"], "--lr must be a positive number, got nan"),
-    (["--lr", "inf"], "--lr must be a positive number, got inf"),
+    (["--lr", "0"], "--lr must be a positive finite number, got 0"),
+    (["--lr", "nan", "--steps", "0"], "--lr must be a positive finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
     (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
     (["--seed", str(2 ** 80)],  # "Overflow when unpacking long long" before
      f"--seed must be an integer from 0 to 2**63 - 1, got {2 ** 80}"),

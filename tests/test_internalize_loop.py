@@ -579,7 +579,7 @@ def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, c
     (["--task", "3x3", "--eval-only"], "--eval-only evaluates a trained model: pass --model DIR"),
     (["--task", "3x3", "--model", "."], "--layers, --hidden, --heads, --intermediate shape a new model"),
     (["--task", "3x3", "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
-    (["--task", "3x3", "--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--task", "3x3", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
     (["--task", "3x3", "--epochs", "2"], "pass --steps or --epochs, not both"),
     (["--task", "3x3", "--smoothing-lambda", "0"], "--smoothing-lambda must be > 0"),
     (["--task", "3x3", "--remove-all-after", "-1"], "--remove-all-after must be >= 0"),

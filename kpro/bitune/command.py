@@ -72,7 +72,7 @@ def run(args) -> None:
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")
     if not 0 < args.lr < math.inf:  # else refused by tune, after the model and the data had loaded
-        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+        raise ValueError(f"--lr must be a positive finite number, got {args.lr:g}")
     if not math.isfinite(args.alpha) or args.alpha == 0:  # lora.check_rank_alpha's rule, named by the flag
         raise ValueError(f"--alpha must be a finite number other than 0 (0 makes every adapter a no-op that learns "
                          f"nothing), got {args.alpha:g}")

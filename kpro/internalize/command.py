@@ -465,7 +465,7 @@ def _check_args(args) -> None:
     for name in ("epochs", "remove_per_epoch", "lr"):
         value = getattr(args, name)
         if value is not None and not (0 < value < math.inf):
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value:g}")
     if args.steps is not None and args.epochs is not None:
         raise ValueError("pass --steps or --epochs, not both")
     if args.decay_steps < 0:
