@@ -890,3 +890,13 @@ def test_the_demo_ends_with_each_acts_time_and_verdict(tmp_path, monkeypatch, ca
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("demo done in ") and "a 0.0 min, claim SHOWN; b 0.0 min, claim NOT SHOWN; " \
         "c 0.0 min, claim not made (skipped)" in last
+
+
+@pytest.mark.parametrize("reproduction", ["reproduce_bitune_seeds", "reproduce_internalization_seeds"])
+def test_seeds_past_the_largest_torch_takes_are_refused_by_the_first_seed(reproduction, tmp_path):
+    """`reproduce NAME --seed 2**63 - 2` was refused as `seed ... got 9223372036854775808`, a seed the user never
+    gave; the first seed and the one to start from below are named now, before any work."""
+    with pytest.raises(ValueError, match=rf"{reproduction}: seeds {2 ** 63 - 2} to {2 ** 63} pass 2\*\*63 - 1, the "
+                                         rf"largest seed torch takes: start at {2 ** 63 - 3} or below"):
+        getattr(seeds, reproduction)(tmp_path / "out", seed=2 ** 63 - 2, seeds=3)
+    assert not (tmp_path / "out").exists()

@@ -108,3 +108,7 @@ def check_positive(act: str, **values) -> None:
                 raise ValueError(f"{act}: {name} must be a positive number, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{act}: {name} must be an integer >= 1, got {value!r}")
+    seed, seeds = values.get("seed"), values.get("seeds")
+    if isinstance(seed, int) and isinstance(seeds, int) and seed + seeds > 2 ** 63:  # seeds S, S + 1, ...
+        raise ValueError(f"{act}: seeds {seed} to {seed + seeds - 1} pass 2**63 - 1, the largest seed torch takes: "
+                         f"start at {2 ** 63 - seeds} or below")

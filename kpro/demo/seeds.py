@@ -25,7 +25,7 @@ def reproduce_bitune_seeds(out_dir: Path, seed: int = 0, seeds: int = BITUNE_SEE
     error, and Bitune's gain over only_causal on `right` with the larger of two standard errors: the
     seeds' spread of the paired differences, and the binomial one of the pooled questions."""
     act = {**BITUNE_FULL, **act}
-    check_positive("reproduce_bitune_seeds", seeds=seeds)
+    check_positive("reproduce_bitune_seeds", seeds=seeds, seed=seed)
     for s in range(seed, seed + seeds):  # every seed's settings before the first seed's work
         act_bitune.check(out_dir / f"seed-{s}", seed=s, **act)
     runs = [act_bitune(out_dir / f"seed-{s}", seed=s, **act) for s in range(seed, seed + seeds)]
@@ -77,7 +77,7 @@ def reproduce_expansion_seeds(out_dir: Path, seed: int = 0, seeds: int = EXPANSI
 
 def reproduce_internalization_seeds(out_dir: Path, seed: int = 0, seeds: int = INTERNALIZATION_SEEDS, **act) -> dict:
     """The internalization act over `seeds` seeds: each seed's table and verdict, then a summary."""
-    check_positive("reproduce_internalization_seeds", seeds=seeds)
+    check_positive("reproduce_internalization_seeds", seeds=seeds, seed=seed)
     for s in range(seed, seed + seeds):  # every seed's settings before the first seed's work
         act_internalization.check(out_dir / f"seed-{s}", seed=s, **act)
     runs = [act_internalization(out_dir / f"seed-{s}", seed=s, **act) for s in range(seed, seed + seeds)]
