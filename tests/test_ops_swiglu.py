@@ -88,7 +88,7 @@ def test_packed_input_that_is_a_strided_view(backend, device):
 
 @pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
-@pytest.mark.parametrize("seed", [9, 10, 11])
+@pytest.mark.parametrize("seed", [0, 1, 9])
 def test_nan_and_inf_propagate_like_the_reference(backend, device, seed):
     gate, up, dy = inputs((3, 16), torch.float32, device, seed=seed)
     gate[0, 1], gate[1, 2], up[2, 3] = float("nan"), float("-inf"), float("inf")
