@@ -1,7 +1,7 @@
 """Cross-entropy fused with the output projection, on every backend, against F.cross_entropy of float64
 logits: loss and both gradients, every reduction, ignored rows, tails, half precision, V = 256k with
-logits of ±1e3; the frozen head (no dW, no [V, d] buffer); torch.compile; and every kpro loss that uses
-it, down to `fit` step for step against materialised logits."""
+logits of ±1e3, every path at logits of ±1e3 and ±1e4; the frozen head (no dW, no [V, d] buffer);
+torch.compile; and every kpro loss that uses it, down to `fit` step for step against materialised logits."""
 import importlib
 import itertools
 
@@ -166,6 +166,52 @@ def test_large_logits_triton_over_many_tiles():
     assert (hidden @ weight.T).abs().mean() > 500
     check_against_float64("triton", hidden, weight, labels, "sum", tol=1e-4)
     check_against_float64("triton", hidden.bfloat16(), weight.bfloat16(), labels, "none")
+
+
+def offset_logits_inputs(offset, device):
+    """hidden [23, 16] and weight [301, 16] whose logits are ±offset plus a few units, exactly in fp32 (the
+    first column of hidden is 1 and the weight's holds ±offset; everything else is a multiple of 1/4 in
+    [-1, 1], so every partial sum is a multiple of 1/16 below 2^15), so fp32 logits carry no rounding
+    and what is left is the softmax's: a third of the vocabulary at -offset, the rest at +offset, where the
+    softmax is far from one-hot; labels among the +offset tokens, rows 4 and 11 ignored."""
+    gen = torch.Generator().manual_seed(int(offset))
+    hidden = torch.randint(-4, 5, (23, 16), generator=gen).float() / 4
+    weight = torch.randint(-4, 5, (301, 16), generator=gen).float() / 4
+    hidden[:, 0] = 1.0
+    weight[:, 0] = torch.where(torch.arange(301) % 3 == 0, -offset, offset)
+    labels = 3 * torch.randint(0, 100, (23,), generator=gen) + 1  # +offset tokens
+    labels[[4, 11]] = -100
+    assert torch.equal(hidden.double() @ weight.double().T, (hidden @ weight.T).double())  # exact in fp32
+    return hidden.to(device), weight.to(device), labels.to(device)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("linear_cross_entropy"))
+@pytest.mark.parametrize("offset", [1e3, 1e4], ids=["1e3", "1e4"])
+@pytest.mark.parametrize("head", ["no-gradient", "frozen", "trainable"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_large_logits_every_path_within_twice_plain_fp32(backend, device, offset, head, reduction):
+    """Every path of both backends at logits of ±1e3 and ±1e4: the forward alone (no gradient), the gradients
+    in the forward (a frozen head, any reduction; a trainable head's sum and mean) and the logits recomputed
+    in the backward (a trainable head's per-row losses). Loss, dH and dW against float64 within twice the
+    error of plain fp32 PyTorch (F.cross_entropy of the same fp32 logits) on the same inputs. The
+    log-sum-exp was rounded to fp32 at the logits' size before the target logit (loss) or each logit
+    (softmax) was subtracted from it: an error up to half an ulp of 1e4 (5e-4) in every loss, and a softmax
+    off by a common factor, which the head's ±1e4 column turned into a relative dH error of 1.1 on the
+    Triton backend and the torch one's recomputing backward (plain fp32: 9e-4)."""
+    hidden, weight, labels = offset_logits_inputs(offset, device)
+    dloss = upstream(labels, reduction, device)
+    h, w = hidden.clone().requires_grad_(head != "no-gradient"), weight.clone().requires_grad_(head == "trainable")
+    plain = F.cross_entropy(h @ w.T, labels, reduction=reduction)
+    with ops.backend(backend):
+        loss = ops.linear_cross_entropy(h, w, labels, reduction=reduction)
+    ref = reference(hidden, weight, labels, reduction, dloss)
+    pairs = [(loss, plain, ref[0])]
+    if head != "no-gradient":
+        grads = torch.autograd.grad(loss, [t for t in (h, w) if t.requires_grad], dloss)
+        plain_grads = torch.autograd.grad(plain, [t for t in (h, w) if t.requires_grad], dloss)
+        pairs += list(zip(grads, plain_grads, ref[1:]))
+    errors = [(relative_error(got, want), relative_error(fp32, want)) for got, fp32, want in pairs]
+    assert all(e <= 2 * max(p, 1e-7) for e, p in errors), errors  # (kpro, plain fp32) for loss, dH, dW; NaN fails
 
 
 @pytest.mark.cuda

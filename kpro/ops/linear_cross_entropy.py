@@ -6,8 +6,15 @@ with the log-sum-exp and everything after the matmul in fp32 (float64 for float6
 as torch.library custom ops, in two pairs. Where a gradient is wanted (gradients_in_forward), one op returns
 the loss (per row, or summed) with the gradients of the summed loss, computed from the same logits, and its
 backward op only scales them by the incoming dloss. Otherwise (and for a trainable head's per-row losses)
-the forward op returns each row's loss and log-sum-exp (fp32 [N] each), the reduction is ordinary autograd
-on that vector, and the backward op recomputes the logits for each row's dloss. Eager calls run the same
+the forward op returns each row's loss (fp32 [N]) and its softmax statistics (fp32 [N, 2]: the row's
+largest logit m and log s, s = Σ exp(logit - m)), the reduction is ordinary autograd on the loss vector,
+and the backward op recomputes the logits for each row's dloss.
+
+Large logits: every path subtracts m from the logits before anything else is subtracted, as
+F.cross_entropy does: loss = log s - (logit_label - m) and softmax = exp((logit - m) - log s), or
+exp(logit - m) / s. The log-sum-exp m + log s is never formed: rounded to fp32 at the logits' size
+(half an ulp of 1e4 is 5e-4) it put that error into every loss and scaled the whole softmax by a common
+factor, which a head's large rows turned into gradient errors a thousand times plain fp32's. Eager calls run the same
 kernel functions through GradientsInForwardFunction and LinearCrossEntropyFunction instead, without the
 custom ops' dispatch (backend.eager_fast_path).
 
@@ -167,7 +174,7 @@ def torch_forward(hidden, weight, labels, ignore_index):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(acc)  # no copy for fp32 / float64 weights
     loss = torch.zeros(n_rows, dtype=acc, device=hidden.device)
-    lse = torch.zeros(n_rows, dtype=acc, device=hidden.device)
+    stats = torch.zeros(n_rows, 2, dtype=acc, device=hidden.device)  # (m, log s) a row, for the backward
     index = scored_rows(labels, ignore_index)
     for rows in _chunks(n_rows, index, chunk_rows(vocab, acc)):
         logits = hidden[rows].to(acc) @ w.T  # [chunk, V], the only large buffer
@@ -175,14 +182,14 @@ def torch_forward(hidden, weight, labels, ignore_index):
         valid = (target >= 0) & (target < vocab)
         picked = logits.gather(1, target.clamp(0, vocab - 1)[:, None]).squeeze(1)
         top = logits.amax(1)
-        row_lse = logits.sub_(top[:, None]).exp_().sum(1).log_().add_(top)
-        lse[rows] = row_lse
-        loss[rows] = torch.where(valid, row_lse - picked, torch.nan)
+        log_total = logits.sub_(top[:, None]).exp_().sum(1).log_()
+        stats[rows] = torch.stack((top, log_total), 1)
+        loss[rows] = torch.where(valid, log_total - (picked - top), torch.nan)
         del logits  # before the next chunk's: one [chunk, V] buffer at a time
-    return loss, lse
+    return loss, stats
 
 
-def torch_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool, weight_grad: bool):
+def torch_backward(dloss, hidden, weight, labels, stats, ignore_index, hidden_grad: bool, weight_grad: bool):
     acc = accumulation_dtype(hidden.dtype)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     w = weight.to(acc)
@@ -192,7 +199,8 @@ def torch_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad
     for rows in _chunks(n_rows, index, chunk_rows(vocab, acc)):
         h = hidden[rows].to(acc)
         target = labels[rows]
-        grad = torch.mm(h, w.T).sub_(lse[rows, None]).exp_()  # softmax, recomputed in place
+        top, log_total = stats[rows].unbind(1)
+        grad = torch.mm(h, w.T).sub_(top[:, None]).sub_(log_total[:, None]).exp_()  # softmax, recomputed in place
         grad[torch.arange(grad.shape[0], device=grad.device), target.clamp(0, vocab - 1)] -= 1  # dlogits / dloss
         # applied to [chunk, d] operands, not to the [chunk, V] one; NaN where the loss is
         scale = dloss[rows, None].to(acc) * nan_unless((target >= 0) & (target < vocab), acc)
@@ -225,9 +233,8 @@ def torch_forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad: 
         clamped = target.clamp(0, vocab - 1)
         picked = logits.gather(1, clamped[:, None]).squeeze(1)
         top = logits.amax(1)
-        total = logits.sub_(top[:, None]).exp_().sum(1)  # the forward's log-sum-exp, op for op
-        row_lse = total.log().add_(top)
-        loss[rows] = torch.where(valid, row_lse - picked, torch.nan)
+        total = logits.sub_(top[:, None]).exp_().sum(1)  # the forward's sum, op for op
+        loss[rows] = torch.where(valid, total.log() - (picked - top), torch.nan)
         grad = logits.div_(total[:, None])  # softmax
         grad[torch.arange(grad.shape[0], device=grad.device), clamped] -= 1  # dlogits / dloss
         validity = nan_unless(valid, acc)  # NaN gradients where the loss is NaN, not the clamped label's
@@ -255,8 +262,9 @@ TORCH_KERNELS = SimpleNamespace(forward=torch_forward, backward=torch_backward,
 
 
 def _kernels(backend: str):
-    """The backend's functions: forward(hidden, weight, labels, ignore_index) -> (loss, lse),
-    backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad) -> (dh, dw) and
+    """The backend's functions: forward(hidden, weight, labels, ignore_index) -> (loss [N], stats [N, 2]: each
+    row's (m, log s)), backward(dloss, hidden, weight, labels, stats, ignore_index, hidden_grad, weight_grad)
+    -> (dh, dw) and
     forward_with_grads(hidden, weight, labels, ignore_index, hidden_grad, weight_grad) -> (loss, dh, dw)."""
     return kernels("linear_cross_entropy", backend, TORCH_KERNELS)
 
@@ -271,43 +279,44 @@ def gradients_in_forward(hidden_grad: bool, weight_grad: bool, reduction: str) -
 # ------------------------------------------------------------------------------ custom op registration
 
 def _run_forward(hidden, weight, labels, ignore_index, backend):
-    """The forward of both paths, the custom op and LinearCrossEntropyFunction: (loss, lse)."""
+    """The forward of both paths, the custom op and LinearCrossEntropyFunction: (loss, stats)."""
     with no_autocast(hidden):  # the entry point already applied autocast
         return _kernels(backend).forward(hidden, weight, labels, ignore_index)
 
 
-def _run_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad, backend):
+def _run_backward(dloss, hidden, weight, labels, stats, ignore_index, hidden_grad, weight_grad, backend):
     """The backward of both paths: (dhidden, dweight), each None when not asked for. dloss may be a stride-0
     expansion (the gradient of a sum or mean): the kernels take it contiguous."""
     with no_autocast(hidden):
-        return _kernels(backend).backward(dloss.contiguous(), hidden, weight, labels, lse, ignore_index, hidden_grad,
+        return _kernels(backend).backward(dloss.contiguous(), hidden, weight, labels, stats, ignore_index, hidden_grad,
                                           weight_grad)
 
 
 @torch.library.custom_op("kpro::linear_cross_entropy_forward", mutates_args=())
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, lse), [N] each in the accumulation dtype; both 0 on ignored rows. hidden [N, d], labels [N]."""
+    """(loss [N], stats [N, 2]: each row's largest logit m and log of its sum of exp(logit - m)), in the
+    accumulation dtype; both 0 on ignored rows. hidden [N, d], labels [N]."""
     return _run_forward(hidden, weight, labels, ignore_index, backend)
 
 
 @linear_cross_entropy_forward.register_fake
 def _(hidden, weight, labels, ignore_index, backend):
     acc = accumulation_dtype(hidden.dtype)
-    return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
+    return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], 2, dtype=acc)
 
 
 @torch.library.custom_op("kpro::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                  lse: torch.Tensor, ignore_index: int, hidden_grad: bool, weight_grad: bool,
+                                  stats: torch.Tensor, ignore_index: int, hidden_grad: bool, weight_grad: bool,
                                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dhidden, dweight); each an empty tensor when not asked for."""
-    dh, dw = _run_backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad, backend)
+    dh, dw = _run_backward(dloss, hidden, weight, labels, stats, ignore_index, hidden_grad, weight_grad, backend)
     return (dh if dh is not None else hidden.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
 
 
 @linear_cross_entropy_backward.register_fake
-def _(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad, weight_grad, backend):
+def _(dloss, hidden, weight, labels, stats, ignore_index, hidden_grad, weight_grad, backend):
     return (hidden.new_empty(hidden.shape) if hidden_grad else hidden.new_empty(0),
             weight.new_empty(weight.shape) if weight_grad else weight.new_empty(0))
 
@@ -318,10 +327,10 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index, ctx.backend = ignore_index, backend
 
 
-def _backward(ctx, dloss, _dlse):
-    hidden, weight, labels, lse = ctx.saved_tensors
+def _backward(ctx, dloss, _dstats):
+    hidden, weight, labels, stats = ctx.saved_tensors
     hidden_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dh, dw = torch.ops.kpro.linear_cross_entropy_backward(dloss, hidden, weight, labels, lse, ctx.ignore_index,
+    dh, dw = torch.ops.kpro.linear_cross_entropy_backward(dloss, hidden, weight, labels, stats, ctx.ignore_index,
                                                           hidden_grad, weight_grad, ctx.backend)
     return (dh if hidden_grad else None), (dw if weight_grad else None), None, None, None
 
@@ -434,22 +443,22 @@ class GradientsInForwardFunction(torch.autograd.Function):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """The eager path: the custom ops' kernels and saved tensors (hidden, weight, labels, lse) without their
-    dispatch (backend.eager_fast_path). It returns the per-row losses only: lse is saved, not an output. Its
+    """The eager path: the custom ops' kernels and saved tensors (hidden, weight, labels, stats) without their
+    dispatch (backend.eager_fast_path). It returns the per-row losses only: stats is saved, not an output. Its
     backward is once differentiable, as the custom op's (no autograd formula for its backward op)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, backend):
-        loss, lse = _run_forward(hidden, weight, labels, ignore_index, backend)
-        ctx.save_for_backward(hidden, weight, labels, lse)
+        loss, stats = _run_forward(hidden, weight, labels, ignore_index, backend)
+        ctx.save_for_backward(hidden, weight, labels, stats)
         ctx.ignore_index, ctx.backend = ignore_index, backend
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss):
-        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden, weight, labels, stats = ctx.saved_tensors
         hidden_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh, dw = _run_backward(dloss, hidden, weight, labels, lse, ctx.ignore_index, hidden_grad, weight_grad,
+        dh, dw = _run_backward(dloss, hidden, weight, labels, stats, ctx.ignore_index, hidden_grad, weight_grad,
                                ctx.backend)
         return (dh if hidden_grad else None), (dw if weight_grad else None), None, None, None

@@ -419,7 +419,7 @@ def linear_cross_entropy_case(vocab: int, dim: int, dtype=torch.bfloat16) -> Cas
         hidden, weight = torch.randn(8192, dim, dtype=dtype), torch.randn(vocab, dim, dtype=dtype)
         labels = torch.randint(0, vocab, (8192,))
         linear_cross_entropy.forward(hidden, weight, labels, -100)
-        linear_cross_entropy.backward(torch.ones(64), hidden[:64], weight, labels[:64], torch.zeros(64), -100, True,
+        linear_cross_entropy.backward(torch.ones(64), hidden[:64], weight, labels[:64], torch.zeros(64, 2), -100, True,
                                       True)
         linear_cross_entropy.forward_with_grads(hidden[:64], weight, labels[:64], -100, True, True)
 

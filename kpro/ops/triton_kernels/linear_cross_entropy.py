@@ -4,10 +4,14 @@ Forward: a grid of (row block, vocabulary split) programs. Each computes the log
 vocabulary tile at a time, [BLOCK_N, BLOCK_V] in fp32 on chip (tl.dot over BLOCK_D columns of hidden and
 weight), and keeps, per row, a running max m, a running sum s of exp(logit - m) (the online log-sum-exp,
 rescaled when m grows) and the target's logit. Only those three fp32 numbers per row and split are
-written; a few torch ops combine the splits: lse = M + log(sum(s·exp(m - M))), loss = lse - target.
-Splitting the vocabulary keeps every SM busy when there are few row blocks.
+written; a few torch ops combine the splits: the row's max M, log S = log(sum(s·exp(m - M))) and
+loss = log S - (target - M), saved as (M, log S) for the backward. Splitting the vocabulary keeps every
+SM busy when there are few row blocks. M is subtracted before anything else everywhere (here, in the
+backward and in the row kernel of the gradients in the forward): a log-sum-exp M + log S rounded to fp32
+at the logits' size would put its rounding error into every loss and scale the whole softmax.
 
-Backward: dlogits = (softmax - onehot(label)) · dloss, recomputed from the saved lse. The vocabulary is
+Backward: dlogits = (softmax - onehot(label)) · dloss, recomputed as exp((logit - M) - log S) from the
+saved (M, log S). The vocabulary is
 cut into slices of at most SLICE_BYTES of dlogits in the input dtype ([rows, slice], never [N, V]); for
 each slice one kernel recomputes the logit tiles on chip and writes dlogits, then two matmuls take it:
 dW[slice] = dlogitsᵀ @ H (written once, fp32 accumulation inside the matmul, and only when the weight
@@ -89,19 +93,20 @@ def _forward_kernel(H, W, LABELS, M, S, T, n_rows, n_vocab, d, h_stride, w_strid
 
 
 @triton.jit
-def _grad_logits_kernel(H, W, LABELS, LSE, DLOSS, G, n_rows, n_cols, col_start, d, h_stride, w_stride, g_stride,
+def _grad_logits_kernel(H, W, LABELS, STATS, DLOSS, G, n_rows, n_cols, col_start, d, h_stride, w_stride, g_stride,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """G[rows, cols] = (exp(logit - lse) - [vocab == label]) * dloss for vocabulary columns
-    col_start + cols of one slice, in G's dtype."""
+    """G[rows, cols] = (exp((logit - m) - log s) - [vocab == label]) * dloss for vocabulary columns
+    col_start + cols of one slice, in G's dtype; STATS [n_rows, 2] holds each row's (m, log s)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok, col_ok = rows < n_rows, cols < n_cols
     vocab = col_start + cols
     logits = _logit_tile(H, W, rows, vocab, row_ok, col_ok, d, h_stride, w_stride, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    m = tl.load(STATS + 2 * rows, mask=row_ok, other=0.0)
+    log_s = tl.load(STATS + 2 * rows + 1, mask=row_ok, other=0.0)
     scale = tl.load(DLOSS + rows, mask=row_ok, other=0.0)
     labels = tl.load(LABELS + rows, mask=row_ok, other=-1)
-    grad = tl.exp(logits - lse[:, None]) - tl.where(vocab[None, :] == labels[:, None], 1.0, 0.0)
+    grad = tl.exp((logits - m[:, None]) - log_s[:, None]) - tl.where(vocab[None, :] == labels[:, None], 1.0, 0.0)
     grad = grad * scale[:, None]
     tl.store(G + rows[:, None] * g_stride + cols[None, :], grad.to(G.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -132,11 +137,11 @@ def _scored(hidden, labels, ignore_index, *per_row):
 def forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     loss = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    stats = torch.zeros(n_rows, 2, dtype=torch.float32, device=hidden.device)  # (m, log s) a row
     index, h, target, _ = _scored(hidden, labels, ignore_index)
     n, d = h.shape
     if n == 0:
-        return loss, lse
+        return loss, stats
     w = as_rows(weight)
     block_n, block_v, block_d, warps, stages = tile_config(hidden.device, hidden.dtype)
     row_blocks, vocab_tiles = cdiv(n, block_n), cdiv(vocab, block_v)
@@ -150,13 +155,14 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ig
                EVEN_D=d % block_d == 0, num_warps=warps, num_stages=stages, **FMA)
     m, s, t = parts.unbind(0)
     top = m.amax(0)
-    row_lse = top + torch.log((s * torch.exp(m - top)).sum(0))
+    log_total = torch.log((s * torch.exp(m - top)).sum(0))
     valid = (target >= 0) & (target < vocab)
-    row_loss = torch.where(valid, row_lse - t.sum(0), torch.nan)
+    row_loss = torch.where(valid, log_total - (t.sum(0) - top), torch.nan)
+    row_stats = torch.stack((top, log_total), 1)
     if index is None:
-        return row_loss, row_lse
-    loss[index], lse[index] = row_loss, row_lse
-    return loss, lse
+        return row_loss, row_stats
+    loss[index], stats[index] = row_loss, row_stats
+    return loss, stats
 
 
 def slice_columns(n_rows: int, vocab: int, dtype: torch.dtype, block_v: int) -> int:
@@ -168,9 +174,9 @@ def slice_columns(n_rows: int, vocab: int, dtype: torch.dtype, block_v: int) -> 
     return max(block_v, columns // block_v * block_v)
 
 
-def backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool, weight_grad: bool):
+def backward(dloss, hidden, weight, labels, stats, ignore_index, hidden_grad: bool, weight_grad: bool):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    index, h, target, (row_lse, scale) = _scored(hidden, labels, ignore_index, lse, dloss.float())
+    index, h, target, (row_stats, scale) = _scored(hidden, labels, ignore_index, stats, dloss.float())
     scale = torch.where((target >= 0) & (target < vocab), scale, torch.nan)  # NaN gradients where the loss is
     n, d = h.shape
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else None
@@ -185,7 +191,7 @@ def backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool
         width = min(columns, vocab - start)
         grad = grad_buffer[:, :width]
         with device_guard(h), launch_errors("linear_cross_entropy"):
-            launch(_grad_logits_kernel, (cdiv(n, block_n), cdiv(width, block_v)), h, w, target, row_lse, scale, grad,
+            launch(_grad_logits_kernel, (cdiv(n, block_n), cdiv(width, block_v)), h, w, target, row_stats, scale, grad,
                    n, width, start, d, h.stride(0), w.stride(0), grad.stride(0), BLOCK_N=block_n, BLOCK_V=block_v,
                    BLOCK_D=block_d, EVEN_D=d % block_d == 0, num_warps=warps, num_stages=stages, **FMA)
         w_slice = w[start:start + width]
@@ -211,9 +217,10 @@ def backward(dloss, hidden, weight, labels, lse, ignore_index, hidden_grad: bool
 
 @triton.jit
 def _softmax_grad_kernel(LOGITS, LABELS, DLOGITS, LOSS, n_vocab, l_stride, g_stride, BLOCK_V: tl.constexpr):
-    """One row of fp32 logits: LOSS = log-sum-exp - the target's logit and DLOGITS = softmax - onehot(label)
-    in DLOGITS' dtype, both NaN for a label outside [0, V). Two passes over the row: the running max and sum
-    of exponentials (rescaled as the max grows), then the gradient."""
+    """One row of fp32 logits: LOSS = log s - (the target's logit - m) and DLOGITS = softmax - onehot(label),
+    softmax = exp((logit - m) - log s), in DLOGITS' dtype, both NaN for a label outside [0, V). Two passes
+    over the row: the running max m and sum s of exponentials (rescaled as the max grows), then the
+    gradient."""
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(LABELS + row)
     logits = LOGITS + row * l_stride
@@ -225,16 +232,16 @@ def _softmax_grad_kernel(LOGITS, LABELS, DLOGITS, LOSS, n_vocab, l_stride, g_str
         m_new = tl.maximum(m, tl.max(x, axis=0))  # finite: every block has a valid column
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     valid = (label >= 0) & (label < n_vocab)
     for start in range(0, n_vocab, BLOCK_V):
         ok = start + cols < n_vocab
         x = tl.load(logits + start + cols, mask=ok, other=float("-inf"))
-        grad = tl.exp(x - lse) - tl.where(start + cols == label, 1.0, 0.0)
+        grad = tl.exp((x - m) - log_s) - tl.where(start + cols == label, 1.0, 0.0)
         grad = tl.where(valid, grad, float("nan"))  # a NaN loss never comes with finite gradients
         tl.store(DLOGITS + row * g_stride + start + cols, grad.to(DLOGITS.dtype.element_ty), mask=ok)
     target = tl.load(logits + tl.where(valid, label, 0))
-    tl.store(LOSS + row, tl.where(valid, lse - target, float("nan")))
+    tl.store(LOSS + row, tl.where(valid, log_s - (target - m), float("nan")))
 
 
 def softmax_grad_config(device: torch.device) -> tuple[int, int]:
