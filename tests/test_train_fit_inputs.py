@@ -65,6 +65,22 @@ def test_numpy_numbers_are_taken_and_checkpointed_as_python_ones(tmp_path):
     assert resumed.step == 3
 
 
+@pytest.mark.parametrize("kind", ["float32", "float64"])
+def test_a_schedule_giving_numpy_numbers_trains_and_resumes(tmp_path, kind):
+    """A schedule computing its factor with NumPy (np.cos) made every group's lr a NumPy number: the first save
+    failed on metrics['lr'] (np.float64) after the steps before it were trained, or the first metrics line
+    (np.float32, which json refuses). The factor is taken as a Python float now."""
+    np = pytest.importorskip("numpy")
+    cosine = lambda step: getattr(np, kind)(0.5 * (1 + np.cos(np.pi * step / 4)))
+    data = [batch(seed=i) for i in range(3)]
+    run = fit(make_model(), tmp_path, data=data, steps=2, save_every=1, schedule=cosine)
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
+    assert type(run.metrics["lr"]) is float and all(type(g["lr"]) is float for g in run.optimizer.param_groups)
+    assert fit(make_model(), tmp_path, data=data, steps=3, schedule=cosine).step == 3
+    lrs = [record["lr"] for record in kt.read_metrics(tmp_path / "metrics.jsonl")]
+    assert lrs == pytest.approx([1e-2 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in range(3)], rel=1e-6)
+
+
 def test_gradients_left_on_the_model_do_not_reach_the_first_step(tmp_path):
     """A backward run before fit (a check of the loss, a step that raised) added to step 1's gradients."""
     clean, stale = make_model(), make_model()

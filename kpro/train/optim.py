@@ -154,12 +154,14 @@ def remember_peak_lr(optimizer: torch.optim.Optimizer) -> None:
 
 def set_lr(optimizer: torch.optim.Optimizer, schedule, step: int) -> float:
     """Set every group's lr to peak_lr · schedule(step) (peak_lr: the group's lr at the first call);
-    returns the first group's lr."""
+    returns the first group's lr. The factor may be any real number >= 0, a NumPy one too (taken as a float)."""
     factor = schedule(step)
     if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 <= factor < math.inf:
         # a negative factor trains uphill, a NaN one turns every weight NaN: neither is a learning rate
         raise ValueError(f"the schedule gave the factor {factor!r} at step {step}; a schedule's factor must be a "
                          "finite number >= 0 (the lr is peak_lr times it)")
+    # a NumPy factor (np.cos) made every lr a NumPy number, which metrics.jsonl and checkpoints cannot hold
+    factor = float(factor)
     for group in optimizer.param_groups:
         group["lr"] = group.setdefault("peak_lr", group["lr"]) * factor
     return optimizer.param_groups[0]["lr"]
