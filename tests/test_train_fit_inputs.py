@@ -81,6 +81,41 @@ def test_a_schedule_giving_numpy_numbers_trains_and_resumes(tmp_path, kind):
     assert lrs == pytest.approx([1e-2 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in range(3)], rel=1e-6)
 
 
+def test_an_optimizer_whose_param_groups_a_checkpoint_cannot_hold_is_refused_before_training(tmp_path):
+    """A factory's optimizer built with NumPy hyperparameters (torch.optim.AdamW(..., eps=np.float64(1e-8)))
+    trained and wrote checkpoints that no resume could load (torch.load(weights_only=True) refused optimizer.pt),
+    or failed at its first save. Refused before the first step now, naming the group and key; so is such an
+    optimizer given to save_checkpoint (a hand-written loop), before anything is written."""
+    np = pytest.importorskip("numpy")
+    data = [batch(seed=i) for i in range(3)]
+    factories = {"eps": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, eps=np.float64(1e-8)),
+                 "betas": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(np.float64(0.9), 0.99)),
+                 "lr": lambda m: torch.optim.SGD(m.parameters(), lr=np.float64(1e-2)),
+                 "weight_decay": lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, weight_decay=np.float32(0.1))}
+    for key, factory in factories.items():
+        out = tmp_path / key
+        with pytest.raises(TypeError, match=rf"the optimizer's param group 0 {key!r}.* is a numpy.float(64|32), which "
+                                            r"a checkpoint cannot hold .*; build the optimizer with Python numbers"):
+            kt.fit(make_model(), data, out, steps=2, optimizer=factory, save_every=1, stream=None)
+        assert not (out / "metrics.jsonl").exists() and kt.list_checkpoints(out) == []  # refused before the start
+    model = make_model()
+    with pytest.raises(TypeError, match=r"the optimizer's param group 0 'eps' is a numpy.float64"):
+        kt.save_checkpoint(tmp_path / "mine", 1, model, factories["eps"](model))
+    assert not (tmp_path / "mine").exists() or not list((tmp_path / "mine").iterdir())
+
+    class Reset(kt.Callback):  # a factory that turns NumPy later: refused at the reset, not at a save
+        def on_batch(self, run, batch):
+            if run.step == 1:
+                run.reset_optimizer()
+            return batch
+
+    calls = []
+    factory = lambda m: calls.append(1) or (factories["eps"](m) if len(calls) > 1 else kt.adamw(m, 1e-2))
+    with pytest.raises(TypeError, match=r"the optimizer's param group 0 'eps' is a numpy.float64"):
+        kt.fit(make_model(), data, tmp_path / "reset", steps=3, optimizer=factory, callbacks=[Reset()], stream=None)
+    assert [r["step"] for r in kt.read_metrics(tmp_path / "reset" / "metrics.jsonl")] == [1]
+
+
 def test_gradients_left_on_the_model_do_not_reach_the_first_step(tmp_path):
     """A backward run before fit (a check of the loss, a step that raised) added to step 1's gradients."""
     clean, stale = make_model(), make_model()

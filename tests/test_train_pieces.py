@@ -376,6 +376,30 @@ def test_optimizer_errors(make_model):
         kt.adamw(model, 1e-3)
 
 
+def test_adamw_keeps_numpy_eps_and_betas_as_python_floats(make_model, tmp_path):
+    """adamw float()ed lr and weight_decay but kept a NumPy eps or betas in the param groups: checkpoints that no
+    resume could load (np.float64: torch.load(weights_only=True) refused optimizer.pt), a first save that failed
+    (np.float32 eps) or torch's 'betas must be either both floats or both Tensors' (np.float32 betas)."""
+    model = make_model(dtype=torch.float32)
+    for eps, betas in ((np.float32(1e-8), (np.float32(0.9), np.float32(0.99))),
+                       (np.float64(1e-8), np.array([0.9, 0.99])), (np.float64(1e-8), [0.9, np.float64(0.99)])):
+        optimizer = kt.adamw(model, 1e-3, eps=eps, betas=betas, fused=np.False_)
+        for group in optimizer.param_groups:
+            assert type(group["eps"]) is float and [type(b) for b in group["betas"]] == [float, float]
+            assert group["eps"] == float(eps) and group["betas"] == tuple(float(b) for b in betas)
+            assert group["fused"] is None and type(group["foreach"]) is bool
+        directory = kt.save_checkpoint(tmp_path, 1, model, optimizer)
+        kt.load_checkpoint(directory, model, kt.adamw(model, 1e-3, eps=float(eps), betas=tuple(map(float, betas))))
+    for eps in (-1e-8, float("nan"), float("inf"), "1e-8", True, torch.tensor(1e-8)):
+        with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got "):
+            kt.adamw(model, 1e-3, eps=eps)
+    for betas in ((0.9,), 0.9, (0.9, 1.0), (-0.1, 0.9), (0.9, float("nan")), ("0.9", 0.99), (True, 0.99)):
+        with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\) \(beta1, beta2\), got "):
+            kt.adamw(model, 1e-3, betas=betas)
+    with pytest.raises(TypeError, match=r"fused must be True or False \(or None: fused on a GPU\), got 'no'"):
+        kt.adamw(model, 1e-3, fused="no")
+
+
 def test_adamw_refuses_float16_parameters_where_its_eps_is_0(make_model):
     """AdamW's eps=1e-8 is 0 in float16: `train-expanded --dtype float16` always stopped at a NaN loss, its
     message suggesting a lower learning rate or clipping, neither of which could help."""

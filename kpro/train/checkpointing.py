@@ -109,17 +109,21 @@ def set_rng_state(state: dict) -> None:
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 
 
-def check_loadable(value, what: str) -> None:
+_SAVE_PLAIN = ("save tensors, Python numbers and strings, and lists, tuples and dicts of them (float(x), x.item(), "
+               "x.tolist(), torch.from_numpy(x))")
+
+
+def check_loadable(value, what: str, advice: str = _SAVE_PLAIN) -> None:
     """Refuse, naming the entry, what `torch.save` writes into trainer_state.pt but `torch.load(weights_only=True)`
     cannot read back (a NumPy scalar or array, a Fraction, a Path, an object of your own): every checkpoint of
-    the run would be found unresumable only when it is needed."""
+    the run would be found unresumable only when it is needed. `advice` ends the message: what to do."""
     if type(value) in _PLAIN or isinstance(value, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
         return
     if type(value) in (list, tuple, set, dict):
         for key, item in (value.items() if type(value) is dict else enumerate(value)):
             if type(value) is dict:
-                check_loadable(key, f"a key of {what}")
-            check_loadable(item, f"{what}[{key!r}]" if type(value) is not set else f"an item of {what}")
+                check_loadable(key, f"a key of {what}", advice)
+            check_loadable(item, f"{what}[{key!r}]" if type(value) is not set else f"an item of {what}", advice)
         return
     buffer = io.BytesIO()  # anything else: as the loader takes it (torch.serialization.add_safe_globals included)
     try:
@@ -133,9 +137,18 @@ def check_loadable(value, what: str) -> None:
             return
         except Exception:
             problem = "checkpoints are read back with torch.load(weights_only=True), which refuses it"
-    raise TypeError(f"{what} is a {type_name(value)}, which a checkpoint cannot hold ({problem}); save tensors, Python "
-                    "numbers and strings, and lists, tuples and dicts of them (float(x), x.item(), x.tolist(), "
-                    "torch.from_numpy(x))")
+    raise TypeError(f"{what} is a {type_name(value)}, which a checkpoint cannot hold ({problem}); {advice}")
+
+
+def check_param_groups_loadable(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, naming the group and key, an optimizer whose param groups hold a value that optimizer.pt would keep
+    but no resume could read back: a NumPy eps or lr of a torch optimizer built by hand, say (`kt.adamw` takes
+    NumPy numbers as Python ones)."""
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            if key != "params":
+                check_loadable(value, f"the optimizer's param group {i} {key!r}",
+                               "build the optimizer with Python numbers (float(x)) or tensors")
 
 
 def type_name(value) -> str:
@@ -172,6 +185,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     if keep_last is not None and (not is_integer(keep_last) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive integer or None (keep all), got {keep_last!r}")
     env, model = env or distributed.current_env(), distributed.unwrapped(model)
+    check_param_groups_loadable(optimizer)
     check_loadable(state or {}, "the state given to save_checkpoint")
     full_model = distributed.full_model_state(model)
     full_optim = distributed.full_optimizer_state(model, optimizer, env)

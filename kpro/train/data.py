@@ -53,11 +53,11 @@ def check_special_id(value, name: str, optional: bool = False, vocab_size: int |
     return int(value)
 
 
-def check_flag(value, name: str) -> bool:
+def check_flag(value, name: str, also: str = "") -> bool:
     """A True/False argument as a Python bool (a NumPy one too: it goes into checkpoints); anything else is
-    refused, since a string such as "False" is truthy."""
+    refused, since a string such as "False" is truthy. `also` adds to the message (what else it may be)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False{also}, got {value!r}")
     return bool(value)
 
 

@@ -30,9 +30,9 @@ from .._run_lock import holding
 from ..checkpoint import CheckpointError
 from . import distributed
 from .callbacks import Callback, callback_states, check_metrics, load_callback_states
-from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_savable, checkpoint_step,
-                            latest_checkpoint, list_checkpoints, read_optimizer, restore_checkpoint, rng_state,
-                            save_checkpoint, set_rng_state, type_name)
+from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_param_groups_loadable,
+                            check_savable, checkpoint_step, latest_checkpoint, list_checkpoints, read_optimizer,
+                            restore_checkpoint, rng_state, save_checkpoint, set_rng_state, type_name)
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -89,6 +89,8 @@ class Run:
             raise ValueError(f"the optimizer holds {len(frozen)} frozen parameter(s) ({', '.join(frozen[:4])}"
                              f"{', ...' if len(frozen) > 4 else ''}); give it only parameters with requires_grad")
         remember_peak_lr(optimizer)
+        # A NumPy eps or lr would go into every checkpoint, which no resume could load: refused before it trains
+        check_param_groups_loadable(optimizer)
         self.optimizer = optimizer
         self.check_optimizer_covers_the_trainable()
 
@@ -495,16 +497,12 @@ def _group_hyperparameters(group: dict) -> dict:
 
 
 def _plain(value):
-    """A param-group value as a checkpoint holds it and `!=` compares it: tuples as lists, tensors as numbers. One
-    of another kind (a custom optimizer's object) by its type: a checkpoint cannot hold it."""
+    """A param-group value as a checkpoint holds it and `!=` compares it: tuples as lists, tensors as numbers. (One
+    that a checkpoint cannot hold is refused when the optimizer is made: `check_param_groups_loadable`.)"""
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, (tuple, list)):
         return [_plain(item) for item in value]
-    try:
-        check_loadable(value, "a param-group value")
-    except TypeError:
-        return f"a {type_name(value)}"
     return value
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._numbers import is_integer
+from .data import check_flag
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -53,8 +54,24 @@ def adamw(model: nn.Module, lr: float = 3e-4, *, weight_decay: float = 0.0, beta
     in fewer Python calls.
     """
     lr = check_lr(lr)
+    # Python floats, as lr and weight_decay: the param groups go into checkpoints, which take no NumPy numbers
+    if not _is_real(eps) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        beta1 = beta2 = None
+    if not all(_is_real(beta) and 0 <= beta < 1 for beta in (beta1, beta2)):
+        raise ValueError(f"betas must be two numbers in [0, 1) (beta1, beta2), got {betas!r}")
+    if fused is not None:
+        fused = check_flag(fused, "fused", " (or None: fused on a GPU)")
+    eps, betas = float(eps), (float(beta1), float(beta2))
     groups = param_groups(model, weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **implementation(model, fused, eps))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_eps_holds(model: nn.Module, eps: float) -> None:
