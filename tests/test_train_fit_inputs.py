@@ -217,6 +217,19 @@ def test_a_checkpoint_step_its_directory_cannot_name_is_refused(tmp_path, step):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_numpy_checkpoint_step_is_saved_as_a_python_int(tmp_path):
+    """A hand-written loop counting steps with NumPy (for step in np.arange(...)) had its save fail on the summary
+    ('Object of type int64 is not JSON serializable'), where the directory name took the step; trainer_state.pt
+    would have held a NumPy number, which no resume can load."""
+    np = pytest.importorskip("numpy")
+    model = make_model()
+    optimizer = kt.adamw(model, 1e-3)
+    directory = kt.save_checkpoint(tmp_path, np.int64(3), model, optimizer)
+    assert directory.name == "step-00000003"
+    state = kt.load_checkpoint(directory, model, optimizer)
+    assert state["step"] == 3 and type(state["step"]) is int
+
+
 def test_a_param_group_added_by_a_callback_is_in_the_optimizer(tmp_path):
     """A group added with add_param_group was named as 'not in the optimizer' at the next step."""
     class Unfreeze(kt.Callback):

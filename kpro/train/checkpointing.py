@@ -187,12 +187,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     env, model = env or distributed.current_env(), distributed.unwrapped(model)
     check_param_groups_loadable(optimizer)
     check_loadable(state or {}, "the state given to save_checkpoint")
+    target = checkpoint_dir(run_dir, step)
+    step = int(step)  # a NumPy step (np.arange's) as a Python int: trainer_state.pt and the summary take no other
     full_model = distributed.full_model_state(model)
     full_optim = distributed.full_optimizer_state(model, optimizer, env)
     state = {**(state or {}), "format": FORMAT, "step": step, "world_size": env.world_size,
              "rng": distributed.gather_objects(rng_state(), env), "model_shapes": tensor_shapes(model),
              "has_optimizer_state": full_optim is not None, "trained_params": trained_parameters(model, optimizer)}
-    target = checkpoint_dir(run_dir, step)
 
     def write():
         newer = [c.name for c in list_checkpoints(target.parent) if checkpoint_step(c) > step]
