@@ -16,7 +16,8 @@ Writes OUT/checks-rank{R}.json for the test to read:
   weights (OUT/idle-rank{R}.pt) and how many parameters AdamW holds no state for; and the error when a
   parameter without a gradient at the first step gets one later;
 - a DataLoader with a DistributedSampler (each process passing its own rows as the global batch): the error;
-- run.stop() and run.save_checkpoint() asked for on rank 0 alone: the step each process returned at;
+- run.stop() and run.save_checkpoint() asked for on rank 0 alone (after step 1, and a stop in on_fit_start): the
+  step each process returned at;
 - a loop of one's own giving save_checkpoint and load_checkpoint a DDP wrapper: the weights saved
   (OUT/own-weights.pt) and the largest difference to them of a second wrapped model loaded from the checkpoint;
 - ValidationAccuracy in a run with parallel='fsdp', and kpro.generate given a sharded model: the errors.
@@ -159,10 +160,16 @@ def main(out: Path) -> None:
             if run.is_main and run.step == 1:
                 getattr(run, self.request)()
 
-    for request in ("stop", "save_checkpoint"):
+    class StopOnRank0AtStart(kt.Callback):  # an early stop that rank 0's restored state remembers, say
+        def on_fit_start(self, run):
+            if run.is_main:
+                run.stop()
+
+    for request, callback in (("stop", OnRank0("stop")), ("save_checkpoint", OnRank0("save_checkpoint")),
+                              ("stop_at_start", StopOnRank0AtStart())):
         runs = []
         results[f"{request}_error"] = error_of(lambda: runs.append(kt.fit(
-            make_model(), batches(), out / request, steps=3, callbacks=[OnRank0(request)], **fit)))
+            make_model(), batches(), out / request, steps=3, callbacks=[callback], **fit)))
         results[f"{request}_step"] = runs[0].step if runs else None
 
     model = make_model()

@@ -245,11 +245,14 @@ def test_the_batch_fingerprint_tells_apart_one_element_and_is_exact():
 
 def test_a_stop_or_save_asked_for_on_rank_0_alone_applies_to_every_process(checks):
     """Early stopping decided on rank 0's evaluation: rank 0 stopped (or saved, a collective) alone, and the
-    other process waited in the next step's collective until the process group timed out (30 minutes)."""
+    other process waited in the next step's collective until the process group timed out (30 minutes). A stop
+    asked for in on_fit_start on rank 0 alone ends the run before its first step on every process."""
     out, results = checks
     for r in results:
         assert (r["stop_error"], r["stop_step"]) == (None, 1), r["stop_error"]
         assert (r["save_checkpoint_error"], r["save_checkpoint_step"]) == (None, 3), r["save_checkpoint_error"]
+        assert (r["stop_at_start_error"], r["stop_at_start_step"]) == (None, 0), r["stop_at_start_error"]
+    assert kt.list_checkpoints(out / "stop_at_start") == []
     assert [p.name for p in kt.list_checkpoints(out / "stop")] == ["step-00000001"]
     assert [p.name for p in kt.list_checkpoints(out / "save_checkpoint")] == ["step-00000001", "step-00000002",
                                                                               "step-00000003"]

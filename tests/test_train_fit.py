@@ -870,6 +870,51 @@ def test_a_callback_whose_saved_state_it_cannot_read_is_named(tmp_path):
         kt.fit(make_model(), batches(), tmp_path, steps=2, callbacks=[Stage()])
 
 
+def test_a_stop_asked_for_in_on_fit_start_ends_the_run_before_its_first_step(tmp_path):
+    """run.stop() in on_fit_start (an early stop that a callback's restored state remembers) still trained a step:
+    a run requeued after it stopped (SLURM) grew one step, and one checkpoint, per relaunch. It ends before the
+    first step now, saving nothing new; on_fit_end still runs."""
+    class EarlyStop(kt.Callback):
+        def __init__(self, at):
+            self.at, self.stopped, self.ended = at, False, []
+
+        def on_fit_start(self, run):
+            if self.stopped:
+                run.stop()
+
+        def on_step_end(self, run, metrics):
+            if run.step >= self.at:
+                self.stopped = True
+                run.stop()
+
+        def on_fit_end(self, run):
+            self.ended.append(run.step)
+
+        def state_dict(self):
+            return {"stopped": self.stopped}
+
+        def load_state_dict(self, state):
+            self.stopped = state["stopped"]
+
+    first = kt.fit(make_model(), batches(), tmp_path, callbacks=[EarlyStop(2)], **FIT)
+    assert first.step == 2
+    for relaunch in range(2):
+        model, stop = make_model(seed=5), EarlyStop(2)
+        run = kt.fit(model, batches(), tmp_path, callbacks=[stop], **FIT)
+        assert run.step == 2 and stop.ended == [2] and run.checkpoint == tmp_path / "step-00000002"
+        assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]
+        assert [m["step"] for m in kt.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), first.model.parameters()))  # the resumed
+
+    class StopAtOnce(kt.Callback):
+        def on_fit_start(self, run):
+            run.stop()
+
+    run = kt.fit(make_model(), batches(), tmp_path / "fresh", callbacks=[StopAtOnce()], **FIT)
+    assert run.step == 0 and run.checkpoint is None and kt.list_checkpoints(tmp_path / "fresh") == []
+    assert kt.read_metrics(tmp_path / "fresh" / "metrics.jsonl") == []
+
+
 def test_bookkeeping_arguments_are_checked_before_anything_runs(tmp_path):
     """log_every=0 fell back to the default and -2 meant 2, a bool passed for 1 (save_every=True saved every step),
     resume=1 died in pathlib, and an out_dir that is a file in mkdir's 'File exists'."""

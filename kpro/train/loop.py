@@ -134,7 +134,8 @@ class Run:
         self._save_requested = True
 
     def stop(self) -> None:
-        """End the run after the current step, with a checkpoint."""
+        """End the run after the current step, with a checkpoint; asked for in `on_fit_start`, before the first
+        step, with no new checkpoint (`on_fit_end` runs either way)."""
         self._stop_requested = True
 
 
@@ -272,7 +273,12 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
             callback_states(callbacks), data_state()  # states a checkpoint cannot load back: refused before training
             for p in model.parameters():  # gradients left from before fit (a check's backward) would add to step 1
                 p.grad = None
-            while run.step < steps:
+            if env.world_size > 1:  # a stop asked for in on_fit_start on any process is for all
+                _agree_on_requests(run, False)
+            # A stop asked for in on_fit_start (an early stop that a callback's restored state remembers) ends the run
+            # before its first step, saving nothing new: a run requeued after it stopped does not grow a step per launch
+            stopped_at_start = run._stop_requested
+            while run.step < steps and not stopped_at_start:
                 try:
                     batch = _as_dict(next(data))
                 except StopIteration:
@@ -326,7 +332,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 if env.world_size == 1 and interrupt.requested:  # came during the metrics write or a save
                     interrupted = True  # (several processes agree on it at the next step's all-reduce)
                     break
-            if run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step:
+            if not stopped_at_start and (run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step):
                 save()  # the end of the run, a stop, or Ctrl-C
         finally:
             if progress is not None:
