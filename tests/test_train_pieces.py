@@ -421,6 +421,18 @@ def test_adamw_refuses_float16_parameters_where_its_eps_is_0(make_model):
     kt.adamw(model, 1e-3)  # float16 weights frozen, a float32 one trained
 
 
+def test_icots_adamw_keeps_numpy_numbers_as_python_floats(make_model):
+    """ICoT's AdamW (weight decay on every parameter) passed a NumPy lr and weight decay on to torch, and fit
+    refuses such param groups: checkpoints cannot hold them."""
+    from kpro.internalize.loop import adamw_every_parameter
+
+    group = adamw_every_parameter(make_model(dtype=torch.float32), np.float32(1e-3), np.float64(0.01)).param_groups[0]
+    assert type(group["lr"]) is float and type(group["weight_decay"]) is float and group["weight_decay"] == 0.01
+    for bad in (-0.1, float("nan"), "0.01", True):
+        with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+            adamw_every_parameter(make_model(dtype=torch.float32), 1e-3, bad)
+
+
 def test_adamw_on_the_cpu_is_torch_default_adamw_to_the_bit(make_model):
     """kpro's CPU AdamW runs torch's multi-tensor implementation for speed: it must leave every weight
     exactly where torch's per-parameter default does, with weight decay, a frozen block, a tied weight and
