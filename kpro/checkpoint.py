@@ -5,7 +5,8 @@ with `model.safetensors.index.json`. Tensor names are the model's parameter name
 (`lm_head.weight` has none, and is absent when the embeddings are tied).
 
 Loading builds the model on the meta device and fills it tensor by tensor from safetensors' memory map,
-so a checkpoint is never held twice in memory. Saving writes a complete new directory under a temporary
+so a checkpoint is never held twice in memory; a directory that a save replaces meanwhile is loaded again, so
+that every file comes from one version of it. Saving writes a complete new directory under a temporary
 name and swaps it into place, so an interrupted save leaves the previous checkpoint as it was.
 """
 from __future__ import annotations
@@ -119,29 +120,85 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | str = "au
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     wanted = checked_dtype(dtype)
-    cfg = LlamaConfig.from_hf(directory / CONFIG_NAME, strict=strict_config)
+    # config.json, the index and each shard are opened by path one after another: a save_pretrained into the
+    # directory meanwhile (it swaps a new directory in) would mix two checkpoints. Every file opened, the directory
+    # must be the one it was before the first; else the load starts again (the shards are memory-mapped: what is
+    # open stays readable after the old directory is removed).
+    for _ in range(LOAD_ATTEMPTS):
+        version = directory_version(directory)
+        try:
+            cfg = LlamaConfig.from_hf(directory / CONFIG_NAME, strict=strict_config)
+            location = tensor_locations(directory)
+            opened = _open_all(set(location.values()))
+            handles = opened.__enter__()
+        except Exception:
+            if directory_version(directory) == version:
+                raise
+            continue  # replaced while being read: what failed may be a mix of two checkpoints
+        if directory_version(directory) == version:
+            with opened:
+                return _load_opened(directory, cfg, location, handles, wanted, device)
+        opened.__exit__(None, None, None)
+    raise CheckpointError(f"{directory} was replaced {LOAD_ATTEMPTS} times while loading it (another process saving "
+                          "into it?); load it when no save is in progress, or save to a new directory each time")
+
+
+# loads of a directory that a save replaced meanwhile, started again before giving up
+LOAD_ATTEMPTS = 5
+
+
+def directory_version(directory: Path) -> tuple | None:
+    """What changes when `directory` is replaced by another (atomic_directory swaps a new one in) or changed in
+    place; None where there is none. The ctime guards against a new directory given the inode number of one
+    removed meanwhile."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
+@contextlib.contextmanager
+def unreplaced(directory: Path, doing: str):
+    """Yield check(), which refuses (CheckpointError) what the block read of `directory` if the directory was
+    replaced since the block began (a save into it swapped a new directory in: files read by path before and
+    after it hold two checkpoints); an error raised in the block meanwhile is refused so too."""
+    version = directory_version(directory)
+
+    def check():
+        if directory_version(directory) != version:
+            raise CheckpointError(f"{directory} was replaced while {doing} (another process saving into it?), and "
+                                  "what was read of it may mix two checkpoints; run again when no save is in progress")
+    try:
+        yield check
+    except Exception:
+        check()
+        raise
+    check()
+
+
+def _load_opened(directory: Path, cfg: LlamaConfig, location: dict, handles: dict, wanted, device) -> Llama:
+    """load_pretrained's model, from the checkpoint's opened files."""
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {name: tuple(t.shape) for name, t in hf_tensors(model).items()}
-    location = tensor_locations(directory)
-    with _open_all(set(location.values())) as handles:
-        _check_index_points_right(directory, location, handles)
-        found = {name: tuple(handles[file].get_slice(name).get_shape()) for name, file in location.items()}
-        _check_names_and_shapes(directory, expected, found, tied=cfg.tie_word_embeddings,
-                                unlisted=_unlisted_tensors(location, handles))
-        if wanted is None:
-            wanted = _checkpoint_dtype(directory, {name: handles[location[name]].get_slice(name) for name in expected})
-        dtype, state = wanted, {}
-        for name in expected:
-            tensor = handles[location[name]].get_tensor(name)
-            if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
-                raise CheckpointError(f"{directory}: tensor {name} has dtype {tensor.dtype}; expected fp32, bf16, fp16 "
-                                      "or fp64")
-            state[name[len("model."):] if name.startswith("model.") else name] = tensor.to(device=device, dtype=dtype)
-        if cfg.tie_word_embeddings and "lm_head.weight" in location:  # a tied head saved anyway must be the embedding
-            head = handles[location["lm_head.weight"]].get_tensor("lm_head.weight")
-            if not torch.equal(head.to(state["embed_tokens.weight"]), state["embed_tokens.weight"]):
-                raise tied_head_differs(directory)
+    _check_index_points_right(directory, location, handles)
+    found = {name: tuple(handles[file].get_slice(name).get_shape()) for name, file in location.items()}
+    _check_names_and_shapes(directory, expected, found, tied=cfg.tie_word_embeddings,
+                            unlisted=_unlisted_tensors(location, handles))
+    if wanted is None:
+        wanted = _checkpoint_dtype(directory, {name: handles[location[name]].get_slice(name) for name in expected})
+    dtype, state = wanted, {}
+    for name in expected:
+        tensor = handles[location[name]].get_tensor(name)
+        if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
+            raise CheckpointError(f"{directory}: tensor {name} has dtype {tensor.dtype}; expected fp32, bf16, fp16 "
+                                  "or fp64")
+        state[name[len("model."):] if name.startswith("model.") else name] = tensor.to(device=device, dtype=dtype)
+    if cfg.tie_word_embeddings and "lm_head.weight" in location:  # a tied head saved anyway must be the embedding
+        head = handles[location["lm_head.weight"]].get_tensor("lm_head.weight")
+        if not torch.equal(head.to(state["embed_tokens.weight"]), state["embed_tokens.weight"]):
+            raise tied_head_differs(directory)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -103,6 +103,37 @@ def test_sharded_round_trip(tmp_path, make_model):
     assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
 
 
+def test_a_load_while_a_save_replaces_the_directory_takes_one_checkpoint_whole(tmp_path, make_model, monkeypatch):
+    """save_pretrained swaps a new directory in at once, but a load opens config.json, the index and each shard by
+    path one after another: a swap between two shard opens mixed the two checkpoints' tensors, without an error."""
+    old, new = make_model(seed=1, dtype=torch.float32), make_model(seed=2, dtype=torch.float32)
+    kpro.save_pretrained(old, tmp_path / "ck", max_shard_size=20_000)
+    real_open, opened = ckpt.safe_open, []
+
+    def safe_open_saving_at_the_second(path, **kwargs):  # the first shard is open, the rest not yet
+        handle = real_open(path, **kwargs)
+        opened.append(path)
+        if len(opened) == 2:
+            kpro.save_pretrained(new, tmp_path / "ck", max_shard_size=20_000)
+        return handle
+    monkeypatch.setattr(ckpt, "safe_open", safe_open_saving_at_the_second)
+    assert_same_model(new, kpro.load_pretrained(tmp_path / "ck"))  # loaded again, from the new directory alone
+
+
+def test_a_load_that_a_save_interrupts_every_time_is_refused_by_name(tmp_path, make_model, monkeypatch):
+    model = make_model(dtype=torch.float32)
+    kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=20_000)
+    real_open = ckpt.safe_open
+
+    def safe_open_saving(path, **kwargs):
+        handle = real_open(path, **kwargs)
+        kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=20_000)
+        return handle
+    monkeypatch.setattr(ckpt, "safe_open", safe_open_saving)
+    with pytest.raises(kpro.CheckpointError, match=re.escape(f"{tmp_path / 'ck'} was replaced")):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
 def test_load_converts_dtype_and_device(tmp_path, make_model):
     model = make_model(dtype=torch.bfloat16)
     kpro.save_pretrained(model, tmp_path / "ck")

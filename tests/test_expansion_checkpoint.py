@@ -111,6 +111,27 @@ def test_expanded_checkpoint_keeps_every_byte_and_dtype(tmp_path):
         assert zero.dtype == torch.float16 and not zero.any()
 
 
+def test_a_source_that_a_save_replaces_while_it_is_expanded_is_refused_not_mixed(tmp_path, monkeypatch):
+    """expand reads config.json and the headers, then opens each shard by path as it copies: a save_pretrained
+    into the source meanwhile (it swaps a new directory in) gave an expansion mixing two checkpoints' bytes."""
+    from kpro.expansion import checkpoint as expansion_checkpoint
+
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, max_shard_size="20KB")
+    torch.manual_seed(5)
+    other = kpro.Llama(tiny_config()).float()
+    real_copy, copies = expansion_checkpoint._copy_range, []
+
+    def copy_saving_at_the_second(src, *args):  # a shard of the old source is being copied
+        copies.append(src.name)
+        if len(copies) == 2:
+            kpro.save_pretrained(other, tmp_path / "src", max_shard_size="20KB")
+        return real_copy(src, *args)
+    monkeypatch.setattr(expansion_checkpoint, "_copy_range", copy_saving_at_the_second)
+    with pytest.raises(kpro.CheckpointError, match=f"{tmp_path / 'src'} was replaced while"):
+        expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1)
+    assert not (tmp_path / "dst").exists()
+
+
 def test_cli_expand_errors_are_one_line(tmp_path, capsys):
     write_checkpoint(tmp_path / "src", num_hidden_layers=4)
     (tmp_path / "taken").mkdir()

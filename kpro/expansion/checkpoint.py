@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError,
                           _check_names_and_shapes, _unlisted_tensors, atomic_directory, hf_tensors, parse_size,
-                          tensor_locations, tied_head_differs)
+                          tensor_locations, tied_head_differs, unreplaced)
 from .._safetensors import TensorBytes as _Source, check_checkpoint_directory, read_header
 from ..config import LlamaConfig
 from ..convert.gguf_llama import RECORD_NAME as GGUF_RECORD
@@ -77,42 +77,45 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     max_shard_bytes = parse_size(max_shard_size)
     if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}")
-    cfg = LlamaConfig.from_hf(src)  # its errors name the file
-    raw_config = json.loads((src / CONFIG_NAME).read_text(encoding="utf-8"))
-    sources, unlisted = _read_headers(src)
-    _check_against_config(src, cfg, sources, unlisted, buffer_bytes)
-    layout = expansion_layout(cfg.num_hidden_layers, num_new_blocks, position)
-    plan = _output_tensors(sources, layout)
-    shards = _plan_shards(plan, max_shard_bytes)
-    new_blocks = [i for i, (_, new) in enumerate(layout) if new]
-    record = read_expansion_record(src, command="expand")
-    untrained = _untrained_blocks(sources, record["new_blocks"]) if record is not None else []
-    earlier = [i for i, (source, new) in enumerate(layout) if not new and source in untrained]
+    # config.json, the headers and each shard (as it is copied) are read by path, one after another
+    with unreplaced(src, "expanding it") as source_unchanged:
+        cfg = LlamaConfig.from_hf(src)  # its errors name the file
+        raw_config = json.loads((src / CONFIG_NAME).read_text(encoding="utf-8"))
+        sources, unlisted = _read_headers(src)
+        _check_against_config(src, cfg, sources, unlisted, buffer_bytes)
+        layout = expansion_layout(cfg.num_hidden_layers, num_new_blocks, position)
+        plan = _output_tensors(sources, layout)
+        shards = _plan_shards(plan, max_shard_bytes)
+        new_blocks = [i for i, (_, new) in enumerate(layout) if new]
+        record = read_expansion_record(src, command="expand")
+        untrained = _untrained_blocks(sources, record["new_blocks"]) if record is not None else []
+        earlier = [i for i, (source, new) in enumerate(layout) if not new and source in untrained]
 
-    # --overwrite replaces a model directory's files (weights of any format, config, tokenizer, what the source
-    # holds); a user's other files and directories in DST stay, as save_pretrained keeps them
-    def written_by_an_expansion(name: str) -> bool:
-        return name in MODEL_FILES or name.startswith(("tokenizer", "kpro_")) or name.endswith(WEIGHT_SUFFIXES) \
-            or (src / name).is_file() or name == CHAT_TEMPLATE_DIR
+        # --overwrite replaces a model directory's files (weights of any format, config, tokenizer, what the source
+        # holds); a user's other files and directories in DST stay, as save_pretrained keeps them
+        def written_by_an_expansion(name: str) -> bool:
+            return name in MODEL_FILES or name.startswith(("tokenizer", "kpro_")) or name.endswith(WEIGHT_SUFFIXES) \
+                or (src / name).is_file() or name == CHAT_TEMPLATE_DIR
 
-    with atomic_directory(dst, drop=written_by_an_expansion) as tmp:
-        names = [WEIGHTS_NAME] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        buffer = bytearray(buffer_bytes)
-        for file, shard in zip(names, shards):
-            _write_safetensors(tmp / file, [(name, plan[name]) for name in shard], buffer)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(_nbytes(plan[n]) for n in plan)},
-                     "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / CONFIG_NAME).write_text(json.dumps(_expanded_config(raw_config, layout), indent=2) + "\n")
-        copied, skipped = _copy_other_files(src, tmp)
-        record = {"original_num_hidden_layers": cfg.num_hidden_layers, "num_new_blocks": num_new_blocks,
-                  "position": position, "new_blocks": sorted(new_blocks + earlier),
-                  "copied_from": [source for source, _ in layout]}
-        if earlier:
-            record["earlier_new_blocks"] = earlier
-        (tmp / EXPANSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        with atomic_directory(dst, drop=written_by_an_expansion) as tmp:
+            names = [WEIGHTS_NAME] if len(shards) == 1 else [
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            buffer = bytearray(buffer_bytes)
+            for file, shard in zip(names, shards):
+                _write_safetensors(tmp / file, [(name, plan[name]) for name in shard], buffer)
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(_nbytes(plan[n]) for n in plan)},
+                         "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (tmp / CONFIG_NAME).write_text(json.dumps(_expanded_config(raw_config, layout), indent=2) + "\n")
+            copied, skipped = _copy_other_files(src, tmp)
+            record = {"original_num_hidden_layers": cfg.num_hidden_layers, "num_new_blocks": num_new_blocks,
+                      "position": position, "new_blocks": sorted(new_blocks + earlier),
+                      "copied_from": [source for source, _ in layout]}
+            if earlier:
+                record["earlier_new_blocks"] = earlier
+            (tmp / EXPANSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            source_unchanged()  # before the swap: every source file has been read (the output is not written)
     return ExpansionResult(dst, cfg.num_hidden_layers, new_blocks, names, copied, skipped, earlier)
 
 
