@@ -137,6 +137,8 @@ def write_gguf(path: Path, model: kpro.Llama, vocab: dict, *, qtype: str = "F32"
             w.add_tensor(gname, raw_tensors[gname][0], raw_dtype=raw_tensors[gname][1])
         elif data.ndim == 1 or qtype == "F32":
             w.add_tensor(gname, data)
+        elif qtype == "F64":  # the model's own float64 values
+            w.add_tensor(gname, tensor.detach().double().numpy())
         else:
             w.add_tensor(gname, gguf.quants.quantize(data, Q[qtype]), raw_dtype=Q[qtype])
     for gname, data in (extra_tensors or {}).items():
@@ -173,6 +175,25 @@ def test_from_gguf_gives_the_model_back(tmp_path, small_vocab, qtype):
     if qtype == "F32":
         assert torch.equal(loaded(ids), model(ids))
     assert loaded.config.tie_word_embeddings is (qtype == "Q8_0")
+
+
+def test_f64_weights_are_read_exactly(tmp_path, small_vocab):
+    """F64 was refused as "not a floating-point or quantised weight"; its values are kept in float64, rounded once
+    to the dtype asked for (convert_gguf writes float32 unless told otherwise)."""
+    model = tiny_model(len(small_vocab["tokens"])).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-12)  # values float32 would round
+    path = write_gguf(tmp_path / "m.gguf", model, small_vocab, qtype="F64")
+    assert "F64" in GGUFFile(path).type_names()
+    exact, rounded = from_gguf(path, dtype=torch.float64), from_gguf(path)
+    for name, tensor in model.state_dict().items():
+        if tensor.dim() == 2:
+            assert torch.equal(exact.state_dict()[name], tensor), name
+            assert torch.equal(rounded.state_dict()[name], tensor.float()), name
+    converted = kpro.load_pretrained(convert_gguf(path, tmp_path / "out"))
+    assert converted.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert torch.equal(converted.layers[0].mlp.up_proj.weight, model.layers[0].mlp.up_proj.weight.float())
 
 
 def llama_cpp_permute_for(name, tensor, cfg):

@@ -13,7 +13,7 @@ _DTYPES = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("convert-gguf", help="convert a GGUF file (llama.cpp) into an HF-layout checkpoint directory",
-                       description="Dequantise a LLaMA GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, and the types the "
+                       description="Dequantise a LLaMA GGUF file (F32, F16, BF16, F64, Q8_0, Q4_0, Q4_1, and the types the "
                                    "gguf package reads) into config.json, safetensors and tokenizer files with the chat "
                                    "template, tensor by tensor; the directory appears atomically. Needs "
                                    "pip install 'kpro[gguf]'.")
@@ -21,7 +21,8 @@ def add_parsers(sub) -> None:
     p.add_argument("out", type=directory_path,
                    help="new directory for the checkpoint (an earlier conversion there is replaced)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights' dtype (default: float32 for quantised files, "
-                   "which holds the dequantised values exactly; the file's own dtype for F16/BF16 files)")
+                   "which holds the dequantised values exactly, and for F64 files, rounded; the file's own dtype for F16/BF16 "
+                   "files)")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file (default 5GB)")
     p.set_defaults(run=cmd_convert_gguf)
 

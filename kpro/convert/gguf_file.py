@@ -1,8 +1,9 @@
-"""Reading a GGUF file (llama.cpp's format): its metadata, and its tensors as float32 torch tensors.
+"""Reading a GGUF file (llama.cpp's format): its metadata, and its tensors as float32 torch tensors (float64 for an
+F64 tensor, whose values float32 would round).
 
 The file is parsed by the `gguf` package (llama.cpp's own reader on PyPI, an optional extra) and memory-mapped:
 a tensor is read and dequantised only when asked for, one at a time. kpro dequantises the common types with
-its own torch code (F32, F16, BF16, Q8_0, Q4_0, Q4_1; checked against `gguf` in tests/test_gguf.py) and asks
+its own torch code (F32, F16, BF16, F64, Q8_0, Q4_0, Q4_1; checked against `gguf` in tests/test_gguf.py) and asks
 `gguf` for any other type it can dequantise (Q5_0, Q5_1, the K-quants, ...); a type neither can read is
 refused by name.
 
@@ -63,22 +64,24 @@ def _q4_1(raw: torch.Tensor) -> torch.Tensor:
     return (scale * _nibbles(blocks[:, 4:]) + minimum).flatten()
 
 
-# Tensor types kpro dequantises itself: name -> raw little-endian bytes (uint8) -> float32 values.
+# Tensor types kpro dequantises itself: name -> raw little-endian bytes (uint8) -> float32 values (F64's kept in
+# float64: the caller's dtype conversion rounds them once, and float64 keeps them exactly).
 DEQUANTIZERS = {
     "F32": lambda raw: _float_block(raw, torch.float32),
     "F16": lambda raw: _float_block(raw, torch.float16),
     "BF16": lambda raw: _float_block(raw, torch.bfloat16),
+    "F64": lambda raw: raw.view(torch.float64),
     "Q8_0": _q8_0,
     "Q4_0": _q4_0,
     "Q4_1": _q4_1,
 }
 # Integer tensor types: never model weights.
-_NOT_WEIGHTS = {"I8", "I16", "I32", "I64", "F64"}
+_NOT_WEIGHTS = {"I8", "I16", "I32", "I64"}
 
 
 class GGUFFile:
     """An open GGUF file: `metadata` (key -> value), `names` (tensor names in file order), `shape(name)`
-    (torch order), `type_name(name)` and `tensor(name)` (float32, dequantised)."""
+    (torch order), `type_name(name)` and `tensor(name)` (float32, dequantised; float64 for F64)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -134,12 +137,13 @@ class GGUFFile:
         return {self.type_name(name) for name in self.names}
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The tensor dequantised to float32, in torch order."""
+        """The tensor dequantised to float32 (an F64 tensor as its float64 values), in torch order."""
         info = self._tensors[name]
         kind = info.tensor_type.name
         shape = self.shape(name)
         if kind in _NOT_WEIGHTS:
-            raise GGUFError(f"{self.path}: tensor {name} has type {kind}, not a floating-point or quantised weight")
+            raise GGUFError(f"{self.path}: tensor {name} has integer type {kind}, not a floating-point or quantised "
+                            "weight")
         if kind in DEQUANTIZERS:
             raw = torch.from_numpy(np.ascontiguousarray(info.data).view(np.uint8).reshape(-1).copy())
             return DEQUANTIZERS[kind](raw).view(shape)
@@ -154,7 +158,8 @@ class GGUFFile:
             info = self._tensors[name]
             kind = info.tensor_type.name
             if kind in _NOT_WEIGHTS:
-                raise GGUFError(f"{self.path}: tensor {name} has type {kind}, not a floating-point or quantised weight")
+                raise GGUFError(f"{self.path}: tensor {name} has integer type {kind}, not a floating-point or "
+                                "quantised weight")
             if kind not in DEQUANTIZERS and kind not in tried:
                 self._dequantize_with_gguf(name, info.data[:1])
                 tried.add(kind)
