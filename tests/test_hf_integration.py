@@ -575,6 +575,37 @@ def test_train_only_recompute_replays_the_forwards_dropout():
         assert rel(g, reference[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "float64"])
+def test_train_only_recompute_compiles_without_graph_breaks(dtype):
+    """torch.compile(fullgraph=True) failed to trace a frozen layer recomputed above the trained one (the backward
+    of the autograd.Function swapped the forced backends and called torch.autograd.grad); under torch.compile the
+    layer is checkpointed (non-reentrant) instead, with the gradients of the stock model with the same layers
+    frozen. With the `kernels` package installed, transformers' attention sets a global in its forward, which
+    Dynamo refuses inside a checkpoint (transformers' own gradient checkpointing fails alike) unless told that
+    the backward may skip it (docs/huggingface.md)."""
+    torch._dynamo.reset()
+    stock = make_stock(layers=3).to(dtype)
+    stock.requires_grad_(False)
+    stock.model.layers[1].requires_grad_(True)
+    model, _ = patched_copy(stock)
+    kpro_hf.train_only(model, [1], recompute_frozen=True)
+    assert [getattr(layer, "_kpro_runner", None) for layer in model.model.layers] == ["run_without_graph", None,
+                                                                                   "run_recomputed"]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, mask, labels = left_padded()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        got = compiled(input_ids=ids, attention_mask=mask, labels=labels)
+    want = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    assert got.loss.dtype == want.loss.dtype
+    assert abs(got.loss.item() - want.loss.item()) < 1e-6
+    got.loss.backward()
+    want.loss.backward()
+    reference = grads(stock)
+    assert grads(model).keys() == reference.keys() and all(n.startswith("model.layers.1.") for n in reference)
+    for name, g in grads(model).items():
+        assert rel(g, reference[name]) < 1e-5, name  # transformers' loss is fp32 for float64 models too
+
+
 def test_compiled_and_accelerate_dispatched_models_are_refused_by_name(tmp_path):
     """apply on torch.compile's wrapper said model_type 'llama' was not one of llama, mistral, qwen2; on a model
     accelerate offloads, it replaced the forwards accelerate's hooks wrap ('rms_norm: weight on meta')."""

@@ -226,20 +226,27 @@ def length_changing_batches(vocab: int):
         yield ids, mask
 
 
-@pytest.mark.parametrize("dynamic, frozen", [(None, False), (True, True)],
-                         ids=["dynamic=None", "dynamic=True-train_only"])
-def test_model_compiles_without_graph_breaks(make_model, dynamic, frozen):
+@pytest.mark.parametrize("dynamic, frozen, dtype", [(None, False, torch.float32), (True, True, torch.float32),
+                                                    (True, True, torch.float64)],
+                         ids=["dynamic=None", "dynamic=True-train_only", "dynamic=True-train_only-float64"])
+def test_model_compiles_without_graph_breaks(make_model, dynamic, frozen, dtype):
     """torch.compile(fullgraph=True) traces the whole model, forward and backward, through the custom ops,
     at changing sequence lengths, with and without masks: a plain model under the default dynamic=None
     (the second length recompiles with dynamic shapes), and under dynamic=True one with kpro.train_only's
-    frozen-block runners (recompute_frozen: checkpointed frozen blocks)."""
-    model = make_model(dtype=torch.float32)
+    frozen-block runners on 3 blocks, training block 1: block 0 runs without a graph and block 2 is recomputed
+    (recompute_frozen), in fp32 and float64, with the gradients of the eager model. With 2 blocks no block
+    was recomputed, and a recomputed one failed to trace (it swapped the forced backends and called
+    torch.autograd.grad in its backward)."""
+    model = make_model(dtype=dtype, num_hidden_layers=3 if frozen else 2)
     if frozen:
         kpro.train_only(model, [1], recompute_frozen=True)
+        assert [runner.__name__ for runner in model.block_runners] == ["run_without_graph", "run_block",
+                                                                       "run_recomputed"]
     torch._dynamo.reset()
     compiled_matches_eager(model, torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic),
                            length_changing_batches(model.config.vocab_size))
     assert all(p.grad is None for p in model.layers[0].parameters()) == frozen
+    assert all(p.grad is None for p in model.layers[-1].parameters()) == frozen
 
 
 def test_bitune_attention_compiles_at_changing_lengths():

@@ -149,9 +149,19 @@ def run_recomputed(block, x, cos, sin, attention_mask, kv):
     _check_frozen(block)
     if kv is not None or not torch.is_grad_enabled() or not x.requires_grad:
         return block(x, cos, sin, attention_mask, kv)  # decoding or evaluation: nothing to save anyway
+    if torch.compiler.is_compiling():
+        return _checkpointed(block, x, cos, sin, attention_mask, None)
     # kpro's blocks draw no random numbers (LlamaConfig refuses attention dropout; there is no other): no RNG state
     # to keep for the recomputation, unlike the transformers layers of kpro.integrations.hf.
     return RecomputedFrozenBlock.apply(x, cos, sin, attention_mask, block, _ForwardContext.capture(x.device))
+
+
+def _checkpointed(function, *args, **kwargs):
+    """The recomputation under torch.compile: Dynamo cannot trace the backward of RecomputedFrozenBlock (which
+    swaps the forced backends and calls torch.autograd.grad), but traces non-reentrant checkpointing, which has
+    the same intent: the frozen module's ops are tagged to be recomputed in the backward, not saved. Autocast,
+    backends and RNG are those of the traced forward, the same ops run again."""
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
 def _check_frozen(block) -> None:

@@ -47,7 +47,8 @@ import transformers
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function
 
 from .. import ops
-from ..expansion.freezing import TrainPlan, _check_block_ids, _check_recompute_flag, _ForwardContext, freeze_all_but
+from ..expansion.freezing import (TrainPlan, _check_block_ids, _check_recompute_flag, _checkpointed, _ForwardContext,
+                                  freeze_all_but)
 from ..ops.attention import visibility_mask
 from ..ops.backend import values_readable
 
@@ -479,6 +480,8 @@ def run_recomputed(self, hidden_states, *args, **kwargs):
         # again in the backward. Inside our backward it would run a third time, or, with use_reentrant=True, fail
         # in torch.autograd.grad: let it do the recomputing alone.
         return type(self).forward(self, hidden_states, *args, **kwargs)
+    if torch.compiler.is_compiling():
+        return _checkpointed(type(self).forward, self, hidden_states, *args, **kwargs)
     # In training the layer may draw dropout masks (attention_dropout with the stock attention): the recomputation
     # must draw the same ones, or the gradients are those of another forward.
     context = _ForwardContext.capture(hidden_states.device, rng=self.training)
