@@ -242,8 +242,8 @@ def test_causal_lm_loss_by_hand():
              for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
     assert len(terms) == 4
     total = kt.causal_lm_loss(logits, labels, reduction="sum")
-    torch.testing.assert_close(total, sum(terms).float(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(kt.causal_lm_loss(logits, labels), sum(terms).float() / 4, rtol=1e-6, atol=0)
+    torch.testing.assert_close(total, sum(terms), rtol=1e-12, atol=0)  # float64 logits: a float64 loss
+    torch.testing.assert_close(kt.causal_lm_loss(logits, labels), sum(terms) / 4, rtol=1e-12, atol=0)
     assert torch.equal(kt.causal_lm_loss(logits, labels.int()), kt.causal_lm_loss(logits, labels))  # int32 refused before
 
 
@@ -255,6 +255,22 @@ def test_causal_lm_loss_is_fp32_for_bf16_logits():
     assert loss.dtype == torch.float32
     expected = F.cross_entropy(logits[:, :-1].double().flatten(0, 1), labels[:, 1:].flatten())
     assert abs(loss.item() - expected.item()) < 1e-5  # bf16 cross-entropy would be off by ~1e-2
+
+
+def test_causal_lm_loss_keeps_float64_as_the_loss_from_hidden_does():
+    """causal_lm_loss cast float64 logits to fp32, while causal_lm_loss_from_hidden (linear_cross_entropy) keeps
+    float64: lm_loss gave a float64 model's loss in float64 on a kpro.Llama and in fp32 on any other model. Both
+    compute in the wider of fp32 and the input's dtype now."""
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 6, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 6))
+    for reduction in ("mean", "sum"):
+        from_hidden = kt.causal_lm_loss_from_hidden(hidden, head, labels, reduction=reduction)
+        from_logits = kt.causal_lm_loss(hidden @ head.T, labels, reduction=reduction)
+        assert from_hidden.dtype == from_logits.dtype == torch.float64
+        torch.testing.assert_close(from_logits, from_hidden, rtol=1e-12, atol=0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert kt.causal_lm_loss((hidden @ head.T).to(dtype), labels).dtype == torch.float32
 
 
 def test_labels_that_are_not_integers_are_refused():

@@ -4,8 +4,8 @@
     shards.py         token shard directories: TokenShards (read from disk, rank-split, resumable batches),
                       write_token_shards
     tokenize.py       text files -> token shards on several processes, resumable (tokenize_corpus)
-    loss.py           causal_lm_loss (fp32, -100 ignored), causal_lm_loss_from_hidden (no logits), lm_loss
-                      (fit's default: no logits on a kpro.Llama), LossSum
+    loss.py           causal_lm_loss (fp32, float64 for float64 logits; -100 ignored), causal_lm_loss_from_hidden
+                      (no logits), lm_loss (fit's default: no logits on a kpro.Llama), LossSum
     optim.py          adamw (no decay on norms/biases, trainable parameters only), Schedule, set_lr
     checkpointing.py  save_checkpoint / load_checkpoint / latest_checkpoint: atomic, resumable, keep last k
     progress.py       StatusLine and ProgressLine (terminal), MetricsLog (JSONL), read_metrics, last_logged_step

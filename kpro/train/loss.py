@@ -1,4 +1,4 @@
-"""Causal language-model loss in fp32, with labels of -100 left out.
+"""Causal language-model loss in fp32 (float64 for float64 inputs), with labels of -100 left out.
 
 Labels are aligned with `input_ids` (the Hugging Face convention): the logits at position t predict
 `labels[:, t + 1]`, so `labels = input_ids` trains on every token and -100 masks a prompt or padding.
@@ -42,7 +42,8 @@ def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy of `logits` [B, T, V] against `labels` [B, T], computed in fp32.
+    """Next-token cross-entropy of `logits` [B, T, V] against `labels` [B, T], computed in fp32 (float64 for
+    float64 logits, as `causal_lm_loss_from_hidden` does).
 
     `reduction="mean"` averages over the scored tokens: a batch with none is an error (a mean over nothing
     is NaN, and it usually means the prompts filled the whole sequence). `"sum"` adds them up (0 for none:
@@ -53,7 +54,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
     _check_label_dtype(labels)
-    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),  # int32 too
+    # bf16 and fp16 logits are widened to fp32; float64 ones stay float64 (linear_cross_entropy keeps it too)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).to(dtype), labels[:, 1:].flatten().long(),  # int32 too
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return _reduce(total, labels, reduction)
 
@@ -100,7 +103,7 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, 
 
     hidden [B, T, d] is what the head reads (a kpro.Llama's `model(ids, mask, head=False)`), head_weight
     [V, d] the head's weight (`lm_head.weight`), labels [B, T] as for `causal_lm_loss`; same reductions,
-    same fp32 result up to rounding, and no [B, T, V] tensor: `kpro.ops.linear_cross_entropy` goes through
+    same result (fp32, float64 for float64 inputs) up to rounding, and no [B, T, V] tensor: `kpro.ops.linear_cross_entropy` goes through
     the vocabulary in chunks (torch) or tiles (Triton), and computes no weight gradient for a frozen head.
     """
     if reduction not in ("mean", "sum"):
