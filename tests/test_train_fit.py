@@ -1607,6 +1607,16 @@ def test_a_truncated_optimizer_file_is_a_named_error(tmp_path):
         kt.fit(make_model(), batches(), tmp_path, steps=2)
 
 
+def test_a_truncated_trainer_state_file_is_a_named_error(tmp_path):
+    """Named only by the checkpoint directory before, where a truncated optimizer.pt or model file is named."""
+    kt.fit(make_model(), batches(), tmp_path, steps=2, callbacks=[StopAt(1)])
+    state = tmp_path / "step-00000001" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(kpro.CheckpointError, match=r"step-00000001/trainer_state.pt cannot be read \(truncated or "
+                                                   r"corrupt\?\): "):
+        kt.fit(make_model(), batches(), tmp_path, steps=2)
+
+
 def test_dict_examples_with_the_default_collate_are_named(tmp_path):
     examples = [{"input_ids": torch.randint(0, 67, (8,)), "labels": torch.randint(0, 67, (8,))} for _ in range(4)]
     with pytest.raises(ValueError, match=r"collate_packed \(Batches' default collate\) stacks rows of token ids, and "

@@ -461,7 +461,10 @@ def read_optimizer(directory: Path) -> dict:
 def _read_state(directory: Path) -> dict:
     if not (directory / STATE_FILE).is_file():
         raise CheckpointError(f"no {STATE_FILE} (a model directory, not a training checkpoint?)")
-    state = torch.load(directory / STATE_FILE, weights_only=True)
+    try:
+        state = torch.load(directory / STATE_FILE, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:  # named by its file, as read_optimizer names its
+        raise CheckpointError(f"{directory / STATE_FILE} cannot be read (truncated or corrupt?): {err}") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{STATE_FILE} has format {state.get('format')!r}; this kpro reads format {FORMAT}")
     return state
