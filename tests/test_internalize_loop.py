@@ -262,6 +262,25 @@ def test_a_resume_on_other_validation_examples_is_refused(tmp_path, monkeypatch)
     assert same.selected == {"step": 10, "accuracy": 0.7}
 
 
+def test_a_resume_validating_at_another_interval_is_refused(tmp_path, monkeypatch):
+    """The interval was not kept with the best: a resume with another --eval-every was taken silently, and the
+    selection went on among other steps than the run's (the best of steps 2, 4, ... then of 3, 6, ...)."""
+    scripted_accuracies(monkeypatch, [0.5, 0.9, 0.2, 0.3, 0.7] + [0.6])
+    train_fast(tmp_path, callbacks=[ValidationAccuracy(TOK, VALID, 2, select_best=True), StopAt(11)])
+    with pytest.raises(ValueError, match=r"the checkpoint's best weights \(step 10, valid accuracy 0.700\) were "
+                                         r"selected among validations every 2 steps, and this run validates every 3: "
+                                         r"resume with every=2 \(the command's --eval-every 2\), or start a new run "
+                                         r"directory"):
+        train_fast(tmp_path, model=make_model(seed=5), callbacks=[ValidationAccuracy(TOK, VALID, 3, select_best=True)])
+    scripted_accuracies(monkeypatch, [0.6])
+    same = ValidationAccuracy(TOK, VALID, 2, select_best=True)
+    train_fast(tmp_path, model=make_model(seed=5), callbacks=[same])
+    assert same.selected == {"step": 10, "accuracy": 0.7}
+    # Validation alone (no selection) keeps nothing the interval decides: another one is taken.
+    scripted_accuracies(monkeypatch, [0.4])
+    train_fast(tmp_path, model=make_model(seed=5), steps=FAST_STEPS + 1, callbacks=[ValidationAccuracy(TOK, VALID, 3)])
+
+
 def test_a_validation_callback_used_for_a_second_run_starts_its_selection_over(tmp_path, monkeypatch):
     # One ValidationAccuracy for the internalized run and then the no-CoT baseline (no step of which has CoT
     # to start the selection over): the baseline kept the first run's best (0.7 at step 10, above its own

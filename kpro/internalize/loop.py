@@ -231,7 +231,7 @@ class ValidationAccuracy(Callback):
         if self._best is None:
             return {}  # nothing to remember (and an evaluation-only callback may come and go between resumes)
         return {"best_step": self._best["step"], "best_accuracy": self._best["accuracy"],
-                "best_weights": self._best["weights"], "examples_digest": self.examples_digest}
+                "best_weights": self._best["weights"], "examples_digest": self.examples_digest, "every": self.every}
 
     def load_state_dict(self, state: dict) -> None:
         # The checkpoint's best, or none (not the one this object kept from another run or a later step).
@@ -244,6 +244,13 @@ class ValidationAccuracy(Callback):
                              f"{len(self.examples)} (content digest {saved[:12]}... then, "
                              f"{self.examples_digest[:12]}... now): resume with the same examples (the same --valid "
                              "or --eval-size, and --eval-examples), or start a new run directory")
+        every = state.get("every")  # absent from checkpoints saved before it was kept: taken as they are
+        if "best_step" in state and self.select_best and every not in (None, self.every):
+            # the best so far was picked among other steps than this run would validate at
+            raise ValueError(f"the checkpoint's best weights (step {state['best_step']}, valid accuracy "
+                             f"{state['best_accuracy']:.3f}) were selected among validations every {every} steps, "
+                             f"and this run validates every {self.every}: resume with every={every} (the command's "
+                             f"--eval-every {every}), or start a new run directory")
         if "best_step" in state and self.select_best:
             self._best = {"step": state["best_step"], "accuracy": state["best_accuracy"],
                           "weights": state["best_weights"]}
