@@ -274,6 +274,37 @@ def test_train_expanded_refuses_to_resume_onto_another_source_checkpoint(tmp_pat
     assert str(tmp_path / "big") in err and not (run / "final").exists()
 
 
+def test_train_expanded_resumed_on_other_data_names_data_and_seq_len(tmp_path, capsys):
+    """Refused in Batches' words ("the checkpoint's data had num_examples=..., these have ...: other data, or the
+    same cut into rows of another length (seq_len)"), naming neither --data nor --seq-len."""
+    alphabet = "abcdefgh \n"
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=3 + len(alphabet), max_position_embeddings=32)
+    kpro.CharTokenizer(alphabet).save(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    corpus, other = tmp_path / "corpus.txt", tmp_path / "other.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    other.write_text("\n\n".join("bca efd hg " * (i % 4 + 1) for i in range(40)))  # as many rows, other tokens
+    run = tmp_path / "run"
+    args = ["train-expanded", str(tmp_path / "big"), "--out", str(run), "--batch-size", "4", "--steps", "2"]
+    assert main(args + ["--data", str(corpus), "--seq-len", "16"]) == 0
+    rows = int(capsys.readouterr().out.split("corpus: ")[1].split(" rows")[0])
+    assert main(args + ["--data", str(corpus), "--seq-len", "8", "--steps", "3"]) == 1
+    printed = capsys.readouterr()
+    now, err = int(printed.out.split("corpus: ")[1].split(" rows")[0]), printed.err
+    assert err.startswith(f"error: --out {run} holds a run trained on {rows} rows, and --data {corpus} at --seq-len 8 "
+                          f"packs {now}: resume with the run's --data and --seq-len, or pass another --out "
+                          "for a new run\n"), err
+    assert main(args + ["--data", str(other), "--seq-len", "16", "--steps", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {run} holds a run trained on other rows than the {rows} that --data {other} "
+                          "at --seq-len 16 packs (as many): resume with the run's --data and --seq-len, or pass "
+                          "another --out for a new run\n"), err
+    assert main(args + ["--data", str(corpus), "--data", str(other), "--steps", "3"]) == 1  # the default --seq-len
+    err = capsys.readouterr().err
+    assert f"and --data {corpus} --data {other} at the default --seq-len (min(512, the model's " \
+           "max_position_embeddings)) packs" in err, err
+
+
 def test_expand_and_train_expanded_leave_convert_ggufs_record_behind(tmp_path):
     """kpro_gguf.json (convert-gguf's record of its own output) was copied into the expansion and the run's
     checkpoints: convert-gguf then took them for its own output and replaced them, trained model and all."""

@@ -530,6 +530,30 @@ def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
     assert f"model {out / 'model'}, valid: accuracy" in capsys.readouterr().out
 
 
+def test_a_resume_on_other_training_examples_names_the_flags_that_chose_them(tmp_path, capsys):
+    """Refused in Batches' words ("... num_examples=64, these have num_examples=48: other data, or the same cut
+    into rows of another length (seq_len)"): no such option here, and neither --train-size nor --train named."""
+    out, steps = tmp_path / "run", TINY.index("--steps") + 1
+    short = [*TINY[:steps], "2", *TINY[steps + 1:]]
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 0
+    capsys.readouterr()
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *short, "--train-size", "48"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --out {out} holds a run trained on 64 examples, and --task 3x3 --train-size 48 "
+                        "--data-seed 0 generates 48: resume with the run's --task, --train-size and --data-seed (the "
+                        "generated set leaves out the problems of the valid and test sets: the same --valid, --test "
+                        "and --eval-size too), or pass another --out for a new run\n"), err
+    lines = multiplication_training_set(3, 64, seed=5)
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    given = [*short[:short.index("--train-size")], *short[short.index("--train-size") + 2:]]
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *given, "--train", str(tmp_path / "train.txt")]) \
+        == 1  # as many examples, other ones
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --out {out} holds a run trained on other examples than the 64 that --train "
+                        f"{tmp_path / 'train.txt'} holds (as many): resume with the run's --train, or pass another "
+                        "--out for a new run\n"), err
+
+
 def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
     for flag, label, scheduled in (("--no-removal", "explicit CoT", 0), ("--no-cot", "no CoT", "all")):
         out = tmp_path / flag.lstrip("-")

@@ -109,6 +109,7 @@ def check_optimizer_flags(args) -> None:
 
 
 def cmd_train_expanded(args) -> None:
+    from ..train.data import OtherExamples
     from .posttrain import check_out_dir, train_expanded
 
     check_optimizer_flags(args)
@@ -116,11 +117,26 @@ def cmd_train_expanded(args) -> None:
     out = Path(args.out) if args.out is not None else source.parent / f"{source.name}-post"  # `.`: "-post"
     check_out_dir(Path(args.dir), out, "--out")
     check_output_dir(out)  # a file there: named now, not after the model loads and the corpus is tokenized
-    final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps, seq_len=args.seq_len,
-                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                           weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                           recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype],
-                           device=None if args.device == "auto" else resolve_device(args.device),
-                           precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
-                           seed=args.seed)
+    try:
+        final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps,
+                               seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                               lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                               recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype],
+                               device=None if args.device == "auto" else resolve_device(args.device),
+                               precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
+                               seed=args.seed)
+    except OtherExamples as err:
+        raise _other_rows(err, args, out) from None
     print(f"saved the post-trained model to {final}/ (a normal LLaMA checkpoint, with the tokenizer)")
+
+
+def _other_rows(err, args, out: Path) -> ValueError:
+    """A resume refused by Batches for other rows (`err`, an OtherExamples), named by the flags that chose them:
+    the text of --data packed into rows of --seq-len tokens."""
+    seq_len = (f"--seq-len {args.seq_len}" if args.seq_len is not None
+               else "the default --seq-len (min(512, the model's max_position_embeddings))")
+    source = f"{' '.join(f'--data {path}' for path in args.data)} at {seq_len}"
+    what = (f"{err.had:,} rows, and {source} packs {err.now:,}" if err.had != err.now
+            else f"other rows than the {err.now:,} that {source} packs (as many)")
+    return ValueError(f"--out {out} holds a run trained on {what}: resume with the run's --data and --seq-len, or "
+                      "pass another --out for a new run")

@@ -28,6 +28,7 @@ from ..cli_args import (add_device_argument, check_input_file, check_output_dir,
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
+from ..train.data import OtherExamples
 from .data import PUBLISHED_TASKS, read_examples, read_published
 from .evaluation import evaluate, evaluation_positions
 from .loop import (NO_REMOVAL, OFFICIAL_WEIGHT_DECAY, REMOVE_EVERYTHING, ValidationAccuracy, fit_internalization,
@@ -228,11 +229,30 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
         callbacks.append(ValidationAccuracy(tokenizer, evaluation_sets["valid"][:args.eval_examples],
                                             args.eval_every or steps_per_epoch, batch_size=args.eval_batch_size,
                                             select_best=select_best))
-    fit_internalization(model, tokenized, out, removal=removal, steps=steps, batch_size=args.batch_size,
-                        pad_id=tokenizer.pad_id, lr=lr, schedule=lr_schedule(steps, args.decay_steps, args.warmup_steps),
-                        seed=args.seed, reset_optimizer=not args.keep_optimizer, weight_decay=args.weight_decay,
-                        tokenizer=tokenizer, callbacks=callbacks, save_every=args.save_every, keep_last=args.keep_last,
-                        precision=args.precision)
+    try:
+        fit_internalization(model, tokenized, out, removal=removal, steps=steps, batch_size=args.batch_size,
+                            pad_id=tokenizer.pad_id, lr=lr,
+                            schedule=lr_schedule(steps, args.decay_steps, args.warmup_steps), seed=args.seed,
+                            reset_optimizer=not args.keep_optimizer, weight_decay=args.weight_decay,
+                            tokenizer=tokenizer, callbacks=callbacks, save_every=args.save_every,
+                            keep_last=args.keep_last, precision=args.precision)
+    except OtherExamples as err:
+        raise _other_examples(err, args) from None
+
+
+def _other_examples(err, args) -> ValueError:
+    """A resume refused by Batches for other training examples (`err`, an OtherExamples), named by the flags that
+    chose them: Batches' hint ("the same cut into rows of another length (seq_len)") is fit's, no option here."""
+    if args.train is not None:
+        source, flags = f"--train {args.train} holds", "--train"
+    else:
+        source = f"--task {args.task} --train-size {args.train_size} --data-seed {args.data_seed} generates"
+        flags = ("--task, --train-size and --data-seed (the generated set leaves out the problems of the valid and "
+                 "test sets: the same --valid, --test and --eval-size too)")
+    what = (f"{err.had:,} examples, and {source} {err.now:,}" if err.had != err.now
+            else f"other examples than the {err.now:,} that {source} (as many)")
+    return ValueError(f"--out {args.out} holds a run trained on {what}: resume with the run's {flags}, or pass "
+                      "another --out for a new run")
 
 
 def _total_steps(args, steps_per_epoch: int, schedule: RemovalSchedule | None, longest_cot: int) -> int:

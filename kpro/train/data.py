@@ -219,7 +219,7 @@ class Batches:
                           f"{key}={mine[key]!r}"
                 if key == "num_examples":
                     raise OtherExamples(message + ": other data, or the same cut into rows of another length "
-                                        "(seq_len)", had=state[key])
+                                        "(seq_len)", had=state[key], now=mine[key])
                 raise ValueError(message)
         # Another drop_last keeps or drops each epoch's last, smaller batch: other batches from the next epoch on.
         saved = state.get("drop_last")  # None: a checkpoint written before it was kept
@@ -231,17 +231,17 @@ class Batches:
             raise OtherExamples(f"cannot resume these batches: they hold as many examples as the checkpoint's data "
                                 f"({mine['num_examples']}), but other ones (content digest {mine['digest'][:12]}, the "
                                 f"checkpoint's {state['digest'][:12]}); resume with the run's own data, or start a new "
-                                "run", had=state["num_examples"])
+                                "run", had=state["num_examples"], now=mine["num_examples"])
         self.epoch, self.index = state["epoch"], state["index"]
 
 
 class OtherExamples(ValueError):
-    """A resume refused because the examples are not the checkpoint's: `had` examples then (as many now, where
-    only their content differs). A command says it in its own terms (bitune: its --data and --max-length)."""
+    """A resume refused because the examples are not the checkpoint's: `had` examples then, `now` these (as many,
+    where only their content differs). A command says it in its own terms (bitune: its --data and --max-length)."""
 
-    def __init__(self, message: str, had: int):
+    def __init__(self, message: str, had: int, now: int):
         super().__init__(message)
-        self.had = had
+        self.had, self.now = had, now
 
 
 class _NoStableContent(Exception):
