@@ -420,6 +420,50 @@ def test_tune_trains_saves_adapters_and_resumes(tmp_path, method):
         bitune.tune(kpro.Llama(tiny_config()), pairs, "prefix", tmp_path / "x")
 
 
+class Killed(Exception):
+    """A SIGKILL in the middle of a step: nothing more is saved."""
+
+
+def kill_at_step(monkeypatch, step):
+    """fit dies in its `step`-th training step from now on (as killat.py's SIGKILL), before the step is done."""
+    from kpro.train import loop
+
+    original, calls = loop._train_step, []
+
+    def train_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise Killed(f"killed in step {step}")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(loop, "_train_step", train_step)
+
+
+@pytest.mark.parametrize("method", ["bitune", "lora"])
+def test_tune_saves_every_n_steps_and_a_killed_run_resumes_bit_identically(tmp_path, monkeypatch, method):
+    """tune wrote a checkpoint only at the end and on Ctrl-C/SIGTERM: a run killed otherwise (out of memory,
+    preempted) left none, and ran again from step 1. save_every=N saves every N steps; the run killed between
+    two saves resumes from the last one and ends as the uninterrupted run does, bit for bit."""
+    def run(out, **options):
+        torch.manual_seed(0)
+        return bitune.tune(kpro.Llama(tiny_config()), tiny_pairs(40), method, out, steps=6, batch_size=4, lr=1e-2,
+                           rank=2, alpha=2.0, **options)
+
+    straight = run(tmp_path / "straight")
+    kill_at_step(monkeypatch, 5)
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", save_every=2)
+    assert [path.name for path in kt.list_checkpoints(tmp_path / "killed" / "run")] == ["step-00000004"]
+    monkeypatch.undo()
+    resumed = run(tmp_path / "killed", save_every=2)
+    losses = [[m["loss"] for m in kt.read_metrics(out / "run" / "metrics.jsonl")] for out in (tmp_path / "straight",
+                                                                                              tmp_path / "killed")]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    for (name, tensor), (_, other) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(tensor, other), name
+    with pytest.raises(ValueError, match="save_every must be a positive integer or None, got 0"):
+        run(tmp_path / "zero", save_every=0)
+
+
 @pytest.mark.parametrize("method", ["bitune", "lora"])
 def test_tune_takes_a_numpy_rank_and_alpha(tmp_path, method):
     """The settings recorded in each checkpoint kept a NumPy rank as given: the first save raised 'Object of
@@ -704,12 +748,27 @@ def test_bitune_resumed_on_other_examples_names_data_and_max_length(tmp_path, ca
                         "another --out for a new run\n"), err
 
 
+def test_bitune_saves_every_n_steps_and_the_same_command_resumes_a_killed_run(tmp_path, capsys, monkeypatch):
+    """The command had no --save-every: a run killed between its start and its end (SIGKILL: out of memory,
+    preempted) left no checkpoint, and the same command started it over from step 1."""
+    kill_at_step(monkeypatch, 3)
+    with pytest.raises(Killed):
+        bitune_command(tmp_path, "--batch-size", "4", "--steps", "4", "--save-every", "2")
+    assert [path.name for path in kt.list_checkpoints(tmp_path / "out" / "run")] == ["step-00000002"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "4", "--save-every", "2") == 0
+    assert f"resumed from {tmp_path / 'out' / 'run' / 'step-00000002'} at step 2/4" in capsys.readouterr().out
+    assert [m["step"] for m in kt.read_metrics(tmp_path / "out" / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("args, message", [
     # checked inside tune before, after the model and the data had loaded (nan passed with --steps 0)
     (["--lr", "0"], "--lr must be a positive finite number, got 0"),
     (["--lr", "nan", "--steps", "0"], "--lr must be a positive finite number, got nan"),
     (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
     (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--save-every", "0"], "--save-every must be positive"),
     (["--seed", str(2 ** 80)],  # "Overflow when unpacking long long" before
      f"--seed must be an integer from 0 to 2**63 - 1, got {2 ** 80}"),
     # refused by LoRA's "LoRA alpha must be ..." before, after the model and the data had loaded
@@ -731,6 +790,9 @@ def test_bitune_checks_lr_alpha_and_seed_before_loading_anything(tmp_path, capsy
      "--batch-size, --loss-weighting shape training; --steps 0 trains nothing"),
     (["--eval-batch-size", "4"], "--eval-batch-size 4 sizes the scoring of --eval files, and none is given: pass "
                                  "--eval FILE, or drop it"),
+    (["--steps", "0", "--save-every", "2"], "--save-every 2 checkpoints training, and --steps 0 trains nothing (it "
+                                            "saves the untuned adapters and scores them on --eval): drop it, or pass "
+                                            "--steps N"),
     (["--steps", "0", "--seed", "3", "--lr", "3e-4", "--eval-batch-size", "16"],  # given as their defaults
      "--data"),
 ])

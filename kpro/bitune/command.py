@@ -46,6 +46,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--eval-batch-size", type=int, default=16,
                    help="rows scored at once, each a question's prompt with one of its choices (a question of 4 "
                         "choices is 4 rows)")
+    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: at the end and on "
+                   "Ctrl-C only; the newest is kept)")
     p.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (bf16 autocast runs on GPU anyway)")
     add_device_argument(p)
@@ -68,7 +70,7 @@ def run(args) -> None:
         raise ValueError(f"--mode {args.mode} is a Bitune ablation; --baseline {args.baseline} trains plain LoRA")
     args.mode = args.mode or "bitune"
     args.device = resolve_device(args.device)
-    for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size"):
+    for name in ("steps", "batch_size", "rank", "max_length", "eval_batch_size", "save_every"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}")
     if not 0 < args.lr < math.inf:  # else refused by tune, after the model and the data had loaded
@@ -85,6 +87,9 @@ def run(args) -> None:
         raise ValueError(f"{', '.join(untrained)} shape{'s' if len(untrained) == 1 else ''} training; --steps 0 "
                          "trains nothing (it saves the untuned adapters and scores them on --eval): "
                          f"drop {'it' if len(untrained) == 1 else 'them'}, or pass --steps N")
+    if args.steps == 0 and args.save_every is not None:
+        raise ValueError(f"--save-every {args.save_every} checkpoints training, and --steps 0 trains nothing (it saves "
+                         "the untuned adapters and scores them on --eval): drop it, or pass --steps N")
     if not args.eval and "--eval-batch-size" in given:
         raise ValueError(f"--eval-batch-size {args.eval_batch_size} sizes the scoring of --eval files, and none is "
                          "given: pass --eval FILE, or drop it")
@@ -127,7 +132,7 @@ def run(args) -> None:
     try:
         tuned = tune(model, pairs, method, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      rank=args.rank, alpha=args.alpha, mode=args.mode, weighting=args.loss_weighting, seed=args.seed,
-                     pad_id=tok.pad_id)
+                     pad_id=tok.pad_id, save_every=args.save_every)
     except OtherExamples as err:
         raise _other_examples(err, args, len(pairs)) from None
     print(f"adapters saved to {Path(args.out) / 'adapters'}")

@@ -73,13 +73,15 @@ def weighted_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torc
 
 def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, steps: int = 3000, batch_size: int = 10,
          lr: float = 3e-4, warmup: float | None = None, rank: int = 8, alpha: float = 1.0, mode: str = "bitune",
-         weighting: str = "example", seed: int = 0, pad_id: int = 0, callbacks=(), stream=None, log_every=None):
+         weighting: str = "example", seed: int = 0, pad_id: int = 0, save_every: int | None = None, callbacks=(),
+         stream=None, log_every=None):
     """Train adapters on (prompt, answer) pairs with the reference defaults (AdamW, no weight decay, linear
     schedule with `warmup` of the steps (default 10%; a resumed run keeps its own warmup, so that more
     steps extend it), clipping 1.0, bf16 on GPU, each example's answer averaged and the
     examples averaged: `weighting="example"`; "token" averages every answer token). Returns the tuned
     module: a Bitune, or for `method="lora"` a `lora.AdaptedModel` with one `causal` adapter; adapters are
-    saved to `out_dir/adapters`, the training state (resumable) to `out_dir/run`."""
+    saved to `out_dir/adapters`, the training state (resumable) to `out_dir/run`: every `save_every` steps
+    (None: only at the end and on Ctrl-C or SIGTERM), the newest checkpoint kept."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if weighting not in WEIGHTINGS:
@@ -125,7 +127,7 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         if steps > 0:
             kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
             fit(tuned, batches, out_dir / "run", steps=steps, optimizer=lambda m: adamw(m, lr, weight_decay=0.0),
-                schedule=schedule, clip_grad_norm=1.0, keep_last=1,
+                schedule=schedule, clip_grad_norm=1.0, save_every=save_every, keep_last=1,
                 callbacks=[_RecordSettings(settings), trained, *callbacks], stream=stream, log_every=log_every,
                 **kwargs)
         save_tuned_adapters(tuned, out_dir / "adapters")
