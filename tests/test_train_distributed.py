@@ -335,3 +335,29 @@ def test_fsdp_refuses_a_merged_lora_model_up_front_by_name(merged):
             assert "(layer layers.0.self_attn.q_proj, adapter 'a'" in r[key] and "unmerge()" in r[key], r[key]
             assert "save_pretrained" in r[key], r[key]
         assert r["fsdp_model_error"] is None, r["fsdp_model_error"]
+
+
+def run_edge(out: Path, scenario: str) -> list[dict]:
+    """tests/_dist_edges.py SCENARIO on 2 processes (a process group timing out after 20 s); each rank's result."""
+    done = torchrun("_dist_edges.py", out, scenario, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return [json.loads((out / f"{scenario}-rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_batches_running_out_on_one_process_stop_every_process_with_a_checkpoint(tmp_path):
+    """A plain iterable that ran out on rank 1 alone: rank 1 went into the save (a collective), rank 0 into the next
+    step's, and both waited until the process group timed out (30 minutes), with no checkpoint. Each process now
+    fetches the next step's batch before the processes agree on the step: all stop after the same step, save it,
+    and raise, naming the process that ran out. The checkpoint holds each process's RNGs as they were before the
+    batch fetched ahead."""
+    results = run_edge(tmp_path, "uneven")
+    for r in results:
+        assert (r["error"] or "").startswith("ValueError: the batches ran out on process 1 (of 2) after 2 of steps=4 "
+                                             f"(saved {tmp_path / 'run' / 'step-00000002'})"), r["error"]
+    assert [p.name for p in kt.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    saved = torch.load(tmp_path / "run" / "step-00000002" / "trainer_state.pt", weights_only=False)
+    assert saved["data"]["steps"] == 2
+    for rank in range(2):
+        made = torch.load(tmp_path / f"uneven-rng-rank{rank}.pt")
+        assert len(made) == (3 if rank == 0 else 2)  # rank 0 made the third batch ahead
+        assert torch.equal(saved["rng"][rank]["torch"], made[1]), rank

@@ -9,6 +9,7 @@ callback states) is in the checkpoint, so a resumed run continues exactly.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import numbers
@@ -152,8 +153,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                  Batches with `per_process = True` (`kpro.train.TokenShards`) give each process its own rows of
                  the global batch already: fit splits those only into micro-batches.
     out_dir      run directory: `metrics.jsonl` (one line per step) and checkpoints `step-XXXXXXXX/`.
-    steps        total optimizer steps of the run (default: len(batches)); batches that run out before are an
-                 error (after a checkpoint of the steps done).
+    steps        total optimizer steps of the run (default: len(batches)); batches that run out before (on any
+                 process) are an error (after a checkpoint of the steps done).
     loss_fn      loss_fn(model, batch) -> a scalar mean, or a `LossSum(total, count)`, which averages over
                  every loss token of the step exactly; default: `lm_loss` (causal LM, labels -100 ignored).
                  Under DDP/FSDP `model` is the wrapped module: call it (its forward), not other methods.
@@ -240,10 +241,15 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     device = next(model.parameters()).device
     per_process = bool(getattr(batches, "per_process", False))
 
+    # Several processes fetch each step's batch before they agree on the step (`look_ahead`), after the step before
+    # it may ask for a checkpoint: that checkpoint holds the RNG states and data position as they were before the
+    # fetch, as one process's does.
+    before_fetch = None
+
     def data_state():
         if not hasattr(batches, "state_dict"):
             return {"steps": run.step, "rows": batch_rows}
-        state = batches.state_dict()
+        state = before_fetch["data"] if before_fetch is not None else batches.state_dict()
         check_loadable(state, f"{type(batches).__name__}.state_dict()")
         return state
 
@@ -255,11 +261,49 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
         settings["optimizer"], settings["param_groups"] = type_name(run.optimizer), _param_groups(run.optimizer)
         state = {"callbacks": callback_states(callbacks), "metrics": run.metrics, "settings": settings,
                  "data": data_state()}
-        run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
-                                         summary={"metrics": run.metrics, "total_steps": steps}, write_extra=write_extra)
+        now = None
+        if before_fetch is not None:
+            now = rng_state()
+            set_rng_state(before_fetch["rng"])
+        try:
+            run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
+                                             summary={"metrics": run.metrics, "total_steps": steps},
+                                             write_extra=write_extra)
+        finally:
+            if now is not None:
+                set_rng_state(now)
         run._save_requested = False
 
+    def fetch():
+        """The next step's batch; _RAN_OUT where the batches ran out, _INTERRUPTED where fetching failed after
+        Ctrl-C (it reached the data's own workers too: a torch DataLoader's, which exit quietly), which saves the
+        steps done as any Ctrl-C does."""
+        try:
+            return _as_dict(next(data))
+        except StopIteration:
+            return _RAN_OUT
+        except Exception:
+            if not interrupt.requested:
+                raise
+            return _INTERRUPTED
+
+    def look_ahead(interrupted: bool):
+        """Several processes: fetch the next step's batch, and agree on it with the requests (save, stop, Ctrl-C)
+        in the one collective of `_agree_on_requests`, before the step's own: batches running out on some
+        processes stop every process (those going on would wait in the step's collectives, the others in the
+        save's, until the process group timed out). Returns the batch (`_RAN_OUT` on every process where any ran
+        out), whether any process was interrupted, and the processes that ran out."""
+        nonlocal before_fetch
+        batch = before_fetch = None
+        if run.step < steps and not (interrupted or run._stop_requested):  # not a fetch this process knows is lost
+            data_now = batches.state_dict() if hasattr(batches, "state_dict") else None
+            before_fetch = {"rng": rng_state(), "data": copy.deepcopy(data_now)}  # a state the fetch may change
+            batch = fetch()
+        interrupted, ran_out = _agree_on_requests(run, interrupted or batch is _INTERRUPTED, batch is _RAN_OUT)
+        return (_RAN_OUT if ran_out else batch), interrupted, ran_out
+
     interrupted = exhausted = False
+    ran_out_on = []  # the processes whose batches ran out, where several agree on it
     with _InterruptToStop() as interrupt:
         try:
             # What on_fit_start draws (a random evaluation subset) must not move the random streams, as in on_save: a
@@ -273,24 +317,23 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
             callback_states(callbacks), data_state()  # states a checkpoint cannot load back: refused before training
             for p in model.parameters():  # gradients left from before fit (a check's backward) would add to step 1
                 p.grad = None
+            ahead = None  # several processes: the next step's batch, fetched before they agree on the step
             if env.world_size > 1:  # a stop asked for in on_fit_start on any process is for all
-                _agree_on_requests(run, False)
+                ahead, interrupted_at_start, ran_out_on = look_ahead(False)
+                if interrupted_at_start:  # fetching failed after Ctrl-C on some process: none starts the step
+                    ahead = _INTERRUPTED
             # A stop asked for in on_fit_start (an early stop that a callback's restored state remembers) ends the run
             # before its first step, saving nothing new: a run requeued after it stopped does not grow a step per launch
             stopped_at_start = run._stop_requested
             while run.step < steps and not stopped_at_start:
-                try:
-                    batch = _as_dict(next(data))
-                except StopIteration:
+                batch, ahead = (ahead if env.world_size > 1 else fetch()), None
+                if batch is _RAN_OUT:
                     exhausted = True
                     break
-                except Exception:
-                    if not interrupt.requested:
-                        raise
-                    # Ctrl-C reached the data's own workers too (a torch DataLoader's, which exit quietly): the
-                    # failure to fetch is the interrupt's doing, and the steps done are saved as on any Ctrl-C.
+                if batch is _INTERRUPTED:
                     interrupted = True
                     break
+                before_fetch = None  # the batch is this step's: a checkpoint from here is at this step's end
                 if not hasattr(batches, "state_dict"):
                     rows = _batch_rows(batch)
                     if check_rows_after_resume and None not in (rows, batch_rows) and rows != batch_rows:
@@ -321,7 +364,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 # A Ctrl-C during the callbacks (an evaluation, say) stops at this step, not after one more.
                 interrupted = interrupted or interrupt.requested
                 if env.world_size > 1:  # a save or stop asked for on any process (rank 0's early stopping) is for all
-                    interrupted = _agree_on_requests(run, interrupted)
+                    ahead, interrupted, ran_out_on = look_ahead(interrupted)
                 if env.is_main:
                     metrics_log.write(run.metrics)
                     progress.update(run.step, loss, lr_now, tokens)
@@ -344,21 +387,33 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
             print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)
         raise KeyboardInterrupt
     if exhausted:  # a run that silently trained fewer steps than asked would mislead
-        raise ValueError(f"the batches ran out after {run.step} of steps={steps} (saved {run.checkpoint}); pass "
-                         "steps= no larger than the batches hold, or use kpro.train.Batches, which reshuffles every epoch")
+        where = (f" on process{'es' if len(ran_out_on) > 1 else ''} {', '.join(map(str, ran_out_on))} (of "
+                 f"{env.world_size})" if env.world_size > 1 else "")
+        raise ValueError(f"the batches ran out{where} after {run.step} of steps={steps} (saved {run.checkpoint}); pass "
+                         "steps= no larger than the batches hold, or use kpro.train.Batches, which reshuffles every "
+                         "epoch" + ("; under torchrun every process must iterate the same global batches" if where
+                                    else ""))
     for cb in callbacks:
         cb.on_fit_end(run)
     return run
 
 
-def _agree_on_requests(run: Run, interrupted: bool) -> bool:
-    """`run.save_checkpoint()`, `run.stop()` and Ctrl-C asked for on any process, on every process: saving is a
-    collective, and a process stopping alone would leave the others waiting in the next step's. One small
-    all-reduce; it cannot join the step's own, which comes before the callbacks' on_step_end. Returns whether any
-    process was interrupted."""
-    requests = torch.tensor([run._save_requested, run._stop_requested, interrupted], dtype=torch.float64)
-    run._save_requested, run._stop_requested, interrupted = (distributed.all_reduce_sum(requests, run.env) > 0).tolist()
-    return interrupted
+# What fit's fetch of the next batch gives where it got none
+_RAN_OUT, _INTERRUPTED = object(), object()
+
+
+def _agree_on_requests(run: Run, interrupted: bool, ran_out: bool = False) -> tuple[bool, list[int]]:
+    """`run.save_checkpoint()`, `run.stop()`, Ctrl-C and batches that ran out, on any process, on every process:
+    saving is a collective, and a process stopping alone would leave the others waiting in the next step's. One
+    small all-reduce a step; it cannot join the step's own, which comes before the callbacks' on_step_end. Returns
+    whether any process was interrupted, and the processes whose batches ran out (one entry each, to name them)."""
+    env = run.env
+    requests = torch.zeros(3 + env.world_size, dtype=torch.float64)
+    requests[:3] = torch.tensor([run._save_requested, run._stop_requested, interrupted], dtype=torch.float64)
+    requests[3 + env.rank] = float(ran_out)
+    agreed = distributed.all_reduce_sum(requests, env).cpu() > 0
+    run._save_requested, run._stop_requested, interrupted = agreed[:3].tolist()
+    return interrupted, agreed[3:].nonzero().flatten().tolist()
 
 
 def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast_forward: bool):
