@@ -361,3 +361,19 @@ def test_batches_running_out_on_one_process_stop_every_process_with_a_checkpoint
         made = torch.load(tmp_path / f"uneven-rng-rank{rank}.pt")
         assert len(made) == (3 if rank == 0 else 2)  # rank 0 made the third batch ahead
         assert torch.equal(saved["rng"][rank]["torch"], made[1]), rank
+
+
+@pytest.mark.parametrize("scenario", ["fsdp-shape", "fsdp-layers"])
+def test_fsdp_refuses_processes_holding_different_models_on_every_process(scenario, tmp_path):
+    """parallel='fsdp' broadcasts rank 0's tensors one by one: with another intermediate_size or layer count on rank 1
+    gloo aborted one process ("Received data size doesn't match expected size"), the other losing its connection.
+    Refused on every process before the broadcast, naming the first tensor that differs, as DDP does."""
+    results = run_edge(tmp_path, scenario)
+    first = {"fsdp-shape": "(22 parameters and buffers on process 0, 22 on process 1; the first that differs: "
+                           "layers.0.mlp.gate_proj.weight, float32 [88, 48] on process 0, float32 [96, 48] on process 1)",
+             "fsdp-layers": "(22 parameters and buffers on process 0, 31 on process 1; the first that differs: "
+                            "layers.2.input_layernorm.weight, none on process 0, float32 [48] on process 1)"}
+    for r in results:
+        assert (r["error"] or "").startswith("ValueError: FSDP needs the same model on every process"), r["error"]
+        assert first[scenario] in r["error"], r["error"]
+        assert "build the same model on every process" in r["error"], r["error"]

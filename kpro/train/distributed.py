@@ -45,7 +45,8 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
 
     Every process starts from rank 0's weights, as under DDP: `fully_shard` keeps each process's own slice of
     its own tensors, so models initialised differently (another seed per rank, a checkpoint loaded on rank 0
-    only) would otherwise be stitched together from all of them.
+    only) would otherwise be stitched together from all of them. Processes holding different models (another
+    size, another layer count) are refused on every process, naming the first tensor that differs.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -60,6 +61,7 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
         raise ValueError(f"FSDP: found no kpro Block inside {type(model).__name__} to shard; shard the model "
                          "yourself with torch.distributed.fsdp.fully_shard and pass it to fit")
     if dist.get_world_size() > 1:
+        _check_same_tensors(model)
         for tensor in (*model.parameters(), *model.buffers()):
             if tensor.device.type != "meta":  # a model built on the meta device gets its weights loaded later
                 dist.broadcast(tensor.detach(), src=0)
@@ -67,6 +69,32 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def _check_same_tensors(model: nn.Module) -> None:
+    """Refuse, on every process, models whose parameters and buffers differ in names, shapes or dtypes between the
+    processes: rank 0's broadcast of them one by one into tensors of other sizes aborted a process in the backend
+    ("Received data size doesn't match expected size"), the others losing their connection. A collective."""
+    def described(tensor):
+        meta = " on the meta device" if tensor.device.type == "meta" else ""
+        return f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}{meta}"
+
+    mine = {name: described(t) for name, t in (*model.named_parameters(), *model.named_buffers())}
+    everyone = gather_objects(mine, current_env())
+    apart = [rank for rank, theirs in enumerate(everyone) if list(theirs.items()) != list(everyone[0].items())]
+    if not apart:
+        return
+    rank, first = apart[0], everyone[0]
+    theirs = everyone[rank]
+    names = list(dict.fromkeys([*first, *theirs]))
+    name = next((n for n in names if first.get(n) != theirs.get(n)), None)
+    differs = (f"the first that differs: {name}, {first.get(name, 'none')} on process 0, {theirs.get(name, 'none')} "
+               f"on process {rank}" if name is not None else "the same tensors in another order")
+    others = f"; process(es) {', '.join(map(str, apart[1:]))} differ too" if len(apart) > 1 else ""
+    raise ValueError(f"FSDP needs the same model on every process, and process {rank}'s differs from process 0's "
+                     f"({len(first)} parameters and buffers on process 0, {len(theirs)} on process {rank}; {differs}"
+                     f"{others}): build the same model on every process (every process starts from rank 0's "
+                     "weights, which are copied into its own tensors)")
 
 
 def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, str]:
