@@ -377,3 +377,25 @@ def test_fsdp_refuses_processes_holding_different_models_on_every_process(scenar
         assert (r["error"] or "").startswith("ValueError: FSDP needs the same model on every process"), r["error"]
         assert first[scenario] in r["error"], r["error"]
         assert "build the same model on every process" in r["error"], r["error"]
+
+
+def test_a_dataloader_whose_last_batch_cannot_be_split_is_refused_before_step_1(tmp_path):
+    """A DataLoader(drop_last=False) of 15 examples in batches of 8: its last batch of 7 rows cannot be split between
+    2 processes (or into 2 accumulation steps), which failed at the last step, with the steps before it unsaved. Now
+    refused before the first step, on every process, as a kt.Batches of that kind is; not where steps= ends the run
+    before that batch."""
+    results = run_edge(tmp_path, "partial")
+    for r in results:
+        assert (r["error"] or "").startswith("ValueError: the DataLoader's last batch (step 2) holds 7 of its 15 "
+                                             "examples (drop_last=False), which cannot be split into 2 micro-batches "
+                                             "(processes x grad_accum)"), r["error"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+    from torch.utils.data import DataLoader
+
+    def loader(**kwargs):
+        return DataLoader(examples(15), batch_size=8, collate_fn=lambda rows: kt.collate_prompt_answer(rows, pad_id=0),
+                          **kwargs)
+    with pytest.raises(ValueError, match=r"last batch \(step 2\) holds 7 of its 15 examples .* into 2 micro-batches"):
+        kt.fit(make_model(), loader(), tmp_path / "accum", grad_accum=2, lr=1e-3)
+    assert kt.fit(make_model(), loader(), tmp_path / "short", steps=1, grad_accum=2, lr=1e-3).step == 1
+    assert kt.fit(make_model(), loader(drop_last=True), tmp_path / "dropped", grad_accum=2, lr=1e-3).step == 1

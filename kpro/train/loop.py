@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, IterableDataset
 
 from .._numbers import is_integer
 from .._run_lock import holding
@@ -183,7 +184,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     lr, clip_grad_norm = (None if value is None else float(value) for value in (lr, clip_grad_norm))
     grad_accum, keep_last = int(grad_accum), int(keep_last)
     save_every, log_every = (None if value is None else int(value) for value in (save_every, log_every))
-    _check_partial_batch(batches, env.world_size * grad_accum)
+    _check_partial_batch(batches, env.world_size * grad_accum, steps)
     _check_same_data(batches, env)
     if isinstance(schedule, str):
         schedule = Schedule(schedule, total_steps=steps if schedule != "constant" else None)
@@ -722,9 +723,13 @@ def _total_steps(steps, batches) -> int:
     return int(steps)
 
 
-def _check_partial_batch(batches, parts: int) -> None:
-    """A `Batches` that keeps its last, smaller batch: refused now if that batch cannot be split (it would
-    fail an epoch into the run)."""
+def _check_partial_batch(batches, parts: int, steps: int) -> None:
+    """A `Batches` or torch `DataLoader` that keeps its last, smaller batch: refused now if that batch cannot be
+    split (it would fail an epoch into the run, or at a DataLoader's last step, the steps before it unsaved). A
+    DataLoader only where the run reaches that batch, and where its size is known: a sized dataset batched by
+    batch_size (not a batch_sampler of one's own, nor an IterableDataset)."""
+    if isinstance(batches, DataLoader):
+        _check_dataloader_last_batch(batches, parts, steps)
     if not isinstance(batches, Batches) or batches.drop_last:
         return
     rest = len(batches.examples) % batches.batch_size
@@ -732,6 +737,21 @@ def _check_partial_batch(batches, parts: int) -> None:
         raise ValueError(f"the last batch of each epoch holds {rest} of the {len(batches.examples)} examples "
                          f"(Batches(drop_last=False)), which cannot be split into {parts} micro-batches (processes "
                          "x grad_accum); pass drop_last=True, or a number of examples that splits")
+
+
+def _check_dataloader_last_batch(loader: DataLoader, parts: int, steps: int) -> None:
+    if loader.batch_size is None or loader.drop_last or isinstance(loader.dataset, IterableDataset):
+        return
+    try:
+        examples = len(loader.sampler)
+    except TypeError:  # a sampler without a length
+        return
+    rest, last = examples % loader.batch_size, math.ceil(examples / loader.batch_size)
+    if rest and rest % parts and steps >= last:
+        raise ValueError(f"the DataLoader's last batch (step {last}) holds {rest} of its {examples} examples "
+                         f"(drop_last=False), which cannot be split into {parts} micro-batches (processes x "
+                         "grad_accum); pass the DataLoader drop_last=True, a number of examples that splits, or "
+                         f"steps= below {last}")
 
 
 def _check_same_data(batches, env: distributed.DistEnv) -> None:
