@@ -88,6 +88,17 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
         raise TypeError(f"decode needs the prefill's attention_mask [B, cache.length={cache.length}] (1 = real "
                         f"token; torch.ones for an unpadded prompt), got {type(attention_mask).__name__}")
     check_left_padded(attention_mask)  # a right-padded row would continue from its padding
+    # Both before the first step, which writes into the cache; later they failed mid-decoding with the model's
+    # messages, about the cache's last position or the mask decode had extended itself.
+    if tuple(attention_mask.shape) != (cache.batch_size, cache.length):
+        raise ValueError(f"attention_mask must be the prefill's [B, cache.length] = [{cache.batch_size}, "
+                         f"{cache.length}] (1 = real token), got {list(attention_mask.shape)}")
+    free = cache.max_len - cache.length
+    if max_new_tokens - 1 > free:
+        raise ValueError(f"max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} free cache positions (every new "
+                         f"token but the last is fed back), and the cache has {free}: cache.max_len={cache.max_len}, "
+                         f"cache.length={cache.length}; make the KVCache with max_len >= "
+                         f"{cache.length + max_new_tokens - 1}, or ask for at most {free + 1} tokens")
     device = logits.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     eos_seen = torch.zeros(logits.shape[0], dtype=torch.long, device=device)

@@ -364,3 +364,30 @@ def test_prompts_on_another_device_than_the_model_are_named(make_model):
     model = make_model().to("meta")
     with pytest.raises(ValueError, match=r"input_ids are on cpu and the model on meta: move the prompts"):
         kpro.generate(model, torch.tensor([[1, 5, 6]]), 4)
+
+
+def test_decode_refuses_a_cache_too_small_and_a_mask_not_covering_it_before_the_first_step(make_model):
+    """decode wrote tokens into a cache too small for max_new_tokens, then raised the model's "cache holds 6
+    positions; 6 used, 1 more asked" (max_new_tokens unnamed, the cache changed); a mask narrower than the cache
+    was refused at the second step only, for the mask it had extended itself ([1, 5] vs [1, 4])."""
+    model = make_model()
+    ids = torch.tensor([[5, 17, 33, 9]])
+    for max_len, width, message in (
+            (6, 4, r"max_new_tokens=8 needs 7 free cache positions \(every new token but the last is fed back\), and "
+                   r"the cache has 2: cache.max_len=6, cache.length=4; make the KVCache with max_len >= 11, or ask "
+                   r"for at most 3 tokens"),
+            (20, 3, r"attention_mask must be the prefill's \[B, cache.length\] = \[1, 4\] \(1 = real token\), "
+                    r"got \[1, 3\]")):
+        cache = kpro.KVCache(model.config, 1, max_len, next(model.parameters()).dtype)
+        with torch.no_grad():
+            logits = model(ids, cache=cache)[:, -1]
+        keys = cache.keys[0].clone()
+        with pytest.raises(ValueError, match=message):
+            kpro.generation.decode(model, cache, logits, torch.ones(1, width, dtype=torch.long), 8, eos_token_id=[])
+        assert cache.length == 4 and torch.equal(cache.keys[0], keys)
+    # exactly enough room: 7 fed back after the prefill's 4
+    cache = kpro.KVCache(model.config, 1, 11, next(model.parameters()).dtype)
+    with torch.no_grad():
+        logits = model(ids, cache=cache)[:, -1]
+    new = kpro.generation.decode(model, cache, logits, torch.ones(1, 4, dtype=torch.long), 8, eos_token_id=[])
+    assert torch.equal(new, kpro.generate(model, ids, 8, eos_token_id=[])[:, 4:])
