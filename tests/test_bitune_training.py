@@ -337,6 +337,23 @@ def test_generated_answers_end_at_their_eos(monkeypatch):
     assert bitune.generate_answers(model, TOK, ["x", "y", "z"], 5, stop_after_eos=2)[1] == "de"
 
 
+def test_an_answer_id_the_tokenizer_lacks_is_named_by_its_prompt(monkeypatch):
+    """A model with more embeddings than its tokenizer has tokens generated an id the tokenizer lacks, and the
+    call died in the tokenizer's "ids[2] = 62 is outside the vocabulary [0, 45)", naming neither the prompt nor
+    the answer ("ids[2]" is a place in the answer, read as a prompt's index)."""
+    big = TOK.vocab_size + 5
+
+    def generated(model, ids, max_new_tokens, **kwargs):  # the third row's lacking id after its eos is padding
+        rows = [[4, 5, 6, 7], [4, 5, big - 2, 4], [4, TOK.eos_id, big - 1, big - 1]]
+        return torch.cat((ids, torch.tensor(rows)), 1)
+    monkeypatch.setattr(bitune.evaluation, "generate", generated)
+    model = kpro.Llama(tiny_config(vocab_size=big))
+    with pytest.raises(ValueError, match=rf"^prompt 1 \('what is a river please\?'\) generated id {big - 2} "
+                                         rf"after 2 tokens, which the tokenizer lacks: the model's vocabulary \({big} "
+                                         rf"embeddings\) exceeds the tokenizer's \({TOK.vocab_size} tokens\)"):
+        bitune.generate_answers(model, TOK, ["one", "what is a river please?", "two"], 4)
+
+
 def test_generate_answers_takes_eos_token_id_none_as_the_configs_eos(monkeypatch):
     """None is kpro.generate's own default, the config's eos; generate_answers crashed on it after generating
     (torch.as_tensor(None))."""

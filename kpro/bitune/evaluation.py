@@ -189,7 +189,16 @@ def generate_answers(tuned, tok, prompts: Sequence[str], max_new_tokens: int, **
         with lora.active(tuned.model, tuned.adapter) if adapted else contextlib.nullcontext():
             new = generate(_model_of(tuned), ids, max_new_tokens, attention_mask=mask,
                            **sampling)[:, ids.shape[1]:].tolist()
-    return [tok.decode(_until_stop(row, set(eos), stop_after_eos)).strip() for row in new]
+    answers = [_until_stop(row, set(eos), stop_after_eos) for row in new]
+    for i, answer in enumerate(answers):
+        # A model with more embeddings than its tokenizer has tokens can generate an id the tokenizer lacks; its
+        # decode would name only the id's place in the answer ("ids[2]"), not which prompt's answer it was.
+        lacking = next((at for at, token in enumerate(answer) if not 0 <= token < tok.vocab_size), None)
+        if lacking is not None:
+            raise ValueError(f"prompt {i} ({prompts[i]!r:.40}) generated id {answer[lacking]} after {lacking} tokens, "
+                             f"which the tokenizer lacks: the model's vocabulary ({_model_of(tuned).config.vocab_size} "
+                             f"embeddings) exceeds the tokenizer's ({tok.vocab_size} tokens)")
+    return [tok.decode(answer).strip() for answer in answers]
 
 
 def _until_stop(row: list[int], eos: set[int], stop_after_eos: int) -> list[int]:
