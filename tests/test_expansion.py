@@ -86,10 +86,16 @@ def test_state_dict_follows_the_published_rule(make_model):
 
 
 def test_new_blocks_are_copies_not_shared(make_model):
+    """Every tensor of a new block is its own storage, not only q_proj's: a shared k_proj or norm would train
+    the source block too."""
     model = make_model(dtype=torch.float32, num_hidden_layers=2)
     kpro.expand(model, 1, position="top")
-    assert model.layers[2] is not model.layers[1]
-    assert model.layers[2].self_attn.q_proj.weight.data_ptr() != model.layers[1].self_attn.q_proj.weight.data_ptr()
+    new, source = model.layers[2], model.layers[1]
+    assert new is not source
+    new_tensors, source_tensors = dict(new.named_parameters()), dict(source.named_parameters())
+    assert new_tensors.keys() == source_tensors.keys() and len(new_tensors) == 9
+    for name, tensor in new_tensors.items():
+        assert tensor.data_ptr() != source_tensors[name].data_ptr(), name
 
 
 def test_new_blocks_are_trainable_even_when_their_source_was_frozen(make_model):
