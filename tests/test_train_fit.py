@@ -539,16 +539,17 @@ def test_resuming_a_plain_iterable_with_another_batch_size_is_refused(tmp_path):
 def test_a_lora_model_trains_checkpoints_and_resumes_exactly(tmp_path):
     """A Llama with LoRA layers (documented for fit's default loss) trained every step, then its checkpoint was
     refused at the first save (unmerged adapters have no place in an HF checkpoint) and the run was lost. Its
-    checkpoints are its state dict now, adapters included, and resume exactly."""
-    def adapted():
-        model = make_model()
-        kpro.lora.add_adapters(model, ["a"], rank=2, seed=0)
+    checkpoints are its state dict now, adapters included, and resume exactly: the resumed model starts from
+    other weights, frozen base and adapters alike, which the checkpoint must all replace."""
+    def adapted(seed=0):
+        model = make_model(seed)
+        kpro.lora.add_adapters(model, ["a"], rank=2, seed=seed)
         return model
     straight = adapted()
     with kpro.lora.active(straight, "a"):
         kt.fit(straight, batches(), tmp_path / "a", steps=4, lr=1e-2)
-    for stop in ([StopAt(2)], []):
-        resumed = adapted()
+    for stop, seed in (([StopAt(2)], 0), ([], 5)):
+        resumed = adapted(seed)
         with kpro.lora.active(resumed, "a"):
             kt.fit(resumed, batches(), tmp_path / "b", steps=4, lr=1e-2, callbacks=stop)
     assert (tmp_path / "b" / "step-00000002" / "module.safetensors").is_file()
@@ -559,9 +560,10 @@ def test_a_lora_model_trains_checkpoints_and_resumes_exactly(tmp_path):
 def test_a_model_with_a_merged_adapter_checkpoints_its_merge_and_resumes_exactly(tmp_path):
     """A merged LoRA layer's state dict holds its merge mark (the adapter's name, a uint8 tensor): a model trained
     with an adapter merged (its norms trained here) checkpoints it with its tensors, and resumes into a model
-    merged the same way, exactly."""
-    def merged(merge=True):
-        model = make_model()
+    merged the same way, exactly: the resumed model starts from other weights, whose frozen (merged) ones the
+    checkpoint must replace too."""
+    def merged(merge=True, seed=0):
+        model = make_model(seed)
         kpro.lora.add_adapters(model, ["a"], rank=2, seed=0)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -574,8 +576,8 @@ def test_a_model_with_a_merged_adapter_checkpoints_its_merge_and_resumes_exactly
         return model
     straight = merged()
     kt.fit(straight, batches(), tmp_path / "a", steps=4, lr=1e-2)
-    for stop in ([StopAt(2)], []):
-        resumed = merged()
+    for stop, seed in (([StopAt(2)], 0), ([], 5)):
+        resumed = merged(seed=seed)
         kt.fit(resumed, batches(), tmp_path / "b", steps=4, lr=1e-2, callbacks=stop)
     saved = load_file(tmp_path / "b" / "step-00000002" / "module.safetensors")
     assert saved["layers.0.self_attn.q_proj.merged_adapter"].tolist() == list(b"a")
