@@ -2,7 +2,9 @@
 
 The full-length run is `python -m kpro demo`. Each act ends with one line, `claim (act): ... -- SHOWN by this
 run: ...` or `NOT SHOWN`; its verdict function is tested here on made-up numbers both ways, and each act,
-run at tiny settings, must print the verdict that its returned numbers give.
+run at tiny settings, must print the verdict that its returned numbers give. The tiny runs land below the
+thresholds, so each act is also fed made-up numbers that pass them (its training or its jobs' results stubbed)
+and must print SHOWN, with those figures.
 """
 import contextlib
 import functools
@@ -298,6 +300,11 @@ def test_a_claim_line_names_the_figures_that_are_not_finite(tmp_path, capsys, mo
     assert not expansion._run(tmp_path, 400, 800, 2, 0.03, 1e-3, 200, [0], 1)["claim_shown"]
     shown, figures = claim_of(capsys.readouterr().out, "expansion")
     assert not shown and figures.endswith("; not a finite number: control general accuracy on seed 0 (nan)")
+    arms[1]["scores"]["general"] = 0.40  # the same run with a finite figure there: shown, and nothing named
+    calls = iter([[{"domain": 0.0, "general": 0.99}], arms])
+    assert expansion._run(tmp_path, 400, 800, 2, 0.03, 1e-3, 200, [0], 1)["claim_shown"]
+    shown, figures = claim_of(capsys.readouterr().out, "expansion")
+    assert shown and figures.endswith("domain learned by both (>= 0.9): yes, lowest 0.95")
 
     class Act:  # the bitune act over seeds, its accuracies made up: only_causal's a NaN on seed 1
         check = staticmethod(lambda out_dir, seed, **act: None)
@@ -325,7 +332,7 @@ def test_basics_verdict_both_ways():
     assert demo.verdict(right, wrong, examples) == (False, 0.8)  # the reload changed answers
 
 
-def test_basics_act_trains_saves_and_reloads(tmp_path, capsys):
+def test_basics_act_trains_saves_and_reloads(tmp_path, capsys, monkeypatch):
     result = demo.act_basics(tmp_path / "basics", steps=30)
     out = capsys.readouterr().out
     assert "step    30/30  loss" in out and "reloaded" in out
@@ -337,6 +344,15 @@ def test_basics_act_trains_saves_and_reloads(tmp_path, capsys):
     shown, figures = claim_of(out, "basics")
     assert shown == result["claim_shown"] == (result["accuracy"] >= demo.LEARNED and result["same_answers"] == 200)
     assert f"held-out accuracy {result['accuracy']:.2f}" in figures and f"{result['same_answers']}/200" in figures
+    # 30 steps stay below the threshold: the act's SHOWN side, on made-up answers (190 of 200 right, before and
+    # after the reload) after one real step
+    monkeypatch.setattr(demo, "answers", lambda model, tok, examples: ["" if i < 10 else answer
+                                                                       for i, (_, answer) in enumerate(examples)])
+    result = demo.act_basics(tmp_path / "made-up", steps=1)
+    shown, figures = claim_of(capsys.readouterr().out, "basics")
+    assert shown and result["claim_shown"] and (result["accuracy"], result["same_answers"]) == (0.95, 200)
+    assert figures == ("held-out accuracy 0.95 after reloading (needs >= 0.9), 200/200 answers unchanged by the "
+                       "save and reload")
 
 
 def test_internalization_verdict_both_ways():
@@ -398,7 +414,7 @@ def test_explicit_note_only_below_the_recipes_target():
     assert internalization.explicit_note(1.0, 2500, 12000) is None
 
 
-def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
+def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys, monkeypatch):
     results = internalization.act_internalization(tmp_path, explicit_steps=6, steps_per_token=2, after_steps=4,
                                                   decay_steps=2, warmup_steps=2, eval_every=4, valid_size=4,
                                                   test_size=8, hidden=32, workers=1, lr=5e-4, explicit_lr=1e-3)
@@ -429,6 +445,37 @@ def test_internalization_act_prints_the_verdict_of_its_numbers(tmp_path, capsys)
         internalization.act_internalization(tmp_path / "bad", after_steps=4, decay_steps=5)
     with pytest.raises(ValueError, match=r"warmup_steps must be an integer from 0 to explicit_steps - 1 \(5\)"):
         internalization.act_internalization(tmp_path / "bad", explicit_steps=6, warmup_steps=6)
+    # The tiny runs stay below the thresholds: the act's SHOWN side, its training skipped and each saved model's
+    # held-out evaluation made up (right answers of 20, CoT tokens written, examples/s).
+    from kpro.internalize.evaluation import Evaluation, Prediction
+    made_up = {"explicit-cot": (20, 4, 500.0), "no-cot": (7, 0, 2000.0), "internalized": (19, 0, 2000.0)}
+
+    class Saved:  # the model the act loads from DIR/model, known by DIR
+        def __init__(self, path):
+            self.name = Path(path).parent.name
+
+        def eval(self):
+            return self
+
+    def evaluate(model, tok, examples, batch_size=64):
+        right, cot, speed = made_up[model.name]
+        right = min(right, len(examples))
+        predictions = [Prediction(ids=(5,) * cot + (tok.eos_id,), cot="5 " * cot, answer=example.answer,
+                                  finished=True, correct=i < right) for i, example in enumerate(examples)]
+        return Evaluation(right / len(examples), speed, len(examples) / speed, right, len(examples), predictions)
+    monkeypatch.setattr(internalization, "run_jobs_reporting",
+                        lambda jobs, workers, groups: [{"selected": {"step": 20}}, {"selected": {"step": 26}}])
+    monkeypatch.setattr(internalization, "load_pretrained", Saved)
+    monkeypatch.setattr(internalization, "evaluate", evaluate)
+    results = internalization.act_internalization(tmp_path / "made-up", explicit_steps=6, steps_per_token=2,
+                                                  after_steps=4, decay_steps=2, warmup_steps=2, eval_every=4,
+                                                  valid_size=4, test_size=20, hidden=32, workers=1)
+    shown, figures = claim_of(capsys.readouterr().out, "internalization")
+    assert shown and results["claim_shown"]
+    assert [results[name]["accuracy"] for name in ("explicit CoT", "no CoT", "internalized")] == [1.0, 0.35, 0.95]
+    assert figures == ("internalized 0.950 with 0.0 CoT tokens, no CoT 0.350 (margin +0.600 = +5.1 standard errors; "
+                       "needs >= 0.9 with 0 CoT tokens and a margin > 3 standard errors), 4.0x the explicit model's "
+                       "examples/s")  # 0.6 / sqrt((0.95 * 0.05 + 0.35 * 0.65) / 20) = 5.12
 
 
 def test_expansion_curves_score_the_runs_they_report(tmp_path, capsys):
@@ -487,7 +534,7 @@ def test_bitune_seeds_verdict_takes_the_larger_standard_error():
     assert not shown and gain == pytest.approx(0.05) and se == seed_se
 
 
-def test_bitune_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
+def test_bitune_act_prints_the_verdict_of_its_numbers(tmp_path, capsys, monkeypatch):
     results = bitune.act_bitune(tmp_path / "bitune", pretrain_steps=4, tune_steps=2, held_out=20, train_questions=64,
                                 workers=1)
     out = capsys.readouterr().out
@@ -506,6 +553,18 @@ def test_bitune_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
     with one_thread():
         answers = kpro.bitune.generate_answers(tuned, tok, [q for q, _, _ in test], max_new_tokens=2)
     assert results["bitune"]["right"] == sum(a == w for a, (_, w, _) in zip(answers[20:], test[20:])) / 20
+    # The tiny run stays below the threshold: the act's SHOWN side, its tuning jobs' results made up
+    made_up = {"lora": {"left": 0.9, "right": 0.3}, "only_causal": {"left": 0.9, "right": 0.4},
+               "bitune": {"left": 0.9, "right": 0.95}}
+    monkeypatch.setattr(bitune, "run_jobs", lambda jobs, workers: [{**made_up[job["out_dir"].name],
+                                                                    "train_seconds": 1.0} for _, job in jobs])
+    results = bitune.act_bitune(tmp_path / "made-up", pretrain_steps=1, tune_steps=2, held_out=20,
+                                train_questions=64, workers=1)
+    shown, figures = claim_of(capsys.readouterr().out, "bitune")
+    assert shown and results["claim_shown"] and results["bitune"]["right"] == 0.95
+    # 0.55 / sqrt((0.95 * 0.05 + 0.4 * 0.6) / 20) = 4.59
+    assert figures.startswith("right 0.950 vs 0.400, gain +0.550 = +4.6 standard errors (needs > 3); one seed, 2 "
+                              "tuning steps, 20 questions a side; the demo's short run")
 
 
 def test_expansion_tasks_format():
@@ -562,7 +621,7 @@ def test_the_smollm2_claim_prints_its_figures_as_the_verdict_compares_them():
     assert claims.before_after(1.91949, 1.91851) == ("1.9195", "1.9185")
 
 
-def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
+def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys, monkeypatch):
     result = expansion.act_expansion(tmp_path / "expansion", pretrain_steps=8, domain_steps=4, eval_examples=8,
                                      seeds=2, workers=1)
     out = capsys.readouterr().out
@@ -577,6 +636,20 @@ def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys):
     base = kpro.load_pretrained(tmp_path / "expansion" / "seed-1" / "base")
     with one_thread():
         assert expansion.scores(base, 8) == result["runs"][1]["before"]
+    # The tiny runs stay below the thresholds: the act's SHOWN side, its jobs' scores made up for two seeds
+    arm = lambda domain, general, layers: {"layers": layers, "new_blocks": [2, 5] if layers == 6 else [],
+                                           "plan": "plan", "trainable": 1,
+                                           "scores": {"domain": domain, "general": general}}
+    calls = iter([[{"domain": 0.0, "general": 0.99}] * 2,
+                  [arm(0.95, 0.90, 6), arm(0.97, 0.40, 4), arm(0.92, 0.85, 6), arm(0.99, 0.60, 4)]])
+    monkeypatch.setattr(expansion, "run_jobs_reporting", lambda jobs, workers, groups: next(calls))
+    result = expansion.act_expansion(tmp_path / "made-up", pretrain_steps=8, domain_steps=4, eval_examples=8,
+                                     seeds=2, workers=1)
+    shown, figures = claim_of(capsys.readouterr().out, "expansion")
+    assert shown and result["claim_shown"] and result["margin"] == pytest.approx(0.25)
+    assert figures == ("general task kept with expansion vs full fine-tuning: 0.90 vs 0.40, 0.85 vs 0.60 (needs >= "
+                       "0.8 kept and a margin >= 0.2; smallest margin +0.25); domain learned by both (>= 0.9): yes, "
+                       "lowest 0.92")
 
 
 def test_the_expansion_claim_prints_the_lowest_domain_accuracy_as_compared(tmp_path, capsys, monkeypatch):
@@ -589,6 +662,11 @@ def test_the_expansion_claim_prints_the_lowest_domain_accuracy_as_compared(tmp_p
     assert not expansion._run(tmp_path, 400, 800, 2, 0.03, 1e-3, 200, [0], 1)["claim_shown"]
     shown, figures = claim_of(capsys.readouterr().out, "expansion")
     assert not shown and figures.endswith("domain learned by both (>= 0.9): no, lowest 0.895")
+    arms[0]["scores"]["domain"] = 0.9  # exactly enough: shown, and printed as compared
+    calls = iter([[{"domain": 0.0, "general": 0.99}], arms])
+    assert expansion._run(tmp_path, 400, 800, 2, 0.03, 1e-3, 200, [0], 1)["claim_shown"]
+    shown, figures = claim_of(capsys.readouterr().out, "expansion")
+    assert shown and figures.endswith("domain learned by both (>= 0.9): yes, lowest 0.90")
 
 
 def test_the_expansion_claim_prints_a_nan_domain_accuracy_as_the_lowest(tmp_path, capsys, monkeypatch):
