@@ -1,8 +1,9 @@
 """RMSNorm and SwiGLU, forward and forward+backward: kpro's backends against eager PyTorch, torch.compile
 (one static-shape, full-graph compilation per shape) and Liger-Kernel when installed. Each implementation
-is checked against a float64 reference (output, and both gradients) before it is timed. Achieved GB/s
-counts the bytes that must move; `fraction_of_copy` is its share of the copy bandwidth measured in the
-same run, `time_over_<impl>` kpro's time over each other implementation's.
+is checked against a float64 reference (output, and both gradients) before it is timed. The inputs of a case
+are shared by its implementations; Liger's SwiGLU, whose backward writes da, db into a, b, gets copies of its
+own. Achieved GB/s counts the bytes that must move; `fraction_of_copy` is its share of the copy bandwidth
+measured in the same run, `time_over_<impl>` kpro's time over each other implementation's.
 
     pytest --benchmark -k "rms_norm or swiglu"
 """
@@ -54,12 +55,16 @@ def implementations(op, device, key):
         else:
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
             impls["liger"] = LigerSiLUMulFunction.apply
+            OVERWRITES_INPUTS.add("liger")  # its backward writes da, db into a, b (no option to turn it off)
     except ImportError as err:  # named in the skip: a broken install must not just drop the column
         MISSING["liger"] = f"{type(err).__name__}: {err}"
     return impls
 
 
 MISSING: dict[str, str] = {}  # baseline -> why it could not be imported
+# Implementations whose backward writes into their inputs: they get copies of their own (inputs_for), as the
+# case's a, b are shared by every implementation of the case and must stay what the reference was computed on.
+OVERWRITES_INPUTS: set[str] = set()
 
 
 def _with_backend(name, fn, *args):
@@ -108,6 +113,15 @@ def setup_case(op, impl, shape, device, backward):
     return impls[impl], case
 
 
+def inputs_for(impl, case):
+    """The case's inputs a, b for `impl`: the shared leaves, or, for an implementation whose backward overwrites
+    them, copies of its own made before its check call. Its timed rounds then run on whatever its previous
+    backward left there; an elementwise kernel's time on a GPU does not depend on the values."""
+    if impl not in OVERWRITES_INPUTS:
+        return case.a, case.b
+    return tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in (case.a, case.b))
+
+
 ALL_SHAPES = sorted(set(GPU_SWIGLU_SHAPES + CPU_SHAPES))
 
 
@@ -139,7 +153,7 @@ def test_forward(benchmark, device, copy_bandwidth, op, impl, shape):
 @pytest.mark.parametrize("op", ["rms_norm", "swiglu"])
 def test_forward_backward(benchmark, device, copy_bandwidth, op, impl, shape):
     fn, case = setup_case(op, impl, shape, device, backward=True)
-    a, b, dy = case.a, case.b, case.dy
+    (a, b), dy = inputs_for(impl, case), case.dy
     out = fn(a, b)
     out.backward(dy)
     second = "weight gradient" if op == "rms_norm" else "up gradient"

@@ -651,6 +651,50 @@ def test_the_frozen_head_cross_entropy_is_checked_frozen(tmp_path):
     assert failed in done.stdout and "WrongResult: kpro-torch is wrong: dhidden" in done.stdout, done.stdout[-3000:]
 
 
+def test_an_implementation_overwriting_its_inputs_leaves_the_shared_ones_alone(tmp_path):
+    """Liger's SwiGLU backward writes da, db into its inputs a, b; benchmarks/test_norm_swiglu.py shares a, b
+    among the implementations of a case (CaseCache), so after Liger's check call they held gradients, and any
+    implementation run after it would have run on them. A fake Liger, registered as the real one is (its
+    import), overwrites its inputs the same way: it must pass, and the case's inputs must be unchanged after
+    every implementation of it ran."""
+    (tmp_path / "fake_inplace_liger.py").write_text(textwrap.dedent("""
+        import sys, types
+        import torch
+        import torch.nn.functional as F
+
+        class LigerSiLUMulFunction(torch.autograd.Function):  # as Liger's: da, db written into a, b
+            @staticmethod
+            def forward(ctx, a, b):
+                ctx.save_for_backward(a, b)
+                return F.silu(a) * b
+
+            @staticmethod
+            def backward(ctx, dc):
+                a, b = ctx.saved_tensors
+                sig = torch.sigmoid(a)
+                da = dc * b * sig * (1 + a * (1 - sig))
+                b.copy_(dc * a * sig)
+                a.copy_(da)
+                return a, b
+
+        for name in ("liger_kernel", "liger_kernel.ops"):
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["liger_kernel.ops.swiglu"] = types.SimpleNamespace(LigerSiLUMulFunction=LigerSiLUMulFunction)
+
+        def pytest_sessionfinish(session):
+            bench = sys.modules["test_norm_swiglu"]
+            fresh = bench.build_case("swiglu", (2048, 1024), torch.device("cpu"), backward=True)
+            same = all(torch.equal(getattr(bench.CASES.value, n).detach(), getattr(fresh, n)) for n in ("a", "b"))
+            print("SHARED INPUTS", "UNCHANGED" if same else "OVERWRITTEN")
+    """))
+    path = os.pathsep.join([str(ROOT), str(tmp_path)])
+    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-s", "-p",
+                           "no:cacheprovider", "-p", "fake_inplace_liger", "-k",
+                           "test_forward_backward and swiglu and not rms_norm and 2048x1024"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    assert "4 passed" in done.stdout and "SHARED INPUTS UNCHANGED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("untimed", [["--benchmark-disable"], ["--benchmark-skip"], ["-n", "2"]], ids=" ".join)
 def test_the_benchmark_flag_combines_with_untimed_runs(untimed):
     """--benchmark asked pytest-benchmark for --benchmark-only, which it refuses beside --benchmark-disable and
