@@ -6,11 +6,13 @@ compare fit's bookkeeping, not two ways of computing the loss.
     pytest --benchmark -k train_throughput
 
 The timed call is `steps` optimizer steps (for fit, with its final checkpoint, which is part of its cost);
-`extra_info` holds the steady-state tokens/s (median over steps after the first, checkpoint excluded), fit's
+`extra_info` holds the steady-state tokens/s (median over steps after the first, checkpoint excluded; each
+step timed from the previous step's end to its own, on both sides, so fit's figure holds its whole loop
+iteration, bookkeeping and data included, as the hand-written loop's holds its own), fit's
 steady-state step time over the loop's (`time_over_plain-loop`: the same work, the checkpoint left out) and,
 on CUDA, the model FLOPs utilisation: 6 · matmul parameters · tokens/s over the bf16 matmul rate measured
 in the same run (conftest.matmul_flops). A training loop waits for each step's loss, so its steps are timed
-by the host clock, as fit itself reports them (on a GPU too). Both loops' first-step loss must equal the
+by the host clock (on a GPU too). Both loops' first-step loss must equal the
 loss of the same fresh model on the same first batch (kpro's plain-PyTorch path, no autocast); a loop
 cannot be run untimed here, so this is checked on the timed run and fails the case when it disagrees.
 """
@@ -68,21 +70,29 @@ def reference_first_loss(cfg, rows, batch, device) -> float:
 
 
 class StepTimes(kt.Callback):
+    """fit's tokens/s of each step after the first, timed from the previous step's end to this one's: its whole
+    iteration (data, callbacks, metrics, progress, the step), as the hand-written loop is timed. fit's own
+    `tokens_per_s` times its training step alone and would leave its bookkeeping out."""
+
     def __init__(self):
-        self.tokens_per_s, self.losses = [], []
+        self.tokens_per_s, self.losses, self._last_end = [], [], None
 
     def on_step_end(self, run, metrics):
-        self.tokens_per_s.append(metrics["tokens_per_s"])
+        now = time.perf_counter()
+        if self._last_end is not None:
+            self.tokens_per_s.append(metrics["tokens"] / (now - self._last_end))
+        self._last_end = now
         self.losses.append(float(metrics["loss"]))
 
 
 def plain_loop(model, batches, steps, device):
-    """The same step, hand-written: what fit's bookkeeping is measured against. (tokens/s, losses) per step."""
+    """The same step, hand-written: what fit's bookkeeping is measured against. Returns the tokens/s of each step
+    after the first, timed from the previous step's end to this one's (the batch fetch included, as in
+    StepTimes), and every step's loss."""
     optimizer = kt.adamw(model, 3e-4)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    rates, losses = [], []
+    rates, losses, last_end = [], [], None
     for _, batch in zip(range(steps), batches):
-        start = time.perf_counter()
         ids = batch["input_ids"].to(device)
         with autocast:  # fit's default loss (lm_loss): the head's cross-entropy from the hidden states, no logits
             loss = kt.causal_lm_loss_from_hidden(model(ids, head=False), model.lm_head.weight, ids)
@@ -91,7 +101,10 @@ def plain_loop(model, batches, steps, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        rates.append(ids.numel() / (time.perf_counter() - start))
+        now = time.perf_counter()
+        if last_end is not None:
+            rates.append(ids.numel() / (now - last_end))
+        last_end = now
     return rates, losses
 
 
@@ -110,11 +123,11 @@ def test_train_throughput(benchmark, device, matmul_flops, tmp_path, impl, size)
         if impl == "fit":
             timer = StepTimes()
             kt.fit(model, batches, tmp_path / f"run{next(rounds)}", steps=steps, callbacks=[timer], stream=io.StringIO())
-            rates.extend(timer.tokens_per_s[1:])
+            rates.extend(timer.tokens_per_s)
             first_losses.append(timer.losses[0])
         else:
             step_rates, losses = plain_loop(model, batches, steps, device)
-            rates.extend(step_rates[1:])
+            rates.extend(step_rates)
             first_losses.append(losses[0])
         synchronize(device)
 
