@@ -3,7 +3,9 @@ the materialised path (logits = hidden @ weightᵀ, an fp32 copy, F.cross_entrop
 loss when it is installed (never faked), with the head trainable and frozen.
 
 Each implementation is checked against a wider reference (float64 on the CPU, fp32 logits of the bf16
-inputs on a GPU, on the first CHECK_ROWS rows), its head frozen or trainable as timed, before it is timed.
+inputs on a GPU, on the first CHECK_ROWS rows), its head frozen or trainable as timed, before it is timed;
+the CPU training steps check the loss and the trainable parameters' gradients against the same step in
+float64 with materialised logits.
 Besides the time, each row records `peak_extra_mb`, the most memory allocated at once during loss +
 backward above what was allocated before (on the CPU from the profiler's allocation events, on a GPU from
 max_memory_allocated), which counts the gradients it returns (dW of a trainable head: [V, d]; dhidden:
@@ -21,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from kpro import ops
 from kpro.ops.backend import unavailable_reason
-from conftest import CaseCache, check_close, describe_device, record_ratios, timed
+from conftest import CaseCache, check_close, check_gradients, describe_device, record_ratios, timed
 
 # (tokens N, hidden d, vocabulary V)
 GPU_CASES = [(n, 4096, v) for v in (32768, 131072) for n in (8192, 16384, 32768)]
@@ -196,18 +198,39 @@ def step_loss(method: str, loss: str):
     if loss == "fused":
         return bt, lambda m: bitune_loss(m, batch).mean
     targets = answer_targets(split_streams(ids, prompt_lens, batch["attention_mask"]))
-    return bt, lambda m: F.cross_entropy(m(ids, prompt_lens, batch["attention_mask"]).float().flatten(0, 1),
+    return bt, lambda m: F.cross_entropy(widened(m(ids, prompt_lens, batch["attention_mask"])).flatten(0, 1),
                                          targets.flatten())
 
 
-STEP_LOSSES: dict = {}
+def widened(logits):
+    """fp32 logits, float64 ones kept (the reference's)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def trainable_grads(module):
+    return {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+
+
+def step_reference(method: str):
+    """(loss, trainable parameters' gradients) of the step, computed apart from both timed paths: the same fresh
+    module in float64, kpro's plain-PyTorch ops, the logits materialised (no fused loss)."""
+    module, loss_fn = step_loss(method, "materialised")
+    module.double()
+    with ops.backend("torch"):
+        loss = loss_fn(module)
+        loss.backward()
+    return loss.detach(), trainable_grads(module)
+
+
+STEP_REFERENCES: dict = {}
 
 
 @pytest.mark.parametrize("loss", ["fused", "materialised"])
 @pytest.mark.parametrize("method", ["expansion", "bitune"])
 def test_training_step(benchmark, device, method, loss):
     """Forward + backward of a CPU-sized training step (d=256, V=32k, 4 x 256 tokens) with the fused loss
-    against the same step with materialised logits: the same loss first, then peak memory and time."""
+    against the same step with materialised logits: first the loss and the trainable parameters' gradients
+    against a float64 reference (materialised logits, step_reference), then peak memory and time."""
     if device.type != "cpu":
         pytest.skip("the CPU-sized step: on a GPU the kernels' cases above apply")
     module, loss_fn = step_loss(method, loss)
@@ -216,11 +239,16 @@ def test_training_step(benchmark, device, method, loss):
         module.zero_grad(set_to_none=True)
         loss_fn(module).backward()
 
-    value = loss_fn(module).item()
-    other = STEP_LOSSES.setdefault(method, value)
-    assert abs(value - other) <= 1e-5 * abs(other), f"{loss}: loss {value}, the other path's {other}; not timed"
+    if method not in STEP_REFERENCES:
+        STEP_REFERENCES[method] = step_reference(method)
+    reference_loss, reference_grads = STEP_REFERENCES[method]
+    value = loss_fn(module)
+    value.backward()
+    check_close(loss, [("loss", value, reference_loss)], torch.float32, benchmark=benchmark)
+    check_gradients(loss, trainable_grads(module), reference_grads, torch.float32, benchmark=benchmark)
+    module.zero_grad(set_to_none=True)
     benchmark.group = f"training step {method} d256 V32000 4x256"
-    benchmark.extra_info.update(device=describe_device(device), loss=round(value, 5))
+    benchmark.extra_info.update(device=describe_device(device), loss=round(value.item(), 5))
     peak = peak_extra_bytes(step, device)
     grads = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     record_memory(benchmark, benchmark.group, "kpro" if loss == "fused" else "materialised", peak, grads)

@@ -12,10 +12,13 @@ iteration, bookkeeping and data included, as the hand-written loop's holds its o
 steady-state step time over the loop's (`time_over_plain-loop`: the same work, the checkpoint left out) and,
 on CUDA, the model FLOPs utilisation: 6 · matmul parameters · tokens/s over the bf16 matmul rate measured
 in the same run (conftest.matmul_flops). A training loop waits for each step's loss, so its steps are timed
-by the host clock (on a GPU too). Both loops' first-step loss must equal the
-loss of the same fresh model on the same first batch (kpro's plain-PyTorch path, no autocast); a loop
-cannot be run untimed here, so this is checked on the timed run and fails the case when it disagrees.
+by the host clock (on a GPU too). Both loops' first-step loss, and the gradients their optimizer gets at
+that step (clipped), must equal those of the same fresh model on the same first batch (kpro's plain-PyTorch
+path, fp32, no autocast, the logits materialised, not the fused loss both loops use); a loop cannot be run
+untimed here, so this is checked on the timed run (the gradients before its first update, outside the
+steady-state steps) and fails the case when it disagrees.
 """
+import contextlib
 import io
 import statistics
 import time
@@ -24,9 +27,11 @@ import pytest
 import torch
 
 import kpro
-from conftest import describe_device, record_ratios, synchronize
+from conftest import MODEL_TOLERANCE, TOLERANCE, check_gradients, describe_device, record_ratios, synchronize
 from kpro import ops
 from kpro import train as kt
+from kpro.train.loss import count_loss_tokens
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 SIZES = {  # name: (config fields, batch, sequence, steps); gpu sizes run only where CUDA is
     "cpu-small": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -61,12 +66,45 @@ def parameter_counts(cfg) -> tuple[int, int]:
     return total, total - (0 if cfg.tie_word_embeddings else model.embed_tokens.weight.numel())
 
 
-def reference_first_loss(cfg, rows, batch, device) -> float:
-    """The loss of a fresh model on the first batch either loop sees: kpro's plain-PyTorch path, fp32."""
+CLIP = 1.0  # fit's default clip_grad_norm, and the hand-written loop's
+
+
+def reference_first_step(cfg, rows, batch, device) -> tuple[float, dict]:
+    """The loss of a fresh model on the first batch either loop sees, and its gradients as the optimizer gets
+    them (clipped at CLIP): kpro's plain-PyTorch path, fp32, no autocast, the logits materialised (both loops use
+    the fused loss). One row at a time, the sums added up: at gpu-1b the whole batch's fp32 logits and
+    attention would not fit beside the run."""
     model = fresh_model(cfg, device)
     ids = next(iter(kt.Batches(rows, batch, seed=0)))["input_ids"].to(device)
-    with torch.no_grad(), ops.backend("torch"):
-        return kt.causal_lm_loss(model(ids), ids).item()
+    count, total = count_loss_tokens(ids), 0.0
+    with ops.backend("torch"):
+        for row in ids.split(1):
+            loss = kt.causal_lm_loss(model(row), row, reduction="sum") / count
+            loss.backward()
+            total += loss.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    return total, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@contextlib.contextmanager
+def first_step_checked(impl, model, reference_grads, tolerance):
+    """Check the gradients that the first optimizer step gets (after clipping) against the reference's: fit's
+    optimizer is its own, so any optimizer's step is caught (check_gradients raises WrongResult, which ends the
+    run before its first update)."""
+    names, checked = {p: n for n, p in model.named_parameters()}, []
+
+    def check(optimizer, args, kwargs):
+        if not checked:
+            checked.append(True)
+            grads = {names[p]: p.grad for group in optimizer.param_groups for p in group["params"]
+                     if p.grad is not None}
+            check_gradients(impl, grads, reference_grads, torch.float32, tolerance=tolerance)
+    handle = register_optimizer_step_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+    assert checked, f"{impl}: no optimizer step was taken, so its gradients were not checked"
 
 
 class StepTimes(kt.Callback):
@@ -112,7 +150,8 @@ def plain_loop(model, batches, steps, device):
 @pytest.mark.parametrize("size", SIZES)
 def test_train_throughput(benchmark, device, matmul_flops, tmp_path, impl, size):
     cfg, rows, batch, steps = setup_size(size, device)
-    reference_loss = reference_first_loss(cfg, rows, batch, device)
+    reference_loss, reference_grads = reference_first_step(cfg, rows, batch, device)
+    tolerance = MODEL_TOLERANCE[torch.bfloat16] if device.type == "cuda" else TOLERANCE[torch.float32]  # bf16 autocast
     benchmark.group = f"train {size}"
     rates, first_losses, rounds = [], [], iter(range(1000))
 
@@ -120,20 +159,22 @@ def test_train_throughput(benchmark, device, matmul_flops, tmp_path, impl, size)
         return (fresh_model(cfg, device), kt.Batches(rows, batch, seed=0)), {}
 
     def run(model, batches):
-        if impl == "fit":
-            timer = StepTimes()
-            kt.fit(model, batches, tmp_path / f"run{next(rounds)}", steps=steps, callbacks=[timer], stream=io.StringIO())
-            rates.extend(timer.tokens_per_s)
-            first_losses.append(timer.losses[0])
-        else:
-            step_rates, losses = plain_loop(model, batches, steps, device)
-            rates.extend(step_rates)
-            first_losses.append(losses[0])
+        with first_step_checked(impl, model, reference_grads, tolerance):
+            if impl == "fit":
+                timer = StepTimes()
+                kt.fit(model, batches, tmp_path / f"run{next(rounds)}", steps=steps, callbacks=[timer],
+                       stream=io.StringIO())
+                rates.extend(timer.tokens_per_s)
+                first_losses.append(timer.losses[0])
+            else:
+                step_rates, losses = plain_loop(model, batches, steps, device)
+                rates.extend(step_rates)
+                first_losses.append(losses[0])
         synchronize(device)
 
     benchmark.pedantic(run, setup=setup, rounds=3 if device.type == "cpu" else 1, iterations=1)
-    tolerance = 2e-2 if device.type == "cuda" else 1e-4  # bf16 autocast on a GPU
-    assert all(abs(loss - reference_loss) <= tolerance * abs(reference_loss) for loss in first_losses), \
+    loss_tolerance = 2e-2 if device.type == "cuda" else 1e-4  # bf16 autocast on a GPU
+    assert all(abs(loss - reference_loss) <= loss_tolerance * abs(reference_loss) for loss in first_losses), \
         f"{impl} is wrong: first-step losses {first_losses} against the reference's {reference_loss}"
     tokens_per_s = statistics.median(rates)
     params, matmul_params = parameter_counts(cfg)

@@ -727,6 +727,46 @@ def test_an_implementation_overwriting_its_inputs_leaves_the_shared_ones_alone(t
     assert "4 passed" in done.stdout and "SHARED INPUTS UNCHANGED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def test_the_training_steps_gradients_are_checked(tmp_path):
+    """benchmarks/test_linear_cross_entropy.py's training steps (LLaMA Pro, Bitune) with the fused loss against
+    materialised logits compared the losses only, the first path run taking the other's as its reference: a
+    fused loss with no backward at all was timed. A plugin keeps the fused loss's value and drops its gradients:
+    both fused steps must fail on their gradients, unmeasured, against a float64 reference with materialised
+    logits, and the materialised ones pass."""
+    done = run_with_fused_loss_without_backward(tmp_path, "test_training_step")
+    assert "2 failed, 2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    for method in ("expansion", "bitune"):
+        assert f"FAILED benchmarks/test_linear_cross_entropy.py::test_training_step[{method}-fused]" in done.stdout
+    assert "WrongResult: fused is wrong: gradients' relative error" in done.stdout, done.stdout[-3000:]
+
+
+def test_the_training_benchmark_checks_the_first_steps_gradients(tmp_path):
+    """benchmarks/test_train.py checked the first step's loss only: fit and the hand-written loop, both on the
+    fused loss, were timed with a fused loss that has no backward. The gradients the optimizer gets at the first
+    step are now checked against a reference with materialised logits: both cases fail, unmeasured."""
+    done = run_with_fused_loss_without_backward(tmp_path, "train_throughput and cpu-small")
+    assert "2 failed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    for impl in ("fit", "plain-loop"):
+        assert f"FAILED benchmarks/test_train.py::test_train_throughput[cpu-small-{impl}]" in done.stdout
+        assert f"WrongResult: {impl} is wrong: lm_head.weight has a gradient only in the reference" in done.stdout, \
+            done.stdout[-3000:]
+
+
+def run_with_fused_loss_without_backward(tmp_path, keyword):
+    """`pytest --benchmark --benchmark-disable -k keyword` with kpro.ops.linear_cross_entropy keeping its value
+    and giving no gradient (a fast wrong fused loss)."""
+    (tmp_path / "fused_without_backward.py").write_text(textwrap.dedent("""
+        import kpro.ops as ops
+        real = ops.linear_cross_entropy
+        ops.linear_cross_entropy = lambda hidden, weight, *a, **k: (real(hidden.detach(), weight.detach(), *a, **k)
+                                                                    + 0.0 * hidden.sum())
+    """))
+    path = os.pathsep.join([str(ROOT), str(tmp_path)])
+    return subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
+                           "no:cacheprovider", "-p", "fused_without_backward", "-k", keyword],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+
+
 @pytest.mark.parametrize("untimed", [["--benchmark-disable"], ["--benchmark-skip"], ["-n", "2"]], ids=" ".join)
 def test_the_benchmark_flag_combines_with_untimed_runs(untimed):
     """--benchmark asked pytest-benchmark for --benchmark-only, which it refuses beside --benchmark-disable and
