@@ -59,8 +59,11 @@ class BaselineLlama(nn.Module):
         return self.output(self.norm(x))
 
     @classmethod
-    def from_kpro(cls, model):
-        base = cls(model.config).to(device=model.embed_tokens.weight.device, dtype=model.embed_tokens.weight.dtype)
+    def from_kpro(cls, model, dtype=None):
+        """The same weights, in `dtype` (the model's by default; a wider one for a reference, whose RoPE tables
+        are then not rounded to the model's dtype)."""
+        weight = model.embed_tokens.weight
+        base = cls(model.config).to(device=weight.device, dtype=dtype or weight.dtype)
         with torch.no_grad():
             base.tok_embeddings.weight.copy_(model.embed_tokens.weight)
             base.norm.weight.copy_(model.norm.weight)

@@ -1,19 +1,18 @@
 """Model forward and forward+backward: kpro.Llama against a compact gpt-fast-style PyTorch LLaMA
 (benchmarks/llama_baseline.py) and Hugging Face transformers when installed, on the same weights. Before
-timing, each implementation's logits on the first 64 tokens of one row (and, for forward+backward, all its
-parameter gradients) are checked against kpro's plain-PyTorch path in fp32 (on a GPU
-the models run in bf16: MODEL_TOLERANCE, as a bf16 model rounds at every op).
+timing, each implementation's logits on the whole timed batch (and, for forward+backward, all its parameter
+gradients) are checked against a reference that does not go through kpro.ops: the gpt-fast-style model on
+the same weights in float64 on the CPU, fp32 on a GPU (where the models run in bf16: MODEL_TOLERANCE, as a
+bf16 model rounds at every op), run one row at a time and kept for the case.
 
     pytest --benchmark -k model
 """
-import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import kpro
-from kpro import ops
 from conftest import (MODEL_TOLERANCE, CaseCache, check_close, check_gradients, describe_device, median_seconds,
                       record_ratios, timed)
 from llama_baseline import BaselineLlama
@@ -27,7 +26,6 @@ SIZES = {  # name: (config fields, batch, sequence); the GPU sizes run only wher
                     num_key_value_heads=8, vocab_size=32000), 4, 2048),
 }
 IMPLEMENTATIONS = ["kpro", "baseline", "transformers"]
-CHECK_TOKENS = 64
 REFERENCES = CaseCache()
 
 
@@ -39,13 +37,18 @@ def loss_of(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1).mean()
 
 
-def fp32_reference(model, ids):
-    """Logits and parameter gradients of kpro's plain-PyTorch path in fp32."""
-    ref = copy.deepcopy(model).float()
-    with ops.backend("torch"):
-        logits = ref(ids)
-        loss_of(logits).backward()
-    return SimpleNamespace(logits=logits.detach(), grads={n: p.grad for n, p in ref.named_parameters()})
+def wide_reference(model, ids):
+    """Logits and parameter gradients (kpro's names) on the timed batch `ids`, from the gpt-fast-style model on
+    `model`'s weights in float64 on the CPU, fp32 on a GPU: plain PyTorch (torch's RMSNorm, SDPA), so that a
+    wrong kpro op cannot make the reference wrong too. One row at a time, the loss's gradients summed: the
+    whole batch's fp32 logits and attention at gpu-1b would not fit beside the case."""
+    ref = BaselineLlama.from_kpro(model, dtype=torch.float64 if ids.device.type == "cpu" else torch.float32)
+    logits = []
+    for row in ids.split(1):
+        out = ref(row)
+        (loss_of(out) * row.shape[0] / ids.shape[0]).backward()  # loss_of is a mean over the batch's positions
+        logits.append(out.detach())
+    return SimpleNamespace(logits=torch.cat(logits), grads=ref.kpro_grads())
 
 
 def build(impl, size, device):
@@ -57,7 +60,7 @@ def build(impl, size, device):
     torch.manual_seed(0)
     model = kpro.Llama(cfg).to(device=device, dtype=dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-    reference = REFERENCES.get((size, device.type), lambda: fp32_reference(model, ids[:1, :CHECK_TOKENS]))
+    reference = REFERENCES.get((size, device.type), lambda: wide_reference(model, ids))
     if impl == "kpro":
         return model, ids, reference, dtype
     if impl == "baseline":
@@ -88,8 +91,8 @@ def named_grads(impl, model):
 @pytest.mark.parametrize("size", SIZES)
 def test_forward(benchmark, device, impl, size):
     model, ids, reference, dtype = build(impl, size, device)
-    with torch.no_grad():  # same function before timing: a faster wrong model is no baseline
-        logits = logits_of(model(ids[:1, :CHECK_TOKENS]))
+    with torch.no_grad():  # the timed batch, before timing: a faster wrong model is no baseline
+        logits = logits_of(model(ids))
     check_close(impl, [("logits", logits, reference.logits)], dtype, tolerance=MODEL_TOLERANCE[dtype],
                 benchmark=benchmark)
     del logits
@@ -109,7 +112,7 @@ def test_forward(benchmark, device, impl, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_forward_backward(benchmark, device, impl, size):
     model, ids, reference, dtype = build(impl, size, device)
-    logits = logits_of(model(ids[:1, :CHECK_TOKENS]))
+    logits = logits_of(model(ids))
     loss_of(logits).backward()
     check_close(impl, [("logits", logits, reference.logits)], dtype, tolerance=MODEL_TOLERANCE[dtype],
                 benchmark=benchmark)

@@ -752,6 +752,32 @@ def test_the_training_benchmark_checks_the_first_steps_gradients(tmp_path):
             done.stdout[-3000:]
 
 
+def test_the_model_benchmark_checks_the_whole_timed_batch(tmp_path):
+    """benchmarks/test_model.py checked the logits of one row's first 64 tokens and timed 4 rows of 256 (of
+    2048 on a GPU): attention right on the first 64 positions of the first row and zero everywhere else passed
+    and was timed. The whole timed batch is now checked, against a reference that does not go through kpro.ops
+    (the gpt-fast-style model in float64 on the CPU): kpro's forward and forward+backward fail, unmeasured."""
+    (tmp_path / "attention_wrong_after_64.py").write_text(textwrap.dedent("""
+        import kpro.ops as ops
+        real = ops.attention
+
+        def wrong(q, k, v, **kw):
+            out = real(q, k, v, **kw).clone()
+            out[:, 64:] = 0
+            out[1:] = 0
+            return out
+        ops.attention = wrong
+    """))
+    path = os.pathsep.join([str(ROOT), str(tmp_path)])
+    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
+                           "no:cacheprovider", "-p", "attention_wrong_after_64", "-k", "model and cpu-small"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    assert "2 failed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    for test in ("test_forward", "test_forward_backward"):
+        assert f"FAILED benchmarks/test_model.py::{test}[cpu-small-kpro]" in done.stdout, done.stdout[-3000:]
+    assert "WrongResult: kpro is wrong: logits relative error" in done.stdout, done.stdout[-3000:]
+
+
 def run_with_fused_loss_without_backward(tmp_path, keyword):
     """`pytest --benchmark --benchmark-disable -k keyword` with kpro.ops.linear_cross_entropy keeping its value
     and giving no gradient (a fast wrong fused loss)."""
