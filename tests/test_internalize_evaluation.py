@@ -39,6 +39,7 @@ class ScriptedModel(torch.nn.Module):
         self.step += 1
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab_size)
         logits[:, -1] = torch.nn.functional.one_hot(torch.tensor(next_ids), self.vocab_size).float()
+        cache.length += input_ids.shape[1]  # as a Llama's forward does: decode checks the mask against it
         return logits
 
 
