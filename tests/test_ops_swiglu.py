@@ -194,7 +194,7 @@ def test_eager_path_is_bit_identical_to_the_custom_ops(backend, device, dtype, m
     for eager in (True, False):
         if not eager:
             monkeypatch.setattr(SWIGLU_MODULE, "eager_fast_path", lambda *tensors: False)
-        saved, results = [], []
+        saved = []
         g, u, gu = gate.clone().requires_grad_(), up.clone().requires_grad_(), torch.cat((gate, up), -1).requires_grad_()
         with ops.backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             y, y_packed = ops.swiglu(g, u), ops.swiglu_packed(gu)

@@ -175,7 +175,7 @@ def slice_columns(n_rows: int, vocab: int, dtype: torch.dtype, block_v: int) -> 
 
 
 def backward(dloss, hidden, weight, labels, stats, ignore_index, hidden_grad: bool, weight_grad: bool):
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     index, h, target, (row_stats, scale) = _scored(hidden, labels, ignore_index, stats, dloss.float())
     scale = torch.where((target >= 0) & (target < vocab), scale, torch.nan)  # NaN gradients where the loss is
     n, d = h.shape
