@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
+        if args.command != "info" and os.environ.get("KPRO_BACKEND"):  # info runs no op (and imports no torch)
+            from .ops import requested_backend
+
+            requested_backend()  # a bad value refused now, not at the first op, after the model loaded
         args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt:
@@ -252,8 +256,19 @@ def main(argv: list[str] | None = None) -> int:
             CheckpointError, DirectoryInUse, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)  # bad input, or a run that diverged: one line, no traceback
         return 1
+    except RuntimeError as err:
+        if not _is_backend_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)  # KPRO_BACKEND asks for a backend that cannot run the call
+        return 1
     except OSError as err:  # a full disk, a read-only file system: what the writing saw, in one line
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: cannot write or read{where}: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _is_backend_error(err: BaseException) -> bool:
+    """kpro.ops.BackendError, without importing kpro.ops (torch) where no command did."""
+    errors = sys.modules.get("kpro.ops.errors")
+    return errors is not None and isinstance(err, errors.BackendError)

@@ -382,6 +382,37 @@ def test_command_errors_name_their_flag(tmp_path, capsys, monkeypatch, args, mes
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("value, message", [
+    ("bogus", "KPRO_BACKEND: unknown backend 'bogus'; choose from auto, torch, triton, cuda"),
+    ("rms_norm=cuda,rms_norm=torch", "KPRO_BACKEND='rms_norm=cuda,rms_norm=torch' names a backend for rms_norm twice"),
+])
+def test_a_bad_kpro_backend_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, value, message):
+    """A bad KPRO_BACKEND ended every command in a BackendError traceback, train-expanded's only after loading the
+    model and tokenizing the corpus (leaving an empty metrics.jsonl)."""
+    from kpro.expansion import posttrain
+
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "corpus.txt").write_text("ab cd\n\nef gh\n")
+    monkeypatch.setenv("KPRO_BACKEND", value)
+    monkeypatch.setattr(posttrain, "load_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    for args in (["generate", "ck", "--prompt", "a", "--device", "cpu"],
+                 ["train-expanded", "ck", "--data", "corpus.txt", "--out", "run", "--steps", "2"]):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_backend_that_cannot_run_a_call_is_one_line(tmp_path, capsys, monkeypatch):
+    """KPRO_BACKEND=cuda with --device cpu: the kernels' refusal, raised in the model's forward, was a traceback."""
+    write_checkpoint(tmp_path / "ck")
+    monkeypatch.setenv("KPRO_BACKEND", "cuda")
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", "a", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "backend 'cuda' cannot run this call" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--lr", "0"], "--lr must be a positive finite number, got 0"),
     (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
