@@ -423,6 +423,10 @@ def test_a_backend_that_cannot_run_a_call_is_one_line(tmp_path, capsys, monkeypa
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of --grad-accum 4"),
     (["--batch-size", "6", "--grad-accum", "2", "WORLD_SIZE=4"],
      "--batch-size 6 must be a multiple of --grad-accum 2 x 4 processes (torchrun's WORLD_SIZE) = 8"),
+    # "invalid literal for int() with base 10: 'abc'", naming nothing
+    (["WORLD_SIZE=abc"], "the environment variable WORLD_SIZE (torchrun's number of processes) must be a positive "
+                         "integer, got 'abc'"),
+    (["WORLD_SIZE=0"], "WORLD_SIZE (torchrun's number of processes) must be a positive integer, got '0'"),
 ])
 def test_train_expanded_refuses_bad_optimizer_flags_before_loading_anything(tmp_path, capsys, monkeypatch, args,
                                                                            message):
