@@ -4,6 +4,7 @@ parsers (`python -m kpro --help`, `info`) must not pay for it."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,18 +100,29 @@ def block_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected block indices separated by commas (4,9,14), got {text!r}") from None
 
 
+def user_path(text: str) -> str:
+    """A path argument with a leading `~` or `~user` expanded, as the shell does for a word of its own: bash leaves
+    `--out=~/x` and a quoted "~/x" as they are, which became a directory named ~ in the current one."""
+    return os.path.expanduser(text)
+
+
 def directory_path(text: str) -> str:
     """An output directory's path: an empty one (an unset `--out "$DIR"`) would be the current directory."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a directory, got an empty path (pass . for this directory)")
-    return text
+    return user_path(text)
 
 
 def input_path(text: str) -> str:
     """A file or directory a command reads: an empty path (an unset `"$CKPT"`) would be the current directory."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty one (pass . for this directory)")
-    return text
+    return user_path(text)
+
+
+def file_path(text: str) -> Path:
+    """A file a command reads, as a Path (`~` expanded)."""
+    return Path(user_path(text))
 
 
 def positive_int(text: str) -> int:

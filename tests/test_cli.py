@@ -484,6 +484,30 @@ def test_an_empty_input_path_is_refused(tmp_path, capsys, monkeypatch, args, arg
     assert f"argument {argument}: expected a path, got an empty one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, dest", [
+    (["info", "~/x"], "dir"), (["generate", "~/x", "--prompt", "a"], "dir"),
+    (["expand", "~/x", "y", "--blocks", "1"], "src"), (["expand", "x", "~/x", "--blocks", "1"], "dst"),
+    (["train-expanded", "~/x", "--data", "c"], "dir"), (["train-expanded", "x", "--data", "~/x"], "data"),
+    (["train-expanded", "x", "--data", "c", "--out=~/x"], "out"),
+    (["bitune", "--model", "~/x", "--data", "d"], "model"), (["bitune", "--model", "m", "--data=~/x"], "data"),
+    (["bitune", "--model", "m", "--data", "d", "--eval=~/x"], "eval"),
+    (["bitune", "--model", "m", "--data", "d", "--out=~/x"], "out"),
+    (["tokenize", "--tokenizer=~/x", "--data", "c", "--out", "o"], "tokenizer"),
+    (["tokenize", "--tokenizer", "t", "--data", "~/x", "--out", "o"], "data"),
+    (["tokenize", "--tokenizer", "t", "--data", "c", "--out=~/x"], "out"),
+    (["internalize", "--out=~/x"], "out"), (["internalize", "--out", "o", "--model=~/x"], "model"),
+    *[(["internalize", "--out", "o", f"--{flag}=~/x"], flag) for flag in ("train", "valid", "test")],
+    (["convert-gguf", "~/x", "o"], "file"), (["convert-gguf", "f", "~/x"], "out"),
+    (["demo", "--out=~/x"], "out"), (["reproduce", "bitune", "--out=~/x"], "out"),
+], ids=lambda value: " ".join(value)[:40] if isinstance(value, list) else value)
+def test_a_path_starting_with_a_tilde_is_in_the_home_directory(args, dest, monkeypatch, tmp_path):
+    """bash leaves `--out=~/x` (and a quoted "~/x") as it is: tokenize wrote its shards to ./~/tokens and said it
+    wrote them to ~/tokens."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    value = getattr(cli.build_parser(args[0]).parse_args(args), dest)
+    assert str(value[-1] if isinstance(value, list) else value) == str(tmp_path / "x")
+
+
 def test_train_expanded_runs_beside_a_checkpoint_given_as_dot(tmp_path, capsys, monkeypatch):
     """`train-expanded .` wrote its run to a directory named `-post` inside the checkpoint."""
     write_checkpoint(tmp_path / "src")

@@ -23,8 +23,8 @@ import torch
 
 from .._files import write_atomic
 from ..checkpoint import load_pretrained, save_pretrained
-from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, input_path,
-                        resolve_device)
+from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, file_path,
+                        input_path, resolve_device)
 from ..config import LlamaConfig
 from ..model import Llama
 from ..tokenizer import load_tokenizer
@@ -67,12 +67,12 @@ def add_parsers(sub) -> None:
                            f"pairs; valid/test are the published sets for {', '.join(f'{n}x{n}' for n in PUBLISHED_SIZES)} "
                            "and generated for other n. gsm8k: the published valid/test sets (pass --train). Default: none "
                            "(then --train and --valid)")
-    data.add_argument("--train", type=Path, metavar="FILE", help="training examples `input||cot #### answer`, one a "
+    data.add_argument("--train", type=file_path, metavar="FILE", help="training examples `input||cot #### answer`, one a "
                       "line (default: the --task's generated set); generated valid/test sets leave its pairs out, "
                       "with --eval-only too")
-    data.add_argument("--valid", type=Path, metavar="FILE", help="validation examples (default: the task's; a "
+    data.add_argument("--valid", type=file_path, metavar="FILE", help="validation examples (default: the task's; a "
                       "generated one leaves out the pairs of --test FILE)")
-    data.add_argument("--test", type=Path, metavar="FILE", help="test examples (default: the task's, if any; a "
+    data.add_argument("--test", type=file_path, metavar="FILE", help="test examples (default: the task's, if any; a "
                       "generated one leaves out the pairs of --valid FILE)")
     data.add_argument("--train-size", type=int, default=PAPER_TRAIN_SIZE, metavar="N",
                       help=f"examples in a generated training set (default {PAPER_TRAIN_SIZE:,}, the paper's)")
