@@ -556,6 +556,37 @@ def test_tokenizing_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypat
 
 
 
+SIGTERM_AT_FIRST_SHARD = """
+import os, signal, sys
+from kpro.cli import main
+from kpro.train import shards
+commit = shards.ShardWriter.commit
+def terminated(self, *args, **kwargs):
+    commit(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # what timeout, SLURM or kubernetes send
+shards.ShardWriter.commit = terminated
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_tokenize_stops_it_as_ctrl_c_does(tmp_path):
+    """SIGTERM ended `tokenize --workers 2` at once: its scratch directory of worker results stayed in /tmp, and
+    nothing said how to resume. It is now taken as Ctrl-C: the shards written are kept, the scratch removed."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("\n\n".join("abc def gh " * 50 for _ in range(400)))
+    (tmp_path / "scratch").mkdir()
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", SIGTERM_AT_FIRST_SHARD, "tokenize", "--tokenizer", tmp_path / "tok",
+                             "--data", tmp_path / "c.txt", "--out", tmp_path / "out", "--workers", "2",
+                             "--shard-tokens", "50000"], capture_output=True, text=True, cwd=root,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "scratch"), "PYTHONPATH": str(root)},
+                            timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "interrupted: 1 shard(s) written to" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
 class _ReplySizePool(kt.tokenize.ProcessPoolExecutor):
     """tokenize_corpus's pool, recording the pickled size of each result a worker sends back."""
     replies = []

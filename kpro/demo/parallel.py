@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from .._signals import sigterm_as_ctrl_c
+
 
 def default_workers() -> int:
     """Two on a machine with two or more cores (the demo's target), else one; KPRO_DEMO_WORKERS overrides."""
@@ -53,7 +55,7 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
     # worker that was killed never does (the parent hung for ever). A flag is set and read with no lock.
     stop, interrupted, pids = context.RawValue("b", 0), context.RawValue("b", 0), context.SimpleQueue()
     takes_ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # not where it is ignored on purpose
-    with _sigterm_as_ctrl_c(), \
+    with sigterm_as_ctrl_c(), \
             concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_end_with,
                                                    initargs=(os.getpid(), stop, interrupted, pids)) as pool:
         futures = [pool.submit(_in_worker, fn, kwargs, takes_ctrl_c) for fn, kwargs in jobs]
@@ -88,24 +90,6 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
                 for future in futures:
                     future.cancel()
             raise
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (a scheduler's notice before it kills the job) taken as a Ctrl-C while the workers run: they save
-    and stop as on Ctrl-C. Python's default would end this process at once, and the workers, their parent gone,
-    with it, unsaved. Main thread only; left alone where SIGTERM is ignored on purpose."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield
-        return
-    def handle(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from typing import Iterator
 
 from .. import _tokenize_worker as worker
 from .._run_lock import holding
+from .._signals import sigterm_as_ctrl_c
 from .._tokenize_worker import jsonl_text
 from ..tokenizer import TOKENIZER_FILES, document_bos_id, load_tokenizer
 from .progress import StatusLine, format_duration
@@ -211,8 +212,9 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
     """Tokenize the corpus files `data` with the tokenizer in `tokenizer_dir` into shards in `out_dir`;
     returns the index. Called again on an interrupted `out_dir`, it resumes; on a complete one, it checks
     the arguments and returns its index. One run at a time in `out_dir` (kpro._run_lock): a second, started
-    while one writes (a job submitted twice), would resume from the same index and write the same shards."""
-    with holding(out_dir):
+    while one writes (a job submitted twice), would resume from the same index and write the same shards.
+    SIGTERM (a scheduler's notice) stops it as Ctrl-C does: the shards written kept, the workers' scratch removed."""
+    with holding(out_dir), sigterm_as_ctrl_c():
         return _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_bytes, stream)
 
 
