@@ -504,6 +504,24 @@ def test_overwrite_replaces_the_model_and_keeps_the_users_files(tmp_path):
     assert read_expansion_record(tmp_path / "dst")["num_new_blocks"] == 4
 
 
+def test_overwrite_refuses_a_token_shard_directory(tmp_path, capsys):
+    """expand SRC D --overwrite on D of `python -m kpro tokenize` deleted its tokens-*.bin (weights of another
+    format, to expand) and kept index.json and the *.starts.npy: D was broken. It is refused, untouched."""
+    write_checkpoint(tmp_path / "src", dtype=torch.float32)
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")
+    (tmp_path / "c.txt").write_text("abc def\n\ngh\n")
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "src"), "--data", str(tmp_path / "c.txt"),
+                 "--out", str(tmp_path / "D"), "--workers", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "D").iterdir()}
+    capsys.readouterr()
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "D"), "--blocks", "1", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: the destination {tmp_path / 'D'} holds token shards (index.json of `python -m kpro "
+                   "tokenize`), which overwrite (--overwrite) would break: their tokens-*.bin are weights of another "
+                   "format to it; choose another directory\n"), err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "D").iterdir()} == before
+
+
 def test_a_full_disk_is_one_line_naming_what_it_could_not_do(tmp_path, capsys, monkeypatch):
     """ENOSPC or EROFS ended `python -m kpro` in a traceback."""
     import errno

@@ -28,6 +28,7 @@ from ..convert.gguf_llama import RECORD_NAME as GGUF_RECORD
 from ..model import Llama
 from ..tokenizer import CHAT_TEMPLATE_DIR
 from ..train.checkpointing import RUN_FILES
+from ..train.shards import FORMAT as SHARD_FORMAT, INDEX_FILE as SHARD_INDEX
 from .layout import expansion_layout
 
 EXPANSION_FILE = "kpro_expansion.json"
@@ -38,6 +39,15 @@ MODEL_FILES = (CONFIG_NAME, INDEX_NAME, "generation_config.json", "special_token
                "chat_template.jinja", "vocab.json", "merges.txt")
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 COPY_BUFFER_BYTES = 16 << 20
+
+
+def _holds_token_shards(directory: Path) -> bool:
+    """Whether `directory` holds the index of kpro's token shards (`python -m kpro tokenize`)."""
+    try:
+        index = json.loads((directory / SHARD_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == SHARD_FORMAT
 
 
 @dataclasses.dataclass
@@ -74,6 +84,10 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; choose a new directory, or overwrite=True "
                               "(--overwrite) to replace it")
+    if dst.is_dir() and _holds_token_shards(dst):  # its tokens-*.bin would go as weights, its index.json stay
+        raise ValueError(f"the destination {dst} holds token shards (index.json of `python -m kpro tokenize`), which "
+                         "overwrite (--overwrite) would break: their tokens-*.bin are weights of another format to "
+                         "it; choose another directory")
     max_shard_bytes = parse_size(max_shard_size)
     if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}")
