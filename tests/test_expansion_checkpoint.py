@@ -522,6 +522,41 @@ def test_overwrite_refuses_a_token_shard_directory(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in (tmp_path / "D").iterdir()} == before
 
 
+def test_overwrite_refuses_a_directory_another_run_is_using(tmp_path):
+    """expand --overwrite swapped DST out from under the train-expanded run writing there (every other command
+    refuses a directory in use): it now holds DST's run lock too."""
+    import threading
+
+    from kpro._run_lock import LOCK_FILE, holding
+    from kpro.errors import DirectoryInUse
+
+    write_checkpoint(tmp_path / "src", dtype=torch.float32)
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2)
+    before = (tmp_path / "dst" / "config.json").read_text()
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():  # another thread holds it as another process would
+        with holding(tmp_path / "dst"):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(DirectoryInUse, match="in use by another kpro run"):
+            expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1, overwrite=True)
+        assert (tmp_path / "dst" / "config.json").read_text() == before
+    finally:
+        release.set()
+        thread.join()
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1, overwrite=True)
+    assert read_expansion_record(tmp_path / "dst")["num_new_blocks"] == 1
+    assert not (tmp_path / "dst" / LOCK_FILE).exists()  # released, and not carried into the new directory
+    expand_checkpoint(tmp_path / "src", tmp_path / "new", 1)  # a new DST: held while written, then released
+    assert not (tmp_path / "new" / LOCK_FILE).exists()
+
+
 def test_a_full_disk_is_one_line_naming_what_it_could_not_do(tmp_path, capsys, monkeypatch):
     """ENOSPC or EROFS ended `python -m kpro` in a traceback."""
     import errno

@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError,
                           _check_names_and_shapes, _unlisted_tensors, atomic_directory, hf_tensors, parse_size,
                           tensor_locations, tied_head_differs, unreplaced)
+from .._run_lock import holding
 from .._safetensors import TensorBytes as _Source, check_checkpoint_directory, read_header
 from ..config import LlamaConfig
 from ..convert.gguf_llama import RECORD_NAME as GGUF_RECORD
@@ -91,8 +92,9 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
     max_shard_bytes = parse_size(max_shard_size)
     if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}")
-    # config.json, the headers and each shard (as it is copied) are read by path, one after another
-    with unreplaced(src, "expanding it") as source_unchanged:
+    # config.json, the headers and each shard (as it is copied) are read by path, one after another. DST is held as
+    # fit holds its run directory: replaced under a run writing there, it would mix two runs.
+    with holding(dst), unreplaced(src, "expanding it") as source_unchanged:
         cfg = LlamaConfig.from_hf(src)  # its errors name the file
         raw_config = json.loads((src / CONFIG_NAME).read_text(encoding="utf-8"))
         sources, unlisted = _read_headers(src)
