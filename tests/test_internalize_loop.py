@@ -587,6 +587,34 @@ def test_a_baseline_of_its_own_length_takes_any_removal_rate(tmp_path, capsys):
     assert "or pass --steps (a baseline's default length follows the schedule)" in capsys.readouterr().err
 
 
+def test_a_directory_in_use_is_refused_before_anything_is_written_there(tmp_path, capsys):
+    """internalize --out X, X held by another run (a tokenize writing there), generated its data into X/data and
+    only then was refused, by fit; it now holds --out from the start, and fit, below it, holds it again."""
+    import threading
+
+    from kpro._run_lock import holding
+
+    out = tmp_path / "run"
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():  # another thread holds it as another process would
+        with holding(out):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(30)
+        assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY]) == 1
+        assert "in use by another kpro run" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".kpro-run.lock"]  # nothing of this run's
+    finally:
+        release.set()
+        thread.join()
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY]) == 0
+
+
 def test_the_help_says_validation_runs_every_epoch_by_default(tmp_path, capsys):
     # --select-best, on by default, evaluates every epoch without --eval-every, whose help said "never".
     assert main(["internalize", "--task", "3x3", "--out", str(tmp_path / "run"), *TINY]) == 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .._files import write_atomic
+from .._run_lock import holding
 from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, file_path,
                         input_path, resolve_device)
@@ -164,7 +165,13 @@ def run_command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # One run at a time in --out, from the start: another run's directory gets no data of this one's. fit, below,
+    # holds it again (re-entrant in this thread).
+    with holding(out):
+        _run(args, out)
+
+
+def _run(args, out: Path) -> None:
     train_examples, evaluation_sets = _load_data(args, out)
     if args.model is not None:
         model = load_pretrained(args.model, dtype=torch.float32, device=args.device)  # fp32 weights to train
