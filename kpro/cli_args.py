@@ -145,9 +145,16 @@ def check_input_file(path, flag: str) -> None:
 
 
 def check_output_dir(path, flag: str = "--out") -> None:
-    """A directory a command writes into: a file in its place, or in the place of a directory above it (which
-    creating it would meet late, as a raw errno), is named by its flag (a positional's metavar: DST)."""
+    """A directory a command writes into: a file in its place, or in the place of a directory above it, or a
+    symbolic link to nothing there (which creating it would meet late, as a raw errno), is named by its flag (a
+    positional's metavar: DST)."""
     path = Path(path)
+    # A link whose target is missing (not made yet, deleted, a disk not mounted): creating the directory fails as
+    # "[Errno 17] File exists", late; creating the target could write where the link's disk should be.
+    link = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if link is not None:
+        raise FileNotFoundError(f"{flag} {path}: {link} is a symbolic link to {os.readlink(link)}, which does not "
+                                "exist; create it, or pass another directory")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{flag} {path} is a file; give a directory")
     file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)

@@ -484,6 +484,39 @@ def test_an_empty_input_path_is_refused(tmp_path, capsys, monkeypatch, args, arg
     assert f"argument {argument}: expected a path, got an empty one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [
+    ["expand", "ck", "OUT", "--blocks", "1"],
+    ["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", "OUT", "--workers", "1"],
+    ["train-expanded", "ck", "--data", "corpus.txt", "--train-blocks", "1", "--out", "OUT"],
+    ["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", "OUT"],
+    ["internalize", "--task", "2x2", "--out", "OUT"],
+    ["convert-gguf", "m.gguf", "OUT"],
+    ["demo", "basics", "--out", "OUT"],
+    ["reproduce", "bitune-readings", "--out", "OUT"],
+], ids=lambda args: args[0])
+@pytest.mark.parametrize("out", ["link", "link/sub"])
+def test_an_output_directory_through_a_dangling_symbolic_link_is_refused_up_front(tmp_path, capsys, monkeypatch,
+                                                                                 args, out):
+    """--out a symbolic link whose target is missing (not created yet, deleted, an unmounted disk): tokenize,
+    train-expanded, bitune (after loading the model), internalize and demo failed with "[Errno 17] File exists:
+    'out'", while expand created the target. Every command now refuses it before any work, naming both."""
+    from kpro.expansion import posttrain
+
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "corpus.txt").write_text("ab cd\n\nef gh\n")
+    (tmp_path / "inst.jsonl").write_text('{"instruction": "ab", "response": "cd"}\n')
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "link").symlink_to("missing-target")
+    monkeypatch.setattr(posttrain, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    flag = {"expand": "DST", "convert-gguf": "OUT"}.get(args[0], "--out")
+    assert main([out if a == "OUT" else a for a in args]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {flag} {out}: link is a symbolic link to missing-target, which does not exist; create "
+                   "it, or pass another directory\n"), err
+    assert not (tmp_path / "missing-target").exists()
+
+
 @pytest.mark.parametrize("args, dest", [
     (["info", "~/x"], "dir"), (["generate", "~/x", "--prompt", "a"], "dir"),
     (["expand", "~/x", "y", "--blocks", "1"], "src"), (["expand", "x", "~/x", "--blocks", "1"], "dst"),
