@@ -554,6 +554,30 @@ def test_train_expanded_runs_beside_a_checkpoint_given_as_dot(tmp_path, capsys, 
     assert not any(p.name.endswith("-post") for p in (tmp_path / "with space").iterdir())
 
 
+def test_train_expanded_s_default_out_is_beside_the_directory_a_link_resolves_to(tmp_path, capsys, monkeypatch):
+    """DIR a symbolic link: the run went beside the link's target, named after it, while the help and
+    docs/expansion.md said `<DIR name>-post, beside DIR`. They now say so."""
+    write_checkpoint(tmp_path / "src")
+    (tmp_path / "models").mkdir()
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "models" / "expanded"), "--blocks", "1"]) == 0
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "my-model").symlink_to("../models/expanded")
+    (tmp_path / "corpus.txt").write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(8)))
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["train-expanded", "my-model", "--data", "../corpus.txt", "--steps", "1", "--seq-len", "8",
+                 "--batch-size", "2", "--device", "cpu"]) == 0
+    assert (tmp_path / "models" / "expanded-post" / "final" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["my-model"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train-expanded", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "run directory (default: <name>-post beside the directory DIR names, a symbolic link's target" in shown
+    docs = " ".join((ROOT / "docs" / "expansion.md").read_text().split())
+    assert "`--out` defaults to `<name>-post` beside the directory DIR names (a symbolic link DIR: beside its " \
+           "target, named after it" in docs
+
+
 def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_path, capsys, monkeypatch):
     """A run going NaN stopped with a traceback ("the last checkpoint is None"). (It went NaN with float16 weights,
     now refused: AdamW's eps is 0 there; here its weights turn NaN after the first step.)"""

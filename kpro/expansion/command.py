@@ -36,7 +36,8 @@ def add_parsers(sub) -> None:
                    help="corpus file: plain text, documents separated by blank lines, or .jsonl with a \"text\" "
                         "field; repeat for several. Or one token shard directory (`python -m kpro tokenize`), "
                         "read from disk as training goes: a corpus of any size")
-    p.add_argument("--out", type=directory_path, help="run directory (default <DIR name>-post, beside DIR)")
+    p.add_argument("--out", type=directory_path, help="run directory (default: <name>-post beside the directory DIR "
+                   "names, a symbolic link's target and named after it)")
     p.add_argument("--train-blocks", type=block_list, help="blocks to train, e.g. 4,9,14 (default: the new blocks "
                    "recorded in DIR/kpro_expansion.json)")
     p.add_argument("--steps", type=positive_int, default=1000,
