@@ -688,7 +688,7 @@ def test_cli_end_to_end(tmp_path):
                                         capture_output=True, text=True, cwd=ROOT)
     result = run("--eval", str(mc))
     assert result.returncode == 0, result.stderr
-    assert "10 examples, 1 dropped for being longer than 28" in result.stdout and "acc " in result.stdout
+    assert "10 examples, 1 dropped for being longer than 28" in result.stderr and "acc " in result.stdout
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["method"] == "bitune" and str(mc) in saved["eval"]
     assert saved["loss_weighting"] == "example"  # the reference's weighting is the command's default
@@ -775,7 +775,7 @@ def test_bitune_saves_every_n_steps_and_the_same_command_resumes_a_killed_run(tm
     monkeypatch.undo()
     capsys.readouterr()
     assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "4", "--save-every", "2") == 0
-    assert f"resumed from {tmp_path / 'out' / 'run' / 'step-00000002'} at step 2/4" in capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'out' / 'run' / 'step-00000002'} at step 2/4" in capsys.readouterr().err
     assert [m["step"] for m in kt.read_metrics(tmp_path / "out" / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 

@@ -115,6 +115,32 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert result.stderr == "" and result.returncode == 141
 
 
+def test_training_into_a_closed_pipe_saves_the_steps_done(tmp_path):
+    """`train-expanded ... | head -3` ended the run at step ~40 of 400 with nothing saved (exit status 141, not a
+    word): the progress went to stdout. It goes to stderr now, stdout keeping the final line alone; and where the
+    progress's own reader goes away (`2>&1 | head`), the steps done are saved, as on Ctrl-C."""
+    write_checkpoint(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "ex"), "--blocks", "1"]) == 0
+    (tmp_path / "corpus.txt").write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(8)))
+    args = ["train-expanded", tmp_path / "ex", "--data", tmp_path / "corpus.txt", "--seq-len", "8", "--batch-size", "2",
+            "--device", "cpu"]
+    result = run_kpro(*args, "--steps", "3", "--out", tmp_path / "piped")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"saved the post-trained model to {tmp_path / 'piped' / 'final'}/ (a normal LLaMA " \
+                            "checkpoint, with the tokenizer)\n"
+    assert "step     3/3" in result.stderr and "trainable parameters" in result.stderr
+    # `2>&1 | head`: the reader leaves after the first progress line
+    process = subprocess.Popen([sys.executable, "-m", "kpro", *map(str, args), "--steps", "400", "--out",
+                                tmp_path / "closed"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    while not process.stdout.readline().startswith("step "):
+        pass
+    process.stdout.close()
+    assert process.wait(timeout=300) == 141
+    steps = [record["step"] for record in read_metrics(tmp_path / "closed" / "metrics.jsonl")]
+    assert steps and steps[-1] < 400 and (tmp_path / "closed" / f"step-{steps[-1]:08d}").is_dir()
+
+
 def test_generate_prints_the_seed_it_drew_and_a_larger_tokenizer_is_refused(tmp_path, capsys):
     write_checkpoint(tmp_path / "ck")
     args = ["generate", str(tmp_path / "ck"), "--prompt", "abc", "--max-new-tokens", "3", "--device", "cpu"]
@@ -596,8 +622,10 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_
     code = main(["train-expanded", str(tmp_path / "big"), "--data", str(corpus), "--out", str(tmp_path / "run"),
                  "--seq-len", "16", "--batch-size", "4", "--steps", "4", "--save-every", "1", "--lr", "1e-3",
                  "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: the loss is ") and err.count("\n") == 1, err
+    err = capsys.readouterr().err  # the progress and status lines, then the error in one line
+    error = err[err.index("error: "):]
+    assert code == 1 and error.startswith("error: the loss is ") and error.count("\n") == 1, err
+    assert "Traceback" not in err and "step     1/4" in err, err
     assert " at step 2: stopped before its optimizer step; the last good checkpoint is " \
            f"{tmp_path / 'run'}/step-00000001" in err, err
 
@@ -631,7 +659,7 @@ def test_train_expanded_extends_a_finished_run_with_more_steps(tmp_path, capsys)
     assert main(args + ["--steps", "20"]) == 0  # warmup 1
     assert main(args + ["--steps", "40"]) == 0  # 5% would be 2: the run keeps its 1 and goes on
     captured = capsys.readouterr()
-    assert "resumed from" in captured.out and "continuing the run with total_steps=40" in captured.err
+    assert "resumed from" in captured.err and "continuing the run with total_steps=40" in captured.err
     assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 41))
     assert main(args + ["--steps", "40", "--warmup-steps", "3"]) == 1  # an explicit other warmup is refused
     assert "schedule warmup_steps: 1 in the checkpoint, 3 now" in capsys.readouterr().err

@@ -334,8 +334,8 @@ def test_basics_verdict_both_ways():
 
 def test_basics_act_trains_saves_and_reloads(tmp_path, capsys, monkeypatch):
     result = demo.act_basics(tmp_path / "basics", steps=30)
-    out = capsys.readouterr().out
-    assert "step    30/30  loss" in out and "reloaded" in out
+    out, err = capsys.readouterr()
+    assert "step    30/30  loss" in err and "reloaded" in out  # the progress on stderr, the act's story on stdout
     tok = kpro.load_tokenizer(tmp_path / "basics")
     reloaded = kpro.load_pretrained(tmp_path / "basics")
     assert isinstance(tok, kpro.CharTokenizer) and reloaded.config.num_hidden_layers == 4

@@ -223,7 +223,7 @@ def test_cli_train_expanded_trains_only_the_new_blocks_and_resumes(tmp_path, cap
             "--batch-size", "4", "--lr", "1e-2", "--recompute-frozen", "--save-every", "2"]
     assert main(args + ["--steps", "2"]) == 0
     assert main(args + ["--steps", "4"]) == 0  # the same run, continued
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # status and progress, on stderr
     assert "training blocks 2; frozen: 0-1 without autograd" in out and "resumed from" in out
     # said before the silent tokenizing (20 s for 29 MB), not only after it
     assert out.index(f"tokenizing 1 corpus file ({corpus.stat().st_size / 1e6:.1f} MB) in memory ...") \
@@ -270,7 +270,8 @@ def test_train_expanded_refuses_to_resume_onto_another_source_checkpoint(tmp_pat
     capsys.readouterr()
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and f"{run} was started from another source checkpoint" in err, err
+    err = err[err.index("error: "):]  # after the status lines
+    assert err.count("\n") == 1 and f"{run} was started from another source checkpoint" in err, err
     assert str(tmp_path / "big") in err and not (run / "final").exists()
 
 
@@ -287,15 +288,17 @@ def test_train_expanded_resumed_on_other_data_names_data_and_seq_len(tmp_path, c
     run = tmp_path / "run"
     args = ["train-expanded", str(tmp_path / "big"), "--out", str(run), "--batch-size", "4", "--steps", "2"]
     assert main(args + ["--data", str(corpus), "--seq-len", "16"]) == 0
-    rows = int(capsys.readouterr().out.split("corpus: ")[1].split(" rows")[0])
+    rows = int(capsys.readouterr().err.split("corpus: ")[1].split(" rows")[0])
     assert main(args + ["--data", str(corpus), "--seq-len", "8", "--steps", "3"]) == 1
     printed = capsys.readouterr()
-    now, err = int(printed.out.split("corpus: ")[1].split(" rows")[0]), printed.err
+    now, err = int(printed.err.split("corpus: ")[1].split(" rows")[0]), printed.err
+    err = err[err.index("error: "):]  # after the status lines
     assert err.startswith(f"error: --out {run} holds a run trained on {rows} rows, and --data {corpus} at --seq-len 8 "
                           f"packs {now}: resume with the run's --data and --seq-len, or pass another --out "
                           "for a new run\n"), err
     assert main(args + ["--data", str(other), "--seq-len", "16", "--steps", "3"]) == 1
     err = capsys.readouterr().err
+    err = err[err.index("error: "):]  # after the status lines
     assert err.startswith(f"error: --out {run} holds a run trained on other rows than the {rows} that --data {other} "
                           "at --seq-len 16 packs (as many): resume with the run's --data and --seq-len, or pass "
                           "another --out for a new run\n"), err
@@ -412,7 +415,7 @@ def test_cli_train_expanded_errors(tmp_path, capsys):
     for extra, message in cases:
         assert main(["train-expanded", str(tmp_path / "plain"), "--out", str(tmp_path / "run")] + extra) == 1
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err, err
+        assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err, err
     for record in ('{"new_blocks": ["4", 5]}', "[1]", '{"new_blocks": []}', "{oops"):  # tracebacks before
         (tmp_path / "plain" / "kpro_expansion.json").write_text(record)
         assert main(["train-expanded", str(tmp_path / "plain"), "--out", str(tmp_path / "run"), "--data", str(corpus)]) == 1

@@ -556,7 +556,8 @@ def test_convert_gguf_command(tmp_path, small_vocab):
     run = subprocess.run([sys.executable, "-m", "kpro", "convert-gguf", str(path), str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
-    assert "2 blocks x 32, 4/2 heads, vocab 1000" in run.stdout and (tmp_path / "out" / "config.json").is_file()
+    assert "2 blocks x 32, 4/2 heads, vocab 1000" in run.stderr and (tmp_path / "out" / "config.json").is_file()
+    assert run.stdout.startswith(f"wrote {tmp_path / 'out'}/ (") and run.stdout.count("\n") == 2  # and "try: ..."
     bad = subprocess.run([sys.executable, "-m", "kpro", "convert-gguf", str(tmp_path / "out" / "config.json"),
                           str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
@@ -573,12 +574,14 @@ def test_convert_gguf_says_how_far_it_got_when_it_takes_long(tmp_path, small_voc
     total = len(GGUFFile(path).names)
     assert calls == [(i, total) for i in range(1, total + 1)]
     assert main(["convert-gguf", str(path), str(tmp_path / "quick")]) == 0
-    assert "tensors written" not in capsys.readouterr().out
+    assert "tensors written" not in capsys.readouterr().err
     monkeypatch.setattr(command, "PROGRESS_SECONDS", 0)
     assert main(["convert-gguf", str(path), str(tmp_path / "slow")]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out, err = capsys.readouterr()  # the progress on stderr, after the header; the result on stdout
+    lines = err.splitlines()
     assert lines[1].startswith(f"  1/{total} tensors written in ") and lines[1].endswith(" s ...")
-    assert lines[total - 1].startswith(f"  {total - 1}/{total} tensors") and lines[total].startswith("wrote ")
+    assert lines[total - 1].startswith(f"  {total - 1}/{total} tensors") and len(lines) == total
+    assert out.startswith("wrote ")
 
 
 # ------------------------------------------------------------------------------------------ the real model

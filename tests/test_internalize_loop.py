@@ -216,7 +216,7 @@ def test_select_best_keeps_the_best_weights_once_the_cot_is_gone(tmp_path, monke
     assert best.selected == {"step": 10, "accuracy": 0.7} and run.step == 12
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, snapshots.weights[10][name]), name
-    assert "kept the weights of step 10 (valid accuracy 0.700)" in capsys.readouterr().out
+    assert "kept the weights of step 10 (valid accuracy 0.700)" in capsys.readouterr().err
 
     # Stopped after the best and resumed: the best weights come back from the checkpoint.
     scripted_accuracies(monkeypatch, [0.5, 0.9, 0.2, 0.3, 0.7] + [0.6])
@@ -491,11 +491,12 @@ def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["internalize", "--task", "3x3", "--out", str(out), "--eval-every", "3", "--eval-examples", "8",
                  "--save-every", "3", *TINY]) == 0
-    printed = capsys.readouterr().out
-    assert "step 3: removing 1 CoT token + smoothing offsets per example; optimizer re-created" in printed
-    assert "step 3: valid accuracy" in printed and "step     6/6  loss" in printed
-    assert ", weight decay 0.01, model" in printed  # the official decay is the command's default
+    printed, progress = capsys.readouterr()  # the results on stdout, the progress and status on stderr
+    assert "step 3: removing 1 CoT token + smoothing offsets per example; optimizer re-created" in progress
+    assert "step 3: valid accuracy" in progress and "step     6/6  loss" in progress
+    assert ", weight decay 0.01, model" in progress  # the official decay is the command's default
     assert "internalized, test: accuracy" in printed and "examples/s" in printed
+    assert "loss" not in printed
     report = json.loads((out / "eval.json").read_text())
     assert report["model"] == "internalized" and report["valid"]["total"] == report["test"]["total"] == 16
     # The report is the final model's: scoring the saved model again gives the same answers.
@@ -519,7 +520,7 @@ def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
     # Ask for 2 more steps: the run resumes from its last checkpoint at step 6.
     assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY[:-6], "--steps", "8",
                  *TINY[-4:]]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "resumed from" in printed and "step 7: removing 3 CoT tokens" in printed
     assert [r["step"] for r in kt.read_metrics(out / "metrics.jsonl")] == list(range(1, 9))
     assert not torch.equal(kpro.load_pretrained(out / "model").embed_tokens.weight, final.embed_tokens.weight)
@@ -569,8 +570,8 @@ def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
     assert main(["internalize", "--train", str(tmp_path / "train.txt"), "--valid", str(tmp_path / "valid.txt"),
                  "--model", str(tmp_path / "no-removal" / "model"), "--out", str(out), "--batch-size", "8",
                  "--steps", "2", "--steps-per-epoch", "4", "--remove-per-epoch", "2", "--threads", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "32 training examples, 2 steps of 8" in printed and "lr 5e-05" in printed
+    printed, progress = capsys.readouterr()
+    assert "32 training examples, 2 steps of 8" in progress and "lr 5e-05" in progress
     assert "internalized, valid: accuracy" in printed and "test:" not in printed
 
 
@@ -618,7 +619,7 @@ def test_a_directory_in_use_is_refused_before_anything_is_written_there(tmp_path
 def test_the_help_says_validation_runs_every_epoch_by_default(tmp_path, capsys):
     # --select-best, on by default, evaluates every epoch without --eval-every, whose help said "never".
     assert main(["internalize", "--task", "3x3", "--out", str(tmp_path / "run"), *TINY]) == 0
-    assert "step 4: valid accuracy" in capsys.readouterr().out  # the epoch is 4 steps
+    assert "step 4: valid accuracy" in capsys.readouterr().err  # the epoch is 4 steps
     with pytest.raises(SystemExit):
         main(["internalize", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
@@ -628,7 +629,7 @@ def test_the_help_says_validation_runs_every_epoch_by_default(tmp_path, capsys):
 def test_the_command_decays_the_learning_rate_over_its_last_steps(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY, "--decay-steps", "3"]) == 0
-    assert "lr 0.001 decaying to 0 over the last 3 steps" in capsys.readouterr().out
+    assert "lr 0.001 decaying to 0 over the last 3 steps" in capsys.readouterr().err
     rates = [r["lr"] for r in kt.read_metrics(out / "metrics.jsonl")]
     assert rates == pytest.approx([1e-3] * 4 + [1e-3 * 2 / 3, 1e-3 / 3])
 
@@ -637,7 +638,7 @@ def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, c
     out = tmp_path / "run"
     assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY, "--warmup-steps", "2",
                  "--decay-steps", "3"]) == 0
-    assert "lr 0.001 warming up over the first 2 steps, decaying to 0 over the last 3 steps" in capsys.readouterr().out
+    assert "lr 0.001 warming up over the first 2 steps, decaying to 0 over the last 3 steps" in capsys.readouterr().err
     rates = [r["lr"] for r in kt.read_metrics(out / "metrics.jsonl")]
     assert rates == pytest.approx([1e-3 / 2, 1e-3, 1e-3, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
 
@@ -675,8 +676,9 @@ def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, c
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, args, message):
     assert main(["internalize", "--out", str(tmp_path / "run"), *TINY, *args]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    err = capsys.readouterr().err  # status lines ("generating ... training examples") before it
+    error = err[err.find("error: "):]
+    assert "error: " in err and message in error and error.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_a_seed_torch_cannot_take_is_refused_before_any_data(tmp_path, capsys):

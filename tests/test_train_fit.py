@@ -1,6 +1,7 @@
 """kpro.train.fit on the CPU: exact resume (with optimizer resets, callback state, RNG-driven batch transforms),
 Ctrl-C, atomic checkpoints, token-weighted accumulation, frozen parameters, metrics, and bad input."""
 import errno
+import io
 import json
 import math
 import os
@@ -963,6 +964,33 @@ def test_progress_line_on_a_terminal_and_in_a_log():
     for step in range(41, 101):
         line.update(step, loss=2.0, lr=1e-3, tokens=10)
     assert len(log) == 20 and log[-1].startswith("step   100/100  loss 2.0000") and "eta 0:00" in log[-1]
+
+
+def test_progress_goes_to_stderr_by_default(tmp_path, capsys):
+    """The progress line and "resumed from" went to stdout, which a user pipes (`| head`) for results."""
+    kt.fit(make_model(), batches(), tmp_path, steps=2, lr=1e-3, log_every=1)
+    kt.fit(make_model(), batches(), tmp_path, steps=3, lr=1e-3, log_every=1)
+    out, err = capsys.readouterr()
+    assert out == "" and "step     2/2" in err and "resumed from" in err and "step     3/3" in err
+
+
+def test_a_progress_reader_gone_stops_with_the_steps_done_saved(tmp_path):
+    """The progress's reader going away (`2>&1 | head -3`) ended the run with a BrokenPipeError and nothing saved
+    (step ~40 of 400): it now stops as Ctrl-C does, with a checkpoint of the steps done, then raises it."""
+    class Pipe(io.StringIO):
+        lines = 0
+
+        def write(self, text):
+            if self.lines == 3:
+                raise BrokenPipeError(32, "Broken pipe")
+            self.lines += 1
+            return super().write(text)
+
+    with pytest.raises(BrokenPipeError):
+        kt.fit(make_model(), batches(), tmp_path, steps=6, lr=1e-3, log_every=1, stream=Pipe())
+    assert kt.latest_checkpoint(tmp_path).name == "step-00000004"
+    assert [record["step"] for record in kt.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert kt.fit(make_model(), batches(), tmp_path, steps=6, lr=1e-3, stream=io.StringIO()).step == 6
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):

@@ -861,7 +861,7 @@ def test_train_expanded_reads_a_shard_directory(tmp_path, capsys):
     common = ["--seq-len", "16", "--batch-size", "4", "--lr", "1e-2", "--steps", "3"]
     assert main(["train-expanded", str(tmp_path / "big"), "--data", str(tmp_path / "tokens"), "--out",
                  str(tmp_path / "run"), *common]) == 0
-    assert "corpus: " in capsys.readouterr().out
+    assert "corpus: " in capsys.readouterr().err
     assert [m["step"] for m in kt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 

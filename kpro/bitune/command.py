@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, input_path,
@@ -118,7 +119,7 @@ def run(args) -> None:
             raise ValueError(f"--eval {path}: {err}") from None
     instructions = read_instructions(args.data)
     pairs, dropped = tokenize_instructions(tok, instructions, args.max_length)  # a bad one named FILE:LINE
-    print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens")
+    print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens", file=sys.stderr)
     if not pairs:
         raise ValueError(f"no example of {args.data} fits --max-length {args.max_length}")
     if args.steps > 0 and args.batch_size > len(pairs):  # else refused by Batches, after the base was hashed

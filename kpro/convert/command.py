@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -51,14 +52,14 @@ def _convert(args, GGUFFile, convert_gguf, gguf_config, start) -> None:
     types = sorted(file.type_names())
     print(f"{file.path.name}: {file.get('general.name') or 'unnamed'}, {cfg.num_hidden_layers} blocks x {cfg.hidden_size}, "
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; tensor types {', '.join(types)}",
-          flush=True)  # shown while it converts, also through a pipe
+          file=sys.stderr, flush=True)  # status, shown while it converts: stdout has the result
     said = time.perf_counter()
 
     def progress(done, total):
         nonlocal said
         if time.perf_counter() - said >= PROGRESS_SECONDS and done < total:
             said = time.perf_counter()
-            print(f"  {done:,}/{total:,} tensors written in {said - start:.0f} s ...", flush=True)
+            print(f"  {done:,}/{total:,} tensors written in {said - start:.0f} s ...", file=sys.stderr, flush=True)
 
     out = convert_gguf(file.path, args.out, dtype=_DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
                        progress=progress)

@@ -22,7 +22,7 @@ class RunsProgress:
         """`groups`: a name -> (the metrics files of its runs, the steps they train in all); `side_by_side`:
         whether the groups train at once (a worker each), else they take turns."""
         self.groups, self.side_by_side = groups, side_by_side
-        self.line = StatusLine(sys.stdout if stream is None else stream)
+        self.line = StatusLine(sys.stderr if stream is None else stream)  # progress: stdout has the act's story
         self.start, self.first = time.perf_counter(), self.steps()  # a resumed run's steps are not this session's
         self.logged: float | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -152,6 +153,7 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     directory; returns the directory of the final model (`out_dir/final`). Running it again with the same
     `out_dir` resumes. Under torchrun each process trains on its device (DDP) and rank 0 writes."""
     directory, out_dir = Path(directory), Path(out_dir)
+    stream = sys.stderr if stream is None else stream  # progress and status; fit's default too
     check_checkpoint_directory(directory)
     check_out_dir(directory, out_dir, "out_dir")
     given = data

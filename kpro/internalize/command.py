@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -225,11 +226,12 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
     decay = f"{',' if warmup else ''} decaying to 0 over the last {args.decay_steps:,} steps" if args.decay_steps else ""
     print(f"{len(tokenized):,} training examples, {steps:,} steps of {args.batch_size} "
           f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}{warmup}{decay}, weight decay "
-          f"{args.weight_decay:g}, model {model.num_parameters() / 1e6:.2f}M parameters on {args.device}")
+          f"{args.weight_decay:g}, model {model.num_parameters() / 1e6:.2f}M parameters on {args.device}",
+          file=sys.stderr)
     if removal is schedule:
         print(f"removal: one more CoT token every {schedule.steps_per_token:,} steps"
               + (f", the whole CoT once more than {args.remove_all_after} are scheduled" if args.remove_all_after is not None
-                 else "") + ("" if args.keep_optimizer else "; a new optimizer at each increase"))
+                 else "") + ("" if args.keep_optimizer else "; a new optimizer at each increase"), file=sys.stderr)
     callbacks = []
     select_best = args.select_best and removal != NO_REMOVAL  # explicit CoT: the CoT is never gone
     if args.eval_every or select_best:
@@ -330,7 +332,7 @@ def _load_data(args, out: Path):
     path = out / "data" / f"train-{n}x{n}-{args.train_size}-seed{args.data_seed}-without-{_digest(held_out)}.txt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"generating {args.train_size:,} {n}x{n} training examples into {path}", flush=True)
+        print(f"generating {args.train_size:,} {n}x{n} training examples into {path}", file=sys.stderr, flush=True)
         with _naming("--train-size", args.train_size, "pass a smaller one"):
             write_multiplication_training_set(path, n, args.train_size, args.data_seed, exclude=held_out)
     return _read(path), evaluation_sets

@@ -47,7 +47,7 @@ class CoTRemoval(Callback):
     seed             seeds the smoothing offsets of every step (with the step)
     reset_optimizer  re-create the optimizer at each step where the scheduled count goes up, unless the
                      previous batch had no CoT left (the official rule: no resets once the CoT is gone)
-    stream           where to announce each increase (default stdout; main process only)
+    stream           where to announce each increase (default stderr; main process only)
 
     `batch_had_cot`: whether the last batch kept any CoT token (None before the first batch).
     """
@@ -130,7 +130,7 @@ class CoTRemoval(Callback):
         offsets = " + smoothing offsets" if scheduled != REMOVE_ALL and smoothed else ""
         # Numbered like the progress line and metrics.jsonl: step s + 1 is the one that begins now.
         print(f"step {step + 1}: removing {what}{offsets} per example{'; optimizer re-created' if reset else ''}",
-              file=self.stream or sys.stdout, flush=True)
+              file=self.stream or sys.stderr, flush=True)
 
 
 def describe_removal(removal) -> str:
@@ -211,7 +211,7 @@ class ValidationAccuracy(Callback):
             best = "; the best since the CoT is gone"
         print(f"step {run.step}: valid accuracy {result.accuracy:.3f} ({result.correct}/{result.total}), "
               f"{metrics['valid_cot_tokens']:.1f} CoT tokens written per example{best}",
-              file=self.stream or sys.stdout, flush=True)
+              file=self.stream or sys.stderr, flush=True)
 
     def on_fit_end(self, run: Run) -> None:
         if not self.select_best:
@@ -219,13 +219,13 @@ class ValidationAccuracy(Callback):
         if self._best is None:
             self.selected = None
             print("no validation after the CoT was fully removed: keeping the final weights",
-                  file=self.stream or sys.stdout, flush=True)
+                  file=self.stream or sys.stderr, flush=True)
             return
         self.selected = {"step": self._best["step"], "accuracy": self._best["accuracy"]}
         if self._best["step"] != run.step:
             run.model.load_state_dict(self._best["weights"])
         print(f"kept the weights of step {self._best['step']} (valid accuracy {self._best['accuracy']:.3f}), "
-              "the best once the CoT was fully removed", file=self.stream or sys.stdout, flush=True)
+              "the best once the CoT was fully removed", file=self.stream or sys.stderr, flush=True)
 
     def state_dict(self) -> dict:
         if self._best is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import math
 import numbers
 import os
@@ -173,7 +174,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                  checkpoint; False: start afresh (refused if out_dir already holds checkpoints).
     callbacks    `kpro.train.Callback`s (hooks, batch transforms, optimizer resets, saved state).
     log_every, stream  the progress line: printed every that many steps when not on a terminal (default:
-                 every 5% of the run), to `stream` (default stdout); rank 0 only.
+                 every 5% of the run), to `stream` (default stderr: progress, not a result); rank 0 only.
     """
     env = distributed.init_distributed()
     out_dir = Path(out_dir)
@@ -237,7 +238,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=kept) if env.is_main else None
     progress = ProgressLine(steps, run.step, stream=stream, every=log_every) if env.is_main else None
     if env.is_main and checkpoint is not None:
-        print(f"resumed from {checkpoint} at step {run.step}/{steps}", file=sys.stdout if stream is None else stream)
+        print(f"resumed from {checkpoint} at step {run.step}/{steps}", file=sys.stderr if stream is None else stream)
     autocast = _autocast(precision, model)
     device = next(model.parameters()).device
     per_process = bool(getattr(batches, "per_process", False))
@@ -304,6 +305,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
         return (_RAN_OUT if ran_out else batch), interrupted, ran_out
 
     interrupted = exhausted = False
+    reader_gone = False  # a write of the progress, or of a callback's report, met a closed pipe (`2>&1 | head`)
     ran_out_on = []  # the processes whose batches ran out, where several agree on it
     with _InterruptToStop() as interrupt:
         try:
@@ -360,7 +362,10 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 run.metrics = {"step": run.step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm, "tokens": tokens,
                                "step_time": round(step_time, 6), "tokens_per_s": round(tokens / step_time, 1)}
                 for cb in callbacks:
-                    cb.on_step_end(run, run.metrics)
+                    try:
+                        cb.on_step_end(run, run.metrics)
+                    except BrokenPipeError:  # its report's reader went away: taken as Ctrl-C (below)
+                        reader_gone = interrupt.requested = True
                     check_metrics(run.metrics, f"{type(cb).__qualname__}.on_step_end at step {run.step}")
                 # A Ctrl-C during the callbacks (an evaluation, say) stops at this step, not after one more.
                 interrupted = interrupted or interrupt.requested
@@ -368,7 +373,11 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                     ahead, interrupted, ran_out_on = look_ahead(interrupted)
                 if env.is_main:
                     metrics_log.write(run.metrics)
-                    progress.update(run.step, loss, lr_now, tokens)
+                    try:
+                        if not reader_gone:
+                            progress.update(run.step, loss, lr_now, tokens)
+                    except BrokenPipeError:  # as Ctrl-C: the steps done are saved, then it is raised
+                        reader_gone = interrupt.requested = True
                 if run._save_requested or (save_every and run.step % save_every == 0):
                     save()
                 if interrupted or run._stop_requested:
@@ -379,10 +388,13 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
             if not stopped_at_start and (run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step):
                 save()  # the end of the run, a stop, or Ctrl-C
         finally:
-            if progress is not None:
+            if progress is not None and not reader_gone:
                 progress.close()
             if metrics_log is not None:
                 metrics_log.close()
+    if reader_gone:  # nothing more can be said there; the command line ends quietly (exit status 141)
+        raise BrokenPipeError(errno.EPIPE, f"the progress's reader went away: stopped at step {run.step} of {steps}, "
+                              f"saved {run.checkpoint}; run again to resume")
     if interrupted or interrupt.requested:  # requested during the last step's end or the final save: not ignored
         if env.is_main:
             print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)

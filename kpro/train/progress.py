@@ -51,14 +51,14 @@ class StatusLine:
 class ProgressLine:
     """`step 120/600  loss 1.2345  lr 3.00e-04  51,234 tok/s  eta 1:02`.
 
-    On a terminal the line is redrawn in place (at most ~10 times a second); elsewhere (a log file, a
-    pipe) a full line is printed every `every` steps and at the last step. Speed and ETA count this
+    On `stream` (default stderr). On a terminal the line is redrawn in place (at most ~10 times a second);
+    elsewhere (a log file, a pipe) a full line is printed every `every` steps and at the last step. Speed and ETA count this
     session's steps only, so a resumed run is not credited with time it did not spend.
     """
 
     def __init__(self, total_steps: int, start_step: int = 0, *, stream=None, every: int | None = None):
         self.total, self.start_step = total_steps, start_step
-        self.line = StatusLine(sys.stdout if stream is None else stream)
+        self.line = StatusLine(sys.stderr if stream is None else stream)  # progress, not a result: stdout stays free
         if every is not None and (not is_integer(every) or every < 1):
             raise ValueError(f"every must be a positive integer or None (every 5% of the steps), got {every!r}")
         self.every = int(every) if every is not None else max(1, (total_steps - start_step) // 20)
