@@ -63,13 +63,13 @@ def assert_close_models(a: torch.nn.Module, b: torch.nn.Module):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one(runs, mode):
-    single, model, out, stdout, _ = runs
+    single, model, out, progress, _ = runs
     assert_close_losses(losses(out / mode / "run"), losses(single))
     grad_norms = [r["grad_norm"] for r in kt.read_metrics(out / mode / "run" / "metrics.jsonl")]
     assert grad_norms == pytest.approx([r["grad_norm"] for r in kt.read_metrics(single / "metrics.jsonl")], rel=1e-5)
     # The sharded run's checkpoint is an ordinary full HF-layout model.
     assert_close_models(kpro.load_pretrained(out / mode / "run" / "step-00000004"), model)
-    assert stdout.count("step     4/4") == 4  # rank 0 alone prints: 2 modes x 2 runs of 4 steps
+    assert progress.count("step     4/4") == 4  # rank 0 alone prints: 2 modes x 2 runs of 4 steps
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -47,8 +47,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--eval-batch-size", type=int, default=16,
                    help="rows scored at once, each a question's prompt with one of its choices (a question of 4 "
                         "choices is 4 rows)")
-    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: at the end and on "
-                   "Ctrl-C only; the newest is kept)")
+    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: only at the end and on "
+                   "Ctrl-C or SIGTERM; the newest is kept)")
     p.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (bf16 autocast runs on GPU anyway)")
     add_device_argument(p)

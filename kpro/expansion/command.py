@@ -57,8 +57,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     add_device_argument(p, DEVICE_HELP + " (cuda:LOCAL_RANK under torchrun)")
-    p.add_argument("--save-every", type=positive_int, help="checkpoint every that many steps (default: at the end "
-                   "and on Ctrl-C only)")
+    p.add_argument("--save-every", type=positive_int, help="checkpoint every that many steps (default: only at the "
+                   "end and on Ctrl-C or SIGTERM)")
     p.add_argument("--keep-last", type=positive_int, default=2, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=0, help="data order")
     p.set_defaults(run=cmd_train_expanded)

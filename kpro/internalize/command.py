@@ -140,8 +140,8 @@ def add_parsers(sub) -> None:
                             "official code; the demo's act warms up its from-scratch runs over 500)")
     train.add_argument("--seed", type=int, default=0, metavar="N",
                        help="model initialisation, data order and removal offsets: 0 to 2**63 - 1 (default 0)")
-    train.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: at the end and "
-                       "on Ctrl-C only)")
+    train.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: only at the end "
+                       "and on Ctrl-C or SIGTERM)")
     train.add_argument("--keep-last", type=int, default=2, metavar="K", help="checkpoints to keep (default 2)")
 
     run = p.add_argument_group("evaluation and hardware")

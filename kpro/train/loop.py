@@ -166,7 +166,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
                  decaying to 0 must last the run: total_steps >= steps).
     grad_accum   micro-batches per optimizer step on each process.
     clip_grad_norm  max global gradient norm (None: no clipping; the norm is logged either way).
-    precision    "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" (autocast) or "fp32"; the loss is fp32.
+    precision    "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" (autocast) or "fp32"; the loss is fp32 (float64 for a
+                 float64 model).
     parallel     "auto" (DDP when torchrun started several processes), "none", "ddp", "fsdp" (FSDP2, a unit per block).
     save_every   checkpoint every that many steps; one is also written at the end and on Ctrl-C.
     keep_last    how many checkpoints to keep.
