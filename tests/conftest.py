@@ -1,4 +1,6 @@
+import contextlib
 import os
+import threading
 
 import pytest
 import torch
@@ -145,3 +147,25 @@ def lock_folder(monkeypatch):
     yield lock
     for folder in locked:
         os.chmod(folder, 0o755)
+
+
+@contextlib.contextmanager
+def held_by_another_run(directory):
+    """`directory`'s run lock held, for the block, by another thread, as another process's run would hold it."""
+    from kpro._run_lock import holding
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with holding(directory):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(30)
+        yield
+    finally:
+        release.set()
+        thread.join()

@@ -12,7 +12,7 @@ import kpro
 from kpro.cli import main
 from kpro.expansion.checkpoint import EXPANSION_FILE, expand_checkpoint, read_expansion_record
 from kpro.train import read_metrics
-from conftest import randomize_norms, tiny_config
+from conftest import held_by_another_run, randomize_norms, tiny_config
 
 
 def write_checkpoint(directory, dtype=torch.bfloat16, max_shard_size="5GB", **overrides):
@@ -528,31 +528,16 @@ def test_overwrite_refuses_a_token_shard_directory(tmp_path, capsys):
 def test_overwrite_refuses_a_directory_another_run_is_using(tmp_path):
     """expand --overwrite swapped DST out from under the train-expanded run writing there (every other command
     refuses a directory in use): it now holds DST's run lock too."""
-    import threading
-
-    from kpro._run_lock import LOCK_FILE, holding
+    from kpro._run_lock import LOCK_FILE
     from kpro.errors import DirectoryInUse
 
     write_checkpoint(tmp_path / "src", dtype=torch.float32)
     expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2)
     before = (tmp_path / "dst" / "config.json").read_text()
-    held, release = threading.Event(), threading.Event()
-
-    def other_run():  # another thread holds it as another process would
-        with holding(tmp_path / "dst"):
-            held.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    try:
-        assert held.wait(30)
+    with held_by_another_run(tmp_path / "dst"):
         with pytest.raises(DirectoryInUse, match="in use by another kpro run"):
             expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1, overwrite=True)
         assert (tmp_path / "dst" / "config.json").read_text() == before
-    finally:
-        release.set()
-        thread.join()
     expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1, overwrite=True)
     assert read_expansion_record(tmp_path / "dst")["num_new_blocks"] == 1
     assert not (tmp_path / "dst" / LOCK_FILE).exists()  # released, and not carried into the new directory

@@ -14,6 +14,7 @@ from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, Validatio
                               fit_internalization, multiplication_tokenizer, multiplication_training_set, parse_line,
                               read_examples, step_generator, tokenize_examples)
 from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
+from conftest import held_by_another_run
 from test_train_fit import StopAt
 
 TOK = multiplication_tokenizer()
@@ -591,28 +592,11 @@ def test_a_baseline_of_its_own_length_takes_any_removal_rate(tmp_path, capsys):
 def test_a_directory_in_use_is_refused_before_anything_is_written_there(tmp_path, capsys):
     """internalize --out X, X held by another run (a tokenize writing there), generated its data into X/data and
     only then was refused, by fit; it now holds --out from the start, and fit, below it, holds it again."""
-    import threading
-
-    from kpro._run_lock import holding
-
     out = tmp_path / "run"
-    held, release = threading.Event(), threading.Event()
-
-    def other_run():  # another thread holds it as another process would
-        with holding(out):
-            held.set()
-            release.wait(60)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    try:
-        assert held.wait(30)
+    with held_by_another_run(out):
         assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY]) == 1
         assert "in use by another kpro run" in capsys.readouterr().err
         assert sorted(p.name for p in out.iterdir()) == [".kpro-run.lock"]  # nothing of this run's
-    finally:
-        release.set()
-        thread.join()
     assert main(["internalize", "--task", "3x3", "--out", str(out), *TINY]) == 0
 
 

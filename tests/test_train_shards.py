@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import sys
 import textwrap
-import threading
 import types
 from pathlib import Path
 
@@ -26,14 +25,14 @@ import torch
 
 import kpro
 from kpro import train as kt
-from kpro._run_lock import LOCK_FILE, holding
+from kpro._run_lock import LOCK_FILE
 from kpro.cli import main
 from kpro.errors import DirectoryInUse
 from kpro.expansion.posttrain import corpus_batches, corpus_rows, read_corpus
 from kpro.train.shards import corpus_id, permute
 from kpro.train.tokenize import check_tokenizer, iter_documents, tokenizer_identity
 
-from conftest import randomize_norms, tiny_config
+from conftest import held_by_another_run, randomize_norms, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -628,22 +627,9 @@ def test_a_second_tokenize_into_a_directory_in_use_is_refused(tmp_path):
     (tmp_path / "tok").mkdir()
     kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
     (tmp_path / "c.txt").write_text("abc def\n\ngh\n")
-    held, release = threading.Event(), threading.Event()
-
-    def other_run():  # another thread holds it as another process would
-        with holding(tmp_path / "out"):
-            held.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    try:
-        assert held.wait(30)
+    with held_by_another_run(tmp_path / "out"):
         with pytest.raises(DirectoryInUse, match="in use by another kpro run"):
             kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=1)
-    finally:
-        release.set()
-        thread.join()
     index = kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=1)
     assert index["complete"] and index["documents"] == 2
     assert not (tmp_path / "out" / LOCK_FILE).exists()  # released at the end
