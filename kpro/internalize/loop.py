@@ -16,8 +16,6 @@ by validation accuracy once the CoT is fully removed, as the official code repor
 """
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import re
 import sys
@@ -329,8 +327,6 @@ def adamw_every_parameter(model: nn.Module, lr: float, weight_decay: float) -> t
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
     if not params:
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not 0 <= weight_decay < math.inf:
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     # Python floats, as kpro's adamw keeps them: the param groups go into checkpoints, which hold no NumPy numbers
-    return torch.optim.AdamW(params, lr=optim.check_lr(lr), weight_decay=float(weight_decay),
+    return torch.optim.AdamW(params, lr=optim.check_lr(lr), weight_decay=optim.check_weight_decay(weight_decay),
                              **optim.implementation(model))

@@ -27,13 +27,17 @@ def check_lr(lr, what: str = "learning rate") -> float:
     return float(lr)
 
 
+def check_weight_decay(weight_decay) -> float:
+    """`weight_decay` as a float: any real number >= 0 (a NumPy one too), as check_lr takes the lr."""
+    if not _is_real(weight_decay) or not 0 <= weight_decay < math.inf:  # NaN fails 0 <= x
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    return float(weight_decay)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: matrices (decayed) and vectors — norms, biases, any 1-D
     parameter — which weight decay would only pull towards zero for no benefit. Frozen ones are left out."""
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or \
-            not 0 <= weight_decay < math.inf:
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")  # NaN fails 0 <= x
-    weight_decay = float(weight_decay)
+    weight_decay = check_weight_decay(weight_decay)
     decay, no_decay, seen = [], [], set()
     for param in model.parameters():  # parameters() yields a tied weight once
         if param.requires_grad and id(param) not in seen:
