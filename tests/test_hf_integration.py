@@ -91,6 +91,20 @@ def test_import_kpro_never_imports_transformers():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_kpro_integrations_hf_after_a_plain_import_kpro():
+    """SPEC.md's spelling, `import kpro` then `kpro.integrations.hf.apply(model)`, imports the bridge (and
+    transformers) on first use; touching `kpro.integrations` alone imports neither, and a misspelt bridge is an
+    AttributeError naming it."""
+    code = ("import sys, kpro\n"
+            "kpro.integrations\n"
+            "assert 'transformers' not in sys.modules and 'kpro.integrations.hf' not in sys.modules\n"
+            "assert callable(kpro.integrations.hf.apply) and 'transformers' in sys.modules\n"
+            "try:\n    kpro.integrations.hff\nexcept AttributeError as err:\n    assert \"'hff'\" in str(err), err\n"
+            "else:\n    raise SystemExit('kpro.integrations.hff did not raise')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_and_gradients_equal_stock_with_left_padding_and_gqa(family):
     stock = make_stock(family)
