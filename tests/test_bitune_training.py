@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from kpro import bitune, cli, lora
 from kpro import train as kt
 from kpro.bitune import Bitune
 from kpro.train import collate_prompt_answer
-from conftest import tiny_config
+from conftest import held_by_another_run, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = kpro.CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789 ?.:\nQAC")
@@ -777,6 +778,52 @@ def test_bitune_saves_every_n_steps_and_the_same_command_resumes_a_killed_run(tm
     assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "4", "--save-every", "2") == 0
     assert f"resumed from {tmp_path / 'out' / 'run' / 'step-00000002'} at step 2/4" in capsys.readouterr().err
     assert [m["step"] for m in kt.read_metrics(tmp_path / "out" / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def another_run_is_refused(directory) -> bool:
+    """Whether a run started now in `directory` (from another thread, as from another process) is refused."""
+    from kpro._run_lock import holding
+    from kpro.errors import DirectoryInUse
+
+    refused = []
+
+    def other_run():
+        try:
+            with holding(directory):
+                pass
+        except DirectoryInUse:
+            refused.append(True)
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    thread.join()
+    return bool(refused)
+
+
+def test_bitune_holds_out_from_its_start_to_its_results(tmp_path, capsys, monkeypatch):
+    """bitune held only --out/run, and only while fit trained: a second run into --out, started while the first
+    scored its --eval, resumed, saved its adapters and results.json, and the first then wrote its own results.json
+    over them; an --out another kpro run held was not refused either. The command now holds --out throughout, and
+    tune holds out_dir until its adapters are saved."""
+    out = tmp_path / "out"
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "say a", "choices": ["a", "b"], "answer": 0}])
+    with held_by_another_run(out):
+        assert bitune_command(tmp_path, "--batch-size", "4", "--eval", str(mc)) == 1
+        assert "in use by another kpro run" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".kpro-run.lock"]  # nothing of this run's
+    seen = []
+    scoring, saving = bitune.evaluation.multiple_choice_accuracy, bitune.training.save_tuned_adapters
+    monkeypatch.setattr(bitune.evaluation, "multiple_choice_accuracy",
+                        lambda *args, **kwargs: seen.append(("scoring", another_run_is_refused(out)))
+                        or scoring(*args, **kwargs))
+    monkeypatch.setattr(bitune.training, "save_tuned_adapters",  # out_dir is the adapters' folder's parent
+                        lambda tuned, directory: seen.append(("saving", another_run_is_refused(directory.parent)))
+                        or saving(tuned, directory))
+    assert bitune_command(tmp_path, "--batch-size", "4", "--eval", str(mc)) == 0
+    assert seen == [("saving", True), ("scoring", True)]
+    assert not another_run_is_refused(out)  # released at the end
+    seen.clear()
+    bitune.tune(kpro.Llama(tiny_config()), [([1, 2], [3])] * 2, "lora", tmp_path / "lib", steps=1, batch_size=1)
+    assert seen == [("saving", True)]
 
 
 @pytest.mark.parametrize("args, message", [

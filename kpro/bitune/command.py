@@ -57,15 +57,7 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> None:
-    import torch
-
-    from .._files import write_atomic
-    from ..checkpoint import load_pretrained
-    from ..tokenizer import load_tokenizer
-    from ..train.data import OtherExamples
-    from .data import read_instructions, read_multiple_choice, tokenize_instructions
-    from .evaluation import encode_multiple_choice, multiple_choice_accuracy
-    from .training import tune
+    from .._run_lock import holding
 
     if args.baseline and args.mode:
         raise ValueError(f"--mode {args.mode} is a Bitune ablation; --baseline {args.baseline} trains plain LoRA")
@@ -102,6 +94,23 @@ def run(args) -> None:
     if named_twice:  # scored once, or twice under another spelling of the path
         raise ValueError(f"--eval {named_twice[0]} is named twice")
     check_output_dir(args.out)
+    # One run at a time in --out, from the start to results.json: fit holds only --out/run, and only while it
+    # trains (a second run started meanwhile would save its adapters and results, and this one write over them)
+    with holding(args.out):
+        _run(args)
+
+
+def _run(args) -> None:
+    import torch
+
+    from .._files import write_atomic
+    from ..checkpoint import load_pretrained
+    from ..tokenizer import load_tokenizer
+    from ..train.data import OtherExamples
+    from .data import read_instructions, read_multiple_choice, tokenize_instructions
+    from .evaluation import encode_multiple_choice, multiple_choice_accuracy
+    from .training import tune
+
     questions = {path: read_multiple_choice(path) for path in args.eval}  # fail early on bad files
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tok = load_tokenizer(args.model)

@@ -7,6 +7,7 @@ every answer token of the step, so long answers weigh more.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._numbers import is_integer
 from .. import adapters, lora, ops
-from ..distributed import main_decides
+from .._run_lock import holding
+from ..distributed import current_env, main_decides, on_main
 from ..errors import CheckpointError
 from ..model import Llama
 from ..train import (Batches, Callback, LossSum, Schedule, adamw, checkpoint_step, collate_prompt_answer, fit,
@@ -94,44 +96,49 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
     check_pairs(pairs, model.config.vocab_size, model.config.max_position_embeddings)
     pad_id = check_special_id(pad_id, "pad_id", vocab_size=model.config.vocab_size)  # else named as input_ids later
     out_dir = Path(out_dir)
-    last = main_decides(lambda: latest_checkpoint(out_dir / "run"), f"look for checkpoints in {out_dir / 'run'}")
-    if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for
-        raise ValueError(f"{out_dir} holds a run of {checkpoint_step(last)} steps already, more than steps={steps}: "
-                         "pass at least as many steps (more extend it), or tune into another out_dir")
-    rank, alpha = lora.check_rank_alpha(rank, alpha)  # Python numbers: the settings are saved as JSON
-    settings = {"method": method, "rank": rank, "alpha": alpha, **({"mode": mode} if method == "bitune" else {}),
-                "weighting": weighting, "base_model": adapters.base_fingerprint(model)}
-    if steps > 0:
-        main_decides(lambda: _check_resumable(out_dir / "run", settings, model),
-                     f"read the settings of {out_dir / 'run'}")
-    elif last is not None:  # the untuned adapters would replace the tuned ones
-        raise ValueError(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
-                         "load them with load_tuned, or tune into another out_dir")
-    if steps > 0:  # before any adapter is added: a batch size the examples cannot fill, a bad warmup
-        batches = Batches(pairs, batch_size, partial(collate_prompt_answer, pad_id=pad_id), seed=seed)
-        schedule = Schedule("linear", warmup_steps=_warmup_steps(warmup, steps, out_dir / "run"), total_steps=steps)
-    trained = _StepsTrained()
-    # The adapters go into the caller's model: a refusal before the first step (fit's resume checks of the lr,
-    # warmup, batch size, seed or data) takes them out again, so that the corrected call can add them; once a
-    # step has trained them (Ctrl-C saves it and raises) they stay.
-    with lora.adapters_undone_on_error(model, keep=lambda: trained.any):
-        if method == "bitune":
-            tuned = Bitune(model, rank=rank, alpha=alpha, mode=mode, seed=seed)
-            loss_fn = partial(bitune_loss, weighting=weighting)
-        else:
-            lora.add_adapters(model, ["causal"], rank=rank, alpha=alpha, seed=seed)
-            # The token mean is fit's default loss, lm_loss, exactly.
-            tuned = lora.AdaptedModel(model, "causal")
-            loss_fn = None if weighting == "token" else partial(lora_loss, weighting=weighting)
-        tuned.to(model.embed_tokens.weight.device)
+    # One run at a time in out_dir until its adapters are saved: fit holds only out_dir/run, and only while it
+    # trains. Rank 0 holds it, as fit holds its run directory.
+    with contextlib.ExitStack() as hold:
+        on_main(lambda: hold.enter_context(holding(out_dir)), current_env(), f"hold {out_dir}")
+        last = main_decides(lambda: latest_checkpoint(out_dir / "run"), f"look for checkpoints in {out_dir / 'run'}")
+        if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for
+            raise ValueError(f"{out_dir} holds a run of {checkpoint_step(last)} steps already, more than "
+                             f"steps={steps}: pass at least as many steps (more extend it), or tune into another "
+                             "out_dir")
+        rank, alpha = lora.check_rank_alpha(rank, alpha)  # Python numbers: the settings are saved as JSON
+        settings = {"method": method, "rank": rank, "alpha": alpha, **({"mode": mode} if method == "bitune" else {}),
+                    "weighting": weighting, "base_model": adapters.base_fingerprint(model)}
         if steps > 0:
-            kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
-            fit(tuned, batches, out_dir / "run", steps=steps, optimizer=lambda m: adamw(m, lr, weight_decay=0.0),
-                schedule=schedule, clip_grad_norm=1.0, save_every=save_every, keep_last=1,
-                callbacks=[_RecordSettings(settings), trained, *callbacks], stream=stream, log_every=log_every,
-                **kwargs)
-        save_tuned_adapters(tuned, out_dir / "adapters")
-    return tuned
+            main_decides(lambda: _check_resumable(out_dir / "run", settings, model),
+                         f"read the settings of {out_dir / 'run'}")
+        elif last is not None:  # the untuned adapters would replace the tuned ones
+            raise ValueError(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
+                             "load them with load_tuned, or tune into another out_dir")
+        if steps > 0:  # before any adapter is added: a batch size the examples cannot fill, a bad warmup
+            batches = Batches(pairs, batch_size, partial(collate_prompt_answer, pad_id=pad_id), seed=seed)
+            schedule = Schedule("linear", warmup_steps=_warmup_steps(warmup, steps, out_dir / "run"), total_steps=steps)
+        trained = _StepsTrained()
+        # The adapters go into the caller's model: a refusal before the first step (fit's resume checks of the lr,
+        # warmup, batch size, seed or data) takes them out again, so that the corrected call can add them; once a
+        # step has trained them (Ctrl-C saves it and raises) they stay.
+        with lora.adapters_undone_on_error(model, keep=lambda: trained.any):
+            if method == "bitune":
+                tuned = Bitune(model, rank=rank, alpha=alpha, mode=mode, seed=seed)
+                loss_fn = partial(bitune_loss, weighting=weighting)
+            else:
+                lora.add_adapters(model, ["causal"], rank=rank, alpha=alpha, seed=seed)
+                # The token mean is fit's default loss, lm_loss, exactly.
+                tuned = lora.AdaptedModel(model, "causal")
+                loss_fn = None if weighting == "token" else partial(lora_loss, weighting=weighting)
+            tuned.to(model.embed_tokens.weight.device)
+            if steps > 0:
+                kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
+                fit(tuned, batches, out_dir / "run", steps=steps, optimizer=lambda m: adamw(m, lr, weight_decay=0.0),
+                    schedule=schedule, clip_grad_norm=1.0, save_every=save_every, keep_last=1,
+                    callbacks=[_RecordSettings(settings), trained, *callbacks], stream=stream, log_every=log_every,
+                    **kwargs)
+            save_tuned_adapters(tuned, out_dir / "adapters")
+        return tuned
 
 
 class _StepsTrained(Callback):
