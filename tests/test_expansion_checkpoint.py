@@ -11,6 +11,7 @@ import torch
 import kpro
 from kpro.cli import main
 from kpro.expansion.checkpoint import EXPANSION_FILE, expand_checkpoint, read_expansion_record
+from kpro.expansion.posttrain import train_expanded
 from kpro.train import read_metrics
 from conftest import held_by_another_run, randomize_norms, tiny_config
 
@@ -326,6 +327,48 @@ def test_expand_and_train_expanded_leave_convert_ggufs_record_behind(tmp_path):
         assert (directory / "kpro_char_tokenizer.json").is_file() and not (directory / RECORD_NAME).exists()
         with pytest.raises(FileExistsError, match="was not written by convert-gguf"):
             _check_replaceable(directory)
+
+
+def test_train_expanded_holds_out_dir_until_its_final_model_is_written(tmp_path, monkeypatch):
+    """fit released out_dir before train_expanded wrote out_dir/final: a second run there, started meanwhile with
+    more steps, trained and wrote its final model, and the first then swapped in its own, of fewer steps. out_dir
+    is now held from the start to the final model (and, held by another run, refused before anything is loaded)."""
+    import threading
+    from kpro._run_lock import holding
+    from kpro.errors import DirectoryInUse
+    from kpro.expansion import posttrain
+
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=13)
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")
+    expand_checkpoint(tmp_path / "src", tmp_path / "big", 1, "top")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    out = tmp_path / "run"
+
+    def loading(*args, **kwargs):
+        raise AssertionError("loaded the model of a run that is refused")
+    with held_by_another_run(out), monkeypatch.context() as patch:
+        patch.setattr(posttrain, "load_pretrained", loading)
+        with pytest.raises(DirectoryInUse, match="in use by another kpro run"):
+            train_expanded(tmp_path / "big", corpus, out, steps=1, seq_len=16, batch_size=4)
+    refused, write = [], posttrain.on_main
+
+    def other_run():
+        try:
+            with holding(out):
+                pass
+        except DirectoryInUse:
+            refused.append(True)
+
+    def writing(work, env, what):
+        if what.startswith("write"):
+            thread = threading.Thread(target=other_run)
+            thread.start()
+            thread.join()
+        return write(work, env, what)
+    monkeypatch.setattr(posttrain, "on_main", writing)
+    final = train_expanded(tmp_path / "big", corpus, out, steps=1, seq_len=16, batch_size=4)
+    assert refused == [True] and final == out / "final" and not (out / ".kpro-run.lock").exists()
 
 
 def test_a_training_checkpoint_as_source_keeps_the_runs_own_trainer_state(tmp_path):

@@ -9,6 +9,7 @@ tokenizer files.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .._run_lock import holding
 from .._safetensors import TensorBytes, check_checkpoint_directory, read_header
 from ..adapters import base_fingerprint
 from ..checkpoint import _write_checkpoint, atomic_directory, hf_name, load_pretrained, parse_size, tensor_locations
@@ -162,52 +164,58 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
         raise TypeError(f"data must be a path (text files or a token shard directory) or a list of paths, "
                         f"got {given!r}")
     env = init_distributed()
-    # None or "auto": cuda:LOCAL_RANK under torchrun, else cuda when there is one, else cpu
-    device = torch.device(device) if device not in (None, "auto") else env.device
-    block_ids = blocks_to_train(directory, blocks)
-    tokenizer = load_tokenizer(directory)
-    model = load_pretrained(directory, dtype=dtype, device=device)
-    tensors = _listed_tensors(directory)  # load_pretrained has refused any dtype but the floating-point ones
-    source_dtype = _majority_dtype(tensors)
-    source_dtypes = {name: SAFETENSORS_DTYPES[source.dtype] for name, source in tensors.items()}
-    # in the source's dtype: the values as stored, whatever --dtype the run trains in (fit checks that apart)
-    source = SourceFingerprint(directory, out_dir, base_fingerprint(model, source_dtype))
-    if seq_len is None:
-        seq_len = min(512, model.config.max_position_embeddings)
-    if seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
-    plan = train_only(model, block_ids, recompute_frozen=recompute_frozen)
-    say = (lambda text: print(text, file=stream, flush=True)) if env.is_main else (lambda text: None)
-    batches = corpus_batches(data, tokenizer, directory, seq_len, batch_size, seed, say=say)
-    if env.is_main:
-        print(f"{plan.describe()}\n{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
-              f"parameters; corpus: {batches.num_rows if isinstance(batches, TokenShards) else len(batches.examples):,} "
-              f"rows of {seq_len} tokens", file=stream)
-    if warmup_steps is None:  # 5% of the steps; a resumed run keeps its own, so that more steps extend it
-        saved = saved_schedule(out_dir)
-        warmup_steps = saved["warmup_steps"] if saved is not None else steps // 20
-    warmup = warmup_steps
-    schedule = Schedule("cosine", warmup_steps=warmup, total_steps=steps, min_ratio=min_lr_ratio)
-    fit(model, batches, out_dir, steps=steps, schedule=schedule, grad_accum=grad_accum,
-        optimizer=lambda m: adamw(m, lr, weight_decay=weight_decay, betas=(0.9, 0.95)), clip_grad_norm=clip_grad_norm,
-        precision=precision, save_every=save_every, keep_last=keep_last, log_every=log_every, stream=stream,
-        callbacks=[CopyFilesIntoCheckpoints(directory), source])
-    final = out_dir / FINAL_DIR
-    # each tensor back in its source dtype, not the whole model in the majority one: a mixed source's float32
-    # norms beside bfloat16 matrices stay float32, and the frozen tensors are the source's bit for bit (where
-    # --dtype holds their values: float32 holds bfloat16's). In place, one tensor at a time: no second copy.
-    for name, parameter in model.named_parameters():  # a tied head is the embedding: one parameter
-        parameter.data = parameter.data.to(source_dtypes[hf_name(name)])
+    # One run at a time in out_dir, from the start to out_dir/final: fit holds it only while it trains, and a
+    # second run started before this one wrote its final model would have its own replaced by it. Rank 0 holds it,
+    # as fit does (which holds it again: re-entrant).
+    with contextlib.ExitStack() as hold:
+        on_main(lambda: hold.enter_context(holding(out_dir)), env, f"hold {out_dir}")
+        # None or "auto": cuda:LOCAL_RANK under torchrun, else cuda when there is one, else cpu
+        device = torch.device(device) if device not in (None, "auto") else env.device
+        block_ids = blocks_to_train(directory, blocks)
+        tokenizer = load_tokenizer(directory)
+        model = load_pretrained(directory, dtype=dtype, device=device)
+        tensors = _listed_tensors(directory)  # load_pretrained has refused any dtype but the floating-point ones
+        source_dtype = _majority_dtype(tensors)
+        source_dtypes = {name: SAFETENSORS_DTYPES[source.dtype] for name, source in tensors.items()}
+        # in the source's dtype: the values as stored, whatever --dtype the run trains in (fit checks that apart)
+        source = SourceFingerprint(directory, out_dir, base_fingerprint(model, source_dtype))
+        if seq_len is None:
+            seq_len = min(512, model.config.max_position_embeddings)
+        if seq_len > model.config.max_position_embeddings:
+            raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                             f"({model.config.max_position_embeddings})")
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                             f"{model.config.vocab_size}")
+        plan = train_only(model, block_ids, recompute_frozen=recompute_frozen)
+        say = (lambda text: print(text, file=stream, flush=True)) if env.is_main else (lambda text: None)
+        batches = corpus_batches(data, tokenizer, directory, seq_len, batch_size, seed, say=say)
+        if env.is_main:
+            rows = batches.num_rows if isinstance(batches, TokenShards) else len(batches.examples)
+            print(f"{plan.describe()}\n{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
+                  f"parameters; corpus: {rows:,} rows of {seq_len} tokens", file=stream)
+        if warmup_steps is None:  # 5% of the steps; a resumed run keeps its own, so that more steps extend it
+            saved = saved_schedule(out_dir)
+            warmup_steps = saved["warmup_steps"] if saved is not None else steps // 20
+        warmup = warmup_steps
+        schedule = Schedule("cosine", warmup_steps=warmup, total_steps=steps, min_ratio=min_lr_ratio)
+        fit(model, batches, out_dir, steps=steps, schedule=schedule, grad_accum=grad_accum,
+            optimizer=lambda m: adamw(m, lr, weight_decay=weight_decay, betas=(0.9, 0.95)),
+            clip_grad_norm=clip_grad_norm, precision=precision, save_every=save_every, keep_last=keep_last,
+            log_every=log_every, stream=stream, callbacks=[CopyFilesIntoCheckpoints(directory), source])
+        final = out_dir / FINAL_DIR
+        # each tensor back in its source dtype, not the whole model in the majority one: a mixed source's float32
+        # norms beside bfloat16 matrices stay float32, and the frozen tensors are the source's bit for bit (where
+        # --dtype holds their values: float32 holds bfloat16's). In place, one tensor at a time: no second copy.
+        for name, parameter in model.named_parameters():  # a tied head is the embedding: one parameter
+            parameter.data = parameter.data.to(source_dtypes[hf_name(name)])
 
-    def write_final():
-        with atomic_directory(final, drop=lambda name: True) as tmp:  # weights and tokenizer appear together
-            _write_checkpoint(model, tmp, parse_size("5GB"))
-            _copy_other_files(directory, tmp)
-    on_main(write_final, env, f"write {final}")  # DDP: every process holds the same weights
-    return final
+        def write_final():
+            with atomic_directory(final, drop=lambda name: True) as tmp:  # weights and tokenizer appear together
+                _write_checkpoint(model, tmp, parse_size("5GB"))
+                _copy_other_files(directory, tmp)
+        on_main(write_final, env, f"write {final}")  # DDP: every process holds the same weights
+        return final
 
 
 def corpus_batches(data: list, tokenizer, directory: Path, seq_len: int, batch_size: int, seed: int,
