@@ -64,7 +64,7 @@ def holding(directory: str | os.PathLike):
         if held is not None and held[0] != me[0]:
             held = None  # the parent's, copied when it forked this process: its lock file refuses this one
         if held is not None and held[1] != me[1]:
-            raise DirectoryInUse(_in_use(directory, f"another thread of this process, {os.getpid()}"))
+            raise _in_use(directory, f"another thread of this process, {os.getpid()}")
         if held is not None:
             held[2] += 1
     if held is not None:
@@ -96,9 +96,13 @@ def holding(directory: str | os.PathLike):
                 break
 
 
-def _in_use(directory: Path, holder: str) -> str:
-    return (f"{directory} is in use by another kpro run (process {holder}): two runs there would resume from and "
-            "write over each other's checkpoints and results; wait for it to end, or pass another output directory")
+def _in_use(directory: Path, holder: str) -> DirectoryInUse:
+    """The refusal of `directory`, held by `holder`; the holder is its attribute `holder` too."""
+    err = DirectoryInUse(f"{directory} is in use by another kpro run (process {holder}): two runs there would resume "
+                         "from and write over each other's checkpoints and results; wait for it to end, or pass "
+                         "another output directory")
+    err.holder = holder
+    return err
 
 
 def _lock(path: Path, directory: Path) -> int | None:
@@ -123,7 +127,7 @@ def _lock(path: Path, directory: Path) -> int | None:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise DirectoryInUse(_in_use(directory, holder)) from None
+            raise _in_use(directory, holder) from None
         except FileNotFoundError:
             pass  # locked a file its holder removed on release: lock the one now at `path`
         except OSError as err:

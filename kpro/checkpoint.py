@@ -28,9 +28,10 @@ from safetensors import SafetensorError, safe_open
 
 from . import distributed
 from ._files import save_safetensors
+from ._run_lock import LOCK_FILE, holding
 from ._safetensors import INDEX_NAME, WEIGHTS_NAME, sharded_weight_map
 from .config import LlamaConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, DirectoryInUse
 from .lora import LoRALinear, is_lora_key
 from .model import Llama
 
@@ -368,32 +369,54 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
                          "directory is replaced whole; save from outside it or to another path")
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_temporaries(directory)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-    except PermissionError:  # it named the temporary, which the user never named
-        raise PermissionError(
-            f"cannot save {given}: the folder holding it, {directory.parent}, is not writable, and the save writes a "
-            "new directory beside it and swaps it into place (so that a save cut short leaves the old one as it "
-            "was); make the folder writable, or save elsewhere") from None
-    _IN_PROGRESS.add(tmp.name)
-    try:
-        yield tmp
-        if directory.exists():
-            _carry_over_other_files(directory, tmp, drop)
-            _keep_permissions(directory, tmp)
-        for entry in tmp.iterdir():
-            if entry.is_file():
-                _fsync_file(entry)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _IN_PROGRESS.discard(tmp.name)
+    with contextlib.ExitStack() as runs:  # the runs inside it, held until the swap
+        _hold_runs_inside(directory, given, runs)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_temporaries(directory)
+        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+        except PermissionError:  # it named the temporary, which the user never named
+            raise PermissionError(
+                f"cannot save {given}: the folder holding it, {directory.parent}, is not writable, and the save writes "
+                "a new directory beside it and swaps it into place (so that a save cut short leaves the old one as "
+                "it was); make the folder writable, or save elsewhere") from None
+        _IN_PROGRESS.add(tmp.name)
+        try:
+            yield tmp
+            if directory.exists():
+                _carry_over_other_files(directory, tmp, drop)
+                _keep_permissions(directory, tmp)
+            for entry in tmp.iterdir():
+                if entry.is_file():
+                    _fsync_file(entry)
+            _fsync_dir(tmp)
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            _IN_PROGRESS.discard(tmp.name)
+
+
+def _hold_runs_inside(directory: Path, given: Path, runs: contextlib.ExitStack) -> None:
+    """Hold, in `runs`, each directory below `directory` with a run lock file (a run's, or one a killed run left):
+    `directory` is replaced whole, its other entries copied into the new one first, and what a run writes there
+    between the copy and the swap would be lost. One another run holds is refused (DirectoryInUse), named as
+    below `given`. A folder linked to is not replaced (it stays a link): not looked into."""
+    if not directory.is_dir():
+        return
+    for root, _, files in os.walk(directory):
+        if LOCK_FILE not in files or root == str(directory):  # directory itself: its caller's to hold
+            continue
+        try:
+            runs.enter_context(holding(root))
+        except DirectoryInUse as err:
+            raise DirectoryInUse(
+                f"cannot replace {given}: {given / os.path.relpath(root, directory)} inside it is in use by another "
+                f"kpro run (process {err.holder}), and what that run writes there would be lost (the directory is "
+                "replaced whole, its other files copied over first); wait for it to end, or choose another "
+                "directory") from None
 
 
 def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int, state_dict=None) -> None:

@@ -410,6 +410,23 @@ def test_saving_into_a_folder_that_is_not_writable_names_it_and_why(tmp_path, ma
     assert_same_model(old, kpro.load_pretrained(tmp_path / "shared" / "ck"))
 
 
+def test_saving_over_a_directory_holding_one_another_run_is_using_is_refused(tmp_path, make_model):
+    """save_pretrained into D copies D's other entries into its new directory and swaps it in: what a run holding
+    D/run wrote there meanwhile was lost. It is now refused, naming D/run, and D is left as it was."""
+    from conftest import held_by_another_run
+    from kpro.errors import DirectoryInUse
+
+    old, new = make_model(seed=1, dtype=torch.float32), make_model(seed=2, dtype=torch.float32)
+    kpro.save_pretrained(old, tmp_path / "D")
+    with held_by_another_run(tmp_path / "D" / "run"):
+        with pytest.raises(DirectoryInUse, match=re.escape(f"cannot replace {tmp_path / 'D'}: {tmp_path / 'D' / 'run'} "
+                                                           "inside it is in use by another kpro run")):
+            kpro.save_pretrained(new, tmp_path / "D")
+        assert_same_model(old, kpro.load_pretrained(tmp_path / "D"))
+    kpro.save_pretrained(new, tmp_path / "D")
+    assert_same_model(new, kpro.load_pretrained(tmp_path / "D"))
+
+
 def test_saving_to_the_working_directory_or_one_holding_it_is_refused(tmp_path, make_model, monkeypatch):
     """save_pretrained(model, ".") failed with "OSError: [Errno 16] cannot swap ..tmp-... and .: Device or resource
     busy"; by its absolute path it replaced the directory, and left the process in the deleted old copy."""

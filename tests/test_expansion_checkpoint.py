@@ -588,6 +588,31 @@ def test_overwrite_refuses_a_directory_another_run_is_using(tmp_path):
     assert not (tmp_path / "new" / LOCK_FILE).exists()
 
 
+def test_overwrite_refuses_a_directory_holding_one_another_run_is_using(tmp_path, capsys):
+    """expand --overwrite held DST, but not the directories inside it, which it copies into the new DST before the
+    swap: what a run in DST/run wrote between the copy and the swap was lost. Such a DST is now refused, naming
+    the directory in use; one a killed run left its lock file in is not."""
+    from kpro._run_lock import LOCK_FILE
+
+    write_checkpoint(tmp_path / "src", dtype=torch.float32)
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2)
+    (tmp_path / "dst" / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "dst" / "runs" / "a" / "step-1.txt").write_text("1")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "dst").iterdir() if p.is_file()}
+    with held_by_another_run(tmp_path / "dst" / "runs" / "a"):
+        assert main(["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "1", "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot replace {tmp_path / 'dst'}: {tmp_path / 'dst' / 'runs' / 'a'} inside "
+                              "it is in use by another kpro run (process another thread of this process, ") and \
+            err.endswith("), and what that run writes there would be lost (the directory is replaced whole, "
+                         "its other files copied over first); wait for it to end, or choose another directory\n"), err
+        assert {p.name: p.read_bytes() for p in (tmp_path / "dst").iterdir() if p.is_file()} == before
+    (tmp_path / "dst" / "runs" / "a" / LOCK_FILE).write_text("12345")  # left by a run killed meanwhile
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 1, overwrite=True)
+    assert read_expansion_record(tmp_path / "dst")["num_new_blocks"] == 1
+    assert sorted(p.name for p in (tmp_path / "dst" / "runs" / "a").iterdir()) == ["step-1.txt"]
+
+
 def test_a_full_disk_is_one_line_naming_what_it_could_not_do(tmp_path, capsys, monkeypatch):
     """ENOSPC or EROFS ended `python -m kpro` in a traceback."""
     import errno
