@@ -124,39 +124,67 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | str = "au
     # config.json, the index and each shard are opened by path one after another: a save_pretrained into the
     # directory meanwhile (it swaps a new directory in) would mix two checkpoints. Every file opened, the directory
     # must be the one it was before the first; else the load starts again (the shards are memory-mapped: what is
-    # open stays readable after the old directory is removed).
+    # open stays readable after the old directory is removed). A file rewritten in place (cp over it, rsync
+    # --inplace) leaves the directory as it was, and is read through the map as it changes: each file's version,
+    # taken before it is read, must be the same once every tensor is copied out; else the load starts again too.
     for _ in range(LOAD_ATTEMPTS):
         version = directory_version(directory)
+        files = {path: file_version(path) for path in (directory / CONFIG_NAME, directory / INDEX_NAME,
+                                                       directory / WEIGHTS_NAME)}
+
+        def unchanged() -> bool:
+            return directory_version(directory) == version and all(file_version(path) == seen
+                                                                   for path, seen in files.items())
         try:
             cfg = LlamaConfig.from_hf(directory / CONFIG_NAME, strict=strict_config)
             location = tensor_locations(directory)
+            files.update({path: file_version(path) for path in set(location.values()) - files.keys()})
             opened = _open_all(set(location.values()))
             handles = opened.__enter__()
         except Exception:
-            if directory_version(directory) == version:
+            if unchanged():
                 raise
-            continue  # replaced while being read: what failed may be a mix of two checkpoints
-        if directory_version(directory) == version:
+            continue  # replaced or rewritten while being read: what failed may be a mix of two checkpoints
+        if directory_version(directory) != version:
+            opened.__exit__(None, None, None)
+            continue
+        try:
             with opened:
-                return _load_opened(directory, cfg, location, handles, wanted, device)
-        opened.__exit__(None, None, None)
-    raise CheckpointError(f"{directory} was replaced {LOAD_ATTEMPTS} times while loading it (another process saving "
-                          "into it?); load it when no save is in progress, or save to a new directory each time")
+                model = _load_opened(directory, cfg, location, handles, wanted, device)
+        except Exception:
+            if unchanged():
+                raise
+            continue
+        if unchanged():
+            return model
+    raise CheckpointError(f"{directory} was replaced or rewritten {LOAD_ATTEMPTS} times while loading it (another "
+                          "process saving into it?); load it when no save is in progress, or save to a new directory "
+                          "each time")
 
 
-# loads of a directory that a save replaced meanwhile, started again before giving up
+# loads of a directory that a save replaced (or rewrote in place) meanwhile, started again before giving up
 LOAD_ATTEMPTS = 5
 
 
 def directory_version(directory: Path) -> tuple | None:
-    """What changes when `directory` is replaced by another (atomic_directory swaps a new one in) or changed in
-    place; None where there is none. The ctime guards against a new directory given the inode number of one
-    removed meanwhile."""
+    """What changes when `directory` is replaced by another (atomic_directory swaps a new one in), or an entry of
+    it is added, removed or renamed; None where there is none. The ctime guards against a new directory given the
+    inode number of one removed meanwhile. A file rewritten in place changes none of it: see `file_version`."""
     try:
         info = os.stat(directory)
     except FileNotFoundError:
         return None
     return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
+def file_version(path: Path) -> tuple | None:
+    """What changes when the file at `path` is replaced, or rewritten in place (its modification time, to the file
+    system's timestamp resolution, and its size); None where there is none."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size
 
 
 @contextlib.contextmanager
@@ -195,7 +223,10 @@ def _load_opened(directory: Path, cfg: LlamaConfig, location: dict, handles: dic
         if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
             raise CheckpointError(f"{directory}: tensor {name} has dtype {tensor.dtype}; expected fp32, bf16, fp16 "
                                   "or fp64")
-        state[name[len("model."):] if name.startswith("model.") else name] = tensor.to(device=device, dtype=dtype)
+        # a copy: as safetensors gives it, the tensor is a view of the file's memory map, which a rewrite in place
+        # would change after the load (and a file cut short make a SIGBUS)
+        state[name[len("model."):] if name.startswith("model.") else name] = tensor.to(device=device, dtype=dtype,
+                                                                                       copy=True)
     if cfg.tie_word_embeddings and "lm_head.weight" in location:  # a tied head saved anyway must be the embedding
         head = handles[location["lm_head.weight"]].get_tensor("lm_head.weight")
         if not torch.equal(head.to(state["embed_tokens.weight"]), state["embed_tokens.weight"]):

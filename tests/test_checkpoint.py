@@ -120,6 +120,57 @@ def test_a_load_while_a_save_replaces_the_directory_takes_one_checkpoint_whole(t
     assert_same_model(new, kpro.load_pretrained(tmp_path / "ck"))  # loaded again, from the new directory alone
 
 
+def test_a_load_while_its_files_are_rewritten_in_place_takes_one_checkpoint_whole(tmp_path, make_model, monkeypatch):
+    """A shard rewritten in place (cp over it, rsync --inplace) keeps its directory's inode and ctime: a load reading
+    its tensors meanwhile returned some of the old checkpoint's and some of the new one's, without an error; and the
+    loaded tensors were views of the file's memory map, so a rewrite after the load changed the model (a file cut
+    short crashed the process with SIGBUS). Each file's inode, modification time and size are now compared before
+    and after the load, which starts again on a change, and the tensors are copied out of the map."""
+    old, new = make_model(seed=1, dtype=torch.float32), make_model(seed=2, dtype=torch.float32)
+    kpro.save_pretrained(old, tmp_path / "ck", max_shard_size=20_000)
+    kpro.save_pretrained(new, tmp_path / "new", max_shard_size=20_000)
+    for file in (tmp_path / "ck").iterdir():  # saved an hour ago: the rewrite gets another modification time
+        os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns - 3600 * 10 ** 9))
+
+    def rewrite(source):
+        for file in source.glob("model-*.safetensors"):
+            with open(tmp_path / "ck" / file.name, "r+b") as out:
+                out.write(file.read_bytes())
+    real_open, read = ckpt.safe_open, []
+
+    class Rewritten:  # a shard's handle whose first tensor read rewrites every shard with the new checkpoint's
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, name):
+            tensor = self.handle.get_tensor(name)
+            if not read:
+                read.append(name)
+                rewrite(tmp_path / "new")
+            return tensor
+
+    class Opener:
+        def __init__(self, path, **kwargs):
+            self.opened = real_open(path, **kwargs)
+
+        def __enter__(self):
+            return Rewritten(self.opened.__enter__())
+
+        def __exit__(self, *exc):
+            return self.opened.__exit__(*exc)
+    monkeypatch.setattr(ckpt, "safe_open", Opener)
+    loaded = kpro.load_pretrained(tmp_path / "ck")
+    assert read
+    assert_same_model(new, loaded)  # loaded again, the new files alone
+    monkeypatch.undo()
+    kpro.save_pretrained(old, tmp_path / "old", max_shard_size=20_000)
+    rewrite(tmp_path / "old")  # after the load: the model is its own
+    assert_same_model(new, loaded)
+
+
 def test_a_load_that_a_save_interrupts_every_time_is_refused_by_name(tmp_path, make_model, monkeypatch):
     model = make_model(dtype=torch.float32)
     kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=20_000)
