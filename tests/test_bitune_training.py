@@ -826,6 +826,35 @@ def test_bitune_holds_out_from_its_start_to_its_results(tmp_path, capsys, monkey
     assert seen == [("saving", True)]
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_bitune_under_torchrun_holds_out_and_writes_on_rank_0_only(tmp_path):
+    """Every torchrun process took the --out lock, and the second was refused ("in use by another kpro run"):
+    the command no longer ran under torchrun. And every rank saved the adapters, scored each --eval file, printed
+    the scores and wrote results.json. Now rank 0 holds --out and does these alone."""
+    bitune_command(tmp_path, "--steps", "0", "--out", str(tmp_path / "setup"))  # writes the base and the data
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "say a", "choices": ["a", "b"], "answer": 0}])
+    out, record = tmp_path / "out", tmp_path / "record"
+    record.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "_dist_bitune.py"), str(record), "bitune", "--model",
+                           str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"), "--out", str(out),
+                           "--device", "cpu", "--steps", "2", "--batch-size", "2", "--eval", str(mc)],
+                          env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ranks = [json.loads((record / f"writes-rank{r}.json").read_text()) for r in range(2)]
+    assert ranks == [{"writes": [str(out / "adapters"), str(out / "results.json")], "status": 0},
+                     {"writes": [], "status": 0}]
+    assert done.stdout.count("adapters saved to") == 1 and done.stdout.count("acc_norm") == 1, done.stdout
+    assert done.stderr.count("11 examples, 0 dropped") == 1, done.stderr
+    assert [m["step"] for m in kt.read_metrics(out / "run" / "metrics.jsonl")] == [1, 2]
+    assert str(mc) in json.loads((out / "results.json").read_text())["eval"]
+    assert not another_run_is_refused(out)  # released
+
+
 @pytest.mark.parametrize("args, message", [
     # checked inside tune before, after the model and the data had loaded (nan passed with --steps 0)
     (["--lr", "0"], "--lr must be a positive finite number, got 0"),

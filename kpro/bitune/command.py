@@ -1,6 +1,7 @@
 """`python -m kpro bitune`: instruction-tune a checkpoint with Bitune (or plain LoRA) and evaluate it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -94,13 +95,19 @@ def run(args) -> None:
     if named_twice:  # scored once, or twice under another spelling of the path
         raise ValueError(f"--eval {named_twice[0]} is named twice")
     check_output_dir(args.out)
+    from ..distributed import on_main
+    from ..train.distributed import init_distributed
+
+    env = init_distributed()  # under torchrun: the process group, for rank 0's lock below
     # One run at a time in --out, from the start to results.json: fit holds only --out/run, and only while it
-    # trains (a second run started meanwhile would save its adapters and results, and this one write over them)
-    with holding(args.out):
-        _run(args)
+    # trains (a second run started meanwhile would save its adapters and results, and this one write over them).
+    # Rank 0 holds it, as fit holds its run directory: under torchrun each process taking it refused the others.
+    with contextlib.ExitStack() as hold:
+        on_main(lambda: hold.enter_context(holding(args.out)), env, f"hold --out {args.out}")
+        _run(args, env)
 
 
-def _run(args) -> None:
+def _run(args, env) -> None:
     import torch
 
     from .._files import write_atomic
@@ -128,7 +135,9 @@ def _run(args) -> None:
             raise ValueError(f"--eval {path}: {err}") from None
     instructions = read_instructions(args.data)
     pairs, dropped = tokenize_instructions(tok, instructions, args.max_length)  # a bad one named FILE:LINE
-    print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens", file=sys.stderr)
+    if env.is_main:
+        print(f"{len(pairs)} examples, {dropped} dropped for being longer than {args.max_length} tokens",
+              file=sys.stderr)
     if not pairs:
         raise ValueError(f"no example of {args.data} fits --max-length {args.max_length}")
     if args.steps > 0 and args.batch_size > len(pairs):  # else refused by Batches, after the base was hashed
@@ -145,6 +154,8 @@ def _run(args) -> None:
                      pad_id=tok.pad_id, save_every=args.save_every)
     except OtherExamples as err:
         raise _other_examples(err, args, len(pairs)) from None
+    if not env.is_main:  # under torchrun: rank 0 saved the adapters (tune), scores and writes the results alone
+        return
     print(f"adapters saved to {Path(args.out) / 'adapters'}")
     results = {"method": method, "mode": args.mode if method == "bitune" else None,
                "loss_weighting": args.loss_weighting, "examples": len(pairs),

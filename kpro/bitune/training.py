@@ -137,7 +137,9 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
                     schedule=schedule, clip_grad_norm=1.0, save_every=save_every, keep_last=1,
                     callbacks=[_RecordSettings(settings), trained, *callbacks], stream=stream, log_every=log_every,
                     **kwargs)
-            save_tuned_adapters(tuned, out_dir / "adapters")
+            # Rank 0 alone under torchrun: DDP left the same adapters on every process
+            on_main(lambda: save_tuned_adapters(tuned, out_dir / "adapters"), current_env(),
+                    f"save the adapters to {out_dir / 'adapters'}")
         return tuned
 
 
