@@ -8,3 +8,13 @@ class CheckpointError(RuntimeError):
 
 class DirectoryInUse(RuntimeError):
     """An output directory another process is running in (kpro._run_lock)."""
+
+
+class OtherSettings(CheckpointError):
+    """A resume refused because the run was set up otherwise than this call asks: `differences` maps each setting
+    that differs, named as the message names it, to (the checkpoint's value, this call's). A command says it in its
+    own terms (bitune: its flags)."""
+
+    def __init__(self, message: str, differences: dict):
+        super().__init__(message)
+        self.differences = differences

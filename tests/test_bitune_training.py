@@ -1,4 +1,5 @@
 """Instruction data, the Bitune / LoRA training entry point, multiple-choice scoring and the CLI."""
+import argparse
 import json
 import os
 import re
@@ -764,6 +765,49 @@ def test_bitune_resumed_on_other_examples_names_data_and_max_length(tmp_path, ca
     assert err.endswith(f"error: --out {out} holds a run tuned on other examples than the 10 that --data {data} at "
                         "--max-length 28 keeps (as many): resume with the run's --data and --max-length, or pass "
                         "another --out for a new run\n"), err
+
+
+def test_bitune_resume_refusals_name_the_commands_flags(tmp_path, capsys):
+    """A resume's refusals came in the library's terms, some with wrong advice: another --lr was named "optimizer
+    param group 0 peak_lr", with "another number of total steps is fine" (the command refuses fewer) and "a
+    checkpoint's weights alone load with kpro.load_pretrained" (not this one's: no config.json); another --mode,
+    --rank, --alpha, --loss-weighting, --dtype or --baseline said "tune into another out_dir than ..."; fewer --steps
+    said "steps=1". Each refusal names the command's flags now."""
+    out = tmp_path / "out"
+    assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "2") == 0
+    capsys.readouterr()
+
+    def refusal(*args):
+        assert bitune_command(tmp_path, *args) == 1
+        err = capsys.readouterr().err
+        assert "error: " in err and err.endswith("\n"), err  # after the examples line
+        return err[err.index("error: ") + len("error: "):-1]
+    other = f"--out {out} holds a run tuned with other settings than these flags:\n  "
+    fix = "\nresume with the run's flags, or pass another --out for a new run"
+    assert refusal("--batch-size", "4", "--steps", "3", "--lr", "1e-3") == \
+        other + "--lr: 0.0003 in the run, 0.001 now" + fix
+    assert refusal("--batch-size", "4", "--steps", "2", "--mode", "only_causal", "--rank", "4", "--alpha", "2",
+                   "--loss-weighting", "token") == \
+        other + "--rank: 8 in the run, 4 now\n  --alpha: 1.0 in the run, 2.0 now\n  --mode: bitune in the run, " \
+                "only_causal now\n  --loss-weighting: example in the run, token now" + fix
+    assert refusal("--batch-size", "4", "--steps", "2", "--baseline", "lora") == \
+        other + "--baseline: none (Bitune) in the run, lora now" + fix
+    assert refusal("--batch-size", "4", "--steps", "2", "--dtype", "bfloat16") == \
+        other + "--model, --dtype: another base model than the run's, or another --dtype of it" + fix
+    assert refusal("--batch-size", "4", "--steps", "1") == \
+        f"--out {out} holds a run of 2 steps already, more than --steps 1: pass --steps 2 or more (more extend " \
+        "it), or another --out for a new run"
+    assert refusal("--steps", "0") == \
+        f"--out {out} holds a run tuned for 2 steps: --steps 0 would save untuned adapters over its adapters; pass " \
+        "--steps 2 to score its adapters (more to tune them further), or another --out for a new run"
+    assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "2") == 0  # as the message says
+    # Another device (a run on a GPU resumed on the CPU), and a setting no flag sets (a run tune made with warmup=)
+    from kpro.bitune.command import _other_settings
+    from kpro.errors import OtherSettings
+    err = OtherSettings("fit's", {"precision": ("bf16", "fp32"), "schedule warmup_steps": (1, 2)})
+    assert str(_other_settings(err, argparse.Namespace(out=out))) == \
+        other + "--device: bf16 in the run, fp32 now (bf16: autocast on a GPU)\n  schedule warmup_steps: 1 in the " \
+                "run, 2 now" + fix
 
 
 def test_bitune_saves_every_n_steps_and_the_same_command_resumes_a_killed_run(tmp_path, capsys, monkeypatch):

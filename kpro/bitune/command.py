@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -113,10 +114,11 @@ def _run(args, env) -> None:
     from .._files import write_atomic
     from ..checkpoint import load_pretrained
     from ..tokenizer import load_tokenizer
+    from ..errors import OtherSettings
     from ..train.data import OtherExamples
     from .data import read_instructions, read_multiple_choice, tokenize_instructions
     from .evaluation import encode_multiple_choice, multiple_choice_accuracy
-    from .training import tune
+    from .training import FewerSteps, tune
 
     questions = {path: read_multiple_choice(path) for path in args.eval}  # fail early on bad files
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -154,6 +156,10 @@ def _run(args, env) -> None:
                      pad_id=tok.pad_id, save_every=args.save_every)
     except OtherExamples as err:
         raise _other_examples(err, args, len(pairs)) from None
+    except OtherSettings as err:
+        raise _other_settings(err, args) from None
+    except FewerSteps as err:
+        raise _fewer_steps(err, args) from None
     if not env.is_main:  # under torchrun: rank 0 saved the adapters (tune), scores and writes the results alone
         return
     print(f"adapters saved to {Path(args.out) / 'adapters'}")
@@ -176,3 +182,42 @@ def _other_examples(err, args, kept: int) -> ValueError:
             else f"other examples than the {kept} that {source} keeps (as many)")
     return ValueError(f"--out {args.out} holds a run tuned on {what}: resume with the run's --data and --max-length, "
                       "or pass another --out for a new run")
+
+
+# The settings tune and fit record of a run (OtherSettings.differences) set by this command's flags
+SETTING_FLAGS = {"rank": "--rank", "alpha": "--alpha", "mode": "--mode", "weighting": "--loss-weighting",
+                 "param_dtypes": "--dtype"}
+
+
+def _other_settings(err, args) -> ValueError:
+    """A resume refused by tune or fit for other settings (`err`, an OtherSettings), said in this command's flags:
+    their messages name tune's arguments and fit's param groups ("optimizer param group 0 peak_lr"), and fit's
+    advice (fewer total steps are fine, the weights load with kpro.load_pretrained) is wrong here."""
+    differences, lines = err.differences, {}
+    for name, (saved, now) in differences.items():
+        if name == "method":
+            said = {"bitune": "none (Bitune)", "lora": "lora"}
+            lines["--baseline"] = f"{said.get(saved, saved)} in the run, {said.get(now, now)} now"
+        elif name == "mode" and "method" in differences:  # follows from --baseline
+            continue
+        elif name == "base_model":
+            lines["--model, --dtype"] = "another base model than the run's, or another --dtype of it"
+        elif name == "precision":
+            lines["--device"] = f"{saved} in the run, {now} now (bf16: autocast on a GPU)"
+        elif re.fullmatch(r"optimizer param group \d+ peak_lr", name):  # every group has the one --lr
+            lines["--lr"] = f"{saved} in the run, {now} now"
+        else:  # a flag's, or by its own name one that no flag sets (a run in --out/run that other code set up)
+            lines[SETTING_FLAGS.get(name, name)] = f"{saved} in the run, {now} now"
+    return ValueError(f"--out {args.out} holds a run tuned with other settings than these flags:\n  "
+                      + "\n  ".join(f"{flag}: {line}" for flag, line in lines.items())
+                      + "\nresume with the run's flags, or pass another --out for a new run")
+
+
+def _fewer_steps(err, args) -> ValueError:
+    """tune's refusal of fewer steps than --out's run holds (`err`, a FewerSteps), in this command's flags."""
+    if err.steps == 0:
+        return ValueError(f"--out {args.out} holds a run tuned for {err.done} steps: --steps 0 would save untuned "
+                          f"adapters over its adapters; pass --steps {err.done} to score its adapters (more to tune "
+                          "them further), or another --out for a new run")
+    return ValueError(f"--out {args.out} holds a run of {err.done} steps already, more than --steps {err.steps}: "
+                      f"pass --steps {err.done} or more (more extend it), or another --out for a new run")

@@ -22,7 +22,7 @@ from .._numbers import is_integer
 from .. import adapters, lora, ops
 from .._run_lock import holding
 from ..distributed import current_env, main_decides, on_main
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OtherSettings
 from ..model import Llama
 from ..train import (Batches, Callback, LossSum, Schedule, adamw, checkpoint_step, collate_prompt_answer, fit,
                      latest_checkpoint)
@@ -102,9 +102,9 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
         on_main(lambda: hold.enter_context(holding(out_dir)), current_env(), f"hold {out_dir}")
         last = main_decides(lambda: latest_checkpoint(out_dir / "run"), f"look for checkpoints in {out_dir / 'run'}")
         if steps > 0 and last is not None and checkpoint_step(last) > steps:  # its adapters are not those asked for
-            raise ValueError(f"{out_dir} holds a run of {checkpoint_step(last)} steps already, more than "
+            raise FewerSteps(f"{out_dir} holds a run of {checkpoint_step(last)} steps already, more than "
                              f"steps={steps}: pass at least as many steps (more extend it), or tune into another "
-                             "out_dir")
+                             "out_dir", done=checkpoint_step(last), steps=steps)
         rank, alpha = lora.check_rank_alpha(rank, alpha)  # Python numbers: the settings are saved as JSON
         settings = {"method": method, "rank": rank, "alpha": alpha, **({"mode": mode} if method == "bitune" else {}),
                     "weighting": weighting, "base_model": adapters.base_fingerprint(model)}
@@ -112,8 +112,9 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
             main_decides(lambda: _check_resumable(out_dir / "run", settings, model),
                          f"read the settings of {out_dir / 'run'}")
         elif last is not None:  # the untuned adapters would replace the tuned ones
-            raise ValueError(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
-                             "load them with load_tuned, or tune into another out_dir")
+            raise FewerSteps(f"{out_dir} holds a tuned run: steps=0 would save untrained adapters over its adapters; "
+                             "load them with load_tuned, or tune into another out_dir", done=checkpoint_step(last),
+                             steps=0)
         if steps > 0:  # before any adapter is added: a batch size the examples cannot fill, a bad warmup
             batches = Batches(pairs, batch_size, partial(collate_prompt_answer, pad_id=pad_id), seed=seed)
             schedule = Schedule("linear", warmup_steps=_warmup_steps(warmup, steps, out_dir / "run"), total_steps=steps)
@@ -141,6 +142,15 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
             on_main(lambda: save_tuned_adapters(tuned, out_dir / "adapters"), current_env(),
                     f"save the adapters to {out_dir / 'adapters'}")
         return tuned
+
+
+class FewerSteps(ValueError):
+    """`tune` refused because `out_dir` holds a run of `done` steps, more than the `steps` asked for (0: the untuned
+    adapters, which would replace the tuned ones). A command says it in its own terms (bitune: --steps, --out)."""
+
+    def __init__(self, message: str, done: int, steps: int):
+        super().__init__(message)
+        self.done, self.steps = done, steps
 
 
 class _StepsTrained(Callback):
@@ -175,14 +185,15 @@ def _check_resumable(run_dir: Path, settings: dict, model: Llama) -> None:
         # saved before the fingerprint hashed every value: compared by the method it was taken with
         settings = {**settings, "base_model": adapters.fingerprint_like(model, saved["base_model"])}
     # base_model: a resume loads the checkpoint's base weights over the model given (not recorded before)
-    differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {settings.get(key)!r} now"
-                   + (" (another base model, or another dtype of it)" if key == "base_model" else "")
-                   for key in dict.fromkeys([*settings, *saved]) if saved.get(key) != settings.get(key)
-                   and (key != "base_model" or key in saved)]
+    differences = {key: (saved.get(key), settings.get(key)) for key in dict.fromkeys([*settings, *saved])
+                   if saved.get(key) != settings.get(key) and (key != "base_model" or key in saved)}
     if differences:
-        raise CheckpointError(f"{last} was tuned with other settings than this call asks for:\n  "
-                              + "\n  ".join(differences) + f"\nresume with the same settings, or tune into another "
-                              f"out_dir than {run_dir.parent}")
+        lines = [f"{key}: {was!r} in the checkpoint, {now!r} now"
+                 + (" (another base model, or another dtype of it)" if key == "base_model" else "")
+                 for key, (was, now) in differences.items()]
+        raise OtherSettings(f"{last} was tuned with other settings than this call asks for:\n  " + "\n  ".join(lines)
+                            + f"\nresume with the same settings, or tune into another out_dir than {run_dir.parent}",
+                            differences)
 
 
 def _warmup_steps(warmup: float | None, steps: int, run_dir: Path) -> int:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from .._numbers import is_integer
 from .._run_lock import holding
 from ..checkpoint import CheckpointError
+from ..errors import OtherSettings
 from . import distributed
 from .callbacks import Callback, callback_states, check_metrics, load_callback_states
 from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_param_groups_loadable,
@@ -457,10 +458,11 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
                                   "with the loop that wrote it, or start fit in a new directory")
         differences = _settings_differences(checkpoint, state, settings, run.env)
         if differences:
-            raise CheckpointError(f"{checkpoint} was trained with other settings than this call asks for:\n  "
-                                  + "\n  ".join(differences) + "\nresume with the same settings (another number of "
-                                  "total steps is fine: it extends or shortens the run), or start a new run directory "
-                                  "(a checkpoint's weights alone load with kpro.load_pretrained)")
+            lines = [f"{name}: {saved!r} in the checkpoint, {now!r} now" for name, (saved, now) in differences.items()]
+            raise OtherSettings(f"{checkpoint} was trained with other settings than this call asks for:\n  "
+                                + "\n  ".join(lines) + "\nresume with the same settings (another number of "
+                                "total steps is fine: it extends or shortens the run), or start a new run directory "
+                                "(a checkpoint's weights alone load with kpro.load_pretrained)", differences)
 
     data = None
 
@@ -500,18 +502,20 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
     return (state["data"] if isinstance(state.get("data"), dict) else {}), data
 
 
-def _settings_differences(checkpoint: Path, state: dict, settings: dict, env) -> list[str]:
-    """The settings of this call that differ from those the checkpoint's run recorded, as lines naming each.
-    Checkpoints written before (some) settings were saved, and schedules that are not a Schedule: unchecked."""
+def _settings_differences(checkpoint: Path, state: dict, settings: dict, env) -> dict[str, tuple]:
+    """The settings of this call that differ from those the checkpoint's run recorded: each setting's name (as the
+    refusal says it: "schedule warmup_steps", "optimizer param group 0 peak_lr") to (its recorded value, this
+    call's). Checkpoints written before (some) settings were saved, and schedules that are not a Schedule:
+    unchecked."""
     recorded = state.get("settings", {})
     saved, schedule = recorded.get("schedule"), settings["schedule"]
-    differences = []
+    differences = {}
     if isinstance(saved, dict) and isinstance(schedule, dict):
-        differences += [f"schedule {key}: {saved.get(key)!r} in the checkpoint, {schedule.get(key)!r} now"
+        differences |= {f"schedule {key}": (saved.get(key), schedule.get(key))
                         for key in sorted(set(saved) | set(schedule))
-                        if key != "total_steps" and saved.get(key) != schedule.get(key)]
-    differences += [f"{key}: {recorded[key]!r} in the checkpoint, {value!r} now" for key, value in settings.items()
-                    if key not in ("schedule", "param_groups") and key in recorded and recorded[key] != value]
+                        if key != "total_steps" and saved.get(key) != schedule.get(key)}
+    differences |= {key: (recorded[key], value) for key, value in settings.items()
+                    if key not in ("schedule", "param_groups") and key in recorded and recorded[key] != value}
     # A checkpoint of an older kpro has no param_groups setting: they are read from its optimizer state. One
     # without trained_params recorded its groups as the run started, not as it saved (a group added or a parameter
     # unfrozen since): there, the parameters were checked against its optimizer state instead, by name.
@@ -521,12 +525,11 @@ def _settings_differences(checkpoint: Path, state: dict, settings: dict, env) ->
                                           f"read the optimizer state of {checkpoint}", env)
     as_saved = "trained_params" in state
     if len(groups) != len(settings["param_groups"]) and "param_groups" in recorded and as_saved:
-        differences.append(f"optimizer param groups: {len(groups)} in the checkpoint, "
-                           f"{len(settings['param_groups'])} now")
-    differences += [f"optimizer param group {i} {'parameter count' if key == 'params' else key}: {saved[key]!r} in the "
-                    f"checkpoint, {value!r} now" for i, (now, saved) in enumerate(zip(settings["param_groups"], groups))
+        differences["optimizer param groups"] = (len(groups), len(settings["param_groups"]))
+    differences |= {f"optimizer param group {i} {'parameter count' if key == 'params' else key}": (saved[key], value)
+                    for i, (now, saved) in enumerate(zip(settings["param_groups"], groups))
                     for key, value in now.items() if key in saved and saved[key] != value
-                    and (as_saved or key != "params")]
+                    and (as_saved or key != "params")}
     return differences
 
 
