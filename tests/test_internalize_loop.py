@@ -343,6 +343,31 @@ def test_each_increase_is_announced_with_or_without_a_reset(tmp_path):
         assert all(("optimizer re-created" in line) == (reset and line != lines[0]) for line in lines), lines
 
 
+class _ClosedAfter(io.StringIO):
+    """A stream whose reader goes away at the first write holding `text` (`2>&1 | head`)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def write(self, s):
+        if self.text in s:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(s)
+
+
+def test_a_closed_pipe_at_an_announcement_saves_the_steps_done(tmp_path):
+    """The announcement was printed from on_batch, whose BrokenPipeError fit does not take as Ctrl-C: it ended
+    the run with no checkpoint, every step done lost. It is printed where fit takes one: the step is saved."""
+    out = tmp_path / "run"
+    with pytest.raises(BrokenPipeError):
+        train(out, stream=_ClosedAfter("step 3: removing"))
+    assert [p.name for p in kt.list_checkpoints(out)] == ["step-00000003"]
+    model, _ = train(out)  # the same call resumes it, and ends as an uninterrupted run
+    straight, _ = train(tmp_path / "straight")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), straight.state_dict().values()))
+
+
 def _batch_indices(step, batch_size=8, count=48):
     batches = kt.Batches(list(range(count)), batch_size, list, seed=SEED)
     data = iter(batches)

@@ -45,7 +45,7 @@ class CoTRemoval(Callback):
     seed             seeds the smoothing offsets of every step (with the step)
     reset_optimizer  re-create the optimizer at each step where the scheduled count goes up, unless the
                      previous batch had no CoT left (the official rule: no resets once the CoT is gone)
-    stream           where to announce each increase (default stderr; main process only)
+    stream           where to announce each increase, at the end of its step (default stderr; main process only)
 
     `batch_had_cot`: whether the last batch kept any CoT token (None before the first batch).
     """
@@ -57,6 +57,7 @@ class CoTRemoval(Callback):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.removal, self.seed, self.reset_optimizer, self.stream = removal, seed, reset_optimizer, stream
         self._last: dict = {}
+        self._announcement: str | None = None  # this step's, printed at its end (see on_step_end)
         self._first_batch = True  # of this session: where a resumed run says how much it removes
         self.batch_had_cot: bool | None = None  # of the global batch, the same on every process
 
@@ -84,8 +85,9 @@ class CoTRemoval(Callback):
         reset = increase and self.reset_optimizer and self.batch_had_cot is not False
         if reset:
             run.reset_optimizer()
+        self._announcement = None
         if increase or (self._first_batch and self.removal != NO_REMOVAL):  # with or without a reset
-            self._announce(run, step, reset)
+            self._announcement = self._announce(run, step, reset)
         self._first_batch = False
         device = next(run.model.parameters()).device
         removed = remove_cot(batch.to(device), self.counts(step, batch.input_ids.shape[0]))
@@ -100,6 +102,11 @@ class CoTRemoval(Callback):
 
     def on_step_end(self, run: Run, metrics: dict) -> None:
         metrics.update(self._last)
+        # Printed here, not in on_batch: a BrokenPipeError (the reader gone, `2>&1 | head`) in on_step_end is
+        # taken by fit as Ctrl-C, saving the steps done; in on_batch it ended the run with nothing saved.
+        if self._announcement is not None:
+            announcement, self._announcement = self._announcement, None
+            print(announcement, file=self.stream or sys.stderr, flush=True)
 
     def settings(self) -> dict:
         return {"removal": describe_removal(self.removal), "seed": self.seed, "reset_optimizer": self.reset_optimizer}
@@ -119,16 +126,16 @@ class CoTRemoval(Callback):
                                  f"{key}={value!r}; resume with the same settings, or start a new run directory")
         self.batch_had_cot = state.get("batch_had_cot")
 
-    def _announce(self, run: Run, step: int, reset: bool) -> None:
+    def _announce(self, run: Run, step: int, reset: bool) -> str | None:
+        """The line announcing the removal from `step` on (None off the main process)."""
         if not run.is_main:
-            return
+            return None
         scheduled = self.scheduled(step)
         what = "the whole CoT" if scheduled == REMOVE_ALL else f"{scheduled} CoT token{'s' * (scheduled != 1)}"
         smoothed = isinstance(self.removal, RemovalSchedule) and self.removal.smoothing_lambda != float("inf")
         offsets = " + smoothing offsets" if scheduled != REMOVE_ALL and smoothed else ""
         # Numbered like the progress line and metrics.jsonl: step s + 1 is the one that begins now.
-        print(f"step {step + 1}: removing {what}{offsets} per example{'; optimizer re-created' if reset else ''}",
-              file=self.stream or sys.stderr, flush=True)
+        return f"step {step + 1}: removing {what}{offsets} per example{'; optimizer re-created' if reset else ''}"
 
 
 def describe_removal(removal) -> str:
