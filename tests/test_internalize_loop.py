@@ -2,7 +2,12 @@
 resume mid-schedule, the baselines, and `python -m kpro internalize` end to end with its errors."""
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -555,6 +560,27 @@ def test_the_command_trains_saves_evaluates_and_resumes(tmp_path, capsys):
     assert main(["internalize", "--task", "3x3", "--out", str(tmp_path / "eval"), "--model", str(out / "model"),
                  "--eval-only", "--eval-size", "16", "--threads", "1"]) == 0
     assert f"model {out / 'model'}, valid: accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_the_command_runs_under_torchrun_and_rank_0_alone_saves_evaluates_and_prints(tmp_path):
+    """Every rank held --out before fit, so the second was refused ("in use by another kpro run"); and every rank
+    printed the status, saved model/, evaluated in full and wrote eval.json."""
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(root / "tests" / "_dist_command.py"), "internalize", "--task", "3x3", "--out", str(out), "--no-removal", *TINY],
+                          env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("saved the final model") == 1, done.stdout
+    assert done.stdout.count("explicit CoT, test: accuracy") == 1, done.stdout
+    assert done.stderr.count("64 training examples, 6 steps of 8") == 1, done.stderr
+    assert json.loads((out / "eval.json").read_text())["test"]["total"] == 16
+    assert [r["step"] for r in kt.read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
 
 
 def test_a_resume_on_other_training_examples_names_the_flags_that_chose_them(tmp_path, capsys):

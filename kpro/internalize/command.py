@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import re
@@ -28,9 +29,11 @@ from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, file_path,
                         input_path, resolve_device)
 from ..config import LlamaConfig
+from ..distributed import on_main
 from ..model import Llama
 from ..tokenizer import load_tokenizer
 from ..train.data import OtherExamples
+from ..train.distributed import init_distributed
 from .data import PUBLISHED_TASKS, read_examples, read_published
 from .evaluation import evaluate, evaluation_positions
 from .loop import (NO_REMOVAL, OFFICIAL_WEIGHT_DECAY, REMOVE_EVERYTHING, ValidationAccuracy, fit_internalization,
@@ -166,14 +169,17 @@ def run_command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    env = init_distributed()
     # One run at a time in --out, from the start: another run's directory gets no data of this one's. fit, below,
-    # holds it again (re-entrant in this thread).
-    with holding(out):
-        _run(args, out)
+    # holds it again (re-entrant in this thread). Under torchrun rank 0 holds it, as fit does; a refusal there
+    # reaches every rank.
+    with contextlib.ExitStack() as hold:
+        on_main(lambda: hold.enter_context(holding(out)), env, f"hold {out}")
+        _run(args, out, env)
 
 
-def _run(args, out: Path) -> None:
-    train_examples, evaluation_sets = _load_data(args, out)
+def _run(args, out: Path, env) -> None:
+    train_examples, evaluation_sets = _load_data(args, out, env.is_main)
     if args.model is not None:
         model = load_pretrained(args.model, dtype=torch.float32, device=args.device)  # fp32 weights to train
         tokenizer = load_tokenizer(args.model)
@@ -196,14 +202,20 @@ def _run(args, out: Path) -> None:
         label = f"model {args.model}"
     else:
         label = "explicit CoT" if args.no_removal else "no CoT" if args.no_cot else "internalized"
-        _train(args, model, tokenizer, tokenized, evaluation_sets, out)
-        save_pretrained(model, out / "model")
-        tokenizer.save(out / "model")
-        print(f"saved the final model to {out / 'model'}")
-    _final_evaluation(args, model, tokenizer, evaluation_sets, label, out)
+        _train(args, model, tokenizer, tokenized, evaluation_sets, out, env)
+
+    def finish():
+        if not args.eval_only:
+            save_pretrained(model, out / "model")
+            tokenizer.save(out / "model")
+            print(f"saved the final model to {out / 'model'}")
+        _final_evaluation(args, model, tokenizer, evaluation_sets, label, out)
+    # Under torchrun every rank holds the same weights: rank 0 alone saves and evaluates, while the others wait
+    # (one that exits first can abort gloo's background work on its way out) and learn of a failure there.
+    on_main(finish, env, "save and evaluate the final model")
 
 
-def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> None:
+def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path, env) -> None:
     steps_per_epoch = args.steps_per_epoch or len(tokenized) // args.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{len(tokenized)} training examples do not fill one batch of {args.batch_size}")
@@ -224,14 +236,15 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path) -> Non
                          f"longer than the run ({steps:,} steps)")
     warmup = f" warming up over the first {args.warmup_steps:,} steps" if args.warmup_steps else ""
     decay = f"{',' if warmup else ''} decaying to 0 over the last {args.decay_steps:,} steps" if args.decay_steps else ""
+    status = sys.stderr if env.is_main else io.StringIO()  # rank 0 alone prints
     print(f"{len(tokenized):,} training examples, {steps:,} steps of {args.batch_size} "
           f"({steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), lr {lr:g}{warmup}{decay}, weight decay "
           f"{args.weight_decay:g}, model {model.num_parameters() / 1e6:.2f}M parameters on {args.device}",
-          file=sys.stderr)
+          file=status)
     if removal is schedule:
         print(f"removal: one more CoT token every {schedule.steps_per_token:,} steps"
               + (f", the whole CoT once more than {args.remove_all_after} are scheduled" if args.remove_all_after is not None
-                 else "") + ("" if args.keep_optimizer else "; a new optimizer at each increase"), file=sys.stderr)
+                 else "") + ("" if args.keep_optimizer else "; a new optimizer at each increase"), file=status)
     callbacks = []
     select_best = args.select_best and removal != NO_REMOVAL  # explicit CoT: the CoT is never gone
     if args.eval_every or select_best:
@@ -290,10 +303,11 @@ def _final_evaluation(args, model, tokenizer, evaluation_sets, label: str, out: 
     write_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")  # a failed rewrite keeps the old one
 
 
-def _load_data(args, out: Path):
+def _load_data(args, out: Path, is_main: bool = True):
     """(training examples, {"valid": [...], "test": [...]}): from files, the published sets, or generated.
 
-    Generated sets are written under `out/data/`, named by their parameters, and read back on a resume.
+    Generated sets are written under `out/data/`, named by their parameters, and read back on a resume. Under
+    torchrun every rank generates and reads them (atomic writes); `is_main` says whether this one reports it.
     """
     n = _multiplication_size(args.task)
     generate_eval = n is not None and n not in PUBLISHED_SIZES  # no published valid/test sets for this n
@@ -318,7 +332,8 @@ def _load_data(args, out: Path):
             if split not in evaluation_sets:
                 path = out / "data" / f"{split}-{n}x{n}-{args.eval_size}-seed{args.data_seed}{without}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("".join(line + "\n" for line in multiplication_lines(chunk, n)))
+                # atomic: under torchrun every rank writes the same file while another may be reading it
+                write_atomic(path, "".join(line + "\n" for line in multiplication_lines(chunk, n)))
                 evaluation_sets[split] = _read(path)
     if "valid" not in evaluation_sets:
         raise ValueError("no validation set: pass --valid FILE, or a --task")
@@ -332,7 +347,8 @@ def _load_data(args, out: Path):
     path = out / "data" / f"train-{n}x{n}-{args.train_size}-seed{args.data_seed}-without-{_digest(held_out)}.txt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"generating {args.train_size:,} {n}x{n} training examples into {path}", file=sys.stderr, flush=True)
+        if is_main:
+            print(f"generating {args.train_size:,} {n}x{n} training examples into {path}", file=sys.stderr, flush=True)
         with _naming("--train-size", args.train_size, "pass a smaller one"):
             write_multiplication_training_set(path, n, args.train_size, args.data_seed, exclude=held_out)
     return _read(path), evaluation_sets
