@@ -607,6 +607,36 @@ def test_a_resume_on_other_training_examples_names_the_flags_that_chose_them(tmp
                         "--out for a new run\n"), err
 
 
+def test_a_resume_keeps_the_runs_tokenizer_whatever_the_test_set(tmp_path, capsys):
+    """Without --model the symbol tokenizer was rebuilt from train, valid and test at every run: another --test
+    shifted the token ids, and the resume was refused as if --train held other examples. A resume, or a finished
+    run evaluated again, takes the tokenizer saved with the run; a symbol it lacks is refused naming the file."""
+    lines = multiplication_training_set(3, 48, seed=5)
+    for name, chunk in (("train", lines[:32]), ("valid", lines[32:40]), ("test1", lines[40:]),
+                        ("test2", lines[40:]), ("test3", lines[40:])):
+        marks = {"test1": "!", "test3": "~"}  # '!' sorts before the digits: a tokenizer of the others shifts them
+        (tmp_path / f"{name}.txt").write_text("".join(line.replace("*", marks.get(name, "*")) + "\n"
+                                                      for line in chunk))
+    out = tmp_path / "run"
+    common = ["internalize", "--train", str(tmp_path / "train.txt"), "--valid", str(tmp_path / "valid.txt"), "--out", str(out),
+              "--batch-size", "8", "--steps-per-epoch", "4", "--remove-per-epoch", "2", "--layers", "1", "--hidden",
+              "16", "--heads", "2", "--intermediate", "32", "--threads", "1", "--no-select-best"]
+    assert main([*common, "--test", str(tmp_path / "test1.txt"), "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--test", str(tmp_path / "test2.txt"), "--steps", "3"]) == 0, capsys.readouterr().err
+    printed, progress = capsys.readouterr()
+    assert "resumed from" in progress and "internalized, test: accuracy" in printed
+    assert main([*common, "--test", str(tmp_path / "test3.txt"), "--steps", "3"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --test {tmp_path / 'test3.txt'}: example 1 (" in err and "'~'" in err, err
+    assert err.endswith(f"; the run in --out {out} keeps the tokenizer saved with its checkpoints: pass another "
+                        "--out for a new run\n") and err.count("\n") == 1, err
+    (tmp_path / "long.txt").write_text("".join(f"1 {line}\n" for line in lines[40:]))  # one more digit
+    assert main([*common, "--test", str(tmp_path / "long.txt"), "--steps", "3"]) == 1
+    err = capsys.readouterr().err  # was "saved from a different model: max_position_embeddings=..."
+    assert err.startswith(f"error: --test {tmp_path / 'long.txt'} takes ") and "positions, and the run in --out" in err
+
+
 def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
     for flag, label, scheduled in (("--no-removal", "explicit CoT", 0), ("--no-cot", "no CoT", "all")):
         out = tmp_path / flag.lstrip("-")

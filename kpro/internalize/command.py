@@ -29,9 +29,10 @@ from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, file_path,
                         input_path, resolve_device)
 from ..config import LlamaConfig
-from ..distributed import on_main
+from ..distributed import main_decides, on_main
 from ..model import Llama
 from ..tokenizer import load_tokenizer
+from ..train import latest_checkpoint
 from ..train.data import OtherExamples
 from ..train.distributed import init_distributed
 from .data import PUBLISHED_TASKS, read_examples, read_published
@@ -180,18 +181,37 @@ def run_command(args) -> None:
 
 def _run(args, out: Path, env) -> None:
     train_examples, evaluation_sets = _load_data(args, out, env.is_main)
+    # A resume (or a finished run evaluated again) of a new model keeps the run's tokenizer and positions: built
+    # again from this session's files, another --valid or --test renumbered the symbols or resized the model.
+    saved_tokenizer, saved_positions = (None, None) if args.model is not None else \
+        main_decides(lambda: _saved_run(out), f"read the run saved in {out}", env)
     if args.model is not None:
         model = load_pretrained(args.model, dtype=torch.float32, device=args.device)  # fp32 weights to train
-        tokenizer = load_tokenizer(args.model)
+        tokenizer, resumed = load_tokenizer(args.model), False
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer of {args.model} has {tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size} embeddings")
     elif _multiplication_size(args.task) and args.train is None:
-        tokenizer = multiplication_tokenizer()
+        tokenizer, resumed = multiplication_tokenizer(), False
     else:
-        tokenizer = symbol_tokenizer_for([*train_examples, *(e for examples in evaluation_sets.values() for e in examples)])
-    tokenized = _tokenize(train_examples, tokenizer, "the training set")
-    positions = _positions_needed(tokenizer, tokenized, evaluation_sets)
+        tokenizer, resumed = saved_tokenizer, saved_tokenizer is not None
+        if not resumed:
+            tokenizer = symbol_tokenizer_for([*train_examples,
+                                              *(e for examples in evaluation_sets.values() for e in examples)])
+    source = (f"; the run in --out {out} keeps the tokenizer saved with its checkpoints: pass another --out for "
+              "a new run") if resumed else ""
+    tokenized = _tokenize(train_examples, tokenizer, _data_name(args, "train"), source)
+    needs = _positions_needed(tokenizer, {_data_name(args, "train"): tokenized,
+                                          **{_data_name(args, split): examples
+                                             for split, examples in evaluation_sets.items()}}, source)
+    positions = max(needs.values())
+    if saved_positions is not None:  # the run's model: another number was refused as "a different model"
+        name = max(needs, key=needs.get)
+        if positions > saved_positions:
+            raise ValueError(f"{name} takes {positions} positions, and the run in --out {out} has a model of "
+                             f"{saved_positions} (sized by the sets of its first session): pass sets it can take, "
+                             "or another --out for a new run")
+        positions = saved_positions
     if args.model is None:
         torch.manual_seed(args.seed)
         model = Llama(_new_model_config(args, tokenizer, positions)).to(args.device)
@@ -391,21 +411,40 @@ def _multiplication_size(task: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _tokenize(examples, tokenizer, what: str):
+def _saved_run(out: Path):
+    """(tokenizer, max_position_embeddings) of the newest checkpoint in `out` (the one fit resumes), or
+    (None, None): a new run."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return None, None
+    return load_tokenizer(checkpoint), LlamaConfig.from_hf(checkpoint / "config.json").max_position_embeddings
+
+
+def _data_name(args, split: str) -> str:
+    """`--test FILE` for a given file, else "the test set" (generated or published)."""
+    path = getattr(args, split)
+    return f"--{split} {path}" if path is not None else f"the {'training' if split == 'train' else split} set"
+
+
+def _tokenize(examples, tokenizer, what: str, source: str = ""):
+    """`examples` tokenized; an example the tokenizer cannot take is named with `what` (the file), and `source`
+    (where the tokenizer comes from) follows the error."""
     try:
         return tokenize_examples(examples, tokenizer)
     except ValueError as err:
-        raise ValueError(f"{what}: {err}") from None
+        raise ValueError(f"{what}: {err}{source}") from None
 
 
-def _positions_needed(tokenizer, tokenized_train, evaluation_sets) -> int:
-    """Positions the model must handle: the longest training example, and what evaluating each set takes
-    (its longest prompt plus its longest reference plus the decoding margin; not its longest example)."""
-    needs = [max((len(t.ids) for t in tokenized_train), default=0)]  # none under --eval-only
-    for split, examples in evaluation_sets.items():
-        _tokenize(examples, tokenizer, split)  # names the split of a symbol the tokenizer lacks
-        needs.append(evaluation_positions(examples, tokenizer))
-    return max(needs)
+def _positions_needed(tokenizer, sets: dict, source: str = "") -> dict[str, int]:
+    """Positions the model must handle, by set (keyed by their names, for errors): the training set's first,
+    tokenized, its longest example; then what evaluating each set takes (its longest prompt plus its longest
+    reference plus the decoding margin; not its longest example)."""
+    (train_name, tokenized_train), *evaluation_sets = sets.items()
+    needs = {train_name: max((len(t.ids) for t in tokenized_train), default=0)}  # none under --eval-only
+    for name, examples in evaluation_sets:
+        _tokenize(examples, tokenizer, name, source)  # names the set of a symbol the tokenizer lacks
+        needs[name] = evaluation_positions(examples, tokenizer)
+    return needs
 
 
 def _new_model_shape(args) -> tuple[int, int, int, int, int]:
