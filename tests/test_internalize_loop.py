@@ -757,6 +757,25 @@ def test_a_seed_torch_cannot_take_is_refused_before_any_data(tmp_path, capsys):
         assert not (out / "data").exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "1e308", "--epochs must be at most 2**63 (a run of at most 2**63 - 1 steps), got 1e+308"),
+    ("--remove-per-epoch", "1e-320", "--remove-per-epoch must be at least 2**-63 (one more token every 2**63 - 1 "
+                                     "steps at most), got 9.99989e-321"),
+    ("--steps-per-epoch", str(10 ** 400), "--steps-per-epoch must be a positive integer below 2**63, got 1000"),
+])
+def test_extreme_finite_run_lengths_are_refused_before_any_data(tmp_path, capsys, flag, value, message):
+    """Only 0 < value < inf was checked: round(epochs * steps_per_epoch) and round(steps_per_epoch / removal rate)
+    overflowed into an OverflowError traceback, after the training set was generated into --out."""
+    out, at = tmp_path / "run", TINY.index("--steps")
+    args = [*TINY[:at], *TINY[at + 2:]]  # no --steps, which --epochs excludes
+    if flag in args:
+        del args[args.index(flag):args.index(flag) + 2]
+    assert main(["internalize", "--task", "2x2", "--out", str(out), *args, flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (out / "data").exists()
+
+
 def test_a_bad_data_line_is_reported_with_its_file_and_line(tmp_path, capsys):
     good = multiplication_training_set(3, 3, seed=0)
     (tmp_path / "train.txt").write_text(good[0] + "\n" + good[1] + "\n1 2 * 3 4 #### 5\n")

@@ -48,6 +48,7 @@ PAPER_TRAIN_SIZE = 808_000
 # From-scratch model shapes: (layers, hidden, heads, intermediate); --layers etc. override any of them.
 SIZES = {"tiny": (4, 128, 4, 512), "small": (6, 256, 8, 1024), "base": (12, 768, 12, 3072)}
 SCRATCH_LR, PRETRAINED_LR = 1e-3, 5e-5  # the paper fine-tuned GPT-2 at 5e-5; a small model from scratch needs more
+MAX_STEPS = 2 ** 63 - 1  # the longest run the flags may ask for
 MULTIPLICATION_TASK = re.compile(r"([1-9][0-9]*)x\1")
 
 
@@ -301,9 +302,16 @@ def _total_steps(args, steps_per_epoch: int, schedule: RemovalSchedule | None, l
     if args.steps is not None:
         return args.steps
     if args.epochs is not None:
-        return max(1, round(args.epochs * steps_per_epoch))
-    tokens = longest_cot if args.remove_all_after is None else min(longest_cot, args.remove_all_after + 1)
-    return tokens * schedule.steps_per_token + schedule.steps_per_epoch
+        steps, why, hint = max(1, round(args.epochs * steps_per_epoch)), f"--epochs {args.epochs:g}", "fewer --epochs"
+    else:
+        tokens = longest_cot if args.remove_all_after is None else min(longest_cot, args.remove_all_after + 1)
+        steps, why = (tokens * schedule.steps_per_token + schedule.steps_per_epoch,
+                      f"removing {tokens} CoT tokens at --remove-per-epoch {args.remove_per_epoch:g}")
+        hint = "a larger --remove-per-epoch, or --steps"
+    if steps > MAX_STEPS:
+        raise ValueError(f"{why} in epochs of {steps_per_epoch:,} steps makes a run of {steps:,} steps, more than "
+                         f"2**63 - 1: pass {hint}")
+    return steps
 
 
 def _final_evaluation(args, model, tokenizer, evaluation_sets, label: str, out: Path) -> None:
@@ -542,6 +550,10 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    # What the run's length is computed from, in floats: a larger one overflowed (an OverflowError traceback, after
+    # the training set was generated). A run of 2**63 steps or more is more than any can be.
+    if args.steps_per_epoch is not None and args.steps_per_epoch >= MAX_STEPS + 1:
+        raise ValueError(f"--steps-per-epoch must be a positive integer below 2**63, got {args.steps_per_epoch}")
     if args.model is None:
         _check_new_model_shape(args)
     if not 0 <= args.weight_decay < 1:
@@ -550,6 +562,13 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and not (0 < value < math.inf):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value:g}")
+    # Epochs have at least one step, so more than 2**63 of them are too many steps; a token removed every
+    # steps_per_epoch / remove_per_epoch steps, at least one step per epoch, the same below 2**-63 tokens.
+    if args.epochs is not None and args.epochs > MAX_STEPS + 1:
+        raise ValueError(f"--epochs must be at most 2**63 (a run of at most 2**63 - 1 steps), got {args.epochs:g}")
+    if args.remove_per_epoch < 1 / (MAX_STEPS + 1):
+        raise ValueError("--remove-per-epoch must be at least 2**-63 (one more token every 2**63 - 1 steps at most), "
+                         f"got {args.remove_per_epoch:g}")
     if args.steps is not None and args.epochs is not None:
         raise ValueError("pass --steps or --epochs, not both")
     if args.decay_steps < 0:
