@@ -776,6 +776,24 @@ def test_extreme_finite_run_lengths_are_refused_before_any_data(tmp_path, capsys
     assert not (out / "data").exists()
 
 
+def test_a_task_that_chooses_no_data_set_is_refused(tmp_path, capsys):
+    """--task 9x9 with --train, --valid and --test files trained and evaluated on the files, the task ignored
+    silently, though options that would do nothing are refused (as --eval-size and --data-seed are)."""
+    lines = multiplication_training_set(2, 48, seed=0)
+    for name, chunk in (("t", lines[:32]), ("v", lines[32:40]), ("e", lines[40:])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(chunk) + "\n")
+    files = ["--train", str(tmp_path / "t.txt"), "--valid", str(tmp_path / "v.txt"), "--test", str(tmp_path / "e.txt")]
+    assert main(["internalize", "--task", "9x9", *files, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: --task 9x9 chooses data sets, and --train, --valid and --test give them all: drop "
+                   "--task\n"), err
+    assert main(["internalize", "--task", "2x2", *files[2:], "--model", str(tmp_path), "--eval-only",
+                 "--out", str(tmp_path / "eval")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: --task 2x2 chooses data sets, and --valid and --test give them all under --eval-only: "
+                   "drop --task\n"), err
+
+
 def test_a_bad_data_line_is_reported_with_its_file_and_line(tmp_path, capsys):
     good = multiplication_training_set(3, 3, seed=0)
     (tmp_path / "train.txt").write_text(good[0] + "\n" + good[1] + "\n1 2 * 3 4 #### 5\n")

@@ -520,6 +520,11 @@ def _check_args(args) -> None:
     if args.eval_only and args.train is not None and not generated_eval:  # it would be read for nothing
         raise ValueError(f"--eval-only --train {args.train} only leaves its pairs out of generated valid and test "
                          f"sets; {why}")
+    if args.task is not None and args.valid is not None and args.test is not None and (
+            args.train is not None or args.eval_only):  # it was ignored, silently
+        given = "--valid and --test" if args.eval_only else "--train, --valid and --test"
+        raise ValueError(f"--task {args.task} chooses data sets, and {given} give them all"
+                         f"{' under --eval-only' if args.eval_only else ''}: drop --task")
     if not generated_eval and given(["eval_size", "data_seed"]):
         if given(["eval_size"]):
             raise ValueError(f"--eval-size sizes generated valid and test sets; {why}")
