@@ -637,6 +637,39 @@ def test_a_resume_keeps_the_runs_tokenizer_whatever_the_test_set(tmp_path, capsy
     assert err.startswith(f"error: --test {tmp_path / 'long.txt'} takes ") and "positions, and the run in --out" in err
 
 
+@pytest.mark.parametrize("change, had, now", [
+    (["--steps", "1"], None, None),
+    (["--keep-optimizer"], "no --keep-optimizer", "--keep-optimizer"),
+    (["--batch-size", "4"], "--batch-size 8", "--batch-size 4"),
+    (["--seed", "1"], "--seed 0", "--seed 1"),
+    (["--smoothing-lambda", "inf"], "--steps-per-epoch 4 --remove-per-epoch 2 --smoothing-lambda 4",
+     "--steps-per-epoch 4 --remove-per-epoch 2 --smoothing-lambda inf"),
+    (["--no-cot"], "--steps-per-epoch 4 --remove-per-epoch 2 --smoothing-lambda 4", "--no-cot"),
+], ids=lambda value: value[0] if isinstance(value, list) else None)
+def test_a_resume_with_other_settings_is_refused_in_the_commands_flags(tmp_path, capsys, change, had, now):
+    """Refused in fit's, Batches' and CoTRemoval's parameters: "past steps=1: pass steps=2 or more ..., or resume
+    an earlier checkpoint (resume=PATH)" (an option the command lacks), "reset_optimizer=True", "batch_size=8",
+    "seed=0", "removal='RemovalSchedule(...)'"."""
+    out, at = tmp_path / "run", TINY.index("--steps") + 1
+    short = [*TINY[:at], "2", *TINY[at + 1:]]
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 0
+    capsys.readouterr()
+    args = list(short)
+    if change[0] in args and len(change) == 2:
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += change
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    error = err[err.find("error: "):]
+    if had is None:
+        assert error == (f"error: --out {out} holds a run at step 2, past --steps 1: pass --steps 2 or more to "
+                         "continue it (--steps 2: it is done), or another --out for a new run\n"), err
+    else:
+        assert error == (f"error: --out {out} holds a run trained with {had}, and this one asks for {now}: resume "
+                         "with the run's, or pass another --out for a new run\n"), err
+
+
 def test_the_baselines_and_files_from_the_command_line(tmp_path, capsys):
     for flag, label, scheduled in (("--no-removal", "explicit CoT", 0), ("--no-cot", "no CoT", "all")):
         out = tmp_path / flag.lstrip("-")

@@ -33,7 +33,8 @@ from ..distributed import main_decides, on_main
 from ..model import Llama
 from ..tokenizer import load_tokenizer
 from ..train import latest_checkpoint
-from ..train.data import OtherExamples
+from ..train.data import OtherExamples, OtherSetting
+from ..train.loop import PastSteps
 from ..train.distributed import init_distributed
 from .data import PUBLISHED_TASKS, read_examples, read_published
 from .evaluation import evaluate, evaluation_positions
@@ -281,6 +282,33 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path, env) -
                             keep_last=args.keep_last, precision=args.precision)
     except OtherExamples as err:
         raise _other_examples(err, args) from None
+    except PastSteps as err:
+        asked = (f"--steps {args.steps}" if args.steps is not None else f"the {err.steps:,} steps of --epochs "
+                 f"{args.epochs:g}" if args.epochs is not None else f"the run's default length ({err.steps:,} steps)")
+        raise ValueError(f"--out {args.out} holds a run at step {err.step}, past {asked}: pass --steps {err.step} or "
+                         f"more to continue it (--steps {err.step}: it is done), or another --out for a new run") from None
+    except OtherSetting as err:
+        flags = _SETTING_FLAGS.get(err.setting)
+        if flags is None:  # none the command can set otherwise
+            raise
+        raise ValueError(f"--out {args.out} holds a run trained with {flags(err.had)}, and this one asks for "
+                         f"{flags(err.now)}: resume with the run's, or pass another --out for a new run") from None
+
+
+def _removal_flags(removal) -> str:
+    """CoTRemoval's saved `removal` (describe_removal: "none", "all", or a RemovalSchedule's repr) in the flags."""
+    if removal in (NO_REMOVAL, REMOVE_EVERYTHING):
+        return "--no-removal" if removal == NO_REMOVAL else "--no-cot"
+    fields = dict(re.findall(r"(\w+)=([^,)]+)", str(removal)))
+    return " ".join(f"--{name.replace('_', '-')} {float(value):g}" if name != "remove_all_after" else
+                    f"--remove-all-after {value}" for name, value in fields.items()
+                    if not (name == "remove_all_after" and value == "None"))
+
+
+# What a resume refused for another setting (OtherSetting.setting) was given as, in this command's flags
+_SETTING_FLAGS = {"batch_size": lambda value: f"--batch-size {value}", "seed": lambda value: f"--seed {value}",
+                  "reset_optimizer": lambda value: "no --keep-optimizer" if value else "--keep-optimizer",
+                  "removal": _removal_flags}
 
 
 def _other_examples(err, args) -> ValueError:

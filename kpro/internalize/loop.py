@@ -28,7 +28,7 @@ from torch import nn
 from .. import lora
 from ..distributed import is_sharded
 from ..train import Batches, Callback, Run, Schedule, adamw, fit, optim
-from ..train.data import check_special_id, content_digest
+from ..train.data import OtherSetting, check_special_id, content_digest
 from .batching import collate, remove_cot
 from .evaluation import MARGIN_TOKENS, check_evaluation_examples, evaluate, evaluation_positions
 from .schedule import REMOVE_ALL, RemovalSchedule
@@ -122,8 +122,9 @@ class CoTRemoval(Callback):
             state["removal"] = re.sub(r"remove_per_epoch=(\d+),", r"remove_per_epoch=\1.0,", state["removal"])
         for key, value in self.settings().items():
             if state.get(key) != value:
-                raise ValueError(f"the checkpoint was trained with {key}={state.get(key)!r} and this run has "
-                                 f"{key}={value!r}; resume with the same settings, or start a new run directory")
+                raise OtherSetting(f"the checkpoint was trained with {key}={state.get(key)!r} and this run has "
+                                   f"{key}={value!r}; resume with the same settings, or start a new run directory",
+                                   key, had=state.get(key), now=value)
         self.batch_had_cot = state.get("batch_had_cot")
 
     def _announce(self, run: Run, step: int, reset: bool) -> str | None:

@@ -220,13 +220,13 @@ class Batches:
                 if key == "num_examples":
                     raise OtherExamples(message + ": other data, or the same cut into rows of another length "
                                         "(seq_len)", had=state[key], now=mine[key])
-                raise ValueError(message)
+                raise OtherSetting(message, key, had=state[key], now=mine[key])
         # Another drop_last keeps or drops each epoch's last, smaller batch: other batches from the next epoch on.
         saved = state.get("drop_last")  # None: a checkpoint written before it was kept
         if saved is not None and saved != mine["drop_last"]:
-            raise ValueError(f"cannot resume these batches: the checkpoint's data had drop_last={saved!r}, these "
+            raise OtherSetting(f"cannot resume these batches: the checkpoint's data had drop_last={saved!r}, these "
                              f"have drop_last={mine['drop_last']!r}; pass Batches(..., drop_last={saved!r}) to "
-                             "continue that run")
+                             "continue that run", "drop_last", had=saved, now=mine["drop_last"])
         if state.get("digest") is not None and mine["digest"] is not None and state["digest"] != mine["digest"]:
             raise OtherExamples(f"cannot resume these batches: they hold as many examples as the checkpoint's data "
                                 f"({mine['num_examples']}), but other ones (content digest {mine['digest'][:12]}, the "
@@ -242,6 +242,15 @@ class OtherExamples(ValueError):
     def __init__(self, message: str, had: int, now: int):
         super().__init__(message)
         self.had, self.now = had, now
+
+
+class OtherSetting(ValueError):
+    """A resume refused because a setting is not the checkpoint's run's: `setting`, the parameter's name (Batches'
+    seed, batch_size, ...; a callback's), `had` its value then, `now` this one. A command says it in its flags."""
+
+    def __init__(self, message: str, setting: str, had, now):
+        super().__init__(message)
+        self.setting, self.had, self.now = setting, had, now
 
 
 class _NoStableContent(Exception):

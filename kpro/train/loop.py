@@ -413,6 +413,14 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     return run
 
 
+class PastSteps(CheckpointError):
+    """A resume refused because the checkpoint, at `step`, is past the run's `steps`. A command says it in its flags."""
+
+    def __init__(self, message: str, step: int, steps: int):
+        super().__init__(message)
+        self.step, self.steps = step, steps
+
+
 # What fit's fetch of the next batch gives where it got none
 _RAN_OUT, _INTERRUPTED = object(), object()
 
@@ -446,9 +454,9 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
     """
     done = checkpoint_step(checkpoint)
     if done > run.total_steps:  # nothing would train, and the model of another step than asked would come back
-        raise CheckpointError(f"{checkpoint} is at step {done}, past steps={run.total_steps}: pass steps={done} or "
+        raise PastSteps(f"{checkpoint} is at step {done}, past steps={run.total_steps}: pass steps={done} or "
                               f"more to continue that run (steps={done}: it is done), or resume an earlier checkpoint "
-                              "(resume=PATH) into another directory")
+                              "(resume=PATH) into another directory", step=done, steps=run.total_steps)
 
     def check(state):
         lacking = [key for key in ("step", "callbacks") if key not in state]
