@@ -238,6 +238,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    joined_before = _in_process_group()
+    try:
+        return _main(argv)
+    finally:
+        if not joined_before and _in_process_group():  # under torchrun: the group the command joined
+            from .train.distributed import leave_process_group
+            leave_process_group()
+
+
+def _in_process_group() -> bool:
+    """Whether this process is in a torch.distributed process group (without importing torch where no command
+    did). A command under torchrun leaves the group it joined before the process exits (leave_process_group)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _main(argv: list[str]) -> int:
     try:
         args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
         if args.command != "info" and os.environ.get("KPRO_BACKEND"):  # info runs no op (and imports no torch)

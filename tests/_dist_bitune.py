@@ -16,6 +16,7 @@ import torch
 
 import kpro._files
 from kpro import bitune, cli
+from kpro.train.distributed import leave_process_group
 
 
 def main(record: Path, args: list[str]) -> int:
@@ -34,6 +35,7 @@ def main(record: Path, args: list[str]) -> int:
         return write_atomic(path, *rest, **kwargs)
     bitune.training.save_tuned_adapters, kpro._files.write_atomic = saving, writing
     status = cli.main(args)
+    leave_process_group()  # joined here, so not left by cli.main
     (record / f"writes-rank{os.environ['RANK']}.json").write_text(json.dumps({"writes": writes, "status": status}))
     return status
 

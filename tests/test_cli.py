@@ -103,6 +103,34 @@ def test_every_device_option_defaults_to_auto():
 
 # ------------------------------------------------------------------------------------------ errors
 
+def test_a_command_leaves_the_process_group_it_joined(monkeypatch):
+    """Under torchrun a command joins a process group (init_distributed); main leaves it before returning, on
+    success and on an error, since a rank exiting with its gloo group up was seen to abort at teardown. A group
+    the caller had joined before calling main is the caller's, and stays."""
+    import torch.distributed as dist
+
+    def join(args, fail=False):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if fail:
+            raise ValueError("a bad flag")
+
+    def command(run):
+        parser = argparse.ArgumentParser()
+        parser.set_defaults(command="fake", run=run)
+        monkeypatch.setattr(cli, "build_parser", lambda command="": parser)
+
+    command(join)
+    assert main([]) == 0 and not dist.is_initialized()
+    command(lambda args: join(args, fail=True))
+    assert main([]) == 1 and not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the caller's
+    try:
+        command(lambda args: None)
+        assert main([]) == 0 and dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_closed_pipe_ends_quietly(tmp_path):
     """`python -m kpro info DIR | head -1` closes the pipe early: no BrokenPipeError traceback."""
     write_checkpoint(tmp_path / "ck")

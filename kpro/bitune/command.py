@@ -113,6 +113,7 @@ def _run(args, env) -> None:
 
     from .._files import write_atomic
     from ..checkpoint import load_pretrained
+    from ..distributed import on_main
     from ..tokenizer import load_tokenizer
     from ..errors import OtherSettings
     from ..train.data import OtherExamples
@@ -160,17 +161,22 @@ def _run(args, env) -> None:
         raise _other_settings(err, args) from None
     except FewerSteps as err:
         raise _fewer_steps(err, args) from None
-    if not env.is_main:  # under torchrun: rank 0 saved the adapters (tune), scores and writes the results alone
-        return
-    print(f"adapters saved to {Path(args.out) / 'adapters'}")
     results = {"method": method, "mode": args.mode if method == "bitune" else None,
                "loss_weighting": args.loss_weighting, "examples": len(pairs),
                "dropped": dropped, "steps": args.steps, "eval": {}}
-    for path, qs in questions.items():
-        scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size)
-        results["eval"][path] = scores
-        print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  ({scores['questions']} questions)")
-    write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
+
+    def score_and_write() -> None:
+        print(f"adapters saved to {Path(args.out) / 'adapters'}")
+        for path, qs in questions.items():
+            scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size)
+            results["eval"][path] = scores
+            print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  "
+                  f"({scores['questions']} questions)")
+        write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
+
+    # Under torchrun rank 0 (which saved the adapters, in tune) scores and writes alone; the others wait for it
+    # and hear of its failure: a rank that exits while another still works was seen to abort at teardown.
+    on_main(score_and_write, env, f"score --eval and write {Path(args.out) / 'results.json'}")
 
 
 def _other_examples(err, args, kept: int) -> ValueError:
