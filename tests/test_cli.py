@@ -500,6 +500,28 @@ def test_train_expanded_refuses_bad_optimizer_flags_before_loading_anything(tmp_
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("args, environment, message", [
+    # "invalid literal for int() with base 10: 'abc'", naming nothing (train-expanded's is above)
+    *[(args, {"WORLD_SIZE": "abc"}, "the environment variable WORLD_SIZE (torchrun's number of processes) must be a "
+       "positive integer, got 'abc'") for args in (["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", "o"],
+                                                   ["internalize", "--task", "2x2", "--out", "o"])],
+], ids=lambda value: value[0] if isinstance(value, list) else None)
+def test_torchrun_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch, args, environment, message):
+    """What torchrun's environment makes wrong, named in one line before the model loads or data is written."""
+    from kpro import checkpoint
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "corpus.txt").write_text("ab cd\n\nef gh\n")
+    (tmp_path / "inst.jsonl").write_text('{"instruction": "ab", "response": "cd"}\n' * 4)
+    monkeypatch.setattr(checkpoint, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not [path.name for path in (tmp_path / "o").rglob("*")]  # no data, no metrics.jsonl
+
+
 @pytest.mark.parametrize("args", [
     ["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", ""],
     ["internalize", "--task", "2x2", "--out", ""],

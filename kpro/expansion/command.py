@@ -3,10 +3,10 @@ and post-pretraining of its new blocks."""
 from __future__ import annotations
 
 import math
-import os
 import shlex
 from pathlib import Path
 
+from .._torchrun import world_size
 from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_output_dir,
                         directory_path, in_flag_terms, input_path, positive_int, resolve_device)
 from .layout import POSITIONS
@@ -101,25 +101,12 @@ def check_optimizer_flags(args) -> None:
         raise ValueError(f"--warmup-steps {args.warmup_steps} must be fewer than --steps {args.steps}: the cosine "
                          "decay runs from the end of the warmup to the last step; lower --warmup-steps or raise "
                          "--steps")
-    processes = _world_size()
+    processes = world_size()
     if args.batch_size % (args.grad_accum * processes):
         split = f"--grad-accum {args.grad_accum}" + (
             f" x {processes} processes (torchrun's WORLD_SIZE) = {args.grad_accum * processes}" if processes > 1 else "")
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of {split}: each optimizer step's rows "
                          "are split evenly into that many micro-batches; change --batch-size or --grad-accum")
-
-
-def _world_size() -> int:
-    """torchrun's WORLD_SIZE (1 where unset): fit splits each step's rows across that many processes."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"the environment variable WORLD_SIZE (torchrun's number of processes) must be a positive "
-                         f"integer, got {text!r}; unset it to run one process, or start the command with torchrun")
-    return value
 
 
 def cmd_train_expanded(args) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import lora
+from .._torchrun import world_size
 # The helpers checkpoints share live one layer down; they are part of this module's interface too.
 from ..distributed import (DistEnv, broadcast_object, current_env, full_model_state, is_sharded, main_decides,  # noqa: F401
                            on_main)
@@ -33,7 +34,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
 
     Picks NCCL and `cuda:LOCAL_RANK` where CUDA is available, gloo and the CPU otherwise.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if world_size() > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
