@@ -39,12 +39,13 @@ CLAIM = ("training only the new blocks keeps the general task where fine-tuning 
 DOMAIN_LEARNED = 0.9  # both ways must reach this domain accuracy
 KEPT = 0.8  # general accuracy the expanded model keeps, on every seed of the run
 MARGIN = 0.2  # general accuracy kept: expanded minus control, on every seed of the run
-# The defaults (2 new blocks, 800 steps, 3% general examples) show the claim on seeds 0-4, margins
-# 0.215-0.675 (0.47 on seed 0); on seeds 5-9, run afterwards as a check, on 3 of 5 (seed 5: 0.785 kept
-# against 0.755; seed 7: margin 0.195). The previous defaults (4 new blocks, 500 steps, 5%) held on 8 of
-# seeds 0-9 too, with narrower margins (mean 0.26 against 0.40; benchmarks/RESULTS.md).
+# The defaults (2 new blocks, 1,200 steps at peak lr 2e-3, 3% general examples; chosen on seeds 0 and 4, where
+# every earlier default failed on some VM) show the claim on seeds 0-9 on the Xeon VM they were measured on: kept
+# 0.84-0.98 against 0.00-0.23, margins 0.73-0.97, domain 0.99-1.00 both ways. At lr 1e-3 and 800 steps full
+# fine-tuning re-learned part of the general task as the rate decayed (seed 4 kept 0.76 against 0.73 there);
+# at 2e-3 it forgets it for good (benchmarks/RESULTS.md, "Expansion, the expansion act over seeds 0-9").
 PRETRAIN_LR, PRETRAIN_STEPS = 1e-3, 400
-NEW_BLOCKS, DOMAIN_STEPS, GENERAL_SHARE, DOMAIN_LR = 2, 800, 0.03, 1e-3
+NEW_BLOCKS, DOMAIN_STEPS, GENERAL_SHARE, DOMAIN_LR = 2, 1200, 0.03, 2e-3
 
 
 def domain_task(rng: random.Random, min_len: int = 3, max_len: int = 8) -> tuple[str, str]:
