@@ -17,3 +17,10 @@ def world_size() -> int:
         raise ValueError(f"the environment variable WORLD_SIZE (torchrun's number of processes) must be a positive "
                          f"integer, got {text!r}; unset it to run one process, or start the command with torchrun")
     return value
+
+
+def refuse_processes(command: str, why: str) -> None:
+    """Refuse `command` under torchrun, on every process, before any work: each process ran the whole command into
+    the same output, one finishing and the others refused there (a failed torchrun), or printing it all twice."""
+    if world_size() > 1:
+        raise ValueError(f"{command} runs in one process ({why}): run it without torchrun")

@@ -505,7 +505,14 @@ def test_train_expanded_refuses_bad_optimizer_flags_before_loading_anything(tmp_
     *[(args, {"WORLD_SIZE": "abc"}, "the environment variable WORLD_SIZE (torchrun's number of processes) must be a "
        "positive integer, got 'abc'") for args in (["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", "o"],
                                                    ["internalize", "--task", "2x2", "--out", "o"])],
-], ids=lambda value: value[0] if isinstance(value, list) else None)
+    # every process ran the whole command into the same output: one finished, the others were refused (exit 1)
+    (["expand", "ck", "o", "--blocks", "1"], {"WORLD_SIZE": "2"},
+     "expand runs in one process (it uses no process group): run it without torchrun"),
+    (["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", "o"], {"WORLD_SIZE": "2"},
+     "tokenize runs in one process (it uses no process group; --workers sets its tokenizing processes): run it "
+     "without torchrun"),
+], ids=lambda value: value[0] if isinstance(value, list) else " ".join(f"{k}={v}" for k, v in value.items())
+   if isinstance(value, dict) else "")
 def test_torchrun_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch, args, environment, message):
     """What torchrun's environment makes wrong, named in one line before the model loads or data is written."""
     from kpro import checkpoint

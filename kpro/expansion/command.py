@@ -6,7 +6,7 @@ import math
 import shlex
 from pathlib import Path
 
-from .._torchrun import world_size
+from .._torchrun import refuse_processes, world_size
 from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_output_dir,
                         directory_path, in_flag_terms, input_path, positive_int, resolve_device)
 from .layout import POSITIONS
@@ -68,6 +68,7 @@ def cmd_expand(args) -> None:
     from ..checkpoint import parse_size
     from .checkpoint import expand_checkpoint
 
+    refuse_processes("expand", "it uses no process group")
     check_output_dir(args.dst, "DST")
     try:
         parse_size(args.max_shard_size)

@@ -28,9 +28,11 @@ def add_parsers(sub) -> None:
 def cmd_tokenize(args) -> None:
     import shlex
 
+    from .._torchrun import refuse_processes
     from ..cli_args import check_output_dir, in_flag_terms
     from .tokenize import tokenize_corpus
 
+    refuse_processes("tokenize", "it uses no process group; --workers sets its tokenizing processes")
     check_output_dir(args.out)
     try:
         tokenize_corpus(args.tokenizer, args.data, args.out, shard_tokens=args.shard_tokens, workers=args.workers)
