@@ -511,6 +511,10 @@ def test_train_expanded_refuses_bad_optimizer_flags_before_loading_anything(tmp_
     (["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "--out", "o"], {"WORLD_SIZE": "2"},
      "tokenize runs in one process (it uses no process group; --workers sets its tokenizing processes): run it "
      "without torchrun"),
+    # refused by ValidationAccuracy, in Python's terms, on every process after --out/data and metrics.jsonl were written
+    (["internalize", "--task", "2x2", "--out", "o"], {"WORLD_SIZE": "2"},
+     "--select-best (the default) evaluates in one process, and torchrun started 2 (WORLD_SIZE): pass "
+     "--no-select-best (the final model is kept), or run without torchrun"),
 ], ids=lambda value: value[0] if isinstance(value, list) else " ".join(f"{k}={v}" for k, v in value.items())
    if isinstance(value, dict) else "")
 def test_torchrun_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch, args, environment, message):

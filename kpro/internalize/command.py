@@ -25,6 +25,7 @@ import torch
 
 from .._files import write_atomic
 from .._run_lock import holding
+from .._torchrun import world_size
 from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, file_path,
                         input_path, resolve_device)
@@ -565,6 +566,11 @@ def _check_args(args) -> None:
     if not args.eval_only and not validates and given(["eval_examples"]):
         raise ValueError(f"--eval-examples {args.eval_examples} sizes the validation during training, and none runs "
                          f"with {'--no-removal' if args.no_removal else '--no-select-best'}: pass --eval-every N too")
+    # ValidationAccuracy(select_best=True) refuses it too, but only in fit, after the data and metrics are written
+    processes = world_size()
+    if processes > 1 and not args.eval_only and args.select_best and not args.no_removal:
+        raise ValueError(f"--select-best (the default) evaluates in one process, and torchrun started {processes} "
+                         "(WORLD_SIZE): pass --no-select-best (the final model is kept), or run without torchrun")
     if args.model is not None and not Path(args.model).exists():
         raise FileNotFoundError(f"--model {args.model} does not exist")
     check_output_dir(args.out)
