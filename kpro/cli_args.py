@@ -9,6 +9,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from ._torchrun import world_size
+
 DEVICE_HELP = "cpu, cuda or cuda:N; auto: cuda when torch sees a GPU, else cpu"
 
 
@@ -142,6 +144,22 @@ def check_input_file(path, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {path} is a directory; give a file")
+
+
+def check_batch_split(batch_size: int, grad_accum: int | None = None) -> None:
+    """--batch-size split evenly across torchrun's processes (and --grad-accum's micro-batches, where the command has
+    the flag), refused by the flags before the model loads: fit refuses it only when it starts, naming no flag."""
+    processes = world_size()
+    parts = processes * (grad_accum or 1)
+    if batch_size % parts == 0:
+        return
+    if grad_accum is None:
+        raise ValueError(f"--batch-size {batch_size} must be a multiple of the {processes} processes (torchrun's "
+                         "WORLD_SIZE): each optimizer step's rows are split evenly between them; change --batch-size")
+    split = f"--grad-accum {grad_accum}" + (
+        f" x {processes} processes (torchrun's WORLD_SIZE) = {parts}" if processes > 1 else "")
+    raise ValueError(f"--batch-size {batch_size} must be a multiple of {split}: each optimizer step's rows are split "
+                     "evenly into that many micro-batches; change --batch-size or --grad-accum")
 
 
 def check_output_dir(path, flag: str = "--out") -> None:

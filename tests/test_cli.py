@@ -515,6 +515,12 @@ def test_train_expanded_refuses_bad_optimizer_flags_before_loading_anything(tmp_
     (["internalize", "--task", "2x2", "--out", "o"], {"WORLD_SIZE": "2"},
      "--select-best (the default) evaluates in one process, and torchrun started 2 (WORLD_SIZE): pass "
      "--no-select-best (the final model is kept), or run without torchrun"),
+    # fit refused them after the model loaded (or the data was written), naming no flag, on every process
+    (["bitune", "--model", "ck", "--data", "inst.jsonl", "--out", "o", "--batch-size", "3"], {"WORLD_SIZE": "2"},
+     "--batch-size 3 must be a multiple of the 2 processes (torchrun's WORLD_SIZE): each optimizer step's rows are "
+     "split evenly between them; change --batch-size"),
+    (["internalize", "--task", "2x2", "--out", "o", "--no-select-best", "--batch-size", "7"], {"WORLD_SIZE": "2"},
+     "--batch-size 7 must be a multiple of the 2 processes (torchrun's WORLD_SIZE)"),
 ], ids=lambda value: value[0] if isinstance(value, list) else " ".join(f"{k}={v}" for k, v in value.items())
    if isinstance(value, dict) else "")
 def test_torchrun_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch, args, environment, message):

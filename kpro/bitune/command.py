@@ -8,8 +8,8 @@ import re
 import sys
 from pathlib import Path
 
-from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, input_path,
-                        resolve_device, user_path)
+from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, directory_path,
+                        input_path, resolve_device, user_path)
 from .passes import MODES
 
 WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
@@ -88,6 +88,8 @@ def run(args) -> None:
     if not args.eval and "--eval-batch-size" in given:
         raise ValueError(f"--eval-batch-size {args.eval_batch_size} sizes the scoring of --eval files, and none is "
                          "given: pass --eval FILE, or drop it")
+    if args.steps > 0:
+        check_batch_split(args.batch_size)
     check_input_file(args.data, "--data")
     for path in args.eval:
         check_input_file(path, "--eval")

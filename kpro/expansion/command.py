@@ -6,9 +6,9 @@ import math
 import shlex
 from pathlib import Path
 
-from .._torchrun import refuse_processes, world_size
-from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_output_dir,
-                        directory_path, in_flag_terms, input_path, positive_int, resolve_device)
+from .._torchrun import refuse_processes
+from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_batch_split,
+                        check_output_dir, directory_path, in_flag_terms, input_path, positive_int, resolve_device)
 from .layout import POSITIONS
 
 
@@ -102,12 +102,7 @@ def check_optimizer_flags(args) -> None:
         raise ValueError(f"--warmup-steps {args.warmup_steps} must be fewer than --steps {args.steps}: the cosine "
                          "decay runs from the end of the warmup to the last step; lower --warmup-steps or raise "
                          "--steps")
-    processes = world_size()
-    if args.batch_size % (args.grad_accum * processes):
-        split = f"--grad-accum {args.grad_accum}" + (
-            f" x {processes} processes (torchrun's WORLD_SIZE) = {args.grad_accum * processes}" if processes > 1 else "")
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of {split}: each optimizer step's rows "
-                         "are split evenly into that many micro-batches; change --batch-size or --grad-accum")
+    check_batch_split(args.batch_size, args.grad_accum)
 
 
 def cmd_train_expanded(args) -> None:

@@ -27,8 +27,8 @@ from .._files import write_atomic
 from .._run_lock import holding
 from .._torchrun import world_size
 from ..checkpoint import load_pretrained, save_pretrained
-from ..cli_args import (add_device_argument, check_input_file, check_output_dir, directory_path, file_path,
-                        input_path, resolve_device)
+from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, directory_path,
+                        file_path, input_path, resolve_device)
 from ..config import LlamaConfig
 from ..distributed import main_decides, on_main
 from ..model import Llama
@@ -589,6 +589,8 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not args.eval_only:  # split across torchrun's processes: fit refused it after the data was written
+        check_batch_split(args.batch_size)
     # What the run's length is computed from, in floats: a larger one overflowed (an OverflowError traceback, after
     # the training set was generated). A run of 2**63 steps or more is more than any can be.
     if args.steps_per_epoch is not None and args.steps_per_epoch >= MAX_STEPS + 1:
