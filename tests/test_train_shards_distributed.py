@@ -65,6 +65,7 @@ def test_two_processes_read_disjoint_rows_and_train_as_one(tmp_path):
 
     done = torchrun("_dist_shards.py", tmp_path / "tokens", tmp_path, tmp_path / "single")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert done.stdout.count("saved the post-trained model") == 1, done.stdout  # rank 0's line (every rank's before)
 
     rows = [torch.load(tmp_path / f"rows-rank{r}.pt") for r in range(2)]  # [steps, 4, seq_len] each
     for step in range(STEPS):

@@ -106,6 +106,7 @@ def check_optimizer_flags(args) -> None:
 
 
 def cmd_train_expanded(args) -> None:
+    from ..distributed import current_env
     from ..train.data import OtherExamples
     from .posttrain import check_out_dir, train_expanded
 
@@ -124,7 +125,8 @@ def cmd_train_expanded(args) -> None:
                                seed=args.seed)
     except OtherExamples as err:
         raise _other_rows(err, args, out) from None
-    print(f"saved the post-trained model to {final}/ (a normal LLaMA checkpoint, with the tokenizer)")
+    if current_env().is_main:  # under torchrun every process returns here; rank 0 saved it
+        print(f"saved the post-trained model to {final}/ (a normal LLaMA checkpoint, with the tokenizer)")
 
 
 def _other_rows(err, args, out: Path) -> ValueError:
