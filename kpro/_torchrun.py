@@ -19,6 +19,12 @@ def world_size() -> int:
     return value
 
 
+def is_main_process() -> bool:
+    """Whether this is rank 0 of torchrun's processes (or the only process): the one that reports what all of them
+    do, as the terminal's Ctrl-C, which reaches every process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def refuse_processes(command: str, why: str) -> None:
     """Refuse `command` under torchrun, on every process, before any work: each process ran the whole command into
     the same output, one finishing and the others refused there (a failed torchrun), or printing it all twice."""

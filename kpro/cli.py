@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ._safetensors import WEIGHTS_NAME, check_checkpoint_directory, read_header, sharded_weight_map
+from ._torchrun import is_main_process
 from .cli_args import (DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, input_path,
                        resolve_device)
 from .errors import CheckpointError, DirectoryInUse
@@ -264,7 +265,8 @@ def _main(argv: list[str]) -> int:
         args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if is_main_process():  # under torchrun every process was interrupted
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`python -m kpro info DIR | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

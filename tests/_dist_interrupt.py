@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_interrupt.py OUT
 
-DDP, the 4 steps of _dist_fit.FIT. The first time, rank 0 sends SIGINT to the whole process group as a
-terminal's Ctrl-C does (torchrun and both workers) while step 3 runs; run again, it resumes and finishes.
+DDP, the 4 steps of _dist_fit.FIT. The first time, rank 0 sends SIGINT to torchrun's process group as a
+terminal's Ctrl-C does while step 3 runs (torchrun forwards it to every worker, each in a session of its own);
+run again, it resumes and finishes.
 """
 import os
 import signal
@@ -24,7 +25,7 @@ class CtrlCOnce(kt.Callback):
     def on_batch(self, run, batch):
         if run.step == 2 and run.is_main and not self.marker.exists():
             self.marker.touch()
-            os.killpg(os.getpgrp(), signal.SIGINT)
+            os.killpg(os.getpgid(os.getppid()), signal.SIGINT)  # torchrun's group, which forwards it to every worker
         return batch
 
 

@@ -131,6 +131,22 @@ def test_a_command_leaves_the_process_group_it_joined(monkeypatch):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("rank, printed", [(None, "interrupted\n"), ("0", "interrupted\n"), ("1", "")])
+def test_ctrl_c_is_reported_by_rank_0_alone(monkeypatch, capsys, rank, printed):
+    """Under torchrun the terminal's Ctrl-C reaches every process: each printed "interrupted"."""
+    from kpro.train import command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(command, "cmd_tokenize", interrupted)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)  # as torchrun sets it
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+    assert main(["tokenize", "--tokenizer", ".", "--data", ".", "--out", "o"]) == 130
+    assert capsys.readouterr().err == printed
+
+
 def test_a_closed_pipe_ends_quietly(tmp_path):
     """`python -m kpro info DIR | head -1` closes the pipe early: no BrokenPipeError traceback."""
     write_checkpoint(tmp_path / "ck")

@@ -309,7 +309,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     interrupted = exhausted = False
     reader_gone = False  # a write of the progress, or of a callback's report, met a closed pipe (`2>&1 | head`)
     ran_out_on = []  # the processes whose batches ran out, where several agree on it
-    with _InterruptToStop() as interrupt:
+    with _InterruptToStop(announce=env.is_main) as interrupt:
         try:
             # What on_fit_start draws (a random evaluation subset) must not move the random streams, as in on_save: a
             # resume has just restored them as they were at the save, and the uninterrupted run went on from there.
@@ -953,6 +953,9 @@ class _InterruptToStop:
     behave as usual.
     """
 
+    def __init__(self, announce: bool = True):
+        self.announce = announce  # under torchrun rank 0 alone says so: every process gets the signal
+
     def __enter__(self):
         self.requested, self.first, self.previous = False, 0.0, {}
         if threading.current_thread() is not threading.main_thread():
@@ -970,8 +973,9 @@ class _InterruptToStop:
         if not self.requested:
             self.requested, self.first = True, now
             what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            print(f"\n{what}: stopping after this step with a checkpoint (press Ctrl-C again to quit without saving)",
-                  file=sys.stderr, flush=True)
+            if self.announce:
+                print(f"\n{what}: stopping after this step with a checkpoint (press Ctrl-C again to quit without "
+                      "saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for signum, previous in self.previous.items():
