@@ -6,6 +6,7 @@ One SCENARIO a run, each writing OUT/SCENARIO-rank{R}.json ({"error": what fit r
 - uneven: a plain generator that runs out after 2 batches on rank 1 alone (steps=4); each batch draws from the
   global torch RNG, whose state after each batch goes to OUT/uneven-rng-rank{R}.pt;
 - fsdp-shape, fsdp-layers: parallel='fsdp' with another intermediate_size, or one more layer, on rank 1;
+  ddp-shape: parallel='ddp' with another intermediate_size on rank 1;
 - partial: a torch DataLoader of 15 examples in batches of 8 (drop_last=False), whose last batch of 7 rows
   cannot be split between the 2 processes.
 The process group times out after 20 seconds, not torchrun's 30 minutes: a process left waiting fails the test soon.
@@ -46,6 +47,9 @@ def main(out: Path, scenario: str) -> None:
         other = {"fsdp-shape": {"intermediate_size": 96}, "fsdp-layers": {"num_hidden_layers": 3}}[scenario]
         model = make_model(**(other if env.rank == 1 else {}))
         result["error"] = error_of(lambda: kt.fit(model, batches(), out / "run", steps=1, parallel="fsdp", lr=1e-3))
+    elif scenario == "ddp-shape":
+        model = make_model(**({"intermediate_size": 96} if env.rank == 1 else {}))
+        result["error"] = error_of(lambda: kt.fit(model, batches(), out / "run", steps=1, parallel="ddp", lr=1e-3))
     elif scenario == "partial":
         loader = DataLoader(examples(15), batch_size=8, collate_fn=lambda rows: kt.collate_prompt_answer(rows, pad_id=0))
         result["error"] = error_of(lambda: kt.fit(make_model(), loader, out / "run", lr=1e-3))

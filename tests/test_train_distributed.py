@@ -380,6 +380,15 @@ def test_fsdp_refuses_processes_holding_different_models_on_every_process(scenar
         assert "build the same model on every process" in r["error"], r["error"]
 
 
+def test_ddp_refuses_processes_holding_different_models_on_every_process(tmp_path):
+    """DDP's own check failed in torch on one process ("RuntimeError: DDP expects same model across all ranks, but
+    Rank 1 has ... params[2] sizes ..."), the other losing its connection (gloo "Connection closed by peer")."""
+    for r in run_edge(tmp_path, "ddp-shape"):
+        assert (r["error"] or "").startswith("ValueError: DDP needs the same model on every process"), r["error"]
+        assert "the first that differs: layers.0.mlp.gate_proj.weight, float32 [88, 48] on process 0, float32 " \
+               "[96, 48] on process 1" in r["error"], r["error"]
+
+
 def test_a_dataloader_whose_last_batch_cannot_be_split_is_refused_before_step_1(tmp_path):
     """A DataLoader(drop_last=False) of 15 examples in batches of 8: its last batch of 7 rows cannot be split between
     2 processes (or into 2 accumulation steps), which failed at the last step, with the steps before it unsaved. Now

@@ -74,7 +74,7 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
         raise ValueError(f"FSDP: found no kpro Block inside {type(model).__name__} to shard; shard the model "
                          "yourself with torch.distributed.fsdp.fully_shard and pass it to fit")
     if dist.get_world_size() > 1:
-        _check_same_tensors(model)
+        _check_same_tensors(model, "FSDP")
         for tensor in (*model.parameters(), *model.buffers()):
             if tensor.device.type != "meta":  # a model built on the meta device gets its weights loaded later
                 dist.broadcast(tensor.detach(), src=0)
@@ -84,10 +84,11 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
     return model
 
 
-def _check_same_tensors(model: nn.Module) -> None:
+def _check_same_tensors(model: nn.Module, mode: str) -> None:
     """Refuse, on every process, models whose parameters and buffers differ in names, shapes or dtypes between the
     processes: rank 0's broadcast of them one by one into tensors of other sizes aborted a process in the backend
-    ("Received data size doesn't match expected size"), the others losing their connection. A collective."""
+    ("Received data size doesn't match expected size"), the others losing their connection; DDP's own check
+    failed in torch on one process, the others losing their connection too. A collective."""
     def described(tensor):
         meta = " on the meta device" if tensor.device.type == "meta" else ""
         return f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}{meta}"
@@ -104,7 +105,7 @@ def _check_same_tensors(model: nn.Module) -> None:
     differs = (f"the first that differs: {name}, {first.get(name, 'none')} on process 0, {theirs.get(name, 'none')} "
                f"on process {rank}" if name is not None else "the same tensors in another order")
     others = f"; process(es) {', '.join(map(str, apart[1:]))} differ too" if len(apart) > 1 else ""
-    raise ValueError(f"FSDP needs the same model on every process, and process {rank}'s differs from process 0's "
+    raise ValueError(f"{mode} needs the same model on every process, and process {rank}'s differs from process 0's "
                      f"({len(first)} parameters and buffers on process 0, {len(theirs)} on process {rank}; {differs}"
                      f"{others}): build the same model on every process (every process starts from rank 0's "
                      "weights, which are copied into its own tensors)")
@@ -135,12 +136,15 @@ def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, s
 
 def wrap_ddp(model: nn.Module, env: DistEnv, idle: set[str] = frozenset()) -> DistributedDataParallel:
     """DDP over the model's trainable parameters but those named in `idle`, which get no gradient: DDP would
-    wait for theirs, its reduction never finishing (it manages the parameters that require grad when it wraps)."""
+    wait for theirs, its reduction never finishing (it manages the parameters that require grad when it wraps).
+    Processes holding different models are refused on every process, naming the first tensor that differs."""
     left_out = [p for name, p in model.named_parameters() if name in idle]
     for p in left_out:
         p.requires_grad_(False)
     try:
-        with merges_as_on_rank0(model, env):
+        with merges_as_on_rank0(model, env):  # which names LoRA merges that differ, first
+            if env.world_size > 1:
+                _check_same_tensors(model, "DDP")
             return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     finally:
         for p in left_out:
