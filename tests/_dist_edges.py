@@ -7,6 +7,7 @@ One SCENARIO a run, each writing OUT/SCENARIO-rank{R}.json ({"error": what fit r
   global torch RNG, whose state after each batch goes to OUT/uneven-rng-rank{R}.pt;
 - fsdp-shape, fsdp-layers: parallel='fsdp' with another intermediate_size, or one more layer, on rank 1;
   ddp-shape: parallel='ddp' with another intermediate_size on rank 1;
+- trainable-ddp, trainable-fsdp: rank 0 training block 0 only, rank 1 block 1 only (parameters of the same shapes);
 - partial: a torch DataLoader of 15 examples in batches of 8 (drop_last=False), whose last batch of 7 rows
   cannot be split between the 2 processes.
 The process group times out after 20 seconds, not torchrun's 30 minutes: a process left waiting fails the test soon.
@@ -47,6 +48,12 @@ def main(out: Path, scenario: str) -> None:
         other = {"fsdp-shape": {"intermediate_size": 96}, "fsdp-layers": {"num_hidden_layers": 3}}[scenario]
         model = make_model(**(other if env.rank == 1 else {}))
         result["error"] = error_of(lambda: kt.fit(model, batches(), out / "run", steps=1, parallel="fsdp", lr=1e-3))
+    elif scenario.startswith("trainable-"):  # rank 0 trains block 0 only, rank 1 block 1 only: the same shapes
+        model = make_model()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(f"layers.{env.rank}."))
+        mode = scenario.removeprefix("trainable-")
+        result["error"] = error_of(lambda: kt.fit(model, batches(), out / "run", steps=1, parallel=mode, lr=1e-3))
     elif scenario == "ddp-shape":
         model = make_model(**({"intermediate_size": 96} if env.rank == 1 else {}))
         result["error"] = error_of(lambda: kt.fit(model, batches(), out / "run", steps=1, parallel="ddp", lr=1e-3))

@@ -389,6 +389,19 @@ def test_ddp_refuses_processes_holding_different_models_on_every_process(tmp_pat
                "[96, 48] on process 1" in r["error"], r["error"]
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_processes_training_different_parameters_are_refused_on_every_process(mode, tmp_path):
+    """Rank 0 training block 0 and rank 1 block 1, of the same shapes: DDP averaged rank 0's gradients of one block
+    with rank 1's of the other, and the run ended without a word, its model wrong."""
+    for r in run_edge(tmp_path, f"trainable-{mode}"):
+        assert (r["error"] or "").startswith("ValueError: the processes train different parameters (trainable on "
+                                             "process 0 only: layers.0.input_layernorm.weight, "
+                                             "layers.0.self_attn.q_proj.weight, layers.0.self_attn.k_proj.weight and "
+                                             "6 more; on process 1 only: layers.1.input_layernorm.weight, "), r["error"]
+        assert "set requires_grad alike on every process before fit" in r["error"], r["error"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 def test_a_dataloader_whose_last_batch_cannot_be_split_is_refused_before_step_1(tmp_path):
     """A DataLoader(drop_last=False) of 15 examples in batches of 8: its last batch of 7 rows cannot be split between
     2 processes (or into 2 accumulation steps), which failed at the last step, with the steps before it unsaved. Now

@@ -59,7 +59,8 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
     Every process starts from rank 0's weights, as under DDP: `fully_shard` keeps each process's own slice of
     its own tensors, so models initialised differently (another seed per rank, a checkpoint loaded on rank 0
     only) would otherwise be stitched together from all of them. Processes holding different models (another
-    size, another layer count) are refused on every process, naming the first tensor that differs.
+    size, another layer count) or training different parameters are refused on every process, naming the first
+    tensor that differs.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -75,6 +76,7 @@ def shard_blocks(model: nn.Module, mesh=None) -> nn.Module:
                          "yourself with torch.distributed.fsdp.fully_shard and pass it to fit")
     if dist.get_world_size() > 1:
         _check_same_tensors(model, "FSDP")
+        _check_same_trainable(model, current_env())
         for tensor in (*model.parameters(), *model.buffers()):
             if tensor.device.type != "meta":  # a model built on the meta device gets its weights loaded later
                 dist.broadcast(tensor.detach(), src=0)
@@ -111,6 +113,27 @@ def _check_same_tensors(model: nn.Module, mode: str) -> None:
                      "weights, which are copied into its own tensors)")
 
 
+def _check_same_trainable(model: nn.Module, env: DistEnv) -> None:
+    """Refuse, on every process, processes training different parameters: DDP and FSDP reduce the gradients of the
+    parameters each process trains, matched by position, so rank 0's gradient of one block was averaged with
+    another process's of another block of the same shapes, and the run ended without a word, its model wrong.
+    A collective."""
+    everyone = gather_objects([name for name, p in model.named_parameters() if p.requires_grad], env)
+    apart = [rank for rank, names in enumerate(everyone) if names != everyone[0]]
+    if not apart:
+        return
+    rank = apart[0]
+
+    def only(a: list[str], b: list[str]) -> str:
+        names = [name for name in a if name not in set(b)]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") if names else "none"
+    others = f"; process(es) {', '.join(map(str, apart[1:]))} differ too" if len(apart) > 1 else ""
+    raise ValueError(f"the processes train different parameters (trainable on process 0 only: "
+                     f"{only(everyone[0], everyone[rank])}; on process {rank} only: {only(everyone[rank], everyone[0])}"
+                     f"{others}): the processes average their gradients parameter by parameter; set requires_grad "
+                     "alike on every process before fit")
+
+
 def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, str]:
     """The module to call in training (a DDP wrapper, or the model sharded in place) and the mode used."""
     if parallel not in PARALLEL_MODES:
@@ -119,6 +142,8 @@ def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, s
         raise ValueError("pass the model itself to fit, not a DistributedDataParallel wrapper: fit wraps it (parallel='ddp')")
     if is_sharded(model):
         refuse_merged_lora(model)
+        if env.world_size > 1:
+            _check_same_trainable(model, env)
         return model, "fsdp"  # sharded by the caller
     if parallel == "auto":
         parallel = "ddp" if env.world_size > 1 else "none"
@@ -137,7 +162,8 @@ def prepare(model: nn.Module, parallel: str, env: DistEnv) -> tuple[nn.Module, s
 def wrap_ddp(model: nn.Module, env: DistEnv, idle: set[str] = frozenset()) -> DistributedDataParallel:
     """DDP over the model's trainable parameters but those named in `idle`, which get no gradient: DDP would
     wait for theirs, its reduction never finishing (it manages the parameters that require grad when it wraps).
-    Processes holding different models are refused on every process, naming the first tensor that differs."""
+    Processes holding different models, or training different parameters, are refused on every process, naming
+    the first tensor that differs."""
     left_out = [p for name, p in model.named_parameters() if name in idle]
     for p in left_out:
         p.requires_grad_(False)
@@ -145,6 +171,7 @@ def wrap_ddp(model: nn.Module, env: DistEnv, idle: set[str] = frozenset()) -> Di
         with merges_as_on_rank0(model, env):  # which names LoRA merges that differ, first
             if env.world_size > 1:
                 _check_same_tensors(model, "DDP")
+                _check_same_trainable(model, env)
             return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     finally:
         for p in left_out:
