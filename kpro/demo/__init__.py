@@ -109,13 +109,13 @@ REPRODUCTIONS = {
     "expansion-seeds": Reproduction(
         reproduce_expansion_seeds,
         "the expansion act over seeds 0-4: domain and general accuracy of expansion and of full fine-tuning per seed",
-        "5 to 7 minutes on 2 idle CPU cores (4.9 and 6.9 measured on two VMs)",
+        "about 9 minutes on 2 CPU cores (8.5 measured, an audit sharing them; 10.5 with AVX2 kernels)",
         "nothing"),
     "expansion-curves": Reproduction(
         reproduce_expansion_curves,
         "the expansion act's two ways on seeds 0 and 4, held-out domain and general accuracy every 50 steps: how "
         "each loses the general task and re-learns it",
-        "about 3 minutes on 2 idle CPU cores (2.9 measured)",
+        "about 3 minutes on 2 CPU cores (2.6 measured)",
         "nothing"),
 }
 
