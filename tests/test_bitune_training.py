@@ -772,7 +772,8 @@ def test_bitune_resume_refusals_name_the_commands_flags(tmp_path, capsys):
     param group 0 peak_lr", with "another number of total steps is fine" (the command refuses fewer) and "a
     checkpoint's weights alone load with kpro.load_pretrained" (not this one's: no config.json); another --mode,
     --rank, --alpha, --loss-weighting, --dtype or --baseline said "tune into another out_dir than ..."; fewer --steps
-    said "steps=1". Each refusal names the command's flags now."""
+    said "steps=1"; another --batch-size "the checkpoint's data had batch_size=4". Each refusal names the command's
+    flags now."""
     out = tmp_path / "out"
     assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "2") == 0
     capsys.readouterr()
@@ -797,6 +798,12 @@ def test_bitune_resume_refusals_name_the_commands_flags(tmp_path, capsys):
     assert refusal("--batch-size", "4", "--steps", "1") == \
         f"--out {out} holds a run of 2 steps already, more than --steps 1: pass --steps 2 or more (more extend " \
         "it), or another --out for a new run"
+    assert refusal("--batch-size", "2", "--steps", "3") == \
+        f"--out {out} holds a run tuned with --batch-size 4, and this one asks for --batch-size 2: resume with the " \
+        "run's, or pass another --out for a new run"
+    assert refusal("--batch-size", "4", "--steps", "3", "--seed", "1") == \
+        f"--out {out} holds a run tuned with --seed 0, and this one asks for --seed 1: resume with the run's, or pass " \
+        "another --out for a new run"
     assert refusal("--steps", "0") == \
         f"--out {out} holds a run tuned for 2 steps: --steps 0 would save untuned adapters over its adapters; pass " \
         "--steps 2 to score its adapters (more to tune them further), or another --out for a new run"

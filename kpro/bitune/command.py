@@ -118,7 +118,7 @@ def _run(args, env) -> None:
     from ..distributed import on_main
     from ..tokenizer import load_tokenizer
     from ..errors import OtherSettings
-    from ..train.data import OtherExamples
+    from ..train.data import OtherExamples, OtherSetting
     from .data import read_instructions, read_multiple_choice, tokenize_instructions
     from .evaluation import encode_multiple_choice, multiple_choice_accuracy
     from .training import FewerSteps, tune
@@ -163,6 +163,12 @@ def _run(args, env) -> None:
         raise _other_settings(err, args) from None
     except FewerSteps as err:
         raise _fewer_steps(err, args) from None
+    except OtherSetting as err:  # Batches' refusal of another seed or batch size, in its parameters' names
+        flag = {"batch_size": "--batch-size", "seed": "--seed"}.get(err.setting)
+        if flag is None:  # none of this command's flags sets it
+            raise
+        raise ValueError(f"--out {args.out} holds a run tuned with {flag} {err.had}, and this one asks for {flag} "
+                         f"{err.now}: resume with the run's, or pass another --out for a new run") from None
     results = {"method": method, "mode": args.mode if method == "bitune" else None,
                "loss_weighting": args.loss_weighting, "examples": len(pairs),
                "dropped": dropped, "steps": args.steps, "eval": {}}
