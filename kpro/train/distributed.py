@@ -44,8 +44,8 @@ def init_distributed(backend: str | None = None) -> DistEnv:
 def leave_process_group() -> None:
     """Leave the process group init_distributed joined (nothing to do when none): at the end of a program run
     under torchrun, before Python shuts down. A gloo rank exiting in its group, or left after collecting none of
-    DDP's pending work, was seen to abort at teardown ("terminate called without an active exception", about 1
-    run in 6 with two CPU processes), turning a finished run into a failed one: the garbage is collected first,
+    DDP's pending work, was seen to abort at teardown ("terminate called without an active exception"; docs/
+    training.md gives the counts), turning a finished run into a failed one: the garbage is collected first,
     so that the reducer and its work are freed while the interpreter still runs."""
     if dist.is_available() and dist.is_initialized():
         import gc
