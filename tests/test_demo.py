@@ -805,10 +805,24 @@ def test_a_killed_worker_is_reported_at_once_and_ends_the_others(tmp_path):
             parent.wait()
     assert parent.returncode not in (0, None) and "BrokenProcessPool" in err, err
     assert "a worker process of the demo died" in err, err
+    assert "__name__" not in err, err  # `python -c`: the workers import no script, so no advice about one
     deadline = time.monotonic() + 30
     while any(_running(pid) for pid in _pids(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _pids(tmp_path) and not [pid for pid in _pids(tmp_path) if _running(pid)]
+
+
+def test_a_script_without_a_main_guard_is_told_why_its_workers_died(tmp_path):
+    """A script calling an act at its top level: each spawned worker runs the script again and dies starting, and
+    the error said only that a worker was killed, most often for lack of memory. It now gives the advice too."""
+    jobs = f"[(_parallel_jobs.sleep_reporting_pid, dict(directory={str(tmp_path)!r}, seconds=1))] * 2"
+    script = tmp_path / "my_demo.py"
+    script.write_text(f"import _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nrun_jobs({jobs}, 2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    run = subprocess.run([sys.executable, str(script)], env=env, text=True, capture_output=True, timeout=120)
+    assert run.returncode != 0 and "a worker process of the demo died" in run.stderr, run.stderr
+    assert 'under `if __name__ == "__main__":`, or set KPRO_DEMO_WORKERS=1' in run.stderr, run.stderr
+    assert not _pids(tmp_path)  # no job started
 
 
 @NEEDS_PROC

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .._signals import sigterm_as_ctrl_c
+from .._spawn import spawn_imports_main
 
 
 def default_workers() -> int:
@@ -76,7 +77,7 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
                             "a worker process of the demo died (killed, most often by the system for lack of "
                             "memory) while running a job; the other jobs are ended. Run the same command again: "
                             "the runs resume from their last checkpoints (KPRO_DEMO_WORKERS=1 runs one job at a "
-                            "time, with less memory)") from broken
+                            "time, with less memory)" + _startup_advice(futures)) from broken
                 if not pending:
                     return [future.result() for future in futures]
                 if progress is not None:
@@ -90,6 +91,17 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
                 for future in futures:
                     future.cancel()
             raise
+
+
+def _startup_advice(futures: list) -> str:
+    """Where no job has finished and the workers import the caller's script again: the advice for a script that
+    runs an act outside `if __name__ == "__main__":`, whose workers die starting (they run the script, which
+    starts workers of its own or finds its output directory in use) and look killed from here."""
+    if any(future.done() and not future.cancelled() and future.exception() is None for future in futures) or \
+            not spawn_imports_main():
+        return ""
+    return ("; if the workers died starting: they import the main module again (spawned), so a script of one's own "
+            "must call the act under `if __name__ == \"__main__\":`, or set KPRO_DEMO_WORKERS=1")
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from typing import Iterator
 from .. import _tokenize_worker as worker
 from .._run_lock import holding
 from .._signals import sigterm_as_ctrl_c
+from .._spawn import spawn_imports_main
 from .._tokenize_worker import jsonl_text
 from ..tokenizer import TOKENIZER_FILES, document_bos_id, load_tokenizer
 from .progress import StatusLine, format_duration
@@ -299,7 +300,7 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
         progress.close()
         # A ValueError, as the command line reports in one line: a worker killed (the OOM killer) is no bug of kpro's
         startup = ""
-        if ordinal == start["document"] and _spawn_imports_main():  # no chunk came back: maybe none could start
+        if ordinal == start["document"] and spawn_imports_main():  # no chunk came back: maybe none could start
             startup = ("; if none started: spawned workers import the main module again, so call tokenize_corpus "
                        "under `if __name__ == \"__main__\":`, or pass workers=1")
         raise ValueError(f"a tokenizing worker process died, most often killed by the system for lack of memory; the "
@@ -320,16 +321,6 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
     print(f"wrote {index['tokens']:,} tokens ({index['documents']:,} documents, {index['dtype']}) in "
           f"{len(index['shards'])} shard(s) to {out}/ in {format_duration(elapsed)}", file=stream)
     return index
-
-
-def _spawn_imports_main() -> bool:
-    """Whether spawned workers import the caller's main module again (multiprocessing's rule): a script's or a
-    module's run by name, not a package's `__main__` (`python -m kpro`) or an interactive session's."""
-    main = sys.modules.get("__main__")
-    name = getattr(getattr(main, "__spec__", None), "name", None)
-    if name is not None:
-        return name != "__main__" and not name.endswith(".__main__")
-    return getattr(main, "__file__", None) is not None
 
 
 def _check_same_run(index: dict, identity: dict, bos_id: int | None, inputs: list, shard_tokens: int,
