@@ -18,3 +18,13 @@ class OtherSettings(CheckpointError):
     def __init__(self, message: str, differences: dict):
         super().__init__(message)
         self.differences = differences
+
+
+class OtherParameters(CheckpointError):
+    """A resume refused because this optimizer trains other parameters than the checkpoint's did: `trained` names
+    those the checkpoint's optimizer trained, `now` this one's (state-dict names). A command says it in its own
+    terms (train-expanded: its --train-blocks)."""
+
+    def __init__(self, message: str, trained: list, now: list):
+        super().__init__(message)
+        self.trained, self.now = list(trained), list(now)

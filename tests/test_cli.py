@@ -745,7 +745,7 @@ def test_train_expanded_extends_a_finished_run_with_more_steps(tmp_path, capsys)
     assert "resumed from" in captured.err and "continuing the run with total_steps=40" in captured.err
     assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 41))
     assert main(args + ["--steps", "40", "--warmup-steps", "3"]) == 1  # an explicit other warmup is refused
-    assert "schedule warmup_steps: 1 in the checkpoint, 3 now" in capsys.readouterr().err
+    assert "--warmup-steps: 1 in the run, 3 now" in capsys.readouterr().err
 
 
 def test_bitune_extends_a_finished_run_with_more_steps_and_runs_one_step(tmp_path, capsys):

@@ -877,3 +877,75 @@ def test_read_header_takes_what_the_safetensors_library_takes(tmp_path):
     entries = read_header(file)
     assert {name: (e.start - 8 - len(text), e.nbytes, e.dtype, e.shape) for name, e in entries.items()} == {
         "z": (4, 8, "F32", (2,)), "e1": (0, 0, "BF16", (0, 3)), "e2": (0, 0, "I64", (0,)), "f4": (0, 4, "F4", (2, 4))}
+
+
+def test_train_expanded_resume_refusals_name_the_flags(tmp_path, capsys):
+    """A resume with another --lr, --weight-decay, --warmup-steps, --dtype, --precision, --batch-size, --seed,
+    --train-blocks, fewer --steps than done, or (on token shards) another --seq-len or --data was refused in the
+    library's terms: fit's "optimizer param group 0 peak_lr", "past steps=5 ... (resume=PATH)", Batches' and
+    TokenShards' "the checkpoint's data had batch_size=4", the optimizer's "before fit is called (e.g. when
+    kt.latest_checkpoint(out_dir) ...)", with Python advice (kpro.load_pretrained) that a command's user cannot
+    follow. Each is refused naming --out and the flag, with the run's value and this call's."""
+    alphabet = "abcdefgh \n"
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=3 + len(alphabet), max_position_embeddings=32)
+    kpro.CharTokenizer(alphabet).save(tmp_path / "src")
+    big = tmp_path / "big"
+    assert main(["expand", str(tmp_path / "src"), str(big), "--blocks", "1", "--position", "top"]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    shards = tmp_path / "shards"
+    assert main(["tokenize", "--tokenizer", str(big), "--data", str(corpus), "--out", str(shards),
+                 "--workers", "1"]) == 0
+    text_run, shard_run = tmp_path / "text-run", tmp_path / "shard-run"
+    flags = ["--seq-len", "16", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--save-every", "2"]
+
+    def refusal(run, data, *extra):
+        capsys.readouterr()
+        assert main(["train-expanded", str(big), "--out", str(run), "--data", str(data), *flags, *extra]) == 1
+        err = capsys.readouterr().err
+        err = err[err.index("error: "):]  # after the status lines
+        for python in ("resume=PATH", "kt.latest_checkpoint", "kpro.load_pretrained", "peak_lr", "batch_size=",
+                       "seq_len=", "param_dtypes", "steps="):
+            assert python not in err, err
+        return err
+
+    assert main(["train-expanded", str(big), "--out", str(text_run), "--data", str(corpus), *flags, "--steps", "4"]) == 0
+    assert main(["train-expanded", str(big), "--out", str(shard_run), "--data", str(shards), *flags,
+                 "--steps", "4"]) == 0
+    settings = f"error: --out {text_run} holds a run trained with other settings than these flags:\n  "
+    fix = "\nresume with the run's flags, or pass another --out for a new run\n"
+    for change, line in ((["--lr", "1e-3"], "--lr: 0.01 in the run, 0.001 now"),
+                         (["--weight-decay", "0.1"], "--weight-decay: 0.0 in the run, 0.1 now"),
+                         (["--warmup-steps", "2"], "--warmup-steps: 1 in the run, 2 now"),
+                         (["--dtype", "float64"], "--dtype: float32 in the run, float64 now"),
+                         (["--precision", "bf16"], "--precision: fp32 in the run, bf16 now (auto: bf16 on a GPU, "
+                                                   "fp32 on the CPU)")):
+        assert refusal(text_run, corpus, "--steps", "5", *change) == settings + line + fix
+    for flag, value in (("--batch-size", "8"), ("--seed", "1")):
+        had = {"--batch-size": 4, "--seed": 0}[flag]
+        assert refusal(text_run, corpus, "--steps", "5", flag, value) == (
+            f"error: --out {text_run} holds a run trained with {flag} {had}, and this one asks for {flag} {value}: "
+            "resume with the run's, or pass another --out for a new run\n")
+    assert refusal(text_run, corpus, "--steps", "5", "--train-blocks", "1") == (
+        f"error: --out {text_run} holds a run that trained blocks 2, and --train-blocks 1 trains blocks 1: resume "
+        "with the run's blocks (--train-blocks 2), or pass another --out for a new run\n")
+    assert refusal(text_run, corpus, "--steps", "3") == (
+        f"error: --out {text_run} holds a run at step 4, past --steps 3: pass --steps 4 or more to continue it "
+        "(--steps 4: it is done), or another --out for a new run\n")
+    assert refusal(shard_run, shards, "--steps", "5", "--seq-len", "8") == (
+        f"error: --out {shard_run} holds a run trained with --seq-len 16, and this one asks for --seq-len 8: "
+        "resume with the run's, or pass another --out for a new run\n")
+    assert refusal(shard_run, corpus, "--steps", "5") == (
+        f"error: --out {shard_run} holds a run trained on a token shard directory, and --data {corpus} is text "
+        "files: resume with the run's --data, or pass another --out for a new run\n")
+    assert refusal(text_run, shards, "--steps", "5") == (
+        f"error: --out {text_run} holds a run trained on text files, and --data {shards} is a token shard "
+        "directory: resume with the run's --data, or pass another --out for a new run\n")
+    other = tmp_path / "other-shards"
+    (tmp_path / "other.txt").write_text("\n\n".join("bca efd hg " * (i % 4 + 1) for i in range(40)))
+    assert main(["tokenize", "--tokenizer", str(big), "--data", str(tmp_path / "other.txt"), "--out", str(other),
+                 "--workers", "1"]) == 0
+    assert refusal(shard_run, other, "--steps", "5") == (
+        f"error: --out {shard_run} holds a run trained on other token shards than --data {other} (another corpus, "
+        "tokenizer, or shards cut otherwise): resume with the run's --data, or pass another --out for a new run\n")
+    assert main(["train-expanded", str(big), "--out", str(text_run), "--data", str(corpus), *flags, "--steps", "5"]) == 0

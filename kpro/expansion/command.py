@@ -3,6 +3,7 @@ and post-pretraining of its new blocks."""
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -107,7 +108,9 @@ def check_optimizer_flags(args) -> None:
 
 def cmd_train_expanded(args) -> None:
     from ..distributed import current_env
-    from ..train.data import OtherExamples
+    from ..errors import OtherParameters, OtherSettings
+    from ..train.data import OtherExamples, OtherSetting
+    from ..train.loop import PastSteps
     from .posttrain import check_out_dir, train_expanded
 
     check_optimizer_flags(args)
@@ -123,8 +126,22 @@ def cmd_train_expanded(args) -> None:
                                device=None if args.device == "auto" else resolve_device(args.device),
                                precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
                                seed=args.seed)
+    # Resumes refused in the library's terms (Python arguments, param groups, Python-only advice), said in the flags
     except OtherExamples as err:
         raise _other_rows(err, args, out) from None
+    except OtherSettings as err:
+        raise _other_settings(err, out) from None
+    except OtherParameters as err:
+        raise _other_blocks(err, args, out) from None
+    except PastSteps as err:
+        raise ValueError(f"--out {out} holds a run at step {err.step}, past --steps {err.steps}: pass --steps "
+                         f"{err.step} or more to continue it (--steps {err.step}: it is done), or another --out for "
+                         "a new run") from None
+    except OtherSetting as err:
+        refusal = _other_setting(err, args, out)
+        if refusal is None:  # a setting no flag of this command sets otherwise
+            raise
+        raise refusal from None
     if current_env().is_main:  # under torchrun every process returns here; rank 0 saved it
         print(f"saved the post-trained model to {final}/ (a normal LLaMA checkpoint, with the tokenizer)")
 
@@ -139,3 +156,65 @@ def _other_rows(err, args, out: Path) -> ValueError:
             else f"other rows than the {err.now:,} that {source} packs (as many)")
     return ValueError(f"--out {out} holds a run trained on {what}: resume with the run's --data and --seq-len, or "
                       "pass another --out for a new run")
+
+
+# The settings fit records of a run (OtherSettings.differences) that this command's flags set
+SETTING_FLAGS = {"schedule warmup_steps": "--warmup-steps", "param_dtypes": "--dtype", "precision": "--precision"}
+
+
+def _other_settings(err, out: Path) -> ValueError:
+    """A resume refused by fit for other settings (`err`, an OtherSettings), in this command's flags: fit names its
+    param groups ("optimizer param group 0 peak_lr", one line a group), and its advice (a checkpoint's weights load
+    with kpro.load_pretrained) is Python's."""
+    lines = {}
+    for name, (saved, now) in err.differences.items():
+        if re.fullmatch(r"optimizer param group \d+ peak_lr", name):  # every group has the one --lr
+            lines["--lr"] = f"{saved} in the run, {now} now"
+        elif re.fullmatch(r"optimizer param group \d+ weight_decay", name):  # norms' and biases' group has none
+            lines["--weight-decay"] = f"{saved} in the run, {now} now"
+        elif name == "precision":
+            lines["--precision"] = f"{saved} in the run, {now} now (auto: bf16 on a GPU, fp32 on the CPU)"
+        elif re.fullmatch(r"optimizer param groups|optimizer param group \d+ parameter count", name):
+            lines["--train-blocks"] = "other blocks than the run trained"
+        else:  # a flag's, or by its own name one that no flag sets (a run in --out that other code set up)
+            lines[SETTING_FLAGS.get(name, name)] = f"{saved} in the run, {now} now"
+    return ValueError(f"--out {out} holds a run trained with other settings than these flags:\n  "
+                      + "\n  ".join(f"{flag}: {line}" for flag, line in lines.items())
+                      + "\nresume with the run's flags, or pass another --out for a new run")
+
+
+def _blocks(names) -> list:
+    """The blocks that parameters (state-dict names, layers.N.*) belong to, in order; a parameter of none by name."""
+    blocks = {int(m.group(1)) if (m := re.match(r"layers\.(\d+)\.", name)) else name for name in names}
+    return sorted(b for b in blocks if isinstance(b, int)) + sorted(b for b in blocks if isinstance(b, str))
+
+
+def _other_blocks(err, args, out: Path) -> ValueError:
+    """A resume refused because this run trains other parameters than the run in --out (`err`, an
+    OtherParameters): the optimizer's message says how to rebuild an optimizer before fit, Python's advice."""
+    now = (f"--train-blocks {','.join(map(str, args.train_blocks))}" if args.train_blocks is not None
+           else f"{Path(args.dir) / 'kpro_expansion.json'} (no --train-blocks)")
+    run = _blocks(err.trained)
+    fix = f" (--train-blocks {','.join(map(str, run))})" if all(isinstance(b, int) for b in run) else ""
+    return ValueError(f"--out {out} holds a run that trained blocks {', '.join(map(str, run))}, and {now} trains "
+                      f"blocks {', '.join(map(str, _blocks(err.now)))}: resume with the run's blocks{fix}, or pass "
+                      "another --out for a new run")
+
+
+def _other_setting(err, args, out: Path) -> ValueError | None:
+    """A resume refused by Batches or TokenShards (`err`, an OtherSetting) for another batch size, seed, seq_len,
+    corpus or kind of data, in this command's flags; None for a setting no flag sets (shuffle, drop_last)."""
+    data = " ".join(f"--data {path}" for path in args.data)
+    fix = "resume with the run's --data, or pass another --out for a new run"
+    if err.setting == "source":  # train_expanded makes Batches of text files and TokenShards of a shard directory
+        shards = err.now == "TokenShards"
+        return ValueError(f"--out {out} holds a run trained on {'text files' if shards else 'a token shard directory'}"
+                          f", and {data} {'is a token shard directory' if shards else 'is text files'}: {fix}")
+    if err.setting == "corpus":
+        return ValueError(f"--out {out} holds a run trained on other token shards than {data} (another corpus, "
+                          f"tokenizer, or shards cut otherwise): {fix}")
+    flag = {"batch_size": "--batch-size", "seed": "--seed", "seq_len": "--seq-len"}.get(err.setting)
+    if flag is None:
+        return None
+    return ValueError(f"--out {out} holds a run trained with {flag} {err.had}, and this one asks for {flag} "
+                      f"{err.now}: resume with the run's, or pass another --out for a new run")

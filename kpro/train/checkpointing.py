@@ -35,6 +35,7 @@ from .._numbers import is_integer
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _IN_PROGRESS, _abandoned, _open_all, _write_checkpoint,
                           _write_file, atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
+from ..errors import OtherParameters
 from ..lora import lora_layers
 from ..model import Llama
 from . import distributed
@@ -310,19 +311,20 @@ def restore_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer
     before the weights and RNG states: what it raises refuses the checkpoint, the optimizer put back as it was
     (`take` puts back its own). Every process calls both, with rank 0's state."""
     directory, env, model = Path(directory), env or distributed.current_env(), distributed.unwrapped(model)
-    state, problem = None, None
+    state, problem, parameters = None, None, None
     if env.is_main:
         try:
             state = _read_state(directory)
             problem = _mismatch(directory, model, state)
             if problem is None and "trained_params" in state:  # else (an older kpro's) from optimizer.pt, below
-                recorded = state["trained_params"]
-                problem = _optimizer_mismatch(directory, trained_parameters(model, optimizer), recorded, recorded)
+                recorded, now = state["trained_params"], trained_parameters(model, optimizer)
+                problem = _optimizer_mismatch(directory, now, recorded, recorded)
+                parameters = (recorded, now) if problem else None
         except Exception as err:  # reported on every rank below: none may be left waiting
             problem = f"{directory} is not a readable training checkpoint: {err}"
-    state, problem = distributed.broadcast_object((state, problem), env)
+    state, problem, parameters = distributed.broadcast_object((state, problem, parameters), env)
     if problem:
-        raise CheckpointError(problem)
+        raise OtherParameters(problem, *parameters) if parameters else CheckpointError(problem)
     if check is not None:
         check(state)
     full_model = distributed.on_main(lambda: _read_model(directory, model), env, f"read the model of {directory}")
@@ -419,10 +421,10 @@ def _stateless_parameters(directory: Path, model: nn.Module, optimizer: torch.op
     stored = saved.get("state", {})
     if not checked:
         listed = [name for group in saved.get("param_groups", ()) for name in group.get("params", ())]
-        problem = _optimizer_mismatch(directory, trained_parameters(model, optimizer),
-                                      [name for name in listed if name in stored], listed)
+        now, trained = trained_parameters(model, optimizer), [name for name in listed if name in stored]
+        problem = _optimizer_mismatch(directory, now, trained, listed)
         if problem:
-            raise CheckpointError(problem)
+            raise OtherParameters(problem, trained, now)
     names = distributed.state_dict_names(model)
     return [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]
             if p.requires_grad and names.get(id(p)) not in stored]

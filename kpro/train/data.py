@@ -211,8 +211,9 @@ class Batches:
         mine = self.state_dict()
         if not isinstance(state, dict) or not {"seed", "batch_size", "num_examples", "shuffle", "epoch", "index"} \
                 <= set(state):
-            raise ValueError(f"cannot resume these batches: the checkpoint's data position is not a Batches' "
-                             f"({state!r:.120}): the run took its batches from another kind of source; resume with it")
+            raise OtherSetting(f"cannot resume these batches: the checkpoint's data position is not a Batches' "
+                               f"({state!r:.120}): the run took its batches from another kind of source; resume "
+                               "with it", "source", had=None, now="Batches")
         for key in ("seed", "batch_size", "num_examples", "shuffle"):
             if state[key] != mine[key]:
                 message = f"cannot resume these batches: the checkpoint's data had {key}={state[key]!r}, these have " \
@@ -246,7 +247,9 @@ class OtherExamples(ValueError):
 
 class OtherSetting(ValueError):
     """A resume refused because a setting is not the checkpoint's run's: `setting`, the parameter's name (Batches'
-    seed, batch_size, ...; a callback's), `had` its value then, `now` this one. A command says it in its flags."""
+    seed, batch_size, ...; TokenShards' corpus, seq_len, ...; a callback's), `had` its value then, `now` this one.
+    "source": the checkpoint's batches came from another kind of source (`had` None) than this one (`now`: "Batches"
+    or "TokenShards"). A command says it in its flags."""
 
     def __init__(self, message: str, setting: str, had, now):
         super().__init__(message)

@@ -27,7 +27,7 @@ from .._numbers import is_integer
 from .._files import naming_write_failures, write_atomic
 from .._run_lock import LOCK_FILE
 from ..distributed import current_env
-from .data import check_flag, check_special_id, document_tensor
+from .data import OtherSetting, check_flag, check_special_id, document_tensor
 
 FORMAT = "kpro-token-shards"
 VERSION = 1
@@ -476,15 +476,21 @@ class TokenShards:
                 "seq_len": self.seq_len, "num_rows": self.num_rows, "shuffle": self.shuffle, "corpus": self.corpus_id}
 
     def load_state_dict(self, state: dict) -> None:
+        # OtherSetting, a ValueError naming the parameter: a command says it in its flags (train-expanded does)
         mine = self.state_dict()
+        if not isinstance(state, dict) or not set(mine) <= set(state):
+            raise OtherSetting(f"cannot resume these token shards: the checkpoint's data position is not a "
+                               f"TokenShards' ({state!r:.120}): the run took its batches from another kind of "
+                               "source; resume with it", "source", had=None, now="TokenShards")
         for key in ("corpus", "seq_len", "num_rows", "seed", "batch_size", "shuffle"):
-            if key == "corpus" and state.get(key) != mine[key]:
-                raise ValueError(f"cannot resume on these token shards: the checkpoint was trained on another corpus "
-                                 f"(fingerprint {state.get(key)!r}, these {mine[key]!r}): its tokenizer, its tokens "
-                                 "or where its shards are cut differ")
-            if state.get(key) != mine[key]:
-                raise ValueError(f"cannot resume these token shards: the checkpoint's data had {key}="
-                                 f"{state.get(key)!r}, these have {key}={mine[key]!r}")
+            if key == "corpus" and state[key] != mine[key]:
+                raise OtherSetting(f"cannot resume on these token shards: the checkpoint was trained on another "
+                                   f"corpus (fingerprint {state[key]!r}, these {mine[key]!r}): its tokenizer, its "
+                                   "tokens or where its shards are cut differ", key, had=state[key], now=mine[key])
+            if state[key] != mine[key]:
+                raise OtherSetting(f"cannot resume these token shards: the checkpoint's data had {key}="
+                                   f"{state[key]!r}, these have {key}={mine[key]!r}", key, had=state[key],
+                                   now=mine[key])
         self.epoch, self.position = state["epoch"], state["index"]
 
     def describe(self) -> str:
