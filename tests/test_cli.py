@@ -489,6 +489,8 @@ def test_a_backend_that_cannot_run_a_call_is_one_line(tmp_path, capsys, monkeypa
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1"),
     (["--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0 (0: no warmup), got -1"),
     (["--steps", "10", "--warmup-steps", "10"], "--warmup-steps 10 must be fewer than --steps 10"),
+    # pack_documents refused it after the loading and tokenizing, as "seq_len must be an integer >= 2"
+    (["--seq-len", "1"], "--seq-len must be an integer >= 2 (a row trains each token on the next), got 1"),
     # fit refused it after the loading and tokenizing, as "a global batch of 6 rows cannot be split", naming no flag
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of --grad-accum 4"),
     (["--batch-size", "6", "--grad-accum", "2", "WORLD_SIZE=4"],

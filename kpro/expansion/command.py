@@ -91,8 +91,8 @@ def cmd_expand(args) -> None:
 
 
 def check_optimizer_flags(args) -> None:
-    """Named by their flags before the model loads and the corpus is tokenized: Schedule, adamw and fit refuse
-    them only then, naming their Python parameters."""
+    """Named by their flags before the model loads and the corpus is tokenized: Schedule, adamw, fit and
+    pack_documents refuse them only then, naming their Python parameters."""
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a positive finite number, got {args.lr:g}")
     if not 0 <= args.weight_decay < math.inf:  # NaN fails it too
@@ -103,6 +103,9 @@ def check_optimizer_flags(args) -> None:
         raise ValueError(f"--warmup-steps {args.warmup_steps} must be fewer than --steps {args.steps}: the cosine "
                          "decay runs from the end of the warmup to the last step; lower --warmup-steps or raise "
                          "--steps")
+    if args.seq_len is not None and args.seq_len < 2:  # pack_documents' rule, refused only after the model loads
+        raise ValueError(f"--seq-len must be an integer >= 2 (a row trains each token on the next), got "
+                         f"{args.seq_len}")
     check_batch_split(args.batch_size, args.grad_accum)
 
 
