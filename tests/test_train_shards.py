@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -461,16 +462,18 @@ def test_tokenize_workers_import_no_torch():
 
 class _KillingPool(kt.tokenize.ProcessPoolExecutor):
     """tokenize_corpus's pool, one of whose workers is SIGKILLed (as the OOM killer does) at the `kill_at`th
-    submitted chunk; without `kill_at`, it records what a worker does with SIGINT."""
+    submitted chunk; without `kill_at`, it records what a worker does with SIGINT and SIGTERM."""
     kill_at = None
     submits = 0
     sigint = []
+    sigterm = []
 
     def submit(self, *args, **kwargs):
         future = super().submit(*args, **kwargs)
         type(self).submits += 1
         if type(self).submits == 1 and self.kill_at is None:
             type(self).sigint.append(super().submit(signal.getsignal, signal.SIGINT).result())
+            type(self).sigterm.append(super().submit(signal.getsignal, signal.SIGTERM).result())
         if type(self).submits == self.kill_at:
             process = next(iter(self._processes.values()))
             process.kill()
@@ -479,7 +482,7 @@ class _KillingPool(kt.tokenize.ProcessPoolExecutor):
 
 
 def killing_pool(monkeypatch, kill_at):
-    pool = type("Pool", (_KillingPool,), {"kill_at": kill_at, "submits": 0, "sigint": []})
+    pool = type("Pool", (_KillingPool,), {"kill_at": kill_at, "submits": 0, "sigint": [], "sigterm": []})
     monkeypatch.setattr(kt.tokenize, "ProcessPoolExecutor", pool)
     return pool
 
@@ -533,9 +536,10 @@ def test_workers_dying_at_start_up_name_the_main_module_only_where_workers_impor
     assert (hint in str(error.value)) == script, str(error.value)
 
 
-def test_tokenizing_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypatch):
+def test_tokenizing_workers_leave_ctrl_c_and_sigterm_to_the_main_process(tmp_path, monkeypatch):
     """A terminal's Ctrl-C reaches the whole process group: each worker printed a KeyboardInterrupt traceback
-    while the main process saved and said how to resume."""
+    while the main process saved and said how to resume. A scheduler's SIGTERM to the group (timeout, SLURM) killed
+    the workers, and the main process could say a worker had died (most often of lack of memory) instead."""
     (tmp_path / "tok").mkdir()
     kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
     (tmp_path / "c.txt").write_text("abc\n\ndef\n")
@@ -546,7 +550,7 @@ def test_tokenizing_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypat
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=2)
-        assert pool.sigint == [signal.SIG_IGN]
+        assert pool.sigint == [signal.SIG_IGN] and pool.sigterm == [signal.SIG_IGN]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # workers=1 runs here: not ignored
         kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "one", workers=1)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -584,6 +588,65 @@ def test_sigterm_to_tokenize_stops_it_as_ctrl_c_does(tmp_path):
     assert result.returncode == 130, result.stderr
     assert "interrupted: 1 shard(s) written to" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+PAUSE_AT_FIRST_SHARD = """
+import sys, time
+from kpro.cli import main
+from kpro.train import shards
+commit = shards.ShardWriter.commit
+def paused(self, *args, **kwargs):
+    commit(self, *args, **kwargs)
+    print("paused", flush=True)
+    time.sleep(600)
+shards.ShardWriter.commit = paused
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _children(pid: int) -> list:
+    """The live processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_tokenizing_workers_end_when_the_main_process_is_killed(tmp_path):
+    """Workers that ignore the scheduler's SIGTERM must not outlive a main process killed outright (SIGKILL, the
+    OOM killer): each ends itself once its parent is gone; before, idle workers waited on their pool for ever."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("\n\n".join("abc def gh " * 50 for _ in range(400)))
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", PAUSE_AT_FIRST_SHARD, "tokenize", "--tokenizer", tmp_path / "tok",
+                               "--data", tmp_path / "c.txt", "--out", tmp_path / "out", "--workers", "2",
+                               "--shard-tokens", "50000"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert parent.stdout.readline() == "paused\n"
+        workers = _children(parent.pid)
+        assert len(workers) >= 2, workers  # the pool's two (and multiprocessing's resource tracker, maybe)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived their main process"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 class _ReplySizePool(kt.tokenize.ProcessPoolExecutor):
