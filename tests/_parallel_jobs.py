@@ -45,3 +45,11 @@ def die_once_another_started(directory: str) -> None:
     while not any(Path(directory).glob("*.pid")):
         time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def signal_dispositions() -> tuple:
+    """What this worker does with SIGINT and SIGTERM while a job runs (SIG_IGN, SIG_DFL or a handler's name)."""
+    import signal
+
+    return tuple(getattr(signal.getsignal(signum), "name", getattr(signal.getsignal(signum), "__name__", "?"))
+                 for signum in (signal.SIGINT, signal.SIGTERM))

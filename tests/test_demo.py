@@ -884,6 +884,14 @@ def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, how):
     assert not [pid for pid in _pids(tmp_path) if _running(pid)]
 
 
+def test_workers_leave_a_group_sigterm_to_the_demo():
+    """A scheduler's SIGTERM reaches every process of the job: a worker outside fit died of it, and the demo could
+    say a worker had died (most often of lack of memory) rather than stop as on Ctrl-C. Workers now ignore it (the
+    demo passes Ctrl-C on to them)."""
+    dispositions = run_jobs([(_parallel_jobs.signal_dispositions, {})] * 2, workers=2)
+    assert [sigterm for _, sigterm in dispositions] == ["SIG_IGN"] * 2, dispositions
+
+
 def test_internalization_progress_follows_the_runs_metrics_files(tmp_path):
     def log(run, steps, partial=False):
         path = tmp_path / run / "run" / "metrics.jsonl"

@@ -155,10 +155,13 @@ _INTERRUPTED = None  # in a worker: the pool's flag set at Ctrl-C (_end_with)
 def _end_with(parent: int, stop, interrupted, pids) -> None:
     """Worker initializer: reports this worker's pid, then a daemon thread ends the worker within a second once
     `stop` is set or its parent process is gone. An idle worker ignores Ctrl-C: ended by it, it would break the pool, which then
-    ends the other workers, saving or not."""
+    ends the other workers, saving or not. Every worker ignores SIGTERM, which a scheduler sends to the whole process
+    group, for the same reason: the parent takes it as Ctrl-C and passes Ctrl-C on (fit takes SIGTERM itself while it
+    trains)."""
     global _INTERRUPTED
     _INTERRUPTED = interrupted
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     pids.put(os.getpid())
     def watch():
         while not stop.value and os.getppid() == parent:
