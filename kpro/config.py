@@ -73,7 +73,12 @@ def _model_type(raw: dict) -> str:
 
 def _not_binding_window(window, raw: dict) -> bool:
     """A sliding window changes nothing if there is none, or it is no shorter than the context."""
-    return window is None or (isinstance(window, int) and window >= raw.get("max_position_embeddings", 2048))
+    if window is None:
+        return True
+    context = raw.get("max_position_embeddings", 2048)
+    if not _is_int(context) or context <= 0:  # checked here, before validate(): compared, it raised a bare TypeError
+        raise ConfigError(f"max_position_embeddings must be a positive integer, got {context!r}")
+    return isinstance(window, int) and window >= context
 
 
 def _positive_int(value, raw: dict) -> bool:

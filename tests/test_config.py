@@ -202,6 +202,22 @@ def test_a_mistral_config_silent_on_window_and_kv_heads_means_transformers_mistr
     assert LlamaConfig.from_hf(llama).num_key_value_heads == 32  # LLaMA's defaults stay LLaMA's
 
 
+def test_a_window_next_to_a_bad_max_position_embeddings_names_that_field_and_the_file(tmp_path):
+    # the window is compared with max_position_embeddings before the fields are checked: a null one raised a bare
+    # TypeError (also for any Mistral config, where a window of 4,096 is implied), not naming the field or the file
+    message = r"max_position_embeddings must be a positive integer, got None"
+    for extra in ({"sliding_window": 4096}, {"attention_chunk_size": 8192}, {"sliding_window": None},
+                  {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}):
+        with pytest.raises(ConfigError, match=message):
+            LlamaConfig.from_hf(dict(LLAMA31_8B, max_position_embeddings=None, **extra))
+    with pytest.raises(ConfigError, match=r"max_position_embeddings must be a positive integer, got '4096'"):
+        LlamaConfig.from_hf(dict(LLAMA31_8B, max_position_embeddings="4096", sliding_window=4096))
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA31_8B, model_type="mistral",
+                                                          max_position_embeddings=None)))
+    with pytest.raises(ConfigError, match=r"config.json: " + message):
+        LlamaConfig.from_hf(tmp_path)
+
+
 def test_a_top_level_original_max_position_embeddings_is_the_one_transformers_gives_llama3():
     # transformers lets it override rope_scaling's for llama3 RoPE (and fill it in where that has none):
     # read as such, and refused where the two disagree; other rope types do not read it.
