@@ -176,8 +176,10 @@ class Llama(nn.Module):
         return x
 
     def _check_inputs(self, input_ids, attention_mask, past, cache):
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
+        is_tensor = isinstance(input_ids, torch.Tensor)  # a list or an array has no .dim(): named, not an AttributeError
+        if not is_tensor or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if is_tensor else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor [B, T], got {got}")
         batch, length = input_ids.shape
         if length == 0 or batch == 0:
             raise ValueError(f"input_ids is empty ([B={batch}, T={length}])")

@@ -1,6 +1,7 @@
 """kpro.Llama against a deliberately naive float64 LLaMA written here (explicit loops, one row at a time)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,6 +156,10 @@ def test_backward_reaches_every_parameter(make_model):
 @pytest.mark.parametrize("bad, message", [
     (lambda m: m(torch.zeros(2, 3)), "integer tensor"),
     (lambda m: m(torch.zeros(3, dtype=torch.long)), "integer tensor"),
+    # a list or an array (an AttributeError on .dim() before): named, as kpro.generate names it
+    (lambda m: m([[1, 5, 9]]), r"input_ids must be an integer tensor \[B, T\], got list"),
+    (lambda m: m.hidden_states([[1, 5, 9]]), r"input_ids must be an integer tensor \[B, T\], got list"),
+    (lambda m: m(np.array([[1, 5, 9]])), r"integer tensor \[B, T\], got ndarray"),
     (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), r"input_ids is empty \(\[B=1, T=0\]\)"),
     (lambda m: m(torch.zeros(0, 3, dtype=torch.long)), r"input_ids is empty \(\[B=0, T=3\]\)"),
     (lambda m: m(torch.ones(2, 3, dtype=torch.long), position_ids=torch.arange(3.0)[None]),
