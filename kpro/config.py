@@ -293,8 +293,14 @@ class LlamaConfig:
             raise ValueError(f"cannot save the config to {path}: it does not exist and is no .json file name; pass a "
                              f"directory that exists (config.json goes inside), one ending in {os.sep!r} (made), or "
                              "a .json file")
-        write_atomic(path / "config.json" if path.is_dir() else path,
-                     json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
+        target = path / "config.json" if path.is_dir() else path
+        folder = target.parent
+        if not folder.is_dir():  # else the error names the temporary file written beside the target
+            if folder.exists():
+                raise NotADirectoryError(f"cannot save the config to {target}: its folder {folder} is not a directory")
+            raise FileNotFoundError(f"cannot save the config to {target}: its folder {folder} does not exist; make it "
+                                    f"first (a path ending in {os.sep!r} is a directory, made if missing)")
+        write_atomic(target, json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes) -> "LlamaConfig":
         """A copy with `changes`. The fields derived when left out follow the fields they derive from: a

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -169,6 +170,19 @@ def test_save_writes_config_json_atomically(tmp_path):
                                          r"name; pass a directory that exists"):
         cfg.save(tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_save_into_a_missing_folder_names_that_folder_not_the_temporary(tmp_path):
+    # the FileNotFoundError named '.c.json.tmp-<pid>', a file the user never named
+    cfg = LlamaConfig.from_hf(LLAMA31_8B)
+    with pytest.raises(FileNotFoundError, match=rf"cannot save the config to .*c\.json: its folder "
+                                                rf"{re.escape(str(tmp_path / 'missing'))} does not exist") as caught:
+        cfg.save(tmp_path / "missing" / "c.json")
+    assert ".tmp-" not in str(caught.value)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match=rf"its folder {re.escape(str(tmp_path / 'afile'))} is not a directory"):
+        cfg.save(tmp_path / "afile" / "c.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_replace_derives_head_dim_and_kv_heads_again_unless_they_were_set_apart():
