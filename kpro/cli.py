@@ -125,7 +125,7 @@ def cmd_generate(args) -> None:
         print(f"sampling with --seed {seed}", file=sys.stderr)
     prompts = tok.encode_batch(args.prompt, eos=False)  # a prompt goes on: no end of text after it
     ids, mask = tok.pad_left(prompts, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed or 0)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)  # greedy takes none
     # Stop where transformers' generate would: generation_config.json's eos ids, else config.json's.
     stop_ids = generation_eos_ids(args.dir, model.config.vocab_size)
     out = generate(model, ids, args.max_new_tokens, attention_mask=mask, temperature=args.temperature,

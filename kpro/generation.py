@@ -144,6 +144,9 @@ def check_decoding(config, max_new_tokens, *, temperature=0.0, top_k=None, top_p
     if generator is not None and not isinstance(generator, torch.Generator):  # a seed, say
         raise TypeError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, got "
                         f"{generator!r}")
+    if generator is not None and temperature == 0:  # greedy draws nothing: ignored, as top_k and top_p would be
+        raise ValueError("a generator draws samples, but temperature 0 decodes greedily: give a temperature above 0 to "
+                         "sample, or leave generator out")
     eos = config.eos_token_ids if eos_token_id is None else _token_ids("eos_token_id", eos_token_id, config.vocab_size)
     pad = (pad_token_id if pad_token_id is not None else config.pad_token_id if config.pad_token_id is not None
            else (eos[0] if eos else 0))

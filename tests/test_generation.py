@@ -124,7 +124,8 @@ def test_non_finite_logits_are_refused_not_decoded(make_model, temperature):
     ids = torch.randint(3, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"the model's logits are not finite \(NaN or infinity\) in rows \[0, 1\] "
                                          r"at generated token 1"):
-        kpro.generate(model, ids, 3, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        kpro.generate(model, ids, 3, temperature=temperature,
+                      generator=torch.Generator().manual_seed(0) if temperature else None)
 
 
 
@@ -180,6 +181,10 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(max_new_tokens=5, pad_token_id=-1), r"pad_token_id -1 is outside the vocabulary \[0, "),
     (dict(max_new_tokens=5, top_p=0.9), "top_k and top_p restrict sampling, but temperature 0 decodes greedily"),
     (dict(max_new_tokens=5, top_k=5), "top_k and top_p restrict sampling"),
+    # accepted and ignored before, while top_k and top_p were refused (and the CLI's --seed)
+    (dict(max_new_tokens=5, generator=torch.Generator().manual_seed(0)),
+     "a generator draws samples, but temperature 0 decodes greedily: give a temperature above 0 to sample, or "
+     "leave generator out"),
     (dict(max_new_tokens=5, eos_token_id=[3, 10_000]), r"eos_token_id 10000 is outside the vocabulary"),
     (dict(max_new_tokens=5, top_k=0), "top_k"),
     (dict(max_new_tokens=5, top_p=1.5), "top_p"),
