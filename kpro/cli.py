@@ -276,15 +276,26 @@ def _main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)  # bad input, or a run that diverged: one line, no traceback
         return 1
     except RuntimeError as err:
-        if not _is_backend_error(err):
-            raise
-        print(f"error: {err}", file=sys.stderr)  # KPRO_BACKEND asks for a backend that cannot run the call
-        return 1
+        if _is_backend_error(err):
+            print(f"error: {err}", file=sys.stderr)  # KPRO_BACKEND asks for a backend that cannot run the call
+            return 1
+        if _peer_gone(err):  # under torchrun, another process failed (its own error says why) and left the group
+            print("error: another process of this torchrun run ended, so this one cannot go on: its own error says "
+                  f"why ({str(err).strip().splitlines()[0]})", file=sys.stderr)
+            return 1
+        raise
     except OSError as err:  # a full disk, a read-only file system: what the writing saw, in one line
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: cannot write or read{where}: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _peer_gone(err: RuntimeError) -> bool:
+    """gloo's error in a collective whose peer process has exited: in a process group, the peer's own error (data
+    missing on its node, say) is the one to read, and this one's traceback only buried it."""
+    return _in_process_group() and any(words in str(err) for words in ("Connection closed by peer",
+                                                                       "Connection reset by peer"))
 
 
 def _is_backend_error(err: BaseException) -> bool:

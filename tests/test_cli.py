@@ -131,6 +131,32 @@ def test_a_command_leaves_the_process_group_it_joined(monkeypatch):
         dist.destroy_process_group()
 
 
+def test_a_peer_gone_under_torchrun_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """Under torchrun, one process failing early (its --data missing on its node) left the other in a collective,
+    which raised gloo's "Connection closed by peer" with a traceback beside the first process's clear line. Now
+    one line that sends the reader to the other process's error; outside a process group the error is not taken
+    for that, and stays a traceback."""
+    import torch.distributed as dist
+
+    gloo = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:39107. "
+            "This is typically caused by a remote worker crashing.")
+
+    def collective(args):
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        raise RuntimeError(gloo)
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(command="fake", run=collective)
+    monkeypatch.setattr(cli, "build_parser", lambda command="": parser)
+    assert main([]) == 1 and not dist.is_initialized()
+    assert capsys.readouterr().err == ("error: another process of this torchrun run ended, so this one cannot go on: "
+                                       f"its own error says why ({gloo})\n")
+    parser.set_defaults(run=lambda args: (_ for _ in ()).throw(RuntimeError(gloo)))  # no process group
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main([])
+
+
 @pytest.mark.parametrize("rank, printed", [(None, "interrupted\n"), ("0", "interrupted\n"), ("1", "")])
 def test_ctrl_c_is_reported_by_rank_0_alone(monkeypatch, capsys, rank, printed):
     """Under torchrun the terminal's Ctrl-C reaches every process: each printed "interrupted"."""
