@@ -252,6 +252,22 @@ def test_printed_figures_agree_with_their_verdicts():
     assert internalization.cot_figure(8.0) == "8.0"
 
 
+def test_a_margin_of_exactly_three_standard_errors_is_not_shown():
+    """The claims need a margin of more than 3 standard errors, but 72/72 against 64/72 over 72 questions a
+    side (a margin of 1/9, a standard error of 1/27) computed as 3.0000000000000004 and was SHOWN, printed as
+    "+3.000000000 standard errors (needs > 3)"; so were bitune's 18/45 against 6/45 and the seeds' verdict."""
+    internal = {"internalized": {"accuracy": 72 / 72, "cot_tokens": 0.0}, "no CoT": {"accuracy": 64 / 72}}
+    shown, margin, se = internalization.verdict(internal, 72)
+    assert not shown and claims.in_standard_errors(margin, se, 3) == "+3.0 standard errors"
+    assert internalization.verdict({**internal, "no CoT": {"accuracy": 63 / 72}}, 72)[0]  # +3.2
+    assert not bitune.verdict({"bitune": {"right": 18 / 45}, "only_causal": {"right": 6 / 45}}, 45)[0]
+    assert bitune.verdict({"bitune": {"right": 19 / 45}, "only_causal": {"right": 6 / 45}}, 45)[0]
+    for questions, a, b in ((72, 72 / 72, 64 / 72), (90, 72 / 90, 54 / 90)):
+        assert not seeds.seeds_verdict([a - b] * 2, a, b, questions)[0], questions
+    assert claims.exceeds_standard_errors(1.0, 0.0) and not claims.exceeds_standard_errors(0.0, 0.0)
+    assert not claims.exceeds_standard_errors(math.nan, 0.1) and not claims.exceeds_standard_errors(0.5, math.nan)
+
+
 def test_a_verdict_given_a_figure_that_is_not_finite_is_not_shown():
     """A NaN on expansion's second seed passed (min() skipped it), as did an infinite accuracy or loss wherever a
     difference or a fall was asked for; a NaN accuracy passed the Bitune seeds' verdict with a standard error of 0

@@ -36,7 +36,8 @@ from ..model import Llama
 from ..tokenizer import CharTokenizer, load_tokenizer
 from ..train import Batches, Schedule, adamw, fit, pack_documents
 from .act_settings import check_positive, records_settings
-from .claims import claim_line, difference_standard_error, in_standard_errors, not_finite, standard_error
+from .claims import (claim_line, difference_standard_error, exceeds_standard_errors, in_standard_errors, not_finite,
+                     standard_error)
 from .parallel import default_workers, run_jobs
 
 SIDES = ("left", "right")
@@ -107,7 +108,7 @@ def verdict(results: dict, held_out_per_side: int) -> tuple[bool, float, float]:
     results were seen, and stays."""
     a, b = results["bitune"]["right"], results["only_causal"]["right"]
     se = difference_standard_error(a, held_out_per_side, b, held_out_per_side)
-    return a - b > 3 * se and not not_finite(verdict_inputs(results)), a - b, se
+    return exceeds_standard_errors(a - b, se) and not not_finite(verdict_inputs(results)), a - b, se
 
 
 def verdict_inputs(results: dict) -> dict[str, float]:

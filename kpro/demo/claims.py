@@ -36,6 +36,17 @@ def difference_standard_error(a: float, n_a: int, b: float, n_b: int) -> float:
     return math.hypot(standard_error(a, n_a), standard_error(b, n_b))
 
 
+def exceeds_standard_errors(margin: float, se: float, times: float = 3) -> bool:
+    """Whether `margin` is more than `times` standard errors `se`, as the exact accuracies decide it: a margin
+    of exactly 3 (72/72 against 64/72 over 72 questions a side) computes as 3.0000000000000004 standard errors,
+    which is not "more than 3". The count is rounded at 1e-9, as at_threshold rounds a difference: its float
+    noise is far below that, and counts from accuracies over up to some 10,000 questions a side that differ
+    from `times` at all differ by more. With no spread (`se` 0) any positive margin is more; a NaN is not."""
+    if se == 0:
+        return at_threshold(margin) > 0
+    return round(margin / se, 9) > times
+
+
 def in_standard_errors(difference: float, se: float, needs: float | None = None, met: bool | None = None) -> str:
     """`+2.3 standard errors`; with a zero standard error (both accuracies at 0 or at 1) there is none to count.
     Given the verdict's threshold (`needs`, a count of standard errors to exceed) and whether it was `met`
@@ -45,7 +56,7 @@ def in_standard_errors(difference: float, se: float, needs: float | None = None,
         return "no spread to measure it against"
     if needs is None:
         return f"{difference / se:+.1f} standard errors"
-    met = difference / se > needs if met is None else met
+    met = exceeds_standard_errors(difference, se, needs) if met is None else met
     return f"{figure(difference / se, needs, met, digits=1, strict=True, sign=True)} standard errors"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from .act_settings import check_positive
 from .bitune import FULL as BITUNE_FULL
 from .bitune import SIDES, act_bitune
-from .claims import claim_line, in_standard_errors, not_finite
+from .claims import claim_line, exceeds_standard_errors, in_standard_errors, not_finite
 from .expansion import act_expansion
 from .internalization import act_internalization, cot_figure
 
@@ -60,7 +60,7 @@ def seeds_verdict(gains: list[float], bitune_right: float, only_causal_right: fl
     binomial_se = math.sqrt(bitune_right * (1 - bitune_right) / questions
                             + only_causal_right * (1 - only_causal_right) / questions)
     se = max(seed_se, binomial_se)
-    return gain > 3 * se, gain, se, seed_se, binomial_se
+    return exceeds_standard_errors(gain, se), gain, se, seed_se, binomial_se
 
 
 def seeds_inputs(gains: list[float], right: dict[str, float], first_seed: int = 0) -> dict[str, float]:
