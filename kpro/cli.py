@@ -279,6 +279,9 @@ def _main(argv: list[str]) -> int:
         if _is_backend_error(err):
             print(f"error: {err}", file=sys.stderr)  # KPRO_BACKEND asks for a backend that cannot run the call
             return 1
+        if _is_broken_pool(err):  # a demo's worker process died: kpro.demo.parallel's message says what to do
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         if _peer_gone(err):  # under torchrun, another process failed (its own error says why) and left the group
             print("error: another process of this torchrun run ended, so this one cannot go on: its own error says "
                   f"why ({str(err).strip().splitlines()[0]})", file=sys.stderr)
@@ -296,6 +299,12 @@ def _peer_gone(err: RuntimeError) -> bool:
     missing on its node, say) is the one to read, and this one's traceback only buried it."""
     return _in_process_group() and any(words in str(err) for words in ("Connection closed by peer",
                                                                        "Connection reset by peer"))
+
+
+def _is_broken_pool(err: BaseException) -> bool:
+    """concurrent.futures' BrokenProcessPool, without importing multiprocessing where no command did."""
+    process = sys.modules.get("concurrent.futures.process")
+    return process is not None and isinstance(err, process.BrokenProcessPool)
 
 
 def _is_backend_error(err: BaseException) -> bool:

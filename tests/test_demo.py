@@ -828,6 +828,21 @@ def test_a_killed_worker_is_reported_at_once_and_ends_the_others(tmp_path):
     assert _pids(tmp_path) and not [pid for pid in _pids(tmp_path) if _running(pid)]
 
 
+def test_a_killed_worker_is_one_error_line_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """The command line passed BrokenProcessPool (a RuntimeError) on as a 34-line chained traceback, where every
+    other error of `python -m kpro demo` is one `error: ...` line."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    import kpro.demo
+    from kpro.cli import main
+
+    def killed(out_dir, seed=0):
+        raise BrokenProcessPool("a worker process of the demo died (killed, ...)")
+    monkeypatch.setitem(kpro.demo.ACTS, "basics", killed)
+    assert main(["demo", "basics", "--out", str(tmp_path / "d")]) == 1
+    assert capsys.readouterr().err == "error: a worker process of the demo died (killed, ...)\n"
+
+
 def test_a_script_without_a_main_guard_is_told_why_its_workers_died(tmp_path):
     """A script calling an act at its top level: each spawned worker runs the script again and dies starting, and
     the error said only that a worker was killed, most often for lack of memory. It now gives the advice too."""
