@@ -157,12 +157,40 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, capsys
     assert not (tmp_path / "d" / "expansion").exists()  # refused before the first act ran
     (tmp_path / "d" / "bitune").write_text("mine")
     assert main(["demo", "bitune", "--out", str(tmp_path / "d")]) == 1
-    assert capsys.readouterr().err == f"error: {tmp_path / 'd' / 'bitune'} is a file, not a directory: the act " \
-                                      "writes its runs there\n"
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'd'}: {tmp_path / 'd' / 'bitune'} is a file, not " \
+                                      "a directory: the bitune act writes there; move it or pass another --out\n"
     monkeypatch.setenv("KPRO_DEMO_WORKERS", "0")
     assert main(["demo", "basics", "--out", str(tmp_path / "e")]) == 1
     assert "KPRO_DEMO_WORKERS must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_a_file_where_an_act_writes_is_refused_before_any_act_naming_out(tmp_path, capsys, monkeypatch):
+    """With --out/basics a file (the basics model's directory; its run's settings are checked in basics-run), the
+    basics act trained all its steps (after the whole expansion act, in a full demo) and only then failed with
+    `.../basics exists and is not a directory`, naming no option. Every act's directory, and a reproduction's,
+    is now checked before the first act, and the error names --out."""
+    from kpro.cli import main
+
+    def trained(*args, **kwargs):
+        raise AssertionError("trained before refusing the file")
+    monkeypatch.setattr(demo, "fit", trained)
+    monkeypatch.setattr(expansion, "run_jobs_reporting", trained)
+    out = tmp_path / "d"
+    out.mkdir()
+    for act in ("basics", "basics-run", "bitune"):
+        (out / act).write_text("mine")
+        assert main(["demo", "expansion", "basics", "bitune", "--out", str(out)]) == 1
+        assert capsys.readouterr().err == f"error: --out {out}: {out / act} is a file, not a directory: the " \
+                                          f"{act.removesuffix('-run')} act writes there; move it or pass another " \
+                                          "--out\n"
+        (out / act).unlink()
+    assert not (out / "expansion").exists()
+    (out / "expansion-curves").write_text("mine")
+    assert main(["reproduce", "expansion-curves", "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: --out {out}: {out / 'expansion-curves'} is a file, not a " \
+                                      "directory: the expansion-curves reproduction writes there; move it or pass " \
+                                      "another --out\n"
 
 
 def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_path, capsys):

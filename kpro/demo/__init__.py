@@ -36,6 +36,7 @@ ACTS = {"expansion": act_expansion, "basics": act_basics, "internalization": act
 def run(acts: list[str], out_dir: Path, seed: int = 0) -> dict:
     """Run the acts in turn; then one line per act: its time and whether its claim was shown."""
     check_run_arguments(out_dir, seed)
+    check_act_directories(out_dir, acts, ACTS, "act")
     for name in acts:  # every act's settings before the first act's minutes of work (records_settings)
         if hasattr(ACTS[name], "check"):
             ACTS[name].check(out_dir / name, seed=seed)
@@ -124,6 +125,7 @@ def reproduce(name: str, out_dir: Path, seed: int = 0) -> dict:
     if name not in REPRODUCTIONS:
         raise ValueError(f"unknown reproduction {name!r}; choose from {', '.join(REPRODUCTIONS)}")
     check_run_arguments(out_dir, seed)
+    check_act_directories(out_dir, [name], {name: REPRODUCTIONS[name].run}, "reproduction")
     with holding(out_dir):
         return REPRODUCTIONS[name].run(out_dir / name, seed=seed)
 
@@ -135,3 +137,14 @@ def check_run_arguments(out_dir: Path, seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     default_workers()
+
+
+def check_act_directories(out_dir: Path, names: list[str], runs: dict[str, Callable], kind: str) -> None:
+    """Each act (or reproduction) writes into out_dir/NAME, the basics act its run beside it in NAME-run
+    (records_settings' `directories`): a file in one of them is refused before the first act's minutes of work,
+    naming --out (a file where the basics model goes failed once the act had trained)."""
+    for name in names:
+        for directory in getattr(runs[name], "directories", lambda d: [d])(out_dir / name):
+            if directory.exists() and not directory.is_dir():
+                raise NotADirectoryError(f"--out {out_dir}: {directory} is a file, not a directory: the {name} "
+                                         f"{kind} writes there; move it or pass another --out")

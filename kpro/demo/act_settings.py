@@ -28,7 +28,7 @@ def records_settings(validate: Callable[..., None] | None = None,
     """Decorator of an act `act(out_dir, **settings)`: `validate(**arguments)` refuses bad ones, then the
     settings are checked against those recorded in `where(out_dir)`, or recorded there, before the act runs.
     The act gains `.check(out_dir, **settings)`, the same checks without writing, for a caller about to run
-    several acts."""
+    several acts, and `.directories(out_dir)`, out_dir and where(out_dir)."""
     def decorate(act):
         signature = inspect.signature(act)
 
@@ -61,6 +61,7 @@ def records_settings(validate: Callable[..., None] | None = None,
                 return result
 
         run.check = lambda *args, **kwargs: check_settings(*settings_of(args, kwargs))
+        run.directories = lambda out_dir: list(dict.fromkeys([Path(out_dir), where(Path(out_dir))]))
         return run
     return decorate
 
