@@ -258,6 +258,19 @@ def test_an_acts_bad_arguments_are_refused_before_any_work(tmp_path, act, argume
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-run").exists()
 
 
+def test_kpro_demo_workers_takes_ascii_digits_only(monkeypatch):
+    """str.isdigit() passed '²' to int(), which raised "invalid literal for int() with base 10", naming nothing,
+    and took the Arabic-Indic '٣' as 3."""
+    from kpro.demo.parallel import default_workers
+
+    monkeypatch.setenv("KPRO_DEMO_WORKERS", "3")
+    assert default_workers() == 3
+    for value in ("²", "٣", "0", "-1", "1.5", " 2", "abc"):
+        monkeypatch.setenv("KPRO_DEMO_WORKERS", value)
+        with pytest.raises(ValueError, match=re.escape(f"KPRO_DEMO_WORKERS must be a positive integer, got {value!r}")):
+            default_workers()
+
+
 def test_run_jobs_refuses_fewer_than_one_worker():
     for workers in (0, -1, True):  # 0 and -1 ran the jobs one at a time, silently
         with pytest.raises(ValueError, match="workers must be an integer >= 1"):

@@ -33,7 +33,7 @@ def default_workers() -> int:
     """Two on a machine with two or more cores (the demo's target), else one; KPRO_DEMO_WORKERS overrides."""
     value = os.environ.get("KPRO_DEMO_WORKERS")
     if value:
-        if not value.isdigit() or int(value) < 1:
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone passes '²' and '٣'
             raise ValueError(f"KPRO_DEMO_WORKERS must be a positive integer, got {value!r}")
         return int(value)
     return 2 if (os.cpu_count() or 1) >= 2 else 1
