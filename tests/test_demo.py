@@ -683,6 +683,7 @@ def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys, monke
                                      seeds=2, workers=1)
     out = capsys.readouterr().out
     assert "(a) expanded, new blocks trained" in out and "(b) control, all weights trained" in out
+    assert "both ways, one after the other" in out and "side by side" not in out  # one worker ("side by side" before)
     assert result["new_blocks"] == [2, 5] and [run["seed"] for run in result["runs"]] == [0, 1]  # 4 -> 6 blocks
     shown, figures = claim_of(out, "expansion")
     assert (shown, pytest.approx(result["margin"])) == expansion.verdict(result["runs"])
@@ -701,8 +702,10 @@ def test_expansion_act_prints_the_verdict_of_its_numbers(tmp_path, capsys, monke
                   [arm(0.95, 0.90, 6), arm(0.97, 0.40, 4), arm(0.92, 0.85, 6), arm(0.99, 0.60, 4)]])
     monkeypatch.setattr(expansion, "run_jobs_reporting", lambda jobs, workers, groups: next(calls))
     result = expansion.act_expansion(tmp_path / "made-up", pretrain_steps=8, domain_steps=4, eval_examples=8,
-                                     seeds=2, workers=1)
-    shown, figures = claim_of(capsys.readouterr().out, "expansion")
+                                     seeds=2, workers=2)
+    out = capsys.readouterr().out
+    assert "both ways, side by side" in out
+    shown, figures = claim_of(out, "expansion")
     assert shown and result["claim_shown"] and result["margin"] == pytest.approx(0.25)
     assert figures == ("general task kept with expansion vs full fine-tuning: 0.90 vs 0.40, 0.85 vs 0.60 (needs >= "
                        "0.8 kept and a margin >= 0.2; smallest margin +0.25); domain learned by both (>= 0.9): yes, "

@@ -30,6 +30,7 @@ from ..train import Batches, Callback, Schedule, adamw, collate_prompt_answer, f
 from .act_settings import check_positive, records_settings
 from .basics import LETTERS, accuracy, drawn_outside, reversal_task, tiny_config
 from .claims import at_threshold, claim_line, figure, not_finite
+from .parallel import default_workers
 from .progress import run_jobs_reporting
 
 DIGITS = "0123456789"
@@ -166,7 +167,7 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
                                 {"pretraining": (metrics("pretrain"), pretrain_steps * len(seeds))})
     print(f"domain task: digits in reading order, spelled 0=a ... 9=j ('3917=' -> 'djbh'); the domain corpus holds "
           f"{general_share:.0%} general examples; {domain_steps} steps of 32 examples, peak lr {lr:g}, both ways, "
-          "side by side")
+          + ("side by side" if (workers or default_workers()) > 1 else "one after the other"))
     arms = run_jobs_reporting(arm_jobs(directory, seeds, domain_steps, new_blocks, general_share, lr, eval_examples),
                               workers, {arm: (metrics(arm), domain_steps * len(seeds)) for arm in ARMS})
     expanded = arms[0]
