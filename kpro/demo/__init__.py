@@ -1,4 +1,4 @@
-"""`python -m kpro demo [act ...]`: the main job on embedded tiny defaults, 9 to 23 minutes on 2 CPU cores;
+"""`python -m kpro demo [act ...]`: the main job on embedded tiny defaults, 7.1 to 22.5 minutes on 2 CPU cores;
 `python -m kpro reproduce NAME`: longer runs that reproduce a paper's experiment at CPU scale.
 
 Each act lives in its own module here and is registered in ACTS; `python -m kpro demo` runs them all. Each

@@ -14,8 +14,8 @@ def add_parsers(sub) -> None:
     p.add_argument("name", nargs="?", help="reproduction to run")
     # Defaults None: given without a NAME, they are refused rather than ignored
     p.add_argument("--out", type=directory_path, help="directory for models and results (default ./kpro-reproduce)")
-    p.add_argument("--seed", type=int, help="seed of the models, data and sampling; a reproduction over "
-                   "seeds runs S, S+1, ... (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the models, data and sampling (default 0); a reproduction "
+                   "over seeds adds S to each of its seeds: bitune-seeds runs S to S+4, expansion-curves S and S+4")
     p.set_defaults(run=cmd_reproduce)
 
 
