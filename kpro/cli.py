@@ -30,7 +30,7 @@ COMMANDS = {
     "train-expanded": ("expansion", "post-pretrain the new blocks of an expanded checkpoint on a text corpus"),
     "internalize": ("internalize", "stepwise internalization of chain-of-thought (ICoT-SI), and its two baselines"),
     "bitune": ("bitune", "instruction-tune with Bitune (or --baseline lora) and score multiple choice"),
-    "demo": (None, "the main job on tiny embedded defaults (7 to 23 minutes on 2 CPU cores, by machine)"),
+    "demo": (None, "the main job on tiny embedded defaults (7.1 to 22.5 minutes on 2 CPU cores, by machine)"),
     "reproduce": ("demo", "reproduce a paper's experiment at CPU scale (longer than the demo)"),
 }
 # What `info` lists; the same names as kpro.tokenizer.TOKENIZER_FILES (kept here for a light `info`; a test compares).

@@ -66,11 +66,12 @@ def test_the_demo_duration_and_the_seed_help_say_what_runs():
     """kpro.demo's docstring said the demo takes 9 to 23 minutes, where README and benchmarks/RESULTS.md measured
     7.1 to 22.5; `reproduce --help` said a reproduction over seeds runs S, S+1, ..., but expansion-curves runs
     seeds S and S+4 (its 0 and 4, shifted)."""
-    from kpro.cli import build_parser
+    from kpro.cli import COMMANDS, build_parser
 
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     measured = re.search(r"(\d+\.\d to \d+\.\d) minutes on 2 idle CPU cores", readme).group(1)
     assert f"{measured} minutes" in kpro.demo.__doc__.splitlines()[0]
+    assert f"({measured} minutes on 2 CPU cores, by machine)" in COMMANDS["demo"][1]  # `python -m kpro --help`
     reproduce = build_parser("reproduce")._subparsers._group_actions[0].choices["reproduce"]
     (seed,) = [action for action in reproduce._actions if "--seed" in action.option_strings]
     assert "expansion-curves S and S+4" in seed.help
