@@ -337,6 +337,23 @@ def test_unsupported_models_are_refused_and_left_unchanged():
         bidirectional(input_ids=torch.randint(3, 101, (1, 6)))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_layer_set_bidirectional_after_apply_is_refused_not_guessed(padded):
+    """`self_attn.is_causal = False` on a layer (LLM2Vec-style encoders): stock sdpa made it bidirectional only where
+    no mask was given, stock eager never, and kpro followed the flag, so with a padding mask its logits differed from
+    both, silently. Refused now, mask or not."""
+    model = make_stock(layers=2)
+    kpro_hf.apply(model)
+    ids = torch.randint(3, 101, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    model(input_ids=ids, attention_mask=mask if padded else None)  # causal: runs
+    model.model.layers[1].self_attn.is_causal = False
+    with pytest.raises(NotImplementedError, match=r"asks for bidirectional attention \(is_causal=False, set on "
+                                                  r"the layer\)"):
+        model(input_ids=ids, attention_mask=mask if padded else None)
+
+
 # -------------------------------------------------------------------------------------------- train_only
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["input-grad-only", "recompute"])

@@ -274,6 +274,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise NotImplementedError(f"kpro attention has no sliding window: {tk} keys exceed this layer's window of "
                                   f"{sliding_window}; use sequences of at most {sliding_window} tokens")
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    if not causal:  # stock transformers makes such a layer bidirectional only where no mask is given (sdpa): no guess
+        raise NotImplementedError(f"this attention layer asks for bidirectional attention (is_causal=False"
+                                  f"{', set on the layer' if is_causal is None else ''}); kpro attention in "
+                                  "transformers follows the causal mask transformers builds: set is_causal back to "
+                                  "True, or use another attn_implementation for a bidirectional model")
     mask = key_padding_mask(attention_mask, batch, tq, tk, causal)
     if mask is None and tq > 1:
         positions = kwargs.get("position_ids")
