@@ -660,6 +660,10 @@ class SymbolTokenizer(_FixedVocabulary):
     @classmethod
     def from_texts(cls, texts, extra=()) -> "SymbolTokenizer":
         """The vocabulary of every symbol in `texts` (and `extra`), sorted so that it never depends on order."""
+        for name, value in (("texts", texts), ("extra", extra)):
+            if isinstance(value, str):  # else taken apart character by character: a vocabulary of its characters
+                raise TypeError(f"from_texts takes a list of {'texts' if name == 'texts' else 'symbols'} as {name}, "
+                                f"got one str {value[:40]!r}; wrap it in a list")
         return cls(sorted({symbol for text in texts for symbol in text.split()} | set(extra)))
 
     def split(self, text: str) -> list[str]:

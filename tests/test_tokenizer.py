@@ -167,3 +167,13 @@ def test_pad_left_refuses_a_pad_that_is_no_token_id(pad_id):
     """1.5 was read as 1; None failed inside torch.full; 32000 was named later as an id outside the vocabulary."""
     with pytest.raises(ValueError, match=r"pad_id must be a token id \(an integer in \[0, 32000\)\), got"):
         kpro.pad_left([[5, 6], [7]], pad_id, vocab_size=32000)
+
+
+def test_symbol_tokenizer_from_texts_refuses_one_str():
+    """from_texts("12 * 34") took the str as texts, character by character: a vocabulary of '1', '2', '*', ...
+    that then refused '12' in the very text it was built from."""
+    with pytest.raises(TypeError, match="from_texts takes a list of texts as texts, got one str"):
+        kpro.SymbolTokenizer.from_texts("12 * 34 #### 408")
+    assert kpro.SymbolTokenizer.from_texts(["12 * 34 #### 408"]).symbols == ("####", "*", "12", "34", "408")
+    with pytest.raises(TypeError, match="from_texts takes a list of symbols as extra, got one str '####'"):
+        kpro.SymbolTokenizer.from_texts(["1 2"], extra="####")
