@@ -839,6 +839,8 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
     """A conversation rendered with a Hugging Face chat template (jinja2, in a sandbox)."""
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of {\"role\": ..., \"content\": ...} dicts")
+    if not messages:  # rendered, it was a bare generation prompt; transformers refuses it too
+        raise ValueError("messages is empty: a chat template renders a conversation of at least one message")
     import jinja2
 
     # transformers passes tools and documents as None when not given: `tools is not none` must be false

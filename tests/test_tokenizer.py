@@ -177,3 +177,14 @@ def test_symbol_tokenizer_from_texts_refuses_one_str():
     assert kpro.SymbolTokenizer.from_texts(["12 * 34 #### 408"]).symbols == ("####", "*", "12", "34", "408")
     with pytest.raises(TypeError, match="from_texts takes a list of symbols as extra, got one str '####'"):
         kpro.SymbolTokenizer.from_texts(["1 2"], extra="####")
+
+
+def test_an_empty_conversation_is_refused():
+    """apply_chat_template([]) rendered a bare generation prompt (transformers refuses an empty conversation)."""
+    pytest.importorskip("jinja2")
+    from kpro.tokenizer import render_chat_template
+    template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    for messages in ([], ()):
+        with pytest.raises(ValueError, match="messages is empty: a chat template renders a conversation of at least "
+                                             "one message"):
+            render_chat_template(template, messages)
