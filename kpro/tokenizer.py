@@ -224,8 +224,9 @@ class Tokenizer(_TokenizerBase):
             raise FileNotFoundError(f"no SentencePiece model at {path}")
         self.path = path
         self.sp = sentencepiece.SentencePieceProcessor()
+        self._model = path.read_bytes()  # what save writes: the file may be replaced or gone by then
         try:
-            self.sp.Load(str(path))
+            self.sp.LoadFromSerializedProto(self._model)
         except (OSError, RuntimeError) as err:
             raise NotSentencePiece(f"{path} is not a SentencePiece model: {err}") from None
         self.vocab_size = self.sp.GetPieceSize()
@@ -339,7 +340,7 @@ class Tokenizer(_TokenizerBase):
         """tokenizer.model, its added_tokens.json and tokenizer_config.json (with the chat template) into an existing
         directory, where no other tokenizer's files stay."""
         _check_save_directory(directory)
-        write_atomic(Path(directory, SENTENCEPIECE_FILE), self.path.read_bytes())
+        write_atomic(Path(directory, SENTENCEPIECE_FILE), self._model)
         if self._added_tokens is not None:
             write_atomic(Path(directory, ADDED_TOKENS_FILE), self._added_tokens)
         if self.config is not None or self._templates():

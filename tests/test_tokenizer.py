@@ -188,3 +188,19 @@ def test_an_empty_conversation_is_refused():
         with pytest.raises(ValueError, match="messages is empty: a chat template renders a conversation of at least "
                                              "one message"):
             render_chat_template(template, messages)
+
+
+def test_save_writes_the_model_that_was_loaded(tmp_path):
+    """Tokenizer.save read tokenizer.model again from where it was loaded: replaced since, it saved the other model
+    under this tokenizer's config; gone (a temporary download), a bare FileNotFoundError on the old path."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "src" / "tokenizer.model").write_bytes(MISTRAL.read_bytes())
+    tok = kpro.Tokenizer(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer.model").write_bytes((DATA / "sentencepiece_test_model.model").read_bytes())
+    tok.save(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == MISTRAL.read_bytes()
+    (tmp_path / "src" / "tokenizer.model").unlink()
+    (tmp_path / "src").rmdir()
+    tok.save(tmp_path / "out")
+    assert kpro.load_tokenizer(tmp_path / "out").encode("Hello world") == [1, 22557, 1526]
