@@ -376,7 +376,8 @@ class JsonTokenizer(_TokenizerBase):
     `config.json`). `encode(text)` adds a bos where the file's post-processor does (`bos=None`, the default;
     LLaMA 3 adds one, SmolLM2 none), and an eos only with `eos=True`, or with `eos=None` where the post-processor
     adds one (`add_eos`), as transformers' `tokenizer(text)` does; an `add_bos_token` or `add_eos_token` in
-    `tokenizer_config.json` that contradicts the post-processor is refused. Special tokens written in the text
+    `tokenizer_config.json` that contradicts the post-processor is refused, and so is a post-processor that adds
+    another token than that bos and eos (one `tokenizer_config.json` does not name). Special tokens written in the text
     (`<|im_start|>`) become their ids. `decode` is the exact inverse on any text without special tokens, whatever
     its Unicode; special tokens are left out unless `skip_special_tokens=False`.
     """
@@ -426,12 +427,30 @@ class JsonTokenizer(_TokenizerBase):
         return token_id if isinstance(token_id, int) and 0 <= token_id < self.vocab_size else None
 
     def _post_processor_adds(self) -> tuple[bool, bool]:
-        """(a bos, an eos): what the file's post-processor puts around a text."""
+        """(a bos, an eos): what the file's post-processor puts around a text. Anything else it adds (another
+        token than the bos or eos, or more than one) is refused, naming it: transformers adds it, kpro could not."""
         plain = self.tok.encode("a", add_special_tokens=False).ids
         full = self.tok.encode("a", add_special_tokens=True).ids
-        bos = self.bos_id is not None and len(full) > len(plain) and full[0] == self.bos_id
-        body = full[1:] if bos else full
-        return bos, len(body) > len(plain) and body[-1] == self.eos_id
+        start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+        if start is None:
+            raise ValueError(f"{self.path}: its post-processor changes the ids of the text itself ({plain} becomes "
+                             f"{full}); kpro's tokenizers only add a bos and an eos around them")
+        for name, added, own, side in (("bos", full[:start], self.bos_id, "before"),
+                                       ("eos", full[start + len(plain):], self.eos_id, "after")):
+            if added and added != [own]:
+                ours = self._named(own) if own is not None else \
+                    f"{TOKENIZER_CONFIG_FILE} names no {name}_token, config.json no {name}_token_id"
+                text = self.tok.id_to_token(added[0])
+                fix = (f"If {text!r} is the model's {name}, name it in {TOKENIZER_CONFIG_FILE} "
+                       f"({json.dumps({f'{name}_token': text})[1:-1]})" if len(added) == 1 else
+                       f"kpro adds one {name} at most")
+                raise ValueError(f"{self.path}: its post-processor adds {', '.join(map(self._named, added))} {side} "
+                                 f"each text, which is not its {name} ({ours}): transformers' tokenizer(text) adds "
+                                 f"it, kpro's encode would not. {fix}; else correct the post-processor")
+        return start > 0, start + len(plain) < len(full)
+
+    def _named(self, token_id: int) -> str:
+        return f"{self.tok.id_to_token(token_id)!r} (id {token_id})"
 
     def _check_config_agrees_with_post_processor(self) -> None:
         """Refuse an add_bos_token or add_eos_token in tokenizer_config.json that contradicts the post-processor:

@@ -159,6 +159,39 @@ def test_the_post_processor_decides_bos_and_eos_and_a_config_that_contradicts_it
                     load_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("config, single, refused", [
+    ({"eos_token": "<|im_end|>"}, "<|endoftext|> $A",
+     r"adds '<\|endoftext\|>' \(id 0\) before each text, which is not its bos \(tokenizer_config.json names no "
+     r"bos_token, config.json no bos_token_id\).*If '<\|endoftext\|>' is the model's bos, name it in "
+     r"tokenizer_config.json \(\"bos_token\": \"<\|endoftext\|>\"\)"),
+    ({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}, "<|endoftext|> $A",
+     r"adds '<\|endoftext\|>' \(id 0\) before each text, which is not its bos \('<\|im_start\|>' \(id 1\)\)"),
+    ({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}, "$A <|endoftext|>",
+     r"adds '<\|endoftext\|>' \(id 0\) after each text, which is not its eos \('<\|im_end\|>' \(id 2\)\)"),
+    ({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}, "<|im_start|> <|endoftext|> $A",
+     r"adds '<\|im_start\|>' \(id 1\), '<\|endoftext\|>' \(id 0\) before each text, which is not its bos "
+     r".*kpro adds one bos at most"),
+    ({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}, "<|endoftext|> $A", None),
+])
+def test_a_token_the_post_processor_adds_that_is_not_the_bos_or_eos_is_refused(bpe_dir, tmp_path, config, single,
+                                                                                refused):
+    """A bos the post-processor added was dropped unless it was the bos tokenizer_config.json names (or none was
+    named): encode('hi') gave [6004] where transformers gives [0, 6004]; so was an eos other than the named one,
+    and any second token."""
+    raw = tokenizers.Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    specials = [(t, raw.token_to_id(t)) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>") if t in single]
+    raw.post_processor = tokenizers.processors.TemplateProcessing(single=single, special_tokens=specials)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if refused is None:
+        tok = load_tokenizer(tmp_path)
+        assert (tok.bos_id, tok.add_bos) == (0, True) and tok.encode("hi") == raw.encode("hi").ids
+        return
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'tokenizer.json'))}: its post-processor "
+                                         f"{refused}"):
+        load_tokenizer(tmp_path)
+
+
 def test_training_data_that_spells_a_special_token_is_refused(bpe_dir):
     """With a tokenizer.json, '<|im_end|>' written in the data becomes the eos id: an ICoT CoT or a Bitune answer
     holding it ended its segment early (the CoT span and the labels wrong), silently."""
