@@ -315,7 +315,8 @@ class Tokenizer(_TokenizerBase):
 
     def encode_with_special_tokens(self, text: str) -> list[int]:
         """SentencePiece reads `<s>` as text: split at the control pieces first (each stretch between them
-        is encoded as text of its own, as transformers' LlamaTokenizer does)."""
+        is encoded as text of its own, with its leading-space piece, as transformers' LlamaTokenizer does with
+        `legacy: true`; kpro does not read `legacy`, docs/model.md)."""
         text = checked_text(text)
         controls = self._control_pieces()
         if not controls:
