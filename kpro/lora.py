@@ -242,9 +242,12 @@ class LoRALinear(nn.Module):
     def _record_merge(self, name: str, factors: tuple[torch.Tensor, torch.Tensor], flags: tuple[bool, bool]) -> None:
         """Adapter `name`, whose A and B are `factors` (copied here) and whose requires_grad flags before the merge
         were `flags`, is merged into the weight as it is now: its record, its mark, the versions to watch."""
-        self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, (-1, -1, -1))
+        # normal tensors even where merge() runs under torch.inference_mode(): a later load_state_dict copies into
+        # the mark, which an inference tensor refuses outside inference mode
+        with torch.inference_mode(False):
+            self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, (-1, -1, -1))
+            self.register_buffer(MERGE_MARK, _mark(name, self.weight.device))
         self.merged = name
-        self.register_buffer(MERGE_MARK, _mark(name, self.weight.device))
         self._record_merged_versions()  # after the weight's own change
 
     @torch.no_grad()

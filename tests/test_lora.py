@@ -615,3 +615,19 @@ def test_the_merge_mark_is_in_a_merged_layers_state_dict_only():
     model(torch.randint(0, 67, (1, 4)))
     with pytest.raises(ValueError, match="adapter name 'merged_adapter' is taken"):
         lin.add_adapter("merged_adapter")
+
+
+def test_a_model_merged_under_inference_mode_takes_a_merged_state_dict_outside_it():
+    """merge() inside torch.inference_mode() made the merge mark an inference tensor: a later load_state_dict
+    outside inference mode failed copying into it ("Inplace update to inference tensor outside InferenceMode")."""
+    model = adapted_model()
+    ids = torch.randint(0, 67, (2, 6))
+    with torch.inference_mode():
+        merged_into(model, "a")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    merged = model(ids)
+    for lin in lora.lora_layers(model):
+        lin.unmerge()
+    with lora.active(model, "a"):
+        torch.testing.assert_close(model(ids), merged)
