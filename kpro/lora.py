@@ -156,7 +156,7 @@ class LoRALinear(nn.Module):
         elif isinstance(adapter, str):
             self._check_names([adapter])
         else:
-            self._check_segments(adapter, x.shape[-2])
+            self._check_segments(adapter, x.shape)
         out = F.linear(x, self.weight)
         if self.merged is not None:
             self._check_merged_unchanged()
@@ -183,14 +183,22 @@ class LoRALinear(nn.Module):
             raise ValueError(f"no adapter named {', '.join(map(repr, unknown))} (this layer's adapters: "
                              f"{', '.join(self.adapters)})")
 
-    def _check_segments(self, segments: Segments, length: int) -> None:
-        """Segments must tile the tokens [0, length) in order: a gap would silently run tokens without their
-        adapter, an overlap with two. Python ints only, so no device sync."""
+    def _check_segments(self, segments: Segments, shape: torch.Size) -> None:
+        """Segments must tile the tokens [0, length) of x's dimension -2 in order: a gap would silently run tokens
+        without their adapter, an overlap with two. Python ints only, so no device sync."""
         if not isinstance(segments, (list, tuple)) or not all(
                 isinstance(segment, (list, tuple)) and len(segment) == 3 for segment in segments):
             raise ValueError(f"adapter must be an adapter's name, None, or a list of (start, end, adapter) token "
                              f"segments; got {segments!r}")
+        if len(shape) < 2:
+            raise ValueError(f"token segments need an input with a token dimension ([..., tokens, "
+                             f"{self.in_features}]), got one of shape {list(shape)}: pass an adapter's name instead")
+        length = shape[-2]
         starts, ends = [start for start, _, _ in segments], [end for _, end, _ in segments]
+        # (a float bound would pass the tiling check, 2.0 == 2, and fail slicing; a SymInt is a traced shape's)
+        if not all(is_integer(bound) or isinstance(bound, torch.SymInt) for bound in starts + ends):
+            raise ValueError(f"token segments {[tuple(s) for s in segments]} need integer bounds (Python ints), "
+                             "not floats, bools or tensors")
         if starts != [0, *ends[:-1]] or any(end < start for start, end in zip(starts, ends)) or \
                 (ends[-1] if ends else 0) != length:
             raise ValueError(f"token segments {[tuple(s) for s in segments]} do not tile the sequence of {length} "

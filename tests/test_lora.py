@@ -67,6 +67,20 @@ def test_segments_that_do_not_tile_the_sequence_and_unknown_adapters_are_refused
             lin(x, segments)
 
 
+def test_segment_bounds_that_are_not_integers_or_an_input_without_tokens_are_named():
+    """Float bounds passed the tiling check (2.0 == 2) and failed slicing with a TypeError naming no segment; a
+    1-D input with segments failed with an IndexError."""
+    lin = layer()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    for segments in ([(0, 2.0, "a"), (2.0, 5, "b")], [(0, torch.tensor(5), "a")], [(False, 5, "a")]):
+        with pytest.raises(ValueError, match=r"token segments .* need integer bounds \(Python ints\)"):
+            lin(x, segments)
+    torch.testing.assert_close(lin(x, [(np.int64(0), np.int64(5), "a")]), lin(x, "a"))  # NumPy ints index
+    with pytest.raises(ValueError, match=r"token segments need an input with a token dimension \(\[\.\.\., tokens, "
+                                         r"12\]\), got one of shape \[12\]"):
+        lin(x[0, 0], [(0, 12, "a")])
+
+
 def test_merge_and_unmerge():
     lin = layer()
     x = torch.randn(4, 12, dtype=torch.float64)
