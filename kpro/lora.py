@@ -501,8 +501,8 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     if biased:  # checked before any layer is wrapped or frozen
         raise ValueError(f"{len(biased)} target linear layer(s) have a bias (first: {biased[0]}); LoRA wraps bias-free "
                          "ones only (LLaMA has none): give targets without a bias")
-    if seed is not None and not is_integer(seed):
-        raise ValueError(f"seed must be an integer (or None: the global RNG), got {seed!r}")
+    if seed is not None and not (is_integer(seed) and 0 <= seed < 2 ** 63):  # the CLI's range (-1 wrapped to 2**64 - 1)
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1 (or None: the global RNG), got {seed!r}")
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     wrapped = []
     for path, module, child_name, child in found:

@@ -247,6 +247,18 @@ def test_add_adapters_refuses_a_string_for_names_or_targets():
     assert not lora.lora_layers(model)
 
 
+def test_a_seed_out_of_the_generators_range_is_named_before_any_layer_is_wrapped():
+    """seed=2**64 failed with "Overflow when unpacking long long"; seed=-1 was taken silently (drawing what
+    2**64 - 1 draws), where the CLI and Batches refuse it."""
+    model = kpro.Llama(tiny_config())
+    for seed in (-1, 2 ** 63, 2 ** 64, 2.0, True):
+        with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 2\*\*63 - 1 \(or None: the global "
+                                             r"RNG\), got"):
+            lora.add_adapters(model, ["a"], seed=seed)
+    assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    lora.add_adapters(model, ["a"], seed=np.int64(2 ** 63 - 1))
+
+
 def test_targets_that_match_nothing_are_named_and_the_model_is_left_as_it_was():
     """A misspelt target ("v_prj") or one outside model.layers ("lm_head") beside a good one was dropped
     without a word: those layers got no adapter and never trained."""
