@@ -159,9 +159,12 @@ def _refuse_merged(model: nn.Module) -> None:
         path, name = merged[0]
         raise ValueError(f"cannot save adapters while one is merged into the base weights ({len(merged)} of "
                          f"{len(layers)} LoRA layers; first: {path}, adapter {name!r}): they would record the merged "
-                         "weights as their base, and the base they were tuned on would refuse them; save them before "
-                         "merging, or unmerge() first (`for layer in kpro.lora.lora_layers(model): layer.unmerge()`; "
-                         "it restores the base to rounding only, and a base check may tell the difference)")
+                         "weights as their base, and the base they were tuned on would refuse them. Save them before "
+                         "merging; unmerge() alone does not do: it gives back the base to rounding only (fp32 too), "
+                         "and the base check, which hashes every value, refuses a file saved then. After `for layer "
+                         "in kpro.lora.lora_layers(model): layer.unmerge()`, load the base weights again "
+                         "(`model.load_state_dict(base_state_dict, strict=False)`, the base checkpoint's tensors) "
+                         "and save")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

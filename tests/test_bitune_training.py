@@ -535,14 +535,22 @@ def test_adapters_are_not_saved_while_merged(tmp_path):
     tuned = lora.AdaptedModel(model, "causal")
     with pytest.raises(ValueError, match=r"cannot save adapters while one is merged into the base weights "
                                          r"\(14 of 14 LoRA layers; first: layers.0.self_attn.q_proj, adapter 'causal'\)"
-                                         r": .* save them before merging, or unmerge\(\) first"):
+                                         r": .* Save them before merging; unmerge\(\) alone does not do.*load the base "
+                                         r"weights again .*strict=False"):
         bitune.save_tuned_adapters(tuned, tmp_path / "adapters")
     assert not (tmp_path / "adapters").exists()
     for layer in lora.lora_layers(model):
         layer.unmerge()
-    bitune.save_tuned_adapters(tuned, tmp_path / "adapters")  # the base as it is now, unmerged
-    assert json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())["base_model"] == \
-        kpro.adapters.base_fingerprint(model)
+    # The error advised unmerge() as a way to save: the weights are then the base to rounding only (fp32 too), and
+    # the file records that, which the base they were tuned on refuses
+    bitune.save_tuned_adapters(tuned, tmp_path / "adapters")
+    with pytest.raises(kpro.CheckpointError, match="tuned on another base model"):
+        bitune.load_tuned(base(), tmp_path / "adapters")
+    model.load_state_dict(base().state_dict(), strict=False)  # the way the error gives
+    bitune.save_tuned_adapters(tuned, tmp_path / "adapters")
+    loaded = bitune.load_tuned(base(), tmp_path / "adapters")
+    ids = torch.randint(0, 67, (2, 6))
+    assert torch.equal(loaded(ids), tuned(ids))
     bt = Bitune(base(), rank=2, seed=0)
     lora.lora_layers(bt.model)[3].merge("bidir")
     with pytest.raises(ValueError, match=r"\(1 of 14 LoRA layers; first: layers.0.self_attn.o_proj, adapter 'bidir'\)"):
