@@ -235,7 +235,9 @@ class LoRALinear(nn.Module):
         for an fp32 weight, but a bf16 or fp16 weight is rounded each way, so each merge/unmerge cycle moves some
         of its entries by a unit in the last place, and cycles add up (reload the base to get it back exactly).
         While merged, the adapter is frozen (its update is in the weight, so it would get no gradient); unmerge()
-        subtracts what merge() added and restores its flags."""
+        subtracts what merge() added and restores its flags. A merged adapter or weight changed in place makes the
+        next eager forward an error, but not a torch.compile'd one (see _check_merged_unchanged): unmerge() before
+        changing either."""
         if name not in self.adapters:
             raise ValueError(f"adapter {name!r} does not exist (adapters: {list(self.adapters)})")
         if self.merged is not None:
@@ -425,7 +427,10 @@ class LoRALinear(nn.Module):
 
     def _check_merged_unchanged(self) -> None:
         """The merged weight holds the adapter's values at merge(): refuse to run once either was changed in
-        place (loaded, or an optimizer step), which would silently run other values than the adapter's."""
+        place (loaded, or an optimizer step), which would silently run other values than the adapter's.
+        Not under torch.compile: a tensor's version counter is data a graph cannot guard on, and reading it outside
+        the graph would break the graph at every layer, so a compiled merged model runs the values merged even after
+        an in-place change (nor is a change through `.data` seen, eager or compiled)."""
         if torch.compiler.is_compiling():
             return
         stale = self.merge_stale()
