@@ -259,9 +259,9 @@ def _main(argv: list[str]) -> int:
     try:
         args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
         if args.command != "info" and os.environ.get("KPRO_BACKEND"):  # info runs no op (and imports no torch)
-            from .ops import requested_backend
+            from .ops.backend import check_environment_backends
 
-            requested_backend()  # a bad value refused now, not at the first op, after the model loaded
+            check_environment_backends()  # a bad value refused now, not at the first op, after the model loaded
         args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt:

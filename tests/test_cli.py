@@ -481,6 +481,11 @@ def test_command_errors_name_their_flag(tmp_path, capsys, monkeypatch, args, mes
 @pytest.mark.parametrize("value, message", [
     ("bogus", "KPRO_BACKEND: unknown backend 'bogus'; choose from auto, torch, triton, cuda"),
     ("rms_norm=cuda,rms_norm=torch", "KPRO_BACKEND='rms_norm=cuda,rms_norm=torch' names a backend for rms_norm twice"),
+    # backends no device has for these ops: refused at the first forward, after the model had loaded
+    ("attention=cuda", "KPRO_BACKEND='attention=cuda' asks for a backend kpro has no kernel of on any device: "
+                       "attention=cuda, but attention has torch/triton; name those ops' backends (attention=triton)"),
+    ("cuda,attention=triton", "bitune_attention=cuda, but bitune_attention has torch/triton; linear_cross_entropy=cuda, "
+                              "but linear_cross_entropy has torch/triton;"),
 ])
 def test_a_bad_kpro_backend_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, value, message):
     """A bad KPRO_BACKEND ended every command in a BackendError traceback, train-expanded's only after loading the
@@ -501,9 +506,10 @@ def test_a_bad_kpro_backend_is_one_line_before_any_work(tmp_path, capsys, monkey
 
 
 def test_a_backend_that_cannot_run_a_call_is_one_line(tmp_path, capsys, monkeypatch):
-    """KPRO_BACKEND=cuda with --device cpu: the kernels' refusal, raised in the model's forward, was a traceback."""
+    """KPRO_BACKEND=cuda with --device cpu: the kernels' refusal, raised in the model's forward, was a traceback.
+    (A bare cuda is refused up front now: attention has no cuda kernel; RMSNorm and SwiGLU have one.)"""
     write_checkpoint(tmp_path / "ck")
-    monkeypatch.setenv("KPRO_BACKEND", "cuda")
+    monkeypatch.setenv("KPRO_BACKEND", "rms_norm=cuda,swiglu=cuda")
     assert main(["generate", str(tmp_path / "ck"), "--prompt", "a", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "backend 'cuda' cannot run this call" in err and err.count("\n") == 1, err

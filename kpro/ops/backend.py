@@ -87,26 +87,47 @@ def requested_backend(op: str = "*") -> str:
             return choice.get(op, choice.get("*"))
     # Under torch.compile Dynamo reads the environment at trace time and cannot guard on it (unlike _forced): a
     # change after the first compile is not seen (docs/ops.md says so)
-    env = os.environ.get("KPRO_BACKEND", "")
-    if env:
-        default, per_op = None, {}
-        for item in env.split(","):
-            if not item.strip():  # a trailing or doubled comma says nothing
-                continue
-            key, eq, value = (part.strip() for part in item.rpartition("="))
-            if eq and not key:
-                raise BackendError(f"KPRO_BACKEND={env!r}: {item.strip()!r} names no op (write op=backend)")
-            if (key and key in per_op) or (not key and default is not None):
-                raise BackendError(f"KPRO_BACKEND={env!r} names a backend for {key or 'every op'} twice: "
-                                   "say it once")
-            if key:
-                per_op[key] = value
-            else:
-                default = value
-        choice = _parse_choice(default, per_op, "KPRO_BACKEND")
-        if op in choice or "*" in choice:
-            return choice.get(op, choice.get("*"))
+    choice = _environment_choice()
+    if op in choice or "*" in choice:
+        return choice.get(op, choice.get("*"))
     return "auto"
+
+
+def _environment_choice() -> dict[str, str]:
+    """$KPRO_BACKEND parsed: {op or "*": backend}, empty where it is not set."""
+    env = os.environ.get("KPRO_BACKEND", "")
+    if not env:
+        return {}
+    default, per_op = None, {}
+    for item in env.split(","):
+        if not item.strip():  # a trailing or doubled comma says nothing
+            continue
+        key, eq, value = (part.strip() for part in item.rpartition("="))
+        if eq and not key:
+            raise BackendError(f"KPRO_BACKEND={env!r}: {item.strip()!r} names no op (write op=backend)")
+        if (key and key in per_op) or (not key and default is not None):
+            raise BackendError(f"KPRO_BACKEND={env!r} names a backend for {key or 'every op'} twice: "
+                               "say it once")
+        if key:
+            per_op[key] = value
+        else:
+            default = value
+    return _parse_choice(default, per_op, "KPRO_BACKEND")
+
+
+def check_environment_backends() -> None:
+    """A command's check of $KPRO_BACKEND before any work: its syntax, and that each op it covers has the backend
+    asked for on some device (attention has no cuda kernel, say), which a model's first forward would refuse only
+    after the model loaded. Library calls check an op's backend when the op runs: a script may ask for a backend
+    only the ops it runs have."""
+    choice = _environment_choice()
+    asked = {op: choice.get(op, choice.get("*", "auto")) for op in IMPLEMENTED}
+    impossible = [op for op, name in asked.items() if name not in IMPLEMENTED[op] + ("auto",)]
+    if impossible:
+        has = "; ".join(f"{op}={asked[op]}, but {op} has {'/'.join(IMPLEMENTED[op])}" for op in impossible)
+        raise BackendError(f"KPRO_BACKEND={os.environ['KPRO_BACKEND']!r} asks for a backend kpro has no kernel of on "
+                           f"any device: {has}; name those ops' backends ({impossible[0]}=triton), or leave them to "
+                           "auto")
 
 
 def select(op: str, x: torch.Tensor) -> str:
