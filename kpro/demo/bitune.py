@@ -135,8 +135,8 @@ def act_bitune(out_dir: Path, pretrain_steps: int = 300, tune_steps: int = DEMO[
                workers: int | None = None) -> dict:
     """`held_out` questions per side (left, right); returns each method's accuracy per side and the verdict.
     The defaults are the demo's short run; FULL holds the settings of the reproduction."""
-    print(f"== bitune: do the digits need to see the whole question? Records counted from the left or from the "
-          f"right, LoRA vs Bitune vs Bitune read only causally (same base, data and steps)")
+    print("== bitune: do the digits need to see the whole question? Records counted from the left or from the "
+          "right, LoRA vs Bitune vs Bitune read only causally (same base, data and steps)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small gain nothing from a second thread
     try:
