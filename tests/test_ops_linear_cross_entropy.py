@@ -136,8 +136,14 @@ def test_a_batch_with_every_row_ignored(backend, device):
     assert loss.item() == 0.0 and torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
     losses, _, _ = run(backend, hidden, weight, labels, "none", dloss=torch.ones(6, device=device))
     assert torch.equal(losses, torch.zeros(6, device=device))
-    with pytest.raises(ValueError, match="mean over no tokens"):
+    with pytest.raises(ValueError, match="mean over no tokens: every one of the 6 labels is ignore_index=-100"):
         run(backend, hidden, weight, labels, "mean")
+
+
+def test_a_mean_over_an_empty_batch_says_it_holds_no_rows():
+    """It said "every one of the 0 labels is ignore_index=-100" of a batch with no rows, where no label is ignored."""
+    with pytest.raises(ValueError, match=r"a mean over no tokens: the batch holds no rows \(use reduction='sum'"):
+        ops.linear_cross_entropy(torch.randn(0, 8), torch.randn(10, 8), torch.zeros(0, dtype=torch.long))
 
 
 def test_large_vocabulary_and_large_logits_torch():

@@ -122,8 +122,11 @@ def test_bad_inputs():
         ops.swiglu_packed(torch.randn(2, 5))
     with pytest.raises(ValueError, match=r"inputs \(2, 0\) have no features"):
         ops.swiglu(torch.randn(2, 0), torch.randn(2, 0))
-    with pytest.raises(ValueError, match="have no features"):
+    # swiglu_packed's own argument, named (it said "swiglu: inputs ...")
+    with pytest.raises(ValueError, match=r"^swiglu_packed: gate_up \(2, 0\) has no features"):
         ops.swiglu_packed(torch.randn(2, 0))
+    with pytest.raises(ValueError, match="^swiglu_packed: gate_up must be floating point, got torch.int64"):
+        ops.swiglu_packed(torch.ones(2, 4, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("backend, device", backend_devices("swiglu")[:2] + backend_devices("swiglu")[2:])

@@ -102,8 +102,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if reduction == "sum":
         return total
     count = (targets != ignore_index).sum()
-    nothing = (f"linear_cross_entropy: a mean over no tokens: every one of the {targets.numel()} labels is "
-               f"ignore_index={ignore_index} (use reduction='sum' where a batch may have none)")
+    nothing = (f"linear_cross_entropy: a mean over no tokens: "
+               + (f"every one of the {targets.numel()} labels is ignore_index={ignore_index}" if targets.numel() else
+                  "the batch holds no rows")
+               + " (use reduction='sum' where a batch may have none)")
     if not values_readable(count):  # compiling, or fake or meta tensors: the error comes at the next device sync
         torch._assert_async(count > 0, nothing)
     elif int(count) == 0:

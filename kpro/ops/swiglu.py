@@ -37,7 +37,7 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     check_tensors("swiglu_packed", gate_up=gate_up)
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise ValueError(f"swiglu_packed: last dimension must be even (gate then up), got {tuple(gate_up.shape)}")
-    _check_floating(gate_up)
+    _check_floating(gate_up, "swiglu_packed: gate_up", "has")
     refuse_function_transforms("swiglu_packed", gate_up)
     backend = select("swiglu", gate_up)
     if eager_fast_path(gate_up):
@@ -47,11 +47,12 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.kpro.swiglu_packed_forward(gate_up, backend)
 
 
-def _check_floating(x):
+def _check_floating(x, what: str = "swiglu: inputs", verb: str = "have"):
+    """`what`: the op and argument the message names (swiglu_packed's gate_up, not swiglu's inputs)."""
     if not x.is_floating_point():
-        raise ValueError(f"swiglu: inputs must be floating point, got {x.dtype}")
+        raise ValueError(f"{what} must be floating point, got {x.dtype}")
     if x.dim() > 0 and x.shape[-1] == 0:
-        raise ValueError(f"swiglu: inputs {tuple(x.shape)} have no features (last dimension 0)")
+        raise ValueError(f"{what} {tuple(x.shape)} {verb} no features (last dimension 0)")
 
 
 # ------------------------------------------------------------------------------------ torch backend
