@@ -23,15 +23,13 @@ _FILES: list = []
 
 
 def start(tokenizer_dir: str, files: list, pool_worker: bool = False) -> None:
-    """A worker's initializer: load the tokenizer once. A pool worker ignores SIGINT and SIGTERM: a terminal's
-    Ctrl-C reaches the whole process group, and so does a scheduler's SIGTERM (timeout, SLURM), and the main
-    process handles both (it saves and says how to resume); a worker that died of one first could make it say a
-    worker died. So that no worker outlives a main process killed outright, each ends itself within half a second
-    of its parent's end."""
+    """A worker's initializer: load the tokenizer once. A pool worker ignores SIGINT: a terminal's Ctrl-C reaches
+    the whole process group, and the main process handles it (it saves and says how to resume). Not SIGTERM: the
+    pool ends the workers of a broken pool with it (Process.terminate), and waits for them. So that no worker
+    outlives a main process killed outright, each ends itself within half a second of its parent's end."""
     global _TOKENIZER, _FILES
     if pool_worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="kpro-end-with-parent",
                          daemon=True).start()
     _TOKENIZER, _FILES = load_tokenizer(tokenizer_dir), files
