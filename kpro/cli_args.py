@@ -88,6 +88,27 @@ def in_flag_terms(err: Exception, flags: dict[str, str]) -> ValueError:
     return ValueError(re.sub(pattern, lambda match: flags[match.group(1)], str(err)))
 
 
+# A resume refused because the run in --out differs from what the flags ask: the commands' one wording (bitune,
+# internalize, train-expanded), from the library's structured refusals. `done`: "trained", "tuned".
+def other_settings_refusal(out, done: str, lines: Mapping[str, str]) -> ValueError:
+    """Several settings: one line a flag, `lines` {flag: "0.01 in the run, 0.001 now"}."""
+    return ValueError(f"--out {out} holds a run {done} with other settings than these flags:\n  "
+                      + "\n  ".join(f"{flag}: {line}" for flag, line in lines.items())
+                      + "\nresume with the run's flags, or pass another --out for a new run")
+
+
+def other_setting_refusal(out, done: str, had: str, now: str) -> ValueError:
+    """One setting: `had` and `now` as flags ("--seed 0", "--seed 1")."""
+    return ValueError(f"--out {out} holds a run {done} with {had}, and this one asks for {now}: resume with the run's, "
+                      "or pass another --out for a new run")
+
+
+def past_steps_refusal(out, step: int, asked: str) -> ValueError:
+    """The run in --out is at `step`, past the steps `asked` for ("--steps 3")."""
+    return ValueError(f"--out {out} holds a run at step {step}, past {asked}: pass --steps {step} or more to continue "
+                      f"it (--steps {step}: it is done), or another --out for a new run")
+
+
 # parse_size's parameter (and the "size" of its "cannot read size ...") as convert-gguf and expand take it
 SHARD_SIZE_FLAG = {"max_shard_size": "--max-shard-size", "size": "--max-shard-size"}
 

@@ -1,6 +1,7 @@
 import contextlib
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,23 @@ def held_by_another_run(directory):
     finally:
         release.set()
         thread.join()
+
+
+def _stat_fields(stat: Path) -> list[str] | None:
+    """A /proc/PID/stat's fields after the command name (state first, then the parent's pid); None once gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (an orphan's exit may never be reaped in a container)."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is not None and fields[0] != "Z"
+
+
+def child_processes(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (Linux /proc)."""
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+            if (fields := _stat_fields(stat)) is not None and int(fields[1]) == pid and fields[0] != "Z"]

@@ -31,6 +31,7 @@ from kpro.demo.parallel import run_jobs
 from kpro.demo.progress import RunsProgress
 from kpro.train import Callback
 from kpro.train.progress import last_logged_step
+from conftest import process_running
 
 CLAIM_LINE = re.compile(r"^claim \((\w+)\): (.+) -- (SHOWN|NOT SHOWN) by this run: (.+)$", re.M)
 
@@ -839,14 +840,6 @@ def _pids(directory) -> list[int]:
     return [int(path.stem) for path in Path(directory).glob("*.pid")]
 
 
-def _running(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie (an orphan's exit may never be reaped in a container)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 @NEEDS_PROC
 def test_a_failing_job_ends_the_running_ones_at_once(tmp_path):
     """The failure surfaces at once, whichever job it is (here the second, with no progress polling), and the
@@ -857,7 +850,7 @@ def test_a_failing_job_ends_the_running_ones_at_once(tmp_path):
                   (_parallel_jobs.fail_once_another_started, dict(directory=str(tmp_path)))], workers=2)
     assert time.perf_counter() - start < 120  # the sleeping job alone would take 300 s
     (pid,) = _pids(tmp_path)
-    assert not _running(pid)
+    assert not process_running(pid)
 
 
 @NEEDS_PROC
@@ -882,9 +875,9 @@ def test_a_killed_worker_is_reported_at_once_and_ends_the_others(tmp_path):
     assert "a worker process of the demo died" in err, err
     assert "__name__" not in err, err  # `python -c`: the workers import no script, so no advice about one
     deadline = time.monotonic() + 30
-    while any(_running(pid) for pid in _pids(tmp_path)) and time.monotonic() < deadline:
+    while any(process_running(pid) for pid in _pids(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _pids(tmp_path) and not [pid for pid in _pids(tmp_path) if _running(pid)]
+    assert _pids(tmp_path) and not [pid for pid in _pids(tmp_path) if process_running(pid)]
 
 
 def test_a_killed_worker_is_one_error_line_on_the_command_line(tmp_path, capsys, monkeypatch):
@@ -932,9 +925,9 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
         parent.kill()
         parent.wait()
     deadline = time.monotonic() + 60
-    while any(_running(pid) for pid in _pids(tmp_path)) and time.monotonic() < deadline:
+    while any(process_running(pid) for pid in _pids(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [pid for pid in _pids(tmp_path) if _running(pid)]
+    assert not [pid for pid in _pids(tmp_path) if process_running(pid)]
 
 
 @NEEDS_PROC
@@ -971,7 +964,7 @@ def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, how):
     for name in "ab":
         assert len(list((tmp_path / name).glob("step-*"))) == 1, err
     assert not (tmp_path / "c").exists(), err
-    assert not [pid for pid in _pids(tmp_path) if _running(pid)]
+    assert not [pid for pid in _pids(tmp_path) if process_running(pid)]
 
 
 def test_workers_leave_a_group_sigterm_to_the_demo():

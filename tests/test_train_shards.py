@@ -33,7 +33,7 @@ from kpro.expansion.posttrain import corpus_batches, corpus_rows, read_corpus
 from kpro.train.shards import corpus_id, permute
 from kpro.train.tokenize import check_tokenizer, iter_documents, tokenizer_identity
 
-from conftest import held_by_another_run, randomize_norms, tiny_config
+from conftest import child_processes, held_by_another_run, process_running, randomize_norms, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -605,19 +605,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _children(pid: int) -> list:
-    """The live processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
 def test_tokenizing_workers_end_when_the_main_process_is_killed(tmp_path):
     """Workers must not outlive a main process killed outright (SIGKILL, the OOM killer): each ends itself once its
@@ -632,22 +619,15 @@ def test_tokenizing_workers_end_when_the_main_process_is_killed(tmp_path):
                               text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     try:
         assert parent.stdout.readline() == "paused\n"
-        workers = _children(parent.pid)
+        workers = child_processes(parent.pid)
         assert len(workers) >= 2, workers  # the pool's two (and multiprocessing's resource tracker, maybe)
     finally:
         parent.kill()
         parent.wait()
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in workers):
+    while any(process_running(pid) for pid in workers):
         assert time.monotonic() < deadline, f"workers {workers} outlived their main process"
         time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 class _ReplySizePool(kt.tokenize.ProcessPoolExecutor):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, directory_path,
-                        input_path, resolve_device, user_path)
+                        input_path, other_setting_refusal, other_settings_refusal, resolve_device, user_path)
 from .passes import MODES
 
 WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
@@ -167,8 +167,7 @@ def _run(args, env) -> None:
         flag = {"batch_size": "--batch-size", "seed": "--seed"}.get(err.setting)
         if flag is None:  # none of this command's flags sets it
             raise
-        raise ValueError(f"--out {args.out} holds a run tuned with {flag} {err.had}, and this one asks for {flag} "
-                         f"{err.now}: resume with the run's, or pass another --out for a new run") from None
+        raise other_setting_refusal(args.out, "tuned", f"{flag} {err.had}", f"{flag} {err.now}") from None
     results = {"method": method, "mode": args.mode if method == "bitune" else None,
                "loss_weighting": args.loss_weighting, "examples": len(pairs),
                "dropped": dropped, "steps": args.steps, "eval": {}}
@@ -222,9 +221,7 @@ def _other_settings(err, args) -> ValueError:
             lines["--lr"] = f"{saved} in the run, {now} now"
         else:  # a flag's, or by its own name one that no flag sets (a run in --out/run that other code set up)
             lines[SETTING_FLAGS.get(name, name)] = f"{saved} in the run, {now} now"
-    return ValueError(f"--out {args.out} holds a run tuned with other settings than these flags:\n  "
-                      + "\n  ".join(f"{flag}: {line}" for flag, line in lines.items())
-                      + "\nresume with the run's flags, or pass another --out for a new run")
+    return other_settings_refusal(args.out, "tuned", lines)
 
 
 def _fewer_steps(err, args) -> ValueError:

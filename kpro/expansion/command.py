@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .._torchrun import refuse_processes
 from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_batch_split,
-                        check_output_dir, directory_path, in_flag_terms, input_path, positive_int, resolve_device)
+                        check_output_dir, directory_path, in_flag_terms, input_path, other_setting_refusal,
+                        other_settings_refusal, past_steps_refusal, positive_int, resolve_device)
 from .layout import POSITIONS
 
 
@@ -137,9 +138,7 @@ def cmd_train_expanded(args) -> None:
     except OtherParameters as err:
         raise _other_blocks(err, args, out) from None
     except PastSteps as err:
-        raise ValueError(f"--out {out} holds a run at step {err.step}, past --steps {err.steps}: pass --steps "
-                         f"{err.step} or more to continue it (--steps {err.step}: it is done), or another --out for "
-                         "a new run") from None
+        raise past_steps_refusal(out, err.step, f"--steps {err.steps}") from None
     except OtherSetting as err:
         refusal = _other_setting(err, args, out)
         if refusal is None:  # a setting no flag of this command sets otherwise
@@ -181,9 +180,7 @@ def _other_settings(err, out: Path) -> ValueError:
             lines["--train-blocks"] = "other blocks than the run trained"
         else:  # a flag's, or by its own name one that no flag sets (a run in --out that other code set up)
             lines[SETTING_FLAGS.get(name, name)] = f"{saved} in the run, {now} now"
-    return ValueError(f"--out {out} holds a run trained with other settings than these flags:\n  "
-                      + "\n  ".join(f"{flag}: {line}" for flag, line in lines.items())
-                      + "\nresume with the run's flags, or pass another --out for a new run")
+    return other_settings_refusal(out, "trained", lines)
 
 
 def _blocks(names) -> list:
@@ -219,5 +216,4 @@ def _other_setting(err, args, out: Path) -> ValueError | None:
     flag = {"batch_size": "--batch-size", "seed": "--seed", "seq_len": "--seq-len"}.get(err.setting)
     if flag is None:
         return None
-    return ValueError(f"--out {out} holds a run trained with {flag} {err.had}, and this one asks for {flag} "
-                      f"{err.now}: resume with the run's, or pass another --out for a new run")
+    return other_setting_refusal(out, "trained", f"{flag} {err.had}", f"{flag} {err.now}")

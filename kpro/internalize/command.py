@@ -28,7 +28,7 @@ from .._run_lock import holding
 from .._torchrun import world_size
 from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, directory_path,
-                        file_path, input_path, resolve_device)
+                        file_path, input_path, other_setting_refusal, past_steps_refusal, resolve_device)
 from ..config import LlamaConfig
 from ..distributed import main_decides, on_main
 from ..model import Llama
@@ -286,14 +286,12 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path, env) -
     except PastSteps as err:
         asked = (f"--steps {args.steps}" if args.steps is not None else f"the {err.steps:,} steps of --epochs "
                  f"{args.epochs:g}" if args.epochs is not None else f"the run's default length ({err.steps:,} steps)")
-        raise ValueError(f"--out {args.out} holds a run at step {err.step}, past {asked}: pass --steps {err.step} or "
-                         f"more to continue it (--steps {err.step}: it is done), or another --out for a new run") from None
+        raise past_steps_refusal(args.out, err.step, asked) from None
     except OtherSetting as err:
         flags = _SETTING_FLAGS.get(err.setting)
         if flags is None:  # none the command can set otherwise
             raise
-        raise ValueError(f"--out {args.out} holds a run trained with {flags(err.had)}, and this one asks for "
-                         f"{flags(err.now)}: resume with the run's, or pass another --out for a new run") from None
+        raise other_setting_refusal(args.out, "trained", flags(err.had), flags(err.now)) from None
 
 
 def _removal_flags(removal) -> str:
