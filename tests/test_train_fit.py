@@ -1405,6 +1405,32 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_check
                loss_fn=lambda m, b: nan_from_step_3(m, b) * 0 + float("inf"))
 
 
+def test_a_checkpoint_of_non_finite_weights_is_not_called_the_last_good_one(tmp_path):
+    """An optimizer of eps=0 (built by a factory of one's own: kt.adamw refuses it) turns the weights that get a
+    zero gradient NaN at its first step, with a finite loss and gradient norm; the next step's NaN loss named the
+    checkpoint holding those weights "the last good checkpoint"."""
+    zero_eps = lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, eps=0.0)
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 2: stopped before its optimizer step; the "
+                                                 r"weights were non-finite before it \(embed_tokens.weight\): an "
+                                                 r"earlier step made them so, and no checkpoint of the run holds "
+                                                 r"finite weights \(step-00000001 holds non-finite weights\)"):
+        kt.fit(make_model(), batches(), tmp_path / "a", steps=3, save_every=1, optimizer=zero_eps)
+    assert [p.name for p in kt.list_checkpoints(tmp_path / "a")] == ["step-00000001"]
+
+    class ZeroEpsFromStep2(kt.Callback):
+        def on_batch(self, run, batch):
+            if run.step == 1:
+                run.reset_optimizer()
+            return batch
+
+    factory = lambda m: zero_eps(m) if calls.append(1) or len(calls) > 1 else kt.adamw(m, 1e-3)
+    calls = []
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3: .* the last good checkpoint is "
+                                                 r".*step-00000001 \(step-00000002 holds non-finite weights\)"):
+        kt.fit(make_model(), batches(), tmp_path / "b", steps=4, save_every=1, optimizer=factory,
+               callbacks=[ZeroEpsFromStep2()])
+
+
 def test_non_finite_gradients_of_a_finite_loss_stop_the_run_before_they_reach_the_weights(tmp_path):
     """A NaN can sit where the loss does not see it (a masked-out position) and still reach the gradients."""
     calls = []

@@ -407,7 +407,7 @@ def test_adamw_keeps_numpy_eps_and_betas_as_python_floats(make_model, tmp_path):
         directory = kt.save_checkpoint(tmp_path, 1, model, optimizer)
         kt.load_checkpoint(directory, model, kt.adamw(model, 1e-3, eps=float(eps), betas=tuple(map(float, betas))))
     for eps in (-1e-8, float("nan"), float("inf"), "1e-8", True, torch.tensor(1e-8)):
-        with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got "):
+        with pytest.raises(ValueError, match=r"eps must be a positive finite number, got "):
             kt.adamw(model, 1e-3, eps=eps)
     for betas in ((0.9,), 0.9, (0.9, 1.0), (-0.1, 0.9), (0.9, float("nan")), ("0.9", 0.99), (True, 0.99)):
         with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\) \(beta1, beta2\), got "):
@@ -435,6 +435,20 @@ def test_adamw_refuses_float16_parameters_where_its_eps_is_0(make_model):
     model.norm.weight.data = model.norm.weight.data.float()
     model.norm.requires_grad_(True)
     kt.adamw(model, 1e-3)  # float16 weights frozen, a float32 one trained
+
+
+def test_adamw_refuses_an_eps_of_0(make_model):
+    """eps=0 was taken as "a finite number >= 0": a zero gradient (the embedding row of a token not in the batch)
+    then divides 0 by 0, every such weight turned NaN at step 1, and fit saved them as a good checkpoint. So does an
+    eps that the weights' dtype rounds to 0."""
+    model = make_model(dtype=torch.float32)
+    for eps in (0, 0.0, -0.0, np.float64(0)):
+        with pytest.raises(ValueError, match=r"eps must be a positive finite number, got "):
+            kt.adamw(model, 1e-3, eps=eps)
+    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float32, where AdamW's eps=1e-50 is 0: "
+                                         r".*pass an eps that float32 holds"):
+        kt.adamw(model, 1e-3, eps=1e-50)
+    kt.adamw(model.double(), 1e-3, eps=1e-50)  # float64 holds it
 
 
 def test_icots_adamw_keeps_numpy_numbers_as_python_floats(make_model):

@@ -327,7 +327,7 @@ def restore_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer
         raise OtherParameters(problem, *parameters) if parameters else CheckpointError(problem)
     if check is not None:
         check(state)
-    full_model = distributed.on_main(lambda: _read_model(directory, model), env, f"read the model of {directory}")
+    full_model = distributed.on_main(lambda: read_model(directory, model), env, f"read the model of {directory}")
     has_optimizer_state, checked = state.pop("has_optimizer_state"), state.get("trained_params") is not None
     if has_optimizer_state:
         optim_state = distributed.on_main(lambda: read_optimizer(directory), env,
@@ -497,7 +497,7 @@ def _few(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _read_model(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+def read_model(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict stored in a checkpoint, by the model's own names."""
     if (directory / MODULE_WEIGHTS).is_file():
         with _open_all({directory / MODULE_WEIGHTS}) as handles:

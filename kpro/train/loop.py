@@ -36,7 +36,7 @@ from . import distributed
 from .callbacks import Callback, callback_states, check_metrics, load_callback_states
 from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_param_groups_loadable,
                             check_savable, checkpoint_step, latest_checkpoint, list_checkpoints, read_optimizer,
-                            restore_checkpoint, rng_state, save_checkpoint, set_rng_state, type_name)
+                            read_model, restore_checkpoint, rng_state, save_checkpoint, set_rng_state, type_name)
 from .data import Batches
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -694,8 +694,38 @@ def _stop(run, optimizer, what: str):
     optimizer.zero_grad(set_to_none=True)
     last = (f"the last good checkpoint is {run.checkpoint}" if run.checkpoint is not None
             else "no checkpoint was saved before it")
+    # Weights already non-finite (an optimizer step of 0 / 0: a factory's AdamW of eps=0) took a step whose loss
+    # and gradient norm were finite: checkpoints since hold them. Looked for here, once, not at every step.
+    bad = _non_finite(run.model.named_parameters())
+    if bad:
+        last = f"the weights were non-finite before it ({_listed(bad)}): an earlier step made them so, and " + \
+            _last_finite_checkpoint(run)
     raise FloatingPointError(f"{what} at step {run.step + 1}: stopped before its optimizer step; {last} (a lower "
                              "learning rate, float32 or bfloat16 weights instead of float16, or clipping may help)")
+
+
+def _non_finite(named_tensors) -> list[str]:
+    """The names of the tensors holding a NaN or inf (of a sharded parameter: in this process's shard)."""
+    return [name for name, t in named_tensors
+            if t.is_floating_point() and not bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all())]
+
+
+def _last_finite_checkpoint(run) -> str:
+    """Says which of the run's checkpoints, newest first, is the last whose weights are all finite."""
+    candidates = [c for c in reversed(list_checkpoints(run.out_dir)) if checkpoint_step(c) <= run.step]
+    if run.checkpoint is not None and not any(c.resolve() == Path(run.checkpoint).resolve() for c in candidates):
+        candidates.append(Path(run.checkpoint))  # resumed from another directory: before those here
+    bad = []
+    for checkpoint in candidates:
+        if not _non_finite(read_model(checkpoint, run.model).items()):
+            break
+        bad.append(checkpoint.name)
+    else:
+        checkpoint = None
+    held = f"{', '.join(bad)} hold{'s' if len(bad) == 1 else ''} non-finite weights"
+    if checkpoint is not None:
+        return f"the last good checkpoint is {checkpoint}" + (f" ({held})" if bad else "")
+    return f"no checkpoint of the run holds finite weights ({held})" if bad else "no checkpoint was saved before it"
 
 
 def _check_loss(out) -> bool:

@@ -59,8 +59,10 @@ def adamw(model: nn.Module, lr: float = 3e-4, *, weight_decay: float = 0.0, beta
     """
     lr = check_lr(lr)
     # Python floats, as lr and weight_decay: the param groups go into checkpoints, which take no NumPy numbers
-    if not _is_real(eps) or not 0 <= eps < math.inf:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    # eps = 0: a zero gradient (the embedding row of a token not in the batch) makes a step of 0 / 0, a NaN weight
+    if not _is_real(eps) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r} (AdamW divides by sqrt(v) + eps, and a "
+                         "zero gradient makes v 0)")
     try:
         beta1, beta2 = betas
     except (TypeError, ValueError):
@@ -79,17 +81,26 @@ def _is_real(value) -> bool:
 
 
 def check_eps_holds(model: nn.Module, eps: float) -> None:
-    """Refuse float16 parameters where `eps` rounds to 0 in float16 (the default 1e-8 does): AdamW's unfused
-    implementations compute in the parameter's dtype, op by op, so a zero gradient (a fresh expansion's new
-    blocks at step 1), or one whose square underflows, makes a step divided by 0: NaN."""
-    if torch.tensor(eps, dtype=torch.float16).item() != 0:
-        return
-    name = next((name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16), None)
-    if name is not None:
-        raise ValueError(f"parameter {name} is float16, where AdamW's eps={eps} is 0: a zero or tiny gradient "
-                         "divides by 0 (a NaN step); keep the weights in float32 (bf16 autocast, fit's precision "
-                         "on a GPU, still computes in half precision) or bfloat16, or pass an eps that float16 holds "
-                         "(1e-7 or more)")
+    """Refuse parameters of a dtype where `eps` rounds to 0 (float16 with the default 1e-8; float32 with 1e-50):
+    AdamW's unfused implementations compute in the parameter's dtype, op by op, so a zero gradient (a fresh
+    expansion's new blocks at step 1), or one whose square underflows, makes a step divided by 0: NaN."""
+    holds = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dtype not in holds:
+            holds[p.dtype] = torch.tensor(eps, dtype=p.dtype).item() != 0
+        if holds[p.dtype]:
+            continue
+        if p.dtype == torch.float16:
+            raise ValueError(f"parameter {name} is float16, where AdamW's eps={eps} is 0: a zero or tiny gradient "
+                             "divides by 0 (a NaN step); keep the weights in float32 (bf16 autocast, fit's precision "
+                             "on a GPU, still computes in half precision) or bfloat16, or pass an eps that float16 "
+                             "holds (1e-7 or more)")
+        dtype = str(p.dtype).removeprefix("torch.")
+        raise ValueError(f"parameter {name} is {dtype}, where AdamW's eps={eps} is 0: a zero or tiny gradient divides "
+                         f"by 0 (a NaN step); pass an eps that {dtype} holds (at least "
+                         f"{torch.finfo(p.dtype).tiny:g})")
 
 
 def implementation(model: nn.Module, fused: bool | None = None, eps: float = 1e-8) -> dict:
