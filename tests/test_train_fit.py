@@ -1655,6 +1655,41 @@ def test_batches_that_run_out_before_the_steps_are_an_error(tmp_path):
     assert kt.latest_checkpoint(tmp_path).name == "step-00000003"
 
 
+def test_a_batch_refused_at_the_start_of_a_step_keeps_the_steps_done(tmp_path):
+    """A batch that cannot be split into the micro-batches, or that holds no loss tokens, was refused before its step
+    changed any weight, and with no checkpoint of the steps done (save_every=None lost the whole run), where batches
+    that run out one step earlier get one."""
+    data = [kt.collate_prompt_answer(examples(4, seed=s), pad_id=0) for s in range(3)]
+    odd = kt.collate_prompt_answer(examples(3, seed=9), pad_id=0)
+    no_loss = {**data[2], "labels": torch.full_like(data[2]["labels"], -100)}
+    for name, bad, error in (("odd", odd, r"a global batch of 3 rows cannot be split into 1 process\(es\) x 2 "
+                                          r"accumulation step\(s\): 3 is not a multiple of 2"),
+                             ("no_loss", no_loss, r"the batch of step 3 has no loss tokens: .*")):
+        with pytest.raises(ValueError, match=error + r" \(saved .*step-00000002: the 2 steps before it; run again to "
+                                                     r"resume\)"):
+            kt.fit(make_model(), [*data[:2], bad], tmp_path / name, steps=3, grad_accum=2)
+        assert [p.name for p in kt.list_checkpoints(tmp_path / name)] == ["step-00000002"]
+        run = kt.fit(make_model(), data, tmp_path / name, steps=3, grad_accum=2)  # the batch fixed: resumes
+        assert run.step == 3 and [s for s, _ in losses(tmp_path / name)] == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"cannot be split into .* accumulation step\(s\): 3 is not a multiple of 2$"):
+        kt.fit(make_model(), [odd], tmp_path / "first", steps=1, grad_accum=2)  # no step done: nothing to save
+    assert kt.list_checkpoints(tmp_path / "first") == []
+
+    class NoLossAtStep3(kt.Callback):  # a kt.Batches run: the checkpoint holds the position before the refused batch
+        def on_batch(self, run, batch):
+            return {**batch, "labels": torch.full_like(batch["labels"], -100)} if run.step == 2 else batch
+
+    straight = make_model()
+    kt.fit(straight, batches(), tmp_path / "straight", steps=4)
+    with pytest.raises(ValueError, match=r"the batch of step 3 has no loss tokens: .*\(saved .*step-00000002: "):
+        kt.fit(make_model(), batches(), tmp_path / "resumed", steps=4, callbacks=[NoLossAtStep3()])
+    resumed = make_model(seed=1)
+    kt.fit(resumed, batches(), tmp_path / "resumed", steps=4)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_a_truncated_optimizer_file_is_a_named_error(tmp_path):
     kt.fit(make_model(), batches(), tmp_path, steps=2, callbacks=[StopAt(1)])
     optimizer = tmp_path / "step-00000001" / "optimizer.pt"

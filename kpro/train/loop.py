@@ -247,8 +247,13 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
 
     # Several processes fetch each step's batch before they agree on the step (`look_ahead`), after the step before
     # it may ask for a checkpoint: that checkpoint holds the RNG states and data position as they were before the
-    # fetch, as one process's does.
+    # fetch, as one process's does. So does one saved where a step's batch is refused (`_RefusedBatch`).
     before_fetch = None
+
+    def remember_before_fetch():
+        nonlocal before_fetch
+        data_now = batches.state_dict() if hasattr(batches, "state_dict") else None
+        before_fetch = {"rng": rng_state(), "data": copy.deepcopy(data_now)}  # a state the fetch may change
 
     def data_state():
         if not hasattr(batches, "state_dict"):
@@ -300,8 +305,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
         nonlocal before_fetch
         batch = before_fetch = None
         if run.step < steps and not (interrupted or run._stop_requested):  # not a fetch this process knows is lost
-            data_now = batches.state_dict() if hasattr(batches, "state_dict") else None
-            before_fetch = {"rng": rng_state(), "data": copy.deepcopy(data_now)}  # a state the fetch may change
+            remember_before_fetch()
             batch = fetch()
         interrupted, ran_out = _agree_on_requests(run, interrupted or batch is _INTERRUPTED, batch is _RAN_OUT)
         return (_RAN_OUT if ran_out else batch), interrupted, ran_out
@@ -331,14 +335,19 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
             # before its first step, saving nothing new: a run requeued after it stopped does not grow a step per launch
             stopped_at_start = run._stop_requested
             while run.step < steps and not stopped_at_start:
-                batch, ahead = (ahead if env.world_size > 1 else fetch()), None
+                if env.world_size > 1:
+                    batch, ahead = ahead, None
+                else:
+                    remember_before_fetch()
+                    batch = fetch()
                 if batch is _RAN_OUT:
                     exhausted = True
                     break
                 if batch is _INTERRUPTED:
                     interrupted = True
                     break
-                before_fetch = None  # the batch is this step's: a checkpoint from here is at this step's end
+                # the batch is this step's: a checkpoint from here is at this step's end
+                step_start, before_fetch = before_fetch, None
                 if not hasattr(batches, "state_dict"):
                     rows = _batch_rows(batch)
                     if check_rows_after_resume and None not in (rows, batch_rows) and rows != batch_rows:
@@ -356,8 +365,19 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                     batch = _as_dict(batch)
                 lr_now = set_lr(run.optimizer, schedule, run.step)
                 start = time.perf_counter()
-                loss, grad_norm, interrupted = _train_step(run, batch, loss_fn, grad_accum, clip_grad_norm, autocast,
-                                                           device, lambda: interrupt.requested, per_process)
+                try:
+                    loss, grad_norm, interrupted = _train_step(run, batch, loss_fn, grad_accum, clip_grad_norm,
+                                                               autocast, device, lambda: interrupt.requested,
+                                                               per_process)
+                except _RefusedBatch as refused:  # before the step changed a weight: the steps done are saved
+                    error = refused.error
+                    if run.step == 0:
+                        raise error from None
+                    if run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step:
+                        before_fetch = step_start  # the data position and RNGs before this step's batch
+                        save()
+                    raise type(error)(f"{error} (saved {run.checkpoint}: the {run.step} steps before it; run again "
+                                      "to resume)") from None
                 run.step += 1
                 tokens = _count_tokens(batch) * (env.world_size if per_process else 1)  # per process: full rows
                 step_time = time.perf_counter() - start
@@ -601,7 +621,11 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     env, train_model, optimizer = run.env, run.train_model, run.optimizer
     run.check_optimizer_covers_the_trainable()
     # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
-    micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
+    try:
+        micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
+    except (TypeError, ValueError) as err:
+        # Saving the steps done is a collective, which processes whose batches did split would not join
+        raise _RefusedBatch(err) if env.world_size == 1 else err
     totals, counts, summed = [], [], None
     ddp = isinstance(train_model, DistributedDataParallel)
     first_ddp_step = ddp and run._ddp_idle is None  # reduced by fit, which finds the parameters without gradient
@@ -660,8 +684,9 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
                          "averages the gradients of a set of parameters fixed at the first step; use "
                          "parallel='fsdp', or make the loss use the same parameters at every step")
     if summed:
-        if count == 0:
-            raise ValueError(no_loss_tokens_message(f"the batch of step {run.step + 1}"))
+        if count == 0:  # summed over every process: they all refuse it
+            optimizer.zero_grad(set_to_none=True)
+            raise _RefusedBatch(ValueError(no_loss_tokens_message(f"the batch of step {run.step + 1}")))
         # Gradients hold sum-of-loss gradients, averaged over processes by DDP/FSDP: make them the mean
         # over the step's loss tokens, whatever their spread over micro-batches and processes.
         scale = env.world_size / count
@@ -680,6 +705,14 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, float(norm), interrupted > 0
+
+
+class _RefusedBatch(Exception):
+    """`error`, a batch refused by `_train_step` before the step changed any weight, on every process alike."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _listed(names: list[str]) -> str:
