@@ -127,6 +127,34 @@ def test_gradients_left_on_the_model_do_not_reach_the_first_step(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_gradients_a_callback_leaves_between_steps_do_not_reach_the_next_step(tmp_path):
+    """fit cleared gradients before step 1 and after each optimizer step only: a callback's backward (a probe of
+    the validation gradient) in on_step_end or on_batch, left uncleared, added to the next step's gradients."""
+    class GradProbe(kt.Callback):
+        def __init__(self, hook):
+            self.hook = hook
+
+        def probe(self, run):
+            kt.lm_loss(run.model, batch(seed=9)).total.backward()
+
+        def on_step_end(self, run, metrics):
+            if self.hook == "on_step_end":
+                self.probe(run)
+
+        def on_batch(self, run, batch):
+            if self.hook == "on_batch":
+                self.probe(run)
+            return batch
+
+    clean = make_model()
+    fit(clean, tmp_path / "clean", steps=3, clip_grad_norm=None)
+    for hook in ("on_step_end", "on_batch"):
+        probed = make_model()
+        fit(probed, tmp_path / hook, steps=3, clip_grad_norm=None, callbacks=[GradProbe(hook)])
+        for (name, a), b in zip(clean.named_parameters(), probed.parameters()):
+            assert torch.equal(a, b), (hook, name)
+
+
 def test_gradients_left_on_the_model_do_not_stop_a_resume(tmp_path):
     """With gradients on the parameters, torch's loader did not prepare the fresh optimizer's state, and the
     resume died in it with 'AssertionError: Expected device to be set'."""

@@ -324,8 +324,6 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
             finally:
                 set_rng_state(drawn_from)
             callback_states(callbacks), data_state()  # states a checkpoint cannot load back: refused before training
-            for p in model.parameters():  # gradients left from before fit (a check's backward) would add to step 1
-                p.grad = None
             ahead = None  # several processes: the next step's batch, fetched before they agree on the step
             if env.world_size > 1:  # a stop asked for in on_fit_start on any process is for all
                 ahead, interrupted_at_start, ran_out_on = look_ahead(False)
@@ -620,6 +618,10 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     """
     env, train_model, optimizer = run.env, run.train_model, run.optimizer
     run.check_optimizer_covers_the_trainable()
+    # Gradients left from before fit (a check's backward) or by a callback since the last step (a probe's backward
+    # in on_step_end or on_batch) would add to this step's
+    for p in run.model.parameters():
+        p.grad = None
     # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
     try:
         micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
