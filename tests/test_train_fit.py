@@ -853,6 +853,18 @@ def test_other_bad_arguments(tmp_path):
         kt.fit(make_model().double(), batches(), tmp_path / "e", steps=1, precision="bf16")  # fp64 as recorded 'bf16'
 
 
+def test_batches_holding_no_batch_are_named_not_taken_for_steps_0(tmp_path):
+    """fit(model, [], out) said "steps must be a positive integer, got 0", a steps= the caller never passed."""
+    from torch.utils.data import DataLoader
+    for name, empty in (("list", []), ("loader", DataLoader(torch.zeros(0, 4, dtype=torch.long), batch_size=2))):
+        with pytest.raises(ValueError, match=r"the batches hold no batch \(len\(batches\) is 0\), so there is no "
+                                             r"step to train: pass batches that hold some"):
+            kt.fit(make_model(), empty, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
+        kt.fit(make_model(), batches(), tmp_path / "b", steps=0)
+
+
 def test_a_callback_whose_saved_state_it_cannot_read_is_named(tmp_path):
     """A callback changed since the run saved it died in a bare KeyError('level') naming neither."""
     class Stage(kt.Callback):

@@ -807,6 +807,9 @@ def _total_steps(steps, batches) -> int:
         if not hasattr(batches, "__len__"):
             raise ValueError("pass steps=: the batches have no length to take it from")
         steps = len(batches)
+        if steps == 0:  # not the caller's steps=, which it did not pass
+            raise ValueError("the batches hold no batch (len(batches) is 0), so there is no step to train: pass "
+                             "batches that hold some (an empty list of examples? a DataLoader of an empty dataset?)")
     if not _positive_int(steps):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     return int(steps)
