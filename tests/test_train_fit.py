@@ -865,6 +865,23 @@ def test_batches_holding_no_batch_are_named_not_taken_for_steps_0(tmp_path):
         kt.fit(make_model(), batches(), tmp_path / "b", steps=0)
 
 
+def test_callbacks_that_are_no_callback_instances_are_refused_before_anything_is_written(tmp_path):
+    """callbacks=[kt.Callback] (the class) died in "on_fit_start() missing 1 required positional argument", an
+    object with only on_step_end in an AttributeError on_fit_start, both after out_dir was made."""
+    class OnlyStepEnd:
+        def on_step_end(self, run, metrics):
+            pass
+
+    for callbacks, error in (([kt.Callback], r"callbacks\[0\] is the class kpro.train.callbacks.Callback, not an "
+                                             r"instance: pass Callback\(\.\.\.\)"),
+                             ([StopAt(1), OnlyStepEnd()], r"callbacks\[1\] is a .*OnlyStepEnd, not a "
+                                                          r"kpro.train.Callback: subclass kpro.train.Callback"),
+                             (StopAt(1), r"callbacks must be a list of kpro.train.Callback instances, got a .*StopAt")):
+        with pytest.raises(TypeError, match=error):
+            kt.fit(make_model(), batches(), tmp_path / "a", steps=1, callbacks=callbacks)
+        assert not (tmp_path / "a").exists()
+
+
 def test_a_callback_whose_saved_state_it_cannot_read_is_named(tmp_path):
     """A callback changed since the run saved it died in a bare KeyError('level') naming neither."""
     class Stage(kt.Callback):

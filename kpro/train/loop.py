@@ -174,13 +174,14 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     keep_last    how many checkpoints to keep.
     resume       True: continue from the newest checkpoint in out_dir if there is one; a path: from that
                  checkpoint; False: start afresh (refused if out_dir already holds checkpoints).
-    callbacks    `kpro.train.Callback`s (hooks, batch transforms, optimizer resets, saved state).
+    callbacks    `kpro.train.Callback` instances (hooks, batch transforms, optimizer resets, saved state).
     log_every, stream  the progress line: printed every that many steps when not on a terminal (default:
                  every 5% of the run), to `stream` (default stderr: progress, not a result); rank 0 only.
     """
     env = distributed.init_distributed()
     out_dir = Path(out_dir)
     steps = _total_steps(steps, batches)
+    callbacks = _check_callbacks(callbacks)
     _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last, log_every,
                 resume, out_dir)
     # Python numbers from here (a NumPy one passed the checks): the settings are saved in checkpoints
@@ -197,7 +198,7 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     with contextlib.ExitStack() as hold:
         distributed.on_main(lambda: hold.enter_context(holding(out_dir)), env, f"hold {out_dir}")
         return _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_decay, schedule, grad_accum,
-                    clip_grad_norm, precision, parallel, save_every, keep_last, resume, list(callbacks), log_every,
+                    clip_grad_norm, precision, parallel, save_every, keep_last, resume, callbacks, log_every,
                     stream)
 
 
@@ -951,6 +952,22 @@ def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_e
         raise TypeError(f"resume must be True, False or the path of a checkpoint, got {resume!r}")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise NotADirectoryError(f"out_dir {out_dir} is a file, not a run directory")
+
+
+def _check_callbacks(callbacks) -> list[Callback]:
+    """`callbacks` as a list of `Callback` instances, refused before anything is written: fit calls every hook, so a
+    class (not an instance) or an object of some hooks only failed in the first hook it lacked, out_dir made."""
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be a list of kpro.train.Callback instances, got a {type_name(callbacks)}")
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if isinstance(cb, type):
+            raise TypeError(f"callbacks[{i}] is the class {cb.__module__}.{cb.__qualname__}, not an instance: pass "
+                            f"{cb.__qualname__}(...)")
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks[{i}] is a {type_name(cb)}, not a kpro.train.Callback: subclass "
+                            "kpro.train.Callback (its hooks do nothing until overridden) and pass an instance")
+    return callbacks
 
 
 def _check_schedule_covers(schedule, steps: int) -> None:
