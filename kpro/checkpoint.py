@@ -36,6 +36,9 @@ from .lora import LoRALinear, is_lora_key
 from .model import Llama
 
 CONFIG_NAME = "config.json"
+# convert-gguf's record of what a directory was converted from: it lets a later conversion replace the directory
+# as its own output, so a save of other weights there drops it (or the conversion would replace them silently)
+GGUF_RECORD = "kpro_gguf.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Buffers that older conversions saved and Hugging Face ignores on load; they hold nothing we need.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -358,7 +361,8 @@ def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool, 
 def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
     """Write `model` as an HF-layout checkpoint directory, atomically replacing any previous one.
 
-    Files in an existing directory that are not part of the weights (a tokenizer, say) are kept. A model
+    Files in an existing directory that are not part of the weights (a tokenizer, say) are kept, except
+    convert-gguf's record (GGUF_RECORD), which would let a later conversion replace these weights. A model
     sharded with FSDP2 is gathered to rank 0, which writes it: then every process must call this.
     """
     if not isinstance(model, Llama):
@@ -367,7 +371,7 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, *, max_shard_siz
     max_shard_bytes = parse_size(max_shard_size)
     if distributed.is_sharded(model):
         return _save_sharded(model, Path(directory), max_shard_bytes)
-    with atomic_directory(directory, drop=is_weight_file) as tmp:
+    with atomic_directory(directory, drop=_replaced_by_a_save) as tmp:
         _write_checkpoint(model, tmp, max_shard_bytes)
     return Path(directory)
 
@@ -378,7 +382,7 @@ def _save_sharded(model: Llama, directory: Path, max_shard_bytes: int) -> Path:
     state = distributed.full_model_state(model)  # every rank takes part; rank 0 gets the whole state
 
     def write():
-        with atomic_directory(directory, drop=is_weight_file) as tmp:
+        with atomic_directory(directory, drop=_replaced_by_a_save) as tmp:
             _write_checkpoint(model, tmp, max_shard_bytes, state)
 
     distributed.on_main(write, env, f"save {directory}")
@@ -509,6 +513,12 @@ def parse_size(size: int | str) -> int:
 
 def is_weight_file(name: str) -> bool:
     return name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD_RE.fullmatch(name))
+
+
+def _replaced_by_a_save(name: str) -> bool:
+    """What save_pretrained does not carry over from the directory it replaces: the old weights, and convert-gguf's
+    record (the directory no longer holds what was converted)."""
+    return is_weight_file(name) or name == GGUF_RECORD
 
 
 def _carry_over_other_files(old: Path, new: Path, drop) -> None:

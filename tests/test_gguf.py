@@ -251,6 +251,21 @@ def test_convert_gguf_writes_a_loadable_directory_atomically(tmp_path, small_voc
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_a_converted_model_trained_and_saved_back_is_not_replaced_by_a_conversion(tmp_path, small_vocab):
+    """save_pretrained into a converted directory kept kpro_gguf.json, so a second conversion took the trained
+    weights as its own output and replaced them without a word. The save drops the record now."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
+    out = convert_gguf(path, tmp_path / "out")
+    trained = kpro.load_pretrained(out)
+    with torch.no_grad():
+        trained.norm.weight.fill_(42.0)
+    kpro.save_pretrained(trained, out)
+    assert not (out / "kpro_gguf.json").exists() and (out / "tokenizer.model").is_file()  # the tokenizer is kept
+    with pytest.raises(FileExistsError, match="not written by convert-gguf"):
+        convert_gguf(path, out)
+    assert kpro.load_pretrained(out).norm.weight.detach()[0].item() == 42.0
+
+
 TEXTS = ["Hello world", "  two leading spaces", "tabs\tand\nnewlines\n\n", "naïve café — 東京 🤖 Ελληνικά مرحبا",
          "def f(x):\n    return x ** 2  # comment", "1234567890 3.14159", "emoji 👨‍👩‍👧 and \u200b zero width", ""]
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory, checked_dtype,
-                          hf_tensors, is_weight_file, parse_size)
+from ..checkpoint import (CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory,
+                          checked_dtype, hf_tensors, is_weight_file, parse_size)
 from ..config import ConfigError, LlamaConfig
 from ..model import Llama
 from ..rope import rope_frequencies
@@ -34,7 +34,7 @@ from .gguf_file import GGUFError, GGUFFile
 from .gguf_tokenizer import tokenizer_files
 
 ARCHITECTURES = ("llama",)
-RECORD_NAME = "kpro_gguf.json"  # what a directory was converted from (lets a later run reuse it)
+RECORD_NAME = GGUF_RECORD  # what a directory was converted from (lets a later run reuse it); save_pretrained drops it
 
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",

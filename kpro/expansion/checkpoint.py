@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError,
+from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, CheckpointError,
                           _check_names_and_shapes, _unlisted_tensors, atomic_directory, hf_tensors, parse_size,
                           tensor_locations, tied_head_differs, unreplaced)
 from .._run_lock import holding
 from .._safetensors import TensorBytes as _Source, check_checkpoint_directory, read_header
 from ..config import LlamaConfig
-from ..convert.gguf_llama import RECORD_NAME as GGUF_RECORD
 from ..model import Llama
 from ..tokenizer import CHAT_TEMPLATE_DIR
 from ..train.checkpointing import RUN_FILES
