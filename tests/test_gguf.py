@@ -329,6 +329,18 @@ def test_the_tokenizer_adds_an_eos_where_the_gguf_says(tmp_path, small_vocab):
             kpro.load_tokenizer(out[flag])
 
 
+@pytest.mark.parametrize("key", ["add_bos_token", "add_eos_token", "add_space_prefix"])
+def test_tokenizer_flags_that_are_not_booleans_are_refused(tmp_path, small_vocab, key):
+    """A flag stored as the string "false" was read as true (bool("false")): a bos or eos added to every text, a
+    space prefix the model was trained without. llama.cpp refuses a key of the wrong type too."""
+    vocab = {**small_vocab, "add_bos": None}  # the key left out of the vocabulary, written as metadata below
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), vocab,
+                      metadata={f"tokenizer.ggml.{key}": "false"})
+    with pytest.raises(GGUFError, match=f"tokenizer.ggml.{key} must be a boolean, got 'false'"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 _SPLIT_TOKENS = [chr(c) for c in range(33, 127)] + ["<|end_of_text|>", "<tool>", "hi", "12"]
 _SPLIT_BPE = {"model": "gpt2", "tokens": _SPLIT_TOKENS, "types": [1] * 94 + [3, 4, 1, 1], "merges": ["1 2"],
               "bos": None, "eos": 94, "add_bos": False}  # no merge makes "hi": only a whole-word match does

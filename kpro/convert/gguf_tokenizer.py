@@ -68,9 +68,9 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
     if len(types) != len(tokens):  # zip() would cut the vocabulary short
         raise GGUFError(f"{file.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     # Where the key is missing, llama.cpp's defaults: a bos for SentencePiece and for the LLaMA 3 pre-tokenizer
-    add_bos = bool(file.get("tokenizer.ggml.add_bos_token", kind == "llama" or file.get("tokenizer.ggml.pre") in
-                            _ADD_BOS_BY_DEFAULT))
-    add_eos = bool(file.get("tokenizer.ggml.add_eos_token", False))
+    add_bos = _flag(file, "tokenizer.ggml.add_bos_token", kind == "llama" or file.get("tokenizer.ggml.pre") in
+                    _ADD_BOS_BY_DEFAULT)
+    add_eos = _flag(file, "tokenizer.ggml.add_eos_token", False)
     ids = {name: file.get(f"tokenizer.ggml.{key}_token_id")
            for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
     for name, token_id in ids.items():
@@ -102,6 +102,14 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
         config["chat_template"] = [{"name": name, "template": text} for name, text in templates.items()]
     files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     return files
+
+
+def _flag(file: GGUFFile, key: str, default: bool) -> bool:
+    """A boolean metadata key; any other type is refused (bool("false") would be true), as llama.cpp refuses it."""
+    value = file.get(key, default)
+    if not isinstance(value, bool):
+        raise GGUFError(f"{file.path}: metadata {key} must be a boolean, got {value!r}; the file is malformed")
+    return value
 
 
 def chat_templates(file: GGUFFile) -> dict[str, str]:
@@ -228,6 +236,6 @@ def _sentencepiece_model(file: GGUFFile, tokens, types, ids) -> bytes:
     trainer = _int(3, 2) + _int(4, len(tokens)) + _int(35, any(k == BYTE for k in types))  # model_type BPE
     for field_id, token_id, field_piece, piece in special.values():
         trainer += _int(field_id, token_id) + (_bytes(field_piece, piece) if piece is not None else b"")
-    add_prefix = bool(file.get("tokenizer.ggml.add_space_prefix", True))
+    add_prefix = _flag(file, "tokenizer.ggml.add_space_prefix", True)
     normalizer = _bytes(1, "identity") + _int(3, add_prefix) + _int(4, False) + _int(5, True)
     return pieces + _bytes(2, trainer) + _bytes(3, normalizer)
