@@ -542,6 +542,8 @@ def test_what_kpro_does_not_implement_is_refused_by_name(tmp_path, small_vocab, 
     ("llama.block_count", 2.0), ("llama.context_length", "256"), ("llama.attention.head_count_kv", "2"),
     ("llama.feed_forward_length", "64"),
     ("split.count", "2"),  # taken as no split before
+    # "RoPE on 8 of 8 head dimensions (partial rotary) is not supported" before: "8" != 8
+    ("llama.attention.key_length", "8"), ("llama.attention.value_length", "8"), ("llama.rope.dimension_count", "8"),
 ])
 def test_metadata_of_the_wrong_type_is_refused_naming_the_key(tmp_path, small_vocab, key, value):
     path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab, metadata={key: value})

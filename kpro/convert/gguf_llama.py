@@ -90,13 +90,14 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
             raise GGUFError(f"{file.path}: per-layer {arch}.{key} values are not supported (kpro's blocks are all alike)")
     heads = need("attention.head_count", integer)
     hidden = need("embedding_length", integer)
-    head_dim = get("attention.key_length", hidden // heads)
-    if get("attention.value_length", head_dim) != head_dim:
-        raise GGUFError(f"{file.path}: key and value head sizes differ ({head_dim} and {get('attention.value_length')})")
-    if get("rope.dimension_count", head_dim) != head_dim:
+    head_dim = integer("attention.key_length", hidden // heads)
+    value_dim, rope_dims = integer("attention.value_length", head_dim), integer("rope.dimension_count", head_dim)
+    if value_dim != head_dim:
+        raise GGUFError(f"{file.path}: key and value head sizes differ ({head_dim} and {value_dim})")
+    if rope_dims != head_dim:
         taken = "" if get("attention.key_length") is not None else (
             f", taken as embedding_length / head_count since {arch}.attention.key_length is missing")
-        raise GGUFError(f"{file.path}: RoPE on {get('rope.dimension_count')} of {head_dim} head dimensions{taken} "
+        raise GGUFError(f"{file.path}: RoPE on {rope_dims} of {head_dim} head dimensions{taken} "
                         "(partial rotary) is not supported")
     window = integer("attention.sliding_window", minimum=0)
     context = need("context_length", integer)  # llama.cpp requires it too: no default to invent a model's context
@@ -132,10 +133,12 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
 
 
 def _integer(file: GGUFFile, key: str, default=None, minimum: int = 1) -> int | None:
-    """An integer metadata key (None where it is missing and there is no default); another type, or a value
-    below `minimum`, is refused by the key's name (a string "32" failed later as a bare TypeError)."""
-    value = file.get(key, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+    """An integer metadata key (`default` where it is missing); another type, or a value below `minimum`, is
+    refused by the key's name (a string "32" failed later as a bare TypeError)."""
+    value = file.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "positive" if minimum == 1 else "non-negative"
         raise GGUFError(f"{file.path}: metadata {key} must be a {kind} integer, got {value!r}")
     return value
