@@ -522,6 +522,8 @@ def test_a_head_size_other_than_hidden_over_heads_is_read_from_key_length(tmp_pa
     ({"metadata": {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}}, "'none' with a factor of 4"),
     ({"vocab": {"types": [1] * 10}}, "token_type has 10 entries for 1000 tokens"),  # a smaller tokenizer before
     ({"vocab": {"unk": 5000}}, "the unk token id 5000 is outside the vocabulary of 1000"),
+    ({"metadata": {"llama.vocab_size": 500}},  # ignored before: converted with 1000
+     r"llama.vocab_size is 500, but the vocabulary \(tokenizer.ggml.tokens\) has 1000 tokens"),
     ({"raw_tensors": {"blk.1.ffn_down.weight": (np.zeros((32, 80), dtype=np.uint8), gguf.GGMLQuantizationType.Q8_1)}},
      "blk.1.ffn_down.weight has quantisation type Q8_1, which neither kpro nor"),  # before anything is written
 ])

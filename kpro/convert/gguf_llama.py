@@ -104,8 +104,16 @@ def gguf_config(source: str | os.PathLike | GGUFFile) -> LlamaConfig:
     if window and window < context:
         raise GGUFError(f"{file.path}: sliding-window attention ({arch}.attention.sliding_window={window}) is not supported")
     tokens = file.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens else (file.shape("token_embd.weight")[0] if "token_embd.weight" in file.names
-                                        else need("vocab_size", integer))
+    if tokens:
+        vocab, counted = len(tokens), f"the vocabulary (tokenizer.ggml.tokens) has {len(tokens)} tokens"
+    elif "token_embd.weight" in file.names:
+        vocab = file.shape("token_embd.weight")[0]
+        counted = f"token_embd.weight has {vocab} rows"
+    else:
+        vocab, counted = need("vocab_size", integer), ""
+    if integer("vocab_size", vocab) != vocab:  # which one the model has cannot be told (llama.cpp takes the key)
+        raise GGUFError(f"{file.path}: {arch}.vocab_size is {get('vocab_size')}, but {counted}; the metadata "
+                        "contradicts itself")
     bos = file.get("tokenizer.ggml.bos_token_id")
     eos_ids = [file.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
     # and, as llama.cpp ends generation there too, the tokens it knows as ends by their text
