@@ -59,8 +59,18 @@ def sharded_weight_map(directory: Path) -> dict[str, str] | None:
 def read_weight_map(index: Path) -> dict[str, str]:
     """The "weight_map" of the safetensors index file `index` (tensor name -> shard file name beside it), checked
     as load_pretrained and `info` both read it: an object of names to file names, every file present."""
+    def unique_keys(pairs):  # json.loads would keep the last of a name listed twice, as if it were the only one
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise CheckpointError(f"{index} is not a valid safetensors index: it lists {key!r} twice "
+                                      f"({json.dumps(seen[key])[:80]} and {json.dumps(value)[:80]}); which entry "
+                                      "holds cannot be told: remove the other")
+            seen[key] = value
+        return seen
+
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)["weight_map"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) and isinstance(file, str)

@@ -319,26 +319,30 @@ def _check_index_points_right(directory, location: dict, handles: dict) -> None:
                               f"{', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
 
 
-def _unlisted_tensors(location: dict[str, Path], held: dict[Path, object]) -> dict[str, Path]:
-    """Tensors a shard holds that the index does not list, name -> shard: reading by the index alone would
-    leave them out without a word. `held` maps each file to what lists its tensor names (a safetensors
-    handle, a header dict). A single file's tensors all have a location, so it has none."""
-    return {name: file for file, tensors in held.items() for name in tensors.keys() if name not in location}
+def _unlisted_tensors(location: dict[str, Path], held: dict[Path, object]) -> list[tuple[str, Path, Path | None]]:
+    """Tensors a shard holds where the index does not place them, as (name, shard, the shard the index places
+    it in, or None where it lists no such name): reading by the index alone would leave them out without a word
+    (a second copy of a tensor may hold other values). `held` maps each file to what lists its tensor names (a
+    safetensors handle, a header dict). A single file's tensors all have a location, so it has none."""
+    return [(name, file, location.get(name)) for file, tensors in held.items() for name in tensors.keys()
+            if location.get(name) != file]
 
 
 def _check_names_and_shapes(directory, expected: dict, found: dict, tied: bool, what: str | None = None,
-                            unlisted: dict[str, Path] | None = None) -> None:
+                            unlisted: list[tuple[str, Path, Path | None]] = ()) -> None:
     """One error naming every missing, unexpected (including the `_unlisted_tensors` of a sharded
     checkpoint) and mis-shaped tensor."""
     problems = []
     found = {name: shape for name, shape in found.items() if not _IGNORED_RE.fullmatch(name)}
-    unlisted = {name: file for name, file in (unlisted or {}).items() if not _IGNORED_RE.fullmatch(name)}
+    unlisted = sorted((entry for entry in unlisted if not _IGNORED_RE.fullmatch(entry[0])), key=lambda e: e[:2])
     if tied and "lm_head.weight" in found:  # some tools save the tied head anyway: it must be the embedding
         if found.pop("lm_head.weight") != expected["model.embed_tokens.weight"]:
             problems.append("lm_head.weight has a different shape from the tied model.embed_tokens.weight")
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected)) + [
-        f"{name} (in {file.name}, but not in {INDEX_NAME})" for name, file in sorted(unlisted.items())]
+        f"{name} (in {file.name}, but not in {INDEX_NAME})" if indexed is None else
+        f"{name} (a second copy, in {file.name}; {INDEX_NAME} places it in {indexed.name})"
+        for name, file, indexed in unlisted]
     misshaped = [f"{name} {list(found[name])} (expected {list(expected[name])})"
                  for name in sorted(set(expected) & set(found)) if found[name] != expected[name]]
     if missing and {name[len("model."):] for name in missing if name.startswith("model.")} & set(found):

@@ -344,6 +344,29 @@ def test_a_tensor_a_shard_holds_but_the_index_does_not_list_is_named(tmp_path, m
         kpro.load_pretrained(tmp_path / "ck")
 
 
+def test_a_tensor_listed_twice_or_held_by_two_shards_is_refused(tmp_path, make_model):
+    """An index listing model.norm.weight twice loaded its last entry (json.loads keeps the last of duplicate keys),
+    and a shard holding a second copy of a tensor the index places in another shard was ignored without a word:
+    which copy is the model cannot be told."""
+    model = make_model(dtype=torch.float32)
+    kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=20_000)
+    index_file = tmp_path / "ck" / "model.safetensors.index.json"
+    text = index_file.read_text()
+    weight_map = json.loads(text)["weight_map"]
+    home = weight_map["model.norm.weight"]
+    other = next(file for file in sorted(set(weight_map.values())) if file != home)
+    _rewrite(tmp_path / "ck" / other, lambda t: t.update({"model.norm.weight": torch.full_like(model.norm.weight, 7.0)}))
+    entry = f'"model.norm.weight": "{home}"'
+    assert entry in text
+    index_file.write_text(text.replace(entry, f'{entry}, "model.norm.weight": "{other}"'))  # loaded the 7s
+    with pytest.raises(kpro.CheckpointError, match=f"lists 'model.norm.weight' twice \\(\"{home}\" and \"{other}\"\\)"):
+        kpro.load_pretrained(tmp_path / "ck")
+    index_file.write_text(text)
+    with pytest.raises(kpro.CheckpointError, match=fr"unexpected tensor\(s\): model.norm.weight \(a second copy, in "
+                                                   fr"{other}; model.safetensors.index.json places it in {home}\)$"):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
 def test_ambiguous_and_malformed_weight_files_are_refused(tmp_path, make_model):
     kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck", max_shard_size=20_000)
     kpro.save_pretrained(make_model(seed=1, dtype=torch.float32), tmp_path / "other")

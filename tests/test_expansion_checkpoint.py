@@ -745,6 +745,25 @@ def test_a_tensor_a_shard_holds_but_the_index_does_not_list_is_refused_not_dropp
     assert not (tmp_path / "dst").exists()
 
 
+def test_a_second_copy_of_a_tensor_in_another_shard_is_refused_not_dropped(tmp_path, capsys):
+    """A shard holding a copy of model.norm.weight that the index places in another shard: the expansion took the
+    indexed one without a word. Which copy is the model cannot be told: refused, as load_pretrained refuses it."""
+    from safetensors.torch import load_file, save_file
+    from kpro.checkpoint import INDEX_NAME
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, max_shard_size="20KB", num_hidden_layers=2)
+    weight_map = json.loads((tmp_path / "src" / INDEX_NAME).read_text())["weight_map"]
+    home = weight_map["model.norm.weight"]
+    other = next(file for file in sorted(set(weight_map.values())) if file != home)
+    tensors = load_file(tmp_path / "src" / other)
+    tensors["model.norm.weight"] = torch.full_like(load_file(tmp_path / "src" / home)["model.norm.weight"], 7.0)
+    save_file(tensors, tmp_path / "src" / other, metadata={"format": "pt"})
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "dst"), "--blocks", "1"]) == 1
+    err = capsys.readouterr().err
+    named = f"unexpected tensor(s): model.norm.weight (a second copy, in {other}; {INDEX_NAME} places it in {home})"
+    assert err.startswith("error: ") and named in err, err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_expanding_into_the_working_directory_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     """`python -m kpro expand ../src .` from an empty directory failed with "cannot swap ..tmp-... and .:
     Device or resource busy"."""

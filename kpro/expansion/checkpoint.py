@@ -183,9 +183,10 @@ def _check_record_matches_config(path: Path, record: dict, remedy: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def _read_headers(directory: Path) -> tuple[dict[str, _Source], dict[str, Path]]:
+def _read_headers(directory: Path) -> tuple[dict[str, _Source], list[tuple[str, Path, Path | None]]]:
     """Every tensor of the checkpoint: where its bytes are, read from the safetensors headers only; and the
-    tensors a shard holds that its index does not list (name -> shard), which the output would leave out."""
+    tensors a shard holds where its index does not place them (`_unlisted_tensors`), which the output would
+    leave out."""
     locations = tensor_locations(directory)
     headers = {file: read_header(file) for file in sorted(set(locations.values()))}
     sources = {}
@@ -201,7 +202,7 @@ def _read_headers(directory: Path) -> tuple[dict[str, _Source], dict[str, Path]]
 
 
 def _check_against_config(directory: Path, cfg: LlamaConfig, sources: dict[str, _Source],
-                          unlisted: dict[str, Path], buffer_bytes: int) -> None:
+                          unlisted: list[tuple[str, Path, Path | None]], buffer_bytes: int) -> None:
     """Refuse what load_pretrained refuses: tensors missing, unexpected or mis-shaped; a weight that is not
     floating point (F8 included); a tied config's lm_head.weight, saved anyway, other than the embedding."""
     with torch.device("meta"):
