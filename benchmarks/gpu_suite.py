@@ -8,7 +8,9 @@ one JSON and one Markdown report.
 Stages, in order, each in a child process with its own time budget (BUDGETS, 440 s in all; the rest of the
 8 minutes covers start-up and reports). A pytest stage stops starting tests `margin` seconds before its
 budget and is killed at it; either way what finished is kept, and what did not is counted as "not run
-(budget)" (killed, the test that was running is named).
+(budget)" (killed, the test that was running is named). When pytest itself fails (exit status 2, 3 or 4: a file that
+does not collect, an internal error, a bad option), the stage's status is "error" and its error is pytest's
+message from the log, naming the file.
   tests       `pytest -m cuda -q tests`: the summary, and each failure's id and message; the quick tests
               first, those at GPU sizes or compiling a model after them (test_priority).
   autotune    every candidate tile configuration of the attention kernels (attention_tiles.candidate_configs)
@@ -523,17 +525,59 @@ def summary_line(log_path: Path) -> str | None:
     return None
 
 
+# pytest's exit statuses that mean pytest itself failed (a collection error, its own bug, a bad option)
+PYTEST_ERRORS = {2: "interrupted", 3: "internal error", 4: "usage error"}
+
+
+def pytest_error(log_path: Path) -> str:
+    """Why pytest stopped, from the last attempt's output in the log: each file that failed to collect with
+    the exception's last line ("ERROR collecting tests/test_x.py: ImportError: ..."), else pytest's own
+    error line (an unknown option, a path not found, an internal error), else the output's last line."""
+    import re
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"no log ({log_path})"
+    lines = lines[max((i for i, line in enumerate(lines) if line.startswith("$ ")), default=-1) + 1:]
+    collecting: dict[str, str] = {}  # file -> the last "E   " line of its collection error
+    current = None
+    for line in lines:
+        header = re.match(r"_+ ERROR collecting (.+?) _+$", line)
+        if header:
+            current = header.group(1)
+            collecting[current] = ""
+        elif line.startswith("=") or line.startswith("_"):
+            current = None
+        elif current is not None and line.startswith("E  "):
+            collecting[current] = line[1:].strip()
+    if collecting:
+        return "; ".join(f"ERROR collecting {file}: {message}".rstrip(": ") for file, message in collecting.items())
+    lines = [line.strip() for line in lines if line.strip()]
+    return (next((line for line in reversed(lines) if line.startswith("INTERNALERROR>")), None)
+            or next((line for line in reversed(lines) if re.search(r"\berror\b", line, re.IGNORECASE)), None)
+            or (lines[-1] if lines else "no output"))[:1000]
+
+
 def pytest_result(stage: str, out_dir: Path, attempts: list[dict]) -> dict:
     """A pytest stage's result from its records: counts, failures with messages, and completeness. A test the
     last attempt collected but never finished (it was running, or after the one running, when the child was
-    killed or died) counts as not run (budget); the one that was running is named (`in_flight`)."""
+    killed or died) counts as not run (budget); the one that was running is named (`in_flight`). When pytest
+    itself failed (PYTEST_ERRORS: a file that does not collect stops the session before any test runs), its
+    message from the log is the stage's error, and the tests it did not run are not blamed on the budget."""
     all_records = read_records(out_dir / f"{stage}.jsonl")
     records = final_records(all_records)
     last = attempts[-1] if attempts else {}
+    error = None
+    if not last.get("killed") and last.get("exit_code") in PYTEST_ERRORS:
+        code = last["exit_code"]
+        error = f"pytest exited with status {code} ({PYTEST_ERRORS[code]}): {pytest_error(out_dir / f'{stage}.log')}"
     collected = next((r["collected"] for r in reversed(all_records) if "collected" in r), [])
     unfinished = [nodeid for nodeid, r in records.items() if r.get("outcome") == "started"]  # the one running
     in_flight = unfinished[0] if unfinished else None
     for nodeid in unfinished + [nodeid for nodeid in collected if nodeid not in records]:
+        if error:
+            records[nodeid] = dict(nodeid=nodeid, outcome="not run (pytest error)", message=error)
+            continue
         records[nodeid] = dict(nodeid=nodeid, outcome="skipped", budget=True, in_flight=nodeid == in_flight,
                                message="running when its process was killed or died" if nodeid == in_flight
                                else "not started: its process was killed or died first")
@@ -550,8 +594,13 @@ def pytest_result(stage: str, out_dir: Path, attempts: list[dict]) -> dict:
         summary = f"killed at the time budget{f' during {in_flight}' if in_flight else ''}; " + summary
     elif last.get("exit_code") == CONTEXT_LOST_EXIT:
         summary = "stopped: a failed test broke the CUDA context, the budget left no fresh process; " + summary
+    elif error:
+        summary = f"pytest failed (status {last['exit_code']}, {PYTEST_ERRORS[last['exit_code']]})" \
+                  + (f"; {summary}" if summary else "")
     result = dict(complete=complete, counts=counts, failures=failures, attempts=attempts, summary=summary,
                   in_flight=in_flight, pytest_summary=summary_line(out_dir / f"{stage}.log"))
+    if error:
+        result.update(status="error", error=error)
     if stage == "benchmarks":
         result["cases"] = [dict(r, id=nodeid) for nodeid, r in records.items()]
     return result
@@ -1055,6 +1104,8 @@ def render_markdown(report: dict) -> str:
     if tests:
         lines += ["### Tests (`pytest -m cuda -q tests`)", "", f"Summary (all attempts): {tests.get('summary')}"
                   + (f"; pytest's last line: {tests['pytest_summary']}" if tests.get("pytest_summary") else ""), ""]
+        if tests.get("error"):
+            lines += [f"Error: {tests['error']}", ""]
         for failure in tests.get("failures", []):
             message = failure["message"].strip()
             lines.append(f"- FAILED `{failure['id']}`: {message.splitlines()[-1] if message else ''}"
@@ -1099,6 +1150,10 @@ def render_markdown(report: dict) -> str:
                   "GPU times are medians of CUDA-event times with the L2 flushed before each call; every "
                   "implementation was checked against the reference before it was timed; the ceilings (copy "
                   "bandwidth, bf16 matmul) were measured in the same run.", ""]
+        if bench.get("error"):
+            lines += [f"Error: {bench['error']}", ""]
+        if bench.get("pytest_summary"):
+            lines += [f"pytest's last line: {bench['pytest_summary']}", ""]
         lines += benchmark_tables(bench.get("cases", []))
         failed = [c for c in bench.get("cases", []) if c.get("outcome") == "failed"]
         if failed:

@@ -190,6 +190,32 @@ def test_a_stage_killed_at_its_budget_counts_the_tests_it_never_finished(tmp_pat
     assert "test_b_hangs" in text
 
 
+def test_when_pytest_itself_fails_the_stage_reports_pytests_error(tmp_path):
+    """A collection error (pytest's exit 2) was reported as the time budget ("Not run (time budget; run the
+    same command again to continue)", which repeats the failure), and a usage error (exit 4) as nothing at all:
+    the file and pytest's message were in neither report. They are now the stage's error."""
+    folder = tmp_path / "suite_benchmarks"
+    folder.mkdir()
+    (folder / "test_ok.py").write_text("def test_x():\n    pass\n")
+    (folder / "test_broken.py").write_text("import missing_module_xyz\n\ndef test_y():\n    pass\n")
+    collection_error = "test_broken.py: ModuleNotFoundError: No module named 'missing_module_xyz'"
+    for name, args, error in (("collection", [str(folder)], collection_error),
+                              ("usage", [str(folder / "test_ok.py"), "--no-such-option"],
+                               "error: unrecognized arguments: --no-such-option")):
+        out = tmp_path / name
+        out.mkdir()
+        stage = suite.Stage("benchmarks", suite.pytest_stage("benchmarks", [*args, "-q", "-p", "no:cacheprovider"]),
+                            budget=120.0, margin=5.0)
+        result = suite.run_stages([stage], out, log=lambda line: None)["benchmarks"]
+        assert result["status"] == "error" and not result["complete"], result
+        assert error in result["error"] and result["error"].startswith("pytest exited with status "), result["error"]
+        assert name != "collection" or "ERROR collecting " in result["error"], result["error"]
+        assert "not run (budget)" not in result["counts"] and not any(c.get("budget") for c in result["cases"]), result
+        text = suite.render_markdown(dict(stages={"benchmarks": result}))
+        assert "Not run (time budget" not in text and result["error"] in text, text
+    assert result["counts"] == {}, result  # nothing collected
+
+
 def test_a_test_running_when_its_process_died_runs_once_more_then_fails(tmp_path):
     class Item:
         def __init__(self, nodeid):
