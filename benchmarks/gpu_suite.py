@@ -1062,6 +1062,26 @@ def benchmark_tables(cases: list[dict]) -> list[str]:
     return lines
 
 
+def skipped_lines(cases: list[dict], shown: int = 5) -> list[str]:
+    """The cases skipped for a reason (a baseline not installed, a size for the other device; not the budget's),
+    one line per reason with the first `shown` ids: the tables hold timed cases only, and a missing baseline
+    must not just drop out of the comparison."""
+    reasons: dict[str, list[str]] = {}
+    for case in cases:
+        if case.get("outcome") == "skipped" and not case.get("budget"):
+            message = (case.get("message") or "").strip()
+            reasons.setdefault(message.splitlines()[-1] if message else "no reason given", []).append(
+                case["id"].split("/")[-1])
+    if not reasons:
+        return []
+    lines = ["Skipped (not timed), by reason:", ""]
+    for reason, ids in reasons.items():
+        more = f", … and {len(ids) - shown} more (gpu_suite.json lists each)" if len(ids) > shown else ""
+        lines.append(f"- {reason}: {len(ids)} case{'s' if len(ids) > 1 else ''}: "
+                     + ", ".join(f"`{i}`" for i in ids[:shown]) + more)
+    return lines + [""]
+
+
 def _impl(case: dict) -> str:
     params = case.get("params") or {}
     for key in ("impl", "path"):
@@ -1161,6 +1181,7 @@ def render_markdown(report: dict) -> str:
             lines += [f"- `{c['id']}`: {(c.get('message') or '').strip().splitlines()[-1] if (c.get('message') or '').strip() else ''}"
                       for c in failed]
             lines.append("")
+        lines += skipped_lines(bench.get("cases", []))
         budget = [c["id"] for c in bench.get("cases", []) if c.get("budget")]
         if budget:
             lines += [f"Not run (time budget; run the same command again to continue): {len(budget)} cases"

@@ -523,6 +523,29 @@ def test_markdown_report_on_a_fake_result():
     assert "liger is wrong" in text and "Not run (time budget" in text
 
 
+def test_markdown_report_lists_the_skipped_cases_with_their_reasons():
+    """The tables hold passed cases only and the report listed failed and budget cases: a baseline skipped for
+    a reason (Liger not installed, kpro-cuda without its library) vanished from gpu_suite.md, and the table
+    compared kpro with whatever ran. Each skip is now listed with its reason, one line per reason."""
+    report = fake_report()
+    skipped = lambda test, message: dict(id=f"benchmarks/test_norm_swiglu.py::{test}", outcome="skipped",
+                                         budget=False, message=message)
+    liger = "liger is not available here (ModuleNotFoundError: No module named 'liger_kernel')"
+    report["stages"]["benchmarks"]["cases"] += [
+        skipped("test_forward_backward[rms_norm-16384x8192-liger]", liger),
+        skipped("test_forward[swiglu-16384x8192-liger]", liger)] + [
+        skipped(f"test_forward[rms_norm-2048x1024-{impl}]", "shape (2048, 1024) is not benchmarked on cuda")
+        for impl in ("eager", "kpro-torch", "kpro-triton", "torch.compile", "liger", "kpro-cuda", "kpro-x")]
+    text = suite.render_markdown(report)
+    assert "Skipped (not timed), by reason:" in text, text
+    assert f"- {liger}: 2 cases: `test_norm_swiglu.py::test_forward_backward[rms_norm-16384x8192-liger]`, " \
+           "`test_norm_swiglu.py::test_forward[swiglu-16384x8192-liger]`" in text, text
+    assert "- shape (2048, 1024) is not benchmarked on cuda: 7 cases: " \
+           "`test_norm_swiglu.py::test_forward[rms_norm-2048x1024-eager]`" in text, text
+    assert ", … and 2 more (gpu_suite.json lists each)" in text, text
+    assert "gpu-1b-fit" not in text.split("Skipped (not timed)")[1].split("Not run (time budget")[0]  # budget: apart
+
+
 # ----------------------------------------------------------------------------------- GPU timing replay
 
 @pytest.mark.parametrize("options", [[], ["--benchmark-cprofile=tottime"]], ids=["replay", "cprofile"])
