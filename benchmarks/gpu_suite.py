@@ -54,7 +54,8 @@ leaves the CUDA context broken (a sticky error, such as an illegal memory access
 the process fails) is recorded as failed and ends its child; the stage goes on in a fresh one. `--force`
 deletes the selected stages' files and reruns them from scratch.
 
-Without CUDA the suite prints "no CUDA device" and exits 2; `--list` needs no GPU. Exit status: 0 when
+Without CUDA the suite prints "no CUDA device" and exits 2, as it does, in one line naming it, for an OUT_DIR
+that is a file or cannot be created or written; `--list` needs no GPU. Exit status: 0 when
 every selected stage is complete (failing tests and wrong kernels are results, in the reports), 1 when
 one is not.
 """
@@ -1262,7 +1263,16 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before the device is read: a bad OUT_DIR is one line, not a traceback after CUDA's start-up
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError("it exists and is not a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise PermissionError("it is not writable")
+    except OSError as err:
+        print(f"error: OUT_DIR {args.out_dir} cannot be used: {err.strerror or err}; give a folder that can be "
+              "created and written", file=sys.stderr)
+        return 2
     log = Progress()
     env = environment()
     log(f"{env['device']} ({env['capability']}), torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}; "

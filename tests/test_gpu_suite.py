@@ -59,6 +59,30 @@ def test_refuses_without_cuda_in_one_line(tmp_path):
     assert not out.exists()
 
 
+def pretend_cuda(monkeypatch, environment=None):
+    """main() as on a GPU machine: CUDA reported present, `environment` (default: a fake device's) for the
+    device's details, and the stages none."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(suite, "environment", environment or (lambda: dict(
+        device="FAKE", capability="sm90", torch="x", cuda="x", triton="x", commit="abc1234")))
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_an_unusable_out_dir_is_refused_in_one_line(tmp_path, monkeypatch, capsys, where):
+    """An OUT_DIR that is a file, or cannot be created, ended in a FileExistsError/NotADirectoryError traceback,
+    after the device's details were read (CUDA initialised)."""
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" if where == "a-file" else tmp_path / "a-file" / "out"
+    pretend_cuda(monkeypatch, environment=lambda: pytest.fail("the device was read before OUT_DIR was checked"))
+    assert suite.main([str(out), "--stages", "tests"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured
+    assert captured.err.startswith(f"error: OUT_DIR {out} cannot be used: "), captured.err
+    assert "give a folder that can be created and written" in captured.err, captured.err
+
+
 def test_unknown_stage_is_a_usage_error():
     done = run_script("out", "--stages", "tests,nonsense")
     assert done.returncode == 2 and "unknown stage" in done.stderr
