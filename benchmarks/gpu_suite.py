@@ -991,10 +991,14 @@ def environment() -> dict:
 
 
 def source_commit() -> str | None:
-    """The tree's commit; a copy without .git (a device machine's) names it through KPRO_COMMIT."""
+    """The tree's commit, "-dirty" appended when tracked files differ from it (untracked ones do not count);
+    a copy without .git (a device machine's) names it through KPRO_COMMIT."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return commit or os.environ.get("KPRO_COMMIT") or None

@@ -369,6 +369,24 @@ def test_the_report_names_its_commit_without_git(monkeypatch, tmp_path):
     assert suite.source_commit() is None
 
 
+def test_the_report_marks_a_commit_with_uncommitted_edits(monkeypatch, tmp_path):
+    """The recorded commit was HEAD's even when tracked files were edited: figures measured on uncommitted code
+    were attributed to a commit that never produced them."""
+    git = lambda *args: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path,
+                                       check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "kernel.py").write_text("x = 1\n")
+    git("add", "kernel.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    monkeypatch.setattr(suite, "ROOT", tmp_path)
+    monkeypatch.setenv("KPRO_COMMIT", "ignored-where-git-answers")
+    (tmp_path / "untracked.txt").write_text("results\n")
+    assert suite.source_commit() == head  # untracked files are not edits of the code
+    (tmp_path / "kernel.py").write_text("x = 2\n")
+    assert suite.source_commit() == f"{head}-dirty"
+
+
 # ------------------------------------------------------------------------------------------- autotune
 
 def test_winner_must_beat_the_default_by_more_than_three_percent():
