@@ -41,7 +41,9 @@ message from the log, naming the file.
               of the same command continues it.
 
 Outputs in OUT_DIR: gpu_suite.json (device, versions, per-stage status, timings, results, errors) and
-gpu_suite.md (tables to paste into benchmarks/RESULTS.md); per stage NAME.stage.json (its result), NAME.jsonl
+gpu_suite.md (tables to paste into benchmarks/RESULTS.md; it names the device, commit and command of any
+stage's results that an earlier run produced); per stage NAME.stage.json (its result, with the environment
+and command that produced it, and each attempt's device, commit and command), NAME.jsonl
 (one line per finished test or candidate, written as it finishes; a benchmark's again at its process's end
 where a later case added to its extra_info, as the ratios do) and NAME.log (the child's output);
 pytest-benchmark-N.json from each benchmarks attempt.
@@ -207,9 +209,12 @@ class Stage:
         return found
 
 
-def run_stages(stages: list[Stage], out_dir: Path, *, force: bool = False, log=print) -> dict[str, dict]:
+def run_stages(stages: list[Stage], out_dir: Path, *, force: bool = False, log=print,
+               environment: dict | None = None, command: str | None = None) -> dict[str, dict]:
     """Run `stages` in order: a stage whose OUT_DIR/NAME.stage.json is complete is skipped unless `force` (which
-    first deletes its files); an exception in a stage is recorded in its result and the next stage runs."""
+    first deletes its files); an exception in a stage is recorded in its result and the next stage runs. Each
+    result, and each of its new attempts, records the `environment` (device, commit) and suite `command` that
+    produced it: a later run in the same OUT_DIR reports it beside its own."""
     results = {}
     for stage in stages:
         path = result_path(out_dir, stage.name)
@@ -235,6 +240,12 @@ def run_stages(stages: list[Stage], out_dir: Path, *, force: bool = False, log=p
         result.setdefault("status", "complete" if result.get("complete") else "incomplete")
         result.update(stage=stage.name, attempt=attempt, seconds=round(time.monotonic() - start, 1),
                       budget_s=stage.budget, finished_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        if environment is not None:
+            result.update(environment=environment, suite_command=command)
+            for record in result.get("attempts") or []:  # an earlier attempt keeps where it ran
+                record.setdefault("device", environment.get("device"))
+                record.setdefault("commit", environment.get("commit"))
+                record.setdefault("suite_command", command)
         write_json(path, result)
         results[stage.name] = dict(result, ran_this_time=True)
         log(f"{stage.name}: {result['status']} in {result['seconds']:.0f} s"
@@ -1100,6 +1111,42 @@ def _is_kpro(case: dict) -> bool:
     return impl.startswith("kpro") or impl in ("fused", "fit")
 
 
+def stage_origins(stage: dict) -> dict[tuple, list[int]]:
+    """(device, commit, suite command) -> the attempts (1-based) of `stage` made there; the stage's own where
+    its attempts do not say. Empty for a result written before the suite recorded them."""
+    origins: dict[tuple, list[int]] = {}
+    for number, record in enumerate(stage.get("attempts") or [], 1):
+        if "device" in record or "suite_command" in record:
+            origins.setdefault((record.get("device"), record.get("commit"), record.get("suite_command")),
+                               []).append(number)
+    if not origins and (stage.get("environment") or stage.get("suite_command")):
+        env = stage.get("environment") or {}
+        origins[(env.get("device"), env.get("commit"), stage.get("suite_command"))] = []
+    return origins
+
+
+def origin_lines(stages: dict, current: tuple) -> list[str]:
+    """One line per stage whose results (or some attempts of it) another device, commit or command produced."""
+    lines = []
+    for name in STAGES:
+        if name not in stages:
+            continue
+        origins = stage_origins(stages[name])
+        if not origins:
+            if not stages[name].get("ran_this_time", True):
+                lines.append(f"- {name}: an earlier run, whose device, commit and command were not recorded")
+            continue
+        if set(origins) == {current}:
+            continue
+        parts = [f"{device}, commit {commit}, `{command}`"
+                 + (f" (attempt{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))})"
+                    if numbers and len(origins) > 1 else "")
+                 for (device, commit, command), numbers in origins.items()]
+        lines.append(f"- {name}: " + "; ".join(parts))
+    return (["Not produced by this run's device, commit and command (an earlier run in this OUT_DIR, or earlier "
+             "attempts of a resumed stage):", ""] + lines + [""]) if lines else []
+
+
 def render_markdown(report: dict) -> str:
     """gpu_suite.md: the run's device and command, each stage's status, and tables ready to paste into
     benchmarks/RESULTS.md."""
@@ -1124,6 +1171,7 @@ def render_markdown(report: dict) -> str:
         status = s.get("status", "?") + ("" if s.get("ran_this_time", True) else " (earlier run)")
         lines.append(f"| {name} | {status} | {s.get('seconds', '—')} s | {s.get('budget_s', '—')} s | {summary} |")
     lines.append("")
+    lines += origin_lines(stages, (env.get("device"), env.get("commit"), command))
 
     tests = stages.get("tests")
     if tests:
@@ -1170,7 +1218,7 @@ def render_markdown(report: dict) -> str:
     bench = stages.get("benchmarks")
     if bench:
         lines += ["### Benchmarks", "",
-                  f"Command: `{command}` — stage `benchmarks`: "
+                  f"Command: `{bench.get('suite_command') or command}` — stage `benchmarks`: "
                   f"`{(bench.get('attempts') or [{}])[-1].get('command', 'pytest --benchmark benchmarks')}`. "
                   "GPU times are medians of CUDA-event times with the L2 flushed before each call; every "
                   "implementation was checked against the reference before it was timed; the ceilings (copy "
@@ -1282,12 +1330,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{env['device']} ({env['capability']}), torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}; "
         f"results in {out_dir}")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = "benchmarks/gpu_suite.sh " + " ".join([args.out_dir] + [a for a in argv if a != args.out_dir])
     stages = [s for s in stages_for(args.budgets) if s.name in args.selected]
-    results = run_stages(stages, out_dir, force=args.force, log=log)
+    results = run_stages(stages, out_dir, force=args.force, log=log, environment=env, command=command)
     for name in STAGES:  # the report covers every stage with a result in OUT_DIR, run now or before
         if name not in results and isinstance(read_json(result_path(out_dir, name)), dict):
             results[name] = dict(read_json(result_path(out_dir, name)), ran_this_time=False)
-    command = "benchmarks/gpu_suite.sh " + " ".join([args.out_dir] + [a for a in argv if a != args.out_dir])
     report = dict(command=command, started=started, seconds=round(time.monotonic() - log.start, 1),
                   environment=env, budgets=args.budgets, stages={n: results[n] for n in STAGES if n in results})
     write_json(out_dir / "gpu_suite.json", report)

@@ -565,6 +565,35 @@ def test_markdown_report_on_a_fake_result():
     assert "liger is wrong" in text and "Not run (time budget" in text
 
 
+def test_results_of_an_earlier_run_are_shown_with_their_own_device_commit_and_command(tmp_path, monkeypatch):
+    """A second run in the same OUT_DIR (another device and commit, another --stages) printed the first run's
+    benchmark figures under its own device, commit and command: stage results did not record theirs."""
+    case = dict(id="benchmarks/test_expansion.py::test_expansion_step[gpu-pro-kpro-frozen]", outcome="passed",
+                group="expansion step gpu-pro", params={"impl": "kpro-frozen"}, stats={"median": 0.0938},
+                extra_info={})
+    runs = {"tests": lambda ctx: dict(complete=True, summary="10 passed", failures=[]),
+            "benchmarks": lambda ctx: dict(complete=True, cases=[case], summary="1 passed",
+                                           attempts=[dict(command="pytest --benchmark benchmarks")])}
+    monkeypatch.setattr(suite, "stages_for", lambda budgets: [
+        suite.Stage(n, runs.get(n, runs["tests"]), budgets[n], suite.MARGINS[n]) for n in suite.STAGES])
+    out = tmp_path / "out"
+    for device, commit, stage in (("DEVICE-A", "aaa1111", "benchmarks"), ("DEVICE-B", "bbb2222", "tests")):
+        pretend_cuda(monkeypatch, lambda: dict(device=device, commit=commit, capability="sm90", torch="x", cuda="x",
+                                                 triton="x"))
+        assert suite.main([str(out), "--stages", stage]) == 0
+    bench = json.loads((out / "benchmarks.stage.json").read_text())
+    assert bench["environment"]["device"] == "DEVICE-A" and bench["environment"]["commit"] == "aaa1111", bench
+    assert bench["suite_command"] == f"benchmarks/gpu_suite.sh {out} --stages benchmarks", bench
+    assert bench["attempts"][0]["device"] == "DEVICE-A" and bench["attempts"][0]["commit"] == "aaa1111", bench
+    text = (out / "gpu_suite.md").read_text()
+    assert "DEVICE-B" in text.splitlines()[0] and "commit bbb2222" in text
+    earlier = text.split("Not produced by this run")[1].split("###")[0]
+    assert f"- benchmarks: DEVICE-A, commit aaa1111, `benchmarks/gpu_suite.sh {out} --stages benchmarks`" in earlier
+    assert "- tests" not in earlier  # this run's
+    bench_section = text.split("### Benchmarks")[1]
+    assert f"Command: `benchmarks/gpu_suite.sh {out} --stages benchmarks`" in bench_section, bench_section
+
+
 def test_markdown_report_lists_the_skipped_cases_with_their_reasons():
     """The tables hold passed cases only and the report listed failed and budget cases: a baseline skipped for
     a reason (Liger not installed, kpro-cuda without its library) vanished from gpu_suite.md, and the table
