@@ -3,7 +3,7 @@ from the source tree), the cuda-marked tests, a sweep of the attention tile conf
 one expansion training step, and every benchmark at its headline shapes, in at most 8 minutes, and writes
 one JSON and one Markdown report.
 
-    benchmarks/gpu_suite.sh OUT_DIR [--stages tests,autotune,profile,benchmarks] [--force] [--budget NAME=SECONDS] [--list]
+    benchmarks/gpu_suite.sh OUT_DIR [--stages tests,autotune,profile,benchmarks] [--force] [--budget NAME=SECONDS] [--list] [--report-only]
 
 Stages, in order, each in a child process with its own time budget (BUDGETS, 440 s in all; the rest of the
 8 minutes covers start-up and reports). A pytest stage stops starting tests `margin` seconds before its
@@ -55,6 +55,11 @@ on the next attempt, and is recorded as failed if that happens again. A test or 
 leaves the CUDA context broken (a sticky error, such as an illegal memory access: every later CUDA call of
 the process fails) is recorded as failed and ends its child; the stage goes on in a fresh one. `--force`
 deletes the selected stages' files and reruns them from scratch.
+
+Stopped by SIGTERM or SIGINT (a command limit's `timeout`, Ctrl-C), the driver kills the running child's
+process group, records the stage as "interrupted" with what it finished, writes both reports and exits
+128 + the signal's number; `--report-only` writes the reports again from OUT_DIR's NAME.stage.json files,
+running nothing and needing no GPU (after a run killed before it could write them).
 
 Without CUDA the suite prints "no CUDA device" and exits 2, as it does, in one line naming it, for an OUT_DIR
 that is a file or cannot be created or written; `--list` needs no GPU. Exit status: 0 when
@@ -166,6 +171,24 @@ class Progress:
         print(f"[{time.monotonic() - self.start:6.1f}s] {message}", file=self.stream or sys.stdout, flush=True)
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the driver (a command limit's `timeout`, Ctrl-C). Raised in the main thread
+    (a BaseException: no stage's `except Exception` takes it), it unwinds through run_child, whose `finally`
+    kills the child's process group; the stage running attaches what it finished (`result`), run_stages
+    records it as interrupted and attaches every stage's result (`results`), and main writes the reports."""
+
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame, self.result, self.results = signame, None, None
+
+
+def on_stop_signal(signum, frame):
+    # Once: further signals are ignored while the child is killed and the reports written (a few seconds).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signal.Signals(signum).name)
+
+
 # ------------------------------------------------------------------------------------ stage bookkeeping
 
 @dataclass
@@ -216,6 +239,15 @@ def run_stages(stages: list[Stage], out_dir: Path, *, force: bool = False, log=p
     result, and each of its new attempts, records the `environment` (device, commit) and suite `command` that
     produced it: a later run in the same OUT_DIR reports it beside its own."""
     results = {}
+    try:
+        _run_stages(stages, out_dir, force, log, environment, command, results)
+    except Interrupted as err:
+        err.results = results
+        raise
+    return results
+
+
+def _run_stages(stages, out_dir, force, log, environment, command, results) -> None:
     for stage in stages:
         path = result_path(out_dir, stage.name)
         previous = read_json(path)
@@ -231,8 +263,14 @@ def run_stages(stages: list[Stage], out_dir: Path, *, force: bool = False, log=p
         log(f"{stage.name}: start (budget {stage.budget:.0f} s{f', attempt {attempt}' if attempt > 1 else ''})")
         context = Context(out_dir, stage.budget, stage.margin, log)
         start = time.monotonic()
+        stopped = None
         try:
             result = stage.run(context)
+        except Interrupted as err:  # recorded with what the stage finished; no later stage starts
+            stopped = err
+            result = dict(err.result or {}, complete=False, status="interrupted",
+                          error=f"interrupted by {err.signame}: its child was killed; what finished is kept, and "
+                                "the same command continues the stage")
         except Exception as err:  # noqa: BLE001 - a broken stage is a result; the next stage still runs
             result = {"complete": False, "status": "error", "error": f"{type(err).__name__}: {err}",
                       "traceback": traceback.format_exc()}
@@ -250,7 +288,8 @@ def run_stages(stages: list[Stage], out_dir: Path, *, force: bool = False, log=p
         results[stage.name] = dict(result, ran_this_time=True)
         log(f"{stage.name}: {result['status']} in {result['seconds']:.0f} s"
             + (f" ({result['error']})" if result.get("error") else ""))
-    return results
+        if stopped is not None:
+            raise stopped
 
 
 # ----------------------------------------------------------------------------- child processes
@@ -583,12 +622,14 @@ def pytest_result(stage: str, out_dir: Path, attempts: list[dict]) -> dict:
     if not last.get("killed") and last.get("exit_code") in PYTEST_ERRORS:
         code = last["exit_code"]
         error = f"pytest exited with status {code} ({PYTEST_ERRORS[code]}): {pytest_error(out_dir / f'{stage}.log')}"
+    interrupted = f"interrupted by {last['interrupted']}" if last.get("interrupted") else None
     collected = next((r["collected"] for r in reversed(all_records) if "collected" in r), [])
     unfinished = [nodeid for nodeid, r in records.items() if r.get("outcome") == "started"]  # the one running
     in_flight = unfinished[0] if unfinished else None
     for nodeid in unfinished + [nodeid for nodeid in collected if nodeid not in records]:
-        if error:
-            records[nodeid] = dict(nodeid=nodeid, outcome="not run (pytest error)", message=error)
+        if error or interrupted:  # not the budget's doing
+            records[nodeid] = dict(nodeid=nodeid, outcome="not run (pytest error)" if error else
+                                   "not run (interrupted)", message=error or interrupted, in_flight=nodeid == in_flight)
             continue
         records[nodeid] = dict(nodeid=nodeid, outcome="skipped", budget=True, in_flight=nodeid == in_flight,
                                message="running when its process was killed or died" if nodeid == in_flight
@@ -602,7 +643,9 @@ def pytest_result(stage: str, out_dir: Path, attempts: list[dict]) -> dict:
     complete = (not last.get("killed") and last.get("exit_code") in (0, 1, 5)
                 and counts.get("not run (budget)", 0) == 0)
     summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
-    if last.get("killed"):
+    if interrupted:
+        summary = f"{interrupted}{f' during {in_flight}' if in_flight else ''}; " + summary
+    elif last.get("killed"):
         summary = f"killed at the time budget{f' during {in_flight}' if in_flight else ''}; " + summary
     elif last.get("exit_code") == CONTEXT_LOST_EXIT:
         summary = "stopped: a failed test broke the CUDA context, the budget left no fresh process; " + summary
@@ -641,9 +684,15 @@ def pytest_stage(stage: str, args: list[str]) -> Callable[[Context], dict]:
             extra = []
             if stage == "benchmarks":
                 extra = [f"--benchmark-json={ctx.out_dir / f'pytest-benchmark-{len(attempts) + 1}.json'}"]
-            code, killed = run_child([str(Path(__file__).resolve()), "_pytest-child", stage, str(ctx.out_dir),
-                                      repr(ctx.deadline), "--", *args, *extra],
-                                     ctx.out_dir / f"{stage}.log", ctx.hard_deadline, poll)
+            try:
+                code, killed = run_child([str(Path(__file__).resolve()), "_pytest-child", stage, str(ctx.out_dir),
+                                          repr(ctx.deadline), "--", *args, *extra],
+                                         ctx.out_dir / f"{stage}.log", ctx.hard_deadline, poll)
+            except Interrupted as err:  # the child is killed: hand on what it finished
+                attempts.append(dict(exit_code=None, killed=False, interrupted=err.signame,
+                                     command="pytest " + " ".join(args + extra)))
+                err.result = pytest_result(stage, ctx.out_dir, attempts)
+                raise
             attempts.append(dict(exit_code=code, killed=killed, command="pytest " + " ".join(args + extra)))
             if code != CONTEXT_LOST_EXIT or time.time() >= ctx.deadline:
                 break
@@ -741,6 +790,15 @@ def autotune_stage(ctx: Context) -> dict:
     # Compiling ~17 candidates per head dim and dtype one after another would take most of the budget:
     # WARMUP_PROCESSES children compile a share each first (filling Triton's on-disk cache; no records),
     # then one child checks and times every candidate alone on the GPU, loading the compiled kernels.
+    try:
+        return _autotune_stage(ctx, record_path, log_path, attempts, poll)
+    except Interrupted as err:  # the sweeps measured before the child was killed
+        err.result = dict(sweeps=summarize_autotune(read_records(record_path), read_json(REPO_TUNED_TABLE) or {})[0],
+                          attempts=attempts)
+        raise
+
+
+def _autotune_stage(ctx: Context, record_path: Path, log_path: Path, attempts: list, poll) -> dict:
     shards = max(1, min(WARMUP_PROCESSES, (os.cpu_count() or 2) // 2))
     warm_start = time.time()
     warm_deadline = min(ctx.deadline, warm_start + 0.5 * ctx.budget)  # at least half the budget is for timing
@@ -793,7 +851,12 @@ def profile_stage(ctx: Context) -> dict:
     # Each attempt measures everything again: an earlier attempt's files would pass for this one's.
     for name in PROFILE_FILES:
         (ctx.out_dir / name).unlink(missing_ok=True)
-    code, killed = run_child([str(HERE / "profile_step.py"), str(ctx.out_dir)], log_path, ctx.hard_deadline)
+    try:
+        code, killed = run_child([str(HERE / "profile_step.py"), str(ctx.out_dir)], log_path, ctx.hard_deadline)
+    except Interrupted as err:  # what the child measured before it was killed
+        err.result = dict(results=read_json(ctx.out_dir / "profile.json") or [],
+                          markdown_path=str(ctx.out_dir / "profile.md"))
+        raise
     results = read_json(ctx.out_dir / "profile.json") or []
     for r in results:
         profiled = (f", GPU busy {r.get('gpu_busy_ms')} ms, {r['launches']} launches, syncs {r['syncs'] or 'none'}"
@@ -1264,6 +1327,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--budget", action="append", default=[], metavar="NAME=SECONDS",
                         help="change one stage's time budget")
     parser.add_argument("--list", action="store_true", help="print the stages and exit (needs no GPU)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write gpu_suite.json and .md again from OUT_DIR's stage results, run nothing "
+                             "(needs no GPU)")
     args = parser.parse_args(argv)
     selected = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in selected if s not in STAGES]
@@ -1305,6 +1371,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in STAGES:
             print(f"{name:<11} {args.budgets[name]:4.0f} s  {DESCRIPTIONS[name]}")
         return 0
+    if args.report_only:
+        return report_only(Path(args.out_dir).resolve())
     try:
         import torch
         has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
@@ -1332,21 +1400,61 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "benchmarks/gpu_suite.sh " + " ".join([args.out_dir] + [a for a in argv if a != args.out_dir])
     stages = [s for s in stages_for(args.budgets) if s.name in args.selected]
-    results = run_stages(stages, out_dir, force=args.force, log=log, environment=env, command=command)
-    for name in STAGES:  # the report covers every stage with a result in OUT_DIR, run now or before
-        if name not in results and isinstance(read_json(result_path(out_dir, name)), dict):
-            results[name] = dict(read_json(result_path(out_dir, name)), ran_this_time=False)
-    report = dict(command=command, started=started, seconds=round(time.monotonic() - log.start, 1),
-                  environment=env, budgets=args.budgets, stages={n: results[n] for n in STAGES if n in results})
-    write_json(out_dir / "gpu_suite.json", report)
-    (out_dir / "gpu_suite.md").write_text(render_markdown(report))
-    log(f"reports: {out_dir / 'gpu_suite.json'}, {out_dir / 'gpu_suite.md'}")
+    handlers = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stopped = None
+    try:
+        try:
+            results = run_stages(stages, out_dir, force=args.force, log=log, environment=env, command=command)
+        except Interrupted as err:
+            stopped, results = err, dict(err.results or {})
+            log(f"interrupted by {err.signame}: the child was killed; writing the reports of what finished")
+        for sig in handlers:  # the reports are written whatever comes now
+            signal.signal(sig, signal.SIG_IGN)
+        stage_results = {**stored_results(out_dir), **results}  # the results in OUT_DIR, run now or before
+        report = dict(command=command, started=started, seconds=round(time.monotonic() - log.start, 1),
+                      environment=env, budgets=args.budgets,
+                      stages={n: stage_results[n] for n in STAGES if n in stage_results})
+        write_reports(out_dir, report, log)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if "autotune" in results and results["autotune"].get("copy_command"):
         log(f"tuned tiles: {results['autotune']['copy_command']}")
+    if stopped is not None:
+        return 128 + getattr(signal, stopped.signame)
     incomplete = [n for n in args.selected if not results.get(n, {}).get("complete")]
     if incomplete:
         log(f"not complete: {', '.join(incomplete)} (run the same command again to continue)")
     return 1 if incomplete else 0
+
+
+def stored_results(out_dir: Path) -> dict[str, dict]:
+    """Every stage's result in OUT_DIR (NAME.stage.json), marked as not run this time."""
+    stored = {name: read_json(result_path(out_dir, name)) for name in STAGES}
+    return {name: dict(result, ran_this_time=False) for name, result in stored.items() if isinstance(result, dict)}
+
+
+def write_reports(out_dir: Path, report: dict, log) -> None:
+    write_json(out_dir / "gpu_suite.json", report)
+    (out_dir / "gpu_suite.md").write_text(render_markdown(report))
+    log(f"reports: {out_dir / 'gpu_suite.json'}, {out_dir / 'gpu_suite.md'}")
+
+
+def report_only(out_dir: Path) -> int:
+    """--report-only: gpu_suite.json and .md rebuilt from OUT_DIR's stage results, with no GPU (after a run
+    killed before it wrote them). The device, commit and command are those of the stage that finished last."""
+    stages = {name: dict(result, ran_this_time=True) for name, result in stored_results(out_dir).items()}
+    if not stages:
+        print(f"error: --report-only: {out_dir} holds no stage results (NAME.stage.json)", file=sys.stderr)
+        return 2
+    last = max(stages.values(), key=lambda result: result.get("finished_at", ""))
+    previous = read_json(out_dir / "gpu_suite.json") or {}
+    report = dict(command=last.get("suite_command") or previous.get("command") or "benchmarks/gpu_suite.sh OUT_DIR",
+                  started=f"report rebuilt {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+                  environment=last.get("environment") or previous.get("environment") or {},
+                  stages={name: stages[name] for name in STAGES if name in stages})
+    write_reports(out_dir, report, print)
+    return 0
 
 
 if __name__ == "__main__":

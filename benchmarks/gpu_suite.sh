@@ -3,7 +3,7 @@
 # and every benchmark at its headline shapes, in at most 8 minutes on one H100/H200, from the source tree
 # (no install, no network).
 #
-#   benchmarks/gpu_suite.sh OUT_DIR [--stages tests,autotune,profile,benchmarks] [--force] [--budget NAME=SECONDS] [--list]
+#   benchmarks/gpu_suite.sh OUT_DIR [--stages tests,autotune,profile,benchmarks] [--force] [--budget NAME=SECONDS] [--list] [--report-only]
 #
 # Everything is in benchmarks/gpu_suite.py (its docstring explains the stages, budgets, outputs and
 # resuming); this wrapper only puts the repository on PYTHONPATH. PYTHON chooses the interpreter.

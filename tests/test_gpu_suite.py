@@ -240,6 +240,72 @@ def test_when_pytest_itself_fails_the_stage_reports_pytests_error(tmp_path):
     assert result["counts"] == {}, result  # nothing collected
 
 
+def test_a_driver_stopped_by_sigterm_kills_its_child_and_writes_the_reports(tmp_path):
+    """The driver cut off by a command limit (timeout's SIGTERM) wrote no NAME.stage.json, no gpu_suite.json or
+    .md, and its pytest child, in a session of its own, went on running (holding the GPU). Now the child's group
+    is killed, the stage is recorded as interrupted with what finished, both reports are written, and
+    --report-only rebuilds them from OUT_DIR without CUDA."""
+    from conftest import process_running
+
+    tests = tmp_path / "suite_tests" / "test_hang.py"
+    tests.parent.mkdir()
+    pid_file = tmp_path / "child.pid"
+    tests.write_text(textwrap.dedent(f"""
+        import os, time
+
+        def test_a_quick():
+            pass
+
+        def test_b_hangs():
+            open({str(pid_file)!r}, "w").write(str(os.getpid()))
+            time.sleep(120)
+
+        def test_c_after():
+            pass
+    """))
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import gpu_suite as suite
+        torch.cuda.is_available, torch.cuda.device_count = (lambda: True), (lambda: 1)
+        suite.environment = lambda: dict(device="FAKE", capability="sm90", torch="x", cuda="x", triton="x")
+        run = suite.pytest_stage("tests", [{str(tests)!r}, "-q", "-p", "no:cacheprovider"])
+        suite.stages_for = lambda budgets: [suite.Stage(n, run, 200.0, 5.0) for n in suite.STAGES]
+        sys.exit(suite.main(sys.argv[1:]))
+    """))
+    out = tmp_path / "out"
+    driver_process = subprocess.Popen([sys.executable, str(driver), str(out), "--stages", "tests"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        child = int(pid_file.read_text())
+        driver_process.terminate()
+        output, _ = driver_process.communicate(timeout=60)
+    finally:
+        driver_process.kill()
+    assert driver_process.returncode == 128 + 15, output
+    assert not process_running(child), "the pytest child outlived its driver"
+    stage = json.loads((out / "tests.stage.json").read_text())
+    assert stage["status"] == "interrupted" and not stage["complete"], stage
+    assert stage["counts"] == {"passed": 1, "not run (interrupted)": 2}, stage
+    assert stage["error"].startswith("interrupted by SIGTERM"), stage
+    assert json.loads((out / "gpu_suite.json").read_text())["stages"]["tests"]["status"] == "interrupted"
+    text = (out / "gpu_suite.md").read_text()
+    assert "| tests | interrupted |" in text and "interrupted by SIGTERM" in text, text
+
+    (out / "gpu_suite.md").unlink()
+    done = run_script(str(out), "--report-only", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| tests | interrupted |" in (out / "gpu_suite.md").read_text()
+    assert "FAKE" in (out / "gpu_suite.md").read_text().splitlines()[0]
+    done = run_script(str(tmp_path / "nothing-here"), "--report-only")
+    assert done.returncode == 2 and done.stderr.strip() == \
+        f"error: --report-only: {tmp_path / 'nothing-here'} holds no stage results (NAME.stage.json)", done.stderr
+
+
 def test_a_test_running_when_its_process_died_runs_once_more_then_fails(tmp_path):
     class Item:
         def __init__(self, nodeid):
