@@ -115,6 +115,7 @@ def test_nan_and_inf_propagate_like_the_reference(backend, device):
     for out, ref in ((y, y_ref), (x.grad, dx_ref)):
         out, ref = out.detach().cpu().double(), ref.cpu()
         assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        assert torch.equal(out[ref.isinf()], ref[ref.isinf()])  # each infinity with the reference's sign
         finite = ref.isfinite()
         assert relative_error(out[finite], ref[finite]) <= 1e-5
     assert y[1].isnan().all() and y[0].isfinite().all()
