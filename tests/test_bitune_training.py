@@ -76,6 +76,13 @@ def test_prompt_format_eos_and_dropping_long_examples():
     assert TOK.decode(answer) == " yo" and answer[-1] == TOK.eos_id
 
 
+@pytest.mark.parametrize("max_length", [None, "64", 0, -3, 10.5, True])
+def test_a_max_length_that_is_no_positive_integer_is_refused_by_name(max_length):
+    """0, -3 and 10.5 dropped every example without a word; None and "64" failed in a comparison, unnamed."""
+    with pytest.raises(ValueError, match=rf"max_length must be a positive integer, got {re.escape(repr(max_length))}"):
+        bitune.tokenize_instructions(TOK, [bitune.Instruction("hi", "yo")], max_length)
+
+
 def test_an_example_the_tokenizer_cannot_encode_is_named_by_its_file_and_line(tmp_path, capsys):
     """Named "example 2 (from 0)" before: its index among the rows, not its line (blank lines make them differ)."""
     path = tmp_path / "bad.jsonl"

@@ -151,6 +151,10 @@ def test_remove_cot_argument_errors():
         collate([], PAD)
     with pytest.raises(TypeError, match="TokenizedExamples"):
         collate([EXAMPLE], PAD)
+    # 2.7 was cut to 2 (an eos id), -1 blamed on input_ids at the model, None failed inside torch
+    for pad_id in (2.7, -1, None, True):
+        with pytest.raises(ValueError, match=rf"pad_id must be a token id \(an integer >= 0\), got {pad_id!r}"):
+            collate(mixed_examples()[:2], pad_id)
 
 
 def test_next_token_loss_shifts_the_labels():

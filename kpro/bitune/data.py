@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Sequence
 
+from .._numbers import is_integer
 from ..tokenizer import checked_ids, special_token_in
 from ..train.data import read_jsonl
 
@@ -139,6 +140,9 @@ def encode_pair(tok, prompt: str, answer: str, prompt_ids: list[int] | None = No
 def tokenize_instructions(tok, examples: Sequence[Instruction], max_length: int) -> tuple[list, int]:
     """(prompt_ids, answer_ids + eos) pairs of at most `max_length` tokens, and how many were dropped. A bad
     example is named by its file and line where read_instructions read it, else by its index."""
+    if not is_integer(max_length) or max_length < 1:  # 0 or 10.5 dropped every example; None failed unnamed
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    max_length = int(max_length)
     pairs, dropped = [], 0
     for i, example in enumerate(examples):
         name = example.where or f"example {i} (from 0)"

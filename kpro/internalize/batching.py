@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..train.data import check_special_id
 from ..train.loss import causal_lm_loss_from_hidden, output_head_weight
 from .schedule import RemovalSchedule
 from .tokenization import IGNORE_INDEX, TokenizedExample
@@ -67,6 +68,7 @@ def collate(examples, pad_id: int, device=None) -> CoTBatch:
         raise ValueError("collate needs at least one example")
     if not all(isinstance(example, TokenizedExample) for example in examples):
         raise TypeError("collate takes TokenizedExamples (see tokenize_examples)")
+    pad_id = check_special_id(pad_id, "pad_id")  # 2.7 was cut to 2, an eos id; -1 was blamed on input_ids later
     lengths = [len(example.ids) for example in examples]
     input_ids = torch.full((len(examples), max(lengths)), pad_id, dtype=torch.long)
     for row, example in enumerate(examples):
