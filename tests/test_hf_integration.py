@@ -397,13 +397,14 @@ def test_train_only_gradients_and_plan_match_kpros(recompute):
     assert not any("forward" in vars(layer) for layer in model.model.layers)
 
 
-def test_train_only_carries_the_gradient_to_embeddings_unfrozen_after_it():
+@pytest.mark.parametrize("recompute", [False, True], ids=["skipping", "recompute"])
+def test_train_only_carries_the_gradient_to_embeddings_unfrozen_after_it(recompute):
     stock = make_stock(layers=4)
     stock.requires_grad_(False)
     for parameter in (*stock.model.layers[3].parameters(), stock.model.embed_tokens.weight):
         parameter.requires_grad_(True)
     model, _ = patched_copy(stock)
-    plan = kpro_hf.train_only(model, [3])
+    plan = kpro_hf.train_only(model, [3], recompute_frozen=recompute)
     assert plan.no_graph == (0, 1, 2)
     model.model.embed_tokens.weight.requires_grad_(True)
     ids, mask, labels = left_padded()
@@ -541,7 +542,7 @@ def test_a_patched_model_saved_whole_loads_again(tmp_path):
     kpro_hf.train_only(model, [1], recompute_frozen=True)
     torch.save(model, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert [getattr(layer, "_kpro_runner", None) for layer in loaded.model.layers] == ["run_without_graph", None, "run_recomputed"]
+    assert [getattr(layer, "_kpro_runner", None) for layer in loaded.model.layers] == ["run_without_graph_or_recomputed", None, "run_recomputed"]
     ids, mask, labels = left_padded()
     assert rel(loaded(input_ids=ids, attention_mask=mask).logits[mask.bool()],
                stock(input_ids=ids, attention_mask=mask).logits[mask.bool()]) < 1e-6
@@ -620,7 +621,7 @@ def test_train_only_recompute_compiles_without_graph_breaks(dtype):
     stock.model.layers[1].requires_grad_(True)
     model, _ = patched_copy(stock)
     kpro_hf.train_only(model, [1], recompute_frozen=True)
-    assert [getattr(layer, "_kpro_runner", None) for layer in model.model.layers] == ["run_without_graph", None,
+    assert [getattr(layer, "_kpro_runner", None) for layer in model.model.layers] == ["run_without_graph_or_recomputed", None,
                                                                                    "run_recomputed"]
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids, mask, labels = left_padded()

@@ -240,7 +240,7 @@ def test_model_compiles_without_graph_breaks(make_model, dynamic, frozen, dtype)
     model = make_model(dtype=dtype, num_hidden_layers=3 if frozen else 2)
     if frozen:
         kpro.train_only(model, [1], recompute_frozen=True)
-        assert [runner.__name__ for runner in model.block_runners] == ["run_without_graph", "run_block",
+        assert [runner.__name__ for runner in model.block_runners] == ["run_without_graph_or_recomputed", "run_block",
                                                                        "run_recomputed"]
     torch._dynamo.reset()
     compiled_matches_eager(model, torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic),

@@ -7,7 +7,8 @@ With trainable blocks `ids` and L = min(ids), each block of the model runs one o
     trainable              a plain call: every gradient
     frozen, below L        under torch.no_grad(): no autograd graph, nothing saved, no backward at all
                            (nothing below L needs a gradient; if something does after all, such as
-                           embeddings unfrozen after train_only, the block runs like one above L)
+                           embeddings unfrozen after train_only, the block runs like one above L, recomputed
+                           too under recompute_frozen=True)
     frozen, above L        a plain call with frozen weights: autograd computes only the input gradient.
                            kpro's ops make that cheap: RMSNorm saves x and its rstd and skips the dW reduction,
                            SwiGLU saves gate and up only, attention saves q, k, v, out and the log-sum-exp,
@@ -76,7 +77,8 @@ def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: 
     freeze_all_but(model, [model.layers[i] for i in ids])
     lowest = ids[0]
     frozen_above = run_recomputed if recompute_frozen else run_input_grad_only
-    model.block_runners = tuple(run_block if i in ids else run_without_graph if i < lowest else frozen_above
+    frozen_below = run_without_graph_or_recomputed if recompute_frozen else run_without_graph
+    model.block_runners = tuple(run_block if i in ids else frozen_below if i < lowest else frozen_above
                                 for i in range(num_blocks))
     frozen = [i for i in range(num_blocks) if i not in ids]
     return TrainPlan(ids, tuple(i for i in frozen if i < lowest), tuple(i for i in frozen if i > lowest),
@@ -135,6 +137,14 @@ def run_without_graph(block, x, cos, sin, attention_mask, kv):
         return block(x, cos, sin, attention_mask, kv)
     with torch.no_grad():
         return block(x, cos, sin, attention_mask, kv)
+
+
+def run_without_graph_or_recomputed(block, x, cos, sin, attention_mask, kv):
+    """run_without_graph under recompute_frozen=True: where its input needs a gradient after all (the embeddings
+    unfrozen), the block is recomputed as those above L are, rather than keeping its activations."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return run_recomputed(block, x, cos, sin, attention_mask, kv)
+    return run_without_graph(block, x, cos, sin, attention_mask, kv)
 
 
 def run_input_grad_only(block, x, cos, sin, attention_mask, kv):

@@ -426,7 +426,8 @@ def train_only(model: nn.Module, block_ids: Iterable[int] | None, recompute_froz
     lowest = ids[0]
     for i, layer in enumerate(layers):
         if i not in ids:
-            _set_runner(layer, run_without_graph if i < lowest else run_recomputed if recompute_frozen else run_input_grad_only)
+            below = run_without_graph_or_recomputed if recompute_frozen else run_without_graph
+            _set_runner(layer, below if i < lowest else run_recomputed if recompute_frozen else run_input_grad_only)
     frozen = [i for i in range(len(layers)) if i not in ids]
     return TrainPlan(ids, tuple(i for i in frozen if i < lowest), tuple(i for i in frozen if i > lowest),
                      bool(recompute_frozen))
@@ -457,6 +458,16 @@ def run_without_graph(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     with torch.no_grad():
         return type(self).forward(self, *args, **kwargs)
+
+
+def run_without_graph_or_recomputed(self, *args, **kwargs):
+    """run_without_graph under recompute_frozen=True: where its input needs a gradient after all (the embeddings
+    unfrozen), the layer is recomputed as those above the lowest trainable one are, rather than keeping its
+    activations."""
+    hidden_states = args[0] if args else kwargs.get("hidden_states")
+    if torch.is_tensor(hidden_states) and hidden_states.requires_grad and torch.is_grad_enabled():
+        return run_recomputed(self, *args, **kwargs)
+    return run_without_graph(self, *args, **kwargs)
 
 
 def run_input_grad_only(self, *args, **kwargs):
