@@ -168,7 +168,10 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
         runners = self.block_runners or (run_block,) * len(self.layers)
-        for i, (layer, run) in enumerate(zip(self.layers, runners, strict=True)):
+        if len(runners) != len(self.layers):  # blocks added or removed by hand since train_only planned them
+            raise ValueError(f"the model has {len(self.layers)} blocks, but its train_only plan (block_runners) covers "
+                             f"{len(runners)}: call kpro.train_only again after changing the blocks")
+        for i, (layer, run) in enumerate(zip(self.layers, runners)):
             x = run(layer, x, cos, sin, attention_mask, None if cache is None else cache.layer(i))
         if cache is not None:  # once the call has run: a refused one leaves the cache as it was
             cache.length += input_ids.shape[1]

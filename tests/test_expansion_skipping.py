@@ -133,6 +133,36 @@ def test_embeddings_unfrozen_after_train_only_get_their_gradient(recompute):
         assert relative_error(grad, base_grads[name]) <= 1e-6, name
 
 
+def test_blocks_below_the_lowest_trainable_are_recomputed_when_unfrozen_embeddings_need_their_gradient():
+    """They kept every activation under recompute_frozen=True as without it (a plain call), where the blocks above
+    the lowest trainable one keep their input only; the gradients are the same either way."""
+    saved = {}
+    for recompute in (False, True):
+        model, new_ids = expanded_model(position="top")  # trainable: 4, 5; below: 0-3
+        kpro.train_only(model, new_ids, recompute_frozen=recompute)
+        model.embed_tokens.weight.requires_grad_(True)
+        ids, _ = batch(model.config)
+        saved[recompute], _ = saved_activation_bytes(lambda: causal_lm_loss(model(ids), ids), model.parameters())
+    everything_but_inputs = saved[False] - saved[True]
+    block_input = ids.numel() * model.config.hidden_size * 4
+    assert everything_but_inputs >= 4 * 6 * block_input, saved  # four blocks below, each saving far more than x
+
+
+def test_blocks_added_or_removed_after_train_only_are_named_at_the_next_forward():
+    """A bare "zip() argument 2 is shorter than argument 1" before."""
+    model, new_ids = expanded_model(position="top")
+    kpro.train_only(model, new_ids)
+    ids, _ = batch(model.config)
+    model.layers.append(copy.deepcopy(model.layers[0]))
+    with pytest.raises(ValueError, match=r"the model has 7 blocks, but its train_only plan \(block_runners\) covers 6: "
+                                         r"call kpro.train_only again"):
+        model(ids)
+    del model.layers[-1]
+    del model.layers[-1]
+    with pytest.raises(ValueError, match="the model has 5 blocks, but its train_only plan"):
+        model(ids)
+
+
 def test_frozen_parameters_get_no_gradient_and_recompute_reruns_each_frozen_block_once():
     model, new_ids = expanded_model(num_blocks=4, num_new=2)  # blocks 0 1 [2] 3 4 [5]
     plan = kpro.train_only(model, new_ids, recompute_frozen=True)
