@@ -723,13 +723,15 @@ def test_train_expanded_s_default_out_is_beside_the_directory_a_link_resolves_to
 
 def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_path, capsys, monkeypatch):
     """A run going NaN stopped with a traceback ("the last checkpoint is None"). (It went NaN with float16 weights,
-    now refused: AdamW's eps is 0 there; here its weights turn NaN after the first step.)"""
+    now refused: AdamW's eps is 0 there; here its weights grow to 1e30 after the first step, and the second step's
+    gradient norm overflows. Weights that turn NaN are named as such: test_train_fit's non-finite-weights test.)"""
     from kpro.expansion import posttrain
     adamw = posttrain.adamw
 
     def diverging_adamw(model, *args, **kwargs):
         optimizer = adamw(model, *args, **kwargs)
-        optimizer.register_step_post_hook(lambda *_: [p.data.fill_(float("nan")) for p in model.parameters()])
+        # weights finite but so large that the next loss overflows: the step before is the last good checkpoint
+        optimizer.register_step_post_hook(lambda *_: [p.data.fill_(1e30) for p in model.parameters()])
         return optimizer
     monkeypatch.setattr(posttrain, "adamw", diverging_adamw)
     write_checkpoint(tmp_path / "src")
@@ -741,7 +743,7 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_
                  "--device", "cpu"])
     err = capsys.readouterr().err  # the progress and status lines, then the error in one line
     error = err[err.index("error: "):]
-    assert code == 1 and error.startswith("error: the loss is ") and error.count("\n") == 1, err
+    assert code == 1 and error.startswith("error: the gradient norm is nan") and error.count("\n") == 1, err
     assert "Traceback" not in err and "step     1/4" in err, err
     assert " at step 2: stopped before its optimizer step; the last good checkpoint is " \
            f"{tmp_path / 'run'}/step-00000001" in err, err
