@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from ._numbers import MAX_SEED
 from ._torchrun import world_size
 
 DEVICE_HELP = "cpu, cuda or cuda:N; auto: cuda when torch sees a GPU, else cpu"
@@ -156,6 +157,13 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed of a data order (Batches', TokenShards'), named by its flag before anything loads or is read."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{flag} must be an integer from 0 to 2**61 - 2 (a larger one would repeat a smaller one's "
+                         f"data order), got {seed}")
 
 
 def check_input_file(path, flag: str) -> None:

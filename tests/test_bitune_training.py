@@ -926,10 +926,15 @@ def test_bitune_under_torchrun_holds_out_and_writes_on_rank_0_only(tmp_path):
     (["--lr", "0"], "--lr must be a positive finite number, got 0"),
     (["--lr", "nan", "--steps", "0"], "--lr must be a positive finite number, got nan"),
     (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
-    (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2**61 - 2 (a larger one would repeat a smaller one's data "
+                       "order), got -1"),
     (["--save-every", "0"], "--save-every must be positive"),
     (["--seed", str(2 ** 80)],  # "Overflow when unpacking long long" before
-     f"--seed must be an integer from 0 to 2**63 - 1, got {2 ** 80}"),
+     f"--seed must be an integer from 0 to 2**61 - 2 (a larger one would repeat a smaller one's data order), got "
+     f"{2 ** 80}"),
+    (["--seed", str(2 ** 61 - 1)],  # shuffled the data as --seed 0 does (Python hashes ints modulo 2**61 - 1)
+     f"--seed must be an integer from 0 to 2**61 - 2 (a larger one would repeat a smaller one's data order), got "
+     f"{2 ** 61 - 1}"),
     # refused by LoRA's "LoRA alpha must be ..." before, after the model and the data had loaded
     *[(["--alpha", alpha], f"--alpha must be a finite number other than 0 (0 makes every adapter a no-op that learns "
                            f"nothing), got {alpha}") for alpha in ("0", "nan", "inf")],

@@ -527,6 +527,9 @@ def test_a_backend_that_cannot_run_a_call_is_one_line(tmp_path, capsys, monkeypa
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of --grad-accum 4"),
     (["--batch-size", "6", "--grad-accum", "2", "WORLD_SIZE=4"],
      "--batch-size 6 must be a multiple of --grad-accum 2 x 4 processes (torchrun's WORLD_SIZE) = 8"),
+    # -1 was refused by Batches after the corpus was tokenized, naming no flag; 2**61 - 1 ran with --seed 0's order
+    *[(["--seed", seed], f"--seed must be an integer from 0 to 2**61 - 2 (a larger one would repeat a smaller one's "
+       f"data order), got {seed}") for seed in ("-1", str(2 ** 61 - 1), str(10 ** 23))],
     # "invalid literal for int() with base 10: 'abc'", naming nothing
     (["WORLD_SIZE=abc"], "the environment variable WORLD_SIZE (torchrun's number of processes) must be a positive "
                          "integer, got 'abc'"),

@@ -86,9 +86,11 @@ def test_demo_and_reproduce_refuse_a_file_as_out_and_a_bad_seed_before_any_work(
         assert main([*command, "--out", str(tmp_path / "afile" / "sub")]) == 1
         err = capsys.readouterr().err
         assert err == f"error: --out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a directory\n"
-        for seed in ("-1", str(2 ** 64)):  # 2**64 failed with "Overflow when unpacking long long"
+        # 2**64 failed with "Overflow when unpacking long long"; 2**61 - 1 shuffled as seed 0 (Batches' hash)
+        for seed in ("-1", str(2 ** 64), str(2 ** 61 - 1)):
             assert main([*command, "--out", str(tmp_path / "out"), "--seed", seed]) == 1
-            assert capsys.readouterr().err == f"error: --seed must be an integer from 0 to 2**63 - 1, got {seed}\n"
+            assert capsys.readouterr().err == ("error: --seed must be an integer from 0 to 2**61 - 2 (a larger one "
+                                               f"would repeat a smaller one's data order), got {seed}\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -1076,10 +1078,11 @@ def test_the_demo_ends_with_each_acts_time_and_verdict(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("reproduction", ["reproduce_bitune_seeds", "reproduce_internalization_seeds"])
-def test_seeds_past_the_largest_torch_takes_are_refused_by_the_first_seed(reproduction, tmp_path):
+def test_seeds_past_the_largest_batches_takes_are_refused_by_the_first_seed(reproduction, tmp_path):
     """`reproduce NAME --seed 2**63 - 2` was refused as `seed ... got 9223372036854775808`, a seed the user never
-    gave; the first seed and the one to start from below are named now, before any work."""
-    with pytest.raises(ValueError, match=rf"{reproduction}: seeds {2 ** 63 - 2} to {2 ** 63} pass 2\*\*63 - 1, the "
-                                         rf"largest seed torch takes: start at {2 ** 63 - 3} or below"):
-        getattr(seeds, reproduction)(tmp_path / "out", seed=2 ** 63 - 2, seeds=3)
+    gave; the first seed and the one to start from below are named now, before any work. The largest is
+    Batches' 2**61 - 2: 2**61 - 1 would shuffle as seed 0."""
+    with pytest.raises(ValueError, match=rf"{reproduction}: seeds {2 ** 61 - 3} to {2 ** 61 - 1} pass 2\*\*61 - 2, the "
+                                         rf"largest seed Batches takes: start at {2 ** 61 - 4} or below"):
+        getattr(seeds, reproduction)(tmp_path / "out", seed=2 ** 61 - 3, seeds=3)
     assert not (tmp_path / "out").exists()

@@ -753,7 +753,8 @@ def test_the_command_warms_the_learning_rate_up_over_its_first_steps(tmp_path, c
     (["--task", "3x3", "--epochs", "2"], "pass --steps or --epochs, not both"),
     (["--task", "3x3", "--smoothing-lambda", "0"], "--smoothing-lambda must be > 0"),
     (["--task", "3x3", "--remove-all-after", "-1"], "--remove-all-after must be >= 0"),
-    (["--task", "3x3", "--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--task", "3x3", "--seed", "-1"], "--seed must be an integer from 0 to 2**61 - 2 (a larger one would repeat a "
+                                        "smaller one's data order), got -1"),
     (["--task", "3x3", "--decay-steps", "-1"], "--decay-steps must be >= 0"),
     (["--task", "3x3", "--decay-steps", "7"], "--warmup-steps 0 and --decay-steps 7 together are longer than the "
                                               "run (6 steps)"),
@@ -781,12 +782,13 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, args, messag
 
 def test_a_seed_torch_cannot_take_is_refused_before_any_data(tmp_path, capsys):
     """--seed 2**64 passed the checks; the training set was generated, then torch.manual_seed failed with
-    "Overflow when unpacking long long", naming no option. The range is generate's: -1 and 2**64 - 1 seed alike."""
-    for seed in (2 ** 64, 2 ** 63):
+    "Overflow when unpacking long long", naming no option. The range is Batches': 2**61 - 1 shuffled as 0 did."""
+    for seed in (2 ** 64, 2 ** 63, 2 ** 61 - 1):
         out = tmp_path / str(seed)
         assert main(["internalize", "--task", "2x2", "--out", str(out), *TINY, "--seed", str(seed)]) == 1
         err = capsys.readouterr().err
-        assert err == f"error: --seed must be an integer from 0 to 2**63 - 1, got {seed}\n", err
+        assert err == f"error: --seed must be an integer from 0 to 2**61 - 2 (a larger one would repeat a smaller " \
+                      f"one's data order), got {seed}\n", err
         assert not (out / "data").exists()
 
 

@@ -12,8 +12,8 @@ KPRO = Path(__file__).resolve().parents[1] / "kpro"
 
 # Lowest first. A unit is a module or a package (all its modules).
 LAYERS = [
-    ("kpro._torchrun",),  # torchrun's environment, without torch: the commands' checks and init_distributed's
-    ("kpro._files", "kpro._numbers", "kpro._cuda_build", "kpro.errors", "kpro.cli_args", "kpro._signals",
+    ("kpro._torchrun", "kpro._numbers"),  # torchrun's environment, without torch; what an integer and a seed are
+    ("kpro._files", "kpro._cuda_build", "kpro.errors", "kpro.cli_args", "kpro._signals",
      "kpro._spawn"),
     ("kpro._safetensors",),  # headers without torch: info's and the streamed expand's
     ("kpro._run_lock",),  # one run per output directory: fit's and the demo's

@@ -580,8 +580,24 @@ def test_pack_documents_takes_tensors_and_arrays():
     with pytest.raises(ValueError, match=r"document 1 has shape \[2, 3\]: a document is 1-D token ids"):
         kt.pack_documents([[4], torch.tensor([[5, 6, 7], [8, 9, 10]])], seq_len=4, eos_id=2)
     for seed in ("0", -1, True):  # hash(-1) == hash(-2): two negative seeds would give one order
-        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        with pytest.raises(ValueError, match="seed must be an integer from 0 to 2\\*\\*61 - 2"):
             kt.Batches(rows, 1, seed=seed)
+
+
+def test_batches_refuses_a_seed_whose_order_a_smaller_seed_draws():
+    """Python hashes an int modulo 2**61 - 1, so seed 2**61 - 1 shuffled exactly as seed 0 did (and s + 2**61 - 1
+    as s): refused, naming the seed it would repeat. The largest seed taken keeps its own order."""
+    rows = list(range(20))
+    for seed, repeats in ((2 ** 61 - 1, 0), (2 ** 61 + 4, 5), (np.int64(2 ** 62), 2),
+                          (10 ** 23, 10 ** 23 % (2 ** 61 - 1))):
+        assert kt.Batches(rows, 4, seed=repeats).order(3).tolist() == \
+            torch.randperm(20, generator=torch.Generator().manual_seed(hash((int(seed), 3)) & (2 ** 63 - 1))).tolist()
+        with pytest.raises(ValueError, match=rf"seed {seed} is past 2\*\*61 - 2: Batches shuffles with Python's hash, "
+                                             rf"which takes an integer modulo 2\*\*61 - 1, so it would draw seed "
+                                             rf"{repeats}'s order; pass a seed from 0 to 2\*\*61 - 2"):
+            kt.Batches(rows, 4, seed=seed)
+    largest = kt.Batches(rows, 4, seed=2 ** 61 - 2).order(0).tolist()
+    assert largest not in [kt.Batches(rows, 4, seed=s).order(0).tolist() for s in range(3)]
 
 
 def test_the_content_digest_hashes_tensors_in_place_and_is_unchanged():

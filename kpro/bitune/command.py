@@ -8,8 +8,9 @@ import re
 import sys
 from pathlib import Path
 
-from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, directory_path,
-                        input_path, other_setting_refusal, other_settings_refusal, resolve_device, user_path)
+from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, check_seed,
+                        directory_path, input_path, other_setting_refusal, other_settings_refusal, resolve_device,
+                        user_path)
 from .passes import MODES
 
 WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
@@ -73,8 +74,7 @@ def run(args) -> None:
     if not math.isfinite(args.alpha) or args.alpha == 0:  # lora.check_rank_alpha's rule, named by the flag
         raise ValueError(f"--alpha must be a finite number other than 0 (0 makes every adapter a no-op that learns "
                          f"nothing), got {args.alpha:g}")
-    if not 0 <= args.seed < 2 ** 63:  # the adapters' torch.Generator overflows past it
-        raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    check_seed(args.seed)  # Batches' range, within what the adapters' torch.Generator takes
     defaults = getattr(args, "option_defaults", {})
     given = [f"--{name.replace('_', '-')}" for name in defaults if getattr(args, name) != defaults[name]]
     untrained = [flag for flag in given if flag != "--eval-batch-size"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .._run_lock import holding
-from ..cli_args import check_output_dir
+from ..cli_args import check_output_dir, check_seed
 from .basics import act_basics
 from .bitune import act_bitune
 from .bitune_readings import reproduce_bitune_readings
@@ -132,10 +132,12 @@ def reproduce(name: str, out_dir: Path, seed: int = 0) -> dict:
 
 def check_run_arguments(out_dir: Path, seed) -> None:
     """Refused before minutes of work, not when the first file is written: an output path that is a file, a seed
-    that is not an integer from 0 to 2**63 - 1 (what torch takes), and a bad KPRO_DEMO_WORKERS."""
+    that is not an integer from 0 to 2**61 - 2 (Batches', whose data order a larger one repeats), and a bad
+    KPRO_DEMO_WORKERS."""
     check_output_dir(out_dir)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"--seed must be an integer from 0 to 2**61 - 2, got {seed!r}")
+    check_seed(seed)
     default_workers()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .._files import write_atomic
+from .._numbers import MAX_SEED
 from .._run_lock import LOCK_FILE, holding
 
 SETTINGS_FILE = "act_settings.json"
@@ -98,11 +99,11 @@ def _as_json(settings: dict) -> dict:
 
 def check_positive(act: str, **values) -> None:
     """Refuse, before any training, a count below 1, a rate that is not a positive number, or a seed outside
-    what torch takes, each by its name."""
+    Batches' range (a larger one would repeat a smaller one's data order), each by its name."""
     for name, value in values.items():
         if name == "seed":
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
-                raise ValueError(f"{act}: seed must be an integer from 0 to 2**63 - 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+                raise ValueError(f"{act}: seed must be an integer from 0 to 2**61 - 2, got {value!r}")
         elif name in ("lr", "explicit_lr"):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value < math.inf):
@@ -110,6 +111,6 @@ def check_positive(act: str, **values) -> None:
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{act}: {name} must be an integer >= 1, got {value!r}")
     seed, seeds = values.get("seed"), values.get("seeds")
-    if isinstance(seed, int) and isinstance(seeds, int) and seed + seeds > 2 ** 63:  # seeds S, S + 1, ...
-        raise ValueError(f"{act}: seeds {seed} to {seed + seeds - 1} pass 2**63 - 1, the largest seed torch takes: "
-                         f"start at {2 ** 63 - seeds} or below")
+    if isinstance(seed, int) and isinstance(seeds, int) and seed + seeds > MAX_SEED + 1:  # seeds S, S + 1, ...
+        raise ValueError(f"{act}: seeds {seed} to {seed + seeds - 1} pass 2**61 - 2, the largest seed Batches takes: "
+                         f"start at {MAX_SEED + 1 - seeds} or below")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .._torchrun import refuse_processes
 from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_batch_split,
-                        check_output_dir, directory_path, in_flag_terms, input_path, other_setting_refusal,
-                        other_settings_refusal, past_steps_refusal, positive_int, resolve_device)
+                        check_output_dir, check_seed, directory_path, in_flag_terms, input_path,
+                        other_setting_refusal, other_settings_refusal, past_steps_refusal, positive_int,
+                        resolve_device)
 from .layout import POSITIONS
 
 
@@ -108,6 +109,7 @@ def check_optimizer_flags(args) -> None:
         raise ValueError(f"--seq-len must be an integer >= 2 (a row trains each token on the next), got "
                          f"{args.seq_len}")
     check_batch_split(args.batch_size, args.grad_accum)
+    check_seed(args.seed)  # Batches refused -1 only after the corpus was tokenized, naming no flag
 
 
 def cmd_train_expanded(args) -> None:

@@ -27,8 +27,9 @@ from .._files import write_atomic
 from .._run_lock import holding
 from .._torchrun import world_size
 from ..checkpoint import load_pretrained, save_pretrained
-from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, directory_path,
-                        file_path, input_path, other_setting_refusal, past_steps_refusal, resolve_device)
+from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, check_seed,
+                        directory_path, file_path, input_path, other_setting_refusal, past_steps_refusal,
+                        resolve_device)
 from ..config import LlamaConfig
 from ..distributed import main_decides, on_main
 from ..model import Llama
@@ -615,8 +616,7 @@ def _check_args(args) -> None:
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0 (0: no warmup), got {args.warmup_steps}")
     # Batches shuffles with --seed, and torch.manual_seed takes it; the generated data draw from --data-seed
-    if not 0 <= args.seed < 2 ** 63:  # as generate's: -1 seeds what 2**64 - 1 seeds, and more overflows
-        raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    check_seed(args.seed)  # Batches' range, within what torch.manual_seed takes
     if args.data_seed < 0:
         raise ValueError(f"--data-seed must be >= 0, got {args.data_seed}")
     if args.remove_all_after is not None and args.remove_all_after < 0:

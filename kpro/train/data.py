@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .._numbers import is_integer
+from .._numbers import MAX_SEED, is_integer
 from ..tokenizer import checked_ids
 from .loss import IGNORE_INDEX
 
@@ -155,7 +155,11 @@ class Batches:
                             f"{type(examples).__name__}: pass list(...) of it")
         # hash() of other types changes from process to process, and hash(-1) == hash(-2)
         if not is_integer(seed) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+            raise ValueError(f"seed must be an integer from 0 to 2**61 - 2, got {seed!r}")
+        if seed > MAX_SEED:  # order() would draw another seed's order: the one below 2**61 - 1 it hashes as
+            raise ValueError(f"seed {seed} is past 2**61 - 2: Batches shuffles with Python's hash, which takes an "
+                             f"integer modulo 2**61 - 1, so it would draw seed {int(seed) % (MAX_SEED + 1)}'s order; "
+                             "pass a seed from 0 to 2**61 - 2")
         batch_size, seed = int(batch_size), int(seed)
         shuffle, drop_last = check_flag(shuffle, "shuffle"), check_flag(drop_last, "drop_last")
         if len(examples) == 0:

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .._numbers import is_integer
+from .._numbers import is_integer, is_seed
 from .._files import naming_write_failures, write_atomic
 from .._run_lock import LOCK_FILE
 from ..distributed import current_env
@@ -353,8 +353,8 @@ class TokenShards:
         for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
             if not is_integer(value) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not is_integer(seed):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if not is_seed(seed):  # permute mixes it modulo 2**64 (-1 drew 2**64 - 1's order): Batches' range
+            raise ValueError(f"seed must be an integer from 0 to 2**61 - 2, got {seed!r}")
         if (rank is None) != (world_size is None):
             raise ValueError("pass rank and world_size together (or neither: torchrun's are used)")
         if world_size is not None and (not (is_integer(rank) and is_integer(world_size))
