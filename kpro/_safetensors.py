@@ -34,10 +34,14 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def check_checkpoint_directory(directory: Path) -> None:
-    """A checkpoint directory given by the user exists and is a directory (a typo is named as one)."""
+    """A checkpoint directory given by the user exists, is a directory (a typo is named as one) and holds a
+    config.json: checked before its tokenizer is looked for, which would otherwise speak for a folder that is no
+    checkpoint at all."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory" if directory.exists()
                                 else f"checkpoint directory {directory} does not exist")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json at {directory / 'config.json'}")
 
 
 def sharded_weight_map(directory: Path) -> dict[str, str] | None:

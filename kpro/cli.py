@@ -114,8 +114,9 @@ def cmd_generate(args) -> None:
     if empty:  # a tokenizer that adds no bos gives it no token to continue from
         raise ValueError(f"--prompt {empty[0] + 1} is empty; give each prompt some text")
     device = resolve_device(args.device)
+    check_checkpoint_directory(Path(args.dir))
+    tok = load_tokenizer(args.dir)  # a checkpoint without one is refused before its weights load
     model = load_pretrained(args.dir, dtype=DTYPES[args.dtype], device=device)
-    tok = load_tokenizer(args.dir)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer of {args.dir} has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")

@@ -211,6 +211,26 @@ def test_training_into_a_closed_pipe_saves_the_steps_done(tmp_path):
     assert steps and steps[-1] < 400 and (tmp_path / "closed" / f"step-{steps[-1]:08d}").is_dir()
 
 
+def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights_load(tmp_path, capsys, monkeypatch):
+    """generate and bitune loaded the whole model, then found no tokenizer beside it (train-expanded looked first)."""
+    import kpro.checkpoint
+    write_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "kpro_char_tokenizer.json").unlink()
+    (tmp_path / "inst.jsonl").write_text('{"instruction": "ab", "response": "cd"}\n')
+    monkeypatch.setattr(kpro.checkpoint, "load_pretrained", lambda *a, **k: pytest.fail("the weights were loaded"))
+    for args in (["generate", str(tmp_path / "ck"), "--prompt", "ab", "--device", "cpu"],
+                 ["bitune", "--model", str(tmp_path / "ck"), "--data", str(tmp_path / "inst.jsonl"), "--device", "cpu",
+                  "--out", str(tmp_path / "o")]):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'ck'} holds no tokenizer.model, tokenizer.json") and \
+            err.count("\n") == 1, err
+    # a directory that is no checkpoint is named as such, not for its missing tokenizer
+    (tmp_path / "notes").mkdir()
+    assert main(["generate", str(tmp_path / "notes"), "--prompt", "ab", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == f"error: no config.json at {tmp_path / 'notes' / 'config.json'}\n"
+
+
 def test_generate_prints_the_seed_it_drew_and_a_larger_tokenizer_is_refused(tmp_path, capsys):
     write_checkpoint(tmp_path / "ck")
     args = ["generate", str(tmp_path / "ck"), "--prompt", "abc", "--max-new-tokens", "3", "--device", "cpu"]

@@ -114,6 +114,7 @@ def _run(args, env) -> None:
     import torch
 
     from .._files import write_atomic
+    from .._safetensors import check_checkpoint_directory
     from ..checkpoint import load_pretrained
     from ..distributed import on_main
     from ..tokenizer import load_tokenizer
@@ -124,8 +125,9 @@ def _run(args, env) -> None:
     from .training import FewerSteps, tune
 
     questions = {path: read_multiple_choice(path) for path in args.eval}  # fail early on bad files
+    check_checkpoint_directory(Path(args.model))
+    tok = load_tokenizer(args.model)  # a checkpoint without one is refused before its weights load
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    tok = load_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer of {args.model} has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
