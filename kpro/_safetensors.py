@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import struct
 from pathlib import Path
 
@@ -33,13 +34,53 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
+def described_non_checkpoint(path: Path) -> str | None:
+    """What `path` is and what to pass instead, where it is something given for a checkpoint directory that is
+    none: a GGUF file, a training run's directory (OUT/final, OUT/step-N inside), a bitune run's or its adapters.
+    None for anything else."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            with path.open("rb") as f:
+                gguf = f.read(4) == b"GGUF"
+        except OSError:
+            gguf = False
+        if gguf or path.suffix.lower() == ".gguf":
+            return (f"{path} is a GGUF file, not a checkpoint directory: convert it first, python -m kpro "
+                    f"convert-gguf {shlex.quote(str(path))} OUT")
+        return None
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    load = "load onto the base model they were tuned from: kpro.bitune.load_tuned(kpro.load_pretrained(BASE), {!r}) " \
+           "(docs/bitune.md)"
+    if (path / "adapter_config.json").is_file():
+        return f"{path} holds adapters (adapter_config.json), not a model: they {load.format(str(path))}"
+    if (path / "adapters" / "adapter_config.json").is_file():
+        adapters = path / "adapters"
+        return f"{path} is a bitune run's directory, not a checkpoint: its adapters, {adapters}, " + \
+            load.format(str(adapters))
+    run = f"{path} is a training run's directory, not a checkpoint: pass "
+    if (path / "final" / "config.json").is_file():
+        return run + f"{path / 'final'}, its final model"
+    steps = [p for p in path.glob("step-*") if p.name[5:].isdigit() and (p / "config.json").is_file()]
+    if steps:
+        return run + f"its newest checkpoint, {max(steps, key=lambda p: int(p.name[5:]))}"
+    return None
+
+
 def check_checkpoint_directory(directory: Path) -> None:
     """A checkpoint directory given by the user exists, is a directory (a typo is named as one) and holds a
     config.json: checked before its tokenizer is looked for, which would otherwise speak for a folder that is no
-    checkpoint at all."""
+    checkpoint at all. What is mistaken for one (a GGUF file, a run's directory, adapters) is named as such."""
+    described = described_non_checkpoint(directory)
+    if described is not None:
+        raise CheckpointError(described)
+    if directory.is_file():
+        holder = f": pass {directory.parent}, the checkpoint holding it" \
+            if (directory.parent / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory{holder}")
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory" if directory.exists()
-                                else f"checkpoint directory {directory} does not exist")
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"no config.json at {directory / 'config.json'}")
 

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from . import distributed
 from ._files import save_safetensors
 from ._run_lock import LOCK_FILE, holding
-from ._safetensors import INDEX_NAME, WEIGHTS_NAME, sharded_weight_map
+from ._safetensors import INDEX_NAME, WEIGHTS_NAME, described_non_checkpoint, sharded_weight_map
 from .config import LlamaConfig
 from .errors import CheckpointError, DirectoryInUse
 from .lora import LoRALinear, is_lora_key
@@ -118,9 +118,13 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | str = "au
                    `LlamaConfig.from_hf`); fields that change the math are refused either way.
     """
     directory = Path(directory)
-    if directory.is_file():
+    described = described_non_checkpoint(directory)  # a GGUF file, a run's directory, adapters
+    if described is not None:
+        raise CheckpointError(described)
+    if directory.is_file():  # the folder holding it is named only where it is a checkpoint
+        holder = f" ({directory.parent})" if (directory.parent / CONFIG_NAME).is_file() else ""
         raise CheckpointError(f"{directory} is a file; load_pretrained takes the checkpoint directory that holds "
-                              f"config.json and the weights ({directory.parent})")
+                              f"config.json and the weights{holder}")
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     wanted = checked_dtype(dtype)

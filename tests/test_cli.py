@@ -4,6 +4,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -321,6 +322,47 @@ def test_generate_stops_at_the_eos_ids_of_generation_config_json(tmp_path, capsy
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "generation_config.json: eos_token_id=99 is not a token id" in err, err
+
+
+def test_what_is_no_checkpoint_is_named_for_what_it_is(tmp_path, capsys):
+    """A training run's directory, a bitune run's, its adapters, each said "no config.json at ..."; a GGUF file was
+    "a file", and generate pointed at the folder holding it ("load_pretrained takes the checkpoint directory ...
+    (its parent)"), which is no checkpoint. Each is named now, with what to pass instead."""
+    run, bitune_run, gguf = tmp_path / "run", tmp_path / "bt", tmp_path / "m.gguf"
+    for step in ("step-00000002", "step-00000010"):
+        write_checkpoint(run / step)
+    (bitune_run / "adapters").mkdir(parents=True)
+    (bitune_run / "adapters" / "adapter_config.json").write_text("{}")
+    gguf.write_bytes(b"GGUF" + bytes(20))
+    (tmp_path / "notes.txt").write_text("x")
+    adapters = ("load onto the base model they were tuned from: kpro.bitune.load_tuned(kpro.load_pretrained(BASE), "
+                f"'{bitune_run / 'adapters'}') (docs/bitune.md)")
+    cases = [(run, f"{run} is a training run's directory, not a checkpoint: pass its newest checkpoint, "
+                   f"{run / 'step-00000010'}"),
+             (bitune_run, f"{bitune_run} is a bitune run's directory, not a checkpoint: its adapters, "
+                          f"{bitune_run / 'adapters'}, {adapters}"),
+             (bitune_run / "adapters", f"{bitune_run / 'adapters'} holds adapters (adapter_config.json), not a "
+                                       f"model: they {adapters}"),
+             (gguf, f"{gguf} is a GGUF file, not a checkpoint directory: convert it first, python -m kpro "
+                    f"convert-gguf {gguf} OUT"),
+             (tmp_path / "notes.txt", f"{tmp_path / 'notes.txt'} is a file, not a checkpoint directory")]
+    for path, message in cases:
+        for args in (["info", str(path)], ["generate", str(path), "--prompt", "a", "--device", "cpu"]):
+            assert main(args) == 1
+            assert capsys.readouterr().err == f"error: {message}\n", args
+        with pytest.raises(Exception, match=re.escape(message if path != tmp_path / "notes.txt" else
+                                                      f"{path} is a file; load_pretrained takes the checkpoint "
+                                                      "directory that holds config.json and the weights")) as raised:
+            kpro.load_pretrained(path)
+        assert str(tmp_path) + ")" not in str(raised.value)  # the folder holding it is no checkpoint: not suggested
+    write_checkpoint(run / "final")
+    assert main(["info", str(run)]) == 1
+    assert capsys.readouterr().err == f"error: {run} is a training run's directory, not a checkpoint: pass " \
+                                      f"{run / 'final'}, its final model\n"
+    # a file inside a checkpoint: the checkpoint is named
+    assert main(["info", str(run / "final" / "config.json")]) == 1
+    assert capsys.readouterr().err == f"error: {run / 'final' / 'config.json'} is a file, not a checkpoint " \
+                                      f"directory: pass {run / 'final'}, the checkpoint holding it\n"
 
 
 def test_expand_refuses_its_source_as_destination_or_a_directory_inside_it(tmp_path, capsys):
