@@ -89,6 +89,19 @@ def _weight_files(directory: Path) -> list[Path]:
     return [directory / name for name in sorted(set(weight_map.values()))]
 
 
+def check_positions(prompts: list[list[int]], max_new_tokens: int, limit: int) -> None:
+    """kpro.generate's refusal of more positions than the model has, in the flags' terms and naming the prompt."""
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    length = len(prompts[longest])
+    if length + max_new_tokens <= limit:
+        return
+    fix = f"pass --max-new-tokens {limit - length} or less, or shorten the prompt" if length < limit else \
+        f"shorten the prompt to at most {limit - max_new_tokens} tokens" if max_new_tokens < limit else \
+        f"shorten the prompt and lower --max-new-tokens: together they fit in {limit} positions"
+    raise ValueError(f"--prompt {longest + 1} ({length} tokens) + --max-new-tokens {max_new_tokens} exceed the "
+                     f"model's max_position_embeddings ({limit}): {fix}")
+
+
 def cmd_generate(args) -> None:
     import secrets
 
@@ -125,6 +138,7 @@ def cmd_generate(args) -> None:
         seed = secrets.randbits(31)
         print(f"sampling with --seed {seed}", file=sys.stderr)
     prompts = tok.encode_batch(args.prompt, eos=False)  # a prompt goes on: no end of text after it
+    check_positions(prompts, args.max_new_tokens, model.config.max_position_embeddings)
     ids, mask = tok.pad_left(prompts, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)  # greedy takes none
     # Stop where transformers' generate would: generation_config.json's eos ids, else config.json's.

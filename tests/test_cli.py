@@ -512,6 +512,12 @@ def test_info_refuses_a_truncated_weight_file_and_names_layers_the_tensors_lack(
     (["demo", "basics", "basics"], "demo act basics is named twice"),
     # kpro.generate's and parse_size's messages, which named the Python parameters (max_new_tokens, max_shard_size)
     (["generate", "ck", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+    # kpro.generate's "prompt (5) + max_new_tokens (61) exceeds the model's max_position_embeddings=64" (bos + abcd)
+    (["generate", "ck", "--prompt", "a", "--prompt", "abcd", "--max-new-tokens", "61"],
+     "--prompt 2 (5 tokens) + --max-new-tokens 61 exceed the model's max_position_embeddings (64): pass "
+     "--max-new-tokens 59 or less, or shorten the prompt"),
+    (["generate", "ck", "--prompt", "ab" * 40], "--prompt 1 (81 tokens) + --max-new-tokens 32 exceed the model's "
+     "max_position_embeddings (64): shorten the prompt to at most 32 tokens"),
     (["generate", "ck", "--prompt", "a", "--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
     (["generate", "ck", "--prompt", "a", "--temperature", "1", "--top-k", "0"], "--top-k must be a positive integer"),
     (["generate", "ck", "--prompt", "a", "--temperature", "1", "--top-p", "0"], "--top-p must be a number in (0, 1]"),
@@ -589,6 +595,9 @@ def test_a_backend_that_cannot_run_a_call_is_one_line(tmp_path, capsys, monkeypa
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of --grad-accum 4"),
     (["--batch-size", "6", "--grad-accum", "2", "WORLD_SIZE=4"],
      "--batch-size 6 must be a multiple of --grad-accum 2 x 4 processes (torchrun's WORLD_SIZE) = 8"),
+    # refused after the model loaded, as "seq_len 100 exceeds ..." and "block index 5 is out of range", no flag named
+    (["--seq-len", "100"], "--seq-len 100 exceeds the model's max_position_embeddings (64): pass --seq-len 64 or less"),
+    (["--train-blocks", "0,5"], "--train-blocks 0,5: block index 5 is out of range: the model has 2 blocks (0 ... 1)"),
     # -1 was refused by Batches after the corpus was tokenized, naming no flag; 2**61 - 1 ran with --seed 0's order
     *[(["--seed", seed], f"--seed must be an integer from 0 to 2**61 - 2 (a larger one would repeat a smaller one's "
        f"data order), got {seed}") for seed in ("-1", str(2 ** 61 - 1), str(10 ** 23))],

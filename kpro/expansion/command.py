@@ -112,6 +112,28 @@ def check_optimizer_flags(args) -> None:
     check_seed(args.seed)  # Batches refused -1 only after the corpus was tokenized, naming no flag
 
 
+def check_model_flags(args) -> None:
+    """--seq-len and --train-blocks against DIR's config.json, named by their flags before the model loads:
+    train_expanded refuses them only once it has, as seq_len and as block indices."""
+    import warnings
+
+    from .._safetensors import check_checkpoint_directory
+    from ..config import ConfigWarning, LlamaConfig
+
+    check_checkpoint_directory(Path(args.dir))
+    with warnings.catch_warnings():  # unknown config fields: load_pretrained warns of them, once
+        warnings.simplefilter("ignore", ConfigWarning)
+        config = LlamaConfig.from_hf(args.dir)
+    positions, blocks = config.max_position_embeddings, config.num_hidden_layers
+    if args.seq_len is not None and args.seq_len > positions:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({positions}): pass "
+                         f"--seq-len {positions} or less")
+    outside = [i for i in args.train_blocks or () if not 0 <= i < blocks]
+    if outside:
+        raise ValueError(f"--train-blocks {','.join(map(str, args.train_blocks))}: block index {outside[0]} is out of "
+                         f"range: the model has {blocks} blocks (0 ... {blocks - 1})")
+
+
 def cmd_train_expanded(args) -> None:
     from ..distributed import current_env
     from ..errors import OtherParameters, OtherSettings
@@ -124,6 +146,7 @@ def cmd_train_expanded(args) -> None:
     out = Path(args.out) if args.out is not None else source.parent / f"{source.name}-post"  # `.`: "-post"
     check_out_dir(Path(args.dir), out, "--out")
     check_output_dir(out)  # a file there: named now, not after the model loads and the corpus is tokenized
+    check_model_flags(args)
     try:
         final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps,
                                seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
