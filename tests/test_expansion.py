@@ -133,6 +133,15 @@ def test_config_of_the_caller_is_left_alone(make_model):
     assert cfg.num_hidden_layers == 2 and model.config.num_hidden_layers == 4
 
 
+def test_a_huge_number_of_new_blocks_is_refused_before_the_layout_is_built():
+    """expand --blocks 99999999999999 --position top built a layout list of that length: a MemoryError traceback."""
+    for position in ("top", "bottom"):
+        with pytest.raises(ValueError, match=r"99999999999999 new blocks are more than 1024 times the model's 2 blocks "
+                                             r"\(2048 at most\): check the number of new blocks"):
+            expansion_layout(2, 99_999_999_999_999, position)
+    assert len(expansion_layout(2, 2048, "top")) == 2050  # the bound itself is taken
+
+
 @pytest.mark.parametrize("num_new, position, message", [
     (0, "interleave", "positive integer"),
     (-2, "top", "positive integer"),
@@ -140,6 +149,7 @@ def test_config_of_the_caller_is_left_alone(make_model):
     (True, "top", "positive integer"),
     (3, "interleave", "3 does not"),
     (2, "middle", "unknown expansion position 'middle'"),
+    (4097, "top", "4097 new blocks are more than 1024 times the model's 4 blocks"),
 ])
 def test_bad_expansions_are_refused(make_model, num_new, position, message):
     model = make_model(dtype=torch.float32, num_hidden_layers=4)

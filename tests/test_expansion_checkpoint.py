@@ -141,6 +141,9 @@ def test_cli_expand_errors_are_one_line(tmp_path, capsys):
         (["expand", str(tmp_path / "src"), str(tmp_path / "a"), "--blocks", "3"], "3 does not"),
         (["expand", str(tmp_path / "nowhere"), str(tmp_path / "a"), "--blocks", "2"], "does not exist"),
         (["expand", str(tmp_path / "src"), str(tmp_path / "taken"), "--blocks", "2"], "already exists"),
+        # a MemoryError traceback before (a layout list of that length)
+        (["expand", str(tmp_path / "src"), str(tmp_path / "a"), "--blocks", "99999999999999", "--position", "top"],
+         "99999999999999 new blocks are more than 1024 times the model's 4 blocks (4096 at most)"),
     ]
     for args, message in cases:
         assert main(args) == 1

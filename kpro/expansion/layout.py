@@ -10,6 +10,9 @@ One rule, used by both the in-memory `kpro.expand` and the streaming checkpoint 
 from __future__ import annotations
 
 POSITIONS = ("interleave", "top", "bottom")
+# New blocks per original block at most: far past any expansion worth its disk (LLaMA Pro adds 1 per 4), and
+# what keeps a typo's extra digits (--blocks 99999999999999 --position top) from a layout list that exhausts memory.
+MAX_NEW_PER_BLOCK = 1024
 
 
 def expansion_layout(num_blocks: int, num_new_blocks: int, position: str = "interleave") -> list[tuple[int, bool]]:
@@ -41,6 +44,10 @@ def check_expansion(num_blocks: int, num_new_blocks, position: str) -> None:
         raise ValueError(f"the number of original blocks must be a positive integer, got {num_blocks!r}")
     if isinstance(num_new_blocks, bool) or not isinstance(num_new_blocks, int) or num_new_blocks <= 0:
         raise ValueError(f"the number of new blocks must be a positive integer, got {num_new_blocks!r}")
+    if num_new_blocks > MAX_NEW_PER_BLOCK * num_blocks:
+        raise ValueError(f"{num_new_blocks} new blocks are more than {MAX_NEW_PER_BLOCK} times the model's "
+                         f"{num_blocks} blocks ({MAX_NEW_PER_BLOCK * num_blocks} at most): check the number of new "
+                         "blocks")
     if position == "interleave" and num_blocks % num_new_blocks:
         divisors = [p for p in range(1, num_blocks + 1) if num_blocks % p == 0]
         raise ValueError(f"interleave needs the number of new blocks to divide the {num_blocks} original blocks; "
