@@ -145,8 +145,8 @@ def input_path(text: str) -> str:
 
 
 def file_path(text: str) -> Path:
-    """A file a command reads, as a Path (`~` expanded)."""
-    return Path(user_path(text))
+    """A file a command reads, as a Path (`~` expanded; an empty path refused as input_path refuses it)."""
+    return Path(input_path(text))
 
 
 def positive_int(text: str) -> int:

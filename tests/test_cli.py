@@ -690,6 +690,10 @@ def test_an_empty_output_directory_is_refused(tmp_path, capsys, monkeypatch, arg
     (["tokenize", "--tokenizer", "ck", "--data", "corpus.txt", "", "--out", "o"], "--data"),  # read the whole cwd
     (["internalize", "--task", "2x2", "--model", ""], "--model"),
     (["convert-gguf", "", "o"], "file"),
+    # "--data . is a directory; give a file" before: the empty path read as the current directory
+    (["bitune", "--model", "ck", "--data", ""], "--data"),
+    (["bitune", "--model", "ck", "--data", "inst.jsonl", "--eval", ""], "--eval"),
+    *[(["internalize", "--task", "4x4", flag, ""], flag) for flag in ("--train", "--valid", "--test")],
 ], ids=lambda value: value[0] if isinstance(value, list) else value)
 def test_an_empty_input_path_is_refused(tmp_path, capsys, monkeypatch, args, argument):
     """An unset "$CKPT" was taken as the current directory: inside a checkpoint, `info ""` and `generate ""` ran on

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, check_seed,
-                        directory_path, input_path, other_setting_refusal, other_settings_refusal, resolve_device,
-                        user_path)
+                        directory_path, input_path, other_setting_refusal, other_settings_refusal, resolve_device)
 from .passes import MODES
 
 WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
@@ -28,7 +27,7 @@ def add_parsers(sub) -> None:
                                    "answer ' ' + response + eos; multiple choice asked with the choices listed "
                                    "('Question: q\\n\\nChoices:\\nc1\\nc2\\n\\nAnswer:'), each scored as ' ' + choice.")
     p.add_argument("--model", required=True, type=input_path, help="HF-layout checkpoint directory with its tokenizer")
-    p.add_argument("--data", required=True, type=user_path, help="JSONL: instruction (+ optional input), response (or output)")
+    p.add_argument("--data", required=True, type=input_path, help="JSONL: instruction (+ optional input), response (or output)")
     p.add_argument("--out", default="runs/bitune", type=directory_path,
                    help="run directory: run/ (checkpoints, metrics), adapters/, results.json")
     p.add_argument("--baseline", choices=["lora"], help="train plain LoRA (one causal adapter) instead of Bitune "
@@ -45,7 +44,7 @@ def add_parsers(sub) -> None:
                         "(every answer token of a step alike: long answers weigh more) (default: example)")
     p.add_argument("--max-length", type=int, default=None, help="longer examples are dropped (and counted); default "
                    "and most: the model's max_position_embeddings")
-    p.add_argument("--eval", action="append", default=[], metavar="FILE", type=user_path,
+    p.add_argument("--eval", action="append", default=[], metavar="FILE", type=input_path,
                    help="multiple-choice JSONL (question, choices, answer) to score zero-shot; repeatable")
     p.add_argument("--eval-batch-size", type=int, default=16,
                    help="rows scored at once, each a question's prompt with one of its choices (a question of 4 "
