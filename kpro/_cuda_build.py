@@ -56,6 +56,9 @@ def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: b
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (looked in $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and PATH)")
+    # Taken before nvcc reads the sources and checked after: a source saved during the compile (an editor, a
+    # git pull) must not stamp the old kernels as current
+    digest = sources_digest(csrc)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / LIBRARY_NAME
     tmp = out_dir / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
@@ -66,10 +69,12 @@ def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: b
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"nvcc failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        if sources_digest(csrc) != digest:
+            raise RuntimeError(f"{csrc} changed while nvcc compiled it, so its library was discarded: build again")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    (out_dir / (LIBRARY_NAME + ".digest")).write_text(sources_digest(csrc) + "\n")
+    (out_dir / (LIBRARY_NAME + ".digest")).write_text(digest + "\n")
     return target
 
 

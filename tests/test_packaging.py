@@ -83,6 +83,53 @@ def fake_nvcc(cuda_home: Path, fail: bool = False) -> Path:
     return nvcc
 
 
+def test_sources_edited_during_the_compile_leave_no_library_stamped_current(tmp_path):
+    """The digest was taken after nvcc finished: a source saved (or a git pull) during the compile stamped the
+    old kernels with the new sources' digest, and the loader took them as current."""
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "a.cu").write_text("int a;\n")
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f"#!{sys.executable}\nimport sys\n"  # compiles, then a save lands before it finishes
+                    f"open(sys.argv[sys.argv.index('-o') + 1], 'wb').write(b'old kernels')\n"
+                    f"open({str(tmp_path / 'csrc' / 'a.cu')!r}, 'a').write('int b;\\n')\n")
+    nvcc.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"csrc changed while nvcc compiled it.*build again"):
+        _cuda_build.build_library(tmp_path / "csrc", tmp_path / "out", nvcc=str(nvcc), verbose=False)
+    assert library_files(tmp_path / "out") == set()
+
+
+def loader_in(tmp_path: Path, monkeypatch, packaged: bytes | None = None, stamp: str | None = None):
+    """kpro's library loader over a source tree in tmp_path (csrc/ with one source, kpro/_lib holding `packaged`
+    stamped `stamp`) and a cache in tmp_path/cache."""
+    from kpro.ops.cuda_kernels import library
+
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "a.cu").write_text("int a;\n")
+    monkeypatch.setattr(library, "CSRC", tmp_path / "csrc")
+    monkeypatch.setattr(library, "PACKAGE_LIB_DIR", tmp_path / "_lib")
+    monkeypatch.setenv("KPRO_CACHE_DIR", str(tmp_path / "cache"))
+    if packaged is not None:
+        (tmp_path / "_lib").mkdir()
+        (tmp_path / "_lib" / _cuda_build.LIBRARY_NAME).write_bytes(packaged)
+    if stamp is not None:
+        (tmp_path / "_lib" / (_cuda_build.LIBRARY_NAME + ".digest")).write_text(stamp + "\n")
+    return library
+
+
+def test_the_loader_rebuilds_a_cached_library_stamped_with_other_sources(tmp_path, monkeypatch):
+    """The cache folder is named by the digest the loader took before the compile: sources saved before nvcc read
+    them left other kernels under that name, loaded unchecked once the sources were back."""
+    library = loader_in(tmp_path, monkeypatch)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    fake_nvcc(tmp_path / "cuda")
+    cached = tmp_path / "cache" / f"cuda-{_cuda_build.sources_digest(tmp_path / 'csrc')}" / _cuda_build.LIBRARY_NAME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"other kernels")
+    cached.with_name(cached.name + ".digest").write_text("0123456789abcdef\n")
+    assert library.library_path() == cached and cached.read_bytes() == b"not a real library"
+
+
 def library_files(directory: Path) -> set[str]:
     return {p.name for p in directory.glob(_cuda_build.LIBRARY_NAME + "*")}
 

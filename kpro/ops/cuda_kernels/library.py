@@ -32,17 +32,24 @@ SIGNATURES = {
 _loaded: dict = {}
 
 
+def _built_from(library: Path, digest: str) -> bool:
+    """Whether library exists, stamped (its .digest) as built from the sources of this digest."""
+    stamp = library.with_name(library.name + ".digest")
+    return library.is_file() and stamp.is_file() and stamp.read_text().strip() == digest
+
+
 def library_path() -> Path:
     """The library to load, building it first when the source tree has no current build."""
     packaged = PACKAGE_LIB_DIR / _cuda_build.LIBRARY_NAME
     if _cuda_build.cuda_sources(CSRC):
         digest = _cuda_build.sources_digest(CSRC)
-        stamp = packaged.with_name(packaged.name + ".digest")
-        if packaged.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        if _built_from(packaged, digest):
             return packaged
         cache = Path(os.environ.get("KPRO_CACHE_DIR", Path.home() / ".cache" / "kpro")) / f"cuda-{digest}"
         built = cache / _cuda_build.LIBRARY_NAME
-        if not built.is_file():
+        # The cached library's stamp is checked too: sources saved between this digest and nvcc's read of them
+        # leave other kernels in this folder
+        if not _built_from(built, digest):
             _cuda_build.build_library(CSRC, cache)
         return built
     if packaged.is_file():
