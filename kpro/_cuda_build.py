@@ -19,6 +19,9 @@ PTX_ARCHITECTURE = "90"  # and PTX, which the driver compiles for newer GPUs (sm
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo")
 
 
+NVCC_SEARCH = "$CUDA_HOME, $CUDA_PATH, /usr/local/cuda and PATH"  # find_nvcc's order, for messages
+
+
 def find_nvcc() -> str | None:
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home and Path(home, "bin", "nvcc").is_file():
@@ -55,7 +58,7 @@ def build_library(csrc: Path, out_dir: Path, nvcc: str | None = None, verbose: b
         raise FileNotFoundError(f"no .cu sources in {csrc}")
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
-        raise FileNotFoundError("nvcc not found (looked in $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and PATH)")
+        raise FileNotFoundError(f"nvcc not found (looked in {NVCC_SEARCH})")
     # Taken before nvcc reads the sources and checked after: a source saved during the compile (an editor, a
     # git pull) must not stamp the old kernels as current
     digest = sources_digest(csrc)

@@ -130,6 +130,18 @@ def test_the_loader_rebuilds_a_cached_library_stamped_with_other_sources(tmp_pat
     assert library.library_path() == cached and cached.read_bytes() == b"not a real library"
 
 
+@pytest.mark.parametrize("stamp, why", [("0123456789abcdef", "was built from other sources than csrc/"),
+                                         (None, "has no .digest")])
+def test_a_skipped_packaged_library_without_nvcc_says_why(tmp_path, monkeypatch, stamp, why):
+    """The device machine (no nvcc) with a stale or unstamped kpro/_lib: the error said only "nvcc not found"."""
+    library = loader_in(tmp_path, monkeypatch, packaged=b"old kernels", stamp=stamp)
+    monkeypatch.setattr(_cuda_build, "find_nvcc", lambda: None)
+    with pytest.raises(FileNotFoundError) as err:
+        library.library_path()
+    assert f"{tmp_path / '_lib' / _cuda_build.LIBRARY_NAME} {why}, so it was skipped" in str(err.value)
+    assert "nvcc not found" in str(err.value) and "pip install -e ." in str(err.value)
+
+
 def library_files(directory: Path) -> set[str]:
     return {p.name for p in directory.glob(_cuda_build.LIBRARY_NAME + "*")}
 

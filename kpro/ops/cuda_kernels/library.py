@@ -50,6 +50,13 @@ def library_path() -> Path:
         # The cached library's stamp is checked too: sources saved between this digest and nvcc's read of them
         # leave other kernels in this folder
         if not _built_from(built, digest):
+            if packaged.is_file() and _cuda_build.find_nvcc() is None:  # say why the packaged one was not taken
+                stamped = packaged.with_name(packaged.name + ".digest").is_file()
+                why = "was built from other sources than csrc/" if stamped else "has no .digest"
+                raise FileNotFoundError(
+                    f"{packaged} {why}, so it was skipped, and it cannot be rebuilt here: nvcc not found (looked in "
+                    f"{_cuda_build.NVCC_SEARCH}); install the CUDA toolkit, or rebuild it where nvcc exists "
+                    "(`pip install -e .`) and copy kpro/_lib/ whole (the library and its .digest)")
             _cuda_build.build_library(CSRC, cache)
         return built
     if packaged.is_file():
