@@ -19,14 +19,18 @@ PTX_ARCHITECTURE = "90"  # and PTX, which the driver compiles for newer GPUs (sm
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo")
 
 
-NVCC_SEARCH = "$CUDA_HOME, $CUDA_PATH, /usr/local/cuda and PATH"  # find_nvcc's order, for messages
+NVCC_SEARCH = "$CUDA_HOME, $CUDA_PATH, PATH and /usr/local/cuda"  # find_nvcc's order, for messages
 
 
 def find_nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+    """torch's cpp_extension order: PATH before /usr/local/cuda, so a toolkit put first on PATH is the one used."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if home and Path(home, "bin", "nvcc").is_file():
             return str(Path(home, "bin", "nvcc"))
-    return shutil.which("nvcc")
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return on_path
+    return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
 
 
 def cuda_sources(csrc: Path) -> list[Path]:

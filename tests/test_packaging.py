@@ -142,6 +142,18 @@ def test_a_skipped_packaged_library_without_nvcc_says_why(tmp_path, monkeypatch,
     assert "nvcc not found" in str(err.value) and "pip install -e ." in str(err.value)
 
 
+def test_nvcc_is_searched_in_cuda_home_then_path_then_usr_local_cuda(tmp_path, monkeypatch):
+    """As torch's cpp_extension: /usr/local/cuda came before PATH, so a toolkit put first on PATH went unused."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    on_path = fake_nvcc(tmp_path / "path")
+    monkeypatch.setenv("PATH", f"{on_path.parent}{os.pathsep}{os.environ['PATH']}")
+    assert _cuda_build.find_nvcc() == str(on_path)
+    in_home = fake_nvcc(tmp_path / "home")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "home"))
+    assert _cuda_build.find_nvcc() == str(in_home)
+
+
 def library_files(directory: Path) -> set[str]:
     return {p.name for p in directory.glob(_cuda_build.LIBRARY_NAME + "*")}
 
