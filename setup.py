@@ -7,6 +7,7 @@ KPRO_CUDA_BUILD=0: never compile.
 Any other value is an error.
 """
 import importlib.util
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -27,8 +28,12 @@ class BuildPyWithCuda(build_py):
     def run(self):
         builder = load_builder()
         mode = builder.build_mode()  # before building anything: an unknown value is an error
-        super().run()
         in_place = getattr(self, "editable_mode", False)
+        copy = Path(self.build_lib).resolve() / "kpro"
+        if not in_place and copy != ROOT / "kpro" and copy.is_dir():
+            # build/lib is reused across builds of a tree: a module deleted from kpro/ would ship in this wheel
+            shutil.rmtree(copy)
+        super().run()
         out_dir = (ROOT if in_place else Path(self.build_lib)) / "kpro" / "_lib"
         builder.build_for_install(ROOT / "csrc", out_dir, mode)
 

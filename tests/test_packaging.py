@@ -222,6 +222,18 @@ def test_a_wheel_carries_the_library_only_when_its_build_compiled_it(tmp_path):
     assert library not in names and library + ".digest" not in names
 
 
+def test_a_module_deleted_from_the_tree_leaves_the_next_wheel(tmp_path):
+    """build/lib/kpro is reused across builds of a tree: a module deleted from kpro/ still shipped in the next
+    wheel (and an installed kpro imported it)."""
+    tree = package_tree(tmp_path)
+    (tree / "kpro" / "removed.py").write_text("x = 1\n")
+    _, names = wheel_names(build(tree, "wheel", tmp_path / "w1", KPRO_CUDA_BUILD="0"), tmp_path / "w1")
+    assert "kpro/removed.py" in names
+    (tree / "kpro" / "removed.py").unlink()
+    _, names = wheel_names(build(tree, "wheel", tmp_path / "w2", KPRO_CUDA_BUILD="0"), tmp_path / "w2")
+    assert "kpro/removed.py" not in names and "kpro/_cuda_build.py" in names
+
+
 def test_a_wheel_holding_the_library_is_tagged_for_this_platform(tmp_path):
     """The library is machine code: a wheel with it was tagged py3-none-any, installable anywhere."""
     tree, env = package_tree(tmp_path), {"CUDA_HOME": str(tmp_path / "cuda")}
