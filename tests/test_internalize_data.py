@@ -1,4 +1,5 @@
 """The ICoT line format: every published line reproduced, the reader, and the training-set generator."""
+import numpy as np
 import pytest
 
 from kpro.internalize import (PUBLISHED_SPLITS, PUBLISHED_TASKS, CoTExample, DataFormatError, multiplication_example,
@@ -112,6 +113,14 @@ def test_published_pairs_are_those_of_both_splits():
 def test_generator_argument_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         multiplication_pairs(**kwargs)
+
+
+def test_generator_seed_may_be_a_numpy_integer_and_a_refused_one_names_its_type():
+    """A NumPy seed was refused as "seed must be an integer, got 3" (numpy 1's repr): integer or not, it read
+    the same. kpro's arguments take NumPy integers (kpro._numbers)."""
+    assert multiplication_pairs(4, 10, np.int64(3)) == multiplication_pairs(4, 10, 3)
+    with pytest.raises(ValueError, match=r"seed must be an integer, got .* \(float64\)$"):
+        multiplication_pairs(4, 10, np.float64(3))
 
 
 def test_reader_parses_multiplication_and_gsm8k_lines():

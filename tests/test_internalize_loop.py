@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -456,8 +457,12 @@ def test_lr_schedule_refuses_a_warmup_and_decay_longer_than_the_run():
 def test_cot_removal_argument_errors():
     with pytest.raises(ValueError, match="removal must be a RemovalSchedule, 'none' or 'all'"):
         CoTRemoval("some")
-    with pytest.raises(ValueError, match="seed must be an integer"):
+    with pytest.raises(ValueError, match=r"seed must be an integer, got 1\.5 \(float\)"):
         CoTRemoval(SCHEDULE, seed=1.5)
+    with pytest.raises(ValueError, match=r"seed must be an integer, got .* \(float64\)$"):
+        CoTRemoval(SCHEDULE, seed=np.float64(3))
+    seeded = CoTRemoval(SCHEDULE, seed=np.int64(3))  # was refused as "seed must be an integer, got 3" (numpy 1)
+    assert type(seeded.seed) is int and seeded.seed == 3
     assert CoTRemoval("all").counts(3, 4) == REMOVE_ALL and CoTRemoval("none").counts(3, 4) == 0
 
 

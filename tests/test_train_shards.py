@@ -176,7 +176,7 @@ def test_numpy_counts_and_seeds_are_python_ints(tmp_path):
     plain = kt.TokenShards(tmp_path / "s", seq_len=8, batch_size=6, seed=5, rank=1, world_size=3)
     assert json.dumps(numpy_args.state_dict()) == json.dumps(plain.state_dict())
     assert torch.equal(next(iter(numpy_args))["input_ids"], next(iter(plain))["input_ids"])
-    with pytest.raises(ValueError, match="seed must be an integer from 0 to 2\\*\\*61 - 2, got np.float64"):
+    with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 2\*\*61 - 2, got .* \(float64\)$"):
         kt.TokenShards(tmp_path / "s", seed=np.float64(5))
     # the order mixes the seed modulo 2**64: -1 drew what 2**64 - 1 draws. Batches' range, as train-expanded's
     # --seed feeds either

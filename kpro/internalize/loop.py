@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import lora
+from .._numbers import is_integer
 from ..distributed import is_sharded
 from ..train import Batches, Callback, Run, Schedule, adamw, fit, optim
 from ..train.data import OtherSetting, check_special_id, content_digest
@@ -53,9 +54,9 @@ class CoTRemoval(Callback):
     def __init__(self, removal, seed: int = 0, *, reset_optimizer: bool = True, stream=None):
         if not isinstance(removal, RemovalSchedule) and removal not in (NO_REMOVAL, REMOVE_EVERYTHING):
             raise ValueError(f"removal must be a RemovalSchedule, {NO_REMOVAL!r} or {REMOVE_EVERYTHING!r}, got {removal!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.removal, self.seed, self.reset_optimizer, self.stream = removal, seed, reset_optimizer, stream
+        if not is_integer(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
+        self.removal, self.seed, self.reset_optimizer, self.stream = removal, int(seed), reset_optimizer, stream
         self._last: dict = {}
         self._announcement: str | None = None  # this step's, printed at its end (see on_step_end)
         self._first_batch = True  # of this session: where a resumed run says how much it removes

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .._files import write_atomic
+from .._numbers import is_integer
 from .data import published_file, read_examples
 
 PUBLISHED_SIZES = (4, 5, 7, 9)
@@ -73,8 +74,9 @@ def multiplication_pairs(n: int, size: int, seed: int, *, exclude_published: boo
     _check_digits(n)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"size must be a non-negative integer, got {size!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not is_integer(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
+    seed = int(seed)  # random.Random takes no NumPy integer
     low, high = _operand_range(n)
     count = high - low
     excluded = {tuple(pair) for pair in exclude} | (published_multiplication_pairs(n) if exclude_published else set())

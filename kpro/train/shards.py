@@ -354,7 +354,7 @@ class TokenShards:
             if not is_integer(value) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not is_seed(seed):  # permute mixes it modulo 2**64 (-1 drew 2**64 - 1's order): Batches' range
-            raise ValueError(f"seed must be an integer from 0 to 2**61 - 2, got {seed!r}")
+            raise ValueError(f"seed must be an integer from 0 to 2**61 - 2, got {seed!r} ({type(seed).__name__})")
         if (rank is None) != (world_size is None):
             raise ValueError("pass rank and world_size together (or neither: torchrun's are used)")
         if world_size is not None and (not (is_integer(rank) and is_integer(world_size))
