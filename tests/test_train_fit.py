@@ -1691,29 +1691,43 @@ def test_a_batch_refused_at_the_start_of_a_step_keeps_the_steps_done(tmp_path):
     data = [kt.collate_prompt_answer(examples(4, seed=s), pad_id=0) for s in range(3)]
     odd = kt.collate_prompt_answer(examples(3, seed=9), pad_id=0)
     no_loss = {**data[2], "labels": torch.full_like(data[2]["labels"], -100)}
-    for name, bad, error in (("odd", odd, r"a global batch of 3 rows cannot be split into 1 process\(es\) x 2 "
-                                          r"accumulation step\(s\): 3 is not a multiple of 2"),
+    for name, bad, error in (("odd", odd, r"the batch of step 3: a global batch of 3 rows cannot be split into 1 "
+                                          r"process\(es\) x 2 accumulation step\(s\): 3 is not a multiple of 2"),
                              ("no_loss", no_loss, r"the batch of step 3 has no loss tokens: .*")):
         with pytest.raises(ValueError, match=error + r" \(saved .*step-00000002: the 2 steps before it; run again to "
                                                      r"resume\)"):
             kt.fit(make_model(), [*data[:2], bad], tmp_path / name, steps=3, grad_accum=2)
         assert [p.name for p in kt.list_checkpoints(tmp_path / name)] == ["step-00000002"]
+        # run again as it was: the same refusal, not "the batches have 3 rows, the checkpoint's run had 4"
+        with pytest.raises(ValueError, match=error + "$"):
+            kt.fit(make_model(), [*data[:2], bad], tmp_path / name, steps=3, grad_accum=2)
         run = kt.fit(make_model(), data, tmp_path / name, steps=3, grad_accum=2)  # the batch fixed: resumes
         assert run.step == 3 and [s for s, _ in losses(tmp_path / name)] == [1, 2, 3]
     with pytest.raises(ValueError, match=r"cannot be split into .* accumulation step\(s\): 3 is not a multiple of 2$"):
         kt.fit(make_model(), [odd], tmp_path / "first", steps=1, grad_accum=2)  # no step done: nothing to save
     assert kt.list_checkpoints(tmp_path / "first") == []
 
-    class NoLossAtStep3(kt.Callback):  # a kt.Batches run: the checkpoint holds the position before the refused batch
-        def on_batch(self, run, batch):
-            return {**batch, "labels": torch.full_like(batch["labels"], -100)} if run.step == 2 else batch
+    class Seen(kt.Callback):  # counts the batches it takes: the checkpoint holds its count before the refused one
+        def __init__(self, refuse_at=None):
+            self.seen, self.refuse_at = 0, refuse_at
 
-    straight = make_model()
-    kt.fit(straight, batches(), tmp_path / "straight", steps=4)
+        def on_batch(self, run, batch):
+            self.seen += 1
+            return {**batch, "labels": torch.full_like(batch["labels"], -100)} if run.step == self.refuse_at else batch
+
+        def state_dict(self):
+            return {"seen": self.seen}
+
+        def load_state_dict(self, state):
+            self.seen = state["seen"]
+
+    straight, counted = make_model(), Seen()
+    kt.fit(straight, batches(), tmp_path / "straight", steps=4, callbacks=[counted])
     with pytest.raises(ValueError, match=r"the batch of step 3 has no loss tokens: .*\(saved .*step-00000002: "):
-        kt.fit(make_model(), batches(), tmp_path / "resumed", steps=4, callbacks=[NoLossAtStep3()])
-    resumed = make_model(seed=1)
-    kt.fit(resumed, batches(), tmp_path / "resumed", steps=4)
+        kt.fit(make_model(), batches(), tmp_path / "resumed", steps=4, callbacks=[Seen(refuse_at=2)])
+    resumed, recounted = make_model(seed=1), Seen()
+    kt.fit(resumed, batches(), tmp_path / "resumed", steps=4, callbacks=[recounted])
+    assert recounted.seen == counted.seen == 4  # was 5: the refused step's on_batch saved as if its step had run
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name

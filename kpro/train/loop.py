@@ -33,7 +33,7 @@ from .._run_lock import holding
 from ..checkpoint import CheckpointError
 from ..errors import OtherSettings
 from . import distributed
-from .callbacks import Callback, callback_states, check_metrics, load_callback_states
+from .callbacks import Callback, callback_keys, callback_states, check_metrics, load_callback_states
 from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_param_groups_loadable,
                             check_savable, checkpoint_step, latest_checkpoint, list_checkpoints, read_optimizer,
                             read_model, restore_checkpoint, rng_state, save_checkpoint, set_rng_state, type_name)
@@ -263,14 +263,16 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
         check_loadable(state, f"{type(batches).__name__}.state_dict()")
         return state
 
-    def save():
+    def save(callbacks_before_batch=None):
+        """callbacks_before_batch: the states of the callbacks that take batches, as before a refused step's
+        on_batch, to save in place of their states now."""
         def write_extra(directory):
             for cb in callbacks:
                 cb.on_save(run, directory)
         # As the optimizer is now (reset, or given a group, since the run started): what a resume must build.
         settings["optimizer"], settings["param_groups"] = type_name(run.optimizer), _param_groups(run.optimizer)
-        state = {"callbacks": callback_states(callbacks), "metrics": run.metrics, "settings": settings,
-                 "data": data_state()}
+        state = {"callbacks": {**callback_states(callbacks), **(callbacks_before_batch or {})}, "metrics": run.metrics,
+                 "settings": settings, "data": data_state()}
         now = None
         if before_fetch is not None:
             now = rng_state()
@@ -333,6 +335,10 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
             # A stop asked for in on_fit_start (an early stop that a callback's restored state remembers) ends the run
             # before its first step, saving nothing new: a run requeued after it stopped does not grow a step per launch
             stopped_at_start = run._stop_requested
+            # The stateful callbacks that take batches (CoTRemoval): their states before a step's on_batch are what a
+            # checkpoint saved where that step's batch is refused holds (on_batch may count, or mark the batch seen)
+            batch_takers = [(key, cb) for key, cb in zip(callback_keys(callbacks), callbacks)
+                            if type(cb).on_batch is not Callback.on_batch and hasattr(cb, "state_dict")]
             while run.step < steps and not stopped_at_start:
                 if env.world_size > 1:
                     batch, ahead = ahead, None
@@ -350,12 +356,15 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 if not hasattr(batches, "state_dict"):
                     rows = _batch_rows(batch)
                     if check_rows_after_resume and None not in (rows, batch_rows) and rows != batch_rows:
+                        # the batch a refusal stopped the run at, given again: refused again as such
+                        _refuse_unsplittable(batch, run, grad_accum, per_process)
                         raise ValueError(f"the batches have {rows} rows, the checkpoint's run had {batch_rows}: a "
                                          f"plain iterable resumes by skipping {run.step} batches, which of another "
                                          "size are not the examples the checkpointed steps used; resume with the first "
                                          "run's batches (or kpro.train.Batches, which refuses another batch size by "
                                          "name)")
                     check_rows_after_resume, batch_rows = False, batch_rows or rows
+                before_batch = {key: copy.deepcopy(cb.state_dict()) for key, cb in batch_takers}
                 for cb in callbacks:
                     batch = cb.on_batch(run, batch)
                     if batch is None:
@@ -374,7 +383,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                         raise error from None
                     if run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step:
                         before_fetch = step_start  # the data position and RNGs before this step's batch
-                        save()
+                        save(callbacks_before_batch=before_batch)
                     raise type(error)(f"{error} (saved {run.checkpoint}: the {run.step} steps before it; run again "
                                       "to resume)") from None
                 run.step += 1
@@ -625,7 +634,7 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
         p.grad = None
     # A per-process batch is this rank's block of the global one already: cut it into micro-batches only.
     try:
-        micro_batches = distributed.split_batch(batch, env, grad_accum, per_process=per_process)
+        micro_batches = _refuse_unsplittable(batch, run, grad_accum, per_process)
     except (TypeError, ValueError) as err:
         # Saving the steps done is a collective, which processes whose batches did split would not join
         raise _RefusedBatch(err) if env.world_size == 1 else err
@@ -708,6 +717,14 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, float(norm), interrupted > 0
+
+
+def _refuse_unsplittable(batch, run: Run, grad_accum: int, per_process: bool) -> list:
+    """The batch's micro-batches; one that cannot be split is refused naming its step."""
+    try:
+        return distributed.split_batch(batch, run.env, grad_accum, per_process=per_process)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"the batch of step {run.step + 1}: {err}") from None
 
 
 class _RefusedBatch(Exception):
