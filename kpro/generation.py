@@ -46,7 +46,8 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                                     stop_after_eos=stop_after_eos)[0]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be an integer tensor [B, T] of prompts (one prompt: ids[None]), got {got}")
+        raise ValueError(f"input_ids must be an integer tensor [B, T] of prompts (one prompt's ids: "
+                         f"torch.tensor([ids])), got {got}")
     batch, length = input_ids.shape
     if batch == 0 or length == 0:
         raise ValueError(f"input_ids is empty ([B={batch}, T={length}]): generate needs at least one prompt of at least "

@@ -736,7 +736,10 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | JsonTokenizer | 
         return CharTokenizer.load(directory / CHAR_TOKENIZER_FILE)
     if (directory / SYMBOL_TOKENIZER_FILE).is_file():
         return SymbolTokenizer.load(directory / SYMBOL_TOKENIZER_FILE)
-    raise FileNotFoundError(f"{directory} holds no {', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}")
+    # save_pretrained and fit's checkpoints write weights only: the model's tokenizer is saved beside them apart
+    raise FileNotFoundError(f"{directory} holds no {', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}: "
+                            "save_pretrained and fit's checkpoints hold the weights only; copy the tokenizer of the "
+                            f"model it came from: kpro.load_tokenizer(BASE).save({str(directory)!r})")
 
 
 def pad_left(sequences: list[list[int]], pad_id: int, device=None,

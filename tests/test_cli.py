@@ -226,6 +226,15 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights_load(tmp
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tmp_path / 'ck'} holds no tokenizer.model, tokenizer.json") and \
             err.count("\n") == 1, err
+        # what to do: save_pretrained and fit's checkpoints write no tokenizer
+        assert err.endswith(f"copy the tokenizer of the model it came from: kpro.load_tokenizer(BASE)"
+                            f".save({str(tmp_path / 'ck')!r})\n"), err
+    # expand of such a checkpoint does not suggest a train-expanded that cannot run
+    assert main(["expand", str(tmp_path / "ck"), str(tmp_path / "big"), "--blocks", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "no tokenizer found to copy" in out and "next: python -m kpro train-expanded" not in out and \
+        out.endswith(f"next: copy the source model's tokenizer into {tmp_path / 'big'} (kpro.load_tokenizer(BASE)"
+                     f".save({str(tmp_path / 'big')!r})), which train-expanded tokenizes its corpus with\n"), out
     # a directory that is no checkpoint is named as such, not for its missing tokenizer
     (tmp_path / "notes").mkdir()
     assert main(["generate", str(tmp_path / "notes"), "--prompt", "ab", "--device", "cpu"]) == 1

@@ -348,10 +348,11 @@ def test_a_bad_mask_gets_the_models_message_not_a_padding_one(make_model, mask, 
 @pytest.mark.parametrize("ids, message", [
     (torch.ones(1, 0, dtype=torch.long), r"input_ids is empty \(\[B=1, T=0\]\)"),
     (torch.ones(0, 3, dtype=torch.long), r"input_ids is empty \(\[B=0, T=3\]\)"),
-    (torch.tensor([5, 6, 7]), r"input_ids must be an integer tensor \[B, T\] of prompts \(one prompt: "
-                              r"ids\[None\]\), got \(3,\)"),
+    (torch.tensor([5, 6, 7]), r"input_ids must be an integer tensor \[B, T\] of prompts \(one prompt's ids: "
+                              r"torch.tensor\(\[ids\]\)\), got \(3,\)"),
     (torch.ones(1, 3), r"input_ids must be an integer tensor \[B, T\].*torch.float32"),
     ([[5, 6, 7]], r"input_ids must be an integer tensor \[B, T\].*got list"),
+    ([5, 6, 7], r"\(one prompt's ids: torch.tensor\(\[ids\]\)\), got list"),  # the hint was ids[None]: a list's error
 ])
 def test_empty_one_dimensional_or_float_prompts_are_named(make_model, ids, message):
     with pytest.raises(ValueError, match=message):

@@ -89,7 +89,11 @@ def cmd_expand(args) -> None:
           + (f"; copied {', '.join(result.copied_files)}" if result.copied_files else "; no tokenizer found to copy"))
     if result.skipped:
         print(f"left behind: {', '.join(result.skipped)} (weights in other formats, training state, subdirectories)")
-    print(f"next: python -m kpro train-expanded {shlex.quote(str(result.directory))} --data corpus.txt")
+    if result.copied_files:  # train-expanded tokenizes its corpus with the checkpoint's own tokenizer
+        print(f"next: python -m kpro train-expanded {shlex.quote(str(result.directory))} --data corpus.txt")
+    else:
+        print(f"next: copy the source model's tokenizer into {result.directory} (kpro.load_tokenizer(BASE)"
+              f".save({str(result.directory)!r})), which train-expanded tokenizes its corpus with")
 
 
 def check_optimizer_flags(args) -> None:
