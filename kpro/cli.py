@@ -129,6 +129,11 @@ def cmd_generate(args) -> None:
     device = resolve_device(args.device)
     check_checkpoint_directory(Path(args.dir))
     tok = load_tokenizer(args.dir)  # a checkpoint without one is refused before its weights load
+    if args.chat:  # rendered before the weights load too: a checkpoint without a chat template is refused first
+        try:  # the template writes its own bos and turn markers, and the assistant's turn to answer in
+            chat_prompts = [tok.apply_chat_template([{"role": "user", "content": text}]) for text in args.prompt]
+        except ValueError as err:
+            raise ValueError(f"--chat: {err}") from None
     model = load_pretrained(args.dir, dtype=DTYPES[args.dtype], device=device)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer of {args.dir} has {tok.vocab_size} tokens but the model only "
@@ -137,7 +142,8 @@ def cmd_generate(args) -> None:
     if seed is None and args.temperature > 0:  # say the seed, so that this sample can be drawn again
         seed = secrets.randbits(31)
         print(f"sampling with --seed {seed}", file=sys.stderr)
-    prompts = tok.encode_batch(args.prompt, eos=False)  # a prompt goes on: no end of text after it
+    # a plain prompt goes on: no end of text after it
+    prompts = chat_prompts if args.chat else tok.encode_batch(args.prompt, eos=False)
     check_positions(prompts, args.max_new_tokens, model.config.max_position_embeddings)
     ids, mask = tok.pad_left(prompts, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)  # greedy takes none
@@ -156,8 +162,9 @@ def cmd_generate(args) -> None:
         if lacking is not None:
             unknown.append(f"prompt {number} generated id {new[lacking]} after {lacking} tokens")
             new = new[:lacking]
-        # Decoded whole: SentencePiece drops the leading space of a piece decoded on its own.
-        print(tok.decode(prompt + new))
+        # Decoded whole: SentencePiece drops the leading space of a piece decoded on its own. A chat answer alone:
+        # the rendered template around the question is markup.
+        print(tok.decode(new) if args.chat else tok.decode(prompt + new))
     if unknown:
         raise ValueError(f"{'; '.join(unknown)}, which the tokenizer of {args.dir} lacks (it has {tok.vocab_size} "
                          f"tokens, the model {model.config.vocab_size} embeddings): the text above stops before it")
@@ -187,6 +194,8 @@ def _add_generate(sub) -> None:
     p.add_argument("dir", type=input_path, help="checkpoint directory with its tokenizer (tokenizer.model, tokenizer.json, or a kpro "
                                "character or symbol tokenizer file)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="ask each --prompt as a user message through the checkpoint's "
+                   "chat template (an instruct model's), and print the answers only")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0, sampling")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")

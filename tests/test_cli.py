@@ -235,6 +235,11 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights_load(tmp
     assert "no tokenizer found to copy" in out and "next: python -m kpro train-expanded" not in out and \
         out.endswith(f"next: copy the source model's tokenizer into {tmp_path / 'big'} (kpro.load_tokenizer(BASE)"
                      f".save({str(tmp_path / 'big')!r})), which train-expanded tokenizes its corpus with\n"), out
+    # --chat on a checkpoint without a chat template: refused before the weights load, by the flag
+    kpro.CharTokenizer(ALPHABET).save(tmp_path / "ck")
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", "ab", "--chat", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == "error: --chat: this CharTokenizer has no chat template (a checkpoint keeps it " \
+                                      "in tokenizer_config.json as \"chat_template\", or in chat_template.jinja)\n"
     # a directory that is no checkpoint is named as such, not for its missing tokenizer
     (tmp_path / "notes").mkdir()
     assert main(["generate", str(tmp_path / "notes"), "--prompt", "ab", "--device", "cpu"]) == 1

@@ -666,6 +666,16 @@ def test_real_model_matches_transformers_gguf_loading(smollm2):
         "The capital of France is Paris")
 
 
+def test_generate_chat_asks_through_the_template_and_prints_the_answers(capsys):
+    """Without a chat template the command line gave an instruct model raw text: "What is the capital of France?"
+    got an empty answer (its first token was the end of text)."""
+    from kpro.cli import main
+    assert main(["generate", str(converted_smollm2()), "--chat", "--prompt", QUESTIONS[0], "--prompt", QUESTIONS[1],
+                 "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    answers = capsys.readouterr().out.splitlines()
+    assert len(answers) == 2 and answers[0].startswith("The capital of France is Paris") and answers[1], answers
+
+
 def test_expansion_is_an_identity_on_the_real_model():
     model = kpro.load_pretrained(converted_smollm2())
     ids = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2]])
