@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -562,7 +563,6 @@ def pytest_child(stage: str, out_dir: Path, deadline: float, args: list[str]) ->
 
 def summary_line(log_path: Path) -> str | None:
     """pytest's last summary line ("3 failed, 190 passed in 98.1s") from the log."""
-    import re
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
@@ -584,7 +584,6 @@ def pytest_error(log_path: Path) -> str:
     """Why pytest stopped, from the last attempt's output in the log: each file that failed to collect with
     the exception's last line ("ERROR collecting tests/test_x.py: ImportError: ..."), else pytest's own
     error line (an unknown option, a path not found, an internal error), else the output's last line."""
-    import re
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
