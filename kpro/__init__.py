@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING
 # Each public name and the module that defines it.
 _NAMES = {
     "Bitune": "bitune", "CheckpointError": "checkpoint", "load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
-    "ConfigError": "config", "LlamaConfig": "config", "from_gguf": "convert", "expand": "expansion",
-    "train_only": "expansion", "generate": "generation", "fit_internalization": "internalize", "KVCache": "model",
-    "Llama": "model", "CharTokenizer": "tokenizer", "JsonTokenizer": "tokenizer", "SymbolTokenizer": "tokenizer",
-    "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "pad_left": "tokenizer",
+    "ConfigError": "config", "LlamaConfig": "config", "from_gguf": "convert", "ResumeRefused": "errors",
+    "expand": "expansion", "train_only": "expansion", "generate": "generation", "fit_internalization": "internalize",
+    "KVCache": "model", "Llama": "model", "CharTokenizer": "tokenizer", "JsonTokenizer": "tokenizer",
+    "SymbolTokenizer": "tokenizer", "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "pad_left": "tokenizer",
 }
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Bitune", "CharTokenizer", "CheckpointError", "ConfigError", "JsonTokenizer", "KVCache", "Llama", "LlamaConfig",
-    "SymbolTokenizer", "Tokenizer", "bitune", "expand", "expansion", "fit_internalization", "from_gguf", "generate",
-    "instruct", "internalize",
-    "load_pretrained", "load_tokenizer", "lora", "ops", "pad_left", "save_pretrained", "train", "train_only",
+    "ResumeRefused", "SymbolTokenizer", "Tokenizer", "bitune", "expand", "expansion", "fit_internalization",
+    "from_gguf", "generate", "instruct", "internalize", "load_pretrained", "load_tokenizer", "lora", "ops", "pad_left",
+    "save_pretrained", "train", "train_only",
 ]
 
 
@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
     from .bitune import Bitune
     from .checkpoint import CheckpointError, load_pretrained, save_pretrained
     from .config import ConfigError, LlamaConfig
+    from .errors import ResumeRefused
     from .convert import from_gguf
     from .expansion import expand, train_only
     from .generation import generate

@@ -10,7 +10,15 @@ class DirectoryInUse(RuntimeError):
     """An output directory another process is running in (kpro._run_lock)."""
 
 
-class OtherSettings(CheckpointError):
+class ResumeRefused(Exception):
+    """A resume refused because the run asked for is not the checkpoint's: other settings (OtherSettings), other
+    trained parameters (OtherParameters), other data or data settings (OtherExamples, OtherSetting), a checkpoint past
+    the run's steps (PastSteps), too few plain batches to skip (TooFewBatches). Each is also the type it was before
+    this base existed (a CheckpointError or a ValueError) with its own details; `except ResumeRefused` takes them all,
+    and nothing was loaded when one is raised."""
+
+
+class OtherSettings(ResumeRefused, CheckpointError):
     """A resume refused because the run was set up otherwise than this call asks: `differences` maps each setting
     that differs, named as the message names it, to (the checkpoint's value, this call's). A command says it in its
     own terms (bitune: its flags)."""
@@ -20,7 +28,7 @@ class OtherSettings(CheckpointError):
         self.differences = differences
 
 
-class OtherParameters(CheckpointError):
+class OtherParameters(ResumeRefused, CheckpointError):
     """A resume refused because this optimizer trains other parameters than the checkpoint's did: `trained` names
     those the checkpoint's optimizer trained, `now` this one's (state-dict names). A command says it in its own
     terms (train-expanded: its --train-blocks)."""

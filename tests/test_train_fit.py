@@ -212,6 +212,38 @@ def test_resuming_a_plain_iterable_shorter_than_the_steps_done_is_named(tmp_path
         kt.fit(make_model(), iter(data[:2]), tmp_path, steps=6)
 
 
+def test_every_resume_refusal_is_a_resume_refused_and_keeps_its_old_type(tmp_path):
+    """One `except kpro.ResumeRefused` takes every refusal of a run that is not the checkpoint's, each still the
+    type it was (CheckpointError or ValueError) and carrying its details; nothing is loaded."""
+    data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(4)]
+    kt.fit(make_model(), data, tmp_path / "plain", steps=4)
+    kt.fit(make_model(), batches(), tmp_path / "batches", steps=4, lr=1e-2)
+    frozen = make_model()
+    frozen.lm_head.weight.requires_grad_(False)
+    refusals = [  # (the call, the old type, a detail the refusal carries)
+        (lambda: kt.fit(make_model(), iter(data[:2]), tmp_path / "plain", steps=6), ValueError, ("found", 2)),
+        (lambda: kt.fit(make_model(), data, tmp_path / "plain", steps=3), kpro.CheckpointError, ("step", 4)),
+        (lambda: kt.fit(make_model(), batches(), tmp_path / "batches", steps=6, lr=1e-2, clip_grad_norm=0.5),
+         kpro.CheckpointError, ("differences", {"clip_grad_norm": (1.0, 0.5)})),
+        (lambda: kt.fit(frozen, batches(), tmp_path / "batches", steps=6, lr=1e-2), kpro.CheckpointError,
+         ("now", sorted(n for n, p in frozen.named_parameters() if p.requires_grad))),
+        (lambda: kt.fit(make_model(), batches(seed=4), tmp_path / "batches", steps=6, lr=1e-2), ValueError,
+         ("setting", "seed")),
+        (lambda: kt.fit(make_model(), kt.Batches(examples(40), 8, lambda ex: kt.collate_prompt_answer(ex, pad_id=0),
+                                                 seed=3), tmp_path / "batches", steps=6, lr=1e-2), ValueError,
+         ("had", 48)),
+    ]
+    kinds = set()
+    for call, old_type, (attribute, value) in refusals:
+        with pytest.raises(kpro.ResumeRefused) as refused:
+            call()
+        assert isinstance(refused.value, old_type), refused.value
+        detail = getattr(refused.value, attribute)
+        assert (sorted(detail) if attribute == "now" else detail) == value, (type(refused.value), attribute)
+        kinds.add(type(refused.value).__name__)
+    assert kinds == {"TooFewBatches", "PastSteps", "OtherSettings", "OtherParameters", "OtherSetting", "OtherExamples"}
+
+
 def test_resuming_a_plain_iterable_run_with_batches_is_named(tmp_path):
     data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(4)]
     kt.fit(make_model(), data, tmp_path, steps=4, callbacks=[StopAt(2)])

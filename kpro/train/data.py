@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .._numbers import MAX_SEED, is_integer
+from ..errors import ResumeRefused
 from ..tokenizer import checked_ids
 from .loss import IGNORE_INDEX
 
@@ -240,7 +241,7 @@ class Batches:
         self.epoch, self.index = state["epoch"], state["index"]
 
 
-class OtherExamples(ValueError):
+class OtherExamples(ResumeRefused, ValueError):
     """A resume refused because the examples are not the checkpoint's: `had` examples then, `now` these (as many,
     where only their content differs). A command says it in its own terms (bitune: its --data and --max-length)."""
 
@@ -249,7 +250,7 @@ class OtherExamples(ValueError):
         self.had, self.now = had, now
 
 
-class OtherSetting(ValueError):
+class OtherSetting(ResumeRefused, ValueError):
     """A resume refused because a setting is not the checkpoint's run's: `setting`, the parameter's name (Batches'
     seed, batch_size, ...; TokenShards' corpus, seq_len, ...; a callback's), `had` its value then, `now` this one.
     "source": the checkpoint's batches came from another kind of source (`had` None) than this one (`now`: "Batches"

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from .._numbers import is_integer
 from .._run_lock import holding
 from ..checkpoint import CheckpointError
-from ..errors import OtherSettings
+from ..errors import OtherSettings, ResumeRefused
 from . import distributed
 from .callbacks import Callback, callback_keys, callback_states, check_metrics, load_callback_states
 from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_param_groups_loadable,
@@ -441,12 +441,20 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
     return run
 
 
-class PastSteps(CheckpointError):
+class PastSteps(ResumeRefused, CheckpointError):
     """A resume refused because the checkpoint, at `step`, is past the run's `steps`. A command says it in its flags."""
 
     def __init__(self, message: str, step: int, steps: int):
         super().__init__(message)
         self.step, self.steps = step, steps
+
+
+class TooFewBatches(ResumeRefused, ValueError):
+    """A resume refused because a plain iterable ran out after `found` of the `steps` batches it must skip."""
+
+    def __init__(self, message: str, found: int, steps: int):
+        super().__init__(message)
+        self.found, self.steps = found, steps
 
 
 # What fit's fetch of the next batch gives where it got none
@@ -588,9 +596,10 @@ def _skip_consumed(data, steps_done: int) -> None:
         try:
             next(data)
         except StopIteration:
-            raise ValueError(f"cannot resume at step {steps_done}: the batches ran out after {skipped}, and a plain "
-                             f"iterable is resumed by skipping the {steps_done} batches the checkpointed steps used; "
-                             "pass the batches of the first run (or kpro.train.Batches, which resumes exactly)") from None
+            raise TooFewBatches(f"cannot resume at step {steps_done}: the batches ran out after {skipped}, and a plain "
+                                f"iterable is resumed by skipping the {steps_done} batches the checkpointed steps used; "
+                                "pass the batches of the first run (or kpro.train.Batches, which resumes exactly)",
+                                found=skipped, steps=steps_done) from None
 
 
 def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
