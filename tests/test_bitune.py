@@ -419,7 +419,7 @@ def test_bad_input(change, message):
     ids, plens, mask, _ = batch()
     with pytest.raises(ValueError, match=message):
         bt.loss(*change(ids, plens, mask))
-    with pytest.raises(ValueError, match="token ids outside"):
+    with pytest.raises(ValueError, match=r"prompt 0\[2\] = 67 is outside the vocabulary"):
         bt.generate([[1, 2, bt.model.config.vocab_size]], 2)
 
 
@@ -455,6 +455,9 @@ def test_a_batch_given_as_streams():
     ([], 4, "needs at least one prompt"),
     ([[5, 6, 7]], -5, "max_new_tokens must be a positive integer, got -5"),  # a RuntimeError from torch.zeros before
     ([[5, 6, 7]], 2.5, "max_new_tokens must be a positive integer, got 2.5"),
+    # the model's check said "input_ids hold token ids outside [0, vocab_size=67)", naming neither prompt nor id
+    ([[5, 6], [5, 67, 7]], 4, r"Bitune.generate: prompt 1\[1\] = 67 is outside the vocabulary \[0, 67\)"),
+    ([[5, -1]], 4, r"Bitune.generate: prompt 0\[1\] = -1 is outside the vocabulary \[0, 67\)"),
     ([[5, 6, 7]], "3", "max_new_tokens must be a positive integer, got '3'"),
 ])
 def test_generation_refuses_what_it_cannot_read(prompts, max_new_tokens, message):

@@ -255,6 +255,11 @@ def test_multiple_choice_refuses_questions_it_would_score_wrongly():
         bitune.answer_log_likelihoods(model, [[1, 5]], [[6]], batch_size=0)
     with pytest.raises(ValueError, match="one answer per prompt"):
         bitune.answer_log_likelihoods(model, [[1, 5], [1, 7]], [[6]])
+    # the model's check said "input_ids hold token ids outside [0, vocab_size=67)", naming neither answer nor id
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"answer_log_likelihoods: answer 1\[0\] = {vocab} is outside the "
+                                         rf"vocabulary \[0, {vocab}\)"):
+        bitune.answer_log_likelihoods(model, [[1, 5], [1, 7]], [[6], [vocab]])
 
 
 def test_scores_that_are_not_finite_are_refused_by_answer_and_by_question():

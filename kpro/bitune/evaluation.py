@@ -39,8 +39,8 @@ def _log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Sequence[
     if len(prompts) != len(answers) or not prompts:
         raise ValueError(f"answer_log_likelihoods takes one answer per prompt, at least one: got {len(prompts)} "
                          f"prompts and {len(answers)} answers")
-    prompts, answers = (token_lists(seqs, what, "answer_log_likelihoods") for seqs, what in ((prompts, "prompt"),
-                                                                                            (answers, "answer")))
+    prompts, answers = (token_lists(seqs, what, "answer_log_likelihoods", _model_of(tuned).config.vocab_size)
+                        for seqs, what in ((prompts, "prompt"), (answers, "answer")))
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
         # A causal model scored both silently: an empty answer as log-likelihood 0 (certain), an empty prompt
         # without its answer's first token (nothing predicts it).

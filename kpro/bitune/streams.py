@@ -111,17 +111,17 @@ def answer_targets(streams: Streams) -> torch.Tensor:
     return targets.masked_fill(~valid, -100)
 
 
-def token_lists(sequences, what: str, where: str) -> list[list[int]]:
+def token_lists(sequences, what: str, where: str, vocab_size: int | None = None) -> list[list[int]]:
     """`sequences` (lists, tuples or 1-D tensors of token ids, or the rows of a 2-D tensor) as lists of Python
-    ints (`kpro.tokenizer.checked_ids` each). A flat list of ids, a string, a bool or no sequence at all is
-    refused, naming the first culprit (`what` 0, 1, … in `where`)."""
+    ints (`kpro.tokenizer.checked_ids` each, in [0, vocab_size) where given). A flat list of ids, a string, a bool
+    or no sequence at all is refused, naming the first culprit (`what` 0, 1, … in `where`)."""
     if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__iter__") or \
             (isinstance(sequences, torch.Tensor) and sequences.dim() != 2):
         raise ValueError(f"{where} takes a list of {what}s, each a sequence of token ids, got {sequences!r:.80}")
     lists = []
     for i, seq in enumerate(sequences):
         try:
-            lists.append(checked_ids(seq, None, f"{what} {i}"))
+            lists.append(checked_ids(seq, vocab_size, f"{where}: {what} {i}"))
         except TypeError:
             hint = f" (one {what}: [ids])" if not hasattr(seq, "__iter__") else ""
             raise ValueError(f"{where} takes a list of {what}s, each a sequence of token ids: {what} {i} is "

@@ -115,7 +115,7 @@ class Bitune(nn.Module):
         """New tokens for each prompt (token lists of any lengths): the three-stream prefill once, then
         cached decoding with the `causal` adapter. `sampling`: temperature, top_k, top_p, generator,
         eos_token_id, pad_token_id, stop_after_eos (as in kpro.generate)."""
-        prompts = token_lists(prompts, "prompt", "Bitune.generate")
+        prompts = token_lists(prompts, "prompt", "Bitune.generate", self.model.config.vocab_size)
         empty = next((i for i, p in enumerate(prompts) if not p), None)
         if empty is not None:
             raise ValueError(f"Bitune.generate: prompt {empty} is empty; the answer stream starts with the prompt's "
