@@ -13,6 +13,7 @@ from torch import nn
 from torch.serialization import add_safe_globals
 
 from . import ops
+from ._numbers import is_integer
 from .config import LlamaConfig, _ReadOnlyDict
 from .ops.backend import values_readable
 from .rope import RotaryEmbedding, apply_rope
@@ -267,6 +268,12 @@ class KVCache:
     """Preallocated keys and values of every layer, [B, max_len, Hkv, D] each, for cached decoding."""
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        # torch.zeros named neither (a negative size) or took a wrong one (0 rows, int64 keys) until the forward
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if not is_integer(value) or value < 1:
+                raise ValueError(f"KVCache: {name} must be a positive integer, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"KVCache: dtype must be a floating-point torch.dtype (the activations'), got {dtype!r}")
         shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]

@@ -220,6 +220,19 @@ def test_a_cache_made_for_another_model_is_named(make_model):
             model(ids, cache=kpro.KVCache(other, 1, 8, next(model.parameters()).dtype))
 
 
+@pytest.mark.parametrize("batch_size, max_len, dtype, message", [
+    (2, -1, torch.float32, "max_len must be a positive integer, got -1"),  # torch.zeros' "Dimension size" before
+    (2, 2.5, torch.float32, "max_len must be a positive integer, got 2.5"),
+    (0, 8, torch.float32, "batch_size must be a positive integer, got 0"),  # accepted, refused at the forward
+    (True, 8, torch.float32, "batch_size must be a positive integer, got True"),
+    (2, 8, torch.int64, "dtype must be a floating-point torch.dtype"),  # accepted: int64 keys
+    (2, 8, "float32", "dtype must be a floating-point torch.dtype"),
+])
+def test_a_cache_that_cannot_hold_keys_is_refused_by_its_argument(make_model, batch_size, max_len, dtype, message):
+    with pytest.raises(ValueError, match=f"KVCache: {message}"):
+        kpro.KVCache(make_model().config, batch_size, max_len, dtype)
+
+
 def test_a_cache_of_another_dtype_is_named_before_anything_is_written(make_model):
     model = make_model(dtype=torch.float32)
     ids = torch.ones(2, 3, dtype=torch.long)
