@@ -229,10 +229,13 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_before_its_weights_load(tmp
         # what to do: save_pretrained and fit's checkpoints write no tokenizer
         assert err.endswith(f"copy the tokenizer of the model it came from: kpro.load_tokenizer(BASE)"
                             f".save({str(tmp_path / 'ck')!r})\n"), err
-    # expand of such a checkpoint does not suggest a train-expanded that cannot run
+    # expand of such a checkpoint does not suggest a train-expanded that cannot run, even where it copies other
+    # files (it did on a generation_config.json)
+    (tmp_path / "ck" / "generation_config.json").write_text('{"eos_token_id": 2}')
     assert main(["expand", str(tmp_path / "ck"), str(tmp_path / "big"), "--blocks", "1"]) == 0
     out = capsys.readouterr().out
-    assert "no tokenizer found to copy" in out and "next: python -m kpro train-expanded" not in out and \
+    assert "; copied generation_config.json; no tokenizer found to copy" in out and \
+        "next: python -m kpro train-expanded" not in out and \
         out.endswith(f"next: copy the source model's tokenizer into {tmp_path / 'big'} (kpro.load_tokenizer(BASE)"
                      f".save({str(tmp_path / 'big')!r})), which train-expanded tokenizes its corpus with\n"), out
     # --chat on a checkpoint without a chat template: refused before the weights load, by the flag
@@ -822,7 +825,7 @@ def test_a_diverging_run_stops_with_one_line_naming_the_step_and_checkpoint(tmp_
 
     def diverging_adamw(model, *args, **kwargs):
         optimizer = adamw(model, *args, **kwargs)
-        # weights finite but so large that the next loss overflows: the step before is the last good checkpoint
+        # weights finite but so large that the next gradient norm overflows: the step before is the last good checkpoint
         optimizer.register_step_post_hook(lambda *_: [p.data.fill_(1e30) for p in model.parameters()])
         return optimizer
     monkeypatch.setattr(posttrain, "adamw", diverging_adamw)
@@ -892,3 +895,21 @@ def test_bitune_extends_a_finished_run_with_more_steps_and_runs_one_step(tmp_pat
     bitune.tune(kpro.Llama(tiny_config(vocab_size=13, num_hidden_layers=1)), pairs, "bitune", tmp_path / "one",
                 steps=1, batch_size=2, rank=2)
     assert [m["step"] for m in read_metrics(tmp_path / "one" / "run" / "metrics.jsonl")] == [1]
+
+
+def test_a_seed_range_in_help_is_the_range_its_command_accepts():
+    """internalize's --help said 0 to 2**63 - 1 after its check became 0 to 2**61 - 2 (a larger seed repeats a
+    smaller one's data order)."""
+    from kpro.cli import build_parser
+
+    def seed_helps(parser, path=()):
+        for action in parser._actions:
+            if "--seed" in action.option_strings:
+                yield " ".join(path), action.help
+            if isinstance(getattr(action, "choices", None), dict):
+                for name, sub in action.choices.items():
+                    yield from seed_helps(sub, (*path, name))
+    helps = dict(seed_helps(build_parser()))
+    assert "2**61 - 2" in helps["internalize"]
+    stated = {command: help for command, help in helps.items() if "2**" in help}
+    assert stated and all("0 to 2**61 - 2" in help for help in stated.values()), stated

@@ -11,7 +11,7 @@ from kpro import train as kt
 from kpro.cli import main
 
 from conftest import randomize_norms, tiny_config
-from test_train_distributed import ROOT, assert_close_losses, assert_close_models, torchrun  # noqa: F401
+from test_train_distributed import assert_close_losses, assert_close_models, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")

@@ -10,7 +10,8 @@ order is what the general task must not do, so fine-tuning the shared weights fo
 reversal; the new blocks break it too at first, since they read the general prompts as well, but with the
 original blocks frozen the expanded model re-learns it from the few general examples far sooner. A table
 shows held-out accuracy on both tasks before and after for both ways, for each seed run (`seeds`, from
-`seed` on); the two ways train side by side (`kpro.demo.parallel`), one thread each.
+`seed` on); the two ways train side by side (`kpro.demo.parallel`), one thread each, where two workers run (one
+after the other with one).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ KEPT = 0.8  # general accuracy the expanded model keeps, on every seed of the ru
 MARGIN = 0.2  # general accuracy kept: expanded minus control, on every seed of the run
 # The defaults (2 new blocks, 1,200 steps at peak lr 2e-3, 3% general examples; chosen on seeds 0 and 4, where
 # every earlier default failed on some VM) show the claim on seeds 0-9 on the Xeon VM they were measured on: kept
-# 0.84-0.98 against 0.00-0.23, margins 0.73-0.97, domain 0.99-1.00 both ways. At lr 1e-3 and 800 steps full
+# 0.84-0.98 against 0.00-0.23, margins 0.735-0.98, domain 0.99-1.00 both ways. At lr 1e-3 and 800 steps full
 # fine-tuning re-learned part of the general task as the rate decayed (seed 4 kept 0.76 against 0.73 there);
 # at 2e-3 it forgets it for good (benchmarks/RESULTS.md, "Expansion, the expansion act over seeds 0-9").
 PRETRAIN_LR, PRETRAIN_STEPS = 1e-3, 400

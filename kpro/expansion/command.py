@@ -69,6 +69,7 @@ def add_parsers(sub) -> None:
 
 def cmd_expand(args) -> None:
     from ..checkpoint import parse_size
+    from ..tokenizer import TOKENIZER_FILES
     from .checkpoint import expand_checkpoint
 
     refuse_processes("expand", "it uses no process group")
@@ -85,11 +86,15 @@ def cmd_expand(args) -> None:
     if result.earlier_new_blocks:
         print(f"the source's own new blocks, untrained per its kpro_expansion.json, are now blocks "
               f"{', '.join(map(str, result.earlier_new_blocks))}: train-expanded trains them with the new ones")
+    # train-expanded tokenizes its corpus with the checkpoint's own tokenizer (the files copied may hold none: a
+    # generation_config.json or README alone)
+    tokenizer = any((Path(result.directory) / name).is_file() for name in TOKENIZER_FILES)
     print(f"wrote {result.directory}/: {', '.join(result.weight_files)}, config.json, kpro_expansion.json"
-          + (f"; copied {', '.join(result.copied_files)}" if result.copied_files else "; no tokenizer found to copy"))
+          + (f"; copied {', '.join(result.copied_files)}" if result.copied_files else "")
+          + ("" if tokenizer else "; no tokenizer found to copy"))
     if result.skipped:
         print(f"left behind: {', '.join(result.skipped)} (weights in other formats, training state, subdirectories)")
-    if result.copied_files:  # train-expanded tokenizes its corpus with the checkpoint's own tokenizer
+    if tokenizer:
         print(f"next: python -m kpro train-expanded {shlex.quote(str(result.directory))} --data corpus.txt")
     else:
         print(f"next: copy the source model's tokenizer into {result.directory} (kpro.load_tokenizer(BASE)"

@@ -147,7 +147,7 @@ def add_parsers(sub) -> None:
                        help="raise the learning rate linearly from 0 over the first N steps (default 0: none, as the "
                             "official code; the demo's act warms up its from-scratch runs over 500)")
     train.add_argument("--seed", type=int, default=0, metavar="N",
-                       help="model initialisation, data order and removal offsets: 0 to 2**63 - 1 (default 0)")
+                       help="model initialisation, data order and removal offsets: 0 to 2**61 - 2 (default 0)")
     train.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: only at the end "
                        "and on Ctrl-C or SIGTERM)")
     train.add_argument("--keep-last", type=int, default=2, metavar="K", help="checkpoints to keep (default 2)")

@@ -102,7 +102,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if reduction == "sum":
         return total
     count = (targets != ignore_index).sum()
-    nothing = (f"linear_cross_entropy: a mean over no tokens: "
+    nothing = ("linear_cross_entropy: a mean over no tokens: "
                + (f"every one of the {targets.numel()} labels is ignore_index={ignore_index}" if targets.numel() else
                   "the batch holds no rows")
                + " (use reduction='sum' where a batch may have none)")

@@ -170,7 +170,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     precision    "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" (autocast) or "fp32"; the loss is fp32 (float64 for a
                  float64 model).
     parallel     "auto" (DDP when torchrun started several processes), "none", "ddp", "fsdp" (FSDP2, a unit per block).
-    save_every   checkpoint every that many steps; one is also written at the end and on Ctrl-C.
+    save_every   checkpoint every that many steps; one is also written at the end, on Ctrl-C or SIGTERM (or a
+                 closed progress pipe), and where the steps stop early (a batch refused, the batches run out).
     keep_last    how many checkpoints to keep.
     resume       True: continue from the newest checkpoint in out_dir if there is one; a path: from that
                  checkpoint; False: start afresh (refused if out_dir already holds checkpoints).
