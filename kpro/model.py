@@ -222,6 +222,19 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def head_is_its_weight(head: nn.Module) -> bool:
+    """Whether `head(x)` is `x @ head.weight.T` and nothing else, so that a loss may take `head.weight` in its
+    place and never make the logits (`kpro.ops.linear_cross_entropy`): a plain bias-free nn.Linear (no
+    subclass, no forward of its own) that no hook watches, neither its own nor one of torch's global module
+    hooks. A hook may change the logits (soft-capping, a temperature) or their gradient, and the fused loss,
+    which never calls the head, would leave it out silently."""
+    from torch.nn.modules import module as hooks  # torch's global module hooks live there
+    watched = (head._forward_pre_hooks, head._forward_hooks, head._backward_pre_hooks, head._backward_hooks,
+               hooks._global_forward_pre_hooks, hooks._global_forward_hooks, hooks._global_backward_pre_hooks,
+               hooks._global_backward_hooks)
+    return type(head) is nn.Linear and head.bias is None and "forward" not in vars(head) and not any(watched)
+
+
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """Refuse token ids outside the vocabulary; checked on CPU tensors with readable values only (a value
     read would sync a GPU and break a compiled graph, and fake or meta tensors hold none)."""

@@ -166,6 +166,53 @@ def test_loss_weighting_per_example_as_the_reference_or_per_token():
         bitune.tune(kpro.Llama(tiny_config()), pairs, "bitune", "unused", weighting="sample")
 
 
+def test_a_head_with_a_bias_or_a_hook_counts_in_the_losses_and_scores_as_in_the_logits():
+    """The losses and scores take lm_head.weight into the fused cross-entropy only for a plain bias-free head
+    without hooks: the bias of a head swapped in, or a hook on it (soft-capping here), was dropped silently.
+    Such a head now makes the logits, and every loss and score is that of the model's own logits."""
+    pairs = tiny_pairs(4, seed=4)
+    prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    batch = collate_prompt_answer(pairs, pad_id=0)
+    torch.manual_seed(0)
+    bt = Bitune(kpro.Llama(tiny_config(tie_word_embeddings=False)).double(), rank=2, seed=0).double()
+    torch.manual_seed(1)
+    model = kpro.Llama(tiny_config(tie_word_embeddings=False)).double()
+    lora.add_adapters(model, ["causal"], rank=2, seed=0)
+    adapted = lora.AdaptedModel(model, "causal")
+
+    def swap_head(llama, change):
+        """A biased copy of the head, or a soft-capping hook on it."""
+        if change == "hook":
+            return llama.lm_head.register_forward_hook(lambda module, args, out: 3 * torch.tanh(out / 3))
+        biased = torch.nn.Linear(48, 67, dtype=torch.float64).requires_grad_(False)
+        with torch.no_grad():
+            biased.weight.copy_(llama.lm_head.weight)
+            biased.bias.copy_(torch.linspace(-3, 3, 67))
+        llama.lm_head = biased
+
+    for change in ("hook", "bias"):
+        swap_head(bt.model, change)
+        swap_head(model, change)
+        per_row, causal_rows = [], []
+        for prompt, answer in pairs:  # each row's nll from its own logits, as in the weighting test above
+            logp = F.log_softmax(bt(torch.tensor([prompt + answer]), torch.tensor([len(prompt)]))[0], -1)
+            per_row.append(torch.stack([-logp[t, token] for t, token in enumerate(answer)]))
+            logp = F.log_softmax(adapted(torch.tensor([prompt + answer]))[0], -1)
+            causal_rows.append(torch.stack([-logp[len(prompt) - 1 + i, token] for i, token in enumerate(answer)]))
+        for rows, loss in ((per_row, bitune.bitune_loss), (causal_rows, bitune.training.lora_loss)):
+            module = bt if loss is bitune.bitune_loss else adapted
+            by_token = loss(module, batch, weighting="token")
+            torch.testing.assert_close(by_token.total / by_token.count, torch.cat(rows).mean(), msg=change)
+            by_example = loss(module, batch, weighting="example")
+            torch.testing.assert_close(by_example.total / by_example.count, torch.stack([r.mean() for r in rows]).mean())
+        torch.testing.assert_close(bt.loss(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"]),
+                                   torch.cat(per_row).mean())
+        torch.testing.assert_close(bitune.answer_log_likelihoods(bt, prompts, answers),
+                                   -torch.stack([r.sum() for r in per_row]).detach())
+        torch.testing.assert_close(bitune.answer_log_likelihoods(adapted, prompts, answers),
+                                   -torch.stack([r.sum() for r in causal_rows]).detach())
+
+
 def test_tune_weighs_examples_alike_by_default(tmp_path, monkeypatch):
     seen = []
     original = bitune.training.weighted_loss

@@ -2,6 +2,7 @@
 logits: loss and both gradients, every reduction, ignored rows, tails, half precision, V = 256k with
 logits of ±1e3, every path at logits of ±1e3 and ±1e4; the frozen head (no dW, no [V, d] buffer);
 torch.compile; and every kpro loss that uses it, down to `fit` step for step against materialised logits."""
+import contextlib
 import importlib
 import itertools
 
@@ -600,11 +601,19 @@ def prompt_answer_batches(seed=3):
     return kt.Batches(pairs, 6, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=seed)
 
 
+@contextlib.contextmanager
 def no_logits(model):
-    """Make any call of the output head an error: the loss must never compute logits."""
-    def refuse(module, args):
-        raise AssertionError("lm_head was called: the logits were materialised")
-    return model.lm_head.register_forward_pre_hook(refuse)
+    """Make any call of the output head an error: the loss must never compute logits. Not a hook on the head,
+    which makes it more than its weight, so that the losses make the logits through it."""
+    head, forward = model.lm_head, torch.nn.Linear.forward
+
+    def refuse(module, x):
+        if module is head:
+            raise AssertionError("lm_head was called: the logits were materialised")
+        return forward(module, x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Linear, "forward", refuse)
+        yield
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -613,12 +622,10 @@ def test_fit_with_the_fused_loss_equals_fit_with_materialised_logits(tmp_path, t
     runs = {}
     for name, loss_fn in (("fused", kt.lm_loss), ("materialised", materialised_lm_loss)):
         model = make_model(tie_word_embeddings=tied)
-        hook = no_logits(model) if name == "fused" else None
         # SGD: Adam's g/sqrt(v) would blow the rounding noise of near-zero gradients up
-        run = kt.fit(model, prompt_answer_batches(), tmp_path / name, steps=4, loss_fn=loss_fn, clip_grad_norm=None,
-                     optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
-        if hook is not None:
-            hook.remove()
+        with no_logits(model) if name == "fused" else contextlib.nullcontext():
+            run = kt.fit(model, prompt_answer_batches(), tmp_path / name, steps=4, loss_fn=loss_fn,
+                         clip_grad_norm=None, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
         runs[name] = [m["loss"] for m in kt.read_metrics(run.out_dir / "metrics.jsonl")], model.state_dict()
     (fused, fused_state), (materialised, materialised_state) = runs["fused"], runs["materialised"]
     assert fused == pytest.approx(materialised, rel=1e-6) and len(fused) == 4
@@ -636,8 +643,8 @@ def test_the_frozen_head_of_an_expanded_model_gets_no_weight_gradient(tmp_path, 
         real = getattr(lce.TORCH_KERNELS, name)
         monkeypatch.setattr(lce.TORCH_KERNELS, name, lambda *a, real=real, name=name: flags.append((name, *a[-2:]))
                             or real(*a))
-    no_logits(model)
-    kt.fit(model, prompt_answer_batches(), tmp_path, steps=2, lr=1e-2)
+    with no_logits(model):
+        kt.fit(model, prompt_answer_batches(), tmp_path, steps=2, lr=1e-2)
     assert flags == [("forward_with_grads", True, False)] * 2 and model.lm_head.weight.grad is None
 
 
@@ -651,10 +658,9 @@ def test_bitune_losses_use_no_logits_and_equal_the_materialised_loss():
     logits = bt(ids, plens, mask)
     targets = answer_targets(split_streams(ids, plens, mask))
     expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-    hook = no_logits(bt.model)
-    summed = bitune_loss(bt, batch)
-    mean = bt.loss(ids, plens, mask)
-    hook.remove()
+    with no_logits(bt.model):
+        summed = bitune_loss(bt, batch)
+        mean = bt.loss(ids, plens, mask)
     torch.testing.assert_close(summed.total, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(mean, expected / int((targets != -100).sum()), rtol=1e-6, atol=0)
 
@@ -669,9 +675,12 @@ def test_internalization_model_loss_equals_the_loss_of_the_logits():
     labels[:, :4] = -100
     batch = TrainingBatch(ids, mask, labels, torch.zeros(3), torch.zeros(3))
     expected = batch.loss(model(ids, mask))
-    hook = no_logits(model)
-    torch.testing.assert_close(batch.model_loss(model), expected, rtol=1e-6, atol=0)
-    hook.remove()
+    with no_logits(model):
+        torch.testing.assert_close(batch.model_loss(model), expected, rtol=1e-6, atol=0)
+    # a head that is more than its weight (a soft-capping hook) makes the logits, as the model's forward
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: 3 * torch.tanh(out / 3))
+    torch.testing.assert_close(batch.model_loss(model), batch.loss(model(ids, mask)), rtol=1e-6, atol=0)
+    handle.remove()
 
 
 def test_lm_loss_finds_the_head_through_wrappers_and_falls_back_to_logits():
@@ -684,9 +693,8 @@ def test_lm_loss_finds_the_head_through_wrappers_and_falls_back_to_logits():
     ids = torch.randint(3, 67, (2, 9))
     batch = {"input_ids": ids, "labels": ids}
     expected = materialised_lm_loss(adapted, batch)
-    hook = no_logits(model)
-    fused = kt.lm_loss(adapted, batch)
-    hook.remove()
+    with no_logits(model):
+        fused = kt.lm_loss(adapted, batch)
     torch.testing.assert_close(fused.total, expected.total, rtol=1e-6, atol=0)
 
     class Other(torch.nn.Module):  # not a kpro Llama: asked for its logits, as before

@@ -319,6 +319,44 @@ def test_lm_loss_returns_sum_and_count(make_model):
 
 
 
+def test_lm_loss_runs_a_head_with_hooks_a_bias_or_a_forward_of_its_own_as_the_model_does(make_model):
+    """lm_loss fuses lm_head.weight into the loss only for a plain bias-free nn.Linear without hooks: a hook on
+    the head (soft-capping here), torch's global ones, or the bias of a head swapped in were dropped silently.
+    Such a head now makes the logits, as model(ids) does, and the loss is that of the model's own logits."""
+    model = make_model(tie_word_embeddings=False)
+    batch = kt.collate_prompt_answer([([1, 5, 6, 9], [7, 8]), ([1, 9], [4, 3, 11])], pad_id=0)
+
+    def expected():
+        return kt.causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], reduction="sum")
+
+    assert kt.loss.output_head_weight(model) is model.lm_head.weight  # plain: fused
+    calls = []
+    for register in (model.lm_head.register_forward_hook, torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda module, args, out: calls.append(1) or 3 * torch.tanh(out / 3)
+                          if module is model.lm_head else None)
+        try:
+            assert kt.loss.output_head_weight(model) is None
+            torch.testing.assert_close(kt.lm_loss(model, batch).total, expected())
+            assert len(calls) == 2  # the loss's call and expected()'s
+        finally:
+            handle.remove()
+        calls.clear()
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    torch.testing.assert_close(kt.lm_loss(model, batch).total, expected())
+    handle.remove()
+
+    old = model.lm_head
+    model.lm_head = torch.nn.Linear(48, 67, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(old.weight)
+        model.lm_head.bias.copy_(torch.linspace(-4, 3, 67))
+    torch.testing.assert_close(kt.lm_loss(model, batch).total, expected())
+    model.lm_head = old
+    old.forward = lambda x: torch.nn.functional.linear(x, old.weight) / 2  # a forward of its own
+    assert kt.loss.output_head_weight(model) is None
+    torch.testing.assert_close(kt.lm_loss(model, batch).total, expected())
+
+
 def test_the_losses_trace_under_fake_and_meta_tensors_with_their_checks_kept(make_model):
     """The padding check and the mean's count of loss tokens read values outside torch.compile only: under
     FakeTensorMode (memory estimates) and make_fx(tracing_mode="fake") they failed with a data-dependent

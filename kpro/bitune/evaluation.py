@@ -11,10 +11,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import lora, ops
+from .. import lora
 from ..generation import DECODE_OPTIONS, check_decoding, generate
 from ..tokenizer import checked_ids
-from ..train.loss import output_head_weight
+from ..train.loss import head_cross_entropy, output_head_weight
 from .data import (PROMPT_TEMPLATE, MultipleChoice, check_multiple_choice, check_positions, encode_pair,
                    multiple_choice_prompt)
 from .streams import answer_targets, right_pad, split_streams, token_lists
@@ -61,16 +61,17 @@ def _log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Sequence[
         ids, lens = right_pad(rows, 0, device=device)
         mask = (torch.arange(ids.shape[1], device=device) < lens[:, None]).long()
         plens = torch.tensor(prompt_lens, device=device)
+        # the head's weight where it is nothing more (no logits in memory), else the logits through the head
+        head = output_head_weight(tuned.model if isinstance(tuned, Bitune) else tuned)
         if isinstance(tuned, Bitune):
-            hidden, head = tuned(ids, plens, mask, head=False), tuned.model.lm_head.weight
+            out = tuned(ids, plens, mask, head=head is None)
             targets = answer_targets(split_streams(ids, plens, mask))
         else:  # causal: position t predicts token t + 1; score the answer tokens
-            hidden, head = tuned(ids, mask, head=False)[:, :-1], output_head_weight(tuned)
+            out = tuned(ids, mask, head=head is None)[:, :-1]
             positions = torch.arange(ids.shape[1] - 1, device=device)
             scored = (positions >= plens[:, None] - 1) & (positions < lens[:, None] - 1)
             targets = ids[:, 1:].masked_fill(~scored, -100)
-        # -log P(token) of every answer token from the hidden states and the head: no logits in memory
-        nll = ops.linear_cross_entropy(hidden, head, targets, ignore_index=-100, reduction="none")
+        nll = head_cross_entropy(out, head, targets, reduction="none")  # -log P(token) of every answer token
         scores.append(-nll.double().sum(-1))
     return torch.cat(scores)
 

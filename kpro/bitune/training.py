@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._numbers import is_integer
-from .. import adapters, lora, ops
+from .. import adapters, lora
 from .._run_lock import holding
 from ..distributed import current_env, main_decides, on_main
 from ..errors import CheckpointError, OtherSettings
@@ -28,7 +28,7 @@ from ..train import (Batches, Callback, LossSum, Schedule, adamw, checkpoint_ste
                      latest_checkpoint)
 from ..train.checkpointing import saved_schedule
 from ..train.data import check_special_id
-from ..train.loss import next_token_targets, output_head_weight
+from ..train.loss import head_cross_entropy, next_token_targets, output_head_weight
 from .data import check_pairs
 from .streams import answer_targets, split_streams
 from .wrapper import Bitune
@@ -41,33 +41,38 @@ SETTINGS_FILE = "tune_settings.json"  # in each checkpoint of out_dir/run: the s
 def bitune_loss(module, batch: dict, weighting: str = "token") -> LossSum:
     """fit's loss for a Bitune module: cross-entropy over the answer tokens, through the module's forward
     (so DDP/FSDP wrappers see the call), from the answer stream's hidden states and the head's weight
-    (`kpro.ops.linear_cross_entropy`): no logits in memory, and no gradient for the frozen head.
+    (`kpro.ops.linear_cross_entropy`): no logits in memory, and no gradient for the frozen head. A head that
+    is more than its weight (a bias, hooks: `kpro.model.head_is_its_weight`) makes the logits instead.
     `weighting`: "token" (every answer token of the step alike) or "example" (each example's mean, then
     the mean over the step's examples, as the reference)."""
-    hidden = module(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"], head=False)
-    targets = answer_targets(split_streams(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"]))
     bitune = module.module if isinstance(module, DistributedDataParallel) else module
+    fused = output_head_weight(bitune.model) is not None
+    out = module(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"], head=not fused)
+    targets = answer_targets(split_streams(batch["input_ids"], batch["prompt_lens"], batch["attention_mask"]))
     # The weight is read after the forward: an FSDP model holds it unsharded only from its forward on.
-    return weighted_loss(hidden, bitune.model.lm_head.weight, targets, weighting)
+    return weighted_loss(out, output_head_weight(bitune.model) if fused else None, targets, weighting)
 
 
 def lora_loss(module, batch: dict, weighting: str = "token") -> LossSum:
     """fit's loss for plain LoRA (a causal model) with either weighting: position t predicts token t + 1,
-    and only the answer tokens (labels != -100) count."""
-    hidden = module(batch["input_ids"], batch.get("attention_mask"), head=False)
+    and only the answer tokens (labels != -100) count. Fused with the head's weight as `bitune_loss`."""
+    fused = output_head_weight(module) is not None
+    out = module(batch["input_ids"], batch.get("attention_mask"), head=not fused)
     targets = next_token_targets(batch["labels"])
-    return weighted_loss(hidden, output_head_weight(module), targets, weighting)
+    return weighted_loss(out, output_head_weight(module) if fused else None, targets, weighting)
 
 
-def weighted_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, weighting: str) -> LossSum:
+def weighted_loss(out: torch.Tensor, head_weight: torch.Tensor | None, targets: torch.Tensor,
+                  weighting: str) -> LossSum:
     """The cross-entropy of `targets` [B, T] (-100: no loss) as a LossSum that `fit` averages over the step:
-    summed over tokens ("token"), or each row's mean summed over the rows that have targets ("example")."""
+    summed over tokens ("token"), or each row's mean summed over the rows that have targets ("example").
+    `out`: hidden states with the head's weight, or, with `head_weight` None, logits (`head_cross_entropy`)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
     if weighting == "token":
-        total = ops.linear_cross_entropy(hidden, head_weight, targets, ignore_index=-100, reduction="sum")
+        total = head_cross_entropy(out, head_weight, targets, reduction="sum")
         return LossSum(total, (targets != -100).sum())
-    nll = ops.linear_cross_entropy(hidden, head_weight, targets, ignore_index=-100, reduction="none")
+    nll = head_cross_entropy(out, head_weight, targets, reduction="none")
     tokens = (targets != -100).sum(1)
     rows = tokens > 0
     return LossSum((nll.sum(1)[rows] / tokens[rows]).sum(), rows.sum())

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import adapters, lora, ops
 from ..errors import CheckpointError
 from ..generation import DECODE_OPTIONS, check_decoding, decode
-from ..model import KVCache, Llama, activation_dtype, check_token_ids
+from ..model import KVCache, Llama, activation_dtype, check_token_ids, head_is_its_weight
 from .passes import MODES, fused_passes, separate_passes
 from .streams import Streams, answer_targets, right_pad, split_streams, token_lists
 
@@ -92,11 +93,16 @@ class Bitune(nn.Module):
     def loss(self, input_ids: torch.Tensor | Streams, prompt_lens: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, *, fused: bool | None = None) -> torch.Tensor:
         """Mean cross-entropy (fp32) over the answer tokens of the batch, fused with the output head
-        (`kpro.ops.linear_cross_entropy`: no logits in memory, no gradient for the frozen head). The batch
-        as in `forward`: ids, prompt lengths and mask, or its streams."""
+        (`kpro.ops.linear_cross_entropy`: no logits in memory, no gradient for the frozen head). A head that
+        is more than its weight (a bias, hooks: `kpro.model.head_is_its_weight`) makes the logits instead, as
+        `forward` does. The batch as in `forward`: ids, prompt lengths and mask, or its streams."""
         streams = self._streams(input_ids, prompt_lens, attention_mask)
         hidden = self._answer_hidden(streams, fused)
-        return ops.linear_cross_entropy(hidden, self.model.lm_head.weight, answer_targets(streams), ignore_index=-100)
+        targets = answer_targets(streams)
+        if head_is_its_weight(self.model.lm_head):
+            return ops.linear_cross_entropy(hidden, self.model.lm_head.weight, targets, ignore_index=-100)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # as linear_cross_entropy computes
+        return F.cross_entropy(self.model.lm_head(hidden).flatten(0, 1).to(dtype), targets.flatten(), ignore_index=-100)
 
     @staticmethod
     def _streams(batch, prompt_lens, attention_mask) -> Streams:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.data import check_special_id
-from ..train.loss import causal_lm_loss_from_hidden, output_head_weight
+from ..train.loss import causal_lm_loss, causal_lm_loss_from_hidden, output_head_weight
 from .schedule import RemovalSchedule
 from .tokenization import IGNORE_INDEX, TokenizedExample
 
@@ -56,7 +56,10 @@ class TrainingBatch:
 
     def model_loss(self, model) -> torch.Tensor:
         """The same mean loss straight from a kpro.Llama (or a model wrapping one, as `kpro.train.lm_loss`
-        takes it), from its final hidden states and head weight: no logits in memory, as in training."""
+        takes it), from its final hidden states and head weight: no logits in memory, as in training. A head
+        that is more than its weight (a bias, hooks) makes the logits, as `lm_loss` does."""
+        if output_head_weight(model) is None:
+            return causal_lm_loss(model(self.input_ids, self.attention_mask), self.labels)
         return causal_lm_loss_from_hidden(model(self.input_ids, self.attention_mask, head=False),
                                           output_head_weight(model), self.labels)
 

@@ -5,7 +5,7 @@ Labels are aligned with `input_ids` (the Hugging Face convention): the logits at
 
 `causal_lm_loss` takes logits; `causal_lm_loss_from_hidden` takes the final hidden states and the head's
 weight and never makes the logits (`kpro.ops.linear_cross_entropy`). `lm_loss`, fit's default, takes the
-second way on a kpro.Llama.
+second way on a kpro.Llama whose head is its weight alone (`kpro.model.head_is_its_weight`), else the first.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import lora, ops
-from ..model import Llama
+from ..model import Llama, head_is_its_weight
 from ..ops.backend import values_readable
 
 IGNORE_INDEX = -100
@@ -118,7 +118,9 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, 
 
 def output_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
     """The head weight of the kpro.Llama that `model` is, or wraps transparently (DDP, torch.compile, a
-    `lora.AdaptedModel`), so its forward takes `head=False`; None for any other model."""
+    `lora.AdaptedModel`), so its forward takes `head=False`, for a loss to take with those hidden states in
+    place of the logits. None for any other model, and for a head that is more than its weight (a bias, hooks,
+    another module: `kpro.model.head_is_its_weight`): the logits must then come from the model's forward."""
     while not isinstance(model, Llama):
         if isinstance(model, DistributedDataParallel):
             model = model.module
@@ -128,15 +130,31 @@ def output_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
             model = model._orig_mod
         else:
             return None
-    return model.lm_head.weight
+    return model.lm_head.weight if head_is_its_weight(model.lm_head) else None
+
+
+def head_cross_entropy(out: torch.Tensor, head_weight: torch.Tensor | None, targets: torch.Tensor, *,
+                       reduction: str) -> torch.Tensor:
+    """The cross-entropy of `targets` (IGNORE_INDEX: none) as `kpro.ops.linear_cross_entropy` computes it from
+    the hidden states `out` and `head_weight` (`output_head_weight`); with `head_weight` None, `out` are the
+    logits the model's own head made, taken the same way (fp32, float64 for float64; "sum" or "none")."""
+    if head_weight is not None:
+        return ops.linear_cross_entropy(out, head_weight, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none' for logits, got {reduction!r}")
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    nll = F.cross_entropy(out.flatten(0, -2).to(dtype), targets.flatten().long(), ignore_index=IGNORE_INDEX,
+                          reduction=reduction)
+    return nll.view(targets.shape) if reduction == "none" else nll
 
 
 def lm_loss(model: torch.nn.Module, batch: dict) -> LossSum:
     """fit's default loss: the model's next-token loss over a batch {input_ids, labels, attention_mask?}.
 
-    On a kpro.Llama (alone, under DDP or FSDP, or adapted with LoRA) the loss comes from the final hidden
-    states and the head's weight (`causal_lm_loss_from_hidden`): the logits are never made. Any other
-    model is called for its logits (`causal_lm_loss`).
+    On a kpro.Llama (alone, under DDP or FSDP, or adapted with LoRA) whose lm_head is a plain bias-free
+    nn.Linear without hooks, the loss comes from the final hidden states and the head's weight
+    (`causal_lm_loss_from_hidden`): the logits are never made. Any other model, or head, is called for its
+    logits (`causal_lm_loss`), so a hook or bias on the head counts as in the model's own forward.
     """
     if not isinstance(batch, Mapping):  # a dict, or a mapping such as Hugging Face's BatchEncoding
         raise TypeError(f"lm_loss, fit's default loss, takes dict batches {{input_ids, labels, attention_mask?}}, got "
