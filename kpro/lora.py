@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._numbers import is_integer
 
@@ -119,6 +120,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linear layers (LLaMA has none)")
+        if parametrize.is_parametrized(base):  # its weight is computed: the parameter behind it would not be frozen
+            raise ValueError("LoRALinear wraps plain weights, and this layer's is parametrized: remove the "
+                             "parametrization first (torch.nn.utils.parametrize.remove_parametrizations)")
         rank, alpha = check_rank_alpha(rank, alpha)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -506,13 +510,26 @@ def add_adapters(model: nn.Module, names: Sequence[str], rank: int = 8, alpha: f
     if biased:  # checked before any layer is wrapped or frozen
         raise ValueError(f"{len(biased)} target linear layer(s) have a bias (first: {biased[0]}); LoRA wraps bias-free "
                          "ones only (LLaMA has none): give targets without a bias")
+    parametrized = [f"{path}.{child_name}" for path, _, child_name, child in found if parametrize.is_parametrized(child)]
+    if parametrized:  # LoRALinear would take (and fail to freeze) the computed weight, not the parameter behind it
+        raise ValueError(f"{len(parametrized)} target linear layer(s) have a parametrized weight (first: "
+                         f"{parametrized[0]}); LoRA wraps plain weights only: remove the parametrization first "
+                         "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') keeps its current "
+                         "value), or give targets without one")
     if seed is not None and not (is_integer(seed) and 0 <= seed < 2 ** 63):  # the CLI's range (-1 wrapped to 2**64 - 1)
         raise ValueError(f"seed must be an integer from 0 to 2**63 - 1 (or None: the global RNG), got {seed!r}")
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    wrapped = []
-    for path, module, child_name, child in found:
-        setattr(module, child_name, LoRALinear(child, names, rank, alpha, generator))
-        wrapped.append(f"{path}.{child_name}")
+    wrapped, flags = [], {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for path, module, child_name, child in found:
+            setattr(module, child_name, LoRALinear(child, names, rank, alpha, generator))
+            wrapped.append(f"{path}.{child_name}")
+    except BaseException:  # (out of memory, say) the layers wrapped so far put back: a retry can adapt the model
+        for _, module, child_name, child in found[:len(wrapped)]:
+            setattr(module, child_name, child)
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags[name])
+        raise
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return wrapped

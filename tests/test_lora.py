@@ -505,6 +505,50 @@ def test_a_target_layer_with_a_bias_is_named_before_any_layer_is_wrapped():
     assert lora.add_adapters(model, ["a"], rank=2, targets=["q_proj"]) == ["layers.0.q_proj", "layers.1.q_proj"]
 
 
+class Scale(nn.Module):
+    def forward(self, w):
+        return w * 1.0
+
+
+def test_a_parametrized_target_layer_is_named_before_any_layer_is_wrapped():
+    """A parametrized weight (torch.nn.utils.parametrize) was met inside the wrapping loop: LoRALinear took the
+    computed tensor and failed to freeze it with torch's "leaf variables" error, naming no layer; the layers
+    before were wrapped already, nothing frozen, and a retry was refused as "has LoRA adapters already"."""
+    model = kpro.Llama(tiny_config())
+    layer = model.layers[1].self_attn.q_proj
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Scale())
+    with pytest.raises(ValueError, match=r"1 target linear layer\(s\) have a parametrized weight \(first: "
+                                         r"layers.1.self_attn.q_proj\).*remove_parametrizations"):
+        lora.add_adapters(model, ["a"], rank=2, targets=["q_proj"])
+    assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="LoRALinear wraps plain weights, and this layer's is parametrized"):
+        lora.LoRALinear(layer, ["a"], rank=2, alpha=1.0)
+    torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
+    assert len(lora.add_adapters(model, ["a"], rank=2, targets=["q_proj"])) == 2
+
+
+def test_a_failure_while_wrapping_leaves_the_model_as_it_was(monkeypatch):
+    """Any other error in the wrapping loop (here the second layer's) puts back the layers wrapped before it,
+    themselves, with their requires_grad flags, so that a retry can adapt the model."""
+    model = kpro.Llama(tiny_config())
+    originals = [block.self_attn.q_proj for block in model.layers]
+    model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    real, made = lora.Adapter, []
+
+    def fail_second(*args, **kwargs):  # the second layer's adapter
+        if made:
+            raise MemoryError("out of memory")
+        made.append(real(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(lora, "Adapter", fail_second)
+    with pytest.raises(MemoryError):
+        lora.add_adapters(model, ["a"], rank=2, targets=["q_proj"])
+    monkeypatch.undo()
+    assert [block.self_attn.q_proj for block in model.layers] == originals and not lora.lora_layers(model)
+    assert [name for name, p in model.named_parameters() if not p.requires_grad] == ["layers.0.self_attn.q_proj.weight"]
+    assert len(lora.add_adapters(model, ["a"], rank=2, targets=["q_proj"])) == 2
+
+
 def adapted_model(names=("a",), seed=0):
     """A float64 tiny model with adapters `names`, each changing it (B not zero)."""
     torch.manual_seed(seed)
