@@ -63,7 +63,9 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 def dtype_kept(params: Sequence[tuple[nn.Module, str]], dtype: Callable[[], torch.dtype]):
     """Around a module's `_apply` (`.to(torch.bfloat16)`, `.half()`): each parameter `getattr(owner, name)` of
     `params` ends in `dtype()` (read after the cast), converted from its own values and gradient rather than
-    rounded through the cast's dtype on the way."""
+    rounded through the cast's dtype on the way. A parameter that torch.nn.utils.parametrize computes is kept
+    through the original(s) it is computed from (setting the computed tensor's .data would not reach them)."""
+    params = [held for owner, name in params for held in _held_at(owner, name)]
     saved = [(owner, name, getattr(owner, name).data, getattr(owner, name).grad) for owner, name in params]
     saved = [(owner, name, data, None if grad is None else grad.data) for owner, name, data, grad in saved]
     yield  # (the cast swaps the .data of a parameter and of its gradient: these references keep the old values)
@@ -74,6 +76,15 @@ def dtype_kept(params: Sequence[tuple[nn.Module, str]], dtype: Callable[[], torc
             param.data = data.to(param.device, want)
             if grad is not None and param.grad is not None:
                 param.grad.data = grad.to(param.grad.device, want)
+
+
+def _held_at(owner: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
+    """Where parameter `owner.name` is held: on `owner`, or, for a parametrized one, the parameters it is
+    computed from (`owner.parametrizations[name].original`, or `original0`, `original1`... for several)."""
+    if not parametrize.is_parametrized(owner, name):
+        return [(owner, name)]
+    originals = owner.parametrizations[name]
+    return [(originals, attr) for attr, _ in originals.named_parameters(recurse=False)]
 
 
 class Adapter(nn.Module):

@@ -361,6 +361,29 @@ def test_adapters_stay_fp32_and_unrounded_when_the_model_is_cast_after_they_were
     assert all(p.dtype == torch.float64 for p in model.parameters())
 
 
+def test_a_parametrized_adapter_factor_stays_fp32_when_the_model_is_cast():
+    """dtype_kept set .data on lora_A.weight, which under torch.nn.utils.parametrize is a computed tensor: the
+    parameter behind it (parametrizations.weight.original) went to fp16 with the model, lora_B stayed fp32, and
+    the next forward with the adapter failed on the mixed dtypes. The original is kept now, unrounded."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config())
+    lora.add_adapters(model, ["a"], rank=2, seed=0)
+    layer = model.layers[0].self_attn.q_proj
+    torch.nn.utils.parametrize.register_parametrization(layer.a.lora_A, "weight", Scale())
+    original = layer.a.lora_A.parametrizations.weight.original
+    with torch.no_grad():
+        original.normal_()
+        layer.a.lora_B.weight.normal_()
+    original.grad = torch.randn_like(original)
+    before = original.detach().clone(), original.grad.clone()
+    model.half()
+    original = layer.a.lora_A.parametrizations.weight.original
+    assert original.dtype == original.grad.dtype == layer.a.lora_B.weight.dtype == torch.float32
+    assert torch.equal(original, before[0]) and torch.equal(original.grad, before[1])  # not rounded on the way
+    with lora.active(model, "a"):
+        assert model(torch.tensor([[3, 4, 5]])).dtype == torch.float16
+
+
 def test_a_copy_of_a_merged_model_runs_and_refuses_as_the_original():
     """copy.deepcopy of a merged layer refused to run ("changed after it was merged"): the copy's version
     counters start afresh."""
