@@ -90,8 +90,8 @@ class Run:
                              "model the factory is given")
         frozen = [names[id(p)] for p in held if not p.requires_grad]
         if frozen:
-            raise ValueError(f"the optimizer holds {len(frozen)} frozen parameter(s) ({', '.join(frozen[:4])}"
-                             f"{', ...' if len(frozen) > 4 else ''}); give it only parameters with requires_grad")
+            raise ValueError(f"the optimizer holds {len(frozen)} frozen parameter(s) ({_listed(frozen)}); give it only "
+                             "parameters with requires_grad")
         remember_peak_lr(optimizer)
         # A NumPy eps or lr would go into every checkpoint, which no resume could load: refused before it trains
         check_param_groups_loadable(optimizer)
@@ -108,7 +108,7 @@ class Run:
         left_out = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in optimized]
         if left_out:
             raise ValueError(f"{len(left_out)} trainable parameter(s) are not in the optimizer "
-                             f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}): freeze them "
+                             f"({_listed(left_out)}): freeze them "
                              "(requires_grad False), or call run.reset_optimizer() after changing which parameters "
                              "train")
 
@@ -124,7 +124,7 @@ class Run:
         now = self._trainable()
         if now == self._ddp_trainable:
             return
-        changes = [f"{what} since: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}" for what, names in
+        changes = [f"{what} since: {_listed(names)}" for what, names in
                    (("made trainable", sorted(now - self._ddp_trainable)),
                     ("frozen", sorted(self._ddp_trainable - now))) if names]
         raise ValueError(f"the parameters that train changed after DDP wrapped the model at the start of fit "
