@@ -556,7 +556,7 @@ def _settings_differences(checkpoint: Path, state: dict, settings: dict, env) ->
     saved, schedule = recorded.get("schedule"), settings["schedule"]
     differences = {}
     if isinstance(saved, dict) and isinstance(schedule, dict):
-        differences |= {f"schedule {key}": (saved.get(key), schedule.get(key))
+        differences |= {_setting_name("schedule", key): (saved.get(key), schedule.get(key))
                         for key in sorted(set(saved) | set(schedule))
                         if key != "total_steps" and saved.get(key) != schedule.get(key)}
     differences |= {key: (recorded[key], value) for key, value in settings.items()
@@ -571,7 +571,7 @@ def _settings_differences(checkpoint: Path, state: dict, settings: dict, env) ->
     as_saved = "trained_params" in state
     if len(groups) != len(settings["param_groups"]) and "param_groups" in recorded and as_saved:
         differences["optimizer param groups"] = (len(groups), len(settings["param_groups"]))
-    differences |= {f"optimizer param group {i} {'parameter count' if key == 'params' else key}": (saved[key], value)
+    differences |= {_setting_name(i, key): (saved[key], value)
                     for i, (now, saved) in enumerate(zip(settings["param_groups"], groups))
                     for key, value in now.items() if key in saved and saved[key] != value
                     and (as_saved or key != "params")}
@@ -937,13 +937,20 @@ def _flat_settings(settings: dict) -> dict:
     for key, value in settings.items():
         if key == "param_groups":
             flat["optimizer param groups"] = len(value)
-            flat.update({f"optimizer param group {i} {'parameter count' if name == 'params' else name}": item
-                         for i, group in enumerate(value) for name, item in group.items()})
+            flat.update({_setting_name(i, name): item for i, group in enumerate(value) for name, item in group.items()})
         elif key == "schedule" and isinstance(value, dict):
-            flat.update({f"schedule {name}": item for name, item in value.items()})
+            flat.update({_setting_name("schedule", name): item for name, item in value.items()})
         else:
             flat[key] = value
     return flat
+
+
+def _setting_name(group: str | int, key: str) -> str:
+    """A key of the schedule (group "schedule") or of param group `group` (its index), as both the resume's and
+    torchrun's refusals name it: "schedule warmup_steps", "optimizer param group 0 parameter count"."""
+    if group == "schedule":
+        return f"schedule {key}"
+    return f"optimizer param group {group} {'parameter count' if key == 'params' else key}"
 
 
 def _describe(schedule) -> str:
