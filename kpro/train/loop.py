@@ -980,7 +980,7 @@ def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_e
         raise ValueError(f"save_every must be a positive integer or None, got {save_every!r}")
     if not _positive_int(keep_last):
         raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
-    if log_every is not None and not _positive_int(log_every):  # 0 fell back to the default, -2 meant 2
+    if log_every is not None and not _positive_int(log_every):  # on every process: only rank 0 makes the progress line
         raise ValueError(f"log_every must be a positive integer or None (every 5% of the run), got {log_every!r}")
     if not isinstance(resume, (bool, str, os.PathLike)) and resume is not None:
         raise TypeError(f"resume must be True, False or the path of a checkpoint, got {resume!r}")
@@ -990,7 +990,7 @@ def _check_args(optimizer, lr, weight_decay, grad_accum, clip, precision, save_e
 
 def _check_callbacks(callbacks) -> list[Callback]:
     """`callbacks` as a list of `Callback` instances, refused before anything is written: fit calls every hook, so a
-    class (not an instance) or an object of some hooks only failed in the first hook it lacked, out_dir made."""
+    class (not an instance) or an object of some hooks would fail only at the first hook it lacks, out_dir made."""
     if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
         raise TypeError(f"callbacks must be a list of kpro.train.Callback instances, got a {type_name(callbacks)}")
     callbacks = list(callbacks)
@@ -1040,7 +1040,7 @@ def _checkpoint_to_resume(out_dir: Path, resume) -> Path | None:
                                   "pass resume=True to continue that run, or choose another directory")
         return None
     path = Path(resume)
-    if path.is_file():  # a file of a checkpoint (trainer_state.pt, say): reported as missing before
+    if path.is_file():  # a file of a checkpoint (trainer_state.pt, say): "does not exist" below would mislead
         raise NotADirectoryError(f"resume={str(path)!r} is a file; pass the checkpoint directory (step-XXXXXXXX)"
                                  + (f", {path.parent}" if STEP_DIR.fullmatch(path.parent.name) else ""))
     if not path.is_dir():
