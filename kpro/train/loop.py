@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -636,7 +636,7 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
 
     Returns (the step's global loss, the gradient norm before clipping, whether any process was interrupted).
     """
-    env, train_model, optimizer = run.env, run.train_model, run.optimizer
+    env, optimizer = run.env, run.optimizer
     run.check_optimizer_covers_the_trainable()
     # Gradients left from before fit (a check's backward) or by a callback since the last step (a probe's backward
     # in on_step_end or on_batch) would add to this step's
@@ -648,9 +648,33 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
     except (TypeError, ValueError) as err:
         # Saving the steps done is a collective, which processes whose batches did split would not join
         raise _RefusedBatch(err) if env.world_size == 1 else err
+    totals, counts, summed = _backward_micro_batches(run, micro_batches, loss_fn, grad_accum, autocast, device)
+    changed = _ddp_idle_changes(run)
+    stats = _reduce_step_stats(run, batch, totals, counts, changed, interrupt_requested, per_process)
+    _check_processes_agree(run, stats, changed)
+    if summed:
+        _scale_to_token_mean(run, stats.count)
+    loss = stats.total / stats.count
+    if not math.isfinite(loss):
+        _stop(run, optimizer, f"the loss is {loss}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if not math.isfinite(norm):  # a finite loss can still have NaN gradients: they must not reach the weights
+        _stop(run, optimizer, f"the gradient norm is {float(norm)} (the loss {loss:.6g} is finite)")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, float(norm), stats.interrupted > 0
+
+
+def _backward_micro_batches(run: Run, micro_batches: list, loss_fn, grad_accum: int, autocast,
+                            device) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """Forward/backward over this process's micro-batches; returns their loss totals and loss-token counts (1 each
+    for a scalar mean), as float64 tensors, and whether loss_fn returned LossSums."""
+    train_model = run.train_model
     totals, counts, summed = [], [], None
-    ddp = isinstance(train_model, DistributedDataParallel)
-    first_ddp_step = ddp and run._ddp_idle is None  # reduced by fit, which finds the parameters without gradient
+    # DDP's first step runs without its reduction: `_ddp_idle_changes` averages it, finding the idle parameters
+    first_ddp_step = isinstance(train_model, DistributedDataParallel) and run._ddp_idle is None
     for i, micro in enumerate(micro_batches):
         micro = _to_device(micro, device)
         with distributed.gradient_sync(train_model, i == len(micro_batches) - 1 and not first_ddp_step):
@@ -674,24 +698,52 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
         # float64: the sums, and so the logged loss, must not depend on how the batch was split
         totals.append(total.detach().double())
         counts.append(torch.as_tensor(out.count if is_sum else 1, device=total.device).double())
-    changed = set()
-    if first_ddp_step:
-        run.train_model, idle = distributed.finish_first_ddp_step(train_model, env)
+    return totals, counts, summed
+
+
+def _ddp_idle_changes(run: Run) -> set[str]:
+    """Under DDP, after the backward: at the first step, average its gradients and note which trainable parameters
+    got none; at a later one, the names of those whose having no gradient changed since (empty elsewhere). One idle
+    since would leave DDP's reduction unfinished; one idle at the first, outside DDP, would train apart."""
+    if not isinstance(run.train_model, DistributedDataParallel):
+        return set()
+    if run._ddp_idle is None:
+        run.train_model, idle = distributed.finish_first_ddp_step(run.train_model, run.env)
         run._ddp_idle = [(name, p, name in idle) for name, p in run.model.named_parameters() if p.requires_grad]
-    elif ddp:  # one idle since would leave DDP's reduction unfinished; one idle at the first, outside DDP, train apart
-        changed = {name for name, p, idle in run._ddp_idle if (p.grad is None) != idle}
-    # One collective per step: loss, loss-token count, whether any process got Ctrl-C, whether DDP's idle
-    # parameters changed on any process, and the batch's fingerprint f and f^2, whose sums over the W processes
-    # satisfy W * sum(f^2) == sum(f)^2 only where every f is the same (exact: f < 2^20).
+        return set()
+    return {name for name, p, idle in run._ddp_idle if (p.grad is None) != idle}
+
+
+class _StepStats(NamedTuple):
+    """A step's numbers summed over every process by its one collective."""
+    total: float  # of the loss: summed LossSum totals, or micro-batch means
+    count: float  # loss tokens, or micro-batches where loss_fn returns a mean
+    interrupted: float  # processes that got Ctrl-C
+    idle_changed: float  # DDP's idle parameters that changed, as each process counts them
+    fingerprints: float  # the batch fingerprints f
+    squares: float  # f^2
+
+
+def _reduce_step_stats(run: Run, batch, totals: list[torch.Tensor], counts: list[torch.Tensor], changed: set[str],
+                       interrupt_requested: Callable[[], bool], per_process: bool) -> _StepStats:
+    """One collective per step: loss, loss-token count, whether any process got Ctrl-C, whether DDP's idle
+    parameters changed on any process, and the batch's fingerprint f and f^2, whose sums over the W processes
+    satisfy W * sum(f^2) == sum(f)^2 only where every f is the same (exact: f < 2^20)."""
+    env = run.env
     fingerprint = torch.zeros((), dtype=torch.int64, device=totals[0].device)
     if env.world_size > 1 and not per_process:  # a per-process batch is this process's own rows
         fingerprint = distributed.batch_fingerprint(batch).to(totals[0].device)
     flags = torch.tensor([float(interrupt_requested()), len(changed)], device=totals[0].device, dtype=torch.float64)
     stats = torch.cat([torch.stack([torch.stack(totals).sum(), torch.stack(counts).sum()]), flags,
                        torch.stack([fingerprint, fingerprint * fingerprint]).double()])
-    stats = distributed.all_reduce_sum(stats, env).cpu()
-    total, count, interrupted, idle_changed, fingerprints, squares = stats.tolist()
-    if env.world_size * int(squares) != int(fingerprints) ** 2:
+    return _StepStats(*distributed.all_reduce_sum(stats, env).cpu().tolist())
+
+
+def _check_processes_agree(run: Run, stats: _StepStats, changed: set[str]) -> None:
+    """Refuses the step, its gradients dropped, where the processes' batches differ or DDP's idle parameters
+    changed on some process."""
+    env, optimizer = run.env, run.optimizer
+    if env.world_size * int(stats.squares) != int(stats.fingerprints) ** 2:
         optimizer.zero_grad(set_to_none=True)
         raise ValueError(f"the {env.world_size} processes passed different batches at step {run.step + 1}: fit "
                          "expects the same global batches on every process and gives each process its share of the "
@@ -699,34 +751,27 @@ def _train_step(run: Run, batch, loss_fn, grad_accum, clip, autocast, device, in
                          f"would train on 1/{env.world_size} of them; pass every process the same batches (no "
                          "DistributedSampler, the same shuffling seed; or kpro.train.Batches), or a per-process source "
                          "(kpro.train.TokenShards)")
-    if idle_changed:
+    if stats.idle_changed:
         optimizer.zero_grad(set_to_none=True)
         raise ValueError(f"the trainable parameters that get no gradient changed after the first step under DDP, at "
                          f"step {run.step + 1} ({_listed(sorted(changed)) if changed else 'on another process'}): DDP "
                          "averages the gradients of a set of parameters fixed at the first step; use "
                          "parallel='fsdp', or make the loss use the same parameters at every step")
-    if summed:
-        if count == 0:  # summed over every process: they all refuse it
-            optimizer.zero_grad(set_to_none=True)
-            raise _RefusedBatch(ValueError(no_loss_tokens_message(f"the batch of step {run.step + 1}")))
-        # Gradients hold sum-of-loss gradients, averaged over processes by DDP/FSDP: make them the mean
-        # over the step's loss tokens, whatever their spread over micro-batches and processes.
-        scale = env.world_size / count
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-    loss = total / count
-    if not math.isfinite(loss):
-        _stop(run, optimizer, f"the loss is {loss}")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if not math.isfinite(norm):  # a finite loss can still have NaN gradients: they must not reach the weights
-        _stop(run, optimizer, f"the gradient norm is {float(norm)} (the loss {loss:.6g} is finite)")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, float(norm), interrupted > 0
+
+
+def _scale_to_token_mean(run: Run, count: float) -> None:
+    """Gradients hold sum-of-loss gradients, averaged over processes by DDP/FSDP: make them the mean over the step's
+    `count` loss tokens, whatever their spread over micro-batches and processes. A step of no loss tokens is
+    refused."""
+    optimizer = run.optimizer
+    if count == 0:  # summed over every process: they all refuse it
+        optimizer.zero_grad(set_to_none=True)
+        raise _RefusedBatch(ValueError(no_loss_tokens_message(f"the batch of step {run.step + 1}")))
+    scale = run.env.world_size / count
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.mul_(scale)
 
 
 def _refuse_unsplittable(batch, run: Run, grad_accum: int, per_process: bool) -> list:
