@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, NoReturn
 
 import torch
 from torch import nn
@@ -198,12 +198,13 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     # Rank 0 holds it; a refusal there reaches every rank (on_main), none waiting in a later collective.
     with contextlib.ExitStack() as hold:
         distributed.on_main(lambda: hold.enter_context(holding(out_dir)), env, f"hold {out_dir}")
-        return _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_decay, schedule, grad_accum,
-                    clip_grad_norm, precision, parallel, save_every, keep_last, resume, callbacks, log_every,
-                    stream)
+        return _fit(model, batches, out_dir, env=env, steps=steps, loss_fn=loss_fn, optimizer=optimizer, lr=lr,
+                    weight_decay=weight_decay, schedule=schedule, grad_accum=grad_accum,
+                    clip_grad_norm=clip_grad_norm, precision=precision, parallel=parallel, save_every=save_every,
+                    keep_last=keep_last, resume=resume, callbacks=callbacks, log_every=log_every, stream=stream)
 
 
-def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_decay, schedule, grad_accum,
+def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_decay, schedule, grad_accum,
          clip_grad_norm, precision, parallel, save_every, keep_last, resume, callbacks, log_every, stream) -> Run:
     check_savable(model)  # a checkpoint refused at the first save would lose the steps before it
     model.train()
@@ -287,6 +288,13 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 set_rng_state(now)
         run._save_requested = False
 
+    def save_before_batch(step_start, callbacks_before_batch):
+        """A checkpoint of the steps done where a step's batch is refused: the data position, RNGs and callback
+        states as they were before that batch (`step_start`: `before_fetch` as the batch was fetched)."""
+        nonlocal before_fetch
+        before_fetch = step_start
+        save(callbacks_before_batch=callbacks_before_batch)
+
     def fetch():
         """The next step's batch; _RAN_OUT where the batches ran out, _INTERRUPTED where fetching failed after
         Ctrl-C (it reached the data's own workers too: a torch DataLoader's, which exit quietly), which saves the
@@ -355,23 +363,11 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 # the batch is this step's: a checkpoint from here is at this step's end
                 step_start, before_fetch = before_fetch, None
                 if not hasattr(batches, "state_dict"):
-                    rows = _batch_rows(batch)
-                    if check_rows_after_resume and None not in (rows, batch_rows) and rows != batch_rows:
-                        # the batch a refusal stopped the run at, given again: refused again as such
-                        _refuse_unsplittable(batch, run, grad_accum, per_process)
-                        raise ValueError(f"the batches have {rows} rows, the checkpoint's run had {batch_rows}: a "
-                                         f"plain iterable resumes by skipping {run.step} batches, which of another "
-                                         "size are not the examples the checkpointed steps used; resume with the first "
-                                         "run's batches (or kpro.train.Batches, which refuses another batch size by "
-                                         "name)")
-                    check_rows_after_resume, batch_rows = False, batch_rows or rows
+                    batch_rows = _plain_batch_rows(batch, batch_rows, check_rows_after_resume, run, grad_accum,
+                                                   per_process)
+                    check_rows_after_resume = False
                 before_batch = {key: copy.deepcopy(cb.state_dict()) for key, cb in batch_takers}
-                for cb in callbacks:
-                    batch = cb.on_batch(run, batch)
-                    if batch is None:
-                        raise TypeError(f"{type(cb).__qualname__}.on_batch returned None at step {run.step + 1}: it "
-                                        "must return the batch, changed or not")
-                    batch = _as_dict(batch)
+                batch = _on_batch(callbacks, run, batch)
                 lr_now = set_lr(run.optimizer, schedule, run.step)
                 start = time.perf_counter()
                 try:
@@ -379,14 +375,7 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                                                                autocast, device, lambda: interrupt.requested,
                                                                per_process)
                 except _RefusedBatch as refused:  # before the step changed a weight: the steps done are saved
-                    error = refused.error
-                    if run.step == 0:
-                        raise error from None
-                    if run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step:
-                        before_fetch = step_start  # the data position and RNGs before this step's batch
-                        save(callbacks_before_batch=before_batch)
-                    raise type(error)(f"{error} (saved {run.checkpoint}: the {run.step} steps before it; run again "
-                                      "to resume)") from None
+                    _raise_refused(run, refused.error, lambda: save_before_batch(step_start, before_batch))
                 run.step += 1
                 tokens = _count_tokens(batch) * (env.world_size if per_process else 1)  # per process: full rows
                 step_time = time.perf_counter() - start
@@ -423,10 +412,60 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                 progress.close()
             if metrics_log is not None:
                 metrics_log.close()
+    # a Ctrl-C requested during the last step's end or the final save counts: not ignored
+    _raise_if_ended_early(run, steps, reader_gone=reader_gone, interrupted=interrupted or interrupt.requested,
+                          exhausted=exhausted, ran_out_on=ran_out_on)
+    for cb in callbacks:
+        cb.on_fit_end(run)
+    return run
+
+
+def _plain_batch_rows(batch, batch_rows: int | None, check_after_resume: bool, run: Run, grad_accum: int,
+                      per_process: bool) -> int | None:
+    """A plain iterable's batch size (`batch_rows`, or this batch's rows where unknown yet); where a resume has just
+    fast-forwarded it (`check_after_resume`), a batch of other rows than the checkpoint's run had is refused."""
+    rows = _batch_rows(batch)
+    if check_after_resume and None not in (rows, batch_rows) and rows != batch_rows:
+        # the batch a refusal stopped the run at, given again: refused again as such
+        _refuse_unsplittable(batch, run, grad_accum, per_process)
+        raise ValueError(f"the batches have {rows} rows, the checkpoint's run had {batch_rows}: a "
+                         f"plain iterable resumes by skipping {run.step} batches, which of another "
+                         "size are not the examples the checkpointed steps used; resume with the first "
+                         "run's batches (or kpro.train.Batches, which refuses another batch size by "
+                         "name)")
+    return batch_rows or rows
+
+
+def _on_batch(callbacks: list[Callback], run: Run, batch):
+    """The step's batch as the callbacks' on_batch hooks, in order, transform it."""
+    for cb in callbacks:
+        batch = cb.on_batch(run, batch)
+        if batch is None:
+            raise TypeError(f"{type(cb).__qualname__}.on_batch returned None at step {run.step + 1}: it "
+                            "must return the batch, changed or not")
+        batch = _as_dict(batch)
+    return batch
+
+
+def _raise_refused(run: Run, error: Exception, save_steps_done: Callable[[], None]) -> NoReturn:
+    """Raises `error`, the refusal of a batch before its step changed a weight, once `save_steps_done` has saved
+    the steps before it (where there are some that no checkpoint holds yet), naming that checkpoint."""
+    if run.step == 0:
+        raise error from None
+    if run.checkpoint is None or checkpoint_step(run.checkpoint) != run.step:
+        save_steps_done()
+    raise type(error)(f"{error} (saved {run.checkpoint}: the {run.step} steps before it; run again "
+                      "to resume)") from None
+
+
+def _raise_if_ended_early(run: Run, steps: int, *, reader_gone: bool, interrupted: bool, exhausted: bool,
+                          ran_out_on: list[int]) -> None:
+    """Where fit's run ended before its `steps` (the steps done saved), says why by raising."""
+    env = run.env
     if reader_gone:  # nothing more can be said there; the command line ends quietly (exit status 141)
         raise BrokenPipeError(errno.EPIPE, f"the progress's reader went away: stopped at step {run.step} of {steps}, "
                               f"saved {run.checkpoint}; run again to resume")
-    if interrupted or interrupt.requested:  # requested during the last step's end or the final save: not ignored
+    if interrupted:
         if env.is_main:
             print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)
         raise KeyboardInterrupt
@@ -437,9 +476,6 @@ def _fit(model, batches, out_dir, env, steps, loss_fn, optimizer, lr, weight_dec
                          "steps= no larger than the batches hold, or use kpro.train.Batches, which reshuffles every "
                          "epoch" + ("; under torchrun every process must iterate the same global batches" if where
                                     else ""))
-    for cb in callbacks:
-        cb.on_fit_end(run)
-    return run
 
 
 class PastSteps(ResumeRefused, CheckpointError):
