@@ -1031,6 +1031,19 @@ def test_corpus_files_are_read_as_named_and_bad_ones_refused(tmp_path, capsys):
     assert tokenize(tmp_path / "empty.txt", "empty") == 0
 
 
+@pytest.mark.parametrize("workers", [0, False, True, -1, 2.5, "2"])
+def test_tokenize_corpus_refuses_a_workers_that_is_not_a_positive_int_before_out_is_created(tmp_path, workers):
+    """workers=-1, 2.5 or "2" failed in ProcessPoolExecutor naming no `workers`, after --out and an index were
+    written; 0 and False meant the default unsaid."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("abc\n\ndef\n")
+    message = rf"^workers must be a positive integer or None .*, got {re.escape(repr(workers))}$"
+    with pytest.raises(ValueError, match=message):
+        kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "out", workers=workers)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bom_opening_a_text_file_is_not_text(tmp_path):
     """A BOM (Notepad's "UTF-8" files) was stripped from .jsonl files, but tokenized at the start of every .txt
     file by `kpro tokenize` and `train-expanded` alike."""

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import _tokenize_worker as worker
+from .._numbers import is_integer
 from .._run_lock import holding
 from .._signals import sigterm_as_ctrl_c
 from .._spawn import spawn_imports_main
@@ -215,6 +216,8 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
     the arguments and returns its index. One run at a time in `out_dir` (kpro._run_lock): a second, started
     while one writes (a job submitted twice), would resume from the same index and write the same shards.
     SIGTERM (a scheduler's notice) stops it as Ctrl-C does: the shards written kept, the workers' scratch removed."""
+    if workers is not None and (not is_integer(workers) or workers < 1):  # before holding(out_dir) creates it
+        raise ValueError(f"workers must be a positive integer or None (one process per core), got {workers!r}")
     with holding(out_dir), sigterm_as_ctrl_c():
         return _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_bytes, stream)
 
