@@ -1044,6 +1044,36 @@ def test_tokenize_corpus_refuses_a_workers_that_is_not_a_positive_int_before_out
     assert not (tmp_path / "out").exists()
 
 
+class _PoolNotStarted(Exception):
+    pass
+
+
+def test_the_default_workers_are_the_cores_this_process_may_run_on(tmp_path, monkeypatch):
+    """The default counted all the machine's cores: under `taskset -c 0` it started 2 workers on 1 core, and in a
+    Slurm job given 4 cores of a 128-core node it would start 128 spawned processes, each with its tokenizer."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("abc\n\ndef\n")
+    started = []
+
+    def pool(workers, *args):
+        started.append(workers)
+        raise _PoolNotStarted
+    monkeypatch.setattr(kt.tokenize, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    with pytest.raises(_PoolNotStarted):
+        kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "three")
+    assert started == [3]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {7})
+    index = kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "one")  # in this process, no pool
+    assert index["complete"] and started == [3]
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: the machine's cores
+    with pytest.raises(_PoolNotStarted):
+        kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "all")
+    assert started == [3, 128]
+
+
 def test_a_bom_opening_a_text_file_is_not_text(tmp_path):
     """A BOM (Notepad's "UTF-8" files) was stripped from .jsonl files, but tokenized at the start of every .txt
     file by `kpro tokenize` and `train-expanded` alike."""

@@ -21,7 +21,8 @@ def add_parsers(sub) -> None:
                    help="directory for the shards (new, or an interrupted run's to resume)")
     p.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
-    p.add_argument("--workers", type=positive_int, help="tokenizing processes (default: one per CPU core)")
+    p.add_argument("--workers", type=positive_int,
+                   help="tokenizing processes (default: one per CPU core this process may run on)")
     p.set_defaults(run=cmd_tokenize)
 
 

@@ -217,7 +217,7 @@ def tokenize_corpus(tokenizer_dir, data, out_dir, *, shard_tokens: int = DEFAULT
     while one writes (a job submitted twice), would resume from the same index and write the same shards.
     SIGTERM (a scheduler's notice) stops it as Ctrl-C does: the shards written kept, the workers' scratch removed."""
     if workers is not None and (not is_integer(workers) or workers < 1):  # before holding(out_dir) creates it
-        raise ValueError(f"workers must be a positive integer or None (one process per core), got {workers!r}")
+        raise ValueError(f"workers must be a positive integer or None (one process per usable core), got {workers!r}")
     with holding(out_dir), sigterm_as_ctrl_c():
         return _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_bytes, stream)
 
@@ -230,7 +230,7 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
     tokenizer = load_tokenizer(tokenizer_dir)
     identity = tokenizer_identity(tokenizer_dir, tokenizer)
     bos_id = document_bos_id(tokenizer)  # the index's bos_id: the one framing documents, None where none does
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     check_shard_tokens(shard_tokens, identity["vocab_size"])  # before anything is written
     prepare_directory(out)
     index = read_index(out, complete=False) if is_shard_directory(out) else None
@@ -324,6 +324,14 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
     print(f"wrote {index['tokens']:,} tokens ({index['documents']:,} documents, {index['dtype']}) in "
           f"{len(index['shards'])} shard(s) to {out}/ in {format_duration(elapsed)}", file=stream)
     return index
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a Slurm job's or a container's cpuset), where the system says
+    (Linux); else all the machine's: one worker per core of a 128-core node in a job given 4 oversubscribes it."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _check_same_run(index: dict, identity: dict, bos_id: int | None, inputs: list, shard_tokens: int,
