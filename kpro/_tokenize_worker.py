@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ._files import naming_write_failures
 from .tokenizer import document_bos_id, load_tokenizer, special_token_in
 
 _TOKENIZER = None
@@ -79,8 +80,9 @@ def encode_to_file(chunk: list, path: str) -> str:
     A result of megabytes is sent in several writes, and a worker killed between two of them (the OOM killer)
     left the executor reading the rest of the message forever; a path is sent in one write under the pipe's
     atomic size, so a killed worker's result arrives whole or not at all, and the pool reports the death."""
-    with open(path, "wb") as f:
-        pickle.dump(encode(chunk), f, protocol=pickle.HIGHEST_PROTOCOL)
+    result = encode(chunk)
+    with naming_write_failures(path), open(path, "wb") as f:  # a full disk's error names no file otherwise
+        pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
     return path
 
 

@@ -2,6 +2,7 @@
 splits, exact resume (mid-epoch, through fit, after SIGKILL), flat resident memory over a corpus many times
 the bound it is given, and `python -m kpro tokenize` with the real SentencePiece models of tests/data
 (resumed after SIGKILL, equal to train-expanded's in-memory tokenization)."""
+import errno
 import hashlib
 import importlib.util
 import io
@@ -594,6 +595,7 @@ def test_sigterm_to_tokenize_stops_it_as_ctrl_c_does(tmp_path):
     assert result.returncode == 130, result.stderr
     assert "interrupted: 1 shard(s) written to" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert list((tmp_path / "scratch").iterdir()) == []
+    assert not [p for p in (tmp_path / "out").iterdir() if p.is_dir()]  # the scratch, in --out now
 
 
 PAUSE_AT_FIRST_SHARD = """
@@ -635,6 +637,53 @@ def test_tokenizing_workers_end_when_the_main_process_is_killed(tmp_path):
         time.sleep(0.2)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_the_scratch_of_a_main_process_killed_outright_is_in_out_and_the_rerun_removes_it(tmp_path, capsys):
+    """The workers' scratch directory was made in TMPDIR: a main process killed outright (SIGKILL, the OOM killer)
+    left it there with megabytes of results, which nothing removed (a rerun cleans --out only). It is now inside
+    --out, and the same command removes it."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("\n\n".join("abc def gh " * 50 for _ in range(400)))
+    (tmp_path / "tmp").mkdir()
+    root = Path(__file__).resolve().parents[1]
+    args = ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "c.txt"), "--out",
+            str(tmp_path / "out"), "--workers", "2", "--shard-tokens", "50000"]
+    parent = subprocess.Popen([sys.executable, "-c", PAUSE_AT_FIRST_SHARD, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd=root,
+                              env={**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(root)})
+    try:
+        assert parent.stdout.readline() == "paused\n"
+        workers = child_processes(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(process_running(pid) for pid in workers):  # no worker writes into the scratch the rerun removes
+        assert time.monotonic() < deadline, f"workers {workers} outlived their main process"
+        time.sleep(0.2)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    scratch = [p.name for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    assert len(scratch) == 1 and scratch[0].startswith(".tokenize-scratch-"), scratch
+    assert main(args) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="writes to Linux's /dev/full, a disk always full")
+def test_a_worker_result_that_cannot_be_written_names_its_file(tmp_path):
+    """A full scratch directory gave `error: cannot write or read: No space left on device`, naming no file: the
+    user looked at --out while TMPDIR was full. The error, sent back through the pool, names the file."""
+    from kpro import _tokenize_worker as worker
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    worker.start(str(tmp_path / "tok"), [tmp_path / "c.txt"])
+    with pytest.raises(OSError) as error:
+        worker.encode_to_file([(0, 1, 0, "abc def")], "/dev/full")
+    sent = pickle.loads(pickle.dumps(error.value))  # as the pool hands it to the main process
+    assert isinstance(sent, OSError) and sent.filename == "/dev/full" and sent.errno == errno.ENOSPC, sent
+
+
 class _ReplySizePool(kt.tokenize.ProcessPoolExecutor):
     """tokenize_corpus's pool, recording the pickled size of each result a worker sends back."""
     replies = []
@@ -664,6 +713,7 @@ def test_tokenizing_workers_send_back_replies_a_pipe_takes_whole(tmp_path, monke
     assert index["tokens"] > 200_000 and len(pool.replies) == 3, (index["tokens"], pool.replies)
     assert max(pool.replies) < select.PIPE_BUF, pool.replies
     assert list((tmp_path / "scratch").iterdir()) == []
+    assert not [p for p in (tmp_path / "out").iterdir() if p.is_dir()]  # the scratch, in --out now
     one = kt.tokenize_corpus(tmp_path / "tok", [tmp_path / "c.txt"], tmp_path / "one", workers=1)
     assert [p.read_bytes() for p in sorted((tmp_path / "out").glob("*.bin"))] == \
         [p.read_bytes() for p in sorted((tmp_path / "one").glob("*.bin"))] and one["tokens"] == index["tokens"]

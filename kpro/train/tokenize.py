@@ -10,11 +10,11 @@ tokenizer's own eos, and its bos where it adds one (the framing of `kpro.train.p
 
 The main process reads and cuts documents and writes shards; workers (spawned processes running
 kpro/_tokenize_worker.py, each with its own tokenizer and no torch) parse and tokenize chunks of about a
-megabyte, at most two chunks per worker in flight, in order; each result comes back as a file in a temporary
-directory (see `kpro._tokenize_worker.encode_to_file`). After each full shard the index records where
-the input stands (file, byte offset, line, and how many tokens of the document in progress are already
-written); a run started again with the same arguments checks that the tokenizer, the documents' framing and
-the inputs are unchanged and goes on from there.
+megabyte, at most two chunks per worker in flight, in order; each result comes back as a file in a scratch
+directory inside the output directory (see `kpro._tokenize_worker.encode_to_file`). After each full shard
+the index records where the input stands (file, byte offset, line, and how many tokens of the document in
+progress are already written); a run started again with the same arguments checks that the tokenizer, the
+documents' framing and the inputs are unchanged and goes on from there.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ from .shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardWriter, check_shard_
                      prepare_directory, read_index, write_index)
 
 SUFFIXES = (".txt", ".jsonl")
+SCRATCH_PREFIX = ".tokenize-scratch-"  # the workers' results, in --out
 CHUNK_BYTES = 1 << 20
 
 
@@ -290,7 +292,8 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
             context = multiprocessing.get_context("spawn")
             # The workers run kpro._tokenize_worker, which imports no torch. Results come back through files
             # (worker.encode_to_file: a worker killed mid-send hung the pool).
-            with tempfile.TemporaryDirectory(prefix="kpro-tokenize-") as scratch, \
+            # The scratch is in --out, not TMPDIR: a run killed outright leaves it where the rerun removes it.
+            with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=out) as scratch, \
                     ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True)) as pool:
                 pending = collections.deque()
                 for number, chunk in enumerate(_chunks(documents, chunk_bytes)):
@@ -368,11 +371,14 @@ def input_differences(then: list, now: list) -> str:
 
 
 def _remove_leftovers(out: Path, index: dict) -> None:
-    """Temporary files of a killed writer, and shards it renamed into place but never listed."""
+    """Temporary files of a killed writer, shards it renamed into place but never listed, and the workers' scratch
+    directory of a run killed outright."""
     listed = {INDEX_FILE} | {name for s in index["shards"] for name in (s["file"], s["starts"])}
     for path in out.iterdir():  # only the writer's own names: a user's .gitignore or notes stay
         if path.name not in listed and path.is_file() and _WRITER_FILE.fullmatch(path.name):
             path.unlink()
+        elif path.is_dir() and path.name.startswith(SCRATCH_PREFIX):
+            shutil.rmtree(path)
 
 
 # A shard or its starts (renamed into place), or a temporary of them or of the index (`.NAME.tmp-PID`).
