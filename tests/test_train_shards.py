@@ -892,6 +892,47 @@ def test_tokenize_names_bad_input(tmp_path, capsys):
     assert "ok.txt is given twice (also as" in capsys.readouterr().err
 
 
+def test_a_bad_line_fixed_in_a_file_not_yet_read_keeps_the_shards_written(tmp_path, capsys, monkeypatch):
+    """One bad byte near the end of a corpus threw away every shard: the fixed file, which no shard held a byte
+    of, was refused on rerun as a changed input, and the error said nothing of the shards or of what editing would
+    do. Files after the one the index resumes in may now change; that one and those before it may not."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(60)))
+    (tmp_path / "b.txt").write_text("bad\n\nfade\n")
+    (tmp_path / "zz.txt").write_bytes(b"gab\n\ncafe \xff\n")
+    data = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "zz.txt"]
+    monkeypatch.setitem(kt.tokenize_corpus.__kwdefaults__, "chunk_bytes", 200)
+
+    def tokenize(out="out"):
+        return main(["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", *map(str, data), "--out",
+                     str(tmp_path / out), "--shard-tokens", "100", "--workers", "1"])
+    assert tokenize() == 1
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    n, resume = len(index["shards"]), index["resume"]
+    assert n > 3 and resume["file"] < 2, resume  # zz.txt: not a byte of it in the shards
+    read = data[resume["file"]]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {data[2]}:3: not UTF-8 (invalid start byte); the {n} shard(s) written to {tmp_path / 'out'} are "
+        f"kept, and once the input is fixed the same command resumes at {read}:{resume['line']} if {read} and the "
+        "files before it are unchanged (editing one of those, already tokenized, forces a restart in a new --out)")
+    stat = data[0].stat()
+    os.utime(data[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a file the shards hold: refused
+    assert tokenize() == 1
+    assert f"the input files (1 changed in size or time, {data[0]} first) differ" in capsys.readouterr().err
+    os.utime(data[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (tmp_path / "zz.txt").write_bytes(b"gab\n\ncafe \n\nbeaded\n")
+    assert tokenize() == 0
+    assert f"resuming {tmp_path / 'out'} after {n} shard(s), at {read}:{resume['line']}; 1 later input file(s) " \
+        "changed since, read as they are now" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["inputs"][2]["bytes"] == data[2].stat().st_size
+    assert tokenize("straight") == 0
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir())
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
 def test_a_shard_larger_than_memory_is_refused_before_anything_is_written(tmp_path, capsys):
     """--shard-tokens 10**13 (a 20 TB buffer to assemble each shard in) ended in numpy's MemoryError traceback,
     after --out and its index.json had been written."""

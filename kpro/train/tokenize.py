@@ -14,7 +14,7 @@ megabyte, at most two chunks per worker in flight, in order; each result comes b
 directory inside the output directory (see `kpro._tokenize_worker.encode_to_file`). After each full shard
 the index records where the input stands (file, byte offset, line, and how many tokens of the document in
 progress are already written); a run started again with the same arguments checks that the tokenizer, the
-documents' framing and the inputs are unchanged and goes on from there.
+documents' framing and the inputs up to the file it resumes in are unchanged and goes on from there.
 """
 from __future__ import annotations
 
@@ -249,7 +249,12 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
             return index
         start = index["resume"]
         _remove_leftovers(out, index)
-        print(f"resuming {out} after {len(index['shards'])} shard(s), at {files[start['file']]}:{start['line']}",
+        changed = sum(then != now for then, now in zip(index["inputs"], inputs))
+        if changed:  # files after the resume position only (_check_same_run): recorded as they are now
+            index["inputs"] = inputs
+            write_index(out, index)
+        print(f"resuming {out} after {len(index['shards'])} shard(s), at {files[start['file']]}:{start['line']}"
+              f"{f'; {changed} later input file(s) changed since, read as they are now' if changed else ''}",
               file=stream)
     else:
         start = {"file": 0, "line": 1, "offset": 0, "document": 0, "skip": 0}
@@ -312,6 +317,16 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
         raise ValueError(f"a tokenizing worker process died, most often killed by the system for lack of memory; the "
                          f"{len(index['shards'])} shard(s) written to {out} are kept: run the same command again to "
                          f"resume (with fewer --workers if memory is short){startup}") from None
+    except ValueError as err:  # bad input: say what a fix keeps
+        progress.close()
+        if not index["shards"]:  # a rerun starts over with the inputs as they are then
+            raise
+        at = index["resume"]
+        read = files[at["file"]]
+        raise ValueError(f"{err}; the {len(index['shards'])} shard(s) written to {out} are kept, and once the input "
+                         f"is fixed the same command resumes at {read}:{at['line']} if {read} and the files before it "
+                         "are unchanged (editing one of those, already tokenized, forces a restart in a new --out)"
+                         ) from None
     except KeyboardInterrupt:
         progress.close()
         print(f"interrupted: {len(index['shards'])} shard(s) written to {out}; run the same command again to resume",
@@ -344,13 +359,22 @@ def _check_same_run(index: dict, identity: dict, bos_id: int | None, inputs: lis
     if index.get("bos_id") != bos_id:  # an index from before a bos was left to tokenizers adding one differs here
         differences.append(f"the documents' framing ({framing(index.get('bos_id'))} then, {framing(bos_id)} now"
                            f"{'' if bos_id is not None else ': the tokenizer adds none to text'})")
-    if index.get("inputs") != inputs:
+    if index.get("inputs") != inputs and not _unread_files_changed_only(index, inputs):
         differences.append(f"the input files ({input_differences(index.get('inputs') or [], inputs)})")
     if index.get("shard_tokens") != shard_tokens:
         differences.append(f"--shard-tokens ({index.get('shard_tokens')} then, {shard_tokens} now)")
     if differences:
         raise ValueError(f"{out} was written with other arguments: {'; '.join(differences)} differ; use a new "
                          "--out directory (or delete this one)")
+
+
+def _unread_files_changed_only(index: dict, inputs: list) -> bool:
+    """Whether `inputs` differ from the index's only in the size or time of files after the one an incomplete run
+    resumes in: the shards hold none of their bytes (a bad line fixed near the end of a corpus keeps them)."""
+    then, resume = index.get("inputs") or [], index.get("resume")
+    if index["complete"] or resume is None or [i["path"] for i in then] != [i["path"] for i in inputs]:
+        return False
+    return then[:resume["file"] + 1] == inputs[:resume["file"] + 1]
 
 
 def framing(bos_id: int | None) -> str:
