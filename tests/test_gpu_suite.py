@@ -869,6 +869,41 @@ def test_the_frozen_head_cross_entropy_is_checked_frozen(tmp_path):
     assert failed in done.stdout and "WrongResult: kpro-torch is wrong: dhidden" in done.stdout, done.stdout[-3000:]
 
 
+def test_the_cross_entropy_benchmark_checks_the_whole_timed_batch():
+    """benchmarks/test_linear_cross_entropy.py checked the first 2,048 rows and timed all N (8k to 32k on a GPU):
+    a loss right on those rows and wrong after them passed and was timed. kpro's loss is faked to cover the first
+    2,048 rows only (one launch's worth) and a CPU case of 4,096 rows is run through the suite's test function:
+    it must fail, unmeasured, head trainable and frozen. Run in a child to keep benchmarks/conftest.py apart."""
+    script = textwrap.dedent(f"""
+        import sys
+        from types import SimpleNamespace
+        import torch
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import kpro.ops as ops
+        import test_linear_cross_entropy as bench
+        from conftest import WrongResult
+
+        real = ops.linear_cross_entropy
+        ops.linear_cross_entropy = lambda hidden, weight, labels, *a, **k: real(hidden[:2048], weight, labels[:2048],
+                                                                                 *a, **k)
+        shape = (4096, 64, 512)
+        bench.CPU_CASES.append(shape)
+        for head in ("trainable", "frozen"):
+            benchmark = SimpleNamespace(group=None, extra_info={{}}, stats=None, enabled=True,
+                                        pedantic=lambda fn, **_: fn())
+            try:
+                bench.test_loss_and_backward(benchmark, torch.device("cpu"), shape, head, "kpro-torch")
+                print(head, "TIMED")
+            except WrongResult as err:
+                print(head, "REFUSED", err)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for head in ("trainable", "frozen"):
+        assert f"{head} REFUSED kpro-torch is wrong: loss relative error" in done.stdout, done.stdout[-3000:]
+
+
 def test_an_implementation_overwriting_its_inputs_leaves_the_shared_ones_alone(tmp_path):
     """Liger's SwiGLU backward writes da, db into its inputs a, b; benchmarks/test_norm_swiglu.py shares a, b
     among the implementations of a case (CaseCache), so after Liger's check call they held gradients, and any
