@@ -4,7 +4,9 @@ baseline, and its name is recorded as `sdpa_backend`), FlexAttention (one
 static-shape, full-graph compilation per shape, block masks) and flash-attn when installed; and the Bitune
 dual pass against three FlexAttention calls plus an explicit mix, and against kpro's own plain attention
 doing the same work in three calls. Every implementation is checked against a reference (fp32 on a GPU,
-float64 on the CPU; output and, for forward+backward, every input gradient) before it is timed.
+float64 on the CPU; output and, for forward+backward, every input gradient) before it is timed: SDPA for
+attention, for the Bitune dual pass a dense masked softmax written here (bitune_dense_reference), which no
+kpro op enters.
 `fraction_of_matmul` is a case's TFLOP/s over the bf16 matmul rate measured in the same run.
 
     pytest --benchmark -k attention
@@ -327,14 +329,57 @@ def build_bitune_case(device, dims, grad):
                torch.tensor(0.3, device=device), torch.tensor(0.6, device=device)]
     lens = [torch.full((batch,), tp, device=device), torch.full((batch,), ta, device=device)]
     douts = (make(2, batch, tp, heads, dim), make(batch, ta, heads, dim)) if grad else None
-    wide = torch.float64 if device.type == "cpu" else torch.float32
-    leaves = [t.detach().to(wide).requires_grad_(grad) for t in tensors]
-    with ops.backend("torch"):
-        ref = ops.bitune_attention(*leaves, *lens)
-    ref_grads = torch.autograd.grad(ref, leaves, [d.to(wide) for d in douts]) if grad else None
+    ref, ref_grads = bitune_dense_reference(tensors, lens, douts)
     pairs = batch * heads * (tp * (tp + 1) // 2 + tp * tp + ta * tp + ta * (ta + 1) // 2)
     return SimpleNamespace(tensors=[t.requires_grad_(grad) for t in tensors], lens=lens, douts=douts, dtype=dtype,
-                           ref=[r.detach() for r in ref], ref_grads=ref_grads, flops=4 * dim * pairs)
+                           ref=ref, ref_grads=ref_grads, flops=4 * dim * pairs)
+
+
+def dense_attention(q, k, v, visible, scale):
+    """softmax(scale · q·kᵀ where `visible` [Tq, Tk], else −inf) · v of one example: q [Tq, H, D], k, v
+    [Tk, Hkv, D], query head h reading key/value head h // (H / Hkv)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v)
+
+
+def bitune_dense_reference(tensors, lens, douts):
+    """(outputs, input gradients or None) of the Bitune dual pass from its definition (docs/bitune.md), through
+    no kpro op, so that a defect of kpro's own paths cannot be in it too: per example, a dense masked softmax for
+    the causal and the bidirectional prompt streams, the mix K = (1 − α_k)·K_causal + α_k·K_bidir (likewise V),
+    and the answer over [mixed prompt | answer] keys, all of the valid prompt and causally its own. In float64 on
+    the CPU, fp32 on a GPU, one example at a time (the long size's fp32 scores would take 2 GiB a stream at once);
+    padded query rows give zeros (they see every key, so that no row's softmax is over nothing)."""
+    q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v = tensors
+    wide = torch.float64 if q_a.device.type == "cpu" else torch.float32
+    grad = douts is not None
+    alphas = [a.detach().to(wide).requires_grad_(grad) for a in (alpha_k, alpha_v)]
+    tp, ta, scale = q_p.shape[2], q_a.shape[1], q_p.shape[-1] ** -0.5
+    i_p, i_a = torch.arange(tp, device=q_a.device), torch.arange(ta, device=q_a.device)
+    outs, grads = [], []
+    for b, (lp, la) in enumerate(zip(*lens)):
+        row = [x[:, b] for x in (q_p, k_p, v_p)] + [x[b] for x in (q_a, k_a, v_a)]
+        row = [x.detach().to(wide).requires_grad_(grad) for x in row]
+        (qp, kp, vp, qa, ka, va), (ak, av) = row, alphas
+        p_rows, a_rows = i_p < lp, i_a < la  # valid positions of the prompt streams and of the answer
+        with torch.set_grad_enabled(grad):
+            causal = dense_attention(qp[0], kp[0], vp[0], ((i_p[None] <= i_p[:, None]) & p_rows) | ~p_rows[:, None],
+                                     scale)
+            bidir = dense_attention(qp[1], kp[1], vp[1], p_rows[None] | ~p_rows[:, None], scale)
+            k_mix, v_mix = (1 - ak) * kp[0] + ak * kp[1], (1 - av) * vp[0] + av * vp[1]
+            own = (i_a[None] <= i_a[:, None]) & a_rows
+            answer = dense_attention(qa, torch.cat((k_mix, ka)), torch.cat((v_mix, va)),
+                                     torch.cat((p_rows.expand(ta, tp), own), 1) | ~a_rows[:, None], scale)
+            out = (torch.stack((causal, bidir)) * p_rows[:, None, None], answer * a_rows[:, None, None])
+        if grad:
+            grads.append(torch.autograd.grad(out, row + alphas, [douts[0][:, b].to(wide), douts[1][b].to(wide)]))
+        outs.append([o.detach() for o in out])
+    ref = [torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs])]
+    if not grad:
+        return ref, None
+    stacked = [torch.stack([g[i] for g in grads], 1 if i < 3 else 0) for i in range(6)]
+    return ref, stacked + [sum(g[6] for g in grads), sum(g[7] for g in grads)]
 
 
 BITUNE_INPUTS = ("q_p", "k_p", "v_p", "q_a", "k_a", "v_a", "alpha_k", "alpha_v")

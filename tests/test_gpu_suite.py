@@ -999,6 +999,32 @@ def test_the_model_benchmark_checks_the_whole_timed_batch(tmp_path):
     assert "WrongResult: kpro is wrong: logits relative error" in done.stdout, done.stdout[-3000:]
 
 
+def test_the_bitune_dual_pass_benchmark_has_a_reference_of_its_own(tmp_path):
+    """benchmarks/test_attention.py checked the Bitune dual pass against kpro's own plain-PyTorch op in float64:
+    kpro-torch was compared with itself, and a defect in that code passed kpro and failed the baseline doing the
+    right computation (three FlexAttention calls), which was then never timed. The reference is now a dense
+    masked softmax written in the benchmark. A plugin swaps α_k and α_v in kpro's plain-PyTorch op: its
+    forward and forward+backward cases must fail, unmeasured."""
+    (tmp_path / "bitune_alphas_swapped.py").write_text(textwrap.dedent("""
+        import importlib
+        bitune = importlib.import_module("kpro.ops.bitune_attention")  # kpro.ops.bitune_attention: the function
+        real = bitune.bitune_attention_reference
+
+        def swapped(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, *rest):
+            return real(q_p, k_p, v_p, q_a, k_a, v_a, alpha_v, alpha_k, *rest)
+        bitune.bitune_attention_reference = swapped
+    """))
+    path = os.pathsep.join([str(ROOT), str(tmp_path)])
+    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
+                           "no:cacheprovider", "-p", "bitune_alphas_swapped", "-k", "bitune_dual_pass and kpro-torch"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    assert "2 failed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    for grad in ("forward", "forward+backward"):
+        assert f"FAILED benchmarks/test_attention.py::test_bitune_dual_pass[spec-{grad}-kpro-torch]" in done.stdout, \
+            done.stdout[-3000:]
+    assert "WrongResult: kpro-torch is wrong: answer output relative error" in done.stdout, done.stdout[-3000:]
+
+
 def run_with_fused_loss_without_backward(tmp_path, keyword):
     """`pytest --benchmark --benchmark-disable -k keyword` with kpro.ops.linear_cross_entropy keeping its value
     and giving no gradient (a fast wrong fused loss)."""
