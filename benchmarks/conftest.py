@@ -19,9 +19,10 @@ once, untimed, on either device.
 Correctness (`check_close`, `check_gradients`). Every implementation's output, and for forward+backward
 cases its gradients, is compared with a reference by ‖out − ref‖/‖ref‖ before it is timed; a wrong one
 fails its case with `WrongResult` and is never timed. Ops are checked against a wider computation (float64
-on the CPU, fp32 or float64 on a GPU, TOLERANCE by dtype), whole models against kpro's plain-PyTorch path in
-fp32 or, in the model suite, the gpt-fast-style model on the whole timed batch in float64 on the CPU and fp32
-on a GPU, which no kpro op enters (MODEL_TOLERANCE: a bf16 model rounds at every op of every layer).
+on the CPU, fp32 or float64 on a GPU, TOLERANCE by dtype; the Bitune dual pass against a dense masked softmax
+written in its benchmark), whole models against kpro's plain-PyTorch path in fp32 or, in the model and
+expansion suites, the gpt-fast-style model in float64 on the CPU and fp32 on a GPU (on the whole timed batch),
+which no kpro op enters (MODEL_TOLERANCE: a bf16 model rounds at every op of every layer).
 
 Baselines. `compiled(key, fn)` gives one `torch.compile(fn, dynamic=False, fullgraph=True)` per shape key;
 the recompile limits are raised at import (as the installed torch names them) so that no shape ever hits

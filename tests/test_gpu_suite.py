@@ -1025,6 +1025,29 @@ def test_the_bitune_dual_pass_benchmark_has_a_reference_of_its_own(tmp_path):
     assert "WrongResult: kpro-torch is wrong: answer output relative error" in done.stdout, done.stdout[-3000:]
 
 
+def test_the_expansion_benchmark_has_a_reference_no_kpro_op_enters(tmp_path):
+    """benchmarks/test_expansion.py checked every implementation, the eager baseline included, against kpro's
+    plain-PyTorch path in fp32: a defect in kpro's torch ops was in the reference too, so kpro's rows passed and
+    the eager baseline failed, never timed. The reference is now the gpt-fast-style model on the same weights in
+    float64. A plugin makes kpro's torch SwiGLU scale `up` by 1.1: kpro's rows must fail, unmeasured, and eager
+    pass."""
+    (tmp_path / "swiglu_up_scaled.py").write_text(textwrap.dedent("""
+        import importlib
+        swiglu = importlib.import_module("kpro.ops.swiglu")  # kpro.ops.swiglu: the function
+        real = swiglu.torch_forward
+        swiglu.TORCH_KERNELS.forward = lambda gate, up: real(gate, up * 1.1)
+    """))
+    path = os.pathsep.join([str(ROOT), str(tmp_path)])
+    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
+                           "no:cacheprovider", "-p", "swiglu_up_scaled", "-k", "expansion_step and cpu-pro"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    assert "3 failed, 1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    for impl in ("kpro-frozen", "kpro-train_only", "kpro-recompute"):
+        assert f"FAILED benchmarks/test_expansion.py::test_expansion_step[cpu-pro-{impl}]" in done.stdout, \
+            done.stdout[-3000:]
+    assert "WrongResult: kpro-frozen is wrong: gradients' relative error" in done.stdout, done.stdout[-3000:]
+
+
 def run_with_fused_loss_without_backward(tmp_path, keyword):
     """`pytest --benchmark --benchmark-disable -k keyword` with kpro.ops.linear_cross_entropy keeping its value
     and giving no gradient (a fast wrong fused loss)."""
