@@ -121,7 +121,7 @@ def cmd_generate(args) -> None:
     if args.seed is not None and args.temperature == 0:  # greedy draws nothing: ignored, as --top-k would be
         raise ValueError("--seed seeds sampling, but temperature 0 decodes greedily: give a --temperature above 0 to "
                          "sample, or leave --seed out")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 63:  # -1 drew what 2**64 - 1 draws; more overflowed
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:  # -1 would draw what 2**64 - 1 draws; more overflow
         raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     empty = [i for i, prompt in enumerate(args.prompt) if not prompt]
     if empty:  # a tokenizer that adds no bos gives it no token to continue from

@@ -89,8 +89,8 @@ def decode(model: Llama, cache: KVCache, logits: torch.Tensor, attention_mask: t
         raise TypeError(f"decode needs the prefill's attention_mask [B, cache.length={cache.length}] (1 = real "
                         f"token; torch.ones for an unpadded prompt), got {type(attention_mask).__name__}")
     check_left_padded(attention_mask)  # a right-padded row would continue from its padding
-    # Both before the first step, which writes into the cache; later they failed mid-decoding with the model's
-    # messages, about the cache's last position or the mask decode had extended itself.
+    # Both before the first step, which writes into the cache; later they would fail mid-decoding with the model's
+    # messages, about the cache's last position or the mask decode has extended itself.
     if tuple(attention_mask.shape) != (cache.batch_size, cache.length):
         raise ValueError(f"attention_mask must be the prefill's [B, cache.length] = [{cache.batch_size}, "
                          f"{cache.length}] (1 = real token), got {list(attention_mask.shape)}")

@@ -750,7 +750,7 @@ def pad_left(sequences: list[list[int]], pad_id: int, device=None,
 
     sequences = [checked_ids(seq, vocab_size, f"sequences[{i}]") for i, seq in enumerate(sequences)]
     if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral) or pad_id < 0 or \
-            (vocab_size is not None and pad_id >= vocab_size):  # 1.5 was read as 1, None failed in torch.full
+            (vocab_size is not None and pad_id >= vocab_size):  # 1.5 would be read as 1, None fail in torch.full
         raise ValueError(f"pad_id must be a token id (an integer in [0, {vocab_size or 'vocab_size'})), got {pad_id!r}")
     if not sequences or any(len(seq) == 0 for seq in sequences):
         raise ValueError("pad_left needs at least one sequence and no empty sequence")

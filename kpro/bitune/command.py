@@ -77,7 +77,7 @@ def run(args) -> None:
     defaults = getattr(args, "option_defaults", {})
     given = [f"--{name.replace('_', '-')}" for name in defaults if getattr(args, name) != defaults[name]]
     untrained = [flag for flag in given if flag != "--eval-batch-size"]
-    if args.steps == 0 and untrained:  # ignored before, silently
+    if args.steps == 0 and untrained:  # refused: --steps 0 would otherwise ignore them silently
         raise ValueError(f"{', '.join(untrained)} shape{'s' if len(untrained) == 1 else ''} training; --steps 0 "
                          "trains nothing (it saves the untuned adapters and scores them on --eval): "
                          f"drop {'it' if len(untrained) == 1 else 'them'}, or pass --steps N")

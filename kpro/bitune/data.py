@@ -140,7 +140,7 @@ def encode_pair(tok, prompt: str, answer: str, prompt_ids: list[int] | None = No
 def tokenize_instructions(tok, examples: Sequence[Instruction], max_length: int) -> tuple[list, int]:
     """(prompt_ids, answer_ids + eos) pairs of at most `max_length` tokens, and how many were dropped. A bad
     example is named by its file and line where read_instructions read it, else by its index."""
-    if not is_integer(max_length) or max_length < 1:  # 0 or 10.5 dropped every example; None failed unnamed
+    if not is_integer(max_length) or max_length < 1:  # 0 or 10.5 would drop every example; None fail unnamed
         raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
     max_length = int(max_length)
     pairs, dropped = [], 0

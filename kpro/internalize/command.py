@@ -209,7 +209,7 @@ def _run(args, out: Path, env) -> None:
                                           **{_data_name(args, split): examples
                                              for split, examples in evaluation_sets.items()}}, source)
     positions = max(needs.values())
-    if saved_positions is not None:  # the run's model: another number was refused as "a different model"
+    if saved_positions is not None:  # the run's model keeps its size: another would resume as "a different model"
         name = max(needs, key=needs.get)
         if positions > saved_positions:
             raise ValueError(f"{name} takes {positions} positions, and the run in --out {out} has a model of "
@@ -527,7 +527,7 @@ def _check_args(args) -> None:
         return [f"--{'no-' if defaults[name] is True else ''}{name.replace('_', '-')}" for name in names
                 if name in defaults and getattr(args, name) != defaults[name]]
     training = [name for name in TRAINING_OPTIONS if name != "train"]  # --eval-only --train FILE: pairs to leave out
-    if args.eval_only and given(training):  # ignored before, silently
+    if args.eval_only and given(training):  # refused: --eval-only would otherwise ignore them silently
         raise ValueError(f"{', '.join(given(training))} shape a training run; --eval-only evaluates --model as it is")
     shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")
              if getattr(args, name) is not None]
@@ -549,7 +549,7 @@ def _check_args(args) -> None:
         raise ValueError(f"--eval-only --train {args.train} only leaves its pairs out of generated valid and test "
                          f"sets; {why}")
     if args.task is not None and args.valid is not None and args.test is not None and (
-            args.train is not None or args.eval_only):  # it was ignored, silently
+            args.train is not None or args.eval_only):  # refused: --task would otherwise be ignored silently
         given = "--valid and --test" if args.eval_only else "--train, --valid and --test"
         raise ValueError(f"--task {args.task} chooses data sets, and {given} give them all"
                          f"{' under --eval-only' if args.eval_only else ''}: drop --task")
@@ -588,10 +588,10 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if not args.eval_only:  # split across torchrun's processes: fit refused it after the data was written
+    if not args.eval_only:  # split across torchrun's processes; fit checks it only after the data is written
         check_batch_split(args.batch_size)
-    # What the run's length is computed from, in floats: a larger one overflowed (an OverflowError traceback, after
-    # the training set was generated). A run of 2**63 steps or more is more than any can be.
+    # What the run's length is computed from, in floats: a larger one would overflow (an OverflowError traceback,
+    # after the training set is generated). A run of 2**63 steps or more is more than any can be.
     if args.steps_per_epoch is not None and args.steps_per_epoch >= MAX_STEPS + 1:
         raise ValueError(f"--steps-per-epoch must be a positive integer below 2**63, got {args.steps_per_epoch}")
     if args.model is None:

@@ -28,8 +28,8 @@ What each number of a record predicts:
   ld.shared / st.shared, ldmatrix / stmatrix, cp.async, TMA copies, global loads. Static counts: a
   branch inside the body may skip some.
 - specialisation: which integer and pointer arguments Triton marked divisible by 16 and which became
-  the constant 1 at this launch (`--unspecialised` compiles without both, as a check that ignored the
-  launch did before, for comparison only).
+  the constant 1 at this launch (`--unspecialised` compiles without both, as a compile that ignores the
+  launch would, for comparison only).
 
 Compiler figures, not timings. TRITON_INTERPRET must be unset (the interpreter compiles nothing).
 """

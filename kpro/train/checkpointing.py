@@ -182,7 +182,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     checkpoint is put in place. A collective: every process calls it; rank 0 writes. A model in a DDP or
     torch.compile wrapper is saved as the model inside it (HF layout for a Llama), whose names optimizer.pt uses.
     """
-    # Before anything is written: True was read as 1 (pruning), 0, -1 and 2.5 failed after the write
+    # Before anything is written, as a bad value would fail only after the write; bool is an int subclass (True
+    # would prune to 1)
     if keep_last is not None and (not is_integer(keep_last) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive integer or None (keep all), got {keep_last!r}")
     env, model = env or distributed.current_env(), distributed.unwrapped(model)
