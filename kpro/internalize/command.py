@@ -514,21 +514,38 @@ def _new_model_config(args, tokenizer, positions: int) -> LlamaConfig:
 
 
 def _check_args(args) -> None:
+    """Refuse flags that cannot run, before anything is generated or loaded. The checks run in this order so that
+    the first error names the first thing to fix."""
+    _check_data_given(args)
+    args.device = resolve_device(args.device)
+    _check_inputs(args)
+    _check_validation(args)
+    _check_paths(args)
+    _check_numbers(args)
+
+
+def _given(args, names) -> list[str]:
+    """The flags among `names` set to other than their defaults."""
+    defaults = getattr(args, "option_defaults", {})
+    return [f"--{'no-' if defaults[name] is True else ''}{name.replace('_', '-')}" for name in names
+            if name in defaults and getattr(args, name) != defaults[name]]
+
+
+def _check_data_given(args) -> None:
     if args.task is not None and args.task not in PUBLISHED_TASKS and _multiplication_size(args.task) is None:
         raise ValueError(f"unknown --task {args.task!r}: NxN multiplication (e.g. 3x3, 4x4) or gsm8k")
     if args.task is None and (args.train is None and not args.eval_only or args.valid is None):
         raise ValueError("pass --task, or --train FILE and --valid FILE")
-    args.device = resolve_device(args.device)
+
+
+def _check_inputs(args) -> None:
+    """The model and data sets a run reads, and the flags that apply to them."""
     if args.eval_only and args.model is None:
         raise ValueError("--eval-only evaluates a trained model: pass --model DIR")
-    defaults = getattr(args, "option_defaults", {})
-
-    def given(names) -> list[str]:  # the flags among `names` set to other than their defaults
-        return [f"--{'no-' if defaults[name] is True else ''}{name.replace('_', '-')}" for name in names
-                if name in defaults and getattr(args, name) != defaults[name]]
     training = [name for name in TRAINING_OPTIONS if name != "train"]  # --eval-only --train FILE: pairs to leave out
-    if args.eval_only and given(training):  # refused: --eval-only would otherwise ignore them silently
-        raise ValueError(f"{', '.join(given(training))} shape a training run; --eval-only evaluates --model as it is")
+    if args.eval_only and _given(args, training):  # refused: --eval-only would otherwise ignore them silently
+        raise ValueError(f"{', '.join(_given(args, training))} shape a training run; --eval-only evaluates --model "
+                         "as it is")
     shape = [f"--{name.replace('_', '-')}" for name in ("size", "layers", "hidden", "heads", "kv_heads", "intermediate")
              if getattr(args, name) is not None]
     if args.model is not None and shape:
@@ -536,7 +553,7 @@ def _check_args(args) -> None:
     for name in ("train", "valid", "test"):
         if getattr(args, name) is not None:
             check_input_file(getattr(args, name), f"--{name}")
-    if args.train is not None and given(["train_size"]):
+    if args.train is not None and _given(args, ["train_size"]):
         raise ValueError(f"--train-size sizes a generated training set; --train {args.train} is read as it is")
     n = _multiplication_size(args.task)  # as _load_data decides what it generates
     generated_eval = n is not None and n not in PUBLISHED_SIZES and (args.valid is None or args.test is None)
@@ -550,19 +567,22 @@ def _check_args(args) -> None:
                          f"sets; {why}")
     if args.task is not None and args.valid is not None and args.test is not None and (
             args.train is not None or args.eval_only):  # refused: --task would otherwise be ignored silently
-        given = "--valid and --test" if args.eval_only else "--train, --valid and --test"
-        raise ValueError(f"--task {args.task} chooses data sets, and {given} give them all"
+        sets = "--valid and --test" if args.eval_only else "--train, --valid and --test"
+        raise ValueError(f"--task {args.task} chooses data sets, and {sets} give them all"
                          f"{' under --eval-only' if args.eval_only else ''}: drop --task")
-    if not generated_eval and given(["eval_size", "data_seed"]):
-        if given(["eval_size"]):
+    if not generated_eval and _given(args, ["eval_size", "data_seed"]):
+        if _given(args, ["eval_size"]):
             raise ValueError(f"--eval-size sizes generated valid and test sets; {why}")
         if not generated_train:  # it seeds a generated training set too
             train = (f"--train {args.train} is read as it is" if args.train is not None and not args.eval_only
                      else "--eval-only trains on none" if args.eval_only else f"--task {args.task} generates none")
             raise ValueError(f"--data-seed seeds generated data sets; {why}, and {train}")
+
+
+def _check_validation(args) -> None:
     # validation during training, as _train runs it (explicit CoT never selects: its CoT is never gone)
     validates = args.eval_every is not None or (args.select_best and not args.no_removal)
-    if not args.eval_only and not validates and given(["eval_examples"]):
+    if not args.eval_only and not validates and _given(args, ["eval_examples"]):
         raise ValueError(f"--eval-examples {args.eval_examples} sizes the validation during training, and none runs "
                          f"with {'--no-removal' if args.no_removal else '--no-select-best'}: pass --eval-every N too")
     # ValidationAccuracy(select_best=True) refuses it too, but only in fit, after the data and metrics are written
@@ -570,6 +590,9 @@ def _check_args(args) -> None:
     if processes > 1 and not args.eval_only and args.select_best and not args.no_removal:
         raise ValueError(f"--select-best (the default) evaluates in one process, and torchrun started {processes} "
                          "(WORLD_SIZE): pass --no-select-best (the final model is kept), or run without torchrun")
+
+
+def _check_paths(args) -> None:
     if args.model is not None and not Path(args.model).exists():
         raise FileNotFoundError(f"--model {args.model} does not exist")
     check_output_dir(args.out)
@@ -581,6 +604,9 @@ def _check_args(args) -> None:
             raise ValueError(f"--out {args.out} holds a training run ({', '.join(run_files[:3])}"
                              f"{', ...' if len(run_files) > 3 else ''}), whose eval.json --eval-only would overwrite: "
                              "give it another --out")
+
+
+def _check_numbers(args) -> None:
     positive = ("train_size", "eval_size", "batch_size", "steps", "steps_per_epoch", "save_every", "keep_last",
                 "eval_every", "eval_examples", "eval_batch_size", "threads", "layers", "hidden", "heads", "kv_heads",
                 "intermediate")
