@@ -42,21 +42,29 @@ def _disk_full(directory: Path) -> bool:
         return False
 
 
-def write_atomic(path: str | os.PathLike, data) -> None:
-    """Write `data` (str, bytes, or an iterable of bytes chunks) under a temporary name beside `path`, fsync
-    it, and rename it into place."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """A binary file open under a temporary name beside `path`; fsynced and renamed into place when the block
+    ends without an error, removed when it raises. A failed write is named by `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    chunks = [data] if isinstance(data, (str, bytes)) else data
     try:
         with naming_write_failures(path), open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk.encode() if isinstance(chunk, str) else chunk)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, data) -> None:
+    """Write `data` (str, bytes, or an iterable of bytes chunks) under a temporary name beside `path`, fsync
+    it, and rename it into place."""
+    chunks = [data] if isinstance(data, (str, bytes)) else data
+    with atomic_file(path) as f:
+        for chunk in chunks:
+            f.write(chunk.encode() if isinstance(chunk, str) else chunk)
 
 
 def umask() -> int:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .._numbers import is_integer, is_seed
-from .._files import naming_write_failures, write_atomic
+from .._files import atomic_file, write_atomic
 from .._run_lock import LOCK_FILE
 from ..distributed import current_env
 from .data import OtherSetting, check_flag, check_special_id, document_tensor
@@ -117,18 +117,11 @@ def corpus_id(index: dict) -> str:
 
 def _write_array_atomic(path: Path, array: np.ndarray, npy: bool = False) -> None:
     """Write an array's bytes (or an .npy file) under a temporary name, fsync, and rename into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with naming_write_failures(path), open(tmp, "wb") as f:
-            if npy:
-                np.save(f, array)
-            else:
-                array.tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        if npy:
+            np.save(f, array)
+        else:
+            array.tofile(f)
 
 
 def write_index(directory: Path, index: dict) -> None:
