@@ -31,7 +31,7 @@ from ._files import save_safetensors
 from ._run_lock import LOCK_FILE, holding
 from ._safetensors import INDEX_NAME, WEIGHTS_NAME, described_non_checkpoint, sharded_weight_map
 from .config import LlamaConfig
-from .errors import CheckpointError, DirectoryInUse
+from .errors import CheckpointError, DirectoryInUse, listed
 from .lora import LoRALinear, is_lora_key
 from .model import Llama
 
@@ -320,7 +320,7 @@ def _check_index_points_right(directory, location: dict, handles: dict) -> None:
     wrong = sorted(f"{name} (in {file.name}?)" for name, file in location.items() if name not in held[file])
     if wrong:
         raise CheckpointError(f"{directory / INDEX_NAME} places tensor(s) in shards that do not hold them: "
-                              f"{', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
+                              f"{listed(wrong, 8, ' ...')}")
 
 
 def _unlisted_tensors(location: dict[str, Path], held: dict[Path, object]) -> list[tuple[str, Path, Path | None]]:

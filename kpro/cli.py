@@ -18,7 +18,7 @@ from ._safetensors import WEIGHTS_NAME, check_checkpoint_directory, read_header,
 from ._torchrun import is_main_process
 from .cli_args import (DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, input_path,
                        resolve_device)
-from .errors import CheckpointError, DirectoryInUse
+from .errors import CheckpointError, DirectoryInUse, listed
 
 # name -> (the package whose command.py defines it; None: this file), help line.
 COMMANDS = {
@@ -77,7 +77,7 @@ def cmd_info(args) -> None:
 
 
 def _few(numbers: list[int]) -> str:
-    return ", ".join(map(str, numbers[:8])) + (f", ... ({len(numbers)} in all)" if len(numbers) > 8 else "")
+    return listed(numbers, 8, ", ... ({total} in all)")
 
 
 def _weight_files(directory: Path) -> list[Path]:

@@ -36,3 +36,12 @@ class OtherParameters(ResumeRefused, CheckpointError):
     def __init__(self, message: str, trained: list, now: list):
         super().__init__(message)
         self.trained, self.now = list(trained), list(now)
+
+
+def listed(names, limit: int = 4, more: str = ", ...") -> str:
+    """The first `limit` of `names`, joined by ", ", and `more` after them when some are left out, so that a
+    message names a few and says there are others. `more` may count them: {left} (those left out), {total}."""
+    names = [str(name) for name in names]
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + more.format(left=len(names) - limit, total=len(names))

@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ._files import write_atomic
+from .errors import listed
 
 if TYPE_CHECKING:  # torch only where tensors are made (pad_left): `kpro tokenize`'s workers never import it
     import torch
@@ -276,7 +277,7 @@ class Tokenizer(_TokenizerBase):
             json_file = self.path.parent / TOKENIZER_JSON_FILE
             raise TokensNotInSentencePiece(
                 f"{self.path.parent}: the SentencePiece model {self.path.name} lacks token(s) this tokenizer uses: "
-                f"{', '.join(lacking[:6])}{' ...' if len(lacking) > 6 else ''}; kpro's SentencePiece Tokenizer would "
+                f"{listed(lacking, 6, ' ...')}; kpro's SentencePiece Tokenizer would "
                 "spell them out as text or stop at another eos. " + (
                     f"Open {json_file.name} with kpro.JsonTokenizer (kpro.load_tokenizer does)" if json_file.is_file()
                     else "Save the tokenizer with transformers (tokenizer.save_pretrained writes a tokenizer.json "

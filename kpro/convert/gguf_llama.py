@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import (CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory,
                           checked_dtype, hf_tensors, is_weight_file, parse_size)
 from ..config import ConfigError, LlamaConfig
+from ..errors import listed
 from ..model import Llama
 from ..rope import rope_frequencies
 from ..tokenizer import CHAT_TEMPLATE_FILES
@@ -209,8 +210,8 @@ def tensor_plan(file: GGUFFile, cfg: LlamaConfig) -> dict[str, str]:
         expected = {name: tuple(t.shape) for name, t in hf_tensors(Llama(cfg)).items()}
     problems = []
     if unknown:
-        problems.append(f"tensor(s) kpro's LLaMA has no place for (biases, experts, ...?): {', '.join(unknown[:8])}"
-                        + (" ..." if len(unknown) > 8 else ""))
+        problems.append(f"tensor(s) kpro's LLaMA has no place for (biases, experts, ...?): "
+                        f"{listed(unknown, 8, ' ...')}")
     missing = sorted(set(expected) - set(plan))
     if missing:
         problems.append(f"missing tensor(s) {', '.join(missing[:8])}")

@@ -32,6 +32,7 @@ from ..cli_args import (add_device_argument, check_batch_split, check_input_file
                         resolve_device)
 from ..config import LlamaConfig
 from ..distributed import main_decides, on_main
+from ..errors import listed
 from ..model import Llama
 from ..tokenizer import load_tokenizer
 from ..train import latest_checkpoint
@@ -601,9 +602,8 @@ def _check_paths(args) -> None:
         run_files = [name for name in ("metrics.jsonl", "model") if (out / name).exists()] + \
             sorted(path.name for path in out.glob("step-*") if path.is_dir())
         if run_files:
-            raise ValueError(f"--out {args.out} holds a training run ({', '.join(run_files[:3])}"
-                             f"{', ...' if len(run_files) > 3 else ''}), whose eval.json --eval-only would overwrite: "
-                             "give it another --out")
+            raise ValueError(f"--out {args.out} holds a training run ({listed(run_files, 3)}), whose eval.json "
+                             "--eval-only would overwrite: give it another --out")
 
 
 def _check_numbers(args) -> None:

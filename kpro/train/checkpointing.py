@@ -35,7 +35,7 @@ from .._numbers import is_integer
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _IN_PROGRESS, _abandoned, _open_all, _write_checkpoint,
                           _write_file, atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
 from ..config import LlamaConfig
-from ..errors import OtherParameters
+from ..errors import OtherParameters, listed
 from ..lora import lora_layers
 from ..model import Llama
 from . import distributed
@@ -495,7 +495,7 @@ def _mismatch(directory: Path, model: nn.Module, state: dict) -> str | None:
 
 
 def _few(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return listed(names, limit, " and {left} more")
 
 
 def read_model(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
