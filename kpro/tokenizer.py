@@ -10,7 +10,6 @@ Face renders it).
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import numbers
@@ -23,6 +22,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ._files import write_atomic
+# ChatTemplateError and render_chat_template are this module's names too
+from .chat_template import ChatTemplateError, render_chat_template, without_transformers_options  # noqa: F401
 from .errors import listed
 
 if TYPE_CHECKING:  # torch only where tensors are made (pad_left): `kpro tokenize`'s workers never import it
@@ -93,36 +94,6 @@ def document_bos_id(tok) -> int | None:
     return tok.bos_id if tok.add_bos else None
 
 
-# transformers' apply_chat_template options that kpro does not implement: each with the values that ask for what kpro
-# does, and what to do instead. Any other value is refused: taken as a template variable, it would change nothing.
-_TRANSFORMERS_CHAT_OPTIONS = {
-    "continue_final_message": ((False,), "kpro renders the final message closed, as the template writes it; to "
-                               "prefill a reply, render the messages before it (add_generation_prompt=True, "
-                               "tokenize=False), append the reply's start and encode that with "
-                               "encode_with_special_tokens"),
-    "return_tensors": ((None,), "it returns a list of ids: torch.tensor([ids]), or pad_left for several"),
-    "return_dict": ((False,), "it returns the list of ids alone (transformers' input_ids)"),
-    "return_assistant_tokens_mask": ((False,), "kpro renders {% generation %} blocks without marking their tokens"),
-    "padding": ((False,), "it renders one conversation, unpadded: pad_left pads several"),
-    "truncation": ((False,), "it returns every id: cut them yourself"),
-    "max_length": ((None,), "it returns every id: cut them yourself"),
-    "tokenizer_kwargs": ((None, {}), "it encodes the text with encode_with_special_tokens, which takes no options"),
-    "sanitize_control_tokens": ((False,), "special tokens written in the messages become their ids, as "
-                                "transformers does by default"),
-}
-
-
-def _without_transformers_options(variables: dict) -> dict:
-    """`variables` less transformers' call options given with a value that asks for what kpro does; any other
-    value of one is refused, naming it."""
-    for name in variables.keys() & _TRANSFORMERS_CHAT_OPTIONS:
-        accepted, instead = _TRANSFORMERS_CHAT_OPTIONS[name]
-        if not any(type(variables[name]) is type(value) and variables[name] == value for value in accepted):
-            raise ValueError(f"apply_chat_template does not implement transformers' {name}={variables[name]!r}: "
-                             f"{instead}")
-    return {name: value for name, value in variables.items() if name not in _TRANSFORMERS_CHAT_OPTIONS}
-
-
 class _TokenizerBase:
     bos_id: int
     eos_id: int
@@ -141,7 +112,7 @@ class _TokenizerBase:
         `return_dict`, ...), refused unless given as what kpro does (`return_dict=False`).
         `chat_template`: the name of one of the checkpoint's templates, or a template's text; by default, as
         transformers chooses, its "tool_use" template where `tools` are given and it has one, else its default."""
-        variables = _without_transformers_options(variables)
+        variables = without_transformers_options(variables)
         template = self._chosen_template(chat_template, variables.get("tools"))
         text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
                                     **{**self.special_tokens(), **variables})
@@ -764,7 +735,7 @@ def pad_left(sequences: list[list[int]], pad_id: int, device=None,
     return ids.to(device), mask.to(device)
 
 
-# ------------------------------------------------------------------------------------------ chat templates
+# ----------------------------------------------------------------------------------------- tokenizer files
 
 def _read_text(path: Path) -> str:
     """A tokenizer file's text, in UTF-8 (as transformers writes and reads them), or a ValueError naming it."""
@@ -814,68 +785,3 @@ def chat_templates_of(directory: Path, config: dict | None) -> dict[str, str]:
         return {entry["name"]: entry["template"] for entry in template if isinstance(entry, dict)
                 and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str) and entry["template"]}
     return {"default": template} if isinstance(template, str) and template else {}
-
-
-class ChatTemplateError(ValueError):
-    """The template refused the conversation (its raise_exception), or could not be rendered."""
-
-
-@functools.cache
-def _generation_block():
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-
-    class GenerationBlock(Extension):
-        """`{% generation %} ... {% endgeneration %}` (templates of assistant-only training, which transformers
-        reads to mark the assistant's tokens): rendered as its body."""
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.Scope(body, lineno=lineno)
-
-    return GenerationBlock
-
-
-def _raise_exception(message):
-    raise ChatTemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_template(template: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    _GenerationBlock = _generation_block()
-    # Hugging Face renders templates in a sandbox with these settings and helpers; templates are written for them.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(template)
-
-
-def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool = True, **variables) -> str:
-    """A conversation rendered with a Hugging Face chat template (jinja2, in a sandbox)."""
-    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError("messages must be a list of {\"role\": ..., \"content\": ...} dicts")
-    if not messages:  # rendered, it was a bare generation prompt; transformers refuses it too
-        raise ValueError("messages is empty: a chat template renders a conversation of at least one message")
-    import jinja2
-
-    # transformers passes tools and documents as None when not given: `tools is not none` must be false
-    variables = {"tools": None, "documents": None, **variables}
-    try:
-        return _compiled_template(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                   **variables)
-    except ChatTemplateError:
-        raise
-    except jinja2.TemplateError as err:
-        raise ChatTemplateError(f"the chat template failed: {err}") from None
-    except Exception as err:  # a TypeError from a filter (tojson of an undefined value), say
-        raise ChatTemplateError(f"the chat template failed: {type(err).__name__}: {err}") from None

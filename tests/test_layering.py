@@ -19,6 +19,7 @@ LAYERS = [
     ("kpro._run_lock",),  # one run per output directory: fit's and the demo's
     ("kpro.ops",),
     ("kpro.config",),
+    ("kpro.chat_template",),  # jinja2 rendering of Hugging Face chat templates, the tokenizers'
     ("kpro.rope", "kpro.tokenizer"),
     ("kpro._tokenize_worker",),  # `kpro tokenize`'s worker processes: the tokenizer without torch
     ("kpro.model", "kpro.lora"),
