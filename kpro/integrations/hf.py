@@ -334,11 +334,22 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
         return None
     checking = values_readable(mask)
     if mask.dim() == 2:
-        if tuple(mask.shape) != (batch, tk):
-            raise ValueError(f"the attention mask is {tuple(mask.shape)}; kpro attention takes [B={batch}, Tk={tk}]")
-        if mask.dtype != torch.bool:
-            check_zeros_and_ones(mask)
-        return mask.to(torch.bool)
+        return _padding_mask_2d(mask, batch, tk)
+    return _real_keys(_allowed_keys_4d(mask, batch, tq, tk, checking), batch, tq, tk, causal)
+
+
+def _padding_mask_2d(mask: torch.Tensor, batch: int, tk: int) -> torch.Tensor:
+    """A 2-D padding mask [B, Tk] (bool, or 0/1 numbers) as bool, checked."""
+    if tuple(mask.shape) != (batch, tk):
+        raise ValueError(f"the attention mask is {tuple(mask.shape)}; kpro attention takes [B={batch}, Tk={tk}]")
+    if mask.dtype != torch.bool:
+        check_zeros_and_ones(mask)
+    return mask.to(torch.bool)
+
+
+def _allowed_keys_4d(mask: torch.Tensor, batch: int, tq: int, tk: int, checking: bool) -> torch.Tensor:
+    """The keys each query may see (bool [B, Tq, Tk]) of a mask that is not 2-D: a 4-D one [B or 1, 1 or H, Tq, Tk],
+    boolean or additive (anything else raises); `checking`: whether its values may be read."""
     if mask.dim() == 4 and mask.shape[0] == 1:  # one mask for the whole batch, as transformers' own attention takes
         mask = mask.expand(batch, *mask.shape[1:])
     if mask.dim() != 4 or mask.shape[0] != batch or tuple(mask.shape[2:]) != (tq, tk):
@@ -363,13 +374,18 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
         allowed = mask == 0
     else:
         raise ValueError(f"a 4-D attention mask must be boolean or floating point (additive), got {mask.dtype}")
+    return allowed
+
+
+def _real_keys(allowed: torch.Tensor, batch: int, tq: int, tk: int, causal: bool) -> torch.Tensor:
+    """The real keys (bool [B, Tk]) of `allowed`, refused unless it is causal (or full) attention over them."""
     # Queries that see no key are padding, masked any way: on a GPU transformers lets them see every key
     # (`_unmask_unattended`), which causality would hide from all but the last query. Such a query is padding
     # only where its own key is one the other queries do not see (a padding token's); where they see it, the
     # mask is asking for more than causality (bidirectional, as an encoder's all-True mask), refused below.
     # The real keys are those the other queries see, and those must see exactly causal (or full) attention.
     unattended = ~allowed.any(dim=-1)
-    own = torch.arange(tq, device=mask.device) + (tk - tq)  # each query's own key
+    own = torch.arange(tq, device=allowed.device) + (tk - tq)  # each query's own key
     if causal:
         sees_all = allowed.all(dim=-1) & (own < tk - 1)  # seeing a key causality hides from it
         seen = (allowed & ~(unattended | sees_all)[..., None]).any(dim=1)  # [B, tk] by the other queries
@@ -384,7 +400,7 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, tq: int, tk: int, ca
                                   "other queries see its own key (it is not padding); kpro attention "
                                   "cannot express it: use another attn_implementation for it, or the 2-D padding "
                                   "mask")
-    expected = visibility_mask(batch, tq, tk, causal=causal, attention_mask=real, device=mask.device)
+    expected = visibility_mask(batch, tq, tk, causal=causal, attention_mask=real, device=allowed.device)
     if expected is None:
         expected = torch.ones_like(allowed)
     if not torch.equal(allowed[~unattended], expected[~unattended]):
