@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import lora
-from ._files import save_safetensors
-from .checkpoint import CheckpointError, atomic_directory
+from ._files import atomic_directory, save_safetensors
+from .checkpoint import CheckpointError
 
 ADAPTERS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"

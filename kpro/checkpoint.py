@@ -12,26 +12,19 @@ name and swaps it into place, so an interrupted save leaves the previous checkpo
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import json
 import os
 import re
-import shutil
-import stat
-import sys
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from . import distributed
-from ._files import save_safetensors
-from ._run_lock import LOCK_FILE, holding
+from ._files import atomic_directory, save_safetensors
 from ._safetensors import INDEX_NAME, WEIGHTS_NAME, described_non_checkpoint, sharded_weight_map
 from .config import LlamaConfig
-from .errors import CheckpointError, DirectoryInUse, listed
+from .errors import CheckpointError, listed
 from .lora import LoRALinear, is_lora_key
 from .model import Llama
 
@@ -397,71 +390,6 @@ def _save_sharded(model: Llama, directory: Path, max_shard_bytes: int) -> Path:
     return directory
 
 
-@contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
-    """Yield an empty temporary directory beside `directory`; when the block succeeds, it replaces
-    `directory` in one step, keeping the old directory's other entries (except those `drop(name)`
-    names, like stale weight shards). If the block fails, nothing changes and the temporary goes."""
-    given = Path(directory)
-    # absolute: the temporary's name and place derive from it (Path(".").name is ""); a symbolic link resolves
-    # to the directory it points to, which is replaced (swapping the link itself would break it)
-    directory = given.resolve()
-    if _holds_working_directory(directory):  # the swap would fail ("." is busy), or strand us in the old copy
-        shown = given if str(given) == str(directory) else f"{given} ({directory})"
-        raise ValueError(f"cannot replace {shown}: it is the current working directory (or holds it), and the "
-                         "directory is replaced whole; save from outside it or to another path")
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    with contextlib.ExitStack() as runs:  # the runs inside it, held until the swap
-        _hold_runs_inside(directory, given, runs)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_temporaries(directory)
-        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
-        except PermissionError:  # it named the temporary, which the user never named
-            raise PermissionError(
-                f"cannot save {given}: the folder holding it, {directory.parent}, is not writable, and the save writes "
-                "a new directory beside it and swaps it into place (so that a save cut short leaves the old one as "
-                "it was); make the folder writable, or save elsewhere") from None
-        _IN_PROGRESS.add(tmp.name)
-        try:
-            yield tmp
-            if directory.exists():
-                _carry_over_other_files(directory, tmp, drop)
-                _keep_permissions(directory, tmp)
-            for entry in tmp.iterdir():
-                if entry.is_file():
-                    _fsync_file(entry)
-            _fsync_dir(tmp)
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            _IN_PROGRESS.discard(tmp.name)
-
-
-def _hold_runs_inside(directory: Path, given: Path, runs: contextlib.ExitStack) -> None:
-    """Hold, in `runs`, each directory below `directory` with a run lock file (a run's, or one a killed run left):
-    `directory` is replaced whole, its other entries copied into the new one first, and what a run writes there
-    between the copy and the swap would be lost. One another run holds is refused (DirectoryInUse), named as
-    below `given`. A folder linked to is not replaced (it stays a link): not looked into."""
-    if not directory.is_dir():
-        return
-    for root, _, files in os.walk(directory):
-        if LOCK_FILE not in files or root == str(directory):  # directory itself: its caller's to hold
-            continue
-        try:
-            runs.enter_context(holding(root))
-        except DirectoryInUse as err:
-            raise DirectoryInUse(
-                f"cannot replace {given}: {given / os.path.relpath(root, directory)} inside it is in use by another "
-                f"kpro run (process {err.holder}), and what that run writes there would be lost (the directory is "
-                "replaced whole, its other files copied over first); wait for it to end, or choose another "
-                "directory") from None
-
-
 def _write_checkpoint(model: Llama, out: Path, max_shard_bytes: int, state_dict=None) -> None:
     """The HF-layout files of `model` (or of `state_dict`, a sharded model's gathered full state) in `out`."""
     tensors = checkpoint_tensors(model, state_dict)
@@ -529,118 +457,7 @@ def _replaced_by_a_save(name: str) -> bool:
     return is_weight_file(name) or name == GGUF_RECORD
 
 
-def _carry_over_other_files(old: Path, new: Path, drop) -> None:
-    """Keep what else lived in the old directory (tokenizer files, notes) by hard link, or copy; a symbolic
-    link stays a link (to a folder too, which would otherwise be copied whole)."""
-    for entry in old.iterdir():
-        if drop(entry.name) or (new / entry.name).exists():
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy, symlinks=True)
-        else:
-            _link_or_copy(entry, new / entry.name)
-
-
-def _keep_permissions(old: Path, new: Path) -> None:
-    """Give `new` the mode bits (setgid included) and group of `old`, which it replaces: a shared folder's 0o2750
-    became what the umask gives. Set once its files are written, which a mode without write permission refuses.
-    The group is kept where the user may set it (a member of it), else it is the one new files get here."""
-    old_stat = old.stat()
-    if new.stat().st_gid != old_stat.st_gid:
-        with contextlib.suppress(PermissionError):
-            os.chown(new, -1, old_stat.st_gid)
-    os.chmod(new, stat.S_IMODE(old_stat.st_mode))
-
-
-def _link_or_copy(src, dst) -> None:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(src, dst, follow_symlinks=False)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; where an old directory exists, swap atomically when the OS can."""
-    if not target.exists():
-        os.rename(new, target)
-    elif _rename_exchange(new, target):
-        shutil.rmtree(new)  # now holds the old checkpoint
-    else:
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        os.rename(new, target)
-        shutil.rmtree(old)
-    _fsync_dir(target.parent)
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Linux renameat2(RENAME_EXCHANGE): swap two paths in one step. False where unavailable."""
-    if sys.platform != "linux":
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
-
-
-def _holds_working_directory(directory: Path) -> bool:
-    try:
-        cwd = Path.cwd()
-    except FileNotFoundError:  # deleted: no directory holds it any more
-        return False
-    return directory == cwd or directory in cwd.parents
-
-
-def _remove_abandoned_temporaries(directory: Path) -> None:
-    """Delete temp dirs left by saves whose process died (their pid is in the name) or that failed."""
-    for entry in directory.parent.glob(f".{directory.name}.tmp-*"):
-        try:
-            pid = int(entry.name.rsplit(".tmp-", 1)[1].split("-")[0])
-        except ValueError:
-            continue
-        if _abandoned(entry.name, pid):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-# Names of the temporaries this process is writing now. One with this process's pid that is not among them was
-# left by a dead process: a container restarted in a fresh PID namespace gets the same small pid every time.
-_IN_PROGRESS: set[str] = set()
-
-
-def _abandoned(name: str, pid: int) -> bool:
-    """Whether the temporary `name`, made by process `pid`, belongs to no save in progress."""
-    return name not in _IN_PROGRESS if pid == os.getpid() else not _process_alive(pid)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _write_file(path: Path, text: str) -> None:
     Path(path).write_text(text)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

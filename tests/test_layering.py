@@ -13,10 +13,10 @@ KPRO = Path(__file__).resolve().parents[1] / "kpro"
 # Lowest first. A unit is a module or a package (all its modules).
 LAYERS = [
     ("kpro._torchrun", "kpro._numbers"),  # torchrun's environment, without torch; what an integer and a seed are
-    ("kpro._files", "kpro._cuda_build", "kpro.errors", "kpro.cli_args", "kpro._signals",
-     "kpro._spawn"),
+    ("kpro._cuda_build", "kpro.errors", "kpro.cli_args", "kpro._signals", "kpro._spawn"),
     ("kpro._safetensors",),  # headers without torch: info's and the streamed expand's
     ("kpro._run_lock",),  # one run per output directory: fit's and the demo's
+    ("kpro._files",),  # atomic files and directories: a directory is swapped whole, holding the runs inside it
     ("kpro.ops",),
     ("kpro.config",),
     ("kpro.chat_template",),  # jinja2 rendering of Hugging Face chat templates, the tokenizers'
@@ -25,7 +25,7 @@ LAYERS = [
     ("kpro.model", "kpro.lora"),
     ("kpro.generation", "kpro.distributed"),
     ("kpro.checkpoint",),
-    ("kpro.adapters", "kpro.convert"),  # convert writes checkpoints with kpro.checkpoint's atomic writer
+    ("kpro.adapters", "kpro.convert"),  # convert writes checkpoints as kpro.checkpoint lays them out
     ("kpro.train",),
     ("kpro.expansion", "kpro.internalize", "kpro.bitune"),  # the methods: none imports another
     ("kpro.instruct",),  # the old name of kpro.bitune: that module itself

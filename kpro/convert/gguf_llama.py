@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, _plan_shards, atomic_directory,
-                          checked_dtype, hf_tensors, is_weight_file, parse_size)
+from .._files import atomic_directory
+from ..checkpoint import (CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, _plan_shards, checked_dtype, hf_tensors,
+                          is_weight_file, parse_size)
 from ..config import ConfigError, LlamaConfig
 from ..errors import listed
 from ..model import Llama

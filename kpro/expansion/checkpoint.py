@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, CheckpointError,
-                          _check_names_and_shapes, _unlisted_tensors, atomic_directory, hf_tensors, parse_size,
-                          tensor_locations, tied_head_differs, unreplaced)
+                          _check_names_and_shapes, _unlisted_tensors, hf_tensors, parse_size, tensor_locations,
+                          tied_head_differs, unreplaced)
+from .._files import atomic_directory
 from .._run_lock import holding
 from .._safetensors import TensorBytes as _Source, check_checkpoint_directory, read_header
 from ..config import LlamaConfig

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .._files import atomic_directory
 from .._run_lock import holding
 from .._safetensors import TensorBytes, check_checkpoint_directory, read_header
 from ..adapters import base_fingerprint
-from ..checkpoint import _write_checkpoint, atomic_directory, hf_name, load_pretrained, parse_size, tensor_locations
+from ..checkpoint import _write_checkpoint, hf_name, load_pretrained, parse_size, tensor_locations
 from ..tokenizer import document_bos_id, load_tokenizer, special_token_in
 from ..distributed import on_main
 from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_distributed, pack_documents

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import naming_write_failures, save_safetensors
+from .._files import IN_PROGRESS, abandoned, atomic_directory, naming_write_failures, save_safetensors
 from .._numbers import is_integer
-from ..checkpoint import (CONFIG_NAME, CheckpointError, _IN_PROGRESS, _abandoned, _open_all, _write_checkpoint,
-                          _write_file, atomic_directory, checkpoint_tensors, parse_size, tensor_locations)
+from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _write_checkpoint, _write_file, checkpoint_tensors,
+                          parse_size, tensor_locations)
 from ..config import LlamaConfig
 from ..errors import OtherParameters, listed
 from ..lora import lora_layers
@@ -269,11 +269,11 @@ def prune(run_dir: Path, keep_last: int) -> None:
             os.rename(old, trash)
         except FileNotFoundError:  # pruned by another process since it was listed
             continue
-        _IN_PROGRESS.add(trash.name)
+        IN_PROGRESS.add(trash.name)
         try:
             shutil.rmtree(trash)
         finally:
-            _IN_PROGRESS.discard(trash.name)
+            IN_PROGRESS.discard(trash.name)
 
 
 def remove_abandoned_temporaries(run_dir: Path) -> None:
@@ -281,7 +281,7 @@ def remove_abandoned_temporaries(run_dir: Path) -> None:
     but no save in progress (a restarted container's process, which gets the same pid)."""
     for entry in run_dir.glob(".step-*"):
         match = re.fullmatch(r"\.step-\d{8}\.(?:tmp|deleting)-(\d+)-[0-9a-f]+", entry.name)
-        if match and _abandoned(entry.name, int(match.group(1))):
+        if match and abandoned(entry.name, int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 
