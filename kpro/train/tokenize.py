@@ -19,6 +19,8 @@ documents' framing and the inputs up to the file it resumes in are unchanged and
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import hashlib
 import itertools
 import multiprocessing
@@ -235,33 +237,9 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
     workers = workers or usable_cores()
     check_shard_tokens(shard_tokens, identity["vocab_size"])  # before anything is written
     prepare_directory(out)
-    index = read_index(out, complete=False) if is_shard_directory(out) else None
-    if index is not None and not index["complete"] and not index["shards"]:
-        # A run that wrote no shard (its input refused, say) resumes from the start anyway: nothing to protect,
-        # so inputs fixed since start over rather than be refused as another run's.
-        _remove_leftovers(out, index)
-        (out / INDEX_FILE).unlink()
-        index = None
-    if index is not None:
-        _check_same_run(index, identity, bos_id, inputs, shard_tokens, out)
-        if index["complete"]:
-            print(f"{out} is already complete: {index['tokens']:,} tokens in {len(index['shards'])} shard(s)", file=stream)
-            return index
-        start = index["resume"]
-        _remove_leftovers(out, index)
-        changed = sum(then != now for then, now in zip(index["inputs"], inputs))
-        if changed:  # files after the resume position only (_check_same_run): recorded as they are now
-            index["inputs"] = inputs
-            write_index(out, index)
-        print(f"resuming {out} after {len(index['shards'])} shard(s), at {files[start['file']]}:{start['line']}"
-              f"{f'; {changed} later input file(s) changed since, read as they are now' if changed else ''}",
-              file=stream)
-    else:
-        start = {"file": 0, "line": 1, "offset": 0, "document": 0, "skip": 0}
-        index = new_index(identity["vocab_size"], shard_tokens, bos_id, identity["eos_id"],
-                          tokenizer=identity, inputs=inputs)
-        index["resume"] = start
-        write_index(out, index)
+    index, start = _start_or_resume(out, identity, bos_id, inputs, shard_tokens, files, stream)
+    if index["complete"]:
+        return index
     writer = ShardWriter(out, index)
     progress = _Progress(stream, sum(i["bytes"] for i in inputs), [i["bytes"] for i in inputs], index["tokens"])
     skip_first = start["skip"]
@@ -271,15 +249,14 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
         nonlocal skip_first, ordinal
         positions, flat, lengths = result
         end = 0
-        for (index_, line, offset), length in zip(positions, lengths.tolist()):
+        for (file_number, line, offset), length in zip(positions, lengths.tolist()):
             tokens, end = flat[end:end + length], end + length
             skip, skip_first = skip_first, 0
             if skip > length:
-                raise ValueError(f"cannot resume: {files[index_]}:{line} now gives {length} tokens, fewer than the "
-                                 f"{skip} already written (a tokenizer that does not repeat itself?)")
-
-            def resume_at(done, here=(index_, line, offset, ordinal, skip)):
-                return {"file": here[0], "line": here[1], "offset": here[2], "document": here[3], "skip": here[4] + done}
+                raise ValueError(f"cannot resume: {files[file_number]}:{line} now gives {length} tokens, fewer than "
+                                 f"the {skip} already written (a tokenizer that does not repeat itself?)")
+            resume_at = functools.partial(_resume_point, file=file_number, line=line, offset=offset, document=ordinal,
+                                          skip=skip)
             writer.add(tokens[skip:], starts_document=skip == 0, resume_at=resume_at)
             ordinal += 1
         progress.update(positions[-1][0], positions[-1][2], writer)
@@ -287,26 +264,11 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
     documents = read_documents(files, start["file"], start["offset"], start["line"])
     started = time.perf_counter()
     try:
-        if workers == 1:
-            worker.start(str(tokenizer_dir), files)
-            for chunk in _chunks(documents, chunk_bytes):
-                consume(worker.encode(chunk))
-        else:
-            # Spawned, not forked: the caller may hold threads (torch's, a trainer's) that a fork would copy
-            # half-way. An executor, not a Pool: a worker that cannot start is an error, not a hang.
-            context = multiprocessing.get_context("spawn")
-            # The workers run kpro._tokenize_worker, which imports no torch. Results come back through files
-            # (worker.encode_to_file: a worker killed mid-send hung the pool).
-            # The scratch is in --out, not TMPDIR: a run killed outright leaves it where the rerun removes it.
-            with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=out) as scratch, \
-                    ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True)) as pool:
-                pending = collections.deque()
-                for number, chunk in enumerate(_chunks(documents, chunk_bytes)):
-                    pending.append(pool.submit(worker.encode_to_file, chunk, os.path.join(scratch, f"{number}.pickle")))
-                    if len(pending) >= 2 * workers:
-                        consume(worker.read_result(pending.popleft().result()))
-                while pending:
-                    consume(worker.read_result(pending.popleft().result()))
+        # closed before the handlers below run, so a pool is shut down first, as leaving its `with` does
+        encoded = _encoded_results(workers, tokenizer_dir, files, documents, chunk_bytes, out)
+        with contextlib.closing(encoded) as results:
+            for result in results:
+                consume(result)
     except BrokenProcessPool:
         progress.close()
         # A ValueError, as the command line reports in one line: a worker killed (the OOM killer) is no bug of kpro's
@@ -350,6 +312,71 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _start_or_resume(out: Path, identity: dict, bos_id: int | None, inputs: list, shard_tokens: int, files: list,
+                     stream) -> tuple[dict, dict]:
+    """The index to write into `out` and the input position to start from: a new one, or the run there
+    resumed (checked to be the same run). A complete run's index is returned as it is (with no position),
+    having said so."""
+    index = read_index(out, complete=False) if is_shard_directory(out) else None
+    if index is not None and not index["complete"] and not index["shards"]:
+        # A run that wrote no shard (its input refused, say) resumes from the start anyway: nothing to protect,
+        # so inputs fixed since start over rather than be refused as another run's.
+        _remove_leftovers(out, index)
+        (out / INDEX_FILE).unlink()
+        index = None
+    if index is not None:
+        _check_same_run(index, identity, bos_id, inputs, shard_tokens, out)
+        if index["complete"]:
+            print(f"{out} is already complete: {index['tokens']:,} tokens in {len(index['shards'])} shard(s)", file=stream)
+            return index, None
+        start = index["resume"]
+        _remove_leftovers(out, index)
+        changed = sum(then != now for then, now in zip(index["inputs"], inputs))
+        if changed:  # files after the resume position only (_check_same_run): recorded as they are now
+            index["inputs"] = inputs
+            write_index(out, index)
+        print(f"resuming {out} after {len(index['shards'])} shard(s), at {files[start['file']]}:{start['line']}"
+              f"{f'; {changed} later input file(s) changed since, read as they are now' if changed else ''}",
+              file=stream)
+    else:
+        start = {"file": 0, "line": 1, "offset": 0, "document": 0, "skip": 0}
+        index = new_index(identity["vocab_size"], shard_tokens, bos_id, identity["eos_id"],
+                          tokenizer=identity, inputs=inputs)
+        index["resume"] = start
+        write_index(out, index)
+    return index, start
+
+
+def _resume_point(done: int, *, file: int, line: int, offset: int, document: int, skip: int) -> dict:
+    """Where a resume starts once `done` more tokens of the document at (file, line, offset) are written."""
+    return {"file": file, "line": line, "offset": offset, "document": document, "skip": skip + done}
+
+
+def _encoded_results(workers: int, tokenizer_dir: Path, files: list, documents, chunk_bytes: int, out: Path):
+    """The tokenizer's results for `documents`, chunk by chunk in order: in this process, or in `workers`
+    spawned ones (their results passed through a scratch directory in `out`)."""
+    if workers == 1:
+        worker.start(str(tokenizer_dir), files)
+        for chunk in _chunks(documents, chunk_bytes):
+            yield worker.encode(chunk)
+        return
+    # Spawned, not forked: the caller may hold threads (torch's, a trainer's) that a fork would copy
+    # half-way. An executor, not a Pool: a worker that cannot start is an error, not a hang.
+    context = multiprocessing.get_context("spawn")
+    # The workers run kpro._tokenize_worker, which imports no torch. Results come back through files
+    # (worker.encode_to_file: a worker killed mid-send hung the pool).
+    # The scratch is in --out, not TMPDIR: a run killed outright leaves it where the rerun removes it.
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=out) as scratch, \
+            ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True)) as pool:
+        pending = collections.deque()
+        for number, chunk in enumerate(_chunks(documents, chunk_bytes)):
+            pending.append(pool.submit(worker.encode_to_file, chunk, os.path.join(scratch, f"{number}.pickle")))
+            if len(pending) >= 2 * workers:
+                yield worker.read_result(pending.popleft().result())
+        while pending:
+            yield worker.read_result(pending.popleft().result())
 
 
 def _check_same_run(index: dict, identity: dict, bos_id: int | None, inputs: list, shard_tokens: int,
