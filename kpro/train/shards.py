@@ -130,8 +130,8 @@ def write_index(directory: Path, index: dict) -> None:
 
 def check_shard_tokens(shard_tokens, vocab_size: int) -> None:
     """`shard_tokens` a positive integer whose shard fits in this machine's memory: a writer assembles each shard
-    in a buffer that size (one beyond memory failed at its allocation, after the directory and index were written,
-    or would be killed filling it)."""
+    in a buffer that size (one beyond memory would fail at its allocation, after the directory and index are
+    written, or be killed filling it)."""
     if not is_integer(shard_tokens) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
     itemsize = token_dtype(vocab_size).itemsize

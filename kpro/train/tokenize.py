@@ -366,7 +366,7 @@ def _encoded_results(workers: int, tokenizer_dir: Path, files: list, documents, 
     # half-way. An executor, not a Pool: a worker that cannot start is an error, not a hang.
     context = multiprocessing.get_context("spawn")
     # The workers run kpro._tokenize_worker, which imports no torch. Results come back through files
-    # (worker.encode_to_file: a worker killed mid-send hung the pool).
+    # (worker.encode_to_file: a worker killed mid-send would hang the pool).
     # The scratch is in --out, not TMPDIR: a run killed outright leaves it where the rerun removes it.
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=out) as scratch, \
             ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True)) as pool:
