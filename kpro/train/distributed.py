@@ -23,6 +23,7 @@ from .._torchrun import world_size
 # The helpers checkpoints share live one layer down; they are part of this module's interface too.
 from ..distributed import (DistEnv, broadcast_object, current_env, full_model_state, is_sharded, main_decides,  # noqa: F401
                            on_main)
+from ..errors import listed
 
 # torch.distributed.fsdp and .checkpoint are imported where used: with DTensor they take most of a second.
 
@@ -251,7 +252,7 @@ def finish_first_ddp_step(train_model: DistributedDataParallel,
     if any(set(names) != idle for names in everyone):
         some = sorted(set().union(*everyone) - set.intersection(*map(set, everyone)))
         raise ValueError(f"{len(some)} trainable parameter(s) got a gradient on some processes and not on others at "
-                         f"the first step ({', '.join(some[:4])}{', ...' if len(some) > 4 else ''}): DDP averages a "
+                         f"the first step ({listed(some)}): DDP averages a "
                          "set of parameters fixed at the first step; use parallel='fsdp', or make the loss use them "
                          "on every process")
     for p in model.parameters():  # the same parameters, in the same order, on every process

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from .._numbers import is_integer
 from .._run_lock import holding
 from ..checkpoint import CheckpointError
-from ..errors import OtherSettings, ResumeRefused
+from ..errors import OtherSettings, ResumeRefused, listed
 from . import distributed
 from .callbacks import Callback, callback_keys, callback_states, check_metrics, load_callback_states
 from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_param_groups_loadable,
@@ -90,7 +90,7 @@ class Run:
                              "model the factory is given")
         frozen = [names[id(p)] for p in held if not p.requires_grad]
         if frozen:
-            raise ValueError(f"the optimizer holds {len(frozen)} frozen parameter(s) ({_listed(frozen)}); give it only "
+            raise ValueError(f"the optimizer holds {len(frozen)} frozen parameter(s) ({listed(frozen)}); give it only "
                              "parameters with requires_grad")
         remember_peak_lr(optimizer)
         # A NumPy eps or lr would go into every checkpoint, which no resume could load: refused before it trains
@@ -108,7 +108,7 @@ class Run:
         left_out = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in optimized]
         if left_out:
             raise ValueError(f"{len(left_out)} trainable parameter(s) are not in the optimizer "
-                             f"({_listed(left_out)}): freeze them "
+                             f"({listed(left_out)}): freeze them "
                              "(requires_grad False), or call run.reset_optimizer() after changing which parameters "
                              "train")
 
@@ -124,7 +124,7 @@ class Run:
         now = self._trainable()
         if now == self._ddp_trainable:
             return
-        changes = [f"{what} since: {_listed(names)}" for what, names in
+        changes = [f"{what} since: {listed(names)}" for what, names in
                    (("made trainable", sorted(now - self._ddp_trainable)),
                     ("frozen", sorted(self._ddp_trainable - now))) if names]
         raise ValueError(f"the parameters that train changed after DDP wrapped the model at the start of fit "
@@ -790,7 +790,7 @@ def _check_processes_agree(run: Run, stats: _StepStats, changed: set[str]) -> No
     if stats.idle_changed:
         optimizer.zero_grad(set_to_none=True)
         raise ValueError(f"the trainable parameters that get no gradient changed after the first step under DDP, at "
-                         f"step {run.step + 1} ({_listed(sorted(changed)) if changed else 'on another process'}): DDP "
+                         f"step {run.step + 1} ({listed(sorted(changed)) if changed else 'on another process'}): DDP "
                          "averages the gradients of a set of parameters fixed at the first step; use "
                          "parallel='fsdp', or make the loss use the same parameters at every step")
 
@@ -826,10 +826,6 @@ class _RefusedBatch(Exception):
         self.error = error
 
 
-def _listed(names: list[str]) -> str:
-    return f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
-
-
 def _is_zero(count) -> bool:
     return bool(torch.as_tensor(count).eq(0).all())
 
@@ -842,7 +838,7 @@ def _stop(run, optimizer, what: str):
     # and gradient norm were finite: checkpoints since hold them. Looked for here, once, not at every step.
     bad = _non_finite(run.model.named_parameters())
     if bad:
-        last = f"the weights were non-finite before it ({_listed(bad)}): an earlier step made them so, and " + \
+        last = f"the weights were non-finite before it ({listed(bad)}): an earlier step made them so, and " + \
             _last_finite_checkpoint(run)
     raise FloatingPointError(f"{what} at step {run.step + 1}: stopped before its optimizer step; {last} (a lower "
                              "learning rate, float32 or bfloat16 weights instead of float16, or clipping may help)")
