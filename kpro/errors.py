@@ -14,8 +14,9 @@ class ResumeRefused(Exception):
     """A resume refused because the run asked for is not the checkpoint's: other settings (OtherSettings), other
     trained parameters (OtherParameters), other data or data settings (OtherExamples, OtherSetting), a checkpoint past
     the run's steps (PastSteps), too few plain batches to skip (TooFewBatches). Each is also the type it was before
-    this base existed (a CheckpointError or a ValueError) with its own details; `except ResumeRefused` takes them all,
-    and nothing was loaded when one is raised."""
+    this base existed (a CheckpointError or a ValueError) with its own details; `except ResumeRefused` takes them all.
+    Nothing was loaded when one is raised, but for a plain iterable's other batch size (OtherSetting "batch_size"),
+    which shows only at its first batch, after the load."""
 
 
 class OtherSettings(ResumeRefused, CheckpointError):

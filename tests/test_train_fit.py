@@ -214,7 +214,7 @@ def test_resuming_a_plain_iterable_shorter_than_the_steps_done_is_named(tmp_path
 
 def test_every_resume_refusal_is_a_resume_refused_and_keeps_its_old_type(tmp_path):
     """One `except kpro.ResumeRefused` takes every refusal of a run that is not the checkpoint's, each still the
-    type it was (CheckpointError or ValueError) and carrying its details; nothing is loaded."""
+    type it was (CheckpointError or ValueError) and carrying its details."""
     data = [kt.collate_prompt_answer(examples(8, seed=s), pad_id=0) for s in range(4)]
     kt.fit(make_model(), data, tmp_path / "plain", steps=4)
     kt.fit(make_model(), batches(), tmp_path / "batches", steps=4, lr=1e-2)
@@ -223,6 +223,9 @@ def test_every_resume_refusal_is_a_resume_refused_and_keeps_its_old_type(tmp_pat
     refusals = [  # (the call, the old type, a detail the refusal carries)
         (lambda: kt.fit(make_model(), iter(data[:2]), tmp_path / "plain", steps=6), ValueError, ("found", 2)),
         (lambda: kt.fit(make_model(), data, tmp_path / "plain", steps=3), kpro.CheckpointError, ("step", 4)),
+        # found at the first batch after the skip (and the load): a ValueError before
+        (lambda: kt.fit(make_model(), [kt.collate_prompt_answer(examples(4, seed=s), pad_id=0) for s in range(8)],
+                        tmp_path / "plain", steps=6), ValueError, ("now", 4)),
         (lambda: kt.fit(make_model(), batches(), tmp_path / "batches", steps=6, lr=1e-2, clip_grad_norm=0.5),
          kpro.CheckpointError, ("differences", {"clip_grad_norm": (1.0, 0.5)})),
         (lambda: kt.fit(frozen, batches(), tmp_path / "batches", steps=6, lr=1e-2), kpro.CheckpointError,
@@ -239,7 +242,7 @@ def test_every_resume_refusal_is_a_resume_refused_and_keeps_its_old_type(tmp_pat
             call()
         assert isinstance(refused.value, old_type), refused.value
         detail = getattr(refused.value, attribute)
-        assert (sorted(detail) if attribute == "now" else detail) == value, (type(refused.value), attribute)
+        assert (sorted(detail) if isinstance(detail, list) else detail) == value, (type(refused.value), attribute)
         kinds.add(type(refused.value).__name__)
     assert kinds == {"TooFewBatches", "PastSteps", "OtherSettings", "OtherParameters", "OtherSetting", "OtherExamples"}
 

@@ -37,7 +37,7 @@ from .callbacks import Callback, callback_keys, callback_states, check_metrics, 
 from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_param_groups_loadable,
                             check_savable, checkpoint_step, latest_checkpoint, list_checkpoints, read_optimizer,
                             read_model, restore_checkpoint, rng_state, save_checkpoint, set_rng_state, type_name)
-from .data import Batches
+from .data import Batches, OtherSetting
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
 from .progress import MetricsLog, ProgressLine
@@ -428,11 +428,11 @@ def _plain_batch_rows(batch, batch_rows: int | None, check_after_resume: bool, r
     if check_after_resume and None not in (rows, batch_rows) and rows != batch_rows:
         # the batch a refusal stopped the run at, given again: refused again as such
         _refuse_unsplittable(batch, run, grad_accum, per_process)
-        raise ValueError(f"the batches have {rows} rows, the checkpoint's run had {batch_rows}: a "
-                         f"plain iterable resumes by skipping {run.step} batches, which of another "
-                         "size are not the examples the checkpointed steps used; resume with the first "
-                         "run's batches (or kpro.train.Batches, which refuses another batch size by "
-                         "name)")
+        raise OtherSetting(f"the batches have {rows} rows, the checkpoint's run had {batch_rows}: a "
+                           f"plain iterable resumes by skipping {run.step} batches, which of another "
+                           "size are not the examples the checkpointed steps used; resume with the first "
+                           "run's batches (or kpro.train.Batches, which refuses another batch size by "
+                           "name)", "batch_size", had=batch_rows, now=rows)
     return batch_rows or rows
 
 
