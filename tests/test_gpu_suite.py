@@ -845,11 +845,21 @@ def test_the_bitune_activation_count_keeps_no_graph_alive():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def run_benchmarks_with_plugin(tmp_path, plugin: str, source: str, keyword: str, *options):
+    """`pytest --benchmark --benchmark-disable -k keyword` in a subprocess, with `source` loaded as the pytest plugin
+    `plugin` first: a fault or a fake it puts into kpro or a baseline before the suites run."""
+    (tmp_path / f"{plugin}.py").write_text(textwrap.dedent(source))
+    path = os.pathsep.join([str(ROOT), str(tmp_path)])
+    return subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", *options, "-p",
+                           "no:cacheprovider", "-p", plugin, "-k", keyword],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+
+
 def test_the_frozen_head_cross_entropy_is_checked_frozen(tmp_path):
     """benchmarks/test_linear_cross_entropy.py times each loss with the head frozen too, kpro's path without
     the weight gradient: the check before the timing must run that path, not the trainable head's. A plugin
     breaks dhidden of kpro's torch kernel for a frozen head only; the frozen case must fail, unmeasured."""
-    (tmp_path / "broken_frozen_head.py").write_text(textwrap.dedent("""
+    done = run_benchmarks_with_plugin(tmp_path, "broken_frozen_head", """
         import importlib
         lce = importlib.import_module("kpro.ops.linear_cross_entropy")  # kpro.ops.linear_cross_entropy: the function
         real = lce.TORCH_KERNELS.forward_with_grads
@@ -858,12 +868,7 @@ def test_the_frozen_head_cross_entropy_is_checked_frozen(tmp_path):
             loss, dh, dw = real(hidden, weight, labels, ignore_index, hidden_grad, weight_grad)
             return loss, dh if weight_grad or dh is None else 2 * dh, dw
         lce.TORCH_KERNELS.forward_with_grads = wrong_when_frozen
-    """))
-    path = os.pathsep.join([str(ROOT), str(tmp_path)])
-    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
-                           "no:cacheprovider", "-p", "broken_frozen_head", "-k",
-                           "loss_and_backward and kpro-torch and V32768"], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    """, "loss_and_backward and kpro-torch and V32768")
     assert "1 failed, 1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     failed = "FAILED benchmarks/test_linear_cross_entropy.py::test_loss_and_backward[N2048-d256-V32768-frozen-kpro-"
     assert failed in done.stdout and "WrongResult: kpro-torch is wrong: dhidden" in done.stdout, done.stdout[-3000:]
@@ -910,7 +915,7 @@ def test_an_implementation_overwriting_its_inputs_leaves_the_shared_ones_alone(t
     implementation run after it would have run on them. A fake Liger, registered as the real one is (its
     import), overwrites its inputs the same way: it must pass, and the case's inputs must be unchanged after
     every implementation of it ran."""
-    (tmp_path / "fake_inplace_liger.py").write_text(textwrap.dedent("""
+    done = run_benchmarks_with_plugin(tmp_path, "fake_inplace_liger", """
         import sys, types
         import torch
         import torch.nn.functional as F
@@ -939,12 +944,7 @@ def test_an_implementation_overwriting_its_inputs_leaves_the_shared_ones_alone(t
             fresh = bench.build_case("swiglu", (2048, 1024), torch.device("cpu"), backward=True)
             same = all(torch.equal(getattr(bench.CASES.value, n).detach(), getattr(fresh, n)) for n in ("a", "b"))
             print("SHARED INPUTS", "UNCHANGED" if same else "OVERWRITTEN")
-    """))
-    path = os.pathsep.join([str(ROOT), str(tmp_path)])
-    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-s", "-p",
-                           "no:cacheprovider", "-p", "fake_inplace_liger", "-k",
-                           "test_forward_backward and swiglu and not rms_norm and 2048x1024"], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    """, "test_forward_backward and swiglu and not rms_norm and 2048x1024", "-s")
     assert "4 passed" in done.stdout and "SHARED INPUTS UNCHANGED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -978,7 +978,7 @@ def test_the_model_benchmark_checks_the_whole_timed_batch(tmp_path):
     2048 on a GPU): attention right on the first 64 positions of the first row and zero everywhere else passed
     and was timed. The whole timed batch is now checked, against a reference that does not go through kpro.ops
     (the gpt-fast-style model in float64 on the CPU): kpro's forward and forward+backward fail, unmeasured."""
-    (tmp_path / "attention_wrong_after_64.py").write_text(textwrap.dedent("""
+    done = run_benchmarks_with_plugin(tmp_path, "attention_wrong_after_64", """
         import kpro.ops as ops
         real = ops.attention
 
@@ -988,11 +988,7 @@ def test_the_model_benchmark_checks_the_whole_timed_batch(tmp_path):
             out[1:] = 0
             return out
         ops.attention = wrong
-    """))
-    path = os.pathsep.join([str(ROOT), str(tmp_path)])
-    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
-                           "no:cacheprovider", "-p", "attention_wrong_after_64", "-k", "model and cpu-small"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    """, "model and cpu-small")
     assert "2 failed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     for test in ("test_forward", "test_forward_backward"):
         assert f"FAILED benchmarks/test_model.py::{test}[cpu-small-kpro]" in done.stdout, done.stdout[-3000:]
@@ -1005,7 +1001,7 @@ def test_the_bitune_dual_pass_benchmark_has_a_reference_of_its_own(tmp_path):
     right computation (three FlexAttention calls), which was then never timed. The reference is now a dense
     masked softmax written in the benchmark. A plugin swaps α_k and α_v in kpro's plain-PyTorch op: its
     forward and forward+backward cases must fail, unmeasured."""
-    (tmp_path / "bitune_alphas_swapped.py").write_text(textwrap.dedent("""
+    done = run_benchmarks_with_plugin(tmp_path, "bitune_alphas_swapped", """
         import importlib
         bitune = importlib.import_module("kpro.ops.bitune_attention")  # kpro.ops.bitune_attention: the function
         real = bitune.bitune_attention_reference
@@ -1013,11 +1009,7 @@ def test_the_bitune_dual_pass_benchmark_has_a_reference_of_its_own(tmp_path):
         def swapped(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, *rest):
             return real(q_p, k_p, v_p, q_a, k_a, v_a, alpha_v, alpha_k, *rest)
         bitune.bitune_attention_reference = swapped
-    """))
-    path = os.pathsep.join([str(ROOT), str(tmp_path)])
-    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
-                           "no:cacheprovider", "-p", "bitune_alphas_swapped", "-k", "bitune_dual_pass and kpro-torch"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    """, "bitune_dual_pass and kpro-torch")
     assert "2 failed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     for grad in ("forward", "forward+backward"):
         assert f"FAILED benchmarks/test_attention.py::test_bitune_dual_pass[spec-{grad}-kpro-torch]" in done.stdout, \
@@ -1031,16 +1023,12 @@ def test_the_expansion_benchmark_has_a_reference_no_kpro_op_enters(tmp_path):
     the eager baseline failed, never timed. The reference is now the gpt-fast-style model on the same weights in
     float64. A plugin makes kpro's torch SwiGLU scale `up` by 1.1: kpro's rows must fail, unmeasured, and eager
     pass."""
-    (tmp_path / "swiglu_up_scaled.py").write_text(textwrap.dedent("""
+    done = run_benchmarks_with_plugin(tmp_path, "swiglu_up_scaled", """
         import importlib
         swiglu = importlib.import_module("kpro.ops.swiglu")  # kpro.ops.swiglu: the function
         real = swiglu.torch_forward
         swiglu.TORCH_KERNELS.forward = lambda gate, up: real(gate, up * 1.1)
-    """))
-    path = os.pathsep.join([str(ROOT), str(tmp_path)])
-    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
-                           "no:cacheprovider", "-p", "swiglu_up_scaled", "-k", "expansion_step and cpu-pro"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    """, "expansion_step and cpu-pro")
     assert "3 failed, 1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     for impl in ("kpro-frozen", "kpro-train_only", "kpro-recompute"):
         assert f"FAILED benchmarks/test_expansion.py::test_expansion_step[cpu-pro-{impl}]" in done.stdout, \
@@ -1051,16 +1039,12 @@ def test_the_expansion_benchmark_has_a_reference_no_kpro_op_enters(tmp_path):
 def run_with_fused_loss_without_backward(tmp_path, keyword):
     """`pytest --benchmark --benchmark-disable -k keyword` with kpro.ops.linear_cross_entropy keeping its value
     and giving no gradient (a fast wrong fused loss)."""
-    (tmp_path / "fused_without_backward.py").write_text(textwrap.dedent("""
+    return run_benchmarks_with_plugin(tmp_path, "fused_without_backward", """
         import kpro.ops as ops
         real = ops.linear_cross_entropy
         ops.linear_cross_entropy = lambda hidden, weight, *a, **k: (real(hidden.detach(), weight.detach(), *a, **k)
                                                                     + 0.0 * hidden.sum())
-    """))
-    path = os.pathsep.join([str(ROOT), str(tmp_path)])
-    return subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--benchmark-disable", "-q", "-p",
-                           "no:cacheprovider", "-p", "fused_without_backward", "-k", keyword],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path))
+    """, keyword)
 
 
 @pytest.mark.parametrize("untimed", [["--benchmark-disable"], ["--benchmark-skip"], ["-n", "2"]], ids=" ".join)
