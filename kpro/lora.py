@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,15 +101,52 @@ class Adapter(nn.Module):
         return self.lora_B(self.lora_A(x))
 
 
+_CHANGED = -1  # in a merge record's versions: no tensor's version, so the tensor counts as changed since the merge
+
+
 @dataclasses.dataclass(frozen=True)
 class _MergeRecord:
     """What LoRALinear.merge folded into the weight: the adapter's A and B, its requires_grad flags, and
-    (to notice later in-place changes) the version counters of the weight, A and B after the merge (-1: changed
-    in a copy's original)."""
+    (to notice later in-place changes) the version counters of the watched tensors, the weight, A and B, after
+    the merge (_CHANGED: changed in a copy's original). The methods take the watched tensors in that order."""
 
     factors: tuple[torch.Tensor, torch.Tensor]
     requires_grad: tuple[bool, bool]
     versions: tuple[int, int, int]
+
+    def unchanged(self, watched: Sequence[torch.Tensor]) -> tuple[bool, bool, bool]:
+        """Which of the weight, A and B are unchanged since the merge."""
+        return tuple(t._version == then for t, then in zip(watched, self.versions))
+
+    def versions_match(self, watched: Sequence[torch.Tensor]) -> bool:
+        return all(self.unchanged(watched))
+
+    def weight_changed(self, weight: torch.Tensor) -> bool:
+        return weight._version != self.versions[0]
+
+    def watching(self, watched: Sequence[torch.Tensor],
+                 unchanged: Sequence[bool] = (True, True, True)) -> _MergeRecord:
+        """This record with the watched tensors' versions now, taken as unchanged (marked changed where
+        `unchanged` says not)."""
+        versions = tuple(t._version if same else _CHANGED for t, same in zip(watched, unchanged))
+        return dataclasses.replace(self, versions=versions)
+
+    def for_copy(self, watched: Sequence[torch.Tensor]) -> _MergeRecord:
+        """The record a merged layer's copy takes over (LoRALinear.__getstate__): the tensors changed since the
+        merge marked _CHANGED."""
+        return self.watching(watched, self.unchanged(watched))
+
+    def in_copy(self, watched: Sequence[torch.Tensor]) -> _MergeRecord:
+        """`for_copy`'s record in the copy (LoRALinear.__setstate__), watching the copy's own tensors."""
+        return self.watching(watched, tuple(then != _CHANGED for then in self.versions))
+
+
+class MergeState(NamedTuple):
+    """A layer's merge as `LoRALinear.merge_state()` gives it, for another copy of the model to take over."""
+
+    adapter: str  # the merged adapter's name
+    requires_grad: tuple[bool, bool]  # its A's and B's flags before the merge
+    unchanged: tuple[bool, bool, bool]  # whether the weight, A and B are unchanged since the merge
 
 
 def check_rank_alpha(rank, alpha) -> tuple[int, float]:
@@ -243,6 +280,27 @@ class LoRALinear(nn.Module):
                 keep[start:end, column:column + self.rank] = 1
         return F.linear(F.linear(x, a) * keep, b)
 
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)`, `.half()`: the base weight is cast, the adapters stay in `adapter_dtype`
+        of it (fp32 for a half-precision weight)."""
+        factors = [(linear, "weight") for adapter in self.adapters.values()
+                   for linear in (adapter.lora_A, adapter.lora_B)]
+        merged_unchanged = self.merged is not None and self._merge_record.versions_match(self._watched())
+        with dtype_kept(factors, lambda: adapter_dtype(self.weight.dtype)):
+            super()._apply(fn, recurse)
+        if merged_unchanged:  # the conversion is not a change to the merged values
+            self._merge_record = self._merge_record.watching(self._watched())
+        return self
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        adapter = self.adapters[name]
+        return adapter.lora_A.weight, adapter.lora_B.weight
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, adapters={list(self.adapters)}"
+
+    # --------------------------------------------------------------- merging an adapter into the weight
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """Fold adapter `name` into the base weight (for serving a single adapter); unmerge() undoes it. Both
@@ -264,59 +322,120 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
         self._record_merge(name, params, flags)
 
-    def _record_merge(self, name: str, factors: tuple[torch.Tensor, torch.Tensor], flags: tuple[bool, bool]) -> None:
-        """Adapter `name`, whose A and B are `factors` (copied here) and whose requires_grad flags before the merge
-        were `flags`, is merged into the weight as it is now: its record, its mark, the versions to watch."""
-        # normal tensors even where merge() runs under torch.inference_mode(): a later load_state_dict copies into
-        # the mark, which an inference tensor refuses outside inference mode
-        with torch.inference_mode(False):
-            self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, (-1, -1, -1))
-            self.register_buffer(MERGE_MARK, _mark(name, self.weight.device))
-        self.merged = name
-        self._record_merged_versions()  # after the weight's own change
-
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged is None:
             raise ValueError("no adapter is merged")
-        if self._weight_changed():  # subtracting the update merged would not give back the base
-            raise ValueError(self._weight_changed_message())
         record = self._merge_record
+        if record.weight_changed(self.weight):  # subtracting the update merged would not give back the base
+            raise ValueError(self._weight_changed_message())
         self._add_to_weight(record.factors, -1)  # the values merged, even if the adapter changed since
         for p, flag in zip(self._factors(self.merged), record.requires_grad):
             p.requires_grad_(flag)
         self.merged, self._merge_record = None, None
         delattr(self, MERGE_MARK)
 
-    def _apply(self, fn, recurse=True):
-        """`model.to(torch.bfloat16)`, `.half()`: the base weight is cast, the adapters stay in `adapter_dtype`
-        of it (fp32 for a half-precision weight)."""
-        factors = [(linear, "weight") for adapter in self.adapters.values()
-                   for linear in (adapter.lora_A, adapter.lora_B)]
-        merged_unchanged = self.merged is not None and self._merged_versions_match()
-        with dtype_kept(factors, lambda: adapter_dtype(self.weight.dtype)):
-            super()._apply(fn, recurse)
-        if merged_unchanged:  # the conversion is not a change to the merged values
-            self._record_merged_versions()
-        return self
+    def merged_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A and B whose update merge() added to the weight (unmerge() subtracts them)."""
+        if self.merged is None:
+            raise ValueError("no adapter is merged")
+        return self._merge_record.factors
+
+    def merge_stale(self) -> str | None:
+        """Why the merged weight no longer stands for the merged adapter (changed in place since the merge), or
+        None where it does or nothing is merged."""
+        if self.merged is None or self._merge_record.versions_match(self._watched()):
+            return None
+        if self._merge_record.weight_changed(self.weight):
+            return self._weight_changed_message()
+        return (f"adapter {self.merged!r} was changed after it was merged into the weight, which still holds its "
+                "old values: unmerge() and merge() it again")
+
+    def _check_merged_unchanged(self) -> None:
+        """The merged weight holds the adapter's values at merge(): refuse to run once either was changed in
+        place (loaded, or an optimizer step), which would silently run other values than the adapter's.
+        Not under torch.compile: a tensor's version counter is data a graph cannot guard on, and reading it outside
+        the graph would break the graph at every layer, so a compiled merged model runs the values merged even after
+        an in-place change (nor is a change through `.data` seen, eager or compiled)."""
+        if torch.compiler.is_compiling():
+            return
+        stale = self.merge_stale()
+        if stale:
+            raise ValueError(stale)
+
+    def _weight_changed_message(self) -> str:
+        return (f"the weight, with adapter {self.merged!r} merged into it, was changed in place after the merge "
+                "(loaded without its adapter, or stepped), so which update it holds is unknown: unmerge() would "
+                "not give back the base weight. Load the weight together with the adapter (a merged model's whole "
+                "state_dict: the merge is recorded from the loaded adapter), or build the model again from its "
+                "base weights and adapters")
+
+    def _add_to_weight(self, factors: tuple[torch.Tensor, torch.Tensor], sign: int) -> None:
+        """weight ± scale·B·A, in fp32 or wider and rounded once. Outside autocast: under it the product would be
+        bf16, and an unmerge() outside autocast would not subtract what a merge() inside it added."""
+        a, b = factors
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.autocast(self.weight.device.type, enabled=False):
+            delta = b.to(self.weight.device, acc) @ a.to(self.weight.device, acc) * (sign * self.scale)
+            self.weight.copy_(self.weight.to(acc) + delta)
+
+    def _record_merge(self, name: str, factors: tuple[torch.Tensor, torch.Tensor], flags: tuple[bool, bool]) -> None:
+        """Adapter `name`, whose A and B are `factors` (copied here) and whose requires_grad flags before the merge
+        were `flags`, is merged into the weight as it is now: its record, its mark, the versions to watch."""
+        # normal tensors even where merge() runs under torch.inference_mode(): a later load_state_dict copies into
+        # the mark, which an inference tensor refuses outside inference mode
+        with torch.inference_mode(False):
+            self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, (_CHANGED,) * 3)
+            self.register_buffer(MERGE_MARK, _mark(name, self.weight.device))
+        self.merged = name
+        self._merge_record = self._merge_record.watching(self._watched())  # after the weight's own change
+
+    def _watched(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors whose values the merge record stands for: the weight and the merged adapter's A and B."""
+        return (self.weight, *self._factors(self.merged))
+
+    @staticmethod
+    def _watched_keys(name: str) -> tuple[str, str, str]:
+        return ("weight", f"{name}.lora_A.weight", f"{name}.lora_B.weight")
+
+    def merge_state(self) -> MergeState | None:
+        """This layer's merge, for another copy of the model to take over (`take_merge_state`); None where
+        unmerged."""
+        if self.merged is None:
+            return None
+        record = self._merge_record
+        return MergeState(self.merged, record.requires_grad, record.unchanged(self._watched()))
+
+    def take_merge_state(self, state: MergeState, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """After this merged layer's weight and adapter were overwritten in place with those of a copy whose
+        `merge_state()` was `state` (DDP's start-up broadcast of rank 0's values): the merge recorded as that
+        copy's, unchanged where it was, changed (refused) where it was. `factors`: the copy's `merged_factors()`;
+        None where it was unchanged, whose adapter holds them (the adapter's values now, as copied)."""
+        if state.adapter != self.merged:
+            raise ValueError(f"the merge of adapter {state.adapter!r} cannot be taken over by a layer with adapter "
+                             f"{self.merged!r} merged")
+        if factors is None:
+            if not all(state.unchanged):
+                raise ValueError("a merge changed since it was made needs its recorded factors (merged_factors())")
+            factors = self._factors(state.adapter)
+        record = _MergeRecord(tuple(f.detach().clone() for f in factors), state.requires_grad, (_CHANGED,) * 3)
+        self._merge_record = record.watching(self._watched(), state.unchanged)
+
+    # --------------------------------------------------------------- copies and loads of a merged layer
 
     # A copy (copy.deepcopy, pickle) starts its tensors' version counters afresh: the original marks those of
-    # its watched tensors that changed since the merge (-1, never a version), the copy re-records the others, so
-    # the copy runs as the original does (and refuses as it would).
+    # its watched tensors that changed since the merge (_CHANGED, never a version), the copy re-records the
+    # others, so the copy runs as the original does (and refuses as it would).
     def __getstate__(self):
         state = super().__getstate__()
         if self.merged is not None:
-            versions = tuple(-1 if now != then else then for now, then in zip(self._versions(),
-                                                                              self._merge_record.versions))
-            state["_merge_record"] = dataclasses.replace(self._merge_record, versions=versions)
+            state["_merge_record"] = self._merge_record.for_copy(self._watched())
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         if self.merged is not None:
-            versions = tuple(-1 if then == -1 else now for now, then in zip(self._versions(),
-                                                                            self._merge_record.versions))
-            self._merge_record = dataclasses.replace(self._merge_record, versions=versions)
+            self._merge_record = self._merge_record.in_copy(self._watched())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -366,103 +485,6 @@ class LoRALinear(nn.Module):
             return (f"the state_dict has adapter {merged!r} merged into the weight but lacks {', '.join(lacking)}: "
                     "the layer becomes merged only by loading its weight together with that adapter")
         return None
-
-    def _watched(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The tensors whose values the merge record stands for: the weight and the merged adapter's A and B."""
-        return (self.weight, *self._factors(self.merged))
-
-    @staticmethod
-    def _watched_keys(name: str) -> tuple[str, str, str]:
-        return ("weight", f"{name}.lora_A.weight", f"{name}.lora_B.weight")
-
-    def _versions(self) -> tuple[int, int, int]:
-        return tuple(t._version for t in self._watched())
-
-    def _record_merged_versions(self) -> None:
-        self._merge_record = dataclasses.replace(self._merge_record, versions=self._versions())
-
-    def _merged_versions_match(self) -> bool:
-        return self._versions() == self._merge_record.versions
-
-    def _weight_changed(self) -> bool:
-        return self.weight._version != self._merge_record.versions[0]
-
-    def _weight_changed_message(self) -> str:
-        return (f"the weight, with adapter {self.merged!r} merged into it, was changed in place after the merge "
-                "(loaded without its adapter, or stepped), so which update it holds is unknown: unmerge() would "
-                "not give back the base weight. Load the weight together with the adapter (a merged model's whole "
-                "state_dict: the merge is recorded from the loaded adapter), or build the model again from its "
-                "base weights and adapters")
-
-    def merge_state(self) -> tuple[str, tuple[bool, bool], tuple[bool, bool, bool]] | None:
-        """This layer's merge, for another copy of the model to take over (`take_merge_state`): None where
-        unmerged, else the merged adapter's name, its requires_grad flags before the merge, and which of the
-        weight, A and B are unchanged since the merge."""
-        if self.merged is None:
-            return None
-        unchanged = tuple(now == then for now, then in zip(self._versions(), self._merge_record.versions))
-        return self.merged, self._merge_record.requires_grad, unchanged
-
-    def take_merge_state(self, state: tuple[str, tuple[bool, bool], tuple[bool, bool, bool]],
-                         factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """After this merged layer's weight and adapter were overwritten in place with those of a copy whose
-        `merge_state()` was `state` (DDP's start-up broadcast of rank 0's values): the merge recorded as that
-        copy's, unchanged where it was, changed (refused) where it was. `factors`: the copy's `merged_factors()`;
-        None where it was unchanged, whose adapter holds them (the adapter's values now, as copied)."""
-        name, flags, unchanged = state
-        if name != self.merged:
-            raise ValueError(f"the merge of adapter {name!r} cannot be taken over by a layer with adapter "
-                             f"{self.merged!r} merged")
-        if factors is None:
-            if not all(unchanged):
-                raise ValueError("a merge changed since it was made needs its recorded factors (merged_factors())")
-            factors = self._factors(name)
-        versions = tuple(now if same else -1 for now, same in zip(self._versions(), unchanged))
-        self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, versions)
-
-    def merged_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The A and B whose update merge() added to the weight (unmerge() subtracts them)."""
-        if self.merged is None:
-            raise ValueError("no adapter is merged")
-        return self._merge_record.factors
-
-    def merge_stale(self) -> str | None:
-        """Why the merged weight no longer stands for the merged adapter (changed in place since the merge), or
-        None where it does or nothing is merged."""
-        if self.merged is None or self._merged_versions_match():
-            return None
-        if self._weight_changed():
-            return self._weight_changed_message()
-        return (f"adapter {self.merged!r} was changed after it was merged into the weight, which still holds its "
-                "old values: unmerge() and merge() it again")
-
-    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        adapter = self.adapters[name]
-        return adapter.lora_A.weight, adapter.lora_B.weight
-
-    def _check_merged_unchanged(self) -> None:
-        """The merged weight holds the adapter's values at merge(): refuse to run once either was changed in
-        place (loaded, or an optimizer step), which would silently run other values than the adapter's.
-        Not under torch.compile: a tensor's version counter is data a graph cannot guard on, and reading it outside
-        the graph would break the graph at every layer, so a compiled merged model runs the values merged even after
-        an in-place change (nor is a change through `.data` seen, eager or compiled)."""
-        if torch.compiler.is_compiling():
-            return
-        stale = self.merge_stale()
-        if stale:
-            raise ValueError(stale)
-
-    def _add_to_weight(self, factors: tuple[torch.Tensor, torch.Tensor], sign: int) -> None:
-        """weight ± scale·B·A, in fp32 or wider and rounded once. Outside autocast: under it the product would be
-        bf16, and an unmerge() outside autocast would not subtract what a merge() inside it added."""
-        a, b = factors
-        acc = torch.promote_types(self.weight.dtype, torch.float32)
-        with torch.autocast(self.weight.device.type, enabled=False):
-            delta = b.to(self.weight.device, acc) @ a.to(self.weight.device, acc) * (sign * self.scale)
-            self.weight.copy_(self.weight.to(acc) + delta)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, adapters={list(self.adapters)}"
 
 
 def _record_loaded_merge(layer: LoRALinear, incompatible_keys) -> None:
