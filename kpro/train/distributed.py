@@ -195,7 +195,7 @@ def merges_as_on_rank0(model: nn.Module, env: DistEnv):
 
     layers = _lora_layers(model)
     everyone = gather_objects([layer.merge_state() for _, layer in layers], env)
-    merged = [[None if state is None else state[0] for state in states] for states in everyone]
+    merged = [[None if state is None else state.adapter for state in states] for states in everyone]
     for rank, names in enumerate(merged):
         if len(names) != len(merged[0]):
             raise ValueError(f"the processes' models have different numbers of LoRA layers ({len(merged[0])} on "
@@ -210,7 +210,7 @@ def merges_as_on_rank0(model: nn.Module, env: DistEnv):
         if state is None:
             continue
         factors = None
-        if not all(state[2]):  # rank 0's merge is stale: its recorded factors, which its adapter no longer holds
+        if not all(state.unchanged):  # rank 0's merge is stale: its recorded factors, which its adapter no longer holds
             factors = tuple(f.clone() for f in layer.merged_factors())
             for f in factors:
                 dist.broadcast(f, src=0)
