@@ -122,6 +122,12 @@ def read_weight_map(index: Path) -> dict[str, str]:
                                                    for name, file in weight_map.items()):
         raise CheckpointError(f"{index} is not a valid safetensors index: its 'weight_map' must map each tensor "
                               "name to a shard file name")
+    # A plain file name beside the index: a downloaded index naming ../other/model.safetensors or an absolute path
+    # would load (and expand copy) weights from outside the checkpoint
+    outside = sorted({f for f in weight_map.values() if f in ("", ".", "..") or "/" in f or "\\" in f})
+    if outside:
+        raise CheckpointError(f"{index} maps tensors to file(s) that are not a plain file name in its directory: "
+                              f"{', '.join(map(json.dumps, outside[:4]))}; a checkpoint's shards lie beside its index")
     missing_files = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
     if missing_files:
         raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(missing_files)}")

@@ -367,6 +367,25 @@ def test_a_tensor_listed_twice_or_held_by_two_shards_is_refused(tmp_path, make_m
         kpro.load_pretrained(tmp_path / "ck")
 
 
+def test_an_index_naming_files_outside_its_directory_is_refused(tmp_path, make_model):
+    """An index mapping tensors to ../other/model.safetensors or an absolute path loaded that file's weights, and
+    `info` described it: a downloaded checkpoint could read any file. Refused by load_pretrained, info and expand."""
+    from kpro.cli import main
+
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck", max_shard_size=20_000)
+    kpro.save_pretrained(make_model(seed=1, dtype=torch.float32), tmp_path / "other")
+    index_file = tmp_path / "ck" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    for outside in ("../other/model.safetensors", str(tmp_path / "other" / "model.safetensors"), ".."):
+        index_file.write_text(json.dumps({**index, "weight_map": {name: outside for name in index["weight_map"]}}))
+        message = f"maps tensors to file(s) that are not a plain file name in its directory: {json.dumps(outside)}"
+        with pytest.raises(kpro.CheckpointError, match=re.escape(message)):
+            kpro.load_pretrained(tmp_path / "ck")
+        assert main(["info", str(tmp_path / "ck")]) == 1
+        assert main(["expand", str(tmp_path / "ck"), str(tmp_path / "big"), "--blocks", "1"]) == 1
+        assert not (tmp_path / "big").exists()
+
+
 def test_ambiguous_and_malformed_weight_files_are_refused(tmp_path, make_model):
     kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck", max_shard_size=20_000)
     kpro.save_pretrained(make_model(seed=1, dtype=torch.float32), tmp_path / "other")
