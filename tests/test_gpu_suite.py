@@ -820,7 +820,11 @@ def test_each_suite_keyword_of_the_docs_selects_its_file_only():
     done = subprocess.run([sys.executable, "-c", script, *suites], capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
     found = json.loads(done.stdout.split("FOUND ", 1)[1]) if "FOUND " in done.stdout else None
-    assert found == {keyword: [file] for keyword, file in suites.items()}, done.stdout[-3000:] + done.stderr[-3000:]
+    # a suite of an optional dependency missing here collects nothing (test_hf_integration.py: transformers)
+    collects = {file: importlib.util.find_spec("transformers") is not None or file != "test_hf_integration.py"
+                for file in suites.values()}
+    assert found == {keyword: [file] if collects[file] else [] for keyword, file in suites.items()}, \
+        done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_the_bitune_activation_count_keeps_no_graph_alive():

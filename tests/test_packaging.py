@@ -1,6 +1,8 @@
 """The CUDA build path (compile-only where there is no GPU) and the command line."""
 import ctypes
+import importlib.metadata
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -194,7 +196,14 @@ def package_tree(tmp_path: Path) -> Path:
 
 
 def build(tree: Path, kind: str, out: Path, **env) -> subprocess.CompletedProcess:
-    """setuptools' PEP 517 build_wheel or build_sdist in tree, as pip and `python -m build` call it."""
+    """setuptools' PEP 517 build_wheel or build_sdist in tree, as pip and `python -m build` call it, with this
+    environment's setuptools: skipped where it is older than pyproject.toml's build requirement (a Python 3.11
+    venv's own 65.5 where torch pulls in none), which pip's isolated build would meet with a newer one."""
+    required = re.search(r'requires = \["setuptools>=(\d+)"\]', (ROOT / "pyproject.toml").read_text())
+    assert required, "pyproject.toml's setuptools requirement is not where this check reads it: update it"
+    have = importlib.metadata.version("setuptools")
+    if int(have.split(".")[0]) < int(required[1]):
+        pytest.skip(f"setuptools {have} here; pyproject.toml's build needs setuptools>={required[1]}")
     code = f"import sys; from setuptools import build_meta; print(build_meta.build_{kind}(sys.argv[1]))"
     return subprocess.run([sys.executable, "-c", code, str(out)], cwd=tree, capture_output=True, text=True,
                           env={**os.environ, **env})
