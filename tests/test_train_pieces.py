@@ -486,7 +486,16 @@ def test_adamw_refuses_an_eps_of_0(make_model):
     with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float32, where AdamW's eps=1e-50 is 0: "
                                          r".*pass an eps that float32 holds"):
         kt.adamw(model, 1e-3, eps=1e-50)
+    # fused (a GPU's default) was not checked: its kernel computes half precision and float32 in float32
+    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float32, where AdamW's eps=1e-50 is 0"):
+        kt.adamw(model, 1e-3, eps=1e-50, fused=True)
+    half = make_model(dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, which AdamW's fused kernel "
+                                         r"computes in float32, where eps=1e-50 is 0: .*float32 holds"):
+        kt.adamw(half, 1e-3, eps=1e-50, fused=True)
+    kt.adamw(half, 1e-3, fused=True)  # the default 1e-8, 0 in float16, holds in the fused kernel's float32
     kt.adamw(model.double(), 1e-3, eps=1e-50)  # float64 holds it
+    kt.adamw(model, 1e-3, eps=1e-50, fused=True)
 
 
 def test_icots_adamw_keeps_numpy_numbers_as_python_floats(make_model):

@@ -80,18 +80,24 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_eps_holds(model: nn.Module, eps: float) -> None:
+def check_eps_holds(model: nn.Module, eps: float, fused: bool = False) -> None:
     """Refuse parameters of a dtype where `eps` rounds to 0 (float16 with the default 1e-8; float32 with 1e-50):
     AdamW's unfused implementations compute in the parameter's dtype, op by op, so a zero gradient (a fresh
-    expansion's new blocks at step 1), or one whose square underflows, makes a step divided by 0: NaN."""
+    expansion's new blocks at step 1), or one whose square underflows, makes a step divided by 0: NaN. The fused
+    kernel computes half-precision and float32 parameters in float32: there `eps` must hold in float32."""
     holds = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dtype not in holds:
-            holds[p.dtype] = torch.tensor(eps, dtype=p.dtype).item() != 0
-        if holds[p.dtype]:
+        computed = torch.float32 if fused and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        if computed not in holds:
+            holds[computed] = torch.tensor(eps, dtype=computed).item() != 0
+        if holds[computed]:
             continue
+        if computed != p.dtype:
+            raise ValueError(f"parameter {name} is {str(p.dtype).removeprefix('torch.')}, which AdamW's fused kernel "
+                             f"computes in float32, where eps={eps} is 0: a zero or tiny gradient divides by 0 (a NaN "
+                             f"step); pass an eps that float32 holds (at least {torch.finfo(torch.float32).tiny:g})")
         if p.dtype == torch.float16:
             raise ValueError(f"parameter {name} is float16, where AdamW's eps={eps} is 0: a zero or tiny gradient "
                              "divides by 0 (a NaN step); keep the weights in float32 (bf16 autocast, fit's precision "
@@ -104,13 +110,13 @@ def check_eps_holds(model: nn.Module, eps: float) -> None:
 
 
 def implementation(model: nn.Module, fused: bool | None = None, eps: float = 1e-8) -> dict:
-    """AdamW's `fused`/`foreach` keywords for the model's trainable parameters (see `adamw`); unfused, float16
-    ones are refused where `eps` is 0 in float16 (`check_eps_holds`; the fused CUDA kernel computes in fp32)."""
+    """AdamW's `fused`/`foreach` keywords for the model's trainable parameters (see `adamw`); parameters are
+    refused where `eps` is 0 in the dtype their step computes in (`check_eps_holds`: their own unfused, float32
+    for half precision fused)."""
     devices = {p.device.type for p in model.parameters() if p.requires_grad}
     if fused is None:
         fused = devices == {"cuda"}
-    if not fused:
-        check_eps_holds(model, eps)
+    check_eps_holds(model, eps, fused=bool(fused))
     return {"fused": fused or None, "foreach": True if not fused and devices == {"cpu"} else None}
 
 
