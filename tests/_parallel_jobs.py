@@ -53,3 +53,22 @@ def signal_dispositions() -> tuple:
 
     return tuple(getattr(signal.getsignal(signum), "name", getattr(signal.getsignal(signum), "__name__", "?"))
                  for signum in (signal.SIGINT, signal.SIGTERM))
+
+
+def page_faults_reallocating(keep_freed_memory: bool = False) -> list[int]:
+    """Minor page faults of four rounds of allocating and freeing 64 activation-sized tensors (1.4 MB each, as the
+    internalization act's step makes), after kpro.demo.parallel.keep_freed_memory() where asked."""
+    import resource
+
+    import torch
+
+    from kpro.demo.parallel import keep_freed_memory as keep
+    if keep_freed_memory:
+        keep()
+    faults = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        tensors = [torch.ones(360_000) for _ in range(64)]
+        del tensors
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults

@@ -373,7 +373,10 @@ def test_function_transforms_and_forward_mode_ad_are_refused_by_name(name):
     q = torch.randn(1, 3, 2, 8)
     with ops.backend(name):
         for op, fn in _one_call_of_each_op(q).items():
-            if name == "torch" and op in ("attention", "bitune_attention"):
+            if name == "torch" and op in ("attention", "bitune_attention"):  # docs/ops.md: these run, exactly
+                leaf = q.clone().requires_grad_()
+                expected, = torch.autograd.grad(fn(leaf), leaf)
+                assert torch.equal(torch.func.grad(fn)(q), expected), op
                 continue
             for transform in (lambda: torch.func.grad(fn)(q), lambda: torch.func.vjp(fn, q),
                               lambda: torch.func.jvp(fn, (q,), (torch.ones_like(q),))):
@@ -528,3 +531,27 @@ def test_a_second_derivative_from_a_plain_loss_raises(backend, op):
             pytest.raises(RuntimeError, match="no double backward|no autograd formula|is not implemented"):
         first = torch.autograd.grad(call(inputs[0] * scale, *inputs[1:]).sum(), inputs[0], create_graph=True)[0]
         torch.autograd.grad(first.pow(2).sum(), scale, allow_unused=True)
+
+
+def test_a_dtype_error_under_autocast_says_what_autocast_cast():
+    """Under autocast the ops' dtype checks see the inputs after its cast: fp32 beside fp64 was reported as bfloat16
+    beside float64, a dtype the caller never passed. The message now says what autocast did, and only under it."""
+    r = lambda *shape, dtype=torch.float32: torch.randn(*shape, dtype=dtype)
+    calls = {
+        "attention": lambda: ops.attention(r(1, 3, 2, 4), r(1, 3, 2, 4, dtype=torch.float64),
+                                           r(1, 3, 2, 4, dtype=torch.float64)),
+        "linear_cross_entropy": lambda: ops.linear_cross_entropy(r(3, 4), r(5, 4, dtype=torch.float64),
+                                                                 torch.tensor([0, 1, 2])),
+        "bitune_attention": lambda: ops.bitune_attention(
+            r(2, 1, 3, 2, 4), r(2, 1, 3, 2, 4), r(2, 1, 3, 2, 4), r(1, 2, 2, 4), r(1, 2, 2, 4, dtype=torch.float64),
+            r(1, 2, 2, 4), torch.tensor(0.5), torch.tensor(0.5), torch.tensor([3]), torch.tensor([2])),
+    }
+    note = "(autocast cast the float32 and half-precision ones to torch.bfloat16; float64 ones stay)"
+    for op, call in calls.items():
+        with ops.backend("torch"):
+            with pytest.raises(ValueError, match=f"^{op}: .*float32.*float64") as plain:
+                call()
+            assert "autocast" not in str(plain.value)
+            with torch.autocast("cpu", torch.bfloat16), pytest.raises(ValueError, match=f"^{op}: ") as cast:
+                call()
+        assert str(cast.value).endswith(note), (op, str(cast.value))

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast,
+from .backend import (autocast_inputs, autocast_note, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast,
                       once_differentiable, refuse_function_transforms, select, values_readable)
 
 
@@ -82,7 +82,7 @@ def check_attention_args(q, k, v, causal, prefix_lens, attention_mask) -> None:
         raise ValueError(f"attention: {hq} query heads are not a multiple of {hkv} key/value heads")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
-                         f"on {q.device}/{k.device}/{v.device}")
+                         f"on {q.device}/{k.device}/{v.device}{autocast_note(q)}")
     if not isinstance(causal, bool):  # None from a config would silently mean bidirectional
         raise ValueError(f"attention: causal must be True or False, got {causal!r}")
     if causal and tq > tk:

@@ -260,6 +260,16 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t for t in tensors)
 
 
+def autocast_note(t: torch.Tensor) -> str:
+    """For a dtype error raised after `autocast_inputs`: what autocast made of the inputs, where it is on (the
+    dtypes the error names are then not all the caller's), else ""."""
+    device = t.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return ""
+    return (f" (autocast cast the float32 and half-precision ones to {torch.get_autocast_dtype(device)}; "
+            "float64 ones stay)")
+
+
 def no_autocast(t: torch.Tensor):
     """Inside an op's implementation: run in the dtypes it is given. The torch backends call PyTorch ops that
     autocast would otherwise run in half precision (linalg.vecdot, matmuls) when the op, or its backward,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_reference, finite_on_cpu, softmax_scale
-from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, once_differentiable,
-                      refuse_function_transforms, select, values_readable)
+from .backend import (autocast_inputs, autocast_note, check_tensors, eager_fast_path, kernels, needs_graph,
+                      once_differentiable, refuse_function_transforms, select, values_readable)
 
 
 def bitune_attention(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_lens,
@@ -78,7 +78,7 @@ def check_bitune_args(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_len
     if differ:
         raise ValueError(f"bitune_attention: {', '.join(streams)} must share dtype and device; q_p is {q_p.dtype} "
                          f"on {q_p.device}, " + ", ".join(f"{name} {streams[name].dtype} on {streams[name].device}"
-                                                          for name in differ))
+                                                          for name in differ) + autocast_note(q_p))
     for name, alpha in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
         if alpha.dim() != 0 or not alpha.is_floating_point():
             raise ValueError(f"bitune_attention: {name} must be a 0-dim floating tensor")

@@ -44,8 +44,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .backend import (autocast_inputs, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast, once_differentiable,
-                      refuse_function_transforms, select, values_readable)
+from .backend import (autocast_inputs, autocast_note, check_tensors, eager_fast_path, kernels, needs_graph, no_autocast,
+                      once_differentiable, refuse_function_transforms, select, values_readable)
 from .errors import BackendError
 from .rms_norm import accumulation_dtype
 
@@ -129,7 +129,7 @@ def _check_args(hidden, weight, labels, ignore_index):
         raise ValueError(f"linear_cross_entropy: labels must be integers, got {labels.dtype}")
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden and weight must share one floating-point dtype, got "
-                         f"{hidden.dtype} and {weight.dtype}")
+                         f"{hidden.dtype} and {weight.dtype}{autocast_note(hidden)}")
     if not (hidden.device == weight.device == labels.device):
         raise ValueError(f"linear_cross_entropy: hidden, weight and labels are on {hidden.device}, {weight.device} "
                          f"and {labels.device}")
