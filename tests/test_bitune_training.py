@@ -253,12 +253,25 @@ def test_multiple_choice_picks_the_likeliest_choice():
     assert result["acc"] == expected / 2 and result["questions"] == 2
 
 
+def test_multiple_choice_accuracy_reports_the_rows_scored_after_each_forward():
+    """It took a whole file without a word (minutes for a PIQA-sized one): `progress(rows scored, rows)` now
+    follows it, batch by batch, and leaves the scores as they were."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    questions = [bitune.MultipleChoice("what is a", ["b", "cc", "d"], 0), bitune.MultipleChoice("pick", ["x", "y"], 1)]
+    calls = []
+    result = bitune.multiple_choice_accuracy(model, TOK, questions, batch_size=2,
+                                             progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    assert result == bitune.multiple_choice_accuracy(model, TOK, questions, batch_size=2)
+
+
 def test_acc_norm_divides_by_the_choices_characters_and_each_choice_is_scored_after_a_space(monkeypatch):
     from kpro.bitune import evaluation
 
     scored = []
 
-    def scores(tuned, prompts, answers, batch_size):  # "bb" less likely in all, likelier per character
+    def scores(tuned, prompts, answers, batch_size, progress=None):  # "bb" less likely in all, likelier per character
         scored.extend(TOK.decode(a) for a in answers)
         return torch.tensor([-1.5, -2.5], dtype=torch.float64)
     monkeypatch.setattr(evaluation, "_log_likelihoods", scores)
@@ -795,6 +808,23 @@ def bitune_command(tmp_path, *args):
                     + [{"instruction": "say something long", "response": "no"}])
     return cli.main(["bitune", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"),
                      "--out", str(tmp_path / "out"), "--device", "cpu", "--steps", "1", *args])
+
+
+def test_bitune_eval_reports_its_scoring_progress_on_stderr(tmp_path, capsys, monkeypatch):
+    """`--eval` said nothing while it scored (413 s for 300 questions of SmolLM2 on a CPU; a PIQA-sized file about
+    40 minutes): a line of the choices scored and an ETA now goes to stderr every 10 s (here every batch), as
+    convert-gguf's; stdout keeps the scores."""
+    from kpro.train import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0, raising=False)
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "say a", "choices": ["a", "b"], "answer": 0},
+                                             {"question": "say b", "choices": ["a", "b", "c"], "answer": 1}])
+    assert bitune_command(tmp_path, "--steps", "0", "--eval", str(mc), "--eval-batch-size", "2") == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if "choices scored" in line]
+    assert [line.split(" in ")[0] for line in lines] == [f"{mc}: 2/5 choices scored", f"{mc}: 4/5 choices scored"]
+    assert all(re.fullmatch(r".* in \d+:\d\d, eta \d+:\d\d", line) for line in lines), lines
+    assert "choices scored" not in out and f"{mc}: acc " in out
 
 
 def test_bitune_refuses_a_batch_size_the_kept_examples_cannot_fill_before_training(tmp_path, capsys, monkeypatch):

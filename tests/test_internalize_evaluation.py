@@ -93,6 +93,18 @@ def test_exact_match_counting_and_answer_parsing(monkeypatch):
     assert (result.seconds, result.examples_per_second) == (2.5, 7 / 2.5)
 
 
+def test_evaluate_reports_the_examples_decoded_after_each_batch():
+    """It decoded a whole set without a word (a published set of 1,000: minutes on a CPU): `progress(examples
+    decoded, examples)` now follows it, batch by batch, with the same predictions."""
+    tok = multiplication_tokenizer()
+    model = kpro.Llama(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=64))
+    calls = []
+    result = evaluate(model, tok, MULT, batch_size=3, max_new_tokens=4,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 7), (6, 7), (7, 7)]
+    assert result.predictions == evaluate(model, tok, MULT, batch_size=3, max_new_tokens=4).predictions
+
+
 def test_prompts_of_different_lengths_and_sentencepiece_answers():
     tok = kpro.Tokenizer(MISTRAL)
     questions = [CoTExample("How many legs do 2 cats have?", "<<2*4=8>>", "8"),

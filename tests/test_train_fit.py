@@ -1030,6 +1030,34 @@ def test_progress_line_on_a_terminal_and_in_a_log():
     assert len(log) == 20 and log[-1].startswith("step   100/100  loss 2.0000") and "eta 0:00" in log[-1]
 
 
+def test_count_progress_prints_a_line_every_ten_seconds_off_a_terminal(monkeypatch):
+    """Scoring an --eval file or decoding an evaluation set said nothing for minutes (a PIQA-sized file: ~40 min on
+    a CPU): CountProgress, their callback, prints a line once 10 s have passed since the last, with an ETA, and none
+    at the end (the caller's result follows); on a terminal it redraws in place and ends its line."""
+    from types import SimpleNamespace
+
+    from kpro.train import progress
+
+    clock = iter([0.0, 4.0, 11.0, 15.0, 22.0, 30.0])  # the start, then one reading per call
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    log = io.StringIO()
+    count = progress.CountProgress("mc.jsonl", "choices scored", stream=log)
+    for done in (16, 32, 48, 64, 80):
+        count(done, 80)
+    assert log.getvalue() == "mc.jsonl: 32/80 choices scored in 0:11, eta 0:16\n" \
+                             "mc.jsonl: 64/80 choices scored in 0:22, eta 0:06\n"  # not at 15 s, nor once done
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    clock = iter([0.0, 1.0, 2.0])
+    tty = Tty()
+    count = progress.CountProgress("valid", "examples decoded", stream=tty)
+    count(8, 16)
+    count.close()  # stopped before the end (an error): the in-place line is ended
+    assert tty.getvalue() == "\r\033[Kvalid: 8/16 examples decoded in 0:01, eta 0:01\n"
+
+
 def test_progress_goes_to_stderr_by_default(tmp_path, capsys):
     """The progress line and "resumed from" went to stdout, which a user pipes (`| head`) for results."""
     kt.fit(make_model(), batches(), tmp_path, steps=2, lr=1e-3, log_every=1)

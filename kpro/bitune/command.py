@@ -119,6 +119,7 @@ def _run(args, env) -> None:
     from ..tokenizer import load_tokenizer
     from ..errors import OtherSettings
     from ..train.data import OtherExamples, OtherSetting
+    from ..train.progress import CountProgress
     from .data import read_instructions, read_multiple_choice, tokenize_instructions
     from .evaluation import encode_multiple_choice, multiple_choice_accuracy
     from .training import FewerSteps, tune
@@ -176,7 +177,11 @@ def _run(args, env) -> None:
     def score_and_write() -> None:
         print(f"adapters saved to {Path(args.out) / 'adapters'}")
         for path, qs in questions.items():
-            scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size)
+            progress = CountProgress(str(path), "choices scored")  # a line every 10 s on stderr: minutes a file
+            try:
+                scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size, progress=progress)
+            finally:
+                progress.close()
             results["eval"][path] = scores
             print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  "
                   f"({scores['questions']} questions)")

@@ -32,8 +32,9 @@ def answer_log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Seq
 
 @torch.no_grad()
 def _log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                     batch_size: int) -> torch.Tensor:
-    """answer_log_likelihoods' scores, unchecked: each caller names a score that is not finite its own way."""
+                     batch_size: int, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """answer_log_likelihoods' scores, unchecked: each caller names a score that is not finite its own way.
+    `progress(rows scored, rows)` after each batch."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if len(prompts) != len(answers) or not prompts:
@@ -73,19 +74,24 @@ def _log_likelihoods(tuned, prompts: Sequence[Sequence[int]], answers: Sequence[
             targets = ids[:, 1:].masked_fill(~scored, -100)
         nll = head_cross_entropy(out, head, targets, reduction="none")  # -log P(token) of every answer token
         scores.append(-nll.double().sum(-1))
+        if progress is not None:
+            progress(min(start + batch_size, len(prompts)), len(prompts))
     return torch.cat(scores)
 
 
-def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], batch_size: int = 16) -> dict:
+def multiple_choice_accuracy(tuned, tok, questions: Sequence[MultipleChoice], batch_size: int = 16,
+                             progress: Callable[[int, int], None] | None = None) -> dict:
     """Zero-shot accuracy: each question asked with its choices listed (`multiple_choice_prompt`), each choice
-    scored as the answer `" " + choice`; `batch_size` rows a forward, each a prompt with one of its choices."""
+    scored as the answer `" " + choice`; `batch_size` rows a forward, each a prompt with one of its choices.
+    `progress(rows scored, rows)` is called after each forward (a file of questions scores for minutes
+    silently otherwise: `kpro.train.progress.CountProgress` prints it)."""
     if not questions:
         raise ValueError("multiple_choice_accuracy needs at least one question")
     questions = list(questions)  # read twice: to encode, then to score
     if not isinstance(tuned, (Bitune, lora.AdaptedModel)):
         lora.refuse_idle_adapters(tuned, "multiple_choice_accuracy")
     prompts, answers, lengths = encode_multiple_choice(tok, questions, _model_of(tuned).config.max_position_embeddings)
-    scores = _log_likelihoods(tuned, prompts, answers, batch_size)
+    scores = _log_likelihoods(tuned, prompts, answers, batch_size, progress)
     rows = [(q_index, choice) for q_index, question in enumerate(questions) for choice in question.choices]
     _refuse_non_finite(scores, lambda i: f"multiple_choice_accuracy: question {rows[i][0]}, choice {rows[i][1]!r}")
     correct = correct_norm = 0

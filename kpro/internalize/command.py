@@ -38,6 +38,7 @@ from ..tokenizer import load_tokenizer
 from ..train import latest_checkpoint
 from ..train.data import OtherExamples, OtherSetting
 from ..train.loop import PastSteps
+from ..train.progress import CountProgress
 from ..train.distributed import init_distributed
 from .data import PUBLISHED_TASKS, read_examples, read_published
 from .evaluation import evaluate, evaluation_positions
@@ -349,7 +350,11 @@ def _final_evaluation(args, model, tokenizer, evaluation_sets, label: str, out: 
     report = {"model": label, "device": args.device, "batch_size": args.eval_batch_size,
               "threads": torch.get_num_threads() if args.device == "cpu" else None}
     for split, examples in evaluation_sets.items():
-        result = evaluate(model, tokenizer, examples, batch_size=args.eval_batch_size)
+        progress = CountProgress(f"{label}, {split}", "examples decoded")  # a line every 10 s on stderr: minutes a set
+        try:
+            result = evaluate(model, tokenizer, examples, batch_size=args.eval_batch_size, progress=progress)
+        finally:
+            progress.close()
         cot = mean_cot_tokens(result, tokenizer.eos_id)
         report[split] = {"accuracy": result.accuracy, "correct": result.correct, "total": result.total,
                          "examples_per_second": round(result.examples_per_second, 2),

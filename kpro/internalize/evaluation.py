@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -46,17 +47,19 @@ class Evaluation:
 
 
 def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens: int | None = None,
-             bos: bool | None = None) -> Evaluation:
+             bos: bool | None = None, progress: Callable[[int, int], None] | None = None) -> Evaluation:
     """Greedy-decode every example (batches of similar prompt lengths, left-padded) and score the answers.
 
     `bos` None: prompts open with a bos where the tokenizer has one, as training's (`tokenize_examples`).
     `max_new_tokens` defaults to the longest reference `cot <eos> #### answer <eos>` of `examples`
     (in tokens) plus MARGIN_TOKENS; decoding ends as soon as every row of a batch has stopped.
+    `progress(examples decoded, examples)` is called after each batch (a set of 1,000 decodes for minutes
+    silently otherwise: `kpro.train.progress.CountProgress` prints it).
     """
     if isinstance(model, lora.AdaptedModel):  # its adapter runs in the plain model's forwards
         with lora.active(model.model, model.adapter):
             return evaluate(model.model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            bos=bos)
+                            bos=bos, progress=progress)
     lora.refuse_idle_adapters(model, "evaluate")
     examples = check_evaluation_examples(examples, batch_size)
     if max_new_tokens is not None:  # generate's own check (greedy), before the position check adds it up
@@ -86,6 +89,8 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
                        pad_token_id=tokenizer.pad_id, stop_after_eos=2)
         for i, new_ids in zip(rows, out[:, ids.shape[1]:].tolist()):
             generated[i] = new_ids
+        if progress is not None:
+            progress(first + len(rows), len(order))
     seconds = time.perf_counter() - start
     predictions = [read_prediction(new_ids, example.answer, tokenizer) for new_ids, example in zip(generated, examples)]
     correct = sum(p.correct for p in predictions)

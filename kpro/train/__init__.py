@@ -8,7 +8,8 @@
                       (no logits), lm_loss (fit's default: no logits on a kpro.Llama), LossSum
     optim.py          adamw (no decay on norms/biases, trainable parameters only), Schedule, set_lr
     checkpointing.py  save_checkpoint / load_checkpoint / latest_checkpoint: atomic, resumable, keep last k
-    progress.py       StatusLine and ProgressLine (terminal), MetricsLog (JSONL), read_metrics, last_logged_step
+    progress.py       StatusLine, ProgressLine, CountProgress (terminal), MetricsLog (JSONL), read_metrics,
+                      last_logged_step
     callbacks.py      Callback: hooks, batch transforms, optimizer resets, state saved in checkpoints
     distributed.py    torchrun: init_distributed and leave_process_group, DDP, FSDP2 (one unit per block),
                       full-state checkpoints (on kpro.distributed, the helpers checkpoints share)

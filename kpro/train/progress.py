@@ -48,6 +48,37 @@ class StatusLine:
             self.line_open = False
 
 
+PROGRESS_SECONDS = 10  # off a terminal, a CountProgress line after this long without one (convert-gguf's pace)
+
+
+class CountProgress:
+    """`mc.jsonl: 120/160 choices scored in 0:42, eta 0:14`, as a `progress(done, total)` callback, for work
+    counted in items that says nothing until it ends (scoring a file, decoding a set). On `stream` (default
+    stderr): redrawn in place on a terminal, elsewhere a line once `seconds` (default PROGRESS_SECONDS) have
+    passed since the start or the last line, and none when the count is done: the caller prints its result."""
+
+    def __init__(self, what: str, unit: str, *, stream=None, seconds: float | None = None):
+        self.what, self.unit = what, unit
+        self.line = StatusLine(sys.stderr if stream is None else stream)  # progress, not a result: stdout stays free
+        self.seconds = PROGRESS_SECONDS if seconds is None else seconds
+        self.start = self.said = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        elapsed = now - self.start
+        eta = elapsed / done * (total - done) if done else math.inf
+        last = done >= total
+        milestone = not last and now - self.said >= self.seconds
+        if milestone:
+            self.said = now
+        self.line.show(f"{self.what}: {done:,}/{total:,} {self.unit} in {format_duration(elapsed)}, "
+                       f"eta {format_duration(eta)}", milestone=milestone, final=last)
+
+    def close(self) -> None:
+        """End an in-place line that stopped before the count was done (an error, Ctrl-C)."""
+        self.line.close()
+
+
 class ProgressLine:
     """`step 120/600  loss 1.2345  lr 3.00e-04  51,234 tok/s  eta 1:02`.
 
