@@ -128,7 +128,7 @@ def fingerprint_like(model: nn.Module, recorded, dtype: torch.dtype | None = Non
     return base_fingerprint(model, dtype)
 
 
-def _base_dtype(model: nn.Module) -> torch.dtype:
+def base_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype holding most of the base model's tensors."""
     dtypes = [t.dtype for t in _base_tensors(model).values() if t.is_floating_point()]
     return max(set(dtypes), key=dtypes.count)
@@ -142,7 +142,7 @@ def base_record(model: nn.Module) -> dict:
     fingerprint in its dtype and, so that a narrower copy of it is checked too, in each other float dtype no
     wider (bf16 and fp16 are as wide as each other: a bf16 base's fp16 copy is checked against its own)."""
     _refuse_merged(model)
-    dtype = _base_dtype(model)
+    dtype = base_dtype(model)
     others = [d for d in _NARROWER if d != dtype and d.itemsize <= dtype.itemsize]
     fingerprints = base_fingerprints(model, [dtype, *others])  # one pass over the weights for all of them
     narrower = {_dtype_name(d): fingerprints[d] for d in others}
@@ -181,7 +181,7 @@ def check_base(directory: str | os.PathLike, model: nn.Module) -> None:
     if "base_model" not in saved:
         return
     tuned = getattr(torch, str(saved.get("base_dtype")), None)
-    mine = _base_dtype(model)
+    mine = base_dtype(model)
     if not isinstance(tuned, torch.dtype):
         return
     if mine == tuned or mine.itemsize > tuned.itemsize:

@@ -718,7 +718,7 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
     assert (tmp_path / "adapters" / "adapter_config.json").read_text() == config  # not rewritten
     # Another base: the resume loaded the checkpoint's base weights over the model given, silently.
     with pytest.raises(kpro.CheckpointError, match=r"base_model: 'sha256:\w+' in the checkpoint, 'sha256:\w+' now "
-                                                   r"\(another base model, or another dtype of it\)"):
+                                                   r"\(another base model\)\n"):
         tune(base_seed=1)
     tune(steps=2)  # the same settings resume
     assert [m["step"] for m in kt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
@@ -731,6 +731,39 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
     if method == "lora":
         with pytest.raises(ValueError, match="mode='no_mix' is a Bitune ablation"):
             tune(mode="no_mix")  # ignored before
+
+
+def test_a_resume_in_another_dtype_names_the_dtype_and_another_base_only_where_one_is(tmp_path):
+    """The base digest, taken in the model's dtype, was all a resume compared: the same base in another dtype was
+    refused as "base_model: ... (another base model, or another dtype of it)", which left the user to guess. The
+    run records its dtype now: another is named with both values, and another base beside it where the base, cast
+    to the run's dtype, tells (a wider one); a narrower copy cannot give the run's values back."""
+    def tune(out, dtype, steps=1, base_seed=0):
+        torch.manual_seed(base_seed)
+        return bitune.tune(kpro.Llama(tiny_config()).to(dtype), tiny_pairs(8), "lora", tmp_path / out, steps=steps,
+                           batch_size=4, rank=2)
+
+    def differences(out, dtype, base_seed=0):
+        with pytest.raises(kpro.errors.OtherSettings) as refused:
+            tune(out, dtype, steps=2, base_seed=base_seed)
+        return refused.value.differences, str(refused.value)
+
+    tune("fp32", torch.float32)
+    same, message = differences("fp32", torch.bfloat16)  # the same base, narrower
+    assert same == {"base_dtype": ("float32", "bfloat16")}
+    assert "\n  base_dtype: 'float32' in the checkpoint, 'bfloat16' now\nresume with" in message
+    tune("bf16", torch.bfloat16)
+    assert differences("bf16", torch.float32)[0] == {"base_dtype": ("bfloat16", "float32")}  # the same base, wider
+    other, message = differences("bf16", torch.float32, base_seed=1)
+    assert list(other) == ["base_model", "base_dtype"] and other["base_dtype"] == ("bfloat16", "float32")
+    assert re.search(r"base_model: 'sha256:\w+' in the checkpoint, 'sha256:\w+' now \(another base model\)\n", message)
+    # A run saved before the dtype was recorded: its digest differs for another base or another dtype alike
+    settings = tmp_path / "fp32" / "run" / "step-00000001" / bitune.training.SETTINGS_FILE
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "base_dtype"}))
+    other, message = differences("fp32", torch.bfloat16)
+    assert list(other) == ["base_model or dtype"] and "(another base model, or another dtype of it: the run " \
+                                                       "recorded no dtype)" in message
+    tune("fp32", torch.float32, steps=2)  # its own base and dtype resume it
 
 
 @pytest.mark.parametrize("method", ["bitune", "lora"])
@@ -891,7 +924,8 @@ def test_bitune_resume_refusals_name_the_commands_flags(tmp_path, capsys):
     assert refusal("--batch-size", "4", "--steps", "2", "--baseline", "lora") == \
         other + "--baseline: none (Bitune) in the run, lora now" + fix
     assert refusal("--batch-size", "4", "--steps", "2", "--dtype", "bfloat16") == \
-        other + "--model, --dtype: another base model than the run's, or another --dtype of it" + fix
+        other + "--dtype: float32 in the run, bfloat16 now" + fix  # "--model, --dtype: another base model than
+    # the run's, or another --dtype of it" before, with the same --model
     assert refusal("--batch-size", "4", "--steps", "1") == \
         f"--out {out} holds a run of 2 steps already, more than --steps 1: pass --steps 2 or more (more extend " \
         "it), or another --out for a new run"
@@ -905,6 +939,10 @@ def test_bitune_resume_refusals_name_the_commands_flags(tmp_path, capsys):
         f"--out {out} holds a run tuned for 2 steps: --steps 0 would save untuned adapters over its adapters; pass " \
         "--steps 2 to score its adapters (more to tune them further), or another --out for a new run"
     assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "2") == 0  # as the message says
+    torch.manual_seed(1)  # another base at the same --model path: the run keeps its digest, not the path
+    kpro.save_pretrained(kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, max_position_embeddings=256)),
+                         tmp_path / "base")
+    assert refusal("--batch-size", "4", "--steps", "2") == other + "--model: another base model than the run's" + fix
     # Another device (a run on a GPU resumed on the CPU), and a setting no flag sets (a run tune made with warmup=)
     from kpro.bitune.command import _other_settings
     from kpro.errors import OtherSettings

@@ -205,7 +205,7 @@ def _other_examples(err, args, kept: int) -> ValueError:
 
 # The settings tune and fit record of a run (OtherSettings.differences) set by this command's flags
 SETTING_FLAGS = {"rank": "--rank", "alpha": "--alpha", "mode": "--mode", "weighting": "--loss-weighting",
-                 "param_dtypes": "--dtype"}
+                 "base_dtype": "--dtype", "param_dtypes": "--dtype"}
 
 
 def _other_settings(err, args) -> ValueError:
@@ -219,7 +219,9 @@ def _other_settings(err, args) -> ValueError:
             lines["--baseline"] = f"{said.get(saved, saved)} in the run, {said.get(now, now)} now"
         elif name == "mode" and "method" in differences:  # follows from --baseline
             continue
-        elif name == "base_model":
+        elif name == "base_model":  # the run keeps a digest of its base, not a path
+            lines["--model"] = "another base model than the run's"
+        elif name == "base_model or dtype":  # a run saved before tune recorded the dtype
             lines["--model, --dtype"] = "another base model than the run's, or another --dtype of it"
         elif name == "precision":
             lines["--device"] = f"{saved} in the run, {now} now (bf16: autocast on a GPU)"

@@ -36,6 +36,10 @@ from .wrapper import Bitune
 METHODS = ("bitune", "lora")
 WEIGHTINGS = ("example", "token")  # the reference's per-example mean, and the mean over every answer token
 SETTINGS_FILE = "tune_settings.json"  # in each checkpoint of out_dir/run: the set-up a resume must keep
+RECORDED_LATER = ("base_model", "base_dtype")  # settings that the checkpoints of older runs lack
+# What a base digest that differs says: another base, or, in a run that recorded no dtype, maybe another dtype
+BASE_HINTS = {"base_model": " (another base model)",
+              "base_model or dtype": " (another base model, or another dtype of it: the run recorded no dtype)"}
 
 
 def bitune_loss(module, batch: dict, weighting: str = "token") -> LossSum:
@@ -112,7 +116,8 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
                              "out_dir", done=checkpoint_step(last), steps=steps)
         rank, alpha = lora.check_rank_alpha(rank, alpha)  # Python numbers: the settings are saved as JSON
         settings = {"method": method, "rank": rank, "alpha": alpha, **({"mode": mode} if method == "bitune" else {}),
-                    "weighting": weighting, "base_model": adapters.base_fingerprint(model)}
+                    "weighting": weighting, "base_model": adapters.base_fingerprint(model),
+                    "base_dtype": str(adapters.base_dtype(model)).removeprefix("torch.")}
         if steps > 0:
             main_decides(lambda: _check_resumable(out_dir / "run", settings, model),
                          f"read the settings of {out_dir / 'run'}")
@@ -180,8 +185,8 @@ class _RecordSettings(Callback):
 
 def _check_resumable(run_dir: Path, settings: dict, model: Llama) -> None:
     """Refuse to resume a run whose adapters or loss were set up otherwise (fit checks the optimizer and the
-    schedule), or whose base was another than `model`; checked before any adapter is built, so that a changed
-    rank is named, not its tensor shapes."""
+    schedule), or whose base was another than `model` or in another dtype; checked before any adapter is built,
+    so that a changed rank is named, not its tensor shapes."""
     last = latest_checkpoint(run_dir)
     if last is None or not (last / SETTINGS_FILE).is_file():
         return  # a new run, or one saved before the settings were recorded
@@ -189,16 +194,32 @@ def _check_resumable(run_dir: Path, settings: dict, model: Llama) -> None:
     if "base_model" in saved and adapters.fingerprint_method(saved["base_model"]) != "sha256":
         # saved before the fingerprint hashed every value: compared by the method it was taken with
         settings = {**settings, "base_model": adapters.fingerprint_like(model, saved["base_model"])}
-    # base_model: a resume loads the checkpoint's base weights over the model given (not recorded before)
+    if "base_model" in saved and saved.get("base_dtype", settings["base_dtype"]) != settings["base_dtype"]:
+        settings = {**settings, "base_model": _base_in_dtype(model, saved)}
+    # base_model: a resume loads the checkpoint's base weights over the model given; it and base_dtype are
+    # compared where the run recorded them (runs saved before did not)
     differences = {key: (saved.get(key), settings.get(key)) for key in dict.fromkeys([*settings, *saved])
-                   if saved.get(key) != settings.get(key) and (key != "base_model" or key in saved)}
+                   if saved.get(key) != settings.get(key) and (key not in RECORDED_LATER or key in saved)}
+    if "base_model" in differences and "base_dtype" not in saved:  # the digest of another dtype differs too
+        differences = {("base_model or dtype" if key == "base_model" else key): value
+                       for key, value in differences.items()}
     if differences:
-        lines = [f"{key}: {was!r} in the checkpoint, {now!r} now"
-                 + (" (another base model, or another dtype of it)" if key == "base_model" else "")
+        lines = [f"{key}: {was!r} in the checkpoint, {now!r} now" + BASE_HINTS.get(key, "")
                  for key, (was, now) in differences.items()]
         raise OtherSettings(f"{last} was tuned with other settings than this call asks for:\n  " + "\n  ".join(lines)
                             + f"\nresume with the same settings, or tune into another out_dir than {run_dir.parent}",
                             differences)
+
+
+def _base_in_dtype(model: Llama, saved: dict) -> str:
+    """The base fingerprint of `model`, in another dtype than the run's (`saved`: its settings), to compare with
+    the run's: taken cast to the run's dtype where `model`'s is wider (cast down, the run's base gives back the
+    values it was tuned with, so another base is named besides the dtype); else the run's own, as if equal: a
+    narrower or as wide copy cannot give them back, and its base is checked once the dtype is the run's."""
+    run_dtype = getattr(torch, str(saved["base_dtype"]), None)
+    if isinstance(run_dtype, torch.dtype) and adapters.base_dtype(model).itemsize > run_dtype.itemsize:
+        return adapters.base_fingerprint(model, run_dtype)
+    return saved["base_model"]
 
 
 def _warmup_steps(warmup: float | None, steps: int, run_dir: Path) -> int:
