@@ -1131,3 +1131,15 @@ def test_generate_answers_refuses_prompts_that_are_not_texts():
                              ([b"hi"], r"prompt 0 is b'hi'$")):
         with pytest.raises(TypeError, match=r"generate_answers takes prompt texts \(str\): " + message):
             bitune.generate_answers(model, TOK, prompts, 2)
+
+
+def test_example_weighting_leaves_rows_without_targets_out_of_the_count():
+    """The official per-example mean averages over the rows that have answer tokens: a row with none (a batch
+    built by hand, a custom loss) is not counted as an example."""
+    from kpro.bitune.training import weighted_loss
+    logits = torch.randn(3, 4, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    targets = torch.tensor([[1, 2, -100, -100], [-100] * 4, [3, -100, -100, -100]])
+    out = weighted_loss(logits, None, targets, "example")
+    per_row = [F.cross_entropy(logits[0, :2], targets[0, :2]), F.cross_entropy(logits[2, :1], targets[2, :1])]
+    assert int(out.count) == 2
+    torch.testing.assert_close(out.total / out.count, torch.stack(per_row).mean())

@@ -641,3 +641,16 @@ def test_weights_files_are_as_readable_as_the_umask_allows(tmp_path, make_model,
     assert sum(f.suffix == ".safetensors" for f in files) >= 5
     assert {f.relative_to(tmp_path).as_posix(): oct(f.stat().st_mode & 0o777) for f in files} == \
         {f.relative_to(tmp_path).as_posix(): oct(0o666 & ~mask) for f in files}
+
+
+def test_auto_dtype_counts_parameters_not_tensors(tmp_path, make_model):
+    """"auto" loads the dtype holding most parameters. Two large fp32 tensors (embedding and head, 393k
+    parameters) beside 19 small bf16 ones (38k): counting tensors would pick bf16 and round the large ones."""
+    kpro.save_pretrained(make_model(dtype=torch.float32, vocab_size=4096, tie_word_embeddings=False), tmp_path / "ck")
+    tensors = load_file(tmp_path / "ck" / "model.safetensors")
+    big = {"model.embed_tokens.weight", "lm_head.weight"}
+    mixed = {n: t.to(torch.float32 if n in big else torch.bfloat16) for n, t in tensors.items()}
+    assert sum(n in big for n in mixed) < sum(n not in big for n in mixed)
+    assert sum(t.numel() for n, t in mixed.items() if n in big) > sum(t.numel() for n, t in mixed.items() if n not in big)
+    save_file(mixed, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt"})
+    assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck").parameters()} == {torch.float32}

@@ -279,3 +279,13 @@ def test_a_model_takes_a_config_object_only():
         with pytest.raises(TypeError, match="Llama takes a kpro.LlamaConfig, got .*: read a config.json or its dict "
                                             "with kpro.LlamaConfig.from_hf"):
             kpro.Llama(wrong)
+
+
+def test_positions_from_a_left_padded_mask_count_real_tokens_only():
+    """A row's positions start at its first real token (0 on its pads), in the prefill and in a decoding step
+    after it: RoPE is relative, so whole-row shifts do not show in the logits, and only this pins them."""
+    from kpro.model import positions_from_mask
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask, 0, 5, "cpu").tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    step = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # a decoding step after that prefill
+    assert positions_from_mask(step, 5, 1, "cpu").tolist() == [[3], [5]]

@@ -1863,3 +1863,24 @@ def test_the_logged_loss_does_not_depend_on_how_the_batch_is_split(tmp_path):
         assert a == pytest.approx(b, rel=1e-13, abs=0)
     for x, y in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-13)
+
+
+def test_clip_grad_norm_none_leaves_a_large_gradient_whole(tmp_path):
+    """clip_grad_norm=None clips nothing: one SGD step of fit equals a hand-written unclipped step on a gradient
+    whose norm is well above 1 (the other tests' gradients stay below 1, where clipping at 1 changes nothing)."""
+    model, reference = make_model(), make_model()
+    with torch.no_grad():  # a large head makes a gradient norm well above 1
+        model.lm_head.weight.mul_(20)
+        reference.lm_head.weight.mul_(20)
+    kt.fit(model, batches(), tmp_path, steps=1, clip_grad_norm=None,
+           optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    batch = next(iter(batches()))
+    hidden = reference(batch["input_ids"], batch["attention_mask"], head=False)
+    targets = torch.cat((batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)), dim=1)
+    kpro.ops.linear_cross_entropy(hidden, reference.lm_head.weight, targets).backward()
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])) > 2
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
