@@ -55,16 +55,20 @@ def signal_dispositions() -> tuple:
                  for signum in (signal.SIGINT, signal.SIGTERM))
 
 
-def page_faults_reallocating(keep_freed_memory: bool = False) -> list[int]:
+def page_faults_reallocating(return_freed_memory: bool = False) -> list[int]:
     """Minor page faults of four rounds of allocating and freeing 64 activation-sized tensors (1.4 MB each, as the
-    internalization act's step makes), after kpro.demo.parallel.keep_freed_memory() where asked."""
+    internalization act's step makes). `return_freed_memory`: first set glibc's starting thresholds (128 KiB) for
+    good, so that every freed tensor goes back to the system (glibc's own adaptive thresholds stop doing so after
+    a varying number of rounds, which would make a control that faults only sometimes)."""
+    import ctypes
     import resource
 
     import torch
 
-    from kpro.demo.parallel import keep_freed_memory as keep
-    if keep_freed_memory:
-        keep()
+    if return_freed_memory:
+        mallopt = ctypes.CDLL(None).mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        assert mallopt(-3, 128 << 10) and mallopt(-1, 128 << 10)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     faults = []
     for _ in range(4):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
