@@ -60,15 +60,13 @@ def page_faults_reallocating(return_freed_memory: bool = False) -> list[int]:
     internalization act's step makes). `return_freed_memory`: first set glibc's starting thresholds (128 KiB) for
     good, so that every freed tensor goes back to the system (glibc's own adaptive thresholds stop doing so after
     a varying number of rounds, which would make a control that faults only sometimes)."""
-    import ctypes
     import resource
 
     import torch
 
+    from kpro.demo.parallel import set_malloc_thresholds
     if return_freed_memory:
-        mallopt = ctypes.CDLL(None).mallopt
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        assert mallopt(-3, 128 << 10) and mallopt(-1, 128 << 10)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        assert set_malloc_thresholds(mmap=128 << 10, trim=128 << 10)
     faults = []
     for _ in range(4):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

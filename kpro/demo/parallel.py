@@ -173,23 +173,27 @@ def _end_with(parent: int, stop, interrupted, pids) -> None:
     threading.Thread(target=watch, name="kpro-end-with-parent", daemon=True).start()
 
 
-# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it takes on 64-bit systems
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 << 20
-_TRIM_THRESHOLD = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> bool:
     """In a worker: glibc keeps the memory a training step frees for the next step, rather than handing it back to
     the system to fault in again, zeroed, at every step (about 1,500 page faults and 3.5 ms of system time in the
-    internalization act's 45 ms step on an AMD EPYC; about 5% of the act's time there, none measured on a Xeon:
+    internalization act's 47-52 ms step on an AMD EPYC; about 5% of the act's time there, none measured on a Xeon:
     benchmarks/RESULTS.md). What is kept is at most the process's own peak: the workers are the demo's alone, and
     their numbers do not change. False where the C library is not glibc (nothing set)."""
+    return set_malloc_thresholds(mmap=32 << 20, trim=256 << 20)  # 32 MiB: the largest mmap threshold glibc takes
+
+
+def set_malloc_thresholds(mmap: int, trim: int) -> bool:
+    """glibc's mmap and trim thresholds for this process, fixed (its adaptive ones no longer move); False where the C
+    library is not glibc or refuses them (nothing set)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError):  # not glibc (macOS; Windows takes no CDLL(None))
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap) and mallopt(_M_TRIM_THRESHOLD, trim))
 
 
 def _in_worker(fn: Callable, kwargs: dict, takes_ctrl_c: bool):
