@@ -204,7 +204,7 @@ def scripted_accuracies(monkeypatch, accuracies):
 
     calls = []
 
-    def fake(model, tokenizer, examples, batch_size):
+    def fake(model, tokenizer, examples, batch_size, progress):
         accuracy = accuracies[len(calls)]
         calls.append(accuracy)
         return type("E", (), {"accuracy": accuracy, "correct": int(accuracy * 10), "total": 10,
@@ -1005,6 +1005,23 @@ def test_the_final_evaluation_reports_its_progress_on_stderr(tmp_path, capsys, m
     lines = [line.split(" in ")[0] for line in err.splitlines() if "examples decoded" in line]
     assert lines == [f"model {model}, valid: 4/6 examples decoded", f"model {model}, test: 4/6 examples decoded"]
     assert "examples decoded" not in out and f"model {model}, test: accuracy" in out
+
+
+def test_validation_during_training_reports_its_progress_on_stderr(tmp_path, capsys, monkeypatch):
+    """--eval-every's validation printed one line after decoding the whole set (a 1,000-example --valid of a
+    real model decodes for minutes on a CPU): it now prints the examples decoded and an ETA every 10 s (here
+    every batch) before its accuracy line, on stderr with the training's progress."""
+    from kpro.train import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0, raising=False)
+    assert main(["internalize", "--task", "3x3", "--out", str(tmp_path / "run"), *TINY, "--eval-every", "3",
+                 "--eval-examples", "6", "--eval-batch-size", "4"]) == 0  # the last --eval-batch-size counts
+    out, err = capsys.readouterr()
+    lines = [match.group(0) for line in err.splitlines()
+             if (match := re.match(r"step \d+: (validating: \d+/\d+ examples decoded|valid accuracy)", line))]
+    assert lines == ["step 3: validating: 4/6 examples decoded", "step 3: valid accuracy",
+                     "step 6: validating: 4/6 examples decoded", "step 6: valid accuracy"], lines
+    assert "validating" not in out
 
 
 def test_eval_only_refuses_an_out_that_holds_a_training_run(tmp_path, capsys):

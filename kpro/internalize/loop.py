@@ -30,6 +30,7 @@ from .._numbers import is_integer
 from ..distributed import is_sharded
 from ..train import Batches, Callback, Run, Schedule, adamw, fit, optim
 from ..train.data import OtherSetting, check_special_id, content_digest
+from ..train.progress import CountProgress
 from .batching import collate, remove_cot
 from .evaluation import MARGIN_TOKENS, check_evaluation_examples, evaluate, evaluation_positions
 from .schedule import REMOVE_ALL, RemovalSchedule
@@ -156,6 +157,7 @@ class SaveTokenizer(Callback):
 
 class ValidationAccuracy(Callback):
     """Every `every` steps (and at the last), greedy-decode `examples` and log `valid_accuracy` with the step.
+    On `stream` (default stderr): the accuracy line, after a progress line every 10 s while decoding.
 
     select_best  keep the weights of the best validation accuracy reached once the CoT is fully removed,
                  and load them into the model when the run ends (the official code reports the epoch of
@@ -206,7 +208,12 @@ class ValidationAccuracy(Callback):
         if not run.is_main or (run.step % self.every and run.step != run.total_steps):
             return
         run.model.eval()
-        result = evaluate(run.model, self.tokenizer, self.examples, batch_size=self.batch_size)
+        # a line every 10 s while decoding: 1,000 examples of a real model decode for minutes on a CPU
+        progress = CountProgress(f"step {run.step}: validating", "examples decoded", stream=self.stream or sys.stderr)
+        try:
+            result = evaluate(run.model, self.tokenizer, self.examples, batch_size=self.batch_size, progress=progress)
+        finally:
+            progress.close()
         run.model.train()
         metrics["valid_accuracy"] = result.accuracy
         metrics["valid_cot_tokens"] = round(mean_cot_tokens(result, self.tokenizer.eos_id), 3)
