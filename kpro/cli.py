@@ -162,6 +162,8 @@ def cmd_generate(args) -> None:
         if lacking is not None:
             unknown.append(f"prompt {number} generated id {new[lacking]} after {lacking} tokens")
             new = new[:lacking]
+        if len(prompts) > 1:  # each text headed, as `head` heads files: a text may hold newlines of its own
+            print(f"{chr(10) * (number > 1)}==> prompt {number} <==")
         # Decoded whole: SentencePiece drops the leading space of a piece decoded on its own. A chat answer alone:
         # the rendered template around the question is markup.
         print(tok.decode(new) if args.chat else tok.decode(prompt + new))
@@ -193,7 +195,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help=COMMANDS["generate"][1])
     p.add_argument("dir", type=input_path, help="checkpoint directory with its tokenizer (tokenizer.model, tokenizer.json, or a kpro "
                                "character or symbol tokenizer file)")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch (each text then "
+                   "printed under a line '==> prompt N <==')")
     p.add_argument("--chat", action="store_true", help="ask each --prompt as a user message through the checkpoint's "
                    "chat template (an instruct model's), and print the answers only")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most per prompt")

@@ -672,8 +672,10 @@ def test_generate_chat_asks_through_the_template_and_prints_the_answers(capsys):
     from kpro.cli import main
     assert main(["generate", str(converted_smollm2()), "--chat", "--prompt", QUESTIONS[0], "--prompt", QUESTIONS[1],
                  "--max-new-tokens", "12", "--device", "cpu"]) == 0
-    answers = capsys.readouterr().out.splitlines()
-    assert len(answers) == 2 and answers[0].startswith("The capital of France is Paris") and answers[1], answers
+    out = capsys.readouterr().out
+    assert out.startswith("==> prompt 1 <==\nThe capital of France is Paris"), out
+    answers = out.split("\n\n==> prompt 2 <==\n")
+    assert len(answers) == 2 and answers[1].strip() and "==>" not in answers[1], out
 
 
 def test_expansion_is_an_identity_on_the_real_model():

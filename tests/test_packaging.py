@@ -331,8 +331,9 @@ def test_info_and_generate_on_a_saved_checkpoint(tmp_path, make_model):
     assert f"{model.num_parameters():,}" in info.stdout and "6 heads, 2 key/value heads" in info.stdout
     out = run_cli("generate", str(tmp_path), "--prompt", "hello", "--prompt", "a", "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("hello") and lines[1].startswith("a")
+    lines = out.stdout.splitlines()  # each text under a header: a generated newline cannot blur where one ends
+    assert len(lines) == 5 and lines[0] == "==> prompt 1 <==" and lines[1].startswith("hello"), lines
+    assert lines[2:4] == ["", "==> prompt 2 <=="] and lines[4].startswith("a"), lines
 
 
 def test_generate_prints_each_row_decoded_whole_with_sentencepiece(tmp_path):
