@@ -39,6 +39,9 @@ CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
 SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
 ADDED_TOKENS_FILE = "added_tokens.json"  # transformers' tokens added to a vocabulary
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # transformers' older record of the special tokens
+# A SentencePiece NormalizerSpec (a ModelProto's field 3) holding add_dummy_prefix (its field 3) = false. Protobuf
+# merges a message field that occurs twice, so appended to a model it turns off that one setting and keeps the rest
+NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
 
 
 def checked_text(text, what: str = "text") -> str:
@@ -221,6 +224,9 @@ class Tokenizer(_TokenizerBase):
         self.add_bos = add_bos if isinstance(add_bos, bool) else True
         add_eos = (self.config or {}).get("add_eos_token")  # as LlamaTokenizer: an eos only where it says so
         self.add_eos = add_eos if isinstance(add_eos, bool) else False
+        self.legacy = legacy_setting(self.config, path.parent)
+        if not self.legacy:
+            self._unprefixed  # a model it cannot apply to is refused now, not at the first chat template
 
     def _check_added_tokens(self) -> None:
         """Refuse a directory whose tokenizer.model lacks tokens that matter: the bos or eos tokenizer_config.json
@@ -286,20 +292,41 @@ class Tokenizer(_TokenizerBase):
                 "unk_token": self.sp.IdToPiece(self.sp.unk_id()), "pad_token": self.sp.IdToPiece(self.pad_id)}
 
     def encode_with_special_tokens(self, text: str) -> list[int]:
-        """SentencePiece reads `<s>` as text: split at the control pieces first (each stretch between them
-        is encoded as text of its own, with its leading-space piece, as transformers' LlamaTokenizer does with
-        `legacy: true`; kpro does not read `legacy`, docs/model.md)."""
+        """SentencePiece reads `<s>` as text: split at the control pieces first, and encode each stretch between
+        them as text of its own. The first stretch opens with SentencePiece's leading-space piece, as any text
+        does; a stretch after a control piece does too with `legacy: true` in tokenizer_config.json (and where
+        the key is absent), as in Meta's and Mistral's reference code, and does not with `legacy: false`, as in
+        transformers (`<s>[INST]`: `▁[` against `[`; docs/model.md)."""
         text = checked_text(text)
         controls = self._control_pieces()
         if not controls:
             return self.encode(text, bos=False, eos=False)
+        pattern = "(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")"
         ids = []
-        for piece in re.split("(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")", text):
-            if piece in controls:
-                ids.append(controls[piece])
-            elif piece:
-                ids += self.sp.EncodeAsIds(piece)
+        for i, stretch in enumerate(re.split(pattern, text)):  # text, control, text, control, ..., text
+            if i % 2:
+                ids.append(controls[stretch])
+            elif stretch:  # the first stretch opens the text, the others follow a control piece
+                sp = self.sp if i == 0 or self.legacy else self._unprefixed
+                ids += sp.EncodeAsIds(stretch)
         return ids
+
+    @functools.cached_property
+    def _unprefixed(self):
+        """This model without SentencePiece's dummy prefix (the leading-space piece it writes before a text): how
+        a stretch after a control piece is encoded with `legacy: false`. A model whose normalizer drops the spaces
+        that open a text is refused: a space written after a control piece would be lost."""
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(self._model + NO_DUMMY_PREFIX)
+        if not "".join(sp.EncodeAsPieces(" a")).startswith("▁"):
+            raise ValueError(
+                f"legacy false ({self.path.parent / TOKENIZER_CONFIG_FILE}'s \"legacy\") needs a model that keeps the "
+                f"spaces opening a text, and the normalizer of {self.path} removes them: a space written after a "
+                "control piece (<s> hi) would be lost. Set \"legacy\" to true (each stretch between control pieces "
+                "then opens with the leading-space piece), or remove it")
+        return sp
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -316,8 +343,9 @@ class Tokenizer(_TokenizerBase):
         write_atomic(Path(directory, SENTENCEPIECE_FILE), self._model)
         if self._added_tokens is not None:
             write_atomic(Path(directory, ADDED_TOKENS_FILE), self._added_tokens)
-        if self.config is not None or self._templates():
-            _save_config(directory, self.config or {}, self._templates())
+        if self.config is not None or self._templates() or not self.legacy:
+            # legacy written even where the file had none: transformers 5 would read its absence as false
+            _save_config(directory, {**(self.config or {}), "legacy": self.legacy}, self._templates())
         else:  # as it was read, without one: a config or template left there (an earlier model's) would be read
             Path(directory, TOKENIZER_CONFIG_FILE).unlink(missing_ok=True)
             _remove_chat_template_files(directory)
@@ -760,6 +788,16 @@ def special_token_text(config: dict, name: str) -> str | None:
     token = config.get(f"{name}_token")
     token = token.get("content") if isinstance(token, dict) else token
     return token if isinstance(token, str) else None
+
+
+def legacy_setting(config: dict | None, directory: Path) -> bool:
+    """tokenizer_config.json's `legacy`, true where it is absent: whether a stretch of text after a control piece
+    opens with SentencePiece's leading-space piece (Tokenizer.encode_with_special_tokens)."""
+    legacy = (config or {}).get("legacy", True)
+    if not isinstance(legacy, bool):
+        raise ValueError(f"{Path(directory) / TOKENIZER_CONFIG_FILE}: \"legacy\" must be true or false, got "
+                         f"{json.dumps(legacy)}; correct the file, or remove the key (read as true)")
+    return legacy
 
 
 def read_tokenizer_config(directory: Path) -> dict | None:

@@ -1,5 +1,6 @@
 """Tokenizers on real SentencePiece models (see tests/data/README.md) and the character tokenizer."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,128 @@ def test_save_writes_the_model_that_was_loaded(tmp_path):
     (tmp_path / "src").rmdir()
     tok.save(tmp_path / "out")
     assert kpro.load_tokenizer(tmp_path / "out").encode("Hello world") == [1, 22557, 1526]
+
+
+# ------------------------------------------------------------- legacy: a leading-space piece after a control piece
+
+# Text around control pieces: at the start, in the middle, at the end, several in a row, empty stretches between
+CONTROL_TEXTS = ["<s>[INST] Hi [/INST]", "Hello <s>.", "a</s>b", "x<s>", "hi</s>", "<s></s>", "</s></s>x",
+                 "<s></s><s>[INST] 2 + 2 [/INST]", "</s>\nUser: été", "<s>[INST] 🦙 [/INST]</s>"]
+# Stretches after a control piece that open with a space or ▁. Under legacy true SentencePiece writes its leading-space
+# piece before them (" x": ▁ ▁x), transformers 5's Metaspace none where the text already opens with one (▁x)
+SPACED = [("<s>", " x"), ("<s>", "▁x"), ("</s>", "  two spaces"), ("<s>", " ")]  # (control piece, stretch)
+MISTRAL_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer_json(tmp_path_factory):
+    """Mistral 7B's vocabulary as a tokenizer.json written by transformers' own LlamaTokenizer. transformers 5 reads
+    a bare tokenizer.model only with the protobuf package (not a kpro dependency, not installed here); from a
+    tokenizer.json it takes the vocabulary and merges, and builds its pre-tokenizer from `legacy`."""
+    pytest.importorskip("transformers")
+    import sentencepiece
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(MISTRAL))
+    vocab = {sp.IdToPiece(i): i for i in range(sp.GetPieceSize())}
+    merged = {sp.IdToPiece(i): sp.GetScore(i) for i in range(sp.GetPieceSize())  # SentencePiece merges by score
+              if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or sp.IsUnused(i))}
+    path = tmp_path_factory.mktemp("mistral") / "tokenizer.json"
+    LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, merged)).backend_tokenizer.save(str(path))
+    return path
+
+
+def mistral_folder(directory: Path, tokenizer_json: Path, **config) -> Path:
+    """tokenizer.model, tokenizer.json and a tokenizer_config.json holding `config`, as Mistral 7B ships them."""
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes(MISTRAL.read_bytes())
+    (directory / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "chat_template": MISTRAL_CHAT, **config}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_text_after_a_control_piece_is_encoded_as_transformers_does_for_legacy(tmp_path, mistral_tokenizer_json, legacy):
+    """kpro read no `legacy`: under `legacy: false` it still wrote SentencePiece's leading-space piece after every
+    control piece, where transformers writes none (Mistral 7B's <s>[INST]: ▁[ 733 against [ 28792)."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    folder = mistral_folder(tmp_path / "mistral", mistral_tokenizer_json, legacy=legacy)
+    ours, theirs = kpro.Tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert theirs.legacy is legacy
+    spaced = [control + stretch for control, stretch in SPACED]
+    for text in CONTROL_TEXTS + ([] if legacy else spaced):
+        assert ours.encode_with_special_tokens(text) == theirs.encode(text, add_special_tokens=False), repr(text)
+    assert ours.encode_with_special_tokens("<s>[INST]")[1] == (733 if legacy else 28792)  # ▁[ or [
+    assert ours.legacy is legacy
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(MISTRAL))
+    if legacy:  # kpro follows SentencePiece, as Meta's reference code encodes each stretch (docs/model.md)
+        for control, stretch in SPACED:
+            assert ours.encode_with_special_tokens(control + stretch) == [sp.PieceToId(control)] + \
+                sp.EncodeAsIds(stretch), repr(control + stretch)
+    # the first stretch is the text's opening, in both: SentencePiece's ▁ ▁Hello for " Hello" (transformers 5: ▁Hello)
+    assert ours.encode_with_special_tokens(" Hello</s>")[:-1] == sp.EncodeAsIds(" Hello") == [28705, 22557]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_chat_template_renders_the_ids_transformers_renders_for_legacy(tmp_path, mistral_tokenizer_json, legacy):
+    """apply_chat_template encodes with encode_with_special_tokens: under `legacy: false` its ids differed from
+    transformers' after every <s> and </s> of the conversation."""
+    from transformers import AutoTokenizer
+
+    folder = mistral_folder(tmp_path / "mistral", mistral_tokenizer_json, legacy=legacy)
+    ours, theirs = kpro.Tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3 + 3?"}]
+    assert ours.apply_chat_template(messages, tokenize=False) == theirs.apply_chat_template(messages, tokenize=False)
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages)["input_ids"]
+
+
+def test_legacy_is_kept_by_save_and_written_where_it_was_absent(tmp_path, mistral_tokenizer_json):
+    """Tokenizer.save wrote tokenizer_config.json as it was read: a tokenizer set to `legacy: false` came back as
+    true, and a file without the key stayed without it, which transformers 5's LlamaTokenizer reads as false."""
+    from transformers import AutoTokenizer
+
+    absent = mistral_folder(tmp_path / "absent", mistral_tokenizer_json)
+    tok = kpro.Tokenizer(absent)
+    assert tok.legacy is True  # where the key is absent, as transformers 4 read it and kpro did (docs/model.md)
+    (tmp_path / "saved").mkdir()  # with the tokenizer.json save keeps (transformers reads no bare tokenizer.model)
+    (tmp_path / "saved" / "tokenizer.json").write_bytes(mistral_tokenizer_json.read_bytes())
+    tok.save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["legacy"] is True
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "saved")).legacy is True  # transformers now agrees
+    tok.legacy = False
+    tok.save(tmp_path / "saved")
+    again = kpro.Tokenizer(tmp_path / "saved")
+    assert again.legacy is False and again.encode_with_special_tokens("<s>[INST]") == [1, 28792, 16289, 28793]
+    bare = kpro.Tokenizer(MISTRAL)  # no tokenizer_config.json at all: one is written to hold legacy false
+    bare.legacy = False
+    (tmp_path / "bare").mkdir()
+    bare.save(tmp_path / "bare")
+    assert kpro.Tokenizer(tmp_path / "bare").legacy is False
+
+
+@pytest.mark.parametrize("value", ["false", None, 0])
+def test_a_legacy_that_is_not_a_bool_is_refused(tmp_path, value):
+    """tokenizer_config.json's `legacy` was not read: "false" (a string) or null passed without a word."""
+    (tmp_path / "tokenizer.model").write_bytes(MISTRAL.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": value}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: \"legacy\" must be true or false, got "
+                                         + re.escape(json.dumps(value))):
+        kpro.Tokenizer(tmp_path)
+
+
+def test_legacy_false_is_refused_for_a_model_that_drops_the_spaces_opening_a_text(tmp_path):
+    """A model whose normalizer removes leading spaces (sentencepiece's test model) would lose the space of
+    `<s> hi` without its dummy prefix; kpro encoded it with the prefix, ignoring `legacy: false`."""
+    (tmp_path / "tokenizer.model").write_bytes((DATA / "sentencepiece_test_model.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": False}))
+    with pytest.raises(ValueError, match="legacy false .* needs a model that keeps the spaces opening a text"):
+        kpro.Tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": True}))
+    assert kpro.Tokenizer(tmp_path).encode_with_special_tokens("<s> hi")[0] == 1
