@@ -288,6 +288,19 @@ def test_sentencepiece_vocabulary_is_rebuilt_exactly(tmp_path):
     assert (tok.bos_id, tok.eos_id) == (1, 2)
 
 
+def test_a_sentencepiece_vocabulary_is_written_with_legacy_true_as_llama_cpp_encodes_it(tmp_path):
+    """The converted tokenizer_config.json had no `legacy`, which transformers 5 reads as false: no leading-space
+    piece after <s> and </s>, where llama.cpp (and kpro) write one before the text after every special token."""
+    import sentencepiece
+
+    vocab = sentencepiece_vocab(DATA / "mistral_7b_tokenizer.model")
+    out = convert_gguf(write_gguf(tmp_path / "m.gguf", tiny_model(len(vocab["tokens"])), vocab), tmp_path / "out")
+    assert json.loads((out / "tokenizer_config.json").read_text())["legacy"] is True
+    original = sentencepiece.SentencePieceProcessor(model_file=str(DATA / "mistral_7b_tokenizer.model"))
+    assert kpro.load_tokenizer(out).encode_with_special_tokens("<s>[INST] hi</s>x") == \
+        [1] + original.EncodeAsIds("[INST] hi") + [2] + original.EncodeAsIds("x")  # ▁[ 733, ▁x 1318
+
+
 def test_the_tokenizer_adds_a_bos_as_the_gguf_says(tmp_path, small_vocab):
     """A SentencePiece GGUF with add_bos_token false: tokenizer_config.json said so, and kpro's tokenizer added a
     bos anyway. A LLaMA 3 byte-level vocabulary without the key: llama.cpp adds one, kpro's added none."""

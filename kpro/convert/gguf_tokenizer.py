@@ -95,6 +95,8 @@ def tokenizer_files(file: GGUFFile, cfg) -> dict[str, str | bytes]:
               "model_max_length": cfg.max_position_embeddings, "tokenizer_class": tokenizer_class}
     for name, token_id in ids.items():
         config[f"{name}_token"] = tokens[token_id] if token_id is not None else None
+    if kind == "llama":  # llama.cpp opens the text after every special token with the leading-space piece: read as
+        config["legacy"] = True  # legacy false (transformers 5's default where it is absent), it would lose it
     templates = chat_templates(file)
     if list(templates) == ["default"]:
         config["chat_template"] = templates["default"]
