@@ -791,13 +791,19 @@ def special_token_text(config: dict, name: str) -> str | None:
 
 
 def legacy_setting(config: dict | None, directory: Path) -> bool:
-    """tokenizer_config.json's `legacy`, true where it is absent: whether a stretch of text after a control piece
-    opens with SentencePiece's leading-space piece (Tokenizer.encode_with_special_tokens)."""
-    legacy = (config or {}).get("legacy", True)
-    if not isinstance(legacy, bool):
-        raise ValueError(f"{Path(directory) / TOKENIZER_CONFIG_FILE}: \"legacy\" must be true or false, got "
-                         f"{json.dumps(legacy)}; correct the file, or remove the key (read as true)")
-    return legacy
+    """tokenizer_config.json's `legacy`, true where it is absent or null: whether a stretch of text after a control
+    piece opens with SentencePiece's leading-space piece (Tokenizer.encode_with_special_tokens). transformers 4
+    wrote null for a tokenizer whose legacy was never set, and read it as true, as an absent key."""
+    file = Path(directory) / TOKENIZER_CONFIG_FILE
+    legacy = (config or {}).get("legacy")
+    if legacy is not None and not isinstance(legacy, bool):
+        raise ValueError(f"{file}: \"legacy\" must be true or false, got {json.dumps(legacy)}; correct the file, or "
+                         "remove the key (read as true)")
+    if (config or {}).get("add_prefix_space") is False:  # every text opens with the leading-space piece in kpro
+        raise ValueError(f"{file}: \"add_prefix_space\" false is not implemented by kpro's SentencePiece tokenizer, "
+                         "which opens every text with SentencePiece's leading-space piece (and transformers' versions "
+                         "read it differently); remove the key to tokenize as SentencePiece does")
+    return True if legacy is None else legacy
 
 
 def read_tokenizer_config(directory: Path) -> dict | None:

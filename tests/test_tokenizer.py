@@ -311,13 +311,32 @@ def test_legacy_is_kept_by_save_and_written_where_it_was_absent(tmp_path, mistra
     assert kpro.Tokenizer(tmp_path / "bare").legacy is False
 
 
-@pytest.mark.parametrize("value", ["false", None, 0])
+@pytest.mark.parametrize("value", ["false", 0, [False]])
 def test_a_legacy_that_is_not_a_bool_is_refused(tmp_path, value):
-    """tokenizer_config.json's `legacy` was not read: "false" (a string) or null passed without a word."""
+    """tokenizer_config.json's `legacy` was not read: "false" (a string) passed without a word."""
     (tmp_path / "tokenizer.model").write_bytes(MISTRAL.read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": value}))
     with pytest.raises(ValueError, match=r"tokenizer_config.json: \"legacy\" must be true or false, got "
                                          + re.escape(json.dumps(value))):
+        kpro.Tokenizer(tmp_path)
+
+
+def test_a_null_legacy_is_read_as_an_absent_one(tmp_path):
+    """transformers 4 wrote `"legacy": null` for a tokenizer whose legacy was never set, and read it as true."""
+    (tmp_path / "tokenizer.model").write_bytes(MISTRAL.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": None}))
+    tok = kpro.Tokenizer(tmp_path)
+    assert tok.legacy is True and tok.encode_with_special_tokens("<s>[INST]")[1] == 733  # ▁[
+
+
+def test_add_prefix_space_false_is_refused(tmp_path):
+    """`add_prefix_space: false` (no leading-space piece before a text) was ignored: kpro wrote one anyway."""
+    (tmp_path / "tokenizer.model").write_bytes(MISTRAL.read_bytes())
+    for value in (True, None):  # what kpro does: taken
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_prefix_space": value}))
+        assert kpro.Tokenizer(tmp_path).encode("hi", bos=False) == [12014]  # ▁hi
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_prefix_space": False}))
+    with pytest.raises(ValueError, match=r"\"add_prefix_space\" false is not implemented by kpro's SentencePiece"):
         kpro.Tokenizer(tmp_path)
 
 
