@@ -287,6 +287,20 @@ def test_a_chat_template_renders_the_ids_transformers_renders_for_legacy(tmp_pat
     assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages)["input_ids"]
 
 
+@pytest.mark.parametrize("legacy", [True, False])
+def test_the_unknown_piece_written_in_text_is_its_id_as_in_transformers(tmp_path, mistral_tokenizer_json, legacy):
+    """`<unk>` in a chat text was spelled out as text (▁< unk >); transformers splits every special token out of
+    the text, the unknown piece too, as it does the control pieces <s> and </s>."""
+    from transformers import AutoTokenizer
+
+    folder = mistral_folder(tmp_path / "mistral", mistral_tokenizer_json, legacy=legacy)
+    ours, theirs = kpro.Tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    # " y" after it: transformers 5 writes ▁y, SentencePiece ▁ ▁y under legacy true (SPACED above)
+    for text in ("a<unk>b", "<unk>", "<s><unk></s>", "x<unk>", *([] if legacy else ["x <unk> y"])):
+        assert ours.encode_with_special_tokens(text) == theirs.encode(text, add_special_tokens=False), repr(text)
+    assert ours.encode_with_special_tokens("a<unk>b")[1] == 0
+
+
 def test_legacy_is_kept_by_save_and_written_where_it_was_absent(tmp_path, mistral_tokenizer_json):
     """Tokenizer.save wrote tokenizer_config.json as it was read: a tokenizer set to `legacy: false` came back as
     true, and a file without the key stayed without it, which transformers 5's LlamaTokenizer reads as false."""
