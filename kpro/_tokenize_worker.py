@@ -26,7 +26,8 @@ _FILES: list = []
 def start(tokenizer_dir: str, files: list, pool_worker: bool = False) -> None:
     """A worker's initializer: load the tokenizer once. A pool worker ignores SIGINT: a terminal's Ctrl-C reaches
     the whole process group, and the main process handles it (it saves and says how to resume). Not SIGTERM: the
-    pool ends the workers of a broken pool with it (Process.terminate), and waits for them. So that no worker
+    pool ends the workers of a broken pool with it (Process.terminate), and waits for them; workers that all died of
+    it are the main process's notice too (kpro.train.tokenize._worker_pool). So that no worker
     outlives a main process killed outright, each ends itself within half a second of its parent's end."""
     global _TOKENIZER, _FILES
     if pool_worker:

@@ -28,6 +28,7 @@ import torch
 import kpro
 from kpro import train as kt
 from kpro._run_lock import LOCK_FILE
+from kpro._signals import sigterm_as_ctrl_c
 from kpro.cli import main
 from kpro.errors import DirectoryInUse
 from kpro.expansion.posttrain import corpus_batches, corpus_rows, read_corpus
@@ -596,6 +597,69 @@ def test_sigterm_to_tokenize_stops_it_as_ctrl_c_does(tmp_path):
     assert "interrupted: 1 shard(s) written to" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert list((tmp_path / "scratch").iterdir()) == []
     assert not [p for p in (tmp_path / "out").iterdir() if p.is_dir()]  # the scratch, in --out now
+
+
+SIGTERM_TO_THE_WORKERS_AT_FIRST_SHARD = """
+import multiprocessing, os, signal, sys
+from multiprocessing.connection import wait
+from kpro.cli import main
+from kpro.train import shards, tokenize
+commit, close = shards.ShardWriter.commit, tokenize._Progress.close
+def terminated(self, *args, **kwargs):  # a scheduler's notice sent process by process, the workers' first
+    commit(self, *args, **kwargs)
+    shards.ShardWriter.commit = commit
+    workers = multiprocessing.active_children()
+    for process in workers:
+        os.kill(process.pid, signal.SIGTERM)
+    for process in workers:  # dead before this process hears of it: the pool is broken
+        wait([process.sentinel])
+shards.ShardWriter.commit = terminated
+tokenize.tokenize_corpus.__kwdefaults__["chunk_bytes"] = 2000  # chunks still to tokenize after the first shard
+def main_told_late(self):  # this process's own notice, while it handles the workers' deaths
+    os.kill(os.getpid(), signal.SIGTERM)
+    close(self)
+if sys.argv.pop(1) == "workers-then-main":
+    tokenize._Progress.close = main_told_late
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("notice", ["workers-alone", "workers-then-main"])
+def test_sigterm_reaching_the_workers_first_stops_tokenize_as_ctrl_c_does(tmp_path, notice):
+    """A scheduler's SIGTERM reaches every process of the job, in any order: workers dead of it before the main
+    process's handler ran made the pool broken, and tokenize said a worker had died (most often for lack of memory),
+    exit status 1; the main process's own notice, arriving while it handled that, interrupted the handling. A pool
+    whose workers all died of SIGTERM is now a stop as Ctrl-C is, and the later notice is the same stop."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("\n\n".join("abc def gh " * 50 for _ in range(400)))
+    result = subprocess.run([sys.executable, "-c", SIGTERM_TO_THE_WORKERS_AT_FIRST_SHARD, notice, "tokenize",
+                             "--tokenizer", tmp_path / "tok", "--data", tmp_path / "c.txt", "--out", tmp_path / "out",
+                             "--workers", "2", "--shard-tokens", "50000"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert f"interrupted: 1 shard(s) written to {tmp_path / 'out'}; run the same command again to resume" in \
+        result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not [p for p in (tmp_path / "out").iterdir() if p.is_dir()]  # the scratch removed
+
+
+def test_a_second_sigterm_is_the_same_notice():
+    """`timeout` sends SIGTERM to the command and again to its group, a scheduler to each process of the job: the
+    second raised KeyboardInterrupt again, in the middle of the cleanup the first had started (tokenize's report of
+    the shards kept, its scratch's removal). One notice now stops a block once."""
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = False
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_ctrl_c():
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except KeyboardInterrupt:
+                signal.raise_signal(signal.SIGTERM)
+                cleaned = True
+                raise
+    assert cleaned and signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():  # the next block takes a notice of its own
+        signal.raise_signal(signal.SIGTERM)
 
 
 PAUSE_AT_FIRST_SHARD = """

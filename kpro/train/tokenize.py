@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ from typing import Iterator
 from .. import _tokenize_worker as worker
 from .._numbers import is_integer
 from .._run_lock import holding
-from .._signals import sigterm_as_ctrl_c
+from .._signals import sigterm_as_ctrl_c, stop_as_sigterm
 from .._spawn import spawn_imports_main
 from .._tokenize_worker import jsonl_text
 from ..tokenizer import TOKENIZER_FILES, document_bos_id, load_tokenizer
@@ -362,14 +363,10 @@ def _encoded_results(workers: int, tokenizer_dir: Path, files: list, documents, 
         for chunk in _chunks(documents, chunk_bytes):
             yield worker.encode(chunk)
         return
-    # Spawned, not forked: the caller may hold threads (torch's, a trainer's) that a fork would copy
-    # half-way. An executor, not a Pool: a worker that cannot start is an error, not a hang.
-    context = multiprocessing.get_context("spawn")
-    # The workers run kpro._tokenize_worker, which imports no torch. Results come back through files
-    # (worker.encode_to_file: a worker killed mid-send would hang the pool).
+    # Results come back through files (worker.encode_to_file: a worker killed mid-send would hang the pool).
     # The scratch is in --out, not TMPDIR: a run killed outright leaves it where the rerun removes it.
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=out) as scratch, \
-            ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True)) as pool:
+            _worker_pool(workers, tokenizer_dir, files) as pool:
         pending = collections.deque()
         for number, chunk in enumerate(_chunks(documents, chunk_bytes)):
             pending.append(pool.submit(worker.encode_to_file, chunk, os.path.join(scratch, f"{number}.pickle")))
@@ -377,6 +374,36 @@ def _encoded_results(workers: int, tokenizer_dir: Path, files: list, documents, 
                 yield worker.read_result(pending.popleft().result())
         while pending:
             yield worker.read_result(pending.popleft().result())
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, tokenizer_dir: Path, files: list):
+    """A pool of `workers` processes running kpro._tokenize_worker (no torch), shut down on leaving. Spawned, not
+    forked: the caller may hold threads (torch's, a trainer's) that a fork would copy half-way. An executor, not a
+    Pool: a worker that cannot start is an error, not a hang.
+
+    A pool broken by workers that SIGTERM ended is a stop, as SIGTERM to this process is (KeyboardInterrupt), not a
+    crash: a scheduler's notice reaches every process of the job, and this process may see a worker dead of it
+    before its own handler runs, or get its own later (one sent process by process) or never (one sent to the
+    workers). The pool SIGTERMs the workers left only once it is broken, so a crash (a worker killed by the OOM
+    killer's SIGKILL, one that failed to start) leaves another exit code among them, and stays one. (The pool also
+    breaks, and SIGTERMs every worker, on a reply this process cannot unpickle; the workers send paths and built-in
+    errors, which unpickle.)"""
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True))
+    processes = getattr(pool, "_processes", {})  # CPython's {pid: process}, filled as workers start
+    try:
+        with pool:  # leaving it waits for the workers: their exit codes are known below
+            yield pool
+    except BrokenProcessPool:
+        if _ended_by_sigterm(list(processes.values())):
+            stop_as_sigterm()
+        raise
+
+
+def _ended_by_sigterm(processes: list) -> bool:
+    """Whether every one of a broken pool's worker processes (ended and waited for) died of SIGTERM."""
+    return bool(processes) and all(process.exitcode == -signal.SIGTERM for process in processes)
 
 
 def _check_same_run(index: dict, identity: dict, bos_id: int | None, inputs: list, shard_tokens: int,
