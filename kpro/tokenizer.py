@@ -39,6 +39,8 @@ CHAR_TOKENIZER_FILE = "kpro_char_tokenizer.json"
 SYMBOL_TOKENIZER_FILE = "kpro_symbol_tokenizer.json"
 ADDED_TOKENS_FILE = "added_tokens.json"  # transformers' tokens added to a vocabulary
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # transformers' older record of the special tokens
+# The classes whose pre-tokenizer transformers 5 builds from tokenizer_config.json's `legacy`, not tokenizer.json's
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 # A SentencePiece NormalizerSpec (a ModelProto's field 3) holding add_dummy_prefix (its field 3) = false. Protobuf
 # merges a message field that occurs twice, so appended to a model it turns off that one setting and keeps the rest
 NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
@@ -414,6 +416,7 @@ class JsonTokenizer(_TokenizerBase):
         # as transformers 5 reads a tokenizer.json: its post-processor says, not tokenizer_config.json
         self.add_bos, self.add_eos = self._post_processor_adds()
         self._check_config_agrees_with_post_processor()
+        self._check_legacy_agrees_with_file()
         self.chat_templates = chat_templates_of(path.parent, self.config)
         self.chat_template = self.chat_templates.get("default")
 
@@ -467,6 +470,28 @@ class JsonTokenizer(_TokenizerBase):
                     f"post-processor of {self.path} adds {'a' if adds else 'no'} {name} token: which one the model "
                     f"was trained with cannot be told; correct the file that is wrong (or remove add_{name}_token "
                     "from the config, to follow the post-processor)")
+
+    def _check_legacy_agrees_with_file(self) -> None:
+        """Refuse a LlamaTokenizer's `legacy` in tokenizer_config.json that contradicts what the file writes after a
+        special token: transformers 5 rebuilds a LlamaTokenizer's pre-tokenizer from `legacy` (true: SentencePiece's
+        leading-space piece before every stretch of text, false: before the first only), transformers 4 and the
+        tokenizers library follow the file, and which the model was trained with cannot be told. Where the key is
+        absent the file is followed, as transformers 4 did (and kpro's SentencePiece Tokenizer reads it as true)."""
+        legacy = self.config.get("legacy")
+        if not isinstance(legacy, bool) or self.config.get("tokenizer_class") not in LLAMA_TOKENIZER_CLASSES:
+            return
+        special = self.tok.id_to_token(self.eos_id)
+        if self.tok.encode(special, add_special_tokens=False).ids != [self.eos_id]:
+            return  # written in text, the eos is text: no special token to probe with
+        after_special = self.tok.encode(special + "x", add_special_tokens=False).ids[1:]
+        prefixed = after_special == self.tok.encode("x", add_special_tokens=False).ids  # ▁x both times
+        if prefixed != legacy:
+            raise ValueError(
+                f"{self.path.parent / TOKENIZER_CONFIG_FILE} says legacy {json.dumps(legacy)}, but {self.path} writes "
+                f"{'the' if prefixed else 'no'} leading-space piece before the text after a special token (as legacy "
+                f"{json.dumps(prefixed)} does): transformers 5 rebuilds a {self.config['tokenizer_class']} from "
+                "legacy, transformers 4 followed the file, and which one the model was trained with cannot be told; "
+                "correct the file that is wrong (or remove legacy from the config, to follow the file)")
 
     def _wrap(self, ids: list[int], bos, eos) -> list[int]:
         bos = self.add_bos if bos is None else bos

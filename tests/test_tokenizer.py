@@ -301,6 +301,35 @@ def test_the_unknown_piece_written_in_text_is_its_id_as_in_transformers(tmp_path
     assert ours.encode_with_special_tokens("a<unk>b")[1] == 0
 
 
+@pytest.mark.parametrize("file_legacy", [True, False])
+def test_a_tokenizer_json_whose_legacy_contradicts_the_config_is_refused(tmp_path, mistral_tokenizer_json, file_legacy):
+    """A tokenizer.json alone, of a LlamaTokenizer: transformers 5 rebuilds its pre-tokenizer from the config's
+    `legacy`, the file says otherwise where they disagree, and kpro's JsonTokenizer followed the file without a
+    word (its ids differed from transformers 5's after every special token). Where they agree both give
+    transformers' ids; without the key, the file is followed."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    built = LlamaTokenizer.from_pretrained(str(mistral_tokenizer_json.parent), legacy=file_legacy)
+    for config_legacy in (True, False, None):
+        folder = tmp_path / f"{file_legacy}-{config_legacy}"
+        folder.mkdir()
+        built.backend_tokenizer.save(str(folder / "tokenizer.json"))
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            config if config_legacy is None else {**config, "legacy": config_legacy}))
+        if config_legacy is None:  # the file's: ▁x after </s> or not
+            assert kpro.load_tokenizer(folder).encode_with_special_tokens("</s>x")[1] == (1318 if file_legacy else 28744)
+        elif config_legacy != file_legacy:
+            with pytest.raises(ValueError, match=f"says legacy {json.dumps(config_legacy)}, but .*tokenizer.json "
+                                                 f"writes {'the' if file_legacy else 'no'} leading-space piece"):
+                kpro.load_tokenizer(folder)
+        else:
+            theirs = AutoTokenizer.from_pretrained(str(folder))
+            for text in CONTROL_TEXTS:
+                assert kpro.load_tokenizer(folder).encode_with_special_tokens(text) == \
+                    theirs.encode(text, add_special_tokens=False), repr(text)
+
+
 def test_legacy_is_kept_by_save_and_written_where_it_was_absent(tmp_path, mistral_tokenizer_json):
     """Tokenizer.save wrote tokenizer_config.json as it was read: a tokenizer set to `legacy: false` came back as
     true, and a file without the key stayed without it, which transformers 5's LlamaTokenizer reads as false."""
