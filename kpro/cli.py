@@ -163,7 +163,7 @@ def cmd_generate(args) -> None:
             unknown.append(f"prompt {number} generated id {new[lacking]} after {lacking} tokens")
             new = new[:lacking]
         if len(prompts) > 1:  # each text headed, as `head` heads files: a text may hold newlines of its own
-            print(f"{chr(10) * (number > 1)}==> prompt {number} <==")
+            print(("\n" if number > 1 else "") + f"==> prompt {number} <==")
         # Decoded whole: SentencePiece drops the leading space of a piece decoded on its own. A chat answer alone:
         # the rendered template around the question is markup.
         print(tok.decode(new) if args.chat else tok.decode(prompt + new))
