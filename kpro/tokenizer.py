@@ -295,10 +295,11 @@ class Tokenizer(_TokenizerBase):
 
     def encode_with_special_tokens(self, text: str) -> list[int]:
         """SentencePiece reads `<s>` as text: split at the control pieces and the unknown piece first, as
-        transformers does, and encode each stretch between them as text of its own. The first stretch opens with SentencePiece's leading-space piece, as any text
-        does; a stretch after a control piece does too with `legacy: true` in tokenizer_config.json (and where
-        the key is absent), as in Meta's and Mistral's reference code, and does not with `legacy: false`, as in
-        transformers (`<s>[INST]`: `▁[` against `[`; docs/model.md)."""
+        transformers does, and encode each stretch between them as text of its own. The first stretch opens with
+        SentencePiece's leading-space piece, as any text does; a stretch after a control piece does too with
+        `legacy: true` in tokenizer_config.json (and where the key is absent), as in Meta's and Mistral's
+        reference code, and does not with `legacy: false`, as in transformers (`<s>[INST]`: `▁[` against `[`;
+        docs/model.md)."""
         text = checked_text(text)
         controls = self._control_pieces()
         if self.sp.unk_id() >= 0:  # split out too, as transformers splits out every special token
