@@ -654,3 +654,16 @@ def test_auto_dtype_counts_parameters_not_tensors(tmp_path, make_model):
     assert sum(t.numel() for n, t in mixed.items() if n in big) > sum(t.numel() for n, t in mixed.items() if n not in big)
     save_file(mixed, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt"})
     assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck").parameters()} == {torch.float32}
+
+
+def test_the_index_total_size_of_a_bf16_sharded_save_counts_two_bytes_a_parameter(tmp_path, make_model):
+    """Only fp32 models were saved sharded in the tests: an index whose total_size counted 4 bytes a parameter
+    whatever the dtype passed them."""
+    model = make_model(dtype=torch.bfloat16)
+    kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=10_000)
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1
+    on_disk = sum(t.nbytes for name in shards for t in load_file(tmp_path / "ck" / name).values())
+    assert index["metadata"]["total_size"] == on_disk == \
+        sum(t.numel() * 2 for t in kpro.checkpoint.hf_tensors(model).values())

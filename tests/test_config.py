@@ -244,3 +244,13 @@ def test_a_top_level_original_max_position_embeddings_is_the_one_transformers_gi
         LlamaConfig.from_hf(dict(LLAMA31_8B, original_max_position_embeddings=4096))
     linear = dict(LLAMA31_8B, rope_scaling={"rope_type": "linear", "factor": 2.0}, original_max_position_embeddings=4096)
     assert LlamaConfig.from_hf(linear, strict=True).rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_generation_config_eos_ids_are_all_read(tmp_path):
+    """The tests wrote one-id lists: reading only the first eos id of generation_config.json (Qwen2.5 Instruct
+    lists two) passed them."""
+    from kpro.config import generation_eos_ids
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [151645, 151643]}')
+    assert generation_eos_ids(tmp_path, 152064) == [151645, 151643]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 151643}')
+    assert generation_eos_ids(tmp_path, 152064) == [151643]

@@ -1102,3 +1102,13 @@ def test_seeds_past_the_largest_batches_takes_are_refused_by_the_first_seed(repr
                                          rf"largest seed Batches takes: start at {2 ** 61 - 4} or below"):
         getattr(seeds, reproduction)(tmp_path / "out", seed=2 ** 61 - 3, seeds=3)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_expansion_claim_fails_when_one_seed_does_not_keep_the_general_task():
+    """The verdict was tested on one seed, or on seeds that all kept the general task: a claim shown where any
+    seed kept it, not every one, passed."""
+    run = lambda expanded, control: {"expanded": {"general": expanded, "domain": 1.0},
+                                     "control": {"general": control, "domain": 1.0}}
+    assert expansion.verdict([run(0.9, 0.1)])[0] is True
+    shown, margin = expansion.verdict([run(0.9, 0.1), run(0.7, 0.1)])  # margins 0.8 and 0.6, but 0.7 < KEPT
+    assert expansion.KEPT > 0.7 and shown is False and margin == pytest.approx(0.6)

@@ -759,3 +759,13 @@ def test_reproduce_lists_its_runs_and_refuses_unknown_names():
     assert all(entry.duration in listed.stdout and entry.needs in listed.stdout for entry in REPRODUCTIONS.values())
     bad = subprocess.run([sys.executable, "-m", "kpro", "reproduce", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "unknown reproduction 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_sentencepiece_gguf_without_add_bos_token_adds_a_bos(tmp_path, small_vocab):
+    """The helper always wrote add_bos_token for SentencePiece vocabularies: a converted GGUF without it could
+    have lost llama.cpp's default (a bos for SentencePiece) unnoticed, and prompts reached the model without one."""
+    model = tiny_model(len(small_vocab["tokens"]))
+    out = convert_gguf(write_gguf(tmp_path / "spm.gguf", model, {**small_vocab, "add_bos": None}), tmp_path / "spm")
+    tok = kpro.load_tokenizer(out)
+    assert tok.add_bos is True and tok.encode("hello")[0] == tok.bos_id
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True

@@ -512,3 +512,57 @@ def test_smollm2_decoding_is_exact_on_arbitrary_unicode(smollm2_tokenizer):
     assert ids == [81, 218, 218, 218, 82] and tok.decode(ids) == "a\ufffd\ufffd\ufffdb"
     ids, mask = smollm2_tokenizer.pad_left(smollm2_tokenizer.encode_batch(["a", "a b c"]))
     assert torch.equal(mask[0], torch.tensor([0, 0, 1]))
+
+
+def _bos_adding_dir(bpe_dir, tmp_path):
+    """bpe_dir with a post-processor that adds its bos (<|im_start|>, id 1) before each text, as LLaMA 3's does."""
+    import tokenizers
+    config = json.loads((bpe_dir / "tokenizer_config.json").read_text())
+    del config["add_bos_token"]
+    raw = tokenizers.Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    raw.post_processor = tokenizers.processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                  special_tokens=[("<|im_start|>", 1)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_a_chat_template_that_writes_the_bos_gets_one_bos_where_the_post_processor_adds_one(bpe_dir, tmp_path):
+    """No test rendered a template with a tokenizer.json whose post-processor adds a bos (LLaMA 3's): encoding the
+    rendered text with the post-processor on would give every chat prompt a second bos, unnoticed."""
+    from transformers import AutoTokenizer
+    directory = _bos_adding_dir(bpe_dir, tmp_path)
+    tok = kpro.load_tokenizer(directory)
+    assert tok.add_bos and tok.bos_id == 1
+    template = "{{ bos_token }}{{ messages[0]['content'] }}"
+    messages = [{"role": "user", "content": "hi there"}]
+    ids = tok.apply_chat_template(messages, False, chat_template=template)
+    assert ids == [1] + tok.encode("hi there", bos=False)
+    theirs = AutoTokenizer.from_pretrained(str(directory))
+    rendered = theirs.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert ids == theirs.encode(rendered, add_special_tokens=False)
+
+
+def test_block_tags_on_their_own_lines_leave_no_newlines_as_transformers_renders(bpe_dir):
+    """Every template in the tests was one line: rendering without jinja's trim_blocks (which transformers sets)
+    passed them all, and LLaMA 3's and Mistral's templates, block tags on lines of their own, would gain newlines."""
+    from transformers import AutoTokenizer
+    template = "{% for message in messages %}\n  {% if true %}\n{{ message['content'] }}\n  {% endif %}\n{% endfor %}"
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    ours = kpro.load_tokenizer(bpe_dir).apply_chat_template(messages, chat_template=template, tokenize=False)
+    theirs = AutoTokenizer.from_pretrained(str(bpe_dir)).apply_chat_template(messages, chat_template=template,
+                                                                             tokenize=False)
+    assert ours == theirs == "a\nb\n"
+
+
+def test_a_variable_named_like_a_special_token_overrides_it_as_in_transformers(bpe_dir):
+    """No test passed a variable named as a special token: the tokenizer's bos_token could have overridden the
+    caller's bos_token= unnoticed, where transformers lets the caller's win."""
+    from transformers import AutoTokenizer
+    messages = [{"role": "user", "content": "a"}]
+    template = "{{ bos_token }}|{{ eos_token }}"
+    theirs = AutoTokenizer.from_pretrained(str(bpe_dir)).apply_chat_template(
+        messages, chat_template=template, tokenize=False, bos_token="X")
+    ours = kpro.load_tokenizer(bpe_dir).apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                            bos_token="X")
+    assert ours == theirs == "X|<|im_end|>"
