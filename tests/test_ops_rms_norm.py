@@ -133,6 +133,21 @@ def test_non_contiguous_input(backend, device):
     assert relative_error(y, y_ref) <= 1e-5 and relative_error(strided.grad, dx_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_input_rows_wider_apart_than_the_gradients_rows(backend, device, dtype):
+    """x as a column slice of a wider buffer (row stride 112 for 96 features, as a slice of a packed
+    projection) stays a strided view, while dy from autograd is contiguous (row stride 96): the Triton
+    backward launcher passed x's row stride for dy as well, so every row after the first read the wrong dy,
+    and no test had an x and dy of different layouts (mutation audit round 3, R05)."""
+    x, w, dy = inputs((37, 96), dtype, device, seed=11)
+    wide = torch.zeros(37, 112, dtype=dtype, device=device)
+    wide[:, :96] = x
+    x = wide[:, :96]
+    assert not x.is_contiguous() and dy.is_contiguous()
+    check_against_float64(backend, x, w, dy)
+
+
 def test_triton_column_loop(monkeypatch):
     """Rows wider than one block take the looped kernel; force it on a small width."""
     if not torch.cuda.is_available():
