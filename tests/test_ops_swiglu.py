@@ -86,6 +86,59 @@ def test_packed_input_that_is_a_strided_view(backend, device):
     assert (wide.grad[..., 80:] == 0).all()
 
 
+def column_slice(t, width):
+    """t's values as the first columns of a `width`-wide buffer: a view whose rows are `width` apart."""
+    wide = torch.zeros(*t.shape[:-1], width, dtype=t.dtype, device=t.device)
+    wide[..., :t.shape[-1]] = t
+    return wide[..., :t.shape[-1]]
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
+@pytest.mark.parametrize("strided", ["gate", "up"])
+def test_gate_up_and_gradient_of_different_row_strides(backend, device, strided):
+    """One of gate and up a slice of a wider buffer (row stride 300 for 100 features), the other contiguous,
+    and dy a slice of yet another width (row stride 200): the launchers take a row stride per tensor, and
+    passing gate's for up (in the forward, or any tensor's for another in the backward) survived every test,
+    whose separate tensors always shared a layout (mutation audit round 3, S01)."""
+    gate, up, dy = inputs((9, 100), torch.float32, device, seed=12)
+    if strided == "gate":
+        gate = column_slice(gate, 300)
+    else:
+        up = column_slice(up, 300)
+    check_against_float64(backend, gate, up, column_slice(dy, 200))
+
+
+def with_sentinel_column(n_rows, n_cols, width, value, device):
+    """[n_rows, n_cols] rows of a `width`-wide buffer filled with `value`, and the buffer: a write past a row's
+    last column lands in the sentinel columns (not in the next row, whose program may overwrite it)."""
+    buffer = torch.full((n_rows, width), value, device=device)
+    return buffer[:, :n_cols], buffer
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu")[1:2])  # the Triton launchers
+@pytest.mark.parametrize("n_cols", [100, 37])
+def test_triton_kernels_write_nothing_past_a_rows_last_column(backend, device, n_cols):
+    """The kernels' masks keep the last, partial block of a row to the row. A mask one column too wide
+    (`cols <= n_cols`) wrote y[r, n_cols], which in a contiguous y is y[r + 1, 0]: the interpreter runs the
+    programs in order, so row r + 1 rewrote it and every test passed (mutation audit round 3, S02), while on a
+    GPU the order is free (a race) and the last row writes past the buffer. Here each output row ends beside
+    sentinel columns, and every tensor has its own row stride, so a launcher passing one tensor's stride for
+    another's fails too."""
+    from kpro.ops.triton_kernels import swiglu as kernels
+
+    gate, up, dy = inputs((8, n_cols), torch.float32, device, seed=n_cols)
+    gate, dy = column_slice(gate, n_cols + 5), column_slice(dy, n_cols + 9)
+    y_ref, dg_ref, du_ref = reference(gate, up, dy)
+    (y, y_buffer), (dg, dg_buffer), (du, du_buffer) = (
+        with_sentinel_column(8, n_cols, n_cols + extra, value, device) for extra, value in ((1, 7.0), (3, 8.0), (6, 9.0)))
+    kernels._forward_rows(gate, up, y)
+    kernels._backward_rows(dy, gate, up, dg, du)
+    for buffer, value in ((y_buffer, 7.0), (dg_buffer, 8.0), (du_buffer, 9.0)):
+        assert (buffer[:, n_cols:] == value).all()
+    assert relative_error(y, y_ref) <= 1e-5
+    assert relative_error(dg, dg_ref) <= 1e-5 and relative_error(du, du_ref) <= 1e-5
+
+
 @pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 @pytest.mark.parametrize("seed", [0, 1, 9])
