@@ -60,6 +60,10 @@ CASES = {  # name: (B, Tq, Tk, Hq, Hkv, D, causal, prefix_lens, key padding rows
     "full_with_holes": (2, 35, 35, 2, 2, 32, False, None, "holes"),
     "a_row_without_real_keys": (2, 20, 20, 2, 1, 32, True, None, [20, 6]),
     "one_token": (1, 1, 1, 1, 1, 64, True, None, None),
+    # A prefix ending one key short of a 16-key tile (the CPU's): the dK/dV tile holding the first key past
+    # the prefix is not all prefix. Taking it for one (`n0 + BLOCK_N <= prefix + 1`) let queries before that
+    # key see it in dK and dV only, and survived every other case (mutation audit round 3, A05).
+    "prefix_one_short_of_a_tile": (2, 40, 40, 2, 1, 32, True, [15, 31], None),
 }
 
 
@@ -71,6 +75,7 @@ GPU_CASES = {
     "left_padding_long": (3, 301, 301, 4, 1, 64, True, None, [130, 0, 257]),
     "decode_tq_lt_tk_777": (2, 19, 777, 4, 2, 128, True, None, None),
     "full_d96": (1, 555, 555, 2, 2, 96, False, None, None),
+    "prefix_one_short_of_a_tile": (2, 300, 300, 2, 1, 64, True, [63, 127], None),  # 64- and 128-key tiles
 }
 
 
@@ -164,6 +169,47 @@ def test_gpu_tiles_match_float64(dtype, case):
     for name, out, base, expected in zip(("out", "dq", "dk", "dv"), got, plain, ref):
         bound = 1e-4 if dtype == torch.float32 else 2 * relative_error(base, expected)
         assert relative_error(out, expected, floor=1e-3 if dtype == torch.float32 else 0.0) <= bound, name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
+def test_scores_far_below_an_earlier_tiles_stay_finite(backend, device):
+    """Scores of +100 on keys 0-15 and -100 on the rest, in whole key tiles (256 keys: 16, 64 or 128 a tile).
+    Online softmax is exact whatever max it subtracts, so a kernel that forgot the running max in unmasked
+    tiles (`m_new = max(s)·scale`) matched every test; here it rescales the first tile by exp(200) = inf and
+    gives NaN (mutation audit round 3, A02). The output is the mean of values 0-15."""
+    gen = torch.Generator().manual_seed(4)
+    dim, tq, tk = 16, 16, 256
+    direction = torch.randn(dim, generator=gen, dtype=torch.float64)
+    direction *= (100 / dim ** -0.5) ** 0.5 / direction.norm()  # scale · |direction|² = 100
+    q = direction.expand(1, tq, 1, dim)
+    k = torch.cat((direction.expand(1, 16, 1, dim), -direction.expand(1, tk - 16, 1, dim)), dim=1)
+    v, dout = torch.randn(1, tk, 1, dim, generator=gen, dtype=torch.float64), torch.randn(1, tq, 1, dim, generator=gen, dtype=torch.float64)
+    mask = explicit_mask(1, tq, tk, causal=False)
+    ref = run(lambda q, k, v: plain_attention(q, k, v, mask), (q, k, v), dout)
+    assert torch.allclose(ref[0], v[:, :16].mean(1, keepdim=True).expand(1, tq, 1, dim))
+    got = run(with_backend(backend, causal=False), [t.float().to(device) for t in (q, k, v)], dout.float().to(device))
+    for name, out, expected in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert relative_error(out, expected, floor=1e-2) <= 1e-4, name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
+def test_query_key_and_value_of_different_layouts(backend, device):
+    """q time-major ([T, B, H, D] transposed), k contiguous, v head-major ([B, H, T, D] transposed): each
+    tensor's strides are passed to the kernels. Passing k's for v survived every test (mutation audit
+    round 3, A07), whose k and v always shared a layout (both contiguous, or both views of a packed QKV)."""
+    batch, t, heads, kv_heads, dim = 2, 33, 4, 2, 32
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(t, batch, heads, dim, generator=gen, dtype=torch.float64).transpose(0, 1)
+    k = torch.randn(batch, t, kv_heads, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, t, dim, generator=gen, dtype=torch.float64).transpose(1, 2)
+    dout = torch.randn(batch, t, heads, dim, generator=gen, dtype=torch.float64)
+    mask = explicit_mask(batch, t, t, causal=True)
+    ref = run(lambda q, k, v: plain_attention(q, k, v, mask), (q, k, v), dout)
+    ins = [x.float().to(device) for x in (q, k, v)]  # .float() keeps the strides
+    assert len({x.stride() for x in ins}) == 3
+    got = run(with_backend(backend, causal=True), ins, dout.float().to(device))
+    for name, out, expected in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert relative_error(out, expected) <= 1e-4, name
 
 
 @pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
