@@ -183,7 +183,8 @@ def test_scores_far_below_an_earlier_tiles_stay_finite(backend, device):
     direction *= (100 / dim ** -0.5) ** 0.5 / direction.norm()  # scale · |direction|² = 100
     q = direction.expand(1, tq, 1, dim)
     k = torch.cat((direction.expand(1, 16, 1, dim), -direction.expand(1, tk - 16, 1, dim)), dim=1)
-    v, dout = torch.randn(1, tk, 1, dim, generator=gen, dtype=torch.float64), torch.randn(1, tq, 1, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, tk, 1, dim, generator=gen, dtype=torch.float64)
+    dout = torch.randn(1, tq, 1, dim, generator=gen, dtype=torch.float64)
     mask = explicit_mask(1, tq, tk, causal=False)
     ref = run(lambda q, k, v: plain_attention(q, k, v, mask), (q, k, v), dout)
     assert torch.allclose(ref[0], v[:, :16].mean(1, keepdim=True).expand(1, tq, 1, dim))

@@ -129,8 +129,8 @@ def test_triton_kernels_write_nothing_past_a_rows_last_column(backend, device, n
     gate, up, dy = inputs((8, n_cols), torch.float32, device, seed=n_cols)
     gate, dy = column_slice(gate, n_cols + 5), column_slice(dy, n_cols + 9)
     y_ref, dg_ref, du_ref = reference(gate, up, dy)
-    (y, y_buffer), (dg, dg_buffer), (du, du_buffer) = (
-        with_sentinel_column(8, n_cols, n_cols + extra, value, device) for extra, value in ((1, 7.0), (3, 8.0), (6, 9.0)))
+    (y, y_buffer), (dg, dg_buffer), (du, du_buffer) = (with_sentinel_column(8, n_cols, n_cols + extra, value, device)
+                                                       for extra, value in ((1, 7.0), (3, 8.0), (6, 9.0)))
     kernels._forward_rows(gate, up, y)
     kernels._backward_rows(dy, gate, up, dg, du)
     for buffer, value in ((y_buffer, 7.0), (dg_buffer, 8.0), (du_buffer, 9.0)):
