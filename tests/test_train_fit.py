@@ -1056,6 +1056,12 @@ def test_count_progress_prints_a_line_every_ten_seconds_off_a_terminal(monkeypat
     count(8, 16)
     count.close()  # stopped before the end (an error): the in-place line is ended
     assert tty.getvalue() == "\r\033[Kvalid: 8/16 examples decoded in 0:01, eta 0:01\n"
+    clock = iter([0.0, 1.0])
+    tty = Tty()
+    with pytest.raises(KeyboardInterrupt), progress.CountProgress("valid", "examples decoded", stream=tty) as count:
+        count(8, 16)
+        raise KeyboardInterrupt  # as a context manager it ends the line however the block ends
+    assert tty.getvalue() == "\r\033[Kvalid: 8/16 examples decoded in 0:01, eta 0:01\n"
 
 
 def test_progress_goes_to_stderr_by_default(tmp_path, capsys):

@@ -177,11 +177,9 @@ def _run(args, env) -> None:
     def score_and_write() -> None:
         print(f"adapters saved to {Path(args.out) / 'adapters'}")
         for path, qs in questions.items():
-            progress = CountProgress(str(path), "choices scored")  # a line every 10 s on stderr: minutes a file
-            try:
+            # a line every 10 s on stderr: a file scores for minutes
+            with CountProgress(str(path), "choices scored") as progress:
                 scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size, progress=progress)
-            finally:
-                progress.close()
             results["eval"][path] = scores
             print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  "
                   f"({scores['questions']} questions)")

@@ -350,11 +350,8 @@ def _final_evaluation(args, model, tokenizer, evaluation_sets, label: str, out: 
     report = {"model": label, "device": args.device, "batch_size": args.eval_batch_size,
               "threads": torch.get_num_threads() if args.device == "cpu" else None}
     for split, examples in evaluation_sets.items():
-        progress = CountProgress(f"{label}, {split}", "examples decoded")  # a line every 10 s on stderr: minutes a set
-        try:
+        with CountProgress(f"{label}, {split}", "examples decoded") as progress:  # a line every 10 s: minutes a set
             result = evaluate(model, tokenizer, examples, batch_size=args.eval_batch_size, progress=progress)
-        finally:
-            progress.close()
         cot = mean_cot_tokens(result, tokenizer.eos_id)
         report[split] = {"accuracy": result.accuracy, "correct": result.correct, "total": result.total,
                          "examples_per_second": round(result.examples_per_second, 2),

@@ -209,11 +209,9 @@ class ValidationAccuracy(Callback):
             return
         run.model.eval()
         # a line every 10 s while decoding: 1,000 examples of a real model decode for minutes on a CPU
-        progress = CountProgress(f"step {run.step}: validating", "examples decoded", stream=self.stream or sys.stderr)
-        try:
-            result = evaluate(run.model, self.tokenizer, self.examples, batch_size=self.batch_size, progress=progress)
-        finally:
-            progress.close()
+        validating = CountProgress(f"step {run.step}: validating", "examples decoded", stream=self.stream or sys.stderr)
+        with validating:
+            result = evaluate(run.model, self.tokenizer, self.examples, batch_size=self.batch_size, progress=validating)
         run.model.train()
         metrics["valid_accuracy"] = result.accuracy
         metrics["valid_cot_tokens"] = round(mean_cot_tokens(result, self.tokenizer.eos_id), 3)

@@ -55,7 +55,8 @@ class CountProgress:
     """`mc.jsonl: 120/160 choices scored in 0:42, eta 0:14`, as a `progress(done, total)` callback, for work
     counted in items that says nothing until it ends (scoring a file, decoding a set). On `stream` (default
     stderr): redrawn in place on a terminal, elsewhere a line once `seconds` (default PROGRESS_SECONDS) have
-    passed since the start or the last line, and none when the count is done: the caller prints its result."""
+    passed since the start or the last line, and none when the count is done: the caller prints its result.
+    As a context manager, it closes the line however the block ends."""
 
     def __init__(self, what: str, unit: str, *, stream=None, seconds: float | None = None):
         self.what, self.unit = what, unit
@@ -77,6 +78,12 @@ class CountProgress:
     def close(self) -> None:
         """End an in-place line that stopped before the count was done (an error, Ctrl-C)."""
         self.line.close()
+
+    def __enter__(self) -> "CountProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class ProgressLine:
