@@ -1056,7 +1056,7 @@ def test_count_progress_prints_a_line_every_ten_seconds_off_a_terminal(monkeypat
     count(8, 16)
     count.close()  # stopped before the end (an error): the in-place line is ended
     assert tty.getvalue() == "\r\033[Kvalid: 8/16 examples decoded in 0:01, eta 0:01\n"
-    clock = iter([0.0, 1.0])
+    clock = iter([0.0, 1.0, 2.0])
     tty = Tty()
     with pytest.raises(KeyboardInterrupt), progress.CountProgress("valid", "examples decoded", stream=tty) as count:
         count(8, 16)
