@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import lora
+from ._digests import tensor_digests
 from ._files import atomic_directory, save_safetensors
 from .checkpoint import CheckpointError
 
@@ -67,7 +67,6 @@ def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 # A fingerprint names its method: "sha256:" and 16 hex digits. One without a prefix is the digest kpro recorded
 # before (16 sampled values a tensor; a base differing elsewhere passed): still read, compared by its own method.
 _SHA256 = "sha256:"
-_PIECE = 1 << 24  # elements cast and copied at a time: a slice of a tensor, never a copy of the model
 
 
 def base_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:
@@ -82,19 +81,7 @@ def base_fingerprints(model: nn.Module, dtypes) -> dict:
     """{dtype: base_fingerprint(model, dtype)} for each of `dtypes` (None: each tensor's own), in one pass over
     the weights: each slice is read (from the GPU) once and cast to every dtype."""
     dtypes = list(dict.fromkeys(dtypes))
-
-    def tensor_digests(item) -> list[bytes]:  # detach(): grad mode is per thread, and no_grad is not set in these
-        name, tensor = item
-        digests = [hashlib.sha256(f"{name}{list(tensor.shape)}".encode()) for _ in dtypes]
-        flat = tensor.detach().reshape(-1)
-        for start in range(0, flat.numel(), _PIECE):
-            piece = flat[start:start + _PIECE].cpu()
-            for digest, dtype in zip(digests, dtypes):
-                digest.update(piece.to(dtype or flat.dtype).view(torch.uint8).numpy())
-        return [digest.digest() for digest in digests]
-
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        per_tensor = list(pool.map(tensor_digests, sorted(_base_tensors(model).items())))
+    per_tensor = tensor_digests(sorted(_base_tensors(model).items()), dtypes)
     return {dtype: _SHA256 + hashlib.sha256(b"".join(d[i] for d in per_tensor)).hexdigest()[:16]
             for i, dtype in enumerate(dtypes)}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 import torch
 import torch.nn.functional as F
 
@@ -544,6 +545,11 @@ def test_tune_saves_every_n_steps_and_a_killed_run_resumes_bit_identically(tmp_p
     with pytest.raises(Killed):
         run(tmp_path / "killed", save_every=2)
     assert [path.name for path in kt.list_checkpoints(tmp_path / "killed" / "run")] == ["step-00000004"]
+    # The checkpoint holds what trains (adapters, mixing scalars), not the base: the digest of the base is checked
+    saved = load_file(tmp_path / "killed" / "run" / "step-00000004" / "module.safetensors")
+    frozen = {name for name, p in straight.named_parameters() if not p.requires_grad}
+    assert frozen and not frozen & set(saved)
+    assert {name for name, p in straight.named_parameters() if p.requires_grad} <= set(saved)
     monkeypatch.undo()
     resumed = run(tmp_path / "killed", save_every=2)
     losses = [[m["loss"] for m in kt.read_metrics(out / "run" / "metrics.jsonl")] for out in (tmp_path / "straight",

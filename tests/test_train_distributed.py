@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import kpro
 from kpro import train as kt
@@ -422,3 +423,41 @@ def test_a_dataloader_whose_last_batch_cannot_be_split_is_refused_before_step_1(
         kt.fit(make_model(), loader(), tmp_path / "accum", grad_accum=2, lr=1e-3)
     assert kt.fit(make_model(), loader(), tmp_path / "short", steps=1, grad_accum=2, lr=1e-3).step == 1
     assert kt.fit(make_model(), loader(drop_last=True), tmp_path / "dropped", grad_accum=2, lr=1e-3).step == 1
+
+
+@pytest.fixture(scope="module")
+def frozen_runs(tmp_path_factory):
+    from _dist_frozen import FROZEN_FIT, partly_frozen
+    single = tmp_path_factory.mktemp("frozen-single")
+    model = partly_frozen()
+    kt.fit(model, batches(), single, save_frozen=False, **FROZEN_FIT)
+    out = tmp_path_factory.mktemp("frozen-dist")
+    done = torchrun("_dist_frozen.py", out, single)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return single, model, out, [json.loads((out / f"frozen-rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_checkpoints_without_the_frozen_weights_match_one_process_and_cross_load(frozen_runs, mode, tmp_path):
+    """fit(save_frozen=False) under DDP and FSDP2: the checkpoints hold the trained weights alone (gathered from the
+    shards), the runs match one process, and checkpoints resume both ways onto models whose trained weights start
+    elsewhere (the checkpoint replaces them) and whose frozen ones are the run's (kept)."""
+    from _dist_frozen import FROZEN, FROZEN_FIT, partly_frozen
+    single, model, out, _ = frozen_runs
+    saved = load_file(out / mode / "run" / "step-00000004" / "module.safetensors")
+    assert set(saved) == {name for name in model.state_dict() if not name.startswith(FROZEN)}
+    assert_close_losses(losses(out / mode / "run"), losses(single))
+    assert_close_losses(losses(out / mode / "resumed"), losses(single)[2:])
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, model.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+    resumed = partly_frozen(shift=0.5)
+    kt.fit(resumed, batches(), tmp_path, save_frozen=False, resume=out / mode / "run" / "step-00000002", **FROZEN_FIT)
+    assert_close_losses(losses(tmp_path), losses(single)[2:])
+    assert_close_models(resumed, model)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_resume_onto_other_frozen_weights_is_refused_on_every_process(frozen_runs, mode):
+    _, _, _, results = frozen_runs
+    for r in results:
+        assert r[mode] is not None and "differ from the run's in embed_tokens.weight, layers.0." in r[mode], r[mode]

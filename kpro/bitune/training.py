@@ -147,7 +147,7 @@ def tune(model: Llama, pairs: list, method: str, out_dir: str | os.PathLike, *, 
                 fit(tuned, batches, out_dir / "run", steps=steps, optimizer=lambda m: adamw(m, lr, weight_decay=0.0),
                     schedule=schedule, clip_grad_norm=1.0, save_every=save_every, keep_last=1,
                     callbacks=[_RecordSettings(settings), trained, *callbacks], stream=stream, log_every=log_every,
-                    **kwargs)
+                    save_frozen=False, **kwargs)  # the base is checked by its fingerprint (base_model), not saved
             # Rank 0 alone under torchrun: DDP left the same adapters on every process
             on_main(lambda: save_tuned_adapters(tuned, out_dir / "adapters"), current_env(),
                     f"save the adapters to {out_dir / 'adapters'}")
@@ -196,8 +196,8 @@ def _check_resumable(run_dir: Path, settings: dict, model: Llama) -> None:
         settings = {**settings, "base_model": adapters.fingerprint_like(model, saved["base_model"])}
     if "base_model" in saved and saved.get("base_dtype", settings["base_dtype"]) != settings["base_dtype"]:
         settings = {**settings, "base_model": _base_in_dtype(model, saved)}
-    # base_model: a resume loads the checkpoint's base weights over the model given; it and base_dtype are
-    # compared where the run recorded them (runs saved before did not)
+    # base_model: a resume keeps the base given (the checkpoints hold none; older ones, holding it, loaded theirs
+    # over it); it and base_dtype are compared where the run recorded them (runs saved before did not)
     differences = {key: (saved.get(key), settings.get(key)) for key in dict.fromkeys([*settings, *saved])
                    if saved.get(key) != settings.get(key) and (key not in RECORDED_LATER or key in saved)}
     if "base_model" in differences and "base_dtype" not in saved:  # the digest of another dtype differs too

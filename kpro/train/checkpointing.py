@@ -3,7 +3,8 @@
 A run directory holds `step-00000100/`, `step-00000200/`, ... Each is a complete checkpoint:
 
     config.json, model.safetensors   the model in the Hugging Face layout (`kpro.load_pretrained` reads it);
-                                     another kind of module is saved as `module.safetensors` (its own names)
+                                     another kind of module is saved as `module.safetensors` (its own names),
+                                     and so is a model saved without its frozen weights (`save_frozen=False`)
     optimizer.pt                     optimizer state keyed by parameter name (full, never sharded)
     trainer_state.pt                 step, data position, RNG states of every process, callback states,
                                      and the model's tensor shapes (to refuse a checkpoint of another model)
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._digests import value_digests
 from .._files import IN_PROGRESS, abandoned, atomic_directory, naming_write_failures, save_safetensors
 from .._numbers import is_integer
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _write_checkpoint, _write_file, checkpoint_tensors,
@@ -45,6 +47,8 @@ STEP_DIR = re.compile(r"step-(\d{8})")
 MODULE_WEIGHTS = "module.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
+# trainer_state.pt's {name: digest} of the frozen weights a checkpoint saved with save_frozen=False leaves out
+FROZEN_DIGESTS = "frozen_digests"
 SUMMARY_FILE = "trainer_state.json"
 RUN_FILES = (MODULE_WEIGHTS, OPTIMIZER_FILE, STATE_FILE, SUMMARY_FILE)  # a checkpoint's files besides the model's
 FORMAT = 1
@@ -173,7 +177,7 @@ def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict | None = None, env: DistEnv | None = None, *, summary: dict | None = None,
-                    keep_last: int | None = None, write_extra=None) -> Path:
+                    keep_last: int | None = None, write_extra=None, save_frozen: bool = True) -> Path:
     """Write checkpoint `step` of a run atomically; keep the newest `keep_last` (a positive integer; None: all).
     Returns its directory.
 
@@ -181,18 +185,25 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     of every process are added here. `write_extra(directory)` may add files (a tokenizer) before the
     checkpoint is put in place. A collective: every process calls it; rank 0 writes. A model in a DDP or
     torch.compile wrapper is saved as the model inside it (HF layout for a Llama), whose names optimizer.pt uses.
+
+    `save_frozen=False` leaves out the parameters that require no gradient (a LoRA or Bitune base: the checkpoint
+    holds the adapters) and records a digest of each (`FROZEN_DIGESTS`): a resume keeps the model's own, after
+    checking they are the run's. The weights are then saved as `module.safetensors`, a Llama's too.
     """
     # Before anything is written, as a bad value would fail only after the write; bool is an int subclass (True
     # would prune to 1)
     if keep_last is not None and (not is_integer(keep_last) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive integer or None (keep all), got {keep_last!r}")
     env, model = env or distributed.current_env(), distributed.unwrapped(model)
+    if not isinstance(save_frozen, bool):
+        raise TypeError(f"save_frozen must be True or False, got {save_frozen!r}")
     check_param_groups_loadable(optimizer)
     check_loadable(state or {}, "the state given to save_checkpoint")
     target = checkpoint_dir(run_dir, step)
     step = int(step)  # a NumPy step (np.arange's) as a Python int: trainer_state.pt and the summary take no other
     full_model = distributed.full_model_state(model)
     full_optim = distributed.full_optimizer_state(model, optimizer, env)
+    left_out = set() if save_frozen else distributed.frozen_parameter_names(model)
     state = {**(state or {}), "format": FORMAT, "step": step, "world_size": env.world_size,
              "rng": distributed.gather_objects(rng_state(), env), "model_shapes": tensor_shapes(model),
              "has_optimizer_state": full_optim is not None, "trained_params": trained_parameters(model, optimizer)}
@@ -202,7 +213,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         if newer:  # keep_last would prune the one written now, and a resume would take the newer branch
             raise CheckpointError(f"{target.parent} holds {', '.join(newer[:3])}, past step {step}: a rewound run "
                                   "writes into another directory")
-        _write_checkpoint_dir(target, model, full_model, full_optim, state, summary, env, write_extra)
+        state.pop(FROZEN_DIGESTS, None)  # a key of this module's, as "step" is
+        weights = full_model
+        if left_out:
+            weights, state[FROZEN_DIGESTS] = _without_frozen(model, full_model, left_out)
+        _write_checkpoint_dir(target, model, weights, full_optim, state, summary, env, write_extra,
+                              whole=not left_out)
         if keep_last is not None:
             prune(target.parent, int(keep_last))
 
@@ -210,10 +226,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     return target
 
 
-def _write_checkpoint_dir(target: Path, model, full_model, full_optim, state, summary, env, write_extra) -> None:
+def _without_frozen(model: nn.Module, full_state: dict | None, left_out: set[str]) -> tuple[dict, dict]:
+    """(the state dict without the tensors named in `left_out`, {name: digest} of those)."""
+    state = model.state_dict() if full_state is None else full_state
+    return ({name: t for name, t in state.items() if name not in left_out},
+            value_digests({name: t for name, t in state.items() if name in left_out}))
+
+
+def _write_checkpoint_dir(target: Path, model, weights, full_optim, state, summary, env, write_extra,
+                          whole: bool = True) -> None:
+    """`weights`: the state dict to save, or None for the model's own; not `whole` (frozen weights left out):
+    as module.safetensors whatever the model."""
     remove_abandoned_temporaries(target.parent)
     with atomic_directory(target, drop=lambda name: True) as tmp:  # a step's checkpoint is replaced whole
-        _write_model(model, full_model, tmp)
+        _write_model(model, weights, tmp, whole)
         for name, content in [(OPTIMIZER_FILE, full_optim), (STATE_FILE, state)]:
             with naming_write_failures(target / name):  # where it was to go: the temporary name tells nothing
                 torch.save(content, tmp / name)
@@ -242,8 +268,8 @@ def check_savable(model: nn.Module) -> None:
         checkpoint_tensors(model)
 
 
-def _write_model(model: nn.Module, full_state: dict | None, out: Path) -> None:
-    if saves_hf_layout(model):  # the HF-layout files, straight into the temporary directory
+def _write_model(model: nn.Module, full_state: dict | None, out: Path, whole: bool = True) -> None:
+    if whole and saves_hf_layout(model):  # the HF-layout files, straight into the temporary directory
         _write_checkpoint(model, out, parse_size("5GB"), full_state)
         return
     state = model.state_dict() if full_state is None else full_state
@@ -328,7 +354,10 @@ def restore_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer
         raise OtherParameters(problem, *parameters) if parameters else CheckpointError(problem)
     if check is not None:
         check(state)
-    full_model = distributed.on_main(lambda: read_model(directory, model), env, f"read the model of {directory}")
+    digests = state.pop(FROZEN_DIGESTS, None) or {}
+    mine = distributed.full_model_state(model) if digests else None  # a collective where the model is sharded
+    full_model = distributed.on_main(lambda: _read_weights(directory, model, digests, mine), env,
+                                     f"read the model of {directory}")
     has_optimizer_state, checked = state.pop("has_optimizer_state"), state.get("trained_params") is not None
     if has_optimizer_state:
         optim_state = distributed.on_main(lambda: read_optimizer(directory), env,
@@ -343,7 +372,7 @@ def restore_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer
             _load_optimizer(directory, model, optimizer, optim_state, stateless, env)
         if take is not None:
             take(state)
-    distributed.load_full_model_state(model, full_model if env.is_main else {}, env)
+    distributed.load_full_model_state(model, full_model if env.is_main else {}, env, strict=not digests)
     rngs = state.pop("rng")
     set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
     return state
@@ -496,6 +525,29 @@ def _mismatch(directory: Path, model: nn.Module, state: dict) -> str | None:
 
 def _few(names: list[str], limit: int = 8) -> str:
     return listed(names, limit, " and {left} more")
+
+
+def _read_weights(directory: Path, model: nn.Module, digests: dict, mine: dict | None) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds; where it left the frozen ones out (`digests`, theirs), after checking that the
+    model's own (`mine`: its full state where sharded, else None) are the run's, and that the file holds the rest."""
+    saved = read_model(directory, model)
+    if not digests:
+        return saved
+    mine = model.state_dict() if mine is None else mine
+    lacking = sorted(set(mine) - set(saved) - set(digests))
+    unexpected = sorted(set(saved) - set(mine))
+    if lacking or unexpected:
+        raise CheckpointError(f"{directory / MODULE_WEIGHTS} does not hold this model's trained weights: "
+                              + "; ".join(f"{what} {_few(names)}" for what, names in
+                                          (("it lacks", lacking), ("it holds others,", unexpected)) if names))
+    left_out = {name: mine[name] for name in digests if name in mine}
+    differ = [name for name, digest in value_digests(left_out).items() if digest != digests[name]]
+    if differ:
+        raise CheckpointError(
+            f"{directory} holds no frozen weights (saved with save_frozen=False: a LoRA or Bitune run keeps its base "
+            f"out), so a resume keeps the model's own, and this model's differ from the run's in {_few(differ)}: "
+            "resume onto the model the run started from (the same base weights, in the same dtype)")
+    return saved
 
 
 def read_model(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:

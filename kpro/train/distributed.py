@@ -363,10 +363,12 @@ def gather_objects(obj, env: DistEnv) -> list:
 
 # ------------------------------------------------------------------------ full (unsharded) states
 
-def load_full_model_state(model: nn.Module, state: dict, env: DistEnv) -> None:
-    """Load rank 0's full `state` (other ranks pass {}) into the model, sharding it where the model is."""
+def load_full_model_state(model: nn.Module, state: dict, env: DistEnv, *, strict: bool = True) -> None:
+    """Load rank 0's full `state` (other ranks pass {}) into the model, sharding it where the model is.
+    `strict=False` keeps the tensors `state` lacks as they are (the caller has checked them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.world_size > 1))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict,
+                                                                broadcast_from_rank0=env.world_size > 1))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict | None:
@@ -391,6 +393,14 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=env.world_size > 1, strict=strict))
+
+
+def frozen_parameter_names(model: nn.Module) -> set[str]:
+    """The state-dict names (as `state_dict_names` gives them) of the parameters that require no gradient, every
+    name of a tied one."""
+    from torch.distributed.checkpoint.state_dict import _get_fqns
+    return {fqn for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad
+            for fqn in _get_fqns(model, name)}
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

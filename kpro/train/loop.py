@@ -148,7 +148,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
         lr: float | None = None, weight_decay: float = 0.0, schedule: str | Schedule = "constant",
         grad_accum: int = 1, clip_grad_norm: float | None = 1.0, precision: str = "auto",
         parallel: str = "auto", save_every: int | None = None, keep_last: int = 3, resume: bool | str | Path = True,
-        callbacks: Iterable[Callback] = (), log_every: int | None = None, stream=None) -> Run:
+        callbacks: Iterable[Callback] = (), log_every: int | None = None, stream=None,
+        save_frozen: bool = True) -> Run:
     """Train `model` for `steps` optimizer steps; returns the `Run` (step, metrics, optimizer, checkpoint).
 
     batches      iterable of global batches, one per optimizer step (dicts of tensors [B, ...] when they must be
@@ -178,6 +179,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     callbacks    `kpro.train.Callback` instances (hooks, batch transforms, optimizer resets, saved state).
     log_every, stream  the progress line: printed every that many steps when not on a terminal (default:
                  every 5% of the run), to `stream` (default stderr: progress, not a result); rank 0 only.
+    save_frozen  False: checkpoints leave out the parameters that require no gradient (a LoRA base), recording a
+                 digest of each; a resume keeps the model's own, refusing by name those that differ from the run's.
     """
     env = distributed.init_distributed()
     out_dir = Path(out_dir)
@@ -185,6 +188,8 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     callbacks = _check_callbacks(callbacks)
     _check_args(optimizer, lr, weight_decay, grad_accum, clip_grad_norm, precision, save_every, keep_last, log_every,
                 resume, out_dir)
+    if not isinstance(save_frozen, bool):
+        raise TypeError(f"save_frozen must be True or False, got {save_frozen!r}")
     # Python numbers from here (a NumPy one passed the checks): the settings are saved in checkpoints
     lr, clip_grad_norm = (None if value is None else float(value) for value in (lr, clip_grad_norm))
     grad_accum, keep_last = int(grad_accum), int(keep_last)
@@ -201,11 +206,13 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
         return _fit(model, batches, out_dir, env=env, steps=steps, loss_fn=loss_fn, optimizer=optimizer, lr=lr,
                     weight_decay=weight_decay, schedule=schedule, grad_accum=grad_accum,
                     clip_grad_norm=clip_grad_norm, precision=precision, parallel=parallel, save_every=save_every,
-                    keep_last=keep_last, resume=resume, callbacks=callbacks, log_every=log_every, stream=stream)
+                    keep_last=keep_last, resume=resume, callbacks=callbacks, log_every=log_every, stream=stream,
+                    save_frozen=save_frozen)
 
 
 def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_decay, schedule, grad_accum,
-         clip_grad_norm, precision, parallel, save_every, keep_last, resume, callbacks, log_every, stream) -> Run:
+         clip_grad_norm, precision, parallel, save_every, keep_last, resume, callbacks, log_every, stream,
+         save_frozen) -> Run:
     check_savable(model)  # a checkpoint refused at the first save would lose the steps before it
     model.train()
     train_model, parallel = distributed.prepare(model, parallel, env)
@@ -282,7 +289,7 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
         try:
             run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
                                              summary={"metrics": run.metrics, "total_steps": steps},
-                                             write_extra=write_extra)
+                                             write_extra=write_extra, save_frozen=save_frozen)
         finally:
             if now is not None:
                 set_rng_state(now)

@@ -1,0 +1,190 @@
+"""fit(save_frozen=False): checkpoints without the frozen weights (a LoRA or Bitune base), resumed exactly onto
+the model the run started from, and refused, by name, onto any other."""
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kpro
+import kpro._digests
+from kpro import train as kt
+from kpro._files import save_safetensors
+from kpro.train import checkpointing
+
+from conftest import randomize_norms, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Runs compared bit for bit must reduce in the same order: one thread throughout."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base(seed=0):
+    torch.manual_seed(seed)
+    model = kpro.Llama(tiny_config())
+    randomize_norms(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def adapted(base_seed=0, adapter_seed=0):
+    model = base(base_seed)
+    kpro.lora.add_adapters(model, ["a"], rank=2, seed=adapter_seed)
+    with torch.no_grad():  # lora_B starts at zero: make the adapters matter from the first step
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(adapter_seed))
+    return model
+
+
+def batches():
+    rng = random.Random(0)
+    examples = [([1] + [rng.randrange(3, 67) for _ in range(rng.randint(1, 6))],
+                 [rng.randrange(3, 67) for _ in range(rng.randint(1, 5))] + [2]) for _ in range(48)]
+    return kt.Batches(examples, 8, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=3)
+
+
+class StopAt(kt.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, run, metrics):
+        if run.step == self.step:
+            run.stop()
+
+
+def train(model, out, stop=None, steps=6, **kwargs):
+    callbacks = [] if stop is None else [StopAt(stop)]
+    with kpro.lora.active(model, "a"):
+        return kt.fit(model, batches(), out, steps=steps, lr=1e-2, callbacks=callbacks, save_frozen=False, **kwargs)
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in kt.read_metrics(run_dir / "metrics.jsonl")]
+
+
+def frozen_names(model):
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_a_checkpoint_holds_the_adapters_and_digests_of_the_base(tmp_path):
+    model = adapted()
+    train(model, tmp_path, steps=2)
+    saved = load_file(tmp_path / "step-00000002" / "module.safetensors")
+    frozen = frozen_names(model)
+    assert frozen and not frozen & set(saved)  # the base weights are left out ...
+    assert set(saved) == set(model.state_dict()) - frozen  # ... and nothing else: the adapters, buffers
+    assert all(".lora_" in name for name in saved if name in dict(model.named_parameters()))
+    state = checkpointing._read_state(tmp_path / "step-00000002")
+    assert set(state[checkpointing.FROZEN_DIGESTS]) == frozen
+    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items() if name in saved)
+
+
+def test_a_run_resumed_onto_its_base_equals_the_run_in_one_go(tmp_path):
+    """The resumed model starts from other adapters (seed 5), which the checkpoint replaces, and from its base,
+    which the checkpoint does not hold: every weight and loss must still be the straight run's."""
+    straight = adapted()
+    train(straight, tmp_path / "a")
+    train(adapted(), tmp_path / "b", stop=3)
+    resumed = adapted(adapter_seed=5)
+    run = train(resumed, tmp_path / "b")
+    assert run.step == 6 and losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert straight.state_dict().keys() == resumed.state_dict().keys()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_resume_onto_another_base_is_refused_by_name_and_loads_nothing(tmp_path):
+    train(adapted(), tmp_path, stop=3)
+    other = adapted(adapter_seed=5)
+    with torch.no_grad():
+        other.layers[1].mlp.up_proj.weight[3, 4] += 1e-3  # one value of one frozen tensor
+    before = {name: t.clone() for name, t in other.state_dict().items()}
+    with pytest.raises(kpro.CheckpointError, match=r"differ from the run's in layers\.1\.mlp\.up_proj\.weight: "
+                                                   r"resume onto the model the run started from"):
+        train(other, tmp_path)
+    assert all(torch.equal(t, before[name]) for name, t in other.state_dict().items())  # adapters not loaded either
+
+
+def test_a_resume_onto_the_base_in_another_dtype_is_refused(tmp_path):
+    """The same values in float64: the digests cover the dtype, and fit's settings name it first."""
+    train(adapted(), tmp_path, stop=3)
+    other = adapted()
+    other.to(torch.float64)
+    with pytest.raises(kpro.CheckpointError, match=r"param_dtypes: 'float32' in the checkpoint, 'float64' now"):
+        train(other, tmp_path)
+    state = checkpointing._read_state(tmp_path / "step-00000003")
+    frozen = {name: t for name, t in adapted().state_dict().items() if name in state[checkpointing.FROZEN_DIGESTS]}
+    assert kpro._digests.value_digests(frozen) == state[checkpointing.FROZEN_DIGESTS]
+    doubled = kpro._digests.value_digests({name: t.double() for name, t in frozen.items()})
+    assert all(doubled[name] != digest for name, digest in state[checkpointing.FROZEN_DIGESTS].items())
+
+
+def test_a_checkpoint_missing_a_trained_tensor_is_refused(tmp_path):
+    """The file holds the trained weights alone, so the resume loads it leniently: a tensor it lacks that is not a
+    frozen one it left out would silently keep the model's value."""
+    train(adapted(), tmp_path, stop=3)
+    path = tmp_path / "step-00000003" / "module.safetensors"
+    saved = load_file(path)
+    name = next(name for name in saved if ".lora_A." in name)
+    del saved[name]
+    save_safetensors(saved, path, metadata={"format": "pt", "aliases": "{}"})
+    with pytest.raises(kpro.CheckpointError, match=rf"does not hold this model's trained weights: it lacks "
+                                                   rf"{name.replace('.', '[.]')}"):
+        train(adapted(), tmp_path)
+
+
+def test_a_llama_with_frozen_blocks_saves_and_resumes_without_them(tmp_path):
+    """A plain Llama (HF layout when saved whole) with frozen blocks: its checkpoints hold the trained weights alone
+    as module.safetensors, and the run resumes exactly."""
+    def frozen_first_block(seed=0):
+        model = base(seed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(("layers.0.", "embed_tokens.")))
+        return model
+
+    def fit(model, out, stop=None):
+        callbacks = [] if stop is None else [StopAt(stop)]
+        return kt.fit(model, batches(), out, steps=6, lr=1e-2, callbacks=callbacks, save_frozen=False)
+    straight = frozen_first_block()
+    fit(straight, tmp_path / "a")
+    fit(frozen_first_block(), tmp_path / "b", stop=3)
+    checkpoint = tmp_path / "b" / "step-00000003"
+    assert not (checkpoint / "model.safetensors").exists()
+    assert not any(name.startswith(("layers.0.", "embed_tokens.")) for name in load_file(checkpoint / "module.safetensors"))
+    resumed = frozen_first_block()
+    with torch.no_grad():
+        for name, p in resumed.named_parameters():
+            if p.requires_grad:
+                p.add_(1.0)  # the checkpoint must replace every trained weight
+    fit(resumed, tmp_path / "b")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_whole_checkpoint_still_resumes_with_save_frozen_false(tmp_path):
+    """Checkpoints saved whole (the default, and every one before save_frozen) replace the frozen weights too."""
+    straight = adapted()
+    train(straight, tmp_path / "a")
+    with kpro.lora.active(first := adapted(), "a"):
+        kt.fit(first, batches(), tmp_path / "b", steps=6, lr=1e-2, callbacks=[StopAt(3)])
+    assert checkpointing.FROZEN_DIGESTS not in checkpointing._read_state(tmp_path / "b" / "step-00000003")
+    resumed = adapted(base_seed=7, adapter_seed=5)  # another base: the whole checkpoint replaces it
+    train(resumed, tmp_path / "b")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+@pytest.mark.parametrize("value", [0, "no", None])
+def test_save_frozen_must_be_a_bool(tmp_path, value):
+    with pytest.raises(TypeError, match="save_frozen must be True or False"):
+        kt.fit(adapted(), batches(), tmp_path / "fit", steps=1, lr=1e-2, save_frozen=value)
+    assert not (tmp_path / "fit").exists()
+    model = adapted()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(TypeError, match="save_frozen must be True or False"):
+        kt.save_checkpoint(tmp_path / "save", 1, model, optimizer, save_frozen=value)
