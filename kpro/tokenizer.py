@@ -301,7 +301,7 @@ class Tokenizer(_TokenizerBase):
         reference code, and does not with `legacy: false`, as in transformers (`<s>[INST]`: `▁[` against `[`;
         docs/model.md)."""
         text = checked_text(text)
-        controls = self._control_pieces()
+        controls = dict(self._control_pieces)  # a copy: the unknown piece is split out here, not a control piece
         if self.sp.unk_id() >= 0:  # split out too, as transformers splits out every special token
             controls[self.sp.IdToPiece(self.sp.unk_id())] = self.sp.unk_id()
         if not controls:
@@ -335,9 +335,9 @@ class Tokenizer(_TokenizerBase):
 
     @property
     def special_ids(self) -> frozenset[int]:
-        return super().special_ids | frozenset(self._control_pieces().values())  # decoded as nothing
+        return super().special_ids | frozenset(self._control_pieces.values())  # decoded as nothing
 
-    @functools.cache
+    @functools.cached_property
     def _control_pieces(self) -> dict[str, int]:
         return {self.sp.IdToPiece(i): i for i in range(self.vocab_size) if self.sp.IsControl(i)}
 

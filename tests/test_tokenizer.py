@@ -392,3 +392,13 @@ def test_legacy_false_is_refused_for_a_model_that_drops_the_spaces_opening_a_tex
         kpro.Tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": True}))
     assert kpro.Tokenizer(tmp_path).encode_with_special_tokens("<s> hi")[0] == 1
+
+
+def test_writing_the_unknown_piece_leaves_the_special_ids_as_they_were():
+    """encode_with_special_tokens added the unknown piece to the cached control pieces it splits out: from the first
+    chat text on, `special_ids` (what decoding and the ICoT evaluation take for special) held <unk> too."""
+    tok = kpro.Tokenizer(MISTRAL)
+    before = tok.special_ids
+    assert tok.encode_with_special_tokens("a<unk>b") == [264, 0, 287]
+    assert tok.special_ids == before == {1, 2}
+    assert tok.encode_with_special_tokens("a<unk>b<s>") == [264, 0, 287, 1]
