@@ -131,6 +131,28 @@ class _ReadOnlyDict(dict):
         return self  # its values are numbers and strings
 
 
+class _ReadOnlyList(list):
+    """A config's list of eos ids (Llama 3's): held as a copy of the caller's list, and refusing changes in place,
+    which would be saved unchecked (validate() runs when a config is made). Equal to the list; copies and pickles
+    stay read-only; `list(...)` of it is a plain list to change."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a LlamaConfig's eos_token_id does not change in place: make a new config with "
+                        "config.replace(eos_token_id=[...])")
+
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __iadd__ = __imul__ = _refuse
+
+    def __reduce__(self):
+        return _ReadOnlyList, (list(self),)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self  # its items are integers
+
+
 @dataclasses.dataclass
 class LlamaConfig:
     """Model shape. Field names and defaults follow Hugging Face's `LlamaConfig`."""
@@ -165,6 +187,8 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         scaling = _normalise_rope_scaling(self.rope_scaling)
         object.__setattr__(self, "rope_scaling", None if scaling is None else _ReadOnlyDict(scaling))
+        if isinstance(self.eos_token_id, list):  # a copy: the caller's list stays the caller's
+            object.__setattr__(self, "eos_token_id", _ReadOnlyList(self.eos_token_id))
         self.validate()
         object.__setattr__(self, "_built", True)
 

@@ -14,14 +14,14 @@ from torch.serialization import add_safe_globals
 
 from . import ops
 from ._numbers import is_integer
-from .config import LlamaConfig, _ReadOnlyDict
+from .config import LlamaConfig, _ReadOnlyDict, _ReadOnlyList
 from .ops.backend import values_readable
 from .rope import RotaryEmbedding, apply_rope
 
 
-# A saved state holding a config's rope_scaling loads under torch.load(weights_only=True). Registered here, not in
+# A saved state holding a config's rope_scaling or eos ids loads under torch.load(weights_only=True). Registered here, not in
 # kpro.config, which `python -m kpro info` reads without importing torch.
-add_safe_globals([_ReadOnlyDict])
+add_safe_globals([_ReadOnlyDict, _ReadOnlyList])
 
 
 class RMSNorm(nn.Module):

@@ -254,3 +254,43 @@ def test_generation_config_eos_ids_are_all_read(tmp_path):
     assert generation_eos_ids(tmp_path, 152064) == [151645, 151643]
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": 151643}')
     assert generation_eos_ids(tmp_path, 152064) == [151643]
+
+
+def test_a_list_of_eos_ids_is_the_configs_own_and_does_not_change_in_place(tmp_path):
+    """The config kept the caller's list: the caller's later change, an append to config.eos_token_id, or one to a
+    config made by replace() or from_hf(dict) changed the config (and its twin) without validate(), and save()
+    wrote ids past the vocabulary that no load took back."""
+    import copy
+    import pickle
+
+    import torch
+    eos = [2, 3]
+    config = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, eos_token_id=eos)
+    eos.append(999)
+    assert config.eos_token_id == [2, 3] and config.eos_token_ids == [2, 3]
+    with pytest.raises(TypeError, match=r"a LlamaConfig's eos_token_id does not change in place: make a new config "
+                                        r"with config.replace\(eos_token_id=\[...\]\)"):
+        config.eos_token_id.append(-7)
+    for change in (lambda ids: ids.__setitem__(0, 5), lambda ids: ids.extend([4]), lambda ids: ids.pop(),
+                   lambda ids: ids.__iadd__([4]), lambda ids: ids.sort()):
+        with pytest.raises(TypeError, match="does not change in place"):
+            change(config.eos_token_id)
+    assert config.eos_token_id == [2, 3]
+    twin = config.replace(rope_theta=500000.0)
+    assert twin.eos_token_id == [2, 3]
+    raw = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "eos_token_id": [2, 3]}
+    read = LlamaConfig.from_hf(raw)
+    raw["eos_token_id"].append(7)
+    assert read.eos_token_id == [2, 3]
+    for again in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config), copy.copy(config)):
+        assert again == config
+        with pytest.raises(TypeError, match="does not change in place"):
+            again.eos_token_id.append(4)
+    config.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == [2, 3]
+    assert LlamaConfig.from_hf(tmp_path / "config.json") == config
+    torch.save({"eos": config.eos_token_id}, tmp_path / "state.pt")  # a callback's state holding it
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == {"eos": [2, 3]}
+    assert list(config.eos_token_id) + [4] == [2, 3, 4]  # a plain list to change

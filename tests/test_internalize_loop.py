@@ -1043,3 +1043,18 @@ def test_eval_only_refuses_an_out_that_holds_a_training_run(tmp_path, capsys):
     assert main([*command, "--out", str(tmp_path / "eval")]) == 0
     assert main([*command, "--out", str(tmp_path / "eval")]) == 0
     assert f"model {model}, test: accuracy" in capsys.readouterr().out
+
+
+def test_the_command_gives_the_calling_process_its_thread_count_back(tmp_path, capsys):
+    """`--threads N` set torch's thread count for the rest of a process that called kpro.cli.main (a notebook, a
+    test), after the command and after its failure alike."""
+    args = [a if a != "1" or TINY[i - 1] != "--threads" else "2" for i, a in enumerate(TINY)]
+    assert torch.get_num_threads() == 1  # the module's fixture
+    assert main(["internalize", "--task", "2x2", "--out", str(tmp_path / "run"), *args, "--steps", "2"]) == 0
+    assert torch.get_num_threads() == 1
+    (tmp_path / "bad.txt").write_text("not a line\n")  # refused as the run reads its data, threads set
+    assert main(["internalize", "--train", str(tmp_path / "bad.txt"), "--valid", str(tmp_path / "bad.txt"), "--out",
+                 str(tmp_path / "bad"), "--threads", "2", "--steps", "2"]) == 1
+    assert "expected one '||' after the input" in capsys.readouterr().err
+    assert torch.get_num_threads() == 1
+    capsys.readouterr()

@@ -1890,3 +1890,21 @@ def test_clip_grad_norm_none_leaves_a_large_gradient_whole(tmp_path):
             p -= 0.1 * p.grad
     for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_batches_reused_after_its_examples_changed_in_place_is_refused_as_a_new_one_would_be(tmp_path):
+    """Batches computed its examples' content digest once: a second fit in the same process with the same object,
+    its examples edited in between, resumed on the edited data, and saved the old digest (so a fresh process holding
+    the data the run trained on was refused). The digest is taken afresh at each run's start."""
+    rows = [torch.arange(i, i + 8) % 32 for i in range(8)]
+    data = kt.Batches(rows, 2, seed=0)
+    kt.fit(make_model(), data, tmp_path, steps=2, lr=1e-3)
+    for row in rows:  # the examples edited in place between the two sessions
+        row.add_(1).remainder_(32)
+    with pytest.raises(kt.data.OtherExamples, match="content digest"):
+        kt.fit(make_model(), data, tmp_path, steps=4, lr=1e-3)
+    with pytest.raises(kt.data.OtherExamples, match="content digest"):
+        kt.fit(make_model(), kt.Batches(rows, 2, seed=0), tmp_path, steps=4, lr=1e-3)
+    data.restart()  # a new run in another directory takes the examples as they are now
+    kt.fit(make_model(), data, tmp_path / "edited", steps=2, lr=1e-3)
+    kt.fit(make_model(), kt.Batches(rows, 2, seed=0), tmp_path / "edited", steps=4, lr=1e-3)  # a fresh one resumes it

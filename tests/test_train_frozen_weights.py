@@ -188,3 +188,87 @@ def test_save_frozen_must_be_a_bool(tmp_path, value):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(TypeError, match="save_frozen must be True or False"):
         kt.save_checkpoint(tmp_path / "save", 1, model, optimizer, save_frozen=value)
+
+
+class FreezeBlock0At(kt.Callback):
+    """Block 0 trains until `step`, then is frozen (run.reset_optimizer(), as docs/training.md describes)."""
+
+    def __init__(self, step=2):
+        self.step = step
+
+    def on_step_end(self, run, metrics):
+        if run.step == self.step:
+            for p in run.model.layers[0].parameters():
+                p.requires_grad_(False)
+            run.reset_optimizer()
+
+
+def test_a_block_trained_then_frozen_mid_run_is_saved_and_the_run_resumes_exactly(tmp_path):
+    """What a checkpoint left out was decided by requires_grad at the save: block 0, trained for two steps and then
+    frozen, was in no checkpoint (a digest of its trained values alone), and the resume onto the model the run
+    started from was refused. Only the frozen weights unchanged since the run started are left out now."""
+    def fit(model, out, callbacks):
+        return kt.fit(model, batches(), out, steps=6, lr=1e-2, callbacks=callbacks, save_frozen=False)
+
+    def embedding_frozen():
+        model = base()
+        model.embed_tokens.weight.requires_grad_(False)
+        return model
+    straight = embedding_frozen()
+    fit(straight, tmp_path / "a", [FreezeBlock0At()])
+    first = embedding_frozen()
+    fit(first, tmp_path / "b", [FreezeBlock0At(), StopAt(4)])
+    saved = load_file(tmp_path / "b" / "step-00000004" / "module.safetensors")
+    assert set(saved) == set(first.state_dict()) - {"embed_tokens.weight"}  # block 0 in it, frozen or not
+    resumed = embedding_frozen()
+    for p in resumed.layers[0].parameters():  # as the run is at step 4
+        p.requires_grad_(False)
+    fit(resumed, tmp_path / "b", [FreezeBlock0At()])
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_an_adapter_merged_mid_run_is_saved_and_the_run_resumes_exactly(tmp_path):
+    """Merging layer 0's trained adapters changes frozen base weights (and freezes the adapters): they are saved."""
+    class MergeAt(kt.Callback):
+        def on_step_end(self, run, metrics):
+            if run.step == 2:
+                for layer in kpro.lora.lora_layers(run.model.layers[0]):
+                    layer.merge("a")
+                run.reset_optimizer()
+    straight = adapted()
+    with kpro.lora.active(straight, "a"):
+        kt.fit(straight, batches(), tmp_path / "a", steps=6, lr=1e-2, callbacks=[MergeAt()], save_frozen=False)
+    with kpro.lora.active(first := adapted(), "a"):
+        kt.fit(first, batches(), tmp_path / "b", steps=6, lr=1e-2, callbacks=[MergeAt(), StopAt(4)], save_frozen=False)
+    saved = load_file(tmp_path / "b" / "step-00000004" / "module.safetensors")
+    assert "layers.0.self_attn.q_proj.weight" in saved and "layers.1.self_attn.q_proj.weight" not in saved
+    resumed = adapted()
+    for layer in kpro.lora.lora_layers(resumed.layers[0]):  # merged as the run is at step 4 (its values replaced)
+        layer.merge("a")
+    with kpro.lora.active(resumed, "a"):
+        kt.fit(resumed, batches(), tmp_path / "b", steps=6, lr=1e-2, save_frozen=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_resume_onto_a_model_of_another_config_is_refused_without_a_config_json(tmp_path):
+    """A checkpoint saved as module.safetensors (without the frozen weights, or a LoRA or Bitune model at any time)
+    has no config.json, and fit compared the config only through it: a resume onto the same weights under another
+    rope_theta or rms_norm_eps trained on. The Llama's config is recorded in trainer_state.pt now."""
+    from kpro.bitune.training import tune
+    train(adapted(), tmp_path / "fit", stop=3)
+    other = base()
+    other.config = other.config.replace(rope_theta=10000.0, rms_norm_eps=1e-3)
+    kpro.lora.add_adapters(other, ["a"], rank=2, seed=0)
+    with pytest.raises(kpro.CheckpointError, match=r"was saved from a different model:\n  rms_norm_eps=1e-0?5 there, "
+                                                   r"0\.001 here\n  rope_theta=500\.0 there, 10000\.0 here"):
+        train(other, tmp_path / "fit")
+    rng = random.Random(0)
+    pairs = [([1] + [rng.randrange(3, 67) for _ in range(4)], [rng.randrange(3, 67) for _ in range(3)] + [2])
+             for _ in range(20)]
+    tune(base(), pairs, "lora", tmp_path / "tune", steps=2, batch_size=4)
+    moved = base()
+    moved.config = moved.config.replace(rope_theta=10000.0)
+    with pytest.raises(kpro.CheckpointError, match=r"rope_theta=500\.0 there, 10000\.0 here"):
+        tune(moved, pairs, "lora", tmp_path / "tune", steps=4, batch_size=4)

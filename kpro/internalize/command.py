@@ -173,6 +173,7 @@ def add_parsers(sub) -> None:
 
 def run_command(args) -> None:
     _check_args(args)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -180,9 +181,12 @@ def run_command(args) -> None:
     # One run at a time in --out, from the start: another run's directory gets no data of this one's. fit, below,
     # holds it again (re-entrant in this thread). Under torchrun rank 0 holds it, as fit does; a refusal there
     # reaches every rank.
-    with contextlib.ExitStack() as hold:
-        on_main(lambda: hold.enter_context(holding(out)), env, f"hold {out}")
-        _run(args, out, env)
+    try:
+        with contextlib.ExitStack() as hold:
+            on_main(lambda: hold.enter_context(holding(out)), env, f"hold {out}")
+            _run(args, out, env)
+    finally:  # kpro.cli.main called in a process that goes on (a notebook, a test) gets its thread count back
+        torch.set_num_threads(threads)
 
 
 def _run(args, out: Path, env) -> None:

@@ -49,6 +49,10 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 # trainer_state.pt's {name: digest} of the frozen weights a checkpoint saved with save_frozen=False leaves out
 FROZEN_DIGESTS = "frozen_digests"
+# trainer_state.pt's {name: digest} of the frozen weights as the run started (fit's frozen_at_start), kept for resumes
+FROZEN_AT_START = "frozen_at_start"
+# trainer_state.pt's config of the Llama the model is or wraps (HF form): compared on resume where no config.json is
+LLAMA_CONFIG = "llama_config"
 SUMMARY_FILE = "trainer_state.json"
 RUN_FILES = (MODULE_WEIGHTS, OPTIMIZER_FILE, STATE_FILE, SUMMARY_FILE)  # a checkpoint's files besides the model's
 FORMAT = 1
@@ -177,7 +181,8 @@ def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict | None = None, env: DistEnv | None = None, *, summary: dict | None = None,
-                    keep_last: int | None = None, write_extra=None, save_frozen: bool = True) -> Path:
+                    keep_last: int | None = None, write_extra=None, save_frozen: bool = True,
+                    frozen_at_start: dict[str, str] | None = None) -> Path:
     """Write checkpoint `step` of a run atomically; keep the newest `keep_last` (a positive integer; None: all).
     Returns its directory.
 
@@ -189,6 +194,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     `save_frozen=False` leaves out the parameters that require no gradient (a LoRA or Bitune base: the checkpoint
     holds the adapters) and records a digest of each (`FROZEN_DIGESTS`): a resume keeps the model's own, after
     checking they are the run's. The weights are then saved as `module.safetensors`, a Llama's too.
+    `frozen_at_start` ({name: digest}, `frozen_digests` of the model as the run started; fit passes it) leaves out
+    only the frozen weights still equal to it: one trained and then frozen, or changed by a merge, is saved.
     """
     # Before anything is written, as a bad value would fail only after the write; bool is an int subclass (True
     # would prune to 1)
@@ -197,28 +204,35 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     env, model = env or distributed.current_env(), distributed.unwrapped(model)
     if not isinstance(save_frozen, bool):
         raise TypeError(f"save_frozen must be True or False, got {save_frozen!r}")
+    if frozen_at_start is not None and (save_frozen or not isinstance(frozen_at_start, dict)):
+        raise TypeError(f"frozen_at_start must be a dict of digests (frozen_digests), and goes with save_frozen=False; "
+                        f"got {type(frozen_at_start).__name__} with save_frozen={save_frozen}")
     check_param_groups_loadable(optimizer)
     check_loadable(state or {}, "the state given to save_checkpoint")
     target = checkpoint_dir(run_dir, step)
     step = int(step)  # a NumPy step (np.arange's) as a Python int: trainer_state.pt and the summary take no other
     full_model = distributed.full_model_state(model)
     full_optim = distributed.full_optimizer_state(model, optimizer, env)
-    left_out = set() if save_frozen else distributed.frozen_parameter_names(model)
+    frozen, llama = set() if save_frozen else distributed.frozen_parameter_names(model), _llama(model)
     state = {**(state or {}), "format": FORMAT, "step": step, "world_size": env.world_size,
              "rng": distributed.gather_objects(rng_state(), env), "model_shapes": tensor_shapes(model),
-             "has_optimizer_state": full_optim is not None, "trained_params": trained_parameters(model, optimizer)}
+             "has_optimizer_state": full_optim is not None, "trained_params": trained_parameters(model, optimizer),
+             LLAMA_CONFIG: None if llama is None else llama.config.to_hf()}
 
     def write():
         newer = [c.name for c in list_checkpoints(target.parent) if checkpoint_step(c) > step]
         if newer:  # keep_last would prune the one written now, and a resume would take the newer branch
             raise CheckpointError(f"{target.parent} holds {', '.join(newer[:3])}, past step {step}: a rewound run "
                                   "writes into another directory")
-        state.pop(FROZEN_DIGESTS, None)  # a key of this module's, as "step" is
-        weights = full_model
-        if left_out:
-            weights, state[FROZEN_DIGESTS] = _without_frozen(model, full_model, left_out)
+        for key in (FROZEN_DIGESTS, FROZEN_AT_START):  # keys of this module's, as "step" is
+            state.pop(key, None)
+        weights, digests = _without_frozen(model, full_model, frozen, frozen_at_start)
+        if digests:
+            state[FROZEN_DIGESTS] = digests
+        if frozen_at_start is not None:  # for the sessions that resume the run
+            state[FROZEN_AT_START] = frozen_at_start
         _write_checkpoint_dir(target, model, weights, full_optim, state, summary, env, write_extra,
-                              whole=not left_out)
+                              whole=not digests)
         if keep_last is not None:
             prune(target.parent, int(keep_last))
 
@@ -226,11 +240,31 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     return target
 
 
-def _without_frozen(model: nn.Module, full_state: dict | None, left_out: set[str]) -> tuple[dict, dict]:
-    """(the state dict without the tensors named in `left_out`, {name: digest} of those)."""
+def _without_frozen(model: nn.Module, full_state: dict | None, frozen: set[str],
+                    at_start: dict | None) -> tuple[dict | None, dict]:
+    """(the state dict to save, {name: digest} of the tensors left out): the `frozen` ones, those still equal to
+    their digest `at_start` where given. (`full_state`, {}) where none is left out."""
+    if not frozen:
+        return full_state, {}
     state = model.state_dict() if full_state is None else full_state
-    return ({name: t for name, t in state.items() if name not in left_out},
-            value_digests({name: t for name, t in state.items() if name in left_out}))
+    digests = value_digests({name: t for name, t in state.items() if name in frozen})
+    if at_start is not None:
+        digests = {name: digest for name, digest in digests.items() if at_start.get(name) == digest}
+    if not digests:
+        return full_state, {}
+    return {name: t for name, t in state.items() if name not in digests}, digests
+
+
+def frozen_digests(model: nn.Module, env: DistEnv | None = None) -> dict[str, str] | None:
+    """{name: digest} of the model's frozen weights now (fit takes them as a run starts: `frozen_at_start`), on
+    rank 0; None elsewhere. A collective where the model is sharded."""
+    env, model = env or distributed.current_env(), distributed.unwrapped(model)
+    full, names = distributed.full_model_state(model), distributed.frozen_parameter_names(model)
+
+    def digests():
+        state = model.state_dict() if full is None else full
+        return value_digests({name: t for name, t in state.items() if name in names})
+    return distributed.on_main(digests, env, "digest the frozen weights")
 
 
 def _write_checkpoint_dir(target: Path, model, weights, full_optim, state, summary, env, write_extra,
@@ -502,14 +536,23 @@ def _read_state(directory: Path) -> dict:
     return state
 
 
+def _llama(model: nn.Module) -> Llama | None:
+    """The Llama that `model` is or wraps (a LoRA `AdaptedModel`, a `Bitune`), or None."""
+    return next((module for module in model.modules() if isinstance(module, Llama)), None)
+
+
 def _mismatch(directory: Path, model: nn.Module, state: dict) -> str | None:
     """Why the checkpoint cannot load into `model`, or None."""
-    problems = []
+    problems, llama = [], _llama(model)
+    saved = None
     if isinstance(model, Llama) and (directory / CONFIG_NAME).is_file():
         saved = LlamaConfig.from_hf(directory / CONFIG_NAME)
-        problems += [f"{field}={getattr(saved, field)!r} there, {getattr(model.config, field)!r} here"
-                     for field in vars(saved) if field != "initializer_range"
-                     and getattr(saved, field) != getattr(model.config, field)]
+    elif llama is not None and state.get(LLAMA_CONFIG) is not None:  # module.safetensors: no config.json beside it
+        saved = LlamaConfig.from_hf(state[LLAMA_CONFIG])
+    if saved is not None:
+        problems += [f"{field}={getattr(saved, field)!r} there, {getattr(llama.config, field)!r} here"
+                     for field in vars(saved) if field not in ("initializer_range", "_built")
+                     and getattr(saved, field) != getattr(llama.config, field)]
     saved, mine = state["model_shapes"], tensor_shapes(model)
     missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
     if missing:

@@ -197,6 +197,7 @@ class Batches:
         """Go back to the first batch of epoch 0, where a new `Batches` starts. `fit` calls it when a run starts
         afresh (no checkpoint to resume), so the run is the one a fresh script makes, whatever iterated before."""
         self.epoch, self.index = 0, 0
+        self._digest = False  # of the examples as they are now: they may have changed since the last run
 
     def _content_digest(self) -> str | None:
         if self._digest is False:
@@ -213,6 +214,7 @@ class Batches:
         content: the same number of other examples) is refused. A digest missing on either side (an older
         checkpoint, examples without a stable content), or drop_last missing in an older checkpoint, leaves
         that unchecked."""
+        self._digest = False  # the examples as they are now, not as an earlier run in this process found them
         mine = self.state_dict()
         if not isinstance(state, dict) or not {"seed", "batch_size", "num_examples", "shuffle", "epoch", "index"} \
                 <= set(state):

@@ -34,9 +34,10 @@ from ..checkpoint import CheckpointError
 from ..errors import OtherSettings, ResumeRefused, listed
 from . import distributed
 from .callbacks import Callback, callback_keys, callback_states, check_metrics, load_callback_states
-from .checkpointing import (IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable, check_param_groups_loadable,
-                            check_savable, checkpoint_step, latest_checkpoint, list_checkpoints, read_optimizer,
-                            read_model, restore_checkpoint, rng_state, save_checkpoint, set_rng_state, type_name)
+from .checkpointing import (FROZEN_AT_START, IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable,
+                            check_param_groups_loadable, check_savable, checkpoint_step, frozen_digests,
+                            latest_checkpoint, list_checkpoints, read_optimizer, read_model, restore_checkpoint,
+                            rng_state, save_checkpoint, set_rng_state, type_name)
 from .data import Batches, OtherSetting
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
@@ -60,6 +61,7 @@ class Run:
         self.optimizer: torch.optim.Optimizer | None = None
         self._make_optimizer = make_optimizer
         self._save_requested = self._stop_requested = False
+        self._frozen_at_start: dict | None = None  # a resumed checkpoint's, where it saved without its frozen weights
         # DDP averages the gradients of the parameters that were trainable when it wrapped the model, of no others
         self._ddp_trainable = self._trainable() if isinstance(train_model, DistributedDataParallel) else None
         # Under DDP, from the first step on: (name, parameter, whether it got no gradient there and DDP leaves it out)
@@ -246,6 +248,12 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
         data = iter(batches)
 
     # A checkpoint of another directory has its history there: this directory's lines are of no step of it.
+    # The frozen weights as the run started (kept through resumes): a save without them leaves out those unchanged
+    frozen_at_start = None
+    if not save_frozen:
+        frozen_at_start = run._frozen_at_start if checkpoint is not None else None
+        if frozen_at_start is None:
+            frozen_at_start = frozen_digests(model, env)
     kept = run.step if checkpoint is not None and _inside(checkpoint, out_dir) else 0
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=kept) if env.is_main else None
     progress = ProgressLine(steps, run.step, stream=stream, every=log_every) if env.is_main else None
@@ -289,7 +297,8 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
         try:
             run.checkpoint = save_checkpoint(out_dir, run.step, model, run.optimizer, state, env, keep_last=keep_last,
                                              summary={"metrics": run.metrics, "total_steps": steps},
-                                             write_extra=write_extra, save_frozen=save_frozen)
+                                             write_extra=write_extra, save_frozen=save_frozen,
+                                             frozen_at_start=frozen_at_start if env.is_main else None)
         finally:
             if now is not None:
                 set_rng_state(now)
@@ -580,6 +589,7 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
 
     state = restore_checkpoint(checkpoint, run.model, run.optimizer, run.env, check=check, take=take)
     run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
+    run._frozen_at_start = state.get(FROZEN_AT_START)  # where the run saved without its frozen weights
     # Said once the resume is taken: nothing refuses it from here
     saved, schedule = state.get("settings", {}).get("schedule"), settings["schedule"]
     if isinstance(saved, dict) and isinstance(schedule, dict) and saved.get("total_steps") != schedule["total_steps"] \
