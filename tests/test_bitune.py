@@ -647,3 +647,13 @@ def test_kpro_instruct_submodules_are_kpro_bitunes():
             "kpro.instruct.command is sys.modules['kpro.bitune.command'], ev.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True", "True", "kpro.bitune.evaluation"]
+
+
+def test_split_streams_pads_the_prompt_stream_with_zeros_after_each_prompt():
+    """Rows of prompt lengths 2 and 4: the prompt stream holds prompt[:P-1], then 0 (prompt[P-1] starts the answer
+    stream, not the prompt stream's padding)."""
+    from kpro.bitune import split_streams
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26]])
+    streams = split_streams(ids, torch.tensor([2, 4]))
+    assert streams.prompt_ids.tolist() == [[11, 0, 0], [21, 22, 23]]
+    assert streams.answer_ids.tolist() == [[12, 13, 14, 15, 16], [24, 25, 26, 0, 0]]

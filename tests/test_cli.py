@@ -913,3 +913,12 @@ def test_a_seed_range_in_help_is_the_range_its_command_accepts():
     assert "2**61 - 2" in helps["internalize"]
     stated = {command: help for command, help in helps.items() if "2**" in help}
     assert stated and all("0 to 2**61 - 2" in help for help in stated.values()), stated
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "x"])
+def test_positive_int_refuses_zero_negative_and_non_numbers(text):
+    import argparse
+    from kpro.cli_args import positive_int
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
+        positive_int(text)
+    assert positive_int("3") == 3

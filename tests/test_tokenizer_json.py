@@ -566,3 +566,14 @@ def test_a_variable_named_like_a_special_token_overrides_it_as_in_transformers(b
     ours = kpro.load_tokenizer(bpe_dir).apply_chat_template(messages, chat_template=template, tokenize=False,
                                                             bos_token="X")
     assert ours == theirs == "X|<|im_end|>"
+
+
+def test_an_icot_answer_spelling_the_eos_is_refused(bpe_dir):
+    """'<|im_end|>' in an ICoT answer became the eos id: evaluation stopped at it and compared a cut answer
+    (test_training_data_that_spells_a_special_token_is_refused covers the input and the CoT)."""
+    import re
+    from kpro import JsonTokenizer
+    from kpro.internalize import parse_line, tokenize_examples
+    tok = JsonTokenizer(bpe_dir)
+    with pytest.raises(ValueError, match=rf"its text spells the tokenizer's {re.escape('eos (id 2)')}"):
+        tokenize_examples([parse_line("1 * 2||2 4 #### 8 <|im_end|>")], tok)

@@ -461,3 +461,12 @@ def test_a_resume_onto_other_frozen_weights_is_refused_on_every_process(frozen_r
     _, _, _, results = frozen_runs
     for r in results:
         assert r[mode] is not None and "differ from the run's in embed_tokens.weight, layers.0." in r[mode], r[mode]
+
+
+def test_the_batch_fingerprint_tells_apart_rows_in_another_order():
+    """Processes that shuffled the same rows with different seeds hold the same values in another order."""
+    from kpro.train.distributed import batch_fingerprint
+    ids = torch.arange(24).view(4, 6)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    swapped = {key: value[[1, 0, 2, 3]] for key, value in batch.items()}
+    assert int(batch_fingerprint(swapped)) != int(batch_fingerprint(batch))

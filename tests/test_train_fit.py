@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import kpro
 from kpro import train as kt
 from kpro._run_lock import LOCK_FILE, holding
+from kpro._files import save_safetensors
 from kpro.errors import DirectoryInUse
 from kpro.train import checkpointing
 
@@ -1908,3 +1909,43 @@ def test_a_batches_reused_after_its_examples_changed_in_place_is_refused_as_a_ne
     data.restart()  # a new run in another directory takes the examples as they are now
     kt.fit(make_model(), data, tmp_path / "edited", steps=2, lr=1e-3)
     kt.fit(make_model(), kt.Batches(rows, 2, seed=0), tmp_path / "edited", steps=4, lr=1e-3)  # a fresh one resumes it
+
+
+def test_a_whole_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    """On one process torch's loader fills the tensors a full state lacks with the model's own before its strict
+    load, so a checkpoint whose weights file had lost a tensor resumed with that tensor's fresh value, silently."""
+    kt.fit(make_model(), batches(), tmp_path, steps=6, lr=1e-2, callbacks=[StopAt(3)])
+    path = tmp_path / "step-00000003" / "model.safetensors"
+    saved = load_file(path)
+    del saved["model.layers.0.mlp.up_proj.weight"]
+    save_safetensors(saved, path, metadata={"format": "pt"})
+    model = make_model(seed=1)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(kpro.CheckpointError, match=r"step-00000003: the weights file does not hold its model's "
+                                                   r"weights \(edited, or written by something else\): it lacks "
+                                                   r"layers\.0\.mlp\.up_proj\.weight"):
+        kt.fit(model, batches(), tmp_path, steps=6, lr=1e-2)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("key, mine, theirs", [("clip_grad_norm", 1.0, 2.0), ("grad_accum", 1, 2),
+                                               ("precision", "fp32", "bf16")])
+def test_every_fit_setting_that_differs_between_processes_is_refused(monkeypatch, key, mine, theirs):
+    """_check_same_settings on two (simulated) processes compares every setting, not only steps and lr (which the
+    torchrun test covers)."""
+    from kpro.train import distributed, loop
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj, env: [obj, {**obj, key: theirs}])
+    settings = {"steps": 3, "lr": 0.01, "clip_grad_norm": 1.0, "grad_accum": 1, "precision": "fp32", key: mine}
+    with pytest.raises(ValueError, match=rf"{key}: {mine!r} on process 0, {theirs!r} on process 1"):
+        loop._check_same_settings(settings, kt.DistEnv(rank=0, world_size=2))
+
+
+def test_the_eta_of_a_resumed_run_counts_the_steps_left(monkeypatch):
+    """Resumed at step 40 of 100: 10 steps in 10 s, 50 left: eta 0:50 (not the 90 steps since the start)."""
+    from kpro.train import progress
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    log = io.StringIO()
+    line = kt.ProgressLine(100, 40, stream=log, every=1)
+    line.update(50, loss=1.0, lr=1e-3, tokens=10)
+    assert log.getvalue().rstrip().endswith("eta 0:50"), log.getvalue()

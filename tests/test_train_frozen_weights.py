@@ -133,8 +133,8 @@ def test_a_checkpoint_missing_a_trained_tensor_is_refused(tmp_path):
     name = next(name for name in saved if ".lora_A." in name)
     del saved[name]
     save_safetensors(saved, path, metadata={"format": "pt", "aliases": "{}"})
-    with pytest.raises(kpro.CheckpointError, match=rf"does not hold this model's trained weights: it lacks "
-                                                   rf"{name.replace('.', '[.]')}"):
+    with pytest.raises(kpro.CheckpointError, match=rf"the weights file does not hold its model's weights \(edited, or "
+                                                   rf"written by something else\): it lacks {name.replace('.', '[.]')}"):
         train(adapted(), tmp_path)
 
 
@@ -272,3 +272,32 @@ def test_a_resume_onto_a_model_of_another_config_is_refused_without_a_config_jso
     moved.config = moved.config.replace(rope_theta=10000.0)
     with pytest.raises(kpro.CheckpointError, match=r"rope_theta=500\.0 there, 10000\.0 here"):
         tune(moved, pairs, "lora", tmp_path / "tune", steps=4, batch_size=4)
+
+
+def test_a_resume_onto_a_base_differing_in_its_last_value_is_refused(tmp_path):
+    """The digest covers every element: a frozen tensor differing only in its last value is another base; and a
+    tensor hashed in several pieces (PIECE elements each) counts the last element of each."""
+    train(adapted(), tmp_path, stop=3)
+    other = adapted()
+    with torch.no_grad():
+        other.layers[1].mlp.up_proj.weight.view(-1)[-1] += 1e-3
+    with pytest.raises(kpro.CheckpointError, match=r"differ from the run's in layers\.1\.mlp\.up_proj\.weight"):
+        train(other, tmp_path)
+    a = torch.zeros(kpro._digests.PIECE + 2, dtype=torch.uint8)  # 16 MB: SmolLM2's embedding holds 28M values
+    for index in (kpro._digests.PIECE - 1, -1):
+        b = a.clone()
+        b[index] = 1
+        assert kpro._digests.value_digests({"w": a}) != kpro._digests.value_digests({"w": b}), index
+
+
+def test_a_tied_frozen_embedding_is_left_out_under_both_its_names(tmp_path):
+    """A tied base (SmolLM2's): the frozen embedding is also lm_head.weight, and neither name is saved."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(tie_word_embeddings=True))
+    kpro.lora.add_adapters(model, ["a"], rank=2, seed=0)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    train(model, tmp_path, steps=2)
+    saved = load_file(tmp_path / "step-00000002" / "module.safetensors")
+    assert "lm_head.weight" not in saved and "embed_tokens.weight" not in saved
+    digests = checkpointing._read_state(tmp_path / "step-00000002")[checkpointing.FROZEN_DIGESTS]
+    assert {"lm_head.weight", "embed_tokens.weight"} <= set(digests)

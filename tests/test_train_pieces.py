@@ -673,3 +673,18 @@ def test_the_content_digest_hashes_tensors_in_place_and_is_unchanged():
     finally:
         tracemalloc.stop()
     assert peak < 1_000_000, peak
+
+
+def test_atomic_file_leaves_neither_the_file_nor_its_temporary_when_the_block_fails(tmp_path):
+    from kpro._files import atomic_file
+    with pytest.raises(ValueError, match="boom"):
+        with atomic_file(tmp_path / "x.bin") as f:
+            f.write(b"half")
+            raise ValueError("boom")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "x.bin").write_bytes(b"old")
+    with pytest.raises(ValueError):
+        with atomic_file(tmp_path / "x.bin") as f:
+            f.write(b"new")
+            raise ValueError
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"] and (tmp_path / "x.bin").read_bytes() == b"old"

@@ -1333,3 +1333,10 @@ def test_train_expanded_names_the_line_of_a_text_file_that_is_not_utf8(tmp_path,
     assert main(["train-expanded", str(tmp_path / "src"), "--data", str(tmp_path / "latin1.txt"), "--train-blocks",
                  "1", "--out", str(tmp_path / "run"), "--steps", "1", "--seq-len", "4", "--device", "cpu"]) == 1
     assert f"error: {tmp_path / 'latin1.txt'}:3: not UTF-8 (invalid start byte)" in capsys.readouterr().err
+
+
+def test_the_corpus_fingerprint_covers_bos_and_eos():
+    index = {"dtype": "uint16", "tokenizer": {"sha256": "ab"}, "bos_id": 1, "eos_id": 2,
+             "shards": [{"file": "tokens-00000.bin", "tokens": 10, "sha256": "cd"}]}
+    assert corpus_id({**index, "eos_id": 3}) != corpus_id(index)
+    assert corpus_id({**index, "bos_id": None}) != corpus_id(index)

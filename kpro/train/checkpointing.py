@@ -390,8 +390,8 @@ def restore_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer
         check(state)
     digests = state.pop(FROZEN_DIGESTS, None) or {}
     mine = distributed.full_model_state(model) if digests else None  # a collective where the model is sharded
-    full_model = distributed.on_main(lambda: _read_weights(directory, model, digests, mine), env,
-                                     f"read the model of {directory}")
+    full_model = distributed.on_main(lambda: _read_weights(directory, model, set(state["model_shapes"]), digests, mine),
+                                     env, f"read the model of {directory}")
     has_optimizer_state, checked = state.pop("has_optimizer_state"), state.get("trained_params") is not None
     if has_optimizer_state:
         optim_state = distributed.on_main(lambda: read_optimizer(directory), env,
@@ -570,19 +570,22 @@ def _few(names: list[str], limit: int = 8) -> str:
     return listed(names, limit, " and {left} more")
 
 
-def _read_weights(directory: Path, model: nn.Module, digests: dict, mine: dict | None) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint holds; where it left the frozen ones out (`digests`, theirs), after checking that the
-    model's own (`mine`: its full state where sharded, else None) are the run's, and that the file holds the rest."""
+def _read_weights(directory: Path, model: nn.Module, names: set[str], digests: dict,
+                  mine: dict | None) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds, after checking that they are those of the model it recorded (`names`: its
+    state-dict names), but for the frozen ones it left out (`digests`, theirs), which the model's own must match
+    (`mine`: its full state where sharded, else None). torch's loader takes a state lacking a tensor on one process,
+    silently keeping the model's own, so the check is here."""
     saved = read_model(directory, model)
+    lacking, unexpected = sorted(names - set(saved) - set(digests)), sorted(set(saved) - names)
+    if lacking or unexpected:
+        raise CheckpointError(f"{directory}: the weights file does not hold its model's weights (edited, or written by "
+                              "something else): " + "; ".join(f"{what} {_few(found)}" for what, found in
+                                                            (("it lacks", lacking), ("it holds others,", unexpected))
+                                                            if found))
     if not digests:
         return saved
     mine = model.state_dict() if mine is None else mine
-    lacking = sorted(set(mine) - set(saved) - set(digests))
-    unexpected = sorted(set(saved) - set(mine))
-    if lacking or unexpected:
-        raise CheckpointError(f"{directory / MODULE_WEIGHTS} does not hold this model's trained weights: "
-                              + "; ".join(f"{what} {_few(names)}" for what, names in
-                                          (("it lacks", lacking), ("it holds others,", unexpected)) if names))
     left_out = {name: mine[name] for name in digests if name in mine}
     differ = [name for name, digest in value_digests(left_out).items() if digest != digests[name]]
     if differ:
