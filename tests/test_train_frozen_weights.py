@@ -301,3 +301,21 @@ def test_a_tied_frozen_embedding_is_left_out_under_both_its_names(tmp_path):
     assert "lm_head.weight" not in saved and "embed_tokens.weight" not in saved
     digests = checkpointing._read_state(tmp_path / "step-00000002")[checkpointing.FROZEN_DIGESTS]
     assert {"lm_head.weight", "embed_tokens.weight"} <= set(digests)
+
+
+def test_save_checkpoint_in_a_loop_of_ones_own_leaves_out_the_frozen_weights_unchanged_since_its_start(tmp_path):
+    model = adapted()
+    at_start = checkpointing.frozen_digests(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight.add_(1.0)  # frozen, but changed (a merge, say)
+    kt.save_checkpoint(tmp_path, 1, model, optimizer, save_frozen=False, frozen_at_start=at_start)
+    saved = load_file(tmp_path / "step-00000001" / "module.safetensors")
+    assert "layers.0.mlp.up_proj.weight" in saved and "layers.1.mlp.up_proj.weight" not in saved
+    kt.save_checkpoint(tmp_path, 2, model, optimizer, save_frozen=False)  # without it: every frozen one left out
+    assert "layers.0.mlp.up_proj.weight" not in load_file(tmp_path / "step-00000002" / "module.safetensors")
+    with pytest.raises(TypeError, match="frozen_at_start must be a dict of digests"):
+        kt.save_checkpoint(tmp_path, 3, model, optimizer, frozen_at_start=at_start)  # with save_frozen=True
+    with pytest.raises(TypeError, match="frozen_at_start must be a dict of digests"):
+        kt.save_checkpoint(tmp_path, 3, model, optimizer, save_frozen=False, frozen_at_start=["x"])
+    assert not (tmp_path / "step-00000003").exists()
