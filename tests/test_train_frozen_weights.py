@@ -319,3 +319,25 @@ def test_save_checkpoint_in_a_loop_of_ones_own_leaves_out_the_frozen_weights_unc
     with pytest.raises(TypeError, match="frozen_at_start must be a dict of digests"):
         kt.save_checkpoint(tmp_path, 3, model, optimizer, save_frozen=False, frozen_at_start=["x"])
     assert not (tmp_path / "step-00000003").exists()
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_block_trained_then_frozen_in_a_session_saved_whole_stays_saved_after(tmp_path, first):
+    """Sessions saving whole (save_frozen=True) and without the frozen weights, mixed: a session that resumed a
+    whole checkpoint took the weights it had loaded for the run's start, so block 0, trained and then frozen in a
+    session before, was left out from then on (keep_last had pruned the whole one) and the next resume refused."""
+    def session(out, save_frozen, stop=None, block_0_frozen=False):
+        model = base()
+        model.embed_tokens.weight.requires_grad_(False)
+        for p in model.layers[0].parameters() if block_0_frozen else ():
+            p.requires_grad_(False)
+        kt.fit(model, batches(), out, steps=8, lr=1e-2, save_frozen=save_frozen, keep_last=1,
+               callbacks=[FreezeBlock0At(3)] + ([StopAt(stop)] if stop else []))
+        return model
+    straight = session(tmp_path / "a", False)
+    session(tmp_path / "b", first, stop=4)
+    session(tmp_path / "b", not first, stop=5, block_0_frozen=True)
+    session(tmp_path / "b", first, stop=6, block_0_frozen=True)
+    resumed = session(tmp_path / "b", not first, block_0_frozen=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))

@@ -236,6 +236,10 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
     fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
     # A plain iterable's batch size (rows of its first batch), checked where a resume fast-forwards it.
     batch_rows = data = None
+    # The frozen weights as the run started, which a save without them leaves out where unchanged: the model's as given,
+    # before a resume loads the checkpoint's over them (a block trained and then frozen in a session saved whole), or
+    # those a checkpoint saved without them recorded (kept through resumes)
+    frozen_at_start = None if save_frozen else frozen_digests(model, env)
     if checkpoint is not None:
         saved_data, data = _resume(run, checkpoint, batches, callbacks, settings, fast_forward)
         batch_rows = saved_data.get("rows")
@@ -247,13 +251,9 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
             batches.restart()
         data = iter(batches)
 
+    if run._frozen_at_start is not None and not save_frozen:
+        frozen_at_start = run._frozen_at_start
     # A checkpoint of another directory has its history there: this directory's lines are of no step of it.
-    # The frozen weights as the run started (kept through resumes): a save without them leaves out those unchanged
-    frozen_at_start = None
-    if not save_frozen:
-        frozen_at_start = run._frozen_at_start if checkpoint is not None else None
-        if frozen_at_start is None:
-            frozen_at_start = frozen_digests(model, env)
     kept = run.step if checkpoint is not None and _inside(checkpoint, out_dir) else 0
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=kept) if env.is_main else None
     progress = ProgressLine(steps, run.step, stream=stream, every=log_every) if env.is_main else None
