@@ -590,8 +590,9 @@ def _read_weights(directory: Path, model: nn.Module, names: set[str], digests: d
     differ = [name for name, digest in value_digests(left_out).items() if digest != digests[name]]
     if differ:
         raise CheckpointError(
-            f"{directory} holds no frozen weights (saved with save_frozen=False: a LoRA or Bitune run keeps its base "
-            f"out), so a resume keeps the model's own, and this model's differ from the run's in {_few(differ)}: "
+            f"{directory} leaves out the frozen weights unchanged since its run started (saved with save_frozen=False: "
+            f"a LoRA or Bitune run keeps its base out), so a resume keeps the model's own, and this model's differ "
+            f"from the run's in {_few(differ)}: "
             "resume onto the model the run started from (the same base weights, in the same dtype)")
     return saved
 
