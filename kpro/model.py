@@ -19,8 +19,8 @@ from .ops.backend import values_readable
 from .rope import RotaryEmbedding, apply_rope
 
 
-# A saved state holding a config's rope_scaling or eos ids loads under torch.load(weights_only=True). Registered here, not in
-# kpro.config, which `python -m kpro info` reads without importing torch.
+# A saved state holding a config's rope_scaling or eos ids loads under torch.load(weights_only=True). Registered
+# here, not in kpro.config, which `python -m kpro info` reads without importing torch.
 add_safe_globals([_ReadOnlyDict, _ReadOnlyList])
 
 

@@ -181,8 +181,9 @@ def fit(model: nn.Module, batches: Iterable, out_dir: str | Path, *, steps: int 
     callbacks    `kpro.train.Callback` instances (hooks, batch transforms, optimizer resets, saved state).
     log_every, stream  the progress line: printed every that many steps when not on a terminal (default:
                  every 5% of the run), to `stream` (default stderr: progress, not a result); rank 0 only.
-    save_frozen  False: checkpoints leave out the parameters that require no gradient (a LoRA base), recording a
-                 digest of each; a resume keeps the model's own, refusing by name those that differ from the run's.
+    save_frozen  False: checkpoints leave out the parameters that require no gradient and still hold their values of
+                 the run's start (a LoRA base), recording a digest of each; a resume keeps the model's own, refusing
+                 by name those that differ from the run's.
     """
     env = distributed.init_distributed()
     out_dir = Path(out_dir)
