@@ -7,6 +7,7 @@ import tracemalloc
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import kpro
 from kpro.cli import main
@@ -971,3 +972,28 @@ def test_train_expanded_resume_refusals_name_the_flags(tmp_path, capsys):
         f"error: --out {shard_run} holds a run trained on other token shards than --data {other} (another corpus, "
         "tokenizer, or shards cut otherwise): resume with the run's --data, or pass another --out for a new run\n")
     assert main(["train-expanded", str(big), "--out", str(text_run), "--data", str(corpus), *flags, "--steps", "5"]) == 0
+
+
+def test_train_expanded_saves_checkpoints_without_the_frozen_blocks_on_request(tmp_path, capsys):
+    """--no-save-frozen: a checkpoint holds the new block (and the optimizer state), not the frozen source blocks,
+    the embedding or the head; the run resumes exactly as one saving whole checkpoints does, and its final model is
+    whole."""
+    alphabet = "abcdefgh \n"
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=3 + len(alphabet), max_position_embeddings=32)
+    kpro.CharTokenizer(alphabet).save(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1", "--position", "top"]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    args = ["train-expanded", str(tmp_path / "big"), "--data", str(corpus), "--seq-len", "16", "--batch-size", "4",
+            "--lr", "1e-2", "--save-every", "2", "--device", "cpu"]
+    for steps in ("2", "4"):  # the same run, extended (its cosine schedule over 2 steps, then over 4)
+        assert main(args + ["--out", str(tmp_path / "whole"), "--steps", steps]) == 0
+    assert main(args + ["--out", str(tmp_path / "lean"), "--steps", "2", "--no-save-frozen"]) == 0
+    saved = load_file(tmp_path / "lean" / "step-00000002" / "module.safetensors")
+    assert saved and all(name.startswith("layers.2.") for name in saved)
+    assert main(args + ["--out", str(tmp_path / "lean"), "--steps", "4", "--no-save-frozen"]) == 0  # resumed
+    assert "resumed from" in capsys.readouterr().err
+    assert [m["loss"] for m in read_metrics(tmp_path / "lean" / "metrics.jsonl")] == \
+        [m["loss"] for m in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    whole, lean = (kpro.load_pretrained(tmp_path / name / "final") for name in ("whole", "lean"))
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), lean.state_dict().values()))

@@ -63,6 +63,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--save-every", type=positive_int, help="checkpoint every that many steps (default: only at the "
                    "end and on Ctrl-C or SIGTERM)")
     p.add_argument("--keep-last", type=positive_int, default=2, help="checkpoints to keep")
+    p.add_argument("--no-save-frozen", dest="save_frozen", action="store_false",
+                   help="checkpoints hold the trained blocks and the optimizer state alone, not the frozen weights "
+                        "(a resume checks those against their digests); OUT/final is whole either way")
     p.add_argument("--seed", type=int, default=0, help="data order")
     p.set_defaults(run=cmd_train_expanded)
 
@@ -163,7 +166,7 @@ def cmd_train_expanded(args) -> None:
                                recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype],
                                device=None if args.device == "auto" else resolve_device(args.device),
                                precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
-                               seed=args.seed)
+                               seed=args.seed, save_frozen=args.save_frozen)
     # Resumes refused in the library's terms (Python arguments, param groups, Python-only advice), said in the flags
     except OtherExamples as err:
         raise _other_rows(err, args, out) from None

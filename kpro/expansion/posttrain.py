@@ -151,10 +151,11 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
                    warmup_steps: int | None = None, min_lr_ratio: float = 0.1, clip_grad_norm: float | None = 1.0,
                    recompute_frozen: bool = False, dtype: torch.dtype = torch.float32, device=None,
                    precision: str = "auto", save_every: int | None = None, keep_last: int = 2, seed: int = 0,
-                   log_every: int | None = None, stream=None) -> Path:
+                   log_every: int | None = None, stream=None, save_frozen: bool = True) -> Path:
     """Train the new blocks of the expanded checkpoint `directory` on `data`, text files or one token shard
     directory; returns the directory of the final model (`out_dir/final`). Running it again with the same
-    `out_dir` resumes. Under torchrun each process trains on its device (DDP) and rank 0 writes."""
+    `out_dir` resumes. Under torchrun each process trains on its device (DDP) and rank 0 writes. `save_frozen=False`:
+    checkpoints without the frozen weights (`fit`'s); the final model is whole either way."""
     directory, out_dir = Path(directory), Path(out_dir)
     stream = sys.stderr if stream is None else stream  # progress and status; fit's default too
     check_checkpoint_directory(directory)
@@ -203,7 +204,8 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
         fit(model, batches, out_dir, steps=steps, schedule=schedule, grad_accum=grad_accum,
             optimizer=lambda m: adamw(m, lr, weight_decay=weight_decay, betas=(0.9, 0.95)),
             clip_grad_norm=clip_grad_norm, precision=precision, save_every=save_every, keep_last=keep_last,
-            log_every=log_every, stream=stream, callbacks=[CopyFilesIntoCheckpoints(directory), source])
+            log_every=log_every, stream=stream, callbacks=[CopyFilesIntoCheckpoints(directory), source],
+            save_frozen=save_frozen)
         final = out_dir / FINAL_DIR
         # each tensor back in its source dtype, not the whole model in the majority one: a mixed source's float32
         # norms beside bfloat16 matrices stay float32, and the frozen tensors are the source's bit for bit (where
