@@ -87,8 +87,12 @@ def holding(directory: str | os.PathLike):
             with _held_guard:
                 del _held[key]
         if fd is not None:
-            path.unlink(missing_ok=True)  # while still locked: the next run creates a file of its own
-            os.close(fd)  # releases the lock
+            try:
+                path.unlink(missing_ok=True)  # while still locked: the next run creates a file of its own
+            except OSError:  # a directory made read-only meanwhile: the next run takes the file over (it is unlocked)
+                pass
+            finally:
+                os.close(fd)  # releases the lock
         for made in created:  # refused before writing anything: leave no empty directory of this run's
             try:
                 made.rmdir()

@@ -458,6 +458,11 @@ def _replaced_by_a_save(name: str) -> bool:
 
 
 def _write_file(path: Path, text: str) -> None:
-    Path(path).write_text(text)
+    try:
+        Path(path).write_text(text)
+    except OSError as err:  # a full disk is seen as the file closes, and that error names no file
+        if err.filename is None:
+            err.filename = str(path)
+        raise
 
 

@@ -98,6 +98,17 @@ def other_settings_refusal(out, done: str, lines: Mapping[str, str]) -> ValueErr
                       + "\nresume with the run's flags, or pass another --out for a new run")
 
 
+def fit_setting_flag(name: str, flags: Mapping[str, str]) -> str:
+    """The flag of a setting that fit names in a refused resume (an OtherSettings' differences): every param group's
+    peak_lr is the one --lr, and its weight_decay --weight-decay (the norms' group has none); the others by `flags`,
+    else by their own name (a setting no flag sets: a run in --out that other code set up)."""
+    if re.fullmatch(r"optimizer param group \d+ peak_lr", name):
+        return "--lr"
+    if re.fullmatch(r"optimizer param group \d+ weight_decay", name):
+        return "--weight-decay"
+    return flags.get(name, name)
+
+
 def other_setting_refusal(out, done: str, had: str, now: str) -> ValueError:
     """One setting: `had` and `now` as flags ("--seed 0", "--seed 1")."""
     return ValueError(f"--out {out} holds a run {done} with {had}, and this one asks for {now}: resume with the run's, "

@@ -1112,3 +1112,23 @@ def test_the_expansion_claim_fails_when_one_seed_does_not_keep_the_general_task(
     assert expansion.verdict([run(0.9, 0.1)])[0] is True
     shown, margin = expansion.verdict([run(0.9, 0.1), run(0.7, 0.1)])  # margins 0.8 and 0.6, but 0.7 < KEPT
     assert expansion.KEPT > 0.7 and shown is False and margin == pytest.approx(0.6)
+
+
+def test_expansion_curves_reports_its_progress_from_the_runs_metrics(tmp_path, monkeypatch):
+    """`reproduce expansion-curves` printed nothing for its minutes of training (the act it shares its runs with
+    prints a progress line): its groups now name the metrics files its runs write, and count their steps."""
+    from kpro.demo import expansion_curves
+    from kpro.demo.expansion import ARMS
+    from kpro.train.progress import last_logged_step
+    seen, real = [], expansion_curves.run_jobs_reporting
+
+    def spy(jobs, workers, groups):
+        seen.append(groups)
+        return real(jobs, workers, groups)
+    monkeypatch.setattr(expansion_curves, "run_jobs_reporting", spy)
+    expansion_curves.reproduce_expansion_curves(tmp_path, seeds=(0,), every=2, pretrain_steps=4, domain_steps=4,
+                                                eval_examples=4, workers=1)
+    assert [list(groups) for groups in seen] == [["pretraining"], list(ARMS)]
+    for groups in seen:
+        for paths, total in groups.values():
+            assert paths and sum(last_logged_step(path) for path in paths) == total

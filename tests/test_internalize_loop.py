@@ -1058,3 +1058,20 @@ def test_the_command_gives_the_calling_process_its_thread_count_back(tmp_path, c
     assert "expected one '||' after the input" in capsys.readouterr().err
     assert torch.get_num_threads() == 1
     capsys.readouterr()
+
+
+def test_a_resume_with_another_learning_rate_or_schedule_names_the_flags(tmp_path, capsys):
+    """fit's refusal reached the command line in the library's terms ("optimizer param group 0 peak_lr ... start a
+    new run directory (a checkpoint's weights alone load with kpro.load_pretrained)"), where train-expanded and bitune
+    name their flags."""
+    common = ["internalize", "--task", "2x2", "--out", str(tmp_path / "run"), *TINY]
+    assert main([*common, "--steps", "4"]) == 0
+    capsys.readouterr()
+    for flags, line in ((["--lr", "3e-3"], "--lr: 0.001 in the run, 0.003 now"),
+                        (["--weight-decay", "0.1"], "--weight-decay: 0.01 in the run, 0.1 now"),
+                        (["--decay-steps", "2"], "--decay-steps: 0 in the run, 2 now"),
+                        (["--warmup-steps", "2"], "--warmup-steps: 0 in the run, 2 now")):
+        assert main([*common, "--steps", "6", *flags]) == 1
+        err = capsys.readouterr().err  # after the run's description (stderr: status, not a result)
+        assert err.endswith(f"\nerror: --out {tmp_path / 'run'} holds a run trained with other settings than these "
+                            f"flags:\n  {line}\nresume with the run's flags, or pass another --out for a new run\n"), err

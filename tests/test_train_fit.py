@@ -1949,3 +1949,50 @@ def test_the_eta_of_a_resumed_run_counts_the_steps_left(monkeypatch):
     line = kt.ProgressLine(100, 40, stream=log, every=1)
     line.update(50, loss=1.0, lr=1e-3, tokens=10)
     assert log.getvalue().rstrip().endswith("eta 0:50"), log.getvalue()
+
+
+def test_a_full_disk_seen_as_the_summary_closes_names_the_file(tmp_path, monkeypatch):
+    """The checkpoint's trainer_state.json is written last, and a full disk is seen as it closes: an OSError naming
+    no file, which the commands printed as `cannot write or read: No space left on device`."""
+    from pathlib import Path
+    write_text = Path.write_text
+
+    def full_at_the_summary(self, *args, **kwargs):
+        if self.name == "trainer_state.json" and "step-00000004" in str(self.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the close raises it: no filename
+        return write_text(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full_at_the_summary)
+    with pytest.raises(OSError) as failure:
+        kt.fit(make_model(), batches(), tmp_path, steps=4, save_every=2)
+    assert failure.value.errno == errno.ENOSPC
+    assert str(failure.value) == f"cannot write {tmp_path / 'step-00000004' / 'trainer_state.json'}: no space left " \
+                                 "on device"
+    assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(OSError) as failure:  # kpro.save_pretrained's config.json: named by its path too
+        kpro.save_pretrained(make_model(), tmp_path / "model")
+    assert failure.value.filename is not None and failure.value.filename.endswith("config.json")
+
+
+def test_a_lock_file_that_cannot_be_removed_hides_no_error_and_keeps_no_lock(tmp_path, monkeypatch):
+    """A run directory made read-only during a run: removing the lock file at the end failed, its PermissionError
+    replaced the run's own error (the commands printed `Permission denied: 'run/.kpro-run.lock'`), and the lock was
+    never released, so the same process was refused the directory afterwards (DirectoryInUse, by its own pid)."""
+    from pathlib import Path
+    unlink = Path.unlink
+
+    def refuse(self, *args, **kwargs):
+        if self.name == LOCK_FILE:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return unlink(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(ValueError, match="the run's own error"):
+        with holding(tmp_path):
+            raise ValueError("the run's own error")
+    with holding(tmp_path):  # released: this process takes the directory again (the stale file is taken over)
+        pass
+    monkeypatch.undo()
+    with holding(tmp_path):
+        pass
+    assert not (tmp_path / LOCK_FILE).exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 from .expansion import (ARMS, DOMAIN_LR, DOMAIN_STEPS, GENERAL_SHARE, NEW_BLOCKS, PRETRAIN_STEPS, arm_jobs,
                         pretrain_jobs)
 from .act_settings import records_settings
-from .parallel import run_jobs
+from .progress import run_jobs_reporting
 
 SEEDS = (0, 4)
 
@@ -28,9 +28,11 @@ def reproduce_expansion_curves(out_dir: Path, seed: int = 0, seeds: tuple[int, .
           f"domain ({general_share:.0%} general examples, {domain_steps} steps, peak lr {lr:g}), seeds "
           f"{', '.join(map(str, seeds))}")
     directory = lambda s: out_dir / f"seed-{s}"
-    run_jobs(pretrain_jobs(directory, seeds, pretrain_steps, eval_examples), workers)
+    metrics = lambda run: [directory(s) / run / "metrics.jsonl" for s in seeds]  # what the progress line reads
+    run_jobs_reporting(pretrain_jobs(directory, seeds, pretrain_steps, eval_examples), workers,
+                       {"pretraining": (metrics("pretrain"), pretrain_steps * len(seeds))})
     jobs = arm_jobs(directory, seeds, domain_steps, new_blocks, general_share, lr, eval_examples, curve_every=every)
-    results = run_jobs(jobs, workers)
+    results = run_jobs_reporting(jobs, workers, {arm: (metrics(arm), domain_steps * len(seeds)) for arm in ARMS})
     curves = {}
     for (_, job), result in zip(jobs, results):
         curves.setdefault(f"seed-{job['seed']}", {})[job["arm"]] = result["curve"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .._torchrun import refuse_processes
 from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_batch_split,
-                        check_output_dir, check_seed, directory_path, in_flag_terms, input_path,
+                        check_output_dir, check_seed, directory_path, fit_setting_flag, in_flag_terms, input_path,
                         other_setting_refusal, other_settings_refusal, past_steps_refusal, positive_int,
                         resolve_device)
 from .layout import POSITIONS
@@ -207,16 +207,12 @@ def _other_settings(err, out: Path) -> ValueError:
     with kpro.load_pretrained) is Python's."""
     lines = {}
     for name, (saved, now) in err.differences.items():
-        if re.fullmatch(r"optimizer param group \d+ peak_lr", name):  # every group has the one --lr
-            lines["--lr"] = f"{saved} in the run, {now} now"
-        elif re.fullmatch(r"optimizer param group \d+ weight_decay", name):  # norms' and biases' group has none
-            lines["--weight-decay"] = f"{saved} in the run, {now} now"
-        elif name == "precision":
+        if name == "precision":
             lines["--precision"] = f"{saved} in the run, {now} now (auto: bf16 on a GPU, fp32 on the CPU)"
         elif re.fullmatch(r"optimizer param groups|optimizer param group \d+ parameter count", name):
             lines["--train-blocks"] = "other blocks than the run trained"
-        else:  # a flag's, or by its own name one that no flag sets (a run in --out that other code set up)
-            lines[SETTING_FLAGS.get(name, name)] = f"{saved} in the run, {now} now"
+        else:
+            lines[fit_setting_flag(name, SETTING_FLAGS)] = f"{saved} in the run, {now} now"
     return other_settings_refusal(out, "trained", lines)
 
 

@@ -28,11 +28,11 @@ from .._run_lock import holding
 from .._torchrun import world_size
 from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, check_seed,
-                        directory_path, file_path, input_path, other_setting_refusal, past_steps_refusal,
-                        resolve_device)
+                        directory_path, file_path, fit_setting_flag, input_path, other_setting_refusal,
+                        other_settings_refusal, past_steps_refusal, resolve_device)
 from ..config import LlamaConfig
 from ..distributed import main_decides, on_main
-from ..errors import listed
+from ..errors import OtherSettings, listed
 from ..model import Llama
 from ..tokenizer import load_tokenizer
 from ..train import latest_checkpoint
@@ -290,6 +290,8 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path, env) -
                             keep_last=args.keep_last, precision=args.precision)
     except OtherExamples as err:
         raise _other_examples(err, args) from None
+    except OtherSettings as err:
+        raise _other_settings(err, args.out) from None
     except PastSteps as err:
         asked = (f"--steps {args.steps}" if args.steps is not None else f"the {err.steps:,} steps of --epochs "
                  f"{args.epochs:g}" if args.epochs is not None else f"the run's default length ({err.steps:,} steps)")
@@ -299,6 +301,25 @@ def _train(args, model, tokenizer, tokenized, evaluation_sets, out: Path, env) -
         if flags is None:  # none the command can set otherwise
             raise
         raise other_setting_refusal(args.out, "trained", flags(err.had), flags(err.now)) from None
+
+
+# fit's names of the settings these flags set (the learning rate and weight decay: fit_setting_flag)
+_FIT_SETTING_FLAGS = {"precision": "--precision", "schedule warmup_steps": "--warmup-steps",
+                      "schedule decay_steps": "--decay-steps"}
+
+
+def _other_settings(err, out) -> ValueError:
+    """A resume refused by fit for other settings (`err`, an OtherSettings) in this command's flags, where fit names
+    its param groups and the schedule's fields, and advises in Python's terms. The schedule's kind (constant or
+    linear) follows --decay-steps, and a field the schedule leaves unset (None) is the flag's 0."""
+    lines = {}
+    for name, (saved, now) in err.differences.items():
+        if name == "schedule kind" and "schedule decay_steps" in err.differences:
+            continue
+        if name.startswith("schedule "):
+            saved, now = saved or 0, now or 0
+        lines[fit_setting_flag(name, _FIT_SETTING_FLAGS)] = f"{saved} in the run, {now} now"
+    return other_settings_refusal(out, "trained", lines)
 
 
 def _removal_flags(removal) -> str:

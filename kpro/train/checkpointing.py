@@ -34,7 +34,7 @@ from torch import nn
 from .._digests import value_digests
 from .._files import IN_PROGRESS, abandoned, atomic_directory, naming_write_failures, save_safetensors
 from .._numbers import is_integer
-from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _write_checkpoint, _write_file, checkpoint_tensors,
+from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _write_checkpoint, checkpoint_tensors,
                           parse_size, tensor_locations)
 from ..config import LlamaConfig
 from ..errors import OtherParameters, listed
@@ -278,7 +278,8 @@ def _write_checkpoint_dir(target: Path, model, weights, full_optim, state, summa
             with naming_write_failures(target / name):  # where it was to go: the temporary name tells nothing
                 torch.save(content, tmp / name)
         summary = {"step": state["step"], "world_size": env.world_size, **(summary or {})}
-        _write_file(tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        with naming_write_failures(target / SUMMARY_FILE):  # a full disk is seen as it closes, naming no file
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if write_extra is not None:
             # What it draws (a sampled generation written beside the weights) must not move the random streams:
             # the checkpoint holds them as they were, and the other processes, which do not run it, go on from there.
