@@ -215,3 +215,14 @@ def test_only_refuses_a_text_no_case_name_contains(monkeypatch, capsys):
         assert exit_.value.code == 2
         error = capsys.readouterr().err
         assert "--only 'rmsnorm': no case name contains it" in error and "rms_norm bf16 width 4096" in error
+
+
+def test_ctrl_c_ends_the_report_with_one_line(monkeypatch, capsys):
+    """Ctrl-C printed Python's 28-line KeyboardInterrupt traceback, where the kpro commands say `interrupted`."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "report", interrupted)
+    assert report.main(["--only", "rms_norm", "--workers", "1"]) == 130
+    assert capsys.readouterr() == ("", "interrupted\n")

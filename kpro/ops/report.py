@@ -808,7 +808,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only {', '.join(map(repr, unmatched))}: no case name contains it; the cases are "
                      + "; ".join(case.name for case in standard_cases())
                      + ("" if args.candidates else " (--candidates adds their autotuning candidates)"))
-    records = report(archs, cases_for, args.workers, args.unspecialised)
+    try:
+        records = report(archs, cases_for, args.workers, args.unspecialised)
+    except KeyboardInterrupt:  # Ctrl-C: one line, as the kpro commands say it, not a traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     if args.json:
         for entry in records:
             print(json.dumps(entry), flush=True)
