@@ -12,23 +12,8 @@ from kpro import train as kt
 from kpro._files import save_safetensors
 from kpro.train import checkpointing
 
-from conftest import randomize_norms, tiny_config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs compared bit for bit must reduce in the same order: one thread throughout."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def base(seed=0):
-    torch.manual_seed(seed)
-    model = kpro.Llama(tiny_config())
-    randomize_norms(model, torch.Generator().manual_seed(seed + 1))
-    return model
+from conftest import tiny_config
+from test_train_fit import StopAt, batches, losses, make_model as base, one_thread  # noqa: F401 (an autouse fixture)
 
 
 def adapted(base_seed=0, adapter_seed=0):
@@ -41,30 +26,10 @@ def adapted(base_seed=0, adapter_seed=0):
     return model
 
 
-def batches():
-    rng = random.Random(0)
-    examples = [([1] + [rng.randrange(3, 67) for _ in range(rng.randint(1, 6))],
-                 [rng.randrange(3, 67) for _ in range(rng.randint(1, 5))] + [2]) for _ in range(48)]
-    return kt.Batches(examples, 8, lambda ex: kt.collate_prompt_answer(ex, pad_id=0), seed=3)
-
-
-class StopAt(kt.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, run, metrics):
-        if run.step == self.step:
-            run.stop()
-
-
 def train(model, out, stop=None, steps=6, **kwargs):
     callbacks = [] if stop is None else [StopAt(stop)]
     with kpro.lora.active(model, "a"):
         return kt.fit(model, batches(), out, steps=steps, lr=1e-2, callbacks=callbacks, save_frozen=False, **kwargs)
-
-
-def losses(run_dir):
-    return [(r["step"], r["loss"]) for r in kt.read_metrics(run_dir / "metrics.jsonl")]
 
 
 def frozen_names(model):
