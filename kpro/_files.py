@@ -137,11 +137,25 @@ def atomic_directory(directory: str | os.PathLike, drop=lambda name: False):
                     _fsync_file(entry)
             _fsync_dir(tmp)
             _replace_dir(tmp, directory)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            inside = _inside(getattr(err, "filename", None), tmp) if isinstance(err, OSError) else None
+            if inside is not None:  # named by the temporary, which is gone now: by the path the save was to write
+                reason = os.strerror(err.errno).lower() if err.errno else str(err.strerror or err)
+                raise WriteFailed(err.errno or errno.EIO, reason, str(given / inside)) from err
             raise
         finally:
             IN_PROGRESS.discard(tmp.name)
+
+
+def _inside(filename, directory: Path) -> Path | None:
+    """`filename` (an OSError's) relative to `directory` where it is inside it, else None."""
+    if not isinstance(filename, (str, os.PathLike)):
+        return None
+    try:
+        return Path(filename).relative_to(directory)
+    except ValueError:
+        return None
 
 
 def _hold_runs_inside(directory: Path, given: Path, runs: contextlib.ExitStack) -> None:

@@ -59,6 +59,11 @@ def described_non_checkpoint(path: Path) -> str | None:
         adapters = path / "adapters"
         return f"{path} is a bitune run's directory, not a checkpoint: its adapters, {adapters}, " + \
             load.format(str(adapters))
+    if (path / "module.safetensors").is_file() and (path / "trainer_state.pt").is_file():
+        return (f"{path} is a training checkpoint holding a module's state dict (module.safetensors: a model with LoRA "
+                "layers, or one saved without its frozen weights, fit(save_frozen=False) or train-expanded "
+                "--no-save-frozen), which only the resume of its run reads; load the run's final model (OUT/final), "
+                "or save the model itself with kpro.save_pretrained")
     run = f"{path} is a training run's directory, not a checkpoint: pass "
     if (path / "final" / "config.json").is_file():
         return run + f"{path / 'final'}, its final model"

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import distributed
-from ._files import atomic_directory, save_safetensors
+from ._files import atomic_directory, naming_write_failures, save_safetensors
 from ._safetensors import INDEX_NAME, WEIGHTS_NAME, described_non_checkpoint, sharded_weight_map
 from .config import LlamaConfig
 from .errors import CheckpointError, listed
@@ -458,11 +458,7 @@ def _replaced_by_a_save(name: str) -> bool:
 
 
 def _write_file(path: Path, text: str) -> None:
-    try:
+    with naming_write_failures(path):  # a full disk is seen as the file closes, and that error names no file
         Path(path).write_text(text)
-    except OSError as err:  # a full disk is seen as the file closes, and that error names no file
-        if err.filename is None:
-            err.filename = str(path)
-        raise
 
 

@@ -306,3 +306,16 @@ def test_a_block_trained_then_frozen_in_a_session_saved_whole_stays_saved_after(
     resumed = session(tmp_path / "b", not first, block_0_frozen=True)
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_loading_a_checkpoint_saved_without_its_frozen_weights_says_what_it_is(tmp_path, capsys):
+    """load_pretrained and `kpro info` said only "no config.json" of a checkpoint saved as a module's state dict."""
+    model = base()
+    model.embed_tokens.weight.requires_grad_(False)
+    kt.fit(model, batches(), tmp_path, steps=1, lr=1e-2, save_frozen=False)
+    message = r"step-00000001 is a training checkpoint holding a module's state dict \(module\.safetensors: "
+    with pytest.raises(kpro.CheckpointError, match=message + r".*load the run's final model"):
+        kpro.load_pretrained(tmp_path / "step-00000001")
+    from kpro.cli import main
+    assert main(["info", str(tmp_path / "step-00000001")]) == 1
+    assert "is a training checkpoint holding a module's state dict" in capsys.readouterr().err

@@ -76,7 +76,7 @@ def corpus_rows(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
 
 class CopyFilesIntoCheckpoints(Callback):
     """Put the source checkpoint's tokenizer (and other non-weight files) into every training checkpoint,
-    so each one works with `python -m kpro generate`."""
+    so each one works with `python -m kpro generate` (a whole one: not one saved with --no-save-frozen)."""
 
     def __init__(self, source: Path):
         self.source = source

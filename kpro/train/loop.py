@@ -232,7 +232,8 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
                 # also where the optimizer state holds none (plain SGD), which the checks below read them from
                 "optimizer": type_name(run.optimizer), "param_groups": _param_groups(run.optimizer)}
     _check_same_settings({"steps": steps, "lr": lr, "weight_decay": weight_decay, "grad_accum": grad_accum,
-                          "parallel": parallel, "save_every": save_every, "keep_last": keep_last, **settings,
+                          "parallel": parallel, "save_every": save_every, "keep_last": keep_last,
+                          "save_frozen": save_frozen, **settings,
                           "schedule": settings["schedule"] or _describe(schedule)}, env)
     fast_forward = checkpoint is not None and not hasattr(batches, "load_state_dict")
     # A plain iterable's batch size (rows of its first batch), checked where a resume fast-forwards it.
