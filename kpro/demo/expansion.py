@@ -163,14 +163,13 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
     print(f"pretraining {base.num_parameters() / 1e6:.2f}M parameters on the general task (reverse letters, "
           f"'hfbd>' -> 'dbfh'), {pretrain_steps} steps of 64; seed{'s' * (len(seeds) > 1)} "
           f"{', '.join(map(str, seeds))}")
-    metrics = lambda run: [directory(s) / run / "metrics.jsonl" for s in seeds]
     before = run_jobs_reporting(pretrain_jobs(directory, seeds, pretrain_steps, eval_examples), workers,
-                                {"pretraining": (metrics("pretrain"), pretrain_steps * len(seeds))})
+                                progress_groups(directory, seeds, {"pretraining": "pretrain"}, pretrain_steps))
     print(f"domain task: digits in reading order, spelled 0=a ... 9=j ('3917=' -> 'djbh'); the domain corpus holds "
           f"{general_share:.0%} general examples; {domain_steps} steps of 32 examples, peak lr {lr:g}, both ways, "
           + ("side by side" if (workers or default_workers()) > 1 else "one after the other"))
     arms = run_jobs_reporting(arm_jobs(directory, seeds, domain_steps, new_blocks, general_share, lr, eval_examples),
-                              workers, {arm: (metrics(arm), domain_steps * len(seeds)) for arm in ARMS})
+                              workers, progress_groups(directory, seeds, {arm: arm for arm in ARMS}, domain_steps))
     expanded = arms[0]
     print(f"(a) expanded {base.config.num_hidden_layers} -> {expanded['layers']} blocks; {expanded['plan']}; "
           f"{expanded['trainable'] / 1e6:.2f}M trainable parameters")
@@ -201,6 +200,13 @@ def _run(out_dir, pretrain_steps, domain_steps, new_blocks, general_share, lr, e
     first = runs[0]
     return {"before": first["before"], "expanded": first["expanded"], "control": first["control"],
             "new_blocks": first["new_blocks"], "runs": runs, "claim_shown": shown, "margin": margin}
+
+
+def progress_groups(directory, seeds, runs: dict[str, str], steps: int) -> dict:
+    """The progress line's groups (`RunsProgress`): for each name, the metrics files of its run (`runs[name]`, a
+    run directory's name) under every seed's `directory(seed)`, and the steps they train in all."""
+    return {name: ([directory(s) / run / "metrics.jsonl" for s in seeds], steps * len(seeds))
+            for name, run in runs.items()}
 
 
 def pretrain_jobs(directory, seeds, steps: int, eval_examples: int) -> list:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .expansion import (ARMS, DOMAIN_LR, DOMAIN_STEPS, GENERAL_SHARE, NEW_BLOCKS, PRETRAIN_STEPS, arm_jobs,
-                        pretrain_jobs)
+                        pretrain_jobs, progress_groups)
 from .act_settings import records_settings
 from .progress import run_jobs_reporting
 
@@ -28,11 +28,11 @@ def reproduce_expansion_curves(out_dir: Path, seed: int = 0, seeds: tuple[int, .
           f"domain ({general_share:.0%} general examples, {domain_steps} steps, peak lr {lr:g}), seeds "
           f"{', '.join(map(str, seeds))}")
     directory = lambda s: out_dir / f"seed-{s}"
-    metrics = lambda run: [directory(s) / run / "metrics.jsonl" for s in seeds]  # what the progress line reads
     run_jobs_reporting(pretrain_jobs(directory, seeds, pretrain_steps, eval_examples), workers,
-                       {"pretraining": (metrics("pretrain"), pretrain_steps * len(seeds))})
+                       progress_groups(directory, seeds, {"pretraining": "pretrain"}, pretrain_steps))
     jobs = arm_jobs(directory, seeds, domain_steps, new_blocks, general_share, lr, eval_examples, curve_every=every)
-    results = run_jobs_reporting(jobs, workers, {arm: (metrics(arm), domain_steps * len(seeds)) for arm in ARMS})
+    results = run_jobs_reporting(jobs, workers, progress_groups(directory, seeds, {arm: arm for arm in ARMS},
+                                                                domain_steps))
     curves = {}
     for (_, job), result in zip(jobs, results):
         curves.setdefault(f"seed-{job['seed']}", {})[job["arm"]] = result["curve"]

@@ -34,7 +34,7 @@ from torch import nn
 from .._digests import value_digests
 from .._files import IN_PROGRESS, abandoned, atomic_directory, naming_write_failures, save_safetensors
 from .._numbers import is_integer
-from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _write_checkpoint, checkpoint_tensors,
+from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _write_checkpoint, _write_file, checkpoint_tensors,
                           parse_size, tensor_locations)
 from ..config import LlamaConfig
 from ..errors import OtherParameters, listed
@@ -240,13 +240,18 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     return target
 
 
+def _whole_state(model: nn.Module, full_state: dict | None) -> dict[str, torch.Tensor]:
+    """The model's state dict: `full_state` where the model is sharded (gathered on rank 0), else its own."""
+    return model.state_dict() if full_state is None else full_state
+
+
 def _without_frozen(model: nn.Module, full_state: dict | None, frozen: set[str],
                     at_start: dict | None) -> tuple[dict | None, dict]:
     """(the state dict to save, {name: digest} of the tensors left out): the `frozen` ones, those still equal to
     their digest `at_start` where given. (`full_state`, {}) where none is left out."""
     if not frozen:
         return full_state, {}
-    state = model.state_dict() if full_state is None else full_state
+    state = _whole_state(model, full_state)
     digests = value_digests({name: t for name, t in state.items() if name in frozen})
     if at_start is not None:
         digests = {name: digest for name, digest in digests.items() if at_start.get(name) == digest}
@@ -262,8 +267,7 @@ def frozen_digests(model: nn.Module, env: DistEnv | None = None) -> dict[str, st
     full, names = distributed.full_model_state(model), distributed.frozen_parameter_names(model)
 
     def digests():
-        state = model.state_dict() if full is None else full
-        return value_digests({name: t for name, t in state.items() if name in names})
+        return value_digests({name: t for name, t in _whole_state(model, full).items() if name in names})
     return distributed.on_main(digests, env, "digest the frozen weights")
 
 
@@ -275,11 +279,10 @@ def _write_checkpoint_dir(target: Path, model, weights, full_optim, state, summa
     with atomic_directory(target, drop=lambda name: True) as tmp:  # a step's checkpoint is replaced whole
         _write_model(model, weights, tmp, whole)
         for name, content in [(OPTIMIZER_FILE, full_optim), (STATE_FILE, state)]:
-            with naming_write_failures(target / name):  # where it was to go: the temporary name tells nothing
+            with naming_write_failures(tmp / name):  # atomic_directory names it by where it was to go
                 torch.save(content, tmp / name)
         summary = {"step": state["step"], "world_size": env.world_size, **(summary or {})}
-        with naming_write_failures(target / SUMMARY_FILE):  # a full disk is seen as it closes, naming no file
-            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        _write_file(tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if write_extra is not None:
             # What it draws (a sampled generation written beside the weights) must not move the random streams:
             # the checkpoint holds them as they were, and the other processes, which do not run it, go on from there.
@@ -307,7 +310,7 @@ def _write_model(model: nn.Module, full_state: dict | None, out: Path, whole: bo
     if whole and saves_hf_layout(model):  # the HF-layout files, straight into the temporary directory
         _write_checkpoint(model, out, parse_size("5GB"), full_state)
         return
-    state = model.state_dict() if full_state is None else full_state
+    state = _whole_state(model, full_state)
     tensors, aliases, seen = {}, {}, {}
     for name, tensor in state.items():
         tensor = tensor.detach()
@@ -544,16 +547,15 @@ def _llama(model: nn.Module) -> Llama | None:
 
 def _mismatch(directory: Path, model: nn.Module, state: dict) -> str | None:
     """Why the checkpoint cannot load into `model`, or None."""
-    problems, llama = [], _llama(model)
-    saved = None
+    problems, llama, config = [], _llama(model), None
     if isinstance(model, Llama) and (directory / CONFIG_NAME).is_file():
-        saved = LlamaConfig.from_hf(directory / CONFIG_NAME)
+        config = LlamaConfig.from_hf(directory / CONFIG_NAME)
     elif llama is not None and state.get(LLAMA_CONFIG) is not None:  # module.safetensors: no config.json beside it
-        saved = LlamaConfig.from_hf(state[LLAMA_CONFIG])
-    if saved is not None:
-        problems += [f"{field}={getattr(saved, field)!r} there, {getattr(llama.config, field)!r} here"
-                     for field in vars(saved) if field not in ("initializer_range", "_built")
-                     and getattr(saved, field) != getattr(llama.config, field)]
+        config = LlamaConfig.from_hf(state[LLAMA_CONFIG])
+    if config is not None:
+        problems += [f"{field}={getattr(config, field)!r} there, {getattr(llama.config, field)!r} here"
+                     for field in vars(config) if field not in ("initializer_range", "_built")
+                     and getattr(config, field) != getattr(llama.config, field)]
     saved, mine = state["model_shapes"], tensor_shapes(model)
     missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
     if missing:
@@ -586,7 +588,7 @@ def _read_weights(directory: Path, model: nn.Module, names: set[str], digests: d
                                                             if found))
     if not digests:
         return saved
-    mine = model.state_dict() if mine is None else mine
+    mine = _whole_state(model, mine)
     left_out = {name: mine[name] for name in digests if name in mine}
     differ = [name for name, digest in value_digests(left_out).items() if digest != digests[name]]
     if differ:

@@ -61,7 +61,6 @@ class Run:
         self.optimizer: torch.optim.Optimizer | None = None
         self._make_optimizer = make_optimizer
         self._save_requested = self._stop_requested = False
-        self._frozen_at_start: dict | None = None  # a resumed checkpoint's, where it saved without its frozen weights
         # DDP averages the gradients of the parameters that were trainable when it wrapped the model, of no others
         self._ddp_trainable = self._trainable() if isinstance(train_model, DistributedDataParallel) else None
         # Under DDP, from the first step on: (name, parameter, whether it got no gradient there and DDP leaves it out)
@@ -243,8 +242,10 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
     # those a checkpoint saved without them recorded (kept through resumes)
     frozen_at_start = None if save_frozen else frozen_digests(model, env)
     if checkpoint is not None:
-        saved_data, data = _resume(run, checkpoint, batches, callbacks, settings, fast_forward)
+        saved_data, data, recorded_start = _resume(run, checkpoint, batches, callbacks, settings, fast_forward)
         batch_rows = saved_data.get("rows")
+        if recorded_start is not None and not save_frozen:
+            frozen_at_start = recorded_start
     check_rows_after_resume = fast_forward
     if data is None:
         if checkpoint is None and isinstance(batches, (Batches, TokenShards)):
@@ -253,8 +254,6 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
             batches.restart()
         data = iter(batches)
 
-    if run._frozen_at_start is not None and not save_frozen:
-        frozen_at_start = run._frozen_at_start
     # A checkpoint of another directory has its history there: this directory's lines are of no step of it.
     kept = run.step if checkpoint is not None and _inside(checkpoint, out_dir) else 0
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_step=kept) if env.is_main else None
@@ -540,8 +539,8 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
     schedule that decays to its last step then decays to the new one. Whatever refuses the resume (these
     settings, the optimizer state, the data, a callback) does so before anything is loaded into the model, the
     data or the RNGs (a callback refusing its state: once those before it in the list loaded theirs). Returns
-    the checkpoint's data position (a dict) and, where `fast_forward`, the plain iterable's iterator past the
-    steps done.
+    the checkpoint's data position (a dict), where `fast_forward` the plain iterable's iterator past the steps
+    done (else None), and the digests of the frozen weights as the run started where it recorded them (else None).
     """
     done = checkpoint_step(checkpoint)
     if done > run.total_steps:  # nothing would train, and the model of another step than asked would come back
@@ -591,7 +590,6 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
 
     state = restore_checkpoint(checkpoint, run.model, run.optimizer, run.env, check=check, take=take)
     run.step, run.checkpoint, run.metrics = state["step"], checkpoint, state.get("metrics", {})
-    run._frozen_at_start = state.get(FROZEN_AT_START)  # where the run saved without its frozen weights
     # Said once the resume is taken: nothing refuses it from here
     saved, schedule = state.get("settings", {}).get("schedule"), settings["schedule"]
     if isinstance(saved, dict) and isinstance(schedule, dict) and saved.get("total_steps") != schedule["total_steps"] \
@@ -599,7 +597,7 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
         print(f"continuing the run with total_steps={schedule['total_steps']} (the checkpoint's run had "
               f"{saved.get('total_steps')}): the {schedule['kind']} schedule follows the new total from here",
               file=sys.stderr)
-    return (state["data"] if isinstance(state.get("data"), dict) else {}), data
+    return (state["data"] if isinstance(state.get("data"), dict) else {}), data, state.get(FROZEN_AT_START)
 
 
 def _settings_differences(checkpoint: Path, state: dict, settings: dict, env) -> dict[str, tuple]:
