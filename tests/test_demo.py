@@ -325,8 +325,29 @@ def test_a_margin_of_exactly_three_standard_errors_is_not_shown():
     assert bitune.verdict({"bitune": {"right": 19 / 45}, "only_causal": {"right": 6 / 45}}, 45)[0]
     for questions, a, b in ((72, 72 / 72, 64 / 72), (90, 72 / 90, 54 / 90)):
         assert not seeds.seeds_verdict([a - b] * 2, a, b, questions)[0], questions
-    assert claims.exceeds_standard_errors(1.0, 0.0) and not claims.exceeds_standard_errors(0.0, 0.0)
-    assert not claims.exceeds_standard_errors(math.nan, 0.1) and not claims.exceeds_standard_errors(0.5, math.nan)
+    assert claims.exceeds_standard_errors(1.0, 0.0, (72, 72)) and not claims.exceeds_standard_errors(0.0, 0.0, (72, 72))
+    assert not claims.exceeds_standard_errors(math.nan, 0.1, (72, 72))
+    assert not claims.exceeds_standard_errors(0.5, math.nan, (72, 72))
+
+
+def test_all_right_against_all_wrong_is_shown_only_on_enough_questions():
+    """A standard error of 0 (one side all right, the other all wrong) made any positive margin SHOWN: 1 question
+    right against 1 wrong passed every act's verdict, while 5/5 against 4/5 did not. Such a split is shown where it
+    is as unlikely between equal accuracies as 3 standard errors (1 in 741): 1 / C(2n, n) from n = 6 on."""
+    assert [n for n in range(1, 9) if claims.exceeds_standard_errors(1.0, 0.0, (n, n))] == [6, 7, 8]
+    assert claims.clean_split(6, 6) == 1 / 924 < claims.normal_tail(3) < claims.clean_split(5, 5) == 1 / 252
+    assert claims.normal_tail(3) == pytest.approx(0.0013499, rel=1e-4)
+    perfect = {"internalized": {"accuracy": 1.0, "cot_tokens": 0.0}, "no CoT": {"accuracy": 0.0}}
+    assert not internalization.verdict(perfect, 5)[0] and internalization.verdict(perfect, 6)[0]
+    split = {"bitune": {"right": 1.0}, "only_causal": {"right": 0.0}}
+    assert not bitune.verdict(split, 1)[0] and not bitune.verdict(split, 5)[0] and bitune.verdict(split, 6)[0]
+    assert not seeds.seeds_verdict([1.0] * 2, 1.0, 0.0, 5)[0] and seeds.seeds_verdict([1.0] * 2, 1.0, 0.0, 6)[0]
+    assert claims.in_standard_errors(1.0, 0.0, 3, questions=(5, 5)) == (
+        "all right against all wrong, no spread to count standard errors in; between equal accuracies a split this "
+        "clean has a chance of 1 in 252 (3 standard errors: 1 in 741)")
+    assert claims.in_standard_errors(0.0, 0.0, 3, questions=(5, 5)) == "no spread to measure it against"
+    with pytest.raises(ValueError, match="positive"):
+        claims.clean_split(0, 3)
 
 
 def test_a_verdict_given_a_figure_that_is_not_finite_is_not_shown():

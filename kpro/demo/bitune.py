@@ -108,7 +108,7 @@ def verdict(results: dict, held_out_per_side: int) -> tuple[bool, float, float]:
     results were seen, and stays."""
     a, b = results["bitune"]["right"], results["only_causal"]["right"]
     se = difference_standard_error(a, held_out_per_side, b, held_out_per_side)
-    return exceeds_standard_errors(a - b, se) and not not_finite(verdict_inputs(results)), a - b, se
+    return exceeds_standard_errors(a - b, se, (held_out_per_side, held_out_per_side)) and not not_finite(verdict_inputs(results)), a - b, se
 
 
 def verdict_inputs(results: dict) -> dict[str, float]:
@@ -178,7 +178,7 @@ def _run(out_dir, pretrain_steps, tune_steps, held_out, train_questions, lr, see
     shown, gain, se = verdict(results, held_out)
     print(claim_line("bitune", CLAIM, shown, f"right {results['bitune']['right']:.3f} vs "
                      f"{results['only_causal']['right']:.3f}, gain {gain:+.3f} = "
-                     f"{in_standard_errors(gain, se, 3, shown)} "
+                     f"{in_standard_errors(gain, se, 3, shown, (held_out, held_out))} "
                      f"(needs > 3); one seed, {tune_steps} tuning steps, {held_out} questions a side"
                      + ("" if (tune_steps, held_out) == (FULL["tune_steps"], FULL["held_out"]) else
                         "; the demo's short run: `python -m kpro reproduce bitune-seeds` runs "

@@ -135,6 +135,6 @@ def reproduce_bitune_readings(out_dir: Path, seed: int = 0, seeds: int = 3, work
     shown, gain, se, seed_se, binomial_se = seeds_verdict(gains, mean["prefix"], mean["causal"],
                                                           settings["held_out"] * seeds)
     print(claim_line("bitune-readings", CLAIM, shown, f"gain {gain:+.3f}, standard error {se:.3f} (seeds "
-                     f"{seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se, 3, shown)} "
+                     f"{seed_se:.3f}, questions {binomial_se:.3f}): {in_standard_errors(gain, se, 3, shown, (settings['held_out'] * seeds,) * 2)} "
                      "(needs > 3)", seeds_inputs(gains, {reading: mean[reading] for reading in READINGS}, seed)))
     return {"runs": runs, "gain": gain, "gain_se": se, "claim_shown": shown}

@@ -36,27 +36,50 @@ def difference_standard_error(a: float, n_a: int, b: float, n_b: int) -> float:
     return math.hypot(standard_error(a, n_a), standard_error(b, n_b))
 
 
-def exceeds_standard_errors(margin: float, se: float, times: float = 3) -> bool:
-    """Whether `margin` is more than `times` standard errors `se`, as the exact accuracies decide it: a margin
-    of exactly 3 (72/72 against 64/72 over 72 questions a side) computes as 3.0000000000000004 standard errors,
-    which is not "more than 3". The count is rounded at 1e-9, as at_threshold rounds a difference: its float
-    noise is far below that, and counts from accuracies over up to some 10,000 questions a side that differ
-    from `times` at all differ by more. With no spread (`se` 0) any positive margin is more; a NaN is not."""
+def exceeds_standard_errors(margin: float, se: float, questions: tuple[int, int], times: float = 3) -> bool:
+    """Whether `margin`, a difference of two accuracies measured on `questions` (n_a, n_b), is more than `times`
+    standard errors `se`, as the exact accuracies decide it: a margin of exactly 3 (72/72 against 64/72 over 72
+    questions a side) computes as 3.0000000000000004 standard errors, which is not "more than 3". The count is
+    rounded at 1e-9, as at_threshold rounds a difference: its float noise is far below that, and counts from
+    accuracies over up to some 10,000 questions a side that differ from `times` at all differ by more. A NaN is
+    not more. With no spread (`se` 0: one side all right, the other all wrong, or both alike) there is nothing
+    to count in, and 1 right of 1 against 0 of 1 is no evidence: a positive margin is more where so clean a
+    split is as unlikely between equal accuracies as a margin of `times` standard errors (`clean_split`)."""
     if se == 0:
-        return at_threshold(margin) > 0
+        return at_threshold(margin) > 0 and clean_split(*questions) < normal_tail(times)
     return round(margin / se, 9) > times
 
 
-def in_standard_errors(difference: float, se: float, needs: float | None = None, met: bool | None = None) -> str:
-    """`+2.3 standard errors`; with a zero standard error (both accuracies at 0 or at 1) there is none to count.
+def clean_split(n_a: int, n_b: int) -> float:
+    """The chance that, of n_a + n_b answers by two equally accurate models with as many right in all as
+    n_a, exactly the first model's n_a are the right ones: 1 / C(n_a + n_b, n_a) (Fisher's exact test of a
+    table with all right on one side, all wrong on the other)."""
+    if n_a < 1 or n_b < 1:
+        raise ValueError(f"question counts must be positive, got {n_a} and {n_b}")
+    return 1 / math.comb(n_a + n_b, n_a)
+
+
+def normal_tail(times: float) -> float:
+    """The chance of a normal variable exceeding its mean by more than `times` standard deviations."""
+    return 0.5 * math.erfc(times / math.sqrt(2))
+
+
+def in_standard_errors(difference: float, se: float, needs: float | None = None, met: bool | None = None,
+                       questions: tuple[int, int] | None = None) -> str:
+    """`+2.3 standard errors`; with a zero standard error (both accuracies at 0 or at 1) there is none to count,
+    and a positive difference of accuracies over `questions` (n_a, n_b) is told by its `clean_split` chance.
     Given the verdict's threshold (`needs`, a count of standard errors to exceed) and whether it was `met`
     (default: the count exceeds it), as many more decimals as it takes to agree with it (+3.04, not +3.0,
     where more than 3 were needed and met)."""
     if not se:
-        return "no spread to measure it against"
+        if questions is None or not at_threshold(difference) > 0:
+            return "no spread to measure it against"
+        tail = "" if needs is None else f" ({needs:g} standard errors: 1 in {1 / normal_tail(needs):,.0f})"
+        return (f"all right against all wrong, no spread to count standard errors in; between equal accuracies a split "
+                f"this clean has a chance of 1 in {math.comb(sum(questions), questions[0]):,}{tail}")
     if needs is None:
         return f"{difference / se:+.1f} standard errors"
-    met = exceeds_standard_errors(difference, se, needs) if met is None else met
+    met = exceeds_standard_errors(difference, se, questions, needs) if met is None else met
     return f"{figure(difference / se, needs, met, digits=1, strict=True, sign=True)} standard errors"
 
 

@@ -94,7 +94,7 @@ def verdict(results: dict, test_size: int) -> tuple[bool, float, float]:
     internalized, no_cot = results["internalized"], results["no CoT"]
     se = difference_standard_error(internalized["accuracy"], test_size, no_cot["accuracy"], test_size)
     margin = internalized["accuracy"] - no_cot["accuracy"]
-    shown = internalized["cot_tokens"] == 0 and internalized["accuracy"] >= 0.9 and exceeds_standard_errors(margin, se)
+    shown = internalized["cot_tokens"] == 0 and internalized["accuracy"] >= 0.9 and exceeds_standard_errors(margin, se, (test_size, test_size))
     return shown and not not_finite(verdict_inputs(results)), margin, se
 
 
@@ -210,7 +210,7 @@ def _run(out_dir, seed, digits, explicit_steps, steps_per_token, after_steps, de
                      f"internalized {figure(internalized['accuracy'], 0.9, internalized['accuracy'] >= 0.9, digits=3)} "
                      f"with {cot_figure(internalized['cot_tokens'])} CoT tokens, no CoT "
                      f"{results['no CoT']['accuracy']:.3f} (margin {margin:+.3f} = "
-                     f"{in_standard_errors(margin, se, 3)}; needs >= 0.9 with 0 CoT tokens and a "
+                     f"{in_standard_errors(margin, se, 3, questions=(test_size, test_size))}; needs >= 0.9 with 0 CoT tokens and a "
                      "margin "
                      f"> 3 standard errors), {speedup:.1f}x the explicit model's examples/s", verdict_inputs(results))
           + "\n")

@@ -44,7 +44,7 @@ def reproduce_bitune_seeds(out_dir: Path, seed: int = 0, seeds: int = BITUNE_SEE
     print(claim_line("bitune", "bidirectional reading beats the same set-up read causally on 'right', over seeds",
                      shown, f"gain {gain:+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}), standard error "
                      f"{se:.3f} (seeds {seed_se:.3f}, questions {binomial_se:.3f}): "
-                     f"{in_standard_errors(gain, se, 3, shown)} (needs > 3)", seeds_inputs(gains, right, seed)))
+                     f"{in_standard_errors(gain, se, 3, shown, (held_out * seeds,) * 2)} (needs > 3)", seeds_inputs(gains, right, seed)))
     return {"runs": runs, "pooled": pooled, "gain": gain, "gain_se": se, "claim_shown": shown}
 
 
@@ -60,7 +60,7 @@ def seeds_verdict(gains: list[float], bitune_right: float, only_causal_right: fl
     binomial_se = math.sqrt(bitune_right * (1 - bitune_right) / questions
                             + only_causal_right * (1 - only_causal_right) / questions)
     se = max(seed_se, binomial_se)
-    return exceeds_standard_errors(gain, se), gain, se, seed_se, binomial_se
+    return exceeds_standard_errors(gain, se, (questions, questions)), gain, se, seed_se, binomial_se
 
 
 def seeds_inputs(gains: list[float], right: dict[str, float], first_seed: int = 0) -> dict[str, float]:
