@@ -105,8 +105,9 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | str = "au
                     strict_config: bool = False) -> Llama:
     """Load an HF-layout LLaMA checkpoint directory as a `kpro.Llama` in `dtype` on `device`.
 
-    dtype          "auto" (the default): the checkpoint's own, that of the weights holding most parameters;
-                   a floating torch dtype, or its name ("bf16", "bfloat16", "float32", ...).
+    dtype          "auto" (the default): each tensor's own, as stored (float32 norms beside bfloat16 matrices
+                   stay so; matrices of several dtypes are refused: the model computes in one), or a floating
+                   torch dtype, or its name ("bf16", "bfloat16", "float32", ...), for every tensor.
     strict_config  refuse config fields kpro does not know (default: one ConfigWarning naming them, as
                    `LlamaConfig.from_hf`); fields that change the math are refused either way.
     """
@@ -216,8 +217,8 @@ def _load_opened(directory: Path, cfg: LlamaConfig, location: dict, handles: dic
     _check_names_and_shapes(directory, expected, found, tied=cfg.tie_word_embeddings,
                             unlisted=_unlisted_tensors(location, handles))
     if wanted is None:
-        wanted = _checkpoint_dtype(directory, {name: handles[location[name]].get_slice(name) for name in expected})
-    dtype, state = wanted, {}
+        _check_one_matrix_dtype(directory, {name: handles[location[name]].get_slice(name) for name in expected})
+    state = {}
     for name in expected:
         tensor = handles[location[name]].get_tensor(name)
         if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
@@ -225,8 +226,9 @@ def _load_opened(directory: Path, cfg: LlamaConfig, location: dict, handles: dic
                                   "or fp64")
         # a copy: as safetensors gives it, the tensor is a view of the file's memory map, which a rewrite in place
         # would change after the load (and a file cut short make a SIGBUS)
-        state[name[len("model."):] if name.startswith("model.") else name] = tensor.to(device=device, dtype=dtype,
-                                                                                       copy=True)
+        converted = tensor.to(device=device, dtype=wanted or tensor.dtype, copy=True)
+        check_finite_after_cast(tensor, converted, f"{directory}: tensor {name}")
+        state[name[len("model."):] if name.startswith("model.") else name] = converted
     if cfg.tie_word_embeddings and "lm_head.weight" in location:  # a tied head saved anyway must be the embedding
         head = handles[location["lm_head.weight"]].get_tensor("lm_head.weight")
         if not torch.equal(head.to(state["embed_tokens.weight"]), state["embed_tokens.weight"]):
@@ -260,19 +262,32 @@ def checked_dtype(dtype) -> torch.dtype | None:
     return dtype
 
 
-def _checkpoint_dtype(directory: Path, slices: dict) -> torch.dtype:
-    """The dtype of the checkpoint's weights: where they differ, that of the most parameters."""
-    counts: dict[str, int] = {}
+def _check_one_matrix_dtype(directory: Path, slices: dict) -> None:
+    """Refuse, for dtype "auto", a checkpoint whose matrices (embedding, projections, head) are stored in several
+    dtypes: the model computes in one (a bfloat16 activation meets a float32 head's weight), and which one to
+    convert the others to is the caller's choice. Norms may differ: they compute in float32 whatever theirs."""
+    dtypes: dict[str, str] = {}
     for name, piece in slices.items():
-        numel = 1
-        for size in piece.get_shape():
-            numel *= size
-        counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + numel
-    stored = max(counts, key=counts.get)
-    if stored not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{directory}: the weights are stored as {stored}; expected floating point "
-                              f"({', '.join(_SAFETENSORS_DTYPES)})")
-    return _SAFETENSORS_DTYPES[stored]
+        if len(piece.get_shape()) > 1:
+            dtypes.setdefault(piece.get_dtype(), name)
+    if len(dtypes) > 1:
+        raise CheckpointError(f"{directory}: the weight matrices are stored in several dtypes ("
+                              + ", ".join(f"{dtype}: {name}" for dtype, name in dtypes.items())
+                              + "), and the model computes in one; pass dtype= to convert them all")
+
+
+def check_finite_after_cast(source: torch.Tensor, converted: torch.Tensor, what: str, error=CheckpointError) -> None:
+    """Refuse (`error`) a conversion that made a finite weight infinite (1e5 in float16, whose largest is 65504)."""
+    if converted.dtype == source.dtype or torch.finfo(converted.dtype).max >= torch.finfo(source.dtype).max:
+        return
+    if torch.isinf(converted).any():  # one reduction where it was converted; the source is looked at only then
+        overflow = torch.isinf(converted).to(source.device) & torch.isfinite(source)
+        if not overflow.any():
+            return
+        largest = source[overflow].abs().max().item()
+        raise error(f"{what} holds {largest:g}, beyond {str(converted.dtype).removeprefix('torch.')}'s largest "
+                    f"({torch.finfo(converted.dtype).max:g}): converting it makes it infinite; load it in a dtype that "
+                    "holds it")
 
 
 def tensor_locations(directory: Path) -> dict[str, Path]:

@@ -10,7 +10,7 @@ import torch
 
 from . import ops
 from .lora import refuse_idle_adapters
-from .model import KVCache, Llama, activation_dtype
+from .model import KVCache, Llama, activation_dtype, mixed_matrix_dtypes
 
 
 @torch.no_grad()
@@ -34,6 +34,9 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
         bitune = " (a Bitune: its own bt.generate(prompts, ...))" if hasattr(model, "mix_weights") else ""
         raise TypeError(f"generate() takes a kpro.Llama, got {type(model).__name__}{hint}{bitune}")
     refuse_idle_adapters(model, "generate")  # adapted in place, no adapter active: it would decode the base model
+    mixed = mixed_matrix_dtypes(model)  # its head runs outside the forward, which names them
+    if mixed is not None:
+        raise ValueError(mixed)
     dtensor = sys.modules.get("torch.distributed.tensor")  # never imported: nothing can be sharded
     if dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters()):
         # its forward is a collective of every process, and embedding a plain tensor with a DTensor fails

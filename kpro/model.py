@@ -6,6 +6,7 @@ checkpoint maps onto the model by adding the `model.` prefix. All math goes thro
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -79,6 +80,39 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def _naming_mixed_matrices(method):
+    """`method` of a Llama, whose failure on matrices of several dtypes (a bfloat16 model given a float32 head:
+    torch's "expected m1 and m2 to have the same dtype", naming no module) is raised as one naming them. Looked at
+    only on the failure path: a forward pays nothing for it."""
+    @functools.wraps(method)
+    def checked(model, *args, **kwargs):
+        try:
+            return method(model, *args, **kwargs)
+        except RuntimeError as err:
+            mixed = mixed_matrix_dtypes(model) if "dtype" in str(err) or "scalar type" in str(err) else None
+            if mixed is None:
+                raise
+            raise ValueError(mixed) from err
+    return checked
+
+
+def mixed_matrix_dtypes(model: nn.Module) -> str | None:
+    """What is wrong where `model`'s matrices (the weights of its linear and embedding layers; not LoRA adapters,
+    float32 beside any base) are of several dtypes outside autocast, which would run the forward in one; None where
+    they share one, or autocast is on (it casts them)."""
+    first: dict[torch.dtype, str] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
+            first.setdefault(weight.dtype, f"{name}.weight")
+    device = next(model.parameters()).device.type
+    if len(first) < 2 or torch.is_autocast_enabled(device):
+        return None
+    held = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for dtype, name in first.items())
+    return (f"the model's matrices are of several dtypes ({held}), and its forward computes in one: convert them "
+            "to one (model.to(dtype); norms may stay float32), or run it under torch.autocast")
+
+
 class Llama(nn.Module):
     """`model(input_ids, attention_mask=None) -> logits [B, T, vocab]`; attention_mask: 1 = real token.
     `model(input_ids, attention_mask, head=False)`: the normed hidden states the logits are made from."""
@@ -144,6 +178,7 @@ class Llama(nn.Module):
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
 
+    @_naming_mixed_matrices
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cache: "KVCache | None" = None,
                 head: bool = True) -> torch.Tensor:
@@ -158,6 +193,7 @@ class Llama(nn.Module):
         out = self.norm(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache))
         return self.lm_head(out) if head else out
 
+    @_naming_mixed_matrices
     def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, cache=None) -> torch.Tensor:
         """The final block's output [B, T, hidden], before the final norm."""
         past = 0 if cache is None else cache.length
@@ -229,10 +265,16 @@ def head_is_its_weight(head: nn.Module) -> bool:
     hooks. A hook may change the logits (soft-capping, a temperature) or their gradient, and the fused loss,
     which never calls the head, would leave it out silently."""
     from torch.nn.modules import module as hooks  # torch's global module hooks live there
-    watched = (head._forward_pre_hooks, head._forward_hooks, head._backward_pre_hooks, head._backward_hooks,
-               hooks._global_forward_pre_hooks, hooks._global_forward_hooks, hooks._global_backward_pre_hooks,
+    watched = (hooks._global_forward_pre_hooks, hooks._global_forward_hooks, hooks._global_backward_pre_hooks,
                hooks._global_backward_hooks)
-    return type(head) is nn.Linear and head.bias is None and "forward" not in vars(head) and not any(watched)
+    return (type(head) is nn.Linear and head.bias is None and "forward" not in vars(head) and not any(watched)
+            and not any(module_hooks(head)))
+
+
+def module_hooks(module: nn.Module) -> list:
+    """The forward, forward-pre, backward and backward-pre hooks that watch `module` itself."""
+    return [hook for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
+                               module._backward_hooks) for hook in hooks.values()]
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:

@@ -43,6 +43,8 @@ def main(out: Path, single: Path) -> None:
         else:  # sharded in place, one unit per block plus the root
             assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.layers)
             assert all(isinstance(p, DTensor) for p in model.parameters())
+            assert kt.loss.module_hooks(model)  # FSDP2's own, which change no value: the loss still fuses the head
+        assert kt.loss.output_head_weight(run.train_model) is model.lm_head.weight
         kt.fit(make_model(seed=7), batches(), out / mode / "resumed", parallel=mode,
                resume=single / "step-00000002", **FIT)
         if mode == "fsdp":

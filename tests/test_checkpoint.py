@@ -207,15 +207,49 @@ def test_the_default_dtype_is_the_checkpoints_own(tmp_path, make_model, saved):
     assert size(tmp_path / "again") == size(tmp_path / "ck")
 
 
-def test_the_default_dtype_of_a_mixed_checkpoint_is_that_of_most_parameters(tmp_path, make_model):
-    """Norms kept in fp32 beside bf16 matrices (as mixed-precision tools save them) load as bf16; the reverse,
-    fp32 matrices beside bf16 norms, as fp32: the dtype holding the most parameters, not the fewest."""
+def test_the_default_dtype_keeps_each_tensor_of_a_mixed_checkpoint_as_stored(tmp_path, make_model):
+    """Norms kept in fp32 beside bf16 matrices (as mixed-precision tools, and train-expanded, save them) loaded as
+    bf16, the dtype holding most parameters: rounded (up to 3.9e-3), the logits moved by 6e-3, and a re-save lost
+    the fp32 tensors. Each keeps its stored dtype now, bit for bit, the reverse mix too; matrices of two dtypes,
+    which no forward runs, are refused by name; a dtype asked for converts every tensor."""
     kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
     tensors = load_file(tmp_path / "ck" / "model.safetensors")
+    ids = torch.tensor([[1, 5, 9, 3]])
     for matrices, norms in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
         mixed = {name: t.to(norms if t.dim() == 1 else matrices) for name, t in tensors.items()}
         save_file(mixed, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt"})
-        assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck").parameters()} == {matrices}
+        loaded = kpro.load_pretrained(tmp_path / "ck")
+        for name, t in kpro.checkpoint.hf_tensors(loaded).items():
+            assert t.dtype == mixed[name].dtype and torch.equal(t, mixed[name]), name
+        assert loaded(ids).isfinite().all()  # such a model runs: norms compute in float32 whatever theirs
+        kpro.save_pretrained(loaded, tmp_path / "again")
+        assert {n: t.dtype for n, t in load_file(tmp_path / "again" / "model.safetensors").items()} == {
+            n: t.dtype for n, t in mixed.items()}
+        assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck", dtype="bf16").parameters()} == {torch.bfloat16}
+    mixed["lm_head.weight"] = mixed["lm_head.weight"].to(torch.float16)
+    save_file(mixed, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(kpro.CheckpointError, match=r"the weight matrices are stored in several dtypes \(F32: "
+                                                   r"model.embed_tokens.weight, F16: lm_head.weight\), and the model "
+                                                   r"computes in one; pass dtype= to convert them all"):
+        kpro.load_pretrained(tmp_path / "ck")
+    assert kpro.load_pretrained(tmp_path / "ck", dtype="fp32").lm_head.weight.dtype == torch.float32
+
+
+def test_a_conversion_that_makes_a_weight_infinite_is_refused_by_name(tmp_path, make_model):
+    """dtype=float16 turned a weight of 1e5 (beyond float16's 65504) into inf, silently: the logits were inf."""
+    model = make_model(dtype=torch.float32)
+    with torch.no_grad():
+        model.layers[1].post_attention_layernorm.weight[3] = -1e5
+    kpro.save_pretrained(model, tmp_path / "ck")
+    with pytest.raises(kpro.CheckpointError, match=r"ck: tensor model.layers.1.post_attention_layernorm.weight holds "
+                                                   r"100000, beyond float16's largest \(65504\): converting it makes it "
+                                                   r"infinite; load it in a dtype that holds it"):
+        kpro.load_pretrained(tmp_path / "ck", dtype=torch.float16)
+    assert kpro.load_pretrained(tmp_path / "ck", dtype="bf16").layers[1].post_attention_layernorm.weight.isfinite().all()
+    with torch.no_grad():  # an infinity stored as such is the checkpoint's own, not the conversion's
+        model.layers[1].post_attention_layernorm.weight[3] = float("inf")
+    kpro.save_pretrained(model, tmp_path / "inf")
+    assert kpro.load_pretrained(tmp_path / "inf", dtype=torch.float16).layers[1].post_attention_layernorm.weight[3] == float("inf")
 
 
 def test_dtype_names_are_accepted_and_non_float_dtypes_refused(tmp_path, make_model):
@@ -643,9 +677,10 @@ def test_weights_files_are_as_readable_as_the_umask_allows(tmp_path, make_model,
         {f.relative_to(tmp_path).as_posix(): oct(0o666 & ~mask) for f in files}
 
 
-def test_auto_dtype_counts_parameters_not_tensors(tmp_path, make_model):
-    """"auto" loads the dtype holding most parameters. Two large fp32 tensors (embedding and head, 393k
-    parameters) beside 19 small bf16 ones (38k): counting tensors would pick bf16 and round the large ones."""
+def test_auto_dtype_refuses_matrices_of_two_dtypes_whichever_holds_more(tmp_path, make_model):
+    """"auto" loaded the dtype holding most parameters (two large fp32 tensors, embedding and head, 393k
+    parameters, beside 19 small bf16 ones, 38k: fp32), converting the others. Matrices of two dtypes are refused
+    now, whichever holds more: which to convert to is the caller's choice (dtype=)."""
     kpro.save_pretrained(make_model(dtype=torch.float32, vocab_size=4096, tie_word_embeddings=False), tmp_path / "ck")
     tensors = load_file(tmp_path / "ck" / "model.safetensors")
     big = {"model.embed_tokens.weight", "lm_head.weight"}
@@ -653,7 +688,10 @@ def test_auto_dtype_counts_parameters_not_tensors(tmp_path, make_model):
     assert sum(n in big for n in mixed) < sum(n not in big for n in mixed)
     assert sum(t.numel() for n, t in mixed.items() if n in big) > sum(t.numel() for n, t in mixed.items() if n not in big)
     save_file(mixed, tmp_path / "ck" / "model.safetensors", metadata={"format": "pt"})
-    assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck").parameters()} == {torch.float32}
+    with pytest.raises(kpro.CheckpointError, match=r"the weight matrices are stored in several dtypes"):
+        kpro.load_pretrained(tmp_path / "ck")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert {p.dtype for p in kpro.load_pretrained(tmp_path / "ck", dtype=dtype).parameters()} == {dtype}
 
 
 def test_the_index_total_size_of_a_bf16_sharded_save_counts_two_bytes_a_parameter(tmp_path, make_model):

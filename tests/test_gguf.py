@@ -769,3 +769,19 @@ def test_a_sentencepiece_gguf_without_add_bos_token_adds_a_bos(tmp_path, small_v
     tok = kpro.load_tokenizer(out)
     assert tok.add_bos is True and tok.encode("hello")[0] == tok.bos_id
     assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
+def test_a_conversion_that_makes_a_weight_infinite_is_refused_by_name(tmp_path, small_vocab):
+    """from_gguf and convert_gguf with dtype=float16 turned a weight of 1e5 (beyond float16's 65504) into inf,
+    convert_gguf writing it into the checkpoint."""
+    model = tiny_model(len(small_vocab["tokens"]))
+    with torch.no_grad():
+        model.norm.weight[0] = 1e5
+    path = write_gguf(tmp_path / "m.gguf", model, small_vocab)
+    message = r"m.gguf: tensor output_norm.weight holds 100000, beyond float16's largest \(65504\)"
+    with pytest.raises(GGUFError, match=message):
+        from_gguf(path, dtype=torch.float16)
+    with pytest.raises(GGUFError, match=message):
+        convert_gguf(path, tmp_path / "out", dtype=torch.float16)
+    assert not (tmp_path / "out").exists()
+    assert from_gguf(path, dtype=torch.bfloat16).norm.weight.isfinite().all()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kpro
+from kpro import train as kt
 from kpro.internalize import (IGNORE_INDEX, REMOVE_ALL, CoTExample, RemovalSchedule, SymbolTokenizer, collate,
                               multiplication_tokenizer, next_token_loss, parse_line, read_published, remove_cot,
                               symbol_tokenizer_for, tokenize_example, tokenize_examples, training_batch)
@@ -168,6 +169,17 @@ def test_next_token_loss_shifts_the_labels():
     assert next_token_loss(unshifted, batch.labels).item() > 1.0
     uniform = next_token_loss(torch.zeros(*batch.labels.shape, vocab), batch.labels)
     assert uniform.item() == pytest.approx(torch.log(torch.tensor(float(vocab))).item())
+
+
+def test_next_token_loss_keeps_float64_logits_in_float64():
+    """It computed a float64 model's loss in float32 (3.8e-7 off), where kpro.train's losses keep float64."""
+    batch = remove_cot(collate(mixed_examples()[:3], PAD), 4)
+    logits = torch.randn(*batch.labels.shape, multiplication_tokenizer().vocab_size, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    loss = batch.loss(logits)
+    want = kt.causal_lm_loss(logits, batch.labels)
+    assert loss.dtype == torch.float64 and abs(loss.item() - want.item()) < 1e-12
+    assert batch.loss(logits.to(torch.bfloat16)).dtype == torch.float32
 
 
 def test_right_padded_rows_give_the_logits_of_each_row_alone(make_model):

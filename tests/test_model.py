@@ -289,3 +289,29 @@ def test_positions_from_a_left_padded_mask_count_real_tokens_only():
     assert positions_from_mask(mask, 0, 5, "cpu").tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     step = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # a decoding step after that prefill
     assert positions_from_mask(step, 5, 1, "cpu").tolist() == [[3], [5]]
+
+
+@pytest.mark.parametrize("part", ["lm_head", "embed_tokens", "layers.1"])
+def test_matrices_of_several_dtypes_are_named_by_the_forward_and_generate(make_model, part):
+    """A bfloat16 model given a float32 head (or embedding, or block) failed inside torch with "expected m1 and m2
+    to have the same dtype", naming no module; norms of another dtype run, as does any mix under autocast."""
+    model = make_model(dtype=torch.bfloat16)
+    model.get_submodule(part).float()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    message = (r"the model's matrices are of several dtypes \((embed_tokens.weight|layers.0.self_attn.q_proj.weight) "
+               r"\w+, (lm_head|layers.0.self_attn.q_proj|layers.1.self_attn.q_proj).weight \w+\), and its forward "
+               r"computes in one: convert them to one")
+    calls = [lambda: model(ids), lambda: kpro.generate(model, ids, 2)]
+    if part != "lm_head":  # the blocks' output needs no head
+        calls.append(lambda: model.hidden_states(ids))
+    for call in calls:
+        with pytest.raises(ValueError, match=message) as refused:
+            call()
+        assert f"{part}." in str(refused.value)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(ids).isfinite().all() and kpro.generate(model, ids, 2).shape == (1, 6)
+    model.to(torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, kpro.model.RMSNorm):
+            module.float()
+    assert model(ids).isfinite().all() and kpro.generate(model, ids, 2).shape == (1, 6)

@@ -357,6 +357,39 @@ def test_lm_loss_runs_a_head_with_hooks_a_bias_or_a_forward_of_its_own_as_the_mo
     torch.testing.assert_close(kt.lm_loss(model, batch).total, expected())
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # no input needs a gradient: ids
+def test_lm_loss_takes_the_logits_where_a_hook_watches_the_model_or_a_wrapper(make_model):
+    """A hook on the Llama itself (logit soft-capping) was run on the hidden states lm_loss asks for with
+    head=False: the loss was of neither the model's logits nor its uncapped ones (6.17 against 4.68 and 6.91), and
+    a backward hook saw the hidden states' gradient. Such a model now makes its logits, as model(ids) does."""
+    model = make_model(tie_word_embeddings=False)
+    batch = kt.collate_prompt_answer([([1, 5, 6, 9], [7, 8]), ([1, 9], [4, 3, 11])], pad_id=0)
+    plain = kt.lm_loss(model, batch).total
+
+    def expected():
+        return kt.causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], reduction="sum")
+
+    for handle in (model.register_forward_hook(lambda module, args, out: 3 * torch.tanh(out / 3)),
+                   model.register_forward_pre_hook(lambda module, args: None)):
+        try:
+            assert kt.loss.output_head_weight(model) is None
+            assert kt.loss.output_head_weight(torch.compile(model)) is None  # the Llama it wraps is watched
+            torch.testing.assert_close(kt.lm_loss(model, batch).total, expected())
+        finally:
+            handle.remove()
+    assert torch.equal(kt.lm_loss(model, batch).total, plain)
+    seen = []
+    handle = model.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
+    kt.lm_loss(model, batch).total.backward()
+    handle.remove()
+    assert seen == [batch["input_ids"].shape + (model.config.vocab_size,)]  # the logits', not the hidden states'
+    compiled = torch.compile(model)
+    handle = compiled.register_forward_hook(lambda module, args, out: out)  # on the wrapper: it sees the output too
+    assert kt.loss.output_head_weight(compiled) is None
+    handle.remove()
+    assert kt.loss.output_head_weight(compiled) is model.lm_head.weight
+
+
 def test_the_losses_trace_under_fake_and_meta_tensors_with_their_checks_kept(make_model):
     """The padding check and the mean's count of loss tokens read values outside torch.compile only: under
     FakeTensorMode (memory estimates) and make_fx(tracing_mode="fake") they failed with a data-dependent
@@ -454,21 +487,29 @@ def test_adamw_keeps_numpy_eps_and_betas_as_python_floats(make_model, tmp_path):
         kt.adamw(model, 1e-3, fused="no")
 
 
-def test_adamw_refuses_float16_parameters_where_its_eps_is_0(make_model):
+def test_adamw_refuses_float16_parameters(make_model):
     """AdamW's eps=1e-8 is 0 in float16: `train-expanded --dtype float16` always stopped at a NaN loss, its
-    message suggesting a lower learning rate or clipping, neither of which could help."""
+    message suggesting a lower learning rate or clipping, neither of which could help. Nor could the eps it then
+    suggested (1e-7 or more): AdamW keeps its second moment in float16, where (1 - beta2)·g² is 0 for most
+    gradients, and such a weight's step is m / eps (a tiny model's loss 4.2 -> 67 in one step with eps 1e-6)."""
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
     p.grad = torch.zeros_like(p)
     torch.optim.AdamW([p], lr=1e-3, eps=1e-8, foreach=True).step()
     assert p.isnan().all()  # the step it would have taken: 0 / (sqrt(0) + 0)
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    p.grad = torch.full_like(p, 1e-3)
+    optimizer = torch.optim.AdamW([p], lr=1e-3, eps=1e-6, foreach=True)
+    optimizer.step()
+    assert (optimizer.state[p]["exp_avg_sq"] == 0).all() and (p.float().abs() > 0.05).all()  # 50x the lr, not ~1x
     model = make_model(dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, where AdamW's eps=1e-08 is 0: "
-                                         r".*keep the weights in float32 .* or bfloat16, or pass an eps"):
-        kt.adamw(model, 1e-3)
+    for eps in (1e-8, 1e-6, 1e-4):
+        for fused in (False, True):  # torch's fused kernel keeps the moments in float16 too
+            with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, which AdamW cannot train: "
+                                                 r"its second moment.*keep the weights in float32 .* or bfloat16$"):
+                kt.adamw(model, 1e-3, eps=eps, fused=fused)
     from kpro.internalize.loop import adamw_every_parameter  # ICoT's optimizer, the same implementation choice
-    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, where AdamW's eps=1e-08 is 0"):
+    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, which AdamW cannot train"):
         adamw_every_parameter(model, 1e-3, 0.01)
-    kt.adamw(model, 1e-3, eps=1e-4)  # an eps float16 holds: as asked
     model.requires_grad_(False)
     model.norm.weight.data = model.norm.weight.data.float()
     model.norm.requires_grad_(True)
@@ -489,11 +530,11 @@ def test_adamw_refuses_an_eps_of_0(make_model):
     # fused (a GPU's default) was not checked: its kernel computes half precision and float32 in float32
     with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float32, where AdamW's eps=1e-50 is 0"):
         kt.adamw(model, 1e-3, eps=1e-50, fused=True)
-    half = make_model(dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is float16, which AdamW's fused kernel "
+    half = make_model(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"parameter embed_tokens.weight is bfloat16, which AdamW's fused kernel "
                                          r"computes in float32, where eps=1e-50 is 0: .*float32 holds"):
         kt.adamw(half, 1e-3, eps=1e-50, fused=True)
-    kt.adamw(half, 1e-3, fused=True)  # the default 1e-8, 0 in float16, holds in the fused kernel's float32
+    kt.adamw(half, 1e-3, fused=True)
     kt.adamw(model.double(), 1e-3, eps=1e-50)  # float64 holds it
     kt.adamw(model, 1e-3, eps=1e-50, fused=True)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .._files import atomic_directory
-from ..checkpoint import (CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, _plan_shards, checked_dtype, hf_tensors,
-                          is_weight_file, parse_size)
+from ..checkpoint import (CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, _plan_shards, check_finite_after_cast,
+                          checked_dtype, hf_tensors, is_weight_file, parse_size)
 from ..config import ConfigError, LlamaConfig
 from ..errors import listed
 from ..model import Llama
@@ -262,7 +262,9 @@ def from_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     state = {}
     for hf_name, gguf_name in plan.items():
         key = hf_name.removeprefix("model.")
-        state[key] = load_tensor(file, cfg, hf_name, gguf_name).to(device=device, dtype=dtype)
+        stored = load_tensor(file, cfg, hf_name, gguf_name)
+        state[key] = stored.to(device=device, dtype=dtype)
+        check_finite_after_cast(stored, state[key], f"{path}: tensor {gguf_name}", GGUFError)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -344,7 +346,10 @@ def _write_weights(file: GGUFFile, cfg: LlamaConfig, plan: dict, dtype: torch.dt
     written = 0
 
     def load(name):
-        return load_tensor(file, cfg, name, plan[name])
+        stored = load_tensor(file, cfg, name, plan[name])
+        converted = stored.to(dtype)
+        check_finite_after_cast(stored, converted, f"{file.path}: tensor {plan[name]}", GGUFError)
+        return converted
 
     def tensor_written():
         nonlocal written

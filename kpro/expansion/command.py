@@ -54,7 +54,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norms)")
     p.add_argument("--recompute-frozen", action="store_true",
                    help="keep only each frozen block's input and recompute it in backward (less memory, slower)")
-    # not float16: AdamW's eps (1e-8) is 0 there, and a new block's zero gradient at step 1 gives NaN
+    # not float16: AdamW cannot train float16 weights (its second moment underflows; kt.adamw refuses them)
     p.add_argument("--dtype", choices=sorted(set(DTYPES) - {"float16"}), default="float32",
                    help="dtype of the weights while training (bf16 autocast runs on a GPU anyway)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

@@ -127,8 +127,8 @@ def blocks_to_train(directory: Path, blocks) -> list[int]:
 
 
 def checkpoint_dtype(directory: Path) -> torch.dtype:
-    """The floating-point dtype holding most of the checkpoint's parameters, over every shard (the rule of
-    `load_pretrained(dtype="auto")`)."""
+    """The floating-point dtype holding most of the checkpoint's parameters, over every shard (the one its
+    fingerprint is taken in)."""
     return _majority_dtype(_listed_tensors(directory))
 
 

@@ -123,8 +123,11 @@ def training_batch(examples, schedule: RemovalSchedule, step: int, seed: int, pa
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits[:, t] against labels[:, t + 1], averaged over labels != IGNORE_INDEX."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    """Cross-entropy of logits[:, t] against labels[:, t + 1], averaged over labels != IGNORE_INDEX; in float32, or
+    float64 for float64 logits (as kpro.train's losses)."""
+    scored = logits[:, :-1].flatten(0, 1)
+    return F.cross_entropy(scored.to(torch.promote_types(scored.dtype, torch.float32)), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX)
 
 
 def _non_negative_int(value) -> int:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import lora, ops
-from ..model import Llama, head_is_its_weight
+from ..model import Llama, head_is_its_weight, module_hooks
 from ..ops.backend import values_readable
 
 IGNORE_INDEX = -100
@@ -119,9 +119,15 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, 
 def output_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
     """The head weight of the kpro.Llama that `model` is, or wraps transparently (DDP, torch.compile, a
     `lora.AdaptedModel`), so its forward takes `head=False`, for a loss to take with those hidden states in
-    place of the logits. None for any other model, and for a head that is more than its weight (a bias, hooks,
-    another module: `kpro.model.head_is_its_weight`): the logits must then come from the model's forward."""
-    while not isinstance(model, Llama):
+    place of the logits. None for any other model, for a head that is more than its weight (a bias, hooks,
+    another module: `kpro.model.head_is_its_weight`), and where a hook watches the model or a wrapper: given
+    `head=False`, it would see (and could change) the hidden states in place of the logits. The logits must then
+    come from the model's forward."""
+    while True:
+        if any(not _distributed_own(hook) for hook in module_hooks(model)):
+            return None
+        if isinstance(model, Llama):
+            break
         if isinstance(model, DistributedDataParallel):
             model = model.module
         elif isinstance(model, lora.AdaptedModel):
@@ -131,6 +137,12 @@ def output_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
         else:
             return None
     return model.lm_head.weight if head_is_its_weight(model.lm_head) else None
+
+
+def _distributed_own(hook) -> bool:
+    """A hook torch.distributed puts on the modules it wraps (FSDP2's all-gather before the forward and reshard
+    after it), which changes no value the model computes."""
+    return getattr(hook, "__module__", "").startswith("torch.distributed.")
 
 
 def head_cross_entropy(out: torch.Tensor, head_weight: torch.Tensor | None, targets: torch.Tensor, *,

@@ -81,15 +81,18 @@ def _is_real(value) -> bool:
 
 
 def check_eps_holds(model: nn.Module, eps: float, fused: bool = False) -> None:
-    """Refuse parameters of a dtype where `eps` rounds to 0 (float16 with the default 1e-8; float32 with 1e-50):
+    """Refuse trainable float16 parameters, and parameters of a dtype where `eps` rounds to 0 (float32 with 1e-50):
     AdamW's unfused implementations compute in the parameter's dtype, op by op, so a zero gradient (a fresh
     expansion's new blocks at step 1), or one whose square underflows, makes a step divided by 0: NaN. The fused
-    kernel computes half-precision and float32 parameters in float32: there `eps` must hold in float32."""
+    kernel computes bfloat16 and float32 parameters in float32: there `eps` must hold in float32. Float16
+    is refused whatever `eps` (`_refuse_float16`)."""
     holds = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        computed = torch.float32 if fused and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        if p.dtype == torch.float16:
+            _refuse_float16(name)
+        computed = torch.float32 if fused and p.dtype == torch.bfloat16 else p.dtype
         if computed not in holds:
             holds[computed] = torch.tensor(eps, dtype=computed).item() != 0
         if holds[computed]:
@@ -98,21 +101,27 @@ def check_eps_holds(model: nn.Module, eps: float, fused: bool = False) -> None:
             raise ValueError(f"parameter {name} is {str(p.dtype).removeprefix('torch.')}, which AdamW's fused kernel "
                              f"computes in float32, where eps={eps} is 0: a zero or tiny gradient divides by 0 (a NaN "
                              f"step); pass an eps that float32 holds (at least {torch.finfo(torch.float32).tiny:g})")
-        if p.dtype == torch.float16:
-            raise ValueError(f"parameter {name} is float16, where AdamW's eps={eps} is 0: a zero or tiny gradient "
-                             "divides by 0 (a NaN step); keep the weights in float32 (bf16 autocast, fit's precision "
-                             "on a GPU, still computes in half precision) or bfloat16, or pass an eps that float16 "
-                             "holds (1e-7 or more)")
         dtype = str(p.dtype).removeprefix("torch.")
         raise ValueError(f"parameter {name} is {dtype}, where AdamW's eps={eps} is 0: a zero or tiny gradient divides "
                          f"by 0 (a NaN step); pass an eps that {dtype} holds (at least "
                          f"{torch.finfo(p.dtype).tiny:g})")
 
 
+def _refuse_float16(name: str) -> None:
+    """AdamW keeps its moments in the parameter's dtype (torch's fused kernel too, computing in float32 between):
+    in float16 the second moment, (1 - beta2)·g², is 0 for every gradient below about 5.5e-3 (beta2 0.999), and
+    such a weight's step is lr·g/eps, not about lr: with eps 1e-6 a tiny LLaMA's loss went from 4.2 to 67 in one
+    step (1e-7: NaN at step 2); a larger eps only damps every update, the others' too."""
+    raise ValueError(f"parameter {name} is float16, which AdamW cannot train: its second moment, kept in float16, "
+                     "underflows to 0 for gradients below about 5e-3 (beta2 0.999), and their steps blow up (a NaN "
+                     "loss within a few steps); keep the weights in float32 (bf16 autocast, fit's precision on a GPU, "
+                     "still computes in half precision) or bfloat16")
+
+
 def implementation(model: nn.Module, fused: bool | None = None, eps: float = 1e-8) -> dict:
-    """AdamW's `fused`/`foreach` keywords for the model's trainable parameters (see `adamw`); parameters are
-    refused where `eps` is 0 in the dtype their step computes in (`check_eps_holds`: their own unfused, float32
-    for half precision fused)."""
+    """AdamW's `fused`/`foreach` keywords for the model's trainable parameters (see `adamw`); float16 parameters
+    are refused, and others where `eps` is 0 in the dtype their step computes in (`check_eps_holds`: their own
+    unfused, float32 for bfloat16 fused)."""
     devices = {p.device.type for p in model.parameters() if p.requires_grad}
     if fused is None:
         fused = devices == {"cuda"}
