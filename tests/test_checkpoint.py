@@ -705,3 +705,20 @@ def test_the_index_total_size_of_a_bf16_sharded_save_counts_two_bytes_a_paramete
     on_disk = sum(t.nbytes for name in shards for t in load_file(tmp_path / "ck" / name).values())
     assert index["metadata"]["total_size"] == on_disk == \
         sum(t.numel() * 2 for t in kpro.checkpoint.hf_tensors(model).values())
+
+
+@pytest.mark.parametrize("stored, value, wanted", [(torch.float64, 1e39, torch.float32),
+                                                   (torch.float32, 3.4e38, torch.bfloat16)])
+def test_a_conversion_that_makes_a_weight_infinite_is_refused_whatever_the_dtypes(tmp_path, make_model, stored,
+                                                                                  value, wanted):
+    """Not only float16 overflows: float64 -> float32, and float32 -> bfloat16 (whose largest, 3.39e38, is below
+    float32's)."""
+    model = make_model(dtype=stored)
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj.weight[1, 2] = value
+    kpro.save_pretrained(model, tmp_path / "ck")
+    assert torch.isinf(torch.tensor(value, dtype=stored).to(wanted))
+    name = str(wanted).removeprefix("torch.")
+    with pytest.raises(kpro.CheckpointError, match=re.escape(f"tensor model.layers.0.mlp.down_proj.weight holds "
+                                                             f"{value:g}, beyond {name}'s largest")):
+        kpro.load_pretrained(tmp_path / "ck", dtype=wanted)

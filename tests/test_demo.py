@@ -9,6 +9,7 @@ and must print SHOWN, with those figures.
 import contextlib
 import functools
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -1153,3 +1154,15 @@ def test_expansion_curves_reports_its_progress_from_the_runs_metrics(tmp_path, m
     for groups in seen:
         for paths, total in groups.values():
             assert paths and sum(last_logged_step(path) for path in paths) == total
+
+
+def test_a_clean_split_of_unequal_sides_is_fishers_exact_chance():
+    """The clean split's chance, and its printed odds, for sides of unequal sizes (the acts' are equal, where
+    C(2n, n) would pass too), against the arrangements counted one by one."""
+    for n_a, n_b in ((3, 5), (5, 3), (5, 8), (1, 4), (6, 2)):
+        arrangements = sum(1 for _ in itertools.combinations(range(n_a + n_b), n_a))
+        assert claims.clean_split(n_a, n_b) == pytest.approx(1 / arrangements, rel=1e-12), (n_a, n_b)
+    assert claims.exceeds_standard_errors(1.0, 0.0, (5, 8))  # 1 in 1,287 < 1 in 741
+    assert not claims.exceeds_standard_errors(1.0, 0.0, (5, 6))  # 1 in 462
+    assert "a chance of 1 in 1,287 (3 standard errors: 1 in 741)" in claims.in_standard_errors(
+        1.0, 0.0, 3, questions=(5, 8))

@@ -426,3 +426,15 @@ def test_decode_refuses_a_cache_too_small_and_a_mask_not_covering_it_before_the_
         logits = model(ids, cache=cache)[:, -1]
     new = kpro.generation.decode(model, cache, logits, torch.ones(1, 4, dtype=torch.long), 8, eos_token_id=[])
     assert torch.equal(new, kpro.generate(model, ids, 8, eos_token_id=[])[:, 4:])
+
+
+def test_an_all_ones_mask_does_not_mark_the_cache_padded(make_model):
+    """A mask of ones holds no padding: the next call may leave the mask out, as after no mask at all (the other
+    cache tests' masks hold zeros)."""
+    model = make_model()
+    rows = torch.tensor([[5, 6, 4], [7, 8, 9]])
+    cache = kpro.KVCache(model.config, 2, 8, torch.float64)
+    model(rows, torch.ones_like(rows), cache=cache)
+    assert not cache.padded
+    new = torch.tensor([[3], [10]])
+    torch.testing.assert_close(model(new, cache=cache)[:, -1], model(torch.cat((rows, new), 1))[:, -1])

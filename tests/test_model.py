@@ -315,3 +315,50 @@ def test_matrices_of_several_dtypes_are_named_by_the_forward_and_generate(make_m
         if isinstance(module, kpro.model.RMSNorm):
             module.float()
     assert model(ids).isfinite().all() and kpro.generate(model, ids, 2).shape == (1, 6)
+
+
+def test_rope_keeps_the_rotated_tensors_dtype_and_attention_gets_one_dtype_under_autocast(make_model, monkeypatch):
+    """apply_rope returns the rotated tensor's dtype, not the promoted one of its float32 tables: under autocast q, k
+    and v reach attention in one dtype, the autocast's, as its kernels (and the KV cache, made in activation_dtype)
+    expect. Nothing failed without it on the CPU, whose attention takes float32 q, k beside bfloat16 v."""
+    q = torch.randn(1, 3, 2, 8, dtype=torch.bfloat16)
+    cos, sin = kpro.rope.RotaryEmbedding(make_model().config)(torch.arange(3)[None], torch.float32)
+    assert kpro.rope.apply_rope(q, cos, sin).dtype == torch.bfloat16
+    model = make_model(dtype=torch.float32)
+    seen, attention = [], kpro.ops.attention
+    monkeypatch.setattr(kpro.ops, "attention", lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype))
+                        or attention(q, k, v, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([[1, 5, 9, 3]]))
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rope_tables_are_the_float64_cos_and_sin_rounded_once(make_model, dtype):
+    """The rope tables are cos and sin of float64 angles, rounded once to the model's dtype: a bfloat16 angle at
+    position 1000 is off by up to 2 radians, which the float64 models of the logits tests cannot see."""
+    config = make_model().config
+    positions = torch.arange(0, 4096, 7)[None]
+    cos, sin = kpro.rope.RotaryEmbedding(config)(positions, dtype)
+    inv = torch.tensor([1.0 / config.rope_theta ** (2 * i / config.head_dim) for i in range(config.head_dim // 2)],
+                       dtype=torch.float64)
+    angles = positions[..., None].double() * inv
+    angles = torch.cat((angles, angles), -1)
+    assert cos.dtype == sin.dtype == dtype
+    assert torch.equal(cos, angles.cos().to(dtype)) and torch.equal(sin, angles.sin().to(dtype))
+
+
+def test_a_scalar_type_error_on_mixed_matrices_is_named(make_model):
+    """On the CPU every mixed-dtype failure of the forward is torch's "expected m1 and m2 to have the same dtype";
+    other kernels (CUDA's, some of torch's ops) say "expected scalar type Float but found BFloat16": the head
+    raises it here in their place, and the error names the matrices all the same."""
+    model = make_model(dtype=torch.bfloat16)
+    model.lm_head.float()
+
+    def head(x):
+        raise RuntimeError("expected scalar type Float but found BFloat16")
+
+    model.lm_head.forward = head
+    with pytest.raises(ValueError, match=r"the model's matrices are of several dtypes \(embed_tokens.weight bfloat16, "
+                                         r"lm_head.weight float32\)"):
+        model(torch.tensor([[1, 5, 9, 3]]))

@@ -729,3 +729,71 @@ def test_atomic_file_leaves_neither_the_file_nor_its_temporary_when_the_block_fa
             f.write(b"new")
             raise ValueError
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"] and (tmp_path / "x.bin").read_bytes() == b"old"
+
+
+def test_adamw_takes_an_eps_that_is_subnormal_but_not_0_in_the_weights_dtype(make_model):
+    """An eps is refused only where the dtype rounds it to 0: 1e-40 is a float32 subnormal, not 0, and a zero
+    gradient's step stays 0, not 0/0 (the refusal advised the smallest normal number, a stricter rule than its own)."""
+    model = make_model(dtype=torch.float32)
+    assert torch.tensor(1e-40, dtype=torch.float32).item() != 0
+    optimizer = kt.adamw(model, 1e-3, eps=1e-40)
+    kt.adamw(make_model(dtype=torch.bfloat16), 1e-3, eps=1e-40, fused=True)  # fused computes it in float32
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for n, p in model.named_parameters():
+        assert p.isfinite().all() and torch.equal(p, before[n]), n  # weight decay 0: a zero gradient moves nothing
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_lm_loss_takes_the_logits_where_a_backward_pre_hook_watches_the_model_or_its_head(make_model):
+    """A full backward pre-hook sees (and may change) the gradient of the module's output: on the model given
+    head=False it would see the hidden states' gradient [B, T, hidden], not the logits' [B, T, vocab]; on the head,
+    the fused loss would never call it."""
+    model = make_model(tie_word_embeddings=False)
+    batch = kt.collate_prompt_answer([([1, 5, 6, 9], [7, 8]), ([1, 9], [4, 3, 11])], pad_id=0)
+    for module in (model, model.lm_head):
+        seen = []
+        handle = module.register_full_backward_pre_hook(lambda m, grad_out: seen.append(grad_out[0].shape))
+        try:
+            assert kt.loss.output_head_weight(model) is None
+            kt.lm_loss(model, batch).total.backward()
+        finally:
+            handle.remove()
+        assert seen == [batch["input_ids"].shape + (model.config.vocab_size,)]
+    assert kt.loss.output_head_weight(model) is model.lm_head.weight
+
+
+@pytest.mark.parametrize("register", ["register_module_forward_pre_hook", "register_module_forward_hook",
+                                      "register_module_full_backward_pre_hook", "register_module_full_backward_hook"])
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_every_global_module_hook_makes_lm_loss_take_the_logits(make_model, register):
+    """Each of torch's four global module hooks makes the loss take the logits: a global pre-hook doubling the
+    head's input counts in lm_loss as in model(ids)."""
+    model = make_model(tie_word_embeddings=False)
+    batch = kt.collate_prompt_answer([([1, 5, 6, 9], [7, 8]), ([1, 9], [4, 3, 11])], pad_id=0)
+    doubling = register == "register_module_forward_pre_hook"
+    hook = ((lambda module, args: (args[0] * 2,) if module is model.lm_head else None) if doubling
+            else (lambda *args: None))
+    handle = getattr(torch.nn.modules.module, register)(hook)
+    try:
+        assert kt.loss.output_head_weight(model) is None
+        if doubling:
+            expected = kt.causal_lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"],
+                                         reduction="sum")
+            torch.testing.assert_close(kt.lm_loss(model, batch).total, expected)
+    finally:
+        handle.remove()
+
+
+def test_only_torch_distributeds_own_hooks_are_taken_as_changing_no_value():
+    """Only torch.distributed's own hooks (FSDP2's) are passed over: torch.nn.utils.prune's forward pre-hook, from
+    torch too, recomputes the weight."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    from torch.nn.utils import prune
+    linear = torch.nn.Linear(4, 4)
+    prune.l1_unstructured(linear, "weight", 0.5)
+    hooks = kpro.model.module_hooks(linear)
+    assert hooks and not any(kt.loss._distributed_own(hook) for hook in hooks)
+    assert kt.loss._distributed_own(FSDPState._pre_forward)

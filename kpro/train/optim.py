@@ -100,11 +100,16 @@ def check_eps_holds(model: nn.Module, eps: float, fused: bool = False) -> None:
         if computed != p.dtype:
             raise ValueError(f"parameter {name} is {str(p.dtype).removeprefix('torch.')}, which AdamW's fused kernel "
                              f"computes in float32, where eps={eps} is 0: a zero or tiny gradient divides by 0 (a NaN "
-                             f"step); pass an eps that float32 holds (at least {torch.finfo(torch.float32).tiny:g})")
+                             f"step); pass an eps that float32 holds (at least {_smallest(torch.float32):.2g})")
         dtype = str(p.dtype).removeprefix("torch.")
         raise ValueError(f"parameter {name} is {dtype}, where AdamW's eps={eps} is 0: a zero or tiny gradient divides "
-                         f"by 0 (a NaN step); pass an eps that {dtype} holds (at least "
-                         f"{torch.finfo(p.dtype).tiny:g})")
+                         f"by 0 (a NaN step); pass an eps that {dtype} holds (at least {_smallest(p.dtype):.2g})")
+
+
+def _smallest(dtype: torch.dtype) -> float:
+    """The smallest positive number `dtype` holds (a subnormal: an eps only needs not to be 0)."""
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps
 
 
 def _refuse_float16(name: str) -> None:
