@@ -96,16 +96,19 @@ def _naming_mixed_matrices(method):
     return checked
 
 
-def mixed_matrix_dtypes(model: nn.Module) -> str | None:
-    """What is wrong where `model`'s matrices (the weights of its linear and embedding layers; not LoRA adapters,
-    float32 beside any base) are of several dtypes outside autocast, which would run the forward in one; None where
-    they share one, or autocast is on (it casts them)."""
+def mixed_matrix_dtypes(model: "Llama") -> str | None:
+    """What is wrong where `model`'s own matrices (the embedding, the blocks' projections, the head; not LoRA
+    adapters, kept in float32 beside any base) are of several dtypes outside autocast, which would run the forward
+    in one; None where they share one, or autocast is on (it casts them)."""
+    matrices = [("embed_tokens", model.embed_tokens)]
+    matrices += [(f"layers.{i}.{name}", module) for i, layer in enumerate(model.layers)
+                 for name, module in layer.named_modules() if name.endswith("_proj")]  # a LoRALinear: its base
     first: dict[torch.dtype, str] = {}
-    for name, module in model.named_modules():
+    for name, module in [*matrices, ("lm_head", model.lm_head)]:
         weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
+        if isinstance(weight, torch.Tensor):
             first.setdefault(weight.dtype, f"{name}.weight")
-    device = next(model.parameters()).device.type
+    device = model.embed_tokens.weight.device.type
     if len(first) < 2 or torch.is_autocast_enabled(device):
         return None
     held = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for dtype, name in first.items())

@@ -739,6 +739,38 @@ def test_resuming_tune_with_other_adapters_or_loss_is_refused(tmp_path, method):
             tune(mode="no_mix")  # ignored before
 
 
+def test_a_run_tuned_on_a_base_of_one_dtype_resumed_on_float32_norms_beside_it_says_how_to_load_it(tmp_path):
+    """load_pretrained(dtype="auto") now keeps a checkpoint's float32 norms beside its bfloat16 matrices, where it
+    cast every tensor to bfloat16: a run tuned on the old load is refused as another base, and says which dtype
+    gives the run its base."""
+    def base(mixed):
+        torch.manual_seed(0)
+        model = kpro.Llama(tiny_config()).to(torch.bfloat16)
+        if mixed:
+            for module in model.modules():
+                if isinstance(module, kpro.model.RMSNorm):
+                    module.float()
+            randomize = torch.Generator().manual_seed(3)  # values bfloat16 would round
+            with torch.no_grad():
+                for module in model.modules():
+                    if isinstance(module, kpro.model.RMSNorm):
+                        module.weight.add_(torch.rand(module.weight.shape, generator=randomize) * 1e-3)
+        return model
+
+    def tune(model, steps):
+        return bitune.tune(model, tiny_pairs(8), "lora", tmp_path / "out", steps=steps, batch_size=4, rank=2)
+
+    tune(base(False), 1)
+    with pytest.raises(kpro.errors.OtherSettings, match=r"\(another base model\); if it is the same checkpoint: "
+                                                        r"load_pretrained\(dtype=\"auto\"\) keeps each tensor's stored "
+                                                        r"dtype, where it once cast every tensor to bfloat16: load the "
+                                                        r"base with dtype=torch.bfloat16\n"):
+        tune(base(True), 2)
+    with pytest.raises(kpro.errors.OtherSettings, match=r"\(another base model\)\n"):  # one dtype: no such hint
+        torch.manual_seed(5)
+        tune(kpro.Llama(tiny_config()).to(torch.bfloat16), 2)
+
+
 def test_a_resume_in_another_dtype_names_the_dtype_and_another_base_only_where_one_is(tmp_path):
     """The base digest, taken in the model's dtype, was all a resume compared: the same base in another dtype was
     refused as "base_model: ... (another base model, or another dtype of it)", which left the user to guess. The

@@ -855,9 +855,11 @@ def test_train_expanded_refuses_float16_weights(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train-expanded", str(tmp_path / "big"), "--data", str(tmp_path / "corpus.txt"), "--dtype", "float16"])
     assert "argument --dtype: invalid choice: 'float16'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"is float16, which AdamW cannot train"):
-        train_expanded(tmp_path / "big", tmp_path / "corpus.txt", tmp_path / "run", steps=1, seq_len=8, batch_size=2,
-                       dtype=torch.float16, device="cpu")
+    for dtype in (torch.float16, "fp16"):  # refused before the corpus is tokenized, not by AdamW afterwards
+        with pytest.raises(ValueError, match=r"^dtype float16 is a dtype AdamW cannot train: its second moment"):
+            train_expanded(tmp_path / "big", tmp_path / "corpus.txt", tmp_path / "run", steps=1, seq_len=8,
+                           batch_size=2, dtype=dtype, device="cpu")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------ more --steps

@@ -362,3 +362,19 @@ def test_a_scalar_type_error_on_mixed_matrices_is_named(make_model):
     with pytest.raises(ValueError, match=r"the model's matrices are of several dtypes \(embed_tokens.weight bfloat16, "
                                          r"lm_head.weight float32\)"):
         model(torch.tensor([[1, 5, 9, 3]]))
+
+
+def test_lora_adapters_in_float32_beside_a_bfloat16_base_are_not_mixed_matrices(make_model):
+    """kpro keeps LoRA adapters in float32 beside any base: the mixed-matrices check counted them, so generate
+    refused every adapted bfloat16 model, and a float32 head beside such adapters was named as an adapter."""
+    model = make_model(dtype=torch.bfloat16)
+    kpro.lora.add_adapters(model, ["a"], rank=2, seed=0)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with kpro.lora.active(model, "a"):
+        assert kpro.generate(model, ids, 2).shape == (1, 6) and model(ids).dtype == torch.bfloat16
+        model.lm_head.float()
+        for call in (lambda: model(ids), lambda: kpro.generate(model, ids, 2)):
+            with pytest.raises(ValueError, match=r"several dtypes \(embed_tokens.weight bfloat16, lm_head.weight "
+                                                 r"float32\)"):
+                call()
+

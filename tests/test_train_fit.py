@@ -1723,6 +1723,23 @@ def test_resuming_with_other_clipping_precision_or_dtypes_is_refused(tmp_path):
     assert kt.fit(make_model(), batches(), tmp_path, steps=4, precision="fp32").step == 4  # "auto" was fp32 here
 
 
+def test_a_run_of_one_dtype_resumed_on_float32_norms_beside_it_says_how_to_load_its_model(tmp_path):
+    """load_pretrained(dtype="auto") cast every tensor to the dtype of most parameters, and now keeps float32 norms
+    beside bfloat16 matrices: a run started on the old load is refused on the new one, saying which dtype to load."""
+    kt.fit(make_model().to(torch.bfloat16), batches(), tmp_path / "run", steps=4, callbacks=[StopAt(2)])
+    mixed = make_model().to(torch.bfloat16)
+    for module in mixed.modules():
+        if isinstance(module, kpro.model.RMSNorm):
+            module.float()
+    with pytest.raises(kpro.CheckpointError, match=r"param_dtypes: 'bfloat16' in the checkpoint, 'bfloat16, float32' "
+                                                   r"now \(load_pretrained\(dtype=\"auto\"\) keeps each tensor's "
+                                                   r"stored dtype, .*: load the model with dtype=torch.bfloat16, as this "
+                                                   r"run's was\)\n"):
+        kt.fit(mixed, batches(), tmp_path / "run", steps=4)
+    with pytest.raises(kpro.CheckpointError, match=r"param_dtypes: 'bfloat16' in the checkpoint, 'float32' now\n"):
+        kt.fit(make_model(), batches(), tmp_path / "run", steps=4)  # no hint: float32 alone is not the old load
+
+
 def test_a_schedule_that_ends_before_the_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"cosine schedule decays to 0 at total_steps=4, before steps=8: the last 4 "
                                          r"steps would train at lr 0; give the Schedule total_steps=8"):

@@ -205,10 +205,20 @@ def _check_resumable(run_dir: Path, settings: dict, model: Llama) -> None:
                        for key, value in differences.items()}
     if differences:
         lines = [f"{key}: {was!r} in the checkpoint, {now!r} now" + BASE_HINTS.get(key, "")
+                 + (_mixed_base_hint(model, settings["base_dtype"]) if key == "base_model" else "")
                  for key, (was, now) in differences.items()]
         raise OtherSettings(f"{last} was tuned with other settings than this call asks for:\n  " + "\n  ".join(lines)
                             + f"\nresume with the same settings, or tune into another out_dir than {run_dir.parent}",
                             differences)
+
+
+def _mixed_base_hint(model: Llama, base_dtype: str) -> str:
+    """Where the base given holds weights of several dtypes (float32 norms beside its matrices, as
+    load_pretrained(dtype="auto") now keeps them), how to give a run tuned on it loaded whole its base."""
+    if len({t.dtype for t in adapters._base_tensors(model).values()}) < 2:
+        return ""
+    return (f"; if it is the same checkpoint: load_pretrained(dtype=\"auto\") keeps each tensor's stored dtype, "
+            f"where it once cast every tensor to {base_dtype}: load the base with dtype=torch.{base_dtype}")
 
 
 def _base_in_dtype(model: Llama, saved: dict) -> str:

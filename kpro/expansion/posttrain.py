@@ -21,11 +21,12 @@ from .._files import atomic_directory
 from .._run_lock import holding
 from .._safetensors import TensorBytes, check_checkpoint_directory, read_header
 from ..adapters import base_fingerprint
-from ..checkpoint import _write_checkpoint, hf_name, load_pretrained, parse_size, tensor_locations
+from ..checkpoint import _write_checkpoint, checked_dtype, hf_name, load_pretrained, parse_size, tensor_locations
 from ..tokenizer import document_bos_id, load_tokenizer, special_token_in
 from ..distributed import on_main
 from ..train import Batches, Callback, Schedule, TokenShards, adamw, fit, init_distributed, pack_documents
 from ..train.checkpointing import saved_schedule
+from ..train.optim import FLOAT16_REFUSED
 from ..train.data import read_jsonl
 from ..train.shards import is_shard_directory
 from ..train.tokenize import check_tokenizer, framing, is_jsonl, read_documents, refuse_repeated_files
@@ -157,6 +158,8 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
     `out_dir` resumes. Under torchrun each process trains on its device (DDP) and rank 0 writes. `save_frozen=False`:
     checkpoints without the frozen weights (`fit`'s); the final model is whole either way."""
     directory, out_dir = Path(directory), Path(out_dir)
+    if checked_dtype(dtype) == torch.float16:  # AdamW's refusal would come once the corpus is tokenized
+        raise ValueError(f"dtype float16 is a dtype {FLOAT16_REFUSED}")
     stream = sys.stderr if stream is None else stream  # progress and status; fit's default too
     check_checkpoint_directory(directory)
     check_out_dir(directory, out_dir, "out_dir")

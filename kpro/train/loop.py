@@ -556,7 +556,8 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
                                   "with the loop that wrote it, or start fit in a new directory")
         differences = _settings_differences(checkpoint, state, settings, run.env)
         if differences:
-            lines = [f"{name}: {saved!r} in the checkpoint, {now!r} now" for name, (saved, now) in differences.items()]
+            lines = [f"{name}: {saved!r} in the checkpoint, {now!r} now" + _dtypes_hint(name, saved, now)
+                     for name, (saved, now) in differences.items()]
             raise OtherSettings(f"{checkpoint} was trained with other settings than this call asks for:\n  "
                                 + "\n  ".join(lines) + "\nresume with the same settings (another number of "
                                 "total steps is fine: it extends or shortens the run), or start a new run directory "
@@ -598,6 +599,15 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
               f"{saved.get('total_steps')}): the {schedule['kind']} schedule follows the new total from here",
               file=sys.stderr)
     return (state["data"] if isinstance(state.get("data"), dict) else {}), data, state.get(FROZEN_AT_START)
+
+
+def _dtypes_hint(name: str, saved, now) -> str:
+    """Where a run's weights were all of one dtype and the model given holds that one and others (float32 norms
+    beside bfloat16 matrices, as load_pretrained(dtype="auto") now keeps them), how to give the run its model."""
+    if name != "param_dtypes" or not isinstance(saved, str) or ", " in saved or saved not in str(now).split(", "):
+        return ""
+    return (f" (load_pretrained(dtype=\"auto\") keeps each tensor's stored dtype, where it once cast every tensor "
+            f"to the dtype of most parameters: load the model with dtype=torch.{saved}, as this run's was)")
 
 
 def _settings_differences(checkpoint: Path, state: dict, settings: dict, env) -> dict[str, tuple]:
