@@ -112,17 +112,17 @@ def _smallest(dtype: torch.dtype) -> float:
     return info.tiny * info.eps
 
 
+FLOAT16_REFUSED = ("AdamW cannot train: its second moment, kept in float16, underflows to 0 for gradients below about "
+                   "5e-3 (beta2 0.999), and their steps blow up (a NaN loss within a few steps); keep the weights in "
+                   "float32 (bf16 autocast, fit's precision on a GPU, still computes in half precision) or bfloat16")
+
+
 def _refuse_float16(name: str) -> None:
     """AdamW keeps its moments in the parameter's dtype (torch's fused kernel too, computing in float32 between):
     in float16 the second moment, (1 - beta2)·g², is 0 for every gradient below about 5.5e-3 (beta2 0.999), and
     such a weight's step is lr·g/eps, not about lr: with eps 1e-6 a tiny LLaMA's loss went from 4.2 to 67 in one
     step (1e-7: NaN at step 2); a larger eps only damps every update, the others' too."""
     raise ValueError(f"parameter {name} is float16, which {FLOAT16_REFUSED}")
-
-
-FLOAT16_REFUSED = ("AdamW cannot train: its second moment, kept in float16, underflows to 0 for gradients below about "
-                   "5e-3 (beta2 0.999), and their steps blow up (a NaN loss within a few steps); keep the weights in "
-                   "float32 (bf16 autocast, fit's precision on a GPU, still computes in half precision) or bfloat16")
 
 
 def implementation(model: nn.Module, fused: bool | None = None, eps: float = 1e-8) -> dict:
