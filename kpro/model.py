@@ -100,16 +100,17 @@ def mixed_matrix_dtypes(model: "Llama") -> str | None:
     """What is wrong where `model`'s own matrices (the embedding, the blocks' projections, the head; not LoRA
     adapters, kept in float32 beside any base) are of several dtypes outside autocast, which would run the forward
     in one; None where they share one, or autocast is on (it casts them)."""
-    matrices = [("embed_tokens", model.embed_tokens)]
-    matrices += [(f"layers.{i}.{name}", module) for i, layer in enumerate(model.layers)
+    matrices = [("embed_tokens", getattr(model, "embed_tokens", None))]  # generate takes a Llama's parts alone
+    matrices += [(f"layers.{i}.{name}", module) for i, layer in enumerate(getattr(model, "layers", ()))
                  for name, module in layer.named_modules() if name.endswith("_proj")]  # a LoRALinear: its base
     first: dict[torch.dtype, str] = {}
-    for name, module in [*matrices, ("lm_head", model.lm_head)]:
+    devices = set()
+    for name, module in [*matrices, ("lm_head", getattr(model, "lm_head", None))]:
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor):
             first.setdefault(weight.dtype, f"{name}.weight")
-    device = model.embed_tokens.weight.device.type
-    if len(first) < 2 or torch.is_autocast_enabled(device):
+            devices.add(weight.device.type)
+    if len(first) < 2 or any(torch.is_autocast_enabled(device) for device in devices):
         return None
     held = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for dtype, name in first.items())
     return (f"the model's matrices are of several dtypes ({held}), and its forward computes in one: convert them "
