@@ -472,8 +472,11 @@ def _replaced_by_a_save(name: str) -> bool:
     return is_weight_file(name) or name == GGUF_RECORD
 
 
-def _write_file(path: Path, text: str) -> None:
+def _write_file(path: Path, content: str | bytes) -> None:
     with naming_write_failures(path):  # a full disk is seen as the file closes, and that error names no file
-        Path(path).write_text(text)
+        if isinstance(content, bytes):
+            Path(path).write_bytes(content)
+        else:
+            Path(path).write_text(content)
 
 

@@ -785,3 +785,21 @@ def test_a_conversion_that_makes_a_weight_infinite_is_refused_by_name(tmp_path, 
         convert_gguf(path, tmp_path / "out", dtype=torch.float16)
     assert not (tmp_path / "out").exists()
     assert from_gguf(path, dtype=torch.bfloat16).norm.weight.isfinite().all()
+
+
+def test_a_conversion_cut_short_by_a_full_disk_names_the_file(tmp_path, small_vocab, monkeypatch):
+    """convert_gguf on a full disk raised a bare "OSError: [Errno 28] No space left on device", naming no file
+    (save_pretrained names it); nothing is left behind either way."""
+    import errno
+    import kpro.convert.gguf_llama as gguf_llama
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab)
+
+    def full(*args):  # as a write to a full disk fails: an OSError naming no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf_llama, "load_tensor", full)  # while the weights file is being written
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(tmp_path / 'out' / 'model.safetensors'))}: no "
+                                      r"space left on device"):
+        convert_gguf(path, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+

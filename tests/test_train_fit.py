@@ -270,6 +270,25 @@ def test_metrics_file_drops_steps_no_checkpoint_kept(tmp_path):
     assert record["tokens"] == sixth["attention_mask"].sum().item()  # real tokens of the global batch
 
 
+def test_a_resume_whose_metrics_rewrite_fails_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """The resume's rewrite of metrics.jsonl (the steps no checkpoint kept dropped) left .metrics.jsonl.tmp-PID in the
+    run directory for good where it failed (a full disk, Ctrl-C), and raised an OSError naming no file."""
+    kt.fit(make_model(), batches(), tmp_path, steps=4, save_every=2, callbacks=[StopAt(3)])
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kpro._files.os, "fsync", full)
+        with pytest.raises(OSError, match=rf"cannot write {re.escape(str(tmp_path / 'metrics.jsonl'))}: no space left"):
+            kt.fit(make_model(), batches(), tmp_path, steps=4, save_every=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "step-00000002", "step-00000003"]
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    kt.fit(make_model(), batches(), tmp_path, steps=4, save_every=2)
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
+
+
 def test_states_a_checkpoint_cannot_load_back_are_refused_before_they_are_saved(tmp_path):
     """trainer_state.pt is read with torch.load(weights_only=True): a NumPy number saved in it made every
     checkpoint of the run unresumable, found out only on resume. Refused when given, naming the entry."""

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .._files import atomic_directory
-from ..checkpoint import (CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, _plan_shards, check_finite_after_cast,
-                          checked_dtype, hf_tensors, is_weight_file, parse_size)
+from .._files import atomic_directory, naming_write_failures
+from ..checkpoint import (CONFIG_NAME, GGUF_RECORD, INDEX_NAME, WEIGHTS_NAME, _plan_shards, _write_file,
+                          check_finite_after_cast, checked_dtype, hf_tensors, is_weight_file, parse_size)
 from ..config import ConfigError, LlamaConfig
 from ..errors import listed
 from ..model import Llama
@@ -304,11 +304,11 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
     with atomic_directory(out, drop=_written_by_a_conversion) as tmp:
         hf_config = cfg.to_hf()
         hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        _write_file(tmp / CONFIG_NAME, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         _write_weights(file, cfg, plan, dtype, tmp, parse_size(max_shard_size), progress)
         for name, content in tokenizer.items():
-            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-        (tmp / RECORD_NAME).write_text(json.dumps(conversion_record(file, dtype), indent=2) + "\n")
+            _write_file(tmp / name, content if isinstance(content, bytes) else content.encode())  # UTF-8, any locale
+        _write_file(tmp / RECORD_NAME, json.dumps(conversion_record(file, dtype), indent=2) + "\n")
     return out
 
 
@@ -368,7 +368,7 @@ def _write_weights(file: GGUFFile, cfg: LlamaConfig, plan: dict, dtype: torch.dt
             weight_map[name] = shard
             total += sizes[name].numel() * sizes[name].element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _write_file(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dtype: torch.dtype, load,
@@ -384,7 +384,7 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dtype: torc
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with naming_write_failures(path), open(path, "wb") as f:  # a full disk's OSError names no file
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape in entries:

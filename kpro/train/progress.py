@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .._files import write_atomic
 from .._numbers import is_integer
 
 
@@ -132,9 +133,8 @@ class MetricsLog:
             self.path.write_text("")
         elif self.path.exists():
             kept = [json.dumps(record) for record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            # removed where the write fails (a full disk, Ctrl-C), which names the file
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
