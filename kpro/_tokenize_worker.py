@@ -37,6 +37,13 @@ def start(tokenizer_dir: str, files: list, pool_worker: bool = False) -> None:
     _TOKENIZER, _FILES = load_tokenizer(tokenizer_dir), files
 
 
+def stop() -> None:
+    """Forget what start loaded: tokenizing in the calling process (workers=1) keeps no tokenizer or file list
+    in this module after it returns or fails."""
+    global _TOKENIZER, _FILES
+    _TOKENIZER, _FILES = None, []
+
+
 def _end_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)

@@ -458,6 +458,20 @@ def test_tokenize_gives_train_expandeds_rows(tmp_path, model, workers):
         assert torch.equal(all_rows(shards), corpus_rows(read_corpus(files), tok, seq_len))
 
 
+def test_tokenizing_in_this_process_keeps_no_tokenizer_after_it_returns_or_fails(tmp_path):
+    """workers=1 tokenizes in the calling process through kpro._tokenize_worker, whose globals kept the tokenizer
+    and the file list after the call (a notebook's memory, until the next call replaced them)."""
+    from kpro import _tokenize_worker
+    files = write_corpus(tmp_path / "corpus")
+    tok_dir = sentencepiece_dir(tmp_path, "sentencepiece_test_model.model")
+    kt.tokenize_corpus(tok_dir, files, tmp_path / "tokens", workers=1, stream=io.StringIO())
+    assert _tokenize_worker._TOKENIZER is None and _tokenize_worker._FILES == []
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        kt.tokenize_corpus(tok_dir, [tmp_path / "bad.jsonl"], tmp_path / "bad", workers=1, stream=io.StringIO())
+    assert _tokenize_worker._TOKENIZER is None and _tokenize_worker._FILES == []
+
+
 def test_tokenize_workers_import_no_torch():
     """Each spawned worker imports kpro._tokenize_worker: a tokenizer, numpy, no torch (a second and 300 MB a
     worker, one worker per core)."""

@@ -360,8 +360,11 @@ def _encoded_results(workers: int, tokenizer_dir: Path, files: list, documents, 
     spawned ones (their results passed through a scratch directory in `out`)."""
     if workers == 1:
         worker.start(str(tokenizer_dir), files)
-        for chunk in _chunks(documents, chunk_bytes):
-            yield worker.encode(chunk)
+        try:
+            for chunk in _chunks(documents, chunk_bytes):
+                yield worker.encode(chunk)
+        finally:
+            worker.stop()
         return
     # Results come back through files (worker.encode_to_file: a worker killed mid-send would hang the pool).
     # The scratch is in --out, not TMPDIR: a run killed outright leaves it where the rerun removes it.
