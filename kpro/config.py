@@ -121,6 +121,12 @@ class _ReadOnlyDict(dict):
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
 
+    def __init__(self, *args, **kwargs):
+        if getattr(self, "_made", False):  # dict.__init__ called again updates it in place
+            self._refuse()
+        super().__init__(*args, **kwargs)
+        self._made = True
+
     def __reduce__(self):
         return _ReadOnlyDict, (dict(self),)
 
@@ -142,6 +148,12 @@ class _ReadOnlyList(list):
 
     __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _refuse
     __iadd__ = __imul__ = _refuse
+
+    def __init__(self, items=()):
+        if getattr(self, "_made", False):  # list.__init__ called again refills it in place
+            self._refuse()
+        super().__init__(items)
+        self._made = True
 
     def __reduce__(self):
         return _ReadOnlyList, (list(self),)

@@ -273,7 +273,7 @@ def test_a_list_of_eos_ids_is_the_configs_own_and_does_not_change_in_place(tmp_p
                                         r"with config.replace\(eos_token_id=\[...\]\)"):
         config.eos_token_id.append(-7)
     for change in (lambda ids: ids.__setitem__(0, 5), lambda ids: ids.extend([4]), lambda ids: ids.pop(),
-                   lambda ids: ids.__iadd__([4]), lambda ids: ids.sort()):
+                   lambda ids: ids.__iadd__([4]), lambda ids: ids.sort(), lambda ids: ids.__init__([7])):
         with pytest.raises(TypeError, match="does not change in place"):
             change(config.eos_token_id)
     assert config.eos_token_id == [2, 3]

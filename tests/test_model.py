@@ -246,6 +246,8 @@ def test_a_config_does_not_change_in_place_and_a_new_one_is_applied():
     scaled = kpro.Llama(tiny_config(rope_scaling={"rope_type": "linear", "factor": 2.0}))
     with pytest.raises(TypeError, match="a LlamaConfig's rope_scaling does not change in place"):
         scaled.config.rope_scaling["factor"] = 8.0  # saved with the model, and not run, before
+    with pytest.raises(TypeError, match="a LlamaConfig's rope_scaling does not change in place"):
+        scaled.config.rope_scaling.__init__(factor=8.0)  # dict.__init__ updates in place
     assert dict(scaled.config.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
 
 
