@@ -39,12 +39,13 @@ DTYPES = _TorchDtypes()
 
 class HelpFormatter(argparse.HelpFormatter):
     """Every subcommand's help formatter: an option's default follows its help text, unless the text names
-    it already or there is none to show (a flag, a required option)."""
+    it already or there is none to show (a flag, whose default is its absence: `--no-save-frozen`'s stored True
+    read as the flag being on; a required option)."""
 
     def _get_help_string(self, action) -> str:
         text = action.help or ""
-        if ("default" in text or not action.option_strings or action.required or action.default is None
-                or action.default is False or action.default is argparse.SUPPRESS):
+        if ("default" in text or not action.option_strings or action.required or action.nargs == 0
+                or action.default is None or action.default is argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
 

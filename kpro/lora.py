@@ -616,17 +616,22 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def refuse_idle_adapters(model: nn.Module, what: str) -> None:
+def refuse_idle_adapters(model: nn.Module, what: str, takes_wrappers: bool = True) -> None:
     """Refuse to evaluate a model whose LoRA layers run no adapter (none active, none merged) unless its base
     was asked for (`lora.active(model, None)`): it computes its base, though the natural call passes the model
-    that add_adapters or tune adapted in place."""
+    that add_adapters or tune adapted in place. `takes_wrappers`: `what` accepts a Bitune or an AdaptedModel
+    (generate takes a Llama alone, so its advice is the context manager)."""
     layers = lora_layers(model)
     if layers and all(layer.active is None and layer.merged is None and not layer.base_asked for layer in layers):
-        names = ", ".join(dict.fromkeys(name for layer in layers for name in layer.adapters))
-        raise ValueError(f"{what}: the model has LoRA adapters ({names}) and none is active or merged, so it would "
-                         "run as its base model: pass what tune returned (a Bitune, or "
-                         "kpro.lora.AdaptedModel(model, name)); to evaluate the base, evaluate it under "
-                         "`with kpro.lora.active(model, None):`")
+        names = list(dict.fromkeys(name for layer in layers for name in layer.adapters))
+        if takes_wrappers:
+            advice = ("pass what tune returned (a Bitune, or kpro.lora.AdaptedModel(model, name)); to evaluate the "
+                      "base, evaluate it under `with kpro.lora.active(model, None):`")
+        else:
+            advice = (f"call it under `with kpro.lora.active(model, {names[0]!r}):` (a Bitune decodes with its own "
+                      "bt.generate(prompts, ...)); for the base, under `with kpro.lora.active(model, None):`")
+        raise ValueError(f"{what}: the model has LoRA adapters ({', '.join(names)}) and none is active or merged, "
+                         f"so it would run as its base model: {advice}")
 
 
 @contextlib.contextmanager

@@ -94,6 +94,9 @@ def test_every_option_has_help_and_shows_its_default():
             no_default.append(flag)
     assert not missing, f"options without help: {missing}"
     assert not no_default, f"options whose help shows no default: {no_default}"
+    flags = [f"{name} {action.option_strings[-1]}" for name, action in subcommand_options()
+             if action.nargs == 0 and formatter._get_help_string(action) != action.help]
+    assert not flags, f"flags whose help shows a default (--no-save-frozen's read 'default: True'): {flags}"
 
 
 def test_every_device_option_defaults_to_auto():

@@ -352,6 +352,82 @@ def test_the_ops_table_gives_the_signatures_of_the_ops():
     assert not problems, "\n".join(problems)
 
 
+def _public_callables() -> dict:
+    """kpro's public functions and classes (and their public methods) by the names docs call them: `name` and
+    `Class.method`; a name two different objects share is left out (a page's `name(...)` would be ambiguous)."""
+    import inspect
+
+    import kpro.bitune
+    import kpro.convert
+    import kpro.expansion
+    import kpro.integrations.hf
+    import kpro.internalize
+    import kpro.lora
+    import kpro.ops
+    import kpro.train
+    found: dict = {}
+    for module in (kpro, kpro.train, kpro.ops, kpro.lora, kpro.internalize, kpro.bitune, kpro.expansion,
+                   kpro.convert, kpro.integrations.hf):
+        for name in getattr(module, "__all__", [n for n in vars(module) if not n.startswith("_")]):
+            thing = getattr(module, name, None)
+            if not callable(thing) or not (getattr(thing, "__module__", "") or "").startswith("kpro"):
+                continue
+            found.setdefault(name, set()).add(thing)
+            if inspect.isclass(thing):
+                for attr, method in vars(thing).items():
+                    method = getattr(thing, attr) if isinstance(method, (classmethod, staticmethod)) else method
+                    if not attr.startswith("_") and callable(method):
+                        found.setdefault(f"{name}.{attr}", set()).add(method)
+    return {name: things.pop() for name, things in found.items() if len(things) == 1}
+
+
+def test_signatures_the_docs_show_make_keyword_only_parameters_keyword_only():
+    """A page's `name(a, b, c=default)` stating the defaults of a kpro function is read as its signature: a parameter
+    shown before any `*` with its default must not be keyword-only (docs/model.md showed `save_pretrained(model,
+    dir, max_shard_size="5GB")`, and `save_pretrained(model, "out", "200KB")` raises a TypeError), and one shown
+    after `*` must exist. Calls (`fit(model, batches, steps=10)`) give values that are not the defaults: skipped."""
+    import ast
+    import inspect
+
+    callables, checked, problems = _public_callables(), [], []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for dotted, arguments in re.findall(r"`([\w.]+)(\((?:[^`()]|\([^`()]*\))*\))`",
+                                            text.replace("\n  ", " ").replace("\n", " ")):
+            parts = dotted.split(".")  # kt.TokenShards, kpro.LlamaConfig.from_hf: the last two names, or the last
+            name = next((n for n in (".".join(parts[-2:]), parts[-1]) if n in callables), None)
+            if name is None:
+                continue
+            shown = name + arguments
+            try:
+                args = ast.parse(f"def f{shown[len(name):]}: pass").body[0].args
+                defaults = [ast.literal_eval(d) for d in args.defaults]
+                kw_defaults = {a.arg: ast.literal_eval(d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d}
+            except (SyntaxError, ValueError):
+                continue  # a call with values or expressions, not a signature
+            try:
+                signature = inspect.signature(callables[name])
+            except (TypeError, ValueError):
+                continue
+            parameters = [p for p in signature.parameters.values() if p.name not in ("self", "cls")]
+            by_name = {p.name: p for p in parameters}
+            stated = dict(zip([a.arg for a in args.args][len(args.args) - len(defaults):], defaults)) | kw_defaults
+            if not stated or any(key not in by_name or by_name[key].default != value for key, value in stated.items()):
+                continue  # no defaults stated, or values that are not the function's defaults: a call
+            checked.append(shown)
+            for index, arg in enumerate(args.args):
+                actual = by_name.get(arg.arg) or (parameters[index] if index < len(parameters) else None)
+                if actual is None or actual.kind not in (actual.POSITIONAL_ONLY, actual.POSITIONAL_OR_KEYWORD):
+                    problems.append(f"{page.relative_to(ROOT)} shows `{shown}`, but {arg.arg} is keyword-only or "
+                                    f"absent: {name}{signature}")
+                    break
+            for arg in args.kwonlyargs:
+                if arg.arg not in by_name:
+                    problems.append(f"{page.relative_to(ROOT)} shows `{shown}`, but {name} has no {arg.arg}")
+    assert len(checked) >= 10, f"too few signatures found in the docs to check: {checked}"
+    assert not problems, "\n".join(problems)
+
+
 def test_measured_figures_are_those_of_results():
     """Each row of a measured table (docs/benchmarks.md's headline figures, and any page's) names a section of
     RESULTS.md, and every number it quotes appears in RESULTS.md: figures are copied, never made up."""

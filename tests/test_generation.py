@@ -438,3 +438,29 @@ def test_an_all_ones_mask_does_not_mark_the_cache_padded(make_model):
     assert not cache.padded
     new = torch.tensor([[3], [10]])
     torch.testing.assert_close(model(new, cache=cache)[:, -1], model(torch.cat((rows, new), 1))[:, -1])
+
+
+def test_a_model_adapted_in_place_with_no_adapter_active_is_refused_with_advice_generate_takes(make_model):
+    """generate's refusal advised passing an AdaptedModel or a Bitune, both of which generate refuses (it takes a
+    Llama): the advice is now the context manager, and following it decodes with the adapter."""
+    from kpro import lora
+    model = make_model()
+    lora.add_adapters(model, ["a", "b"])
+    with torch.no_grad():
+        for layer in lora.lora_layers(model):
+            layer.a.lora_B.weight.normal_()
+    ids = torch.tensor([[1, 5, 9]])
+    with pytest.raises(ValueError, match=r"generate: the model has LoRA adapters \(a, b\) and none is active or "
+                                         r"merged, so it would run as its base model: call it under `with "
+                                         r"kpro\.lora\.active\(model, 'a'\):`"):
+        kpro.generate(model, ids, 4)
+    with lora.active(model, "a"):
+        adapted = kpro.generate(model, ids, 4)
+    with lora.active(model, None):
+        base = kpro.generate(model, ids, 4)
+    assert adapted.shape == base.shape == (1, 7)
+    logits = {name: None for name in ("a", None)}
+    for name in logits:
+        with lora.active(model, name), torch.no_grad():
+            logits[name] = model(ids)
+    assert not torch.allclose(logits["a"], logits[None])  # the adapter is what the advice switches on
