@@ -85,9 +85,12 @@ def _positive_int(value, raw: dict) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+# transformers' names of the MLP's activation x * sigmoid(x): its ACT2FN maps both to nn.SiLU
+SILU_NAMES = ("silu", "swish")
+
 # Fields that change the math: (is the value neutral?, what kpro implements). Any other value is refused.
 _MATH_FIELDS = {
-    "hidden_act": (lambda v, raw: v == "silu", "'silu' only"),
+    "hidden_act": (lambda v, raw: v in SILU_NAMES, "'silu' (or its other name 'swish') only"),
     "attention_bias": (lambda v, raw: v is False, "no attention biases"),
     "mlp_bias": (lambda v, raw: v is False, "no MLP biases"),
     "attention_dropout": (lambda v, raw: v == 0, "no attention dropout"),

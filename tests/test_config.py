@@ -59,6 +59,11 @@ def test_legacy_linear_type_key():
     assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
 
 
+def test_swish_is_silus_other_name():
+    """transformers' ACT2FN maps hidden_act "swish" to nn.SiLU, as kpro.integrations.hf does; from_hf refused it."""
+    assert LlamaConfig.from_hf(dict(LLAMA31_8B, hidden_act="swish"), strict=True) == LlamaConfig.from_hf(LLAMA31_8B)
+
+
 def test_mistral_without_sliding_window_is_llama():
     cfg = LlamaConfig.from_hf(dict(LLAMA31_8B, model_type="mistral", architectures=["MistralForCausalLM"],
                                    sliding_window=None))

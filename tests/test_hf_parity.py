@@ -36,11 +36,15 @@ def test_kpro_checkpoint_gives_same_logits_in_transformers(tmp_path, make_model,
     assert (ours - theirs).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+# transformers runs hidden_act "swish" as nn.SiLU, silu's other name (kpro refused it); kpro saves "silu"
+LOADED_VARIANTS = {**VARIANTS, "swish": dict(hidden_act="swish")}
+
+
+@pytest.mark.parametrize("variant", LOADED_VARIANTS)
 def test_transformers_checkpoint_gives_same_logits_in_kpro(tmp_path, variant):
     spec = dict(vocab_size=67, hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6,
                 num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0, initializer_range=0.15)
-    spec.update(VARIANTS[variant])
+    spec.update(LOADED_VARIANTS[variant])
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec)).eval()
     hf.save_pretrained(tmp_path)  # recent transformers writes the newer rope_parameters form

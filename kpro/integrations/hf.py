@@ -47,6 +47,7 @@ import transformers
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function
 
 from .. import ops
+from ..config import SILU_NAMES
 from ..expansion.freezing import (TrainPlan, _check_block_ids, _check_recompute_flag, _checkpointed, _ForwardContext,
                                   freeze_all_but)
 from ..ops.attention import visibility_mask
@@ -56,7 +57,6 @@ ATTENTION = "kpro"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
-SILU = ("silu", "swish")
 
 
 class UnsupportedModelError(ValueError):
@@ -89,7 +89,7 @@ def apply(model: nn.Module, *, rms_norm: bool = True, mlp: bool = True, attentio
     layers = decoder_layers(model)
     config = model.config
     act = getattr(config, "hidden_act", None)
-    if mlp and act not in SILU:
+    if mlp and act not in SILU_NAMES:
         raise UnsupportedModelError(f"{type(model).__name__}'s MLP uses {act!r}; kpro's SwiGLU computes silu(gate) * up "
                                     "(pass mlp=False to keep the MLP)")
     if attention and not getattr(config, "is_causal", True):
