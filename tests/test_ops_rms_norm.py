@@ -419,3 +419,21 @@ def test_rms_norm_keeps_a_float32_weight_beside_half_precision_rows():
         with ops.backend("torch"):
             y = ops.rms_norm(x, w, eps=1e-5)
         assert y.dtype == dtype and (y == exact).double().mean() > 0.99, (dtype, (y == exact).double().mean())
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("rms_norm"))
+def test_rms_norm_weight_gradient_accumulates_in_float32_for_bfloat16_inputs(backend, device):
+    """O01: dW = sum over rows of dy * x_hat, accumulated in float32 for bfloat16 x and dy (each product and the
+    sum kept in float32), so that a float32 norm weight (load_pretrained(dtype="auto") keeps them) gets a float32
+    gradient good to float32 rounding. Reference: the same formula in float64 on the same bf16 inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(509, 19, generator=g).to(device, torch.bfloat16).requires_grad_(True)
+    w = (1 + 0.5 * torch.randn(19, generator=g)).to(device).requires_grad_(True)  # float32
+    dy = torch.randn(509, 19, generator=g).to(device, torch.bfloat16)
+    with ops.backend(backend):
+        y = ops.rms_norm(x, w, 1e-6)
+        (dw,) = torch.autograd.grad(y, w, dy)
+    xd = x.detach().double()
+    x_hat = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + 1e-6)
+    reference = (dy.double() * x_hat).sum(0)
+    torch.testing.assert_close(dw.double(), reference, rtol=1e-5, atol=1e-5)

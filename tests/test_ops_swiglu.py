@@ -276,3 +276,19 @@ def test_double_backward_raises_on_both_paths(monkeypatch):
             with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
                 dgate.sum().backward()
             assert torch.autograd.gradcheck(fn, (gate, up))
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("swiglu"))
+def test_swiglu_up_gradient_is_rounded_once_for_bfloat16(backend, device):
+    """O02: d(up) = dy * silu(gate) computed in float32 and rounded to bfloat16 once: within half an ulp (plus
+    float32 rounding) of the float64 value. Rounding silu(gate) to bfloat16 first errs by up to about one ulp."""
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(4093, generator=g).to(device, torch.bfloat16).requires_grad_(True)
+    up = torch.randn(4093, generator=g).to(device, torch.bfloat16).requires_grad_(True)
+    dy = torch.randn(4093, generator=g).to(device, torch.bfloat16)
+    with ops.backend(backend):
+        out = ops.swiglu(gate, up)
+        _, dup = torch.autograd.grad(out, (gate, up), dy)
+    reference = dy.double() * torch.nn.functional.silu(gate.detach().double())
+    ulp = torch.exp2(torch.floor(torch.log2(reference.abs().clamp_min(1e-30))) - 7)
+    assert float(((dup.double() - reference).abs() / ulp).max()) <= 0.5 + 1e-3

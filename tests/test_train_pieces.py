@@ -14,6 +14,8 @@ import kpro
 from kpro import train as kt
 from kpro.train.data import content_digest
 
+from conftest import randomize_norms, tiny_config
+
 # ------------------------------------------------------------------------------------------- packing
 
 
@@ -797,3 +799,41 @@ def test_only_torch_distributeds_own_hooks_are_taken_as_changing_no_value():
     hooks = kpro.model.module_hooks(linear)
     assert hooks and not any(kt.loss._distributed_own(hook) for hook in hooks)
     assert kt.loss._distributed_own(FSDPState._pre_forward)
+
+
+def _model_with_randomized_norms(seed=0):
+    torch.manual_seed(seed)
+    model = kpro.Llama(tiny_config())
+    randomize_norms(model, torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def test_load_checkpoint_clears_gradients_left_on_the_parameters(tmp_path):
+    """C03: load_checkpoint documents that gradients left on the parameters (a check's backward) are cleared: a
+    checkpoint is taken between steps. A hand-written loop that calls optimizer.step() after resuming would
+    otherwise add the stale gradient to the restored moments."""
+    model = _model_with_randomized_norms()
+    optimizer = kt.adamw(model, lr=1e-2)
+    ids = torch.randint(3, 67, (2, 9), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(ids)[:, :-1].reshape(-1, 67), ids[:, 1:].reshape(-1)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    kt.save_checkpoint(tmp_path, 1, model, optimizer, {})
+    other = _model_with_randomized_norms(seed=5)
+    other_opt = kt.adamw(other, lr=1e-2)
+    for p in other.parameters():
+        p.grad = torch.ones_like(p)
+    kt.load_checkpoint(tmp_path / "step-00000001", other, other_opt)
+    assert all(p.grad is None for p in other.parameters())
+
+
+def test_batches_without_drop_last_yield_the_last_smaller_batch_every_epoch():
+    """D01: drop_last=False keeps each epoch's last, smaller batch: 10 examples in batches of 4 are 4, 4, 2, then
+    the next epoch. Independent reference: the examples themselves, unshuffled."""
+    batches = kt.Batches(list(range(10)), 4, collate=lambda ex: ex, shuffle=False, drop_last=False)
+    it = iter(batches)
+    assert [next(it) for _ in range(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [0, 1, 2, 3]]
+    shuffled = kt.Batches(list(range(10)), 4, collate=lambda ex: ex, seed=3, drop_last=False)
+    it = iter(shuffled)
+    epoch = [next(it) for _ in range(3)]
+    assert [len(b) for b in epoch] == [4, 4, 2] and sorted(sum(epoch, [])) == list(range(10))

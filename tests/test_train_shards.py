@@ -1354,3 +1354,30 @@ def test_the_corpus_fingerprint_covers_bos_and_eos():
              "shards": [{"file": "tokens-00000.bin", "tokens": 10, "sha256": "cd"}]}
     assert corpus_id({**index, "eos_id": 3}) != corpus_id(index)
     assert corpus_id({**index, "bos_id": None}) != corpus_id(index)
+
+
+def test_the_shuffled_row_order_is_pinned():
+    """S01: TokenShards' order is part of a checkpoint's meaning: a run resumed by another kpro version must draw the
+    same rows. Pinned values (HEAD) for a row count whose bit length is odd and one where it is even."""
+    assert permute(np.arange(10), 10, 0, 0).tolist() == [1, 7, 3, 6, 0, 2, 8, 4, 9, 5]  # 4 bits
+    assert permute(np.arange(5), 5, 7, 2).tolist() == [2, 0, 1, 4, 3]  # 3 bits, rounded up to 4
+    assert permute(np.arange(12), 100, 0, 0).tolist() == [15, 52, 36, 34, 44, 60, 77, 84, 10, 31, 81, 75]  # 7 bits, rounded up to 8
+
+
+def test_tokenize_ends_each_document_with_the_eos_even_where_the_pad_differs(tmp_path):
+    """T01: every tokenizer in the tokenize tests had pad == eos, so a worker ending documents with the pad id
+    passed. Here tokenizer_config.json names another pad ("<unk>", id 0): the stream must be `[bos] ids eos` per
+    document, the eos being the tokenizer's eos, against the tokenizer's own encode."""
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    shutil.copy(DATA / "sentencepiece_test_model.model", tok_dir / "tokenizer.model")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<unk>"}))
+    tok = kpro.load_tokenizer(tok_dir)
+    assert tok.pad_id != tok.eos_id
+    texts = ["hello world", "the quick brown fox", "abc"]
+    (tmp_path / "c.txt").write_text("\n\n".join(texts) + "\n")
+    index = kt.tokenize_corpus(tok_dir, [tmp_path / "c.txt"], tmp_path / "out", workers=1, stream=io.StringIO())
+    stream = np.fromfile(tmp_path / "out" / index["shards"][0]["file"], dtype=index["dtype"]).tolist()
+    expected = [t for text in texts for t in ([tok.bos_id] if kpro.tokenizer.document_bos_id(tok) is not None else [])
+                + tok.encode(text, bos=False, eos=False) + [tok.eos_id]]
+    assert stream == expected
