@@ -520,15 +520,17 @@ def test_accumulation_weights_every_loss_token_equally(tmp_path):
 
 
 def test_fit_equals_a_hand_written_loop(tmp_path):
-    """Decay groups, clipping, the token-mean loss: fit is this plain loop, bit for bit. (The loop computes the
-    loss as lm_loss does, fused with the head; test_ops_linear_cross_entropy.py compares fit with the
-    materialised logits.)"""
+    """Decay groups, clipping, the token-mean loss: fit is this plain loop, bit for bit, and logs the norm over
+    every group before clipping (clipping at work: a norm over one group passed while the gradients stayed below
+    the clip). (The loop computes the loss as lm_loss does, fused with the head; test_ops_linear_cross_entropy.py
+    compares fit with the materialised logits.)"""
     model, reference = make_model(), make_model()
-    kt.fit(model, batches(), tmp_path, steps=3, lr=1e-2, weight_decay=0.1, clip_grad_norm=0.5)
+    clip = 0.05
+    kt.fit(model, batches(), tmp_path, steps=3, lr=1e-2, weight_decay=0.1, clip_grad_norm=clip)
     optimizer = torch.optim.AdamW([{"params": [p for p in reference.parameters() if p.dim() >= 2], "weight_decay": 0.1},
                                    {"params": [p for p in reference.parameters() if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=1e-2)
-    expected = []
+    expected, norms = [], []
     for _, batch in zip(range(3), batches()):
         hidden = reference(batch["input_ids"], batch["attention_mask"], head=False)
         targets = torch.cat((batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)), dim=1)
@@ -538,11 +540,16 @@ def test_fit_equals_a_hand_written_loop(tmp_path):
         for p in reference.parameters():
             p.grad.mul_(1 / count)
         # (the norm summed in the optimizer's parameter order, as fit does: another order rounds differently)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 0.5)
+        groups = [[p for p in g["params"]] for g in optimizer.param_groups]
+        by_group = [float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in g]))) for g in groups]
+        norms.append(float(torch.nn.utils.clip_grad_norm_([p for g in groups for p in g], clip)))
+        assert min(by_group) > 0 and norms[-1] > clip  # both groups count, and the clip acts
+        assert norms[-1] == pytest.approx(math.hypot(*by_group), rel=1e-5)
         optimizer.step()
         optimizer.zero_grad()
         expected.append(loss_sum.item() / count)
     assert [loss for _, loss in losses(tmp_path)] == expected
+    assert [r["grad_norm"] for r in kt.read_metrics(tmp_path / "metrics.jsonl")] == norms
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
 
