@@ -446,6 +446,13 @@ def test_a_batch_given_as_streams():
     for fused in (True, False):
         with pytest.raises(ValueError, match="answer_lens must lie in"):
             bt(too_long, fused=fused)
+    # a row with no answer token to predict: as ids it is refused; as Streams its loss left the row out unsaid
+    lens = fields["answer_lens"].clone()
+    lens[2] = 1
+    with pytest.raises(ValueError, match=r"Bitune.loss: every row of the Streams needs an answer token to predict "
+                                         r"\(answer_lens >= 2.*rows \[2\] have none"):
+        bt.loss(Streams(**dict(fields, answer_lens=lens)))
+    assert bt(Streams(**dict(fields, answer_lens=lens))).shape == bt(streams).shape  # forward: generate's prefill
 
 
 @pytest.mark.parametrize("prompts, max_new_tokens, message", [

@@ -50,6 +50,18 @@ def test_read_instructions(tmp_path):
             bitune.read_instructions(tmp_path / "odd.jsonl")
 
 
+@pytest.mark.parametrize("response", ["", "   "])
+def test_an_empty_response_is_refused_naming_its_line(tmp_path, response):
+    """An empty or blank response was trained on as the answer " " + eos ("4 examples, 0 dropped"), where an
+    empty multiple-choice choice and an empty answer given as ids are refused."""
+    path = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "a", "response": "b"},
+                                               {"instruction": "c", "response": response}])
+    with pytest.raises(ValueError, match=r"i.jsonl:2: the response is empty"):
+        bitune.tokenize_instructions(TOK, bitune.read_instructions(path), 30)
+    with pytest.raises(ValueError, match=r"example 0 \(from 0\): the response is empty"):
+        bitune.tokenize_instructions(TOK, [bitune.Instruction("hi", response)], 30)
+
+
 def test_read_multiple_choice(tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 1},
                                                {"question": "r", "choices": ["x", "y", "z"], "answer": "z"}])

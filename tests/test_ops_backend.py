@@ -342,6 +342,10 @@ def test_bitune_compiles_at_changing_lengths():
             assert grads.keys() == ref_grads.keys() and {"w_k", "w_v"} <= grads.keys()
             for name in grads:
                 torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    empty = split_streams(ids, torch.tensor(prompt_lens), mask)
+    empty.answer_lens[1] = 1  # no answer token to predict: the compiled loss's check is an async assert
+    with pytest.raises(RuntimeError, match="every row of the Streams needs an answer token to predict"):
+        compiled_loss(empty)
     with pytest.raises(Exception, match="split the batch before the compiled call"):
         compiled(ids, torch.tensor(prompt_lens), mask)
 

@@ -146,6 +146,11 @@ def tokenize_instructions(tok, examples: Sequence[Instruction], max_length: int)
     pairs, dropped = [], 0
     for i, example in enumerate(examples):
         name = example.where or f"example {i} (from 0)"
+        if isinstance(example.response, str) and not example.response.strip():
+            # it would train the model to answer a bare space and eos; a multiple-choice question's empty
+            # choice is refused alike
+            raise ValueError(f"{name}: the response is empty{' (whitespace only)' if example.response else ''}: "
+                             "give each instruction the answer to train on, or leave the example out")
         try:
             prompt, answer = encode_pair(tok, PROMPT_TEMPLATE.format(instruction=example.instruction),
                                          " " + example.response)

@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 from .. import ops
+from ..ops.backend import values_readable
 from ..tokenizer import checked_ids
 
 
@@ -109,6 +110,21 @@ def answer_targets(streams: Streams) -> torch.Tensor:
     targets[:, :-1] = streams.answer_ids[:, 1:]
     valid = torch.arange(targets.shape[1], device=targets.device) < (streams.answer_lens - 1)[:, None]
     return targets.masked_fill(~valid, -100)
+
+
+def check_answers_to_predict(streams: Streams, where: str) -> None:
+    """Refuse Streams with a row whose answer stream holds no answer token (answer_lens 1: the prompt's last token
+    alone, which generate's prefill takes but a loss has nothing to predict from): the row would drop out of the
+    loss unsaid, as split_streams refuses ids with no answer. One read of the lengths (free on the CPU); under
+    torch.compile or for fake tensors `torch._assert_async` (no graph break)."""
+    ok = (streams.answer_lens >= 2).all()
+    message = (f"{where}: every row of the Streams needs an answer token to predict (answer_lens >= 2: the answer "
+               "stream is the prompt's last token, then the answer)")
+    if not values_readable(streams.answer_lens):
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        rows = (streams.answer_lens < 2).nonzero().flatten().tolist()
+        raise ValueError(f"{message}; rows {rows} have none (answer_lens {streams.answer_lens.tolist()})")
 
 
 def token_lists(sequences, what: str, where: str, vocab_size: int | None = None) -> list[list[int]]:

@@ -30,7 +30,7 @@ from ..errors import CheckpointError
 from ..generation import DECODE_OPTIONS, check_decoding, decode
 from ..model import KVCache, Llama, activation_dtype, check_token_ids, head_is_its_weight
 from .passes import MODES, fused_passes, separate_passes
-from .streams import Streams, answer_targets, right_pad, split_streams, token_lists
+from .streams import Streams, answer_targets, check_answers_to_predict, right_pad, split_streams, token_lists
 
 
 class Bitune(nn.Module):
@@ -97,6 +97,8 @@ class Bitune(nn.Module):
         is more than its weight (a bias, hooks: `kpro.model.head_is_its_weight`) makes the logits instead, as
         `forward` does. The batch as in `forward`: ids, prompt lengths and mask, or its streams."""
         streams = self._streams(input_ids, prompt_lens, attention_mask)
+        if isinstance(input_ids, Streams):  # ids are split with at least one answer token a row
+            check_answers_to_predict(streams, "Bitune.loss")
         hidden = self._answer_hidden(streams, fused)
         targets = answer_targets(streams)
         if head_is_its_weight(self.model.lm_head):
