@@ -310,6 +310,12 @@ class _open_all:
         self.handles = {}
         for file in self.files:
             try:
+                # safetensors reports a file it may not read as missing: open names the file and the real cause
+                open(file, "rb").close()
+            except OSError:
+                self.__exit__(None, None, None)
+                raise
+            try:
                 self.handles[file] = safe_open(str(file), framework="pt", device="cpu").__enter__()
             except (SafetensorError, OSError, ValueError) as err:
                 self.__exit__(None, None, None)

@@ -18,7 +18,8 @@ from ._safetensors import WEIGHTS_NAME, check_checkpoint_directory, read_header,
 from ._torchrun import is_main_process
 from .cli_args import (DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, input_path,
                        resolve_device)
-from .errors import CheckpointError, DirectoryInUse, listed
+from ._signals import sigterm_as_ctrl_c
+from .errors import CheckpointError, DirectoryInUse, StoppedAndSaid, listed
 
 # name -> (the package whose command.py defines it; None: this file), help line.
 COMMANDS = {
@@ -289,11 +290,12 @@ def _main(argv: list[str]) -> int:
             from .ops.backend import check_environment_backends
 
             check_environment_backends()  # a bad value refused now, not at the first op, after the model loaded
-        args.run(args)
+        with sigterm_as_ctrl_c():  # a scheduler's notice stops a command as Ctrl-C does: one line, no partial files
+            args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
-    except KeyboardInterrupt:
-        if is_main_process():  # under torchrun every process was interrupted
-            print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        if is_main_process() and not isinstance(stop, StoppedAndSaid):  # under torchrun every process was
+            print("interrupted", file=sys.stderr)                        # interrupted; a said stop has its line
         return 130
     except BrokenPipeError:  # the reader went away (`python -m kpro info DIR | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

@@ -4,13 +4,15 @@ parsers (`python -m kpro --help`, `info`) must not pay for it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from ._numbers import MAX_SEED
-from ._torchrun import world_size
+from ._torchrun import is_main_process, world_size
 
 DEVICE_HELP = "cpu, cuda or cuda:N; auto: cuda when torch sees a GPU, else cpu"
 
@@ -122,6 +124,14 @@ def past_steps_refusal(out, step: int, asked: str) -> ValueError:
                       f"it (--steps {step}: it is done), or another --out for a new run")
 
 
+def ends_in_warmup_refusal(out, err, warmup: str) -> ValueError:
+    """The run in --out warms up over more steps than the --steps asked for (`err`, an EndsInWarmup); `warmup`
+    says what set it ("5% of the --steps it started with")."""
+    return ValueError(f"--out {out} holds a run at step {err.step} whose learning rate warms up over its first "
+                      f"{err.warmup} steps ({warmup}): --steps {err.steps} would end within them; pass --steps "
+                      f"{err.warmup + 1} or more to continue it, or another --out for a new run")
+
+
 # parse_size's parameter (and the "size" of its "cannot read size ...") as convert-gguf and expand take it
 SHARD_SIZE_FLAG = {"max_shard_size": "--max-shard-size", "size": "--max-shard-size"}
 
@@ -201,6 +211,50 @@ def check_batch_split(batch_size: int, grad_accum: int | None = None) -> None:
         f" x {processes} processes (torchrun's WORLD_SIZE) = {parts}" if processes > 1 else "")
     raise ValueError(f"--batch-size {batch_size} must be a multiple of {split}: each optimizer step's rows are split "
                      "evenly into that many micro-batches; change --batch-size or --grad-accum")
+
+
+RUN_RECORD = "kpro_run.json"  # which command's run an --out holds: {"command": "internalize"}
+
+
+@contextlib.contextmanager
+def claimed_run_directory(out, command: str):
+    """For the block, --out as `command`'s run directory: one holding another command's run, named by the
+    RUN_RECORD each training command writes there, is refused (resumed by this one, it failed in the library's
+    terms: an optimizer state that does not fit, a run past --steps; internalize wrote its generated data into it
+    first); else this command's is recorded, on the main process, before the block writes anything. A block that
+    fails having written nothing else there takes the record back (and --out, where it made it). A run directory of
+    an older kpro has no record: taken."""
+    out = Path(out)
+    record = out / RUN_RECORD
+    try:
+        found = json.loads(record.read_text(encoding="utf-8"))
+        kind = found.get("command") if isinstance(found, dict) else None
+    except FileNotFoundError:
+        found = kind = None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--out {out}: {record} cannot be read ({err}); it records which command's run the "
+                         "directory holds: pass another --out, or remove it if the directory holds no run") from None
+    if found is not None and not isinstance(kind, str):
+        raise ValueError(f"--out {out}: {record} does not name the command whose run the directory holds: pass "
+                         "another --out")
+    if found is not None and kind != command:
+        raise ValueError(f"--out {out} holds a run of the {kind} command (its {RUN_RECORD} says so), not of "
+                         f"{command}: pass another --out")
+    made_dir, made_record = not out.exists(), found is None and is_main_process()
+    if made_record:
+        from ._files import write_atomic
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(record, json.dumps({"command": command}) + "\n")
+    try:
+        yield
+    except BaseException:
+        from ._run_lock import LOCK_FILE
+        if made_record and {entry.name for entry in out.iterdir()} <= {RUN_RECORD, LOCK_FILE}:
+            record.unlink(missing_ok=True)
+            if made_dir:
+                with contextlib.suppress(OSError):  # a lock file another holder keeps stays, and the directory
+                    out.rmdir()
+        raise
 
 
 def check_output_dir(path, flag: str = "--out") -> None:

@@ -6,6 +6,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be loaded as the model it claims to be, or a save that failed."""
 
 
+class StoppedAndSaid(KeyboardInterrupt):
+    """A stop on Ctrl-C or SIGTERM whose line (what was saved, how to resume) is printed already: the command line
+    adds no bare "interrupted" after it. A KeyboardInterrupt to every caller."""
+
+
 class DirectoryInUse(RuntimeError):
     """An output directory another process is running in (kpro._run_lock)."""
 
@@ -46,3 +51,20 @@ def listed(names, limit: int = 4, more: str = ", ...") -> str:
     if len(names) <= limit:
         return ", ".join(names)
     return ", ".join(names[:limit]) + more.format(left=len(names) - limit, total=len(names))
+
+
+class PastSteps(ResumeRefused, CheckpointError):
+    """A resume refused because the checkpoint, at `step`, is past the run's `steps`. A command says it in its flags."""
+
+    def __init__(self, message: str, step: int, steps: int):
+        super().__init__(message)
+        self.step, self.steps = step, steps
+
+
+class EndsInWarmup(ResumeRefused, ValueError):
+    """A resume refused because the `steps` asked for end within the `warmup` steps of the run at `step` (a default
+    warmup, a share of the steps the run started with, which a resume keeps). A command says it in its flags."""
+
+    def __init__(self, message: str, step: int, steps: int, warmup: int):
+        super().__init__(message)
+        self.step, self.steps, self.warmup = step, steps, warmup

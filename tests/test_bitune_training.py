@@ -947,6 +947,28 @@ def test_bitune_resumed_on_other_examples_names_data_and_max_length(tmp_path, ca
                         "another --out for a new run\n"), err
 
 
+def test_a_rerun_ending_within_the_runs_warmup_is_refused_in_flags(tmp_path, capsys, monkeypatch):
+    """A run of --steps 100 (warmup 10) stopped at step 3, rerun with --steps 5, got the schedule's own words:
+    "a linear schedule needs total_steps > warmup_steps", of a warmup the user never set."""
+    import kpro.bitune.training as training
+    real_fit = training.fit
+
+    class StopAtStep3(kt.Callback):
+        def on_step_end(self, run, metrics):
+            if run.step == 3:
+                run.stop()
+    monkeypatch.setattr(training, "fit", lambda *a, callbacks=(), **k: real_fit(*a, callbacks=[*callbacks,
+                                                                                             StopAtStep3()], **k))
+    assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "100") == 0
+    monkeypatch.setattr(training, "fit", real_fit)
+    capsys.readouterr()
+    assert bitune_command(tmp_path, "--batch-size", "4", "--steps", "5") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --out {tmp_path / 'out'} holds a run at step 3 whose learning rate warms up over its first 10 steps "
+        "(10% of the --steps it started with): --steps 5 would end within them; pass --steps 11 or more to continue "
+        "it, or another --out for a new run")
+
+
 def test_bitune_resume_refusals_name_the_commands_flags(tmp_path, capsys):
     """A resume's refusals came in the library's terms, some with wrong advice: another --lr was named "optimizer
     param group 0 peak_lr", with "another number of total steps is fine" (the command refuses fewer) and "a

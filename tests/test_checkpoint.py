@@ -351,6 +351,27 @@ def test_truncated_and_corrupt_files_are_clear_errors(tmp_path, make_model):
         kpro.load_pretrained(tmp_path / "ck")
 
 
+def test_a_weight_file_this_process_may_not_read_is_named_as_such(tmp_path, make_model, monkeypatch):
+    """A chmod 000 model.safetensors was "not a readable safetensors file (truncated or corrupt?): No such file or
+    directory" (safetensors' words for it). (The suite may run as root, whom chmod does not stop: the refusal is
+    made by open, as the system makes it for another user.)"""
+    import builtins
+    kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if os.fspath(file) == str(weights):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    if os.geteuid() == 0:
+        monkeypatch.setattr(builtins, "open", refusing_open)
+    else:
+        os.chmod(weights, 0)
+    with pytest.raises(PermissionError, match=re.escape(f"[Errno 13] Permission denied: '{weights}'")):
+        kpro.load_pretrained(tmp_path / "ck")
+
+
 def test_an_index_pointing_at_the_wrong_shard_is_named(tmp_path, make_model):
     kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck", max_shard_size=20_000)
     index_file = tmp_path / "ck" / "model.safetensors.index.json"

@@ -8,6 +8,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,31 @@ def test_ctrl_c_is_reported_by_rank_0_alone(monkeypatch, capsys, rank, printed):
         monkeypatch.delenv("RANK", raising=False)
     assert main(["tokenize", "--tokenizer", ".", "--data", ".", "--out", "o"]) == 130
     assert capsys.readouterr().err == printed
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "said"])
+def test_sigterm_stops_any_command_as_ctrl_c_and_a_said_stop_is_not_said_twice(monkeypatch, capsys, stop):
+    """SIGTERM (timeout, a scheduler) ended commands other than training and tokenize at once, exit 143, no line
+    printed, the temporaries of a save in progress left behind; a training's stop printed "interrupted: saved ...",
+    then the command line a second, bare "interrupted"."""
+    import signal
+
+    from kpro.errors import StoppedAndSaid
+    from kpro.train import command
+
+    def stopped(args):
+        if stop == "said":
+            print("interrupted: saved x; run again to resume", file=sys.stderr)
+            raise StoppedAndSaid
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(5)  # not reached: the handler raises at once
+    monkeypatch.setattr(command, "cmd_tokenize", stopped)
+    monkeypatch.delenv("RANK", raising=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["tokenize", "--tokenizer", ".", "--data", ".", "--out", "o"]) == 130
+    assert capsys.readouterr().err == ("interrupted: saved x; run again to resume\n" if stop == "said"
+                                       else "interrupted\n")
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):

@@ -244,6 +244,44 @@ def test_cli_train_expanded_trains_only_the_new_blocks_and_resumes(tmp_path, cap
     assert isinstance(kpro.load_tokenizer(run / "step-00000004"), kpro.CharTokenizer)
 
 
+def test_too_few_steps_for_a_runs_default_warmup_are_refused_in_flags(tmp_path, capsys, monkeypatch):
+    """A rerun with fewer --steps than the saved default warmup got the schedule's own words: "a cosine schedule
+    needs total_steps > warmup_steps (got total_steps=2, warmup_steps=5)", of a warmup the user never set, where
+    the run was past those steps or stopped within its warmup."""
+    import kpro.expansion.posttrain as posttrain
+    alphabet = "abcdefgh \n"
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=3 + len(alphabet), max_position_embeddings=32)
+    kpro.CharTokenizer(alphabet).save(tmp_path / "src")
+    assert main(["expand", str(tmp_path / "src"), str(tmp_path / "big"), "--blocks", "1"]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    run = tmp_path / "run"
+    args = ["train-expanded", str(tmp_path / "big"), "--data", str(corpus), "--out", str(run), "--seq-len", "16",
+            "--batch-size", "4"]
+    real_fit = posttrain.fit
+
+    class StopAtStep3(kpro.train.Callback):
+        def on_step_end(self, run, metrics):
+            if run.step == 3:
+                run.stop()
+    monkeypatch.setattr(posttrain, "fit", lambda *a, callbacks=(), **k: real_fit(*a, callbacks=[*callbacks,
+                                                                                             StopAtStep3()], **k))
+    assert main(args + ["--steps", "100"]) == 0  # a run of 100 steps (warmup 5) stopped at step 3
+    monkeypatch.setattr(posttrain, "fit", real_fit)
+    capsys.readouterr()
+    assert main(args + ["--steps", "4"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --out {run} holds a run at step 3 whose learning rate warms up over its first 5 steps (the default "
+        "--warmup-steps: 5% of the --steps it started with): --steps 4 would end within them; pass --steps 6 or "
+        "more to continue it, or another --out for a new run")
+    assert main(args + ["--steps", "2"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --out {run} holds a run at step 3, past --steps 2: pass --steps 3 or more to continue it (--steps "
+        "3: it is done), or another --out for a new run")
+    assert main(args + ["--steps", "6"]) == 0
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_train_expanded_refuses_to_resume_onto_another_source_checkpoint(tmp_path, capsys):
     """A run resumed after its checkpoint was expanded again from another source went on silently: the
     checkpoint's weights replaced the new expansion's, and the final model's frozen blocks were the first
@@ -531,6 +569,21 @@ def test_expand_of_a_source_with_a_stale_or_broken_record_says_what_to_do_for_ex
         assert not (tmp_path / "pro2").exists()
     record.unlink()
     assert expand_checkpoint(tmp_path / "pro", tmp_path / "pro2", 2).earlier_new_blocks == []
+
+
+def test_a_destination_holding_only_the_lock_file_a_killed_expand_left_is_empty(tmp_path):
+    """An expand killed outright (SIGKILL, the OOM killer) leaves DST holding its hidden run lock file alone, and
+    the same command again was refused: "already exists and is not empty" (ls shows it empty)."""
+    from kpro._run_lock import LOCK_FILE
+    write_checkpoint(tmp_path / "src", dtype=torch.float32, num_hidden_layers=2)
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / LOCK_FILE).write_text("")
+    expand_checkpoint(tmp_path / "src", tmp_path / "dst", 2)
+    assert read_expansion_record(tmp_path / "dst")["num_new_blocks"] == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "NOTES.md").write_text("mine\n")
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        expand_checkpoint(tmp_path / "src", tmp_path / "other", 2)
 
 
 def test_overwrite_replaces_the_model_and_keeps_the_users_files(tmp_path):

@@ -588,6 +588,36 @@ def test_the_command_runs_under_torchrun_and_rank_0_alone_saves_evaluates_and_pr
     assert [r["step"] for r in kt.read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
 
 
+def test_an_out_holding_another_commands_run_is_refused_before_anything_is_written(tmp_path, capsys):
+    """internalize into a train-expanded run wrote its generated data there, then failed on the optimizer's state
+    with Python advice (or "holds a run at step 20, past --steps 2", whose advice failed next); train-expanded and
+    bitune into an internalize run named its blocks or settings. Each command records its run (kpro_run.json) and
+    refuses another's in one line."""
+    import json
+    out, steps = tmp_path / "run", TINY.index("--steps") + 1
+    short = [*TINY[:steps], "2", *TINY[steps + 1:]]
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 0
+    assert json.loads((out / "kpro_run.json").read_text()) == {"command": "internalize"}
+    (tmp_path / "inst.jsonl").write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n")
+    (tmp_path / "c.txt").write_text("hello\n")
+    capsys.readouterr()
+    for command in (["bitune", "--model", str(out / "model"), "--data", str(tmp_path / "inst.jsonl"), "--steps", "1"],
+                    ["train-expanded", str(out / "model"), "--data", str(tmp_path / "c.txt"), "--steps", "1"]):
+        before = sorted(p.name for p in out.iterdir())
+        assert main([*command, "--out", str(out)]) == 1
+        assert capsys.readouterr().err == (f"error: --out {out} holds a run of the internalize command (its "
+                                           f"kpro_run.json says so), not of {command[0]}: pass another --out\n")
+        assert sorted(p.name for p in out.iterdir()) == before
+    other = tmp_path / "tuned"
+    other.mkdir()
+    (other / "kpro_run.json").write_text(json.dumps({"command": "bitune"}) + "\n")
+    assert main(["internalize", "--task", "3x3", "--out", str(other), *short]) == 1
+    assert capsys.readouterr().err.endswith("holds a run of the bitune command (its kpro_run.json says so), not of "
+                                            "internalize: pass another --out\n")
+    assert sorted(p.name for p in other.iterdir()) == ["kpro_run.json"]  # no data/ generated into it
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 0  # its own: resumed (done)
+
+
 def test_a_resume_on_other_training_examples_names_the_flags_that_chose_them(tmp_path, capsys):
     """Refused in Batches' words ("... num_examples=64, these have num_examples=48: other data, or the same cut
     into rows of another length (seq_len)"): no such option here, and neither --train-size nor --train named."""

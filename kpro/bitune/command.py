@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, check_seed,
-                        directory_path, input_path, other_setting_refusal, other_settings_refusal, resolve_device)
+                        claimed_run_directory, directory_path, ends_in_warmup_refusal, input_path, other_setting_refusal,
+                        other_settings_refusal, resolve_device)
 from .passes import MODES
 
 WEIGHTINGS = ("example", "token")  # training.WEIGHTINGS, named here so that --help needs no torch
@@ -106,6 +107,7 @@ def run(args) -> None:
     # Rank 0 holds it, as fit holds its run directory: under torchrun each process taking it refused the others.
     with contextlib.ExitStack() as hold:
         on_main(lambda: hold.enter_context(holding(args.out)), env, f"hold --out {args.out}")
+        hold.enter_context(claimed_run_directory(args.out, "bitune"))
         _run(args, env)
 
 
@@ -117,7 +119,7 @@ def _run(args, env) -> None:
     from ..checkpoint import load_pretrained
     from ..distributed import on_main
     from ..tokenizer import load_tokenizer
-    from ..errors import OtherSettings
+    from ..errors import EndsInWarmup, OtherSettings
     from ..train.data import OtherExamples, OtherSetting
     from ..train.progress import CountProgress
     from .data import read_instructions, read_multiple_choice, tokenize_instructions
@@ -165,6 +167,8 @@ def _run(args, env) -> None:
         raise _other_settings(err, args) from None
     except FewerSteps as err:
         raise _fewer_steps(err, args) from None
+    except EndsInWarmup as err:
+        raise ends_in_warmup_refusal(args.out, err, "10% of the --steps it started with") from None
     except OtherSetting as err:  # Batches' refusal of another seed or batch size, in its parameters' names
         flag = {"batch_size": "--batch-size", "seed": "--seed"}.get(err.setting)
         if flag is None:  # none of this command's flags sets it

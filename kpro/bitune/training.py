@@ -236,7 +236,7 @@ def _warmup_steps(warmup: float | None, steps: int, run_dir: Path) -> int:
     """`warmup` of the steps (default 10%), below `steps` (a linear schedule decays after its warmup: one
     step has none); without an explicit `warmup`, a resumed run keeps the warmup it started with."""
     if warmup is None:
-        saved = saved_schedule(run_dir)
+        saved = saved_schedule(run_dir, steps)
         if saved is not None:
             return saved["warmup_steps"]
         warmup = 0.1

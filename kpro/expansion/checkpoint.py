@@ -23,7 +23,7 @@ from ..checkpoint import (_SAFETENSORS_DTYPES, CONFIG_NAME, GGUF_RECORD, INDEX_N
                           _check_names_and_shapes, _unlisted_tensors, hf_tensors, parse_size, tensor_locations,
                           tied_head_differs, unreplaced)
 from .._files import atomic_directory
-from .._run_lock import holding
+from .._run_lock import LOCK_FILE, holding
 from .._safetensors import TensorBytes as _Source, check_checkpoint_directory, read_header
 from ..config import LlamaConfig
 from ..model import Llama
@@ -82,7 +82,8 @@ def expand_checkpoint(src, dst, num_new_blocks: int, position: str = "interleave
                          "replaces its destination whole); choose another directory")
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} is a file; choose a directory")
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
+    # a run lock file alone is what an expand killed outright left (the lock itself went with the process)
+    if dst.exists() and any(entry.name != LOCK_FILE for entry in dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; choose a new directory, or overwrite=True "
                               "(--overwrite) to replace it")
     if dst.is_dir() and _holds_token_shards(dst):  # its tokens-*.bin would go as weights, its index.json stay

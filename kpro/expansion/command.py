@@ -9,9 +9,9 @@ from pathlib import Path
 
 from .._torchrun import refuse_processes
 from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_batch_split,
-                        check_output_dir, check_seed, directory_path, fit_setting_flag, in_flag_terms, input_path,
-                        other_setting_refusal, other_settings_refusal, past_steps_refusal, positive_int,
-                        resolve_device)
+                        check_output_dir, check_seed, claimed_run_directory, directory_path, ends_in_warmup_refusal,
+                        fit_setting_flag, in_flag_terms, input_path, other_setting_refusal, other_settings_refusal,
+                        past_steps_refusal, positive_int, resolve_device)
 from .layout import POSITIONS
 
 
@@ -148,7 +148,7 @@ def check_model_flags(args) -> None:
 
 def cmd_train_expanded(args) -> None:
     from ..distributed import current_env
-    from ..errors import OtherParameters, OtherSettings
+    from ..errors import EndsInWarmup, OtherParameters, OtherSettings
     from ..train.data import OtherExamples, OtherSetting
     from ..train.loop import PastSteps
     from .posttrain import check_out_dir, train_expanded
@@ -160,13 +160,14 @@ def cmd_train_expanded(args) -> None:
     check_output_dir(out)  # a file there: named now, not after the model loads and the corpus is tokenized
     check_model_flags(args)
     try:
-        final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps,
-                               seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                               lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                               recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype],
-                               device=None if args.device == "auto" else resolve_device(args.device),
-                               precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
-                               seed=args.seed, save_frozen=args.save_frozen)
+        with claimed_run_directory(out, "train-expanded"):
+            final = train_expanded(args.dir, args.data, out, blocks=args.train_blocks, steps=args.steps,
+                                   seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                   lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                                   recompute_frozen=args.recompute_frozen, dtype=DTYPES[args.dtype],
+                                   device=None if args.device == "auto" else resolve_device(args.device),
+                                   precision=args.precision, save_every=args.save_every, keep_last=args.keep_last,
+                                   seed=args.seed, save_frozen=args.save_frozen)
     # Resumes refused in the library's terms (Python arguments, param groups, Python-only advice), said in the flags
     except OtherExamples as err:
         raise _other_rows(err, args, out) from None
@@ -176,6 +177,9 @@ def cmd_train_expanded(args) -> None:
         raise _other_blocks(err, args, out) from None
     except PastSteps as err:
         raise past_steps_refusal(out, err.step, f"--steps {err.steps}") from None
+    except EndsInWarmup as err:
+        raise ends_in_warmup_refusal(out, err, "the default --warmup-steps: 5% of the --steps it started with") \
+            from None
     except OtherSetting as err:
         refusal = _other_setting(err, args, out)
         if refusal is None:  # a setting no flag of this command sets otherwise

@@ -200,7 +200,7 @@ def train_expanded(directory, data, out_dir, *, blocks=None, steps: int = 1000, 
             print(f"{plan.describe()}\n{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
                   f"parameters; corpus: {rows:,} rows of {seq_len} tokens", file=stream)
         if warmup_steps is None:  # 5% of the steps; a resumed run keeps its own, so that more steps extend it
-            saved = saved_schedule(out_dir)
+            saved = saved_schedule(out_dir, steps)
             warmup_steps = saved["warmup_steps"] if saved is not None else steps // 20
         warmup = warmup_steps
         schedule = Schedule("cosine", warmup_steps=warmup, total_steps=steps, min_ratio=min_lr_ratio)

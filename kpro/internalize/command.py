@@ -28,8 +28,8 @@ from .._run_lock import holding
 from .._torchrun import world_size
 from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, check_seed,
-                        directory_path, file_path, fit_setting_flag, input_path, other_setting_refusal,
-                        other_settings_refusal, past_steps_refusal, resolve_device)
+                        claimed_run_directory, directory_path, file_path, fit_setting_flag, input_path,
+                        other_setting_refusal, other_settings_refusal, past_steps_refusal, resolve_device)
 from ..config import LlamaConfig
 from ..distributed import main_decides, on_main
 from ..errors import OtherSettings, listed
@@ -184,6 +184,7 @@ def run_command(args) -> None:
     try:
         with contextlib.ExitStack() as hold:
             on_main(lambda: hold.enter_context(holding(out)), env, f"hold {out}")
+            hold.enter_context(claimed_run_directory(out, "internalize"))  # before its data is written there
             _run(args, out, env)
     finally:  # kpro.cli.main called in a process that goes on (a notebook, a test) gets its thread count back
         torch.set_num_threads(threads)

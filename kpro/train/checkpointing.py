@@ -37,7 +37,7 @@ from .._numbers import is_integer
 from ..checkpoint import (CONFIG_NAME, CheckpointError, _open_all, _write_checkpoint, _write_file, checkpoint_tensors,
                           parse_size, tensor_locations)
 from ..config import LlamaConfig
-from ..errors import OtherParameters, listed
+from ..errors import EndsInWarmup, OtherParameters, PastSteps, listed
 from ..lora import lora_layers
 from ..model import Llama
 from . import distributed
@@ -90,6 +90,16 @@ def checkpoint_step(checkpoint: str | os.PathLike) -> int:
     if match is None:
         raise CheckpointError(f"{checkpoint} is not a training checkpoint directory (named step-XXXXXXXX)")
     return int(match.group(1))
+
+
+def refuse_past_steps(checkpoint: str | os.PathLike, steps: int) -> None:
+    """PastSteps where `checkpoint` is past a run of `steps`: nothing would train, and the model of another step
+    than asked would come back."""
+    done = checkpoint_step(checkpoint)
+    if done > steps:
+        raise PastSteps(f"{checkpoint} is at step {done}, past steps={steps}: pass steps={done} or more to continue "
+                        f"that run (steps={done}: it is done), or resume an earlier checkpoint (resume=PATH) into "
+                        "another directory", step=done, steps=steps)
 
 
 # ----------------------------------------------------------------------------------------------- RNG
@@ -461,23 +471,36 @@ def _put_back_on_failure(model: nn.Module, optimizer: torch.optim.Optimizer):
         raise
 
 
-def saved_schedule(run_dir: str | os.PathLike) -> dict | None:
+def saved_schedule(run_dir: str | os.PathLike, steps: int | None = None) -> dict | None:
     """The learning-rate schedule (a `Schedule`'s fields) of the newest checkpoint in `run_dir`, or None (no
     checkpoint, or none recorded). A command whose default warmup follows the total steps (5% of them) takes
     the warmup from here when it resumes: more `--steps` then extend the run instead of changing its schedule.
+    With the `steps` the resume asks for, a run they cannot continue is refused first, before a schedule of the
+    saved warmup and fewer steps is refused in its own terms (total_steps > warmup_steps, of a warmup the user
+    never set): a checkpoint past them (PastSteps, as fit refuses it), or steps that end within the saved warmup.
     Under torchrun, rank 0's (a collective)."""
-    return distributed.main_decides(lambda: _saved_schedule(run_dir), f"read the schedule saved in {run_dir}")
+    return distributed.main_decides(lambda: _saved_schedule(run_dir, steps), f"read the schedule saved in {run_dir}")
 
 
-def _saved_schedule(run_dir) -> dict | None:
+def _saved_schedule(run_dir, steps: int | None) -> dict | None:
     last = latest_checkpoint(run_dir)
     if last is None:
         return None
+    if steps is not None:
+        refuse_past_steps(last, steps)
     try:
         schedule = _read_state(last).get("settings", {}).get("schedule")
     except (CheckpointError, OSError, RuntimeError):
         return None  # the resume itself reports an unreadable checkpoint
-    return schedule if isinstance(schedule, dict) else None
+    if not isinstance(schedule, dict):
+        return None
+    warmup = schedule.get("warmup_steps")
+    if steps is not None and isinstance(warmup, int) and steps <= warmup:
+        raise EndsInWarmup(f"{run_dir} holds a run at step {checkpoint_step(last)} whose learning rate warms up over "
+                           f"its first {warmup} steps (the default, a share of the steps it started with), which "
+                           f"steps={steps} would end within: pass more than {warmup} steps to continue it, or start a "
+                           "new run in another directory", step=checkpoint_step(last), steps=steps, warmup=warmup)
+    return schedule
 
 
 def _stateless_parameters(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict,
@@ -524,6 +547,8 @@ def _optimizer_mismatch(directory: Path, now: list[str], trained: list[str], hel
 def read_optimizer(directory: Path) -> dict:
     try:
         return torch.load(directory / OPTIMIZER_FILE, weights_only=True)
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # named by their file already, and not a damaged one
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"{directory / OPTIMIZER_FILE} cannot be read (truncated or corrupt?): {err}") from None
 
@@ -533,6 +558,8 @@ def _read_state(directory: Path) -> dict:
         raise CheckpointError(f"no {STATE_FILE} (a model directory, not a training checkpoint?)")
     try:
         state = torch.load(directory / STATE_FILE, weights_only=True)
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # named by their file already, and not a damaged one
     except (OSError, RuntimeError, EOFError, ValueError) as err:  # named by its file, as read_optimizer names its
         raise CheckpointError(f"{directory / STATE_FILE} cannot be read (truncated or corrupt?): {err}") from None
     if state.get("format") != FORMAT:

@@ -31,12 +31,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from .._numbers import is_integer
 from .._run_lock import holding
 from ..checkpoint import CheckpointError
-from ..errors import OtherSettings, ResumeRefused, listed
+from .. import errors
+from ..errors import OtherSettings, ResumeRefused, StoppedAndSaid, listed
 from . import distributed
 from .callbacks import Callback, callback_keys, callback_states, check_metrics, load_callback_states
 from .checkpointing import (FROZEN_AT_START, IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable,
                             check_param_groups_loadable, check_savable, checkpoint_step, frozen_digests,
-                            latest_checkpoint, list_checkpoints, read_optimizer, read_model, restore_checkpoint,
+                            latest_checkpoint, list_checkpoints, read_optimizer, read_model, refuse_past_steps,
+                            restore_checkpoint,
                             rng_state, save_checkpoint, set_rng_state, type_name)
 from .data import Batches, OtherSetting
 from .loss import LossSum, lm_loss, no_loss_tokens_message
@@ -485,7 +487,7 @@ def _raise_if_ended_early(run: Run, steps: int, *, reader_gone: bool, interrupte
     if interrupted:
         if env.is_main:
             print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)
-        raise KeyboardInterrupt
+        raise StoppedAndSaid
     if exhausted:  # a run that silently trained fewer steps than asked would mislead
         where = (f" on process{'es' if len(ran_out_on) > 1 else ''} {', '.join(map(str, ran_out_on))} (of "
                  f"{env.world_size})" if env.world_size > 1 else "")
@@ -495,20 +497,15 @@ def _raise_if_ended_early(run: Run, steps: int, *, reader_gone: bool, interrupte
                                     else ""))
 
 
-class PastSteps(ResumeRefused, CheckpointError):
-    """A resume refused because the checkpoint, at `step`, is past the run's `steps`. A command says it in its flags."""
-
-    def __init__(self, message: str, step: int, steps: int):
-        super().__init__(message)
-        self.step, self.steps = step, steps
-
-
 class TooFewBatches(ResumeRefused, ValueError):
     """A resume refused because a plain iterable ran out after `found` of the `steps` batches it must skip."""
 
     def __init__(self, message: str, found: int, steps: int):
         super().__init__(message)
         self.found, self.steps = found, steps
+
+
+PastSteps = errors.PastSteps  # kpro.errors's, named here as commands and docs/training.md name it
 
 
 # What fit's fetch of the next batch gives where it got none
@@ -542,11 +539,7 @@ def _resume(run: Run, checkpoint: Path, batches, callbacks, settings: dict, fast
     the checkpoint's data position (a dict), where `fast_forward` the plain iterable's iterator past the steps
     done (else None), and the digests of the frozen weights as the run started where it recorded them (else None).
     """
-    done = checkpoint_step(checkpoint)
-    if done > run.total_steps:  # nothing would train, and the model of another step than asked would come back
-        raise PastSteps(f"{checkpoint} is at step {done}, past steps={run.total_steps}: pass steps={done} or "
-                              f"more to continue that run (steps={done}: it is done), or resume an earlier checkpoint "
-                              "(resume=PATH) into another directory", step=done, steps=run.total_steps)
+    refuse_past_steps(checkpoint, run.total_steps)
 
     def check(state):
         lacking = [key for key in ("step", "callbacks") if key not in state]

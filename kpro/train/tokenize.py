@@ -42,6 +42,7 @@ from .._run_lock import holding
 from .._signals import sigterm_as_ctrl_c, stop_as_sigterm
 from .._spawn import spawn_imports_main
 from .._tokenize_worker import jsonl_text
+from ..errors import StoppedAndSaid
 from ..tokenizer import TOKENIZER_FILES, document_bos_id, load_tokenizer
 from .progress import StatusLine, format_duration
 from .shards import (DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardWriter, check_shard_tokens, is_shard_directory, new_index,
@@ -294,7 +295,7 @@ def _tokenize_corpus(tokenizer_dir, data, out_dir, shard_tokens, workers, chunk_
         progress.close()
         print(f"interrupted: {len(index['shards'])} shard(s) written to {out}; run the same command again to resume",
               file=stream)
-        raise
+        raise StoppedAndSaid from None
     if ordinal == 0:  # else a "complete" directory that TokenShards refuses only when training starts
         progress.close()
         raise ValueError(f"the corpus ({', '.join(map(str, data))}) holds no documents: nothing to tokenize")
