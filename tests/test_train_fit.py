@@ -1057,6 +1057,21 @@ def test_progress_line_on_a_terminal_and_in_a_log():
     assert len(log) == 20 and log[-1].startswith("step   100/100  loss 2.0000") and "eta 0:00" in log[-1]
 
 
+def test_a_long_runs_progress_line_comes_at_least_once_a_minute_off_a_terminal(monkeypatch):
+    """Under nohup or a batch scheduler the first line of internalize's 170,426 steps came at step 8,521, 1 to 3
+    hours in: by default a line also follows a minute without one; a log_every asked for is kept to."""
+    from kpro.train import progress
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    for every, expected in ((None, [1, 2, 5, 6, 20, 40]), (20, [20, 40])):
+        log = io.StringIO()  # not a terminal
+        line = kt.ProgressLine(400, stream=log, every=every)  # by default a line every 20 steps (5%), and ...
+        for step, seconds in zip(range(1, 41), [61, 121, 130, 140, 200, 261] + [270 + i for i in range(34)]):
+            clock[0] = seconds  # ... after 60 s without one: steps 1, 2, 5 and 6
+            line.update(step, loss=2.0, lr=1e-3, tokens=10)
+        assert [int(text.split()[1].split("/")[0]) for text in log.getvalue().splitlines()] == expected, every
+
+
 def test_count_progress_prints_a_line_every_ten_seconds_off_a_terminal(monkeypatch):
     """Scoring an --eval file or decoding an evaluation set said nothing for minutes (a PIQA-sized file: ~40 min on
     a CPU): CountProgress, their callback, prints a line once 10 s have passed since the last, with an ETA, and none
@@ -1118,9 +1133,10 @@ def test_a_progress_reader_gone_stops_with_the_steps_done_saved(tmp_path):
     assert kt.fit(make_model(), batches(), tmp_path, steps=6, lr=1e-3, stream=io.StringIO()).step == 6
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, capfd):
     """SIGTERM, which a scheduler (SLURM, Kubernetes, torchrun) sends before it kills a job, killed fit at once
-    without a checkpoint: it is taken as a Ctrl-C, and a second one does not quit without saving."""
+    without a checkpoint: it is taken as a Ctrl-C, and a second one does not quit without saving (its notice said
+    "press Ctrl-C again", no Ctrl-C having been pressed)."""
     class Term(kt.Callback):
         def on_batch(self, run, batch):
             if run.step == 1:
@@ -1134,6 +1150,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
         kt.fit(make_model(), batches(), tmp_path, steps=4, callbacks=[Term()])
     assert [p.name for p in kt.list_checkpoints(tmp_path)] == ["step-00000002"]
     assert signal.getsignal(signal.SIGTERM) is handler
+    assert "SIGTERM: stopping after this step with a checkpoint (press Ctrl-C to quit without saving)" \
+        in capfd.readouterr().err
 
 
 def test_ctrl_c_after_the_step_check_stops_at_this_step_and_is_never_dropped(tmp_path, sigint_default):

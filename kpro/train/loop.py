@@ -1190,7 +1190,8 @@ class _InterruptToStop:
             self.requested, self.first = True, now
             what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             if self.announce:
-                print(f"\n{what}: stopping after this step with a checkpoint (press Ctrl-C again to quit without "
+                again = " again" if signum == signal.SIGINT else ""  # a SIGTERM again changes nothing
+                print(f"\n{what}: stopping after this step with a checkpoint (press Ctrl-C{again} to quit without "
                       "saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):

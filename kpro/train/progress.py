@@ -50,6 +50,7 @@ class StatusLine:
 
 
 PROGRESS_SECONDS = 10  # off a terminal, a CountProgress line after this long without one (convert-gguf's pace)
+LOG_SECONDS = 60  # off a terminal, a training's progress line at least this often (besides every 5% of its steps)
 
 
 class CountProgress:
@@ -91,8 +92,10 @@ class ProgressLine:
     """`step 120/600  loss 1.2345  lr 3.00e-04  51,234 tok/s  eta 1:02`.
 
     On `stream` (default stderr). On a terminal the line is redrawn in place (at most ~10 times a second);
-    elsewhere (a log file, a pipe) a full line is printed every `every` steps and at the last step. Speed and ETA count this
-    session's steps only, so a resumed run is not credited with time it did not spend.
+    elsewhere (a log file, a pipe) a full line is printed every `every` steps and at the last step; by default
+    (`every` None) every 5% of the steps, and once LOG_SECONDS have passed without a line (a long run's 5% can
+    take hours). Speed and ETA count this session's steps only, so a resumed run is not credited with time it did
+    not spend.
     """
 
     def __init__(self, total_steps: int, start_step: int = 0, *, stream=None, every: int | None = None):
@@ -101,18 +104,23 @@ class ProgressLine:
         if every is not None and (not is_integer(every) or every < 1):
             raise ValueError(f"every must be a positive integer or None (every 5% of the steps), got {every!r}")
         self.every = int(every) if every is not None else max(1, (total_steps - start_step) // 20)
-        self.start = time.perf_counter()
+        self.seconds = LOG_SECONDS if every is None else math.inf  # a step count asked for is kept to
+        self.start = self.said = time.perf_counter()
         self.tokens = 0
 
     def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
         self.tokens += tokens
-        elapsed = time.perf_counter() - self.start
+        now = time.perf_counter()
+        elapsed = now - self.start
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done else math.inf
         last = step == self.total
+        milestone = last or done % self.every == 0 or now - self.said >= self.seconds
+        if milestone:
+            self.said = now
         self.line.show(f"step {step:5d}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
                        f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s  eta {format_duration(eta)}",
-                       milestone=last or done % self.every == 0, final=last)
+                       milestone=milestone, final=last)
 
     def close(self) -> None:
         """End an in-place line that stopped before the last step (an interrupted run)."""
