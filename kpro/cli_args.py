@@ -222,8 +222,8 @@ def claimed_run_directory(out, command: str):
     RUN_RECORD each training command writes there, is refused (resumed by this one, it failed in the library's
     terms: an optimizer state that does not fit, a run past --steps; internalize wrote its generated data into it
     first); else this command's is recorded, on the main process, before the block writes anything. A block that
-    fails having written nothing else there takes the record back (and --out, where it made it). A run directory of
-    an older kpro has no record: taken."""
+    fails having written nothing there takes the record back (and --out and the folders above it, where it made
+    them). A run directory of an older kpro has no record: taken."""
     out = Path(out)
     record = out / RUN_RECORD
     try:
@@ -240,7 +240,14 @@ def claimed_run_directory(out, command: str):
     if found is not None and kind != command:
         raise ValueError(f"--out {out} holds a run of the {kind} command (its {RUN_RECORD} says so), not of "
                          f"{command}: pass another --out")
-    made_dir, made_record = not out.exists(), found is None and is_main_process()
+    from ._run_lock import LOCK_FILE
+    made_record = found is None and is_main_process()
+    made_dirs = []  # --out and the folders above it this call creates, innermost first
+    for path in (out, *out.parents):
+        if path.exists():
+            break
+        made_dirs.append(path)
+    before = {entry.name for entry in out.iterdir()} - {LOCK_FILE} if out.is_dir() else set()
     if made_record:
         from ._files import write_atomic
         out.mkdir(parents=True, exist_ok=True)
@@ -248,12 +255,13 @@ def claimed_run_directory(out, command: str):
     try:
         yield
     except BaseException:
-        from ._run_lock import LOCK_FILE
-        if made_record and {entry.name for entry in out.iterdir()} <= {RUN_RECORD, LOCK_FILE}:
+        # Written nothing of its own: the directory is as it was (another command's run of an older kpro, with no
+        # record, must not become this one's), and so are the folders above it
+        if made_record and out.is_dir() and {entry.name for entry in out.iterdir()} - {RUN_RECORD, LOCK_FILE} == before:
             record.unlink(missing_ok=True)
-            if made_dir:
-                with contextlib.suppress(OSError):  # a lock file another holder keeps stays, and the directory
-                    out.rmdir()
+            for path in made_dirs:
+                with contextlib.suppress(OSError):  # one holding a lock file another run keeps stays
+                    path.rmdir()
         raise
 
 

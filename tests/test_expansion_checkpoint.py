@@ -271,15 +271,20 @@ def test_too_few_steps_for_a_runs_default_warmup_are_refused_in_flags(tmp_path, 
     capsys.readouterr()
     assert main(args + ["--steps", "4"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"error: --out {run} holds a run at step 3 whose learning rate warms up over its first 5 steps (the default "
-        "--warmup-steps: 5% of the --steps it started with): --steps 4 would end within them; pass --steps 6 or "
-        "more to continue it, or another --out for a new run")
+        f"error: --out {run} holds a run at step 3 whose learning rate warms up over its first 5 steps (the warmup "
+        "it started with: its --warmup-steps, by default 5% of its --steps): --steps 4 would end within them; pass "
+        "--steps 6 or more to continue it, or another --out for a new run")
     assert main(args + ["--steps", "2"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: --out {run} holds a run at step 3, past --steps 2: pass --steps 3 or more to continue it (--steps "
         "3: it is done), or another --out for a new run")
     assert main(args + ["--steps", "6"]) == 0
     assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    # a first run refused (an empty corpus) leaves none of the folders it made, its run record included
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["train-expanded", str(tmp_path / "big"), "--data", str(tmp_path / "empty.txt"), "--out",
+                 str(tmp_path / "new" / "sub" / "run"), "--steps", "2"]) == 1
+    assert not (tmp_path / "new").exists()
 
 
 def test_train_expanded_refuses_to_resume_onto_another_source_checkpoint(tmp_path, capsys):

@@ -616,6 +616,18 @@ def test_an_out_holding_another_commands_run_is_refused_before_anything_is_writt
                                             "internalize: pass another --out\n")
     assert sorted(p.name for p in other.iterdir()) == ["kpro_run.json"]  # no data/ generated into it
     assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 0  # its own: resumed (done)
+    # A run of an older kpro has no record: a refused command given it by mistake leaves it without one (it
+    # recorded itself there, and the run's own command was refused next); one that fails in folders it made
+    # leaves none of them
+    (out / "kpro_run.json").unlink()
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"instruction": "a", "response": ""}) + "\n")
+    assert main(["bitune", "--model", str(out / "model"), "--data", str(tmp_path / "empty.jsonl"), "--steps", "1",
+                 "--out", str(out)]) == 1
+    assert "the response is empty" in capsys.readouterr().err and not (out / "kpro_run.json").exists()
+    assert main(["bitune", "--model", str(out / "model"), "--data", str(tmp_path / "empty.jsonl"), "--steps", "1",
+                 "--out", str(tmp_path / "new" / "sub" / "run")]) == 1
+    assert not (tmp_path / "new").exists()
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 0
 
 
 def test_a_resume_on_other_training_examples_names_the_flags_that_chose_them(tmp_path, capsys):

@@ -178,8 +178,8 @@ def cmd_train_expanded(args) -> None:
     except PastSteps as err:
         raise past_steps_refusal(out, err.step, f"--steps {err.steps}") from None
     except EndsInWarmup as err:
-        raise ends_in_warmup_refusal(out, err, "the default --warmup-steps: 5% of the --steps it started with") \
-            from None
+        raise ends_in_warmup_refusal(out, err, "the warmup it started with: its --warmup-steps, by default 5% of "
+                                               "its --steps") from None
     except OtherSetting as err:
         refusal = _other_setting(err, args, out)
         if refusal is None:  # a setting no flag of this command sets otherwise

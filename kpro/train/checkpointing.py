@@ -497,7 +497,7 @@ def _saved_schedule(run_dir, steps: int | None) -> dict | None:
     warmup = schedule.get("warmup_steps")
     if steps is not None and isinstance(warmup, int) and steps <= warmup:
         raise EndsInWarmup(f"{run_dir} holds a run at step {checkpoint_step(last)} whose learning rate warms up over "
-                           f"its first {warmup} steps (the default, a share of the steps it started with), which "
+                           f"its first {warmup} steps (the warmup it started with, which a resume keeps), which "
                            f"steps={steps} would end within: pass more than {warmup} steps to continue it, or start a "
                            "new run in another directory", step=checkpoint_step(last), steps=steps, warmup=warmup)
     return schedule
