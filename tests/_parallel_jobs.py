@@ -74,3 +74,9 @@ def page_faults_reallocating(return_freed_memory: bool = False) -> list[int]:
         del tensors
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return faults
+
+
+def value_after(value: int, seconds: float) -> int:
+    """A job for run_jobs: `value`, after `seconds` (module level: spawned workers import it)."""
+    time.sleep(seconds)
+    return value

@@ -664,3 +664,18 @@ def test_split_streams_pads_the_prompt_stream_with_zeros_after_each_prompt():
     streams = split_streams(ids, torch.tensor([2, 4]))
     assert streams.prompt_ids.tolist() == [[11, 0, 0], [21, 22, 23]]
     assert streams.answer_ids.tolist() == [[12, 13, 14, 15, 16], [24, 25, 26, 0, 0]]
+
+
+def test_the_base_dtype_is_the_one_most_tensors_hold():
+    """A02 (adapters.py `max(set(dtypes), key=dtypes.count)` -> `dtypes[-1]`): a bf16 model whose embedding, head
+    and norms are kept in float32 (a mixed checkpoint loaded as stored) records base_dtype bfloat16, the dtype of
+    most of its tensors; every test model before held one dtype."""
+    model = kpro.Llama(tiny_config()).to(torch.bfloat16)
+    for name, module in model.named_modules():
+        if isinstance(module, kpro.model.RMSNorm) or name in ("embed_tokens", "lm_head"):
+            module.float()
+    tensors = model.state_dict().values()
+    counted = {dtype: sum(t.dtype == dtype for t in tensors) for dtype in (torch.bfloat16, torch.float32)}
+    assert counted[torch.bfloat16] > counted[torch.float32]  # the premise: 14 matrices against 7
+    assert kpro.adapters.base_dtype(model) == torch.bfloat16
+    assert kpro.adapters.base_record(model)["base_dtype"] == "bfloat16"

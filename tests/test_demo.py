@@ -1166,3 +1166,52 @@ def test_a_clean_split_of_unequal_sides_is_fishers_exact_chance():
     assert not claims.exceeds_standard_errors(1.0, 0.0, (5, 6))  # 1 in 462
     assert "a chance of 1 in 1,287 (3 standard errors: 1 in 741)" in claims.in_standard_errors(
         1.0, 0.0, 3, questions=(5, 8))
+
+
+def test_run_jobs_returns_results_in_the_order_of_the_jobs_not_of_their_ends():
+    """P01 (demo/parallel.py `[future.result() for future in futures]` -> `... in done`): the existing parallel
+    test's two jobs return equal scores, so any order passed. Here the first jobs end last."""
+    from _parallel_jobs import value_after
+
+    from kpro.demo.parallel import run_jobs
+    jobs = [(value_after, dict(value=i, seconds=0.4 * (5 - i))) for i in range(6)]
+    assert run_jobs(jobs, workers=2) == list(range(6))
+
+
+def test_two_cores_run_two_workers_by_default(monkeypatch):
+    """P02 (demo/parallel.py `>= 2` -> `> 2`): the documented rule (two on a machine with two or more cores) was
+    tested only through KPRO_DEMO_WORKERS."""
+    from kpro.demo import parallel
+    monkeypatch.delenv("KPRO_DEMO_WORKERS", raising=False)
+    for cores, workers in ((None, 1), (1, 1), (2, 2), (64, 2)):
+        monkeypatch.setattr(parallel.os, "cpu_count", lambda cores=cores: cores)
+        assert parallel.default_workers() == workers, cores
+
+
+def test_the_seeds_figures_are_named_by_their_own_seed():
+    """S01 (demo/seeds.py `first_seed + i` -> `i`): a reproduction from --seed 5 named its gains 'on seed 0, 1';
+    the test of the names ran from seed 0 only."""
+    from kpro.demo import seeds
+    assert list(seeds.seeds_inputs([0.1, 0.2], {"bitune": 0.9, "only_causal": 0.8}, first_seed=5)) == [
+        "gain on seed 5", "gain on seed 6", "bitune's mean accuracy on right", "only_causal's mean accuracy on right"]
+
+
+def test_the_internalization_reproduction_is_shown_only_when_every_seed_shows_it(tmp_path, monkeypatch, capsys):
+    """S02 (demo/seeds.py `all(...)` -> `any(...)`): no test ran reproduce_internalization_seeds past its argument
+    checks; its claim must hold on every seed, as its 'claim shown on k of n seeds' line says."""
+    from kpro.demo import seeds
+
+    class Act:  # the act's results made up: the claim shown on seeds 0 and 2, not on seed 1
+        check = staticmethod(lambda out_dir, seed, **act: None)
+
+        def __call__(self, out_dir, seed, **act):
+            row = {"accuracy": 0.5, "cot_tokens": 0.0}
+            return {"explicit CoT": row, "no CoT": row, "internalized": row, "claim_shown": seed != 1}
+    monkeypatch.setattr(seeds, "act_internalization", Act())
+    result = seeds.reproduce_internalization_seeds(tmp_path, seeds=3)
+    assert "claim shown on 2 of 3 seeds" in capsys.readouterr().out
+    assert result["claim_shown"] is False
+    monkeypatch.setattr(seeds, "act_internalization", type("All", (Act,), {"__call__": lambda self, out_dir, seed,
+                                                                           **act: {**Act()(out_dir, 0),
+                                                                                   "claim_shown": True}})())
+    assert seeds.reproduce_internalization_seeds(tmp_path, seeds=3)["claim_shown"] is True

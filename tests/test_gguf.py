@@ -803,3 +803,17 @@ def test_a_conversion_cut_short_by_a_full_disk_names_the_file(tmp_path, small_vo
         convert_gguf(path, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
+
+def test_convert_gguf_writes_the_dtype_asked_for(tmp_path):
+    """C01 (convert/command.py `dtype=_DTYPES.get(args.dtype)` -> `dtype=None`): the command's --dtype reached
+    convert_gguf in no test; an F32 file converted with --dtype bfloat16 must store bfloat16 weights."""
+    from safetensors import safe_open
+
+    from kpro.cli import main
+    vocab = sentencepiece_vocab(DATA / "sentencepiece_test_model.model")
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(vocab["tokens"])), vocab)
+    for dtype, stored in ((None, "F32"), ("bfloat16", "BF16"), ("float16", "F16")):
+        out = tmp_path / f"out-{dtype}"
+        assert main(["convert-gguf", str(path), str(out), *(["--dtype", dtype] if dtype else [])]) == 0
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(name).get_dtype() for name in f.keys()} == {stored}, dtype

@@ -2059,3 +2059,72 @@ def test_a_lock_file_that_cannot_be_removed_hides_no_error_and_keeps_no_lock(tmp
     with holding(tmp_path):
         pass
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+class _StopAt(kt.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, run, metrics):
+        if run.step == self.step:
+            run.stop()
+
+
+@pytest.fixture(scope="module")
+def warm_run(tmp_path_factory):
+    """A run of 100 steps warming up over 5, stopped (with a checkpoint) at step 3."""
+    out = tmp_path_factory.mktemp("warm") / "run"
+    torch.manual_seed(0)
+    model = kpro.Llama(kpro.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    ids = torch.randint(3, 32, (4, 12), generator=torch.Generator().manual_seed(1))
+    kt.fit(model, iter(lambda: {"input_ids": ids, "labels": ids}, None), out, steps=100, lr=1e-3,
+           schedule=kt.Schedule("linear", warmup_steps=5, total_steps=100), callbacks=[_StopAt(3)], stream=None)
+    return out
+
+
+def test_steps_equal_to_the_saved_warmup_are_refused_as_ending_within_it(warm_run):
+    """X07 (train/checkpointing.py `steps <= warmup` -> `steps < warmup`): --steps equal to the saved warmup leave
+    no step after it. The two callers' tests ask for 4 and 6 steps against a warmup of 5, never 5 itself."""
+    from kpro.errors import EndsInWarmup
+    from kpro.train.checkpointing import saved_schedule
+    with pytest.raises(EndsInWarmup) as refused:
+        saved_schedule(warm_run, 5)
+    assert (refused.value.step, refused.value.steps, refused.value.warmup) == (3, 5, 5)
+    assert saved_schedule(warm_run, 6)["warmup_steps"] == 5  # one step past the warmup continues the run
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", "optimizer.pt"])
+def test_a_training_state_this_process_may_not_read_is_not_called_corrupt(warm_run, monkeypatch, name):
+    """X19 (train/checkpointing.py `_read_state` re-raises PermissionError no longer): an unreadable
+    trainer_state.pt (or optimizer.pt) became "cannot be read (truncated or corrupt?)". As root chmod stops nobody: open refuses it,
+    as test_checkpoint's test of the weight files does."""
+    import builtins
+    from kpro.train.checkpointing import _read_state, latest_checkpoint, read_optimizer
+    checkpoint = latest_checkpoint(warm_run)
+    state = checkpoint / name
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if os.fspath(file) == str(state):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(PermissionError, match=re.escape(f"[Errno 13] Permission denied: '{state}'")):
+        (_read_state if name == "trainer_state.pt" else read_optimizer)(checkpoint)
+
+
+def test_a_five_percent_line_restarts_the_minute_without_a_line(monkeypatch):
+    """X11 (train/progress.py: only a line printed for the minute resets the timer): the minute counts from the
+    last line printed, whatever printed it. The existing test's 5% lines (steps 20, 40) come within a minute of
+    the last timed line, so it cannot tell."""
+    from kpro.train import progress
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    log = io.StringIO()
+    line = kt.ProgressLine(400, stream=log)  # every 20 steps (5%), and after 60 s without a line
+    for step, seconds in ((1, 61), (20, 100), (21, 125), (22, 159), (23, 161)):
+        clock[0] = seconds
+        line.update(step, loss=2.0, lr=1e-3, tokens=10)
+    # step 1: 61 s after the start; 20: its 5%; 23: 61 s after step 20's line (21 and 22 are within the minute)
+    assert [int(text.split()[1].split("/")[0]) for text in log.getvalue().splitlines()] == [1, 20, 23]
