@@ -17,6 +17,7 @@ LAYERS = [
     ("kpro._safetensors",),  # headers without torch: info's and the streamed expand's
     ("kpro._run_lock",),  # one run per output directory: fit's and the demo's
     ("kpro._files",),  # atomic files and directories: a directory is swapped whole, holding the runs inside it
+    ("kpro._run_record",),  # which command's run an --out holds (kpro_run.json)
     ("kpro._digests",),  # SHA-256 of tensors' values: base fingerprints, the frozen weights a checkpoint leaves out
     ("kpro.ops",),
     ("kpro.config",),

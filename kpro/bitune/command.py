@@ -8,8 +8,9 @@ import re
 import sys
 from pathlib import Path
 
+from .._run_record import claimed_run_directory
 from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, check_seed,
-                        claimed_run_directory, directory_path, ends_in_warmup_refusal, input_path, other_setting_refusal,
+                        directory_path, ends_in_warmup_refusal, input_path, other_setting_refusal,
                         other_settings_refusal, resolve_device)
 from .passes import MODES
 

@@ -7,11 +7,12 @@ import re
 import shlex
 from pathlib import Path
 
+from .._run_record import claimed_run_directory
 from .._torchrun import refuse_processes
 from ..cli_args import (DEVICE_HELP, DTYPES, SHARD_SIZE_FLAG, add_device_argument, block_list, check_batch_split,
-                        check_output_dir, check_seed, claimed_run_directory, directory_path, ends_in_warmup_refusal,
-                        fit_setting_flag, in_flag_terms, input_path, other_setting_refusal, other_settings_refusal,
-                        past_steps_refusal, positive_int, resolve_device)
+                        check_output_dir, check_seed, directory_path, ends_in_warmup_refusal, fit_setting_flag,
+                        in_flag_terms, input_path, other_setting_refusal, other_settings_refusal, past_steps_refusal,
+                        positive_int, resolve_device)
 from .layout import POSITIONS
 
 

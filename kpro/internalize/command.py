@@ -25,11 +25,12 @@ import torch
 
 from .._files import write_atomic
 from .._run_lock import holding
+from .._run_record import claimed_run_directory
 from .._torchrun import world_size
 from ..checkpoint import load_pretrained, save_pretrained
 from ..cli_args import (add_device_argument, check_batch_split, check_input_file, check_output_dir, check_seed,
-                        claimed_run_directory, directory_path, file_path, fit_setting_flag, input_path,
-                        other_setting_refusal, other_settings_refusal, past_steps_refusal, resolve_device)
+                        directory_path, file_path, fit_setting_flag, input_path, other_setting_refusal,
+                        other_settings_refusal, past_steps_refusal, resolve_device)
 from ..config import LlamaConfig
 from ..distributed import main_decides, on_main
 from ..errors import OtherSettings, listed
