@@ -1,4 +1,5 @@
-"""SIGTERM taken as Ctrl-C, for the commands that save on Ctrl-C (the demo's pool, tokenize's)."""
+"""SIGTERM taken as Ctrl-C, for the commands that save on Ctrl-C (every `python -m kpro` command, the demo's pool,
+tokenize's)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,21 +7,28 @@ import signal
 import threading
 from typing import NoReturn
 
+# The notices of a stop that saves: Ctrl-C, a scheduler's SIGTERM, a closed terminal's SIGHUP (POSIX)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+NOTICES = STOP_SIGNALS[1:]  # taken as Ctrl-C by sigterm_as_ctrl_c
+
 # In the sigterm_as_ctrl_c block now running (None outside one): whether a SIGTERM notice was taken, the stop under way
 _stopping: bool | None = None
 
 
 @contextlib.contextmanager
-def sigterm_as_ctrl_c():
+def sigterm_as_ctrl_c(ignore_after_stop: bool = False):
     """SIGTERM (a scheduler's notice before it kills the job: timeout, SLURM, Kubernetes) raises KeyboardInterrupt
     in the block, so that what Ctrl-C saves and cleans up is saved and cleaned up. Python's default would end the
     process at once, leaving its worker processes and temporary files. One notice, one KeyboardInterrupt: a SIGTERM
     arriving while the stop is under way (timeout sends it to the command and again to its group; a scheduler to each
     process of the job, in any order) is the same notice, and would otherwise interrupt the cleanup it asks for.
-    Main thread only; left alone where SIGTERM is ignored on purpose."""
+    SIGHUP (a closed terminal) is taken alike. `ignore_after_stop`: a block that ends in a stop leaves the notices
+    ignored (a process that exits next: a notice arriving as it prints its line and exits ended it with status 143
+    instead of 130), else the handlers are restored. Main thread only; a notice ignored on purpose (nohup) is left
+    alone."""
     global _stopping
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+    taken = [signum for signum in NOTICES if signal.getsignal(signum) is not signal.SIG_IGN]
+    if threading.current_thread() is not threading.main_thread() or not taken:
         yield
         return
 
@@ -28,12 +36,20 @@ def sigterm_as_ctrl_c():
         if not _stopping:
             stop_as_sigterm()
     outer, _stopping = _stopping, False
-    previous = signal.signal(signal.SIGTERM, handle)
+    previous = {signum: signal.signal(signum, handle) for signum in taken}
+    stopped = False
     try:
         yield
+    except KeyboardInterrupt:  # a notice's, Ctrl-C's, or fit's stop after either
+        stopped = True
+        raise
     finally:
         try:  # setting a handler first runs those of signals already caught: one caught by now is taken here
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            for signum, before in previous.items():
+                if ignore_after_stop and (stopped or _stopping):
+                    signal.signal(signum, signal.SIG_IGN)
+                else:
+                    signal.signal(signum, before if before is not None else signal.SIG_DFL)
         finally:
             _stopping = outer
 

@@ -32,6 +32,8 @@ def start(tokenizer_dir: str, files: list, pool_worker: bool = False) -> None:
     global _TOKENIZER, _FILES
     if pool_worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "SIGHUP"):  # a closed terminal's reaches the group too: the main process takes it
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="kpro-end-with-parent",
                          daemon=True).start()
     _TOKENIZER, _FILES = load_tokenizer(tokenizer_dir), files

@@ -8,6 +8,7 @@ packages that define the others import torch. tests/test_cli.py checks the table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -266,10 +267,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; its exit status. Without `argv`, as the program (`python -m kpro`: sys.argv): a command
+    stopped by a notice leaves further notices ignored, since the process exits next."""
+    process_ends = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     joined_before = _in_process_group()
     try:
-        return _main(argv)
+        return _main(argv, process_ends)
     finally:
         if not joined_before and _in_process_group():  # under torchrun: the group the command joined
             from .train.distributed import leave_process_group
@@ -283,19 +287,21 @@ def _in_process_group() -> bool:
     return dist is not None and dist.is_available() and dist.is_initialized()
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], process_ends: bool = False) -> int:
     try:
         args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
         if args.command != "info" and os.environ.get("KPRO_BACKEND"):  # info runs no op (and imports no torch)
             from .ops.backend import check_environment_backends
 
             check_environment_backends()  # a bad value refused now, not at the first op, after the model loaded
-        with sigterm_as_ctrl_c():  # a scheduler's notice stops a command as Ctrl-C does: one line, no partial files
+        # a scheduler's notice or a closed terminal stops a command as Ctrl-C does: one line, no partial files
+        with sigterm_as_ctrl_c(ignore_after_stop=process_ends):
             args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt as stop:
         if is_main_process() and not isinstance(stop, StoppedAndSaid):  # under torchrun every process was
-            print("interrupted", file=sys.stderr)                        # interrupted; a said stop has its line
+            with contextlib.suppress(OSError):                           # interrupted; a said stop has its line;
+                print("interrupted", file=sys.stderr)                    # a hung-up terminal takes none
         return 130
     except BrokenPipeError:  # the reader went away (`python -m kpro info DIR | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

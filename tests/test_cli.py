@@ -178,7 +178,7 @@ def test_ctrl_c_is_reported_by_rank_0_alone(monkeypatch, capsys, rank, printed):
     assert capsys.readouterr().err == printed
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "said"])
+@pytest.mark.parametrize("stop", ["sigterm", "sighup", "said"])
 def test_sigterm_stops_any_command_as_ctrl_c_and_a_said_stop_is_not_said_twice(monkeypatch, capsys, stop):
     """SIGTERM (timeout, a scheduler) ended commands other than training and tokenize at once, exit 143, no line
     printed, the temporaries of a save in progress left behind; a training's stop printed "interrupted: saved ...",
@@ -192,15 +192,37 @@ def test_sigterm_stops_any_command_as_ctrl_c_and_a_said_stop_is_not_said_twice(m
         if stop == "said":
             print("interrupted: saved x; run again to resume", file=sys.stderr)
             raise StoppedAndSaid
-        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGHUP if stop == "sighup" else signal.SIGTERM)
         time.sleep(5)  # not reached: the handler raises at once
     monkeypatch.setattr(command, "cmd_tokenize", stopped)
     monkeypatch.delenv("RANK", raising=False)
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
     assert main(["tokenize", "--tokenizer", ".", "--data", ".", "--out", "o"]) == 130
     assert capsys.readouterr().err == ("interrupted: saved x; run again to resume\n" if stop == "said"
                                        else "interrupted\n")
-    assert signal.getsignal(signal.SIGTERM) is handler
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # called in-process: restored
+
+
+def test_a_stopped_program_ignores_further_notices_until_it_exits():
+    """A second SIGTERM 50 ms after the first (timeout and SLURM send one to the process and one to its group)
+    came as the stopped command printed its line and exited: status 143, not 130. The program (`python -m kpro`,
+    main() without arguments) leaves the notices ignored after a stop; a block without a stop restores them."""
+    import signal
+
+    from kpro._signals import sigterm_as_ctrl_c
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with sigterm_as_ctrl_c(ignore_after_stop=True):
+            pass
+        assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_as_ctrl_c(ignore_after_stop=True):
+                signal.raise_signal(signal.SIGTERM)
+        assert all(signal.getsignal(signum) is signal.SIG_IGN for signum in handlers)
+        signal.raise_signal(signal.SIGTERM)  # ignored: the test goes on
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):

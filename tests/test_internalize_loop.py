@@ -630,6 +630,25 @@ def test_an_out_holding_another_commands_run_is_refused_before_anything_is_writt
     assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 0
 
 
+def test_a_stop_during_the_final_evaluation_says_the_model_is_saved(tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM during the final evaluation printed a bare "interrupted", though the model was saved and
+    a rerun only evaluates again."""
+    from kpro.internalize import command
+    out, steps = tmp_path / "run", TINY.index("--steps") + 1
+    short = [*TINY[:steps], "2", *TINY[steps + 1:]]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(command, "_final_evaluation", stopped)
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted during the final evaluation: the model is saved in {out / 'model'}; run the same command "
+        "again to evaluate")
+    monkeypatch.undo()
+    assert main(["internalize", "--task", "3x3", "--out", str(out), *short]) == 0
+    assert (out / "eval.json").is_file()
+
+
 def test_a_resume_on_other_training_examples_names_the_flags_that_chose_them(tmp_path, capsys):
     """Refused in Batches' words ("... num_examples=64, these have num_examples=48: other data, or the same cut
     into rows of another length (seq_len)"): no such option here, and neither --train-size nor --train named."""

@@ -1154,6 +1154,32 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, capfd):
         in capfd.readouterr().err
 
 
+def test_sighup_stops_after_the_step_with_a_checkpoint_and_a_hung_up_terminal_is_a_stop(tmp_path, capfd):
+    """A closed terminal's SIGHUP (an ssh session dropped) ended fit at once, nothing saved: it is taken as
+    SIGTERM. Writing the progress line to the hung-up terminal then fails with EIO: a stop too, the steps saved."""
+    import errno as errnos
+
+    class Hup(kt.Callback):
+        def on_batch(self, run, batch):
+            if run.step == 1:
+                os.kill(os.getpid(), signal.SIGHUP)
+            return batch
+
+    handler = signal.getsignal(signal.SIGHUP)
+    with pytest.raises(KeyboardInterrupt):
+        kt.fit(make_model(), batches(), tmp_path / "hup", steps=4, callbacks=[Hup()])
+    assert [p.name for p in kt.list_checkpoints(tmp_path / "hup")] == ["step-00000002"]
+    assert signal.getsignal(signal.SIGHUP) is handler
+    assert "SIGHUP: stopping after this step with a checkpoint" in capfd.readouterr().err
+
+    class HungUp(io.StringIO):
+        def write(self, text):
+            raise OSError(errnos.EIO, "Input/output error")
+    with pytest.raises(BrokenPipeError, match="stopped at step 1 of 4, saved .*step-00000001"):
+        kt.fit(make_model(), batches(), tmp_path / "eio", steps=4, stream=HungUp(), log_every=1)
+    assert [p.name for p in kt.list_checkpoints(tmp_path / "eio")] == ["step-00000001"]
+
+
 def test_ctrl_c_after_the_step_check_stops_at_this_step_and_is_never_dropped(tmp_path, sigint_default):
     """A Ctrl-C during on_step_end (an evaluation, say) came after the step's check: fit trained one more step
     before stopping, and at the last step, or during the final save, it returned as if nothing had happened."""

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .._signals import sigterm_as_ctrl_c
+from .._signals import STOP_SIGNALS, sigterm_as_ctrl_c
 from .._spawn import spawn_imports_main
 
 
@@ -164,8 +164,8 @@ def _end_with(parent: int, stop, interrupted, pids) -> None:
     global _INTERRUPTED
     _INTERRUPTED = interrupted
     keep_freed_memory()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:  # SIGHUP too: a closed terminal's reaches the group, and the parent takes it
+        signal.signal(signum, signal.SIG_IGN)
     pids.put(os.getpid())
     def watch():
         while not stop.value and os.getppid() == parent:

@@ -33,7 +33,7 @@ from ..cli_args import (add_device_argument, check_batch_split, check_input_file
                         other_settings_refusal, past_steps_refusal, resolve_device)
 from ..config import LlamaConfig
 from ..distributed import main_decides, on_main
-from ..errors import OtherSettings, listed
+from ..errors import OtherSettings, StoppedAndSaid, listed
 from ..model import Llama
 from ..tokenizer import load_tokenizer
 from ..train import latest_checkpoint
@@ -241,7 +241,14 @@ def _run(args, out: Path, env) -> None:
             save_pretrained(model, out / "model")
             tokenizer.save(out / "model")
             print(f"saved the final model to {out / 'model'}")
-        _final_evaluation(args, model, tokenizer, evaluation_sets, label, out)
+        try:
+            _final_evaluation(args, model, tokenizer, evaluation_sets, label, out)
+        except KeyboardInterrupt:
+            saved = "" if args.eval_only else f"the model is saved in {out / 'model'}; "
+            with contextlib.suppress(OSError):  # a hung-up terminal takes no line
+                print(f"interrupted during the final evaluation: {saved}run the same command again to evaluate",
+                      file=sys.stderr)
+            raise StoppedAndSaid from None
     # Under torchrun every rank holds the same weights: rank 0 alone saves and evaluates, while the others wait
     # (one that exits first can abort gloo's background work on its way out) and learn of a failure there.
     on_main(finish, env, "save and evaluate the final model")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .._numbers import is_integer
 from .._run_lock import holding
+from .._signals import STOP_SIGNALS
 from ..checkpoint import CheckpointError
 from .. import errors
 from ..errors import OtherSettings, ResumeRefused, StoppedAndSaid, listed
@@ -415,7 +416,9 @@ def _fit(model, batches, out_dir, *, env, steps, loss_fn, optimizer, lr, weight_
                     try:
                         if not reader_gone:
                             progress.update(run.step, loss, lr_now, tokens)
-                    except BrokenPipeError:  # as Ctrl-C: the steps done are saved, then it is raised
+                    except OSError as err:  # as Ctrl-C: the steps done are saved, then it is raised
+                        if err.errno not in (errno.EPIPE, errno.EIO):  # the reader gone, or the terminal hung up
+                            raise
                         reader_gone = interrupt.requested = True
                 if run._save_requested or (save_every and run.step % save_every == 0):
                     save()
@@ -486,7 +489,8 @@ def _raise_if_ended_early(run: Run, steps: int, *, reader_gone: bool, interrupte
                               f"saved {run.checkpoint}; run again to resume")
     if interrupted:
         if env.is_main:
-            print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)
+            with contextlib.suppress(OSError):  # a hung-up terminal (EIO): saved all the same
+                print(f"interrupted: saved {run.checkpoint}; run again to resume", file=sys.stderr)
         raise StoppedAndSaid
     if exhausted:  # a run that silently trained fewer steps than asked would mislead
         where = (f" on process{'es' if len(ran_out_on) > 1 else ''} {', '.join(map(str, ran_out_on))} (of "
@@ -1159,14 +1163,15 @@ def _inside(checkpoint: Path, out_dir: Path) -> bool:
 
 
 class _InterruptToStop:
-    """Ctrl-C or SIGTERM during fit asks for a stop at the end of the current step, with a checkpoint.
+    """Ctrl-C, SIGTERM or SIGHUP during fit asks for a stop at the end of the current step, with a checkpoint.
 
     SIGTERM is what a scheduler (SLURM, Kubernetes, torchrun) sends before it kills a job: the checkpoint
     must be written within its grace period. A second Ctrl-C, more than a second after the first, quits at
     once without saving. (torchrun forwards the terminal's SIGINT to its workers, which get the terminal's
     own as well: the duplicate, milliseconds apart, must not abort the save.) A second SIGTERM changes
-    nothing: the scheduler's SIGKILL follows anyway. Only the main thread can take signals; elsewhere they
-    behave as usual.
+    nothing: the scheduler's SIGKILL follows anyway. SIGHUP (the terminal closed: an ssh session dropped) is
+    taken as SIGTERM, where it is not ignored (nohup ignores it); the notice it cannot write to the closed
+    terminal is left out. Only the main thread can take signals; elsewhere they behave as usual.
     """
 
     def __init__(self, announce: bool = True):
@@ -1176,7 +1181,7 @@ class _InterruptToStop:
         self.requested, self.first, self.previous = False, 0.0, {}
         if threading.current_thread() is not threading.main_thread():
             return self
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             # Not where a signal is ignored on purpose (a background job, nohup): leave that as it is.
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -1191,8 +1196,9 @@ class _InterruptToStop:
             what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             if self.announce:
                 again = " again" if signum == signal.SIGINT else ""  # a SIGTERM again changes nothing
-                print(f"\n{what}: stopping after this step with a checkpoint (press Ctrl-C{again} to quit without "
-                      "saving)", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):  # a hung-up terminal (EIO): the stop goes on unsaid
+                    print(f"\n{what}: stopping after this step with a checkpoint (press Ctrl-C{again} to quit "
+                          "without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for signum, previous in self.previous.items():
