@@ -2087,15 +2087,6 @@ def test_a_lock_file_that_cannot_be_removed_hides_no_error_and_keeps_no_lock(tmp
     assert not (tmp_path / LOCK_FILE).exists()
 
 
-class _StopAt(kt.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, run, metrics):
-        if run.step == self.step:
-            run.stop()
-
-
 @pytest.fixture(scope="module")
 def warm_run(tmp_path_factory):
     """A run of 100 steps warming up over 5, stopped (with a checkpoint) at step 3."""
@@ -2105,7 +2096,7 @@ def warm_run(tmp_path_factory):
                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
     ids = torch.randint(3, 32, (4, 12), generator=torch.Generator().manual_seed(1))
     kt.fit(model, iter(lambda: {"input_ids": ids, "labels": ids}, None), out, steps=100, lr=1e-3,
-           schedule=kt.Schedule("linear", warmup_steps=5, total_steps=100), callbacks=[_StopAt(3)], stream=None)
+           schedule=kt.Schedule("linear", warmup_steps=5, total_steps=100), callbacks=[StopAt(3)], stream=None)
     return out
 
 

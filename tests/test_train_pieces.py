@@ -14,8 +14,6 @@ import kpro
 from kpro import train as kt
 from kpro.train.data import content_digest
 
-from conftest import randomize_norms, tiny_config
-
 # ------------------------------------------------------------------------------------------- packing
 
 
@@ -801,25 +799,18 @@ def test_only_torch_distributeds_own_hooks_are_taken_as_changing_no_value():
     assert kt.loss._distributed_own(FSDPState._pre_forward)
 
 
-def _model_with_randomized_norms(seed=0):
-    torch.manual_seed(seed)
-    model = kpro.Llama(tiny_config())
-    randomize_norms(model, torch.Generator().manual_seed(seed + 1))
-    return model
-
-
-def test_load_checkpoint_clears_gradients_left_on_the_parameters(tmp_path):
+def test_load_checkpoint_clears_gradients_left_on_the_parameters(tmp_path, make_model):
     """C03: load_checkpoint documents that gradients left on the parameters (a check's backward) are cleared: a
     checkpoint is taken between steps. A hand-written loop that calls optimizer.step() after resuming would
     otherwise add the stale gradient to the restored moments."""
-    model = _model_with_randomized_norms()
+    model = make_model(dtype=torch.float32)
     optimizer = kt.adamw(model, lr=1e-2)
     ids = torch.randint(3, 67, (2, 9), generator=torch.Generator().manual_seed(0))
     F.cross_entropy(model(ids)[:, :-1].reshape(-1, 67), ids[:, 1:].reshape(-1)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     kt.save_checkpoint(tmp_path, 1, model, optimizer, {})
-    other = _model_with_randomized_norms(seed=5)
+    other = make_model(seed=5, dtype=torch.float32)
     other_opt = kt.adamw(other, lr=1e-2)
     for p in other.parameters():
         p.grad = torch.ones_like(p)
