@@ -54,7 +54,8 @@ def claimed_run_directory(out, command: str):
     except BaseException:
         # Written nothing of its own: the directory is as it was (another command's run of an older kpro, with no
         # record, must not become this one's), and so are the folders above it
-        if made_record and out.is_dir() and {entry.name for entry in out.iterdir()} - {RUN_RECORD, LOCK_FILE} == before:
+        now = {entry.name for entry in out.iterdir()} - {RUN_RECORD, LOCK_FILE} if out.is_dir() else None
+        if made_record and now == before:
             record.unlink(missing_ok=True)
             for path in made_dirs:
                 with contextlib.suppress(OSError):  # one holding a lock file another run keeps stays

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from ._safetensors import WEIGHTS_NAME, check_checkpoint_directory, read_header, sharded_weight_map
+from ._signals import sigterm_as_ctrl_c
 from ._torchrun import is_main_process
 from .cli_args import (DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, input_path,
                        resolve_device)
-from ._signals import sigterm_as_ctrl_c
 from .errors import CheckpointError, DirectoryInUse, StoppedAndSaid, listed
 
 # name -> (the package whose command.py defines it; None: this file), help line.

@@ -7,8 +7,8 @@ class CheckpointError(RuntimeError):
 
 
 class StoppedAndSaid(KeyboardInterrupt):
-    """A stop on Ctrl-C or SIGTERM whose line (what was saved, how to resume) is printed already: the command line
-    adds no bare "interrupted" after it. A KeyboardInterrupt to every caller."""
+    """A stop on Ctrl-C, SIGTERM or SIGHUP whose line (what was saved, how to resume) is printed already: the
+    command line adds no bare "interrupted" after it. A KeyboardInterrupt to every caller."""
 
 
 class DirectoryInUse(RuntimeError):
@@ -62,8 +62,8 @@ class PastSteps(ResumeRefused, CheckpointError):
 
 
 class EndsInWarmup(ResumeRefused, ValueError):
-    """A resume refused because the `steps` asked for end within the `warmup` steps of the run at `step` (a default
-    warmup, a share of the steps the run started with, which a resume keeps). A command says it in its flags."""
+    """A resume refused because the `steps` asked for end within the `warmup` steps of the run at `step` (the
+    warmup it started with, which a resume without one keeps). A command says it in its flags."""
 
     def __init__(self, message: str, step: int, steps: int, warmup: int):
         super().__init__(message)

@@ -33,7 +33,8 @@ def generate(model: Llama, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                 "kpro.generate(tuned.model, ...)`)") if adapted else ""
         bitune = " (a Bitune: its own bt.generate(prompts, ...))" if hasattr(model, "mix_weights") else ""
         raise TypeError(f"generate() takes a kpro.Llama, got {type(model).__name__}{hint}{bitune}")
-    refuse_idle_adapters(model, "generate", takes_wrappers=False)  # adapted in place, no adapter active: it would decode the base model
+    # adapted in place, no adapter active: it would decode the base model
+    refuse_idle_adapters(model, "generate", takes_wrappers=False)
     mixed = mixed_matrix_dtypes(model)  # its head runs outside the forward, which names them
     if mixed is not None:
         raise ValueError(mixed)

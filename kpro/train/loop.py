@@ -39,8 +39,7 @@ from .callbacks import Callback, callback_keys, callback_states, check_metrics, 
 from .checkpointing import (FROZEN_AT_START, IMPLEMENTATION_FLAGS, STEP_DIR, check_loadable,
                             check_param_groups_loadable, check_savable, checkpoint_step, frozen_digests,
                             latest_checkpoint, list_checkpoints, read_optimizer, read_model, refuse_past_steps,
-                            restore_checkpoint,
-                            rng_state, save_checkpoint, set_rng_state, type_name)
+                            restore_checkpoint, rng_state, save_checkpoint, set_rng_state, type_name)
 from .data import Batches, OtherSetting
 from .loss import LossSum, lm_loss, no_loss_tokens_message
 from .optim import Schedule, adamw, remember_peak_lr, set_lr
