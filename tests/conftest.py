@@ -190,3 +190,13 @@ def child_processes(pid: int) -> list[int]:
     """The live processes whose parent is `pid` (Linux /proc)."""
     return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
             if (fields := _stat_fields(stat)) is not None and int(fields[1]) == pid and fields[0] != "Z"]
+
+
+@pytest.fixture
+def sighup_default():
+    """The default SIGHUP disposition for the test: nohup (a CI runner started with it, a test run left in the
+    background) ignores it, and kpro rightly leaves an ignored SIGHUP alone."""
+    import signal
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)

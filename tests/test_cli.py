@@ -179,7 +179,8 @@ def test_ctrl_c_is_reported_by_rank_0_alone(monkeypatch, capsys, rank, printed):
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "sighup", "said"])
-def test_sigterm_stops_any_command_as_ctrl_c_and_a_said_stop_is_not_said_twice(monkeypatch, capsys, stop):
+def test_sigterm_stops_any_command_as_ctrl_c_and_a_said_stop_is_not_said_twice(monkeypatch, capsys, stop,
+                                                                                sighup_default):
     """SIGTERM (timeout, a scheduler) ended commands other than training and tokenize at once, exit 143, no line
     printed, the temporaries of a save in progress left behind; a training's stop printed "interrupted: saved ...",
     then the command line a second, bare "interrupted"."""
@@ -203,7 +204,7 @@ def test_sigterm_stops_any_command_as_ctrl_c_and_a_said_stop_is_not_said_twice(m
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # called in-process: restored
 
 
-def test_a_stopped_program_ignores_further_notices_until_it_exits():
+def test_a_stopped_program_ignores_further_notices_until_it_exits(sighup_default):
     """A second SIGTERM 50 ms after the first (timeout and SLURM send one to the process and one to its group)
     came as the stopped command printed its line and exited: status 143, not 130. The program (`python -m kpro`,
     main() without arguments) leaves the notices ignored after a stop; a block without a stop restores them."""

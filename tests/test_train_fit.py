@@ -1154,7 +1154,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, capfd):
         in capfd.readouterr().err
 
 
-def test_sighup_stops_after_the_step_with_a_checkpoint_and_a_hung_up_terminal_is_a_stop(tmp_path, capfd):
+def test_sighup_stops_after_the_step_with_a_checkpoint_and_a_hung_up_terminal_is_a_stop(tmp_path, capfd,
+                                                                                           sighup_default):
     """A closed terminal's SIGHUP (an ssh session dropped) ended fit at once, nothing saved: it is taken as
     SIGTERM. Writing the progress line to the hung-up terminal then fails with EIO: a stop too, the steps saved."""
     import errno as errnos
