@@ -80,6 +80,8 @@ def train_only(model: Llama, block_ids: Iterable[int] | None, recompute_frozen: 
     frozen_below = run_without_graph_or_recomputed if recompute_frozen else run_without_graph
     model.block_runners = tuple(run_block if i in ids else frozen_below if i < lowest else frozen_above
                                 for i in range(num_blocks))
+    for i, block in enumerate(model.layers):
+        block._train_only_path = f"layers.{i}"  # for _check_frozen's message: every block has an mlp.up_proj
     frozen = [i for i in range(num_blocks) if i not in ids]
     return TrainPlan(ids, tuple(i for i in frozen if i < lowest), tuple(i for i in frozen if i > lowest),
                      bool(recompute_frozen))
@@ -178,8 +180,15 @@ def _check_frozen(block) -> None:
     # These runners drop weight gradients by design: refuse if someone unfroze the block after train_only.
     for name, p in block.named_parameters():
         if p.requires_grad:
-            raise RuntimeError(f"a block that train_only froze has a trainable parameter again ({name}); call "
-                               "kpro.train_only again after changing which parameters train")
+            raise RuntimeError(f"a block that train_only froze has a trainable parameter again "
+                               f"({frozen_parameter_name(block, name)}); call kpro.train_only again after changing "
+                               "which parameters train")
+
+
+def frozen_parameter_name(block, name: str) -> str:
+    """A frozen block's parameter by its name in the model, as train_only stamped the block's path."""
+    path = getattr(block, "_train_only_path", None)
+    return f"{path}.{name}" if path else name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 from .. import ops
 from ..config import SILU_NAMES
 from ..expansion.freezing import (TrainPlan, _check_block_ids, _check_recompute_flag, _checkpointed, _ForwardContext,
-                                  freeze_all_but)
+                                  freeze_all_but, frozen_parameter_name)
 from ..ops.attention import visibility_mask
 from ..ops.backend import values_readable
 
@@ -440,7 +440,9 @@ def train_only(model: nn.Module, block_ids: Iterable[int] | None, recompute_froz
         return TrainPlan(tuple(range(len(layers))), (), (), False)
     freeze_all_but(model, [layers[i] for i in ids])
     lowest = ids[0]
+    paths = {id(module): path for path, module in model.named_modules()}
     for i, layer in enumerate(layers):
+        layer._train_only_path = paths.get(id(layer))  # for _check_frozen's message: "model.layers.3.mlp..."
         if i not in ids:
             below = run_without_graph_or_recomputed if recompute_frozen else run_without_graph
             _set_runner(layer, below if i < lowest else run_recomputed if recompute_frozen else run_input_grad_only)
@@ -461,8 +463,9 @@ def _set_runner(layer: nn.Module, runner) -> None:
 def _check_frozen(layer: nn.Module) -> None:
     for name, p in layer.named_parameters():
         if p.requires_grad:
-            raise RuntimeError(f"a layer that train_only froze has a trainable parameter again ({name}); call "
-                               "kpro.integrations.hf.train_only again after changing which parameters train")
+            raise RuntimeError(f"a layer that train_only froze has a trainable parameter again "
+                               f"({frozen_parameter_name(layer, name)}); call kpro.integrations.hf.train_only "
+                               "again after changing which parameters train")
 
 
 def run_without_graph(self, *args, **kwargs):
