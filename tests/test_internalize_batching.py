@@ -1,5 +1,6 @@
 """Tokenization (symbols and SentencePiece), label masking, and CoT removal on batches."""
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 import kpro
 from kpro import train as kt
 from kpro.internalize import (IGNORE_INDEX, REMOVE_ALL, CoTExample, RemovalSchedule, SymbolTokenizer, collate,
-                              multiplication_tokenizer, next_token_loss, parse_line, read_published, remove_cot,
-                              symbol_tokenizer_for, tokenize_example, tokenize_examples, training_batch)
+                              multiplication_tokenizer, next_token_loss, parse_line, read_examples, read_published,
+                              remove_cot, symbol_tokenizer_for, tokenize_example, tokenize_examples, training_batch)
 
 MISTRAL = Path(__file__).parent / "data" / "mistral_7b_tokenizer.model"
 BOS, EOS, PAD = 1, 2, 0
@@ -68,6 +69,17 @@ def test_empty_cot():
 def test_an_example_the_tokenizer_cannot_encode_is_named():
     examples = [EXAMPLE, CoTExample("1 * 2", "", "2"), CoTExample("1 x 2", "", "3")]
     with pytest.raises(ValueError, match=r"^example 3 \('1 x 2\|\| #### 3'\): symbol 'x' is not in the vocabulary"):
+        tokenize_examples(examples, multiplication_tokenizer())
+
+
+def test_an_example_read_from_a_file_is_named_by_its_file_and_line_not_its_number(tmp_path):
+    """Blank lines are skipped: the fourth example was on line 6, and "example 4" pointed at a good line."""
+    path = tmp_path / "test.txt"
+    path.write_text("1 * 2||2 #### 2\n\n3 * 4||1 2 #### 1 2\n\n2 * 2||4 #### 4\n3 8 * 2||7 6 #### \u0661 6\n")
+    examples = read_examples(path)
+    assert examples[3] == CoTExample("3 8 * 2", "7 6", "\u0661 6")  # where takes no part in equality
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:6 \('3 8 \* 2\|\|7 6 #### \u0661 6'\): symbol "
+                                         "'\u0661' is not in the vocabulary"):
         tokenize_examples(examples, multiplication_tokenizer())
 
 

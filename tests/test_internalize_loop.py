@@ -16,7 +16,7 @@ import torch
 import kpro
 from kpro import train as kt
 from kpro.cli import main
-from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, ValidationAccuracy, evaluate,
+from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, TokenizedExample, ValidationAccuracy, evaluate,
                               fit_internalization, multiplication_tokenizer, multiplication_training_set, parse_line,
                               read_examples, step_generator, tokenize_examples)
 from kpro.internalize.loop import OFFICIAL_WEIGHT_DECAY, lr_schedule
@@ -694,7 +694,7 @@ def test_a_resume_keeps_the_runs_tokenizer_whatever_the_test_set(tmp_path, capsy
     assert "resumed from" in progress and "internalized, test: accuracy" in printed
     assert main([*common, "--test", str(tmp_path / "test3.txt"), "--steps", "3"]) == 1
     err = capsys.readouterr().err
-    assert f"error: --test {tmp_path / 'test3.txt'}: example 1 (" in err and "'~'" in err, err
+    assert f"error: --test {tmp_path / 'test3.txt'}:1 (" in err and "'~'" in err, err
     assert err.endswith(f"; the run in --out {out} keeps the tokenizer saved with its checkpoints: pass another "
                         "--out for a new run\n") and err.count("\n") == 1, err
     (tmp_path / "long.txt").write_text("".join(f"1 {line}\n" for line in lines[40:]))  # one more digit
@@ -952,6 +952,25 @@ def test_examples_longer_than_the_model_positions_are_refused_before_training(tm
     assert not (tmp_path / "text" / "metrics.jsonl").exists() and not (tmp_path / "ids" / "metrics.jsonl").exists()
 
 
+def test_ids_outside_the_model_vocabulary_are_refused_before_training(tmp_path):
+    """A tokenizer larger than the model trained on until the first forward refused input_ids, naming neither
+    the tokenizer nor an example, and left metrics.jsonl behind; evaluate refused it up front."""
+    tokenized = tokenize_examples([parse_line(line) for line in multiplication_training_set(2, 4, seed=0)], TOK)
+    small = kpro.Llama(make_model().config.replace(vocab_size=TOK.vocab_size - 1))
+    fit = lambda out, **options: fit_internalization(small, tokenized, out, removal="none", steps=1, batch_size=2,
+                                                     pad_id=TOK.pad_id, lr=1e-3, **options)
+    with pytest.raises(ValueError, match=rf"^the tokenizer has {TOK.vocab_size} tokens but the model only "
+                                         rf"{TOK.vocab_size - 1} embeddings$"):
+        fit(tmp_path / "tokenizer", tokenizer=TOK)
+    # '####' is the tokenizer's last id: every example holds it; the second is named where the first is fine
+    tokenized[0] = TokenizedExample(tuple(i for i in tokenized[0].ids if i != TOK.vocab_size - 1), 4, 4)
+    last = TOK.vocab_size - 1
+    with pytest.raises(ValueError, match=rf"^example 2 \(token ids .*\) holds token id {last}, outside the model's "
+                                         rf"vocabulary of {last} \(ids 0 \.\.\. {last - 1}\)$"):
+        fit(tmp_path / "ids")
+    assert not (tmp_path / "tokenizer").exists() and not (tmp_path / "ids").exists()
+
+
 def test_an_adapted_model_is_checked_and_validated_as_its_model(tmp_path):
     """A kpro.lora.AdaptedModel has no config of its own: ValidationAccuracy failed on it (AttributeError), and
     fit_internalization skipped the pad_id and example-length checks for it."""
@@ -981,7 +1000,9 @@ def test_a_model_whose_tokenizer_lacks_a_symbol_is_refused(tmp_path, capsys):
     code = main(["internalize", "--task", "3x3", "--model", str(model_dir), "--out", str(tmp_path / "run"),
                  "--train-size", "16", "--eval-size", "4"])
     err = capsys.readouterr().err
-    assert code == 1 and "the training set: example 1 (" in err and "): symbol '*' is not in the vocabulary" in err
+    # the generated set is read back from its file: named by its file and line
+    assert code == 1 and re.search(r"the training set: \S+/run/data/train-3x3\S*\.txt:1 \(", err), err
+    assert "): symbol '*' is not in the vocabulary" in err
 
 
 def test_a_tokenizer_without_a_bos_trains_and_evaluates_with_prompts_of_no_bos(tmp_path, capsys):

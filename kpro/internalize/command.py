@@ -500,12 +500,15 @@ def _data_name(args, split: str) -> str:
 
 
 def _tokenize(examples, tokenizer, what: str, source: str = ""):
-    """`examples` tokenized; an example the tokenizer cannot take is named with `what` (the file), and `source`
-    (where the tokenizer comes from) follows the error."""
+    """`examples` tokenized; an example the tokenizer cannot take is named with `what` (the set, or the option
+    and its file), and `source` (where the tokenizer comes from) follows the error."""
     try:
         return tokenize_examples(examples, tokenizer)
     except ValueError as err:
-        raise ValueError(f"{what}: {err}{source}") from None
+        # An example read from the option's file names itself FILE:LINE: the option joins it, the file said once
+        option, _, path = what.partition(" ")
+        named = f"{option} {err}" if option.startswith("--") and str(err).startswith(f"{path}:") else f"{what}: {err}"
+        raise ValueError(f"{named}{source}") from None
 
 
 def _positions_needed(tokenizer, sets: dict, source: str = "") -> dict[str, int]:

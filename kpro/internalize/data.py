@@ -6,7 +6,7 @@ The published sets (Deng, Choi, Shieber 2024; MIT License, see data/LICENSE) shi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 INPUT_END = "||"
@@ -29,6 +29,8 @@ class CoTExample:
     input: str
     cot: str
     answer: str
+    # "FILE:LINE" where read_examples read it, to name it in errors (an index skips the blank lines before it)
+    where: str | None = field(default=None, compare=False, repr=False)
 
     def line(self) -> str:
         """The example in the file format; `parse_line(example.line()) == example`."""
@@ -76,9 +78,10 @@ def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[CoT
                 if not line.strip():
                     continue
                 try:
-                    examples.append(parse_line(line))
+                    example = parse_line(line)
                 except DataFormatError as err:
                     raise DataFormatError(f"{path}:{number}: {err}: {_excerpt(line)}") from None
+                examples.append(CoTExample(example.input, example.cot, example.answer, where=f"{path}:{number}"))
     except UnicodeDecodeError:
         raise DataFormatError(_not_utf8(path)) from None
     return examples

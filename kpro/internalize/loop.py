@@ -306,6 +306,7 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
     config = getattr(lora.unwrap(model), "config", None)  # an AdaptedModel's is its model's
     pad_id = check_special_id(pad_id, "pad_id", vocab_size=getattr(config, "vocab_size", None))
     examples = list(examples)
+    _check_vocabulary(examples, tokenizer, getattr(config, "vocab_size", None))
     limit = getattr(config, "max_position_embeddings", None)
     longest = max(range(len(examples)), key=lambda i: len(getattr(examples[i], "ids", ())), default=None)
     if limit is not None and longest is not None and len(getattr(examples[longest], "ids", ())) > limit:
@@ -319,6 +320,20 @@ def fit_internalization(model: nn.Module, examples: Sequence[TokenizedExample], 
                                                                            weight_decay=weight_decay)
     return fit(model, batches, out_dir, steps=steps, optimizer=optimizer, schedule=schedule,
                clip_grad_norm=1.0, callbacks=[removal_callback, *extra, *callbacks], stream=stream, **fit_options)
+
+
+def _check_vocabulary(examples, tokenizer, vocab_size: int | None) -> None:
+    """Checked now, as evaluate checks it: the first forward would refuse input_ids, naming no example, and
+    leave a run directory behind."""
+    if vocab_size is None:
+        return
+    if tokenizer is not None and getattr(tokenizer, "vocab_size", 0) > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} embeddings")
+    for number, example in enumerate(examples, start=1):
+        ids = getattr(example, "ids", ())
+        if ids and max(ids) >= vocab_size:  # negative ids are collate's and the model's to refuse
+            raise ValueError(f"example {number} ({describe_tokenized(example, tokenizer)}) holds token id {max(ids)}, "
+                             f"outside the model's vocabulary of {vocab_size} (ids 0 ... {vocab_size - 1})")
 
 
 def lr_schedule(steps: int, decay_steps: int = 0, warmup_steps: int = 0):

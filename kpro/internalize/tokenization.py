@@ -53,8 +53,8 @@ def symbol_tokenizer_for(examples) -> SymbolTokenizer:
         special = next((s for text in (example.input, example.cot, example.answer) for s in text.split()
                         if s in SymbolTokenizer.SPECIALS), None)
         if special is not None:
-            raise ValueError(f"example {number} ({_excerpt(example.line())}): {special!r} is a special token, not a "
-                             "symbol of the data")
+            raise ValueError(f"{example_name(example, number)} ({_excerpt(example.line())}): {special!r} is a special "
+                             "token, not a symbol of the data")
     return SymbolTokenizer.from_texts((text for e in examples for text in (e.input, e.cot, e.answer)),
                                       extra=[ANSWER_MARK])
 
@@ -103,13 +103,18 @@ def describe_tokenized(example: TokenizedExample, tokenizer=None) -> str:
 
 
 def tokenize_examples(examples, tokenizer, bos: bool | None = None) -> list[TokenizedExample]:
-    """`tokenize_example` of each; an example the tokenizer cannot encode is named by its number (from 1) and
-    text, which one error among 808,000 lines needs."""
+    """`tokenize_example` of each; an example the tokenizer cannot encode is named by its file and line where
+    read_examples read it (else by its number, from 1) and its text, which one error among 808,000 lines needs."""
     bos = uses_bos(tokenizer, bos)  # a bos=True the tokenizer cannot honour is no fault of an example
     tokenized = []
     for number, example in enumerate(examples, start=1):
         try:
             tokenized.append(tokenize_example(example, tokenizer, bos))
         except ValueError as err:
-            raise ValueError(f"example {number} ({_excerpt(example.line())}): {err}") from None
+            raise ValueError(f"{example_name(example, number)} ({_excerpt(example.line())}): {err}") from None
     return tokenized
+
+
+def example_name(example: CoTExample, number: int) -> str:
+    """"FILE:LINE" of an example read from a file, else "example N" (its number among those given, from 1)."""
+    return getattr(example, "where", None) or f"example {number}"
