@@ -110,6 +110,40 @@ def test_hopper_dkdv_takes_fewer_queries_a_step_before_triton_3_9(compiler, rows
             == tiles.default_tile_config("dkdv", 64, BF16, 90, installed))
 
 
+@pytest.mark.parametrize("compiler", [(3, 6), (3, 9)])
+def test_hopper_dkdv_on_pointer_loads_takes_half_the_queries_a_step(compiler):
+    """sm_90a dK/dV on pointer loads (a Hugging Face model's transposed [B, H, T, D] tensors) spilled under
+    Triton 3.9 at the TMA path's tiles: 16 B a thread at d128 with grouped-query heads, 44 B at d64 and d128
+    with a padding mask (RESULTS.md). The forward, dQ and sm_80 tiles do not depend on the path."""
+    for head_dim, rows in ((64, 32), (128, 16)):
+        assert tiles.default_tile_config("dkdv", head_dim, BF16, 90, (3, 9), path="pointer") == (rows, 128, 8, 2)
+        for arch in (80, 90):
+            for kind in ("forward", "dq") if arch == 90 else tiles.KERNELS:
+                assert (tiles.default_tile_config(kind, head_dim, BF16, arch, compiler, path="pointer")
+                        == tiles.default_tile_config(kind, head_dim, BF16, arch, compiler))
+    with pytest.raises(ValueError, match="unknown load path 'cp.async'"):
+        tiles.default_tile_config("dkdv", 64, BF16, 90, path="cp.async")
+
+
+def test_fp32_dkdv_takes_16_queries_a_step_on_hopper_at_every_head_dim():
+    """At 32 queries a step the fp32 dK/dV at d64 spilled 788 B a thread on sm_90a (RESULTS.md); sm_80 spills
+    less at 32 than at 16 there, and keeps 32 up to d64."""
+    for head_dim in (16, 32, 64, 96, 128, 256):
+        assert tiles.default_tile_config("dkdv", head_dim, torch.float32, 90) == (16, 32, 4, 1)
+        assert tiles.default_tile_config("dkdv", head_dim, torch.float32, 80) == (32 if head_dim <= 64 else 16, 32, 4, 1)
+
+
+def test_tuned_winners_stand_for_the_load_path_that_timed_them(monkeypatch):
+    """The sweep's contiguous tensors take TMA on sm_90: its winners are not the pointer path's tiles there."""
+    key = tiles.tuned_key("dkdv", 128, BF16, 90)
+    monkeypatch.setattr(tiles, "tuned_table", lambda: {key: [64, 64, 8, 2], tiles.tuned_key("dkdv", 128, BF16, 80):
+                                                       [32, 64, 8, 2]})
+    assert tiles.tile_config("dkdv", 128, BF16, 90) == (64, 64, 8, 2)
+    assert tiles.tile_config("dkdv", 128, BF16, 90, path="pointer") == tiles.default_tile_config(
+        "dkdv", 128, BF16, 90, path="pointer")
+    assert tiles.tile_config("dkdv", 128, BF16, 80, path="pointer") == (32, 64, 8, 2)  # sm_80 timed pointer loads
+
+
 def test_tuned_winners_stand_only_for_the_triton_that_timed_them(monkeypatch):
     installed = tiles.triton_version()
     other = (installed[0], installed[1] + 1)
@@ -127,7 +161,7 @@ def test_only_plain_attention_asks_for_the_tuned_winners(monkeypatch):
     asked = []
 
     def spy(module):
-        def block_sizes(kind, device, head_dim, dtype, tuned=True):
+        def block_sizes(kind, device, head_dim, dtype, tuned=True, path="tma"):
             asked.append((module, kind, tuned))
             return tiles.Tiles((16, 16, 4, 1))
         return block_sizes
@@ -187,7 +221,7 @@ TILE_SETS = {
 def forced_interpreter_tiles(monkeypatch):
     """Make the launchers take the given (BLOCK_M, BLOCK_N) per kernel, as on a GPU."""
     def force(tile_set):
-        def block_sizes(kind, device, head_dim, dtype, tuned=True):
+        def block_sizes(kind, device, head_dim, dtype, tuned=True, path="tma"):
             return tiles.Tiles((*tile_set[kind], 4, 1))
         monkeypatch.setattr(triton_attention, "block_sizes", block_sizes)
         monkeypatch.setattr(triton_bitune, "block_sizes", block_sizes)

@@ -160,9 +160,11 @@ def test_a_spilling_dkdv_tile_a_gpu_timed_fastest_passes_the_spill_check(monkeyp
     key = attention_tiles.tuned_key("dkdv", 128, torch.bfloat16, 90)
     monkeypatch.setattr(attention_tiles, "tuned_table", lambda: {key: winner})
     spilling = record(kernel="attention.dkdv", spill_stores=96,
-                      constexprs={"HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128})
+                      constexprs={"HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128, "USE_TMA": True})
     assert report.hopper_dkdv_spill(spilling) is None
     assert report.hopper_dkdv_spill({**spilling, "num_stages": 3})  # not the measured configuration
+    # the winners were timed on TMA loads: pointer loads keep the defaults (attention_tiles.tile_config)
+    assert report.hopper_dkdv_spill({**spilling, "constexprs": {**spilling["constexprs"], "USE_TMA": False}})
     assert report.hopper_dkdv_spill({**spilling, "kernel": "bitune_attention.dkdv"})  # Bitune takes no winners
     assert report.hopper_dkdv_spill({**spilling, "dtype": "fp16"})  # no fp16 winner in this table
     monkeypatch.setattr(attention_tiles, "tuned_table", lambda: {})

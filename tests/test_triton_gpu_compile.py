@@ -14,9 +14,11 @@ The checks themselves are in kpro/ops/report.py (CHECKS) and are shown to fail i
 import json
 
 import pytest
+import torch
 
 import _compile_report
 from kpro.ops import report
+from kpro.ops.triton_kernels import attention_tiles as tiles
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def records() -> list[dict]:
 def test_every_kernel_and_case_is_compiled_for_both_targets(records):
     every_case = {case.name for case in report.standard_cases()}
     sm80_cases = {name for name in every_case if any(text in name for text in _compile_report.SM80_CASES)}
-    assert len(sm80_cases) == 15  # each entry matches: 6 attention cases, 5 RMSNorm, 2 SwiGLU, 2 cross-entropy
+    assert len(sm80_cases) == 17  # each entry matches: 6 attention cases, 7 RMSNorm, 2 SwiGLU, 2 cross-entropy
     for arch, cases in ((90, every_case), (80, sm80_cases)):
         mine = [r for r in records if r["arch"] == arch]
         kernels = {r["kernel"] for r in mine}
@@ -54,6 +56,18 @@ def test_the_launch_specialisation_is_applied(records):
     assert unaligned["constexpr_1"] == ["GROUP"] and {"Tq", "Tk"} <= set(unaligned["neither"])
     packed = spec("swiglu.forward", "swiglu bf16 width 11005 packed")
     assert {"U", "n_cols"} <= set(packed["neither"])
+
+
+def test_a_hugging_face_layout_is_compiled_on_pointer_loads_with_its_own_dkdv_tiles(records):
+    """transformers' [B, H, T, D] tensors transposed are what kpro.integrations.hf passes: TMA cannot read
+    them, and no case compiled that path on sm_90a, whose dK/dV spilled at the TMA path's tiles."""
+    for head_dim, mask in ((64, "causal+padding"), (128, "causal")):
+        case = f"attention bf16 d{head_dim} {mask} heads-major"
+        mine = {r["kernel"]: r for r in records if r["arch"] == 90 and case in r["cases"]
+                and r["kernel"] in ("attention.forward", "attention.dkdv", "attention.dq")}
+        assert len(mine) == 3 and not any(r["constexprs"]["USE_TMA"] for r in mine.values())
+        rows = tiles.default_tile_config("dkdv", head_dim, torch.bfloat16, 90, path="pointer")[0]
+        assert mine["attention.dkdv"]["constexprs"]["BLOCK_M"] == rows
 
 
 @pytest.mark.parametrize("check", report.CHECKS, ids=lambda check: check.__name__)

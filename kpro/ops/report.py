@@ -276,8 +276,11 @@ def launches_on(target: Target) -> Iterator[Recorder]:
     def run(kernel, *args, grid, warmup, **kwargs):  # stands in for JITFunction.run: record, do not launch
         recorder.record(kernel, args, kwargs)
 
-    def block_sizes(kind, device, head_dim, dtype, tuned=True):  # the launcher's own rule, asked for a GPU
-        return attention_tiles.block_sizes(kind, torch.device("cuda"), head_dim, dtype, tuned)
+    def block_sizes(kind, device, head_dim, dtype, tuned=True, path="tma"):  # the launcher's rule, asked for a GPU
+        return attention_tiles.block_sizes(kind, torch.device("cuda"), head_dim, dtype, tuned, path)
+
+    def device_arch(device):
+        return target.arch
 
     def program_count(t, work_items):
         return _launch.program_count(SimpleNamespace(device=torch.device("cuda")), work_items)
@@ -296,6 +299,8 @@ def launches_on(target: Target) -> Iterator[Recorder]:
                       mock.patch("torch.cuda.get_device_properties", lambda *_: gpu),
                       mock.patch.object(attention, "block_sizes", block_sizes),
                       mock.patch.object(bitune_attention, "block_sizes", block_sizes),
+                      mock.patch.object(attention, "device_arch", device_arch),
+                      mock.patch.object(bitune_attention, "device_arch", device_arch),
                       mock.patch.object(rms_norm, "program_count", program_count),
                       mock.patch.object(linear_cross_entropy, "program_count", program_count),
                       mock.patch.object(linear_cross_entropy, "tile_config", cross_entropy_tile_config),
@@ -326,21 +331,29 @@ def capture(cases: list[Case], target: Target) -> list[Launch]:
 # --------------------------------------------------------------------------------------------------
 
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-MASKS = {"none": (False, False, False), "causal": (True, False, False),
+MASKS = {"none": (False, False, False), "causal": (True, False, False), "causal+padding": (True, False, True),
          "causal+prefix+padding": (True, True, True)}
+LAYOUTS = ("aligned", "unaligned", "heads-major")
 
 
-def attention_case(dtype, head_dim: int, mask: str, aligned: bool = True) -> Case:
-    """Training shapes: batch 2, 1024 tokens, 32 query and 8 key/value heads, contiguous. Unaligned: 1000
-    tokens, 12 heads without GQA (GROUP is 1), q, k, v strided views of one packed QKV tensor."""
+def attention_case(dtype, head_dim: int, mask: str, layout: str = "aligned") -> Case:
+    """Training shapes: batch 2, 1024 tokens, 32 query and 8 key/value heads, contiguous ("aligned", as
+    kpro.Llama passes them). "unaligned": 1000 tokens, 12 heads without GQA (GROUP is 1), q, k, v strided views
+    of one packed QKV tensor. "heads-major": the aligned shapes as [B, H, T, D] tensors transposed to
+    [B, T, H, D], as a Hugging Face model passes them (kpro.integrations.hf): TMA cannot read them on sm_90,
+    and the launch takes pointer loads."""
     causal, prefix, padding = MASKS[mask]
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
 
     def run():
         from .triton_kernels import attention
-        batch, seq = 2, 1024 if aligned else 1000
-        if aligned:
+        batch, seq = 2, 1000 if layout == "unaligned" else 1024
+        if layout == "aligned":
             q = torch.empty(batch, seq, 32, head_dim, dtype=dtype)
             k, v = (torch.empty(batch, seq, 8, head_dim, dtype=dtype) for _ in range(2))
+        elif layout == "heads-major":
+            q, k, v = (torch.empty(batch, heads, seq, head_dim, dtype=dtype).transpose(1, 2) for heads in (32, 8, 8))
         else:
             q, k, v = torch.empty(batch, seq, 3, 12, head_dim, dtype=dtype).unbind(2)
         prefix_lens = torch.tensor([seq // 4, seq // 2]) if prefix else None
@@ -350,7 +363,6 @@ def attention_case(dtype, head_dim: int, mask: str, aligned: bool = True) -> Cas
         out, lse2 = attention.forward(q, k, v, causal, prefix_lens, key_mask, head_dim ** -0.5)
         attention.backward(torch.empty_like(out), q, k, v, out, lse2, causal, prefix_lens, key_mask, head_dim ** -0.5)
 
-    layout = "aligned" if aligned else "unaligned"
     return Case(f"attention {TYPE_NAMES[dtype]} d{head_dim} {mask} {layout}", dtype, run)
 
 
@@ -429,13 +441,18 @@ def linear_cross_entropy_case(vocab: int, dim: int, dtype=torch.bfloat16) -> Cas
 def standard_cases() -> list[Case]:
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     return [
-        attention_case(bf16, 64, "causal+prefix+padding"), attention_case(bf16, 64, "causal+prefix+padding", False),
+        attention_case(bf16, 64, "causal+prefix+padding"),
+        attention_case(bf16, 64, "causal+prefix+padding", "unaligned"),
+        attention_case(bf16, 64, "causal+padding"),  # kpro.Llama's own call at SmolLM2's and Llama 3.2's head dim
+        attention_case(bf16, 64, "causal+padding", "heads-major"), attention_case(bf16, 128, "causal", "heads-major"),
         attention_case(bf16, 128, "none"), attention_case(bf16, 128, "causal"),
-        attention_case(bf16, 128, "causal", False), attention_case(fp16, 128, "causal"),
-        attention_case(fp32, 128, "causal+prefix+padding"), attention_case(bf16, 256, "causal+prefix+padding"),
+        attention_case(bf16, 128, "causal", "unaligned"), attention_case(fp16, 128, "causal"),
+        attention_case(fp32, 64, "causal"), attention_case(fp32, 128, "causal+prefix+padding"),
+        attention_case(bf16, 256, "causal+prefix+padding"),
         bitune_case(bf16, 64), bitune_case(bf16, 64, False), bitune_case(bf16, 128), bitune_case(bf16, 128, False),
         bitune_case(fp16, 128), bitune_case(fp32, 128), bitune_case(bf16, 256),
-        rms_norm_case(4096), rms_norm_case(8192), rms_norm_case(16384), rms_norm_case(32768), rms_norm_case(5000),
+        rms_norm_case(576), rms_norm_case(2048, torch.float32), rms_norm_case(4096), rms_norm_case(8192),
+        rms_norm_case(16384), rms_norm_case(32768), rms_norm_case(5000),
         swiglu_case(11008, packed=False), swiglu_case(11005, packed=True),
         linear_cross_entropy_case(1024, 4096), linear_cross_entropy_case(1031, 4096),
     ]
@@ -635,7 +652,8 @@ def hopper_dkdv_spill(record: dict) -> str | None:
 
 def measured_winner(record: dict) -> bool:
     """Whether a plain-attention record's tiles are the winner the launcher read from tuned_tiles.json for
-    the installed Triton (the table the report's launches were captured with)."""
+    the installed Triton (the table the report's launches were captured with), on the load path the winners
+    were timed on (TMA on sm_90: attention_tiles.tile_config)."""
     from .triton_kernels import attention_tiles
 
     kind = record["kernel"].removeprefix("attention.")
@@ -643,6 +661,8 @@ def measured_winner(record: dict) -> bool:
     if kind == record["kernel"] or kind not in attention_tiles.KERNELS or record["dtype"] not in dtypes:
         return False
     constexprs = record["constexprs"]
+    if record["arch"] >= 90 and not constexprs.get("USE_TMA"):
+        return False
     key = attention_tiles.tuned_key(kind, constexprs.get("HEAD_DIM"), dtypes[record["dtype"]], record["arch"])
     chosen = [constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"), record["num_warps"], record["num_stages"]]
     return attention_tiles.tuned_table().get(key) == chosen

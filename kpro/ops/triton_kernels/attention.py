@@ -10,9 +10,9 @@ import triton.language as tl
 
 from .._layout import device_guard
 from ._launch import FMA, cdiv, launch, launch_errors, within_32bit_rows
-from .attention_tiles import (LOG2E, attend, attend_grad, batch_and_heads, block_sizes, dkdv_heads, finish_rows,
-                              key_tile_plan, key_window, load_head, load_path, padded_head_dim, prepare_launch,
-                              row_end, rows_view, store_head, tile_and_head)
+from .attention_tiles import (LOG2E, attend, attend_grad, batch_and_heads, block_sizes, device_arch, dkdv_heads,
+                              finish_rows, key_tile_plan, key_window, load_head, load_path, padded_head_dim,
+                              prepare_launch, row_end, rows_view, store_head, tile_and_head)
 
 
 @triton.jit
@@ -175,9 +175,8 @@ def forward(q, k, v, causal, prefix_lens, attention_mask, scale):
     lse2 = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse2
-    tiles = block_sizes("forward", q.device, dim, q.dtype)
-    block_m, block_n, warps, stages = tiles
-    path = load_path(getattr(tiles, "arch", None), dim, q.dtype, (q, k, v, out))
+    path = load_path(device_arch(q.device), dim, q.dtype, (q, k, v, out))
+    block_m, block_n, warps, stages = block_sizes("forward", q.device, dim, q.dtype, path=path)
     prefix, key_ok, sm_b, window = _mask_args(prefix_lens, attention_mask, q)
     grid = (cdiv(tq, block_m) * batch * heads,)
     prepare_launch(path, q)
@@ -212,8 +211,8 @@ def backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scal
     prefix, key_ok, sm_b, window = _mask_args(prefix_lens, attention_mask, q)
     masks = dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
                  HAS_KEY_MASK=attention_mask is not None)
-    dkdv_tiles, dq_tiles = block_sizes("dkdv", q.device, dim, q.dtype), block_sizes("dq", q.device, dim, q.dtype)
-    path = load_path(getattr(dkdv_tiles, "arch", None), dim, q.dtype, (q, k, v, dout, dq, dk, dv))
+    path = load_path(device_arch(q.device), dim, q.dtype, (q, k, v, dout, dq, dk, dv))
+    dkdv_tiles, dq_tiles = (block_sizes(kind, q.device, dim, q.dtype, path=path) for kind in ("dkdv", "dq"))
     prepare_launch(path, q)
     with device_guard(q), launch_errors("attention backward"):
         block_m, block_n, warps, stages = dkdv_tiles

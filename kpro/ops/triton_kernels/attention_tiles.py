@@ -385,26 +385,37 @@ class Tiles(tuple):
         return tiles
 
 
-def block_sizes(kind: str, device: torch.device, head_dim: int, dtype: torch.dtype, tuned: bool = True) -> Tiles:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one attention kernel launch on `device`. Small tiles
-    under the CPU interpreter, so that tests exercise many tiles and tails on short sequences. `tuned`:
-    whether TUNED_TABLE's winners apply (they were timed on plain attention; see tile_config)."""
+def device_arch(device: torch.device) -> int | None:
+    """The compute capability of a CUDA device as 80, 90, ...; None for another device (the CPU interpreter)."""
     if device.type != "cuda":
-        return Tiles((16, 16, 4, 1))
+        return None
     major, minor = torch.cuda.get_device_capability(device)
-    arch = 10 * major + minor
-    return Tiles(_forced[kind] if kind in _forced else tile_config(kind, head_dim, dtype, arch, tuned), arch)
+    return 10 * major + minor
 
 
-def tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
-                tuned: bool = True) -> tuple[int, int, int, int]:
-    """The GPU tiles of `kind` for a head dim, dtype and compute capability (80, 90, ...): the GPU-measured
-    winner in TUNED_TABLE where there is one and `tuned` is set, else `default_tile_config`. The sweep times
-    plain attention only, so the Bitune dual pass asks with tuned=False: its kernels hold more per tile
-    (Triton 3.6 spills in its dK/dV at tiles plain attention compiles cleanly) and keep the compiler-guided
-    defaults until a sweep of their own measures them."""
-    winner = tuned_table().get(tuned_key(kind, head_dim, dtype, arch)) if tuned else None
-    return tuple(winner) if winner is not None else default_tile_config(kind, head_dim, dtype, arch)
+def block_sizes(kind: str, device: torch.device, head_dim: int, dtype: torch.dtype, tuned: bool = True,
+                path: str = "tma") -> Tiles:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one attention kernel launch on `device` that loads its
+    tiles by `path` (`load_path`'s answer). Small tiles under the CPU interpreter, so that tests exercise many
+    tiles and tails on short sequences. `tuned`: whether TUNED_TABLE's winners apply (they were timed on plain
+    attention; see tile_config)."""
+    arch = device_arch(device)
+    if arch is None:
+        return Tiles((16, 16, 4, 1))
+    return Tiles(_forced[kind] if kind in _forced else tile_config(kind, head_dim, dtype, arch, tuned, path), arch)
+
+
+def tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int, tuned: bool = True,
+                path: str = "tma") -> tuple[int, int, int, int]:
+    """The GPU tiles of `kind` for a head dim, dtype, compute capability (80, 90, ...) and load path: the
+    GPU-measured winner in TUNED_TABLE where there is one and `tuned` is set, else `default_tile_config`. The
+    sweep times plain attention only, so the Bitune dual pass asks with tuned=False: its kernels hold more per
+    tile (Triton 3.6 spills in its dK/dV at tiles plain attention compiles cleanly) and keep the
+    compiler-guided defaults until a sweep of their own measures them. The sweep's tensors are contiguous, so
+    on sm_90 its winners were timed on the TMA path: a launch there on pointer loads keeps the defaults."""
+    timed = tuned and not (arch >= 90 and path == "pointer")
+    winner = tuned_table().get(tuned_key(kind, head_dim, dtype, arch)) if timed else None
+    return tuple(winner) if winner is not None else default_tile_config(kind, head_dim, dtype, arch, path=path)
 
 
 @functools.cache  # read at every launch (tile_config, tuned_key); the installed version does not change
@@ -415,7 +426,7 @@ def triton_version() -> tuple[int, int]:
 
 
 def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
-                        compiler: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+                        compiler: tuple[int, int] | None = None, path: str = "tma") -> tuple[int, int, int, int]:
     """The compiler-guided tiles of `kind` ("forward": BLOCK_M queries per program over BLOCK_N keys at a
     time; "dkdv": BLOCK_N keys per program over BLOCK_M query rows at a time; "dq"), standing until a GPU
     has timed the candidates.
@@ -432,20 +443,26 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
     before 3.9 (`compiler`, (major, minor); default: the installed one) allocates registers differently: at
     the dK/dV tiles Triton 3.9 compiles without spills, Triton 3.6 spills 4 to 8 B a thread on sm_90a in plain
     attention and 12 to 228 B in the Bitune dual pass (3.8: up to 20 B), so under it sm_90a dK/dV takes
-    half the queries a step (64 -> 32 at d64, 32 -> 16 at d128), which none of the three spills. fp32 is
-    the exact path, not the fast one: small tiles, as fp32 operands take twice the memory and do not use
-    tensor cores (ieee).
+    half the queries a step (64 -> 32 at d64, 32 -> 16 at d128), which none of the three spills. So does
+    sm_90a dK/dV on pointer loads (`path`: tensors TMA cannot read, as the [B, H, T, D] ones transposed that a
+    Hugging Face model passes, or head dims that are not a power of two): Triton 3.9 spills 16 to 44 B a thread
+    at 32x128 (d128, with grouped-query heads or a padding mask) and at 64x128 (d64, with a padding mask), none
+    at half the queries. fp32 is the exact path, not the fast one: small tiles, as fp32 operands take twice the
+    memory and do not use tensor cores (ieee); its dK/dV takes 16 queries a step above head dim 64, and on sm_90a
+    at every head dim (at 32 queries, d64 spills 788 B a thread there; on sm_80, 12 B, and 20 B at 16).
     """
     if kind not in KERNELS:
         raise ValueError(f"unknown attention kernel {kind!r}")
+    if path not in ("tma", "pointer"):
+        raise ValueError(f"unknown load path {path!r}")
     if dtype == torch.float32:
-        return (16, 32, 4, 1) if kind == "dkdv" and head_dim > 64 else (32, 32, 4, 1)
+        return (16, 32, 4, 1) if kind == "dkdv" and (head_dim > 64 or arch >= 90) else (32, 32, 4, 1)
     if head_dim > 128:  # every dot at least 64 rows, so that sm_90a lowers it to wgmma; dK/dV spills there
         return {"forward": (64, 32, 8, 2), "dkdv": (16, 64, 8, 2 if arch >= 90 else 1), "dq": (64, 16, 8, 2)}[kind]
     small = head_dim <= 64
     if arch >= 90:
         dkdv_rows = 64 if small else 32
-        if (compiler or triton_version()) < (3, 9):
+        if (compiler or triton_version()) < (3, 9) or path == "pointer":
             dkdv_rows //= 2
         return {"forward": (128, 64, 8, 3), "dkdv": (dkdv_rows, 128, 8, 2), "dq": (128, 64, 8, 2)}[kind]
     if small:

@@ -28,9 +28,9 @@ import triton.language as tl
 from .._layout import device_guard
 from ._launch import FMA, cdiv, launch, launch_errors, within_32bit_rows
 from .attention import row_deltas
-from .attention_tiles import (LOG2E, NO_END, attend, attend_grad, batch_and_heads, block_sizes, dkdv_heads,
-                              finish_rows, key_tile_plan, load_head, load_path, padded_head_dim, prepare_launch,
-                              rows_view, store_head)
+from .attention_tiles import (LOG2E, NO_END, attend, attend_grad, batch_and_heads, block_sizes, device_arch,
+                              dkdv_heads, finish_rows, key_tile_plan, load_head, load_path, padded_head_dim,
+                              prepare_launch, rows_view, store_head)
 from .bitune_mix import mixed_cache, ordered_sum
 
 
@@ -308,12 +308,12 @@ def forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_
     lse_a = torch.empty((batch, heads, ta), dtype=torch.float32, device=q_a.device)
     within_32bit_rows("bitune_attention", q_p[0], k_p[0], q_a, k_a)  # contiguous already: refuses, never copies
     a_k, a_v = _alphas(alpha_k, alpha_v)
-    tiles = block_sizes("forward", q_a.device, dim, q_a.dtype, tuned=False)  # defaults: tile_config
-    block_m, block_n, warps, stages = tiles
     with device_guard(q_a), launch_errors("bitune_attention"):
         k_mix, v_mix = mixed_cache(k_p, v_p, a_k, a_v)
-        path = load_path(getattr(tiles, "arch", None), dim, q_a.dtype, (q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a,
-                                                                         o_p, o_a))
+        path = load_path(device_arch(q_a.device), dim, q_a.dtype, (q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, o_p,
+                                                                    o_a))
+        # the defaults (tuned=False: see tile_config)
+        block_m, block_n, warps, stages = block_sizes("forward", q_a.device, dim, q_a.dtype, tuned=False, path=path)
         prepare_launch(path, q_a)
         grid = ((cdiv(ta, block_m) + 2 * cdiv(tp, block_m)) * batch * heads,)
         launch(_forward_kernel, grid, q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, o_p, o_a, lse_p, lse_a,
@@ -341,16 +341,16 @@ def backward(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_
     dk_mix = torch.empty(k_p.shape[1:], dtype=torch.float32, device=k_p.device)  # the answer's, unscaled
     dv_mix = torch.empty_like(dk_mix)
     a_k, a_v = _alphas(alpha_k, alpha_v)
-    dkdv_tiles = block_sizes("dkdv", q_a.device, dim, q_a.dtype, tuned=False)
-    dq_tiles = block_sizes("dq", q_a.device, dim, q_a.dtype, tuned=False)
-    mixed_tiles = cdiv(tp, dkdv_tiles[1]) * batch * kv_heads
-    partials = torch.empty((mixed_tiles, 2), dtype=torch.float32, device=q_a.device)  # dα_k, dα_v per key tile
     lens = (_lens(prompt_lens, q_a), _lens(answer_lens, q_a))
     with device_guard(q_a), launch_errors("bitune_attention backward"):
         k_mix, v_mix = mixed_cache(k_p, v_p, a_k, a_v)  # recomputed: cheaper than keeping it for the backward
-        path = load_path(getattr(dkdv_tiles, "arch", None), dim, q_a.dtype,
+        path = load_path(device_arch(q_a.device), dim, q_a.dtype,
                          (q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, do_p, do_a, dq_p, dk_p, dv_p, dq_a, dk_a, dv_a,
                           dk_mix, dv_mix))
+        dkdv_tiles, dq_tiles = (block_sizes(kind, q_a.device, dim, q_a.dtype, tuned=False, path=path)
+                                for kind in ("dkdv", "dq"))
+        mixed_tiles = cdiv(tp, dkdv_tiles[1]) * batch * kv_heads
+        partials = torch.empty((mixed_tiles, 2), dtype=torch.float32, device=q_a.device)  # dα_k, dα_v per key tile
         prepare_launch(path, q_a)
         flags = dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), USE_TMA=path == "tma")
         block_m, block_n, warps, stages = dkdv_tiles
