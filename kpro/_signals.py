@@ -54,6 +54,23 @@ def sigterm_as_ctrl_c(ignore_after_stop: bool = False):
             _stopping = outer
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker, which a process pool starts (spawned) in the command's process
+    group, with SIGHUP ignored as the pool's workers ignore it: a closed terminal's SIGHUP killed it, and the stop
+    ended in its leak warning and KeyError tracebacks (it ignores SIGINT and SIGTERM itself). Where SIGHUP is ignored
+    already (nohup), or off the main thread (signal handlers are set there only), as it comes."""
+    from multiprocessing import resource_tracker
+
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        resource_tracker.ensure_running()
+        return
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited through exec by the tracker
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, before if before is not None else signal.SIG_DFL)
+
+
 def stop_as_sigterm() -> NoReturn:
     """Stop as a SIGTERM does in a sigterm_as_ctrl_c block: KeyboardInterrupt, and a SIGTERM arriving later in the
     block taken as the same notice. For a notice seen elsewhere first: worker processes ended by SIGTERM."""

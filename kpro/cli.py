@@ -289,13 +289,15 @@ def _in_process_group() -> bool:
 
 def _main(argv: list[str], process_ends: bool = False) -> int:
     try:
-        args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
-        if args.command != "info" and os.environ.get("KPRO_BACKEND"):  # info runs no op (and imports no torch)
-            from .ops.backend import check_environment_backends
-
-            check_environment_backends()  # a bad value refused now, not at the first op, after the model loaded
-        # a scheduler's notice or a closed terminal stops a command as Ctrl-C does: one line, no partial files
+        # A scheduler's notice or a closed terminal stops a command as Ctrl-C does: one line, no partial files.
+        # Taken from the start: parsing imports the command's modules and torch (seconds, where a notice ended
+        # the process with no word).
         with sigterm_as_ctrl_c(ignore_after_stop=process_ends):
+            args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
+            if args.command != "info" and os.environ.get("KPRO_BACKEND"):  # info runs no op (imports no torch)
+                from .ops.backend import check_environment_backends
+
+                check_environment_backends()  # a bad value refused now, not at the first op, after the model loaded
             args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt as stop:

@@ -910,6 +910,28 @@ def test_bitune_eval_reports_its_scoring_progress_on_stderr(tmp_path, capsys, mo
     assert "choices scored" not in out and f"{mc}: acc " in out
 
 
+def test_bitune_stopped_while_scoring_says_the_adapters_are_saved(tmp_path, capsys, monkeypatch):
+    """A stop during --eval (tens of minutes for a PIQA-sized file) said a bare "interrupted", though the
+    adapters were saved and a rerun only scores."""
+    from kpro.bitune import evaluation
+
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "say a", "choices": ["a", "b"], "answer": 0}])
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "multiple_choice_accuracy", stopped)
+        assert bitune_command(tmp_path, "--eval", str(mc)) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"interrupted while scoring {mc}: the adapters are saved in {tmp_path / 'out' / 'adapters'}; "
+                        "run the same command again to score --eval (it trains no further)\n"), err
+    assert "\ninterrupted\n" not in err and not (tmp_path / "out" / "results.json").exists()
+    [metrics] = (tmp_path / "out").rglob("metrics.jsonl")
+    trained = metrics.read_text()
+    assert bitune_command(tmp_path, "--eval", str(mc)) == 0  # the rerun scores, and trains no further
+    assert (tmp_path / "out" / "results.json").exists() and metrics.read_text() == trained
+
+
 def test_bitune_refuses_a_batch_size_the_kept_examples_cannot_fill_before_training(tmp_path, capsys, monkeypatch):
     """Refused inside tune before, after the base was hashed, as "10 examples cannot fill one batch of 11
     (drop_last=True)", naming neither --batch-size nor --max-length."""

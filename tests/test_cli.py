@@ -204,6 +204,55 @@ def test_sigterm_stops_any_command_as_ctrl_c_and_a_said_stop_is_not_said_twice(m
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # called in-process: restored
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_notice_while_the_command_line_is_parsed_stops_as_ctrl_c(monkeypatch, capsys, signame, sighup_default):
+    """Parsing imports the command's modules and torch (1 to 3 seconds): a SIGTERM or SIGHUP then ended the
+    process with status 143 or 129 and no line (the handler came after parsing)."""
+    import signal
+
+    import kpro.cli
+
+    class EarlyNotice(Exception):
+        pass
+
+    def early(signum, frame):  # stands for the default action, which would end pytest itself
+        raise EarlyNotice
+    real = kpro.cli.build_parser
+
+    def parser_receiving_a_notice(only=None):
+        signal.raise_signal(getattr(signal, signame))
+        return real(only)
+    monkeypatch.setattr(kpro.cli, "build_parser", parser_receiving_a_notice)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for signum in handlers:
+            signal.signal(signum, early)
+        assert main(["tokenize", "--tokenizer", ".", "--data", ".", "--out", "o"]) == 130
+        assert capsys.readouterr().err == "interrupted\n"
+        assert all(signal.getsignal(signum) is early for signum in handlers)  # called in-process: restored
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the tracker's signal mask from /proc")
+def test_the_resource_tracker_of_a_pool_ignores_a_closed_terminal():
+    """tokenize --workers and the demo's pools start multiprocessing's resource tracker in the command's process
+    group: a closed terminal's SIGHUP killed it, and the stop ended in its leak warning and KeyError tracebacks."""
+    code = """if True:
+        import signal
+        from multiprocessing import resource_tracker
+        from kpro._signals import start_resource_tracker
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        start_resource_tracker()
+        pid = resource_tracker._resource_tracker._pid
+        ignored = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:"))
+        print(int(ignored.split()[1], 16) >> (signal.SIGHUP - 1) & 1, signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["1", "True"], result.stderr  # the tracker ignores it; this process does not
+
+
 def test_a_stopped_program_ignores_further_notices_until_it_exits(sighup_default):
     """A second SIGTERM 50 ms after the first (timeout and SLURM send one to the process and one to its group)
     came as the stopped command printed its line and exited: status 143, not 130. The program (`python -m kpro`,

@@ -120,7 +120,7 @@ def _run(args, env) -> None:
     from ..checkpoint import load_pretrained
     from ..distributed import on_main
     from ..tokenizer import load_tokenizer
-    from ..errors import EndsInWarmup, OtherSettings
+    from ..errors import EndsInWarmup, OtherSettings, StoppedAndSaid
     from ..train.data import OtherExamples, OtherSetting
     from ..train.progress import CountProgress
     from .data import read_instructions, read_multiple_choice, tokenize_instructions
@@ -183,8 +183,16 @@ def _run(args, env) -> None:
         print(f"adapters saved to {Path(args.out) / 'adapters'}")
         for path, qs in questions.items():
             # a line every 10 s on stderr: a file scores for minutes
-            with CountProgress(str(path), "choices scored") as progress:
-                scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size, progress=progress)
+            try:
+                with CountProgress(str(path), "choices scored") as progress:
+                    scores = multiple_choice_accuracy(tuned, tok, qs, batch_size=args.eval_batch_size,
+                                                      progress=progress)
+            except KeyboardInterrupt:  # the training is saved: say so, not a bare "interrupted"
+                with contextlib.suppress(OSError):  # a hung-up terminal takes no line
+                    print(f"interrupted while scoring {path}: the adapters are saved in "
+                          f"{Path(args.out) / 'adapters'}; run the same command again to score --eval (it trains "
+                          "no further)", file=sys.stderr)
+                raise StoppedAndSaid from None
             results["eval"][path] = scores
             print(f"{path}: acc {scores['acc']:.4f}  acc_norm {scores['acc_norm']:.4f}  "
                   f"({scores['questions']} questions)")

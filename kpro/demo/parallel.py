@@ -28,7 +28,8 @@ from typing import Callable
 
 import torch
 
-from .._signals import STOP_SIGNALS, sigterm_as_ctrl_c
+from .._signals import STOP_SIGNALS, sigterm_as_ctrl_c, start_resource_tracker
+from ..errors import StoppedAndSaid
 from .._spawn import spawn_imports_main
 
 
@@ -55,6 +56,7 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
         with _reporting(progress, poll_seconds):
             return [_one_thread(fn, kwargs) for fn, kwargs in jobs]
     context = multiprocessing.get_context("spawn")  # no forked torch state; works the same on every OS
+    start_resource_tracker()  # before the pool starts it, hung up with the terminal
     # Flags in shared memory, not Events: Event.set() waits for every worker sleeping on it to acknowledge, and a
     # worker that was killed never does (the parent hung for ever). A flag is set and read with no lock.
     stop, interrupted, pids = context.RawValue("b", 0), context.RawValue("b", 0), context.SimpleQueue()
@@ -93,7 +95,22 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
                 stop.value = 1  # the other jobs' workers exit now, so leaving the pool does not wait out their training
                 for future in futures:
                     future.cancel()
+            if isinstance(error, KeyboardInterrupt) and _each_stop_said(futures):
+                raise StoppedAndSaid from None  # the command adds no bare "interrupted" to the jobs' lines
             raise
+
+
+class _NotStarted(KeyboardInterrupt):
+    """A job that a worker took after Ctrl-C, ended before it started: it did nothing, and says nothing."""
+
+
+def _each_stop_said(futures: list) -> bool:
+    """Whether some job stopped, and every job that stopped after it started said so (fit's "interrupted: saved
+    ...; run again to resume", a StoppedAndSaid)."""
+    stopped = [future.exception() for future in futures if future.done() and not future.cancelled()
+               and isinstance(future.exception(), KeyboardInterrupt)]
+    stopped = [error for error in stopped if not isinstance(error, _NotStarted)]
+    return bool(stopped) and all(isinstance(error, StoppedAndSaid) for error in stopped)
 
 
 def _startup_advice(futures: list) -> str:
@@ -204,7 +221,7 @@ def _in_worker(fn: Callable, kwargs: dict, takes_ctrl_c: bool):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if _INTERRUPTED is not None and _INTERRUPTED.value:  # read after the handler is in: no press is lost
-            raise KeyboardInterrupt
+            raise _NotStarted
         return _one_thread(fn, kwargs)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

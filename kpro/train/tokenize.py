@@ -39,7 +39,7 @@ from typing import Iterator
 from .. import _tokenize_worker as worker
 from .._numbers import is_integer
 from .._run_lock import holding
-from .._signals import sigterm_as_ctrl_c, stop_as_sigterm
+from .._signals import sigterm_as_ctrl_c, start_resource_tracker, stop_as_sigterm
 from .._spawn import spawn_imports_main
 from .._tokenize_worker import jsonl_text
 from ..errors import StoppedAndSaid
@@ -394,6 +394,7 @@ def _worker_pool(workers: int, tokenizer_dir: Path, files: list):
     breaks, and SIGTERMs every worker, on a reply this process cannot unpickle; the workers send paths and built-in
     errors, which unpickle.)"""
     context = multiprocessing.get_context("spawn")
+    start_resource_tracker()  # before the pool starts it, hung up with the terminal
     pool = ProcessPoolExecutor(workers, context, worker.start, (str(tokenizer_dir), files, True))
     processes = getattr(pool, "_processes", {})  # CPython's {pid: process}, filled as workers start
     try:
