@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import kpro
-from kpro.generation import select_next_token
+from kpro.generation import check_decoding, generate, select_next_token
+from conftest import tiny_config
+from test_internalize_evaluation import ScriptedModel
 
 
 def uncached_greedy(model, ids, steps):
@@ -464,3 +466,16 @@ def test_a_model_adapted_in_place_with_no_adapter_active_is_refused_with_advice_
         with lora.active(model, name), torch.no_grad():
             logits[name] = model(ids)
     assert not torch.allclose(logits["a"], logits[None])  # the adapter is what the advice switches on
+
+
+def test_the_pad_default_is_the_first_eos_id():
+    """Without a pad id (argument or config), a finished row is filled with the first eos id, as transformers'
+    GenerationMixin (`pad_token_tensor = eos_token_tensor[0]`); the last one was taken silently."""
+    config = tiny_config(eos_token_id=[5, 7], pad_token_id=None)
+    assert check_decoding(config, 4)[4:6] == ([5, 7], 5)
+    assert check_decoding(config, 4, eos_token_id=[9, 7])[5] == 9
+    # Through generate: row 0 stops at its first token (eos 7), row 1 writes on; row 0 is padded with 5.
+    model = ScriptedModel({(3,): [7, 8, 8], (4,): [8, 8, 8]}, vocab_size=32, filler=8)
+    model.config = tiny_config(vocab_size=32, max_position_embeddings=512, eos_token_id=[5, 7], pad_token_id=None)
+    out = generate(model, torch.tensor([[3], [4]]), 3)
+    assert out.tolist() == [[3, 7, 5, 5], [4, 8, 8, 8]]

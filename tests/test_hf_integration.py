@@ -777,3 +777,29 @@ def test_masks_and_models_the_audit_found_taken_wrongly_or_refused_wrongly():
     with mock.patch.object(torch.Tensor, "diff", counted):
         model(input_ids=ids, position_ids=positions)
     assert len(reads) == 1  # once per forward, not per layer
+
+
+def test_the_mask_function_reads_the_keys_from_kv_offset():
+    """transformers' own padding_mask_function reads padding_mask[b, kv_idx] with kv_idx = kv_offset + j (a
+    sliding-window cache keeps only the last keys); the first kv_length columns were read instead."""
+    from transformers.masking_utils import padding_mask_function
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 1]])
+    got = kpro_hf.attention_mask(batch_size=2, q_length=1, kv_length=3, q_offset=4, kv_offset=2, attention_mask=mask)
+    reference = padding_mask_function(mask)
+    expected = torch.tensor([[bool(reference(b, 0, 4, 2 + j)) for j in range(3)] for b in range(2)])
+    assert torch.equal(got, expected)  # [[T, T, T], [T, F, T]]
+
+
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("tq", [1, 2])
+def test_a_4d_causal_padding_mask_of_a_decoding_step_gives_its_padding_mask(tq, additive):
+    """A 4-D mask [B, 1, Tq, Tk] with Tq < Tk (new tokens after cached ones, the queries at the end): each
+    query's own key is key Tk - Tq + q. Taken as key q, an unpadded row's last query seemed to 'see a key
+    causality hides' and the row came back with no real key at all."""
+    padding = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    batch, tk = padding.shape
+    keys, queries = torch.arange(tk), torch.arange(tq) + (tk - tq)
+    allowed = padding.bool()[:, None, None, :] & (keys[None, :] <= queries[:, None])[None, None]  # [B, 1, Tq, Tk]
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min) if additive else allowed
+    assert torch.equal(kpro_hf.key_padding_mask(mask, batch, tq, tk, causal=True), padding.bool())

@@ -204,3 +204,15 @@ def test_right_padded_rows_give_the_logits_of_each_row_alone(make_model):
             alone = model(batch.input_ids[row:row + 1, :length])[0]
             assert torch.allclose(masked[row, :length], alone, rtol=0, atol=1e-12)
             assert torch.allclose(unmasked[row, :length], alone, rtol=0, atol=1e-12)
+
+
+def test_a_special_token_in_a_files_example_is_named_by_its_file_and_line(tmp_path):
+    """As tokenize_examples since 3d84332: blank lines are skipped, so 'example 3' pointed at line 3 (blank)
+    while the bad example is on line 5."""
+    path = tmp_path / "train.txt"
+    path.write_text("1 * 2||2 #### 2\n\n3 * 4||1 2 #### 1 2\n\n2 * 2||4 <eos> #### 4\n")
+    examples = read_examples(path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:5 \(.*\): '<eos>' is a special token"):
+        symbol_tokenizer_for(examples)
+    with pytest.raises(ValueError, match=r"^example 2 \(.*\): '<eos>' is a special token"):  # not from a file
+        symbol_tokenizer_for([CoTExample("1 * 2", "2", "2"), CoTExample("2 * 2", "4 <eos>", "4")])

@@ -244,3 +244,50 @@ def test_the_docs_give_evaluates_signature():
     parameters = [p.replace(annotation=inspect.Parameter.empty) for p in inspect.signature(evaluate).parameters.values()]
     signature = f"`evaluate{inspect.Signature(parameters)}`"  # as the docs write it, without annotations
     assert signature in (Path(__file__).parents[1] / "docs" / "internalization.md").read_text(), signature
+
+
+def scripted_with(tok, cases, filler, bos=None, model_class=ScriptedModel):
+    """As scripted, with prompts tokenized with `bos` (None: the tokenizer's)."""
+    def encode(text):
+        ids = []
+        for i, part in enumerate(text.split("<eos>")):
+            ids += ([tok.eos_id] if i else []) + tok.encode(part, bos=False)
+        return ids
+    scripts = {tokenize_example(example, tok, bos).prompt: encode(output) for example, output in cases}
+    return model_class(scripts, max(tok.vocab_size, 32), filler)
+
+
+class WidthRecordingModel(ScriptedModel):
+    """Records each batch's padded prompt width and its rows' real prompt lengths."""
+
+    def hidden_states(self, input_ids, attention_mask=None, *, cache=None):
+        if cache is not self.cache:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            self.widths = getattr(self, "widths", []) + [(input_ids.shape[1], sorted(mask.sum(1).tolist()))]
+        return super().hidden_states(input_ids, attention_mask, cache=cache)
+
+
+def test_evaluate_batches_prompts_of_similar_lengths():
+    """The docstring's 'batches of similar prompt lengths': batching in file order padded the short prompts
+    to the long ones (here 2 extra tokens on each short row); the predictions come back in the examples' order."""
+    tok = multiplication_tokenizer()
+    examples = [MULT[0], MULT[2], MULT[1], MULT[3]]  # prompt lengths 7, 5, 9, 5 ([bos] input <eos>)
+    answers = ["8 4 0 + 0 6 3 0 <eos> #### 8 0 4 0 <eos>", "<eos> #### 6 5 <eos>",
+               "<eos> #### 8 8 0 6 5 0 <eos>", "<eos> #### 1 8 <eos>"]
+    model = scripted_with(tok, list(zip(examples, answers)), tok.bos_id, model_class=WidthRecordingModel)
+    result = evaluate(model, tok, examples, batch_size=2, max_new_tokens=20)
+    lengths = sorted(len(tokenize_example(e, tok).prompt) for e in examples)
+    assert model.widths == [(lengths[1], lengths[:2]), (lengths[3], lengths[2:])]  # [(5, [5, 5]), (9, [7, 9])]
+    assert [p.correct for p in result.predictions] == [True, True, True, True]
+    assert [p.answer for p in result.predictions] == ["8 0 4 0", "6 5", "8 8 0 6 5 0", "1 8"]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_evaluate_prompts_open_with_a_bos_as_asked(bos):
+    """bos=False was ignored (prompts kept the tokenizer's bos): ScriptedModel knows only the prompts
+    tokenize_example(example, tok, bos) writes, and fails with a KeyError on any other."""
+    tok = multiplication_tokenizer()
+    cases = [(MULT[2], "<eos> #### 6 5 <eos>"), (MULT[3], "<eos> #### 1 8 <eos>")]
+    model = scripted_with(tok, cases, tok.bos_id, bos=bos)
+    result = evaluate(model, tok, [MULT[2], MULT[3]], batch_size=2, max_new_tokens=8, bos=bos)
+    assert result.correct == 2
