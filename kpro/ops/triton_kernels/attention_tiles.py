@@ -449,14 +449,22 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
     at 32x128 (d128, with grouped-query heads or a padding mask) and at 64x128 (d64, with a padding mask), none
     at half the queries. fp32 is the exact path, not the fast one: small tiles, as fp32 operands take twice the
     memory and do not use tensor cores (ieee); its dK/dV takes 16 queries a step above head dim 64, and on sm_90a
-    at every head dim (at 32 queries, d64 spills 788 B a thread there; on sm_80, 12 B, and 20 B at 16).
+    at every head dim (at 32 queries, d64 spills 788 B a thread there; on sm_80, 12 B, and 20 B at 16). On
+    sm_90a the fp32 forward and dQ spilled at 32x32 with 4 warps (d128: 1,600 and 1,288 B a thread in plain
+    attention, 2,980 and 2,368 B in the Bitune dual pass); none spills at the tiles taken there: 8 warps at d64,
+    and at d128 16x16 (forward) and 32x16 (dQ), the only ones of those the compiler was offered that spill in
+    neither pass.
     """
     if kind not in KERNELS:
         raise ValueError(f"unknown attention kernel {kind!r}")
     if path not in ("tma", "pointer"):
         raise ValueError(f"unknown load path {path!r}")
     if dtype == torch.float32:
-        return (16, 32, 4, 1) if kind == "dkdv" and (head_dim > 64 or arch >= 90) else (32, 32, 4, 1)
+        if arch >= 90 and head_dim > 64:  # at 32x32, 4 warps, the d128 forward spilled 1,600 B a thread, dQ 1,288 B
+            return {"forward": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}[kind]
+        if arch >= 90:
+            return (16, 32, 4, 1) if kind == "dkdv" else (32, 32, 8, 1)
+        return (16, 32, 4, 1) if kind == "dkdv" and head_dim > 64 else (32, 32, 4, 1)
     if head_dim > 128:  # every dot at least 64 rows, so that sm_90a lowers it to wgmma; dK/dV spills there
         return {"forward": (64, 32, 8, 2), "dkdv": (16, 64, 8, 2 if arch >= 90 else 1), "dq": (64, 16, 8, 2)}[kind]
     small = head_dim <= 64
