@@ -56,19 +56,27 @@ def sigterm_as_ctrl_c(ignore_after_stop: bool = False):
 
 def start_resource_tracker() -> None:
     """Start multiprocessing's resource tracker, which a process pool starts (spawned) in the command's process
-    group, with SIGHUP ignored as the pool's workers ignore it: a closed terminal's SIGHUP killed it, and the stop
-    ended in its leak warning and KeyError tracebacks (it ignores SIGINT and SIGTERM itself). Where SIGHUP is ignored
-    already (nohup), or off the main thread (signal handlers are set there only), as it comes."""
+    group, with SIGHUP blocked, as the pool's workers ignore it: a closed terminal's SIGHUP killed it, and the stop
+    ended in its leak warning and KeyError tracebacks (it ignores SIGINT and SIGTERM itself). Blocked, not ignored,
+    here while it starts (the mask is inherited through exec, and the tracker unblocks only SIGINT and SIGTERM): a
+    SIGHUP arriving meanwhile waits, and this process takes it once it is unblocked."""
     from multiprocessing import resource_tracker
 
-    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+    if not hasattr(signal, "SIGHUP") or not hasattr(signal, "pthread_sigmask"):
         resource_tracker.ensure_running()
         return
-    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited through exec by the tracker
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         resource_tracker.ensure_running()
     finally:
-        signal.signal(signal.SIGHUP, before if before is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def raise_if_stopping() -> None:
+    """Raise the KeyboardInterrupt of a notice taken in the sigterm_as_ctrl_c block now running, where code between
+    swallowed it (torch's import of numpy drops errors raised inside it, and the command ran on, the notice lost)."""
+    if _stopping:
+        raise KeyboardInterrupt
 
 
 def stop_as_sigterm() -> NoReturn:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ._safetensors import WEIGHTS_NAME, check_checkpoint_directory, read_header, sharded_weight_map
-from ._signals import sigterm_as_ctrl_c
+from ._signals import raise_if_stopping, sigterm_as_ctrl_c
 from ._torchrun import is_main_process
 from .cli_args import (DTYPES, HelpFormatter, add_device_argument, directory_path, in_flag_terms, input_path,
                        resolve_device)
@@ -298,6 +298,7 @@ def _main(argv: list[str], process_ends: bool = False) -> int:
                 from .ops.backend import check_environment_backends
 
                 check_environment_backends()  # a bad value refused now, not at the first op, after the model loaded
+            raise_if_stopping()  # a notice during torch's import, which swallows errors raised inside it
             args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except KeyboardInterrupt as stop:

@@ -204,10 +204,12 @@ def test_sigterm_stops_any_command_as_ctrl_c_and_a_said_stop_is_not_said_twice(m
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # called in-process: restored
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
-def test_a_notice_while_the_command_line_is_parsed_stops_as_ctrl_c(monkeypatch, capsys, signame, sighup_default):
+@pytest.mark.parametrize("signame, swallowed", [("SIGTERM", False), ("SIGHUP", False), ("SIGTERM", True)])
+def test_a_notice_while_the_command_line_is_parsed_stops_as_ctrl_c(monkeypatch, capsys, signame, swallowed,
+                                                                  sighup_default):
     """Parsing imports the command's modules and torch (1 to 3 seconds): a SIGTERM or SIGHUP then ended the
-    process with status 143 or 129 and no line (the handler came after parsing)."""
+    process with status 143 or 129 and no line (the handler came after parsing). torch's import of numpy swallows
+    an error raised inside it: the notice's KeyboardInterrupt was lost there, and the command ran on."""
     import signal
 
     import kpro.cli
@@ -220,7 +222,11 @@ def test_a_notice_while_the_command_line_is_parsed_stops_as_ctrl_c(monkeypatch, 
     real = kpro.cli.build_parser
 
     def parser_receiving_a_notice(only=None):
-        signal.raise_signal(getattr(signal, signame))
+        try:
+            signal.raise_signal(getattr(signal, signame))
+        except KeyboardInterrupt:
+            if not swallowed:
+                raise
         return real(only)
     monkeypatch.setattr(kpro.cli, "build_parser", parser_receiving_a_notice)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
@@ -246,11 +252,14 @@ def test_the_resource_tracker_of_a_pool_ignores_a_closed_terminal():
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         start_resource_tracker()
         pid = resource_tracker._resource_tracker._pid
-        ignored = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:"))
-        print(int(ignored.split()[1], 16) >> (signal.SIGHUP - 1) & 1, signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)
+        masks = {line.split(":")[0]: int(line.split()[1], 16) for line in open(f"/proc/{pid}/status")
+                 if line.startswith(("SigIgn:", "SigBlk:"))}
+        mine = next(line for line in open("/proc/self/status") if line.startswith("SigBlk:"))
+        print((masks["SigIgn"] | masks["SigBlk"]) >> (signal.SIGHUP - 1) & 1,
+              int(mine.split()[1], 16) >> (signal.SIGHUP - 1) & 1, signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)
     """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.split() == ["1", "True"], result.stderr  # the tracker ignores it; this process does not
+    assert result.stdout.split() == ["1", "0", "True"], result.stderr  # the tracker keeps SIGHUP out; this process not
 
 
 def test_a_stopped_program_ignores_further_notices_until_it_exits(sighup_default):

@@ -968,7 +968,11 @@ def test_ids_outside_the_model_vocabulary_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=rf"^example 2 \(token ids .*\) holds token id {last}, outside the model's "
                                          rf"vocabulary of {last} \(ids 0 \.\.\. {last - 1}\)$"):
         fit(tmp_path / "ids")
-    assert not (tmp_path / "tokenizer").exists() and not (tmp_path / "ids").exists()
+    # ids held as a tensor are checked too (a tensor's truth value was asked, and raised)
+    tokenized[1] = TokenizedExample(torch.tensor(tokenized[1].ids), tokenized[1].cot_start, tokenized[1].cot_end)
+    with pytest.raises(ValueError, match=rf"^example 2 \(token ids .*\) holds token id {last}, outside"):
+        fit(tmp_path / "tensor")
+    assert not any((tmp_path / name).exists() for name in ("tokenizer", "ids", "tensor"))
 
 
 def test_an_adapted_model_is_checked_and_validated_as_its_model(tmp_path):

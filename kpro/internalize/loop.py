@@ -331,8 +331,9 @@ def _check_vocabulary(examples, tokenizer, vocab_size: int | None) -> None:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} embeddings")
     for number, example in enumerate(examples, start=1):
         ids = getattr(example, "ids", ())
-        if ids and max(ids) >= vocab_size:  # negative ids are collate's and the model's to refuse
-            raise ValueError(f"example {number} ({describe_tokenized(example, tokenizer)}) holds token id {max(ids)}, "
+        top = int(max(ids)) if len(ids) else -1  # ids as a tuple, a list, a tensor or an array
+        if top >= vocab_size:  # negative ids are collate's and the model's to refuse
+            raise ValueError(f"example {number} ({describe_tokenized(example, tokenizer)}) holds token id {top}, "
                              f"outside the model's vocabulary of {vocab_size} (ids 0 ... {vocab_size - 1})")
 
 
