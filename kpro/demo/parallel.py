@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 
 from .._signals import STOP_SIGNALS, sigterm_as_ctrl_c, start_resource_tracker
-from ..errors import StoppedAndSaid
 from .._spawn import spawn_imports_main
+from ..errors import StoppedAndSaid
 
 
 def default_workers() -> int:
