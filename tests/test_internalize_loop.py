@@ -970,7 +970,8 @@ def test_ids_outside_the_model_vocabulary_are_refused_before_training(tmp_path):
         fit(tmp_path / "ids")
     # ids held as a tensor are checked too (a tensor's truth value was asked, and raised)
     tokenized[1] = TokenizedExample(torch.tensor(tokenized[1].ids), tokenized[1].cot_start, tokenized[1].cot_end)
-    with pytest.raises(ValueError, match=rf"^example 2 \(token ids .*\) holds token id {last}, outside"):
+    with pytest.raises(ValueError, match=rf"^example 2 \(token ids \[{int(tokenized[1].ids[0])}, .*\) holds token id {last}, "
+                                         "outside"):
         fit(tmp_path / "tensor")
     assert not any((tmp_path / name).exists() for name in ("tokenizer", "ids", "tensor"))
 

@@ -95,7 +95,7 @@ def describe_tokenized(example: TokenizedExample, tokenizer=None) -> str:
     """A tokenized example for a message: its `input||cot #### answer` line decoded by `tokenizer`, shortened
     as tokenize_examples shows one; without a tokenizer, its first token ids."""
     if tokenizer is None:
-        return f"token ids {list(example.ids[:12])}{'...' * (len(example.ids) > 12)}"
+        return f"token ids {[int(i) for i in example.ids[:12]]}{'...' * (len(example.ids) > 12)}"  # a tensor's too
     ids = example.ids
     # decode skips the bos and eos; the eos after the CoT (ids[cot_end]) separates it from `#### answer`
     return _excerpt(f"{tokenizer.decode(example.prompt)}||{tokenizer.decode(ids[example.cot_start:example.cot_end])} "
