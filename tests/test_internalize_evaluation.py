@@ -43,15 +43,16 @@ class ScriptedModel(torch.nn.Module):
         return logits
 
 
-def scripted(tokenizer, cases, filler):
-    """cases: (example, what the model writes after `input <eos>`, with '<eos>' for the eos token)."""
+def scripted(tokenizer, cases, filler, bos=None, model_class=ScriptedModel):
+    """cases: (example, what the model writes after `input <eos>`, with '<eos>' for the eos token); the prompts
+    tokenized with `bos` (None: where the tokenizer has one)."""
     def encode(text):
         ids = []
         for i, part in enumerate(text.split("<eos>")):
             ids += ([tokenizer.eos_id] if i else []) + tokenizer.encode(part, bos=False)
         return ids
-    scripts = {tokenize_example(example, tokenizer).prompt: encode(output) for example, output in cases}
-    return ScriptedModel(scripts, max(tokenizer.vocab_size, 32), filler)
+    scripts = {tokenize_example(example, tokenizer, bos).prompt: encode(output) for example, output in cases}
+    return model_class(scripts, max(tokenizer.vocab_size, 32), filler)
 
 
 MULT = [parse_line(line) for line in [
@@ -246,17 +247,6 @@ def test_the_docs_give_evaluates_signature():
     assert signature in (Path(__file__).parents[1] / "docs" / "internalization.md").read_text(), signature
 
 
-def scripted_with(tok, cases, filler, bos=None, model_class=ScriptedModel):
-    """As scripted, with prompts tokenized with `bos` (None: the tokenizer's)."""
-    def encode(text):
-        ids = []
-        for i, part in enumerate(text.split("<eos>")):
-            ids += ([tok.eos_id] if i else []) + tok.encode(part, bos=False)
-        return ids
-    scripts = {tokenize_example(example, tok, bos).prompt: encode(output) for example, output in cases}
-    return model_class(scripts, max(tok.vocab_size, 32), filler)
-
-
 class WidthRecordingModel(ScriptedModel):
     """Records each batch's padded prompt width and its rows' real prompt lengths."""
 
@@ -274,7 +264,7 @@ def test_evaluate_batches_prompts_of_similar_lengths():
     examples = [MULT[0], MULT[2], MULT[1], MULT[3]]  # prompt lengths 7, 5, 9, 5 ([bos] input <eos>)
     answers = ["8 4 0 + 0 6 3 0 <eos> #### 8 0 4 0 <eos>", "<eos> #### 6 5 <eos>",
                "<eos> #### 8 8 0 6 5 0 <eos>", "<eos> #### 1 8 <eos>"]
-    model = scripted_with(tok, list(zip(examples, answers)), tok.bos_id, model_class=WidthRecordingModel)
+    model = scripted(tok, list(zip(examples, answers)), tok.bos_id, model_class=WidthRecordingModel)
     result = evaluate(model, tok, examples, batch_size=2, max_new_tokens=20)
     lengths = sorted(len(tokenize_example(e, tok).prompt) for e in examples)
     assert model.widths == [(lengths[1], lengths[:2]), (lengths[3], lengths[2:])]  # [(5, [5, 5]), (9, [7, 9])]
@@ -288,6 +278,6 @@ def test_evaluate_prompts_open_with_a_bos_as_asked(bos):
     tokenize_example(example, tok, bos) writes, and fails with a KeyError on any other."""
     tok = multiplication_tokenizer()
     cases = [(MULT[2], "<eos> #### 6 5 <eos>"), (MULT[3], "<eos> #### 1 8 <eos>")]
-    model = scripted_with(tok, cases, tok.bos_id, bos=bos)
+    model = scripted(tok, cases, tok.bos_id, bos=bos)
     result = evaluate(model, tok, [MULT[2], MULT[3]], batch_size=2, max_new_tokens=8, bos=bos)
     assert result.correct == 2
