@@ -68,7 +68,7 @@ def test_forcing_a_path_still_respects_what_tma_can_read():
 # ------------------------------------------------------------------------------ tile configurations
 
 def test_block_sizes_carry_the_architecture_and_unpack_as_four():
-    block_m, block_n, warps, stages = chosen = tiles.block_sizes("forward", torch.device("cpu"), 64, BF16)
+    block_m, block_n, warps, stages = chosen = tiles.block_sizes("forward", None, 64, BF16)
     assert (block_m, block_n, warps, stages) == (16, 16, 4, 1) and chosen.arch is None
 
 
@@ -169,7 +169,7 @@ def test_only_plain_attention_asks_for_the_tuned_winners(monkeypatch):
     asked = []
 
     def spy(module):
-        def block_sizes(kind, device, head_dim, dtype, tuned=True, path="tma"):
+        def block_sizes(kind, arch, head_dim, dtype, tuned=True, path="tma"):
             asked.append((module, kind, tuned))
             return tiles.Tiles((16, 16, 4, 1))
         return block_sizes
@@ -229,7 +229,7 @@ TILE_SETS = {
 def forced_interpreter_tiles(monkeypatch):
     """Make the launchers take the given (BLOCK_M, BLOCK_N) per kernel, as on a GPU."""
     def force(tile_set):
-        def block_sizes(kind, device, head_dim, dtype, tuned=True, path="tma"):
+        def block_sizes(kind, arch, head_dim, dtype, tuned=True, path="tma"):
             return tiles.Tiles((*tile_set[kind], 4, 1))
         monkeypatch.setattr(triton_attention, "block_sizes", block_sizes)
         monkeypatch.setattr(triton_bitune, "block_sizes", block_sizes)

@@ -64,9 +64,7 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
     examples = check_evaluation_examples(examples, batch_size)
     if max_new_tokens is not None:  # generate's own check (greedy), before the position check adds it up
         max_new_tokens = check_sampling(max_new_tokens, 0.0, None, None)[0]
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size} embeddings")
+    check_tokenizer_fits(tokenizer, model.config.vocab_size)
     tokenized = tokenize_examples(examples, tokenizer, bos)
     longest_prompt, longest_reference = _longest(tokenized)
     if max_new_tokens is None:
@@ -96,6 +94,13 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 64, max_new_tokens
     correct = sum(p.correct for p in predictions)
     return Evaluation(accuracy=correct / len(examples), examples_per_second=len(examples) / seconds,
                       seconds=seconds, correct=correct, total=len(examples), predictions=predictions)
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int) -> None:
+    """A tokenizer with more tokens than the model has embeddings is refused (its ids past them would fail the
+    model's first forward, naming neither)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} embeddings")
 
 
 def check_evaluation_examples(examples, batch_size) -> list[CoTExample]:

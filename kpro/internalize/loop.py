@@ -32,7 +32,7 @@ from ..train import Batches, Callback, Run, Schedule, adamw, fit, optim
 from ..train.data import OtherSetting, check_special_id, content_digest
 from ..train.progress import CountProgress
 from .batching import collate, remove_cot
-from .evaluation import MARGIN_TOKENS, check_evaluation_examples, evaluate, evaluation_positions
+from .evaluation import MARGIN_TOKENS, check_evaluation_examples, check_tokenizer_fits, evaluate, evaluation_positions
 from .schedule import REMOVE_ALL, RemovalSchedule
 from .tokenization import TokenizedExample, describe_tokenized
 
@@ -327,8 +327,8 @@ def _check_vocabulary(examples, tokenizer, vocab_size: int | None) -> None:
     leave a run directory behind."""
     if vocab_size is None:
         return
-    if tokenizer is not None and getattr(tokenizer, "vocab_size", 0) > vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} embeddings")
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, vocab_size)
     for number, example in enumerate(examples, start=1):
         ids = getattr(example, "ids", ())
         top = int(max(ids)) if len(ids) else -1  # ids as a tuple, a list, a tensor or an array

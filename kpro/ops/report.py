@@ -269,17 +269,14 @@ def launches_on(target: Target) -> Iterator[Recorder]:
     (compute capability, multiprocessor count) get the target's answers."""
     from triton.runtime.jit import JITFunction
 
-    from .triton_kernels import _launch, attention, attention_tiles, bitune_attention, linear_cross_entropy, rms_norm
+    from .triton_kernels import _launch, attention, bitune_attention, linear_cross_entropy, rms_norm
 
     recorder = Recorder()
 
     def run(kernel, *args, grid, warmup, **kwargs):  # stands in for JITFunction.run: record, do not launch
         recorder.record(kernel, args, kwargs)
 
-    def block_sizes(kind, device, head_dim, dtype, tuned=True, path="tma"):  # the launcher's rule, asked for a GPU
-        return attention_tiles.block_sizes(kind, torch.device("cuda"), head_dim, dtype, tuned, path)
-
-    def device_arch(device):
+    def device_arch(device):  # the attention launchers' tiles and load path follow from it
         return target.arch
 
     def program_count(t, work_items):
@@ -297,8 +294,6 @@ def launches_on(target: Target) -> Iterator[Recorder]:
         for patch in (mock.patch.object(JITFunction, "run", run),
                       mock.patch("torch.cuda.get_device_capability", lambda *_: divmod(target.arch, 10)),
                       mock.patch("torch.cuda.get_device_properties", lambda *_: gpu),
-                      mock.patch.object(attention, "block_sizes", block_sizes),
-                      mock.patch.object(bitune_attention, "block_sizes", block_sizes),
                       mock.patch.object(attention, "device_arch", device_arch),
                       mock.patch.object(bitune_attention, "device_arch", device_arch),
                       mock.patch.object(rms_norm, "program_count", program_count),

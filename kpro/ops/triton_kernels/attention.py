@@ -175,8 +175,9 @@ def forward(q, k, v, causal, prefix_lens, attention_mask, scale):
     lse2 = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse2
-    path = load_path(device_arch(q.device), dim, q.dtype, (q, k, v, out))
-    block_m, block_n, warps, stages = block_sizes("forward", q.device, dim, q.dtype, path=path)
+    arch = device_arch(q.device)
+    path = load_path(arch, dim, q.dtype, (q, k, v, out))
+    block_m, block_n, warps, stages = block_sizes("forward", arch, dim, q.dtype, path=path)
     prefix, key_ok, sm_b, window = _mask_args(prefix_lens, attention_mask, q)
     grid = (cdiv(tq, block_m) * batch * heads,)
     prepare_launch(path, q)
@@ -211,8 +212,9 @@ def backward(dout, q, k, v, out, lse2, causal, prefix_lens, attention_mask, scal
     prefix, key_ok, sm_b, window = _mask_args(prefix_lens, attention_mask, q)
     masks = dict(HEAD_DIM=dim, BLOCK_D=padded_head_dim(dim), CAUSAL=causal, HAS_PREFIX=prefix_lens is not None,
                  HAS_KEY_MASK=attention_mask is not None)
-    path = load_path(device_arch(q.device), dim, q.dtype, (q, k, v, dout, dq, dk, dv))
-    dkdv_tiles, dq_tiles = (block_sizes(kind, q.device, dim, q.dtype, path=path) for kind in ("dkdv", "dq"))
+    arch = device_arch(q.device)
+    path = load_path(arch, dim, q.dtype, (q, k, v, dout, dq, dk, dv))
+    dkdv_tiles, dq_tiles = (block_sizes(kind, arch, dim, q.dtype, path=path) for kind in ("dkdv", "dq"))
     prepare_launch(path, q)
     with device_guard(q), launch_errors("attention backward"):
         block_m, block_n, warps, stages = dkdv_tiles

@@ -393,13 +393,13 @@ def device_arch(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
-def block_sizes(kind: str, device: torch.device, head_dim: int, dtype: torch.dtype, tuned: bool = True,
+def block_sizes(kind: str, arch: int | None, head_dim: int, dtype: torch.dtype, tuned: bool = True,
                 path: str = "tma") -> Tiles:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one attention kernel launch on `device` that loads its
-    tiles by `path` (`load_path`'s answer). Small tiles under the CPU interpreter, so that tests exercise many
-    tiles and tails on short sequences. `tuned`: whether TUNED_TABLE's winners apply (they were timed on plain
-    attention; see tile_config)."""
-    arch = device_arch(device)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one attention kernel launch on a GPU of compute capability
+    `arch` (`device_arch`'s answer, which the launch asked once for its load path too) that loads its tiles by
+    `path` (`load_path`'s answer). Small tiles under the CPU interpreter (`arch` None), so that tests exercise
+    many tiles and tails on short sequences. `tuned`: whether TUNED_TABLE's winners apply (they were timed on
+    plain attention; see tile_config)."""
     if arch is None:
         return Tiles((16, 16, 4, 1))
     return Tiles(_forced[kind] if kind in _forced else tile_config(kind, head_dim, dtype, arch, tuned, path), arch)

@@ -310,10 +310,10 @@ def forward(q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_lens, answer_
     a_k, a_v = _alphas(alpha_k, alpha_v)
     with device_guard(q_a), launch_errors("bitune_attention"):
         k_mix, v_mix = mixed_cache(k_p, v_p, a_k, a_v)
-        path = load_path(device_arch(q_a.device), dim, q_a.dtype, (q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, o_p,
-                                                                    o_a))
+        arch = device_arch(q_a.device)
+        path = load_path(arch, dim, q_a.dtype, (q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, o_p, o_a))
         # the defaults (tuned=False: see tile_config)
-        block_m, block_n, warps, stages = block_sizes("forward", q_a.device, dim, q_a.dtype, tuned=False, path=path)
+        block_m, block_n, warps, stages = block_sizes("forward", arch, dim, q_a.dtype, tuned=False, path=path)
         prepare_launch(path, q_a)
         grid = ((cdiv(ta, block_m) + 2 * cdiv(tp, block_m)) * batch * heads,)
         launch(_forward_kernel, grid, q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, o_p, o_a, lse_p, lse_a,
@@ -344,10 +344,10 @@ def backward(do_p, do_a, q_p, k_p, v_p, q_a, k_a, v_a, alpha_k, alpha_v, prompt_
     lens = (_lens(prompt_lens, q_a), _lens(answer_lens, q_a))
     with device_guard(q_a), launch_errors("bitune_attention backward"):
         k_mix, v_mix = mixed_cache(k_p, v_p, a_k, a_v)  # recomputed: cheaper than keeping it for the backward
-        path = load_path(device_arch(q_a.device), dim, q_a.dtype,
-                         (q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, do_p, do_a, dq_p, dk_p, dv_p, dq_a, dk_a, dv_a,
-                          dk_mix, dv_mix))
-        dkdv_tiles, dq_tiles = (block_sizes(kind, q_a.device, dim, q_a.dtype, tuned=False, path=path)
+        arch = device_arch(q_a.device)
+        path = load_path(arch, dim, q_a.dtype, (q_p, k_p, v_p, k_mix, v_mix, q_a, k_a, v_a, do_p, do_a, dq_p, dk_p,
+                                                dv_p, dq_a, dk_a, dv_a, dk_mix, dv_mix))
+        dkdv_tiles, dq_tiles = (block_sizes(kind, arch, dim, q_a.dtype, tuned=False, path=path)
                                 for kind in ("dkdv", "dq"))
         mixed_tiles = cdiv(tp, dkdv_tiles[1]) * batch * kv_heads
         partials = torch.empty((mixed_tiles, 2), dtype=torch.float32, device=q_a.device)  # dα_k, dα_v per key tile
