@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 # The notices of a stop that saves: Ctrl-C, a scheduler's SIGTERM, a closed terminal's SIGHUP (POSIX)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 NOTICES = STOP_SIGNALS[1:]  # taken as Ctrl-C by sigterm_as_ctrl_c
 
-# In the sigterm_as_ctrl_c block now running (None outside one): whether a SIGTERM notice was taken, the stop under way
-_stopping: bool | None = None
+# In the sigterm_as_ctrl_c block now running (None outside one): the notice taken, the stop under way (its signal
+# number), or False before one
+_stopping: int | bool | None = None
+# In a worker process whose parent relays its stop as SIGINT (the demo's pool): reads the notice the parent took
+# (0 for a Ctrl-C), so that the worker's line names the stop (set by relay_notices_from)
+_relayed_notice: Callable[[], int] | None = None
 
 
 @contextlib.contextmanager
@@ -34,7 +38,7 @@ def sigterm_as_ctrl_c(ignore_after_stop: bool = False):
 
     def handle(signum, frame):
         if not _stopping:
-            stop_as_sigterm()
+            stop_as_sigterm(signum)
     outer, _stopping = _stopping, False
     previous = {signum: signal.signal(signum, handle) for signum in taken}
     stopped = False
@@ -79,10 +83,31 @@ def raise_if_stopping() -> None:
         raise KeyboardInterrupt
 
 
-def stop_as_sigterm() -> NoReturn:
+def stop_as_sigterm(signum: int = signal.SIGTERM) -> NoReturn:
     """Stop as a SIGTERM does in a sigterm_as_ctrl_c block: KeyboardInterrupt, and a SIGTERM arriving later in the
     block taken as the same notice. For a notice seen elsewhere first: worker processes ended by SIGTERM."""
     global _stopping
     if _stopping is not None:
-        _stopping = True
+        _stopping = signum
     raise KeyboardInterrupt
+
+
+def notice_taken() -> int:
+    """The signal number of the notice (SIGTERM, SIGHUP) the sigterm_as_ctrl_c block now running took, or 0 (none
+    taken: a stop now is Ctrl-C's)."""
+    return int(_stopping or 0)
+
+
+def relay_notices_from(read: Callable[[], int]) -> None:
+    """In a worker process to which its parent passes its stop on as SIGINT: `read()` gives the notice the parent
+    took (0 for Ctrl-C), which `stop_name` names in place of Ctrl-C."""
+    global _relayed_notice
+    _relayed_notice = read
+
+
+def stop_name(signum: int) -> str:
+    """How a stop's line names the signal that asked for it: "Ctrl-C" for SIGINT, unless this process's SIGINT
+    passes on a notice its parent took (a scheduler's SIGTERM to the demo), named then."""
+    if signum == signal.SIGINT and _relayed_notice is not None and _relayed_notice() in NOTICES:
+        signum = _relayed_notice()
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name

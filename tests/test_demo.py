@@ -977,7 +977,8 @@ def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, how):
     training job now stops after its step with a checkpoint, whether the signal reached the demo alone or, as a
     terminal's does, every process of its group (then each worker gets it twice, counted once). A third job,
     queued, must not start training after Ctrl-C (the pool had handed it over, and it trained to its end).
-    SIGTERM, a scheduler's notice, ended the demo at once and its workers with it, unsaved: now as Ctrl-C."""
+    SIGTERM, a scheduler's notice, ended the demo at once and its workers with it, unsaved: now as Ctrl-C, and each
+    job's line names it (the workers get it as SIGINT: their lines said "Ctrl-C")."""
     jobs = f"[(_parallel_jobs.train_until_interrupted, dict(directory={str(tmp_path)!r}, name=n)) for n in 'abc']"
     # Python's own Ctrl-C handling, as at a terminal: a pytest-xdist worker ignores SIGINT, and children inherit it
     script = ("import signal, _parallel_jobs\nfrom kpro.demo.parallel import run_jobs\nif __name__ == '__main__':\n"
@@ -1002,6 +1003,9 @@ def test_ctrl_c_lets_each_worker_save_its_training(tmp_path, how):
     # each training job said its stop: run_jobs says the stop was said (a command adds no bare "interrupted")
     assert parent.returncode != 0 and err.rstrip().endswith("kpro.errors.StoppedAndSaid"), err
     assert err.count("run again to resume") == 2, err
+    said = "SIGTERM: stopping after this step with a checkpoint (press Ctrl-C to quit" if how == "sigterm-to-the-demo" \
+        else "Ctrl-C: stopping after this step with a checkpoint (press Ctrl-C again to quit"
+    assert err.count(said) == 2 and err.count(": stopping after this step") == 2, err
     for name in "ab":
         assert len(list((tmp_path / name).glob("step-*"))) == 1, err
     assert not (tmp_path / "c").exists(), err

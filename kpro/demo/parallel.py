@@ -9,7 +9,7 @@ worker keeps the memory its steps free for the next ones (`keep_freed_memory`).
 A job that fails ends the other jobs at once rather than after their training, and so does a worker that dies
 (killed by the system for lack of memory, say): BrokenProcessPool, saying so. Ctrl-C lets each job that
 trains stop after its step with a checkpoint, as `kpro.train.fit` does in one process, so that a rerun resumes
-it (a second Ctrl-C, more than a second later, quits at once); SIGTERM, a scheduler's notice, does the same (a
+it (a second Ctrl-C, more than a second later, quits at once); SIGTERM, a scheduler's notice, does the same, each job's line naming it (a
 second SIGTERM changes nothing). A worker whose parent process is gone (killed, say) ends itself within a second
 rather than train on for nobody.
 """
@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .._signals import STOP_SIGNALS, sigterm_as_ctrl_c, start_resource_tracker
+from .._signals import STOP_SIGNALS, notice_taken, relay_notices_from, sigterm_as_ctrl_c, start_resource_tracker
 from .._spawn import spawn_imports_main
 from ..errors import StoppedAndSaid
 
@@ -59,6 +59,7 @@ def run_jobs(jobs: list[tuple[Callable, dict]], workers: int | None = None, *,
     start_resource_tracker()  # before the pool starts it, hung up with the terminal
     # Flags in shared memory, not Events: Event.set() waits for every worker sleeping on it to acknowledge, and a
     # worker that was killed never does (the parent hung for ever). A flag is set and read with no lock.
+    # `interrupted`: 0, or the stop's signal, which the workers' lines name (a SIGTERM reaches them as SIGINT)
     stop, interrupted, pids = context.RawValue("b", 0), context.RawValue("b", 0), context.SimpleQueue()
     takes_ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # not where it is ignored on purpose
     with sigterm_as_ctrl_c(), \
@@ -150,7 +151,7 @@ def _save_and_stop(futures: list, interrupted, pids) -> None:
     step with a checkpoint. A terminal's Ctrl-C reached the workers already: fit takes this copy, milliseconds
     later, as the same press, and a second press here within a second is taken as the first one too.
     Elsewhere than POSIX, the console signals every process."""
-    interrupted.value = 1
+    interrupted.value = notice_taken() or signal.SIGINT
     for future in futures:
         future.cancel()
     if os.name == "posix":
@@ -180,6 +181,7 @@ def _end_with(parent: int, stop, interrupted, pids) -> None:
     trains)."""
     global _INTERRUPTED
     _INTERRUPTED = interrupted
+    relay_notices_from(lambda: interrupted.value)  # fit's line names a SIGTERM the parent passed on as SIGINT
     keep_freed_memory()
     for signum in STOP_SIGNALS:  # SIGHUP too: a closed terminal's reaches the group, and the parent takes it
         signal.signal(signum, signal.SIG_IGN)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .._numbers import is_integer
 from .._run_lock import holding
-from .._signals import STOP_SIGNALS
+from .._signals import STOP_SIGNALS, stop_name
 from ..checkpoint import CheckpointError
 from .. import errors
 from ..errors import OtherSettings, ResumeRefused, StoppedAndSaid, listed
@@ -1192,9 +1192,9 @@ class _InterruptToStop:
             raise KeyboardInterrupt
         if not self.requested:
             self.requested, self.first = True, now
-            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            what = stop_name(signum)
             if self.announce:
-                again = " again" if signum == signal.SIGINT else ""  # a SIGTERM again changes nothing
+                again = " again" if what == "Ctrl-C" else ""  # a SIGTERM again changes nothing
                 with contextlib.suppress(OSError):  # a hung-up terminal (EIO): the stop goes on unsaid
                     print(f"\n{what}: stopping after this step with a checkpoint (press Ctrl-C{again} to quit "
                           "without saving)", file=sys.stderr, flush=True)
