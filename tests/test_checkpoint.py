@@ -103,6 +103,17 @@ def test_sharded_round_trip(tmp_path, make_model):
     assert_same_model(model, kpro.load_pretrained(tmp_path / "ck"))
 
 
+def test_a_shard_fills_up_to_exactly_max_shard_size(tmp_path, make_model):
+    """A shard takes tensors up to exactly max_shard_size (a new one starts only past it, as Hugging Face's
+    split_torch_state_dict_into_shards does); every other test's limit fell between two tensors' boundaries."""
+    model = make_model(dtype=torch.float32)
+    tensors = ckpt.checkpoint_tensors(model)
+    names = list(tensors)
+    kpro.save_pretrained(model, tmp_path / "ck", max_shard_size=sum(tensors[name].nbytes for name in names[:2]))
+    weight_map = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(name for name, file in weight_map.items() if file.startswith("model-00001-of-")) == sorted(names[:2])
+
+
 def test_a_load_while_a_save_replaces_the_directory_takes_one_checkpoint_whole(tmp_path, make_model, monkeypatch):
     """save_pretrained swaps a new directory in at once, but a load opens config.json, the index and each shard by
     path one after another: a swap between two shard opens mixed the two checkpoints' tensors, without an error."""
@@ -316,7 +327,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path, make_m
     kpro.save_pretrained(make_model(dtype=torch.float32), tmp_path / "ck")
 
     def break_it(t):
-        del t["model.layers.0.self_attn.k_proj.weight"]
+        del t["model.layers.0.self_attn.k_proj.weight"], t["model.layers.1.mlp.up_proj.weight"]
         t["model.layers.7.mlp.gate_proj.weight"] = torch.zeros(2, 2)
         t["model.norm.weight"] = torch.zeros(47)
 
@@ -324,7 +335,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path, make_m
     with pytest.raises(kpro.CheckpointError) as err:
         kpro.load_pretrained(tmp_path / "ck")
     text = str(err.value)
-    assert "missing tensor(s): model.layers.0.self_attn.k_proj.weight" in text
+    assert "missing tensor(s): model.layers.0.self_attn.k_proj.weight, model.layers.1.mlp.up_proj.weight" in text
     assert "unexpected tensor(s): model.layers.7.mlp.gate_proj.weight" in text
     assert "model.norm.weight [47] (expected [48])" in text
 

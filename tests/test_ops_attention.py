@@ -712,3 +712,30 @@ def test_double_backward_raises_on_both_paths(monkeypatch):
         assert dq.requires_grad and dk.requires_grad
         with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
             dq.sum().backward()
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
+def test_queries_behind_the_keys_by_a_key_tile_less_two(backend, device, monkeypatch):
+    """The dK/dV tile plan finds the first query row that sees a whole key tile; an off-by-one there shows only where
+    Tk - Tq = BLOCK_N - 2 (mod BLOCK_M), an offset no case had (0, 12, 28, 39). 126 is that for the interpreter's
+    16x16 tiles and for every GPU dK/dV tile (BLOCK_N 128, BLOCK_M 16 to 64)."""
+    monkeypatch.setitem(CASES, "offset_126", (1, 40, 166, 2, 1, 32, True, None, None))
+    ins, dout, mask, kwargs = make_case("offset_126", torch.float32, device)
+    got = run(with_backend(backend, **kwargs), ins, dout)
+    ref = run(lambda q, k, v: plain_attention(q, k, v, mask.cpu()), [t.double().cpu() for t in ins], dout.double().cpu())
+    for name, out, expected in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert relative_error(out, expected) <= 1e-4, name
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("attention")[:2])
+def test_an_output_gradient_of_another_layout_than_the_output(backend, device):
+    """The backward's row deltas (rowsum(dO * O)) read dO by its own strides: every other test's dO had O's layout,
+    so reading it with O's strides went unseen. Here dO holds [B, T, H, D] values with the heads outermost in
+    memory (an output transposed downstream, as Hugging Face-layout code does)."""
+    ins, dout, mask, kwargs = make_case("causal_gqa", torch.float32, device)
+    dout = dout.float().transpose(1, 2).contiguous().transpose(1, 2)
+    assert not dout.is_contiguous() and dout.stride(-1) == 1
+    got = run(with_backend(backend, **kwargs), ins, dout)
+    ref = run(lambda q, k, v: plain_attention(q, k, v, mask.cpu()), [t.double().cpu() for t in ins], dout.double().cpu())
+    for name, out, expected in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert relative_error(out, expected) <= 1e-4, name

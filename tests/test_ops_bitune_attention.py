@@ -452,3 +452,17 @@ def test_double_backward_raises_on_both_paths(monkeypatch):
         for grad in (dq_a, dalpha_k):
             with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
                 grad.sum().backward(retain_graph=True)
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[:2])
+def test_padded_query_rows_past_a_whole_key_tile_are_zero(backend, device, monkeypatch):
+    """A padded query row (past prompt_lens or answer_lens) is zero. Unmasked key tiles (seen whole by every valid
+    row) do not exclude padded rows, so the rule is the end's: it shows only where a query tile holds valid and
+    padded rows beside such a key tile, lengths past one 16-key tile, which no case had."""
+    monkeypatch.setitem(CASES, "long_padded", (2, 20, 40, 2, 1, 32, [18, 20], [25, 40]))
+    tensors, douts, *lens = make("long_padded", torch.float32, "cpu")
+    ref = run(three_calls, [t.double() for t in tensors], douts, lens, "cpu", torch.float64)
+    got = run(fused(backend), tensors, douts, lens, device, torch.float32)
+    assert got[0][:, 0, 18:].abs().max() == 0 and got[1][0, 25:].abs().max() == 0  # the padded rows themselves
+    for name, out, expected in zip(NAMES, got, ref):
+        assert relative_error(out, expected, floor=1e-3) <= 1e-4, name

@@ -2146,3 +2146,33 @@ def test_a_five_percent_line_restarts_the_minute_without_a_line(monkeypatch):
         line.update(step, loss=2.0, lr=1e-3, tokens=10)
     # step 1: 61 s after the start; 20: its 5%; 23: 61 s after step 20's line (21 and 22 are within the minute)
     assert [int(text.split()[1].split("/")[0]) for text in log.getvalue().splitlines()] == [1, 20, 23]
+
+
+def test_gradients_left_on_the_parameters_before_fit_do_not_reach_the_first_step(tmp_path):
+    """Gradients left on the parameters before fit (a check's backward) must not add to the first step's: the
+    loop's own zero_grad after each step hid a missing clear before the first."""
+    rows = torch.randint(3, 67, (4, 8), generator=torch.Generator().manual_seed(1))
+    batch = [{"input_ids": rows, "labels": rows.clone()}]
+    clean, dirty = make_model(), make_model()
+    probe = kt.lm_loss(dirty, batch[0])
+    (probe.total / probe.count).backward()
+    assert all(p.grad is not None for p in dirty.parameters())
+    for model, name in ((clean, "clean"), (dirty, "dirty")):
+        kt.fit(model, batch, tmp_path / name, steps=1, clip_grad_norm=None,
+               optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+    for name, tensor in state_of(clean).items():
+        torch.testing.assert_close(state_of(dirty)[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_scalar_loss_logs_the_batch_mean_whatever_the_accumulation(tmp_path):
+    """A scalar (mean) loss_fn logs the mean of its micro-batches' means, whatever grad_accum; the accumulation
+    test compared the scalar runs' weights only, not their logged losses."""
+    rows = torch.randint(3, 67, (4, 8), generator=torch.Generator().manual_seed(1))
+    full = [{"input_ids": rows, "labels": rows.clone()}] * 2
+    with torch.no_grad():
+        first = float(kt.lm_loss(make_model(), full[0]).mean)  # every row has as many loss tokens
+    for accum in (1, 2, 4):
+        kt.fit(make_model(), full, tmp_path / str(accum), steps=2, grad_accum=accum, clip_grad_norm=None,
+               loss_fn=lambda m, b: kt.lm_loss(m, b).mean, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+        assert losses(tmp_path / str(accum))[0][1] == pytest.approx(first, rel=1e-6), accum
+

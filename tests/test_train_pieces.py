@@ -607,6 +607,11 @@ def test_schedule_floor_and_set_lr(make_model):
     kpro.train.optim.remember_peak_lr(optimizer)
     kt.set_lr(optimizer, schedule, 50)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5.5e-3, 5.5e-4])
+    # A factor of 0 is a learning rate (documented: any real number >= 0), and the peaks stay for the next step
+    assert kt.set_lr(optimizer, kt.Schedule("linear", total_steps=10), 10) == 0.0
+    assert kt.set_lr(optimizer, lambda step: 0, 3) == 0.0 and [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+    kt.set_lr(optimizer, lambda step: 1.0, 4)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-3]
 
 
 def test_schedule_errors():
