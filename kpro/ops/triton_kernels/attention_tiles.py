@@ -443,13 +443,16 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
     before 3.9 (`compiler`, (major, minor); default: the installed one) allocates registers differently: at
     the dK/dV tiles Triton 3.9 compiles without spills, Triton 3.6 spills 4 to 8 B a thread on sm_90a in plain
     attention and 12 to 228 B in the Bitune dual pass (3.8: up to 20 B), so under it sm_90a dK/dV takes
-    half the queries a step (64 -> 32 at d64, 32 -> 16 at d128), which none of the three spills. So does
+    half the queries a step (64 -> 32 at d64, 32 -> 16 at d128), which none of the three spills; on sm_80 at d64
+    it spills 20 to 28 B in plain attention and 124 to 144 B in the Bitune pass with two pipeline stages, and
+    at half the queries still 8 to 28 B, so there dK/dV takes one stage, which spills in none. So does
     sm_90a dK/dV on pointer loads (`path`: tensors TMA cannot read, as the [B, H, T, D] ones transposed that a
     Hugging Face model passes, or head dims that are not a power of two): Triton 3.9 spills 16 to 44 B a thread
     at 32x128 (d128, with grouped-query heads or a padding mask) and at 64x128 (d64, with a padding mask), none
     at half the queries. fp32 is the exact path, not the fast one: small tiles, as fp32 operands take twice the
     memory and do not use tensor cores (ieee); its dK/dV takes 16 queries a step above head dim 64, and on sm_90a
-    at every head dim (at 32 queries, d64 spills 788 B a thread there; on sm_80, 12 B, and 20 B at 16). On
+    at every head dim (at 32 queries, d64 spills 788 B a thread there; on sm_80, 12 B, and 20 B at 16), and on
+    sm_80 under Triton before 3.9 (at 32 queries d64 spills 836 B a thread there, at 16 none). On
     sm_90a the fp32 forward and dQ spilled at 32x32 with 4 warps (d128: 1,600 and 1,288 B a thread in plain
     attention, 2,980 and 2,368 B in the Bitune dual pass); none spills at the tiles taken there: 8 warps at d64,
     and at d128 16x16 (forward) and 32x16 (dQ), the only ones of those the compiler was offered that spill in
@@ -459,22 +462,24 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
         raise ValueError(f"unknown attention kernel {kind!r}")
     if path not in ("tma", "pointer"):
         raise ValueError(f"unknown load path {path!r}")
+    before_3_9 = (compiler or triton_version()) < (3, 9)
     if dtype == torch.float32:
         if arch >= 90 and head_dim > 64:  # at 32x32, 4 warps, the d128 forward spilled 1,600 B a thread, dQ 1,288 B
             return {"forward": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}[kind]
         if arch >= 90:
             return (16, 32, 4, 1) if kind == "dkdv" else (32, 32, 8, 1)
-        return (16, 32, 4, 1) if kind == "dkdv" and head_dim > 64 else (32, 32, 4, 1)
+        # sm_80 dK/dV at d64: 32 queries spill 12 B under Triton 3.9 (16: 20 B) and 836 B under 3.6 (16: none)
+        return (16, 32, 4, 1) if kind == "dkdv" and (head_dim > 64 or before_3_9) else (32, 32, 4, 1)
     if head_dim > 128:  # every dot at least 64 rows, so that sm_90a lowers it to wgmma; dK/dV spills there
         return {"forward": (64, 32, 8, 2), "dkdv": (16, 64, 8, 2 if arch >= 90 else 1), "dq": (64, 16, 8, 2)}[kind]
     small = head_dim <= 64
     if arch >= 90:
         dkdv_rows = 64 if small else 32
-        if (compiler or triton_version()) < (3, 9) or path == "pointer":
+        if before_3_9 or path == "pointer":
             dkdv_rows //= 2
         return {"forward": (128, 64, 8, 3), "dkdv": (dkdv_rows, 128, 8, 2), "dq": (128, 64, 8, 2)}[kind]
-    if small:
-        return {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 64, 8, 2)}[kind]
+    if small:  # before 3.9, dK/dV's second pipeline stage spills (20-28 B a thread, 124-144 B in the Bitune pass)
+        return {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 1 if before_3_9 else 2), "dq": (128, 64, 8, 2)}[kind]
     return {"forward": (64, 64, 8, 2), "dkdv": (16, 128, 8, 2), "dq": (64, 64, 8, 2)}[kind]
 
 
