@@ -9,9 +9,9 @@ worker keeps the memory its steps free for the next ones (`keep_freed_memory`).
 A job that fails ends the other jobs at once rather than after their training, and so does a worker that dies
 (killed by the system for lack of memory, say): BrokenProcessPool, saying so. Ctrl-C lets each job that
 trains stop after its step with a checkpoint, as `kpro.train.fit` does in one process, so that a rerun resumes
-it (a second Ctrl-C, more than a second later, quits at once); SIGTERM, a scheduler's notice, does the same, each job's line naming it (a
-second SIGTERM changes nothing). A worker whose parent process is gone (killed, say) ends itself within a second
-rather than train on for nobody.
+it (a second Ctrl-C, more than a second later, quits at once); SIGTERM, a scheduler's notice, does the same, each
+job's line naming it (a second SIGTERM changes nothing). A worker whose parent process is gone (killed, say) ends
+itself within a second rather than train on for nobody.
 """
 from __future__ import annotations
 
