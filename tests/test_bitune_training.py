@@ -607,6 +607,28 @@ def test_load_tuned_rebuilds_lora_on_other_projections_and_names(tmp_path):
         bitune.save_tuned_adapters(model, tmp_path / "other")
 
 
+def test_layers_one_set_up_cannot_rebuild_are_refused_before_saving(tmp_path):
+    """save_tuned_adapters recorded the first LoRA layer's set-up and wrote every layer's tensors: an adapter added
+    to some layers alone (as add_adapters' own error suggests, layer by layer) made a file load_tuned refused as
+    "unexpected" tensors. Refused when saving, naming the layer that differs; so are projections adapted in some
+    blocks only."""
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config())
+    lora.add_adapters(model, ["a"], rank=2, seed=0)
+    for layer in lora.lora_layers(model)[1:]:
+        layer.add_adapter("b")
+    with pytest.raises(ValueError, match=r"LoRA layer layers\.0\.self_attn\.k_proj has .*'adapters': \['a', 'b'\]"
+                                         r".*layer layers\.0\.self_attn\.q_proj .*'adapters': \['a'\]"):
+        bitune.save_tuned_adapters(lora.AdaptedModel(model, "a"), tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+    some = kpro.Llama(tiny_config())
+    lora.add_adapters(some, ["a"], rank=2, targets=["q_proj", "v_proj"], seed=0)
+    last = some.layers[-1].self_attn
+    last.q_proj = torch.nn.Linear(last.q_proj.in_features, last.q_proj.out_features, bias=False)  # its base only
+    with pytest.raises(ValueError, match=f"q_proj is adapted in some of the {len(some.layers)} blocks only"):
+        bitune.save_tuned_adapters(lora.AdaptedModel(some, "a"), tmp_path / "some")
+
+
 def test_adapters_are_not_saved_while_merged(tmp_path):
     """Saved while merged, the adapters recorded the merged weights as their base: load_tuned into the base they
     were tuned on refused them as "tuned on another base model"."""

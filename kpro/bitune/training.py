@@ -7,6 +7,8 @@ every answer token of the step, so long answers weigh more.
 """
 from __future__ import annotations
 
+import collections
+
 import contextlib
 import json
 import math
@@ -284,9 +286,22 @@ def load_tuned(model: Llama, directory: str | os.PathLike):
 
 
 def lora_config(model: nn.Module) -> dict:
-    """The LoRA set-up of `model`: rank, alpha, adapter names, and the projections adapted (`targets`)."""
-    layers = [(path.rsplit(".", 1)[-1], module) for path, module in model.named_modules()
-              if isinstance(module, lora.LoRALinear)]
-    layer = layers[0][1]
-    return {"method": "lora", "rank": layer.rank, "alpha": layer.alpha, "adapters": list(layer.adapters),
-            "targets": list(dict.fromkeys(name for name, _ in layers))}
+    """The LoRA set-up of `model`: rank, alpha, adapter names, and the projections adapted (`targets`). One set-up
+    rebuilds every layer (`add_adapters`), so layers that differ (an adapter added to some alone, say) are refused,
+    naming the first that does: saved, their adapters would make a file that load_tuned refuses."""
+    layers = [(path, module) for path, module in model.named_modules() if isinstance(module, lora.LoRALinear)]
+    if not layers:
+        raise ValueError("the model has no LoRA layers (kpro.lora.add_adapters adds them)")
+    setup = lambda layer: {"rank": layer.rank, "alpha": layer.alpha, "adapters": list(layer.adapters)}
+    first_path, first = layers[0]
+    for path, layer in layers[1:]:
+        if setup(layer) != setup(first):
+            raise ValueError(f"LoRA layer {path} has {setup(layer)}, layer {first_path} {setup(first)}: one set-up "
+                             "rebuilds every layer (add_adapters), so these adapters cannot be saved with it")
+    targets = collections.Counter(path.rsplit(".", 1)[-1] for path, _ in layers)
+    blocks = len(getattr(model, "layers", ())) or max(targets.values())
+    uneven = [name for name, count in targets.items() if count != blocks]
+    if uneven:
+        raise ValueError(f"{', '.join(uneven)} {'is' if len(uneven) == 1 else 'are'} adapted in some of the {blocks} "
+                         "blocks only: one set-up adapts the same projections in every block (add_adapters)")
+    return {"method": "lora", **setup(first), "targets": list(targets)}

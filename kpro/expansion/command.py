@@ -43,7 +43,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", type=directory_path, help="run directory (default: <name>-post beside the directory DIR "
                    "names, a symbolic link's target and named after it)")
     p.add_argument("--train-blocks", type=block_list, help="blocks to train, e.g. 4,9,14 (default: the new blocks "
-                   "recorded in DIR/kpro_expansion.json)")
+                   "recorded in DIR/kpro_expansion.json); every block is full training: the embeddings, final norm "
+                   "and lm_head train too")
     p.add_argument("--steps", type=positive_int, default=1000,
                    help="optimizer steps of the run; more than a finished run's extend it when run again")
     p.add_argument("--seq-len", type=positive_int, help="tokens per packed row (default min(512, max positions))")
