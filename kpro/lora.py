@@ -31,11 +31,17 @@ Segments = Sequence[tuple[int, int, str | None]]
 # A merged layer's buffer (state-dict key `<layer>.merged_adapter`): the merged adapter's name, as a uint8 tensor
 # of its UTF-8 bytes. An unmerged layer has none, so an unmerged model's state_dict is as it was before the mark.
 MERGE_MARK = "merged_adapter"
+# Beside it (`<layer>.merged_scale`): the scale (alpha / rank) the update was merged at, a 0-dim float64 tensor, so
+# that a model built with another alpha refuses the merged weight rather than unmerge it to another base. A mark
+# written before the scale was recorded has none: loaded, the layer's own scale is taken.
+MERGE_SCALE = "merged_scale"
 
 
 def is_lora_key(name: str) -> bool:
-    """Whether a state-dict key is LoRA's own (an adapter's A or B, or a merge mark), not the base model's."""
-    return ".lora_A." in name or ".lora_B." in name or name == MERGE_MARK or name.endswith("." + MERGE_MARK)
+    """Whether a state-dict key is LoRA's own (an adapter's A or B, or a merge mark or scale), not the base
+    model's."""
+    return ".lora_A." in name or ".lora_B." in name or any(name == key or name.endswith("." + key)
+                                                           for key in (MERGE_MARK, MERGE_SCALE))
 
 
 def _mark(name: str, device) -> torch.Tensor:
@@ -188,7 +194,7 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)  # after the names were taken: a refused one leaves the base as it was
 
     def add_adapter(self, name: str, generator=None) -> None:
-        if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name) or name == MERGE_MARK:
+        if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name) or name in (MERGE_MARK, MERGE_SCALE):
             raise ValueError(f"adapter name {name!r} is taken or not an identifier")
         adapter = Adapter(self.in_features, self.out_features, self.rank, adapter_dtype(self.weight.dtype),
                           self.weight.device, generator)
@@ -334,6 +340,7 @@ class LoRALinear(nn.Module):
             p.requires_grad_(flag)
         self.merged, self._merge_record = None, None
         delattr(self, MERGE_MARK)
+        delattr(self, MERGE_SCALE)
 
     def merged_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The A and B whose update merge() added to the weight (unmerge() subtracts them)."""
@@ -387,6 +394,8 @@ class LoRALinear(nn.Module):
         with torch.inference_mode(False):
             self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, (_CHANGED,) * 3)
             self.register_buffer(MERGE_MARK, _mark(name, self.weight.device))
+            self.register_buffer(MERGE_SCALE, torch.tensor(float(self.scale), dtype=torch.float64,
+                                                           device=self.weight.device))
         self.merged = name
         self._merge_record = self._merge_record.watching(self._watched())  # after the weight's own change
 
@@ -450,7 +459,8 @@ class LoRALinear(nn.Module):
                else f"a {type(mark).__name__}")
         problem = (f"{prefix}{MERGE_MARK} is not a merge mark (the merged adapter's name as a 1-D uint8 tensor of "
                    f"its UTF-8 bytes), got {got}" if mark is not None and merged is None
-                   else self._load_problem(merged, lambda key: prefix + key in state_dict))
+                   else self._scale_problem(merged, state_dict.get(prefix + MERGE_SCALE), prefix)
+                   or self._load_problem(merged, lambda key: prefix + key in state_dict))
         if problem:  # nothing of this layer's own is loaded (its adapters are children: they are)
             where = f"LoRA layer {prefix[:-1]}" if prefix else "the LoRA layer"
             error_msgs.append(f"{where}: {problem}")
@@ -459,8 +469,28 @@ class LoRALinear(nn.Module):
             self._loading = (merged, [(t, t._version) for t in (self.weight, *self._factors(merged))])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if prefix + MERGE_MARK in unexpected_keys:  # an unmerged layer has no mark buffer (yet)
-            unexpected_keys.remove(prefix + MERGE_MARK)
+        for key in (MERGE_MARK, MERGE_SCALE):
+            if prefix + key in unexpected_keys:  # an unmerged layer has no mark buffers (yet)
+                unexpected_keys.remove(prefix + key)
+        if merged is not None and prefix + MERGE_SCALE in missing_keys:  # a mark written before the scale was
+            missing_keys.remove(prefix + MERGE_SCALE)
+
+    def _scale_problem(self, merged: str | None, scale, prefix: str) -> str | None:
+        """Why this layer refuses a merged weight's recorded scale (None where it has none: a mark written before
+        the scale), or None: the update was merged at another scale than this layer's, whose unmerge() would
+        subtract its own and give another base."""
+        if scale is None or merged is None:  # a scale left without its mark (the marks filtered out) says nothing
+            return None
+        if not (isinstance(scale, torch.Tensor) and scale.is_floating_point() and scale.numel() == 1):
+            got = (f"a {scale.dtype} tensor of shape {list(scale.shape)}" if isinstance(scale, torch.Tensor)
+                   else f"a {type(scale).__name__}")
+            return f"{prefix}{MERGE_SCALE} is not a merge scale (a 0-dim float tensor), got {got}"
+        if float(scale) != float(self.scale):
+            return (f"the state_dict has adapter {merged!r} merged into the weight at scale {float(scale):g} (alpha / "
+                    f"rank), this layer's scale is {float(self.scale):g} (alpha {self.alpha:g}, rank {self.rank}): "
+                    "unmerge() would give another base; add the adapters with the rank and alpha of the model it was "
+                    "saved from")
+        return None
 
     def _load_problem(self, merged: str | None, holds: Callable[[str], bool]) -> str | None:
         """Why this layer refuses a state_dict that `holds` its keys (named without the layer's prefix) and whose

@@ -699,7 +699,9 @@ def test_the_merge_mark_is_in_a_merged_layers_state_dict_only():
     lin = model.layers[0].self_attn.q_proj
     lin.merge("bb")
     assert lin.state_dict()["merged_adapter"].tolist() == list(b"bb")
-    assert [k for k in model.state_dict() if k not in keys] == ["layers.0.self_attn.q_proj.merged_adapter"]
+    assert lin.state_dict()["merged_scale"].dtype == torch.float64 and float(lin.state_dict()["merged_scale"]) == 2.0
+    assert [k for k in model.state_dict() if k not in keys] == ["layers.0.self_attn.q_proj.merged_adapter",
+                                                                "layers.0.self_attn.q_proj.merged_scale"]
     assert not any("merged" in k for k in adapters._base_tensors(model))  # the base fingerprint's tensors
     lin.unmerge()
     assert list(model.state_dict()) == keys
@@ -707,8 +709,46 @@ def test_the_merge_mark_is_in_a_merged_layers_state_dict_only():
     copied = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as internalize keeps the best weights
     model.load_state_dict(copied)
     model(torch.randint(0, 67, (1, 4)))
-    with pytest.raises(ValueError, match="adapter name 'merged_adapter' is taken"):
-        lin.add_adapter("merged_adapter")
+    for taken in ("merged_adapter", "merged_scale"):
+        with pytest.raises(ValueError, match=f"adapter name '{taken}' is taken"):
+            lin.add_adapter(taken)
+
+
+def adapted_at(alpha, seed=0, merge=True):
+    """A float64 tiny model (drawn after torch.manual_seed(seed)) with adapter "a" at `alpha`, rank 2 (B not zero),
+    merged or not."""
+    torch.manual_seed(seed)
+    model = kpro.Llama(tiny_config()).double()
+    lora.add_adapters(model, ["a"], rank=2, alpha=alpha, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)
+    return merged_into(model, "a") if merge else model
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_a_merged_state_dict_is_refused_by_adapters_of_another_scale(merged):
+    """The mark held the adapter's name alone: a model built with another alpha loaded a merged state_dict without
+    complaint and its unmerge() subtracted its own scale's update, giving another base (0.127 off at alpha 2 for
+    8). Refused now, naming both scales, whether the loading layer is merged or not; at the same scale unmerge()
+    gives the saved base; a mark written before the scale was recorded (none beside it) still loads."""
+    torch.manual_seed(0)
+    base = kpro.Llama(tiny_config()).double().state_dict()  # adapted_at(..., seed=0)'s base weights
+    saved = adapted_at(8.0).state_dict()  # scale 4
+    with pytest.raises(RuntimeError, match=r"LoRA layer layers\.0\.self_attn\.q_proj: the state_dict has adapter 'a' "
+                                           r"merged into the weight at scale 4 \(alpha / rank\), this layer's scale "
+                                           r"is 1 \(alpha 2, rank 2\)"):
+        adapted_at(2.0, seed=1, merge=merged).load_state_dict(saved)
+    same = adapted_at(8.0, seed=1, merge=merged)
+    same.load_state_dict(saved)
+    for layer in lora.lora_layers(same):
+        layer.unmerge()
+    got = same.state_dict()
+    assert max((got[k] - base[k]).abs().max().item() for k in base) < 1e-12
+    unrecorded = adapted_at(8.0, seed=1, merge=merged)
+    unrecorded.load_state_dict({k: v for k, v in saved.items() if not k.endswith(".merged_scale")})
+    assert all(layer.merged == "a" and float(layer.merged_scale) == 4.0 for layer in lora.lora_layers(unrecorded))
 
 
 def test_a_model_merged_under_inference_mode_takes_a_merged_state_dict_outside_it():
