@@ -485,7 +485,8 @@ class LoRALinear(nn.Module):
             got = (f"a {scale.dtype} tensor of shape {list(scale.shape)}" if isinstance(scale, torch.Tensor)
                    else f"a {type(scale).__name__}")
             return f"{prefix}{MERGE_SCALE} is not a merge scale (a 0-dim float tensor), got {got}"
-        if float(scale) != float(self.scale):
+        # compared in the saved tensor's dtype: model.to(torch.bfloat16) rounds the buffer with the weights
+        if float(scale) != float(torch.tensor(float(self.scale), dtype=scale.dtype)):
             return (f"the state_dict has adapter {merged!r} merged into the weight at scale {float(scale):g} (alpha / "
                     f"rank), this layer's scale is {float(self.scale):g} (alpha {self.alpha:g}, rank {self.rank}): "
                     "unmerge() would give another base; add the adapters with the rank and alpha of the model it was "
