@@ -31,9 +31,10 @@ Segments = Sequence[tuple[int, int, str | None]]
 # A merged layer's buffer (state-dict key `<layer>.merged_adapter`): the merged adapter's name, as a uint8 tensor
 # of its UTF-8 bytes. An unmerged layer has none, so an unmerged model's state_dict is as it was before the mark.
 MERGE_MARK = "merged_adapter"
-# Beside it (`<layer>.merged_scale`): the scale (alpha / rank) the update was merged at, a 0-dim float64 tensor, so
-# that a model built with another alpha refuses the merged weight rather than unmerge it to another base. A mark
-# written before the scale was recorded has none: loaded, the layer's own scale is taken.
+# Beside it (`<layer>.merged_scale`): the scale (alpha / rank) the update was merged at, as a uint8 tensor of its
+# decimal text (`repr`, exact, and left alone by a cast of the model as a float tensor would not be), so that a model
+# built with another alpha refuses the merged weight rather than unmerge it to another base. A mark written before
+# the scale was recorded has none: loaded, the layer's own scale is taken.
 MERGE_SCALE = "merged_scale"
 
 
@@ -46,6 +47,16 @@ def is_lora_key(name: str) -> bool:
 
 def _mark(name: str, device) -> torch.Tensor:
     return torch.tensor(list(name.encode()), dtype=torch.uint8, device=device)
+
+
+def _marked_scale(scale) -> float | None:
+    """The scale a merge-scale tensor holds, or None where it is none."""
+    if not (isinstance(scale, torch.Tensor) and scale.dtype == torch.uint8 and scale.dim() == 1):
+        return None
+    try:
+        return float(bytes(scale.tolist()).decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def _marked_name(mark) -> str | None:
@@ -394,8 +405,7 @@ class LoRALinear(nn.Module):
         with torch.inference_mode(False):
             self._merge_record = _MergeRecord(tuple(f.detach().clone() for f in factors), flags, (_CHANGED,) * 3)
             self.register_buffer(MERGE_MARK, _mark(name, self.weight.device))
-            self.register_buffer(MERGE_SCALE, torch.tensor(float(self.scale), dtype=torch.float64,
-                                                           device=self.weight.device))
+            self.register_buffer(MERGE_SCALE, _mark(repr(float(self.scale)), self.weight.device))
         self.merged = name
         self._merge_record = self._merge_record.watching(self._watched())  # after the weight's own change
 
@@ -481,13 +491,14 @@ class LoRALinear(nn.Module):
         subtract its own and give another base."""
         if scale is None or merged is None:  # a scale left without its mark (the marks filtered out) says nothing
             return None
-        if not (isinstance(scale, torch.Tensor) and scale.is_floating_point() and scale.numel() == 1):
+        value = _marked_scale(scale)
+        if value is None:
             got = (f"a {scale.dtype} tensor of shape {list(scale.shape)}" if isinstance(scale, torch.Tensor)
                    else f"a {type(scale).__name__}")
-            return f"{prefix}{MERGE_SCALE} is not a merge scale (a 0-dim float tensor), got {got}"
-        # compared in the saved tensor's dtype: model.to(torch.bfloat16) rounds the buffer with the weights
-        if float(scale) != float(torch.tensor(float(self.scale), dtype=scale.dtype)):
-            return (f"the state_dict has adapter {merged!r} merged into the weight at scale {float(scale):g} (alpha / "
+            return (f"{prefix}{MERGE_SCALE} is not a merge scale (the scale's decimal text as a 1-D uint8 tensor), "
+                    f"got {got}")
+        if value != float(self.scale):
+            return (f"the state_dict has adapter {merged!r} merged into the weight at scale {value:g} (alpha / "
                     f"rank), this layer's scale is {float(self.scale):g} (alpha {self.alpha:g}, rank {self.rank}): "
                     "unmerge() would give another base; add the adapters with the rank and alpha of the model it was "
                     "saved from")
