@@ -205,7 +205,8 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)  # after the names were taken: a refused one leaves the base as it was
 
     def add_adapter(self, name: str, generator=None) -> None:
-        if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name) or name in (MERGE_MARK, MERGE_SCALE):
+        if (not isinstance(name, str) or not name.isidentifier() or hasattr(self, name)
+                or name in (MERGE_MARK, MERGE_SCALE)):
             raise ValueError(f"adapter name {name!r} is taken or not an identifier")
         adapter = Adapter(self.in_features, self.out_features, self.rank, adapter_dtype(self.weight.dtype),
                           self.weight.device, generator)

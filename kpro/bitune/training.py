@@ -8,7 +8,6 @@ every answer token of the step, so long answers weigh more.
 from __future__ import annotations
 
 import collections
-
 import contextlib
 import json
 import math
