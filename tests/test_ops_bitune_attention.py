@@ -466,3 +466,22 @@ def test_padded_query_rows_past_a_whole_key_tile_are_zero(backend, device, monke
     assert got[0][:, 0, 18:].abs().max() == 0 and got[1][0, 25:].abs().max() == 0  # the padded rows themselves
     for name, out, expected in zip(NAMES, got, ref):
         assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
+
+
+# Prompt and answer lengths around the interpreter's 16-row tiles, with padded rows ending inside and at a tile:
+# the dual pass's tile plans and padded-row rules meet every tile end (a padded row beside a whole key tile went
+# unchecked until lengths past one tile).
+BOUNDARY_LENGTHS = [(15, 17, [15, 14], [17, 1]), (16, 16, [16, 15], [16, 15]), (17, 33, [1, 17], [33, 17]),
+                    (31, 18, [16, 31], [2, 18]), (33, 32, [33, 32], [31, 32])]
+
+
+@pytest.mark.parametrize("backend, device", backend_devices("bitune_attention")[1:2])  # the Triton kernels
+@pytest.mark.parametrize("tp, ta, plen, alen", BOUNDARY_LENGTHS, ids=[f"{p}x{a}" for p, a, *_ in BOUNDARY_LENGTHS])
+def test_lengths_around_tile_ends(backend, device, tp, ta, plen, alen, monkeypatch):
+    monkeypatch.setitem(CASES, "boundary", (2, tp, ta, 2, 1, 32, plen, alen))
+    tensors, douts, *lens = make("boundary", torch.float32, "cpu", seed=tp * 100 + ta)
+    ref = run(three_calls, [t.double() for t in tensors], douts, lens, "cpu", torch.float64)
+    got = run(fused(backend), tensors, douts, lens, device, torch.float32)
+    for name, out, expected in zip(NAMES, got, ref):
+        assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
+
