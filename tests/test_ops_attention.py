@@ -741,9 +741,9 @@ def test_an_output_gradient_of_another_layout_than_the_output(backend, device):
         assert relative_error(out, expected) <= 1e-4, name
 
 
-# Query and key lengths around the interpreter's 16-row tiles, so that every offset Tk - Tq from 0 to 17 mod 16
-# meets tile ends, causal or not, with left padding and prefixes ending around a tile's end: the tile plans'
-# off-by-ones show only at particular offsets (an m_full one short survived every case until the offset 126).
+# Query and key lengths around the interpreter's 16-row tiles, with offsets Tk - Tq of 0 and 14 to 17 (a tile less
+# two to a tile and one) meeting tile ends, causal or not, with left padding and prefixes ending around a tile's end:
+# the tile plans' off-by-ones show only at particular offsets (an m_full one short survived every case until 126).
 BOUNDARY_LENGTHS = [(15, 15), (16, 16), (17, 17), (3, 17), (18, 32), (19, 34), (16, 31), (17, 33), (32, 47),
                     (31, 48), (2, 16), (33, 49)]
 
