@@ -108,6 +108,7 @@ def relay_notices_from(read: Callable[[], int]) -> None:
 def stop_name(signum: int) -> str:
     """How a stop's line names the signal that asked for it: "Ctrl-C" for SIGINT, unless this process's SIGINT
     passes on a notice its parent took (a scheduler's SIGTERM to the demo), named then."""
-    if signum == signal.SIGINT and _relayed_notice is not None and _relayed_notice() in NOTICES:
-        signum = _relayed_notice()
+    relayed = _relayed_notice() if signum == signal.SIGINT and _relayed_notice is not None else 0
+    if relayed in NOTICES:
+        signum = relayed
     return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name

@@ -573,11 +573,12 @@ def test_a_failure_while_wrapping_leaves_the_model_as_it_was(monkeypatch):
     assert len(lora.add_adapters(model, ["a"], rank=2, targets=["q_proj"])) == 2
 
 
-def adapted_model(names=("a",), seed=0):
-    """A float64 tiny model with adapters `names`, each changing it (B not zero)."""
+def adapted_model(names=("a",), seed=0, alpha=4.0):
+    """A float64 tiny model (drawn after torch.manual_seed(seed)) with rank-2 adapters `names` at `alpha`, each
+    changing it (B not zero)."""
     torch.manual_seed(seed)
     model = kpro.Llama(tiny_config()).double()
-    lora.add_adapters(model, list(names), rank=2, alpha=4.0, seed=seed)
+    lora.add_adapters(model, list(names), rank=2, alpha=alpha, seed=seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_B." in name:
@@ -715,15 +716,8 @@ def test_the_merge_mark_is_in_a_merged_layers_state_dict_only():
 
 
 def adapted_at(alpha, seed=0, merge=True):
-    """A float64 tiny model (drawn after torch.manual_seed(seed)) with adapter "a" at `alpha`, rank 2 (B not zero),
-    merged or not."""
-    torch.manual_seed(seed)
-    model = kpro.Llama(tiny_config()).double()
-    lora.add_adapters(model, ["a"], rank=2, alpha=alpha, seed=seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(std=0.1)
+    """adapted_model's model at `alpha`, adapter "a" merged or not."""
+    model = adapted_model(seed=seed, alpha=alpha)
     return merged_into(model, "a") if merge else model
 
 
