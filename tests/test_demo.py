@@ -429,6 +429,10 @@ def test_basics_verdict_both_ways():
     assert demo.verdict(right, right, examples) == (True, 1.0)
     assert demo.verdict(wrong, wrong, examples) == (False, 0.8)  # below 0.9
     assert demo.verdict(right, wrong, examples) == (False, 0.8)  # the reload changed answers
+    # a reload that changed an answer but still meets the bar: the claim is the same answers after reloading
+    reloaded = ["ba"] * 9 + ["xx"]
+    assert demo.verdict(reloaded, reloaded, examples) == (True, 0.9)
+    assert demo.verdict(right, reloaded, examples) == (False, 0.9)
 
 
 def test_basics_act_trains_saves_and_reloads(tmp_path, capsys, monkeypatch):

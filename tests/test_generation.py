@@ -190,6 +190,8 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(max_new_tokens=5, eos_token_id=[3, 10_000]), r"eos_token_id 10000 is outside the vocabulary"),
     (dict(max_new_tokens=5, top_k=0), "top_k"),
     (dict(max_new_tokens=5, top_p=1.5), "top_p"),
+    # 0 keeps no token: torch.multinomial failed later, naming no argument (mutation round 10)
+    (dict(max_new_tokens=5, temperature=1.0, top_p=0.0), r"top_p must be a number in \(0, 1\], got 0.0"),
     (dict(max_new_tokens=200), "max_position_embeddings"),
     (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
     (dict(max_new_tokens=5, temperature=1.0, top_k=True), "top_k must be a positive integer, got True"),

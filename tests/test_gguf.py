@@ -804,6 +804,34 @@ def test_a_conversion_cut_short_by_a_full_disk_names_the_file(tmp_path, small_vo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
+@pytest.mark.parametrize("qtype, stored, name", [("F16", "F16", "float16"), ("BF16", "BF16", "bfloat16")])
+def test_convert_gguf_keeps_half_precision_matrices_beside_float32_norms(tmp_path, small_vocab, qtype, stored, name):
+    """Without a dtype, a file of F16 (or BF16) matrices and F32 norms, the layout llama.cpp writes, converts to
+    the matrices' dtype, not to float32 (the norms counted: mutation round 10)."""
+    from safetensors import safe_open
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(len(small_vocab["tokens"])), small_vocab, qtype=qtype)
+    out = convert_gguf(path, tmp_path / "out")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {stored}
+    assert json.loads((out / "kpro_gguf.json").read_text())["dtype"] == name
+
+
+def test_a_gguf_without_add_eos_token_gives_a_tokenizer_that_adds_no_eos(tmp_path, small_vocab):
+    """Most GGUF files do not say add_eos_token: the converted tokenizer then appends no eos, SentencePiece and
+    BPE alike (a default of True survived every other test: mutation round 10)."""
+    tokens = [chr(c) for c in range(33, 127)] + ["<|begin_of_text|>", "<|end_of_text|>", "hi"]
+    bpe = {"model": "gpt2", "tokens": tokens, "types": [1] * 94 + [3, 3, 1], "merges": ["h i"], "pre": "llama-bpe",
+           "bos": 94, "eos": 95}
+    for name, vocab, model in (("spm", small_vocab, tiny_model(len(small_vocab["tokens"]))),
+                               ("bpe", bpe, tiny_model(len(tokens)))):
+        assert "add_eos" not in vocab  # write_gguf leaves tokenizer.ggml.add_eos_token out
+        out = convert_gguf(write_gguf(tmp_path / f"{name}.gguf", model, vocab), tmp_path / name)
+        assert json.loads((out / "tokenizer_config.json").read_text())["add_eos_token"] is False, name
+        tok = kpro.load_tokenizer(out)
+        assert not tok.add_eos and tok.encode("hi", eos=None) == tok.encode("hi"), name
+
+
 def test_convert_gguf_writes_the_dtype_asked_for(tmp_path):
     """C01 (convert/command.py `dtype=_DTYPES.get(args.dtype)` -> `dtype=None`): the command's --dtype reached
     convert_gguf in no test; an F32 file converted with --dtype bfloat16 must store bfloat16 weights."""

@@ -77,6 +77,10 @@ def test_counts_are_a_function_of_seed_and_step_only():
     assert all((c >= schedule.scheduled(s)).all() for s, c in enumerate(sequential))
     seeds = [step_generator(seed, step).initial_seed() for seed, step in [(1, 2), (1, 2), (2, 1), (1, 3)]]
     assert seeds[0] == seeds[1] and len(set(seeds)) == 3
+    # pairs whose digits run together (1, 23) and (12, 3): their keys must not (mutation round 10)
+    pairs = [(1, 23), (12, 3), (11, 1), (1, 11), (0, 0)]
+    assert len({step_generator(seed, step).initial_seed() for seed, step in pairs}) == len(pairs)
+    assert len({tuple(torch.rand(4, generator=step_generator(seed, step)).tolist()) for seed, step in pairs}) == 5
 
 
 @pytest.mark.parametrize("kwargs, message", [

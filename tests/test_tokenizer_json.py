@@ -265,6 +265,10 @@ def test_transformers_call_options_kpro_does_not_implement_are_refused(bpe_dir):
                           ("tokenizer_kwargs", {"add_special_tokens": True}), ("sanitize_control_tokens", True)):
         with pytest.raises(ValueError, match=rf"apply_chat_template does not implement transformers' {option}="):
             tok.apply_chat_template(messages, False, **{option: value})
+    # look-alikes of the values kpro implements are refused too (0 for False): "any other value is refused"
+    for option, value in (("continue_final_message", 0), ("return_dict", 0.0), ("padding", 0), ("truncation", 0)):
+        with pytest.raises(ValueError, match=rf"apply_chat_template does not implement transformers' {option}="):
+            tok.apply_chat_template(messages, False, **{option: value})
     ids = tok.apply_chat_template(messages, False)
     assert tok.apply_chat_template(messages, False, continue_final_message=False, return_tensors=None,
                                    return_dict=False, tokenizer_kwargs={}, max_length=None) == ids  # what kpro does

@@ -168,6 +168,20 @@ def test_the_content_digest_tells_other_examples_apart(examples, changed):
     assert content_digest(changed) != content_digest(examples)
 
 
+def test_restart_takes_the_digest_of_the_examples_as_they_are_now():
+    """Batches iterated once, its examples edited, then restarted for a new run: that run's checkpoints must
+    record the new examples' digest (the old one survived every other test: mutation round 10), or a fresh
+    Batches of the data it trained on is refused on resuming."""
+    rows = [torch.arange(i, i + 4) for i in range(6)]
+    data = kt.Batches(rows, 2, seed=0)
+    next(iter(data))  # the digest is taken as iteration starts
+    before = data.state_dict()["digest"]
+    for row in rows:
+        row.add_(1)
+    data.restart()
+    assert data.state_dict()["digest"] == kt.Batches(rows, 2, seed=0).state_dict()["digest"] != before
+
+
 def test_examples_without_a_stable_content_are_not_checked():
     class Opaque:  # its repr would hold an address that changes from run to run
         pass
