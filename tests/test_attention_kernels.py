@@ -107,6 +107,10 @@ def test_hopper_dkdv_takes_fewer_queries_a_step_before_triton_3_9(compiler, rows
         stages = 1 if head_dim == 64 and compiler < (3, 9) else 2
         assert tiles.default_tile_config("dkdv", head_dim, BF16, 80, compiler) == (
             tiles.default_tile_config("dkdv", head_dim, BF16, 80, (3, 9))[:3] + (stages,))
+        # and sm_80 dQ at d64 32 keys a step before 3.9 (the Bitune dQ spilled 40 B a thread at 64)
+        keys = 32 if head_dim == 64 and compiler < (3, 9) else 64
+        assert tiles.default_tile_config("dq", head_dim, BF16, 80, compiler) == (
+            tiles.default_tile_config("dq", head_dim, BF16, 80, (3, 9))[:1] + (keys, 8, 2))
     installed = tiles.triton_version()  # the default
     assert (tiles.default_tile_config("dkdv", 64, BF16, 90)
             == tiles.default_tile_config("dkdv", 64, BF16, 90, installed))

@@ -445,8 +445,10 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
     attention and 12 to 228 B in the Bitune dual pass (3.8: up to 20 B), so under it sm_90a dK/dV takes
     half the queries a step (64 -> 32 at d64, 32 -> 16 at d128), which none of the three spills; on sm_80 at d64
     it spills 20 to 28 B in plain attention and 124 to 144 B in the Bitune pass with two pipeline stages, and
-    at half the queries still 8 to 28 B, so there dK/dV takes one stage, which spills in none. So does
-    sm_90a dK/dV on pointer loads (`path`: tensors TMA cannot read, as the [B, H, T, D] ones transposed that a
+    at half the queries still 8 to 28 B, so there dK/dV takes one stage, which spills in none, and dQ 32 keys a
+    step (the Bitune dQ spills 40 B a thread at 64, 28 B with one stage; 64x64 and 128x32 spill nothing, and
+    128x32 keeps the programs and their K/V reads as they were). sm_90a dK/dV takes half the queries on
+    pointer loads too (`path`: tensors TMA cannot read, as the [B, H, T, D] ones transposed that a
     Hugging Face model passes, or head dims that are not a power of two): Triton 3.9 spills 16 to 44 B a thread
     at 32x128 (d128, with grouped-query heads or a padding mask) and at 64x128 (d64, with a padding mask), none
     at half the queries. fp32 is the exact path, not the fast one: small tiles, as fp32 operands take twice the
@@ -479,7 +481,8 @@ def default_tile_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int,
             dkdv_rows //= 2
         return {"forward": (128, 64, 8, 3), "dkdv": (dkdv_rows, 128, 8, 2), "dq": (128, 64, 8, 2)}[kind]
     if small:  # before 3.9, dK/dV's second pipeline stage spills (20-28 B a thread, 124-144 B in the Bitune pass)
-        return {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 1 if before_3_9 else 2), "dq": (128, 64, 8, 2)}[kind]
+        return {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 1 if before_3_9 else 2),
+                "dq": (128, 32 if before_3_9 else 64, 8, 2)}[kind]
     return {"forward": (64, 64, 8, 2), "dkdv": (16, 128, 8, 2), "dq": (64, 64, 8, 2)}[kind]
 
 
