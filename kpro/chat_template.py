@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 
 # transformers' apply_chat_template options that kpro does not implement: each with the values that ask for what kpro
 # does, and what to do instead. Any other value is refused: taken as a template variable, it would change nothing.
@@ -67,14 +68,44 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_template(template: str):
+# A template comes with a downloaded checkpoint: its `*` and `**` are bounded, so that `'a' * 10**12` or
+# `2 ** (10**9)` is refused at once instead of taking the memory or the CPU (jinja's sandbox bounds range() only;
+# a template looping to build a long string still can, as under transformers).
+MAX_REPEATED_ITEMS = 1_000_000
+MAX_POWER_BITS = 100_000
+
+
+@functools.cache
+def _bounded_sandbox():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for sequence, count in ((left, right), (right, left)):
+                    if (isinstance(sequence, (str, list, tuple)) and isinstance(count, int)
+                            and len(sequence) * count > MAX_REPEATED_ITEMS):
+                        raise ChatTemplateError(f"the chat template repeats a {type(sequence).__name__} of "
+                                                f"{len(sequence):,} items {count:,} times: more than "
+                                                f"{MAX_REPEATED_ITEMS:,} items")
+            elif (isinstance(left, int) and isinstance(right, int) and abs(left) > 1
+                  and right * math.log2(abs(left)) > MAX_POWER_BITS):
+                base = left if abs(left) < 10**20 else f"a number of {abs(left).bit_length():,} bits"
+                raise ChatTemplateError(f"the chat template raises {base} to the power {right:,}: a number of more "
+                                        f"than {MAX_POWER_BITS:,} bits")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(template: str):
     _GenerationBlock = _generation_block()
     # Hugging Face renders templates in a sandbox with these settings and helpers; templates are written for them.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
+    env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True,
+                             extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
