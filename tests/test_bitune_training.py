@@ -1,6 +1,8 @@
 """Instruction data, the Bitune / LoRA training entry point, multiple-choice scoring and the CLI."""
 import argparse
+import copy
 import json
+import math
 import os
 import re
 import signal
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 import torch
 import torch.nn.functional as F
 
@@ -1259,3 +1261,35 @@ def test_example_weighting_leaves_rows_without_targets_out_of_the_count():
     per_row = [F.cross_entropy(logits[0, :2], targets[0, :2]), F.cross_entropy(logits[2, :1], targets[2, :1])]
     assert int(out.count) == 2
     torch.testing.assert_close(out.total / out.count, torch.stack(per_row).mean())
+
+
+# Mutation round 11: TRA1 (bitune/training.py:246 `math.ceil` -> `int`)
+def test_tunes_default_warmup_is_a_tenth_of_the_steps_rounded_up(tmp_path):
+    """The docstring's "10% of the steps": 5 steps warm up over 1 (0.5 rounded up), not 0; 25 steps over 3."""
+    from kpro.train.checkpointing import saved_schedule
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(3, 12, (3,), generator=gen).tolist(), torch.randint(3, 12, (2,), generator=gen).tolist())
+             for _ in range(8)]
+    for steps, warmup in ((5, 1), (25, 3)):
+        torch.manual_seed(0)
+        out = tmp_path / f"run{steps}"
+        bitune.tune(kpro.Llama(tiny_config(vocab_size=13, num_hidden_layers=1)), pairs, "lora", out, steps=steps,
+                    batch_size=2, rank=2)
+        assert saved_schedule(out / "run")["warmup_steps"] == math.ceil(0.1 * steps) == warmup
+
+
+# Mutation round 11: AD1 (adapters.py:214 tensors the model has no place for no longer refused)
+def test_load_tuned_refuses_an_adapter_file_holding_tensors_the_model_has_no_place_for(tmp_path):
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(num_hidden_layers=1))
+    base = copy.deepcopy(model)
+    lora.add_adapters(model, ["causal"], rank=2)
+    bitune.save_tuned_adapters(lora.AdaptedModel(model, "causal"), tmp_path / "a")
+    file = tmp_path / "a" / "adapters.safetensors"
+    tensors = load_file(file)
+    name = next(n for n in tensors if ".causal.lora_A." in n)
+    tensors[name.replace(".causal.", ".bidir.")] = tensors[name].clone()  # an adapter the config does not name
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(kpro.CheckpointError, match=r"does not match the model: missing \[\], unexpected \['model\."):
+        bitune.load_tuned(base, tmp_path / "a")

@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -1034,3 +1035,74 @@ def test_positive_int_refuses_zero_negative_and_non_numbers(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
         positive_int(text)
     assert positive_int("3") == 3
+
+
+# Mutation round 11: RR1 (_run_record.py:44 only --out itself, not the folders above it, counted as made)
+def test_a_command_failing_before_it_writes_removes_the_folders_it_made_above_out(tmp_path):
+    from kpro._run_record import claimed_run_directory
+
+    out = tmp_path / "runs" / "june" / "out"
+    with pytest.raises(RuntimeError):
+        with claimed_run_directory(out, "bitune"):
+            assert (out / "kpro_run.json").is_file()
+            raise RuntimeError("refused before writing")
+    assert list(tmp_path.iterdir()) == []  # "(and --out and the folders above it, where it made them)"
+
+
+# Mutation round 11: SIG1 (_signals.py:34 every notice taken, a SIG_IGN one (nohup) included)
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX")
+def test_a_notice_ignored_on_purpose_stays_ignored_in_the_block():
+    from kpro._signals import sigterm_as_ctrl_c
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+    try:
+        with sigterm_as_ctrl_c():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert callable(signal.getsignal(signal.SIGTERM))
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+# Mutation round 11: SIG2 (_signals.py:58 `_stopping = outer` -> `None`: leaving a nested block forgets the outer
+# one)
+def test_a_notice_after_a_nested_block_ended_is_named_and_a_second_one_is_the_same_notice():
+    from kpro import _signals
+
+    def wait_for_signal():
+        for _ in range(100):
+            time.sleep(0.01)
+
+    with pytest.raises(KeyboardInterrupt):
+        with _signals.sigterm_as_ctrl_c():  # the command's block
+            with _signals.sigterm_as_ctrl_c():  # a pool's or tokenize's, ended normally
+                pass
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                wait_for_signal()
+            except KeyboardInterrupt:
+                assert _signals.notice_taken() == signal.SIGTERM  # else the stop is called "Ctrl-C"
+                os.kill(os.getpid(), signal.SIGTERM)  # timeout's second notice, during the cleanup
+                wait_for_signal()  # no second KeyboardInterrupt here
+                raise
+    assert _signals.notice_taken() == 0
+
+
+# Mutation round 11: CLI1 (cli.py:98 `length + max_new_tokens <= limit` -> `<`)
+def test_generate_takes_a_prompt_and_new_tokens_that_fill_the_positions_exactly():
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config(max_position_embeddings=16))
+    kpro.generate(model, torch.full((1, 6), 5), 10)  # kpro.generate takes 6 + 10 == 16 positions
+    cli.check_positions([[5] * 3, [5] * 6], 10, 16)  # so the command's check takes them too
+    with pytest.raises(ValueError, match=r"--prompt 2 \(6 tokens\) \+ --max-new-tokens 11 exceed .*--max-new-tokens 10 "
+                                         "or less"):
+        cli.check_positions([[5] * 3, [5] * 6], 11, 16)
+
+
+# Mutation round 11: CA2 (cli_args.py:155 `not text.strip()` -> `not text`) (low priority: a blank, not empty, --out
+# would create a directory named by spaces in the current one)
+def test_a_blank_output_path_is_refused_as_an_empty_one():
+    from kpro.cli_args import directory_path
+
+    with pytest.raises(argparse.ArgumentTypeError, match="got an empty path"):
+        directory_path("  ")

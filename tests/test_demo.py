@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ from kpro.demo.parallel import run_jobs
 from kpro.demo.progress import RunsProgress
 from kpro.train import Callback
 from kpro.train.progress import last_logged_step
-from conftest import process_running
+from conftest import process_running, tiny_config
 
 CLAIM_LINE = re.compile(r"^claim \((\w+)\): (.+) -- (SHOWN|NOT SHOWN) by this run: (.+)$", re.M)
 
@@ -1224,3 +1225,71 @@ def test_the_internalization_reproduction_is_shown_only_when_every_seed_shows_it
                                                                            **act: {**Act()(out_dir, 0),
                                                                                    "claim_shown": True}})())
     assert seeds.reproduce_internalization_seeds(tmp_path, seeds=3)["claim_shown"] is True
+
+
+# Mutation round 11: ACT3 (demo/act_settings.py:114 `seed + seeds > MAX_SEED + 1` -> `>=`)
+def test_seeds_ending_at_the_largest_seed_batches_takes_are_accepted():
+    from kpro._numbers import MAX_SEED
+    from kpro.demo.act_settings import check_positive
+
+    check_positive("reproduce_bitune_seeds", seed=MAX_SEED - 2, seeds=3)  # seeds MAX_SEED - 2 .. MAX_SEED
+    with pytest.raises(ValueError, match=rf"seeds {MAX_SEED - 1} to {MAX_SEED + 1} pass 2\*\*61 - 2"):
+        check_positive("reproduce_bitune_seeds", seed=MAX_SEED - 1, seeds=3)
+
+
+# Mutation round 11: ACT4 (demo/act_settings.py:109 `0 < value < math.inf` -> `0 < value`)
+def test_an_infinite_learning_rate_is_refused_before_any_work(tmp_path):
+    from kpro.demo import bitune as demo_bitune
+
+    with pytest.raises(ValueError, match="act_bitune: lr must be a positive number, got inf"):
+        demo_bitune.act_bitune.check(tmp_path / "out", lr=math.inf)  # the act's own check, which writes nothing
+    assert not (tmp_path / "out").exists()
+
+
+# Mutation round 11: SM1 (demo/smollm2.py:103 `split_files` returns every file for training)
+def test_smollm2_holds_files_out_by_a_hash_of_their_name_and_never_trains_on_them():
+    from kpro.demo.smollm2 import split_files
+
+    files = [Path("lib") / f"module_{i}.py" for i in range(200)]
+    train, held = split_files(files)
+    assert held == [f for f in files if zlib.crc32(f.name.encode()) % 10 == 0] and held
+    assert not set(train) & set(held) and sorted(train + held) == sorted(files)
+
+
+# Mutation round 11: SM2 (demo/smollm2.py:145 `model.train(was_training)` -> `model.train()`)
+def test_smollm2_mean_loss_is_the_token_mean_and_leaves_the_models_mode_as_it_was():
+    from kpro.demo.smollm2 import mean_loss
+    from kpro.train import collate_packed, lm_loss
+
+    torch.manual_seed(0)
+    model = kpro.Llama(tiny_config())
+    rows = torch.randint(3, 60, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = float(lm_loss(model.eval(), collate_packed(rows)).mean)  # one batch of every row
+    for training in (True, False):
+        model.train(training)
+        assert mean_loss(model, rows, batch_size=2) == pytest.approx(reference, rel=1e-5)
+        assert model.training is training
+
+
+# Mutation round 11: SM3 (demo/smollm2.py:153 `max(1, steps // 10)` -> `max(1, steps // 100)`; equal below 20 steps,
+# so near-equivalent at the act's 16)
+def test_smollm2_train_steps_warm_up_linearly_over_a_tenth_of_the_steps(monkeypatch):
+    from kpro.demo import smollm2
+
+    seen, real = [], smollm2.adamw
+
+    def recording(model, lr, **kwargs):
+        optimizer = real(model, lr, **kwargs)
+        step = optimizer.step
+
+        def stepped(*args, **kw):
+            seen.append(optimizer.param_groups[0]["lr"])
+            return step(*args, **kw)
+        optimizer.step = stepped
+        return optimizer
+    monkeypatch.setattr(smollm2, "adamw", recording)
+    torch.manual_seed(0)
+    rows = torch.randint(3, 60, (4, 10), generator=torch.Generator().manual_seed(0))
+    smollm2.train_steps(kpro.Llama(tiny_config()), rows, steps=20, batch_size=2, lr=1e-3)
+    assert seen[:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and len(seen) == 20

@@ -777,3 +777,34 @@ def test_lora_a_is_drawn_within_the_kaiming_bound_of_its_input_size():
     lin = lora.LoRALinear(nn.Linear(256, 32, bias=False), ["a"], rank=8, alpha=16)
     largest = lin.a.lora_A.weight.abs().max().item()
     assert 0.9 / math.sqrt(256) < largest <= 1 / math.sqrt(256)  # 2,048 draws: below 0.9 of the bound ~1e-90
+
+
+# Mutation round 11: LO1 (lora.py:352 unmerge sets requires_grad True, not the flag saved at merge)
+def test_unmerge_gives_a_frozen_factor_back_frozen():
+    layer = lora.LoRALinear(nn.Linear(8, 6, bias=False), ["a"], rank=2, alpha=1.0)
+    a, b = layer.adapters["a"].lora_A.weight, layer.adapters["a"].lora_B.weight
+    a.requires_grad_(False)
+    layer.merge("a")
+    assert not a.requires_grad and not b.requires_grad
+    layer.unmerge()
+    assert (a.requires_grad, b.requires_grad) == (False, True)
+
+
+# Mutation round 11: LO2 (lora.py:309 the merge record not re-watched after a conversion)
+def test_a_merged_layer_converted_by_swapping_its_parameters_runs_and_unmerges_to_its_base():
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # as FSDP2 and `torch.__future__` users convert
+    try:
+        torch.manual_seed(0)
+        layer = lora.LoRALinear(nn.Linear(8, 6, bias=False), ["a"], rank=2, alpha=1.0)
+        nn.init.normal_(layer.adapters["a"].lora_B.weight)
+        base = layer.weight.detach().clone()
+        x = torch.randn(3, 8, dtype=torch.float64)
+        layer.merge("a")
+        layer.to(torch.float64)
+        merged = layer(x)  # a conversion is no change to the merged values
+        layer.unmerge()
+        torch.testing.assert_close(layer.weight, base.double())
+        torch.testing.assert_close(merged, layer(x, "a"))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)

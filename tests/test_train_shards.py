@@ -1381,3 +1381,15 @@ def test_tokenize_ends_each_document_with_the_eos_even_where_the_pad_differs(tmp
     expected = [t for text in texts for t in ([tok.bos_id] if kpro.tokenizer.document_bos_id(tok) is not None else [])
                 + tok.encode(text, bos=False, eos=False) + [tok.eos_id]]
     assert stream == expected
+
+
+# Mutation round 11: TOK2 (train/tokenize.py:72 hidden parts taken from the whole path, not from inside the directory
+# given)
+def test_a_corpus_directory_inside_a_hidden_folder_is_read_and_its_own_hidden_folders_skipped(tmp_path):
+    from kpro.train.tokenize import input_files
+
+    corpus = tmp_path / ".cache" / "corpus"  # ~/.cache/..., a dataset cache
+    (corpus / ".ipynb_checkpoints").mkdir(parents=True)
+    (corpus / "a.txt").write_text("ab cd\n")
+    (corpus / ".ipynb_checkpoints" / "a.txt").write_text("ab cd\n")
+    assert input_files([corpus]) == [corpus / "a.txt"]
