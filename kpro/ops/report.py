@@ -440,6 +440,7 @@ def standard_cases() -> list[Case]:
         attention_case(bf16, 64, "causal+prefix+padding", "unaligned"),
         attention_case(bf16, 64, "causal+padding"),  # kpro.Llama's own call at SmolLM2's and Llama 3.2's head dim
         attention_case(bf16, 64, "causal+padding", "heads-major"), attention_case(bf16, 128, "causal", "heads-major"),
+        attention_case(bf16, 96, "causal+prefix+padding"),  # a head dim not a power of two: pointer loads, padded dims
         attention_case(bf16, 128, "none"), attention_case(bf16, 128, "causal"),
         attention_case(bf16, 128, "causal", "unaligned"), attention_case(fp16, 128, "causal"),
         attention_case(fp32, 64, "causal"), attention_case(fp32, 128, "causal+prefix+padding"),
