@@ -754,3 +754,37 @@ def test_a_conversion_that_makes_a_weight_infinite_is_refused_whatever_the_dtype
     with pytest.raises(kpro.CheckpointError, match=re.escape(f"tensor model.layers.0.mlp.down_proj.weight holds "
                                                              f"{value:g}, beyond {name}'s largest")):
         kpro.load_pretrained(tmp_path / "ck", dtype=wanted)
+
+
+# Mutation round 12
+def test_a_runs_newest_checkpoint_is_the_highest_step_numerically(tmp_path):
+    """step-10 is newer than step-9 (compared as numbers, not as names)."""
+    from kpro._safetensors import described_non_checkpoint
+    for step in ("step-9", "step-10"):
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "config.json").write_text("{}")
+    assert described_non_checkpoint(tmp_path).endswith(f"its newest checkpoint, {tmp_path / 'step-10'}")
+
+
+# Mutation round 12
+def test_a_weight_map_with_a_backslash_path_is_refused(tmp_path):
+    """`..\\other.safetensors` is a path on Windows: refused as outside the checkpoint, even where a file of
+    that name exists (a POSIX name may hold a backslash)."""
+    from kpro._safetensors import read_weight_map
+    from kpro.errors import CheckpointError
+    (tmp_path / "..\\other.safetensors").write_bytes(b"")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "..\\other.safetensors"}}))
+    with pytest.raises(CheckpointError, match="not a plain file name in its directory"):
+        read_weight_map(index)
+
+
+# Mutation round 12
+def test_a_temporary_of_another_users_live_process_is_not_abandoned(monkeypatch):
+    """kill(pid, 0) failing with EPERM means the process exists (another user's): its save is in progress."""
+    from kpro import _files
+
+    def eperm(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(_files.os, "kill", eperm)
+    assert _files.abandoned(".x.tmp-999999-abcd1234", 999999) is False

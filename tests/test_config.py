@@ -299,3 +299,23 @@ def test_a_list_of_eos_ids_is_the_configs_own_and_does_not_change_in_place(tmp_p
     torch.save({"eos": config.eos_token_id}, tmp_path / "state.pt")  # a callback's state holding it
     assert torch.load(tmp_path / "state.pt", weights_only=True) == {"eos": [2, 3]}
     assert list(config.eos_token_id) + [4] == [2, 3, 4]  # a plain list to change
+
+
+# Mutation round 12
+def test_a_legacy_type_llama3_takes_the_top_level_original_context():
+    """transformers reads rope_scaling's legacy "type" as rope_type: a top-level
+    original_max_position_embeddings fills in a {"type": "llama3"} scaling too."""
+    from kpro.config import LlamaConfig
+    scaling = {("type" if k == "rope_type" else k): v for k, v in LLAMA31_8B["rope_scaling"].items()
+               if k != "original_max_position_embeddings"}
+    cfg = LlamaConfig.from_hf(dict(LLAMA31_8B, rope_scaling=scaling, original_max_position_embeddings=8192))
+    assert cfg == LlamaConfig.from_hf(LLAMA31_8B)
+
+
+# Mutation round 12
+def test_llama3_high_freq_factor_equal_to_low_is_refused():
+    """llama3 RoPE smooths by (context / wavelength - low) / (high - low): equal factors divide by zero."""
+    from kpro.config import ConfigError, LlamaConfig
+    scaling = dict(LLAMA31_8B["rope_scaling"], low_freq_factor=4.0, high_freq_factor=4.0)
+    with pytest.raises(ConfigError, match="high_freq_factor must be greater than low_freq_factor"):
+        LlamaConfig.from_hf(dict(LLAMA31_8B, rope_scaling=scaling))

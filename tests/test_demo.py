@@ -1293,3 +1293,33 @@ def test_smollm2_train_steps_warm_up_linearly_over_a_tenth_of_the_steps(monkeypa
     rows = torch.randint(3, 60, (4, 10), generator=torch.Generator().manual_seed(0))
     smollm2.train_steps(kpro.Llama(tiny_config()), rows, steps=20, batch_size=2, lr=1e-3)
     assert seen[:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and len(seen) == 20
+
+
+# Mutation round 12
+def test_basics_draws_skip_held_out_prompts():
+    """a held-out prompt drawn again is skipped, by its prompt (the answer in held_out may be anything)."""
+    from kpro.demo.basics import drawn_outside
+    draws = iter([("ab>", "ba"), ("cd>", "dc"), ("ab>", "ba"), ("ef>", "fe")])
+    pairs = drawn_outside(lambda: next(draws), 2, held_out=[("ab>", "unused")])
+    assert pairs == [("cd>", "dc"), ("ef>", "fe")]
+
+
+# Mutation round 12
+def test_basics_checkpoints_hold_the_tokenizer(tmp_path):
+    """every training checkpoint of the basics act holds the tokenizer (TokenizerInCheckpoints), so that
+    `python -m kpro generate` runs on it."""
+    from kpro.demo import basics
+    basics.act_basics(tmp_path / "b", steps=1)
+    [checkpoint] = kpro.train.list_checkpoints(basics.run_directory(tmp_path / "b"))
+    assert kpro.load_tokenizer(checkpoint).encode("ab>") == kpro.load_tokenizer(tmp_path / "b").encode("ab>")
+
+
+# Mutation round 12
+def test_basics_training_answers_end_with_eos():
+    """(`<bos> prompt`, `answer <eos>`): the model learns to stop, as `answers` decodes up to eos."""
+    from kpro.demo.basics import LETTERS, reversal_task, training_examples
+    tok = kpro.CharTokenizer(LETTERS + ">")
+    pairs = training_examples(tok, random.Random(0), 5)
+    reference = [reversal_task(r) for r in [random.Random(0)] for _ in range(5)]
+    assert [(p, a) for p, a in pairs] == [([tok.bos_id] + tok.encode(p, bos=False, eos=False), tok.encode(a, bos=False, eos=False) + [tok.eos_id])
+                                         for p, a in reference]

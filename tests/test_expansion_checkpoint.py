@@ -1,5 +1,6 @@
 """`python -m kpro expand` and `train-expanded`: checkpoints expanded by streaming, and post-pretraining
 of the new blocks from the command line."""
+import argparse
 import json
 import os
 import struct
@@ -1055,3 +1056,57 @@ def test_train_expanded_saves_checkpoints_without_the_frozen_blocks_on_request(t
         [m["loss"] for m in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     whole, lean = (kpro.load_pretrained(tmp_path / name / "final") for name in ("whole", "lean"))
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), lean.state_dict().values()))
+
+
+def _model_flags(tmp_path, **given):
+    from kpro.expansion.command import check_model_flags
+    if not (tmp_path / "ck").exists():
+        kpro.save_pretrained(kpro.Llama(tiny_config()), tmp_path / "ck")
+    check_model_flags(argparse.Namespace(**{"dir": str(tmp_path / "ck"), "seq_len": None, "train_blocks": None,
+                                            **given}))
+
+
+# Mutation round 12
+def test_seq_len_may_equal_max_position_embeddings(tmp_path):
+    positions = tiny_config().max_position_embeddings
+    _model_flags(tmp_path, seq_len=positions)
+    with pytest.raises(ValueError, match=f"--seq-len {positions + 1} exceeds the model's max_position_embeddings "
+                                         f"\\({positions}\\): pass --seq-len {positions} or less"):
+        _model_flags(tmp_path, seq_len=positions + 1)
+
+
+# Mutation round 12
+def test_train_blocks_past_the_last_block_is_refused(tmp_path):
+    blocks = tiny_config().num_hidden_layers
+    _model_flags(tmp_path, train_blocks=[0, blocks - 1])
+    with pytest.raises(ValueError, match=f"block index {blocks} is out of range: the model has {blocks} blocks "
+                                         f"\\(0 ... {blocks - 1}\\)"):
+        _model_flags(tmp_path, train_blocks=[0, blocks])
+
+
+# Mutation round 12
+def test_the_resume_hint_names_train_blocks_only_where_the_run_trained_blocks_alone(tmp_path):
+    from kpro.errors import OtherParameters
+    from kpro.expansion.command import _other_blocks
+    args = argparse.Namespace(train_blocks=[1], dir="ck")
+    blocks_only = _other_blocks(OtherParameters("", ["layers.2.mlp.up_proj.weight"], ["layers.1.mlp.up_proj.weight"]),
+                                args, tmp_path)
+    assert "resume with the run's blocks (--train-blocks 2), or" in str(blocks_only)
+    with_head = _other_blocks(OtherParameters("", ["layers.2.mlp.up_proj.weight", "lm_head.weight"],
+                                              ["layers.1.mlp.up_proj.weight"]), args, tmp_path)
+    assert str(with_head) == (f"--out {tmp_path} holds a run that trained blocks 2, lm_head.weight, and --train-blocks "
+                              "1 trains blocks 1: resume with the run's blocks, or pass another --out for a new run")
+
+
+# Mutation round 12
+def test_a_corpus_of_exactly_one_batch_of_rows_trains(tmp_path):
+    """a corpus that packs into exactly `batch_size` rows fills one batch (refused only when fewer)."""
+    from kpro.expansion.posttrain import corpus_batches, corpus_rows, read_corpus
+    tok = kpro.CharTokenizer("abcdefgh ")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcd efgh\n\nabc\n\nhgfe dcba\n")
+    rows = len(corpus_rows(read_corpus([corpus]), tok, 8))
+    assert rows >= 2
+    assert len(corpus_batches([corpus], tok, tmp_path, 8, rows, seed=0).examples) == rows
+    with pytest.raises(ValueError, match=f"fewer than one batch of {rows + 1}"):
+        corpus_batches([corpus], tok, tmp_path, 8, rows + 1, seed=0)

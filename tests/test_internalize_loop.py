@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kpro
+from kpro import cli
 from kpro import train as kt
 from kpro.cli import main
 from kpro.internalize import (REMOVE_ALL, CoTRemoval, RemovalSchedule, TokenizedExample, ValidationAccuracy, evaluate,
@@ -1162,3 +1163,21 @@ def test_a_resume_with_another_learning_rate_or_schedule_names_the_flags(tmp_pat
         err = capsys.readouterr().err  # after the run's description (stderr: status, not a result)
         assert err.endswith(f"\nerror: --out {tmp_path / 'run'} holds a run trained with other settings than these "
                             f"flags:\n  {line}\nresume with the run's flags, or pass another --out for a new run\n"), err
+
+
+# Mutation round 12
+def test_warmup_and_decay_may_fill_the_whole_run(tmp_path, capsys):
+    """--warmup-steps 3 --decay-steps 3 of a 6-step run leave no constant stretch, and are allowed (refused
+    only when "together longer than the run")."""
+    out = tmp_path / "run"
+    assert cli.main(["internalize", "--task", "3x3", "--out", str(out), *TINY, "--warmup-steps", "3",
+                     "--decay-steps", "3"]) == 0, capsys.readouterr().err
+    rates = [r["lr"] for r in kt.read_metrics(out / "metrics.jsonl")]
+    assert len(rates) == 6 and rates[0] == pytest.approx(1e-3 / 3) and rates[-1] == pytest.approx(1e-3 / 3)
+
+
+# Mutation round 12
+def test_a_weight_decay_of_one_is_refused_by_its_flag(tmp_path, capsys):
+    """--weight-decay must be in [0, 1): 1 is refused as its message says."""
+    assert cli.main(["internalize", "--task", "3x3", "--out", str(tmp_path / "run"), "--weight-decay", "1"]) == 1
+    assert "--weight-decay must be in [0, 1), got 1.0" in capsys.readouterr().err

@@ -470,3 +470,17 @@ def test_the_batch_fingerprint_tells_apart_rows_in_another_order():
     batch = {"input_ids": ids, "labels": ids.clone()}
     swapped = {key: value[[1, 0, 2, 3]] for key, value in batch.items()}
     assert int(batch_fingerprint(swapped)) != int(batch_fingerprint(batch))
+
+
+# Mutation round 12
+def test_local_rank_is_torchruns_local_rank_not_the_global_rank(tmp_path, monkeypatch):
+    """on a second node RANK=4 but LOCAL_RANK=0: the device index is the local one."""
+    import torch.distributed as dist
+    from kpro.distributed import current_env
+    monkeypatch.setenv("RANK", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert current_env().local_rank == 0
+    finally:
+        dist.destroy_process_group()

@@ -847,3 +847,12 @@ def test_batches_without_drop_last_yield_the_last_smaller_batch_every_epoch():
     it = iter(shuffled)
     epoch = [next(it) for _ in range(3)]
     assert [len(b) for b in epoch] == [4, 4, 2] and sorted(sum(epoch, [])) == list(range(10))
+
+
+# Mutation round 12
+def test_a_metric_dict_with_a_key_that_is_not_a_string_is_refused():
+    """json.dumps writes {1: 2.0} as {"1": 2.0}: read back, the key is another."""
+    from kpro.train.callbacks import check_metrics
+    with pytest.raises(TypeError, match=r"metrics\['per_layer'\] has the key 1, not a string"):
+        check_metrics({"per_layer": {1: 2.0}}, "on_step")
+    check_metrics({"per_layer": {"1": 2.0}}, "on_step")
