@@ -68,11 +68,17 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-# A template comes with a downloaded checkpoint: its `*` and `**` are bounded, so that `'a' * 10**12` or
-# `2 ** (10**9)` is refused at once instead of taking the memory or the CPU (jinja's sandbox bounds range() only;
-# a template looping to build a long string still can, as under transformers).
+# A template comes with a downloaded checkpoint: its `*` and `**` operators are bounded, so that `'a' * 10**12` or
+# `2 ** (10**9)` is refused at once instead of taking the memory or the CPU (jinja's sandbox bounds range() only).
+# Only these two operators: a template can still build a huge string by other means (str.ljust, the center and
+# indent filters, `%` formatting, join, loops), as under transformers, so a checkpoint's template is code to trust.
 MAX_REPEATED_ITEMS = 1_000_000
 MAX_POWER_BITS = 100_000
+
+
+def _size(n: int) -> str:
+    """An integer for a message: its digits, or, past what int-to-str converts quickly, its size in bits."""
+    return f"{n:,}" if abs(n) < 10**30 else f"a number of {abs(n).bit_length():,} bits"
 
 
 @functools.cache
@@ -87,14 +93,14 @@ def _bounded_sandbox():
                 for sequence, count in ((left, right), (right, left)):
                     if (isinstance(sequence, (str, list, tuple)) and isinstance(count, int)
                             and len(sequence) * count > MAX_REPEATED_ITEMS):
-                        raise ChatTemplateError(f"the chat template repeats a {type(sequence).__name__} of "
-                                                f"{len(sequence):,} items {count:,} times: more than "
+                        items = len(sequence)
+                        raise ChatTemplateError(f"the chat template repeats a {type(sequence).__name__} of {items:,} "
+                                                f"item{'' if items == 1 else 's'} {_size(count)} times: more than "
                                                 f"{MAX_REPEATED_ITEMS:,} items")
-            elif (isinstance(left, int) and isinstance(right, int) and abs(left) > 1
-                  and right * math.log2(abs(left)) > MAX_POWER_BITS):
-                base = left if abs(left) < 10**20 else f"a number of {abs(left).bit_length():,} bits"
-                raise ChatTemplateError(f"the chat template raises {base} to the power {right:,}: a number of more "
-                                        f"than {MAX_POWER_BITS:,} bits")
+            elif (isinstance(left, int) and isinstance(right, int) and abs(left) > 1  # the result has about
+                  and (right > MAX_POWER_BITS or right * math.log2(abs(left)) + 1 > MAX_POWER_BITS)):  # these bits
+                raise ChatTemplateError(f"the chat template raises {_size(left)} to the power {_size(right)}: a "
+                                        f"number of more than {MAX_POWER_BITS:,} bits")
             return super().call_binop(context, operator, left, right)
 
     return BoundedSandbox

@@ -4,10 +4,11 @@ instead of adding to them.
 
 Every standard case is compiled for sm_90a, the GPU kpro is measured on. sm_80 gets the cases where Ampere
 can differ (its `mma.sync` lowering, pointer loads, tile tables and smaller shared memory), one case of each
-kernel family and dtype class. The others (the unaligned and fp16 twins; Bitune's fp32 and d256, whose tiles
-are plain attention's) take the same code paths on Ampere, and would add 220 CPU-seconds to the 490 that
-this selection takes, which a 2-core CI cannot spare. `python -m kpro.ops.report --arch 80 --arch 90`
-compiles everything for both.
+kernel family and dtype class, and the head dim that is not a power of two (96: padded, its dimension masks
+live). The others (the unaligned and fp16 twins; Bitune's fp32 and d256, whose tiles are plain attention's)
+take the same code paths on Ampere, and would add 220 CPU-seconds to the 490 that this selection took before
+the d96 case, which a 2-core CI cannot spare. `python -m kpro.ops.report --arch 80 --arch 90` compiles
+everything for both.
 
 The two targets compile in two processes side by side with the tests, each with half the cores (up to 4)."""
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import tempfile
 
 SM80_CASES = ("attention bf16 d64 causal+prefix+padding aligned", "attention bf16 d128 causal aligned",
+              "attention bf16 d96 causal+prefix+padding aligned",  # a padded head dim: its masks differ
               "attention fp32 d128 causal+prefix+padding aligned",
               "attention bf16 d256 causal+prefix+padding aligned",
               "bitune_attention bf16 d64 aligned", "bitune_attention bf16 d128 aligned",

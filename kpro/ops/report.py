@@ -634,7 +634,7 @@ def forward_spill(record: dict) -> str | None:
 
 
 def hopper_dkdv_spill(record: dict) -> str | None:
-    """A half-precision dK/dV kernel on sm_90a at head dim 64 or 128 that spills registers: its tiles are
+    """A half-precision dK/dV kernel on sm_90a at a head dim up to 128 that spills registers: its tiles are
     chosen not to, per Triton version (attention_tiles.default_tile_config). d256 is exempt (it spills at
     every tile that keeps its dots on warp-group MMA), and so are tiles a GPU timed as the fastest
     (`measured_winner`): the timing outranks the compiler's figures (an H200 under Triton 3.6 ran dK/dV 25%
