@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -679,3 +680,15 @@ def test_the_base_dtype_is_the_one_most_tensors_hold():
     assert counted[torch.bfloat16] > counted[torch.float32]  # the premise: 14 matrices against 7
     assert kpro.adapters.base_dtype(model) == torch.bfloat16
     assert kpro.adapters.base_record(model)["base_dtype"] == "bfloat16"
+
+
+# Mutation round 13
+def test_every_kpro_bitune_submodule_is_aliased_under_kpro_instruct():
+    code = ("import importlib, pkgutil, sys, kpro.bitune, kpro.instruct\n"
+            "for s in pkgutil.iter_modules(kpro.bitune.__path__):\n"
+            "    m = importlib.import_module('kpro.instruct.' + s.name)\n"
+            "    assert m is importlib.import_module('kpro.bitune.' + s.name), s.name\n"
+            "    assert m.__name__ == 'kpro.bitune.' + s.name, m.__name__\n"
+            "print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr

@@ -1,5 +1,6 @@
 """fit(save_frozen=False): checkpoints without the frozen weights (a LoRA or Bitune base), resumed exactly onto
 the model the run started from, and refused, by name, onto any other."""
+import hashlib
 import random
 
 import pytest
@@ -319,3 +320,27 @@ def test_loading_a_checkpoint_saved_without_its_frozen_weights_says_what_it_is(t
     from kpro.cli import main
     assert main(["info", str(tmp_path / "step-00000001")]) == 1
     assert "is a training checkpoint holding a module's state dict" in capsys.readouterr().err
+
+
+# Mutation round 13: the digests' content (name, dtype, shape, every byte) and format
+def _reference(name, t):  # the documented content: name, dtype, shape and bytes, 16 hex digits
+    h = hashlib.sha256(f"{name}:{t.dtype}{list(t.shape)}".encode())
+    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def test_value_digests_cover_shape_and_dtype_and_match_a_direct_sha256():
+    t = torch.arange(6, dtype=torch.int32)
+    same_bytes = {"shape": t.reshape(2, 3), "other shape": t.reshape(3, 2), "dtype": t.view(torch.float32)}
+    got = {k: kpro._digests.value_digests({"w": v})["w"] for k, v in same_bytes.items()}
+    assert len(set(got.values())) == 3, got  # D1: shape dropped; D2: dtype dropped
+    for k, v in same_bytes.items():
+        assert got[k] == _reference("w", v)  # D5: 12 hex digits
+        assert len(got[k]) == len("sha256:") + 16
+
+
+def test_value_digests_hash_the_last_element_of_a_tensor_one_past_a_piece_is_hashed():
+    a = torch.zeros(kpro._digests.PIECE + 1, dtype=torch.uint8)
+    b = a.clone()
+    b[-1] = 1
+    assert kpro._digests.value_digests({"w": a}) != kpro._digests.value_digests({"w": b})
