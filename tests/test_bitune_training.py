@@ -1295,13 +1295,6 @@ def test_load_tuned_refuses_an_adapter_file_holding_tensors_the_model_has_no_pla
         bitune.load_tuned(base, tmp_path / "a")
 
 
-def _bitune_base(tmp_path):
-    torch.manual_seed(0)
-    kpro.save_pretrained(kpro.Llama(tiny_config(vocab_size=TOK.vocab_size, max_position_embeddings=256)),
-                         tmp_path / "base")
-    TOK.save(tmp_path / "base")
-
-
 # Mutation round 12
 def test_an_eval_file_named_twice_through_dot_dot_is_refused(tmp_path, capsys, monkeypatch):
     """`--eval mc.jsonl --eval sub/../mc.jsonl` names one file twice: pathlib does not fold `..` (it folds
@@ -1318,11 +1311,10 @@ def test_an_eval_file_named_twice_through_dot_dot_is_refused(tmp_path, capsys, m
 
 # Mutation round 12
 def test_max_length_equal_to_the_models_positions(tmp_path, capsys, monkeypatch):
-    """--max-length equal to max_position_embeddings (256) is allowed ("at most the model's"). BC4: at that
+    """--max-length equal to max_position_embeddings (256) is allowed ("at most the model's"); at that
     --max-length, no larger one exists to advise."""
     from kpro import bitune
     monkeypatch.setattr(bitune.training, "tune", lambda *a, **k: pytest.fail("tune was called"))
-    _bitune_base(tmp_path)
     write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"say {c}", "response": c} for c in "abcdefghij"]
                 + [{"instruction": "say " + "a" * 300, "response": "no"}])  # longer than 256 tokens: dropped
     assert bitune_command(tmp_path, "--max-length", "256", "--batch-size", "11") == 1
@@ -1335,7 +1327,6 @@ def test_max_length_equal_to_the_models_positions(tmp_path, capsys, monkeypatch)
 # Mutation round 12
 def test_a_lora_runs_results_have_no_mode(tmp_path, capsys):
     """results.json's "mode" is Bitune's ablation; plain LoRA has none (null)."""
-    _bitune_base(tmp_path)
     assert bitune_command(tmp_path, "--baseline", "lora", "--steps", "0") == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["method"] == "lora" and results["mode"] is None
