@@ -692,3 +692,17 @@ def test_every_kpro_bitune_submodule_is_aliased_under_kpro_instruct():
             "print('ok')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_the_adapter_file_holds_each_mixing_scalar_under_its_own_name(tmp_path):
+    """`model.layers.{i}.bitune.w_k` holds w_k[i], and w_v its own: a save and load that swapped both ways
+    passed the round trip, but any other reader of the file (or a file from another writer) got K and V mixed."""
+    from safetensors.torch import load_file
+
+    bt = make(dtype=torch.float32)  # w_k = (0.02, -0.005), w_v = (-0.005, 0.02): distinct per layer
+    assert not torch.equal(bt.w_k, bt.w_v)
+    bt.save_adapters(tmp_path / "a")
+    saved = load_file(str(tmp_path / "a" / "adapters.safetensors"))
+    for i in range(bt.model.config.num_hidden_layers):
+        assert torch.equal(saved[f"model.layers.{i}.bitune.w_k"], bt.w_k.detach()[i])
+        assert torch.equal(saved[f"model.layers.{i}.bitune.w_v"], bt.w_v.detach()[i])

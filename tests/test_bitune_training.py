@@ -1332,3 +1332,16 @@ def test_a_lora_runs_results_have_no_mode(tmp_path, capsys):
     assert results["method"] == "lora" and results["mode"] is None
     assert bitune_command(tmp_path, "--steps", "0", "--out", str(tmp_path / "b")) == 0
     assert json.loads((tmp_path / "b" / "results.json").read_text())["mode"] == "bitune"
+
+
+def test_infinite_scores_are_refused_like_nan_ones(monkeypatch):
+    """An infinite score is not finite: refused as a NaN one is (the docstring: 'A score that is not finite
+    (NaN or infinite weights) is refused'); -inf for the right choice silently scored it wrong."""
+    from kpro.bitune import evaluation
+    model = kpro.Llama(tiny_config(vocab_size=TOK.vocab_size))
+    monkeypatch.setattr(evaluation, "_log_likelihoods",
+                        lambda tuned, prompts, answers, *a, **k: torch.tensor([float("-inf"), -1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"answer_log_likelihoods: answer 0 scored -inf \(1 of 2 scores"):
+        bitune.answer_log_likelihoods(model, [[1, 5], [1, 6]], [[7], [8]])
+    with pytest.raises(ValueError, match=r"multiple_choice_accuracy: question 0, choice 'a' scored -inf"):
+        bitune.multiple_choice_accuracy(model, TOK, [bitune.MultipleChoice("say a", ["a", "b"], 0)])

@@ -1110,3 +1110,26 @@ def test_a_corpus_of_exactly_one_batch_of_rows_trains(tmp_path):
     assert len(corpus_batches([corpus], tok, tmp_path, 8, rows, seed=0).examples) == rows
     with pytest.raises(ValueError, match=f"fewer than one batch of {rows + 1}"):
         corpus_batches([corpus], tok, tmp_path, 8, rows + 1, seed=0)
+
+
+def test_train_expanded_uses_llama_pros_adamw_betas(tmp_path, monkeypatch):
+    """LLaMA Pro post-pretrains with AdamW betas (0.9, 0.95); (0.9, 0.999) trained every other test the same."""
+    from kpro.expansion import posttrain
+
+    write_checkpoint(tmp_path / "src", num_hidden_layers=2, vocab_size=13)
+    kpro.CharTokenizer("abcdefgh \n").save(tmp_path / "src")
+    expand_checkpoint(tmp_path / "src", tmp_path / "big", 1, "top")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("abc def gh " * (i % 4 + 1) for i in range(40)))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(model, batches, out_dir, *, optimizer, **kwargs):
+        seen["betas"] = optimizer(model).param_groups[0]["betas"]
+        raise Stop
+    monkeypatch.setattr(posttrain, "fit", fake_fit)
+    with pytest.raises(Stop):
+        train_expanded(tmp_path / "big", corpus, tmp_path / "run", steps=1, seq_len=16, batch_size=4)
+    assert tuple(seen["betas"]) == (0.9, 0.95)

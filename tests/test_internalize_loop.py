@@ -1181,3 +1181,27 @@ def test_a_weight_decay_of_one_is_refused_by_its_flag(tmp_path, capsys):
     """--weight-decay must be in [0, 1): 1 is refused as its message says."""
     assert cli.main(["internalize", "--task", "3x3", "--out", str(tmp_path / "run"), "--weight-decay", "1"]) == 1
     assert "--weight-decay must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
+def test_validation_runs_at_the_last_step_off_the_interval(tmp_path, monkeypatch):
+    """ValidationAccuracy evaluates every `every` steps and at the last (its docstring): a run of 5 steps
+    validating every 2 evaluates at steps 2, 4 and 5; without step 5 the final model went unvalidated."""
+    calls = scripted_accuracies(monkeypatch, [0.1, 0.2, 0.3])
+    _, run = train_fast(tmp_path / "run", callbacks=[ValidationAccuracy(TOK, VALID, 2)], steps=5)
+    assert run.step == 5 and calls == [0.1, 0.2, 0.3]
+    steps = [r["step"] for r in kt.read_metrics(tmp_path / "run" / "metrics.jsonl") if "valid_accuracy" in r]
+    assert steps == [2, 4, 5]
+
+
+def test_fit_internalization_clips_gradients_at_norm_one(tmp_path, monkeypatch):
+    """The official ICoT-SI code clips to 1.0 (clip_grad_norm_(..., 1.0)), as the docstring says; clipping
+    dropped passed every other test, AdamW's first steps hardly changing under a uniform scale."""
+    from kpro.internalize import loop
+    seen = {}
+
+    def fake_fit(model, batches, out_dir, **kwargs):
+        seen.update(kwargs)
+    monkeypatch.setattr(loop, "fit", fake_fit)
+    loop.fit_internalization(make_model(), examples(8), tmp_path / "run", removal="none", steps=1, batch_size=8,
+                             pad_id=TOK.pad_id, lr=1e-3)
+    assert seen["clip_grad_norm"] == 1.0

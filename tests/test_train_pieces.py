@@ -856,3 +856,13 @@ def test_a_metric_dict_with_a_key_that_is_not_a_string_is_refused():
     with pytest.raises(TypeError, match=r"metrics\['per_layer'\] has the key 1, not a string"):
         check_metrics({"per_layer": {1: 2.0}}, "on_step")
     check_metrics({"per_layer": {"1": 2.0}}, "on_step")
+
+
+def test_listed_adds_more_only_when_names_are_left_out():
+    """kpro.errors.listed, which error messages use to name the culprits: ", ..." only past `limit` names."""
+    from kpro.errors import listed
+
+    assert listed(["a", "b", "c", "d"]) == "a, b, c, d"
+    assert listed(list("abcde")) == "a, b, c, d, ..."
+    assert listed(list("abcde"), 4, " and {left} more ({total} in all)") == "a, b, c, d and 1 more (5 in all)"
+    assert listed([1, 2], 2, " and {left} more") == "1, 2"
