@@ -125,6 +125,10 @@ def record(**changes):
     return {**good, **changes}
 
 
+NORM_BACKWARD = {"kernel": "rms_norm.backward", "constexprs": {"BLOCK": 16384, "ONE_BLOCK": True, "WEIGHT_GRAD": True},
+                 "specialisation": {"divisible_by_16": ["X", "n_cols"]}, "dots": {}}
+
+
 @pytest.mark.parametrize("check, bad, fine", [
     (report.compile_error, {"error": "CompilationError: boom"}, {}),
     (report.compile_error, {"registers": None}, {}),
@@ -138,6 +142,11 @@ def record(**changes):
      {"spill_stores": 4, "kernel": "attention.dkdv", "constexprs": {"HEAD_DIM": 256, "BLOCK_M": 16}}),
     (report.hopper_dkdv_spill, {"spill_stores": 4, "kernel": "bitune_attention.dkdv"},
      {"spill_stores": 4, "kernel": "bitune_attention.dkdv", "dtype": "fp32"}),
+    (report.norm_backward_spill, NORM_BACKWARD | {"spill_stores": 4}, NORM_BACKWARD | {"spill_stores": 4, "dtype": "fp32"}),
+    (report.norm_backward_spill, NORM_BACKWARD | {"spill_stores": 4, "dtype": "fp16"},
+     NORM_BACKWARD | {"spill_stores": 4, "specialisation": {"divisible_by_16": ["X"]}}),  # scalar loads
+    (report.norm_backward_spill, NORM_BACKWARD | {"spill_stores": 4, "arch": 80},
+     NORM_BACKWARD | {"spill_stores": 4, "constexprs": {"BLOCK": 16384, "ONE_BLOCK": False}}),  # the column loop
     (report.not_tensor_cores, {"dots": {"wgmma": 2, "fma": 2}}, {"dots": {"fma": 4}, "dtype": "fp32"}),
     (report.not_tensor_cores, {"dots": {"fma": 2}}, {"dots": {"wgmma": 2, "mma": 2}}),
     (report.not_tensor_cores, {"dots": {"wgmma": 4}, "tensor_core_instructions": 0}, {"dots": {}}),

@@ -4,8 +4,9 @@ the fast path: checked without a GPU by `python -m kpro.ops.report` (the CPU tes
 which compiles nothing).
 
 Fails on: a compile error; shared memory above the per-block limit (A100 166,912 B, H100 232,448 B); a
-register spill in a half-precision forward kernel (attention, Bitune, RMSNorm, SwiGLU forward), or in a
-half-precision dK/dV kernel at head dim 64 or 128 on sm_90a; a half-precision matmul not lowered to tensor
+register spill in a half-precision forward kernel (attention, Bitune, RMSNorm, SwiGLU forward), in a
+half-precision dK/dV kernel at head dim 64 or 128 on sm_90a, or in a half-precision RMSNorm backward on rows
+one block holds in 16-byte vectors; a half-precision matmul not lowered to tensor
 cores (wgmma or mma.sync on sm_90a, mma on sm_80; fp32 is exempt: kpro's fp32 attention uses
 input_precision="ieee", which is FMA by design); a launch that leaves FMA contraction to Triton's default,
 which changes in Triton 3.10.

@@ -646,6 +646,18 @@ def hopper_dkdv_spill(record: dict) -> str | None:
     return None
 
 
+def norm_backward_spill(record: dict) -> str | None:
+    """A half-precision RMSNorm backward that holds each row in one block, read in 16-byte vectors (the launch
+    marks the width divisible by 16), and spills registers: a thread holds a row's slice, its weight (where the
+    next row is prefetched) and its dW partial, and the kernel is written for them to fit (session 40: width
+    16,384 spilled 164-176 B before). Scalar-load widths and the column loop of wider rows are not checked."""
+    if ("error" not in record and record["kernel"] == "rms_norm.backward" and record["dtype"] in HALF_PRECISION
+            and record["constexprs"].get("ONE_BLOCK") and "n_cols" in record["specialisation"]["divisible_by_16"]
+            and record.get("spill_stores")):
+        return spills(record)
+    return None
+
+
 def measured_winner(record: dict) -> bool:
     """Whether a plain-attention record's tiles are the winner the launcher read from tuned_tiles.json for
     the installed Triton (the table the report's launches were captured with), on the load path the winners
@@ -687,7 +699,8 @@ def fp_fusion_by_default(record: dict) -> str | None:
     return None
 
 
-CHECKS = (compile_error, shared_over_limit, forward_spill, hopper_dkdv_spill, not_tensor_cores, fp_fusion_by_default)
+CHECKS = (compile_error, shared_over_limit, forward_spill, hopper_dkdv_spill, norm_backward_spill, not_tensor_cores,
+          fp_fusion_by_default)
 
 
 def problems(records: list[dict], checks=CHECKS) -> list[str]:

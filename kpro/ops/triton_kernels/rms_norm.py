@@ -16,9 +16,9 @@ from ._launch import FMA, cdiv, launch, next_power_of_2, program_count, warps_fo
 
 MAX_BLOCK = 16384  # widest row kept in registers in one block; wider rows loop over column blocks
 WEIGHT_GRAD_BLOCK = 1024  # columns per program of the dW reduction
-# The backward prefetches the next row where a thread holds few enough elements of it, in 16-byte vectors:
-# at 16384, or with rows that only scalar loads can read, the second row's registers spill (ptxas, sm_80
-# and sm_90a: python -m kpro.ops.report --only rms_norm).
+# The backward prefetches the next row (and holds the weight) where a thread holds few enough elements of a
+# row, in 16-byte vectors: at 16384, or with rows that only scalar loads can read, the second row's registers
+# spill (ptxas, sm_80 and sm_90a: python -m kpro.ops.report --only rms_norm).
 PREFETCH_MAX_BLOCK = 8192
 
 
@@ -62,7 +62,11 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, MEAN_GX, dy_stride, x_strid
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        # The weight stays in registers over the rows where they are prefetched (a thread holds at most 16
+        # elements of a row); wider rows and scalar loads read it again each row, from L1: held, it spilled
+        # more bytes than it holds (width 16,384: 176 B a thread on sm_90a, against 64 B read).
+        if PREFETCH:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         # With PREFETCH, row r + 1 is loaded (in the input dtype) before row r's reduction, so its loads are
         # in flight while this row is reduced and written. (A row past `last` gets an empty mask: its columns
@@ -82,11 +86,13 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, MEAN_GX, dy_stride, x_strid
                 dy_next = tl.load(DY + (row + 1) * dy_stride + cols, mask=mask_next, other=0.0)
             rstd = tl.load(RSTD + row)
             x_hat = x * rstd
+            if not PREFETCH:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             g = dy * w
+            if WEIGHT_GRAD:  # before the reduction, so that dy is not held across it
+                dw += dy * x_hat
             mean_gx = tl.sum(g * x_hat, axis=0) / n_cols
             tl.store(DX + row * dx_stride + cols, (rstd * (g - x_hat * mean_gx)).to(DX.dtype.element_ty), mask=mask)
-            if WEIGHT_GRAD:
-                dw += dy * x_hat
         if WEIGHT_GRAD:
             tl.store(partial + cols, dw, mask=mask)
     else:
@@ -111,9 +117,12 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, MEAN_GX, dy_stride, x_strid
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if not WEIGHT_GRAD:  # with dW, the block's partial takes the registers: the weight is read each row
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             dw = tl.zeros([BLOCK], dtype=tl.float32)
             for row in range(first, last):
+                if WEIGHT_GRAD:
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                 rstd = tl.load(RSTD + row)
                 x_hat = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32) * rstd
                 dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
