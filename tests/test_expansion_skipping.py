@@ -371,3 +371,21 @@ def test_train_expanded_names_blocks_that_are_not_a_list(tmp_path):
     for bad in (4, "4,9"):  # an int was a raw "'int' object is not iterable"; a string became ['4', ',', '9']
         with pytest.raises(TypeError, match=r"blocks must be a list of block indices, such as \[4, 9, 14\]"):
             blocks_to_train(tmp_path, bad)
+
+
+def test_the_recomputation_restores_every_nested_backend_block(monkeypatch):
+    """A frozen block recomputed in the backward runs under the backend blocks its forward ran under, nested
+    ones included (keeping the innermost alone ran its RMSNorm under `auto`)."""
+    from kpro.ops.backend import requested_backend
+
+    monkeypatch.delenv("KPRO_BACKEND", raising=False)
+    model, new_ids = expanded_model()
+    ids, mask = batch(model.config)
+    seen = []
+    model.layers[3].register_forward_pre_hook(
+        lambda *_: seen.append((requested_backend("rms_norm"), requested_backend("swiglu"))))
+    kpro.train_only(model, new_ids, recompute_frozen=True)
+    with kpro.ops.backend("torch"), kpro.ops.backend(swiglu="torch"):
+        loss = causal_lm_loss(model(ids, attention_mask=mask), ids)
+    loss.backward()
+    assert seen == [("torch", "torch")] * 2  # the forward, and the recomputation in the backward

@@ -763,3 +763,28 @@ def test_lengths_and_offsets_around_tile_ends(backend, device, tq, tk, mask, mon
     for name, out, expected in zip(("out", "dq", "dk", "dv"), got, ref):
         assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
 
+
+
+def test_host_integer_helpers_of_the_launchers():
+    """cdiv and next_power_of_2 against a table: (a + b) // b for cdiv launched a fully masked extra program
+    wherever b divides a, which every kernel test passed."""
+    from kpro.ops.triton_kernels._launch import cdiv, next_power_of_2
+
+    for a in range(70):
+        for b in (1, 2, 3, 4, 16, 64):
+            assert cdiv(a, b) == (a + b - 1) // b, (a, b)
+    assert [next_power_of_2(n) for n in (0, 1, 2, 3, 4, 5, 64, 65)] == [1, 1, 2, 4, 4, 8, 64, 128]
+
+
+def test_a_row_reaching_offset_2_to_the_31_exactly_is_copied():
+    """A view whose last row starts at offset 2**31 (one past int32) is copied: passed through, the kernels'
+    32-bit row offset would wrap negative (the test above uses offsets far past the limit only). One starting at
+    2**31 - 1 fits and is passed as it is."""
+    from kpro.ops.triton_kernels._launch import ROW_OFFSET_LIMIT, largest_row_offset, within_32bit_rows
+
+    at_limit = torch.empty_strided((1, 2, 4), (2**32, 2**31, 1), device="meta")[..., 0]  # offsets 0 and 2**31
+    assert largest_row_offset(at_limit) == ROW_OFFSET_LIMIT
+    (fixed,) = within_32bit_rows("attention", at_limit)
+    assert fixed.is_contiguous() and largest_row_offset(fixed) < ROW_OFFSET_LIMIT
+    below = torch.empty_strided((1, 2), (2**32, 2**31 - 1), device="meta")
+    assert within_32bit_rows("attention", below)[0] is below

@@ -403,14 +403,17 @@ EAGER_FUNCTIONS = {"rms_norm": ["RmsNormFunction"], "swiglu": ["SwiGLUFunction",
 def test_calls_that_record_no_graph_skip_the_autograd_function(name, monkeypatch):
     """Where no graph is recorded (grad mode off, or no input requiring grad: generation, evaluation), the eager
     path calls the kernel functions directly instead of its autograd.Function (whose apply alone costs ~10 us):
-    the same values, bit for bit. Where one is, the Function runs."""
+    the same values, bit for bit. Where one is, the Function runs. The Triton cross-entropy is the exception
+    (docs/ops.md): a call that records a graph computes its gradients in the forward, from cuBLAS logits, and
+    one that does not computes tiles of logits on chip, so their losses agree to fp32 rounding, not bit for
+    bit (q was unseeded: this test failed on a third of the random inputs that reached it)."""
     from test_ops_rms_norm import bits
 
     applied = []
     for module, classes in EAGER_FUNCTIONS.items():
         for cls in (getattr(importlib.import_module(f"kpro.ops.{module}"), c) for c in classes):
             monkeypatch.setattr(cls, "apply", lambda *args, real=cls.apply, cls=cls: applied.append(cls) or real(*args))
-    q = torch.randn(1, 3, 2, 8)
+    q = torch.randn(1, 3, 2, 8, generator=torch.Generator().manual_seed(25))  # a seed whose two Triton losses differ
     with ops.backend(name):
         for op, fn in _one_call_of_each_op(q).items():
             if name == "torch" and op in ("attention", "bitune_attention"):
@@ -422,7 +425,11 @@ def test_calls_that_record_no_graph_skip_the_autograd_function(name, monkeypatch
                 without_grad_mode = fn(q.clone().requires_grad_())
             no_input_needs_grad = fn(q.clone())
             assert len(applied) == 1 and not without_grad_mode.requires_grad, op
-            assert all(torch.equal(bits(recorded), bits(out)) for out in (without_grad_mode, no_input_needs_grad)), op
+            assert torch.equal(bits(without_grad_mode), bits(no_input_needs_grad)), op
+            if name == "triton" and op == "linear_cross_entropy":
+                torch.testing.assert_close(recorded.detach(), without_grad_mode, rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(bits(recorded), bits(without_grad_mode)), op
 
 
 def test_eager_fast_path_only_for_plain_tensors_in_plain_eager_mode():
@@ -559,3 +566,16 @@ def test_a_dtype_error_under_autocast_says_what_autocast_cast():
             with torch.autocast("cpu", torch.bfloat16), pytest.raises(ValueError, match=f"^{op}: ") as cast:
                 call()
         assert str(cast.value).endswith(note), (op, str(cast.value))
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_torch_jit_trace_records_the_custom_op(name):
+    """Under torch.jit.trace the eager fast path is off: the trace holds kpro's op (without the check, the torch
+    backend's trace silently held aten ops, and the Triton launcher failed on traced sizes)."""
+    gen = torch.Generator().manual_seed(0)
+    x, x2, w = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen), torch.randn(16, generator=gen)
+    with ops.backend(name):
+        traced = torch.jit.trace(lambda a, b: ops.rms_norm(a, b), (x, w), check_trace=False)
+        expected = ops.rms_norm(x2, w)
+    assert "kpro::rms_norm_forward" in str(traced.graph)
+    torch.testing.assert_close(traced(x2, w), expected)

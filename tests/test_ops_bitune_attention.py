@@ -485,3 +485,21 @@ def test_lengths_around_tile_ends(backend, device, tp, ta, plen, alen, monkeypat
     for name, out, expected in zip(NAMES, got, ref):
         assert relative_error(out, expected, floor=1e-3) <= 1e-4, name
 
+
+
+def test_mixing_bf16_keys_and_values_rounds_once():
+    """mix_kv and the prompt cache mix half-precision K/V in fp32 and round once: (1 - α)·x0 + α·x1 computed in
+    bf16 rounded (1 - α), each product and the sum, and passed every reference test's tolerance."""
+    from kpro.ops.bitune_attention import mix_kv, mixed_prompt_cache
+
+    gen = torch.Generator().manual_seed(0)
+    k_p, v_p = (torch.randn(2, 1, 4, 2, 8, generator=gen).to(torch.bfloat16) for _ in range(2))
+    alpha_k, alpha_v = torch.tensor(0.3), torch.tensor(0.7)
+
+    def expected(x, a):
+        return ((1 - a.double()) * x[0].double() + a.double() * x[1].double()).float().to(torch.bfloat16)
+
+    assert torch.equal(mix_kv(k_p[0], k_p[1], alpha_k), expected(k_p, alpha_k))
+    with ops.backend("torch"):
+        k_mix, v_mix = mixed_prompt_cache(k_p, v_p, alpha_k, alpha_v, torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16))
+    assert torch.equal(k_mix, expected(k_p, alpha_k)) and torch.equal(v_mix, expected(v_p, alpha_v))

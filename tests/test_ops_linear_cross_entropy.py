@@ -496,16 +496,14 @@ def graph_names(t: torch.Tensor) -> set[str]:
 def test_eager_calls_skip_the_custom_ops_and_tracing_takes_them(monkeypatch):
     """Eager calls run the kernels through autograd.Functions, not the custom ops; torch.compile traces the
     registered ops. Both paths of the torch backend: gradients computed in the forward (a sum) and the
-    logits recomputed in the backward (a trainable head's per-row losses)."""
+    logits recomputed in the backward (a trainable head's per-row losses). The ops are wrapped to count their
+    calls after the compiled call: traced through a wrapper, the compile failed where no earlier test of the
+    process had compiled the op (this test alone)."""
     hidden, weight, labels = inputs(12, 16, 45, torch.float32, "cpu", seed=13, ignored=[2])
     hidden.requires_grad_(), weight.requires_grad_()
     paths = {"sum": ("linear_cross_entropy_with_grads", "linear_cross_entropy_scale_grads",
                      "GradientsInForwardFunction"),
              "none": ("linear_cross_entropy_forward", "linear_cross_entropy_backward", "LinearCrossEntropyFunction")}
-    calls = []
-    for name in [op for forward_op, backward_op, _ in paths.values() for op in (forward_op, backward_op)]:
-        real = getattr(torch.ops.kpro, name)
-        monkeypatch.setattr(torch.ops.kpro, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
     for reduction, (forward_op, backward_op, function) in paths.items():
         graphs = []
 
@@ -518,12 +516,15 @@ def test_eager_calls_skip_the_custom_ops_and_tracing_takes_them(monkeypatch):
         eager = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction)
         assert torch.equal(compiled(hidden, weight, labels), eager)
         assert f"kpro.{forward_op}" in graphs[0].code and function not in graphs[0].code
-        calls.clear()
-        loss = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction).sum()
-        loss.backward()
-        assert calls == [] and f"{function}Backward" in graph_names(loss)
-        assert hidden.grad.isfinite().all() and weight.grad.abs().sum() > 0
+        calls = []
         with monkeypatch.context() as patch:
+            for name in (forward_op, backward_op):
+                real = getattr(torch.ops.kpro, name)
+                patch.setattr(torch.ops.kpro, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+            loss = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction).sum()
+            loss.backward()
+            assert calls == [] and f"{function}Backward" in graph_names(loss)
+            assert hidden.grad.isfinite().all() and weight.grad.abs().sum() > 0
             patch.setattr(lce, "eager_fast_path", lambda *tensors: False)
             ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction).sum().backward()
         assert calls == [forward_op, backward_op]
@@ -720,3 +721,38 @@ def test_half_precision_dh_over_many_vocabulary_slices_is_summed_in_fp32(backend
     monkeypatch.setattr(triton_lce, "SLICE_BYTES", 16 * 32 * 2)
     assert triton_lce.slice_columns(16, 16384, dtype, 32) == 32  # 512 slices
     check_against_float64(backend, hidden, weight, labels, "none", tol=TOLERANCE[dtype] / 2)
+
+
+def _float64_head_inputs():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(11, 8, generator=gen, dtype=torch.float64)
+    return hidden, weight, torch.tensor([1, 4, -100, 10, 0, 7]), gen
+
+
+def test_a_trainable_head_over_frozen_hidden_states_gets_its_per_row_gradient():
+    """reduction="none" with a trainable head and frozen hidden states: the losses record a graph and the head's
+    gradient is F.cross_entropy's (a check of hidden's flag alone ran them without one: no gradient)."""
+    hidden, weight, labels, gen = _float64_head_inputs()
+    dloss = torch.randn(6, generator=gen, dtype=torch.float64)
+    w = weight.clone().requires_grad_()
+    losses = ops.linear_cross_entropy(hidden, w, labels, reduction="none")
+    assert losses.requires_grad
+    losses.backward(dloss)
+    w_ref = weight.clone().requires_grad_()
+    F.cross_entropy(hidden @ w_ref.T, labels, reduction="none").backward(dloss)
+    torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "custom-op"])
+def test_create_graph_through_a_trainable_head_alone_is_refused(eager, monkeypatch):
+    """Frozen hidden states, a trainable head, a summed loss: the gradient computed in the forward has no graph,
+    so create_graph is refused (a check of hidden's flag alone returned a second derivative missing the loss's
+    term, silently)."""
+    if not eager:
+        monkeypatch.setattr(lce, "eager_fast_path", lambda *tensors: False)
+    hidden, weight, labels, _ = _float64_head_inputs()
+    w = weight.clone().requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, w, labels, reduction="sum")
+    with pytest.raises(ops.BackendError, match="no double backward"):
+        torch.autograd.grad(loss, w, create_graph=True)

@@ -292,3 +292,19 @@ def test_swiglu_up_gradient_is_rounded_once_for_bfloat16(backend, device):
     reference = dy.double() * torch.nn.functional.silu(gate.detach().double())
     ulp = torch.exp2(torch.floor(torch.log2(reference.abs().clamp_min(1e-30))) - 7)
     assert float(((dup.double() - reference).abs() / ulp).max()) <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_gradient_reaches_up_when_only_up_requires_it(backend):
+    """A frozen gate beside a trainable up: the eager path must record a graph (it asked whether gate needed
+    one, and a kernel backend then gave up no gradient; the torch backend's aten ops record their own)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    gate, up, dy = (torch.randn(3, 7, generator=gen) for _ in range(3))
+    up.requires_grad_()
+    with ops.backend(backend):
+        y = ops.swiglu(gate, up)
+    assert y.requires_grad
+    y.backward(dy)
+    torch.testing.assert_close(up.grad, (F.silu(gate.double()) * dy.double()).float())  # d(silu(g)·u)/du
