@@ -569,6 +569,7 @@ def test_a_dtype_error_under_autocast_says_what_autocast_cast():
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated", "ignore::torch.jit.TracerWarning")
 def test_torch_jit_trace_records_the_custom_op(name):
     """Under torch.jit.trace the eager fast path is off: the trace holds kpro's op (without the check, the torch
     backend's trace silently held aten ops, and the Triton launcher failed on traced sizes)."""

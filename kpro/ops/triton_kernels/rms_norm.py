@@ -64,8 +64,8 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, MEAN_GX, dy_stride, x_strid
         mask = cols < n_cols
         # The weight stays in registers over the rows where they are prefetched (a thread holds at most 16
         # elements of a row); wider rows and scalar loads read it again each row, from L1: held, it made the
-        # kernel spill more than reading it costs (width 16,384: 176 B of spill stores a thread a row on
-        # sm_90a, and as many loads, against 64 B read).
+        # kernel spill more than reading it costs (width 16,384: ptxas counted 176 B of spill stores a thread on
+        # sm_90a, and as many loads, against 64 B read a row).
         if PREFETCH:
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
