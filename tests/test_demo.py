@@ -1323,3 +1323,67 @@ def test_basics_training_answers_end_with_eos():
     reference = [reversal_task(r) for r in [random.Random(0)] for _ in range(5)]
     assert [(p, a) for p, a in pairs] == [([tok.bos_id] + tok.encode(p, bos=False, eos=False), tok.encode(a, bos=False, eos=False) + [tok.eos_id])
                                          for p, a in reference]
+
+
+def test_check_positive_takes_the_largest_seed():
+    """AS2: `0 <= value <= MAX_SEED` -> `< MAX_SEED`: the largest seed the message itself names (2**61 - 2)
+    was refused."""
+    from kpro.demo.act_settings import check_positive
+    check_positive("act", seed=2**61 - 2)
+    check_positive("act", seed=2**61 - 2, seeds=1)
+    with pytest.raises(ValueError, match="seed must be an integer from 0 to 2\\*\\*61 - 2"):
+        check_positive("act", seed=2**61 - 1)
+
+
+def test_a_skipped_act_records_no_settings(tmp_path):
+    """AS3: the unlink after a `{"skipped": ...}` result dropped: an act that ran nothing kept its settings, so
+    the rerun with other ones (once the model is installed) was refused."""
+    from kpro.demo.act_settings import SETTINGS_FILE, records_settings
+
+    @records_settings()
+    def act(out_dir, steps=1):
+        return {"skipped": "the model is not installed"}
+
+    assert act(tmp_path / "a", steps=1) == {"skipped": "the model is not installed"}
+    assert not (tmp_path / "a" / SETTINGS_FILE).exists()
+    act(tmp_path / "a", steps=2)  # other settings: not refused, nothing ran before
+
+
+def test_progress_logs_a_line_a_minute_for_the_whole_act(tmp_path):
+    """PG1: the cadence measured from the act's start instead of the last line: after the first minute every
+    report (each poll) wrote a line to a log."""
+    out = io.StringIO()
+    progress = RunsProgress({"a": ([tmp_path / "m.jsonl"], 10)}, stream=out)
+    progress.start = time.perf_counter() - 600  # ten minutes into the act
+    for _ in range(3):
+        progress.report()  # within one minute of each other
+    progress.close()
+    assert len(out.getvalue().splitlines()) == 1
+
+
+def test_side_by_side_estimate_with_a_group_finished_before_this_session(tmp_path):
+    """PG2: `r == 0 or` dropped from the side-by-side test: a group finished in an earlier session (0 steps
+    this session) turned the estimate to the taking-turns formula, the sum of all steps left at the mean pace."""
+    progress = RunsProgress({n: ([tmp_path / f"{n}.jsonl"], t) for n, t in [("a", 10), ("b", 20), ("c", 33)]},
+                            stream=io.StringIO())
+    progress.first = (10, 0, 0)
+    # the slowest group at its own pace: c has 30 left at 3 steps per 10 s
+    assert progress.left(10.0, (10, 5, 3), [10, 20, 33]) == max(0.0, 10.0 * 15 / 5, 10.0 * 30 / 3)
+
+
+def test_as_many_workers_as_groups_train_side_by_side(monkeypatch):
+    """PG3: `>= len(groups)` -> `>`: with one worker per group the line estimated as if the groups took turns."""
+    from kpro.demo import progress as progress_mod
+    seen = []
+
+    class Spy(progress_mod.RunsProgress):
+        def __init__(self, groups, stream=None, side_by_side=True):
+            seen.append(side_by_side)
+            super().__init__(groups, stream=io.StringIO(), side_by_side=side_by_side)
+
+    monkeypatch.setattr(progress_mod, "RunsProgress", Spy)
+    monkeypatch.setattr(progress_mod, "run_jobs", lambda jobs, workers, progress: [])
+    groups = {"a": ([], 1), "b": ([], 1)}
+    for workers in (1, 2, 3):
+        progress_mod.run_jobs_reporting([], workers, groups)
+    assert seen == [False, True, True]

@@ -598,3 +598,14 @@ def measured_table(page: Path) -> list[tuple[str, str, str]]:
         elif inside and not set("".join(cells)) <= set("-: "):
             rows.append((cells[0], " ".join(cells[1:-1]), cells[-1]))
     return rows
+
+
+@pytest.mark.parametrize("name", ["kpro.internalize", "kpro.expansion"])
+def test_all_lists_every_public_name_the_package_imports(name):
+    """EX1/EX2: a name dropped from __all__ (lr_schedule, saved_activation_bytes): `from kpro.X import *` and
+    test_docs' walk over __all__ (which checks documented signatures) silently lost it."""
+    import importlib
+    import types
+    module = importlib.import_module(name)
+    public = {n for n, v in vars(module).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    assert set(module.__all__) == public

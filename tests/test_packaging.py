@@ -394,3 +394,88 @@ def test_cuda_library_builds_from_csrc_and_exports_every_entry_point():
     assert lib.kpro_error_string(2).decode()  # cudaErrorMemoryAllocation has a text, GPU or not
     for name in library.SIGNATURES:
         assert getattr(lib, name).argtypes == library.SIGNATURES[name]
+
+
+def test_digest_follows_a_plain_header(tmp_path):
+    """CB1: `*.h` dropped from the digest: an edited .h header kept a stale library stamped current."""
+    (tmp_path / "a.cu").write_text("int a;\n")
+    (tmp_path / "a.h").write_text("int b;\n")
+    before = _cuda_build.sources_digest(tmp_path)
+    (tmp_path / "a.h").write_text("int c;\n")
+    assert _cuda_build.sources_digest(tmp_path) != before
+
+
+def test_digest_follows_a_renamed_source(tmp_path):
+    """CB2: file names dropped from the digest: moving a kernel's text to another file (one that an #include
+    names, or none) left the digest unchanged."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one" / "a.cu").write_text("int a;\n")
+    (tmp_path / "two" / "b.cu").write_text("int a;\n")
+    assert _cuda_build.sources_digest(tmp_path / "one") != _cuda_build.sources_digest(tmp_path / "two")
+
+
+def test_digest_follows_the_target_architectures(tmp_path, monkeypatch):
+    """CB3: gencode flags dropped from the digest: a library built for other GPUs stayed stamped current."""
+    (tmp_path / "a.cu").write_text("int a;\n")
+    before = _cuda_build.sources_digest(tmp_path)
+    monkeypatch.setattr(_cuda_build, "ARCHITECTURES", ("80",))
+    assert _cuda_build.sources_digest(tmp_path) != before
+
+
+def test_a_discarded_compile_leaves_no_temporary_file(tmp_path):
+    """CB4: the finally's `tmp.unlink` dropped: the `.libkpro_cuda.so.PID.tmp` of a discarded compile stayed in
+    out_dir (pip's build/lib/kpro/_lib, so the wheel), unseen by a glob of `libkpro_cuda.so*`."""
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "a.cu").write_text("int a;\n")
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f"#!{sys.executable}\nimport sys\n"
+                    f"open(sys.argv[sys.argv.index('-o') + 1], 'wb').write(b'old kernels')\n"
+                    f"open({str(tmp_path / 'csrc' / 'a.cu')!r}, 'a').write('int b;\\n')\n")
+    nvcc.chmod(0o755)
+    with pytest.raises(RuntimeError, match="changed while nvcc compiled it"):
+        _cuda_build.build_library(tmp_path / "csrc", tmp_path / "out", nvcc=str(nvcc), verbose=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_nvcc_in_cuda_home_comes_before_cuda_path(tmp_path, monkeypatch):
+    """CB5: $CUDA_PATH searched before $CUDA_HOME (torch's cpp_extension takes CUDA_HOME first)."""
+    in_home, in_path = fake_nvcc(tmp_path / "home"), fake_nvcc(tmp_path / "path")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "path"))
+    assert _cuda_build.find_nvcc() == str(in_home) != str(in_path)
+
+
+def test_no_library_and_no_nvcc_names_no_skipped_library(tmp_path, monkeypatch):
+    """LB1: `packaged.is_file() and` dropped: with no kpro/_lib library at all the error said that library
+    "has no .digest, so it was skipped"; build_library's own "nvcc not found" is the message."""
+    library = loader_in(tmp_path, monkeypatch)
+    monkeypatch.setattr(library, "_loaded", {})
+    monkeypatch.setattr(_cuda_build, "find_nvcc", lambda: None)
+    with pytest.raises(FileNotFoundError) as err:
+        library.library_path()
+    assert "nvcc not found" in str(err.value) and "skipped" not in str(err.value)
+
+
+def test_dtype_codes_match_the_kernels_enum():
+    """LB2: bfloat16/float16 codes swapped: the kernels read bf16 bits as fp16 (wrong numbers, no error).
+    Reference: csrc/common.cuh's `enum DType`."""
+    from kpro.ops.cuda_kernels import library
+    enum = (ROOT / "csrc" / "common.cuh").read_text()
+    codes = {name: int(v) for name, v in re.findall(r"k(Float32|BFloat16|Float16) = (\d+)", enum)}
+    assert codes == {"Float32": 0, "BFloat16": 1, "Float16": 2}  # the enum is where this test reads it
+    for dtype, name in [(torch.float32, "Float32"), (torch.bfloat16, "BFloat16"), (torch.float16, "Float16")]:
+        assert library.dtype_code(torch.empty(0, dtype=dtype)) == codes[name]
+
+
+def test_a_failed_build_is_a_library_problem_not_an_exception(tmp_path, monkeypatch):
+    """LB3: RuntimeError dropped from _load's except: nvcc failing in the loader's build raised out of
+    library_problem() (asked by backend selection) instead of naming why the CUDA backend is unavailable."""
+    library = loader_in(tmp_path, monkeypatch)
+    monkeypatch.setattr(library, "_loaded", {})
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    fake_nvcc(tmp_path / "cuda", fail=True)
+    problem = library.library_problem()
+    assert problem.startswith("the CUDA library cannot be loaded: nvcc failed"), problem

@@ -1393,3 +1393,15 @@ def test_a_corpus_directory_inside_a_hidden_folder_is_read_and_its_own_hidden_fo
     (corpus / "a.txt").write_text("ab cd\n")
     (corpus / ".ipynb_checkpoints" / "a.txt").write_text("ab cd\n")
     assert input_files([corpus]) == [corpus / "a.txt"]
+
+
+def test_tokenize_names_a_too_large_shard_size_by_its_flag(tmp_path, capsys):
+    """TC2: cmd_tokenize's in_flag_terms map broken (`"--shard_tokens"`): the refusal named a flag that does not
+    exist. Reference: the parser's own flag, --shard-tokens."""
+    (tmp_path / "tok").mkdir()
+    kpro.CharTokenizer("abc").save(tmp_path / "tok")
+    (tmp_path / "c.txt").write_text("abc\n")
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "c.txt"),
+                 "--out", str(tmp_path / "out"), "--shard-tokens", str(10**16), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--shard-tokens 10,000,000,000,000,000 needs" in err and "shard_tokens" not in err
