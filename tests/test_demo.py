@@ -1326,7 +1326,7 @@ def test_basics_training_answers_end_with_eos():
 
 
 def test_check_positive_takes_the_largest_seed():
-    """AS2: `0 <= value <= MAX_SEED` -> `< MAX_SEED`: the largest seed the message itself names (2**61 - 2)
+    """Guards: `0 <= value <= MAX_SEED` -> `< MAX_SEED`: the largest seed the message itself names (2**61 - 2)
     was refused."""
     from kpro.demo.act_settings import check_positive
     check_positive("act", seed=2**61 - 2)
@@ -1336,7 +1336,7 @@ def test_check_positive_takes_the_largest_seed():
 
 
 def test_a_skipped_act_records_no_settings(tmp_path):
-    """AS3: the unlink after a `{"skipped": ...}` result dropped: an act that ran nothing kept its settings, so
+    """Guards: the unlink after a `{"skipped": ...}` result dropped: an act that ran nothing kept its settings, so
     the rerun with other ones (once the model is installed) was refused."""
     from kpro.demo.act_settings import SETTINGS_FILE, records_settings
 
@@ -1350,7 +1350,7 @@ def test_a_skipped_act_records_no_settings(tmp_path):
 
 
 def test_progress_logs_a_line_a_minute_for_the_whole_act(tmp_path):
-    """PG1: the cadence measured from the act's start instead of the last line: after the first minute every
+    """Guards: the cadence measured from the act's start instead of the last line: after the first minute every
     report (each poll) wrote a line to a log."""
     out = io.StringIO()
     progress = RunsProgress({"a": ([tmp_path / "m.jsonl"], 10)}, stream=out)
@@ -1362,7 +1362,7 @@ def test_progress_logs_a_line_a_minute_for_the_whole_act(tmp_path):
 
 
 def test_side_by_side_estimate_with_a_group_finished_before_this_session(tmp_path):
-    """PG2: `r == 0 or` dropped from the side-by-side test: a group finished in an earlier session (0 steps
+    """Guards: `r == 0 or` dropped from the side-by-side test: a group finished in an earlier session (0 steps
     this session) turned the estimate to the taking-turns formula, the sum of all steps left at the mean pace."""
     progress = RunsProgress({n: ([tmp_path / f"{n}.jsonl"], t) for n, t in [("a", 10), ("b", 20), ("c", 33)]},
                             stream=io.StringIO())
@@ -1372,7 +1372,7 @@ def test_side_by_side_estimate_with_a_group_finished_before_this_session(tmp_pat
 
 
 def test_as_many_workers_as_groups_train_side_by_side(monkeypatch):
-    """PG3: `>= len(groups)` -> `>`: with one worker per group the line estimated as if the groups took turns."""
+    """Guards: `>= len(groups)` -> `>`: with one worker per group the line estimated as if the groups took turns."""
     from kpro.demo import progress as progress_mod
     seen = []
 

@@ -602,7 +602,7 @@ def measured_table(page: Path) -> list[tuple[str, str, str]]:
 
 @pytest.mark.parametrize("name", ["kpro.internalize", "kpro.expansion"])
 def test_all_lists_every_public_name_the_package_imports(name):
-    """EX1/EX2: a name dropped from __all__ (lr_schedule, saved_activation_bytes): `from kpro.X import *` and
+    """A name dropped from __all__ (lr_schedule, saved_activation_bytes): `from kpro.X import *` and
     test_docs' walk over __all__ (which checks documented signatures) silently lost it."""
     import importlib
     import types

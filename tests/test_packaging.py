@@ -397,7 +397,7 @@ def test_cuda_library_builds_from_csrc_and_exports_every_entry_point():
 
 
 def test_digest_follows_a_plain_header(tmp_path):
-    """CB1: `*.h` dropped from the digest: an edited .h header kept a stale library stamped current."""
+    """Guards: `*.h` dropped from the digest: an edited .h header kept a stale library stamped current."""
     (tmp_path / "a.cu").write_text("int a;\n")
     (tmp_path / "a.h").write_text("int b;\n")
     before = _cuda_build.sources_digest(tmp_path)
@@ -406,7 +406,7 @@ def test_digest_follows_a_plain_header(tmp_path):
 
 
 def test_digest_follows_a_renamed_source(tmp_path):
-    """CB2: file names dropped from the digest: moving a kernel's text to another file (one that an #include
+    """Guards: file names dropped from the digest: moving a kernel's text to another file (one that an #include
     names, or none) left the digest unchanged."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -416,7 +416,7 @@ def test_digest_follows_a_renamed_source(tmp_path):
 
 
 def test_digest_follows_the_target_architectures(tmp_path, monkeypatch):
-    """CB3: gencode flags dropped from the digest: a library built for other GPUs stayed stamped current."""
+    """Guards: gencode flags dropped from the digest: a library built for other GPUs stayed stamped current."""
     (tmp_path / "a.cu").write_text("int a;\n")
     before = _cuda_build.sources_digest(tmp_path)
     monkeypatch.setattr(_cuda_build, "ARCHITECTURES", ("80",))
@@ -424,7 +424,7 @@ def test_digest_follows_the_target_architectures(tmp_path, monkeypatch):
 
 
 def test_a_discarded_compile_leaves_no_temporary_file(tmp_path):
-    """CB4: the finally's `tmp.unlink` dropped: the `.libkpro_cuda.so.PID.tmp` of a discarded compile stayed in
+    """Guards: the finally's `tmp.unlink` dropped: the `.libkpro_cuda.so.PID.tmp` of a discarded compile stayed in
     out_dir (pip's build/lib/kpro/_lib, so the wheel), unseen by a glob of `libkpro_cuda.so*`."""
     (tmp_path / "csrc").mkdir()
     (tmp_path / "csrc" / "a.cu").write_text("int a;\n")
@@ -440,7 +440,7 @@ def test_a_discarded_compile_leaves_no_temporary_file(tmp_path):
 
 
 def test_nvcc_in_cuda_home_comes_before_cuda_path(tmp_path, monkeypatch):
-    """CB5: $CUDA_PATH searched before $CUDA_HOME (torch's cpp_extension takes CUDA_HOME first)."""
+    """Guards: $CUDA_PATH searched before $CUDA_HOME (torch's cpp_extension takes CUDA_HOME first)."""
     in_home, in_path = fake_nvcc(tmp_path / "home"), fake_nvcc(tmp_path / "path")
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CUDA_PATH", str(tmp_path / "path"))
@@ -448,7 +448,7 @@ def test_nvcc_in_cuda_home_comes_before_cuda_path(tmp_path, monkeypatch):
 
 
 def test_no_library_and_no_nvcc_names_no_skipped_library(tmp_path, monkeypatch):
-    """LB1: `packaged.is_file() and` dropped: with no kpro/_lib library at all the error said that library
+    """Guards: `packaged.is_file() and` dropped: with no kpro/_lib library at all the error said that library
     "has no .digest, so it was skipped"; build_library's own "nvcc not found" is the message."""
     library = loader_in(tmp_path, monkeypatch)
     monkeypatch.setattr(library, "_loaded", {})
@@ -459,7 +459,7 @@ def test_no_library_and_no_nvcc_names_no_skipped_library(tmp_path, monkeypatch):
 
 
 def test_dtype_codes_match_the_kernels_enum():
-    """LB2: bfloat16/float16 codes swapped: the kernels read bf16 bits as fp16 (wrong numbers, no error).
+    """Guards: bfloat16/float16 codes swapped: the kernels read bf16 bits as fp16 (wrong numbers, no error).
     Reference: csrc/common.cuh's `enum DType`."""
     from kpro.ops.cuda_kernels import library
     enum = (ROOT / "csrc" / "common.cuh").read_text()
@@ -470,7 +470,7 @@ def test_dtype_codes_match_the_kernels_enum():
 
 
 def test_a_failed_build_is_a_library_problem_not_an_exception(tmp_path, monkeypatch):
-    """LB3: RuntimeError dropped from _load's except: nvcc failing in the loader's build raised out of
+    """Guards: RuntimeError dropped from _load's except: nvcc failing in the loader's build raised out of
     library_problem() (asked by backend selection) instead of naming why the CUDA backend is unavailable."""
     library = loader_in(tmp_path, monkeypatch)
     monkeypatch.setattr(library, "_loaded", {})

@@ -1396,7 +1396,7 @@ def test_a_corpus_directory_inside_a_hidden_folder_is_read_and_its_own_hidden_fo
 
 
 def test_tokenize_names_a_too_large_shard_size_by_its_flag(tmp_path, capsys):
-    """TC2: cmd_tokenize's in_flag_terms map broken (`"--shard_tokens"`): the refusal named a flag that does not
+    """Guards: cmd_tokenize's in_flag_terms map broken (`"--shard_tokens"`): the refusal named a flag that does not
     exist. Reference: the parser's own flag, --shard-tokens."""
     (tmp_path / "tok").mkdir()
     kpro.CharTokenizer("abc").save(tmp_path / "tok")
