@@ -16,13 +16,16 @@ from kpro.ops.backend import IMPLEMENTED, interpreter_bf16_problem  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
-# Under pytest-xdist (`pytest -n auto`) each worker takes its share of the cores for torch's threads, and the
-# child pytest processes some tests start must not take themselves for workers (pytest-benchmark would
+# Under pytest-xdist (`pytest -n auto`) each worker takes its share of the cores for torch's threads, and so
+# do the processes its tests start (a child pytest, torchrun, a CLI run: OMP_NUM_THREADS, unless set already):
+# two of tests/test_gpu_suite.py's child pytest runs took 53 CPU-seconds on two threads and 44 on one, CPU time
+# the other worker lacked. The child pytest processes must not take themselves for workers (pytest-benchmark would
 # switch itself off in them).
 XDIST_WORKERS = int(os.environ.pop("PYTEST_XDIST_WORKER_COUNT", "0"))
 if XDIST_WORKERS:
     os.environ.pop("PYTEST_XDIST_WORKER", None)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 if not CUDA:
